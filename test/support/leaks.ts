@@ -1,0 +1,54 @@
+/**
+ * Open-handle checks: after a scope closes, no socket, server, timer or child process may be left.
+ * Counts Node's active resources by kind before and after, and waits briefly for closes to settle.
+ */
+import { setTimeout as sleep } from "node:timers/promises"
+
+const watched = new Set([
+  "TCPSocketWrap",
+  "TCPServerWrap",
+  "PipeWrap",
+  "PipeServerWrap",
+  "TLSWrap",
+  "Timeout",
+  "Immediate",
+  "ProcessWrap",
+  "UDPWrap",
+  "Http2Session"
+])
+
+export type HandleCounts = Readonly<Record<string, number>>
+
+/** Counts the currently active resources of the kinds that can leak. */
+export const activeHandles = (): HandleCounts => {
+  const counts: Record<string, number> = {}
+  for (const kind of process.getActiveResourcesInfo()) {
+    if (watched.has(kind)) counts[kind] = (counts[kind] ?? 0) + 1
+  }
+  return counts
+}
+
+const grown = (before: HandleCounts, after: HandleCounts): Record<string, number> => {
+  const out: Record<string, number> = {}
+  for (const [kind, n] of Object.entries(after)) {
+    const extra = n - (before[kind] ?? 0)
+    if (extra > 0) out[kind] = extra
+  }
+  return out
+}
+
+/**
+ * Resolves once no more handles are open than in `before`, or rejects after `timeoutMs`
+ * naming the kinds that are still open.
+ */
+export const expectNoLeaks = async (before: HandleCounts, timeoutMs = 2_000): Promise<void> => {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const extra = grown(before, activeHandles())
+    // this function's own sleep timer is one Timeout
+    if ((extra.Timeout ?? 0) <= 1) delete extra.Timeout
+    if (Object.keys(extra).length === 0) return
+    if (Date.now() > deadline) throw new Error(`handles left open: ${JSON.stringify(extra)}`)
+    await sleep(20)
+  }
+}
