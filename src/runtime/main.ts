@@ -1,0 +1,9 @@
+/**
+ * Process entry point: runs the command line with Node's services and exits when the command ends.
+ * SIGINT and SIGTERM interrupt the running command, which closes every scope it opened.
+ */
+import { NodeRuntime, NodeServices } from "@effect/platform-node"
+import { Effect } from "effect"
+import { runCli } from "./cli.ts"
+
+runCli.pipe(Effect.provide(NodeServices.layer), NodeRuntime.runMain)
