@@ -237,11 +237,16 @@ const prefixLength = (prefix: string | undefined): number => prefix === undefine
  * longest domain suffix first, then longest path prefix. For TLS, the server name picks the certificate
  * (and, for `then: "tcp"`, the route); for `then: "http"` the Host header must match the same suffix.
  */
-export const bestMatch = <R extends RouteDefinition>(routes: Iterable<R>, query: RouteQuery): R | undefined => {
-  let best: R | undefined
+export const bestMatch = <R extends RouteDefinition>(routes: Iterable<R>, query: RouteQuery): R | undefined =>
+  bestMatchBy(routes, (route) => route, query)
+
+/** `bestMatch` over items that carry a route (e.g. routing-table entries). */
+export const bestMatchBy = <A>(items: Iterable<A>, routeOf: (item: A) => RouteDefinition, query: RouteQuery): A | undefined => {
+  let best: A | undefined
   let bestDomain = -2
   let bestPath = -1
-  for (const route of routes) {
+  for (const item of items) {
+    const route = routeOf(item)
     if (route.port !== query.port) continue
     let domain: number
     let path: number
@@ -277,7 +282,7 @@ export const bestMatch = <R extends RouteDefinition>(routes: Iterable<R>, query:
       }
     }
     if (domain > bestDomain || (domain === bestDomain && path > bestPath)) {
-      best = route
+      best = item
       bestDomain = domain
       bestPath = path
     }

@@ -1,0 +1,50 @@
+/**
+ * What the routing table holds for one live backend, whatever front door it came through (a yamux
+ * session, a WebSocket pool, an HTTP/2 connection): an identity, a load figure, and two ways in (an
+ * `http.Agent` for HTTP forwarding, `connect` for raw byte streams). It does not route or forward.
+ */
+import type { Agent } from "node:http"
+import type { Duplex } from "node:stream"
+import type { Effect } from "effect"
+import { Schema } from "effect"
+
+/** How the public side arrived, as told to the backend. */
+export type ConnectionProtocol = "http" | "tcp" | "tls-http" | "tls-tcp"
+
+/** Facts about one public connection that the backend may want (written into the stream preamble). */
+export interface ConnectionMeta {
+  /** Id of the listener (route registration) on the backend's side. */
+  readonly listenerId: number
+  readonly protocol: ConnectionProtocol
+  readonly remoteAddress: string
+  readonly remotePort: number
+  /** The public port the connection arrived on. */
+  readonly localPort: number
+  /** TLS server name, when the gateway terminated TLS. */
+  readonly serverName?: string | undefined
+}
+
+/** A backend could not take a connection. */
+export class BackendUnavailable extends Schema.TaggedError<BackendUnavailable>()("BackendUnavailable", {
+  reason: Schema.Literals(["Closed", "OpenFailed"]),
+  message: Schema.String
+}) {}
+
+/** One live backend. */
+export interface Backend {
+  /** Unique among live backends; stable for the backend's life. */
+  readonly id: string
+  /** For logs and metrics (e.g. `control 127.0.0.1:51234 "svc-a"`). */
+  readonly label: string
+  /** Requests and connections currently using this backend; maintained by the dispatcher's leases. */
+  inFlight: number
+  /**
+   * Agent whose sockets reach this backend (each new socket is a new stream, written with an HTTP
+   * preamble); used by the HTTP forwarder, with keep-alive reuse.
+   */
+  readonly agent: Agent
+  /** A raw byte stream to the backend for one public connection (TCP, or TLS terminated here). */
+  readonly connect: (meta: ConnectionMeta) => Effect.Effect<Duplex, BackendUnavailable>
+  /** True once the backend has gone; it is then skipped even before it is unregistered. */
+  readonly isClosed: () => boolean
+}

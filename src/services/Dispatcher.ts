@@ -1,0 +1,157 @@
+/**
+ * Picks a backend for each public request or connection: the registry's most specific route, then the
+ * least loaded of its live backends (round-robin among equals). When the route has no live backend it
+ * waits for registry changes, bounded in time and in the number of waiters, then fails with a typed
+ * error. It does not forward anything; callers hold the returned lease while they use the backend.
+ */
+import { Clock, Context, Duration, Effect, Layer, Option, Schema } from "effect"
+import type { RouteQuery } from "../domain/Route.ts"
+import type { Backend } from "./Backend.ts"
+import { Registry, type RouteEntry } from "./Registry.ts"
+
+/** Most requests/connections waiting for a backend at once, by default. */
+export const DefaultMaxWaiting = 1_024
+
+export interface DispatcherConfig {
+  /** How long a request waits for a backend; defaults to the registry's grace period. */
+  readonly maxWait?: Duration.Input | undefined
+  /** Most requests waiting at once; beyond it requests fail at once with `QueueFull`. */
+  readonly maxWaiting?: number | undefined
+}
+
+/** Why no backend was found; `status` is the HTTP status to answer with. */
+export class DispatchError extends Schema.TaggedError<DispatchError>()("DispatchError", {
+  reason: Schema.Literals(["NoRoute", "NoBackend", "QueueFull"]),
+  message: Schema.String
+}) {
+  get status(): 404 | 503 {
+    return this.reason === "NoRoute" ? 404 : 503
+  }
+}
+
+/** A backend taken for one request or connection; `release` (idempotent) gives it back. */
+export interface Lease {
+  readonly backend: Backend
+  readonly route: RouteEntry
+  readonly release: () => void
+}
+
+export interface DispatcherShape {
+  /** A lease on a live backend for `query`, waiting if its route is momentarily empty. */
+  readonly acquire: (query: RouteQuery) => Effect.Effect<Lease, DispatchError>
+  /**
+   * The synchronous fast path: a lease when a live backend is available now, a `DispatchError` with
+   * reason `NoRoute` when nothing matches, `undefined` when the caller should `acquire` (and wait).
+   */
+  readonly tryAcquire: (query: RouteQuery) => Lease | DispatchError | undefined
+  /** Requests currently waiting for a backend. */
+  readonly waiting: () => number
+}
+
+/** The least loaded live backend, starting the scan at the route's round-robin cursor. */
+export const pickBackend = (entry: RouteEntry): Backend | undefined => {
+  const backends = entry.backends
+  const n = backends.length
+  let chosen = -1
+  let least = Infinity
+  for (let i = 0; i < n; i++) {
+    const index = (entry.cursor + i) % n
+    const backend = backends[index]!
+    if (backend.isClosed()) continue
+    if (backend.inFlight < least) {
+      least = backend.inFlight
+      chosen = index
+    }
+  }
+  if (chosen === -1) return undefined
+  entry.cursor = (chosen + 1) % n
+  return backends[chosen]
+}
+
+const lease = (backend: Backend, route: RouteEntry): Lease => {
+  backend.inFlight++
+  let released = false
+  return {
+    backend,
+    route,
+    release: () => {
+      if (released) return
+      released = true
+      backend.inFlight--
+    }
+  }
+}
+
+const noRoute = (query: RouteQuery) =>
+  new DispatchError({ reason: "NoRoute", message: `no route for ${describeQuery(query)}` })
+
+const describeQuery = (query: RouteQuery): string => {
+  switch (query._tag) {
+    case "Http":
+      return `http://${query.host || "*"}:${query.port}${query.path}`
+    case "Tcp":
+      return `tcp port ${query.port}`
+    case "Tls":
+      return `tls ${query.serverName}:${query.port}${query.path ?? ""}`
+  }
+}
+
+export class Dispatcher extends Context.Service<Dispatcher, DispatcherShape>()("switchyard/Dispatcher") {
+  static readonly layer = (config: DispatcherConfig = {}): Layer.Layer<Dispatcher, never, Registry> =>
+    Layer.effect(Dispatcher, make(config))
+}
+
+const make = Effect.fnUntraced(function*(config: DispatcherConfig) {
+  const registry = yield* Registry
+  const maxWait = config.maxWait === undefined ? registry.gracePeriod : Duration.fromInputUnsafe(config.maxWait)
+  const maxWaiting = config.maxWaiting ?? DefaultMaxWaiting
+  let waiting = 0
+
+  const tryAcquire = (query: RouteQuery): Lease | DispatchError | undefined => {
+    const entry = registry.match(query)
+    if (entry === undefined) return noRoute(query)
+    const backend = pickBackend(entry)
+    return backend === undefined ? undefined : lease(backend, entry)
+  }
+
+  // Waits for a change and retries until a backend appears; a route that disappears while waited for
+  // (its grace period ended) means no backend.
+  const waitForBackend = (query: RouteQuery): Effect.Effect<Lease, DispatchError> =>
+    Effect.suspend(() => {
+      const since = registry.version()
+      const now = tryAcquire(query)
+      if (now instanceof DispatchError) {
+        return Effect.fail(
+          new DispatchError({ reason: "NoBackend", message: `no backend for ${describeQuery(query)} within the grace period` })
+        )
+      }
+      if (now !== undefined) return Effect.succeed(now)
+      return Effect.andThen(registry.awaitChange(since), waitForBackend(query))
+    })
+
+  const acquire = Effect.fnUntraced(function*(query: RouteQuery) {
+    const now = tryAcquire(query)
+    if (now instanceof DispatchError) return yield* now
+    if (now !== undefined) return now
+    if (waiting >= maxWaiting) {
+      return yield* new DispatchError({
+        reason: "QueueFull",
+        message: `${maxWaiting} requests already wait for a backend; try again later`
+      })
+    }
+    waiting++
+    const started = yield* Clock.currentTimeMillis
+    const found = yield* waitForBackend(query).pipe(
+      Effect.timeoutOption(maxWait),
+      Effect.ensuring(Effect.sync(() => waiting--))
+    )
+    if (Option.isSome(found)) return found.value
+    const waited = (yield* Clock.currentTimeMillis) - started
+    return yield* new DispatchError({
+      reason: "NoBackend",
+      message: `no backend for ${describeQuery(query)} after waiting ${waited} ms`
+    })
+  })
+
+  return Dispatcher.of({ acquire, tryAcquire, waiting: () => waiting })
+})

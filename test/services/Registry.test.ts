@@ -1,0 +1,98 @@
+import { assert, describe, it } from "@effect/vitest"
+import { Effect, Exit, Fiber, Layer, Scope } from "effect"
+import { TestClock } from "effect/testing"
+import { Registry, RegistryError } from "../../src/services/Registry.ts"
+import { makeTestBackend } from "./RegistryBackends.ts"
+
+const provide = <A, E>(self: Effect.Effect<A, E, Registry>, config?: Parameters<typeof Registry.layer>[0]) =>
+  Effect.provide(self, Registry.layer(config) as Layer.Layer<Registry>)
+
+const query = (path: string, host = "x.test", port = 8000) => ({ _tag: "Http" as const, port, host, path })
+
+describe("Registry", () => {
+  it.effect("registers routes, matches them, and reports their ports", () =>
+    provide(Effect.gen(function*() {
+      const registry = yield* Registry
+      const scope = yield* Scope.make()
+      const a = makeTestBackend("a")
+      const b = makeTestBackend("b")
+      yield* registry.register({ _tag: "Http", port: 8000, pathPrefix: "/a" }, a).pipe(Scope.provide(scope))
+      yield* registry.register({ _tag: "Http", port: 8000, pathPrefix: "/b" }, b).pipe(Scope.provide(scope))
+      yield* registry.register({ _tag: "Tcp", port: 2222 }, a).pipe(Scope.provide(scope))
+      assert.deepStrictEqual(registry.match(query("/a/1"))?.backends, [a])
+      assert.deepStrictEqual(registry.match(query("/b"))?.backends, [b])
+      assert.isUndefined(registry.match(query("/c")))
+      assert.deepStrictEqual([...registry.ports()].sort(), [[2222, "tcp"], [8000, "http"]])
+      yield* Scope.close(scope, Exit.void)
+    })))
+
+  it.effect("shares one route between backends asking for the same key", () =>
+    provide(Effect.gen(function*() {
+      const registry = yield* Registry
+      const a = makeTestBackend("a")
+      const b = makeTestBackend("b")
+      yield* registry.register({ _tag: "Http", port: 8000 }, a)
+      yield* registry.register({ _tag: "Http", port: 8000, pathPrefix: "/" }, b)
+      assert.deepStrictEqual(registry.match(query("/"))?.backends, [a, b])
+      assert.strictEqual(registry.snapshot().length, 1)
+    }).pipe(Effect.scoped)))
+
+  it.effect("refuses a port wanted as TCP and as HTTP, and a route beyond the limit", () =>
+    provide(Effect.gen(function*() {
+      const registry = yield* Registry
+      const a = makeTestBackend("a")
+      yield* registry.register({ _tag: "Http", port: 8000 }, a)
+      const conflict = yield* Effect.flip(registry.register({ _tag: "Tcp", port: 8000 }, a))
+      assert.instanceOf(conflict, RegistryError)
+      assert.strictEqual(conflict.reason, "Conflict")
+      yield* registry.register({ _tag: "Http", port: 8001 }, a)
+      const limit = yield* Effect.flip(registry.register({ _tag: "Http", port: 8002 }, a))
+      assert.strictEqual(limit.reason, "Limit")
+    }).pipe(Effect.scoped), { maxRoutes: 2 }))
+
+  it.effect("keeps an empty route for the grace period, then removes it", () =>
+    provide(Effect.gen(function*() {
+      const registry = yield* Registry
+      const scope = yield* Scope.make()
+      yield* registry.register({ _tag: "Http", port: 8000, pathPrefix: "/a" }, makeTestBackend("a")).pipe(Scope.provide(scope))
+      yield* Scope.close(scope, Exit.void)
+      const entry = registry.match(query("/a"))
+      assert.isDefined(entry)
+      assert.strictEqual(entry!.backends.length, 0)
+      assert.strictEqual(entry!.emptySince, 0)
+      yield* TestClock.adjust("29 seconds")
+      assert.isDefined(registry.match(query("/a")))
+      assert.isTrue(registry.ports().has(8000))
+      yield* TestClock.adjust("1 second")
+      assert.isUndefined(registry.match(query("/a")))
+      assert.isFalse(registry.ports().has(8000))
+    })))
+
+  it.effect("a backend returning within the grace period keeps the route", () =>
+    provide(Effect.gen(function*() {
+      const registry = yield* Registry
+      const first = yield* Scope.make()
+      yield* registry.register({ _tag: "Tcp", port: 2222 }, makeTestBackend("a")).pipe(Scope.provide(first))
+      yield* Scope.close(first, Exit.void)
+      yield* TestClock.adjust("5 seconds")
+      const b = makeTestBackend("b")
+      yield* registry.register({ _tag: "Tcp", port: 2222 }, b)
+      yield* TestClock.adjust("1 minute")
+      assert.deepStrictEqual(registry.match({ _tag: "Tcp", port: 2222 })?.backends, [b])
+      assert.isUndefined(registry.match({ _tag: "Tcp", port: 2222 })?.emptySince)
+    }).pipe(Effect.scoped), { gracePeriod: "10 seconds" }))
+
+  it.effect("wakes waiters on every change", () =>
+    provide(Effect.gen(function*() {
+      const registry = yield* Registry
+      const since = registry.version()
+      const waiter = yield* Effect.forkChild(registry.awaitChange(since))
+      yield* Effect.yieldNow
+      assert.isUndefined(waiter.pollUnsafe())
+      yield* registry.register({ _tag: "Tcp", port: 2222 }, makeTestBackend("a"))
+      yield* Fiber.join(waiter)
+      assert.isTrue(registry.version() > since)
+      // an already-passed version returns at once
+      yield* registry.awaitChange(since)
+    }).pipe(Effect.scoped)))
+})
