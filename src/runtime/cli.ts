@@ -5,6 +5,7 @@
 import { Command } from "effect/cli"
 import packageJson from "../../package.json" with { type: "json" }
 import { serverCommand } from "./commands/server.ts"
+import { socketProxyCommand } from "./commands/socketProxy.ts"
 
 /** The version printed by `switchyard --version`. */
 export const version: string = packageJson.version
@@ -12,7 +13,7 @@ export const version: string = packageJson.version
 /** The root command, with every subcommand that exists. */
 export const switchyard = Command.make("switchyard").pipe(
   Command.withDescription("Reverse-tunnel gateway and reverse proxy"),
-  Command.withSubcommands([serverCommand])
+  Command.withSubcommands([serverCommand, socketProxyCommand])
 )
 
 /** Parses `argv` (without the node and script entries) and runs the chosen subcommand. */

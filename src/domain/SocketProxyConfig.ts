@@ -1,0 +1,271 @@
+/**
+ * The socket proxy's configuration: the Schema of its YAML/JSON file, the defaults, and resolution into
+ * compiled rules and parsed addresses. Every error names the field and the bad value. Pure: reading the
+ * file and merging command-line flags happen in the runtime.
+ */
+import { Result, Schema } from "effect"
+import type { SchemaIssue } from "effect"
+import { type AccessRule, parseRule, presetRules, RuleSyntaxError, type RuleSet } from "./AccessRule.ts"
+import { type ClientAllowlist, parseAllowlist } from "./ClientAllowlist.ts"
+import type { ForwardedMode } from "./HttpHeaders.ts"
+
+/** Defaults an operator can rely on; each is a config field under `limits`. */
+export const SOCKET_PROXY_DEFAULTS = {
+  /** Largest request head accepted from a client (bytes); larger gets 431. */
+  maxHeaderSize: 16 * 1024,
+  /** Most request headers accepted from a client. */
+  maxHeadersCount: 100,
+  /** Time allowed to receive a request head (ms). */
+  headersTimeoutMs: 30_000,
+  /** Time allowed to receive a whole request, body included (ms); 0 = none (large build contexts). */
+  requestTimeoutMs: 0,
+  /** Idle keep-alive time of a client connection between requests (ms). */
+  keepAliveTimeoutMs: 5_000,
+  /** Time allowed for the upstream's response head (ms); then 504. */
+  responseTimeoutMs: 300_000,
+  /** Idle limit on a response or hijacked stream with no bytes either way (ms); 0 = none. */
+  idleTimeoutMs: 0,
+  /** Most pooled upstream connections in use at once. */
+  maxSockets: 256,
+  /** Most idle pooled upstream connections kept. */
+  maxFreeSockets: 32
+} as const
+
+const Limits = Schema.Struct({
+  maxHeaderSize: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1024, maximum: 1024 * 1024 }))),
+  maxHeadersCount: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 10_000 }))),
+  headersTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 3_600_000 }))),
+  requestTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 86_400_000 }))),
+  keepAliveTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3_600_000 }))),
+  responseTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 86_400_000 }))),
+  idleTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 86_400_000 }))),
+  maxSockets: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 65_536 }))),
+  maxFreeSockets: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 65_536 })))
+})
+
+const ListenEntry = Schema.Union([
+  Schema.String,
+  Schema.Struct({
+    address: Schema.String,
+    /** Unix sockets only: file mode as an octal string, e.g. "0660". */
+    mode: Schema.optionalKey(Schema.String)
+  })
+])
+
+const RuleEntry = Schema.Union([
+  Schema.String,
+  Schema.Struct({ preset: Schema.String }),
+  Schema.Struct({ allow: Schema.String, idleTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))) }),
+  Schema.Struct({ deny: Schema.String })
+])
+
+/** The file format (YAML or JSON). */
+export const SocketProxyFile = Schema.Struct({
+  /** `unix:/var/run/docker.sock` (default) or `host:port`. */
+  upstream: Schema.optionalKey(Schema.String),
+  /** Rule set name shown in denials and logs. */
+  name: Schema.optionalKey(Schema.String),
+  listen: Schema.optionalKey(Schema.Array(ListenEntry)),
+  /** TCP client addresses/CIDR blocks allowed to connect (default: everyone who can reach the listener). */
+  allowFrom: Schema.optionalKey(Schema.Array(Schema.String)),
+  rules: Schema.optionalKey(Schema.Array(RuleEntry)),
+  forwardedHeaders: Schema.optionalKey(Schema.Literals(["off", "replace", "append"])),
+  /** Log allowed requests too (denials are always logged). */
+  logAllowed: Schema.optionalKey(Schema.Boolean),
+  limits: Schema.optionalKey(Limits)
+})
+export type SocketProxyFile = typeof SocketProxyFile.Type
+
+export type ListenAddress =
+  | { readonly _tag: "Tcp"; readonly host: string; readonly port: number }
+  | { readonly _tag: "Unix"; readonly path: string; readonly mode: number | undefined }
+
+export type UpstreamAddress =
+  | { readonly _tag: "Unix"; readonly path: string }
+  | { readonly _tag: "Tcp"; readonly host: string; readonly port: number }
+
+export type Limits = { readonly [K in keyof typeof SOCKET_PROXY_DEFAULTS]: number }
+
+/** A validated, compiled configuration. */
+export interface SocketProxyConfig {
+  readonly upstream: UpstreamAddress
+  readonly listen: ReadonlyArray<ListenAddress>
+  readonly allowFrom: ClientAllowlist | undefined
+  readonly ruleSet: RuleSet
+  readonly forwardedHeaders: ForwardedMode
+  readonly logAllowed: boolean
+  readonly limits: Limits
+}
+
+export class ConfigError extends Schema.TaggedError<ConfigError>()("ConfigError", {
+  reason: Schema.Literals(["Invalid", "NoRules", "Unreadable"]),
+  field: Schema.String,
+  message: Schema.String
+}) {}
+
+export const DEFAULT_UPSTREAM = "unix:/var/run/docker.sock"
+export const DEFAULT_LISTEN = "127.0.0.1:2375"
+export const DEFAULT_RULE_SET_NAME = "socket-proxy"
+
+const show = (value: unknown): string => {
+  const s = JSON.stringify(value)
+  return s === undefined ? String(value) : s.length > 120 ? s.slice(0, 117) + "..." : s
+}
+
+const fieldName = (path: ReadonlyArray<PropertyKey>): string =>
+  path.map((p, i) => typeof p === "number" ? `[${p}]` : i === 0 ? String(p) : `.${String(p)}`).join("") || "(root)"
+
+const valueAt = (input: unknown, path: ReadonlyArray<PropertyKey>): unknown => {
+  let v: unknown = input
+  for (const p of path) v = v !== null && typeof v === "object" ? (v as Record<PropertyKey, unknown>)[p] : undefined
+  return v
+}
+
+/** Flattens a Schema issue into `field: problem (got value)` lines. */
+const describeIssue = (input: unknown, issue: SchemaIssue.Issue, path: ReadonlyArray<PropertyKey>, out: Array<string>): void => {
+  switch (issue._tag) {
+    case "Pointer":
+      return describeIssue(input, issue.issue, [...path, ...issue.path], out)
+    case "Composite":
+    case "AnyOf":
+      if (issue._tag === "AnyOf" && issue.issues.length === 0) break
+      for (const i of issue.issues) describeIssue(input, i, path, out)
+      return
+    case "Filter":
+    case "Encoding":
+      if (issue._tag === "Filter") {
+        out.push(`${fieldName(path)}: ${String(issue).split("\n")[0]} (got ${show(valueAt(input, path))})`)
+        return
+      }
+      return describeIssue(input, issue.issue, path, out)
+    case "MissingKey":
+      out.push(`${fieldName(path)}: required`)
+      return
+    case "UnexpectedKey":
+      out.push(`${fieldName(path)}: unknown field`)
+      return
+    default:
+      break
+  }
+  out.push(`${fieldName(path)}: ${String(issue).split("\n")[0]} (got ${show(valueAt(input, path))})`)
+}
+
+/** Parses `unix:/path` or `host:port`. */
+export const parseAddress = (text: string): { readonly _tag: "Unix"; readonly path: string } | { readonly _tag: "Tcp"; readonly host: string; readonly port: number } | undefined => {
+  if (text.startsWith("unix:")) {
+    const p = text.slice(5).replace(/^\/\/(?=\/)/, "")
+    return p.startsWith("/") || p.startsWith(".") ? { _tag: "Unix", path: p } : undefined
+  }
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d{1,5})$/.exec(text.trim())
+  const port = m ? Number(m[3]) : Number.NaN
+  if (!m || port > 65535) return undefined
+  return { _tag: "Tcp", host: m[1] ?? (m[2] || "127.0.0.1"), port }
+}
+
+const invalid = (field: string, message: string) => new ConfigError({ reason: "Invalid", field, message: `${field}: ${message}` })
+
+/** Command-line input merged over the file. */
+export interface SocketProxyFlags {
+  readonly upstream?: string | undefined
+  readonly listen?: ReadonlyArray<string>
+  readonly allow?: ReadonlyArray<string>
+  readonly deny?: ReadonlyArray<string>
+  readonly presets?: ReadonlyArray<string>
+  readonly allowFrom?: ReadonlyArray<string>
+  readonly name?: string | undefined
+}
+
+/** Validates a decoded file plus flags into a config; the first problem wins, naming its field. */
+export const resolveConfig = (
+  file: SocketProxyFile,
+  flags: SocketProxyFlags = {}
+): SocketProxyConfig | ConfigError => {
+  const upstreamText = flags.upstream ?? file.upstream ?? DEFAULT_UPSTREAM
+  const upstream = parseAddress(upstreamText)
+  if (!upstream) return invalid(flags.upstream ? "--upstream" : "upstream", `expected unix:/path or host:port, got ${show(upstreamText)}`)
+
+  const listen: Array<ListenAddress> = []
+  const listenEntries: ReadonlyArray<{ field: string; entry: typeof ListenEntry.Type }> = flags.listen && flags.listen.length > 0
+    ? flags.listen.map((entry) => ({ field: "--listen", entry }))
+    : (file.listen ?? [DEFAULT_LISTEN]).map((entry, i) => ({ field: `listen[${i}]`, entry }))
+  for (const { field, entry } of listenEntries) {
+    const text = typeof entry === "string" ? entry : entry.address
+    const addr = parseAddress(text)
+    if (!addr) return invalid(field, `expected unix:/path or host:port, got ${show(text)}`)
+    let mode: number | undefined
+    if (typeof entry !== "string" && entry.mode !== undefined) {
+      if (addr._tag !== "Unix") return invalid(`${field}.mode`, `only Unix sockets have a mode, got ${show(entry.mode)} for ${show(text)}`)
+      if (!/^0?[0-7]{3}$/.test(entry.mode)) return invalid(`${field}.mode`, `expected an octal mode like "0660", got ${show(entry.mode)}`)
+      mode = parseInt(entry.mode, 8)
+    }
+    listen.push(addr._tag === "Unix" ? { _tag: "Unix", path: addr.path, mode } : addr)
+  }
+
+  let allowFrom: ClientAllowlist | undefined
+  const allowFromEntries = flags.allowFrom && flags.allowFrom.length > 0 ? flags.allowFrom : file.allowFrom
+  if (allowFromEntries !== undefined) {
+    const parsed = parseAllowlist(allowFromEntries)
+    if ("index" in parsed) {
+      return invalid(flags.allowFrom && flags.allowFrom.length > 0 ? "--allow-from" : `allowFrom[${parsed.index}]`, parsed.message)
+    }
+    allowFrom = parsed
+  }
+
+  const limits = { ...SOCKET_PROXY_DEFAULTS, ...file.limits }
+  const rules: Array<AccessRule> = []
+  const add = (field: string, rule: AccessRule | ReadonlyArray<AccessRule> | RuleSyntaxError): ConfigError | undefined => {
+    if (rule instanceof RuleSyntaxError) return invalid(field, rule.message + (rule.reason === "UnknownPreset" ? "" : ` in ${show(rule.rule)}`))
+    if (Array.isArray(rule)) rules.push(...rule)
+    else rules.push(rule as AccessRule)
+    return undefined
+  }
+  for (const d of flags.deny ?? []) {
+    const e = add("--deny", parseRule(d, { defaultAction: "deny" }))
+    if (e) return e
+  }
+  for (const a of flags.allow ?? []) {
+    const e = add("--allow", parseRule(a, { defaultAction: "allow" }))
+    if (e) return e
+  }
+  for (const [i, entry] of (file.rules ?? []).entries()) {
+    const field = `rules[${i}]`
+    const e = typeof entry === "string"
+      ? add(field, parseRule(entry))
+      : "preset" in entry
+      ? add(`${field}.preset`, presetRules(entry.preset))
+      : "allow" in entry
+      ? add(`${field}.allow`, parseRule(entry.allow, { defaultAction: "allow", idleTimeoutMs: entry.idleTimeoutMs }))
+      : add(`${field}.deny`, parseRule(entry.deny, { defaultAction: "deny" }))
+    if (e) return e
+  }
+  for (const p of flags.presets ?? []) {
+    const e = add("--preset", presetRules(p))
+    if (e) return e
+  }
+  if (!rules.some((r) => r.action === "allow")) {
+    return new ConfigError({
+      reason: "NoRules",
+      field: "rules",
+      message: "rules: no allow rule and no preset: every request would be denied; pass --allow, --preset or rules in the config file"
+    })
+  }
+  return {
+    upstream,
+    listen,
+    allowFrom,
+    ruleSet: { name: flags.name ?? file.name ?? DEFAULT_RULE_SET_NAME, rules },
+    forwardedHeaders: file.forwardedHeaders ?? (upstream._tag === "Unix" ? "off" : "replace"),
+    logAllowed: file.logAllowed ?? false,
+    limits
+  }
+}
+
+/** Decodes an already-parsed YAML/JSON document; unknown fields are errors (typos must not pass silently). */
+export const decodeSocketProxyFile = (input: unknown): SocketProxyFile | ConfigError => {
+  const r = Schema.decodeUnknownResult(SocketProxyFile, { errors: "all", onExcessProperty: "error" })(input)
+  if (Result.isSuccess(r)) return r.success
+  const lines: Array<string> = []
+  describeIssue(input, r.failure.issue, [], lines)
+  const first = lines[0] ?? String(r.failure)
+  return new ConfigError({ reason: "Invalid", field: first.split(":")[0]!, message: lines.join("; ") })
+}

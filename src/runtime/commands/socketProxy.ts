@@ -1,0 +1,89 @@
+/**
+ * `switchyard socket-proxy`: fronts a Unix-socket HTTP API (the Docker Engine API) with a deny-by-default
+ * allowlist. Reads an optional YAML/JSON config file, merges flags over it, refuses to start on any
+ * config error (naming the field and value), and runs until interrupted.
+ */
+import { Console, Effect, Option } from "effect"
+import { Command, Flag } from "effect/cli"
+import * as fs from "node:fs"
+import { parse as parseYaml } from "yaml"
+import { PRESETS } from "../../domain/AccessRule.ts"
+import {
+  ConfigError,
+  decodeSocketProxyFile,
+  resolveConfig,
+  type SocketProxyConfig,
+  type SocketProxyFile
+} from "../../domain/SocketProxyConfig.ts"
+import { makeSocketProxy } from "../../services/front/SocketProxy.ts"
+
+const repeated = (name: string, description: string) =>
+  Flag.String(name).pipe(Flag.withDescription(description), Flag.atLeast(0))
+
+const flags = {
+  config: Flag.String("config").pipe(
+    Flag.withDescription("YAML or JSON config file (flags override its upstream, listen and allow-from)"),
+    Flag.optional
+  ),
+  upstream: Flag.String("upstream").pipe(
+    Flag.withDescription("The API to front: unix:/path (default unix:/var/run/docker.sock) or host:port"),
+    Flag.optional
+  ),
+  listen: repeated("listen", "Listen on host:port or unix:/path (repeatable; default 127.0.0.1:2375)"),
+  allow: repeated("allow", "Allow rule, e.g. 'GET /containers/json' (repeatable)"),
+  deny: repeated("deny", "Deny rule, checked before the allow rules (repeatable)"),
+  preset: repeated("preset", `Rule preset (repeatable): ${Object.keys(PRESETS).join(", ")}`),
+  allowFrom: repeated("allow-from", "TCP client address or CIDR allowed to connect (repeatable)"),
+  name: Flag.String("name").pipe(Flag.withDescription("Rule set name shown in denials"), Flag.optional)
+}
+
+/** Reads and decodes the config file; errors name the file and field. */
+const readConfigFile = (path: string): Effect.Effect<SocketProxyFile, ConfigError> =>
+  Effect.suspend(() => {
+    let text: string
+    try {
+      text = fs.readFileSync(path, "utf8")
+    } catch (e) {
+      return Effect.fail(new ConfigError({ reason: "Unreadable", field: "--config", message: `--config: cannot read ${path}: ${(e as Error).message}` }))
+    }
+    let doc: unknown
+    try {
+      doc = path.endsWith(".json") ? JSON.parse(text) : parseYaml(text)
+    } catch (e) {
+      return Effect.fail(new ConfigError({ reason: "Invalid", field: "--config", message: `${path}: not valid ${path.endsWith(".json") ? "JSON" : "YAML"}: ${(e as Error).message}` }))
+    }
+    const decoded = decodeSocketProxyFile(doc ?? {})
+    return decoded instanceof ConfigError
+      ? Effect.fail(new ConfigError({ reason: decoded.reason, field: decoded.field, message: `${path}: ${decoded.message}` }))
+      : Effect.succeed(decoded)
+  })
+
+const describe = (config: SocketProxyConfig): string =>
+  config.upstream._tag === "Unix" ? `unix:${config.upstream.path}` : `${config.upstream.host}:${config.upstream.port}`
+
+const isLoopback = (host: string): boolean => host === "localhost" || host === "::1" || host.startsWith("127.")
+
+export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(function*(f) {
+  const file: SocketProxyFile = Option.isSome(f.config) ? yield* readConfigFile(f.config.value) : {}
+  const config = resolveConfig(file, {
+    upstream: Option.getOrUndefined(f.upstream),
+    listen: f.listen,
+    allow: f.allow,
+    deny: f.deny,
+    presets: f.preset,
+    allowFrom: f.allowFrom,
+    name: Option.getOrUndefined(f.name)
+  })
+  if (config instanceof ConfigError) return yield* config
+  for (const l of config.listen) {
+    if (l._tag === "Tcp" && !isLoopback(l.host) && config.allowFrom === undefined) {
+      yield* Effect.logWarning(`listening on ${l.host}:${l.port} without --allow-from: any host that can reach it may use the allowed API calls`)
+    }
+  }
+  const proxy = yield* makeSocketProxy(config)
+  const where = proxy.addresses.map((a) => a._tag === "Unix" ? `unix:${a.path}` : `${a.host}:${a.port}`).join(", ")
+  yield* Console.log(
+    `switchyard socket-proxy: ${describe(config)} on ${where}; rule set "${config.ruleSet.name}" with ${config.ruleSet.rules.length} rules (deny by default)`
+  )
+  return yield* Effect.never
+}, Effect.scoped)).pipe(Command.withDescription("Front the Docker Engine API socket with an allowlist"))

@@ -1,0 +1,301 @@
+/**
+ * The HTTP-forwarding core shared by every front door: streams a client request to an `Upstream` and the
+ * response back (no buffering, backpressure through pipes), strips hop-by-hop headers, writes
+ * `X-Forwarded-*`, carries trailers, turns upgrades (WebSocket, Docker's `Upgrade: tcp` hijack) into a raw
+ * half-closable pipe, and maps failures to 502/504. It does not route or authorise: callers decide first.
+ * The per-request path is plain Node callbacks; the agent and live tunnels belong to the service's scope.
+ */
+import { Context, Effect, Layer } from "effect"
+import type { Scope } from "effect"
+import * as http from "node:http"
+import type { Duplex } from "node:stream"
+import {
+  type ForwardedMode,
+  headerValue,
+  requestHeaders,
+  responseHeaders,
+  trailerPairs
+} from "../domain/HttpHeaders.ts"
+import { type ErrorRenderer, plainErrors, sendError, writeRawError } from "./forward/ErrorResponse.ts"
+import type { Upstream } from "./forward/Upstream.ts"
+
+/** The request about to be sent upstream; a `Director` may rewrite any field. */
+export interface OutgoingRequest {
+  method: string
+  /** Origin-form target: path and query. */
+  path: string
+  /** Flat `[name, value, ...]` list, hop-by-hop headers already removed. Host is the client's. */
+  headers: Array<string>
+  /** Where to send it (transport and scheme); defaults to the forwarder's upstream. */
+  upstream: Upstream
+}
+
+/** Rewrites the outgoing request (scheme via `upstream`, host, path, headers). Runs once per request. */
+export type Director = (outgoing: OutgoingRequest, incoming: http.IncomingMessage) => void
+
+export interface ForwardOptions {
+  readonly director?: Director | undefined
+  /** Overrides the forwarder's idle limit for this request (ms; 0 = none). */
+  readonly idleTimeoutMs?: number | undefined
+  /** Overrides the time allowed for the response head (ms; 0 = none). */
+  readonly responseTimeoutMs?: number | undefined
+  /** Overrides the client's target (e.g. a canonicalised path). */
+  readonly path?: string | undefined
+}
+
+export interface ForwarderConfig {
+  readonly upstream: Upstream
+  /** Default: `off` toward a local Unix-socket API, `replace` otherwise. */
+  readonly forwardedHeaders?: ForwardedMode | undefined
+  /** Time allowed for the upstream's response head (ms); then 504. 0 = none. */
+  readonly responseTimeoutMs: number
+  /** No bytes either way on a response or tunnel for this long closes it (ms). 0 = none. */
+  readonly idleTimeoutMs: number
+  /** How error bodies look (default plain text). */
+  readonly errors?: ErrorRenderer | undefined
+  /** Called with a one-line description of each upstream failure (for logs). */
+  readonly onUpstreamError?: ((message: string) => void) | undefined
+}
+
+export interface ForwarderShape {
+  readonly upstream: Upstream
+  /** Forwards an ordinary request; the response (or a 502/504) goes to `res`. */
+  readonly forward: (req: http.IncomingMessage, res: http.ServerResponse, options?: ForwardOptions) => void
+  /** Forwards an upgrade request; after the upstream's 101 the two sockets are piped raw. */
+  readonly upgrade: (req: http.IncomingMessage, socket: Duplex, head: Buffer, options?: ForwardOptions) => void
+  /** Requests and tunnels in flight (for metrics and leak checks). */
+  readonly active: () => { readonly requests: number; readonly tunnels: number }
+}
+
+const errorText = (err: Error & { code?: string }): string => err.code ?? err.message
+
+/** Whether a client's `Transfer-Encoding` can be forwarded as is (only plain `chunked`). */
+const unsupportedCoding = (te: string | undefined): boolean => te !== undefined && te.trim().toLowerCase() !== "chunked"
+
+/** Builds the forwarding core; the agent (when owned) and every live tunnel close with the scope. */
+export const makeForwarder = (config: ForwarderConfig): Effect.Effect<ForwarderShape, never, Scope.Scope> =>
+  Effect.gen(function*() {
+    const upstream = config.upstream
+    const errors = config.errors ?? plainErrors
+    const forwardedMode: ForwardedMode = config.forwardedHeaders ?? (upstream.local ? "off" : "replace")
+    const tunnels = new Set<Duplex>()
+    let requests = 0
+    let closed = false
+    const report = config.onUpstreamError ?? (() => {})
+
+    yield* Effect.addFinalizer(() =>
+      Effect.sync(() => {
+        closed = true
+        for (const s of tunnels) s.destroy()
+        tunnels.clear()
+        if (upstream.owned) upstream.agent.destroy()
+      })
+    )
+
+    const outgoing = (req: http.IncomingMessage, upgrade: boolean, options: ForwardOptions | undefined): OutgoingRequest => {
+      const socket = req.socket as Duplex & { remoteAddress?: string; encrypted?: boolean }
+      const out: OutgoingRequest = {
+        method: req.method ?? "GET",
+        path: options?.path ?? req.url ?? "/",
+        headers: requestHeaders(
+          req.rawHeaders,
+          upgrade,
+          forwardedMode,
+          forwardedMode === "off"
+            ? undefined
+            : { clientAddress: socket.remoteAddress, proto: socket.encrypted ? "https" : "http", host: req.headers.host }
+        ),
+        upstream
+      }
+      options?.director?.(out, req)
+      return out
+    }
+
+    const forward = (req: http.IncomingMessage, res: http.ServerResponse, options?: ForwardOptions): void => {
+      if (closed) {
+        sendError(res, errors, 503, "switchyard: shutting down")
+        return
+      }
+      const te = headerValue(req.rawHeaders, "transfer-encoding")
+      if (unsupportedCoding(te)) {
+        sendError(res, errors, 501, `switchyard: unsupported Transfer-Encoding "${te}"`)
+        return
+      }
+      const out = outgoing(req, false, options)
+      if (te !== undefined) out.headers.push("Transfer-Encoding", "chunked")
+      const target = out.upstream
+      const responseTimeout = options?.responseTimeoutMs ?? config.responseTimeoutMs
+      const idleTimeout = options?.idleTimeoutMs ?? config.idleTimeoutMs
+      let phase: "head" | "body" | "done" = "head"
+      requests++
+      const upReq = http.request({
+        ...target.target,
+        agent: target.agent,
+        method: out.method,
+        path: out.path,
+        headers: out.headers,
+        setHost: false
+      })
+      const finish = () => {
+        if (phase !== "done") {
+          phase = "done"
+          requests--
+        }
+      }
+      upReq.on("timeout", () => {
+        const what = phase === "head" ? "did not answer in time" : "was idle too long"
+        report(`upstream ${target.describe} ${what}: ${out.method} ${out.path}`)
+        upReq.destroy(Object.assign(new Error(what), { code: phase === "head" ? "SWITCHYARD_TIMEOUT" : "SWITCHYARD_IDLE" }))
+      })
+      if (responseTimeout > 0) upReq.setTimeout(responseTimeout)
+      upReq.on("error", (err: Error & { code?: string }) => {
+        if (!res.headersSent) {
+          if (err.code === "SWITCHYARD_TIMEOUT") {
+            sendError(res, errors, 504, `switchyard: upstream ${target.describe} timed out before answering`)
+          } else {
+            report(`upstream ${target.describe} unreachable: ${errorText(err)}`)
+            sendError(res, errors, 502, `switchyard: upstream ${target.describe} unreachable (${errorText(err)})`)
+          }
+        } else {
+          res.destroy()
+        }
+        finish()
+      })
+      upReq.on("response", (upRes: http.IncomingMessage) => {
+        phase = "body"
+        upReq.setTimeout(idleTimeout)
+        const headers = responseHeaders(upRes.rawHeaders)
+        res.writeHead(upRes.statusCode ?? 502, upRes.statusMessage, headers)
+        // A response without a length is a stream (events, logs, progress): send its head now.
+        if (headerValue(upRes.rawHeaders, "content-length") === undefined) res.flushHeaders()
+        upRes.pipe(res, { end: false })
+        upRes.on("end", () => {
+          if (upRes.rawTrailers.length > 0) res.addTrailers(trailerPairs(upRes.rawTrailers))
+          res.end()
+          finish()
+        })
+        upRes.on("error", () => res.destroy())
+        upRes.on("close", () => {
+          if (!upRes.complete) res.destroy()
+        })
+      })
+      // The client went away before the exchange finished: cancel the upstream request.
+      res.on("close", () => {
+        if (!res.writableFinished) upReq.destroy()
+        finish()
+      })
+      req.on("error", () => upReq.destroy())
+      req.pipe(upReq, { end: false })
+      req.on("end", () => {
+        if (req.rawTrailers.length > 0) upReq.addTrailers(trailerPairs(req.rawTrailers))
+        upReq.end()
+      })
+    }
+
+    const upgrade = (req: http.IncomingMessage, socket: Duplex, head: Buffer, options?: ForwardOptions): void => {
+      if (closed) {
+        writeRawError(socket, errors, 503, "switchyard: shutting down")
+        return
+      }
+      const out = outgoing(req, true, options)
+      const target = out.upstream
+      const responseTimeout = options?.responseTimeoutMs ?? config.responseTimeoutMs
+      const idleTimeout = options?.idleTimeoutMs ?? config.idleTimeoutMs
+      tunnels.add(socket)
+      let upSocket: Duplex | undefined
+      const teardown = () => {
+        tunnels.delete(socket)
+        socket.destroy()
+        if (upSocket) {
+          tunnels.delete(upSocket)
+          upSocket.destroy()
+        }
+      }
+      const upReq = http.request({
+        ...target.target,
+        createConnection: target.connect as never,
+        method: out.method,
+        path: out.path,
+        headers: out.headers,
+        setHost: false
+      })
+      let answered = false
+      if (responseTimeout > 0) {
+        upReq.setTimeout(responseTimeout, () => {
+          if (answered) return
+          answered = true
+          writeRawError(socket, errors, 504, `switchyard: upstream ${target.describe} timed out before answering`)
+          upReq.destroy()
+          tunnels.delete(socket)
+        })
+      }
+      upReq.on("error", (err: Error & { code?: string }) => {
+        if (answered) return
+        answered = true
+        report(`upstream ${target.describe} unreachable: ${errorText(err)}`)
+        writeRawError(socket, errors, 502, `switchyard: upstream ${target.describe} unreachable (${errorText(err)})`)
+        tunnels.delete(socket)
+      })
+      socket.on("error", () => teardown())
+      socket.on("close", () => {
+        if (!answered) upReq.destroy()
+        tunnels.delete(socket)
+      })
+      upReq.on("upgrade", (upRes: http.IncomingMessage, up: Duplex, upHead: Buffer) => {
+        answered = true
+        upSocket = up
+        tunnels.add(up)
+        // Socket-backed connections count bytes both ways; other duplexes (tunnel streams) bring their own limits.
+        const timed = up as Duplex & { setTimeout?: (ms: number) => unknown }
+        if (typeof timed.setTimeout === "function") timed.setTimeout(idleTimeout)
+        up.on("timeout", () => {
+          report(`tunnel to ${target.describe} idle too long: ${out.method} ${out.path}`)
+          teardown()
+        })
+        let headText = `HTTP/1.1 ${upRes.statusCode} ${upRes.statusMessage ?? ""}\r\n`
+        const raw = upRes.rawHeaders
+        for (let i = 0; i < raw.length; i += 2) headText += `${raw[i]}: ${raw[i + 1]}\r\n`
+        socket.write(headText + "\r\n")
+        if (upHead.length > 0) socket.write(upHead)
+        if (head.length > 0) up.write(head)
+        up.on("error", () => teardown())
+        up.on("close", () => {
+          tunnels.delete(up)
+          if (!socket.writableFinished) socket.destroy()
+        })
+        socket.on("close", () => {
+          if (!up.writableFinished) up.destroy()
+        })
+        // pipe() ends the other side's writable when one side's readable ends: half-close carries over.
+        socket.pipe(up)
+        up.pipe(socket)
+      })
+      upReq.on("response", (upRes: http.IncomingMessage) => {
+        // The upstream declined the upgrade: relay its ordinary answer and close.
+        answered = true
+        let headText = `HTTP/1.1 ${upRes.statusCode} ${upRes.statusMessage ?? ""}\r\n`
+        const raw = responseHeaders(upRes.rawHeaders)
+        for (let i = 0; i < raw.length; i += 2) headText += `${raw[i]}: ${raw[i + 1]}\r\n`
+        socket.write(headText + "Connection: close\r\n\r\n")
+        upRes.pipe(socket)
+        upRes.on("close", () => {
+          tunnels.delete(socket)
+          if (!upRes.complete) socket.destroy()
+        })
+      })
+      upReq.end()
+    }
+
+    return {
+      upstream,
+      forward,
+      upgrade,
+      active: () => ({ requests, tunnels: tunnels.size })
+    } satisfies ForwarderShape
+  })
+
+/** The forwarding core as a service, for front doors that forward to one upstream. */
+export class Forwarder extends Context.Service<Forwarder, ForwarderShape>()("switchyard/Forwarder") {
+  static readonly make = makeForwarder
+  static readonly layer = (config: ForwarderConfig): Layer.Layer<Forwarder> => Layer.effect(Forwarder, makeForwarder(config))
+}

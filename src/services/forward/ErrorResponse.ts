@@ -1,0 +1,65 @@
+/**
+ * The one-line error responses every front door sends (404, 403, 502, 504...): how the body is
+ * rendered (plain text, or Docker's `{"message": "..."}` so the docker CLI prints it) and how it is
+ * written to a response or, before or after an upgrade, straight onto a raw socket.
+ */
+import type * as http from "node:http"
+import type { Duplex } from "node:stream"
+
+/** Renders a one-line message as a response body. */
+export interface ErrorRenderer {
+  readonly contentType: string
+  readonly render: (message: string) => string
+}
+
+/** `text/plain`, the message and a newline. */
+export const plainErrors: ErrorRenderer = {
+  contentType: "text/plain; charset=utf-8",
+  render: (message) => message.replace(/[\r\n]+/g, " ") + "\n"
+}
+
+/** Docker Engine API error shape: `{"message":"..."}`, which docker clients print as the error. */
+export const dockerErrors: ErrorRenderer = {
+  contentType: "application/json",
+  render: (message) => JSON.stringify({ message }) + "\n"
+}
+
+/** Reason phrases for the statuses the core itself produces. */
+export const STATUS_TEXT: Readonly<Record<number, string>> = {
+  400: "Bad Request",
+  403: "Forbidden",
+  404: "Not Found",
+  408: "Request Timeout",
+  413: "Content Too Large",
+  431: "Request Header Fields Too Large",
+  501: "Not Implemented",
+  502: "Bad Gateway",
+  503: "Service Unavailable",
+  504: "Gateway Timeout"
+}
+
+/** Sends an error response and closes the connection after it. */
+export const sendError = (res: http.ServerResponse, renderer: ErrorRenderer, status: number, message: string): void => {
+  const body = renderer.render(message)
+  res.shouldKeepAlive = false
+  res.writeHead(status, {
+    "content-type": renderer.contentType,
+    "content-length": Buffer.byteLength(body),
+    connection: "close"
+  })
+  res.end(body)
+}
+
+/** Writes a complete error response onto a raw socket (no HTTP machinery) and ends it. */
+export const writeRawError = (socket: Duplex, renderer: ErrorRenderer, status: number, message: string): void => {
+  if (!socket.writable) {
+    socket.destroy()
+    return
+  }
+  const body = renderer.render(message)
+  socket.end(
+    `HTTP/1.1 ${status} ${STATUS_TEXT[status] ?? "Error"}\r\n` +
+      `Content-Type: ${renderer.contentType}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n` +
+      body
+  )
+}

@@ -1,0 +1,85 @@
+/**
+ * The client-facing HTTP/1.1 server every front door listens with: Node's parser in strict mode (it
+ * rejects CL+TE, duplicate Content-Length, obs-fold and malformed lines) with named limits on header
+ * size, count and time, and clear one-line 400/408/431 answers to what it rejects. It does not bind.
+ */
+import * as http from "node:http"
+import type { Duplex } from "node:stream"
+import { type ErrorRenderer, sendError, writeRawError } from "./ErrorResponse.ts"
+
+export interface HttpLimits {
+  /** Largest request head (bytes). */
+  readonly maxHeaderSize: number
+  /** Most request headers kept. More is a 431. */
+  readonly maxHeadersCount: number
+  /** Time to receive a request head (ms). */
+  readonly headersTimeoutMs: number
+  /** Time to receive a whole request (ms); 0 = none. */
+  readonly requestTimeoutMs: number
+  /** Idle time of a keep-alive client connection between requests (ms). */
+  readonly keepAliveTimeoutMs: number
+}
+
+/** How often Node checks the header and request timeouts (ms). */
+export const TIMEOUT_CHECK_INTERVAL_MS = 1_000
+
+const clientErrorStatus = (code: string | undefined): readonly [number, string] => {
+  switch (code) {
+    case "HPE_HEADER_OVERFLOW":
+      return [431, "request head too large"]
+    case "ERR_HTTP_REQUEST_TIMEOUT":
+      return [408, "request not received in time"]
+    case "HPE_INVALID_TRANSFER_ENCODING":
+    case "HPE_UNEXPECTED_CONTENT_LENGTH":
+    case "HPE_INVALID_CONTENT_LENGTH":
+      return [400, "ambiguous message length (Content-Length and Transfer-Encoding)"]
+    case "HPE_INVALID_HEADER_TOKEN":
+      return [400, "malformed header (obs-fold or bad characters)"]
+    default:
+      return [400, "malformed request"]
+  }
+}
+
+/** An HTTP server with the limits applied and client errors answered; handlers are the caller's. */
+export const makeFrontServer = (
+  limits: HttpLimits,
+  errors: ErrorRenderer,
+  onRequest: (req: http.IncomingMessage, res: http.ServerResponse) => void,
+  onUpgrade: (req: http.IncomingMessage, socket: Duplex, head: Buffer) => void
+): http.Server => {
+  const server = http.createServer({
+    maxHeaderSize: limits.maxHeaderSize,
+    headersTimeout: limits.headersTimeoutMs,
+    requestTimeout: limits.requestTimeoutMs,
+    keepAliveTimeout: limits.keepAliveTimeoutMs,
+    connectionsCheckingInterval: TIMEOUT_CHECK_INTERVAL_MS,
+    requireHostHeader: true,
+    insecureHTTPParser: false,
+    joinDuplicateHeaders: false,
+    noDelay: true
+  }, (req, res) => {
+    if (req.rawHeaders.length > limits.maxHeadersCount * 2) {
+      sendError(res, errors, 431, `switchyard: more than ${limits.maxHeadersCount} request headers`)
+      return
+    }
+    onRequest(req, res)
+  })
+  // One more than the limit is kept so that exceeding it is seen and refused, not silently truncated.
+  server.maxHeadersCount = limits.maxHeadersCount + 1
+  server.on("upgrade", (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+    if (req.rawHeaders.length > limits.maxHeadersCount * 2) {
+      writeRawError(socket, errors, 431, `switchyard: more than ${limits.maxHeadersCount} request headers`)
+      return
+    }
+    onUpgrade(req, socket, head)
+  })
+  server.on("clientError", (err: Error & { code?: string }, socket: Duplex) => {
+    if (err.code === "ECONNRESET" || !socket.writable) {
+      socket.destroy()
+      return
+    }
+    const [status, what] = clientErrorStatus(err.code)
+    writeRawError(socket, errors, status, `switchyard: ${what}`)
+  })
+  return server
+}

@@ -1,0 +1,68 @@
+/**
+ * Where the forwarding core sends requests: a pooled `http.Agent` for ordinary requests and a fresh,
+ * half-close capable connection for upgrades. Unix-socket and TCP upstreams are built here; tunnels
+ * bring their own agent (e.g. one whose connections are yamux streams) through `agentUpstream`.
+ */
+import * as http from "node:http"
+import * as net from "node:net"
+import type { Duplex } from "node:stream"
+
+export interface Upstream {
+  /** For errors and logs: `unix:/var/run/docker.sock`, `127.0.0.1:8080`, `tunnel web-1`. */
+  readonly describe: string
+  /** Pooled connections for ordinary requests; destroyed with the forwarder's scope when `owned`. */
+  readonly agent: http.Agent
+  /** Whether the forwarder owns the agent and destroys it when its scope closes. */
+  readonly owned: boolean
+  /** Options passed to `http.request` along with the agent (`socketPath` or `host`/`port`). */
+  readonly target: { readonly socketPath?: string; readonly host?: string; readonly port?: number }
+  /** A new connection for an upgrade (never pooled); must allow half-close. */
+  readonly connect: () => Duplex
+  /** Whether the upstream is a local Unix-socket API (no `X-Forwarded-*` by default). */
+  readonly local: boolean
+}
+
+export interface PoolLimits {
+  /** Most connections in use at once; further requests queue in the agent. */
+  readonly maxSockets: number
+  /** Most idle connections kept for reuse. */
+  readonly maxFreeSockets: number
+}
+
+/** A Unix-socket HTTP API such as `/var/run/docker.sock`. */
+export const unixUpstream = (socketPath: string, limits: PoolLimits): Upstream => ({
+  describe: `unix:${socketPath}`,
+  agent: new http.Agent({ keepAlive: true, maxSockets: limits.maxSockets, maxFreeSockets: limits.maxFreeSockets, scheduling: "lifo" }),
+  owned: true,
+  target: { socketPath },
+  connect: () => net.createConnection({ path: socketPath, allowHalfOpen: true }),
+  local: true
+})
+
+/** A plain-TCP HTTP upstream. */
+export const tcpUpstream = (host: string, port: number, limits: PoolLimits): Upstream => ({
+  describe: host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`,
+  agent: new http.Agent({ keepAlive: true, maxSockets: limits.maxSockets, maxFreeSockets: limits.maxFreeSockets, scheduling: "lifo" }),
+  owned: true,
+  target: { host, port },
+  connect: () => net.createConnection({ host, port, allowHalfOpen: true, noDelay: true }),
+  local: false
+})
+
+/**
+ * An upstream reached through a caller's agent (tunnels: the agent's `createConnection` opens a stream
+ * on a session). `connect` opens a stream for upgrades. The caller keeps ownership of the agent.
+ */
+export const agentUpstream = (options: {
+  readonly describe: string
+  readonly agent: http.Agent
+  readonly connect: () => Duplex
+  readonly host?: string
+}): Upstream => ({
+  describe: options.describe,
+  agent: options.agent,
+  owned: false,
+  target: { host: options.host ?? "localhost" },
+  connect: options.connect,
+  local: false
+})

@@ -1,0 +1,213 @@
+/**
+ * The Docker socket proxy front door: listens on TCP and/or Unix sockets, refuses clients outside the
+ * allowlist, canonicalises each request path, applies the rule set (first match wins, deny by default)
+ * and hands allowed requests and upgrades to the forwarding core. Denials are 403 in Docker's error shape
+ * and never reach upstream. It does not inspect bodies, and it cannot see Unix-socket peer uids (Node does
+ * not expose SO_PEERCRED): access to a Unix listener is governed by its file mode and directory.
+ */
+import { Context, Effect, Layer, Schema } from "effect"
+import type { Scope } from "effect"
+import * as fs from "node:fs"
+import type * as http from "node:http"
+import * as net from "node:net"
+import type { Duplex } from "node:stream"
+import { decide, denialMessage, type RuleSet } from "../../domain/AccessRule.ts"
+import { clientAllowed } from "../../domain/ClientAllowlist.ts"
+import { canonicalTarget, isTargetRejection } from "../../domain/HttpHeaders.ts"
+import type { ListenAddress, SocketProxyConfig } from "../../domain/SocketProxyConfig.ts"
+import { dockerErrors, sendError, writeRawError } from "../forward/ErrorResponse.ts"
+import { makeFrontServer } from "../forward/FrontServer.ts"
+import { tcpUpstream, unixUpstream } from "../forward/Upstream.ts"
+import { type ForwarderShape, makeForwarder } from "../Forwarder.ts"
+
+export class SocketProxyError extends Schema.TaggedError<SocketProxyError>()("SocketProxyError", {
+  reason: Schema.Literals(["BindFailed", "AddressInUse"]),
+  address: Schema.String,
+  message: Schema.String
+}) {}
+
+/** A listener as bound: TCP with its real port, or a Unix socket path. */
+export type BoundAddress =
+  | { readonly _tag: "Tcp"; readonly host: string; readonly port: number }
+  | { readonly _tag: "Unix"; readonly path: string }
+
+export interface SocketProxyShape {
+  readonly addresses: ReadonlyArray<BoundAddress>
+  readonly ruleSet: RuleSet
+  readonly forwarder: ForwarderShape
+}
+
+/** Marks connections from clients outside `allowFrom`; their requests get a 403. */
+const refusedClient = Symbol("switchyard/refusedClient")
+
+const describeListen = (a: ListenAddress): string =>
+  a._tag === "Unix" ? `unix:${a.path}` : a.host.includes(":") ? `[${a.host}]:${a.port}` : `${a.host}:${a.port}`
+
+/** Removes a stale socket file (nothing answers on it); refuses when something does, or it is not a socket. */
+const clearStaleSocket = (path: string): Effect.Effect<void, SocketProxyError> =>
+  Effect.callback<void, SocketProxyError>((resume) => {
+    let stat: fs.Stats
+    try {
+      stat = fs.lstatSync(path)
+    } catch {
+      resume(Effect.void)
+      return
+    }
+    if (!stat.isSocket()) {
+      resume(Effect.fail(new SocketProxyError({ reason: "AddressInUse", address: `unix:${path}`, message: `unix:${path} exists and is not a socket` })))
+      return
+    }
+    const probe = net.createConnection({ path })
+    probe.once("connect", () => {
+      probe.destroy()
+      resume(Effect.fail(new SocketProxyError({ reason: "AddressInUse", address: `unix:${path}`, message: `unix:${path} is in use by another process` })))
+    })
+    probe.once("error", () => {
+      probe.destroy()
+      try {
+        fs.unlinkSync(path)
+      } catch {
+        // removed meanwhile
+      }
+      resume(Effect.void)
+    })
+  })
+
+/** Binds one listener for the scope's lifetime (closing it, its connections, and its socket file). */
+const bind = (server: http.Server, address: ListenAddress): Effect.Effect<BoundAddress, SocketProxyError, Scope.Scope> =>
+  Effect.acquireRelease(
+    Effect.gen(function*() {
+      if (address._tag === "Unix") yield* clearStaleSocket(address.path)
+      return yield* Effect.callback<BoundAddress, SocketProxyError>((resume) => {
+        const onError = (err: Error & { code?: string }) => {
+          resume(Effect.fail(
+            new SocketProxyError({
+              reason: err.code === "EADDRINUSE" ? "AddressInUse" : "BindFailed",
+              address: describeListen(address),
+              message: `${describeListen(address)}: ${err.message}`
+            })
+          ))
+        }
+        server.once("error", onError)
+        const done = () => {
+          server.off("error", onError)
+          if (address._tag === "Unix") {
+            if (address.mode !== undefined) {
+              try {
+                fs.chmodSync(address.path, address.mode)
+              } catch (e) {
+                server.close()
+                onError(e as Error)
+                return
+              }
+            }
+            resume(Effect.succeed({ _tag: "Unix", path: address.path }))
+          } else {
+            resume(Effect.succeed({ _tag: "Tcp", host: address.host, port: (server.address() as net.AddressInfo).port }))
+          }
+        }
+        if (address._tag === "Unix") server.listen(address.path, done)
+        else server.listen(address.port, address.host, done)
+      })
+    }),
+    (bound) =>
+      Effect.callback<void>((resume) => {
+        server.close(() => {
+          if (bound._tag === "Unix") {
+            try {
+              fs.unlinkSync(bound.path)
+            } catch {
+              // already gone
+            }
+          }
+          resume(Effect.void)
+        })
+        server.closeAllConnections()
+      })
+  )
+
+/** Starts the socket proxy; everything it opened closes with the scope. */
+export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: SocketProxyConfig): Effect.fn.Return<
+  SocketProxyShape,
+  SocketProxyError,
+  Scope.Scope
+> {
+  const services = yield* Effect.context<never>()
+  const runLog = Effect.runForkWith(services)
+  const warn = (message: string) => void runLog(Effect.logWarning(message))
+  const info = (message: string) => void runLog(Effect.logInfo(message))
+  const limits = config.limits
+  const pool = { maxSockets: limits.maxSockets, maxFreeSockets: limits.maxFreeSockets }
+  const forwarder = yield* makeForwarder({
+    upstream: config.upstream._tag === "Unix"
+      ? unixUpstream(config.upstream.path, pool)
+      : tcpUpstream(config.upstream.host, config.upstream.port, pool),
+    forwardedHeaders: config.forwardedHeaders,
+    responseTimeoutMs: limits.responseTimeoutMs,
+    idleTimeoutMs: limits.idleTimeoutMs,
+    errors: dockerErrors,
+    onUpstreamError: warn
+  })
+  const ruleSet = config.ruleSet
+  const allowFrom = config.allowFrom
+
+  /** Checks client, path and rules; returns what to forward or answers the refusal itself. */
+  const admit = (
+    req: http.IncomingMessage,
+    refuse: (status: number, message: string) => void
+  ): { readonly path: string; readonly idleTimeoutMs: number | undefined } | undefined => {
+    const socket = req.socket as net.Socket & { [refusedClient]?: boolean }
+    const method = req.method ?? "GET"
+    if (socket[refusedClient] === true) {
+      const message = `switchyard socket-proxy: client ${socket.remoteAddress} is not in allowFrom of rule set "${ruleSet.name}"`
+      warn(message)
+      refuse(403, message)
+      return undefined
+    }
+    const target = canonicalTarget(req.url ?? "/")
+    if (isTargetRejection(target)) {
+      const message = `switchyard socket-proxy: rejected request target (${target.detail})`
+      warn(`${message}: ${method} ${JSON.stringify(req.url)}`)
+      refuse(400, message)
+      return undefined
+    }
+    const request = { method, path: target.path, query: target.query }
+    const decision = decide(ruleSet, request)
+    if (!decision.allowed) {
+      const message = denialMessage(ruleSet, request, decision)
+      warn(message)
+      refuse(403, message)
+      return undefined
+    }
+    if (config.logAllowed) info(`allowed ${method} ${target.path} by "${decision.rule.source}"`)
+    return { path: target.upstreamTarget, idleTimeoutMs: decision.rule.idleTimeoutMs }
+  }
+
+  const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
+    const admitted = admit(req, (status, message) => sendError(res, dockerErrors, status, message))
+    if (admitted) forwarder.forward(req, res, admitted)
+  }
+  const onUpgrade = (req: http.IncomingMessage, socket: Duplex, head: Buffer): void => {
+    const admitted = admit(req, (status, message) => writeRawError(socket, dockerErrors, status, message))
+    if (admitted) forwarder.upgrade(req, socket, head, admitted)
+  }
+
+  const addresses: Array<BoundAddress> = []
+  for (const address of config.listen) {
+    const server = makeFrontServer(limits, dockerErrors, onRequest, onUpgrade)
+    if (address._tag === "Tcp" && allowFrom !== undefined) {
+      server.on("connection", (socket: net.Socket & { [refusedClient]?: boolean }) => {
+        if (!clientAllowed(allowFrom, socket.remoteAddress)) socket[refusedClient] = true
+      })
+    }
+    addresses.push(yield* bind(server, address))
+  }
+  return { addresses, ruleSet, forwarder }
+})
+
+/** The socket proxy as a service: `SocketProxy.layer(config)` in an Effect app. */
+export class SocketProxy extends Context.Service<SocketProxy, SocketProxyShape>()("switchyard/SocketProxy") {
+  static readonly make = makeSocketProxy
+  static readonly layer = (config: SocketProxyConfig): Layer.Layer<SocketProxy, SocketProxyError> =>
+    Layer.effect(SocketProxy, makeSocketProxy(config))
+}
