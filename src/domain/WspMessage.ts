@@ -321,3 +321,47 @@ export const goHeaderGet = (header: GoHeader, name: string): string => {
   const values = header[canonicalHeaderName(name)]
   return values !== undefined && values.length > 0 ? values[0]! : ""
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hop-by-hop headers
+
+/** Hop-by-hop header names (RFC 9110 §7.6.1 and the historical ones), lower case. */
+const hopByHop = new Set([
+  "connection",
+  "keep-alive",
+  "proxy-connection",
+  "proxy-authenticate",
+  "proxy-authorization",
+  "te",
+  "trailer",
+  "transfer-encoding",
+  "upgrade"
+])
+
+/**
+ * A header map without hop-by-hop fields, including those named in `Connection`, and without the
+ * names in `alsoDrop` (lower case). wsp forwards these unchanged; switchyard does not.
+ */
+export const withoutHopByHop = (
+  header: GoHeader,
+  alsoDrop: ReadonlySet<string> = new Set()
+): Record<string, ReadonlyArray<string>> => {
+  const out: Record<string, ReadonlyArray<string>> = {}
+  if (header === null) return out
+  const named = new Set<string>()
+  for (const [name, values] of Object.entries(header)) {
+    if (name.toLowerCase() !== "connection") continue
+    for (const value of values) {
+      for (const token of value.split(",")) {
+        const t = token.trim().toLowerCase()
+        if (t !== "") named.add(t)
+      }
+    }
+  }
+  for (const [name, values] of Object.entries(header)) {
+    const lower = name.toLowerCase()
+    if (hopByHop.has(lower) || named.has(lower) || alsoDrop.has(lower)) continue
+    out[name] = values
+  }
+  return out
+}

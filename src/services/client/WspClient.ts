@@ -1,0 +1,424 @@
+/**
+ * The wsp-compatible client: keeps a pool of WebSocket connections to every wsp server target
+ * (refilled to `poolidlesize`, at most `poolmaxsize`), performs each request the server sends after
+ * checking it against the destination rules, and answers with a response head and one body message.
+ * It never contacts a destination the rules refuse, and never accepts a second request on a busy connection.
+ */
+import * as http from "node:http"
+import * as https from "node:https"
+import { Context, Effect, FiberSet, Layer, Queue, Random, Redacted, Schema } from "effect"
+import type { Scope } from "effect"
+import { WebSocket } from "ws"
+import type { RawData } from "ws"
+import { checkDestination, isOpen } from "../../domain/DestinationRules.ts"
+import type { RuleVerdict } from "../../domain/DestinationRules.ts"
+import type { WspClientConfig } from "../../domain/WspConfig.ts"
+import type { GoHeader, WspHeadLimits, WspRequestHead } from "../../domain/WspMessage.ts"
+import {
+  canonicalHeaderName,
+  decodeRequestHead,
+  defaultHeadLimits,
+  encodeGreeting,
+  encodeResponseHead,
+  WspMessageError,
+  withoutHopByHop
+} from "../../domain/WspMessage.ts"
+
+/** wsp's status for a request the client could not perform. */
+export const clientErrorStatus = 527
+/** Status for a destination the rules refuse (switchyard's; wsp has no client-side rules). */
+export const refusedStatus = 403
+/** How often each target's pool is checked and refilled, ms (wsp: every second). */
+export const connectorInterval = 1_000
+/** How long a WebSocket handshake to a server may take, ms. */
+export const handshakeTimeout = 10_000
+/** Bytes queued on a WebSocket before the destination's response is paused. */
+export const downloadHighWater = 1024 * 1024
+
+/** A protocol violation by the server on one connection; that connection is closed. */
+export class WspClientError extends Schema.TaggedError<WspClientError>()("WspClientError", {
+  reason: Schema.Literals(["MalformedHead", "MissingBody", "UnexpectedMessage", "ResponseTooLarge", "UpstreamFailed"]),
+  message: Schema.String
+}) {}
+
+/**
+ * Delay before the next dial after `failures` consecutive failures: exponential from `initial`,
+ * capped at `max`, with "equal jitter" (uniform in the upper half) so clients do not reconnect in step.
+ * `random` is in [0, 1).
+ */
+export const reconnectDelay = (failures: number, initial: number, max: number, random: number): number => {
+  const ceiling = Math.min(max, initial * 2 ** Math.min(Math.max(failures - 1, 0), 30))
+  return Math.round(ceiling / 2 + (random * ceiling) / 2)
+}
+
+/** Connection counts for one target. */
+export interface TargetStats {
+  readonly target: string
+  readonly connecting: number
+  readonly idle: number
+  readonly running: number
+  readonly total: number
+}
+
+interface Target {
+  readonly url: string
+  readonly connections: Set<ClientConnection>
+  readonly wake: Queue.Queue<void>
+  /** Connections that closed right after opening without serving anything (refused by the server). */
+  earlyCloses: number
+}
+
+interface ClientContext {
+  readonly config: WspClientConfig
+  readonly limits: WspHeadLimits
+  readonly httpAgent: http.Agent
+  readonly httpsAgent: https.Agent
+  readonly log: (message: string) => void
+}
+
+/** Go's `http.Response.Header` from a Node response, without hop-by-hop fields. */
+const responseHeader = (res: http.IncomingMessage): Record<string, ReadonlyArray<string>> => {
+  const out: Record<string, Array<string>> = {}
+  for (const [name, values] of Object.entries(res.headersDistinct)) {
+    if (values === undefined) continue
+    const canonical = canonicalHeaderName(name)
+    const existing = out[canonical]
+    if (existing === undefined) out[canonical] = [...values]
+    else existing.push(...values)
+  }
+  return withoutHopByHop(out)
+}
+
+const dropOnRequest = new Set(["host", "content-length"])
+const methodsWithBody = new Set(["POST", "PUT", "PATCH"])
+
+/** One WebSocket to a wsp server; serves one request at a time. */
+class ClientConnection {
+  readonly ws: WebSocket
+  readonly target: Target
+  status: "connecting" | "idle" | "running" = "connecting"
+  awaitingPong = false
+  private served = 0
+  private readonly openedAt = Date.now()
+  private head: WspRequestHead | undefined
+  private verdict: RuleVerdict | undefined
+  private upstream: http.ClientRequest | undefined
+  private readonly ctx: ClientContext
+
+  constructor(ws: WebSocket, target: Target, ctx: ClientContext) {
+    this.ws = ws
+    this.target = target
+    this.ctx = ctx
+    ws.on("message", (data, isBinary) => this.onMessage(data, isBinary))
+    ws.on("pong", () => {
+      this.awaitingPong = false
+    })
+    ws.on("error", () => ws.terminate())
+    ws.on("close", () => this.onClose())
+  }
+
+  private onClose(): void {
+    this.upstream?.destroy()
+    this.upstream = undefined
+    if (!this.target.connections.delete(this)) return
+    if (this.status !== "connecting" && this.served === 0 && Date.now() - this.openedAt < this.ctx.config.backoffInitial) {
+      this.target.earlyCloses++
+    }
+    Queue.offerUnsafe(this.target.wake, undefined)
+  }
+
+  private violation(error: WspClientError): void {
+    this.ctx.log(`wsp connection to ${this.target.url} closed: ${error.message}`)
+    this.ws.terminate()
+  }
+
+  private onMessage(data: RawData, isBinary: boolean): void {
+    const bytes = data as Buffer
+    this.served++
+    if (this.upstream !== undefined) {
+      return this.violation(new WspClientError({ reason: "UnexpectedMessage", message: "request received while another is running" }))
+    }
+    if (this.head === undefined) {
+      if (isBinary) {
+        return this.violation(new WspClientError({ reason: "MalformedHead", message: "request head is a binary message" }))
+      }
+      const head = decodeRequestHead(bytes.toString("utf8"), this.ctx.limits)
+      if (head instanceof WspMessageError) {
+        // as wsp: answer with an error response, then drop the connection
+        this.answerError(clientErrorStatus, `Unable to deserialize json http request : ${head.message}\n`)
+        return this.violation(new WspClientError({ reason: "MalformedHead", message: head.message }))
+      }
+      this.head = head
+      this.verdict = checkDestination(this.ctx.config.rules, { method: head.Method, url: head.URL, header: head.Header })
+      this.status = "running"
+      Queue.offerUnsafe(this.target.wake, undefined)
+      return
+    }
+    if (!isBinary) {
+      return this.violation(new WspClientError({ reason: "MissingBody", message: "expected a binary request body message" }))
+    }
+    const head = this.head
+    const verdict = this.verdict!
+    this.head = undefined
+    this.verdict = undefined
+    if (verdict._tag !== "Allowed") {
+      this.ctx.log(`wsp refused ${head.Method} ${head.URL}: ${verdict.message}`)
+      this.answerError(refusedStatus, verdict.message)
+      return this.becomeIdle()
+    }
+    this.perform(head, bytes)
+  }
+
+  private becomeIdle(): void {
+    this.status = "idle"
+  }
+
+  /** A response made here (wsp's 527 path): a head with an empty header map and the message as body. */
+  private answerError(status: number, message: string): void {
+    const body = Buffer.from(message)
+    if (this.ws.readyState !== WebSocket.OPEN) return
+    this.ws.send(encodeResponseHead({ StatusCode: status, Header: {}, ContentLength: body.length }))
+    this.ws.send(body, { binary: true })
+  }
+
+  private perform(head: WspRequestHead, body: Buffer): void {
+    const fail = (message: string) => {
+      this.answerError(clientErrorStatus, `Unable to execute request : ${message}\n`)
+      this.becomeIdle()
+    }
+    let url: URL
+    try {
+      url = new URL(head.URL)
+    } catch {
+      return fail(`parse ${JSON.stringify(head.URL)}: invalid URL`)
+    }
+    const secure = url.protocol === "https:"
+    if (!secure && url.protocol !== "http:") return fail(`unsupported protocol scheme ${JSON.stringify(url.protocol.slice(0, -1))}`)
+    if (head.ContentLength >= 0 && head.ContentLength !== body.length) {
+      return fail(`http: ContentLength=${head.ContentLength} with Body length ${body.length}`)
+    }
+    const method = head.Method === "" ? "GET" : head.Method
+    const headers: Record<string, ReadonlyArray<string> | string> = withoutHopByHop(head.Header, dropOnRequest)
+    if (body.length > 0 || methodsWithBody.has(method)) headers["Content-Length"] = String(body.length)
+    let req: http.ClientRequest
+    try {
+      req = (secure ? https : http).request({
+        protocol: url.protocol,
+        hostname: url.hostname.startsWith("[") ? url.hostname.slice(1, -1) : url.hostname,
+        port: url.port === "" ? undefined : Number(url.port),
+        path: `${url.pathname}${url.search}`,
+        method,
+        headers: headers as http.OutgoingHttpHeaders,
+        agent: secure ? this.ctx.httpsAgent : this.ctx.httpAgent
+      })
+    } catch (e) {
+      return fail((e as Error).message)
+    }
+    this.upstream = req
+    let responded = false
+    req.once("error", (err) => {
+      if (this.upstream !== req) return
+      this.upstream = undefined
+      if (!responded) return fail(err.message)
+      this.violation(new WspClientError({ reason: "UpstreamFailed", message: `response body failed: ${err.message}` }))
+    })
+    req.once("response", (res) => {
+      responded = true
+      this.relay(req, head, res)
+    })
+    req.end(body)
+  }
+
+  private relay(req: http.ClientRequest, requestHead: WspRequestHead, res: http.IncomingMessage): void {
+    const ws = this.ws
+    const maxBody = this.ctx.config.maxMessageSize
+    if (Object.keys(res.headersDistinct).length > this.ctx.config.maxHeaders) {
+      this.upstream = undefined
+      req.destroy()
+      this.answerError(clientErrorStatus, `Unable to execute request : more than ${this.ctx.config.maxHeaders} response headers\n`)
+      return this.becomeIdle()
+    }
+    const declared = res.headers["content-length"]
+    const status = res.statusCode ?? 502
+    const header: GoHeader = responseHeader(res)
+    const noBody = requestHead.Method === "HEAD" || status === 204 || status === 304
+    const contentLength = declared !== undefined && /^[0-9]+$/.test(declared) ? Number(declared) : noBody ? 0 : -1
+    ws.send(encodeResponseHead({ StatusCode: status, Header: header, ContentLength: contentLength }))
+    let size = 0
+    let paused = false
+    const onSent = (err?: Error | null) => {
+      if (err) return
+      if (paused && ws.bufferedAmount < downloadHighWater) {
+        paused = false
+        res.resume()
+      }
+    }
+    res.on("data", (chunk: Buffer) => {
+      if (this.upstream !== req) return
+      size += chunk.length
+      if (size > maxBody) {
+        this.upstream = undefined
+        req.destroy()
+        return this.violation(new WspClientError({ reason: "ResponseTooLarge", message: `response body exceeds ${maxBody} bytes` }))
+      }
+      ws.send(chunk, { binary: true, fin: false }, onSent)
+      if (ws.bufferedAmount >= downloadHighWater) {
+        paused = true
+        res.pause()
+      }
+    })
+    res.once("end", () => {
+      if (this.upstream !== req) return
+      this.upstream = undefined
+      ws.send(Buffer.alloc(0), { binary: true, fin: true })
+      this.becomeIdle()
+    })
+    res.once("error", (err) => {
+      if (this.upstream !== req) return
+      this.upstream = undefined
+      this.violation(new WspClientError({ reason: "UpstreamFailed", message: `response body failed: ${err.message}` }))
+    })
+  }
+}
+
+/** The wsp client as a running service. */
+export class WspClient extends Context.Service<WspClient, {
+  /** Counts per target. */
+  readonly stats: () => ReadonlyArray<TargetStats>
+}>()("switchyard/WspClient") {
+  static readonly layer = (config: WspClientConfig): Layer.Layer<WspClient> => Layer.effect(WspClient, makeWspClient(config))
+}
+
+/** Starts the client: one connector per target, a keepalive loop; everything closes with the scope. */
+export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspClientConfig): Effect.fn.Return<
+  WspClient["Service"],
+  never,
+  Scope.Scope
+> {
+  if (isOpen(config.rules)) {
+    yield* Effect.logWarning(
+      "wsp-client: no whitelist or blacklist configured, so every destination is allowed (wsp's behaviour); " +
+        "add rules to keep this client from relaying to any host it can reach"
+    )
+  }
+  const run = yield* FiberSet.makeRuntime<never, void, never>()
+  const maxSockets = Math.max(1, config.poolMaxSize * Math.max(1, config.targets.length))
+  const httpAgent = new http.Agent({ keepAlive: true, maxSockets, maxFreeSockets: maxSockets })
+  const httpsAgent = new https.Agent({ keepAlive: true, maxSockets, maxFreeSockets: maxSockets })
+  const ctx: ClientContext = {
+    config,
+    limits: { ...defaultHeadLimits, maxHeaderCount: config.maxHeaders },
+    httpAgent,
+    httpsAgent,
+    log: (message) => void run(Effect.logWarning(message))
+  }
+  const secret = Redacted.value(config.secretKey)
+  const greeting = encodeGreeting({ id: config.id, size: config.poolIdleSize })
+  const targets: Array<Target> = []
+  for (const url of config.targets) {
+    targets.push({ url, connections: new Set(), wake: yield* Queue.sliding<void>(1), earlyCloses: 0 })
+  }
+
+  yield* Effect.addFinalizer(() =>
+    Effect.sync(() => {
+      for (const target of targets) {
+        for (const conn of target.connections) conn.ws.terminate()
+      }
+      httpAgent.destroy()
+      httpsAgent.destroy()
+    })
+  )
+
+  const connectOne = (target: Target) =>
+    Effect.callback<boolean>((resume) => {
+      const ws = new WebSocket(target.url, {
+        headers: { "X-SECRET-KEY": secret },
+        maxPayload: config.maxMessageSize,
+        perMessageDeflate: false,
+        handshakeTimeout
+      })
+      const conn = new ClientConnection(ws, target, ctx)
+      target.connections.add(conn)
+      const onFailure = (err: Error) => {
+        target.connections.delete(conn)
+        ctx.log(`Unable to connect to ${target.url} : ${err.message}`)
+        resume(Effect.succeed(false))
+      }
+      ws.once("error", onFailure)
+      ws.once("open", () => {
+        ws.off("error", onFailure)
+        ws.send(greeting)
+        conn.status = "idle"
+        resume(Effect.succeed(true))
+      })
+      return Effect.sync(() => ws.terminate())
+    })
+
+  const sizes = (target: Target): TargetStats => {
+    let connecting = 0
+    let idle = 0
+    let running = 0
+    for (const conn of target.connections) {
+      if (conn.status === "connecting") connecting++
+      else if (conn.status === "idle") idle++
+      else running++
+    }
+    return { target: target.url, connecting, idle, running, total: target.connections.size }
+  }
+
+  const connector = (target: Target) =>
+    Effect.gen(function*() {
+      let failures = 0
+      for (;;) {
+        const s = sizes(target)
+        let toCreate = config.poolIdleSize - s.idle - s.connecting
+        if (s.total === 0) toCreate = 1
+        toCreate = Math.min(toCreate, config.poolMaxSize - s.total)
+        if (toCreate > 0) {
+          const results = yield* Effect.forEach(Array.from({ length: toCreate }), () => connectOne(target), {
+            concurrency: "unbounded"
+          })
+          const early = target.earlyCloses
+          target.earlyCloses = 0
+          if (results.includes(false) || early > 0) {
+            failures++
+            const delay = reconnectDelay(failures, config.backoffInitial, config.backoffMax, yield* Random.next)
+            yield* Effect.sleep(delay)
+            continue
+          }
+          failures = 0
+          continue
+        }
+        if (target.earlyCloses > 0) {
+          target.earlyCloses = 0
+          failures++
+          yield* Effect.sleep(reconnectDelay(failures, config.backoffInitial, config.backoffMax, yield* Random.next))
+          continue
+        }
+        yield* Effect.raceFirst(Queue.take(target.wake), Effect.sleep(connectorInterval))
+      }
+    })
+
+  for (const target of targets) yield* Effect.forkScoped(connector(target))
+
+  if (config.pingInterval > 0) {
+    yield* Effect.forkScoped(Effect.forever(Effect.andThen(
+      Effect.sleep(config.pingInterval),
+      Effect.sync(() => {
+        for (const target of targets) {
+          for (const conn of target.connections) {
+            if (conn.status === "connecting") continue
+            if (conn.awaitingPong) {
+              conn.ws.terminate()
+              continue
+            }
+            conn.awaitingPong = true
+            conn.ws.ping()
+          }
+        }
+      })
+    )))
+  }
+
+  return { stats: () => targets.map(sizes) }
+})

@@ -1,0 +1,460 @@
+/**
+ * The wsp-compatible server: wsp clients register pooled WebSocket connections on `/register`;
+ * callers send HTTP requests to `/request` with `X-Proxy-Destination`, each carried over one idle
+ * connection as a JSON head message plus one binary body message, answered the same way.
+ * It does not perform requests itself and never puts two requests on one connection at a time.
+ */
+import { createHash, timingSafeEqual } from "node:crypto"
+import * as http from "node:http"
+import type { Duplex } from "node:stream"
+import { Context, Effect, FiberSet, Layer, Redacted, Schema } from "effect"
+import type { Scope } from "effect"
+import { WebSocket, WebSocketServer } from "ws"
+import type { RawData } from "ws"
+import { checkDestination } from "../../domain/DestinationRules.ts"
+import type { WspServerConfig } from "../../domain/WspConfig.ts"
+import type { GoHeader, WspHeadLimits, WspResponseHead } from "../../domain/WspMessage.ts"
+import {
+  canonicalHeaderName,
+  decodeGreeting,
+  decodeResponseHead,
+  defaultHeadLimits,
+  encodeRequestHead,
+  WspMessageError,
+  withoutHopByHop
+} from "../../domain/WspMessage.ts"
+import type { PoolHandle, PoolStats } from "../Pool.ts"
+import { defaultCleanInterval, makePool, PoolError } from "../Pool.ts"
+
+/** wsp's status for every proxy-side failure. */
+export const proxyErrorStatus = 526
+/** How long a registering connection has to send its greeting, ms. */
+export const greetingTimeout = 10_000
+/** Longest pool id accepted in a greeting. */
+export const maxPoolIdLength = 256
+/** Bytes queued on a WebSocket before the caller's request body is paused. */
+export const uploadHighWater = 1024 * 1024
+/** Most headers Node parses on an incoming request before switchyard counts them itself. */
+const nodeHeaderParseLimit = 4096
+
+/** A `/request` that failed after a connection was taken; the connection is then closed. */
+export class WspProxyError extends Schema.TaggedError<WspProxyError>()("WspProxyError", {
+  reason: Schema.Literals([
+    "SendFailed",
+    "BodyTooLarge",
+    "ConnectionClosed",
+    "BadResponseHead",
+    "MissingBody",
+    "BadStatus",
+    "CallerGone",
+    "UnexpectedMessage"
+  ]),
+  message: Schema.String
+}) {}
+
+/** The server could not start. */
+export class WspServerError extends Schema.TaggedError<WspServerError>()("WspServerError", {
+  reason: Schema.Literals(["ListenFailed"]),
+  message: Schema.String
+}) {}
+
+/** Constant-time secret comparison (hashing first makes the time independent of the lengths). */
+export const secretMatches = (given: string, expected: string): boolean =>
+  timingSafeEqual(createHash("sha256").update(given).digest(), createHash("sha256").update(expected).digest())
+
+// ---------------------------------------------------------------------------------------------
+// One registered connection
+
+interface Exchange {
+  readonly res: http.ServerResponse
+  readonly method: string
+  readonly done: (error: WspProxyError | undefined) => void
+  head: WspResponseHead | undefined
+}
+
+/** One pooled WebSocket from a wsp client; carries at most one exchange at a time. */
+class ServerConnection {
+  readonly ws: WebSocket
+  readonly poolId: string
+  /** Set by ping, cleared by pong: a connection that misses a whole interval is dropped. */
+  awaitingPong = false
+  private exchange: Exchange | undefined
+  private readonly limits: WspHeadLimits
+  private readonly onGone: (conn: ServerConnection) => void
+
+  constructor(ws: WebSocket, poolId: string, limits: WspHeadLimits, onGone: (conn: ServerConnection) => void) {
+    this.ws = ws
+    this.poolId = poolId
+    this.limits = limits
+    this.onGone = onGone
+    ws.on("message", (data, isBinary) => this.onMessage(data, isBinary))
+    ws.on("pong", () => {
+      this.awaitingPong = false
+    })
+    ws.on("close", () => this.onClose())
+  }
+
+  close(_reason: string): void {
+    this.ws.terminate()
+  }
+
+  private finish(error: WspProxyError | undefined): void {
+    const exchange = this.exchange
+    if (exchange === undefined) return
+    this.exchange = undefined
+    if (error !== undefined) this.ws.terminate()
+    exchange.done(error)
+  }
+
+  private onClose(): void {
+    this.finish(new WspProxyError({ reason: "ConnectionClosed", message: "Unable to get http response reader : connection closed" }))
+    this.onGone(this)
+  }
+
+  private onMessage(data: RawData, isBinary: boolean): void {
+    const exchange = this.exchange
+    if (exchange === undefined) {
+      // wsp: a message on a connection that is not serving a request ends it
+      this.ws.terminate()
+      return
+    }
+    const bytes = data as Buffer
+    if (exchange.head === undefined) {
+      if (isBinary) {
+        return this.finish(new WspProxyError({ reason: "BadResponseHead", message: "Unable to unserialize http response : head is a binary message" }))
+      }
+      const head = decodeResponseHead(bytes.toString("utf8"), this.limits)
+      if (head instanceof WspMessageError) {
+        return this.finish(new WspProxyError({ reason: "BadResponseHead", message: `Unable to unserialize http response : ${head.message}` }))
+      }
+      if (head.StatusCode < 200 || head.StatusCode > 999) {
+        return this.finish(new WspProxyError({ reason: "BadStatus", message: `invalid response status ${head.StatusCode}` }))
+      }
+      exchange.head = head
+      return
+    }
+    if (!isBinary) {
+      return this.finish(new WspProxyError({ reason: "MissingBody", message: "Unable to get http response body reader : expected a binary body message" }))
+    }
+    const failure = writeResponse(exchange.res, exchange.method, exchange.head, bytes)
+    this.finish(failure)
+  }
+
+  /** Sends one request (head, then the caller's body as one fragmented binary message). */
+  proxy(req: http.IncomingMessage, res: http.ServerResponse, headText: string, maxBody: number, done: (error: WspProxyError | undefined) => void): () => void {
+    const ws = this.ws
+    this.exchange = { res, method: req.method ?? "GET", done, head: undefined }
+    const fail = (reason: WspProxyError["reason"], message: string) => this.finish(new WspProxyError({ reason, message }))
+    const onCallerGone = () => {
+      if (this.exchange !== undefined && this.exchange.res === res) fail("CallerGone", "caller went away")
+    }
+    res.once("close", onCallerGone)
+    if (ws.readyState !== WebSocket.OPEN) {
+      fail("SendFailed", "Unable to write request : connection not open")
+      return () => undefined
+    }
+    ws.send(headText)
+    let sent = 0
+    let paused = false
+    const onSent = (err?: Error | null) => {
+      if (err) return fail("SendFailed", `Unable to pipe request body : ${err.message}`)
+      if (paused && ws.bufferedAmount < uploadHighWater) {
+        paused = false
+        req.resume()
+      }
+    }
+    req.on("data", (chunk: Buffer) => {
+      if (this.exchange === undefined || this.exchange.res !== res) return
+      sent += chunk.length
+      if (sent > maxBody) {
+        req.pause()
+        return fail("BodyTooLarge", `request body exceeds ${maxBody} bytes`)
+      }
+      ws.send(chunk, { binary: true, fin: false }, onSent)
+      if (ws.bufferedAmount >= uploadHighWater) {
+        paused = true
+        req.pause()
+      }
+    })
+    req.once("end", () => {
+      if (this.exchange === undefined || this.exchange.res !== res) return
+      ws.send(Buffer.alloc(0), { binary: true, fin: true }, onSent)
+    })
+    req.once("error", (err) => fail("CallerGone", `Unable to pipe request body : ${err.message}`))
+    return () => {
+      res.off("close", onCallerGone)
+      if (this.exchange !== undefined && this.exchange.res === res) {
+        this.exchange = undefined
+        this.ws.terminate()
+      }
+    }
+  }
+}
+
+/** Response heads keep their own length only where no body is sent. */
+const bodyless = (method: string, status: number): boolean => method === "HEAD" || status === 204 || status === 304
+
+const writeResponse = (res: http.ServerResponse, method: string, head: WspResponseHead, body: Buffer): WspProxyError | undefined => {
+  if (res.headersSent || res.destroyed) return undefined
+  const noBody = bodyless(method, head.StatusCode)
+  const header = withoutHopByHop(head.Header, noBody ? new Set() : new Set(["content-length"]))
+  try {
+    for (const [name, values] of Object.entries(header)) {
+      if (values.length > 0) res.setHeader(name, values as Array<string>)
+    }
+    if (!noBody) res.setHeader("Content-Length", body.length)
+    res.writeHead(head.StatusCode)
+  } catch (e) {
+    for (const name of res.getHeaderNames()) res.removeHeader(name)
+    return new WspProxyError({ reason: "BadResponseHead", message: `Unable to write response headers : ${(e as Error).message}` })
+  }
+  if (noBody) res.end()
+  else res.end(body)
+  return undefined
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests from callers
+
+const sendError = (res: http.ServerResponse, status: number, message: string, extra?: Record<string, string>): void => {
+  if (res.headersSent) {
+    res.destroy()
+    return
+  }
+  res.writeHead(status, { "Content-Type": "text/plain; charset=utf-8", "X-Content-Type-Options": "nosniff", ...extra })
+  res.end(`${message}\n`)
+}
+
+/** The caller's headers as Go's server would hold them, without Host and hop-by-hop fields. */
+const requestHeader = (req: http.IncomingMessage): GoHeader => {
+  const out: Record<string, Array<string>> = {}
+  for (const [name, values] of Object.entries(req.headersDistinct)) {
+    if (name === "host" || values === undefined) continue
+    const canonical = canonicalHeaderName(name)
+    const existing = out[canonical]
+    if (existing === undefined) out[canonical] = [...values]
+    else existing.push(...values)
+  }
+  return withoutHopByHop(out)
+}
+
+const requestContentLength = (req: http.IncomingMessage): number => {
+  const declared = req.headers["content-length"]
+  if (declared !== undefined && /^[0-9]+$/.test(declared)) return Number(declared)
+  return req.headers["transfer-encoding"] !== undefined ? -1 : 0
+}
+
+const bearer = /^Bearer\s+(.+)$/i
+
+/** The wsp server as a running service. */
+export class WspServer extends Context.Service<WspServer, {
+  /** The address the HTTP listener is bound to. */
+  readonly address: { readonly host: string; readonly port: number }
+  /** Pool counts (client ids, idle and busy connections). */
+  readonly stats: () => PoolStats
+}>()("switchyard/WspServer") {
+  static readonly layer = (config: WspServerConfig): Layer.Layer<WspServer, WspServerError> =>
+    Layer.effect(WspServer, makeWspServer(config))
+}
+
+/** Starts the server; it stops, closing every connection, when the scope closes. */
+export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspServerConfig): Effect.fn.Return<
+  WspServer["Service"],
+  WspServerError,
+  Scope.Scope
+> {
+  const limits: WspHeadLimits = { ...defaultHeadLimits, maxHeaderCount: config.maxHeaders }
+  const pool: PoolHandle<ServerConnection> = yield* makePool<ServerConnection>({
+    timeout: config.timeout,
+    idleTimeout: config.idleTimeout,
+    cleanInterval: defaultCleanInterval,
+    maxPools: config.maxPools,
+    maxConnectionsPerPool: config.maxConnectionsPerPool,
+    maxWaiters: config.maxConcurrentRequests
+  })
+  const run = yield* FiberSet.makeRuntime<never, void, never>()
+  const secret = Redacted.value(config.secretKey)
+  const requestKey = config.requestKey === undefined ? undefined : Redacted.value(config.requestKey)
+  const greeting = new Set<WebSocket>()
+  let inFlight = 0
+
+  const wss = new WebSocketServer({ noServer: true, maxPayload: config.maxMessageSize, perMessageDeflate: false })
+
+  const onRegistered = (ws: WebSocket): void => {
+    greeting.add(ws)
+    ws.on("error", () => ws.terminate())
+    const timer = setTimeout(() => ws.terminate(), greetingTimeout)
+    const onClose = () => {
+      clearTimeout(timer)
+      greeting.delete(ws)
+    }
+    ws.once("close", onClose)
+    ws.once("message", (data, isBinary) => {
+      clearTimeout(timer)
+      greeting.delete(ws)
+      ws.off("close", onClose)
+      const parsed = isBinary
+        ? new WspMessageError({ reason: "MalformedGreeting", message: "greeting must be a text message" })
+        : decodeGreeting((data as Buffer).toString("utf8"), maxPoolIdLength)
+      if (parsed instanceof WspMessageError) {
+        ws.close(1008, parsed.message.slice(0, 120))
+        return
+      }
+      const conn = new ServerConnection(ws, parsed.id, limits, (c) => pool.remove(c))
+      run(
+        pool.register(parsed.id, parsed.size, conn).pipe(
+          Effect.catch((e: PoolError) =>
+            Effect.sync(() => ws.close(1013, e.message.slice(0, 120))).pipe(Effect.andThen(Effect.logWarning(`wsp registration refused: ${e.message}`)))
+          )
+        )
+      )
+    })
+  }
+
+  const refuseUpgrade = (socket: Duplex, status: number, reason: string, message: string): void => {
+    const body = `${message}\n`
+    socket.end(
+      `HTTP/1.1 ${status} ${reason}\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\n` +
+        `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`
+    )
+  }
+
+  const pathOf = (req: http.IncomingMessage): string => {
+    const url = req.url ?? "/"
+    const q = url.indexOf("?")
+    return q >= 0 ? url.slice(0, q) : url
+  }
+
+  const onUpgrade = (req: http.IncomingMessage, socket: Duplex, head: Buffer): void => {
+    socket.on("error", () => socket.destroy())
+    if (pathOf(req) !== "/register") return refuseUpgrade(socket, 404, "Not Found", "404 page not found")
+    const given = req.headers["x-secret-key"]
+    if (!secretMatches(typeof given === "string" ? given : "", secret)) {
+      return refuseUpgrade(socket, proxyErrorStatus, "Proxy Error", "Invalid X-SECRET-KEY")
+    }
+    wss.handleUpgrade(req, socket, head, onRegistered)
+  }
+
+  const proxyOver = (conn: ServerConnection, req: http.IncomingMessage, res: http.ServerResponse, headText: string) =>
+    Effect.callback<void, WspProxyError>((resume) => {
+      const cancel = conn.proxy(req, res, headText, config.maxMessageSize, (error) =>
+        resume(error === undefined ? Effect.void : Effect.fail(error)))
+      return Effect.sync(cancel)
+    })
+
+  const handleRequest = Effect.fnUntraced(function*(req: http.IncomingMessage, res: http.ServerResponse) {
+    if (requestKey !== undefined) {
+      const auth = bearer.exec(req.headers["proxy-authorization"] ?? "")
+      if (!secretMatches(auth === null ? "" : auth[1]!.trim(), requestKey)) {
+        return sendError(res, 401, "Invalid Proxy-Authorization", { "Proxy-Authenticate": "Bearer" })
+      }
+    }
+    const rawDestination = req.headers["x-proxy-destination"]
+    const destination = Array.isArray(rawDestination) ? rawDestination[0] : rawDestination
+    if (destination === undefined || destination === "") return sendError(res, proxyErrorStatus, "Missing X-PROXY-DESTINATION header")
+    let url: URL
+    try {
+      url = new URL(destination)
+    } catch {
+      return sendError(res, proxyErrorStatus, "Unable to parse X-PROXY-DESTINATION header")
+    }
+    if (url.protocol !== "http:" && url.protocol !== "https:") {
+      return sendError(res, proxyErrorStatus, "Unable to parse X-PROXY-DESTINATION header")
+    }
+    if (Object.keys(req.headersDistinct).length > config.maxHeaders) {
+      return sendError(res, 431, `more than ${config.maxHeaders} request headers`)
+    }
+    const header = requestHeader(req)
+    const method = req.method ?? "GET"
+    const verdict = checkDestination(config.rules, { method, url: destination, header })
+    if (verdict._tag !== "Allowed") return sendError(res, proxyErrorStatus, verdict.message)
+    const contentLength = requestContentLength(req)
+    if (contentLength > config.maxMessageSize) {
+      return sendError(res, 413, `request body exceeds ${config.maxMessageSize} bytes`)
+    }
+    const conn = yield* pool.take.pipe(
+      Effect.catch((e: PoolError) => Effect.sync(() => (sendError(res, proxyErrorStatus, e.message), undefined)))
+    )
+    if (conn === undefined) return
+    const headText = encodeRequestHead({ Method: method, URL: destination, Header: header, ContentLength: contentLength })
+    yield* proxyOver(conn, req, res, headText).pipe(
+      Effect.matchEffect({
+        onSuccess: () => pool.release(conn),
+        onFailure: (e) =>
+          Effect.sync(() => {
+            pool.remove(conn)
+            conn.close(e.message)
+            if (e.reason === "CallerGone") return
+            sendError(res, e.reason === "BodyTooLarge" ? 413 : proxyErrorStatus, e.message)
+          }).pipe(Effect.andThen(Effect.logDebug(`wsp request failed: ${e.message}`)))
+      }),
+      Effect.onInterrupt(() => Effect.sync(() => {
+        pool.remove(conn)
+        conn.close("interrupted")
+      }))
+    )
+  })
+
+  const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
+    const path = pathOf(req)
+    if (path === "/status") {
+      res.writeHead(200, { "Content-Type": "text/plain; charset=utf-8" })
+      res.end("ok")
+      return
+    }
+    if (path === "/register") {
+      const given = req.headers["x-secret-key"]
+      if (!secretMatches(typeof given === "string" ? given : "", secret)) return sendError(res, proxyErrorStatus, "Invalid X-SECRET-KEY")
+      return sendError(res, proxyErrorStatus, "HTTP upgrade error : not a WebSocket upgrade request")
+    }
+    if (path !== "/request") return sendError(res, 404, "404 page not found")
+    if (inFlight >= config.maxConcurrentRequests) {
+      return sendError(res, proxyErrorStatus, `Too many concurrent requests (limit ${config.maxConcurrentRequests})`)
+    }
+    inFlight++
+    res.once("close", () => inFlight--)
+    run(handleRequest(req, res))
+  }
+
+  const server = http.createServer({ maxHeadersCount: nodeHeaderParseLimit } as http.ServerOptions, onRequest)
+  server.on("upgrade", onUpgrade)
+  server.on("clientError", (_err, socket) => socket.destroy())
+
+  const address = yield* Effect.acquireRelease(
+    Effect.callback<{ host: string; port: number }, WspServerError>((resume) => {
+      const onError = (err: Error) => resume(Effect.fail(new WspServerError({ reason: "ListenFailed", message: `cannot listen on ${config.host}:${config.port}: ${err.message}` })))
+      server.once("error", onError)
+      server.listen(config.port, config.host, () => {
+        server.off("error", onError)
+        const a = server.address()
+        resume(Effect.succeed(typeof a === "object" && a !== null ? { host: a.address, port: a.port } : { host: config.host, port: config.port }))
+      })
+    }),
+    () =>
+      Effect.callback<void>((resume) => {
+        for (const ws of greeting) ws.terminate()
+        for (const ws of wss.clients) ws.terminate()
+        server.close(() => resume(Effect.void))
+        server.closeAllConnections()
+      })
+  )
+
+  if (config.pingInterval > 0) {
+    yield* Effect.forkScoped(Effect.forever(Effect.andThen(
+      Effect.sleep(config.pingInterval),
+      Effect.sync(() => {
+        for (const conn of pool.members()) {
+          if (conn.awaitingPong) {
+            pool.remove(conn)
+            conn.close("keepalive timeout")
+            continue
+          }
+          conn.awaitingPong = true
+          conn.ws.ping()
+        }
+      })
+    )))
+  }
+
+  return { address, stats: pool.stats }
+})
