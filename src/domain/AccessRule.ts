@@ -47,15 +47,14 @@ export const compileGlob = (glob: string): RegExp => {
   let out = "^"
   for (let i = 0; i < glob.length; i++) {
     const c = glob[i]!
-    if (c === "*") {
+    if (c === "/" && glob[i + 1] === "*" && glob[i + 2] === "*" && (i + 3 === glob.length || glob[i + 3] === "/")) {
+      // "/**" is zero or more whole segments: "/images/**/json" matches "/images/json" too.
+      out += "(?:/.*)?"
+      i += 2
+    } else if (c === "*") {
       if (glob[i + 1] === "*") {
         i++
-        if (glob[i + 1] === "/") {
-          i++
-          out += "(?:.*/)?"
-        } else {
-          out += ".*"
-        }
+        out += ".*"
       } else {
         out += "[^/]*"
       }

@@ -3,8 +3,7 @@
  * compiled rules and parsed addresses. Every error names the field and the bad value. Pure: reading the
  * file and merging command-line flags happen in the runtime.
  */
-import { Result, Schema } from "effect"
-import type { SchemaIssue } from "effect"
+import { Result, Schema, SchemaIssue } from "effect"
 import { type AccessRule, parseRule, presetRules, RuleSyntaxError, type RuleSet } from "./AccessRule.ts"
 import { type ClientAllowlist, parseAllowlist } from "./ClientAllowlist.ts"
 import type { ForwardedMode } from "./HttpHeaders.ts"
@@ -121,22 +120,25 @@ const valueAt = (input: unknown, path: ReadonlyArray<PropertyKey>): unknown => {
   return v
 }
 
+const formatLeaf = SchemaIssue.makeFormatterDefault()
+const firstLine = (issue: SchemaIssue.Issue): string => formatLeaf(issue).split("\n")[0]!
+
 /** Flattens a Schema issue into `field: problem (got value)` lines. */
 const describeIssue = (input: unknown, issue: SchemaIssue.Issue, path: ReadonlyArray<PropertyKey>, out: Array<string>): void => {
   switch (issue._tag) {
     case "Pointer":
       return describeIssue(input, issue.issue, [...path, ...issue.path], out)
     case "Composite":
-    case "AnyOf":
-      if (issue._tag === "AnyOf" && issue.issues.length === 0) break
       for (const i of issue.issues) describeIssue(input, i, path, out)
       return
-    case "Filter":
+    case "AnyOf": {
+      // A union of literals reads well as Schema words it ("Expected "a" | "b""); a union of shapes does not.
+      const text = firstLine(issue)
+      const what = text.startsWith("Expected") && !text.includes("{") ? text : "not one of the accepted forms"
+      out.push(`${fieldName(path)}: ${what} (got ${show(valueAt(input, path))})`)
+      return
+    }
     case "Encoding":
-      if (issue._tag === "Filter") {
-        out.push(`${fieldName(path)}: ${String(issue).split("\n")[0]} (got ${show(valueAt(input, path))})`)
-        return
-      }
       return describeIssue(input, issue.issue, path, out)
     case "MissingKey":
       out.push(`${fieldName(path)}: required`)
@@ -145,9 +147,8 @@ const describeIssue = (input: unknown, issue: SchemaIssue.Issue, path: ReadonlyA
       out.push(`${fieldName(path)}: unknown field`)
       return
     default:
-      break
+      out.push(`${fieldName(path)}: ${firstLine(issue)} (got ${show(valueAt(input, path))})`)
   }
-  out.push(`${fieldName(path)}: ${String(issue).split("\n")[0]} (got ${show(valueAt(input, path))})`)
 }
 
 /** Parses `unix:/path` or `host:port`. */

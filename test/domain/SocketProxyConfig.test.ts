@@ -1,0 +1,97 @@
+import { assert, describe, it } from "@effect/vitest"
+import {
+  ConfigError,
+  decodeSocketProxyFile,
+  resolveConfig,
+  SOCKET_PROXY_DEFAULTS,
+  type SocketProxyConfig,
+  type SocketProxyFile
+} from "../../src/domain/SocketProxyConfig.ts"
+
+const decode = (input: unknown): SocketProxyFile => {
+  const r = decodeSocketProxyFile(input)
+  if (r instanceof ConfigError) throw new Error(r.message)
+  return r
+}
+
+const resolved = (r: SocketProxyConfig | ConfigError): SocketProxyConfig => {
+  if (r instanceof ConfigError) throw new Error(r.message)
+  return r
+}
+
+const failure = (r: unknown): ConfigError => {
+  assert.instanceOf(r, ConfigError)
+  return r as ConfigError
+}
+
+describe("SocketProxyConfig", () => {
+  it("resolves a full file with defaults filled in", () => {
+    const c = resolved(resolveConfig(decode({
+      upstream: "unix:/var/run/docker.sock",
+      name: "traefik",
+      listen: ["127.0.0.1:2375", { address: "unix:/run/sy/docker.sock", mode: "0660" }],
+      allowFrom: ["127.0.0.1", "10.0.0.0/8"],
+      rules: [{ deny: "GET /containers/*/logs" }, { preset: "traefik" }, "GET /images/json", { allow: "GET /events", idleTimeoutMs: 0 }],
+      limits: { maxSockets: 8 }
+    })))
+    assert.deepStrictEqual(c.upstream, { _tag: "Unix", path: "/var/run/docker.sock" })
+    assert.deepStrictEqual(c.listen, [
+      { _tag: "Tcp", host: "127.0.0.1", port: 2375 },
+      { _tag: "Unix", path: "/run/sy/docker.sock", mode: 0o660 }
+    ])
+    assert.strictEqual(c.ruleSet.name, "traefik")
+    assert.strictEqual(c.ruleSet.rules[0]!.action, "deny")
+    assert.strictEqual(c.limits.maxSockets, 8)
+    assert.strictEqual(c.limits.maxHeaderSize, SOCKET_PROXY_DEFAULTS.maxHeaderSize)
+    assert.strictEqual(c.forwardedHeaders, "off")
+  })
+
+  it("defaults to loopback and the Docker socket, and flags override the file", () => {
+    const c = resolved(resolveConfig({}, { presets: ["ping"] }))
+    assert.deepStrictEqual(c.listen, [{ _tag: "Tcp", host: "127.0.0.1", port: 2375 }])
+    assert.deepStrictEqual(c.upstream, { _tag: "Unix", path: "/var/run/docker.sock" })
+    const d = resolved(resolveConfig(decode({ listen: ["0.0.0.0:1"], rules: ["GET /_ping"] }), { listen: ["127.0.0.1:9"], upstream: "127.0.0.1:2376" }))
+    assert.deepStrictEqual(d.listen, [{ _tag: "Tcp", host: "127.0.0.1", port: 9 }])
+    assert.strictEqual(d.forwardedHeaders, "replace")
+  })
+
+  it("refuses to start with no allow rule", () => {
+    assert.strictEqual(failure(resolveConfig({})).reason, "NoRules")
+    assert.strictEqual(failure(resolveConfig({}, { deny: ["GET /x"] })).reason, "NoRules")
+  })
+
+  it.each([
+    { input: { upstream: 5 }, field: "upstream", value: "5" },
+    { input: { listen: [{ address: "unix:/x", mode: 660 }] }, field: "listen[0]", value: "660" },
+    { input: { limits: { maxSockets: 0 } }, field: "limits.maxSockets", value: "0" },
+    { input: { limits: { maxHeaderSize: "big" } }, field: "limits.maxHeaderSize", value: `"big"` },
+    { input: { forwardedHeaders: "yes" }, field: "forwardedHeaders", value: `"yes"` },
+    { input: { lisen: [] }, field: "lisen", value: "unknown field" }
+  ])("a bad file names $field and the value", ({ input, field, value }) => {
+    const e = failure(decodeSocketProxyFile(input))
+    assert.include(e.message, field)
+    assert.include(e.message, value)
+  })
+
+  it.each([
+    { file: { upstream: "docker.sock", rules: ["GET /x"] }, field: "upstream", value: `"docker.sock"` },
+    { file: { listen: ["localhost"], rules: ["GET /x"] }, field: "listen[0]", value: `"localhost"` },
+    { file: { listen: [{ address: "127.0.0.1:1", mode: "0660" }], rules: ["GET /x"] }, field: "listen[0].mode", value: `"0660"` },
+    { file: { listen: [{ address: "unix:/x", mode: "999" }], rules: ["GET /x"] }, field: "listen[0].mode", value: `"999"` },
+    { file: { allowFrom: ["10.0.0.0/8", "nope"], rules: ["GET /x"] }, field: "allowFrom[1]", value: `"nope"` },
+    { file: { rules: ["GET /x", "get /y"] }, field: "rules[1]", value: "get /y" },
+    { file: { rules: [{ preset: "traefix" }] }, field: "rules[0].preset", value: "traefix" },
+    { file: { rules: [{ allow: "GET ~([" }] }, field: "rules[0].allow", value: "([" }
+  ])("a bad value names $field", ({ file, field, value }) => {
+    const e = failure(resolveConfig(decode(file)))
+    assert.strictEqual(e.field, field)
+    assert.include(e.message, value)
+  })
+
+  it("names the flag when a flag is bad", () => {
+    assert.strictEqual(failure(resolveConfig({}, { allow: ["GET x"] })).field, "--allow")
+    assert.strictEqual(failure(resolveConfig({}, { presets: ["x"] })).field, "--preset")
+    assert.strictEqual(failure(resolveConfig({}, { presets: ["ping"], allowFrom: ["x"] })).field, "--allow-from")
+    assert.strictEqual(failure(resolveConfig({}, { presets: ["ping"], listen: ["x"] })).field, "--listen")
+  })
+})
