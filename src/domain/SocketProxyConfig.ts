@@ -134,7 +134,7 @@ const describeIssue = (input: unknown, issue: SchemaIssue.Issue, path: ReadonlyA
     case "AnyOf": {
       // A union of literals reads well as Schema words it ("Expected "a" | "b""); a union of shapes does not.
       const text = firstLine(issue)
-      const what = text.startsWith("Expected") && !text.includes("{") ? text : "not one of the accepted forms"
+      const what = text.startsWith(`Expected "`) ? text : "not one of the accepted forms"
       out.push(`${fieldName(path)}: ${what} (got ${show(valueAt(input, path))})`)
       return
     }
