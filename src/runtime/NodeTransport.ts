@@ -1,0 +1,166 @@
+/**
+ * Node binding of Transport: any `net.Socket`, `tls.TLSSocket` or `stream.Duplex` as a Connection
+ * with pausable reads and drain-aware batched writes, plus scoped TCP/Unix dial and listen.
+ * It does not speak any protocol; yamux and HTTP sit on top of the Connection it returns.
+ */
+import { Effect, Layer } from "effect"
+import type { Scope } from "effect"
+import * as fs from "node:fs"
+import * as net from "node:net"
+import type * as stream from "node:stream"
+import {
+  type Address,
+  type Connection,
+  type ConnectionHandlers,
+  Transport,
+  TransportError
+} from "../services/Transport.ts"
+
+const socketAddress = (host: string | undefined, port: number | undefined): Address | undefined =>
+  host === undefined && port === undefined ? undefined : { host, port }
+
+const ioError = (error: unknown): TransportError =>
+  new TransportError({ reason: "Io", message: error instanceof Error ? error.message : String(error) })
+
+/** Wraps a Node duplex (socket, TLS socket, any Duplex) as a Connection. */
+export const fromSocket = (socket: net.Socket | stream.Duplex): Connection => {
+  const s = socket as net.Socket
+  const isNet = typeof s.setNoDelay === "function"
+  if (isNet) s.setNoDelay(true)
+  let isClosed = socket.destroyed
+  let failure: TransportError | undefined
+  let handlers: ConnectionHandlers | undefined
+  const drainWaiters: Array<(error?: TransportError) => void> = []
+
+  const flushWaiters = (error?: TransportError) => {
+    const ws = drainWaiters.splice(0)
+    for (const w of ws) w(error)
+  }
+  socket.on("drain", () => flushWaiters())
+  socket.on("error", (e) => {
+    failure ??= ioError(e)
+  })
+  socket.once("close", () => {
+    isClosed = true
+    flushWaiters(failure ?? new TransportError({ reason: "Closed", message: "connection closed" }))
+    handlers?.onClose(failure)
+  })
+  socket.pause()
+
+  const local = isNet ? socketAddress(s.localAddress, s.localPort) : undefined
+  const remote = isNet ? socketAddress(s.remoteAddress, s.remotePort) : undefined
+  const unixPath = (): Address | undefined => {
+    // Unix sockets have no IP address; report the path the server was bound to, when known.
+    const addr = isNet && s.address ? (s.address() as unknown) : undefined
+    return typeof addr === "string" ? { path: addr } : undefined
+  }
+
+  return {
+    localAddress: local ?? unixPath(),
+    remoteAddress: remote,
+    start: (h) => {
+      handlers = h
+      socket.on("data", (chunk: Buffer) => h.onData(chunk))
+      socket.on("end", () => h.onEnd())
+      if (isClosed) queueMicrotask(() => h.onClose(failure))
+      else socket.resume()
+    },
+    pause: () => {
+      socket.pause()
+    },
+    resume: () => {
+      if (!isClosed) socket.resume()
+    },
+    write: (chunks, done) => {
+      if (isClosed || socket.writableEnded) {
+        queueMicrotask(() => done(new TransportError({ reason: "Closed", message: "connection closed" })))
+        return
+      }
+      let ok = true
+      if (chunks.length === 1) {
+        ok = socket.write(chunks[0]!)
+      } else {
+        if (isNet) s.cork()
+        for (const c of chunks) ok = socket.write(c)
+        if (isNet) s.uncork()
+      }
+      if (ok && !socket.writableNeedDrain) queueMicrotask(() => done())
+      else drainWaiters.push(done)
+    },
+    end: () => {
+      if (!isClosed && !socket.writableEnded) socket.end()
+    },
+    destroy: () => {
+      if (!socket.destroyed) socket.destroy()
+    },
+    closed: () => isClosed
+  }
+}
+
+/** Dials a TCP address (`{ host, port }`) or a Unix socket (`{ path }`); destroyed when the scope closes. */
+export const dial = (address: Address): Effect.Effect<Connection, TransportError, Scope.Scope> =>
+  Effect.acquireRelease(
+    Effect.callback<net.Socket, TransportError>((resume) => {
+      const socket = address.path !== undefined
+        ? net.connect({ path: address.path })
+        : net.connect({ host: address.host ?? "127.0.0.1", port: address.port ?? 0 })
+      const onError = (e: Error) => {
+        socket.destroy()
+        resume(Effect.fail(new TransportError({ reason: "Dial", message: `dial failed: ${e.message}` })))
+      }
+      socket.once("error", onError)
+      socket.once("connect", () => {
+        socket.off("error", onError)
+        resume(Effect.succeed(socket))
+      })
+      return Effect.sync(() => socket.destroy())
+    }),
+    (socket) => Effect.sync(() => socket.destroy())
+  ).pipe(Effect.map(fromSocket))
+
+/**
+ * Listens on TCP (`{ host, port }`, port 0 picks one) or a Unix socket (`{ path }`, a stale file is
+ * replaced). Each accepted connection goes to `onConnection`; when the scope closes the listener stops
+ * and every connection it accepted is destroyed. Returns the bound address.
+ */
+export const listen = (
+  address: Address,
+  onConnection: (conn: Connection) => void
+): Effect.Effect<Address, TransportError, Scope.Scope> =>
+  Effect.acquireRelease(
+    Effect.callback<{ server: net.Server; sockets: Set<net.Socket>; bound: Address }, TransportError>((resume) => {
+      const sockets = new Set<net.Socket>()
+      const server = net.createServer((socket) => {
+        sockets.add(socket)
+        socket.once("close", () => sockets.delete(socket))
+        onConnection(fromSocket(socket))
+      })
+      server.once("error", (e) =>
+        resume(Effect.fail(new TransportError({ reason: "Listen", message: `listen failed: ${e.message}` }))))
+      const ready = () => {
+        const a = server.address()
+        const bound: Address = typeof a === "string" || a === null
+          ? { path: address.path }
+          : { host: a.address, port: a.port }
+        resume(Effect.succeed({ server, sockets, bound }))
+      }
+      if (address.path !== undefined) {
+        try {
+          if (fs.existsSync(address.path) && fs.statSync(address.path).isSocket()) fs.unlinkSync(address.path)
+        } catch {
+          // listen reports the real problem
+        }
+        server.listen(address.path, ready)
+      } else {
+        server.listen(address.port ?? 0, address.host ?? "127.0.0.1", ready)
+      }
+    }),
+    ({ server, sockets }) =>
+      Effect.callback<void>((resume) => {
+        for (const s of sockets) s.destroy()
+        server.close(() => resume(Effect.void))
+      })
+  ).pipe(Effect.map((r) => r.bound))
+
+/** The Transport service over Node's TCP and Unix sockets. */
+export const layer: Layer.Layer<Transport> = Layer.succeed(Transport, Transport.of({ dial, listen }))

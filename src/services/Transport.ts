@@ -1,0 +1,218 @@
+/**
+ * The byte-connection abstraction every front door runs on (TCP, TLS, Unix sockets, WebSocket):
+ * callback reads that can be paused, writes that report when the transport can take more, half-close
+ * and destroy. Plus an in-memory pair for tests. Node bindings live in runtime/NodeTransport.
+ */
+import { Context, Effect, Schema } from "effect"
+import type { Scope } from "effect"
+
+export class TransportError extends Schema.TaggedError<TransportError>()("TransportError", {
+  reason: Schema.Literals(["Closed", "Io", "Dial", "Listen"]),
+  message: Schema.String
+}) {}
+
+/** Where a connection ends: an IP endpoint or a Unix socket path. */
+export interface Address {
+  readonly host?: string | undefined
+  readonly port?: number | undefined
+  readonly path?: string | undefined
+}
+
+export interface ConnectionHandlers {
+  /** A chunk arrived. Not called while paused. */
+  readonly onData: (chunk: Uint8Array) => void
+  /** The peer half-closed: no more data will arrive. */
+  readonly onEnd: () => void
+  /** The connection is fully closed; `error` when it failed. Called exactly once. */
+  readonly onClose: (error: TransportError | undefined) => void
+}
+
+export interface Connection {
+  readonly localAddress: Address | undefined
+  readonly remoteAddress: Address | undefined
+  /** Starts delivering events to `handlers`; call once. Delivery begins unpaused. */
+  readonly start: (handlers: ConnectionHandlers) => void
+  /** Stops `onData` until `resume` (read backpressure). */
+  readonly pause: () => void
+  readonly resume: () => void
+  /**
+   * Queues `chunks` in order (as one batch where the transport allows). `done` is called once the
+   * transport can take more (its own buffer is below its high-water mark), or with an error.
+   * The chunks are referenced, not copied: do not modify them afterwards.
+   */
+  readonly write: (chunks: ReadonlyArray<Uint8Array>, done: (error?: TransportError) => void) => void
+  /** Half-close: flush what was written, then signal end of data to the peer. */
+  readonly end: () => void
+  /** Closes at once, dropping anything unsent. Idempotent. */
+  readonly destroy: () => void
+  /** True once `onClose` has happened (or would have). */
+  readonly closed: () => boolean
+}
+
+/** `Connection.write` as an Effect. */
+export const writeEffect = (conn: Connection, chunks: ReadonlyArray<Uint8Array>): Effect.Effect<void, TransportError> =>
+  Effect.callback<void, TransportError>((resume) => {
+    conn.write(chunks, (error) => resume(error ? Effect.fail(error) : Effect.void))
+  })
+
+/** Dialing and listening as a service, so front doors do not care which transport carries them. */
+export class Transport extends Context.Service<Transport, {
+  /** Connects to `address`; the connection is destroyed when the scope closes. */
+  readonly dial: (address: Address) => Effect.Effect<Connection, TransportError, Scope.Scope>
+  /**
+   * Listens on `address` and hands every accepted connection to `onConnection`; the listener and every
+   * connection it accepted are closed when the scope closes. Returns the bound address.
+   */
+  readonly listen: (
+    address: Address,
+    onConnection: (conn: Connection) => void
+  ) => Effect.Effect<Address, TransportError, Scope.Scope>
+}>()("switchyard/Transport") {}
+
+// ---------------------------------------------------------------------------------------------------
+// In-memory pair
+
+/** Default bytes a memory connection holds for a paused or slow reader before writers are told to wait. */
+export const MEMORY_HIGH_WATER_MARK = 64 * 1024
+
+export interface MemoryPairOptions {
+  /** Bytes buffered toward one side before `write`'s `done` is deferred. */
+  readonly highWaterMark?: number
+  /** Splits each delivered chunk (property tests use it to vary chunk boundaries). */
+  readonly split?: (chunk: Uint8Array) => ReadonlyArray<Uint8Array>
+}
+
+class MemoryEnd implements Connection {
+  peer!: MemoryEnd
+  handlers: ConnectionHandlers | undefined
+  readonly inbox: Array<Uint8Array | null> = []
+  inboxBytes = 0
+  paused = false
+  scheduled = false
+  ended = false
+  isClosed = false
+  drainWaiters: Array<() => void> = []
+  readonly localAddress: Address
+  readonly remoteAddress: Address
+  readonly hwm: number
+  readonly split: ((chunk: Uint8Array) => ReadonlyArray<Uint8Array>) | undefined
+  constructor(local: Address, remote: Address, options: MemoryPairOptions) {
+    this.localAddress = local
+    this.remoteAddress = remote
+    this.hwm = options.highWaterMark ?? MEMORY_HIGH_WATER_MARK
+    this.split = options.split
+  }
+  start = (handlers: ConnectionHandlers): void => {
+    this.handlers = handlers
+    this.schedule()
+  }
+  pause = (): void => {
+    this.paused = true
+  }
+  resume = (): void => {
+    this.paused = false
+    this.schedule()
+  }
+  closed = (): boolean => this.isClosed
+  schedule(): void {
+    if (this.scheduled || this.isClosed) return
+    this.scheduled = true
+    queueMicrotask(() => {
+      this.scheduled = false
+      this.deliver()
+    })
+  }
+  deliver(): void {
+    const h = this.handlers
+    if (!h) return
+    while (!this.paused && !this.isClosed && this.inbox.length > 0) {
+      const chunk = this.inbox.shift()!
+      if (chunk === null) {
+        h.onEnd()
+        this.maybeClose()
+        continue
+      }
+      this.inboxBytes -= chunk.length
+      if (this.split) for (const piece of this.split(chunk)) h.onData(piece)
+      else h.onData(chunk)
+    }
+    if (this.inboxBytes <= this.hwm && this.drainWaiters.length > 0) {
+      const waiters = this.drainWaiters
+      this.drainWaiters = []
+      for (const w of waiters) w()
+    }
+  }
+  write = (chunks: ReadonlyArray<Uint8Array>, done: (error?: TransportError) => void): void => {
+    if (this.isClosed || this.ended) {
+      queueMicrotask(() => done(new TransportError({ reason: "Closed", message: "memory connection closed" })))
+      return
+    }
+    const p = this.peer
+    for (const c of chunks) {
+      if (c.length === 0) continue
+      p.inbox.push(c)
+      p.inboxBytes += c.length
+    }
+    p.schedule()
+    if (p.inboxBytes <= p.hwm) queueMicrotask(() => done())
+    else p.drainWaiters.push(() => done())
+  }
+  end = (): void => {
+    if (this.ended || this.isClosed) return
+    this.ended = true
+    this.peer.inbox.push(null)
+    this.peer.schedule()
+    this.maybeClose()
+  }
+  /** Both directions ended: the pair closes. */
+  maybeClose(): void {
+    if (this.ended && this.peer.ended && this.peer.inbox.length === 0 && this.inbox.length === 0) {
+      this.close(undefined)
+      this.peer.close(undefined)
+    }
+  }
+  destroy = (): void => {
+    if (this.isClosed) return
+    this.close(undefined)
+    this.peer.close(new TransportError({ reason: "Io", message: "connection reset by peer" }))
+  }
+  close(error: TransportError | undefined): void {
+    if (this.isClosed) return
+    this.isClosed = true
+    this.inbox.length = 0
+    this.inboxBytes = 0
+    const waiters = this.drainWaiters
+    this.drainWaiters = []
+    for (const w of waiters) w()
+    const h = this.handlers
+    if (h) queueMicrotask(() => h.onClose(error))
+    else this.pendingClose = error ?? null
+  }
+  pendingClose: TransportError | null | undefined = undefined
+}
+
+/** Two connected in-memory connections (`[a, b]`): what one writes the other reads. */
+export const makeMemoryPair = (options: MemoryPairOptions = {}): readonly [Connection, Connection] => {
+  const a = new MemoryEnd({ host: "memory", port: 1 }, { host: "memory", port: 2 }, options)
+  const b = new MemoryEnd({ host: "memory", port: 2 }, { host: "memory", port: 1 }, options)
+  a.peer = b
+  b.peer = a
+  const wrap = (end: MemoryEnd): Connection => ({
+    localAddress: end.localAddress,
+    remoteAddress: end.remoteAddress,
+    start: (handlers) => {
+      end.start(handlers)
+      if (end.pendingClose !== undefined) {
+        const e = end.pendingClose ?? undefined
+        queueMicrotask(() => handlers.onClose(e))
+      }
+    },
+    pause: end.pause,
+    resume: end.resume,
+    write: end.write,
+    end: end.end,
+    destroy: end.destroy,
+    closed: end.closed
+  })
+  return [wrap(a), wrap(b)] as const
+}

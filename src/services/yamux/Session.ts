@@ -1,0 +1,628 @@
+/**
+ * A yamux session over one Connection, byte-compatible with hashicorp/yamux: stream ids, accept
+ * backlog, flow control, keepalive, GoAway, and one shutdown path that sends GoAway(protocol error)
+ * when the peer breaks the rules. Frames are parsed and routed by plain callbacks (the hot path); the
+ * single writer, the keepalive and the open-timeout sweeper are fibers in the session's Scope.
+ */
+import { Clock, Duration, Effect, Scope } from "effect"
+import * as F from "../../domain/Frame.ts"
+import { encodeHeader, type FrameParser, makeFrameParser } from "../../domain/FrameCodec.ts"
+import { type Connection, TransportError, writeEffect } from "../Transport.ts"
+import { StreamCore, type StreamHost, YamuxStream } from "./Stream.ts"
+import { resolveYamuxConfig, type YamuxConfig } from "./YamuxConfig.ts"
+import { YamuxError, yamuxError } from "./YamuxError.ts"
+
+export type YamuxRole = "client" | "server"
+
+export interface SessionOptions {
+  /** client: opens odd stream ids; server: even ones. Independent of who dialed. */
+  readonly role: YamuxRole
+  readonly config?: Partial<YamuxConfig> | undefined
+}
+
+/** The session as others use it. */
+export interface YamuxSession {
+  readonly role: YamuxRole
+  readonly config: YamuxConfig
+  /** Opens a stream (sends SYN at once; the ACK must come within the open timeout or the stream resets). */
+  readonly open: () => Effect.Effect<YamuxStream, YamuxError>
+  /** The next stream the peer opened (sends its ACK). */
+  readonly accept: () => Effect.Effect<YamuxStream, YamuxError>
+  /** Round-trip time of one Ping. */
+  readonly ping: () => Effect.Effect<Duration.Duration, YamuxError>
+  /** Sends GoAway (normal by default): no new streams either way from now on. */
+  readonly goAway: (code?: F.GoAwayCode) => Effect.Effect<void>
+  /** Succeeds when the session ends cleanly (local close, or the peer's GoAway then EOF); fails with why otherwise. */
+  readonly closed: Effect.Effect<void, YamuxError>
+  /** Live streams (open, or waiting in the accept backlog). */
+  readonly streamCount: Effect.Effect<number>
+  /** Plain accessors and callbacks for adapters that do not run Effects per call (Node servers, agents). */
+  readonly core: SessionCore
+}
+
+interface PendingOpen {
+  readonly stream: StreamCore
+  readonly deadline: number
+}
+
+type Outcome = { readonly error: YamuxError | undefined; readonly clean: boolean }
+
+/**
+ * The session state machine. Everything here is synchronous; the fibers created by `make` drive the
+ * writer and the timers.
+ */
+export class SessionCore implements StreamHost {
+  readonly role: YamuxRole
+  readonly config: YamuxConfig
+  readonly conn: Connection
+  readonly maxSendFrame: number
+  readonly localAddress
+  readonly remoteAddress
+  /** Live streams by id. */
+  readonly streams = new Map<number, StreamCore>()
+  private nextId: number
+  /** Highest stream id the peer has opened. */
+  private highestPeerId = 0
+  private readonly parser: FrameParser
+  /** Inbound streams waiting for accept (bounded by acceptBacklog). */
+  private backlog: Array<StreamCore> = []
+  private acceptWaiters: Array<(s: StreamCore | YamuxError) => void> = []
+  /** Frames waiting for the writer. */
+  private outQueue: Array<Uint8Array> = []
+  private outBytes = 0
+  private writerWake: (() => void) | undefined
+  private spaceWaiters: Array<() => void> = []
+  private pings = new Map<number, (error: YamuxError | undefined) => void>()
+  private nextPingId = 0
+  /** Streams we opened, in open order, for the open-timeout sweeper. */
+  private pendingOpens: Array<PendingOpen> = []
+  private pendingOpensHead = 0
+  private sweeperWake: (() => void) | undefined
+  /** Unread payload across all streams. */
+  private unread = 0
+  private readPaused = false
+  localGoAway = false
+  remoteGoAway = false
+  /** Why the session ended; set once. */
+  outcome: Outcome | undefined
+  private closedListeners: Array<(o: Outcome) => void> = []
+  private connClosedListeners: Array<() => void> = []
+  /** Virtual or real time in ms, from the session's Clock (so TestClock drives timeouts). */
+  now: () => number = Date.now
+
+  constructor(conn: Connection, role: YamuxRole, config: YamuxConfig) {
+    this.conn = conn
+    this.role = role
+    this.config = config
+    this.maxSendFrame = config.maxSendFrame
+    this.localAddress = conn.localAddress
+    this.remoteAddress = conn.remoteAddress
+    this.nextId = role === "client" ? 1 : 2
+    this.parser = makeFrameParser({ maxFrameSize: config.maxFrameSize })
+  }
+
+  // ---- reading --------------------------------------------------------------------------------------
+
+  /** Starts reading from the connection. */
+  start(): void {
+    this.conn.start({
+      onData: (chunk) => this.onChunk(chunk),
+      onEnd: () => {
+        this.onTransportEnd(undefined)
+        // The peer will send nothing more and the session is over: finish our side too.
+        this.conn.end()
+      },
+      onClose: (error) => {
+        this.onTransportEnd(error)
+        const ls = this.connClosedListeners
+        this.connClosedListeners = []
+        for (const l of ls) l()
+      }
+    })
+  }
+
+  private onTransportEnd(error: TransportError | undefined): void {
+    if (this.outcome) return
+    if (error) this.terminate(yamuxError("TransportError", `connection failed: ${error.message}`), undefined)
+    else if (this.remoteGoAway) this.terminateClean(yamuxError("RemoteGoAway", "the peer went away"))
+    else this.terminate(yamuxError("RemoteClosed", "the connection was closed by the peer"), undefined)
+  }
+
+  onChunk(chunk: Uint8Array): void {
+    if (this.outcome) return
+    const { error, frames } = this.parser.push(chunk)
+    for (let i = 0; i < frames.length; i++) {
+      const f = frames[i]!
+      const problem = this.dispatch(f)
+      if (problem) return this.protocolError(problem.message)
+      if (this.outcome) return
+    }
+    if (error) this.protocolError(error.message)
+  }
+
+  private protocolError(message: string): void {
+    this.terminate(yamuxError("ProtocolError", message), F.GO_AWAY_PROTOCOL_ERROR)
+  }
+
+  private dispatch(f: F.Frame): YamuxError | undefined {
+    switch (f.type) {
+      case F.TYPE_DATA:
+      case F.TYPE_WINDOW_UPDATE:
+        return this.onStreamFrame(f)
+      case F.TYPE_PING:
+        return this.onPing(f)
+      case F.TYPE_GO_AWAY:
+        return this.onGoAway(f)
+    }
+  }
+
+  private isOurs(id: number): boolean {
+    return (id & 1) === (this.role === "client" ? 1 : 0)
+  }
+
+  private onStreamFrame(f: F.Frame): YamuxError | undefined {
+    const id = f.streamId
+    if (id === F.SESSION_STREAM_ID) return yamuxError("ProtocolError", `${F.typeName(f.type)} frame on stream 0`)
+    if (f.flags & F.FLAG_SYN) return this.onSyn(f)
+    const stream = this.streams.get(id)
+    if (stream) return stream.receive(f.type, f.flags, f.length, f.body)
+    // hashicorp/yamux discards frames for streams it just closed or reset: so do we. Ids never opened are errors.
+    const seen = this.isOurs(id) ? id < this.nextId : id <= this.highestPeerId
+    if (seen) return undefined
+    return yamuxError("ProtocolError", `${F.typeName(f.type)} frame for stream ${id}, which was never opened`)
+  }
+
+  private onSyn(f: F.Frame): YamuxError | undefined {
+    const id = f.streamId
+    if (this.isOurs(id)) return yamuxError("ProtocolError", `SYN for stream ${id}, which has our parity`)
+    if (this.streams.has(id)) return yamuxError("ProtocolError", `SYN for stream ${id}, which is already open`)
+    if (id > this.highestPeerId) this.highestPeerId = id
+    if (this.localGoAway || this.backlog.length >= this.config.acceptBacklog || this.streams.size >= this.config.maxStreams) {
+      this.sendFrame(F.TYPE_WINDOW_UPDATE, F.FLAG_RST, id, 0)
+      return undefined
+    }
+    const stream = new StreamCore(this, id, this.config.maxStreamWindow, false)
+    this.streams.set(id, stream)
+    const problem = stream.receive(f.type, f.flags & ~F.FLAG_SYN, f.length, f.body)
+    if (problem) return problem
+    const waiter = this.acceptWaiters.shift()
+    if (waiter) {
+      stream.acknowledge()
+      waiter(stream)
+    } else {
+      this.backlog.push(stream)
+    }
+    return undefined
+  }
+
+  private onPing(f: F.Frame): YamuxError | undefined {
+    if (f.streamId !== F.SESSION_STREAM_ID) return yamuxError("ProtocolError", `Ping on stream ${f.streamId}`)
+    if (f.flags & F.FLAG_SYN) this.sendFrame(F.TYPE_PING, F.FLAG_ACK, F.SESSION_STREAM_ID, f.length)
+    if (f.flags & F.FLAG_ACK) {
+      const waiter = this.pings.get(f.length)
+      if (waiter) {
+        this.pings.delete(f.length)
+        waiter(undefined)
+      }
+    }
+    return undefined
+  }
+
+  private onGoAway(f: F.Frame): YamuxError | undefined {
+    if (f.streamId !== F.SESSION_STREAM_ID) return yamuxError("ProtocolError", `GoAway on stream ${f.streamId}`)
+    switch (f.length) {
+      case F.GO_AWAY_NORMAL:
+        this.remoteGoAway = true
+        return undefined
+      case F.GO_AWAY_PROTOCOL_ERROR:
+        this.terminate(yamuxError("RemoteError", "the peer reported a protocol error (GoAway)"), undefined)
+        return undefined
+      case F.GO_AWAY_INTERNAL_ERROR:
+        this.terminate(yamuxError("RemoteError", "the peer reported an internal error (GoAway)"), undefined)
+        return undefined
+      default:
+        return yamuxError("ProtocolError", `unknown GoAway code ${f.length}`)
+    }
+  }
+
+  // ---- StreamHost -------------------------------------------------------------------------------------
+
+  sendFrame(type: F.FrameType, flags: number, streamId: number, length: number, body?: Uint8Array): void {
+    if (this.outcome) return
+    this.outQueue.push(encodeHeader(type, flags, streamId, length))
+    if (body !== undefined && body.length > 0) this.outQueue.push(body)
+    this.outBytes += F.HEADER_SIZE + (body ? body.length : 0)
+    const wake = this.writerWake
+    if (wake) {
+      this.writerWake = undefined
+      wake()
+    }
+    // Control frames are never refused; if they pile up (a peer that pings without reading) stop reading.
+    if (this.outBytes > 2 * this.config.writeQueueBytes) this.updatePause()
+  }
+
+  queueFull(): boolean {
+    return this.outBytes >= this.config.writeQueueBytes
+  }
+
+  waitQueueSpace(f: () => void): void {
+    this.spaceWaiters.push(f)
+  }
+
+  received(n: number): void {
+    this.unread += n
+    if (this.unread > this.config.sessionReadBuffer) this.updatePause()
+  }
+
+  consumed(n: number): void {
+    this.unread -= n
+    if (this.readPaused) this.updatePause()
+  }
+
+  forget(stream: StreamCore): void {
+    if (this.streams.get(stream.id) === stream) this.streams.delete(stream.id)
+  }
+
+  private updatePause(): void {
+    const wantPause = this.unread > this.config.sessionReadBuffer ||
+      this.outBytes > 2 * this.config.writeQueueBytes
+    const canResume = this.unread <= this.config.sessionReadBuffer / 2 &&
+      this.outBytes <= this.config.writeQueueBytes
+    if (wantPause && !this.readPaused) {
+      this.readPaused = true
+      this.conn.pause()
+    } else if (this.readPaused && canResume && !this.outcome) {
+      this.readPaused = false
+      this.conn.resume()
+    }
+  }
+
+  // ---- the writer ---------------------------------------------------------------------------------------
+
+  /** Takes everything queued (`undefined` when nothing is). */
+  takeBatch(): ReadonlyArray<Uint8Array> | undefined {
+    if (this.outQueue.length === 0) return undefined
+    const batch = this.outQueue
+    this.outQueue = []
+    this.outBytes = 0
+    return batch
+  }
+
+  hasQueued(): boolean {
+    return this.outQueue.length > 0
+  }
+
+  /** Calls `f` when there is something to write or the session ended. */
+  whenWork(f: () => void): void {
+    if (this.outQueue.length > 0 || this.outcome) f()
+    else this.writerWake = f
+  }
+
+  /** A batch reached the transport: let held-back writers continue. */
+  batchWritten(): void {
+    if (this.readPaused) this.updatePause()
+    while (this.spaceWaiters.length > 0 && !this.queueFull()) {
+      const ws = this.spaceWaiters
+      this.spaceWaiters = []
+      for (const w of ws) w()
+    }
+  }
+
+  // ---- opening and accepting ---------------------------------------------------------------------------
+
+  /** Opens a stream now (sends SYN), or says why it cannot. */
+  openStream(): StreamCore | YamuxError {
+    if (this.outcome) return this.outcome.error ?? yamuxError("SessionClosed", "the session is closed")
+    if (this.localGoAway) return yamuxError("LocalGoAway", "this session sent GoAway; no new streams")
+    if (this.remoteGoAway) return yamuxError("RemoteGoAway", "the peer sent GoAway; no new streams")
+    if (this.streams.size >= this.config.maxStreams) {
+      return yamuxError("TooManyStreams", `the session already has ${this.streams.size} streams`)
+    }
+    const id = this.nextId
+    if (id > F.MAX_STREAM_ID) return yamuxError("StreamsExhausted", "no stream ids left in this session")
+    this.nextId += 2
+    const stream = new StreamCore(this, id, this.config.maxStreamWindow, true)
+    this.streams.set(id, stream)
+    this.sendFrame(F.TYPE_WINDOW_UPDATE, F.FLAG_SYN, id, this.config.maxStreamWindow - F.INITIAL_STREAM_WINDOW)
+    this.pendingOpens.push({ stream, deadline: this.now() + this.config.streamOpenTimeoutMs })
+    const wake = this.sweeperWake
+    if (wake) {
+      this.sweeperWake = undefined
+      wake()
+    }
+    return stream
+  }
+
+  /** Hands the next inbound stream to `done` (now or later); returns a canceller. */
+  acceptStream(done: (s: StreamCore | YamuxError) => void): () => void {
+    const s = this.backlog.shift()
+    if (s) {
+      s.acknowledge()
+      done(s)
+      return noop
+    }
+    if (this.outcome) {
+      done(this.outcome.error ?? yamuxError("SessionClosed", "the session is closed"))
+      return noop
+    }
+    this.acceptWaiters.push(done)
+    return () => {
+      const i = this.acceptWaiters.indexOf(done)
+      if (i >= 0) this.acceptWaiters.splice(i, 1)
+    }
+  }
+
+  /** Resets opened streams whose ACK is overdue; returns the next deadline, if any. */
+  sweepOpens(): number | undefined {
+    const now = this.now()
+    while (this.pendingOpensHead < this.pendingOpens.length) {
+      const p = this.pendingOpens[this.pendingOpensHead]!
+      if (p.stream.awaitingAck && p.stream.error === undefined && !p.stream.finished) {
+        if (p.deadline > now) return p.deadline
+        p.stream.reset(yamuxError("OpenTimeout", `stream ${p.stream.id} was not acknowledged in time`))
+      }
+      this.pendingOpensHead++
+    }
+    this.pendingOpens = []
+    this.pendingOpensHead = 0
+    return undefined
+  }
+
+  whenOpenPending(f: () => void): void {
+    if (this.pendingOpensHead < this.pendingOpens.length || this.outcome) f()
+    else this.sweeperWake = f
+  }
+
+  // ---- ping and GoAway --------------------------------------------------------------------------------
+
+  sendPing(done: (error: YamuxError | undefined) => void): () => void {
+    if (this.outcome) {
+      done(this.outcome.error ?? yamuxError("SessionClosed", "the session is closed"))
+      return noop
+    }
+    const id = this.nextPingId
+    this.nextPingId = (this.nextPingId + 1) >>> 0
+    this.pings.set(id, done)
+    this.sendFrame(F.TYPE_PING, F.FLAG_SYN, F.SESSION_STREAM_ID, id)
+    return () => {
+      this.pings.delete(id)
+    }
+  }
+
+  goAway(code: F.GoAwayCode): void {
+    if (this.outcome || this.localGoAway) return
+    this.localGoAway = true
+    this.sendFrame(F.TYPE_GO_AWAY, 0, F.SESSION_STREAM_ID, code)
+    // Streams waiting in the backlog were never accepted: refuse them too.
+    for (const s of this.backlog.splice(0)) s.reset()
+  }
+
+  // ---- the end ----------------------------------------------------------------------------------------
+
+  /** The one exit path: ends every stream and waiter with `error`; queues GoAway(`code`) when given. */
+  terminate(error: YamuxError, code: F.GoAwayCode | undefined): void {
+    this.finish({ error, clean: false }, code)
+  }
+
+  private terminateClean(streamError: YamuxError): void {
+    this.finish({ error: undefined, clean: true }, undefined, streamError)
+  }
+
+  /** Local close: GoAway(normal) and a clean outcome. */
+  closeLocally(): void {
+    if (this.outcome) return
+    this.finish(
+      { error: undefined, clean: true },
+      this.localGoAway ? undefined : F.GO_AWAY_NORMAL,
+      yamuxError("SessionClosed", "the session was closed")
+    )
+  }
+
+  private finish(outcome: Outcome, code: F.GoAwayCode | undefined, streamError?: YamuxError): void {
+    if (this.outcome) return
+    if (code !== undefined) {
+      this.localGoAway = true
+      this.sendFrame(F.TYPE_GO_AWAY, 0, F.SESSION_STREAM_ID, code)
+    }
+    this.outcome = outcome
+    const err = outcome.error ?? streamError ?? yamuxError("SessionClosed", "the session was closed")
+    // Keep reading (and discarding) so the peer's EOF is seen and the connection can close.
+    if (this.readPaused) {
+      this.readPaused = false
+      this.conn.resume()
+    }
+    const streams = [...this.streams.values(), ...this.backlog]
+    this.streams.clear()
+    this.backlog = []
+    for (const s of streams) s.fail(err, false)
+    for (const w of this.acceptWaiters.splice(0)) w(err)
+    const pings = [...this.pings.values()]
+    this.pings.clear()
+    for (const p of pings) p(err)
+    for (const w of this.spaceWaiters.splice(0)) w()
+    this.pendingOpens = []
+    this.pendingOpensHead = 0
+    for (const f of [this.writerWake, this.sweeperWake]) f?.()
+    this.writerWake = undefined
+    this.sweeperWake = undefined
+    for (const l of this.closedListeners.splice(0)) l(outcome)
+  }
+
+  onClosed(f: (o: Outcome) => void): void {
+    if (this.outcome) f(this.outcome)
+    else this.closedListeners.push(f)
+  }
+
+  onConnectionClosed(f: () => void): void {
+    if (this.conn.closed()) f()
+    else this.connClosedListeners.push(f)
+  }
+
+  get streamCount(): number {
+    return this.streams.size + this.backlog.length
+  }
+
+  /** Unread payload across the session (for tests and metrics). */
+  get unreadBytes(): number {
+    return this.unread
+  }
+}
+
+const noop = () => {}
+
+const toStream = (s: StreamCore | YamuxError): Effect.Effect<YamuxStream, YamuxError> =>
+  s instanceof YamuxError ? Effect.fail(s) : Effect.succeed(new YamuxStream(s))
+
+/** The writer: drains the queue in batches, each batch bounded by the write timeout. */
+const writerLoop = (core: SessionCore): Effect.Effect<void> =>
+  Effect.gen(function*() {
+    const timeout = Duration.millis(core.config.connectionWriteTimeoutMs)
+    while (true) {
+      yield* Effect.callback<void>((resume) => core.whenWork(() => resume(Effect.void)))
+      const batch = core.takeBatch()
+      if (batch === undefined) {
+        if (core.outcome) return
+        continue
+      }
+      const failure = yield* writeEffect(core.conn, batch).pipe(
+        Effect.timeoutOrElse({
+          duration: timeout,
+          orElse: () => Effect.fail(yamuxError("WriteTimeout", "the connection did not take our frames in time"))
+        }),
+        Effect.match({
+          onFailure: (e) => e,
+          onSuccess: () => undefined
+        })
+      )
+      if (failure) {
+        core.terminate(
+          failure instanceof TransportError
+            ? yamuxError("TransportError", `write failed: ${failure.message}`)
+            : failure,
+          undefined
+        )
+        core.conn.destroy()
+        return
+      }
+      core.batchWritten()
+      if (core.outcome && core.outcome.error !== undefined && !core.hasQueued()) {
+        // Ended with an error: the GoAway is out; stop the connection.
+        core.conn.end()
+        return
+      }
+    }
+  })
+
+/** Keepalive: a ping every interval; no answer within the write timeout ends the session. */
+const keepAliveLoop = (core: SessionCore): Effect.Effect<void> =>
+  Effect.gen(function*() {
+    const interval = Duration.millis(core.config.keepAliveIntervalMs)
+    while (!core.outcome) {
+      yield* Effect.sleep(interval)
+      const result = yield* Effect.flip(pingEffect(core, "KeepAliveTimeout")).pipe(Effect.option)
+      if (result._tag === "Some" && result.value.reason === "KeepAliveTimeout") {
+        core.terminate(result.value, undefined)
+        core.conn.destroy()
+      }
+    }
+  })
+
+/** Resets streams whose ACK does not come within the open timeout. */
+const openSweeperLoop = (core: SessionCore): Effect.Effect<void> =>
+  Effect.gen(function*() {
+    while (!core.outcome) {
+      yield* Effect.callback<void>((resume) => core.whenOpenPending(() => resume(Effect.void)))
+      const next = core.sweepOpens()
+      if (next !== undefined) yield* Effect.sleep(Duration.millis(Math.max(0, next - core.now())))
+    }
+  })
+
+const pingEffect = (
+  core: SessionCore,
+  timeoutReason: "PingTimeout" | "KeepAliveTimeout"
+): Effect.Effect<Duration.Duration, YamuxError> =>
+  Effect.gen(function*() {
+    const start = yield* Clock.currentTimeNanos
+    yield* Effect.callback<void, YamuxError>((resume) => {
+      const cancel = core.sendPing((e) => resume(e ? Effect.fail(e) : Effect.void))
+      return Effect.sync(cancel)
+    }).pipe(
+      Effect.timeoutOrElse({
+        duration: Duration.millis(core.config.connectionWriteTimeoutMs),
+        orElse: () => Effect.fail(yamuxError(timeoutReason, "ping not answered in time"))
+      })
+    )
+    const end = yield* Clock.currentTimeNanos
+    return Duration.nanos(end - start)
+  })
+
+/**
+ * Runs a yamux session on `conn` until the scope closes. Closing the scope sends GoAway(normal), fails
+ * every stream with SessionClosed, stops the fibers and closes the connection.
+ */
+export const make = (
+  conn: Connection,
+  options: SessionOptions
+): Effect.Effect<YamuxSession, never, Scope.Scope> =>
+  Effect.gen(function*() {
+    const config = resolveYamuxConfig(options.config)
+    const core = new SessionCore(conn, options.role, config)
+    const clock = yield* Clock.Clock
+    core.now = () => clock.currentTimeMillisUnsafe()
+    const scope = yield* Effect.scope
+    // Last in, first out: this finalizer (added first) runs after the fibers are stopped.
+    yield* Scope.addFinalizer(scope, shutdown(core))
+    core.start()
+    yield* Effect.forkScoped(writerLoop(core))
+    yield* Effect.forkScoped(openSweeperLoop(core))
+    if (config.enableKeepAlive) yield* Effect.forkScoped(keepAliveLoop(core))
+    return {
+      role: options.role,
+      config,
+      core,
+      open: () => Effect.suspend(() => toStream(core.openStream())),
+      accept: () =>
+        Effect.callback<YamuxStream, YamuxError>((resume) => {
+          const cancel = core.acceptStream((s) => resume(toStream(s)))
+          return Effect.sync(cancel)
+        }),
+      ping: () => pingEffect(core, "PingTimeout"),
+      goAway: (code = F.GO_AWAY_NORMAL) => Effect.sync(() => core.goAway(code)),
+      closed: Effect.callback<void, YamuxError>((resume) => {
+        core.onClosed((o) => resume(o.error ? Effect.fail(o.error) : Effect.void))
+      }),
+      streamCount: Effect.sync(() => core.streamCount)
+    } satisfies YamuxSession
+  })
+
+/**
+ * Local close: GoAway(normal), flush, half-close, then wait (bounded by the write timeout, in real
+ * time so a frozen test clock cannot hold a scope open) for the peer to close before destroying.
+ */
+const shutdown = (core: SessionCore): Effect.Effect<void> =>
+  Effect.callback<void>((resume) => {
+    const wasOpen = core.outcome === undefined
+    core.closeLocally()
+    const conn = core.conn
+    if (conn.closed()) return resume(Effect.void)
+    const rest = core.takeBatch()
+    if (!wasOpen && rest === undefined) {
+      conn.destroy()
+      return resume(Effect.void)
+    }
+    let timer: ReturnType<typeof setTimeout> | undefined
+    const done = () => {
+      if (timer) clearTimeout(timer)
+      timer = undefined
+      conn.destroy()
+      resume(Effect.void)
+    }
+    if (rest) conn.write(rest, noop)
+    conn.end()
+    timer = setTimeout(done, core.config.connectionWriteTimeoutMs)
+    core.onConnectionClosed(done)
+    return Effect.sync(() => {
+      if (timer) clearTimeout(timer)
+      conn.destroy()
+    })
+  })

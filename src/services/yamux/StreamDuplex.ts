@@ -1,0 +1,172 @@
+/**
+ * A yamux stream as a Node `Duplex` that passes for a socket with `http` servers and agents:
+ * `end()` sends FIN, `destroy()` before a clean finish sends RST, backpressure follows the stream
+ * window both ways, and the socket knobs (`setTimeout`, `setNoDelay`, `ref`...) behave sensibly.
+ */
+import { Duplex } from "node:stream"
+import type { StreamCore } from "./Stream.ts"
+import type { YamuxError } from "./YamuxError.ts"
+
+/** A yamux stream dressed as a socket. Address fields are plain properties the caller may overwrite. */
+export class StreamSocket extends Duplex {
+  readonly core: StreamCore
+  remoteAddress: string | undefined
+  remotePort: number | undefined
+  remoteFamily: string | undefined
+  localAddress: string | undefined
+  localPort: number | undefined
+  /** Never true: the stream exists as soon as the socket does. */
+  readonly connecting = false
+  bytesRead = 0
+  bytesWritten = 0
+  private idleMs = 0
+  private idleTimer: ReturnType<typeof setTimeout> | undefined
+  private refed = true
+  private readonly pullBound: () => void
+
+  constructor(core: StreamCore) {
+    super({ allowHalfOpen: true })
+    this.core = core
+    const remote = core.host.remoteAddress
+    const local = core.host.localAddress
+    this.remoteAddress = remote?.host ?? remote?.path
+    this.remotePort = remote?.port
+    this.remoteFamily = remote?.host?.includes(":") ? "IPv6" : remote?.host ? "IPv4" : undefined
+    this.localAddress = local?.host ?? local?.path
+    this.localPort = local?.port
+    this.pullBound = () => this.pull()
+    this.once("close", () => this.clearIdle())
+  }
+
+  override _read(): void {
+    this.pull()
+  }
+
+  private pull(): void {
+    for (;;) {
+      const r = this.core.tryRead()
+      if (r === undefined) {
+        this.core.onReadable = this.pullBound
+        return
+      }
+      if (typeof r === "symbol") {
+        this.push(null)
+        return
+      }
+      if (r instanceof Uint8Array) {
+        this.bytesRead += r.length
+        this.touch()
+        if (!this.push(r)) return
+        continue
+      }
+      this.destroy(r as YamuxError)
+      return
+    }
+  }
+
+  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
+    this.bytesWritten += chunk.length
+    this.touch()
+    this.core.write(chunk, (e) => callback(e ?? null))
+  }
+
+  override _writev(
+    chunks: Array<{ chunk: Buffer; encoding: BufferEncoding }>,
+    callback: (error?: Error | null) => void
+  ): void {
+    let failed: YamuxError | undefined
+    const last = chunks.length - 1
+    chunks.forEach(({ chunk }, i) => {
+      this.bytesWritten += chunk.length
+      this.core.write(chunk, (e) => {
+        failed ??= e
+        if (i === last) callback(failed ?? null)
+      })
+    })
+    this.touch()
+  }
+
+  override _final(callback: (error?: Error | null) => void): void {
+    this.core.closeWrite()
+    callback(null)
+  }
+
+  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
+    this.clearIdle()
+    if (this.core.onReadable === this.pullBound) this.core.onReadable = undefined
+    this.core.reset()
+    callback(error)
+  }
+
+  /** `net.Socket#destroySoon`: finish writing (FIN), then destroy. */
+  destroySoon(): void {
+    if (this.writable) this.end()
+    if (this.writableFinished) this.destroy()
+    else this.once("finish", () => this.destroy())
+  }
+
+  /** Emits `timeout` after `ms` without reads or writes (0 disables), like `net.Socket#setTimeout`. */
+  setTimeout(ms: number, callback?: () => void): this {
+    this.idleMs = ms
+    this.clearIdle()
+    if (callback) {
+      if (ms === 0) this.off("timeout", callback)
+      else this.once("timeout", callback)
+    }
+    if (ms > 0 && !this.destroyed) {
+      this.idleTimer = setTimeout(() => {
+        this.idleTimer = undefined
+        this.emit("timeout")
+      }, ms)
+      if (!this.refed) this.idleTimer.unref()
+    }
+    return this
+  }
+
+  private touch(): void {
+    if (this.idleTimer) this.idleTimer.refresh()
+    else if (this.idleMs > 0 && !this.destroyed) this.setTimeout(this.idleMs)
+  }
+
+  private clearIdle(): void {
+    if (this.idleTimer) {
+      clearTimeout(this.idleTimer)
+      this.idleTimer = undefined
+    }
+  }
+
+  /** Nagle does not apply to a stream inside a session; accepted for compatibility. */
+  setNoDelay(_noDelay?: boolean): this {
+    return this
+  }
+
+  /** TCP keepalive belongs to the session's connection (yamux pings cover it); accepted for compatibility. */
+  setKeepAlive(_enable?: boolean, _initialDelay?: number): this {
+    return this
+  }
+
+  ref(): this {
+    this.refed = true
+    this.idleTimer?.ref()
+    return this
+  }
+
+  unref(): this {
+    this.refed = false
+    this.idleTimer?.unref()
+    return this
+  }
+
+  address(): { address: string | undefined; port: number | undefined; family: string | undefined } {
+    return { address: this.localAddress, port: this.localPort, family: this.remoteFamily }
+  }
+
+  get readyState(): string {
+    if (this.destroyed) return "closed"
+    if (this.readable && this.writable) return "open"
+    return this.readable ? "readOnly" : this.writable ? "writeOnly" : "closed"
+  }
+}
+
+/** Wraps a stream's protocol state as a socket-like Duplex. */
+export const makeStreamDuplex = (core: StreamCore): StreamSocket => new StreamSocket(core)

@@ -1,0 +1,72 @@
+/**
+ * Session settings with hashicorp/yamux's defaults and switchyard's own bounds. Validation clamps
+ * nothing silently: an impossible setting throws when the session is made.
+ */
+import * as F from "../../domain/Frame.ts"
+
+export interface YamuxConfig {
+  /** Inbound streams that may wait for `accept()`; a SYN beyond this is refused with RST. */
+  readonly acceptBacklog: number
+  /** Send keepalive pings. */
+  readonly enableKeepAlive: boolean
+  /** Time between keepalive pings, in milliseconds. */
+  readonly keepAliveIntervalMs: number
+  /** Time allowed to flush queued frames and to answer a ping, in milliseconds. */
+  readonly connectionWriteTimeoutMs: number
+  /** Time the peer has to ACK a stream we opened, in milliseconds. */
+  readonly streamOpenTimeoutMs: number
+  /** Our receive window per stream, in bytes (256 KiB up to 16 MiB). */
+  readonly maxStreamWindow: number
+  /** Largest Data body accepted from the peer; at least `maxStreamWindow`. */
+  readonly maxFrameSize: number
+  /** Largest Data body we put in one frame. */
+  readonly maxSendFrame: number
+  /** Bytes queued for the writer before stream writers wait. */
+  readonly writeQueueBytes: number
+  /** Unread payload across the session above which the transport is paused. */
+  readonly sessionReadBuffer: number
+  /** Live streams per session. */
+  readonly maxStreams: number
+}
+
+export const defaultYamuxConfig: YamuxConfig = {
+  acceptBacklog: F.DEFAULT_ACCEPT_BACKLOG,
+  enableKeepAlive: true,
+  keepAliveIntervalMs: F.DEFAULT_KEEPALIVE_INTERVAL_MS,
+  connectionWriteTimeoutMs: F.DEFAULT_CONNECTION_WRITE_TIMEOUT_MS,
+  streamOpenTimeoutMs: F.DEFAULT_STREAM_OPEN_TIMEOUT_MS,
+  maxStreamWindow: F.DEFAULT_MAX_STREAM_WINDOW,
+  maxFrameSize: F.DEFAULT_MAX_STREAM_WINDOW,
+  maxSendFrame: F.DEFAULT_MAX_SEND_FRAME,
+  writeQueueBytes: F.DEFAULT_WRITE_QUEUE_BYTES,
+  sessionReadBuffer: F.DEFAULT_SESSION_READ_BUFFER,
+  maxStreams: F.DEFAULT_MAX_STREAMS
+}
+
+/** Fills in defaults and checks the combination; throws a RangeError on an impossible setting. */
+export const resolveYamuxConfig = (partial: Partial<YamuxConfig> | undefined): YamuxConfig => {
+  const c: YamuxConfig = { ...defaultYamuxConfig, ...partial }
+  const maxFrameSize = partial?.maxFrameSize ?? Math.max(c.maxFrameSize, c.maxStreamWindow)
+  const out = { ...c, maxFrameSize }
+  const positive = (name: keyof YamuxConfig) => {
+    const v = out[name]
+    if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) throw new RangeError(`yamux ${name} must be > 0`)
+  }
+  for (
+    const k of [
+      "acceptBacklog",
+      "keepAliveIntervalMs",
+      "connectionWriteTimeoutMs",
+      "streamOpenTimeoutMs",
+      "maxSendFrame",
+      "writeQueueBytes",
+      "sessionReadBuffer",
+      "maxStreams"
+    ] as const
+  ) positive(k)
+  if (out.maxStreamWindow < F.INITIAL_STREAM_WINDOW || out.maxStreamWindow > F.MAX_STREAM_WINDOW_LIMIT) {
+    throw new RangeError(`yamux maxStreamWindow must be within ${F.INITIAL_STREAM_WINDOW}..${F.MAX_STREAM_WINDOW_LIMIT}`)
+  }
+  if (out.maxFrameSize < out.maxStreamWindow) throw new RangeError("yamux maxFrameSize must be >= maxStreamWindow")
+  return out
+}
