@@ -6,6 +6,8 @@ import { Command } from "effect/cli"
 import packageJson from "../../package.json" with { type: "json" }
 import { serverCommand } from "./commands/server.ts"
 import { socketProxyCommand } from "./commands/socketProxy.ts"
+import { wspClientCommand } from "./commands/wspClient.ts"
+import { wspServerCommand } from "./commands/wspServer.ts"
 
 /** The version printed by `switchyard --version`. */
 export const version: string = packageJson.version
@@ -13,7 +15,7 @@ export const version: string = packageJson.version
 /** The root command, with every subcommand that exists. */
 export const switchyard = Command.make("switchyard").pipe(
   Command.withDescription("Reverse-tunnel gateway and reverse proxy"),
-  Command.withSubcommands([serverCommand, socketProxyCommand])
+  Command.withSubcommands([serverCommand, socketProxyCommand, wspServerCommand, wspClientCommand])
 )
 
 /** Parses `argv` (without the node and script entries) and runs the chosen subcommand. */

@@ -87,7 +87,10 @@ export const destination: Effect.Effect<Destination, never, Scope.Scope> = Effec
           res.writeHead(200, { "Content-Type": "text/plain" })
           let i = 0
           const next = () => {
-            if (i === chunks) return res.end()
+            if (i === chunks) {
+              res.end()
+              return
+            }
             res.write(Buffer.alloc(size, 97 + (i % 26)))
             i++
             setImmediate(next)

@@ -1,0 +1,25 @@
+/**
+ * `switchyard wsp-client --config wsp_client.cfg`: a drop-in for root-gg/wsp's `wsp_client`. Reads
+ * wsp's YAML config, keeps connection pools to every target and performs the requests they carry,
+ * checked against the configured rules, until interrupted.
+ */
+import { randomUUID } from "node:crypto"
+import { Console, Effect } from "effect"
+import { Command, Flag } from "effect/cli"
+import { parseWspClientConfig, WspConfigError } from "../../domain/WspConfig.ts"
+import { makeWspClient } from "../../services/client/WspClient.ts"
+import { readConfigText } from "./wspServer.ts"
+
+const config = Flag.String("config").pipe(
+  Flag.withDescription("wsp client YAML config file (wsp_client.cfg)"),
+  Flag.withDefault("wsp_client.cfg")
+)
+
+export const wspClientCommand = Command.make("wsp-client", { config }, Effect.fn(function*({ config }) {
+  const parsed = parseWspClientConfig(yield* readConfigText(config), randomUUID)
+  if (parsed instanceof WspConfigError) return yield* parsed
+  for (const key of parsed.unknownKeys) yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
+  yield* makeWspClient(parsed.config)
+  yield* Console.log(`switchyard wsp-client ${parsed.config.id} connecting to ${parsed.config.targets.join(", ")}`)
+  return yield* Effect.never
+}, Effect.scoped)).pipe(Command.withDescription("Run a wsp-compatible WebSocket tunnel client (reads wsp_client.cfg)"))

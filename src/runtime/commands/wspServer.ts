@@ -1,0 +1,35 @@
+/**
+ * `switchyard wsp-server --config wsp_server.cfg`: a drop-in for root-gg/wsp's `wsp_server`. Reads
+ * wsp's YAML config (refusing to start on any error, naming the field and value) and serves
+ * `/register`, `/request` and `/status` until interrupted. It adds no other endpoints.
+ */
+import * as fs from "node:fs"
+import { Console, Effect } from "effect"
+import { Command, Flag } from "effect/cli"
+import { parseWspServerConfig, WspConfigError } from "../../domain/WspConfig.ts"
+import { makeWspServer } from "../../services/front/WspServer.ts"
+
+const config = Flag.String("config").pipe(
+  Flag.withDescription("wsp server YAML config file (wsp_server.cfg)"),
+  Flag.withDefault("wsp_server.cfg")
+)
+
+/** Reads a config file; a missing or unreadable file is an error naming the path. */
+export const readConfigText = (path: string): Effect.Effect<string, WspConfigError> =>
+  Effect.try({
+    try: () => fs.readFileSync(path, "utf8"),
+    catch: (e) =>
+      new WspConfigError({ reason: "InvalidYaml", field: "--config", value: path, message: `cannot read ${path}: ${(e as Error).message}` })
+  })
+
+export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn(function*({ config }) {
+  const parsed = parseWspServerConfig(yield* readConfigText(config))
+  if (parsed instanceof WspConfigError) return yield* parsed
+  for (const key of parsed.unknownKeys) yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
+  if (parsed.config.host !== "127.0.0.1" && parsed.config.host !== "localhost" && parsed.config.requestKey === undefined) {
+    yield* Effect.logWarning(`wsp-server: /request on ${parsed.config.host} needs no credential; set requestkey to require one`)
+  }
+  const server = yield* makeWspServer(parsed.config)
+  yield* Console.log(`switchyard wsp-server listening on http://${server.address.host}:${server.address.port} (/register, /request, /status)`)
+  return yield* Effect.never
+}, Effect.scoped)).pipe(Command.withDescription("Run a wsp-compatible WebSocket tunnel server (reads wsp_server.cfg)"))
