@@ -158,7 +158,8 @@ const decodeHeader = (value: unknown, limits: WspHeadLimits): GoHeader | WspMess
   if (typeof value !== "object" || Array.isArray(value)) {
     return fail("WrongFieldType", "Header must be an object of string arrays")
   }
-  const out: Record<string, ReadonlyArray<string>> = {}
+  // null prototype: a header called "__proto__" is just a header
+  const out: Record<string, ReadonlyArray<string>> = Object.create(null)
   let names = 0
   let values = 0
   for (const [name, list] of Object.entries(value as Record<string, unknown>)) {
@@ -346,7 +347,7 @@ export const withoutHopByHop = (
   header: GoHeader,
   alsoDrop: ReadonlySet<string> = new Set()
 ): Record<string, ReadonlyArray<string>> => {
-  const out: Record<string, ReadonlyArray<string>> = {}
+  const out: Record<string, ReadonlyArray<string>> = Object.create(null)
   if (header === null) return out
   const named = new Set<string>()
   for (const [name, values] of Object.entries(header)) {

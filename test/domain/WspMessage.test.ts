@@ -84,6 +84,8 @@ describe("request and response heads in Go's JSON shape", () => {
     ([method, url, header, length]) => {
       // lone surrogates are replaced on the wire, as in Go
       const clean = (s: string) => s.replace(/[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g, "\ufffd")
+      // names that differ only in unpaired surrogates collapse into one on the wire
+      if (new Set(Object.keys(header).map(clean)).size !== Object.keys(header).length) return
       const cleanHeader = Object.fromEntries(Object.entries(header).map(([k, v]) => [clean(k), v.map(clean)]))
       const text = encodeRequestHead({ Method: method, URL: url, Header: header, ContentLength: length })
       const back = decodeRequestHead(text, { maxHeadLength: Infinity, maxHeaderCount: Infinity, maxHeaderValues: Infinity })

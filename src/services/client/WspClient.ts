@@ -78,7 +78,7 @@ interface ClientContext {
 
 /** Go's `http.Response.Header` from a Node response, without hop-by-hop fields. */
 const responseHeader = (res: http.IncomingMessage): Record<string, ReadonlyArray<string>> => {
-  const out: Record<string, Array<string>> = {}
+  const out: Record<string, Array<string>> = Object.create(null)
   for (const [name, values] of Object.entries(res.headersDistinct)) {
     if (values === undefined) continue
     const canonical = canonicalHeaderName(name)

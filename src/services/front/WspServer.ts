@@ -227,7 +227,7 @@ const sendError = (res: http.ServerResponse, status: number, message: string, ex
 
 /** The caller's headers as Go's server would hold them, without Host and hop-by-hop fields. */
 const requestHeader = (req: http.IncomingMessage): GoHeader => {
-  const out: Record<string, Array<string>> = {}
+  const out: Record<string, Array<string>> = Object.create(null)
   for (const [name, values] of Object.entries(req.headersDistinct)) {
     if (name === "host" || values === undefined) continue
     const canonical = canonicalHeaderName(name)
