@@ -393,8 +393,6 @@ export class SessionCore implements StreamHost {
     if (this.outcome || this.localGoAway) return
     this.localGoAway = true
     this.sendFrame(F.TYPE_GO_AWAY, 0, F.SESSION_STREAM_ID, code)
-    // Streams waiting in the backlog were never accepted: refuse them too.
-    for (const s of this.backlog.splice(0)) s.reset()
   }
 
   // ---- the end ----------------------------------------------------------------------------------------
@@ -431,7 +429,7 @@ export class SessionCore implements StreamHost {
       this.readPaused = false
       this.conn.resume()
     }
-    const streams = [...this.streams.values(), ...this.backlog]
+    const streams = [...this.streams.values()]
     this.streams.clear()
     this.backlog = []
     for (const s of streams) s.fail(err, false)
@@ -459,7 +457,7 @@ export class SessionCore implements StreamHost {
   }
 
   get streamCount(): number {
-    return this.streams.size + this.backlog.length
+    return this.streams.size
   }
 
   /** Unread payload across the session (for tests and metrics). */

@@ -4,6 +4,8 @@
  */
 import { Effect } from "effect"
 import type { Scope } from "effect"
+import type { Frame, FrameType } from "../../../src/domain/Frame.ts"
+import { encodeFrame, makeFrameParser } from "../../../src/domain/FrameCodec.ts"
 import { type Connection, makeMemoryPair, type MemoryPairOptions } from "../../../src/services/Transport.ts"
 import * as Session from "../../../src/services/yamux/Session.ts"
 import type { YamuxStream } from "../../../src/services/yamux/Stream.ts"
@@ -97,3 +99,52 @@ export const echoServer = (session: Session.YamuxSession): Effect.Effect<void, n
       })
     ).pipe(Effect.ignore)
   ).pipe(Effect.asVoid)
+
+/** A hand-driven peer on a raw connection: sees every frame our session sends, sends any bytes. */
+export interface RawPeer {
+  readonly frames: Array<Frame>
+  readonly send: (...frames: ReadonlyArray<Frame>) => void
+  readonly sendBytes: (bytes: Uint8Array) => void
+  readonly ended: () => boolean
+  /** Waits (a few event-loop turns at a time) until `pred` holds for the frames seen. */
+  readonly waitFor: (pred: (frames: ReadonlyArray<Frame>) => boolean) => Effect.Effect<void>
+}
+
+export const rawPeer = (conn: Connection): RawPeer => {
+  const frames: Array<Frame> = []
+  const parser = makeFrameParser({ maxFrameSize: 16 * 1024 * 1024 })
+  let ended = false
+  conn.start({
+    onData: (chunk) => {
+      const r = parser.push(chunk)
+      frames.push(...r.frames)
+    },
+    onEnd: () => {
+      ended = true
+      conn.end()
+    },
+    onClose: () => {
+      ended = true
+    }
+  })
+  const sendBytes = (bytes: Uint8Array) => conn.write([bytes], () => {})
+  return {
+    frames,
+    send: (...fs) => sendBytes(concat(fs.map(encodeFrame))),
+    sendBytes,
+    ended: () => ended,
+    waitFor: (pred) =>
+      Effect.gen(function*() {
+        for (let i = 0; i < 10_000 && !pred(frames); i++) yield* Effect.promise(() => new Promise((r) => setImmediate(r)))
+        if (!pred(frames)) return yield* Effect.die(new Error("condition not reached"))
+      })
+  }
+}
+
+export const frame = (type: FrameType, flags: number, streamId: number, length: number, body?: Uint8Array): Frame => ({
+  type,
+  flags,
+  streamId,
+  length: body ? body.length : length,
+  body: type === 0 ? body ?? new Uint8Array(0) : undefined
+})
