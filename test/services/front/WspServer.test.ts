@@ -1,0 +1,279 @@
+/**
+ * The server against a hand-written wsp client: a raw `ws` peer that registers and answers requests
+ * by hand, frame by frame, as the wsp protocol describes, so nothing of our own client is involved.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import { Effect, Scope } from "effect"
+import { TestClock } from "effect/testing"
+import { WebSocket } from "ws"
+import { makeWspServer, secretMatches } from "../../../src/services/front/WspServer.ts"
+import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
+import { call, secret, serverConfig, waitFor } from "../../integration/wspSupport.ts"
+
+interface Message {
+  readonly data: Buffer
+  readonly isBinary: boolean
+}
+
+/** One hand-driven wsp client connection. */
+class Peer {
+  readonly ws: WebSocket
+  readonly inbox: Array<Message> = []
+  closed = false
+  closeCode = 0
+  private waiting: (() => void) | undefined
+
+  constructor(ws: WebSocket) {
+    this.ws = ws
+    ws.on("message", (data, isBinary) => {
+      this.inbox.push({ data: data as Buffer, isBinary })
+      this.waiting?.()
+    })
+    ws.on("close", (code) => {
+      this.closed = true
+      this.closeCode = code
+      this.waiting?.()
+    })
+    ws.on("error", () => undefined)
+  }
+
+  /** The next message, in real time. */
+  next(): Promise<Message> {
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        const m = this.inbox.shift()
+        if (m !== undefined) {
+          this.waiting = undefined
+          resolve(m)
+        } else if (this.closed) reject(new Error("peer connection closed"))
+        else this.waiting = check
+      }
+      check()
+    })
+  }
+
+  send(data: string | Buffer): void {
+    this.ws.send(data, { binary: typeof data !== "string" })
+  }
+}
+
+const connectPeer = (port: number, greeting: string | undefined, key = secret, options: { autoPong?: boolean } = {}) =>
+  Effect.acquireRelease(
+    Effect.promise(() =>
+      new Promise<Peer>((resolve, reject) => {
+        const ws = new WebSocket(`ws://127.0.0.1:${port}/register`, { headers: { "X-SECRET-KEY": key }, ...options })
+        const peer = new Peer(ws)
+        ws.once("open", () => {
+          if (greeting !== undefined) ws.send(greeting)
+          resolve(peer)
+        })
+        ws.once("error", reject)
+      })
+    ),
+    (peer) => Effect.sync(() => peer.ws.terminate())
+  )
+
+const leakChecked = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
+  Effect.gen(function*() {
+    const before = activeHandles()
+    const result = yield* Effect.scoped(body)
+    yield* Effect.promise(() => expectNoLeaks(before))
+    return result
+  })
+
+const next = (peer: Peer) => Effect.promise(() => peer.next())
+
+describe("WspServer against a hand-written wsp client", () => {
+  it.live("sends the request head in Go's JSON shape and the body as one binary message, and relays the answer", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const peer = yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const reply = Effect.runPromise(Effect.promise(() =>
+        call(port, {
+          method: "POST",
+          destination: "http://dest.example/x?a=1&b=2",
+          body: Buffer.from("hello"),
+          headers: { "X-Custom": "a", "x-lower": "b" }
+        })
+      ))
+      const head = yield* next(peer)
+      expect(head.isBinary).toBe(false)
+      expect(head.data.toString()).toBe(
+        "{\"Method\":\"POST\",\"URL\":\"http://dest.example/x?a=1\\u0026b=2\"," +
+          "\"Header\":{\"Content-Length\":[\"5\"],\"X-Custom\":[\"a\"],\"X-Lower\":[\"b\"]," +
+          "\"X-Proxy-Destination\":[\"http://dest.example/x?a=1\\u0026b=2\"]},\"ContentLength\":5}"
+      )
+      const body = yield* next(peer)
+      expect(body.isBinary).toBe(true)
+      expect(body.data.toString()).toBe("hello")
+      expect(server.stats().busy).toBe(1)
+      peer.send("{\"StatusCode\":201,\"Header\":{\"X-Reply\":[\"yes\"],\"Connection\":[\"close\"]},\"ContentLength\":2}")
+      peer.send(Buffer.from("ok"))
+      const r = yield* Effect.promise(() => reply)
+      expect(r.status).toBe(201)
+      expect(r.headers["x-reply"]).toBe("yes")
+      expect(r.body.toString()).toBe("ok")
+      yield* waitFor("released", () => server.stats().idle === 1)
+    })))
+
+  it.live("sends an empty body as an empty binary message", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const peer = yield* connectPeer(server.address.port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const reply = Effect.runPromise(Effect.promise(() => call(server.address.port, { destination: "http://dest.example/" })))
+      const head = JSON.parse((yield* next(peer)).data.toString())
+      expect(head).toMatchObject({ Method: "GET", URL: "http://dest.example/", ContentLength: 0 })
+      const body = yield* next(peer)
+      expect([body.isBinary, body.data.length]).toEqual([true, 0])
+      peer.send("{\"StatusCode\":204,\"Header\":null,\"ContentLength\":0}")
+      peer.send(Buffer.alloc(0))
+      expect((yield* Effect.promise(() => reply)).status).toBe(204)
+    })))
+
+  it.live("never gives a busy connection a second request", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig({ timeout: 5000 }))
+      const port = server.address.port
+      const peer = yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const replies = Effect.runPromise(Effect.promise(() =>
+        Promise.all([1, 2, 3].map((i) => call(port, { destination: `http://dest.example/${i}` })))
+      ))
+      const seen: Array<string> = []
+      for (let i = 0; i < 3; i++) {
+        const head = JSON.parse((yield* next(peer)).data.toString()) as { URL: string }
+        yield* next(peer)
+        seen.push(head.URL)
+        // nothing else may arrive while this request is unanswered
+        yield* Effect.sleep(30)
+        expect(peer.inbox.length).toBe(0)
+        peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":-1}")
+        peer.send(Buffer.from(head.URL))
+      }
+      const rs = yield* Effect.promise(() => replies)
+      expect(rs.map((r) => r.body.toString()).sort()).toEqual(seen.sort())
+      expect(seen.sort()).toEqual([1, 2, 3].map((i) => `http://dest.example/${i}`))
+    })))
+
+  it.live("closes a connection that answers a malformed head, answers 526, and the pool keeps serving", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const bad = yield* connectPeer(port, "peer_2")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const good = yield* connectPeer(port, "peer_2")
+      yield* waitFor("registered", () => server.stats().idle === 2)
+      // take the most recently registered connection first (LIFO), so make sure the bad one is picked
+      const first = Effect.runPromise(Effect.promise(() => call(port, { destination: "http://dest.example/1" })))
+      const target = yield* Effect.promise(() => Promise.race([good.next().then(() => good), bad.next().then(() => bad)]))
+      yield* next(target)
+      target.send("{this is not json")
+      const r1 = yield* Effect.promise(() => first)
+      expect(r1.status).toBe(526)
+      expect(r1.body.toString()).toMatch(/^Unable to unserialize http response : head is not valid JSON/)
+      yield* waitFor("bad connection closed", () => target.closed)
+      const other = target === good ? bad : good
+      expect(server.stats()).toMatchObject({ idle: 1, busy: 0 })
+      const second = Effect.runPromise(Effect.promise(() => call(port, { destination: "http://dest.example/2" })))
+      yield* next(other)
+      yield* next(other)
+      other.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":2}")
+      other.send(Buffer.from("ok"))
+      expect((yield* Effect.promise(() => second)).body.toString()).toBe("ok")
+    })))
+
+  it.live("treats a text message where the body belongs as a missing body", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const peer = yield* connectPeer(server.address.port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const reply = Effect.runPromise(Effect.promise(() => call(server.address.port, { destination: "http://dest.example/" })))
+      yield* next(peer)
+      yield* next(peer)
+      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":2}")
+      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":2}")
+      const r = yield* Effect.promise(() => reply)
+      expect(r.status).toBe(526)
+      expect(r.body.toString()).toMatch(/expected a binary body message/)
+      yield* waitFor("connection closed", () => peer.closed)
+      expect(server.stats()).toMatchObject({ idle: 0, busy: 0 })
+    })))
+
+  it.live("answers 526 when the connection drops before the response", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const peer = yield* connectPeer(server.address.port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const reply = Effect.runPromise(Effect.promise(() => call(server.address.port, { destination: "http://dest.example/" })))
+      yield* next(peer)
+      yield* next(peer)
+      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":2}")
+      yield* Effect.sleep(20)
+      peer.ws.terminate()
+      const r = yield* Effect.promise(() => reply)
+      expect(r.status).toBe(526)
+    })))
+
+  it.live("drops a connection that sends a message while idle, and refuses bad greetings", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const wild = yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      wild.send("unexpected")
+      yield* waitFor("wild connection closed", () => wild.closed)
+      yield* waitFor("removed from the pool", () => server.stats().idle === 0)
+      for (const greeting of ["no-separator", "peer_x", "peer_-3"]) {
+        const p = yield* connectPeer(port, greeting)
+        yield* waitFor("bad greeting closed", () => p.closed)
+        expect(p.closeCode).toBe(1008)
+      }
+      expect(server.stats().idle).toBe(0)
+    })))
+
+  it.live("refuses a registration with the wrong secret before upgrading", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const error = yield* Effect.promise(() =>
+        new Promise<string>((resolve) => {
+          const ws = new WebSocket(`ws://127.0.0.1:${server.address.port}/register`, { headers: { "X-SECRET-KEY": "nope" } })
+          ws.on("error", (e) => resolve(e.message))
+          ws.on("open", () => resolve("opened"))
+        })
+      )
+      expect(error).toBe("Unexpected server response: 526")
+      expect(secretMatches("a", "a")).toBe(true)
+      expect(secretMatches("a", "ab")).toBe(false)
+    })))
+
+  it.live("refuses request bodies above the message limit with 413 before taking a connection", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig({ maxMessageSize: 1000 }))
+      const peer = yield* connectPeer(server.address.port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const r = yield* Effect.promise(() => call(server.address.port, { method: "POST", destination: "http://d/", body: Buffer.alloc(5000) }))
+      expect(r.status).toBe(413)
+      expect(peer.inbox.length).toBe(0)
+      expect(server.stats().idle).toBe(1)
+    })))
+
+  it.effect("pings every interval and drops a connection that misses a pong (virtual time)", () =>
+    Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig({ pingInterval: 30_000 }))
+      const silent = yield* connectPeer(server.address.port, "peer_1", secret, { autoPong: false })
+      const live = yield* connectPeer(server.address.port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 2)
+      let pings = 0
+      silent.ws.on("ping", () => pings++)
+      yield* TestClock.adjust(30_000)
+      yield* waitFor("first ping", () => pings === 1)
+      expect(silent.closed).toBe(false)
+      yield* TestClock.adjust(30_000)
+      yield* waitFor("silent connection dropped", () => silent.closed)
+      expect(live.closed).toBe(false)
+      expect(server.stats().idle).toBe(1)
+    }))
+})
