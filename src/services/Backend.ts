@@ -1,20 +1,18 @@
 /**
  * What the routing table holds for one live backend, whatever front door it came through (a yamux
  * session, a WebSocket pool, an HTTP/2 connection): an identity, a load figure, and two ways in (an
- * `http.Agent` for HTTP forwarding, `connect` for raw byte streams). It does not route or forward.
+ * HTTP `Upstream` for the forwarder, `connect` for raw byte streams). It does not route or forward.
  */
-import type { Agent } from "node:http"
 import type { Duplex } from "node:stream"
 import type { Effect } from "effect"
 import { Schema } from "effect"
+import type { Upstream } from "./forward/Upstream.ts"
 
 /** How the public side arrived, as told to the backend. */
 export type ConnectionProtocol = "http" | "tcp" | "tls-http" | "tls-tcp"
 
 /** Facts about one public connection that the backend may want (written into the stream preamble). */
 export interface ConnectionMeta {
-  /** Id of the listener (route registration) on the backend's side. */
-  readonly listenerId: number
   readonly protocol: ConnectionProtocol
   readonly remoteAddress: string
   readonly remotePort: number
@@ -39,10 +37,10 @@ export interface Backend {
   /** Requests and connections currently using this backend; maintained by the dispatcher's leases. */
   inFlight: number
   /**
-   * Agent whose sockets reach this backend (each new socket is a new stream, written with an HTTP
-   * preamble); used by the HTTP forwarder, with keep-alive reuse.
+   * Where the HTTP forwarder sends this backend's requests: an agent whose sockets reach the backend
+   * (for tunnels, each new socket is a new stream), reused with keep-alive, and `connect` for upgrades.
    */
-  readonly agent: Agent
+  readonly upstream: Upstream
   /** A raw byte stream to the backend for one public connection (TCP, or TLS terminated here). */
   readonly connect: (meta: ConnectionMeta) => Effect.Effect<Duplex, BackendUnavailable>
   /** True once the backend has gone; it is then skipped even before it is unregistered. */

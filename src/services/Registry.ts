@@ -84,6 +84,9 @@ const make = Effect.fnUntraced(function*(config: RegistryConfig) {
   const entries = new Map<string, MutableEntry>()
   const byPort = new Map<number, Array<MutableEntry>>()
   const expiries = yield* FiberMap.make<string>()
+  // once the registry's scope is closing, late unregistrations only update the table
+  let closing = false
+  yield* Effect.addFinalizer(() => Effect.sync(() => void (closing = true)))
   let version = 0
   let changed = Deferred.makeUnsafe<void>()
 
@@ -106,7 +109,7 @@ const make = Effect.fnUntraced(function*(config: RegistryConfig) {
   }
 
   const expireLater = (entry: MutableEntry) =>
-    FiberMap.run(
+    closing ? Effect.void : FiberMap.run(
       expiries,
       entry.key,
       Effect.sleep(gracePeriod).pipe(

@@ -1,11 +1,11 @@
 /**
- * Test helpers for the routing core: in-memory backends (for registry and dispatcher logic, where no
- * bytes flow) with a closable flag.
+ * Test helpers for the routing core: backends for registry and dispatcher logic, where no bytes flow
+ * (their upstream points at the discard port and is never used), with a closable flag.
  */
-import { Agent } from "node:http"
 import { PassThrough } from "node:stream"
 import { Effect } from "effect"
 import { type Backend, BackendUnavailable } from "../../src/services/Backend.ts"
+import { tcpUpstream } from "../../src/services/forward/Upstream.ts"
 
 export interface TestBackend extends Backend {
   close(): void
@@ -17,7 +17,7 @@ export const makeTestBackend = (id: string): TestBackend => {
     id,
     label: `test ${id}`,
     inFlight: 0,
-    agent: new Agent({ keepAlive: false }),
+    upstream: tcpUpstream("127.0.0.1", 9, { maxSockets: 1, maxFreeSockets: 0 }),
     connect: () =>
       closed
         ? Effect.fail(new BackendUnavailable({ reason: "Closed", message: `${id} is closed` }))
@@ -25,7 +25,7 @@ export const makeTestBackend = (id: string): TestBackend => {
     isClosed: () => closed,
     close: () => {
       closed = true
-      backend.agent.destroy()
+      backend.upstream.agent.destroy()
     }
   }
   return backend

@@ -1,0 +1,419 @@
+/**
+ * Public listeners: one per port, opened when the first route on it is bound, shared by every route on
+ * that port, closed once the registry has dropped the port's last route (after the grace period).
+ * HTTP ports run an `http.Server`, TLS ports a `tls.Server` choosing the certificate by SNI, TCP ports
+ * pipe bytes. Each request or connection is dispatched to a backend; what is done with an HTTP request
+ * is the front door's handler (normally the Forwarder). Listeners never parse bodies nor retry.
+ */
+import * as http from "node:http"
+import * as net from "node:net"
+import type { Duplex } from "node:stream"
+import * as tls from "node:tls"
+import { Context, Effect, Exit, FiberSet, Layer, Schema, Scope, Semaphore } from "effect"
+import { normalizeHost, type PortKind, portKind, type RouteDefinition, requestPath, type RouteQuery } from "../domain/Route.ts"
+import type { Backend, ConnectionMeta, ConnectionProtocol } from "./Backend.ts"
+import { DispatchError, Dispatcher, type Lease } from "./Dispatcher.ts"
+import type { ForwarderShape } from "./Forwarder.ts"
+import { Registry, type RegistryError } from "./Registry.ts"
+
+/** Most concurrent connections on one public port, by default. */
+export const DefaultMaxConnectionsPerPort = 10_000
+/** Largest request head accepted on public HTTP ports (Node's own default, named). */
+export const DefaultMaxHeaderBytes = 16 * 1024
+/** Time allowed for a public client to send its request head. */
+export const DefaultHeadersTimeoutMs = 60_000
+/** Time allowed for a TLS handshake on a public port. */
+export const DefaultTlsHandshakeTimeoutMs = 10_000
+/** Most cached TLS contexts (one per distinct certificate in use). */
+export const MaxCachedSecureContexts = 4_096
+/** ALPN protocols offered on TLS ports. */
+export const TlsAlpnProtocols: ReadonlyArray<string> = ["http/1.1"]
+
+/** Handles one dispatched HTTP request; the lease is released by Listeners when the response closes. */
+export type RequestHandler = (req: http.IncomingMessage, res: http.ServerResponse, lease: Lease) => void
+/** Handles one dispatched `Upgrade` request; the lease is released when the socket closes. */
+export type UpgradeHandler = (req: http.IncomingMessage, socket: Duplex, head: Buffer, lease: Lease) => void
+
+/** Handlers that forward each request to the leased backend's upstream through the shared Forwarder. */
+export const forwardingHandlers = (forwarder: ForwarderShape): Pick<ListenersConfig, "handleRequest" | "handleUpgrade"> => ({
+  handleRequest: (req, res, lease) =>
+    forwarder.forward(req, res, { director: (outgoing) => void (outgoing.upstream = lease.backend.upstream) }),
+  handleUpgrade: (req, socket, head, lease) =>
+    forwarder.upgrade(req, socket, head, { director: (outgoing) => void (outgoing.upstream = lease.backend.upstream) })
+})
+
+export interface ListenersConfig {
+  /** Address public ports bind to (default all interfaces, `0.0.0.0`). */
+  readonly host?: string | undefined
+  readonly handleRequest: RequestHandler
+  readonly handleUpgrade: UpgradeHandler
+  readonly maxConnectionsPerPort?: number | undefined
+  readonly maxHeaderBytes?: number | undefined
+  readonly headersTimeoutMs?: number | undefined
+  readonly tlsHandshakeTimeoutMs?: number | undefined
+}
+
+/** A public port could not be served. */
+export class ListenerError extends Schema.TaggedError<ListenerError>()("ListenerError", {
+  reason: Schema.Literals(["BindFailed", "Conflict", "Limit"]),
+  port: Schema.Number,
+  message: Schema.String
+}) {}
+
+/** What the backend gets when bound: the listener id it chose and the bound public address. */
+export interface BoundRoute {
+  readonly route: RouteDefinition
+  readonly address: net.AddressInfo
+}
+
+export interface ListenersShape {
+  /**
+   * Makes `backend` serve `route` until the scope closes: opens the port if needed, then registers.
+   * Fails when the port cannot be bound or the route conflicts with others on the port.
+   */
+  readonly bind: (route: RouteDefinition, backend: Backend) => Effect.Effect<BoundRoute, ListenerError, Scope.Scope>
+  /** Ports currently open, with their kind. */
+  readonly openPorts: () => ReadonlyMap<number, PortKind>
+}
+
+export class Listeners extends Context.Service<Listeners, ListenersShape>()("switchyard/Listeners") {
+  static readonly layer = (config: ListenersConfig): Layer.Layer<Listeners, never, Registry | Dispatcher> =>
+    Layer.effect(Listeners, make(config))
+  static readonly make = (config: ListenersConfig): Effect.Effect<ListenersShape, never, Registry | Dispatcher | Scope.Scope> =>
+    make(config)
+}
+
+interface PortListener {
+  readonly kind: PortKind
+  readonly port: number
+  readonly server: net.Server
+  readonly address: net.AddressInfo
+  readonly sockets: Set<net.Socket>
+}
+
+/** The SNI server name a TLS client sent, normalized ("" when none). */
+const serverNameOf = (socket: unknown): string => {
+  const name = (socket as { servername?: string | false | null }).servername
+  return typeof name === "string" ? normalizeHost(name) : ""
+}
+
+/** Joins two byte streams both ways; when either closes or fails, both are destroyed. */
+export const joinStreams = (a: Duplex, b: Duplex, onClose: () => void): void => {
+  let done = false
+  const finish = () => {
+    if (done) return
+    done = true
+    a.destroy()
+    b.destroy()
+    onClose()
+  }
+  // half-close is carried through `pipe` (end → end); full close once both directions have finished
+  let ended = 0
+  const onEnd = () => {
+    if (++ended === 2) finish()
+  }
+  a.once("end", onEnd)
+  b.once("end", onEnd)
+  a.once("error", finish)
+  b.once("error", finish)
+  a.once("close", finish)
+  b.once("close", finish)
+  a.pipe(b)
+  b.pipe(a)
+}
+
+const writeDispatchError = (res: http.ServerResponse, error: DispatchError) => {
+  if (res.headersSent || res.destroyed) {
+    res.destroy()
+    return
+  }
+  const body = `${error.status === 404 ? "404 no route" : "503 no backend"} (${error.reason}): ${error.message}\n`
+  res.writeHead(error.status, {
+    "content-type": "text/plain; charset=utf-8",
+    "content-length": Buffer.byteLength(body),
+    // a request that found no backend may be on a port about to close: do not keep the connection
+    "connection": "close"
+  })
+  res.end(body)
+}
+
+const rejectUpgrade = (socket: Duplex, error: DispatchError) => {
+  const body = `${error.reason}: ${error.message}\n`
+  const reason = error.status === 404 ? "Not Found" : "Service Unavailable"
+  socket.end(
+    `HTTP/1.1 ${error.status} ${reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`
+  )
+}
+
+const make = Effect.fnUntraced(function*(config: ListenersConfig) {
+  const registry = yield* Registry
+  const dispatcher = yield* Dispatcher
+  const host = config.host ?? "0.0.0.0"
+  const maxConnections = config.maxConnectionsPerPort ?? DefaultMaxConnectionsPerPort
+  const maxHeaderSize = config.maxHeaderBytes ?? DefaultMaxHeaderBytes
+  const headersTimeout = config.headersTimeoutMs ?? DefaultHeadersTimeoutMs
+  const handshakeTimeout = config.tlsHandshakeTimeoutMs ?? DefaultTlsHandshakeTimeoutMs
+  const fibers = yield* FiberSet.make()
+  const run = yield* FiberSet.runtime(fibers)<never>()
+  const lock = yield* Semaphore.make(1)
+  const open = new Map<number, PortListener>()
+  const secureContexts = new Map<string, tls.SecureContext>()
+
+  /** Dispatches, synchronously when a backend is free, else in a fiber that the caller may cancel. */
+  const dispatch = (query: RouteQuery, onLease: (lease: Lease) => void, onError: (e: DispatchError) => void, cancelOn: Duplex) => {
+    const now = dispatcher.tryAcquire(query)
+    if (now instanceof DispatchError) return onError(now)
+    if (now !== undefined) return onLease(now)
+    const fiber = run(dispatcher.acquire(query))
+    const cancel = () => fiber.interruptUnsafe()
+    cancelOn.once("close", cancel)
+    fiber.addObserver((exit) => {
+      cancelOn.off("close", cancel)
+      if (Exit.isSuccess(exit)) {
+        if (cancelOn.destroyed) exit.value.release()
+        else onLease(exit.value)
+      } else {
+        const failure = exit.cause.reasons.find((r) => r._tag === "Fail")
+        if (failure !== undefined && failure._tag === "Fail") onError(failure.error)
+        else cancelOn.destroy()
+      }
+    })
+  }
+
+  const serveHttpRequest = (port: number, tlsName: string | undefined) => (req: http.IncomingMessage, res: http.ServerResponse) => {
+    const hostName = normalizeHost(req.headers.host)
+    const path = requestPath(req.url)
+    const query: RouteQuery = tlsName === undefined
+      ? { _tag: "Http", port, host: hostName, path }
+      : { _tag: "Tls", port, serverName: tlsName, host: hostName, path }
+    dispatch(
+      query,
+      (lease) => {
+        res.once("close", lease.release)
+        try {
+          config.handleRequest(req, res, lease)
+        } catch {
+          lease.release()
+          res.destroy()
+        }
+      },
+      (error) => writeDispatchError(res, error),
+      req.socket
+    )
+  }
+
+  const serveUpgrade = (port: number, tlsName: string | undefined) => (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+    socket.on("error", () => socket.destroy())
+    const query: RouteQuery = tlsName === undefined
+      ? { _tag: "Http", port, host: normalizeHost(req.headers.host), path: requestPath(req.url) }
+      : { _tag: "Tls", port, serverName: tlsName, host: normalizeHost(req.headers.host), path: requestPath(req.url) }
+    dispatch(
+      query,
+      (lease) => {
+        socket.once("close", lease.release)
+        try {
+          config.handleUpgrade(req, socket, head, lease)
+        } catch {
+          socket.destroy()
+        }
+      },
+      (error) => rejectUpgrade(socket, error),
+      socket
+    )
+  }
+
+  const pipeToBackend = (socket: net.Socket, query: RouteQuery, port: number, protocol: ConnectionProtocol, serverName?: string) => {
+    socket.on("error", () => socket.destroy())
+    dispatch(
+      query,
+      (lease) => {
+        const meta: ConnectionMeta = {
+          protocol,
+          remoteAddress: socket.remoteAddress ?? "",
+          remotePort: socket.remotePort ?? 0,
+          localPort: port,
+          serverName
+        }
+        const fiber = run(lease.backend.connect(meta))
+        const cancel = () => fiber.interruptUnsafe()
+        socket.once("close", cancel)
+        fiber.addObserver((exit) => {
+          socket.off("close", cancel)
+          if (Exit.isSuccess(exit) && !socket.destroyed) {
+            joinStreams(socket, exit.value, lease.release)
+          } else {
+            if (Exit.isSuccess(exit)) exit.value.destroy()
+            lease.release()
+            socket.destroy()
+          }
+        })
+      },
+      () => socket.destroy(),
+      socket
+    )
+  }
+
+  const secureContextFor = (route: RouteDefinition): tls.SecureContext | undefined => {
+    if (route._tag !== "Tls") return undefined
+    const cacheKey = route.cert + "\u0000" + route.key
+    let context = secureContexts.get(cacheKey)
+    if (context === undefined) {
+      if (secureContexts.size >= MaxCachedSecureContexts) secureContexts.clear()
+      context = tls.createSecureContext({ cert: route.cert, key: route.key })
+      secureContexts.set(cacheKey, context)
+    }
+    return context
+  }
+
+  const track = (listener: { sockets: Set<net.Socket> }, socket: net.Socket) => {
+    listener.sockets.add(socket)
+    socket.once("close", () => listener.sockets.delete(socket))
+  }
+
+  const openPort = (route: RouteDefinition): Effect.Effect<PortListener, ListenerError> => {
+    const port = route.port
+    const kind = portKind(route)
+    const sockets = new Set<net.Socket>()
+    let server: net.Server
+    switch (kind) {
+      case "http": {
+        const httpServer = http.createServer({ maxHeaderSize, headersTimeout, requestTimeout: 0 }, serveHttpRequest(port, undefined))
+        httpServer.on("upgrade", serveUpgrade(port, undefined))
+        httpServer.on("connection", (socket: net.Socket) => track({ sockets }, socket))
+        httpServer.on("clientError", (_err, socket) => socket.destroy())
+        server = httpServer
+        break
+      }
+      case "tcp": {
+        server = net.createServer({ allowHalfOpen: true }, (socket) => {
+          track({ sockets }, socket)
+          pipeToBackend(socket, { _tag: "Tcp", port }, port, "tcp")
+        })
+        break
+      }
+      case "tls": {
+        const inner = http.createServer({ maxHeaderSize, headersTimeout, requestTimeout: 0 })
+        inner.on("clientError", (_err, socket) => socket.destroy())
+        const tlsServer = tls.createServer({
+          allowHalfOpen: true,
+          handshakeTimeout,
+          ALPNProtocols: [...TlsAlpnProtocols],
+          SNICallback: (serverName, cb) => {
+            const entry = registry.match({ _tag: "Tls", port, serverName: normalizeHost(serverName) })
+            const context = entry === undefined ? undefined : secureContextFor(entry.route)
+            if (context === undefined) cb(new Error(`no certificate for ${serverName}`), undefined)
+            else cb(null, context)
+          }
+        })
+        tlsServer.on("connection", (socket: net.Socket) => track({ sockets }, socket))
+        tlsServer.on("tlsClientError", (_err, socket) => socket.destroy())
+        tlsServer.on("secureConnection", (socket: tls.TLSSocket) => {
+          socket.on("error", () => socket.destroy())
+          const serverName = serverNameOf(socket)
+          const entry = registry.match({ _tag: "Tls", port, serverName })
+          if (entry === undefined || entry.route._tag !== "Tls") return void socket.destroy()
+          if (entry.route.then === "tcp") {
+            pipeToBackend(socket, { _tag: "Tls", port, serverName }, port, "tls-tcp", serverName)
+          } else {
+            inner.emit("connection", socket)
+          }
+        })
+        inner.on("request", (req: http.IncomingMessage, res: http.ServerResponse) =>
+          serveHttpRequest(port, serverNameOf(req.socket))(req, res)
+        )
+        inner.on("upgrade", (req: http.IncomingMessage, socket: Duplex, head: Buffer) =>
+          serveUpgrade(port, serverNameOf(req.socket))(req, socket, head)
+        )
+        server = tlsServer
+        break
+      }
+    }
+    server.maxConnections = maxConnections
+    return Effect.callback<PortListener, ListenerError>((resume) => {
+      const onError = (error: NodeJS.ErrnoException) => {
+        server.close()
+        resume(Effect.fail(new ListenerError({ reason: "BindFailed", port, message: `cannot listen on ${host}:${port}: ${error.code ?? error.message}` })))
+      }
+      server.once("error", onError)
+      server.listen({ port, host }, () => {
+        server.off("error", onError)
+        server.on("error", () => {})
+        resume(Effect.succeed({ kind, port, server, address: server.address() as net.AddressInfo, sockets }))
+      })
+      return Effect.sync(() => server.close())
+    })
+  }
+
+  // Ports no longer routed stop accepting at once; connections still answering (a 503 to a request
+  // that waited, written with `Connection: close`) finish, and whatever is left is destroyed at shutdown.
+  const draining = new Set<PortListener>()
+
+  const stopPort = (listener: PortListener) =>
+    Effect.sync(() => {
+      open.delete(listener.port)
+      draining.add(listener)
+      listener.server.close(() => draining.delete(listener))
+      if (listener.server instanceof http.Server) listener.server.closeIdleConnections()
+    })
+
+  const destroyPort = (listener: PortListener) =>
+    Effect.callback<void>((resume) => {
+      open.delete(listener.port)
+      draining.add(listener)
+      listener.server.close(() => {
+        draining.delete(listener)
+        resume(Effect.void)
+      })
+      for (const socket of listener.sockets) socket.destroy()
+    })
+
+  // Closes ports whose routes the registry has dropped.
+  const reconcile = Effect.gen(function*() {
+    for (;;) {
+      const since = registry.version()
+      const live = registry.ports()
+      for (const listener of [...open.values()]) {
+        if (!live.has(listener.port)) yield* lock.withPermits(1)(
+          Effect.suspend(() => registry.ports().has(listener.port) ? Effect.void : stopPort(listener))
+        )
+      }
+      yield* registry.awaitChange(since)
+    }
+  })
+  yield* Effect.forkScoped(reconcile)
+  yield* Effect.addFinalizer(() => Effect.forEach([...open.values(), ...draining], destroyPort, { discard: true }))
+
+  const bind = Effect.fnUntraced(function*(route: RouteDefinition, backend: Backend) {
+    const scope = yield* Scope.Scope
+    return yield* lock.withPermits(1)(Effect.gen(function*() {
+      let listener = open.get(route.port)
+      const fresh = listener === undefined
+      if (listener === undefined) {
+        listener = yield* openPort(route)
+        open.set(route.port, listener)
+      } else if (listener.kind !== portKind(route)) {
+        return yield* new ListenerError({
+          reason: "Conflict",
+          port: route.port,
+          message: `port ${route.port} already serves ${listener.kind}, cannot also serve ${portKind(route)}`
+        })
+      }
+      const opened = listener
+      yield* registry.register(route, backend).pipe(
+        Scope.provide(scope),
+        Effect.catch((error: RegistryError) =>
+          Effect.andThen(
+            fresh && !registry.ports().has(route.port) ? destroyPort(opened) : Effect.void,
+            Effect.fail(new ListenerError({ reason: error.reason, port: route.port, message: error.message }))
+          )
+        )
+      )
+      return { route, address: opened.address } satisfies BoundRoute
+    }))
+  })
+
+  return Listeners.of({
+    bind,
+    openPorts: () => new Map([...open.values()].map((l) => [l.port, l.kind]))
+  })
+})

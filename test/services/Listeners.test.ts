@@ -1,0 +1,187 @@
+import { assert, describe, it } from "@effect/vitest"
+import * as net from "node:net"
+import * as tls from "node:tls"
+import { Effect, Exit, Layer, Scope } from "effect"
+import { TestClock } from "effect/testing"
+import { Dispatcher } from "../../src/services/Dispatcher.ts"
+import { Forwarder } from "../../src/services/Forwarder.ts"
+import { tcpUpstream } from "../../src/services/forward/Upstream.ts"
+import { forwardingHandlers, ListenerError, Listeners } from "../../src/services/Listeners.ts"
+import { Registry } from "../../src/services/Registry.ts"
+import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
+import {
+  directBackend,
+  echoServer,
+  freePort,
+  makeCertificate,
+  request,
+  tcpRoundTrip,
+  textServer
+} from "./ListenersFixtures.ts"
+
+/** Registry + Dispatcher + Listeners forwarding through the shared Forwarder, on loopback. */
+const gatewayLayer = Layer.unwrap(Effect.gen(function*() {
+  const forwarder = yield* Forwarder.make({
+    // every request is directed to its leased backend; this default is never used for routed traffic
+    upstream: tcpUpstream("127.0.0.1", 9, { maxSockets: 1, maxFreeSockets: 0 }),
+    responseTimeoutMs: 0,
+    idleTimeoutMs: 0
+  })
+  return Layer.effect(Listeners, Listeners.make({ host: "127.0.0.1", ...forwardingHandlers(forwarder) }))
+})).pipe(Layer.provideMerge(Dispatcher.layer()), Layer.provideMerge(Registry.layer({ gracePeriod: "30 seconds" })))
+
+/** Lets I/O run until `n` requests wait for a backend. */
+const untilWaiting = (n: number) =>
+  Effect.gen(function*() {
+    const dispatcher = yield* Dispatcher
+    while (dispatcher.waiting() < n) yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
+  })
+
+/** Runs `body` with a fresh gateway, then checks that nothing it opened is left. */
+const withGateway = <A, E>(body: Effect.Effect<A, E, Listeners | Registry | Dispatcher | Scope.Scope>) =>
+  Effect.gen(function*() {
+    const before = activeHandles()
+    const result = yield* body.pipe(Effect.scoped, Effect.provide(gatewayLayer))
+    yield* Effect.promise(() => expectNoLeaks(before))
+    return result
+  })
+
+describe("Listeners", () => {
+  it.effect("routes one HTTP port by path prefix and domain suffix, 404 otherwise", () =>
+    withGateway(Effect.gen(function*() {
+      const listeners = yield* Listeners
+      const port = yield* Effect.promise(freePort)
+      const a = yield* directBackend("a", yield* textServer("From A"))
+      const b = yield* directBackend("b", yield* textServer("From B"))
+      const c = yield* directBackend("c", yield* textServer("From C"))
+      yield* listeners.bind({ _tag: "Http", port, pathPrefix: "/a" }, a)
+      yield* listeners.bind({ _tag: "Http", port, pathPrefix: "/b" }, b)
+      yield* listeners.bind({ _tag: "Http", port, domainSuffix: "c.test" }, c)
+      assert.deepStrictEqual([...listeners.openPorts()], [[port, "http"]])
+      const got = yield* Effect.promise(() =>
+        Promise.all([
+          request(port, "/a"),
+          request(port, "/a/x?y=1"),
+          request(port, "/b"),
+          request(port, "/a", "www.C.test:80"),
+          request(port, "/ab")
+        ])
+      )
+      assert.deepStrictEqual(got.map((r) => r.body), ["From A", "From A", "From B", "From C", got[4]!.body])
+      assert.strictEqual(got[1]!.headers["x-path"], "/a/x?y=1")
+      assert.strictEqual(got[4]!.status, 404)
+      assert.match(got[4]!.body, /NoRoute/)
+    })))
+
+  it.effect("pipes raw TCP to the backend, half-close included", () =>
+    withGateway(Effect.gen(function*() {
+      const listeners = yield* Listeners
+      const port = yield* Effect.promise(freePort)
+      const echo = yield* directBackend("echo", yield* echoServer())
+      yield* listeners.bind({ _tag: "Tcp", port }, echo)
+      const replies = yield* Effect.promise(() => Promise.all([tcpRoundTrip(port, "hello"), tcpRoundTrip(port, "x".repeat(200_000))]))
+      assert.strictEqual(replies[0], "hello")
+      assert.strictEqual(replies[1]!.length, 200_000)
+    })))
+
+  it.effect("serves two TLS names on one port with their own certificates", () =>
+    withGateway(Effect.gen(function*() {
+      const listeners = yield* Listeners
+      const port = yield* Effect.promise(freePort)
+      const certA = makeCertificate("a.test")
+      const certB = makeCertificate("b.test")
+      const httpA = yield* directBackend("a", yield* textServer("From A"))
+      const echoB = yield* directBackend("b", yield* echoServer())
+      yield* listeners.bind({ _tag: "Tls", port, domainSuffix: "a.test", ...certA, then: "http" }, httpA)
+      yield* listeners.bind({ _tag: "Tls", port, domainSuffix: "b.test", ...certB, then: "tcp" }, echoB)
+      const viaA = yield* Effect.promise(() =>
+        new Promise<string>((resolve, reject) => {
+          const socket = tls.connect({ host: "127.0.0.1", port, servername: "www.a.test", ca: certA.cert, ALPNProtocols: ["http/1.1"] }, () => {
+            socket.write("GET /x HTTP/1.1\r\nHost: www.a.test\r\nConnection: close\r\n\r\n")
+          })
+          const chunks: Array<Buffer> = []
+          socket.on("data", (c: Buffer) => chunks.push(c))
+          socket.on("end", () => resolve(Buffer.concat(chunks).toString()))
+          socket.on("error", reject)
+        })
+      )
+      assert.match(viaA, /^HTTP\/1\.1 200/)
+      assert.include(viaA, "From A")
+      const viaB = yield* Effect.promise(() =>
+        new Promise<string>((resolve, reject) => {
+          const socket = tls.connect({ host: "127.0.0.1", port, servername: "b.test", ca: certB.cert }, () => socket.end("ping"))
+          const chunks: Array<Buffer> = []
+          socket.on("data", (c: Buffer) => chunks.push(c))
+          socket.on("end", () => resolve(Buffer.concat(chunks).toString()))
+          socket.on("error", reject)
+        })
+      )
+      assert.strictEqual(viaB, "ping")
+      // the certificate of the other name does not verify
+      const wrong = yield* Effect.promise(() =>
+        new Promise<string>((resolve) => {
+          const socket = tls.connect({ host: "127.0.0.1", port, servername: "b.test", ca: certA.cert }, () => resolve("connected"))
+          socket.on("error", (e: NodeJS.ErrnoException) => resolve(e.code ?? e.message))
+        })
+      )
+      assert.notStrictEqual(wrong, "connected")
+      // unknown names get no certificate
+      const unknown = yield* Effect.promise(() =>
+        new Promise<string>((resolve) => {
+          const socket = tls.connect({ host: "127.0.0.1", port, servername: "c.test", rejectUnauthorized: false }, () => resolve("connected"))
+          socket.on("error", () => resolve("refused"))
+        })
+      )
+      assert.strictEqual(unknown, "refused")
+    })))
+
+  it.effect("keeps the port through the grace period, serves a returning backend, then closes it", () =>
+    withGateway(Effect.gen(function*() {
+      const listeners = yield* Listeners
+      const port = yield* Effect.promise(freePort)
+      const first = yield* Scope.make()
+      const a = yield* directBackend("a", yield* textServer("old"))
+      yield* listeners.bind({ _tag: "Http", port, pathPrefix: "/a" }, a).pipe(Scope.provide(first))
+      yield* Scope.close(first, Exit.void)
+      // a request now waits for a backend instead of failing
+      const pending = request(port, "/a")
+      yield* untilWaiting(1)
+      yield* TestClock.adjust("10 seconds")
+      const second = yield* Scope.make()
+      const b = yield* directBackend("b", yield* textServer("new"))
+      yield* listeners.bind({ _tag: "Http", port, pathPrefix: "/a" }, b).pipe(Scope.provide(second))
+      assert.strictEqual((yield* Effect.promise(() => pending)).body, "new")
+      yield* Scope.close(second, Exit.void)
+      yield* TestClock.adjust("29 seconds")
+      assert.isTrue(listeners.openPorts().has(port))
+      const waiting = request(port, "/a/late")
+      yield* untilWaiting(1)
+      yield* TestClock.adjust("1 second")
+      const late = yield* Effect.promise(() => waiting)
+      assert.strictEqual(late.status, 503)
+      assert.match(late.body, /NoBackend/)
+      yield* Effect.yieldNow
+      assert.isFalse(listeners.openPorts().has(port))
+      const refused = yield* Effect.promise(() => request(port, "/a").then(() => "open", (e: NodeJS.ErrnoException) => e.code))
+      assert.strictEqual(refused, "ECONNREFUSED")
+    })))
+
+  it.effect("refuses a conflicting kind and a port that is taken, leaving nothing open", () =>
+    withGateway(Effect.gen(function*() {
+      const listeners = yield* Listeners
+      const port = yield* Effect.promise(freePort)
+      const a = yield* directBackend("a", yield* textServer("A"))
+      yield* listeners.bind({ _tag: "Http", port }, a)
+      const conflict = yield* Effect.flip(listeners.bind({ _tag: "Tcp", port }, a))
+      assert.instanceOf(conflict, ListenerError)
+      assert.strictEqual(conflict.reason, "Conflict")
+      const taken = net.createServer()
+      const takenPort = yield* Effect.promise(() =>
+        new Promise<number>((resolve) => taken.listen(0, "127.0.0.1", () => resolve((taken.address() as net.AddressInfo).port)))
+      )
+      const failed = yield* Effect.flip(listeners.bind({ _tag: "Tcp", port: takenPort }, a))
+      assert.strictEqual(failed.reason, "BindFailed")
+      assert.isFalse(listeners.openPorts().has(takenPort))
+      yield* Effect.promise(() => new Promise<void>((resolve) => taken.close(() => resolve())))
+    })))
+})
