@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest"
 import * as F from "../../src/domain/Frame.ts"
-import { decodeHeader, encodeFrame, encodeHeader, type Frame, flagNames, makeFrameParser } from "../../src/domain/FrameCodec.ts"
+import type { Frame } from "../../src/domain/Frame.ts"
+import { decodeHeader, encodeFrame, encodeHeader, flagNames, makeFrameParser } from "../../src/domain/FrameCodec.ts"
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString("hex")
 const unhex = (s: string) => new Uint8Array(Buffer.from(s.replace(/\s+/g, ""), "hex"))
