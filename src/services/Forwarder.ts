@@ -67,6 +67,19 @@ export interface ForwarderShape {
   readonly active: () => { readonly requests: number; readonly tunnels: number }
 }
 
+/** Methods for which Node's client would not invent a chunked body. */
+const BODYLESS_BY_DEFAULT: ReadonlySet<string> = new Set(["GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CONNECT"])
+
+/**
+ * A request with neither Content-Length nor Transfer-Encoding has no body (RFC 9112 §6.3); say so
+ * explicitly, or Node's client would send an empty chunked body the upstream may read as stream data.
+ */
+const markEmptyBody = (out: OutgoingRequest, te: string | undefined): void => {
+  if (te === undefined && !BODYLESS_BY_DEFAULT.has(out.method) && headerValue(out.headers, "content-length") === undefined) {
+    out.headers.push("Content-Length", "0")
+  }
+}
+
 const errorText = (err: Error & { code?: string }): string => err.code ?? err.message
 
 /** Whether a client's `Transfer-Encoding` can be forwarded as is (only plain `chunked`). */
@@ -123,6 +136,7 @@ export const makeForwarder = (config: ForwarderConfig): Effect.Effect<ForwarderS
       }
       const out = outgoing(req, false, options)
       if (te !== undefined) out.headers.push("Transfer-Encoding", "chunked")
+      else markEmptyBody(out, te)
       const target = out.upstream
       const responseTimeout = options?.responseTimeoutMs ?? config.responseTimeoutMs
       const idleTimeout = options?.idleTimeoutMs ?? config.idleTimeoutMs
@@ -198,6 +212,7 @@ export const makeForwarder = (config: ForwarderConfig): Effect.Effect<ForwarderS
         return
       }
       const out = outgoing(req, true, options)
+      markEmptyBody(out, undefined)
       const target = out.upstream
       const responseTimeout = options?.responseTimeoutMs ?? config.responseTimeoutMs
       const idleTimeout = options?.idleTimeoutMs ?? config.idleTimeoutMs

@@ -40,6 +40,20 @@ const clientErrorStatus = (code: string | undefined): readonly [number, string] 
   }
 }
 
+/** Every socket a front server accepted, upgraded ones included (Node stops tracking those). */
+const connections = new WeakMap<http.Server, Set<Duplex>>()
+
+/**
+ * Stops listening and destroys every connection, upgraded tunnels included; resolves once closed.
+ * (`server.close` alone would wait for hijacked connections, which Node no longer manages.)
+ */
+export const closeFrontServer = (server: http.Server): Promise<void> =>
+  new Promise((resolve) => {
+    server.close(() => resolve())
+    server.closeAllConnections()
+    for (const socket of connections.get(server) ?? []) socket.destroy()
+  })
+
 /** An HTTP server with the limits applied and client errors answered; handlers are the caller's. */
 export const makeFrontServer = (
   limits: HttpLimits,
@@ -66,6 +80,12 @@ export const makeFrontServer = (
   })
   // One more than the limit is kept so that exceeding it is seen and refused, not silently truncated.
   server.maxHeadersCount = limits.maxHeadersCount + 1
+  const open = new Set<Duplex>()
+  connections.set(server, open)
+  server.on("connection", (socket: Duplex) => {
+    open.add(socket)
+    socket.once("close", () => open.delete(socket))
+  })
   server.on("upgrade", (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
     if (req.rawHeaders.length > limits.maxHeadersCount * 2) {
       writeRawError(socket, errors, 431, `switchyard: more than ${limits.maxHeadersCount} request headers`)

@@ -16,7 +16,7 @@ import { clientAllowed } from "../../domain/ClientAllowlist.ts"
 import { canonicalTarget, isTargetRejection } from "../../domain/HttpHeaders.ts"
 import type { ListenAddress, SocketProxyConfig } from "../../domain/SocketProxyConfig.ts"
 import { dockerErrors, sendError, writeRawError } from "../forward/ErrorResponse.ts"
-import { makeFrontServer } from "../forward/FrontServer.ts"
+import { closeFrontServer, makeFrontServer } from "../forward/FrontServer.ts"
 import { tcpUpstream, unixUpstream } from "../forward/Upstream.ts"
 import { type ForwarderShape, makeForwarder } from "../Forwarder.ts"
 
@@ -111,8 +111,8 @@ const bind = (server: http.Server, address: ListenAddress): Effect.Effect<BoundA
       })
     }),
     (bound) =>
-      Effect.callback<void>((resume) => {
-        server.close(() => {
+      Effect.promise(() => closeFrontServer(server)).pipe(
+        Effect.andThen(Effect.sync(() => {
           if (bound._tag === "Unix") {
             try {
               fs.unlinkSync(bound.path)
@@ -120,10 +120,8 @@ const bind = (server: http.Server, address: ListenAddress): Effect.Effect<BoundA
               // already gone
             }
           }
-          resume(Effect.void)
-        })
-        server.closeAllConnections()
-      })
+        }))
+      )
   )
 
 /** Starts the socket proxy; everything it opened closes with the scope. */

@@ -1,0 +1,167 @@
+/**
+ * A small upstream on a Unix socket that behaves the way the Docker Engine API documents for the parts
+ * Podman cannot exercise here: `101 UPGRADED` hijacks with multiplexed stdout frames and half-close,
+ * streams that never end, trailers, large bodies written with backpressure. It records every request it
+ * sees, so tests can assert that refused requests never arrived.
+ */
+import * as fs from "node:fs"
+import * as http from "node:http"
+import type * as net from "node:net"
+import * as os from "node:os"
+import * as path from "node:path"
+import type { Duplex } from "node:stream"
+
+export interface Seen {
+  readonly method: string
+  readonly url: string
+  readonly rawHeaders: ReadonlyArray<string>
+}
+
+export interface EngineUpstream {
+  readonly socketPath: string
+  readonly seen: Array<Seen>
+  /** Requests whose client went away before the response finished. */
+  readonly aborted: Array<string>
+  /** Bytes written so far by `/big` responses. */
+  readonly bigSent: () => number
+  readonly close: () => Promise<void>
+}
+
+/** Docker's stdout frame: stream 1, three zero bytes, big-endian length, payload. */
+export const stdoutFrame = (payload: Buffer): Buffer => {
+  const head = Buffer.alloc(8)
+  head[0] = 1
+  head.writeUInt32BE(payload.length, 4)
+  return Buffer.concat([head, payload])
+}
+
+const STREAM_CHUNK = Buffer.alloc(64 * 1024, 0x61)
+const TICK_MS = 5
+
+export const startEngineUpstream = async (): Promise<EngineUpstream> => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-engine-"))
+  const socketPath = path.join(dir, "engine.sock")
+  const seen: Array<Seen> = []
+  const aborted: Array<string> = []
+  const timers = new Set<NodeJS.Timeout>()
+  const sockets = new Set<Duplex>()
+  let bigSent = 0
+
+  const server = http.createServer((req, res) => {
+    seen.push({ method: req.method!, url: req.url!, rawHeaders: req.rawHeaders })
+    const url = new URL(req.url!, "http://engine")
+    res.on("close", () => {
+      if (!res.writableFinished) aborted.push(url.pathname)
+    })
+    switch (url.pathname) {
+      case "/v1.41/_ping":
+      case "/_ping":
+      case "/small":
+        res.writeHead(200, { "content-type": "text/plain", "api-version": "1.41" }).end("OK")
+        return
+      case "/headers":
+        res.writeHead(200, { "content-type": "application/json", connection: "keep-alive, x-upstream-hop", "x-upstream-hop": "1", "keep-alive": "timeout=77" })
+        res.end(JSON.stringify(req.rawHeaders))
+        return
+      case "/echo": {
+        res.writeHead(200, { "content-type": "application/octet-stream", trailer: "x-request-trailers" })
+        req.pipe(res, { end: false })
+        req.on("end", () => {
+          res.addTrailers({ "x-request-trailers": JSON.stringify(req.trailers) })
+          res.end()
+        })
+        return
+      }
+      case "/trailers":
+        res.writeHead(200, { "content-type": "text/plain", trailer: "x-checksum" })
+        res.write("part one,")
+        res.write("part two")
+        res.addTrailers({ "x-checksum": "abc123" })
+        res.end()
+        return
+      case "/v1.41/events":
+      case "/forever": {
+        res.writeHead(200, { "content-type": "application/json" })
+        res.flushHeaders()
+        let n = 0
+        const t = setInterval(() => {
+          res.write(JSON.stringify({ status: "tick", n: n++ }) + "\n")
+        }, TICK_MS)
+        timers.add(t)
+        res.on("close", () => {
+          clearInterval(t)
+          timers.delete(t)
+        })
+        return
+      }
+      case "/big": {
+        const total = Number(url.searchParams.get("bytes") ?? "0")
+        res.writeHead(200, { "content-type": "application/octet-stream", "content-length": String(total) })
+        let left = total
+        const pump = () => {
+          while (left > 0) {
+            const chunk = left >= STREAM_CHUNK.length ? STREAM_CHUNK : STREAM_CHUNK.subarray(0, left)
+            left -= chunk.length
+            bigSent += chunk.length
+            if (!res.write(chunk)) {
+              res.once("drain", pump)
+              return
+            }
+          }
+          res.end()
+        }
+        pump()
+        return
+      }
+      case "/silent":
+        // Sends a head and one line, then nothing: an idle stream.
+        res.writeHead(200, { "content-type": "application/json" })
+        res.write("{}\n")
+        return
+      case "/never":
+        // Holds the request without answering.
+        return
+      default:
+        res.writeHead(404, { "content-type": "application/json" }).end(JSON.stringify({ message: `no such route ${url.pathname}` }))
+    }
+  })
+  server.on("connection", (s: net.Socket) => {
+    sockets.add(s)
+    s.on("close", () => sockets.delete(s))
+  })
+  server.on("upgrade", (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+    seen.push({ method: req.method!, url: req.url!, rawHeaders: req.rawHeaders })
+    sockets.add(socket)
+    socket.on("close", () => sockets.delete(socket))
+    socket.on("error", () => socket.destroy())
+    const url = new URL(req.url!, "http://engine")
+    if (!/^\/(v[\d.]+\/)?containers\/[^/]+\/attach$/.test(url.pathname) || req.headers.upgrade !== "tcp") {
+      socket.end(`HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 26\r\nConnection: close\r\n\r\n{"message":"no such exec"}`)
+      return
+    }
+    socket.write(
+      "HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"
+    )
+    if (head.length > 0) socket.write(stdoutFrame(Buffer.from(head.toString().toUpperCase())))
+    socket.on("data", (d: Buffer) => socket.write(stdoutFrame(Buffer.from(d.toString().toUpperCase()))))
+    // stdin closed (half-close): the "process" prints a last line and exits, closing stdout.
+    socket.on("end", () => socket.end(stdoutFrame(Buffer.from("exit 0\n"))))
+  })
+  await new Promise<void>((resolve) => server.listen(socketPath, resolve))
+  return {
+    socketPath,
+    seen,
+    aborted,
+    bigSent: () => bigSent,
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const t of timers) clearInterval(t)
+        for (const s of sockets) s.destroy()
+        server.close(() => {
+          fs.rmSync(dir, { recursive: true, force: true })
+          resolve()
+        })
+        server.closeAllConnections()
+      })
+  }
+}
