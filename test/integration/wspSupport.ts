@@ -73,7 +73,11 @@ export const destination: Effect.Effect<Destination, never, Scope.Scope> = Effec
         seen.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers, bodyLength: body.length })
         const url = new URL(req.url ?? "/", "http://x")
         if (url.pathname === "/echo") {
-          res.writeHead(200, { "Content-Type": "application/octet-stream", "X-Method": req.method ?? "" })
+          res.writeHead(200, {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": String(body.length),
+            "X-Method": req.method ?? ""
+          })
           res.end(body)
         } else if (url.pathname === "/bytes") {
           const n = Number(url.searchParams.get("n") ?? "0")

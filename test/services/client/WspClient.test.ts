@@ -1,0 +1,299 @@
+/**
+ * The client against a hand-written wsp server: a raw `ws` server that accepts registrations and
+ * sends request heads and bodies by hand, exactly as wsp's Go server writes them, and a real
+ * destination HTTP server that records what reached it.
+ */
+import { describe, expect, it } from "@effect/vitest"
+import type * as http from "node:http"
+import { Effect, Logger, Random, Schema, Scope } from "effect"
+import { TestClock } from "effect/testing"
+import { WebSocket, WebSocketServer } from "ws"
+import { compileRules } from "../../../src/domain/DestinationRules.ts"
+import type { DestinationRules } from "../../../src/domain/DestinationRules.ts"
+import { makeWspClient, reconnectDelay } from "../../../src/services/client/WspClient.ts"
+import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
+import { clientConfig, destination, secret, waitFor } from "../../integration/wspSupport.ts"
+
+interface Message {
+  readonly data: Buffer
+  readonly isBinary: boolean
+}
+
+/** One connection as the hand-written server sees it. */
+class Registered {
+  readonly ws: WebSocket
+  readonly headers: http.IncomingHttpHeaders
+  readonly inbox: Array<Message> = []
+  greeting: string | undefined
+  closed = false
+  private waiting: (() => void) | undefined
+
+  constructor(ws: WebSocket, headers: http.IncomingHttpHeaders) {
+    this.ws = ws
+    this.headers = headers
+    ws.on("message", (data, isBinary) => {
+      if (this.greeting === undefined && !isBinary) {
+        this.greeting = (data as Buffer).toString()
+        return
+      }
+      this.inbox.push({ data: data as Buffer, isBinary })
+      this.waiting?.()
+    })
+    ws.on("close", () => {
+      this.closed = true
+      this.waiting?.()
+    })
+    ws.on("error", () => undefined)
+  }
+
+  next(): Promise<Message> {
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        const m = this.inbox.shift()
+        if (m !== undefined) {
+          this.waiting = undefined
+          resolve(m)
+        } else if (this.closed) reject(new Error("connection closed"))
+        else this.waiting = check
+      }
+      check()
+    })
+  }
+}
+
+interface FakeServer {
+  readonly url: string
+  readonly connections: Array<Registered>
+  /** Upgrade attempts, accepted or not. */
+  attempts: number
+  accept: boolean
+}
+
+const fakeServer = Effect.acquireRelease(
+  Effect.promise(() =>
+    new Promise<{ wss: WebSocketServer; state: FakeServer }>((resolve) => {
+      const state: FakeServer = { url: "", connections: [], attempts: 0, accept: true }
+      const wss = new WebSocketServer({
+        host: "127.0.0.1",
+        port: 0,
+        verifyClient: (_info, done) => {
+          state.attempts++
+          if (state.accept) done(true)
+          else done(false, 526, "Invalid X-SECRET-KEY")
+        }
+      }, () => {
+        const port = (wss.address() as { port: number }).port
+        ;(state as { url: string }).url = `ws://127.0.0.1:${port}/register`
+        resolve({ wss, state })
+      })
+      wss.on("connection", (ws, req) => state.connections.push(new Registered(ws, req.headers)))
+    })
+  ),
+  ({ wss }) =>
+    Effect.promise(() => new Promise<void>((resolve) => {
+      for (const ws of wss.clients) ws.terminate()
+      wss.close(() => resolve())
+    }))
+).pipe(Effect.map(({ state }) => state))
+
+const leakChecked = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
+  Effect.gen(function*() {
+    const before = activeHandles()
+    const result = yield* Effect.scoped(body)
+    yield* Effect.promise(() => expectNoLeaks(before))
+    return result
+  })
+
+const rules = (lists: Parameters<typeof compileRules>[0]): DestinationRules => {
+  const r = compileRules(lists)
+  if ("_tag" in r) throw new Error(r.message)
+  return r
+}
+
+const next = (c: Registered) => Effect.promise(() => c.next())
+const idleOne = (server: FakeServer) => server.connections.find((c) => !c.closed && c.greeting !== undefined)!
+
+describe("WspClient against a hand-written wsp server", () => {
+  it.live("registers with the secret and greeting, fills its pool, and answers a request in wsp's shape", () =>
+    leakChecked(Effect.gen(function*() {
+      const dest = yield* destination
+      const server = yield* fakeServer
+      yield* makeWspClient(clientConfig(server.url, { id: "edge-1", poolIdleSize: 3, poolMaxSize: 5 }))
+      yield* waitFor("three connections", () => server.connections.filter((c) => c.greeting !== undefined).length === 3)
+      for (const c of server.connections) {
+        expect(c.headers["x-secret-key"]).toBe(secret)
+        expect(c.greeting).toBe("edge-1_3")
+      }
+      const conn = idleOne(server)
+      const url = dest.url("/echo?x=1&y=2")
+      // exactly what wsp's Go server writes
+      conn.ws.send(
+        `{"Method":"POST","URL":"${url.replace("&", "\\u0026")}","Header":{"Accept":["*/*"],"Connection":["close"],` +
+          `"Content-Length":["5"],"User-Agent":["curl/8.5.0"],"X-Proxy-Destination":["${url.replace("&", "\\u0026")}"]},"ContentLength":5}`
+      )
+      conn.ws.send(Buffer.from("hello"), { binary: true })
+      const head = yield* next(conn)
+      expect(head.isBinary).toBe(false)
+      const text = head.data.toString()
+      expect(text).toMatch(/^\{"StatusCode":200,"Header":\{.*\},"ContentLength":5\}$/)
+      const parsed = JSON.parse(text) as { Header: Record<string, Array<string>> }
+      const names = Object.keys(parsed.Header)
+      expect(names).toEqual([...names].sort())
+      expect(parsed.Header["X-Method"]).toEqual(["POST"])
+      expect(parsed.Header["Content-Length"]).toEqual(["5"])
+      expect(parsed.Header["Connection"]).toBeUndefined()
+      const body = yield* next(conn)
+      expect([body.isBinary, body.data.toString()]).toEqual([true, "hello"])
+      expect(dest.seen).toHaveLength(1)
+      expect(dest.seen[0]).toMatchObject({ method: "POST", url: "/echo?x=1&y=2", bodyLength: 5 })
+      expect(dest.seen[0]!.headers["user-agent"]).toBe("curl/8.5.0")
+      expect(dest.seen[0]!.headers["x-proxy-destination"]).toBe(url)
+    })))
+
+  it.live("answers a request it cannot perform with wsp's 527 and keeps the connection", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* fakeServer
+      yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
+      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      const conn = server.connections[0]!
+      conn.ws.send("{\"Method\":\"GET\",\"URL\":\"ftp://example/\",\"Header\":{},\"ContentLength\":0}")
+      conn.ws.send(Buffer.alloc(0), { binary: true })
+      const head = JSON.parse((yield* next(conn)).data.toString()) as { StatusCode: number; Header: object; ContentLength: number }
+      const body = (yield* next(conn)).data.toString()
+      expect(head).toEqual({ StatusCode: 527, Header: {}, ContentLength: body.length })
+      expect(body).toBe("Unable to execute request : unsupported protocol scheme \"ftp\"\n")
+      expect(conn.closed).toBe(false)
+    })))
+
+  it.live("refuses a destination outside its rules without contacting it", () =>
+    leakChecked(Effect.gen(function*() {
+      const dest = yield* destination
+      const server = yield* fakeServer
+      yield* makeWspClient(clientConfig(server.url, {
+        poolIdleSize: 1,
+        rules: rules({ blacklist: [{ url: "/admin" }], whitelist: [{ method: "^GET$" }] })
+      }))
+      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      const conn = server.connections[0]!
+      const ask = (method: string, path: string) =>
+        Effect.gen(function*() {
+          conn.ws.send(`{"Method":"${method}","URL":"${dest.url(path)}","Header":{},"ContentLength":0}`)
+          conn.ws.send(Buffer.alloc(0), { binary: true })
+          const head = JSON.parse((yield* next(conn)).data.toString()) as { StatusCode: number }
+          return [head.StatusCode, (yield* next(conn)).data.toString()] as const
+        })
+      expect(yield* ask("GET", "/admin/users")).toEqual([403, "Destination is forbidden"])
+      expect(yield* ask("DELETE", "/echo")).toEqual([403, "Destination is not allowed"])
+      expect(dest.seen).toHaveLength(0)
+      expect((yield* ask("GET", "/echo"))[0]).toBe(200)
+      expect(dest.seen).toHaveLength(1)
+    })))
+
+  it.live("closes a connection that receives a malformed head (after wsp's 527) and refills the pool", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* fakeServer
+      yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, backoffInitial: 1 }))
+      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      const conn = server.connections[0]!
+      conn.ws.send("{\"Method\":")
+      const head = JSON.parse((yield* next(conn)).data.toString()) as { StatusCode: number }
+      expect(head.StatusCode).toBe(527)
+      expect((yield* next(conn)).data.toString()).toMatch(/^Unable to deserialize json http request : head is not valid JSON/)
+      yield* waitFor("closed", () => conn.closed)
+      yield* waitFor("refilled", () => server.connections.some((c) => c !== conn && !c.closed && c.greeting !== undefined))
+    })))
+
+  it.live("closes a connection whose request body message is missing, without contacting the destination", () =>
+    leakChecked(Effect.gen(function*() {
+      const dest = yield* destination
+      const server = yield* fakeServer
+      yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
+      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      const conn = server.connections[0]!
+      const head = `{"Method":"GET","URL":"${dest.url("/echo")}","Header":{},"ContentLength":0}`
+      conn.ws.send(head)
+      conn.ws.send(head)
+      yield* waitFor("closed", () => conn.closed)
+      expect(dest.seen).toHaveLength(0)
+    })))
+
+  it.live("closes a connection that is sent a second request while the first runs", () =>
+    leakChecked(Effect.gen(function*() {
+      const dest = yield* destination
+      const server = yield* fakeServer
+      yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
+      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      const conn = server.connections[0]!
+      conn.ws.send(`{"Method":"GET","URL":"${dest.url("/slow?ms=500")}","Header":{},"ContentLength":0}`)
+      conn.ws.send(Buffer.alloc(0), { binary: true })
+      yield* waitFor("running", () => dest.seen.length === 1)
+      conn.ws.send(`{"Method":"GET","URL":"${dest.url("/echo")}","Header":{},"ContentLength":0}`)
+      yield* waitFor("closed", () => conn.closed)
+    })))
+
+  it.effect("reconnects with capped exponential backoff (virtual time)", () =>
+    Effect.gen(function*() {
+      const server = yield* fakeServer
+      server.accept = false
+      // jitter at its lowest: each delay is half the exponential ceiling
+      yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, backoffInitial: 1000, backoffMax: 8000 })).pipe(
+        Effect.provideService(Random.Random, { nextDoubleUnsafe: () => 0, nextIntUnsafe: () => 0 })
+      )
+      yield* waitFor("first attempt", () => server.attempts === 1)
+      const expected = [500, 1000, 2000, 4000, 4000, 4000]
+      for (const [i, delay] of expected.entries()) {
+        yield* TestClock.adjust(delay - 1)
+        yield* Effect.promise(() => new Promise((r) => setTimeout(r, 30)))
+        expect(server.attempts).toBe(i + 1)
+        yield* TestClock.adjust(1)
+        yield* waitFor(`attempt ${i + 2}`, () => server.attempts === i + 2)
+      }
+      server.accept = true
+      yield* TestClock.adjust(4000)
+      yield* waitFor("connected", () => server.connections.some((c) => c.greeting !== undefined))
+    }))
+
+  it.effect("pings every interval and drops a connection that misses a pong (virtual time)", () =>
+    Effect.gen(function*() {
+      const server = yield* fakeServer
+      yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, pingInterval: 30_000 }))
+      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      const conn = server.connections[0]!
+      // a server that never answers pings: ws answers automatically, so stop it
+      ;(conn.ws as unknown as { _autoPong: boolean })._autoPong = false
+      let pings = 0
+      conn.ws.on("ping", () => pings++)
+      yield* TestClock.adjust(30_000)
+      yield* waitFor("ping", () => pings === 1)
+      expect(conn.closed).toBe(false)
+      yield* TestClock.adjust(30_000)
+      yield* waitFor("dropped", () => conn.closed)
+    }))
+
+  it.live("warns loudly at start-up when no rule is configured", () =>
+    Effect.gen(function*() {
+      const messages: Array<string> = []
+      const capture = Logger.make((options) => void messages.push(`${options.logLevel} ${String(options.message)}`))
+      yield* Effect.scoped(Effect.gen(function*() {
+        const server = yield* fakeServer
+        yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 0, poolMaxSize: 1 }))
+        yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 0, poolMaxSize: 1, rules: rules({ whitelist: [{ url: "x" }] }) }))
+      })).pipe(Effect.provide(Logger.layer([capture])))
+      const warnings = messages.filter((m) => m.startsWith("Warn") && m.includes("every destination is allowed"))
+      expect(warnings).toHaveLength(1)
+    }))
+})
+
+describe("reconnectDelay", () => {
+  it.prop(
+    "stays within the upper half of the capped exponential ceiling",
+    [Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 200 })), Schema.Number.check(Schema.isBetween({ minimum: 0, maximum: 0.999999 }))],
+    ([failures, random]) => {
+      const ceiling = Math.min(30_000, 1000 * 2 ** (failures - 1))
+      const delay = reconnectDelay(failures, 1000, 30_000, random)
+      expect(delay).toBeGreaterThanOrEqual(Math.floor(ceiling / 2))
+      expect(delay).toBeLessThanOrEqual(ceiling)
+      expect(delay).toBeLessThanOrEqual(30_000)
+    }
+  )
+})
