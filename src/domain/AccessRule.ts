@@ -121,6 +121,8 @@ export const parseRule = (text: string, options: RuleOptions = {}): AccessRule |
   } else if (/^[a-z]+$/.test(words[0]!)) {
     return syntax(source, "BadAction", `unknown action "${words[0]}" (expected allow or deny)`)
   }
+  // Logs and denials always show the action, even when it came from --allow/--deny.
+  const written = words.length === source.split(/\s+/).length ? `${action} ${source}` : source
   const methodWord = words.shift()
   const pathWord = words.shift()
   if (methodWord === undefined || pathWord === undefined) {
@@ -164,7 +166,7 @@ export const parseRule = (text: string, options: RuleOptions = {}): AccessRule |
   if (words.length > 0) return syntax(source, "BadQuery", `unexpected "${words.join(" ")}" at the end`)
   const query = parseQuery(source, queryText)
   if (query instanceof RuleSyntaxError) return query
-  return { action, methods, path, query, idleTimeoutMs: options.idleTimeoutMs, source }
+  return { action, methods, path, query, idleTimeoutMs: options.idleTimeoutMs, source: written }
 }
 
 /** A request as rules see it. */

@@ -57,6 +57,7 @@ export const startEngineUpstream = async (): Promise<EngineUpstream> => {
       case "/v1.41/_ping":
       case "/_ping":
       case "/small":
+      case "/v1.41/small":
         res.writeHead(200, { "content-type": "text/plain", "api-version": "1.41" }).end("OK")
         return
       case "/headers":
