@@ -22,7 +22,11 @@ const socketAddress = (host: string | undefined, port: number | undefined): Addr
 const ioError = (error: unknown): TransportError =>
   new TransportError({ reason: "Io", message: error instanceof Error ? error.message : String(error) })
 
-/** Wraps a Node duplex (socket, TLS socket, any Duplex) as a Connection. */
+/**
+ * Wraps a Node duplex (socket, TLS socket, any Duplex) as a Connection. Half-close (`end` while the
+ * peer keeps writing) needs a socket made with `allowHalfOpen: true`, as `dial` and `listen` do; with
+ * Node's default the socket ends itself when the peer's end arrives.
+ */
 export const fromSocket = (socket: net.Socket | stream.Duplex): Connection => {
   const s = socket as net.Socket
   const isNet = typeof s.setNoDelay === "function"
@@ -102,8 +106,8 @@ export const dial = (address: Address): Effect.Effect<Connection, TransportError
   Effect.acquireRelease(
     Effect.callback<net.Socket, TransportError>((resume) => {
       const socket = address.path !== undefined
-        ? net.connect({ path: address.path })
-        : net.connect({ host: address.host ?? "127.0.0.1", port: address.port ?? 0 })
+        ? net.connect({ path: address.path, allowHalfOpen: true })
+        : net.connect({ host: address.host ?? "127.0.0.1", port: address.port ?? 0, allowHalfOpen: true })
       const onError = (e: Error) => {
         socket.destroy()
         resume(Effect.fail(new TransportError({ reason: "Dial", message: `dial failed: ${e.message}` })))
@@ -130,7 +134,7 @@ export const listen = (
   Effect.acquireRelease(
     Effect.callback<{ server: net.Server; sockets: Set<net.Socket>; bound: Address }, TransportError>((resume) => {
       const sockets = new Set<net.Socket>()
-      const server = net.createServer((socket) => {
+      const server = net.createServer({ allowHalfOpen: true }, (socket) => {
         sockets.add(socket)
         socket.once("close", () => sockets.delete(socket))
         onConnection(fromSocket(socket))

@@ -160,8 +160,9 @@ export class StreamCore {
 
   private consume(n: number): void {
     this.host.consumed(n)
-    if (this.error !== undefined || this.remoteFin) return
     this.pendingGrant += n
+    // After the peer's FIN (or an error) nothing more will arrive: no point granting window.
+    if (this.error !== undefined || this.remoteFin) return
     if (this.pendingGrant * 2 >= this.recvMax) {
       const delta = this.pendingGrant
       this.pendingGrant = 0
