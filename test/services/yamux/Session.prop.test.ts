@@ -28,10 +28,6 @@ const checkWindow = (core: StreamCore) => {
   }
 }
 
-interface Reader {
-  readonly fiber: Fiber.Fiber<{ bytes: Uint8Array; error: YamuxError | undefined }>
-}
-
 /** Reads until EOF or error, checking the window after every chunk. */
 const reader = (s: YamuxStream) =>
   Effect.forkChild(Effect.gen(function*() {
@@ -129,6 +125,6 @@ describe("yamux Session properties", () => {
         assert.strictEqual(yield* client.streamCount, 0)
         assert.strictEqual(yield* server.streamCount, 0)
       }),
-    { timeout: 120_000, arbitrary: { numRuns: 100 } }
+    { timeout: 120_000, arbitrary: { runs: 100 } }
   )
 })
