@@ -7,7 +7,6 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Fiber, Schema } from "effect"
 import type { StreamCore, YamuxStream } from "../../../src/services/yamux/Stream.ts"
-import type { YamuxError } from "../../../src/services/yamux/YamuxError.ts"
 import { concat, pattern, sessionPair } from "./harness.ts"
 
 const between = (minimum: number, maximum: number) => Schema.Int.check(Schema.isBetween({ minimum, maximum }))
