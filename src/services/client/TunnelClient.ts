@@ -1,0 +1,386 @@
+/**
+ * The backend's side of control-port tunnels: one control connection per gateway (several gateways at
+ * once), carrying every listener of this process; reconnects with capped exponential backoff and
+ * jitter, re-registering everything. Each stream a gateway opens is read for its preamble and handed to
+ * the matching listener as a Node `Duplex`. It does not speak HTTP: callers serve the sockets.
+ */
+import { Context, Duration, Effect, Exit, Layer, Queue, Random, Schema, Scope, Stream } from "effect"
+import type * as Redacted from "effect/Redacted"
+import {
+  ControlProtocolError,
+  type ControlReply,
+  decodeControlReply,
+  decodeHelloReply,
+  decodePreamble,
+  encodeControlRequest,
+  encodeHello,
+  FrameReader,
+  makeHello,
+  MaxControlMessageBytes,
+  MaxPreambleBytes,
+  type Preamble,
+  type RejectionReason
+} from "../../domain/ControlMessage.ts"
+import type { RouteDefinition } from "../../domain/Route.ts"
+import { readFrame, writeFrame } from "../front/ControlHandshake.ts"
+import { type Address, Transport } from "../Transport.ts"
+import * as Session from "../yamux/Session.ts"
+import { makeStreamDuplex, type StreamSocket } from "../yamux/StreamDuplex.ts"
+import type { YamuxConfig } from "../yamux/YamuxConfig.ts"
+
+/** First reconnect delay by default. */
+export const DefaultReconnectInitial: Duration.Duration = Duration.millis(250)
+/** Longest reconnect delay by default. */
+export const DefaultReconnectMax: Duration.Duration = Duration.seconds(30)
+/** Growth of the reconnect delay per failed attempt. */
+export const DefaultReconnectFactor = 2
+/** Fraction of each delay randomised (0.2: the delay is 80%–100% of the computed value). */
+export const DefaultReconnectJitter = 0.2
+/** Time the gateway has to answer a `Hello`. */
+export const DefaultClientHandshakeTimeout: Duration.Duration = Duration.seconds(10)
+/** Time a stream has to deliver its preamble. */
+export const DefaultPreambleTimeoutMs = 10_000
+/** Accepted connections a listener's `Stream` holds before new ones are refused (closed). */
+export const MaxPendingConnections = 256
+
+export interface ReconnectPolicy {
+  readonly initial?: Duration.Input | undefined
+  readonly max?: Duration.Input | undefined
+  readonly factor?: number | undefined
+  readonly jitter?: number | undefined
+}
+
+export interface TunnelClientConfig {
+  /** Gateways' control addresses; each gets its own connection carrying every listener. */
+  readonly servers: ReadonlyArray<Address>
+  readonly token: Redacted.Redacted<string>
+  /** Name shown in the gateway's logs. */
+  readonly label?: string | undefined
+  readonly reconnect?: ReconnectPolicy | undefined
+  readonly handshakeTimeout?: Duration.Input | undefined
+  readonly yamux?: Partial<YamuxConfig> | undefined
+}
+
+/**
+ * The delay before reconnect attempt `attempt` (0 for the first retry): `initial · factor^attempt`,
+ * capped at `max`, then reduced by up to `jitter` of itself using `random` in [0, 1).
+ */
+export const backoffDelay = (attempt: number, policy: ReconnectPolicy, random: number): Duration.Duration => {
+  const initial = Duration.toMillis(Duration.fromInputUnsafe(policy.initial ?? DefaultReconnectInitial))
+  const max = Duration.toMillis(Duration.fromInputUnsafe(policy.max ?? DefaultReconnectMax))
+  const factor = policy.factor ?? DefaultReconnectFactor
+  const jitter = policy.jitter ?? DefaultReconnectJitter
+  const raw = Math.min(max, initial * Math.pow(factor, Math.min(attempt, 64)))
+  return Duration.millis(Math.round(raw * (1 - jitter * random)))
+}
+
+/** A gateway refused us or the connection broke; the client retries. */
+export class TunnelClientError extends Schema.TaggedError<TunnelClientError>()("TunnelClientError", {
+  reason: Schema.Literals(["Rejected", "Protocol", "Io", "HandshakeTimeout"]),
+  rejection: Schema.optionalKey(Schema.String),
+  message: Schema.String
+}) {}
+
+/** One public connection delivered through a tunnel. */
+export interface TunnelConnection {
+  /** The stream, with `remoteAddress`/`remotePort` set to the public peer from the preamble. */
+  readonly socket: StreamSocket
+  readonly preamble: Preamble
+  /** Index in `servers` of the gateway it came through. */
+  readonly gateway: number
+}
+
+/** State of one gateway connection, for status displays and tests. */
+export interface GatewayStatus {
+  readonly address: Address
+  readonly connected: boolean
+  /** Failed attempts since the last successful handshake. */
+  readonly attempts: number
+  readonly lastError: string | undefined
+}
+
+/** A listener of this process, and where it is bound. */
+export interface ClientListener {
+  readonly id: number
+  readonly route: RouteDefinition
+  /** Called for each delivered connection (plain callback: the hot path). */
+  readonly onConnection: (connection: TunnelConnection) => void
+  /** Called when a gateway refuses the listener. */
+  readonly onRejected: (gateway: number, reason: RejectionReason, message: string) => void
+  /** Called the first time a gateway binds it. */
+  readonly onBound: (gateway: number, listenerId: number) => void
+}
+
+export interface TunnelClientShape {
+  readonly config: TunnelClientConfig
+  /** Adds a listener on every gateway (now, and after each reconnect) until the scope closes. */
+  readonly addListener: (listener: Omit<ClientListener, "id">) => Effect.Effect<ClientListener, never, Scope.Scope>
+  /** Connections of a new listener as a stream; the listener is removed when the scope closes. */
+  readonly connections: (route: RouteDefinition) => Effect.Effect<Stream.Stream<TunnelConnection>, never, Scope.Scope>
+  readonly status: () => ReadonlyArray<GatewayStatus>
+}
+
+export class TunnelClient extends Context.Service<TunnelClient, TunnelClientShape>()("switchyard/TunnelClient") {
+  static readonly layer = (config: TunnelClientConfig): Layer.Layer<TunnelClient, never, Transport> =>
+    Layer.effect(TunnelClient, make(config))
+  static readonly make = (config: TunnelClientConfig): Effect.Effect<TunnelClientShape, never, Transport | Scope.Scope> =>
+    make(config)
+}
+
+interface GatewayState {
+  readonly index: number
+  readonly address: Address
+  connected: boolean
+  attempts: number
+  lastError: string | undefined
+  /** Gateway listener id → local listener, for the live session. */
+  readonly byGatewayId: Map<number, ClientListener>
+  /** Local listener id → gateway listener id, for the live session. */
+  readonly byLocalId: Map<number, number>
+  /** Sends a control request on the live session; undefined while disconnected. */
+  send: ((request: { _tag: "AddListener"; route: RouteDefinition } | { _tag: "RemoveListener"; listenerId: number }, onReply: (reply: ControlReply) => void) => void) | undefined
+}
+
+/** Reads a preamble from the start of `socket`, then gives the socket back with the rest unread. */
+const readPreamble = (socket: StreamSocket, done: (preamble: Preamble | undefined) => void) => {
+  const reader = new FrameReader(MaxPreambleBytes)
+  let finished = false
+  const timer = setTimeout(() => finish(undefined), DefaultPreambleTimeoutMs)
+  const finish = (preamble: Preamble | undefined) => {
+    if (finished) return
+    finished = true
+    clearTimeout(timer)
+    socket.off("data", onData)
+    socket.off("close", onClose)
+    if (preamble === undefined) {
+      socket.destroy()
+      return done(undefined)
+    }
+    socket.pause()
+    const rest = reader.remainder()
+    if (rest.length > 0) socket.unshift(Buffer.from(rest.buffer, rest.byteOffset, rest.length))
+    done(preamble)
+  }
+  const onData = (chunk: Buffer) => {
+    if (reader.push(chunk) !== undefined) return finish(undefined)
+    const body = reader.next()
+    if (body === undefined) return
+    if (body instanceof ControlProtocolError) return finish(undefined)
+    const preamble = decodePreamble(body)
+    finish(preamble instanceof ControlProtocolError ? undefined : preamble)
+  }
+  const onClose = () => finish(undefined)
+  socket.on("data", onData)
+  socket.once("close", onClose)
+}
+
+const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
+  const transport = yield* Transport
+  const handshakeTimeout = config.handshakeTimeout === undefined
+    ? DefaultClientHandshakeTimeout
+    : Duration.fromInputUnsafe(config.handshakeTimeout)
+  const listeners = new Map<number, ClientListener>()
+  let nextLocal = 1
+  const gateways: Array<GatewayState> = config.servers.map((address, index) => ({
+    index,
+    address,
+    connected: false,
+    attempts: 0,
+    lastError: undefined,
+    byGatewayId: new Map(),
+    byLocalId: new Map(),
+    send: undefined
+  }))
+
+  const bindRemotely = (g: GatewayState, listener: ClientListener) => {
+    g.send?.({ _tag: "AddListener", route: listener.route }, (reply) => {
+      if (reply._tag === "ListenerAdded") {
+        if (!listeners.has(listener.id)) {
+          g.send?.({ _tag: "RemoveListener", listenerId: reply.listener.listenerId }, () => {})
+          return
+        }
+        g.byGatewayId.set(reply.listener.listenerId, listener)
+        g.byLocalId.set(listener.id, reply.listener.listenerId)
+        listener.onBound(g.index, reply.listener.listenerId)
+      } else if (reply._tag === "ListenerRejected") {
+        listener.onRejected(g.index, reply.reason, reply.message)
+      }
+    })
+  }
+
+  const unbindRemotely = (listener: ClientListener) => {
+    for (const g of gateways) {
+      const remote = g.byLocalId.get(listener.id)
+      if (remote === undefined) continue
+      g.byLocalId.delete(listener.id)
+      g.byGatewayId.delete(remote)
+      g.send?.({ _tag: "RemoveListener", listenerId: remote }, () => {})
+    }
+  }
+
+  /** One connection to a gateway, from dial to the end of its session. */
+  const connectOnce = (g: GatewayState) =>
+    Effect.gen(function*() {
+      const conn = yield* transport.dial(g.address).pipe(
+        Effect.mapError((e) => new TunnelClientError({ reason: "Io", message: e.message }))
+      )
+      const offered = [...listeners.values()]
+      yield* writeFrame(conn, encodeHello(makeHello(config.token, offered.map((l) => l.route), config.label))).pipe(
+        Effect.mapError((e) => new TunnelClientError({ reason: "Io", message: e.message }))
+      )
+      const { body, rest } = yield* readFrame(conn, MaxControlMessageBytes).pipe(
+        Effect.timeoutOrElse({
+          duration: handshakeTimeout,
+          orElse: () => Effect.fail(new TunnelClientError({ reason: "HandshakeTimeout", message: "no answer to Hello" }))
+        }),
+        Effect.mapError((e) => e instanceof ControlProtocolError ? new TunnelClientError({ reason: "Protocol", message: e.message }) : e)
+      )
+      const reply = decodeHelloReply(body)
+      if (reply instanceof ControlProtocolError) return yield* new TunnelClientError({ reason: "Protocol", message: reply.message })
+      if (reply._tag === "Rejected") {
+        const which = reply.index === undefined ? "" : ` (listener ${reply.index})`
+        if (reply.index !== undefined) offered[reply.index]?.onRejected(g.index, reply.reason, reply.message)
+        return yield* new TunnelClientError({ reason: "Rejected", rejection: reply.reason, message: `${reply.reason}: ${reply.message}${which}` })
+      }
+      const session = yield* Session.make(rest, { role: "server", config: config.yamux })
+      const core = session.core
+      g.byGatewayId.clear()
+      g.byLocalId.clear()
+      reply.listeners.forEach((bound, i) => {
+        const listener = offered[i]
+        if (listener === undefined) return
+        g.byGatewayId.set(bound.listenerId, listener)
+        g.byLocalId.set(listener.id, bound.listenerId)
+      })
+
+      // control stream, opened on first use
+      let control: StreamSocket | undefined
+      let nextRequest = 1
+      const pending = new Map<number, (reply: ControlReply) => void>()
+      const controlStream = (): StreamSocket | undefined => {
+        if (control !== undefined && !control.destroyed) return control
+        const s = core.openStream()
+        if (s instanceof Error) return undefined
+        const socket = makeStreamDuplex(s)
+        const reader = new FrameReader(MaxControlMessageBytes)
+        socket.on("error", () => socket.destroy())
+        socket.on("data", (chunk: Buffer) => {
+          if (reader.push(chunk) !== undefined) return void socket.destroy()
+          for (;;) {
+            const frame = reader.next()
+            if (frame === undefined || frame instanceof ControlProtocolError) break
+            const message = decodeControlReply(frame)
+            if (message instanceof ControlProtocolError) return void socket.destroy()
+            const resolve = pending.get(message.requestId)
+            pending.delete(message.requestId)
+            resolve?.(message)
+          }
+        })
+        control = socket
+        return socket
+      }
+      g.send = (request, onReply) => {
+        const socket = controlStream()
+        if (socket === undefined) return
+        const requestId = nextRequest++
+        pending.set(requestId, onReply)
+        socket.write(encodeControlRequest({ ...request, requestId }))
+      }
+      g.connected = true
+      g.attempts = 0
+      g.lastError = undefined
+      yield* Effect.addFinalizer(() =>
+        Effect.sync(() => {
+          g.connected = false
+          g.send = undefined
+          g.byGatewayId.clear()
+          g.byLocalId.clear()
+          pending.clear()
+        })
+      )
+      for (const listener of offered) {
+        const remote = g.byLocalId.get(listener.id)
+        if (remote !== undefined) listener.onBound(g.index, remote)
+      }
+      // listeners added while the handshake was in flight, and ones removed meanwhile
+      for (const listener of listeners.values()) if (!offered.includes(listener)) bindRemotely(g, listener)
+      for (const listener of offered) if (!listeners.has(listener.id)) unbindRemotely(listener)
+
+      const acceptNext = (): void => {
+        core.acceptStream((s) => {
+          if (s instanceof Error) return
+          const socket = makeStreamDuplex(s)
+          socket.on("error", () => socket.destroy())
+          readPreamble(socket, (preamble) => {
+            if (preamble === undefined) return
+            const listener = g.byGatewayId.get(preamble.listenerId)
+            if (listener === undefined) return void socket.destroy()
+            const writable = socket as unknown as { remoteAddress?: string; remotePort?: number; localPort?: number }
+            writable.remoteAddress = preamble.remoteAddress
+            writable.remotePort = preamble.remotePort
+            writable.localPort = preamble.localPort
+            listener.onConnection({ socket, preamble, gateway: g.index })
+            // the socket was paused to read the preamble; a consumer that attached a data listener
+            // synchronously (an http server's "connection" handler) expects it flowing again
+            if (socket.readableFlowing === false && socket.listenerCount("data") > 0) socket.resume()
+          })
+          acceptNext()
+        })
+      }
+      acceptNext()
+      yield* session.closed.pipe(Effect.mapError((e) => new TunnelClientError({ reason: "Io", message: e.message })))
+      return yield* new TunnelClientError({ reason: "Io", message: "the gateway closed the session" })
+    }).pipe(Effect.scoped)
+
+  const supervise = (g: GatewayState): Effect.Effect<never> =>
+    Effect.gen(function*() {
+      for (;;) {
+        const exit = yield* Effect.exit(connectOnce(g))
+        if (Exit.isFailure(exit)) {
+          const failure = exit.cause.reasons.find((r) => r._tag === "Fail")
+          g.lastError = failure?._tag === "Fail" ? failure.error.message : "session ended"
+          yield* Effect.logDebug(`tunnel to ${g.address.host}:${g.address.port}: ${g.lastError}`)
+        }
+        const delay = backoffDelay(g.attempts, config.reconnect ?? {}, yield* Random.next)
+        g.attempts++
+        yield* Effect.sleep(delay)
+      }
+    })
+
+  for (const g of gateways) yield* Effect.forkScoped(supervise(g))
+
+  const addListener = Effect.fnUntraced(function*(spec: Omit<ClientListener, "id">) {
+    const listener: ClientListener = { ...spec, id: nextLocal++ }
+    listeners.set(listener.id, listener)
+    for (const g of gateways) bindRemotely(g, listener)
+    yield* Effect.addFinalizer(() =>
+      Effect.sync(() => {
+        listeners.delete(listener.id)
+        unbindRemotely(listener)
+      })
+    )
+    return listener
+  })
+
+  const connections = Effect.fnUntraced(function*(route: RouteDefinition) {
+    const queue = yield* Queue.bounded<TunnelConnection>(MaxPendingConnections)
+    yield* addListener({
+      route,
+      onConnection: (connection) => {
+        if (!Queue.offerUnsafe(queue, connection)) connection.socket.destroy()
+      },
+      onRejected: () => {},
+      onBound: () => {}
+    })
+    yield* Effect.addFinalizer(() => Queue.shutdown(queue))
+    return Stream.fromQueue(queue)
+  })
+
+  return TunnelClient.of({
+    config,
+    addListener,
+    connections,
+    status: () =>
+      gateways.map((g) => ({ address: g.address, connected: g.connected, attempts: g.attempts, lastError: g.lastError }))
+  })
+})

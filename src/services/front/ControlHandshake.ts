@@ -1,0 +1,81 @@
+/**
+ * The handshake step of a control connection, shared by the gateway and the client: read exactly one
+ * length-prefixed frame from a Transport connection, then hand the connection on (with any bytes that
+ * followed the frame) to the yamux session. It does not decode messages; ControlMessage does.
+ */
+import { Effect } from "effect"
+import { ControlProtocolError, FrameReader } from "../../domain/ControlMessage.ts"
+import { type Connection, type ConnectionHandlers, TransportError, writeEffect } from "../Transport.ts"
+
+/** One frame read, and the connection to keep using: it replays the bytes that arrived after it. */
+export interface FrameAndRest {
+  readonly body: Uint8Array
+  readonly rest: Connection
+}
+
+/**
+ * Reads one frame of at most `maxBytes`. Fails with `ControlProtocolError` (`TooLarge`, `Truncated`)
+ * when the peer sends too much or closes first. Interrupting it leaves the connection paused.
+ */
+export const readFrame = (conn: Connection, maxBytes: number): Effect.Effect<FrameAndRest, ControlProtocolError> =>
+  Effect.callback<FrameAndRest, ControlProtocolError>((resume) => {
+    const reader = new FrameReader(maxBytes)
+    let done = false
+    // events that arrive after the frame, before the next owner starts, are replayed to it
+    let ended = false
+    let closed: { error: TransportError | undefined } | undefined
+    let next: ConnectionHandlers | undefined
+    const rest: Connection = {
+      localAddress: conn.localAddress,
+      remoteAddress: conn.remoteAddress,
+      start: (handlers) => {
+        next = handlers
+        const leftover = reader.remainder()
+        if (leftover.length > 0) handlers.onData(leftover)
+        if (ended) handlers.onEnd()
+        if (closed !== undefined) handlers.onClose(closed.error)
+        else conn.resume()
+      },
+      pause: conn.pause,
+      resume: conn.resume,
+      write: conn.write,
+      end: conn.end,
+      destroy: conn.destroy,
+      closed: conn.closed
+    }
+    const fail = (error: ControlProtocolError) => {
+      if (done) return
+      done = true
+      conn.pause()
+      resume(Effect.fail(error))
+    }
+    conn.start({
+      onData: (chunk) => {
+        if (next !== undefined) return next.onData(chunk)
+        if (done) return void reader.push(chunk)
+        const failed = reader.push(chunk)
+        if (failed !== undefined) return fail(failed)
+        const body = reader.next()
+        if (body === undefined) return
+        if (body instanceof ControlProtocolError) return fail(body)
+        done = true
+        conn.pause()
+        resume(Effect.succeed({ body, rest }))
+      },
+      onEnd: () => {
+        if (next !== undefined) return next.onEnd()
+        ended = true
+        fail(new ControlProtocolError({ reason: "Truncated", message: "the peer ended the connection during the handshake" }))
+      },
+      onClose: (error) => {
+        if (next !== undefined) return next.onClose(error)
+        closed = { error }
+        fail(new ControlProtocolError({ reason: "Truncated", message: "the connection closed during the handshake" }))
+      }
+    })
+    return Effect.sync(() => conn.pause())
+  })
+
+/** Writes one encoded frame. */
+export const writeFrame = (conn: Connection, frame: Uint8Array): Effect.Effect<void, TransportError> =>
+  writeEffect(conn, [frame])

@@ -1,0 +1,429 @@
+/**
+ * The control port: backends dial it, authenticate with a `Hello`, get their listeners bound, and then
+ * serve them over a yamux session in which the gateway opens one stream per public connection (per
+ * pooled HTTP connection for HTTP), each starting with a preamble. Listeners can be added and removed
+ * over control streams the backend opens. A bad connection is closed with a typed error and never
+ * disturbs the port or other sessions. Routing, forwarding and ports are the shared core's.
+ */
+import * as http from "node:http"
+import { PassThrough } from "node:stream"
+import type { Duplex } from "node:stream"
+import { Context, Duration, Effect, Exit, FiberSet, Layer, Schema, Scope } from "effect"
+import {
+  type BoundListener,
+  type ControlReply,
+  ControlProtocolError,
+  decodeControlRequest,
+  decodeHello,
+  encodeControlReply,
+  encodeHelloReply,
+  encodePreamble,
+  FrameReader,
+  MaxControlMessageBytes,
+  type Preamble,
+  ProtocolVersion,
+  type RejectionReason
+} from "../../domain/ControlMessage.ts"
+import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
+import { makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
+import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol } from "../Backend.ts"
+import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
+import { Forwarder } from "../Forwarder.ts"
+import { agentUpstream } from "../forward/Upstream.ts"
+import { type ListenerError, Listeners, forwardingHandlers } from "../Listeners.ts"
+import { Registry, type RegistryConfig } from "../Registry.ts"
+import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
+import * as Session from "../yamux/Session.ts"
+import type { YamuxConfig } from "../yamux/YamuxConfig.ts"
+import { makeStreamDuplex } from "../yamux/StreamDuplex.ts"
+import { readFrame, writeFrame } from "./ControlHandshake.ts"
+
+/** Where the control port listens by default. */
+export const DefaultControlAddress: Address = { host: "127.0.0.1", port: 9999 }
+/** Time a new connection has to send its `Hello`. */
+export const DefaultHandshakeTimeout: Duration.Duration = Duration.seconds(10)
+/** Most live sessions on the control port. */
+export const DefaultMaxSessions = 4_096
+/** Most live sessions per token. */
+export const DefaultMaxSessionsPerToken = 1_024
+/** Most listeners one session may hold (from `Hello` and `AddListener` together). */
+export const DefaultMaxListenersPerSession = 256
+/** Most pooled HTTP streams per listener (concurrent requests beyond it queue in the agent). */
+export const DefaultMaxHttpStreamsPerListener = 256
+/** Most idle HTTP streams kept per listener for reuse. */
+export const DefaultMaxIdleHttpStreamsPerListener = 32
+/** Most control streams a backend may keep open. */
+export const MaxControlStreamsPerSession = 4
+
+export interface ControlPortConfig {
+  readonly address?: Address | undefined
+  readonly tokens: ReadonlyArray<TokenGrant>
+  readonly handshakeTimeout?: Duration.Input | undefined
+  readonly maxSessions?: number | undefined
+  readonly maxSessionsPerToken?: number | undefined
+  readonly maxListenersPerSession?: number | undefined
+  readonly maxHttpStreamsPerListener?: number | undefined
+  readonly yamux?: Partial<YamuxConfig> | undefined
+}
+
+/** A control connection was refused or broke; it is closed, the port keeps serving. */
+export class ControlPortError extends Schema.TaggedError<ControlPortError>()("ControlPortError", {
+  reason: Schema.Literals(["HandshakeTimeout", "Protocol", "Rejected", "Io"]),
+  message: Schema.String
+}) {}
+
+export interface ControlPortShape {
+  /** The bound control address (the port is known even when 0 was asked). */
+  readonly address: Address
+  /** Live sessions. */
+  readonly sessions: () => number
+}
+
+// ---------------------------------------------------------------------------------------------------
+// A session's side of a backend: streams opened on the yamux session once it runs.
+
+interface Tunnel {
+  readonly id: string
+  readonly label: string
+  /** Opens a stream and writes its preamble; waits for the session when called before it runs. */
+  readonly open: (preamble: Preamble, done: (error: Error | undefined, stream?: Duplex) => void) => void
+  /** Opens a stream at once; before the session runs or after it ended, a stream that fails at once. */
+  readonly openNow: (preamble: Preamble) => Duplex
+  readonly isClosed: () => boolean
+}
+
+const failedStream = (error: Error): Duplex => {
+  const s = new PassThrough()
+  queueMicrotask(() => s.destroy(error))
+  return s
+}
+
+const makeTunnel = (id: string, label: string) => {
+  let core: Session.YamuxSession["core"] | undefined
+  let failure: Error | undefined
+  const waiting: Array<() => void> = []
+  const open: Tunnel["open"] = (preamble, done) => {
+    if (failure !== undefined) return done(failure)
+    if (core === undefined) {
+      waiting.push(() => open(preamble, done))
+      return
+    }
+    const s = core.openStream()
+    if (s instanceof Error) return done(s)
+    const socket = makeStreamDuplex(s)
+    socket.write(encodePreamble(preamble))
+    done(undefined, socket)
+  }
+  const openNow = (preamble: Preamble): Duplex => {
+    if (failure !== undefined) return failedStream(failure)
+    if (core === undefined) return failedStream(new Error("the session is starting"))
+    const s = core.openStream()
+    if (s instanceof Error) return failedStream(s)
+    const socket = makeStreamDuplex(s)
+    socket.write(encodePreamble(preamble))
+    return socket
+  }
+  const tunnel: Tunnel = { id, label, open, openNow, isClosed: () => failure !== undefined }
+  return {
+    tunnel,
+    ready: (session: Session.YamuxSession["core"]) => {
+      core = session
+      for (const w of waiting.splice(0)) w()
+    },
+    close: (error: Error) => {
+      failure ??= error
+      for (const w of waiting.splice(0)) w()
+    }
+  }
+}
+
+/** An agent whose connections are preamble-prefixed streams of one listener. */
+class TunnelAgent extends http.Agent {
+  readonly openStream: (done: (error: Error | null, stream: Duplex) => void) => void
+  constructor(openStream: TunnelAgent["openStream"], maxSockets: number) {
+    super({ keepAlive: true, maxSockets, maxFreeSockets: DefaultMaxIdleHttpStreamsPerListener, scheduling: "lifo" })
+    this.openStream = openStream
+  }
+  override createConnection(
+    _options: http.ClientRequestArgs,
+    callback?: (err: Error | null, stream: Duplex) => void
+  ): Duplex | null | undefined {
+    this.openStream((error, stream) => callback?.(error, stream))
+    return undefined
+  }
+}
+
+const makeBackend = (tunnel: Tunnel, listenerId: number, route: RouteDefinition, maxHttpStreams: number): Backend => {
+  const port = route.port
+  const httpProtocol: ConnectionProtocol = route._tag === "Tls" ? "tls-http" : "http"
+  const preamble = (meta: Omit<ConnectionMeta, "localPort">): Preamble => ({
+    _tag: "Preamble",
+    listenerId,
+    protocol: meta.protocol,
+    remoteAddress: meta.remoteAddress.slice(0, 64),
+    remotePort: meta.remotePort,
+    localPort: port,
+    ...(meta.serverName ? { serverName: meta.serverName } : {})
+  })
+  const httpPreamble = preamble({ protocol: httpProtocol, remoteAddress: "", remotePort: 0 })
+  const openHttp = (done: (error: Error | null, stream: Duplex) => void) =>
+    tunnel.open(httpPreamble, (error, stream) => done(error ?? null, stream!))
+  const agent = new TunnelAgent(openHttp, maxHttpStreams)
+  const upstream = agentUpstream({
+    describe: `tunnel ${tunnel.label} listener ${listenerId}`,
+    agent,
+    // upgrades get a stream of their own, never pooled
+    connect: () => tunnel.openNow(httpPreamble)
+  })
+  return {
+    id: `${tunnel.id}/${listenerId}`,
+    label: `${tunnel.label}#${listenerId}`,
+    inFlight: 0,
+    upstream,
+    connect: (meta) =>
+      Effect.callback<Duplex, BackendUnavailable>((resume) => {
+        tunnel.open(preamble(meta), (error, stream) => {
+          if (error !== undefined || stream === undefined) {
+            resume(Effect.fail(new BackendUnavailable({ reason: "OpenFailed", message: error?.message ?? "no stream" })))
+          } else resume(Effect.succeed(stream))
+        })
+      }),
+    isClosed: tunnel.isClosed
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+export class ControlPort extends Context.Service<ControlPort, ControlPortShape>()("switchyard/ControlPort") {
+  static readonly layer = (config: ControlPortConfig): Layer.Layer<ControlPort, TransportError, Transport | Listeners> =>
+    Layer.effect(ControlPort, make(config))
+
+  /**
+   * The whole control-port gateway: routing table, dispatcher, public listeners forwarding through the
+   * shared Forwarder, and the control port. Needs a `Transport` (runtime's `NodeTransport.layer`).
+   */
+  static readonly gatewayLayer = (config: GatewayConfig): Layer.Layer<ControlPort | Listeners | Registry | Dispatcher, TransportError, Transport> => {
+    const core = Layer.unwrap(Effect.gen(function*() {
+      const forwarder = yield* Forwarder.make({
+        upstream: unroutedUpstream,
+        responseTimeoutMs: config.responseTimeoutMs ?? 0,
+        idleTimeoutMs: config.idleTimeoutMs ?? 0
+      })
+      return Layer.effect(Listeners, Listeners.make({ host: config.publicHost, ...forwardingHandlers(forwarder) }))
+    })).pipe(
+      Layer.provideMerge(Dispatcher.layer(config.dispatcher)),
+      Layer.provideMerge(Registry.layer(config.registry))
+    )
+    return ControlPort.layer(config.control).pipe(Layer.provideMerge(core))
+  }
+}
+
+export interface GatewayConfig {
+  readonly control: ControlPortConfig
+  /** Address public ports bind to (default `0.0.0.0`). */
+  readonly publicHost?: string | undefined
+  readonly registry?: RegistryConfig | undefined
+  readonly dispatcher?: DispatcherConfig | undefined
+  /** Time allowed for a backend's response head (ms, 0 = none). */
+  readonly responseTimeoutMs?: number | undefined
+  /** Idle limit on responses and upgraded connections (ms, 0 = none). */
+  readonly idleTimeoutMs?: number | undefined
+}
+
+/**
+ * The Forwarder's default upstream. Every routed request is directed to its leased backend, so this is
+ * only reached if a request were forwarded without a lease; it answers like an unreachable backend.
+ */
+const unroutedUpstream = agentUpstream({
+  describe: "no backend",
+  agent: new http.Agent({ keepAlive: false, maxSockets: 1 }),
+  connect: () => failedStream(new Error("no backend"))
+})
+
+const rejectionFor = (error: ListenerError): RejectionReason =>
+  error.reason === "BindFailed" ? "BindFailed" : error.reason === "Limit" ? "Limit" : "Conflict"
+
+const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
+  const transport = yield* Transport
+  const listeners = yield* Listeners
+  const policy = makeTokenPolicy(config.tokens)
+  const handshakeTimeout = config.handshakeTimeout === undefined ? DefaultHandshakeTimeout : Duration.fromInputUnsafe(config.handshakeTimeout)
+  const maxSessions = config.maxSessions ?? DefaultMaxSessions
+  const maxPerToken = config.maxSessionsPerToken ?? DefaultMaxSessionsPerToken
+  const maxListeners = config.maxListenersPerSession ?? DefaultMaxListenersPerSession
+  const maxHttpStreams = config.maxHttpStreamsPerListener ?? DefaultMaxHttpStreamsPerListener
+  const fibers = yield* FiberSet.make()
+  const run = yield* FiberSet.runtime(fibers)<never>()
+  const perToken = new Map<string, number>()
+  let sessions = 0
+  let nextSession = 1
+
+  const serveConnection = (conn: Connection) =>
+    Effect.gen(function*() {
+      const sessionScope = yield* Scope.Scope
+      yield* Effect.addFinalizer(() => Effect.sync(() => conn.destroy()))
+      const peer = conn.remoteAddress
+      const peerText = peer?.host !== undefined ? `${peer.host}:${peer.port}` : (peer?.path ?? "unknown")
+
+      const reject = (reason: RejectionReason, message: string, index?: number) =>
+        Effect.andThen(
+          writeFrame(conn, encodeHelloReply(index === undefined ? { _tag: "Rejected", reason, message } : { _tag: "Rejected", reason, message, index })).pipe(Effect.ignore),
+          Effect.fail(new ControlPortError({ reason: "Rejected", message: `${peerText}: ${reason}: ${message}` }))
+        )
+
+      const { body, rest } = yield* readFrame(conn, MaxControlMessageBytes).pipe(
+        Effect.timeoutOrElse({
+          duration: handshakeTimeout,
+          orElse: () => Effect.fail(new ControlPortError({ reason: "HandshakeTimeout", message: `${peerText}: no Hello within ${Duration.format(handshakeTimeout)}` }))
+        }),
+        Effect.mapError((e) => e instanceof ControlProtocolError ? new ControlPortError({ reason: "Protocol", message: `${peerText}: ${e.reason}: ${e.message}` }) : e)
+      )
+      const hello = decodeHello(body)
+      if (hello instanceof ControlProtocolError) return yield* reject("Malformed", hello.message)
+      if (hello.version !== ProtocolVersion) {
+        return yield* reject("Version", `protocol version ${hello.version} is not supported; this gateway speaks ${ProtocolVersion}`)
+      }
+      const grant = policy.authenticate(hello.token)
+      if (grant === undefined) return yield* reject("BadToken", "the token is not valid")
+      if (sessions >= maxSessions) return yield* reject("Limit", `the gateway already has ${maxSessions} sessions`)
+      if ((perToken.get(grant.name) ?? 0) >= maxPerToken) {
+        return yield* reject("Limit", `token ${grant.name} already has ${maxPerToken} sessions`)
+      }
+      if (hello.listeners.length > maxListeners) return yield* reject("Limit", `at most ${maxListeners} listeners per session`)
+      for (let i = 0; i < hello.listeners.length; i++) {
+        const refusal = policy.authorize(grant, hello.listeners[i]!)
+        if (refusal !== undefined) {
+          return yield* reject(
+            refusal._tag,
+            refusal._tag === "PortNotAllowed" ? `port ${refusal.port} is not allowed for this token` : `domain ${refusal.domainSuffix ?? "(none)"} is not allowed for this token`,
+            i
+          )
+        }
+      }
+      sessions++
+      perToken.set(grant.name, (perToken.get(grant.name) ?? 0) + 1)
+      yield* Effect.addFinalizer(() =>
+        Effect.sync(() => {
+          sessions--
+          const n = (perToken.get(grant.name) ?? 1) - 1
+          if (n === 0) perToken.delete(grant.name)
+          else perToken.set(grant.name, n)
+        })
+      )
+
+      const sessionId = `s${nextSession++}`
+      const label = hello.label === undefined ? `${sessionId} ${peerText}` : `${sessionId} ${hello.label}`
+      const { tunnel, ready, close } = makeTunnel(sessionId, label)
+      yield* Effect.addFinalizer(() => Effect.sync(() => close(new Error(`session ${label} closed`))))
+      const bound = new Map<number, { scope: Scope.Closeable; listener: BoundListener; backend: Backend }>()
+      let nextListener = 1
+
+      const bindListener = (route: RouteDefinition) =>
+        Effect.gen(function*() {
+          if (bound.size >= maxListeners) {
+            return yield* Effect.fail({ reason: "Limit" as const, message: `at most ${maxListeners} listeners per session` })
+          }
+          const listenerId = nextListener++
+          const scope = yield* Scope.fork(sessionScope)
+          const backend = makeBackend(tunnel, listenerId, route, maxHttpStreams)
+          yield* Scope.addFinalizer(scope, Effect.sync(() => backend.upstream.agent.destroy()))
+          const result = yield* Effect.exit(listeners.bind(route, backend).pipe(Scope.provide(scope)))
+          if (Exit.isFailure(result)) {
+            yield* Scope.close(scope, Exit.void)
+            const error = Exit.isFailure(result) ? result.cause.reasons.find((r) => r._tag === "Fail") : undefined
+            const e = error?._tag === "Fail" ? error.error : undefined
+            return yield* Effect.fail({
+              reason: e === undefined ? "BindFailed" as const : rejectionFor(e),
+              message: e === undefined ? `cannot bind ${describeRoute(route)}` : e.message
+            })
+          }
+          const listener: BoundListener = { listenerId, route }
+          bound.set(listenerId, { scope, listener, backend })
+          return listener
+        })
+
+      const welcomed: Array<BoundListener> = []
+      for (let i = 0; i < hello.listeners.length; i++) {
+        const result = yield* Effect.exit(bindListener(hello.listeners[i]!))
+        if (Exit.isFailure(result)) {
+          const failure = result.cause.reasons.find((r) => r._tag === "Fail")
+          const e = failure?._tag === "Fail" ? failure.error : { reason: "BindFailed" as const, message: "bind failed" }
+          return yield* reject(e.reason, e.message, i)
+        }
+        welcomed.push(result.value)
+      }
+      yield* writeFrame(conn, encodeHelloReply({ _tag: "Welcome", version: ProtocolVersion, sessionId, listeners: welcomed })).pipe(
+        Effect.mapError((e) => new ControlPortError({ reason: "Io", message: `${peerText}: ${e.message}` }))
+      )
+      const session = yield* Session.make(rest, { role: "client", config: config.yamux })
+      ready(session.core)
+      yield* Effect.logDebug(`control session ${label} up with ${welcomed.map((l) => describeRoute(l.route)).join(", ")}`)
+
+      // Control streams: the backend opens them to add and remove listeners.
+      let controlStreams = 0
+      const serveControlStream = (stream: Duplex) => {
+        controlStreams++
+        const reader = new FrameReader(MaxControlMessageBytes)
+        let busy = Promise.resolve()
+        const reply = (message: ControlReply) => void stream.write(encodeControlReply(message))
+        stream.on("error", () => stream.destroy())
+        stream.once("close", () => controlStreams--)
+        stream.on("data", (chunk: Buffer) => {
+          const failed = reader.push(chunk)
+          if (failed !== undefined) return void stream.destroy()
+          for (;;) {
+            const frame = reader.next()
+            if (frame === undefined) break
+            if (frame instanceof ControlProtocolError) return void stream.destroy()
+            const request = decodeControlRequest(frame)
+            if (request instanceof ControlProtocolError) return void stream.destroy()
+            busy = busy.then(() =>
+              new Promise<void>((resolve) => {
+                const work = request._tag === "AddListener"
+                  ? Effect.match(bindListener(request.route), {
+                    onFailure: (e) => reply({ _tag: "ListenerRejected", requestId: request.requestId, reason: e.reason, message: e.message }),
+                    onSuccess: (listener) => reply({ _tag: "ListenerAdded", requestId: request.requestId, listener })
+                  })
+                  : Effect.suspend(() => {
+                    const entry = bound.get(request.listenerId)
+                    if (entry === undefined) {
+                      reply({ _tag: "ListenerRejected", requestId: request.requestId, reason: "UnknownListener", message: `no listener ${request.listenerId} in this session` })
+                      return Effect.void
+                    }
+                    bound.delete(request.listenerId)
+                    return Effect.andThen(Scope.close(entry.scope, Exit.void), Effect.sync(() =>
+                      reply({ _tag: "ListenerRemoved", requestId: request.requestId, listenerId: request.listenerId })
+                    ))
+                  })
+                run(work).addObserver(() => resolve())
+              })
+            )
+          }
+        })
+      }
+      const acceptNext = (): void => {
+        session.core.acceptStream((s) => {
+          if (s instanceof Error) return
+          const stream = makeStreamDuplex(s)
+          if (controlStreams >= MaxControlStreamsPerSession) stream.destroy()
+          else serveControlStream(stream)
+          acceptNext()
+        })
+      }
+      acceptNext()
+
+      const ended = yield* Effect.exit(session.closed)
+      close(new Error(`session ${label} ended`))
+      if (Exit.isFailure(ended)) yield* Effect.logDebug(`control session ${label} ended: ${String(ended.cause)}`)
+    }).pipe(
+      Effect.scoped,
+      Effect.catch((error: ControlPortError | TransportError) => Effect.logWarning(`control port: ${error.message}`)),
+      Effect.annotateLogs({ component: "ControlPort" })
+    )
+
+  const address = yield* transport.listen(config.address ?? DefaultControlAddress, (conn) => {
+    run(serveConnection(conn))
+  })
+
+  return ControlPort.of({ address, sessions: () => sessions })
+})
