@@ -59,7 +59,8 @@ const ClientFile = Schema.Struct({
   maxheaders: Schema.optional(PositiveInt),
   pinginterval: Schema.optional(NonNegativeInt),
   backoffinitial: Schema.optional(PositiveInt),
-  backoffmax: Schema.optional(PositiveInt)
+  backoffmax: Schema.optional(PositiveInt),
+  maskframes: Schema.optional(Schema.Boolean)
 })
 
 /** Largest message (head or body) accepted by default: 256 MiB, as a body travels as one message. */
@@ -111,6 +112,11 @@ export interface WspClientConfig {
   readonly backoffInitial: number
   /** Largest reconnect delay, ms. */
   readonly backoffMax: number
+  /**
+   * Mask client frames with a random key as RFC 6455 §5.3 requires (default). `false` sends an
+   * all-zero key, which halves the per-byte work on both ends; only for trusted paths.
+   */
+  readonly maskFrames: boolean
 }
 
 /** wsp's server defaults. */
@@ -283,7 +289,8 @@ export const parseWspClientConfig = (text: string, newId: () => string): Parsed<
       maxHeaders: file.maxheaders ?? defaultMaxHeaders,
       pingInterval: file.pinginterval ?? defaultPingInterval,
       backoffInitial,
-      backoffMax
+      backoffMax,
+      maskFrames: file.maskframes ?? true
     },
     unknownKeys: unknownKeys(input, Object.keys(ClientFile.fields))
   }

@@ -70,6 +70,10 @@ describe("wsp client config", () => {
     expect(parsed.config.rules.blacklist).toHaveLength(1)
     expect(parsed.config.rules.whitelist[0]!.headers.map(([n]) => n)).toEqual(["X-CUSTOM-HEADER"])
     expect(Redacted.value(parsed.config.secretKey)).toBe("ThisIsASecret")
+    expect(parsed.config.maskFrames).toBe(true)
+    const unmasked = parseWspClientConfig("maskframes: false\n", newId)
+    if (unmasked instanceof WspConfigError) throw unmasked
+    expect(unmasked.config.maskFrames).toBe(false)
   })
 
   it("names the field and the bad value", () => {

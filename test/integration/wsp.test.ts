@@ -68,6 +68,14 @@ describe("wsp end to end (our server, our client, loopback)", () => {
       expect(dest.seen.at(-1)!.bodyLength).toBe(mib)
     })))
 
+  it.live("works with unmasked client frames (maskframes: false)", () =>
+    leakChecked(Effect.gen(function*() {
+      const { dest, port } = yield* setup({ client: { maskFrames: false } })
+      const body = pattern(300_000, 3)
+      const up = yield* callE(port, { method: "POST", destination: dest.url("/echo"), body })
+      expect(Buffer.compare(up.body, body)).toBe(0)
+    })))
+
   it.live("relays a streamed response of unknown length completely", () =>
     leakChecked(Effect.gen(function*() {
       const { dest, port } = yield* setup()

@@ -41,6 +41,7 @@ export const clientConfig = (target: string, overrides: Partial<WspClientConfig>
   pingInterval: 0,
   backoffInitial: 50,
   backoffMax: 500,
+  maskFrames: true,
   ...overrides
 })
 

@@ -33,7 +33,10 @@ export const connectorInterval = 1_000
 /** How long a WebSocket handshake to a server may take, ms. */
 export const handshakeTimeout = 10_000
 /** Bytes queued on a WebSocket before the destination's response is paused. */
-export const downloadHighWater = 1024 * 1024
+export const downloadHighWater = 4 * 1024 * 1024
+
+/** An all-zero masking key: frames go out unmasked in effect (opt-in, see `maskframes`). */
+const zeroMask = (mask: Buffer): void => void mask.fill(0)
 
 /** A protocol violation by the server on one connection; that connection is closed. */
 export class WspClientError extends Schema.TaggedError<WspClientError>()("WspClientError", {
@@ -246,6 +249,8 @@ class ClientConnection {
     ws.send(encodeResponseHead({ StatusCode: status, Header: header, ContentLength: contentLength }))
     let size = 0
     let paused = false
+    // the latest chunk is held back so the last one carries FIN (no empty closing frame)
+    let held: Buffer | undefined
     const onSent = (err?: Error | null) => {
       if (err) return
       if (paused && ws.bufferedAmount < downloadHighWater) {
@@ -261,7 +266,8 @@ class ClientConnection {
         req.destroy()
         return this.violation(new WspClientError({ reason: "ResponseTooLarge", message: `response body exceeds ${maxBody} bytes` }))
       }
-      ws.send(chunk, { binary: true, fin: false }, onSent)
+      if (held !== undefined) ws.send(held, { binary: true, fin: false }, onSent)
+      held = chunk
       if (ws.bufferedAmount >= downloadHighWater) {
         paused = true
         res.pause()
@@ -270,7 +276,8 @@ class ClientConnection {
     res.once("end", () => {
       if (this.upstream !== req) return
       this.upstream = undefined
-      ws.send(Buffer.alloc(0), { binary: true, fin: true })
+      ws.send(held ?? Buffer.alloc(0), { binary: true, fin: true })
+      held = undefined
       this.becomeIdle()
     })
     res.once("error", (err) => {
@@ -335,7 +342,8 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
         headers: { "X-SECRET-KEY": secret },
         maxPayload: config.maxMessageSize,
         perMessageDeflate: false,
-        handshakeTimeout
+        handshakeTimeout,
+        ...(config.maskFrames ? {} : { generateMask: zeroMask })
       })
       const conn = new ClientConnection(ws, target, ctx)
       target.connections.add(conn)

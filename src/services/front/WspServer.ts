@@ -33,7 +33,7 @@ export const greetingTimeout = 10_000
 /** Longest pool id accepted in a greeting. */
 export const maxPoolIdLength = 256
 /** Bytes queued on a WebSocket before the caller's request body is paused. */
-export const uploadHighWater = 1024 * 1024
+export const uploadHighWater = 4 * 1024 * 1024
 /** Most headers Node parses on an incoming request before switchyard counts them itself. */
 const nodeHeaderParseLimit = 4096
 
@@ -156,6 +156,8 @@ class ServerConnection {
     ws.send(headText)
     let sent = 0
     let paused = false
+    // the latest chunk is held back so the last one carries FIN (no empty closing frame)
+    let held: Buffer | undefined
     const onSent = (err?: Error | null) => {
       if (err) return fail("SendFailed", `Unable to pipe request body : ${err.message}`)
       if (paused && ws.bufferedAmount < uploadHighWater) {
@@ -170,7 +172,8 @@ class ServerConnection {
         req.pause()
         return fail("BodyTooLarge", `request body exceeds ${maxBody} bytes`)
       }
-      ws.send(chunk, { binary: true, fin: false }, onSent)
+      if (held !== undefined) ws.send(held, { binary: true, fin: false }, onSent)
+      held = chunk
       if (ws.bufferedAmount >= uploadHighWater) {
         paused = true
         req.pause()
@@ -178,7 +181,8 @@ class ServerConnection {
     })
     req.once("end", () => {
       if (this.exchange === undefined || this.exchange.res !== res) return
-      ws.send(Buffer.alloc(0), { binary: true, fin: true }, onSent)
+      ws.send(held ?? Buffer.alloc(0), { binary: true, fin: true }, onSent)
+      held = undefined
     })
     req.once("error", (err) => fail("CallerGone", `Unable to pipe request body : ${err.message}`))
     return () => {

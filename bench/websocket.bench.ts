@@ -1,0 +1,165 @@
+/**
+ * `npm run bench -- websocket`: the wsp-compatible path (caller → wsp-server → WebSocket pool →
+ * wsp-client → destination) against calling the same destination directly, in one run, on loopback.
+ * Figures: small-response requests per second with 20 concurrent callers, and a 100 MiB download.
+ */
+import * as http from "node:http"
+import { Effect, Exit, Redacted, Scope } from "effect"
+import { allowAll, compileRules, RulePatternError } from "../src/domain/DestinationRules.ts"
+import type { DestinationRules } from "../src/domain/DestinationRules.ts"
+import { makeWspClient } from "../src/services/client/WspClient.ts"
+import { makeWspServer } from "../src/services/front/WspServer.ts"
+import { mbps, now, report } from "./support.ts"
+
+const suite = "websocket"
+const callers = 20
+/** Each load loop stops at whichever comes first. */
+const maxRequests = 50_000
+const maxMillis = 3_000
+const downloadBytes = 100 * 1024 * 1024
+const smallBody = Buffer.from("ok")
+
+const destinationOnly = (port: number): DestinationRules => {
+  const rules = compileRules({ whitelist: [{ method: "^GET$", url: `^http://127\\.0\\.0\\.1:${port}/` }] })
+  if (rules instanceof RulePatternError) throw new Error(rules.message)
+  return rules
+}
+
+const startDestination = async () => {
+  const big = Buffer.alloc(downloadBytes, 0x5a)
+  const server = http.createServer((req, res) => {
+    if (req.url === "/big") {
+      res.writeHead(200, { "Content-Length": String(big.length) })
+      // written in 64 KiB slices, as a real upstream would stream it
+      let offset = 0
+      const write = () => {
+        while (offset < big.length) {
+          const end = Math.min(offset + 65536, big.length)
+          const ok = res.write(big.subarray(offset, end))
+          offset = end
+          if (!ok) return void res.once("drain", write)
+        }
+        res.end()
+      }
+      write()
+      return
+    }
+    res.writeHead(200, { "Content-Length": String(smallBody.length) })
+    res.end(smallBody)
+  })
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
+  return { server, port: (server.address() as { port: number }).port }
+}
+
+const get = (agent: http.Agent, port: number, path: string, headers: Record<string, string>): Promise<number> =>
+  new Promise((resolve, reject) => {
+    const req = http.request({ host: "127.0.0.1", port, path, agent, headers }, (res) => {
+      let n = 0
+      res.on("data", (c: Buffer) => (n += c.length))
+      res.on("end", () => (res.statusCode === 200 ? resolve(n) : reject(new Error(`status ${res.statusCode}`))))
+      res.on("error", reject)
+    })
+    req.on("error", reject)
+    req.end()
+  })
+
+/** Requests per second with `callers` concurrent loops, bounded in count and time. */
+const load = async (port: number, path: string, headers: Record<string, string>): Promise<number> => {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: callers })
+  let issued = 0
+  let done = 0
+  const start = now()
+  const loop = async () => {
+    while (issued < maxRequests && now() - start < maxMillis) {
+      issued++
+      await get(agent, port, path, headers)
+      done++
+    }
+  }
+  await Promise.all(Array.from({ length: callers }, loop))
+  const elapsed = now() - start
+  agent.destroy()
+  return done / (elapsed / 1000)
+}
+
+const download = async (port: number, path: string, headers: Record<string, string>): Promise<number> => {
+  const agent = new http.Agent({ keepAlive: false })
+  const start = now()
+  const n = await get(agent, port, path, headers)
+  const elapsed = now() - start
+  agent.destroy()
+  if (n !== downloadBytes) throw new Error(`downloaded ${n} bytes, expected ${downloadBytes}`)
+  return mbps(n, elapsed)
+}
+
+/** Starts a wsp-server and a wsp-client for the destination on `scope`; resolves once the pool is full. */
+const startTunnel = async (scope: Scope.Scope, destinationPort: number, maskFrames: boolean) => {
+  const server = await Effect.runPromise(
+    makeWspServer({
+      host: "127.0.0.1",
+      port: 0,
+      timeout: 5000,
+      idleTimeout: 60_000,
+      secretKey: Redacted.make("bench"),
+      rules: allowAll,
+      requestKey: undefined,
+      maxMessageSize: 256 * 1024 * 1024,
+      maxHeaders: 256,
+      maxConcurrentRequests: 1024,
+      maxConnectionsPerPool: 1000,
+      maxPools: 10,
+      pingInterval: 30_000
+    }).pipe(Scope.provide(scope))
+  )
+  await Effect.runPromise(
+    makeWspClient({
+      id: "bench",
+      targets: [`ws://127.0.0.1:${server.address.port}/register`],
+      poolIdleSize: callers,
+      poolMaxSize: callers * 2,
+      secretKey: Redacted.make("bench"),
+      // the bench destination only, so the rule check is part of what is measured
+      rules: destinationOnly(destinationPort),
+      maxMessageSize: 256 * 1024 * 1024,
+      maxHeaders: 256,
+      pingInterval: 30_000,
+      backoffInitial: 100,
+      backoffMax: 1000,
+      maskFrames
+    }).pipe(Scope.provide(scope))
+  )
+  const deadline = Date.now() + 5000
+  while (server.stats().idle < callers && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
+  return server.address.port
+}
+
+export const run = async (): Promise<void> => {
+  const dest = await startDestination()
+  const via = (path: string) => ({ "X-Proxy-Destination": `http://127.0.0.1:${dest.port}${path}` })
+  try {
+    await load(dest.port, "/small", {})
+    const direct = await load(dest.port, "/small", {})
+    const directDownload = await download(dest.port, "/big", {})
+    report(suite, "small_direct", direct, "req/s")
+    for (const maskFrames of [true, false]) {
+      const scope = Effect.runSync(Scope.make())
+      try {
+        const port = await startTunnel(scope, dest.port, maskFrames)
+        const tag = maskFrames ? "wsp" : "wsp_unmasked"
+        await load(port, "/request", via("/small"))
+        const tunnelled = await load(port, "/request", via("/small"))
+        report(suite, `small_${tag}`, tunnelled, "req/s")
+        report(suite, `small_${tag}_ratio`, tunnelled / direct, "x direct")
+        if (maskFrames) report(suite, "download_100MiB_direct", directDownload, "MB/s")
+        report(suite, `download_100MiB_${tag}`, await download(port, "/request", via("/big")), "MB/s")
+      } finally {
+        await Effect.runPromise(Scope.close(scope, Exit.void))
+      }
+    }
+  } finally {
+    await new Promise<void>((resolve) => {
+      dest.server.close(() => resolve())
+      dest.server.closeAllConnections()
+    })
+  }
+}
