@@ -137,49 +137,26 @@ export const makeForwarder = (config: ForwarderConfig): Effect.Effect<ForwarderS
       const out = outgoing(req, false, options)
       if (te !== undefined) out.headers.push("Transfer-Encoding", "chunked")
       else markEmptyBody(out, te)
+      const length = headerValue(out.headers, "content-length")
+      const bodyless = te === undefined && (length === undefined || length === "0")
       const target = out.upstream
       const responseTimeout = options?.responseTimeoutMs ?? config.responseTimeoutMs
       const idleTimeout = options?.idleTimeoutMs ?? config.idleTimeoutMs
       let phase: "head" | "body" | "done" = "head"
+      let cancelled = false
+      let upReq: http.ClientRequest
       requests++
-      const upReq = http.request({
-        ...target.target,
-        agent: target.agent,
-        method: out.method,
-        path: out.path,
-        headers: out.headers,
-        setHost: false
-      })
       const finish = () => {
         if (phase !== "done") {
           phase = "done"
           requests--
         }
       }
-      upReq.on("timeout", () => {
-        const what = phase === "head" ? "did not answer in time" : "was idle too long"
-        report(`upstream ${target.describe} ${what}: ${out.method} ${out.path}`)
-        upReq.destroy(Object.assign(new Error(what), { code: phase === "head" ? "SWITCHYARD_TIMEOUT" : "SWITCHYARD_IDLE" }))
-      })
-      if (responseTimeout > 0) upReq.setTimeout(responseTimeout)
-      upReq.on("error", (err: Error & { code?: string }) => {
-        if (!res.headersSent) {
-          if (err.code === "SWITCHYARD_TIMEOUT") {
-            sendError(res, errors, 504, `switchyard: upstream ${target.describe} timed out before answering`)
-          } else {
-            report(`upstream ${target.describe} unreachable: ${errorText(err)}`)
-            sendError(res, errors, 502, `switchyard: upstream ${target.describe} unreachable (${errorText(err)})`)
-          }
-        } else {
-          res.destroy()
-        }
-        finish()
-      })
-      upReq.on("response", (upRes: http.IncomingMessage) => {
+
+      const onResponse = (upRes: http.IncomingMessage): void => {
         phase = "body"
         upReq.setTimeout(idleTimeout)
-        const headers = responseHeaders(upRes.rawHeaders)
-        res.writeHead(upRes.statusCode ?? 502, upRes.statusMessage, headers)
+        res.writeHead(upRes.statusCode ?? 502, upRes.statusMessage, responseHeaders(upRes.rawHeaders))
         // A response without a length is a stream (events, logs, progress): send its head now.
         if (headerValue(upRes.rawHeaders, "content-length") === undefined) res.flushHeaders()
         upRes.pipe(res, { end: false })
@@ -192,18 +169,68 @@ export const makeForwarder = (config: ForwarderConfig): Effect.Effect<ForwarderS
         upRes.on("close", () => {
           if (!upRes.complete) res.destroy()
         })
-      })
+      }
+
+      const send = (retry: boolean): void => {
+        upReq = http.request({
+          ...target.target,
+          agent: target.agent,
+          method: out.method,
+          path: out.path,
+          headers: out.headers,
+          setHost: false
+        })
+        const sent = upReq
+        sent.on("timeout", () => {
+          const what = phase === "head" ? "did not answer in time" : "was idle too long"
+          report(`upstream ${target.describe} ${what}: ${out.method} ${out.path}`)
+          sent.destroy(Object.assign(new Error(what), { code: phase === "head" ? "SWITCHYARD_TIMEOUT" : "SWITCHYARD_IDLE" }))
+        })
+        if (responseTimeout > 0) sent.setTimeout(responseTimeout)
+        sent.on("error", (err: Error & { code?: string }) => {
+          if (cancelled) {
+            finish()
+            return
+          }
+          if (res.headersSent) {
+            res.destroy()
+          } else if (retry && bodyless && sent.reusedSocket && err.code === "ECONNRESET") {
+            // A pooled connection the upstream closed while idle: nothing was processed; try once more.
+            send(false)
+            return
+          } else if (err.code === "SWITCHYARD_TIMEOUT") {
+            sendError(res, errors, 504, `switchyard: upstream ${target.describe} timed out before answering`)
+          } else {
+            report(`upstream ${target.describe} unreachable: ${errorText(err)}`)
+            sendError(res, errors, 502, `switchyard: upstream ${target.describe} unreachable (${errorText(err)})`)
+          }
+          finish()
+        })
+        sent.on("response", onResponse)
+        if (bodyless) {
+          sent.end()
+        } else {
+          req.pipe(sent, { end: false })
+          req.on("end", () => {
+            if (req.rawTrailers.length > 0) sent.addTrailers(trailerPairs(req.rawTrailers))
+            sent.end()
+          })
+        }
+      }
+
       // The client went away before the exchange finished: cancel the upstream request.
       res.on("close", () => {
-        if (!res.writableFinished) upReq.destroy()
+        if (!res.writableFinished) {
+          cancelled = true
+          upReq.destroy()
+        }
         finish()
       })
-      req.on("error", () => upReq.destroy())
-      req.pipe(upReq, { end: false })
-      req.on("end", () => {
-        if (req.rawTrailers.length > 0) upReq.addTrailers(trailerPairs(req.rawTrailers))
-        upReq.end()
+      req.on("error", () => {
+        cancelled = true
+        upReq.destroy()
       })
+      send(true)
     }
 
     const upgrade = (req: http.IncomingMessage, socket: Duplex, head: Buffer, options?: ForwardOptions): void => {

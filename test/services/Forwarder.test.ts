@@ -282,6 +282,32 @@ describe("Forwarder: streams", () => {
 })
 
 describe("Forwarder: errors", () => {
+  it("retries a bodyless request once when a pooled connection turns out closed, never a request with a body", async () => {
+    // An upstream that answers the first request on each connection and drops the connection on the second.
+    const sock = `${engine.socketPath}.flaky`
+    const flaky = net.createServer((c) => {
+      let served = 0
+      c.on("data", (d: Buffer) => {
+        if (!d.includes("\r\n\r\n")) return
+        if (served++ === 0) c.write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nOK")
+        else c.destroy()
+      })
+      c.on("error", () => {})
+    })
+    await new Promise<void>((resolve) => flaky.listen(sock, resolve))
+    try {
+      const { port } = await harness({}, sock)
+      assert.strictEqual((await request(port, { path: "/a" })).status, 200)
+      assert.strictEqual((await request(port, { path: "/b" })).status, 200)
+      const posted = await request(port, { method: "POST", path: "/c", headers: { "content-length": "1" }, body: "x" })
+      assert.strictEqual(posted.status, 502)
+    } finally {
+      await Effect.runPromise(Scope.close(scope!, Exit.void))
+      scope = undefined
+      await new Promise<void>((resolve) => flaky.close(() => resolve()))
+    }
+  })
+
   it("answers 502 with a one-line body when the upstream is unreachable", async () => {
     const { port } = await harness({}, "/nonexistent/switchyard.sock")
     const r = await request(port, { path: "/small" })
