@@ -3,6 +3,7 @@
  * session, a WebSocket pool, an HTTP/2 connection): an identity, a load figure, and two ways in (an
  * HTTP `Upstream` for the forwarder, `connect` for raw byte streams). It does not route or forward.
  */
+import type * as http from "node:http"
 import type { Duplex } from "node:stream"
 import type { Effect } from "effect"
 import { Schema } from "effect"
@@ -45,4 +46,20 @@ export interface Backend {
   readonly connect: (meta: ConnectionMeta) => Effect.Effect<Duplex, BackendUnavailable>
   /** True once the backend has gone; it is then skipped even before it is unregistered. */
   readonly isClosed: () => boolean
+  /**
+   * When present, public HTTP requests for this backend are handed here instead of to the shared
+   * Forwarder (backends that are not reached through an `http.Agent`, such as reverse-HTTP/2
+   * connections). The handler answers `res` and may move the request to another backend of the lease's
+   * route; `lease.release` is idempotent.
+   */
+  readonly forwardHttp?: ((req: http.IncomingMessage, res: http.ServerResponse, lease: BackendLease) => void) | undefined
+  /** Like `forwardHttp`, for `Upgrade` requests (the socket is the public connection). */
+  readonly upgradeHttp?: ((req: http.IncomingMessage, socket: Duplex, head: Buffer, lease: BackendLease) => void) | undefined
+}
+
+/** What a backend's own HTTP handlers get from the dispatcher: the backend taken, its route's backends. */
+export interface BackendLease {
+  readonly backend: Backend
+  readonly route: { readonly backends: ReadonlyArray<Backend> }
+  readonly release: () => void
 }

@@ -34,12 +34,21 @@ export type RequestHandler = (req: http.IncomingMessage, res: http.ServerRespons
 /** Handles one dispatched `Upgrade` request; the lease is released when the socket closes. */
 export type UpgradeHandler = (req: http.IncomingMessage, socket: Duplex, head: Buffer, lease: Lease) => void
 
-/** Handlers that forward each request to the leased backend's upstream through the shared Forwarder. */
+/**
+ * Handlers that forward each request to the leased backend's upstream through the shared Forwarder, or
+ * to the backend's own `forwardHttp`/`upgradeHttp` when it has them (reverse-HTTP/2 connections).
+ */
 export const forwardingHandlers = (forwarder: ForwarderShape): Pick<ListenersConfig, "handleRequest" | "handleUpgrade"> => ({
-  handleRequest: (req, res, lease) =>
-    forwarder.forward(req, res, { director: (outgoing) => void (outgoing.upstream = lease.backend.upstream) }),
-  handleUpgrade: (req, socket, head, lease) =>
+  handleRequest: (req, res, lease) => {
+    const own = lease.backend.forwardHttp
+    if (own !== undefined) return own(req, res, lease)
+    forwarder.forward(req, res, { director: (outgoing) => void (outgoing.upstream = lease.backend.upstream) })
+  },
+  handleUpgrade: (req, socket, head, lease) => {
+    const own = lease.backend.upgradeHttp
+    if (own !== undefined) return own(req, socket, head, lease)
     forwarder.upgrade(req, socket, head, { director: (outgoing) => void (outgoing.upstream = lease.backend.upstream) })
+  }
 })
 
 export interface ListenersConfig {
