@@ -276,4 +276,20 @@ describe("WspServer against a hand-written wsp client", () => {
       expect(live.closed).toBe(false)
       expect(server.stats().idle).toBe(1)
     }))
+
+  it.effect("closes surplus idle connections after idletimeout and keeps the announced pool size (virtual time)", () =>
+    Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig({ idleTimeout: 60_000 }))
+      const peers = [
+        yield* connectPeer(server.address.port, "peer_1"),
+        yield* connectPeer(server.address.port, "peer_1"),
+        yield* connectPeer(server.address.port, "peer_1")
+      ]
+      yield* waitFor("registered", () => server.stats().idle === 3)
+      yield* TestClock.adjust(60_000)
+      expect(peers.some((p) => p.closed)).toBe(false)
+      yield* TestClock.adjust(5_000)
+      yield* waitFor("surplus closed", () => peers.filter((p) => p.closed).length === 2)
+      expect(server.stats()).toMatchObject({ pools: 1, idle: 1 })
+    }))
 })
