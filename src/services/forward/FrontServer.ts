@@ -20,6 +20,12 @@ export interface HttpLimits {
   readonly keepAliveTimeoutMs: number
 }
 
+/**
+ * Buffer size at which a client socket reports backpressure (bytes). Larger than Node's 16 KiB default so
+ * a 64 KiB upstream read is written without pausing the upstream on every chunk; one per connection.
+ */
+export const STREAM_HIGH_WATER_MARK = 256 * 1024
+
 /** How often Node checks the header and request timeouts (ms). */
 export const TIMEOUT_CHECK_INTERVAL_MS = 1_000
 
@@ -70,7 +76,8 @@ export const makeFrontServer = (
     requireHostHeader: true,
     insecureHTTPParser: false,
     joinDuplicateHeaders: false,
-    noDelay: true
+    noDelay: true,
+    highWaterMark: STREAM_HIGH_WATER_MARK
   }, (req, res) => {
     if (req.rawHeaders.length > limits.maxHeadersCount * 2) {
       sendError(res, errors, 431, `switchyard: more than ${limits.maxHeadersCount} request headers`)
