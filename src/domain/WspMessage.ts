@@ -5,6 +5,7 @@
  * Pure: strings in, plain data or a typed error out. Bodies are not handled here.
  */
 import { Schema } from "effect"
+import { HOP_BY_HOP } from "./HttpHeaders.ts"
 
 /** Go's `map[string][]string` (`http.Header`); `null` is a nil map. */
 export type GoHeader = { readonly [name: string]: ReadonlyArray<string> } | null
@@ -326,22 +327,10 @@ export const goHeaderGet = (header: GoHeader, name: string): string => {
 // ---------------------------------------------------------------------------------------------
 // Hop-by-hop headers
 
-/** Hop-by-hop header names (RFC 9110 §7.6.1 and the historical ones), lower case. */
-const hopByHop = new Set([
-  "connection",
-  "keep-alive",
-  "proxy-connection",
-  "proxy-authenticate",
-  "proxy-authorization",
-  "te",
-  "trailer",
-  "transfer-encoding",
-  "upgrade"
-])
-
 /**
- * A header map without hop-by-hop fields, including those named in `Connection`, and without the
- * names in `alsoDrop` (lower case). wsp forwards these unchanged; switchyard does not.
+ * A header map without hop-by-hop fields (the forwarding core's list), including those named in
+ * `Connection`, and without the names in `alsoDrop` (lower case). wsp forwards these unchanged;
+ * switchyard does not.
  */
 export const withoutHopByHop = (
   header: GoHeader,
@@ -361,7 +350,7 @@ export const withoutHopByHop = (
   }
   for (const [name, values] of Object.entries(header)) {
     const lower = name.toLowerCase()
-    if (hopByHop.has(lower) || named.has(lower) || alsoDrop.has(lower)) continue
+    if (HOP_BY_HOP.has(lower) || named.has(lower) || alsoDrop.has(lower)) continue
     out[name] = values
   }
   return out

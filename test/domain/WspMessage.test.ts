@@ -125,7 +125,6 @@ describe("header names", () => {
       Upgrade: ["websocket"],
       "Proxy-Authorization": ["Bearer k"],
       Te: ["trailers"],
-      Trailer: ["X"],
       Accept: ["*/*"],
       Host: ["h"]
     }, new Set(["host"]))
