@@ -3,6 +3,7 @@ import { Effect, Exit, Scope } from "effect"
 import * as http from "node:http"
 import * as net from "node:net"
 import { setTimeout as sleep } from "node:timers/promises"
+import { WebSocket, WebSocketServer } from "ws"
 import { headerValue } from "../../src/domain/HttpHeaders.ts"
 import { plainErrors } from "../../src/services/forward/ErrorResponse.ts"
 import { closeFrontServer, makeFrontServer } from "../../src/services/forward/FrontServer.ts"
@@ -382,6 +383,38 @@ describe("Forwarder: upgrades", () => {
     socket.destroy()
     await waitFor("the tunnel to close", () => forwarder.active().tunnels === 0)
     assert.include(engine.seen.at(-1)!.rawHeaders.map((h) => h.toLowerCase()), "upgrade")
+  })
+
+  it("carries a WebSocket end to end (handshake headers through, frames both ways, close)", async () => {
+    const sock = `${engine.socketPath}.ws`
+    const upstreamHttp = http.createServer()
+    const wss = new WebSocketServer({ server: upstreamHttp })
+    wss.on("connection", (ws, req) => {
+      ws.send(`hello ${req.headers["sec-websocket-protocol"]}`)
+      ws.on("message", (m) => ws.send(`echo ${m.toString()}`))
+    })
+    await new Promise<void>((resolve) => upstreamHttp.listen(sock, resolve))
+    try {
+      const { port } = await harness({}, sock)
+      const ws = new WebSocket(`ws://127.0.0.1:${port}/socket`, "chat")
+      const got: Array<string> = []
+      await new Promise<void>((resolve, reject) => {
+        ws.on("message", (m) => {
+          got.push(m.toString())
+          if (got.length === 1) ws.send("ping")
+          if (got.length === 2) ws.close(1000, "done")
+        })
+        ws.on("close", () => resolve())
+        ws.on("error", reject)
+      })
+      assert.deepStrictEqual(got, ["hello chat", "echo ping"])
+    } finally {
+      await Effect.runPromise(Scope.close(scope!, Exit.void))
+      scope = undefined
+      for (const c of wss.clients) c.terminate()
+      await new Promise<void>((resolve) => wss.close(() => resolve()))
+      await new Promise<void>((resolve) => upstreamHttp.close(() => resolve()))
+    }
   })
 
   it("passes bytes sent right after the request head", async () => {
