@@ -40,6 +40,8 @@ export const DefaultReconnectJitter = 0.2
 export const DefaultClientHandshakeTimeout: Duration.Duration = Duration.seconds(10)
 /** Time a stream has to deliver its preamble. */
 export const DefaultPreambleTimeoutMs = 10_000
+/** Longest wait, when a listener closes, for the gateways to confirm that its work in flight is done. */
+export const DefaultDrainTimeout: Duration.Duration = Duration.seconds(30)
 /** Accepted connections a listener's `Stream` holds before new ones are refused (closed). */
 export const MaxPendingConnections = 256
 
@@ -58,6 +60,8 @@ export interface TunnelClientConfig {
   readonly label?: string | undefined
   readonly reconnect?: ReconnectPolicy | undefined
   readonly handshakeTimeout?: Duration.Input | undefined
+  /** Longest wait for gateways to drain a closing listener (default 30 s). */
+  readonly drainTimeout?: Duration.Input | undefined
   readonly yamux?: Partial<YamuxConfig> | undefined
 }
 
@@ -179,6 +183,7 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
   const handshakeTimeout = config.handshakeTimeout === undefined
     ? DefaultClientHandshakeTimeout
     : Duration.fromInputUnsafe(config.handshakeTimeout)
+  const drainTimeout = config.drainTimeout === undefined ? DefaultDrainTimeout : Duration.fromInputUnsafe(config.drainTimeout)
   const listeners = new Map<number, ClientListener>()
   let nextLocal = 1
   const gateways: Array<GatewayState> = config.servers.map((address, index) => ({
@@ -208,14 +213,23 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
     })
   }
 
-  const unbindRemotely = (listener: ClientListener) => {
+  /** Removes the listener from every gateway; `done` runs once all have confirmed (drained) it. */
+  const unbindRemotely = (listener: ClientListener, done: () => void = () => {}) => {
+    let waiting = 1
+    const settle = () => {
+      if (--waiting === 0) done()
+    }
     for (const g of gateways) {
       const remote = g.byLocalId.get(listener.id)
-      if (remote === undefined) continue
+      if (remote === undefined || g.send === undefined) continue
       g.byLocalId.delete(listener.id)
-      g.byGatewayId.delete(remote)
-      g.send?.({ _tag: "RemoveListener", listenerId: remote }, () => {})
+      waiting++
+      g.send({ _tag: "RemoveListener", listenerId: remote }, () => {
+        g.byGatewayId.delete(remote)
+        settle()
+      })
     }
+    settle()
   }
 
   /** One connection to a gateway, from dial to the end of its session. */
@@ -295,7 +309,10 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
           g.send = undefined
           g.byGatewayId.clear()
           g.byLocalId.clear()
+          // requests that will never be answered settle now (a closing listener stops waiting)
+          const unanswered = [...pending.values()]
           pending.clear()
+          for (const settle of unanswered) settle({ _tag: "ListenerRemoved", requestId: 0, listenerId: 0 })
         })
       )
       for (const listener of offered) {
@@ -353,11 +370,13 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
     const listener: ClientListener = { ...spec, id: nextLocal++ }
     listeners.set(listener.id, listener)
     for (const g of gateways) bindRemotely(g, listener)
+    // closing a listener waits (bounded) until the gateways have routed its traffic elsewhere and
+    // finished what was in flight on it, so a deploy (start the new, stop the old) drops nothing
     yield* Effect.addFinalizer(() =>
-      Effect.sync(() => {
+      Effect.callback<void>((resume) => {
         listeners.delete(listener.id)
-        unbindRemotely(listener)
-      })
+        unbindRemotely(listener, () => resume(Effect.void))
+      }).pipe(Effect.timeoutOption(drainTimeout), Effect.asVoid)
     )
     return listener
   })

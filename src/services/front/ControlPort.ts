@@ -8,7 +8,7 @@
 import * as http from "node:http"
 import { PassThrough } from "node:stream"
 import type { Duplex } from "node:stream"
-import { Context, Duration, Effect, Exit, FiberSet, Layer, Schema, Scope } from "effect"
+import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope } from "effect"
 import {
   type BoundListener,
   type ControlReply,
@@ -54,6 +54,10 @@ export const DefaultMaxHttpStreamsPerListener = 256
 export const DefaultMaxIdleHttpStreamsPerListener = 32
 /** Most control streams a backend may keep open. */
 export const MaxControlStreamsPerSession = 4
+/** Longest wait, on `RemoveListener`, for the listener's requests and connections in flight to finish. */
+export const DefaultDrainTimeout: Duration.Duration = Duration.seconds(30)
+/** How often a draining listener's in-flight count is checked. */
+export const DrainPollInterval: Duration.Duration = Duration.millis(20)
 
 export interface ControlPortConfig {
   readonly address?: Address | undefined
@@ -63,6 +67,8 @@ export interface ControlPortConfig {
   readonly maxSessionsPerToken?: number | undefined
   readonly maxListenersPerSession?: number | undefined
   readonly maxHttpStreamsPerListener?: number | undefined
+  /** Longest wait for in-flight work when a backend removes a listener (default 30 s). */
+  readonly drainTimeout?: Duration.Input | undefined
   readonly yamux?: Partial<YamuxConfig> | undefined
 }
 
@@ -252,6 +258,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   const maxPerToken = config.maxSessionsPerToken ?? DefaultMaxSessionsPerToken
   const maxListeners = config.maxListenersPerSession ?? DefaultMaxListenersPerSession
   const maxHttpStreams = config.maxHttpStreamsPerListener ?? DefaultMaxHttpStreamsPerListener
+  const drainTimeout = config.drainTimeout === undefined ? DefaultDrainTimeout : Duration.fromInputUnsafe(config.drainTimeout)
   const fibers = yield* FiberSet.make()
   const run = yield* FiberSet.runtime(fibers)<never>()
   const perToken = new Map<string, number>()
@@ -326,7 +333,8 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           const listenerId = nextListener++
           const scope = yield* Scope.fork(sessionScope)
           const backend = makeBackend(tunnel, listenerId, route, maxHttpStreams)
-          yield* Scope.addFinalizer(scope, Effect.sync(() => backend.upstream.agent.destroy()))
+          // the agent outlives a removed listener's scope so requests in flight finish; the session ends it
+          yield* Scope.addFinalizer(sessionScope, Effect.sync(() => backend.upstream.agent.destroy()))
           const result = yield* Effect.exit(listeners.bind(route, backend).pipe(Scope.provide(scope)))
           if (Exit.isFailure(result)) {
             yield* Scope.close(scope, Exit.void)
@@ -391,9 +399,18 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
                       return Effect.void
                     }
                     bound.delete(request.listenerId)
-                    return Effect.andThen(Scope.close(entry.scope, Exit.void), Effect.sync(() =>
-                      reply({ _tag: "ListenerRemoved", requestId: request.requestId, listenerId: request.listenerId })
-                    ))
+                    // no new work reaches it once unregistered; answer when what is in flight is done
+                    const drained = Effect.suspend(() => entry.backend.inFlight === 0 ? Effect.void : Effect.fail("busy" as const)).pipe(
+                      Effect.retry({ schedule: Schedule.spaced(DrainPollInterval) }),
+                      Effect.timeoutOption(drainTimeout)
+                    )
+                    return Scope.close(entry.scope, Exit.void).pipe(
+                      Effect.andThen(drained),
+                      Effect.andThen(Effect.sync(() => {
+                        entry.backend.upstream.agent.destroy()
+                        reply({ _tag: "ListenerRemoved", requestId: request.requestId, listenerId: request.listenerId })
+                      }))
+                    )
                   })
                 run(work).addObserver(() => resolve())
               })
