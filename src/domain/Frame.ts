@@ -56,7 +56,10 @@ export const DEFAULT_SESSION_READ_BUFFER = 8 * 1024 * 1024
 /** Live streams per session. */
 export const DEFAULT_MAX_STREAMS = 65_536
 
-/** One decoded frame. `body` is present (possibly empty) only for Data frames. */
+/**
+ * One decoded frame. For Data frames the payload is in `body` (possibly empty) or, from a zero-copy
+ * parser when it spanned input chunks, in `parts` (in order); other types carry neither.
+ */
 export interface Frame {
   readonly type: FrameType
   readonly flags: number
@@ -64,6 +67,7 @@ export interface Frame {
   /** Data: body length; WindowUpdate: delta; Ping: opaque value; GoAway: code. */
   readonly length: number
   readonly body: Uint8Array | undefined
+  readonly parts?: ReadonlyArray<Uint8Array> | undefined
 }
 
 /** Human-readable frame type, for errors and logs. */

@@ -117,7 +117,10 @@ export interface ParseResult {
 }
 
 export interface FrameParser {
-  /** Feeds the next chunk. Data bodies that lie inside one chunk are views into it, not copies. */
+  /**
+   * Feeds the next chunk. Data bodies may be views into the chunks (see `makeFrameParser`): the caller
+   * must not modify a chunk after pushing it.
+   */
   readonly push: (chunk: Uint8Array) => ParseResult
   /** Bytes held for a frame not yet complete (at most 12 + maxFrameSize). */
   readonly buffered: () => number
@@ -128,15 +131,36 @@ export interface FrameParser {
 const EMPTY = new Uint8Array(0)
 
 /**
+ * A view keeps its whole chunk alive; copy bodies that are small next to their chunk so a peer cannot
+ * pin many large chunks with tiny frames (retained memory stays within this factor of the payload).
+ */
+export const VIEW_RETENTION_FACTOR = 4
+
+const keep = (chunk: Uint8Array, start: number, end: number): Uint8Array =>
+  (end - start) * VIEW_RETENTION_FACTOR >= chunk.length ? chunk.subarray(start, end) : chunk.slice(start, end)
+
+export interface FrameParserOptions {
+  /** Largest Data body accepted; checked on the header, before anything is allocated. */
+  readonly maxFrameSize: number
+  /**
+   * Deliver a Data body that spans chunks as `parts` (views, no copy) instead of one contiguous `body`.
+   * Sessions use it on the hot path; tools and tests get contiguous bodies.
+   */
+  readonly zeroCopy?: boolean | undefined
+}
+
+/**
  * An incremental parser. The Data length is checked against `maxFrameSize` on the header, before any
  * body is allocated; after the first error the parser is dead.
  */
-export const makeFrameParser = (options: { readonly maxFrameSize: number }): FrameParser => {
+export const makeFrameParser = (options: FrameParserOptions): FrameParser => {
   const maxFrameSize = options.maxFrameSize
+  const zeroCopy = options.zeroCopy === true
   const head = new Uint8Array(HEADER_SIZE)
   let headFill = 0
   let current: Header | undefined
   let body: Uint8Array | undefined
+  let parts: Array<Uint8Array> | undefined
   let bodyFill = 0
   let failed: FrameDecodeError | undefined
 
@@ -144,6 +168,7 @@ export const makeFrameParser = (options: { readonly maxFrameSize: number }): Fra
     failed = error
     current = undefined
     body = undefined
+    parts = undefined
     return { frames, error }
   }
 
@@ -185,25 +210,31 @@ export const makeFrameParser = (options: { readonly maxFrameSize: number }): Fra
             flags: h.flags,
             streamId: h.streamId,
             length: h.length,
-            body: chunk.subarray(i, i + h.length)
+            body: keep(chunk, i, i + h.length)
           })
           i += h.length
           continue
         }
         current = h
-        body = new Uint8Array(h.length)
         bodyFill = 0
+        if (zeroCopy) parts = []
+        else body = new Uint8Array(h.length)
         continue
       }
-      const need = current.length - bodyFill
-      const take = Math.min(need, n - i)
-      body!.set(chunk.subarray(i, i + take), bodyFill)
+      const take = Math.min(current.length - bodyFill, n - i)
+      if (parts) parts.push(keep(chunk, i, i + take))
+      else body!.set(chunk.subarray(i, i + take), bodyFill)
       bodyFill += take
       i += take
       if (bodyFill === current.length) {
-        frames.push({ type: TYPE_DATA, flags: current.flags, streamId: current.streamId, length: current.length, body })
+        frames.push(
+          parts
+            ? { type: TYPE_DATA, flags: current.flags, streamId: current.streamId, length: current.length, body: undefined, parts }
+            : { type: TYPE_DATA, flags: current.flags, streamId: current.streamId, length: current.length, body }
+        )
         current = undefined
         body = undefined
+        parts = undefined
       }
     }
     return { frames, error: undefined }

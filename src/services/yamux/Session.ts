@@ -6,8 +6,8 @@
  */
 import { Clock, Duration, Effect, Scope } from "effect"
 import * as F from "../../domain/Frame.ts"
-import { encodeHeader, type FrameParser, makeFrameParser } from "../../domain/FrameCodec.ts"
-import { type Connection, TransportError, writeEffect } from "../Transport.ts"
+import { type FrameParser, makeFrameParser, writeHeader } from "../../domain/FrameCodec.ts"
+import type { Connection, TransportError } from "../Transport.ts"
 import { StreamCore, type StreamHost, YamuxStream } from "./Stream.ts"
 import { resolveYamuxConfig, type YamuxConfig } from "./YamuxConfig.ts"
 import { YamuxError, yamuxError } from "./YamuxError.ts"
@@ -70,7 +70,6 @@ export class SessionCore implements StreamHost {
   /** Frames waiting for the writer. */
   private outQueue: Array<Uint8Array> = []
   private outBytes = 0
-  private writerWake: (() => void) | undefined
   private spaceWaiters: Array<() => void> = []
   private pings = new Map<number, (error: YamuxError | undefined) => void>()
   private nextPingId = 0
@@ -98,7 +97,7 @@ export class SessionCore implements StreamHost {
     this.localAddress = conn.localAddress
     this.remoteAddress = conn.remoteAddress
     this.nextId = role === "client" ? 1 : 2
-    this.parser = makeFrameParser({ maxFrameSize: config.maxFrameSize })
+    this.parser = makeFrameParser({ maxFrameSize: config.maxFrameSize, zeroCopy: true })
   }
 
   // ---- reading --------------------------------------------------------------------------------------
@@ -165,7 +164,7 @@ export class SessionCore implements StreamHost {
     if (id === F.SESSION_STREAM_ID) return yamuxError("ProtocolError", `${F.typeName(f.type)} frame on stream 0`)
     if (f.flags & F.FLAG_SYN) return this.onSyn(f)
     const stream = this.streams.get(id)
-    if (stream) return stream.receive(f.type, f.flags, f.length, f.body)
+    if (stream) return stream.receive(f.type, f.flags, f.length, f.body, f.parts)
     // hashicorp/yamux discards frames for streams it just closed or reset: so do we. Ids never opened are errors.
     const seen = this.isOurs(id) ? id < this.nextId : id <= this.highestPeerId
     if (seen) return undefined
@@ -183,7 +182,7 @@ export class SessionCore implements StreamHost {
     }
     const stream = new StreamCore(this, id, this.config.maxStreamWindow, false)
     this.streams.set(id, stream)
-    const problem = stream.receive(f.type, f.flags & ~F.FLAG_SYN, f.length, f.body)
+    const problem = stream.receive(f.type, f.flags & ~F.FLAG_SYN, f.length, f.body, f.parts)
     if (problem) return problem
     const waiter = this.acceptWaiters.shift()
     if (waiter) {
@@ -229,16 +228,30 @@ export class SessionCore implements StreamHost {
 
   sendFrame(type: F.FrameType, flags: number, streamId: number, length: number, body?: Uint8Array): void {
     if (this.outcome) return
-    this.outQueue.push(encodeHeader(type, flags, streamId, length))
+    this.outQueue.push(this.header(type, flags, streamId, length))
     if (body !== undefined && body.length > 0) this.outQueue.push(body)
     this.outBytes += F.HEADER_SIZE + (body ? body.length : 0)
-    const wake = this.writerWake
-    if (wake) {
-      this.writerWake = undefined
-      wake()
+    if (!this.flushScheduled && !this.writing) {
+      // Frames queued in the same turn leave together, as one batched write.
+      this.flushScheduled = true
+      queueMicrotask(this.flushBound)
     }
     // Control frames are never refused; if they pile up (a peer that pings without reading) stop reading.
     if (this.outBytes > 2 * this.config.writeQueueBytes) this.updatePause()
+  }
+
+  /** Headers are cut from a shared slab: one allocation per HEADER_SLAB_SIZE / 12 frames. */
+  private slab = new Uint8Array(0)
+  private slabUsed = 0
+  private header(type: F.FrameType, flags: number, streamId: number, length: number): Uint8Array {
+    if (this.slabUsed + F.HEADER_SIZE > this.slab.length) {
+      this.slab = new Uint8Array(HEADER_SLAB_SIZE)
+      this.slabUsed = 0
+    }
+    const at = this.slabUsed
+    writeHeader(this.slab, at, type, flags, streamId, length)
+    this.slabUsed += F.HEADER_SIZE
+    return this.slab.subarray(at, at + F.HEADER_SIZE)
   }
 
   queueFull(): boolean {
@@ -278,34 +291,75 @@ export class SessionCore implements StreamHost {
   }
 
   // ---- the writer ---------------------------------------------------------------------------------------
+  // One writer per connection: a single drain loop, at most one batch in flight, driven by the
+  // transport's completion callback (no fiber hop per batch). The watchdog fiber enforces the timeout.
 
-  /** Takes everything queued (`undefined` when nothing is). */
-  takeBatch(): ReadonlyArray<Uint8Array> | undefined {
-    if (this.outQueue.length === 0) return undefined
+  private flushScheduled = false
+  private writing = false
+  /** Batches started / completed, and when the one in flight started (session clock, ms). */
+  private writesStarted = 0
+  private writesDone = 0
+  private writeStartedAt = 0
+  private watchdogWake: (() => void) | undefined
+  private readonly flushBound = () => this.flush()
+
+  private flush(): void {
+    this.flushScheduled = false
+    if (this.writing || this.outQueue.length === 0 || this.conn.closed()) return
     const batch = this.outQueue
     this.outQueue = []
     this.outBytes = 0
-    return batch
+    this.writing = true
+    this.writesStarted++
+    this.writeStartedAt = this.now()
+    const wake = this.watchdogWake
+    if (wake) {
+      this.watchdogWake = undefined
+      wake()
+    }
+    this.conn.write(batch, this.onWritten)
   }
 
-  hasQueued(): boolean {
-    return this.outQueue.length > 0
-  }
-
-  /** Calls `f` when there is something to write or the session ended. */
-  whenWork(f: () => void): void {
-    if (this.outQueue.length > 0 || this.outcome) f()
-    else this.writerWake = f
-  }
-
-  /** A batch reached the transport: let held-back writers continue. */
-  batchWritten(): void {
+  private readonly onWritten = (error?: TransportError): void => {
+    this.writing = false
+    this.writesDone++
+    if (error) {
+      this.terminate(yamuxError("TransportError", `write failed: ${error.message}`), undefined)
+      this.conn.destroy()
+      return
+    }
     if (this.readPaused) this.updatePause()
     while (this.spaceWaiters.length > 0 && !this.queueFull()) {
       const ws = this.spaceWaiters
       this.spaceWaiters = []
       for (const w of ws) w()
     }
+    if (this.outQueue.length > 0) this.flush()
+    else if (this.outcome && this.outcome.error !== undefined) this.conn.end() // the GoAway is out
+  }
+
+  /**
+   * For the watchdog: the batch in flight as `{ seq, startedAt }`, or waits (via `wake`) until one is.
+   */
+  inFlight(wake: () => void): { readonly seq: number; readonly startedAt: number } | undefined {
+    if (this.writing) return { seq: this.writesStarted, startedAt: this.writeStartedAt }
+    if (this.outcome) return undefined
+    this.watchdogWake = wake
+    return undefined
+  }
+
+  /** True when batch `seq` has completed. */
+  written(seq: number): boolean {
+    return this.writesDone >= seq
+  }
+
+  /** Takes everything queued (`undefined` when nothing is); used once by the final close. */
+  takeBatch(): ReadonlyArray<Uint8Array> | undefined {
+    if (this.outQueue.length === 0) return undefined
+    const batch = this.outQueue
+    this.outQueue = []
+    this.outBytes = 0
+    return batch
   }
 
   // ---- opening and accepting ---------------------------------------------------------------------------
@@ -440,8 +494,8 @@ export class SessionCore implements StreamHost {
     for (const w of this.spaceWaiters.splice(0)) w()
     this.pendingOpens = []
     this.pendingOpensHead = 0
-    for (const f of [this.writerWake, this.sweeperWake]) f?.()
-    this.writerWake = undefined
+    for (const f of [this.watchdogWake, this.sweeperWake]) f?.()
+    this.watchdogWake = undefined
     this.sweeperWake = undefined
     for (const l of this.closedListeners.splice(0)) l(outcome)
   }
@@ -468,45 +522,29 @@ export class SessionCore implements StreamHost {
 
 const noop = () => {}
 
+/** Bytes per header slab (a multiple of the 12-byte header). */
+const HEADER_SLAB_SIZE = 12 * 1024
+
 const toStream = (s: StreamCore | YamuxError): Effect.Effect<YamuxStream, YamuxError> =>
   s instanceof YamuxError ? Effect.fail(s) : Effect.succeed(new YamuxStream(s))
 
-/** The writer: drains the queue in batches, each batch bounded by the write timeout. */
-const writerLoop = (core: SessionCore): Effect.Effect<void> =>
+/** The write timeout: a batch the transport has not taken within it ends the session. */
+const writeWatchdog = (core: SessionCore): Effect.Effect<void> =>
   Effect.gen(function*() {
-    const timeout = Duration.millis(core.config.connectionWriteTimeoutMs)
-    while (true) {
-      yield* Effect.callback<void>((resume) => core.whenWork(() => resume(Effect.void)))
-      const batch = core.takeBatch()
-      if (batch === undefined) {
-        if (core.outcome) return
-        continue
-      }
-      const failure = yield* writeEffect(core.conn, batch).pipe(
-        Effect.timeoutOrElse({
-          duration: timeout,
-          orElse: () => Effect.fail(yamuxError("WriteTimeout", "the connection did not take our frames in time"))
-        }),
-        Effect.match({
-          onFailure: (e) => e,
-          onSuccess: () => undefined
-        })
+    const timeoutMs = core.config.connectionWriteTimeoutMs
+    while (!core.outcome) {
+      const pending = yield* Effect.callback<{ readonly seq: number; readonly startedAt: number } | undefined>(
+        (resume) => {
+          const now = core.inFlight(() => resume(Effect.sync(() => core.inFlight(noop))))
+          if (now !== undefined || core.outcome) resume(Effect.succeed(now))
+        }
       )
-      if (failure) {
-        core.terminate(
-          failure instanceof TransportError
-            ? yamuxError("TransportError", `write failed: ${failure.message}`)
-            : failure,
-          undefined
-        )
+      if (pending === undefined) continue
+      const left = pending.startedAt + timeoutMs - core.now()
+      if (left > 0) yield* Effect.sleep(Duration.millis(left))
+      if (!core.written(pending.seq) && !core.outcome) {
+        core.terminate(yamuxError("WriteTimeout", "the connection did not take our frames in time"), undefined)
         core.conn.destroy()
-        return
-      }
-      core.batchWritten()
-      if (core.outcome && core.outcome.error !== undefined && !core.hasQueued()) {
-        // Ended with an error: the GoAway is out; stop the connection.
-        core.conn.end()
-        return
       }
     }
   })
@@ -571,7 +609,7 @@ export const make = (
     // Last in, first out: this finalizer (added first) runs after the fibers are stopped.
     yield* Scope.addFinalizer(scope, shutdown(core))
     core.start()
-    yield* Effect.forkScoped(writerLoop(core))
+    yield* Effect.forkScoped(writeWatchdog(core))
     yield* Effect.forkScoped(openSweeperLoop(core))
     if (config.enableKeepAlive) yield* Effect.forkScoped(keepAliveLoop(core))
     return {

@@ -98,7 +98,13 @@ export class StreamCore {
   // ---- inbound (from the session's reader) ------------------------------------------------------
 
   /** A Data or WindowUpdate frame for this stream. Returns a protocol error to end the session. */
-  receive(type: FrameType, flags: number, length: number, body: Uint8Array | undefined): YamuxError | undefined {
+  receive(
+    type: FrameType,
+    flags: number,
+    length: number,
+    body: Uint8Array | undefined,
+    parts?: ReadonlyArray<Uint8Array>
+  ): YamuxError | undefined {
     if (flags & FLAG_ACK) this.awaitingAck = false
     if (type === TYPE_DATA) {
       if (length > 0) {
@@ -111,7 +117,8 @@ export class StreamCore {
         }
         this.recvWindow -= length
         if (this.error === undefined) {
-          this.recvBuf.push(body!)
+          if (body !== undefined) this.recvBuf.push(body)
+          else for (const part of parts!) this.recvBuf.push(part)
           this.recvBytes += length
           this.host.received(length)
         }
