@@ -1,0 +1,653 @@
+/**
+ * The reverse-HTTP/2 tunnel port: a backend dials it (TCP, or TLS with the backend as TLS client) and
+ * serves HTTP/2 on the connection; the gateway is the HTTP/2 client and load-balances public requests
+ * across connections by free stream slots, with PING health checks, GOAWAY drains and pruning of dead
+ * connections. Plain mode takes any h2 server (routes from config); authenticated mode reads a framed
+ * `Hello` first. It does not forward bytes itself (`forward/Http2Upstream` does) nor open public ports.
+ */
+import * as http from "node:http"
+import * as http2 from "node:http2"
+import * as net from "node:net"
+import { PassThrough } from "node:stream"
+import * as tls from "node:tls"
+import { Context, Duration, Effect, Exit, FiberSet, Layer, Option, Schema, Scope } from "effect"
+import {
+  type BoundListener,
+  decodeHello,
+  encodeHelloReply,
+  FrameReader,
+  type Hello,
+  ProtocolVersion,
+  type Rejected,
+  type RejectionReason
+} from "../../domain/ControlMessage.ts"
+import type { ForwardedMode } from "../../domain/HttpHeaders.ts"
+import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
+import { makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
+import { type Backend, type BackendLease, BackendUnavailable } from "../Backend.ts"
+import { plainErrors, sendError, writeRawError } from "../forward/ErrorResponse.ts"
+import { forwardToH2, type H2ForwardOptions, upgradeToH2 } from "../forward/Http2Upstream.ts"
+import { agentUpstream, type Upstream } from "../forward/Upstream.ts"
+import { type ListenerError, Listeners } from "../Listeners.ts"
+
+/** Where the tunnel port listens by default (loopback: exposing it is the operator's choice). */
+export const DefaultTunnelAddress = { host: "127.0.0.1", port: 9443 } as const
+/** Time a new connection has for its preamble (authenticated mode) and the backend's first SETTINGS. */
+export const DefaultHandshakeTimeout: Duration.Duration = Duration.seconds(10)
+/** Largest preamble (`Hello`) accepted; room for a few TLS routes with certificate chains. */
+export const DefaultMaxPreambleBytes = 256 * 1024
+/** How often each backend connection is PINGed. */
+export const DefaultPingInterval: Duration.Duration = Duration.seconds(15)
+/** How long a PING may go unanswered before the connection is dropped. */
+export const DefaultPingTimeout: Duration.Duration = Duration.seconds(10)
+/** Most backend connections on the tunnel port at once. */
+export const DefaultMaxConnections = 4_096
+/** Most concurrent streams the gateway opens on one connection, whatever the backend allows. */
+export const DefaultMaxStreamsPerConnection = 1_024
+/** Most public requests waiting for a free stream slot, over the whole port. */
+export const DefaultMaxQueuedRequests = 1_024
+/** How long a request waits for a free stream slot before a 503 (ms). */
+export const DefaultQueueTimeoutMs = 30_000
+/** Receive window the gateway grants per stream (bytes): bounds what one response can have in flight. */
+export const DefaultStreamWindowBytes = 1024 * 1024
+/** Receive window the gateway grants per connection (bytes). */
+export const DefaultConnectionWindowBytes = 16 * 1024 * 1024
+/** Largest header block the gateway accepts from a backend (bytes). */
+export const DefaultMaxHeaderListBytes = 64 * 1024
+/** Times a request refused unprocessed (GOAWAY race, REFUSED_STREAM) is tried on another connection. */
+export const MaxRefusedRetries = 3
+/** Recent connection failures kept for inspection. */
+export const MaxRecentFailures = 32
+/** Authority given to the HTTP/2 client session; requests carry the public `:authority`. */
+const SessionAuthority = "http://reverse-h2.invalid"
+
+export interface ReverseH2Config {
+  /** Where the tunnel port listens (default `127.0.0.1:9443`; port 0 picks one). */
+  readonly address?: { readonly host?: string | undefined; readonly port?: number | undefined } | undefined
+  /**
+   * Routes every plain-mode connection serves, and an authenticated connection whose `Hello` names none.
+   * HTTP routes only (`Http`, or `Tls` with `then: "http"`).
+   */
+  readonly routes?: ReadonlyArray<RouteDefinition> | undefined
+  /** Grants for authenticated mode; when absent the port runs in plain mode (no preamble). */
+  readonly tokens?: ReadonlyArray<TokenGrant> | undefined
+  /** Serve the tunnel port over TLS (the backend is the TLS client); PEM texts. */
+  readonly tls?: { readonly cert: string; readonly key: string } | undefined
+  /** Accept tokens over plain TCP from non-loopback peers (off by default: use TLS). */
+  readonly allowTokensOverPlainTcp?: boolean | undefined
+  readonly handshakeTimeout?: Duration.Input | undefined
+  readonly maxPreambleBytes?: number | undefined
+  readonly pingInterval?: Duration.Input | undefined
+  readonly pingTimeout?: Duration.Input | undefined
+  readonly maxConnections?: number | undefined
+  readonly maxStreamsPerConnection?: number | undefined
+  readonly maxQueuedRequests?: number | undefined
+  readonly queueTimeoutMs?: number | undefined
+  readonly streamWindowBytes?: number | undefined
+  readonly connectionWindowBytes?: number | undefined
+  /** Time allowed for a backend's response head (ms, 0 = none). */
+  readonly responseTimeoutMs?: number | undefined
+  /** Idle limit on responses and upgraded streams (ms, 0 = none). */
+  readonly idleTimeoutMs?: number | undefined
+  /** `X-Forwarded-*` handling toward backends (default `replace`). */
+  readonly forwardedHeaders?: ForwardedMode | undefined
+}
+
+/** A tunnel connection or the port itself failed; the connection is closed, the port keeps serving. */
+export class ReverseH2Error extends Schema.TaggedError<ReverseH2Error>()("ReverseH2Error", {
+  reason: Schema.Literals(["Config", "Listen", "HandshakeTimeout", "BadPreamble", "BadPreface", "Rejected", "Insecure", "PingTimeout", "Bind"]),
+  message: Schema.String
+}) {}
+
+export interface ReverseH2Shape {
+  /** The bound tunnel address. */
+  readonly address: { readonly host: string; readonly port: number }
+  /** Whether connections must authenticate with a preamble. */
+  readonly authenticated: boolean
+  /** Live backend connections (registered and serving). */
+  readonly connections: () => number
+  /** Streams open toward backends. */
+  readonly activeStreams: () => number
+  /** Public requests waiting for a free stream slot. */
+  readonly queued: () => number
+  /** The latest connection failures, oldest first (at most `MaxRecentFailures`). */
+  readonly recentFailures: () => ReadonlyArray<ReverseH2Error>
+}
+
+export class ReverseH2 extends Context.Service<ReverseH2, ReverseH2Shape>()("switchyard/ReverseH2") {
+  /** The tunnel port; its connections' routes are bound on the shared public listeners. */
+  static readonly layer = (config: ReverseH2Config): Layer.Layer<ReverseH2, ReverseH2Error, Listeners> =>
+    Layer.effect(ReverseH2, make(config))
+}
+
+/** Whether a route can be served by an HTTP/2 backend (the gateway speaks HTTP to it). */
+export const isHttpRoute = (route: RouteDefinition): boolean =>
+  route._tag === "Http" || (route._tag === "Tls" && route.then === "http")
+
+const isLoopback = (address: string | undefined): boolean =>
+  address === "127.0.0.1" || address === "::1" || address === "::ffff:127.0.0.1" || (address?.startsWith("127.") ?? false)
+
+/** One backend connection: its session, stream slots and state. */
+interface H2Connection {
+  readonly backend: Backend
+  readonly describe: string
+  session: http2.ClientHttp2Session | undefined
+  /** Streams the gateway has open on it. */
+  active: number
+  /** min(backend's SETTINGS_MAX_CONCURRENT_STREAMS, the configured cap). */
+  maxStreams: number
+  /** The backend advertised SETTINGS_ENABLE_CONNECT_PROTOCOL. */
+  extendedConnect: boolean
+  ready: boolean
+  draining: boolean
+  closed: boolean
+}
+
+const hasCapacity = (c: H2Connection): boolean => c.ready && !c.closed && !c.draining && c.active < c.maxStreams
+
+/** A public request waiting for a stream slot on its route. */
+interface Waiter {
+  readonly backends: ReadonlyArray<Backend>
+  readonly start: (conn: H2Connection) => void
+  readonly expire: () => void
+  timer: ReturnType<typeof setTimeout> | undefined
+}
+
+/** The `Upstream` every reverse-HTTP/2 backend carries: never used, its requests go through `forwardHttp`. */
+const unusedUpstream = (): Upstream => {
+  const fail = () => {
+    const s = new PassThrough()
+    queueMicrotask(() => s.destroy(new Error("reverse-HTTP/2 backends take requests over HTTP/2")))
+    return s
+  }
+  const agent = new http.Agent({ keepAlive: false, maxSockets: 1 })
+  ;(agent as unknown as { createConnection: () => PassThrough }).createConnection = fail
+  return agentUpstream({ describe: "reverse-h2", agent, connect: fail })
+}
+
+const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
+  const listeners = yield* Listeners
+  const authenticated = config.tokens !== undefined
+  const policy = makeTokenPolicy(config.tokens ?? [])
+  const defaultRoutes = config.routes ?? []
+  const badRoute = defaultRoutes.find((r) => !isHttpRoute(r))
+  if (badRoute !== undefined) {
+    return yield* new ReverseH2Error({ reason: "Config", message: `reverse-HTTP/2 routes must be HTTP routes, not ${describeRoute(badRoute)}` })
+  }
+  if (!authenticated && defaultRoutes.length === 0) {
+    return yield* new ReverseH2Error({ reason: "Config", message: "a plain reverse-HTTP/2 port needs at least one route" })
+  }
+  const handshakeTimeout = Duration.fromInputUnsafe(config.handshakeTimeout ?? DefaultHandshakeTimeout)
+  const maxPreambleBytes = config.maxPreambleBytes ?? DefaultMaxPreambleBytes
+  const pingInterval = Duration.fromInputUnsafe(config.pingInterval ?? DefaultPingInterval)
+  const pingTimeout = Duration.fromInputUnsafe(config.pingTimeout ?? DefaultPingTimeout)
+  const maxStreamsCap = config.maxStreamsPerConnection ?? DefaultMaxStreamsPerConnection
+  const maxQueued = config.maxQueuedRequests ?? DefaultMaxQueuedRequests
+  const queueTimeoutMs = config.queueTimeoutMs ?? DefaultQueueTimeoutMs
+  const streamWindow = config.streamWindowBytes ?? DefaultStreamWindowBytes
+  const connectionWindow = config.connectionWindowBytes ?? DefaultConnectionWindowBytes
+  const errors = plainErrors
+  const upstream = unusedUpstream()
+
+  const byBackend = new WeakMap<Backend, H2Connection>()
+  const live = new Set<H2Connection>()
+  const waiters: Array<Waiter> = []
+  const failures: Array<ReverseH2Error> = []
+  let streams = 0
+  let nextId = 0
+
+  const recordFailure = (error: ReverseH2Error) =>
+    Effect.suspend(() => {
+      if (failures.length >= MaxRecentFailures) failures.shift()
+      failures.push(error)
+      return Effect.logWarning(`reverse-h2: ${error.reason}: ${error.message}`)
+    })
+
+  // ---------------------------------------------------------------------------------------------
+  // Picking a connection with a free stream slot; waiting, bounded, when there is none.
+
+  const pickConnection = (backends: ReadonlyArray<Backend>, needConnect: boolean): H2Connection | undefined => {
+    let best: H2Connection | undefined
+    for (const backend of backends) {
+      const conn = byBackend.get(backend)
+      if (conn === undefined || !hasCapacity(conn) || (needConnect && !conn.extendedConnect)) continue
+      if (best === undefined || conn.active < best.active) best = conn
+    }
+    return best
+  }
+
+  const serveWaiters = () => {
+    for (let i = 0; i < waiters.length;) {
+      const waiter = waiters[i]!
+      const conn = pickConnection(waiter.backends, false)
+      if (conn === undefined) {
+        i++
+        continue
+      }
+      waiters.splice(i, 1)
+      if (waiter.timer !== undefined) clearTimeout(waiter.timer)
+      waiter.start(conn)
+    }
+  }
+
+  const enqueue = (backends: ReadonlyArray<Backend>, res: http.ServerResponse, start: (conn: H2Connection) => void): void => {
+    if (waiters.length >= maxQueued) {
+      sendError(res, errors, 503, `switchyard: ${maxQueued} requests already wait for an HTTP/2 stream; try again later`)
+      return
+    }
+    const waiter: Waiter = {
+      backends,
+      start,
+      expire: () => {
+        remove()
+        sendError(res, errors, 503, `switchyard: no HTTP/2 stream free on the route's backends within ${queueTimeoutMs} ms`)
+      },
+      timer: undefined
+    }
+    const remove = () => {
+      const index = waiters.indexOf(waiter)
+      if (index !== -1) waiters.splice(index, 1)
+      if (waiter.timer !== undefined) clearTimeout(waiter.timer)
+    }
+    if (queueTimeoutMs > 0) waiter.timer = setTimeout(waiter.expire, queueTimeoutMs)
+    waiters.push(waiter)
+    res.once("close", remove)
+  }
+
+  const forwardOptions = (conn: H2Connection, onDone: () => void, onRefused?: () => boolean): H2ForwardOptions => ({
+    forwardedMode: config.forwardedHeaders ?? "replace",
+    responseTimeoutMs: config.responseTimeoutMs ?? 0,
+    idleTimeoutMs: config.idleTimeoutMs ?? 0,
+    errors,
+    onError: (message) => Effect.runFork(Effect.logDebug(`reverse-h2 ${conn.describe}: ${message}`)),
+    onDone,
+    onRefused
+  })
+
+  /** Serves one public request on `conn`; moves the load figure off the leased backend when it differs. */
+  const forwardHttp = (req: http.IncomingMessage, res: http.ServerResponse, lease: BackendLease): void => {
+    let holder = lease.backend
+    let attempts = 0
+    const moveTo = (conn: H2Connection) => {
+      if (holder === conn.backend) return
+      if (holder === lease.backend) lease.release()
+      else holder.inFlight--
+      conn.backend.inFlight++
+      holder = conn.backend
+    }
+    const start = (conn: H2Connection): void => {
+      if (res.destroyed) return
+      moveTo(conn)
+      conn.active++
+      streams++
+      let released = false
+      const onDone = () => {
+        if (released) return
+        released = true
+        conn.active--
+        streams--
+        if (waiters.length > 0) serveWaiters()
+      }
+      forwardToH2(conn as H2Connection & { session: http2.ClientHttp2Session }, req, res, forwardOptions(conn, () => {
+        onDone()
+        if (res.writableFinished || res.destroyed) releaseHolder()
+      }, () => {
+        onDone()
+        if (++attempts > MaxRefusedRetries) return false
+        route()
+        return true
+      }))
+    }
+    const releaseHolder = () => {
+      if (holder !== lease.backend) {
+        holder.inFlight--
+        holder = lease.backend
+      }
+    }
+    res.once("close", releaseHolder)
+    const route = () => {
+      const own = byBackend.get(lease.backend)
+      const conn = own !== undefined && hasCapacity(own) ? own : pickConnection(lease.route.backends, false)
+      if (conn !== undefined) start(conn)
+      else enqueue(lease.route.backends, res, start)
+    }
+    route()
+  }
+
+  const upgradeHttp = (req: http.IncomingMessage, socket: import("node:stream").Duplex, head: Buffer, lease: BackendLease): void => {
+    const own = byBackend.get(lease.backend)
+    const conn = own !== undefined && hasCapacity(own) && own.extendedConnect ? own : pickConnection(lease.route.backends, true)
+    if (conn === undefined) {
+      const anyConnect = lease.route.backends.some((b) => byBackend.get(b)?.extendedConnect === true)
+      if (anyConnect) writeRawError(socket, errors, 503, "switchyard: no HTTP/2 stream free for an upgrade on the route's backends")
+      else {
+        writeRawError(
+          socket,
+          errors,
+          501,
+          `switchyard: the route's HTTP/2 backends cannot carry "Upgrade: ${req.headers.upgrade ?? ""}" (no SETTINGS_ENABLE_CONNECT_PROTOCOL)`
+        )
+      }
+      return
+    }
+    conn.active++
+    streams++
+    upgradeToH2(conn as H2Connection & { session: http2.ClientHttp2Session }, req, socket, head, forwardOptions(conn, () => {
+      conn.active--
+      streams--
+      if (waiters.length > 0) serveWaiters()
+    }))
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // One tunnel connection, from accept to close.
+
+  const fail = (reason: ReverseH2Error["reason"], message: string) => new ReverseH2Error({ reason, message })
+
+  /** Reads the framed `Hello`; hands back bytes read past it. */
+  const readHello = (socket: net.Socket) =>
+    Effect.callback<Hello, ReverseH2Error>((resume) => {
+      const reader = new FrameReader(maxPreambleBytes)
+      const cleanup = () => {
+        socket.off("data", onData)
+        socket.off("close", onClose)
+      }
+      const onClose = () => {
+        cleanup()
+        resume(Effect.fail(fail("BadPreamble", "the connection closed before its preamble")))
+      }
+      const onData = (chunk: Buffer) => {
+        const pushed = reader.push(chunk)
+        const body = pushed ?? reader.next()
+        if (body === undefined) return
+        cleanup()
+        socket.pause()
+        if (!(body instanceof Uint8Array)) return resume(Effect.fail(fail("BadPreamble", body.message)))
+        const rest = reader.remainder()
+        if (rest.length > 0) socket.unshift(rest)
+        const hello = decodeHello(body)
+        if (!("_tag" in hello) || hello._tag !== "Hello") {
+          return resume(Effect.fail(fail("BadPreamble", (hello as { message: string }).message)))
+        }
+        resume(Effect.succeed(hello))
+      }
+      socket.on("data", onData)
+      socket.on("close", onClose)
+      return Effect.sync(cleanup)
+    })
+
+  const writeReply = (socket: net.Socket, reply: Parameters<typeof encodeHelloReply>[0]) =>
+    Effect.callback<void>((resume) => {
+      socket.write(encodeHelloReply(reply), () => resume(Effect.void))
+    })
+
+  const reject = (socket: net.Socket, reason: RejectionReason, message: string, index?: number) =>
+    Effect.gen(function*() {
+      const rejected: Rejected = index === undefined
+        ? { _tag: "Rejected", reason, message }
+        : { _tag: "Rejected", reason, message, index }
+      yield* writeReply(socket, rejected).pipe(Effect.timeoutOption(handshakeTimeout))
+      socket.end()
+      return yield* fail("Rejected", `${reason}: ${message}`)
+    })
+
+  /** Which routes an authenticated `Hello` may serve, or the rejection to send. */
+  const authorize = (hello: Hello): ReadonlyArray<RouteDefinition> | { reason: RejectionReason; message: string; index?: number } => {
+    if (hello.version !== ProtocolVersion) return { reason: "Version", message: `protocol version ${ProtocolVersion} expected, got ${hello.version}` }
+    const grant = policy.authenticate(hello.token)
+    if (grant === undefined) return { reason: "BadToken", message: "unknown token" }
+    const routes = hello.listeners.length > 0 ? hello.listeners : defaultRoutes
+    if (routes.length === 0) return { reason: "Malformed", message: "no routes asked for and none configured" }
+    for (let index = 0; index < routes.length; index++) {
+      const route = routes[index]!
+      if (!isHttpRoute(route)) return { reason: "Malformed", message: `reverse-HTTP/2 serves HTTP routes only, not ${describeRoute(route)}`, index }
+      const refusal = policy.authorize(grant, route)
+      if (refusal !== undefined) {
+        return refusal._tag === "PortNotAllowed"
+          ? { reason: "PortNotAllowed", message: `port ${refusal.port} is not granted to this token`, index }
+          : { reason: "DomainNotAllowed", message: `domain ${refusal.domainSuffix ?? "(none)"} is not granted to this token`, index }
+      }
+    }
+    return routes
+  }
+
+  const bindAll = (conn: H2Connection, routes: ReadonlyArray<RouteDefinition>) =>
+    Effect.forEach(routes, (route, index) =>
+      listeners.bind(route, conn.backend).pipe(
+        Effect.map((bound): BoundListener => ({ listenerId: index, route: bound.route })),
+        Effect.mapError((error: ListenerError) => ({ error, index }))
+      ))
+
+  /** Starts the HTTP/2 client on the socket and waits for the backend's first SETTINGS. */
+  const startSession = (conn: H2Connection, socket: net.Socket) =>
+    Effect.callback<http2.ClientHttp2Session, ReverseH2Error>((resume) => {
+      const session = http2.connect(SessionAuthority, {
+        createConnection: () => socket,
+        settings: { enablePush: false, initialWindowSize: streamWindow, maxHeaderListSize: DefaultMaxHeaderListBytes },
+        maxHeaderListPairs: DefaultMaxHeaderListBytes / 32
+      })
+      conn.session = session
+      let settled = false
+      session.on("error", (error: Error & { code?: string }) => {
+        if (settled) return
+        settled = true
+        resume(Effect.fail(fail("BadPreface", `${conn.describe} did not speak HTTP/2: ${error.code ?? error.message}`)))
+      })
+      session.once("connect", () => {
+        if (!session.destroyed) session.setLocalWindowSize(connectionWindow)
+      })
+      session.once("remoteSettings", () => {
+        if (settled) return
+        settled = true
+        resume(Effect.succeed(session))
+      })
+      session.once("close", () => {
+        if (settled) return
+        settled = true
+        resume(Effect.fail(fail("BadPreface", `${conn.describe} closed before sending HTTP/2 SETTINGS`)))
+      })
+    })
+
+  const ping = (session: http2.ClientHttp2Session) =>
+    Effect.callback<boolean>((resume) => {
+      try {
+        const sent = session.ping((error) => resume(Effect.succeed(error === null)))
+        if (!sent) resume(Effect.succeed(false))
+      } catch {
+        resume(Effect.succeed(false))
+      }
+    })
+
+  /** PINGs every interval; fails when one is not answered in time (or cannot be sent). */
+  const healthLoop = (conn: H2Connection, session: http2.ClientHttp2Session) =>
+    Effect.gen(function*() {
+      for (;;) {
+        yield* Effect.sleep(pingInterval)
+        // a draining connection is closing on its own; its streams are not cut for a missed PING
+        if (conn.draining) continue
+        const answered = yield* ping(session).pipe(Effect.timeoutOption(pingTimeout))
+        if (Option.isNone(answered) || !answered.value) {
+          return yield* fail("PingTimeout", `${conn.describe} did not answer a PING within ${Duration.format(pingTimeout)}`)
+        }
+      }
+    })
+
+  const awaitClose = (session: http2.ClientHttp2Session) =>
+    Effect.callback<void>((resume) => {
+      if (session.closed || session.destroyed) return resume(Effect.void)
+      session.once("close", () => resume(Effect.void))
+    })
+
+  const serveConnection = (socket: net.Socket, secure: boolean) =>
+    Effect.gen(function*() {
+      yield* Effect.addFinalizer(() => Effect.sync(() => socket.destroy()))
+      socket.setNoDelay(true)
+      const remote = `${socket.remoteAddress ?? "?"}:${socket.remotePort ?? 0}`
+      const id = `h2-${++nextId}`
+      let label = `h2 ${remote}`
+      let routes = defaultRoutes
+      let hello = false
+      if (authenticated) {
+        if (!secure && !config.allowTokensOverPlainTcp && !isLoopback(socket.remoteAddress)) {
+          return yield* fail("Insecure", `${remote}: tokens are not accepted over plain TCP from non-loopback peers`)
+        }
+        const got = yield* readHello(socket).pipe(
+          Effect.timeoutOrElse({
+            duration: handshakeTimeout,
+            orElse: () => Effect.fail(fail("HandshakeTimeout", `${remote} sent no preamble within ${Duration.format(handshakeTimeout)}`))
+          })
+        )
+        const decided = authorize(got)
+        if (!Array.isArray(decided)) {
+          const refusal = decided as { reason: RejectionReason; message: string; index?: number }
+          return yield* reject(socket, refusal.reason, refusal.message, refusal.index)
+        }
+        routes = decided
+        if (got.label !== undefined) label = `h2 ${remote} "${got.label}"`
+        hello = true
+      }
+      const conn: H2Connection = {
+        backend: undefined as unknown as Backend,
+        describe: label,
+        session: undefined,
+        active: 0,
+        maxStreams: 0,
+        extendedConnect: false,
+        ready: false,
+        draining: false,
+        closed: false
+      }
+      const backend: Backend = {
+        id,
+        label,
+        inFlight: 0,
+        upstream,
+        connect: () =>
+          Effect.fail(new BackendUnavailable({ reason: "OpenFailed", message: `${label} serves HTTP routes only; raw TCP is not carried` })),
+        isClosed: () => conn.closed || conn.draining,
+        forwardHttp,
+        upgradeHttp
+      }
+      ;(conn as { backend: Backend }).backend = backend
+      byBackend.set(backend, conn)
+      yield* Effect.addFinalizer(() =>
+        Effect.sync(() => {
+          conn.closed = true
+          live.delete(conn)
+          conn.session?.destroy()
+          // requests waiting for this connection may find another one, or keep waiting
+          if (waiters.length > 0) serveWaiters()
+        })
+      )
+      const bindOrReject = (announce: boolean) =>
+        bindAll(conn, routes).pipe(
+          Effect.catch(({ error, index }) =>
+            announce
+              ? reject(socket, error.reason === "BindFailed" ? "BindFailed" : error.reason === "Limit" ? "Limit" : "Conflict", error.message, index)
+              : Effect.fail(fail("Bind", error.message))
+          )
+        )
+      if (hello) {
+        // authenticated: bind first so the Welcome can say what was bound, then start HTTP/2
+        const bound = yield* bindOrReject(true)
+        yield* writeReply(socket, { _tag: "Welcome", version: ProtocolVersion, sessionId: id, listeners: bound })
+      }
+      const session = yield* startSession(conn, socket).pipe(
+        Effect.timeoutOrElse({
+          duration: handshakeTimeout,
+          orElse: () => Effect.fail(fail("HandshakeTimeout", `${label} sent no HTTP/2 SETTINGS within ${Duration.format(handshakeTimeout)}`))
+        })
+      )
+      const applySettings = () => {
+        const remoteMax = session.remoteSettings.maxConcurrentStreams ?? maxStreamsCap
+        conn.maxStreams = Math.min(remoteMax, maxStreamsCap)
+        conn.extendedConnect = session.remoteSettings.enableConnectProtocol === true
+        if (waiters.length > 0) serveWaiters()
+      }
+      applySettings()
+      session.on("remoteSettings", applySettings)
+      session.on("error", () => {})
+      session.on("goaway", () => {
+        // a graceful drain: streams in flight finish, new requests go to other connections
+        conn.draining = true
+      })
+      if (!hello) yield* bindOrReject(false)
+      conn.ready = true
+      live.add(conn)
+      if (waiters.length > 0) serveWaiters()
+      yield* Effect.logDebug(`reverse-h2: ${label} serving ${routes.map(describeRoute).join(", ")}`)
+      yield* Effect.raceFirst(awaitClose(session), healthLoop(conn, session))
+    })
+
+  // ---------------------------------------------------------------------------------------------
+  // The port.
+
+  const fibers = yield* FiberSet.make()
+  const run = yield* FiberSet.runtime(fibers)<never>()
+  const sockets = new Set<net.Socket>()
+
+  const accept = (socket: net.Socket, secure: boolean) => {
+    sockets.add(socket)
+    socket.on("error", () => socket.destroy())
+    socket.once("close", () => sockets.delete(socket))
+    const fiber = run(
+      serveConnection(socket, secure).pipe(
+        Effect.scoped,
+        Effect.catch((error: ReverseH2Error) => recordFailure(error))
+      )
+    )
+    fiber.addObserver((exit) => {
+      if (Exit.isFailure(exit)) socket.destroy()
+    })
+  }
+
+  const server: net.Server = config.tls === undefined
+    ? net.createServer({ noDelay: true }, (socket) => accept(socket, false))
+    : tls.createServer({
+      cert: config.tls.cert,
+      key: config.tls.key,
+      ALPNProtocols: ["h2"],
+      handshakeTimeout: Duration.toMillis(handshakeTimeout)
+    }).on("secureConnection", (socket: tls.TLSSocket) => accept(socket, true))
+      .on("tlsClientError", (_error: Error, socket: net.Socket) => socket.destroy())
+  server.maxConnections = config.maxConnections ?? DefaultMaxConnections
+  const host = config.address?.host ?? DefaultTunnelAddress.host
+  const port = config.address?.port ?? DefaultTunnelAddress.port
+  const bound = yield* Effect.acquireRelease(
+    Effect.callback<net.AddressInfo, ReverseH2Error>((resume) => {
+      const onError = (error: NodeJS.ErrnoException) =>
+        resume(Effect.fail(fail("Listen", `cannot listen on ${host}:${port}: ${error.code ?? error.message}`)))
+      server.once("error", onError)
+      server.listen({ host, port }, () => {
+        server.off("error", onError)
+        server.on("error", () => {})
+        resume(Effect.succeed(server.address() as net.AddressInfo))
+      })
+    }),
+    () =>
+      Effect.callback<void>((resume) => {
+        server.close(() => resume(Effect.void))
+        for (const socket of sockets) socket.destroy()
+      })
+  )
+  yield* Effect.addFinalizer(() =>
+    Effect.sync(() => {
+      for (const waiter of waiters.splice(0)) {
+        if (waiter.timer !== undefined) clearTimeout(waiter.timer)
+        waiter.expire()
+      }
+    })
+  )
+
+  return ReverseH2.of({
+    address: { host: bound.address, port: bound.port },
+    authenticated,
+    connections: () => live.size,
+    activeStreams: () => streams,
+    queued: () => waiters.length,
+    recentFailures: () => [...failures]
+  })
+})
+
+/** For callers that build scopes by hand. */
+export const makeReverseH2 = (config: ReverseH2Config): Effect.Effect<ReverseH2Shape, ReverseH2Error, Listeners | Scope.Scope> => make(config)
