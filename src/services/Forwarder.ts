@@ -86,255 +86,275 @@ const errorText = (err: Error & { code?: string }): string => err.code ?? err.me
 const unsupportedCoding = (te: string | undefined): boolean => te !== undefined && te.trim().toLowerCase() !== "chunked"
 
 /** Builds the forwarding core; the agent (when owned) and every live tunnel close with the scope. */
-export const makeForwarder = (config: ForwarderConfig): Effect.Effect<ForwarderShape, never, Scope.Scope> =>
-  Effect.gen(function*() {
-    const upstream = config.upstream
-    const errors = config.errors ?? plainErrors
-    const forwardedMode: ForwardedMode = config.forwardedHeaders ?? (upstream.local ? "off" : "replace")
-    const tunnels = new Set<Duplex>()
-    let requests = 0
-    let closed = false
-    const report = config.onUpstreamError ?? (() => {})
+export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<ForwarderShape, never, Scope.Scope> = Effect.fn(
+  "Forwarder.make"
+)(function*(config: ForwarderConfig) {
+  const upstream = config.upstream
+  const errors = config.errors ?? plainErrors
+  const forwardedMode: ForwardedMode = config.forwardedHeaders ?? (upstream.local ? "off" : "replace")
+  const tunnels = new Set<Duplex>()
+  let requests = 0
+  let closed = false
+  const report = config.onUpstreamError ?? (() => {})
 
-    yield* Effect.addFinalizer(() =>
-      Effect.sync(() => {
-        closed = true
-        for (const s of tunnels) s.destroy()
-        tunnels.clear()
-        if (upstream.owned) upstream.agent.destroy()
-      })
-    )
+  yield* Effect.addFinalizer(() =>
+    Effect.sync(() => {
+      closed = true
+      for (const s of tunnels) s.destroy()
+      tunnels.clear()
+      if (upstream.owned) upstream.agent.destroy()
+    })
+  )
 
-    const outgoing = (req: http.IncomingMessage, upgrade: boolean, options: ForwardOptions | undefined): OutgoingRequest => {
-      const socket = req.socket as Duplex & { remoteAddress?: string; encrypted?: boolean }
-      const out: OutgoingRequest = {
-        method: req.method ?? "GET",
-        path: options?.path ?? req.url ?? "/",
-        headers: requestHeaders(
-          req.rawHeaders,
-          upgrade,
-          forwardedMode,
-          forwardedMode === "off"
-            ? undefined
-            : { clientAddress: socket.remoteAddress, proto: socket.encrypted ? "https" : "http", host: req.headers.host }
-        ),
-        upstream
+  const outgoing = (req: http.IncomingMessage, upgrade: boolean, options: ForwardOptions | undefined): OutgoingRequest => {
+    const socket = req.socket as Duplex & { remoteAddress?: string; encrypted?: boolean }
+    const out: OutgoingRequest = {
+      method: req.method ?? "GET",
+      path: options?.path ?? req.url ?? "/",
+      headers: requestHeaders(
+        req.rawHeaders,
+        upgrade,
+        forwardedMode,
+        forwardedMode === "off"
+          ? undefined
+          : { clientAddress: socket.remoteAddress, proto: socket.encrypted ? "https" : "http", host: req.headers.host }
+      ),
+      upstream
+    }
+    options?.director?.(out, req)
+    return out
+  }
+
+  const forward = (req: http.IncomingMessage, res: http.ServerResponse, options?: ForwardOptions): void => {
+    if (closed) {
+      sendError(res, errors, 503, "switchyard: shutting down")
+      return
+    }
+    const te = headerValue(req.rawHeaders, "transfer-encoding")
+    if (unsupportedCoding(te)) {
+      sendError(res, errors, 501, `switchyard: unsupported Transfer-Encoding "${te}"`)
+      return
+    }
+    const out = outgoing(req, false, options)
+    if (te !== undefined) out.headers.push("Transfer-Encoding", "chunked")
+    else markEmptyBody(out, te)
+    const length = headerValue(out.headers, "content-length")
+    const bodyless = te === undefined && (length === undefined || length === "0")
+    const target = out.upstream
+    const responseTimeout = options?.responseTimeoutMs ?? config.responseTimeoutMs
+    const idleTimeout = options?.idleTimeoutMs ?? config.idleTimeoutMs
+    let phase: "head" | "body" | "done" = "head"
+    let cancelled = false
+    let upReq: http.ClientRequest
+    requests++
+    const finish = () => {
+      if (phase !== "done") {
+        phase = "done"
+        requests--
       }
-      options?.director?.(out, req)
-      return out
     }
 
-    const forward = (req: http.IncomingMessage, res: http.ServerResponse, options?: ForwardOptions): void => {
-      if (closed) {
-        sendError(res, errors, 503, "switchyard: shutting down")
-        return
-      }
-      const te = headerValue(req.rawHeaders, "transfer-encoding")
-      if (unsupportedCoding(te)) {
-        sendError(res, errors, 501, `switchyard: unsupported Transfer-Encoding "${te}"`)
-        return
-      }
-      const out = outgoing(req, false, options)
-      if (te !== undefined) out.headers.push("Transfer-Encoding", "chunked")
-      else markEmptyBody(out, te)
-      const length = headerValue(out.headers, "content-length")
-      const bodyless = te === undefined && (length === undefined || length === "0")
-      const target = out.upstream
-      const responseTimeout = options?.responseTimeoutMs ?? config.responseTimeoutMs
-      const idleTimeout = options?.idleTimeoutMs ?? config.idleTimeoutMs
-      let phase: "head" | "body" | "done" = "head"
-      let cancelled = false
-      let upReq: http.ClientRequest
-      requests++
-      const finish = () => {
-        if (phase !== "done") {
-          phase = "done"
-          requests--
-        }
-      }
-
-      const onResponse = (upRes: http.IncomingMessage): void => {
-        phase = "body"
-        upReq.setTimeout(idleTimeout)
+    const onResponse = (upRes: http.IncomingMessage): void => {
+      phase = "body"
+      upReq.setTimeout(idleTimeout)
+      try {
         res.writeHead(upRes.statusCode ?? 502, upRes.statusMessage, responseHeaders(upRes.rawHeaders))
-        // A response without a length is a stream (events, logs, progress): send its head now.
-        if (headerValue(upRes.rawHeaders, "content-length") === undefined) res.flushHeaders()
-        upRes.pipe(res, { end: false })
-        upRes.on("end", () => {
-          if (upRes.rawTrailers.length > 0) res.addTrailers(trailerPairs(upRes.rawTrailers))
-          res.end()
-          finish()
-        })
-        upRes.on("error", () => res.destroy())
-        upRes.on("close", () => {
-          if (!upRes.complete) res.destroy()
-        })
+      } catch (e) {
+        // Node refuses some heads it can parse (e.g. a Trailer header toward an HTTP/1.0 client).
+        upRes.destroy()
+        report(`upstream ${target.describe} sent a response head that cannot be relayed: ${(e as Error).message}`)
+        sendError(res, errors, 502, `switchyard: upstream ${target.describe} sent a response that cannot be relayed`)
+        finish()
+        return
       }
-
-      const send = (retry: boolean): void => {
-        upReq = http.request({
-          ...target.target,
-          agent: target.agent,
-          method: out.method,
-          path: out.path,
-          headers: out.headers,
-          setHost: false
-        })
-        const sent = upReq
-        sent.on("timeout", () => {
-          const what = phase === "head" ? "did not answer in time" : "was idle too long"
-          report(`upstream ${target.describe} ${what}: ${out.method} ${out.path}`)
-          sent.destroy(Object.assign(new Error(what), { code: phase === "head" ? "SWITCHYARD_TIMEOUT" : "SWITCHYARD_IDLE" }))
-        })
-        if (responseTimeout > 0) sent.setTimeout(responseTimeout)
-        sent.on("error", (err: Error & { code?: string }) => {
-          if (cancelled) {
-            finish()
-            return
+      // A response without a length is a stream (events, logs, progress): send its head now.
+      if (headerValue(upRes.rawHeaders, "content-length") === undefined) res.flushHeaders()
+      upRes.pipe(res, { end: false })
+      upRes.on("end", () => {
+        if (upRes.rawTrailers.length > 0) {
+          try {
+            res.addTrailers(trailerPairs(upRes.rawTrailers))
+          } catch {
+            // trailers this response cannot carry are dropped; the body is complete
           }
-          if (res.headersSent) {
-            res.destroy()
-          } else if (retry && bodyless && sent.reusedSocket && err.code === "ECONNRESET") {
-            // A pooled connection the upstream closed while idle: nothing was processed; try once more.
-            send(false)
-            return
-          } else if (err.code === "SWITCHYARD_TIMEOUT") {
-            sendError(res, errors, 504, `switchyard: upstream ${target.describe} timed out before answering`)
-          } else {
-            report(`upstream ${target.describe} unreachable: ${errorText(err)}`)
-            sendError(res, errors, 502, `switchyard: upstream ${target.describe} unreachable (${errorText(err)})`)
-          }
-          finish()
-        })
-        sent.on("response", onResponse)
-        if (bodyless) {
-          sent.end()
-        } else {
-          req.pipe(sent, { end: false })
-          req.on("end", () => {
-            if (req.rawTrailers.length > 0) sent.addTrailers(trailerPairs(req.rawTrailers))
-            sent.end()
-          })
         }
-      }
-
-      // The client went away before the exchange finished: cancel the upstream request.
-      res.on("close", () => {
-        if (!res.writableFinished) {
-          cancelled = true
-          upReq.destroy()
-        }
+        res.end()
         finish()
       })
-      req.on("error", () => {
-        cancelled = true
-        upReq.destroy()
+      upRes.on("error", () => res.destroy())
+      upRes.on("close", () => {
+        if (!upRes.complete) res.destroy()
       })
-      send(true)
     }
 
-    const upgrade = (req: http.IncomingMessage, socket: Duplex, head: Buffer, options?: ForwardOptions): void => {
-      if (closed) {
-        writeRawError(socket, errors, 503, "switchyard: shutting down")
-        return
-      }
-      const out = outgoing(req, true, options)
-      markEmptyBody(out, undefined)
-      const target = out.upstream
-      const responseTimeout = options?.responseTimeoutMs ?? config.responseTimeoutMs
-      const idleTimeout = options?.idleTimeoutMs ?? config.idleTimeoutMs
-      tunnels.add(socket)
-      let upSocket: Duplex | undefined
-      const teardown = () => {
-        tunnels.delete(socket)
-        socket.destroy()
-        if (upSocket) {
-          tunnels.delete(upSocket)
-          upSocket.destroy()
-        }
-      }
-      const upReq = http.request({
+    const send = (retry: boolean): void => {
+      upReq = http.request({
         ...target.target,
-        createConnection: target.connect as never,
+        agent: target.agent,
         method: out.method,
         path: out.path,
         headers: out.headers,
         setHost: false
       })
-      let answered = false
-      if (responseTimeout > 0) {
-        upReq.setTimeout(responseTimeout, () => {
-          if (answered) return
-          answered = true
-          writeRawError(socket, errors, 504, `switchyard: upstream ${target.describe} timed out before answering`)
-          upReq.destroy()
-          tunnels.delete(socket)
+      const sent = upReq
+      sent.on("timeout", () => {
+        const what = phase === "head" ? "did not answer in time" : "was idle too long"
+        report(`upstream ${target.describe} ${what}: ${out.method} ${out.path}`)
+        sent.destroy(Object.assign(new Error(what), { code: phase === "head" ? "SWITCHYARD_TIMEOUT" : "SWITCHYARD_IDLE" }))
+      })
+      if (responseTimeout > 0) sent.setTimeout(responseTimeout)
+      sent.on("error", (err: Error & { code?: string }) => {
+        if (cancelled) {
+          finish()
+          return
+        }
+        if (res.headersSent) {
+          res.destroy()
+        } else if (retry && bodyless && sent.reusedSocket && err.code === "ECONNRESET") {
+          // A pooled connection the upstream closed while idle: nothing was processed; try once more.
+          send(false)
+          return
+        } else if (err.code === "SWITCHYARD_TIMEOUT") {
+          sendError(res, errors, 504, `switchyard: upstream ${target.describe} timed out before answering`)
+        } else {
+          report(`upstream ${target.describe} unreachable: ${errorText(err)}`)
+          sendError(res, errors, 502, `switchyard: upstream ${target.describe} unreachable (${errorText(err)})`)
+        }
+        finish()
+      })
+      sent.on("response", onResponse)
+      if (bodyless) {
+        sent.end()
+      } else {
+        req.pipe(sent, { end: false })
+        req.on("end", () => {
+          if (req.rawTrailers.length > 0) sent.addTrailers(trailerPairs(req.rawTrailers))
+          sent.end()
         })
       }
-      upReq.on("error", (err: Error & { code?: string }) => {
-        if (answered) return
-        answered = true
-        report(`upstream ${target.describe} unreachable: ${errorText(err)}`)
-        writeRawError(socket, errors, 502, `switchyard: upstream ${target.describe} unreachable (${errorText(err)})`)
-        tunnels.delete(socket)
-      })
-      socket.on("error", () => teardown())
-      socket.on("close", () => {
-        if (!answered) upReq.destroy()
-        tunnels.delete(socket)
-      })
-      upReq.on("upgrade", (upRes: http.IncomingMessage, up: Duplex, upHead: Buffer) => {
-        answered = true
-        upSocket = up
-        tunnels.add(up)
-        // Socket-backed connections count bytes both ways; other duplexes (tunnel streams) bring their own limits.
-        const timed = up as Duplex & { setTimeout?: (ms: number) => unknown }
-        if (typeof timed.setTimeout === "function") timed.setTimeout(idleTimeout)
-        up.on("timeout", () => {
-          report(`tunnel to ${target.describe} idle too long: ${out.method} ${out.path}`)
-          teardown()
-        })
-        let headText = `HTTP/1.1 ${upRes.statusCode} ${upRes.statusMessage ?? ""}\r\n`
-        const raw = upRes.rawHeaders
-        for (let i = 0; i < raw.length; i += 2) headText += `${raw[i]}: ${raw[i + 1]}\r\n`
-        socket.write(headText + "\r\n")
-        if (upHead.length > 0) socket.write(upHead)
-        if (head.length > 0) up.write(head)
-        up.on("error", () => teardown())
-        up.on("close", () => {
-          tunnels.delete(up)
-          if (!socket.writableFinished) socket.destroy()
-        })
-        socket.on("close", () => {
-          if (!up.writableFinished) up.destroy()
-        })
-        // pipe() ends the other side's writable when one side's readable ends: half-close carries over.
-        socket.pipe(up)
-        up.pipe(socket)
-      })
-      upReq.on("response", (upRes: http.IncomingMessage) => {
-        // The upstream declined the upgrade: relay its ordinary answer and close.
-        answered = true
-        let headText = `HTTP/1.1 ${upRes.statusCode} ${upRes.statusMessage ?? ""}\r\n`
-        const raw = responseHeaders(upRes.rawHeaders)
-        for (let i = 0; i < raw.length; i += 2) headText += `${raw[i]}: ${raw[i + 1]}\r\n`
-        socket.write(headText + "Connection: close\r\n\r\n")
-        upRes.pipe(socket)
-        upRes.on("close", () => {
-          tunnels.delete(socket)
-          if (!upRes.complete) socket.destroy()
-        })
-      })
-      upReq.end()
     }
 
-    return {
-      upstream,
-      forward,
-      upgrade,
-      active: () => ({ requests, tunnels: tunnels.size })
-    } satisfies ForwarderShape
-  })
+    // The client went away before the exchange finished: cancel the upstream request.
+    res.on("close", () => {
+      if (!res.writableFinished) {
+        cancelled = true
+        upReq.destroy()
+      }
+      finish()
+    })
+    req.on("error", () => {
+      cancelled = true
+      upReq.destroy()
+    })
+    send(true)
+  }
+
+  const upgrade = (req: http.IncomingMessage, socket: Duplex, head: Buffer, options?: ForwardOptions): void => {
+    if (closed) {
+      writeRawError(socket, errors, 503, "switchyard: shutting down")
+      return
+    }
+    const out = outgoing(req, true, options)
+    markEmptyBody(out, undefined)
+    const target = out.upstream
+    const responseTimeout = options?.responseTimeoutMs ?? config.responseTimeoutMs
+    const idleTimeout = options?.idleTimeoutMs ?? config.idleTimeoutMs
+    tunnels.add(socket)
+    let upSocket: Duplex | undefined
+    const teardown = () => {
+      tunnels.delete(socket)
+      socket.destroy()
+      if (upSocket) {
+        tunnels.delete(upSocket)
+        upSocket.destroy()
+      }
+    }
+    const upReq = http.request({
+      ...target.target,
+      createConnection: target.connect as never,
+      method: out.method,
+      path: out.path,
+      headers: out.headers,
+      setHost: false
+    })
+    let answered = false
+    let cancelled = false
+    if (responseTimeout > 0) {
+      upReq.setTimeout(responseTimeout, () => {
+        if (answered) return
+        answered = true
+        writeRawError(socket, errors, 504, `switchyard: upstream ${target.describe} timed out before answering`)
+        upReq.destroy()
+        tunnels.delete(socket)
+      })
+    }
+    upReq.on("error", (err: Error & { code?: string }) => {
+      if (answered || cancelled) return
+      answered = true
+      report(`upstream ${target.describe} unreachable: ${errorText(err)}`)
+      writeRawError(socket, errors, 502, `switchyard: upstream ${target.describe} unreachable (${errorText(err)})`)
+      tunnels.delete(socket)
+    })
+    socket.on("error", () => teardown())
+    socket.on("close", () => {
+      if (!answered) {
+        cancelled = true
+        upReq.destroy()
+      }
+      tunnels.delete(socket)
+    })
+    upReq.on("upgrade", (upRes: http.IncomingMessage, up: Duplex, upHead: Buffer) => {
+      answered = true
+      upSocket = up
+      tunnels.add(up)
+      // Socket-backed connections count bytes both ways; other duplexes (tunnel streams) bring their own limits.
+      const timed = up as Duplex & { setTimeout?: (ms: number) => unknown }
+      if (typeof timed.setTimeout === "function") timed.setTimeout(idleTimeout)
+      up.on("timeout", () => {
+        report(`tunnel to ${target.describe} idle too long: ${out.method} ${out.path}`)
+        teardown()
+      })
+      let headText = `HTTP/1.1 ${upRes.statusCode} ${upRes.statusMessage ?? ""}\r\n`
+      const raw = upRes.rawHeaders
+      for (let i = 0; i < raw.length; i += 2) headText += `${raw[i]}: ${raw[i + 1]}\r\n`
+      socket.write(headText + "\r\n")
+      if (upHead.length > 0) socket.write(upHead)
+      if (head.length > 0) up.write(head)
+      up.on("error", () => teardown())
+      up.on("close", () => {
+        tunnels.delete(up)
+        if (!socket.writableFinished) socket.destroy()
+      })
+      socket.on("close", () => {
+        if (!up.writableFinished) up.destroy()
+      })
+      // pipe() ends the other side's writable when one side's readable ends: half-close carries over.
+      socket.pipe(up)
+      up.pipe(socket)
+    })
+    upReq.on("response", (upRes: http.IncomingMessage) => {
+      // The upstream declined the upgrade: relay its ordinary answer and close.
+      answered = true
+      let headText = `HTTP/1.1 ${upRes.statusCode} ${upRes.statusMessage ?? ""}\r\n`
+      const raw = responseHeaders(upRes.rawHeaders)
+      for (let i = 0; i < raw.length; i += 2) headText += `${raw[i]}: ${raw[i + 1]}\r\n`
+      socket.write(headText + "Connection: close\r\n\r\n")
+      upRes.pipe(socket)
+      upRes.on("close", () => {
+        tunnels.delete(socket)
+        if (!upRes.complete) socket.destroy()
+      })
+    })
+    upReq.end()
+  }
+
+  return {
+    upstream,
+    forward,
+    upgrade,
+    active: () => ({ requests, tunnels: tunnels.size })
+  } satisfies ForwarderShape
+})
 
 /** The forwarding core as a service, for front doors that forward to one upstream. */
 export class Forwarder extends Context.Service<Forwarder, ForwarderShape>()("switchyard/Forwarder") {
