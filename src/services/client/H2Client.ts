@@ -1,0 +1,228 @@
+/**
+ * The backend side of reverse HTTP/2: keeps N connections to the gateway's tunnel port (TCP or TLS),
+ * each optionally opened with a framed `Hello` (token and routes), and hands every connection to a
+ * Node `http2` server, which then serves the gateway's requests on it. Lost connections come back with
+ * capped exponential backoff and jitter. It does not route or forward; the `http2` server is the caller's.
+ */
+import type * as http2 from "node:http2"
+import * as net from "node:net"
+import * as tls from "node:tls"
+import { Context, Duration, Effect, Layer, Random, Schema } from "effect"
+import * as Redacted from "effect/Redacted"
+import {
+  decodeHelloReply,
+  encodeHello,
+  FrameReader,
+  makeHello,
+  MaxControlMessageBytes
+} from "../../domain/ControlMessage.ts"
+import type { RouteDefinition } from "../../domain/Route.ts"
+
+/** Connections kept to the gateway by default. */
+export const DefaultConnections = 2
+/** Most connections one client keeps. */
+export const MaxConnections = 64
+/** First reconnect delay. */
+export const DefaultBackoffInitial: Duration.Duration = Duration.millis(250)
+/** Longest reconnect delay. */
+export const DefaultBackoffMax: Duration.Duration = Duration.seconds(30)
+/** Growth of the delay after each failed attempt. */
+export const DefaultBackoffFactor = 2
+/** Share of each delay that is randomized (0 = none, 1 = anywhere between 0 and the delay). */
+export const DefaultBackoffJitter = 0.2
+/** Time allowed to dial and, in authenticated mode, to get the gateway's answer. */
+export const DefaultHandshakeTimeout: Duration.Duration = Duration.seconds(10)
+
+export interface BackoffConfig {
+  readonly initial?: Duration.Input | undefined
+  readonly max?: Duration.Input | undefined
+  readonly factor?: number | undefined
+  readonly jitter?: number | undefined
+}
+
+export interface H2ClientConfig {
+  /** The gateway's reverse-HTTP/2 tunnel port. */
+  readonly gateway: { readonly host: string; readonly port: number }
+  /** Authenticated mode: the token sent in the preamble. Absent: plain mode (the gateway's routes). */
+  readonly token?: Redacted.Redacted<string> | string | undefined
+  /** Routes asked for in the preamble (authenticated mode; none = the gateway's configured routes). */
+  readonly routes?: ReadonlyArray<RouteDefinition> | undefined
+  /** Name shown in the gateway's logs. */
+  readonly label?: string | undefined
+  /** Connections kept open at once (default 2). */
+  readonly connections?: number | undefined
+  /** Dial with TLS (ALPN `h2`); `ca` trusts a private CA, `servername` sets SNI. */
+  readonly tls?: { readonly ca?: string | undefined; readonly servername?: string | undefined; readonly rejectUnauthorized?: boolean | undefined } | undefined
+  readonly backoff?: BackoffConfig | undefined
+  readonly handshakeTimeout?: Duration.Input | undefined
+}
+
+/** One connection attempt failed; the client waits and tries again. */
+export class H2ClientError extends Schema.TaggedError<H2ClientError>()("H2ClientError", {
+  reason: Schema.Literals(["Dial", "Handshake", "Rejected"]),
+  message: Schema.String
+}) {}
+
+export interface H2ClientShape {
+  /** Connections currently serving. */
+  readonly connected: () => number
+  /** Connection attempts made so far. */
+  readonly attempts: () => number
+  /** The latest failure, if any. */
+  readonly lastError: () => H2ClientError | undefined
+}
+
+export class H2Client extends Context.Service<H2Client, H2ClientShape>()("switchyard/H2Client") {
+  /** Keeps `config.connections` connections to the gateway, each served by `server`, until the scope closes. */
+  static readonly layer = (server: http2.Http2Server | http2.Http2SecureServer, config: H2ClientConfig): Layer.Layer<H2Client> =>
+    Layer.effect(H2Client, make(server, config))
+}
+
+/** The delay before attempt `failures + 1`: capped exponential growth, the top `jitter` share random. */
+export const backoffDelay = (failures: number, config: BackoffConfig, random: number): Duration.Duration => {
+  const initial = Duration.toMillis(Duration.fromInputUnsafe(config.initial ?? DefaultBackoffInitial))
+  const max = Duration.toMillis(Duration.fromInputUnsafe(config.max ?? DefaultBackoffMax))
+  const factor = config.factor ?? DefaultBackoffFactor
+  const jitter = Math.min(1, Math.max(0, config.jitter ?? DefaultBackoffJitter))
+  const base = Math.min(max, initial * Math.pow(factor, Math.max(0, failures - 1)))
+  return Duration.millis(Math.round(base * (1 - jitter * random)))
+}
+
+const make = Effect.fnUntraced(function*(server: http2.Http2Server | http2.Http2SecureServer, config: H2ClientConfig) {
+  const count = Math.min(MaxConnections, Math.max(1, config.connections ?? DefaultConnections))
+  const handshakeTimeout = Duration.fromInputUnsafe(config.handshakeTimeout ?? DefaultHandshakeTimeout)
+  const token = config.token === undefined ? undefined : Redacted.isRedacted(config.token) ? config.token : Redacted.make(config.token)
+  const where = `${config.gateway.host}:${config.gateway.port}`
+  const sockets = new Set<net.Socket>()
+  let connected = 0
+  let attempts = 0
+  let lastError: H2ClientError | undefined
+
+  yield* Effect.addFinalizer(() =>
+    Effect.sync(() => {
+      for (const socket of sockets) socket.destroy()
+      sockets.clear()
+    })
+  )
+
+  const dial = Effect.callback<net.Socket, H2ClientError>((resume) => {
+    const tlsOptions = config.tls
+    const socket: net.Socket = tlsOptions === undefined
+      ? net.connect({ host: config.gateway.host, port: config.gateway.port, noDelay: true })
+      : tls.connect({
+        host: config.gateway.host,
+        port: config.gateway.port,
+        ALPNProtocols: ["h2"],
+        ca: tlsOptions.ca,
+        servername: tlsOptions.servername ?? (net.isIP(config.gateway.host) === 0 ? config.gateway.host : undefined),
+        rejectUnauthorized: tlsOptions.rejectUnauthorized ?? true
+      })
+    sockets.add(socket)
+    socket.once("close", () => sockets.delete(socket))
+    const onError = (error: Error & { code?: string }) => {
+      socket.destroy()
+      resume(Effect.fail(new H2ClientError({ reason: "Dial", message: `cannot reach ${where}: ${error.code ?? error.message}` })))
+    }
+    socket.once("error", onError)
+    socket.once(tlsOptions === undefined ? "connect" : "secureConnect", () => {
+      socket.off("error", onError)
+      socket.on("error", () => socket.destroy())
+      resume(Effect.succeed(socket))
+    })
+    return Effect.sync(() => socket.destroy())
+  })
+
+  /** Writes the `Hello` and reads the answer; bytes after it are handed back to the socket. */
+  const handshake = (socket: net.Socket, secret: Redacted.Redacted<string>) =>
+    Effect.callback<void, H2ClientError>((resume) => {
+      const reader = new FrameReader(MaxControlMessageBytes)
+      const cleanup = () => {
+        socket.off("data", onData)
+        socket.off("close", onClose)
+      }
+      const onClose = () => {
+        cleanup()
+        resume(Effect.fail(new H2ClientError({ reason: "Handshake", message: `${where} closed the connection during the handshake` })))
+      }
+      const onData = (chunk: Buffer) => {
+        const pushed = reader.push(chunk)
+        const body = pushed ?? reader.next()
+        if (body === undefined) return
+        cleanup()
+        socket.pause()
+        if (!(body instanceof Uint8Array)) {
+          return resume(Effect.fail(new H2ClientError({ reason: "Handshake", message: body.message })))
+        }
+        const rest = reader.remainder()
+        if (rest.length > 0) socket.unshift(rest)
+        const reply = decodeHelloReply(body)
+        if (!("_tag" in reply) || (reply._tag !== "Welcome" && reply._tag !== "Rejected")) {
+          return resume(Effect.fail(new H2ClientError({ reason: "Handshake", message: (reply as { message: string }).message })))
+        }
+        if (reply._tag === "Rejected") {
+          return resume(Effect.fail(new H2ClientError({ reason: "Rejected", message: `${where} refused: ${reply.reason}: ${reply.message}` })))
+        }
+        resume(Effect.void)
+      }
+      socket.on("data", onData)
+      socket.on("close", onClose)
+      socket.write(encodeHello(makeHello(secret, config.routes ?? [], config.label)))
+      return Effect.sync(cleanup)
+    })
+
+  const awaitClose = (socket: net.Socket) =>
+    Effect.callback<void>((resume) => {
+      if (socket.destroyed) return resume(Effect.void)
+      socket.once("close", () => resume(Effect.void))
+    })
+
+  /** One connection from dial to close. Succeeds when a served connection ends. */
+  const connectOnce = Effect.gen(function*() {
+    attempts++
+    const socket = yield* Effect.acquireRelease(dial, (s) => Effect.sync(() => s.destroy())).pipe(
+      Effect.timeoutOrElse({
+        duration: handshakeTimeout,
+        orElse: () => Effect.fail(new H2ClientError({ reason: "Dial", message: `${where} did not answer within ${Duration.format(handshakeTimeout)}` }))
+      })
+    )
+    if (token !== undefined) {
+      yield* handshake(socket, token).pipe(
+        Effect.timeoutOrElse({
+          duration: handshakeTimeout,
+          orElse: () => Effect.fail(new H2ClientError({ reason: "Handshake", message: `${where} did not answer the preamble in time` }))
+        })
+      )
+    }
+    connected++
+    yield* Effect.addFinalizer(() => Effect.sync(() => void connected--))
+    server.emit("connection", socket)
+    socket.resume()
+    yield* awaitClose(socket)
+  }).pipe(Effect.scoped)
+
+  /** Keeps one connection up: reconnects after a loss, with backoff after failures. */
+  const slot = Effect.gen(function*() {
+    let failures = 0
+    for (;;) {
+      const result = yield* Effect.result(connectOnce)
+      if (result._tag === "Success") {
+        // a connection that served resets the backoff; reconnect after a first short delay
+        failures = 1
+      } else {
+        lastError = result.failure
+        failures++
+        yield* Effect.logDebug(`h2-client: ${result.failure.message}`)
+      }
+      const random = yield* Random.next
+      yield* Effect.sleep(backoffDelay(failures, config.backoff ?? {}, random))
+    }
+  })
+
+  for (let i = 0; i < count; i++) yield* Effect.forkScoped(slot)
+
+  return H2Client.of({
+    connected: () => connected,
+    attempts: () => attempts,
+    lastError: () => lastError
+  })
+})

@@ -1,0 +1,125 @@
+/**
+ * Loopback fixtures for the reverse-HTTP/2 tests: a gateway (routing table, dispatcher, public listeners
+ * and the tunnel port), plain Node `http2` backends that dial the tunnel port themselves, and a public
+ * HTTP/1.1 client that reports aborted responses instead of hiding them.
+ */
+import * as http from "node:http"
+import type * as http2 from "node:http2"
+import * as net from "node:net"
+import { Effect, Layer, type Scope } from "effect"
+import { Dispatcher } from "../../src/services/Dispatcher.ts"
+import { Forwarder } from "../../src/services/Forwarder.ts"
+import { tcpUpstream } from "../../src/services/forward/Upstream.ts"
+import { forwardingHandlers, Listeners } from "../../src/services/Listeners.ts"
+import { Registry } from "../../src/services/Registry.ts"
+import { ReverseH2, type ReverseH2Config } from "../../src/services/front/ReverseH2.ts"
+import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
+
+/** Registry + Dispatcher + Listeners forwarding through the shared Forwarder, plus the tunnel port. */
+export const gatewayLayer = (config: ReverseH2Config) => {
+  const core = Layer.unwrap(Effect.gen(function*() {
+    const forwarder = yield* Forwarder.make({
+      // routed requests go to their leased backend; this default is never reached
+      upstream: tcpUpstream("127.0.0.1", 9, { maxSockets: 1, maxFreeSockets: 0 }),
+      responseTimeoutMs: 0,
+      idleTimeoutMs: 0
+    })
+    return Layer.effect(Listeners, Listeners.make({ host: "127.0.0.1", ...forwardingHandlers(forwarder) }))
+  })).pipe(Layer.provideMerge(Dispatcher.layer()), Layer.provideMerge(Registry.layer({ gracePeriod: "30 seconds" })))
+  return ReverseH2.layer({ address: { host: "127.0.0.1", port: 0 }, ...config }).pipe(Layer.provideMerge(core))
+}
+
+/** Runs `body` with a fresh gateway, then checks that nothing it opened is left. */
+export const withGateway = <A, E>(
+  config: ReverseH2Config,
+  body: Effect.Effect<A, E, ReverseH2 | Listeners | Registry | Dispatcher | Scope.Scope>
+) =>
+  Effect.gen(function*() {
+    const before = activeHandles()
+    const result = yield* body.pipe(Effect.scoped, Effect.provide(gatewayLayer(config)))
+    yield* Effect.promise(() => expectNoLeaks(before))
+    return result
+  })
+
+/** A port that was free a moment ago on 127.0.0.1. */
+export const freePort = (): Promise<number> =>
+  new Promise((resolve, reject) => {
+    const server = net.createServer()
+    server.once("error", reject)
+    server.listen(0, "127.0.0.1", () => {
+      const port = (server.address() as net.AddressInfo).port
+      server.close(() => resolve(port))
+    })
+  })
+
+/** Lets I/O run until `check` holds (bounded by `tries` turns of the event loop with a short pause). */
+export const until = (check: () => boolean, what: string, tries = 500) =>
+  Effect.promise(async () => {
+    for (let i = 0; i < tries; i++) {
+      if (check()) return
+      await new Promise((resolve) => setTimeout(resolve, 10))
+    }
+    throw new Error(`timed out waiting for ${what}`)
+  })
+
+/**
+ * A Node `http2` server dialing the tunnel port, ptth-style: no switchyard code, the connection it
+ * opened is handed to the server as if it had been accepted. Closed with the scope.
+ */
+export const dialBackend = (tunnelPort: number, server: http2.Http2Server) =>
+  Effect.acquireRelease(
+    Effect.promise(() =>
+      new Promise<net.Socket>((resolve, reject) => {
+        const socket = net.connect({ host: "127.0.0.1", port: tunnelPort }, () => {
+          socket.off("error", reject)
+          socket.on("error", () => socket.destroy())
+          server.emit("connection", socket)
+          resolve(socket)
+        })
+        socket.once("error", reject)
+      })
+    ),
+    (socket) => Effect.sync(() => socket.destroy())
+  )
+
+/** Closes an `http2` server that only served dialed connections. */
+export const closeServer = (server: http2.Http2Server) =>
+  Effect.addFinalizer(() => Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve()))))
+
+export interface Reply {
+  readonly status: number
+  readonly headers: http.IncomingHttpHeaders
+  readonly body: string
+  readonly trailers: NodeJS.Dict<string>
+  /** True when the response ended before its end (connection cut). */
+  readonly aborted: boolean
+}
+
+/** One public request (no connection reuse); an aborted response is reported, not thrown. */
+export const request = (
+  port: number,
+  path: string,
+  options: { method?: string; headers?: http.OutgoingHttpHeaders; body?: string | Buffer } = {}
+): Promise<Reply> =>
+  new Promise((resolve, reject) => {
+    const req = http.request({ host: "127.0.0.1", port, path, method: options.method ?? "GET", headers: options.headers, agent: false })
+    req.on("error", (error) => reject(error))
+    req.on("response", (res) => {
+      const chunks: Array<Buffer> = []
+      let aborted = false
+      res.on("data", (c: Buffer) => chunks.push(c))
+      res.on("aborted", () => void (aborted = true))
+      res.on("error", () => void (aborted = true))
+      res.on("close", () =>
+        resolve({
+          status: res.statusCode ?? 0,
+          headers: res.headers,
+          body: Buffer.concat(chunks).toString(),
+          trailers: res.trailers,
+          aborted: aborted || !res.complete
+        })
+      )
+    })
+    if (options.body !== undefined) req.end(options.body)
+    else req.end()
+  })
