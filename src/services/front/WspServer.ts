@@ -416,8 +416,13 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       return sendError(res, proxyErrorStatus, `Too many concurrent requests (limit ${config.maxConcurrentRequests})`)
     }
     inFlight++
-    res.once("close", () => inFlight--)
-    run(handleRequest(req, res))
+    const fiber = run(handleRequest(req, res))
+    res.once("close", () => {
+      inFlight--
+      // a caller that leaves while waiting for a connection stops waiting; mid-exchange, the
+      // exchange itself notices and throws the connection away
+      if (!res.writableFinished) fiber.interruptUnsafe()
+    })
   }
 
   const server = http.createServer({ maxHeadersCount: nodeHeaderParseLimit } as http.ServerOptions, onRequest)

@@ -3,6 +3,7 @@
  * by hand, frame by frame, as the wsp protocol describes, so nothing of our own client is involved.
  */
 import { describe, expect, it } from "@effect/vitest"
+import * as http from "node:http"
 import { Effect, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import { WebSocket } from "ws"
@@ -292,4 +293,28 @@ describe("WspServer against a hand-written wsp client", () => {
       yield* waitFor("surplus closed", () => peers.filter((p) => p.closed).length === 2)
       expect(server.stats()).toMatchObject({ pools: 1, idle: 1 })
     }))
+
+  it.live("a caller that leaves while waiting for a connection is never sent", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig({ timeout: 10_000 }))
+      const port = server.address.port
+      const peer = yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const first = Effect.runPromise(Effect.promise(() => call(port, { destination: "http://dest.example/first" })))
+      yield* next(peer)
+      yield* next(peer)
+      // a second caller waits for the only connection, then gives up
+      const leaving = http.request({ host: "127.0.0.1", port, path: "/request", headers: { "X-Proxy-Destination": "http://dest.example/second" }, agent: false })
+      leaving.on("error", () => undefined)
+      leaving.end()
+      yield* Effect.sleep(50)
+      leaving.destroy()
+      yield* Effect.sleep(50)
+      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":1}")
+      peer.send(Buffer.from("1"))
+      expect((yield* Effect.promise(() => first)).status).toBe(200)
+      yield* waitFor("released", () => server.stats().idle === 1)
+      yield* Effect.sleep(50)
+      expect(peer.inbox).toHaveLength(0)
+    })))
 })
