@@ -70,7 +70,8 @@ const hex = "0123456789abcdef"
 /**
  * A JSON string literal exactly as Go's encoder writes it: HTML-sensitive `<`, `>`, `&` and the
  * line separators U+2028/U+2029 escaped as `\u00XX`/`\u20XX`, control characters as `\n`, `\r`,
- * `\t`, `\b`, `\f` or `\u00XX`, and unpaired surrogates (invalid UTF-8 in Go) as U+FFFD.
+ * `\t` or `\u00XX`, and unpaired surrogates (invalid UTF-8 in Go) as U+FFFD. Backspace and form feed
+ * are `\u0008`/`\u000c` as in Go up to 1.21 (Go 1.22 writes `\b`/`\f`; both decode the same).
  */
 export const encodeGoString = (s: string): string => {
   let out = "\""
@@ -85,8 +86,6 @@ export const encodeGoString = (s: string): string => {
         case 0x0a: escaped = "\\n"; break
         case 0x0d: escaped = "\\r"; break
         case 0x09: escaped = "\\t"; break
-        case 0x08: escaped = "\\b"; break
-        case 0x0c: escaped = "\\f"; break
         default: escaped = "\\u00" + hex[c >> 4] + hex[c & 0xf]
       }
     } else if (c === 0x2028 || c === 0x2029) {
@@ -107,8 +106,21 @@ export const encodeGoString = (s: string): string => {
   return out + s.slice(start) + "\""
 }
 
-/** Go sorts map keys by their bytes; for the header names wsp carries this is code-unit order. */
-const byGoKeyOrder = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0)
+/**
+ * Go sorts map keys by their UTF-8 bytes, which is code-point order. UTF-16 code-unit order (`<`)
+ * differs only when a surrogate pair meets a character in U+E000..U+FFFF, so compare code points.
+ */
+const byGoKeyOrder = (a: string, b: string): number => {
+  const n = Math.min(a.length, b.length)
+  for (let i = 0; i < n; i++) {
+    const x = a.charCodeAt(i)
+    const y = b.charCodeAt(i)
+    if (x === y) continue
+    if (x < 0xd800 && y < 0xd800) return x - y
+    return (a.codePointAt(i) ?? x) - (b.codePointAt(i) ?? y)
+  }
+  return a.length - b.length
+}
 
 /** `http.Header` as Go's encoder writes it: `null` for a nil map, keys sorted, `null` for nil slices. */
 export const encodeGoHeader = (header: GoHeader): string => {

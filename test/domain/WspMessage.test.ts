@@ -41,7 +41,7 @@ describe("request and response heads in Go's JSON shape", () => {
 
   it("escapes strings as Go does", () => {
     expect(encodeGoString("a\"b\\c\n\r\t\b\f\u0001<>&\u2028\u2029é😀")).toBe(
-      "\"a\\\"b\\\\c\\n\\r\\t\\b\\f\\u0001\\u003c\\u003e\\u0026\\u2028\\u2029é😀\""
+      "\"a\\\"b\\\\c\\n\\r\\t\\u0008\\u000c\\u0001\\u003c\\u003e\\u0026\\u2028\\u2029é😀\""
     )
     // an unpaired surrogate cannot be valid UTF-8: Go writes U+FFFD
     expect(encodeGoString("x\ud800y")).toBe("\"x\\ufffdy\"")
