@@ -47,7 +47,8 @@ export class WspProxyError extends Schema.TaggedError<WspProxyError>()("WspProxy
     "MissingBody",
     "BadStatus",
     "CallerGone",
-    "UnexpectedMessage"
+    "UnexpectedMessage",
+    "UnfinishedUpload"
   ]),
   message: Schema.String
 }) {}
@@ -70,6 +71,8 @@ interface Exchange {
   readonly method: string
   readonly done: (error: WspProxyError | undefined) => void
   head: WspResponseHead | undefined
+  /** The request body message has been sent completely (its FIN is out). */
+  uploaded: boolean
 }
 
 /** One pooled WebSocket from a wsp client; carries at most one exchange at a time. */
@@ -137,13 +140,19 @@ class ServerConnection {
       return this.finish(new WspProxyError({ reason: "MissingBody", message: "Unable to get http response body reader : expected a binary body message" }))
     }
     const failure = writeResponse(exchange.res, exchange.method, exchange.head, bytes)
-    this.finish(failure)
+    // answered before the request body was all sent: the body message is unfinished, so this
+    // connection cannot carry another request (the caller still has its response)
+    this.finish(failure ?? (exchange.uploaded ? undefined : new WspProxyError({
+      reason: "UnfinishedUpload",
+      message: "response arrived before the request body was sent"
+    })))
   }
 
   /** Sends one request (head, then the caller's body as one fragmented binary message). */
   proxy(req: http.IncomingMessage, res: http.ServerResponse, headText: string, maxBody: number, done: (error: WspProxyError | undefined) => void): () => void {
     const ws = this.ws
-    this.exchange = { res, method: req.method ?? "GET", done, head: undefined }
+    const exchange: Exchange = { res, method: req.method ?? "GET", done, head: undefined, uploaded: false }
+    this.exchange = exchange
     const fail = (reason: WspProxyError["reason"], message: string) => this.finish(new WspProxyError({ reason, message }))
     const onCallerGone = () => {
       if (this.exchange !== undefined && this.exchange.res === res) fail("CallerGone", "caller went away")
@@ -181,6 +190,7 @@ class ServerConnection {
     })
     req.once("end", () => {
       if (this.exchange === undefined || this.exchange.res !== res) return
+      exchange.uploaded = true
       ws.send(held ?? Buffer.alloc(0), { binary: true, fin: true }, onSent)
       held = undefined
     })
@@ -388,7 +398,8 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
           Effect.sync(() => {
             pool.remove(conn)
             conn.close(e.message)
-            if (e.reason === "CallerGone") return
+            // nothing more to tell a caller that left or that already has its whole response
+            if (e.reason === "CallerGone" || res.writableEnded) return
             sendError(res, e.reason === "BodyTooLarge" ? 413 : proxyErrorStatus, e.message)
           }).pipe(Effect.andThen(Effect.logDebug(`wsp request failed: ${e.message}`)))
       }),

@@ -317,4 +317,42 @@ describe("WspServer against a hand-written wsp client", () => {
       yield* Effect.sleep(50)
       expect(peer.inbox).toHaveLength(0)
     })))
+
+  it.live("relays an answer that comes before the request body is all sent, then drops that connection", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const peer = yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const chunks: Array<Buffer> = []
+      let status = 0
+      const req = http.request({
+        host: "127.0.0.1",
+        port,
+        path: "/request",
+        method: "POST",
+        agent: false,
+        headers: { "X-Proxy-Destination": "http://dest.example/upload", "Transfer-Encoding": "chunked" }
+      })
+      const done = new Promise<void>((resolve) => {
+        req.on("response", (res) => {
+          status = res.statusCode ?? 0
+          res.on("data", (c: Buffer) => chunks.push(c))
+          res.on("end", () => resolve())
+          res.on("error", () => resolve())
+        })
+        req.on("error", () => resolve())
+      })
+      req.write(Buffer.alloc(1000, 1))
+      const head = JSON.parse((yield* next(peer)).data.toString()) as { ContentLength: number }
+      expect(head.ContentLength).toBe(-1)
+      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":5}")
+      peer.send(Buffer.from("early"))
+      yield* Effect.promise(() => done)
+      expect(status).toBe(200)
+      expect(Buffer.concat(chunks).toString()).toBe("early")
+      yield* waitFor("connection dropped", () => peer.closed)
+      req.destroy()
+      expect(server.stats().idle).toBe(0)
+    })))
 })
