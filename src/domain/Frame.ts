@@ -51,7 +51,7 @@ export const DEFAULT_MAX_STREAM_WINDOW = INITIAL_STREAM_WINDOW
 export const DEFAULT_MAX_SEND_FRAME = 64 * 1024
 /** Bytes that may wait for the session's single writer before writers are held back. */
 export const DEFAULT_WRITE_QUEUE_BYTES = 1024 * 1024
-/** Unread payload across a session above which the transport is paused. */
+/** Unread payload in a session's not-yet-accepted streams above which the transport is paused. */
 export const DEFAULT_SESSION_READ_BUFFER = 8 * 1024 * 1024
 /** Live streams per session. */
 export const DEFAULT_MAX_STREAMS = 65_536

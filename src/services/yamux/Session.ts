@@ -77,8 +77,15 @@ export class SessionCore implements StreamHost {
   private pendingOpens: Array<PendingOpen> = []
   private pendingOpensHead = 0
   private sweeperWake: (() => void) | undefined
-  /** Unread payload across all streams. */
+  /** Unread payload across all streams (bounded by their windows; a metric). */
   private unread = 0
+  /**
+   * Unread payload in streams still waiting in the accept backlog: the session's own buffering. Past
+   * `sessionReadBuffer` the transport is paused until the application accepts. (Accepted streams are
+   * bounded by their windows instead: pausing the transport for them could starve the WindowUpdates
+   * their own writers wait for.)
+   */
+  private backlogUnread = 0
   private readPaused = false
   localGoAway = false
   remoteGoAway = false
@@ -262,13 +269,22 @@ export class SessionCore implements StreamHost {
     this.spaceWaiters.push(f)
   }
 
-  received(n: number): void {
+  received(n: number, pending: boolean): void {
     this.unread += n
-    if (this.unread > this.config.sessionReadBuffer) this.updatePause()
+    if (pending) {
+      this.backlogUnread += n
+      if (this.backlogUnread > this.config.sessionReadBuffer) this.updatePause()
+    }
   }
 
-  consumed(n: number): void {
+  consumed(n: number, pending: boolean): void {
     this.unread -= n
+    if (pending) this.backlogUnread -= n
+    if (this.readPaused) this.updatePause()
+  }
+
+  adopted(n: number): void {
+    this.backlogUnread -= n
     if (this.readPaused) this.updatePause()
   }
 
@@ -277,9 +293,9 @@ export class SessionCore implements StreamHost {
   }
 
   private updatePause(): void {
-    const wantPause = this.unread > this.config.sessionReadBuffer ||
+    const wantPause = this.backlogUnread > this.config.sessionReadBuffer ||
       this.outBytes > 2 * this.config.writeQueueBytes
-    const canResume = this.unread <= this.config.sessionReadBuffer / 2 &&
+    const canResume = this.backlogUnread <= this.config.sessionReadBuffer / 2 &&
       this.outBytes <= this.config.writeQueueBytes
     if (wantPause && !this.readPaused) {
       this.readPaused = true
@@ -512,6 +528,11 @@ export class SessionCore implements StreamHost {
 
   get streamCount(): number {
     return this.streams.size
+  }
+
+  /** True while the transport is paused by the session (backlog bound or outbound pile-up). */
+  get readingPaused(): boolean {
+    return this.readPaused
   }
 
   /** Unread payload across the session (for tests and metrics). */

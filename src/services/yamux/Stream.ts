@@ -28,9 +28,14 @@ export interface StreamHost {
   readonly waitQueueSpace: (f: () => void) => void
   /** The largest Data body to put in one frame. */
   readonly maxSendFrame: number
-  /** Unread payload accounting across the session (drives transport pausing). */
-  readonly received: (n: number) => void
-  readonly consumed: (n: number) => void
+  /**
+   * Unread payload accounting across the session. `pending`: the stream is still in the accept
+   * backlog, so the bytes are the session's own buffering (which pauses the transport past its bound).
+   */
+  readonly received: (n: number, pending: boolean) => void
+  readonly consumed: (n: number, pending: boolean) => void
+  /** A backlog stream was accepted: its `n` unread bytes now belong to the application. */
+  readonly adopted: (n: number) => void
   /** The stream has finished both ways or was reset: forget it. */
   readonly forget: (stream: StreamCore) => void
   /** Addresses of the underlying connection, for sockets built on the stream. */
@@ -64,6 +69,8 @@ export class StreamCore {
   recvBytes = 0
   /** How much Data the peer will still accept from us. */
   sendWindow = INITIAL_STREAM_WINDOW
+  /** Opened by us, or accepted by the application (not waiting in the accept backlog). */
+  private accepted: boolean
   /** We opened it and the peer has not acknowledged it yet. */
   awaitingAck: boolean
   /** We sent FIN (or will, once queued writes are out). */
@@ -88,6 +95,7 @@ export class StreamCore {
     this.recvMax = recvMax
     this.recvWindow = recvMax
     this.awaitingAck = opener
+    this.accepted = opener
   }
 
   /** Both directions finished, or reset. */
@@ -120,7 +128,7 @@ export class StreamCore {
           if (body !== undefined) this.recvBuf.push(body)
           else for (const part of parts!) this.recvBuf.push(part)
           this.recvBytes += length
-          this.host.received(length)
+          this.host.received(length, !this.accepted)
         }
       }
     } else if (length > 0) {
@@ -166,7 +174,7 @@ export class StreamCore {
   }
 
   private consume(n: number): void {
-    this.host.consumed(n)
+    this.host.consumed(n, !this.accepted)
     this.pendingGrant += n
     // After the peer's FIN (or an error) nothing more will arrive: no point granting window.
     if (this.error !== undefined || this.remoteFin) return
@@ -288,7 +296,7 @@ export class StreamCore {
     if (hard) {
       this.hardError = true
       if (this.recvBytes > 0) {
-        this.host.consumed(this.recvBytes)
+        this.host.consumed(this.recvBytes, !this.accepted)
         this.recvBuf = []
         this.recvHead = 0
         this.recvBytes = 0
@@ -308,6 +316,8 @@ export class StreamCore {
 
   /** The stream was accepted by the application: tell the peer (ACK, plus any extra window). */
   acknowledge(): void {
+    this.accepted = true
+    this.host.adopted(this.recvBytes)
     if (this.error) return
     this.host.sendFrame(TYPE_WINDOW_UPDATE, FLAG_ACK, this.id, this.recvMax - INITIAL_STREAM_WINDOW)
   }

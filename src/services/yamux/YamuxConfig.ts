@@ -23,7 +23,7 @@ export interface YamuxConfig {
   readonly maxSendFrame: number
   /** Bytes queued for the writer before stream writers wait. */
   readonly writeQueueBytes: number
-  /** Unread payload across the session above which the transport is paused. */
+  /** Unread payload in not-yet-accepted streams above which the transport is paused. */
   readonly sessionReadBuffer: number
   /** Live streams per session. */
   readonly maxStreams: number

@@ -120,6 +120,36 @@ describe("yamux Session (in-memory)", () => {
       assert.isTrue(equalBytes(got, big))
     }))
 
+  it.effect("many busy echo streams never stall the session, whatever the session read bound", () =>
+    Effect.gen(function*() {
+      const { client, server } = yield* sessionPair({ sessionReadBuffer: 64 * 1024, maxStreamWindow: 1024 * 1024 })
+      yield* echoServer(server)
+      yield* Effect.forEach(Array.from({ length: 16 }, (_, i) => i), (i) =>
+        Effect.gen(function*() {
+          const s = yield* client.open()
+          const data = pattern(1024 * 1024, i + 1)
+          const w = yield* Effect.forkChild(Effect.andThen(s.write(data), s.closeWrite()))
+          const got = yield* readAll(s)
+          yield* Fiber.join(w)
+          assert.isTrue(equalBytes(got, data))
+        }), { concurrency: "unbounded", discard: true })
+    }))
+
+  it.effect("data in streams nobody accepted pauses the transport past the bound; accepting resumes it", () =>
+    Effect.gen(function*() {
+      const { client, server } = yield* sessionPair({ sessionReadBuffer: 100_000 })
+      const streams = [yield* client.open(), yield* client.open(), yield* client.open()]
+      for (const [i, s] of streams.entries()) yield* s.write(pattern(60_000, i + 1))
+      yield* Effect.promise(() => new Promise((r) => setTimeout(r, 20)))
+      assert.isTrue(server.core.readingPaused, "paused with more than the bound waiting unaccepted")
+      assert.isAtMost(server.core.unreadBytes, 120_000, "reading stopped soon after the bound")
+      for (const [i] of streams.entries()) {
+        const s = yield* server.accept()
+        assert.isTrue(equalBytes(yield* readExactly(s, 60_000), pattern(60_000, i + 1)))
+      }
+      assert.isFalse(server.core.readingPaused)
+    }))
+
   it.effect("GoAway: our opens fail locally, the peer's opens fail and its SYNs are refused", () =>
     Effect.gen(function*() {
       const { client, server } = yield* sessionPair()
