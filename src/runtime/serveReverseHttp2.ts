@@ -5,7 +5,7 @@
  */
 import * as http2 from "node:http2"
 import { Context, Effect, Exit, Layer, Scope } from "effect"
-import { H2Client, type H2ClientConfig, type H2ClientShape } from "../services/client/H2Client.ts"
+import { H2Client, type H2ClientConfig, type H2ClientError, type H2ClientShape } from "../services/client/H2Client.ts"
 
 /** What `serveReverseHttp2` returns. */
 export interface ReverseHttp2Handle {
@@ -13,6 +13,8 @@ export interface ReverseHttp2Handle {
   readonly connected: () => number
   /** Connection attempts made so far. */
   readonly attempts: () => number
+  /** The latest failed attempt (unreachable gateway, refused token...), if any. */
+  readonly lastError: () => H2ClientError | undefined
   /** Closes every connection (and the `http2` server, when it was made here from a handler). */
   readonly close: () => Promise<void>
 }
@@ -38,6 +40,7 @@ export const serveReverseHttp2 = async (
   return {
     connected: client.connected,
     attempts: client.attempts,
+    lastError: client.lastError,
     close: () =>
       closing ??= Effect.runPromise(Scope.close(scope, Exit.void)).then(() => {
         if (owned) server.close()

@@ -1,9 +1,39 @@
 import { assert, describe, it } from "@effect/vitest"
+import * as http from "node:http"
 import * as http2 from "node:http2"
+import * as net from "node:net"
 import { Effect } from "effect"
+import * as Redacted from "effect/Redacted"
+import { decodeHelloReply, encodeHello, FrameReader, makeHello } from "../../src/domain/ControlMessage.ts"
 import { Listeners } from "../../src/services/Listeners.ts"
 import { ReverseH2 } from "../../src/services/front/ReverseH2.ts"
+import { serveReverseHttp2 } from "../../src/runtime/serveReverseHttp2.ts"
 import { closeServer, dialBackend, freePort, request, until, withGateway } from "./reverse-h2-harness.ts"
+
+/** Runs `total` calls of `f`, at most `concurrency` at once. */
+const pool = async <A>(total: number, concurrency: number, f: (i: number) => Promise<A>): Promise<Array<A>> => {
+  const out: Array<A> = []
+  let next = 0
+  const worker = async () => {
+    while (next < total) {
+      const i = next++
+      out[i] = await f(i)
+    }
+  }
+  await Promise.all(Array.from({ length: concurrency }, worker))
+  return out
+}
+
+/** A backend answering its name, after `delayMs` when given. */
+const namedBackend = (name: string, delayMs = 0) =>
+  http2.createServer((req, res) => {
+    req.resume()
+    const answer = () => res.end(name)
+    if (delayMs > 0) setTimeout(answer, delayMs)
+    else answer()
+  })
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
 describe("reverse HTTP/2", () => {
   it.effect("a plain Node http2 backend that dials in serves public HTTP/1.1 requests", () =>
@@ -14,17 +44,379 @@ describe("reverse HTTP/2", () => {
         const server = http2.createServer((req, res) => {
           res.setHeader("x-seen-authority", req.headers[":authority"] ?? "")
           res.setHeader("x-seen-xff", String(req.headers["x-forwarded-for"] ?? ""))
+          res.setHeader("x-seen-connection", String(req.headers["x-hop"] ?? "absent"))
           res.end(`hello ${req.method} ${req.url}`)
         })
         yield* closeServer(server)
         yield* dialBackend(gateway.address.port, server)
         yield* until(() => gateway.connections() === 1, "the backend to register")
         assert.isTrue((yield* Listeners).openPorts().has(port))
-        const reply = yield* Effect.promise(() => request(port, "/a?b=1"))
+        const reply = yield* Effect.promise(() => request(port, "/a?b=1", { headers: { connection: "x-hop", "x-hop": "1" } }))
         assert.strictEqual(reply.status, 200)
         assert.strictEqual(reply.body, "hello GET /a?b=1")
         assert.strictEqual(reply.headers["x-seen-authority"], `127.0.0.1:${port}`)
         assert.strictEqual(reply.headers["x-seen-xff"], "127.0.0.1")
+        assert.strictEqual(reply.headers["x-seen-connection"], "absent")
+      }))
+    }))
+
+  it.effect("several backends share the load", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        for (const name of ["a", "b", "c"]) {
+          const server = namedBackend(name)
+          yield* closeServer(server)
+          yield* dialBackend(gateway.address.port, server)
+        }
+        yield* until(() => gateway.connections() === 3, "three backends")
+        const sequential = yield* Effect.promise(() => pool(9, 1, () => request(port, "/")))
+        const counts = new Map<string, number>()
+        for (const r of sequential) counts.set(r.body, (counts.get(r.body) ?? 0) + 1)
+        assert.deepStrictEqual([...counts.entries()].sort(), [["a", 3], ["b", 3], ["c", 3]])
+        const parallel = yield* Effect.promise(() => pool(60, 12, () => request(port, "/")))
+        assert.isTrue(parallel.every((r) => r.status === 200 && !r.aborted))
+        assert.strictEqual(new Set(parallel.map((r) => r.body)).size, 3)
+      }))
+    }))
+
+  it.effect("a backend killed mid-response: that response is aborted, a reset before the head is a 502, the dead connection is pruned", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const sockets: Array<net.Socket> = []
+        const hits: Array<number> = []
+        for (let i = 0; i < 3; i++) {
+          const index = i
+          const server = http2.createServer((req, res) => {
+            req.resume()
+            if (req.url === "/slow") {
+              hits.push(index)
+              res.writeHead(200, { "content-type": "text/plain" })
+              res.write("part")
+              // this backend dies once the first bytes are out
+              setTimeout(() => sockets[index]!.destroy(), 50)
+            } else if (req.url === "/die") {
+              hits.push(index)
+              sockets[index]!.destroy()
+            } else {
+              res.end(`ok ${index}`)
+            }
+          })
+          yield* closeServer(server)
+          sockets.push(yield* dialBackend(gateway.address.port, server))
+        }
+        yield* until(() => gateway.connections() === 3, "three backends")
+        const [slow, others] = yield* Effect.promise(() =>
+          Promise.all([request(port, "/slow"), pool(20, 4, () => request(port, "/"))])
+        )
+        assert.strictEqual(slow.status, 200)
+        assert.isTrue(slow.aborted, "a broken response must not look complete")
+        assert.strictEqual(slow.body, "part")
+        assert.isTrue(others.every((r) => r.status === 200 && !r.aborted))
+        yield* until(() => gateway.connections() === 2, "the dead connection to be pruned")
+        const died = yield* Effect.promise(() => request(port, "/die"))
+        assert.strictEqual(died.status, 502)
+        assert.match(died.body, /^switchyard: backend h2 .* unreachable/)
+        yield* until(() => gateway.connections() === 1, "the second dead connection to be pruned")
+        const after = yield* Effect.promise(() => pool(6, 3, () => request(port, "/")))
+        const survivor = [0, 1, 2].find((i) => !hits.includes(i))!
+        assert.deepStrictEqual(after.map((r) => r.body), Array(6).fill(`ok ${survivor}`))
+      }))
+    }))
+
+  it.effect("GOAWAY from a backend drains it under load with no failed request", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const sessions: Array<http2.ServerHttp2Session> = []
+        for (const name of ["a", "b"]) {
+          const server = namedBackend(name, 2)
+          server.on("session", (s) => sessions.push(s))
+          yield* closeServer(server)
+          yield* dialBackend(gateway.address.port, server)
+        }
+        yield* until(() => gateway.connections() === 2 && sessions.length === 2, "two backends")
+        let done = 0
+        const load = pool(300, 24, async () => {
+          const r = await request(port, "/")
+          done++
+          if (done === 60) sessions[0]!.close()
+          return r
+        })
+        const replies = yield* Effect.promise(() => load)
+        const failed = replies.filter((r) => r.status !== 200 || r.aborted)
+        assert.deepStrictEqual(failed, [])
+        const afterDrain = replies.slice(200).map((r) => r.body)
+        assert.isTrue(afterDrain.every((b) => b === "b"), "once drained, requests go to the other backend")
+        yield* until(() => gateway.connections() === 1, "the drained connection to close")
+      }))
+    }))
+
+  it.effect("a slow public reader holds the backend back (the gateway does not buffer)", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      const total = 64 * 1024 * 1024
+      const chunk = Buffer.alloc(64 * 1024, 120)
+      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        let written = 0
+        const server = http2.createServer((_req, res) => {
+          res.writeHead(200, { "content-length": String(total) })
+          const pump = () => {
+            while (written < total) {
+              written += chunk.length
+              if (!res.write(chunk)) return void res.once("drain", pump)
+            }
+            res.end()
+          }
+          pump()
+        })
+        yield* closeServer(server)
+        yield* dialBackend(gateway.address.port, server)
+        yield* until(() => gateway.connections() === 1, "the backend")
+        const received = yield* Effect.promise(() =>
+          new Promise<{ paused: number; writtenWhilePaused: number; total: number }>((resolve, reject) => {
+            const req = http.get({ host: "127.0.0.1", port, path: "/big", agent: false }, (res) => {
+              res.pause()
+              let got = 0
+              // wait until the backend stops writing: it is held back by flow control
+              let last = -1
+              const settle = setInterval(() => {
+                if (written !== last) {
+                  last = written
+                  return
+                }
+                clearInterval(settle)
+                const writtenWhilePaused = written
+                res.on("data", (c: Buffer) => void (got += c.length))
+                res.on("end", () => resolve({ paused: 0, writtenWhilePaused, total: got }))
+                res.resume()
+              }, 100)
+            })
+            req.on("error", reject)
+          })
+        )
+        assert.isBelow(received.writtenWhilePaused, 24 * 1024 * 1024, "bytes in flight are bounded by windows and socket buffers")
+        assert.strictEqual(received.total, total)
+      }))
+    }))
+
+  it.effect("trailers travel both ways", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const server = http2.createServer((req, res) => {
+          const parts: Array<Buffer> = []
+          req.on("data", (c: Buffer) => parts.push(c))
+          req.on("end", () => {
+            res.writeHead(200, { "content-type": "text/plain" })
+            res.write(`got ${Buffer.concat(parts).toString()} with ${req.trailers["x-request-sum"] ?? "no trailer"}`)
+            res.addTrailers({ "x-response-sum": "42" })
+            res.end()
+          })
+        })
+        yield* closeServer(server)
+        yield* dialBackend(gateway.address.port, server)
+        yield* until(() => gateway.connections() === 1, "the backend")
+        const reply = yield* Effect.promise(() =>
+          new Promise<{ body: string; trailers: NodeJS.Dict<string> }>((resolve, reject) => {
+            const req = http.request({ host: "127.0.0.1", port, path: "/t", method: "POST", agent: false, headers: { "transfer-encoding": "chunked", trailer: "x-request-sum" } })
+            req.on("error", reject)
+            req.on("response", (res) => {
+              let body = ""
+              res.setEncoding("utf8")
+              res.on("data", (c: string) => void (body += c))
+              res.on("end", () => resolve({ body, trailers: res.trailers }))
+            })
+            req.write("abc")
+            req.addTrailers({ "x-request-sum": "7" })
+            req.end()
+          })
+        )
+        assert.strictEqual(reply.body, "got abc with 7")
+        assert.strictEqual(reply.trailers["x-response-sum"], "42")
+      }))
+    }))
+
+  it.effect("a gRPC-style bidirectional stream: each message is answered before the next is sent, status in trailers", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        let sawTe = ""
+        const server = http2.createServer((req, res) => {
+          sawTe = String(req.headers.te ?? "")
+          res.writeHead(200, { "content-type": "application/grpc" })
+          req.on("data", (c: Buffer) => res.write(Buffer.concat([Buffer.from("echo:"), c])))
+          req.on("end", () => {
+            res.addTrailers({ "grpc-status": "0", "grpc-message": "done" })
+            res.end()
+          })
+        })
+        yield* closeServer(server)
+        yield* dialBackend(gateway.address.port, server)
+        yield* until(() => gateway.connections() === 1, "the backend")
+        const result = yield* Effect.promise(() =>
+          new Promise<{ echoes: Array<string>; trailers: NodeJS.Dict<string> }>((resolve, reject) => {
+            const req = http.request({
+              host: "127.0.0.1",
+              port,
+              path: "/pkg.Service/Chat",
+              method: "POST",
+              agent: false,
+              headers: { "content-type": "application/grpc", te: "trailers", "transfer-encoding": "chunked" }
+            })
+            req.on("error", reject)
+            const echoes: Array<string> = []
+            const messages = ["one", "two", "three"]
+            req.on("response", (res) => {
+              res.setEncoding("utf8")
+              res.on("data", (c: string) => {
+                echoes.push(c)
+                const next = messages[echoes.length]
+                if (next !== undefined) req.write(next)
+                else req.end()
+              })
+              res.on("end", () => resolve({ echoes, trailers: res.trailers }))
+            })
+            req.flushHeaders()
+            req.write(messages[0])
+          })
+        )
+        assert.deepStrictEqual(result.echoes, ["echo:one", "echo:two", "echo:three"])
+        assert.strictEqual(result.trailers["grpc-status"], "0")
+        assert.strictEqual(sawTe, "trailers")
+      }))
+    }))
+
+  it.effect("garbage instead of HTTP/2 closes that connection with a typed error; the port keeps serving", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const closed = yield* Effect.promise(() =>
+          new Promise<boolean>((resolve) => {
+            const socket = net.connect(gateway.address.port, "127.0.0.1", () => socket.write("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+            socket.on("error", () => {})
+            socket.resume()
+            socket.on("close", () => resolve(true))
+          })
+        )
+        assert.isTrue(closed)
+        yield* until(() => gateway.recentFailures().length === 1, "the failure to be recorded")
+        assert.strictEqual(gateway.recentFailures()[0]!.reason, "BadPreface")
+        assert.strictEqual(gateway.connections(), 0)
+        const server = namedBackend("good")
+        yield* closeServer(server)
+        yield* dialBackend(gateway.address.port, server)
+        yield* until(() => gateway.connections() === 1, "the good backend")
+        const reply = yield* Effect.promise(() => request(port, "/"))
+        assert.strictEqual(reply.body, "good")
+      }))
+    }))
+
+  it.effect("WebSocket upgrade: extended CONNECT when the backend allows it, a one-line 501 when it does not", () =>
+    Effect.gen(function*() {
+      const withConnect = yield* Effect.promise(freePort)
+      const without = yield* Effect.promise(freePort)
+      yield* withGateway({ tokens: [{ name: "t", token: Redacted.make("secret"), ports: [withConnect, without] }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const connectServer = http2.createServer({ settings: { enableConnectProtocol: true } })
+        let seen: http2.IncomingHttpHeaders | undefined
+        connectServer.on("stream", (stream, headers) => {
+          seen = headers
+          stream.respond({ ":status": 200, "sec-websocket-protocol": "chat" })
+          stream.pipe(stream)
+        })
+        const plainServer = http2.createServer((_req, res) => res.end("plain"))
+        const a = yield* Effect.promise(() =>
+          serveReverseHttp2(connectServer, { gateway: { host: "127.0.0.1", port: gateway.address.port }, token: "secret", routes: [{ _tag: "Http", port: withConnect }], connections: 1 })
+        )
+        const b = yield* Effect.promise(() =>
+          serveReverseHttp2(plainServer, { gateway: { host: "127.0.0.1", port: gateway.address.port }, token: "secret", routes: [{ _tag: "Http", port: without }], connections: 1 })
+        )
+        yield* Effect.addFinalizer(() => Effect.promise(() => Promise.all([a.close(), b.close()]).then(() => {
+          connectServer.close()
+          plainServer.close()
+        })))
+        yield* until(() => gateway.connections() === 2, "two backends")
+        const upgrade = (port: number) =>
+          new Promise<string>((resolve) => {
+            const socket = net.connect(port, "127.0.0.1", () =>
+              socket.write(
+                "GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat\r\n\r\n"
+              ))
+            let text = ""
+            socket.setEncoding("latin1")
+            socket.on("data", (d: string) => {
+              text += d
+              if (text.includes("\r\n\r\n") && text.startsWith("HTTP/1.1 101") && !text.endsWith("ping")) socket.write("ping")
+              if (text.endsWith("ping")) socket.end()
+            })
+            socket.on("error", () => {})
+            socket.on("close", () => resolve(text))
+          })
+        const switched = yield* Effect.promise(() => upgrade(withConnect))
+        assert.match(switched, /^HTTP\/1\.1 101 Switching Protocols\r\n/)
+        assert.include(switched, "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n")
+        assert.include(switched, "sec-websocket-protocol: chat\r\n")
+        assert.isTrue(switched.endsWith("\r\n\r\nping"))
+        assert.strictEqual(seen?.[":method"], "CONNECT")
+        assert.strictEqual(seen?.[":protocol"], "websocket")
+        assert.strictEqual(seen?.[":path"], "/chat")
+        assert.isUndefined(seen?.["sec-websocket-key"])
+        const refused = yield* Effect.promise(() => upgrade(without))
+        assert.match(refused, /^HTTP\/1\.1 501 Not Implemented\r\n/)
+        assert.match(refused, /\r\n\r\nswitchyard: the route's HTTP\/2 backends cannot carry "Upgrade: websocket" \(no SETTINGS_ENABLE_CONNECT_PROTOCOL\)\n$/)
+      }))
+    }))
+
+  it.effect("authenticated mode: the right token binds the routes it asks for, a wrong one is refused", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ tokens: [{ name: "svc", token: Redacted.make("right"), ports: [port] }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const answer = yield* Effect.promise(() =>
+          new Promise<unknown>((resolve) => {
+            const socket = net.connect(gateway.address.port, "127.0.0.1", () =>
+              socket.write(encodeHello(makeHello(Redacted.make("wrong"), [{ _tag: "Http", port }]))))
+            const reader = new FrameReader(1 << 20)
+            let reply: unknown
+            socket.on("data", (c: Buffer) => {
+              reader.push(c)
+              const body = reader.next()
+              if (body instanceof Uint8Array) reply = decodeHelloReply(body)
+            })
+            socket.on("error", () => {})
+            socket.on("close", () => resolve(reply))
+          })
+        )
+        assert.deepInclude(answer as object, { _tag: "Rejected", reason: "BadToken" })
+        yield* until(() => gateway.recentFailures().length === 1, "the refusal to be recorded")
+        assert.strictEqual(gateway.recentFailures()[0]!.reason, "Rejected")
+        assert.isFalse((yield* Listeners).openPorts().has(port))
+        const handle = yield* Effect.promise(() =>
+          serveReverseHttp2((req, res) => res.end(`svc ${req.url}`), {
+            gateway: { host: "127.0.0.1", port: gateway.address.port },
+            token: "right",
+            routes: [{ _tag: "Http", port, pathPrefix: "/svc" }],
+            connections: 2
+          })
+        )
+        yield* Effect.addFinalizer(() => Effect.promise(() => handle.close()))
+        yield* until(() => gateway.connections() === 2 && handle.connected() === 2, "both connections")
+        const ok = yield* Effect.promise(() => request(port, "/svc/x"))
+        assert.strictEqual(ok.body, "svc /svc/x")
+        const missing = yield* Effect.promise(() => request(port, "/other"))
+        assert.strictEqual(missing.status, 404)
       }))
     }))
 })
+
+void sleep

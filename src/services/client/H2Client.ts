@@ -12,6 +12,7 @@ import * as Redacted from "effect/Redacted"
 import {
   decodeHelloReply,
   encodeHello,
+  FrameHeaderBytes,
   FrameReader,
   makeHello,
   MaxControlMessageBytes
@@ -144,7 +145,9 @@ const make = Effect.fnUntraced(function*(server: http2.Http2Server | http2.Http2
         cleanup()
         resume(Effect.fail(new H2ClientError({ reason: "Handshake", message: `${where} closed the connection during the handshake` })))
       }
+      let pushedBytes = 0
       const onData = (chunk: Buffer) => {
+        pushedBytes += chunk.length
         const pushed = reader.push(chunk)
         const body = pushed ?? reader.next()
         if (body === undefined) return
@@ -153,7 +156,9 @@ const make = Effect.fnUntraced(function*(server: http2.Http2Server | http2.Http2
         if (!(body instanceof Uint8Array)) {
           return resume(Effect.fail(new H2ClientError({ reason: "Handshake", message: body.message })))
         }
-        const rest = reader.remainder()
+        // what followed the frame in this chunk belongs to HTTP/2 (counted here: the reader would try to
+        // read it as the next frame's length)
+        const rest = chunk.subarray(chunk.length - (pushedBytes - FrameHeaderBytes - body.length))
         if (rest.length > 0) socket.unshift(rest)
         const reply = decodeHelloReply(body)
         if (!("_tag" in reply) || (reply._tag !== "Welcome" && reply._tag !== "Rejected")) {
@@ -195,8 +200,8 @@ const make = Effect.fnUntraced(function*(server: http2.Http2Server | http2.Http2
     }
     connected++
     yield* Effect.addFinalizer(() => Effect.sync(() => void connected--))
+    // the http2 session takes the socket over, bytes already read past the preamble included
     server.emit("connection", socket)
-    socket.resume()
     yield* awaitClose(socket)
   }).pipe(Effect.scoped)
 

@@ -170,6 +170,9 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
   let bodySent = false
   let failure: (Error & { code?: string }) | undefined
   let trailers: http2.IncomingHttpHeaders | undefined
+  // a declared response length (-1 when none), checked against what arrived
+  let expected = -1
+  let received = 0
 
   const finish = () => {
     if (phase === "done") return
@@ -202,7 +205,12 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
     const out = h1ResponseHeaders(rawHeaders)
     res.writeHead(status, out)
     // without a length the response is a stream (events, gRPC): send its head now
-    if (headers["content-length"] === undefined) res.flushHeaders()
+    const length = headers["content-length"]
+    if (length === undefined) res.flushHeaders()
+    else if (method !== "HEAD" && status !== 204 && status !== 304) {
+      expected = Number(length)
+      stream.on("data", (chunk: Buffer) => void (received += chunk.length))
+    }
     stream.pipe(res, { end: false })
   })
   stream.on("trailers", (received: http2.IncomingHttpHeaders) => {
@@ -210,8 +218,15 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
   })
   stream.on("end", () => {
     if (phase !== "body") return
-    if (trailers !== undefined) res.addTrailers(h1Trailers(trailers))
-    res.end()
+    // Node also ends the readable side when the stream dies: a destroyed stream, a reset code or a
+    // short body means the response was cut, and the client must see it aborted
+    if (stream.destroyed || stream.rstCode || failure !== undefined || (expected >= 0 && received !== expected)) {
+      options.onError(`backend ${target.describe} broke a response: ${describeStreamFailure(stream, failure)}`)
+      res.destroy()
+    } else {
+      if (trailers !== undefined) res.addTrailers(h1Trailers(trailers))
+      res.end()
+    }
     finish()
   })
   stream.on("close", () => {

@@ -15,6 +15,7 @@ import {
   type BoundListener,
   decodeHello,
   encodeHelloReply,
+  FrameHeaderBytes,
   FrameReader,
   type Hello,
   ProtocolVersion,
@@ -356,14 +357,18 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         cleanup()
         resume(Effect.fail(fail("BadPreamble", "the connection closed before its preamble")))
       }
+      let pushedBytes = 0
       const onData = (chunk: Buffer) => {
+        pushedBytes += chunk.length
         const pushed = reader.push(chunk)
         const body = pushed ?? reader.next()
         if (body === undefined) return
         cleanup()
         socket.pause()
         if (!(body instanceof Uint8Array)) return resume(Effect.fail(fail("BadPreamble", body.message)))
-        const rest = reader.remainder()
+        // what followed the frame in this chunk belongs to HTTP/2 (counted here: the reader would try to
+        // read it as the next frame's length)
+        const rest = chunk.subarray(chunk.length - (pushedBytes - FrameHeaderBytes - body.length))
         if (rest.length > 0) socket.unshift(rest)
         const hello = decodeHello(body)
         if (!("_tag" in hello) || hello._tag !== "Hello") {
