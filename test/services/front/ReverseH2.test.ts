@@ -1,0 +1,211 @@
+import { assert, describe, it } from "@effect/vitest"
+import * as http2 from "node:http2"
+import * as net from "node:net"
+import { Effect, Exit, Layer } from "effect"
+import * as Redacted from "effect/Redacted"
+import { TestClock } from "effect/testing"
+import { Dispatcher } from "../../../src/services/Dispatcher.ts"
+import { Forwarder } from "../../../src/services/Forwarder.ts"
+import { tcpUpstream } from "../../../src/services/forward/Upstream.ts"
+import { forwardingHandlers, Listeners } from "../../../src/services/Listeners.ts"
+import { Registry } from "../../../src/services/Registry.ts"
+import { ReverseH2, ReverseH2Error } from "../../../src/services/front/ReverseH2.ts"
+import { serveReverseHttp2 } from "../../../src/runtime/serveReverseHttp2.ts"
+import { closeServer, dialBackend, freePort, request, until, withGateway } from "../../integration/reverse-h2-harness.ts"
+import { makeCertificate } from "../ListenersFixtures.ts"
+
+/** An empty SETTINGS frame: the least a server must send to count as speaking HTTP/2. */
+const EMPTY_SETTINGS = Buffer.from([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+/** A raw peer on the tunnel port that writes `bytes` once connected and never answers anything. */
+const rawPeer = (port: number, bytes: Buffer | undefined) =>
+  Effect.acquireRelease(
+    Effect.promise(() =>
+      new Promise<{ socket: net.Socket; closed: Promise<void> }>((resolve) => {
+        const socket = net.connect(port, "127.0.0.1", () => {
+          if (bytes !== undefined) socket.write(bytes)
+          resolve({ socket, closed })
+        })
+        socket.on("error", () => {})
+        socket.resume()
+        const closed = new Promise<void>((done) => socket.once("close", () => done()))
+      })
+    ),
+    ({ socket }) => Effect.sync(() => socket.destroy())
+  )
+
+describe("ReverseH2", () => {
+  it.effect("a connection that stops answering PINGs is dropped after the timeout; a healthy one stays", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ routes: [{ _tag: "Http", port }], pingInterval: "15 seconds", pingTimeout: "5 seconds" }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        let pings = 0
+        const healthy = http2.createServer((_req, res) => res.end("healthy"))
+        healthy.on("session", (session) => session.on("ping", () => void pings++))
+        yield* closeServer(healthy)
+        yield* dialBackend(gateway.address.port, healthy)
+        const silent = yield* rawPeer(gateway.address.port, EMPTY_SETTINGS)
+        yield* until(() => gateway.connections() === 2, "both connections")
+        yield* TestClock.adjust("15 seconds")
+        yield* until(() => pings === 1, "the healthy backend to be pinged")
+        // give the answer time to come back before virtual time moves on
+        yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, 50)))
+        yield* TestClock.adjust("5 seconds")
+        yield* Effect.promise(() => silent.closed)
+        yield* until(() => gateway.connections() === 1, "the silent connection to be pruned")
+        assert.strictEqual(gateway.recentFailures().at(-1)?.reason, "PingTimeout")
+        const reply = yield* Effect.promise(() => request(port, "/"))
+        assert.strictEqual(reply.body, "healthy")
+      }))
+    }))
+
+  it.effect("a peer that sends no HTTP/2 SETTINGS (plain) or no preamble (authenticated) is closed after the handshake timeout", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ routes: [{ _tag: "Http", port }], handshakeTimeout: "10 seconds" }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const quiet = yield* rawPeer(gateway.address.port, undefined)
+        yield* TestClock.adjust("10 seconds")
+        yield* Effect.promise(() => quiet.closed)
+        yield* until(() => gateway.recentFailures().length === 1, "the failure")
+        assert.strictEqual(gateway.recentFailures()[0]!.reason, "HandshakeTimeout")
+        assert.isFalse((yield* Listeners).openPorts().has(port))
+      }))
+      yield* withGateway({ tokens: [{ name: "t", token: Redacted.make("s"), ports: [port] }], handshakeTimeout: "10 seconds" }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const quiet = yield* rawPeer(gateway.address.port, undefined)
+        yield* TestClock.adjust("10 seconds")
+        yield* Effect.promise(() => quiet.closed)
+        yield* until(() => gateway.recentFailures().length === 1, "the failure")
+        assert.strictEqual(gateway.recentFailures()[0]!.reason, "HandshakeTimeout")
+      }))
+    }))
+
+  it.effect("an oversized preamble is refused before it is buffered", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ tokens: [{ name: "t", token: Redacted.make("s"), ports: [port] }], maxPreambleBytes: 1024 }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const header = Buffer.alloc(4)
+        header.writeUInt32BE(1025)
+        const peer = yield* rawPeer(gateway.address.port, header)
+        yield* Effect.promise(() => peer.closed)
+        yield* until(() => gateway.recentFailures().length === 1, "the failure")
+        assert.strictEqual(gateway.recentFailures()[0]!.reason, "BadPreamble")
+        assert.match(gateway.recentFailures()[0]!.message, /1025 bytes exceeds the limit of 1024/)
+      }))
+    }))
+
+  it.effect("a backend at its SETTINGS_MAX_CONCURRENT_STREAMS is skipped; beyond every limit requests wait for a free stream", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const held: Array<() => void> = []
+        const concurrent = [0, 0]
+        const most = [0, 0]
+        for (const index of [0, 1]) {
+          const server = http2.createServer({ settings: { maxConcurrentStreams: 1 } }, (req, res) => {
+            req.resume()
+            concurrent[index]!++
+            most[index] = Math.max(most[index]!, concurrent[index]!)
+            held.push(() => {
+              concurrent[index]!--
+              res.end(`b${index}`)
+            })
+          })
+          yield* closeServer(server)
+          yield* dialBackend(gateway.address.port, server)
+        }
+        yield* until(() => gateway.connections() === 2, "two backends")
+        const replies = [request(port, "/1"), request(port, "/2"), request(port, "/3")]
+        yield* until(() => held.length === 2 && gateway.queued() === 1, "two requests served, one waiting")
+        held.shift()!()
+        yield* until(() => held.length === 2, "the waiting request to get the freed stream")
+        held.shift()!()
+        held.shift()!()
+        const got = yield* Effect.promise(() => Promise.all(replies))
+        assert.isTrue(got.every((r) => r.status === 200))
+        assert.deepStrictEqual(most, [1, 1])
+        assert.strictEqual(gateway.queued(), 0)
+        assert.strictEqual(gateway.activeStreams(), 0)
+      }))
+    }))
+
+  it.effect("a request finding every stream busy gets a 503 after the queue timeout, and one beyond the queue at once", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ routes: [{ _tag: "Http", port }], queueTimeoutMs: 100, maxQueuedRequests: 1 }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const held: Array<() => void> = []
+        const server = http2.createServer({ settings: { maxConcurrentStreams: 1 } }, (req, res) => {
+          req.resume()
+          held.push(() => res.end("done"))
+        })
+        yield* closeServer(server)
+        yield* dialBackend(gateway.address.port, server)
+        yield* until(() => gateway.connections() === 1, "the backend")
+        const first = request(port, "/")
+        yield* until(() => held.length === 1, "the first request to hold the stream")
+        const second = request(port, "/")
+        yield* until(() => gateway.queued() === 1, "the second request to wait")
+        const third = yield* Effect.promise(() => request(port, "/"))
+        assert.strictEqual(third.status, 503)
+        assert.match(third.body, /already wait for an HTTP\/2 stream/)
+        const waited = yield* Effect.promise(() => second)
+        assert.strictEqual(waited.status, 503)
+        assert.match(waited.body, /no HTTP\/2 stream free/)
+        held[0]!()
+        assert.strictEqual((yield* Effect.promise(() => first)).body, "done")
+      }))
+    }))
+
+  it.effect("serves the tunnel port over TLS, the backend being the TLS client", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      const certificate = makeCertificate("tunnel.test")
+      yield* withGateway({
+        tokens: [{ name: "t", token: Redacted.make("tls-secret"), ports: [port] }],
+        tls: certificate,
+        routes: [{ _tag: "Http", port }]
+      }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const handle = yield* Effect.promise(() =>
+          serveReverseHttp2((req, res) => res.end(`over tls ${req.url}`), {
+            gateway: { host: "127.0.0.1", port: gateway.address.port },
+            token: "tls-secret",
+            connections: 1,
+            tls: { ca: certificate.cert, servername: "tunnel.test" }
+          })
+        )
+        yield* Effect.addFinalizer(() => Effect.promise(() => handle.close()))
+        yield* until(() => gateway.connections() === 1, "the TLS connection")
+        const reply = yield* Effect.promise(() => request(port, "/x"))
+        assert.strictEqual(reply.body, "over tls /x")
+      }))
+    }))
+
+  it.effect("refuses configurations it cannot serve", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      const build = (config: Parameters<typeof ReverseH2.layer>[0]) =>
+        Effect.gen(function*() {
+          const forwarder = yield* Forwarder.make({ upstream: tcpUpstream("127.0.0.1", 9, { maxSockets: 1, maxFreeSockets: 0 }), responseTimeoutMs: 0, idleTimeoutMs: 0 })
+          const core = Layer.effect(Listeners, Listeners.make({ host: "127.0.0.1", ...forwardingHandlers(forwarder) })).pipe(
+            Layer.provideMerge(Dispatcher.layer()),
+            Layer.provideMerge(Registry.layer())
+          )
+          return yield* Effect.exit(Effect.scoped(Layer.build(ReverseH2.layer({ address: { host: "127.0.0.1", port: 0 }, ...config }).pipe(Layer.provide(core)))))
+        }).pipe(Effect.scoped)
+      const noRoutes = yield* build({})
+      const tcp = yield* build({ routes: [{ _tag: "Tcp", port }] })
+      for (const exit of [noRoutes, tcp]) {
+        assert.isTrue(Exit.isFailure(exit))
+        if (Exit.isFailure(exit)) {
+          const error = exit.cause.reasons.find((r) => r._tag === "Fail")
+          assert.instanceOf(error?._tag === "Fail" ? error.error : undefined, ReverseH2Error)
+        }
+      }
+    }))
+})
