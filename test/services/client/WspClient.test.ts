@@ -10,7 +10,7 @@ import { TestClock } from "effect/testing"
 import { WebSocket, WebSocketServer } from "ws"
 import { compileRules } from "../../../src/domain/DestinationRules.ts"
 import type { DestinationRules } from "../../../src/domain/DestinationRules.ts"
-import { makeWspClient, reconnectDelay } from "../../../src/services/client/WspClient.ts"
+import { makeWspClient, reconnectDelay, WspClient } from "../../../src/services/client/WspClient.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
 import { clientConfig, destination, secret, waitFor } from "../../integration/wspSupport.ts"
 
@@ -282,6 +282,17 @@ describe("WspClient against a hand-written wsp server", () => {
       const warnings = messages.filter((m) => m.startsWith("Warn") && m.includes("every destination is allowed"))
       expect(warnings).toHaveLength(1)
     }))
+
+  it.live("is available as a Layer", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* fakeServer
+      const stats = yield* Effect.gen(function*() {
+        const client = yield* WspClient
+        yield* waitFor("connected", () => client.stats()[0]!.idle === 1)
+        return client.stats()
+      }).pipe(Effect.provide(WspClient.layer(clientConfig(server.url, { poolIdleSize: 1 }))))
+      expect(stats).toEqual([{ target: server.url, connecting: 0, idle: 1, running: 0, total: 1 }])
+    })))
 })
 
 describe("reconnectDelay", () => {

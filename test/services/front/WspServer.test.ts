@@ -4,10 +4,11 @@
  */
 import { describe, expect, it } from "@effect/vitest"
 import * as http from "node:http"
+import * as net from "node:net"
 import { Effect, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import { WebSocket } from "ws"
-import { makeWspServer, secretMatches } from "../../../src/services/front/WspServer.ts"
+import { makeWspServer, secretMatches, WspServer } from "../../../src/services/front/WspServer.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
 import { call, secret, serverConfig, waitFor } from "../../integration/wspSupport.ts"
 
@@ -355,4 +356,42 @@ describe("WspServer against a hand-written wsp client", () => {
       req.destroy()
       expect(server.stats().idle).toBe(0)
     })))
+
+  it.live("survives a peer that sends garbage after the upgrade, and keeps serving", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const closed = yield* Effect.promise(() =>
+        new Promise<boolean>((resolve) => {
+          const socket = net.connect(port, "127.0.0.1", () => {
+            socket.write(
+              "GET /register HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+                `Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-SECRET-KEY: ${secret}\r\n\r\n`
+            )
+          })
+          let upgraded = false
+          socket.on("data", (d: Buffer) => {
+            if (!upgraded && d.toString("latin1").startsWith("HTTP/1.1 101")) {
+              upgraded = true
+              // an unmasked frame with a reserved opcode and a length far beyond the limit
+              socket.write(Buffer.from([0x83, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]))
+            }
+          })
+          socket.on("error", () => undefined)
+          socket.on("close", () => resolve(upgraded))
+        })
+      )
+      expect(closed).toBe(true)
+      const status = yield* Effect.promise(() => call(port, { path: "/status" }))
+      expect(status.body.toString()).toBe("ok")
+      yield* connectPeer(port, "peer_1")
+      yield* waitFor("a good peer still registers", () => server.stats().idle === 1)
+    })))
+
+  it.live("is available as a Layer", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* WspServer
+      const status = yield* Effect.promise(() => call(server.address.port, { path: "/status" }))
+      expect(status.body.toString()).toBe("ok")
+    }).pipe(Effect.provide(WspServer.layer(serverConfig())))))
 })
