@@ -4,7 +4,7 @@
  * `/register`, `/request` and `/status` until interrupted. It adds no other endpoints.
  */
 import * as fs from "node:fs"
-import { Console, Effect } from "effect"
+import { Console, Effect, Redacted } from "effect"
 import { Command, Flag } from "effect/cli"
 import { parseWspServerConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspServer } from "../../services/front/WspServer.ts"
@@ -26,6 +26,9 @@ export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn
   const parsed = parseWspServerConfig(yield* readConfigText(config))
   if (parsed instanceof WspConfigError) return yield* parsed
   for (const key of parsed.unknownKeys) yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
+  if (Redacted.value(parsed.config.secretKey) === "") {
+    yield* Effect.logWarning("wsp-server: secretkey is empty, so any wsp client may register and receive requests (wsp's behaviour); set secretkey")
+  }
   if (parsed.config.host !== "127.0.0.1" && parsed.config.host !== "localhost" && parsed.config.requestKey === undefined) {
     yield* Effect.logWarning(`wsp-server: /request on ${parsed.config.host} needs no credential; set requestkey to require one`)
   }

@@ -30,6 +30,8 @@ import { defaultCleanInterval, makePool, PoolError } from "../Pool.ts"
 export const proxyErrorStatus = 526
 /** How long a registering connection has to send its greeting, ms. */
 export const greetingTimeout = 10_000
+/** Most connections upgraded but not yet greeted; further upgrades are refused with 503. */
+export const maxPendingGreetings = 256
 /** Longest pool id accepted in a greeting. */
 export const maxPoolIdLength = 256
 /** Bytes queued on a WebSocket before the caller's request body is paused. */
@@ -345,6 +347,9 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     const given = req.headers["x-secret-key"]
     if (!secretMatches(typeof given === "string" ? given : "", secret)) {
       return refuseUpgrade(socket, proxyErrorStatus, "Proxy Error", "Invalid X-SECRET-KEY")
+    }
+    if (greeting.size >= maxPendingGreetings) {
+      return refuseUpgrade(socket, 503, "Service Unavailable", "too many registrations in progress")
     }
     wss.handleUpgrade(req, socket, head, onRegistered)
   }

@@ -8,7 +8,7 @@ import * as net from "node:net"
 import { Effect, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import { WebSocket } from "ws"
-import { makeWspServer, secretMatches, WspServer } from "../../../src/services/front/WspServer.ts"
+import { makeWspServer, maxPendingGreetings, secretMatches, WspServer } from "../../../src/services/front/WspServer.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
 import { call, secret, serverConfig, waitFor } from "../../integration/wspSupport.ts"
 
@@ -394,4 +394,27 @@ describe("WspServer against a hand-written wsp client", () => {
       const status = yield* Effect.promise(() => call(server.address.port, { path: "/status" }))
       expect(status.body.toString()).toBe("ok")
     }).pipe(Effect.provide(WspServer.layer(serverConfig())))))
+
+  it.live("bounds connections that upgrade but never greet", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const silent: Array<Peer> = []
+      for (let i = 0; i < maxPendingGreetings; i++) silent.push(yield* connectPeer(port, undefined))
+      const refused = yield* Effect.promise(() =>
+        new Promise<string>((resolve) => {
+          const ws = new WebSocket(`ws://127.0.0.1:${port}/register`, { headers: { "X-SECRET-KEY": secret } })
+          ws.on("error", (e) => resolve(e.message))
+          ws.on("open", () => {
+            ws.terminate()
+            resolve("opened")
+          })
+        })
+      )
+      expect(refused).toBe("Unexpected server response: 503")
+      silent[0]!.send("peer_1")
+      yield* waitFor("a greeting frees a slot", () => server.stats().idle === 1)
+      yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 2)
+    })))
 })
