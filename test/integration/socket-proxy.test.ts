@@ -62,6 +62,22 @@ const getVia = (socketPath: string, p: string) =>
     req.on("error", reject)
   })
 
+/** Resolves when the child prints a line containing `text` (checking what it printed so far too). */
+const waitForOutput = (child: ChildProcess, text: string): Promise<void> =>
+  new Promise((resolve) => {
+    let output = ""
+    const onData = (d: Buffer) => {
+      output += d.toString()
+      if (output.includes(text)) {
+        child.stdout!.off("data", onData)
+        child.stderr!.off("data", onData)
+        resolve()
+      }
+    }
+    child.stdout!.on("data", onData)
+    child.stderr!.on("data", onData)
+  })
+
 describe("switchyard socket-proxy (process)", () => {
   it.each([
     { name: "an unknown preset in the file", file: "rules:\n  - preset: traefix\n", expect: `rules[0].preset: unknown preset "traefix"` },
@@ -106,5 +122,29 @@ describe("switchyard socket-proxy (process)", () => {
       await closed
     }
     assert.isFalse(fs.existsSync(sock))
+  })
+
+  it("SIGHUP reloads the rules; a bad file on reload keeps the rules in force", async () => {
+    const sock = path.join(dir, "reload.sock")
+    const config = path.join(dir, "reload.yaml")
+    fs.writeFileSync(config, `upstream: unix:${engine.socketPath}\nlisten: [unix:${sock}]\nrules: [GET /_ping]\n`)
+    const { child } = await startProxy(["--config", config])
+    try {
+      assert.strictEqual((await getVia(sock, "/small")).status, 403)
+      fs.writeFileSync(config, `upstream: unix:${engine.socketPath}\nlisten: [unix:${sock}]\nrules: [GET /_ping, GET /small]\n`)
+      const reloaded = waitForOutput(child, "reloaded rule set")
+      child.kill("SIGHUP")
+      await reloaded
+      assert.strictEqual((await getVia(sock, "/small")).status, 200)
+      fs.writeFileSync(config, `upstream: unix:${engine.socketPath}\nlisten: [unix:${sock}]\nrules: [GET small]\n`)
+      const refused = waitForOutput(child, "reload refused")
+      child.kill("SIGHUP")
+      await refused
+      assert.strictEqual((await getVia(sock, "/small")).status, 200)
+    } finally {
+      const closed = new Promise<number | null>((resolve) => child.once("close", resolve))
+      child.kill("SIGTERM")
+      await closed
+    }
   })
 })

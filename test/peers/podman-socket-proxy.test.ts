@@ -2,18 +2,19 @@
  * The real docker CLI through `SocketProxy` to the Docker Engine API served by Podman.
  */
 import { afterAll, assert, beforeAll, describe, it } from "@effect/vitest"
-import { Effect, Exit, Layer, Scope, Context } from "effect"
+import { Context, Effect, Exit, Layer, Scope } from "effect"
 import { execFile, spawn } from "node:child_process"
 import { promisify } from "node:util"
 import { ConfigError, resolveConfig } from "../../src/domain/SocketProxyConfig.ts"
 import { SocketProxy } from "../../src/services/front/SocketProxy.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
-import { assertPeer, dockerCli, peerMissing, type PodmanService, startPodman } from "../support/peers.ts"
+import { assertPeer, dockerCli, peerMissing, type PeerProbe, type PodmanService, startPodman } from "../support/peers.ts"
 
 const run = promisify(execFile)
 
 const docker = dockerCli()
-const podman = docker.value === undefined ? docker : startPodman()
+// Podman is started only when the docker CLI is there to drive it.
+const podman: PeerProbe<PodmanService> = docker.value === undefined ? { value: undefined, reason: docker.reason } : startPodman()
 
 describe.skipIf(peerMissing(podman) || peerMissing(docker))("docker CLI through the socket proxy (Podman)", () => {
   let service: PodmanService

@@ -1,7 +1,7 @@
 /**
  * `switchyard socket-proxy`: fronts a Unix-socket HTTP API (the Docker Engine API) with a deny-by-default
  * allowlist. Reads an optional YAML/JSON config file, merges flags over it, refuses to start on any
- * config error (naming the field and value), and runs until interrupted.
+ * config error (naming the field and value), and runs until interrupted. SIGHUP reloads the rules.
  */
 import { Console, Effect, Option } from "effect"
 import { Command, Flag } from "effect/cli"
@@ -13,7 +13,8 @@ import {
   decodeSocketProxyFile,
   resolveConfig,
   type SocketProxyConfig,
-  type SocketProxyFile
+  type SocketProxyFile,
+  type SocketProxyFlags
 } from "../../domain/SocketProxyConfig.ts"
 import { makeSocketProxy } from "../../services/front/SocketProxy.ts"
 
@@ -58,6 +59,25 @@ const readConfigFile = (path: string): Effect.Effect<SocketProxyFile, ConfigErro
       : Effect.succeed(decoded)
   })
 
+/** The parsed flags in the shape `resolveConfig` merges over the file. */
+const flagValues = (f: {
+  readonly upstream: Option.Option<string>
+  readonly listen: ReadonlyArray<string>
+  readonly allow: ReadonlyArray<string>
+  readonly deny: ReadonlyArray<string>
+  readonly preset: ReadonlyArray<string>
+  readonly allowFrom: ReadonlyArray<string>
+  readonly name: Option.Option<string>
+}): SocketProxyFlags => ({
+  upstream: Option.getOrUndefined(f.upstream),
+  listen: f.listen,
+  allow: f.allow,
+  deny: f.deny,
+  presets: f.preset,
+  allowFrom: f.allowFrom,
+  name: Option.getOrUndefined(f.name)
+})
+
 const describe = (config: SocketProxyConfig): string =>
   config.upstream._tag === "Unix" ? `unix:${config.upstream.path}` : `${config.upstream.host}:${config.upstream.port}`
 
@@ -65,15 +85,7 @@ const isLoopback = (host: string): boolean => host === "localhost" || host === "
 
 export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(function*(f) {
   const file: SocketProxyFile = Option.isSome(f.config) ? yield* readConfigFile(f.config.value) : {}
-  const config = resolveConfig(file, {
-    upstream: Option.getOrUndefined(f.upstream),
-    listen: f.listen,
-    allow: f.allow,
-    deny: f.deny,
-    presets: f.preset,
-    allowFrom: f.allowFrom,
-    name: Option.getOrUndefined(f.name)
-  })
+  const config = resolveConfig(file, flagValues(f))
   if (config instanceof ConfigError) return yield* config
   for (const l of config.listen) {
     if (l._tag === "Tcp" && !isLoopback(l.host) && config.allowFrom === undefined) {
@@ -81,6 +93,20 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
     }
   }
   const proxy = yield* makeSocketProxy(config)
+  // SIGHUP: re-read the config file and swap the rules; a bad file keeps the rules in force.
+  const services = yield* Effect.context<never>()
+  const reload = Effect.gen(function*() {
+    const next = Option.isSome(f.config) ? yield* readConfigFile(f.config.value) : {}
+    const resolved = resolveConfig(next, flagValues(f))
+    if (resolved instanceof ConfigError) return yield* resolved
+    yield* proxy.replaceRules(resolved.ruleSet)
+    yield* Effect.logInfo(`reloaded rule set "${resolved.ruleSet.name}" with ${resolved.ruleSet.rules.length} rules (listeners, upstream and limits change only on restart)`)
+  }).pipe(Effect.catch((e) => Effect.logError(`reload refused, previous rules stay in force: ${e.message}`)))
+  const onHangup = () => void Effect.runForkWith(services)(reload)
+  yield* Effect.acquireRelease(
+    Effect.sync(() => process.on("SIGHUP", onHangup)),
+    () => Effect.sync(() => process.off("SIGHUP", onHangup))
+  )
   const where = proxy.addresses.map((a) => a._tag === "Unix" ? `unix:${a.path}` : `${a.host}:${a.port}`).join(", ")
   yield* Console.log(
     `switchyard socket-proxy: ${describe(config)} on ${where}; rule set "${config.ruleSet.name}" with ${config.ruleSet.rules.length} rules (deny by default)`

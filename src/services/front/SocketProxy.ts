@@ -31,9 +31,23 @@ export type BoundAddress =
   | { readonly _tag: "Tcp"; readonly host: string; readonly port: number }
   | { readonly _tag: "Unix"; readonly path: string }
 
+/** Request outcomes since start, for metrics. */
+export interface SocketProxyStats {
+  /** Forwarded to the upstream. */
+  readonly allowed: number
+  /** Refused by the rules (403). */
+  readonly denied: number
+  /** Refused before the rules: client not in allowFrom, or a request target that was refused. */
+  readonly rejected: number
+}
+
 export interface SocketProxyShape {
   readonly addresses: ReadonlyArray<BoundAddress>
-  readonly ruleSet: RuleSet
+  /** The rule set in force. */
+  readonly ruleSet: () => RuleSet
+  /** Replaces the rule set for requests that arrive from now on (SIGHUP reload). */
+  readonly replaceRules: (ruleSet: RuleSet) => Effect.Effect<void>
+  readonly stats: () => SocketProxyStats
   readonly forwarder: ForwarderShape
 }
 
@@ -146,8 +160,11 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     errors: dockerErrors,
     onUpstreamError: warn
   })
-  const ruleSet = config.ruleSet
+  let ruleSet = config.ruleSet
   const allowFrom = config.allowFrom
+  let allowed = 0
+  let denied = 0
+  let rejected = 0
 
   /** Checks client, path and rules; returns what to forward or answers the refusal itself. */
   const admit = (
@@ -157,6 +174,7 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     const socket = req.socket as net.Socket & { [refusedClient]?: boolean }
     const method = req.method ?? "GET"
     if (socket[refusedClient] === true) {
+      rejected++
       const message = `switchyard socket-proxy: client ${socket.remoteAddress} is not in allowFrom of rule set "${ruleSet.name}"`
       warn(message)
       refuse(403, message)
@@ -164,6 +182,7 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     }
     const target = canonicalTarget(req.url ?? "/")
     if (isTargetRejection(target)) {
+      rejected++
       const message = `switchyard socket-proxy: rejected request target (${target.detail})`
       warn(`${message}: ${method} ${JSON.stringify(req.url)}`)
       refuse(400, message)
@@ -172,11 +191,13 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     const request = { method, path: target.path, query: target.query }
     const decision = decide(ruleSet, request)
     if (!decision.allowed) {
+      denied++
       const message = denialMessage(ruleSet, request, decision)
       warn(message)
       refuse(403, message)
       return undefined
     }
+    allowed++
     if (config.logAllowed) info(`allowed ${method} ${target.path} by "${decision.rule.source}"`)
     return { path: target.upstreamTarget, idleTimeoutMs: decision.rule.idleTimeoutMs }
   }
@@ -200,7 +221,16 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     }
     addresses.push(yield* bind(server, address))
   }
-  return { addresses, ruleSet, forwarder }
+  return {
+    addresses,
+    ruleSet: () => ruleSet,
+    replaceRules: (next) =>
+      Effect.sync(() => {
+        ruleSet = next
+      }),
+    stats: () => ({ allowed, denied, rejected }),
+    forwarder
+  }
 })
 
 /** The socket proxy as a service: `SocketProxy.layer(config)` in an Effect app. */

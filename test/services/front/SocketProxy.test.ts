@@ -7,7 +7,7 @@ import * as net from "node:net"
 import * as os from "node:os"
 import * as path from "node:path"
 import { ConfigError, decodeSocketProxyFile, resolveConfig, type SocketProxyConfig, type SocketProxyFile } from "../../../src/domain/SocketProxyConfig.ts"
-import { type BoundAddress, SocketProxy, SocketProxyError } from "../../../src/services/front/SocketProxy.ts"
+import { type BoundAddress, SocketProxy, SocketProxyError, type SocketProxyShape } from "../../../src/services/front/SocketProxy.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
 import { type EngineUpstream, startEngineUpstream } from "../EngineUpstream.ts"
 
@@ -38,11 +38,14 @@ const config = (file: Record<string, unknown>): SocketProxyConfig => {
   return c
 }
 
+let proxy: SocketProxyShape | undefined
+
 /** Starts the proxy through its Layer, as an Effect app would. */
 const start = async (file: Record<string, unknown>): Promise<ReadonlyArray<BoundAddress>> => {
   scope = Effect.runSync(Scope.make())
   const ctx = await Effect.runPromise(Layer.build(SocketProxy.layer(config(file))).pipe(Scope.provide(scope)))
-  return Context.get(ctx, SocketProxy).addresses
+  proxy = Context.get(ctx, SocketProxy)
+  return proxy.addresses
 }
 
 const tcpPort = (addresses: ReadonlyArray<BoundAddress>): number => {
@@ -87,6 +90,19 @@ describe("SocketProxy", () => {
     assert.match(denied.body, /^\{"message":"[^\n]*rule set \\"tests\\"[^\n]*"\}\n$/)
     assert.include(JSON.parse(denied.body).message, "POST /containers/create")
     assert.strictEqual(engine.seen.length, 1)
+    assert.strictEqual((await get({ port }, "/v1.41/a%2Fb")).status, 400)
+    assert.deepStrictEqual(proxy!.stats(), { allowed: 1, denied: 1, rejected: 1 })
+  })
+
+  it("replaces its rules in place for requests that follow", async () => {
+    const port = tcpPort(await start({ name: "before", rules: ["GET /_ping"] }))
+    assert.strictEqual((await get({ port }, "/small")).status, 403)
+    const next = config({ name: "after", rules: ["GET /small"] }).ruleSet
+    await Effect.runPromise(proxy!.replaceRules(next))
+    assert.strictEqual(proxy!.ruleSet().name, "after")
+    assert.strictEqual((await get({ port }, "/small")).status, 200)
+    const denied = await get({ port }, "/_ping")
+    assert.include(JSON.parse(denied.body).message, `rule set "after"`)
   })
 
   it("matches canonical paths: path tricks are refused or normalised, never forwarded as written", async () => {
