@@ -40,11 +40,6 @@ export interface YamuxSession {
   readonly core: SessionCore
 }
 
-interface PendingOpen {
-  readonly stream: StreamCore
-  readonly deadline: number
-}
-
 type Outcome = { readonly error: YamuxError | undefined; readonly clean: boolean }
 
 /**
@@ -74,8 +69,8 @@ export class SessionCore implements StreamHost {
   private pings = new Map<number, (error: YamuxError | undefined) => void>()
   private nextPingId = 0
   /** Streams we opened, in open order, for the open-timeout sweeper. */
-  private pendingOpens: Array<PendingOpen> = []
-  private pendingOpensHead = 0
+  /** Opened, not yet acknowledged streams and their deadlines, in open order (so in deadline order). */
+  private pendingOpens = new Map<StreamCore, number>()
   private sweeperWake: (() => void) | undefined
   /** Unread payload across all streams (bounded by their windows; a metric). */
   private unread = 0
@@ -290,6 +285,7 @@ export class SessionCore implements StreamHost {
 
   forget(stream: StreamCore): void {
     if (this.streams.get(stream.id) === stream) this.streams.delete(stream.id)
+    this.pendingOpens.delete(stream)
   }
 
   private updatePause(): void {
@@ -394,7 +390,7 @@ export class SessionCore implements StreamHost {
     const stream = new StreamCore(this, id, this.config.maxStreamWindow, true)
     this.streams.set(id, stream)
     this.sendFrame(F.TYPE_WINDOW_UPDATE, F.FLAG_SYN, id, this.config.maxStreamWindow - F.INITIAL_STREAM_WINDOW)
-    this.pendingOpens.push({ stream, deadline: this.now() + this.config.streamOpenTimeoutMs })
+    this.pendingOpens.set(stream, this.now() + this.config.streamOpenTimeoutMs)
     const wake = this.sweeperWake
     if (wake) {
       this.sweeperWake = undefined
@@ -425,22 +421,21 @@ export class SessionCore implements StreamHost {
   /** Resets opened streams whose ACK is overdue; returns the next deadline, if any. */
   sweepOpens(): number | undefined {
     const now = this.now()
-    while (this.pendingOpensHead < this.pendingOpens.length) {
-      const p = this.pendingOpens[this.pendingOpensHead]!
-      if (p.stream.awaitingAck && p.stream.error === undefined && !p.stream.finished) {
-        if (p.deadline > now) return p.deadline
-        p.stream.reset(yamuxError("OpenTimeout", `stream ${p.stream.id} was not acknowledged in time`))
-      }
-      this.pendingOpensHead++
+    for (const [stream, deadline] of this.pendingOpens) {
+      if (deadline > now) return deadline
+      this.pendingOpens.delete(stream)
+      stream.reset(yamuxError("OpenTimeout", `stream ${stream.id} was not acknowledged in time`))
     }
-    this.pendingOpens = []
-    this.pendingOpensHead = 0
     return undefined
   }
 
   whenOpenPending(f: () => void): void {
-    if (this.pendingOpensHead < this.pendingOpens.length || this.outcome) f()
+    if (this.pendingOpens.size > 0 || this.outcome) f()
     else this.sweeperWake = f
+  }
+
+  acknowledged(stream: StreamCore): void {
+    this.pendingOpens.delete(stream)
   }
 
   // ---- ping and GoAway --------------------------------------------------------------------------------
@@ -508,8 +503,7 @@ export class SessionCore implements StreamHost {
     this.pings.clear()
     for (const p of pings) p(err)
     for (const w of this.spaceWaiters.splice(0)) w()
-    this.pendingOpens = []
-    this.pendingOpensHead = 0
+    this.pendingOpens.clear()
     for (const f of [this.watchdogWake, this.sweeperWake]) f?.()
     this.watchdogWake = undefined
     this.sweeperWake = undefined

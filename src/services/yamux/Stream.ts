@@ -36,6 +36,8 @@ export interface StreamHost {
   readonly consumed: (n: number, pending: boolean) => void
   /** A backlog stream was accepted: its `n` unread bytes now belong to the application. */
   readonly adopted: (n: number) => void
+  /** The peer acknowledged a stream we opened: it no longer needs the open timeout. */
+  readonly acknowledged: (stream: StreamCore) => void
   /** The stream has finished both ways or was reset: forget it. */
   readonly forget: (stream: StreamCore) => void
   /** Addresses of the underlying connection, for sockets built on the stream. */
@@ -113,7 +115,10 @@ export class StreamCore {
     body: Uint8Array | undefined,
     parts?: ReadonlyArray<Uint8Array>
   ): YamuxError | undefined {
-    if (flags & FLAG_ACK) this.awaitingAck = false
+    if (flags & FLAG_ACK && this.awaitingAck) {
+      this.awaitingAck = false
+      this.host.acknowledged(this)
+    }
     if (type === TYPE_DATA) {
       if (length > 0) {
         if (this.remoteFin) return yamuxError("ProtocolError", `Data after FIN on stream ${this.id}`)
