@@ -92,6 +92,20 @@ const responseHeader = (res: http.IncomingMessage): Record<string, ReadonlyArray
   return withoutHopByHop(out)
 }
 
+/**
+ * What the rules are checked against: the method and URL as they will be used (an empty method is
+ * GET; the URL in its parsed, normalised form, so the string checked names the host contacted).
+ */
+const ruleSubject = (head: WspRequestHead) => {
+  let url = head.URL
+  try {
+    url = new URL(head.URL).href
+  } catch {
+    // an unparsable URL is refused when the request is performed
+  }
+  return { method: head.Method === "" ? "GET" : head.Method, url, header: head.Header }
+}
+
 const dropOnRequest = new Set(["host", "content-length"])
 const methodsWithBody = new Set(["POST", "PUT", "PATCH"])
 
@@ -152,7 +166,7 @@ class ClientConnection {
         return this.violation(new WspClientError({ reason: "MalformedHead", message: head.message }))
       }
       this.head = head
-      this.verdict = checkDestination(this.ctx.config.rules, { method: head.Method, url: head.URL, header: head.Header })
+      this.verdict = checkDestination(this.ctx.config.rules, ruleSubject(head))
       this.status = "running"
       Queue.offerUnsafe(this.target.wake, undefined)
       return

@@ -155,10 +155,12 @@ class ServerConnection {
     const ws = this.ws
     const exchange: Exchange = { res, method: req.method ?? "GET", done, head: undefined, uploaded: false }
     this.exchange = exchange
-    const fail = (reason: WspProxyError["reason"], message: string) => this.finish(new WspProxyError({ reason, message }))
-    const onCallerGone = () => {
-      if (this.exchange !== undefined && this.exchange.res === res) fail("CallerGone", "caller went away")
+    // late callbacks of this exchange must never touch a later one on the same connection
+    const current = () => this.exchange === exchange
+    const fail = (reason: WspProxyError["reason"], message: string) => {
+      if (current()) this.finish(new WspProxyError({ reason, message }))
     }
+    const onCallerGone = () => fail("CallerGone", "caller went away")
     res.once("close", onCallerGone)
     if (ws.readyState !== WebSocket.OPEN) {
       fail("SendFailed", "Unable to write request : connection not open")
@@ -177,7 +179,7 @@ class ServerConnection {
       }
     }
     req.on("data", (chunk: Buffer) => {
-      if (this.exchange === undefined || this.exchange.res !== res) return
+      if (!current()) return
       sent += chunk.length
       if (sent > maxBody) {
         req.pause()
@@ -191,7 +193,7 @@ class ServerConnection {
       }
     })
     req.once("end", () => {
-      if (this.exchange === undefined || this.exchange.res !== res) return
+      if (!current()) return
       exchange.uploaded = true
       ws.send(held ?? Buffer.alloc(0), { binary: true, fin: true }, onSent)
       held = undefined
@@ -199,7 +201,7 @@ class ServerConnection {
     req.once("error", (err) => fail("CallerGone", `Unable to pipe request body : ${err.message}`))
     return () => {
       res.off("close", onCallerGone)
-      if (this.exchange !== undefined && this.exchange.res === res) {
+      if (current()) {
         this.exchange = undefined
         this.ws.terminate()
       }

@@ -189,6 +189,26 @@ describe("WspClient against a hand-written wsp server", () => {
       expect(dest.seen).toHaveLength(1)
     })))
 
+  it.live("checks rules against the URL as it will be used, so an encoded host cannot slip past a blacklist", () =>
+    leakChecked(Effect.gen(function*() {
+      const dest = yield* destination
+      const server = yield* fakeServer
+      yield* makeWspClient(clientConfig(server.url, {
+        poolIdleSize: 1,
+        rules: rules({ blacklist: [{ url: `^http://127\\.0\\.0\\.1:${dest.port}/` }] })
+      }))
+      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      const conn = server.connections[0]!
+      for (const url of [`http://%31%32%37.0.0.1:${dest.port}/echo`, `HTTP://127.0.0.1:${dest.port}/echo`, `http://2130706433:${dest.port}/echo`]) {
+        conn.ws.send(`{"Method":"","URL":"${url}","Header":{},"ContentLength":0}`)
+        conn.ws.send(Buffer.alloc(0), { binary: true })
+        const head = JSON.parse((yield* next(conn)).data.toString()) as { StatusCode: number }
+        expect([url, head.StatusCode]).toEqual([url, 403])
+        expect((yield* next(conn)).data.toString()).toBe("Destination is forbidden")
+      }
+      expect(dest.seen).toHaveLength(0)
+    })))
+
   it.live("closes a connection that receives a malformed head (after wsp's 527) and refills the pool", () =>
     leakChecked(Effect.gen(function*() {
       const server = yield* fakeServer
