@@ -76,10 +76,11 @@ export const serveHttp = (
 /** Serves a TCP echo through `tunnel` on `route`, using the connections stream. */
 export const serveEcho = (tunnel: TunnelClient["Service"], route: RouteDefinition) =>
   Effect.gen(function*() {
-    const connections = yield* tunnel.connections(route)
-    yield* Effect.forkScoped(Stream.runForEach(connections, ({ socket }) =>
+    const listener = yield* tunnel.listen(route)
+    yield* Effect.forkScoped(Stream.runForEach(listener.connections, ({ socket }) =>
       Effect.sync(() => {
         socket.on("error", () => socket.destroy())
         socket.pipe(socket)
       })))
+    yield* listener.bound
   })

@@ -4,7 +4,7 @@
  * jitter, re-registering everything. Each stream a gateway opens is read for its preamble and handed to
  * the matching listener as a Node `Duplex`. It does not speak HTTP: callers serve the sockets.
  */
-import { Context, Duration, Effect, Exit, Layer, Queue, Random, Schema, Scope, Stream } from "effect"
+import { Context, Deferred, Duration, Effect, Exit, Layer, Queue, Random, Schema, Scope, Stream } from "effect"
 import type * as Redacted from "effect/Redacted"
 import {
   ControlProtocolError,
@@ -94,6 +94,15 @@ export interface TunnelConnection {
   readonly gateway: number
 }
 
+/** A listener in Effect form. */
+export interface TunnelListener {
+  readonly route: RouteDefinition
+  /** Every connection delivered for the listener, from any gateway. */
+  readonly connections: Stream.Stream<TunnelConnection>
+  /** Succeeds once a first gateway has bound the listener; fails if one refuses it first. */
+  readonly bound: Effect.Effect<void, TunnelClientError>
+}
+
 /** State of one gateway connection, for status displays and tests. */
 export interface GatewayStatus {
   readonly address: Address
@@ -119,8 +128,8 @@ export interface TunnelClientShape {
   readonly config: TunnelClientConfig
   /** Adds a listener on every gateway (now, and after each reconnect) until the scope closes. */
   readonly addListener: (listener: Omit<ClientListener, "id">) => Effect.Effect<ClientListener, never, Scope.Scope>
-  /** Connections of a new listener as a stream; the listener is removed when the scope closes. */
-  readonly connections: (route: RouteDefinition) => Effect.Effect<Stream.Stream<TunnelConnection>, never, Scope.Scope>
+  /** A new listener with its connections as a stream; it is removed (drained) when the scope closes. */
+  readonly listen: (route: RouteDefinition) => Effect.Effect<TunnelListener, never, Scope.Scope>
   readonly status: () => ReadonlyArray<GatewayStatus>
 }
 
@@ -145,7 +154,11 @@ interface GatewayState {
   send: ((request: { _tag: "AddListener"; route: RouteDefinition } | { _tag: "RemoveListener"; listenerId: number }, onReply: (reply: ControlReply) => void) => void) | undefined
 }
 
-/** Reads a preamble from the start of `socket`, then gives the socket back with the rest unread. */
+/**
+ * Reads a preamble from the start of `socket`, then gives the socket back with the rest unread. It is
+ * paused meanwhile and flows again as soon as its next consumer attaches a `data` listener (an http
+ * server's connection handler, `pipe`), whenever that happens.
+ */
 const readPreamble = (socket: StreamSocket, done: (preamble: Preamble | undefined) => void) => {
   const reader = new FrameReader(MaxPreambleBytes)
   let finished = false
@@ -163,6 +176,14 @@ const readPreamble = (socket: StreamSocket, done: (preamble: Preamble | undefine
     socket.pause()
     const rest = reader.remainder()
     if (rest.length > 0) socket.unshift(Buffer.from(rest.buffer, rest.byteOffset, rest.length))
+    const resumeOnConsumer = (event: string | symbol) => {
+      if (event !== "data") return
+      socket.off("newListener", resumeOnConsumer)
+      queueMicrotask(() => {
+        if (socket.readableFlowing === false && socket.listenerCount("data") > 0) socket.resume()
+      })
+    }
+    socket.on("newListener", resumeOnConsumer)
     done(preamble)
   }
   const onData = (chunk: Buffer) => {
@@ -337,9 +358,6 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
             writable.remotePort = preamble.remotePort
             writable.localPort = preamble.localPort
             listener.onConnection({ socket, preamble, gateway: g.index })
-            // the socket was paused to read the preamble; a consumer that attached a data listener
-            // synchronously (an http server's "connection" handler) expects it flowing again
-            if (socket.readableFlowing === false && socket.listenerCount("data") > 0) socket.resume()
           })
           acceptNext()
         })
@@ -381,24 +399,27 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
     return listener
   })
 
-  const connections = Effect.fnUntraced(function*(route: RouteDefinition) {
+  const listen = Effect.fnUntraced(function*(route: RouteDefinition) {
     const queue = yield* Queue.bounded<TunnelConnection>(MaxPendingConnections)
+    const bound = Deferred.makeUnsafe<void, TunnelClientError>()
+    yield* Effect.addFinalizer(() => Queue.shutdown(queue))
     yield* addListener({
       route,
       onConnection: (connection) => {
+        // a consumer that does not keep up gets new connections refused rather than buffered
         if (!Queue.offerUnsafe(queue, connection)) connection.socket.destroy()
       },
-      onRejected: () => {},
-      onBound: () => {}
+      onRejected: (_gateway, reason, message) =>
+        void Deferred.doneUnsafe(bound, Effect.fail(new TunnelClientError({ reason: "Rejected", rejection: reason, message: `${reason}: ${message}` }))),
+      onBound: () => void Deferred.doneUnsafe(bound, Effect.void)
     })
-    yield* Effect.addFinalizer(() => Queue.shutdown(queue))
-    return Stream.fromQueue(queue)
+    return { route, connections: Stream.fromQueue(queue), bound: Deferred.await(bound) } satisfies TunnelListener
   })
 
   return TunnelClient.of({
     config,
     addListener,
-    connections,
+    listen,
     status: () =>
       gateways.map((g) => ({ address: g.address, connected: g.connected, attempts: g.attempts, lastError: g.lastError }))
   })

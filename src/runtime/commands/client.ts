@@ -1,0 +1,69 @@
+/**
+ * `switchyard client`: exposes a local service through one or more gateways' control ports. Each
+ * tunnelled connection is piped to `--expose` as raw bytes (HTTP or TCP alike); the public peer's
+ * address reaches HTTP services as `X-Forwarded-For`. Runs until interrupted, then drains.
+ */
+import * as net from "node:net"
+import { Config, Console, Effect, Option, Stream } from "effect"
+import { Command, Flag } from "effect/cli"
+import { describeRoute } from "../../domain/Route.ts"
+import { TunnelClient } from "../../services/client/TunnelClient.ts"
+import { joinStreams } from "../../services/Listeners.ts"
+import { toRoute } from "../listen.ts"
+import { formatHostPort, parseHostPort } from "../NetAddress.ts"
+import * as NodeTransport from "../NodeTransport.ts"
+
+const flags = {
+  server: Flag.String("server").pipe(
+    Flag.withDescription("Gateway control address host:port (repeat for several gateways)"),
+    Flag.atLeast(1)
+  ),
+  token: Flag.Redacted("token").pipe(
+    Flag.withDescription("Token granted by the gateway (or SWITCHYARD_TOKEN)"),
+    Flag.withFallbackConfig(Config.Redacted("SWITCHYARD_TOKEN"))
+  ),
+  expose: Flag.String("expose").pipe(Flag.withDescription("Local address to forward to, host:port")),
+  port: Flag.Int("port").pipe(Flag.withDescription("Public port on the gateway")),
+  path: Flag.String("path").pipe(Flag.withDescription("HTTP path prefix, e.g. /a"), Flag.optional),
+  domain: Flag.String("domain").pipe(Flag.withDescription("HTTP domain suffix, e.g. example.com"), Flag.optional),
+  tcp: Flag.Boolean("tcp").pipe(Flag.withDescription("Raw TCP instead of HTTP")),
+  tlsCert: Flag.FileText("tls-cert").pipe(Flag.withDescription("PEM certificate: the gateway terminates TLS with it"), Flag.optional),
+  tlsKey: Flag.FileText("tls-key").pipe(Flag.withDescription("PEM private key for --tls-cert"), Flag.optional),
+  label: Flag.String("label").pipe(Flag.withDescription("Name shown in the gateway's logs"), Flag.optional)
+}
+
+export const clientCommand = Command.make("client", flags, Effect.fn(function*(f) {
+  const servers = []
+  for (const text of f.server) {
+    const parsed = parseHostPort(text)
+    if (parsed instanceof Error) return yield* parsed
+    servers.push(parsed)
+  }
+  const expose = parseHostPort(f.expose)
+  if (expose instanceof Error) return yield* expose
+  const path = Option.getOrUndefined(f.path)
+  const domain = Option.getOrUndefined(f.domain)
+  const cert = Option.getOrUndefined(f.tlsCert)
+  const key = Option.getOrUndefined(f.tlsKey)
+  const route = toRoute({
+    port: f.port,
+    tcp: f.tcp,
+    http: { ...(domain ? { domainSuffix: domain } : {}), ...(path ? { pathPrefix: path } : {}) },
+    tls: cert !== undefined && key !== undefined
+      ? { domainSuffix: domain ?? "localhost", cert, key, then: f.tcp ? "tcp" : "http", ...(path ? { pathPrefix: path } : {}) }
+      : undefined
+  })
+  const client = yield* TunnelClient.make({ servers, token: f.token, label: Option.getOrUndefined(f.label) })
+  const listener = yield* client.listen(route)
+  yield* Console.log(`switchyard client: ${describeRoute(route)} on ${f.server.join(", ")} -> ${formatHostPort(expose)}`)
+  return yield* Stream.runForEach(listener.connections, ({ socket }) =>
+    Effect.sync(() => {
+      const local = net.createConnection({ host: expose.host, port: expose.port, allowHalfOpen: true })
+      local.on("error", () => local.destroy())
+      socket.on("error", () => socket.destroy())
+      joinStreams(socket, local, () => {})
+    }))
+}, Effect.scoped, Effect.provide(NodeTransport.layer))).pipe(
+  Command.withDescription("Expose a local service through a switchyard gateway's control port")
+)
+
