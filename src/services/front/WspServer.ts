@@ -387,7 +387,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     }
     const header = requestHeader(req)
     const method = req.method ?? "GET"
-    const verdict = checkDestination(config.rules, { method, url: destination, header })
+    const verdict = checkDestination(config.rules, { method, url: url.href, header })
     if (verdict._tag !== "Allowed") return sendError(res, proxyErrorStatus, verdict.message)
     const contentLength = requestContentLength(req)
     if (contentLength > config.maxMessageSize) {
