@@ -236,7 +236,7 @@ export class SessionCore implements StreamHost {
     if (!this.flushScheduled && !this.writing) {
       // Frames queued in the same turn leave together, as one batched write.
       this.flushScheduled = true
-      queueMicrotask(this.flushBound)
+      setImmediate(this.flushBound)
     }
     // Control frames are never refused; if they pile up (a peer that pings without reading) stop reading.
     if (this.outBytes > 2 * this.config.writeQueueBytes) this.updatePause()
