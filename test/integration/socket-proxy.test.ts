@@ -7,6 +7,7 @@ import * as fs from "node:fs"
 import * as http from "node:http"
 import * as os from "node:os"
 import * as path from "node:path"
+import { CONFIG_ERROR_EXIT_CODE } from "../../src/runtime/commands/socketProxy.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
 import { type EngineUpstream, startEngineUpstream } from "../services/EngineUpstream.ts"
 
@@ -89,13 +90,15 @@ describe("switchyard socket-proxy (process)", () => {
     const config = path.join(dir, "proxy.yaml")
     fs.writeFileSync(config, file)
     const { code, output } = await runToExit(["--config", config, "--upstream", `unix:${engine.socketPath}`, "--listen", "127.0.0.1:0"])
-    assert.notStrictEqual(code, 0)
+    assert.strictEqual(code, CONFIG_ERROR_EXIT_CODE)
     assert.include(output, expect)
+    // one line for the operator, no stack trace
+    assert.strictEqual(output.trim().split("\n").length, 1, output)
   })
 
   it("refuses to start when a flag is bad", async () => {
     const { code, output } = await runToExit(["--upstream", `unix:${engine.socketPath}`, "--listen", "127.0.0.1:0", "--allow", "GET containers"])
-    assert.notStrictEqual(code, 0)
+    assert.strictEqual(code, CONFIG_ERROR_EXIT_CODE)
     assert.include(output, "--allow")
   })
 

@@ -3,7 +3,7 @@
  * allowlist. Reads an optional YAML/JSON config file, merges flags over it, refuses to start on any
  * config error (naming the field and value), and runs until interrupted. SIGHUP reloads the rules.
  */
-import { Console, Effect, Option } from "effect"
+import { Console, Data, Effect, Option, Runtime } from "effect"
 import { Command, Flag } from "effect/cli"
 import * as fs from "node:fs"
 import { parse as parseYaml } from "yaml"
@@ -59,6 +59,19 @@ const readConfigFile = (path: string): Effect.Effect<SocketProxyFile, ConfigErro
       : Effect.succeed(decoded)
   })
 
+/** Exit code when the configuration is refused (sysexits' EX_CONFIG). */
+export const CONFIG_ERROR_EXIT_CODE = 78
+
+/** The process refused its configuration; the reason was already printed as one line. */
+class ConfigRefused extends Data.TaggedError("ConfigRefused")<{ readonly message: string }> {
+  override readonly [Runtime.errorReported] = false
+  override readonly [Runtime.errorExitCode] = CONFIG_ERROR_EXIT_CODE
+}
+
+/** Prints a configuration error as one line on stderr and fails without a stack trace. */
+const refuse = (e: ConfigError) =>
+  Console.error(`switchyard socket-proxy: ${e.message}`).pipe(Effect.andThen(Effect.fail(new ConfigRefused({ message: e.message }))))
+
 /** The parsed flags in the shape `resolveConfig` merges over the file. */
 const flagValues = (f: {
   readonly upstream: Option.Option<string>
@@ -84,9 +97,11 @@ const describe = (config: SocketProxyConfig): string =>
 const isLoopback = (host: string): boolean => host === "localhost" || host === "::1" || host.startsWith("127.")
 
 export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(function*(f) {
-  const file: SocketProxyFile = Option.isSome(f.config) ? yield* readConfigFile(f.config.value) : {}
+  const file: SocketProxyFile = Option.isSome(f.config)
+    ? yield* readConfigFile(f.config.value).pipe(Effect.catch(refuse))
+    : {}
   const config = resolveConfig(file, flagValues(f))
-  if (config instanceof ConfigError) return yield* config
+  if (config instanceof ConfigError) return yield* refuse(config)
   for (const l of config.listen) {
     if (l._tag === "Tcp" && !isLoopback(l.host) && config.allowFrom === undefined) {
       yield* Effect.logWarning(`listening on ${l.host}:${l.port} without --allow-from: any host that can reach it may use the allowed API calls`)
