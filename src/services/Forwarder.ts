@@ -80,6 +80,22 @@ const markEmptyBody = (out: OutgoingRequest, te: string | undefined): void => {
   }
 }
 
+/** How long a tunnel side may take, without progress, to flush its last bytes after the other side closed. */
+export const TUNNEL_FLUSH_GRACE_MS = 30_000
+
+/** Ends a duplex gracefully and destroys it once its pending writes are out (or stall for the grace period). */
+const closeAfterFlush = (side: Duplex): void => {
+  if (side.destroyed) return
+  if (side.writableFinished) {
+    side.destroy()
+    return
+  }
+  side.once("finish", () => side.destroy())
+  const timed = side as Duplex & { setTimeout?: (ms: number, cb: () => void) => unknown }
+  if (typeof timed.setTimeout === "function") timed.setTimeout(TUNNEL_FLUSH_GRACE_MS, () => side.destroy())
+  if (!side.writableEnded) side.end()
+}
+
 const errorText = (err: Error & { code?: string }): string => err.code ?? err.message
 
 /** Whether a client's `Transfer-Encoding` can be forwarded as is (only plain `chunked`). */
@@ -321,13 +337,13 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
       if (upHead.length > 0) socket.write(upHead)
       if (head.length > 0) up.write(head)
       up.on("error", () => teardown())
+      // One side gone for good: the other may still be flushing what it was given, so let it finish
+      // (bounded by TUNNEL_FLUSH_GRACE_MS without progress) and then close it.
       up.on("close", () => {
         tunnels.delete(up)
-        if (!socket.writableFinished) socket.destroy()
+        closeAfterFlush(socket)
       })
-      socket.on("close", () => {
-        if (!up.writableFinished) up.destroy()
-      })
+      socket.on("close", () => closeAfterFlush(up))
       // pipe() ends the other side's writable when one side's readable ends: half-close carries over.
       socket.pipe(up)
       up.pipe(socket)

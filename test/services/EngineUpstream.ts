@@ -145,8 +145,10 @@ export const startEngineUpstream = async (): Promise<EngineUpstream> => {
     )
     if (head.length > 0) socket.write(stdoutFrame(Buffer.from(head.toString().toUpperCase())))
     socket.on("data", (d: Buffer) => socket.write(stdoutFrame(Buffer.from(d.toString().toUpperCase()))))
-    // stdin closed (half-close): the "process" prints a last line and exits, closing stdout.
-    socket.on("end", () => socket.end(stdoutFrame(Buffer.from("exit 0\n"))))
+    // stdin closed (half-close): the "process" prints its last output and exits, closing stdout.
+    // `?tail=N` makes that last output N bytes, so a fast close after a large write can be checked.
+    const tail = Number(url.searchParams.get("tail") ?? "0")
+    socket.on("end", () => socket.end(tail > 0 ? stdoutFrame(Buffer.alloc(tail, 0x7a)) : stdoutFrame(Buffer.from("exit 0\n"))))
   })
   await new Promise<void>((resolve) => server.listen(socketPath, resolve))
   return {

@@ -417,6 +417,23 @@ describe("Forwarder: upgrades", () => {
     }
   })
 
+  it("delivers everything the upstream wrote just before it closed, even to a slow client", async () => {
+    const { port, forwarder } = await harness()
+    const tail = 8 * 1024 * 1024
+    const { socket, rest } = await hijack(port, `/containers/abc/attach?stdin=1&tail=${tail}`)
+    let got = rest.length
+    socket.end() // stdin closed: the upstream writes the tail and closes at once
+    // Read slowly at first so the proxy has to hold the tail while the upstream is already gone.
+    await sleep(200)
+    const ended = new Promise<void>((resolve) => socket.on("end", resolve))
+    socket.on("data", (d: Buffer) => (got += d.length))
+    socket.resume()
+    await ended
+    assert.strictEqual(got, tail + 8)
+    socket.destroy()
+    await waitFor("the tunnel to close", () => forwarder.active().tunnels === 0)
+  })
+
   it("passes bytes sent right after the request head", async () => {
     const { port } = await harness()
     const { socket, rest } = await hijack(port, "/containers/abc/attach?stdin=1", "early\n")
