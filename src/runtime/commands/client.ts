@@ -26,7 +26,7 @@ const flags = {
   port: Flag.Int("port").pipe(Flag.withDescription("Public port on the gateway")),
   path: Flag.String("path").pipe(Flag.withDescription("HTTP path prefix, e.g. /a"), Flag.optional),
   domain: Flag.String("domain").pipe(Flag.withDescription("HTTP domain suffix, e.g. example.com"), Flag.optional),
-  tcp: Flag.Boolean("tcp").pipe(Flag.withDescription("Raw TCP instead of HTTP")),
+  tcp: Flag.Boolean("tcp").pipe(Flag.withDescription("Raw TCP instead of HTTP"), Flag.withDefault(false)),
   tlsCert: Flag.FileText("tls-cert").pipe(Flag.withDescription("PEM certificate: the gateway terminates TLS with it"), Flag.optional),
   tlsKey: Flag.FileText("tls-key").pipe(Flag.withDescription("PEM private key for --tls-cert"), Flag.optional),
   label: Flag.String("label").pipe(Flag.withDescription("Name shown in the gateway's logs"), Flag.optional)
