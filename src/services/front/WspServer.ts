@@ -75,6 +75,38 @@ interface Exchange {
   head: WspResponseHead | undefined
   /** The request body message has been sent completely (its FIN is out). */
   uploaded: boolean
+  /** The response body is being streamed fragment by fragment (see `streamNextMessage`). */
+  streaming: boolean
+  /** The response head has been written to the caller. */
+  started: boolean
+  /** Response body bytes written to the caller so far. */
+  received: number
+  /** The WebSocket is paused until the caller drains. */
+  paused: boolean
+}
+
+/**
+ * The part of `ws`'s receiver (ws 8.x) used to stream a message: `_fragments` collects a message's
+ * payload until its last frame and `_opcode` is the message's type. Checked at run time; when the
+ * shape is not there, bodies are taken as whole messages instead.
+ */
+interface ReceiverInternals {
+  _fragments: unknown
+  readonly _opcode: number
+}
+
+const receiverOf = (ws: WebSocket): ReceiverInternals | undefined => {
+  const receiver = (ws as unknown as { readonly _receiver?: ReceiverInternals | null })._receiver
+  return receiver != null && Array.isArray(receiver._fragments) && typeof receiver._opcode === "number" ? receiver : undefined
+}
+
+/**
+ * Hands every payload fragment of the next message to `onFragment` as it is read, instead of
+ * collecting them: the message event then carries an empty payload. `ws` puts a fresh collector
+ * back after each message, so this applies to one message only.
+ */
+const streamNextMessage = (receiver: ReceiverInternals, onFragment: (opcode: number, fragment: Buffer) => void): void => {
+  receiver._fragments = { length: 0, push: (fragment: Buffer) => onFragment(receiver._opcode, fragment) }
 }
 
 /** One pooled WebSocket from a wsp client; carries at most one exchange at a time. */
@@ -108,6 +140,7 @@ class ServerConnection {
     if (exchange === undefined) return
     this.exchange = undefined
     if (error !== undefined) this.ws.terminate()
+    else if (exchange.paused) this.ws.resume()
     exchange.done(error)
   }
 
@@ -136,24 +169,81 @@ class ServerConnection {
         return this.finish(new WspProxyError({ reason: "BadStatus", message: `invalid response status ${head.StatusCode}` }))
       }
       exchange.head = head
+      const receiver = receiverOf(this.ws)
+      if (receiver !== undefined) {
+        exchange.streaming = true
+        streamNextMessage(receiver, (opcode, fragment) => this.onBodyFragment(exchange, opcode, fragment))
+      }
       return
     }
     if (!isBinary) {
-      return this.finish(new WspProxyError({ reason: "MissingBody", message: "Unable to get http response body reader : expected a binary body message" }))
+      return this.finish(missingBody())
     }
+    if (exchange.streaming) return this.endStreamedBody(exchange, exchange.head)
     const failure = writeResponse(exchange.res, exchange.method, exchange.head, bytes)
     // answered before the request body was all sent: the body message is unfinished, so this
     // connection cannot carry another request (the caller still has its response)
-    this.finish(failure ?? (exchange.uploaded ? undefined : new WspProxyError({
-      reason: "UnfinishedUpload",
-      message: "response arrived before the request body was sent"
-    })))
+    this.finish(failure ?? (exchange.uploaded ? undefined : unfinishedUpload()))
+  }
+
+  /** One fragment of a streamed response body: the head goes out with the first one. */
+  private onBodyFragment(exchange: Exchange, opcode: number, fragment: Buffer): void {
+    if (this.exchange !== exchange || exchange.head === undefined) return
+    if (opcode !== binaryOpcode) return this.finish(missingBody())
+    const res = exchange.res
+    if (!exchange.started) {
+      const failure = startResponse(res, exchange.method, exchange.head)
+      if (failure !== undefined) return this.finish(failure)
+      exchange.started = true
+    }
+    exchange.received += fragment.length
+    if (bodyless(exchange.method, exchange.head.StatusCode) || res.destroyed) return
+    if (!res.write(fragment) && !exchange.paused) {
+      exchange.paused = true
+      this.ws.pause()
+      res.once("drain", () => {
+        if (!exchange.paused) return
+        exchange.paused = false
+        if (this.exchange === exchange) this.ws.resume()
+      })
+    }
+  }
+
+  /** The last frame of a streamed body has been read. */
+  private endStreamedBody(exchange: Exchange, head: WspResponseHead): void {
+    const res = exchange.res
+    if (!exchange.started) {
+      const failure = startResponse(res, exchange.method, head)
+      if (failure !== undefined) return this.finish(failure)
+      exchange.started = true
+    }
+    const noBody = bodyless(exchange.method, head.StatusCode)
+    if (!noBody && head.ContentLength >= 0 && exchange.received !== head.ContentLength) {
+      // the caller was promised this length: a different body cannot be delivered intact
+      res.destroy()
+      return this.finish(new WspProxyError({
+        reason: "BadResponseHead",
+        message: `response body of ${exchange.received} bytes does not match ContentLength ${head.ContentLength}`
+      }))
+    }
+    res.end()
+    this.finish(exchange.uploaded ? undefined : unfinishedUpload())
   }
 
   /** Sends one request (head, then the caller's body as one fragmented binary message). */
   proxy(req: http.IncomingMessage, res: http.ServerResponse, headText: string, maxBody: number, done: (error: WspProxyError | undefined) => void): () => void {
     const ws = this.ws
-    const exchange: Exchange = { res, method: req.method ?? "GET", done, head: undefined, uploaded: false }
+    const exchange: Exchange = {
+      res,
+      method: req.method ?? "GET",
+      done,
+      head: undefined,
+      uploaded: false,
+      streaming: false,
+      started: false,
+      received: 0,
+      paused: false
+    }
     this.exchange = exchange
     // late callbacks of this exchange must never touch a later one on the same connection
     const current = () => this.exchange === exchange
@@ -207,6 +297,36 @@ class ServerConnection {
       }
     }
   }
+}
+
+/** WebSocket opcode of a binary message (RFC 6455 §5.2). */
+const binaryOpcode = 2
+
+const missingBody = () =>
+  new WspProxyError({ reason: "MissingBody", message: "Unable to get http response body reader : expected a binary body message" })
+
+const unfinishedUpload = () =>
+  new WspProxyError({ reason: "UnfinishedUpload", message: "response arrived before the request body was sent" })
+
+/**
+ * Writes a streamed response's status and headers: the head's `Content-Length` when it states one
+ * (checked against the body at its end), chunked otherwise.
+ */
+const startResponse = (res: http.ServerResponse, method: string, head: WspResponseHead): WspProxyError | undefined => {
+  if (res.headersSent || res.destroyed) return undefined
+  const noBody = bodyless(method, head.StatusCode)
+  const header = withoutHopByHop(head.Header, noBody ? new Set() : new Set(["content-length"]))
+  try {
+    for (const [name, values] of Object.entries(header)) {
+      if (values.length > 0) res.setHeader(name, values as Array<string>)
+    }
+    if (!noBody && head.ContentLength >= 0) res.setHeader("Content-Length", head.ContentLength)
+    res.writeHead(head.StatusCode)
+  } catch (e) {
+    for (const name of res.getHeaderNames()) res.removeHeader(name)
+    return new WspProxyError({ reason: "BadResponseHead", message: `Unable to write response headers : ${(e as Error).message}` })
+  }
+  return undefined
 }
 
 /** Response heads keep their own length only where no body is sent. */

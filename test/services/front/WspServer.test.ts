@@ -417,4 +417,59 @@ describe("WspServer against a hand-written wsp client", () => {
       yield* connectPeer(port, "peer_1")
       yield* waitFor("registered", () => server.stats().idle === 2)
     })))
+
+  it.live("streams a response body to the caller as its fragments arrive", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const peer = yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const received: Array<string> = []
+      let ended = false
+      let headers: http.IncomingHttpHeaders = {}
+      const req = http.get({ host: "127.0.0.1", port, path: "/request", agent: false, headers: { "X-Proxy-Destination": "http://dest.example/events" } }, (res) => {
+        headers = res.headers
+        res.on("data", (c: Buffer) => received.push(c.toString()))
+        res.on("end", () => (ended = true))
+      })
+      req.on("error", () => undefined)
+      yield* next(peer)
+      yield* next(peer)
+      peer.send("{\"StatusCode\":200,\"Header\":{\"Content-Type\":[\"text/event-stream\"]},\"ContentLength\":-1}")
+      peer.ws.send(Buffer.from("data: one\n\n"), { binary: true, fin: false })
+      yield* waitFor("first event delivered before the message ends", () => received.join("") === "data: one\n\n")
+      expect(ended).toBe(false)
+      expect(headers["content-type"]).toBe("text/event-stream")
+      expect(headers["transfer-encoding"]).toBe("chunked")
+      peer.ws.send(Buffer.from("data: two\n\n"), { binary: true, fin: false })
+      yield* waitFor("second event", () => received.join("") === "data: one\n\ndata: two\n\n")
+      peer.ws.send(Buffer.alloc(0), { binary: true, fin: true })
+      yield* waitFor("ended", () => ended)
+      yield* waitFor("released", () => server.stats().idle === 1)
+    })))
+
+  it.live("cuts a streamed response whose length differs from its ContentLength and drops the connection", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const peer = yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const outcome = Effect.runPromise(Effect.promise(() =>
+        new Promise<string>((resolve) => {
+          const req = http.get({ host: "127.0.0.1", port, path: "/request", agent: false, headers: { "X-Proxy-Destination": "http://d/" } }, (res) => {
+            res.on("data", () => undefined)
+            res.on("end", () => resolve("complete"))
+            res.on("error", () => resolve("cut"))
+            res.on("aborted", () => resolve("cut"))
+          })
+          req.on("error", () => resolve("cut"))
+        })
+      ))
+      yield* next(peer)
+      yield* next(peer)
+      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":10}")
+      peer.send(Buffer.from("short"))
+      expect(yield* Effect.promise(() => outcome)).toBe("cut")
+      yield* waitFor("connection dropped", () => peer.closed)
+    })))
 })
