@@ -20,7 +20,7 @@ export const SOCKET_PROXY_DEFAULTS = {
   requestTimeoutMs: 0,
   /** Idle keep-alive time of a client connection between requests (ms). */
   keepAliveTimeoutMs: 5_000,
-  /** Time allowed for the upstream's response head (ms); then 504. */
+  /** No bytes either way for this long before the upstream's response head (ms) is a 504. */
   responseTimeoutMs: 300_000,
   /** Idle limit on a response or hijacked stream with no bytes either way (ms); 0 = none. */
   idleTimeoutMs: 0,

@@ -47,7 +47,7 @@ export interface ForwarderConfig {
   readonly upstream: Upstream
   /** Default: `off` toward a local Unix-socket API, `replace` otherwise. */
   readonly forwardedHeaders?: ForwardedMode | undefined
-  /** Time allowed for the upstream's response head (ms); then 504. 0 = none. */
+  /** No bytes either way for this long before the response head (ms) is a 504. 0 = none. */
   readonly responseTimeoutMs: number
   /** No bytes either way on a response or tunnel for this long closes it (ms). 0 = none. */
   readonly idleTimeoutMs: number
