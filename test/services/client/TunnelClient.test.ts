@@ -1,0 +1,87 @@
+import { assert, describe, it } from "@effect/vitest"
+import { Context, Duration, Effect, Layer, Redacted, Schema } from "effect"
+import { TestClock } from "effect/testing"
+import * as NodeTransport from "../../../src/runtime/NodeTransport.ts"
+import { backoffDelay, type ReconnectPolicy, TunnelClient } from "../../../src/services/client/TunnelClient.ts"
+import { ControlPort } from "../../../src/services/front/ControlPort.ts"
+import { Registry } from "../../../src/services/Registry.ts"
+import { gateway, grants, token } from "../../integration/tunnelHarness.ts"
+import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
+import { freePort } from "../ListenersFixtures.ts"
+
+const ms = (d: Duration.Duration) => Duration.toMillis(d)
+
+/** Lets real I/O (dials, handshakes) run while virtual time stands still. */
+const until = (condition: () => boolean) =>
+  Effect.gen(function*() {
+    for (let i = 0; i < 2_000 && !condition(); i++) {
+      yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, 2)))
+    }
+    assert.isTrue(condition(), "condition not reached")
+  })
+
+describe("TunnelClient backoff", () => {
+  it("grows exponentially from the initial delay up to the cap", () => {
+    const policy: ReconnectPolicy = { initial: "100 millis", max: "1 second", factor: 2, jitter: 0 }
+    assert.deepStrictEqual([0, 1, 2, 3, 4, 5, 60].map((a) => ms(backoffDelay(a, policy, 0.5))), [100, 200, 400, 800, 1000, 1000, 1000])
+  })
+
+  it.prop(
+    "stays within [(1 - jitter) · d, d] of the un-jittered delay, and never above the cap",
+    [
+      Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 100 })),
+      Schema.Number.check(Schema.isBetween({ minimum: 0, maximum: 0.999 })),
+      Schema.Number.check(Schema.isBetween({ minimum: 0, maximum: 1 }))
+    ],
+    ([attempt, random, jitter]) => {
+      const policy: ReconnectPolicy = { initial: "50 millis", max: "30 seconds", factor: 2, jitter }
+      const plain = ms(backoffDelay(attempt, { ...policy, jitter: 0 }, 0))
+      const got = ms(backoffDelay(attempt, policy, random))
+      assert.isAtMost(got, plain)
+      assert.isAtLeast(got, Math.floor(plain * (1 - jitter)))
+      assert.isAtMost(got, 30_000)
+    }
+  )
+})
+
+describe("TunnelClient reconnect", () => {
+  it.effect("retries with backoff in virtual time, then registers everything once a gateway appears", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      yield* Effect.gen(function*() {
+        const controlPort = yield* Effect.promise(freePort)
+        const publicPort = yield* Effect.promise(freePort)
+        const tunnel = Context.get(
+          yield* Layer.build(
+            TunnelClient.layer({
+              servers: [{ host: "127.0.0.1", port: controlPort }],
+              token: Redacted.make(token),
+              reconnect: { initial: "1 second", max: "4 seconds", factor: 2, jitter: 0 }
+            }).pipe(Layer.provide(NodeTransport.layer))
+          ),
+          TunnelClient
+        )
+        const listener = yield* tunnel.listen({ _tag: "Http", port: publicPort, pathPrefix: "/r" })
+        // nothing listens on the control port: each attempt fails at once, then waits 1 s, 2 s, 4 s, 4 s
+        yield* until(() => tunnel.status()[0]!.attempts === 1)
+        yield* TestClock.adjust("999 millis")
+        assert.strictEqual(tunnel.status()[0]!.attempts, 1)
+        yield* TestClock.adjust("1 millis")
+        yield* until(() => tunnel.status()[0]!.attempts === 2)
+        yield* TestClock.adjust("2 seconds")
+        yield* until(() => tunnel.status()[0]!.attempts === 3)
+        yield* TestClock.adjust("4 seconds")
+        yield* until(() => tunnel.status()[0]!.attempts === 4)
+        assert.match(tunnel.status()[0]!.lastError ?? "", /ECONNREFUSED|refused|connect/i)
+        // the gateway comes up on that port; the next attempt (4 s later, at the cap) connects and registers
+        const gw = yield* gateway({ control: { address: { host: "127.0.0.1", port: controlPort }, tokens: grants } })
+        assert.strictEqual(Context.get(gw, ControlPort).address.port, controlPort)
+        yield* TestClock.adjust("4 seconds")
+        yield* until(() => tunnel.status()[0]!.connected)
+        yield* listener.bound
+        assert.strictEqual(tunnel.status()[0]!.attempts, 0)
+        assert.strictEqual(Context.get(gw, Registry).snapshot()[0]!.backends.length, 1)
+      }).pipe(Effect.scoped)
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }))
+})
