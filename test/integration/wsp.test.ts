@@ -1,4 +1,5 @@
 import { describe, expect, it } from "@effect/vitest"
+import * as http from "node:http"
 import * as net from "node:net"
 import { Effect, Exit, Redacted, Scope } from "effect"
 import { compileRules } from "../../src/domain/DestinationRules.ts"
@@ -84,6 +85,23 @@ describe("wsp end to end (our server, our client, loopback)", () => {
       expect(reply.body.length).toBe(600_000)
       expect(reply.body[0]).toBe(97)
       expect(reply.body[599_999]).toBe(97 + (199 % 26))
+    })))
+
+  it.live("streams a response through both halves while the destination is still sending", () =>
+    leakChecked(Effect.gen(function*() {
+      const { dest, port } = yield* setup()
+      const received: Array<string> = []
+      let ended = false
+      const req = http.get({ host: "127.0.0.1", port, path: "/request", agent: false, headers: { "X-Proxy-Destination": dest.url("/hold") } }, (res) => {
+        res.on("data", (c: Buffer) => received.push(c.toString()))
+        res.on("end", () => (ended = true))
+      })
+      req.on("error", () => undefined)
+      yield* waitFor("first part delivered while the destination holds the rest", () => received.join("") === "first\n")
+      expect(ended).toBe(false)
+      expect(dest.release()).toBe(true)
+      yield* waitFor("rest delivered", () => ended)
+      expect(received.join("")).toBe("first\nsecond\n")
     })))
 
   it.live("serves 60 concurrent callers through a pool of 10 without doubling up", () =>

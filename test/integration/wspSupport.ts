@@ -52,15 +52,19 @@ export interface Destination {
   readonly seen: Array<{ method: string; url: string; headers: http.IncomingHttpHeaders; bodyLength: number }>
   /** Highest number of requests it was serving at once. */
   readonly maxConcurrent: () => number
+  /** Finishes the oldest `/hold` response still open; false when none is. */
+  readonly release: () => boolean
 }
 
 /**
  * A real HTTP server: `/echo` answers the method and body back, `/bytes?n=` sends n bytes of a
- * pattern, `/stream?chunks=&size=` sends chunks without a length, `/slow?ms=` answers after a delay.
+ * pattern, `/stream?chunks=&size=` sends chunks without a length, `/slow?ms=` answers after a delay,
+ * `/hold` sends "first\n" and the rest ("second\n") only when `release()` is called.
  */
 export const destination: Effect.Effect<Destination, never, Scope.Scope> = Effect.acquireRelease(
   Effect.promise(async () => {
     const seen: Destination["seen"] = []
+    const held: Array<() => void> = []
     let current = 0
     let max = 0
     const server = http.createServer((req, res) => {
@@ -101,6 +105,10 @@ export const destination: Effect.Effect<Destination, never, Scope.Scope> = Effec
             setImmediate(next)
           }
           next()
+        } else if (url.pathname === "/hold") {
+          res.writeHead(200, { "Content-Type": "text/plain" })
+          res.write("first\n")
+          held.push(() => res.end("second\n"))
         } else if (url.pathname === "/slow") {
           const t = setTimeout(() => res.end("slow"), Number(url.searchParams.get("ms") ?? "100"))
           res.once("close", () => clearTimeout(t))
@@ -112,14 +120,24 @@ export const destination: Effect.Effect<Destination, never, Scope.Scope> = Effec
     })
     await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
     const port = (server.address() as { port: number }).port
-    return { server, port, seen, max: () => max }
+    return { server, port, seen, max: () => max, held }
   }),
   ({ server }) =>
     Effect.promise(() => new Promise<void>((resolve) => {
       server.close(() => resolve())
       server.closeAllConnections()
     }))
-).pipe(Effect.map(({ port, seen, max }) => ({ port, url: (p: string) => `http://127.0.0.1:${port}${p}`, seen, maxConcurrent: max })))
+).pipe(Effect.map(({ port, seen, max, held }) => ({
+  port,
+  url: (p: string) => `http://127.0.0.1:${port}${p}`,
+  seen,
+  maxConcurrent: max,
+  release: () => {
+    const next = held.shift()
+    next?.()
+    return next !== undefined
+  }
+})))
 
 export interface Reply {
   readonly status: number

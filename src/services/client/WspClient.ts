@@ -263,8 +263,17 @@ class ClientConnection {
     ws.send(encodeResponseHead({ StatusCode: status, Header: header, ContentLength: contentLength }))
     let size = 0
     let paused = false
-    // the latest chunk is held back so the last one carries FIN (no empty closing frame)
+    // the latest chunk is held back until the next turn of the event loop, so that when the end
+    // follows at once the last chunk carries FIN (no empty closing frame) while a stream that pauses
+    // still has every chunk sent without delay
     let held: Buffer | undefined
+    let flushing = false
+    const flush = () => {
+      flushing = false
+      if (held === undefined || this.upstream !== req) return
+      ws.send(held, { binary: true, fin: false }, onSent)
+      held = undefined
+    }
     const onSent = (err?: Error | null) => {
       if (err) return
       if (paused && ws.bufferedAmount < downloadHighWater) {
@@ -282,6 +291,10 @@ class ClientConnection {
       }
       if (held !== undefined) ws.send(held, { binary: true, fin: false }, onSent)
       held = chunk
+      if (!flushing) {
+        flushing = true
+        setImmediate(flush)
+      }
       if (ws.bufferedAmount >= downloadHighWater) {
         paused = true
         res.pause()

@@ -259,8 +259,17 @@ class ServerConnection {
     ws.send(headText)
     let sent = 0
     let paused = false
-    // the latest chunk is held back so the last one carries FIN (no empty closing frame)
+    // the latest chunk is held back until the next turn of the event loop, so that when the end
+    // follows at once the last chunk carries FIN (no empty closing frame) while a body that pauses
+    // still has every chunk sent without delay
     let held: Buffer | undefined
+    let flushing = false
+    const flush = () => {
+      flushing = false
+      if (held === undefined || !current()) return
+      ws.send(held, { binary: true, fin: false }, onSent)
+      held = undefined
+    }
     const onSent = (err?: Error | null) => {
       if (err) return fail("SendFailed", `Unable to pipe request body : ${err.message}`)
       if (paused && ws.bufferedAmount < uploadHighWater) {
@@ -277,6 +286,10 @@ class ServerConnection {
       }
       if (held !== undefined) ws.send(held, { binary: true, fin: false }, onSent)
       held = chunk
+      if (!flushing) {
+        flushing = true
+        setImmediate(flush)
+      }
       if (ws.bufferedAmount >= uploadHighWater) {
         paused = true
         req.pause()
