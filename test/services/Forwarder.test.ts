@@ -7,7 +7,7 @@ import { WebSocket, WebSocketServer } from "ws"
 import { headerValue } from "../../src/domain/HttpHeaders.ts"
 import { plainErrors } from "../../src/services/forward/ErrorResponse.ts"
 import { closeFrontServer, makeFrontServer } from "../../src/services/forward/FrontServer.ts"
-import { unixUpstream } from "../../src/services/forward/Upstream.ts"
+import { agentUpstream, unixUpstream } from "../../src/services/forward/Upstream.ts"
 import { type ForwarderConfig, type ForwarderShape, makeForwarder } from "../../src/services/Forwarder.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
 import { type EngineUpstream, startEngineUpstream, stdoutFrame } from "./EngineUpstream.ts"
@@ -200,6 +200,46 @@ describe("Forwarder: ordinary requests", () => {
   })
 })
 
+describe("Forwarder: caller-provided agents (tunnels)", () => {
+  it("forwards and upgrades through an agent whose connections the caller makes, and leaves the agent to the caller", async () => {
+    let opened = 0
+    // Stands in for a tunnel: every connection is a stream the caller opens (here, to the engine's socket).
+    const connect = () => {
+      opened++
+      return net.createConnection({ path: engine.socketPath, allowHalfOpen: true })
+    }
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 4 })
+    ;(agent as unknown as { createConnection: () => net.Socket }).createConnection = connect
+    const { port } = await harness({ upstream: agentUpstream({ describe: "tunnel test-1", agent, connect, host: "backend" }) })
+    const r = await request(port, { path: "/headers" })
+    assert.strictEqual(r.status, 200)
+    assert.strictEqual(headerValue(JSON.parse(r.body) as Array<string>, "x-forwarded-for"), "127.0.0.1")
+    const out = await new Promise<string>((resolve) => {
+      const s = net.connect(port, "127.0.0.1")
+      let got = ""
+      s.on("data", (d) => {
+        got += d.toString("latin1")
+        if (got.includes("HI")) s.destroy()
+      })
+      s.on("close", () => resolve(got))
+      s.write("POST /containers/x/attach HTTP/1.1\r\nHost: d\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\nhi")
+    })
+    assert.match(out, /^HTTP\/1\.1 101 UPGRADED/)
+    assert.isAtLeast(opened, 2)
+    await Effect.runPromise(Scope.close(scope!, Exit.void))
+    scope = undefined
+    // The forwarder did not destroy the caller's agent: it still works after the scope closed.
+    const again = await new Promise<number>((resolve, reject) => {
+      http.get({ agent, socketPath: engine.socketPath, path: "/small" }, (res) => {
+        res.resume()
+        res.on("end", () => resolve(res.statusCode!))
+      }).on("error", reject)
+    })
+    assert.strictEqual(again, 200)
+    agent.destroy()
+  })
+})
+
 describe("Forwarder: streams", () => {
   it("relays a stream that never ends and cancels upstream when the client leaves", async () => {
     const { port, forwarder } = await harness()
@@ -248,23 +288,25 @@ describe("Forwarder: streams", () => {
   })
 
   it("applies an idle limit to a response with no bytes flowing, and never to one that flows", async () => {
-    const { port } = await harness({ idleTimeoutMs: 100 })
-    // /forever writes every few milliseconds: it is not idle, so it keeps going past many idle periods.
+    // The limit is generous against a loaded machine's pauses; /forever writes every few milliseconds.
+    const idleMs = 1_000
+    const { port } = await harness({ idleTimeoutMs: idleMs })
+    // A flowing stream is not idle: it keeps going well past the idle limit (three periods of lines).
+    const lines = 3 * (idleMs / 5)
     const n = await new Promise<number>((resolve) => {
+      let count = 0
       const req = http.request({ host: "127.0.0.1", port, agent: false, path: "/forever" }, (res) => {
-        let count = 0
         res.on("data", (c: Buffer) => {
           count += c.toString().split("\n").length - 1
-          if (count >= 100) {
-            req.destroy()
-            resolve(count)
-          }
+          if (count >= lines) req.destroy()
         })
+        res.on("error", () => {})
+        res.on("close", () => resolve(count))
       })
-      req.on("error", () => {})
+      req.on("error", () => resolve(count))
       req.end()
     })
-    assert.isAtLeast(n, 100)
+    assert.isAtLeast(n, lines)
     // /silent sends one line and stops: the idle limit closes it, and upstream sees the abort.
     const cut = await new Promise<{ complete: boolean; body: string }>((resolve) => {
       const req = http.request({ host: "127.0.0.1", port, agent: false, path: "/silent" }, (res) => {
