@@ -40,7 +40,8 @@ export const RejectionReason = Schema.Literals([
   "Limit",
   "BindFailed",
   "Malformed",
-  "UnknownListener"
+  "UnknownListener",
+  "Insecure"
 ])
 export type RejectionReason = typeof RejectionReason.Type
 

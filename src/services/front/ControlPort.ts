@@ -67,6 +67,11 @@ export interface ControlPortConfig {
   readonly maxSessionsPerToken?: number | undefined
   readonly maxListenersPerSession?: number | undefined
   readonly maxHttpStreamsPerListener?: number | undefined
+  /**
+   * Accept tokens from non-loopback peers over this plain-TCP port (default false: only loopback peers,
+   * so tokens do not cross a network in clear unless the operator says the network is trusted).
+   */
+  readonly allowRemotePeers?: boolean | undefined
   /** Longest wait for in-flight work when a backend removes a listener (default 30 s). */
   readonly drainTimeout?: Duration.Input | undefined
   readonly yamux?: Partial<YamuxConfig> | undefined
@@ -246,6 +251,13 @@ const unroutedUpstream = agentUpstream({
   connect: () => failedStream(new Error("no backend"))
 })
 
+/** True for 127.0.0.0/8, ::1, IPv4-mapped loopback and Unix-socket peers (no host). */
+export const isLoopbackPeer = (address: Address | undefined): boolean => {
+  const host = address?.host
+  if (host === undefined) return address?.path !== undefined
+  return host === "::1" || host.startsWith("127.") || host.startsWith("::ffff:127.")
+}
+
 const rejectionFor = (error: ListenerError): RejectionReason =>
   error.reason === "BindFailed" ? "BindFailed" : error.reason === "Limit" ? "Limit" : "Conflict"
 
@@ -285,6 +297,9 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         }),
         Effect.mapError((e) => e instanceof ControlProtocolError ? new ControlPortError({ reason: "Protocol", message: `${peerText}: ${e.reason}: ${e.message}` }) : e)
       )
+      if (!config.allowRemotePeers && !isLoopbackPeer(peer)) {
+        return yield* reject("Insecure", "this control port accepts tokens from loopback peers only (allowRemotePeers is off)")
+      }
       const hello = decodeHello(body)
       if (hello instanceof ControlProtocolError) return yield* reject("Malformed", hello.message)
       if (hello.version !== ProtocolVersion) {

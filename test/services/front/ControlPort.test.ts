@@ -5,7 +5,7 @@ import { TestClock } from "effect/testing"
 import { encodeHello, FrameHeaderBytes, makeHello } from "../../../src/domain/ControlMessage.ts"
 import type { RouteDefinition } from "../../../src/domain/Route.ts"
 import { TunnelClient } from "../../../src/services/client/TunnelClient.ts"
-import { ControlPort } from "../../../src/services/front/ControlPort.ts"
+import { ControlPort, isLoopbackPeer } from "../../../src/services/front/ControlPort.ts"
 import { Registry } from "../../../src/services/Registry.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
 import { client, gateway, serveHttp } from "../../integration/tunnelHarness.ts"
@@ -124,4 +124,17 @@ describe("ControlPort control stream", () => {
       assert.strictEqual(control.sessions(), 1)
       assert.isTrue(tunnel.status()[0]!.connected)
     })))
+})
+
+describe("ControlPort peers", () => {
+  it("accepts tokens from loopback peers only, unless remote peers are allowed", () => {
+    assert.isTrue(isLoopbackPeer({ host: "127.0.0.1", port: 1 }))
+    assert.isTrue(isLoopbackPeer({ host: "127.8.9.10", port: 1 }))
+    assert.isTrue(isLoopbackPeer({ host: "::1", port: 1 }))
+    assert.isTrue(isLoopbackPeer({ host: "::ffff:127.0.0.1", port: 1 }))
+    assert.isTrue(isLoopbackPeer({ path: "/run/switchyard.sock" }))
+    assert.isFalse(isLoopbackPeer({ host: "10.0.0.1", port: 1 }))
+    assert.isFalse(isLoopbackPeer({ host: "::ffff:10.0.0.1", port: 1 }))
+    assert.isFalse(isLoopbackPeer(undefined))
+  })
 })
