@@ -25,7 +25,7 @@ import {
   type RejectionReason
 } from "../../domain/ControlMessage.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
-import { makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
+import { type GrantRefusal, makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
 import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol } from "../Backend.ts"
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
@@ -258,6 +258,11 @@ export const isLoopbackPeer = (address: Address | undefined): boolean => {
   return host === "::1" || host.startsWith("127.") || host.startsWith("::ffff:127.")
 }
 
+const describeRefusal = (refusal: GrantRefusal): string =>
+  refusal._tag === "PortNotAllowed"
+    ? `port ${refusal.port} is not allowed for this token`
+    : `domain ${refusal.domainSuffix ?? "(none)"} is not allowed for this token`
+
 const rejectionFor = (error: ListenerError): RejectionReason =>
   error.reason === "BindFailed" ? "BindFailed" : error.reason === "Limit" ? "Limit" : "Conflict"
 
@@ -315,11 +320,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       for (let i = 0; i < hello.listeners.length; i++) {
         const refusal = policy.authorize(grant, hello.listeners[i]!)
         if (refusal !== undefined) {
-          return yield* reject(
-            refusal._tag,
-            refusal._tag === "PortNotAllowed" ? `port ${refusal.port} is not allowed for this token` : `domain ${refusal.domainSuffix ?? "(none)"} is not allowed for this token`,
-            i
-          )
+          return yield* reject(refusal._tag, describeRefusal(refusal), i)
         }
       }
       sessions++
@@ -342,6 +343,11 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
 
       const bindListener = (route: RouteDefinition) =>
         Effect.gen(function*() {
+          // listeners added later over a control stream are held to the same grant as the Hello's
+          const refusal = policy.authorize(grant, route)
+          if (refusal !== undefined) {
+            return yield* Effect.fail({ reason: refusal._tag, message: describeRefusal(refusal) })
+          }
           if (bound.size >= maxListeners) {
             return yield* Effect.fail({ reason: "Limit" as const, message: `at most ${maxListeners} listeners per session` })
           }

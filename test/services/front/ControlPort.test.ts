@@ -8,7 +8,7 @@ import { TunnelClient } from "../../../src/services/client/TunnelClient.ts"
 import { ControlPort, isLoopbackPeer } from "../../../src/services/front/ControlPort.ts"
 import { Registry } from "../../../src/services/Registry.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
-import { client, gateway, serveHttp } from "../../integration/tunnelHarness.ts"
+import { client, gateway, serveHttp, token } from "../../integration/tunnelHarness.ts"
 import { freePort, request } from "../ListenersFixtures.ts"
 
 /** Lets real I/O run for a moment (the TestClock does not move). */
@@ -123,6 +123,29 @@ describe("ControlPort control stream", () => {
       assert.strictEqual(registry.snapshot()[0]?.backends.length ?? 0, 0)
       assert.strictEqual(control.sessions(), 1)
       assert.isTrue(tunnel.status()[0]!.connected)
+    })))
+})
+
+describe("ControlPort grants on the control stream", () => {
+  it.live("refuses AddListener for a port outside the token's grant", () =>
+    withLeakCheck(Effect.gen(function*() {
+      const allowed = yield* Effect.promise(freePort)
+      const gw = yield* gateway({
+        control: {
+          address: { host: "127.0.0.1", port: 0 },
+          tokens: [{ name: "narrow", token: Redacted.make(token), ports: [allowed] }]
+        }
+      })
+      const control = Context.get(gw, ControlPort)
+      const tunnel = Context.get(yield* client([control.address.port!]), TunnelClient)
+      while (!tunnel.status()[0]!.connected) yield* Effect.sleep("5 millis")
+      const other = yield* Effect.promise(freePort)
+      const refused = yield* tunnel.listen({ _tag: "Http", port: other })
+      const error = yield* Effect.flip(refused.bound)
+      assert.strictEqual(error.rejection, "PortNotAllowed")
+      const accepted = yield* tunnel.listen({ _tag: "Http", port: allowed })
+      yield* accepted.bound
+      assert.deepStrictEqual(Context.get(gw, Registry).snapshot().map((e) => e.route.port), [allowed])
     })))
 })
 
