@@ -7,14 +7,15 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Fiber, Schema } from "effect"
 import type { StreamCore, YamuxStream } from "../../../src/services/yamux/Stream.ts"
+import type { YamuxError } from "../../../src/services/yamux/YamuxError.ts"
 import { concat, pattern, sessionPair } from "./harness.ts"
 
 const between = (minimum: number, maximum: number) => Schema.Int.check(Schema.isBetween({ minimum, maximum }))
 
 const Op = Schema.Struct({
-  stream: between(0, 3),
-  /** 0-4 write client→server, 5-6 write server→client, 7 closeWrite, 8 reset, 9 yield */
-  kind: between(0, 9),
+  stream: between(0, 7),
+  /** 0-4 write client→server, 5-6 write server→client, 7 closeWrite, 8 reset, 9 yield, 10 open (by either side) */
+  kind: between(0, 10),
   size: between(0, 90_000),
   seed: between(1, 1_000_000)
 })
@@ -27,9 +28,14 @@ const checkWindow = (core: StreamCore) => {
   }
 }
 
+interface Received {
+  readonly bytes: Uint8Array
+  readonly error: YamuxError | undefined
+}
+
 /** Reads until EOF or error, checking the window after every chunk. */
 const reader = (s: YamuxStream) =>
-  Effect.forkChild(Effect.gen(function*() {
+  Effect.forkChild(Effect.gen(function*(): Effect.fn.Return<Received> {
     const parts: Array<Uint8Array> = []
     while (true) {
       const r = yield* Effect.result(s.read())
@@ -64,16 +70,34 @@ describe("yamux Session properties", () => {
     ({ ops, split }) =>
       Effect.gen(function*() {
         const { client, server } = yield* sessionPair({ enableKeepAlive: false }, { split: splitter(split) })
-        const pairs: Array<{ c: YamuxStream; s: YamuxStream; toServer: Array<Uint8Array>; toClient: Array<Uint8Array>; reset: boolean; cFin: boolean; sFin: boolean }> = []
-        for (let i = 0; i < 4; i++) {
-          const c = yield* client.open()
-          const s = yield* server.accept()
-          pairs.push({ c, s, toServer: [], toClient: [], reset: false, cFin: false, sFin: false })
+        type Pair = {
+          c: YamuxStream
+          s: YamuxStream
+          toServer: Array<Uint8Array>
+          toClient: Array<Uint8Array>
+          reset: boolean
+          cFin: boolean
+          sFin: boolean
+          readers: readonly [Fiber.Fiber<Received>, Fiber.Fiber<Received>]
         }
-        const readers = yield* Effect.forEach(pairs, (p) =>
-          Effect.all([reader(p.s), reader(p.c)]))
+        const pairs: Array<Pair> = []
+        /** Opens a stream from the client (odd) or the server (even) side; `c` is always the client's end. */
+        const openPair = (fromServer: boolean) =>
+          Effect.gen(function*() {
+            const opened = yield* (fromServer ? server : client).open()
+            const accepted = yield* (fromServer ? client : server).accept()
+            const c = fromServer ? accepted : opened
+            const s = fromServer ? opened : accepted
+            const readers = [yield* reader(s), yield* reader(c)] as const
+            pairs.push({ c, s, toServer: [], toClient: [], reset: false, cFin: false, sFin: false, readers })
+          })
+        yield* openPair(false)
         for (const op of ops) {
-          const p = pairs[op.stream]!
+          if (op.kind === 10) {
+            if (pairs.length < 8) yield* openPair(op.seed % 2 === 0)
+            continue
+          }
+          const p = pairs[op.stream % pairs.length]!
           if (op.kind <= 6) {
             const toServer = op.kind <= 4
             if (p.reset || (toServer ? p.cFin : p.sFin)) continue
@@ -106,7 +130,7 @@ describe("yamux Session properties", () => {
         }
         for (let i = 0; i < pairs.length; i++) {
           const p = pairs[i]!
-          const [toS, toC] = readers[i]!
+          const [toS, toC] = p.readers
           const atServer = yield* Fiber.join(toS)
           const atClient = yield* Fiber.join(toC)
           const sentToServer = concat(p.toServer)
