@@ -160,10 +160,13 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
       waitForTrailers: chunked
     })
   } catch (error) {
-    const text = (error as Error & { code?: string }).code ?? (error as Error).message
+    const code = (error as Error & { code?: string }).code
+    const text = code ?? (error as Error).message
+    options.onDone()
+    // the session was already gone or going away: nothing was sent, another connection may take it
+    if ((code === "ERR_HTTP2_INVALID_SESSION" || code === "ERR_HTTP2_GOAWAY_SESSION") && options.onRefused?.() === true) return
     options.onError(`backend ${target.describe} refused a request: ${text}`)
     sendError(res, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${text})`)
-    options.onDone()
     return
   }
   let phase: "head" | "body" | "done" = "head"
@@ -207,11 +210,14 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
     // without a length the response is a stream (events, gRPC): send its head now
     const length = headers["content-length"]
     if (length === undefined) res.flushHeaders()
-    else if (method !== "HEAD" && status !== 204 && status !== 304) {
-      expected = Number(length)
-      stream.on("data", (chunk: Buffer) => void (received += chunk.length))
-    }
-    stream.pipe(res, { end: false })
+    else if (method !== "HEAD" && status !== 204 && status !== 304) expected = Number(length)
+    // a plain data handler with pause/resume (lighter than pipe): the stream stops reading, and so
+    // stops granting the backend window, while the client's socket is full
+    stream.on("data", (chunk: Buffer) => {
+      received += chunk.length
+      if (!res.write(chunk)) stream.pause()
+    })
+    res.on("drain", () => stream.resume())
   })
   stream.on("trailers", (received: http2.IncomingHttpHeaders) => {
     trailers = received

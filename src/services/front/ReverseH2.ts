@@ -53,6 +53,8 @@ export const DefaultQueueTimeoutMs = 30_000
 export const DefaultStreamWindowBytes = 1024 * 1024
 /** Receive window the gateway grants per connection (bytes). */
 export const DefaultConnectionWindowBytes = 16 * 1024 * 1024
+/** Largest DATA frame the gateway lets a backend send (bytes; HTTP/2's default is 16 KiB). */
+export const DefaultMaxFrameBytes = 256 * 1024
 /** Largest header block the gateway accepts from a backend (bytes). */
 export const DefaultMaxHeaderListBytes = 64 * 1024
 /** Times a request refused unprocessed (GOAWAY race, REFUSED_STREAM) is tried on another connection. */
@@ -86,6 +88,8 @@ export interface ReverseH2Config {
   readonly queueTimeoutMs?: number | undefined
   readonly streamWindowBytes?: number | undefined
   readonly connectionWindowBytes?: number | undefined
+  /** Largest DATA frame a backend may send (16 KiB to 16 MiB − 1). */
+  readonly maxFrameBytes?: number | undefined
   /** Time allowed for a backend's response head (ms, 0 = none). */
   readonly responseTimeoutMs?: number | undefined
   /** Idle limit on responses and upgraded streams (ms, 0 = none). */
@@ -144,7 +148,11 @@ interface H2Connection {
   closed: boolean
 }
 
-const hasCapacity = (c: H2Connection): boolean => c.ready && !c.closed && !c.draining && c.active < c.maxStreams
+/** Whether the connection is gone or going (its session may close before its fiber notices). */
+const isGone = (c: H2Connection): boolean =>
+  c.closed || c.draining || (c.session !== undefined && (c.session.closed || c.session.destroyed))
+
+const hasCapacity = (c: H2Connection): boolean => c.ready && c.active < c.maxStreams && !isGone(c)
 
 /** A public request waiting for a stream slot on its route. */
 interface Waiter {
@@ -187,6 +195,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
   const queueTimeoutMs = config.queueTimeoutMs ?? DefaultQueueTimeoutMs
   const streamWindow = config.streamWindowBytes ?? DefaultStreamWindowBytes
   const connectionWindow = config.connectionWindowBytes ?? DefaultConnectionWindowBytes
+  const maxFrameBytes = config.maxFrameBytes ?? DefaultMaxFrameBytes
   const errors = plainErrors
   const upstream = unusedUpstream()
 
@@ -428,7 +437,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     Effect.callback<http2.ClientHttp2Session, ReverseH2Error>((resume) => {
       const session = http2.connect(SessionAuthority, {
         createConnection: () => socket,
-        settings: { enablePush: false, initialWindowSize: streamWindow, maxHeaderListSize: DefaultMaxHeaderListBytes },
+        settings: { enablePush: false, initialWindowSize: streamWindow, maxFrameSize: maxFrameBytes, maxHeaderListSize: DefaultMaxHeaderListBytes },
         maxHeaderListPairs: DefaultMaxHeaderListBytes / 32
       })
       conn.session = session
@@ -529,7 +538,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         upstream,
         connect: () =>
           Effect.fail(new BackendUnavailable({ reason: "OpenFailed", message: `${label} serves HTTP routes only; raw TCP is not carried` })),
-        isClosed: () => conn.closed || conn.draining,
+        isClosed: () => isGone(conn),
         forwardHttp,
         upgradeHttp
       }

@@ -1,0 +1,217 @@
+/**
+ * `npm run bench -- http2`: the reverse-HTTP/2 path (wrk → public port → gateway → HTTP/2 tunnel →
+ * backend) against calling the same backend process directly over HTTP/1.1, in one run, on loopback.
+ * The backend runs in a child process (this file, started with a role variable) and wrk in its own,
+ * so the gateway's process only does the gateway's work. Figures: small-response req/s with 1 and 4
+ * tunnel connections, the ratio to direct, p99 added latency, and a 100 MiB download.
+ */
+import { type ChildProcess, execFile, spawn } from "node:child_process"
+import * as http from "node:http"
+import type * as http2 from "node:http2"
+import { createInterface } from "node:readline"
+import { Context, Effect, Exit, Layer, Scope } from "effect"
+import { Dispatcher } from "../src/services/Dispatcher.ts"
+import { Forwarder } from "../src/services/Forwarder.ts"
+import { tcpUpstream } from "../src/services/forward/Upstream.ts"
+import { ReverseH2 } from "../src/services/front/ReverseH2.ts"
+import { forwardingHandlers, Listeners } from "../src/services/Listeners.ts"
+import { Registry } from "../src/services/Registry.ts"
+import { mbps, report } from "./support.ts"
+
+const suite = "http2"
+const RoleVariable = "SWITCHYARD_HTTP2_BENCH_ROLE"
+/** wrk settings: one thread (two cores are shared with the gateway and the backend), bounded time. */
+const wrkThreads = 1
+const wrkConnections = 32
+const wrkSeconds = 3
+const downloadBytes = 100 * 1024 * 1024
+const downloadRounds = 2
+const sliceBytes = 64 * 1024
+const smallBody = Buffer.from("ok")
+
+// ---------------------------------------------------------------------------------------------------
+// Backend role: an HTTP/1.1 server for the direct baseline and the same handler over reverse HTTP/2.
+
+type Res = Pick<http.ServerResponse, "writeHead" | "write" | "end" | "once">
+
+const handle = (url: string | undefined, res: Res, big: Buffer) => {
+  if (url === "/big") {
+    res.writeHead(200, { "content-length": String(big.length) })
+    let offset = 0
+    const write = () => {
+      while (offset < big.length) {
+        const end = Math.min(offset + sliceBytes, big.length)
+        const ok = res.write(big.subarray(offset, end))
+        offset = end
+        if (!ok) return void res.once("drain", write)
+      }
+      res.end()
+    }
+    write()
+    return
+  }
+  res.writeHead(200, { "content-length": String(smallBody.length) })
+  res.end(smallBody)
+}
+
+const backendMain = async () => {
+  const { serveReverseHttp2 } = await import("../src/runtime/serveReverseHttp2.ts")
+  const big = Buffer.alloc(downloadBytes, 0x5a)
+  const direct = http.createServer((req, res) => handle(req.url, res, big))
+  await new Promise<void>((resolve) => direct.listen(0, "127.0.0.1", resolve))
+  process.stdout.write(`direct ${(direct.address() as { port: number }).port}\n`)
+  const connections = Number(process.env.SWITCHYARD_HTTP2_BENCH_CONNECTIONS ?? "1")
+  const handleH2 = (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
+    req.resume()
+    handle(req.url, res as unknown as Res, big)
+  }
+  const tunnel = await serveReverseHttp2(handleH2, {
+    gateway: { host: "127.0.0.1", port: Number(process.env.SWITCHYARD_HTTP2_BENCH_GATEWAY) },
+    connections
+  })
+  const ready = setInterval(() => {
+    if (tunnel.connected() === connections) {
+      clearInterval(ready)
+      process.stdout.write("ready\n")
+    }
+  }, 10)
+  process.on("SIGTERM", () => {
+    void tunnel.close().then(() => process.exit(0))
+  })
+}
+
+if (process.env[RoleVariable] === "backend") await backendMain()
+
+// ---------------------------------------------------------------------------------------------------
+// Gateway role.
+
+interface BackendProcess {
+  readonly child: ChildProcess
+  readonly directPort: number
+}
+
+const startBackend = (gatewayPort: number, connections: number): Promise<BackendProcess> =>
+  new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [import.meta.filename], {
+      env: {
+        ...process.env,
+        [RoleVariable]: "backend",
+        SWITCHYARD_HTTP2_BENCH_GATEWAY: String(gatewayPort),
+        SWITCHYARD_HTTP2_BENCH_CONNECTIONS: String(connections)
+      },
+      stdio: ["ignore", "pipe", "inherit"]
+    })
+    child.once("error", reject)
+    let directPort = 0
+    createInterface({ input: child.stdout! }).on("line", (line) => {
+      if (line.startsWith("direct ")) directPort = Number(line.slice(7))
+      if (line === "ready") resolve({ child, directPort })
+    })
+  })
+
+const stopBackend = (backend: BackendProcess): Promise<void> =>
+  new Promise((resolve) => {
+    if (backend.child.exitCode !== null) return resolve()
+    backend.child.once("exit", () => resolve())
+    backend.child.kill("SIGTERM")
+  })
+
+interface WrkResult {
+  readonly rps: number
+  readonly p99Ms: number
+}
+
+const toMs = (value: string, unit: string): number => {
+  const n = Number(value)
+  return unit === "us" ? n / 1000 : unit === "s" ? n * 1000 : n
+}
+
+const wrk = (port: number, path: string): Promise<WrkResult> =>
+  new Promise((resolve, reject) => {
+    execFile(
+      "wrk",
+      [`-t${wrkThreads}`, `-c${wrkConnections}`, `-d${wrkSeconds}s`, "--latency", `http://127.0.0.1:${port}${path}`],
+      (error, stdout) => {
+        if (error !== null) return reject(error)
+        const rps = /Requests\/sec:\s+([\d.]+)/.exec(stdout)
+        const p99 = /\s99%\s+([\d.]+)(us|ms|s)\b/.exec(stdout)
+        const non2xx = /Non-2xx or 3xx responses:\s+(\d+)/.exec(stdout)
+        if (rps === null || p99 === null) return reject(new Error(`unreadable wrk output:\n${stdout}`))
+        if (non2xx !== null) return reject(new Error(`wrk saw ${non2xx[1]} failed responses`))
+        resolve({ rps: Number(rps[1]), p99Ms: toMs(p99[1]!, p99[2]!) })
+      }
+    )
+  })
+
+/** Best of `downloadRounds` downloads of /big with curl, in MB/s. */
+const download = async (port: number): Promise<number> => {
+  let best = 0
+  for (let i = 0; i < downloadRounds; i++) {
+    const out = await new Promise<string>((resolve, reject) =>
+      execFile("curl", ["-s", "-o", "/dev/null", "-w", "%{time_total} %{size_download} %{http_code}", `http://127.0.0.1:${port}/big`], (error, stdout) =>
+        error === null ? resolve(stdout) : reject(error))
+    )
+    const [seconds, size, status] = out.trim().split(" ")
+    if (Number(size) !== downloadBytes || status !== "200") throw new Error(`download failed: ${out}`)
+    best = Math.max(best, mbps(downloadBytes, Number(seconds) * 1000))
+  }
+  return best
+}
+
+const gatewayLayer = (publicPort: number) => {
+  const core = Layer.unwrap(Effect.gen(function*() {
+    const forwarder = yield* Forwarder.make({
+      upstream: tcpUpstream("127.0.0.1", 9, { maxSockets: 1, maxFreeSockets: 0 }),
+      responseTimeoutMs: 0,
+      idleTimeoutMs: 0
+    })
+    return Layer.effect(Listeners, Listeners.make({ host: "127.0.0.1", ...forwardingHandlers(forwarder) }))
+  })).pipe(Layer.provideMerge(Dispatcher.layer()), Layer.provideMerge(Registry.layer()))
+  return ReverseH2.layer({ address: { host: "127.0.0.1", port: 0 }, routes: [{ _tag: "Http", port: publicPort }] }).pipe(Layer.provideMerge(core))
+}
+
+const freePort = (): Promise<number> =>
+  new Promise((resolve) => {
+    const server = http.createServer()
+    server.listen(0, "127.0.0.1", () => {
+      const port = (server.address() as { port: number }).port
+      server.close(() => resolve(port))
+    })
+  })
+
+export const run = async (): Promise<void> => {
+  const publicPort = await freePort()
+  const scope = Scope.makeUnsafe()
+  const context = await Effect.runPromise(Layer.buildWithScope(gatewayLayer(publicPort), scope))
+  const gateway = Context.get(context, ReverseH2)
+  try {
+    const results = new Map<number, WrkResult>()
+    let directResult: WrkResult | undefined
+    let directDownload = 0
+    let tunnelDownload = 0
+    for (const connections of [1, 4]) {
+      const backend = await startBackend(gateway.address.port, connections)
+      try {
+        if (directResult === undefined) {
+          directResult = await wrk(backend.directPort, "/")
+          directDownload = await download(backend.directPort)
+        }
+        results.set(connections, await wrk(publicPort, "/"))
+        if (connections === 1) tunnelDownload = await download(publicPort)
+      } finally {
+        await stopBackend(backend)
+      }
+    }
+    const direct = directResult!
+    report(suite, "direct_rps", Math.round(direct.rps), "req/s")
+    for (const [connections, result] of results) {
+      report(suite, `reverse_h2_${connections}_backend${connections === 1 ? "" : "s"}_rps`, Math.round(result.rps), "req/s")
+      report(suite, `reverse_h2_${connections}_backend${connections === 1 ? "" : "s"}_ratio`, result.rps / direct.rps, "x of direct")
+    }
+    report(suite, "p99_added_latency", Math.max(0, results.get(1)!.p99Ms - direct.p99Ms), "ms")
+    report(suite, "direct_download_100MiB", Math.round(directDownload), "MB/s")
+    report(suite, "reverse_h2_download_100MiB", Math.round(tunnelDownload), "MB/s")
+  } finally {
+    await Effect.runPromise(Scope.close(scope, Exit.void))
+  }
+}
