@@ -1,6 +1,8 @@
 import { assert, describe, it } from "@effect/vitest"
+import * as net from "node:net"
 import { Context, Duration, Effect, Layer, Redacted, Schema } from "effect"
 import { TestClock } from "effect/testing"
+import { frame } from "../../../src/domain/ControlMessage.ts"
 import * as NodeTransport from "../../../src/runtime/NodeTransport.ts"
 import { backoffDelay, type ReconnectPolicy, TunnelClient } from "../../../src/services/client/TunnelClient.ts"
 import { ControlPort } from "../../../src/services/front/ControlPort.ts"
@@ -81,6 +83,57 @@ describe("TunnelClient reconnect", () => {
         yield* listener.bound
         assert.strictEqual(tunnel.status()[0]!.attempts, 0)
         assert.strictEqual(Context.get(gw, Registry).snapshot()[0]!.backends.length, 1)
+      }).pipe(Effect.scoped)
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }))
+})
+
+describe("TunnelClient keepalive", () => {
+  it.effect("drops a gateway that stops answering pings, and dials again after the backoff", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      yield* Effect.gen(function*() {
+        // a gateway that completes the handshake and then goes silent (reads nothing, answers nothing)
+        let accepted = 0
+        const sockets = new Set<net.Socket>()
+        const silent = net.createServer((socket) => {
+          accepted++
+          sockets.add(socket)
+          socket.on("error", () => {})
+          socket.once("data", () => {
+            socket.write(frame(new TextEncoder().encode(JSON.stringify({ _tag: "Welcome", version: 1, sessionId: "s", listeners: [] }))))
+            socket.pause()
+          })
+        })
+        yield* Effect.acquireRelease(
+          Effect.promise(() => new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve))),
+          () => Effect.promise(() => new Promise<void>((resolve) => {
+            for (const s of sockets) s.destroy()
+            silent.close(() => resolve())
+          }))
+        )
+        const port = (silent.address() as net.AddressInfo).port
+        const tunnel = Context.get(
+          yield* Layer.build(
+            TunnelClient.layer({
+              servers: [{ host: "127.0.0.1", port }],
+              token: Redacted.make(token),
+              reconnect: { initial: "1 second", max: "1 second", jitter: 0 },
+              yamux: { enableKeepAlive: true, keepAliveIntervalMs: 30_000, connectionWriteTimeoutMs: 10_000 }
+            }).pipe(Layer.provide(NodeTransport.layer))
+          ),
+          TunnelClient
+        )
+        yield* until(() => tunnel.status()[0]!.connected)
+        // the first ping goes out after 30 s; its answer is due within 10 s
+        yield* TestClock.adjust("30 seconds")
+        yield* TestClock.adjust("9 seconds")
+        assert.isTrue(tunnel.status()[0]!.connected)
+        yield* TestClock.adjust("1 second")
+        yield* until(() => !tunnel.status()[0]!.connected)
+        assert.strictEqual(accepted, 1)
+        yield* TestClock.adjust("1 second")
+        yield* until(() => accepted === 2)
       }).pipe(Effect.scoped)
       yield* Effect.promise(() => expectNoLeaks(before))
     }))
