@@ -80,6 +80,8 @@ export interface MemoryPairOptions {
   readonly highWaterMark?: number
   /** Splits each delivered chunk (property tests use it to vary chunk boundaries). */
   readonly split?: (chunk: Uint8Array) => ReadonlyArray<Uint8Array>
+  /** Delivers each `write` batch as one chunk, as a socket's writev tends to arrive (copies). */
+  readonly coalesce?: boolean
 }
 
 class MemoryEnd implements Connection {
@@ -96,7 +98,9 @@ class MemoryEnd implements Connection {
   readonly remoteAddress: Address
   readonly hwm: number
   readonly split: ((chunk: Uint8Array) => ReadonlyArray<Uint8Array>) | undefined
+  readonly coalesce: boolean
   constructor(local: Address, remote: Address, options: MemoryPairOptions) {
+    this.coalesce = options.coalesce === true
     this.localAddress = local
     this.remoteAddress = remote
     this.hwm = options.highWaterMark ?? MEMORY_HIGH_WATER_MARK
@@ -148,6 +152,7 @@ class MemoryEnd implements Connection {
       return
     }
     const p = this.peer
+    if (this.coalesce && chunks.length > 1) chunks = [joinChunks(chunks)]
     for (const c of chunks) {
       if (c.length === 0) continue
       p.inbox.push(c)
@@ -189,6 +194,18 @@ class MemoryEnd implements Connection {
     else this.pendingClose = error ?? null
   }
   pendingClose: TransportError | null | undefined = undefined
+}
+
+const joinChunks = (chunks: ReadonlyArray<Uint8Array>): Uint8Array => {
+  let n = 0
+  for (const c of chunks) n += c.length
+  const out = new Uint8Array(n)
+  let o = 0
+  for (const c of chunks) {
+    out.set(c, o)
+    o += c.length
+  }
+  return out
 }
 
 /** Two connected in-memory connections (`[a, b]`): what one writes the other reads. */

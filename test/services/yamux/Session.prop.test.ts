@@ -69,7 +69,7 @@ describe("yamux Session properties", () => {
     { ops: Schema.Array(Op).check(Schema.isBetweenLength(1, 25)), split: between(1, 1_000_000) },
     ({ ops, split }) =>
       Effect.gen(function*() {
-        const { client, server } = yield* sessionPair({ enableKeepAlive: false }, { split: splitter(split) })
+        const { client, server } = yield* sessionPair({ enableKeepAlive: false }, { split: splitter(split), coalesce: split % 2 === 0 })
         type Pair = {
           c: YamuxStream
           s: YamuxStream
