@@ -116,7 +116,7 @@ describe("control-port tunnels: operations", () => {
 
   it.live("a restart within the grace period loses nothing; after it, waiting requests get 503", () =>
     noLeaks(Effect.gen(function*() {
-      const gw = yield* gateway({ registry: { gracePeriod: "400 millis" } })
+      const gw = yield* gateway({ registry: { gracePeriod: "2 seconds" } })
       const control = Context.get(gw, ControlPort)
       const publicPort = yield* Effect.promise(freePort)
       const route = { _tag: "Http" as const, port: publicPort }
