@@ -1,7 +1,7 @@
 /**
  * `npm run bench -- socket-proxy`: the socket proxy against the same upstream (a small Node HTTP server on
  * a Unix socket, also on loopback TCP for the direct baseline), each in its own process. Small-response
- * req/s and latency with wrk (direct, switchyard, and nginx/haproxy when installed), a 100 MiB download,
+ * req/s and latency with wrk (direct, switchyard, a bare Node proxy, and nginx/haproxy when installed), a 100 MiB download,
  * and the proxy's RSS while a client reads a 1 GiB stream at 1 MB/s. Every run is bounded in time.
  */
 import { type ChildProcess, execFile, spawn, spawnSync } from "node:child_process"
@@ -182,6 +182,20 @@ const slowReaderRss = (port: number, pid: number): Promise<number> =>
     req.on("error", (e) => (e.message === "socket hang up" ? undefined : reject(e)))
   })
 
+/** The least a Node proxy does (no rules, no header filtering, no limits): the floor for Node's HTTP stack. */
+const BARE_NODE_PROXY_SCRIPT = `
+const http = require("node:http")
+const [sock, port] = process.argv.slice(1)
+const agent = new http.Agent({ keepAlive: true, maxSockets: 256 })
+http.createServer((req, res) => {
+  const up = http.request({ socketPath: sock, agent, method: req.method, path: req.url, headers: req.headers }, (r) => {
+    res.writeHead(r.statusCode, r.headers)
+    r.pipe(res)
+  })
+  req.pipe(up)
+}).listen(Number(port), "127.0.0.1")
+`
+
 const nginxConfig = (dir: string, port: number, sock: string): string => `
 worker_processes 1;
 daemon off;
@@ -227,7 +241,7 @@ backend engine
 
 /** Starts a third-party proxy, or returns undefined with the reason printed. */
 const startOther = async (name: string, cmd: string, args: ReadonlyArray<string>, port: number): Promise<ChildProcess | undefined> => {
-  if (spawnSync("which", [cmd]).status !== 0) {
+  if (cmd !== process.execPath && spawnSync("which", [cmd]).status !== 0) {
     process.stdout.write(`# ${SUITE}: ${name} not installed; its figures are skipped\n`)
     return undefined
   }
@@ -240,6 +254,24 @@ const startOther = async (name: string, cmd: string, args: ReadonlyArray<string>
     process.stdout.write(`# ${SUITE}: ${name} did not start (${(e as Error).message}); its figures are skipped\n`)
     return undefined
   }
+}
+
+interface Target {
+  readonly name: string
+  readonly port: number
+}
+
+/** Best of `rounds` runs per target, interleaved so a burst of load from elsewhere hits all of them alike. */
+const bestOf = async <A>(targets: ReadonlyArray<Target>, rounds: number, measure: (t: Target) => Promise<A>, better: (a: A, b: A) => boolean) => {
+  const best = new Map<string, A>()
+  for (let round = 0; round < rounds; round++) {
+    for (const t of targets) {
+      const r = await measure(t)
+      const prev = best.get(t.name)
+      if (prev === undefined || better(r, prev)) best.set(t.name, r)
+    }
+  }
+  return best
 }
 
 export const run = async (): Promise<void> => {
@@ -261,69 +293,49 @@ export const run = async (): Promise<void> => {
     )
     children.push(proxy)
 
-    let baselineRps = Number.NaN
-    if (hasWrk()) {
-      // Interleaved rounds, best of each, so a burst of load from elsewhere does not decide the ratio.
-      let direct: WrkResult | undefined
-      let through: WrkResult | undefined
-      for (let round = 0; round < WRK_ROUNDS; round++) {
-        const d = await wrk(`http://127.0.0.1:${directPort}/v1.41/small`)
-        const t = await wrk(`http://127.0.0.1:${proxyPort}/v1.41/small`)
-        if (!direct || d.rps > direct.rps) direct = d
-        if (!through || t.rps > through.rps) through = t
-      }
-      if (!direct || !through) throw new Error("no wrk rounds ran")
-      report(SUITE, "small.direct", Math.round(direct.rps), "req/s")
-      report(SUITE, "small.switchyard", Math.round(through.rps), "req/s")
-      report(SUITE, "small.switchyard_ratio", through.rps / direct.rps, "x direct")
-      report(SUITE, "small.switchyard_p50", through.p50, "ms")
-      report(SUITE, "small.switchyard_p99", through.p99, "ms")
-      report(SUITE, "small.direct_p50", direct.p50, "ms")
-      report(SUITE, "small.direct_p99", direct.p99, "ms")
-      baselineRps = direct.rps
-    } else {
-      process.stdout.write(`# ${SUITE}: wrk not installed; req/s and latency figures are skipped\n`)
-    }
-
-    // nginx and haproxy in front of the same upstream, one worker each, for side-by-side figures.
+    // A bare Node proxy, nginx and haproxy in front of the same upstream, one worker each.
     const nginxPort = await freePort()
     fs.writeFileSync(path.join(dir, "nginx.conf"), nginxConfig(dir, nginxPort, sock))
     const haproxyPort = await freePort()
     fs.writeFileSync(path.join(dir, "haproxy.cfg"), haproxyConfig(haproxyPort, sock))
-    const others: Array<{ readonly name: string; readonly port: number; readonly child: ChildProcess }> = []
-    for (const [name, args, port] of [
-      ["nginx", ["-c", path.join(dir, "nginx.conf"), "-p", dir], nginxPort],
-      ["haproxy", ["-f", path.join(dir, "haproxy.cfg"), "-db"], haproxyPort]
+    const barePort = await freePort()
+    const targets: Array<Target> = [{ name: "direct", port: directPort }, { name: "switchyard", port: proxyPort }]
+    for (const [name, cmd, args, port] of [
+      ["node_bare", process.execPath, ["-e", BARE_NODE_PROXY_SCRIPT, sock, String(barePort)], barePort],
+      ["nginx", "nginx", ["-c", path.join(dir, "nginx.conf"), "-p", dir], nginxPort],
+      ["haproxy", "haproxy", ["-f", path.join(dir, "haproxy.cfg"), "-db"], haproxyPort]
     ] as const) {
-      const child = await startOther(name, name, args, port)
+      const child = await startOther(name, cmd, args, port)
       if (child) {
         children.push(child)
-        others.push({ name, port, child })
-      }
-    }
-    if (hasWrk()) {
-      for (const o of others) {
-        const r = await wrk(`http://127.0.0.1:${o.port}/v1.41/small`)
-        report(SUITE, `small.${o.name}`, Math.round(r.rps), "req/s")
-        report(SUITE, `small.${o.name}_ratio`, r.rps / baselineRps, "x direct")
-        report(SUITE, `small.${o.name}_p99`, r.p99, "ms")
+        targets.push({ name, port })
       }
     }
 
-    let downDirect = 0
-    let downThrough = 0
-    for (let round = 0; round < DOWNLOAD_ROUNDS; round++) {
-      downDirect = Math.max(downDirect, await download(directPort, DOWNLOAD_BYTES))
-      downThrough = Math.max(downThrough, await download(proxyPort, DOWNLOAD_BYTES))
+    if (hasWrk()) {
+      const small = await bestOf(targets, WRK_ROUNDS, (t) => wrk(`http://127.0.0.1:${t.port}/v1.41/small`), (a, b) => a.rps > b.rps)
+      const direct = small.get("direct")!
+      for (const t of targets) {
+        const r = small.get(t.name)!
+        report(SUITE, `small.${t.name}`, Math.round(r.rps), "req/s")
+        if (t.name !== "direct") report(SUITE, `small.${t.name}_ratio`, r.rps / direct.rps, "x direct")
+        report(SUITE, `small.${t.name}_p50`, r.p50, "ms")
+        report(SUITE, `small.${t.name}_p99`, r.p99, "ms")
+      }
+    } else {
+      process.stdout.write(`# ${SUITE}: wrk not installed; req/s and latency figures are skipped\n`)
     }
-    report(SUITE, "download_100MiB.direct", downDirect, "MB/s")
-    report(SUITE, "download_100MiB.switchyard", downThrough, "MB/s")
-    report(SUITE, "download_100MiB.switchyard_ratio", downThrough / downDirect, "x direct")
-    for (const o of others) {
-      report(SUITE, `download_100MiB.${o.name}`, await download(o.port, DOWNLOAD_BYTES), "MB/s")
-      await stop(o.child)
+
+    const downloads = await bestOf(targets, DOWNLOAD_ROUNDS, (t) => download(t.port, DOWNLOAD_BYTES), (a, b) => a > b)
+    const directDownload = downloads.get("direct")!
+    for (const t of targets) {
+      const r = downloads.get(t.name)!
+      report(SUITE, `download_100MiB.${t.name}`, r, "MB/s")
+      if (t.name !== "direct") report(SUITE, `download_100MiB.${t.name}_ratio`, r / directDownload, "x direct")
     }
+
     // RSS on a fresh proxy process, so the figure is not the heap left over from the load runs above.
+    for (const child of children.slice(2)) await stop(child)
     await stop(proxy)
     const freshPort = await freePort()
     const fresh = await startProcess(
