@@ -1,10 +1,15 @@
 /**
  * Reverse HTTP/2 from plain Node: `serveReverseHttp2(handler or http2 server, options)` dials the
  * gateway's tunnel port and serves the given handler over the connections it keeps; `close()` ends
- * them. The Effect Layer behind it is `H2Client.layer`. It does not start a gateway.
+ * them; `exposeOverReverseHttp2` forwards to a local HTTP service instead (`switchyard client --h2`).
+ * The Effect Layer behind both is `H2Client.layer`. It does not start a gateway.
  */
+import * as http from "node:http"
 import * as http2 from "node:http2"
 import { Context, Effect, Exit, Layer, Scope } from "effect"
+import type * as Redacted from "effect/Redacted"
+import { responseHeaders } from "../domain/HttpHeaders.ts"
+import type { RouteDefinition } from "../domain/Route.ts"
 import { H2Client, type H2ClientConfig, type H2ClientError, type H2ClientShape } from "../services/client/H2Client.ts"
 
 /** What `serveReverseHttp2` returns. */
@@ -47,3 +52,95 @@ export const serveReverseHttp2 = async (
       })
   }
 }
+
+/** Most pooled connections from a reverse-HTTP/2 client to the local service it exposes. */
+export const MaxLocalSockets = 256
+/** Most idle pooled connections kept to the local service. */
+export const MaxLocalFreeSockets = 32
+
+/**
+ * An `http2` request handler that forwards every request the gateway sends to a local HTTP/1.1 service
+ * (streaming both ways, trailers included); what `switchyard client --h2` serves. A local service that
+ * cannot be reached answers 502. `Upgrade` is not offered (no extended CONNECT), so the gateway answers
+ * WebSocket requests for such a tunnel with 501.
+ */
+export const localHttpHandler = (target: { readonly host: string; readonly port: number }): {
+  readonly handler: ReverseHttp2Handler
+  readonly close: () => void
+} => {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: MaxLocalSockets, maxFreeSockets: MaxLocalFreeSockets })
+  const handler: ReverseHttp2Handler = (req, res) => {
+    const headers: Array<string> = []
+    const raw = req.rawHeaders
+    for (let i = 0; i < raw.length; i += 2) {
+      if (raw[i]!.charCodeAt(0) !== 58 /* : */) headers.push(raw[i]!, raw[i + 1]!)
+    }
+    headers.push("host", req.authority)
+    const local = http.request({ host: target.host, port: target.port, agent, method: req.method, path: req.url, headers })
+    local.on("error", (error: Error & { code?: string }) => {
+      if (!res.headersSent) {
+        const body = `switchyard client: local service ${target.host}:${target.port} unreachable (${error.code ?? error.message})\n`
+        res.writeHead(502, { "content-type": "text/plain; charset=utf-8", "content-length": String(Buffer.byteLength(body)) })
+        res.end(body)
+      } else {
+        res.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR)
+      }
+    })
+    local.on("response", (up) => {
+      res.writeHead(up.statusCode ?? 502, Object.fromEntries(pairs(responseHeaders(up.rawHeaders))))
+      up.pipe(res, { end: false })
+      up.on("end", () => {
+        if (up.rawTrailers.length > 0) res.addTrailers(Object.fromEntries(pairs(up.rawTrailers)))
+        res.end()
+      })
+      up.on("close", () => {
+        if (!up.complete) res.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR)
+      })
+    })
+    res.on("close", () => {
+      if (!res.writableFinished) local.destroy()
+    })
+    req.pipe(local)
+  }
+  return { handler, close: () => agent.destroy() }
+}
+
+/** Flat `[name, value, ...]` as pairs, repeated names joined as arrays (`set-cookie`). */
+const pairs = (flat: ReadonlyArray<string>): Array<[string, string | Array<string>]> => {
+  const out = new Map<string, string | Array<string>>()
+  for (let i = 0; i < flat.length; i += 2) {
+    const name = flat[i]!.toLowerCase()
+    const previous = out.get(name)
+    if (previous === undefined) out.set(name, flat[i + 1]!)
+    else if (Array.isArray(previous)) previous.push(flat[i + 1]!)
+    else out.set(name, [previous, flat[i + 1]!])
+  }
+  return [...out]
+}
+
+/**
+ * Exposes a local HTTP service through reverse-HTTP/2 tunnel ports (one client per gateway, each with
+ * its own connections) until the scope closes. Used by `switchyard client --h2`.
+ */
+export const exposeOverReverseHttp2 = (options: {
+  readonly gateways: ReadonlyArray<{ readonly host: string; readonly port: number }>
+  readonly target: { readonly host: string; readonly port: number }
+  readonly token: Redacted.Redacted<string>
+  readonly routes: ReadonlyArray<RouteDefinition>
+  readonly label?: string | undefined
+  readonly connections?: number | undefined
+}): Effect.Effect<void, never, Scope.Scope> =>
+  Effect.gen(function*() {
+    const local = yield* Effect.acquireRelease(Effect.sync(() => localHttpHandler(options.target)), (l) => Effect.sync(l.close))
+    const server = http2.createServer(local.handler)
+    yield* Effect.addFinalizer(() => Effect.sync(() => server.close()))
+    for (const gateway of options.gateways) {
+      yield* Layer.build(H2Client.layer(server, {
+        gateway,
+        token: options.token,
+        routes: options.routes,
+        label: options.label,
+        connections: options.connections
+      }))
+    }
+  })

@@ -11,6 +11,7 @@ import { TunnelClient } from "../../services/client/TunnelClient.ts"
 import { joinStreams } from "../../services/Listeners.ts"
 import { toRoute } from "../listen.ts"
 import { formatHostPort, parseHostPort } from "../NetAddress.ts"
+import { exposeOverReverseHttp2 } from "../serveReverseHttp2.ts"
 import * as NodeTransport from "../NodeTransport.ts"
 
 const flags = {
@@ -29,7 +30,11 @@ const flags = {
   tcp: Flag.Boolean("tcp").pipe(Flag.withDescription("Raw TCP instead of HTTP"), Flag.withDefault(false)),
   tlsCert: Flag.FileText("tls-cert").pipe(Flag.withDescription("PEM certificate: the gateway terminates TLS with it"), Flag.optional),
   tlsKey: Flag.FileText("tls-key").pipe(Flag.withDescription("PEM private key for --tls-cert"), Flag.optional),
-  label: Flag.String("label").pipe(Flag.withDescription("Name shown in the gateway's logs"), Flag.optional)
+  label: Flag.String("label").pipe(Flag.withDescription("Name shown in the gateway's logs"), Flag.optional),
+  h2: Flag.Boolean("h2").pipe(
+    Flag.withDescription("--server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway, forward to --expose as HTTP"),
+    Flag.withDefault(false)
+  )
 }
 
 export const clientCommand = Command.make("client", flags, Effect.fn(function*(f) {
@@ -53,6 +58,12 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
       ? { domainSuffix: domain ?? "localhost", cert, key, then: f.tcp ? "tcp" : "http", ...(path ? { pathPrefix: path } : {}) }
       : undefined
   })
+  if (f.h2) {
+    if (route._tag === "Tcp" || (route._tag === "Tls" && route.then === "tcp")) return yield* Effect.fail(new Error("--h2 carries HTTP only; drop --tcp"))
+    yield* exposeOverReverseHttp2({ gateways: servers, target: expose, token: f.token, routes: [route], label: Option.getOrUndefined(f.label) })
+    yield* Console.log(`switchyard client: ${describeRoute(route)} over reverse HTTP/2 on ${f.server.join(", ")} -> ${formatHostPort(expose)}`)
+    return yield* Effect.never
+  }
   const client = yield* TunnelClient.make({ servers, token: f.token, label: Option.getOrUndefined(f.label) })
   const listener = yield* client.listen(route)
   yield* Console.log(`switchyard client: ${describeRoute(route)} on ${f.server.join(", ")} -> ${formatHostPort(expose)}`)
