@@ -295,3 +295,23 @@ describe("control-port tunnels: operations", () => {
       assert.isTrue(replies.every((r) => r.body === "ok"))
     })), 120_000)
 })
+
+describe("control-port tunnels: several gateways", () => {
+  it.live("one client serves through two gateways; losing one leaves the other serving", () =>
+    noLeaks(Effect.gen(function*() {
+      // two gateways on two loopback addresses, as two machines would be
+      const gw1Scope = yield* Scope.make()
+      const gw1 = Context.get(yield* gateway({ publicHost: "127.0.0.1" }).pipe(Scope.provide(gw1Scope)), ControlPort)
+      const gw2 = Context.get(yield* gateway({ publicHost: "127.0.0.2" }), ControlPort)
+      const port = yield* Effect.promise(freePort)
+      const tunnel = Context.get(yield* client([gw1.address.port!, gw2.address.port!]), TunnelClient)
+      yield* serveHttp(tunnel, { _tag: "Http", port }, (req, res) => res.end(`served for ${req.headers.host}`))
+      assert.strictEqual(tunnel.status().filter((s) => s.connected).length, 2)
+      assert.strictEqual((yield* Effect.promise(() => request(port, "/", "one", "127.0.0.1"))).body, "served for one")
+      assert.strictEqual((yield* Effect.promise(() => request(port, "/", "two", "127.0.0.2"))).body, "served for two")
+      yield* Scope.close(gw1Scope, Exit.void)
+      while (tunnel.status()[0]!.connected) yield* Effect.sleep("5 millis")
+      assert.isTrue(tunnel.status()[1]!.connected)
+      assert.strictEqual((yield* Effect.promise(() => request(port, "/", "two", "127.0.0.2"))).body, "served for two")
+    })))
+})

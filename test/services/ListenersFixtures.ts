@@ -90,9 +90,9 @@ export interface Response {
 }
 
 /** One request on a fresh connection (no keep-alive, so nothing stays open). */
-export const request = (port: number, path: string, host = "localhost"): Promise<Response> =>
+export const request = (port: number, path: string, host = "localhost", address = "127.0.0.1"): Promise<Response> =>
   new Promise((resolve, reject) => {
-    const req = http.request({ host: "127.0.0.1", port, path, headers: { host }, agent: false }, (res) => {
+    const req = http.request({ host: address, port, path, headers: { host }, agent: false }, (res) => {
       const chunks: Array<Buffer> = []
       res.on("data", (c: Buffer) => chunks.push(c))
       res.on("end", () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString(), headers: res.headers }))
