@@ -234,8 +234,9 @@ const prefixLength = (prefix: string | undefined): number => prefix === undefine
 
 /**
  * The most specific route matching `query` among `routes` (all assumed to be on the query's port):
- * longest domain suffix first, then longest path prefix. For TLS, the server name picks the certificate
- * (and, for `then: "tcp"`, the route); for `then: "http"` the Host header must match the same suffix.
+ * longest domain suffix first, then longest path prefix. For TLS the server name (SNI) picks the route
+ * and its certificate, then, for `then: "http"`, the path prefix; the Host header is not consulted, so a
+ * request is always served by a route whose certificate the client verified.
  */
 export const bestMatch = <R extends RouteDefinition>(routes: Iterable<R>, query: RouteQuery): R | undefined =>
   bestMatchBy(routes, (route) => route, query)
