@@ -10,7 +10,10 @@ export type RuleAction = "allow" | "deny"
 
 /** One constraint on the query string. */
 export type QueryConstraint =
-  /** `key=value` (the value may use `*` globs): some value of `key` must match. */
+  /**
+   * `key=value` (the value may use `*` globs): the first value of `key` must match. The Engine's Go
+   * handlers read the first value (`Form.Get`), so `force=0&force=1` is judged as `force=0` here too.
+   */
   | { readonly _tag: "Equals"; readonly key: string; readonly value: RegExp; readonly source: string }
   /** `key`: the key must be present. */
   | { readonly _tag: "Present"; readonly key: string }
@@ -188,9 +191,11 @@ const queryMatches = (constraints: ReadonlyArray<QueryConstraint>, query: string
       case "Absent":
         if (params.has(c.key)) return false
         break
-      case "Equals":
-        if (!params.getAll(c.key).some((v) => c.value.test(v))) return false
+      case "Equals": {
+        const first = params.get(c.key)
+        if (first === null || !c.value.test(first)) return false
         break
+      }
     }
   }
   return true

@@ -51,6 +51,11 @@ export interface SocketProxyShape {
   readonly forwarder: ForwarderShape
 }
 
+/** Content types whose body Go's `ParseForm` reads into the request's parameters. */
+const FORM_BODY = /^\s*application\/x-www-form-urlencoded\b/i
+/** Methods whose body Go's `ParseForm` reads. */
+const FORM_METHODS: ReadonlySet<string> = new Set(["POST", "PUT", "PATCH"])
+
 /** Marks connections from clients outside `allowFrom`; their requests get a 403. */
 const refusedClient = Symbol("switchyard/refusedClient")
 
@@ -178,6 +183,16 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
       const message = `switchyard socket-proxy: client ${socket.remoteAddress} is not in allowFrom of rule set "${ruleSet.name}"`
       warn(message)
       refuse(403, message)
+      return undefined
+    }
+    // The Engine's Go handlers merge a form-encoded POST/PUT/PATCH body into the query parameters, where
+    // rules cannot see it. The Docker API never sends such bodies, so they are refused.
+    const contentType = req.headers["content-type"]
+    if (contentType !== undefined && FORM_BODY.test(contentType) && FORM_METHODS.has(method)) {
+      rejected++
+      const message = "switchyard socket-proxy: form-encoded request bodies are not accepted"
+      warn(`${message}: ${method} ${JSON.stringify(req.url)}`)
+      refuse(400, message)
       return undefined
     }
     const target = canonicalTarget(req.url ?? "/")

@@ -124,6 +124,17 @@ describe("SocketProxy", () => {
     assert.strictEqual(engine.seen.at(-1)!.url, "/v1.41/containers/json")
   })
 
+  it("refuses form-encoded bodies, which the Engine would read as query parameters", async () => {
+    const port = tcpPort(await start({ rules: ["POST /containers/*/kill?signal=SIGTERM"] }))
+    const out = await raw(
+      port,
+      "POST /containers/x/kill?signal=SIGTERM HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 14\r\n\r\nsignal=SIGKILL"
+    )
+    assert.match(out, /^HTTP\/1\.1 400/)
+    assert.include(out, "form-encoded")
+    assert.strictEqual(engine.seen.length, 0)
+  })
+
   it("rejects malformed, oversized and smuggling requests before any rule or upstream", async () => {
     const port = tcpPort(await start(RULES))
     const cases: Array<[string, RegExp]> = [
