@@ -5,7 +5,8 @@
  */
 import { createHash, timingSafeEqual } from "node:crypto"
 import * as Redacted from "effect/Redacted"
-import { matchesDomain, type RouteDefinition } from "./Route.ts"
+import { Schema } from "effect"
+import { isDomainSuffix, matchesDomain, MaxPort, type RouteDefinition } from "./Route.ts"
 
 /** An inclusive range of ports. */
 export interface PortRange {
@@ -72,4 +73,44 @@ export const makeTokenPolicy = (grants: ReadonlyArray<TokenGrant>): TokenPolicy 
         : { _tag: "DomainNotAllowed", domainSuffix: domain }
     }
   }
+}
+
+/** A grant written on a command line or in an environment variable could not be read. */
+export class TokenGrantError extends Schema.TaggedError<TokenGrantError>()("TokenGrantError", {
+  reason: Schema.Literals(["Malformed", "BadPort", "BadDomain"]),
+  message: Schema.String
+}) {}
+
+const parsePorts = (text: string): Array<number | PortRange> | TokenGrantError => {
+  const out: Array<number | PortRange> = []
+  for (const part of text.split(",")) {
+    const m = /^(\d{1,5})(?:-(\d{1,5}))?$/.exec(part.trim())
+    const from = m ? Number(m[1]) : Number.NaN
+    const to = m?.[2] !== undefined ? Number(m[2]) : from
+    if (!m || from < 1 || to > MaxPort || to < from) {
+      return new TokenGrantError({ reason: "BadPort", message: `"${part}" is not a port (1-${MaxPort}) or a range a-b` })
+    }
+    out.push(from === to ? from : { from, to })
+  }
+  return out
+}
+
+/**
+ * Reads a grant written as `name:token:ports[:domains]`, e.g. `team-a:s3cret:8000,9000-9099:a.example.com`
+ * (ports: numbers or ranges, comma-separated; domains: suffixes, comma-separated, optional). The error
+ * never repeats the token.
+ */
+export const parseTokenGrant = (text: string): TokenGrant | TokenGrantError => {
+  const parts = text.split(":")
+  if (parts.length < 3 || parts.length > 4 || parts[0] === "" || parts[1] === "") {
+    return new TokenGrantError({ reason: "Malformed", message: "expected name:token:ports[:domains]" })
+  }
+  const [name, token, portText, domainText] = parts as [string, string, string, string | undefined]
+  const ports = parsePorts(portText)
+  if (ports instanceof TokenGrantError) return ports
+  if (domainText === undefined || domainText === "") return { name, token: Redacted.make(token), ports }
+  const domainSuffixes = domainText.split(",").map((d) => d.trim().toLowerCase())
+  const bad = domainSuffixes.find((d) => !isDomainSuffix(d))
+  if (bad !== undefined) return new TokenGrantError({ reason: "BadDomain", message: `"${bad}" is not a domain suffix` })
+  return { name, token: Redacted.make(token), ports, domainSuffixes }
 }

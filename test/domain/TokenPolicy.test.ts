@@ -1,6 +1,6 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Redacted } from "effect"
-import { makeTokenPolicy } from "../../src/domain/TokenPolicy.ts"
+import { makeTokenPolicy, parseTokenGrant, TokenGrantError } from "../../src/domain/TokenPolicy.ts"
 
 const policy = makeTokenPolicy([
   { name: "team-a", token: Redacted.make("alpha"), ports: [8000, { from: 9000, to: 9009 }], domainSuffixes: ["a.test"] },
@@ -27,5 +27,30 @@ describe("TokenPolicy", () => {
     assert.deepStrictEqual(policy.authorize(a, { _tag: "Tcp", port: 8000 }), { _tag: "DomainNotAllowed", domainSuffix: undefined })
     const ops = policy.authenticate(Redacted.make("omega"))!
     assert.isUndefined(policy.authorize(ops, { _tag: "Tcp", port: 22 }))
+  })
+
+  it("reads grants written as name:token:ports[:domains]", () => {
+    const grant = parseTokenGrant("team-a:s3cret:8000,9000-9099:a.example.com,B.test")
+    assert.notInstanceOf(grant, TokenGrantError)
+    const ok = grant as Exclude<typeof grant, TokenGrantError>
+    assert.strictEqual(ok.name, "team-a")
+    assert.strictEqual(Redacted.value(ok.token), "s3cret")
+    assert.deepStrictEqual(ok.ports, [8000, { from: 9000, to: 9099 }])
+    assert.deepStrictEqual(ok.domainSuffixes, ["a.example.com", "b.test"])
+    const plain = parseTokenGrant("ops:t:1-65535") as Exclude<typeof grant, TokenGrantError>
+    assert.isUndefined(plain.domainSuffixes)
+    for (const [text, reason] of [
+      ["nope", "Malformed"],
+      [":t:80", "Malformed"],
+      ["a:t:0", "BadPort"],
+      ["a:t:90-80", "BadPort"],
+      ["a:t:70000", "BadPort"],
+      ["a:t:80:bad..domain", "BadDomain"]
+    ] as const) {
+      const error = parseTokenGrant(text)
+      assert.instanceOf(error, TokenGrantError)
+      assert.strictEqual((error as TokenGrantError).reason, reason)
+      assert.notInclude((error as TokenGrantError).message, ":t:")
+    }
   })
 })
