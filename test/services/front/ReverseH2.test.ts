@@ -4,6 +4,7 @@ import * as net from "node:net"
 import { Effect, Exit, Layer } from "effect"
 import * as Redacted from "effect/Redacted"
 import { TestClock } from "effect/testing"
+import { encodeHello, makeHello } from "../../../src/domain/ControlMessage.ts"
 import { Dispatcher } from "../../../src/services/Dispatcher.ts"
 import { Forwarder } from "../../../src/services/Forwarder.ts"
 import { tcpUpstream } from "../../../src/services/forward/Upstream.ts"
@@ -35,6 +36,12 @@ const rawPeer = (port: number, bytes: Buffer | undefined) =>
   )
 
 describe("ReverseH2", () => {
+  it("the authenticated preamble is the control port's framed Hello (golden from docs/PROTOCOL-h2.md)", () => {
+    const bytes = Buffer.from(encodeHello(makeHello(Redacted.make("s3cret"), [{ _tag: "Http", port: 8080 }])))
+    assert.strictEqual(bytes.subarray(0, 4).toString("hex"), "00000057")
+    assert.strictEqual(bytes.subarray(4).toString(), '{"_tag":"Hello","version":1,"token":"s3cret","listeners":[{"_tag":"Http","port":8080}]}')
+  })
+
   it.effect("a connection that stops answering PINGs is dropped after the timeout; a healthy one stays", () =>
     Effect.gen(function*() {
       const port = yield* Effect.promise(freePort)
