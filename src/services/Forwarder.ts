@@ -80,6 +80,12 @@ const markEmptyBody = (out: OutgoingRequest, te: string | undefined): void => {
   }
 }
 
+/** Largest body an upgrade request may carry (exec start sends a small JSON object). */
+export const MAX_UPGRADE_BODY = 64 * 1024
+
+/** Time allowed for an upgrade request's body to arrive (ms), without progress. */
+export const UPGRADE_BODY_TIMEOUT_MS = 30_000
+
 /** How long a tunnel side may take, without progress, to flush its last bytes after the other side closed. */
 export const TUNNEL_FLUSH_GRACE_MS = 30_000
 
@@ -270,8 +276,51 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
       writeRawError(socket, errors, 503, "switchyard: shutting down")
       return
     }
+    if (headerValue(req.rawHeaders, "transfer-encoding") !== undefined) {
+      writeRawError(socket, errors, 400, "switchyard: an upgrade request with a body needs a Content-Length")
+      return
+    }
+    const declared = headerValue(req.rawHeaders, "content-length")
+    const bodyLength = declared === undefined ? 0 : Number(declared)
+    if (bodyLength > MAX_UPGRADE_BODY) {
+      writeRawError(socket, errors, 413, `switchyard: an upgrade request body may have at most ${MAX_UPGRADE_BODY} bytes`)
+      return
+    }
     const out = outgoing(req, true, options)
     markEmptyBody(out, undefined)
+    if (head.length >= bodyLength) {
+      openTunnel(socket, out, options, head.subarray(0, bodyLength), head.subarray(bodyLength))
+      return
+    }
+    // The Engine reads a hijack's body (e.g. exec start's JSON) before it answers 101: collect it first.
+    const parts: Array<Buffer> = [head]
+    let have = head.length
+    const onData = (chunk: Buffer) => {
+      parts.push(chunk)
+      have += chunk.length
+      if (have < bodyLength) return
+      socket.off("data", onData)
+      socket.off("close", onClose)
+      socket.pause()
+      if (typeof timed.setTimeout === "function") timed.setTimeout(0)
+      const all = Buffer.concat(parts, have)
+      openTunnel(socket, out, options, all.subarray(0, bodyLength), all.subarray(bodyLength))
+    }
+    const onClose = () => socket.off("data", onData)
+    const timed = socket as Duplex & { setTimeout?: (ms: number, cb?: () => void) => unknown }
+    if (typeof timed.setTimeout === "function") timed.setTimeout(UPGRADE_BODY_TIMEOUT_MS, () => socket.destroy())
+    socket.on("data", onData)
+    socket.once("close", onClose)
+  }
+
+  /** Sends an upgrade request (with its body) upstream and, after the 101, pipes the two sockets raw. */
+  const openTunnel = (
+    socket: Duplex,
+    out: OutgoingRequest,
+    options: ForwardOptions | undefined,
+    body: Buffer,
+    rest: Buffer
+  ): void => {
     const target = out.upstream
     const responseTimeout = options?.responseTimeoutMs ?? config.responseTimeoutMs
     const idleTimeout = options?.idleTimeoutMs ?? config.idleTimeoutMs
@@ -335,7 +384,7 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
       for (let i = 0; i < raw.length; i += 2) headText += `${raw[i]}: ${raw[i + 1]}\r\n`
       socket.write(headText + "\r\n")
       if (upHead.length > 0) socket.write(upHead)
-      if (head.length > 0) up.write(head)
+      if (rest.length > 0) up.write(rest)
       up.on("error", () => teardown())
       // One side gone for good: the other may still be flushing what it was given, so let it finish
       // (bounded by TUNNEL_FLUSH_GRACE_MS without progress) and then close it.
@@ -361,6 +410,7 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
         if (!upRes.complete) socket.destroy()
       })
     })
+    if (body.length > 0) upReq.write(body)
     upReq.end()
   }
 

@@ -136,6 +136,29 @@ export const startEngineUpstream = async (): Promise<EngineUpstream> => {
     socket.on("close", () => sockets.delete(socket))
     socket.on("error", () => socket.destroy())
     const url = new URL(req.url!, "http://engine")
+    if (/^\/(v[\d.]+\/)?exec\/[^/]+\/start$/.test(url.pathname) && req.headers.upgrade === "tcp") {
+      // Like the Engine: read exec start's JSON body first, then hijack.
+      const length = Number(req.headers["content-length"] ?? "0")
+      let body = head
+      const answer = () => {
+        socket.write("HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+        socket.write(stdoutFrame(Buffer.from(`body ${body.subarray(0, length).toString()}\n`)))
+        const rest = body.subarray(length)
+        if (rest.length > 0) socket.write(stdoutFrame(Buffer.from(rest.toString().toUpperCase())))
+        socket.on("data", (d: Buffer) => socket.write(stdoutFrame(Buffer.from(d.toString().toUpperCase()))))
+        socket.on("end", () => socket.end(stdoutFrame(Buffer.from("exit 0\n"))))
+      }
+      if (body.length >= length) return answer()
+      const collect = (d: Buffer) => {
+        body = Buffer.concat([body, d])
+        if (body.length >= length) {
+          socket.off("data", collect)
+          answer()
+        }
+      }
+      socket.on("data", collect)
+      return
+    }
     if (!/^\/(v[\d.]+\/)?containers\/[^/]+\/attach$/.test(url.pathname) || req.headers.upgrade !== "tcp") {
       socket.end(`HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 26\r\nConnection: close\r\n\r\n{"message":"no such exec"}`)
       return

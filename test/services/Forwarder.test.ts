@@ -476,6 +476,44 @@ describe("Forwarder: upgrades", () => {
     await waitFor("the tunnel to close", () => forwarder.active().tunnels === 0)
   })
 
+  it("sends an upgrade request's body before the 101 (docker exec start), even when it arrives late", async () => {
+    const { port } = await harness()
+    const json = `{"Detach":false,"Tty":false}`
+    for (const split of [true, false]) {
+      const socket = net.connect({ port, host: "127.0.0.1", allowHalfOpen: true })
+      const chunks: Array<Buffer> = []
+      socket.on("data", (d: Buffer) => chunks.push(d))
+      const ended = new Promise<void>((resolve) => socket.on("end", resolve))
+      const headText = `POST /v1.41/exec/e1/start HTTP/1.1\r\nHost: docker\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Type: application/json\r\nContent-Length: ${json.length}\r\n\r\n`
+      if (split) {
+        socket.write(headText)
+        await sleep(50)
+        socket.write(json.slice(0, 5))
+        await sleep(20)
+        socket.write(json.slice(5) + "ls\n")
+      } else {
+        socket.write(headText + json + "ls\n")
+      }
+      await waitFor("the body echo", () => Buffer.concat(chunks).includes("LS\n"))
+      socket.end()
+      await ended
+      const all = Buffer.concat(chunks).toString("latin1")
+      assert.match(all, /^HTTP\/1\.1 101 UPGRADED/)
+      assert.include(all, `body ${json}\n`)
+      assert.include(all, "exit 0")
+      socket.destroy()
+    }
+  })
+
+  it("refuses an upgrade body without a length, or one too large", async () => {
+    const { port } = await harness()
+    const chunked = await raw(port, "POST /exec/e1/start HTTP/1.1\r\nHost: d\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert.match(chunked, /^HTTP\/1\.1 400/)
+    const big = await raw(port, "POST /exec/e1/start HTTP/1.1\r\nHost: d\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 99999999\r\n\r\n")
+    assert.match(big, /^HTTP\/1\.1 413/)
+    assert.strictEqual(engine.seen.length, 0)
+  })
+
   it("passes bytes sent right after the request head", async () => {
     const { port } = await harness()
     const { socket, rest } = await hijack(port, "/containers/abc/attach?stdin=1", "early\n")
@@ -488,7 +526,7 @@ describe("Forwarder: upgrades", () => {
 
   it("relays an upstream's refusal to upgrade and closes", async () => {
     const { port } = await harness()
-    const out = await raw(port, "POST /exec/abc/start HTTP/1.1\r\nHost: docker\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+    const out = await raw(port, "POST /containers/abc/resize HTTP/1.1\r\nHost: docker\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
     assert.match(out, /^HTTP\/1\.1 404/)
     assert.include(out, `{"message":"no such exec"}`)
   })
