@@ -1,9 +1,12 @@
 /**
  * `npm run bench -- websocket`: the wsp-compatible path (caller → wsp-server → WebSocket pool →
  * wsp-client → destination) against calling the same destination directly, in one run, on loopback.
- * Figures: small-response requests per second with 20 concurrent callers, and a 100 MiB download.
+ * Figures: small-response requests per second with 20 concurrent callers, and a 100 MiB download,
+ * all in one thread, and the download again with the far side (destination and wsp-client) in a
+ * worker thread, as it runs on another machine in a deployment.
  */
 import * as http from "node:http"
+import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads"
 import { Effect, Exit, Redacted, Scope } from "effect"
 import { allowAll, compileRules, RulePatternError } from "../src/domain/DestinationRules.ts"
 import type { DestinationRules } from "../src/domain/DestinationRules.ts"
@@ -94,45 +97,113 @@ const download = async (port: number, path: string, headers: Record<string, stri
   return mbps(n, elapsed)
 }
 
+const serverSettings = {
+  host: "127.0.0.1",
+  port: 0,
+  timeout: 5000,
+  idleTimeout: 60_000,
+  secretKey: Redacted.make("bench"),
+  rules: allowAll,
+  requestKey: undefined,
+  maxMessageSize: 256 * 1024 * 1024,
+  maxHeaders: 256,
+  maxConcurrentRequests: 1024,
+  maxConnectionsPerPool: 1000,
+  maxPools: 10,
+  pingInterval: 30_000
+}
+
+const clientSettings = (serverPort: number, destinationPort: number, maskFrames: boolean) => ({
+  id: "bench",
+  targets: [`ws://127.0.0.1:${serverPort}/register`],
+  poolIdleSize: callers,
+  poolMaxSize: callers * 2,
+  secretKey: Redacted.make("bench"),
+  // the bench destination only, so the rule check is part of what is measured
+  rules: destinationOnly(destinationPort),
+  maxMessageSize: 256 * 1024 * 1024,
+  maxHeaders: 256,
+  pingInterval: 30_000,
+  backoffInitial: 100,
+  backoffMax: 1000,
+  maskFrames
+})
+
 /** Starts a wsp-server and a wsp-client for the destination on `scope`; resolves once the pool is full. */
 const startTunnel = async (scope: Scope.Scope, destinationPort: number, maskFrames: boolean) => {
-  const server = await Effect.runPromise(
-    makeWspServer({
-      host: "127.0.0.1",
-      port: 0,
-      timeout: 5000,
-      idleTimeout: 60_000,
-      secretKey: Redacted.make("bench"),
-      rules: allowAll,
-      requestKey: undefined,
-      maxMessageSize: 256 * 1024 * 1024,
-      maxHeaders: 256,
-      maxConcurrentRequests: 1024,
-      maxConnectionsPerPool: 1000,
-      maxPools: 10,
-      pingInterval: 30_000
-    }).pipe(Scope.provide(scope))
-  )
+  const server = await Effect.runPromise(makeWspServer(serverSettings).pipe(Scope.provide(scope)))
   await Effect.runPromise(
-    makeWspClient({
-      id: "bench",
-      targets: [`ws://127.0.0.1:${server.address.port}/register`],
-      poolIdleSize: callers,
-      poolMaxSize: callers * 2,
-      secretKey: Redacted.make("bench"),
-      // the bench destination only, so the rule check is part of what is measured
-      rules: destinationOnly(destinationPort),
-      maxMessageSize: 256 * 1024 * 1024,
-      maxHeaders: 256,
-      pingInterval: 30_000,
-      backoffInitial: 100,
-      backoffMax: 1000,
-      maskFrames
-    }).pipe(Scope.provide(scope))
+    makeWspClient(clientSettings(server.address.port, destinationPort, maskFrames)).pipe(Scope.provide(scope))
   )
   const deadline = Date.now() + 5000
   while (server.stats().idle < callers && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
   return server.address.port
+}
+
+/** What the far-side worker reports once it is up. */
+interface FarSideReady {
+  readonly destinationPort: number
+}
+
+/** Worker body: a destination and, when given a server port, a wsp-client for it. Stops on any message. */
+const runFarSide = async (serverPort: number | undefined): Promise<void> => {
+  const dest = await startDestination()
+  const scope = Effect.runSync(Scope.make())
+  if (serverPort !== undefined) {
+    await Effect.runPromise(makeWspClient(clientSettings(serverPort, dest.port, true)).pipe(Scope.provide(scope)))
+  }
+  parentPort!.postMessage({ destinationPort: dest.port } satisfies FarSideReady)
+  parentPort!.once("message", async () => {
+    await Effect.runPromise(Scope.close(scope, Exit.void))
+    dest.server.closeAllConnections()
+    dest.server.close(() => parentPort!.close())
+  })
+}
+
+const startFarSide = async (serverPort: number | undefined) => {
+  const worker = new Worker(new URL(import.meta.url), { workerData: { farSide: true, serverPort } })
+  const ready = await new Promise<FarSideReady>((resolve, reject) => {
+    worker.once("message", resolve)
+    worker.once("error", reject)
+  })
+  return {
+    destinationPort: ready.destinationPort,
+    stop: () =>
+      new Promise<void>((resolve) => {
+        worker.once("exit", () => resolve())
+        worker.postMessage("stop")
+      })
+  }
+}
+
+if (!isMainThread && (workerData as { farSide?: boolean } | undefined)?.farSide === true) {
+  await runFarSide((workerData as { serverPort?: number }).serverPort)
+}
+
+/** The 100 MiB download with the far side in a worker: direct, then through the tunnel. */
+const splitDownloads = async (): Promise<{ direct: number; wsp: number }> => {
+  // best of the rounds, the first of which also warms the worker's code
+  const plain = await startFarSide(undefined)
+  let direct = 0
+  for (let round = 0; round < downloadRounds; round++) direct = Math.max(direct, await download(plain.destinationPort, "/big", {}))
+  await plain.stop()
+  const scope = Effect.runSync(Scope.make())
+  try {
+    const server = await Effect.runPromise(makeWspServer(serverSettings).pipe(Scope.provide(scope)))
+    const far = await startFarSide(server.address.port)
+    try {
+      const deadline = Date.now() + 5000
+      while (server.stats().idle < callers && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
+      const via = { "X-Proxy-Destination": `http://127.0.0.1:${far.destinationPort}/big` }
+      let wsp = 0
+      for (let round = 0; round < downloadRounds; round++) wsp = Math.max(wsp, await download(server.address.port, "/request", via))
+      return { direct, wsp }
+    } finally {
+      await far.stop()
+    }
+  } finally {
+    await Effect.runPromise(Scope.close(scope, Exit.void))
+  }
 }
 
 export const run = async (): Promise<void> => {
@@ -166,6 +237,9 @@ export const run = async (): Promise<void> => {
       report(suite, `small_${name}_ratio`, rate / direct, "x direct")
     }
     for (const p of paths) report(suite, `download_100MiB_${p.name}`, Math.max(...downloads.get(p.name)!), "MB/s")
+    const split = await splitDownloads()
+    report(suite, "download_100MiB_direct_2threads", split.direct, "MB/s")
+    report(suite, "download_100MiB_wsp_2threads", split.wsp, "MB/s")
   } finally {
     await Effect.runPromise(Scope.close(scope, Exit.void))
     await new Promise<void>((resolve) => {
