@@ -1,11 +1,12 @@
 /**
  * Public listeners: one per port, opened when the first route on it is bound, shared by every route on
  * that port, closed once the registry has dropped the port's last route (after the grace period).
- * HTTP ports run an `http.Server`, TLS ports a `tls.Server` choosing the certificate by SNI, TCP ports
- * pipe bytes. Each request or connection is dispatched to a backend; what is done with an HTTP request
+ * HTTP ports run an `http.Server`, TLS ports a `tls.Server` choosing the certificate by SNI (and h2 or
+ * http/1.1 by ALPN for HTTP routes), TCP ports pipe bytes. Each request or connection is dispatched to a backend; what is done with an HTTP request
  * is the front door's handler (normally the Forwarder). Listeners never parse bodies nor retry.
  */
 import * as http from "node:http"
+import * as http2 from "node:http2"
 import * as net from "node:net"
 import type { Duplex } from "node:stream"
 import * as tls from "node:tls"
@@ -26,8 +27,43 @@ export const DefaultHeadersTimeoutMs = 60_000
 export const DefaultTlsHandshakeTimeoutMs = 10_000
 /** Most cached TLS contexts (one per distinct certificate in use). */
 export const MaxCachedSecureContexts = 4_096
-/** ALPN protocols offered on TLS ports. */
-export const TlsAlpnProtocols: ReadonlyArray<string> = ["http/1.1"]
+/** ALPN protocols served on TLS ports whose route is HTTP, in order of preference. */
+export const TlsHttpAlpnProtocols: ReadonlyArray<string> = ["h2", "http/1.1"]
+/** Most concurrent HTTP/2 streams per public connection on TLS ports. */
+export const DefaultMaxConcurrentStreams = 128
+/** Largest HTTP/2 header list accepted from public clients (matches the HTTP/1.1 head limit). */
+export const DefaultMaxHeaderListBytes = DefaultMaxHeaderBytes
+
+/**
+ * Makes an HTTP/2 compat request/response pair look like HTTP/1.1 to the forwarding core: pseudo-headers
+ * leave the raw header list (`:authority` becomes `Host`), the status message (absent in HTTP/2) is
+ * dropped, and `flushHeaders` sends the head at once.
+ */
+export const asHttp1 = (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse): [http.IncomingMessage, http.ServerResponse] => {
+  const raw = req.rawHeaders
+  const headers: Array<string> = []
+  let hasHost = false
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i]!
+    if (name.charCodeAt(0) === 58) continue
+    if (name.length === 4 && name.toLowerCase() === "host") hasHost = true
+    headers.push(name, raw[i + 1]!)
+  }
+  const authority = req.authority
+  if (!hasHost && authority) headers.unshift("host", authority)
+  Object.defineProperty(req, "rawHeaders", { value: headers })
+  if (req.headers.host === undefined && authority) req.headers.host = authority
+  const writeHead = res.writeHead.bind(res) as (status: number, headers?: unknown) => http2.Http2ServerResponse
+  Object.defineProperty(res, "writeHead", {
+    value: (status: number, message?: unknown, head?: unknown) =>
+      typeof message === "string" ? writeHead(status, head) : writeHead(status, message)
+  })
+  if (typeof (res as unknown as { flushHeaders?: unknown }).flushHeaders !== "function") {
+    // writeHead already sends the HTTP/2 head; there is nothing left to flush
+    Object.defineProperty(res, "flushHeaders", { value: () => {} })
+  }
+  return [req as unknown as http.IncomingMessage, res as unknown as http.ServerResponse]
+}
 
 /** Handles one dispatched HTTP request; the lease is released by Listeners when the response closes. */
 export type RequestHandler = (req: http.IncomingMessage, res: http.ServerResponse, lease: Lease) => void
@@ -303,10 +339,29 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       case "tls": {
         const inner = http.createServer({ maxHeaderSize, headersTimeout, requestTimeout: 0 })
         inner.on("clientError", (_err, socket) => socket.destroy())
+        // HTTP/2 over the already-decrypted socket: a plain h2 server fed with the TLS socket
+        const innerH2 = http2.createServer({
+          settings: { maxConcurrentStreams: DefaultMaxConcurrentStreams, maxHeaderListSize: DefaultMaxHeaderListBytes }
+        })
+        innerH2.on("sessionError", () => {})
+        innerH2.on("request", (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
+          const [request, response] = asHttp1(req, res)
+          serveHttpRequest(port, serverNameOf(req.socket))(request, response)
+        })
+        innerH2.on("session", (session: http2.ServerHttp2Session) => {
+          const socket = session.socket as unknown as net.Socket
+          track({ sockets }, socket)
+        })
         const tlsServer = tls.createServer({
           allowHalfOpen: true,
           handshakeTimeout,
-          ALPNProtocols: [...TlsAlpnProtocols],
+          ALPNCallback: ({ servername, protocols }) => {
+            const entry = registry.match({ _tag: "Tls", port, serverName: normalizeHost(servername) })
+            if (entry === undefined || entry.route._tag !== "Tls") return undefined
+            // raw TLS routes: the backend speaks whatever the client prefers
+            if (entry.route.then === "tcp") return protocols[0]
+            return TlsHttpAlpnProtocols.find((p) => protocols.includes(p))
+          },
           SNICallback: (serverName, cb) => {
             const entry = registry.match({ _tag: "Tls", port, serverName: normalizeHost(serverName) })
             const context = entry === undefined ? undefined : secureContextFor(entry.route)
@@ -323,6 +378,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
           if (entry === undefined || entry.route._tag !== "Tls") return void socket.destroy()
           if (entry.route.then === "tcp") {
             pipeToBackend(socket, { _tag: "Tls", port, serverName }, port, "tls-tcp", serverName)
+          } else if (socket.alpnProtocol === "h2") {
+            innerH2.emit("connection", socket)
           } else {
             inner.emit("connection", socket)
           }

@@ -1,4 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
+import * as http2 from "node:http2"
 import * as net from "node:net"
 import * as tls from "node:tls"
 import { Effect, Exit, Layer, Scope } from "effect"
@@ -133,6 +134,29 @@ describe("Listeners", () => {
         })
       )
       assert.strictEqual(unknown, "refused")
+      // HTTP/2 clients get h2 by ALPN on HTTP routes, forwarded to the HTTP/1.1 backend
+      const viaH2 = yield* Effect.promise(() =>
+        new Promise<string>((resolve, reject) => {
+          const session = http2.connect(`https://127.0.0.1:${port}`, { ca: certA.cert, servername: "www.a.test" })
+          session.on("error", reject)
+          const stream = session.request({ ":path": "/h2?q=1", ":authority": "www.a.test" })
+          let status = 0
+          let path = ""
+          stream.on("response", (headers) => {
+            status = Number(headers[":status"])
+            path = String(headers["x-path"])
+          })
+          const chunks: Array<Buffer> = []
+          stream.on("data", (c: Buffer) => chunks.push(c))
+          stream.on("end", () => {
+            session.close()
+            resolve(`${status} ${path} ${Buffer.concat(chunks).toString()} ${(session.socket as tls.TLSSocket).alpnProtocol}`)
+          })
+          stream.on("error", reject)
+          stream.end()
+        })
+      )
+      assert.strictEqual(viaH2, "200 /h2?q=1 From A h2")
     })))
 
   it.effect("keeps the port through the grace period, serves a returning backend, then closes it", () =>
