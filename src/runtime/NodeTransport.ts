@@ -27,7 +27,14 @@ const ioError = (error: unknown): TransportError =>
  * peer keeps writing) needs a socket made with `allowHalfOpen: true`, as `dial` and `listen` do; with
  * Node's default the socket ends itself when the peer's end arrives.
  */
-export const fromSocket = (socket: net.Socket | stream.Duplex): Connection => {
+export const fromSocket = (
+  socket: net.Socket | stream.Duplex,
+  options?: {
+    /** Bytes already read from the socket (e.g. after a handshake) to deliver before anything else. */
+    readonly head?: Uint8Array | undefined
+  }
+): Connection => {
+  const head = options?.head
   const s = socket as net.Socket
   const isNet = typeof s.setNoDelay === "function"
   if (isNet) s.setNoDelay(true)
@@ -64,6 +71,7 @@ export const fromSocket = (socket: net.Socket | stream.Duplex): Connection => {
     remoteAddress: remote,
     start: (h) => {
       handlers = h
+      if (head !== undefined && head.length > 0) h.onData(head)
       socket.on("data", (chunk: Buffer) => h.onData(chunk))
       socket.on("end", () => h.onEnd())
       if (isClosed) queueMicrotask(() => h.onClose(failure))

@@ -5,6 +5,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Queue } from "effect"
 import * as fs from "node:fs"
+import * as net from "node:net"
 import * as os from "node:os"
 import * as path from "node:path"
 import * as NodeTransport from "../../src/runtime/NodeTransport.ts"
@@ -162,6 +163,29 @@ describe("Transport", () => {
         yield* Effect.promise(() => expectNoLeaks(before))
       }))
   }
+
+  it.live("fromSocket delivers bytes read before the wrap (a handshake's leftovers) first", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      yield* Effect.scoped(Effect.gen(function*() {
+        const server = net.createServer({ allowHalfOpen: true })
+        yield* Effect.acquireRelease(
+          Effect.promise(() => new Promise<void>((r) => server.listen(0, "127.0.0.1", () => r()))),
+          () => Effect.promise(() => new Promise<void>((r) => server.close(() => r())))
+        )
+        const connection = new Promise<net.Socket>((r) => server.once("connection", r))
+        const a = yield* NodeTransport.dial({ host: "127.0.0.1", port: (server.address() as net.AddressInfo).port })
+          .pipe(Effect.orDie)
+        const raw = yield* Effect.promise(() => connection)
+        yield* Effect.addFinalizer(() => Effect.sync(() => raw.destroy()))
+        const b = NodeTransport.fromSocket(raw, { head: Buffer.from("pre") })
+        const pb = probe(b)
+        yield* writeEffect(a, [Buffer.from("fix")])
+        yield* until(() => pb.bytes() === 6, "head then data")
+        assert.strictEqual(Buffer.concat(pb.data).toString(), "prefix")
+      }))
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }))
 
   it.live("dial failure is a typed error", () =>
     Effect.gen(function*() {
