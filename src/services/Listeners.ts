@@ -348,10 +348,6 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
           const [request, response] = asHttp1(req, res)
           serveHttpRequest(port, serverNameOf(req.socket))(request, response)
         })
-        innerH2.on("session", (session: http2.ServerHttp2Session) => {
-          const socket = session.socket as unknown as net.Socket
-          track({ sockets }, socket)
-        })
         const tlsServer = tls.createServer({
           allowHalfOpen: true,
           handshakeTimeout,
