@@ -55,7 +55,14 @@ export const startSession = async (conn: Connection, options: Session.SessionOpt
       const next = (): void => {
         core.acceptStream((s) => {
           if (s instanceof YamuxError) return
-          handler(makeStreamDuplex(s))
+          const socket = makeStreamDuplex(s)
+          try {
+            handler(socket)
+          } catch (error) {
+            // A throwing handler loses its stream (reset), not the session or the process.
+            socket.destroy()
+            process.emitWarning(`yamux onSocket handler threw: ${String(error)}`)
+          }
           next()
         })
       }
