@@ -27,7 +27,9 @@ export const SOCKET_PROXY_DEFAULTS = {
   /** Most pooled upstream connections in use at once. */
   maxSockets: 256,
   /** Most idle pooled upstream connections kept. */
-  maxFreeSockets: 32
+  maxFreeSockets: 32,
+  /** On shutdown, time requests in flight get to finish before their connections are closed (ms). */
+  drainTimeoutMs: 5_000
 } as const
 
 const Limits = Schema.Struct({
@@ -39,7 +41,8 @@ const Limits = Schema.Struct({
   responseTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 86_400_000 }))),
   idleTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 86_400_000 }))),
   maxSockets: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 65_536 }))),
-  maxFreeSockets: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 65_536 })))
+  maxFreeSockets: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 65_536 }))),
+  drainTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3_600_000 })))
 })
 
 const ListenEntry = Schema.Union([

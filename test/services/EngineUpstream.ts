@@ -119,6 +119,15 @@ export const startEngineUpstream = async (): Promise<EngineUpstream> => {
         res.writeHead(200, { "content-type": "application/json" })
         res.write("{}\n")
         return
+      case "/slow": {
+        // Answers after `ms` milliseconds.
+        const t = setTimeout(() => {
+          timers.delete(t)
+          res.writeHead(200, { "content-type": "text/plain" }).end("late")
+        }, Number(url.searchParams.get("ms") ?? "0"))
+        timers.add(t)
+        return
+      }
       case "/never":
         // Holds the request without answering.
         return
@@ -182,6 +191,7 @@ export const startEngineUpstream = async (): Promise<EngineUpstream> => {
     close: () =>
       new Promise<void>((resolve) => {
         for (const t of timers) clearInterval(t)
+        timers.clear()
         for (const s of sockets) s.destroy()
         server.close(() => {
           fs.rmSync(dir, { recursive: true, force: true })

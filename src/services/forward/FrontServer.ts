@@ -50,14 +50,23 @@ const clientErrorStatus = (code: string | undefined): readonly [number, string] 
 const connections = new WeakMap<http.Server, Set<Duplex>>()
 
 /**
- * Stops listening and destroys every connection, upgraded tunnels included; resolves once closed.
- * (`server.close` alone would wait for hijacked connections, which Node no longer manages.)
+ * Stops listening, lets requests in flight finish for up to `drainMs`, then destroys every connection
+ * left, upgraded tunnels included; resolves once closed. (`server.close` alone would wait for hijacked
+ * connections, which Node no longer manages, and for streams that never end.)
  */
-export const closeFrontServer = (server: http.Server): Promise<void> =>
+export const closeFrontServer = (server: http.Server, drainMs = 0): Promise<void> =>
   new Promise((resolve) => {
-    server.close(() => resolve())
-    server.closeAllConnections()
-    for (const socket of connections.get(server) ?? []) socket.destroy()
+    const destroyAll = () => {
+      server.closeAllConnections()
+      for (const socket of connections.get(server) ?? []) socket.destroy()
+    }
+    const timer = drainMs > 0 ? setTimeout(destroyAll, drainMs) : undefined
+    server.close(() => {
+      if (timer !== undefined) clearTimeout(timer)
+      resolve()
+    })
+    if (timer === undefined) destroyAll()
+    else server.closeIdleConnections()
   })
 
 /** An HTTP server with the limits applied and client errors answered; handlers are the caller's. */

@@ -92,8 +92,15 @@ const clearStaleSocket = (path: string): Effect.Effect<void, SocketProxyError> =
     })
   })
 
-/** Binds one listener for the scope's lifetime (closing it, its connections, and its socket file). */
-const bind = (server: http.Server, address: ListenAddress): Effect.Effect<BoundAddress, SocketProxyError, Scope.Scope> =>
+/**
+ * Binds one listener for the scope's lifetime. Closing it stops accepting, lets requests in flight finish
+ * for up to `drainMs`, then closes every connection left and removes the socket file.
+ */
+const bind = (
+  server: http.Server,
+  address: ListenAddress,
+  drainMs: number
+): Effect.Effect<BoundAddress, SocketProxyError, Scope.Scope> =>
   Effect.acquireRelease(
     Effect.gen(function*() {
       if (address._tag === "Unix") yield* clearStaleSocket(address.path)
@@ -130,7 +137,7 @@ const bind = (server: http.Server, address: ListenAddress): Effect.Effect<BoundA
       })
     }),
     (bound) =>
-      Effect.promise(() => closeFrontServer(server)).pipe(
+      Effect.promise(() => closeFrontServer(server, drainMs)).pipe(
         Effect.andThen(Effect.sync(() => {
           if (bound._tag === "Unix") {
             try {
@@ -234,7 +241,7 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
         if (!clientAllowed(allowFrom, socket.remoteAddress)) socket[refusedClient] = true
       })
     }
-    addresses.push(yield* bind(server, address))
+    addresses.push(yield* bind(server, address, limits.drainTimeoutMs))
   }
   return {
     addresses,

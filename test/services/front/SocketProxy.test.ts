@@ -48,6 +48,11 @@ const start = async (file: Record<string, unknown>): Promise<ReadonlyArray<Bound
   return proxy.addresses
 }
 
+const waitForSeen = async (n: number): Promise<void> => {
+  for (let i = 0; i < 500 && engine.seen.length < n; i++) await new Promise((r) => setTimeout(r, 10))
+  if (engine.seen.length < n) throw new Error(`upstream saw ${engine.seen.length} requests, expected ${n}`)
+}
+
 const tcpPort = (addresses: ReadonlyArray<BoundAddress>): number => {
   const a = addresses.find((x) => x._tag === "Tcp")
   if (!a || a._tag !== "Tcp") throw new Error("no TCP listener")
@@ -194,6 +199,42 @@ describe("SocketProxy", () => {
       req.on("error", () => {})
     })
     assert.isFalse(done)
+  })
+
+  it("on shutdown, stops accepting and lets a request in flight finish", async () => {
+    const port = tcpPort(await start({ rules: ["GET /slow"] }))
+    const inFlight = get({ port }, "/slow?ms=300")
+    await waitForSeen(1)
+    const closing = Effect.runPromise(Scope.close(scope!, Exit.void))
+    scope = undefined
+    const r = await inFlight
+    assert.strictEqual(r.status, 200)
+    assert.strictEqual(r.body, "late")
+    await closing
+    const after = await new Promise<string>((resolve) => {
+      const s = net.connect(port, "127.0.0.1")
+      s.on("error", (e: Error & { code?: string }) => resolve(e.code ?? "error"))
+      s.on("connect", () => {
+        s.destroy()
+        resolve("connected")
+      })
+    })
+    assert.strictEqual(after, "ECONNREFUSED")
+  })
+
+  it("on shutdown, cuts a stream that outlives the drain time", async () => {
+    const port = tcpPort(await start({ rules: ["GET /forever"], limits: { drainTimeoutMs: 100 } }))
+    const ended = new Promise<boolean>((resolve) => {
+      http.get({ host: "127.0.0.1", port, path: "/forever", agent: false }, (res) => {
+        res.resume()
+        res.on("error", () => {})
+        res.on("close", () => resolve(res.complete))
+      }).on("error", () => {})
+    })
+    await waitForSeen(1)
+    await Effect.runPromise(Scope.close(scope!, Exit.void))
+    scope = undefined
+    assert.isFalse(await ended)
   })
 
   it("refuses TCP clients outside allowFrom with a 403", async () => {
