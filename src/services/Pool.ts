@@ -51,8 +51,12 @@ export interface PoolHandle<M extends PoolMember> {
   readonly register: (id: string, size: number, member: M) => Effect.Effect<void, PoolError>
   /** Takes an idle connection, waiting up to `timeout`; the caller owns it until `release`/`remove`. */
   readonly take: Effect.Effect<M, PoolError>
+  /** An idle connection right now, marked busy, or undefined (no waiting; for hot paths). */
+  readonly tryTake: () => M | undefined
   /** Returns a busy connection to the idle set (or straight to a waiting `take`). */
   readonly release: (member: M) => Effect.Effect<void>
+  /** `release` as a plain call, for hot paths (time comes from the pool's `Clock`). */
+  readonly releaseNow: (member: M) => void
   /** Forgets a connection (closed or thrown away); safe to call more than once. */
   readonly remove: (member: M) => void
   /** Closes idle connections past the idle timeout and drops empty pools now. */
@@ -89,6 +93,8 @@ const timedOut = () => new PoolError({ reason: "Timeout", message: "Unable to ge
 /** Builds a pool whose sweeper runs until the scope closes; closing it closes every member. */
 export const makePool = <M extends PoolMember>(options: PoolOptions): Effect.Effect<PoolHandle<M>, never, Scope.Scope> =>
   Effect.gen(function*() {
+    // the Clock in effect where the pool is made (TestClock in tests), read synchronously on hot paths
+    const clock = yield* Clock.Clock
     const pools = new Map<string, ClientPool<M>>()
     const entries = new Map<M, Entry<M>>()
     const waiters: Array<Waiter<M>> = []
@@ -136,15 +142,19 @@ export const makePool = <M extends PoolMember>(options: PoolOptions): Effect.Eff
       if (i >= 0) entry.pool.idle.splice(i, 1)
     }
 
-    const release = (member: M) =>
-      Effect.map(Clock.currentTimeMillis, (now) => {
-        const entry = entries.get(member)
-        if (entry === undefined || entry.status !== "busy") return
-        offer(entry, now)
-      })
+    const releaseNow = (member: M): void => {
+      const entry = entries.get(member)
+      if (entry === undefined || entry.status !== "busy") return
+      offer(entry, clock.currentTimeMillisUnsafe())
+    }
+
+    const release = (member: M) => Effect.sync(() => releaseNow(member))
+
+    const tryTake = (): M | undefined => (closed ? undefined : takeIdle()?.member)
 
     const register = (id: string, size: number, member: M) =>
-      Effect.flatMap(Clock.currentTimeMillis, (now) => {
+      Effect.suspend(() => {
+        const now = clock.currentTimeMillisUnsafe()
         if (closed) return Effect.fail(new PoolError({ reason: "Closed", message: "pool is shutting down" }))
         let pool = pools.get(id)
         if (pool === undefined) {
@@ -203,7 +213,8 @@ export const makePool = <M extends PoolMember>(options: PoolOptions): Effect.Eff
       return wait
     })
 
-    const clean = Effect.map(Clock.currentTimeMillis, (now) => {
+    const clean = Effect.sync(() => {
+      const now = clock.currentTimeMillisUnsafe()
       for (const pool of [...pools.values()]) {
         // keep the `size` most recently used idle connections; older surplus ones go after idleTimeout
         const surplus = pool.idle.length - pool.size
@@ -247,7 +258,9 @@ export const makePool = <M extends PoolMember>(options: PoolOptions): Effect.Eff
     return {
       register,
       take,
+      tryTake,
       release,
+      releaseNow,
       remove,
       clean,
       stats,

@@ -368,6 +368,7 @@ const writeResponse = (res: http.ServerResponse, method: string, head: WspRespon
 // Requests from callers
 
 const sendError = (res: http.ServerResponse, status: number, message: string, extra?: Record<string, string>): void => {
+  if (res.destroyed) return
   if (res.headersSent) {
     res.destroy()
     return
@@ -489,65 +490,77 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     wss.handleUpgrade(req, socket, head, onRegistered)
   }
 
-  const proxyOver = (conn: ServerConnection, req: http.IncomingMessage, res: http.ServerResponse, headText: string) =>
-    Effect.callback<void, WspProxyError>((resume) => {
-      const cancel = conn.proxy(req, res, headText, config.maxMessageSize, (error) =>
-        resume(error === undefined ? Effect.void : Effect.fail(error)))
-      return Effect.sync(cancel)
-    })
+  /** A request that passed every check, ready to go over a connection. */
+  interface Prepared {
+    readonly headText: string
+  }
 
-  const handleRequest = Effect.fnUntraced(function*(req: http.IncomingMessage, res: http.ServerResponse) {
+  /** Checks a `/request` and builds its head; answers the caller itself and returns undefined on refusal. */
+  const prepare = (req: http.IncomingMessage, res: http.ServerResponse): Prepared | undefined => {
     if (requestKey !== undefined) {
       const auth = bearer.exec(req.headers["proxy-authorization"] ?? "")
       if (!secretMatches(auth === null ? "" : auth[1]!.trim(), requestKey)) {
-        return sendError(res, 401, "Invalid Proxy-Authorization", { "Proxy-Authenticate": "Bearer" })
+        return void sendError(res, 401, "Invalid Proxy-Authorization", { "Proxy-Authenticate": "Bearer" })
       }
     }
     const rawDestination = req.headers["x-proxy-destination"]
     const destination = Array.isArray(rawDestination) ? rawDestination[0] : rawDestination
-    if (destination === undefined || destination === "") return sendError(res, proxyErrorStatus, "Missing X-PROXY-DESTINATION header")
+    if (destination === undefined || destination === "") {
+      return void sendError(res, proxyErrorStatus, "Missing X-PROXY-DESTINATION header")
+    }
     let url: URL
     try {
       url = new URL(destination)
     } catch {
-      return sendError(res, proxyErrorStatus, "Unable to parse X-PROXY-DESTINATION header")
+      return void sendError(res, proxyErrorStatus, "Unable to parse X-PROXY-DESTINATION header")
     }
     if (url.protocol !== "http:" && url.protocol !== "https:") {
-      return sendError(res, proxyErrorStatus, "Unable to parse X-PROXY-DESTINATION header")
+      return void sendError(res, proxyErrorStatus, "Unable to parse X-PROXY-DESTINATION header")
     }
     if (Object.keys(req.headersDistinct).length > config.maxHeaders) {
-      return sendError(res, 431, `more than ${config.maxHeaders} request headers`)
+      return void sendError(res, 431, `more than ${config.maxHeaders} request headers`)
     }
     const header = requestHeader(req)
     const method = req.method ?? "GET"
     const verdict = checkDestination(config.rules, { method, url: url.href, header })
-    if (verdict._tag !== "Allowed") return sendError(res, proxyErrorStatus, verdict.message)
+    if (verdict._tag !== "Allowed") return void sendError(res, proxyErrorStatus, verdict.message)
     const contentLength = requestContentLength(req)
     if (contentLength > config.maxMessageSize) {
-      return sendError(res, 413, `request body exceeds ${config.maxMessageSize} bytes`)
+      return void sendError(res, 413, `request body exceeds ${config.maxMessageSize} bytes`)
     }
+    return { headText: encodeRequestHead({ Method: method, URL: destination, Header: header, ContentLength: contentLength }) }
+  }
+
+  /** What happens to a connection once its exchange is over. */
+  const settle = (conn: ServerConnection, res: http.ServerResponse, error: WspProxyError | undefined): void => {
+    if (error === undefined) return pool.releaseNow(conn)
+    pool.remove(conn)
+    conn.close(error.message)
+    // nothing more to tell a caller that left or that already has its whole response
+    if (error.reason === "CallerGone" || res.writableEnded) return
+    sendError(res, error.reason === "BodyTooLarge" ? 413 : proxyErrorStatus, error.message)
+  }
+
+  /** The slow path: no idle connection, so wait (up to `timeout`) in a fiber the caller can cancel. */
+  const waitAndProxy = Effect.fnUntraced(function*(req: http.IncomingMessage, res: http.ServerResponse, prepared: Prepared) {
     const conn = yield* pool.take.pipe(
       Effect.catch((e: PoolError) => Effect.sync(() => (sendError(res, proxyErrorStatus, e.message), undefined)))
     )
     if (conn === undefined) return
-    const headText = encodeRequestHead({ Method: method, URL: destination, Header: header, ContentLength: contentLength })
-    yield* proxyOver(conn, req, res, headText).pipe(
-      Effect.matchEffect({
-        onSuccess: () => pool.release(conn),
-        onFailure: (e) =>
-          Effect.sync(() => {
-            pool.remove(conn)
-            conn.close(e.message)
-            // nothing more to tell a caller that left or that already has its whole response
-            if (e.reason === "CallerGone" || res.writableEnded) return
-            sendError(res, e.reason === "BodyTooLarge" ? 413 : proxyErrorStatus, e.message)
-          }).pipe(Effect.andThen(Effect.logDebug(`wsp request failed: ${e.message}`)))
-      }),
-      Effect.onInterrupt(() => Effect.sync(() => {
+    yield* Effect.callback<void>((resume) => {
+      let settled = false
+      const cancel = conn.proxy(req, res, prepared.headText, config.maxMessageSize, (error) => {
+        settled = true
+        settle(conn, res, error)
+        resume(Effect.void)
+      })
+      return Effect.sync(() => {
+        if (settled) return
+        cancel()
         pool.remove(conn)
         conn.close("interrupted")
-      }))
-    )
+      })
+    })
   })
 
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
@@ -567,11 +580,20 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       return sendError(res, proxyErrorStatus, `Too many concurrent requests (limit ${config.maxConcurrentRequests})`)
     }
     inFlight++
-    const fiber = run(handleRequest(req, res))
+    res.once("close", () => inFlight--)
+    const prepared = prepare(req, res)
+    if (prepared === undefined) return
+    // the fast path, plain callbacks: an idle connection is there now
+    const conn = pool.tryTake()
+    if (conn !== undefined) {
+      conn.proxy(req, res, prepared.headText, config.maxMessageSize, (error) => settle(conn, res, error))
+      return
+    }
+    if (pool.stats().pools === 0) return sendError(res, proxyErrorStatus, "No proxy available")
+    const fiber = run(waitAndProxy(req, res, prepared))
+    // a caller that leaves while waiting for a connection stops waiting; mid-exchange, the
+    // exchange itself notices and throws the connection away
     res.once("close", () => {
-      inFlight--
-      // a caller that leaves while waiting for a connection stops waiting; mid-exchange, the
-      // exchange itself notices and throws the connection away
       if (!res.writableFinished) fiber.interruptUnsafe()
     })
   }
