@@ -167,4 +167,29 @@ describe("Pool", () => {
       yield* pool.release(a)
       expect(pool.stats()).toEqual({ pools: 1, idle: 1, busy: 0 })
     }))
+
+  it.effect("tryTake and releaseNow work without waiting and keep virtual time for the idle sweep", () =>
+    Effect.gen(function*() {
+      const pool = yield* makePool<Member>({ ...options, maxConnectionsPerPool: 10 })
+      expect(pool.tryTake()).toBeUndefined()
+      const a = member("a")
+      const b = member("b")
+      yield* pool.register("client", 1, a)
+      yield* pool.register("client", 1, b)
+      const x = pool.tryTake()!
+      const y = pool.tryTake()!
+      expect(new Set([x, y])).toEqual(new Set([a, b]))
+      expect(pool.tryTake()).toBeUndefined()
+      yield* TestClock.adjust(30_000)
+      pool.releaseNow(x)
+      yield* TestClock.adjust(30_000)
+      pool.releaseNow(y)
+      // x, idle since 30 s and surplus (size 1, y is the most recent), goes at the first sweep after
+      // 90 s (the sweep at 90 s sees exactly 60 s, not more)
+      yield* TestClock.adjust(30_000)
+      expect(x.closed).toEqual([])
+      yield* TestClock.adjust(5_000)
+      expect(x.closed).toEqual(["idle timeout"])
+      expect(y.closed).toEqual([])
+    }))
 })
