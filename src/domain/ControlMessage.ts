@@ -5,7 +5,7 @@
  */
 import { Schema } from "effect"
 import type * as Redacted from "effect/Redacted"
-import { RouteDefinition } from "./Route.ts"
+import { MaxDomainLength, MaxPort, RouteDefinition } from "./Route.ts"
 
 /** Protocol version spoken by this build; a `Hello` with another version is rejected with `Version`. */
 export const ProtocolVersion = 1
@@ -19,6 +19,10 @@ export const MaxPreambleBytes = 4 * 1024
 export const MaxListenersPerHello = 256
 /** Longest token accepted on the wire. */
 export const MaxTokenLength = 4 * 1024
+/** Longest peer address text in a preamble (an IPv6 address with zone fits). */
+export const MaxPreambleAddressLength = 64
+/** Most control requests a backend may have waiting for an answer on one control stream. */
+export const MaxPendingControlRequests = 64
 /** Longest free-text message in a rejection. */
 export const MaxReasonMessageLength = 1024
 
@@ -117,10 +121,10 @@ export type StreamProtocol = typeof StreamProtocol.Type
 export const Preamble = Schema.TaggedStruct("Preamble", {
   listenerId: Id,
   protocol: StreamProtocol,
-  remoteAddress: Schema.String.check(Schema.isMaxLength(64)),
-  remotePort: Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 65_535 })),
-  localPort: Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 65_535 })),
-  serverName: Schema.optionalKey(Schema.String.check(Schema.isMaxLength(253)))
+  remoteAddress: Schema.String.check(Schema.isMaxLength(MaxPreambleAddressLength)),
+  remotePort: Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: MaxPort })),
+  localPort: Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: MaxPort })),
+  serverName: Schema.optionalKey(Schema.String.check(Schema.isMaxLength(MaxDomainLength)))
 })
 export type Preamble = typeof Preamble.Type
 

@@ -20,6 +20,8 @@ import {
   encodePreamble,
   FrameReader,
   MaxControlMessageBytes,
+  MaxPendingControlRequests,
+  MaxPreambleAddressLength,
   type Preamble,
   ProtocolVersion,
   type RejectionReason
@@ -171,7 +173,7 @@ const makeBackend = (tunnel: Tunnel, listenerId: number, route: RouteDefinition,
     _tag: "Preamble",
     listenerId,
     protocol: meta.protocol,
-    remoteAddress: meta.remoteAddress.slice(0, 64),
+    remoteAddress: meta.remoteAddress.slice(0, MaxPreambleAddressLength),
     remotePort: meta.remotePort,
     localPort: port,
     ...(meta.serverName ? { serverName: meta.serverName } : {})
@@ -394,6 +396,8 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         controlStreams++
         const reader = new FrameReader(MaxControlMessageBytes)
         let busy = Promise.resolve()
+        // requests are answered in order; a backend that piles up more than the limit loses the stream
+        let pendingRequests = 0
         const reply = (message: ControlReply) => void stream.write(encodeControlReply(message))
         stream.on("error", () => stream.destroy())
         stream.once("close", () => controlStreams--)
@@ -406,6 +410,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
             if (frame instanceof ControlProtocolError) return void stream.destroy()
             const request = decodeControlRequest(frame)
             if (request instanceof ControlProtocolError) return void stream.destroy()
+            if (++pendingRequests > MaxPendingControlRequests) return void stream.destroy()
             busy = busy.then(() =>
               new Promise<void>((resolve) => {
                 const work = request._tag === "AddListener"
@@ -433,7 +438,10 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
                       }))
                     )
                   })
-                run(work).addObserver(() => resolve())
+                run(work).addObserver(() => {
+                  pendingRequests--
+                  resolve()
+                })
               })
             )
           }
