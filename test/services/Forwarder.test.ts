@@ -1,5 +1,5 @@
 import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
-import { Effect, Exit, Scope } from "effect"
+import { Context, Effect, Exit, Layer, Scope } from "effect"
 import * as http from "node:http"
 import * as net from "node:net"
 import { setTimeout as sleep } from "node:timers/promises"
@@ -8,7 +8,7 @@ import { headerValue } from "../../src/domain/HttpHeaders.ts"
 import { plainErrors } from "../../src/services/forward/ErrorResponse.ts"
 import { closeFrontServer, makeFrontServer } from "../../src/services/forward/FrontServer.ts"
 import { agentUpstream, unixUpstream } from "../../src/services/forward/Upstream.ts"
-import { type ForwarderConfig, type ForwarderShape, makeForwarder } from "../../src/services/Forwarder.ts"
+import { Forwarder, type ForwarderConfig, type ForwarderShape, makeForwarder } from "../../src/services/Forwarder.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
 import { type EngineUpstream, startEngineUpstream, stdoutFrame } from "./EngineUpstream.ts"
 
@@ -197,6 +197,26 @@ describe("Forwarder: ordinary requests", () => {
     const out = await raw(port, "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
     assert.match(out, /^HTTP\/1\.1 501/)
     assert.strictEqual(engine.seen.length, 0)
+  })
+})
+
+describe("Forwarder as a service", () => {
+  it("Forwarder.layer provides the core and closes its agent with the layer's scope", async () => {
+    const layerScope = Effect.runSync(Scope.make())
+    const upstream = unixUpstream(engine.socketPath, { maxSockets: 2, maxFreeSockets: 1 })
+    const ctx = await Effect.runPromise(
+      Layer.build(Forwarder.layer({ upstream, responseTimeoutMs: 1_000, idleTimeoutMs: 0 })).pipe(Scope.provide(layerScope))
+    )
+    const forwarder = Context.get(ctx, Forwarder)
+    const server = http.createServer((req, res) => forwarder.forward(req, res))
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
+    const r = await request((server.address() as net.AddressInfo).port, { path: "/small" })
+    assert.strictEqual(r.status, 200)
+    await closeFrontServer(server)
+    const pooled = Object.values(upstream.agent.freeSockets).flat()
+    assert.isAtLeast(pooled.length, 1)
+    await Effect.runPromise(Scope.close(layerScope, Exit.void))
+    assert.isTrue(pooled.every((socket) => socket!.destroyed))
   })
 })
 
