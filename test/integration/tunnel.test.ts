@@ -1,4 +1,6 @@
 import { assert, describe, it } from "@effect/vitest"
+import { fork } from "node:child_process"
+import * as http from "node:http"
 import * as https from "node:https"
 import * as net from "node:net"
 import * as tls from "node:tls"
@@ -313,5 +315,43 @@ describe("control-port tunnels: several gateways", () => {
       while (tunnel.status()[0]!.connected) yield* Effect.sleep("5 millis")
       assert.isTrue(tunnel.status()[1]!.connected)
       assert.strictEqual((yield* Effect.promise(() => request(port, "/", "two", "127.0.0.2"))).body, "served for two")
+    })))
+})
+
+describe("control-port tunnels: a backend process killed", () => {
+  it.live("requests in flight fail (502 before the head, cut after it) and the route empties", () =>
+    noLeaks(Effect.gen(function*() {
+      const gw = yield* gateway({ registry: { gracePeriod: "1 second" } })
+      const control = Context.get(gw, ControlPort)
+      const registry = Context.get(gw, Registry)
+      const publicPort = yield* Effect.promise(freePort)
+      const child = yield* Effect.acquireRelease(
+        Effect.sync(() =>
+          fork(new URL("./tunnelBackendProcess.ts", import.meta.url).pathname, [String(control.address.port), String(publicPort)], {
+            stdio: ["ignore", "pipe", "inherit", "ipc"]
+          })
+        ),
+        (child) => Effect.sync(() => void (child.exitCode === null && child.kill("SIGKILL")))
+      )
+      yield* Effect.promise(() => new Promise<void>((resolve) => child.stdout!.once("data", () => resolve())))
+      const hanging = request(publicPort, "/hang").then((r) => `complete ${r.status}`, (e: Error) => `error ${e.message}`)
+      const cut = new Promise<string>((resolve) => {
+        const req = http.get({ host: "127.0.0.1", port: publicPort, path: "/slow", agent: false }, (res) => {
+          let received = 0
+          res.on("data", (c: Buffer) => {
+            received += c.length
+            if (received >= 500) child.kill("SIGKILL")
+          })
+          res.on("end", () => resolve(`complete ${res.statusCode} ${received}`))
+          res.on("error", (e) => resolve(`cut ${res.statusCode} ${received} ${e.message}`))
+          res.on("aborted", () => resolve(`cut ${res.statusCode} ${received}`))
+        })
+        req.on("error", (e) => resolve(`error ${e.message}`))
+      })
+      const [slow, hang] = yield* Effect.promise(() => Promise.all([cut, hanging]))
+      assert.match(slow, /^cut 200 500/)
+      assert.strictEqual(hang, "complete 502")
+      while ((registry.snapshot()[0]?.backends.length ?? 0) > 0) yield* Effect.sleep("5 millis")
+      assert.strictEqual(control.sessions(), 0)
     })))
 })
