@@ -24,7 +24,9 @@ export const SOCKET_PROXY_DEFAULTS = {
   responseTimeoutMs: 300_000,
   /** Idle limit on a response or hijacked stream with no bytes either way (ms); 0 = none. */
   idleTimeoutMs: 0,
-  /** Most pooled upstream connections in use at once. */
+  /** Most client connections open at once (per listener); more are closed on arrival. */
+  maxConnections: 1024,
+  /** Most pooled upstream connections in use at once; further requests wait for one. */
   maxSockets: 256,
   /** Most idle pooled upstream connections kept. */
   maxFreeSockets: 32,
@@ -40,6 +42,7 @@ const Limits = Schema.Struct({
   keepAliveTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3_600_000 }))),
   responseTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 86_400_000 }))),
   idleTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 86_400_000 }))),
+  maxConnections: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 }))),
   maxSockets: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 65_536 }))),
   maxFreeSockets: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 65_536 }))),
   drainTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3_600_000 })))

@@ -12,7 +12,7 @@ import { Forwarder, type ForwarderConfig, type ForwarderShape, makeForwarder } f
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
 import { type EngineUpstream, startEngineUpstream, stdoutFrame } from "./EngineUpstream.ts"
 
-const LIMITS = { maxHeaderSize: 16 * 1024, maxHeadersCount: 100, headersTimeoutMs: 10_000, requestTimeoutMs: 0, keepAliveTimeoutMs: 5_000 }
+const LIMITS = { maxHeaderSize: 16 * 1024, maxHeadersCount: 100, headersTimeoutMs: 10_000, requestTimeoutMs: 0, keepAliveTimeoutMs: 5_000, maxConnections: 64 }
 
 interface Harness {
   readonly port: number

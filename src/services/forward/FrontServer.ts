@@ -18,6 +18,11 @@ export interface HttpLimits {
   readonly requestTimeoutMs: number
   /** Idle time of a keep-alive client connection between requests (ms). */
   readonly keepAliveTimeoutMs: number
+  /**
+   * Most client connections open at once; more are closed on arrival. With one request in flight per
+   * connection, this also bounds the requests waiting for a pooled upstream connection.
+   */
+  readonly maxConnections: number
 }
 
 /**
@@ -96,6 +101,7 @@ export const makeFrontServer = (
   })
   // One more than the limit is kept so that exceeding it is seen and refused, not silently truncated.
   server.maxHeadersCount = limits.maxHeadersCount + 1
+  server.maxConnections = limits.maxConnections
   const open = new Set<Duplex>()
   connections.set(server, open)
   server.on("connection", (socket: Duplex) => {

@@ -237,6 +237,34 @@ describe("SocketProxy", () => {
     assert.isFalse(await ended)
   })
 
+  it("closes connections beyond maxConnections on arrival and keeps serving the others", async () => {
+    const port = tcpPort(await start({ rules: ["GET /_ping"], limits: { maxConnections: 2 } }))
+    const held = await Promise.all([0, 1].map(() =>
+      new Promise<net.Socket>((resolve) => {
+        const s = net.connect(port, "127.0.0.1", () => resolve(s))
+      })
+    ))
+    const third = await new Promise<string>((resolve) => {
+      const s = net.connect(port, "127.0.0.1")
+      let got = ""
+      s.on("data", (d) => (got += d.toString()))
+      s.on("error", () => {})
+      s.on("close", () => resolve(got))
+      s.write("GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n")
+    })
+    assert.strictEqual(third, "")
+    const first = await new Promise<string>((resolve) => {
+      let got = ""
+      held[0]!.on("data", (d) => {
+        got += d.toString()
+        if (got.includes("OK")) resolve(got)
+      })
+      held[0]!.write("GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n")
+    })
+    assert.match(first, /^HTTP\/1\.1 200/)
+    for (const s of held) s.destroy()
+  })
+
   it("refuses TCP clients outside allowFrom with a 403", async () => {
     const port = tcpPort(await start({ rules: ["GET /**"], allowFrom: ["10.0.0.0/8"] }))
     const r = await get({ port }, "/_ping")
