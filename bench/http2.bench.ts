@@ -9,7 +9,7 @@ import { type ChildProcess, execFile, spawn } from "node:child_process"
 import * as http from "node:http"
 import type * as http2 from "node:http2"
 import { createInterface } from "node:readline"
-import { Context, Effect, Exit, Layer, Scope } from "effect"
+import { Context, Effect, Exit, Layer, Redacted, Scope } from "effect"
 import { Dispatcher } from "../src/services/Dispatcher.ts"
 import { Forwarder } from "../src/services/Forwarder.ts"
 import { tcpUpstream } from "../src/services/forward/Upstream.ts"
@@ -23,7 +23,12 @@ const RoleVariable = "SWITCHYARD_HTTP2_BENCH_ROLE"
 /** wrk settings: one thread (two cores are shared with the gateway and the backend), bounded time. */
 const wrkThreads = 1
 const wrkConnections = 32
-const wrkSeconds = 3
+const wrkSeconds = 1
+/** Interleaved load rounds per path (median reported). */
+const loadRounds = 3
+/** Tunnel configurations measured: connections from the backend process. */
+const backendCounts = [1, 4] as const
+const benchToken = "bench-token"
 const downloadBytes = 100 * 1024 * 1024
 const downloadRounds = 2
 const sliceBytes = 64 * 1024
@@ -60,23 +65,24 @@ const backendMain = async () => {
   const direct = http.createServer((req, res) => handle(req.url, res, big))
   await new Promise<void>((resolve) => direct.listen(0, "127.0.0.1", resolve))
   process.stdout.write(`direct ${(direct.address() as { port: number }).port}\n`)
-  const connections = Number(process.env.SWITCHYARD_HTTP2_BENCH_CONNECTIONS ?? "1")
   const handleH2 = (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
     req.resume()
     handle(req.url, res as unknown as Res, big)
   }
-  const tunnel = await serveReverseHttp2(handleH2, {
-    gateway: { host: "127.0.0.1", port: Number(process.env.SWITCHYARD_HTTP2_BENCH_GATEWAY) },
-    connections
-  })
+  // one tunnel client per configuration, each asking for its own public port
+  const gateway = { host: "127.0.0.1", port: Number(process.env.SWITCHYARD_HTTP2_BENCH_GATEWAY) }
+  const tunnels = await Promise.all(backendCounts.map((connections) => {
+    const port = Number(process.env[`SWITCHYARD_HTTP2_BENCH_PORT_${connections}`])
+    return serveReverseHttp2(handleH2, { gateway, token: benchToken, routes: [{ _tag: "Http", port }], connections })
+  }))
   const ready = setInterval(() => {
-    if (tunnel.connected() === connections) {
+    if (tunnels.every((t, i) => t.connected() === backendCounts[i])) {
       clearInterval(ready)
       process.stdout.write("ready\n")
     }
   }, 10)
   process.on("SIGTERM", () => {
-    void tunnel.close().then(() => process.exit(0))
+    void Promise.all(tunnels.map((t) => t.close())).then(() => process.exit(0))
   })
 }
 
@@ -90,14 +96,14 @@ interface BackendProcess {
   readonly directPort: number
 }
 
-const startBackend = (gatewayPort: number, connections: number): Promise<BackendProcess> =>
+const startBackend = (gatewayPort: number, publicPorts: ReadonlyMap<number, number>): Promise<BackendProcess> =>
   new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [import.meta.filename], {
       env: {
         ...process.env,
         [RoleVariable]: "backend",
         SWITCHYARD_HTTP2_BENCH_GATEWAY: String(gatewayPort),
-        SWITCHYARD_HTTP2_BENCH_CONNECTIONS: String(connections)
+        ...Object.fromEntries([...publicPorts].map(([n, port]) => [`SWITCHYARD_HTTP2_BENCH_PORT_${n}`, String(port)]))
       },
       stdio: ["ignore", "pipe", "inherit"]
     })
@@ -143,22 +149,18 @@ const wrk = (port: number, path: string): Promise<WrkResult> =>
     )
   })
 
-/** Best of `downloadRounds` downloads of /big with curl, in MB/s. */
+/** One download of /big with curl, in MB/s. */
 const download = async (port: number): Promise<number> => {
-  let best = 0
-  for (let i = 0; i < downloadRounds; i++) {
-    const out = await new Promise<string>((resolve, reject) =>
-      execFile("curl", ["-s", "-o", "/dev/null", "-w", "%{time_total} %{size_download} %{http_code}", `http://127.0.0.1:${port}/big`], (error, stdout) =>
-        error === null ? resolve(stdout) : reject(error))
-    )
-    const [seconds, size, status] = out.trim().split(" ")
-    if (Number(size) !== downloadBytes || status !== "200") throw new Error(`download failed: ${out}`)
-    best = Math.max(best, mbps(downloadBytes, Number(seconds) * 1000))
-  }
-  return best
+  const out = await new Promise<string>((resolve, reject) =>
+    execFile("curl", ["-s", "-o", "/dev/null", "-w", "%{time_total} %{size_download} %{http_code}", `http://127.0.0.1:${port}/big`], (error, stdout) =>
+      error === null ? resolve(stdout) : reject(error))
+  )
+  const [seconds, size, status] = out.trim().split(" ")
+  if (Number(size) !== downloadBytes || status !== "200") throw new Error(`download failed: ${out}`)
+  return mbps(downloadBytes, Number(seconds) * 1000)
 }
 
-const gatewayLayer = (publicPort: number) => {
+const gatewayLayer = (publicPorts: ReadonlyArray<number>) => {
   const core = Layer.unwrap(Effect.gen(function*() {
     const forwarder = yield* Forwarder.make({
       upstream: tcpUpstream("127.0.0.1", 9, { maxSockets: 1, maxFreeSockets: 0 }),
@@ -167,7 +169,10 @@ const gatewayLayer = (publicPort: number) => {
     })
     return Layer.effect(Listeners, Listeners.make({ host: "127.0.0.1", ...forwardingHandlers(forwarder) }))
   })).pipe(Layer.provideMerge(Dispatcher.layer()), Layer.provideMerge(Registry.layer()))
-  return ReverseH2.layer({ address: { host: "127.0.0.1", port: 0 }, routes: [{ _tag: "Http", port: publicPort }] }).pipe(Layer.provideMerge(core))
+  return ReverseH2.layer({
+    address: { host: "127.0.0.1", port: 0 },
+    tokens: [{ name: "bench", token: Redacted.make(benchToken), ports: [...publicPorts] }]
+  }).pipe(Layer.provideMerge(core))
 }
 
 const freePort = (): Promise<number> =>
@@ -179,39 +184,47 @@ const freePort = (): Promise<number> =>
     })
   })
 
+const median = (values: ReadonlyArray<number>): number => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!
+
 export const run = async (): Promise<void> => {
-  const publicPort = await freePort()
+  const publicPorts = new Map<number, number>()
+  for (const n of backendCounts) publicPorts.set(n, await freePort())
   const scope = Scope.makeUnsafe()
-  const context = await Effect.runPromise(Layer.buildWithScope(gatewayLayer(publicPort), scope))
+  const context = await Effect.runPromise(Layer.buildWithScope(gatewayLayer([...publicPorts.values()]), scope))
   const gateway = Context.get(context, ReverseH2)
+  const backend = await startBackend(gateway.address.port, publicPorts)
   try {
-    const results = new Map<number, WrkResult>()
-    let directResult: WrkResult | undefined
-    let directDownload = 0
-    let tunnelDownload = 0
-    for (const connections of [1, 4]) {
-      const backend = await startBackend(gateway.address.port, connections)
-      try {
-        if (directResult === undefined) {
-          directResult = await wrk(backend.directPort, "/")
-          directDownload = await download(backend.directPort)
-        }
-        results.set(connections, await wrk(publicPort, "/"))
-        if (connections === 1) tunnelDownload = await download(publicPort)
-      } finally {
-        await stopBackend(backend)
+    // rounds interleave the paths so that machine load hits them alike
+    const rps = new Map<string, Array<number>>()
+    const p99 = new Map<string, Array<number>>()
+    const paths: Array<readonly [string, number]> = [["direct", backend.directPort], ...[...publicPorts].map(([n, port]) => [`h2_${n}`, port] as const)]
+    for (let round = 0; round < loadRounds; round++) {
+      for (const [name, port] of paths) {
+        const result = await wrk(port, "/")
+        rps.set(name, [...(rps.get(name) ?? []), result.rps])
+        p99.set(name, [...(p99.get(name) ?? []), result.p99Ms])
       }
     }
-    const direct = directResult!
-    report(suite, "direct_rps", Math.round(direct.rps), "req/s")
-    for (const [connections, result] of results) {
-      report(suite, `reverse_h2_${connections}_backend${connections === 1 ? "" : "s"}_rps`, Math.round(result.rps), "req/s")
-      report(suite, `reverse_h2_${connections}_backend${connections === 1 ? "" : "s"}_ratio`, result.rps / direct.rps, "x of direct")
+    const directRps = median(rps.get("direct")!)
+    report(suite, "direct_rps", Math.round(directRps), "req/s")
+    for (const n of backendCounts) {
+      const name = `reverse_h2_${n}_backend${n === 1 ? "" : "s"}`
+      const value = median(rps.get(`h2_${n}`)!)
+      report(suite, `${name}_rps`, Math.round(value), "req/s")
+      report(suite, `${name}_ratio`, value / directRps, "x of direct")
     }
-    report(suite, "p99_added_latency", Math.max(0, results.get(1)!.p99Ms - direct.p99Ms), "ms")
+    report(suite, "direct_p99", median(p99.get("direct")!), "ms")
+    report(suite, "p99_added_latency", Math.max(0, median(p99.get("h2_1")!) - median(p99.get("direct")!)), "ms")
+    let directDownload = 0
+    let tunnelDownload = 0
+    for (let round = 0; round < downloadRounds; round++) {
+      directDownload = Math.max(directDownload, await download(backend.directPort))
+      tunnelDownload = Math.max(tunnelDownload, await download(publicPorts.get(1)!))
+    }
     report(suite, "direct_download_100MiB", Math.round(directDownload), "MB/s")
     report(suite, "reverse_h2_download_100MiB", Math.round(tunnelDownload), "MB/s")
   } finally {
+    await stopBackend(backend)
     await Effect.runPromise(Scope.close(scope, Exit.void))
   }
 }

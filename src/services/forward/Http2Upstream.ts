@@ -203,7 +203,7 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
   stream.on("response", (headers, _flags, rawHeaders: Array<string>) => {
     if (phase !== "head") return
     phase = "body"
-    stream.setTimeout(options.idleTimeoutMs)
+    if (options.idleTimeoutMs !== options.responseTimeoutMs) stream.setTimeout(options.idleTimeoutMs)
     const status = Number(headers[HTTP2_HEADER_STATUS] ?? 502)
     const out = h1ResponseHeaders(rawHeaders)
     res.writeHead(status, out)

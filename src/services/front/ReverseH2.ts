@@ -57,6 +57,10 @@ export const DefaultConnectionWindowBytes = 16 * 1024 * 1024
 export const DefaultMaxFrameBytes = 256 * 1024
 /** Largest header block the gateway accepts from a backend (bytes). */
 export const DefaultMaxHeaderListBytes = 64 * 1024
+/** Most header fields in a backend's response head. */
+export const MaxHeaderPairs = 2_048
+/** How long shutting down waits for streams in flight on each connection. */
+export const DefaultDrainTimeout: Duration.Duration = Duration.seconds(10)
 /** Times a request refused unprocessed (GOAWAY race, REFUSED_STREAM) is tried on another connection. */
 export const MaxRefusedRetries = 3
 /** Recent connection failures kept for inspection. */
@@ -83,6 +87,8 @@ export interface ReverseH2Config {
   readonly pingInterval?: Duration.Input | undefined
   readonly pingTimeout?: Duration.Input | undefined
   readonly maxConnections?: number | undefined
+  /** How long shutting down waits for streams in flight before closing connections. */
+  readonly drainTimeout?: Duration.Input | undefined
   readonly maxStreamsPerConnection?: number | undefined
   readonly maxQueuedRequests?: number | undefined
   readonly queueTimeoutMs?: number | undefined
@@ -190,6 +196,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
   const maxPreambleBytes = config.maxPreambleBytes ?? DefaultMaxPreambleBytes
   const pingInterval = Duration.fromInputUnsafe(config.pingInterval ?? DefaultPingInterval)
   const pingTimeout = Duration.fromInputUnsafe(config.pingTimeout ?? DefaultPingTimeout)
+  const drainTimeout = Duration.fromInputUnsafe(config.drainTimeout ?? DefaultDrainTimeout)
   const maxStreamsCap = config.maxStreamsPerConnection ?? DefaultMaxStreamsPerConnection
   const maxQueued = config.maxQueuedRequests ?? DefaultMaxQueuedRequests
   const queueTimeoutMs = config.queueTimeoutMs ?? DefaultQueueTimeoutMs
@@ -438,7 +445,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       const session = http2.connect(SessionAuthority, {
         createConnection: () => socket,
         settings: { enablePush: false, initialWindowSize: streamWindow, maxFrameSize: maxFrameBytes, maxHeaderListSize: DefaultMaxHeaderListBytes },
-        maxHeaderListPairs: DefaultMaxHeaderListBytes / 32
+        maxHeaderListPairs: MaxHeaderPairs
       })
       conn.session = session
       let settled = false
@@ -486,9 +493,10 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       }
     })
 
+  /** Completes when the session has closed (`closed` is true as soon as closing starts; `destroyed` at the end). */
   const awaitClose = (session: http2.ClientHttp2Session) =>
     Effect.callback<void>((resume) => {
-      if (session.closed || session.destroyed) return resume(Effect.void)
+      if (session.destroyed) return resume(Effect.void)
       session.once("close", () => resume(Effect.void))
     })
 
@@ -544,11 +552,18 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       }
       ;(conn as { backend: Backend }).backend = backend
       byBackend.set(backend, conn)
-      yield* Effect.addFinalizer(() =>
-        Effect.sync(() => {
+      yield* Effect.addFinalizer((exit) =>
+        Effect.gen(function*() {
           conn.closed = true
           live.delete(conn)
-          conn.session?.destroy()
+          const session = conn.session
+          // the gateway shutting down (not a failed connection): GOAWAY, let the streams in flight
+          // finish for a bounded time, then close
+          if (session !== undefined && !session.destroyed && conn.active > 0 && Exit.hasInterrupts(exit)) {
+            session.close()
+            yield* awaitClose(session).pipe(Effect.timeoutOption(drainTimeout))
+          }
+          session?.destroy()
           // requests waiting for this connection may find another one, or keep waiting
           if (waiters.length > 0) serveWaiters()
         })
@@ -596,9 +611,17 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
   // ---------------------------------------------------------------------------------------------
   // The port.
 
+  const sockets = new Set<net.Socket>()
+  let portClosed: Promise<void> = Promise.resolve()
+  // runs last, once the connections have drained: drop what is left and wait for the port to close
+  yield* Effect.addFinalizer(() =>
+    Effect.promise(() => {
+      for (const socket of sockets) socket.destroy()
+      return portClosed
+    })
+  )
   const fibers = yield* FiberSet.make()
   const run = yield* FiberSet.runtime(fibers)<never>()
-  const sockets = new Set<net.Socket>()
 
   const accept = (socket: net.Socket, secure: boolean) => {
     sockets.add(socket)
@@ -638,11 +661,8 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         resume(Effect.succeed(server.address() as net.AddressInfo))
       })
     }),
-    () =>
-      Effect.callback<void>((resume) => {
-        server.close(() => resume(Effect.void))
-        for (const socket of sockets) socket.destroy()
-      })
+    // stop accepting at once; connections drain as their fibers are interrupted
+    () => Effect.sync(() => void (portClosed = new Promise<void>((resolve) => server.close(() => resolve()))))
   )
   yield* Effect.addFinalizer(() =>
     Effect.sync(() => {

@@ -1,7 +1,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as http2 from "node:http2"
 import * as net from "node:net"
-import { Effect, Exit, Layer } from "effect"
+import { Context, Effect, Exit, Fiber, Layer, Scope } from "effect"
 import * as Redacted from "effect/Redacted"
 import { TestClock } from "effect/testing"
 import { encodeHello, makeHello } from "../../../src/domain/ControlMessage.ts"
@@ -12,7 +12,8 @@ import { forwardingHandlers, Listeners } from "../../../src/services/Listeners.t
 import { Registry } from "../../../src/services/Registry.ts"
 import { ReverseH2, ReverseH2Error } from "../../../src/services/front/ReverseH2.ts"
 import { serveReverseHttp2 } from "../../../src/runtime/serveReverseHttp2.ts"
-import { closeServer, dialBackend, freePort, request, until, withGateway } from "../../integration/reverse-h2-harness.ts"
+import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
+import { closeServer, dialBackend, freePort, gatewayLayer, request, until, withGateway } from "../../integration/reverse-h2-harness.ts"
 import { makeCertificate } from "../ListenersFixtures.ts"
 
 /** An empty SETTINGS frame: the least a server must send to count as speaking HTTP/2. */
@@ -167,6 +168,37 @@ describe("ReverseH2", () => {
         assert.strictEqual((yield* Effect.promise(() => first)).body, "done")
       }))
     }))
+
+  it.effect("shutting down lets the streams in flight finish (GOAWAY, bounded drain) before closing", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      const before = activeHandles()
+      const scope = yield* Scope.make()
+      const context = yield* Layer.buildWithScope(gatewayLayer({ routes: [{ _tag: "Http", port }] }), scope)
+      const gateway = Context.get(context, ReverseH2)
+      const held: Array<() => void> = []
+      let goaway = false
+      const server = http2.createServer((req, res) => {
+        req.resume()
+        held.push(() => res.end("finished"))
+      })
+      server.on("session", (session) => session.on("goaway", () => void (goaway = true)))
+      // the backend's socket belongs to the test, not to the gateway's scope
+      const socket = yield* dialBackend(gateway.address.port, server)
+      yield* until(() => gateway.connections() === 1, "the backend")
+      const reply = request(port, "/slow")
+      yield* until(() => held.length === 1, "the request to reach the backend")
+      const closing = yield* Effect.forkChild(Scope.close(scope, Exit.void))
+      yield* until(() => goaway, "the GOAWAY")
+      assert.strictEqual(gateway.connections(), 0)
+      held[0]!()
+      const got = yield* Effect.promise(() => reply)
+      assert.deepInclude(got, { status: 200, body: "finished", aborted: false }, got.body)
+      yield* Fiber.join(closing)
+      yield* until(() => socket.destroyed, "the gateway to close the tunnel connection")
+      yield* Effect.promise(() => new Promise<void>((resolve) => server.close(() => resolve())))
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }).pipe(Effect.scoped))
 
   it.effect("serves the tunnel port over TLS, the backend being the TLS client", () =>
     Effect.gen(function*() {
