@@ -90,6 +90,8 @@ export class StreamCore {
   private waitingWindow = false
   /** Called when something becomes readable (data, EOF or an error). */
   onReadable: (() => void) | undefined
+  /** Called once when the stream fails (reset, or the session ended), even if nobody is reading. */
+  onFail: ((error: YamuxError, hard: boolean) => void) | undefined
 
   constructor(host: StreamHost, id: number, recvMax: number, opener: boolean) {
     this.host = host
@@ -118,6 +120,7 @@ export class StreamCore {
     if (flags & FLAG_ACK && this.awaitingAck) {
       this.awaitingAck = false
       this.host.acknowledged(this)
+      this.settleAck(undefined)
     }
     if (type === TYPE_DATA) {
       if (length > 0) {
@@ -294,6 +297,32 @@ export class StreamCore {
     this.fail(error, true)
   }
 
+  private ackWaiters: Array<(error: YamuxError | undefined) => void> = []
+
+  /** Calls `done` once the peer has acknowledged the stream (at once if it has, or if we accepted it). */
+  whenEstablished(done: (error: YamuxError | undefined) => void): () => void {
+    if (!this.awaitingAck) {
+      done(undefined)
+      return noop
+    }
+    if (this.error) {
+      done(this.error)
+      return noop
+    }
+    this.ackWaiters.push(done)
+    return () => {
+      const i = this.ackWaiters.indexOf(done)
+      if (i >= 0) this.ackWaiters.splice(i, 1)
+    }
+  }
+
+  private settleAck(error: YamuxError | undefined): void {
+    if (this.ackWaiters.length === 0) return
+    const ws = this.ackWaiters
+    this.ackWaiters = []
+    for (const w of ws) w(error)
+  }
+
   /** Ends the stream with `error`. `hard`: drop unread data (RST); otherwise unread data stays readable. */
   fail(error: YamuxError, hard: boolean): void {
     if (this.hardError) return
@@ -309,8 +338,14 @@ export class StreamCore {
     }
     this.waitingWindow = false
     this.failWrites(error)
+    this.settleAck(this.error)
     this.forget()
     this.notifyReadable()
+    const onFail = this.onFail
+    if (onFail) {
+      this.onFail = undefined
+      onFail(this.error!, hard)
+    }
   }
 
   private forget(): void {
@@ -353,6 +388,16 @@ export class YamuxStream {
   readonly write = (chunk: Uint8Array): Effect.Effect<void, YamuxError> =>
     Effect.callback<void, YamuxError>((resume) => {
       const cancel = this.core.write(chunk, (e) => resume(e ? Effect.fail(e) : Effect.void))
+      return Effect.sync(cancel)
+    })
+
+  /**
+   * Waits until the peer acknowledged the stream (its ACK); fails with OpenTimeout when it does not
+   * come within the open timeout, or with the stream's error. Reads and writes need not wait for it.
+   */
+  readonly established = (): Effect.Effect<void, YamuxError> =>
+    Effect.callback<void, YamuxError>((resume) => {
+      const cancel = this.core.whenEstablished((e) => resume(e ? Effect.fail(e) : Effect.void))
       return Effect.sync(cancel)
     })
 

@@ -36,6 +36,16 @@ export class StreamSocket extends Duplex {
     this.localPort = local?.port
     this.pullBound = () => this.pull()
     this.once("close", () => this.clearIdle())
+    // Like a socket whose connection dies: a reset (or a session that ended with nothing left to read)
+    // destroys the socket even when nobody is reading. Unread data before a session end stays readable.
+    core.onFail = (error, hard) => {
+      if (this.destroyed) return
+      if (!hard && (this.core.recvBytes > 0 || this.core.remoteFin)) return
+      // A session that ended cleanly (closed here, or the peer said GoAway and closed) closes its
+      // sockets without an error, as `destroy()` does; a failed one passes its error on.
+      const clean = error.reason === "SessionClosed" || error.reason === "RemoteGoAway"
+      this.destroy(clean ? undefined : error)
+    }
   }
 
   override _read(): void {
@@ -94,6 +104,7 @@ export class StreamSocket extends Duplex {
   override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
     this.clearIdle()
     if (this.core.onReadable === this.pullBound) this.core.onReadable = undefined
+    this.core.onFail = undefined
     this.core.reset()
     callback(error)
   }

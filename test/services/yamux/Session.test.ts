@@ -34,10 +34,15 @@ describe("yamux Session (in-memory)", () => {
   it.effect("clients open odd ids, servers even ids", () =>
     Effect.gen(function*() {
       const { client, server } = yield* sessionPair()
-      const ids = [(yield* client.open()).id, (yield* client.open()).id, (yield* server.open()).id, (yield* server.open()).id]
+      const first = yield* client.open()
+      const ids = [first.id, (yield* client.open()).id, (yield* server.open()).id, (yield* server.open()).id]
       assert.deepStrictEqual(ids, [1, 3, 2, 4])
+      const established = yield* Effect.forkChild(first.established())
+      for (let i = 0; i < 20; i++) yield* Effect.yieldNow
+      assert.isUndefined(established.pollUnsafe(), "no ACK before the peer accepts")
       const accepted = [(yield* server.accept()).id, (yield* server.accept()).id, (yield* client.accept()).id]
       assert.deepStrictEqual(accepted, [1, 3, 2])
+      yield* Fiber.join(established)
     }))
 
   it.effect("ping measures a round trip both ways, and answers echo the opaque value", () =>
@@ -232,7 +237,9 @@ describe("yamux Session (in-memory)", () => {
         yield* TestClock.adjust(1)
         yield* peer.waitFor((fs) => fs.some((f) => f.streamId === s.id && (f.flags & F.FLAG_RST) !== 0))
         assert.strictEqual((yield* Effect.flip(s.read())).reason, "OpenTimeout")
+        assert.strictEqual((yield* Effect.flip(s.established())).reason, "OpenTimeout")
         assert.isUndefined(acked.core.error, "the acknowledged stream lives on")
+        yield* acked.established()
       }))
 
     it.effect("write timeout: frames the transport does not take in 10 s end the session", () =>

@@ -184,6 +184,7 @@ describe("yamux streams as sockets for node:http", () => {
       const accepted = server.acceptSocket()
       const socket = client.openSocket()
       const inbound = await accepted
+      inbound.on("error", () => {}) // the reset at the end reaches it as an error, like ECONNRESET
       inbound.pause()
       let written = 0
       const chunk = Buffer.alloc(64 * 1024)
@@ -193,6 +194,57 @@ describe("yamux streams as sockets for node:http", () => {
       expect(socket.core.sendWindow).toBe(0)
       expect(written).toBeLessThan(4 * 1024 * 1024)
       socket.destroy()
+    } finally {
+      await close()
+    }
+  })
+
+  it("a throwing onSocket handler resets that stream; the session keeps serving", async () => {
+    const { client, server, close } = await tcpSessions()
+    const warnings: Array<string> = []
+    const onWarning = (w: Error) => warnings.push(w.message)
+    process.on("warning", onWarning)
+    try {
+      let calls = 0
+      server.onSocket((socket) => {
+        if (calls++ === 0) throw new Error("handler bug")
+        socket.end("fine")
+      })
+      const first = client.openSocket()
+      first.on("error", () => {})
+      await new Promise((r) => first.once("close", r))
+      expect(first.core.error?.reason).toBe("StreamReset")
+      const second = client.openSocket()
+      const body: Array<Buffer> = []
+      second.on("data", (d: Buffer) => body.push(d))
+      second.end()
+      await new Promise((r) => second.once("close", r))
+      expect(Buffer.concat(body).toString()).toBe("fine")
+      await new Promise((r) => setImmediate(r))
+      expect(warnings.some((w) => w.includes("handler bug"))).toBe(true)
+    } finally {
+      process.off("warning", onWarning)
+      await close()
+    }
+  })
+
+  it("closing our session closes its sockets without an error; the peer's sockets see the end", async () => {
+    const { client, server, close } = await tcpSessions()
+    try {
+      const accepted = server.acceptSocket()
+      const mine = client.openSocket()
+      const theirs = await accepted
+      const errors: Array<unknown> = []
+      mine.on("error", (e) => errors.push(e))
+      theirs.on("error", (e) => errors.push(e))
+      const mineClosed = new Promise((r) => mine.once("close", r))
+      const theirsClosed = new Promise((r) => theirs.once("close", r))
+      await client.close()
+      await mineClosed
+      expect(errors).toEqual([])
+      await theirsClosed
+      expect(await client.closed).toBeUndefined()
+      expect(await server.closed).toBeUndefined() // the peer said GoAway before closing: a clean end
     } finally {
       await close()
     }
