@@ -34,6 +34,8 @@ export const greetingTimeout = 10_000
 export const maxPendingGreetings = 256
 /** Longest pool id accepted in a greeting. */
 export const maxPoolIdLength = 256
+/** Bytes queued toward a caller before the WebSocket carrying its response is paused. */
+export const responseHighWater = 1024 * 1024
 /** Bytes queued on a WebSocket before the caller's request body is paused. */
 export const uploadHighWater = 4 * 1024 * 1024
 /** Most headers Node parses on an incoming request before switchyard counts them itself. */
@@ -198,7 +200,9 @@ class ServerConnection {
     }
     exchange.received += fragment.length
     if (bodyless(exchange.method, exchange.head.StatusCode) || res.destroyed) return
-    if (!res.write(fragment) && !exchange.paused) {
+    // Node reports a full buffer past 16 KiB; pausing the WebSocket for every fragment would cost a
+    // round trip each, so the caller's buffer may grow to `responseHighWater` first
+    if (!res.write(fragment) && !exchange.paused && res.writableLength >= responseHighWater) {
       exchange.paused = true
       this.ws.pause()
       res.once("drain", () => {
