@@ -472,4 +472,35 @@ describe("WspServer against a hand-written wsp client", () => {
       expect(yield* Effect.promise(() => outcome)).toBe("cut")
       yield* waitFor("connection dropped", () => peer.closed)
     })))
+
+  it.live("pushes back on the wsp client when the caller reads slowly", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const peer = yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const total = 48 * 1024 * 1024
+      let received = 0
+      let response: http.IncomingMessage | undefined
+      const req = http.get({ host: "127.0.0.1", port, path: "/request", agent: false, headers: { "X-Proxy-Destination": "http://d/big" } }, (res) => {
+        response = res
+        res.pause()
+        res.on("data", (c: Buffer) => (received += c.length))
+      })
+      req.on("error", () => undefined)
+      yield* next(peer)
+      yield* next(peer)
+      peer.send(`{"StatusCode":200,"Header":{},"ContentLength":${total}}`)
+      const fragment = Buffer.alloc(64 * 1024, 7)
+      for (let sent = 0; sent < total; sent += fragment.length) {
+        peer.ws.send(fragment, { binary: true, fin: sent + fragment.length >= total })
+      }
+      yield* waitFor("caller got the head", () => response !== undefined)
+      // the caller reads nothing, so the server stops reading the WebSocket and the peer's own
+      // send buffer holds most of the body
+      yield* waitFor("backpressure reached the peer", () => peer.ws.bufferedAmount > total / 2, 10_000)
+      response!.resume()
+      yield* waitFor("everything delivered once the caller reads", () => received === total, 20_000)
+      expect(peer.ws.bufferedAmount).toBe(0)
+    })))
 })
