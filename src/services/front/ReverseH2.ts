@@ -276,7 +276,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     responseTimeoutMs: config.responseTimeoutMs ?? 0,
     idleTimeoutMs: config.idleTimeoutMs ?? 0,
     errors,
-    onError: (message) => Effect.runFork(Effect.logDebug(`reverse-h2 ${conn.describe}: ${message}`)),
+    onError: (message) => void run(Effect.logInfo(`reverse-h2 ${conn.describe}: ${message}`)),
     onDone,
     onRefused
   })
