@@ -147,6 +147,22 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
     return out
   }
 
+  /** Builds the outgoing request; a throwing director is answered with a 502, never an exception. */
+  const tryOutgoing = (
+    req: http.IncomingMessage,
+    upgrade: boolean,
+    options: ForwardOptions | undefined,
+    fail: (message: string) => void
+  ): OutgoingRequest | undefined => {
+    try {
+      return outgoing(req, upgrade, options)
+    } catch (e) {
+      report(`director failed: ${(e as Error).message}`)
+      fail("switchyard: the request could not be prepared for the upstream")
+      return undefined
+    }
+  }
+
   const forward = (req: http.IncomingMessage, res: http.ServerResponse, options?: ForwardOptions): void => {
     if (closed) {
       sendError(res, errors, 503, "switchyard: shutting down")
@@ -157,7 +173,8 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
       sendError(res, errors, 501, `switchyard: unsupported Transfer-Encoding "${te}"`)
       return
     }
-    const out = outgoing(req, false, options)
+    const out = tryOutgoing(req, false, options, (message) => sendError(res, errors, 502, message))
+    if (out === undefined) return
     if (te !== undefined) out.headers.push("Transfer-Encoding", "chunked")
     else markEmptyBody(out, te)
     const length = headerValue(out.headers, "content-length")
@@ -167,7 +184,7 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
     const idleTimeout = options?.idleTimeoutMs ?? config.idleTimeoutMs
     let phase: "head" | "body" | "done" = "head"
     let cancelled = false
-    let upReq: http.ClientRequest
+    let upReq: http.ClientRequest | undefined
     requests++
     const finish = () => {
       if (phase !== "done") {
@@ -178,7 +195,7 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
 
     const onResponse = (upRes: http.IncomingMessage): void => {
       phase = "body"
-      upReq.setTimeout(idleTimeout)
+      upReq?.setTimeout(idleTimeout)
       try {
         res.writeHead(upRes.statusCode ?? 502, upRes.statusMessage, responseHeaders(upRes.rawHeaders))
       } catch (e) {
@@ -210,14 +227,22 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
     }
 
     const send = (retry: boolean): void => {
-      upReq = http.request({
-        ...target.target,
-        agent: target.agent,
-        method: out.method,
-        path: out.path,
-        headers: out.headers,
-        setHost: false
-      })
+      try {
+        upReq = http.request({
+          ...target.target,
+          agent: target.agent,
+          method: out.method,
+          path: out.path,
+          headers: out.headers,
+          setHost: false
+        })
+      } catch (e) {
+        // Node refuses some targets or header values it would have to write (a director's mistake).
+        report(`request for ${target.describe} refused by Node: ${(e as Error).message}`)
+        sendError(res, errors, 502, "switchyard: the request could not be sent to the upstream")
+        finish()
+        return
+      }
       const sent = upReq
       sent.on("timeout", () => {
         const what = phase === "head" ? "did not answer in time" : "was idle too long"
@@ -260,13 +285,13 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
     res.on("close", () => {
       if (!res.writableFinished) {
         cancelled = true
-        upReq.destroy()
+        upReq?.destroy()
       }
       finish()
     })
     req.on("error", () => {
       cancelled = true
-      upReq.destroy()
+      upReq?.destroy()
     })
     send(true)
   }
@@ -286,7 +311,8 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
       writeRawError(socket, errors, 413, `switchyard: an upgrade request body may have at most ${MAX_UPGRADE_BODY} bytes`)
       return
     }
-    const out = outgoing(req, true, options)
+    const out = tryOutgoing(req, true, options, (message) => writeRawError(socket, errors, 502, message))
+    if (out === undefined) return
     markEmptyBody(out, undefined)
     if (head.length >= bodyLength) {
       openTunnel(socket, out, options, head.subarray(0, bodyLength), head.subarray(bodyLength))
@@ -334,14 +360,22 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
         upSocket.destroy()
       }
     }
-    const upReq = http.request({
-      ...target.target,
-      createConnection: target.connect as never,
-      method: out.method,
-      path: out.path,
-      headers: out.headers,
-      setHost: false
-    })
+    let upReq: http.ClientRequest
+    try {
+      upReq = http.request({
+        ...target.target,
+        createConnection: target.connect as never,
+        method: out.method,
+        path: out.path,
+        headers: out.headers,
+        setHost: false
+      })
+    } catch (e) {
+      report(`request for ${target.describe} refused by Node: ${(e as Error).message}`)
+      writeRawError(socket, errors, 502, "switchyard: the request could not be sent to the upstream")
+      tunnels.delete(socket)
+      return
+    }
     let answered = false
     let cancelled = false
     if (responseTimeout > 0) {

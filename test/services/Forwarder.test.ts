@@ -164,6 +164,36 @@ describe("Forwarder: ordinary requests", () => {
     assert.strictEqual(engine.seen.at(-1)!.url, "/headers")
   })
 
+  it("answers 502, never throws, when a director fails or produces a request Node refuses", async () => {
+    const { forwarder } = await harness()
+    const server = http.createServer((req, res) =>
+      forwarder.forward(req, res, {
+        director: (out) => {
+          if (req.url === "/throw") throw new Error("director bug")
+          out.headers.push("X-Bad", "line\nbreak")
+        }
+      })
+    )
+    server.on("upgrade", (req, socket, head) =>
+      forwarder.upgrade(req, socket, head, {
+        director: (out) => {
+          out.path = "/with space"
+        }
+      })
+    )
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
+    const port = (server.address() as net.AddressInfo).port
+    try {
+      assert.strictEqual((await request(port, { path: "/throw" })).status, 502)
+      assert.strictEqual((await request(port, { path: "/small" })).status, 502)
+      const up = await raw(port, "POST /containers/a/attach HTTP/1.1\r\nHost: d\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+      assert.match(up, /^HTTP\/1\.1 502/)
+      assert.strictEqual(engine.seen.length, 0)
+    } finally {
+      await closeFrontServer(server)
+    }
+  })
+
   it("streams chunked request bodies with trailers and relays response trailers", async () => {
     const { port } = await harness()
     const r = await new Promise<Reply>((resolve, reject) => {
