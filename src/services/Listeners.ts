@@ -10,7 +10,7 @@ import * as http2 from "node:http2"
 import * as net from "node:net"
 import type { Duplex } from "node:stream"
 import * as tls from "node:tls"
-import { Context, Effect, Exit, FiberSet, Layer, Schema, Scope, Semaphore } from "effect"
+import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope, Semaphore } from "effect"
 import { normalizeHost, type PortKind, portKind, type RouteDefinition, requestPath, type RouteQuery } from "../domain/Route.ts"
 import type { Backend, ConnectionMeta, ConnectionProtocol } from "./Backend.ts"
 import { DispatchError, Dispatcher, type Lease } from "./Dispatcher.ts"
@@ -27,6 +27,8 @@ export const DefaultHeadersTimeoutMs = 60_000
 export const DefaultTlsHandshakeTimeoutMs = 10_000
 /** Most cached TLS contexts (one per distinct certificate in use). */
 export const MaxCachedSecureContexts = 4_096
+/** How often a draining gateway checks whether work is still in flight. */
+export const DrainPollInterval: Duration.Duration = Duration.millis(20)
 /** ALPN protocols served on TLS ports whose route is HTTP, in order of preference. */
 export const TlsHttpAlpnProtocols: ReadonlyArray<string> = ["h2", "http/1.1"]
 /** Most concurrent HTTP/2 streams per public connection on TLS ports. */
@@ -119,6 +121,14 @@ export interface ListenersShape {
   readonly bind: (route: RouteDefinition, backend: Backend) => Effect.Effect<BoundRoute, ListenerError, Scope.Scope>
   /** Ports currently open, with their kind. */
   readonly openPorts: () => ReadonlyMap<number, PortKind>
+  /**
+   * Graceful stop: every port stops accepting (idle HTTP connections close), then waits, at most
+   * `timeout`, until no request or connection is in flight on any backend. Used on shutdown, before the
+   * tunnels close.
+   */
+  readonly drain: (timeout: Duration.Input) => Effect.Effect<void>
+  /** Requests and connections in flight on every backend. */
+  readonly inFlight: () => number
 }
 
 export class Listeners extends Context.Service<Listeners, ListenersShape>()("switchyard/Listeners") {
@@ -409,6 +419,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
   // Ports no longer routed stop accepting at once; connections still answering (a 503 to a request
   // that waited, written with `Connection: close`) finish, and whatever is left is destroyed at shutdown.
   const draining = new Set<PortListener>()
+  // set by `drain`: no port opens again
+  let shuttingDown = false
 
   const stopPort = (listener: PortListener) =>
     Effect.sync(() => {
@@ -448,6 +460,9 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
   const bind = Effect.fnUntraced(function*(route: RouteDefinition, backend: Backend) {
     const scope = yield* Scope.Scope
     return yield* lock.withPermits(1)(Effect.gen(function*() {
+      if (shuttingDown) {
+        return yield* new ListenerError({ reason: "BindFailed", port: route.port, message: "the gateway is shutting down" })
+      }
       let listener = open.get(route.port)
       const fresh = listener === undefined
       if (listener === undefined) {
@@ -474,8 +489,30 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     }))
   })
 
+  const inFlight = (): number => {
+    let n = 0
+    for (const entry of registry.snapshot()) for (const backend of entry.backends) n += backend.inFlight
+    return n
+  }
+
+  const drain = (timeout: Duration.Input) =>
+    lock.withPermits(1)(Effect.suspend(() => {
+      shuttingDown = true
+      return Effect.forEach([...open.values()], stopPort, { discard: true })
+    })).pipe(
+      Effect.andThen(
+        Effect.suspend(() => inFlight() === 0 ? Effect.void : Effect.fail("busy" as const)).pipe(
+          Effect.retry({ schedule: Schedule.spaced(DrainPollInterval) }),
+          Effect.timeoutOption(timeout),
+          Effect.ignore
+        )
+      )
+    )
+
   return Listeners.of({
     bind,
-    openPorts: () => new Map([...open.values()].map((l) => [l.port, l.kind]))
+    openPorts: () => new Map([...open.values()].map((l) => [l.port, l.kind])),
+    drain,
+    inFlight
   })
 })

@@ -4,7 +4,7 @@ import * as http from "node:http"
 import * as https from "node:https"
 import * as net from "node:net"
 import * as tls from "node:tls"
-import { Context, Effect, Exit, Redacted, Scope } from "effect"
+import { Context, Effect, Exit, Fiber, Redacted, Scope } from "effect"
 import { WebSocket, WebSocketServer } from "ws"
 import { Registry } from "../../src/services/Registry.ts"
 import { TunnelClient } from "../../src/services/client/TunnelClient.ts"
@@ -353,5 +353,30 @@ describe("control-port tunnels: a backend process killed", () => {
       assert.strictEqual(hang, "complete 502")
       while ((registry.snapshot()[0]?.backends.length ?? 0) > 0) yield* Effect.sleep("5 millis")
       assert.strictEqual(control.sessions(), 0)
+    })))
+})
+
+describe("control-port tunnels: gateway shutdown", () => {
+  it.live("a gateway shutting down stops accepting and lets requests in flight finish", () =>
+    noLeaks(Effect.gen(function*() {
+      const gwScope = yield* Scope.make()
+      const control = Context.get(yield* gateway().pipe(Scope.provide(gwScope)), ControlPort)
+      const publicPort = yield* Effect.promise(freePort)
+      const tunnel = Context.get(yield* client([control.address.port!]), TunnelClient)
+      let started!: () => void
+      const requestArrived = new Promise<void>((resolve) => (started = resolve))
+      yield* serveHttp(tunnel, { _tag: "Http", port: publicPort }, (_req, res) => {
+        started()
+        setTimeout(() => res.end("finished"), 200)
+      })
+      const inFlight = request(publicPort, "/")
+      yield* Effect.promise(() => requestArrived)
+      const closing = yield* Effect.forkChild(Scope.close(gwScope, Exit.void))
+      yield* Effect.sleep("50 millis")
+      const refused = yield* Effect.promise(() => request(publicPort, "/").then((r) => `answered ${r.status}`, (e: NodeJS.ErrnoException) => e.code))
+      assert.strictEqual(refused, "ECONNREFUSED")
+      const finished = yield* Effect.promise(() => inFlight)
+      assert.strictEqual(`${finished.status} ${finished.body}`, "200 finished")
+      yield* Fiber.join(closing)
     })))
 })

@@ -74,7 +74,10 @@ export interface ControlPortConfig {
    * so tokens do not cross a network in clear unless the operator says the network is trusted).
    */
   readonly allowRemotePeers?: boolean | undefined
-  /** Longest wait for in-flight work when a backend removes a listener (default 30 s). */
+  /**
+   * Longest wait for in-flight work when a backend removes a listener, and when the gateway shuts down
+   * (ports stop accepting, then sessions close once nothing is in flight) (default 30 s).
+   */
   readonly drainTimeout?: Duration.Input | undefined
   readonly yamux?: Partial<YamuxConfig> | undefined
 }
@@ -470,6 +473,9 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   const address = yield* transport.listen(config.address ?? DefaultControlAddress, (conn) => {
     run(serveConnection(conn))
   })
+  // On shutdown, first (finalizers run last-in first-out): stop accepting public traffic and let what
+  // is in flight finish over the still-open sessions; then the control listener and the sessions close.
+  yield* Effect.addFinalizer(() => listeners.drain(drainTimeout))
 
   return ControlPort.of({ address, sessions: () => sessions })
 })
