@@ -125,20 +125,22 @@ describe("yamux Session (in-memory)", () => {
       assert.isTrue(equalBytes(got, big))
     }))
 
-  it.effect("many busy echo streams never stall the session, whatever the session read bound", () =>
+  it.effect("echo streams larger than their windows never stall the session, whatever the session read bound", () =>
     Effect.gen(function*() {
+      // Each echo writer waits for WindowUpdates while its reader holds unread data: pausing the
+      // transport on total unread bytes would hold those WindowUpdates back for good.
       const { client, server } = yield* sessionPair({ sessionReadBuffer: 64 * 1024, maxStreamWindow: 1024 * 1024 })
       yield* echoServer(server)
-      yield* Effect.forEach(Array.from({ length: 16 }, (_, i) => i), (i) =>
+      yield* Effect.forEach(Array.from({ length: 4 }, (_, i) => i), (i) =>
         Effect.gen(function*() {
           const s = yield* client.open()
-          const data = pattern(1024 * 1024, i + 1)
+          const data = pattern(3 * 1024 * 1024, i + 1)
           const w = yield* Effect.forkChild(Effect.andThen(s.write(data), s.closeWrite()))
           const got = yield* readAll(s)
           yield* Fiber.join(w)
           assert.isTrue(equalBytes(got, data))
         }), { concurrency: "unbounded", discard: true })
-    }))
+    }), { timeout: 20_000 })
 
   it.effect("data in streams nobody accepted pauses the transport past the bound; accepting resumes it", () =>
     Effect.gen(function*() {
