@@ -297,6 +297,8 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
   }
 
   const upgrade = (req: http.IncomingMessage, socket: Duplex, head: Buffer, options?: ForwardOptions): void => {
+    // Node hands an upgraded socket over without an error listener: a reset must not become an exception.
+    socket.on("error", () => socket.destroy())
     if (closed) {
       writeRawError(socket, errors, 503, "switchyard: shutting down")
       return

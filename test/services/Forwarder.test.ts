@@ -555,6 +555,26 @@ describe("Forwarder: upgrades", () => {
     }
   })
 
+  it("survives a client that resets while its upgrade body is still arriving, or right after a refusal", async () => {
+    const { port } = await harness()
+    for (const bytes of [
+      "POST /exec/e1/start HTTP/1.1\r\nHost: d\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 100\r\n\r\n{\"Det",
+      "POST /exec/e1/start HTTP/1.1\r\nHost: d\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 99999999\r\n\r\n"
+    ]) {
+      await new Promise<void>((resolve) => {
+        const s = net.connect(port, "127.0.0.1", () => {
+          s.write(bytes, () => setTimeout(() => {
+            s.resetAndDestroy()
+            resolve()
+          }, 20))
+        })
+        s.on("error", () => {})
+      })
+    }
+    // Still serving.
+    assert.strictEqual((await request(port, { path: "/small" })).status, 200)
+  })
+
   it("refuses an upgrade body without a length, or one too large", async () => {
     const { port } = await harness()
     const chunked = await raw(port, "POST /exec/e1/start HTTP/1.1\r\nHost: d\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")

@@ -109,6 +109,8 @@ export const makeFrontServer = (
     socket.once("close", () => open.delete(socket))
   })
   server.on("upgrade", (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+    // Node hands an upgraded socket over without an error listener: a reset must not become an exception.
+    socket.on("error", () => socket.destroy())
     if (req.rawHeaders.length > limits.maxHeadersCount * 2) {
       writeRawError(socket, errors, 431, `switchyard: more than ${limits.maxHeadersCount} request headers`)
       return
