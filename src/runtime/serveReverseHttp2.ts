@@ -10,7 +10,7 @@ import { Context, Effect, Exit, Layer, Scope } from "effect"
 import type * as Redacted from "effect/Redacted"
 import { responseHeaders } from "../domain/HttpHeaders.ts"
 import type { RouteDefinition } from "../domain/Route.ts"
-import { H2Client, type H2ClientConfig, type H2ClientError, type H2ClientShape } from "../services/client/H2Client.ts"
+import { H2Client, type H2ClientConfig, H2ClientError, type H2ClientShape } from "../services/client/H2Client.ts"
 
 /** What `serveReverseHttp2` returns. */
 export interface ReverseHttp2Handle {
@@ -129,8 +129,12 @@ export const exposeOverReverseHttp2 = (options: {
   readonly routes: ReadonlyArray<RouteDefinition>
   readonly label?: string | undefined
   readonly connections?: number | undefined
-}): Effect.Effect<void, never, Scope.Scope> =>
+}): Effect.Effect<void, H2ClientError, Scope.Scope> =>
   Effect.gen(function*() {
+    const tcp = options.routes.find((route) => route._tag === "Tcp" || (route._tag === "Tls" && route.then === "tcp"))
+    if (tcp !== undefined) {
+      return yield* new H2ClientError({ reason: "Config", message: "reverse HTTP/2 carries HTTP routes only; raw TCP needs the control port" })
+    }
     const local = yield* Effect.acquireRelease(Effect.sync(() => localHttpHandler(options.target)), (l) => Effect.sync(l.close))
     const server = http2.createServer(local.handler)
     yield* Effect.addFinalizer(() => Effect.sync(() => server.close()))

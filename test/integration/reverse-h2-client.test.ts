@@ -4,6 +4,7 @@ import * as http from "node:http"
 import type * as net from "node:net"
 import { Effect } from "effect"
 import * as Redacted from "effect/Redacted"
+import { H2ClientError } from "../../src/services/client/H2Client.ts"
 import { ReverseH2 } from "../../src/services/front/ReverseH2.ts"
 import { exposeOverReverseHttp2 } from "../../src/runtime/serveReverseHttp2.ts"
 import { freePort, request, until, withGateway } from "./reverse-h2-harness.ts"
@@ -56,6 +57,18 @@ describe("switchyard client --h2", () => {
         assert.strictEqual(reply.body, "POST /app/x?y=1 host=app.test xff=127.0.0.1 body=hello")
         assert.strictEqual(reply.trailers["x-sum"], "9")
       }))
+    }))
+
+  it.effect("a raw TCP route is refused with a typed error before dialing", () =>
+    Effect.gen(function*() {
+      const error = yield* exposeOverReverseHttp2({
+        gateways: [{ host: "127.0.0.1", port: 9 }],
+        target: { host: "127.0.0.1", port: 9 },
+        token: Redacted.make("t"),
+        routes: [{ _tag: "Tcp", port: 7000 }]
+      }).pipe(Effect.scoped, Effect.flip)
+      assert.instanceOf(error, H2ClientError)
+      assert.strictEqual(error.reason, "Config")
     }))
 
   it.effect("the command line's --h2 flag serves the route until the process is stopped", () =>

@@ -59,7 +59,6 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
       : undefined
   })
   if (f.h2) {
-    if (route._tag === "Tcp" || (route._tag === "Tls" && route.then === "tcp")) return yield* Effect.fail(new Error("--h2 carries HTTP only; drop --tcp"))
     yield* exposeOverReverseHttp2({ gateways: servers, target: expose, token: f.token, routes: [route], label: Option.getOrUndefined(f.label) })
     yield* Console.log(`switchyard client: ${describeRoute(route)} over reverse HTTP/2 on ${f.server.join(", ")} -> ${formatHostPort(expose)}`)
     return yield* Effect.never

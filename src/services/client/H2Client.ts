@@ -58,9 +58,9 @@ export interface H2ClientConfig {
   readonly handshakeTimeout?: Duration.Input | undefined
 }
 
-/** One connection attempt failed; the client waits and tries again. */
+/** A connection attempt failed (the client waits and tries again), or the configuration cannot work. */
 export class H2ClientError extends Schema.TaggedError<H2ClientError>()("H2ClientError", {
-  reason: Schema.Literals(["Dial", "Handshake", "Rejected"]),
+  reason: Schema.Literals(["Dial", "Handshake", "Rejected", "Config"]),
   message: Schema.String
 }) {}
 
