@@ -491,15 +491,38 @@ describe("WspServer against a hand-written wsp client", () => {
       yield* next(peer)
       yield* next(peer)
       peer.send(`{"StatusCode":200,"Header":{},"ContentLength":${total}}`)
+      // a well-behaved sender: the next fragment goes out only when its own buffer is nearly empty.
+      // The caller reads nothing, so once the server stops reading the WebSocket the sender stalls
       const fragment = Buffer.alloc(64 * 1024, 7)
-      for (let sent = 0; sent < total; sent += fragment.length) {
-        peer.ws.send(fragment, { binary: true, fin: sent + fragment.length >= total })
-      }
-      yield* waitFor("caller got the head", () => response !== undefined)
-      // the caller reads nothing, so the server stops reading the WebSocket and the peer's own
-      // send buffer holds most of the body
-      yield* waitFor("backpressure reached the peer", () => peer.ws.bufferedAmount > total / 2, 10_000)
+      let sent = 0
+      const stalledAt = yield* Effect.promise(async () => {
+        let lastProgress = Date.now()
+        while (sent < total && Date.now() - lastProgress < 1000) {
+          if (peer.ws.bufferedAmount < 256 * 1024) {
+            sent += fragment.length
+            peer.ws.send(fragment, { binary: true, fin: sent >= total })
+            lastProgress = Date.now()
+          } else {
+            await new Promise((r) => setTimeout(r, 5))
+          }
+        }
+        return sent
+      })
+      expect(stalledAt).toBeLessThan(total / 2)
+      expect(response).toBeDefined()
+      expect(received).toBe(0)
+      const rest = Effect.runPromise(Effect.promise(async () => {
+        while (sent < total) {
+          if (peer.ws.bufferedAmount < 256 * 1024) {
+            sent += fragment.length
+            peer.ws.send(fragment, { binary: true, fin: sent >= total })
+          } else {
+            await new Promise((r) => setTimeout(r, 1))
+          }
+        }
+      }))
       response!.resume()
+      yield* Effect.promise(() => rest)
       yield* waitFor("everything delivered once the caller reads", () => received === total, 20_000)
       expect(peer.ws.bufferedAmount).toBe(0)
     })))
