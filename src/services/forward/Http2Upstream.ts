@@ -206,7 +206,17 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
     if (options.idleTimeoutMs !== options.responseTimeoutMs) stream.setTimeout(options.idleTimeoutMs)
     const status = Number(headers[HTTP2_HEADER_STATUS] ?? 502)
     const out = h1ResponseHeaders(rawHeaders)
-    res.writeHead(status, out)
+    try {
+      res.writeHead(status, out)
+    } catch (error) {
+      // a head HTTP/1.1 cannot carry (control characters HTTP/2 lets through, an odd status)
+      const why = (error as Error & { code?: string }).code ?? (error as Error).message
+      options.onError(`backend ${target.describe} sent a response head HTTP/1.1 cannot carry: ${why}`)
+      sendError(res, options.errors, 502, `switchyard: backend ${target.describe} sent an invalid response head (${why})`)
+      stream.close(NGHTTP2_CANCEL)
+      finish()
+      return
+    }
     // without a length the response is a stream (events, gRPC): send its head now
     const length = headers["content-length"]
     if (length === undefined) res.flushHeaders()
@@ -230,7 +240,17 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
       options.onError(`backend ${target.describe} broke a response: ${describeStreamFailure(stream, failure)}`)
       res.destroy()
     } else {
-      if (trailers !== undefined) res.addTrailers(h1Trailers(trailers))
+      if (trailers !== undefined) {
+        try {
+          res.addTrailers(h1Trailers(trailers))
+        } catch (error) {
+          // trailers HTTP/1.1 cannot carry: the response cannot be completed faithfully
+          options.onError(`backend ${target.describe} sent invalid trailers: ${(error as Error).message}`)
+          res.destroy()
+          finish()
+          return
+        }
+      }
       res.end()
     }
     finish()

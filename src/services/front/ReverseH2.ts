@@ -8,7 +8,7 @@
 import * as http from "node:http"
 import * as http2 from "node:http2"
 import * as net from "node:net"
-import { PassThrough } from "node:stream"
+import { type Duplex, PassThrough } from "node:stream"
 import * as tls from "node:tls"
 import { Context, Duration, Effect, Exit, FiberSet, Layer, Option, Schema, Scope } from "effect"
 import {
@@ -331,7 +331,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     route()
   }
 
-  const upgradeHttp = (req: http.IncomingMessage, socket: import("node:stream").Duplex, head: Buffer, lease: BackendLease): void => {
+  const upgradeHttp = (req: http.IncomingMessage, socket: Duplex, head: Buffer, lease: BackendLease): void => {
     const own = byBackend.get(lease.backend)
     const conn = own !== undefined && hasCapacity(own) && own.extendedConnect ? own : pickConnection(lease.route.backends, true)
     if (conn === undefined) {
