@@ -196,6 +196,37 @@ describe.skipIf(peerMissing(probe))("yamux interop with hashicorp/yamux", () => 
     }
   }
 
+  it.live("window auto-tuning: the Go side honours the grown windows we grant, both ways", () =>
+    Effect.gen(function*() {
+      const config = { maxAutoTuneWindow: 4 * 1024 * 1024 }
+      const { flag, address } = yield* addressFor("tcp")
+      // Go opens streams and we echo: our receive windows grow while Go sends
+      const next = yield* listenOnce(address)
+      const peer = yield* startPeer(["-dial", flag, "-yamux", "client", "-act", "load", "-n", "4", "-size", String(8 * 1024 * 1024)])
+      const session = yield* Session.make(yield* next, { role: "server", config })
+      let largest = 0
+      yield* Effect.forkScoped(Effect.forever(Effect.gen(function*() {
+        const s = yield* session.accept()
+        yield* Effect.forkScoped(Effect.ignore(Effect.gen(function*() {
+          while (true) {
+            const chunk = yield* s.read()
+            largest = Math.max(largest, s.core.recvMax)
+            if (chunk === undefined) break
+            yield* s.write(chunk)
+          }
+          yield* s.closeWrite()
+        })))
+      })).pipe(Effect.ignore))
+      const result = yield* peer.exit
+      assert.strictEqual(result.code, 0, result.stderr + result.stdout)
+      assert.isAbove(largest, 256 * 1024, "our receive windows grew")
+      // we open streams against the Go echo server: our windows grow while the echo comes back
+      const { flag: flag2, address: address2 } = yield* addressFor("tcp")
+      yield* startPeer(["-listen", flag2, "-yamux", "server", "-act", "echo"])
+      const ours = yield* Session.make(yield* NodeTransport.dial(address2).pipe(Effect.orDie), { role: "client", config })
+      yield* load(ours, 4, 8 * 1024 * 1024, 1)
+    }))
+
   it.live("GoAway: after ours, our opens fail and the Go echo server still serves open streams", () =>
     Effect.gen(function*() {
       const { flag, address } = yield* addressFor("tcp")

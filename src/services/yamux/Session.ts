@@ -51,6 +51,10 @@ export class SessionCore implements StreamHost {
   readonly config: YamuxConfig
   readonly conn: Connection
   readonly maxSendFrame: number
+  readonly maxAutoTuneWindow: number
+  /** Latest measured round-trip time in ms (from pings), for window auto-tuning. */
+  rtt: number | undefined
+  readonly rttMs = (): number | undefined => this.rtt
   readonly localAddress
   readonly remoteAddress
   /** Live streams by id. */
@@ -89,13 +93,14 @@ export class SessionCore implements StreamHost {
   private closedListeners: Array<(o: Outcome) => void> = []
   private connClosedListeners: Array<() => void> = []
   /** Virtual or real time in ms, from the session's Clock (so TestClock drives timeouts). */
-  now: () => number = Date.now
+  now: () => number = () => Date.now()
 
   constructor(conn: Connection, role: YamuxRole, config: YamuxConfig) {
     this.conn = conn
     this.role = role
     this.config = config
     this.maxSendFrame = config.maxSendFrame
+    this.maxAutoTuneWindow = config.maxAutoTuneWindow
     this.localAddress = conn.localAddress
     this.remoteAddress = conn.remoteAddress
     this.nextId = role === "client" ? 1 : 2
@@ -604,6 +609,7 @@ const pingEffect = (
       })
     )
     const end = yield* Clock.currentTimeNanos
+    core.rtt = Number(end - start) / 1e6
     return Duration.nanos(end - start)
   })
 
@@ -627,6 +633,10 @@ export const make = (
     yield* Effect.forkScoped(writeWatchdog(core))
     yield* Effect.forkScoped(openSweeperLoop(core))
     if (config.enableKeepAlive) yield* Effect.forkScoped(keepAliveLoop(core))
+    // Auto-tuning needs a round-trip time from the start, not only after the first keepalive.
+    if (config.maxAutoTuneWindow > config.maxStreamWindow) {
+      yield* Effect.forkScoped(Effect.ignore(pingEffect(core, "PingTimeout")))
+    }
     return {
       role: options.role,
       config,

@@ -40,6 +40,10 @@ export interface StreamHost {
   readonly acknowledged: (stream: StreamCore) => void
   /** The stream has finished both ways or was reset: forget it. */
   readonly forget: (stream: StreamCore) => void
+  /** Window auto-tuning: the largest window a stream may grow to, the session clock and its RTT. */
+  readonly maxAutoTuneWindow: number
+  readonly now: () => number
+  readonly rttMs: () => number | undefined
   /** Addresses of the underlying connection, for sockets built on the stream. */
   readonly localAddress: Address | undefined
   readonly remoteAddress: Address | undefined
@@ -61,8 +65,10 @@ export class StreamCore {
   readonly host: StreamHost
   /** Our receive window: the credit the peer currently has (never negative, never above recvMax). */
   recvWindow: number
-  /** The receive window we maintain for this stream. */
-  readonly recvMax: number
+  /** The receive window we maintain for this stream (grows with auto-tuning). */
+  recvMax: number
+  /** When we last granted window (session clock, ms), for auto-tuning. */
+  private lastGrantAt: number
   /** Consumed bytes not yet granted back with a WindowUpdate. */
   pendingGrant = 0
   /** Received, unread chunks (bounded by the window). */
@@ -98,6 +104,7 @@ export class StreamCore {
     this.id = id
     this.recvMax = recvMax
     this.recvWindow = recvMax
+    this.lastGrantAt = host.now()
     this.awaitingAck = opener
     this.accepted = opener
   }
@@ -187,11 +194,28 @@ export class StreamCore {
     // After the peer's FIN (or an error) nothing more will arrive: no point granting window.
     if (this.error !== undefined || this.remoteFin) return
     if (this.pendingGrant * 2 >= this.recvMax) {
-      const delta = this.pendingGrant
+      let delta = this.pendingGrant
       this.pendingGrant = 0
+      if (this.recvMax < this.host.maxAutoTuneWindow) delta += this.autoTune()
       this.recvWindow += delta
       this.host.sendFrame(TYPE_WINDOW_UPDATE, 0, this.id, delta)
     }
+  }
+
+  /**
+   * Half the window was consumed within two round trips: the window, not the reader, limits this
+   * stream, so double it (the peer learns through the larger delta). Returns the growth.
+   */
+  private autoTune(): number {
+    const now = this.host.now()
+    const rtt = this.host.rttMs()
+    const keepingUp = rtt !== undefined && now - this.lastGrantAt < 2 * rtt
+    this.lastGrantAt = now
+    if (!keepingUp) return 0
+    const grown = Math.min(this.recvMax * 2, this.host.maxAutoTuneWindow)
+    const growth = grown - this.recvMax
+    this.recvMax = grown
+    return growth
   }
 
   private notifyReadable(): void {

@@ -15,8 +15,14 @@ export interface YamuxConfig {
   readonly connectionWriteTimeoutMs: number
   /** Time the peer has to ACK a stream we opened, in milliseconds. */
   readonly streamOpenTimeoutMs: number
-  /** Our receive window per stream, in bytes (256 KiB up to 16 MiB). */
+  /** Our receive window per stream at open, in bytes (256 KiB up to 16 MiB). */
   readonly maxStreamWindow: number
+  /**
+   * Window auto-tuning: a stream whose reader keeps up (it consumes half its window within two round
+   * trips) has its window doubled, up to this many bytes. Equal to `maxStreamWindow` (the default)
+   * turns it off; at most 16 MiB. Each stream can then hold up to this much unread data.
+   */
+  readonly maxAutoTuneWindow: number
   /** Largest Data body accepted from the peer; at least `maxStreamWindow`. */
   readonly maxFrameSize: number
   /** Largest Data body we put in one frame. */
@@ -36,6 +42,7 @@ export const defaultYamuxConfig: YamuxConfig = {
   connectionWriteTimeoutMs: F.DEFAULT_CONNECTION_WRITE_TIMEOUT_MS,
   streamOpenTimeoutMs: F.DEFAULT_STREAM_OPEN_TIMEOUT_MS,
   maxStreamWindow: F.DEFAULT_MAX_STREAM_WINDOW,
+  maxAutoTuneWindow: F.DEFAULT_MAX_STREAM_WINDOW,
   maxFrameSize: F.DEFAULT_MAX_STREAM_WINDOW,
   maxSendFrame: F.DEFAULT_MAX_SEND_FRAME,
   writeQueueBytes: F.DEFAULT_WRITE_QUEUE_BYTES,
@@ -46,8 +53,9 @@ export const defaultYamuxConfig: YamuxConfig = {
 /** Fills in defaults and checks the combination; throws a RangeError on an impossible setting. */
 export const resolveYamuxConfig = (partial: Partial<YamuxConfig> | undefined): YamuxConfig => {
   const c: YamuxConfig = { ...defaultYamuxConfig, ...partial }
-  const maxFrameSize = partial?.maxFrameSize ?? Math.max(c.maxFrameSize, c.maxStreamWindow)
-  const out = { ...c, maxFrameSize }
+  const maxAutoTuneWindow = partial?.maxAutoTuneWindow ?? Math.max(c.maxAutoTuneWindow, c.maxStreamWindow)
+  const maxFrameSize = partial?.maxFrameSize ?? Math.max(c.maxFrameSize, c.maxStreamWindow, maxAutoTuneWindow)
+  const out = { ...c, maxAutoTuneWindow, maxFrameSize }
   const positive = (name: keyof YamuxConfig) => {
     const v = out[name]
     if (typeof v !== "number" || !Number.isFinite(v) || v <= 0) throw new RangeError(`yamux ${name} must be > 0`)
@@ -67,6 +75,11 @@ export const resolveYamuxConfig = (partial: Partial<YamuxConfig> | undefined): Y
   if (out.maxStreamWindow < F.INITIAL_STREAM_WINDOW || out.maxStreamWindow > F.MAX_STREAM_WINDOW_LIMIT) {
     throw new RangeError(`yamux maxStreamWindow must be within ${F.INITIAL_STREAM_WINDOW}..${F.MAX_STREAM_WINDOW_LIMIT}`)
   }
-  if (out.maxFrameSize < out.maxStreamWindow) throw new RangeError("yamux maxFrameSize must be >= maxStreamWindow")
+  if (out.maxAutoTuneWindow < out.maxStreamWindow || out.maxAutoTuneWindow > F.MAX_STREAM_WINDOW_LIMIT) {
+    throw new RangeError(`yamux maxAutoTuneWindow must be within maxStreamWindow..${F.MAX_STREAM_WINDOW_LIMIT}`)
+  }
+  if (out.maxFrameSize < out.maxAutoTuneWindow) {
+    throw new RangeError("yamux maxFrameSize must be >= maxStreamWindow and maxAutoTuneWindow")
+  }
   return out
 }

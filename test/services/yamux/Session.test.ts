@@ -142,6 +142,30 @@ describe("yamux Session (in-memory)", () => {
         }), { concurrency: "unbounded", discard: true })
     }), { timeout: 20_000 })
 
+  it.live("auto-tuning grows the window of a stream whose reader keeps up, within its limit", () =>
+    Effect.gen(function*() {
+      const limit = 4 * 1024 * 1024
+      const { client, server } = yield* sessionPair({ maxAutoTuneWindow: limit, enableKeepAlive: false })
+      yield* server.ping() // an RTT for the client side's grants is measured at start; this one for the server's
+      const s = yield* client.open()
+      const data = pattern(16 * 1024 * 1024, 7)
+      const w = yield* Effect.forkChild(Effect.andThen(s.write(data), s.closeWrite()))
+      const inbound = yield* server.accept()
+      const got = yield* readAll(inbound)
+      yield* Fiber.join(w)
+      assert.isTrue(equalBytes(got, data))
+      assert.isAbove(inbound.core.recvMax, F.INITIAL_STREAM_WINDOW, "the window grew")
+      assert.isAtMost(inbound.core.recvMax, limit)
+      // without auto-tuning it stays put
+      const plain = yield* sessionPair({ enableKeepAlive: false })
+      const p = yield* plain.client.open()
+      const pw = yield* Effect.forkChild(Effect.andThen(p.write(data.subarray(0, 4 * 1024 * 1024)), p.closeWrite()))
+      const pin = yield* plain.server.accept()
+      yield* readAll(pin)
+      yield* Fiber.join(pw)
+      assert.strictEqual(pin.core.recvMax, F.INITIAL_STREAM_WINDOW)
+    }))
+
   it.effect("data in streams nobody accepted pauses the transport past the bound; accepting resumes it", () =>
     Effect.gen(function*() {
       const { client, server } = yield* sessionPair({ sessionReadBuffer: 100_000 })
