@@ -1,6 +1,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as http from "node:http"
 import * as http2 from "node:http2"
+import * as https from "node:https"
 import * as net from "node:net"
 import { Effect } from "effect"
 import * as Redacted from "effect/Redacted"
@@ -8,6 +9,7 @@ import { decodeHelloReply, encodeHello, FrameReader, makeHello } from "../../src
 import { Listeners } from "../../src/services/Listeners.ts"
 import { ReverseH2 } from "../../src/services/front/ReverseH2.ts"
 import { serveReverseHttp2 } from "../../src/runtime/serveReverseHttp2.ts"
+import { makeCertificate } from "../services/ListenersFixtures.ts"
 import { closeServer, dialBackend, freePort, request, until, withGateway } from "./reverse-h2-harness.ts"
 
 /** Runs `total` calls of `f`, at most `concurrency` at once. */
@@ -375,6 +377,38 @@ describe("reverse HTTP/2", () => {
         const refused = yield* Effect.promise(() => upgrade(without))
         assert.match(refused, /^HTTP\/1\.1 501 Not Implemented\r\n/)
         assert.match(refused, /\r\n\r\nswitchyard: the route's HTTP\/2 backends cannot carry "Upgrade: websocket" \(no SETTINGS_ENABLE_CONNECT_PROTOCOL\)\n$/)
+      }))
+    }))
+
+  it.effect("a TLS route: the gateway terminates TLS by SNI and the backend sees :scheme https", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      const certificate = makeCertificate("secure.test")
+      yield* withGateway({ tokens: [{ name: "svc", token: Redacted.make("t"), ports: [port] }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const handle = yield* Effect.promise(() =>
+          serveReverseHttp2((req, res) => res.end(`${req.scheme} ${req.authority} ${req.url}`), {
+            gateway: { host: "127.0.0.1", port: gateway.address.port },
+            token: "t",
+            routes: [{ _tag: "Tls", port, domainSuffix: "secure.test", cert: certificate.cert, key: certificate.key, then: "http" }],
+            connections: 1
+          })
+        )
+        yield* Effect.addFinalizer(() => Effect.promise(() => handle.close()))
+        yield* until(() => gateway.connections() === 1, "the backend")
+        const body = yield* Effect.promise(() =>
+          new Promise<string>((resolve, reject) => {
+            const req = https.request({ host: "127.0.0.1", port, path: "/s", servername: "api.secure.test", ca: certificate.cert, headers: { host: "api.secure.test" }, agent: false }, (res) => {
+              let text = ""
+              res.setEncoding("utf8")
+              res.on("data", (c: string) => void (text += c))
+              res.on("end", () => resolve(text))
+            })
+            req.on("error", reject)
+            req.end()
+          })
+        )
+        assert.strictEqual(body, "https api.secure.test /s")
       }))
     }))
 
