@@ -1,10 +1,11 @@
 /**
  * A yamux session over one Connection, byte-compatible with hashicorp/yamux: stream ids, accept
  * backlog, flow control, keepalive, GoAway, and one shutdown path that sends GoAway(protocol error)
- * when the peer breaks the rules. Frames are parsed and routed by plain callbacks (the hot path); the
- * single writer, the keepalive and the open-timeout sweeper are fibers in the session's Scope.
+ * when the peer breaks the rules. Frames are parsed and routed, and the single writer drains its queue,
+ * by plain callbacks (the hot path, no fiber hop per frame); the write-timeout watchdog, the keepalive and
+ * the open-timeout sweeper are fibers in the session's Scope, which ends everything when it closes.
  */
-import { Clock, Duration, Effect, Scope } from "effect"
+import { Cause, Clock, Duration, Effect, Scope } from "effect"
 import * as F from "../../domain/Frame.ts"
 import { type FrameParser, makeFrameParser, writeHeader } from "../../domain/FrameCodec.ts"
 import type { Connection, TransportError } from "../Transport.ts"
@@ -43,8 +44,8 @@ export interface YamuxSession {
 type Outcome = { readonly error: YamuxError | undefined; readonly clean: boolean }
 
 /**
- * The session state machine. Everything here is synchronous; the fibers created by `make` drive the
- * writer and the timers.
+ * The session state machine. Everything here is synchronous and callback-driven; the fibers created by
+ * `make` only keep time (write timeout, keepalive, open timeout).
  */
 export class SessionCore implements StreamHost {
   readonly role: YamuxRole
@@ -575,10 +576,13 @@ const keepAliveLoop = (core: SessionCore): Effect.Effect<void> =>
     const interval = Duration.millis(core.config.keepAliveIntervalMs)
     while (!core.outcome) {
       yield* Effect.sleep(interval)
-      const result = yield* Effect.flip(pingEffect(core, "KeepAliveTimeout")).pipe(Effect.option)
-      if (result._tag === "Some" && result.value.reason === "KeepAliveTimeout") {
-        core.terminate(result.value, undefined)
-        core.conn.destroy()
+      const exit = yield* Effect.exit(pingEffect(core, "KeepAliveTimeout"))
+      if (exit._tag === "Failure") {
+        const error = Cause.findErrorOption(exit.cause)
+        if (error._tag === "Some" && error.value.reason === "KeepAliveTimeout") {
+          core.terminate(error.value, undefined)
+          core.conn.destroy()
+        }
       }
     }
   })
