@@ -6,6 +6,7 @@ import * as net from "node:net"
 import { Effect } from "effect"
 import * as Redacted from "effect/Redacted"
 import { decodeHelloReply, encodeHello, FrameReader, makeHello } from "../../src/domain/ControlMessage.ts"
+import { Dispatcher } from "../../src/services/Dispatcher.ts"
 import { Listeners } from "../../src/services/Listeners.ts"
 import { ReverseH2 } from "../../src/services/front/ReverseH2.ts"
 import { serveReverseHttp2 } from "../../src/runtime/serveReverseHttp2.ts"
@@ -127,6 +128,28 @@ describe("reverse HTTP/2", () => {
         const after = yield* Effect.promise(() => pool(6, 3, () => request(port, "/")))
         const survivor = [0, 1, 2].find((i) => !hits.includes(i))!
         assert.deepStrictEqual(after.map((r) => r.body), Array(6).fill(`ok ${survivor}`))
+      }))
+    }))
+
+  it.effect("a request for a route whose backend left waits for the next one (grace period)", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const dispatcher = yield* Dispatcher
+        const first = namedBackend("first")
+        yield* closeServer(first)
+        const socket = yield* dialBackend(gateway.address.port, first)
+        yield* until(() => gateway.connections() === 1, "the first backend")
+        socket.destroy()
+        yield* until(() => gateway.connections() === 0, "the first backend to leave")
+        const pending = request(port, "/")
+        yield* until(() => dispatcher.waiting() === 1, "the request to wait for a backend")
+        const second = namedBackend("second")
+        yield* closeServer(second)
+        yield* dialBackend(gateway.address.port, second)
+        const reply = yield* Effect.promise(() => pending)
+        assert.deepInclude(reply, { status: 200, body: "second" })
       }))
     }))
 
