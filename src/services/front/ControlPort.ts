@@ -80,6 +80,8 @@ export interface ControlPortConfig {
    */
   readonly drainTimeout?: Duration.Input | undefined
   readonly yamux?: Partial<YamuxConfig> | undefined
+  /** Called for each refused handshake, with the reason sent to the backend (for metrics). */
+  readonly onRejected?: ((reason: RejectionReason | "HandshakeTimeout" | "Protocol") => void) | undefined
 }
 
 /** A control connection was refused or broke; it is closed, the port keeps serving. */
@@ -93,6 +95,8 @@ export interface ControlPortShape {
   readonly address: Address
   /** Live sessions. */
   readonly sessions: () => number
+  /** Replaces the token grants for new sessions; sessions already up keep the grant they were given. */
+  readonly replaceTokens: (tokens: ReadonlyArray<TokenGrant>) => Effect.Effect<void>
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -274,7 +278,7 @@ const rejectionFor = (error: ListenerError): RejectionReason =>
 const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   const transport = yield* Transport
   const listeners = yield* Listeners
-  const policy = makeTokenPolicy(config.tokens)
+  let policy = makeTokenPolicy(config.tokens)
   const handshakeTimeout = config.handshakeTimeout === undefined ? DefaultHandshakeTimeout : Duration.fromInputUnsafe(config.handshakeTimeout)
   const maxSessions = config.maxSessions ?? DefaultMaxSessions
   const maxPerToken = config.maxSessionsPerToken ?? DefaultMaxSessionsPerToken
@@ -296,16 +300,19 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
 
       const reject = (reason: RejectionReason, message: string, index?: number) =>
         Effect.andThen(
+          Effect.sync(() => config.onRejected?.(reason)),
+          Effect.andThen(
           writeFrame(conn, encodeHelloReply(index === undefined ? { _tag: "Rejected", reason, message } : { _tag: "Rejected", reason, message, index })).pipe(Effect.ignore),
           Effect.fail(new ControlPortError({ reason: "Rejected", message: `${peerText}: ${reason}: ${message}` }))
-        )
+        ))
 
       const { body, rest } = yield* readFrame(conn, MaxControlMessageBytes).pipe(
         Effect.timeoutOrElse({
           duration: handshakeTimeout,
           orElse: () => Effect.fail(new ControlPortError({ reason: "HandshakeTimeout", message: `${peerText}: no Hello within ${Duration.format(handshakeTimeout)}` }))
         }),
-        Effect.mapError((e) => e instanceof ControlProtocolError ? new ControlPortError({ reason: "Protocol", message: `${peerText}: ${e.reason}: ${e.message}` }) : e)
+        Effect.mapError((e) => e instanceof ControlProtocolError ? new ControlPortError({ reason: "Protocol", message: `${peerText}: ${e.reason}: ${e.message}` }) : e),
+        Effect.tapError((e) => Effect.sync(() => e.reason === "HandshakeTimeout" || e.reason === "Protocol" ? config.onRejected?.(e.reason) : undefined))
       )
       if (!config.allowRemotePeers && !isLoopbackPeer(peer)) {
         return yield* reject("Insecure", "this control port accepts tokens from loopback peers only (allowRemotePeers is off)")
@@ -477,5 +484,9 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   // is in flight finish over the still-open sessions; then the control listener and the sessions close.
   yield* Effect.addFinalizer(() => listeners.drain(drainTimeout))
 
-  return ControlPort.of({ address, sessions: () => sessions })
+  return ControlPort.of({
+    address,
+    sessions: () => sessions,
+    replaceTokens: (tokens) => Effect.sync(() => void (policy = makeTokenPolicy(tokens)))
+  })
 })
