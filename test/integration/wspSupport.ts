@@ -54,6 +54,8 @@ export interface Destination {
   readonly maxConcurrent: () => number
   /** Finishes the oldest `/hold` response still open; false when none is. */
   readonly release: () => boolean
+  /** Request body bytes received so far, counted as they arrive. */
+  readonly bytesArrived: () => number
 }
 
 /**
@@ -65,6 +67,7 @@ export const destination: Effect.Effect<Destination, never, Scope.Scope> = Effec
   Effect.promise(async () => {
     const seen: Destination["seen"] = []
     const held: Array<() => void> = []
+    let arrived = 0
     let current = 0
     let max = 0
     const server = http.createServer((req, res) => {
@@ -72,7 +75,10 @@ export const destination: Effect.Effect<Destination, never, Scope.Scope> = Effec
       max = Math.max(max, current)
       res.once("close", () => current--)
       const chunks: Array<Buffer> = []
-      req.on("data", (c: Buffer) => chunks.push(c))
+      req.on("data", (c: Buffer) => {
+        arrived += c.length
+        chunks.push(c)
+      })
       req.on("end", () => {
         const body = Buffer.concat(chunks)
         seen.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers, bodyLength: body.length })
@@ -120,14 +126,14 @@ export const destination: Effect.Effect<Destination, never, Scope.Scope> = Effec
     })
     await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
     const port = (server.address() as { port: number }).port
-    return { server, port, seen, max: () => max, held }
+    return { server, port, seen, max: () => max, held, arrived: () => arrived }
   }),
   ({ server }) =>
     Effect.promise(() => new Promise<void>((resolve) => {
       server.close(() => resolve())
       server.closeAllConnections()
     }))
-).pipe(Effect.map(({ port, seen, max, held }) => ({
+).pipe(Effect.map(({ port, seen, max, held, arrived }) => ({
   port,
   url: (p: string) => `http://127.0.0.1:${port}${p}`,
   seen,
@@ -136,7 +142,8 @@ export const destination: Effect.Effect<Destination, never, Scope.Scope> = Effec
     const next = held.shift()
     next?.()
     return next !== undefined
-  }
+  },
+  bytesArrived: arrived
 })))
 
 export interface Reply {

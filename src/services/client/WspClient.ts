@@ -14,6 +14,7 @@ import { checkDestination, isOpen } from "../../domain/DestinationRules.ts"
 import type { RuleVerdict } from "../../domain/DestinationRules.ts"
 import type { WspClientConfig } from "../../domain/WspConfig.ts"
 import type { GoHeader, WspHeadLimits, WspRequestHead } from "../../domain/WspMessage.ts"
+import { binaryOpcode, receiverOf, streamNextMessage } from "../front/WspServer.ts"
 import {
   canonicalHeaderName,
   decodeRequestHead,
@@ -120,6 +121,18 @@ class ClientConnection {
   private head: WspRequestHead | undefined
   private verdict: RuleVerdict | undefined
   private upstream: http.ClientRequest | undefined
+  /** A head has arrived and its body message has not ended yet. */
+  private bodyPending = false
+  /** The current body is being streamed to the destination fragment by fragment. */
+  private streamed = false
+  /** Bytes of the current streamed body received so far. */
+  private uploaded = 0
+  /** The current exchange's answer has been sent completely. */
+  private answered = false
+  /** An error answer waiting for the streamed body to end (answering earlier would cut it short). */
+  private deferredError: string | undefined
+  /** The WebSocket is paused until the destination drains. */
+  private uploadPaused = false
   private readonly ctx: ClientContext
 
   constructor(ws: WebSocket, target: Target, ctx: ClientContext) {
@@ -152,42 +165,111 @@ class ClientConnection {
   private onMessage(data: RawData, isBinary: boolean): void {
     const bytes = data as Buffer
     this.served++
-    if (this.upstream !== undefined) {
+    if (this.bodyPending) {
+      if (!isBinary) {
+        return this.violation(new WspClientError({ reason: "MissingBody", message: "expected a binary request body message" }))
+      }
+      this.bodyPending = false
+      if (this.streamed) return this.endUpload()
+      const head = this.head!
+      const verdict = this.verdict!
+      if (verdict._tag !== "Allowed") {
+        this.ctx.log(`wsp refused ${head.Method} ${head.URL}: ${verdict.message}`)
+        this.answerError(refusedStatus, verdict.message)
+        return this.becomeIdle()
+      }
+      return this.perform(head, bytes)
+    }
+    if (this.status === "running") {
       return this.violation(new WspClientError({ reason: "UnexpectedMessage", message: "request received while another is running" }))
     }
-    if (this.head === undefined) {
-      if (isBinary) {
-        return this.violation(new WspClientError({ reason: "MalformedHead", message: "request head is a binary message" }))
-      }
-      const head = decodeRequestHead(bytes.toString("utf8"), this.ctx.limits)
-      if (head instanceof WspMessageError) {
-        // as wsp: answer with an error response, then drop the connection
-        this.answerError(clientErrorStatus, `Unable to deserialize json http request : ${head.message}\n`)
-        return this.violation(new WspClientError({ reason: "MalformedHead", message: head.message }))
-      }
-      this.head = head
-      this.verdict = checkDestination(this.ctx.config.rules, ruleSubject(head))
-      this.status = "running"
-      Queue.offerUnsafe(this.target.wake, undefined)
-      return
+    if (isBinary) {
+      return this.violation(new WspClientError({ reason: "MalformedHead", message: "request head is a binary message" }))
     }
-    if (!isBinary) {
+    const head = decodeRequestHead(bytes.toString("utf8"), this.ctx.limits)
+    if (head instanceof WspMessageError) {
+      // as wsp: answer with an error response, then drop the connection
+      this.answerError(clientErrorStatus, `Unable to deserialize json http request : ${head.message}\n`)
+      return this.violation(new WspClientError({ reason: "MalformedHead", message: head.message }))
+    }
+    this.head = head
+    this.verdict = checkDestination(this.ctx.config.rules, ruleSubject(head))
+    this.status = "running"
+    this.bodyPending = true
+    Queue.offerUnsafe(this.target.wake, undefined)
+    if (this.verdict._tag !== "Allowed") return
+    // allowed: call the destination now and stream the body to it as it arrives
+    const receiver = receiverOf(this.ws)
+    if (receiver === undefined) return
+    const req = this.request(head, true)
+    if (req === undefined) return
+    this.streamed = true
+    streamNextMessage(receiver, (opcode, fragment) => this.onUploadFragment(req, opcode, fragment))
+  }
+
+  /** One fragment of a streamed request body. */
+  private onUploadFragment(req: http.ClientRequest, opcode: number, fragment: Buffer): void {
+    if (!this.streamed || !this.bodyPending) return
+    if (opcode !== binaryOpcode) {
       return this.violation(new WspClientError({ reason: "MissingBody", message: "expected a binary request body message" }))
     }
-    const head = this.head
-    const verdict = this.verdict!
-    this.head = undefined
-    this.verdict = undefined
-    if (verdict._tag !== "Allowed") {
-      this.ctx.log(`wsp refused ${head.Method} ${head.URL}: ${verdict.message}`)
-      this.answerError(refusedStatus, verdict.message)
+    const head = this.head!
+    this.uploaded += fragment.length
+    if (head.ContentLength >= 0 && this.uploaded > head.ContentLength) {
+      return this.violation(new WspClientError({
+        reason: "MalformedHead",
+        message: `http: ContentLength=${head.ContentLength} with Body length ${this.uploaded} or more`
+      }))
+    }
+    if (this.upstream !== req) return
+    if (!req.write(fragment) && !this.uploadPaused) {
+      this.uploadPaused = true
+      this.ws.pause()
+      req.once("drain", () => this.resumeUpload())
+    }
+  }
+
+  private resumeUpload(): void {
+    if (!this.uploadPaused) return
+    this.uploadPaused = false
+    this.ws.resume()
+  }
+
+  /** The streamed body's last frame has been read. */
+  private endUpload(): void {
+    const head = this.head!
+    this.resumeUpload()
+    if (head.ContentLength >= 0 && this.uploaded !== head.ContentLength) {
+      return this.violation(new WspClientError({
+        reason: "MalformedHead",
+        message: `http: ContentLength=${head.ContentLength} with Body length ${this.uploaded}`
+      }))
+    }
+    this.upstream?.end()
+    if (this.deferredError !== undefined) {
+      const message = this.deferredError
+      this.deferredError = undefined
+      this.answerError(clientErrorStatus, message)
       return this.becomeIdle()
     }
-    this.perform(head, bytes)
+    if (this.answered) this.becomeIdle()
+  }
+
+  /** The answer has gone out; the connection is free once its request body has ended too. */
+  private answeredNow(): void {
+    this.answered = true
+    if (!this.bodyPending) this.becomeIdle()
   }
 
   private becomeIdle(): void {
     this.status = "idle"
+    this.head = undefined
+    this.verdict = undefined
+    this.streamed = false
+    this.uploaded = 0
+    this.answered = false
+    this.deferredError = undefined
+    this.resumeUpload()
   }
 
   /** A response made here (wsp's 527 path): a head with an empty header map and the message as body. */
@@ -198,10 +280,27 @@ class ClientConnection {
     this.ws.send(body, { binary: true })
   }
 
+  /** A request performed with the whole body in hand (the body message arrived before the call). */
   private perform(head: WspRequestHead, body: Buffer): void {
-    const fail = (message: string) => {
-      this.answerError(clientErrorStatus, `Unable to execute request : ${message}\n`)
-      this.becomeIdle()
+    if (head.ContentLength >= 0 && head.ContentLength !== body.length) {
+      this.answerError(clientErrorStatus, `Unable to execute request : http: ContentLength=${head.ContentLength} with Body length ${body.length}\n`)
+      return this.becomeIdle()
+    }
+    const req = this.request(head, false)
+    if (req === undefined) return this.becomeIdle()
+    if (body.length > 0 || methodsWithBody.has(req.method)) req.setHeader("Content-Length", String(body.length))
+    req.end(body)
+  }
+
+  /**
+   * Opens the request to the destination. With `streaming`, the body follows fragment by fragment
+   * (length from the head, chunked when unknown) and a URL that cannot be used is left to the
+   * whole-message path; otherwise a failure is answered here (527). Undefined when no request was made.
+   */
+  private request(head: WspRequestHead, streaming: boolean): http.ClientRequest | undefined {
+    const fail = (message: string): undefined => {
+      if (!streaming) this.answerError(clientErrorStatus, `Unable to execute request : ${message}\n`)
+      return undefined
     }
     let url: URL
     try {
@@ -211,12 +310,11 @@ class ClientConnection {
     }
     const secure = url.protocol === "https:"
     if (!secure && url.protocol !== "http:") return fail(`unsupported protocol scheme ${JSON.stringify(url.protocol.slice(0, -1))}`)
-    if (head.ContentLength >= 0 && head.ContentLength !== body.length) {
-      return fail(`http: ContentLength=${head.ContentLength} with Body length ${body.length}`)
-    }
     const method = head.Method === "" ? "GET" : head.Method
     const headers: Record<string, ReadonlyArray<string> | string> = withoutHopByHop(head.Header, dropOnRequest)
-    if (body.length > 0 || methodsWithBody.has(method)) headers["Content-Length"] = String(body.length)
+    if (streaming && (head.ContentLength > 0 || (head.ContentLength === 0 && methodsWithBody.has(method)))) {
+      headers["Content-Length"] = String(head.ContentLength)
+    }
     let req: http.ClientRequest
     try {
       req = (secure ? https : http).request({
@@ -232,18 +330,27 @@ class ClientConnection {
       return fail((e as Error).message)
     }
     this.upstream = req
+    this.answered = false
     let responded = false
     req.once("error", (err) => {
       if (this.upstream !== req) return
       this.upstream = undefined
-      if (!responded) return fail(err.message)
-      this.violation(new WspClientError({ reason: "UpstreamFailed", message: `response body failed: ${err.message}` }))
+      if (responded) {
+        return this.violation(new WspClientError({ reason: "UpstreamFailed", message: `response body failed: ${err.message}` }))
+      }
+      const message = `Unable to execute request : ${err.message}\n`
+      // while the body is still arriving, the answer waits for its end
+      if (this.bodyPending) this.deferredError = message
+      else {
+        this.answerError(clientErrorStatus, message)
+        this.becomeIdle()
+      }
     })
     req.once("response", (res) => {
       responded = true
       this.relay(req, head, res)
     })
-    req.end(body)
+    return req
   }
 
   private relay(req: http.ClientRequest, requestHead: WspRequestHead, res: http.IncomingMessage): void {
@@ -253,7 +360,7 @@ class ClientConnection {
       this.upstream = undefined
       req.destroy()
       this.answerError(clientErrorStatus, `Unable to execute request : more than ${this.ctx.config.maxHeaders} response headers\n`)
-      return this.becomeIdle()
+      return this.answeredNow()
     }
     const declared = res.headers["content-length"]
     const status = res.statusCode ?? 502
@@ -305,7 +412,7 @@ class ClientConnection {
       this.upstream = undefined
       ws.send(held ?? Buffer.alloc(0), { binary: true, fin: true })
       held = undefined
-      this.becomeIdle()
+      this.answeredNow()
     })
     res.once("error", (err) => {
       if (this.upstream !== req) return

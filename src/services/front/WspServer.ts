@@ -92,12 +92,13 @@ interface Exchange {
  * payload until its last frame and `_opcode` is the message's type. Checked at run time; when the
  * shape is not there, bodies are taken as whole messages instead.
  */
-interface ReceiverInternals {
+export interface ReceiverInternals {
   _fragments: unknown
   readonly _opcode: number
 }
 
-const receiverOf = (ws: WebSocket): ReceiverInternals | undefined => {
+/** The receiver of `ws` when it has the shape `streamNextMessage` needs (also used by the client). */
+export const receiverOf = (ws: WebSocket): ReceiverInternals | undefined => {
   const receiver = (ws as unknown as { readonly _receiver?: ReceiverInternals | null })._receiver
   return receiver != null && Array.isArray(receiver._fragments) && typeof receiver._opcode === "number" ? receiver : undefined
 }
@@ -107,7 +108,7 @@ const receiverOf = (ws: WebSocket): ReceiverInternals | undefined => {
  * collecting them: the message event then carries an empty payload. `ws` puts a fresh collector
  * back after each message, so this applies to one message only.
  */
-const streamNextMessage = (receiver: ReceiverInternals, onFragment: (opcode: number, fragment: Buffer) => void): void => {
+export const streamNextMessage = (receiver: ReceiverInternals, onFragment: (opcode: number, fragment: Buffer) => void): void => {
   receiver._fragments = { length: 0, push: (fragment: Buffer) => onFragment(receiver._opcode, fragment) }
 }
 
@@ -317,7 +318,7 @@ class ServerConnection {
 }
 
 /** WebSocket opcode of a binary message (RFC 6455 §5.2). */
-const binaryOpcode = 2
+export const binaryOpcode = 2
 
 const missingBody = () =>
   new WspProxyError({ reason: "MissingBody", message: "Unable to get http response body reader : expected a binary body message" })

@@ -209,6 +209,60 @@ describe("WspClient against a hand-written wsp server", () => {
       expect(dest.seen).toHaveLength(0)
     })))
 
+  it.live("streams a request body to the destination as its fragments arrive", () =>
+    leakChecked(Effect.gen(function*() {
+      const dest = yield* destination
+      const server = yield* fakeServer
+      yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
+      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      const conn = server.connections[0]!
+      conn.ws.send(`{"Method":"POST","URL":"${dest.url("/echo")}","Header":{"X-A":["1"]},"ContentLength":-1}`)
+      conn.ws.send(Buffer.alloc(1000, 1), { binary: true, fin: false })
+      yield* waitFor("first part reached the destination before the message ended", () => dest.bytesArrived() === 1000)
+      conn.ws.send(Buffer.alloc(500, 2), { binary: true, fin: true })
+      const head = JSON.parse((yield* next(conn)).data.toString()) as { StatusCode: number }
+      expect(head.StatusCode).toBe(200)
+      const body = (yield* next(conn)).data
+      expect(body.length).toBe(1500)
+      expect([body[0], body[1499]]).toEqual([1, 2])
+      expect(dest.seen[0]!.headers["transfer-encoding"]).toBe("chunked")
+      // and the connection serves the next request
+      conn.ws.send(`{"Method":"GET","URL":"${dest.url("/bytes?n=3")}","Header":{},"ContentLength":0}`)
+      conn.ws.send(Buffer.alloc(0), { binary: true })
+      expect((JSON.parse((yield* next(conn)).data.toString()) as { StatusCode: number }).StatusCode).toBe(200)
+      expect((yield* next(conn)).data.length).toBe(3)
+    })))
+
+  it.live("closes a connection whose streamed body is longer than its ContentLength", () =>
+    leakChecked(Effect.gen(function*() {
+      const dest = yield* destination
+      const server = yield* fakeServer
+      yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
+      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      const conn = server.connections[0]!
+      conn.ws.send(`{"Method":"POST","URL":"${dest.url("/echo")}","Header":{},"ContentLength":10}`)
+      conn.ws.send(Buffer.alloc(20, 1), { binary: true })
+      yield* waitFor("closed", () => conn.closed)
+      expect(dest.seen).toHaveLength(0)
+    })))
+
+  it.live("answers a destination failure only after the request body has ended", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* fakeServer
+      yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
+      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      const conn = server.connections[0]!
+      conn.ws.send("{\"Method\":\"POST\",\"URL\":\"http://127.0.0.1:1/\",\"Header\":{},\"ContentLength\":-1}")
+      conn.ws.send(Buffer.alloc(100, 1), { binary: true, fin: false })
+      yield* Effect.sleep(200)
+      expect(conn.inbox).toHaveLength(0)
+      conn.ws.send(Buffer.alloc(100, 1), { binary: true, fin: true })
+      const head = JSON.parse((yield* next(conn)).data.toString()) as { StatusCode: number }
+      expect(head.StatusCode).toBe(527)
+      expect((yield* next(conn)).data.toString()).toMatch(/^Unable to execute request : .*ECONNREFUSED/)
+      expect(conn.closed).toBe(false)
+    })))
+
   it.live("closes a connection that receives a malformed head (after wsp's 527) and refills the pool", () =>
     leakChecked(Effect.gen(function*() {
       const server = yield* fakeServer
