@@ -549,7 +549,8 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
       Effect.sync(() => {
         for (const target of targets) {
           for (const conn of target.connections) {
-            if (conn.status === "connecting") continue
+            // a connection paused for a slow destination is not read, so its pongs wait too
+            if (conn.status === "connecting" || conn.ws.isPaused) continue
             if (conn.awaitingPong) {
               conn.ws.terminate()
               continue

@@ -631,6 +631,8 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       Effect.sleep(config.pingInterval),
       Effect.sync(() => {
         for (const conn of pool.members()) {
+          // a connection paused for a slow caller is not read, so its pongs wait too: not a failure
+          if (conn.ws.isPaused) continue
           if (conn.awaitingPong) {
             pool.remove(conn)
             conn.close("keepalive timeout")
