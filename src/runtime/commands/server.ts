@@ -1,21 +1,499 @@
 /**
- * `switchyard server`: the gateway. Starts the admin endpoint and every front door that has been
- * configured, and runs until interrupted (SIGINT/SIGTERM close every scope it opened).
+ * `switchyard server`: the gateway. Loads its config (file, `SWITCHYARD_...`, flags), then starts the
+ * admin endpoint, the control port with its public listeners, and the reverse-HTTP/2 tunnel port when
+ * enabled; runs until SIGTERM/SIGINT, which drains. SIGHUP reloads tokens. Every proxied request is
+ * counted in the metrics and carries an `X-Request-Id`. It does not terminate TLS on the control port.
  */
-import { Console, Effect } from "effect"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
+import { randomBytes } from "node:crypto"
+import type * as http from "node:http"
+import type { Duplex } from "node:stream"
+import { Console, Context, Data, Effect, Layer, Option, Redacted, Runtime } from "effect"
+import type { Scope } from "effect"
 import { Command, Flag } from "effect/cli"
-import { serveAdmin } from "../Admin.ts"
-import { formatHostPort, parseHostPort } from "../NetAddress.ts"
+import type { RouteDefinition } from "../../domain/Route.ts"
+import type { PortRange, TokenGrant } from "../../domain/TokenPolicy.ts"
+import type { Lease } from "../../services/Dispatcher.ts"
+import { Dispatcher } from "../../services/Dispatcher.ts"
+import { ControlPort } from "../../services/front/ControlPort.ts"
+import { ReverseH2 } from "../../services/front/ReverseH2.ts"
+import { Listeners, type ListenersConfig } from "../../services/Listeners.ts"
+import { makeMetrics, type MetricsShape, statusClass } from "../../services/Metrics.ts"
+import { Registry, type RouteEntry } from "../../services/Registry.ts"
+import { makeRecentErrors, serveAdmin, type StatusDocument } from "../Admin.ts"
+import { ConfigLoadError, ConfigExitCode, type FlagValue, loadConfig, ServerFile } from "../ConfigLoader.ts"
+import { onHangup } from "../Lifecycle.ts"
+import * as Logging from "../Logging.ts"
+import { formatHostPort, type HostPort, parseHostPort } from "../NetAddress.ts"
+import * as NodeTransport from "../NodeTransport.ts"
+import packageJson from "../../../package.json" with { type: "json" }
 
-const admin = Flag.String("admin").pipe(
-  Flag.withDescription("Address of the admin endpoint (/healthz, /readyz)"),
-  Flag.withDefault("127.0.0.1:9090")
+/** Name of the token granted every port when `control.token` is set. */
+export const DefaultGrantName = "default"
+/** Name of the token generated when none is configured. */
+export const GeneratedGrantName = "generated"
+/** Random bytes in a generated token. */
+export const GeneratedTokenBytes = 32
+/** Every port, for tokens given without a port list. */
+const AllPorts: ReadonlyArray<PortRange> = [{ from: 1, to: 65_535 }]
+
+/** The process refused its configuration; the reason was already printed as one line. */
+export class ConfigRefused extends Data.TaggedError("ConfigRefused")<{ readonly message: string }> {
+  override readonly [Runtime.errorReported] = false
+  override readonly [Runtime.errorExitCode] = ConfigExitCode
+}
+
+/** Prints a configuration error as one line on stderr and fails (exit 78) before anything is bound. */
+export const refuseConfig = (command: string) => (e: ConfigLoadError) =>
+  Console.error(`switchyard ${command}: ${e.message}`).pipe(Effect.andThen(Effect.fail(new ConfigRefused({ message: e.message }))))
+
+const invalid = (field: string, message: string) =>
+  new ConfigLoadError({ reason: "Invalid", source: "config", field, message: `${field}: ${message}` })
+
+const addressAt = (field: string, text: string | undefined, fallback: string): HostPort | ConfigLoadError => {
+  const parsed = parseHostPort(text ?? fallback)
+  return parsed instanceof Error ? invalid(field, `${parsed.message}`) : parsed
+}
+
+const parsePorts = (field: string, ports: ReadonlyArray<number | string>): Array<number | PortRange> | ConfigLoadError => {
+  const out: Array<number | PortRange> = []
+  for (const p of ports) {
+    const m = /^(\d{1,5})(?:-(\d{1,5}))?$/.exec(String(p).trim())
+    const from = m ? Number(m[1]) : Number.NaN
+    const to = m?.[2] !== undefined ? Number(m[2]) : from
+    if (!m || from < 1 || to > 65_535 || to < from) return invalid(field, `"${p}" is not a port (1-65535) or a range a-b`)
+    out.push(from === to ? from : { from, to })
+  }
+  return out
+}
+
+/** The token grants a server file asks for (without a generated one). */
+export const grantsOf = (file: ServerFile): Array<TokenGrant> | ConfigLoadError => {
+  const grants: Array<TokenGrant> = []
+  if (file.control?.token !== undefined) grants.push({ name: DefaultGrantName, token: file.control.token, ports: AllPorts })
+  const entries = file.control?.tokens ?? []
+  for (let i = 0; i < entries.length; i++) {
+    const entry = entries[i]!
+    if (entry.token === undefined) return invalid(`control.tokens.${i}.token`, "required (or token_file)")
+    const ports = parsePorts(`control.tokens.${i}.ports`, entry.ports)
+    if (ports instanceof ConfigLoadError) return ports
+    grants.push({
+      name: entry.name,
+      token: entry.token,
+      ports,
+      ...(entry.domains === undefined ? {} : { domainSuffixes: entry.domains.map((d) => d.toLowerCase()) })
+    })
+  }
+  return grants
+}
+
+/** Writes a fresh random token to a file only this user can read; removed when the scope closes. */
+const generateTokenFile = Effect.acquireRelease(
+  Effect.try({
+    try: () => {
+      const dir = path.join(os.tmpdir(), `switchyard-${process.getuid?.() ?? "user"}`)
+      fs.mkdirSync(dir, { recursive: true, mode: 0o700 })
+      const stat = fs.statSync(dir)
+      if ((process.getuid !== undefined && stat.uid !== process.getuid()) || (stat.mode & 0o077) !== 0) {
+        throw new Error(`${dir} is not private to this user`)
+      }
+      const file = path.join(dir, `control-token-${process.pid}`)
+      const token = randomBytes(GeneratedTokenBytes).toString("base64url")
+      fs.writeFileSync(file, token + "\n", { mode: 0o600, flag: "w" })
+      return { file, token: Redacted.make(token) }
+    },
+    catch: (e) => invalid("control.token", `none configured and none could be generated: ${(e as Error).message}; set control.token_file or SWITCHYARD_TOKEN`)
+  }),
+  ({ file }) => Effect.sync(() => fs.rmSync(file, { force: true }))
 )
 
-export const serverCommand = Command.make("server", { admin }, Effect.fn(function*({ admin }) {
-  const adminAddress = parseHostPort(admin)
-  if (adminAddress instanceof Error) return yield* adminAddress
-  const bound = yield* serveAdmin({ address: adminAddress, ready: () => true })
-  yield* Console.log(`switchyard gateway running; admin endpoint on http://${formatHostPort(bound)} (/healthz, /readyz)`)
-  return yield* Effect.never
-}, Effect.scoped)).pipe(Command.withDescription("Run the gateway"))
+// ---------------------------------------------------------------------------------------------------
+// Instrumentation of the shared public listeners.
+
+interface RouteInstruments {
+  readonly byStatus: Map<number, { inc: (n?: number) => void }>
+  readonly duration: { observe: (v: number) => void }
+  readonly received: { inc: (n?: number) => void }
+  readonly sent: { inc: (n?: number) => void }
+  readonly frontDoor: string
+  readonly route: string
+}
+
+const frontDoorOf = (lease: Lease): string => lease.backend.forwardHttp !== undefined ? "reverse_h2" : "control"
+
+/**
+ * Wraps the forwarding handlers: a request id on every request (kept or generated, sent to the backend
+ * and back to the client), and per-route counters resolved once per route, not per request.
+ */
+export const instrumentHandlers = (
+  inner: Pick<ListenersConfig, "handleRequest" | "handleUpgrade">,
+  metrics: MetricsShape,
+  access: ((entry: Logging.AccessEntry) => void) | undefined
+): Pick<ListenersConfig, "handleRequest" | "handleUpgrade"> => {
+  const cache = new WeakMap<RouteEntry, RouteInstruments>()
+  const instrumentsFor = (lease: Lease): RouteInstruments => {
+    let found = cache.get(lease.route)
+    if (found === undefined) {
+      const frontDoor = frontDoorOf(lease)
+      const route = lease.route.key
+      found = {
+        byStatus: new Map(),
+        duration: metrics.requestDuration.labels(frontDoor, route),
+        received: metrics.receivedBytes.labels(route),
+        sent: metrics.sentBytes.labels(route),
+        frontDoor,
+        route
+      }
+      cache.set(lease.route, found)
+    }
+    return found
+  }
+  const countStatus = (instruments: RouteInstruments, status: number) => {
+    const cls = Math.floor(status / 100)
+    let counter = instruments.byStatus.get(cls)
+    if (counter === undefined) {
+      counter = metrics.requests.labels(instruments.frontDoor, instruments.route, statusClass(status))
+      instruments.byStatus.set(cls, counter)
+    }
+    counter.inc()
+  }
+  const socketBytes = (req: http.IncomingMessage): [number, number] => {
+    const s = req.socket as { bytesRead?: number; bytesWritten?: number } | undefined
+    return [s?.bytesRead ?? 0, s?.bytesWritten ?? 0]
+  }
+  return {
+    handleRequest: (req, res, lease) => {
+      const started = performance.now()
+      const instruments = instrumentsFor(lease)
+      const requestId = Logging.ensureRequestId(req)
+      res.setHeader(Logging.RequestIdHeader, requestId)
+      const [read0, written0] = socketBytes(req)
+      res.once("close", () => {
+        const seconds = (performance.now() - started) / 1000
+        const [read1, written1] = socketBytes(req)
+        const receivedBytes = Math.max(0, read1 - read0)
+        const sentBytes = Math.max(0, written1 - written0)
+        countStatus(instruments, res.statusCode)
+        instruments.duration.observe(seconds)
+        instruments.received.inc(receivedBytes)
+        instruments.sent.inc(sentBytes)
+        access?.({
+          frontDoor: instruments.frontDoor,
+          method: req.method ?? "",
+          path: req.url ?? "",
+          route: instruments.route,
+          status: res.statusCode,
+          receivedBytes,
+          sentBytes,
+          durationMs: seconds * 1000,
+          requestId,
+          peer: req.socket?.remoteAddress ?? ""
+        })
+      })
+      inner.handleRequest(req, res, lease)
+    },
+    handleUpgrade: (req: http.IncomingMessage, socket: Duplex, head: Buffer, lease: Lease) => {
+      const instruments = instrumentsFor(lease)
+      Logging.ensureRequestId(req)
+      countStatus(instruments, 101)
+      inner.handleUpgrade(req, socket, head, lease)
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+/** What `runGateway` starts, for embedding and tests. */
+export interface GatewayHandle {
+  readonly control: HostPort
+  readonly reverseH2: HostPort | undefined
+  readonly admin: HostPort | undefined
+  /** The generated token's file, when no token was configured. */
+  readonly generatedTokenFile: string | undefined
+  readonly metrics: MetricsShape
+}
+
+/** Options of `runGateway` beyond the file. */
+export interface GatewayOptions {
+  /** Re-reads the configuration on SIGHUP (the command passes its loader). */
+  readonly reload?: Effect.Effect<ServerFile, ConfigLoadError> | undefined
+}
+
+/** Starts the gateway described by `file` in the current scope. Fails before binding on a bad value. */
+export const runGateway = Effect.fn("server.runGateway")(function*(
+  file: ServerFile,
+  options: GatewayOptions = {}
+): Effect.fn.Return<GatewayHandle, ConfigLoadError | Error, Scope.Scope> {
+  const control = addressAt("control.address", file.control?.address, "127.0.0.1:9999")
+  if (control instanceof ConfigLoadError) return yield* control
+  const adminEnabled = file.admin?.enabled ?? true
+  const admin = addressAt("admin.address", file.admin?.address, "127.0.0.1:9090")
+  if (admin instanceof ConfigLoadError) return yield* admin
+  const h2Enabled = file.reverse_h2?.enabled ?? false
+  const h2Address = addressAt("reverse_h2.address", file.reverse_h2?.address, "127.0.0.1:9443")
+  if (h2Address instanceof ConfigLoadError) return yield* h2Address
+  let grants = grantsOf(file)
+  if (grants instanceof ConfigLoadError) return yield* grants
+  let generatedTokenFile: string | undefined
+  if (grants.length === 0) {
+    const generated = yield* generateTokenFile
+    generatedTokenFile = generated.file
+    grants = [{ name: GeneratedGrantName, token: generated.token, ports: AllPorts }]
+  }
+  const h2Routes: Array<RouteDefinition> = (file.reverse_h2?.routes ?? []).map((r) => ({
+    _tag: "Http",
+    port: r.port,
+    ...(r.domain_suffix === undefined ? {} : { domainSuffix: r.domain_suffix }),
+    ...(r.path_prefix === undefined ? {} : { pathPrefix: r.path_prefix })
+  }))
+
+  const metrics = makeMetrics()
+  const recentErrors = makeRecentErrors()
+  const access = Logging.accessLogger({ format: file.log?.format, accessLog: file.log?.access_log })
+  const drainTimeout = file.drain_timeout_ms ?? 30_000
+  let draining = false
+  let live: { listeners: Context.Service.Shape<typeof Listeners>; registry: Context.Service.Shape<typeof Registry>; controlPort: Context.Service.Shape<typeof ControlPort>; h2: Context.Service.Shape<typeof ReverseH2> | undefined } | undefined
+  const startedAt = new Date().toISOString()
+  const listenerNames: Array<{ name: string; address: string }> = []
+
+  // The admin endpoint starts first so it closes last: /readyz answers 503 while the gateway drains.
+  let adminBound: HostPort | undefined
+  if (adminEnabled) {
+    const status = (): StatusDocument => ({
+      command: "server",
+      version: packageJson.version,
+      startedAt,
+      ready: live !== undefined && !draining,
+      listeners: listenerNames,
+      sessions: live === undefined ? [] : [
+        { frontDoor: "control", count: live.controlPort.sessions() },
+        ...(live.h2 === undefined ? [] : [{ frontDoor: "reverse_h2", count: live.h2.connections() }])
+      ],
+      routes: live === undefined ? [] : live.registry.snapshot().map((entry) => ({
+        route: entry.key,
+        backends: entry.backends.map((b) => b.label),
+        inFlight: entry.backends.reduce((n, b) => n + b.inFlight, 0)
+      })),
+      recentErrors: recentErrors.list()
+    })
+    adminBound = yield* serveAdmin({ address: admin, ready: () => live !== undefined && !draining, metrics: metrics.registry, status })
+    listenerNames.push({ name: "admin", address: formatHostPort(adminBound) })
+  }
+
+  const rejections = new Map<string, { inc: (n?: number) => void }>()
+  const onRejected = (reason: string) => {
+    let c = rejections.get(reason)
+    if (c === undefined) rejections.set(reason, c = metrics.rejections.labels("control", reason))
+    c.inc()
+    recentErrors.add(`control port refused a handshake: ${reason}`)
+  }
+
+  const gateway = ControlPort.gatewayLayer({
+    control: {
+      address: control,
+      tokens: grants,
+      allowRemotePeers: file.control?.allow_remote_peers ?? false,
+      handshakeTimeout: file.control?.handshake_timeout_ms,
+      maxSessions: file.control?.max_sessions,
+      maxSessionsPerToken: file.control?.max_sessions_per_token,
+      drainTimeout,
+      onRejected
+    },
+    publicHost: file.public_host ?? "127.0.0.1",
+    registry: { gracePeriod: file.grace_period_ms ?? 30_000 },
+    dispatcher: { maxWaiting: file.max_waiting },
+    responseTimeoutMs: file.response_timeout_ms,
+    idleTimeoutMs: file.idle_timeout_ms,
+    wrapHandlers: (handlers) => instrumentHandlers(handlers, metrics, access)
+  })
+  const h2Layer: Layer.Layer<never, Error, Listeners> | Layer.Layer<ReverseH2, Error, Listeners> = h2Enabled
+    ? ReverseH2.layer({
+      address: h2Address,
+      routes: h2Routes,
+      tokens: (file.reverse_h2?.plain ?? false) ? undefined : grants,
+      drainTimeout,
+      responseTimeoutMs: file.response_timeout_ms,
+      idleTimeoutMs: file.idle_timeout_ms
+    })
+    : Layer.empty
+  const context = yield* Layer.build(
+    (h2Layer as Layer.Layer<ReverseH2, Error, Listeners>).pipe(
+      Layer.provideMerge(gateway),
+      Layer.provide(NodeTransport.layer)
+    )
+  ).pipe(Effect.mapError((e) => new Error(`cannot start the gateway: ${e.message}`)))
+  const controlPort = Context.get(context, ControlPort)
+  const h2 = h2Enabled ? Context.get(context, ReverseH2) : undefined
+  live = { listeners: Context.get(context, Listeners), registry: Context.get(context, Registry), controlPort, h2 }
+  const dispatcher = Context.get(context, Dispatcher)
+  // Finalizers run last-in first-out: readiness drops before the front doors drain.
+  yield* Effect.addFinalizer(() => Effect.sync(() => void (draining = true)))
+  listenerNames.push({ name: "control", address: formatHostPort(controlPort.address as HostPort) })
+  if (h2 !== undefined) listenerNames.push({ name: "reverse_h2", address: formatHostPort(h2.address) })
+
+  const registry = metrics.registry
+  const removers = [
+    registry.sampledGauge({
+      name: "switchyard_sessions",
+      help: "Live tunnel sessions, by front door.",
+      labelNames: ["front_door"],
+      collect: () => [[["control"], controlPort.sessions()], ...(h2 === undefined ? [] : [[["reverse_h2"], h2.connections()] as const])]
+    }),
+    registry.sampledGauge({
+      name: "switchyard_streams_open",
+      help: "Requests and connections in flight toward backends, by front door.",
+      labelNames: ["front_door"],
+      collect: () => {
+        const h2Streams = h2 === undefined ? 0 : h2.activeStreams()
+        return [[["control"], Math.max(0, live!.listeners.inFlight() - h2Streams)], ...(h2 === undefined ? [] : [[["reverse_h2"], h2Streams] as const])]
+      }
+    }),
+    registry.sampledGauge({
+      name: "switchyard_routes",
+      help: "Routes in the routing table.",
+      collect: () => [[[], live!.registry.snapshot().length]]
+    }),
+    registry.sampledGauge({
+      name: "switchyard_route_backends",
+      help: "Live backends per route.",
+      labelNames: ["route"],
+      collect: () => live!.registry.snapshot().map((e) => [[e.key], e.backends.length] as const)
+    }),
+    registry.sampledGauge({
+      name: "switchyard_queued_requests",
+      help: "Requests waiting for a backend or a stream slot, by front door.",
+      labelNames: ["front_door"],
+      collect: () => [[["control"], dispatcher.waiting()], ...(h2 === undefined ? [] : [[["reverse_h2"], h2.queued()] as const])]
+    }),
+    registry.sampledGauge({
+      name: "switchyard_open_ports",
+      help: "Public ports open.",
+      collect: () => [[[], live!.listeners.openPorts().size]]
+    })
+  ]
+  yield* Effect.addFinalizer(() => Effect.sync(() => removers.forEach((r) => r())))
+
+  if (options.reload !== undefined) {
+    const reloadFile = options.reload
+    yield* onHangup(Effect.gen(function*() {
+      const next = yield* reloadFile
+      const nextGrants = grantsOf(next)
+      if (nextGrants instanceof ConfigLoadError) return yield* nextGrants
+      if (nextGrants.length === 0 && generatedTokenFile === undefined) {
+        return yield* invalid("control.token", "the new configuration has no token; keep at least one")
+      }
+      yield* controlPort.replaceTokens(nextGrants.length === 0 ? grants as Array<TokenGrant> : nextGrants)
+      metrics.reloads.labels("applied").inc()
+      yield* Effect.logInfo(`configuration reloaded: ${nextGrants.length} token(s); sessions already up keep their grants (addresses change on restart)`)
+    }).pipe(
+      Effect.catch((e: ConfigLoadError) =>
+        Effect.sync(() => {
+          metrics.reloads.labels("rejected").inc()
+          recentErrors.add(`reload refused: ${e.message}`)
+        }).pipe(Effect.andThen(Effect.logError(`reload refused, the previous configuration stays in force: ${e.message}`)))
+      ),
+      Effect.annotateLogs({ component: "server" })
+    ))
+  }
+
+  return {
+    control: controlPort.address as HostPort,
+    reverseH2: h2?.address,
+    admin: adminBound,
+    generatedTokenFile,
+    metrics
+  }
+})
+
+// ---------------------------------------------------------------------------------------------------
+// The command.
+
+const optionalString = (name: string, description: string) => Flag.String(name).pipe(Flag.withDescription(description), Flag.optional)
+
+const flags = {
+  config: optionalString("config", "YAML or JSON config file (see docs/OPERATIONS.md)"),
+  checkConfig: Flag.Boolean("check-config").pipe(Flag.withDescription("Validate the configuration and exit"), Flag.withDefault(false)),
+  set: Flag.String("set").pipe(Flag.withDescription("Override a field: path=value, e.g. control.max_sessions=100 (repeatable)"), Flag.atLeast(0)),
+  control: optionalString("control", "Control port address (default 127.0.0.1:9999)"),
+  token: Flag.Redacted("token").pipe(Flag.withDescription("A token allowed every port (or SWITCHYARD_TOKEN; prefer token_file)"), Flag.optional),
+  publicHost: optionalString("public-host", "Address public ports bind to (default 127.0.0.1)"),
+  reverseH2: optionalString("reverse-h2", "Serve the reverse-HTTP/2 tunnel port on this address"),
+  admin: optionalString("admin", "Admin endpoint address (default 127.0.0.1:9090)"),
+  noAdmin: Flag.Boolean("no-admin").pipe(Flag.withDescription("Do not serve the admin endpoint"), Flag.withDefault(false)),
+  logFormat: optionalString("log-format", "logfmt or json"),
+  logLevel: optionalString("log-level", "trace, debug, info, warn, error or none")
+}
+
+type Flags = {
+  readonly [K in keyof typeof flags]: (typeof flags)[K] extends Flag.Flag<infer A> ? A : never
+}
+
+/** The flags as field overrides, in the order given. */
+export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
+  const out: Array<FlagValue> = []
+  for (const text of f.set) {
+    const eq = text.indexOf("=")
+    if (eq <= 0) {
+      return new ConfigLoadError({ reason: "Invalid", source: "--set", field: "", message: `--set: expected path=value, got "${text}"` })
+    }
+    out.push({ path: text.slice(0, eq).split("."), value: text.slice(eq + 1), flag: `--set ${text.slice(0, eq)}` })
+  }
+  const add = (flag: string, p: ReadonlyArray<string>, value: Option.Option<string>) => {
+    if (Option.isSome(value)) out.push({ path: p, value: value.value, flag })
+  }
+  add("--control", ["control", "address"], f.control)
+  add("--token", ["control", "token"], Option.map(f.token, Redacted.value))
+  add("--public-host", ["public_host"], f.publicHost)
+  add("--reverse-h2", ["reverse_h2", "address"], f.reverseH2)
+  if (Option.isSome(f.reverseH2)) out.push({ path: ["reverse_h2", "enabled"], value: "true", flag: "--reverse-h2" })
+  add("--admin", ["admin", "address"], f.admin)
+  if (f.noAdmin) out.push({ path: ["admin", "enabled"], value: "false", flag: "--no-admin" })
+  add("--log-format", ["log", "format"], f.logFormat)
+  add("--log-level", ["log", "level"], f.logLevel)
+  return out
+}
+
+const clientLine = (handle: GatewayHandle): string => {
+  const server = formatHostPort(handle.control)
+  const token = handle.generatedTokenFile === undefined ? "SWITCHYARD_TOKEN=<your token>" : `SWITCHYARD_TOKEN="$(cat ${handle.generatedTokenFile})"`
+  return `${token} npx switchyard client --server ${server} --expose 127.0.0.1:3000 --port 8000`
+}
+
+export const serverCommand = Command.make("server", flags, Effect.fn(function*(f) {
+  const overrides = flagOverrides(f)
+  if (overrides instanceof ConfigLoadError) return yield* refuseConfig("server")(overrides)
+  const load = loadConfig({ schema: ServerFile, file: Option.getOrUndefined(f.config), flags: overrides }).pipe(Effect.map((l) => l.config))
+  const file = yield* load.pipe(Effect.catch(refuseConfig("server")))
+  // addresses and tokens are checked too (without binding anything)
+  for (const [field, text] of [["control.address", file.control?.address], ["admin.address", file.admin?.address], ["reverse_h2.address", file.reverse_h2?.address]] as const) {
+    const parsed = addressAt(field, text, "127.0.0.1:0")
+    if (parsed instanceof ConfigLoadError) return yield* refuseConfig("server")(parsed)
+  }
+  const grants = grantsOf(file)
+  if (grants instanceof ConfigLoadError) return yield* refuseConfig("server")(grants)
+  if (f.checkConfig) {
+    yield* Console.log(`switchyard server: configuration OK${Option.isSome(f.config) ? ` (${f.config.value})` : ""}`)
+    return
+  }
+  return yield* Effect.gen(function*() {
+    const handle = yield* runGateway(file, { reload: load }).pipe(
+      Effect.catch((e) => e instanceof ConfigLoadError ? refuseConfig("server")(e) : Effect.fail(e))
+    )
+    const lines = [
+      `switchyard gateway running`,
+      `  control port     ${formatHostPort(handle.control)}  (backends dial it)`,
+      ...(handle.reverseH2 === undefined ? [] : [`  reverse HTTP/2   ${formatHostPort(handle.reverseH2)}`]),
+      ...(handle.admin === undefined ? [] : [`  admin endpoint   http://${formatHostPort(handle.admin)}  (/metrics /healthz /readyz /status)`]),
+      `  public ports bind to ${file.public_host ?? "127.0.0.1"}`,
+      handle.generatedTokenFile === undefined
+        ? `  tokens: ${grants.map((g) => g.name).join(", ")}`
+        : `  no token configured: generated one in ${handle.generatedTokenFile} (removed on exit)`,
+      `expose a local service on public port 8000 with:`,
+      `  ${clientLine(handle)}`
+    ]
+    yield* Console.log(lines.join("\n"))
+    return yield* Effect.never
+  }).pipe(Effect.scoped, Effect.provide(Logging.layer({ format: file.log?.format, level: file.log?.level })))
+})).pipe(Command.withDescription("Run the gateway (control port, reverse HTTP/2, admin endpoint)"))

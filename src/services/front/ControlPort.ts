@@ -38,7 +38,9 @@ import { type Address, type Connection, Transport, type TransportError } from ".
 import * as Session from "../yamux/Session.ts"
 import type { YamuxConfig } from "../yamux/YamuxConfig.ts"
 import { makeStreamDuplex } from "../yamux/StreamDuplex.ts"
+import { fromWebSocket } from "../transport/WebSocketConnection.ts"
 import { readFrame, writeFrame } from "./ControlHandshake.ts"
+import { type ControlWebSocketConfig, listenControlWebSocket, makeUpgradeHandler, type UpgradeHandler } from "./ControlWebSocket.ts"
 
 /** Where the control port listens by default. */
 export const DefaultControlAddress: Address = { host: "127.0.0.1", port: 9999 }
@@ -80,6 +82,13 @@ export interface ControlPortConfig {
    */
   readonly drainTimeout?: Duration.Input | undefined
   readonly yamux?: Partial<YamuxConfig> | undefined
+  /**
+   * Also serve the control port as a WebSocket path (default `/tunnel`) on an HTTP(S) port of its own
+   * (`address`, default 127.0.0.1:9998), and through `handleUpgrade` on any HTTP server. Tokens from
+   * non-loopback peers are accepted over `wss://` (TLS here or on the mounting server); over plain
+   * `ws://` the `allowRemotePeers` rule applies as on TCP.
+   */
+  readonly websocket?: ControlWebSocketConfig | undefined
   /** Called for each refused handshake, with the reason sent to the backend (for metrics). */
   readonly onRejected?: ((reason: RejectionReason | "HandshakeTimeout" | "Protocol") => void) | undefined
 }
@@ -95,6 +104,13 @@ export interface ControlPortShape {
   readonly address: Address
   /** Live sessions. */
   readonly sessions: () => number
+  /** The bound WebSocket control address, when `websocket` is configured with a port of its own. */
+  readonly webSocketAddress: Address | undefined
+  /**
+   * Serves an HTTP upgrade on the WebSocket control path from another server (its `upgrade` event);
+   * returns false, touching nothing, for other paths or when `websocket` is not configured.
+   */
+  readonly handleUpgrade: (req: http.IncomingMessage, socket: Duplex, head: Buffer) => boolean
   /** Replaces the token grants for new sessions; sessions already up keep the grant they were given. */
   readonly replaceTokens: (tokens: ReadonlyArray<TokenGrant>) => Effect.Effect<void>
 }
@@ -229,7 +245,9 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
         responseTimeoutMs: config.responseTimeoutMs ?? 0,
         idleTimeoutMs: config.idleTimeoutMs ?? 0
       })
-      return Layer.effect(Listeners, Listeners.make({ host: config.publicHost, ...forwardingHandlers(forwarder) }))
+      const handlers = forwardingHandlers(forwarder)
+      const wrapped = config.wrapHandlers === undefined ? handlers : config.wrapHandlers(handlers)
+      return Layer.effect(Listeners, Listeners.make({ host: config.publicHost, ...wrapped }))
     })).pipe(
       Layer.provideMerge(Dispatcher.layer(config.dispatcher)),
       Layer.provideMerge(Registry.layer(config.registry))
@@ -248,7 +266,12 @@ export interface GatewayConfig {
   readonly responseTimeoutMs?: number | undefined
   /** Idle limit on responses and upgraded connections (ms, 0 = none). */
   readonly idleTimeoutMs?: number | undefined
+  /** Wraps the public listeners' forwarding handlers (request ids, metrics, access log). */
+  readonly wrapHandlers?: ((handlers: ForwardingHandlers) => ForwardingHandlers) | undefined
 }
+
+/** The public listeners' handlers for HTTP requests and upgrades. */
+export type ForwardingHandlers = ReturnType<typeof forwardingHandlers>
 
 /**
  * The Forwarder's default upstream. Every routed request is directed to its leased backend, so this is
@@ -291,7 +314,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   let sessions = 0
   let nextSession = 1
 
-  const serveConnection = (conn: Connection) =>
+  const serveConnection = (conn: Connection, secure: boolean) =>
     Effect.gen(function*() {
       const sessionScope = yield* Scope.Scope
       yield* Effect.addFinalizer(() => Effect.sync(() => conn.destroy()))
@@ -314,7 +337,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         Effect.mapError((e) => e instanceof ControlProtocolError ? new ControlPortError({ reason: "Protocol", message: `${peerText}: ${e.reason}: ${e.message}` }) : e),
         Effect.tapError((e) => Effect.sync(() => e.reason === "HandshakeTimeout" || e.reason === "Protocol" ? config.onRejected?.(e.reason) : undefined))
       )
-      if (!config.allowRemotePeers && !isLoopbackPeer(peer)) {
+      if (!config.allowRemotePeers && !secure && !isLoopbackPeer(peer)) {
         return yield* reject("Insecure", "this control port accepts tokens from loopback peers only (allowRemotePeers is off)")
       }
       const hello = decodeHello(body)
@@ -478,8 +501,22 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
     )
 
   const address = yield* transport.listen(config.address ?? DefaultControlAddress, (conn) => {
-    run(serveConnection(conn))
+    run(serveConnection(conn, false))
   })
+  const websocket = config.websocket
+  let handleUpgrade: UpgradeHandler | undefined
+  let webSocketAddress: Address | undefined
+  if (websocket !== undefined) {
+    const handler = makeUpgradeHandler(websocket, (accepted) => {
+      run(Effect.scoped(Effect.flatMap(
+        fromWebSocket(accepted.ws, { ...websocket, localAddress: accepted.localAddress, remoteAddress: accepted.remoteAddress }),
+        (conn) => serveConnection(conn, accepted.secure)
+      )))
+    })
+    yield* Effect.addFinalizer(() => Effect.sync(() => handler.close()))
+    handleUpgrade = handler
+    if (websocket.listen !== false) webSocketAddress = yield* listenControlWebSocket(websocket, handler)
+  }
   // On shutdown, first (finalizers run last-in first-out): stop accepting public traffic and let what
   // is in flight finish over the still-open sessions; then the control listener and the sessions close.
   yield* Effect.addFinalizer(() => listeners.drain(drainTimeout))
@@ -487,6 +524,8 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   return ControlPort.of({
     address,
     sessions: () => sessions,
+    webSocketAddress,
+    handleUpgrade: (req, socket, head) => handleUpgrade === undefined ? false : handleUpgrade(req, socket, head),
     replaceTokens: (tokens) => Effect.sync(() => void (policy = makeTokenPolicy(tokens)))
   })
 })
