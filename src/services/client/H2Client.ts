@@ -7,7 +7,7 @@
 import type * as http2 from "node:http2"
 import * as net from "node:net"
 import * as tls from "node:tls"
-import { Context, Duration, Effect, Layer, Random, Schema } from "effect"
+import { Clock, Context, Duration, Effect, Layer, Random, Schema } from "effect"
 import * as Redacted from "effect/Redacted"
 import {
   decodeHelloReply,
@@ -31,6 +31,8 @@ export const DefaultBackoffMax: Duration.Duration = Duration.seconds(30)
 export const DefaultBackoffFactor = 2
 /** Share of each delay that is randomized (0 = none, 1 = anywhere between 0 and the delay). */
 export const DefaultBackoffJitter = 0.2
+/** A connection that served at least this long resets the reconnect backoff. */
+export const HealthyConnectionTime: Duration.Duration = Duration.seconds(5)
 /** Time allowed to dial and, in authenticated mode, to get the gateway's answer. */
 export const DefaultHandshakeTimeout: Duration.Duration = Duration.seconds(10)
 
@@ -209,10 +211,13 @@ const make = Effect.fnUntraced(function*(server: http2.Http2Server | http2.Http2
   const slot = Effect.gen(function*() {
     let failures = 0
     for (;;) {
+      const started = yield* Clock.currentTimeMillis
       const result = yield* Effect.result(connectOnce)
       if (result._tag === "Success") {
-        // a connection that served resets the backoff; reconnect after a first short delay
-        failures = 1
+        // a connection that served for a while resets the backoff; one dropped at once (a gateway that
+        // accepts and closes) keeps it growing
+        const lived = (yield* Clock.currentTimeMillis) - started
+        failures = lived >= Duration.toMillis(HealthyConnectionTime) ? 1 : failures + 1
       } else {
         lastError = result.failure
         failures++

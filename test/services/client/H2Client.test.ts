@@ -1,5 +1,6 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as http2 from "node:http2"
+import * as net from "node:net"
 import { Duration, Effect } from "effect"
 import * as Redacted from "effect/Redacted"
 import { TestClock } from "effect/testing"
@@ -47,6 +48,36 @@ describe("H2Client", () => {
         })),
         Effect.scoped
       )
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }))
+
+  it.effect("a gateway that accepts and drops connections at once gets growing delays, not a tight loop", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      const dropper = net.createServer((socket) => socket.destroy())
+      const port = yield* Effect.promise(() =>
+        new Promise<number>((resolve) => dropper.listen(0, "127.0.0.1", () => resolve((dropper.address() as net.AddressInfo).port)))
+      )
+      const server = http2.createServer()
+      yield* Effect.gen(function*() {
+        const client = yield* H2Client
+        yield* until(() => client.attempts() === 1 && client.connected() === 0, "the first connection to be dropped")
+        for (const [step, expected] of [[1000, 2], [1000, 2], [1000, 3], [3999, 3], [1, 4]] as const) {
+          yield* settle
+          yield* TestClock.adjust(step)
+          if (expected > client.attempts()) yield* until(() => client.attempts() === expected && client.connected() === 0, `attempt ${expected}`)
+          else yield* settle
+          assert.strictEqual(client.attempts(), expected)
+        }
+      }).pipe(
+        Effect.provide(H2Client.layer(server, {
+          gateway: { host: "127.0.0.1", port },
+          connections: 1,
+          backoff: { initial: "1 second", max: "30 seconds", factor: 2, jitter: 0 }
+        })),
+        Effect.scoped
+      )
+      yield* Effect.promise(() => new Promise<void>((resolve) => dropper.close(() => resolve())))
       yield* Effect.promise(() => expectNoLeaks(before))
     }))
 
