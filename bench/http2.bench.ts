@@ -3,7 +3,8 @@
  * backend) against calling the same backend process directly over HTTP/1.1, in one run, on loopback.
  * The backend runs in a child process (this file, started with a role variable) and wrk in its own,
  * so the gateway's process only does the gateway's work. Figures: small-response req/s with 1 and 4
- * tunnel connections, the ratio to direct, p99 added latency, and a 100 MiB download.
+ * tunnel connections, the ratio to direct, p99 added latency (32 concurrent, and one at a time), and a
+ * 100 MiB download.
  */
 import { type ChildProcess, execFile, spawn } from "node:child_process"
 import * as http from "node:http"
@@ -132,11 +133,11 @@ const toMs = (value: string, unit: string): number => {
   return unit === "us" ? n / 1000 : unit === "s" ? n * 1000 : n
 }
 
-const wrk = (port: number, path: string): Promise<WrkResult> =>
+const wrk = (port: number, path: string, connections: number = wrkConnections): Promise<WrkResult> =>
   new Promise((resolve, reject) => {
     execFile(
       "wrk",
-      [`-t${wrkThreads}`, `-c${wrkConnections}`, `-d${wrkSeconds}s`, "--latency", `http://127.0.0.1:${port}${path}`],
+      [`-t${wrkThreads}`, `-c${connections}`, `-d${wrkSeconds}s`, "--latency", `http://127.0.0.1:${port}${path}`],
       (error, stdout) => {
         if (error !== null) return reject(error)
         const rps = /Requests\/sec:\s+([\d.]+)/.exec(stdout)
@@ -215,6 +216,14 @@ export const run = async (): Promise<void> => {
     }
     report(suite, "direct_p99", median(p99.get("direct")!), "ms")
     report(suite, "p99_added_latency", Math.max(0, median(p99.get("h2_1")!) - median(p99.get("direct")!)), "ms")
+    // one request at a time: the latency the gateway itself adds, without queueing behind other requests
+    const single = { direct: [] as Array<number>, h2: [] as Array<number> }
+    for (let round = 0; round < loadRounds; round++) {
+      single.direct.push((await wrk(backend.directPort, "/", 1)).p99Ms)
+      single.h2.push((await wrk(publicPorts.get(1)!, "/", 1)).p99Ms)
+    }
+    report(suite, "direct_p99_one_at_a_time", median(single.direct), "ms")
+    report(suite, "p99_added_latency_one_at_a_time", Math.max(0, median(single.h2) - median(single.direct)), "ms")
     let directDownload = 0
     let tunnelDownload = 0
     for (let round = 0; round < downloadRounds; round++) {
