@@ -8,7 +8,8 @@ import { EventEmitter } from "node:events"
 import type * as net from "node:net"
 import { Context, Effect, Exit, Layer, Redacted, Scope } from "effect"
 import type { RouteDefinition } from "../domain/Route.ts"
-import { TunnelClient, type TunnelClientConfig } from "../services/client/TunnelClient.ts"
+import { type GatewayTarget, TunnelClient, type TunnelClientConfig } from "../services/client/TunnelClient.ts"
+import { isWebSocketUrl, type WebSocketTarget } from "../services/transport/WebSocketDial.ts"
 import type { StreamSocket } from "../services/yamux/StreamDuplex.ts"
 import { parseHostPort } from "./NetAddress.ts"
 import * as NodeTransport from "./NodeTransport.ts"
@@ -36,13 +37,18 @@ export interface ListenDefinition {
 }
 
 export interface ListenOptions {
-  /** `host:port` of the gateway(s); default `SWITCHYARD_SERVER` (comma-separated) or 127.0.0.1:9999. */
+  /**
+   * `host:port` of the gateway(s), or `ws://`/`wss://` URLs of their WebSocket control path; default
+   * `SWITCHYARD_SERVER` (comma-separated) or 127.0.0.1:9999.
+   */
   readonly server?: string | ReadonlyArray<string> | undefined
   /** Default `SWITCHYARD_TOKEN`. */
   readonly token?: string | undefined
   readonly label?: string | undefined
   readonly timeoutMs?: number | undefined
   readonly reconnect?: TunnelClientConfig["reconnect"]
+  /** For `ws://`/`wss://` servers: CA, proxy (default from HTTPS_PROXY/HTTP_PROXY/NO_PROXY), keepalive. */
+  readonly webSocket?: Omit<WebSocketTarget, "url"> | undefined
 }
 
 /** The route a definition asks for. */
@@ -142,10 +148,11 @@ export class TunnelServer extends EventEmitter {
   }
 }
 
-const serversOf = (options: ListenOptions): Array<{ host: string; port: number }> => {
+const serversOf = (options: ListenOptions): Array<GatewayTarget> => {
   const raw = options.server ?? process.env["SWITCHYARD_SERVER"] ?? DefaultServer
   const list = typeof raw === "string" ? raw.split(",").map((s) => s.trim()).filter((s) => s.length > 0) : [...raw]
-  return list.map((text) => {
+  return list.map((text): GatewayTarget => {
+    if (isWebSocketUrl(text)) return { ...options.webSocket, url: text.trim() }
     const parsed = parseHostPort(text)
     if (parsed instanceof Error) throw parsed
     return parsed

@@ -7,16 +7,20 @@ import * as net from "node:net"
 import { Config, Console, Effect, Option, Stream } from "effect"
 import { Command, Flag } from "effect/cli"
 import { describeRoute } from "../../domain/Route.ts"
-import { TunnelClient } from "../../services/client/TunnelClient.ts"
+import { type GatewayTarget, TunnelClient } from "../../services/client/TunnelClient.ts"
+import { isWebSocketUrl } from "../../services/transport/WebSocketDial.ts"
 import { joinStreams } from "../../services/Listeners.ts"
 import { toRoute } from "../listen.ts"
-import { formatHostPort, parseHostPort } from "../NetAddress.ts"
+import { AddressError, formatHostPort, parseHostPort } from "../NetAddress.ts"
 import { exposeOverReverseHttp2 } from "../serveReverseHttp2.ts"
 import * as NodeTransport from "../NodeTransport.ts"
 
 const flags = {
   server: Flag.String("server").pipe(
-    Flag.withDescription("Gateway control address host:port (repeat for several gateways)"),
+    Flag.withDescription(
+      "Gateway control address host:port, or ws://host[:port]/tunnel / wss://… for its WebSocket control path " +
+        "(through HTTPS_PROXY/HTTP_PROXY unless NO_PROXY covers it); repeat for several gateways"
+    ),
     Flag.atLeast(1)
   ),
   token: Flag.Redacted("token").pipe(
@@ -31,6 +35,10 @@ const flags = {
   tlsCert: Flag.FileText("tls-cert").pipe(Flag.withDescription("PEM certificate: the gateway terminates TLS with it"), Flag.optional),
   tlsKey: Flag.FileText("tls-key").pipe(Flag.withDescription("PEM private key for --tls-cert"), Flag.optional),
   label: Flag.String("label").pipe(Flag.withDescription("Name shown in the gateway's logs"), Flag.optional),
+  ca: Flag.FileText("ca").pipe(
+    Flag.withDescription("PEM CA certificate(s) trusted for wss:// gateways, besides the system's"),
+    Flag.optional
+  ),
   h2: Flag.Boolean("h2").pipe(
     Flag.withDescription("--server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway, forward to --expose as HTTP"),
     Flag.withDefault(false)
@@ -39,10 +47,17 @@ const flags = {
 
 export const clientCommand = Command.make("client", flags, Effect.fn(function*(f) {
   const servers = []
+  const targets: Array<GatewayTarget> = []
+  const ca = Option.getOrUndefined(f.ca)
   for (const text of f.server) {
+    if (isWebSocketUrl(text)) {
+      targets.push({ url: text.trim(), ...(ca === undefined ? {} : { ca }) })
+      continue
+    }
     const parsed = parseHostPort(text)
     if (parsed instanceof Error) return yield* parsed
     servers.push(parsed)
+    targets.push(parsed)
   }
   const expose = parseHostPort(f.expose)
   if (expose instanceof Error) return yield* expose
@@ -59,11 +74,14 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
       : undefined
   })
   if (f.h2) {
+    if (servers.length !== targets.length) {
+      return yield* new AddressError({ reason: "Malformed", message: "--h2 needs host:port gateways; ws:// and wss:// are for control-port tunnels" })
+    }
     yield* exposeOverReverseHttp2({ gateways: servers, target: expose, token: f.token, routes: [route], label: Option.getOrUndefined(f.label) })
     yield* Console.log(`switchyard client: ${describeRoute(route)} over reverse HTTP/2 on ${f.server.join(", ")} -> ${formatHostPort(expose)}`)
     return yield* Effect.never
   }
-  const client = yield* TunnelClient.make({ servers, token: f.token, label: Option.getOrUndefined(f.label) })
+  const client = yield* TunnelClient.make({ servers: targets, token: f.token, label: Option.getOrUndefined(f.label) })
   const listener = yield* client.listen(route)
   yield* Console.log(`switchyard client: ${describeRoute(route)} on ${f.server.join(", ")} -> ${formatHostPort(expose)}`)
   return yield* Stream.runForEach(listener.connections, ({ socket }) =>

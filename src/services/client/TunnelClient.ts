@@ -23,7 +23,9 @@ import {
 } from "../../domain/ControlMessage.ts"
 import type { RouteDefinition } from "../../domain/Route.ts"
 import { readFrame, writeFrame } from "../front/ControlHandshake.ts"
-import { type Address, Transport } from "../Transport.ts"
+import type { WebSocketError } from "../../domain/WebSocketClose.ts"
+import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
+import { dialWebSocket, type WebSocketTarget } from "../transport/WebSocketDial.ts"
 import * as Session from "../yamux/Session.ts"
 import { makeStreamDuplex, type StreamSocket } from "../yamux/StreamDuplex.ts"
 import type { YamuxConfig } from "../yamux/YamuxConfig.ts"
@@ -52,9 +54,19 @@ export interface ReconnectPolicy {
   readonly jitter?: number | undefined
 }
 
+/**
+ * A gateway's control port: a TCP/Unix address dialed through `Transport`, or a `ws://`/`wss://` URL
+ * (the same protocol carried in WebSocket binary messages, through HTTP proxies when configured).
+ */
+export type GatewayTarget = Address | WebSocketTarget
+
+/** How a gateway target is shown in logs and status. */
+export const describeTarget = (target: GatewayTarget): string =>
+  "url" in target ? target.url : target.path ?? `${target.host ?? "127.0.0.1"}:${target.port ?? 0}`
+
 export interface TunnelClientConfig {
-  /** Gateways' control addresses; each gets its own connection carrying every listener. */
-  readonly servers: ReadonlyArray<Address>
+  /** Gateways' control ports; each gets its own connection carrying every listener. */
+  readonly servers: ReadonlyArray<GatewayTarget>
   readonly token: Redacted.Redacted<string>
   /** Name shown in the gateway's logs. */
   readonly label?: string | undefined
@@ -105,7 +117,7 @@ export interface TunnelListener {
 
 /** State of one gateway connection, for status displays and tests. */
 export interface GatewayStatus {
-  readonly address: Address
+  readonly address: GatewayTarget
   readonly connected: boolean
   /** Failed attempts since the last successful handshake. */
   readonly attempts: number
@@ -142,7 +154,7 @@ export class TunnelClient extends Context.Service<TunnelClient, TunnelClientShap
 
 interface GatewayState {
   readonly index: number
-  readonly address: Address
+  readonly address: GatewayTarget
   connected: boolean
   attempts: number
   lastError: string | undefined
@@ -256,7 +268,11 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
   /** One connection to a gateway, from dial to the end of its session. */
   const connectOnce = (g: GatewayState) =>
     Effect.gen(function*() {
-      const conn = yield* transport.dial(g.address).pipe(
+      const target = g.address
+      const dialed: Effect.Effect<Connection, TransportError | WebSocketError, Scope.Scope> = "url" in target
+        ? dialWebSocket(target)
+        : transport.dial(target)
+      const conn = yield* dialed.pipe(
         Effect.mapError((e) => new TunnelClientError({ reason: "Io", message: e.message }))
       )
       const offered = [...listeners.values()]
@@ -374,7 +390,7 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
         if (Exit.isFailure(exit)) {
           const failure = exit.cause.reasons.find((r) => r._tag === "Fail")
           g.lastError = failure?._tag === "Fail" ? failure.error.message : "session ended"
-          yield* Effect.logDebug(`tunnel to ${g.address.host}:${g.address.port}: ${g.lastError}`)
+          yield* Effect.logDebug(`tunnel to ${describeTarget(g.address)}: ${g.lastError}`)
         }
         const delay = backoffDelay(g.attempts, config.reconnect ?? {}, yield* Random.next)
         g.attempts++

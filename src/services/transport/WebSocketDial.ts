@@ -1,0 +1,155 @@
+/**
+ * Dials a `ws://` or `wss://` URL and returns it as a `WebSocketConnection`, going through the HTTP
+ * proxy that `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` (or an explicit proxy URL) names, with `CONNECT`.
+ * TLS is verified against the system CAs plus any `ca` given. It does not retry: callers reconnect.
+ */
+import * as net from "node:net"
+import * as tls from "node:tls"
+import { Duration, Effect } from "effect"
+import type { Scope } from "effect"
+import { WebSocket } from "ws"
+import { parseProxyUrl, ProxyConfigError, proxyFor, readProxyEnvironment } from "../../domain/ProxyEnv.ts"
+import type { ProxyChoice } from "../../domain/ProxyEnv.ts"
+import { WebSocketError } from "../../domain/WebSocketClose.ts"
+import { connectThroughProxy } from "./HttpConnectProxy.ts"
+import { DefaultMaxPayload, fromWebSocket, type WebSocketConnection, type WebSocketConnectionOptions } from "./WebSocketConnection.ts"
+
+/** Time the WebSocket opening handshake (after any proxy tunnel) may take. */
+export const DefaultOpenTimeout: Duration.Duration = Duration.seconds(10)
+
+/** A WebSocket endpoint to dial, and how. */
+export interface WebSocketTarget extends WebSocketConnectionOptions {
+  /** `ws://host[:port]/path` or `wss://…`. */
+  readonly url: string
+  /** Extra PEM CA certificates trusted for `wss://` (in addition to the system's). */
+  readonly ca?: string | ReadonlyArray<string> | undefined
+  /** Verify the server's certificate (default true). */
+  readonly rejectUnauthorized?: boolean | undefined
+  /** A proxy URL, or `false` for none; by default `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` decide. */
+  readonly proxy?: string | false | undefined
+  /** Extra headers on the opening request (e.g. for an authenticating reverse proxy in front). */
+  readonly headers?: Readonly<Record<string, string>> | undefined
+  /**
+   * Mask client frames with a random key (RFC 6455 requires it; default true). `false` sends an all-zero
+   * key, which saves a pass over every byte; only for peers and paths you control.
+   */
+  readonly maskFrames?: boolean | undefined
+  readonly openTimeout?: Duration.Input | undefined
+}
+
+/** A parsed `ws://`/`wss://` URL. */
+export interface WebSocketUrl {
+  readonly url: URL
+  readonly secure: boolean
+  readonly host: string
+  readonly port: number
+}
+
+/** Parses a tunnel URL; only `ws:` and `wss:` are accepted. */
+export const parseWebSocketUrl = (text: string): WebSocketUrl | WebSocketError => {
+  let url: URL
+  try {
+    url = new URL(text)
+  } catch {
+    return new WebSocketError({ reason: "BadUrl", message: `"${text}" is not a URL` })
+  }
+  if (url.protocol !== "ws:" && url.protocol !== "wss:") {
+    return new WebSocketError({ reason: "BadUrl", message: `"${text}": expected a ws:// or wss:// URL` })
+  }
+  const secure = url.protocol === "wss:"
+  const host = url.hostname.startsWith("[") ? url.hostname.slice(1, -1) : url.hostname
+  return { url, secure, host, port: url.port === "" ? (secure ? 443 : 80) : Number(url.port) }
+}
+
+/** True when `text` names a WebSocket endpoint rather than a `host:port`. */
+export const isWebSocketUrl = (text: string): boolean => /^wss?:\/\//i.test(text.trim())
+
+const zeroMask = (mask: Buffer): void => {
+  mask.fill(0)
+}
+
+const choose = (target: WebSocketTarget, parsed: WebSocketUrl, env: Readonly<Record<string, string | undefined>>): ProxyChoice | undefined | WebSocketError => {
+  const choice = target.proxy === false
+    ? undefined
+    : target.proxy !== undefined
+    ? parseProxyUrl(target.proxy)
+    : proxyFor(parsed, readProxyEnvironment(env))
+  return choice instanceof ProxyConfigError ? new WebSocketError({ reason: "Proxy", message: choice.message }) : choice
+}
+
+/**
+ * Opens the WebSocket (through the proxy when one applies); it is terminated when the scope closes.
+ * Fails with `WebSocketError`: `BadUrl`, `Proxy` (the proxy refused or is unreachable), `Handshake`
+ * (unreachable, TLS failure, or an HTTP answer other than 101, named in the message).
+ */
+export const dialWebSocket = (
+  target: WebSocketTarget,
+  env: Readonly<Record<string, string | undefined>> = process.env
+): Effect.Effect<WebSocketConnection, WebSocketError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const parsed = parseWebSocketUrl(target.url)
+    if (parsed instanceof WebSocketError) return yield* parsed
+    const proxy = choose(target, parsed, env)
+    if (proxy instanceof WebSocketError) return yield* proxy
+    const openTimeout = Duration.fromInputUnsafe(target.openTimeout ?? DefaultOpenTimeout)
+    const tunnel = proxy === undefined ? undefined : yield* connectThroughProxy(proxy, parsed.host, parsed.port, openTimeout)
+    const ca = target.ca === undefined ? undefined : [...tls.rootCertificates, ...(typeof target.ca === "string" ? [target.ca] : target.ca)]
+    const tlsOptions = {
+      ...(ca === undefined ? {} : { ca }),
+      rejectUnauthorized: target.rejectUnauthorized ?? true
+    }
+    const opened = yield* Effect.acquireRelease(
+      Effect.callback<{ ws: WebSocket; socket: net.Socket | undefined }, WebSocketError>((resume) => {
+        let settled = false
+        let socket: net.Socket | undefined
+        const fail = (message: string) => {
+          if (settled) return
+          settled = true
+          ws.terminate()
+          resume(Effect.fail(new WebSocketError({ reason: "Handshake", message: `${target.url}: ${message}` })))
+        }
+        const ws = new WebSocket(parsed.url, {
+          maxPayload: target.maxPayload ?? DefaultMaxPayload,
+          perMessageDeflate: false,
+          followRedirects: false,
+          handshakeTimeout: Duration.toMillis(openTimeout),
+          ...(target.headers === undefined ? {} : { headers: { ...target.headers } }),
+          ...tlsOptions,
+          ...(parsed.secure && !net.isIP(parsed.host) ? { servername: parsed.host } : {}),
+          ...(target.maskFrames === false ? { generateMask: zeroMask } : {}),
+          ...(tunnel === undefined ? {} : {
+            createConnection: () =>
+              parsed.secure
+                ? tls.connect({ socket: tunnel, ...tlsOptions, ...(net.isIP(parsed.host) ? {} : { servername: parsed.host }) })
+                : tunnel
+          })
+        })
+        // errors after the outcome is settled are the connection's business (fromWebSocket listens)
+        ws.on("error", (e) => fail(e.message))
+        ws.once("upgrade", (res) => {
+          socket = res.socket as net.Socket
+        })
+        ws.once("unexpected-response", (req, res) => {
+          res.resume()
+          req.destroy()
+          fail(`the server answered ${res.statusCode} ${res.statusMessage ?? ""} instead of switching to WebSocket`.trim())
+        })
+        ws.once("open", () => {
+          if (settled) return
+          settled = true
+          resume(Effect.succeed({ ws, socket }))
+        })
+        return Effect.sync(() => {
+          settled = true
+          ws.terminate()
+        })
+      }),
+      ({ ws }) => Effect.sync(() => ws.terminate())
+    )
+    const s = opened.socket
+    return yield* fromWebSocket(opened.ws, {
+      ...target,
+      localAddress: s === undefined ? undefined : { host: s.localAddress, port: s.localPort },
+      remoteAddress: s === undefined || tunnel !== undefined ? { host: parsed.host, port: parsed.port } : { host: s.remoteAddress, port: s.remotePort }
+    })
+  })
