@@ -17,7 +17,10 @@ import {
   trailerPairs
 } from "../domain/HttpHeaders.ts"
 import { type ErrorRenderer, plainErrors, sendError, writeRawError } from "./forward/ErrorResponse.ts"
+import { closeAfterFlush } from "./forward/Flush.ts"
+import { type Http1Front, type Http1Server, makeHttp1Server } from "./forward/Http1Engine.ts"
 import type { Upstream } from "./forward/Upstream.ts"
+import { UpstreamPool } from "./forward/UpstreamPool.ts"
 
 /** The request about to be sent upstream; a `Director` may rewrite any field. */
 export interface OutgoingRequest {
@@ -63,6 +66,12 @@ export interface ForwarderShape {
   readonly forward: (req: http.IncomingMessage, res: http.ServerResponse, options?: ForwardOptions) => void
   /** Forwards an upgrade request; after the upstream's 101 the two sockets are piped raw. */
   readonly upgrade: (req: http.IncomingMessage, socket: Duplex, head: Buffer, options?: ForwardOptions) => void
+  /**
+   * Serves client connections the caller accepts (`net.Server` `connection`) with the raw HTTP/1.1
+   * engine: heads parsed and rewritten, bodies moved unchanged, pooled raw upstream connections
+   * (`upstream.connect()`). Closed with the forwarder's scope.
+   */
+  readonly serveHttp1: (front: Http1Front) => Http1Server
   /** Requests and tunnels in flight (for metrics and leak checks). */
   readonly active: () => { readonly requests: number; readonly tunnels: number }
 }
@@ -86,21 +95,10 @@ export const MAX_UPGRADE_BODY = 64 * 1024
 /** Time allowed for an upgrade request's body to arrive (ms), without progress. */
 export const UPGRADE_BODY_TIMEOUT_MS = 30_000
 
-/** How long a tunnel side may take, without progress, to flush its last bytes after the other side closed. */
-export const TUNNEL_FLUSH_GRACE_MS = 30_000
+export { TUNNEL_FLUSH_GRACE_MS } from "./forward/Flush.ts"
 
-/** Ends a duplex gracefully and destroys it once its pending writes are out (or stall for the grace period). */
-const closeAfterFlush = (side: Duplex): void => {
-  if (side.destroyed) return
-  if (side.writableFinished) {
-    side.destroy()
-    return
-  }
-  side.once("finish", () => side.destroy())
-  const timed = side as Duplex & { setTimeout?: (ms: number, cb: () => void) => unknown }
-  if (typeof timed.setTimeout === "function") timed.setTimeout(TUNNEL_FLUSH_GRACE_MS, () => side.destroy())
-  if (!side.writableEnded) side.end()
-}
+/** Most pooled connections per upstream for the HTTP/1.1 engine when the upstream's agent sets no limit. */
+export const ENGINE_DEFAULT_MAX_SOCKETS = 256
 
 const errorText = (err: Error & { code?: string }): string => err.code ?? err.message
 
@@ -119,14 +117,53 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
   let closed = false
   const report = config.onUpstreamError ?? (() => {})
 
+  const pools = new Map<Upstream, UpstreamPool>()
+  const servers = new Set<Http1Server>()
+
   yield* Effect.addFinalizer(() =>
-    Effect.sync(() => {
+    Effect.promise(async () => {
       closed = true
+      await Promise.all([...servers].map((s) => s.close(0)))
+      servers.clear()
       for (const s of tunnels) s.destroy()
       tunnels.clear()
+      for (const p of pools.values()) p.close()
+      pools.clear()
       if (upstream.owned) upstream.agent.destroy()
     })
   )
+
+  const engineCore = {
+    upstream,
+    forwardedMode,
+    responseTimeoutMs: config.responseTimeoutMs,
+    idleTimeoutMs: config.idleTimeoutMs,
+    errors,
+    report,
+    poolFor: (target: Upstream): UpstreamPool => {
+      let pool = pools.get(target)
+      if (pool === undefined) {
+        const agent = target.agent
+        const maxSockets = Number.isFinite(agent.maxSockets) ? agent.maxSockets : ENGINE_DEFAULT_MAX_SOCKETS
+        const maxFree = Number.isFinite(agent.maxFreeSockets) ? Math.min(agent.maxFreeSockets, maxSockets) : maxSockets
+        pool = new UpstreamPool(target, maxSockets, maxFree, (empty) => {
+          if (pools.get(empty.upstream) === empty) pools.delete(empty.upstream)
+        })
+        pools.set(target, pool)
+      }
+      return pool
+    },
+    tunnels,
+    requestStarted: () => void requests++,
+    requestFinished: () => void requests--,
+    isClosed: () => closed
+  }
+
+  const serveHttp1 = (front: Http1Front): Http1Server => {
+    const server = makeHttp1Server(engineCore, front)
+    servers.add(server)
+    return server
+  }
 
   const outgoing = (req: http.IncomingMessage, upgrade: boolean, options: ForwardOptions | undefined): OutgoingRequest => {
     const socket = req.socket as Duplex & { remoteAddress?: string; encrypted?: boolean }
@@ -454,6 +491,7 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
     upstream,
     forward,
     upgrade,
+    serveHttp1,
     active: () => ({ requests, tunnels: tunnels.size })
   } satisfies ForwarderShape
 })

@@ -1,22 +1,21 @@
 /**
  * The Docker socket proxy front door: listens on TCP and/or Unix sockets, refuses clients outside the
  * allowlist, canonicalises each request path, applies the rule set (first match wins, deny by default)
- * and hands allowed requests and upgrades to the forwarding core. Denials are 403 in Docker's error shape
- * and never reach upstream. It does not inspect bodies, and it cannot see Unix-socket peer uids (Node does
+ * and hands allowed requests and upgrades to the forwarding core's raw HTTP/1.1 engine. Denials are 403 in
+ * Docker's error shape and never reach upstream. It does not inspect bodies, and it cannot see Unix-socket peer uids (Node does
  * not expose SO_PEERCRED): access to a Unix listener is governed by its file mode and directory.
  */
 import { Context, Effect, Layer, Schema } from "effect"
 import type { Scope } from "effect"
 import * as fs from "node:fs"
-import type * as http from "node:http"
 import * as net from "node:net"
-import type { Duplex } from "node:stream"
 import { decide, denialMessage, type RuleSet } from "../../domain/AccessRule.ts"
 import { clientAllowed } from "../../domain/ClientAllowlist.ts"
 import { canonicalTarget, isTargetRejection } from "../../domain/HttpHeaders.ts"
 import type { ListenAddress, SocketProxyConfig } from "../../domain/SocketProxyConfig.ts"
-import { dockerErrors, sendError, writeRawError } from "../forward/ErrorResponse.ts"
-import { closeFrontServer, makeFrontServer } from "../forward/FrontServer.ts"
+import { dockerErrors } from "../forward/ErrorResponse.ts"
+import { STREAM_HIGH_WATER_MARK } from "../forward/FrontServer.ts"
+import type { Admission, Http1Request, Http1Server } from "../forward/Http1Engine.ts"
 import { tcpUpstream, unixUpstream } from "../forward/Upstream.ts"
 import { type ForwarderShape, makeForwarder } from "../Forwarder.ts"
 
@@ -97,7 +96,8 @@ const clearStaleSocket = (path: string): Effect.Effect<void, SocketProxyError> =
  * for up to `drainMs`, then closes every connection left and removes the socket file.
  */
 const bind = (
-  server: http.Server,
+  server: net.Server,
+  engine: Http1Server,
   address: ListenAddress,
   drainMs: number
 ): Effect.Effect<BoundAddress, SocketProxyError, Scope.Scope> =>
@@ -137,7 +137,12 @@ const bind = (
       })
     }),
     (bound) =>
-      Effect.promise(() => closeFrontServer(server, drainMs)).pipe(
+      Effect.promise(() =>
+        Promise.all([
+          new Promise<void>((resolve) => server.close(() => resolve())),
+          engine.close(drainMs)
+        ])
+      ).pipe(
         Effect.andThen(Effect.sync(() => {
           if (bound._tag === "Unix") {
             try {
@@ -178,37 +183,33 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
   let denied = 0
   let rejected = 0
 
-  /** Checks client, path and rules; returns what to forward or answers the refusal itself. */
-  const admit = (
-    req: http.IncomingMessage,
-    refuse: (status: number, message: string) => void
-  ): { readonly path: string; readonly idleTimeoutMs: number | undefined } | undefined => {
+  const refuse = (status: number, message: string): Admission => ({ _tag: "Refuse", status, message })
+
+  /** Checks client, path and rules: what to forward, or the refusal to answer. */
+  const admit = (req: Http1Request): Admission => {
     const socket = req.socket as net.Socket & { [refusedClient]?: boolean }
-    const method = req.method ?? "GET"
+    const method = req.method
     if (socket[refusedClient] === true) {
       rejected++
       const message = `switchyard socket-proxy: client ${socket.remoteAddress} is not in allowFrom of rule set "${ruleSet.name}"`
       warn(message)
-      refuse(403, message)
-      return undefined
+      return refuse(403, message)
     }
     // The Engine's Go handlers merge a form-encoded POST/PUT/PATCH body into the query parameters, where
     // rules cannot see it. The Docker API never sends such bodies, so they are refused.
-    const contentType = req.headers["content-type"]
+    const contentType = req.contentType
     if (contentType !== undefined && FORM_BODY.test(contentType) && FORM_METHODS.has(method)) {
       rejected++
       const message = "switchyard socket-proxy: form-encoded request bodies are not accepted"
-      warn(`${message}: ${method} ${JSON.stringify(req.url)}`)
-      refuse(400, message)
-      return undefined
+      warn(`${message}: ${method} ${JSON.stringify(req.target)}`)
+      return refuse(400, message)
     }
-    const target = canonicalTarget(req.url ?? "/")
+    const target = canonicalTarget(req.target)
     if (isTargetRejection(target)) {
       rejected++
       const message = `switchyard socket-proxy: rejected request target (${target.detail})`
-      warn(`${message}: ${method} ${JSON.stringify(req.url)}`)
-      refuse(400, message)
-      return undefined
+      warn(`${message}: ${method} ${JSON.stringify(req.target)}`)
+      return refuse(400, message)
     }
     const request = { method, path: target.path, query: target.query }
     const decision = decide(ruleSet, request)
@@ -216,32 +217,24 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
       denied++
       const message = denialMessage(ruleSet, request, decision)
       warn(message)
-      refuse(403, message)
-      return undefined
+      return refuse(403, message)
     }
     allowed++
     if (config.logAllowed) info(`allowed ${method} ${target.path} by "${decision.rule.source}"`)
-    return { path: target.upstreamTarget, idleTimeoutMs: decision.rule.idleTimeoutMs }
-  }
-
-  const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
-    const admitted = admit(req, (status, message) => sendError(res, dockerErrors, status, message))
-    if (admitted) forwarder.forward(req, res, admitted)
-  }
-  const onUpgrade = (req: http.IncomingMessage, socket: Duplex, head: Buffer): void => {
-    const admitted = admit(req, (status, message) => writeRawError(socket, dockerErrors, status, message))
-    if (admitted) forwarder.upgrade(req, socket, head, admitted)
+    return { _tag: "Forward", path: target.upstreamTarget, idleTimeoutMs: decision.rule.idleTimeoutMs }
   }
 
   const addresses: Array<BoundAddress> = []
   for (const address of config.listen) {
-    const server = makeFrontServer(limits, dockerErrors, onRequest, onUpgrade)
-    if (address._tag === "Tcp" && allowFrom !== undefined) {
-      server.on("connection", (socket: net.Socket & { [refusedClient]?: boolean }) => {
-        if (!clientAllowed(allowFrom, socket.remoteAddress)) socket[refusedClient] = true
-      })
-    }
-    addresses.push(yield* bind(server, address, limits.drainTimeoutMs))
+    const engine = forwarder.serveHttp1({ limits, admit })
+    const checkClient = address._tag === "Tcp" && allowFrom !== undefined
+    const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: STREAM_HIGH_WATER_MARK })
+    server.maxConnections = limits.maxConnections
+    server.on("connection", (socket: net.Socket & { [refusedClient]?: boolean }) => {
+      if (checkClient && !clientAllowed(allowFrom, socket.remoteAddress)) socket[refusedClient] = true
+      engine.accept(socket)
+    })
+    addresses.push(yield* bind(server, engine, address, limits.drainTimeoutMs))
   }
   return {
     addresses,

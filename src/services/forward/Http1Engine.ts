@@ -1,0 +1,873 @@
+/**
+ * The raw HTTP/1.1 proxy engine: takes client sockets as they are accepted, parses only request and
+ * response heads (`Http1Parser`), asks the caller what to do with each request, rewrites the head
+ * (hop-by-hop headers, `X-Forwarded-*`) and moves body bytes unchanged between the client and a pooled
+ * upstream connection, with backpressure, keep-alive and pipelining in order, and `101` turned into a
+ * raw half-closable pipe. It does not route or authorise (the caller's `admit` does) and never decodes bodies.
+ */
+import type * as net from "node:net"
+import type { Duplex } from "node:stream"
+import {
+  BodyFramer,
+  type HeadReader,
+  type Http1Error,
+  type RequestHead,
+  requestHeadReader,
+  type ResponseHead,
+  responseFraming,
+  responseHeadReader
+} from "../../domain/Http1Parser.ts"
+import { type ForwardedMode, requestHeaders, responseHeaders } from "../../domain/HttpHeaders.ts"
+import { type ErrorRenderer, writeRawError } from "./ErrorResponse.ts"
+import { closeAfterFlush } from "./Flush.ts"
+import type { HttpLimits } from "./FrontServer.ts"
+import type { Upstream } from "./Upstream.ts"
+import { type ConnectionOwner, type ConnectionWaiter, PooledConnection, type UpstreamPool } from "./UpstreamPool.ts"
+
+/** A request as the engine parsed it, for the caller's decision. */
+export interface Http1Request {
+  readonly method: string
+  /** The request target as sent. */
+  readonly target: string
+  /** 0 for HTTP/1.0, 1 for HTTP/1.1. */
+  readonly versionMinor: number
+  /** Flat `[name, value, ...]` as received. */
+  readonly headers: ReadonlyArray<string>
+  readonly host: string | undefined
+  readonly contentType: string | undefined
+  /** The `Upgrade` value when the request asks to switch protocols. */
+  readonly upgrade: string | undefined
+  /** The client connection (for its address, or marks the caller set when it was accepted). */
+  readonly socket: Duplex
+}
+
+/** The outgoing request a `Http1Director` may rewrite (same shape as the Node path's). */
+export interface Http1Outgoing {
+  method: string
+  path: string
+  headers: Array<string>
+  upstream: Upstream
+}
+
+/** What to do with a request: forward it (optionally rewritten) or refuse it with a status. */
+export type Admission =
+  | {
+    readonly _tag: "Forward"
+    /** Overrides the client's target (e.g. a canonicalised path). */
+    readonly path?: string | undefined
+    /** Overrides the idle limit for this request (ms; 0 = none). */
+    readonly idleTimeoutMs?: number | undefined
+    /** Overrides the time allowed for the response head (ms; 0 = none). */
+    readonly responseTimeoutMs?: number | undefined
+    /** Rewrites the outgoing request (upstream, path, headers). */
+    readonly director?: ((outgoing: Http1Outgoing, incoming: Http1Request) => void) | undefined
+  }
+  | { readonly _tag: "Refuse"; readonly status: number; readonly message: string }
+
+/** A front door's side of the engine: its limits and its decision for each request. */
+export interface Http1Front {
+  readonly limits: HttpLimits
+  readonly admit: (request: Http1Request) => Admission
+}
+
+/** The engine serving one front door's listeners. */
+export interface Http1Server {
+  /** Serves a newly accepted client connection (call from `net.Server`'s `connection` event). */
+  readonly accept: (socket: net.Socket) => void
+  /** Stops taking requests, lets those in flight finish for up to `drainMs`, then closes everything left. */
+  readonly close: (drainMs: number) => Promise<void>
+  /** Client connections open. */
+  readonly connections: () => number
+}
+
+/** What the engine shares with the forwarder that made it. */
+export interface EngineCore {
+  readonly upstream: Upstream
+  readonly forwardedMode: ForwardedMode
+  readonly responseTimeoutMs: number
+  readonly idleTimeoutMs: number
+  readonly errors: ErrorRenderer
+  readonly report: (message: string) => void
+  /** The pool for an upstream (one per upstream object, created on first use). */
+  readonly poolFor: (upstream: Upstream) => UpstreamPool
+  /** Live raw tunnels, closed with the forwarder. */
+  readonly tunnels: Set<Duplex>
+  /** Counts exchanges in flight. */
+  readonly requestStarted: () => void
+  readonly requestFinished: () => void
+  readonly isClosed: () => boolean
+}
+
+/** Largest body an upgrade request may carry (exec start sends a small JSON object). */
+export const ENGINE_MAX_UPGRADE_BODY = 64 * 1024
+/** Time allowed for an upgrade request's body to arrive (ms). */
+export const ENGINE_UPGRADE_BODY_TIMEOUT_MS = 30_000
+/** Most bytes of pipelined requests held while a response is in flight (the client is paused beyond). */
+export const MAX_PIPELINED_BYTES = 256 * 1024
+
+/** Methods a request may be repeated with when its pooled connection failed before any answer. */
+const IDEMPOTENT: ReadonlySet<string> = new Set(["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"])
+const CONTINUE = Buffer.from("HTTP/1.1 100 Continue\r\n\r\n", "latin1")
+
+const HEAD = 0
+const WAITING = 1
+const EXCHANGE = 2
+const TUNNEL = 3
+const CLOSED = 4
+
+const errorText = (err: (Error & { code?: string }) | undefined): string => err === undefined ? "connection closed" : err.code ?? err.message
+
+/** The head sent upstream. */
+const requestHeadBytes = (out: Http1Outgoing, versionMinor: number, chunked: boolean): Buffer => {
+  let text = `${out.method} ${out.path} HTTP/1.${versionMinor}\r\n`
+  const h = out.headers
+  for (let i = 0; i < h.length; i += 2) text += `${h[i]}: ${h[i + 1]}\r\n`
+  if (chunked) text += "Transfer-Encoding: chunked\r\n"
+  return Buffer.from(text + "\r\n", "latin1")
+}
+
+/** The head relayed to the client (hop-by-hop headers gone, framing and connection ours). */
+const responseHeadBytes = (head: ResponseHead, chunked: boolean, close: boolean): Buffer => {
+  let text = `HTTP/1.1 ${head.status} ${head.reason}\r\n`
+  const h = responseHeaders(head.headers)
+  for (let i = 0; i < h.length; i += 2) {
+    // With chunked coding a Content-Length is not relayed (RFC 9112 §6.3).
+    if (chunked && h[i]!.length === 14 && h[i]!.toLowerCase() === "content-length") continue
+    text += `${h[i]}: ${h[i + 1]}\r\n`
+  }
+  if (chunked) text += "Transfer-Encoding: chunked\r\n"
+  if (close) text += "Connection: close\r\n"
+  return Buffer.from(text + "\r\n", "latin1")
+}
+
+/** The upstream's 101 as received (its Connection/Upgrade headers are what the client needs). */
+const switchingHeadBytes = (head: ResponseHead): Buffer => {
+  let text = `HTTP/1.1 ${head.status} ${head.reason}\r\n`
+  const h = head.headers
+  for (let i = 0; i < h.length; i += 2) text += `${h[i]}: ${h[i + 1]}\r\n`
+  return Buffer.from(text + "\r\n", "latin1")
+}
+
+/** One client connection: a loop of request → upstream exchange → response, then the next request. */
+class ClientConnection implements ConnectionOwner, ConnectionWaiter {
+  readonly socket: net.Socket
+  readonly core: EngineCore
+  readonly front: Http1Front
+  readonly server: EngineServer
+  private readonly reader: HeadReader<RequestHead>
+  private phase = HEAD
+  /** Bytes received beyond the message being handled (the start of the next request, or an early body). */
+  private pending: Buffer | undefined = undefined
+  private clientEnded = false
+  private clientTimer: NodeJS.Timeout | undefined = undefined
+  private upTimer: NodeJS.Timeout | undefined = undefined
+
+  // The exchange in progress.
+  private request: RequestHead | undefined = undefined
+  private head: Buffer | undefined = undefined
+  private outgoing: Http1Outgoing | undefined = undefined
+  private requestFramer: BodyFramer | undefined = undefined
+  private requestDone = false
+  private pool: UpstreamPool | undefined = undefined
+  private conn: PooledConnection | undefined = undefined
+  private responseReader: HeadReader<ResponseHead> | undefined = undefined
+  private responseFramer: BodyFramer | undefined = undefined
+  private responseStarted = false
+  private responseHeadSent = false
+  private upstreamBytes = 0
+  private closeAfter = false
+  private retryable = false
+  private retried = false
+  private upgrading = false
+  private idleTimeoutMs = 0
+  private responseTimeoutMs = 0
+  private counted = false
+  private waitingDrain = false
+  private upstreamPaused = false
+  /** Between keep-alive requests: the first byte of the next head switches to the head timeout. */
+  private awaitingFirstByte = false
+  /** The upstream may carry another exchange after this response. */
+  private responseKeepAlive = true
+
+  constructor(socket: net.Socket, core: EngineCore, front: Http1Front, server: EngineServer) {
+    this.socket = socket
+    this.core = core
+    this.front = front
+    this.server = server
+    this.reader = requestHeadReader(front.limits)
+    socket.on("data", this.onClientData)
+    socket.on("end", this.onClientEnd)
+    socket.on("error", this.onClientError)
+    socket.on("close", this.onClientClose)
+    socket.on("drain", this.onClientDrain)
+    this.armClient(front.limits.headersTimeoutMs, this.onHeadTimeout)
+  }
+
+  /** Whether nothing is in flight (a keep-alive connection between requests). */
+  idle(): boolean {
+    return this.phase === HEAD && this.reader.buffered === 0 && this.pending === undefined
+  }
+
+  /** Shutdown: an idle connection closes now, a busy one after its exchange. */
+  drain(): void {
+    if (this.idle()) this.socket.destroy()
+    else this.closeAfter = true
+  }
+
+  destroy(): void {
+    this.socket.destroy()
+    this.conn?.destroy()
+  }
+
+  // ---- client side ----
+
+  private readonly onClientData = (chunk: Buffer): void => {
+    switch (this.phase) {
+      case HEAD:
+        if (this.awaitingFirstByte) {
+          this.awaitingFirstByte = false
+          this.armClient(this.front.limits.headersTimeoutMs, this.onHeadTimeout)
+        }
+        this.feedHead(chunk)
+        return
+      case EXCHANGE:
+        if (!this.requestDone && this.conn !== undefined) {
+          this.feedBody(chunk, 0)
+          return
+        }
+        this.hold(chunk)
+        return
+      default:
+        this.hold(chunk)
+    }
+  }
+
+  /** Keeps bytes for later (the next request, or a body waiting for its connection) and stops reading. */
+  private hold(chunk: Buffer): void {
+    this.pending = this.pending === undefined ? chunk : Buffer.concat([this.pending, chunk])
+    this.socket.pause()
+    if (this.pending.length > MAX_PIPELINED_BYTES + this.front.limits.maxHeaderSize) this.socket.destroy()
+  }
+
+  private readonly onClientEnd = (): void => {
+    this.clientEnded = true
+    if (this.phase === HEAD) {
+      // Nothing more will come: close once what was written is out.
+      this.phase = CLOSED
+      this.clearTimers()
+      closeAfterFlush(this.socket)
+    } else if (this.phase === EXCHANGE && !this.requestDone) {
+      // The request body cannot be completed: abandon the exchange.
+      this.destroy()
+    } else {
+      this.closeAfter = true
+    }
+  }
+
+  private readonly onClientError = (): void => {
+    // A reset or a failed write; `close` follows and cleans up.
+  }
+
+  private readonly onClientClose = (): void => {
+    const wasTunnel = this.phase === TUNNEL
+    this.phase = CLOSED
+    this.clearTimers()
+    if (this.conn !== undefined) {
+      // Never returned to the pool mid-exchange.
+      const c = this.conn
+      this.conn = undefined
+      c.owner = undefined
+      if (!wasTunnel) c.destroy()
+    }
+    if (this.pool !== undefined) this.pool.cancel(this)
+    this.finishCount()
+    this.server.forget(this)
+  }
+
+  private readonly onClientDrain = (): void => {
+    if (this.upstreamPaused && this.conn !== undefined) {
+      this.upstreamPaused = false
+      this.conn.socket.resume()
+    }
+    this.upTimer?.refresh()
+  }
+
+  private feedHead(chunk: Buffer): void {
+    const step = this.reader.push(chunk)
+    switch (step._tag) {
+      case "Need":
+        return
+      case "Error":
+        this.fail(step.error.status, `switchyard: ${step.error.message}`)
+        return
+      case "Head":
+        this.startExchange(step.head, step.rest)
+    }
+  }
+
+  private startExchange(request: RequestHead, rest: Buffer): void {
+    this.socket.pause()
+    this.clearClientTimer()
+    this.pending = rest.length > 0 ? rest : undefined
+    if (this.core.isClosed() || this.server.closing) {
+      this.fail(503, "switchyard: shutting down")
+      return
+    }
+    if (request.method === "CONNECT") {
+      this.fail(501, "switchyard: CONNECT is not supported")
+      return
+    }
+    const upgrading = request.upgrade !== undefined
+    if (upgrading) {
+      if (request.framing._tag === "Chunked") {
+        this.fail(400, "switchyard: an upgrade request with a body needs a Content-Length")
+        return
+      }
+      if (request.framing._tag === "Length" && request.framing.length > ENGINE_MAX_UPGRADE_BODY) {
+        this.fail(413, `switchyard: an upgrade request body may have at most ${ENGINE_MAX_UPGRADE_BODY} bytes`)
+        return
+      }
+    }
+    const incoming: Http1Request = {
+      method: request.method,
+      target: request.target,
+      versionMinor: request.versionMinor,
+      headers: request.headers,
+      host: request.host,
+      contentType: request.contentType,
+      upgrade: request.upgrade,
+      socket: this.socket
+    }
+    let admission: Admission
+    try {
+      admission = this.front.admit(incoming)
+    } catch (e) {
+      this.core.report(`request decision failed: ${(e as Error).message}`)
+      this.fail(502, "switchyard: the request could not be prepared for the upstream")
+      return
+    }
+    if (admission._tag === "Refuse") {
+      this.fail(admission.status, admission.message)
+      return
+    }
+    const core = this.core
+    let out: Http1Outgoing
+    try {
+      const remote = this.socket as net.Socket & { encrypted?: boolean }
+      out = {
+        method: request.method,
+        path: admission.path ?? request.target,
+        headers: requestHeaders(
+          request.headers,
+          upgrading,
+          core.forwardedMode,
+          core.forwardedMode === "off"
+            ? undefined
+            : { clientAddress: remote.remoteAddress, proto: remote.encrypted === true ? "https" : "http", host: request.host }
+        ),
+        upstream: core.upstream
+      }
+      admission.director?.(out, incoming)
+    } catch (e) {
+      core.report(`director failed: ${(e as Error).message}`)
+      this.fail(502, "switchyard: the request could not be prepared for the upstream")
+      return
+    }
+    this.request = request
+    this.outgoing = out
+    this.upgrading = upgrading
+    this.head = requestHeadBytes(out, request.versionMinor, request.framing._tag === "Chunked")
+    this.requestFramer = new BodyFramer(request.framing, this.front.limits.maxHeaderSize, 400)
+    this.requestDone = this.requestFramer.done
+    this.responseReader = responseHeadReader(this.front.limits)
+    this.responseFramer = undefined
+    this.responseStarted = false
+    this.responseHeadSent = false
+    this.responseKeepAlive = true
+    this.upstreamBytes = 0
+    this.retried = false
+    this.retryable = !upgrading && request.framing._tag === "None" && IDEMPOTENT.has(request.method)
+    this.closeAfter = this.closeAfter || !request.keepAlive || request.versionMinor === 0 || this.clientEnded
+    this.idleTimeoutMs = admission.idleTimeoutMs ?? core.idleTimeoutMs
+    this.responseTimeoutMs = admission.responseTimeoutMs ?? core.responseTimeoutMs
+    this.phase = WAITING
+    if (!this.counted) {
+      this.counted = true
+      core.requestStarted()
+    }
+    if (request.expectContinue && !this.requestDone && request.versionMinor === 1) this.socket.write(CONTINUE)
+    this.armUp(this.responseTimeoutMs, this.onResponseTimeout)
+    if (!this.requestDone) {
+      const bodyLimit = upgrading ? ENGINE_UPGRADE_BODY_TIMEOUT_MS : this.front.limits.requestTimeoutMs
+      if (bodyLimit > 0) this.armClient(bodyLimit, this.onBodyTimeout)
+    }
+    // Nothing else is expected before the exchange ends: read on, so a client leaving is noticed.
+    if (this.requestDone && this.pending === undefined) this.socket.resume()
+    if (upgrading) {
+      // An upgrade takes a connection of its own, never pooled (it becomes the tunnel).
+      this.granted(new PooledConnection(out.upstream.connect(), undefined))
+      return
+    }
+    const pool = core.poolFor(out.upstream)
+    this.pool = pool
+    pool.acquire(this, false)
+  }
+
+  // ---- upstream connection ----
+
+  readonly granted = (conn: PooledConnection): void => {
+    if (this.phase !== WAITING) {
+      // The client left while this connection was on its way.
+      if (conn.pool !== undefined) conn.pool.release(conn, conn.usable())
+      else conn.destroy()
+      return
+    }
+    this.pool = undefined
+    this.phase = EXCHANGE
+    this.conn = conn
+    conn.owner = this
+    const up = conn.socket
+    const pending = this.pending
+    this.pending = undefined
+    up.cork()
+    up.write(this.head!)
+    if (pending !== undefined) {
+      if (this.requestDone) this.pending = pending
+      else this.feedBody(pending, 0)
+    }
+    up.uncork()
+    if (this.phase !== EXCHANGE) return
+    if (!this.requestDone && this.clientEnded) {
+      // The client finished sending before its body was complete: the request can never be whole.
+      this.destroy()
+      return
+    }
+    if (!this.waitingDrain && this.pending === undefined) this.socket.resume()
+  }
+
+  readonly refused = (message: string): void => {
+    this.pool = undefined
+    this.fail(503, message)
+  }
+
+  private feedBody(chunk: Buffer, from: number): void {
+    const framer = this.requestFramer!
+    const n = framer.consume(chunk, from)
+    if (typeof n !== "number") {
+      this.abandon(n.status, `switchyard: ${n.message}`)
+      return
+    }
+    const up = this.conn!.socket
+    let ok = true
+    if (n > 0) ok = up.write(from === 0 && n === chunk.length ? chunk : chunk.subarray(from, from + n))
+    this.upTimer?.refresh()
+    if (framer.done) {
+      this.requestDone = true
+      this.clearClientTimer()
+      const restAt = from + n
+      // Reading on lets a client's close be seen; further bytes are held for the next request.
+      if (restAt < chunk.length) this.hold(chunk.subarray(restAt))
+      return
+    }
+    if (!ok) {
+      this.waitingDrain = true
+      this.socket.pause()
+    }
+  }
+
+  readonly upstreamDrain = (): void => {
+    if (this.waitingDrain) {
+      this.waitingDrain = false
+      if (this.phase === EXCHANGE && !this.requestDone) this.socket.resume()
+    }
+  }
+
+  readonly upstreamData = (chunk: Buffer): void => {
+    this.upstreamBytes += chunk.length
+    const framer = this.responseFramer
+    if (framer !== undefined) {
+      this.upTimer?.refresh()
+      const n = framer.consume(chunk, 0)
+      if (typeof n !== "number") {
+        this.core.report(`upstream ${this.outgoing!.upstream.describe} sent a malformed body: ${n.message}`)
+        this.destroy()
+        return
+      }
+      if (n > 0 && !this.socket.write(n === chunk.length ? chunk : chunk.subarray(0, n))) {
+        this.upstreamPaused = true
+        this.conn!.socket.pause()
+      }
+      if (framer.done) this.responseComplete(n === chunk.length)
+      return
+    }
+    this.responseStarted = true
+    this.upTimer?.refresh()
+    this.readResponseHead(chunk)
+  }
+
+  private readResponseHead(chunk: Buffer): void {
+    const reader = this.responseReader!
+    let step = reader.push(chunk)
+    for (;;) {
+      if (step._tag === "Need") return
+      if (step._tag === "Error") {
+        this.badResponse(step.error)
+        return
+      }
+      const head = step.head
+      const rest = step.rest
+      if (head.status === 101) {
+        if (this.upgrading) this.openTunnel(head, rest)
+        else this.badResponse(undefined)
+        return
+      }
+      if (head.status >= 100 && head.status < 200) {
+        // Interim responses go to the client as they come (an HTTP/1.0 client gets none).
+        if (this.request!.versionMinor === 1) this.socket.write(responseHeadBytes(head, false, false))
+        if (rest.length === 0) return
+        step = reader.push(rest)
+        continue
+      }
+      this.sendResponseHead(head, rest)
+      return
+    }
+  }
+
+  private sendResponseHead(head: ResponseHead, rest: Buffer): void {
+    const framing = responseFraming(this.request!.method, head)
+    const framer = new BodyFramer(framing, this.front.limits.maxHeaderSize, 502)
+    this.responseFramer = framer
+    this.responseKeepAlive = head.keepAlive && head.versionMinor === 1
+    // A declined upgrade, a response that ends with its connection, or an answer before the whole request
+    // body: the client connection cannot carry another request.
+    if (this.upgrading || framing._tag === "Close" || !this.requestDone) this.closeAfter = true
+    const headBytes = responseHeadBytes(head, framing._tag === "Chunked", this.closeAfter)
+    this.responseHeadSent = true
+    this.armUp(this.idleTimeoutMs, this.onIdleTimeout)
+    const socket = this.socket
+    if (rest.length === 0 || framer.done) {
+      socket.write(headBytes)
+      if (framer.done) this.responseComplete(rest.length === 0)
+      return
+    }
+    const n = framer.consume(rest, 0)
+    if (typeof n !== "number") {
+      socket.write(headBytes)
+      this.destroy()
+      return
+    }
+    socket.cork()
+    socket.write(headBytes)
+    const ok = socket.write(n === rest.length ? rest : rest.subarray(0, n))
+    socket.uncork()
+    if (!ok) {
+      this.upstreamPaused = true
+      this.conn!.socket.pause()
+    }
+    if (framer.done) this.responseComplete(n === rest.length)
+  }
+
+  /** A response the client cannot be given: 502 if nothing was sent yet, else the exchange is cut. */
+  private badResponse(error: Http1Error | undefined): void {
+    const what = error === undefined ? "an unexpected 101" : error.message
+    this.core.report(`upstream ${this.outgoing!.upstream.describe} sent a response that cannot be relayed: ${what}`)
+    this.abandon(502, `switchyard: upstream ${this.outgoing!.upstream.describe} sent a response that cannot be relayed`)
+  }
+
+  /** Ends the exchange with an error answer when no response head went out, else cuts the connection. */
+  private abandon(status: number, message: string): void {
+    const conn = this.conn
+    this.conn = undefined
+    if (conn !== undefined) {
+      conn.owner = undefined
+      conn.destroy()
+    }
+    if (this.responseHeadSent) this.destroy()
+    else this.fail(status, message)
+  }
+
+  private responseComplete(clean: boolean): void {
+    this.clearUpTimer()
+    const conn = this.conn!
+    this.conn = undefined
+    const request = this.request!
+    const head = this.responseFramer!
+    const reusable = clean && this.requestDone && !head.closeDelimited && this.responseKeepAlive && request.versionMinor === 1
+    if (this.upstreamPaused) {
+      this.upstreamPaused = false
+      conn.socket.resume()
+    }
+    if (conn.pool !== undefined) conn.pool.release(conn, reusable)
+    else conn.destroy()
+    this.finishCount()
+    this.resetExchange()
+    if (this.closeAfter) {
+      this.phase = CLOSED
+      this.clearTimers()
+      closeAfterFlush(this.socket)
+      return
+    }
+    this.phase = HEAD
+    this.armClient(this.front.limits.keepAliveTimeoutMs, this.onKeepAliveTimeout)
+    this.awaitingFirstByte = true
+    const pending = this.pending
+    this.pending = undefined
+    if (pending !== undefined) {
+      this.awaitingFirstByte = false
+      this.armClient(this.front.limits.headersTimeoutMs, this.onHeadTimeout)
+      this.feedHead(pending)
+    }
+    if (this.phase === HEAD) this.socket.resume()
+  }
+
+  private resetExchange(): void {
+    this.request = undefined
+    this.outgoing = undefined
+    this.head = undefined
+    this.requestFramer = undefined
+    this.responseReader = undefined
+    this.responseFramer = undefined
+    this.waitingDrain = false
+  }
+
+  readonly upstreamEnd = (): void => {
+    const framer = this.responseFramer
+    if (framer !== undefined && framer.closeDelimited && !framer.done) {
+      framer.done = true
+      this.responseKeepAlive = false
+      this.responseComplete(false)
+      return
+    }
+    // Anything else ending here is incomplete: `close` follows (the socket is destroyed) and decides.
+    this.conn?.destroy()
+  }
+
+  readonly upstreamClose = (error: (Error & { code?: string }) | undefined): void => {
+    const conn = this.conn
+    if (conn === undefined || this.phase !== EXCHANGE) return
+    this.conn = undefined
+    const target = this.outgoing!.upstream
+    if (!this.responseStarted && this.upstreamBytes === 0) {
+      if (conn.reused && this.retryable && !this.retried && this.pending === undefined) {
+        // A pooled connection the upstream closed while idle: nothing was processed; try once more.
+        this.retried = true
+        this.phase = WAITING
+        const pool = this.core.poolFor(target)
+        this.pool = pool
+        pool.acquire(this, true)
+        return
+      }
+      this.core.report(`upstream ${target.describe} unreachable: ${errorText(error)}`)
+      this.fail(502, `switchyard: upstream ${target.describe} unreachable (${errorText(error)})`)
+      return
+    }
+    if (!this.responseHeadSent) {
+      this.core.report(`upstream ${target.describe} closed before a complete response head`)
+      this.fail(502, `switchyard: upstream ${target.describe} closed the connection before answering`)
+      return
+    }
+    // Mid-body: the client must see an incomplete response, not a complete one.
+    this.destroy()
+  }
+
+  // ---- upgrades ----
+
+  private openTunnel(head: ResponseHead, rest: Buffer): void {
+    const conn = this.conn!
+    this.conn = undefined
+    this.clearTimers()
+    this.phase = TUNNEL
+    this.finishCount()
+    const up = conn.detach()
+    const socket = this.socket
+    socket.off("data", this.onClientData)
+    socket.off("end", this.onClientEnd)
+    socket.off("drain", this.onClientDrain)
+    const tunnels = this.core.tunnels
+    tunnels.add(socket)
+    tunnels.add(up)
+    const target = this.outgoing!.upstream
+    const what = `${this.request!.method} ${this.outgoing!.path}`
+    const teardown = () => {
+      tunnels.delete(socket)
+      tunnels.delete(up)
+      socket.destroy()
+      up.destroy()
+    }
+    const timed = up as Duplex & { setTimeout?: (ms: number) => unknown }
+    if (typeof timed.setTimeout === "function") timed.setTimeout(this.idleTimeoutMs)
+    up.on("timeout", () => {
+      this.core.report(`tunnel to ${target.describe} idle too long: ${what}`)
+      teardown()
+    })
+    up.on("error", teardown)
+    socket.on("error", teardown)
+    up.on("close", () => {
+      tunnels.delete(up)
+      closeAfterFlush(socket)
+    })
+    socket.on("close", () => {
+      tunnels.delete(socket)
+      closeAfterFlush(up)
+    })
+    socket.cork()
+    socket.write(switchingHeadBytes(head))
+    if (rest.length > 0) socket.write(rest)
+    socket.uncork()
+    const pending = this.pending
+    this.pending = undefined
+    if (pending !== undefined) up.write(pending)
+    if (this.clientEnded) up.end()
+    // pipe() ends the other side's writable when one side's readable ends: half-close carries over.
+    socket.pipe(up)
+    up.pipe(socket)
+    up.resume()
+    this.resetExchange()
+  }
+
+  // ---- errors and timers ----
+
+  /** Answers an error and closes the connection after it; nothing more is read. */
+  private fail(status: number, message: string): void {
+    this.clearTimers()
+    if (this.pool !== undefined) {
+      this.pool.cancel(this)
+      this.pool = undefined
+    }
+    const conn = this.conn
+    this.conn = undefined
+    if (conn !== undefined) {
+      conn.owner = undefined
+      conn.destroy()
+    }
+    this.finishCount()
+    this.phase = CLOSED
+    this.pending = undefined
+    this.socket.off("data", this.onClientData)
+    this.socket.resume() // discard what else arrives until the client reads the answer and leaves
+    writeRawError(this.socket, this.core.errors, status, message)
+    closeAfterFlush(this.socket)
+  }
+
+  private finishCount(): void {
+    if (this.counted) {
+      this.counted = false
+      this.core.requestFinished()
+    }
+  }
+
+  private armClient(ms: number, fire: () => void): void {
+    this.clearClientTimer()
+    if (ms > 0) this.clientTimer = setTimeout(fire, ms)
+  }
+
+  private clearClientTimer(): void {
+    if (this.clientTimer !== undefined) {
+      clearTimeout(this.clientTimer)
+      this.clientTimer = undefined
+    }
+  }
+
+  private armUp(ms: number, fire: () => void): void {
+    this.clearUpTimer()
+    if (ms > 0) this.upTimer = setTimeout(fire, ms)
+  }
+
+  private clearUpTimer(): void {
+    if (this.upTimer !== undefined) {
+      clearTimeout(this.upTimer)
+      this.upTimer = undefined
+    }
+  }
+
+  private clearTimers(): void {
+    this.clearClientTimer()
+    this.clearUpTimer()
+  }
+
+  private readonly onHeadTimeout = (): void => {
+    this.clientTimer = undefined
+    if (this.phase !== HEAD) return
+    if (this.reader.buffered === 0 && this.pending === undefined) this.socket.destroy()
+    else this.fail(408, "switchyard: request not received in time")
+  }
+
+  private readonly onKeepAliveTimeout = (): void => {
+    this.clientTimer = undefined
+    if (this.idle()) this.socket.destroy()
+  }
+
+  private readonly onBodyTimeout = (): void => {
+    this.clientTimer = undefined
+    if (this.requestDone) return
+    if (this.responseHeadSent) this.destroy()
+    else this.fail(408, "switchyard: request not received in time")
+  }
+
+  private readonly onResponseTimeout = (): void => {
+    this.upTimer = undefined
+    if (this.responseHeadSent || this.phase === CLOSED) return
+    const target = this.outgoing!.upstream
+    this.core.report(`upstream ${target.describe} did not answer in time: ${this.outgoing!.method} ${this.outgoing!.path}`)
+    this.fail(504, `switchyard: upstream ${target.describe} timed out before answering`)
+  }
+
+  private readonly onIdleTimeout = (): void => {
+    this.upTimer = undefined
+    if (this.phase !== EXCHANGE) return
+    const target = this.outgoing!.upstream
+    this.core.report(`upstream ${target.describe} was idle too long: ${this.outgoing!.method} ${this.outgoing!.path}`)
+    this.destroy()
+  }
+}
+
+/** The set of client connections of one front door. */
+class EngineServer implements Http1Server {
+  readonly core: EngineCore
+  readonly front: Http1Front
+  closing = false
+  private readonly open = new Set<ClientConnection>()
+  private onEmpty: (() => void) | undefined = undefined
+
+  constructor(core: EngineCore, front: Http1Front) {
+    this.core = core
+    this.front = front
+  }
+
+  readonly accept = (socket: net.Socket): void => {
+    if (this.closing || this.core.isClosed()) {
+      socket.destroy()
+      return
+    }
+    socket.setNoDelay(true)
+    this.open.add(new ClientConnection(socket, this.core, this.front, this))
+  }
+
+  forget(c: ClientConnection): void {
+    this.open.delete(c)
+    if (this.open.size === 0) this.onEmpty?.()
+  }
+
+  readonly connections = (): number => this.open.size
+
+  readonly close = (drainMs: number): Promise<void> =>
+    new Promise((resolve) => {
+      this.closing = true
+      const timer = drainMs > 0 ? setTimeout(() => this.destroyAll(), drainMs) : undefined
+      this.onEmpty = () => {
+        if (timer !== undefined) clearTimeout(timer)
+        this.onEmpty = undefined
+        resolve()
+      }
+      if (drainMs > 0) for (const c of this.open) c.drain()
+      else this.destroyAll()
+      if (this.open.size === 0) this.onEmpty()
+    })
+
+  destroyAll(): void {
+    for (const c of [...this.open]) c.destroy()
+  }
+}
+
+/** Starts serving a front door's connections with the forwarder's core. */
+export const makeHttp1Server = (core: EngineCore, front: Http1Front): Http1Server => new EngineServer(core, front)

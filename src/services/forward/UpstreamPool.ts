@@ -1,0 +1,234 @@
+/**
+ * Raw keep-alive connections to one upstream for the HTTP/1.1 engine: bounded in use and idle, LIFO
+ * reuse, idle connections watched so one the upstream closed (or that talks out of turn) is dropped
+ * before reuse, and a bounded queue of requests waiting for a connection. It parses nothing: the
+ * connection's current owner gets its events through one set of listeners installed per connection.
+ */
+import type { Duplex } from "node:stream"
+import type { Upstream } from "./Upstream.ts"
+
+/** The exchange currently using a connection; receives its events. */
+export interface ConnectionOwner {
+  readonly upstreamData: (chunk: Buffer) => void
+  readonly upstreamEnd: () => void
+  readonly upstreamClose: (error: (Error & { code?: string }) | undefined) => void
+  readonly upstreamDrain: () => void
+}
+
+/** A request waiting for a connection. */
+export interface ConnectionWaiter {
+  readonly granted: (connection: PooledConnection) => void
+  readonly refused: (message: string) => void
+}
+
+/** Most requests that may wait for a connection of one upstream; more are answered 503. */
+export const MAX_POOL_WAITERS = 4096
+
+/** One upstream connection; its listeners stay for its lifetime and dispatch to the current owner. */
+export class PooledConnection {
+  readonly socket: Duplex
+  readonly pool: UpstreamPool | undefined
+  owner: ConnectionOwner | undefined = undefined
+  /** It carried a complete exchange before (a failure before any byte may mean it was closed while idle). */
+  reused = false
+  state: "busy" | "idle" | "gone" = "busy"
+  error: (Error & { code?: string }) | undefined = undefined
+  ended = false
+
+  constructor(socket: Duplex, pool: UpstreamPool | undefined) {
+    this.socket = socket
+    this.pool = pool
+    socket.on("data", this.onData)
+    socket.on("end", this.onEnd)
+    socket.on("error", this.onError)
+    socket.on("close", this.onClose)
+    socket.on("drain", this.onDrain)
+  }
+
+  /** Whether an idle connection can take another request. */
+  usable(): boolean {
+    const s = this.socket
+    return !this.ended && !s.destroyed && s.writable && this.error === undefined
+  }
+
+  /** Hands the socket over for a raw tunnel: the pool's listeners go, an error listener stays. */
+  detach(): Duplex {
+    const s = this.socket
+    s.off("data", this.onData)
+    s.off("end", this.onEnd)
+    s.off("close", this.onClose)
+    s.off("drain", this.onDrain)
+    this.owner = undefined
+    if (this.state !== "gone") {
+      this.state = "gone"
+      this.pool?.forget()
+    }
+    return s
+  }
+
+  destroy(): void {
+    this.socket.destroy()
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    const owner = this.owner
+    if (owner !== undefined) owner.upstreamData(chunk)
+    else this.socket.destroy() // bytes nobody asked for: the connection cannot be trusted
+  }
+
+  private readonly onEnd = (): void => {
+    this.ended = true
+    const owner = this.owner
+    if (owner !== undefined) owner.upstreamEnd()
+    else this.socket.destroy()
+  }
+
+  private readonly onError = (err: Error & { code?: string }): void => {
+    this.error ??= err
+  }
+
+  private readonly onClose = (): void => {
+    const owner = this.owner
+    this.owner = undefined
+    if (this.state === "idle") this.pool?.dropIdle(this)
+    if (this.state !== "gone") {
+      this.state = "gone"
+      this.pool?.forget()
+    }
+    owner?.upstreamClose(this.error)
+  }
+
+  private readonly onDrain = (): void => {
+    this.owner?.upstreamDrain()
+  }
+}
+
+/** Connections to one upstream: at most `maxSockets` open, at most `maxFreeSockets` of them idle. */
+export class UpstreamPool {
+  readonly upstream: Upstream
+  readonly maxSockets: number
+  readonly maxFreeSockets: number
+  private readonly idle: Array<PooledConnection> = []
+  private readonly waiters: Array<ConnectionWaiter> = []
+  /** Connections open and not idle. */
+  private busy = 0
+  private closed = false
+  /** Called when the pool holds nothing any more (so its owner can drop it). */
+  private readonly onEmpty: (pool: UpstreamPool) => void
+
+  constructor(upstream: Upstream, maxSockets: number, maxFreeSockets: number, onEmpty: (pool: UpstreamPool) => void) {
+    this.upstream = upstream
+    this.maxSockets = maxSockets
+    this.maxFreeSockets = maxFreeSockets
+    this.onEmpty = onEmpty
+  }
+
+  /** Open connections (in use and idle) and waiting requests. */
+  stats(): { readonly busy: number; readonly idle: number; readonly waiting: number } {
+    return { busy: this.busy, idle: this.idle.length, waiting: this.waiters.length }
+  }
+
+  /** Grants a connection now (idle or new) or queues the waiter; `fresh` skips idle connections. */
+  acquire(waiter: ConnectionWaiter, fresh: boolean): void {
+    if (this.closed) {
+      waiter.refused("switchyard: shutting down")
+      return
+    }
+    if (!fresh) {
+      while (this.idle.length > 0) {
+        const c = this.idle.pop()!
+        if (!c.usable()) {
+          c.state = "gone"
+          c.destroy()
+          continue
+        }
+        c.state = "busy"
+        this.busy++
+        waiter.granted(c)
+        return
+      }
+    }
+    if (this.busy + this.idle.length < this.maxSockets || (fresh && this.idle.length > 0 && this.dropOneIdle())) {
+      waiter.granted(this.open())
+      return
+    }
+    if (this.waiters.length >= MAX_POOL_WAITERS) {
+      waiter.refused(`switchyard: more than ${MAX_POOL_WAITERS} requests waiting for upstream ${this.upstream.describe}`)
+      return
+    }
+    this.waiters.push(waiter)
+  }
+
+  /** Stops waiting (the client went away). */
+  cancel(waiter: ConnectionWaiter): void {
+    const i = this.waiters.indexOf(waiter)
+    if (i !== -1) this.waiters.splice(i, 1)
+    this.checkEmpty()
+  }
+
+  /** Returns a connection after a complete exchange; one that cannot carry another is destroyed. */
+  release(c: PooledConnection, reusable: boolean): void {
+    c.owner = undefined
+    if (c.state !== "busy") return
+    if (!reusable || this.closed || !c.usable()) {
+      c.destroy()
+      return
+    }
+    c.reused = true
+    const next = this.waiters.shift()
+    if (next !== undefined) {
+      next.granted(c)
+      return
+    }
+    if (this.idle.length >= this.maxFreeSockets) {
+      c.destroy()
+      return
+    }
+    this.busy--
+    c.state = "idle"
+    this.idle.push(c)
+  }
+
+  /** A busy connection closed: its slot goes to the next waiter. */
+  forget(): void {
+    this.busy--
+    const next = this.waiters.shift()
+    if (next !== undefined && !this.closed) next.granted(this.open())
+    else this.checkEmpty()
+  }
+
+  /** An idle connection closed (the upstream timed it out). */
+  dropIdle(c: PooledConnection): void {
+    const i = this.idle.indexOf(c)
+    if (i !== -1) this.idle.splice(i, 1)
+    c.state = "gone"
+    this.checkEmpty()
+  }
+
+  /** Closes every connection, idle or not, and refuses the waiters. */
+  close(): void {
+    this.closed = true
+    for (const w of this.waiters.splice(0)) w.refused("switchyard: shutting down")
+    for (const c of this.idle.splice(0)) {
+      c.state = "gone"
+      c.destroy()
+    }
+  }
+
+  private dropOneIdle(): boolean {
+    const c = this.idle.shift()
+    if (c === undefined) return false
+    c.state = "gone"
+    c.destroy()
+    return true
+  }
+
+  private open(): PooledConnection {
+    this.busy++
+    return new PooledConnection(this.upstream.connect(), this)
+  }
+
+  private checkEmpty(): void {
+    if (this.busy === 0 && this.idle.length === 0 && this.waiters.length === 0) this.onEmpty(this)
+  }
+}
