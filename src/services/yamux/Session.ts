@@ -645,14 +645,21 @@ export const make = (
       role: options.role,
       config,
       core,
-      open: () => Effect.suspend(() => toStream(core.openStream())),
+      // Opening is on the per-request path: untraced.
+      open: Effect.fnUntraced(function*() {
+        return yield* toStream(core.openStream())
+      }),
       accept: () =>
         Effect.callback<YamuxStream, YamuxError>((resume) => {
           const cancel = core.acceptStream((s) => resume(toStream(s)))
           return Effect.sync(cancel)
         }),
-      ping: () => pingEffect(core, "PingTimeout"),
-      goAway: (code = F.GO_AWAY_NORMAL) => Effect.sync(() => core.goAway(code)),
+      ping: Effect.fn("YamuxSession.ping")(function*() {
+        return yield* pingEffect(core, "PingTimeout")
+      }),
+      goAway: Effect.fn("YamuxSession.goAway")(function*(code: F.GoAwayCode = F.GO_AWAY_NORMAL) {
+        core.goAway(code)
+      }),
       closed: Effect.callback<void, YamuxError>((resume) => {
         core.onClosed((o) => resume(o.error ? Effect.fail(o.error) : Effect.void))
       }),
