@@ -147,9 +147,13 @@ export const listen = (
         socket.once("close", () => sockets.delete(socket))
         onConnection(fromSocket(socket))
       })
-      server.once("error", (e) =>
-        resume(Effect.fail(new TransportError({ reason: "Listen", message: `listen failed: ${e.message}` }))))
+      let listening = false
+      // Before listening, an error fails the bind; after, it concerns one accept and must not crash.
+      server.on("error", (e) => {
+        if (!listening) resume(Effect.fail(new TransportError({ reason: "Listen", message: `listen failed: ${e.message}` })))
+      })
       const ready = () => {
+        listening = true
         const a = server.address()
         const bound: Address = typeof a === "string" || a === null
           ? { path: address.path }
