@@ -187,6 +187,17 @@ describe("Transport", () => {
       yield* Effect.promise(() => expectNoLeaks(before))
     }))
 
+  it.live("listening on an address in use is a typed error, and leaves nothing open", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      yield* Effect.scoped(Effect.gen(function*() {
+        const bound = yield* NodeTransport.listen({ host: "127.0.0.1", port: 0 }, () => {}).pipe(Effect.orDie)
+        const err = yield* Effect.flip(Effect.scoped(NodeTransport.listen(bound, () => {})))
+        assert.strictEqual(err.reason, "Listen")
+      }))
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }))
+
   it.live("dial failure is a typed error", () =>
     Effect.gen(function*() {
       const err = yield* Effect.flip(Effect.scoped(NodeTransport.dial({ path: "/nonexistent/switchyard.sock" })))
