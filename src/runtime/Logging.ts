@@ -59,6 +59,14 @@ export const ensureRequestId = (req: http.IncomingMessage): string => {
   if (text !== undefined && text.length > 0 && text.length <= MaxRequestIdLength && SaneRequestId.test(text)) return text
   const id = randomUUID()
   req.headers[RequestIdHeader] = id
+  // the forwarder copies raw headers: drop a rejected id there and add the new one
+  const raw = req.rawHeaders
+  if (given !== undefined) {
+    for (let i = raw.length - 2; i >= 0; i -= 2) {
+      if (raw[i]!.toLowerCase() === RequestIdHeader) raw.splice(i, 2)
+    }
+  }
+  raw.push("X-Request-Id", id)
   return id
 }
 

@@ -159,9 +159,22 @@ export const instrumentHandlers = (
     }
     counter.inc()
   }
-  const socketBytes = (req: http.IncomingMessage): [number, number] => {
+  // Bytes are the connection's wire bytes (heads included) since the previous request on it ended.
+  const counted = new WeakMap<object, { read: number; written: number }>()
+  const takeBytes = (req: http.IncomingMessage): [number, number] => {
     const s = req.socket as { bytesRead?: number; bytesWritten?: number } | undefined
-    return [s?.bytesRead ?? 0, s?.bytesWritten ?? 0]
+    if (s === undefined || s === null) return [0, 0]
+    const read = s.bytesRead ?? 0
+    const written = s.bytesWritten ?? 0
+    const last = counted.get(s)
+    if (last === undefined) {
+      counted.set(s, { read, written })
+      return [read, written]
+    }
+    const delta: [number, number] = [Math.max(0, read - last.read), Math.max(0, written - last.written)]
+    last.read = read
+    last.written = written
+    return delta
   }
   return {
     handleRequest: (req, res, lease) => {
@@ -169,12 +182,9 @@ export const instrumentHandlers = (
       const instruments = instrumentsFor(lease)
       const requestId = Logging.ensureRequestId(req)
       res.setHeader(Logging.RequestIdHeader, requestId)
-      const [read0, written0] = socketBytes(req)
       res.once("close", () => {
         const seconds = (performance.now() - started) / 1000
-        const [read1, written1] = socketBytes(req)
-        const receivedBytes = Math.max(0, read1 - read0)
-        const sentBytes = Math.max(0, written1 - written0)
+        const [receivedBytes, sentBytes] = takeBytes(req)
         countStatus(instruments, res.statusCode)
         instruments.duration.observe(seconds)
         instruments.received.inc(receivedBytes)
