@@ -1,0 +1,293 @@
+/**
+ * WebSocketConnection over real loopback WebSockets: ordered bytes both ways, batches split into
+ * bounded messages, read backpressure that stalls a sender, close codes as typed errors, refused text
+ * and oversized messages, keepalive in virtual time, and nothing left open afterwards.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import { Duration, Effect, Exit, Schema, Scope } from "effect"
+import { TestClock } from "effect/testing"
+import type * as net from "node:net"
+import { WebSocket, WebSocketServer } from "ws"
+import { type Connection, writeEffect } from "../../../src/services/Transport.ts"
+import {
+  DefaultKeepaliveInterval,
+  DefaultKeepaliveTimeout,
+  fromWebSocket,
+  MaxMessageBytes,
+  packMessages,
+  type WebSocketConnection
+} from "../../../src/services/transport/WebSocketConnection.ts"
+import { dialWebSocket } from "../../../src/services/transport/WebSocketDial.ts"
+import type { WebSocketError } from "../../../src/domain/WebSocketClose.ts"
+import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
+
+interface Probe {
+  readonly chunks: Array<Uint8Array>
+  readonly bytes: () => number
+  readonly events: Array<string>
+  readonly closed: Promise<unknown>
+}
+
+const probe = (conn: Connection): Probe => {
+  const chunks: Array<Uint8Array> = []
+  const events: Array<string> = []
+  let onClosed!: (e: unknown) => void
+  const closed = new Promise<unknown>((resolve) => (onClosed = resolve))
+  conn.start({
+    onData: (c) => chunks.push(c),
+    onEnd: () => events.push("end"),
+    onClose: (e) => {
+      events.push(e === undefined ? "close" : `close ${e.reason}`)
+      onClosed(e)
+    }
+  })
+  return { chunks, events, closed, bytes: () => chunks.reduce((n, c) => n + c.length, 0) }
+}
+
+/** A WebSocket server on loopback whose accepted sockets come out of `accepted`, closed with the scope. */
+const server = (options: ConstructorParameters<typeof WebSocketServer>[0] = {}) =>
+  Effect.acquireRelease(
+    Effect.promise(() =>
+      new Promise<{ wss: WebSocketServer; port: number; next: () => Promise<WebSocket> }>((resolve) => {
+        const waiting: Array<(ws: WebSocket) => void> = []
+        const ready: Array<WebSocket> = []
+        const wss = new WebSocketServer({ host: "127.0.0.1", port: 0, perMessageDeflate: false, ...options }, () =>
+          resolve({
+            wss,
+            port: (wss.address() as net.AddressInfo).port,
+            next: () => new Promise((r) => (ready.length > 0 ? r(ready.shift()!) : waiting.push(r)))
+          }))
+        wss.on("connection", (ws) => {
+          ws.on("error", () => {})
+          const w = waiting.shift()
+          if (w) w(ws)
+          else ready.push(ws)
+        })
+      })
+    ),
+    ({ wss }) =>
+      Effect.promise(() =>
+        new Promise<void>((resolve) => {
+          for (const ws of wss.clients) ws.terminate()
+          wss.close(() => resolve())
+        })
+      )
+  )
+
+/** A dialed client Connection and the server's side of the same WebSocket as a Connection too. */
+const pair = (options: { keepaliveInterval?: string; maskFrames?: boolean } = {}) =>
+  Effect.gen(function*() {
+    const srv = yield* server()
+    const client = yield* dialWebSocket({ url: `ws://127.0.0.1:${srv.port}/x`, proxy: false, keepaliveInterval: options.keepaliveInterval ?? 0, maskFrames: options.maskFrames })
+    const raw = yield* Effect.promise(srv.next)
+    const remote = yield* fromWebSocket(raw, { keepaliveInterval: 0 })
+    return { client, remote, raw }
+  })
+
+const noLeaks = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
+  Effect.gen(function*() {
+    const before = activeHandles()
+    const result = yield* Effect.scoped(body)
+    yield* Effect.promise(() => expectNoLeaks(before))
+    return result
+  })
+
+const failureOf = <A>(exit: Exit.Exit<A, WebSocketError>): WebSocketError | undefined => {
+  if (!Exit.isFailure(exit)) return undefined
+  const reason = exit.cause.reasons.find((r) => r._tag === "Fail")
+  return reason?._tag === "Fail" ? reason.error : undefined
+}
+
+/** Lets callbacks queued by socket events run (a macrotask turn). */
+const settle = Effect.promise(() => new Promise<void>((resolve) => setImmediate(resolve)))
+
+const pattern = (n: number, seed: number): Uint8Array => {
+  const out = new Uint8Array(n)
+  for (let i = 0; i < n; i++) out[i] = (i * 31 + seed) & 0xff
+  return out
+}
+
+const concat = (chunks: ReadonlyArray<Uint8Array>): Buffer => Buffer.concat(chunks.map((c) => Buffer.from(c.buffer, c.byteOffset, c.length)))
+
+const until = (check: () => boolean, what: string) =>
+  Effect.promise(async () => {
+    for (let i = 0; i < 500; i++) {
+      if (check()) return
+      await new Promise((r) => setTimeout(r, 10))
+    }
+    throw new Error(`timed out waiting for ${what}`)
+  })
+
+describe("packMessages", () => {
+  const between = (minimum: number, maximum: number) => Schema.Int.check(Schema.isBetween({ minimum, maximum }))
+  it.effect.prop("keeps every byte in order and no message exceeds the limit", {
+    sizes: Schema.Array(between(0, 300)).check(Schema.isBetweenLength(0, 20)),
+    max: between(1, 200)
+  }, ({ sizes, max }) => Effect.sync(() => {
+    const chunks = sizes.map((n, i) => pattern(n, i))
+    const messages = packMessages(chunks, max)
+    assert.deepStrictEqual(concat(messages), concat(chunks))
+    assert.isTrue(messages.every((m) => m.length > 0 && m.length <= max))
+    // only the last message of a batch may be short
+    assert.isTrue(messages.slice(0, -1).every((m) => m.length === max))
+  }))
+
+  it("sends a single small chunk as is, without copying", () => {
+    const chunk = pattern(100, 1)
+    assert.strictEqual(packMessages([chunk], 1000)[0], chunk)
+  })
+})
+
+describe("WebSocketConnection", () => {
+  it.live("carries bytes both ways in order; big batches arrive as messages of at most MaxMessageBytes", () =>
+    noLeaks(Effect.gen(function*() {
+      const { client, remote } = yield* pair()
+      const atServer = probe(remote)
+      const atClient = probe(client)
+      const batch = [pattern(12, 1), pattern(3 * MaxMessageBytes + 17, 2), pattern(5, 3)]
+      yield* writeEffect(client, batch)
+      yield* writeEffect(client, [pattern(1000, 4)])
+      const expected = concat([...batch, pattern(1000, 4)])
+      yield* until(() => atServer.bytes() === expected.length, "the batch")
+      assert.isTrue(concat(atServer.chunks).equals(expected))
+      assert.isTrue(atServer.chunks.every((c) => c.length <= MaxMessageBytes))
+      yield* writeEffect(remote, [pattern(70_000, 5), pattern(1, 6)])
+      yield* until(() => atClient.bytes() === 70_001, "the reply")
+      assert.isTrue(concat(atClient.chunks).equals(concat([pattern(70_000, 5), pattern(1, 6)])))
+    })))
+
+  it.live("unmasked client frames carry the same bytes", () =>
+    noLeaks(Effect.gen(function*() {
+      const { client, remote } = yield* pair({ maskFrames: false })
+      const atServer = probe(remote)
+      const data = pattern(300_000, 9)
+      yield* writeEffect(client, [data])
+      yield* until(() => atServer.bytes() === data.length, "the data")
+      assert.isTrue(concat(atServer.chunks).equals(Buffer.from(data)))
+    })))
+
+  it.live("a paused reader stalls the sender; resuming delivers everything intact", () =>
+    noLeaks(Effect.gen(function*() {
+      const { client, remote } = yield* pair()
+      const atServer = probe(remote)
+      remote.pause()
+      let written = 0
+      let stop = false
+      const chunk = pattern(256 * 1024, 7)
+      const total = 64 * 1024 * 1024
+      const writer = (async () => {
+        while (!stop && written < total) {
+          await new Promise<void>((resolve, reject) => client.write([chunk], (e) => (e ? reject(e) : resolve())))
+          written += chunk.length
+        }
+      })()
+      // the sender stops making progress well before the total: its done callbacks wait
+      let last = -1
+      for (let i = 0; i < 100 && last !== written; i++) {
+        last = written
+        yield* Effect.promise(() => new Promise((r) => setTimeout(r, 50)))
+      }
+      assert.strictEqual(last, written)
+      assert.isBelow(written, total / 2)
+      const deliveredWhilePaused = atServer.bytes()
+      assert.isBelow(deliveredWhilePaused, 4 * MaxMessageBytes)
+      stop = true
+      remote.resume()
+      yield* Effect.promise(() => writer)
+      yield* until(() => atServer.bytes() === written, "every written byte")
+      const all = concat(atServer.chunks)
+      for (let offset = 0; offset < all.length; offset += chunk.length) {
+        assert.isTrue(all.subarray(offset, offset + chunk.length).equals(chunk))
+      }
+    })))
+
+  it.live("a clean close ends and closes without error; an error code closes with a typed reason", () =>
+    noLeaks(Effect.gen(function*() {
+      const first = yield* pair()
+      const a = probe(first.client)
+      probe(first.remote)
+      first.remote.end()
+      yield* Effect.promise(() => a.closed)
+      assert.deepStrictEqual(a.events, ["end", "close"])
+      assert.isUndefined(first.client.closeError())
+
+      const second = yield* pair()
+      const b = probe(second.client)
+      probe(second.remote)
+      second.raw.close(1011, "backend exploded")
+      yield* Effect.promise(() => b.closed)
+      assert.deepStrictEqual(b.events, ["close Io"])
+      assert.strictEqual(second.client.closeError()?.reason, "InternalError")
+      assert.match(second.client.closeError()!.message, /1011.*backend exploded/)
+    })))
+
+  it.live("a text message is refused with 1003; an oversized message with 1009", () =>
+    noLeaks(Effect.gen(function*() {
+      const srv = yield* server({ maxPayload: 64 * MaxMessageBytes })
+      const client = yield* dialWebSocket({ url: `ws://127.0.0.1:${srv.port}/`, proxy: false, keepaliveInterval: 0 })
+      const raw = yield* Effect.promise(srv.next)
+      const atClient = probe(client)
+      const peerSaw = new Promise<number>((resolve) => raw.once("close", (code) => resolve(code)))
+      raw.send("hello")
+      yield* Effect.promise(() => atClient.closed)
+      assert.strictEqual(client.closeError()?.reason, "UnsupportedData")
+      assert.strictEqual(yield* Effect.promise(() => peerSaw), 1003)
+
+      const big = yield* dialWebSocket({ url: `ws://127.0.0.1:${srv.port}/`, proxy: false, keepaliveInterval: 0 })
+      const raw2 = yield* Effect.promise(srv.next)
+      const atBig = probe(big)
+      const peerSaw2 = new Promise<number>((resolve) => raw2.once("close", (code) => resolve(code)))
+      raw2.send(Buffer.alloc(MaxMessageBytes + 1))
+      yield* Effect.promise(() => atBig.closed)
+      assert.strictEqual(big.closeError()?.reason, "TooLarge")
+      assert.strictEqual(yield* Effect.promise(() => peerSaw2), 1009)
+      assert.strictEqual(atBig.bytes(), 0)
+    })))
+
+  it.live("a refused opening handshake names the status", () =>
+    noLeaks(Effect.gen(function*() {
+      const srv = yield* server({ verifyClient: (_info: unknown, done: (ok: boolean, code?: number) => void) => done(false, 403) } as never)
+      const exit = yield* Effect.exit(Effect.scoped(dialWebSocket({ url: `ws://127.0.0.1:${srv.port}/`, proxy: false })))
+      assert.isTrue(Exit.isFailure(exit))
+      assert.strictEqual(failureOf(exit)?.reason, "Handshake")
+      assert.match(failureOf(exit)!.message, /403/)
+      const bad = yield* Effect.exit(Effect.scoped(dialWebSocket({ url: "http://127.0.0.1:1/", proxy: false })))
+      assert.strictEqual(failureOf(bad)?.reason, "BadUrl")
+    })))
+})
+
+describe("WebSocketConnection keepalive", () => {
+  it.effect("an answered ping keeps the connection; an unanswered one closes it with KeepaliveTimeout", () =>
+    Effect.gen(function*() {
+      const scope = yield* Scope.make()
+      const srv = yield* server().pipe(Scope.provide(scope))
+      // the dialing side keeps alive; the far side answers pings only while autoPong is on
+      const client = yield* dialWebSocket({ url: `ws://127.0.0.1:${srv.port}/`, proxy: false }).pipe(Scope.provide(scope)) as Effect.Effect<WebSocketConnection>
+      const raw = yield* Effect.promise(srv.next)
+      const atClient = probe(client)
+      const sinceLastPing = Duration.subtract(DefaultKeepaliveInterval, DefaultKeepaliveTimeout)
+      for (let round = 0; round < 3; round++) {
+        const pinged = new Promise<void>((resolve) => raw.once("ping", () => resolve()))
+        const ponged = new Promise<void>((resolve) => client.socket.once("pong", () => resolve()))
+        // pings go out every interval from the previous one: the clock is `timeout` past it
+        yield* TestClock.adjust(round === 0 ? DefaultKeepaliveInterval : sinceLastPing)
+        yield* Effect.promise(() => pinged)
+        yield* Effect.promise(() => ponged)
+        yield* settle
+        yield* TestClock.adjust(DefaultKeepaliveTimeout)
+        yield* settle
+        assert.isUndefined(client.closeError(), `round ${round}`)
+        assert.isFalse(client.closed())
+      }
+      ;(raw as unknown as { _autoPong: boolean })._autoPong = false
+      const pinged = new Promise<void>((resolve) => raw.once("ping", () => resolve()))
+      yield* TestClock.adjust(sinceLastPing)
+      yield* Effect.promise(() => pinged)
+      yield* settle
+      assert.isFalse(client.closed())
+      yield* TestClock.adjust(DefaultKeepaliveTimeout)
+      yield* Effect.promise(() => atClient.closed)
+      assert.strictEqual(client.closeError()?.reason, "KeepaliveTimeout")
+      yield* Scope.close(scope, Exit.void)
+    }))
+})
