@@ -8,6 +8,7 @@ import * as Redacted from "effect/Redacted"
 import { decodeHelloReply, encodeHello, FrameReader, makeHello } from "../../src/domain/ControlMessage.ts"
 import { Dispatcher } from "../../src/services/Dispatcher.ts"
 import { Listeners } from "../../src/services/Listeners.ts"
+import { MaxReplayBodyBytes } from "../../src/services/forward/Http2Upstream.ts"
 import { ReverseH2 } from "../../src/services/front/ReverseH2.ts"
 import { serveReverseHttp2 } from "../../src/runtime/serveReverseHttp2.ts"
 import { makeCertificate } from "../services/ListenersFixtures.ts"
@@ -167,8 +168,9 @@ describe("reverse HTTP/2", () => {
         }
         yield* until(() => gateway.connections() === 2 && sessions.length === 2, "two backends")
         let done = 0
-        const load = pool(300, 24, async () => {
-          const r = await request(port, "/")
+        // half the requests carry a body: one refused in the GOAWAY race is resent with it
+        const load = pool(300, 24, async (i) => {
+          const r = await request(port, "/", i % 2 === 0 ? {} : { method: "POST", body: `payload ${i}` })
           done++
           if (done === 60) sessions[0]!.close()
           return r
@@ -179,6 +181,43 @@ describe("reverse HTTP/2", () => {
         const afterDrain = replies.slice(200).map((r) => r.body)
         assert.isTrue(afterDrain.every((b) => b === "b"), "once drained, requests go to the other backend")
         yield* until(() => gateway.connections() === 1, "the drained connection to close")
+      }))
+    }))
+
+  it.effect("a request a backend refused unprocessed is resent elsewhere with its body; beyond the replay limit it is a 502", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const refusedOnce = new Set<number>()
+        for (const index of [0, 1]) {
+          const server = http2.createServer()
+          server.on("stream", (stream) => {
+            const parts: Array<Buffer> = []
+            stream.on("error", () => {})
+            stream.on("data", (c: Buffer) => parts.push(c))
+            stream.on("end", () => {
+              // each backend refuses the first request it sees (after reading its whole body)
+              if (!refusedOnce.has(index)) {
+                refusedOnce.add(index)
+                return stream.close(http2.constants.NGHTTP2_REFUSED_STREAM)
+              }
+              stream.respond({ ":status": 200 })
+              stream.end(`${index}:${Buffer.concat(parts).toString()}`)
+            })
+          })
+          yield* closeServer(server)
+          yield* dialBackend(gateway.address.port, server)
+        }
+        yield* until(() => gateway.connections() === 2, "two backends")
+        const reply = yield* Effect.promise(() => request(port, "/post", { method: "POST", headers: { "content-type": "text/plain" }, body: "the request body" }))
+        assert.strictEqual(reply.status, 200)
+        assert.match(reply.body, /^[01]:the request body$/)
+        refusedOnce.clear()
+        const big = "x".repeat(MaxReplayBodyBytes + 1)
+        const tooBig = yield* Effect.promise(() => request(port, "/post", { method: "POST", body: big }))
+        assert.strictEqual(tooBig.status, 502)
+        assert.match(tooBig.body, /unreachable/)
       }))
     }))
 

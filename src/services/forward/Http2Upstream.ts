@@ -2,7 +2,8 @@
  * Forwards one public HTTP/1.1 request (or `Upgrade`) onto a stream of a `ClientHttp2Session`: headers
  * converted both ways with the core's hop-by-hop rules, bodies streamed with HTTP/2 flow control and
  * backpressure, trailers both ways. It picks no backend and never retries on its own: a stream the
- * backend refused before answering is handed back to the caller (`onRefused`), which may try elsewhere.
+ * backend refused before answering is handed back to the caller (`onRefused`) with the body read so far
+ * (bounded), so the caller may resend it elsewhere.
  */
 import { createHash } from "node:crypto"
 import type * as http from "node:http"
@@ -52,10 +53,23 @@ export interface H2ForwardOptions {
   /** Called once when the exchange is over, whatever the outcome (stream slots, counters). */
   readonly onDone: () => void
   /**
-   * The backend refused the stream before answering (REFUSED_STREAM, or beyond its GOAWAY) and no body
-   * byte was sent: nothing was processed. Return true to take the request over (retry elsewhere).
+   * The backend refused the stream before answering (REFUSED_STREAM, or beyond its GOAWAY): nothing was
+   * processed, and the body read so far is in `replay` (at most `MaxReplayBodyBytes`; beyond that the
+   * request cannot be resent and this is not called). Return true to take the request over, e.g. by
+   * calling `forwardToH2` again on another connection with `replay`.
    */
-  readonly onRefused?: (() => boolean) | undefined
+  readonly onRefused?: ((replay: RequestReplay) => boolean) | undefined
+}
+
+/** Most request-body bytes kept, until the response head arrives, to resend a refused request. */
+export const MaxReplayBodyBytes = 64 * 1024
+
+/** What a refused attempt had read of the public request, for the next attempt to send first. */
+export interface RequestReplay {
+  /** Body chunks read from the public request so far, in order. */
+  readonly chunks: ReadonlyArray<Buffer>
+  /** Whether the public request's body has ended (its trailers are then in `req.rawTrailers`). */
+  readonly ended: boolean
 }
 
 /** Lower-cased, hop-by-hop free request headers for HTTP/2, with the pseudo-headers first. */
@@ -143,7 +157,13 @@ const wasRefused = (stream: http2.ClientHttp2Stream, error: (Error & { code?: st
  * Forwards `req` onto a new stream of `target`. The response (or a 502/504, or an aborted response when
  * the stream breaks after its head) goes to `res`; the public client leaving resets the stream (CANCEL).
  */
-export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: http.ServerResponse, options: H2ForwardOptions): void => {
+export const forwardToH2 = (
+  target: H2Target,
+  req: http.IncomingMessage,
+  res: http.ServerResponse,
+  options: H2ForwardOptions,
+  replay?: RequestReplay
+): void => {
   const method = req.method ?? "GET"
   const te = req.headers["transfer-encoding"]
   if (te !== undefined && te.trim().toLowerCase() !== "chunked") {
@@ -164,13 +184,18 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
     const text = code ?? (error as Error).message
     options.onDone()
     // the session was already gone or going away: nothing was sent, another connection may take it
-    if ((code === "ERR_HTTP2_INVALID_SESSION" || code === "ERR_HTTP2_GOAWAY_SESSION") && options.onRefused?.() === true) return
+    const again: RequestReplay = replay ?? { chunks: [], ended: !withBody }
+    if ((code === "ERR_HTTP2_INVALID_SESSION" || code === "ERR_HTTP2_GOAWAY_SESSION") && options.onRefused?.(again) === true) return
     options.onError(`backend ${target.describe} refused a request: ${text}`)
     sendError(res, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${text})`)
     return
   }
   let phase: "head" | "body" | "done" = "head"
-  let bodySent = false
+  // the body read so far, kept while a refusal could still ask for it again (until the response head)
+  let kept: Array<Buffer> | undefined = replay === undefined ? [] : [...replay.chunks]
+  let keptBytes = 0
+  for (const chunk of kept) keptBytes += chunk.length
+  let bodyEnded = replay?.ended ?? !withBody
   let failure: (Error & { code?: string }) | undefined
   let trailers: http2.IncomingHttpHeaders | undefined
   // a declared response length (-1 when none), checked against what arrived
@@ -180,8 +205,27 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
   const finish = () => {
     if (phase === "done") return
     phase = "done"
-    req.unpipe(stream)
+    kept = undefined
+    req.off("data", onBodyData)
+    req.off("end", onBodyEnd)
     options.onDone()
+  }
+  const onBodyData = (chunk: Buffer) => {
+    if (kept !== undefined) {
+      if (keptBytes + chunk.length <= MaxReplayBodyBytes) {
+        kept.push(chunk)
+        keptBytes += chunk.length
+      } else {
+        kept = undefined
+      }
+    }
+    if (!stream.write(chunk)) req.pause()
+  }
+  let requestTrailers: http2.OutgoingHttpHeaders = {}
+  const onBodyEnd = () => {
+    bodyEnded = true
+    if (req.rawTrailers.length > 0) requestTrailers = h2Trailers(req.rawTrailers)
+    if (!stream.destroyed) stream.end()
   }
 
   stream.on("error", (error: Error & { code?: string }) => {
@@ -203,6 +247,8 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
   stream.on("response", (headers, _flags, rawHeaders: Array<string>) => {
     if (phase !== "head") return
     phase = "body"
+    // answered: a refusal can no longer happen, the kept body is not needed
+    kept = undefined
     if (options.idleTimeoutMs !== options.responseTimeoutMs) stream.setTimeout(options.idleTimeoutMs)
     const status = Number(headers[HTTP2_HEADER_STATUS] ?? 502)
     const out = h1ResponseHeaders(rawHeaders)
@@ -258,10 +304,11 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
   stream.on("close", () => {
     if (phase === "done") return
     if (phase === "head") {
-      if (!bodySent && !res.destroyed && wasRefused(stream, failure) && options.onRefused !== undefined) {
+      const again: RequestReplay | undefined = kept === undefined ? undefined : { chunks: kept, ended: bodyEnded }
+      if (again !== undefined && !res.destroyed && wasRefused(stream, failure) && options.onRefused !== undefined) {
         finish()
         // nothing was processed: the caller may take the request over (a retry on another connection)
-        if (options.onRefused()) return
+        if (options.onRefused(again)) return
       }
       if (!res.headersSent && !res.destroyed) {
         const why = describeStreamFailure(stream, failure)
@@ -289,16 +336,19 @@ export const forwardToH2 = (target: H2Target, req: http.IncomingMessage, res: ht
     req.resume()
     return
   }
-  req.once("data", () => void (bodySent = true))
-  req.pipe(stream, { end: false })
-  let requestTrailers: http2.OutgoingHttpHeaders = {}
   stream.once("wantTrailers", () => {
     if (!stream.destroyed) stream.sendTrailers(requestTrailers)
   })
-  req.on("end", () => {
-    if (req.rawTrailers.length > 0) requestTrailers = h2Trailers(req.rawTrailers)
-    if (!stream.destroyed) stream.end()
-  })
+  stream.on("drain", () => req.resume())
+  // a resent request first sends what the refused attempt had read
+  if (replay !== undefined) for (const chunk of replay.chunks) stream.write(chunk)
+  if (bodyEnded) {
+    onBodyEnd()
+    return
+  }
+  req.on("data", onBodyData)
+  req.on("end", onBodyEnd)
+  req.resume()
 }
 
 /** `Sec-WebSocket-Accept` for a client's `Sec-WebSocket-Key` (RFC 6455 §4.2.2). */

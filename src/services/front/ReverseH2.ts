@@ -27,7 +27,7 @@ import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
 import { type Backend, type BackendLease, BackendUnavailable } from "../Backend.ts"
 import { plainErrors, sendError, writeRawError } from "../forward/ErrorResponse.ts"
-import { forwardToH2, type H2ForwardOptions, upgradeToH2 } from "../forward/Http2Upstream.ts"
+import { forwardToH2, type H2ForwardOptions, type RequestReplay, upgradeToH2 } from "../forward/Http2Upstream.ts"
 import { agentUpstream, type Upstream } from "../forward/Upstream.ts"
 import { type ListenerError, Listeners } from "../Listeners.ts"
 
@@ -271,7 +271,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     res.once("close", remove)
   }
 
-  const forwardOptions = (conn: H2Connection, onDone: () => void, onRefused?: () => boolean): H2ForwardOptions => ({
+  const forwardOptions = (conn: H2Connection, onDone: () => void, onRefused?: (replay: RequestReplay) => boolean): H2ForwardOptions => ({
     forwardedMode: config.forwardedHeaders ?? "replace",
     responseTimeoutMs: config.responseTimeoutMs ?? 0,
     idleTimeoutMs: config.idleTimeoutMs ?? 0,
@@ -292,7 +292,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       conn.backend.inFlight++
       holder = conn.backend
     }
-    const start = (conn: H2Connection): void => {
+    const start = (conn: H2Connection, replay?: RequestReplay): void => {
       if (res.destroyed) return
       moveTo(conn)
       conn.active++
@@ -308,12 +308,12 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       forwardToH2(conn as H2Connection & { session: http2.ClientHttp2Session }, req, res, forwardOptions(conn, () => {
         onDone()
         if (res.writableFinished || res.destroyed) releaseHolder()
-      }, () => {
+      }, (again) => {
         onDone()
         if (++attempts > MaxRefusedRetries) return false
-        route()
+        route(again)
         return true
-      }))
+      }), replay)
     }
     const releaseHolder = () => {
       if (holder !== lease.backend) {
@@ -322,11 +322,11 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       }
     }
     res.once("close", releaseHolder)
-    const route = () => {
+    const route = (replay?: RequestReplay) => {
       const own = byBackend.get(lease.backend)
       const conn = own !== undefined && hasCapacity(own) ? own : pickConnection(lease.route.backends, false)
-      if (conn !== undefined) start(conn)
-      else enqueue(lease.route.backends, res, start)
+      if (conn !== undefined) start(conn, replay)
+      else enqueue(lease.route.backends, res, (found) => start(found, replay))
     }
     route()
   }
