@@ -6,8 +6,10 @@
 import { Effect, Schema } from "effect"
 import type { Scope } from "effect"
 import * as http from "node:http"
-import { ExpositionContentType, type MetricRegistry } from "../services/Metrics.ts"
-import { type HostPort, listenOn } from "./NetAddress.ts"
+import packageJson from "../../package.json" with { type: "json" }
+import { ExpositionContentType, makeMetrics, type MetricRegistry, type MetricsShape } from "../services/Metrics.ts"
+import { ConfigLoadError, loadOpsSections } from "./ConfigLoader.ts"
+import { formatHostPort, type HostPort, listenOn, parseHostPort } from "./NetAddress.ts"
 
 /** Where the admin endpoint listens by default. */
 export const DefaultAdminAddress: HostPort = { host: "127.0.0.1", port: 9090 }
@@ -96,3 +98,113 @@ export const serveAdmin = Effect.fn("Admin.serve")(function*(options: AdminOptio
     Effect.mapError((cause) => new AdminError({ reason: "BindFailed", message: cause.message }))
   )
 })
+
+/** Default admin address per command, so several switchyard processes fit on one host. */
+export const DefaultAdminAddresses = {
+  server: { host: "127.0.0.1", port: 9090 },
+  client: { host: "127.0.0.1", port: 9091 },
+  "socket-proxy": { host: "127.0.0.1", port: 9092 },
+  "wsp-server": { host: "127.0.0.1", port: 9093 },
+  "wsp-client": { host: "127.0.0.1", port: 9094 }
+} as const satisfies Record<string, HostPort>
+
+export interface OperationsOptions {
+  readonly command: keyof typeof DefaultAdminAddresses
+  /** The `admin`/`log` sections of the command's config file, when it has one (`SWITCHYARD_ADMIN_...` apply over them). */
+  readonly ops?: Record<string, unknown> | undefined
+  /** Where `ops` came from, for errors. */
+  readonly source?: string | undefined
+  readonly ready: () => boolean
+  readonly listeners?: (() => StatusDocument["listeners"]) | undefined
+  readonly sessions?: (() => StatusDocument["sessions"]) | undefined
+  readonly routes?: (() => StatusDocument["routes"]) | undefined
+  /** Registers the command's own sampled metrics. */
+  readonly register?: ((metrics: MetricsShape) => void) | undefined
+}
+
+/**
+ * The admin endpoint of a command other than `server`: `/metrics`, `/healthz`, `/readyz`, `/status`.
+ * Configured by the `admin` section and `SWITCHYARD_ADMIN_ADDRESS` / `SWITCHYARD_ADMIN_ENABLED`; when
+ * only the default address is in play and it is taken (another switchyard on the host), it logs a
+ * warning and runs without one instead of refusing to start.
+ */
+export const serveOperations = Effect.fn("Admin.serveOperations")(function*(options: OperationsOptions): Effect.fn.Return<
+  { readonly metrics: MetricsShape; readonly admin: HostPort | undefined; readonly recordError: (message: string) => void },
+  ConfigLoadError | AdminError,
+  Scope.Scope
+> {
+  const ops = yield* loadOpsSections(options.ops ?? {}, options.source ?? "config")
+  const metrics = makeMetrics()
+  const recent = makeRecentErrors()
+  options.register?.(metrics)
+  if (ops.admin?.enabled === false) return { metrics, admin: undefined, recordError: recent.add }
+  const explicit = ops.admin?.address
+  const address = explicit === undefined ? DefaultAdminAddresses[options.command] : parseHostPort(explicit)
+  if (address instanceof Error) {
+    return yield* new ConfigLoadError({ reason: "Invalid", source: "admin.address", field: "admin.address", message: `admin.address: ${address.message}` })
+  }
+  const startedAt = new Date().toISOString()
+  let bound: HostPort | undefined
+  const status = (): StatusDocument => ({
+    command: options.command,
+    version: packageJson.version,
+    startedAt,
+    ready: options.ready(),
+    listeners: [...(bound === undefined ? [] : [{ name: "admin", address: formatHostPort(bound) }]), ...(options.listeners?.() ?? [])],
+    sessions: options.sessions?.() ?? [],
+    routes: options.routes?.() ?? [],
+    recentErrors: recent.list()
+  })
+  const served = yield* Effect.exit(serveAdmin({ address, ready: options.ready, metrics: metrics.registry, status }))
+  if (served._tag === "Failure") {
+    const message = `admin endpoint not started: ${String(served.cause.reasons.map((r) => r._tag === "Fail" ? r.error.message : "").join(""))}`
+    if (explicit !== undefined) return yield* new AdminError({ reason: "BindFailed", message })
+    yield* Effect.logWarning(`${message} (set admin.address or SWITCHYARD_ADMIN_ADDRESS, or SWITCHYARD_ADMIN_ENABLED=false)`)
+    return { metrics, admin: undefined, recordError: recent.add }
+  }
+  bound = served.value
+  yield* Effect.logInfo(`admin endpoint on http://${formatHostPort(bound)} (/metrics /healthz /readyz /status)`)
+  return { metrics, admin: bound, recordError: recent.add }
+})
+
+/** A tunnel client's view of one gateway, for its metrics. */
+export interface GatewayView {
+  readonly gateway: string
+  readonly connected: boolean
+  /** Failed attempts since the last successful handshake. */
+  readonly attempts: number
+}
+
+/** Registers `switchyard_gateway_up` and `switchyard_gateway_failed_attempts` sampled from `views`. */
+export const registerGatewayGauges = (metrics: MetricsShape, frontDoor: string, views: () => ReadonlyArray<GatewayView>): void => {
+  metrics.registry.sampledGauge({
+    name: "switchyard_gateway_up",
+    help: "1 while the tunnel session to a gateway is up, by front door and gateway.",
+    labelNames: ["front_door", "gateway"],
+    collect: () => views().map((v) => [[frontDoor, v.gateway], v.connected ? 1 : 0] as const)
+  })
+  metrics.registry.sampledGauge({
+    name: "switchyard_gateway_failed_attempts",
+    help: "Failed connection attempts to a gateway since its last successful handshake.",
+    labelNames: ["front_door", "gateway"],
+    collect: () => views().map((v) => [[frontDoor, v.gateway], v.attempts] as const)
+  })
+}
+
+/** Registers the wsp server's pool gauges (`switchyard_wsp_connections{state}`, `switchyard_wsp_pools`). */
+export const registerPoolGauges = (metrics: MetricsShape, stats: () => { readonly pools: number; readonly idle: number; readonly busy: number }): void => {
+  metrics.registry.sampledGauge({
+    name: "switchyard_wsp_connections",
+    help: "wsp client connections held by the server, by state (idle, busy).",
+    labelNames: ["state"],
+    collect: () => {
+      const s = stats()
+      return [[["idle"], s.idle], [["busy"], s.busy]]
+    }
+  })
+  metrics.registry.sampledGauge({
+    name: "switchyard_wsp_pools",
+    help: "wsp client pools (one per client id).",
+    collect: () => [[[], stats().pools]]
+  })
+}

@@ -52,6 +52,20 @@ export const layer = (config: LoggingConfig, sink?: LineSink): Layer.Layer<never
     Layer.succeed(References.MinimumLogLevel, levels[config.level ?? "info"])
   )
 
+/**
+ * The logging layer the `SWITCHYARD_LOG_FORMAT` and `SWITCHYARD_LOG_LEVEL` variables ask for, for every
+ * command (a command's own config file may set it again); empty when neither is set or a value is not
+ * one of the accepted ones (the command's config check names it).
+ */
+export const layerFromEnv = (env: Readonly<Record<string, string | undefined>> = process.env): Layer.Layer<never> => {
+  const format = env["SWITCHYARD_LOG_FORMAT"]
+  const level = env["SWITCHYARD_LOG_LEVEL"]
+  const formatOk = format === "logfmt" || format === "json"
+  const levelOk = level !== undefined && Object.hasOwn(levels, level)
+  if (!formatOk && !levelOk) return Layer.empty
+  return layer({ format: formatOk ? format : undefined, level: levelOk ? level as LogLevelName : undefined })
+}
+
 /** The request's id: the client's `X-Request-Id` when sane, else a new one; set on the request headers. */
 export const ensureRequestId = (req: http.IncomingMessage): string => {
   const given = req.headers[RequestIdHeader]

@@ -7,5 +7,6 @@ import { NodeRuntime, NodeServices } from "@effect/platform-node"
 import { Effect } from "effect"
 import { runCli } from "./cli.ts"
 import { teardown } from "./Lifecycle.ts"
+import * as Logging from "./Logging.ts"
 
-runCli.pipe(Effect.provide(NodeServices.layer), NodeRuntime.runMain({ teardown }))
+runCli.pipe(Effect.provide(Logging.layerFromEnv()), Effect.provide(NodeServices.layer), NodeRuntime.runMain({ teardown }))

@@ -55,9 +55,11 @@ export interface FamilyOptions<L extends string> {
   readonly maxLabelValues?: number | undefined
 }
 
-/** A gauge sampled at scrape time: `collect` yields (label values, value) pairs. */
+/** A gauge (or a counter kept elsewhere) sampled at scrape time: `collect` yields (label values, value) pairs. */
 export interface SampledGaugeOptions<L extends string> extends FamilyOptions<L> {
   readonly collect: () => Iterable<readonly [ReadonlyArray<string>, number]>
+  /** `counter` when the sampled value only grows (its name must then end in `_total`); default `gauge`. */
+  readonly type?: "gauge" | "counter" | undefined
 }
 
 /** A metric name, label name or bucket list that cannot be rendered. */
@@ -243,11 +245,13 @@ export const makeRegistry = (): MetricRegistry => {
 
   const sampledGauge = <L extends string>(options: SampledGaugeOptions<L>): () => void => {
     const labelNames = validate(options)
+    const type = options.type ?? "gauge"
+    if (type === "counter" && !options.name.endsWith("_total")) throw new MetricDefinitionError(`counter ${options.name} must end in _total`)
     const bound = makeLabelBounds(labelNames.length, options.maxLabelValues ?? DefaultMaxLabelValues)
     const family: Rendered = {
       name: options.name,
       help: options.help,
-      type: "gauge",
+      type,
       render: (out) => {
         // values folded into `other` are summed, so the total stays right
         const rows = new Map<string, { values: ReadonlyArray<string>; value: number }>()

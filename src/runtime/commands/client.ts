@@ -7,9 +7,10 @@ import * as net from "node:net"
 import { Config, Console, Effect, Option, Stream } from "effect"
 import { Command, Flag } from "effect/cli"
 import { describeRoute } from "../../domain/Route.ts"
-import { type GatewayTarget, TunnelClient } from "../../services/client/TunnelClient.ts"
+import { describeTarget, type GatewayTarget, TunnelClient } from "../../services/client/TunnelClient.ts"
 import { isWebSocketUrl } from "../../services/transport/WebSocketDial.ts"
 import { joinStreams } from "../../services/Listeners.ts"
+import { registerGatewayGauges, serveOperations } from "../Admin.ts"
 import { toRoute } from "../listen.ts"
 import { AddressError, formatHostPort, parseHostPort } from "../NetAddress.ts"
 import { exposeOverReverseHttp2 } from "../serveReverseHttp2.ts"
@@ -77,11 +78,19 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
     if (servers.length !== targets.length) {
       return yield* new AddressError({ reason: "Malformed", message: "--h2 needs host:port gateways; ws:// and wss:// are for control-port tunnels" })
     }
+    yield* serveOperations({ command: "client", ready: () => true })
     yield* exposeOverReverseHttp2({ gateways: servers, target: expose, token: f.token, routes: [route], label: Option.getOrUndefined(f.label) })
     yield* Console.log(`switchyard client: ${describeRoute(route)} over reverse HTTP/2 on ${f.server.join(", ")} -> ${formatHostPort(expose)}`)
     return yield* Effect.never
   }
   const client = yield* TunnelClient.make({ servers: targets, token: f.token, label: Option.getOrUndefined(f.label) })
+  const gateways = () => client.status().map((g) => ({ gateway: describeTarget(g.address), connected: g.connected, attempts: g.attempts }))
+  yield* serveOperations({
+    command: "client",
+    ready: () => gateways().some((g) => g.connected),
+    sessions: () => [{ frontDoor: "control", count: gateways().filter((g) => g.connected).length }],
+    register: (metrics) => registerGatewayGauges(metrics, "control", gateways)
+  })
   const listener = yield* client.listen(route)
   yield* Console.log(`switchyard client: ${describeRoute(route)} on ${f.server.join(", ")} -> ${formatHostPort(expose)}`)
   return yield* Stream.runForEach(listener.connections, ({ socket }) =>

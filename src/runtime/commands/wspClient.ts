@@ -8,6 +8,7 @@ import { Console, Effect } from "effect"
 import { Command, Flag } from "effect/cli"
 import { parseWspClientConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspClient } from "../../services/client/WspClient.ts"
+import { registerGatewayGauges, serveOperations } from "../Admin.ts"
 import { readConfigText } from "./wspServer.ts"
 
 const config = Flag.String("config").pipe(
@@ -19,7 +20,14 @@ export const wspClientCommand = Command.make("wsp-client", { config }, Effect.fn
   const parsed = parseWspClientConfig(yield* readConfigText(config), randomUUID)
   if (parsed instanceof WspConfigError) return yield* parsed
   for (const key of parsed.unknownKeys) yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
-  yield* makeWspClient(parsed.config)
+  const client = yield* makeWspClient(parsed.config)
+  yield* serveOperations({
+    command: "wsp-client",
+    ready: () => client.stats().some((t) => t.total > t.connecting),
+    sessions: () => [{ frontDoor: "wsp", count: client.stats().reduce((n, t) => n + t.total - t.connecting, 0) }],
+    register: (metrics) =>
+      registerGatewayGauges(metrics, "wsp", () => client.stats().map((t) => ({ gateway: t.target, connected: t.total > t.connecting, attempts: 0 })))
+  })
   yield* Console.log(`switchyard wsp-client ${parsed.config.id} connecting to ${parsed.config.targets.join(", ")}`)
   return yield* Effect.never
 }, Effect.scoped)).pipe(Command.withDescription("Run a wsp-compatible WebSocket tunnel client (reads wsp_client.cfg)"))

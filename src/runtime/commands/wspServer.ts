@@ -8,6 +8,7 @@ import { Console, Effect, Redacted } from "effect"
 import { Command, Flag } from "effect/cli"
 import { parseWspServerConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspServer } from "../../services/front/WspServer.ts"
+import { registerPoolGauges, serveOperations } from "../Admin.ts"
 
 const config = Flag.String("config").pipe(
   Flag.withDescription("wsp server YAML config file (wsp_server.cfg)"),
@@ -33,6 +34,13 @@ export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn
     yield* Effect.logWarning(`wsp-server: /request on ${parsed.config.host} needs no credential; set requestkey to require one`)
   }
   const server = yield* makeWspServer(parsed.config)
+  yield* serveOperations({
+    command: "wsp-server",
+    ready: () => true,
+    listeners: () => [{ name: "wsp", address: `${server.address.host}:${server.address.port}` }],
+    sessions: () => [{ frontDoor: "wsp", count: server.stats().idle + server.stats().busy }],
+    register: (metrics) => registerPoolGauges(metrics, server.stats)
+  })
   yield* Console.log(`switchyard wsp-server listening on http://${server.address.host}:${server.address.port} (/register, /request, /status)`)
   return yield* Effect.never
 }, Effect.scoped)).pipe(Command.withDescription("Run a wsp-compatible WebSocket tunnel server (reads wsp_server.cfg)"))

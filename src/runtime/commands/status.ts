@@ -1,0 +1,87 @@
+/**
+ * `switchyard status`: asks a running switchyard's admin endpoint for its `/status` document and prints
+ * listeners, sessions, routes with their backends, and recent errors as tables. Read-only; it changes
+ * nothing and needs no token (the admin endpoint is on loopback or a private network).
+ */
+import * as http from "node:http"
+import { Console, Effect, Schema } from "effect"
+import { Command, Flag } from "effect/cli"
+import type { StatusDocument } from "../Admin.ts"
+import { parseHostPort } from "../NetAddress.ts"
+
+/** Time allowed for the admin endpoint to answer. */
+export const StatusTimeoutMs = 5_000
+/** Largest status document read (bytes). */
+export const MaxStatusBytes = 4 * 1024 * 1024
+
+export class StatusError extends Schema.TaggedError<StatusError>()("StatusError", {
+  reason: Schema.Literals(["Unreachable", "BadAnswer"]),
+  message: Schema.String
+}) {}
+
+/** Fetches `/status` from the admin endpoint at `host:port`. */
+export const fetchStatus = (address: { host: string; port: number }): Effect.Effect<StatusDocument, StatusError> =>
+  Effect.callback<StatusDocument, StatusError>((resume) => {
+    const where = `${address.host}:${address.port}`
+    const req = http.get({ host: address.host, port: address.port, path: "/status", agent: false, timeout: StatusTimeoutMs }, (res) => {
+      const chunks: Array<Buffer> = []
+      let size = 0
+      res.on("data", (c: Buffer) => {
+        size += c.length
+        if (size > MaxStatusBytes) {
+          res.destroy()
+          resume(Effect.fail(new StatusError({ reason: "BadAnswer", message: `${where}: status document larger than ${MaxStatusBytes} bytes` })))
+        } else chunks.push(c)
+      })
+      res.on("end", () => {
+        if (res.statusCode !== 200) {
+          return resume(Effect.fail(new StatusError({ reason: "BadAnswer", message: `${where}/status answered ${res.statusCode}` })))
+        }
+        try {
+          resume(Effect.succeed(JSON.parse(Buffer.concat(chunks).toString("utf8")) as StatusDocument))
+        } catch (e) {
+          resume(Effect.fail(new StatusError({ reason: "BadAnswer", message: `${where}/status: not JSON: ${(e as Error).message}` })))
+        }
+      })
+      res.on("error", (e) => resume(Effect.fail(new StatusError({ reason: "Unreachable", message: `${where}: ${e.message}` }))))
+    })
+    req.on("timeout", () => req.destroy(new Error(`no answer within ${StatusTimeoutMs} ms`)))
+    req.on("error", (e) => resume(Effect.fail(new StatusError({ reason: "Unreachable", message: `${where}: ${e.message}` }))))
+    return Effect.sync(() => req.destroy())
+  })
+
+/** Lays out rows as a left-aligned text table with a header. */
+export const table = (header: ReadonlyArray<string>, rows: ReadonlyArray<ReadonlyArray<string>>): string => {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)))
+  const line = (cells: ReadonlyArray<string>) => cells.map((c, i) => c.padEnd(widths[i]!)).join("  ").trimEnd()
+  return [line(header), line(widths.map((w) => "-".repeat(w))), ...rows.map(line)].join("\n")
+}
+
+/** The status document as text tables. */
+export const renderStatus = (status: StatusDocument): string =>
+  [
+    `switchyard ${status.command} ${status.version}, up since ${status.startedAt}, ${status.ready ? "ready" : "NOT READY"}`,
+    "",
+    table(["LISTENER", "ADDRESS"], status.listeners.map((l) => [l.name, l.address])),
+    "",
+    table(["FRONT DOOR", "SESSIONS"], status.sessions.map((s) => [s.frontDoor, String(s.count)])),
+    "",
+    status.routes.length === 0
+      ? "no routes"
+      : table(["ROUTE", "BACKENDS", "IN FLIGHT"], status.routes.map((r) => [r.route, r.backends.length === 0 ? "(none)" : r.backends.join(", "), String(r.inFlight)])),
+    "",
+    status.recentErrors.length === 0 ? "no recent errors" : table(["AT", "ERROR"], status.recentErrors.map((e) => [e.at, e.message]))
+  ].join("\n")
+
+const admin = Flag.String("admin").pipe(
+  Flag.withDescription("Admin endpoint of the running switchyard (host:port)"),
+  Flag.withDefault("127.0.0.1:9090")
+)
+const json = Flag.Boolean("json").pipe(Flag.withDescription("Print the raw JSON document"), Flag.withDefault(false))
+
+export const statusCommand = Command.make("status", { admin, json }, Effect.fn(function*(f) {
+  const address = parseHostPort(f.admin)
+  if (address instanceof Error) return yield* address
+  const status = yield* fetchStatus(address)
+  yield* Console.log(f.json ? JSON.stringify(status, null, 2) : renderStatus(status))
+})).pipe(Command.withDescription("Show a running switchyard's listeners, sessions, routes and recent errors"))
