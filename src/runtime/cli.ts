@@ -1,23 +1,51 @@
 /**
  * The `switchyard` command line: one subcommand per front door. Each subcommand lives in
- * `src/runtime/commands/` and is listed here; this module only assembles them.
+ * `src/runtime/commands/` and is listed here; this module only assembles them. A subcommand's module is
+ * loaded only when that subcommand runs, so a process holds the code of its own front door, not all of them.
  */
+import { Effect, Stdio } from "effect"
 import { Command } from "effect/cli"
 import packageJson from "../../package.json" with { type: "json" }
-import { clientCommand } from "./commands/client.ts"
-import { serverCommand } from "./commands/server.ts"
-import { socketProxyCommand } from "./commands/socketProxy.ts"
-import { wspClientCommand } from "./commands/wspClient.ts"
-import { wspServerCommand } from "./commands/wspServer.ts"
 
 /** The version printed by `switchyard --version`. */
 export const version: string = packageJson.version
 
-/** The root command, with every subcommand that exists. */
-export const switchyard = Command.make("switchyard").pipe(
-  Command.withDescription("Reverse-tunnel gateway and reverse proxy"),
-  Command.withSubcommands([serverCommand, socketProxyCommand, wspServerCommand, wspClientCommand, clientCommand])
-)
+/** Every subcommand by name, each loaded on demand. */
+const SUBCOMMANDS = {
+  server: () => import("./commands/server.ts").then((m) => m.serverCommand),
+  "socket-proxy": () => import("./commands/socketProxy.ts").then((m) => m.socketProxyCommand),
+  "wsp-server": () => import("./commands/wspServer.ts").then((m) => m.wspServerCommand),
+  "wsp-client": () => import("./commands/wspClient.ts").then((m) => m.wspClientCommand),
+  client: () => import("./commands/client.ts").then((m) => m.clientCommand),
+  status: () => import("./commands/status.ts").then((m) => m.statusCommand)
+} as const
 
-/** Parses `argv` (without the node and script entries) and runs the chosen subcommand. */
-export const runCli = Command.run(switchyard, { version })
+type SubcommandName = keyof typeof SUBCOMMANDS
+type AnySubcommand = Awaited<ReturnType<(typeof SUBCOMMANDS)[SubcommandName]>>
+
+const isSubcommand = (name: string | undefined): name is SubcommandName => name !== undefined && Object.hasOwn(SUBCOMMANDS, name)
+
+/** The root command over the given subcommands. */
+const rootCommand = (subcommands: ReadonlyArray<AnySubcommand>) =>
+  Command.make("switchyard").pipe(
+    Command.withDescription("Reverse-tunnel gateway and reverse proxy"),
+    Command.withSubcommands(subcommands)
+  )
+
+/**
+ * The root command for `args`: with only the named subcommand when the first operand names one, else
+ * (help, version, a mistyped name) with every subcommand.
+ */
+export const loadSwitchyard = (args: ReadonlyArray<string>): Effect.Effect<ReturnType<typeof rootCommand>> =>
+  Effect.promise(async () => {
+    const first = args.find((a) => !a.startsWith("-"))
+    const names: ReadonlyArray<SubcommandName> = isSubcommand(first) ? [first] : Object.keys(SUBCOMMANDS) as Array<SubcommandName>
+    return rootCommand(await Promise.all(names.map((name) => SUBCOMMANDS[name]())))
+  })
+
+/** Parses the process arguments and runs the chosen subcommand. */
+export const runCli = Effect.gen(function*() {
+  const args = yield* (yield* Stdio.Stdio).args
+  const switchyard = yield* loadSwitchyard(args)
+  return yield* Command.run(switchyard, { version })
+})

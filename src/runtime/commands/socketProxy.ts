@@ -2,11 +2,11 @@
  * `switchyard socket-proxy`: fronts a Unix-socket HTTP API (the Docker Engine API) with a deny-by-default
  * allowlist. Reads an optional YAML/JSON config file, merges flags over it, refuses to start on any
  * config error (naming the field and value), and runs until interrupted. SIGHUP reloads the rules.
+ * The proxy itself and the YAML parser are loaded when the command runs, not when the command line is built.
  */
 import { Console, Data, Effect, Option, Runtime } from "effect"
 import { Command, Flag } from "effect/cli"
 import * as fs from "node:fs"
-import { parse as parseYaml } from "yaml"
 import { PRESETS } from "../../domain/AccessRule.ts"
 import {
   ConfigError,
@@ -16,7 +16,6 @@ import {
   type SocketProxyFile,
   type SocketProxyFlags
 } from "../../domain/SocketProxyConfig.ts"
-import { makeSocketProxy } from "../../services/front/SocketProxy.ts"
 
 const repeated = (name: string, description: string) =>
   Flag.String(name).pipe(Flag.withDescription(description), Flag.atLeast(0))
@@ -40,7 +39,7 @@ const flags = {
 
 /** Reads and decodes the config file; errors name the file and field. */
 const readConfigFile = (path: string): Effect.Effect<SocketProxyFile, ConfigError> =>
-  Effect.suspend(() => {
+  Effect.flatMap(Effect.promise(() => import("yaml")), ({ parse: parseYaml }) => {
     let text: string
     try {
       text = fs.readFileSync(path, "utf8")
@@ -107,6 +106,7 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
       yield* Effect.logWarning(`listening on ${l.host}:${l.port} without --allow-from: any host that can reach it may use the allowed API calls`)
     }
   }
+  const { makeSocketProxy } = yield* Effect.promise(() => import("../../services/front/SocketProxy.ts"))
   const proxy = yield* makeSocketProxy(config)
   // SIGHUP: re-read the config file and swap the rules; a bad file keeps the rules in force.
   const services = yield* Effect.context<never>()

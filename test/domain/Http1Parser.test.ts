@@ -1,0 +1,328 @@
+import { describe, expect, it } from "@effect/vitest"
+import { Schema } from "effect"
+import {
+  BodyFramer,
+  type Framing,
+  Http1Error,
+  MAX_CHUNK_LINE,
+  parseRequestHead,
+  parseResponseHead,
+  type RequestHead,
+  requestHeadReader,
+  responseFraming,
+  responseHeadReader
+} from "../../src/domain/Http1Parser.ts"
+
+const LIMITS = { maxHeaderSize: 1024, maxHeadersCount: 8 }
+
+const bytes = (s: string) => Buffer.from(s, "latin1")
+const unhex = (s: string) => Buffer.from(s.replace(/\s+/g, ""), "hex")
+
+/** Feeds `input` in pieces of the given sizes (cycled) to a request head reader. */
+const readHead = (input: Buffer, sizes: ReadonlyArray<number> = [input.length || 1]) => {
+  const reader = requestHeadReader(LIMITS)
+  let at = 0
+  let k = 0
+  for (;;) {
+    const n = Math.max(1, sizes[k++ % sizes.length]!)
+    const step = reader.push(input.subarray(at, at + n))
+    at += n
+    if (step._tag !== "Need" || at >= input.length) return step
+  }
+}
+
+const headOf = (s: string): RequestHead => {
+  const step = readHead(bytes(s))
+  if (step._tag !== "Head") throw new Error(`expected a head, got ${JSON.stringify(step)}`)
+  return step.head
+}
+
+const errorOf = (s: string, sizes?: ReadonlyArray<number>): Http1Error => {
+  const step = readHead(bytes(s), sizes)
+  if (step._tag !== "Error") throw new Error(`expected an error, got ${step._tag}`)
+  return step.error
+}
+
+/** Runs a body through a framer in pieces; returns the bytes it claimed and what was left. */
+const frame = (framing: Framing, input: Buffer, piece: number) => {
+  const framer = new BodyFramer(framing, 256, 400)
+  const claimed: Array<Buffer> = []
+  for (let at = 0; at < input.length; at += piece) {
+    const chunk = input.subarray(at, at + piece)
+    const n = framer.consume(chunk, 0)
+    if (n instanceof Http1Error) return { error: n, body: Buffer.concat(claimed), rest: Buffer.alloc(0), done: false }
+    claimed.push(chunk.subarray(0, n))
+    if (framer.done) return { error: undefined, body: Buffer.concat(claimed), rest: Buffer.concat([chunk.subarray(n), input.subarray(at + piece)]), done: true }
+  }
+  return { error: undefined, body: Buffer.concat(claimed), rest: Buffer.alloc(0), done: framer.done }
+}
+
+describe("request heads", () => {
+  it("parses a hex golden byte at a time and in one piece alike", () => {
+    // "GET /v1.41/containers/json?all=1 HTTP/1.1\r\nHost: docker\r\nX-A:  b \r\n\r\n" then a pipelined byte.
+    const golden = unhex(
+      "474554202f76312e34312f636f6e7461696e6572732f6a736f6e3f616c6c3d3120485454502f312e310d0a" +
+        "486f73743a20646f636b65720d0a" + "582d413a20206220 0d0a" + "0d0a" + "5a"
+    )
+    for (const sizes of [[golden.length], [1], [2, 3, 5], [7]]) {
+      const step = readHead(golden, sizes)
+      expect(step._tag).toBe("Head")
+      if (step._tag !== "Head") return
+      expect(step.head.method).toBe("GET")
+      expect(step.head.target).toBe("/v1.41/containers/json?all=1")
+      expect(step.head.versionMinor).toBe(1)
+      expect(step.head.headers).toEqual(["Host", "docker", "X-A", "b"])
+      expect(step.head.framing).toEqual({ _tag: "None" })
+      expect(step.head.keepAlive).toBe(true)
+      expect(step.head.size).toBe(golden.length - 1)
+      expect(step.rest.toString("latin1")).toBe(sizes[0] === golden.length ? "Z" : step.rest.toString("latin1"))
+    }
+  })
+
+  it("reads framing, connection, upgrade and expect", () => {
+    const post = headOf("POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 12\r\nExpect: 100-continue\r\nContent-Type: text/plain\r\n\r\n")
+    expect(post.framing).toEqual({ _tag: "Length", length: 12 })
+    expect(post.expectContinue).toBe(true)
+    expect(post.contentType).toBe("text/plain")
+    const chunked = headOf("POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n")
+    expect(chunked.framing).toEqual({ _tag: "Chunked" })
+    const up = headOf("POST /a HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Upgrade\r\nUpgrade: tcp\r\n\r\n")
+    expect(up.upgrade).toBe("tcp")
+    expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n").upgrade).toBeUndefined()
+    expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").keepAlive).toBe(false)
+    expect(headOf("GET / HTTP/1.0\r\n\r\n").keepAlive).toBe(false)
+    expect(headOf("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keepAlive).toBe(true)
+    // Empty lines before the request line are ignored, byte at a time too.
+    const step = readHead(bytes("\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n"), [1])
+    expect(step._tag).toBe("Head")
+  })
+
+  it("refuses every smuggling vector and malformed head, byte at a time as in one piece", () => {
+    const cases: Array<[string, number, Http1Error["reason"]]> = [
+      ["POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "AmbiguousLength"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n", 400, "AmbiguousLength"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 3\r\n\r\n", 400, "InvalidContentLength"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n", 400, "InvalidContentLength"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1234567890123456\r\n\r\n", 400, "InvalidContentLength"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n", 400, "AmbiguousLength"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "AmbiguousLength"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501, "UnsupportedTransferEncoding"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "UnsupportedTransferEncoding"],
+      ["POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "AmbiguousLength"],
+      ["GET / HTTP/1.1\nHost: h\r\n\r\n", 400, "MalformedHeader"],
+      ["GET / HTTP/1.1\r\nHost: h\nX: y\r\n\r\n", 400, "MalformedHeader"],
+      ["GET / HTTP/1.1\r\nHost: h\r\nX: a\r\n folded\r\n\r\n", 400, "MalformedHeader"],
+      ["GET / HTTP/1.1\r\nHost : h\r\n\r\n", 400, "MalformedHeader"],
+      ["GET / HTTP/1.1\r\nHost: h\r\nX: a\x00b\r\n\r\n", 400, "MalformedHeader"],
+      ["GET / HTTP/1.1\r\nHost: h\r\nX: a\rb\r\n\r\n", 400, "MalformedHeader"],
+      ["GET / HTTP/1.1\r\nHost: h\r\nX: a\x7fb\r\n\r\n", 400, "MalformedHeader"],
+      ["GET / HTTP/1.1\r\nHost: h\r\nNo-Colon\r\n\r\n", 400, "MalformedHeader"],
+      ["GET / HTTP/1.1\r\n\r\n", 400, "MissingHost"],
+      ["GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "MissingHost"],
+      ["GET / HTP/1.1\r\nHost: h\r\n\r\n", 400, "MalformedStartLine"],
+      ["GET / HTTP/2.0\r\nHost: h\r\n\r\n", 400, "MalformedStartLine"],
+      ["GET  / HTTP/1.1\r\nHost: h\r\n\r\n", 400, "MalformedStartLine"],
+      ["GET /a b HTTP/1.1\r\nHost: h\r\n\r\n", 400, "MalformedStartLine"],
+      ["G(T / HTTP/1.1\r\nHost: h\r\n\r\n", 400, "MalformedStartLine"],
+      ["GET /\x01 HTTP/1.1\r\nHost: h\r\n\r\n", 400, "MalformedStartLine"],
+      ["\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, "MalformedStartLine"],
+      [`GET / HTTP/1.1\r\nHost: h\r\n${Array.from({ length: 9 }, (_, i) => `X-${i}: v\r\n`).join("")}\r\n`, 431, "TooManyHeaders"]
+    ]
+    for (const [text, status, reason] of cases) {
+      for (const sizes of [[text.length], [1]]) {
+        const e = errorOf(text, sizes)
+        expect([e.status, e.reason], JSON.stringify(text)).toEqual([status, reason])
+      }
+    }
+  })
+
+  it("checks the size limit before buffering, and is dead after the first error", () => {
+    const reader = requestHeadReader(LIMITS)
+    expect(reader.push(bytes("GET / HTTP/1.1\r\nHost: h\r\nX: ")) ._tag).toBe("Need")
+    const huge = Buffer.alloc(10 * 1024 * 1024, 0x61)
+    const step = reader.push(huge)
+    expect(step._tag === "Error" && step.error.reason).toBe("HeadTooLarge")
+    expect(step._tag === "Error" && step.error.status).toBe(431)
+    expect(reader.buffered).toBe(0)
+    // Dead: even a valid head is refused now.
+    const again = reader.push(bytes("GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
+    expect(again._tag).toBe("Error")
+    // A head that fits exactly is accepted; one byte more is not.
+    const filler = (n: number) => `GET / HTTP/1.1\r\nHost: h\r\nX: ${"a".repeat(n)}\r\n\r\n`
+    const base = filler(0).length
+    expect(readHead(bytes(filler(LIMITS.maxHeaderSize - base)), [1])._tag).toBe("Head")
+    expect(readHead(bytes(filler(LIMITS.maxHeaderSize - base + 1)), [1])._tag).toBe("Error")
+  })
+})
+
+describe("response heads", () => {
+  it("parses status, reason and framing by the request method and status", () => {
+    const parse = (s: string) => {
+      const step = responseHeadReader(LIMITS).push(bytes(s))
+      if (step._tag !== "Head") throw new Error(step._tag)
+      return step.head
+    }
+    const ok = parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    expect([ok.status, ok.reason, ok.contentLength]).toEqual([200, "OK", 5])
+    expect(responseFraming("GET", ok)).toEqual({ _tag: "Length", length: 5 })
+    expect(responseFraming("HEAD", ok)).toEqual({ _tag: "None" })
+    const chunked = parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n")
+    expect(chunked.contentLength).toBeUndefined()
+    expect(responseFraming("GET", chunked)).toEqual({ _tag: "Chunked" })
+    expect(responseFraming("GET", parse("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"))).toEqual({ _tag: "Close" })
+    expect(responseFraming("GET", parse("HTTP/1.0 200 OK\r\n\r\n"))).toEqual({ _tag: "Close" })
+    for (const status of ["204 No Content", "304 Not Modified", "100 Continue", "101 Switching Protocols"]) {
+      expect(responseFraming("GET", parse(`HTTP/1.1 ${status}\r\nContent-Length: 5\r\n\r\n`))).toEqual({ _tag: "None" })
+    }
+    expect(parse("HTTP/1.1 101 UPGRADED\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n").upgrade).toBe("tcp")
+    expect(parse("HTTP/1.1 200\r\n\r\n").reason).toBe("")
+    expect(parse("HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\r\n").keepAlive).toBe(false)
+  })
+
+  it("refuses what cannot be relayed with 502", () => {
+    for (
+      const s of [
+        "HTTP/1.1 2000 OK\r\n\r\n",
+        "HTTP/1.1 20 OK\r\n\r\n",
+        "HTTP/3 200 OK\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n",
+        "HTTP/1.1 200 OK\nX: a\r\n\r\n"
+      ]
+    ) {
+      const step = responseHeadReader(LIMITS).push(bytes(s))
+      expect(step._tag === "Error" && step.error.status, JSON.stringify(s)).toBe(502)
+    }
+  })
+
+  it("parse functions agree with the readers on a complete head", () => {
+    const text = bytes("PUT /a HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    const head = parseRequestHead(text, text.length, LIMITS)
+    expect(head instanceof Http1Error).toBe(false)
+    const resp = bytes("HTTP/1.1 404 Not Found\r\n\r\n")
+    const r = parseResponseHead(resp, resp.length, LIMITS)
+    expect(r instanceof Http1Error ? r.message : r.status).toBe(404)
+  })
+})
+
+describe("body framing", () => {
+  it("finds the end of a Content-Length body and leaves the next message", () => {
+    for (const piece of [1, 3, 100]) {
+      const r = frame({ _tag: "Length", length: 5 }, bytes("hello" + "GET /next"), piece)
+      expect([r.body.toString(), r.rest.toString(), r.done]).toEqual(["hello", "GET /next", true])
+    }
+  })
+
+  it("passes chunked bytes unchanged, with extensions and trailers, and finds their end", () => {
+    const body = "5;ext=1;q=\"a b\"\r\nhello\r\n6 \r\n world\r\nA\r\n0123456789\r\n0\r\nX-Sum: 42\r\nX-Other: y\r\n\r\n"
+    for (const piece of [1, 2, 7, 1000]) {
+      const r = frame({ _tag: "Chunked" }, bytes(body + "NEXT"), piece)
+      expect(r.error).toBeUndefined()
+      expect([r.body.toString(), r.rest.toString(), r.done]).toEqual([body, "NEXT", true])
+    }
+    const plain = frame({ _tag: "Chunked" }, bytes("0\r\n\r\n"), 1)
+    expect(plain.done).toBe(true)
+  })
+
+  it("refuses malformed chunked bodies", () => {
+    for (
+      const body of [
+        "x\r\n",
+        "5\nhello\r\n0\r\n\r\n",
+        "5\r\nhelloX\r\n",
+        "5\r\nhello\r\n0\r\nX: a\nY\r\n\r\n",
+        "5\r\nhello\r\n0\r\n folded\r\n\r\n",
+        "5;a\x00b\r\nhello\r\n",
+        "1234567890abcdef0\r\n",
+        `1;${"e".repeat(MAX_CHUNK_LINE)}\r\n`,
+        `0\r\n${"X: y\r\n".repeat(100)}\r\n`
+      ]
+    ) {
+      for (const piece of [1, 1000]) {
+        const r = frame({ _tag: "Chunked" }, bytes(body), piece)
+        expect(r.error?.reason, JSON.stringify(body)).toBe("MalformedChunk")
+      }
+    }
+  })
+
+  it("treats a close-delimited body as everything, and a bodyless one as nothing", () => {
+    expect(frame({ _tag: "Close" }, bytes("abc"), 1).body.toString()).toBe("abc")
+    const none = new BodyFramer({ _tag: "None" }, 256, 400)
+    expect(none.done).toBe(true)
+    expect(none.consume(bytes("GET"), 0)).toBe(0)
+  })
+
+  it.prop(
+    "random valid messages split anywhere reassemble to the same framing",
+    [
+      Schema.Array(
+        Schema.Struct({
+          kind: Schema.Literals(["none", "length", "chunked"]),
+          size: Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 300 })),
+          chunk: Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 70 })),
+          byte: Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 255 }))
+        })
+      ).check(Schema.isMaxLength(6)),
+      Schema.Array(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 40 }))).check(Schema.isMinLength(1))
+    ],
+    ([messages, splits]) => {
+      const expected: Array<[string, string]> = []
+      const wire: Array<Buffer> = []
+      messages.forEach((m, i) => {
+        const payload = Buffer.alloc(m.kind === "none" ? 0 : m.size, m.byte)
+        let framingHeader = ""
+        let encoded = payload
+        if (m.kind === "length") framingHeader = `Content-Length: ${m.size}\r\n`
+        if (m.kind === "chunked") {
+          framingHeader = "Transfer-Encoding: chunked\r\n"
+          const parts: Array<Buffer> = []
+          for (let at = 0; at < payload.length; at += m.chunk) {
+            const c = payload.subarray(at, at + m.chunk)
+            parts.push(bytes(`${c.length.toString(16)};n=${i}\r\n`), c, bytes("\r\n"))
+          }
+          parts.push(bytes(i % 2 === 0 ? "0\r\n\r\n" : "0\r\nX-T: 1\r\n\r\n"))
+          encoded = Buffer.concat(parts)
+        }
+        wire.push(bytes(`POST /m${i} HTTP/1.1\r\nHost: h\r\n${framingHeader}\r\n`), encoded)
+        expected.push([`/m${i}`, encoded.toString("latin1")])
+      })
+      const input = Buffer.concat(wire)
+      // The receiving side: heads through the reader, bodies through the framer, in the given pieces.
+      const got: Array<[string, string]> = []
+      const reader = requestHeadReader({ maxHeaderSize: 1024, maxHeadersCount: 8 })
+      let framer: BodyFramer | undefined
+      let target = ""
+      let body: Array<Buffer> = []
+      let at = 0
+      let k = 0
+      const take = (chunk: Buffer): void => {
+        while (chunk.length > 0) {
+          if (framer === undefined) {
+            const step = reader.push(chunk)
+            if (step._tag === "Error") throw new Error(step.error.message)
+            if (step._tag === "Need") return
+            target = step.head.target
+            framer = new BodyFramer(step.head.framing, 1024, 400)
+            chunk = step.rest
+          } else {
+            const n = framer.consume(chunk, 0)
+            if (n instanceof Http1Error) throw new Error(n.message)
+            body.push(chunk.subarray(0, n))
+            chunk = chunk.subarray(n)
+          }
+          if (framer !== undefined && framer.done) {
+            got.push([target, Buffer.concat(body).toString("latin1")])
+            framer = undefined
+            body = []
+          }
+        }
+      }
+      while (at < input.length) {
+        const n = splits[k++ % splits.length]!
+        take(input.subarray(at, at + n))
+        at += n
+      }
+      expect(got).toEqual(expected)
+    }
+  )
+})
