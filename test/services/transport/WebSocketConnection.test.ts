@@ -45,19 +45,25 @@ const probe = (conn: Connection): Probe => {
 }
 
 /** A WebSocket server on loopback whose accepted sockets come out of `accepted`, closed with the scope. */
-const server = (options: ConstructorParameters<typeof WebSocketServer>[0] = {}) =>
+interface TestServer {
+  readonly wss: WebSocketServer
+  readonly port: number
+  readonly next: () => Promise<WebSocket>
+}
+
+const server = (options: ConstructorParameters<typeof WebSocketServer>[0] = {}): Effect.Effect<TestServer, never, Scope.Scope> =>
   Effect.acquireRelease(
     Effect.promise(() =>
-      new Promise<{ wss: WebSocketServer; port: number; next: () => Promise<WebSocket> }>((resolve) => {
+      new Promise<TestServer>((resolve) => {
         const waiting: Array<(ws: WebSocket) => void> = []
         const ready: Array<WebSocket> = []
-        const wss = new WebSocketServer({ host: "127.0.0.1", port: 0, perMessageDeflate: false, ...options }, () =>
+        const wss: WebSocketServer = new WebSocketServer({ host: "127.0.0.1", port: 0, perMessageDeflate: false, ...options }, () =>
           resolve({
             wss,
             port: (wss.address() as net.AddressInfo).port,
             next: () => new Promise((r) => (ready.length > 0 ? r(ready.shift()!) : waiting.push(r)))
           }))
-        wss.on("connection", (ws) => {
+        wss.on("connection", (ws: WebSocket) => {
           ws.on("error", () => {})
           const w = waiting.shift()
           if (w) w(ws)
@@ -75,10 +81,10 @@ const server = (options: ConstructorParameters<typeof WebSocketServer>[0] = {}) 
   )
 
 /** A dialed client Connection and the server's side of the same WebSocket as a Connection too. */
-const pair = (options: { keepaliveInterval?: string; maskFrames?: boolean } = {}) =>
+const pair = (options: { maskFrames?: boolean } = {}) =>
   Effect.gen(function*() {
     const srv = yield* server()
-    const client = yield* dialWebSocket({ url: `ws://127.0.0.1:${srv.port}/x`, proxy: false, keepaliveInterval: options.keepaliveInterval ?? 0, maskFrames: options.maskFrames })
+    const client = yield* dialWebSocket({ url: `ws://127.0.0.1:${srv.port}/x`, proxy: false, keepaliveInterval: 0, maskFrames: options.maskFrames })
     const raw = yield* Effect.promise(srv.next)
     const remote = yield* fromWebSocket(raw, { keepaliveInterval: 0 })
     return { client, remote, raw }
