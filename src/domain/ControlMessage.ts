@@ -232,12 +232,13 @@ export class FrameReader {
   next(): Uint8Array | ControlProtocolError | undefined {
     if (this.failure !== undefined) return this.failure
     if (this.buffered < FrameHeaderBytes) return undefined
+    // a length is judged only when its frame is the next one asked for: the bytes behind the last frame
+    // a caller wants may be another protocol (yamux, HTTP/2), taken whole with `remainder()`
+    const failure = this.check()
+    if (failure !== undefined) return failure
     const length = this.peekLength()
     if (this.buffered < FrameHeaderBytes + length) return undefined
-    const bytes = this.take(FrameHeaderBytes + length)
-    // an oversized header behind this frame is reported on the following call
-    this.check()
-    return bytes.subarray(FrameHeaderBytes)
+    return this.take(FrameHeaderBytes + length).subarray(FrameHeaderBytes)
   }
 
   /** Removes and returns every byte not yet returned as a frame. */

@@ -118,6 +118,17 @@ describe("ControlMessage framing", () => {
     assert.strictEqual(hex(reader.remainder()), "ff")
   })
 
+  it("hands over another protocol's bytes behind the last frame, even when they read as a huge length", () => {
+    const welcome = encodeHelloReply({ _tag: "Welcome", version: ProtocolVersion, sessionId: "s2", listeners: [] })
+    // the HTTP/2 client preface starts "PRI " = 0x50524920, far beyond any frame limit
+    const preface = new TextEncoder().encode("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    const reader = new FrameReader(MaxPreambleBytes)
+    assert.isUndefined(reader.push(new Uint8Array([...welcome, ...preface])))
+    const body = reader.next()
+    assert.instanceOf(body, Uint8Array)
+    assert.strictEqual(new TextDecoder().decode(reader.remainder()), "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+  })
+
   it("refuses an oversized length before buffering the body, and stays failed", () => {
     const reader = new FrameReader(MaxPreambleBytes)
     const header = new Uint8Array(4)
