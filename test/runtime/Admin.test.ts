@@ -1,0 +1,140 @@
+import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
+import { Cause, Deferred, Effect, Exit, Scope } from "effect"
+import * as net from "node:net"
+import { makeRecentErrors, serveAdmin, serveOperations } from "../../src/runtime/Admin.ts"
+import { fetchStatus, renderStatus, table } from "../../src/runtime/commands/status.ts"
+import { onHangup, teardown } from "../../src/runtime/Lifecycle.ts"
+import { makeMetrics } from "../../src/services/Metrics.ts"
+import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
+import { get } from "./serverProcess.ts"
+
+let before: HandleCounts
+beforeEach(() => {
+  before = activeHandles()
+})
+afterEach(() => expectNoLeaks(before))
+
+describe("admin endpoint", () => {
+  it.live("serves /healthz, /readyz (flipping), /metrics, /status; refuses other paths and methods", () =>
+    Effect.gen(function*() {
+      let ready = false
+      const metrics = makeMetrics()
+      const errors = makeRecentErrors(2)
+      for (const m of ["one", "two", "three"]) errors.add(m)
+      const address = yield* serveAdmin({
+        address: { host: "127.0.0.1", port: 0 },
+        ready: () => ready,
+        metrics: metrics.registry,
+        status: () => ({ command: "server", version: "0", startedAt: "t", ready, listeners: [], sessions: [], routes: [], recentErrors: errors.list() })
+      })
+      const call = (p: string) => Effect.promise(() => get(address.port, p))
+      assert.strictEqual((yield* call("/healthz")).status, 200)
+      assert.strictEqual((yield* call("/readyz")).status, 503)
+      ready = true
+      assert.strictEqual((yield* call("/readyz")).status, 200)
+      metrics.reconnects.labels("control").inc()
+      const scraped = yield* call("/metrics")
+      assert.strictEqual(scraped.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8")
+      assert.include(scraped.body, "switchyard_reconnects_total{front_door=\"control\"} 1")
+      const status = yield* fetchStatus(address)
+      assert.deepStrictEqual(status.recentErrors.map((e) => e.message), ["two", "three"])
+      assert.strictEqual((yield* call("/nope")).status, 404)
+      const posted = yield* Effect.promise(() =>
+        new Promise<number>((resolve, reject) => {
+          const s = net.connect(address.port, "127.0.0.1", () => s.write("POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"))
+          let text = ""
+          s.on("data", (d) => (text += d))
+          s.on("end", () => resolve(Number(text.split(" ")[1])))
+          s.on("error", reject)
+        })
+      )
+      assert.strictEqual(posted, 405)
+    }).pipe(Effect.scoped))
+
+  it.live("serveOperations: a taken default port is a warning, a taken configured port an error, off means off", () =>
+    Effect.gen(function*() {
+      const blocker = net.createServer()
+      yield* Effect.acquireRelease(
+        Effect.promise(() => new Promise<void>((resolve) => blocker.listen(9094, "127.0.0.1", () => resolve()))).pipe(Effect.ignore),
+        () => Effect.promise(() => new Promise<void>((resolve) => blocker.close(() => resolve())))
+      )
+      const byDefault = yield* serveOperations({ command: "wsp-client", ready: () => true })
+      assert.isUndefined(byDefault.admin)
+      const port = (blocker.address() as net.AddressInfo | null)?.port ?? 9094
+      const explicit = yield* Effect.exit(serveOperations({ command: "wsp-client", ops: { admin: { address: `127.0.0.1:${port}` } }, ready: () => true }))
+      assert.isTrue(Exit.isFailure(explicit))
+      const off = yield* serveOperations({ command: "client", ops: { admin: { enabled: false } }, ready: () => true })
+      assert.isUndefined(off.admin)
+      const on = yield* serveOperations({
+        command: "client",
+        ops: { admin: { address: "127.0.0.1:0" } },
+        ready: () => false,
+        sessions: () => [{ frontDoor: "control", count: 0 }],
+        register: (m) => m.registry.sampledGauge({ name: "t_sample", help: "t", collect: () => [[[], 42]] })
+      })
+      assert.strictEqual((yield* Effect.promise(() => get(on.admin!.port, "/readyz"))).status, 503)
+      assert.include((yield* Effect.promise(() => get(on.admin!.port, "/metrics"))).body, "t_sample 42")
+      on.recordError("lost the gateway")
+      const status = yield* fetchStatus(on.admin!)
+      assert.strictEqual(status.command, "client")
+      assert.strictEqual(status.recentErrors[0]!.message, "lost the gateway")
+      assert.include(renderStatus(status), "NOT READY")
+    }).pipe(Effect.scoped))
+
+  it.effect("fetchStatus fails with a typed error when nothing listens", () =>
+    Effect.gen(function*() {
+      const error = yield* Effect.flip(fetchStatus({ host: "127.0.0.1", port: 1 }))
+      assert.strictEqual(error.reason, "Unreachable")
+    }))
+})
+
+describe("switchyard status rendering", () => {
+  it("lays out tables", () => {
+    assert.strictEqual(table(["A", "LONG"], [["xx", "y"]]), "A   LONG\n--  ----\nxx  y")
+    const text = renderStatus({
+      command: "server",
+      version: "1.0.0",
+      startedAt: "2026-01-01T00:00:00.000Z",
+      ready: true,
+      listeners: [{ name: "control", address: "127.0.0.1:9999" }],
+      sessions: [{ frontDoor: "control", count: 2 }],
+      routes: [{ route: "http:8000:/a", backends: ["s1 svc#1", "s2 svc#1"], inFlight: 3 }],
+      recentErrors: []
+    })
+    assert.include(text, "switchyard server 1.0.0, up since 2026-01-01T00:00:00.000Z, ready")
+    assert.include(text, "http:8000:/a  s1 svc#1, s2 svc#1  3")
+    assert.include(text, "no recent errors")
+  })
+})
+
+describe("Lifecycle", () => {
+  it("an interruption (a drained SIGTERM) exits 0; failures keep their codes", () => {
+    const codes: Array<number> = []
+    teardown(Exit.failCause(Cause.interrupt()), (c) => codes.push(c))
+    teardown(Exit.succeed(1), (c) => codes.push(c))
+    teardown(Exit.fail(new Error("x")), (c) => codes.push(c))
+    assert.deepStrictEqual(codes, [0, 0, 1])
+  })
+
+  it.live("runs the reload on SIGHUP, coalescing signals that arrive during one, until the scope closes", () =>
+    Effect.gen(function*() {
+      let started = 0
+      let finished = 0
+      const gate = yield* Deferred.make<void>()
+      const scope = yield* Scope.make()
+      const reload = Effect.sync(() => started++).pipe(Effect.andThen(Deferred.await(gate)), Effect.andThen(Effect.sync(() => finished++)))
+      yield* onHangup(reload).pipe(Scope.provide(scope))
+      const listenersBefore = process.listenerCount("SIGHUP")
+      process.emit("SIGHUP", "SIGHUP")
+      yield* Effect.yieldNow
+      process.emit("SIGHUP", "SIGHUP")
+      process.emit("SIGHUP", "SIGHUP")
+      assert.strictEqual(started, 1)
+      yield* Deferred.succeed(gate, undefined)
+      for (let i = 0; i < 1_000 && finished < 2; i++) yield* Effect.yieldNow
+      assert.strictEqual(started, 2)
+      assert.strictEqual(finished, 2)
+      yield* Scope.close(scope, Exit.void)
+      assert.strictEqual(process.listenerCount("SIGHUP"), listenersBefore - 1)
+    }))
+})

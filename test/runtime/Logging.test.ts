@@ -1,0 +1,76 @@
+import { assert, describe, it } from "@effect/vitest"
+import { Effect, Redacted } from "effect"
+import * as http from "node:http"
+import { accessLogger, ensureRequestId, formatAccess, layer, MaxRequestIdLength, RequestIdHeader } from "../../src/runtime/Logging.ts"
+
+const fakeRequest = (headers: Record<string, string>, rawHeaders: Array<string>) =>
+  ({ headers: { ...headers }, rawHeaders: [...rawHeaders] }) as unknown as http.IncomingMessage
+
+describe("Logging", () => {
+  it.effect("writes JSON lines at or above the configured level; secrets stay redacted", () =>
+    Effect.gen(function*() {
+      const lines: Array<string> = []
+      const secret = Redacted.make("hunter2")
+      yield* Effect.gen(function*() {
+        yield* Effect.logDebug("hidden")
+        yield* Effect.logInfo("started", secret)
+        yield* Effect.logWarning("careful").pipe(Effect.annotateLogs({ component: "test" }))
+      }).pipe(Effect.provide(layer({ format: "json", level: "info" }, (l) => lines.push(l))))
+      assert.strictEqual(lines.length, 2)
+      const first = JSON.parse(lines[0]!)
+      assert.strictEqual(first.level, "INFO")
+      assert.include(JSON.stringify(first.message), "started")
+      assert.notInclude(lines.join("\n"), "hunter2")
+      assert.strictEqual(JSON.parse(lines[1]!).annotations.component, "test")
+    }))
+
+  it.effect("writes logfmt by default", () =>
+    Effect.gen(function*() {
+      const lines: Array<string> = []
+      yield* Effect.logError("boom").pipe(Effect.provide(layer({}, (l) => lines.push(l))))
+      assert.match(lines[0]!, /^timestamp=\S+ level=ERROR .*message=boom/)
+    }))
+
+  it("keeps a sane client request id and replaces a missing or odd one, in headers and raw headers", () => {
+    const kept = fakeRequest({ [RequestIdHeader]: "abc-1" }, ["X-Request-Id", "abc-1"])
+    assert.strictEqual(ensureRequestId(kept), "abc-1")
+    assert.deepStrictEqual(kept.rawHeaders, ["X-Request-Id", "abc-1"])
+
+    const none = fakeRequest({}, ["Host", "x"])
+    const id = ensureRequestId(none)
+    assert.match(id, /^[0-9a-f-]{36}$/)
+    assert.deepStrictEqual(none.rawHeaders, ["Host", "x", "X-Request-Id", id])
+
+    const odd = "x".repeat(MaxRequestIdLength + 1)
+    const long = fakeRequest({ [RequestIdHeader]: odd }, ["x-request-id", odd, "Host", "x"])
+    const replaced = ensureRequestId(long)
+    assert.notStrictEqual(replaced, odd)
+    assert.deepStrictEqual(long.rawHeaders, ["Host", "x", "X-Request-Id", replaced])
+    assert.notStrictEqual(ensureRequestId(fakeRequest({ [RequestIdHeader]: "a b\r\n" }, [])), "a b\r\n")
+  })
+
+  it("formats access lines without the query string", () => {
+    const entry = {
+      frontDoor: "control",
+      method: "GET",
+      path: "/a?token=secret",
+      route: "http:8000:/",
+      status: 200,
+      receivedBytes: 10,
+      sentBytes: 20,
+      durationMs: 1.23456,
+      requestId: "r1",
+      peer: "127.0.0.1"
+    }
+    const at = new Date("2026-01-01T00:00:00Z")
+    assert.strictEqual(
+      formatAccess("logfmt", entry, at),
+      "timestamp=2026-01-01T00:00:00.000Z level=INFO log=access front_door=control method=GET path=/a route=http:8000:/ status=200 received_bytes=10 sent_bytes=20 duration_ms=1.235 request_id=r1 peer=127.0.0.1"
+    )
+    assert.strictEqual(JSON.parse(formatAccess("json", entry, at)).path, "/a")
+    assert.isUndefined(accessLogger({ accessLog: false }))
+    const out: Array<string> = []
+    accessLogger({ accessLog: true, format: "json" }, (l) => out.push(l))!(entry)
+    assert.strictEqual(JSON.parse(out[0]!).request_id, "r1")
+  })
+})
