@@ -173,9 +173,14 @@ export interface GatewayView {
   readonly connected: boolean
   /** Failed attempts since the last successful handshake. */
   readonly attempts: number
+  /** Sessions established so far (reconnects are the ones after the first). */
+  readonly established: number
 }
 
-/** Registers `switchyard_gateway_up` and `switchyard_gateway_failed_attempts` sampled from `views`. */
+/**
+ * Registers `switchyard_gateway_up`, `switchyard_gateway_failed_attempts` and
+ * `switchyard_reconnects_total`, sampled from `views`.
+ */
 export const registerGatewayGauges = (metrics: MetricsShape, frontDoor: string, views: () => ReadonlyArray<GatewayView>): void => {
   metrics.registry.sampledGauge({
     name: "switchyard_gateway_up",
@@ -188,6 +193,13 @@ export const registerGatewayGauges = (metrics: MetricsShape, frontDoor: string, 
     help: "Failed connection attempts to a gateway since its last successful handshake.",
     labelNames: ["front_door", "gateway"],
     collect: () => views().map((v) => [[frontDoor, v.gateway], v.attempts] as const)
+  })
+  metrics.registry.sampledGauge({
+    name: "switchyard_reconnects_total",
+    type: "counter",
+    help: "Tunnel sessions re-established after a loss, by front door and gateway.",
+    labelNames: ["front_door", "gateway"],
+    collect: () => views().map((v) => [[frontDoor, v.gateway], Math.max(0, v.established - 1)] as const)
   })
 }
 

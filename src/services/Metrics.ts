@@ -303,8 +303,6 @@ export interface MetricsShape {
   readonly queueWait: Family<"front_door", HistogramChild>
   /** Tunnel handshakes and authentications refused, by front door and reason. */
   readonly rejections: Family<"front_door" | "reason", CounterChild>
-  /** Tunnel sessions re-established after a loss, by front door. */
-  readonly reconnects: Family<"front_door", CounterChild>
   /** Protocol violations seen on tunnels, by front door and kind. */
   readonly protocolErrors: Family<"front_door" | "kind", CounterChild>
   /** Configuration reloads, by result (`applied`, `rejected`). */
@@ -343,11 +341,6 @@ export const makeMetrics = (registry: MetricRegistry = makeRegistry()): MetricsS
     name: "switchyard_handshake_rejections_total",
     help: "Tunnel handshakes or authentications refused, by front door and reason.",
     labelNames: ["front_door", "reason"]
-  }),
-  reconnects: registry.counter({
-    name: "switchyard_reconnects_total",
-    help: "Tunnel sessions re-established after a loss, by front door.",
-    labelNames: ["front_door"]
   }),
   protocolErrors: registry.counter({
     name: "switchyard_protocol_errors_total",

@@ -32,10 +32,10 @@ describe("admin endpoint", () => {
       assert.strictEqual((yield* call("/readyz")).status, 503)
       ready = true
       assert.strictEqual((yield* call("/readyz")).status, 200)
-      metrics.reconnects.labels("control").inc()
+      metrics.protocolErrors.labels("control", "BadFrame").inc()
       const scraped = yield* call("/metrics")
       assert.strictEqual(scraped.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8")
-      assert.include(scraped.body, "switchyard_reconnects_total{front_door=\"control\"} 1")
+      assert.include(scraped.body, "switchyard_protocol_errors_total{front_door=\"control\",kind=\"BadFrame\"} 1")
       const status = yield* fetchStatus(address)
       assert.deepStrictEqual(status.recentErrors.map((e) => e.message), ["two", "three"])
       assert.strictEqual((yield* call("/nope")).status, 404)

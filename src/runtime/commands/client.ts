@@ -84,7 +84,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
     return yield* Effect.never
   }
   const client = yield* TunnelClient.make({ servers: targets, token: f.token, label: Option.getOrUndefined(f.label) })
-  const gateways = () => client.status().map((g) => ({ gateway: describeTarget(g.address), connected: g.connected, attempts: g.attempts }))
+  const gateways = () => client.status().map((g) => ({ gateway: describeTarget(g.address), connected: g.connected, attempts: g.attempts, established: g.established }))
   yield* serveOperations({
     command: "client",
     ready: () => gateways().some((g) => g.connected),

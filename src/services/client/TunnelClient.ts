@@ -122,6 +122,8 @@ export interface GatewayStatus {
   /** Failed attempts since the last successful handshake. */
   readonly attempts: number
   readonly lastError: string | undefined
+  /** Sessions established with this gateway so far (more than one means it reconnected). */
+  readonly established: number
 }
 
 /** A listener of this process, and where it is bound. */
@@ -158,6 +160,7 @@ interface GatewayState {
   connected: boolean
   attempts: number
   lastError: string | undefined
+  established: number
   /** Gateway listener id → local listener, for the live session. */
   readonly byGatewayId: Map<number, ClientListener>
   /** Local listener id → gateway listener id, for the live session. */
@@ -224,6 +227,7 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
     address,
     connected: false,
     attempts: 0,
+    established: 0,
     lastError: undefined,
     byGatewayId: new Map(),
     byLocalId: new Map(),
@@ -338,6 +342,7 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
         socket.write(encodeControlRequest({ ...request, requestId }))
       }
       g.connected = true
+      g.established++
       g.attempts = 0
       g.lastError = undefined
       yield* Effect.addFinalizer(() =>
@@ -437,6 +442,6 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
     addListener,
     listen,
     status: () =>
-      gateways.map((g) => ({ address: g.address, connected: g.connected, attempts: g.attempts, lastError: g.lastError }))
+      gateways.map((g) => ({ address: g.address, connected: g.connected, attempts: g.attempts, lastError: g.lastError, established: g.established }))
   })
 })
