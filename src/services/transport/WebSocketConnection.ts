@@ -12,10 +12,14 @@ import type { RawData } from "ws"
 import { CloseCode, closeError, closeReason, WebSocketError } from "../../domain/WebSocketClose.ts"
 import { type Address, type Connection, type ConnectionHandlers, TransportError } from "../Transport.ts"
 
-/** Largest message a sender puts on the wire; bigger write batches are split. */
-export const MaxMessageBytes = 1024 * 1024
+/**
+ * Largest message a sender puts on the wire: one full yamux data frame (64 KiB payload and its 12-byte
+ * header). Bigger batches are split. Messages near the size of one socket read spare the receiver from
+ * assembling (copying) large ones, which measured at half the throughput with 1 MiB messages.
+ */
+export const MaxMessageBytes = 64 * 1024 + 12
 /** Largest message a receiver accepts (`ws`'s `maxPayload`); a bigger one is closed with 1009. */
-export const DefaultMaxPayload = MaxMessageBytes
+export const DefaultMaxPayload = 1024 * 1024
 /** Bytes queued in `ws` and its socket above which a write's `done` waits for them to go out. */
 export const DefaultWriteHighWater = 1024 * 1024
 /** Time between pings (0 turns keepalive off). */
