@@ -3,7 +3,8 @@
  * wsp-client → destination) against calling the same destination directly, in one run, on loopback.
  * Figures: small-response requests per second with 20 concurrent callers, and a 100 MiB download,
  * all in one thread, and the download again with the far side (destination and wsp-client) in a
- * worker thread, as it runs on another machine in a deployment.
+ * worker thread, as it runs on another machine in a deployment. Then the control-port protocol over one
+ * WebSocket (yamux over WebSocket) against direct, from `websocket-yamux.ts`.
  */
 import * as http from "node:http"
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads"
@@ -13,6 +14,7 @@ import type { DestinationRules } from "../src/domain/DestinationRules.ts"
 import { makeWspClient } from "../src/services/client/WspClient.ts"
 import { makeWspServer } from "../src/services/front/WspServer.ts"
 import { mbps, now, quantile, report } from "./support.ts"
+import { runYamuxOverWebSocket } from "./websocket-yamux.ts"
 
 const suite = "websocket"
 const callers = 20
@@ -240,6 +242,7 @@ export const run = async (): Promise<void> => {
     const split = await splitDownloads()
     report(suite, "download_100MiB_direct_2threads", split.direct, "MB/s")
     report(suite, "download_100MiB_wsp_2threads", split.wsp, "MB/s")
+    await runYamuxOverWebSocket(suite)
   } finally {
     await Effect.runPromise(Scope.close(scope, Exit.void))
     await new Promise<void>((resolve) => {
