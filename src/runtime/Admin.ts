@@ -220,3 +220,20 @@ export const registerPoolGauges = (metrics: MetricsShape, stats: () => { readonl
     collect: () => [[[], stats().pools]]
   })
 }
+
+/** Registers the socket proxy's decision counters (`switchyard_socket_proxy_requests_total{decision}`). */
+export const registerSocketProxyCounters = (
+  metrics: MetricsShape,
+  stats: () => { readonly allowed: number; readonly denied: number; readonly rejected: number }
+): void => {
+  metrics.registry.sampledGauge({
+    name: "switchyard_socket_proxy_requests_total",
+    type: "counter",
+    help: "Socket-proxy requests by decision: allowed (forwarded), denied (403 by the rules), rejected (client or target refused).",
+    labelNames: ["decision"],
+    collect: () => {
+      const s = stats()
+      return [[["allowed"], s.allowed], [["denied"], s.denied], [["rejected"], s.rejected]]
+    }
+  })
+}

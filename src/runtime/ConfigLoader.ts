@@ -7,7 +7,6 @@
  */
 import * as fs from "node:fs"
 import { Effect, Redacted, Schema, SchemaAST, SchemaIssue } from "effect"
-import { parse as parseYaml } from "yaml"
 
 /** Prefix of every environment variable read as configuration. */
 export const EnvPrefix = "SWITCHYARD_"
@@ -212,7 +211,8 @@ export interface Loaded<A> {
 
 /** Reads a YAML or JSON document (by extension; YAML otherwise, which also reads JSON). */
 export const readDocument = (file: string): Effect.Effect<unknown, ConfigLoadError> =>
-  Effect.suspend(() => {
+  // the YAML parser is loaded only when a file is read
+  Effect.flatMap(Effect.promise(() => import("yaml")), ({ parse: parseYaml }) => {
     let text: string
     try {
       const size = fs.statSync(file).size
@@ -396,6 +396,10 @@ export const splitOpsSections = (doc: unknown): { readonly ops: Record<string, u
   const { admin, log, ...rest } = doc
   return { ops: { ...(admin === undefined ? {} : { admin }), ...(log === undefined ? {} : { log }) }, rest }
 }
+
+/** The `admin` and `log` sections of a command's config file (none when there is no file). */
+export const readOpsSections = (file: string | undefined): Effect.Effect<Record<string, unknown>, ConfigLoadError> =>
+  file === undefined ? Effect.succeed({}) : Effect.map(readDocument(file), (doc) => splitOpsSections(doc).ops)
 
 /** Decodes the shared sections of an already-read document, with the environment and flags over them. */
 export const loadOpsSections = (

@@ -16,6 +16,8 @@ import {
   type SocketProxyFile,
   type SocketProxyFlags
 } from "../../domain/SocketProxyConfig.ts"
+import { registerSocketProxyCounters, serveOperations } from "../Admin.ts"
+import { loadOpsSections, readOpsSections, splitOpsSections } from "../ConfigLoader.ts"
 
 const repeated = (name: string, description: string) =>
   Flag.String(name).pipe(Flag.withDescription(description), Flag.atLeast(0))
@@ -52,7 +54,8 @@ const readConfigFile = (path: string): Effect.Effect<SocketProxyFile, ConfigErro
     } catch (e) {
       return Effect.fail(new ConfigError({ reason: "Invalid", field: "--config", message: `${path}: not valid ${path.endsWith(".json") ? "JSON" : "YAML"}: ${(e as Error).message}` }))
     }
-    const decoded = decodeSocketProxyFile(doc ?? {})
+    // the shared admin/log sections are read by the admin endpoint
+    const decoded = decodeSocketProxyFile(splitOpsSections(doc ?? {}).rest ?? {})
     return decoded instanceof ConfigError
       ? Effect.fail(new ConfigError({ reason: decoded.reason, field: decoded.field, message: `${path}: ${decoded.message}` }))
       : Effect.succeed(decoded)
@@ -106,8 +109,21 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
       yield* Effect.logWarning(`listening on ${l.host}:${l.port} without --allow-from: any host that can reach it may use the allowed API calls`)
     }
   }
+  // the admin/log sections are checked before anything is bound
+  const ops = yield* readOpsSections(Option.getOrUndefined(f.config)).pipe(
+    Effect.tap((sections) => loadOpsSections(sections, Option.getOrElse(f.config, () => "config"))),
+    Effect.catch((e) => refuse(new ConfigError({ reason: "Invalid", field: e.field, message: e.message })))
+  )
   const { makeSocketProxy } = yield* Effect.promise(() => import("../../services/front/SocketProxy.ts"))
   const proxy = yield* makeSocketProxy(config)
+  yield* serveOperations({
+    command: "socket-proxy",
+    ops,
+    source: Option.getOrUndefined(f.config),
+    ready: () => true,
+    listeners: () => proxy.addresses.map((a) => ({ name: "socket-proxy", address: a._tag === "Unix" ? `unix:${a.path}` : `${a.host}:${a.port}` })),
+    register: (metrics) => registerSocketProxyCounters(metrics, proxy.stats)
+  }).pipe(Effect.catchTag("ConfigLoadError", (e) => refuse(new ConfigError({ reason: "Invalid", field: e.field, message: e.message }))))
   // SIGHUP: re-read the config file and swap the rules; a bad file keeps the rules in force.
   const services = yield* Effect.context<never>()
   const reload = Effect.gen(function*() {
