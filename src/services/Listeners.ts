@@ -98,6 +98,11 @@ export interface ListenersConfig {
   readonly maxHeaderBytes?: number | undefined
   readonly headersTimeoutMs?: number | undefined
   readonly tlsHandshakeTimeoutMs?: number | undefined
+  /**
+   * Told, for each HTTP request, how long it waited for a backend (ms) and the dispatch error if it got
+   * none (for metrics); not called for raw TCP connections.
+   */
+  readonly observeDispatch?: ((waitedMs: number, error: DispatchError | undefined) => void) | undefined
 }
 
 /** A public port could not be served. */
@@ -241,9 +246,12 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     const query: RouteQuery = tlsName === undefined
       ? { _tag: "Http", port, host: hostName, path }
       : { _tag: "Tls", port, serverName: tlsName, host: hostName, path }
+    const observe = config.observeDispatch
+    const arrived = observe === undefined ? 0 : performance.now()
     dispatch(
       query,
       (lease) => {
+        observe?.(performance.now() - arrived, undefined)
         res.once("close", lease.release)
         try {
           config.handleRequest(req, res, lease)
@@ -252,7 +260,10 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
           res.destroy()
         }
       },
-      (error) => writeDispatchError(res, error),
+      (error) => {
+        observe?.(performance.now() - arrived, error)
+        writeDispatchError(res, error)
+      },
       req.socket
     )
   }

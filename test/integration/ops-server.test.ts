@@ -48,9 +48,10 @@ const startBackend = async (
   control: { port: number },
   token: string,
   port: number,
-  handler: http.RequestListener = (req, res) => res.end(`hello ${req.url} id=${req.headers["x-request-id"]}`)
+  handler: http.RequestListener = (req, res) => res.end(`hello ${req.url} id=${req.headers["x-request-id"]}`),
+  pathPrefix = "/"
 ): Promise<TunnelServer> => {
-  const tunnel = await listen({ port, http: { pathPrefix: "/" } }, { server: `127.0.0.1:${control.port}`, token, timeoutMs: 20_000 })
+  const tunnel = await listen({ port, http: { pathPrefix } }, { server: `127.0.0.1:${control.port}`, token, timeoutMs: 20_000 })
   const server = tunnel.serve(http.createServer(handler))
   cleanups.push(() => new Promise<void>((resolve) => tunnel.close(() => { server.close(); resolve() })))
   return tunnel
@@ -99,6 +100,7 @@ describe("switchyard server", () => {
       assert.strictEqual(sample(after, "switchyard_routes"), 1)
       assert.strictEqual(sample(after, "switchyard_open_ports"), 1)
       assert.strictEqual(sample(after, "switchyard_request_duration_seconds_count", { route: route! }), 2)
+      assert.strictEqual(sample(after, "switchyard_queue_wait_seconds_count", { front_door: "public" }), 2)
       assert.isAbove(sample(after, "switchyard_received_bytes_total", { route: route! }), 40)
       assert.isAbove(sample(after, "switchyard_sent_bytes_total", { route: route! }), 40)
 
@@ -143,6 +145,14 @@ describe("switchyard server", () => {
       assert.strictEqual(sample(metrics, "switchyard_handshake_rejections_total", { front_door: "control", reason: "BadToken" }), 1)
       assert.include(JSON.parse((await get(admin.port, "/status")).body).recentErrors[0].message, "BadToken")
       assert.notInclude(proc.output() + metrics, "wrong-token")
+
+      // a request no route matches is counted as a 4xx of "(no route)"
+      const port = await freePort()
+      await startBackend(control, Token, port, undefined, "/app")
+      assert.strictEqual((await get(port, "/app/x")).status, 200)
+      assert.strictEqual((await get(port, "/elsewhere")).status, 404)
+      const after = await scrape(admin)
+      assert.strictEqual(sample(after, "switchyard_requests_total", { route: "(no route)", status_class: "4xx" }), 1)
       assert.strictEqual(await proc.stop(), 0)
     }))
 

@@ -15,8 +15,7 @@ import type { Scope } from "effect"
 import { Command, Flag } from "effect/cli"
 import type { RouteDefinition } from "../../domain/Route.ts"
 import type { PortRange, TokenGrant } from "../../domain/TokenPolicy.ts"
-import type { Lease } from "../../services/Dispatcher.ts"
-import { Dispatcher } from "../../services/Dispatcher.ts"
+import { type DispatchError, Dispatcher, type Lease } from "../../services/Dispatcher.ts"
 import { ControlPort } from "../../services/front/ControlPort.ts"
 import { ReverseH2 } from "../../services/front/ReverseH2.ts"
 import { Listeners, type ListenersConfig } from "../../services/Listeners.ts"
@@ -128,10 +127,10 @@ const frontDoorOf = (lease: Lease): string => lease.backend.forwardHttp !== unde
  * and back to the client), and per-route counters resolved once per route, not per request.
  */
 export const instrumentHandlers = (
-  inner: Pick<ListenersConfig, "handleRequest" | "handleUpgrade">,
+  inner: Pick<ListenersConfig, "handleRequest" | "handleUpgrade" | "observeDispatch">,
   metrics: MetricsShape,
   access: ((entry: Logging.AccessEntry) => void) | undefined
-): Pick<ListenersConfig, "handleRequest" | "handleUpgrade"> => {
+): Pick<ListenersConfig, "handleRequest" | "handleUpgrade" | "observeDispatch"> => {
   const cache = new WeakMap<RouteEntry, RouteInstruments>()
   const instrumentsFor = (lease: Lease): RouteInstruments => {
     let found = cache.get(lease.route)
@@ -176,7 +175,21 @@ export const instrumentHandlers = (
     last.written = written
     return delta
   }
+  // requests that found no backend: 404 (no route) or 503 (none live, or too many waiting)
+  const queueWait = metrics.queueWait.labels("public")
+  const undispatched = new Map<string, { inc: (n?: number) => void }>()
+  const observeDispatch = (waitedMs: number, error: DispatchError | undefined) => {
+    queueWait.observe(waitedMs / 1000)
+    if (error === undefined) return
+    let counter = undispatched.get(error.reason)
+    if (counter === undefined) {
+      counter = metrics.requests.labels("public", error.reason === "NoRoute" ? "(no route)" : "(no backend)", statusClass(error.status))
+      undispatched.set(error.reason, counter)
+    }
+    counter.inc()
+  }
   return {
+    observeDispatch,
     handleRequest: (req, res, lease) => {
       const started = performance.now()
       const instruments = instrumentsFor(lease)

@@ -32,7 +32,7 @@ import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionP
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
 import { agentUpstream } from "../forward/Upstream.ts"
-import { type ListenerError, Listeners, forwardingHandlers } from "../Listeners.ts"
+import { type ListenerError, Listeners, type ListenersConfig, forwardingHandlers } from "../Listeners.ts"
 import { Registry, type RegistryConfig } from "../Registry.ts"
 import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
 import * as Session from "../yamux/Session.ts"
@@ -271,7 +271,7 @@ export interface GatewayConfig {
 }
 
 /** The public listeners' handlers for HTTP requests and upgrades. */
-export type ForwardingHandlers = ReturnType<typeof forwardingHandlers>
+export type ForwardingHandlers = Pick<ListenersConfig, "handleRequest" | "handleUpgrade" | "observeDispatch">
 
 /**
  * The Forwarder's default upstream. Every routed request is directed to its leased backend, so this is
@@ -509,7 +509,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   if (websocket !== undefined) {
     const handler = makeUpgradeHandler(websocket, (accepted) => {
       run(Effect.scoped(Effect.flatMap(
-        fromWebSocket(accepted.ws, { ...websocket, localAddress: accepted.localAddress, remoteAddress: accepted.remoteAddress }),
+        fromWebSocket(accepted.ws, { ...websocket, localAddress: accepted.localAddress, remoteAddress: accepted.remoteAddress, socket: accepted.socket }),
         (conn) => serveConnection(conn, accepted.secure)
       )))
     })
