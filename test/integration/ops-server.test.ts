@@ -72,6 +72,17 @@ const helloWith = (port: number, token: string): Promise<{ message: string }> =>
 /** Runs a promise-returning test body inside `it.live`. */
 const promiseEffect = (body: () => Promise<void>) => Effect.promise(body)
 
+/** Authenticates, then breaks the yamux protocol (a frame with version 9); resolves when the gateway hangs up. */
+const breakProtocol = (port: number, token: string): Promise<void> =>
+  new Promise((resolve, reject) => {
+    const socket = net.connect({ host: "127.0.0.1", port }, () => {
+      socket.write(encodeHello({ _tag: "Hello", version: ProtocolVersion, token: Redacted.make(token), listeners: [] }))
+    })
+    socket.once("data", () => socket.write(Buffer.from([9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])))
+    socket.on("error", reject)
+    socket.on("close", () => resolve())
+  })
+
 const scrape = async (admin: { port: number }) => (await get(admin.port, "/metrics")).body
 
 describe("switchyard server", () => {
@@ -153,6 +164,14 @@ describe("switchyard server", () => {
       assert.strictEqual((await get(port, "/elsewhere")).status, 404)
       const after = await scrape(admin)
       assert.strictEqual(sample(after, "switchyard_requests_total", { route: "(no route)", status_class: "4xx" }), 1)
+
+      // a session that breaks the yamux protocol is counted by kind
+      await breakProtocol(control.port, Token)
+      let protocolErrors = 0
+      for (let i = 0; i < 100 && protocolErrors === 0; i++) {
+        protocolErrors = sample(await scrape(admin), "switchyard_protocol_errors_total", { front_door: "control", kind: "ProtocolError" })
+      }
+      assert.strictEqual(protocolErrors, 1)
       assert.strictEqual(await proc.stop(), 0)
     }))
 

@@ -35,6 +35,8 @@ export const DefaultGrantName = "default"
 export const GeneratedGrantName = "generated"
 /** Random bytes in a generated token. */
 export const GeneratedTokenBytes = 32
+/** Session ends counted as protocol errors (the others are closes and GoAways). */
+export const ProtocolErrorReasons: ReadonlySet<string> = new Set(["ProtocolError", "RemoteError", "KeepAliveTimeout", "WriteTimeout", "TransportError"])
 /** Every port, for tokens given without a port list. */
 const AllPorts: ReadonlyArray<PortRange> = [{ from: 1, to: 65_535 }]
 
@@ -313,6 +315,15 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     recentErrors.add(`control port refused a handshake: ${reason}`)
   }
 
+  // sessions that ended because of the peer or the network, not by a close or a GoAway
+  const protocolErrors = new Map<string, { inc: (n?: number) => void }>()
+  const onSessionFailed = (reason: string) => {
+    if (!ProtocolErrorReasons.has(reason)) return
+    let c = protocolErrors.get(reason)
+    if (c === undefined) protocolErrors.set(reason, c = metrics.protocolErrors.labels("control", reason))
+    c.inc()
+    recentErrors.add(`control session ended: ${reason}`)
+  }
   const gateway = ControlPort.gatewayLayer({
     control: {
       address: control,
@@ -322,7 +333,8 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       maxSessions: file.control?.max_sessions,
       maxSessionsPerToken: file.control?.max_sessions_per_token,
       drainTimeout,
-      onRejected
+      onRejected,
+      onSessionFailed
     },
     publicHost: file.public_host ?? "127.0.0.1",
     registry: { gracePeriod: file.grace_period_ms ?? 30_000 },

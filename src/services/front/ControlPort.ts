@@ -91,6 +91,8 @@ export interface ControlPortConfig {
   readonly websocket?: ControlWebSocketConfig | undefined
   /** Called for each refused handshake, with the reason sent to the backend (for metrics). */
   readonly onRejected?: ((reason: RejectionReason | "HandshakeTimeout" | "Protocol") => void) | undefined
+  /** Called when an established session ends with an error, with the yamux reason (for metrics). */
+  readonly onSessionFailed?: ((reason: string) => void) | undefined
 }
 
 /** A control connection was refused or broke; it is closed, the port keeps serving. */
@@ -493,7 +495,11 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
 
       const ended = yield* Effect.exit(session.closed)
       close(new Error(`session ${label} ended`))
-      if (Exit.isFailure(ended)) yield* Effect.logDebug(`control session ${label} ended: ${String(ended.cause)}`)
+      if (Exit.isFailure(ended)) {
+        const failure = ended.cause.reasons.find((r) => r._tag === "Fail")
+        if (failure?._tag === "Fail") config.onSessionFailed?.(failure.error.reason)
+        yield* Effect.logDebug(`control session ${label} ended: ${String(ended.cause)}`)
+      }
     }).pipe(
       Effect.scoped,
       Effect.catch((error: ControlPortError | TransportError) => Effect.logWarning(`control port: ${error.message}`)),
