@@ -38,6 +38,8 @@ export interface AcceptedWebSocket {
   readonly ws: WebSocket
   readonly remoteAddress: Address
   readonly localAddress: Address
+  /** The connection under the WebSocket. */
+  readonly socket: net.Socket
   /** Came in over TLS (`wss://`, here or on the server it is mounted on). */
   readonly secure: boolean
 }
@@ -90,7 +92,7 @@ export const makeUpgradeHandler = (
     wss.handleUpgrade(req, socket, head, (ws) => {
       done()
       socket.off("close", done)
-      onWebSocket({ ws, remoteAddress, localAddress, secure })
+      onWebSocket({ ws, remoteAddress, localAddress, socket: s, secure })
     })
     return true
   }

@@ -5,6 +5,7 @@
  * proxies from idling the connection out, and close codes become typed errors. Message boundaries carry
  * no meaning; text messages are refused. Dialing (with HTTP proxies) is `WebSocketDial.ts`.
  */
+import type * as net from "node:net"
 import { Deferred, Duration, Effect, Option } from "effect"
 import type { Scope } from "effect"
 import { WebSocket } from "ws"
@@ -26,6 +27,8 @@ export const DefaultWriteHighWater = 1024 * 1024
 export const DefaultKeepaliveInterval: Duration.Duration = Duration.seconds(20)
 /** Time a ping has to be answered before the connection is closed as dead. */
 export const DefaultKeepaliveTimeout: Duration.Duration = Duration.seconds(10)
+/** Chunks smaller than this are joined into one message (one copy); bigger ones go out as they are. */
+export const JoinBelowBytes = 4 * 1024
 /**
  * Bytes `ws` may still hand over after reads are paused: it parses the socket chunk it already has
  * (one socket read) and may complete one message. Beyond this bound, plus `maxPayload`, the connection
@@ -40,6 +43,8 @@ export interface WebSocketConnectionOptions {
   readonly keepaliveTimeout?: Duration.Input | undefined
   readonly localAddress?: Address | undefined
   readonly remoteAddress?: Address | undefined
+  /** The socket under the WebSocket (from the upgrade): a write batch is corked into one writev on it. */
+  readonly socket?: net.Socket | undefined
 }
 
 /** A Connection over a WebSocket, with the typed reason it closed. */
@@ -52,10 +57,11 @@ export interface WebSocketConnection extends Connection {
 const sendOptions = { binary: true, compress: false, fin: true } as const
 
 /**
- * Groups `chunks` into messages of at most `max` bytes, keeping order: small chunks are joined (one
- * copy), big ones are sliced (no copy). Empty chunks vanish.
+ * Groups `chunks` into messages of at most `max` bytes, keeping order: runs of chunks smaller than
+ * `joinBelow` (yamux headers, window updates) are joined (one small copy); bigger chunks are never
+ * copied, only sliced when over `max`. Empty chunks vanish.
  */
-export const packMessages = (chunks: ReadonlyArray<Uint8Array>, max: number): Array<Uint8Array> => {
+export const packMessages = (chunks: ReadonlyArray<Uint8Array>, max: number, joinBelow: number = JoinBelowBytes): Array<Uint8Array> => {
   if (chunks.length === 1 && chunks[0]!.length <= max) return chunks[0]!.length === 0 ? [] : [chunks[0]!]
   const out: Array<Uint8Array> = []
   let group: Array<Uint8Array> = []
@@ -67,14 +73,16 @@ export const packMessages = (chunks: ReadonlyArray<Uint8Array>, max: number): Ar
     size = 0
   }
   for (const c of chunks) {
-    let offset = 0
-    while (offset < c.length) {
-      const n = Math.min(max - size, c.length - offset)
-      group.push(offset === 0 && n === c.length ? c : c.subarray(offset, offset + n))
-      size += n
-      offset += n
-      if (size === max) flush()
+    if (c.length === 0) continue
+    if (c.length >= joinBelow || c.length > max) {
+      flush()
+      if (c.length <= max) out.push(c)
+      else for (let offset = 0; offset < c.length; offset += max) out.push(c.subarray(offset, Math.min(offset + max, c.length)))
+      continue
     }
+    if (size + c.length > max) flush()
+    group.push(c)
+    size += c.length
   }
   flush()
   return out
@@ -102,6 +110,7 @@ const closedError = () => new TransportError({ reason: "Closed", message: "webso
 
 class WsConnection implements WebSocketConnection {
   readonly socket: WebSocket
+  private readonly raw: net.Socket | undefined
   readonly localAddress: Address | undefined
   readonly remoteAddress: Address | undefined
   private handlers: ConnectionHandlers | undefined
@@ -126,6 +135,7 @@ class WsConnection implements WebSocketConnection {
 
   constructor(ws: WebSocket, options: WebSocketConnectionOptions) {
     this.socket = ws
+    this.raw = options.socket
     this.localAddress = options.localAddress
     this.remoteAddress = options.remoteAddress
     this.pendingLimit = (options.maxPayload ?? DefaultMaxPayload) + MaxReadAfterPauseSlack
@@ -240,8 +250,11 @@ class WsConnection implements WebSocketConnection {
       done(error)
     }
     const last = messages.length - 1
+    const raw = last > 0 ? this.raw : undefined
+    raw?.cork()
     for (let i = 0; i < last; i++) ws.send(messages[i]!, sendOptions)
     ws.send(messages[last]!, sendOptions, (error) => waiter(error ? new TransportError({ reason: "Io", message: `websocket write failed: ${error.message}` }) : undefined))
+    raw?.uncork()
     if (ws.bufferedAmount <= this.highWater) queueMicrotask(() => done())
     else {
       waiting = true

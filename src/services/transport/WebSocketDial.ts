@@ -149,6 +149,7 @@ export const dialWebSocket = (
     const s = opened.socket
     return yield* fromWebSocket(opened.ws, {
       ...target,
+      socket: s,
       localAddress: s === undefined ? undefined : { host: s.localAddress, port: s.localPort },
       remoteAddress: s === undefined || tunnel !== undefined ? { host: parsed.host, port: parsed.port } : { host: s.remoteAddress, port: s.remotePort }
     })

@@ -135,8 +135,14 @@ describe("packMessages", () => {
     const messages = packMessages(chunks, max)
     assert.deepStrictEqual(concat(messages), concat(chunks))
     assert.isTrue(messages.every((m) => m.length > 0 && m.length <= max))
-    // only the last message of a batch may be short
-    assert.isTrue(messages.slice(0, -1).every((m) => m.length === max))
+    // chunks of at least `joinBelow` bytes are sliced, never copied into a joined message
+    const joinBelow = 100
+    const packed = packMessages(chunks, max, joinBelow)
+    assert.deepStrictEqual(concat(packed), concat(chunks))
+    for (const c of chunks.filter((c) => c.length >= joinBelow)) {
+      const parts = packed.filter((m) => m.buffer === c.buffer)
+      assert.strictEqual(parts.reduce((n, m) => n + m.length, 0), c.length)
+    }
   }))
 
   it("sends a single small chunk as is, without copying", () => {
