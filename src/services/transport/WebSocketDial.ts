@@ -30,8 +30,9 @@ export interface WebSocketTarget extends WebSocketConnectionOptions {
   /** Extra headers on the opening request (e.g. for an authenticating reverse proxy in front). */
   readonly headers?: Readonly<Record<string, string>> | undefined
   /**
-   * Mask client frames with a random key (RFC 6455 requires it; default true). `false` sends an all-zero
-   * key, which saves a pass over every byte; only for peers and paths you control.
+   * Mask client frames with a random key. Masking exists so that bytes a sender chooses cannot pose as
+   * HTTP to a cleartext intermediary; inside TLS no intermediary sees them. Default: masked on `ws://`,
+   * an all-zero key on `wss://` (which saves two passes over every byte). `true` masks on both.
    */
   readonly maskFrames?: boolean | undefined
   readonly openTimeout?: Duration.Input | undefined
@@ -116,7 +117,7 @@ export const dialWebSocket = (
           ...(target.headers === undefined ? {} : { headers: { ...target.headers } }),
           ...tlsOptions,
           ...(parsed.secure && !net.isIP(parsed.host) ? { servername: parsed.host } : {}),
-          ...(target.maskFrames === false ? { generateMask: zeroMask } : {}),
+          ...((target.maskFrames ?? !parsed.secure) ? {} : { generateMask: zeroMask }),
           ...(tunnel === undefined ? {} : {
             createConnection: () =>
               parsed.secure
