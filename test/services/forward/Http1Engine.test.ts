@@ -1,0 +1,374 @@
+import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
+import { Effect, Exit, Scope } from "effect"
+import * as fs from "node:fs"
+import * as http from "node:http"
+import * as net from "node:net"
+import * as os from "node:os"
+import * as path from "node:path"
+import { setTimeout as sleep } from "node:timers/promises"
+import type { Admission, Http1Request } from "../../../src/services/forward/Http1Engine.ts"
+import { unixUpstream } from "../../../src/services/forward/Upstream.ts"
+import { type ForwarderConfig, type ForwarderShape, makeForwarder } from "../../../src/services/Forwarder.ts"
+import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
+
+const LIMITS = { maxHeaderSize: 8 * 1024, maxHeadersCount: 50, headersTimeoutMs: 10_000, requestTimeoutMs: 0, keepAliveTimeoutMs: 5_000, maxConnections: 64 }
+
+/** An upstream on a Unix socket that counts its connections and the requests in flight. */
+interface CountingUpstream {
+  readonly socketPath: string
+  readonly server: http.Server
+  /** Connections accepted so far. */
+  connections: number
+  /** Requests being answered right now, and the most at once. */
+  inFlight: number
+  maxInFlight: number
+  /** Paths whose response was cut before it finished. */
+  readonly aborted: Array<string>
+  readonly sockets: Set<net.Socket>
+  /** Responses held open by `/hold` until released. */
+  readonly held: Array<http.ServerResponse>
+  bigSent: number
+}
+
+let before: HandleCounts
+let dir: string
+let upstream: CountingUpstream
+let scope: Scope.Closeable | undefined
+
+const CHUNK = Buffer.alloc(64 * 1024, 0x62)
+
+/** A complete response with a Content-Length. */
+const send = (res: http.ServerResponse, body: string | Buffer): void => {
+  res.writeHead(200, { "content-type": "text/plain", "content-length": String(Buffer.byteLength(body)) }).end(body)
+}
+
+const startUpstream = async (): Promise<CountingUpstream> => {
+  const socketPath = path.join(dir, "up.sock")
+  const state: CountingUpstream = {
+    socketPath,
+    server: undefined as unknown as http.Server,
+    connections: 0,
+    inFlight: 0,
+    maxInFlight: 0,
+    aborted: [],
+    sockets: new Set(),
+    held: [],
+    bigSent: 0
+  }
+  const server = http.createServer({ keepAliveTimeout: 60_000 }, (req, res) => {
+    const url = new URL(req.url!, "http://up")
+    state.inFlight++
+    state.maxInFlight = Math.max(state.maxInFlight, state.inFlight)
+    res.on("close", () => {
+      state.inFlight--
+      if (!res.writableFinished) state.aborted.push(url.pathname)
+    })
+    switch (url.pathname) {
+      case "/small":
+        send(res, `OK ${url.search}`)
+        return
+      case "/echo": {
+        const parts: Array<Buffer> = []
+        req.on("data", (c: Buffer) => parts.push(c))
+        req.on("end", () => send(res, Buffer.concat(parts)))
+        return
+      }
+      case "/hold":
+        state.held.push(res)
+        res.writeHead(200, { "content-type": "text/plain" })
+        return
+      case "/close-after":
+        // Answers with keep-alive, then closes the connection once it is idle (as a server's idle timeout does).
+        res.writeHead(200, { "content-length": "2" }).end("OK")
+        res.on("finish", () => setImmediate(() => req.socket.end()))
+        return
+      case "/early-hints":
+        res.writeEarlyHints({ link: "</style.css>; rel=preload" })
+        send(res, "after hints")
+        return
+      case "/big": {
+        const total = Number(url.searchParams.get("bytes"))
+        res.writeHead(200, { "content-length": String(total) })
+        let left = total
+        const pump = () => {
+          while (left > 0) {
+            const c = left >= CHUNK.length ? CHUNK : CHUNK.subarray(0, left)
+            left -= c.length
+            state.bigSent += c.length
+            if (!res.write(c)) {
+              res.once("drain", pump)
+              return
+            }
+          }
+          res.end()
+        }
+        res.on("close", () => (left = 0))
+        pump()
+        return
+      }
+      default:
+        res.writeHead(404).end()
+    }
+  })
+  server.on("connection", (s: net.Socket) => {
+    state.connections++
+    state.sockets.add(s)
+    s.on("close", () => state.sockets.delete(s))
+  })
+  await new Promise<void>((resolve) => server.listen(socketPath, resolve))
+  return Object.assign(state, { server })
+}
+
+beforeEach(async () => {
+  before = activeHandles()
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-engine-test-"))
+  upstream = await startUpstream()
+})
+
+afterEach(async () => {
+  if (scope) await Effect.runPromise(Scope.close(scope, Exit.void))
+  scope = undefined
+  for (const r of upstream.held) r.destroy()
+  for (const s of upstream.sockets) s.destroy()
+  await new Promise<void>((resolve) => upstream.server.close(() => resolve()))
+  fs.rmSync(dir, { recursive: true, force: true })
+  await expectNoLeaks(before)
+})
+
+/** The engine on 127.0.0.1:0 in front of the counting upstream. */
+const serve = async (
+  options: { readonly maxSockets?: number; readonly admit?: (r: Http1Request) => Admission } & Partial<ForwarderConfig> = {}
+): Promise<{ readonly port: number; readonly forwarder: ForwarderShape }> => {
+  scope = Effect.runSync(Scope.make())
+  const forwarder = await Effect.runPromise(
+    makeForwarder({
+      upstream: unixUpstream(upstream.socketPath, { maxSockets: options.maxSockets ?? 16, maxFreeSockets: 4 }),
+      responseTimeoutMs: 10_000,
+      idleTimeoutMs: 0,
+      ...options
+    }).pipe(Scope.provide(scope))
+  )
+  const engine = forwarder.serveHttp1({ limits: LIMITS, admit: options.admit ?? (() => ({ _tag: "Forward" })) })
+  const listener = net.createServer({ allowHalfOpen: true }, engine.accept)
+  await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve))
+  await Effect.runPromise(Scope.addFinalizer(
+    scope,
+    Effect.promise(() => Promise.all([new Promise<void>((resolve) => listener.close(() => resolve())), engine.close(0)]))
+  ))
+  return { port: (listener.address() as net.AddressInfo).port, forwarder }
+}
+
+/** A client connection that collects what it receives. */
+const connect = (port: number) => {
+  const socket = net.connect({ port, host: "127.0.0.1" })
+  let received = Buffer.alloc(0)
+  const waiters: Array<() => void> = []
+  socket.on("data", (d: Buffer) => {
+    received = Buffer.concat([received, d])
+    for (const w of waiters.splice(0)) w()
+  })
+  socket.on("error", () => {})
+  const closed = new Promise<void>((resolve) => socket.on("close", () => resolve()))
+  return {
+    socket,
+    closed,
+    text: () => received.toString("latin1"),
+    /** Waits until the received text satisfies `done` (bounded). */
+    until: async (what: string, done: (text: string) => boolean): Promise<string> => {
+      for (let i = 0; i < 500; i++) {
+        const t = received.toString("latin1")
+        if (done(t)) return t
+        await Promise.race([new Promise<void>((resolve) => waiters.push(resolve)), sleep(20)])
+      }
+      throw new Error(`timed out waiting for ${what}; got ${JSON.stringify(received.toString("latin1").slice(0, 300))}`)
+    }
+  }
+}
+
+const count = (text: string, needle: string): number => text.split(needle).length - 1
+
+const waitFor = async (what: string, cond: () => boolean): Promise<void> => {
+  for (let i = 0; i < 500; i++) {
+    if (cond()) return
+    await sleep(10)
+  }
+  throw new Error(`timed out waiting for ${what}`)
+}
+
+describe("Http1Engine", () => {
+  it("answers pipelined requests in order, bodies included, on one client connection", async () => {
+    const { port } = await serve()
+    const c = connect(port)
+    c.socket.write(
+      "GET /small?a=1 HTTP/1.1\r\nHost: x\r\n\r\n" +
+        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello" +
+        "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" +
+        "GET /small?a=4 HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    const text = await c.until("four responses", (t) => count(t, "HTTP/1.1 200") === 4 && t.endsWith("OK ?a=4"))
+    const order = [...text.matchAll(/\r\n\r\n(OK \?a=1|hello|abc|OK \?a=4)/g)].map((m) => m[1])
+    assert.deepStrictEqual(order, ["OK ?a=1", "hello", "abc", "OK ?a=4"])
+    c.socket.destroy()
+  })
+
+  it("reuses connections on both sides: one client connection, one upstream connection", async () => {
+    const { port } = await serve()
+    const c = connect(port)
+    for (let i = 1; i <= 5; i++) {
+      c.socket.write(`GET /small?n=${i} HTTP/1.1\r\nHost: x\r\n\r\n`)
+      await c.until(`response ${i}`, (t) => t.endsWith(`OK ?n=${i}`))
+    }
+    assert.strictEqual(upstream.connections, 1)
+    // A second client takes the pooled connection too.
+    const other = connect(port)
+    other.socket.write("GET /small?n=6 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await other.until("response 6", (t) => t.endsWith("OK ?n=6"))
+    assert.strictEqual(upstream.connections, 1)
+    c.socket.destroy()
+    other.socket.destroy()
+  })
+
+  it("keeps at most maxSockets upstream connections; the other requests wait and then complete", async () => {
+    const { port } = await serve({ maxSockets: 2 })
+    const clients = Array.from({ length: 5 }, () => connect(port))
+    for (const c of clients) c.socket.write("GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+    await waitFor("two held requests", () => upstream.held.length === 2)
+    await sleep(50)
+    assert.strictEqual(upstream.held.length, 2)
+    assert.strictEqual(upstream.connections, 2)
+    // Release held responses one by one: each frees a pooled connection for a waiting request.
+    let released = 0
+    while (released < 5) {
+      await waitFor("a held request", () => upstream.held.length > released)
+      upstream.held[released]!.end("done")
+      released++
+    }
+    for (const c of clients) await c.until("done", (t) => t.includes("done"))
+    assert.strictEqual(upstream.maxInFlight, 2)
+    assert.strictEqual(upstream.connections, 2)
+    for (const c of clients) c.socket.destroy()
+  })
+
+  it("drops a pooled connection the upstream closed while idle and serves the next request on a new one", async () => {
+    const { port } = await serve()
+    const c = connect(port)
+    c.socket.write("GET /close-after HTTP/1.1\r\nHost: x\r\n\r\n")
+    await c.until("first", (t) => t.endsWith("OK"))
+    await waitFor("the upstream to close its side", () => upstream.sockets.size === 0)
+    c.socket.write("GET /small?n=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await c.until("second", (t) => t.endsWith("OK ?n=2"))
+    assert.strictEqual(upstream.connections, 2)
+    assert.notInclude(c.text(), "502")
+    c.socket.destroy()
+  })
+
+  it("destroys the upstream connection when the client leaves mid-download, never pooling it", async () => {
+    const { port, forwarder } = await serve()
+    const c = connect(port)
+    c.socket.write(`GET /big?bytes=${512 * 1024 * 1024} HTTP/1.1\r\nHost: x\r\n\r\n`)
+    await c.until("some body", (t) => t.length > 256 * 1024)
+    c.socket.destroy()
+    await waitFor("upstream to see the abort", () => upstream.aborted.includes("/big"))
+    await waitFor("no upstream connection left", () => upstream.sockets.size === 0)
+    await waitFor("the forwarder to settle", () => forwarder.active().requests === 0)
+    assert.isBelow(upstream.bigSent, 512 * 1024 * 1024)
+  })
+
+  it("relays interim responses and answers Expect: 100-continue itself", async () => {
+    const { port } = await serve()
+    const c = connect(port)
+    c.socket.write("GET /early-hints HTTP/1.1\r\nHost: x\r\n\r\n")
+    const hints = await c.until("hints and response", (t) => t.endsWith("after hints"))
+    assert.match(hints, /^HTTP\/1\.1 103 Early Hints\r\n(?:.*\r\n)*?link: <\/style\.css>; rel=preload\r\n/i)
+    assert.include(hints, "HTTP/1.1 200")
+    const e = connect(port)
+    e.socket.write("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    await e.until("100 Continue", (t) => t.startsWith("HTTP/1.1 100 Continue\r\n\r\n"))
+    e.socket.write("data")
+    await e.until("echo", (t) => t.endsWith("data"))
+    c.socket.destroy()
+    e.socket.destroy()
+  })
+
+  it("refuses with the caller's status and never reaches upstream; bad upstream heads are a 502", async () => {
+    const { port } = await serve({
+      admit: (r) => r.target.startsWith("/small") ? { _tag: "Forward" } : { _tag: "Refuse", status: 403, message: "no" }
+    })
+    const denied = connect(port)
+    denied.socket.write("GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    await denied.closed
+    assert.match(denied.text(), /^HTTP\/1\.1 403 Forbidden\r\n/)
+    assert.include(denied.text(), "Connection: close")
+    assert.strictEqual(upstream.connections, 0)
+
+    // An upstream that answers garbage.
+    const badPath = path.join(dir, "bad.sock")
+    const bad = net.createServer((s) => {
+      s.on("error", () => {})
+      s.once("data", () => s.end("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"))
+    })
+    await new Promise<void>((resolve) => bad.listen(badPath, resolve))
+    try {
+      const target = unixUpstream(badPath, { maxSockets: 1, maxFreeSockets: 1 })
+      const { port: badPort } = await (async () => {
+        const s = Effect.runSync(Scope.make())
+        const f = await Effect.runPromise(makeForwarder({ upstream: target, responseTimeoutMs: 5_000, idleTimeoutMs: 0 }).pipe(Scope.provide(s)))
+        const engine = f.serveHttp1({ limits: LIMITS, admit: () => ({ _tag: "Forward" }) })
+        const listener = net.createServer({ allowHalfOpen: true }, engine.accept)
+        await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve))
+        await Effect.runPromise(Scope.addFinalizer(
+          s,
+          Effect.promise(() => Promise.all([new Promise<void>((resolve) => listener.close(() => resolve())), engine.close(0)]))
+        ))
+        await Effect.runPromise(Scope.addFinalizer(scope!, Scope.close(s, Exit.void)))
+        return { port: (listener.address() as net.AddressInfo).port }
+      })()
+      const c = connect(badPort)
+      c.socket.write("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+      await c.closed
+      assert.match(c.text(), /^HTTP\/1\.1 502 /)
+    } finally {
+      await Effect.runPromise(Scope.close(scope!, Exit.void))
+      scope = undefined
+      await new Promise<void>((resolve) => bad.close(() => resolve()))
+    }
+  })
+
+  it("keeps a client's HTTP/1.0 request off the keep-alive paths: answered, then closed", async () => {
+    const { port } = await serve()
+    const c = connect(port)
+    c.socket.write("GET /small?v=10 HTTP/1.0\r\n\r\n")
+    await c.closed
+    assert.match(c.text(), /^HTTP\/1\.1 200 OK\r\n/)
+    assert.include(c.text(), "Connection: close")
+    assert.isTrue(c.text().endsWith("OK ?v=10"))
+  })
+
+  it("closes idle client connections when its server closes, and lets one in flight finish within the drain time", async () => {
+    scope = Effect.runSync(Scope.make())
+    const forwarder = await Effect.runPromise(
+      makeForwarder({ upstream: unixUpstream(upstream.socketPath, { maxSockets: 4, maxFreeSockets: 4 }), responseTimeoutMs: 10_000, idleTimeoutMs: 0 })
+        .pipe(Scope.provide(scope))
+    )
+    const engine = forwarder.serveHttp1({ limits: LIMITS, admit: () => ({ _tag: "Forward" }) })
+    const listener = net.createServer({ allowHalfOpen: true }, engine.accept)
+    await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve))
+    const port = (listener.address() as net.AddressInfo).port
+    const idle = connect(port)
+    idle.socket.write("GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+    await idle.until("answer", (t) => t.endsWith("OK "))
+    const busy = connect(port)
+    busy.socket.write("GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+    await waitFor("the held request", () => upstream.held.length === 1)
+    // The listener's close completes only once its connections are gone: the engine's drain decides that.
+    const stopped = new Promise<void>((resolve) => listener.close(() => resolve()))
+    const closing = engine.close(5_000)
+    await idle.closed
+    upstream.held[0]!.end("finished")
+    await closing
+    await stopped
+    await busy.closed
+    assert.include(busy.text(), "finished")
+    assert.strictEqual(engine.connections(), 0)
+  })
+})
