@@ -36,7 +36,9 @@ const Ms = Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 86_400_000 }
 /** The admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`). */
 export const AdminSection = Schema.Struct({
   enabled: Schema.optionalKey(Schema.Boolean.annotate({ description: "Serve the admin endpoint", default: true })),
-  address: Schema.optionalKey(Address.annotate({ description: "Admin endpoint address (keep it on loopback or a private network)", default: "127.0.0.1:9090" }))
+  address: Schema.optionalKey(
+    Address.annotate({ description: "Admin endpoint address (keep it on loopback or a private network); other commands default to 9091-9094", default: "127.0.0.1:9090" })
+  )
 })
 
 /** Log output. */
@@ -147,7 +149,10 @@ const typeOf = (ast: SchemaAST.AST): string | undefined => {
 }
 
 /** The scalar settings of an object schema, depth first, in declaration order. */
-export const settingsOf = (schema: Schema.Top): ReadonlyArray<Setting> => {
+export const settingsOf = (schema: Schema.Top): ReadonlyArray<Setting> => fieldsOf(schema, false)
+
+/** Every documented field: the scalar settings and, with `lists`, list fields (file only, no variable). */
+const fieldsOf = (schema: Schema.Top, lists: boolean): ReadonlyArray<Setting> => {
   const out: Array<Setting> = []
   const walk = (ast: SchemaAST.AST, path: ReadonlyArray<string>) => {
     if (ast._tag !== "Objects") return
@@ -156,6 +161,10 @@ export const settingsOf = (schema: Schema.Top): ReadonlyArray<Setting> => {
       const here = [...path, name]
       if (ps.type._tag === "Objects") {
         walk(ps.type, here)
+        continue
+      }
+      if (lists && ps.type._tag === "Arrays") {
+        out.push({ path: here, type: "list", env: "", description: SchemaAST.resolveDescription(ps.type) ?? "", default: "" })
         continue
       }
       const type = typeOf(ps.type)
@@ -176,8 +185,8 @@ export const settingsOf = (schema: Schema.Top): ReadonlyArray<Setting> => {
 
 /** The reference table of a schema's settings, in Markdown (docs/OPERATIONS.md embeds it). */
 export const settingsTable = (schema: Schema.Top): string => {
-  const rows = settingsOf(schema).map((s) =>
-    `| \`${s.path.join(".")}\` | ${s.type.replace(/\|/g, "\\|")} | ${s.default === "" ? "" : `\`${s.default}\``} | \`${s.env}\` | ${s.description.replace(/\|/g, "\\|")} |`
+  const rows = fieldsOf(schema, true).map((s) =>
+    `| \`${s.path.join(".")}\` | ${s.type.replace(/\|/g, "\\|")} | ${s.default === "" ? "" : `\`${s.default}\``} | ${s.env === "" ? "(file only)" : `\`${s.env}\``} | ${s.description.replace(/\|/g, "\\|")} |`
   )
   return ["| field | type | default | environment | meaning |", "| --- | --- | --- | --- | --- |", ...rows].join("\n")
 }
