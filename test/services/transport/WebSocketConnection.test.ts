@@ -6,7 +6,8 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Duration, Effect, Exit, Schema, Scope } from "effect"
 import { TestClock } from "effect/testing"
-import type * as net from "node:net"
+import { createHash } from "node:crypto"
+import * as net from "node:net"
 import { WebSocket, WebSocketServer } from "ws"
 import { type Connection, writeEffect } from "../../../src/services/Transport.ts"
 import {
@@ -266,6 +267,44 @@ describe("WebSocketConnection", () => {
       assert.match(failureOf(exit)!.message, /403/)
       const bad = yield* Effect.exit(Effect.scoped(dialWebSocket({ url: "http://127.0.0.1:1/", proxy: false })))
       assert.strictEqual(failureOf(bad)?.reason, "BadUrl")
+    })))
+})
+
+describe("WebSocketConnection on the wire", () => {
+  it.live("golden: a 6-byte write with the zero key is one binary message, 82 86 00 00 00 00 + payload", () =>
+    noLeaks(Effect.gen(function*() {
+      // a bare TCP server that completes the upgrade by hand and records what follows
+      const received: Array<Buffer> = []
+      const sockets = new Set<net.Socket>()
+      const tcp = net.createServer((socket) => {
+        sockets.add(socket)
+        let head = Buffer.alloc(0)
+        let upgraded = false
+        socket.on("data", (chunk: Buffer) => {
+          if (upgraded) return void received.push(chunk)
+          head = Buffer.concat([head, chunk])
+          const end = head.indexOf("\r\n\r\n")
+          if (end < 0) return
+          const key = /sec-websocket-key: *(\S+)/i.exec(head.subarray(0, end).toString("latin1"))![1]!
+          const accept = createHash("sha1").update(`${key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest("base64")
+          socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
+          upgraded = true
+          if (head.length > end + 4) received.push(head.subarray(end + 4))
+        })
+        socket.on("error", () => {})
+      })
+      const port = yield* Effect.acquireRelease(
+        Effect.promise(() => new Promise<number>((resolve) => tcp.listen(0, "127.0.0.1", () => resolve((tcp.address() as net.AddressInfo).port)))),
+        () => Effect.promise(() => new Promise<void>((resolve) => {
+          for (const s of sockets) s.destroy()
+          tcp.close(() => resolve())
+        }))
+      )
+      const client = yield* dialWebSocket({ url: `ws://127.0.0.1:${port}/tunnel`, proxy: false, maskFrames: false, keepaliveInterval: 0 })
+      probe(client)
+      yield* writeEffect(client, [Uint8Array.from([0x00, 0x00, 0x00, 0x02, 0x7b, 0x7d])])
+      yield* until(() => Buffer.concat(received).length >= 12, "the frame")
+      assert.strictEqual(Buffer.concat(received).toString("hex"), "828600000000000000027b7d")
     })))
 })
 
