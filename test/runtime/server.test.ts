@@ -1,0 +1,94 @@
+/**
+ * `runGateway` in-process: the control port and the reverse-HTTP/2 port serve through one set of public
+ * listeners, the admin endpoint reports both, and closing the scope leaves no handle open.
+ */
+import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
+import { Effect, Redacted } from "effect"
+import * as fs from "node:fs"
+import * as http from "node:http"
+import { runGateway } from "../../src/runtime/commands/server.ts"
+import { listen } from "../../src/runtime/listen.ts"
+import { serveReverseHttp2 } from "../../src/runtime/serveReverseHttp2.ts"
+import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
+import { freePort, get, sample } from "./serverProcess.ts"
+
+const Token = "in-process-token-81aa"
+let before: HandleCounts
+beforeEach(() => {
+  before = activeHandles()
+})
+afterEach(() => expectNoLeaks(before, 5_000))
+
+describe("runGateway", () => {
+  it.live("serves control-port and reverse-HTTP/2 backends, reports them, and closes everything with its scope", () =>
+    Effect.gen(function*() {
+      const handle = yield* runGateway({
+        control: { address: "127.0.0.1:0", token: Redacted.make(Token) },
+        reverse_h2: { enabled: true, address: "127.0.0.1:0" },
+        admin: { address: "127.0.0.1:0" },
+        drain_timeout_ms: 1_000,
+        grace_period_ms: 0
+      })
+      assert.isUndefined(handle.generatedTokenFile)
+      const controlPort = yield* Effect.promise(freePort)
+      const h2Port = yield* Effect.promise(freePort)
+
+      const tunnel = yield* Effect.acquireRelease(
+        Effect.promise(() => listen({ port: controlPort, http: {} }, { server: `127.0.0.1:${handle.control.port}`, token: Token })),
+        (t) => Effect.promise(() => new Promise<void>((resolve) => t.close(() => resolve())))
+      )
+      const app = tunnel.serve(http.createServer((req, res) => res.end(`control ${req.headers["x-request-id"] !== undefined}`)))
+      yield* Effect.addFinalizer(() => Effect.sync(() => app.close()))
+
+      const h2 = yield* Effect.acquireRelease(
+        Effect.promise(() =>
+          serveReverseHttp2((_req, res) => res.end("h2"), {
+            gateway: handle.reverseH2!,
+            token: Token,
+            routes: [{ _tag: "Http", port: h2Port }]
+          })
+        ),
+        (h) => Effect.promise(() => h.close())
+      )
+      for (let i = 0; i < 200 && h2.connected() === 0; i++) yield* Effect.sleep("10 millis")
+
+      assert.strictEqual((yield* Effect.promise(() => get(controlPort, "/"))).body, "control true")
+      let answer = yield* Effect.promise(() => get(h2Port, "/").catch(() => undefined))
+      for (let i = 0; i < 200 && answer?.status !== 200; i++) {
+        yield* Effect.sleep("10 millis")
+        answer = yield* Effect.promise(() => get(h2Port, "/").catch(() => undefined))
+      }
+      assert.strictEqual(answer?.body, "h2")
+
+      const metrics = (yield* Effect.promise(() => get(handle.admin!.port, "/metrics"))).body
+      assert.strictEqual(sample(metrics, "switchyard_sessions", { front_door: "control" }), 1)
+      assert.isAtLeast(sample(metrics, "switchyard_sessions", { front_door: "reverse_h2" }), 1)
+      assert.strictEqual(sample(metrics, "switchyard_routes"), 2)
+      assert.strictEqual(sample(metrics, "switchyard_requests_total", { front_door: "control", status_class: "2xx" }), 1)
+      assert.isAtLeast(sample(metrics, "switchyard_requests_total", { front_door: "reverse_h2", status_class: "2xx" }), 1)
+      assert.notInclude(metrics, Token)
+      const status = JSON.parse((yield* Effect.promise(() => get(handle.admin!.port, "/status"))).body)
+      assert.deepStrictEqual(status.listeners.map((l: { name: string }) => l.name), ["admin", "control", "reverse_h2"])
+    }).pipe(Effect.scoped))
+
+  it.live("generates a private token file when none is configured and removes it with the scope", () =>
+    Effect.gen(function*() {
+      const file = yield* Effect.scoped(Effect.gen(function*() {
+        const handle = yield* runGateway({ control: { address: "127.0.0.1:0" }, admin: { enabled: false } })
+        assert.isDefined(handle.generatedTokenFile)
+        assert.isTrue(fs.existsSync(handle.generatedTokenFile!))
+        assert.strictEqual(fs.statSync(handle.generatedTokenFile!).mode & 0o777, 0o600)
+        assert.isUndefined(handle.admin)
+        return handle.generatedTokenFile!
+      }))
+      assert.isFalse(fs.existsSync(file))
+    }))
+
+  it.effect("refuses bad addresses and port ranges before binding", () =>
+    Effect.gen(function*() {
+      const bad = yield* Effect.flip(runGateway({ control: { address: "here" } }))
+      assert.include(bad.message, "control.address")
+      const range = yield* Effect.flip(runGateway({ control: { tokens: [{ name: "a", token: Redacted.make("t"), ports: ["9-1"] }] } }))
+      assert.include(range.message, "control.tokens.0.ports")
+    }).pipe(Effect.scoped))
+})
