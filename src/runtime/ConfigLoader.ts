@@ -105,6 +105,9 @@ export const ServerFile = Schema.Struct({
     enabled: Schema.optionalKey(Schema.Boolean.annotate({ description: "Serve the reverse-HTTP/2 tunnel port", default: false })),
     address: Schema.optionalKey(Address.annotate({ description: "Reverse-HTTP/2 tunnel port address", default: "127.0.0.1:9443" })),
     plain: Schema.optionalKey(Schema.Boolean.annotate({ description: "Accept backends without a token preamble (ptth backends); serves `routes`", default: false })),
+    allow_remote_plain: Schema.optionalKey(
+      Schema.Boolean.annotate({ description: "Allow plain mode on a non-loopback address (anyone reaching the port can serve `routes`)", default: false })
+    ),
     routes: Schema.optionalKey(Schema.Array(H2Route).annotate({ description: "Routes served by plain-mode backends" }))
   })),
   admin: Schema.optionalKey(AdminSection),

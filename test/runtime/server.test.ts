@@ -90,5 +90,7 @@ describe("runGateway", () => {
       assert.include(bad.message, "control.address")
       const range = yield* Effect.flip(runGateway({ control: { tokens: [{ name: "a", token: Redacted.make("t"), ports: ["9-1"] }] } }))
       assert.include(range.message, "control.tokens.0.ports")
+      const openPlain = yield* Effect.flip(runGateway({ control: { token: Redacted.make("t") }, reverse_h2: { enabled: true, plain: true, address: "0.0.0.0:0" } }))
+      assert.include(openPlain.message, "reverse_h2.plain")
     }).pipe(Effect.scoped))
 })

@@ -46,6 +46,8 @@ export class ConfigRefused extends Data.TaggedError("ConfigRefused")<{ readonly 
   override readonly [Runtime.errorExitCode] = ConfigExitCode
 }
 
+const isLoopbackHost = (host: string): boolean => host === "localhost" || host === "::1" || host.startsWith("127.")
+
 /** Prints a configuration error as one line on stderr and fails (exit 78) before anything is bound. */
 export const refuseConfig = (command: string) => (e: ConfigLoadError) =>
   Console.error(`switchyard ${command}: ${e.message}`).pipe(Effect.andThen(Effect.fail(new ConfigRefused({ message: e.message }))))
@@ -88,6 +90,32 @@ export const grantsOf = (file: ServerFile): Array<TokenGrant> | ConfigLoadError 
     })
   }
   return grants
+}
+
+/** Refuses reverse-HTTP/2 plain mode (no authentication) off loopback unless explicitly allowed. */
+const checkPlainMode = (file: ServerFile, address: HostPort): ConfigLoadError | undefined =>
+  (file.reverse_h2?.enabled ?? false) && (file.reverse_h2?.plain ?? false) && !isLoopbackHost(address.host) &&
+    file.reverse_h2?.allow_remote_plain !== true
+    ? invalid(
+      "reverse_h2.plain",
+      `plain mode on ${formatHostPort(address)} lets any host that reaches it serve your routes; use tokens, or set reverse_h2.allow_remote_plain`
+    )
+    : undefined
+
+/**
+ * Everything `runGateway` checks before binding (addresses, token grants, plain mode), for
+ * `--check-config`.
+ */
+export const checkServerFile = (file: ServerFile): ConfigLoadError | undefined => {
+  const control = addressAt("control.address", file.control?.address, "127.0.0.1:9999")
+  if (control instanceof ConfigLoadError) return control
+  const admin = addressAt("admin.address", file.admin?.address, "127.0.0.1:9090")
+  if (admin instanceof ConfigLoadError) return admin
+  const h2 = addressAt("reverse_h2.address", file.reverse_h2?.address, "127.0.0.1:9443")
+  if (h2 instanceof ConfigLoadError) return h2
+  const grants = grantsOf(file)
+  if (grants instanceof ConfigLoadError) return grants
+  return checkPlainMode(file, h2)
 }
 
 /** Writes a fresh random token to a file only this user can read; removed when the scope closes. */
@@ -259,6 +287,9 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   const h2Enabled = file.reverse_h2?.enabled ?? false
   const h2Address = addressAt("reverse_h2.address", file.reverse_h2?.address, "127.0.0.1:9443")
   if (h2Address instanceof ConfigLoadError) return yield* h2Address
+  const plain = file.reverse_h2?.plain ?? false
+  const unsafe = checkPlainMode(file, h2Address)
+  if (unsafe !== undefined) return yield* unsafe
   let grants = grantsOf(file)
   if (grants instanceof ConfigLoadError) return yield* grants
   let generatedTokenFile: string | undefined
@@ -347,7 +378,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     ? ReverseH2.layer({
       address: h2Address,
       routes: h2Routes,
-      tokens: (file.reverse_h2?.plain ?? false) ? undefined : grants,
+      tokens: plain ? undefined : grants,
       drainTimeout,
       responseTimeoutMs: file.response_timeout_ms,
       idleTimeoutMs: file.idle_timeout_ms
@@ -501,13 +532,10 @@ export const serverCommand = Command.make("server", flags, Effect.fn(function*(f
   if (overrides instanceof ConfigLoadError) return yield* refuseConfig("server")(overrides)
   const load = loadConfig({ schema: ServerFile, file: Option.getOrUndefined(f.config), flags: overrides }).pipe(Effect.map((l) => l.config))
   const file = yield* load.pipe(Effect.catch(refuseConfig("server")))
-  // addresses and tokens are checked too (without binding anything)
-  for (const [field, text] of [["control.address", file.control?.address], ["admin.address", file.admin?.address], ["reverse_h2.address", file.reverse_h2?.address]] as const) {
-    const parsed = addressAt(field, text, "127.0.0.1:0")
-    if (parsed instanceof ConfigLoadError) return yield* refuseConfig("server")(parsed)
-  }
-  const grants = grantsOf(file)
-  if (grants instanceof ConfigLoadError) return yield* refuseConfig("server")(grants)
+  // addresses, tokens and modes are checked too (without binding anything)
+  const problem = checkServerFile(file)
+  if (problem !== undefined) return yield* refuseConfig("server")(problem)
+  const grants = grantsOf(file) as Array<TokenGrant>
   if (f.checkConfig) {
     yield* Console.log(`switchyard server: configuration OK${Option.isSome(f.config) ? ` (${f.config.value})` : ""}`)
     return
