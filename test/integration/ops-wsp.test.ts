@@ -1,0 +1,82 @@
+/**
+ * `switchyard wsp-server` and `wsp-client` with their admin endpoints (wsp's own config files unchanged;
+ * admin and log settings from `SWITCHYARD_...` variables): pool gauges, client readiness that follows
+ * its connections, JSON logs, and no secret in any output.
+ */
+import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
+import { Effect } from "effect"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
+import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
+import { addressAfter, get, sample, spawnSwitchyard } from "../runtime/serverProcess.ts"
+
+const Secret = "wsp-ops-secret-90f1"
+let before: HandleCounts
+let dir: string
+const cleanups: Array<() => Promise<unknown>> = []
+
+beforeEach(() => {
+  before = activeHandles()
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-ops-wsp-"))
+})
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c().catch(() => undefined)
+  fs.rmSync(dir, { recursive: true, force: true })
+  await expectNoLeaks(before, 5_000)
+})
+
+const until = async (what: string, check: () => Promise<boolean>) => {
+  for (let i = 0; i < 300; i++) {
+    if (await check().catch(() => false)) return
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  throw new Error(`${what} did not happen`)
+}
+
+describe("wsp commands' operations", () => {
+  it.live("serve /metrics, /readyz and /status; readiness follows the connections", () =>
+    Effect.promise(async () => {
+      fs.writeFileSync(path.join(dir, "wsp_server.cfg"), `---\nhost : 127.0.0.1\nport : 0\ntimeout : 3000\nsecretkey : ${Secret}\n`)
+      const server = spawnSwitchyard(["wsp-server", "--config", path.join(dir, "wsp_server.cfg")], { SWITCHYARD_ADMIN_ADDRESS: "127.0.0.1:0" })
+      cleanups.push(() => server.stop("SIGKILL"))
+      await server.waitFor(/listening on http:\/\/127\.0\.0\.1:\d+/)
+      await server.waitFor(/admin endpoint on http:\/\/127\.0\.0\.1:\d+/)
+      const port = Number(/listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(server.output())![1])
+      const serverAdmin = addressAfter(server.output(), /admin endpoint on/)
+
+      fs.writeFileSync(
+        path.join(dir, "wsp_client.cfg"),
+        `---\ntargets :\n - ws://127.0.0.1:${port}/register\npoolidlesize : 2\npoolmaxsize : 4\nsecretkey : ${Secret}\n`
+      )
+      const client = spawnSwitchyard(["wsp-client", "--config", path.join(dir, "wsp_client.cfg")], {
+        SWITCHYARD_ADMIN_ADDRESS: "127.0.0.1:0",
+        SWITCHYARD_LOG_FORMAT: "json"
+      })
+      cleanups.push(() => client.stop("SIGKILL"))
+      await client.waitFor(/"admin endpoint on http:\/\/127\.0\.0\.1:\d+/)
+      const clientAdmin = addressAfter(client.output(), /admin endpoint on/)
+
+      await until("client ready", async () => (await get(clientAdmin.port, "/readyz")).status === 200)
+      await until("server pools idle connections", async () =>
+        sample((await get(serverAdmin.port, "/metrics")).body, "switchyard_wsp_connections", { state: "idle" }) >= 2)
+      const serverMetrics = (await get(serverAdmin.port, "/metrics")).body
+      assert.strictEqual(sample(serverMetrics, "switchyard_wsp_pools"), 1)
+      const clientMetrics = (await get(clientAdmin.port, "/metrics")).body
+      assert.strictEqual(sample(clientMetrics, "switchyard_gateway_up", { front_door: "wsp" }), 1)
+      const status = JSON.parse((await get(serverAdmin.port, "/status")).body)
+      assert.strictEqual(status.command, "wsp-server")
+      assert.isAbove(status.sessions[0].count, 0)
+      // the client's log lines are JSON
+      const logLines = client.output().split("\n").filter((l) => l.startsWith("{"))
+      assert.isAbove(logLines.length, 0)
+      for (const line of logLines) assert.isString(JSON.parse(line).level)
+
+      assert.strictEqual(await server.stop("SIGTERM"), 0)
+      await until("client not ready", async () => (await get(clientAdmin.port, "/readyz")).status === 503)
+
+      const everything = server.output() + client.output() + serverMetrics + clientMetrics + JSON.stringify(status)
+      assert.notInclude(everything, Secret)
+      assert.strictEqual(await client.stop("SIGTERM"), 0)
+    }))
+})
