@@ -71,6 +71,46 @@ describe("switchyard socket-proxy operations", () => {
       }
     }))
 
+  it.live("SIGHUP under load: no request lost, new rules applied, an invalid file keeps them, reloads counted", () =>
+    Effect.promise(async () => {
+      const sock = path.join(dir, "load.sock")
+      const config = path.join(dir, "load.yaml")
+      const write = (rules: string) =>
+        fs.writeFileSync(config, `upstream: unix:${engine.socketPath}\nlisten: [unix:${sock}]\nrules: ${rules}\nadmin: { address: 127.0.0.1:0 }\n`)
+      write("[GET /_ping]")
+      const proc = spawnSwitchyard(["socket-proxy", "--config", config])
+      try {
+        await proc.waitFor("switchyard socket-proxy:")
+        await proc.waitFor(/admin endpoint on http:\/\/127\.0\.0\.1:\d+/)
+        assert.strictEqual(await getVia(sock, "/small"), 403)
+        let stop = false
+        const statuses: Array<number> = []
+        const load = (async () => {
+          while (!stop) statuses.push(await getVia(sock, "/_ping").catch(() => 0))
+        })()
+        write("[GET /_ping, GET /small]")
+        proc.child.kill("SIGHUP")
+        await proc.waitFor("reloaded rule set")
+        assert.strictEqual(await getVia(sock, "/small"), 200)
+        fs.writeFileSync(config, "rules: [\"GET nothing\"]\n")
+        proc.child.kill("SIGHUP")
+        await proc.waitFor("reload refused")
+        assert.strictEqual(await getVia(sock, "/small"), 200)
+        stop = true
+        await load
+        assert.isAbove(statuses.length, 0)
+        assert.deepStrictEqual([...new Set(statuses)], [200])
+        const admin = addressAfter(proc.output(), /admin endpoint on/)
+        const metrics = (await get(admin.port, "/metrics")).body
+        assert.strictEqual(sample(metrics, "switchyard_config_reloads_total", { result: "applied" }), 1)
+        assert.strictEqual(sample(metrics, "switchyard_config_reloads_total", { result: "rejected" }), 1)
+        const status = JSON.parse((await get(admin.port, "/status")).body)
+        assert.include(status.recentErrors[0].message, "reload refused")
+      } finally {
+        assert.strictEqual(await proc.stop("SIGTERM"), 0)
+      }
+    }))
+
   it.live("refuses a bad admin section before binding anything, naming the file and the field", () =>
     Effect.promise(async () => {
       const sock = path.join(dir, "never.sock")

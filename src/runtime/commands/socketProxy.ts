@@ -116,7 +116,7 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
   )
   const { makeSocketProxy } = yield* Effect.promise(() => import("../../services/front/SocketProxy.ts"))
   const proxy = yield* makeSocketProxy(config)
-  yield* serveOperations({
+  const operations = yield* serveOperations({
     command: "socket-proxy",
     ops,
     source: Option.getOrUndefined(f.config),
@@ -131,8 +131,14 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
     const resolved = resolveConfig(next, flagValues(f))
     if (resolved instanceof ConfigError) return yield* resolved
     yield* proxy.replaceRules(resolved.ruleSet)
+    operations.metrics.reloads.labels("applied").inc()
     yield* Effect.logInfo(`reloaded rule set "${resolved.ruleSet.name}" with ${resolved.ruleSet.rules.length} rules (listeners, upstream and limits change only on restart)`)
-  }).pipe(Effect.catch((e) => Effect.logError(`reload refused, previous rules stay in force: ${e.message}`)))
+  }).pipe(Effect.catch((e) =>
+    Effect.sync(() => {
+      operations.metrics.reloads.labels("rejected").inc()
+      operations.recordError(`reload refused: ${e.message}`)
+    }).pipe(Effect.andThen(Effect.logError(`reload refused, previous rules stay in force: ${e.message}`)))
+  ))
   const onHangup = () => void Effect.runForkWith(services)(reload)
   yield* Effect.acquireRelease(
     Effect.sync(() => process.on("SIGHUP", onHangup)),
