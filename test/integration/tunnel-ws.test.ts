@@ -8,6 +8,8 @@ import { assert, describe, it } from "@effect/vitest"
 import * as http from "node:http"
 import { Context, Effect, Exit, Redacted, Scope } from "effect"
 import { WebSocket, WebSocketServer } from "ws"
+import { allowAll } from "../../src/domain/DestinationRules.ts"
+import { makeWspServer } from "../../src/services/front/WspServer.ts"
 import { Registry } from "../../src/services/Registry.ts"
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
 import { freePort, makeCertificate, request, tcpRoundTrip } from "../services/ListenersFixtures.ts"
@@ -345,6 +347,39 @@ describe("tunnels over WebSocket: TLS, proxies, mounting", () => {
       yield* serveHttp(direct, { _tag: "Http", port: publicPort, pathPrefix: "/direct" }, (_req, res) => res.end("direct"))
       assert.strictEqual(proxy.tunnels(), 1)
       assert.strictEqual((yield* Effect.promise(() => request(publicPort, "/direct"))).body, "direct")
+    })))
+
+  it.live("the /tunnel path shares the wsp server's port; wsp's own paths are unchanged", () =>
+    noLeaks(Effect.gen(function*() {
+      const gw = yield* wsGateway({}, { listen: false })
+      const wsp = yield* makeWspServer({
+        host: "127.0.0.1",
+        port: 0,
+        timeout: 5000,
+        idleTimeout: 60_000,
+        secretKey: Redacted.make("wsp-secret"),
+        rules: allowAll,
+        requestKey: undefined,
+        maxMessageSize: 1024 * 1024,
+        maxHeaders: 100,
+        maxConcurrentRequests: 100,
+        maxConnectionsPerPool: 10,
+        maxPools: 10,
+        pingInterval: 30_000
+      }, { upgrade: gw.control.handleUpgrade })
+      const publicPort = yield* Effect.promise(freePort)
+      const tunnel = yield* wsClient([`ws://127.0.0.1:${wsp.address.port}/tunnel`])
+      yield* serveHttp(tunnel, { _tag: "Http", port: publicPort }, (_req, res) => res.end("beside wsp"))
+      assert.strictEqual((yield* Effect.promise(() => request(publicPort, "/"))).body, "beside wsp")
+      assert.strictEqual((yield* Effect.promise(() => request(wsp.address.port, "/status"))).body, "ok")
+      const other = yield* Effect.promise(() =>
+        new Promise<string>((resolve) => {
+          const ws = new WebSocket(`ws://127.0.0.1:${wsp.address.port}/elsewhere`)
+          ws.on("unexpected-response", (_req, res) => resolve(String(res.statusCode)))
+          ws.on("error", () => {})
+        })
+      )
+      assert.strictEqual(other, "404")
     })))
 
   it.live("the /tunnel path mounted on another HTTP server's port", () =>

@@ -414,8 +414,17 @@ export class WspServer extends Context.Service<WspServer, {
     Layer.effect(WspServer, makeWspServer(config))
 }
 
+/** What a gateway running other front doors can mount on the wsp server's port. */
+export interface WspServerExtras {
+  /**
+   * Offered every upgrade whose path is not `/register`; returns true when it took the socket (e.g. the
+   * control port's `handleUpgrade` for its `/tunnel` path). Others still get wsp's 404.
+   */
+  readonly upgrade?: ((req: http.IncomingMessage, socket: Duplex, head: Buffer) => boolean) | undefined
+}
+
 /** Starts the server; it stops, closing every connection, when the scope closes. */
-export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspServerConfig): Effect.fn.Return<
+export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspServerConfig, extras: WspServerExtras = {}): Effect.fn.Return<
   WspServer["Service"],
   WspServerError,
   Scope.Scope
@@ -484,7 +493,10 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
 
   const onUpgrade = (req: http.IncomingMessage, socket: Duplex, head: Buffer): void => {
     socket.on("error", () => socket.destroy())
-    if (pathOf(req) !== "/register") return refuseUpgrade(socket, 404, "Not Found", "404 page not found")
+    if (pathOf(req) !== "/register") {
+      if (extras.upgrade?.(req, socket, head) === true) return
+      return refuseUpgrade(socket, 404, "Not Found", "404 page not found")
+    }
     const given = req.headers["x-secret-key"]
     if (!secretMatches(typeof given === "string" ? given : "", secret)) {
       return refuseUpgrade(socket, proxyErrorStatus, "Proxy Error", "Invalid X-SECRET-KEY")
