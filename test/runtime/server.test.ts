@@ -67,7 +67,28 @@ describe("runGateway", () => {
       assert.strictEqual(sample(metrics, "switchyard_requests_total", { front_door: "control", status_class: "2xx" }), 1)
       assert.isAtLeast(sample(metrics, "switchyard_requests_total", { front_door: "reverse_h2", status_class: "2xx" }), 1)
       assert.notInclude(metrics, Token)
+      // a reverse-HTTP/2 backend with a wrong token is refused and counted
+      const refused = yield* Effect.acquireRelease(
+        Effect.promise(() =>
+          serveReverseHttp2((_req, res) => res.end("never"), {
+            gateway: handle.reverseH2!,
+            token: "not-the-token",
+            routes: [{ _tag: "Http", port: h2Port }],
+            backoff: { initial: "1 second" }
+          })
+        ),
+        (h) => Effect.promise(() => h.close())
+      )
+      let rejected = 0
+      for (let i = 0; i < 300 && rejected === 0; i++) {
+        yield* Effect.sleep("10 millis")
+        rejected = sample((yield* Effect.promise(() => get(handle.admin!.port, "/metrics"))).body, "switchyard_handshake_rejections_total", { front_door: "reverse_h2" })
+      }
+      assert.isAtLeast(rejected, 1)
+      assert.strictEqual(refused.connected(), 0)
       const status = JSON.parse((yield* Effect.promise(() => get(handle.admin!.port, "/status"))).body)
+      assert.include(JSON.stringify(status.recentErrors), "reverse-HTTP/2 connection failed")
+      assert.notInclude(JSON.stringify(status), "not-the-token")
       assert.deepStrictEqual(status.listeners.map((l: { name: string }) => l.name), ["admin", "control", "reverse_h2"])
     }).pipe(Effect.scoped))
 

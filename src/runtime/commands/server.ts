@@ -37,6 +37,8 @@ export const GeneratedGrantName = "generated"
 export const GeneratedTokenBytes = 32
 /** Session ends counted as protocol errors (the others are closes and GoAways). */
 export const ProtocolErrorReasons: ReadonlySet<string> = new Set(["ProtocolError", "RemoteError", "KeepAliveTimeout", "WriteTimeout", "TransportError"])
+/** Reverse-HTTP/2 failures counted as refused handshakes (the others as protocol errors). */
+export const H2HandshakeReasons: ReadonlySet<string> = new Set(["HandshakeTimeout", "BadPreamble", "BadPreface", "Rejected", "Insecure"])
 /** Every port, for tokens given without a port list. */
 const AllPorts: ReadonlyArray<PortRange> = [{ from: 1, to: 65_535 }]
 
@@ -355,6 +357,17 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     c.inc()
     recentErrors.add(`control session ended: ${reason}`)
   }
+  // reverse-HTTP/2: refused handshakes and broken connections
+  const h2Counters = new Map<string, { inc: (n?: number) => void }>()
+  const onH2Failure = (reason: string) => {
+    let c = h2Counters.get(reason)
+    if (c === undefined) {
+      c = H2HandshakeReasons.has(reason) ? metrics.rejections.labels("reverse_h2", reason) : metrics.protocolErrors.labels("reverse_h2", reason)
+      h2Counters.set(reason, c)
+    }
+    c.inc()
+    recentErrors.add(`reverse-HTTP/2 connection failed: ${reason}`)
+  }
   const gateway = ControlPort.gatewayLayer({
     control: {
       address: control,
@@ -380,6 +393,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       routes: h2Routes,
       tokens: plain ? undefined : grants,
       drainTimeout,
+      onFailure: onH2Failure,
       responseTimeoutMs: file.response_timeout_ms,
       idleTimeoutMs: file.idle_timeout_ms
     })

@@ -102,6 +102,8 @@ export interface ReverseH2Config {
   readonly idleTimeoutMs?: number | undefined
   /** `X-Forwarded-*` handling toward backends (default `replace`). */
   readonly forwardedHeaders?: ForwardedMode | undefined
+  /** Called for each connection failure, with its reason (for metrics). */
+  readonly onFailure?: ((reason: ReverseH2Error["reason"]) => void) | undefined
 }
 
 /** A tunnel connection or the port itself failed; the connection is closed, the port keeps serving. */
@@ -217,6 +219,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     Effect.suspend(() => {
       if (failures.length >= MaxRecentFailures) failures.shift()
       failures.push(error)
+      config.onFailure?.(error.reason)
       return Effect.logWarning(`reverse-h2: ${error.reason}: ${error.message}`)
     })
 
