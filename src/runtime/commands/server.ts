@@ -39,6 +39,14 @@ export const GeneratedTokenBytes = 32
 export const ProtocolErrorReasons: ReadonlySet<string> = new Set(["ProtocolError", "RemoteError", "KeepAliveTimeout", "WriteTimeout", "TransportError"])
 /** Reverse-HTTP/2 failures counted as refused handshakes (the others as protocol errors). */
 export const H2HandshakeReasons: ReadonlySet<string> = new Set(["HandshakeTimeout", "BadPreamble", "BadPreface", "Rejected", "Insecure"])
+/** Where the control port, the admin endpoint and the reverse-HTTP/2 port listen by default. */
+export const DefaultControlText = "127.0.0.1:9999"
+export const DefaultAdminText = "127.0.0.1:9090"
+export const DefaultReverseH2Text = "127.0.0.1:9443"
+/** How long SIGTERM/SIGINT lets requests in flight finish, by default (ms). */
+export const DefaultDrainTimeoutMs = 30_000
+/** How long a route without backends keeps its port and queues requests, by default (ms). */
+export const DefaultGracePeriodMs = 30_000
 /** Every port, for tokens given without a port list. */
 const AllPorts: ReadonlyArray<PortRange> = [{ from: 1, to: 65_535 }]
 
@@ -109,11 +117,11 @@ const checkPlainMode = (file: ServerFile, address: HostPort): ConfigLoadError | 
  * `--check-config`.
  */
 export const checkServerFile = (file: ServerFile): ConfigLoadError | undefined => {
-  const control = addressAt("control.address", file.control?.address, "127.0.0.1:9999")
+  const control = addressAt("control.address", file.control?.address, DefaultControlText)
   if (control instanceof ConfigLoadError) return control
-  const admin = addressAt("admin.address", file.admin?.address, "127.0.0.1:9090")
+  const admin = addressAt("admin.address", file.admin?.address, DefaultAdminText)
   if (admin instanceof ConfigLoadError) return admin
-  const h2 = addressAt("reverse_h2.address", file.reverse_h2?.address, "127.0.0.1:9443")
+  const h2 = addressAt("reverse_h2.address", file.reverse_h2?.address, DefaultReverseH2Text)
   if (h2 instanceof ConfigLoadError) return h2
   const grants = grantsOf(file)
   if (grants instanceof ConfigLoadError) return grants
@@ -281,13 +289,13 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   file: ServerFile,
   options: GatewayOptions = {}
 ): Effect.fn.Return<GatewayHandle, ConfigLoadError | Error, Scope.Scope> {
-  const control = addressAt("control.address", file.control?.address, "127.0.0.1:9999")
+  const control = addressAt("control.address", file.control?.address, DefaultControlText)
   if (control instanceof ConfigLoadError) return yield* control
   const adminEnabled = file.admin?.enabled ?? true
-  const admin = addressAt("admin.address", file.admin?.address, "127.0.0.1:9090")
+  const admin = addressAt("admin.address", file.admin?.address, DefaultAdminText)
   if (admin instanceof ConfigLoadError) return yield* admin
   const h2Enabled = file.reverse_h2?.enabled ?? false
-  const h2Address = addressAt("reverse_h2.address", file.reverse_h2?.address, "127.0.0.1:9443")
+  const h2Address = addressAt("reverse_h2.address", file.reverse_h2?.address, DefaultReverseH2Text)
   if (h2Address instanceof ConfigLoadError) return yield* h2Address
   const plain = file.reverse_h2?.plain ?? false
   const unsafe = checkPlainMode(file, h2Address)
@@ -310,7 +318,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   const metrics = makeMetrics()
   const recentErrors = makeRecentErrors()
   const access = Logging.accessLogger({ format: file.log?.format, accessLog: file.log?.access_log })
-  const drainTimeout = file.drain_timeout_ms ?? 30_000
+  const drainTimeout = file.drain_timeout_ms ?? DefaultDrainTimeoutMs
   let draining = false
   let live: { listeners: Context.Service.Shape<typeof Listeners>; registry: Context.Service.Shape<typeof Registry>; controlPort: Context.Service.Shape<typeof ControlPort>; h2: Context.Service.Shape<typeof ReverseH2> | undefined } | undefined
   const startedAt = new Date().toISOString()
@@ -381,7 +389,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       onSessionFailed
     },
     publicHost: file.public_host ?? "127.0.0.1",
-    registry: { gracePeriod: file.grace_period_ms ?? 30_000 },
+    registry: { gracePeriod: file.grace_period_ms ?? DefaultGracePeriodMs },
     dispatcher: { maxWaiting: file.max_waiting },
     responseTimeoutMs: file.response_timeout_ms,
     idleTimeoutMs: file.idle_timeout_ms,
