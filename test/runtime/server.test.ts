@@ -7,6 +7,7 @@ import { Effect, Redacted } from "effect"
 import * as fs from "node:fs"
 import * as http from "node:http"
 import { runGateway } from "../../src/runtime/commands/server.ts"
+import type { ServerFile } from "../../src/runtime/ConfigLoader.ts"
 import { listen } from "../../src/runtime/listen.ts"
 import { serveReverseHttp2 } from "../../src/runtime/serveReverseHttp2.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
@@ -90,6 +91,38 @@ describe("runGateway", () => {
       assert.include(JSON.stringify(status.recentErrors), "reverse-HTTP/2 connection failed")
       assert.notInclude(JSON.stringify(status), "not-the-token")
       assert.deepStrictEqual(status.listeners.map((l: { name: string }) => l.name), ["admin", "control", "reverse_h2"])
+    }).pipe(Effect.scoped))
+
+  it.live("SIGHUP swaps the tokens of both tunnel ports; a reload without any token is refused", () =>
+    Effect.gen(function*() {
+      let next: ServerFile = { control: { token: Redacted.make("second-token") } }
+      const handle = yield* runGateway(
+        { control: { address: "127.0.0.1:0", token: Redacted.make(Token) }, reverse_h2: { enabled: true, address: "127.0.0.1:0" }, admin: { enabled: false } },
+        { reload: Effect.sync(() => next) }
+      )
+      const reloads = (result: string) => sample(handle.metrics.registry.render(), "switchyard_config_reloads_total", { result })
+      process.emit("SIGHUP", "SIGHUP")
+      for (let i = 0; i < 500 && reloads("applied") === 0; i++) yield* Effect.yieldNow
+      assert.strictEqual(reloads("applied"), 1)
+
+      const h2Port = yield* Effect.promise(freePort)
+      const h2 = yield* Effect.acquireRelease(
+        Effect.promise(() => serveReverseHttp2((_req, res) => res.end("h2"), { gateway: handle.reverseH2!, token: "second-token", routes: [{ _tag: "Http", port: h2Port }] })),
+        (h) => Effect.promise(() => h.close())
+      )
+      for (let i = 0; i < 300 && h2.connected() === 0; i++) yield* Effect.sleep("10 millis")
+      assert.isAtLeast(h2.connected(), 1)
+      const controlPort = yield* Effect.promise(freePort)
+      const tunnel = yield* Effect.acquireRelease(
+        Effect.promise(() => listen({ port: controlPort, http: {} }, { server: `127.0.0.1:${handle.control.port}`, token: "second-token" })),
+        (t) => Effect.promise(() => new Promise<void>((resolve) => t.close(() => resolve())))
+      )
+      assert.isTrue(tunnel.listening)
+
+      next = { control: {} }
+      process.emit("SIGHUP", "SIGHUP")
+      for (let i = 0; i < 500 && reloads("rejected") === 0; i++) yield* Effect.yieldNow
+      assert.strictEqual(reloads("rejected"), 1)
     }).pipe(Effect.scoped))
 
   it.live("generates a private token file when none is configured and removes it with the scope", () =>

@@ -472,7 +472,9 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       if (nextGrants.length === 0 && generatedTokenFile === undefined) {
         return yield* invalid("control.token", "the new configuration has no token; keep at least one")
       }
-      yield* controlPort.replaceTokens(nextGrants.length === 0 ? grants as Array<TokenGrant> : nextGrants)
+      const applied = nextGrants.length === 0 ? grants as Array<TokenGrant> : nextGrants
+      yield* controlPort.replaceTokens(applied)
+      if (h2 !== undefined && h2.authenticated) yield* h2.replaceTokens(applied)
       metrics.reloads.labels("applied").inc()
       yield* Effect.logInfo(`configuration reloaded: ${nextGrants.length} token(s); sessions already up keep their grants (addresses change on restart)`)
     }).pipe(

@@ -125,6 +125,8 @@ export interface ReverseH2Shape {
   readonly queued: () => number
   /** The latest connection failures, oldest first (at most `MaxRecentFailures`). */
   readonly recentFailures: () => ReadonlyArray<ReverseH2Error>
+  /** Replaces the grants for new connections (authenticated mode); live connections keep theirs. */
+  readonly replaceTokens: (tokens: ReadonlyArray<TokenGrant>) => Effect.Effect<void>
 }
 
 export class ReverseH2 extends Context.Service<ReverseH2, ReverseH2Shape>()("switchyard/ReverseH2") {
@@ -185,7 +187,7 @@ const unusedUpstream = (): Upstream => {
 const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
   const listeners = yield* Listeners
   const authenticated = config.tokens !== undefined
-  const policy = makeTokenPolicy(config.tokens ?? [])
+  let policy = makeTokenPolicy(config.tokens ?? [])
   const defaultRoutes = config.routes ?? []
   const badRoute = defaultRoutes.find((r) => !isHttpRoute(r))
   if (badRoute !== undefined) {
@@ -682,7 +684,8 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     connections: () => live.size,
     activeStreams: () => streams,
     queued: () => waiters.length,
-    recentFailures: () => [...failures]
+    recentFailures: () => [...failures],
+    replaceTokens: (tokens) => Effect.sync(() => void (policy = makeTokenPolicy(tokens)))
   })
 })
 
