@@ -92,7 +92,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
     register: (metrics) => registerGatewayGauges(metrics, "control", gateways)
   })
   const listener = yield* client.listen(route)
-  yield* Console.log(`switchyard client: ${describeRoute(route)} on ${f.server.join(", ")} -> ${formatHostPort(expose)}`)
+  yield* Console.log(`switchyard client: ${describeRoute(route)} on ${targets.map(describeTarget).join(", ")} -> ${formatHostPort(expose)}`)
   return yield* Stream.runForEach(listener.connections, ({ socket }) =>
     Effect.sync(() => {
       const local = net.createConnection({ host: expose.host, port: expose.port, allowHalfOpen: true })

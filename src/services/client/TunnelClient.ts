@@ -25,7 +25,7 @@ import type { RouteDefinition } from "../../domain/Route.ts"
 import { readFrame, writeFrame } from "../front/ControlHandshake.ts"
 import type { WebSocketError } from "../../domain/WebSocketClose.ts"
 import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
-import { dialWebSocket, type WebSocketTarget } from "../transport/WebSocketDial.ts"
+import { dialWebSocket, displayUrl, type WebSocketTarget } from "../transport/WebSocketDial.ts"
 import * as Session from "../yamux/Session.ts"
 import { makeStreamDuplex, type StreamSocket } from "../yamux/StreamDuplex.ts"
 import type { YamuxConfig } from "../yamux/YamuxConfig.ts"
@@ -62,7 +62,7 @@ export type GatewayTarget = Address | WebSocketTarget
 
 /** How a gateway target is shown in logs and status. */
 export const describeTarget = (target: GatewayTarget): string =>
-  "url" in target ? target.url : target.path ?? `${target.host ?? "127.0.0.1"}:${target.port ?? 0}`
+  "url" in target ? displayUrl(target.url) : target.path ?? `${target.host ?? "127.0.0.1"}:${target.port ?? 0}`
 
 export interface TunnelClientConfig {
   /** Gateways' control ports; each gets its own connection carrying every listener. */

@@ -92,6 +92,8 @@ export const makeUpgradeHandler = (
     wss.handleUpgrade(req, socket, head, (ws) => {
       done()
       socket.off("close", done)
+      // the connection built on it records errors; until then one must not crash the process
+      ws.on("error", () => {})
       onWebSocket({ ws, remoteAddress, localAddress, socket: s, secure })
     })
     return true

@@ -52,14 +52,27 @@ export const parseWebSocketUrl = (text: string): WebSocketUrl | WebSocketError =
   try {
     url = new URL(text)
   } catch {
-    return new WebSocketError({ reason: "BadUrl", message: `"${text}" is not a URL` })
+    return new WebSocketError({ reason: "BadUrl", message: `"${displayUrl(text)}" is not a URL` })
   }
   if (url.protocol !== "ws:" && url.protocol !== "wss:") {
-    return new WebSocketError({ reason: "BadUrl", message: `"${text}": expected a ws:// or wss:// URL` })
+    return new WebSocketError({ reason: "BadUrl", message: `"${displayUrl(text)}": expected a ws:// or wss:// URL` })
   }
   const secure = url.protocol === "wss:"
   const host = url.hostname.startsWith("[") ? url.hostname.slice(1, -1) : url.hostname
   return { url, secure, host, port: url.port === "" ? (secure ? 443 : 80) : Number(url.port) }
+}
+
+/** The URL as logs and errors show it: any `user:password@` is removed. */
+export const displayUrl = (text: string): string => {
+  try {
+    const url = new URL(text)
+    if (url.username === "" && url.password === "") return text
+    url.username = ""
+    url.password = ""
+    return url.href
+  } catch {
+    return text.replace(/\/\/[^/@]*@/, "//")
+  }
 }
 
 /** True when `text` names a WebSocket endpoint rather than a `host:port`. */
@@ -107,7 +120,7 @@ export const dialWebSocket = (
           if (settled) return
           settled = true
           ws.terminate()
-          resume(Effect.fail(new WebSocketError({ reason: "Handshake", message: `${target.url}: ${message}` })))
+          resume(Effect.fail(new WebSocketError({ reason: "Handshake", message: `${displayUrl(target.url)}: ${message}` })))
         }
         const ws = new WebSocket(parsed.url, {
           maxPayload: target.maxPayload ?? DefaultMaxPayload,

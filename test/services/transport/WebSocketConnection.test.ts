@@ -19,7 +19,7 @@ import {
   packMessages,
   type WebSocketConnection
 } from "../../../src/services/transport/WebSocketConnection.ts"
-import { dialWebSocket } from "../../../src/services/transport/WebSocketDial.ts"
+import { dialWebSocket, displayUrl } from "../../../src/services/transport/WebSocketDial.ts"
 import type { WebSocketError } from "../../../src/domain/WebSocketClose.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
 
@@ -342,4 +342,12 @@ describe("WebSocketConnection keepalive", () => {
       assert.strictEqual(client.closeError()?.reason, "KeepaliveTimeout")
       yield* Scope.close(scope, Exit.void)
     }))
+})
+
+describe("displayUrl", () => {
+  it("drops credentials from URLs shown in logs and errors", () => {
+    assert.strictEqual(displayUrl("wss://user:pa%40ss@gw.example.com/tunnel"), "wss://gw.example.com/tunnel")
+    assert.strictEqual(displayUrl("ws://gw:9998/tunnel"), "ws://gw:9998/tunnel")
+    assert.strictEqual(displayUrl("ws://u:p@[bad"), "ws://[bad")
+  })
 })
