@@ -417,7 +417,12 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   live = { listeners: Context.get(context, Listeners), registry: Context.get(context, Registry), controlPort, h2 }
   const dispatcher = Context.get(context, Dispatcher)
   // Finalizers run last-in first-out: readiness drops before the front doors drain.
-  yield* Effect.addFinalizer(() => Effect.sync(() => void (draining = true)))
+  yield* Effect.addFinalizer(() =>
+    Effect.sync(() => void (draining = true)).pipe(
+      Effect.andThen(Effect.logInfo(`shutting down: public ports stop accepting, requests in flight get up to ${drainTimeout} ms`)),
+      Effect.annotateLogs({ component: "server" })
+    )
+  )
   listenerNames.push({ name: "control", address: formatHostPort(controlPort.address as HostPort) })
   if (h2 !== undefined) listenerNames.push({ name: "reverse_h2", address: formatHostPort(h2.address) })
 
