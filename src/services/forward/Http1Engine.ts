@@ -407,7 +407,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     if (this.requestDone && this.pending === undefined) this.socket.resume()
     if (upgrading) {
       // An upgrade takes a connection of its own, never pooled (it becomes the tunnel).
-      this.granted(new PooledConnection(out.upstream.connect(), undefined))
+      this.granted(PooledConnection.open({ ...out.upstream, connectReading: undefined }, undefined))
       return
     }
     const pool = core.poolFor(out.upstream)
@@ -497,9 +497,15 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
         this.destroy()
         return
       }
-      if (n > 0 && !this.socket.write(n === chunk.length ? chunk : chunk.subarray(0, n))) {
-        this.upstreamPaused = true
-        this.conn!.socket.pause()
+      const conn = this.conn!
+      if (n > 0) {
+        const socket = this.socket
+        const ok = socket.write(n === chunk.length ? chunk : chunk.subarray(0, n))
+        if (socket.writableLength > 0) conn.chunkHeld = true
+        if (!ok) {
+          this.upstreamPaused = true
+          conn.socket.pause()
+        }
       }
       if (framer.done) this.responseComplete(n === chunk.length)
       return
@@ -570,6 +576,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       socket.write(headBytes)
       ok = socket.write(body)
       socket.uncork()
+      if (socket.writableLength > 0) this.conn!.chunkHeld = true
     }
     if (!ok) {
       this.upstreamPaused = true

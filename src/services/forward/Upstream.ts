@@ -20,6 +20,18 @@ export interface Upstream {
   readonly connect: () => Duplex
   /** Whether the upstream is a local Unix-socket API (no `X-Forwarded-*` by default). */
   readonly local: boolean
+  /**
+   * A new socket that reads into buffers the caller supplies (Node's `onread`), for pooled connections of
+   * the HTTP/1.1 engine: a buffer is reused while what was read into it has been written on; absent for
+   * upstreams whose connections are not sockets (tunnel streams), which use `connect`.
+   */
+  readonly connectReading?: ((onread: ReadInto) => Duplex) | undefined
+}
+
+/** Node's `onread` option: where the next read goes, and what to do with the bytes read. */
+export interface ReadInto {
+  readonly buffer: () => Uint8Array
+  readonly callback: (bytesRead: number, buffer: Uint8Array) => boolean
 }
 
 export interface PoolLimits {
@@ -36,6 +48,7 @@ export const unixUpstream = (socketPath: string, limits: PoolLimits): Upstream =
   owned: true,
   target: { socketPath },
   connect: () => net.createConnection({ path: socketPath, allowHalfOpen: true }),
+  connectReading: (onread) => net.createConnection({ path: socketPath, allowHalfOpen: true, onread }),
   local: true
 })
 
@@ -46,6 +59,7 @@ export const tcpUpstream = (host: string, port: number, limits: PoolLimits): Ups
   owned: true,
   target: { host, port },
   connect: () => net.createConnection({ host, port, allowHalfOpen: true, noDelay: true }),
+  connectReading: (onread) => net.createConnection({ host, port, allowHalfOpen: true, noDelay: true, onread }),
   local: false
 })
 

@@ -24,7 +24,14 @@ export interface ConnectionWaiter {
 /** Most requests that may wait for a connection of one upstream; more are answered 503. */
 export const MAX_POOL_WAITERS = 4096
 
-/** One upstream connection; its listeners stay for its lifetime and dispatch to the current owner. */
+/** Size of the buffer a pooled socket reads into (one per connection, replaced only while still referenced). */
+export const UPSTREAM_READ_BUFFER_BYTES = 64 * 1024
+
+/**
+ * One upstream connection; its listeners stay for its lifetime and dispatch to the current owner. A
+ * connection opened with `connectReading` reads into one reusable buffer: the owner sets `chunkHeld` when
+ * bytes it was given are still queued for writing, and the next read then goes into a fresh buffer.
+ */
 export class PooledConnection {
   readonly socket: Duplex
   readonly pool: UpstreamPool | undefined
@@ -34,11 +41,22 @@ export class PooledConnection {
   state: "busy" | "idle" | "gone" = "busy"
   error: (Error & { code?: string }) | undefined = undefined
   ended = false
+  /** The last chunk handed to the owner is still referenced (queued on a socket): do not read into it. */
+  chunkHeld = false
+  private readBuffer: Buffer | undefined = undefined
 
-  constructor(socket: Duplex, pool: UpstreamPool | undefined) {
-    this.socket = socket
+  /** Opens a connection to `upstream`, reading into reused buffers when the upstream allows it. */
+  static open(upstream: Upstream, pool: UpstreamPool | undefined): PooledConnection {
+    return new PooledConnection(upstream, pool)
+  }
+
+  private constructor(upstream: Upstream, pool: UpstreamPool | undefined) {
     this.pool = pool
-    socket.on("data", this.onData)
+    const socket = upstream.connectReading !== undefined
+      ? upstream.connectReading({ buffer: this.nextBuffer, callback: this.onRead })
+      : upstream.connect()
+    this.socket = socket
+    if (upstream.connectReading === undefined) socket.on("data", this.onData)
     socket.on("end", this.onEnd)
     socket.on("error", this.onError)
     socket.on("close", this.onClose)
@@ -51,7 +69,7 @@ export class PooledConnection {
     return !this.ended && !s.destroyed && s.writable && this.error === undefined
   }
 
-  /** Hands the socket over for a raw tunnel: the pool's listeners go, an error listener stays. */
+  /** Hands the socket over for a raw tunnel (only for connections opened without `connectReading`). */
   detach(): Duplex {
     const s = this.socket
     s.off("data", this.onData)
@@ -68,6 +86,19 @@ export class PooledConnection {
 
   destroy(): void {
     this.socket.destroy()
+  }
+
+  private readonly nextBuffer = (): Uint8Array => {
+    if (this.readBuffer === undefined || this.chunkHeld) {
+      this.readBuffer = Buffer.allocUnsafe(UPSTREAM_READ_BUFFER_BYTES)
+      this.chunkHeld = false
+    }
+    return this.readBuffer
+  }
+
+  private readonly onRead = (bytesRead: number, buffer: Uint8Array): boolean => {
+    this.onData((buffer as Buffer).subarray(0, bytesRead))
+    return true // pausing is the owner's, through socket.pause()
   }
 
   private readonly onData = (chunk: Buffer): void => {
@@ -225,7 +256,7 @@ export class UpstreamPool {
 
   private open(): PooledConnection {
     this.busy++
-    return new PooledConnection(this.upstream.connect(), this)
+    return PooledConnection.open(this.upstream, this)
   }
 
   private checkEmpty(): void {

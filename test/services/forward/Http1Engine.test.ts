@@ -37,6 +37,16 @@ let scope: Scope.Closeable | undefined
 
 const CHUNK = Buffer.alloc(64 * 1024, 0x62)
 
+/** The bytes of `/pattern` from `offset`. */
+const patternBytes = (offset: number, n: number): Buffer => {
+  const b = Buffer.allocUnsafe(n)
+  for (let i = 0; i < n; i++) {
+    const at = offset + i
+    b[i] = (at * 7 + (at >>> 11)) & 0xff
+  }
+  return b
+}
+
 /** A complete response with a Content-Length. */
 const send = (res: http.ServerResponse, body: string | Buffer): void => {
   res.writeHead(200, { "content-type": "text/plain", "content-length": String(Buffer.byteLength(body)) }).end(body)
@@ -86,6 +96,27 @@ const startUpstream = async (): Promise<CountingUpstream> => {
         res.writeEarlyHints({ link: "</style.css>; rel=preload" })
         send(res, "after hints")
         return
+      case "/pattern": {
+        // Every byte depends on its offset, so a reordered, repeated or overwritten chunk shows.
+        const total = Number(url.searchParams.get("bytes"))
+        res.writeHead(200, { "content-length": String(total) })
+        let offset = 0
+        const pump = () => {
+          while (offset < total) {
+            const n = Math.min(total - offset, 50_000 + (offset % 30_011))
+            if (!res.write(patternBytes(offset, n))) {
+              offset += n
+              res.once("drain", pump)
+              return
+            }
+            offset += n
+          }
+          res.end()
+        }
+        res.on("close", () => (offset = total))
+        pump()
+        return
+      }
       case "/big": {
         const total = Number(url.searchParams.get("bytes"))
         res.writeHead(200, { "content-length": String(total) })
@@ -272,6 +303,40 @@ describe("Http1Engine", () => {
     await waitFor("no upstream connection left", () => upstream.sockets.size === 0)
     await waitFor("the forwarder to settle", () => forwarder.active().requests === 0)
     assert.isBelow(upstream.bigSent, 512 * 1024 * 1024)
+  })
+
+  it("delivers a large body byte for byte to a reader that keeps stopping (read buffers are reused only when free)", async () => {
+    const { port } = await serve()
+    const total = 24 * 1024 * 1024
+    const result = await new Promise<{ readonly length: number; readonly firstBad: number }>((resolve, reject) => {
+      http.get({ host: "127.0.0.1", port, path: `/pattern?bytes=${total}`, agent: false }, (res) => {
+        let at = 0
+        let firstBad = -1
+        let reads = 0
+        res.on("data", (c: Buffer) => {
+          if (firstBad === -1) {
+            const want = patternBytes(at, c.length)
+            if (!want.equals(c)) {
+              let i = 0
+              while (want[i] === c[i]) i++
+              firstBad = at + i
+            }
+          }
+          at += c.length
+          // Stop now and then, long enough for the kernel's buffers to fill and the proxy's writes to queue.
+          reads += c.length
+          if (reads >= 2 * 1024 * 1024) {
+            reads = 0
+            res.pause()
+            setTimeout(() => res.resume(), 25)
+          }
+        })
+        res.on("end", () => resolve({ length: at, firstBad }))
+        res.on("error", reject)
+      }).on("error", reject)
+    })
+    assert.strictEqual(result.length, total)
+    assert.strictEqual(result.firstBad, -1)
   })
 
   it("relays interim responses and answers Expect: 100-continue itself", async () => {
