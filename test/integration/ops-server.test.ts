@@ -120,6 +120,14 @@ describe("switchyard server", () => {
       assert.strictEqual(status.routes.length, 1)
       assert.strictEqual(status.routes[0].backends.length, 1)
 
+      // `switchyard status` prints the same as tables; an unreachable endpoint is one line and exit 69
+      const table = spawnSwitchyard(["status", "--admin", `127.0.0.1:${admin.port}`])
+      assert.strictEqual(await table.exited, 0)
+      assert.match(table.output(), new RegExp(`ROUTE\\s+BACKENDS\\s+IN FLIGHT[\\s\\S]*${route!.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}`))
+      const unreachable = spawnSwitchyard(["status", "--admin", "127.0.0.1:1"])
+      assert.strictEqual(await unreachable.exited, 69)
+      assert.strictEqual(unreachable.output().trim().split("\n").length, 1)
+
       // the access log has the request id, not the query string
       await proc.waitFor(/log=access .*path=\/y .*request_id=abc-123/)
       assert.notInclude(proc.output(), "q=1")

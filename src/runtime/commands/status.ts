@@ -4,7 +4,7 @@
  * nothing and needs no token (the admin endpoint is on loopback or a private network).
  */
 import * as http from "node:http"
-import { Console, Effect, Schema } from "effect"
+import { Console, Data, Effect, Runtime, Schema } from "effect"
 import { Command, Flag } from "effect/cli"
 import type { StatusDocument } from "../Admin.ts"
 import { parseHostPort } from "../NetAddress.ts"
@@ -14,10 +14,19 @@ export const StatusTimeoutMs = 5_000
 /** Largest status document read (bytes). */
 export const MaxStatusBytes = 4 * 1024 * 1024
 
+/** Exit code when the admin endpoint cannot be reached or answers badly (sysexits' EX_UNAVAILABLE). */
+export const UnavailableExitCode = 69
+
 export class StatusError extends Schema.TaggedError<StatusError>()("StatusError", {
   reason: Schema.Literals(["Unreachable", "BadAnswer"]),
   message: Schema.String
 }) {}
+
+/** The status could not be read; the reason was already printed as one line. */
+class StatusUnavailable extends Data.TaggedError("StatusUnavailable")<{ readonly message: string }> {
+  override readonly [Runtime.errorReported] = false
+  override readonly [Runtime.errorExitCode] = UnavailableExitCode
+}
 
 /** Fetches `/status` from the admin endpoint at `host:port`. */
 export const fetchStatus = (address: { host: string; port: number }): Effect.Effect<StatusDocument, StatusError> =>
@@ -82,6 +91,12 @@ const json = Flag.Boolean("json").pipe(Flag.withDescription("Print the raw JSON 
 export const statusCommand = Command.make("status", { admin, json }, Effect.fn(function*(f) {
   const address = parseHostPort(f.admin)
   if (address instanceof Error) return yield* address
-  const status = yield* fetchStatus(address)
+  const status = yield* fetchStatus(address).pipe(
+    Effect.catch((e) =>
+      Console.error(`switchyard status: ${e.message} (is switchyard running with its admin endpoint there? see --admin)`).pipe(
+        Effect.andThen(Effect.fail(new StatusUnavailable({ message: e.message })))
+      )
+    )
+  )
   yield* Console.log(f.json ? JSON.stringify(status, null, 2) : renderStatus(status))
 })).pipe(Command.withDescription("Show a running switchyard's listeners, sessions, routes and recent errors"))
