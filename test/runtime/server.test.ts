@@ -9,6 +9,7 @@ import * as http from "node:http"
 import { runGateway } from "../../src/runtime/commands/server.ts"
 import type { ServerFile } from "../../src/runtime/ConfigLoader.ts"
 import { listen } from "../../src/runtime/listen.ts"
+import { Metrics } from "../../src/services/Metrics.ts"
 import { serveReverseHttp2 } from "../../src/runtime/serveReverseHttp2.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
 import { freePort, get, sample } from "./serverProcess.ts"
@@ -124,6 +125,14 @@ describe("runGateway", () => {
       for (let i = 0; i < 500 && reloads("rejected") === 0; i++) yield* Effect.yieldNow
       assert.strictEqual(reloads("rejected"), 1)
     }).pipe(Effect.scoped))
+
+  it.live("registers its metrics on a Metrics service the embedding app provides", () =>
+    Effect.gen(function*() {
+      const shared = yield* Metrics
+      const handle = yield* runGateway({ control: { address: "127.0.0.1:0", token: Redacted.make(Token) }, admin: { enabled: false } })
+      assert.strictEqual(handle.metrics, shared)
+      assert.include(shared.registry.render(), "switchyard_sessions{front_door=\"control\"} 0")
+    }).pipe(Effect.scoped, Effect.provide(Metrics.layer)))
 
   it.live("generates a private token file when none is configured and removes it with the scope", () =>
     Effect.gen(function*() {

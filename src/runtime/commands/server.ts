@@ -19,7 +19,7 @@ import { type DispatchError, Dispatcher, type Lease } from "../../services/Dispa
 import { ControlPort } from "../../services/front/ControlPort.ts"
 import { ReverseH2 } from "../../services/front/ReverseH2.ts"
 import { Listeners, type ListenersConfig } from "../../services/Listeners.ts"
-import { makeMetrics, type MetricsShape, statusClass } from "../../services/Metrics.ts"
+import { makeMetrics, Metrics, type MetricsShape, statusClass } from "../../services/Metrics.ts"
 import { Registry, type RouteEntry } from "../../services/Registry.ts"
 import { makeRecentErrors, serveAdmin, type StatusDocument } from "../Admin.ts"
 import { ConfigLoadError, ConfigExitCode, type FlagValue, loadConfig, ServerFile } from "../ConfigLoader.ts"
@@ -284,7 +284,10 @@ export interface GatewayOptions {
   readonly reload?: Effect.Effect<ServerFile, ConfigLoadError> | undefined
 }
 
-/** Starts the gateway described by `file` in the current scope. Fails before binding on a bad value. */
+/**
+ * Starts the gateway described by `file` in the current scope; fails before binding on a bad value.
+ * Its metrics go to the `Metrics` service when one is provided, else to a registry of its own.
+ */
 export const runGateway = Effect.fn("server.runGateway")(function*(
   file: ServerFile,
   options: GatewayOptions = {}
@@ -315,7 +318,8 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     ...(r.path_prefix === undefined ? {} : { pathPrefix: r.path_prefix })
   }))
 
-  const metrics = makeMetrics()
+  // an embedding app may provide its own Metrics registry (one gateway per registry)
+  const metrics = Option.getOrElse(yield* Effect.serviceOption(Metrics), makeMetrics)
   const recentErrors = makeRecentErrors()
   const access = Logging.accessLogger({ format: file.log?.format, accessLog: file.log?.access_log })
   const drainTimeout = file.drain_timeout_ms ?? DefaultDrainTimeoutMs
