@@ -1,6 +1,6 @@
 /**
- * `switchyard wsp-server` and `wsp-client` with their admin endpoints (wsp's own config files unchanged;
- * admin and log settings from `SWITCHYARD_...` variables): pool gauges, client readiness that follows
+ * `switchyard wsp-server` and `wsp-client` with their admin endpoints (wsp's config files, plus an
+ * optional `admin` section, or `SWITCHYARD_...` variables): pool gauges, client readiness that follows
  * its connections, JSON logs, and no secret in any output.
  */
 import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
@@ -37,13 +37,18 @@ const until = async (what: string, check: () => Promise<boolean>) => {
 describe("wsp commands' operations", () => {
   it.live("serve /metrics, /readyz and /status; readiness follows the connections", () =>
     Effect.promise(async () => {
-      fs.writeFileSync(path.join(dir, "wsp_server.cfg"), `---\nhost : 127.0.0.1\nport : 0\ntimeout : 3000\nsecretkey : ${Secret}\n`)
-      const server = spawnSwitchyard(["wsp-server", "--config", path.join(dir, "wsp_server.cfg")], { SWITCHYARD_ADMIN_ADDRESS: "127.0.0.1:0" })
+      // the server's admin endpoint from an admin section added to wsp's file, the client's from the environment
+      fs.writeFileSync(
+        path.join(dir, "wsp_server.cfg"),
+        `---\nhost : 127.0.0.1\nport : 0\ntimeout : 3000\nsecretkey : ${Secret}\nadmin :\n  address : 127.0.0.1:0\n`
+      )
+      const server = spawnSwitchyard(["wsp-server", "--config", path.join(dir, "wsp_server.cfg")])
       cleanups.push(() => server.stop("SIGKILL"))
       await server.waitFor(/listening on http:\/\/127\.0\.0\.1:\d+/)
       await server.waitFor(/admin endpoint on http:\/\/127\.0\.0\.1:\d+/)
       const port = Number(/listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(server.output())![1])
       const serverAdmin = addressAfter(server.output(), /admin endpoint on/)
+      assert.notInclude(server.output(), "unknown key")
 
       fs.writeFileSync(
         path.join(dir, "wsp_client.cfg"),

@@ -9,6 +9,7 @@ import { Command, Flag } from "effect/cli"
 import { parseWspClientConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspClient } from "../../services/client/WspClient.ts"
 import { registerGatewayGauges, serveOperations } from "../Admin.ts"
+import { loadOpsSections, readOpsSections } from "../ConfigLoader.ts"
 import { readConfigText } from "./wspServer.ts"
 
 const config = Flag.String("config").pipe(
@@ -19,10 +20,16 @@ const config = Flag.String("config").pipe(
 export const wspClientCommand = Command.make("wsp-client", { config }, Effect.fn(function*({ config }) {
   const parsed = parseWspClientConfig(yield* readConfigText(config), randomUUID)
   if (parsed instanceof WspConfigError) return yield* parsed
-  for (const key of parsed.unknownKeys) yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
+  for (const key of parsed.unknownKeys) {
+    // admin and log are switchyard's shared sections, read below
+    if (key !== "admin" && key !== "log") yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
+  }
+  const ops = yield* readOpsSections(config).pipe(Effect.tap((sections) => loadOpsSections(sections, config)))
   const client = yield* makeWspClient(parsed.config)
   yield* serveOperations({
     command: "wsp-client",
+    ops,
+    source: config,
     ready: () => client.stats().some((t) => t.total > t.connecting),
     sessions: () => [{ frontDoor: "wsp", count: client.stats().reduce((n, t) => n + t.total - t.connecting, 0) }],
     register: (metrics) =>

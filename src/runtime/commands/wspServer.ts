@@ -9,6 +9,7 @@ import { Command, Flag } from "effect/cli"
 import { parseWspServerConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspServer } from "../../services/front/WspServer.ts"
 import { registerPoolGauges, serveOperations } from "../Admin.ts"
+import { loadOpsSections, readOpsSections } from "../ConfigLoader.ts"
 
 const config = Flag.String("config").pipe(
   Flag.withDescription("wsp server YAML config file (wsp_server.cfg)"),
@@ -26,7 +27,11 @@ export const readConfigText = (path: string): Effect.Effect<string, WspConfigErr
 export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn(function*({ config }) {
   const parsed = parseWspServerConfig(yield* readConfigText(config))
   if (parsed instanceof WspConfigError) return yield* parsed
-  for (const key of parsed.unknownKeys) yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
+  for (const key of parsed.unknownKeys) {
+    // admin and log are switchyard's shared sections, read below
+    if (key !== "admin" && key !== "log") yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
+  }
+  const ops = yield* readOpsSections(config).pipe(Effect.tap((sections) => loadOpsSections(sections, config)))
   if (Redacted.value(parsed.config.secretKey) === "") {
     yield* Effect.logWarning("wsp-server: secretkey is empty, so any wsp client may register and receive requests (wsp's behaviour); set secretkey")
   }
@@ -36,6 +41,8 @@ export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn
   const server = yield* makeWspServer(parsed.config)
   yield* serveOperations({
     command: "wsp-server",
+    ops,
+    source: config,
     ready: () => true,
     listeners: () => [{ name: "wsp", address: `${server.address.host}:${server.address.port}` }],
     sessions: () => [{ frontDoor: "wsp", count: server.stats().idle + server.stats().busy }],
