@@ -6,6 +6,7 @@
  */
 import { assert, describe, it } from "@effect/vitest"
 import * as http from "node:http"
+import * as net from "node:net"
 import { Context, Effect, Exit, Redacted, Scope } from "effect"
 import { WebSocket, WebSocketServer } from "ws"
 import { allowAll } from "../../src/domain/DestinationRules.ts"
@@ -131,6 +132,47 @@ describe("tunnels over WebSocket: routing", () => {
       )
       assert.strictEqual(reply, "echo hi")
     })))
+
+  it.live("a public client that stops reading stalls the backend's writes; resuming delivers the whole body", () =>
+    noLeaks(Effect.gen(function*() {
+      const gw = yield* wsGateway()
+      const publicPort = yield* Effect.promise(freePort)
+      const tunnel = yield* wsClient([gw.url])
+      const total = 256 * 1024 * 1024
+      const slice = Buffer.alloc(64 * 1024, 0x61)
+      let written = 0
+      yield* serveHttp(tunnel, { _tag: "Http", port: publicPort }, (_req, res) => {
+        res.writeHead(200, { "content-length": String(total) })
+        const pump = () => {
+          while (written < total) {
+            written += slice.length
+            if (!res.write(slice)) return void res.once("drain", pump)
+          }
+          res.end()
+        }
+        pump()
+      })
+      const socket = net.createConnection({ host: "127.0.0.1", port: publicPort })
+      yield* Effect.addFinalizer(() => Effect.sync(() => socket.destroy()))
+      let received = 0
+      socket.on("data", (c: Buffer) => (received += c.length))
+      socket.on("error", () => {})
+      socket.write(`GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+      yield* Effect.promise(() => new Promise<void>((resolve) => socket.once("data", () => resolve())))
+      socket.pause()
+      // the backend stops making progress: every buffer on the way is bounded
+      let last = -1
+      for (let i = 0; i < 200 && last !== written; i++) {
+        last = written
+        yield* Effect.sleep("100 millis")
+      }
+      assert.strictEqual(last, written)
+      assert.isBelow(written, 64 * 1024 * 1024, `${written} bytes written before the stall`)
+      socket.resume()
+      yield* Effect.promise(() => new Promise<void>((resolve) => (socket.closed ? resolve() : socket.once("close", () => resolve()))))
+      assert.strictEqual(written, total)
+      assert.isAbove(received, total)
+    })), 60_000)
 
   it.live("500 concurrent requests share one WebSocket", () =>
     noLeaks(Effect.gen(function*() {
