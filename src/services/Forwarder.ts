@@ -3,7 +3,9 @@
  * response back (no buffering, backpressure through pipes), strips hop-by-hop headers, writes
  * `X-Forwarded-*`, carries trailers, turns upgrades (WebSocket, Docker's `Upgrade: tcp` hijack) into a raw
  * half-closable pipe, and maps failures to 502/504. It does not route or authorise: callers decide first.
- * The per-request path is plain Node callbacks; the agent and live tunnels belong to the service's scope.
+ * Two front sides: `forward`/`upgrade` for callers holding Node's request objects (HTTP/2, wsp), and
+ * `serveHttp1` for callers that accept client sockets themselves, served by the raw HTTP/1.1 engine.
+ * The per-request path is plain Node callbacks; the agent, pools and live tunnels belong to the service's scope.
  */
 import { Context, Effect, Layer } from "effect"
 import type { Scope } from "effect"

@@ -1,7 +1,7 @@
 /**
- * Where the forwarding core sends requests: a pooled `http.Agent` for ordinary requests and a fresh,
- * half-close capable connection for upgrades. Unix-socket and TCP upstreams are built here; tunnels
- * bring their own agent (e.g. one whose connections are yamux streams) through `agentUpstream`.
+ * Where the forwarding core sends requests: a pooled `http.Agent` for Node's request objects, raw
+ * half-close capable connections for the HTTP/1.1 engine's pool and for upgrades. Unix-socket and TCP
+ * upstreams are built here; tunnels bring their own agent and streams through `agentUpstream`.
  */
 import * as http from "node:http"
 import * as net from "node:net"
