@@ -152,7 +152,8 @@ class WsConnection implements WebSocketConnection {
   }
 
   private readonly onMessage = (data: RawData, isBinary: boolean): void => {
-    if (this.isClosed) return
+    // after a failure nothing more is delivered; reading goes on only to see the peer's close frame
+    if (this.isClosed || this.failure !== undefined) return
     if (!isBinary) {
       return this.fail(new WebSocketError({ reason: "UnsupportedData", code: CloseCode.UnsupportedData, message: "websocket: a text message on a tunnel connection" }))
     }
@@ -168,12 +169,18 @@ class WsConnection implements WebSocketConnection {
     this.handlers.onData(chunk)
   }
 
-  /** Closes with the error's code, once; the close event reports it. */
-  fail(error: WebSocketError): void {
-    if (this.failure !== undefined && this.isClosed) return
+  /**
+   * Fails the connection with `error`; the close event reports it. With `terminate` (a peer deemed
+   * dead) the socket is destroyed at once; otherwise the error's close code is sent and reads resume
+   * so that the peer's close frame can end it (`ws` destroys the socket if none comes in time).
+   */
+  fail(error: WebSocketError, terminate = false): void {
+    if (this.isClosed) return
     this.failure ??= error
-    if (this.socket.readyState === WebSocket.OPEN) this.socket.close(error.code ?? CloseCode.InternalError, closeReason(error.message))
-    else this.socket.terminate()
+    if (!terminate && this.socket.readyState === WebSocket.OPEN) {
+      this.socket.close(error.code ?? CloseCode.InternalError, closeReason(error.message))
+      this.socket.resume()
+    } else this.socket.terminate()
   }
 
   private onSocketClose(code: number, reason: string): void {
@@ -297,7 +304,7 @@ const keepalive = (conn: WsConnection, interval: Duration.Duration, timeout: Dur
           reason: "KeepaliveTimeout",
           code: CloseCode.GoingAway,
           message: `websocket: no pong within ${Duration.format(timeout)}`
-        }))
+        }), true)
         return
       }
     }
