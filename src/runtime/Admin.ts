@@ -8,7 +8,8 @@ import type { Scope } from "effect"
 import * as http from "node:http"
 import packageJson from "../../package.json" with { type: "json" }
 import { ExpositionContentType, makeMetrics, type MetricRegistry, type MetricsShape } from "../services/Metrics.ts"
-import { ConfigLoadError, loadOpsSections } from "./ConfigLoader.ts"
+import { ConfigLoadError, loadOpsSections, readOpsSections } from "./ConfigLoader.ts"
+import * as Logging from "./Logging.ts"
 import { formatHostPort, type HostPort, listenOn, parseHostPort } from "./NetAddress.ts"
 
 /** Where the admin endpoint listens by default. */
@@ -98,6 +99,19 @@ export const serveAdmin = Effect.fn("Admin.serve")(function*(options: AdminOptio
     Effect.mapError((cause) => new AdminError({ reason: "BindFailed", message: cause.message }))
   )
 })
+
+/**
+ * Reads and checks the `admin`/`log` sections of a command's own config file before it starts anything,
+ * and applies its `log` section (with `SWITCHYARD_LOG_...` over it) to the running command. Returns the
+ * raw sections for `serveOperations`.
+ */
+export const prepareOperations = (file: string | undefined): Effect.Effect<Record<string, unknown>, ConfigLoadError> =>
+  Effect.gen(function*() {
+    const sections = yield* readOpsSections(file)
+    const decoded = yield* loadOpsSections(sections, file ?? "config")
+    if (sections["log"] !== undefined) yield* Logging.useInThisFiber({ format: decoded.log?.format, level: decoded.log?.level })
+    return sections
+  })
 
 /** Default admin address per command, so several switchyard processes fit on one host. */
 export const DefaultAdminAddresses = {

@@ -6,7 +6,7 @@
  */
 import { randomUUID } from "node:crypto"
 import type * as http from "node:http"
-import { Layer, Logger, References } from "effect"
+import { Context, Effect, Layer, Logger, References } from "effect"
 import type { LogLevel } from "effect"
 
 /** Longest `X-Request-Id` kept from a client; a longer or odd one is replaced. */
@@ -65,6 +65,17 @@ export const layerFromEnv = (env: Readonly<Record<string, string | undefined>> =
   if (!formatOk && !levelOk) return Layer.empty
   return layer({ format: formatOk ? format : undefined, level: levelOk ? level as LogLevelName : undefined })
 }
+
+/**
+ * Switches the running fiber (and the fibers it forks from now on) to `config`'s logger and level: for
+ * commands that learn their log settings from a file they read after starting.
+ */
+export const useInThisFiber = (config: LoggingConfig, sink?: LineSink): Effect.Effect<void> =>
+  Effect.withFiber((fiber) => {
+    const withLogger = Context.add(fiber.context, Logger.CurrentLoggers, new Set([makeLogger(config.format ?? "logfmt", sink)]))
+    fiber.setContext(Context.add(withLogger, References.MinimumLogLevel, levels[config.level ?? "info"]))
+    return Effect.void
+  })
 
 /** The request's id: the client's `X-Request-Id` when sane, else a new one; set on the request headers. */
 export const ensureRequestId = (req: http.IncomingMessage): string => {

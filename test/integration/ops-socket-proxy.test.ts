@@ -37,7 +37,7 @@ const getVia = (socketPath: string, p: string) =>
   })
 
 describe("switchyard socket-proxy operations", () => {
-  it.live("serves /metrics, /readyz and /status from the admin section of its config file", () =>
+  it.live("serves /metrics, /readyz and /status from the admin section of its config file, logs as its log section says", () =>
     Effect.promise(async () => {
       const sock = path.join(dir, "proxy.sock")
       const config = path.join(dir, "proxy.yaml")
@@ -46,13 +46,18 @@ describe("switchyard socket-proxy operations", () => {
         `listen: [unix:${sock}]`,
         "rules: [GET /_ping]",
         "admin:",
-        "  address: 127.0.0.1:0"
+        "  address: 127.0.0.1:0",
+        "log:",
+        "  format: json"
       ].join("\n") + "\n")
       const proc = spawnSwitchyard(["socket-proxy", "--config", config])
       try {
         await proc.waitFor(/admin endpoint on http:\/\/127\.0\.0\.1:\d+/)
         await proc.waitFor("switchyard socket-proxy:")
         const admin = addressAfter(proc.output(), /admin endpoint on/)
+        // the log section of the file applies: log lines are JSON
+        const adminLine = proc.output().split("\n").find((l) => l.includes("admin endpoint on"))!
+        assert.strictEqual(JSON.parse(adminLine).level, "INFO")
         assert.strictEqual((await get(admin.port, "/readyz")).status, 200)
         const before = (await get(admin.port, "/metrics")).body
         assert.strictEqual(await getVia(sock, "/_ping"), 200)

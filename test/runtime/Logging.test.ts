@@ -1,7 +1,15 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Redacted } from "effect"
 import * as http from "node:http"
-import { accessLogger, ensureRequestId, formatAccess, layer, MaxRequestIdLength, RequestIdHeader } from "../../src/runtime/Logging.ts"
+import {
+  accessLogger,
+  ensureRequestId,
+  formatAccess,
+  layer,
+  MaxRequestIdLength,
+  RequestIdHeader,
+  useInThisFiber
+} from "../../src/runtime/Logging.ts"
 
 const fakeRequest = (headers: Record<string, string>, rawHeaders: Array<string>) =>
   ({ headers: { ...headers }, rawHeaders: [...rawHeaders] }) as unknown as http.IncomingMessage
@@ -22,6 +30,16 @@ describe("Logging", () => {
       assert.include(JSON.stringify(first.message), "started")
       assert.notInclude(lines.join("\n"), "hunter2")
       assert.strictEqual(JSON.parse(lines[1]!).annotations.component, "test")
+    }))
+
+  it.effect("useInThisFiber switches the running fiber's logger and level", () =>
+    Effect.gen(function*() {
+      const lines: Array<string> = []
+      yield* useInThisFiber({ format: "json", level: "warn" }, (l) => lines.push(l))
+      yield* Effect.logInfo("filtered")
+      yield* Effect.logWarning("kept")
+      assert.strictEqual(lines.length, 1)
+      assert.strictEqual(JSON.parse(lines[0]!).level, "WARN")
     }))
 
   it.effect("writes logfmt by default", () =>

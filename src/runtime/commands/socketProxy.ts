@@ -16,8 +16,8 @@ import {
   type SocketProxyFile,
   type SocketProxyFlags
 } from "../../domain/SocketProxyConfig.ts"
-import { registerSocketProxyCounters, serveOperations } from "../Admin.ts"
-import { loadOpsSections, readOpsSections, splitOpsSections } from "../ConfigLoader.ts"
+import { prepareOperations, registerSocketProxyCounters, serveOperations } from "../Admin.ts"
+import { splitOpsSections } from "../ConfigLoader.ts"
 
 const repeated = (name: string, description: string) =>
   Flag.String(name).pipe(Flag.withDescription(description), Flag.atLeast(0))
@@ -110,8 +110,7 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
     }
   }
   // the admin/log sections are checked before anything is bound
-  const ops = yield* readOpsSections(Option.getOrUndefined(f.config)).pipe(
-    Effect.tap((sections) => loadOpsSections(sections, Option.getOrElse(f.config, () => "config"))),
+  const ops = yield* prepareOperations(Option.getOrUndefined(f.config)).pipe(
     Effect.catch((e) => refuse(new ConfigError({ reason: "Invalid", field: e.field, message: e.message })))
   )
   const { makeSocketProxy } = yield* Effect.promise(() => import("../../services/front/SocketProxy.ts"))

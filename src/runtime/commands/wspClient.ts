@@ -8,8 +8,7 @@ import { Console, Effect } from "effect"
 import { Command, Flag } from "effect/cli"
 import { parseWspClientConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspClient } from "../../services/client/WspClient.ts"
-import { registerGatewayGauges, serveOperations } from "../Admin.ts"
-import { loadOpsSections, readOpsSections } from "../ConfigLoader.ts"
+import { registerGatewayGauges, prepareOperations, serveOperations } from "../Admin.ts"
 import { readConfigText } from "./wspServer.ts"
 
 const config = Flag.String("config").pipe(
@@ -24,7 +23,7 @@ export const wspClientCommand = Command.make("wsp-client", { config }, Effect.fn
     // admin and log are switchyard's shared sections, read below
     if (key !== "admin" && key !== "log") yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
   }
-  const ops = yield* readOpsSections(config).pipe(Effect.tap((sections) => loadOpsSections(sections, config)))
+  const ops = yield* prepareOperations(config)
   const client = yield* makeWspClient(parsed.config)
   yield* serveOperations({
     command: "wsp-client",

@@ -8,8 +8,7 @@ import { Console, Effect, Redacted } from "effect"
 import { Command, Flag } from "effect/cli"
 import { parseWspServerConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspServer } from "../../services/front/WspServer.ts"
-import { registerPoolGauges, serveOperations } from "../Admin.ts"
-import { loadOpsSections, readOpsSections } from "../ConfigLoader.ts"
+import { registerPoolGauges, prepareOperations, serveOperations } from "../Admin.ts"
 
 const config = Flag.String("config").pipe(
   Flag.withDescription("wsp server YAML config file (wsp_server.cfg)"),
@@ -31,7 +30,7 @@ export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn
     // admin and log are switchyard's shared sections, read below
     if (key !== "admin" && key !== "log") yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
   }
-  const ops = yield* readOpsSections(config).pipe(Effect.tap((sections) => loadOpsSections(sections, config)))
+  const ops = yield* prepareOperations(config)
   if (Redacted.value(parsed.config.secretKey) === "") {
     yield* Effect.logWarning("wsp-server: secretkey is empty, so any wsp client may register and receive requests (wsp's behaviour); set secretkey")
   }
