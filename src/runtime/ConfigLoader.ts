@@ -116,6 +116,34 @@ export const ServerFile = Schema.Struct({
 export type ServerFile = typeof ServerFile.Type
 
 // ---------------------------------------------------------------------------------------------------
+// `switchyard client`.
+
+/** `switchyard client`'s file. */
+export const ClientFile = Schema.Struct({
+  server: Schema.optionalKey(
+    Schema.String.annotate({ description: "Gateway control address(es), host:port or ws(s):// URL, comma-separated", default: "127.0.0.1:9999", env: "SWITCHYARD_SERVER" })
+  ),
+  token: Schema.optionalKey(Secret.annotate({ description: "Token granted by the gateway (or token_file)", env: "SWITCHYARD_TOKEN" })),
+  token_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding the token", env: "SWITCHYARD_TOKEN_FILE" })),
+  expose: Schema.optionalKey(Schema.String.annotate({ description: "Local address to forward to, host:port (required)" })),
+  port: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 65_535 })).annotate({ description: "Public port on the gateway (required)" })),
+  path: Schema.optionalKey(Schema.String.annotate({ description: "HTTP path prefix, e.g. /a" })),
+  domain: Schema.optionalKey(Schema.String.annotate({ description: "HTTP domain suffix, e.g. example.com" })),
+  tcp: Schema.optionalKey(Schema.Boolean.annotate({ description: "Raw TCP instead of HTTP", default: false })),
+  tls_cert: Schema.optionalKey(Schema.String.annotate({ description: "PEM certificate the gateway terminates TLS with (or tls_cert_file)" })),
+  tls_cert_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding tls_cert" })),
+  tls_key: Schema.optionalKey(Secret.annotate({ description: "PEM private key for tls_cert (or tls_key_file)" })),
+  tls_key_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding tls_key" })),
+  label: Schema.optionalKey(Schema.String.annotate({ description: "Name shown in the gateway's logs" })),
+  ca: Schema.optionalKey(Schema.String.annotate({ description: "PEM CA certificate(s) trusted for wss:// gateways (or ca_file)" })),
+  ca_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding ca" })),
+  h2: Schema.optionalKey(Schema.Boolean.annotate({ description: "server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway", default: false })),
+  admin: Schema.optionalKey(AdminSection),
+  log: Schema.optionalKey(LogSection)
+})
+export type ClientFile = typeof ClientFile.Type
+
+// ---------------------------------------------------------------------------------------------------
 // Settings: the scalar fields of a schema, with their environment variable and documentation.
 
 /** One scalar field of a config schema. */
