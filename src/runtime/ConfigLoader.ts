@@ -6,7 +6,7 @@
  * nothing: commands call it first and exit non-zero on an error.
  */
 import * as fs from "node:fs"
-import { Effect, Redacted, Schema, SchemaAST, SchemaIssue } from "effect"
+import { Console, Data, Effect, Redacted, Runtime, Schema, SchemaAST, SchemaIssue } from "effect"
 
 /** Prefix of every environment variable read as configuration. */
 export const EnvPrefix = "SWITCHYARD_"
@@ -16,6 +16,16 @@ export const MaxConfigFileBytes = 1024 * 1024
 export const SecretFileSuffix = "_file"
 /** Exit code when the configuration is refused (sysexits' EX_CONFIG). */
 export const ConfigExitCode = 78
+
+/** The process refused its configuration; the reason was already printed as one line. */
+export class ConfigRefused extends Data.TaggedError("ConfigRefused")<{ readonly message: string }> {
+  override readonly [Runtime.errorReported] = false
+  override readonly [Runtime.errorExitCode] = ConfigExitCode
+}
+
+/** Prints a configuration error as one line on stderr and fails (exit 78), before anything is bound. */
+export const refuseConfig = (command: string) => (e: ConfigLoadError): Effect.Effect<never, ConfigRefused> =>
+  Console.error(`switchyard ${command}: ${e.message}`).pipe(Effect.andThen(Effect.fail(new ConfigRefused({ message: e.message }))))
 
 /** The configuration could not be read or is invalid. */
 export class ConfigLoadError extends Schema.TaggedError<ConfigLoadError>()("ConfigLoadError", {

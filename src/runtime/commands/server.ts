@@ -10,7 +10,7 @@ import * as path from "node:path"
 import { randomBytes } from "node:crypto"
 import type * as http from "node:http"
 import type { Duplex } from "node:stream"
-import { Console, Context, Data, Effect, Layer, Option, Redacted, Runtime } from "effect"
+import { Console, Context, Effect, Layer, Option, Redacted } from "effect"
 import type { Scope } from "effect"
 import { Command, Flag } from "effect/cli"
 import type { RouteDefinition } from "../../domain/Route.ts"
@@ -22,7 +22,7 @@ import { Listeners, type ListenersConfig } from "../../services/Listeners.ts"
 import { makeMetrics, Metrics, type MetricsShape, statusClass } from "../../services/Metrics.ts"
 import { Registry, type RouteEntry } from "../../services/Registry.ts"
 import { makeRecentErrors, serveAdmin, type StatusDocument } from "../Admin.ts"
-import { ConfigLoadError, ConfigExitCode, type FlagValue, loadConfig, ServerFile } from "../ConfigLoader.ts"
+import { ConfigLoadError, type FlagValue, loadConfig, refuseConfig, ServerFile } from "../ConfigLoader.ts"
 import { onHangup } from "../Lifecycle.ts"
 import * as Logging from "../Logging.ts"
 import { formatHostPort, type HostPort, parseHostPort } from "../NetAddress.ts"
@@ -50,17 +50,7 @@ export const DefaultGracePeriodMs = 30_000
 /** Every port, for tokens given without a port list. */
 const AllPorts: ReadonlyArray<PortRange> = [{ from: 1, to: 65_535 }]
 
-/** The process refused its configuration; the reason was already printed as one line. */
-export class ConfigRefused extends Data.TaggedError("ConfigRefused")<{ readonly message: string }> {
-  override readonly [Runtime.errorReported] = false
-  override readonly [Runtime.errorExitCode] = ConfigExitCode
-}
-
 const isLoopbackHost = (host: string): boolean => host === "localhost" || host === "::1" || host.startsWith("127.")
-
-/** Prints a configuration error as one line on stderr and fails (exit 78) before anything is bound. */
-export const refuseConfig = (command: string) => (e: ConfigLoadError) =>
-  Console.error(`switchyard ${command}: ${e.message}`).pipe(Effect.andThen(Effect.fail(new ConfigRefused({ message: e.message }))))
 
 const invalid = (field: string, message: string) =>
   new ConfigLoadError({ reason: "Invalid", source: "config", field, message: `${field}: ${message}` })
