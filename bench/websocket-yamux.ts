@@ -3,7 +3,7 @@
  * port → yamux stream inside one WebSocket (`ws://…/tunnel`) → tunnel client → the backend's HTTP server,
  * against calling the same server directly, interleaved in one run on loopback. Small-request rate with
  * 20 concurrent keep-alive callers (median of bounded rounds) and a 100 MiB download, with masked
- * (the `ws://` default) and unmasked client frames; then the download with the far side (backend and
+ * (the `ws://` default) and unmasked client frames, and the TCP control port for comparison; then the download with the far side (backend and
  * tunnel client) in a worker thread, as on another machine.
  */
 import * as http from "node:http"
@@ -11,7 +11,7 @@ import type * as net from "node:net"
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads"
 import { Context, Effect, Exit, Layer, Redacted, Scope, Stream } from "effect"
 import * as NodeTransport from "../src/runtime/NodeTransport.ts"
-import { TunnelClient } from "../src/services/client/TunnelClient.ts"
+import { type GatewayTarget, TunnelClient } from "../src/services/client/TunnelClient.ts"
 import { ControlPort } from "../src/services/front/ControlPort.ts"
 import { mbps, now, quantile, report } from "./support.ts"
 
@@ -97,10 +97,13 @@ const freeLoopbackPort = async (): Promise<number> => {
 const startTunnel = async (scope: Scope.Scope, url: string, token: Redacted.Redacted<string>, maskFrames: boolean) =>
   startTunnelOn(scope, url, token, maskFrames, await freeLoopbackPort())
 
+/** `url` is a `ws://` control path, or `host:port` of the TCP control port (the comparison path). */
 const startTunnelOn = async (scope: Scope.Scope, url: string, token: Redacted.Redacted<string>, maskFrames: boolean, publicPort: number) => {
+  const [host, port] = url.split(":")
+  const server: GatewayTarget = url.startsWith("ws") ? { url, proxy: false, maskFrames } : { host: host!, port: Number(port) }
   const client = Context.get(
     await Effect.runPromise(Layer.buildWithScope(
-      TunnelClient.layer({ servers: [{ url, proxy: false, maskFrames }], token }).pipe(Layer.provide(NodeTransport.layer)),
+      TunnelClient.layer({ servers: [server], token }).pipe(Layer.provide(NodeTransport.layer)),
       scope
     )),
     TunnelClient
@@ -181,10 +184,12 @@ export const runYamuxOverWebSocket = async (suite: string): Promise<void> => {
     const url = `ws://127.0.0.1:${wsPort}/tunnel`
     const masked = await startTunnel(scope, url, token, true)
     const unmasked = await startTunnel(scope, url, token, false)
+    const overTcp = await startTunnel(scope, `127.0.0.1:${Context.get(gateway, ControlPort).address.port}`, token, false)
     const paths = [
       { name: "direct", port: directPort },
       { name: "yamux", port: masked },
-      { name: "yamux_unmasked", port: unmasked }
+      { name: "yamux_unmasked", port: unmasked },
+      { name: "yamux_tcp", port: overTcp }
     ]
     const rates = new Map<string, Array<number>>(paths.map((p) => [p.name, []]))
     for (const p of paths) await load(p.port)
@@ -203,9 +208,11 @@ export const runYamuxOverWebSocket = async (suite: string): Promise<void> => {
     report(suite, "yamux_ratio", yamux / baseline, "x direct")
     report(suite, "yamux_unmasked_req_per_s", yamuxUnmasked, "req/s")
     report(suite, "yamux_unmasked_ratio", yamuxUnmasked / baseline, "x direct")
+    report(suite, "yamux_tcp_ratio", quantile(rates.get("yamux_tcp")!, 0.5) / baseline, "x direct")
     report(suite, "download_100MiB_yamux_direct", Math.max(...downloads.get("direct")!), "MB/s")
     report(suite, "download_100MiB_yamux", Math.max(...downloads.get("yamux")!), "MB/s")
     report(suite, "download_100MiB_yamux_unmasked", Math.max(...downloads.get("yamux_unmasked")!), "MB/s")
+    report(suite, "download_100MiB_yamux_tcp", Math.max(...downloads.get("yamux_tcp")!), "MB/s")
     report(suite, "download_100MiB_yamux_2threads", await splitDownload(url, true), "MB/s")
     report(suite, "download_100MiB_yamux_unmasked_2threads", await splitDownload(url, false), "MB/s")
   } finally {
