@@ -95,10 +95,40 @@ export const serveAdmin = Effect.fn("Admin.serve")(function*(options: AdminOptio
   })
   server.maxConnections = MaxAdminConnections
   server.headersTimeout = AdminHeadersTimeoutMs
-  return yield* listenOn(server, options.address).pipe(
+  const bound = yield* listenOn(server, options.address).pipe(
     Effect.mapError((cause) => new AdminError({ reason: "BindFailed", message: cause.message }))
   )
+  if (options.metrics !== undefined) {
+    const remove = registerProcessMetrics(options.metrics)
+    yield* Effect.addFinalizer(() => Effect.sync(remove))
+  }
+  return bound
 })
+
+/** Process start time, in seconds since the epoch. */
+const processStartSeconds = (Date.now() - process.uptime() * 1000) / 1000
+
+/**
+ * Registers the usual process gauges (`process_resident_memory_bytes`, `process_cpu_seconds_total`,
+ * `process_start_time_seconds`, `nodejs_heap_used_bytes`), read at scrape time; returns their remover.
+ */
+export const registerProcessMetrics = (registry: MetricRegistry): () => void => {
+  const removers = [
+    registry.sampledGauge({ name: "process_resident_memory_bytes", help: "Resident memory size in bytes.", collect: () => [[[], process.memoryUsage.rss()]] }),
+    registry.sampledGauge({
+      name: "process_cpu_seconds_total",
+      type: "counter",
+      help: "User and system CPU time spent, in seconds.",
+      collect: () => {
+        const usage = process.cpuUsage()
+        return [[[], (usage.user + usage.system) / 1e6]]
+      }
+    }),
+    registry.sampledGauge({ name: "process_start_time_seconds", help: "Start time of the process since the epoch, in seconds.", collect: () => [[[], processStartSeconds]] }),
+    registry.sampledGauge({ name: "nodejs_heap_used_bytes", help: "V8 heap in use, in bytes.", collect: () => [[[], process.memoryUsage().heapUsed]] })
+  ]
+  return () => removers.forEach((r) => r())
+}
 
 /**
  * Reads and checks the `admin`/`log` sections of a command's own config file before it starts anything,

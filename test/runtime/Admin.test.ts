@@ -36,6 +36,9 @@ describe("admin endpoint", () => {
       const scraped = yield* call("/metrics")
       assert.strictEqual(scraped.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8")
       assert.include(scraped.body, "switchyard_protocol_errors_total{front_door=\"control\",kind=\"BadFrame\"} 1")
+      for (const name of ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_start_time_seconds", "nodejs_heap_used_bytes"]) {
+        assert.match(scraped.body, new RegExp(`\\n${name} [0-9.e+]+\\n`))
+      }
       const status = yield* fetchStatus(address)
       assert.deepStrictEqual(status.recentErrors.map((e) => e.message), ["two", "three"])
       assert.strictEqual((yield* call("/nope")).status, 404)
