@@ -188,9 +188,11 @@ export const instrumentHandlers = (
     }
     counter.inc()
   }
-  // Bytes are the connection's wire bytes (heads included) since the previous request on it ended.
+  // Bytes are the connection's wire bytes (heads included) since the previous request on it ended; an
+  // HTTP/2 connection carries many requests at once, so there they are the declared body lengths.
   const counted = new WeakMap<object, { read: number; written: number }>()
-  const takeBytes = (req: http.IncomingMessage): [number, number] => {
+  const takeBytes = (req: http.IncomingMessage, res: http.ServerResponse): [number, number] => {
+    if (req.httpVersionMajor === 2) return [Number(req.headers["content-length"] ?? 0) || 0, Number(res.getHeader("content-length") ?? 0) || 0]
     const s = req.socket as { bytesRead?: number; bytesWritten?: number } | undefined
     if (s === undefined || s === null) return [0, 0]
     const read = s.bytesRead ?? 0
@@ -227,7 +229,7 @@ export const instrumentHandlers = (
       res.setHeader(Logging.RequestIdHeader, requestId)
       res.once("close", () => {
         const seconds = (performance.now() - started) / 1000
-        const [receivedBytes, sentBytes] = takeBytes(req)
+        const [receivedBytes, sentBytes] = takeBytes(req, res)
         countStatus(instruments, res.statusCode)
         instruments.duration.observe(seconds)
         instruments.received.inc(receivedBytes)
