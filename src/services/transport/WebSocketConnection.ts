@@ -38,6 +38,8 @@ export const MaxReadAfterPauseSlack = 256 * 1024
 
 export interface WebSocketConnectionOptions {
   readonly maxPayload?: number | undefined
+  /** Largest message this side sends (default `MaxMessageBytes`; the peer's `maxPayload` must allow it). */
+  readonly maxMessageBytes?: number | undefined
   readonly writeHighWater?: number | undefined
   readonly keepaliveInterval?: Duration.Input | undefined
   readonly keepaliveTimeout?: Duration.Input | undefined
@@ -121,6 +123,7 @@ class WsConnection implements WebSocketConnection {
   private pendingBytes = 0
   private readonly pendingLimit: number
   private readonly highWater: number
+  private readonly maxMessage: number
   private isClosed = false
   private ending = false
   /** The close happened but is held back behind pending data (clean closes only). */
@@ -140,6 +143,7 @@ class WsConnection implements WebSocketConnection {
     this.remoteAddress = options.remoteAddress
     this.pendingLimit = (options.maxPayload ?? DefaultMaxPayload) + MaxReadAfterPauseSlack
     this.highWater = options.writeHighWater ?? DefaultWriteHighWater
+    this.maxMessage = options.maxMessageBytes ?? MaxMessageBytes
     ws.binaryType = "nodebuffer"
     ws.pause()
     ws.on("message", this.onMessage)
@@ -244,7 +248,7 @@ class WsConnection implements WebSocketConnection {
       queueMicrotask(() => done(closedError()))
       return
     }
-    const messages = packMessages(chunks, MaxMessageBytes)
+    const messages = packMessages(chunks, this.maxMessage)
     if (messages.length === 0) {
       queueMicrotask(() => done())
       return
