@@ -105,6 +105,8 @@ export const ENGINE_UPGRADE_BODY_TIMEOUT_MS = 30_000
 /** Most bytes of pipelined requests held while a response is in flight (the client is paused beyond). */
 export const MAX_PIPELINED_BYTES = 256 * 1024
 
+/** Most interim (1xx) responses relayed for one request; an upstream sending more is answered 502. */
+export const MAX_INTERIM_RESPONSES = 16
 /** Response bodies up to this size that arrive with their head are copied into one write with it. */
 const COALESCE_BYTES = 16 * 1024
 /** Methods a request may be repeated with when its pooled connection failed before any answer. */
@@ -190,6 +192,8 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
   private awaitingFirstByte = false
   /** The upstream may carry another exchange after this response. */
   private responseKeepAlive = true
+  /** Interim responses relayed for this request. */
+  private interim = 0
 
   constructor(socket: net.Socket, core: EngineCore, front: Http1Front, server: EngineServer) {
     this.socket = socket
@@ -387,6 +391,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     this.responseHeadSent = false
     this.responseKeepAlive = true
     this.upstreamBytes = 0
+    this.interim = 0
     this.retried = false
     this.retryable = !upgrading && request.framing._tag === "None" && IDEMPOTENT.has(request.method)
     this.closeAfter = this.closeAfter || !request.keepAlive || request.versionMinor === 0 || this.clientEnded
@@ -532,6 +537,10 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
         return
       }
       if (head.status >= 100 && head.status < 200) {
+        if (++this.interim > MAX_INTERIM_RESPONSES) {
+          this.badResponse(undefined)
+          return
+        }
         // Interim responses go to the client as they come (an HTTP/1.0 client gets none).
         if (this.request!.versionMinor === 1) this.socket.write(responseHeadBytes(head, false, false))
         if (rest.length === 0) return
@@ -587,7 +596,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
 
   /** A response the client cannot be given: 502 if nothing was sent yet, else the exchange is cut. */
   private badResponse(error: Http1Error | undefined): void {
-    const what = error === undefined ? "an unexpected 101" : error.message
+    const what = error === undefined ? "an unexpected 101 or too many interim responses" : error.message
     this.core.report(`upstream ${this.outgoing!.upstream.describe} sent a response that cannot be relayed: ${what}`)
     this.abandon(502, `switchyard: upstream ${this.outgoing!.upstream.describe} sent a response that cannot be relayed`)
   }

@@ -6,7 +6,7 @@ import * as net from "node:net"
 import * as os from "node:os"
 import * as path from "node:path"
 import { setTimeout as sleep } from "node:timers/promises"
-import type { Admission, Http1Request } from "../../../src/services/forward/Http1Engine.ts"
+import { type Admission, type Http1Request, MAX_INTERIM_RESPONSES } from "../../../src/services/forward/Http1Engine.ts"
 import { unixUpstream } from "../../../src/services/forward/Upstream.ts"
 import { type ForwarderConfig, type ForwarderShape, makeForwarder } from "../../../src/services/Forwarder.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
@@ -355,7 +355,7 @@ describe("Http1Engine", () => {
     e.socket.destroy()
   })
 
-  it("refuses with the caller's status and never reaches upstream; bad upstream heads are a 502", async () => {
+  it("refuses with the caller's status and never reaches upstream", async () => {
     const { port } = await serve({
       admit: (r) => r.target.startsWith("/small") ? { _tag: "Forward" } : { _tag: "Refuse", status: 403, message: "no" }
     })
@@ -366,18 +366,27 @@ describe("Http1Engine", () => {
     assert.include(denied.text(), "Connection: close")
     assert.strictEqual(upstream.connections, 0)
 
-    // An upstream that answers garbage.
-    const badPath = path.join(dir, "bad.sock")
-    const bad = net.createServer((s) => {
-      s.on("error", () => {})
-      s.once("data", () => s.end("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"))
-    })
-    await new Promise<void>((resolve) => bad.listen(badPath, resolve))
-    try {
-      const target = unixUpstream(badPath, { maxSockets: 1, maxFreeSockets: 1 })
-      const { port: badPort } = await (async () => {
-        const s = Effect.runSync(Scope.make())
-        const f = await Effect.runPromise(makeForwarder({ upstream: target, responseTimeoutMs: 5_000, idleTimeoutMs: 0 }).pipe(Scope.provide(s)))
+  })
+
+  it("answers 502 when the upstream's response head is malformed, or it sends interim responses without end", async () => {
+    for (
+      const [name, answer] of [
+        ["duplicate-length", "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"],
+        ["interim-flood", "HTTP/1.1 103 Early Hints\r\n\r\n".repeat(40) + "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"]
+      ] as const
+    ) {
+      const badPath = path.join(dir, `${name}.sock`)
+      const bad = net.createServer((s) => {
+        s.on("error", () => {})
+        s.once("data", () => s.end(answer))
+      })
+      await new Promise<void>((resolve) => bad.listen(badPath, resolve))
+      const s = Effect.runSync(Scope.make())
+      try {
+        const f = await Effect.runPromise(
+          makeForwarder({ upstream: unixUpstream(badPath, { maxSockets: 1, maxFreeSockets: 1 }), responseTimeoutMs: 5_000, idleTimeoutMs: 0 })
+            .pipe(Scope.provide(s))
+        )
         const engine = f.serveHttp1({ limits: LIMITS, admit: () => ({ _tag: "Forward" }) })
         const listener = net.createServer({ allowHalfOpen: true }, engine.accept)
         await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve))
@@ -385,17 +394,16 @@ describe("Http1Engine", () => {
           s,
           Effect.promise(() => Promise.all([new Promise<void>((resolve) => listener.close(() => resolve())), engine.close(0)]))
         ))
-        await Effect.runPromise(Scope.addFinalizer(scope!, Scope.close(s, Exit.void)))
-        return { port: (listener.address() as net.AddressInfo).port }
-      })()
-      const c = connect(badPort)
-      c.socket.write("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-      await c.closed
-      assert.match(c.text(), /^HTTP\/1\.1 502 /)
-    } finally {
-      await Effect.runPromise(Scope.close(scope!, Exit.void))
-      scope = undefined
-      await new Promise<void>((resolve) => bad.close(() => resolve()))
+        const c = connect((listener.address() as net.AddressInfo).port)
+        c.socket.write("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await c.closed
+        assert.match(c.text(), /HTTP\/1\.1 502 Bad Gateway\r\n/, name)
+        assert.notInclude(c.text(), "HTTP/1.1 200", name)
+        assert.isAtMost(count(c.text(), "103 Early Hints"), MAX_INTERIM_RESPONSES, name)
+      } finally {
+        await Effect.runPromise(Scope.close(s, Exit.void))
+        await new Promise<void>((resolve) => bad.close(() => resolve()))
+      }
     }
   })
 
