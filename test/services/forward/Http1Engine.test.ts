@@ -365,7 +365,6 @@ describe("Http1Engine", () => {
     assert.match(denied.text(), /^HTTP\/1\.1 403 Forbidden\r\n/)
     assert.include(denied.text(), "Connection: close")
     assert.strictEqual(upstream.connections, 0)
-
   })
 
   it("answers 502 when the upstream's response head is malformed, or it sends interim responses without end", async () => {
