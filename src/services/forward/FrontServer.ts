@@ -1,5 +1,6 @@
 /**
- * The client-facing HTTP/1.1 server every front door listens with: Node's parser in strict mode (it
+ * The client-facing HTTP/1.1 server for front doors that work with Node's request objects (the socket
+ * proxy uses the raw engine in `Http1Engine.ts` instead): Node's parser in strict mode (it
  * rejects CL+TE, duplicate Content-Length, obs-fold and malformed lines) with named limits on header
  * size, count and time, and clear one-line 400/408/431 answers to what it rejects. It does not bind.
  */
