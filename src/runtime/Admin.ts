@@ -247,8 +247,25 @@ export const registerGatewayGauges = (metrics: MetricsShape, frontDoor: string, 
   })
 }
 
-/** Registers the wsp server's pool gauges (`switchyard_wsp_connections{state}`, `switchyard_wsp_pools`). */
-export const registerPoolGauges = (metrics: MetricsShape, stats: () => { readonly pools: number; readonly idle: number; readonly busy: number }): void => {
+/**
+ * Registers the wsp server's pool gauges (`switchyard_wsp_connections{state}`, `switchyard_wsp_pools`)
+ * and its refused credentials (`switchyard_wsp_rejections_total{credential}`).
+ */
+export const registerPoolGauges = (
+  metrics: MetricsShape,
+  stats: () => { readonly pools: number; readonly idle: number; readonly busy: number },
+  rejected: () => { readonly secretKey: number; readonly requestKey: number }
+): void => {
+  metrics.registry.sampledGauge({
+    name: "switchyard_wsp_rejections_total",
+    type: "counter",
+    help: "wsp credentials refused: a wrong X-SECRET-KEY on /register (secret_key), a wrong request key on /request (request_key).",
+    labelNames: ["credential"],
+    collect: () => {
+      const r = rejected()
+      return [[["secret_key"], r.secretKey], [["request_key"], r.requestKey]]
+    }
+  })
   metrics.registry.sampledGauge({
     name: "switchyard_wsp_connections",
     help: "wsp client connections held by the server, by state (idle, busy).",

@@ -65,8 +65,12 @@ describe("wsp commands' operations", () => {
       await until("client ready", async () => (await get(clientAdmin.port, "/readyz")).status === 200)
       await until("server pools idle connections", async () =>
         sample((await get(serverAdmin.port, "/metrics")).body, "switchyard_wsp_connections", { state: "idle" }) >= 2)
+      // a registration with a wrong secret key is refused and counted
+      const refused = await get(port, "/register", { "x-secret-key": "wrong" })
+      assert.notStrictEqual(refused.status, 200)
       const serverMetrics = (await get(serverAdmin.port, "/metrics")).body
       assert.strictEqual(sample(serverMetrics, "switchyard_wsp_pools"), 1)
+      assert.strictEqual(sample(serverMetrics, "switchyard_wsp_rejections_total", { credential: "secret_key" }), 1)
       const clientMetrics = (await get(clientAdmin.port, "/metrics")).body
       assert.strictEqual(sample(clientMetrics, "switchyard_gateway_up", { front_door: "wsp" }), 1)
       const status = JSON.parse((await get(serverAdmin.port, "/status")).body)

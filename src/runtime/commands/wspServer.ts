@@ -45,7 +45,7 @@ export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn
     ready: () => true,
     listeners: () => [{ name: "wsp", address: `${server.address.host}:${server.address.port}` }],
     sessions: () => [{ frontDoor: "wsp", count: server.stats().idle + server.stats().busy }],
-    register: (metrics) => registerPoolGauges(metrics, server.stats)
+    register: (metrics) => registerPoolGauges(metrics, server.stats, server.rejected)
   })
   yield* Console.log(`switchyard wsp-server listening on http://${server.address.host}:${server.address.port} (/register, /request, /status)`)
   return yield* Effect.never

@@ -409,6 +409,8 @@ export class WspServer extends Context.Service<WspServer, {
   readonly address: { readonly host: string; readonly port: number }
   /** Pool counts (client ids, idle and busy connections). */
   readonly stats: () => PoolStats
+  /** Refused credentials so far: a wrong `X-SECRET-KEY` on `/register`, a wrong request key on `/request`. */
+  readonly rejected: () => { readonly secretKey: number; readonly requestKey: number }
 }>()("switchyard/WspServer") {
   static readonly layer = (config: WspServerConfig): Layer.Layer<WspServer, WspServerError> =>
     Layer.effect(WspServer, makeWspServer(config))
@@ -440,6 +442,8 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
   })
   const run = yield* FiberSet.makeRuntime<never, void, never>()
   const secret = Redacted.value(config.secretKey)
+  // refused credentials, for metrics
+  const rejected = { secretKey: 0, requestKey: 0 }
   const requestKey = config.requestKey === undefined ? undefined : Redacted.value(config.requestKey)
   const greeting = new Set<WebSocket>()
   let inFlight = 0
@@ -499,6 +503,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     }
     const given = req.headers["x-secret-key"]
     if (!secretMatches(typeof given === "string" ? given : "", secret)) {
+      rejected.secretKey++
       return refuseUpgrade(socket, proxyErrorStatus, "Proxy Error", "Invalid X-SECRET-KEY")
     }
     if (greeting.size >= maxPendingGreetings) {
@@ -517,6 +522,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     if (requestKey !== undefined) {
       const auth = bearer.exec(req.headers["proxy-authorization"] ?? "")
       if (!secretMatches(auth === null ? "" : auth[1]!.trim(), requestKey)) {
+        rejected.requestKey++
         return void sendError(res, 401, "Invalid Proxy-Authorization", { "Proxy-Authenticate": "Bearer" })
       }
     }
@@ -589,7 +595,10 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     }
     if (path === "/register") {
       const given = req.headers["x-secret-key"]
-      if (!secretMatches(typeof given === "string" ? given : "", secret)) return sendError(res, proxyErrorStatus, "Invalid X-SECRET-KEY")
+      if (!secretMatches(typeof given === "string" ? given : "", secret)) {
+        rejected.secretKey++
+        return sendError(res, proxyErrorStatus, "Invalid X-SECRET-KEY")
+      }
       return sendError(res, proxyErrorStatus, "HTTP upgrade error : not a WebSocket upgrade request")
     }
     if (path !== "/request") return sendError(res, 404, "404 page not found")
@@ -657,5 +666,5 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     )))
   }
 
-  return { address, stats: pool.stats }
+  return { address, stats: pool.stats, rejected: () => ({ ...rejected }) }
 })
