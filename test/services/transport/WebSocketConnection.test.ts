@@ -270,6 +270,51 @@ describe("WebSocketConnection", () => {
     })))
 })
 
+describe("WebSocketConnection properties", () => {
+  const between = (minimum: number, maximum: number) => Schema.Int.check(Schema.isBetween({ minimum, maximum }))
+  it.live.prop(
+    "every byte arrives once and in order, whatever the batches and the reader's pauses",
+    {
+      batches: Schema.Array(Schema.Array(between(0, 150_000)).check(Schema.isBetweenLength(1, 6))).check(Schema.isBetweenLength(1, 12)),
+      pauses: Schema.Array(between(0, 3)).check(Schema.isBetweenLength(1, 16)),
+      masked: Schema.Boolean
+    },
+    ({ batches, pauses, masked }) =>
+      noLeaks(Effect.gen(function*() {
+        const { client, remote } = yield* pair({ maskFrames: masked })
+        const received: Array<Uint8Array> = []
+        let events = 0
+        remote.start({
+          onData: (c) => {
+            received.push(c)
+            // the reader pauses now and then and comes back after 0-2 macrotasks
+            const pause = pauses[events++ % pauses.length]!
+            if (pause > 0) {
+              remote.pause()
+              let turns = pause
+              const later = () => (--turns <= 0 ? remote.resume() : setImmediate(later))
+              setImmediate(later)
+            }
+          },
+          onEnd: () => {},
+          onClose: () => {}
+        })
+        probe(client)
+        const sent: Array<Uint8Array> = []
+        let seed = 1
+        for (const batch of batches) {
+          const chunks = batch.map((n) => pattern(n, seed++))
+          sent.push(...chunks)
+          yield* writeEffect(client, chunks)
+        }
+        const expected = concat(sent)
+        yield* until(() => received.reduce((n, c) => n + c.length, 0) >= expected.length, "every byte")
+        assert.isTrue(concat(received).equals(expected))
+      })),
+    { timeout: 60_000, arbitrary: { runs: 15 } }
+  )
+})
+
 describe("WebSocketConnection on the wire", () => {
   it.live("golden: a 6-byte write with the zero key is one binary message, 82 86 00 00 00 00 + payload", () =>
     noLeaks(Effect.gen(function*() {
