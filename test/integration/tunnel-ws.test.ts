@@ -7,7 +7,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as http from "node:http"
 import * as net from "node:net"
-import { Context, Effect, Exit, Redacted, Scope } from "effect"
+import { Context, Effect, Exit, Fiber, Redacted, Scope } from "effect"
 import { WebSocket, WebSocketServer } from "ws"
 import { allowAll } from "../../src/domain/DestinationRules.ts"
 import { makeWspServer } from "../../src/services/front/WspServer.ts"
@@ -293,6 +293,30 @@ describe("tunnels over WebSocket: operations", () => {
         if (body !== "alive") yield* Effect.sleep("10 millis")
       }
       assert.strictEqual(body, "alive")
+    })))
+
+  it.live("a gateway shutting down stops accepting and lets requests in flight finish over the WebSocket", () =>
+    noLeaks(Effect.gen(function*() {
+      const gwScope = yield* Scope.make()
+      const gw = yield* wsGateway().pipe(Scope.provide(gwScope))
+      const publicPort = yield* Effect.promise(freePort)
+      const tunnel = yield* wsClient([gw.url])
+      let started!: () => void
+      const requestArrived = new Promise<void>((resolve) => (started = resolve))
+      yield* serveHttp(tunnel, { _tag: "Http", port: publicPort }, (_req, res) => {
+        started()
+        setTimeout(() => res.end("finished"), 200)
+      })
+      const inFlight = request(publicPort, "/")
+      yield* Effect.promise(() => requestArrived)
+      const closing = yield* Effect.forkChild(Scope.close(gwScope, Exit.void))
+      yield* Effect.sleep("50 millis")
+      const refused = yield* Effect.promise(() => request(publicPort, "/").then((r) => `answered ${r.status}`, (e: NodeJS.ErrnoException) => e.code))
+      assert.strictEqual(refused, "ECONNREFUSED")
+      const finished = yield* Effect.promise(() => inFlight)
+      assert.strictEqual(`${finished.status} ${finished.body}`, "200 finished")
+      yield* Fiber.join(closing)
+      assert.strictEqual(gw.control.sessions(), 0)
     })))
 
   it.live("a wrong token is refused and registers nothing", () =>
