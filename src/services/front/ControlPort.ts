@@ -3,7 +3,8 @@
  * serve them over a yamux session in which the gateway opens one stream per public connection (per
  * pooled HTTP connection for HTTP), each starting with a preamble. Listeners can be added and removed
  * over control streams the backend opens. A bad connection is closed with a typed error and never
- * disturbs the port or other sessions. Routing, forwarding and ports are the shared core's.
+ * disturbs the port or other sessions. The same sessions can arrive over a WebSocket path
+ * (`ControlWebSocket.ts`). Routing, forwarding and ports are the shared core's.
  */
 import * as http from "node:http"
 import { PassThrough } from "node:stream"
