@@ -295,6 +295,17 @@ describe("configuration errors", () => {
       assert.include(fromFlag.output(), "nowhere")
       assert.notInclude(fromFlag.output(), Token)
 
+      // a port in use is one line and a non-zero exit, not a stack trace
+      const blocker = net.createServer()
+      await new Promise<void>((resolve) => blocker.listen(0, "127.0.0.1", () => resolve()))
+      const taken = (blocker.address() as net.AddressInfo).port
+      const busy = spawnSwitchyard(["server", "--control", `127.0.0.1:${taken}`, "--admin", "127.0.0.1:0", "--token", Token])
+      const busyCode = await busy.exited
+      await new Promise<void>((resolve) => blocker.close(() => resolve()))
+      assert.strictEqual(busyCode, 1)
+      assert.match(busy.output().trim(), /^switchyard server: cannot start the gateway: .*EADDRINUSE/)
+      assert.strictEqual(busy.output().trim().split("\n").length, 1)
+
       const ok = spawnSwitchyard(["server", "--check-config", "--set", "control.max_sessions=5", "--token", Token])
       assert.strictEqual(await ok.exited, 0)
       assert.include(ok.output(), "configuration OK")

@@ -10,7 +10,7 @@ import * as path from "node:path"
 import { randomBytes } from "node:crypto"
 import type * as http from "node:http"
 import type { Duplex } from "node:stream"
-import { Console, Context, Effect, Layer, Option, Redacted } from "effect"
+import { Console, Context, Data, Effect, Layer, Option, Redacted, Runtime } from "effect"
 import type { Scope } from "effect"
 import { Command, Flag } from "effect/cli"
 import type { RouteDefinition } from "../../domain/Route.ts"
@@ -22,7 +22,7 @@ import { Listeners, type ListenersConfig } from "../../services/Listeners.ts"
 import { makeMetrics, Metrics, type MetricsShape, statusClass } from "../../services/Metrics.ts"
 import { Registry, type RouteEntry } from "../../services/Registry.ts"
 import { makeRecentErrors, serveAdmin, type StatusDocument } from "../Admin.ts"
-import { ConfigLoadError, type FlagValue, loadConfig, refuseConfig, ServerFile } from "../ConfigLoader.ts"
+import { ConfigLoadError, type ConfigRefused, type FlagValue, loadConfig, refuseConfig, ServerFile } from "../ConfigLoader.ts"
 import { onHangup } from "../Lifecycle.ts"
 import * as Logging from "../Logging.ts"
 import { formatHostPort, type HostPort, parseHostPort } from "../NetAddress.ts"
@@ -49,6 +49,11 @@ export const DefaultDrainTimeoutMs = 30_000
 export const DefaultGracePeriodMs = 30_000
 /** Every port, for tokens given without a port list. */
 const AllPorts: ReadonlyArray<PortRange> = [{ from: 1, to: 65_535 }]
+
+/** The gateway could not start (a port in use...); the reason was already printed as one line. */
+export class StartFailed extends Data.TaggedError("StartFailed")<{ readonly message: string }> {
+  override readonly [Runtime.errorReported] = false
+}
 
 const isLoopbackHost = (host: string): boolean => host === "localhost" || host === "::1" || host.startsWith("127.")
 
@@ -567,7 +572,11 @@ export const serverCommand = Command.make("server", flags, Effect.fn(function*(f
   }
   return yield* Effect.gen(function*() {
     const handle = yield* runGateway(file, { reload: load }).pipe(
-      Effect.catch((e) => e instanceof ConfigLoadError ? refuseConfig("server")(e) : Effect.fail(e))
+      Effect.catch((e): Effect.Effect<never, ConfigRefused | StartFailed> =>
+        e instanceof ConfigLoadError
+          ? refuseConfig("server")(e)
+          : Console.error(`switchyard server: ${e.message}`).pipe(Effect.andThen(Effect.fail(new StartFailed({ message: e.message }))))
+      )
     )
     const lines = [
       `switchyard gateway running`,
