@@ -19,7 +19,7 @@ import { type DispatchError, Dispatcher, type Lease } from "../../services/Dispa
 import { ControlPort } from "../../services/front/ControlPort.ts"
 import { ReverseH2 } from "../../services/front/ReverseH2.ts"
 import { Listeners, type ListenersConfig } from "../../services/Listeners.ts"
-import { makeMetrics, Metrics, type MetricsShape, statusClass } from "../../services/Metrics.ts"
+import { type CounterChild, type Family, makeMetrics, Metrics, type MetricsShape, statusClass } from "../../services/Metrics.ts"
 import { Registry, type RouteEntry } from "../../services/Registry.ts"
 import { makeRecentErrors, serveAdmin, type StatusDocument } from "../Admin.ts"
 import { ConfigLoadError, type ConfigRefused, type FlagValue, loadConfig, refuseConfig, ServerFile } from "../ConfigLoader.ts"
@@ -263,6 +263,16 @@ export const instrumentHandlers = (
   }
 }
 
+/** Counts events of a front door by reason, resolving each reason's counter once. */
+const countByReason = (family: Family<"front_door" | "reason", CounterChild> | Family<"front_door" | "kind", CounterChild>, frontDoor: string) => {
+  const counters = new Map<string, CounterChild>()
+  return (reason: string): void => {
+    let counter = counters.get(reason)
+    if (counter === undefined) counters.set(reason, counter = family.labels(frontDoor, reason))
+    counter.inc()
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 
 /** What `runGateway` starts, for embedding and tests. */
@@ -349,32 +359,24 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     listenerNames.push({ name: "admin", address: formatHostPort(adminBound) })
   }
 
-  const rejections = new Map<string, { inc: (n?: number) => void }>()
+  const controlRejections = countByReason(metrics.rejections, "control")
   const onRejected = (reason: string) => {
-    let c = rejections.get(reason)
-    if (c === undefined) rejections.set(reason, c = metrics.rejections.labels("control", reason))
-    c.inc()
+    controlRejections(reason)
     recentErrors.add(`control port refused a handshake: ${reason}`)
   }
-
   // sessions that ended because of the peer or the network, not by a close or a GoAway
-  const protocolErrors = new Map<string, { inc: (n?: number) => void }>()
+  const controlProtocolErrors = countByReason(metrics.protocolErrors, "control")
   const onSessionFailed = (reason: string) => {
     if (!ProtocolErrorReasons.has(reason)) return
-    let c = protocolErrors.get(reason)
-    if (c === undefined) protocolErrors.set(reason, c = metrics.protocolErrors.labels("control", reason))
-    c.inc()
+    controlProtocolErrors(reason)
     recentErrors.add(`control session ended: ${reason}`)
   }
   // reverse-HTTP/2: refused handshakes and broken connections
-  const h2Counters = new Map<string, { inc: (n?: number) => void }>()
+  const h2Rejections = countByReason(metrics.rejections, "reverse_h2")
+  const h2ProtocolErrors = countByReason(metrics.protocolErrors, "reverse_h2")
   const onH2Failure = (reason: string) => {
-    let c = h2Counters.get(reason)
-    if (c === undefined) {
-      c = H2HandshakeReasons.has(reason) ? metrics.rejections.labels("reverse_h2", reason) : metrics.protocolErrors.labels("reverse_h2", reason)
-      h2Counters.set(reason, c)
-    }
-    c.inc()
+    if (H2HandshakeReasons.has(reason)) h2Rejections(reason)
+    else h2ProtocolErrors(reason)
     recentErrors.add(`reverse-HTTP/2 connection failed: ${reason}`)
   }
   const gateway = ControlPort.gatewayLayer({
