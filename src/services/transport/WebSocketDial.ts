@@ -30,9 +30,9 @@ export interface WebSocketTarget extends WebSocketConnectionOptions {
   /** Extra headers on the opening request (e.g. for an authenticating reverse proxy in front). */
   readonly headers?: Readonly<Record<string, string>> | undefined
   /**
-   * Mask client frames with a random key. Masking exists so that bytes a sender chooses cannot pose as
-   * HTTP to a cleartext intermediary; inside TLS no intermediary sees them. Default: masked on `ws://`,
-   * an all-zero key on `wss://` (which saves two passes over every byte). `true` masks on both.
+   * Mask client frames with a random key, as RFC 6455 requires (default `true`; `bufferutil` does it in
+   * native code). `false` sends an all-zero key: only for `wss://` or trusted links where no cleartext
+   * intermediary can read the frames, to save the masking passes.
    */
   readonly maskFrames?: boolean | undefined
   readonly openTimeout?: Duration.Input | undefined
@@ -130,7 +130,7 @@ export const dialWebSocket = (
           ...(target.headers === undefined ? {} : { headers: { ...target.headers } }),
           ...tlsOptions,
           ...(parsed.secure && !net.isIP(parsed.host) ? { servername: parsed.host } : {}),
-          ...((target.maskFrames ?? !parsed.secure) ? {} : { generateMask: zeroMask }),
+          ...((target.maskFrames ?? true) ? {} : { generateMask: zeroMask }),
           ...(tunnel === undefined ? {} : {
             createConnection: () =>
               parsed.secure
