@@ -247,13 +247,15 @@ export const makeRegistry = (): MetricRegistry => {
     const labelNames = validate(options)
     const type = options.type ?? "gauge"
     if (type === "counter" && !options.name.endsWith("_total")) throw new MetricDefinitionError(`counter ${options.name} must end in _total`)
-    const bound = makeLabelBounds(labelNames.length, options.maxLabelValues ?? DefaultMaxLabelValues)
+    const maxValues = options.maxLabelValues ?? DefaultMaxLabelValues
     const family: Rendered = {
       name: options.name,
       help: options.help,
       type,
       render: (out) => {
-        // values folded into `other` are summed, so the total stays right
+        // bounded per scrape (what is live now), not over the process's life; values folded into
+        // `other` are summed, so the total stays right
+        const bound = makeLabelBounds(labelNames.length, maxValues)
         const rows = new Map<string, { values: ReadonlyArray<string>; value: number }>()
         for (const [values, value] of options.collect()) {
           const bounded = bound(values)

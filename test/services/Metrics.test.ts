@@ -95,6 +95,15 @@ describe("MetricRegistry", () => {
     expect(() => r.sampledGauge({ name: "t_x", help: "", type: "counter", collect: () => [] })).toThrow(/_total/)
   })
 
+  it("bounds sampled gauges per scrape, so values that went away free their place", () => {
+    const r = makeRegistry()
+    let live = ["a", "b"]
+    r.sampledGauge({ name: "t_live", help: "", labelNames: ["route"], maxLabelValues: 2, collect: () => live.map((v) => [[v], 1] as const) })
+    expect(lines(r.render()).slice(2)).toEqual(["t_live{route=\"a\"} 1", "t_live{route=\"b\"} 1"])
+    live = ["c", "d", "e"]
+    expect(lines(r.render()).slice(2)).toEqual(["t_live{route=\"c\"} 1", "t_live{route=\"d\"} 1", "t_live{route=\"other\"} 1"])
+  })
+
   it("switchyard's families follow Prometheus naming (units, _total)", () => {
     const m = makeMetrics()
     m.requests.labels("control", "r", statusClass(204)).inc()
