@@ -1,3 +1,6 @@
 #!/usr/bin/env node
-// The switchyard command. Needs Node >= 22.19 (TypeScript sources run through Node's type stripping).
-import "../src/runtime/main.ts"
+// The switchyard command (Node >= 22.19). An installed package runs its compiled `dist/`; a checkout
+// runs the TypeScript sources directly through Node's type stripping.
+const installed = import.meta.url.includes("/node_modules/")
+const entry = installed ? "../dist/runtime/main.js" : "../src/runtime/main.ts"
+await import(new URL(entry, import.meta.url).href)

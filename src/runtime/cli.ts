@@ -36,7 +36,7 @@ const rootCommand = (subcommands: ReadonlyArray<AnySubcommand>) =>
  * The root command for `args`: with only the named subcommand when the first operand names one, else
  * (help, version, a mistyped name) with every subcommand.
  */
-export const loadSwitchyard = (args: ReadonlyArray<string>): Effect.Effect<ReturnType<typeof rootCommand>> =>
+const loadSwitchyard = (args: ReadonlyArray<string>): Effect.Effect<ReturnType<typeof rootCommand>> =>
   Effect.promise(async () => {
     const first = args.find((a) => !a.startsWith("-"))
     const names: ReadonlyArray<SubcommandName> = isSubcommand(first) ? [first] : Object.keys(SUBCOMMANDS) as Array<SubcommandName>
@@ -44,7 +44,7 @@ export const loadSwitchyard = (args: ReadonlyArray<string>): Effect.Effect<Retur
   })
 
 /** Parses the process arguments and runs the chosen subcommand. */
-export const runCli = Effect.gen(function*() {
+export const runCli: Effect.Effect<void, unknown, Command.Environment> = Effect.gen(function*() {
   const args = yield* (yield* Stdio.Stdio).args
   const switchyard = yield* loadSwitchyard(args)
   return yield* Command.run(switchyard, { version })
