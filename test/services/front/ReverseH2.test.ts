@@ -37,7 +37,7 @@ const rawPeer = (port: number, bytes: Buffer | undefined) =>
   )
 
 describe("ReverseH2", () => {
-  it("the authenticated preamble is the control port's framed Hello (golden from docs/PROTOCOL-h2.md)", () => {
+  it("the authenticated preamble is the control port's framed Hello (golden from docs/PROTOCOL.md)", () => {
     const bytes = Buffer.from(encodeHello(makeHello(Redacted.make("s3cret"), [{ _tag: "Http", port: 8080 }])))
     assert.strictEqual(bytes.subarray(0, 4).toString("hex"), "00000057")
     assert.strictEqual(bytes.subarray(4).toString(), '{"_tag":"Hello","version":1,"token":"s3cret","listeners":[{"_tag":"Http","port":8080}]}')
