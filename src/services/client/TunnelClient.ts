@@ -28,7 +28,7 @@ import { type Address, type Connection, Transport, type TransportError } from ".
 import { dialWebSocket, displayUrl, type WebSocketTarget } from "../transport/WebSocketDial.ts"
 import * as Session from "../yamux/Session.ts"
 import { makeStreamDuplex, type StreamSocket } from "../yamux/StreamDuplex.ts"
-import type { YamuxConfig } from "../yamux/YamuxConfig.ts"
+import { tunnelYamuxConfig, type YamuxConfig } from "../yamux/YamuxConfig.ts"
 
 /** First reconnect delay by default. */
 export const DefaultReconnectInitial: Duration.Duration = Duration.millis(250)
@@ -297,7 +297,7 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
         if (reply.index !== undefined) offered[reply.index]?.onRejected(g.index, reply.reason, reply.message)
         return yield* new TunnelClientError({ reason: "Rejected", rejection: reply.reason, message: `${reply.reason}: ${reply.message}${which}` })
       }
-      const session = yield* Session.make(rest, { role: "server", config: config.yamux })
+      const session = yield* Session.make(rest, { role: "server", config: tunnelYamuxConfig(config.yamux) })
       const core = session.core
       g.byGatewayId.clear()
       g.byLocalId.clear()

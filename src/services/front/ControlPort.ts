@@ -37,7 +37,7 @@ import { type ListenerError, Listeners, type ListenersConfig, forwardingHandlers
 import { Registry, type RegistryConfig } from "../Registry.ts"
 import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
 import * as Session from "../yamux/Session.ts"
-import type { YamuxConfig } from "../yamux/YamuxConfig.ts"
+import { tunnelYamuxConfig, type YamuxConfig } from "../yamux/YamuxConfig.ts"
 import { makeStreamDuplex } from "../yamux/StreamDuplex.ts"
 import { fromWebSocket } from "../transport/WebSocketConnection.ts"
 import { readFrame, writeFrame } from "./ControlHandshake.ts"
@@ -422,7 +422,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       yield* writeFrame(conn, encodeHelloReply({ _tag: "Welcome", version: ProtocolVersion, sessionId, listeners: welcomed })).pipe(
         Effect.mapError((e) => new ControlPortError({ reason: "Io", message: `${peerText}: ${e.message}` }))
       )
-      const session = yield* Session.make(rest, { role: "client", config: config.yamux })
+      const session = yield* Session.make(rest, { role: "client", config: tunnelYamuxConfig(config.yamux) })
       ready(session.core)
       yield* Effect.logDebug(`control session ${label} up with ${welcomed.map((l) => describeRoute(l.route)).join(", ")}`)
 

@@ -83,3 +83,19 @@ export const resolveYamuxConfig = (partial: Partial<YamuxConfig> | undefined): Y
   }
   return out
 }
+
+/**
+ * Largest receive window a tunnel stream grows to by default (auto-tuning from the 256 KiB start). On
+ * loopback a 100 MiB download through the gateway ran about 1.6 times faster than with the fixed
+ * 256 KiB window, and 4 MiB did as well as 16 MiB while bounding what one slow reader can leave unread.
+ */
+export const TUNNEL_MAX_AUTO_TUNE_WINDOW = 4 * 1024 * 1024
+
+/**
+ * The session settings for control-port tunnels (both ends): `partial` as given, with window auto-tuning
+ * up to `TUNNEL_MAX_AUTO_TUNE_WINDOW` unless the caller chose its own limit.
+ */
+export const tunnelYamuxConfig = (partial: Partial<YamuxConfig> | undefined): Partial<YamuxConfig> =>
+  partial?.maxAutoTuneWindow !== undefined
+    ? partial
+    : { ...partial, maxAutoTuneWindow: Math.max(TUNNEL_MAX_AUTO_TUNE_WINDOW, partial?.maxStreamWindow ?? 0) }
