@@ -3,7 +3,9 @@
  * response heads (`Http1Parser`), asks the caller what to do with each request, rewrites the head
  * (hop-by-hop headers, `X-Forwarded-*`) and moves body bytes unchanged between the client and a pooled
  * upstream connection, with backpressure, keep-alive and pipelining in order, and `101` turned into a
- * raw half-closable pipe. It does not route or authorise (the caller's `admit` does) and never decodes bodies.
+ * raw half-closable pipe. A decision may take time (`admit` returns a pending admission, e.g. while a
+ * route waits for a backend): the connection then reads nothing more until it is made. It does not route
+ * or authorise (the caller's `admit` does) and never decodes bodies.
  */
 import type * as net from "node:net"
 import type { Duplex } from "node:stream"
@@ -61,13 +63,29 @@ export type Admission =
     readonly responseTimeoutMs?: number | undefined
     /** Rewrites the outgoing request (upstream, path, headers). */
     readonly director?: ((outgoing: Http1Outgoing, incoming: Http1Request) => void) | undefined
+    /**
+     * Called once when the exchange is over: the response complete, an error answered, the client gone,
+     * or (for an upgrade) the tunnel closed. Releases what the decision took (a backend lease).
+     */
+    readonly onEnd?: (() => void) | undefined
   }
   | { readonly _tag: "Refuse"; readonly status: number; readonly message: string }
+
+/**
+ * A decision not made yet. `wait` is called once with the callback that takes the decision (at most
+ * once, possibly at once) and returns a canceller, called if the client leaves first; the client
+ * connection reads nothing more meanwhile. The caller bounds the wait (an answer such as 503 or 504 on
+ * its own limits); the engine's response timeout starts once the request is forwarded.
+ */
+export interface PendingAdmission {
+  readonly _tag: "Pending"
+  readonly wait: (decide: (admission: Admission) => void) => () => void
+}
 
 /** A front door's side of the engine: its limits and its decision for each request. */
 export interface Http1Front {
   readonly limits: HttpLimits
-  readonly admit: (request: Http1Request) => Admission
+  readonly admit: (request: Http1Request) => Admission | PendingAdmission
 }
 
 /** The engine serving one front door's listeners. */
@@ -118,6 +136,8 @@ const WAITING = 1
 const EXCHANGE = 2
 const TUNNEL = 3
 const CLOSED = 4
+/** Waiting for a pending admission. */
+const ADMITTING = 5
 
 const errorText = (err: (Error & { code?: string }) | undefined): string => err === undefined ? "connection closed" : err.code ?? err.message
 
@@ -194,6 +214,10 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
   private responseKeepAlive = true
   /** Interim responses relayed for this request. */
   private interim = 0
+  /** Cancels a pending admission (the client left while it was waiting). */
+  private cancelAdmission: (() => void) | undefined = undefined
+  /** The admission's `onEnd`, until called. */
+  private onEnd: (() => void) | undefined = undefined
 
   constructor(socket: net.Socket, core: EngineCore, front: Http1Front, server: EngineServer) {
     this.socket = socket
@@ -265,6 +289,10 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     } else if (this.phase === EXCHANGE && !this.requestDone) {
       // The request body cannot be completed: abandon the exchange.
       this.destroy()
+    } else if (this.phase === ADMITTING) {
+      // A client that stops while its request waits (for a backend, possibly for long) has gone: it
+      // must not hold its place in the wait.
+      this.destroy()
     } else {
       this.closeAfter = true
     }
@@ -286,7 +314,11 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       if (!wasTunnel) c.destroy()
     }
     if (this.pool !== undefined) this.pool.cancel(this)
+    const cancel = this.cancelAdmission
+    this.cancelAdmission = undefined
+    cancel?.()
     this.finishCount()
+    if (!wasTunnel) this.endAdmission()
     this.server.forget(this)
   }
 
@@ -344,7 +376,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       upgrade: request.upgrade,
       socket: this.socket
     }
-    let admission: Admission
+    let admission: Admission | PendingAdmission
     try {
       admission = this.front.admit(incoming)
     } catch (e) {
@@ -352,10 +384,54 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       this.fail(502, "switchyard: the request could not be prepared for the upstream")
       return
     }
+    if (admission._tag === "Pending") {
+      this.awaitAdmission(admission, request, incoming)
+      return
+    }
+    this.admitted(admission, request, incoming)
+  }
+
+  /** Waits for a decision with the connection paused (read on only to notice a client leaving). */
+  private awaitAdmission(pending: PendingAdmission, request: RequestHead, incoming: Http1Request): void {
+    this.phase = ADMITTING
+    if (!this.counted) {
+      this.counted = true
+      this.core.requestStarted()
+    }
+    const body = request.framing._tag !== "None" && !(request.framing._tag === "Length" && request.framing.length === 0)
+    // A request without a body: further bytes are held (and bounded) by `hold`, so reading on is safe.
+    if (!body && this.pending === undefined) this.socket.resume()
+    let decided = false
+    let cancel: (() => void) | undefined
+    try {
+      cancel = pending.wait((admission) => {
+        if (decided) return
+        decided = true
+        this.cancelAdmission = undefined
+        if (this.phase !== ADMITTING) {
+          // The client left or the connection failed meanwhile: give back what the decision took.
+          if (admission._tag === "Forward") admission.onEnd?.()
+          return
+        }
+        this.socket.pause()
+        this.admitted(admission, request, incoming)
+      })
+    } catch (e) {
+      this.core.report(`request decision failed: ${(e as Error).message}`)
+      this.fail(502, "switchyard: the request could not be prepared for the upstream")
+      return
+    }
+    if (!decided) this.cancelAdmission = cancel
+  }
+
+  /** Carries out a decision: an error answer, or the request on its way to the upstream. */
+  private admitted(admission: Admission, request: RequestHead, incoming: Http1Request): void {
+    const upgrading = incoming.upgrade !== undefined
     if (admission._tag === "Refuse") {
       this.fail(admission.status, admission.message)
       return
     }
+    this.onEnd = admission.onEnd
     const core = this.core
     let out: Http1Outgoing
     try {
@@ -627,6 +703,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     if (conn.pool !== undefined) conn.pool.release(conn, reusable)
     else conn.destroy()
     this.finishCount()
+    this.endAdmission()
     this.resetExchange()
     if (this.closeAfter) {
       this.phase = CLOSED
@@ -713,6 +790,17 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     const tunnels = this.core.tunnels
     tunnels.add(socket)
     tunnels.add(up)
+    // The decision's hold (a backend lease) lasts as long as the tunnel.
+    const onEnd = this.onEnd
+    this.onEnd = undefined
+    if (onEnd !== undefined) {
+      let open = 2
+      const closed = () => {
+        if (--open === 0) onEnd()
+      }
+      socket.once("close", closed)
+      up.once("close", closed)
+    }
     const target = this.outgoing!.upstream
     const what = `${this.request!.method} ${this.outgoing!.path}`
     const teardown = () => {
@@ -767,13 +855,25 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       conn.owner = undefined
       conn.destroy()
     }
+    const cancel = this.cancelAdmission
+    this.cancelAdmission = undefined
+    cancel?.()
     this.finishCount()
+    this.endAdmission()
     this.phase = CLOSED
     this.pending = undefined
     this.socket.off("data", this.onClientData)
     this.socket.resume() // discard what else arrives until the client reads the answer and leaves
     writeRawError(this.socket, this.core.errors, status, message)
     closeAfterFlush(this.socket)
+  }
+
+  private endAdmission(): void {
+    const onEnd = this.onEnd
+    if (onEnd !== undefined) {
+      this.onEnd = undefined
+      onEnd()
+    }
   }
 
   private finishCount(): void {

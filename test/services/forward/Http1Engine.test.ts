@@ -6,7 +6,13 @@ import * as net from "node:net"
 import * as os from "node:os"
 import * as path from "node:path"
 import { setTimeout as sleep } from "node:timers/promises"
-import { type Admission, type Http1Request, MAX_INTERIM_RESPONSES } from "../../../src/services/forward/Http1Engine.ts"
+import {
+  type Admission,
+  type Http1Request,
+  MAX_INTERIM_RESPONSES,
+  MAX_PIPELINED_BYTES,
+  type PendingAdmission
+} from "../../../src/services/forward/Http1Engine.ts"
 import { unixUpstream } from "../../../src/services/forward/Upstream.ts"
 import { type ForwarderConfig, type ForwarderShape, makeForwarder } from "../../../src/services/Forwarder.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
@@ -168,7 +174,7 @@ afterEach(async () => {
 
 /** The engine on 127.0.0.1:0 in front of the counting upstream. */
 const serve = async (
-  options: { readonly maxSockets?: number; readonly admit?: (r: Http1Request) => Admission } & Partial<ForwarderConfig> = {}
+  options: { readonly maxSockets?: number; readonly admit?: (r: Http1Request) => Admission | PendingAdmission } & Partial<ForwarderConfig> = {}
 ): Promise<{ readonly port: number; readonly forwarder: ForwarderShape }> => {
   scope = Effect.runSync(Scope.make())
   const forwarder = await Effect.runPromise(
@@ -442,5 +448,133 @@ describe("Http1Engine", () => {
     await busy.closed
     assert.include(busy.text(), "finished")
     assert.strictEqual(engine.connections(), 0)
+  })
+})
+
+/** Admissions that wait until the test decides them, as a route in its grace period does. */
+const pendingAdmissions = () => {
+  const waiting: Array<{ readonly target: string; readonly decide: (a: Admission) => void }> = []
+  let cancelled = 0
+  let ended = 0
+  const admit = (r: Http1Request): PendingAdmission => ({
+    _tag: "Pending",
+    wait: (decide) => {
+      const entry = { target: r.target, decide }
+      waiting.push(entry)
+      return () => {
+        cancelled++
+        const i = waiting.indexOf(entry)
+        if (i !== -1) waiting.splice(i, 1)
+      }
+    }
+  })
+  const forward: Admission = { _tag: "Forward", onEnd: () => void ended++ }
+  return { waiting, admit, forward, cancelled: () => cancelled, ended: () => ended }
+}
+
+describe("Http1Engine asynchronous admission", () => {
+  it("holds a keep-alive request while its decision is pending, then forwards it; each request is decided on its own", async () => {
+    const pending = pendingAdmissions()
+    let decisions = 0
+    const { port } = await serve({
+      admit: (r) => {
+        decisions++
+        return r.target.startsWith("/small?now") ? pending.forward : pending.admit(r)
+      }
+    })
+    const c = connect(port)
+    c.socket.write("GET /small?now=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await c.until("the first answer", (t) => t.endsWith("OK ?now=1"))
+    assert.strictEqual(pending.ended(), 1)
+    c.socket.write("GET /small?later=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await waitFor("the pending decision", () => pending.waiting.length === 1)
+    // Nothing reaches the upstream or the client while the decision waits.
+    await sleep(50)
+    assert.strictEqual(count(c.text(), "HTTP/1.1 200"), 1)
+    const connectionsBefore = upstream.connections
+    pending.waiting.shift()!.decide(pending.forward)
+    await c.until("the second answer", (t) => t.endsWith("OK ?later=2"))
+    assert.strictEqual(count(c.text(), "HTTP/1.1 200"), 2)
+    assert.notInclude(c.text(), "Connection: close")
+    assert.strictEqual(decisions, 2)
+    assert.strictEqual(pending.ended(), 2)
+    assert.strictEqual(pending.cancelled(), 0)
+    // the pooled upstream connection carried both
+    assert.strictEqual(upstream.connections, connectionsBefore)
+    c.socket.destroy()
+    await c.closed
+  })
+
+  it("forwards a body that arrived while the decision was pending, and a decision made at once", async () => {
+    const pending = pendingAdmissions()
+    const { port } = await serve({
+      admit: (r) =>
+        r.target === "/echo"
+          ? pending.admit(r)
+          : { _tag: "Pending", wait: (decide) => (decide(pending.forward), () => {}) }
+    })
+    const c = connect(port)
+    c.socket.write("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello")
+    await waitFor("the pending decision", () => pending.waiting.length === 1)
+    c.socket.write(" world")
+    await sleep(20)
+    pending.waiting.shift()!.decide(pending.forward)
+    await c.until("the echo", (t) => t.endsWith("hello world"))
+    c.socket.write("GET /small?sync=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await c.until("the answer decided at once", (t) => t.endsWith("OK ?sync=1"))
+    assert.strictEqual(pending.ended(), 2)
+    c.socket.destroy()
+    await c.closed
+  })
+
+  it("cancels the wait when the client leaves, and gives back a decision that comes too late", async () => {
+    const pending = pendingAdmissions()
+    const { port } = await serve({ admit: pending.admit })
+    const c = connect(port)
+    c.socket.write("GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+    await waitFor("the pending decision", () => pending.waiting.length === 1)
+    const late = pending.waiting[0]!
+    c.socket.destroy()
+    await c.closed
+    await waitFor("the cancellation", () => pending.cancelled() === 1)
+    assert.strictEqual(pending.waiting.length, 0)
+    late.decide(pending.forward)
+    assert.strictEqual(pending.ended(), 1)
+    assert.strictEqual(upstream.connections, 0)
+  })
+
+  it("answers a refusal that comes after waiting (a full wait queue, no backend in time) and closes", async () => {
+    const pending = pendingAdmissions()
+    const { port } = await serve({ admit: pending.admit })
+    const c = connect(port)
+    c.socket.write("GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+    await waitFor("the pending decision", () => pending.waiting.length === 1)
+    pending.waiting.shift()!.decide({ _tag: "Refuse", status: 503, message: "switchyard: too many requests waiting" })
+    await c.closed
+    assert.match(c.text(), /^HTTP\/1\.1 503 Service Unavailable\r\n/)
+    assert.include(c.text(), "too many requests waiting")
+    assert.strictEqual(upstream.connections, 0)
+    assert.strictEqual(pending.cancelled(), 0)
+  })
+
+  it("reads nothing more from a client whose request waits: what it sends stays in its own buffers", async () => {
+    const pending = pendingAdmissions()
+    const { port } = await serve({ admit: pending.admit })
+    const c = connect(port)
+    c.socket.write("GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+    await waitFor("the pending decision", () => pending.waiting.length === 1)
+    const filler = Buffer.alloc(64 * 1024, 0x61)
+    const offered = 64 * (MAX_PIPELINED_BYTES + LIMITS.maxHeaderSize)
+    for (let sent = 0; sent < offered; sent += filler.length) c.socket.write(filler)
+    await sleep(100)
+    // The loopback buffers take some; the rest waits on the client side, and the connection stays up.
+    assert.isAbove(c.socket.writableLength, 0)
+    assert.isFalse(c.socket.destroyed)
+    assert.strictEqual(pending.cancelled(), 0)
+    pending.waiting.shift()!.decide({ _tag: "Refuse", status: 503, message: "switchyard: no backend in time" })
+    await c.until("the refusal", (t) => t.includes("503 Service Unavailable"))
+    c.socket.destroy()
+    await c.closed
+    assert.strictEqual(upstream.connections, 0)
   })
 })
