@@ -164,7 +164,8 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
   const serveHttp1 = (front: Http1Front): Http1Server => {
     const server = makeHttp1Server(engineCore, front)
     servers.add(server)
-    return server
+    // A closed server is forgotten (listeners come and go with their ports).
+    return { ...server, close: (drainMs) => server.close(drainMs).finally(() => servers.delete(server)) }
   }
 
   const outgoing = (req: http.IncomingMessage, upgrade: boolean, options: ForwardOptions | undefined): OutgoingRequest => {

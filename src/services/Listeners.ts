@@ -3,7 +3,10 @@
  * that port, closed once the registry has dropped the port's last route (after the grace period).
  * HTTP ports run an `http.Server`, TLS ports a `tls.Server` choosing the certificate by SNI (and h2 or
  * http/1.1 by ALPN for HTTP routes), TCP ports pipe bytes. Each request or connection is dispatched to a backend; what is done with an HTTP request
- * is the front door's handler (normally the Forwarder). Listeners never parse bodies nor retry.
+ * is the front door's handler (normally the Forwarder). With `serveHttp1`, plain HTTP ports run the
+ * forwarding core's raw HTTP/1.1 engine instead (each request admitted once a backend is leased, over
+ * that backend's pooled tunnel streams); a connection whose request goes to a backend with its own
+ * `forwardHttp` is handed to the Node `http.Server`. Listeners never parse bodies nor retry.
  */
 import * as http from "node:http"
 import * as http2 from "node:http2"
@@ -14,6 +17,7 @@ import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Sco
 import { normalizeHost, type PortKind, portKind, type RouteDefinition, requestPath, type RouteQuery } from "../domain/Route.ts"
 import type { Backend, ConnectionMeta, ConnectionProtocol } from "./Backend.ts"
 import { DispatchError, Dispatcher, type Lease } from "./Dispatcher.ts"
+import type { Admission, Http1Front, Http1Request, Http1Server, PendingAdmission } from "./forward/Http1Engine.ts"
 import type { ForwarderShape } from "./Forwarder.ts"
 import { Registry, type RegistryError } from "./Registry.ts"
 
@@ -35,6 +39,12 @@ export const TlsHttpAlpnProtocols: ReadonlyArray<string> = ["h2", "http/1.1"]
 export const DefaultMaxConcurrentStreams = 128
 /** Largest HTTP/2 header list accepted from public clients (matches the HTTP/1.1 head limit). */
 export const DefaultMaxHeaderListBytes = DefaultMaxHeaderBytes
+/** Most headers in a public request head on engine ports (Node's own default, named). */
+export const DefaultMaxHeadersCount = 2_000
+/** Idle time of a keep-alive public connection between requests on engine ports (Node's default). */
+export const DefaultKeepAliveTimeoutMs = 5_000
+/** Time a port that lost its last route lets engine connections finish their exchange before closing them. */
+export const EngineStopDrainMs = 30_000
 
 /**
  * Makes an HTTP/2 compat request/response pair look like HTTP/1.1 to the forwarding core: pseudo-headers
@@ -103,6 +113,12 @@ export interface ListenersConfig {
    * none (for metrics); not called for raw TCP connections.
    */
   readonly observeDispatch?: ((waitedMs: number, error: DispatchError | undefined) => void) | undefined
+  /**
+   * Serves plain HTTP ports with the forwarding core's raw HTTP/1.1 engine (`Forwarder.serveHttp1`):
+   * requests go to the leased backend's `upstream` directly, without `handleRequest`/`handleUpgrade`
+   * (so without what wraps them); backends with `forwardHttp` still get theirs, through the Node path.
+   */
+  readonly serveHttp1?: ((front: Http1Front) => Http1Server) | undefined
 }
 
 /** A public port could not be served. */
@@ -149,6 +165,10 @@ interface PortListener {
   readonly server: net.Server
   readonly address: net.AddressInfo
   readonly sockets: Set<net.Socket>
+  /** The raw engine serving the port's connections, when it does. */
+  readonly engine?: Http1Server | undefined
+  /** Node's server for connections handed over by the engine. */
+  readonly handoff?: http.Server | undefined
 }
 
 /** The SNI server name a TLS client sent, normalized ("" when none). */
@@ -182,12 +202,15 @@ export const joinStreams = (a: Duplex, b: Duplex, onClose: () => void): void => 
   b.pipe(a)
 }
 
+const dispatchErrorText = (error: DispatchError): string =>
+  `${error.status === 404 ? "404 no route" : "503 no backend"} (${error.reason}): ${error.message}`
+
 const writeDispatchError = (res: http.ServerResponse, error: DispatchError) => {
   if (res.headersSent || res.destroyed) {
     res.destroy()
     return
   }
-  const body = `${error.status === 404 ? "404 no route" : "503 no backend"} (${error.reason}): ${error.message}\n`
+  const body = `${dispatchErrorText(error)}\n`
   res.writeHead(error.status, {
     "content-type": "text/plain; charset=utf-8",
     "content-length": Buffer.byteLength(body),
@@ -319,6 +342,79 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     )
   }
 
+  /**
+   * The engine's side of a plain HTTP port: each request is routed on its own Host and path, admitted at
+   * once when a backend is free, else once the dispatcher grants one (bounded by its wait limit and
+   * queue), and forwarded to that backend's upstream; its lease ends with the exchange.
+   */
+  const engineFront = (port: number, handoff: http.Server): Http1Front => {
+    const observe = config.observeDispatch
+    const toNode = (lease: Lease): Admission => {
+      // The Node server dispatches again, request by request, from here on.
+      lease.release()
+      return {
+        _tag: "Handoff",
+        take: (socket, bytes) => {
+          socket.unshift(bytes)
+          handoff.emit("connection", socket)
+          socket.resume()
+        }
+      }
+    }
+    const admission = (lease: Lease): Admission =>
+      lease.backend.forwardHttp !== undefined
+        ? toNode(lease)
+        : {
+          _tag: "Forward",
+          director: (outgoing) => void (outgoing.upstream = lease.backend.upstream),
+          onEnd: lease.release
+        }
+    const refusal = (error: DispatchError): Admission => ({ _tag: "Refuse", status: error.status, message: dispatchErrorText(error) })
+    return {
+      limits: {
+        maxHeaderSize,
+        maxHeadersCount: DefaultMaxHeadersCount,
+        headersTimeoutMs: headersTimeout,
+        requestTimeoutMs: 0,
+        keepAliveTimeoutMs: DefaultKeepAliveTimeoutMs,
+        maxConnections
+      },
+      admit: (request: Http1Request): Admission | PendingAdmission => {
+        const query: RouteQuery = { _tag: "Http", port, host: normalizeHost(request.host), path: requestPath(request.target) }
+        const arrived = observe === undefined ? 0 : performance.now()
+        const now = dispatcher.tryAcquire(query)
+        if (now instanceof DispatchError) {
+          observe?.(performance.now() - arrived, now)
+          return refusal(now)
+        }
+        if (now !== undefined) {
+          observe?.(0, undefined)
+          return admission(now)
+        }
+        return {
+          _tag: "Pending",
+          wait: (decide) => {
+            const fiber = run(dispatcher.acquire(query))
+            fiber.addObserver((exit) => {
+              if (Exit.isSuccess(exit)) {
+                observe?.(performance.now() - arrived, undefined)
+                decide(admission(exit.value))
+                return
+              }
+              const failure = exit.cause.reasons.find((r) => r._tag === "Fail")
+              if (failure !== undefined && failure._tag === "Fail") {
+                observe?.(performance.now() - arrived, failure.error)
+                decide(refusal(failure.error))
+              }
+              // interrupted: the client left (the engine cancelled) or the listeners are closing
+            })
+            return () => fiber.interruptUnsafe()
+          }
+        }
+      }
+    }
+  }
+
   const secureContextFor = (route: RouteDefinition): tls.SecureContext | undefined => {
     if (route._tag !== "Tls") return undefined
     const cacheKey = route.cert + "\u0000" + route.key
@@ -341,8 +437,22 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     const kind = portKind(route)
     const sockets = new Set<net.Socket>()
     let server: net.Server
+    let engine: Http1Server | undefined
+    let handoff: http.Server | undefined
     switch (kind) {
       case "http": {
+        if (config.serveHttp1 !== undefined) {
+          handoff = http.createServer({ maxHeaderSize, headersTimeout, requestTimeout: 0 }, serveHttpRequest(port, undefined))
+          handoff.on("upgrade", serveUpgrade(port, undefined))
+          handoff.on("clientError", (_err, socket) => socket.destroy())
+          const served = config.serveHttp1(engineFront(port, handoff))
+          engine = served
+          server = net.createServer({ allowHalfOpen: true }, (socket) => {
+            track({ sockets }, socket)
+            served.accept(socket)
+          })
+          break
+        }
         const httpServer = http.createServer({ maxHeaderSize, headersTimeout, requestTimeout: 0 }, serveHttpRequest(port, undefined))
         httpServer.on("upgrade", serveUpgrade(port, undefined))
         httpServer.on("connection", (socket: net.Socket) => track({ sockets }, socket))
@@ -421,9 +531,12 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       server.listen({ port, host }, () => {
         server.off("error", onError)
         server.on("error", () => {})
-        resume(Effect.succeed({ kind, port, server, address: server.address() as net.AddressInfo, sockets }))
+        resume(Effect.succeed({ kind, port, server, address: server.address() as net.AddressInfo, sockets, engine, handoff }))
       })
-      return Effect.sync(() => server.close())
+      return Effect.sync(() => {
+        server.close()
+        void engine?.close(0)
+      })
     })
   }
 
@@ -439,6 +552,9 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       draining.add(listener)
       listener.server.close(() => draining.delete(listener))
       if (listener.server instanceof http.Server) listener.server.closeIdleConnections()
+      // idle engine connections close now, busy ones after their exchange
+      void listener.engine?.close(EngineStopDrainMs)
+      listener.handoff?.closeIdleConnections()
     })
 
   const destroyPort = (listener: PortListener) =>
@@ -449,6 +565,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         draining.delete(listener)
         resume(Effect.void)
       })
+      void listener.engine?.close(0)
       for (const socket of listener.sockets) socket.destroy()
     })
 

@@ -70,6 +70,16 @@ export type Admission =
     readonly onEnd?: (() => void) | undefined
   }
   | { readonly _tag: "Refuse"; readonly status: number; readonly message: string }
+  | {
+    /**
+     * Gives the client connection to another server from this request on (a backend the engine cannot
+     * reach, served by Node's `http` objects): `take` gets the socket, paused, and the bytes read for
+     * this request and after it (the head as received, then any body or pipelined bytes), to be put back
+     * with `socket.unshift` before that server takes the socket.
+     */
+    readonly _tag: "Handoff"
+    readonly take: (socket: net.Socket, bytes: Buffer) => void
+  }
 
 /**
  * A decision not made yet. `wait` is called once with the callback that takes the decision (at most
@@ -431,6 +441,10 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       this.fail(admission.status, admission.message)
       return
     }
+    if (admission._tag === "Handoff") {
+      this.handOff(admission.take, request)
+      return
+    }
     this.onEnd = admission.onEnd
     const core = this.core
     let out: Http1Outgoing
@@ -494,6 +508,28 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     const pool = core.poolFor(out.upstream)
     this.pool = pool
     pool.acquire(this, false)
+  }
+
+  /** Stops serving the connection and passes it on with what was read of it (see `Handoff`). */
+  private handOff(take: (socket: net.Socket, bytes: Buffer) => void, request: RequestHead): void {
+    this.clearTimers()
+    this.finishCount()
+    const socket = this.socket
+    socket.pause()
+    socket.off("data", this.onClientData)
+    socket.off("end", this.onClientEnd)
+    socket.off("error", this.onClientError)
+    socket.off("close", this.onClientClose)
+    socket.off("drain", this.onClientDrain)
+    this.phase = CLOSED
+    this.server.forget(this)
+    let text = `${request.method} ${request.target} HTTP/1.${request.versionMinor}\r\n`
+    const h = request.headers
+    for (let i = 0; i < h.length; i += 2) text += `${h[i]}: ${h[i + 1]}\r\n`
+    const head = Buffer.from(text + "\r\n", "latin1")
+    const pending = this.pending
+    this.pending = undefined
+    take(socket, pending === undefined ? head : Buffer.concat([head, pending]))
   }
 
   // ---- upstream connection ----
@@ -954,7 +990,8 @@ class EngineServer implements Http1Server {
   readonly front: Http1Front
   closing = false
   private readonly open = new Set<ClientConnection>()
-  private onEmpty: (() => void) | undefined = undefined
+  private readonly emptyWaiters: Array<() => void> = []
+  private drainTimer: NodeJS.Timeout | undefined = undefined
 
   constructor(core: EngineCore, front: Http1Front) {
     this.core = core
@@ -972,7 +1009,7 @@ class EngineServer implements Http1Server {
 
   forget(c: ClientConnection): void {
     this.open.delete(c)
-    if (this.open.size === 0) this.onEmpty?.()
+    this.checkEmpty()
   }
 
   readonly connections = (): number => this.open.size
@@ -980,16 +1017,26 @@ class EngineServer implements Http1Server {
   readonly close = (drainMs: number): Promise<void> =>
     new Promise((resolve) => {
       this.closing = true
-      const timer = drainMs > 0 ? setTimeout(() => this.destroyAll(), drainMs) : undefined
-      this.onEmpty = () => {
-        if (timer !== undefined) clearTimeout(timer)
-        this.onEmpty = undefined
-        resolve()
-      }
-      if (drainMs > 0) for (const c of this.open) c.drain()
-      else this.destroyAll()
-      if (this.open.size === 0) this.onEmpty()
+      this.emptyWaiters.push(resolve)
+      if (drainMs > 0) {
+        // A later call may shorten the drain (0 destroys at once); the first timer stands otherwise.
+        this.drainTimer ??= setTimeout(() => {
+          this.drainTimer = undefined
+          this.destroyAll()
+        }, drainMs)
+        for (const c of this.open) c.drain()
+      } else this.destroyAll()
+      this.checkEmpty()
     })
+
+  private checkEmpty(): void {
+    if (!this.closing || this.open.size > 0) return
+    if (this.drainTimer !== undefined) {
+      clearTimeout(this.drainTimer)
+      this.drainTimer = undefined
+    }
+    for (const w of this.emptyWaiters.splice(0)) w()
+  }
 
   destroyAll(): void {
     for (const c of [...this.open]) c.destroy()

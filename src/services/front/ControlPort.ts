@@ -41,6 +41,7 @@ import { tunnelYamuxConfig, type YamuxConfig } from "../yamux/YamuxConfig.ts"
 import { makeStreamDuplex } from "../yamux/StreamDuplex.ts"
 import { fromWebSocket } from "../transport/WebSocketConnection.ts"
 import { readFrame, writeFrame } from "./ControlHandshake.ts"
+import { DeferredStream } from "./DeferredStream.ts"
 import { type ControlWebSocketConfig, listenControlWebSocket, makeUpgradeHandler, type UpgradeHandler } from "./ControlWebSocket.ts"
 
 /** Where the control port listens by default. */
@@ -155,7 +156,19 @@ const makeTunnel = (id: string, label: string) => {
   }
   const openNow = (preamble: Preamble): Duplex => {
     if (failure !== undefined) return failedStream(failure)
-    if (core === undefined) return failedStream(new Error("the session is starting"))
+    if (core === undefined) {
+      // Routed before the session runs (its listeners are bound first): the stream opens once it does.
+      const deferred = new DeferredStream()
+      waiting.push(() => {
+        if (failure !== undefined || core === undefined) return void deferred.destroy(failure ?? new Error("the session ended"))
+        const s = core.openStream()
+        if (s instanceof Error) return void deferred.destroy(s)
+        const socket = makeStreamDuplex(s)
+        socket.write(encodePreamble(preamble))
+        deferred.attach(socket)
+      })
+      return deferred
+    }
     const s = core.openStream()
     if (s instanceof Error) return failedStream(s)
     const socket = makeStreamDuplex(s)
@@ -250,7 +263,11 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
       })
       const handlers = forwardingHandlers(forwarder)
       const wrapped = config.wrapHandlers === undefined ? handlers : config.wrapHandlers(handlers)
-      return Layer.effect(Listeners, Listeners.make({ host: config.publicHost, ...wrapped }))
+      const engine = config.rawEngine ?? config.wrapHandlers === undefined
+      return Layer.effect(
+        Listeners,
+        Listeners.make({ host: config.publicHost, ...wrapped, ...(engine ? { serveHttp1: forwarder.serveHttp1 } : {}) })
+      )
     })).pipe(
       Layer.provideMerge(Dispatcher.layer(config.dispatcher)),
       Layer.provideMerge(Registry.layer(config.registry))
@@ -271,6 +288,12 @@ export interface GatewayConfig {
   readonly idleTimeoutMs?: number | undefined
   /** Wraps the public listeners' forwarding handlers (request ids, metrics, access log). */
   readonly wrapHandlers?: ((handlers: ForwardingHandlers) => ForwardingHandlers) | undefined
+  /**
+   * Serve plain HTTP public ports with the forwarding core's raw HTTP/1.1 engine (heads parsed, bodies
+   * moved as bytes, pooled tunnel streams per backend). Default: on, unless `wrapHandlers` is given,
+   * since the engine does not call the Node-object handlers it would wrap.
+   */
+  readonly rawEngine?: boolean | undefined
 }
 
 /** The public listeners' handlers for HTTP requests and upgrades. */
