@@ -347,7 +347,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
    * once when a backend is free, else once the dispatcher grants one (bounded by its wait limit and
    * queue), and forwarded to that backend's upstream; its lease ends with the exchange.
    */
-  const engineFront = (port: number, handoff: http.Server): Http1Front => {
+  const engineFront = (port: number, handoff: http.Server, secure: boolean): Http1Front => {
     const observe = config.observeDispatch
     const toNode = (lease: Lease): Admission => {
       // The Node server dispatches again, request by request, from here on.
@@ -380,7 +380,11 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         maxConnections
       },
       admit: (request: Http1Request): Admission | PendingAdmission => {
-        const query: RouteQuery = { _tag: "Http", port, host: normalizeHost(request.host), path: requestPath(request.target) }
+        const host = normalizeHost(request.host)
+        const path = requestPath(request.target)
+        const query: RouteQuery = secure
+          ? { _tag: "Tls", port, serverName: serverNameOf(request.socket), host, path }
+          : { _tag: "Http", port, host, path }
         const arrived = observe === undefined ? 0 : performance.now()
         const now = dispatcher.tryAcquire(query)
         if (now instanceof DispatchError) {
@@ -445,7 +449,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
           handoff = http.createServer({ maxHeaderSize, headersTimeout, requestTimeout: 0 }, serveHttpRequest(port, undefined))
           handoff.on("upgrade", serveUpgrade(port, undefined))
           handoff.on("clientError", (_err, socket) => socket.destroy())
-          const served = config.serveHttp1(engineFront(port, handoff))
+          const served = config.serveHttp1(engineFront(port, handoff, false))
           engine = served
           server = net.createServer({ allowHalfOpen: true }, (socket) => {
             track({ sockets }, socket)
@@ -470,6 +474,10 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       case "tls": {
         const inner = http.createServer({ maxHeaderSize, headersTimeout, requestTimeout: 0 })
         inner.on("clientError", (_err, socket) => socket.destroy())
+        // HTTP/1.1 over the decrypted socket: the raw engine when configured (handing over to `inner`)
+        const tlsEngine = config.serveHttp1?.(engineFront(port, inner, true))
+        engine = tlsEngine
+        handoff = tlsEngine === undefined ? undefined : inner
         // HTTP/2 over the already-decrypted socket: a plain h2 server fed with the TLS socket
         const innerH2 = http2.createServer({
           settings: { maxConcurrentStreams: DefaultMaxConcurrentStreams, maxHeaderListSize: DefaultMaxHeaderListBytes }
@@ -507,6 +515,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
             pipeToBackend(socket, { _tag: "Tls", port, serverName }, port, "tls-tcp", serverName)
           } else if (socket.alpnProtocol === "h2") {
             innerH2.emit("connection", socket)
+          } else if (tlsEngine !== undefined) {
+            tlsEngine.accept(socket)
           } else {
             inner.emit("connection", socket)
           }
