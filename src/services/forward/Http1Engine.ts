@@ -133,6 +133,14 @@ export const ENGINE_UPGRADE_BODY_TIMEOUT_MS = 30_000
 /** Most bytes of pipelined requests held while a response is in flight (the client is paused beyond). */
 export const MAX_PIPELINED_BYTES = 256 * 1024
 
+/**
+ * Bytes queued on the receiving socket (client or upstream) above which the sending side stops being
+ * read; it is read again once the queue is written out. Higher than a socket's own high-water mark so a
+ * large read is not paused for every partially written chunk; with one read in flight it bounds what a
+ * slow reader holds per connection.
+ */
+export const WRITE_QUEUE_PAUSE_BYTES = 512 * 1024
+
 /** Most interim (1xx) responses relayed for one request; an upstream sending more is answered 502. */
 export const MAX_INTERIM_RESPONSES = 16
 /** Response bodies up to this size that arrive with their head are copied into one write with it. */
@@ -590,7 +598,8 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       if (restAt < chunk.length) this.hold(chunk.subarray(restAt))
       return
     }
-    if (!ok) {
+    // Below the pause mark the upstream's `drain` still comes (a write returned false) and finds nothing paused.
+    if (!ok && up.writableLength >= WRITE_QUEUE_PAUSE_BYTES) {
       this.waitingDrain = true
       this.socket.pause()
     }
@@ -619,7 +628,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
         const socket = this.socket
         const ok = socket.write(n === chunk.length ? chunk : chunk.subarray(0, n))
         if (socket.writableLength > 0) conn.chunkHeld = true
-        if (!ok) {
+        if (!ok && socket.writableLength >= WRITE_QUEUE_PAUSE_BYTES) {
           this.upstreamPaused = true
           conn.socket.pause()
         }
@@ -699,7 +708,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       socket.uncork()
       if (socket.writableLength > 0) this.conn!.chunkHeld = true
     }
-    if (!ok) {
+    if (!ok && socket.writableLength >= WRITE_QUEUE_PAUSE_BYTES) {
       this.upstreamPaused = true
       this.conn!.socket.pause()
     }

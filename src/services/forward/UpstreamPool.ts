@@ -24,13 +24,25 @@ export interface ConnectionWaiter {
 /** Most requests that may wait for a connection of one upstream; more are answered 503. */
 export const MAX_POOL_WAITERS = 4096
 
-/** Size of the buffer a pooled socket reads into (one per connection, replaced only while still referenced). */
+/**
+ * Size of the buffer a pooled socket reads into at first and between exchanges (one per connection,
+ * replaced only while still referenced): enough for most responses in one read.
+ */
 export const UPSTREAM_READ_BUFFER_BYTES = 64 * 1024
+
+/**
+ * Size the read buffer grows to once a read fills it (a large body is streaming): a Unix socket delivers
+ * up to its peer's send buffer (about 220 KiB on Linux) per read, so one read and one client write move
+ * that much. The connection goes back to `UPSTREAM_READ_BUFFER_BYTES` when its exchange ends.
+ */
+export const UPSTREAM_READ_BUFFER_MAX_BYTES = 256 * 1024
 
 /**
  * One upstream connection; its listeners stay for its lifetime and dispatch to the current owner. A
  * connection opened with `connectReading` reads into one reusable buffer: the owner sets `chunkHeld` when
- * bytes it was given are still queued for writing, and the next read then goes into a fresh buffer.
+ * bytes it was given are still queued for writing, and the next read then goes into a fresh buffer. A
+ * read that fills the buffer makes the next one `UPSTREAM_READ_BUFFER_MAX_BYTES`; an idle connection
+ * keeps only a `UPSTREAM_READ_BUFFER_BYTES` one.
  */
 export class PooledConnection {
   readonly socket: Duplex
@@ -44,6 +56,8 @@ export class PooledConnection {
   /** The last chunk handed to the owner is still referenced (queued on a socket): do not read into it. */
   chunkHeld = false
   private readBuffer: Buffer | undefined = undefined
+  /** The last read filled the buffer. */
+  private filled = false
 
   /** Opens a connection to `upstream`, reading into reused buffers when the upstream allows it. */
   static open(upstream: Upstream, pool: UpstreamPool | undefined): PooledConnection {
@@ -89,14 +103,24 @@ export class PooledConnection {
   }
 
   private readonly nextBuffer = (): Uint8Array => {
-    if (this.readBuffer === undefined || this.chunkHeld) {
-      this.readBuffer = Buffer.allocUnsafe(UPSTREAM_READ_BUFFER_BYTES)
+    const current = this.readBuffer
+    // Called after each read (the owner has handled it): a full read asks for the large size, an exchange
+    // that ended (or never began) for the small one.
+    const size = this.state === "busy" && (this.filled || (current !== undefined && current.length === UPSTREAM_READ_BUFFER_MAX_BYTES))
+      ? UPSTREAM_READ_BUFFER_MAX_BYTES
+      : UPSTREAM_READ_BUFFER_BYTES
+    this.filled = false
+    if (current === undefined || this.chunkHeld || current.length !== size) {
       this.chunkHeld = false
+      const fresh = Buffer.allocUnsafe(size)
+      this.readBuffer = fresh
+      return fresh
     }
-    return this.readBuffer
+    return current
   }
 
   private readonly onRead = (bytesRead: number, buffer: Uint8Array): boolean => {
+    if (bytesRead === buffer.length) this.filled = true
     this.onData((buffer as Buffer).subarray(0, bytesRead))
     return true // pausing is the owner's, through socket.pause()
   }

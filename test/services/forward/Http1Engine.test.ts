@@ -11,8 +11,10 @@ import {
   type Http1Request,
   MAX_INTERIM_RESPONSES,
   MAX_PIPELINED_BYTES,
-  type PendingAdmission
+  type PendingAdmission,
+  WRITE_QUEUE_PAUSE_BYTES
 } from "../../../src/services/forward/Http1Engine.ts"
+import { UPSTREAM_READ_BUFFER_MAX_BYTES } from "../../../src/services/forward/UpstreamPool.ts"
 import { unixUpstream } from "../../../src/services/forward/Upstream.ts"
 import { type ForwarderConfig, type ForwarderShape, makeForwarder } from "../../../src/services/Forwarder.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
@@ -343,6 +345,57 @@ describe("Http1Engine", () => {
     })
     assert.strictEqual(result.length, total)
     assert.strictEqual(result.firstBad, -1)
+  })
+
+  it("queues at most the pause mark plus one read for a client that reads nothing, then delivers every byte", async () => {
+    // The client's socket on the engine side, to see what the engine queued on it.
+    let served: net.Socket | undefined
+    const { port } = await serve({
+      admit: (r) => {
+        served = r.socket as net.Socket
+        return { _tag: "Forward" }
+      }
+    })
+    const total = 64 * 1024 * 1024
+    const c = net.connect({ port, host: "127.0.0.1" })
+    c.on("error", () => {})
+    c.write(`GET /pattern?bytes=${total} HTTP/1.1\r\nHost: x\r\n\r\n`)
+    c.pause()
+    // Kernel buffers fill, then the engine's queue grows until it stops reading the upstream.
+    let last = -1
+    for (let i = 0; i < 300; i++) {
+      const queued = served?.writableLength ?? 0
+      if (queued >= WRITE_QUEUE_PAUSE_BYTES && queued === last) break
+      last = queued
+      await sleep(50)
+    }
+    const queued = served!.writableLength
+    // Past the socket's own 16 KiB mark (no pause for every partial write), below the engine's bound.
+    assert.isAtLeast(queued, WRITE_QUEUE_PAUSE_BYTES)
+    assert.isAtMost(queued, WRITE_QUEUE_PAUSE_BYTES + UPSTREAM_READ_BUFFER_MAX_BYTES)
+    let received = Buffer.alloc(0)
+    let bodyAt = -1
+    let at = 0
+    let firstBad = -1
+    await new Promise<void>((resolve, reject) => {
+      c.on("data", (d: Buffer) => {
+        if (bodyAt === -1) {
+          received = Buffer.concat([received, d])
+          const end = received.indexOf("\r\n\r\n")
+          if (end === -1) return
+          bodyAt = end + 4
+          d = received.subarray(bodyAt)
+        }
+        if (firstBad === -1 && !patternBytes(at, d.length).equals(d)) firstBad = at
+        at += d.length
+        if (at >= total) resolve()
+      })
+      c.on("close", () => (at >= total ? resolve() : reject(new Error(`closed after ${at} bytes`))))
+      c.resume()
+    })
+    c.destroy()
+    assert.strictEqual(at, total)
+    assert.strictEqual(firstBad, -1)
   })
 
   it("relays interim responses and answers Expect: 100-continue itself", async () => {

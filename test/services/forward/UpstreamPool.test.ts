@@ -1,0 +1,100 @@
+import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
+import * as fs from "node:fs"
+import * as net from "node:net"
+import * as os from "node:os"
+import * as path from "node:path"
+import { setTimeout as sleep } from "node:timers/promises"
+import { unixUpstream } from "../../../src/services/forward/Upstream.ts"
+import {
+  type ConnectionOwner,
+  type PooledConnection,
+  UPSTREAM_READ_BUFFER_BYTES,
+  UPSTREAM_READ_BUFFER_MAX_BYTES,
+  UpstreamPool
+} from "../../../src/services/forward/UpstreamPool.ts"
+import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
+
+const BURST = 4 * 1024 * 1024
+
+let before: HandleCounts
+let dir: string
+let server: net.Server
+const sockets = new Set<net.Socket>()
+
+/** Each line received is answered with `BURST` bytes written at once. */
+const startServer = async (socketPath: string): Promise<net.Server> => {
+  const s = net.createServer((socket) => {
+    sockets.add(socket)
+    socket.on("close", () => sockets.delete(socket))
+    socket.on("data", () => socket.write(Buffer.alloc(BURST, 0x61)))
+  })
+  await new Promise<void>((resolve) => s.listen(socketPath, resolve))
+  return s
+}
+
+const waitFor = async (what: string, cond: () => boolean): Promise<void> => {
+  for (let i = 0; i < 500; i++) {
+    if (cond()) return
+    await sleep(10)
+  }
+  throw new Error(`timed out waiting for ${what}`)
+}
+
+/** An exchange: records the size of every read it is given until `BURST` bytes came. */
+const exchange = (pool: UpstreamPool, reads: Array<number>): Promise<PooledConnection> =>
+  new Promise((resolve, reject) => {
+    let got = 0
+    pool.acquire({
+      granted: (conn) => {
+        const owner: ConnectionOwner = {
+          upstreamData: (chunk) => {
+            reads.push(chunk.length)
+            got += chunk.length
+            if (got === BURST) {
+              pool.release(conn, true)
+              resolve(conn)
+            }
+          },
+          upstreamEnd: () => reject(new Error("ended")),
+          upstreamClose: () => reject(new Error("closed")),
+          upstreamDrain: () => {}
+        }
+        conn.owner = owner
+        conn.socket.write("go\n")
+      },
+      refused: (message) => reject(new Error(message))
+    }, false)
+  })
+
+beforeEach(async () => {
+  before = activeHandles()
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-pool-test-"))
+  server = await startServer(path.join(dir, "up.sock"))
+})
+
+afterEach(async () => {
+  for (const s of sockets) s.destroy()
+  await new Promise<void>((resolve) => server.close(() => resolve()))
+  fs.rmSync(dir, { recursive: true, force: true })
+  await expectNoLeaks(before)
+})
+
+describe("UpstreamPool", () => {
+  it("reads a streaming response in large reads, and starts the next exchange with a small buffer again", async () => {
+    const pool = new UpstreamPool(unixUpstream(path.join(dir, "up.sock"), { maxSockets: 1, maxFreeSockets: 1 }), 1, 1, () => {})
+    const first: Array<number> = []
+    const conn = await exchange(pool, first)
+    assert.isAtMost(first[0]!, UPSTREAM_READ_BUFFER_BYTES)
+    assert.isAtMost(Math.max(...first), UPSTREAM_READ_BUFFER_MAX_BYTES)
+    // A full small buffer made the next reads larger than it.
+    assert.isAbove(Math.max(...first), UPSTREAM_READ_BUFFER_BYTES)
+    assert.deepStrictEqual(pool.stats(), { busy: 0, idle: 1, waiting: 0 })
+    const second: Array<number> = []
+    const again = await exchange(pool, second)
+    assert.strictEqual(again, conn, "the idle connection was reused")
+    assert.isAtMost(second[0]!, UPSTREAM_READ_BUFFER_BYTES)
+    assert.isAbove(Math.max(...second), UPSTREAM_READ_BUFFER_BYTES)
+    pool.close()
+    await waitFor("the connection to close", () => conn.socket.destroyed && sockets.size === 0)
+  })
+})
