@@ -2,25 +2,27 @@
  * The yamux-over-WebSocket figures of `npm run bench -- websocket`: a public caller → gateway public
  * port → yamux stream inside one WebSocket (`ws://…/tunnel`) → tunnel client → the backend's HTTP server,
  * against calling the same server directly, interleaved in one run on loopback. Small-request rate with
- * 20 concurrent keep-alive callers (median of bounded rounds) and a 100 MiB download, with masked
- * (the `ws://` default) and unmasked client frames, and the TCP control port for comparison; then the download with the far side (backend and
- * tunnel client) in a worker thread, as on another machine.
+ * 20 concurrent keep-alive Node callers (median of bounded rounds, everything in the bench process),
+ * with masked (the `ws://` default) and unmasked client frames and the TCP control port for comparison;
+ * then a 100 MiB download by curl with the gateway and the far side (tunnel client and backend) each in
+ * its own process, against the backend alone in its process.
  */
 import * as http from "node:http"
 import type * as net from "node:net"
-import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads"
 import { Context, Effect, Exit, Layer, Redacted, Scope, Stream } from "effect"
 import * as NodeTransport from "../src/runtime/NodeTransport.ts"
 import { type GatewayTarget, TunnelClient } from "../src/services/client/TunnelClient.ts"
 import { ControlPort } from "../src/services/front/ControlPort.ts"
-import { mbps, now, quantile, report } from "./support.ts"
+import { announce, closeOnSignal, curlDownload, type RoleProcess, RoleVariable, startRole } from "./roles.ts"
+import { now, quantile, report } from "./support.ts"
 
 const callers = 20
 /** Each load round stops at whichever comes first; rounds of the paths are interleaved. */
 const maxRequests = 20_000
 const maxMillis = 600
 const loadRounds = 5
-const downloadRounds = 2
+/** Download rounds per path, interleaved (the best is reported; the first also warms the processes). */
+const downloadRounds = 3
 const downloadBytes = 100 * 1024 * 1024
 const sliceBytes = 64 * 1024
 const smallBody = Buffer.from("ok")
@@ -73,16 +75,6 @@ const load = async (port: number): Promise<number> => {
   return done / (elapsed / 1000)
 }
 
-const download = async (port: number): Promise<number> => {
-  const agent = new http.Agent({ keepAlive: false })
-  const start = now()
-  const n = await get(agent, port, "/big")
-  const elapsed = now() - start
-  agent.destroy()
-  if (n !== downloadBytes) throw new Error(`downloaded ${n} bytes, expected ${downloadBytes}`)
-  return mbps(n, elapsed)
-}
-
 const listenLoopback = (server: http.Server): Promise<number> =>
   new Promise((resolve) => server.listen(0, "127.0.0.1", () => resolve((server.address() as net.AddressInfo).port)))
 
@@ -92,6 +84,17 @@ const freeLoopbackPort = async (): Promise<number> => {
   await new Promise<void>((resolve) => probe.close(() => resolve()))
   return port
 }
+
+const benchToken = Redacted.make("bench")
+
+const gatewayLayer = ControlPort.gatewayLayer({
+  control: {
+    address: { host: "127.0.0.1", port: 0 },
+    tokens: [{ name: "bench", token: benchToken, ports: [{ from: 1024, to: 65_535 }] }],
+    websocket: { address: { host: "127.0.0.1", port: 0 } }
+  },
+  publicHost: "127.0.0.1"
+}).pipe(Layer.provide(NodeTransport.layer))
 
 /** A tunnel client serving `handler` on a fresh public port of the gateway; resolves to that port. */
 const startTunnel = async (scope: Scope.Scope, url: string, token: Redacted.Redacted<string>, maskFrames: boolean) =>
@@ -119,46 +122,79 @@ const startTunnelOn = async (scope: Scope.Scope, url: string, token: Redacted.Re
   return publicPort
 }
 
-interface FarSideData {
-  readonly yamuxFarSide: true
-  readonly url: string
-  readonly publicPort: number
-  readonly maskFrames: boolean
-}
+// ---------------------------------------------------------------------------------------------------
+// Child roles for the downloads: the gateway, a tunnel client with its backend, the backend alone.
 
-/** Worker body: the backend and its tunnel client; stops on any message. */
-const runFarSide = async (data: FarSideData): Promise<void> => {
-  const scope = Effect.runSync(Scope.make())
-  await startTunnelOn(scope, data.url, Redacted.make("bench"), data.maskFrames, data.publicPort)
-  parentPort!.postMessage("ready")
-  parentPort!.once("message", async () => {
-    await Effect.runPromise(Scope.close(scope, Exit.void))
-    parentPort!.close()
-  })
+const role = process.env[RoleVariable]
+if (role === "yamux-gateway") {
+  const scope = Scope.makeUnsafe()
+  const gateway = Context.get(await Effect.runPromise(Layer.buildWithScope(gatewayLayer, scope)), ControlPort)
+  announce("ws", gateway.webSocketAddress!.port)
+  announce("control", gateway.address.port)
+  announce("ready")
+  closeOnSignal(() => Effect.runPromise(Scope.close(scope, Exit.void)))
 }
-
-if (!isMainThread && (workerData as Partial<FarSideData> | undefined)?.yamuxFarSide === true) {
-  await runFarSide(workerData as FarSideData)
+if (role === "yamux-far-side") {
+  const scope = Scope.makeUnsafe()
+  await startTunnelOn(
+    scope,
+    process.env.SWITCHYARD_YAMUX_BENCH_URL!,
+    benchToken,
+    process.env.SWITCHYARD_YAMUX_BENCH_MASK === "1",
+    Number(process.env.SWITCHYARD_YAMUX_BENCH_PUBLIC_PORT)
+  )
+  announce("ready")
+  closeOnSignal(() => Effect.runPromise(Scope.close(scope, Exit.void)))
 }
-
-/** The 100 MiB download with the backend and tunnel client in a worker thread; best of the rounds. */
-const splitDownload = async (url: string, maskFrames: boolean): Promise<number> => {
-  const publicPort = await freeLoopbackPort()
-  const worker = new Worker(new URL(import.meta.url), { workerData: { yamuxFarSide: true, url, publicPort, maskFrames } satisfies FarSideData })
-  try {
-    await new Promise<void>((resolve, reject) => {
-      worker.once("message", () => resolve())
-      worker.once("error", reject)
+if (role === "yamux-backend") {
+  const backend = http.createServer(handler)
+  announce("port", await listenLoopback(backend))
+  announce("ready")
+  closeOnSignal(() =>
+    new Promise<void>((resolve) => {
+      backend.close(() => resolve())
+      backend.closeAllConnections()
     })
-    let best = 0
-    // one more round than in one thread: the first also warms the worker's code
-    for (let round = 0; round <= downloadRounds; round++) best = Math.max(best, await download(publicPort))
+  )
+}
+
+/**
+ * The 100 MiB downloads with curl: directly from a backend process, and through a gateway process and a
+ * tunnel client process (its backend in the same process, as a deployment runs it) over a masked and an
+ * unmasked WebSocket and over the TCP control port; best of interleaved rounds.
+ */
+const processDownloads = async (): Promise<Map<string, number>> => {
+  const file = import.meta.filename
+  const started: Array<RoleProcess> = []
+  try {
+    const backend = await startRole(file, "yamux-backend")
+    started.push(backend)
+    const gateway = await startRole(file, "yamux-gateway")
+    started.push(gateway)
+    const wsUrl = `ws://127.0.0.1:${await gateway.value("ws")}/tunnel`
+    const tcp = `127.0.0.1:${await gateway.value("control")}`
+    const farSide = async (url: string, mask: boolean) => {
+      const publicPort = await freeLoopbackPort()
+      started.push(await startRole(file, "yamux-far-side", {
+        SWITCHYARD_YAMUX_BENCH_URL: url,
+        SWITCHYARD_YAMUX_BENCH_MASK: mask ? "1" : "0",
+        SWITCHYARD_YAMUX_BENCH_PUBLIC_PORT: String(publicPort)
+      }))
+      return publicPort
+    }
+    const paths = [
+      { name: "yamux_direct", port: Number(await backend.value("port")) },
+      { name: "yamux", port: await farSide(wsUrl, true) },
+      { name: "yamux_unmasked", port: await farSide(wsUrl, false) },
+      { name: "yamux_tcp", port: await farSide(tcp, false) }
+    ]
+    const best = new Map<string, number>(paths.map((p) => [p.name, 0]))
+    for (let round = 0; round < downloadRounds; round++) {
+      for (const p of paths) best.set(p.name, Math.max(best.get(p.name)!, await curlDownload(`http://127.0.0.1:${p.port}/big`, downloadBytes)))
+    }
     return best
   } finally {
-    await new Promise<void>((resolve) => {
-      worker.once("exit", () => resolve())
-      worker.postMessage("stop")
-    })
+    for (const p of started.reverse()) await p.stop()
   }
 }
 
@@ -168,18 +204,8 @@ export const runYamuxOverWebSocket = async (suite: string): Promise<void> => {
   const directPort = await listenLoopback(direct)
   const scope = Effect.runSync(Scope.make())
   try {
-    const token = Redacted.make("bench")
-    const gateway = await Effect.runPromise(Layer.buildWithScope(
-      ControlPort.gatewayLayer({
-        control: {
-          address: { host: "127.0.0.1", port: 0 },
-          tokens: [{ name: "bench", token, ports: [{ from: 1024, to: 65_535 }] }],
-          websocket: { address: { host: "127.0.0.1", port: 0 } }
-        },
-        publicHost: "127.0.0.1"
-      }).pipe(Layer.provide(NodeTransport.layer)),
-      scope
-    ))
+    const token = benchToken
+    const gateway = await Effect.runPromise(Layer.buildWithScope(gatewayLayer, scope))
     const wsPort = Context.get(gateway, ControlPort).webSocketAddress!.port
     const url = `ws://127.0.0.1:${wsPort}/tunnel`
     const masked = await startTunnel(scope, url, token, true)
@@ -196,10 +222,6 @@ export const runYamuxOverWebSocket = async (suite: string): Promise<void> => {
     for (let round = 0; round < loadRounds; round++) {
       for (const p of paths) rates.get(p.name)!.push(await load(p.port))
     }
-    const downloads = new Map<string, Array<number>>(paths.map((p) => [p.name, []]))
-    for (let round = 0; round < downloadRounds; round++) {
-      for (const p of paths) downloads.get(p.name)!.push(await download(p.port))
-    }
     const baseline = quantile(rates.get("direct")!, 0.5)
     const yamux = quantile(rates.get("yamux")!, 0.5)
     const yamuxUnmasked = quantile(rates.get("yamux_unmasked")!, 0.5)
@@ -209,12 +231,7 @@ export const runYamuxOverWebSocket = async (suite: string): Promise<void> => {
     report(suite, "yamux_unmasked_req_per_s", yamuxUnmasked, "req/s")
     report(suite, "yamux_unmasked_ratio", yamuxUnmasked / baseline, "x direct")
     report(suite, "yamux_tcp_ratio", quantile(rates.get("yamux_tcp")!, 0.5) / baseline, "x direct")
-    report(suite, "download_100MiB_yamux_direct", Math.max(...downloads.get("direct")!), "MB/s")
-    report(suite, "download_100MiB_yamux", Math.max(...downloads.get("yamux")!), "MB/s")
-    report(suite, "download_100MiB_yamux_unmasked", Math.max(...downloads.get("yamux_unmasked")!), "MB/s")
-    report(suite, "download_100MiB_yamux_tcp", Math.max(...downloads.get("yamux_tcp")!), "MB/s")
-    report(suite, "download_100MiB_yamux_2threads", await splitDownload(url, true), "MB/s")
-    report(suite, "download_100MiB_yamux_unmasked_2threads", await splitDownload(url, false), "MB/s")
+    for (const [name, value] of await processDownloads()) report(suite, `download_100MiB_${name}`, value, "MB/s")
   } finally {
     await Effect.runPromise(Scope.close(scope, Exit.void))
     direct.closeAllConnections()

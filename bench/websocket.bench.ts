@@ -1,19 +1,19 @@
 /**
  * `npm run bench -- websocket`: the wsp-compatible path (caller → wsp-server → WebSocket pool →
  * wsp-client → destination) against calling the same destination directly, in one run, on loopback.
- * Figures: small-response requests per second with 20 concurrent callers, and a 100 MiB download,
- * all in one thread, and the download again with the far side (destination and wsp-client) in a
- * worker thread, as it runs on another machine in a deployment. Then the control-port protocol over one
- * WebSocket (yamux over WebSocket) against direct, from `websocket-yamux.ts`.
+ * Figures: small-response requests per second with 20 concurrent Node callers, everything in the bench
+ * process; and a 100 MiB download by curl, with the destination, the wsp-server and the wsp-client each
+ * in its own process, as in a deployment. Then the control-port protocol over one WebSocket (yamux over
+ * WebSocket) against direct, from `websocket-yamux.ts`.
  */
 import * as http from "node:http"
-import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads"
 import { Effect, Exit, Redacted, Scope } from "effect"
 import { allowAll, compileRules, RulePatternError } from "../src/domain/DestinationRules.ts"
 import type { DestinationRules } from "../src/domain/DestinationRules.ts"
 import { makeWspClient } from "../src/services/client/WspClient.ts"
 import { makeWspServer } from "../src/services/front/WspServer.ts"
-import { mbps, now, quantile, report } from "./support.ts"
+import { announce, closeOnSignal, curlDownload, type RoleProcess, RoleVariable, startRole } from "./roles.ts"
+import { now, quantile, report } from "./support.ts"
 import { runYamuxOverWebSocket } from "./websocket-yamux.ts"
 
 const suite = "websocket"
@@ -22,7 +22,8 @@ const callers = 20
 const maxRequests = 20_000
 const maxMillis = 600
 const loadRounds = 5
-const downloadRounds = 2
+/** Download rounds per path, interleaved (the best is reported; the first also warms the processes). */
+const downloadRounds = 3
 const downloadBytes = 100 * 1024 * 1024
 const smallBody = Buffer.from("ok")
 
@@ -89,16 +90,6 @@ const load = async (port: number, path: string, headers: Record<string, string>)
   return done / (elapsed / 1000)
 }
 
-const download = async (port: number, path: string, headers: Record<string, string>): Promise<number> => {
-  const agent = new http.Agent({ keepAlive: false })
-  const start = now()
-  const n = await get(agent, port, path, headers)
-  const elapsed = now() - start
-  agent.destroy()
-  if (n !== downloadBytes) throw new Error(`downloaded ${n} bytes, expected ${downloadBytes}`)
-  return mbps(n, elapsed)
-}
-
 const serverSettings = {
   host: "127.0.0.1",
   port: 0,
@@ -142,94 +133,105 @@ const startTunnel = async (scope: Scope.Scope, destinationPort: number, maskFram
   return server.address.port
 }
 
-/** What the far-side worker reports once it is up. */
-interface FarSideReady {
-  readonly destinationPort: number
-}
+// ---------------------------------------------------------------------------------------------------
+// Child roles for the downloads: the destination, a wsp-server, a wsp-client, each in its own process.
 
-/** Worker body: a destination and, when given a server port, a wsp-client for it. Stops on any message. */
-const runFarSide = async (serverPort: number | undefined): Promise<void> => {
+const role = process.env[RoleVariable]
+if (role === "ws-destination") {
   const dest = await startDestination()
-  const scope = Effect.runSync(Scope.make())
-  if (serverPort !== undefined) {
-    await Effect.runPromise(makeWspClient(clientSettings(serverPort, dest.port, true)).pipe(Scope.provide(scope)))
-  }
-  parentPort!.postMessage({ destinationPort: dest.port } satisfies FarSideReady)
-  parentPort!.once("message", async () => {
-    await Effect.runPromise(Scope.close(scope, Exit.void))
-    dest.server.closeAllConnections()
-    dest.server.close(() => parentPort!.close())
-  })
+  announce("port", dest.port)
+  announce("ready")
+  closeOnSignal(() =>
+    new Promise<void>((resolve) => {
+      dest.server.close(() => resolve())
+      dest.server.closeAllConnections()
+    })
+  )
 }
-
-const startFarSide = async (serverPort: number | undefined) => {
-  const worker = new Worker(new URL(import.meta.url), { workerData: { farSide: true, serverPort } })
-  const ready = await new Promise<FarSideReady>((resolve, reject) => {
-    worker.once("message", resolve)
-    worker.once("error", reject)
-  })
-  return {
-    destinationPort: ready.destinationPort,
-    stop: () =>
-      new Promise<void>((resolve) => {
-        worker.once("exit", () => resolve())
-        worker.postMessage("stop")
-      })
-  }
-}
-
-if (!isMainThread && (workerData as { farSide?: boolean } | undefined)?.farSide === true) {
-  await runFarSide((workerData as { serverPort?: number }).serverPort)
-}
-
-/** The 100 MiB download with the far side in a worker: direct, then through the tunnel. */
-const splitDownloads = async (): Promise<{ direct: number; wsp: number }> => {
-  // best of the rounds, the first of which also warms the worker's code
-  const plain = await startFarSide(undefined)
-  let direct = 0
-  for (let round = 0; round < downloadRounds; round++) direct = Math.max(direct, await download(plain.destinationPort, "/big", {}))
-  await plain.stop()
-  const scope = Effect.runSync(Scope.make())
-  try {
-    const server = await Effect.runPromise(makeWspServer(serverSettings).pipe(Scope.provide(scope)))
-    const far = await startFarSide(server.address.port)
-    try {
-      const deadline = Date.now() + 5000
-      while (server.stats().idle < callers && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
-      const via = { "X-Proxy-Destination": `http://127.0.0.1:${far.destinationPort}/big` }
-      let wsp = 0
-      for (let round = 0; round < downloadRounds; round++) wsp = Math.max(wsp, await download(server.address.port, "/request", via))
-      return { direct, wsp }
-    } finally {
-      await far.stop()
+if (role === "wsp-server") {
+  const scope = Scope.makeUnsafe()
+  const server = await Effect.runPromise(makeWspServer(serverSettings).pipe(Scope.provide(scope)))
+  announce("port", server.address.port)
+  announce("ready")
+  const poll = setInterval(() => {
+    if (server.stats().idle >= callers) {
+      clearInterval(poll)
+      announce("pool")
     }
+  }, 10)
+  closeOnSignal(() => {
+    clearInterval(poll)
+    return Effect.runPromise(Scope.close(scope, Exit.void))
+  })
+}
+if (role === "wsp-client") {
+  const scope = Scope.makeUnsafe()
+  const settings = clientSettings(
+    Number(process.env.SWITCHYARD_WSP_BENCH_SERVER),
+    Number(process.env.SWITCHYARD_WSP_BENCH_DESTINATION),
+    process.env.SWITCHYARD_WSP_BENCH_MASK === "1"
+  )
+  await Effect.runPromise(makeWspClient(settings).pipe(Scope.provide(scope)))
+  announce("ready")
+  closeOnSignal(() => Effect.runPromise(Scope.close(scope, Exit.void)))
+}
+
+/**
+ * The 100 MiB downloads with curl: directly from the destination process, and through a wsp-server
+ * process and a wsp-client process (masked and unmasked client frames); best of interleaved rounds.
+ */
+const processDownloads = async (): Promise<Map<string, number>> => {
+  const file = import.meta.filename
+  const started: Array<RoleProcess> = []
+  try {
+    const dest = await startRole(file, "ws-destination")
+    started.push(dest)
+    const destinationPort = await dest.value("port")
+    const tunnelPort = async (mask: boolean) => {
+      const server = await startRole(file, "wsp-server")
+      started.push(server)
+      const port = await server.value("port")
+      started.push(await startRole(file, "wsp-client", {
+        SWITCHYARD_WSP_BENCH_SERVER: port,
+        SWITCHYARD_WSP_BENCH_DESTINATION: destinationPort,
+        SWITCHYARD_WSP_BENCH_MASK: mask ? "1" : "0"
+      }))
+      await server.value("pool")
+      return port
+    }
+    const via = [`X-Proxy-Destination: http://127.0.0.1:${destinationPort}/big`]
+    const paths = [
+      { name: "direct", url: `http://127.0.0.1:${destinationPort}/big`, headers: [] as Array<string> },
+      { name: "wsp", url: `http://127.0.0.1:${await tunnelPort(true)}/request`, headers: via },
+      { name: "wsp_unmasked", url: `http://127.0.0.1:${await tunnelPort(false)}/request`, headers: via }
+    ]
+    const best = new Map<string, number>(paths.map((p) => [p.name, 0]))
+    for (let round = 0; round < downloadRounds; round++) {
+      for (const p of paths) best.set(p.name, Math.max(best.get(p.name)!, await curlDownload(p.url, downloadBytes, p.headers)))
+    }
+    return best
   } finally {
-    await Effect.runPromise(Scope.close(scope, Exit.void))
+    for (const p of started.reverse()) await p.stop()
   }
 }
 
 export const run = async (): Promise<void> => {
   const dest = await startDestination()
   const via = { "X-Proxy-Destination": `http://127.0.0.1:${dest.port}/small` }
-  const viaBig = { "X-Proxy-Destination": `http://127.0.0.1:${dest.port}/big` }
   const scope = Effect.runSync(Scope.make())
   try {
     const masked = await startTunnel(scope, dest.port, true)
     const unmasked = await startTunnel(scope, dest.port, false)
     const paths = [
-      { name: "direct", port: dest.port, path: "/small", big: "/big", headers: {}, bigHeaders: {} },
-      { name: "wsp", port: masked, path: "/request", big: "/request", headers: via, bigHeaders: viaBig },
-      { name: "wsp_unmasked", port: unmasked, path: "/request", big: "/request", headers: via, bigHeaders: viaBig }
+      { name: "direct", port: dest.port, path: "/small", headers: {} },
+      { name: "wsp", port: masked, path: "/request", headers: via },
+      { name: "wsp_unmasked", port: unmasked, path: "/request", headers: via }
     ]
     // rounds alternate between the paths so that load from elsewhere on the machine hits all alike
     const rates = new Map<string, Array<number>>(paths.map((p) => [p.name, []]))
     for (const p of paths) await load(p.port, p.path, p.headers)
     for (let round = 0; round < loadRounds; round++) {
       for (const p of paths) rates.get(p.name)!.push(await load(p.port, p.path, p.headers))
-    }
-    const downloads = new Map<string, Array<number>>(paths.map((p) => [p.name, []]))
-    for (let round = 0; round < downloadRounds; round++) {
-      for (const p of paths) downloads.get(p.name)!.push(await download(p.port, p.big, p.bigHeaders))
     }
     const direct = quantile(rates.get("direct")!, 0.5)
     report(suite, "small_direct", direct, "req/s")
@@ -238,10 +240,7 @@ export const run = async (): Promise<void> => {
       report(suite, `small_${name}`, rate, "req/s")
       report(suite, `small_${name}_ratio`, rate / direct, "x direct")
     }
-    for (const p of paths) report(suite, `download_100MiB_${p.name}`, Math.max(...downloads.get(p.name)!), "MB/s")
-    const split = await splitDownloads()
-    report(suite, "download_100MiB_direct_2threads", split.direct, "MB/s")
-    report(suite, "download_100MiB_wsp_2threads", split.wsp, "MB/s")
+    for (const [name, value] of await processDownloads()) report(suite, `download_100MiB_${name}`, value, "MB/s")
     await runYamuxOverWebSocket(suite)
   } finally {
     await Effect.runPromise(Scope.close(scope, Exit.void))
