@@ -5,7 +5,8 @@
  * the tunnel clients and the backend in the bench process. Figures: small-response req/s and ratio, p50
  * and p99 added latency, a 100 MiB download, the gateway's RSS per idle backend session (1,000 sessions),
  * and the time from a backend's reconnect to the first answer to requests queued while it was away.
- * Every load is bounded in time.
+ * Every load is bounded in time. `SWITCHYARD_TUNNEL_BENCH_NODE_PATH=1` runs the gateway's public ports on
+ * Node's `http` objects instead of the raw HTTP/1.1 engine, for comparison.
  */
 import { type ChildProcess, execFile, spawn } from "node:child_process"
 import * as fs from "node:fs"
@@ -22,9 +23,9 @@ const benchToken = "bench-token"
 /** wrk: one thread (two cores are shared by wrk, the gateway and the backend), bounded time. */
 const wrkThreads = 1
 const wrkConnections = 32
-const wrkSeconds = 2
+const wrkSeconds = 1
 /** Interleaved load rounds per path (median reported). */
-const loadRounds = 2
+const loadRounds = 3
 const downloadBytes = 100 * 1024 * 1024
 const downloadRounds = 2
 const sliceBytes = 64 * 1024
@@ -54,7 +55,8 @@ const gatewayMain = async () => {
         maxSessionsPerToken: idleSessions + 16
       },
       publicHost: "127.0.0.1",
-      registry: { gracePeriod: Duration.millis(gracePeriodMs) }
+      registry: { gracePeriod: Duration.millis(gracePeriodMs) },
+      rawEngine: process.env.SWITCHYARD_TUNNEL_BENCH_NODE_PATH !== "1"
     }).pipe(Layer.provide(NodeTransport.layer)),
     scope
   ))
