@@ -111,6 +111,12 @@ export const ServerFile = Schema.Struct({
   response_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "Time allowed for a backend's response head (0 = none)", default: 0 })),
   idle_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "Idle limit on responses and upgraded connections (0 = none)", default: 0 })),
   drain_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "On SIGTERM/SIGINT, time in-flight requests get to finish", default: 30_000 })),
+  request_metrics: Schema.optionalKey(
+    Schema.Boolean.annotate({
+      description: "Per-request metrics, access log and X-Request-Id on public HTTP ports; false serves them with the raw HTTP/1.1 engine instead (faster; sessions, routes, queue and dispatch metrics stay)",
+      default: true
+    })
+  ),
   reverse_h2: Schema.optionalKey(Schema.Struct({
     enabled: Schema.optionalKey(Schema.Boolean.annotate({ description: "Serve the reverse-HTTP/2 tunnel port", default: false })),
     address: Schema.optionalKey(Address.annotate({ description: "Reverse-HTTP/2 tunnel port address", default: "127.0.0.1:9443" })),

@@ -126,6 +126,26 @@ describe("runGateway", () => {
       assert.strictEqual(reloads("rejected"), 1)
     }).pipe(Effect.scoped))
 
+  it.live("with request_metrics off, public ports run the raw engine and dispatch metrics still move", () =>
+    Effect.gen(function*() {
+      const handle = yield* runGateway({ control: { address: "127.0.0.1:0", token: Redacted.make(Token) }, admin: { enabled: false }, request_metrics: false })
+      const port = yield* Effect.promise(freePort)
+      const tunnel = yield* Effect.acquireRelease(
+        Effect.promise(() => listen({ port, http: { pathPrefix: "/app" } }, { server: `127.0.0.1:${handle.control.port}`, token: Token })),
+        (t) => Effect.promise(() => new Promise<void>((resolve) => t.close(() => resolve())))
+      )
+      const app = tunnel.serve(http.createServer((_req, res) => res.end("raw")))
+      yield* Effect.addFinalizer(() => Effect.sync(() => app.close()))
+      assert.strictEqual((yield* Effect.promise(() => get(port, "/app"))).body, "raw")
+      assert.strictEqual((yield* Effect.promise(() => get(port, "/other"))).status, 404)
+      const metrics = handle.metrics.registry.render()
+      assert.strictEqual(sample(metrics, "switchyard_queue_wait_seconds_count", { front_door: "public" }), 2)
+      assert.strictEqual(sample(metrics, "switchyard_requests_total", { route: "(no route)", status_class: "4xx" }), 1)
+      assert.strictEqual(sample(metrics, "switchyard_request_duration_seconds_count"), 0)
+      const refused = yield* Effect.flip(runGateway({ control: { token: Redacted.make(Token) }, request_metrics: false, log: { access_log: true } }))
+      assert.include(refused.message, "log.access_log")
+    }).pipe(Effect.scoped))
+
   it.live("registers its metrics on a Metrics service the embedding app provides", () =>
     Effect.gen(function*() {
       const shared = yield* Metrics

@@ -97,9 +97,14 @@ export const grantsOf = (file: ServerFile): Array<TokenGrant> | ConfigLoadError 
   return grants
 }
 
-/** Refuses reverse-HTTP/2 plain mode (no authentication) off loopback unless explicitly allowed. */
-const checkPlainMode = (file: ServerFile, address: HostPort): ConfigLoadError | undefined =>
-  (file.reverse_h2?.enabled ?? false) && (file.reverse_h2?.plain ?? false) && !isLoopbackHost(address.host) &&
+/**
+ * Refuses reverse-HTTP/2 plain mode (no authentication) off loopback unless explicitly allowed, and an
+ * access log without the per-request instruments that write it.
+ */
+const checkModes = (file: ServerFile, address: HostPort): ConfigLoadError | undefined =>
+  file.request_metrics === false && file.log?.access_log === true
+    ? invalid("log.access_log", "needs request_metrics (the access log is written by the per-request instruments)")
+    : (file.reverse_h2?.enabled ?? false) && (file.reverse_h2?.plain ?? false) && !isLoopbackHost(address.host) &&
     file.reverse_h2?.allow_remote_plain !== true
     ? invalid(
       "reverse_h2.plain",
@@ -120,7 +125,7 @@ export const checkServerFile = (file: ServerFile): ConfigLoadError | undefined =
   if (h2 instanceof ConfigLoadError) return h2
   const grants = grantsOf(file)
   if (grants instanceof ConfigLoadError) return grants
-  return checkPlainMode(file, h2)
+  return checkModes(file, h2)
 }
 
 /** Writes a fresh random token to a file only this user can read; removed when the scope closes. */
@@ -156,6 +161,25 @@ interface RouteInstruments {
 }
 
 const frontDoorOf = (lease: Lease): string => lease.backend.forwardHttp !== undefined ? "reverse_h2" : "control"
+
+/**
+ * Records each request's wait for a backend, and counts requests that found none: 404 (no route) or
+ * 503 (none live, or too many waiting). Works on both public HTTP paths (Node objects and raw engine).
+ */
+export const dispatchObserver = (metrics: MetricsShape) => {
+  const queueWait = metrics.queueWait.labels("public")
+  const undispatched = new Map<string, CounterChild>()
+  return (waitedMs: number, error: DispatchError | undefined): void => {
+    queueWait.observe(waitedMs / 1000)
+    if (error === undefined) return
+    let counter = undispatched.get(error.reason)
+    if (counter === undefined) {
+      counter = metrics.requests.labels("public", error.reason === "NoRoute" ? "(no route)" : "(no backend)", statusClass(error.status))
+      undispatched.set(error.reason, counter)
+    }
+    counter.inc()
+  }
+}
 
 /**
  * Wraps the forwarding handlers: a request id on every request (kept or generated, sent to the backend
@@ -212,21 +236,8 @@ export const instrumentHandlers = (
     last.written = written
     return delta
   }
-  // requests that found no backend: 404 (no route) or 503 (none live, or too many waiting)
-  const queueWait = metrics.queueWait.labels("public")
-  const undispatched = new Map<string, { inc: (n?: number) => void }>()
-  const observeDispatch = (waitedMs: number, error: DispatchError | undefined) => {
-    queueWait.observe(waitedMs / 1000)
-    if (error === undefined) return
-    let counter = undispatched.get(error.reason)
-    if (counter === undefined) {
-      counter = metrics.requests.labels("public", error.reason === "NoRoute" ? "(no route)" : "(no backend)", statusClass(error.status))
-      undispatched.set(error.reason, counter)
-    }
-    counter.inc()
-  }
   return {
-    observeDispatch,
+    observeDispatch: dispatchObserver(metrics),
     handleRequest: (req, res, lease) => {
       const started = performance.now()
       const instruments = instrumentsFor(lease)
@@ -308,7 +319,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   const h2Address = addressAt("reverse_h2.address", file.reverse_h2?.address, DefaultReverseH2Text)
   if (h2Address instanceof ConfigLoadError) return yield* h2Address
   const plain = file.reverse_h2?.plain ?? false
-  const unsafe = checkPlainMode(file, h2Address)
+  const unsafe = checkModes(file, h2Address)
   if (unsafe !== undefined) return yield* unsafe
   let grants = grantsOf(file)
   if (grants instanceof ConfigLoadError) return yield* grants
@@ -329,7 +340,9 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   const metrics = Option.getOrElse(yield* Effect.serviceOption(Metrics), makeMetrics)
   const recentErrors = makeRecentErrors()
   const access = Logging.accessLogger({ format: file.log?.format, accessLog: file.log?.access_log })
+
   const drainTimeout = file.drain_timeout_ms ?? DefaultDrainTimeoutMs
+  const requestMetrics = file.request_metrics ?? true
   let draining = false
   let live: { listeners: Context.Service.Shape<typeof Listeners>; registry: Context.Service.Shape<typeof Registry>; controlPort: Context.Service.Shape<typeof ControlPort>; h2: Context.Service.Shape<typeof ReverseH2> | undefined } | undefined
   const startedAt = new Date().toISOString()
@@ -396,7 +409,11 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     dispatcher: { maxWaiting: file.max_waiting },
     responseTimeoutMs: file.response_timeout_ms,
     idleTimeoutMs: file.idle_timeout_ms,
-    wrapHandlers: (handlers) => instrumentHandlers(handlers, metrics, access)
+    // per-request instruments need Node's request objects; without them the raw HTTP/1.1 engine serves
+    wrapHandlers: requestMetrics
+      ? (handlers) => instrumentHandlers(handlers, metrics, access)
+      : (handlers) => ({ ...handlers, observeDispatch: dispatchObserver(metrics) }),
+    rawEngine: !requestMetrics
   })
   const h2Layer: Layer.Layer<never, Error, Listeners> | Layer.Layer<ReverseH2, Error, Listeners> = h2Enabled
     ? ReverseH2.layer({
