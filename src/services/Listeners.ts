@@ -535,6 +535,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     return Effect.callback<PortListener, ListenerError>((resume) => {
       const onError = (error: NodeJS.ErrnoException) => {
         server.close()
+        void engine?.close(0)
         resume(Effect.fail(new ListenerError({ reason: "BindFailed", port, message: `cannot listen on ${host}:${port}: ${error.code ?? error.message}` })))
       }
       server.once("error", onError)
