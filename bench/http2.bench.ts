@@ -1,15 +1,14 @@
 /**
  * `npm run bench -- http2`: the reverse-HTTP/2 path (wrk → public port → gateway → HTTP/2 tunnel →
  * backend) against calling the same backend process directly over HTTP/1.1, in one run, on loopback.
- * The backend runs in a child process (this file, started with a role variable) and wrk in its own,
- * so the gateway's process only does the gateway's work. Figures: small-response req/s with 1 and 4
+ * The gateway and the backend each run in a child process (this file, started with a role variable),
+ * wrk and curl in their own, so each process only does its own side's work. Figures: small-response req/s with 1 and 4
  * tunnel connections, the ratio to direct, p99 added latency (32 concurrent, and one at a time), and a
  * 100 MiB download.
  */
-import { type ChildProcess, execFile, spawn } from "node:child_process"
+import { execFile } from "node:child_process"
 import * as http from "node:http"
 import type * as http2 from "node:http2"
-import { createInterface } from "node:readline"
 import { Context, Effect, Exit, Layer, Redacted, Scope } from "effect"
 import { Dispatcher } from "../src/services/Dispatcher.ts"
 import { Forwarder } from "../src/services/Forwarder.ts"
@@ -17,10 +16,10 @@ import { tcpUpstream } from "../src/services/forward/Upstream.ts"
 import { ReverseH2 } from "../src/services/front/ReverseH2.ts"
 import { forwardingHandlers, Listeners } from "../src/services/Listeners.ts"
 import { Registry } from "../src/services/Registry.ts"
-import { mbps, report } from "./support.ts"
+import { announce, closeOnSignal, curlDownload, type RoleProcess, RoleVariable, startRole } from "./roles.ts"
+import { report } from "./support.ts"
 
 const suite = "http2"
-const RoleVariable = "SWITCHYARD_HTTP2_BENCH_ROLE"
 /** wrk settings: one thread (two cores are shared with the gateway and the backend), bounded time. */
 const wrkThreads = 1
 const wrkConnections = 32
@@ -61,11 +60,14 @@ const handle = (url: string | undefined, res: Res, big: Buffer) => {
 }
 
 const backendMain = async () => {
+  closeOnSignal(async () => {
+    await Promise.all(tunnels.map((t) => t.close()))
+  })
   const { serveReverseHttp2 } = await import("../src/runtime/serveReverseHttp2.ts")
   const big = Buffer.alloc(downloadBytes, 0x5a)
   const direct = http.createServer((req, res) => handle(req.url, res, big))
   await new Promise<void>((resolve) => direct.listen(0, "127.0.0.1", resolve))
-  process.stdout.write(`direct ${(direct.address() as { port: number }).port}\n`)
+  announce("direct", (direct.address() as { port: number }).port)
   const handleH2 = (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
     req.resume()
     handle(req.url, res as unknown as Res, big)
@@ -79,49 +81,27 @@ const backendMain = async () => {
   const ready = setInterval(() => {
     if (tunnels.every((t, i) => t.connected() === backendCounts[i])) {
       clearInterval(ready)
-      process.stdout.write("ready\n")
+      announce("ready")
     }
   }, 10)
-  process.on("SIGTERM", () => {
-    void Promise.all(tunnels.map((t) => t.close())).then(() => process.exit(0))
-  })
 }
 
-if (process.env[RoleVariable] === "backend") await backendMain()
+if (process.env[RoleVariable] === "h2-backend") await backendMain()
 
 // ---------------------------------------------------------------------------------------------------
-// Gateway role.
+// Gateway role: the reverse-HTTP/2 gateway alone in its process.
 
-interface BackendProcess {
-  readonly child: ChildProcess
-  readonly directPort: number
+const gatewayMain = async () => {
+  const publicPorts = (process.env.SWITCHYARD_HTTP2_BENCH_PUBLIC_PORTS ?? "").split(",").map(Number)
+  const scope = Scope.makeUnsafe()
+  const context = await Effect.runPromise(Layer.buildWithScope(gatewayLayer(publicPorts), scope))
+  announce("port", Context.get(context, ReverseH2).address.port)
+  announce("ready")
+  closeOnSignal(() => Effect.runPromise(Scope.close(scope, Exit.void)))
 }
 
-const startBackend = (gatewayPort: number, publicPorts: ReadonlyMap<number, number>): Promise<BackendProcess> =>
-  new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [import.meta.filename], {
-      env: {
-        ...process.env,
-        [RoleVariable]: "backend",
-        SWITCHYARD_HTTP2_BENCH_GATEWAY: String(gatewayPort),
-        ...Object.fromEntries([...publicPorts].map(([n, port]) => [`SWITCHYARD_HTTP2_BENCH_PORT_${n}`, String(port)]))
-      },
-      stdio: ["ignore", "pipe", "inherit"]
-    })
-    child.once("error", reject)
-    let directPort = 0
-    createInterface({ input: child.stdout! }).on("line", (line) => {
-      if (line.startsWith("direct ")) directPort = Number(line.slice(7))
-      if (line === "ready") resolve({ child, directPort })
-    })
-  })
-
-const stopBackend = (backend: BackendProcess): Promise<void> =>
-  new Promise((resolve) => {
-    if (backend.child.exitCode !== null) return resolve()
-    backend.child.once("exit", () => resolve())
-    backend.child.kill("SIGTERM")
-  })
+// ---------------------------------------------------------------------------------------------------
+// Bench role: starts the gateway and the backend processes, runs wrk and curl against them.
 
 interface WrkResult {
   readonly rps: number
@@ -151,15 +131,7 @@ const wrk = (port: number, path: string, connections: number = wrkConnections): 
   })
 
 /** One download of /big with curl, in MB/s. */
-const download = async (port: number): Promise<number> => {
-  const out = await new Promise<string>((resolve, reject) =>
-    execFile("curl", ["-s", "-o", "/dev/null", "-w", "%{time_total} %{size_download} %{http_code}", `http://127.0.0.1:${port}/big`], (error, stdout) =>
-      error === null ? resolve(stdout) : reject(error))
-  )
-  const [seconds, size, status] = out.trim().split(" ")
-  if (Number(size) !== downloadBytes || status !== "200") throw new Error(`download failed: ${out}`)
-  return mbps(downloadBytes, Number(seconds) * 1000)
-}
+const download = (port: number): Promise<number> => curlDownload(`http://127.0.0.1:${port}/big`, downloadBytes)
 
 const gatewayLayer = (publicPorts: ReadonlyArray<number>) => {
   const core = Layer.unwrap(Effect.gen(function*() {
@@ -185,20 +157,26 @@ const freePort = (): Promise<number> =>
     })
   })
 
+if (process.env[RoleVariable] === "h2-gateway") await gatewayMain()
+
 const median = (values: ReadonlyArray<number>): number => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!
 
 export const run = async (): Promise<void> => {
   const publicPorts = new Map<number, number>()
   for (const n of backendCounts) publicPorts.set(n, await freePort())
-  const scope = Scope.makeUnsafe()
-  const context = await Effect.runPromise(Layer.buildWithScope(gatewayLayer([...publicPorts.values()]), scope))
-  const gateway = Context.get(context, ReverseH2)
-  const backend = await startBackend(gateway.address.port, publicPorts)
+  const file = import.meta.filename
+  const gateway = await startRole(file, "h2-gateway", { SWITCHYARD_HTTP2_BENCH_PUBLIC_PORTS: [...publicPorts.values()].join(",") })
+  let backend: RoleProcess | undefined
   try {
+    backend = await startRole(file, "h2-backend", {
+      SWITCHYARD_HTTP2_BENCH_GATEWAY: await gateway.value("port"),
+      ...Object.fromEntries([...publicPorts].map(([n, port]) => [`SWITCHYARD_HTTP2_BENCH_PORT_${n}`, String(port)]))
+    })
+    const directPort = Number(await backend.value("direct"))
     // rounds interleave the paths so that machine load hits them alike
     const rps = new Map<string, Array<number>>()
     const p99 = new Map<string, Array<number>>()
-    const paths: Array<readonly [string, number]> = [["direct", backend.directPort], ...[...publicPorts].map(([n, port]) => [`h2_${n}`, port] as const)]
+    const paths: Array<readonly [string, number]> = [["direct", directPort], ...[...publicPorts].map(([n, port]) => [`h2_${n}`, port] as const)]
     for (let round = 0; round < loadRounds; round++) {
       for (const [name, port] of paths) {
         const result = await wrk(port, "/")
@@ -219,7 +197,7 @@ export const run = async (): Promise<void> => {
     // one request at a time: the latency the gateway itself adds, without queueing behind other requests
     const single = { direct: [] as Array<number>, h2: [] as Array<number> }
     for (let round = 0; round < loadRounds; round++) {
-      single.direct.push((await wrk(backend.directPort, "/", 1)).p99Ms)
+      single.direct.push((await wrk(directPort, "/", 1)).p99Ms)
       single.h2.push((await wrk(publicPorts.get(1)!, "/", 1)).p99Ms)
     }
     report(suite, "direct_p99_one_at_a_time", median(single.direct), "ms")
@@ -227,13 +205,13 @@ export const run = async (): Promise<void> => {
     let directDownload = 0
     let tunnelDownload = 0
     for (let round = 0; round < downloadRounds; round++) {
-      directDownload = Math.max(directDownload, await download(backend.directPort))
+      directDownload = Math.max(directDownload, await download(directPort))
       tunnelDownload = Math.max(tunnelDownload, await download(publicPorts.get(1)!))
     }
     report(suite, "direct_download_100MiB", Math.round(directDownload), "MB/s")
     report(suite, "reverse_h2_download_100MiB", Math.round(tunnelDownload), "MB/s")
   } finally {
-    await stopBackend(backend)
-    await Effect.runPromise(Scope.close(scope, Exit.void))
+    await backend?.stop()
+    await gateway.stop()
   }
 }
