@@ -17,7 +17,7 @@ import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Sco
 import { normalizeHost, type PortKind, portKind, type RouteDefinition, requestPath, type RouteQuery } from "../domain/Route.ts"
 import type { Backend, ConnectionMeta, ConnectionProtocol } from "./Backend.ts"
 import { DispatchError, Dispatcher, type Lease } from "./Dispatcher.ts"
-import type { Admission, Http1Front, Http1Request, Http1Server, PendingAdmission } from "./forward/Http1Engine.ts"
+import type { Admission, Http1Exchange, Http1Front, Http1Outgoing, Http1Request, Http1Server, PendingAdmission } from "./forward/Http1Engine.ts"
 import type { ForwarderShape } from "./Forwarder.ts"
 import { Registry, type RegistryError } from "./Registry.ts"
 
@@ -99,6 +99,29 @@ export const forwardingHandlers = (forwarder: ForwarderShape): Pick<ListenersCon
   }
 })
 
+/**
+ * What per-request instruments add to one exchange on an engine port: request headers set on the head
+ * forwarded to the backend and response headers set on the head sent back (flat `[name, value, ...]`,
+ * each replacing headers of the same name), and an observer told once how the exchange went.
+ */
+export interface ExchangeTap {
+  readonly requestHeaders?: ReadonlyArray<string> | undefined
+  readonly responseHeaders?: ReadonlyArray<string> | undefined
+  readonly observe?: ((exchange: Http1Exchange) => void) | undefined
+}
+
+/** Sets headers on an outgoing request, dropping those of the same name it had. */
+const setRequestHeaders = (outgoing: Http1Outgoing, set: ReadonlyArray<string>): void => {
+  const h = outgoing.headers
+  for (let j = 0; j < set.length; j += 2) {
+    const name = set[j]!.toLowerCase()
+    for (let i = h.length - 2; i >= 0; i -= 2) {
+      if (h[i]!.length === name.length && h[i]!.toLowerCase() === name) h.splice(i, 2)
+    }
+  }
+  for (let j = 0; j < set.length; j++) h.push(set[j]!)
+}
+
 export interface ListenersConfig {
   /** Address public ports bind to (default all interfaces, `0.0.0.0`). */
   readonly host?: string | undefined
@@ -119,6 +142,13 @@ export interface ListenersConfig {
    * (so without what wraps them); backends with `forwardHttp` still get theirs, through the Node path.
    */
   readonly serveHttp1?: ((front: Http1Front) => Http1Server) | undefined
+  /**
+   * On engine ports, called for each request once it has a backend the engine forwards to (what
+   * `handleRequest` wrappers do on the Node path: request ids, per-route metrics, the access log). Not
+   * called for requests that found no backend (`observeDispatch` sees those) nor for connections handed
+   * to the Node server (which go through `handleRequest`).
+   */
+  readonly observeExchange?: ((request: Http1Request, lease: Lease) => ExchangeTap) | undefined
 }
 
 /** A public port could not be served. */
@@ -349,6 +379,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
    */
   const engineFront = (port: number, handoff: http.Server, secure: boolean): Http1Front => {
     const observe = config.observeDispatch
+    const tapExchange = config.observeExchange
     const toNode = (lease: Lease): Admission => {
       // The Node server dispatches again, request by request, from here on.
       lease.release()
@@ -361,14 +392,30 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         }
       }
     }
-    const admission = (lease: Lease): Admission =>
-      lease.backend.forwardHttp !== undefined
-        ? toNode(lease)
-        : {
-          _tag: "Forward",
-          director: (outgoing) => void (outgoing.upstream = lease.backend.upstream),
-          onEnd: lease.release
-        }
+    const admission = (lease: Lease, request: Http1Request): Admission => {
+      if (lease.backend.forwardHttp !== undefined) return toNode(lease)
+      if (tapExchange === undefined) {
+        return { _tag: "Forward", director: (outgoing) => void (outgoing.upstream = lease.backend.upstream), onEnd: lease.release }
+      }
+      let tap: ExchangeTap
+      try {
+        tap = tapExchange(request, lease)
+      } catch (e) {
+        lease.release()
+        throw e
+      }
+      const headers = tap.requestHeaders
+      return {
+        _tag: "Forward",
+        director: (outgoing) => {
+          outgoing.upstream = lease.backend.upstream
+          if (headers !== undefined) setRequestHeaders(outgoing, headers)
+        },
+        onEnd: lease.release,
+        responseHeaders: tap.responseHeaders,
+        observe: tap.observe
+      }
+    }
     const refusal = (error: DispatchError): Admission => ({ _tag: "Refuse", status: error.status, message: dispatchErrorText(error) })
     return {
       limits: {
@@ -393,7 +440,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         }
         if (now !== undefined) {
           observe?.(0, undefined)
-          return admission(now)
+          return admission(now, request)
         }
         return {
           _tag: "Pending",
@@ -402,7 +449,13 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
             fiber.addObserver((exit) => {
               if (Exit.isSuccess(exit)) {
                 observe?.(performance.now() - arrived, undefined)
-                decide(admission(exit.value))
+                let admitted: Admission
+                try {
+                  admitted = admission(exit.value, request)
+                } catch {
+                  admitted = { _tag: "Refuse", status: 502, message: "switchyard: the request could not be prepared for the upstream" }
+                }
+                decide(admitted)
                 return
               }
               const failure = exit.cause.reasons.find((r) => r._tag === "Fail")

@@ -182,14 +182,33 @@ export const dispatchObserver = (metrics: MetricsShape) => {
 }
 
 /**
+ * The request id of a raw engine request (flat headers): its valid `X-Request-Id`, else a new one, by
+ * the same rule as `Logging.ensureRequestId` on Node requests. `kept` tells whether the client's stands.
+ */
+const engineRequestId = (headers: ReadonlyArray<string>): { readonly id: string; readonly kept: boolean } => {
+  let given: string | undefined
+  for (let i = 0; i < headers.length; i += 2) {
+    if (headers[i]!.length === Logging.RequestIdHeader.length && headers[i]!.toLowerCase() === Logging.RequestIdHeader) {
+      given = headers[i + 1]
+      break
+    }
+  }
+  const probe = { headers: { [Logging.RequestIdHeader]: given }, rawHeaders: [] as Array<string> }
+  const id = Logging.ensureRequestId(probe as unknown as http.IncomingMessage)
+  return { id, kept: id === given }
+}
+
+/**
  * Wraps the forwarding handlers: a request id on every request (kept or generated, sent to the backend
- * and back to the client), and per-route counters resolved once per route, not per request.
+ * and back to the client), and per-route counters resolved once per route, not per request. The same
+ * instruments serve both public HTTP paths: Node's objects (`handleRequest`) and the raw engine
+ * (`observeExchange`).
  */
 export const instrumentHandlers = (
   inner: Pick<ListenersConfig, "handleRequest" | "handleUpgrade" | "observeDispatch">,
   metrics: MetricsShape,
   access: ((entry: Logging.AccessEntry) => void) | undefined
-): Pick<ListenersConfig, "handleRequest" | "handleUpgrade" | "observeDispatch"> => {
+): Pick<ListenersConfig, "handleRequest" | "handleUpgrade" | "observeDispatch" | "observeExchange"> => {
   const cache = new WeakMap<RouteEntry, RouteInstruments>()
   const instrumentsFor = (lease: Lease): RouteInstruments => {
     let found = cache.get(lease.route)
@@ -270,6 +289,38 @@ export const instrumentHandlers = (
       Logging.ensureRequestId(req)
       countStatus(instruments, 101)
       inner.handleUpgrade(req, socket, head, lease)
+    },
+    observeExchange: (request, lease) => {
+      const instruments = instrumentsFor(lease)
+      const { id: requestId, kept } = engineRequestId(request.headers)
+      const idHeader = ["X-Request-Id", requestId]
+      const upgrade = request.upgrade !== undefined
+      return {
+        requestHeaders: kept ? undefined : idHeader,
+        // as on the Node path: the id goes back on answers, not on a 101
+        responseHeaders: upgrade ? undefined : idHeader,
+        observe: (exchange) => {
+          countStatus(instruments, exchange.status)
+          // an upgrade is counted once, by its status, as on the Node path
+          if (exchange.end === "Upgraded") return
+          const seconds = exchange.durationMs / 1000
+          instruments.duration.observe(seconds)
+          instruments.received.inc(exchange.receivedBytes)
+          instruments.sent.inc(exchange.sentBytes)
+          access?.({
+            frontDoor: instruments.frontDoor,
+            method: exchange.method,
+            path: exchange.target,
+            route: instruments.route,
+            status: exchange.status,
+            receivedBytes: exchange.receivedBytes,
+            sentBytes: exchange.sentBytes,
+            durationMs: exchange.durationMs,
+            requestId,
+            peer: (request.socket as { remoteAddress?: string }).remoteAddress ?? ""
+          })
+        }
+      }
     }
   }
 }
@@ -409,11 +460,12 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     dispatcher: { maxWaiting: file.max_waiting },
     responseTimeoutMs: file.response_timeout_ms,
     idleTimeoutMs: file.idle_timeout_ms,
-    // per-request instruments need Node's request objects; without them the raw HTTP/1.1 engine serves
+    // plain HTTP/1.1 public ports run the raw engine either way; the per-request instruments follow each
+    // exchange there (`observeExchange`) and on the Node path kept for HTTP/2 and reverse-HTTP/2 backends
     wrapHandlers: requestMetrics
       ? (handlers) => instrumentHandlers(handlers, metrics, access)
       : (handlers) => ({ ...handlers, observeDispatch: dispatchObserver(metrics) }),
-    rawEngine: !requestMetrics
+    rawEngine: true
   })
   const h2Layer: Layer.Layer<never, Error, Listeners> | Layer.Layer<ReverseH2, Error, Listeners> = h2Enabled
     ? ReverseH2.layer({

@@ -51,6 +51,29 @@ export interface Http1Outgoing {
   upstream: Upstream
 }
 
+/**
+ * How an observed exchange ended: its response complete, the connection cut before that (the client
+ * left, a timeout, a broken body), answered by the engine itself with an error (upstream unreachable,
+ * refused or too slow), or switched to a raw tunnel by a `101`.
+ */
+export type Http1ExchangeEnd = "Complete" | "Aborted" | "Refused" | "Upgraded"
+
+/** One exchange as observed when it is over (see `Admission.Forward.observe`). */
+export interface Http1Exchange {
+  readonly method: string
+  /** The request target as the client sent it. */
+  readonly target: string
+  /** The final status sent to the client; 0 when none was sent (aborted before a response head). */
+  readonly status: number
+  /** Bytes read from the client for this exchange: request head and body. */
+  readonly receivedBytes: number
+  /** Bytes written to the client for this exchange: interim and final heads, body, or an error answer. */
+  readonly sentBytes: number
+  /** From the request head parsed to the exchange's end (ms). */
+  readonly durationMs: number
+  readonly end: Http1ExchangeEnd
+}
+
 /** What to do with a request: forward it (optionally rewritten) or refuse it with a status. */
 export type Admission =
   | {
@@ -68,6 +91,16 @@ export type Admission =
      * or (for an upgrade) the tunnel closed. Releases what the decision took (a backend lease).
      */
     readonly onEnd?: (() => void) | undefined
+    /**
+     * Headers added to the final response head written to the client, as flat `[name, value, ...]`;
+     * each replaces the upstream's headers of the same name (e.g. the request id the caller chose).
+     */
+    readonly responseHeaders?: ReadonlyArray<string> | undefined
+    /**
+     * Called once when the exchange is over, before `onEnd`, with its status, byte counts, duration and
+     * how it ended (for an upgrade: when the `101` is relayed). The engine measures nothing more without it.
+     */
+    readonly observe?: ((exchange: Http1Exchange) => void) | undefined
   }
   | { readonly _tag: "Refuse"; readonly status: number; readonly message: string }
   | {
@@ -169,17 +202,27 @@ const requestHeadBytes = (out: Http1Outgoing, versionMinor: number, chunked: boo
 }
 
 /** The head relayed to the client (hop-by-hop headers gone, framing and connection ours). */
-const responseHeadBytes = (head: ResponseHead, chunked: boolean, close: boolean): Buffer => {
+const responseHeadBytes = (head: ResponseHead, chunked: boolean, close: boolean, extra: ReadonlyArray<string> | undefined): Buffer => {
   let text = `HTTP/1.1 ${head.status} ${head.reason}\r\n`
   const h = responseHeaders(head.headers)
   for (let i = 0; i < h.length; i += 2) {
     // With chunked coding a Content-Length is not relayed (RFC 9112 §6.3).
     if (chunked && h[i]!.length === 14 && h[i]!.toLowerCase() === "content-length") continue
+    if (extra !== undefined && replaced(extra, h[i]!)) continue
     text += `${h[i]}: ${h[i + 1]}\r\n`
   }
+  if (extra !== undefined) for (let i = 0; i < extra.length; i += 2) text += `${extra[i]}: ${extra[i + 1]}\r\n`
   if (chunked) text += "Transfer-Encoding: chunked\r\n"
   if (close) text += "Connection: close\r\n"
   return Buffer.from(text + "\r\n", "latin1")
+}
+
+/** Whether `name` is among the names of a flat header list (case-insensitive). */
+const replaced = (extra: ReadonlyArray<string>, name: string): boolean => {
+  for (let i = 0; i < extra.length; i += 2) {
+    if (extra[i]!.length === name.length && extra[i]!.toLowerCase() === name.toLowerCase()) return true
+  }
+  return false
 }
 
 /** The upstream's 101 as received (its Connection/Upgrade headers are what the client needs). */
@@ -236,6 +279,17 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
   private cancelAdmission: (() => void) | undefined = undefined
   /** The admission's `onEnd`, until called. */
   private onEnd: (() => void) | undefined = undefined
+  /** The admission's `observe`, until called. */
+  private observer: ((exchange: Http1Exchange) => void) | undefined = undefined
+  /** The admission's `responseHeaders`. */
+  private extraHeaders: ReadonlyArray<string> | undefined = undefined
+  /** Bytes of the request head being read (counted before it is complete). */
+  private headBytes = 0
+  // What the exchange in progress moved, and since when (for `observe`).
+  private receivedBytes = 0
+  private sentBytes = 0
+  private status = 0
+  private startedAt = 0
 
   constructor(socket: net.Socket, core: EngineCore, front: Http1Front, server: EngineServer) {
     this.socket = socket
@@ -336,7 +390,10 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     this.cancelAdmission = undefined
     cancel?.()
     this.finishCount()
-    if (!wasTunnel) this.endAdmission()
+    if (!wasTunnel) {
+      this.observed("Aborted")
+      this.endAdmission()
+    }
     this.server.forget(this)
   }
 
@@ -349,6 +406,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
   }
 
   private feedHead(chunk: Buffer): void {
+    this.headBytes += chunk.length
     const step = this.reader.push(chunk)
     switch (step._tag) {
       case "Need":
@@ -357,6 +415,11 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
         this.fail(step.error.status, `switchyard: ${step.error.message}`)
         return
       case "Head":
+        this.receivedBytes = this.headBytes - step.rest.length
+        this.headBytes = 0
+        this.sentBytes = 0
+        this.status = 0
+        this.startedAt = performance.now()
         this.startExchange(step.head, step.rest)
     }
   }
@@ -454,6 +517,9 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       return
     }
     this.onEnd = admission.onEnd
+    this.observer = admission.observe
+    this.extraHeaders = admission.responseHeaders
+    this.request = request
     const core = this.core
     let out: Http1Outgoing
     try {
@@ -500,7 +566,10 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       this.counted = true
       core.requestStarted()
     }
-    if (request.expectContinue && !this.requestDone && request.versionMinor === 1) this.socket.write(CONTINUE)
+    if (request.expectContinue && !this.requestDone && request.versionMinor === 1) {
+      this.sentBytes += CONTINUE.length
+      this.socket.write(CONTINUE)
+    }
     this.armUp(this.responseTimeoutMs, this.onResponseTimeout)
     if (!this.requestDone) {
       const bodyLimit = upgrading ? ENGINE_UPGRADE_BODY_TIMEOUT_MS : this.front.limits.requestTimeoutMs
@@ -588,6 +657,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     }
     const up = this.conn!.socket
     let ok = true
+    this.receivedBytes += n
     if (n > 0) ok = up.write(from === 0 && n === chunk.length ? chunk : chunk.subarray(from, from + n))
     this.upTimer?.refresh()
     if (framer.done) {
@@ -625,6 +695,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       }
       const conn = this.conn!
       if (n > 0) {
+        this.sentBytes += n
         const socket = this.socket
         const ok = socket.write(n === chunk.length ? chunk : chunk.subarray(0, n))
         if (socket.writableLength > 0) conn.chunkHeld = true
@@ -663,7 +734,11 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
           return
         }
         // Interim responses go to the client as they come (an HTTP/1.0 client gets none).
-        if (this.request!.versionMinor === 1) this.socket.write(responseHeadBytes(head, false, false))
+        if (this.request!.versionMinor === 1) {
+          const interimHead = responseHeadBytes(head, false, false, undefined)
+          this.sentBytes += interimHead.length
+          this.socket.write(interimHead)
+        }
         if (rest.length === 0) return
         step = reader.push(rest)
         continue
@@ -681,8 +756,10 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     // A declined upgrade, a response that ends with its connection, or an answer before the whole request
     // body: the client connection cannot carry another request.
     if (this.upgrading || framing._tag === "Close" || !this.requestDone) this.closeAfter = true
-    const headBytes = responseHeadBytes(head, framing._tag === "Chunked", this.closeAfter)
+    const headBytes = responseHeadBytes(head, framing._tag === "Chunked", this.closeAfter, this.extraHeaders)
     this.responseHeadSent = true
+    this.status = head.status
+    this.sentBytes += headBytes.length
     this.armUp(this.idleTimeoutMs, this.onIdleTimeout)
     const socket = this.socket
     if (rest.length === 0 || framer.done) {
@@ -697,6 +774,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       return
     }
     const body = n === rest.length ? rest : rest.subarray(0, n)
+    this.sentBytes += body.length
     let ok: boolean
     if (body.length <= COALESCE_BYTES) {
       // One write for a small response: cheaper than a corked writev of two buffers.
@@ -748,6 +826,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     if (conn.pool !== undefined) conn.pool.release(conn, reusable)
     else conn.destroy()
     this.finishCount()
+    this.observed("Complete")
     this.endAdmission()
     this.resetExchange()
     if (this.closeAfter) {
@@ -771,6 +850,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
 
   private resetExchange(): void {
     this.request = undefined
+    this.extraHeaders = undefined
     this.outgoing = undefined
     this.head = undefined
     this.requestFramer = undefined
@@ -827,6 +907,12 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     this.clearTimers()
     this.phase = TUNNEL
     this.finishCount()
+    const switching = switchingHeadBytes(head)
+    if (this.observer !== undefined) {
+      this.status = head.status
+      this.sentBytes += switching.length + rest.length
+      this.observed("Upgraded")
+    }
     const up = conn.detach()
     const socket = this.socket
     socket.off("data", this.onClientData)
@@ -871,7 +957,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       closeAfterFlush(up)
     })
     socket.cork()
-    socket.write(switchingHeadBytes(head))
+    socket.write(switching)
     if (rest.length > 0) socket.write(rest)
     socket.uncork()
     const pending = this.pending
@@ -904,13 +990,41 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     this.cancelAdmission = undefined
     cancel?.()
     this.finishCount()
-    this.endAdmission()
     this.phase = CLOSED
     this.pending = undefined
     this.socket.off("data", this.onClientData)
     this.socket.resume() // discard what else arrives until the client reads the answer and leaves
-    writeRawError(this.socket, this.core.errors, status, message)
+    if (this.observer !== undefined) {
+      const socket = this.socket as Duplex & { bytesWritten?: number }
+      const before = socket.bytesWritten ?? 0
+      writeRawError(this.socket, this.core.errors, status, message)
+      this.sentBytes += Math.max(0, (socket.bytesWritten ?? 0) - before)
+      // An answer after a relayed response head cannot happen (the connection is cut instead).
+      this.status = status
+      this.observed("Refused")
+    } else {
+      writeRawError(this.socket, this.core.errors, status, message)
+    }
+    this.endAdmission()
     closeAfterFlush(this.socket)
+  }
+
+  /** Reports the exchange to the admission's observer, once. */
+  private observed(end: Http1ExchangeEnd): void {
+    const observe = this.observer
+    if (observe === undefined) return
+    this.observer = undefined
+    this.extraHeaders = undefined
+    const request = this.request
+    observe({
+      method: request?.method ?? "",
+      target: request?.target ?? "",
+      status: end === "Aborted" && !this.responseHeadSent ? 0 : this.status,
+      receivedBytes: this.receivedBytes,
+      sentBytes: this.sentBytes,
+      durationMs: performance.now() - this.startedAt,
+      end
+    })
   }
 
   private endAdmission(): void {

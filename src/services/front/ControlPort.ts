@@ -262,8 +262,8 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
         idleTimeoutMs: config.idleTimeoutMs ?? 0
       })
       const handlers = forwardingHandlers(forwarder)
-      const wrapped = config.wrapHandlers === undefined ? handlers : config.wrapHandlers(handlers)
-      const engine = config.rawEngine ?? config.wrapHandlers === undefined
+      const wrapped: ForwardingHandlers = config.wrapHandlers === undefined ? handlers : config.wrapHandlers(handlers)
+      const engine = config.rawEngine ?? (config.wrapHandlers === undefined || wrapped.observeExchange !== undefined)
       return Layer.effect(
         Listeners,
         Listeners.make({ host: config.publicHost, ...wrapped, ...(engine ? { serveHttp1: forwarder.serveHttp1 } : {}) })
@@ -290,14 +290,15 @@ export interface GatewayConfig {
   readonly wrapHandlers?: ((handlers: ForwardingHandlers) => ForwardingHandlers) | undefined
   /**
    * Serve plain HTTP public ports with the forwarding core's raw HTTP/1.1 engine (heads parsed, bodies
-   * moved as bytes, pooled tunnel streams per backend). Default: on, unless `wrapHandlers` is given,
-   * since the engine does not call the Node-object handlers it would wrap.
+   * moved as bytes, pooled tunnel streams per backend). Default: on, unless `wrapHandlers` is given
+   * without an `observeExchange` (the engine does not call the Node-object handlers it would wrap; it
+   * calls `observeExchange` instead).
    */
   readonly rawEngine?: boolean | undefined
 }
 
 /** The public listeners' handlers for HTTP requests and upgrades. */
-export type ForwardingHandlers = Pick<ListenersConfig, "handleRequest" | "handleUpgrade" | "observeDispatch">
+export type ForwardingHandlers = Pick<ListenersConfig, "handleRequest" | "handleUpgrade" | "observeDispatch" | "observeExchange">
 
 /**
  * The Forwarder's default upstream. Every routed request is directed to its leased backend, so this is
