@@ -5,8 +5,11 @@
  * the tunnel clients and the backend in the bench process. Figures: small-response req/s and ratio, p50
  * and p99 added latency, a 100 MiB download, the gateway's RSS per idle backend session (1,000 sessions),
  * and the time from a backend's reconnect to the first answer to requests queued while it was away.
- * Every load is bounded in time. `SWITCHYARD_TUNNEL_BENCH_NODE_PATH=1` runs the gateway's public ports on
- * Node's `http` objects instead of the raw HTTP/1.1 engine, for comparison.
+ * Every load is bounded in time. The gateway is set up as `switchyard server` sets it up by default: the
+ * raw HTTP/1.1 engine on public ports, with the per-request instruments (metrics by route, request ids;
+ * the access log stays off, as by default). `SWITCHYARD_TUNNEL_BENCH_NODE_PATH=1` runs the public ports on
+ * Node's `http` objects instead (still instrumented), and `SWITCHYARD_TUNNEL_BENCH_METRICS=0` leaves the
+ * instruments out (`request_metrics: false`), for comparison.
  */
 import { type ChildProcess, execFile, spawn } from "node:child_process"
 import * as fs from "node:fs"
@@ -46,6 +49,10 @@ const stepTimeoutMs = 60_000
 const gatewayMain = async () => {
   const NodeTransport = await import("../src/runtime/NodeTransport.ts")
   const { ControlPort } = await import("../src/services/front/ControlPort.ts")
+  const { dispatchObserver, instrumentHandlers } = await import("../src/runtime/commands/server.ts")
+  const { makeMetrics } = await import("../src/services/Metrics.ts")
+  const metrics = makeMetrics()
+  const instrumented = process.env.SWITCHYARD_TUNNEL_BENCH_METRICS !== "0"
   const scope = Scope.makeUnsafe()
   const context = await Effect.runPromise(Layer.buildWithScope(
     ControlPort.gatewayLayer({
@@ -56,6 +63,9 @@ const gatewayMain = async () => {
       },
       publicHost: "127.0.0.1",
       registry: { gracePeriod: Duration.millis(gracePeriodMs) },
+      wrapHandlers: instrumented
+        ? (handlers) => instrumentHandlers(handlers, metrics, undefined)
+        : (handlers) => ({ ...handlers, observeDispatch: dispatchObserver(metrics) }),
       rawEngine: process.env.SWITCHYARD_TUNNEL_BENCH_NODE_PATH !== "1"
     }).pipe(Layer.provide(NodeTransport.layer)),
     scope

@@ -113,7 +113,7 @@ export const ServerFile = Schema.Struct({
   drain_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "On SIGTERM/SIGINT, time in-flight requests get to finish", default: 30_000 })),
   request_metrics: Schema.optionalKey(
     Schema.Boolean.annotate({
-      description: "Per-request metrics, access log and X-Request-Id on public HTTP ports; false serves them with the raw HTTP/1.1 engine instead (faster; sessions, routes, queue and dispatch metrics stay)",
+      description: "Per-request metrics (requests by route and status, duration, bytes), the access log and X-Request-Id on public HTTP ports, on the raw HTTP/1.1 engine as on the HTTP/2 path; false leaves them out (sessions, routes, queue and dispatch metrics stay)",
       default: true
     })
   ),
