@@ -6,7 +6,8 @@
  * is the front door's handler (normally the Forwarder). With `serveHttp1`, plain HTTP ports run the
  * forwarding core's raw HTTP/1.1 engine instead (each request admitted once a backend is leased, over
  * that backend's pooled tunnel streams); a connection whose request goes to a backend with its own
- * `forwardHttp` is handed to the Node `http.Server`. Listeners never parse bodies nor retry.
+ * `forwardHttp` is handed to the Node `http.Server`; per-request instruments follow engine exchanges
+ * through `observeExchange`. Listeners never parse bodies nor retry.
  */
 import * as http from "node:http"
 import * as http2 from "node:http2"

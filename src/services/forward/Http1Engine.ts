@@ -4,8 +4,9 @@
  * (hop-by-hop headers, `X-Forwarded-*`) and moves body bytes unchanged between the client and a pooled
  * upstream connection, with backpressure, keep-alive and pipelining in order, and `101` turned into a
  * raw half-closable pipe. A decision may take time (`admit` returns a pending admission, e.g. while a
- * route waits for a backend): the connection then reads nothing more until it is made. It does not route
- * or authorise (the caller's `admit` does) and never decodes bodies.
+ * route waits for a backend): the connection then reads nothing more until it is made. An admission may
+ * ask to be told how its exchange went (status, bytes, duration) and add response headers. It does not
+ * route, authorise or count (the caller's `admit` and `observe` do) and never decodes bodies.
  */
 import type * as net from "node:net"
 import type { Duplex } from "node:stream"
