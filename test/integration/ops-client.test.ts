@@ -76,4 +76,53 @@ describe("switchyard client", () => {
       assert.strictEqual(await client.stop("SIGTERM"), 0)
       assert.strictEqual(await gateway.stop("SIGTERM"), 0)
     }))
+
+  it.live("reads a config file (token from a file), with variables and flags over it", () =>
+    Effect.promise(async () => {
+      const fs = await import("node:fs")
+      const os = await import("node:os")
+      const path = await import("node:path")
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-ops-client-"))
+      cleanups.push(async () => fs.rmSync(dir, { recursive: true, force: true }))
+      const backend = http.createServer((req, res) => res.end(`backend ${req.url}`))
+      await new Promise<void>((resolve) => backend.listen(0, "127.0.0.1", () => resolve()))
+      cleanups.push(() => new Promise((resolve) => backend.close(resolve)))
+      const backendPort = (backend.address() as net.AddressInfo).port
+      const controlPort = await freePort()
+      const filePort = await freePort()
+      const flagPort = await freePort()
+      const gateway = await startGateway(controlPort)
+      fs.writeFileSync(path.join(dir, "token"), Token + "\n")
+      const config = path.join(dir, "client.yaml")
+      fs.writeFileSync(config, [
+        `server: 127.0.0.1:${controlPort}`,
+        `token_file: ${path.join(dir, "token")}`,
+        "expose: 127.0.0.1:1",
+        `port: ${filePort}`,
+        "label: from-file",
+        "admin: { address: 127.0.0.1:0 }",
+        "log: { format: json }"
+      ].join("\n") + "\n")
+
+      const missing = spawnSwitchyard(["client", "--check-config", "--config", config], { SWITCHYARD_EXPOSE: "nowhere" })
+      assert.strictEqual(await missing.exited, 78)
+      assert.include(missing.output(), "expose")
+      assert.include(missing.output(), "nowhere")
+
+      const client = spawnSwitchyard(["client", "--config", config, "--port", String(flagPort)], { SWITCHYARD_EXPOSE: `127.0.0.1:${backendPort}` })
+      cleanups.push(() => client.stop("SIGKILL"))
+      await client.waitFor(/"admin endpoint on http:\/\/127\.0\.0\.1:\d+/)
+      const admin = addressAfter(client.output(), /admin endpoint on/)
+      assert.isTrue(await readyzBecomes(admin.port, 200))
+      // the flag's port wins over the file's; the variable's expose over the file's
+      let answer = await get(flagPort, "/cfg").catch(() => undefined)
+      for (let i = 0; i < 100 && answer?.status !== 200; i++) {
+        await new Promise((resolve) => setTimeout(resolve, 50))
+        answer = await get(flagPort, "/cfg").catch(() => undefined)
+      }
+      assert.strictEqual(answer?.body, "backend /cfg")
+      assert.isUndefined(await get(filePort, "/").catch(() => undefined))
+      assert.notInclude(client.output() + gateway.output(), Token)
+      assert.strictEqual(await client.stop("SIGTERM"), 0)
+    }))
 })

@@ -5,7 +5,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as fs from "node:fs"
 import * as path from "node:path"
-import { OpsFile, ServerFile, settingsTable } from "../../src/runtime/ConfigLoader.ts"
+import { ClientFile, OpsFile, ServerFile, settingsTable } from "../../src/runtime/ConfigLoader.ts"
 
 const root = path.resolve(import.meta.dirname, "../..")
 const doc = fs.readFileSync(path.join(root, "docs/OPERATIONS.md"), "utf8")
@@ -19,6 +19,7 @@ const block = (name: string): string => {
 describe("docs/OPERATIONS.md", () => {
   it("holds the configuration tables generated from the schemas", () => {
     assert.strictEqual(block("server"), settingsTable(ServerFile), "regenerate the server table from settingsTable(ServerFile)")
+    assert.strictEqual(block("client"), settingsTable(ClientFile), "regenerate the client table from settingsTable(ClientFile)")
     assert.strictEqual(block("ops"), settingsTable(OpsFile), "regenerate the shared table from settingsTable(OpsFile)")
   })
 

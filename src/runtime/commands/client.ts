@@ -1,92 +1,143 @@
 /**
  * `switchyard client`: exposes a local service through one or more gateways' control ports. Each
- * tunnelled connection is piped to `--expose` as raw bytes (HTTP or TCP alike); the public peer's
- * address reaches HTTP services as `X-Forwarded-For`. Runs until interrupted, then drains.
+ * tunnelled connection is piped to `expose` as raw bytes (HTTP or TCP alike); the public peer's
+ * address reaches HTTP services as `X-Forwarded-For`. Settings come from `--config` (YAML or JSON),
+ * `SWITCHYARD_...` variables and flags, in that order. Runs until interrupted, then drains.
  */
 import * as net from "node:net"
-import { Config, Console, Effect, Option, Stream } from "effect"
+import { Console, Effect, Option, Redacted, Stream } from "effect"
 import { Command, Flag } from "effect/cli"
 import { describeRoute } from "../../domain/Route.ts"
 import { describeTarget, type GatewayTarget, TunnelClient } from "../../services/client/TunnelClient.ts"
 import { isWebSocketUrl } from "../../services/transport/WebSocketDial.ts"
 import { joinStreams } from "../../services/Listeners.ts"
 import { registerGatewayGauges, serveOperations } from "../Admin.ts"
-import { toRoute } from "../listen.ts"
+import { ClientFile, ConfigLoadError, type FlagValue, loadConfig, refuseConfig } from "../ConfigLoader.ts"
+import { DefaultServer, toRoute } from "../listen.ts"
+import * as Logging from "../Logging.ts"
 import { AddressError, formatHostPort, parseHostPort } from "../NetAddress.ts"
 import { exposeOverReverseHttp2 } from "../serveReverseHttp2.ts"
 import * as NodeTransport from "../NodeTransport.ts"
 
+const optionalString = (name: string, description: string) => Flag.String(name).pipe(Flag.withDescription(description), Flag.optional)
+
 const flags = {
+  config: optionalString("config", "YAML or JSON config file (see docs/OPERATIONS.md)"),
+  checkConfig: Flag.Boolean("check-config").pipe(Flag.withDescription("Validate the configuration and exit"), Flag.withDefault(false)),
   server: Flag.String("server").pipe(
     Flag.withDescription(
       "Gateway control address host:port, or ws://host[:port]/tunnel / wss://… for its WebSocket control path " +
-        "(through HTTPS_PROXY/HTTP_PROXY unless NO_PROXY covers it); repeat for several gateways"
+        "(through HTTPS_PROXY/HTTP_PROXY unless NO_PROXY covers it); repeat for several gateways (default 127.0.0.1:9999)"
     ),
-    Flag.atLeast(1)
+    Flag.atLeast(0)
   ),
-  token: Flag.Redacted("token").pipe(
-    Flag.withDescription("Token granted by the gateway (or SWITCHYARD_TOKEN)"),
-    Flag.withFallbackConfig(Config.Redacted("SWITCHYARD_TOKEN"))
-  ),
-  expose: Flag.String("expose").pipe(Flag.withDescription("Local address to forward to, host:port")),
-  port: Flag.Int("port").pipe(Flag.withDescription("Public port on the gateway")),
-  path: Flag.String("path").pipe(Flag.withDescription("HTTP path prefix, e.g. /a"), Flag.optional),
-  domain: Flag.String("domain").pipe(Flag.withDescription("HTTP domain suffix, e.g. example.com"), Flag.optional),
+  token: Flag.Redacted("token").pipe(Flag.withDescription("Token granted by the gateway (or SWITCHYARD_TOKEN, SWITCHYARD_TOKEN_FILE)"), Flag.optional),
+  expose: optionalString("expose", "Local address to forward to, host:port"),
+  port: Flag.Int("port").pipe(Flag.withDescription("Public port on the gateway"), Flag.optional),
+  path: optionalString("path", "HTTP path prefix, e.g. /a"),
+  domain: optionalString("domain", "HTTP domain suffix, e.g. example.com"),
   tcp: Flag.Boolean("tcp").pipe(Flag.withDescription("Raw TCP instead of HTTP"), Flag.withDefault(false)),
   tlsCert: Flag.FileText("tls-cert").pipe(Flag.withDescription("PEM certificate: the gateway terminates TLS with it"), Flag.optional),
   tlsKey: Flag.FileText("tls-key").pipe(Flag.withDescription("PEM private key for --tls-cert"), Flag.optional),
-  label: Flag.String("label").pipe(Flag.withDescription("Name shown in the gateway's logs"), Flag.optional),
-  ca: Flag.FileText("ca").pipe(
-    Flag.withDescription("PEM CA certificate(s) trusted for wss:// gateways, besides the system's"),
-    Flag.optional
-  ),
+  label: optionalString("label", "Name shown in the gateway's logs"),
+  ca: Flag.FileText("ca").pipe(Flag.withDescription("PEM CA certificate(s) trusted for wss:// gateways, besides the system's"), Flag.optional),
   h2: Flag.Boolean("h2").pipe(
     Flag.withDescription("--server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway, forward to --expose as HTTP"),
     Flag.withDefault(false)
   )
 }
 
+type Flags = {
+  readonly [K in keyof typeof flags]: (typeof flags)[K] extends Flag.Flag<infer A> ? A : never
+}
+
+/** The flags given, as field overrides of the client's file. */
+const flagOverrides = (f: Flags): Array<FlagValue> => {
+  const out: Array<FlagValue> = []
+  const add = (flag: string, field: string, value: Option.Option<string>) => {
+    if (Option.isSome(value)) out.push({ path: [field], value: value.value, flag })
+  }
+  if (f.server.length > 0) out.push({ path: ["server"], value: f.server.join(","), flag: "--server" })
+  add("--token", "token", Option.map(f.token, Redacted.value))
+  add("--expose", "expose", f.expose)
+  add("--port", "port", Option.map(f.port, String))
+  add("--path", "path", f.path)
+  add("--domain", "domain", f.domain)
+  if (f.tcp) out.push({ path: ["tcp"], value: "true", flag: "--tcp" })
+  add("--tls-cert", "tls_cert", f.tlsCert)
+  add("--tls-key", "tls_key", f.tlsKey)
+  add("--label", "label", f.label)
+  add("--ca", "ca", f.ca)
+  if (f.h2) out.push({ path: ["h2"], value: "true", flag: "--h2" })
+  return out
+}
+
+const required = (field: string, flag: string) =>
+  new ConfigLoadError({
+    reason: "Invalid",
+    source: "config",
+    field,
+    message: `${field}: required (${flag}, SWITCHYARD_${field.toUpperCase()} or ${field} in the config file)`
+  })
+
 export const clientCommand = Command.make("client", flags, Effect.fn(function*(f) {
+  const config = yield* loadConfig({ schema: ClientFile, file: Option.getOrUndefined(f.config), flags: flagOverrides(f) }).pipe(
+    Effect.map((loaded) => loaded.config),
+    Effect.catch(refuseConfig("client"))
+  )
+  if (config.expose === undefined) return yield* refuseConfig("client")(required("expose", "--expose"))
+  if (config.port === undefined) return yield* refuseConfig("client")(required("port", "--port"))
+  if (config.token === undefined) return yield* refuseConfig("client")(required("token", "--token, SWITCHYARD_TOKEN_FILE"))
+  const token = config.token
+  const serverTexts = (config.server ?? DefaultServer).split(",").map((s) => s.trim()).filter((s) => s.length > 0)
   const servers = []
   const targets: Array<GatewayTarget> = []
-  const ca = Option.getOrUndefined(f.ca)
-  for (const text of f.server) {
+  for (const text of serverTexts) {
     if (isWebSocketUrl(text)) {
-      targets.push({ url: text.trim(), ...(ca === undefined ? {} : { ca }) })
+      targets.push({ url: text, ...(config.ca === undefined ? {} : { ca: config.ca }) })
       continue
     }
     const parsed = parseHostPort(text)
-    if (parsed instanceof Error) return yield* parsed
+    if (parsed instanceof Error) return yield* refuseConfig("client")(new ConfigLoadError({ reason: "Invalid", source: "config", field: "server", message: `server: ${parsed.message}` }))
     servers.push(parsed)
     targets.push(parsed)
   }
-  const expose = parseHostPort(f.expose)
-  if (expose instanceof Error) return yield* expose
-  const path = Option.getOrUndefined(f.path)
-  const domain = Option.getOrUndefined(f.domain)
-  const cert = Option.getOrUndefined(f.tlsCert)
-  const key = Option.getOrUndefined(f.tlsKey)
+  const expose = parseHostPort(config.expose)
+  if (expose instanceof Error) return yield* refuseConfig("client")(new ConfigLoadError({ reason: "Invalid", source: "config", field: "expose", message: `expose: ${expose.message}` }))
+  if (config.h2 === true && servers.length !== targets.length) {
+    return yield* new AddressError({ reason: "Malformed", message: "--h2 needs host:port gateways; ws:// and wss:// are for control-port tunnels" })
+  }
+  if (f.checkConfig) {
+    yield* Console.log(`switchyard client: configuration OK${Option.isSome(f.config) ? ` (${f.config.value})` : ""}`)
+    return
+  }
+  if (config.log !== undefined) yield* Logging.useInThisFiber({ format: config.log.format, level: config.log.level })
+  const ops = { ...(config.admin === undefined ? {} : { admin: config.admin }) }
+  const path = config.path
+  const domain = config.domain
+  const cert = config.tls_cert
+  const key = config.tls_key === undefined ? undefined : Redacted.value(config.tls_key)
+  const tcp = config.tcp ?? false
   const route = toRoute({
-    port: f.port,
-    tcp: f.tcp,
+    port: config.port,
+    tcp,
     http: { ...(domain ? { domainSuffix: domain } : {}), ...(path ? { pathPrefix: path } : {}) },
     tls: cert !== undefined && key !== undefined
-      ? { domainSuffix: domain ?? "localhost", cert, key, then: f.tcp ? "tcp" : "http", ...(path ? { pathPrefix: path } : {}) }
+      ? { domainSuffix: domain ?? "localhost", cert, key, then: tcp ? "tcp" : "http", ...(path ? { pathPrefix: path } : {}) }
       : undefined
   })
-  if (f.h2) {
-    if (servers.length !== targets.length) {
-      return yield* new AddressError({ reason: "Malformed", message: "--h2 needs host:port gateways; ws:// and wss:// are for control-port tunnels" })
-    }
-    yield* serveOperations({ command: "client", ready: () => true })
-    yield* exposeOverReverseHttp2({ gateways: servers, target: expose, token: f.token, routes: [route], label: Option.getOrUndefined(f.label) })
-    yield* Console.log(`switchyard client: ${describeRoute(route)} over reverse HTTP/2 on ${f.server.join(", ")} -> ${formatHostPort(expose)}`)
+  const label = config.label
+  if (config.h2 === true) {
+    yield* serveOperations({ command: "client", ops, ready: () => true })
+    yield* exposeOverReverseHttp2({ gateways: servers, target: expose, token, routes: [route], label })
+    yield* Console.log(`switchyard client: ${describeRoute(route)} over reverse HTTP/2 on ${serverTexts.join(", ")} -> ${formatHostPort(expose)}`)
     return yield* Effect.never
   }
-  const client = yield* TunnelClient.make({ servers: targets, token: f.token, label: Option.getOrUndefined(f.label) })
+  const client = yield* TunnelClient.make({ servers: targets, token, label })
   const gateways = () => client.status().map((g) => ({ gateway: describeTarget(g.address), connected: g.connected, attempts: g.attempts, established: g.established }))
   yield* serveOperations({
     command: "client",
+    ops,
     ready: () => gateways().some((g) => g.connected),
     sessions: () => [{ frontDoor: "control", count: gateways().filter((g) => g.connected).length }],
     register: (metrics) => registerGatewayGauges(metrics, "control", gateways)
@@ -103,4 +154,3 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
 }, Effect.scoped, Effect.provide(NodeTransport.layer))).pipe(
   Command.withDescription("Expose a local service through a switchyard gateway's control port")
 )
-
