@@ -103,7 +103,14 @@ export const ServerFile = Schema.Struct({
     max_sessions: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({ description: "Most control sessions", default: 4_096 })),
     max_sessions_per_token: Schema.optionalKey(
       Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({ description: "Most control sessions per token", default: 1_024 })
-    )
+    ),
+    websocket: Schema.optionalKey(Schema.Struct({
+      enabled: Schema.optionalKey(Schema.Boolean.annotate({ description: "Serve the control port as a WebSocket path too (ws:// or wss://)", default: false })),
+      address: Schema.optionalKey(Address.annotate({ description: "HTTP address of the WebSocket control path", default: "127.0.0.1:9998" })),
+      path: Schema.optionalKey(Schema.String.check(Schema.isPattern(/^\/\S*$/)).annotate({ description: "Upgrade path of the WebSocket control path", default: "/tunnel" })),
+      tls_cert_file: Schema.optionalKey(Schema.String.annotate({ description: "PEM certificate: serve wss:// (with tls_key_file)" })),
+      tls_key_file: Schema.optionalKey(Schema.String.annotate({ description: "PEM key for tls_cert_file" }))
+    }))
   })),
   public_host: Schema.optionalKey(Schema.String.annotate({ description: "Address public ports bind to (0.0.0.0 to serve other hosts)", default: "127.0.0.1" })),
   grace_period_ms: Schema.optionalKey(Ms.annotate({ description: "How long a route without backends keeps its port and queues requests", default: 30_000 })),

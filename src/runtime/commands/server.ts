@@ -17,6 +17,7 @@ import type { RouteDefinition } from "../../domain/Route.ts"
 import type { PortRange, TokenGrant } from "../../domain/TokenPolicy.ts"
 import { type DispatchError, Dispatcher, type Lease } from "../../services/Dispatcher.ts"
 import { ControlPort } from "../../services/front/ControlPort.ts"
+import { type ControlWebSocketConfig, DefaultTunnelPath } from "../../services/front/ControlWebSocket.ts"
 import { ReverseH2 } from "../../services/front/ReverseH2.ts"
 import { Listeners, type ListenersConfig } from "../../services/Listeners.ts"
 import { type CounterChild, type Family, makeMetrics, Metrics, type MetricsShape, statusClass } from "../../services/Metrics.ts"
@@ -43,6 +44,8 @@ export const H2HandshakeReasons: ReadonlySet<string> = new Set(["HandshakeTimeou
 export const DefaultControlText = "127.0.0.1:9999"
 export const DefaultAdminText = "127.0.0.1:9090"
 export const DefaultReverseH2Text = "127.0.0.1:9443"
+/** Default address of the WebSocket control path, when it is enabled. */
+export const DefaultWebSocketText = "127.0.0.1:9998"
 /** How long SIGTERM/SIGINT lets requests in flight finish, by default (ms). */
 export const DefaultDrainTimeoutMs = 30_000
 /** How long a route without backends keeps its port and queues requests, by default (ms). */
@@ -123,9 +126,31 @@ export const checkServerFile = (file: ServerFile): ConfigLoadError | undefined =
   if (admin instanceof ConfigLoadError) return admin
   const h2 = addressAt("reverse_h2.address", file.reverse_h2?.address, DefaultReverseH2Text)
   if (h2 instanceof ConfigLoadError) return h2
+  const ws = webSocketOf(file)
+  if (ws instanceof ConfigLoadError) return ws
   const grants = grantsOf(file)
   if (grants instanceof ConfigLoadError) return grants
   return checkModes(file, h2)
+}
+
+/** The WebSocket control path's settings (`control.websocket`), certificate files read; undefined when off. */
+const webSocketOf = (file: ServerFile): ControlWebSocketConfig | ConfigLoadError | undefined => {
+  const ws = file.control?.websocket
+  if (ws === undefined || ws.enabled !== true) return undefined
+  const address = addressAt("control.websocket.address", ws.address, DefaultWebSocketText)
+  if (address instanceof ConfigLoadError) return address
+  if ((ws.tls_cert_file === undefined) !== (ws.tls_key_file === undefined)) {
+    return invalid("control.websocket.tls_cert_file", "tls_cert_file and tls_key_file go together")
+  }
+  let tls: ControlWebSocketConfig["tls"]
+  if (ws.tls_cert_file !== undefined && ws.tls_key_file !== undefined) {
+    try {
+      tls = { cert: fs.readFileSync(ws.tls_cert_file, "utf8"), key: fs.readFileSync(ws.tls_key_file, "utf8") }
+    } catch (error) {
+      return invalid("control.websocket.tls_cert_file", `cannot read the certificate or key: ${(error as Error).message}`)
+    }
+  }
+  return { address, path: ws.path ?? DefaultTunnelPath, ...(tls === undefined ? {} : { tls }) }
 }
 
 /** Writes a fresh random token to a file only this user can read; removed when the scope closes. */
@@ -341,6 +366,8 @@ const countByReason = (family: Family<"front_door" | "reason", CounterChild> | F
 export interface GatewayHandle {
   readonly control: HostPort
   readonly reverseH2: HostPort | undefined
+  /** The WebSocket control path's URL, when it is served. */
+  readonly controlWebSocket: string | undefined
   readonly admin: HostPort | undefined
   /** The generated token's file, when no token was configured. */
   readonly generatedTokenFile: string | undefined
@@ -443,6 +470,8 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     else h2ProtocolErrors(reason)
     recentErrors.add(`reverse-HTTP/2 connection failed: ${reason}`)
   }
+  const webSocket = webSocketOf(file)
+  if (webSocket instanceof ConfigLoadError) return yield* webSocket
   const gateway = ControlPort.gatewayLayer({
     control: {
       address: control,
@@ -453,7 +482,8 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       maxSessionsPerToken: file.control?.max_sessions_per_token,
       drainTimeout,
       onRejected,
-      onSessionFailed
+      onSessionFailed,
+      ...(webSocket === undefined ? {} : { websocket: webSocket })
     },
     publicHost: file.public_host ?? "127.0.0.1",
     registry: { gracePeriod: file.grace_period_ms ?? DefaultGracePeriodMs },
@@ -497,6 +527,10 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   )
   listenerNames.push({ name: "control", address: formatHostPort(controlPort.address as HostPort) })
   if (h2 !== undefined) listenerNames.push({ name: "reverse_h2", address: formatHostPort(h2.address) })
+  const controlWebSocket = controlPort.webSocketAddress === undefined || webSocket === undefined
+    ? undefined
+    : `${webSocket.tls === undefined ? "ws" : "wss"}://${formatHostPort(controlPort.webSocketAddress as HostPort)}${webSocket.path}`
+  if (controlWebSocket !== undefined) listenerNames.push({ name: "control_websocket", address: controlWebSocket })
 
   const registry = metrics.registry
   const removers = [
@@ -568,6 +602,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   return {
     control: controlPort.address as HostPort,
     reverseH2: h2?.address,
+    controlWebSocket,
     admin: adminBound,
     generatedTokenFile,
     metrics
@@ -587,6 +622,7 @@ const flags = {
   token: Flag.Redacted("token").pipe(Flag.withDescription("A token allowed every port (or SWITCHYARD_TOKEN; prefer token_file)"), Flag.optional),
   publicHost: optionalString("public-host", "Address public ports bind to (default 127.0.0.1)"),
   reverseH2: optionalString("reverse-h2", "Serve the reverse-HTTP/2 tunnel port on this address"),
+  wsListen: optionalString("ws-listen", "Serve the control port as a WebSocket path (/tunnel) on this address too"),
   admin: optionalString("admin", "Admin endpoint address (default 127.0.0.1:9090)"),
   noAdmin: Flag.Boolean("no-admin").pipe(Flag.withDescription("Do not serve the admin endpoint"), Flag.withDefault(false)),
   logFormat: optionalString("log-format", "logfmt or json"),
@@ -615,6 +651,8 @@ export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
   add("--public-host", ["public_host"], f.publicHost)
   add("--reverse-h2", ["reverse_h2", "address"], f.reverseH2)
   if (Option.isSome(f.reverseH2)) out.push({ path: ["reverse_h2", "enabled"], value: "true", flag: "--reverse-h2" })
+  add("--ws-listen", ["control", "websocket", "address"], f.wsListen)
+  if (Option.isSome(f.wsListen)) out.push({ path: ["control", "websocket", "enabled"], value: "true", flag: "--ws-listen" })
   add("--admin", ["admin", "address"], f.admin)
   if (f.noAdmin) out.push({ path: ["admin", "enabled"], value: "false", flag: "--no-admin" })
   add("--log-format", ["log", "format"], f.logFormat)
@@ -653,6 +691,7 @@ export const serverCommand = Command.make("server", flags, Effect.fn(function*(f
       `switchyard gateway running`,
       `  control port     ${formatHostPort(handle.control)}  (backends dial it)`,
       ...(handle.reverseH2 === undefined ? [] : [`  reverse HTTP/2   ${formatHostPort(handle.reverseH2)}`]),
+      ...(handle.controlWebSocket === undefined ? [] : [`  control (WebSocket) ${handle.controlWebSocket}  (backends behind HTTP-only egress)`]),
       ...(handle.admin === undefined ? [] : [`  admin endpoint   http://${formatHostPort(handle.admin)}  (/metrics /healthz /readyz /status)`]),
       `  public ports bind to ${file.public_host ?? "127.0.0.1"}`,
       handle.generatedTokenFile === undefined
