@@ -207,19 +207,28 @@ export interface Parsed<A> {
   readonly unknownKeys: ReadonlyArray<string>
 }
 
+/** Reads YAML and decodes it with `schema`; errors name the field and the bad value. */
+const decodeFile = <S extends Schema.Codec<unknown, unknown>>(
+  what: string,
+  schema: S,
+  text: string
+): { readonly input: unknown; readonly file: S["Type"] } | WspConfigError => {
+  const input = readYaml(what, text)
+  if (input instanceof WspConfigError) return input
+  const decoded = Schema.decodeUnknownExit(schema)(input)
+  if (decoded._tag === "Success") return { input, file: decoded.value }
+  const err = decoded.cause.reasons.find((r) => r._tag === "Fail")
+  const issue = err !== undefined && err._tag === "Fail" ? (err.error as Schema.SchemaError).issue : undefined
+  if (issue !== undefined) return schemaError(what, input, issue)
+  return new WspConfigError({ reason: "InvalidField", field: "(root)", value: showValue(input), message: `${what}: not a mapping` })
+}
+
 /** Parses a `wsp_server.cfg` text. */
 export const parseWspServerConfig = (text: string): Parsed<WspServerConfig> | WspConfigError => {
   const what = "invalid wsp server config"
-  const input = readYaml(what, text)
-  if (input instanceof WspConfigError) return input
-  const decoded = Schema.decodeUnknownExit(ServerFile)(input)
-  if (decoded._tag === "Failure") {
-    const err = decoded.cause.reasons.find((r) => r._tag === "Fail")
-    const issue = err !== undefined && err._tag === "Fail" ? (err.error as Schema.SchemaError).issue : undefined
-    if (issue !== undefined) return schemaError(what, input, issue)
-    return new WspConfigError({ reason: "InvalidField", field: "(root)", value: showValue(input), message: `${what}: not a mapping` })
-  }
-  const file = decoded.value
+  const decoded = decodeFile(what, ServerFile, text)
+  if (decoded instanceof WspConfigError) return decoded
+  const { input, file } = decoded
   const rules = rulesOf(what, file)
   if (rules instanceof WspConfigError) return rules
   return {
@@ -245,16 +254,9 @@ export const parseWspServerConfig = (text: string): Parsed<WspServerConfig> | Ws
 /** Parses a `wsp_client.cfg` text; `newId` supplies the id when the file has none (wsp: a UUID v4). */
 export const parseWspClientConfig = (text: string, newId: () => string): Parsed<WspClientConfig> | WspConfigError => {
   const what = "invalid wsp client config"
-  const input = readYaml(what, text)
-  if (input instanceof WspConfigError) return input
-  const decoded = Schema.decodeUnknownExit(ClientFile)(input)
-  if (decoded._tag === "Failure") {
-    const err = decoded.cause.reasons.find((r) => r._tag === "Fail")
-    const issue = err !== undefined && err._tag === "Fail" ? (err.error as Schema.SchemaError).issue : undefined
-    if (issue !== undefined) return schemaError(what, input, issue)
-    return new WspConfigError({ reason: "InvalidField", field: "(root)", value: showValue(input), message: `${what}: not a mapping` })
-  }
-  const file = decoded.value
+  const decoded = decodeFile(what, ClientFile, text)
+  if (decoded instanceof WspConfigError) return decoded
+  const { input, file } = decoded
   const rules = rulesOf(what, file)
   if (rules instanceof WspConfigError) return rules
   const poolIdleSize = file.poolidlesize ?? clientDefaults.poolIdleSize
