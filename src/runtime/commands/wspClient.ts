@@ -32,7 +32,15 @@ export const wspClientCommand = Command.make("wsp-client", { config }, Effect.fn
     ready: () => client.stats().some((t) => t.total > t.connecting),
     sessions: () => [{ frontDoor: "wsp", count: client.stats().reduce((n, t) => n + t.total - t.connecting, 0) }],
     register: (metrics) =>
-      registerGatewayGauges(metrics, "wsp", () => client.stats().map((t) => ({ gateway: t.target, connected: t.total > t.connecting, attempts: 0, established: 0 })))
+      registerGatewayGauges(metrics, "wsp", () =>
+        client.stats().map((t) => ({
+          gateway: t.target,
+          connected: t.total > t.connecting,
+          attempts: t.failedAttempts,
+          // the gauge counts sessions after the first as reconnects; a pool counts its replacements
+          established: t.reconnects + 1
+        }))
+      )
   })
   yield* Console.log(`switchyard wsp-client ${parsed.config.id} connecting to ${parsed.config.targets.join(", ")}`)
   return yield* Effect.never

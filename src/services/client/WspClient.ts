@@ -62,6 +62,10 @@ export interface TargetStats {
   readonly idle: number
   readonly running: number
   readonly total: number
+  /** Failed connection attempts since the last successful one. */
+  readonly failedAttempts: number
+  /** Connections opened to replace ones that were lost. */
+  readonly reconnects: number
 }
 
 interface Target {
@@ -70,6 +74,12 @@ interface Target {
   readonly wake: Queue.Queue<void>
   /** Connections that closed right after opening without serving anything (refused by the server). */
   earlyCloses: number
+  /** Open connections lost and not yet replaced. */
+  lost: number
+  /** Connections opened to replace lost ones. */
+  reconnects: number
+  /** Failed attempts since the last successful one. */
+  failures: number
 }
 
 interface ClientContext {
@@ -151,6 +161,7 @@ class ClientConnection {
     this.upstream?.destroy()
     this.upstream = undefined
     if (!this.target.connections.delete(this)) return
+    if (this.status !== "connecting") this.target.lost++
     if (this.status !== "connecting" && this.served === 0 && Date.now() - this.openedAt < this.ctx.config.backoffInitial) {
       this.target.earlyCloses++
     }
@@ -457,7 +468,7 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
   const greeting = encodeGreeting({ id: config.id, size: config.poolIdleSize })
   const targets: Array<Target> = []
   for (const url of config.targets) {
-    targets.push({ url, connections: new Set(), wake: yield* Queue.sliding<void>(1), earlyCloses: 0 })
+    targets.push({ url, connections: new Set(), wake: yield* Queue.sliding<void>(1), earlyCloses: 0, lost: 0, reconnects: 0, failures: 0 })
   }
 
   yield* Effect.addFinalizer(() =>
@@ -491,6 +502,10 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
         ws.off("error", onFailure)
         ws.send(greeting)
         conn.status = "idle"
+        if (target.lost > 0) {
+          target.lost--
+          target.reconnects++
+        }
         resume(Effect.succeed(true))
       })
       return Effect.sync(() => ws.terminate())
@@ -505,12 +520,19 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
       else if (conn.status === "idle") idle++
       else running++
     }
-    return { target: target.url, connecting, idle, running, total: target.connections.size }
+    return {
+      target: target.url,
+      connecting,
+      idle,
+      running,
+      total: target.connections.size,
+      failedAttempts: target.failures,
+      reconnects: target.reconnects
+    }
   }
 
   const connector = (target: Target) =>
     Effect.gen(function*() {
-      let failures = 0
       for (;;) {
         const s = sizes(target)
         let toCreate = config.poolIdleSize - s.idle - s.connecting
@@ -523,18 +545,18 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
           const early = target.earlyCloses
           target.earlyCloses = 0
           if (results.includes(false) || early > 0) {
-            failures++
-            const delay = reconnectDelay(failures, config.backoffInitial, config.backoffMax, yield* Random.next)
+            target.failures++
+            const delay = reconnectDelay(target.failures, config.backoffInitial, config.backoffMax, yield* Random.next)
             yield* Effect.sleep(delay)
             continue
           }
-          failures = 0
+          target.failures = 0
           continue
         }
         if (target.earlyCloses > 0) {
           target.earlyCloses = 0
-          failures++
-          yield* Effect.sleep(reconnectDelay(failures, config.backoffInitial, config.backoffMax, yield* Random.next))
+          target.failures++
+          yield* Effect.sleep(reconnectDelay(target.failures, config.backoffInitial, config.backoffMax, yield* Random.next))
           continue
         }
         yield* Effect.raceFirst(Queue.take(target.wake), Effect.sleep(connectorInterval))

@@ -266,8 +266,9 @@ describe("WspClient against a hand-written wsp server", () => {
   it.live("closes a connection that receives a malformed head (after wsp's 527) and refills the pool", () =>
     leakChecked(Effect.gen(function*() {
       const server = yield* fakeServer
-      yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, backoffInitial: 1 }))
+      const client = yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, backoffInitial: 1 }))
       yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      expect(client.stats()[0]!.reconnects).toBe(0)
       const conn = server.connections[0]!
       conn.ws.send("{\"Method\":")
       const head = JSON.parse((yield* next(conn)).data.toString()) as { StatusCode: number }
@@ -275,6 +276,8 @@ describe("WspClient against a hand-written wsp server", () => {
       expect((yield* next(conn)).data.toString()).toMatch(/^Unable to deserialize json http request : head is not valid JSON/)
       yield* waitFor("closed", () => conn.closed)
       yield* waitFor("refilled", () => server.connections.some((c) => c !== conn && !c.closed && c.greeting !== undefined))
+      // the replacement is counted as a reconnect (switchyard_reconnects_total for wsp-client)
+      yield* waitFor("counted", () => client.stats()[0]!.reconnects === 1)
     })))
 
   it.live("closes a connection whose request body message is missing, without contacting the destination", () =>
@@ -310,7 +313,7 @@ describe("WspClient against a hand-written wsp server", () => {
       const server = yield* fakeServer
       server.accept = false
       // jitter at its lowest: each delay is half the exponential ceiling
-      yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, backoffInitial: 1000, backoffMax: 8000 })).pipe(
+      const client = yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, backoffInitial: 1000, backoffMax: 8000 })).pipe(
         Effect.provideService(Random.Random, { nextDoubleUnsafe: () => 0, nextIntUnsafe: () => 0 })
       )
       yield* waitFor("first attempt", () => server.attempts === 1)
@@ -322,9 +325,13 @@ describe("WspClient against a hand-written wsp server", () => {
         yield* TestClock.adjust(1)
         yield* waitFor(`attempt ${i + 2}`, () => server.attempts === i + 2)
       }
+      // every refused attempt so far is a failed attempt since the last success
+      expect(client.stats()[0]!.failedAttempts).toBe(expected.length + 1)
       server.accept = true
       yield* TestClock.adjust(4000)
       yield* waitFor("connected", () => server.connections.some((c) => c.greeting !== undefined))
+      yield* waitFor("failures reset", () => client.stats()[0]!.failedAttempts === 0)
+      expect(client.stats()[0]!.reconnects).toBe(0)
     }))
 
   it.effect("pings every interval and drops a connection that misses a pong (virtual time)", () =>
@@ -365,7 +372,7 @@ describe("WspClient against a hand-written wsp server", () => {
         yield* waitFor("connected", () => client.stats()[0]!.idle === 1)
         return client.stats()
       }).pipe(Effect.provide(WspClient.layer(clientConfig(server.url, { poolIdleSize: 1 }))))
-      expect(stats).toEqual([{ target: server.url, connecting: 0, idle: 1, running: 0, total: 1 }])
+      expect(stats).toEqual([{ target: server.url, connecting: 0, idle: 1, running: 0, total: 1, failedAttempts: 0, reconnects: 0 }])
     })))
 })
 
