@@ -1,10 +1,12 @@
 /**
  * `switchyard server` as operators run it: a child process, a backend tunnelled in with `listen()`,
- * traffic through a public port, the admin endpoint scraped, SIGTERM drains, SIGHUP reloads tokens.
+ * traffic through a public port, the admin endpoint scraped, SIGTERM drains, SIGHUP reloads tokens and
+ * reverse-HTTP/2 routes.
  */
 import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
 import * as fs from "node:fs"
 import * as http from "node:http"
+import * as http2 from "node:http2"
 import * as net from "node:net"
 import * as os from "node:os"
 import * as path from "node:path"
@@ -271,6 +273,78 @@ describe("SIGHUP reload", () => {
       assert.strictEqual(sample(metrics, "switchyard_sessions", { front_door: "control" }), 2)
       assert.notInclude(proc.output() + metrics, Token)
       assert.notInclude(proc.output() + metrics, OtherToken)
+      assert.strictEqual(await proc.stop(), 0)
+    }))
+})
+
+describe("SIGHUP reload of reverse-HTTP/2 routes", () => {
+  const writeConfig = (file: string, ports: ReadonlyArray<number>) =>
+    fs.writeFileSync(file, [
+      "control:",
+      `  token_file: ${path.join(dir, "a")}`,
+      "reverse_h2:",
+      "  enabled: true",
+      "  address: 127.0.0.1:0",
+      "  plain: true",
+      `  routes: [${ports.map((port) => `{ port: ${port} }`).join(", ")}]`
+    ].join("\n") + "\n")
+
+  it.live("a plain-mode backend serves the new routes over its live connection; its request in flight finishes; an invalid file keeps the old routes", () =>
+    promiseEffect(async () => {
+      fs.writeFileSync(path.join(dir, "a"), Token + "\n")
+      const config = path.join(dir, "server.yaml")
+      const [oldPort, newPort] = [await freePort(), await freePort()]
+      writeConfig(config, [oldPort])
+      const { proc, admin } = await startServer(["--config", config])
+      const tunnel = addressAfter(proc.output(), /reverse HTTP\/2/)
+
+      // a ptth-style backend: an HTTP/2 server on a socket it dialed to the tunnel port
+      const held: Array<() => void> = []
+      const backend = http2.createServer((req, res) => {
+        req.resume()
+        if (req.url === "/slow") held.push(() => res.end("slow done"))
+        else res.end(`h2 ${req.url}`)
+      })
+      const socket = net.connect({ host: "127.0.0.1", port: tunnel.port })
+      socket.on("error", () => socket.destroy())
+      await new Promise<void>((resolve) => socket.once("connect", () => resolve()))
+      backend.emit("connection", socket)
+      cleanups.push(() => new Promise<void>((resolve) => { socket.destroy(); backend.close(() => resolve()) }))
+      const firstReply = async (port: number, url: string) => {
+        for (let i = 0; i < 200; i++) {
+          const r = await get(port, url).catch(() => undefined)
+          if (r?.status === 200) return r
+          await new Promise((r) => setTimeout(r, 20))
+        }
+        throw new Error(`no answer on ${port}${url}`)
+      }
+      assert.strictEqual((await firstReply(oldPort, "/x")).body, "h2 /x")
+      const slow = get(oldPort, "/slow")
+      for (let i = 0; i < 200 && held.length === 0; i++) await new Promise((r) => setTimeout(r, 10))
+      assert.strictEqual(held.length, 1)
+
+      writeConfig(config, [newPort])
+      proc.child.kill("SIGHUP")
+      await proc.waitFor("configuration reloaded")
+      assert.match(proc.output(), /configuration reloaded: .*1 reverse-HTTP\/2 route/)
+      const added = await get(newPort, "/y")
+      assert.strictEqual(added.status, 200)
+      assert.strictEqual(added.body, "h2 /y")
+      held.shift()!()
+      const finished = await slow
+      assert.strictEqual(finished.status, 200)
+      assert.strictEqual(finished.body, "slow done")
+
+      writeConfig(config, [])
+      proc.child.kill("SIGHUP")
+      await proc.waitFor("reload refused")
+      assert.match(proc.output(), /reload refused.*reverse_h2\.routes/)
+      assert.strictEqual((await get(newPort, "/z")).body, "h2 /z")
+
+      const metrics = await scrape(admin)
+      assert.strictEqual(sample(metrics, "switchyard_config_reloads_total", { result: "applied" }), 1)
+      assert.strictEqual(sample(metrics, "switchyard_config_reloads_total", { result: "rejected" }), 1)
+      assert.strictEqual(sample(metrics, "switchyard_sessions", { front_door: "reverse_h2" }), 1)
       assert.strictEqual(await proc.stop(), 0)
     }))
 })

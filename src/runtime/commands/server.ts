@@ -1,7 +1,7 @@
 /**
  * `switchyard server`: the gateway. Loads its config (file, `SWITCHYARD_...`, flags), then starts the
  * admin endpoint, the control port with its public listeners, and the reverse-HTTP/2 tunnel port when
- * enabled; runs until SIGTERM/SIGINT, which drains. SIGHUP reloads tokens. Every proxied request is
+ * enabled; runs until SIGTERM/SIGINT, which drains. SIGHUP reloads tokens and reverse-HTTP/2 routes. Every proxied request is
  * counted in the metrics and carries an `X-Request-Id`. It does not terminate TLS on the control port.
  */
 import * as fs from "node:fs"
@@ -62,6 +62,15 @@ const isLoopbackHost = (host: string): boolean => host === "localhost" || host =
 
 const invalid = (field: string, message: string) =>
   new ConfigLoadError({ reason: "Invalid", source: "config", field, message: `${field}: ${message}` })
+
+/** The routes plain-mode reverse-HTTP/2 backends serve (`reverse_h2.routes`). */
+const h2RoutesOf = (file: ServerFile): Array<RouteDefinition> =>
+  (file.reverse_h2?.routes ?? []).map((r) => ({
+    _tag: "Http",
+    port: r.port,
+    ...(r.domain_suffix === undefined ? {} : { domainSuffix: r.domain_suffix }),
+    ...(r.path_prefix === undefined ? {} : { pathPrefix: r.path_prefix })
+  }))
 
 const addressAt = (field: string, text: string | undefined, fallback: string): HostPort | ConfigLoadError => {
   const parsed = parseHostPort(text ?? fallback)
@@ -407,12 +416,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     generatedTokenFile = generated.file
     grants = [{ name: GeneratedGrantName, token: generated.token, ports: AllPorts }]
   }
-  const h2Routes: Array<RouteDefinition> = (file.reverse_h2?.routes ?? []).map((r) => ({
-    _tag: "Http",
-    port: r.port,
-    ...(r.domain_suffix === undefined ? {} : { domainSuffix: r.domain_suffix }),
-    ...(r.path_prefix === undefined ? {} : { pathPrefix: r.path_prefix })
-  }))
+  const h2Routes = h2RoutesOf(file)
 
   // an embedding app may provide its own Metrics registry (one gateway per registry)
   const metrics = Option.getOrElse(yield* Effect.serviceOption(Metrics), makeMetrics)
@@ -584,10 +588,19 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
         return yield* invalid("control.token", "the new configuration has no token; keep at least one")
       }
       const applied = nextGrants.length === 0 ? grants as Array<TokenGrant> : nextGrants
+      const nextH2Routes = h2RoutesOf(next)
+      if (h2 !== undefined && !h2.authenticated && nextH2Routes.length === 0) {
+        return yield* invalid("reverse_h2.routes", "a plain reverse-HTTP/2 port needs at least one route")
+      }
+      // routes first: the only step that can still refuse, and it changes nothing when it does
+      if (h2 !== undefined) {
+        yield* h2.replaceRoutes(nextH2Routes).pipe(Effect.mapError((e) => invalid("reverse_h2.routes", e.message)))
+      }
       yield* controlPort.replaceTokens(applied)
       if (h2 !== undefined && h2.authenticated) yield* h2.replaceTokens(applied)
       metrics.reloads.labels("applied").inc()
-      yield* Effect.logInfo(`configuration reloaded: ${nextGrants.length} token(s); sessions already up keep their grants (addresses change on restart)`)
+      const routesNote = h2 === undefined ? "" : `, ${nextH2Routes.length} reverse-HTTP/2 route(s)`
+      yield* Effect.logInfo(`configuration reloaded: ${nextGrants.length} token(s)${routesNote}; sessions already up keep their grants (addresses change on restart)`)
     }).pipe(
       Effect.catch((e: ConfigLoadError) =>
         Effect.sync(() => {

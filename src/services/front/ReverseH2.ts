@@ -10,7 +10,7 @@ import * as http2 from "node:http2"
 import * as net from "node:net"
 import { type Duplex, PassThrough } from "node:stream"
 import * as tls from "node:tls"
-import { Context, Duration, Effect, Exit, FiberSet, Layer, Option, Schema, Scope } from "effect"
+import { Context, Duration, Effect, Exit, FiberSet, Layer, Option, Schema, Scope, Semaphore } from "effect"
 import {
   type BoundListener,
   decodeHello,
@@ -127,6 +127,17 @@ export interface ReverseH2Shape {
   readonly recentFailures: () => ReadonlyArray<ReverseH2Error>
   /** Replaces the grants for new connections (authenticated mode); live connections keep theirs. */
   readonly replaceTokens: (tokens: ReadonlyArray<TokenGrant>) => Effect.Effect<void>
+  /**
+   * Replaces the configured routes. Live plain-mode connections start serving the added routes and stop
+   * serving the removed ones (requests already in flight on them finish); unchanged routes stay bound.
+   * New connections (and authenticated ones whose `Hello` names no route) get the new set. Fails with
+   * `Config`, changing nothing, when a route is not an HTTP route or a plain port would be left with none.
+   * A route that cannot be bound on a live connection (a conflict, a port that will not open) is logged
+   * and recorded as a `Bind` failure; the others still apply.
+   */
+  readonly replaceRoutes: (routes: ReadonlyArray<RouteDefinition>) => Effect.Effect<void, ReverseH2Error>
+  /** The routes new connections serve (the configured set). */
+  readonly routes: () => ReadonlyArray<RouteDefinition>
 }
 
 export class ReverseH2 extends Context.Service<ReverseH2, ReverseH2Shape>()("switchyard/ReverseH2") {
@@ -138,6 +149,10 @@ export class ReverseH2 extends Context.Service<ReverseH2, ReverseH2Shape>()("swi
 /** Whether a route can be served by an HTTP/2 backend (the gateway speaks HTTP to it). */
 export const isHttpRoute = (route: RouteDefinition): boolean =>
   route._tag === "Http" || (route._tag === "Tls" && route.then === "http")
+
+/** Identity of a route across reloads (a TLS route with a new certificate is a new route). */
+const routeKey = (route: RouteDefinition): string =>
+  route._tag === "Tls" ? `${describeRoute(route)}\n${route.cert}\n${route.key}` : describeRoute(route)
 
 const isLoopback = (address: string | undefined): boolean =>
   address === "127.0.0.1" || address === "::1" || address === "::ffff:127.0.0.1" || (address?.startsWith("127.") ?? false)
@@ -188,14 +203,23 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
   const listeners = yield* Listeners
   const authenticated = config.tokens !== undefined
   let policy = makeTokenPolicy(config.tokens ?? [])
-  const defaultRoutes = config.routes ?? []
-  const badRoute = defaultRoutes.find((r) => !isHttpRoute(r))
-  if (badRoute !== undefined) {
-    return yield* new ReverseH2Error({ reason: "Config", message: `reverse-HTTP/2 routes must be HTTP routes, not ${describeRoute(badRoute)}` })
+  const checkRoutes = (routes: ReadonlyArray<RouteDefinition>): ReverseH2Error | undefined => {
+    const badRoute = routes.find((r) => !isHttpRoute(r))
+    if (badRoute !== undefined) {
+      return new ReverseH2Error({ reason: "Config", message: `reverse-HTTP/2 routes must be HTTP routes, not ${describeRoute(badRoute)}` })
+    }
+    if (!authenticated && routes.length === 0) {
+      return new ReverseH2Error({ reason: "Config", message: "a plain reverse-HTTP/2 port needs at least one route" })
+    }
+    return undefined
   }
-  if (!authenticated && defaultRoutes.length === 0) {
-    return yield* new ReverseH2Error({ reason: "Config", message: "a plain reverse-HTTP/2 port needs at least one route" })
-  }
+  let defaultRoutes: ReadonlyArray<RouteDefinition> = config.routes ?? []
+  const invalidRoutes = checkRoutes(defaultRoutes)
+  if (invalidRoutes !== undefined) return yield* invalidRoutes
+  // plain-mode connections, each with one scope per bound route (so a reload can unbind one route);
+  // a connection and a reload change these bindings one at a time
+  const plainBindings = new Map<H2Connection, { readonly scope: Scope.Scope; readonly routes: Map<string, Scope.Closeable> }>()
+  const bindingLock = yield* Semaphore.make(1)
   const handshakeTimeout = Duration.fromInputUnsafe(config.handshakeTimeout ?? DefaultHandshakeTimeout)
   const maxPreambleBytes = config.maxPreambleBytes ?? DefaultMaxPreambleBytes
   const pingInterval = Duration.fromInputUnsafe(config.pingInterval ?? DefaultPingInterval)
@@ -605,7 +629,23 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         // a graceful drain: streams in flight finish, new requests go to other connections
         conn.draining = true
       })
-      if (!hello) yield* bindOrReject(false)
+      if (!hello) {
+        const bindings = { scope: yield* Effect.scope, routes: new Map<string, Scope.Closeable>() }
+        plainBindings.set(conn, bindings)
+        yield* Effect.addFinalizer(() => Effect.sync(() => void plainBindings.delete(conn)))
+        // the first binding must succeed as a whole (as at any connection); later reloads bind per route
+        yield* bindingLock.withPermits(1)(Effect.gen(function*() {
+          routes = defaultRoutes
+          for (const route of routes) {
+            const routeScope = yield* Scope.fork(bindings.scope)
+            bindings.routes.set(routeKey(route), routeScope)
+            yield* listeners.bind(route, conn.backend).pipe(
+              Scope.provide(routeScope),
+              Effect.mapError((error: ListenerError) => fail("Bind", error.message))
+            )
+          }
+        }))
+      }
       conn.ready = true
       live.add(conn)
       if (waiters.length > 0) serveWaiters()
@@ -678,6 +718,40 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     })
   )
 
+  /** Brings one plain-mode connection's bindings to `next`: unbinds what went away, binds what is new. */
+  const rebind = (conn: H2Connection, bindings: { readonly scope: Scope.Scope; readonly routes: Map<string, Scope.Closeable> }, next: ReadonlyArray<RouteDefinition>) =>
+    Effect.gen(function*() {
+      const wanted = new Map(next.map((route) => [routeKey(route), route] as const))
+      for (const [key, routeScope] of [...bindings.routes]) {
+        if (wanted.has(key)) continue
+        bindings.routes.delete(key)
+        // unregisters the backend from the route; requests already forwarded to it keep their stream
+        yield* Scope.close(routeScope, Exit.void)
+      }
+      for (const [key, route] of wanted) {
+        if (bindings.routes.has(key) || isGone(conn)) continue
+        const routeScope = yield* Scope.fork(bindings.scope)
+        const bound = yield* listeners.bind(route, conn.backend).pipe(Scope.provide(routeScope), Effect.result)
+        if (bound._tag === "Failure") {
+          yield* Scope.close(routeScope, Exit.void)
+          const error = fail("Bind", `${conn.describe} cannot serve ${describeRoute(route)} after a reload: ${bound.failure.message}`)
+          yield* recordFailure(error)
+          continue
+        }
+        bindings.routes.set(key, routeScope)
+      }
+    })
+
+  const replaceRoutes = (next: ReadonlyArray<RouteDefinition>): Effect.Effect<void, ReverseH2Error> =>
+    Effect.gen(function*() {
+      const invalid = checkRoutes(next)
+      if (invalid !== undefined) return yield* invalid
+      yield* bindingLock.withPermits(1)(Effect.gen(function*() {
+        defaultRoutes = [...next]
+        for (const [conn, bindings] of [...plainBindings]) yield* rebind(conn, bindings, defaultRoutes)
+      }))
+    })
+
   return ReverseH2.of({
     address: { host: bound.address, port: bound.port },
     authenticated,
@@ -685,7 +759,9 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     activeStreams: () => streams,
     queued: () => waiters.length,
     recentFailures: () => [...failures],
-    replaceTokens: (tokens) => Effect.sync(() => void (policy = makeTokenPolicy(tokens)))
+    replaceTokens: (tokens) => Effect.sync(() => void (policy = makeTokenPolicy(tokens))),
+    replaceRoutes,
+    routes: () => defaultRoutes
   })
 })
 

@@ -225,6 +225,55 @@ describe("ReverseH2", () => {
       }))
     }))
 
+  it.effect("replaceRoutes: live plain-mode connections serve added routes, drop removed ones after their requests finish; an invalid set changes nothing", () =>
+    Effect.gen(function*() {
+      const [oldPort, newPort] = [yield* Effect.promise(freePort), yield* Effect.promise(freePort)]
+      yield* withGateway({ routes: [{ _tag: "Http", port: oldPort }, { _tag: "Http", port: oldPort, pathPrefix: "/kept" }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const registry = yield* Registry
+        const held: Array<() => void> = []
+        const server = http2.createServer((req, res) => {
+          req.resume()
+          if (req.url === "/slow") held.push(() => res.end("slow done"))
+          else res.end(`served ${req.url}`)
+        })
+        yield* closeServer(server)
+        yield* dialBackend(gateway.address.port, server)
+        yield* until(() => gateway.connections() === 1, "the backend")
+        const backendsOf = (port: number, prefix?: string) =>
+          registry.routesOnPort(port).find((e) => e.route._tag === "Http" && e.route.pathPrefix === prefix)?.backends.length ?? 0
+        // a request in flight on the route about to go away
+        const slow = request(oldPort, "/slow")
+        yield* until(() => held.length === 1, "the slow request at the backend")
+
+        // invalid sets are refused and nothing changes
+        for (const bad of [[], [{ _tag: "Tcp" as const, port: newPort }]]) {
+          const refused = yield* Effect.flip(gateway.replaceRoutes(bad))
+          assert.strictEqual(refused.reason, "Config")
+        }
+        assert.strictEqual(backendsOf(oldPort), 1)
+        assert.strictEqual(gateway.routes().length, 2)
+
+        yield* gateway.replaceRoutes([{ _tag: "Http", port: oldPort, pathPrefix: "/kept" }, { _tag: "Http", port: newPort }])
+        assert.strictEqual(backendsOf(oldPort), 0)
+        assert.strictEqual(backendsOf(oldPort, "/kept"), 1)
+        assert.strictEqual(backendsOf(newPort), 1)
+        assert.strictEqual(gateway.connections(), 1)
+        assert.deepStrictEqual(gateway.routes().map((r) => r.port), [oldPort, newPort])
+        const added = yield* Effect.promise(() => request(newPort, "/new"))
+        assert.strictEqual(added.body, "served /new")
+        const kept = yield* Effect.promise(() => request(oldPort, "/kept/x"))
+        assert.strictEqual(kept.body, "served /kept/x")
+        // the request forwarded before the reload still completes over the same connection
+        held.shift()!()
+        const finished = yield* Effect.promise(() => slow)
+        assert.strictEqual(finished.status, 200)
+        assert.strictEqual(finished.body, "slow done")
+        assert.strictEqual(gateway.connections(), 1)
+        assert.strictEqual(gateway.recentFailures().length, 0)
+      }))
+    }))
+
   it.effect("refuses configurations it cannot serve", () =>
     Effect.gen(function*() {
       const port = yield* Effect.promise(freePort)
