@@ -1,6 +1,7 @@
 /**
  * `switchyard client` as operators run it: its admin endpoint's `/readyz` follows the gateway session
- * (down when the gateway stops, up again after it reconnects) and its metrics count the reconnect.
+ * (down when the gateway stops, up again after it reconnects) and its metrics count the reconnect;
+ * SIGHUP swaps its listener over the live session.
  */
 import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
@@ -122,6 +123,76 @@ describe("switchyard client", () => {
       }
       assert.strictEqual(answer?.body, "backend /cfg")
       assert.isUndefined(await get(filePort, "/").catch(() => undefined))
+      assert.notInclude(client.output() + gateway.output(), Token)
+      assert.strictEqual(await client.stop("SIGTERM"), 0)
+    }))
+
+  it.live("SIGHUP: a changed route and expose apply over the live session, the request in flight finishes; an invalid file keeps the old listener", () =>
+    Effect.promise(async () => {
+      const fs = await import("node:fs")
+      const os = await import("node:os")
+      const path = await import("node:path")
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-ops-client-"))
+      cleanups.push(async () => fs.rmSync(dir, { recursive: true, force: true }))
+      const held: Array<() => void> = []
+      const startBackend = async (name: string) => {
+        const server = http.createServer((req, res) => {
+          if (req.url === "/slow") held.push(() => res.end(`${name} slow done`))
+          else res.end(`${name} ${req.url}`)
+        })
+        await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", () => resolve()))
+        cleanups.push(() => new Promise((resolve) => { server.closeAllConnections(); server.close(resolve) }))
+        return (server.address() as net.AddressInfo).port
+      }
+      const [backendA, backendB] = [await startBackend("a"), await startBackend("b")]
+      const controlPort = await freePort()
+      const [oldPort, newPort] = [await freePort(), await freePort()]
+      const gateway = await startGateway(controlPort)
+      fs.writeFileSync(path.join(dir, "token"), Token + "\n")
+      const config = path.join(dir, "client.yaml")
+      const write = (lines: ReadonlyArray<string>) =>
+        fs.writeFileSync(config, [`server: 127.0.0.1:${controlPort}`, `token_file: ${path.join(dir, "token")}`, "admin: { address: 127.0.0.1:0 }", ...lines].join("\n") + "\n")
+      write([`expose: 127.0.0.1:${backendA}`, `port: ${oldPort}`])
+      const client = spawnSwitchyard(["client", "--config", config])
+      cleanups.push(() => client.stop("SIGKILL"))
+      await client.waitFor(/admin endpoint on http:\/\/127\.0\.0\.1:\d+/)
+      const admin = addressAfter(client.output(), /admin endpoint on/)
+      assert.isTrue(await readyzBecomes(admin.port, 200))
+      const answered = async (port: number, url: string) => {
+        for (let i = 0; i < 200; i++) {
+          const r = await get(port, url).catch(() => undefined)
+          if (r?.status === 200) return r.body
+          await new Promise((resolve) => setTimeout(resolve, 25))
+        }
+        return "no answer"
+      }
+      assert.strictEqual(await answered(oldPort, "/x"), "a /x")
+      const slow = get(oldPort, "/slow")
+      for (let i = 0; i < 200 && held.length === 0; i++) await new Promise((resolve) => setTimeout(resolve, 10))
+      assert.strictEqual(held.length, 1)
+
+      write([`expose: 127.0.0.1:${backendB}`, `port: ${newPort}`, "label: renamed"])
+      client.child.kill("SIGHUP")
+      await client.waitFor("configuration reloaded")
+      assert.strictEqual(await answered(newPort, "/y"), "b /y")
+      await client.waitFor(/label changed; the live sessions keep the old value/)
+      held.shift()!()
+      const finished = await slow
+      assert.strictEqual(finished.status, 200)
+      assert.strictEqual(finished.body, "a slow done")
+
+      write([`expose: 127.0.0.1:${backendB}`, "port: lots"])
+      client.child.kill("SIGHUP")
+      await client.waitFor("reload refused")
+      assert.match(client.output(), /reload refused.*port/)
+      assert.strictEqual(await answered(newPort, "/z"), "b /z")
+
+      const metrics = (await get(admin.port, "/metrics")).body
+      assert.strictEqual(sample(metrics, "switchyard_config_reloads_total", { result: "applied" }), 1)
+      assert.strictEqual(sample(metrics, "switchyard_config_reloads_total", { result: "rejected" }), 1)
+      // one session the whole time: nothing was reconnected
+      assert.strictEqual(sample(metrics, "switchyard_gateway_up", { front_door: "control" }), 1)
+      assert.strictEqual(sample(metrics, "switchyard_reconnects_total", { front_door: "control" }), 0)
       assert.notInclude(client.output() + gateway.output(), Token)
       assert.strictEqual(await client.stop("SIGTERM"), 0)
     }))

@@ -2,20 +2,23 @@
  * `switchyard client`: exposes a local service through one or more gateways' control ports. Each
  * tunnelled connection is piped to `expose` as raw bytes (HTTP or TCP alike); the public peer's
  * address reaches HTTP services as `X-Forwarded-For`. Settings come from `--config` (YAML or JSON),
- * `SWITCHYARD_...` variables and flags, in that order. Runs until interrupted, then drains.
+ * `SWITCHYARD_...` variables and flags, in that order. Runs until interrupted, then drains. SIGHUP
+ * re-reads them: a changed route is added over the live sessions before the old one is removed, a
+ * changed `expose` applies to new connections; gateways, token, label and CA apply on restart (logged).
  */
 import * as net from "node:net"
-import { Console, Effect, Option, Redacted, Stream } from "effect"
+import { Console, Duration, Effect, Exit, Option, Redacted, Scope, Stream } from "effect"
 import { Command, Flag } from "effect/cli"
-import { describeRoute } from "../../domain/Route.ts"
+import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { describeTarget, type GatewayTarget, TunnelClient } from "../../services/client/TunnelClient.ts"
 import { isWebSocketUrl } from "../../services/transport/WebSocketDial.ts"
 import { joinStreams } from "../../services/Listeners.ts"
 import { registerGatewayGauges, serveOperations } from "../Admin.ts"
 import { ClientFile, ConfigLoadError, type FlagValue, loadConfig, refuseConfig } from "../ConfigLoader.ts"
+import { onHangup } from "../Lifecycle.ts"
 import { DefaultServer, toRoute } from "../listen.ts"
 import * as Logging from "../Logging.ts"
-import { AddressError, formatHostPort, parseHostPort } from "../NetAddress.ts"
+import { AddressError, formatHostPort, type HostPort, parseHostPort } from "../NetAddress.ts"
 import { exposeOverReverseHttp2 } from "../serveReverseHttp2.ts"
 import * as NodeTransport from "../NodeTransport.ts"
 
@@ -80,39 +83,22 @@ const required = (field: string, flag: string) =>
     message: `${field}: required (${flag}, SWITCHYARD_${field.toUpperCase()} or ${field} in the config file)`
   })
 
-export const clientCommand = Command.make("client", flags, Effect.fn(function*(f) {
-  const config = yield* loadConfig({ schema: ClientFile, file: Option.getOrUndefined(f.config), flags: flagOverrides(f) }).pipe(
-    Effect.map((loaded) => loaded.config),
-    Effect.catch(refuseConfig("client"))
-  )
-  if (config.expose === undefined) return yield* refuseConfig("client")(required("expose", "--expose"))
-  if (config.port === undefined) return yield* refuseConfig("client")(required("port", "--port"))
-  if (config.token === undefined) return yield* refuseConfig("client")(required("token", "--token, SWITCHYARD_TOKEN_FILE"))
-  const token = config.token
-  const serverTexts = (config.server ?? DefaultServer).split(",").map((s) => s.trim()).filter((s) => s.length > 0)
-  const servers = []
-  const targets: Array<GatewayTarget> = []
-  for (const text of serverTexts) {
-    if (isWebSocketUrl(text)) {
-      targets.push({ url: text, ...(config.ca === undefined ? {} : { ca: config.ca }) })
-      continue
-    }
-    const parsed = parseHostPort(text)
-    if (parsed instanceof Error) return yield* refuseConfig("client")(new ConfigLoadError({ reason: "Invalid", source: "config", field: "server", message: `server: ${parsed.message}` }))
-    servers.push(parsed)
-    targets.push(parsed)
-  }
+/** How long a reload waits for a changed route to be bound before it gives up waiting (the old one is removed anyway). */
+export const ReloadBindTimeout: Duration.Duration = Duration.seconds(10)
+
+/** What one listener of the client serves: its route and the local address its connections go to. */
+interface ListenerSpec {
+  readonly route: RouteDefinition
+  readonly expose: HostPort
+}
+
+/** The listener a configuration asks for, or the error naming the field at fault. */
+const listenerOf = (config: ClientFile): ListenerSpec | ConfigLoadError => {
+  if (config.expose === undefined) return required("expose", "--expose")
+  if (config.port === undefined) return required("port", "--port")
+  if (config.token === undefined) return required("token", "--token, SWITCHYARD_TOKEN_FILE")
   const expose = parseHostPort(config.expose)
-  if (expose instanceof Error) return yield* refuseConfig("client")(new ConfigLoadError({ reason: "Invalid", source: "config", field: "expose", message: `expose: ${expose.message}` }))
-  if (config.h2 === true && servers.length !== targets.length) {
-    return yield* new AddressError({ reason: "Malformed", message: "--h2 needs host:port gateways; ws:// and wss:// are for control-port tunnels" })
-  }
-  if (f.checkConfig) {
-    yield* Console.log(`switchyard client: configuration OK${Option.isSome(f.config) ? ` (${f.config.value})` : ""}`)
-    return
-  }
-  if (config.log !== undefined) yield* Logging.useInThisFiber({ format: config.log.format, level: config.log.level })
-  const ops = { ...(config.admin === undefined ? {} : { admin: config.admin }) }
+  if (expose instanceof Error) return new ConfigLoadError({ reason: "Invalid", source: "config", field: "expose", message: `expose: ${expose.message}` })
   const path = config.path
   const domain = config.domain
   const cert = config.tls_cert
@@ -126,31 +112,140 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
       ? { domainSuffix: domain ?? "localhost", cert, key, then: tcp ? "tcp" : "http", ...(path ? { pathPrefix: path } : {}) }
       : undefined
   })
+  return { route, expose }
+}
+
+/** Settings a live client cannot change without new sessions: named in the reload log, applied on restart. */
+const sessionSettingsChanged = (before: ClientFile, after: ClientFile): Array<string> => {
+  const changed: Array<string> = []
+  if ((before.server ?? DefaultServer) !== (after.server ?? DefaultServer)) changed.push("server")
+  const tokenOf = (c: ClientFile) => c.token === undefined ? undefined : Redacted.value(c.token)
+  if (tokenOf(before) !== tokenOf(after)) changed.push("token")
+  if (before.label !== after.label) changed.push("label")
+  if (before.ca !== after.ca) changed.push("ca")
+  if ((before.h2 ?? false) !== (after.h2 ?? false)) changed.push("h2")
+  return changed
+}
+
+export const clientCommand = Command.make("client", flags, Effect.fn(function*(f) {
+  const load = loadConfig({ schema: ClientFile, file: Option.getOrUndefined(f.config), flags: flagOverrides(f) }).pipe(
+    Effect.map((loaded) => loaded.config)
+  )
+  const config = yield* load.pipe(Effect.catch(refuseConfig("client")))
+  const first = listenerOf(config)
+  if (first instanceof ConfigLoadError) return yield* refuseConfig("client")(first)
+  const token = config.token!
+  const serverTexts = (config.server ?? DefaultServer).split(",").map((s) => s.trim()).filter((s) => s.length > 0)
+  const servers = []
+  const targets: Array<GatewayTarget> = []
+  for (const text of serverTexts) {
+    if (isWebSocketUrl(text)) {
+      targets.push({ url: text, ...(config.ca === undefined ? {} : { ca: config.ca }) })
+      continue
+    }
+    const parsed = parseHostPort(text)
+    if (parsed instanceof Error) return yield* refuseConfig("client")(new ConfigLoadError({ reason: "Invalid", source: "config", field: "server", message: `server: ${parsed.message}` }))
+    servers.push(parsed)
+    targets.push(parsed)
+  }
+  const expose = first.expose
+  if (config.h2 === true && servers.length !== targets.length) {
+    return yield* new AddressError({ reason: "Malformed", message: "--h2 needs host:port gateways; ws:// and wss:// are for control-port tunnels" })
+  }
+  if (f.checkConfig) {
+    yield* Console.log(`switchyard client: configuration OK${Option.isSome(f.config) ? ` (${f.config.value})` : ""}`)
+    return
+  }
+  if (config.log !== undefined) yield* Logging.useInThisFiber({ format: config.log.format, level: config.log.level })
+  const ops = { ...(config.admin === undefined ? {} : { admin: config.admin }) }
+  const route = first.route
   const label = config.label
   if (config.h2 === true) {
-    yield* serveOperations({ command: "client", ops, ready: () => true })
+    const operations = yield* serveOperations({ command: "client", ops, ready: () => true })
+    yield* onHangup(Effect.sync(() => {
+      operations.metrics.reloads.labels("rejected").inc()
+      operations.recordError("reload refused: a reverse-HTTP/2 client applies its configuration on restart")
+    }).pipe(Effect.andThen(Effect.logWarning("reload refused: with h2 the client applies configuration changes on restart")), Effect.annotateLogs({ component: "client" })))
     yield* exposeOverReverseHttp2({ gateways: servers, target: expose, token, routes: [route], label })
     yield* Console.log(`switchyard client: ${describeRoute(route)} over reverse HTTP/2 on ${serverTexts.join(", ")} -> ${formatHostPort(expose)}`)
     return yield* Effect.never
   }
   const client = yield* TunnelClient.make({ servers: targets, token, label })
   const gateways = () => client.status().map((g) => ({ gateway: describeTarget(g.address), connected: g.connected, attempts: g.attempts, established: g.established }))
-  yield* serveOperations({
+  const operations = yield* serveOperations({
     command: "client",
     ops,
     ready: () => gateways().some((g) => g.connected),
     sessions: () => [{ frontDoor: "control", count: gateways().filter((g) => g.connected).length }],
     register: (metrics) => registerGatewayGauges(metrics, "control", gateways)
   })
-  const listener = yield* client.listen(route)
+  const commandScope = yield* Effect.scope
+  // the local address new connections go to (a reload may change it; connections already piped stay)
+  let target = expose
+  /** Opens a listener for `spec` in its own scope, its connections piped to the current target. */
+  const openListener = (forRoute: RouteDefinition) =>
+    Effect.gen(function*() {
+      const scope = yield* Scope.fork(commandScope)
+      const listener = yield* client.listen(forRoute).pipe(Scope.provide(scope))
+      yield* Stream.runForEach(listener.connections, ({ socket }) =>
+        Effect.sync(() => {
+          const local = net.createConnection({ host: target.host, port: target.port, allowHalfOpen: true })
+          local.on("error", () => local.destroy())
+          socket.on("error", () => socket.destroy())
+          joinStreams(socket, local, () => {})
+        })).pipe(Effect.forkIn(scope))
+      return { scope, listener }
+    })
+  let current = { spec: first, ...(yield* openListener(route)) }
   yield* Console.log(`switchyard client: ${describeRoute(route)} on ${targets.map(describeTarget).join(", ")} -> ${formatHostPort(expose)}`)
-  return yield* Stream.runForEach(listener.connections, ({ socket }) =>
-    Effect.sync(() => {
-      const local = net.createConnection({ host: expose.host, port: expose.port, allowHalfOpen: true })
-      local.on("error", () => local.destroy())
-      socket.on("error", () => socket.destroy())
-      joinStreams(socket, local, () => {})
-    }))
+
+  yield* onHangup(Effect.gen(function*() {
+    const next = yield* load
+    const spec = listenerOf(next)
+    if (spec instanceof ConfigLoadError) return yield* spec
+    const notes: Array<string> = []
+    if (JSON.stringify(spec.route) !== JSON.stringify(current.spec.route)) {
+      // the new route first, over the live sessions; then the old one, which drains in the background
+      const opened = yield* openListener(spec.route)
+      const bound = yield* opened.listener.bound.pipe(Effect.timeoutOption(ReloadBindTimeout), Effect.exit)
+      if (Exit.isFailure(bound)) {
+        yield* Scope.close(opened.scope, Exit.void)
+        const failure = bound.cause.reasons.find((r) => r._tag === "Fail")
+        return yield* new ConfigLoadError({
+          reason: "Invalid",
+          source: "config",
+          field: "port",
+          message: `the gateway refused ${describeRoute(spec.route)}: ${failure?._tag === "Fail" ? failure.error.message : "interrupted"}`
+        })
+      }
+      const previous = current
+      current = { spec, ...opened }
+      yield* Scope.close(previous.scope, Exit.void).pipe(Effect.forkIn(commandScope))
+      notes.push(`now serving ${describeRoute(spec.route)} instead of ${describeRoute(previous.spec.route)}`)
+    } else {
+      current = { ...current, spec }
+    }
+    if (formatHostPort(spec.expose) !== formatHostPort(target)) {
+      notes.push(`new connections go to ${formatHostPort(spec.expose)}`)
+      target = spec.expose
+    }
+    // compared with what the sessions started with: they keep it until a restart
+    const restart = sessionSettingsChanged(config, next)
+    operations.metrics.reloads.labels("applied").inc()
+    yield* Effect.logInfo(`configuration reloaded${notes.length === 0 ? ": listener unchanged" : `: ${notes.join("; ")}`}`)
+    if (restart.length > 0) {
+      yield* Effect.logWarning(`configuration reloaded: ${restart.join(", ")} changed; the live sessions keep the old value (a reconnect needs a restart, which drains)`)
+    }
+  }).pipe(
+    Effect.catch((e: ConfigLoadError) =>
+      Effect.sync(() => {
+        operations.metrics.reloads.labels("rejected").inc()
+        operations.recordError(`reload refused: ${e.message}`)
+      }).pipe(Effect.andThen(Effect.logError(`reload refused, the previous configuration stays in force: ${e.message}`)))
+    ),
+    Effect.annotateLogs({ component: "client" })
+  ))
+  return yield* Effect.never
 }, Effect.scoped, Effect.provide(NodeTransport.layer))).pipe(
   Command.withDescription("Expose a local service through a switchyard gateway's control port")
 )
