@@ -1,14 +1,16 @@
 /**
  * `switchyard wsp-client --config wsp_client.cfg`: a drop-in for root-gg/wsp's `wsp_client`. Reads
  * wsp's YAML config, keeps connection pools to every target and performs the requests they carry,
- * checked against the configured rules, until interrupted.
+ * checked against the configured rules, until interrupted. SIGHUP re-reads the file and swaps the
+ * destination rules (`whitelist`, `blacklist`) for the next requests; the other fields apply on restart.
  */
 import { randomUUID } from "node:crypto"
-import { Console, Effect } from "effect"
+import { Console, Effect, Redacted } from "effect"
 import { Command, Flag } from "effect/cli"
 import { parseWspClientConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspClient } from "../../services/client/WspClient.ts"
 import { registerGatewayGauges, prepareOperations, serveOperations } from "../Admin.ts"
+import { onHangup } from "../Lifecycle.ts"
 import { readConfigText } from "./wspServer.ts"
 
 const config = Flag.String("config").pipe(
@@ -25,7 +27,7 @@ export const wspClientCommand = Command.make("wsp-client", { config }, Effect.fn
   }
   const ops = yield* prepareOperations(config)
   const client = yield* makeWspClient(parsed.config)
-  yield* serveOperations({
+  const operations = yield* serveOperations({
     command: "wsp-client",
     ops,
     source: config,
@@ -42,6 +44,29 @@ export const wspClientCommand = Command.make("wsp-client", { config }, Effect.fn
         }))
       )
   })
+  yield* onHangup(Effect.gen(function*() {
+    const next = parseWspClientConfig(yield* readConfigText(config), () => parsed.config.id)
+    if (next instanceof WspConfigError) return yield* next
+    yield* client.replaceRules(next.config.rules)
+    operations.metrics.reloads.labels("applied").inc()
+    const restart = (["id", "targets", "poolIdleSize", "poolMaxSize", "secretKey"] as const).filter((field) =>
+      field === "secretKey"
+        ? Redacted.value(next.config.secretKey) !== Redacted.value(parsed.config.secretKey)
+        : JSON.stringify(next.config[field]) !== JSON.stringify(parsed.config[field])
+    )
+    yield* Effect.logInfo(
+      `configuration reloaded: destination rules swapped for the next requests` +
+        (restart.length === 0 ? "" : `; ${restart.join(", ")} changed and apply on restart (the live connections stay)`)
+    )
+  }).pipe(
+    Effect.catch((e: WspConfigError) =>
+      Effect.sync(() => {
+        operations.metrics.reloads.labels("rejected").inc()
+        operations.recordError(`reload refused: ${e.message}`)
+      }).pipe(Effect.andThen(Effect.logError(`reload refused, the previous configuration stays in force: ${e.message}`)))
+    ),
+    Effect.annotateLogs({ component: "wsp-client" })
+  ))
   yield* Console.log(`switchyard wsp-client ${parsed.config.id} connecting to ${parsed.config.targets.join(", ")}`)
   return yield* Effect.never
 }, Effect.scoped)).pipe(Command.withDescription("Run a wsp-compatible WebSocket tunnel client (reads wsp_client.cfg)"))

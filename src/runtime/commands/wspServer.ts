@@ -1,7 +1,9 @@
 /**
  * `switchyard wsp-server --config wsp_server.cfg`: a drop-in for root-gg/wsp's `wsp_server`. Reads
  * wsp's YAML config (refusing to start on any error, naming the field and value) and serves
- * `/register`, `/request` and `/status` until interrupted. It adds no other endpoints.
+ * `/register`, `/request` and `/status` until interrupted. It adds no other endpoints. SIGHUP re-reads
+ * the file and replaces `secretkey` and `requestkey` for new registrations and requests; the other
+ * fields apply on restart.
  */
 import * as fs from "node:fs"
 import { Console, Effect, Redacted } from "effect"
@@ -9,6 +11,7 @@ import { Command, Flag } from "effect/cli"
 import { parseWspServerConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspServer } from "../../services/front/WspServer.ts"
 import { registerPoolGauges, prepareOperations, serveOperations } from "../Admin.ts"
+import { onHangup } from "../Lifecycle.ts"
 
 const config = Flag.String("config").pipe(
   Flag.withDescription("wsp server YAML config file (wsp_server.cfg)"),
@@ -38,7 +41,7 @@ export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn
     yield* Effect.logWarning(`wsp-server: /request on ${parsed.config.host} needs no credential; set requestkey to require one`)
   }
   const server = yield* makeWspServer(parsed.config)
-  yield* serveOperations({
+  const operations = yield* serveOperations({
     command: "wsp-server",
     ops,
     source: config,
@@ -47,6 +50,26 @@ export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn
     sessions: () => [{ frontDoor: "wsp", count: server.stats().idle + server.stats().busy }],
     register: (metrics) => registerPoolGauges(metrics, server.stats, server.rejected)
   })
+  yield* onHangup(Effect.gen(function*() {
+    const next = parseWspServerConfig(yield* readConfigText(config))
+    if (next instanceof WspConfigError) return yield* next
+    yield* server.replaceCredentials({ secretKey: next.config.secretKey, requestKey: next.config.requestKey })
+    operations.metrics.reloads.labels("applied").inc()
+    const restart = (["host", "port", "timeout", "idleTimeout", "maxPools", "maxConnectionsPerPool", "maxConcurrentRequests", "maxHeaders"] as const)
+      .filter((field) => String(next.config[field]) !== String(parsed.config[field]))
+    yield* Effect.logInfo(
+      `configuration reloaded: secretkey and requestkey apply to new registrations and requests` +
+        (restart.length === 0 ? "" : `; ${restart.join(", ")} changed and apply on restart`)
+    )
+  }).pipe(
+    Effect.catch((e: WspConfigError) =>
+      Effect.sync(() => {
+        operations.metrics.reloads.labels("rejected").inc()
+        operations.recordError(`reload refused: ${e.message}`)
+      }).pipe(Effect.andThen(Effect.logError(`reload refused, the previous configuration stays in force: ${e.message}`)))
+    ),
+    Effect.annotateLogs({ component: "wsp-server" })
+  ))
   yield* Console.log(`switchyard wsp-server listening on http://${server.address.host}:${server.address.port} (/register, /request, /status)`)
   return yield* Effect.never
 }, Effect.scoped)).pipe(Command.withDescription("Run a wsp-compatible WebSocket tunnel server (reads wsp_server.cfg)"))

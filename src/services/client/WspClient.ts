@@ -11,7 +11,7 @@ import type { Scope } from "effect"
 import { WebSocket } from "ws"
 import type { RawData } from "ws"
 import { checkDestination, isOpen } from "../../domain/DestinationRules.ts"
-import type { RuleVerdict } from "../../domain/DestinationRules.ts"
+import type { DestinationRules, RuleVerdict } from "../../domain/DestinationRules.ts"
 import type { WspClientConfig } from "../../domain/WspConfig.ts"
 import type { GoHeader, WspHeadLimits, WspRequestHead } from "../../domain/WspMessage.ts"
 import { binaryOpcode, receiverOf, streamNextMessage } from "../front/WspServer.ts"
@@ -84,6 +84,8 @@ interface Target {
 
 interface ClientContext {
   readonly config: WspClientConfig
+  /** The destination rules in force, checked per request (a reload swaps them). */
+  rules: DestinationRules
   readonly limits: WspHeadLimits
   readonly httpAgent: http.Agent
   readonly httpsAgent: https.Agent
@@ -204,7 +206,7 @@ class ClientConnection {
       return this.violation(new WspClientError({ reason: "MalformedHead", message: head.message }))
     }
     this.head = head
-    this.verdict = checkDestination(this.ctx.config.rules, ruleSubject(head))
+    this.verdict = checkDestination(this.ctx.rules, ruleSubject(head))
     this.status = "running"
     this.bodyPending = true
     Queue.offerUnsafe(this.target.wake, undefined)
@@ -437,6 +439,8 @@ class ClientConnection {
 export class WspClient extends Context.Service<WspClient, {
   /** Counts per target. */
   readonly stats: () => ReadonlyArray<TargetStats>
+  /** Replaces the destination rules; every request checked from then on uses them (one in progress keeps its verdict). */
+  readonly replaceRules: (rules: DestinationRules) => Effect.Effect<void>
 }>()("switchyard/WspClient") {
   static readonly layer = (config: WspClientConfig): Layer.Layer<WspClient> => Layer.effect(WspClient, makeWspClient(config))
 }
@@ -459,6 +463,7 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
   const httpsAgent = new https.Agent({ keepAlive: true, maxSockets, maxFreeSockets: maxSockets })
   const ctx: ClientContext = {
     config,
+    rules: config.rules,
     limits: { ...defaultHeadLimits, maxHeaderCount: config.maxHeaders },
     httpAgent,
     httpsAgent,
@@ -585,5 +590,8 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
     )))
   }
 
-  return { stats: () => targets.map(sizes) }
+  return {
+    stats: () => targets.map(sizes),
+    replaceRules: (rules) => Effect.sync(() => void (ctx.rules = rules))
+  }
 })

@@ -411,6 +411,14 @@ export class WspServer extends Context.Service<WspServer, {
   readonly stats: () => PoolStats
   /** Refused credentials so far: a wrong `X-SECRET-KEY` on `/register`, a wrong request key on `/request`. */
   readonly rejected: () => { readonly secretKey: number; readonly requestKey: number }
+  /**
+   * Replaces `secretkey` and the optional request credential (a reload). Checked on every `/register`
+   * and `/request` from then on; connections already registered stay in their pools.
+   */
+  readonly replaceCredentials: (credentials: {
+    readonly secretKey: Redacted.Redacted<string>
+    readonly requestKey: Redacted.Redacted<string> | undefined
+  }) => Effect.Effect<void>
 }>()("switchyard/WspServer") {
   static readonly layer = (config: WspServerConfig): Layer.Layer<WspServer, WspServerError> =>
     Layer.effect(WspServer, makeWspServer(config))
@@ -441,10 +449,10 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     maxWaiters: config.maxConcurrentRequests
   })
   const run = yield* FiberSet.makeRuntime<never, void, never>()
-  const secret = Redacted.value(config.secretKey)
+  let secret = Redacted.value(config.secretKey)
   // refused credentials, for metrics
   const rejected = { secretKey: 0, requestKey: 0 }
-  const requestKey = config.requestKey === undefined ? undefined : Redacted.value(config.requestKey)
+  let requestKey = config.requestKey === undefined ? undefined : Redacted.value(config.requestKey)
   const greeting = new Set<WebSocket>()
   let inFlight = 0
 
@@ -666,5 +674,14 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     )))
   }
 
-  return { address, stats: pool.stats, rejected: () => ({ ...rejected }) }
+  return {
+    address,
+    stats: pool.stats,
+    rejected: () => ({ ...rejected }),
+    replaceCredentials: (credentials) =>
+      Effect.sync(() => {
+        secret = Redacted.value(credentials.secretKey)
+        requestKey = credentials.requestKey === undefined ? undefined : Redacted.value(credentials.requestKey)
+      })
+  }
 })
