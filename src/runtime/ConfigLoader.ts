@@ -131,7 +131,7 @@ export const ServerFile = Schema.Struct({
     allow_remote_plain: Schema.optionalKey(
       Schema.Boolean.annotate({ description: "Allow plain mode on a non-loopback address (anyone reaching the port can serve `routes`)", default: false })
     ),
-    routes: Schema.optionalKey(Schema.Array(H2Route).annotate({ description: "Routes served by plain-mode backends" }))
+    routes: Schema.optionalKey(Schema.Array(H2Route).annotate({ description: "Routes served by plain-mode backends (reloaded on SIGHUP)" }))
   })),
   admin: Schema.optionalKey(AdminSection),
   log: Schema.optionalKey(LogSection)
