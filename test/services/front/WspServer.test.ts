@@ -5,7 +5,7 @@
 import { describe, expect, it } from "@effect/vitest"
 import * as http from "node:http"
 import * as net from "node:net"
-import { Effect, Scope } from "effect"
+import { Effect, Redacted, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import { WebSocket } from "ws"
 import { makeWspServer, maxPendingGreetings, secretMatches, WspServer } from "../../../src/services/front/WspServer.ts"
@@ -249,6 +249,33 @@ describe("WspServer against a hand-written wsp client", () => {
       expect(error).toBe("Unexpected server response: 526")
       expect(secretMatches("a", "a")).toBe(true)
       expect(secretMatches("a", "ab")).toBe(false)
+    })))
+
+  it.live("replaceCredentials: new registrations and requests need the new keys; registered connections stay", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const register = (key: string) =>
+        Effect.promise(() =>
+          new Promise<string>((resolve) => {
+            const ws = new WebSocket(`ws://127.0.0.1:${port}/register`, { headers: { "X-SECRET-KEY": key } })
+            ws.on("error", (e) => resolve(e.message))
+            ws.on("open", () => {
+              ws.terminate()
+              resolve("opened")
+            })
+          })
+        )
+      yield* server.replaceCredentials({ secretKey: Redacted.make("rotated"), requestKey: Redacted.make("caller-key") })
+      expect(yield* register(secret)).toBe("Unexpected server response: 526")
+      expect(yield* register("rotated")).toBe("opened")
+      expect(server.stats().idle).toBeGreaterThanOrEqual(1)
+      expect(server.rejected().secretKey).toBe(1)
+      const unauthorized = yield* Effect.promise(() => call(port, { destination: "http://dest.example/x" }))
+      expect(unauthorized.status).toBe(401)
+      expect(server.rejected().requestKey).toBe(1)
     })))
 
   it.live("refuses request bodies above the message limit with 413 before taking a connection", () =>
