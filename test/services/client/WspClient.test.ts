@@ -189,6 +189,32 @@ describe("WspClient against a hand-written wsp server", () => {
       expect(dest.seen).toHaveLength(1)
     })))
 
+  it.live("replaceRules: the next request on the same connection is checked against the new rules", () =>
+    leakChecked(Effect.gen(function*() {
+      const dest = yield* destination
+      const server = yield* fakeServer
+      const client = yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, rules: rules({ blacklist: [{ url: "/admin" }] }) }))
+      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      const conn = server.connections[0]!
+      const ask = (path: string) =>
+        Effect.gen(function*() {
+          conn.ws.send(`{"Method":"GET","URL":"${dest.url(path)}","Header":{},"ContentLength":0}`)
+          conn.ws.send(Buffer.alloc(0), { binary: true })
+          const head = JSON.parse((yield* next(conn)).data.toString()) as { StatusCode: number }
+          yield* next(conn)
+          return head.StatusCode
+        })
+      expect(yield* ask("/admin")).toBe(403)
+      expect(yield* ask("/echo")).toBe(200)
+      yield* client.replaceRules(rules({ blacklist: [{ url: "/echo" }] }))
+      expect(yield* ask("/echo")).toBe(403)
+      // allowed now: it reaches the destination (which serves only /echo)
+      expect(yield* ask("/admin")).not.toBe(403)
+      expect(dest.seen).toHaveLength(2)
+      // the same connection served every request
+      expect(conn.closed).toBe(false)
+    })))
+
   it.live("checks rules against the URL as it will be used, so an encoded host cannot slip past a blacklist", () =>
     leakChecked(Effect.gen(function*() {
       const dest = yield* destination
