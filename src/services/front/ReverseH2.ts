@@ -631,10 +631,11 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       })
       if (!hello) {
         const bindings = { scope: yield* Effect.scope, routes: new Map<string, Scope.Closeable>() }
-        plainBindings.set(conn, bindings)
         yield* Effect.addFinalizer(() => Effect.sync(() => void plainBindings.delete(conn)))
-        // the first binding must succeed as a whole (as at any connection); later reloads bind per route
+        // the first binding must succeed as a whole (as at any connection); later reloads bind per route.
+        // Under the lock, so a reload sees the connection only with its routes bound.
         yield* bindingLock.withPermits(1)(Effect.gen(function*() {
+          plainBindings.set(conn, bindings)
           routes = defaultRoutes
           for (const route of routes) {
             const routeScope = yield* Scope.fork(bindings.scope)
