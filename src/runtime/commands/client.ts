@@ -7,7 +7,7 @@
  * changed `expose` applies to new connections; gateways, token, label and CA apply on restart (logged).
  */
 import * as net from "node:net"
-import { Console, Duration, Effect, Exit, Option, Redacted, Scope, Stream } from "effect"
+import { Console, Duration, Effect, Exit, Fiber, Option, Redacted, Scope, Stream } from "effect"
 import { Command, Flag } from "effect/cli"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { describeTarget, type GatewayTarget, TunnelClient } from "../../services/client/TunnelClient.ts"
@@ -186,14 +186,18 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
   const openListener = (forRoute: RouteDefinition) =>
     Effect.gen(function*() {
       const scope = yield* Scope.fork(commandScope)
+      // the consumer stops last, once the listener has been unbound and drained, so a connection the
+      // gateway sends while the listener is being removed is still piped
+      let consumer: Fiber.Fiber<void> | undefined
+      yield* Scope.addFinalizer(scope, Effect.suspend(() => consumer === undefined ? Effect.void : Fiber.interrupt(consumer)))
       const listener = yield* client.listen(forRoute).pipe(Scope.provide(scope))
-      yield* Stream.runForEach(listener.connections, ({ socket }) =>
+      consumer = yield* Stream.runForEach(listener.connections, ({ socket }) =>
         Effect.sync(() => {
           const local = net.createConnection({ host: target.host, port: target.port, allowHalfOpen: true })
           local.on("error", () => local.destroy())
           socket.on("error", () => socket.destroy())
           joinStreams(socket, local, () => {})
-        })).pipe(Effect.forkIn(scope))
+        })).pipe(Effect.forkIn(commandScope))
       return { scope, listener }
     })
   let current = { spec: first, ...(yield* openListener(route)) }
