@@ -12,11 +12,10 @@ import * as Redacted from "effect/Redacted"
 import {
   decodeHelloReply,
   encodeHello,
-  FrameHeaderBytes,
-  FrameReader,
   makeHello,
   MaxControlMessageBytes
 } from "../../domain/ControlMessage.ts"
+import { readSocketFrame } from "../front/ControlHandshake.ts"
 import type { RouteDefinition } from "../../domain/Route.ts"
 
 /** Connections kept to the gateway by default. */
@@ -137,45 +136,28 @@ const make = Effect.fnUntraced(function*(server: http2.Http2Server | http2.Http2
 
   /** Writes the `Hello` and reads the answer; bytes after it are handed back to the socket. */
   const handshake = (socket: net.Socket, secret: Redacted.Redacted<string>) =>
-    Effect.callback<void, H2ClientError>((resume) => {
-      const reader = new FrameReader(MaxControlMessageBytes)
-      const cleanup = () => {
-        socket.off("data", onData)
-        socket.off("close", onClose)
-      }
-      const onClose = () => {
-        cleanup()
-        resume(Effect.fail(new H2ClientError({ reason: "Handshake", message: `${where} closed the connection during the handshake` })))
-      }
-      let pushedBytes = 0
-      const onData = (chunk: Buffer) => {
-        pushedBytes += chunk.length
-        const pushed = reader.push(chunk)
-        const body = pushed ?? reader.next()
-        if (body === undefined) return
-        cleanup()
-        socket.pause()
-        if (!(body instanceof Uint8Array)) {
-          return resume(Effect.fail(new H2ClientError({ reason: "Handshake", message: body.message })))
-        }
-        // what followed the frame in this chunk belongs to HTTP/2 (counted here: the reader would try to
-        // read it as the next frame's length)
-        const rest = chunk.subarray(chunk.length - (pushedBytes - FrameHeaderBytes - body.length))
-        if (rest.length > 0) socket.unshift(rest)
+    Effect.suspend(() => {
+      const reply = readSocketFrame(socket, MaxControlMessageBytes)
+      socket.write(encodeHello(makeHello(secret, config.routes ?? [], config.label)))
+      return reply
+    }).pipe(
+      Effect.mapError((e) =>
+        new H2ClientError({
+          reason: "Handshake",
+          message: e.reason === "Truncated" ? `${where} closed the connection during the handshake` : e.message
+        })
+      ),
+      Effect.flatMap((body) => {
         const reply = decodeHelloReply(body)
         if (!("_tag" in reply) || (reply._tag !== "Welcome" && reply._tag !== "Rejected")) {
-          return resume(Effect.fail(new H2ClientError({ reason: "Handshake", message: (reply as { message: string }).message })))
+          return Effect.fail(new H2ClientError({ reason: "Handshake", message: (reply as { message: string }).message }))
         }
         if (reply._tag === "Rejected") {
-          return resume(Effect.fail(new H2ClientError({ reason: "Rejected", message: `${where} refused: ${reply.reason}: ${reply.message}` })))
+          return Effect.fail(new H2ClientError({ reason: "Rejected", message: `${where} refused: ${reply.reason}: ${reply.message}` }))
         }
-        resume(Effect.void)
-      }
-      socket.on("data", onData)
-      socket.on("close", onClose)
-      socket.write(encodeHello(makeHello(secret, config.routes ?? [], config.label)))
-      return Effect.sync(cleanup)
-    })
+        return Effect.void
+      })
+    )
 
   const awaitClose = (socket: net.Socket) =>
     Effect.callback<void>((resume) => {

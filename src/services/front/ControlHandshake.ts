@@ -4,6 +4,7 @@
  * followed the frame) to the yamux session. It does not decode messages; ControlMessage does.
  */
 import { Effect } from "effect"
+import type * as net from "node:net"
 import { ControlProtocolError, FrameReader } from "../../domain/ControlMessage.ts"
 import { type Connection, type ConnectionHandlers, TransportError, writeEffect } from "../Transport.ts"
 
@@ -79,3 +80,34 @@ export const readFrame = (conn: Connection, maxBytes: number): Effect.Effect<Fra
 /** Writes one encoded frame. */
 export const writeFrame = (conn: Connection, frame: Uint8Array): Effect.Effect<void, TransportError> =>
   writeEffect(conn, [frame])
+
+/**
+ * Reads one frame of at most `maxBytes` straight from a Node socket (the reverse-HTTP/2 preamble and its
+ * answer), then pauses the socket and puts back the bytes that followed, for the protocol that comes next.
+ * Fails with `ControlProtocolError` (`TooLarge`, `Truncated` when the socket closes first).
+ */
+export const readSocketFrame = (socket: net.Socket, maxBytes: number): Effect.Effect<Uint8Array, ControlProtocolError> =>
+  Effect.callback<Uint8Array, ControlProtocolError>((resume) => {
+    const reader = new FrameReader(maxBytes)
+    const cleanup = () => {
+      socket.off("data", onData)
+      socket.off("close", onClose)
+    }
+    const onClose = () => {
+      cleanup()
+      resume(Effect.fail(new ControlProtocolError({ reason: "Truncated", message: "the connection closed before its frame" })))
+    }
+    const onData = (chunk: Buffer) => {
+      const body = reader.push(chunk) ?? reader.next()
+      if (body === undefined) return
+      cleanup()
+      socket.pause()
+      if (body instanceof ControlProtocolError) return resume(Effect.fail(body))
+      const rest = reader.remainder()
+      if (rest.length > 0) socket.unshift(Buffer.from(rest.buffer, rest.byteOffset, rest.length))
+      resume(Effect.succeed(body))
+    }
+    socket.on("data", onData)
+    socket.on("close", onClose)
+    return Effect.sync(cleanup)
+  })

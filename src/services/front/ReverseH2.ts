@@ -15,13 +15,12 @@ import {
   type BoundListener,
   decodeHello,
   encodeHelloReply,
-  FrameHeaderBytes,
-  FrameReader,
   type Hello,
   ProtocolVersion,
   type Rejected,
   type RejectionReason
 } from "../../domain/ControlMessage.ts"
+import { readSocketFrame } from "./ControlHandshake.ts"
 import type { ForwardedMode } from "../../domain/HttpHeaders.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
@@ -392,39 +391,15 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
 
   /** Reads the framed `Hello`; hands back bytes read past it. */
   const readHello = (socket: net.Socket) =>
-    Effect.callback<Hello, ReverseH2Error>((resume) => {
-      const reader = new FrameReader(maxPreambleBytes)
-      const cleanup = () => {
-        socket.off("data", onData)
-        socket.off("close", onClose)
-      }
-      const onClose = () => {
-        cleanup()
-        resume(Effect.fail(fail("BadPreamble", "the connection closed before its preamble")))
-      }
-      let pushedBytes = 0
-      const onData = (chunk: Buffer) => {
-        pushedBytes += chunk.length
-        const pushed = reader.push(chunk)
-        const body = pushed ?? reader.next()
-        if (body === undefined) return
-        cleanup()
-        socket.pause()
-        if (!(body instanceof Uint8Array)) return resume(Effect.fail(fail("BadPreamble", body.message)))
-        // what followed the frame in this chunk belongs to HTTP/2 (counted here: the reader would try to
-        // read it as the next frame's length)
-        const rest = chunk.subarray(chunk.length - (pushedBytes - FrameHeaderBytes - body.length))
-        if (rest.length > 0) socket.unshift(rest)
+    readSocketFrame(socket, maxPreambleBytes).pipe(
+      Effect.mapError((e) => fail("BadPreamble", e.reason === "Truncated" ? "the connection closed before its preamble" : e.message)),
+      Effect.flatMap((body) => {
         const hello = decodeHello(body)
-        if (!("_tag" in hello) || hello._tag !== "Hello") {
-          return resume(Effect.fail(fail("BadPreamble", (hello as { message: string }).message)))
-        }
-        resume(Effect.succeed(hello))
-      }
-      socket.on("data", onData)
-      socket.on("close", onClose)
-      return Effect.sync(cleanup)
-    })
+        return "_tag" in hello && hello._tag === "Hello"
+          ? Effect.succeed(hello)
+          : Effect.fail(fail("BadPreamble", (hello as { message: string }).message))
+      })
+    )
 
   const writeReply = (socket: net.Socket, reply: Parameters<typeof encodeHelloReply>[0]) =>
     Effect.callback<void>((resume) => {
