@@ -504,7 +504,11 @@ export class BodyFramer {
     return this.kind === "Close"
   }
 
-  consume(buf: Uint8Array, from: number): number | Http1Error {
+  /**
+   * `onChunkData`, for chunked bodies, is told each run of chunk data in `buf` (`[start, end)`), so a
+   * caller that needs the decoded body can take views of it; framing bytes are never reported.
+   */
+  consume(buf: Uint8Array, from: number, onChunkData?: (start: number, end: number) => void): number | Http1Error {
     if (this.dead !== undefined) return this.dead
     if (this.done) return 0
     const available = buf.length - from
@@ -520,7 +524,7 @@ export class BodyFramer {
         return n
       }
       case "Chunked":
-        return this.chunked(buf, from)
+        return this.chunked(buf, from, onChunkData)
     }
   }
 
@@ -529,7 +533,7 @@ export class BodyFramer {
     return this.dead
   }
 
-  private chunked(buf: Uint8Array, from: number): number | Http1Error {
+  private chunked(buf: Uint8Array, from: number, onChunkData: ((start: number, end: number) => void) | undefined): number | Http1Error {
     let i = from
     const end = buf.length
     while (i < end) {
@@ -538,8 +542,10 @@ export class BodyFramer {
           const left = end - i
           if (left < this.remaining) {
             this.remaining -= left
+            onChunkData?.(i, end)
             return end - from
           }
+          onChunkData?.(i, i + this.remaining)
           i += this.remaining
           this.remaining = 0
           this.state = DATA_CR
