@@ -4,7 +4,6 @@
  * checking it against the destination rules, and answers with a response head and one body message.
  * It never contacts a destination the rules refuse, and never accepts a second request on a busy connection.
  */
-import * as http from "node:http"
 import * as https from "node:https"
 import { Context, Effect, FiberSet, Layer, Queue, Random, Redacted, Schema } from "effect"
 import type { Scope } from "effect"
@@ -13,17 +12,25 @@ import type { RawData } from "ws"
 import { checkDestination, isOpen } from "../../domain/DestinationRules.ts"
 import type { DestinationRules, RuleVerdict } from "../../domain/DestinationRules.ts"
 import type { WspClientConfig } from "../../domain/WspConfig.ts"
-import type { GoHeader, WspHeadLimits, WspRequestHead } from "../../domain/WspMessage.ts"
-import { binaryOpcode, receiverOf, streamNextMessage } from "../front/WspServer.ts"
+import type { WspHeadLimits, WspRequestHead } from "../../domain/WspMessage.ts"
 import {
-  canonicalHeaderName,
   decodeRequestHead,
   defaultHeadLimits,
   encodeGreeting,
   encodeResponseHead,
-  WspMessageError,
-  withoutHopByHop
+  WspMessageError
 } from "../../domain/WspMessage.ts"
+import {
+  DestinationHeadError,
+  destinationMethod,
+  destinationTarget,
+  encodeDestinationRequestHead,
+  requestBodyFraming
+} from "../../domain/DestinationRequestHead.ts"
+import { binaryOpcode, receiverOf, streamNextMessage } from "../front/WspServer.ts"
+import type { DestinationCall, DestinationResponder } from "./DestinationExchange.ts"
+import { DestinationExchange, DestinationPools } from "./DestinationExchange.ts"
+import { httpsDestinationCall } from "./HttpsDestinationCall.ts"
 
 /** wsp's status for a request the client could not perform. */
 export const clientErrorStatus = 527
@@ -87,22 +94,10 @@ interface ClientContext {
   /** The destination rules in force, checked per request (a reload swaps them). */
   rules: DestinationRules
   readonly limits: WspHeadLimits
-  readonly httpAgent: http.Agent
+  /** Raw connection pools for `http://` destinations. */
+  readonly pools: DestinationPools
   readonly httpsAgent: https.Agent
   readonly log: (message: string) => void
-}
-
-/** Go's `http.Response.Header` from a Node response, without hop-by-hop fields. */
-const responseHeader = (res: http.IncomingMessage): Record<string, ReadonlyArray<string>> => {
-  const out: Record<string, Array<string>> = Object.create(null)
-  for (const [name, values] of Object.entries(res.headersDistinct)) {
-    if (values === undefined) continue
-    const canonical = canonicalHeaderName(name)
-    const existing = out[canonical]
-    if (existing === undefined) out[canonical] = [...values]
-    else existing.push(...values)
-  }
-  return withoutHopByHop(out)
 }
 
 /**
@@ -119,9 +114,6 @@ const ruleSubject = (head: WspRequestHead) => {
   return { method: head.Method === "" ? "GET" : head.Method, url, header: head.Header }
 }
 
-const dropOnRequest = new Set(["host", "content-length"])
-const methodsWithBody = new Set(["POST", "PUT", "PATCH"])
-
 /** One WebSocket to a wsp server; serves one request at a time. */
 class ClientConnection {
   readonly ws: WebSocket
@@ -132,7 +124,8 @@ class ClientConnection {
   private readonly openedAt = Date.now()
   private head: WspRequestHead | undefined
   private verdict: RuleVerdict | undefined
-  private upstream: http.ClientRequest | undefined
+  /** The destination request of the current exchange, until its response has been relayed. */
+  private upstream: DestinationCall | undefined
   /** A head has arrived and its body message has not ended yet. */
   private bodyPending = false
   /** The current body is being streamed to the destination fragment by fragment. */
@@ -172,6 +165,8 @@ class ClientConnection {
 
   private violation(error: WspClientError): void {
     this.ctx.log(`wsp connection to ${this.target.url} closed: ${error.message}`)
+    this.upstream?.destroy()
+    this.upstream = undefined
     this.ws.terminate()
   }
 
@@ -214,14 +209,14 @@ class ClientConnection {
     // allowed: call the destination now and stream the body to it as it arrives
     const receiver = receiverOf(this.ws)
     if (receiver === undefined) return
-    const req = this.request(head, true)
-    if (req === undefined) return
+    const call = this.call(head, head.ContentLength, true)
+    if (call === undefined) return
     this.streamed = true
-    streamNextMessage(receiver, (opcode, fragment) => this.onUploadFragment(req, opcode, fragment))
+    streamNextMessage(receiver, (opcode, fragment) => this.onUploadFragment(call, opcode, fragment))
   }
 
   /** One fragment of a streamed request body. */
-  private onUploadFragment(req: http.ClientRequest, opcode: number, fragment: Buffer): void {
+  private onUploadFragment(call: DestinationCall, opcode: number, fragment: Buffer): void {
     if (!this.streamed || !this.bodyPending) return
     if (opcode !== binaryOpcode) {
       return this.violation(new WspClientError({ reason: "MissingBody", message: "expected a binary request body message" }))
@@ -234,11 +229,10 @@ class ClientConnection {
         message: `http: ContentLength=${head.ContentLength} with Body length ${this.uploaded} or more`
       }))
     }
-    if (this.upstream !== req) return
-    if (!req.write(fragment) && !this.uploadPaused) {
+    if (this.upstream !== call) return
+    if (!call.write(fragment) && !this.uploadPaused) {
       this.uploadPaused = true
       this.ws.pause()
-      req.once("drain", () => this.resumeUpload())
     }
   }
 
@@ -299,139 +293,107 @@ class ClientConnection {
       this.answerError(clientErrorStatus, `Unable to execute request : http: ContentLength=${head.ContentLength} with Body length ${body.length}\n`)
       return this.becomeIdle()
     }
-    const req = this.request(head, false)
-    if (req === undefined) return this.becomeIdle()
-    if (body.length > 0 || methodsWithBody.has(req.method)) req.setHeader("Content-Length", String(body.length))
-    req.end(body)
+    const call = this.call(head, body.length, false)
+    if (call === undefined) return this.becomeIdle()
+    call.write(body)
+    call.end()
   }
 
   /**
-   * Opens the request to the destination. With `streaming`, the body follows fragment by fragment
-   * (length from the head, chunked when unknown) and a URL that cannot be used is left to the
-   * whole-message path; otherwise a failure is answered here (527). Undefined when no request was made.
+   * Opens the request to the destination: raw HTTP/1.1 on a pooled connection for `http://`, Node's
+   * client for `https://`. The body follows through `write` (`contentLength` from the head, chunked when
+   * unknown). With `streaming`, a request that cannot be made is left to the whole-message path (its
+   * body must be read first); otherwise the failure is answered here (527). Undefined when no request was made.
    */
-  private request(head: WspRequestHead, streaming: boolean): http.ClientRequest | undefined {
+  private call(head: WspRequestHead, contentLength: number, streaming: boolean): DestinationCall | undefined {
     const fail = (message: string): undefined => {
       if (!streaming) this.answerError(clientErrorStatus, `Unable to execute request : ${message}\n`)
       return undefined
     }
-    let url: URL
-    try {
-      url = new URL(head.URL)
-    } catch {
-      return fail(`parse ${JSON.stringify(head.URL)}: invalid URL`)
+    const target = destinationTarget(head.URL)
+    if (target instanceof DestinationHeadError) return fail(target.message)
+    const method = destinationMethod(head.Method)
+    const framing = requestBodyFraming(method, contentLength)
+    const responder = this.responder()
+    let call: DestinationCall
+    let exchange: DestinationExchange | undefined
+    if (target.secure) {
+      const made = httpsDestinationCall(this.ctx.httpsAgent, target, method, head.Header, contentLength, framing, this.ctx.config.maxHeaders, responder)
+      if (typeof made === "string") return fail(made)
+      call = made
+    } else {
+      const requestHead = encodeDestinationRequestHead(method, target, head.Header, contentLength)
+      if (requestHead instanceof DestinationHeadError) return fail(requestHead.message)
+      exchange = new DestinationExchange(this.ctx.pools, target, method, requestHead, framing, this.ctx.config.maxHeaders, responder)
+      call = exchange
     }
-    const secure = url.protocol === "https:"
-    if (!secure && url.protocol !== "http:") return fail(`unsupported protocol scheme ${JSON.stringify(url.protocol.slice(0, -1))}`)
-    const method = head.Method === "" ? "GET" : head.Method
-    const headers: Record<string, ReadonlyArray<string> | string> = withoutHopByHop(head.Header, dropOnRequest)
-    if (streaming && (head.ContentLength > 0 || (head.ContentLength === 0 && methodsWithBody.has(method)))) {
-      headers["Content-Length"] = String(head.ContentLength)
-    }
-    let req: http.ClientRequest
-    try {
-      req = (secure ? https : http).request({
-        protocol: url.protocol,
-        hostname: url.hostname.startsWith("[") ? url.hostname.slice(1, -1) : url.hostname,
-        port: url.port === "" ? undefined : Number(url.port),
-        path: `${url.pathname}${url.search}`,
-        method,
-        headers: headers as http.OutgoingHttpHeaders,
-        agent: secure ? this.ctx.httpsAgent : this.ctx.httpAgent
-      })
-    } catch (e) {
-      return fail((e as Error).message)
-    }
-    this.upstream = req
+    this.upstream = call
     this.answered = false
-    let responded = false
-    req.once("error", (err) => {
-      if (this.upstream !== req) return
-      this.upstream = undefined
-      if (responded) {
-        return this.violation(new WspClientError({ reason: "UpstreamFailed", message: `response body failed: ${err.message}` }))
-      }
-      const message = `Unable to execute request : ${err.message}\n`
-      // while the body is still arriving, the answer waits for its end
-      if (this.bodyPending) this.deferredError = message
-      else {
-        this.answerError(clientErrorStatus, message)
-        this.becomeIdle()
-      }
-    })
-    req.once("response", (res) => {
-      responded = true
-      this.relay(req, head, res)
-    })
-    return req
+    responder.bind(call)
+    // a connection may be granted (or refused) at once, so the exchange starts once it is bound
+    exchange?.start()
+    return call
   }
 
-  private relay(req: http.ClientRequest, requestHead: WspRequestHead, res: http.IncomingMessage): void {
+  /**
+   * Relays one destination response: its head as a text message, its body as one binary message sent
+   * fragment by fragment as it is read (the last carrying FIN), pausing the destination while the
+   * WebSocket has more than `downloadHighWater` bytes queued.
+   */
+  private responder(): DestinationResponder & { readonly bind: (call: DestinationCall) => void } {
     const ws = this.ws
     const maxBody = this.ctx.config.maxMessageSize
-    if (Object.keys(res.headersDistinct).length > this.ctx.config.maxHeaders) {
-      this.upstream = undefined
-      req.destroy()
-      this.answerError(clientErrorStatus, `Unable to execute request : more than ${this.ctx.config.maxHeaders} response headers\n`)
-      return this.answeredNow()
-    }
-    const declared = res.headers["content-length"]
-    const status = res.statusCode ?? 502
-    const header: GoHeader = responseHeader(res)
-    const noBody = requestHead.Method === "HEAD" || status === 204 || status === 304
-    const contentLength = declared !== undefined && /^[0-9]+$/.test(declared) ? Number(declared) : noBody ? 0 : -1
-    ws.send(encodeResponseHead({ StatusCode: status, Header: header, ContentLength: contentLength }))
+    const copies = this.ctx.config.maskFrames
+    let call: DestinationCall | undefined
     let size = 0
     let paused = false
-    // the latest chunk is held back until the next turn of the event loop, so that when the end
-    // follows at once the last chunk carries FIN (no empty closing frame) while a stream that pauses
-    // still has every chunk sent without delay
-    let held: Buffer | undefined
-    let flushing = false
-    const flush = () => {
-      flushing = false
-      if (held === undefined || this.upstream !== req) return
-      ws.send(held, { binary: true, fin: false }, onSent)
-      held = undefined
-    }
     const onSent = (err?: Error | null) => {
-      if (err) return
-      if (paused && ws.bufferedAmount < downloadHighWater) {
-        paused = false
-        res.resume()
+      if (err || !paused || ws.bufferedAmount >= downloadHighWater) return
+      paused = false
+      call?.resume()
+    }
+    return {
+      bind: (c) => void (call = c),
+      head: (status, header, contentLength) => {
+        if (call === undefined || this.upstream !== call) return
+        ws.send(encodeResponseHead({ StatusCode: status, Header: header, ContentLength: contentLength }))
+      },
+      data: (chunk, end) => {
+        if (call === undefined || this.upstream !== call) return
+        size += chunk.length
+        if (size > maxBody) {
+          return this.violation(new WspClientError({ reason: "ResponseTooLarge", message: `response body exceeds ${maxBody} bytes` }))
+        }
+        // a masked frame is a copy; an unmasked one goes out as the chunk itself
+        ws.send(chunk, { binary: true, fin: end }, onSent)
+        if (!copies) call.holdChunk()
+        if (end) {
+          this.upstream = undefined
+          return this.answeredNow()
+        }
+        if (!paused && ws.bufferedAmount >= downloadHighWater) {
+          paused = true
+          call.pause()
+        }
+      },
+      failed: (message, responded) => {
+        if (call === undefined || this.upstream !== call) return
+        this.upstream = undefined
+        if (responded) {
+          return this.violation(new WspClientError({ reason: "UpstreamFailed", message }))
+        }
+        const answer = `Unable to execute request : ${message}\n`
+        // while the body is still arriving, the answer waits for its end
+        if (this.bodyPending) this.deferredError = answer
+        else {
+          this.answerError(clientErrorStatus, answer)
+          this.becomeIdle()
+        }
+      },
+      drained: () => {
+        if (call !== undefined && this.upstream === call) this.resumeUpload()
       }
     }
-    res.on("data", (chunk: Buffer) => {
-      if (this.upstream !== req) return
-      size += chunk.length
-      if (size > maxBody) {
-        this.upstream = undefined
-        req.destroy()
-        return this.violation(new WspClientError({ reason: "ResponseTooLarge", message: `response body exceeds ${maxBody} bytes` }))
-      }
-      if (held !== undefined) ws.send(held, { binary: true, fin: false }, onSent)
-      held = chunk
-      if (!flushing) {
-        flushing = true
-        setImmediate(flush)
-      }
-      if (ws.bufferedAmount >= downloadHighWater) {
-        paused = true
-        res.pause()
-      }
-    })
-    res.once("end", () => {
-      if (this.upstream !== req) return
-      this.upstream = undefined
-      ws.send(held ?? Buffer.alloc(0), { binary: true, fin: true })
-      held = undefined
-      this.answeredNow()
-    })
-    res.once("error", (err) => {
-      if (this.upstream !== req) return
-      this.upstream = undefined
-      this.violation(new WspClientError({ reason: "UpstreamFailed", message: `response body failed: ${err.message}` }))
-    })
   }
 }
 
@@ -459,13 +421,13 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
   }
   const run = yield* FiberSet.makeRuntime<never, void, never>()
   const maxSockets = Math.max(1, config.poolMaxSize * Math.max(1, config.targets.length))
-  const httpAgent = new http.Agent({ keepAlive: true, maxSockets, maxFreeSockets: maxSockets })
+  const pools = new DestinationPools(maxSockets, maxSockets)
   const httpsAgent = new https.Agent({ keepAlive: true, maxSockets, maxFreeSockets: maxSockets })
   const ctx: ClientContext = {
     config,
     rules: config.rules,
     limits: { ...defaultHeadLimits, maxHeaderCount: config.maxHeaders },
-    httpAgent,
+    pools,
     httpsAgent,
     log: (message) => void run(Effect.logWarning(message))
   }
@@ -481,7 +443,7 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
       for (const target of targets) {
         for (const conn of target.connections) conn.ws.terminate()
       }
-      httpAgent.destroy()
+      pools.close()
       httpsAgent.destroy()
     })
   )
