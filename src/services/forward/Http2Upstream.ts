@@ -1,26 +1,29 @@
 /**
- * Forwards one public HTTP/1.1 request (or `Upgrade`) onto a stream of a `ClientHttp2Session`: headers
+ * Forwards one public HTTP/1.1 request (or `Upgrade`) onto a stream of an `H2ClientConnection`: headers
  * converted both ways with the core's hop-by-hop rules, bodies streamed with HTTP/2 flow control and
- * backpressure, trailers both ways. It picks no backend and never retries on its own: a stream the
- * backend refused before answering is handed back to the caller (`onRefused`) with the body read so far
- * (bounded), so the caller may resend it elsewhere.
+ * backpressure (response bytes are granted back to the backend only once the public socket took them),
+ * trailers both ways. It picks no backend and never retries on its own: a stream the backend refused
+ * before answering is handed back to the caller (`onRefused`) with the body read so far (bounded), so the
+ * caller may resend it elsewhere.
  */
 import { createHash } from "node:crypto"
 import type * as http from "node:http"
-import * as http2 from "node:http2"
 import type { Duplex } from "node:stream"
+import { ErrorCode } from "../../domain/Http2Frame.ts"
 import { type ForwardedMode, HOP_BY_HOP, headerValue, requestHeaders, responseHeaders } from "../../domain/HttpHeaders.ts"
 import { type ErrorRenderer, STATUS_TEXT, sendError, writeRawError } from "./ErrorResponse.ts"
+import { type H2ClientConnection, type H2ClientStream, H2ConnectionError, type H2StreamClose } from "./H2ClientConnection.ts"
 
-const {
-  NGHTTP2_CANCEL,
-  NGHTTP2_REFUSED_STREAM,
-  HTTP2_HEADER_METHOD,
-  HTTP2_HEADER_PATH,
-  HTTP2_HEADER_SCHEME,
-  HTTP2_HEADER_AUTHORITY,
-  HTTP2_HEADER_STATUS
-} = http2.constants
+const HTTP2_HEADER_METHOD = ":method"
+const HTTP2_HEADER_PATH = ":path"
+const HTTP2_HEADER_SCHEME = ":scheme"
+const HTTP2_HEADER_AUTHORITY = ":authority"
+
+/**
+ * Bytes queued on the public socket below which relayed response bytes count as consumed at once (and
+ * the backend's window is granted back); above it they are granted once the socket drains.
+ */
+export const PublicWriteQueueBytes = 512 * 1024
 
 /** The extended CONNECT pseudo-header (RFC 8441 §4). */
 const HTTP2_HEADER_PROTOCOL = ":protocol"
@@ -34,9 +37,9 @@ const WS_HANDSHAKE_ONLY: ReadonlySet<string> = new Set(["sec-websocket-key", "se
 /** Response headers not relayed on a 101 built by the gateway. */
 const NOT_ON_SWITCH: ReadonlySet<string> = new Set(["content-length", "sec-websocket-accept"])
 
-/** One backend reached over an HTTP/2 session, as the forwarding functions need it. */
+/** One backend reached over an HTTP/2 connection, as the forwarding functions need it. */
 export interface H2Target {
-  readonly session: http2.ClientHttp2Session
+  readonly session: H2ClientConnection
   /** For errors and logs (e.g. `h2 127.0.0.1:50432`). */
   readonly describe: string
 }
@@ -111,28 +114,24 @@ export const h1ResponseHeaders = (raw: ReadonlyArray<string>): Array<string> => 
   return responseHeaders(plain)
 }
 
-/** Trailer fields as an HTTP/2 header object: lower-cased, hop-by-hop and pseudo fields dropped. */
-export const h2Trailers = (raw: ReadonlyArray<string>): http2.OutgoingHttpHeaders => {
-  const out: Record<string, string | Array<string>> = Object.create(null)
+/** Trailer fields for HTTP/2, flat `[name, value, ...]`: lower-cased, hop-by-hop and pseudo fields dropped. */
+export const h2Trailers = (raw: ReadonlyArray<string>): Array<string> => {
+  const out: Array<string> = []
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]!.toLowerCase()
     if (HOP_BY_HOP.has(name) || name.charCodeAt(0) === 58) continue
-    const previous = out[name]
-    if (previous === undefined) out[name] = raw[i + 1]!
-    else if (Array.isArray(previous)) previous.push(raw[i + 1]!)
-    else out[name] = [previous, raw[i + 1]!]
+    out.push(name, raw[i + 1]!)
   }
   return out
 }
 
 /** HTTP/2 trailers (as received) as `[name, value]` pairs for `res.addTrailers`. */
-const h1Trailers = (trailers: http2.IncomingHttpHeaders): Array<[string, string]> => {
+const h1Trailers = (trailers: ReadonlyArray<string>): Array<[string, string]> => {
   const out: Array<[string, string]> = []
-  for (const name of Object.keys(trailers)) {
+  for (let i = 0; i < trailers.length; i += 2) {
+    const name = trailers[i]!
     if (name.charCodeAt(0) === 58 || HOP_BY_HOP.has(name)) continue
-    const value = trailers[name]
-    if (Array.isArray(value)) for (const v of value) out.push([name, v])
-    else if (value !== undefined) out.push([name, String(value)])
+    out.push([name, trailers[i + 1]!])
   }
   return out
 }
@@ -144,14 +143,20 @@ const hasBody = (req: http.IncomingMessage): boolean => {
   return length !== undefined && length !== "0"
 }
 
-const describeStreamFailure = (stream: http2.ClientHttp2Stream, error: (Error & { code?: string }) | undefined): string => {
-  if (error !== undefined) return error.code ?? error.message
-  return stream.rstCode !== undefined && stream.rstCode !== 0 ? `stream reset (code ${stream.rstCode})` : "stream closed"
+/** The value of a lower-case field in a flat list. */
+const field = (headers: ReadonlyArray<string>, name: string): string | undefined => {
+  for (let i = 0; i < headers.length; i += 2) if (headers[i] === name) return headers[i + 1]
+  return undefined
 }
 
-/** True when the backend refused the stream without processing it (RFC 9113 §8.7). */
-const wasRefused = (stream: http2.ClientHttp2Stream, error: (Error & { code?: string }) | undefined): boolean =>
-  stream.rstCode === NGHTTP2_REFUSED_STREAM || error?.code === "ERR_HTTP2_GOAWAY_SESSION"
+/** Whether a connection refused a new stream without sending anything (another connection may take it). */
+const openRefused = (error: H2ConnectionError): boolean =>
+  error.reason === "Closed" || error.reason === "GoingAway" || error.reason === "NoStreamSlot"
+
+/** Ends a stream that is still open (CANCEL), unless it is completing on its own. */
+const cancel = (stream: H2ClientStream): void => {
+  if (!stream.closed && !(stream.localEnded && stream.remoteEnded)) stream.reset(ErrorCode.CANCEL)
+}
 
 /**
  * Forwards `req` onto a new stream of `target`. The response (or a 502/504, or an aborted response when
@@ -172,67 +177,41 @@ export const forwardToH2 = (
     return
   }
   const withBody = hasBody(req)
-  const chunked = te !== undefined
-  let stream: http2.ClientHttp2Stream
-  try {
-    stream = target.session.request(h2RequestHeaders(req, method, options.forwardedMode, undefined), {
-      endStream: !withBody,
-      waitForTrailers: chunked
-    })
-  } catch (error) {
-    const code = (error as Error & { code?: string }).code
-    const text = code ?? (error as Error).message
-    options.onDone()
-    // the session was already gone or going away: nothing was sent, another connection may take it
-    const again: RequestReplay = replay ?? { chunks: [], ended: !withBody }
-    if ((code === "ERR_HTTP2_INVALID_SESSION" || code === "ERR_HTTP2_GOAWAY_SESSION") && options.onRefused?.(again) === true) return
-    options.onError(`backend ${target.describe} refused a request: ${text}`)
-    sendError(res, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${text})`)
-    return
-  }
   let phase: "head" | "body" | "done" = "head"
   // the body read so far, kept while a refusal could still ask for it again (until the response head)
   let kept: Array<Buffer> | undefined = replay === undefined ? [] : [...replay.chunks]
   let keptBytes = 0
   for (const chunk of kept) keptBytes += chunk.length
   let bodyEnded = replay?.ended ?? !withBody
-  let failure: (Error & { code?: string }) | undefined
-  let trailers: http2.IncomingHttpHeaders | undefined
+  let trailers: ReadonlyArray<string> | undefined
   // a declared response length (-1 when none), checked against what arrived
   let expected = -1
   let received = 0
+  // response bytes written to the public socket but not yet granted back (waiting for its drain)
+  let owed = 0
+  let timer: NodeJS.Timeout | undefined
 
   const finish = () => {
     if (phase === "done") return
     phase = "done"
     kept = undefined
+    if (timer !== undefined) clearTimeout(timer)
+    timer = undefined
     req.off("data", onBodyData)
     req.off("end", onBodyEnd)
+    res.off("drain", onDrain)
+    cancel(stream)
     options.onDone()
   }
-  const onBodyData = (chunk: Buffer) => {
-    if (kept !== undefined) {
-      if (keptBytes + chunk.length <= MaxReplayBodyBytes) {
-        kept.push(chunk)
-        keptBytes += chunk.length
-      } else {
-        kept = undefined
-      }
+  const onDrain = () => {
+    if (owed > 0) {
+      const n = owed
+      owed = 0
+      stream.consumed(n)
     }
-    if (!stream.write(chunk)) req.pause()
   }
-  let requestTrailers: http2.OutgoingHttpHeaders = {}
-  const onBodyEnd = () => {
-    bodyEnded = true
-    if (req.rawTrailers.length > 0) requestTrailers = h2Trailers(req.rawTrailers)
-    if (!stream.destroyed) stream.end()
-  }
-
-  stream.on("error", (error: Error & { code?: string }) => {
-    failure ??= error
-  })
-  if (options.responseTimeoutMs > 0) stream.setTimeout(options.responseTimeoutMs)
-  stream.on("timeout", () => {
+  const onTimeout = () => {
+    timer = undefined
     if (phase === "head") {
       options.onError(`backend ${target.describe} did not answer in time: ${method} ${req.url}`)
       sendError(res, options.errors, 504, `switchyard: backend ${target.describe} timed out before answering`)
@@ -240,52 +219,54 @@ export const forwardToH2 = (
       options.onError(`backend ${target.describe} was idle too long: ${method} ${req.url}`)
       res.destroy()
     }
-    stream.close(NGHTTP2_CANCEL)
     finish()
-  })
+  }
 
-  stream.on("response", (headers, _flags, rawHeaders: Array<string>) => {
-    if (phase !== "head") return
-    phase = "body"
-    // answered: a refusal can no longer happen, the kept body is not needed
-    kept = undefined
-    if (options.idleTimeoutMs !== options.responseTimeoutMs) stream.setTimeout(options.idleTimeoutMs)
-    const status = Number(headers[HTTP2_HEADER_STATUS] ?? 502)
-    const out = h1ResponseHeaders(rawHeaders)
-    try {
-      res.writeHead(status, out)
-    } catch (error) {
-      // a head HTTP/1.1 cannot carry (control characters HTTP/2 lets through, an odd status)
-      const why = (error as Error & { code?: string }).code ?? (error as Error).message
-      options.onError(`backend ${target.describe} sent a response head HTTP/1.1 cannot carry: ${why}`)
-      sendError(res, options.errors, 502, `switchyard: backend ${target.describe} sent an invalid response head (${why})`)
-      stream.close(NGHTTP2_CANCEL)
-      finish()
-      return
-    }
-    // without a length the response is a stream (events, gRPC): send its head now
-    const length = headers["content-length"]
-    if (length === undefined) res.flushHeaders()
-    else if (method !== "HEAD" && status !== 204 && status !== 304) expected = Number(length)
-    // a plain data handler with pause/resume (lighter than pipe): the stream stops reading, and so
-    // stops granting the backend window, while the client's socket is full
-    stream.on("data", (chunk: Buffer) => {
+  const opened = target.session.request(h2RequestHeaders(req, method, options.forwardedMode, undefined), !withBody, {
+    response: (status, headers) => {
+      if (phase !== "head") return
+      phase = "body"
+      // answered: a refusal can no longer happen, the kept body is not needed
+      kept = undefined
+      if (timer !== undefined) clearTimeout(timer)
+      timer = options.idleTimeoutMs > 0 ? setTimeout(onTimeout, options.idleTimeoutMs) : undefined
+      const out = h1ResponseHeaders(headers)
+      try {
+        res.writeHead(status, out)
+      } catch (error) {
+        // a head HTTP/1.1 cannot carry (control characters HTTP/2 lets through, an odd status)
+        const why = (error as Error & { code?: string }).code ?? (error as Error).message
+        options.onError(`backend ${target.describe} sent a response head HTTP/1.1 cannot carry: ${why}`)
+        sendError(res, options.errors, 502, `switchyard: backend ${target.describe} sent an invalid response head (${why})`)
+        finish()
+        return
+      }
+      // without a length the response is a stream (events, gRPC): send its head now
+      const length = field(headers, "content-length")
+      if (length === undefined) res.flushHeaders()
+      else if (method !== "HEAD" && status !== 204 && status !== 304) expected = Number(length)
+      res.on("drain", onDrain)
+    },
+    data: (chunk) => {
+      if (phase !== "body") return
       received += chunk.length
-      if (!res.write(chunk)) stream.pause()
-    })
-    res.on("drain", () => stream.resume())
-  })
-  stream.on("trailers", (received: http2.IncomingHttpHeaders) => {
-    trailers = received
-  })
-  stream.on("end", () => {
-    if (phase !== "body") return
-    // Node also ends the readable side when the stream dies: a destroyed stream, a reset code or a
-    // short body means the response was cut, and the client must see it aborted
-    if (stream.destroyed || stream.rstCode || failure !== undefined || (expected >= 0 && received !== expected)) {
-      options.onError(`backend ${target.describe} broke a response: ${describeStreamFailure(stream, failure)}`)
-      res.destroy()
-    } else {
+      timer?.refresh()
+      // a slow public reader: the bytes are granted back once its socket drains, which holds the backend
+      if (res.write(chunk) || res.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length)
+      else owed += chunk.length
+    },
+    trailers: (fields) => {
+      trailers = fields
+    },
+    end: () => {
+      if (phase !== "body") return
+      if (expected >= 0 && received !== expected) {
+        // a short (or long) body with a declared length: the client must see it cut
+        options.onError(`backend ${target.describe} broke a response: ${received} of ${expected} bytes`)
+        res.destroy()
+        finish()
+        return
+      }
       if (trailers !== undefined) {
         try {
           res.addTrailers(h1Trailers(trailers))
@@ -298,48 +279,71 @@ export const forwardToH2 = (
         }
       }
       res.end()
-    }
-    finish()
-  })
-  stream.on("close", () => {
-    if (phase === "done") return
-    if (phase === "head") {
-      const again: RequestReplay | undefined = kept === undefined ? undefined : { chunks: kept, ended: bodyEnded }
-      if (again !== undefined && !res.destroyed && wasRefused(stream, failure) && options.onRefused !== undefined) {
-        finish()
-        // nothing was processed: the caller may take the request over (a retry on another connection)
-        if (options.onRefused(again)) return
+      finish()
+    },
+    close: (info: H2StreamClose) => {
+      if (phase === "done") return
+      if (phase === "head") {
+        const again: RequestReplay | undefined = kept === undefined ? undefined : { chunks: kept, ended: bodyEnded }
+        if (again !== undefined && !res.destroyed && info.refused && options.onRefused !== undefined) {
+          finish()
+          // nothing was processed: the caller may take the request over (a retry on another connection)
+          if (options.onRefused(again)) return
+        }
+        if (!res.headersSent && !res.destroyed) {
+          const why = info.reason ?? "stream closed"
+          options.onError(`backend ${target.describe} failed before answering: ${why}`)
+          sendError(res, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${why})`)
+        }
+      } else {
+        // broken after the head: the client must see an aborted response, never a short success
+        options.onError(`backend ${target.describe} broke a response: ${info.reason ?? "stream closed"}`)
+        res.destroy()
       }
-      if (!res.headersSent && !res.destroyed) {
-        const why = describeStreamFailure(stream, failure)
-        options.onError(`backend ${target.describe} failed before answering: ${why}`)
-        sendError(res, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${why})`)
-      }
-    } else {
-      // broken after the head: the client must see an aborted response, never a short success
-      options.onError(`backend ${target.describe} broke a response: ${describeStreamFailure(stream, failure)}`)
-      res.destroy()
-    }
-    finish()
+      finish()
+    },
+    writable: () => req.resume()
   })
+  if (opened instanceof H2ConnectionError) {
+    phase = "done"
+    options.onDone()
+    // nothing was sent: another connection may take it
+    const again: RequestReplay = replay ?? { chunks: [], ended: !withBody }
+    if (openRefused(opened) && options.onRefused?.(again) === true) return
+    options.onError(`backend ${target.describe} refused a request: ${opened.message}`)
+    sendError(res, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${opened.message})`)
+    return
+  }
+  const stream: H2ClientStream = opened
+  if (options.responseTimeoutMs > 0) timer = setTimeout(onTimeout, options.responseTimeoutMs)
+
+  const onBodyData = (chunk: Buffer) => {
+    if (kept !== undefined) {
+      if (keptBytes + chunk.length <= MaxReplayBodyBytes) {
+        kept.push(chunk)
+        keptBytes += chunk.length
+      } else {
+        kept = undefined
+      }
+    }
+    if (!stream.write(chunk)) req.pause()
+  }
+  const onBodyEnd = () => {
+    bodyEnded = true
+    stream.end(req.rawTrailers.length > 0 ? h2Trailers(req.rawTrailers) : undefined)
+  }
 
   // The public client went away before the exchange finished: cancel the stream.
   res.on("close", () => {
-    if (!res.writableFinished && !stream.closed) stream.close(NGHTTP2_CANCEL)
+    if (!res.writableFinished) cancel(stream)
     if (res.writableFinished || phase !== "head") finish()
   })
-  req.on("error", () => {
-    if (!stream.closed) stream.close(NGHTTP2_CANCEL)
-  })
+  req.on("error", () => cancel(stream))
 
   if (!withBody) {
     req.resume()
     return
   }
-  stream.once("wantTrailers", () => {
-    if (!stream.destroyed) stream.sendTrailers(requestTrailers)
-  })
-  stream.on("drain", () => req.resume())
   // a resent request first sends what the refused attempt had read
   if (replay !== undefined) for (const chunk of replay.chunks) stream.write(chunk)
   if (bodyEnded) {
@@ -356,8 +360,8 @@ export const webSocketAccept = (key: string): string => createHash("sha1").updat
 
 /**
  * Carries an HTTP/1.1 `Upgrade` request as RFC 8441 extended CONNECT: the backend's 2xx becomes a 101 for
- * the client (with `Sec-WebSocket-Accept` computed here for WebSocket), then bytes flow both ways. The
- * caller checks that the backend advertised `SETTINGS_ENABLE_CONNECT_PROTOCOL` first.
+ * the client (with `Sec-WebSocket-Accept` computed here for WebSocket), then bytes flow both ways with
+ * half-close. The caller checks that the backend advertised `SETTINGS_ENABLE_CONNECT_PROTOCOL` first.
  */
 export const upgradeToH2 = (
   target: H2Target,
@@ -367,75 +371,110 @@ export const upgradeToH2 = (
   options: H2ForwardOptions
 ): void => {
   const protocol = (headerValue(req.rawHeaders, "upgrade") ?? "").split(",")[0]!.trim().toLowerCase()
-  let stream: http2.ClientHttp2Stream
-  try {
-    stream = target.session.request(h2RequestHeaders(req, "CONNECT", options.forwardedMode, protocol))
-  } catch (error) {
-    const text = (error as Error & { code?: string }).code ?? (error as Error).message
-    writeRawError(socket, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${text})`)
-    options.onDone()
-    return
-  }
   let answered = false
+  let tunnel = false
   let done = false
-  let failure: (Error & { code?: string }) | undefined
+  let owed = 0
+  let timer: NodeJS.Timeout | undefined
   const finish = () => {
     if (done) return
     done = true
+    if (timer !== undefined) clearTimeout(timer)
+    timer = undefined
+    socket.off("data", onSocketData)
+    socket.off("end", onSocketEnd)
+    socket.off("drain", onDrain)
     options.onDone()
   }
-  stream.on("error", (error: Error & { code?: string }) => {
-    failure ??= error
+  const onDrain = () => {
+    if (owed > 0) {
+      const n = owed
+      owed = 0
+      stream.consumed(n)
+    }
+  }
+  const onSocketData = (chunk: Buffer) => {
+    timer?.refresh()
+    if (!stream.write(chunk)) socket.pause()
+  }
+  const onSocketEnd = () => stream.end()
+  const opened = target.session.request(h2RequestHeaders(req, "CONNECT", options.forwardedMode, protocol), false, {
+    response: (status, headers) => {
+      answered = true
+      if (timer !== undefined) clearTimeout(timer)
+      timer = undefined
+      const relayed = h1ResponseHeaders(headers)
+      if (status < 200 || status > 299) {
+        // declined: relay the ordinary answer and close
+        let text = `HTTP/1.1 ${status} ${STATUS_TEXT[status] ?? "Declined"}\r\n`
+        for (let i = 0; i < relayed.length; i += 2) text += `${relayed[i]}: ${relayed[i + 1]}\r\n`
+        socket.write(text + "Connection: close\r\n\r\n")
+        tunnel = true
+        return
+      }
+      if (options.idleTimeoutMs > 0) {
+        timer = setTimeout(() => {
+          timer = undefined
+          options.onError(`tunnel to ${target.describe} idle too long: ${req.url}`)
+          cancel(stream)
+          socket.destroy()
+        }, options.idleTimeoutMs)
+      }
+      let text = `HTTP/1.1 101 Switching Protocols\r\nUpgrade: ${protocol}\r\nConnection: Upgrade\r\n`
+      const key = headerValue(req.rawHeaders, "sec-websocket-key")
+      if (protocol === "websocket" && key !== undefined) text += `Sec-WebSocket-Accept: ${webSocketAccept(key.trim())}\r\n`
+      for (let i = 0; i < relayed.length; i += 2) {
+        if (!NOT_ON_SWITCH.has(relayed[i]!.toLowerCase())) text += `${relayed[i]}: ${relayed[i + 1]}\r\n`
+      }
+      socket.write(text + "\r\n")
+      tunnel = true
+      if (head.length > 0) stream.write(head)
+      // half-close carries over both ways: the client's end ends the stream, the stream's end the socket
+      socket.on("data", onSocketData)
+      socket.on("end", onSocketEnd)
+      socket.on("drain", onDrain)
+      socket.resume()
+    },
+    data: (chunk) => {
+      if (!tunnel) return
+      timer?.refresh()
+      const s = socket as Duplex & { writableLength: number }
+      if (socket.write(chunk) || s.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length)
+      else owed += chunk.length
+    },
+    trailers: () => {},
+    end: () => {
+      if (tunnel) socket.end()
+    },
+    close: (info) => {
+      if (!answered) {
+        answered = true
+        writeRawError(socket, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${info.reason ?? "stream closed"})`)
+      } else if (info.code !== ErrorCode.NO_ERROR && !socket.writableFinished) {
+        socket.destroy()
+      }
+      finish()
+    },
+    writable: () => socket.resume()
   })
+  if (opened instanceof H2ConnectionError) {
+    writeRawError(socket, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${opened.message})`)
+    options.onDone()
+    return
+  }
+  const stream: H2ClientStream = opened
   if (options.responseTimeoutMs > 0) {
-    stream.setTimeout(options.responseTimeoutMs, () => {
+    timer = setTimeout(() => {
+      timer = undefined
       if (answered) return
       answered = true
       writeRawError(socket, options.errors, 504, `switchyard: backend ${target.describe} timed out before answering`)
-      stream.close(NGHTTP2_CANCEL)
-    })
+      cancel(stream)
+    }, options.responseTimeoutMs)
   }
   socket.on("error", () => socket.destroy())
   socket.on("close", () => {
-    if (!stream.closed) stream.close(NGHTTP2_CANCEL)
+    cancel(stream)
     finish()
-  })
-  stream.on("close", () => {
-    if (!answered) {
-      answered = true
-      writeRawError(socket, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${describeStreamFailure(stream, failure)})`)
-    } else if (!socket.writableFinished) {
-      socket.destroy()
-    }
-    finish()
-  })
-  stream.on("response", (headers, _flags, rawHeaders: Array<string>) => {
-    answered = true
-    const status = Number(headers[HTTP2_HEADER_STATUS] ?? 502)
-    const relayed = h1ResponseHeaders(rawHeaders)
-    if (status < 200 || status > 299) {
-      // declined: relay the ordinary answer and close
-      let text = `HTTP/1.1 ${status} ${STATUS_TEXT[status] ?? "Declined"}\r\n`
-      for (let i = 0; i < relayed.length; i += 2) text += `${relayed[i]}: ${relayed[i + 1]}\r\n`
-      socket.write(text + "Connection: close\r\n\r\n")
-      stream.pipe(socket)
-      return
-    }
-    stream.setTimeout(options.idleTimeoutMs, () => {
-      options.onError(`tunnel to ${target.describe} idle too long: ${req.url}`)
-      stream.close(NGHTTP2_CANCEL)
-      socket.destroy()
-    })
-    let text = `HTTP/1.1 101 Switching Protocols\r\nUpgrade: ${protocol}\r\nConnection: Upgrade\r\n`
-    const key = headerValue(req.rawHeaders, "sec-websocket-key")
-    if (protocol === "websocket" && key !== undefined) text += `Sec-WebSocket-Accept: ${webSocketAccept(key.trim())}\r\n`
-    for (let i = 0; i < relayed.length; i += 2) {
-      if (!NOT_ON_SWITCH.has(relayed[i]!.toLowerCase())) text += `${relayed[i]}: ${relayed[i + 1]}\r\n`
-    }
-    socket.write(text + "\r\n")
-    if (head.length > 0) stream.write(head)
-    // pipe() ends the other side when one side ends: half-close carries over both ways
-    socket.pipe(stream)
-    stream.pipe(socket)
   })
 }

@@ -6,7 +6,6 @@
  * `Hello` first. It does not forward bytes itself (`forward/Http2Upstream` does) nor open public ports.
  */
 import * as http from "node:http"
-import * as http2 from "node:http2"
 import * as net from "node:net"
 import { type Duplex, PassThrough } from "node:stream"
 import * as tls from "node:tls"
@@ -26,6 +25,7 @@ import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
 import { type Backend, type BackendLease, BackendUnavailable } from "../Backend.ts"
 import { plainErrors, sendError, writeRawError } from "../forward/ErrorResponse.ts"
+import { H2ClientConnection, type H2ConnectionError } from "../forward/H2ClientConnection.ts"
 import { forwardToH2, type H2ForwardOptions, type RequestReplay, upgradeToH2 } from "../forward/Http2Upstream.ts"
 import { agentUpstream, type Upstream } from "../forward/Upstream.ts"
 import { type ListenerError, Listeners } from "../Listeners.ts"
@@ -64,8 +64,6 @@ export const DefaultDrainTimeout: Duration.Duration = Duration.seconds(10)
 export const MaxRefusedRetries = 3
 /** Recent connection failures kept for inspection. */
 export const MaxRecentFailures = 32
-/** Authority given to the HTTP/2 client session; requests carry the public `:authority`. */
-const SessionAuthority = "http://reverse-h2.invalid"
 
 export interface ReverseH2Config {
   /** Where the tunnel port listens (default `127.0.0.1:9443`; port 0 picks one). */
@@ -160,7 +158,7 @@ const isLoopback = (address: string | undefined): boolean =>
 interface H2Connection {
   readonly backend: Backend
   readonly describe: string
-  session: http2.ClientHttp2Session | undefined
+  session: H2ClientConnection | undefined
   /** Streams the gateway has open on it. */
   active: number
   /** min(backend's SETTINGS_MAX_CONCURRENT_STREAMS, the configured cap). */
@@ -174,9 +172,9 @@ interface H2Connection {
 
 /** Whether the connection is gone or going (its session may close before its fiber notices). */
 const isGone = (c: H2Connection): boolean =>
-  c.closed || c.draining || (c.session !== undefined && (c.session.closed || c.session.destroyed))
+  c.closed || c.draining || (c.session !== undefined && (c.session.goingAway || c.session.destroyed))
 
-const hasCapacity = (c: H2Connection): boolean => c.ready && c.active < c.maxStreams && !isGone(c)
+const hasCapacity = (c: H2Connection): boolean => c.ready && c.active < c.maxStreams && c.session!.active < c.session!.remote.maxConcurrentStreams && !isGone(c)
 
 /** A public request waiting for a stream slot on its route. */
 interface Waiter {
@@ -234,6 +232,8 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
   const upstream = unusedUpstream()
 
   const byBackend = new WeakMap<Backend, H2Connection>()
+  // what a connection's SETTINGS and GOAWAY also tell, once the connection is serving
+  const sessionHooks = new WeakMap<H2ClientConnection, { readonly onSettings: Array<() => void>; readonly onGoaway: Array<() => void> }>()
   const live = new Set<H2Connection>()
   const waiters: Array<Waiter> = []
   const failures: Array<ReverseH2Error> = []
@@ -333,7 +333,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         streams--
         if (waiters.length > 0) serveWaiters()
       }
-      forwardToH2(conn as H2Connection & { session: http2.ClientHttp2Session }, req, res, forwardOptions(conn, () => {
+      forwardToH2(conn as H2Connection & { session: H2ClientConnection }, req, res, forwardOptions(conn, () => {
         onDone()
         if (res.writableFinished || res.destroyed) releaseHolder()
       }, (again) => {
@@ -377,7 +377,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     }
     conn.active++
     streams++
-    upgradeToH2(conn as H2Connection & { session: http2.ClientHttp2Session }, req, socket, head, forwardOptions(conn, () => {
+    upgradeToH2(conn as H2Connection & { session: H2ClientConnection }, req, socket, head, forwardOptions(conn, () => {
       conn.active--
       streams--
       if (waiters.length > 0) serveWaiters()
@@ -445,46 +445,48 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
 
   /** Starts the HTTP/2 client on the socket and waits for the backend's first SETTINGS. */
   const startSession = (conn: H2Connection, socket: net.Socket) =>
-    Effect.callback<http2.ClientHttp2Session, ReverseH2Error>((resume) => {
-      const session = http2.connect(SessionAuthority, {
-        createConnection: () => socket,
-        settings: { enablePush: false, initialWindowSize: streamWindow, maxFrameSize: maxFrameBytes, maxHeaderListSize: DefaultMaxHeaderListBytes },
-        maxHeaderListPairs: MaxHeaderPairs
-      })
-      conn.session = session
+    Effect.callback<H2ClientConnection, ReverseH2Error>((resume) => {
       let settled = false
-      session.on("error", (error: Error & { code?: string }) => {
-        if (settled) return
-        settled = true
-        resume(Effect.fail(fail("BadPreface", `${conn.describe} did not speak HTTP/2: ${error.code ?? error.message}`)))
+      const onSettings: Array<() => void> = []
+      const onGoaway: Array<() => void> = []
+      const session = new H2ClientConnection(socket, {
+        maxFrameBytes,
+        streamWindowBytes: streamWindow,
+        connectionWindowBytes: connectionWindow,
+        maxHeaderListBytes: DefaultMaxHeaderListBytes,
+        maxHeaderPairs: MaxHeaderPairs
+      }, {
+        settings: () => {
+          if (!settled) {
+            settled = true
+            resume(Effect.succeed(session))
+          }
+          for (const f of onSettings) f()
+        },
+        goaway: () => {
+          for (const f of onGoaway) f()
+        },
+        close: (error: H2ConnectionError | undefined) => {
+          if (settled) {
+            if (error !== undefined) void run(Effect.logInfo(`reverse-h2 ${conn.describe}: ${error.message}`))
+            return
+          }
+          settled = true
+          resume(Effect.fail(fail("BadPreface", `${conn.describe} did not speak HTTP/2: ${error?.message ?? "closed before sending HTTP/2 SETTINGS"}`)))
+        }
       })
-      session.once("connect", () => {
-        if (!session.destroyed) session.setLocalWindowSize(connectionWindow)
-      })
-      session.once("remoteSettings", () => {
-        if (settled) return
-        settled = true
-        resume(Effect.succeed(session))
-      })
-      session.once("close", () => {
-        if (settled) return
-        settled = true
-        resume(Effect.fail(fail("BadPreface", `${conn.describe} closed before sending HTTP/2 SETTINGS`)))
-      })
+      sessionHooks.set(session, { onSettings, onGoaway })
+      conn.session = session
+      session.start()
     })
 
-  const ping = (session: http2.ClientHttp2Session) =>
+  const ping = (session: H2ClientConnection) =>
     Effect.callback<boolean>((resume) => {
-      try {
-        const sent = session.ping((error) => resume(Effect.succeed(error === null)))
-        if (!sent) resume(Effect.succeed(false))
-      } catch {
-        resume(Effect.succeed(false))
-      }
+      if (!session.ping((ok) => resume(Effect.succeed(ok)))) resume(Effect.succeed(false))
     })
 
   /** PINGs every interval; fails when one is not answered in time (or cannot be sent). */
-  const healthLoop = (conn: H2Connection, session: http2.ClientHttp2Session) =>
+  const healthLoop = (conn: H2Connection, session: H2ClientConnection) =>
     Effect.gen(function*() {
       for (;;) {
         yield* Effect.sleep(pingInterval)
@@ -497,11 +499,10 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       }
     })
 
-  /** Completes when the session has closed (`closed` is true as soon as closing starts; `destroyed` at the end). */
-  const awaitClose = (session: http2.ClientHttp2Session) =>
+  /** Completes when the connection has closed. */
+  const awaitClose = (session: H2ClientConnection) =>
     Effect.callback<void>((resume) => {
-      if (session.destroyed) return resume(Effect.void)
-      session.once("close", () => resume(Effect.void))
+      session.whenClosed(() => resume(Effect.void))
     })
 
   const serveConnection = (socket: net.Socket, secure: boolean) =>
@@ -563,7 +564,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
           const session = conn.session
           // the gateway shutting down (not a failed connection): GOAWAY, let the streams in flight
           // finish for a bounded time, then close
-          if (session !== undefined && !session.destroyed && conn.active > 0 && Exit.hasInterrupts(exit)) {
+          if (session !== undefined && !session.destroyed && session.active > 0 && Exit.hasInterrupts(exit)) {
             session.close()
             yield* awaitClose(session).pipe(Effect.timeoutOption(drainTimeout))
           }
@@ -592,15 +593,14 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         })
       )
       const applySettings = () => {
-        const remoteMax = session.remoteSettings.maxConcurrentStreams ?? maxStreamsCap
-        conn.maxStreams = Math.min(remoteMax, maxStreamsCap)
-        conn.extendedConnect = session.remoteSettings.enableConnectProtocol === true
+        conn.maxStreams = Math.min(session.remote.maxConcurrentStreams, maxStreamsCap)
+        conn.extendedConnect = session.remote.enableConnectProtocol
         if (waiters.length > 0) serveWaiters()
       }
       applySettings()
-      session.on("remoteSettings", applySettings)
-      session.on("error", () => {})
-      session.on("goaway", () => {
+      const hooks = sessionHooks.get(session)!
+      hooks.onSettings.push(applySettings)
+      hooks.onGoaway.push(() => {
         // a graceful drain: streams in flight finish, new requests go to other connections
         conn.draining = true
       })
