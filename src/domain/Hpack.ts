@@ -125,7 +125,7 @@ export const huffmanDecode = (bytes: Uint8Array, start: number, end: number): st
     }
   }
   if (pendingBits > 7 || !allOnes) return undefined
-  return out.latin1Slice(0, length)
+  return out.toString("latin1", 0, length)
 }
 
 /** Huffman-codes a string (for tests and peers that want it; switchyard's encoder does not). */
@@ -302,7 +302,7 @@ export class HpackDecoder {
     if (stop > block.length) return undefined
     this.at = stop
     if (huffman) return huffmanDecode(block, start, stop)
-    return Buffer.from(block.buffer, block.byteOffset, block.byteLength).latin1Slice(start, stop)
+    return Buffer.from(block.buffer, block.byteOffset, block.byteLength).toString("latin1", start, stop)
   }
 }
 
@@ -367,11 +367,11 @@ export const encodeHeaderBlock = (headers: ReadonlyArray<string>): Buffer => {
     if (p === 0) {
       const name = headers[i]!
       at = writeInteger(out, at, name.length, 7, 0)
-      at += out.latin1Write(name, at)
+      at += out.write(name, at, "latin1")
     }
     const value = headers[i + 1]!
     at = writeInteger(out, at, value.length, 7, 0)
-    at += out.latin1Write(value, at)
+    at += out.write(value, at, "latin1")
   }
   return out
 }
