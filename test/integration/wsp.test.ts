@@ -104,6 +104,65 @@ describe("wsp end to end (our server, our client, loopback)", () => {
       expect(received.join("")).toBe("first\nsecond\n")
     })))
 
+  it.live("aborts the caller's response when the destination dies mid-body (Content-Length and chunked), never a short complete one", () =>
+    leakChecked(Effect.gen(function*() {
+      const { port } = yield* setup()
+      const sockets = new Set<net.Socket>()
+      const dying = net.createServer((socket) => {
+        sockets.add(socket)
+        socket.on("error", () => undefined)
+        socket.once("data", (d) => {
+          const chunked = d.toString("latin1").startsWith("GET /chunked ")
+          socket.write(chunked
+            ? "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4000\r\n" + "y".repeat(0x4000) + "\r\n"
+            : "HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + "x".repeat(20_000))
+          setTimeout(() => socket.destroy(), 50)
+        })
+      })
+      yield* Effect.acquireRelease(
+        Effect.promise(() => new Promise<void>((resolve) => dying.listen(0, "127.0.0.1", resolve))),
+        () => Effect.promise(() => new Promise<void>((resolve) => {
+          for (const s of sockets) s.destroy()
+          dying.close(() => resolve())
+        }))
+      )
+      const dyingPort = (dying.address() as net.AddressInfo).port
+      for (const path of ["/sized", "/chunked"]) {
+        const outcome = yield* Effect.promise(() => new Promise<{ status: number; bytes: number; complete: boolean }>((resolve) => {
+          const req = http.get({ host: "127.0.0.1", port, path: "/request", agent: false, headers: { "X-Proxy-Destination": `http://127.0.0.1:${dyingPort}${path}` } }, (res) => {
+            let bytes = 0
+            res.on("data", (c: Buffer) => (bytes += c.length))
+            res.on("error", () => undefined)
+            res.on("close", () => resolve({ status: res.statusCode!, bytes, complete: res.complete }))
+          })
+          req.on("error", () => undefined)
+        }))
+        expect(outcome.status).toBe(200)
+        expect(outcome.complete).toBe(false)
+        expect(outcome.bytes).toBeLessThanOrEqual(path === "/sized" ? 20_000 : 0x4000)
+      }
+    })))
+
+  it.live("never opens a connection to a destination its rules refuse", () =>
+    leakChecked(Effect.gen(function*() {
+      let accepted = 0
+      const watched = net.createServer((socket) => {
+        accepted++
+        socket.destroy()
+      })
+      yield* Effect.acquireRelease(
+        Effect.promise(() => new Promise<void>((resolve) => watched.listen(0, "127.0.0.1", resolve))),
+        () => Effect.promise(() => new Promise<void>((resolve) => watched.close(() => resolve())))
+      )
+      const watchedPort = (watched.address() as net.AddressInfo).port
+      const { port } = yield* setup({ client: { rules: rules({ blacklist: [{ url: `:${watchedPort}/` }] }) } })
+      const body = pattern(200_000)
+      const refused = yield* callE(port, { method: "POST", destination: `http://127.0.0.1:${watchedPort}/upload`, body })
+      expect(refused.status).toBe(403)
+      expect(refused.body.toString()).toBe("Destination is forbidden")
+      expect(accepted).toBe(0)
+    })))
+
   it.live("serves 60 concurrent callers through a pool of 10 without doubling up", () =>
     leakChecked(Effect.gen(function*() {
       const { dest, port, server } = yield* setup({
