@@ -126,18 +126,31 @@ export interface FrameParser {
   readonly buffered: () => number
   /** True once an error was returned; every later push fails with ParserDead. */
   readonly dead: () => boolean
+  /**
+   * Copies the views of pushed chunks it still holds (the first parts of a Data body not yet complete),
+   * so the caller may reuse the memory of every chunk pushed so far.
+   */
+  readonly release: () => void
 }
 
 const EMPTY = new Uint8Array(0)
 
 /**
- * A view keeps its whole chunk alive; copy bodies that are small next to their chunk so a peer cannot
- * pin many large chunks with tiny frames (retained memory stays within this factor of the payload).
+ * A view keeps its whole buffer alive; copy bodies that are small next to the memory behind their chunk
+ * so a peer cannot pin many large buffers with tiny frames (retained memory stays within this factor of
+ * the payload).
  */
 export const VIEW_RETENTION_FACTOR = 4
 
+/**
+ * A copy of `view[start, end)` in new memory, of the view's own class. (Node's `Buffer#slice` returns a
+ * view, so it is not called directly.)
+ */
+export const copyBytes = (view: Uint8Array, start?: number, end?: number): Uint8Array =>
+  Uint8Array.prototype.slice.call(view, start, end)
+
 const keep = (chunk: Uint8Array, start: number, end: number): Uint8Array =>
-  (end - start) * VIEW_RETENTION_FACTOR >= chunk.length ? chunk.subarray(start, end) : chunk.slice(start, end)
+  (end - start) * VIEW_RETENTION_FACTOR >= chunk.buffer.byteLength ? chunk.subarray(start, end) : copyBytes(chunk, start, end)
 
 export interface FrameParserOptions {
   /** Largest Data body accepted; checked on the header, before anything is allocated. */
@@ -243,6 +256,10 @@ export const makeFrameParser = (options: FrameParserOptions): FrameParser => {
   return {
     push,
     buffered: () => headFill + (current ? bodyFill : 0),
-    dead: () => failed !== undefined
+    dead: () => failed !== undefined,
+    release: () => {
+      if (parts === undefined) return
+      for (let i = 0; i < parts.length; i++) parts[i] = copyBytes(parts[i]!)
+    }
   }
 }

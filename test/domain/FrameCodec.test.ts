@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest"
 import * as F from "../../src/domain/Frame.ts"
 import type { Frame } from "../../src/domain/Frame.ts"
-import { decodeHeader, encodeFrame, encodeHeader, flagNames, makeFrameParser } from "../../src/domain/FrameCodec.ts"
+import { copyBytes, decodeHeader, encodeFrame, encodeHeader, flagNames, makeFrameParser } from "../../src/domain/FrameCodec.ts"
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString("hex")
 const unhex = (s: string) => new Uint8Array(Buffer.from(s.replace(/\s+/g, ""), "hex"))
@@ -173,5 +173,39 @@ describe("FrameCodec", () => {
       expect(p.buffered()).toBeLessThanOrEqual(12 + 4096)
       if (errors > 0) expect(p.dead()).toBe(true)
     }
+  })
+
+  it("copyBytes copies, even from a Node Buffer (whose slice is a view)", () => {
+    const source = Buffer.from([1, 2, 3, 4, 5])
+    const copy = copyBytes(source, 1, 4)
+    source.fill(0)
+    expect(Array.from(copy)).toEqual([2, 3, 4])
+    expect(copy.buffer).not.toBe(source.buffer)
+  })
+
+  it("small bodies are copied out of a large buffer; large ones stay views", () => {
+    const p = makeFrameParser({ maxFrameSize: 1 << 20, zeroCopy: true })
+    const small = encodeFrame(frame(F.TYPE_DATA, 0, 1, 4, Uint8Array.of(9, 9, 9, 9)))
+    const large = encodeFrame(frame(F.TYPE_DATA, 0, 3, 4096, new Uint8Array(4096).fill(7)))
+    const memory = Buffer.alloc(8192)
+    memory.set(small, 0)
+    memory.set(large, small.length)
+    const { frames } = p.push(memory.subarray(0, small.length + large.length))
+    expect(frames[0]!.body!.buffer).not.toBe(memory.buffer)
+    expect(frames[1]!.body!.buffer).toBe(memory.buffer)
+  })
+
+  it("release() copies the first parts of a body still incomplete, so the pushed memory may be reused", () => {
+    const p = makeFrameParser({ maxFrameSize: 1 << 20, zeroCopy: true })
+    const body = Uint8Array.from({ length: 3000 }, (_, i) => i & 0xff)
+    const bytes = encodeFrame(frame(F.TYPE_DATA, 0, 1, body.length, body))
+    const memory = Buffer.alloc(2000)
+    memory.set(bytes.subarray(0, 2000))
+    expect(p.push(memory).frames).toHaveLength(0)
+    p.release()
+    memory.fill(0xee) // the connection reads its next bytes into the same memory
+    const { frames } = p.push(bytes.subarray(2000))
+    expect(frames).toHaveLength(1)
+    expect(hex(Buffer.concat(frames[0]!.parts!))).toBe(hex(body))
   })
 })

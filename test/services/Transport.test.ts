@@ -26,7 +26,9 @@ const probe = (conn: Connection): Probe => {
   let closed = false
   let closeError: unknown
   conn.start({
-    onData: (c) => data.push(c),
+    onData: (c) => {
+      data.push(c)
+    },
     onEnd: () => {
       ended = true
     },
@@ -202,5 +204,53 @@ describe("Transport", () => {
     Effect.gen(function*() {
       const err = yield* Effect.flip(Effect.scoped(NodeTransport.dial({ path: "/nonexistent/switchyard.sock" })))
       assert.strictEqual(err.reason, "Dial")
+    }))
+
+  /**
+   * Reads of an accepted connection with `lendable` handlers: the bytes of each read, copied as they
+   * arrive, and the memory each read was in.
+   */
+  const lendingRun = (keep: boolean, lendable: boolean) =>
+    Effect.gen(function*() {
+      const [dialed, accepted] = yield* tcpPair({ host: "127.0.0.1", port: 0 })
+      assert.isTrue(accepted.lendsReads === true, "accepted TCP connections read into reused memory")
+      const copies: Array<Buffer> = []
+      const memories = new Set<ArrayBufferLike>()
+      let reads = 0
+      let ended = false
+      accepted.start({
+        lendable,
+        onData: (chunk) => {
+          reads++
+          memories.add(chunk.buffer)
+          copies.push(Buffer.from(chunk))
+          return keep
+        },
+        onEnd: () => {
+          ended = true
+        },
+        onClose: () => {}
+      })
+      const sent = Buffer.alloc(8 * 1024 * 1024)
+      for (let i = 0; i < sent.length; i++) sent[i] = (i * 13 + (i >>> 10)) & 0xff
+      for (let at = 0; at < sent.length; at += 256 * 1024) {
+        yield* writeEffect(dialed, [sent.subarray(at, at + 256 * 1024)])
+      }
+      dialed.end()
+      yield* until(() => ended, "the end of the data")
+      assert.isTrue(Buffer.concat(copies).equals(sent), "every byte, in order")
+      return { reads, memories: memories.size }
+    })
+
+  it.live("TCP: an accepted connection reads into the same memory while its lendable reader keeps nothing", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      const lent = yield* Effect.scoped(lendingRun(false, true))
+      assert.isAbove(lent.reads, lent.memories, "memory was reused across reads")
+      const kept = yield* Effect.scoped(lendingRun(true, true))
+      assert.strictEqual(kept.memories, kept.reads, "a kept chunk's memory is never read into again")
+      const notLendable = yield* Effect.scoped(lendingRun(false, false))
+      assert.strictEqual(notLendable.memories, notLendable.reads, "handlers that are not lendable keep every chunk")
+      yield* Effect.promise(() => expectNoLeaks(before))
     }))
 })

@@ -683,6 +683,26 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     }
   }
 
+  /** The client socket is corked for a run of upstream chunks (see `upstreamBatchStart`). */
+  private batchCorked = false
+
+  /** A run of chunks from a lending upstream: one write to the client for all of them. */
+  readonly upstreamBatchStart = (): void => {
+    if (this.phase === EXCHANGE && this.responseFramer !== undefined && !this.socket.destroyed) {
+      this.socket.cork()
+      this.batchCorked = true
+    }
+  }
+
+  /** The run ended: whether one of its chunks is still referenced (queued on the client socket). */
+  readonly upstreamBatchEnd = (): boolean => {
+    if (this.batchCorked) {
+      this.batchCorked = false
+      this.socket.uncork()
+    }
+    return this.phase === TUNNEL || this.phase === CLOSED || this.socket.writableLength > 0
+  }
+
   readonly upstreamData = (chunk: Buffer): void => {
     this.upstreamBytes += chunk.length
     const framer = this.responseFramer

@@ -5,7 +5,12 @@
  * connection's current owner gets its events through one set of listeners installed per connection.
  */
 import type { Duplex } from "node:stream"
+import type { LoanConsumer } from "../Transport.ts"
 import type { Upstream } from "./Upstream.ts"
+
+/** A socket whose chunks can be lent to a `LoanConsumer` (a yamux stream socket). */
+const isLending = (socket: Duplex): socket is Duplex & { loanConsumer: LoanConsumer | undefined } =>
+  "loanConsumer" in socket
 
 /** The exchange currently using a connection; receives its events. */
 export interface ConnectionOwner {
@@ -13,6 +18,12 @@ export interface ConnectionOwner {
   readonly upstreamEnd: () => void
   readonly upstreamClose: (error: (Error & { code?: string }) | undefined) => void
   readonly upstreamDrain: () => void
+  /**
+   * For sockets that lend their chunks (see `LoanConsumer`): a run of `upstreamData` calls begins, and
+   * it ended (returns whether a chunk of the run is still referenced, e.g. queued on the client socket).
+   */
+  readonly upstreamBatchStart?: () => void
+  readonly upstreamBatchEnd?: () => boolean
 }
 
 /** A request waiting for a connection. */
@@ -71,6 +82,7 @@ export class PooledConnection {
       : upstream.connect()
     this.socket = socket
     if (upstream.connectReading === undefined) socket.on("data", this.onData)
+    if (isLending(socket)) socket.loanConsumer = this.loans
     socket.on("end", this.onEnd)
     socket.on("error", this.onError)
     socket.on("close", this.onClose)
@@ -83,9 +95,28 @@ export class PooledConnection {
     return !this.ended && !s.destroyed && s.writable && this.error === undefined
   }
 
+  /** The owner of the run of `data` events in progress on a lending socket. */
+  private batchOwner: ConnectionOwner | undefined = undefined
+
+  private readonly loans: LoanConsumer = {
+    batchStart: () => {
+      const owner = this.owner
+      this.batchOwner = owner
+      owner?.upstreamBatchStart?.()
+    },
+    batchEnd: () => {
+      const owner = this.batchOwner
+      this.batchOwner = undefined
+      const kept = owner?.upstreamBatchEnd?.() ?? true
+      // a connection handed to another exchange (or detached) within the run: assume the worst
+      return kept || owner !== this.owner
+    }
+  }
+
   /** Hands the socket over for a raw tunnel (only for connections opened without `connectReading`). */
   detach(): Duplex {
     const s = this.socket
+    if (isLending(s)) s.loanConsumer = undefined
     s.off("data", this.onData)
     s.off("end", this.onEnd)
     s.off("close", this.onClose)

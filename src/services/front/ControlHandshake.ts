@@ -29,6 +29,7 @@ export const readFrame = (conn: Connection, maxBytes: number): Effect.Effect<Fra
     const rest: Connection = {
       localAddress: conn.localAddress,
       remoteAddress: conn.remoteAddress,
+      lendsReads: conn.lendsReads,
       start: (handlers) => {
         next = handlers
         const leftover = reader.remainder()
@@ -51,17 +52,31 @@ export const readFrame = (conn: Connection, maxBytes: number): Effect.Effect<Fra
       resume(Effect.fail(error))
     }
     conn.start({
+      // The handshake keeps what it reads; the protocol after it decides for itself.
+      get lendable() {
+        return next?.lendable === true
+      },
       onData: (chunk) => {
         if (next !== undefined) return next.onData(chunk)
-        if (done) return void reader.push(chunk)
+        if (done) {
+          reader.push(chunk)
+          return true
+        }
         const failed = reader.push(chunk)
-        if (failed !== undefined) return fail(failed)
+        if (failed !== undefined) {
+          fail(failed)
+          return true
+        }
         const body = reader.next()
-        if (body === undefined) return
-        if (body instanceof ControlProtocolError) return fail(body)
+        if (body === undefined) return true
+        if (body instanceof ControlProtocolError) {
+          fail(body)
+          return true
+        }
         done = true
         conn.pause()
         resume(Effect.succeed({ body, rest }))
+        return true
       },
       onEnd: () => {
         if (next !== undefined) return next.onEnd()

@@ -93,6 +93,13 @@ export class SessionCore implements StreamHost {
   outcome: Outcome | undefined
   private closedListeners: Array<(o: Outcome) => void> = []
   private connClosedListeners: Array<() => void> = []
+  /** The memory of the chunk being handled, when the connection will reuse it (see `StreamHost.lent`). */
+  lent: ArrayBufferLike | undefined = undefined
+  private lentStreams: Array<StreamCore> = []
+  private loanKept = false
+  /** A chunk is being handled: readable notifications wait for its end. */
+  private handling = false
+  private readableStreams: Array<StreamCore> = []
   /** Virtual or real time in ms, from the session's Clock (so TestClock drives timeouts). */
   now: () => number = () => Date.now()
 
@@ -113,6 +120,7 @@ export class SessionCore implements StreamHost {
   /** Starts reading from the connection. */
   start(): void {
     this.conn.start({
+      lendable: true,
       onData: (chunk) => this.onChunk(chunk),
       onEnd: () => {
         this.onTransportEnd(undefined)
@@ -135,16 +143,56 @@ export class SessionCore implements StreamHost {
     else this.terminate(yamuxError("RemoteClosed", "the connection was closed by the peer"), undefined)
   }
 
-  onChunk(chunk: Uint8Array): void {
-    if (this.outcome) return
-    const { error, frames } = this.parser.push(chunk)
-    for (let i = 0; i < frames.length; i++) {
-      const f = frames[i]!
-      const problem = this.dispatch(f)
-      if (problem) return this.protocolError(problem.message)
-      if (this.outcome) return
+  /**
+   * Handles one chunk read from the connection; returns whether a view of it is still referenced (the
+   * connection then reads its next bytes elsewhere). Streams that became readable hear of it once, after
+   * every frame in the chunk was taken in, so a reader gets all of a stream's new data in one turn.
+   */
+  onChunk(chunk: Uint8Array): boolean {
+    if (this.outcome) return true
+    const outer = this.handling
+    this.handling = true
+    if (this.conn.lendsReads === true) {
+      this.lent = chunk.buffer
+      this.loanKept = false
     }
-    if (error) this.protocolError(error.message)
+    const { error, frames } = this.parser.push(chunk)
+    for (let i = 0; i < frames.length && this.outcome === undefined; i++) {
+      const problem = this.dispatch(frames[i]!)
+      if (problem) this.protocolError(problem.message)
+    }
+    if (error && this.outcome === undefined) this.protocolError(error.message)
+    this.handling = outer
+    if (outer) return true
+    const ready = this.readableStreams
+    if (ready.length > 0) {
+      this.readableStreams = []
+      for (let i = 0; i < ready.length; i++) ready[i]!.flushReadable()
+    }
+    const lent = this.lent
+    if (lent === undefined) return true
+    this.lent = undefined
+    this.parser.release()
+    const lentStreams = this.lentStreams
+    if (lentStreams.length > 0) {
+      this.lentStreams = []
+      for (let i = 0; i < lentStreams.length; i++) lentStreams[i]!.releaseLoan(lent)
+    }
+    return this.loanKept || this.outcome !== undefined
+  }
+
+  lentTo(stream: StreamCore): void {
+    this.lentStreams.push(stream)
+  }
+
+  keepLoan(): void {
+    this.loanKept = true
+  }
+
+  deferReadable(stream: StreamCore): boolean {
+    if (!this.handling) return false
+    this.readableStreams.push(stream)
+    return true
   }
 
   private protocolError(message: string): void {

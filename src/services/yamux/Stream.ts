@@ -15,6 +15,7 @@ import {
   TYPE_WINDOW_UPDATE
 } from "../../domain/Frame.ts"
 import type { Address } from "../Transport.ts"
+import { copyBytes } from "../../domain/FrameCodec.ts"
 import { makeStreamDuplex } from "./StreamDuplex.ts"
 import { type YamuxError, yamuxError } from "./YamuxError.ts"
 
@@ -47,6 +48,17 @@ export interface StreamHost {
   /** Addresses of the underlying connection, for sockets built on the stream. */
   readonly localAddress: Address | undefined
   readonly remoteAddress: Address | undefined
+  /**
+   * While the session handles a chunk read into memory the connection will reuse: that memory. Data
+   * views into it must be copied, or the session told (`keepLoan`), before the chunk's handling ends.
+   */
+  readonly lent: ArrayBufferLike | undefined
+  /** This stream received views of the lent memory: release them (`releaseLoan`) when the chunk is done. */
+  readonly lentTo: (stream: StreamCore) => void
+  /** A view of the lent memory was kept beyond the chunk's handling: the connection must not reuse it. */
+  readonly keepLoan: () => void
+  /** Defers a readable notification to the end of the chunk being handled; false when none is. */
+  readonly deferReadable: (stream: StreamCore) => boolean
 }
 
 /** Marker returned by `tryRead` at end of stream. */
@@ -96,6 +108,15 @@ export class StreamCore {
   private waitingWindow = false
   /** Called when something becomes readable (data, EOF or an error). */
   onReadable: (() => void) | undefined
+  /**
+   * The reader takes chunks on loan: it reports itself (`keepLoan`) when it keeps one past the chunk
+   * being handled. Otherwise every chunk read from lent memory counts as kept.
+   */
+  loanSafe = false
+  /** Holds views of lent memory (registered with the host for `releaseLoan`). */
+  private lentMark = false
+  /** A readable notification is queued with the host for the end of the chunk. */
+  readableDeferred = false
   /** Called once when the stream fails (reset, or the session ended), even if nobody is reading. */
   onFail: ((error: YamuxError, hard: boolean) => void) | undefined
 
@@ -144,6 +165,10 @@ export class StreamCore {
           else for (const part of parts!) this.recvBuf.push(part)
           this.recvBytes += length
           this.host.received(length, !this.accepted)
+          if (!this.lentMark && this.host.lent !== undefined) {
+            this.lentMark = true
+            this.host.lentTo(this)
+          }
         }
       }
     } else if (length > 0) {
@@ -161,8 +186,33 @@ export class StreamCore {
       this.remoteFin = true
       if (this.finished) this.forget()
     }
-    if (type === TYPE_DATA || flags & FLAG_FIN) this.notifyReadable()
+    if ((type === TYPE_DATA || flags & FLAG_FIN) && this.onReadable !== undefined && !this.readableDeferred) {
+      // one notification per chunk read from the connection, however many frames it held
+      if (this.host.deferReadable(this)) this.readableDeferred = true
+      else this.notifyReadable()
+    }
     return undefined
+  }
+
+  /** The host's deferred notification (see `deferReadable`). */
+  flushReadable(): void {
+    this.readableDeferred = false
+    this.notifyReadable()
+  }
+
+  /** Copies the unread views of `lent` memory, which the connection is about to reuse. */
+  releaseLoan(lent: ArrayBufferLike): void {
+    this.lentMark = false
+    const buf = this.recvBuf
+    for (let i = this.recvHead; i < buf.length; i++) {
+      const chunk = buf[i]!
+      if (chunk.buffer === lent) buf[i] = copyBytes(chunk)
+    }
+  }
+
+  /** Called by a `loanSafe` reader that kept a chunk past the handling of the connection's read. */
+  keepLoan(): void {
+    if (this.host.lent !== undefined) this.host.keepLoan()
   }
 
   // ---- reading ------------------------------------------------------------------------------------
@@ -182,6 +232,7 @@ export class StreamCore {
       }
       this.recvBytes -= chunk.length
       this.consume(chunk.length)
+      if (!this.loanSafe && chunk.buffer === this.host.lent) this.host.keepLoan()
       return chunk
     }
     if (this.remoteFin) return EOF

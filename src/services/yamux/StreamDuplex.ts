@@ -4,6 +4,7 @@
  * window both ways, and the socket knobs (`setTimeout`, `setNoDelay`, `ref`...) behave sensibly.
  */
 import { Duplex } from "node:stream"
+import type { LoanConsumer } from "../Transport.ts"
 import type { StreamCore } from "./Stream.ts"
 import type { YamuxError } from "./YamuxError.ts"
 
@@ -23,6 +24,11 @@ export class StreamSocket extends Duplex {
   private idleTimer: ReturnType<typeof setTimeout> | undefined
   private refed = true
   private readonly pullBound: () => void
+  /**
+   * Set by a reader that says whether it keeps `data` chunks (see `LoanConsumer`); then chunks read
+   * from a lending connection's memory are lent to it instead of counted as kept.
+   */
+  loanConsumer: LoanConsumer | undefined = undefined
 
   constructor(core: StreamCore) {
     super({ allowHalfOpen: true })
@@ -53,6 +59,20 @@ export class StreamSocket extends Duplex {
   }
 
   private pull(): void {
+    const consumer = this.loanConsumer
+    if (consumer === undefined) return this.pullAll()
+    this.core.loanSafe = true
+    consumer.batchStart()
+    try {
+      this.pullAll()
+    } finally {
+      this.core.loanSafe = false
+      // a chunk left in the readable buffer is kept as surely as one the reader holds
+      if (consumer.batchEnd() || this.readableLength > 0) this.core.keepLoan()
+    }
+  }
+
+  private pullAll(): void {
     for (;;) {
       const r = this.core.tryRead()
       if (r === undefined) {

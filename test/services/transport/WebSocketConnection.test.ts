@@ -36,7 +36,9 @@ const probe = (conn: Connection): Probe => {
   let onClosed!: (e: unknown) => void
   const closed = new Promise<unknown>((resolve) => (onClosed = resolve))
   conn.start({
-    onData: (c) => chunks.push(c),
+    onData: (c) => {
+      chunks.push(c)
+    },
     onEnd: () => events.push("end"),
     onClose: (e) => {
       events.push(e === undefined ? "close" : `close ${e.reason}`)

@@ -1,0 +1,111 @@
+/**
+ * Large bodies through a control-port tunnel, byte for byte, while the gateway reads its control
+ * connection into reused memory: fast and slow readers at once, odd write sizes on the backend (frames
+ * that straddle reads), and a raw TCP stream, whose reader keeps what it reads, on the same session.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import { createHash } from "node:crypto"
+import * as http from "node:http"
+import * as net from "node:net"
+import { Context, Effect } from "effect"
+import { TunnelClient } from "../../src/services/client/TunnelClient.ts"
+import { ControlPort } from "../../src/services/front/ControlPort.ts"
+import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
+import { freePort } from "../services/ListenersFixtures.ts"
+import { client, gateway, serveEcho, serveHttp } from "./tunnelHarness.ts"
+
+/** A body no two offsets of which are likely to agree by accident. */
+const patterned = (size: number): Buffer => {
+  const b = Buffer.allocUnsafe(size)
+  for (let i = 0; i < size; i++) b[i] = (i * 31 + (i >>> 9) + (i >>> 17)) & 0xff
+  return b
+}
+
+const sha256 = (b: Uint8Array): string => createHash("sha256").update(b).digest("hex")
+
+/** Writes `body` in slices of varying sizes (1 byte to about 200 KiB), honouring backpressure. */
+const writeInOddSlices = (res: http.ServerResponse, body: Buffer): void => {
+  let offset = 0
+  let step = 1
+  const write = (): void => {
+    while (offset < body.length) {
+      step = (step * 7919 + 12_345) % 200_000 + 1
+      const end = Math.min(offset + step, body.length)
+      const ok = res.write(body.subarray(offset, end))
+      offset = end
+      if (!ok) return void res.once("drain", write)
+    }
+    res.end()
+  }
+  write()
+}
+
+/** GETs `path` and hashes the body; `slow` pauses the response for a moment after every 256 KiB. */
+const download = (port: number, path: string, slow: boolean): Promise<{ status: number; size: number; hash: string }> =>
+  new Promise((resolve, reject) => {
+    http.get({ host: "127.0.0.1", port, path, agent: false }, (res) => {
+      const hash = createHash("sha256")
+      let size = 0
+      let sinceNap = 0
+      res.on("data", (chunk: Buffer) => {
+        hash.update(chunk)
+        size += chunk.length
+        sinceNap += chunk.length
+        if (slow && sinceNap >= 256 * 1024) {
+          sinceNap = 0
+          res.pause()
+          setTimeout(() => res.resume(), 5)
+        }
+      })
+      res.on("end", () => resolve({ status: res.statusCode ?? 0, size, hash: hash.digest("hex") }))
+      res.on("error", reject)
+    }).on("error", reject)
+  })
+
+/** Sends `data` over a raw TCP connection and reads back as many bytes. */
+const echoRoundTrip = (port: number, data: Buffer): Promise<Buffer> =>
+  new Promise((resolve, reject) => {
+    const socket = net.connect(port, "127.0.0.1", () => socket.end(data))
+    const parts: Array<Buffer> = []
+    socket.on("data", (c: Buffer) => parts.push(c))
+    socket.on("end", () => resolve(Buffer.concat(parts)))
+    socket.on("error", reject)
+  })
+
+describe("control-port tunnels: large bodies", () => {
+  it.live("large responses arrive byte for byte to fast and slow readers at once, beside a raw TCP stream", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      yield* Effect.scoped(Effect.gen(function*() {
+        const body = patterned(24 * 1024 * 1024)
+        const expected = sha256(body)
+        const gw = yield* gateway()
+        const control = Context.get(gw, ControlPort)
+        const httpPort = yield* Effect.promise(freePort)
+        const tcpPort = yield* Effect.promise(freePort)
+        const tunnel = Context.get(yield* client([control.address.port!]), TunnelClient)
+        yield* serveHttp(tunnel, { _tag: "Http", port: httpPort }, (_req, res) => {
+          res.writeHead(200, { "content-length": String(body.length) })
+          writeInOddSlices(res, body)
+        })
+        yield* serveEcho(tunnel, { _tag: "Tcp", port: tcpPort })
+        const echoed = patterned(6 * 1024 * 1024).reverse()
+        const [fast, slow, fast2, echo] = yield* Effect.promise(() =>
+          Promise.all([
+            download(httpPort, "/fast", false),
+            download(httpPort, "/slow", true),
+            download(httpPort, "/fast-again", false),
+            echoRoundTrip(tcpPort, echoed)
+          ])
+        )
+        for (const r of [fast, slow, fast2]) {
+          assert.strictEqual(r.status, 200)
+          assert.strictEqual(r.size, body.length)
+          assert.strictEqual(r.hash, expected)
+        }
+        assert.strictEqual(echo.length, echoed.length)
+        assert.strictEqual(sha256(echo), sha256(echoed))
+      }))
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }), 60_000)
+})
