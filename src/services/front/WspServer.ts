@@ -6,12 +6,15 @@
  */
 import { createHash, timingSafeEqual } from "node:crypto"
 import * as http from "node:http"
+import { createRequire } from "node:module"
+import type * as net from "node:net"
 import type { Duplex } from "node:stream"
 import { Context, Effect, FiberSet, Layer, Redacted, Schema } from "effect"
 import type { Scope } from "effect"
 import { WebSocket, WebSocketServer } from "ws"
 import type { RawData } from "ws"
 import { checkDestination } from "../../domain/DestinationRules.ts"
+import { DataFrameReader, OPCODE_BINARY } from "../../domain/WebSocketDataReader.ts"
 import type { WspServerConfig } from "../../domain/WspConfig.ts"
 import type { GoHeader, WspHeadLimits, WspResponseHead } from "../../domain/WspMessage.ts"
 import {
@@ -85,6 +88,8 @@ interface Exchange {
   received: number
   /** The WebSocket is paused until the caller drains. */
   paused: boolean
+  /** Passes one body fragment read off the socket by the server itself. */
+  onPayload: (fragment: Buffer) => void
 }
 
 /**
@@ -112,6 +117,55 @@ export const streamNextMessage = (receiver: ReceiverInternals, onFragment: (opco
   receiver._fragments = { length: 0, push: (fragment: Buffer) => onFragment(receiver._opcode, fragment) }
 }
 
+/** ws 8.x receiver states (`lib/receiver.js`): between frames, and waiting for a frame's payload. */
+const receiverGetInfo = 0
+const receiverGetData = 4
+
+/**
+ * The rest of `ws`'s receiver (ws 8.x) that the server reads and resets when it reads a response
+ * body's frames itself (see `ServerConnection.onSocketData`). Checked at run time; when the shape is
+ * not there, `ws` reads every frame.
+ */
+interface ReceiverFrames extends ReceiverInternals {
+  _state: number
+  _bufferedBytes: number
+  readonly _buffers: Array<Buffer>
+  readonly _payloadLength: number
+  readonly _masked: boolean
+  readonly _mask: Buffer | undefined
+  readonly _fin: boolean
+  readonly _compressed: boolean
+  _fragmented: number
+  _totalPayloadLength: number
+  _messageLength: number
+}
+
+const receiverFramesOf = (receiver: ReceiverInternals | undefined): ReceiverFrames | undefined => {
+  const r = receiver as Partial<ReceiverFrames> | undefined
+  return r !== undefined && typeof r._state === "number" && typeof r._bufferedBytes === "number" && Array.isArray(r._buffers) &&
+      typeof r._payloadLength === "number" && typeof r._masked === "boolean" && typeof r._fin === "boolean" &&
+      typeof r._compressed === "boolean" && typeof r._fragmented === "number" && typeof r._totalPayloadLength === "number" &&
+      typeof r._messageLength === "number"
+    ? (r as ReceiverFrames)
+    : undefined
+}
+
+/** `ws`'s own `data` listener on a WebSocket's socket, when it is the only one (ws 8.x). */
+const socketDataOf = (ws: WebSocket): { readonly socket: net.Socket; readonly onData: (chunk: Buffer) => void } | undefined => {
+  const socket = (ws as unknown as { readonly _socket?: net.Socket | null })._socket
+  if (socket == null) return undefined
+  const listeners = socket.listeners("data")
+  const onData = listeners[0]
+  return listeners.length === 1 && typeof onData === "function" && onData.name === "socketOnData"
+    ? { socket, onData: onData as (chunk: Buffer) => void }
+    : undefined
+}
+
+/** Unmasks in place (native `bufferutil`, which `ws` uses too). */
+const unmask: (data: Buffer, mask: Buffer) => void = (createRequire(import.meta.url)("bufferutil") as {
+  readonly unmask: (data: Buffer, mask: Buffer) => void
+}).unmask
+
 /** One pooled WebSocket from a wsp client; carries at most one exchange at a time. */
 class ServerConnection {
   readonly ws: WebSocket
@@ -120,18 +174,113 @@ class ServerConnection {
   awaitingPong = false
   private exchange: Exchange | undefined
   private readonly limits: WspHeadLimits
+  private readonly maxMessageSize: number
   private readonly onGone: (conn: ServerConnection) => void
+  /** `ws`'s receiver and socket listener, when the server can read body frames itself. */
+  private readonly frames: ReceiverFrames | undefined
+  private readonly toWs: ((chunk: Buffer) => void) | undefined
+  /** Reads the current response body's frames off the socket while it owns the stream. */
+  private reader: DataFrameReader | undefined = undefined
 
-  constructor(ws: WebSocket, poolId: string, limits: WspHeadLimits, onGone: (conn: ServerConnection) => void) {
+  constructor(ws: WebSocket, poolId: string, limits: WspHeadLimits, maxMessageSize: number, onGone: (conn: ServerConnection) => void) {
     this.ws = ws
     this.poolId = poolId
     this.limits = limits
+    this.maxMessageSize = maxMessageSize
     this.onGone = onGone
     ws.on("message", (data, isBinary) => this.onMessage(data, isBinary))
     ws.on("pong", () => {
       this.awaitingPong = false
     })
     ws.on("close", () => this.onClose())
+    const frames = receiverFramesOf(receiverOf(ws))
+    const data = socketDataOf(ws)
+    if (frames !== undefined && data !== undefined) {
+      const { socket, onData } = data
+      socket.removeListener("data", onData)
+      socket.on("data", this.onSocketData)
+      ws.once("close", () => socket.removeListener("data", this.onSocketData))
+      this.frames = frames
+      this.toWs = (chunk) => onData.call(socket, chunk)
+    } else {
+      this.frames = undefined
+      this.toWs = undefined
+    }
+  }
+
+  /**
+   * Every read of the socket. While a response body streams and `ws`'s receiver stands between frames
+   * or inside a binary frame's payload, the body's frames are read here: each payload run goes to the
+   * caller as a view of the read (no copy of frames that span reads, no reassembly). A control frame or
+   * anything unexpected is handed back to `ws` at its first byte with the message's state, and `ws`
+   * answers it (pings, close, protocol errors); the message end resets the receiver as `ws` would.
+   */
+  private readonly onSocketData = (chunk: Buffer): void => {
+    const toWs = this.toWs!
+    const exchange = this.exchange
+    let reader = this.reader
+    if (reader === undefined) {
+      reader = exchange === undefined || !exchange.streaming ? undefined : this.takeOver(exchange)
+      if (this.exchange !== exchange) return
+      if (reader === undefined) return toWs(chunk)
+    }
+    const step = reader.read(chunk, exchange!.onPayload)
+    if (this.exchange !== exchange || this.reader !== reader) return
+    const frames = this.frames!
+    switch (step._tag) {
+      case "Continue":
+        return
+      case "End": {
+        this.reader = undefined
+        frames._fragmented = 0
+        frames._totalPayloadLength = 0
+        frames._messageLength = 0
+        frames._fragments = []
+        this.endStreamedBody(exchange!, exchange!.head!)
+        if (step.at < chunk.length) toWs(chunk.subarray(step.at))
+        return
+      }
+      case "Handover": {
+        this.reader = undefined
+        frames._fragmented = reader.inMessage ? OPCODE_BINARY : 0
+        frames._totalPayloadLength = reader.inMessage ? reader.total : 0
+        frames._messageLength = frames._totalPayloadLength
+        const rest = step.at === 0 ? chunk : chunk.subarray(step.at)
+        return toWs(step.prefix === undefined ? rest : Buffer.concat([step.prefix, rest]))
+      }
+    }
+  }
+
+  /** A reader for the rest of the body message when the receiver is where one can start, else undefined. */
+  private takeOver(exchange: Exchange): DataFrameReader | undefined {
+    const f = this.frames!
+    // the body message is still collected through `streamNextMessage` (not yet ended by ws)
+    if (exchange.head === undefined || Array.isArray(f._fragments)) return undefined
+    if (f._state === receiverGetInfo && f._bufferedBytes === 0) {
+      const inMessage = f._fragmented !== 0
+      if (inMessage && f._fragmented !== OPCODE_BINARY) return undefined
+      this.reader = new DataFrameReader(
+        { total: inMessage ? f._totalPayloadLength : 0, inMessage, frameRemaining: 0, fin: false, mask: undefined, maskOffset: 0 },
+        this.maxMessageSize,
+        true,
+        unmask
+      )
+      return this.reader
+    }
+    if (f._state !== receiverGetData || f._opcode !== OPCODE_BINARY || f._compressed || f._bufferedBytes >= f._payloadLength) return undefined
+    // inside a frame's payload: its bytes `ws` holds go first, then the reader goes on with the frame
+    const reader = new DataFrameReader(
+      { total: f._totalPayloadLength, inMessage: true, frameRemaining: f._payloadLength, fin: f._fin, mask: f._masked ? f._mask : undefined, maskOffset: 0 },
+      this.maxMessageSize,
+      true,
+      unmask
+    )
+    const held = f._buffers.splice(0)
+    f._bufferedBytes = 0
+    f._state = receiverGetInfo
+    this.reader = reader
+    for (const b of held) reader.read(b, exchange.onPayload)
+    return this.exchange === exchange ? reader : undefined
   }
 
   close(_reason: string): void {
@@ -142,6 +291,7 @@ class ServerConnection {
     const exchange = this.exchange
     if (exchange === undefined) return
     this.exchange = undefined
+    this.reader = undefined
     if (error !== undefined) this.ws.terminate()
     else if (exchange.paused) this.ws.resume()
     exchange.done(error)
@@ -247,7 +397,8 @@ class ServerConnection {
       streaming: false,
       started: false,
       received: 0,
-      paused: false
+      paused: false,
+      onPayload: (fragment) => this.onBodyFragment(exchange, binaryOpcode, fragment)
     }
     this.exchange = exchange
     // late callbacks of this exchange must never touch a later one on the same connection
@@ -478,7 +629,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
         ws.close(1008, parsed.message.slice(0, 120))
         return
       }
-      const conn = new ServerConnection(ws, parsed.id, limits, (c) => pool.remove(c))
+      const conn = new ServerConnection(ws, parsed.id, limits, config.maxMessageSize, (c) => pool.remove(c))
       run(
         pool.register(parsed.id, parsed.size, conn).pipe(
           Effect.catch((e: PoolError) =>
