@@ -216,13 +216,12 @@ class ServerConnection {
    * answers it (pings, close, protocol errors); the message end resets the receiver as `ws` would.
    */
   private readonly onSocketData = (chunk: Buffer): void => {
-    const toWs = this.toWs!
     const exchange = this.exchange
     let reader = this.reader
     if (reader === undefined) {
       reader = exchange === undefined || !exchange.streaming ? undefined : this.takeOver(exchange)
       if (this.exchange !== exchange) return
-      if (reader === undefined) return toWs(chunk)
+      if (reader === undefined) return this.throughWs(chunk)
     }
     const step = reader.read(chunk, exchange!.onPayload)
     if (this.exchange !== exchange || this.reader !== reader) return
@@ -237,7 +236,7 @@ class ServerConnection {
         frames._messageLength = 0
         frames._fragments = []
         this.endStreamedBody(exchange!, exchange!.head!)
-        if (step.at < chunk.length) toWs(chunk.subarray(step.at))
+        if (step.at < chunk.length) this.throughWs(chunk.subarray(step.at))
         return
       }
       case "Handover": {
@@ -246,9 +245,19 @@ class ServerConnection {
         frames._totalPayloadLength = reader.inMessage ? reader.total : 0
         frames._messageLength = frames._totalPayloadLength
         const rest = step.at === 0 ? chunk : chunk.subarray(step.at)
-        return toWs(step.prefix === undefined ? rest : Buffer.concat([step.prefix, rest]))
+        return this.throughWs(step.prefix === undefined ? rest : Buffer.concat([step.prefix, rest]))
       }
     }
+  }
+
+  /**
+   * Hands a read to `ws`; if that started a streamed body (its head was in the read) or ended what
+   * `ws` had to answer, the reader takes over at once, with the part of a frame `ws` holds.
+   */
+  private throughWs(chunk: Buffer): void {
+    this.toWs!(chunk)
+    const exchange = this.exchange
+    if (exchange !== undefined && exchange.streaming && this.reader === undefined) this.takeOver(exchange)
   }
 
   /** A reader for the rest of the body message when the receiver is where one can start, else undefined. */

@@ -85,6 +85,22 @@ const leakChecked = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
 
 const next = (peer: Peer) => Effect.promise(() => peer.next())
 
+/** A client frame written by hand (masked), for writing straight to a peer's socket. */
+const maskedFrame = (fin: boolean, opcode: number, payload: Buffer): Buffer => {
+  const key = Buffer.from([0x3c, 0x00, 0xa5, 0x17])
+  const len = payload.length
+  const ext = len < 126 ? 0 : len < 65536 ? 2 : 8
+  const head = Buffer.alloc(2 + ext + 4)
+  head[0] = (fin ? 0x80 : 0) | opcode
+  head[1] = 0x80 | (ext === 0 ? len : ext === 2 ? 126 : 127)
+  if (ext === 2) head.writeUInt16BE(len, 2)
+  if (ext === 8) head.writeBigUInt64BE(BigInt(len), 2)
+  key.copy(head, 2 + ext)
+  const body = Buffer.from(payload)
+  for (let i = 0; i < body.length; i++) body[i]! ^= key[i & 3]!
+  return Buffer.concat([head, body])
+}
+
 describe("WspServer against a hand-written wsp client", () => {
   it.live("sends the request head in Go's JSON shape and the body as one binary message, and relays the answer", () =>
     leakChecked(Effect.gen(function*() {
@@ -118,6 +134,82 @@ describe("WspServer against a hand-written wsp client", () => {
       expect(r.headers["x-reply"]).toBe("yes")
       expect(r.body.toString()).toBe("ok")
       yield* waitFor("released", () => server.stats().idle === 1)
+    })))
+
+  it.live("passes a body frame's bytes to the caller before the frame has all arrived; pings between frames are answered; the connection is reused after", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const peer = yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const socket = (peer.ws as unknown as { readonly _socket: net.Socket })._socket
+      let pongs = 0
+      peer.ws.on("pong", (data) => {
+        if (data.toString() === "hi") pongs++
+      })
+      const received: Array<Buffer> = []
+      let complete: boolean | undefined
+      const req = http.get({ host: "127.0.0.1", port, path: "/request", agent: false, headers: { "X-Proxy-Destination": "http://dest.example/big" } }, (res) => {
+        res.on("data", (c: Buffer) => received.push(c))
+        res.on("end", () => (complete = res.complete))
+      })
+      req.on("error", () => undefined)
+      yield* next(peer)
+      yield* next(peer)
+      const body = Buffer.alloc(201_000)
+      for (let i = 0; i < body.length; i++) body[i] = (i * 13 + 5) % 256
+      peer.send(`{"StatusCode":200,"Header":{},"ContentLength":${body.length}}`)
+      const big = maskedFrame(false, 2, body.subarray(0, 200_000))
+      // the first 50,000 payload bytes of a 200,000-byte frame
+      socket.write(big.subarray(0, 14 + 50_000))
+      yield* waitFor("bytes of an unfinished frame delivered", () => received.reduce((n, c) => n + c.length, 0) === 50_000)
+      socket.write(big.subarray(14 + 50_000))
+      const ping = maskedFrame(true, 9, Buffer.from("hi"))
+      const last = maskedFrame(true, 0, body.subarray(200_000))
+      // the ping between frames, and the last frame's header split across writes
+      socket.write(Buffer.concat([ping, last.subarray(0, 1)]))
+      yield* waitFor("pong", () => pongs === 1)
+      socket.write(last.subarray(1))
+      yield* waitFor("response complete", () => complete !== undefined)
+      expect(complete).toBe(true)
+      expect(Buffer.compare(Buffer.concat(received), body)).toBe(0)
+      yield* waitFor("released", () => server.stats().idle === 1)
+      // the receiver was left as ws leaves it after a message: the next exchange goes through ws
+      const reply = Effect.runPromise(Effect.promise(() => call(port, { destination: "http://dest.example/again" })))
+      yield* next(peer)
+      yield* next(peer)
+      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":5}")
+      peer.send(Buffer.from("again"))
+      expect((yield* Effect.promise(() => reply)).body.toString()).toBe("again")
+    })))
+
+  it.live("hands a protocol violation inside a streamed body to ws, which closes the connection; the caller's response is cut", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const peer = yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const socket = (peer.ws as unknown as { readonly _socket: net.Socket })._socket
+      let outcome: { bytes: number; complete: boolean } | undefined
+      const req = http.get({ host: "127.0.0.1", port, path: "/request", agent: false, headers: { "X-Proxy-Destination": "http://dest.example/" } }, (res) => {
+        let bytes = 0
+        res.on("data", (c: Buffer) => (bytes += c.length))
+        res.on("error", () => undefined)
+        res.on("close", () => (outcome = { bytes, complete: res.complete }))
+      })
+      req.on("error", () => undefined)
+      yield* next(peer)
+      yield* next(peer)
+      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":-1}")
+      socket.write(maskedFrame(false, 2, Buffer.alloc(1000, 1)))
+      yield* Effect.sleep(20)
+      // a new binary message where a continuation belongs
+      socket.write(maskedFrame(true, 2, Buffer.alloc(10, 2)))
+      yield* waitFor("connection closed", () => peer.closed)
+      expect(peer.closeCode).toBe(1002)
+      yield* waitFor("caller's response ended", () => outcome !== undefined)
+      expect(outcome).toEqual({ bytes: 1000, complete: false })
+      expect(server.stats().idle).toBe(0)
     })))
 
   it.live("sends an empty body as an empty binary message", () =>
