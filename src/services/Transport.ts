@@ -40,11 +40,13 @@ export interface ConnectionHandlers {
  * The reader of a Node stream whose `data` chunks may be views of memory that is reused once the run of
  * events ends (a yamux stream on a lending connection): the stream calls `batchStart` before a run of
  * `data` events and `batchEnd` after it, which returns whether any chunk of the run is still referenced.
- * A stream without such a reader treats every chunk as kept.
+ * A stream without such a reader treats every chunk as kept. The runs also let a reader write what one
+ * read brought in one go.
  */
 export interface LoanConsumer {
   readonly batchStart: () => void
-  readonly batchEnd: () => boolean
+  /** `lent`: the run's chunks were views of reused memory (otherwise keeping them costs nothing). */
+  readonly batchEnd: (lent: boolean) => boolean
 }
 
 export interface Connection {

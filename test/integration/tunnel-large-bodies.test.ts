@@ -1,7 +1,8 @@
 /**
- * Large bodies through a control-port tunnel, byte for byte, while the gateway reads its control
- * connection into reused memory: fast and slow readers at once, odd write sizes on the backend (frames
- * that straddle reads), and a raw TCP stream, whose reader keeps what it reads, on the same session.
+ * Large bodies through a control-port tunnel, byte for byte, over TCP (where the gateway reads its
+ * control connection into reused memory) and over a WebSocket (where it joins several reads' chunks in
+ * one write): fast and slow readers at once, odd write sizes on the backend (frames that straddle
+ * reads), and a raw TCP stream, whose reader keeps what it reads, on the same session.
  */
 import { assert, describe, it } from "@effect/vitest"
 import { createHash } from "node:crypto"
@@ -13,6 +14,7 @@ import { ControlPort } from "../../src/services/front/ControlPort.ts"
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
 import { freePort } from "../services/ListenersFixtures.ts"
 import { client, gateway, serveEcho, serveHttp } from "./tunnelHarness.ts"
+import { wsClient, wsGateway } from "./tunnelWsHarness.ts"
 
 /** A body no two offsets of which are likely to agree by accident. */
 const patterned = (size: number): Buffer => {
@@ -72,39 +74,53 @@ const echoRoundTrip = (port: number, data: Buffer): Promise<Buffer> =>
     socket.on("error", reject)
   })
 
+/** Serves the patterned body and an echo through `tunnel`, then reads them back through the gateway. */
+const exercise = (tunnel: TunnelClient["Service"]) =>
+  Effect.gen(function*() {
+    const body = patterned(24 * 1024 * 1024)
+    const expected = sha256(body)
+    const httpPort = yield* Effect.promise(freePort)
+    const tcpPort = yield* Effect.promise(freePort)
+    yield* serveHttp(tunnel, { _tag: "Http", port: httpPort }, (_req, res) => {
+      res.writeHead(200, { "content-length": String(body.length) })
+      writeInOddSlices(res, body)
+    })
+    yield* serveEcho(tunnel, { _tag: "Tcp", port: tcpPort })
+    const echoed = patterned(6 * 1024 * 1024).reverse()
+    const [fast, slow, fast2, echo] = yield* Effect.promise(() =>
+      Promise.all([
+        download(httpPort, "/fast", false),
+        download(httpPort, "/slow", true),
+        download(httpPort, "/fast-again", false),
+        echoRoundTrip(tcpPort, echoed)
+      ])
+    )
+    for (const r of [fast, slow, fast2]) {
+      assert.strictEqual(r.status, 200)
+      assert.strictEqual(r.size, body.length)
+      assert.strictEqual(r.hash, expected)
+    }
+    assert.strictEqual(echo.length, echoed.length)
+    assert.strictEqual(sha256(echo), sha256(echoed))
+  })
+
 describe("control-port tunnels: large bodies", () => {
-  it.live("large responses arrive byte for byte to fast and slow readers at once, beside a raw TCP stream", () =>
+  it.live("over TCP (the gateway reusing its read memory): byte for byte to fast and slow readers at once, beside a raw TCP stream", () =>
     Effect.gen(function*() {
       const before = activeHandles()
       yield* Effect.scoped(Effect.gen(function*() {
-        const body = patterned(24 * 1024 * 1024)
-        const expected = sha256(body)
-        const gw = yield* gateway()
-        const control = Context.get(gw, ControlPort)
-        const httpPort = yield* Effect.promise(freePort)
-        const tcpPort = yield* Effect.promise(freePort)
-        const tunnel = Context.get(yield* client([control.address.port!]), TunnelClient)
-        yield* serveHttp(tunnel, { _tag: "Http", port: httpPort }, (_req, res) => {
-          res.writeHead(200, { "content-length": String(body.length) })
-          writeInOddSlices(res, body)
-        })
-        yield* serveEcho(tunnel, { _tag: "Tcp", port: tcpPort })
-        const echoed = patterned(6 * 1024 * 1024).reverse()
-        const [fast, slow, fast2, echo] = yield* Effect.promise(() =>
-          Promise.all([
-            download(httpPort, "/fast", false),
-            download(httpPort, "/slow", true),
-            download(httpPort, "/fast-again", false),
-            echoRoundTrip(tcpPort, echoed)
-          ])
-        )
-        for (const r of [fast, slow, fast2]) {
-          assert.strictEqual(r.status, 200)
-          assert.strictEqual(r.size, body.length)
-          assert.strictEqual(r.hash, expected)
-        }
-        assert.strictEqual(echo.length, echoed.length)
-        assert.strictEqual(sha256(echo), sha256(echoed))
+        const control = Context.get(yield* gateway(), ControlPort)
+        yield* exercise(Context.get(yield* client([control.address.port!]), TunnelClient))
+      }))
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }), 60_000)
+
+  it.live("over a WebSocket (one write to the client per turn of the event loop): the same, byte for byte", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      yield* Effect.scoped(Effect.gen(function*() {
+        const { url } = yield* wsGateway()
+        yield* exercise(yield* wsClient([url]))
       }))
       yield* Effect.promise(() => expectNoLeaks(before))
     }), 60_000)

@@ -683,24 +683,46 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     }
   }
 
-  /** The client socket is corked for a run of upstream chunks (see `upstreamBatchStart`). */
+  /** The client socket is corked for runs of upstream chunks (see `upstreamBatchStart`). */
   private batchCorked = false
+  private uncorkScheduled = false
 
-  /** A run of chunks from a lending upstream: one write to the client for all of them. */
+  /**
+   * A run of chunks from a yamux stream (what one read of the tunnel brought) begins: the client
+   * socket is corked so that they leave in one write.
+   */
   readonly upstreamBatchStart = (): void => {
-    if (this.phase === EXCHANGE && this.responseFramer !== undefined && !this.socket.destroyed) {
+    if (!this.batchCorked && this.phase === EXCHANGE && this.responseFramer !== undefined && !this.socket.destroyed) {
       this.socket.cork()
       this.batchCorked = true
     }
   }
 
-  /** The run ended: whether one of its chunks is still referenced (queued on the client socket). */
-  readonly upstreamBatchEnd = (): boolean => {
+  /**
+   * The run ended; returns whether one of its chunks is still referenced (queued on the client socket).
+   * Lent chunks are written now, so that their memory can be read into again. Others wait for the end
+   * of this turn of the event loop, joining the runs of further reads in one write (a WebSocket tunnel
+   * hands over one message per read).
+   */
+  readonly upstreamBatchEnd = (lent: boolean): boolean => {
     if (this.batchCorked) {
-      this.batchCorked = false
-      this.socket.uncork()
+      if (lent) this.uncorkNow()
+      else if (!this.uncorkScheduled) {
+        this.uncorkScheduled = true
+        setImmediate(this.uncorkLater)
+      }
     }
     return this.phase === TUNNEL || this.phase === CLOSED || this.socket.writableLength > 0
+  }
+
+  private uncorkNow(): void {
+    this.batchCorked = false
+    this.socket.uncork()
+  }
+
+  private readonly uncorkLater = (): void => {
+    this.uncorkScheduled = false
+    if (this.batchCorked) this.uncorkNow()
   }
 
   readonly upstreamData = (chunk: Buffer): void => {

@@ -23,7 +23,7 @@ export interface ConnectionOwner {
    * it ended (returns whether a chunk of the run is still referenced, e.g. queued on the client socket).
    */
   readonly upstreamBatchStart?: () => void
-  readonly upstreamBatchEnd?: () => boolean
+  readonly upstreamBatchEnd?: (lent: boolean) => boolean
 }
 
 /** A request waiting for a connection. */
@@ -104,10 +104,10 @@ export class PooledConnection {
       this.batchOwner = owner
       owner?.upstreamBatchStart?.()
     },
-    batchEnd: () => {
+    batchEnd: (lent) => {
       const owner = this.batchOwner
       this.batchOwner = undefined
-      const kept = owner?.upstreamBatchEnd?.() ?? true
+      const kept = owner?.upstreamBatchEnd?.(lent) ?? true
       // a connection handed to another exchange (or detached) within the run: assume the worst
       return kept || owner !== this.owner
     }

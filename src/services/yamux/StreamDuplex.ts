@@ -68,7 +68,7 @@ export class StreamSocket extends Duplex {
     } finally {
       this.core.loanSafe = false
       // a chunk left in the readable buffer is kept as surely as one the reader holds
-      if (consumer.batchEnd() || this.readableLength > 0) this.core.keepLoan()
+      if (consumer.batchEnd(this.core.host.lent !== undefined) || this.readableLength > 0) this.core.keepLoan()
     }
   }
 

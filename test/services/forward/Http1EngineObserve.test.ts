@@ -147,7 +147,8 @@ describe("Http1Engine exchange observation", () => {
     ]
     // the first one alone (keep-alive), the other three pipelined in one write
     c.socket.write(requests[0]!)
-    await waitFor("the first exchange", () => seen.exchanges.length === 1)
+    // observed once written: the client may read the bytes a moment later
+    await waitFor("the first exchange, at the client", () => seen.exchanges.length === 1 && c.bytes() >= seen.exchanges[0]!.sentBytes)
     const firstSent = c.bytes()
     c.socket.write(requests.slice(1).join(""))
     await waitFor("four exchanges", () => seen.exchanges.length === 4 && count(c.text(), "HTTP/1.1 ") === 4)
