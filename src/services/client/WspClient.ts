@@ -28,6 +28,7 @@ import {
   requestBodyFraming
 } from "../../domain/DestinationRequestHead.ts"
 import { binaryOpcode, receiverOf, streamNextMessage } from "../front/WspServer.ts"
+import { BodyFrameWriter } from "./BodyFrameWriter.ts"
 import type { DestinationCall, DestinationResponder } from "./DestinationExchange.ts"
 import { DestinationExchange, DestinationPools } from "./DestinationExchange.ts"
 import { httpsDestinationCall } from "./HttpsDestinationCall.ts"
@@ -343,7 +344,9 @@ class ClientConnection {
   private responder(): DestinationResponder & { readonly bind: (call: DestinationCall) => void } {
     const ws = this.ws
     const maxBody = this.ctx.config.maxMessageSize
-    const copies = this.ctx.config.maskFrames
+    const masked = this.ctx.config.maskFrames
+    // the body's frames go straight onto the socket, masked in place; `ws.send` when that is not possible
+    const writer = BodyFrameWriter.for(ws, masked)
     let call: DestinationCall | undefined
     let size = 0
     let paused = false
@@ -364,9 +367,13 @@ class ClientConnection {
         if (size > maxBody) {
           return this.violation(new WspClientError({ reason: "ResponseTooLarge", message: `response body exceeds ${maxBody} bytes` }))
         }
-        // a masked frame is a copy; an unmasked one goes out as the chunk itself
-        ws.send(chunk, { binary: true, fin: end }, onSent)
-        if (!copies) call.holdChunk()
+        if (writer !== undefined) {
+          if (writer.frame(chunk, end, onSent)) call.holdChunk()
+        } else {
+          // through ws: a masked frame is a copy; an unmasked one goes out as the chunk itself
+          ws.send(chunk, { binary: true, fin: end }, onSent)
+          if (!masked) call.holdChunk()
+        }
         if (end) {
           this.upstream = undefined
           return this.answeredNow()
