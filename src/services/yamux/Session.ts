@@ -156,12 +156,20 @@ export class SessionCore implements StreamHost {
       this.lent = chunk.buffer
       this.loanKept = false
     }
-    const { error, frames } = this.parser.push(chunk)
+    const { error, frames } = this.parser.push(chunk, this.lent !== undefined)
     for (let i = 0; i < frames.length && this.outcome === undefined; i++) {
       const problem = this.dispatch(frames[i]!)
       if (problem) this.protocolError(problem.message)
     }
     if (error && this.outcome === undefined) this.protocolError(error.message)
+    if (this.lent !== undefined && this.outcome === undefined) {
+      // the start of a Data frame that the next read completes goes to its stream now, not copied
+      const started = this.parser.takeStarted()
+      if (started !== undefined) {
+        const problem = this.dispatch(started)
+        if (problem) this.protocolError(problem.message)
+      }
+    }
     this.handling = outer
     if (outer) return true
     const ready = this.readableStreams
@@ -218,9 +226,9 @@ export class SessionCore implements StreamHost {
   private onStreamFrame(f: F.Frame): YamuxError | undefined {
     const id = f.streamId
     if (id === F.SESSION_STREAM_ID) return yamuxError("ProtocolError", `${F.typeName(f.type)} frame on stream 0`)
-    if (f.flags & F.FLAG_SYN) return this.onSyn(f)
+    if (f.flags & F.FLAG_SYN && (f.piece === undefined || f.piece === "head")) return this.onSyn(f)
     const stream = this.streams.get(id)
-    if (stream) return stream.receive(f.type, f.flags, f.length, f.body, f.parts)
+    if (stream) return stream.receive(f.type, f.flags, f.length, f.body, f.parts, f.piece)
     // hashicorp/yamux discards frames for streams it just closed or reset: so do we. Ids never opened are errors.
     const seen = this.isOurs(id) ? id < this.nextId : id <= this.highestPeerId
     if (seen) return undefined
@@ -238,7 +246,7 @@ export class SessionCore implements StreamHost {
     }
     const stream = new StreamCore(this, id, this.config.maxStreamWindow, false)
     this.streams.set(id, stream)
-    const problem = stream.receive(f.type, f.flags & ~F.FLAG_SYN, f.length, f.body, f.parts)
+    const problem = stream.receive(f.type, f.flags & ~F.FLAG_SYN, f.length, f.body, f.parts, f.piece)
     if (problem) return problem
     const waiter = this.acceptWaiters.shift()
     if (waiter) {

@@ -143,28 +143,41 @@ export class StreamCore {
     flags: number,
     length: number,
     body: Uint8Array | undefined,
-    parts?: ReadonlyArray<Uint8Array>
+    parts?: ReadonlyArray<Uint8Array>,
+    piece?: "head" | "more" | "tail"
   ): YamuxError | undefined {
-    if (flags & FLAG_ACK && this.awaitingAck) {
+    // a Data frame in pieces: the header's checks and SYN/ACK with the first, FIN/RST with the last
+    const opens = piece === undefined || piece === "head"
+    const closes = piece === undefined || piece === "tail"
+    if (opens && flags & FLAG_ACK && this.awaitingAck) {
       this.awaitingAck = false
       this.host.acknowledged(this)
       this.settleAck(undefined)
     }
     if (type === TYPE_DATA) {
       if (length > 0) {
-        if (this.remoteFin) return yamuxError("ProtocolError", `Data after FIN on stream ${this.id}`)
-        if (length > this.recvWindow) {
-          return yamuxError(
-            "ProtocolError",
-            `Data of ${length} bytes exceeds the receive window of ${this.recvWindow} on stream ${this.id}`
-          )
+        if (opens) {
+          if (this.remoteFin) return yamuxError("ProtocolError", `Data after FIN on stream ${this.id}`)
+          if (length > this.recvWindow) {
+            return yamuxError(
+              "ProtocolError",
+              `Data of ${length} bytes exceeds the receive window of ${this.recvWindow} on stream ${this.id}`
+            )
+          }
+          this.recvWindow -= length
         }
-        this.recvWindow -= length
         if (this.error === undefined) {
+          let n = length
           if (body !== undefined) this.recvBuf.push(body)
-          else for (const part of parts!) this.recvBuf.push(part)
-          this.recvBytes += length
-          this.host.received(length, !this.accepted)
+          else {
+            n = 0
+            for (const part of parts!) {
+              this.recvBuf.push(part)
+              n += part.length
+            }
+          }
+          this.recvBytes += n
+          this.host.received(n, !this.accepted)
           if (!this.lentMark && this.host.lent !== undefined) {
             this.lentMark = true
             this.host.lentTo(this)
@@ -177,6 +190,13 @@ export class StreamCore {
         this.waitingWindow = false
         this.pump()
       }
+    }
+    if (!closes) {
+      if (type === TYPE_DATA && this.onReadable !== undefined && !this.readableDeferred) {
+        if (this.host.deferReadable(this)) this.readableDeferred = true
+        else this.notifyReadable()
+      }
+      return undefined
     }
     if (flags & FLAG_RST) {
       this.fail(yamuxError("StreamReset", `stream ${this.id} reset by the peer`), true)
