@@ -20,7 +20,7 @@ const socketAddress = (host: string | undefined, port: number | undefined): Addr
   host === undefined && port === undefined ? undefined : { host, port }
 
 /** Smallest read buffer of a lending connection (an idle one keeps this much). */
-export const LENDING_READ_MIN_BYTES = 16 * 1024
+export const LENDING_READ_MIN_BYTES = 4 * 1024
 /** Largest read buffer of a lending connection: reads that fill the buffer grow it fourfold up to this. */
 export const LENDING_READ_MAX_BYTES = 256 * 1024
 
