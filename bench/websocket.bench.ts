@@ -3,9 +3,11 @@
  * wsp-client → destination) against calling the same destination directly, in one run, on loopback.
  * Figures: small-response requests per second with 20 concurrent Node callers, everything in the bench
  * process; and a 100 MiB download by curl, with the destination, the wsp-server and the wsp-client each
- * in its own process, as in a deployment. Then the control-port protocol over one WebSocket (yamux over
+ * in its own process, as in a deployment, with the CPU time the wsp-server and wsp-client processes spend
+ * per download (user + system, from /proc). Then the control-port protocol over one WebSocket (yamux over
  * WebSocket) against direct, from `websocket-yamux.ts`.
  */
+import { readFileSync } from "node:fs"
 import * as http from "node:http"
 import { Effect, Exit, Redacted, Scope } from "effect"
 import { allowAll, compileRules, RulePatternError } from "../src/domain/DestinationRules.ts"
@@ -176,9 +178,22 @@ if (role === "wsp-client") {
   closeOnSignal(() => Effect.runPromise(Scope.close(scope, Exit.void)))
 }
 
+/** CPU seconds (user + system) a child process has used so far, from `/proc/<pid>/stat`; NaN where unreadable. */
+const cpuSeconds = (pid: number | undefined): number => {
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]!.split(" ")
+    return (Number(fields[11]) + Number(fields[12])) / clockTicksPerSecond
+  } catch {
+    return Number.NaN
+  }
+}
+/** Linux's USER_HZ, the unit of `/proc/<pid>/stat` times. */
+const clockTicksPerSecond = 100
+
 /**
  * The 100 MiB downloads with curl: directly from the destination process, and through a wsp-server
  * process and a wsp-client process (masked and unmasked client frames); best of interleaved rounds.
+ * Also the CPU time the wsp-server and wsp-client processes spend per masked download (median).
  */
 const processDownloads = async (): Promise<Map<string, number>> => {
   const file = import.meta.filename
@@ -187,28 +202,41 @@ const processDownloads = async (): Promise<Map<string, number>> => {
     const dest = await startRole(file, "ws-destination")
     started.push(dest)
     const destinationPort = await dest.value("port")
-    const tunnelPort = async (mask: boolean) => {
+    const tunnel = async (mask: boolean) => {
       const server = await startRole(file, "wsp-server")
       started.push(server)
       const port = await server.value("port")
-      started.push(await startRole(file, "wsp-client", {
+      const client = await startRole(file, "wsp-client", {
         SWITCHYARD_WSP_BENCH_SERVER: port,
         SWITCHYARD_WSP_BENCH_DESTINATION: destinationPort,
         SWITCHYARD_WSP_BENCH_MASK: mask ? "1" : "0"
-      }))
+      })
+      started.push(client)
       await server.value("pool")
-      return port
+      return { port, pids: [server.child.pid, client.child.pid] }
     }
     const via = [`X-Proxy-Destination: http://127.0.0.1:${destinationPort}/big`]
+    const masked = await tunnel(true)
+    const unmasked = await tunnel(false)
     const paths = [
-      { name: "direct", url: `http://127.0.0.1:${destinationPort}/big`, headers: [] as Array<string> },
-      { name: "wsp", url: `http://127.0.0.1:${await tunnelPort(true)}/request`, headers: via },
-      { name: "wsp_unmasked", url: `http://127.0.0.1:${await tunnelPort(false)}/request`, headers: via }
+      { name: "direct", url: `http://127.0.0.1:${destinationPort}/big`, headers: [] as Array<string>, pids: [] as Array<number | undefined> },
+      { name: "wsp", url: `http://127.0.0.1:${masked.port}/request`, headers: via, pids: masked.pids },
+      { name: "wsp_unmasked", url: `http://127.0.0.1:${unmasked.port}/request`, headers: via, pids: unmasked.pids }
     ]
     const best = new Map<string, number>(paths.map((p) => [p.name, 0]))
+    const cpu = { server: [] as Array<number>, client: [] as Array<number> }
     for (let round = 0; round < downloadRounds; round++) {
-      for (const p of paths) best.set(p.name, Math.max(best.get(p.name)!, await curlDownload(p.url, downloadBytes, p.headers)))
+      for (const p of paths) {
+        const before = p.pids.map(cpuSeconds)
+        best.set(p.name, Math.max(best.get(p.name)!, await curlDownload(p.url, downloadBytes, p.headers)))
+        if (p.name !== "wsp") continue
+        const after = p.pids.map(cpuSeconds)
+        cpu.server.push(after[0]! - before[0]!)
+        cpu.client.push(after[1]! - before[1]!)
+      }
     }
+    best.set("wsp_server_cpu", quantile(cpu.server, 0.5))
+    best.set("wsp_client_cpu", quantile(cpu.client, 0.5))
     return best
   } finally {
     for (const p of started.reverse()) await p.stop()
@@ -240,7 +268,9 @@ export const run = async (): Promise<void> => {
       report(suite, `small_${name}`, rate, "req/s")
       report(suite, `small_${name}_ratio`, rate / direct, "x direct")
     }
-    for (const [name, value] of await processDownloads()) report(suite, `download_100MiB_${name}`, value, "MB/s")
+    for (const [name, value] of await processDownloads()) {
+      report(suite, `download_100MiB_${name}`, value, name.endsWith("_cpu") ? "s" : "MB/s")
+    }
     await runYamuxOverWebSocket(suite)
   } finally {
     await Effect.runPromise(Scope.close(scope, Exit.void))

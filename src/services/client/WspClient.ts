@@ -349,11 +349,24 @@ class ClientConnection {
     const writer = BodyFrameWriter.for(ws, masked)
     let call: DestinationCall | undefined
     let size = 0
+    /** Paused while the WebSocket has `downloadHighWater` bytes or more queued. */
     let paused = false
+    /** Frames written and not yet done. */
+    let writing = 0
+    /** Paused until every frame is written: the socket holds a payload in the buffer the next read reuses. */
+    let awaitingWrites = false
+    const resumeIfClear = () => {
+      if (paused && ws.bufferedAmount < downloadHighWater) paused = false
+      if (!paused && !awaitingWrites) call?.resume()
+    }
     const onSent = (err?: Error | null) => {
-      if (err || !paused || ws.bufferedAmount >= downloadHighWater) return
-      paused = false
-      call?.resume()
+      if (!err) resumeIfClear()
+    }
+    const onFrameWritten = (err?: Error | null) => {
+      writing--
+      if (err) return
+      if (awaitingWrites && writing === 0) awaitingWrites = false
+      resumeIfClear()
     }
     return {
       bind: (c) => void (call = c),
@@ -368,7 +381,16 @@ class ClientConnection {
           return this.violation(new WspClientError({ reason: "ResponseTooLarge", message: `response body exceeds ${maxBody} bytes` }))
         }
         if (writer !== undefined) {
-          if (writer.frame(chunk, end, onSent)) call.holdChunk()
+          writing++
+          // a payload the socket could not write at once keeps its buffer: read nothing more until it is
+          // written, so the next read reuses the buffer instead of allocating one
+          if (writer.frame(chunk, end, onFrameWritten)) {
+            if (end) call.holdChunk()
+            else {
+              awaitingWrites = true
+              call.pause()
+            }
+          }
         } else {
           // through ws: a masked frame is a copy; an unmasked one goes out as the chunk itself
           ws.send(chunk, { binary: true, fin: end }, onSent)
