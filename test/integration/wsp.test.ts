@@ -143,6 +143,43 @@ describe("wsp end to end (our server, our client, loopback)", () => {
       }
     })))
 
+  it.live("delivers a large download intact to a caller that reads in bursts (reused read buffers, masked and unmasked)", () =>
+    leakChecked(Effect.gen(function*() {
+      for (const maskFrames of [true, false]) {
+        const { dest, port } = yield* setup({ client: { maskFrames } })
+        const n = 24 * 1024 * 1024 + 7
+        const body = yield* Effect.promise(() => new Promise<Buffer>((resolve, reject) => {
+          const req = http.get({ host: "127.0.0.1", port, path: "/request", agent: false, headers: { "X-Proxy-Destination": dest.url(`/bytes?n=${n}`) } }, (res) => {
+            const parts: Array<Buffer> = []
+            let reads = 0
+            // nothing is read at first, so every hop's buffers fill up
+            res.pause()
+            setTimeout(() => res.resume(), 300)
+            res.on("data", (c: Buffer) => {
+              parts.push(c)
+              // stop reading now and then so that every hop's buffers fill and drain
+              if (++reads % 16 === 0) {
+                res.pause()
+                setTimeout(() => res.resume(), 5)
+              }
+            })
+            res.on("end", () => resolve(Buffer.concat(parts)))
+            res.on("error", reject)
+          })
+          req.on("error", reject)
+        }))
+        expect(body.length).toBe(n)
+        let bad = -1
+        for (let i = 0; i < n; i++) {
+          if (body[i] !== i % 251) {
+            bad = i
+            break
+          }
+        }
+        expect(bad).toBe(-1)
+      }
+    })), { timeout: 60_000 })
+
   it.live("never opens a connection to a destination its rules refuse", () =>
     leakChecked(Effect.gen(function*() {
       let accepted = 0
