@@ -540,7 +540,13 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   if (websocket !== undefined) {
     const handler = makeUpgradeHandler(websocket, (accepted) => {
       run(Effect.scoped(Effect.flatMap(
-        fromWebSocket(accepted.ws, { ...websocket, localAddress: accepted.localAddress, remoteAddress: accepted.remoteAddress, socket: accepted.socket }),
+        fromWebSocket(accepted.ws, {
+          ...websocket,
+          localAddress: accepted.localAddress,
+          remoteAddress: accepted.remoteAddress,
+          socket: accepted.socket,
+          masking: "none"
+        }),
         (conn) => serveConnection(conn, accepted.secure)
       )))
     })

@@ -12,6 +12,7 @@ import { WebSocket } from "ws"
 import type { RawData } from "ws"
 import { CloseCode, closeError, closeReason, WebSocketError } from "../../domain/WebSocketClose.ts"
 import { type Address, type Connection, type ConnectionHandlers, TransportError } from "../Transport.ts"
+import { type FrameMasking, WebSocketFrameWriter } from "./WebSocketFrameWriter.ts"
 
 /**
  * Largest message a sender puts on the wire: one full yamux data frame (64 KiB payload and its 12-byte
@@ -47,6 +48,12 @@ export interface WebSocketConnectionOptions {
   readonly remoteAddress?: Address | undefined
   /** The socket under the WebSocket (from the upgrade): a write batch is corked into one writev on it. */
   readonly socket?: net.Socket | undefined
+  /**
+   * With `socket`: switchyard writes the binary messages itself (`WebSocketFrameWriter`), masked as
+   * given: `random` for a client, `zero` for a client whose operator turned masking off, `none` for a
+   * server. Without it, messages go through `ws.send`.
+   */
+  readonly masking?: FrameMasking | undefined
 }
 
 /** A Connection over a WebSocket, with the typed reason it closed. */
@@ -113,6 +120,7 @@ const closedError = () => new TransportError({ reason: "Closed", message: "webso
 class WsConnection implements WebSocketConnection {
   readonly socket: WebSocket
   private readonly raw: net.Socket | undefined
+  private readonly writer: WebSocketFrameWriter | undefined
   readonly localAddress: Address | undefined
   readonly remoteAddress: Address | undefined
   private handlers: ConnectionHandlers | undefined
@@ -144,6 +152,9 @@ class WsConnection implements WebSocketConnection {
     this.pendingLimit = (options.maxPayload ?? DefaultMaxPayload) + MaxReadAfterPauseSlack
     this.highWater = options.writeHighWater ?? DefaultWriteHighWater
     this.maxMessage = options.maxMessageBytes ?? MaxMessageBytes
+    this.writer = options.socket !== undefined && options.masking !== undefined
+      ? new WebSocketFrameWriter(options.socket, options.masking, this.maxMessage)
+      : undefined
     ws.binaryType = "nodebuffer"
     ws.pause()
     ws.on("message", this.onMessage)
@@ -248,11 +259,6 @@ class WsConnection implements WebSocketConnection {
       queueMicrotask(() => done(closedError()))
       return
     }
-    const messages = packMessages(chunks, this.maxMessage)
-    if (messages.length === 0) {
-      queueMicrotask(() => done())
-      return
-    }
     let waiting = false
     const waiter = (error?: TransportError) => {
       if (!waiting) return
@@ -260,12 +266,23 @@ class WsConnection implements WebSocketConnection {
       this.drainWaiters.delete(waiter)
       done(error)
     }
-    const last = messages.length - 1
-    const raw = last > 0 ? this.raw : undefined
-    raw?.cork()
-    for (let i = 0; i < last; i++) ws.send(messages[i]!, sendOptions)
-    ws.send(messages[last]!, sendOptions, (error) => waiter(error ? new TransportError({ reason: "Io", message: `websocket write failed: ${error.message}` }) : undefined))
-    raw?.uncork()
+    const written = (error?: Error | null) =>
+      waiter(error ? new TransportError({ reason: "Io", message: `websocket write failed: ${error.message}` }) : undefined)
+    const writer = this.writer
+    if (writer !== undefined) writer.write(chunks, written)
+    else {
+      const messages = packMessages(chunks, this.maxMessage)
+      if (messages.length === 0) {
+        queueMicrotask(() => done())
+        return
+      }
+      const last = messages.length - 1
+      const raw = last > 0 ? this.raw : undefined
+      raw?.cork()
+      for (let i = 0; i < last; i++) ws.send(messages[i]!, sendOptions)
+      ws.send(messages[last]!, sendOptions, written)
+      raw?.uncork()
+    }
     if (ws.bufferedAmount <= this.highWater) queueMicrotask(() => done())
     else {
       waiting = true

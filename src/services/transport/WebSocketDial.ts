@@ -164,6 +164,7 @@ export const dialWebSocket = (
     return yield* fromWebSocket(opened.ws, {
       ...target,
       socket: s,
+      masking: (target.maskFrames ?? true) ? "random" : "zero",
       localAddress: s === undefined ? undefined : { host: s.localAddress, port: s.localPort },
       remoteAddress: s === undefined || tunnel !== undefined ? { host: parsed.host, port: parsed.port } : { host: s.remoteAddress, port: s.remotePort }
     })
