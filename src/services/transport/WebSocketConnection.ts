@@ -12,6 +12,7 @@ import { WebSocket } from "ws"
 import type { RawData } from "ws"
 import { CloseCode, closeError, closeReason, WebSocketError } from "../../domain/WebSocketClose.ts"
 import { type Address, type Connection, type ConnectionHandlers, TransportError } from "../Transport.ts"
+import { WebSocketDataTap } from "./WebSocketDataTap.ts"
 import { type FrameMasking, WebSocketFrameWriter } from "./WebSocketFrameWriter.ts"
 
 /**
@@ -51,7 +52,8 @@ export interface WebSocketConnectionOptions {
   /**
    * With `socket`: switchyard writes the binary messages itself (`WebSocketFrameWriter`), masked as
    * given: `random` for a client, `zero` for a client whose operator turned masking off, `none` for a
-   * server. Without it, messages go through `ws.send`.
+   * server, and reads the peer's binary frames off the socket itself (`WebSocketDataTap`). Without it,
+   * messages go through `ws.send` and `ws`'s receiver.
    */
   readonly masking?: FrameMasking | undefined
 }
@@ -157,6 +159,9 @@ class WsConnection implements WebSocketConnection {
       : undefined
     ws.binaryType = "nodebuffer"
     ws.pause()
+    if (options.masking !== undefined) {
+      WebSocketDataTap.install(ws, options.maxPayload ?? DefaultMaxPayload, options.masking === "none", this.deliver)
+    }
     ws.on("message", this.onMessage)
     ws.on("pong", () => this.onPong?.())
     ws.on("error", (e: Error) => {
@@ -172,7 +177,12 @@ class WsConnection implements WebSocketConnection {
     if (!isBinary) {
       return this.fail(new WebSocketError({ reason: "UnsupportedData", code: CloseCode.UnsupportedData, message: "websocket: a text message on a tunnel connection" }))
     }
-    const chunk = data as Buffer
+    this.deliver(data as Buffer)
+  }
+
+  /** Binary payload, from `ws`'s messages or read off the socket by the tap. */
+  private readonly deliver = (chunk: Buffer): void => {
+    if (this.isClosed || this.failure !== undefined || chunk.length === 0) return
     if (this.paused || this.pending.length > 0 || this.handlers === undefined) {
       this.pending.push(chunk)
       this.pendingBytes += chunk.length

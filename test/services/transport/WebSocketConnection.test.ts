@@ -391,6 +391,119 @@ describe("WebSocketConnection keepalive", () => {
     }))
 })
 
+/** A server side framed and read by switchyard (as the gateway's is), with its peer as given. */
+const tappedServer = () =>
+  Effect.gen(function*() {
+    const sockets = new Map<WebSocket, net.Socket>()
+    const srv = yield* server()
+    srv.wss.on("connection", (ws, req) => sockets.set(ws, req.socket as net.Socket))
+    const accept = Effect.gen(function*() {
+      const raw = yield* Effect.promise(srv.next)
+      const conn = yield* fromWebSocket(raw, { keepaliveInterval: 0, socket: sockets.get(raw)!, masking: "none" })
+      return { raw, conn }
+    })
+    return { port: srv.port, accept }
+  })
+
+/** A plain `ws` client (no switchyard code) to `port`. */
+const plainClient = (port: number) =>
+  Effect.acquireRelease(
+    Effect.promise(() =>
+      new Promise<WebSocket>((resolve, reject) => {
+        const ws = new WebSocket(`ws://127.0.0.1:${port}/`, { perMessageDeflate: false })
+        ws.once("open", () => resolve(ws))
+        ws.once("error", reject)
+      })
+    ),
+    (ws) => Effect.sync(() => ws.terminate())
+  )
+
+describe("WebSocketConnection read and written by switchyard on both sides", () => {
+  it.live("bytes both ways in order through a dialed client and a tapped server, pings answered between messages", () =>
+    noLeaks(Effect.gen(function*() {
+      const srv = yield* tappedServer()
+      const client = yield* dialWebSocket({ url: `ws://127.0.0.1:${srv.port}/x`, proxy: false, keepaliveInterval: 0 })
+      const { raw, conn: remote } = yield* srv.accept
+      const atServer = probe(remote)
+      const atClient = probe(client)
+      const pongs: Array<number> = []
+      raw.on("pong", () => pongs.push(1))
+      const sent: Array<Uint8Array> = []
+      for (let i = 0; i < 20; i++) {
+        const batch = [pattern(12, i), pattern(1 + i * 37_123, i + 1)]
+        sent.push(...batch)
+        yield* writeEffect(client, batch)
+        raw.ping()
+      }
+      const expected = concat(sent)
+      yield* until(() => atServer.bytes() === expected.length, "every byte at the server")
+      assert.isTrue(concat(atServer.chunks).equals(expected))
+      yield* until(() => pongs.length === 20, "every pong")
+      const reply = [pattern(700_000, 3), pattern(5, 4)]
+      yield* writeEffect(remote, reply)
+      yield* until(() => atClient.bytes() === 700_005, "the reply")
+      assert.isTrue(concat(atClient.chunks).equals(concat(reply)))
+    })))
+
+  it.live("a plain peer's fragmented messages, with a ping between fragments, arrive in order; text is refused with 1003", () =>
+    noLeaks(Effect.gen(function*() {
+      const srv = yield* tappedServer()
+      const peer = yield* plainClient(srv.port)
+      const { conn } = yield* srv.accept
+      const at = probe(conn)
+      const parts = [pattern(50_000, 1), pattern(90_000, 2), pattern(3, 3), pattern(200_000, 4)]
+      const pong = new Promise<void>((resolve) => peer.once("pong", () => resolve()))
+      peer.send(parts[0], { binary: true, fin: false })
+      peer.send(parts[1], { binary: true, fin: false })
+      peer.ping()
+      peer.send(parts[2], { binary: true, fin: true })
+      peer.send(parts[3], { binary: true })
+      yield* Effect.promise(() => pong)
+      const expected = concat(parts)
+      yield* until(() => at.bytes() === expected.length, "every fragment")
+      assert.isTrue(concat(at.chunks).equals(expected))
+
+      const closedWith = new Promise<number>((resolve) => peer.once("close", (code) => resolve(code)))
+      peer.send("hello")
+      yield* Effect.promise(() => at.closed)
+      assert.strictEqual(conn.closeError()?.reason, "UnsupportedData")
+      assert.strictEqual(yield* Effect.promise(() => closedWith), 1003)
+    })))
+
+  it.live("a paused tapped reader stalls the sender; resuming delivers everything intact", () =>
+    noLeaks(Effect.gen(function*() {
+      const srv = yield* tappedServer()
+      const client = yield* dialWebSocket({ url: `ws://127.0.0.1:${srv.port}/x`, proxy: false, keepaliveInterval: 0 })
+      const { conn: remote } = yield* srv.accept
+      const atServer = probe(remote)
+      remote.pause()
+      const chunk = pattern(256 * 1024, 7)
+      let written = 0
+      let stop = false
+      const writer = (async () => {
+        while (!stop && written < 64 * 1024 * 1024) {
+          await new Promise<void>((resolve, reject) => client.write([chunk], (e) => (e ? reject(e) : resolve())))
+          written += chunk.length
+        }
+      })()
+      let last = -1
+      for (let i = 0; i < 100 && last !== written; i++) {
+        last = written
+        yield* Effect.promise(() => new Promise((r) => setTimeout(r, 50)))
+      }
+      assert.isBelow(written, 32 * 1024 * 1024)
+      assert.strictEqual(atServer.bytes(), 0)
+      stop = true
+      remote.resume()
+      yield* Effect.promise(() => writer)
+      yield* until(() => atServer.bytes() === written, "every written byte")
+      const all = concat(atServer.chunks)
+      for (let offset = 0; offset < all.length; offset += chunk.length) {
+        assert.isTrue(all.subarray(offset, offset + chunk.length).equals(chunk))
+      }
+    })))
+})
+
 describe("displayUrl", () => {
   it("drops credentials from URLs shown in logs and errors", () => {
     assert.strictEqual(displayUrl("wss://user:pa%40ss@gw.example.com/tunnel"), "wss://gw.example.com/tunnel")

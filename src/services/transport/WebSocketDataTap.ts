@@ -1,0 +1,182 @@
+/**
+ * Reads a tunnel WebSocket's binary data frames off its socket in place of `ws`'s receiver whenever
+ * that receiver stands between messages (or inside an unfragmented binary frame): each payload run
+ * goes to the connection as a view of the socket read, unmasked in place, so a frame that spans reads
+ * is neither waited for nor copied. Anything else (control frames, text, a violation, fragmented
+ * messages begun by `ws`) is handed back to `ws` at the frame's first byte, and `ws` answers it (pings,
+ * close, protocol errors); the tap takes over again once `ws` is back between messages. It relies on
+ * `ws` 8.x's receiver fields and socket listener, checked at run time: without them `ws` reads
+ * everything, as before.
+ */
+import { createRequire } from "node:module"
+import type * as net from "node:net"
+import type { WebSocket } from "ws"
+import { DataFrameReader, OPCODE_BINARY } from "../../domain/WebSocketDataReader.ts"
+
+/** `ws` 8.x receiver states (`lib/receiver.js`): between frames, and waiting for a frame's payload. */
+const RECEIVER_GET_INFO = 0
+const RECEIVER_GET_DATA = 4
+
+/** The fields of `ws`'s receiver (ws 8.x) the tap reads and resets. */
+interface ReceiverFields {
+  _state: number
+  _bufferedBytes: number
+  readonly _buffers: Array<Buffer>
+  readonly _payloadLength: number
+  readonly _masked: boolean
+  readonly _mask: Buffer | undefined
+  readonly _fin: boolean
+  readonly _opcode: number
+  readonly _compressed: boolean
+  _fragmented: number
+  readonly _fragments: unknown
+  _totalPayloadLength: number
+  _messageLength: number
+}
+
+const receiverOf = (ws: WebSocket): ReceiverFields | undefined => {
+  const r = (ws as unknown as { readonly _receiver?: Partial<ReceiverFields> | null })._receiver
+  return r != null && typeof r._state === "number" && typeof r._bufferedBytes === "number" && Array.isArray(r._buffers) &&
+      typeof r._payloadLength === "number" && typeof r._masked === "boolean" && typeof r._fin === "boolean" &&
+      typeof r._opcode === "number" && typeof r._compressed === "boolean" && typeof r._fragmented === "number" &&
+      Array.isArray(r._fragments) && typeof r._totalPayloadLength === "number" && typeof r._messageLength === "number"
+    ? (r as ReceiverFields)
+    : undefined
+}
+
+/** `ws`'s own `data` listener on its socket, when it is the only one (ws 8.x). */
+const socketListenerOf = (ws: WebSocket): { readonly socket: net.Socket; readonly onData: (chunk: Buffer) => void } | undefined => {
+  const socket = (ws as unknown as { readonly _socket?: net.Socket | null })._socket
+  if (socket == null) return undefined
+  const listeners = socket.listeners("data")
+  const onData = listeners[0]
+  return listeners.length === 1 && typeof onData === "function" && onData.name === "socketOnData"
+    ? { socket, onData: onData as (chunk: Buffer) => void }
+    : undefined
+}
+
+type Unmask = (data: Buffer, mask: Buffer) => void
+
+const loadUnmask = (): Unmask => {
+  try {
+    const native = createRequire(import.meta.url)("bufferutil") as { readonly unmask?: unknown }
+    if (typeof native.unmask === "function") return native.unmask as Unmask
+  } catch {
+    // the JavaScript loop below does the same
+  }
+  return (data, mask) => {
+    for (let i = 0; i < data.length; i++) data[i] = data[i]! ^ mask[i & 3]!
+  }
+}
+
+const unmask = loadUnmask()
+
+export class WebSocketDataTap {
+  private readonly toWs: (chunk: Buffer) => void
+  private readonly receiver: ReceiverFields
+  private readonly maxMessageBytes: number
+  private readonly expectMasked: boolean
+  private readonly onPayload: (payload: Buffer) => void
+  private reader: DataFrameReader | undefined = undefined
+
+  /**
+   * Installs a tap on `ws` delivering binary payload to `onPayload`; `undefined` when `ws` does not
+   * have the expected shape (then nothing changes). `expectMasked`: the peer is a client.
+   */
+  static install(ws: WebSocket, maxMessageBytes: number, expectMasked: boolean, onPayload: (payload: Buffer) => void): WebSocketDataTap | undefined {
+    const receiver = receiverOf(ws)
+    const listener = socketListenerOf(ws)
+    if (receiver === undefined || listener === undefined) return undefined
+    return new WebSocketDataTap(ws, listener.socket, listener.onData, receiver, maxMessageBytes, expectMasked, onPayload)
+  }
+
+  private constructor(
+    ws: WebSocket,
+    socket: net.Socket,
+    onData: (chunk: Buffer) => void,
+    receiver: ReceiverFields,
+    maxMessageBytes: number,
+    expectMasked: boolean,
+    onPayload: (payload: Buffer) => void
+  ) {
+    this.toWs = (chunk) => onData.call(socket, chunk)
+    this.receiver = receiver
+    this.maxMessageBytes = maxMessageBytes
+    this.expectMasked = expectMasked
+    this.onPayload = onPayload
+    socket.removeListener("data", onData)
+    socket.on("data", this.onSocketData)
+    ws.once("close", () => socket.removeListener("data", this.onSocketData))
+  }
+
+  private readonly onSocketData = (chunk: Buffer): void => {
+    const reader = this.reader ?? this.takeOver()
+    if (reader === undefined) return this.throughWs(chunk)
+    let at = 0
+    for (;;) {
+      const step = reader.read(at === 0 ? chunk : chunk.subarray(at), this.onPayload)
+      if (this.reader !== reader) return
+      switch (step._tag) {
+        case "Continue":
+          return
+        case "End":
+          // between messages: the next one is read the same way
+          at += step.at
+          if (at >= chunk.length) return
+          continue
+        case "Handover": {
+          this.reader = undefined
+          // a message the tap began and `ws` goes on with (a control frame between its fragments)
+          const r = this.receiver
+          r._fragmented = reader.inMessage ? OPCODE_BINARY : 0
+          r._totalPayloadLength = reader.inMessage ? reader.total : 0
+          r._messageLength = r._totalPayloadLength
+          const rest = at + step.at === 0 ? chunk : chunk.subarray(at + step.at)
+          return this.throughWs(step.prefix === undefined ? rest : Buffer.concat([step.prefix, rest]))
+        }
+      }
+    }
+  }
+
+  /** Hands a read to `ws`, and takes over at once if that left `ws` where the tap can start. */
+  private throughWs(chunk: Buffer): void {
+    this.toWs(chunk)
+    if (this.reader === undefined) this.takeOver()
+  }
+
+  /** A reader, when `ws`'s receiver is between messages or inside an unfragmented binary frame. */
+  private takeOver(): DataFrameReader | undefined {
+    const r = this.receiver
+    if (r._fragmented !== 0 || (r._fragments as Array<unknown>).length > 0) return undefined
+    if (r._state === RECEIVER_GET_INFO && r._bufferedBytes === 0) {
+      this.reader = new DataFrameReader(
+        { total: 0, inMessage: false, frameRemaining: 0, fin: false, mask: undefined, maskOffset: 0 },
+        this.maxMessageBytes,
+        this.expectMasked,
+        unmask
+      )
+      return this.reader
+    }
+    if (r._state !== RECEIVER_GET_DATA || r._opcode !== OPCODE_BINARY || r._compressed || !r._fin || r._bufferedBytes >= r._payloadLength) {
+      return undefined
+    }
+    // inside a frame's payload: the bytes `ws` holds go first, then the reader goes on with the frame
+    const reader = new DataFrameReader(
+      { total: r._payloadLength, inMessage: true, frameRemaining: r._payloadLength, fin: true, mask: r._masked ? r._mask : undefined, maskOffset: 0 },
+      this.maxMessageBytes,
+      this.expectMasked,
+      unmask
+    )
+    const held = r._buffers.splice(0)
+    r._bufferedBytes = 0
+    r._state = RECEIVER_GET_INFO
+    r._totalPayloadLength = 0
+    r._messageLength = 0
+    this.reader = reader
+    for (const b of held) {
+      reader.read(b, this.onPayload)
+      if (this.reader !== reader) return undefined
+    }
+    return reader
+  }
+}
