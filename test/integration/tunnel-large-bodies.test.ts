@@ -1,8 +1,8 @@
 /**
- * Large bodies through a control-port tunnel, byte for byte, over TCP (where the gateway reads its
- * control connection into reused memory) and over a WebSocket (where it joins several reads' chunks in
- * one write): fast and slow readers at once, odd write sizes on the backend (frames that straddle
- * reads), and a raw TCP stream, whose reader keeps what it reads, on the same session.
+ * Large bodies through a control-port tunnel, byte for byte, over TCP and over a WebSocket, where the
+ * gateway reads into reused memory (on the WebSocket, reading the frames itself): fast and slow readers
+ * at once, odd write sizes on the backend (frames that straddle reads), and a raw TCP stream, whose
+ * reader keeps what it reads, on the same session.
  */
 import { assert, describe, it } from "@effect/vitest"
 import { createHash } from "node:crypto"
@@ -115,7 +115,7 @@ describe("control-port tunnels: large bodies", () => {
       yield* Effect.promise(() => expectNoLeaks(before))
     }), 60_000)
 
-  it.live("over a WebSocket (one write to the client per turn of the event loop): the same, byte for byte", () =>
+  it.live("over a WebSocket (frames read by the gateway into reused memory, one write to the client per turn): the same, byte for byte", () =>
     Effect.gen(function*() {
       const before = activeHandles()
       yield* Effect.scoped(Effect.gen(function*() {

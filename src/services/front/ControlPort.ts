@@ -545,7 +545,8 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           localAddress: accepted.localAddress,
           remoteAddress: accepted.remoteAddress,
           socket: accepted.socket,
-          masking: "none"
+          masking: "none",
+          reads: accepted.reads
         }),
         (conn) => serveConnection(conn, accepted.secure)
       )))

@@ -11,6 +11,7 @@ import { Duration, Effect } from "effect"
 import type { Scope } from "effect"
 import { type WebSocket, WebSocketServer } from "ws"
 import { type Address, TransportError } from "../Transport.ts"
+import { LendingReads, lendingUpgradedSocket } from "../transport/LendingReads.ts"
 import { DefaultMaxPayload, type WebSocketConnectionOptions } from "../transport/WebSocketConnection.ts"
 
 /** The path the control port answers on by default. */
@@ -42,6 +43,8 @@ export interface AcceptedWebSocket {
   readonly socket: net.Socket
   /** Came in over TLS (`wss://`, here or on the server it is mounted on). */
   readonly secure: boolean
+  /** The socket reads into reused memory through these (plain TCP only); see `LendingReads`. */
+  readonly reads?: LendingReads | undefined
 }
 
 const pathOf = (url: string | undefined): string => {
@@ -88,13 +91,19 @@ export const makeUpgradeHandler = (
       if (counted) upgrading--
       counted = false
     }
-    socket.once("close", done)
-    wss.handleUpgrade(req, socket, head, (ws) => {
+    // a plain TCP connection is taken over to read into reused memory from now on
+    const reads = new LendingReads()
+    const taken = socket === s && !secure ? lendingUpgradedSocket(s, reads) : undefined
+    const upgraded: Duplex = taken?.socket ?? socket
+    if (taken !== undefined) upgraded.on("error", () => upgraded.destroy())
+    const rest = taken === undefined || taken.buffered.length === 0 ? head : Buffer.concat([head, ...taken.buffered])
+    upgraded.once("close", done)
+    wss.handleUpgrade(req, upgraded, rest, (ws) => {
       done()
-      socket.off("close", done)
+      upgraded.off("close", done)
       // the connection built on it records errors; until then one must not crash the process
       ws.on("error", () => {})
-      onWebSocket({ ws, remoteAddress, localAddress, socket: s, secure })
+      onWebSocket({ ws, remoteAddress, localAddress, socket: taken?.socket ?? s, secure, reads: taken === undefined ? undefined : reads })
     })
     return true
   }

@@ -12,6 +12,7 @@ import { WebSocket } from "ws"
 import type { RawData } from "ws"
 import { CloseCode, closeError, closeReason, WebSocketError } from "../../domain/WebSocketClose.ts"
 import { type Address, type Connection, type ConnectionHandlers, TransportError } from "../Transport.ts"
+import type { LendingReads } from "./LendingReads.ts"
 import { WebSocketDataTap } from "./WebSocketDataTap.ts"
 import { type FrameMasking, WebSocketFrameWriter } from "./WebSocketFrameWriter.ts"
 
@@ -56,6 +57,11 @@ export interface WebSocketConnectionOptions {
    * messages go through `ws.send` and `ws`'s receiver.
    */
   readonly masking?: FrameMasking | undefined
+  /**
+   * With `masking`: `socket` reads through these (see `LendingReads`), and the peer's binary payload is
+   * lent to the consumer when it is `lendable`.
+   */
+  readonly reads?: LendingReads | undefined
 }
 
 /** A Connection over a WebSocket, with the typed reason it closed. */
@@ -66,6 +72,7 @@ export interface WebSocketConnection extends Connection {
 }
 
 const sendOptions = { binary: true, compress: false, fin: true } as const
+const noop = (): void => {}
 
 /**
  * Groups `chunks` into messages of at most `max` bytes, keeping order: runs of chunks smaller than
@@ -125,6 +132,7 @@ class WsConnection implements WebSocketConnection {
   private readonly writer: WebSocketFrameWriter | undefined
   readonly localAddress: Address | undefined
   readonly remoteAddress: Address | undefined
+  readonly lendsReads: boolean
   private handlers: ConnectionHandlers | undefined
   /** Reads are held back (before `start`, and while the consumer asked for a pause). */
   private paused = true
@@ -159,8 +167,19 @@ class WsConnection implements WebSocketConnection {
       : undefined
     ws.binaryType = "nodebuffer"
     ws.pause()
-    if (options.masking !== undefined) {
-      WebSocketDataTap.install(ws, options.maxPayload ?? DefaultMaxPayload, options.masking === "none", this.deliver)
+    const tap = options.masking === undefined
+      ? undefined
+      : WebSocketDataTap.install(ws, options.maxPayload ?? DefaultMaxPayload, options.masking === "none", this.deliver)
+    const reads = options.reads
+    this.lendsReads = reads !== undefined && tap !== undefined
+    if (reads !== undefined) {
+      const raw = options.socket
+      reads.attach(
+        tap !== undefined
+          ? { lendable: true, onData: tap.read, onEnd: noop, onClose: noop }
+          // `ws` reads it all, from `data` events as on any socket; it keeps what it is given
+          : { onData: (chunk) => void raw?.emit("data", chunk), onEnd: noop, onClose: noop }
+      )
     }
     ws.on("message", this.onMessage)
     ws.on("pong", () => this.onPong?.())
@@ -180,18 +199,23 @@ class WsConnection implements WebSocketConnection {
     this.deliver(data as Buffer)
   }
 
-  /** Binary payload, from `ws`'s messages or read off the socket by the tap. */
-  private readonly deliver = (chunk: Buffer): void => {
-    if (this.isClosed || this.failure !== undefined || chunk.length === 0) return
+  /**
+   * Binary payload, from `ws`'s messages or read off the socket by the tap; returns whether a reference
+   * to `chunk` is kept (held while paused, or kept by the consumer).
+   */
+  private readonly deliver = (chunk: Buffer): boolean => {
+    if (this.isClosed || this.failure !== undefined || chunk.length === 0) return false
     if (this.paused || this.pending.length > 0 || this.handlers === undefined) {
       this.pending.push(chunk)
       this.pendingBytes += chunk.length
       if (this.pendingBytes > this.pendingLimit) {
         this.fail(new WebSocketError({ reason: "ReadOverflow", code: CloseCode.InternalError, message: `websocket: more than ${this.pendingLimit} bytes arrived while reads were paused` }))
       }
-      return
+      return true
     }
-    this.handlers.onData(chunk)
+    const h = this.handlers
+    const kept = h.onData(chunk)
+    return h.lendable !== true || kept === true
   }
 
   /**

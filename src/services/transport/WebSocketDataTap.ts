@@ -76,14 +76,14 @@ export class WebSocketDataTap {
   private readonly receiver: ReceiverFields
   private readonly maxMessageBytes: number
   private readonly expectMasked: boolean
-  private readonly onPayload: (payload: Buffer) => void
+  private readonly onPayload: (payload: Buffer) => boolean
   private reader: DataFrameReader | undefined = undefined
 
   /**
    * Installs a tap on `ws` delivering binary payload to `onPayload`; `undefined` when `ws` does not
    * have the expected shape (then nothing changes). `expectMasked`: the peer is a client.
    */
-  static install(ws: WebSocket, maxMessageBytes: number, expectMasked: boolean, onPayload: (payload: Buffer) => void): WebSocketDataTap | undefined {
+  static install(ws: WebSocket, maxMessageBytes: number, expectMasked: boolean, onPayload: (payload: Buffer) => boolean): WebSocketDataTap | undefined {
     const receiver = receiverOf(ws)
     const listener = socketListenerOf(ws)
     if (receiver === undefined || listener === undefined) return undefined
@@ -97,7 +97,7 @@ export class WebSocketDataTap {
     receiver: ReceiverFields,
     maxMessageBytes: number,
     expectMasked: boolean,
-    onPayload: (payload: Buffer) => void
+    onPayload: (payload: Buffer) => boolean
   ) {
     this.toWs = (chunk) => onData.call(socket, chunk)
     this.receiver = receiver
@@ -110,19 +110,44 @@ export class WebSocketDataTap {
   }
 
   private readonly onSocketData = (chunk: Buffer): void => {
+    this.read(chunk)
+  }
+
+  /** Payload handed on in the read in progress was kept by the connection (or held while paused). */
+  private keptPayload = false
+  private readonly payload = (p: Buffer): void => {
+    if (this.onPayload(p)) this.keptPayload = true
+  }
+
+  /**
+   * One read of the socket (from its `data` events, or from reused memory); returns whether any of
+   * `chunk` is still referenced afterwards (handed to `ws`, or kept by the connection).
+   */
+  readonly read = (chunk: Uint8Array): boolean => {
+    const bytes = chunk as Buffer
+    this.keptPayload = false
+    const handedToWs = this.readChunk(bytes)
+    return handedToWs || this.keptPayload
+  }
+
+  /** Returns whether `ws` was given part of `chunk`. */
+  private readChunk(chunk: Buffer): boolean {
     const reader = this.reader ?? this.takeOver()
-    if (reader === undefined) return this.throughWs(chunk)
+    if (reader === undefined) {
+      this.throughWs(chunk)
+      return true
+    }
     let at = 0
     for (;;) {
-      const step = reader.read(at === 0 ? chunk : chunk.subarray(at), this.onPayload)
-      if (this.reader !== reader) return
+      const step = reader.read(at === 0 ? chunk : chunk.subarray(at), this.payload)
+      if (this.reader !== reader) return false
       switch (step._tag) {
         case "Continue":
-          return
+          return false
         case "End":
           // between messages: the next one is read the same way
           at += step.at
-          if (at >= chunk.length) return
+          if (at >= chunk.length) return false
           continue
         case "Handover": {
           this.reader = undefined
@@ -132,7 +157,8 @@ export class WebSocketDataTap {
           r._totalPayloadLength = reader.inMessage ? reader.total : 0
           r._messageLength = r._totalPayloadLength
           const rest = at + step.at === 0 ? chunk : chunk.subarray(at + step.at)
-          return this.throughWs(step.prefix === undefined ? rest : Buffer.concat([step.prefix, rest]))
+          this.throughWs(step.prefix === undefined ? rest : Buffer.concat([step.prefix, rest]))
+          return true
         }
       }
     }
@@ -174,7 +200,7 @@ export class WebSocketDataTap {
     r._messageLength = 0
     this.reader = reader
     for (const b of held) {
-      reader.read(b, this.onPayload)
+      reader.read(b, this.payload)
       if (this.reader !== reader) return undefined
     }
     return reader
