@@ -40,7 +40,7 @@ export class RegistryError extends Schema.TaggedError<RegistryError>()("Registry
 /** One route of the table and its live backends. Read-only outside the registry. */
 export interface RouteEntry {
   readonly key: string
-  /** The definition of the first registration (for TLS: its certificate). */
+  /** The definition of the latest registration (for TLS: its certificate). */
   readonly route: RouteDefinition
   readonly backends: ReadonlyArray<Backend>
   /** Round-robin position among equally loaded backends; advanced by the dispatcher. */
@@ -165,9 +165,10 @@ const make = Effect.fnUntraced(function*(config: RegistryConfig) {
       if (target.backends.length === 0) {
         yield* FiberMap.remove(expiries, key)
         target.emptySince = undefined
-        // a newer registration brings the current definition (e.g. a renewed certificate)
-        target.route = route
       }
+      // the latest registration brings the current definition: a backend deployed with a renewed
+      // certificate serves it at once, even while the backend it replaces is still there
+      target.route = route
       target.backends.push(backend)
       bump()
       yield* Effect.addFinalizer(() => unregister(target, backend))

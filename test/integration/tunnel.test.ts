@@ -2,6 +2,7 @@ import { assert, describe, it } from "@effect/vitest"
 import { fork } from "node:child_process"
 import * as http from "node:http"
 import * as https from "node:https"
+import * as crypto from "node:crypto"
 import * as net from "node:net"
 import * as tls from "node:tls"
 import { Context, Effect, Exit, Fiber, Redacted, Scope } from "effect"
@@ -276,6 +277,33 @@ describe("control-port tunnels: operations", () => {
         if (viaB === "") yield* Effect.sleep("10 millis")
       }
       assert.strictEqual(viaB, "over tls")
+    })))
+
+  it.live("TLS: a backend deployed with a renewed certificate serves it at once, beside the backend it replaces", () =>
+    noLeaks(Effect.gen(function*() {
+      const control = Context.get(yield* gateway(), ControlPort)
+      const publicPort = yield* Effect.promise(freePort)
+      const old = makeCertificate("app.test")
+      const renewed = makeCertificate("app.test")
+      const route = (cert: { cert: string; key: string }) => ({ _tag: "Tls" as const, port: publicPort, domainSuffix: "app.test", ...cert, then: "http" as const })
+      /** The certificate the gateway presents, as its PEM-decoded fingerprint. */
+      const presented = () =>
+        Effect.promise(() =>
+          new Promise<string>((resolve, reject) => {
+            const socket = tls.connect({ host: "127.0.0.1", port: publicPort, servername: "app.test", rejectUnauthorized: false }, () => {
+              resolve(socket.getPeerX509Certificate()?.fingerprint256 ?? "")
+              socket.end()
+            })
+            socket.on("error", reject)
+          })
+        )
+      const fingerprint = (pem: string) => new crypto.X509Certificate(pem).fingerprint256
+      const first = Context.get(yield* client([control.address.port!], { label: "old" }), TunnelClient)
+      yield* serveHttp(first, route(old), (_req, res) => res.end("old"))
+      assert.strictEqual(yield* presented(), fingerprint(old.cert))
+      const second = Context.get(yield* client([control.address.port!], { label: "new" }), TunnelClient)
+      yield* serveHttp(second, route(renewed), (_req, res) => res.end("new"))
+      assert.strictEqual(yield* presented(), fingerprint(renewed.cert), "the renewed certificate while both backends are live")
     })))
 
   it.live("1,000 backends connected at once", () =>

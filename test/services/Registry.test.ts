@@ -37,6 +37,20 @@ describe("Registry", () => {
       assert.strictEqual(registry.snapshot().length, 1)
     }).pipe(Effect.scoped)))
 
+  it.effect("a TLS route takes the certificate of its latest registration, while earlier backends stay", () =>
+    provide(Effect.gen(function*() {
+      const registry = yield* Registry
+      const a = makeTestBackend("a")
+      const b = makeTestBackend("b")
+      const route = (cert: string) => ({ _tag: "Tls" as const, port: 8443, domainSuffix: "app.test", cert, key: "key", then: "http" as const })
+      const tls = { _tag: "Tls" as const, port: 8443, serverName: "app.test", host: "app.test", path: "/" }
+      yield* registry.register(route("old certificate"), a)
+      yield* registry.register(route("renewed certificate"), b)
+      const entry = registry.match(tls)
+      assert.deepStrictEqual(entry?.backends, [a, b])
+      assert.strictEqual(entry?.route._tag === "Tls" ? entry.route.cert : undefined, "renewed certificate")
+    }).pipe(Effect.scoped)))
+
   it.effect("refuses a port wanted as TCP and as HTTP, and a route beyond the limit", () =>
     provide(Effect.gen(function*() {
       const registry = yield* Registry
