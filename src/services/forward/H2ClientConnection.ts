@@ -92,6 +92,11 @@ export interface H2StreamEvents {
   readonly response: (status: number, headers: ReadonlyArray<string>, endStream: boolean) => void
   /** Response body bytes (a view of the socket's read); report them with `consumed` once written on. */
   readonly data: (chunk: Buffer) => void
+  /**
+   * Several DATA payloads from one socket read, in order (`bytes` in all), for a consumer that writes
+   * them in one go (a corked socket) instead of a joined copy; without it they are joined for `data`.
+   */
+  readonly dataMany?: ((chunks: ReadonlyArray<Buffer>, bytes: number) => void) | undefined
   readonly trailers: (headers: ReadonlyArray<string>) => void
   /** The response is complete (END_STREAM). */
   readonly end: () => void
@@ -503,12 +508,14 @@ export class H2ClientConnection {
   private deliver(stream: H2ClientStream): void {
     if (stream.pieces.length === 0) return
     const pieces = stream.pieces
-    const chunk = pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces, stream.piecesBytes)
+    const bytes = stream.piecesBytes
     stream.pieces = []
     stream.piecesBytes = 0
     if (stream.closed) return
-    stream.outstanding += chunk.length
-    stream.events.data(chunk)
+    stream.outstanding += bytes
+    if (pieces.length === 1) stream.events.data(pieces[0]!)
+    else if (stream.events.dataMany !== undefined) stream.events.dataMany(pieces, bytes)
+    else stream.events.data(Buffer.concat(pieces, bytes))
   }
 
   /** Whether a stream id names one the backend may not use (never opened by us, or a push). */

@@ -255,6 +255,17 @@ export const forwardToH2 = (
       if (res.write(chunk) || res.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length)
       else owed += chunk.length
     },
+    dataMany: (chunks, bytes) => {
+      if (phase !== "body") return
+      received += bytes
+      timer?.refresh()
+      // one socket write for the whole read
+      res.cork()
+      for (const chunk of chunks) res.write(chunk)
+      res.uncork()
+      if (res.writableLength < PublicWriteQueueBytes) stream.consumed(bytes)
+      else owed += bytes
+    },
     trailers: (fields) => {
       trailers = fields
     },
