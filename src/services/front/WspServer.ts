@@ -88,6 +88,8 @@ interface Exchange {
   received: number
   /** The WebSocket is paused until the caller drains. */
   paused: boolean
+  /** The caller's socket is corked until the end of this turn of the event loop. */
+  corked: boolean
   /** Passes one body fragment read off the socket by the server itself. */
   onPayload: (fragment: Buffer) => void
 }
@@ -360,6 +362,17 @@ class ServerConnection {
     }
     exchange.received += fragment.length
     if (bodyless(exchange.method, exchange.head.StatusCode) || res.destroyed) return
+    // the body parts of every WebSocket read in this turn of the event loop go to the caller in one
+    // write (bounded: the WebSocket pauses once `responseHighWater` bytes wait)
+    const socket = res.socket
+    if (!exchange.corked && socket !== null) {
+      exchange.corked = true
+      socket.cork()
+      setImmediate(() => {
+        exchange.corked = false
+        socket.uncork()
+      })
+    }
     // Node reports a full buffer past 16 KiB; pausing the WebSocket for every fragment would cost a
     // round trip each, so the caller's buffer may grow to `responseHighWater` first
     if (!res.write(fragment) && !exchange.paused && res.writableLength >= responseHighWater) {
@@ -407,6 +420,7 @@ class ServerConnection {
       started: false,
       received: 0,
       paused: false,
+      corked: false,
       onPayload: (fragment) => this.onBodyFragment(exchange, binaryOpcode, fragment)
     }
     this.exchange = exchange
