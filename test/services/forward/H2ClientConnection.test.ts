@@ -1,0 +1,382 @@
+/**
+ * switchyard's HTTP/2 client connection against a scripted peer on a real loopback socket: the peer reads
+ * the client's frames with the domain parser and answers with hand-built frames, so every rule (PING,
+ * CONTINUATION, unknown frames, GOAWAY, RST_STREAM, flow control and its violations, oversized heads,
+ * malformed frames) is exercised on the wire; nothing is left open afterwards.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import * as net from "node:net"
+import { Effect } from "effect"
+import { encodeHeaderBlock } from "../../../src/domain/Hpack.ts"
+import {
+  ClientPreface,
+  encodeDataHeader,
+  encodeFrame,
+  encodeGoaway,
+  encodeHeaders,
+  encodePing,
+  encodeRstStream,
+  encodeSettings,
+  encodeWindowUpdate,
+  ErrorCode,
+  Flag,
+  FrameType,
+  Http2FrameParser,
+  Setting
+} from "../../../src/domain/Http2Frame.ts"
+import { H2ClientConnection, type H2ClientStream, type H2ConnectionError, type H2StreamClose, type H2StreamEvents } from "../../../src/services/forward/H2ClientConnection.ts"
+import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
+import { until } from "../../integration/reverse-h2-harness.ts"
+
+interface Frame {
+  readonly type: number
+  readonly flags: number
+  readonly id: number
+  readonly payload: Buffer
+}
+
+interface Peer {
+  readonly frames: Array<Frame>
+  readonly send: (...bytes: Array<Buffer>) => void
+  readonly closed: () => boolean
+  readonly client: H2ClientConnection
+  readonly clientClosed: () => H2ConnectionError | undefined | "open"
+  readonly settingsEvents: () => number
+  readonly goaways: Array<number>
+}
+
+const limits = { maxFrameBytes: 32 * 1024, streamWindowBytes: 64 * 1024, connectionWindowBytes: 256 * 1024, maxHeaderListBytes: 4096, maxHeaderPairs: 64 }
+
+/** A scripted HTTP/2 server and the client connected to it (SETTINGS exchanged when `settings` is given). */
+const withPeer = <A>(settings: ReadonlyArray<readonly [number, number]> | undefined, body: (peer: Peer) => Effect.Effect<A>) =>
+  Effect.gen(function*() {
+    const before = activeHandles()
+    const result = yield* Effect.acquireUseRelease(
+      Effect.promise(() =>
+        new Promise<{ server: net.Server; peer: Peer; socket: () => net.Socket | undefined }>((resolve) => {
+          const frames: Array<Frame> = []
+          let serverSide: net.Socket | undefined
+          let sawPreface = false
+          let pending = Buffer.alloc(0)
+          let closed = false
+          const parser = new Http2FrameParser({ maxFrameBytes: 1 << 20, maxHeaderBlockBytes: 1 << 20 }, {
+            dataStart: () => {},
+            data: (id, chunk) => frames.push({ type: FrameType.DATA, flags: 0, id, payload: Buffer.from(chunk) }),
+            dataEnd: (id, flags) => frames.push({ type: FrameType.DATA, flags: flags | 0x100, id, payload: Buffer.alloc(0) }),
+            headers: (id, flags, block) => frames.push({ type: FrameType.HEADERS, flags, id, payload: Buffer.from(block) }),
+            frame: (type, flags, id, payload) => frames.push({ type, flags, id, payload: Buffer.from(payload) })
+          })
+          const server = net.createServer((socket) => {
+            serverSide = socket
+            socket.on("error", () => {})
+            socket.on("close", () => void (closed = true))
+            socket.on("data", (chunk: Buffer) => {
+              if (!sawPreface) {
+                pending = Buffer.concat([pending, chunk])
+                if (pending.length < ClientPreface.length) return
+                assert.isTrue(pending.subarray(0, ClientPreface.length).equals(ClientPreface), "client preface")
+                sawPreface = true
+                chunk = pending.subarray(ClientPreface.length)
+              }
+              parser.push(chunk)
+            })
+            if (settings !== undefined) socket.write(encodeSettings(settings))
+          })
+          server.listen(0, "127.0.0.1", () => {
+            const port = (server.address() as net.AddressInfo).port
+            const socket = net.connect({ host: "127.0.0.1", port }, () => {
+              let clientClosed: H2ConnectionError | undefined | "open" = "open"
+              let settingsEvents = 0
+              const goaways: Array<number> = []
+              const client = new H2ClientConnection(socket, limits, {
+                settings: () => void settingsEvents++,
+                goaway: (last) => void goaways.push(last),
+                close: (error) => void (clientClosed = error)
+              })
+              client.start()
+              resolve({
+                server,
+                socket: () => serverSide,
+                peer: {
+                  frames,
+                  send: (...bytes) => void serverSide?.write(Buffer.concat(bytes)),
+                  closed: () => closed,
+                  client,
+                  clientClosed: () => clientClosed,
+                  settingsEvents: () => settingsEvents,
+                  goaways
+                }
+              })
+            })
+          })
+        })
+      ),
+      ({ peer }) => body(peer),
+      ({ server, peer, socket }) =>
+        Effect.promise(() =>
+          new Promise<void>((resolve) => {
+            peer.client.destroy()
+            socket()?.destroy()
+            server.close(() => resolve())
+          })
+        )
+    )
+    yield* Effect.promise(() => expectNoLeaks(before))
+    return result
+  })
+
+interface Recorder {
+  readonly events: Array<string>
+  readonly body: Array<Buffer>
+  readonly closed: () => H2StreamClose | undefined
+  readonly handlers: H2StreamEvents
+}
+
+/** Stream events as a list; response bytes are consumed at once unless `hold`. */
+const recorder = (hold = false): Recorder & { stream?: H2ClientStream } => {
+  const events: Array<string> = []
+  const body: Array<Buffer> = []
+  let closed: H2StreamClose | undefined
+  const r: Recorder & { stream?: H2ClientStream } = {
+    events,
+    body,
+    closed: () => closed,
+    handlers: {
+      response: (status, headers, endStream) => void events.push(`response ${status} ${headers.join(",")} ${endStream}`),
+      data: (chunk) => {
+        body.push(Buffer.from(chunk))
+        events.push(`data ${chunk.length}`)
+        if (!hold) r.stream?.consumed(chunk.length)
+      },
+      trailers: (headers) => void events.push(`trailers ${headers.join(",")}`),
+      end: () => void events.push("end"),
+      close: (info) => {
+        closed = info
+        events.push(`close ${info.code} ${info.refused}`)
+      },
+      writable: () => void events.push("writable")
+    }
+  }
+  return r
+}
+
+const open = (peer: Peer, r: Recorder & { stream?: H2ClientStream }, endStream = true) => {
+  const stream = peer.client.request([":method", "GET", ":path", "/", ":scheme", "http", ":authority", "t"], endStream, r.handlers)
+  if (!("id" in stream)) throw stream
+  r.stream = stream
+  return stream
+}
+
+const head = (id: number, fields: ReadonlyArray<string>, endStream: boolean) => encodeHeaders(id, encodeHeaderBlock(fields), endStream, 16_384)
+const find = (peer: Peer, type: number) => peer.frames.filter((f) => f.type === type)
+const ready = (peer: Peer) => until(() => peer.client.ready && find(peer, FrameType.SETTINGS).some((f) => f.flags & Flag.ACK), "SETTINGS exchanged")
+
+describe("H2ClientConnection", () => {
+  it.effect("sends its preface, SETTINGS and window; applies the peer's SETTINGS and acknowledges them", () =>
+    withPeer([[Setting.MAX_CONCURRENT_STREAMS, 7], [Setting.ENABLE_CONNECT_PROTOCOL, 1], [0x99, 5]], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        const ours = find(peer, FrameType.SETTINGS).find((f) => (f.flags & Flag.ACK) === 0)!
+        const values = new Map<number, number>()
+        for (let i = 0; i < ours.payload.length; i += 6) values.set(ours.payload.readUInt16BE(i), ours.payload.readUInt32BE(i + 2))
+        assert.strictEqual(values.get(Setting.ENABLE_PUSH), 0)
+        assert.strictEqual(values.get(Setting.INITIAL_WINDOW_SIZE), limits.streamWindowBytes)
+        assert.strictEqual(values.get(Setting.MAX_FRAME_SIZE), limits.maxFrameBytes)
+        const window = find(peer, FrameType.WINDOW_UPDATE).find((f) => f.id === 0)!
+        assert.strictEqual(window.payload.readUInt32BE(0), limits.connectionWindowBytes - 65_535)
+        assert.strictEqual(peer.client.remote.maxConcurrentStreams, 7)
+        assert.isTrue(peer.client.remote.enableConnectProtocol)
+        assert.strictEqual(peer.settingsEvents(), 1)
+      })))
+
+  it.effect("a first frame other than SETTINGS is a bad preface: GOAWAY and a typed error", () =>
+    withPeer(undefined, (peer) =>
+      Effect.gen(function*() {
+        peer.send(encodePing(Buffer.alloc(8), false))
+        yield* until(() => peer.clientClosed() !== "open", "the client to close")
+        const error = peer.clientClosed() as H2ConnectionError
+        assert.strictEqual(error.reason, "BadPreface")
+        yield* until(() => find(peer, FrameType.GOAWAY).length === 1, "GOAWAY")
+        assert.strictEqual(find(peer, FrameType.GOAWAY)[0]!.payload.readUInt32BE(4), ErrorCode.PROTOCOL_ERROR)
+      })))
+
+  it.effect("PING both ways; unknown frame types are ignored", () =>
+    withPeer([], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        peer.send(encodeFrame(0x33, 0xff, 0, Buffer.from("whatever")), encodePing(Buffer.from("abcdefgh"), false))
+        yield* until(() => find(peer, FrameType.PING).length === 1, "the PING ACK")
+        const ack = find(peer, FrameType.PING)[0]!
+        assert.strictEqual(ack.flags, Flag.ACK)
+        assert.strictEqual(ack.payload.toString(), "abcdefgh")
+        let answered: boolean | undefined
+        assert.isTrue(peer.client.ping((ok) => void (answered = ok)))
+        yield* until(() => find(peer, FrameType.PING).length === 2, "our PING")
+        peer.send(encodePing(find(peer, FrameType.PING)[1]!.payload, true))
+        yield* until(() => answered !== undefined, "the PING answered")
+        assert.isTrue(answered)
+        assert.strictEqual(peer.clientClosed(), "open")
+      })))
+
+  it.effect("a response split over CONTINUATION, a body, trailers; the head is checked", () =>
+    withPeer([[Setting.HEADER_TABLE_SIZE, 0]], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        const r = recorder()
+        const stream = open(peer, r)
+        yield* until(() => find(peer, FrameType.HEADERS).length === 1, "the request")
+        assert.strictEqual(find(peer, FrameType.HEADERS)[0]!.flags & Flag.END_STREAM, Flag.END_STREAM)
+        const block = encodeHeaderBlock([":status", "200", "content-type", "text/plain", "x-a", "1"])
+        peer.send(
+          encodeFrame(FrameType.HEADERS, 0, stream.id, block.subarray(0, 4)),
+          encodeFrame(FrameType.CONTINUATION, 0, stream.id, block.subarray(4, 9)),
+          encodeFrame(FrameType.CONTINUATION, Flag.END_HEADERS, stream.id, block.subarray(9)),
+          encodeDataHeader(stream.id, 5, false),
+          Buffer.from("hello"),
+          head(stream.id, ["grpc-status", "0"], true)
+        )
+        yield* until(() => r.closed() !== undefined, "the stream to end")
+        assert.deepStrictEqual(r.events, ["response 200 content-type,text/plain,x-a,1 false", "data 5", "trailers grpc-status,0", "end", "close 0 false"])
+        // a malformed head (upper-case name) resets the stream, not the connection
+        const bad = recorder()
+        const second = open(peer, bad)
+        peer.send(head(second.id, [":status", "200", "X-Upper", "1"], false))
+        yield* until(() => bad.closed() !== undefined, "the malformed stream to close")
+        assert.deepStrictEqual(bad.events, [`close ${ErrorCode.PROTOCOL_ERROR} false`])
+        yield* until(() => find(peer, FrameType.RST_STREAM).length === 1, "RST_STREAM")
+        assert.strictEqual(peer.clientClosed(), "open")
+      })))
+
+  it.effect("a header list over the limit fails its stream; a header block over it ends the connection", () =>
+    withPeer([], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        const r = recorder()
+        const stream = open(peer, r)
+        // fits the block limit with Huffman-free literals, decodes past the list limit
+        const many: Array<string> = [":status", "200"]
+        for (let i = 0; i < 50; i++) many.push(`x-${i}`, "v".repeat(60))
+        peer.send(head(stream.id, many.slice(0, 2), false), head(stream.id, many.slice(2, 2 + 2 * 45), true))
+        yield* until(() => r.closed() !== undefined, "the oversized trailers to fail their stream")
+        assert.strictEqual(r.closed()!.code, ErrorCode.PROTOCOL_ERROR)
+        assert.strictEqual(peer.clientClosed(), "open")
+        const second = open(peer, recorder())
+        peer.send(encodeFrame(FrameType.HEADERS, 0, second.id, Buffer.alloc(3000)), encodeFrame(FrameType.CONTINUATION, 0, second.id, Buffer.alloc(3000)))
+        yield* until(() => peer.clientClosed() !== "open", "the connection to close")
+        assert.strictEqual((peer.clientClosed() as H2ConnectionError).reason, "HeaderBlockTooLarge")
+        yield* until(() => find(peer, FrameType.GOAWAY).length === 1, "GOAWAY")
+        assert.strictEqual(find(peer, FrameType.GOAWAY)[0]!.payload.readUInt32BE(4), ErrorCode.ENHANCE_YOUR_CALM)
+      })))
+
+  it.effect("a malformed frame ends the connection with FRAME_SIZE_ERROR; streams see it", () =>
+    withPeer([], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        const r = recorder()
+        open(peer, r)
+        peer.send(encodeFrame(FrameType.PING, 0, 0, Buffer.alloc(7)))
+        yield* until(() => peer.clientClosed() !== "open" && r.closed() !== undefined, "the connection to close")
+        assert.strictEqual((peer.clientClosed() as H2ConnectionError).reason, "FrameSize")
+        assert.isFalse(r.closed()!.refused)
+        yield* until(() => find(peer, FrameType.GOAWAY).length === 1, "GOAWAY")
+        assert.strictEqual(find(peer, FrameType.GOAWAY)[0]!.payload.readUInt32BE(4), ErrorCode.FRAME_SIZE_ERROR)
+        yield* until(() => peer.closed(), "the socket to close")
+      })))
+
+  it.effect("flow control: bytes held back withhold WINDOW_UPDATE; overruns and overflows are errors", () =>
+    withPeer([], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        const r = recorder(true)
+        const stream = open(peer, r)
+        peer.send(head(stream.id, [":status", "200"], false))
+        const chunk = Buffer.alloc(16_384, 1)
+        for (let i = 0; i < 3; i++) peer.send(encodeDataHeader(stream.id, chunk.length, false), chunk)
+        yield* until(() => r.body.reduce((n, b) => n + b.length, 0) === 3 * chunk.length, "48 KiB delivered")
+        // nothing consumed: no stream WINDOW_UPDATE
+        assert.isFalse(find(peer, FrameType.WINDOW_UPDATE).some((f) => f.id === stream.id))
+        stream.consumed(3 * chunk.length)
+        yield* until(() => find(peer, FrameType.WINDOW_UPDATE).some((f) => f.id === stream.id), "the stream's WINDOW_UPDATE")
+        const update = find(peer, FrameType.WINDOW_UPDATE).find((f) => f.id === stream.id)!
+        assert.strictEqual(update.payload.readUInt32BE(0), 3 * chunk.length)
+        // beyond the stream window (64 KiB, 48 KiB granted back): 112 KiB more is too much
+        for (let i = 0; i < 7; i++) peer.send(encodeDataHeader(stream.id, chunk.length, false), chunk)
+        yield* until(() => r.closed() !== undefined, "the overrun stream to be reset")
+        assert.strictEqual(r.closed()!.code, ErrorCode.FLOW_CONTROL_ERROR)
+        assert.strictEqual(peer.clientClosed(), "open")
+        // a stream window overflow resets that stream; a connection window overflow ends the connection
+        const s2 = recorder()
+        const second = open(peer, s2, false)
+        peer.send(encodeWindowUpdate(second.id, 0x7fff_ffff))
+        yield* until(() => s2.closed() !== undefined, "the overflowing stream to be reset")
+        assert.strictEqual(s2.closed()!.code, ErrorCode.FLOW_CONTROL_ERROR)
+        peer.send(encodeWindowUpdate(0, 0x7fff_ffff))
+        yield* until(() => peer.clientClosed() !== "open", "the connection to close")
+        assert.strictEqual((peer.clientClosed() as H2ConnectionError).reason, "FlowControl")
+      })))
+
+  it.effect("request bodies wait for the peer's window and resume on WINDOW_UPDATE", () =>
+    withPeer([[Setting.INITIAL_WINDOW_SIZE, 1000]], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        const r = recorder()
+        const stream = open(peer, r, false)
+        assert.isTrue(stream.write(Buffer.alloc(3000, 2)))
+        stream.end(["x-trailer", "t"])
+        const sent = () => find(peer, FrameType.DATA).filter((f) => f.id === stream.id).reduce((n, f) => n + f.payload.length, 0)
+        yield* until(() => sent() === 1000, "the first 1000 bytes")
+        peer.send(encodeWindowUpdate(stream.id, 5000))
+        yield* until(() => sent() === 3000 && find(peer, FrameType.HEADERS).length === 2, "the rest and the trailers")
+        const trailers = find(peer, FrameType.HEADERS)[1]!
+        assert.strictEqual(trailers.flags & Flag.END_STREAM, Flag.END_STREAM)
+      })))
+
+  it.effect("GOAWAY: streams above its last id are refused, the others finish, then the connection closes", () =>
+    withPeer([], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        const a = recorder()
+        const b = recorder()
+        const first = open(peer, a)
+        open(peer, b)
+        peer.send(encodeGoaway(first.id, ErrorCode.NO_ERROR, "draining"))
+        yield* until(() => b.closed() !== undefined, "the later stream refused")
+        assert.isTrue(b.closed()!.refused)
+        assert.isTrue(peer.client.goingAway)
+        assert.deepStrictEqual(peer.goaways, [first.id])
+        const refused = peer.client.request([":method", "GET", ":path", "/", ":scheme", "http", ":authority", "t"], true, recorder().handlers)
+        assert.isFalse("id" in refused)
+        peer.send(head(first.id, [":status", "204"], true))
+        yield* until(() => a.closed() !== undefined && peer.clientClosed() !== "open", "the first stream done and the connection closed")
+        assert.deepStrictEqual(a.events, ["response 204  true", "end", "close 0 false"])
+        assert.isUndefined(peer.clientClosed())
+      })))
+
+  it.effect("RST_STREAM both ways: a reset from the peer closes the stream with its code; ours sends CANCEL", () =>
+    withPeer([], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        const a = recorder()
+        const first = open(peer, a)
+        peer.send(encodeRstStream(first.id, ErrorCode.REFUSED_STREAM))
+        yield* until(() => a.closed() !== undefined, "the reset")
+        assert.deepStrictEqual(a.closed(), { code: ErrorCode.REFUSED_STREAM, refused: true, reason: `stream reset (code ${ErrorCode.REFUSED_STREAM})` })
+        const b = recorder()
+        const second = open(peer, b)
+        second.reset(ErrorCode.CANCEL)
+        assert.strictEqual(b.closed()!.code, ErrorCode.CANCEL)
+        yield* until(() => find(peer, FrameType.RST_STREAM).some((f) => f.id === second.id), "our RST_STREAM")
+        assert.strictEqual(find(peer, FrameType.RST_STREAM).find((f) => f.id === second.id)!.payload.readUInt32BE(0), ErrorCode.CANCEL)
+        // frames still in flight for the reset stream are ignored
+        peer.send(head(second.id, [":status", "200"], false), encodeDataHeader(second.id, 4, true), Buffer.from("late"))
+        const c = recorder()
+        const third = open(peer, c)
+        peer.send(head(third.id, [":status", "200"], true))
+        yield* until(() => c.closed() !== undefined, "a later stream to work")
+        assert.strictEqual(peer.clientClosed(), "open")
+        // a frame on a stream never opened is a connection error
+        peer.send(encodeRstStream(99, ErrorCode.CANCEL))
+        yield* until(() => peer.clientClosed() !== "open", "the connection to close")
+        assert.strictEqual((peer.clientClosed() as H2ConnectionError).reason, "Protocol")
+      })))
+})
