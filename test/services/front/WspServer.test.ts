@@ -212,6 +212,35 @@ describe("WspServer against a hand-written wsp client", () => {
       expect(server.stats().idle).toBe(0)
     })))
 
+  it.live("a streamed response body beyond maxmessagesize closes the connection with 1009 and cuts the caller's response", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig({ maxMessageSize: 100_000 }))
+      const port = server.address.port
+      const peer = yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const socket = (peer.ws as unknown as { readonly _socket: net.Socket })._socket
+      let outcome: { bytes: number; complete: boolean } | undefined
+      const req = http.get({ host: "127.0.0.1", port, path: "/request", agent: false, headers: { "X-Proxy-Destination": "http://dest.example/" } }, (res) => {
+        let bytes = 0
+        res.on("data", (c: Buffer) => (bytes += c.length))
+        res.on("error", () => undefined)
+        res.on("close", () => (outcome = { bytes, complete: res.complete }))
+      })
+      req.on("error", () => undefined)
+      yield* next(peer)
+      yield* next(peer)
+      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":-1}")
+      socket.write(maskedFrame(false, 2, Buffer.alloc(60_000, 1)))
+      yield* waitFor("first frame delivered", () => server.stats().busy === 1 && peer.inbox.length === 0)
+      yield* Effect.sleep(20)
+      socket.write(maskedFrame(true, 0, Buffer.alloc(60_000, 2)))
+      yield* waitFor("connection closed", () => peer.closed)
+      expect(peer.closeCode).toBe(1009)
+      yield* waitFor("caller's response ended", () => outcome !== undefined)
+      expect(outcome!.complete).toBe(false)
+      expect(outcome!.bytes).toBeLessThanOrEqual(60_000)
+    })))
+
   it.live("sends an empty body as an empty binary message", () =>
     leakChecked(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
