@@ -8,68 +8,11 @@
  * `ws` 8.x's receiver fields and socket listener, checked at run time: without them `ws` reads
  * everything, as before.
  */
-import { createRequire } from "node:module"
 import type * as net from "node:net"
 import type { WebSocket } from "ws"
 import { DataFrameReader, OPCODE_BINARY } from "../../domain/WebSocketDataReader.ts"
-
-/** `ws` 8.x receiver states (`lib/receiver.js`): between frames, and waiting for a frame's payload. */
-const RECEIVER_GET_INFO = 0
-const RECEIVER_GET_DATA = 4
-
-/** The fields of `ws`'s receiver (ws 8.x) the tap reads and resets. */
-interface ReceiverFields {
-  _state: number
-  _bufferedBytes: number
-  readonly _buffers: Array<Buffer>
-  readonly _payloadLength: number
-  readonly _masked: boolean
-  readonly _mask: Buffer | undefined
-  readonly _fin: boolean
-  readonly _opcode: number
-  readonly _compressed: boolean
-  _fragmented: number
-  readonly _fragments: unknown
-  _totalPayloadLength: number
-  _messageLength: number
-}
-
-const receiverOf = (ws: WebSocket): ReceiverFields | undefined => {
-  const r = (ws as unknown as { readonly _receiver?: Partial<ReceiverFields> | null })._receiver
-  return r != null && typeof r._state === "number" && typeof r._bufferedBytes === "number" && Array.isArray(r._buffers) &&
-      typeof r._payloadLength === "number" && typeof r._masked === "boolean" && typeof r._fin === "boolean" &&
-      typeof r._opcode === "number" && typeof r._compressed === "boolean" && typeof r._fragmented === "number" &&
-      Array.isArray(r._fragments) && typeof r._totalPayloadLength === "number" && typeof r._messageLength === "number"
-    ? (r as ReceiverFields)
-    : undefined
-}
-
-/** `ws`'s own `data` listener on its socket, when it is the only one (ws 8.x). */
-const socketListenerOf = (ws: WebSocket): { readonly socket: net.Socket; readonly onData: (chunk: Buffer) => void } | undefined => {
-  const socket = (ws as unknown as { readonly _socket?: net.Socket | null })._socket
-  if (socket == null) return undefined
-  const listeners = socket.listeners("data")
-  const onData = listeners[0]
-  return listeners.length === 1 && typeof onData === "function" && onData.name === "socketOnData"
-    ? { socket, onData: onData as (chunk: Buffer) => void }
-    : undefined
-}
-
-type Unmask = (data: Buffer, mask: Buffer) => void
-
-const loadUnmask = (): Unmask => {
-  try {
-    const native = createRequire(import.meta.url)("bufferutil") as { readonly unmask?: unknown }
-    if (typeof native.unmask === "function") return native.unmask as Unmask
-  } catch {
-    // the JavaScript loop below does the same
-  }
-  return (data, mask) => {
-    for (let i = 0; i < data.length; i++) data[i] = data[i]! ^ mask[i & 3]!
-  }
-}
-
-const unmask = loadUnmask()
+import { unmaskInPlace as unmask } from "./WebSocketMasking.ts"
+import { RECEIVER_GET_DATA, RECEIVER_GET_INFO, type ReceiverFields, receiverFieldsOf, socketListenerOf } from "./WsInternals.ts"
 
 export class WebSocketDataTap {
   private readonly toWs: (chunk: Buffer) => void
@@ -84,7 +27,7 @@ export class WebSocketDataTap {
    * have the expected shape (then nothing changes). `expectMasked`: the peer is a client.
    */
   static install(ws: WebSocket, maxMessageBytes: number, expectMasked: boolean, onPayload: (payload: Buffer) => boolean): WebSocketDataTap | undefined {
-    const receiver = receiverOf(ws)
+    const receiver = receiverFieldsOf(ws)
     const listener = socketListenerOf(ws)
     if (receiver === undefined || listener === undefined) return undefined
     return new WebSocketDataTap(ws, listener.socket, listener.onData, receiver, maxMessageBytes, expectMasked, onPayload)

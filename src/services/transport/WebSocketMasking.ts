@@ -1,7 +1,8 @@
 /**
- * Masking for WebSocket frames a client writes itself (RFC 6455 §5.3): fresh random keys drawn from a
- * pooled random source, and XOR masking into any output at any key phase, natively with `bufferutil`
- * (as `ws` does) or in JavaScript where it is not installed. It builds no frames.
+ * Masking for WebSocket frames switchyard writes or reads itself (RFC 6455 §5.3): fresh random keys
+ * drawn from a pooled random source, XOR masking into any output at any key phase, and unmasking in
+ * place, natively with `bufferutil` (as `ws` does) or in JavaScript where it is not installed. It builds
+ * and parses no frames.
  */
 import { randomFillSync } from "node:crypto"
 import { createRequire } from "node:module"
@@ -10,17 +11,24 @@ import { createRequire } from "node:module"
 export const MASK_KEY_POOL_BYTES = 4096
 
 type NativeMask = (source: Uint8Array, key: Uint8Array, output: Uint8Array, offset: number, length: number) => void
+type NativeUnmask = (data: Uint8Array, key: Uint8Array) => void
 
-const loadNative = (): NativeMask | undefined => {
+const loadNative = (): { readonly mask?: unknown; readonly unmask?: unknown } => {
   try {
-    const native = createRequire(import.meta.url)("bufferutil") as { readonly mask?: unknown }
-    return typeof native.mask === "function" ? native.mask as NativeMask : undefined
+    return createRequire(import.meta.url)("bufferutil") as { readonly mask?: unknown; readonly unmask?: unknown }
   } catch {
-    return undefined
+    return {}
   }
 }
 
-const native = loadNative()
+const bufferutil = loadNative()
+const native = typeof bufferutil.mask === "function" ? bufferutil.mask as NativeMask : undefined
+const nativeUnmask = typeof bufferutil.unmask === "function" ? bufferutil.unmask as NativeUnmask : undefined
+
+/** Unmasks `data` in place with `key` (4 bytes), as payload starting at position 0 of its frame. */
+export const unmaskInPlace: (data: Buffer, key: Buffer) => void = nativeUnmask ?? ((data, key) => {
+  for (let i = 0; i < data.length; i++) data[i] = data[i]! ^ key[i & 3]!
+})
 
 const maskJs: NativeMask = (source, key, output, offset, length) => {
   for (let i = 0; i < length; i++) output[offset + i] = source[i]! ^ key[i & 3]!
