@@ -30,7 +30,7 @@ const wrkSeconds = 1
 /** Interleaved load rounds per path (median reported). */
 const loadRounds = 3
 const downloadBytes = 100 * 1024 * 1024
-const downloadRounds = 2
+const downloadRounds = 3
 const sliceBytes = 64 * 1024
 const smallBody = Buffer.from("ok")
 /** Idle backend sessions connected for the memory figure, and how many connect at once. */
