@@ -370,6 +370,8 @@ export class H2ClientConnection {
       for (const b of out) socket.write(b)
       socket.uncork()
     }
+    // streams held back only by what was waiting here go on now (no `drain` would wake them)
+    if (this.blocked.size > 0 && socket.writableLength < SocketSendQueueBytes) this.onSocketDrain()
   }
 
   private readonly onSocketDrain = (): void => {
@@ -380,7 +382,7 @@ export class H2ClientConnection {
   pump(stream: H2ClientStream): void {
     if (stream.closed || this.destroyed) return
     while (stream.queue.length > 0) {
-      if (this.socket.writableLength + this.outBytes >= SocketSendQueueBytes) {
+      if (this.socket.writableLength >= SocketSendQueueBytes) {
         this.blocked.add(stream)
         return
       }
