@@ -128,6 +128,43 @@ const until = (check: () => boolean, what: string) =>
     throw new Error(`timed out waiting for ${what}`)
   })
 
+/**
+ * `remote` paused: `client`'s writes stop completing well before 64 MiB and nothing is delivered;
+ * resumed, every written byte arrives intact.
+ */
+const pausedReaderStallsSender = (client: Connection, remote: Connection) =>
+  Effect.gen(function*() {
+    const atServer = probe(remote)
+    remote.pause()
+    let written = 0
+    let stop = false
+    const chunk = pattern(256 * 1024, 7)
+    const total = 64 * 1024 * 1024
+    const writer = (async () => {
+      while (!stop && written < total) {
+        await new Promise<void>((resolve, reject) => client.write([chunk], (e) => (e ? reject(e) : resolve())))
+        written += chunk.length
+      }
+    })()
+    // the sender stops making progress well before the total: its done callbacks wait
+    let last = -1
+    for (let i = 0; i < 100 && last !== written; i++) {
+      last = written
+      yield* Effect.promise(() => new Promise((r) => setTimeout(r, 50)))
+    }
+    assert.strictEqual(last, written)
+    assert.isBelow(written, total / 2)
+    assert.strictEqual(atServer.bytes(), 0, "nothing delivered while paused")
+    stop = true
+    remote.resume()
+    yield* Effect.promise(() => writer)
+    yield* until(() => atServer.bytes() === written, "every written byte")
+    const all = concat(atServer.chunks)
+    for (let offset = 0; offset < all.length; offset += chunk.length) {
+      assert.isTrue(all.subarray(offset, offset + chunk.length).equals(chunk))
+    }
+  })
+
 describe("packMessages", () => {
   const between = (minimum: number, maximum: number) => Schema.Int.check(Schema.isBetween({ minimum, maximum }))
   it.effect.prop("keeps every byte in order and no message exceeds the limit", {
@@ -185,36 +222,7 @@ describe("WebSocketConnection", () => {
   it.live("a paused reader stalls the sender; resuming delivers everything intact", () =>
     noLeaks(Effect.gen(function*() {
       const { client, remote } = yield* pair()
-      const atServer = probe(remote)
-      remote.pause()
-      let written = 0
-      let stop = false
-      const chunk = pattern(256 * 1024, 7)
-      const total = 64 * 1024 * 1024
-      const writer = (async () => {
-        while (!stop && written < total) {
-          await new Promise<void>((resolve, reject) => client.write([chunk], (e) => (e ? reject(e) : resolve())))
-          written += chunk.length
-        }
-      })()
-      // the sender stops making progress well before the total: its done callbacks wait
-      let last = -1
-      for (let i = 0; i < 100 && last !== written; i++) {
-        last = written
-        yield* Effect.promise(() => new Promise((r) => setTimeout(r, 50)))
-      }
-      assert.strictEqual(last, written)
-      assert.isBelow(written, total / 2)
-      const deliveredWhilePaused = atServer.bytes()
-      assert.strictEqual(deliveredWhilePaused, 0)
-      stop = true
-      remote.resume()
-      yield* Effect.promise(() => writer)
-      yield* until(() => atServer.bytes() === written, "every written byte")
-      const all = concat(atServer.chunks)
-      for (let offset = 0; offset < all.length; offset += chunk.length) {
-        assert.isTrue(all.subarray(offset, offset + chunk.length).equals(chunk))
-      }
+      yield* pausedReaderStallsSender(client, remote)
     })))
 
   it.live("a clean close ends and closes without error; an error code closes with a typed reason", () =>
@@ -475,32 +483,7 @@ describe("WebSocketConnection read and written by switchyard on both sides", () 
       const srv = yield* tappedServer()
       const client = yield* dialWebSocket({ url: `ws://127.0.0.1:${srv.port}/x`, proxy: false, keepaliveInterval: 0 })
       const { conn: remote } = yield* srv.accept
-      const atServer = probe(remote)
-      remote.pause()
-      const chunk = pattern(256 * 1024, 7)
-      let written = 0
-      let stop = false
-      const writer = (async () => {
-        while (!stop && written < 64 * 1024 * 1024) {
-          await new Promise<void>((resolve, reject) => client.write([chunk], (e) => (e ? reject(e) : resolve())))
-          written += chunk.length
-        }
-      })()
-      let last = -1
-      for (let i = 0; i < 100 && last !== written; i++) {
-        last = written
-        yield* Effect.promise(() => new Promise((r) => setTimeout(r, 50)))
-      }
-      assert.isBelow(written, 32 * 1024 * 1024)
-      assert.strictEqual(atServer.bytes(), 0)
-      stop = true
-      remote.resume()
-      yield* Effect.promise(() => writer)
-      yield* until(() => atServer.bytes() === written, "every written byte")
-      const all = concat(atServer.chunks)
-      for (let offset = 0; offset < all.length; offset += chunk.length) {
-        assert.isTrue(all.subarray(offset, offset + chunk.length).equals(chunk))
-      }
+      yield* pausedReaderStallsSender(client, remote)
     })))
 })
 
