@@ -20,6 +20,8 @@ export const DefaultWindowBytes = 65_535
 export const MaxWindowBytes = 2_147_483_647
 /** Largest stream identifier. */
 export const MaxStreamId = 2_147_483_647
+/** Most frames (HEADERS and CONTINUATIONs) one header block may span, so empty CONTINUATIONs cannot flood. */
+export const MaxHeaderBlockFrames = 128
 
 export const FrameType = {
   DATA: 0x0,
@@ -423,11 +425,11 @@ export class Http2FrameParser {
 
   private fragment(streamId: number, flags: number, part: Buffer, last: boolean): Http2FrameError | undefined {
     this.blockBytes += part.length
-    if (this.blockBytes > this.limits.maxHeaderBlockBytes) {
+    if (this.blockBytes > this.limits.maxHeaderBlockBytes || this.blockParts.length >= MaxHeaderBlockFrames) {
       return new Http2FrameError({
         reason: "HeaderBlockTooLarge",
         code: ErrorCode.ENHANCE_YOUR_CALM,
-        message: `a header block above ${this.limits.maxHeaderBlockBytes} bytes`
+        message: `a header block above ${this.limits.maxHeaderBlockBytes} bytes or ${MaxHeaderBlockFrames} frames`
       })
     }
     if (last && this.blockParts.length === 0) {

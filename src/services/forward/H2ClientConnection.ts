@@ -36,6 +36,12 @@ import {
 export const StreamSendQueueBytes = 64 * 1024
 /** Bytes queued on the socket above which stream DATA waits for the socket to drain. */
 export const SocketSendQueueBytes = 1024 * 1024
+/**
+ * Bytes waiting to be written to the backend (socket queue and this turn's frames) beyond which the
+ * connection ends with ENHANCE_YOUR_CALM: a backend that sends PINGs or SETTINGS without reading the
+ * answers would otherwise grow the queue without bound (request DATA stops at `SocketSendQueueBytes`).
+ */
+export const MaxWriteQueueBytes = 4 * 1024 * 1024
 /** PINGs awaiting their ACK at once. */
 export const MaxPendingPings = 8
 /** A receive window is granted back once this fraction of it has been consumed (batched WINDOW_UPDATE). */
@@ -350,6 +356,10 @@ export class H2ClientConnection {
   /** Queues frame bytes; they go out together once the current I/O callbacks are done. */
   write(bytes: Buffer): void {
     if (this.destroyed) return
+    if (this.outBytes + this.socket.writableLength + bytes.length > MaxWriteQueueBytes) {
+      this.protocolError(`more than ${MaxWriteQueueBytes} bytes wait to be written to a backend that does not read`, "Protocol", ErrorCode.ENHANCE_YOUR_CALM)
+      return
+    }
     this.out.push(bytes)
     this.outBytes += bytes.length
     if (this.flushTimer === undefined) this.flushTimer = setImmediate(this.flush)
@@ -382,7 +392,7 @@ export class H2ClientConnection {
   pump(stream: H2ClientStream): void {
     if (stream.closed || this.destroyed) return
     while (stream.queue.length > 0) {
-      if (this.socket.writableLength >= SocketSendQueueBytes) {
+      if (this.socket.writableLength + this.outBytes >= SocketSendQueueBytes) {
         this.blocked.add(stream)
         return
       }

@@ -43,6 +43,8 @@ interface Peer {
   readonly clientClosed: () => H2ConnectionError | undefined | "open"
   readonly settingsEvents: () => number
   readonly goaways: Array<number>
+  /** Stops reading the client's bytes (they pile up in the client's socket queue). */
+  readonly pauseReading: () => void
 }
 
 const limits = { maxFrameBytes: 32 * 1024, streamWindowBytes: 64 * 1024, connectionWindowBytes: 256 * 1024, maxHeaderListBytes: 4096, maxHeaderPairs: 64 }
@@ -104,7 +106,8 @@ const withPeer = <A>(settings: ReadonlyArray<readonly [number, number]> | undefi
                   client,
                   clientClosed: () => clientClosed,
                   settingsEvents: () => settingsEvents,
-                  goaways
+                  goaways,
+                  pauseReading: () => void serverSide?.pause()
                 }
               })
             })
@@ -281,6 +284,35 @@ describe("H2ClientConnection", () => {
         yield* until(() => find(peer, FrameType.GOAWAY).length === 1, "GOAWAY")
         assert.strictEqual(find(peer, FrameType.GOAWAY)[0]!.payload.readUInt32BE(4), ErrorCode.FRAME_SIZE_ERROR)
         yield* until(() => peer.closed(), "the socket to close")
+      })))
+
+  it.effect("a header block spread over a flood of empty CONTINUATIONs ends the connection", () =>
+    withPeer([], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        const r = recorder()
+        const stream = open(peer, r)
+        const flood = [encodeFrame(FrameType.HEADERS, 0, stream.id, Buffer.from("88", "hex"))]
+        for (let i = 0; i < 200; i++) flood.push(encodeFrame(FrameType.CONTINUATION, 0, stream.id, Buffer.alloc(0)))
+        peer.send(...flood)
+        yield* until(() => peer.clientClosed() !== "open", "the connection to close")
+        assert.strictEqual((peer.clientClosed() as H2ConnectionError).reason, "HeaderBlockTooLarge")
+      })))
+
+  it.effect("a peer that sends PINGs and never reads the ACKs ends with ENHANCE_YOUR_CALM", () =>
+    withPeer([], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        peer.pauseReading()
+        const ping = encodePing(Buffer.alloc(8), false)
+        const batch = Buffer.concat(Array.from({ length: 4096 }, () => ping))
+        for (let i = 0; i < 1000 && peer.clientClosed() === "open"; i++) {
+          peer.send(batch)
+          yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, 5)))
+        }
+        yield* until(() => peer.clientClosed() !== "open", "the connection to close")
+        const error = peer.clientClosed() as H2ConnectionError
+        assert.strictEqual(error.code, ErrorCode.ENHANCE_YOUR_CALM)
       })))
 
   it.effect("flow control: bytes held back withhold WINDOW_UPDATE; overruns and overflows are errors", () =>
