@@ -3,10 +3,12 @@
  * backend) against calling the same backend process directly over HTTP/1.1, in one run, on loopback.
  * The gateway and the backend each run in a child process (this file, started with a role variable),
  * wrk and curl in their own, so each process only does its own side's work. Figures: small-response req/s with 1 and 4
- * tunnel connections, the ratio to direct, p99 added latency (32 concurrent, and one at a time), and a
- * 100 MiB download.
+ * tunnel connections, the ratio to direct, p99 added latency (32 concurrent, and one at a time), a
+ * 100 MiB download, and the gateway's CPU per request and per download (read from `/proc`, steadier than
+ * rates on a shared machine).
  */
-import { execFile } from "node:child_process"
+import { execFile, execFileSync } from "node:child_process"
+import { readFileSync } from "node:fs"
 import * as http from "node:http"
 import type * as http2 from "node:http2"
 import { Context, Effect, Exit, Layer, Redacted, Scope } from "effect"
@@ -106,6 +108,26 @@ const gatewayMain = async () => {
 interface WrkResult {
   readonly rps: number
   readonly p99Ms: number
+  readonly requests: number
+}
+
+/** Clock ticks per second of `/proc/<pid>/stat` times. */
+const clockTicks = (): number => {
+  try {
+    return Number(execFileSync("getconf", ["CLK_TCK"]).toString().trim()) || 100
+  } catch {
+    return 100
+  }
+}
+
+/** CPU seconds (user + system) a child has used so far; NaN where `/proc` is not there. */
+const cpuSeconds = (role: RoleProcess, ticks: number): number => {
+  try {
+    const fields = readFileSync(`/proc/${role.child.pid}/stat`, "utf8").split(") ")[1]!.split(" ")
+    return (Number(fields[11]) + Number(fields[12])) / ticks
+  } catch {
+    return Number.NaN
+  }
 }
 
 const toMs = (value: string, unit: string): number => {
@@ -123,9 +145,10 @@ const wrk = (port: number, path: string, connections: number = wrkConnections): 
         const rps = /Requests\/sec:\s+([\d.]+)/.exec(stdout)
         const p99 = /\s99%\s+([\d.]+)(us|ms|s)\b/.exec(stdout)
         const non2xx = /Non-2xx or 3xx responses:\s+(\d+)/.exec(stdout)
-        if (rps === null || p99 === null) return reject(new Error(`unreadable wrk output:\n${stdout}`))
+        const requests = /(\d+) requests in/.exec(stdout)
+        if (rps === null || p99 === null || requests === null) return reject(new Error(`unreadable wrk output:\n${stdout}`))
         if (non2xx !== null) return reject(new Error(`wrk saw ${non2xx[1]} failed responses`))
-        resolve({ rps: Number(rps[1]), p99Ms: toMs(p99[1]!, p99[2]!) })
+        resolve({ rps: Number(rps[1]), p99Ms: toMs(p99[1]!, p99[2]!), requests: Number(requests[1]) })
       }
     )
   })
@@ -177,9 +200,18 @@ export const run = async (): Promise<void> => {
     const rps = new Map<string, Array<number>>()
     const p99 = new Map<string, Array<number>>()
     const paths: Array<readonly [string, number]> = [["direct", directPort], ...[...publicPorts].map(([n, port]) => [`h2_${n}`, port] as const)]
+    const ticks = clockTicks()
+    // the gateway's CPU over the 1-connection rounds, and the requests they served
+    let gatewayCpu = 0
+    let gatewayRequests = 0
     for (let round = 0; round < loadRounds; round++) {
       for (const [name, port] of paths) {
+        const before = cpuSeconds(gateway, ticks)
         const result = await wrk(port, "/")
+        if (name === "h2_1") {
+          gatewayCpu += cpuSeconds(gateway, ticks) - before
+          gatewayRequests += result.requests
+        }
         rps.set(name, [...(rps.get(name) ?? []), result.rps])
         p99.set(name, [...(p99.get(name) ?? []), result.p99Ms])
       }
@@ -192,6 +224,7 @@ export const run = async (): Promise<void> => {
       report(suite, `${name}_rps`, Math.round(value), "req/s")
       report(suite, `${name}_ratio`, value / directRps, "x of direct")
     }
+    report(suite, "gateway_cpu_per_request", Math.round((1e6 * gatewayCpu) / gatewayRequests), "us")
     report(suite, "direct_p99", median(p99.get("direct")!), "ms")
     report(suite, "p99_added_latency", Math.max(0, median(p99.get("h2_1")!) - median(p99.get("direct")!)), "ms")
     // one request at a time: the latency the gateway itself adds, without queueing behind other requests
@@ -204,12 +237,16 @@ export const run = async (): Promise<void> => {
     report(suite, "p99_added_latency_one_at_a_time", Math.max(0, median(single.h2) - median(single.direct)), "ms")
     let directDownload = 0
     let tunnelDownload = 0
+    let downloadCpu = Number.POSITIVE_INFINITY
     for (let round = 0; round < downloadRounds; round++) {
       directDownload = Math.max(directDownload, await download(directPort))
+      const before = cpuSeconds(gateway, ticks)
       tunnelDownload = Math.max(tunnelDownload, await download(publicPorts.get(1)!))
+      downloadCpu = Math.min(downloadCpu, cpuSeconds(gateway, ticks) - before)
     }
     report(suite, "direct_download_100MiB", Math.round(directDownload), "MB/s")
     report(suite, "reverse_h2_download_100MiB", Math.round(tunnelDownload), "MB/s")
+    report(suite, "gateway_cpu_per_100MiB", downloadCpu, "s")
   } finally {
     await backend?.stop()
     await gateway.stop()
