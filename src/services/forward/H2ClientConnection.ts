@@ -287,10 +287,16 @@ export class H2ClientConnection {
       this.close()
       return new H2ConnectionError({ reason: "GoingAway", code: ErrorCode.NO_ERROR, message: "stream identifiers exhausted" })
     }
+    const frames = encodeHeaders(id, encodeHeaderBlock(headers), endStream, this.remote.maxFrameSize)
+    if (this.outBytes + this.socket.writableLength + frames.length > MaxWriteQueueBytes) {
+      // the backend does not read: the connection ends (before a stream exists, so no event fires here)
+      this.write(frames)
+      return new H2ConnectionError({ reason: "Closed", code: ErrorCode.ENHANCE_YOUR_CALM, message: "the backend does not read what it is sent" })
+    }
     this.nextId += 2
     const stream = new H2ClientStream(id, this, events, this.remote.initialWindowSize, this.limits.streamWindowBytes)
     this.streams.set(id, stream)
-    this.write(encodeHeaders(id, encodeHeaderBlock(headers), endStream, this.remote.maxFrameSize))
+    this.write(frames)
     if (endStream) {
       stream.ending = true
       stream.localEnded = true
@@ -414,6 +420,7 @@ export class H2ClientConnection {
       this.write(piece)
       if (last) stream.localEnded = true
     }
+    if (stream.closed || this.destroyed) return
     this.blocked.delete(stream)
     if (stream.ending && !stream.localEnded) {
       stream.localEnded = true
