@@ -42,6 +42,8 @@ export const SocketSendQueueBytes = 1024 * 1024
  * answers would otherwise grow the queue without bound (request DATA stops at `SocketSendQueueBytes`).
  */
 export const MaxWriteQueueBytes = 4 * 1024 * 1024
+/** How long a gracefully closing connection may take to flush its last frames before it is destroyed (ms). */
+export const CloseFlushTimeoutMs = 5_000
 /** PINGs awaiting their ACK at once. */
 export const MaxPendingPings = 8
 /** A receive window is granted back once this fraction of it has been consumed (batched WINDOW_UPDATE). */
@@ -229,6 +231,7 @@ export class H2ClientConnection {
   private readonly pings = new Map<string, (ok: boolean) => void>()
   private pingCounter = 0
   private readonly closeWaiters: Array<() => void> = []
+  private closeTimer: NodeJS.Timeout | undefined = undefined
 
   constructor(socket: Duplex, limits: H2ClientLimits, events: H2ConnectionEvents) {
     this.socket = socket
@@ -332,6 +335,10 @@ export class H2ClientConnection {
     if (this.flushTimer !== undefined) {
       clearImmediate(this.flushTimer)
       this.flushTimer = undefined
+    }
+    if (this.closeTimer !== undefined) {
+      clearTimeout(this.closeTimer)
+      this.closeTimer = undefined
     }
     const why = error?.message ?? "the connection closed"
     for (const stream of [...this.streams.values()]) this.closeStream(stream, { code: error?.code ?? ErrorCode.CANCEL, refused: false, reason: why })
@@ -489,8 +496,10 @@ export class H2ClientConnection {
 
   /** Ends the socket once the frames written are out (graceful close with nothing left open). */
   private finish(): void {
-    if (this.destroyed) return
+    if (this.destroyed || this.closeTimer !== undefined) return
     this.flush()
+    // destroyed once the last frames are out, or after a bound if the backend does not read them
+    this.closeTimer = setTimeout(() => this.destroy(), CloseFlushTimeoutMs)
     this.socket.end(() => this.destroy())
   }
 
