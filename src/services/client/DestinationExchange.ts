@@ -5,7 +5,7 @@
  * not check destination rules, speak wsp, or handle `https://` destinations (WspClient keeps Node's
  * client for those).
  */
-import type { Http1Error, ResponseHead } from "../../domain/Http1Parser.ts"
+import type { ResponseHead } from "../../domain/Http1Parser.ts"
 import { BodyFramer, HeadReader, parseResponseHead, responseFraming } from "../../domain/Http1Parser.ts"
 import type { DestinationTarget, RequestBodyFraming } from "../../domain/DestinationRequestHead.ts"
 import { goHeaderFromFields, responseContentLength } from "../../domain/DestinationRequestHead.ts"
@@ -133,8 +133,12 @@ export class DestinationExchange implements ConnectionOwner, ConnectionWaiter, D
   /** The response body is chunk-coded: its data runs come through `onRun`. */
   private chunked = false
   private keepAlive = false
-  /** The last decoded run of the current read, passed on once the next run (or the read's end) shows whether it is the body's last. */
+  /**
+   * The last body run of the current read, passed on once the next run (or the read's end) shows
+   * whether it is the body's last, so that the last frame carries FIN.
+   */
   private run: Buffer | undefined = undefined
+  /** The read being decoded (chunk data runs are views of it). */
   private current: Buffer = EMPTY
 
   constructor(
@@ -344,7 +348,7 @@ export class DestinationExchange implements ConnectionOwner, ConnectionWaiter, D
     this.current = chunk
     this.run = undefined
     const n = framer.consume(chunk, from, this.chunked ? this.onRun : undefined)
-    if (typeof n !== "number") return this.fail(`malformed response body: ${(n as Http1Error).message}`)
+    if (typeof n !== "number") return this.fail(`malformed response body: ${n.message}`)
     if (this.phase !== BODY) return
     // Content-Length and close-delimited bodies are passed on as they are
     if (!this.chunked && n > 0) this.run = from === 0 && n === chunk.length ? chunk : chunk.subarray(from, from + n)

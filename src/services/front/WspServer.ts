@@ -88,8 +88,6 @@ interface Exchange {
   received: number
   /** The WebSocket is paused until the caller drains. */
   paused: boolean
-  /** The caller's socket is corked until the end of this turn of the event loop. */
-  corked: boolean
   /** Passes one body fragment read off the socket by the server itself. */
   onPayload: (fragment: Buffer) => void
 }
@@ -163,6 +161,40 @@ const socketDataOf = (ws: WebSocket): { readonly socket: net.Socket; readonly on
     : undefined
 }
 
+/** Size of the buffer a registered connection's socket reads into, reused while nothing else holds it. */
+export const serverReadBufferBytes = 64 * 1024
+/**
+ * What the read buffer grows to once a read fills it while a response body streams (fewer, larger
+ * reads and writes); it goes back to `serverReadBufferBytes` when the exchange ends.
+ */
+export const serverReadBufferMaxBytes = 256 * 1024
+
+/**
+ * Makes an accepted socket read into buffers switchyard supplies, as Node's `onread` option does for
+ * sockets it creates (`net.Socket` keeps the option's state under the symbols `kBuffer`, `kBufferCb`
+ * and `kBufferGen`, and the handle's `useUserBuffer` switches reads to it). Checked at run time;
+ * undefined when the shape is not there or the socket already holds unread data, and reads then stay
+ * Node's (a fresh buffer per read).
+ */
+const readIntoOf = (socket: net.Socket): ((first: Buffer, onRead: (nread: number, buffer: Buffer) => boolean, next: () => Buffer) => void) | undefined => {
+  const symbols = Object.getOwnPropertySymbols(socket)
+  const symbol = (name: string) => symbols.find((s) => s.description === name)
+  const kBuffer = symbol("kBuffer")
+  const kBufferCb = symbol("kBufferCb")
+  const kBufferGen = symbol("kBufferGen")
+  const slots = socket as unknown as Record<symbol, unknown>
+  const handle = (socket as unknown as { readonly _handle?: { readonly useUserBuffer?: unknown } | null })._handle
+  if (kBuffer === undefined || kBufferCb === undefined || kBufferGen === undefined) return undefined
+  if (slots[kBuffer] != null || slots[kBufferCb] != null || handle == null || typeof handle.useUserBuffer !== "function") return undefined
+  if (socket.readableLength > 0) return undefined
+  return (first, onRead, next) => {
+    slots[kBuffer] = first
+    slots[kBufferCb] = onRead
+    slots[kBufferGen] = next
+    ;(handle.useUserBuffer as (buffer: Buffer) => void).call(handle, first)
+  }
+}
+
 /** Unmasks in place (native `bufferutil`, which `ws` uses too). */
 const unmask: (data: Buffer, mask: Buffer) => void = (createRequire(import.meta.url)("bufferutil") as {
   readonly unmask: (data: Buffer, mask: Buffer) => void
@@ -183,6 +215,16 @@ class ServerConnection {
   private readonly toWs: ((chunk: Buffer) => void) | undefined
   /** Reads the current response body's frames off the socket while it owns the stream. */
   private reader: DataFrameReader | undefined = undefined
+  /** The buffer the socket reads into (when it reads into switchyard's buffers). */
+  private readBuffer: Buffer | undefined = undefined
+  /** `ws` may still hold views of the read buffer (a partial frame, a queued pong): the next read takes a fresh one. */
+  private readBufferHeld = false
+  /** The last read filled the buffer (a body is streaming faster than it is read). */
+  private readFilled = false
+  /** Body writes to a caller not yet done (their bytes may be views of the read buffer). */
+  private pendingWrites = 0
+  /** Reading waits until `pendingWrites` is 0, so the read buffer is not overwritten while queued. */
+  private writeWait = false
 
   constructor(ws: WebSocket, poolId: string, limits: WspHeadLimits, maxMessageSize: number, onGone: (conn: ServerConnection) => void) {
     this.ws = ws
@@ -204,10 +246,60 @@ class ServerConnection {
       ws.once("close", () => socket.removeListener("data", this.onSocketData))
       this.frames = frames
       this.toWs = (chunk) => onData.call(socket, chunk)
+      const readInto = readIntoOf(socket)
+      if (readInto !== undefined) {
+        this.readBuffer = Buffer.allocUnsafe(serverReadBufferBytes)
+        readInto(this.readBuffer, this.onRead, this.nextReadBuffer)
+      }
     } else {
       this.frames = undefined
       this.toWs = undefined
     }
+  }
+
+  /**
+   * A read into the connection's buffer. The buffer is read into again only once nothing holds views of
+   * it: body parts written to a caller are waited for (reading pauses until they are written), and
+   * when `ws` keeps bytes of it (a frame not yet complete, a pong queued) the next read takes a new one.
+   */
+  private readonly onRead = (nread: number, buffer: Buffer): boolean => {
+    this.readFilled = nread === buffer.length
+    this.onSocketData(buffer.subarray(0, nread))
+    const f = this.frames!
+    if (f._bufferedBytes > 0 || (Array.isArray(f._fragments) && f._fragments.length > 0) || this.ws.bufferedAmount > 0) {
+      this.readBufferHeld = true
+    }
+    if (this.pendingWrites > 0 && !this.writeWait) {
+      this.writeWait = true
+      this.ws.pause()
+    }
+    return true
+  }
+
+  private readonly nextReadBuffer = (): Buffer => {
+    const current = this.readBuffer
+    const size = this.exchange?.streaming === true && (this.readFilled || current?.length === serverReadBufferMaxBytes)
+      ? serverReadBufferMaxBytes
+      : serverReadBufferBytes
+    if (this.readBufferHeld || current === undefined || current.length !== size) {
+      this.readBufferHeld = false
+      this.readBuffer = Buffer.allocUnsafe(size)
+    }
+    return this.readBuffer!
+  }
+
+  private readonly onBodyWritten = (): void => {
+    this.pendingWrites--
+    if (this.pendingWrites === 0 && this.writeWait) {
+      this.writeWait = false
+      this.resumeIfClear()
+    }
+  }
+
+  /** Reads on unless the caller is behind or written body parts still hold the read buffer. */
+  private resumeIfClear(): void {
+    if (this.writeWait || this.exchange?.paused === true) return
+    this.ws.resume()
   }
 
   /**
@@ -304,7 +396,10 @@ class ServerConnection {
     this.exchange = undefined
     this.reader = undefined
     if (error !== undefined) this.ws.terminate()
-    else if (exchange.paused) this.ws.resume()
+    else if (exchange.paused) {
+      exchange.paused = false
+      this.resumeIfClear()
+    }
     exchange.done(error)
   }
 
@@ -361,27 +456,24 @@ class ServerConnection {
       exchange.started = true
     }
     exchange.received += fragment.length
-    if (bodyless(exchange.method, exchange.head.StatusCode) || res.destroyed) return
-    // the body parts of every WebSocket read in this turn of the event loop go to the caller in one
-    // write (bounded: the WebSocket pauses once `responseHighWater` bytes wait)
     const socket = res.socket
-    if (!exchange.corked && socket !== null) {
-      exchange.corked = true
-      socket.cork()
-      setImmediate(() => {
-        exchange.corked = false
-        socket.uncork()
-      })
-    }
+    // a destroyed socket takes no more writes (and would never call back)
+    if (bodyless(exchange.method, exchange.head.StatusCode) || res.destroyed || socket === null || socket.destroyed) return
     // Node reports a full buffer past 16 KiB; pausing the WebSocket for every fragment would cost a
     // round trip each, so the caller's buffer may grow to `responseHighWater` first
-    if (!res.write(fragment) && !exchange.paused && res.writableLength >= responseHighWater) {
+    let ok: boolean
+    if (this.readBuffer === undefined) ok = res.write(fragment)
+    else {
+      this.pendingWrites++
+      ok = res.write(fragment, this.onBodyWritten)
+    }
+    if (!ok && !exchange.paused && res.writableLength >= responseHighWater) {
       exchange.paused = true
       this.ws.pause()
       res.once("drain", () => {
         if (!exchange.paused) return
         exchange.paused = false
-        if (this.exchange === exchange) this.ws.resume()
+        if (this.exchange === exchange) this.resumeIfClear()
       })
     }
   }
@@ -420,7 +512,6 @@ class ServerConnection {
       started: false,
       received: 0,
       paused: false,
-      corked: false,
       onPayload: (fragment) => this.onBodyFragment(exchange, binaryOpcode, fragment)
     }
     this.exchange = exchange
