@@ -161,8 +161,11 @@ const socketDataOf = (ws: WebSocket): { readonly socket: net.Socket; readonly on
     : undefined
 }
 
-/** Size of the buffer a registered connection's socket reads into, reused while nothing else holds it. */
-export const serverReadBufferBytes = 64 * 1024
+/**
+ * Size of the buffer a registered connection's socket reads into, reused while nothing else holds it:
+ * what an idle connection keeps (heads, pings and greetings are small; a larger message spans reads).
+ */
+export const serverReadBufferBytes = 16 * 1024
 /**
  * What the read buffer grows to once a read fills it while a response body streams (fewer, larger
  * reads and writes); it goes back to `serverReadBufferBytes` when the exchange ends.
