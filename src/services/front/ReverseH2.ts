@@ -174,7 +174,7 @@ interface H2Connection {
 const isGone = (c: H2Connection): boolean =>
   c.closed || c.draining || (c.session !== undefined && (c.session.goingAway || c.session.destroyed))
 
-const hasCapacity = (c: H2Connection): boolean => c.ready && c.active < c.maxStreams && c.session!.active < c.session!.remote.maxConcurrentStreams && !isGone(c)
+const hasCapacity = (c: H2Connection): boolean => c.ready && c.active < c.maxStreams && c.session!.canOpen() && !isGone(c)
 
 /** A public request waiting for a stream slot on its route. */
 interface Waiter {
