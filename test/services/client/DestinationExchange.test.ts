@@ -209,6 +209,36 @@ describe("DestinationExchange (raw HTTP/1.1 toward wsp destinations)", () => {
     await expectNoLeaks(before)
   })
 
+  it("queues a request body while waiting for a connection (one per destination here) and sends it once granted", async () => {
+    const before = activeHandles()
+    const bodies: Array<Buffer> = []
+    const server = http.createServer((req, res) => {
+      const parts: Array<Buffer> = []
+      req.on("data", (d: Buffer) => parts.push(d))
+      req.on("end", () => {
+        bodies.push(Buffer.concat(parts))
+        // the first answer waits a little, so the second request has to wait for the connection
+        setTimeout(() => res.end(String(bodies.length)), bodies.length === 1 ? 50 : 0)
+      })
+    })
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
+    const port = (server.address() as net.AddressInfo).port
+    const pools = new DestinationPools(1, 1)
+    const a = pattern(100_000)
+    const b = pattern(2_000_000)
+    const [first, second] = await Promise.all([
+      exchange(pools, `http://127.0.0.1:${port}/a`, { method: "POST", contentLength: a.length, body: [a] }),
+      exchange(pools, `http://127.0.0.1:${port}/b`, { method: "POST", contentLength: -1, body: [b.subarray(0, 1_500_000), b.subarray(1_500_000)] })
+    ])
+    expect([first.body.toString(), second.body.toString()]).toEqual(["1", "2"])
+    expect(Buffer.compare(bodies[0]!, a)).toBe(0)
+    expect(Buffer.compare(bodies[1]!, b)).toBe(0)
+    pools.close()
+    server.closeAllConnections()
+    await new Promise<void>((resolve) => server.close(() => resolve()))
+    await expectNoLeaks(before)
+  })
+
   it("reports a destination that dies mid-body as a failure after the head, never as an end", async () => {
     const before = activeHandles()
     for (const framing of ["length", "chunked"] as const) {
