@@ -251,7 +251,7 @@ class ServerConnection {
       this.toWs = (chunk) => onData.call(socket, chunk)
       const readInto = readIntoOf(socket)
       if (readInto !== undefined) {
-        this.readBuffer = Buffer.allocUnsafe(serverReadBufferBytes)
+        this.readBuffer = Buffer.allocUnsafeSlow(serverReadBufferBytes)
         readInto(this.readBuffer, this.onRead, this.nextReadBuffer)
       }
     } else {
@@ -286,7 +286,8 @@ class ServerConnection {
       : serverReadBufferBytes
     if (this.readBufferHeld || current === undefined || current.length !== size) {
       this.readBufferHeld = false
-      this.readBuffer = Buffer.allocUnsafe(size)
+      // never a slice of Node's shared pool: the buffer is read into again and again
+      this.readBuffer = Buffer.allocUnsafeSlow(size)
     }
     return this.readBuffer!
   }
