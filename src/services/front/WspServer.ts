@@ -260,6 +260,11 @@ class ServerConnection {
     }
   }
 
+  /** Body frames are read off the socket into the connection's own buffer (the fast relay). */
+  get relaysDirectly(): boolean {
+    return this.readBuffer !== undefined
+  }
+
   /**
    * A read into the connection's buffer. The buffer is read into again only once nothing holds views of
    * it: body parts written to a caller are waited for (reading pauses until they are written), and
@@ -724,6 +729,8 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
   let requestKey = config.requestKey === undefined ? undefined : Redacted.value(config.requestKey)
   const greeting = new Set<WebSocket>()
   let inFlight = 0
+  /** The slower relay (without `ws`'s and Node's checked internals) has been logged once. */
+  let slowPathReported = false
 
   const wss = new WebSocketServer({ noServer: true, maxPayload: config.maxMessageSize, perMessageDeflate: false })
 
@@ -748,6 +755,13 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
         return
       }
       const conn = new ServerConnection(ws, parsed.id, limits, config.maxMessageSize, (c) => pool.remove(c))
+      if (!conn.relaysDirectly && !slowPathReported) {
+        slowPathReported = true
+        run(Effect.logWarning(
+          "wsp-server: this Node or ws version lacks the internals the fast body relay checks for; " +
+            "bodies go through ws and Node's own reads (correct, but slower)"
+        ))
+      }
       run(
         pool.register(parsed.id, parsed.size, conn).pipe(
           Effect.catch((e: PoolError) =>

@@ -5,7 +5,7 @@
 import { describe, expect, it } from "@effect/vitest"
 import * as http from "node:http"
 import * as net from "node:net"
-import { Effect, Redacted, Scope } from "effect"
+import { Effect, Logger, Redacted, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import { WebSocket } from "ws"
 import { makeWspServer, maxPendingGreetings, secretMatches, WspServer } from "../../../src/services/front/WspServer.ts"
@@ -240,6 +240,18 @@ describe("WspServer against a hand-written wsp client", () => {
       expect(outcome!.complete).toBe(false)
       expect(outcome!.bytes).toBeLessThanOrEqual(60_000)
     })))
+
+  it.live("relays bodies on the fast path on this Node and ws (no slow-path warning), which a registered connection reports", () =>
+    Effect.gen(function*() {
+      const messages: Array<string> = []
+      const capture = Logger.make((options) => void messages.push(String(options.message)))
+      yield* leakChecked(Effect.gen(function*() {
+        const server = yield* makeWspServer(serverConfig())
+        yield* connectPeer(server.address.port, "peer_1")
+        yield* waitFor("registered", () => server.stats().idle === 1)
+      })).pipe(Effect.provide(Logger.layer([capture])))
+      expect(messages.filter((m) => m.includes("fast body relay"))).toEqual([])
+    }))
 
   it.live("sends an empty body as an empty binary message", () =>
     leakChecked(Effect.gen(function*() {
