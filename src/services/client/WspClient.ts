@@ -462,6 +462,8 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
   }
   const secret = Redacted.value(config.secretKey)
   const greeting = encodeGreeting({ id: config.id, size: config.poolIdleSize })
+  /** The slower relay (without `ws`'s checked internals) has been logged once. */
+  let slowPathReported = false
   const targets: Array<Target> = []
   for (const url of config.targets) {
     targets.push({ url, connections: new Set(), wake: yield* Queue.sliding<void>(1), earlyCloses: 0, lost: 0, reconnects: 0, failures: 0 })
@@ -498,6 +500,13 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
         ws.off("error", onFailure)
         ws.send(greeting)
         conn.status = "idle"
+        if (!slowPathReported && (receiverOf(ws) === undefined || BodyFrameWriter.for(ws, config.maskFrames) === undefined)) {
+          slowPathReported = true
+          ctx.log(
+            "wsp-client: this ws version lacks the internals the fast body relay checks for; " +
+              "bodies go through ws's own interface (correct, but slower)"
+          )
+        }
         if (target.lost > 0) {
           target.lost--
           target.reconnects++

@@ -390,6 +390,18 @@ describe("WspClient against a hand-written wsp server", () => {
       expect(warnings).toHaveLength(1)
     }))
 
+  it.live("relays bodies on the fast path on this ws (no slow-path warning once connected)", () =>
+    Effect.gen(function*() {
+      const messages: Array<string> = []
+      const capture = Logger.make((options) => void messages.push(String(options.message)))
+      yield* Effect.scoped(Effect.gen(function*() {
+        const server = yield* fakeServer
+        yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, poolMaxSize: 1, rules: rules({ whitelist: [{ url: "x" }] }) }))
+        yield* waitFor("connected and greeted", () => server.connections.some((c) => c.greeting !== undefined))
+      })).pipe(Effect.provide(Logger.layer([capture])))
+      expect(messages.filter((m) => m.includes("fast body relay"))).toEqual([])
+    }))
+
   it.live("is available as a Layer", () =>
     leakChecked(Effect.gen(function*() {
       const server = yield* fakeServer
