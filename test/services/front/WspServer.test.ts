@@ -253,6 +253,65 @@ describe("WspServer against a hand-written wsp client", () => {
       expect(messages.filter((m) => m.includes("fast body relay"))).toEqual([])
     }))
 
+  it.live("relays bodies exactly however their frames are sized, split across writes and mixed with pings, to a caller that pauses", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const peer = yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const socket = (peer.ws as unknown as { readonly _socket: net.Socket })._socket
+      // a small deterministic generator, so a failure can be replayed
+      let seed = 0x2545f491
+      const random = (n: number) => {
+        seed ^= seed << 13
+        seed ^= seed >>> 17
+        seed ^= seed << 5
+        return (seed >>> 0) % n
+      }
+      for (let round = 0; round < 4; round++) {
+        const sizes = Array.from({ length: 1 + random(6) }, () => (random(4) === 0 ? random(200) : random(300_000)))
+        const total = sizes.reduce((a, b) => a + b, 0)
+        const body = Buffer.alloc(total)
+        for (let i = 0; i < total; i++) body[i] = (i * 7 + round) % 256
+        const received: Array<Buffer> = []
+        let complete: boolean | undefined
+        const req = http.get({ host: "127.0.0.1", port, path: "/request", agent: false, headers: { "X-Proxy-Destination": "http://dest.example/" } }, (res) => {
+          let reads = 0
+          res.on("data", (c: Buffer) => {
+            received.push(c)
+            if (++reads % 5 === 0) {
+              res.pause()
+              setTimeout(() => res.resume(), 2)
+            }
+          })
+          res.on("end", () => (complete = res.complete))
+        })
+        req.on("error", () => undefined)
+        yield* next(peer)
+        yield* next(peer)
+        peer.send(`{"StatusCode":200,"Header":{},"ContentLength":${round % 2 === 0 ? total : -1}}`)
+        const parts: Array<Buffer> = []
+        let at = 0
+        sizes.forEach((n, i) => {
+          parts.push(maskedFrame(i === sizes.length - 1, i === 0 ? 2 : 0, body.subarray(at, at + n)))
+          at += n
+          if (random(2) === 0 && i < sizes.length - 1) parts.push(maskedFrame(true, 9, Buffer.from("p")))
+        })
+        const wire = Buffer.concat(parts)
+        let offset = 0
+        while (offset < wire.length) {
+          const n = 1 + random(random(2) === 0 ? 16 : 150_000)
+          socket.write(wire.subarray(offset, Math.min(wire.length, offset + n)))
+          offset += n
+          if (random(3) === 0) yield* Effect.sleep(1)
+        }
+        yield* waitFor(`round ${round} complete`, () => complete !== undefined)
+        expect(complete).toBe(true)
+        expect(Buffer.compare(Buffer.concat(received), body)).toBe(0)
+        yield* waitFor("released", () => server.stats().idle === 1)
+      }
+    })), { timeout: 30_000 })
+
   it.live("sends an empty body as an empty binary message", () =>
     leakChecked(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
