@@ -189,7 +189,8 @@ const readIntoOf = (socket: net.Socket): ((first: Buffer, onRead: (nread: number
   const handle = (socket as unknown as { readonly _handle?: { readonly useUserBuffer?: unknown } | null })._handle
   if (kBuffer === undefined || kBufferCb === undefined || kBufferGen === undefined) return undefined
   if (slots[kBuffer] != null || slots[kBufferCb] != null || handle == null || typeof handle.useUserBuffer !== "function") return undefined
-  if (socket.readableLength > 0) return undefined
+  // plain TCP only (a TLS socket's reads are decrypted elsewhere), and nothing read but not yet delivered
+  if ((socket as { readonly encrypted?: boolean }).encrypted === true || socket.readableLength > 0) return undefined
   return (first, onRead, next) => {
     slots[kBuffer] = first
     slots[kBufferCb] = onRead
