@@ -6,42 +6,14 @@
  * through `ws.send`), and never writes while `ws` could be mid-frame: `ws` writes whole frames, and so
  * does this.
  */
-import { randomFillSync } from "node:crypto"
-import { createRequire } from "node:module"
 import type * as net from "node:net"
 import { WebSocket } from "ws"
 import { encodeFrameHeader } from "../../domain/WebSocketFrameHeader.ts"
-
-/** Random bytes drawn at once for masking keys (four per frame). */
-export const MASK_KEY_POOL_BYTES = 4096
+import { maskInto, nextMaskKey } from "../transport/WebSocketMasking.ts"
+import { socketOf } from "../transport/WsInternals.ts"
 
 const OPCODE_CONTINUATION = 0x0
 const OPCODE_BINARY = 0x2
-
-/** Masks in place (native `bufferutil`, which `ws` uses too). */
-const mask: (source: Buffer, key: Buffer, output: Buffer, offset: number, length: number) => void = (
-  createRequire(import.meta.url)("bufferutil") as {
-    readonly mask: (source: Buffer, key: Buffer, output: Buffer, offset: number, length: number) => void
-  }
-).mask
-
-const keyPool = Buffer.alloc(MASK_KEY_POOL_BYTES)
-let keyAt = MASK_KEY_POOL_BYTES
-
-/** The next random masking key, never all zero (that would leave the payload unmasked). */
-const nextKey = (key: Buffer): void => {
-  do {
-    if (keyAt === MASK_KEY_POOL_BYTES) {
-      randomFillSync(keyPool)
-      keyAt = 0
-    }
-    key[0] = keyPool[keyAt]!
-    key[1] = keyPool[keyAt + 1]!
-    key[2] = keyPool[keyAt + 2]!
-    key[3] = keyPool[keyAt + 3]!
-    keyAt += 4
-  } while ((key[0]! | key[1]! | key[2]! | key[3]!) === 0)
-}
 
 const ZERO_KEY = Buffer.alloc(4)
 
@@ -54,8 +26,8 @@ export class BodyFrameWriter {
 
   /** A writer for the next message on `ws`, or undefined when its socket is not reachable. */
   static for(ws: WebSocket, masked: boolean): BodyFrameWriter | undefined {
-    const socket = (ws as unknown as { readonly _socket?: net.Socket | null })._socket
-    return socket != null && typeof socket.write === "function" ? new BodyFrameWriter(ws, socket, masked) : undefined
+    const socket = socketOf(ws)
+    return socket === undefined ? undefined : new BodyFrameWriter(ws, socket, masked)
   }
 
   private constructor(ws: WebSocket, socket: net.Socket, masked: boolean) {
@@ -78,9 +50,9 @@ export class BodyFrameWriter {
     this.first = fin
     let key = ZERO_KEY
     if (this.masked) {
-      nextKey(this.key)
+      nextMaskKey(this.key)
       key = this.key
-      if (payload.length > 0) mask(payload, key, payload, 0, payload.length)
+      maskInto(payload, key, 0, payload, 0)
     }
     const header = encodeFrameHeader(fin, opcode, payload.length, key)
     const socket = this.socket

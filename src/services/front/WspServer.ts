@@ -6,7 +6,6 @@
  */
 import { createHash, timingSafeEqual } from "node:crypto"
 import * as http from "node:http"
-import { createRequire } from "node:module"
 import type * as net from "node:net"
 import type { Duplex } from "node:stream"
 import { Context, Effect, FiberSet, Layer, Redacted, Schema } from "effect"
@@ -28,6 +27,8 @@ import {
 } from "../../domain/WspMessage.ts"
 import type { PoolHandle, PoolStats } from "../Pool.ts"
 import { defaultCleanInterval, makePool, PoolError } from "../Pool.ts"
+import { unmaskInPlace } from "../transport/WebSocketMasking.ts"
+import { RECEIVER_GET_DATA, RECEIVER_GET_INFO, type ReceiverFields, receiverFieldsOf, socketListenerOf } from "../transport/WsInternals.ts"
 
 /** wsp's status for every proxy-side failure. */
 export const proxyErrorStatus = 526
@@ -117,50 +118,6 @@ export const streamNextMessage = (receiver: ReceiverInternals, onFragment: (opco
   receiver._fragments = { length: 0, push: (fragment: Buffer) => onFragment(receiver._opcode, fragment) }
 }
 
-/** ws 8.x receiver states (`lib/receiver.js`): between frames, and waiting for a frame's payload. */
-const receiverGetInfo = 0
-const receiverGetData = 4
-
-/**
- * The rest of `ws`'s receiver (ws 8.x) that the server reads and resets when it reads a response
- * body's frames itself (see `ServerConnection.onSocketData`). Checked at run time; when the shape is
- * not there, `ws` reads every frame.
- */
-interface ReceiverFrames extends ReceiverInternals {
-  _state: number
-  _bufferedBytes: number
-  readonly _buffers: Array<Buffer>
-  readonly _payloadLength: number
-  readonly _masked: boolean
-  readonly _mask: Buffer | undefined
-  readonly _fin: boolean
-  readonly _compressed: boolean
-  _fragmented: number
-  _totalPayloadLength: number
-  _messageLength: number
-}
-
-const receiverFramesOf = (receiver: ReceiverInternals | undefined): ReceiverFrames | undefined => {
-  const r = receiver as Partial<ReceiverFrames> | undefined
-  return r !== undefined && typeof r._state === "number" && typeof r._bufferedBytes === "number" && Array.isArray(r._buffers) &&
-      typeof r._payloadLength === "number" && typeof r._masked === "boolean" && typeof r._fin === "boolean" &&
-      typeof r._compressed === "boolean" && typeof r._fragmented === "number" && typeof r._totalPayloadLength === "number" &&
-      typeof r._messageLength === "number"
-    ? (r as ReceiverFrames)
-    : undefined
-}
-
-/** `ws`'s own `data` listener on a WebSocket's socket, when it is the only one (ws 8.x). */
-const socketDataOf = (ws: WebSocket): { readonly socket: net.Socket; readonly onData: (chunk: Buffer) => void } | undefined => {
-  const socket = (ws as unknown as { readonly _socket?: net.Socket | null })._socket
-  if (socket == null) return undefined
-  const listeners = socket.listeners("data")
-  const onData = listeners[0]
-  return listeners.length === 1 && typeof onData === "function" && onData.name === "socketOnData"
-    ? { socket, onData: onData as (chunk: Buffer) => void }
-    : undefined
-}
-
 /**
  * Size of the buffer a registered connection's socket reads into, reused while nothing else holds it:
  * what an idle connection keeps (heads, pings and greetings are small; a larger message spans reads).
@@ -199,11 +156,6 @@ const readIntoOf = (socket: net.Socket): ((first: Buffer, onRead: (nread: number
   }
 }
 
-/** Unmasks in place (native `bufferutil`, which `ws` uses too). */
-const unmask: (data: Buffer, mask: Buffer) => void = (createRequire(import.meta.url)("bufferutil") as {
-  readonly unmask: (data: Buffer, mask: Buffer) => void
-}).unmask
-
 /** One pooled WebSocket from a wsp client; carries at most one exchange at a time. */
 class ServerConnection {
   readonly ws: WebSocket
@@ -215,7 +167,7 @@ class ServerConnection {
   private readonly maxMessageSize: number
   private readonly onGone: (conn: ServerConnection) => void
   /** `ws`'s receiver and socket listener, when the server can read body frames itself. */
-  private readonly frames: ReceiverFrames | undefined
+  private readonly frames: ReceiverFields | undefined
   private readonly toWs: ((chunk: Buffer) => void) | undefined
   /** Reads the current response body's frames off the socket while it owns the stream. */
   private reader: DataFrameReader | undefined = undefined
@@ -241,8 +193,8 @@ class ServerConnection {
       this.awaitingPong = false
     })
     ws.on("close", () => this.onClose())
-    const frames = receiverFramesOf(receiverOf(ws))
-    const data = socketDataOf(ws)
+    const frames = receiverFieldsOf(ws)
+    const data = socketListenerOf(ws)
     if (frames !== undefined && data !== undefined) {
       const { socket, onData } = data
       socket.removeListener("data", onData)
@@ -369,28 +321,28 @@ class ServerConnection {
     const f = this.frames!
     // the body message is still collected through `streamNextMessage` (not yet ended by ws)
     if (exchange.head === undefined || Array.isArray(f._fragments)) return undefined
-    if (f._state === receiverGetInfo && f._bufferedBytes === 0) {
+    if (f._state === RECEIVER_GET_INFO && f._bufferedBytes === 0) {
       const inMessage = f._fragmented !== 0
       if (inMessage && f._fragmented !== OPCODE_BINARY) return undefined
       this.reader = new DataFrameReader(
         { total: inMessage ? f._totalPayloadLength : 0, inMessage, frameRemaining: 0, fin: false, mask: undefined, maskOffset: 0 },
         this.maxMessageSize,
         true,
-        unmask
+        unmaskInPlace
       )
       return this.reader
     }
-    if (f._state !== receiverGetData || f._opcode !== OPCODE_BINARY || f._compressed || f._bufferedBytes >= f._payloadLength) return undefined
+    if (f._state !== RECEIVER_GET_DATA || f._opcode !== OPCODE_BINARY || f._compressed || f._bufferedBytes >= f._payloadLength) return undefined
     // inside a frame's payload: its bytes `ws` holds go first, then the reader goes on with the frame
     const reader = new DataFrameReader(
       { total: f._totalPayloadLength, inMessage: true, frameRemaining: f._payloadLength, fin: f._fin, mask: f._masked ? f._mask : undefined, maskOffset: 0 },
       this.maxMessageSize,
       true,
-      unmask
+      unmaskInPlace
     )
     const held = f._buffers.splice(0)
     f._bufferedBytes = 0
-    f._state = receiverGetInfo
+    f._state = RECEIVER_GET_INFO
     this.reader = reader
     for (const b of held) reader.read(b, exchange.onPayload)
     return this.exchange === exchange ? reader : undefined
