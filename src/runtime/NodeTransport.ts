@@ -156,10 +156,9 @@ export const listen = (
       const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (accepted) => {
         const reads = new LendingReads()
         const lending = lendingSocket(accepted, reads)
-        const socket = lending ?? accepted
-        sockets.add(socket)
-        socket.once("close", () => sockets.delete(socket))
-        onConnection(fromSocket(socket, { reads: lending === undefined ? undefined : reads }))
+        sockets.add(accepted)
+        accepted.once("close", () => sockets.delete(accepted))
+        onConnection(fromSocket(accepted, { reads: lending ? reads : undefined }))
       })
       let listening = false
       // Before listening, an error fails the bind; after, it concerns one accept and must not crash.

@@ -11,7 +11,7 @@ import { Duration, Effect } from "effect"
 import type { Scope } from "effect"
 import { type WebSocket, WebSocketServer } from "ws"
 import { type Address, TransportError } from "../Transport.ts"
-import { LendingReads, lendingUpgradedSocket } from "../transport/LendingReads.ts"
+import { LendingReads, lendingSocket } from "../transport/LendingReads.ts"
 import { DefaultMaxPayload, type WebSocketConnectionOptions } from "../transport/WebSocketConnection.ts"
 
 /** The path the control port answers on by default. */
@@ -91,19 +91,16 @@ export const makeUpgradeHandler = (
       if (counted) upgrading--
       counted = false
     }
-    // a plain TCP connection is taken over to read into reused memory from now on
+    // a plain TCP connection reads into reused memory from now on
     const reads = new LendingReads()
-    const taken = socket === s && !secure ? lendingUpgradedSocket(s, reads) : undefined
-    const upgraded: Duplex = taken?.socket ?? socket
-    if (taken !== undefined) upgraded.on("error", () => upgraded.destroy())
-    const rest = taken === undefined || taken.buffered.length === 0 ? head : Buffer.concat([head, ...taken.buffered])
-    upgraded.once("close", done)
-    wss.handleUpgrade(req, upgraded, rest, (ws) => {
+    const lending = socket === s && !secure && lendingSocket(s, reads)
+    socket.once("close", done)
+    wss.handleUpgrade(req, socket, head, (ws) => {
       done()
-      upgraded.off("close", done)
+      socket.off("close", done)
       // the connection built on it records errors; until then one must not crash the process
       ws.on("error", () => {})
-      onWebSocket({ ws, remoteAddress, localAddress, socket: taken?.socket ?? s, secure, reads: taken === undefined ? undefined : reads })
+      onWebSocket({ ws, remoteAddress, localAddress, socket: s, secure, reads: lending ? reads : undefined })
     })
     return true
   }

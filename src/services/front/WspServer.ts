@@ -6,7 +6,6 @@
  */
 import { createHash, timingSafeEqual } from "node:crypto"
 import * as http from "node:http"
-import type * as net from "node:net"
 import type { Duplex } from "node:stream"
 import { Context, Effect, FiberSet, Layer, Redacted, Schema } from "effect"
 import type { Scope } from "effect"
@@ -27,6 +26,7 @@ import {
 } from "../../domain/WspMessage.ts"
 import type { PoolHandle, PoolStats } from "../Pool.ts"
 import { defaultCleanInterval, makePool, PoolError } from "../Pool.ts"
+import { readIntoUserBuffers } from "../transport/LendingReads.ts"
 import { unmaskInPlace } from "../transport/WebSocketMasking.ts"
 import { RECEIVER_GET_DATA, RECEIVER_GET_INFO, type ReceiverFields, receiverFieldsOf, socketListenerOf } from "../transport/WsInternals.ts"
 
@@ -129,33 +129,6 @@ export const serverReadBufferBytes = 16 * 1024
  */
 export const serverReadBufferMaxBytes = 256 * 1024
 
-/**
- * Makes an accepted socket read into buffers switchyard supplies, as Node's `onread` option does for
- * sockets it creates (`net.Socket` keeps the option's state under the symbols `kBuffer`, `kBufferCb`
- * and `kBufferGen`, and the handle's `useUserBuffer` switches reads to it). Checked at run time;
- * undefined when the shape is not there or the socket already holds unread data, and reads then stay
- * Node's (a fresh buffer per read).
- */
-const readIntoOf = (socket: net.Socket): ((first: Buffer, onRead: (nread: number, buffer: Buffer) => boolean, next: () => Buffer) => void) | undefined => {
-  const symbols = Object.getOwnPropertySymbols(socket)
-  const symbol = (name: string) => symbols.find((s) => s.description === name)
-  const kBuffer = symbol("kBuffer")
-  const kBufferCb = symbol("kBufferCb")
-  const kBufferGen = symbol("kBufferGen")
-  const slots = socket as unknown as Record<symbol, unknown>
-  const handle = (socket as unknown as { readonly _handle?: { readonly useUserBuffer?: unknown } | null })._handle
-  if (kBuffer === undefined || kBufferCb === undefined || kBufferGen === undefined) return undefined
-  if (slots[kBuffer] != null || slots[kBufferCb] != null || handle == null || typeof handle.useUserBuffer !== "function") return undefined
-  // plain TCP only (a TLS socket's reads are decrypted elsewhere), and nothing read but not yet delivered
-  if ((socket as { readonly encrypted?: boolean }).encrypted === true || socket.readableLength > 0) return undefined
-  return (first, onRead, next) => {
-    slots[kBuffer] = first
-    slots[kBufferCb] = onRead
-    slots[kBufferGen] = next
-    ;(handle.useUserBuffer as (buffer: Buffer) => void).call(handle, first)
-  }
-}
-
 /** One pooled WebSocket from a wsp client; carries at most one exchange at a time. */
 class ServerConnection {
   readonly ws: WebSocket
@@ -202,7 +175,7 @@ class ServerConnection {
       ws.once("close", () => socket.removeListener("data", this.onSocketData))
       this.frames = frames
       this.toWs = (chunk) => onData.call(socket, chunk)
-      const readInto = readIntoOf(socket)
+      const readInto = readIntoUserBuffers(socket)
       if (readInto !== undefined) {
         this.readBuffer = Buffer.allocUnsafeSlow(serverReadBufferBytes)
         readInto(this.readBuffer, this.onRead, this.nextReadBuffer)

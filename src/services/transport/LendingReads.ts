@@ -1,7 +1,7 @@
 /**
  * Reading a socket into reused memory (Node's `onread`): the buffer policy of lending connections, and
- * taking over an accepted or upgraded socket's handle so that it reads that way. It interprets no bytes;
- * the handlers it feeds say whether they kept what they were given (`ConnectionHandlers.lendable`).
+ * switching a socket Node accepted to read that way. It interprets no bytes; the handlers it feeds say
+ * whether they kept what they were given (`ConnectionHandlers.lendable`).
  */
 import * as net from "node:net"
 import type { ConnectionHandlers } from "../Transport.ts"
@@ -78,57 +78,38 @@ export class LendingReads {
 }
 
 /**
- * Takes over an accepted socket (made with `pauseOnConnect`) so that it reads through `reads`; Node's
- * server has no `onread` option, so the handle moves to a new `net.Socket` that has one. Returns
- * `undefined`, leaving the socket as it was, where the handle cannot be moved.
+ * Makes a socket Node accepted (for a server, or handed on by an HTTP upgrade) read into buffers the
+ * caller supplies, as Node's `onread` option does for sockets it creates: `net.Socket` keeps that
+ * option's state under the symbols `kBuffer`, `kBufferCb` and `kBufferGen`, and the handle's
+ * `useUserBuffer` switches its reads to it. Checked at run time; `undefined` for TLS sockets, sockets
+ * that hold unread data, and when the shape is not there (reads then stay Node's, a fresh buffer each).
  */
-export const lendingSocket = (accepted: net.Socket, reads: LendingReads): net.Socket | undefined => {
-  const internal = accepted as unknown as { _handle: { useUserBuffer?: unknown; reading?: boolean } | null }
-  const handle = internal._handle
-  if (handle === null || typeof handle !== "object" || typeof handle.useUserBuffer !== "function" || handle.reading === true) {
-    return undefined
+export const readIntoUserBuffers = (
+  socket: net.Socket
+): ((first: Buffer, onRead: (nread: number, buffer: Buffer) => boolean, next: () => Buffer) => void) | undefined => {
+  const symbols = Object.getOwnPropertySymbols(socket)
+  const symbol = (name: string) => symbols.find((s) => s.description === name)
+  const kBuffer = symbol("kBuffer")
+  const kBufferCb = symbol("kBufferCb")
+  const kBufferGen = symbol("kBufferGen")
+  const slots = socket as unknown as Record<symbol, unknown>
+  const handle = (socket as unknown as { readonly _handle?: { readonly useUserBuffer?: unknown } | null })._handle
+  if (kBuffer === undefined || kBufferCb === undefined || kBufferGen === undefined) return undefined
+  if (slots[kBuffer] != null || slots[kBufferCb] != null || handle == null || typeof handle.useUserBuffer !== "function") return undefined
+  // plain TCP only (a TLS socket's reads are decrypted elsewhere), and nothing read but not yet delivered
+  if ((socket as { readonly encrypted?: boolean }).encrypted === true || socket.readableLength > 0) return undefined
+  return (first, onRead, next) => {
+    slots[kBuffer] = first
+    slots[kBufferCb] = onRead
+    slots[kBufferGen] = next
+    ;(handle.useUserBuffer as (buffer: Buffer) => void).call(handle, first)
   }
-  internal._handle = null
-  accepted.destroy()
-  return new net.Socket({
-    handle,
-    allowHalfOpen: true,
-    pauseOnCreate: true,
-    onread: { buffer: reads.next, callback: reads.onRead }
-  } as net.SocketConstructorOpts)
 }
 
-/**
- * Takes over a socket handed on by an HTTP server's `upgrade` event, which may already be reading:
- * reading stops, the bytes the socket had buffered are returned (to go before anything read later),
- * and the handle moves to a new socket that reads through `reads`. `undefined`, leaving the socket as it
- * was, for TLS sockets and handles that cannot move.
- */
-export const lendingUpgradedSocket = (
-  upgraded: net.Socket,
-  reads: LendingReads
-): { readonly socket: net.Socket; readonly buffered: Array<Buffer> } | undefined => {
-  if ((upgraded as { encrypted?: boolean }).encrypted === true) return undefined
-  const internal = upgraded as unknown as {
-    _handle: { useUserBuffer?: unknown; reading?: boolean; readStop?: () => number } | null
-  }
-  const handle = internal._handle
-  if (handle === null || typeof handle !== "object" || typeof handle.useUserBuffer !== "function" || typeof handle.readStop !== "function") {
-    return undefined
-  }
-  if (handle.reading === true) {
-    handle.reading = false
-    handle.readStop()
-  }
-  internal._handle = null
-  const buffered: Array<Buffer> = []
-  for (let b: Buffer | null = upgraded.read() as Buffer | null; b !== null; b = upgraded.read() as Buffer | null) buffered.push(b)
-  upgraded.destroy()
-  const socket = new net.Socket({
-    handle,
-    allowHalfOpen: upgraded.allowHalfOpen,
-    pauseOnCreate: true,
-    onread: { buffer: reads.next, callback: reads.onRead }
-  } as net.SocketConstructorOpts)
-  return { socket, buffered }
+/** Makes `socket` read through `reads` (see `readIntoUserBuffers`); false, changing nothing, where it cannot. */
+export const lendingSocket = (socket: net.Socket, reads: LendingReads): boolean => {
+  const readInto = readIntoUserBuffers(socket)
+  if (readInto === undefined) return false
+  readInto(reads.next(), reads.onRead as (nread: number, buffer: Buffer) => boolean, reads.next)
+  return true
 }
