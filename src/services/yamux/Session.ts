@@ -152,7 +152,8 @@ export class SessionCore implements StreamHost {
     if (this.outcome) return true
     const outer = this.handling
     this.handling = true
-    if (this.conn.lendsReads === true) {
+    // a chunk delivered from inside another one's handling (never a socket read) is not lent
+    if (!outer && this.conn.lendsReads === true) {
       this.lent = chunk.buffer
       this.loanKept = false
     }
