@@ -10,6 +10,11 @@ import type { ConnectionHandlers } from "../Transport.ts"
 export const LENDING_READ_MIN_BYTES = 4 * 1024
 /** Largest read buffer of a lending connection: reads that fill the buffer grow it fourfold up to this. */
 export const LENDING_READ_MAX_BYTES = 256 * 1024
+/**
+ * Reads held while paused (each stops reading until the next resume, so one per resume); more means
+ * pause and resume are racing without a read being taken, and the connection is destroyed.
+ */
+export const LENDING_HELD_MAX_READS = 16
 
 /**
  * Reads into one reused buffer (Node's `onread`) and hands each read to the connection's handlers. When
@@ -31,6 +36,8 @@ export class LendingReads {
    */
   private paused = false
   private held: Array<Buffer> = []
+  /** Called once more than `LENDING_HELD_MAX_READS` reads are held: the owner destroys the socket. */
+  onOverflow: (() => void) | undefined = undefined
 
   pause(): void {
     this.paused = true
@@ -68,6 +75,10 @@ export class LendingReads {
     else if (bytesRead * 4 < buffer.length) this.size = Math.max(this.size / 4, LENDING_READ_MIN_BYTES)
     const h = this.handlers
     if (h === undefined || this.paused || this.held.length > 0) {
+      if (this.held.length >= LENDING_HELD_MAX_READS) {
+        this.onOverflow?.()
+        return false
+      }
       this.held.push(Buffer.from(buffer.subarray(0, bytesRead)))
       return false
     }
@@ -110,6 +121,7 @@ export const readIntoUserBuffers = (
 export const lendingSocket = (socket: net.Socket, reads: LendingReads): boolean => {
   const readInto = readIntoUserBuffers(socket)
   if (readInto === undefined) return false
+  reads.onOverflow = () => socket.destroy(new Error(`more than ${LENDING_HELD_MAX_READS} reads held while paused`))
   readInto(reads.next(), reads.onRead as (nread: number, buffer: Buffer) => boolean, reads.next)
   return true
 }
