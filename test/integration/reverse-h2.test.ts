@@ -271,7 +271,7 @@ describe("reverse HTTP/2", () => {
       }))
     }))
 
-  it.effect("large bodies cross both ways intact, each under its flow control, several at once", () =>
+  it.effect("large bodies cross both ways intact, each under its flow control, several at once, to fast and slow readers", () =>
     Effect.gen(function*() {
       const port = yield* Effect.promise(freePort)
       const size = 6 * 1024 * 1024 + 123
@@ -310,16 +310,26 @@ describe("reverse HTTP/2", () => {
         yield* closeServer(server)
         yield* dialBackend(gateway.address.port, server)
         yield* until(() => gateway.connections() === 1, "the backend")
-        const download = () =>
+        // a slow reader pauses for a moment every 256 KiB, so the gateway's writes to it queue up
+        const download = (slow: boolean) =>
           new Promise<Buffer>((resolve, reject) => {
             http.get({ host: "127.0.0.1", port, path: "/big", agent: false }, (res) => {
               const chunks: Array<Buffer> = []
-              res.on("data", (c: Buffer) => chunks.push(c))
+              let sinceNap = 0
+              res.on("data", (c: Buffer) => {
+                chunks.push(c)
+                sinceNap += c.length
+                if (slow && sinceNap >= 256 * 1024) {
+                  sinceNap = 0
+                  res.pause()
+                  setTimeout(() => res.resume(), 5)
+                }
+              })
               res.on("end", () => resolve(Buffer.concat(chunks)))
               res.on("error", reject)
             }).on("error", reject)
           })
-        const downloads = yield* Effect.promise(() => Promise.all([download(), download(), download()]))
+        const downloads = yield* Effect.promise(() => Promise.all([download(false), download(true), download(false)]))
         for (const got of downloads) {
           assert.strictEqual(got.length, size, got.subarray(0, 200).toString())
           assert.strictEqual(digest(got), digest(body))

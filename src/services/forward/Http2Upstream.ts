@@ -248,15 +248,16 @@ export const forwardToH2 = (
       res.on("drain", onDrain)
     },
     data: (chunk) => {
-      if (phase !== "body") return
+      if (phase !== "body") return false
       received += chunk.length
       timer?.refresh()
       // a slow public reader: the bytes are granted back once its socket drains, which holds the backend
       if (res.write(chunk) || res.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length)
       else owed += chunk.length
+      return res.writableLength > 0
     },
     dataMany: (chunks, bytes) => {
-      if (phase !== "body") return
+      if (phase !== "body") return false
       received += bytes
       timer?.refresh()
       // one socket write for the whole read
@@ -265,6 +266,7 @@ export const forwardToH2 = (
       res.uncork()
       if (res.writableLength < PublicWriteQueueBytes) stream.consumed(bytes)
       else owed += bytes
+      return res.writableLength > 0
     },
     trailers: (fields) => {
       trailers = fields
@@ -447,11 +449,12 @@ export const upgradeToH2 = (
       socket.resume()
     },
     data: (chunk) => {
-      if (!tunnel) return
+      if (!tunnel) return false
       timer?.refresh()
       const s = socket as Duplex & { writableLength: number }
       if (socket.write(chunk) || s.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length)
       else owed += chunk.length
+      return s.writableLength > 0
     },
     trailers: () => {},
     end: () => {
