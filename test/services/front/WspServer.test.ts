@@ -85,6 +85,12 @@ const leakChecked = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
 
 const next = (peer: Peer) => Effect.promise(() => peer.next())
 
+/** Answers the request `peer` was given: a 200 head announcing `length` bytes (the body's by default), then `body`. */
+const respond = (peer: Peer, body: string, length = Buffer.byteLength(body)): void => {
+  peer.send(`{"StatusCode":200,"Header":{},"ContentLength":${length}}`)
+  peer.send(Buffer.from(body))
+}
+
 /**
  * A caller's request through the server to `peer`, answered with a head announcing a streamed body:
  * the peer's raw socket (to write body frames by hand) and how the caller's response ended.
@@ -199,8 +205,7 @@ describe("WspServer against a hand-written wsp client", () => {
       const reply = Effect.runPromise(Effect.promise(() => call(port, { destination: "http://dest.example/again" })))
       yield* next(peer)
       yield* next(peer)
-      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":5}")
-      peer.send(Buffer.from("again"))
+      respond(peer, "again")
       expect((yield* Effect.promise(() => reply)).body.toString()).toBe("again")
     })))
 
@@ -373,8 +378,7 @@ describe("WspServer against a hand-written wsp client", () => {
       const second = Effect.runPromise(Effect.promise(() => call(port, { destination: "http://dest.example/2" })))
       yield* next(other)
       yield* next(other)
-      other.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":2}")
-      other.send(Buffer.from("ok"))
+      respond(other, "ok")
       expect((yield* Effect.promise(() => second)).body.toString()).toBe("ok")
     })))
 
@@ -529,8 +533,7 @@ describe("WspServer against a hand-written wsp client", () => {
       yield* Effect.sleep(50)
       leaving.destroy()
       yield* Effect.sleep(50)
-      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":1}")
-      peer.send(Buffer.from("1"))
+      respond(peer, "1")
       expect((yield* Effect.promise(() => first)).status).toBe(200)
       yield* waitFor("released", () => server.stats().idle === 1)
       yield* Effect.sleep(50)
@@ -565,8 +568,7 @@ describe("WspServer against a hand-written wsp client", () => {
       req.write(Buffer.alloc(1000, 1))
       const head = JSON.parse((yield* next(peer)).data.toString()) as { ContentLength: number }
       expect(head.ContentLength).toBe(-1)
-      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":5}")
-      peer.send(Buffer.from("early"))
+      respond(peer, "early")
       yield* Effect.promise(() => done)
       expect(status).toBe(200)
       expect(Buffer.concat(chunks).toString()).toBe("early")
@@ -685,8 +687,7 @@ describe("WspServer against a hand-written wsp client", () => {
       ))
       yield* next(peer)
       yield* next(peer)
-      peer.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":10}")
-      peer.send(Buffer.from("short"))
+      respond(peer, "short", 10)
       expect(yield* Effect.promise(() => outcome)).toBe("cut")
       yield* waitFor("connection dropped", () => peer.closed)
     })))
