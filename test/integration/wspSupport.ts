@@ -191,3 +191,45 @@ export const pattern = (n: number, seed = 7): Buffer => {
   for (let i = 0; i < n; i++) buf[i] = (i * 31 + seed) & 0xff
   return buf
 }
+
+/** A message a hand-driven WebSocket end received. */
+export interface WsMessage {
+  readonly data: Buffer
+  readonly isBinary: boolean
+}
+
+/** The messages a hand-driven WebSocket end received, taken one at a time in arrival order. */
+export class MessageInbox {
+  readonly inbox: Array<WsMessage> = []
+  closed = false
+  closeCode = 0
+  private waiting: (() => void) | undefined
+
+  /** Records a message (for the subclass's `message` listener). */
+  protected received(message: WsMessage): void {
+    this.inbox.push(message)
+    this.waiting?.()
+  }
+
+  /** Records the close (for the subclass's `close` listener). */
+  protected ended(code: number): void {
+    this.closed = true
+    this.closeCode = code
+    this.waiting?.()
+  }
+
+  /** The next message, in real time; fails once the connection closed with none left. */
+  next(): Promise<WsMessage> {
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        const m = this.inbox.shift()
+        if (m !== undefined) {
+          this.waiting = undefined
+          resolve(m)
+        } else if (this.closed) reject(new Error("connection closed"))
+        else this.waiting = check
+      }
+      check()
+    })
+  }
+}

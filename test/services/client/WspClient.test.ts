@@ -12,23 +12,16 @@ import { compileRules } from "../../../src/domain/DestinationRules.ts"
 import type { DestinationRules } from "../../../src/domain/DestinationRules.ts"
 import { makeWspClient, reconnectDelay, WspClient } from "../../../src/services/client/WspClient.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
-import { clientConfig, destination, secret, waitFor } from "../../integration/wspSupport.ts"
-
-interface Message {
-  readonly data: Buffer
-  readonly isBinary: boolean
-}
+import { clientConfig, destination, MessageInbox, secret, waitFor } from "../../integration/wspSupport.ts"
 
 /** One connection as the hand-written server sees it. */
-class Registered {
+class Registered extends MessageInbox {
   readonly ws: WebSocket
   readonly headers: http.IncomingHttpHeaders
-  readonly inbox: Array<Message> = []
   greeting: string | undefined
-  closed = false
-  private waiting: (() => void) | undefined
 
   constructor(ws: WebSocket, headers: http.IncomingHttpHeaders) {
+    super()
     this.ws = ws
     this.headers = headers
     ws.on("message", (data, isBinary) => {
@@ -36,28 +29,10 @@ class Registered {
         this.greeting = (data as Buffer).toString()
         return
       }
-      this.inbox.push({ data: data as Buffer, isBinary })
-      this.waiting?.()
+      this.received({ data: data as Buffer, isBinary })
     })
-    ws.on("close", () => {
-      this.closed = true
-      this.waiting?.()
-    })
+    ws.on("close", (code) => this.ended(code))
     ws.on("error", () => undefined)
-  }
-
-  next(): Promise<Message> {
-    return new Promise((resolve, reject) => {
-      const check = () => {
-        const m = this.inbox.shift()
-        if (m !== undefined) {
-          this.waiting = undefined
-          resolve(m)
-        } else if (this.closed) reject(new Error("connection closed"))
-        else this.waiting = check
-      }
-      check()
-    })
   }
 }
 

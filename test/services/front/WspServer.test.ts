@@ -10,48 +10,18 @@ import { TestClock } from "effect/testing"
 import { WebSocket } from "ws"
 import { makeWspServer, maxPendingGreetings, secretMatches, WspServer } from "../../../src/services/front/WspServer.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
-import { call, secret, serverConfig, waitFor } from "../../integration/wspSupport.ts"
-
-interface Message {
-  readonly data: Buffer
-  readonly isBinary: boolean
-}
+import { call, MessageInbox, secret, serverConfig, waitFor } from "../../integration/wspSupport.ts"
 
 /** One hand-driven wsp client connection. */
-class Peer {
+class Peer extends MessageInbox {
   readonly ws: WebSocket
-  readonly inbox: Array<Message> = []
-  closed = false
-  closeCode = 0
-  private waiting: (() => void) | undefined
 
   constructor(ws: WebSocket) {
+    super()
     this.ws = ws
-    ws.on("message", (data, isBinary) => {
-      this.inbox.push({ data: data as Buffer, isBinary })
-      this.waiting?.()
-    })
-    ws.on("close", (code) => {
-      this.closed = true
-      this.closeCode = code
-      this.waiting?.()
-    })
+    ws.on("message", (data, isBinary) => this.received({ data: data as Buffer, isBinary }))
+    ws.on("close", (code) => this.ended(code))
     ws.on("error", () => undefined)
-  }
-
-  /** The next message, in real time. */
-  next(): Promise<Message> {
-    return new Promise((resolve, reject) => {
-      const check = () => {
-        const m = this.inbox.shift()
-        if (m !== undefined) {
-          this.waiting = undefined
-          resolve(m)
-        } else if (this.closed) reject(new Error("peer connection closed"))
-        else this.waiting = check
-      }
-      check()
-    })
   }
 
   send(data: string | Buffer): void {
