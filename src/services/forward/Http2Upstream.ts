@@ -251,8 +251,13 @@ export const forwardToH2 = (
       if (phase !== "body") return false
       received += chunk.length
       timer?.refresh()
+      // corked so the write happens now: Node's own cork would hold it until the next tick, and the
+      // memory read into would then always count as still referenced
+      res.cork()
+      const flowing = res.write(chunk)
+      res.uncork()
       // a slow public reader: the bytes are granted back once its socket drains, which holds the backend
-      if (res.write(chunk) || res.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length)
+      if (flowing || res.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length)
       else owed += chunk.length
       return res.writableLength > 0
     },
