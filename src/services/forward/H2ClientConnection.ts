@@ -66,8 +66,13 @@ export class H2ConnectionError extends Schema.TaggedError<H2ConnectionError>()("
 export interface H2ClientLimits {
   /** SETTINGS_MAX_FRAME_SIZE advertised: the largest frame the backend may send. */
   readonly maxFrameBytes: number
-  /** SETTINGS_INITIAL_WINDOW_SIZE advertised: what one response may have in flight. */
+  /** SETTINGS_INITIAL_WINDOW_SIZE advertised: what one response may have in flight at first. */
   readonly streamWindowBytes: number
+  /**
+   * Largest a stream's receive window grows to while its consumer keeps up (every byte reported
+   * consumed as it is handed on); absent or equal to `streamWindowBytes`, windows stay as advertised.
+   */
+  readonly maxStreamWindowBytes?: number | undefined
   /** Connection receive window granted right after the preface. */
   readonly connectionWindowBytes: number
   /** SETTINGS_MAX_HEADER_LIST_SIZE advertised, and the bound of a received header block. */
@@ -142,6 +147,10 @@ export class H2ClientStream {
   recvWindow: number
   /** Received bytes consumed but not yet granted back. */
   unacked = 0
+  /** The receive window this stream is granted (it grows while the consumer keeps up). */
+  window: number
+  /** Every byte consumed since the last WINDOW_UPDATE was consumed as it was handed on. */
+  keptUp = true
   /** Delivered bytes not yet reported consumed (returned to the connection if the stream closes). */
   outstanding = 0
   queue: Array<Buffer> = []
@@ -165,6 +174,7 @@ export class H2ClientStream {
     this.events = events
     this.sendWindow = sendWindow
     this.recvWindow = recvWindow
+    this.window = recvWindow
   }
 
   /** Queues request body bytes; false when the caller should wait for `writable`. */
@@ -193,9 +203,13 @@ export class H2ClientStream {
     this.connection.resetStream(this, code, "reset by the gateway", false)
   }
 
-  /** Reports response bytes written on, so the backend may send that much more. */
-  consumed(bytes: number): void {
+  /**
+   * Reports response bytes written on, so the backend may send that much more; `atOnce` when they were
+   * taken as they were handed on (not after the consumer's own backlog drained).
+   */
+  consumed(bytes: number, atOnce = false): void {
     if (this.closed || bytes <= 0) return
+    if (!atOnce) this.keptUp = false
     this.outstanding -= bytes
     this.connection.grant(this, bytes)
   }
@@ -454,9 +468,19 @@ export class H2ClientConnection {
     this.grantConnection(bytes)
     if (this.destroyed || stream.closed || stream.remoteEnded) return
     stream.unacked += bytes
-    if (stream.unacked >= this.limits.streamWindowBytes * WindowUpdateFraction) {
-      this.write(encodeWindowUpdate(stream.id, stream.unacked))
-      stream.recvWindow += stream.unacked
+    if (stream.unacked >= stream.window * WindowUpdateFraction) {
+      let increment = stream.unacked
+      // a consumer that took every byte as it came can take more in flight: double the window, so a
+      // fast download waits on fewer WINDOW_UPDATEs; a slow one keeps the window it has
+      const max = Math.min(this.limits.maxStreamWindowBytes ?? this.limits.streamWindowBytes, MaxWindowBytes)
+      if (stream.keptUp && stream.window < max) {
+        const grow = Math.min(stream.window, max - stream.window)
+        stream.window += grow
+        increment += grow
+      }
+      stream.keptUp = true
+      this.write(encodeWindowUpdate(stream.id, increment))
+      stream.recvWindow += increment
       stream.unacked = 0
     }
   }

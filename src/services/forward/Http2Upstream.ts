@@ -257,7 +257,7 @@ export const forwardToH2 = (
       const flowing = res.write(chunk)
       res.uncork()
       // a slow public reader: the bytes are granted back once its socket drains, which holds the backend
-      if (flowing || res.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length)
+      if (flowing || res.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length, true)
       else owed += chunk.length
       return res.writableLength > 0
     },
@@ -269,7 +269,7 @@ export const forwardToH2 = (
       res.cork()
       for (const chunk of chunks) res.write(chunk)
       res.uncork()
-      if (res.writableLength < PublicWriteQueueBytes) stream.consumed(bytes)
+      if (res.writableLength < PublicWriteQueueBytes) stream.consumed(bytes, true)
       else owed += bytes
       return res.writableLength > 0
     },
@@ -457,7 +457,7 @@ export const upgradeToH2 = (
       if (!tunnel) return false
       timer?.refresh()
       const s = socket as Duplex & { writableLength: number }
-      if (socket.write(chunk) || s.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length)
+      if (socket.write(chunk) || s.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length, true)
       else owed += chunk.length
       return s.writableLength > 0
     },

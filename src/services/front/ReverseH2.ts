@@ -49,8 +49,14 @@ export const DefaultMaxStreamsPerConnection = 1_024
 export const DefaultMaxQueuedRequests = 1_024
 /** How long a request waits for a free stream slot before a 503 (ms). */
 export const DefaultQueueTimeoutMs = 30_000
-/** Receive window the gateway grants per stream (bytes): bounds what one response can have in flight. */
+/** Receive window the gateway grants per stream at first (bytes): what one response can have in flight. */
 export const DefaultStreamWindowBytes = 1024 * 1024
+/**
+ * Largest a stream's receive window grows to while its public client takes every byte as it comes
+ * (bytes); a slow client's stream keeps the window it has, so this bounds what a fast download has in
+ * flight and the connection window still bounds them all.
+ */
+export const DefaultMaxStreamWindowBytes = 4 * 1024 * 1024
 /** Receive window the gateway grants per connection (bytes). */
 export const DefaultConnectionWindowBytes = 16 * 1024 * 1024
 /** Largest DATA frame the gateway lets a backend send (bytes; HTTP/2's default is 16 KiB). */
@@ -91,6 +97,8 @@ export interface ReverseH2Config {
   readonly maxQueuedRequests?: number | undefined
   readonly queueTimeoutMs?: number | undefined
   readonly streamWindowBytes?: number | undefined
+  /** Largest a stream's window grows to while its client keeps up (at least `streamWindowBytes`). */
+  readonly maxStreamWindowBytes?: number | undefined
   readonly connectionWindowBytes?: number | undefined
   /** Largest DATA frame a backend may send (16 KiB to 16 MiB − 1). */
   readonly maxFrameBytes?: number | undefined
@@ -227,6 +235,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
   const maxQueued = config.maxQueuedRequests ?? DefaultMaxQueuedRequests
   const queueTimeoutMs = config.queueTimeoutMs ?? DefaultQueueTimeoutMs
   const streamWindow = config.streamWindowBytes ?? DefaultStreamWindowBytes
+  const maxStreamWindow = Math.max(streamWindow, config.maxStreamWindowBytes ?? DefaultMaxStreamWindowBytes)
   const connectionWindow = config.connectionWindowBytes ?? DefaultConnectionWindowBytes
   const maxFrameBytes = config.maxFrameBytes ?? DefaultMaxFrameBytes
   const errors = plainErrors
@@ -453,6 +462,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       const session = new H2ClientConnection(socket, {
         maxFrameBytes,
         streamWindowBytes: streamWindow,
+        maxStreamWindowBytes: maxStreamWindow,
         connectionWindowBytes: connectionWindow,
         maxHeaderListBytes: DefaultMaxHeaderListBytes,
         maxHeaderPairs: MaxHeaderPairs

@@ -24,7 +24,14 @@ import {
   Http2FrameParser,
   Setting
 } from "../../../src/domain/Http2Frame.ts"
-import { H2ClientConnection, type H2ClientStream, type H2ConnectionError, type H2StreamClose, type H2StreamEvents } from "../../../src/services/forward/H2ClientConnection.ts"
+import {
+  H2ClientConnection,
+  type H2ClientLimits,
+  type H2ClientStream,
+  type H2ConnectionError,
+  type H2StreamClose,
+  type H2StreamEvents
+} from "../../../src/services/forward/H2ClientConnection.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
 import { until } from "../../integration/reverse-h2-harness.ts"
 
@@ -50,7 +57,11 @@ interface Peer {
 const limits = { maxFrameBytes: 32 * 1024, streamWindowBytes: 64 * 1024, connectionWindowBytes: 256 * 1024, maxHeaderListBytes: 4096, maxHeaderPairs: 64 }
 
 /** A scripted HTTP/2 server and the client connected to it (SETTINGS exchanged when `settings` is given). */
-const withPeer = <A>(settings: ReadonlyArray<readonly [number, number]> | undefined, body: (peer: Peer) => Effect.Effect<A>) =>
+const withPeer = <A>(
+  settings: ReadonlyArray<readonly [number, number]> | undefined,
+  body: (peer: Peer) => Effect.Effect<A>,
+  clientLimits: H2ClientLimits = limits
+) =>
   Effect.gen(function*() {
     const before = activeHandles()
     const result = yield* Effect.acquireUseRelease(
@@ -90,7 +101,7 @@ const withPeer = <A>(settings: ReadonlyArray<readonly [number, number]> | undefi
               let clientClosed: H2ConnectionError | undefined | "open" = "open"
               let settingsEvents = 0
               const goaways: Array<number> = []
-              const client = new H2ClientConnection(socket, limits, {
+              const client = new H2ClientConnection(socket, clientLimits, {
                 settings: () => void settingsEvents++,
                 goaway: (last) => void goaways.push(last),
                 close: (error) => void (clientClosed = error)
@@ -135,8 +146,11 @@ interface Recorder {
   readonly handlers: H2StreamEvents
 }
 
-/** Stream events as a list; response bytes are consumed at once unless `hold`. */
-const recorder = (hold = false): Recorder & { stream?: H2ClientStream } => {
+/**
+ * Stream events as a list; response bytes are reported consumed as they arrive unless `hold`, as taken
+ * at once (a consumer keeping up) when `atOnce`.
+ */
+const recorder = (hold = false, atOnce = false): Recorder & { stream?: H2ClientStream } => {
   const events: Array<string> = []
   const body: Array<Buffer> = []
   let closed: H2StreamClose | undefined
@@ -149,7 +163,7 @@ const recorder = (hold = false): Recorder & { stream?: H2ClientStream } => {
       data: (chunk) => {
         body.push(Buffer.from(chunk))
         events.push(`data ${chunk.length}`)
-        if (!hold) r.stream?.consumed(chunk.length)
+        if (!hold) r.stream?.consumed(chunk.length, atOnce)
       },
       trailers: (headers) => void events.push(`trailers ${headers.join(",")}`),
       end: () => void events.push("end"),
@@ -346,6 +360,43 @@ describe("H2ClientConnection", () => {
         yield* until(() => peer.clientClosed() !== "open", "the connection to close")
         assert.strictEqual((peer.clientClosed() as H2ConnectionError).reason, "FlowControl")
       })))
+
+  it.effect("a stream whose consumer keeps up has its window doubled up to the maximum; one that fell behind keeps its own", () =>
+    withPeer([], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        const chunk = Buffer.alloc(16_384, 7)
+        const increments = (id: number) => find(peer, FrameType.WINDOW_UPDATE).filter((f) => f.id === id).map((f) => f.payload.readUInt32BE(0))
+        /** Sends `n` 16 KiB DATA frames on `id` and waits for the WINDOW_UPDATEs that follow. */
+        const send = (id: number, n: number, updates: number) =>
+          Effect.gen(function*() {
+            for (let i = 0; i < n; i++) peer.send(encodeDataHeader(id, chunk.length, false), chunk)
+            yield* until(() => increments(id).length === updates, `${updates} WINDOW_UPDATEs on stream ${id}`)
+          })
+        const KiB = 1024
+        // 64 KiB at first: half of it taken at once grows it to 128 KiB (32 + 64 granted), then 256 KiB
+        const fast = recorder(false, true)
+        const a = open(peer, fast)
+        peer.send(head(a.id, [":status", "200"], false))
+        yield* send(a.id, 2, 1)
+        yield* send(a.id, 4, 2)
+        assert.deepStrictEqual(increments(a.id), [96 * KiB, 192 * KiB])
+        assert.strictEqual(a.window, 256 * KiB)
+        // at the maximum: the whole grown window may be in flight, and what is taken is granted back, no more
+        yield* send(a.id, 16, 3)
+        const allowance = 64 * KiB + increments(a.id).reduce((x, y) => x + y, 0) - (2 + 4 + 16) * chunk.length
+        assert.isAtMost(allowance, 256 * KiB)
+        assert.isAtLeast(allowance, 128 * KiB)
+        assert.strictEqual(a.window, 256 * KiB)
+        assert.strictEqual(fast.closed(), undefined, "a grown window is not an overrun")
+        // taken only after the consumer's own backlog drained: the window stays 64 KiB
+        const slow = recorder(false, false)
+        const b = open(peer, slow)
+        peer.send(head(b.id, [":status", "200"], false))
+        for (let updates = 1; updates <= 3; updates++) yield* send(b.id, 2, updates)
+        assert.deepStrictEqual(increments(b.id), [32 * KiB, 32 * KiB, 32 * KiB])
+        assert.strictEqual(peer.clientClosed(), "open")
+      }), { ...limits, maxStreamWindowBytes: 256 * 1024, connectionWindowBytes: 4 * 1024 * 1024 }))
 
   it.effect("request bodies wait for the peer's window and resume on WINDOW_UPDATE", () =>
     withPeer([[Setting.INITIAL_WINDOW_SIZE, 1000]], (peer) =>
