@@ -5,10 +5,13 @@
  * wrk and curl in their own, so each process only does its own side's work. Figures: small-response req/s with 1 and 4
  * tunnel connections, the ratio to direct, p99 added latency (32 concurrent, and one at a time), a
  * 100 MiB download, and the gateway's CPU per request and per download (read from `/proc`, steadier than
- * rates on a shared machine).
+ * rates on a shared machine). Then the same with a ptth-style Go backend on a plain-mode port
+ * (`go_backend.*`: small req/s against the Go server over HTTP/1.1, the download and the gateway's CPU),
+ * left out with a note when Go and `golang.org/x/net` cannot be had.
  */
-import { execFile, execFileSync } from "node:child_process"
+import { type ChildProcess, execFile, execFileSync, spawn, spawnSync } from "node:child_process"
 import { readFileSync } from "node:fs"
+import { createInterface } from "node:readline"
 import * as http from "node:http"
 import type * as http2 from "node:http2"
 import { Context, Effect, Exit, Layer, Redacted, Scope } from "effect"
@@ -96,7 +99,8 @@ if (process.env[RoleVariable] === "h2-backend") await backendMain()
 const gatewayMain = async () => {
   const publicPorts = (process.env.SWITCHYARD_HTTP2_BENCH_PUBLIC_PORTS ?? "").split(",").map(Number)
   const scope = Scope.makeUnsafe()
-  const context = await Effect.runPromise(Layer.buildWithScope(gatewayLayer(publicPorts), scope))
+  const plain = process.env.SWITCHYARD_HTTP2_BENCH_PLAIN_PORT
+  const context = await Effect.runPromise(Layer.buildWithScope(gatewayLayer(publicPorts, plain === undefined ? undefined : Number(plain)), scope))
   announce("port", Context.get(context, ReverseH2).address.port)
   announce("ready")
   closeOnSignal(() => Effect.runPromise(Scope.close(scope, Exit.void)))
@@ -156,7 +160,7 @@ const wrk = (port: number, path: string, connections: number = wrkConnections): 
 /** One download of /big with curl, in MB/s. */
 const download = (port: number): Promise<number> => curlDownload(`http://127.0.0.1:${port}/big`, downloadBytes)
 
-const gatewayLayer = (publicPorts: ReadonlyArray<number>) => {
+const gatewayLayer = (publicPorts: ReadonlyArray<number>, plainPort: number | undefined) => {
   const core = Layer.unwrap(Effect.gen(function*() {
     const forwarder = yield* Forwarder.make({
       upstream: tcpUpstream("127.0.0.1", 9, { maxSockets: 1, maxFreeSockets: 0 }),
@@ -165,10 +169,11 @@ const gatewayLayer = (publicPorts: ReadonlyArray<number>) => {
     })
     return Layer.effect(Listeners, Listeners.make({ host: "127.0.0.1", ...forwardingHandlers(forwarder) }))
   })).pipe(Layer.provideMerge(Dispatcher.layer()), Layer.provideMerge(Registry.layer()))
-  return ReverseH2.layer({
-    address: { host: "127.0.0.1", port: 0 },
-    tokens: [{ name: "bench", token: Redacted.make(benchToken), ports: [...publicPorts] }]
-  }).pipe(Layer.provideMerge(core))
+  // plain mode (no preamble, routes from config) for a backend with no switchyard code in it
+  const config = plainPort === undefined
+    ? { tokens: [{ name: "bench", token: Redacted.make(benchToken), ports: [...publicPorts] }] }
+    : { routes: [{ _tag: "Http" as const, port: plainPort }] }
+  return ReverseH2.layer({ address: { host: "127.0.0.1", port: 0 }, ...config }).pipe(Layer.provideMerge(core))
 }
 
 const freePort = (): Promise<number> =>
@@ -249,6 +254,94 @@ export const run = async (): Promise<void> => {
     report(suite, "gateway_cpu_per_100MiB", downloadCpu, "s")
   } finally {
     await backend?.stop()
+    await gateway.stop()
+  }
+  await runGoBackend()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The same path with a ptth-style Go backend (golang.org/x/net/http2, `test/fixtures/ptth/gopeer`) on a
+// plain-mode port: the gateway's figures without Node's `http2` server as the backend.
+
+/** Builds the Go backend; its path, or undefined (with the reason on stderr) when it cannot be built. */
+const goBackendBinary = (): string | undefined => {
+  const script = new URL("../test/fixtures/ptth/gopeer/build.sh", import.meta.url).pathname
+  const run = spawnSync("bash", [script], { encoding: "utf8", timeout: 600_000 })
+  const out = run.stdout?.trim().split("\n").pop() ?? ""
+  if (run.status === 0 && out !== "") return out
+  process.stderr.write(`http2: the Go backend could not be built, its figures are left out: ${run.stderr?.slice(-500)}\n`)
+  return undefined
+}
+
+/** Starts the Go backend dialling `tunnelPort`; resolves with it and its direct HTTP/1.1 port. */
+const startGoBackend = (binary: string, tunnelPort: string) =>
+  new Promise<{ readonly child: ChildProcess; readonly directPort: number }>((resolve, reject) => {
+    const child = spawn(binary, ["-dial", `127.0.0.1:${tunnelPort}`, "-listen", "127.0.0.1:0", "-n", "1"], { stdio: ["ignore", "pipe", "inherit"] })
+    let directPort = 0
+    createInterface({ input: child.stdout! }).on("line", (line) => {
+      if (line.startsWith("LISTEN ")) directPort = Number(line.slice(line.lastIndexOf(":") + 1))
+      else if (line.startsWith("READY")) resolve({ child, directPort })
+    })
+    child.once("exit", (code) => reject(new Error(`the Go backend exited with ${code}`)))
+  })
+
+/** Resolves once `port` answers `path` with 200 (the backend's route is bound), within 10 s. */
+const answering = async (port: number, path: string): Promise<void> => {
+  for (let i = 0; i < 200; i++) {
+    const status = await new Promise<number>((resolve) =>
+      http.get({ host: "127.0.0.1", port, path, agent: false }, (res) => {
+        res.resume()
+        res.on("end", () => resolve(res.statusCode ?? 0))
+      }).on("error", () => resolve(0))
+    )
+    if (status === 200) return
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  throw new Error(`port ${port} never answered ${path}`)
+}
+
+const runGoBackend = async (): Promise<void> => {
+  const binary = goBackendBinary()
+  if (binary === undefined) return
+  const publicPort = await freePort()
+  const gateway = await startRole(import.meta.filename, "h2-gateway", {
+    SWITCHYARD_HTTP2_BENCH_PUBLIC_PORTS: "",
+    SWITCHYARD_HTTP2_BENCH_PLAIN_PORT: String(publicPort)
+  })
+  let go: ChildProcess | undefined
+  try {
+    const started = await startGoBackend(binary, await gateway.value("port"))
+    go = started.child
+    await answering(publicPort, "/hello")
+    const ticks = clockTicks()
+    const rps = { direct: [] as Array<number>, h2: [] as Array<number> }
+    for (let round = 0; round < loadRounds; round++) {
+      rps.direct.push((await wrk(started.directPort, "/hello")).rps)
+      rps.h2.push((await wrk(publicPort, "/hello")).rps)
+    }
+    const directRps = median(rps.direct)
+    report(suite, "go_backend.direct_rps", Math.round(directRps), "req/s")
+    report(suite, "go_backend.reverse_h2_rps", Math.round(median(rps.h2)), "req/s")
+    report(suite, "go_backend.reverse_h2_ratio", median(rps.h2) / directRps, "x of direct")
+    const path = `/bytes?n=${downloadBytes}`
+    let directDownload = 0
+    let tunnelDownload = 0
+    let downloadCpu = Number.POSITIVE_INFINITY
+    for (let round = 0; round < downloadRounds; round++) {
+      directDownload = Math.max(directDownload, await curlDownload(`http://127.0.0.1:${started.directPort}${path}`, downloadBytes))
+      const before = cpuSeconds(gateway, ticks)
+      tunnelDownload = Math.max(tunnelDownload, await curlDownload(`http://127.0.0.1:${publicPort}${path}`, downloadBytes))
+      downloadCpu = Math.min(downloadCpu, cpuSeconds(gateway, ticks) - before)
+    }
+    report(suite, "go_backend.direct_download_100MiB", Math.round(directDownload), "MB/s")
+    report(suite, "go_backend.reverse_h2_download_100MiB", Math.round(tunnelDownload), "MB/s")
+    report(suite, "go_backend.gateway_cpu_per_100MiB", downloadCpu, "s")
+  } finally {
+    if (go !== undefined && go.exitCode === null) {
+      const exited = new Promise((resolve) => go!.once("exit", resolve))
+      go.kill("SIGTERM")
+      await exited
+    }
     await gateway.stop()
   }
 }
