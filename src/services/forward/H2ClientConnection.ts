@@ -127,6 +127,8 @@ export interface H2StreamEvents {
 export interface H2ConnectionEvents {
   /** SETTINGS from the backend were applied (the first ones complete the handshake). */
   readonly settings: () => void
+  /** The backend acknowledged the gateway's SETTINGS (once; they are sent once). */
+  readonly acknowledged?: (() => void) | undefined
   /** The backend sent GOAWAY: no new streams; those above `lastStreamId` were refused. */
   readonly goaway: (lastStreamId: number, code: number) => void
   /** The connection is closed; `error` when it broke. Called once. */
@@ -227,6 +229,8 @@ export class H2ClientConnection {
   }
   /** The backend's first SETTINGS arrived. */
   ready = false
+  /** The backend acknowledged the gateway's SETTINGS: its windows and frame size are in effect. */
+  acknowledged = false
   /** Either side sent GOAWAY: no new streams. */
   goingAway = false
   destroyed = false
@@ -714,6 +718,10 @@ export class H2ClientConnection {
     switch (type) {
       case FrameType.SETTINGS:
         if ((flags & Flag.ACK) === 0) this.applySettings(payload)
+        else if (!this.acknowledged) {
+          this.acknowledged = true
+          this.events.acknowledged?.()
+        }
         return
       case FrameType.PING:
         if ((flags & Flag.ACK) === 0) {

@@ -453,10 +453,20 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         Effect.mapError((error: ListenerError) => ({ error, index }))
       ))
 
-  /** Starts the HTTP/2 client on the socket and waits for the backend's first SETTINGS. */
+  /**
+   * Starts the HTTP/2 client on the socket and waits for the backend's first SETTINGS and its
+   * acknowledgement of the gateway's (RFC 9113 §6.5.3: until then the backend may still be using the
+   * default window and frame size; one that never acknowledges them is dropped at the handshake timeout).
+   */
   const startSession = (conn: H2Connection, socket: net.Socket) =>
     Effect.callback<H2ClientConnection, ReverseH2Error>((resume) => {
       let settled = false
+      const settleWhenHandshaken = () => {
+        if (!settled && session.ready && session.acknowledged) {
+          settled = true
+          resume(Effect.succeed(session))
+        }
+      }
       const onSettings: Array<() => void> = []
       const onGoaway: Array<() => void> = []
       const session = new H2ClientConnection(socket, {
@@ -468,12 +478,10 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         maxHeaderPairs: MaxHeaderPairs
       }, {
         settings: () => {
-          if (!settled) {
-            settled = true
-            resume(Effect.succeed(session))
-          }
+          settleWhenHandshaken()
           for (const f of onSettings) f()
         },
+        acknowledged: settleWhenHandshaken,
         goaway: () => {
           for (const f of onGoaway) f()
         },
@@ -620,7 +628,13 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       const session = yield* startSession(conn, socket).pipe(
         Effect.timeoutOrElse({
           duration: handshakeTimeout,
-          orElse: () => Effect.fail(fail("HandshakeTimeout", `${label} sent no HTTP/2 SETTINGS within ${Duration.format(handshakeTimeout)}`))
+          orElse: () =>
+            Effect.fail(fail(
+              "HandshakeTimeout",
+              conn.session?.ready === true
+                ? `${label} did not acknowledge the gateway's HTTP/2 SETTINGS within ${Duration.format(handshakeTimeout)}`
+                : `${label} sent no HTTP/2 SETTINGS within ${Duration.format(handshakeTimeout)}`
+            ))
         })
       )
       const applySettings = () => {

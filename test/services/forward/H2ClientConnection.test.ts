@@ -22,7 +22,8 @@ import {
   Flag,
   FrameType,
   Http2FrameParser,
-  Setting
+  Setting,
+  SettingsAck
 } from "../../../src/domain/Http2Frame.ts"
 import {
   H2ClientConnection,
@@ -49,6 +50,7 @@ interface Peer {
   readonly client: H2ClientConnection
   readonly clientClosed: () => H2ConnectionError | undefined | "open"
   readonly settingsEvents: () => number
+  readonly acknowledgements: () => number
   readonly goaways: Array<number>
   /** Stops reading the client's bytes (they pile up in the client's socket queue). */
   readonly pauseReading: () => void
@@ -100,9 +102,11 @@ const withPeer = <A>(
             const socket = net.connect({ host: "127.0.0.1", port }, () => {
               let clientClosed: H2ConnectionError | undefined | "open" = "open"
               let settingsEvents = 0
+              let acknowledgements = 0
               const goaways: Array<number> = []
               const client = new H2ClientConnection(socket, clientLimits, {
                 settings: () => void settingsEvents++,
+                acknowledged: () => void acknowledgements++,
                 goaway: (last) => void goaways.push(last),
                 close: (error) => void (clientClosed = error)
               })
@@ -117,6 +121,7 @@ const withPeer = <A>(
                   client,
                   clientClosed: () => clientClosed,
                   settingsEvents: () => settingsEvents,
+                  acknowledgements: () => acknowledgements,
                   goaways,
                   pauseReading: () => void serverSide?.pause()
                 }
@@ -204,6 +209,11 @@ describe("H2ClientConnection", () => {
         assert.strictEqual(peer.client.remote.maxConcurrentStreams, 7)
         assert.isTrue(peer.client.remote.enableConnectProtocol)
         assert.strictEqual(peer.settingsEvents(), 1)
+        // the backend's acknowledgement of the gateway's SETTINGS is noted once
+        assert.isFalse(peer.client.acknowledged)
+        peer.send(SettingsAck, SettingsAck)
+        yield* until(() => peer.client.acknowledged, "the acknowledgement")
+        assert.strictEqual(peer.acknowledgements(), 1)
       })))
 
   it.effect("a first frame other than SETTINGS is a bad preface: GOAWAY and a typed error", () =>

@@ -18,6 +18,8 @@ import { makeCertificate } from "../ListenersFixtures.ts"
 
 /** An empty SETTINGS frame: the least a server must send to count as speaking HTTP/2. */
 const EMPTY_SETTINGS = Buffer.from([0, 0, 0, 4, 0, 0, 0, 0, 0])
+/** A SETTINGS acknowledgement (flag 0x1). */
+const SETTINGS_ACK = Buffer.from([0, 0, 0, 4, 1, 0, 0, 0, 0])
 
 /** A raw peer on the tunnel port that writes `bytes` once connected and never answers anything. */
 const rawPeer = (port: number, bytes: Buffer | undefined) =>
@@ -53,7 +55,7 @@ describe("ReverseH2", () => {
         healthy.on("session", (session) => session.on("ping", () => void pings++))
         yield* closeServer(healthy)
         yield* dialBackend(gateway.address.port, healthy)
-        const silent = yield* rawPeer(gateway.address.port, EMPTY_SETTINGS)
+        const silent = yield* rawPeer(gateway.address.port, Buffer.concat([EMPTY_SETTINGS, SETTINGS_ACK]))
         yield* until(() => gateway.connections() === 2, "both connections")
         yield* TestClock.adjust("15 seconds")
         yield* until(() => pings === 1, "the healthy backend to be pinged")
@@ -78,6 +80,16 @@ describe("ReverseH2", () => {
         yield* Effect.promise(() => quiet.closed)
         yield* until(() => gateway.recentFailures().length === 1, "the failure")
         assert.strictEqual(gateway.recentFailures()[0]!.reason, "HandshakeTimeout")
+        assert.isFalse((yield* Listeners).openPorts().has(port))
+        // SETTINGS sent, the gateway's never acknowledged: not serving either
+        const unacknowledging = yield* rawPeer(gateway.address.port, EMPTY_SETTINGS)
+        yield* TestClock.adjust("9 seconds")
+        assert.strictEqual(gateway.connections(), 0)
+        yield* TestClock.adjust("1 second")
+        yield* Effect.promise(() => unacknowledging.closed)
+        yield* until(() => gateway.recentFailures().length === 2, "the second failure")
+        assert.strictEqual(gateway.recentFailures()[1]!.reason, "HandshakeTimeout")
+        assert.match(gateway.recentFailures()[1]!.message, /did not acknowledge the gateway's HTTP\/2 SETTINGS within 10s/)
         assert.isFalse((yield* Listeners).openPorts().has(port))
       }))
       yield* withGateway({ tokens: [{ name: "t", token: Redacted.make("s"), ports: [port] }], handshakeTimeout: "10 seconds" }, Effect.gen(function*() {
