@@ -11,6 +11,12 @@ export const LENDING_READ_MIN_BYTES = 4 * 1024
 /** Largest read buffer of a lending connection: reads that fill the buffer grow it fourfold up to this. */
 export const LENDING_READ_MAX_BYTES = 256 * 1024
 /**
+ * Consecutive reads under a quarter of the buffer before it is made smaller: a busy connection whose
+ * reads come in alternately large and small keeps its buffer (and its memory reused) instead of
+ * swapping sizes, which would take fresh memory at each swap.
+ */
+export const LENDING_SHRINK_AFTER_READS = 8
+/**
  * Reads held while paused (each stops reading until the next resume, so one per resume); more means
  * pause and resume are racing without a read being taken, and the connection is destroyed.
  */
@@ -21,14 +27,16 @@ export const LENDING_HELD_MAX_READS = 16
  * the handlers are `lendable` and say they kept nothing, the next read goes into the same memory: a busy
  * tunnel then allocates nothing per read, which spares the garbage collector most of its work. Otherwise
  * the buffer is left to whoever holds it and the next read gets a fresh one. A read that fills the
- * buffer makes the next one four times larger (up to `LENDING_READ_MAX_BYTES`); a read under a quarter
- * of it makes it four times smaller (down to `LENDING_READ_MIN_BYTES`).
+ * buffer makes the next one four times larger (up to `LENDING_READ_MAX_BYTES`); `LENDING_SHRINK_AFTER_READS`
+ * reads in a row under a quarter of it make it four times smaller (down to `LENDING_READ_MIN_BYTES`).
  */
 export class LendingReads {
   handlers: ConnectionHandlers | undefined = undefined
   private buffer: Buffer | undefined = undefined
   private kept = false
   private size = LENDING_READ_MIN_BYTES
+  /** Reads in a row under a quarter of the buffer. */
+  private smallReads = 0
   /**
    * The connection is paused. Node restarts reading on a resume that was already scheduled when the
    * pause came, so a read may still land: it is copied here (reading stops after it) and delivered
@@ -71,8 +79,13 @@ export class LendingReads {
   }
 
   readonly onRead = (bytesRead: number, buffer: Uint8Array): boolean => {
-    if (bytesRead === buffer.length) this.size = Math.min(this.size * 4, LENDING_READ_MAX_BYTES)
-    else if (bytesRead * 4 < buffer.length) this.size = Math.max(this.size / 4, LENDING_READ_MIN_BYTES)
+    if (bytesRead * 4 >= buffer.length) {
+      this.smallReads = 0
+      if (bytesRead === buffer.length) this.size = Math.min(this.size * 4, LENDING_READ_MAX_BYTES)
+    } else if (++this.smallReads >= LENDING_SHRINK_AFTER_READS) {
+      this.smallReads = 0
+      this.size = Math.max(this.size / 4, LENDING_READ_MIN_BYTES)
+    }
     const h = this.handlers
     if (h === undefined || this.paused || this.held.length > 0) {
       if (this.held.length >= LENDING_HELD_MAX_READS) {
