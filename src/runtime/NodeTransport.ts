@@ -8,6 +8,7 @@ import type { Scope } from "effect"
 import * as fs from "node:fs"
 import * as net from "node:net"
 import type * as stream from "node:stream"
+import * as tls from "node:tls"
 import { LendingReads, lendingSocket } from "../services/transport/LendingReads.ts"
 import {
   type Address,
@@ -119,19 +120,44 @@ export const fromSocket = (
   }
 }
 
-/** Dials a TCP address (`{ host, port }`) or a Unix socket (`{ path }`); destroyed when the scope closes. */
+/**
+ * Time a TLS client has to complete its handshake on a listener (ms); then its socket is closed. The
+ * protocol's own handshake timeout starts once TLS is up.
+ */
+export const TLS_HANDSHAKE_TIMEOUT_MS = 10_000
+
+/** The CAs a TLS dial trusts: the system's, plus the address's own when it names some. */
+const trustedCas = (ca: string | ReadonlyArray<string> | undefined): Array<string> | undefined =>
+  ca === undefined ? undefined : [...tls.rootCertificates, ...(typeof ca === "string" ? [ca] : ca)]
+
+/**
+ * Dials a TCP address (`{ host, port }`) or a Unix socket (`{ path }`), over TLS when the address has
+ * `tls` (connected once the handshake verified the server's certificate); destroyed when the scope
+ * closes.
+ */
 export const dial = (address: Address): Effect.Effect<Connection, TransportError, Scope.Scope> =>
   Effect.acquireRelease(
     Effect.callback<net.Socket, TransportError>((resume) => {
-      const socket = address.path !== undefined
-        ? net.connect({ path: address.path, allowHalfOpen: true })
-        : net.connect({ host: address.host ?? "127.0.0.1", port: address.port ?? 0, allowHalfOpen: true })
+      const where = address.path !== undefined
+        ? { path: address.path }
+        : { host: address.host ?? "127.0.0.1", port: address.port ?? 0 }
+      const secure = address.tls
+      const host = address.host ?? "127.0.0.1"
+      const socket = secure === undefined
+        ? net.connect({ ...where, allowHalfOpen: true })
+        : tls.connect({
+          ...where,
+          // read by tls.connect for the TLSSocket it makes, though not in its option type
+          ...({ allowHalfOpen: true } as tls.ConnectionOptions),
+          ca: trustedCas(secure.ca),
+          servername: secure.servername ?? (net.isIP(host) === 0 && address.path === undefined ? host : undefined)
+        })
       const onError = (e: Error) => {
         socket.destroy()
         resume(Effect.fail(new TransportError({ reason: "Dial", message: `dial failed: ${e.message}` })))
       }
       socket.once("error", onError)
-      socket.once("connect", () => {
+      socket.once(secure === undefined ? "connect" : "secureConnect", () => {
         socket.off("error", onError)
         resume(Effect.succeed(socket))
       })
@@ -142,9 +168,11 @@ export const dial = (address: Address): Effect.Effect<Connection, TransportError
 
 /**
  * Listens on TCP (`{ host, port }`, port 0 picks one) or a Unix socket (`{ path }`, a stale file is
- * replaced). Each accepted connection goes to `onConnection`, reading into reused buffers when its
- * handlers allow it (see `LendingReads`); when the scope closes the listener stops and every connection
- * it accepted is destroyed. Returns the bound address.
+ * replaced), over TLS when the address has `tls` with a certificate and key. Each accepted connection
+ * goes to `onConnection` (a TLS one once its handshake is done; a client that does not finish it within
+ * `TLS_HANDSHAKE_TIMEOUT_MS`, or fails it, is closed without reaching it), plain ones reading into reused
+ * buffers when their handlers allow it (see `LendingReads`); when the scope closes the listener stops
+ * and every connection it accepted is destroyed. Returns the bound address.
  */
 export const listen = (
   address: Address,
@@ -153,13 +181,37 @@ export const listen = (
   Effect.acquireRelease(
     Effect.callback<{ server: net.Server; sockets: Set<net.Socket>; bound: Address }, TransportError>((resume) => {
       const sockets = new Set<net.Socket>()
-      const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (accepted) => {
-        const reads = new LendingReads()
-        const lending = lendingSocket(accepted, reads)
-        sockets.add(accepted)
-        accepted.once("close", () => sockets.delete(accepted))
-        onConnection(fromSocket(accepted, { reads: lending ? reads : undefined }))
-      })
+      const secure = address.tls
+      if (secure !== undefined && (secure.cert === undefined || secure.key === undefined)) {
+        resume(Effect.fail(new TransportError({ reason: "Listen", message: "listen failed: TLS needs a certificate and a key" })))
+        return
+      }
+      const track = (socket: net.Socket) => {
+        sockets.add(socket)
+        socket.once("close", () => sockets.delete(socket))
+      }
+      let server: net.Server
+      try {
+        server = secure === undefined
+          ? net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (accepted) => {
+            const reads = new LendingReads()
+            const lending = lendingSocket(accepted, reads)
+            track(accepted)
+            onConnection(fromSocket(accepted, { reads: lending ? reads : undefined }))
+          })
+          : tls.createServer({ cert: secure.cert, key: secure.key, allowHalfOpen: true, handshakeTimeout: TLS_HANDSHAKE_TIMEOUT_MS }, (accepted) => {
+            accepted.pause()
+            onConnection(fromSocket(accepted))
+          })
+      } catch (error) {
+        resume(Effect.fail(new TransportError({ reason: "Listen", message: `listen failed: ${error instanceof Error ? error.message : String(error)}` })))
+        return
+      }
+      // a TLS server's raw sockets, so that one still in its handshake is closed with the scope too
+      if (secure !== undefined) {
+        server.on("connection", track)
+        server.on("tlsClientError", (_error, socket) => socket.destroy())
+      }
       let listening = false
       // Before listening, an error fails the bind; after, it concerns one accept and must not crash.
       server.on("error", (e) => {

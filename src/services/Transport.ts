@@ -16,6 +16,19 @@ export interface Address {
   readonly host?: string | undefined
   readonly port?: number | undefined
   readonly path?: string | undefined
+  /** TLS over the TCP or Unix connection (see `TlsOptions`); absent for plain bytes. */
+  readonly tls?: TlsOptions | undefined
+}
+
+/**
+ * TLS for an `Address`. Listening needs `cert` and `key` (PEM); dialing verifies the server's
+ * certificate against the system's CAs plus `ca`, for `servername` (default: the host when it is a name).
+ */
+export interface TlsOptions {
+  readonly cert?: string | undefined
+  readonly key?: string | undefined
+  readonly ca?: string | ReadonlyArray<string> | undefined
+  readonly servername?: string | undefined
 }
 
 export interface ConnectionHandlers {

@@ -11,6 +11,7 @@ import * as path from "node:path"
 import * as NodeTransport from "../../src/runtime/NodeTransport.ts"
 import { type Address, type Connection, makeMemoryPair, writeEffect } from "../../src/services/Transport.ts"
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
+import { makeCertificate } from "./ListenersFixtures.ts"
 
 interface Probe {
   readonly bytes: () => number
@@ -97,6 +98,18 @@ const tcpPair = (address: Address) =>
       Queue.offerUnsafe(accepted, c)
     }).pipe(Effect.orDie)
     const dialed = yield* NodeTransport.dial(bound).pipe(Effect.orDie)
+    const server = yield* Queue.take(accepted)
+    return [dialed, server] as const
+  })
+
+/** A TLS listener with `cert` and a dial that trusts it (as `gateway.test`). */
+const tlsPair = (cert: { readonly cert: string; readonly key: string }) =>
+  Effect.gen(function*() {
+    const accepted = yield* Queue.bounded<Connection>(1)
+    const bound = yield* NodeTransport.listen({ host: "127.0.0.1", port: 0, tls: cert }, (c) => {
+      Queue.offerUnsafe(accepted, c)
+    }).pipe(Effect.orDie)
+    const dialed = yield* NodeTransport.dial({ ...bound, tls: { ca: cert.cert, servername: "gateway.test" } }).pipe(Effect.orDie)
     const server = yield* Queue.take(accepted)
     return [dialed, server] as const
   })
@@ -196,6 +209,51 @@ describe("Transport", () => {
         const bound = yield* NodeTransport.listen({ host: "127.0.0.1", port: 0 }, () => {}).pipe(Effect.orDie)
         const err = yield* Effect.flip(Effect.scoped(NodeTransport.listen(bound, () => {})))
         assert.strictEqual(err.reason, "Listen")
+      }))
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }))
+
+  it.live("TLS: a listener with a certificate and a dial that trusts it meet the Connection contract and leave nothing open", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      yield* Effect.scoped(contract(tlsPair(makeCertificate("gateway.test"))))
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }))
+
+  it.live("TLS: a dial that does not trust the certificate, or names another host, is a typed error; a plain client never reaches the listener", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      const cert = makeCertificate("gateway.test")
+      yield* Effect.scoped(Effect.gen(function*() {
+        let accepted = 0
+        const bound = yield* NodeTransport.listen({ host: "127.0.0.1", port: 0, tls: cert }, (c) => {
+          accepted++
+          c.destroy()
+        }).pipe(Effect.orDie)
+        const untrusted = yield* Effect.flip(Effect.scoped(NodeTransport.dial({ ...bound, tls: { servername: "gateway.test" } })))
+        assert.strictEqual(untrusted.reason, "Dial")
+        assert.match(untrusted.message, /self-signed certificate/)
+        const otherName = yield* Effect.flip(Effect.scoped(NodeTransport.dial({ ...bound, tls: { ca: cert.cert, servername: "elsewhere.test" } })))
+        assert.strictEqual(otherName.reason, "Dial")
+        assert.match(otherName.message, /elsewhere\.test/)
+        // bytes that are not TLS: the socket is closed, nothing reaches onConnection
+        const closed = yield* Effect.promise(() =>
+          new Promise<string>((resolve) => {
+            const socket = net.connect({ host: "127.0.0.1", port: bound.port! }, () => socket.write("\0\0\0\x05hello"))
+            const chunks: Array<Buffer> = []
+            socket.on("data", (c: Buffer) => chunks.push(c))
+            socket.on("error", () => {})
+            socket.on("close", () => resolve(Buffer.concat(chunks).toString("latin1")))
+          })
+        )
+        assert.notInclude(closed, "hello")
+        assert.strictEqual(accepted, 0)
+        // the listener still serves a client that trusts it
+        const good = yield* NodeTransport.dial({ ...bound, tls: { ca: cert.cert, servername: "gateway.test" } }).pipe(Effect.orDie)
+        yield* until(() => accepted === 1, "the trusted client to be accepted")
+        good.destroy()
+        const keyless = yield* Effect.flip(Effect.scoped(NodeTransport.listen({ host: "127.0.0.1", port: 0, tls: { cert: cert.cert } }, () => {})))
+        assert.strictEqual(keyless.reason, "Listen")
       }))
       yield* Effect.promise(() => expectNoLeaks(before))
     }))
