@@ -8,11 +8,11 @@ import * as tls from "node:tls"
 import { Context, Effect, Exit, Fiber, Redacted, Scope } from "effect"
 import { WebSocket, WebSocketServer } from "ws"
 import { Registry } from "../../src/services/Registry.ts"
-import { TunnelClient } from "../../src/services/client/TunnelClient.ts"
+import { describeTarget, TunnelClient } from "../../src/services/client/TunnelClient.ts"
 import { ControlPort } from "../../src/services/front/ControlPort.ts"
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
 import { freePort, makeCertificate, request, tcpRoundTrip } from "../services/ListenersFixtures.ts"
-import { client, gateway, serveEcho, serveHttp } from "./tunnelHarness.ts"
+import { client, gateway, grants, serveEcho, serveHttp, token } from "./tunnelHarness.ts"
 
 const noLeaks = <A, E>(body: Effect.Effect<A, E, import("effect").Scope.Scope>) =>
   Effect.gen(function*() {
@@ -277,6 +277,44 @@ describe("control-port tunnels: operations", () => {
         if (viaB === "") yield* Effect.sleep("10 millis")
       }
       assert.strictEqual(viaB, "over tls")
+    })))
+
+  it.live("TLS on the control port: a client that trusts its certificate tunnels through it, one that does not is never connected", () =>
+    noLeaks(Effect.gen(function*() {
+      const cert = makeCertificate("gateway.test")
+      const control = Context.get(yield* gateway({ control: { address: { host: "127.0.0.1", port: 0 }, tokens: grants, tls: cert } }), ControlPort)
+      const port = control.address.port!
+      const publicPort = yield* Effect.promise(freePort)
+      const tunnel = Context.get(
+        yield* client([], { servers: [{ host: "127.0.0.1", port, tls: { ca: cert.cert, servername: "gateway.test" } }] }),
+        TunnelClient
+      )
+      yield* serveHttp(tunnel, { _tag: "Http", port: publicPort, pathPrefix: "/" }, (_req, res) => res.end("through a TLS control port"))
+      assert.strictEqual((yield* Effect.promise(() => request(publicPort, "/"))).body, "through a TLS control port")
+      assert.strictEqual(describeTarget(tunnel.status()[0]!.address), `tls://127.0.0.1:${port}`)
+      // a client that does not trust the certificate keeps failing to connect, with the reason
+      const untrusted = Context.get(yield* client([], { servers: [{ host: "127.0.0.1", port, tls: { servername: "gateway.test" } }] }), TunnelClient)
+      for (let i = 0; i < 200 && untrusted.status()[0]!.lastError === undefined; i++) yield* Effect.sleep("10 millis")
+      assert.isFalse(untrusted.status()[0]!.connected)
+      assert.match(untrusted.status()[0]!.lastError ?? "", /self-signed certificate/)
+      // a plain-TCP client speaking the control protocol gets no answer, and the gateway keeps serving
+      const plain = yield* Effect.promise(() =>
+        new Promise<string>((resolve) => {
+          const socket = net.createConnection({ host: "127.0.0.1", port }, () => {
+            const body = Buffer.from(`{"_tag":"Hello","version":1,"token":"${token}","listeners":[]}`)
+            const head = Buffer.alloc(4)
+            head.writeUInt32BE(body.length)
+            socket.write(Buffer.concat([head, body]))
+          })
+          const chunks: Array<Buffer> = []
+          socket.on("data", (c: Buffer) => chunks.push(c))
+          socket.on("close", () => resolve(Buffer.concat(chunks).toString("latin1")))
+          socket.on("error", () => {})
+        })
+      )
+      assert.notInclude(plain, "Welcome")
+      assert.strictEqual(control.sessions(), 1)
+      assert.strictEqual((yield* Effect.promise(() => request(publicPort, "/"))).body, "through a TLS control port")
     })))
 
   it.live("TLS: a backend deployed with a renewed certificate serves it at once, beside the backend it replaces", () =>

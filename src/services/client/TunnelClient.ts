@@ -55,14 +55,17 @@ export interface ReconnectPolicy {
 }
 
 /**
- * A gateway's control port: a TCP/Unix address dialed through `Transport`, or a `ws://`/`wss://` URL
- * (the same protocol carried in WebSocket binary messages, through HTTP proxies when configured).
+ * A gateway's control port: a TCP/Unix address dialed through `Transport` (over TLS when the address has
+ * `tls`), or a `ws://`/`wss://` URL (the same protocol carried in WebSocket binary messages, through HTTP
+ * proxies when configured).
  */
 export type GatewayTarget = Address | WebSocketTarget
 
 /** How a gateway target is shown in logs and status. */
 export const describeTarget = (target: GatewayTarget): string =>
-  "url" in target ? displayUrl(target.url) : target.path ?? `${target.host ?? "127.0.0.1"}:${target.port ?? 0}`
+  "url" in target
+    ? displayUrl(target.url)
+    : `${target.tls === undefined ? "" : "tls://"}${target.path ?? `${target.host ?? "127.0.0.1"}:${target.port ?? 0}`}`
 
 export interface TunnelClientConfig {
   /** Gateways' control ports; each gets its own connection carrying every listener. */

@@ -67,6 +67,11 @@ export const DrainPollInterval: Duration.Duration = Duration.millis(20)
 
 export interface ControlPortConfig {
   readonly address?: Address | undefined
+  /**
+   * Serve the control port over TLS with this certificate and key (PEM); backends then dial it with TLS
+   * (`tls` on their gateway address) and their tokens are accepted from any peer, as over `wss://`.
+   */
+  readonly tls?: { readonly cert: string; readonly key: string } | undefined
   readonly tokens: ReadonlyArray<TokenGrant>
   readonly handshakeTimeout?: Duration.Input | undefined
   readonly maxSessions?: number | undefined
@@ -74,7 +79,7 @@ export interface ControlPortConfig {
   readonly maxListenersPerSession?: number | undefined
   readonly maxHttpStreamsPerListener?: number | undefined
   /**
-   * Accept tokens from non-loopback peers over this plain-TCP port (default false: only loopback peers,
+   * Accept tokens from non-loopback peers over this port without TLS (default false: only loopback peers,
    * so tokens do not cross a network in clear unless the operator says the network is trusted).
    */
   readonly allowRemotePeers?: boolean | undefined
@@ -365,7 +370,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         Effect.tapError((e) => Effect.sync(() => e.reason === "HandshakeTimeout" || e.reason === "Protocol" ? config.onRejected?.(e.reason) : undefined))
       )
       if (!config.allowRemotePeers && !secure && !isLoopbackPeer(peer)) {
-        return yield* reject("Insecure", "this control port accepts tokens from loopback peers only (allowRemotePeers is off)")
+        return yield* reject("Insecure", "without TLS this control port accepts tokens from loopback peers only (serve it with TLS, or set allowRemotePeers)")
       }
       const hello = decodeHello(body)
       if (hello instanceof ControlProtocolError) return yield* reject("Malformed", hello.message)
@@ -531,8 +536,9 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       Effect.annotateLogs({ component: "ControlPort" })
     )
 
-  const address = yield* transport.listen(config.address ?? DefaultControlAddress, (conn) => {
-    run(serveConnection(conn, false))
+  const secure = config.tls !== undefined
+  const address = yield* transport.listen({ ...(config.address ?? DefaultControlAddress), tls: config.tls }, (conn) => {
+    run(serveConnection(conn, secure))
   })
   const websocket = config.websocket
   let handleUpgrade: UpgradeHandler | undefined
