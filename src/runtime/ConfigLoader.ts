@@ -97,8 +97,12 @@ export const ServerFile = Schema.Struct({
     token_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding control.token", env: "SWITCHYARD_TOKEN_FILE" })),
     tokens: Schema.optionalKey(Schema.Array(Grant).annotate({ description: "Tokens with their ports and domains (reloaded on SIGHUP)" })),
     allow_remote_peers: Schema.optionalKey(
-      Schema.Boolean.annotate({ description: "Accept tokens from non-loopback peers over plain TCP", default: false })
+      Schema.Boolean.annotate({ description: "Accept tokens from non-loopback peers without TLS", default: false })
     ),
+    tls_cert: Schema.optionalKey(Schema.String.annotate({ description: "PEM certificate: serve the control port over TLS (with tls_key; or tls_cert_file)" })),
+    tls_cert_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding control.tls_cert" })),
+    tls_key: Schema.optionalKey(Secret.annotate({ description: "PEM private key for control.tls_cert (or tls_key_file)" })),
+    tls_key_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding control.tls_key" })),
     handshake_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "Time a backend has to authenticate", default: 10_000 })),
     max_sessions: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({ description: "Most control sessions", default: 4_096 })),
     max_sessions_per_token: Schema.optionalKey(
@@ -108,8 +112,10 @@ export const ServerFile = Schema.Struct({
       enabled: Schema.optionalKey(Schema.Boolean.annotate({ description: "Serve the control port as a WebSocket path too (ws:// or wss://)", default: false })),
       address: Schema.optionalKey(Address.annotate({ description: "HTTP address of the WebSocket control path", default: "127.0.0.1:9998" })),
       path: Schema.optionalKey(Schema.String.check(Schema.isPattern(/^\/\S*$/)).annotate({ description: "Upgrade path of the WebSocket control path", default: "/tunnel" })),
-      tls_cert_file: Schema.optionalKey(Schema.String.annotate({ description: "PEM certificate: serve wss:// (with tls_key_file)" })),
-      tls_key_file: Schema.optionalKey(Schema.String.annotate({ description: "PEM key for tls_cert_file" }))
+      tls_cert: Schema.optionalKey(Schema.String.annotate({ description: "PEM certificate: serve wss:// (with tls_key; or tls_cert_file)" })),
+      tls_cert_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding control.websocket.tls_cert" })),
+      tls_key: Schema.optionalKey(Secret.annotate({ description: "PEM private key for control.websocket.tls_cert (or tls_key_file)" })),
+      tls_key_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding control.websocket.tls_key" }))
     }))
   })),
   public_host: Schema.optionalKey(Schema.String.annotate({ description: "Address public ports bind to (0.0.0.0 to serve other hosts)", default: "127.0.0.1" })),
@@ -131,7 +137,11 @@ export const ServerFile = Schema.Struct({
     allow_remote_plain: Schema.optionalKey(
       Schema.Boolean.annotate({ description: "Allow plain mode on a non-loopback address (anyone reaching the port can serve `routes`)", default: false })
     ),
-    routes: Schema.optionalKey(Schema.Array(H2Route).annotate({ description: "Routes served by plain-mode backends (reloaded on SIGHUP)" }))
+    routes: Schema.optionalKey(Schema.Array(H2Route).annotate({ description: "Routes served by plain-mode backends (reloaded on SIGHUP)" })),
+    tls_cert: Schema.optionalKey(Schema.String.annotate({ description: "PEM certificate: serve the reverse-HTTP/2 port over TLS (with tls_key; or tls_cert_file)" })),
+    tls_cert_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding reverse_h2.tls_cert" })),
+    tls_key: Schema.optionalKey(Secret.annotate({ description: "PEM private key for reverse_h2.tls_cert (or tls_key_file)" })),
+    tls_key_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding reverse_h2.tls_key" }))
   })),
   admin: Schema.optionalKey(AdminSection),
   log: Schema.optionalKey(LogSection)
@@ -158,7 +168,7 @@ export const ClientFile = Schema.Struct({
   tls_key: Schema.optionalKey(Secret.annotate({ description: "PEM private key for tls_cert (or tls_key_file)" })),
   tls_key_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding tls_key" })),
   label: Schema.optionalKey(Schema.String.annotate({ description: "Name shown in the gateway's logs" })),
-  ca: Schema.optionalKey(Schema.String.annotate({ description: "PEM CA certificate(s) trusted for wss:// gateways (or ca_file)" })),
+  ca: Schema.optionalKey(Schema.String.annotate({ description: "PEM CA certificate(s) trusted for tls:// and wss:// gateways, besides the system's (or ca_file)" })),
   ca_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding ca" })),
   h2: Schema.optionalKey(Schema.Boolean.annotate({ description: "server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway", default: false })),
   admin: Schema.optionalKey(AdminSection),

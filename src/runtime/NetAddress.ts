@@ -27,6 +27,22 @@ export const parseHostPort = (text: string): HostPort | AddressError => {
   return { host: m[1] ?? (m[2] || "127.0.0.1"), port }
 }
 
+/** A gateway address as an operator writes it: `host:port`, or `tls://host:port` for a TLS port. */
+export interface GatewayAddress extends HostPort {
+  readonly tls: boolean
+}
+
+/** Parses `host:port` or `tls://host:port` (a gateway port served over TLS). */
+export const parseGatewayAddress = (text: string): GatewayAddress | AddressError => {
+  const trimmed = text.trim()
+  const tls = trimmed.toLowerCase().startsWith("tls://")
+  const parsed = parseHostPort(tls ? trimmed.slice("tls://".length) : trimmed)
+  if (parsed instanceof AddressError) {
+    return new AddressError({ reason: "Malformed", message: `expected host:port or tls://host:port, got "${text}"` })
+  }
+  return { ...parsed, tls }
+}
+
 /** Formats an address for logs and messages. */
 export const formatHostPort = (a: HostPort): string => a.host.includes(":") ? `[${a.host}]:${a.port}` : `${a.host}:${a.port}`
 

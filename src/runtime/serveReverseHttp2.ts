@@ -123,7 +123,10 @@ const pairs = (flat: ReadonlyArray<string>): Array<[string, string | Array<strin
  * its own connections) until the scope closes. Used by `switchyard client --h2`.
  */
 export const exposeOverReverseHttp2 = (options: {
-  readonly gateways: ReadonlyArray<{ readonly host: string; readonly port: number }>
+  /** The gateways' reverse-HTTP/2 ports; `tls` ones are dialled with TLS, trusting `ca` too. */
+  readonly gateways: ReadonlyArray<{ readonly host: string; readonly port: number; readonly tls?: boolean | undefined }>
+  /** PEM CA certificate(s) trusted for TLS gateways. */
+  readonly ca?: string | undefined
   readonly target: { readonly host: string; readonly port: number }
   readonly token: Redacted.Redacted<string>
   readonly routes: ReadonlyArray<RouteDefinition>
@@ -140,7 +143,8 @@ export const exposeOverReverseHttp2 = (options: {
     yield* Effect.addFinalizer(() => Effect.sync(() => server.close()))
     for (const gateway of options.gateways) {
       yield* Layer.build(H2Client.layer(server, {
-        gateway,
+        gateway: { host: gateway.host, port: gateway.port },
+        ...(gateway.tls === true ? { tls: { ca: options.ca } } : {}),
         token: options.token,
         routes: options.routes,
         label: options.label,

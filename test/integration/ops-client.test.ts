@@ -9,6 +9,7 @@ import * as http from "node:http"
 import type * as net from "node:net"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
 import { addressAfter, freePort, get, sample, spawnSwitchyard } from "../runtime/serverProcess.ts"
+import { makeCertificate } from "../services/ListenersFixtures.ts"
 
 const Token = "ops-client-token-3d9e"
 let before: HandleCounts
@@ -75,6 +76,64 @@ describe("switchyard client", () => {
 
       assert.notInclude(client.output() + gateway.output() + metrics, Token)
       assert.strictEqual(await client.stop("SIGTERM"), 0)
+      assert.strictEqual(await gateway.stop("SIGTERM"), 0)
+    }))
+
+  it.live("TLS: a gateway serving its control and reverse-HTTP/2 ports over TLS says how to reach them; clients with --server tls:// and --ca tunnel through both", () =>
+    Effect.promise(async () => {
+      const fs = await import("node:fs")
+      const os = await import("node:os")
+      const path = await import("node:path")
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-ops-tls-"))
+      cleanups.push(async () => fs.rmSync(dir, { recursive: true, force: true }))
+      const cert = makeCertificate("localhost")
+      fs.writeFileSync(path.join(dir, "cert.pem"), cert.cert)
+      fs.writeFileSync(path.join(dir, "key.pem"), cert.key)
+      const backend = http.createServer((req, res) => res.end(`backend ${req.url}`))
+      await new Promise<void>((resolve) => backend.listen(0, "127.0.0.1", () => resolve()))
+      cleanups.push(() => new Promise((resolve) => backend.close(resolve)))
+      const backendPort = (backend.address() as net.AddressInfo).port
+      const [controlPort, h2Port, viaControl, viaH2] = [await freePort(), await freePort(), await freePort(), await freePort()]
+      const config = path.join(dir, "server.yaml")
+      fs.writeFileSync(config, [
+        "control:",
+        `  address: 127.0.0.1:${controlPort}`,
+        `  tls_cert_file: ${path.join(dir, "cert.pem")}`,
+        `  tls_key_file: ${path.join(dir, "key.pem")}`,
+        "reverse_h2:",
+        "  enabled: true",
+        `  address: 127.0.0.1:${h2Port}`,
+        `  tls_cert_file: ${path.join(dir, "cert.pem")}`,
+        `  tls_key_file: ${path.join(dir, "key.pem")}`,
+        "admin: { enabled: false }"
+      ].join("\n") + "\n")
+      const gateway = spawnSwitchyard(["server", "--config", config], { SWITCHYARD_TOKEN: Token })
+      cleanups.push(() => gateway.stop("SIGKILL"))
+      await gateway.waitFor("expose a local service")
+      assert.include(gateway.output(), `control port     tls://127.0.0.1:${controlPort}`)
+      assert.include(gateway.output(), `reverse HTTP/2   tls://127.0.0.1:${h2Port}`)
+      assert.include(gateway.output(), `--server tls://127.0.0.1:${controlPort} --ca <its CA or certificate file>`)
+      const common = ["--ca", path.join(dir, "cert.pem"), "--expose", `127.0.0.1:${backendPort}`]
+      const overControl = spawnSwitchyard(["client", "--server", `tls://localhost:${controlPort}`, ...common, "--port", String(viaControl)], { SWITCHYARD_TOKEN: Token })
+      cleanups.push(() => overControl.stop("SIGKILL"))
+      const overH2 = spawnSwitchyard(["client", "--h2", "--server", `tls://localhost:${h2Port}`, ...common, "--port", String(viaH2)], { SWITCHYARD_TOKEN: Token })
+      cleanups.push(() => overH2.stop("SIGKILL"))
+      const answer = async (port: number) => {
+        for (let i = 0; i < 200; i++) {
+          const r = await get(port, "/over-tls").catch(() => undefined)
+          if (r?.status === 200) return r.body
+          await new Promise((resolve) => setTimeout(resolve, 50))
+        }
+        return undefined
+      }
+      assert.strictEqual(await answer(viaControl), "backend /over-tls")
+      assert.strictEqual(await answer(viaH2), "backend /over-tls")
+      // without --ca the self-signed certificate is not trusted: the client never gets a session
+      const untrusted = spawnSwitchyard(["client", "--server", `tls://localhost:${controlPort}`, "--expose", `127.0.0.1:${backendPort}`, "--port", String(await freePort()), "--log-level", "debug"], { SWITCHYARD_TOKEN: Token })
+      cleanups.push(() => untrusted.stop("SIGKILL"))
+      await untrusted.waitFor(/self-signed certificate/)
+      assert.notInclude(gateway.output() + overControl.output() + overH2.output(), Token)
+      for (const p of [untrusted, overControl, overH2]) assert.strictEqual(await p.stop("SIGTERM"), 0)
       assert.strictEqual(await gateway.stop("SIGTERM"), 0)
     }))
 

@@ -11,6 +11,7 @@ import {
   settingsOf,
   splitOpsSections
 } from "../../src/runtime/ConfigLoader.ts"
+import { checkServerFile } from "../../src/runtime/commands/server.ts"
 
 const withDir = <A, E>(f: (dir: string) => Effect.Effect<A, E>) =>
   Effect.acquireUseRelease(
@@ -118,6 +119,33 @@ describe("loadConfig", () => {
         const badSecret = yield* failure(loadConfig({ schema: ServerFile, file, env: {} }))
         assert.include(badSecret.message, "control.token")
         assert.notInclude(badSecret.message, "12345")
+      })
+    ))
+
+  it.effect("TLS pairs of the server's ports: read from their files (or variables), the key Redacted; one without the other refused", () =>
+    withDir((dir) =>
+      Effect.gen(function*() {
+        const cert = path.join(dir, "cert.pem")
+        const key = path.join(dir, "key.pem")
+        fs.writeFileSync(cert, "-----BEGIN CERTIFICATE-----\ncert\n-----END CERTIFICATE-----\n")
+        fs.writeFileSync(key, "-----BEGIN PRIVATE KEY-----\nkey-material\n-----END PRIVATE KEY-----\n")
+        const file = path.join(dir, "server.yaml")
+        const pair = `tls_cert_file: ${cert}, tls_key_file: ${key}`
+        fs.writeFileSync(file, `control: { ${pair}, websocket: { enabled: true, ${pair} } }\nreverse_h2: { enabled: true, ${pair} }\n`)
+        const { config } = yield* loadConfig({ schema: ServerFile, file, env: {} })
+        for (const section of [config.control!, config.control!.websocket!, config.reverse_h2!]) {
+          assert.include(section.tls_cert, "BEGIN CERTIFICATE")
+          assert.isTrue(Redacted.isRedacted(section.tls_key))
+          assert.include(Redacted.value(section.tls_key!), "key-material")
+        }
+        assert.notInclude(JSON.stringify(config), "key-material")
+        assert.isUndefined(checkServerFile(config))
+        const viaEnv = yield* loadConfig({ schema: ServerFile, env: { SWITCHYARD_CONTROL_TLS_CERT_FILE: cert, SWITCHYARD_CONTROL_TLS_KEY_FILE: key } })
+        assert.include(viaEnv.config.control!.tls_cert, "BEGIN CERTIFICATE")
+        fs.writeFileSync(file, `reverse_h2: { enabled: true, tls_cert_file: ${cert} }\n`)
+        const half = checkServerFile((yield* loadConfig({ schema: ServerFile, file, env: {} })).config)
+        assert.strictEqual(half?.field, "reverse_h2.tls_cert")
+        assert.include(half?.message, "tls_cert and tls_key go together")
       })
     ))
 

@@ -18,7 +18,7 @@ import { ClientFile, ConfigLoadError, type FlagValue, loadConfig, refuseConfig }
 import { onHangup } from "../Lifecycle.ts"
 import { DefaultServer, toRoute } from "../listen.ts"
 import * as Logging from "../Logging.ts"
-import { AddressError, formatHostPort, type HostPort, parseHostPort } from "../NetAddress.ts"
+import { AddressError, formatHostPort, type HostPort, parseGatewayAddress, parseHostPort } from "../NetAddress.ts"
 import { exposeOverReverseHttp2 } from "../serveReverseHttp2.ts"
 import * as NodeTransport from "../NodeTransport.ts"
 
@@ -29,7 +29,7 @@ const flags = {
   checkConfig: Flag.Boolean("check-config").pipe(Flag.withDescription("Validate the configuration and exit"), Flag.withDefault(false)),
   server: Flag.String("server").pipe(
     Flag.withDescription(
-      "Gateway control address host:port, or ws://host[:port]/tunnel / wss://… for its WebSocket control path " +
+      "Gateway control address host:port (tls://host:port when it is served over TLS), or ws://host[:port]/tunnel / wss://… for its WebSocket control path " +
         "(through HTTPS_PROXY/HTTP_PROXY unless NO_PROXY covers it); repeat for several gateways (default 127.0.0.1:9999)"
     ),
     Flag.atLeast(0)
@@ -43,7 +43,7 @@ const flags = {
   tlsCert: Flag.FileText("tls-cert").pipe(Flag.withDescription("PEM certificate: the gateway terminates TLS with it"), Flag.optional),
   tlsKey: Flag.FileText("tls-key").pipe(Flag.withDescription("PEM private key for --tls-cert"), Flag.optional),
   label: optionalString("label", "Name shown in the gateway's logs"),
-  ca: Flag.FileText("ca").pipe(Flag.withDescription("PEM CA certificate(s) trusted for wss:// gateways, besides the system's"), Flag.optional),
+  ca: Flag.FileText("ca").pipe(Flag.withDescription("PEM CA certificate(s) trusted for tls:// and wss:// gateways, besides the system's"), Flag.optional),
   h2: Flag.Boolean("h2").pipe(
     Flag.withDescription("--server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway, forward to --expose as HTTP"),
     Flag.withDefault(false)
@@ -143,10 +143,11 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
       targets.push({ url: text, ...(config.ca === undefined ? {} : { ca: config.ca }) })
       continue
     }
-    const parsed = parseHostPort(text)
+    const parsed = parseGatewayAddress(text)
     if (parsed instanceof Error) return yield* refuseConfig("client")(new ConfigLoadError({ reason: "Invalid", source: "config", field: "server", message: `server: ${parsed.message}` }))
     servers.push(parsed)
-    targets.push(parsed)
+    const { host, port } = parsed
+    targets.push(parsed.tls ? { host, port, tls: { ca: config.ca } } : { host, port })
   }
   const expose = first.expose
   if (config.h2 === true && servers.length !== targets.length) {
@@ -166,7 +167,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
       operations.metrics.reloads.labels("rejected").inc()
       operations.recordError("reload refused: a reverse-HTTP/2 client applies its configuration on restart")
     }).pipe(Effect.andThen(Effect.logWarning("reload refused: with h2 the client applies configuration changes on restart")), Effect.annotateLogs({ component: "client" })))
-    yield* exposeOverReverseHttp2({ gateways: servers, target: expose, token, routes: [route], label })
+    yield* exposeOverReverseHttp2({ gateways: servers, target: expose, token, routes: [route], label, ca: config.ca })
     yield* Console.log(`switchyard client: ${describeRoute(route)} over reverse HTTP/2 on ${serverTexts.join(", ")} -> ${formatHostPort(expose)}`)
     return yield* Effect.never
   }

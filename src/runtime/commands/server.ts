@@ -137,9 +137,27 @@ export const checkServerFile = (file: ServerFile): ConfigLoadError | undefined =
   if (h2 instanceof ConfigLoadError) return h2
   const ws = webSocketOf(file)
   if (ws instanceof ConfigLoadError) return ws
+  const controlTls = certificatePair("control", file.control)
+  if (controlTls instanceof ConfigLoadError) return controlTls
+  const h2Tls = certificatePair("reverse_h2", file.reverse_h2)
+  if (h2Tls instanceof ConfigLoadError) return h2Tls
   const grants = grantsOf(file)
   if (grants instanceof ConfigLoadError) return grants
   return checkModes(file, h2)
+}
+
+/**
+ * A section's certificate and key (`tls_cert`/`tls_key`, or their `_file` forms, read by the loader);
+ * undefined when neither is set.
+ */
+const certificatePair = (
+  field: string,
+  section: { readonly tls_cert?: string | undefined; readonly tls_key?: Redacted.Redacted<string> | undefined } | undefined
+): { readonly cert: string; readonly key: string } | ConfigLoadError | undefined => {
+  const cert = section?.tls_cert
+  const key = section?.tls_key
+  if ((cert === undefined) !== (key === undefined)) return invalid(`${field}.tls_cert`, "tls_cert and tls_key go together")
+  return cert === undefined || key === undefined ? undefined : { cert, key: Redacted.value(key) }
 }
 
 /** The WebSocket control path's settings (`control.websocket`), certificate files read; undefined when off. */
@@ -148,17 +166,8 @@ const webSocketOf = (file: ServerFile): ControlWebSocketConfig | ConfigLoadError
   if (ws === undefined || ws.enabled !== true) return undefined
   const address = addressAt("control.websocket.address", ws.address, DefaultWebSocketText)
   if (address instanceof ConfigLoadError) return address
-  if ((ws.tls_cert_file === undefined) !== (ws.tls_key_file === undefined)) {
-    return invalid("control.websocket.tls_cert_file", "tls_cert_file and tls_key_file go together")
-  }
-  let tls: ControlWebSocketConfig["tls"]
-  if (ws.tls_cert_file !== undefined && ws.tls_key_file !== undefined) {
-    try {
-      tls = { cert: fs.readFileSync(ws.tls_cert_file, "utf8"), key: fs.readFileSync(ws.tls_key_file, "utf8") }
-    } catch (error) {
-      return invalid("control.websocket.tls_cert_file", `cannot read the certificate or key: ${(error as Error).message}`)
-    }
-  }
+  const tls = certificatePair("control.websocket", ws)
+  if (tls instanceof ConfigLoadError) return tls
   return { address, path: ws.path ?? DefaultTunnelPath, ...(tls === undefined ? {} : { tls }) }
 }
 
@@ -476,9 +485,14 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   }
   const webSocket = webSocketOf(file)
   if (webSocket instanceof ConfigLoadError) return yield* webSocket
+  const controlTls = certificatePair("control", file.control)
+  if (controlTls instanceof ConfigLoadError) return yield* controlTls
+  const h2Tls = certificatePair("reverse_h2", file.reverse_h2)
+  if (h2Tls instanceof ConfigLoadError) return yield* h2Tls
   const gateway = ControlPort.gatewayLayer({
     control: {
       address: control,
+      ...(controlTls === undefined ? {} : { tls: controlTls }),
       tokens: grants,
       allowRemotePeers: file.control?.allow_remote_peers ?? false,
       handshakeTimeout: file.control?.handshake_timeout_ms,
@@ -504,6 +518,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   const h2Layer: Layer.Layer<never, Error, Listeners> | Layer.Layer<ReverseH2, Error, Listeners> = h2Enabled
     ? ReverseH2.layer({
       address: h2Address,
+      ...(h2Tls === undefined ? {} : { tls: h2Tls }),
       routes: h2Routes,
       tokens: plain ? undefined : grants,
       drainTimeout,
@@ -673,10 +688,15 @@ export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
   return out
 }
 
-const clientLine = (handle: GatewayHandle): string => {
-  const server = formatHostPort(handle.control)
+/** The control port as a client names it: `tls://host:port` when it is served over TLS. */
+const controlText = (handle: GatewayHandle, file: ServerFile): string =>
+  `${file.control?.tls_cert === undefined ? "" : "tls://"}${formatHostPort(handle.control)}`
+
+const clientLine = (handle: GatewayHandle, file: ServerFile): string => {
   const token = handle.generatedTokenFile === undefined ? "SWITCHYARD_TOKEN=<your token>" : `SWITCHYARD_TOKEN="$(cat ${handle.generatedTokenFile})"`
-  return `${token} npx switchyard client --server ${server} --expose 127.0.0.1:3000 --port 8000`
+  // a certificate no public CA signed is trusted with --ca (the certificate's own file will do)
+  const ca = file.control?.tls_cert === undefined ? "" : " --ca <its CA or certificate file>"
+  return `${token} npx switchyard client --server ${controlText(handle, file)}${ca} --expose 127.0.0.1:3000 --port 8000`
 }
 
 export const serverCommand = Command.make("server", flags, Effect.fn(function*(f) {
@@ -702,8 +722,10 @@ export const serverCommand = Command.make("server", flags, Effect.fn(function*(f
     )
     const lines = [
       `switchyard gateway running`,
-      `  control port     ${formatHostPort(handle.control)}  (backends dial it)`,
-      ...(handle.reverseH2 === undefined ? [] : [`  reverse HTTP/2   ${formatHostPort(handle.reverseH2)}`]),
+      `  control port     ${controlText(handle, file)}  (backends dial it)`,
+      ...(handle.reverseH2 === undefined
+        ? []
+        : [`  reverse HTTP/2   ${file.reverse_h2?.tls_cert === undefined ? "" : "tls://"}${formatHostPort(handle.reverseH2)}`]),
       ...(handle.controlWebSocket === undefined ? [] : [`  control (WebSocket) ${handle.controlWebSocket}  (backends behind HTTP-only egress)`]),
       ...(handle.admin === undefined ? [] : [`  admin endpoint   http://${formatHostPort(handle.admin)}  (/metrics /healthz /readyz /status)`]),
       `  public ports bind to ${file.public_host ?? "127.0.0.1"}`,
@@ -711,7 +733,7 @@ export const serverCommand = Command.make("server", flags, Effect.fn(function*(f
         ? `  tokens: ${grants.map((g) => g.name).join(", ")}`
         : `  no token configured: generated one in ${handle.generatedTokenFile} (removed on exit)`,
       `expose a local service on public port 8000 with:`,
-      `  ${clientLine(handle)}`
+      `  ${clientLine(handle, file)}`
     ]
     yield* Console.log(lines.join("\n"))
     return yield* Effect.never
