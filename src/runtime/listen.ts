@@ -8,10 +8,10 @@ import { EventEmitter } from "node:events"
 import type * as net from "node:net"
 import { Context, Effect, Exit, Layer, Redacted, Scope } from "effect"
 import type { RouteDefinition } from "../domain/Route.ts"
-import { type GatewayTarget, TunnelClient, type TunnelClientConfig } from "../services/client/TunnelClient.ts"
+import { describeTarget, type GatewayTarget, TunnelClient, type TunnelClientConfig } from "../services/client/TunnelClient.ts"
 import { isWebSocketUrl, type WebSocketTarget } from "../services/transport/WebSocketDial.ts"
 import type { StreamSocket } from "../services/yamux/StreamDuplex.ts"
-import { parseHostPort } from "./NetAddress.ts"
+import { parseGatewayAddress } from "./NetAddress.ts"
 import * as NodeTransport from "./NodeTransport.ts"
 
 /** Gateway used when neither the options nor `SWITCHYARD_SERVER` name one. */
@@ -38,10 +38,13 @@ export interface ListenDefinition {
 
 export interface ListenOptions {
   /**
-   * `host:port` of the gateway(s), or `ws://`/`wss://` URLs of their WebSocket control path; default
-   * `SWITCHYARD_SERVER` (comma-separated) or 127.0.0.1:9999.
+   * `host:port` of the gateway(s) (`tls://host:port` for a control port served over TLS), or
+   * `ws://`/`wss://` URLs of their WebSocket control path; default `SWITCHYARD_SERVER` (comma-separated)
+   * or 127.0.0.1:9999.
    */
   readonly server?: string | ReadonlyArray<string> | undefined
+  /** For `tls://` servers: CA certificate(s) trusted besides the system's, and the name to verify. */
+  readonly tls?: { readonly ca?: string | ReadonlyArray<string> | undefined; readonly servername?: string | undefined } | undefined
   /** Default `SWITCHYARD_TOKEN`. */
   readonly token?: string | undefined
   readonly label?: string | undefined
@@ -153,9 +156,10 @@ const serversOf = (options: ListenOptions): Array<GatewayTarget> => {
   const list = typeof raw === "string" ? raw.split(",").map((s) => s.trim()).filter((s) => s.length > 0) : [...raw]
   return list.map((text): GatewayTarget => {
     if (isWebSocketUrl(text)) return { ...options.webSocket, url: text.trim() }
-    const parsed = parseHostPort(text)
+    const parsed = parseGatewayAddress(text)
     if (parsed instanceof Error) throw parsed
-    return parsed
+    const { host, port } = parsed
+    return parsed.tls ? { host, port, tls: { ...options.tls } } : { host, port }
   })
 }
 
@@ -181,7 +185,12 @@ export const listen = async (definition: ListenDefinition, options: ListenOption
   })
   return new Promise<TunnelServer>((resolve, reject) => {
     let settled = false
-    const timer = setTimeout(() => fail(new Error(`no gateway bound ${JSON.stringify(definition)} within ${options.timeoutMs ?? DefaultListenTimeoutMs} ms`)), options.timeoutMs ?? DefaultListenTimeoutMs)
+    const timer = setTimeout(() => {
+      // why the gateways have not answered (a refused TLS certificate, a connection refused), when known
+      const reasons = client.client.status().filter((g) => g.lastError !== undefined).map((g) => `${describeTarget(g.address)}: ${g.lastError}`)
+      const why = reasons.length === 0 ? "" : ` (${reasons.join("; ")})`
+      fail(new Error(`no gateway bound ${JSON.stringify(definition)} within ${options.timeoutMs ?? DefaultListenTimeoutMs} ms${why}`))
+    }, options.timeoutMs ?? DefaultListenTimeoutMs)
     const fail = (error: Error) => {
       if (settled) return void server.emit("error", error)
       settled = true

@@ -4,9 +4,9 @@ import { Context, Effect } from "effect"
 import { listen, toRoute } from "../../../src/runtime/listen.ts"
 import { ControlPort } from "../../../src/services/front/ControlPort.ts"
 import { Registry } from "../../../src/services/Registry.ts"
-import { gateway, token } from "../../integration/tunnelHarness.ts"
+import { gateway, grants, token } from "../../integration/tunnelHarness.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
-import { freePort, request } from "../ListenersFixtures.ts"
+import { freePort, makeCertificate, request } from "../ListenersFixtures.ts"
 
 describe("listen (plain Node)", () => {
   it("turns definitions into routes", () => {
@@ -53,6 +53,32 @@ describe("listen (plain Node)", () => {
         serverA.closeAllConnections()
         serverB.closeAllConnections()
         while (control.sessions() > 0) yield* Effect.sleep("5 millis")
+      }).pipe(Effect.scoped)
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }))
+
+  it.live("reaches a control port served over TLS as tls://host:port, trusting its certificate with `tls.ca`", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      yield* Effect.gen(function*() {
+        const cert = makeCertificate("localhost")
+        const control = Context.get(yield* gateway({ control: { address: { host: "127.0.0.1", port: 0 }, tokens: grants, tls: cert } }), ControlPort)
+        const port = yield* Effect.promise(freePort)
+        const server = `tls://localhost:${control.address.port}`
+        const tunnel = yield* Effect.promise(() => listen({ port }, { server, token, tls: { ca: cert.cert } }))
+        const served = tunnel.serve(http.createServer((_req, res) => res.end("over tls")))
+        assert.strictEqual((yield* Effect.promise(() => request(port, "/"))).body, "over tls")
+        yield* Effect.promise(() => new Promise<void>((resolve) => tunnel.close(() => resolve())))
+        served.closeAllConnections()
+        while (control.sessions() > 0) yield* Effect.sleep("5 millis")
+        // the same server without `tls.ca` is not trusted: no listener, the reason in the rejection
+        const untrusted = yield* Effect.promise(() =>
+          listen({ port }, { server, token, timeoutMs: 2_000 }).then((t) => {
+            t.close()
+            return "listening"
+          }, (e: Error) => e.message)
+        )
+        assert.match(untrusted, /self-signed certificate/)
       }).pipe(Effect.scoped)
       yield* Effect.promise(() => expectNoLeaks(before))
     }))
