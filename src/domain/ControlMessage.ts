@@ -124,6 +124,8 @@ export const Preamble = Schema.TaggedStruct("Preamble", {
   remoteAddress: Schema.String.check(Schema.isMaxLength(MaxPreambleAddressLength)),
   remotePort: Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: MaxPort })),
   localPort: Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: MaxPort })),
+  /** The public address the connection arrived at (raw TCP and TLS streams; absent from older gateways). */
+  localAddress: Schema.optionalKey(Schema.String.check(Schema.isMaxLength(MaxPreambleAddressLength))),
   serverName: Schema.optionalKey(Schema.String.check(Schema.isMaxLength(MaxDomainLength)))
 })
 export type Preamble = typeof Preamble.Type

@@ -19,6 +19,8 @@ export interface ConnectionMeta {
   readonly remotePort: number
   /** The public port the connection arrived on. */
   readonly localPort: number
+  /** The public address the connection arrived at (raw TCP and TLS connections). */
+  readonly localAddress?: string | undefined
   /** TLS server name, when the gateway terminated TLS. */
   readonly serverName?: string | undefined
 }

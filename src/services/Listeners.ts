@@ -352,6 +352,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
           remoteAddress: socket.remoteAddress ?? "",
           remotePort: socket.remotePort ?? 0,
           localPort: port,
+          localAddress: socket.localAddress,
           serverName
         }
         const fiber = run(lease.backend.connect(meta))

@@ -377,10 +377,11 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
             if (preamble === undefined) return
             const listener = g.byGatewayId.get(preamble.listenerId)
             if (listener === undefined) return void socket.destroy()
-            const writable = socket as unknown as { remoteAddress?: string; remotePort?: number; localPort?: number }
+            const writable = socket as unknown as { remoteAddress?: string; remotePort?: number; localPort?: number; localAddress?: string }
             writable.remoteAddress = preamble.remoteAddress
             writable.remotePort = preamble.remotePort
             writable.localPort = preamble.localPort
+            if (preamble.localAddress !== undefined) writable.localAddress = preamble.localAddress
             listener.onConnection({ socket, preamble, gateway: g.index })
           })
           acceptNext()

@@ -220,6 +220,7 @@ const makeBackend = (tunnel: Tunnel, listenerId: number, route: RouteDefinition,
     remoteAddress: meta.remoteAddress.slice(0, MaxPreambleAddressLength),
     remotePort: meta.remotePort,
     localPort: port,
+    ...(meta.localAddress ? { localAddress: meta.localAddress.slice(0, MaxPreambleAddressLength) } : {}),
     ...(meta.serverName ? { serverName: meta.serverName } : {})
   })
   const httpPreamble = preamble({ protocol: httpProtocol, remoteAddress: "", remotePort: 0 })
