@@ -14,6 +14,11 @@ export {
 export type { ControlWebSocketConfig } from "./services/front/ControlWebSocket.ts"
 export { TunnelClient, type TunnelClientConfig } from "./services/client/TunnelClient.ts"
 export { listen, type ListenDefinition, type ListenOptions, TunnelServer } from "./runtime/listen.ts"
+export {
+  encodeProxyHeader,
+  type ProxiedConnection,
+  type ProxyProtocolVersion
+} from "./domain/ProxyProtocol.ts"
 
 // Routing core shared by the tunnel front doors.
 export { Registry, type RegistryConfig } from "./services/Registry.ts"

@@ -163,6 +163,9 @@ export const ClientFile = Schema.Struct({
   path: Schema.optionalKey(Schema.String.annotate({ description: "HTTP path prefix, e.g. /a" })),
   domain: Schema.optionalKey(Schema.String.annotate({ description: "HTTP domain suffix, e.g. example.com" })),
   tcp: Schema.optionalKey(Schema.Boolean.annotate({ description: "Raw TCP instead of HTTP", default: false })),
+  proxy_protocol: Schema.optionalKey(
+    Schema.Literals(["v1", "v2"]).annotate({ description: "Start each raw TCP connection to expose with a PROXY protocol header naming the public peer" })
+  ),
   tls_cert: Schema.optionalKey(Schema.String.annotate({ description: "PEM certificate the gateway terminates TLS with (or tls_cert_file)" })),
   tls_cert_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding tls_cert" })),
   tls_key: Schema.optionalKey(Secret.annotate({ description: "PEM private key for tls_cert (or tls_key_file)" })),

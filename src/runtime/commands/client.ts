@@ -9,6 +9,7 @@
 import * as net from "node:net"
 import { Console, Duration, Effect, Exit, Fiber, Option, Redacted, Scope, Stream } from "effect"
 import { Command, Flag } from "effect/cli"
+import { encodeProxyHeader } from "../../domain/ProxyProtocol.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { describeTarget, type GatewayTarget, TunnelClient } from "../../services/client/TunnelClient.ts"
 import { isWebSocketUrl } from "../../services/transport/WebSocketDial.ts"
@@ -40,6 +41,7 @@ const flags = {
   path: optionalString("path", "HTTP path prefix, e.g. /a"),
   domain: optionalString("domain", "HTTP domain suffix, e.g. example.com"),
   tcp: Flag.Boolean("tcp").pipe(Flag.withDescription("Raw TCP instead of HTTP"), Flag.withDefault(false)),
+  proxyProtocol: optionalString("proxy-protocol", "v1 or v2: start each raw TCP connection to --expose with a PROXY protocol header naming the public peer"),
   tlsCert: Flag.FileText("tls-cert").pipe(Flag.withDescription("PEM certificate: the gateway terminates TLS with it"), Flag.optional),
   tlsKey: Flag.FileText("tls-key").pipe(Flag.withDescription("PEM private key for --tls-cert"), Flag.optional),
   label: optionalString("label", "Name shown in the gateway's logs"),
@@ -67,6 +69,7 @@ const flagOverrides = (f: Flags): Array<FlagValue> => {
   add("--path", "path", f.path)
   add("--domain", "domain", f.domain)
   if (f.tcp) out.push({ path: ["tcp"], value: "true", flag: "--tcp" })
+  add("--proxy-protocol", "proxy_protocol", f.proxyProtocol)
   add("--tls-cert", "tls_cert", f.tlsCert)
   add("--tls-key", "tls_key", f.tlsKey)
   add("--label", "label", f.label)
@@ -104,6 +107,14 @@ const listenerOf = (config: ClientFile): ListenerSpec | ConfigLoadError => {
   const cert = config.tls_cert
   const key = config.tls_key === undefined ? undefined : Redacted.value(config.tls_key)
   const tcp = config.tcp ?? false
+  if (config.proxy_protocol !== undefined && !tcp) {
+    return new ConfigLoadError({
+      reason: "Invalid",
+      source: "config",
+      field: "proxy_protocol",
+      message: "proxy_protocol: a PROXY header goes on raw TCP connections (tcp); HTTP routes carry the peer in X-Forwarded-For"
+    })
+  }
   const route = toRoute({
     port: config.port,
     tcp,
@@ -183,6 +194,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
   const commandScope = yield* Effect.scope
   // the local address new connections go to (a reload may change it; connections already piped stay)
   let target = expose
+  let proxyProtocol = config.proxy_protocol
   /** Opens a listener for `spec` in its own scope, its connections piped to the current target. */
   const openListener = (forRoute: RouteDefinition) =>
     Effect.gen(function*() {
@@ -192,9 +204,18 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
       let consumer: Fiber.Fiber<void> | undefined
       yield* Scope.addFinalizer(scope, Effect.suspend(() => consumer === undefined ? Effect.void : Fiber.interrupt(consumer)))
       const listener = yield* client.listen(forRoute).pipe(Scope.provide(scope))
-      consumer = yield* Stream.runForEach(listener.connections, ({ socket }) =>
+      consumer = yield* Stream.runForEach(listener.connections, ({ preamble, socket }) =>
         Effect.sync(() => {
           const local = net.createConnection({ host: target.host, port: target.port, allowHalfOpen: true })
+          // the public peer for the backend, ahead of the connection's own bytes
+          if (proxyProtocol !== undefined) {
+            local.write(encodeProxyHeader(proxyProtocol, {
+              sourceAddress: preamble.remoteAddress,
+              sourcePort: preamble.remotePort,
+              destinationAddress: preamble.localAddress ?? "",
+              destinationPort: preamble.localPort
+            }))
+          }
           local.on("error", () => local.destroy())
           socket.on("error", () => socket.destroy())
           joinStreams(socket, local, () => {})
@@ -233,6 +254,10 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
     if (formatHostPort(spec.expose) !== formatHostPort(target)) {
       notes.push(`new connections go to ${formatHostPort(spec.expose)}`)
       target = spec.expose
+    }
+    if (next.proxy_protocol !== proxyProtocol) {
+      notes.push(`new connections start with ${next.proxy_protocol === undefined ? "no PROXY header" : `a PROXY ${next.proxy_protocol} header`}`)
+      proxyProtocol = next.proxy_protocol
     }
     // compared with what the sessions started with: they keep it until a restart
     const restart = sessionSettingsChanged(config, next)
