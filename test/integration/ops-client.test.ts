@@ -30,6 +30,14 @@ const startGateway = async (controlPort: number) => {
   return proc
 }
 
+/** The local service clients expose: answers `backend <path>`; closed after the test. Its port. */
+const startBackend = async (): Promise<number> => {
+  const backend = http.createServer((req, res) => res.end(`backend ${req.url}`))
+  await new Promise<void>((resolve) => backend.listen(0, "127.0.0.1", () => resolve()))
+  cleanups.push(() => new Promise((resolve) => backend.close(resolve)))
+  return (backend.address() as net.AddressInfo).port
+}
+
 /** Polls `/readyz` until it answers `status`, bounded in attempts. */
 const readyzBecomes = async (port: number, status: number) => {
   for (let i = 0; i < 300; i++) {
@@ -43,10 +51,7 @@ const readyzBecomes = async (port: number, status: number) => {
 describe("switchyard client", () => {
   it.live("/readyz follows the gateway session; reconnects are counted; the token never shows", () =>
     Effect.promise(async () => {
-      const backend = http.createServer((req, res) => res.end(`backend ${req.url}`))
-      await new Promise<void>((resolve) => backend.listen(0, "127.0.0.1", () => resolve()))
-      cleanups.push(() => new Promise((resolve) => backend.close(resolve)))
-      const backendPort = (backend.address() as net.AddressInfo).port
+      const backendPort = await startBackend()
 
       const controlPort = await freePort()
       const publicPort = await freePort()
@@ -89,10 +94,7 @@ describe("switchyard client", () => {
       const cert = makeCertificate("localhost")
       fs.writeFileSync(path.join(dir, "cert.pem"), cert.cert)
       fs.writeFileSync(path.join(dir, "key.pem"), cert.key)
-      const backend = http.createServer((req, res) => res.end(`backend ${req.url}`))
-      await new Promise<void>((resolve) => backend.listen(0, "127.0.0.1", () => resolve()))
-      cleanups.push(() => new Promise((resolve) => backend.close(resolve)))
-      const backendPort = (backend.address() as net.AddressInfo).port
+      const backendPort = await startBackend()
       const [controlPort, h2Port, viaControl, viaH2] = [await freePort(), await freePort(), await freePort(), await freePort()]
       const config = path.join(dir, "server.yaml")
       fs.writeFileSync(config, [
@@ -144,10 +146,7 @@ describe("switchyard client", () => {
       const path = await import("node:path")
       const dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-ops-client-"))
       cleanups.push(async () => fs.rmSync(dir, { recursive: true, force: true }))
-      const backend = http.createServer((req, res) => res.end(`backend ${req.url}`))
-      await new Promise<void>((resolve) => backend.listen(0, "127.0.0.1", () => resolve()))
-      cleanups.push(() => new Promise((resolve) => backend.close(resolve)))
-      const backendPort = (backend.address() as net.AddressInfo).port
+      const backendPort = await startBackend()
       const controlPort = await freePort()
       const filePort = await freePort()
       const flagPort = await freePort()

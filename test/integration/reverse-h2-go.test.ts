@@ -10,7 +10,7 @@ import { createHash, randomBytes } from "node:crypto"
 import * as http from "node:http"
 import * as path from "node:path"
 import * as readline from "node:readline"
-import { Effect } from "effect"
+import { Effect, type Scope } from "effect"
 import { ReverseH2 } from "../../src/services/front/ReverseH2.ts"
 import { inCI } from "../support/peers.ts"
 import { freePort, request, until, withGateway } from "./reverse-h2-harness.ts"
@@ -109,14 +109,28 @@ const exchange = (
     next()
   })
 
+/**
+ * A gateway whose plain-mode port serves one public route, with a Go backend of `connections`
+ * connections registered on it; `body` gets the public port, the gateway and the backend.
+ */
+const withGoBackend = <A>(
+  connections: number,
+  body: (port: number, gateway: ReverseH2["Service"], backend: GoBackend) => Effect.Effect<A, never, ReverseH2 | Scope.Scope>
+) =>
+  Effect.gen(function*() {
+    const port = yield* Effect.promise(freePort)
+    return yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+      const gateway = yield* ReverseH2
+      const backend = yield* goBackend(gateway.address.port, connections)
+      yield* until(() => gateway.connections() === connections, "the Go backend to register")
+      return yield* body(port, gateway, backend)
+    }))
+  })
+
 describePeer("reverse HTTP/2 against a Go x/net/http2 backend (plain mode)", () => {
   it.effect("a Go backend that dials in serves public HTTP/1.1 requests, with the forwarding headers", () =>
-    Effect.gen(function*() {
-      const port = yield* Effect.promise(freePort)
-      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
-        const gateway = yield* ReverseH2
-        yield* goBackend(gateway.address.port)
-        yield* until(() => gateway.connections() === 1, "the Go backend to register")
+    withGoBackend(1, (port) =>
+      Effect.gen(function*() {
         const hello = yield* Effect.promise(() => request(port, "/hello"))
         assert.strictEqual(hello.status, 200)
         assert.strictEqual(hello.body, "hello from go")
@@ -125,16 +139,11 @@ describePeer("reverse HTTP/2 against a Go x/net/http2 backend (plain mode)", () 
         assert.strictEqual(info.body, `GET HTTP/2.0 127.0.0.1:${port} 127.0.0.1 http`)
         const missing = yield* Effect.promise(() => request(port, "/nowhere"))
         assert.strictEqual(missing.status, 404)
-      }))
-    }))
+      })))
 
   it.effect("bodies cross byte for byte both ways: a streamed upload echoed back, a large download to a fast and a slow reader", () =>
-    Effect.gen(function*() {
-      const port = yield* Effect.promise(freePort)
-      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
-        const gateway = yield* ReverseH2
-        yield* goBackend(gateway.address.port)
-        yield* until(() => gateway.connections() === 1, "the Go backend")
+    withGoBackend(1, (port) =>
+      Effect.gen(function*() {
         const upload = randomBytes(3 * 1024 * 1024 + 17)
         const echoed = yield* Effect.promise(() => exchange(port, "/echo", { method: "POST", body: upload, pieces: 97 }))
         assert.strictEqual(echoed.status, 200)
@@ -151,31 +160,21 @@ describePeer("reverse HTTP/2 against a Go x/net/http2 backend (plain mode)", () 
         const slow = yield* Effect.promise(() => exchange(port, `/bytes?n=${slowSize}`, { slowly: true }))
         assert.strictEqual(slow.body.length, slowSize)
         assert.strictEqual(sha256(slow.body), sha256(pattern(slowSize)))
-      }))
-    }))
+      })))
 
   it.effect("trailers a Go handler sets after its body reach an HTTP/1.1 client that accepts them", () =>
-    Effect.gen(function*() {
-      const port = yield* Effect.promise(freePort)
-      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
-        const gateway = yield* ReverseH2
-        yield* goBackend(gateway.address.port)
-        yield* until(() => gateway.connections() === 1, "the Go backend")
+    withGoBackend(1, (port) =>
+      Effect.gen(function*() {
         const reply = yield* Effect.promise(() => exchange(port, "/trailers", { headers: { te: "trailers" } }))
         assert.strictEqual(reply.status, 200)
         assert.strictEqual(reply.body.toString(), "body before trailers")
         assert.strictEqual(reply.trailers["grpc-status"], "0")
         assert.strictEqual(reply.trailers["grpc-message"], "done")
-      }))
-    }))
+      })))
 
   it.effect("many concurrent requests share two Go connections", () =>
-    Effect.gen(function*() {
-      const port = yield* Effect.promise(freePort)
-      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
-        const gateway = yield* ReverseH2
-        yield* goBackend(gateway.address.port, 2)
-        yield* until(() => gateway.connections() === 2, "two Go connections")
+    withGoBackend(2, (port) =>
+      Effect.gen(function*() {
         const replies = yield* Effect.promise(() =>
           Promise.all(Array.from({ length: 48 }, (_, i) => exchange(port, `/bytes?n=${65_536 + i}`)))
         )
@@ -184,16 +183,11 @@ describePeer("reverse HTTP/2 against a Go x/net/http2 backend (plain mode)", () 
           assert.strictEqual(r.body.length, 65_536 + i)
           assert.isTrue(r.body.equals(pattern(65_536 + i)))
         }
-      }))
-    }))
+      })))
 
   it.effect("a Go backend killed mid-response: that response is cut, the connection pruned, and a request sent while none is there is served by the next backend", () =>
-    Effect.gen(function*() {
-      const port = yield* Effect.promise(freePort)
-      yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
-        const gateway = yield* ReverseH2
-        const first = yield* goBackend(gateway.address.port)
-        yield* until(() => gateway.connections() === 1, "the first Go backend")
+    withGoBackend(1, (port, gateway, first) =>
+      Effect.gen(function*() {
         const held = Effect.runPromise(Effect.promise(() => exchange(port, "/hold")))
         yield* Effect.promise(() => sleep(100))
         yield* kill(first.child)
@@ -209,6 +203,5 @@ describePeer("reverse HTTP/2 against a Go x/net/http2 backend (plain mode)", () 
         const served = yield* Effect.promise(() => waiting)
         assert.strictEqual(served.status, 200)
         assert.strictEqual(served.body, "hello from go")
-      }))
-    }))
+      })))
 })
