@@ -5,8 +5,11 @@
  */
 import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
+import * as fs from "node:fs"
 import * as http from "node:http"
 import type * as net from "node:net"
+import * as os from "node:os"
+import * as path from "node:path"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
 import { addressAfter, freePort, get, sample, spawnSwitchyard } from "../runtime/serverProcess.ts"
 import { makeCertificate } from "../services/ListenersFixtures.ts"
@@ -28,6 +31,13 @@ const startGateway = async (controlPort: number) => {
   cleanups.push(() => proc.stop("SIGKILL"))
   await proc.waitFor("expose a local service")
   return proc
+}
+
+/** A fresh directory, removed after the test. */
+const tempDir = (prefix: string): string => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix))
+  cleanups.push(async () => fs.rmSync(dir, { recursive: true, force: true }))
+  return dir
 }
 
 /** The local service clients expose: answers `backend <path>`; closed after the test. Its port. */
@@ -86,11 +96,7 @@ describe("switchyard client", () => {
 
   it.live("TLS: a gateway serving its control and reverse-HTTP/2 ports over TLS says how to reach them; clients with --server tls:// and --ca tunnel through both", () =>
     Effect.promise(async () => {
-      const fs = await import("node:fs")
-      const os = await import("node:os")
-      const path = await import("node:path")
-      const dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-ops-tls-"))
-      cleanups.push(async () => fs.rmSync(dir, { recursive: true, force: true }))
+      const dir = tempDir("switchyard-ops-tls-")
       const cert = makeCertificate("localhost")
       fs.writeFileSync(path.join(dir, "cert.pem"), cert.cert)
       fs.writeFileSync(path.join(dir, "key.pem"), cert.key)
@@ -141,11 +147,7 @@ describe("switchyard client", () => {
 
   it.live("reads a config file (token from a file), with variables and flags over it", () =>
     Effect.promise(async () => {
-      const fs = await import("node:fs")
-      const os = await import("node:os")
-      const path = await import("node:path")
-      const dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-ops-client-"))
-      cleanups.push(async () => fs.rmSync(dir, { recursive: true, force: true }))
+      const dir = tempDir("switchyard-ops-client-")
       const backendPort = await startBackend()
       const controlPort = await freePort()
       const filePort = await freePort()
@@ -187,11 +189,7 @@ describe("switchyard client", () => {
 
   it.live("SIGHUP: a changed route and expose apply over the live session, the request in flight finishes; an invalid file keeps the old listener", () =>
     Effect.promise(async () => {
-      const fs = await import("node:fs")
-      const os = await import("node:os")
-      const path = await import("node:path")
-      const dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-ops-client-"))
-      cleanups.push(async () => fs.rmSync(dir, { recursive: true, force: true }))
+      const dir = tempDir("switchyard-ops-client-")
       const held: Array<() => void> = []
       const startBackend = async (name: string) => {
         const server = http.createServer((req, res) => {
