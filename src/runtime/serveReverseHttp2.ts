@@ -6,6 +6,7 @@
  */
 import * as http from "node:http"
 import * as http2 from "node:http2"
+import * as tls from "node:tls"
 import { Context, Effect, Exit, Layer, Scope } from "effect"
 import type * as Redacted from "effect/Redacted"
 import { responseHeaders } from "../domain/HttpHeaders.ts"
@@ -125,7 +126,7 @@ const pairs = (flat: ReadonlyArray<string>): Array<[string, string | Array<strin
 export const exposeOverReverseHttp2 = (options: {
   /** The gateways' reverse-HTTP/2 ports; `tls` ones are dialled with TLS, trusting `ca` too. */
   readonly gateways: ReadonlyArray<{ readonly host: string; readonly port: number; readonly tls?: boolean | undefined }>
-  /** PEM CA certificate(s) trusted for TLS gateways. */
+  /** PEM CA certificate(s) trusted for TLS gateways, besides the system's. */
   readonly ca?: string | undefined
   readonly target: { readonly host: string; readonly port: number }
   readonly token: Redacted.Redacted<string>
@@ -144,7 +145,8 @@ export const exposeOverReverseHttp2 = (options: {
     for (const gateway of options.gateways) {
       yield* Layer.build(H2Client.layer(server, {
         gateway: { host: gateway.host, port: gateway.port },
-        ...(gateway.tls === true ? { tls: { ca: options.ca } } : {}),
+        // the system's CAs and the caller's own, as for control-port gateways
+        ...(gateway.tls === true ? { tls: { ca: options.ca === undefined ? undefined : [...tls.rootCertificates, options.ca] } } : {}),
         token: options.token,
         routes: options.routes,
         label: options.label,

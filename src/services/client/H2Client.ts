@@ -54,7 +54,11 @@ export interface H2ClientConfig {
   /** Connections kept open at once (default 2). */
   readonly connections?: number | undefined
   /** Dial with TLS (ALPN `h2`); `ca` trusts a private CA, `servername` sets SNI. */
-  readonly tls?: { readonly ca?: string | undefined; readonly servername?: string | undefined; readonly rejectUnauthorized?: boolean | undefined } | undefined
+  readonly tls?: {
+    readonly ca?: string | ReadonlyArray<string> | undefined
+    readonly servername?: string | undefined
+    readonly rejectUnauthorized?: boolean | undefined
+  } | undefined
   readonly backoff?: BackoffConfig | undefined
   readonly handshakeTimeout?: Duration.Input | undefined
 }
@@ -115,7 +119,7 @@ const make = Effect.fnUntraced(function*(server: http2.Http2Server | http2.Http2
         host: config.gateway.host,
         port: config.gateway.port,
         ALPNProtocols: ["h2"],
-        ca: tlsOptions.ca,
+        ca: typeof tlsOptions.ca === "string" || tlsOptions.ca === undefined ? tlsOptions.ca : [...tlsOptions.ca],
         servername: tlsOptions.servername ?? (net.isIP(config.gateway.host) === 0 ? config.gateway.host : undefined),
         rejectUnauthorized: tlsOptions.rejectUnauthorized ?? true
       })
