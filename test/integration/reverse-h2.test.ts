@@ -514,7 +514,7 @@ describe("reverse HTTP/2", () => {
       }))
     }))
 
-  it.effect("a TLS route: the gateway terminates TLS by SNI and the backend sees :scheme https", () =>
+  it.effect("a TLS route: the gateway terminates TLS by SNI, the backend sees :scheme https, public clients may speak HTTP/1.1 or HTTP/2", () =>
     Effect.gen(function*() {
       const port = yield* Effect.promise(freePort)
       const certificate = makeCertificate("secure.test")
@@ -543,6 +543,26 @@ describe("reverse HTTP/2", () => {
           })
         )
         assert.strictEqual(body, "https api.secure.test /s")
+        // a public client speaking HTTP/2 (ALPN h2) on the same port
+        const overH2 = yield* Effect.promise(() =>
+          new Promise<{ status: number | undefined; text: string }>((resolve, reject) => {
+            const client = http2.connect(`https://127.0.0.1:${port}`, { servername: "api.secure.test", ca: certificate.cert })
+            client.on("error", reject)
+            const req = client.request({ ":path": "/over-h2?x=1", ":authority": "api.secure.test" })
+            let status: number | undefined
+            let text = ""
+            req.setEncoding("utf8")
+            req.on("response", (h) => void (status = Number(h[":status"])))
+            req.on("data", (c: string) => void (text += c))
+            req.on("end", () => {
+              client.close()
+              resolve({ status, text })
+            })
+            req.on("error", reject)
+            req.end()
+          })
+        )
+        assert.deepStrictEqual(overH2, { status: 200, text: "https api.secure.test /over-h2?x=1" })
       }))
     }))
 
