@@ -22,7 +22,7 @@ import { ReverseH2 } from "../src/services/front/ReverseH2.ts"
 import { forwardingHandlers, Listeners } from "../src/services/Listeners.ts"
 import { Registry } from "../src/services/Registry.ts"
 import { announce, closeOnSignal, curlDownload, type RoleProcess, RoleVariable, startRole } from "./roles.ts"
-import { report } from "./support.ts"
+import { freePort, report, sendInSlices } from "./support.ts"
 
 const suite = "http2"
 /** wrk settings: one thread (two cores are shared with the gateway and the backend), bounded time. */
@@ -45,21 +45,7 @@ const smallBody = Buffer.from("ok")
 type Res = Pick<http.ServerResponse, "writeHead" | "write" | "end" | "once">
 
 const handle = (url: string | undefined, res: Res, big: Buffer) => {
-  if (url === "/big") {
-    res.writeHead(200, { "content-length": String(big.length) })
-    let offset = 0
-    const write = () => {
-      while (offset < big.length) {
-        const end = Math.min(offset + sliceBytes, big.length)
-        const ok = res.write(big.subarray(offset, end))
-        offset = end
-        if (!ok) return void res.once("drain", write)
-      }
-      res.end()
-    }
-    write()
-    return
-  }
+  if (url === "/big") return sendInSlices(res, big, sliceBytes)
   res.writeHead(200, { "content-length": String(smallBody.length) })
   res.end(smallBody)
 }
@@ -175,15 +161,6 @@ const gatewayLayer = (publicPorts: ReadonlyArray<number>, plainPort: number | un
     : { routes: [{ _tag: "Http" as const, port: plainPort }] }
   return ReverseH2.layer({ address: { host: "127.0.0.1", port: 0 }, ...config }).pipe(Layer.provideMerge(core))
 }
-
-const freePort = (): Promise<number> =>
-  new Promise((resolve) => {
-    const server = http.createServer()
-    server.listen(0, "127.0.0.1", () => {
-      const port = (server.address() as { port: number }).port
-      server.close(() => resolve(port))
-    })
-  })
 
 if (process.env[RoleVariable] === "h2-gateway") await gatewayMain()
 

@@ -13,7 +13,7 @@ import * as os from "node:os"
 import * as path from "node:path"
 import { setTimeout as sleep } from "node:timers/promises"
 import { promisify } from "node:util"
-import { report } from "./support.ts"
+import { freePort, report } from "./support.ts"
 
 const SUITE = "socket-proxy"
 const WRK_SECONDS = 3
@@ -63,15 +63,6 @@ const up = () => { if (++ready === 2) process.stdout.write("ready\\n") }
 http.createServer({ keepAliveTimeout: 60000 }, handler).listen(sock, up)
 http.createServer({ keepAliveTimeout: 60000 }, handler).listen(Number(port), "127.0.0.1", up)
 `
-
-const freePort = (): Promise<number> =>
-  new Promise((resolve) => {
-    const s = net.createServer()
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as net.AddressInfo).port
-      s.close(() => resolve(port))
-    })
-  })
 
 /** Spawns a process and resolves once `ready` appears in its output (bounded). */
 const startProcess = (cmd: string, args: ReadonlyArray<string>, ready: (output: string) => boolean): Promise<ChildProcess> =>

@@ -2,7 +2,39 @@
  * Shared helpers for `npm run bench`: every figure is printed as `<suite>.<figure>: <value> <unit>`,
  * one per line, so runs can be compared and recorded in docs/PERFORMANCE.md.
  */
+import type * as http from "node:http"
+import * as net from "node:net"
 import { performance } from "node:perf_hooks"
+
+/** A port that was free on 127.0.0.1 a moment ago. */
+export const freePort = (): Promise<number> =>
+  new Promise((resolve) => {
+    const server = net.createServer()
+    server.listen(0, "127.0.0.1", () => {
+      const port = (server.address() as net.AddressInfo).port
+      server.close(() => resolve(port))
+    })
+  })
+
+/** Answers with `body` (Content-Length set), written `sliceBytes` at a time with backpressure. */
+export const sendInSlices = (
+  res: Pick<http.ServerResponse, "writeHead" | "write" | "end" | "once">,
+  body: Buffer,
+  sliceBytes: number
+): void => {
+  res.writeHead(200, { "content-length": String(body.length) })
+  let offset = 0
+  const write = (): void => {
+    while (offset < body.length) {
+      const end = Math.min(offset + sliceBytes, body.length)
+      const ok = res.write(body.subarray(offset, end))
+      offset = end
+      if (!ok) return void res.once("drain", write)
+    }
+    res.end()
+  }
+  write()
+}
 
 /** Prints one figure. */
 export const report = (suite: string, figure: string, value: number, unit: string): void => {

@@ -18,7 +18,7 @@ import type * as net from "node:net"
 import { createInterface } from "node:readline"
 import { Context, Duration, Effect, Exit, Layer, Redacted, Scope, Stream } from "effect"
 import type { TunnelClientShape } from "../src/services/client/TunnelClient.ts"
-import { mbps, now, report } from "./support.ts"
+import { freePort, mbps, now, report, sendInSlices } from "./support.ts"
 
 const suite = "tunnel"
 const RoleVariable = "SWITCHYARD_TUNNEL_BENCH_ROLE"
@@ -126,20 +126,7 @@ const stopGateway = (gateway: GatewayProcess): Promise<void> =>
   })
 
 const handler = (big: Buffer): http.RequestListener => (req, res) => {
-  if (req.url === "/big") {
-    res.writeHead(200, { "content-length": String(big.length) })
-    let offset = 0
-    const write = () => {
-      while (offset < big.length) {
-        const end = Math.min(offset + sliceBytes, big.length)
-        const ok = res.write(big.subarray(offset, end))
-        offset = end
-        if (!ok) return void res.once("drain", write)
-      }
-      res.end()
-    }
-    return write()
-  }
+  if (req.url === "/big") return sendInSlices(res, big, sliceBytes)
   res.writeHead(200, { "content-length": String(smallBody.length) })
   res.end(smallBody)
 }
@@ -190,15 +177,6 @@ const download = async (port: number): Promise<number> => {
   if (Number(size) !== downloadBytes || status !== "200") throw new Error(`download failed: ${out}`)
   return mbps(downloadBytes, Number(seconds) * 1000)
 }
-
-const freePort = (): Promise<number> =>
-  new Promise((resolve) => {
-    const server = http.createServer()
-    server.listen(0, "127.0.0.1", () => {
-      const port = (server.address() as net.AddressInfo).port
-      server.close(() => resolve(port))
-    })
-  })
 
 const median = (values: ReadonlyArray<number>): number => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!
 

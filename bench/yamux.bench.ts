@@ -11,7 +11,7 @@ import { makeMemoryPair } from "../src/services/Transport.ts"
 import { type NodeYamuxSession, startSession } from "../src/services/yamux/NodeSession.ts"
 import type { StreamSocket } from "../src/services/yamux/StreamDuplex.ts"
 import { yamuxPeer } from "../test/support/peers.ts"
-import { mbps, now, quantile, report } from "./support.ts"
+import { freePort, mbps, now, quantile, report } from "./support.ts"
 
 const SUITE = "yamux"
 /** Bytes pushed through one stream (or one raw socket) per throughput run, and the time cap. */
@@ -199,14 +199,6 @@ const runPeer = (bin: string, args: ReadonlyArray<string>) => {
   )
   exit.catch(() => {}) // killed on purpose when no longer needed
   return { child, ready, exit, kill: () => child.kill("SIGKILL") }
-}
-
-const freePort = async (): Promise<number> => {
-  const s = net.createServer()
-  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r))
-  const port = (s.address() as net.AddressInfo).port
-  await new Promise((r) => s.close(r))
-  return port
 }
 
 const GO_ROUNDS = 4
