@@ -212,6 +212,20 @@ export const serveOperations = Effect.fn("Admin.serveOperations")(function*(opti
 })
 
 /** A tunnel client's view of one gateway, for its metrics. */
+/**
+ * A reload that could not be applied: counted (`switchyard_config_reloads_total{result="rejected"}`),
+ * kept among the recent errors of `/status`, and logged; the running configuration stays in force.
+ */
+export const reloadRefused = (
+  operations: { readonly metrics: Pick<MetricsShape, "reloads">; readonly recordError: (message: string) => void },
+  what = "the previous configuration stays in force"
+) =>
+(error: { readonly message: string }): Effect.Effect<void> =>
+  Effect.sync(() => {
+    operations.metrics.reloads.labels("rejected").inc()
+    operations.recordError(`reload refused: ${error.message}`)
+  }).pipe(Effect.andThen(Effect.logError(`reload refused, ${what}: ${error.message}`)))
+
 export interface GatewayView {
   readonly gateway: string
   readonly connected: boolean

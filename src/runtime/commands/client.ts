@@ -14,7 +14,7 @@ import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { describeTarget, type GatewayTarget, TunnelClient } from "../../services/client/TunnelClient.ts"
 import { isWebSocketUrl } from "../../services/transport/WebSocketDial.ts"
 import { joinStreams } from "../../services/Listeners.ts"
-import { registerGatewayGauges, serveOperations } from "../Admin.ts"
+import { registerGatewayGauges, reloadRefused, serveOperations } from "../Admin.ts"
 import { ClientFile, ConfigLoadError, type FlagValue, loadConfig, refuseConfig } from "../ConfigLoader.ts"
 import { onHangup } from "../Lifecycle.ts"
 import { DefaultServer, toRoute } from "../listen.ts"
@@ -267,12 +267,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
       yield* Effect.logWarning(`configuration reloaded: ${restart.join(", ")} changed; the live sessions keep the old value (a reconnect needs a restart, which drains)`)
     }
   }).pipe(
-    Effect.catch((e: ConfigLoadError) =>
-      Effect.sync(() => {
-        operations.metrics.reloads.labels("rejected").inc()
-        operations.recordError(`reload refused: ${e.message}`)
-      }).pipe(Effect.andThen(Effect.logError(`reload refused, the previous configuration stays in force: ${e.message}`)))
-    ),
+    Effect.catch(reloadRefused(operations)),
     Effect.annotateLogs({ component: "client" })
   ))
   return yield* Effect.never

@@ -22,7 +22,7 @@ import { ReverseH2 } from "../../services/front/ReverseH2.ts"
 import { Listeners, type ListenersConfig } from "../../services/Listeners.ts"
 import { type CounterChild, type Family, makeMetrics, Metrics, type MetricsShape, statusClass } from "../../services/Metrics.ts"
 import { Registry, type RouteEntry } from "../../services/Registry.ts"
-import { makeRecentErrors, serveAdmin, type StatusDocument } from "../Admin.ts"
+import { makeRecentErrors, reloadRefused, serveAdmin, type StatusDocument } from "../Admin.ts"
 import { ConfigLoadError, type ConfigRefused, type FlagValue, loadConfig, refuseConfig, ServerFile } from "../ConfigLoader.ts"
 import { onHangup } from "../Lifecycle.ts"
 import * as Logging from "../Logging.ts"
@@ -617,12 +617,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       const routesNote = h2 === undefined ? "" : `, ${nextH2Routes.length} reverse-HTTP/2 route(s)`
       yield* Effect.logInfo(`configuration reloaded: ${nextGrants.length} token(s)${routesNote}; sessions already up keep their grants (addresses change on restart)`)
     }).pipe(
-      Effect.catch((e: ConfigLoadError) =>
-        Effect.sync(() => {
-          metrics.reloads.labels("rejected").inc()
-          recentErrors.add(`reload refused: ${e.message}`)
-        }).pipe(Effect.andThen(Effect.logError(`reload refused, the previous configuration stays in force: ${e.message}`)))
-      ),
+      Effect.catch(reloadRefused({ metrics, recordError: recentErrors.add })),
       Effect.annotateLogs({ component: "server" })
     ))
   }

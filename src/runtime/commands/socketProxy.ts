@@ -16,7 +16,7 @@ import {
   type SocketProxyFile,
   type SocketProxyFlags
 } from "../../domain/SocketProxyConfig.ts"
-import { prepareOperations, registerSocketProxyCounters, serveOperations } from "../Admin.ts"
+import { prepareOperations, registerSocketProxyCounters, reloadRefused, serveOperations } from "../Admin.ts"
 import { splitOpsSections } from "../ConfigLoader.ts"
 
 const repeated = (name: string, description: string) =>
@@ -132,12 +132,7 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
     yield* proxy.replaceRules(resolved.ruleSet)
     operations.metrics.reloads.labels("applied").inc()
     yield* Effect.logInfo(`reloaded rule set "${resolved.ruleSet.name}" with ${resolved.ruleSet.rules.length} rules (listeners, upstream and limits change only on restart)`)
-  }).pipe(Effect.catch((e) =>
-    Effect.sync(() => {
-      operations.metrics.reloads.labels("rejected").inc()
-      operations.recordError(`reload refused: ${e.message}`)
-    }).pipe(Effect.andThen(Effect.logError(`reload refused, previous rules stay in force: ${e.message}`)))
-  ))
+  }).pipe(Effect.catch(reloadRefused(operations, "previous rules stay in force")))
   const onHangup = () => void Effect.runForkWith(services)(reload)
   yield* Effect.acquireRelease(
     Effect.sync(() => process.on("SIGHUP", onHangup)),

@@ -9,7 +9,7 @@ import { Console, Effect, Redacted } from "effect"
 import { Command, Flag } from "effect/cli"
 import { parseWspClientConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspClient } from "../../services/client/WspClient.ts"
-import { registerGatewayGauges, prepareOperations, serveOperations } from "../Admin.ts"
+import { prepareOperations, registerGatewayGauges, reloadRefused, serveOperations } from "../Admin.ts"
 import { onHangup } from "../Lifecycle.ts"
 import { readConfigText } from "./wspServer.ts"
 
@@ -59,12 +59,7 @@ export const wspClientCommand = Command.make("wsp-client", { config }, Effect.fn
         (restart.length === 0 ? "" : `; ${restart.join(", ")} changed and apply on restart (the live connections stay)`)
     )
   }).pipe(
-    Effect.catch((e: WspConfigError) =>
-      Effect.sync(() => {
-        operations.metrics.reloads.labels("rejected").inc()
-        operations.recordError(`reload refused: ${e.message}`)
-      }).pipe(Effect.andThen(Effect.logError(`reload refused, the previous configuration stays in force: ${e.message}`)))
-    ),
+    Effect.catch(reloadRefused(operations)),
     Effect.annotateLogs({ component: "wsp-client" })
   ))
   yield* Console.log(`switchyard wsp-client ${parsed.config.id} connecting to ${parsed.config.targets.join(", ")}`)

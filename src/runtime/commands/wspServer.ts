@@ -10,7 +10,7 @@ import { Console, Effect, Redacted } from "effect"
 import { Command, Flag } from "effect/cli"
 import { parseWspServerConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspServer } from "../../services/front/WspServer.ts"
-import { registerPoolGauges, prepareOperations, serveOperations } from "../Admin.ts"
+import { prepareOperations, registerPoolGauges, reloadRefused, serveOperations } from "../Admin.ts"
 import { onHangup } from "../Lifecycle.ts"
 
 const config = Flag.String("config").pipe(
@@ -62,12 +62,7 @@ export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn
         (restart.length === 0 ? "" : `; ${restart.join(", ")} changed and apply on restart`)
     )
   }).pipe(
-    Effect.catch((e: WspConfigError) =>
-      Effect.sync(() => {
-        operations.metrics.reloads.labels("rejected").inc()
-        operations.recordError(`reload refused: ${e.message}`)
-      }).pipe(Effect.andThen(Effect.logError(`reload refused, the previous configuration stays in force: ${e.message}`)))
-    ),
+    Effect.catch(reloadRefused(operations)),
     Effect.annotateLogs({ component: "wsp-server" })
   ))
   yield* Console.log(`switchyard wsp-server listening on http://${server.address.host}:${server.address.port} (/register, /request, /status)`)
