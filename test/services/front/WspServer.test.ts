@@ -61,6 +61,16 @@ const respond = (peer: Peer, body: string, length = Buffer.byteLength(body)): vo
   peer.send(Buffer.from(body))
 }
 
+/** A caller's request to `destination` through the server, answered by `peer` with `answer`: the body the caller got. */
+const answeredCall = (port: number, peer: Peer, destination: string, answer: string) =>
+  Effect.gen(function*() {
+    const reply = Effect.runPromise(Effect.promise(() => call(port, { destination })))
+    yield* next(peer)
+    yield* next(peer)
+    respond(peer, answer)
+    return (yield* Effect.promise(() => reply)).body.toString()
+  })
+
 /**
  * A caller's request through the server to `peer`, answered with a head announcing a streamed body:
  * the peer's raw socket (to write body frames by hand) and how the caller's response ended.
@@ -172,11 +182,7 @@ describe("WspServer against a hand-written wsp client", () => {
       expect(Buffer.compare(Buffer.concat(received), body)).toBe(0)
       yield* waitFor("released", () => server.stats().idle === 1)
       // the receiver was left as ws leaves it after a message: the next exchange goes through ws
-      const reply = Effect.runPromise(Effect.promise(() => call(port, { destination: "http://dest.example/again" })))
-      yield* next(peer)
-      yield* next(peer)
-      respond(peer, "again")
-      expect((yield* Effect.promise(() => reply)).body.toString()).toBe("again")
+      expect(yield* answeredCall(port, peer, "http://dest.example/again", "again")).toBe("again")
     })))
 
   it.live("hands a protocol violation inside a streamed body to ws, which closes the connection; the caller's response is cut", () =>
@@ -345,11 +351,7 @@ describe("WspServer against a hand-written wsp client", () => {
       yield* waitFor("bad connection closed", () => target.closed)
       const other = target === good ? bad : good
       expect(server.stats()).toMatchObject({ idle: 1, busy: 0 })
-      const second = Effect.runPromise(Effect.promise(() => call(port, { destination: "http://dest.example/2" })))
-      yield* next(other)
-      yield* next(other)
-      respond(other, "ok")
-      expect((yield* Effect.promise(() => second)).body.toString()).toBe("ok")
+      expect(yield* answeredCall(port, other, "http://dest.example/2", "ok")).toBe("ok")
     })))
 
   it.live("treats a text message where the body belongs as a missing body", () =>
