@@ -53,6 +53,15 @@ const leakChecked = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
     return result
   })
 
+/** A server with the default config and one peer (`peer_1`) registered and idle. */
+const oneRegisteredPeer = Effect.gen(function*() {
+  const server = yield* makeWspServer(serverConfig())
+  const port = server.address.port
+  const peer = yield* connectPeer(port, "peer_1")
+  yield* waitFor("registered", () => server.stats().idle === 1)
+  return { server, port, peer }
+})
+
 const next = (peer: Peer) => Effect.promise(() => peer.next())
 
 /** Answers the request `peer` was given: a 200 head announcing `length` bytes (the body's by default), then `body`. */
@@ -111,10 +120,7 @@ const maskedFrame = (fin: boolean, opcode: number, payload: Buffer): Buffer => {
 describe("WspServer against a hand-written wsp client", () => {
   it.live("sends the request head in Go's JSON shape and the body as one binary message, and relays the answer", () =>
     leakChecked(Effect.gen(function*() {
-      const server = yield* makeWspServer(serverConfig())
-      const port = server.address.port
-      const peer = yield* connectPeer(port, "peer_1")
-      yield* waitFor("registered", () => server.stats().idle === 1)
+      const { server, port, peer } = yield* oneRegisteredPeer
       const reply = Effect.runPromise(Effect.promise(() =>
         call(port, {
           method: "POST",
@@ -145,10 +151,7 @@ describe("WspServer against a hand-written wsp client", () => {
 
   it.live("passes a body frame's bytes to the caller before the frame has all arrived; pings between frames are answered; the connection is reused after", () =>
     leakChecked(Effect.gen(function*() {
-      const server = yield* makeWspServer(serverConfig())
-      const port = server.address.port
-      const peer = yield* connectPeer(port, "peer_1")
-      yield* waitFor("registered", () => server.stats().idle === 1)
+      const { server, port, peer } = yield* oneRegisteredPeer
       const socket = (peer.ws as unknown as { readonly _socket: net.Socket })._socket
       let pongs = 0
       peer.ws.on("pong", (data) => {
@@ -187,10 +190,7 @@ describe("WspServer against a hand-written wsp client", () => {
 
   it.live("hands a protocol violation inside a streamed body to ws, which closes the connection; the caller's response is cut", () =>
     leakChecked(Effect.gen(function*() {
-      const server = yield* makeWspServer(serverConfig())
-      const port = server.address.port
-      const peer = yield* connectPeer(port, "peer_1")
-      yield* waitFor("registered", () => server.stats().idle === 1)
+      const { server, port, peer } = yield* oneRegisteredPeer
       const { socket, outcome } = yield* streamedCall(port, peer)
       socket.write(maskedFrame(false, 2, Buffer.alloc(1000, 1)))
       yield* Effect.sleep(20)
@@ -235,10 +235,7 @@ describe("WspServer against a hand-written wsp client", () => {
 
   it.live("relays bodies exactly however their frames are sized, split across writes and mixed with pings, to a caller that pauses", () =>
     leakChecked(Effect.gen(function*() {
-      const server = yield* makeWspServer(serverConfig())
-      const port = server.address.port
-      const peer = yield* connectPeer(port, "peer_1")
-      yield* waitFor("registered", () => server.stats().idle === 1)
+      const { server, port, peer } = yield* oneRegisteredPeer
       const socket = (peer.ws as unknown as { readonly _socket: net.Socket })._socket
       // a small deterministic generator, so a failure can be replayed
       let seed = 0x2545f491
@@ -514,10 +511,7 @@ describe("WspServer against a hand-written wsp client", () => {
 
   it.live("relays an answer that comes before the request body is all sent, then drops that connection", () =>
     leakChecked(Effect.gen(function*() {
-      const server = yield* makeWspServer(serverConfig())
-      const port = server.address.port
-      const peer = yield* connectPeer(port, "peer_1")
-      yield* waitFor("registered", () => server.stats().idle === 1)
+      const { server, port, peer } = yield* oneRegisteredPeer
       const chunks: Array<Buffer> = []
       let status = 0
       const req = http.request({
@@ -612,10 +606,7 @@ describe("WspServer against a hand-written wsp client", () => {
 
   it.live("streams a response body to the caller as its fragments arrive", () =>
     leakChecked(Effect.gen(function*() {
-      const server = yield* makeWspServer(serverConfig())
-      const port = server.address.port
-      const peer = yield* connectPeer(port, "peer_1")
-      yield* waitFor("registered", () => server.stats().idle === 1)
+      const { server, port, peer } = yield* oneRegisteredPeer
       const received: Array<string> = []
       let ended = false
       let headers: http.IncomingHttpHeaders = {}
@@ -642,10 +633,7 @@ describe("WspServer against a hand-written wsp client", () => {
 
   it.live("cuts a streamed response whose length differs from its ContentLength and drops the connection", () =>
     leakChecked(Effect.gen(function*() {
-      const server = yield* makeWspServer(serverConfig())
-      const port = server.address.port
-      const peer = yield* connectPeer(port, "peer_1")
-      yield* waitFor("registered", () => server.stats().idle === 1)
+      const { port, peer } = yield* oneRegisteredPeer
       const outcome = Effect.runPromise(Effect.promise(() =>
         new Promise<string>((resolve) => {
           const req = http.get({ host: "127.0.0.1", port, path: "/request", agent: false, headers: { "X-Proxy-Destination": "http://d/" } }, (res) => {
@@ -666,10 +654,7 @@ describe("WspServer against a hand-written wsp client", () => {
 
   it.live("pushes back on the wsp client when the caller reads slowly", () =>
     leakChecked(Effect.gen(function*() {
-      const server = yield* makeWspServer(serverConfig())
-      const port = server.address.port
-      const peer = yield* connectPeer(port, "peer_1")
-      yield* waitFor("registered", () => server.stats().idle === 1)
+      const { port, peer } = yield* oneRegisteredPeer
       const total = 48 * 1024 * 1024
       let received = 0
       let response: http.IncomingMessage | undefined
