@@ -3,28 +3,19 @@
  * (down when the gateway stops, up again after it reconnects) and its metrics count the reconnect;
  * SIGHUP swaps its listener over the live session.
  */
-import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
+import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import * as fs from "node:fs"
 import * as http from "node:http"
 import type * as net from "node:net"
 import * as os from "node:os"
 import * as path from "node:path"
-import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
+import { cleanupsPerTest } from "../support/leaks.ts"
 import { addressAfter, freePort, get, sample, spawnSwitchyard } from "../runtime/serverProcess.ts"
 import { makeCertificate } from "../services/ListenersFixtures.ts"
 
 const Token = "ops-client-token-3d9e"
-let before: HandleCounts
-const cleanups: Array<() => Promise<unknown>> = []
-
-beforeEach(() => {
-  before = activeHandles()
-})
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c().catch(() => undefined)
-  await expectNoLeaks(before, 5_000)
-})
+const cleanups = cleanupsPerTest()
 
 const startGateway = async (controlPort: number) => {
   const proc = spawnSwitchyard(["server", "--control", `127.0.0.1:${controlPort}`, "--no-admin"], { SWITCHYARD_TOKEN: Token })

@@ -3,7 +3,7 @@
  * traffic through a public port, the admin endpoint scraped, SIGTERM drains, SIGHUP reloads tokens and
  * reverse-HTTP/2 routes.
  */
-import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
+import { assert, beforeEach, describe, it } from "@effect/vitest"
 import * as fs from "node:fs"
 import * as http from "node:http"
 import * as http2 from "node:http2"
@@ -13,25 +13,20 @@ import * as path from "node:path"
 import { Effect, Redacted } from "effect"
 import { encodeHello, ProtocolVersion } from "../../src/domain/ControlMessage.ts"
 import { listen, type TunnelServer } from "../../src/runtime/listen.ts"
-import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
+import { cleanupsPerTest } from "../support/leaks.ts"
 import { addressAfter, freePort, get, sample, spawnSwitchyard } from "../runtime/serverProcess.ts"
 
 const Token = "ops-test-token-5f1c9a"
 const OtherToken = "ops-test-token-second-77b2"
 
-let before: HandleCounts
 let dir: string
-const cleanups: Array<() => Promise<unknown>> = []
+const cleanups = cleanupsPerTest()
 
 beforeEach(() => {
-  before = activeHandles()
   dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-ops-"))
-})
-
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c().catch(() => undefined)
-  fs.rmSync(dir, { recursive: true, force: true })
-  await expectNoLeaks(before, 5_000)
+  const mine = dir
+  // pushed first, so removed last, after the processes using it are gone
+  cleanups.push(async () => fs.rmSync(mine, { recursive: true, force: true }))
 })
 
 const startServer = async (args: ReadonlyArray<string>, env: Record<string, string> = {}) => {

@@ -3,27 +3,23 @@
  * optional `admin` section, or `SWITCHYARD_...` variables): pool gauges, client readiness that follows
  * its connections, JSON logs, and no secret in any output; SIGHUP reloads of rules and secret key.
  */
-import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
+import { assert, beforeEach, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
-import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
+import { cleanupsPerTest } from "../support/leaks.ts"
 import { addressAfter, get, sample, spawnSwitchyard } from "../runtime/serverProcess.ts"
 
 const Secret = "wsp-ops-secret-90f1"
-let before: HandleCounts
 let dir: string
-const cleanups: Array<() => Promise<unknown>> = []
+const cleanups = cleanupsPerTest()
 
 beforeEach(() => {
-  before = activeHandles()
   dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-ops-wsp-"))
-})
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c().catch(() => undefined)
-  fs.rmSync(dir, { recursive: true, force: true })
-  await expectNoLeaks(before, 5_000)
+  const mine = dir
+  // pushed first, so removed last, after the processes using it are gone
+  cleanups.push(async () => fs.rmSync(mine, { recursive: true, force: true }))
 })
 
 const until = async (what: string, check: () => Promise<boolean>) => {

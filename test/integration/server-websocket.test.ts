@@ -2,25 +2,15 @@
  * `switchyard server --ws-listen`: the control port also served as a WebSocket path, as a process; a
  * backend connects through `ws://.../tunnel` and serves a public port; the token is refused when wrong.
  */
-import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
+import { assert, describe, it } from "@effect/vitest"
 import * as http from "node:http"
 import { listen } from "../../src/runtime/listen.ts"
-import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
+import { cleanupsPerTest } from "../support/leaks.ts"
 import { freePort, get, spawnSwitchyard } from "../runtime/serverProcess.ts"
 
 const Token = "ws-server-test-token-3a9e"
 
-let before: HandleCounts
-const cleanups: Array<() => Promise<unknown>> = []
-
-beforeEach(() => {
-  before = activeHandles()
-})
-
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c().catch(() => undefined)
-  await expectNoLeaks(before, 5_000)
-})
+const cleanups = cleanupsPerTest()
 
 const startServer = async () => {
   const proc = spawnSwitchyard(

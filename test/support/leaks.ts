@@ -2,6 +2,7 @@
  * Open-handle checks: after a scope closes, no socket, server, timer or child process may be left.
  * Counts Node's active resources by kind before and after, and waits briefly for closes to settle.
  */
+import { afterEach, beforeEach } from "@effect/vitest"
 import { setTimeout as sleep } from "node:timers/promises"
 
 const watched = new Set([
@@ -51,4 +52,22 @@ export const expectNoLeaks = async (before: HandleCounts, timeoutMs = 2_000): Pr
     if (Date.now() > deadline) throw new Error(`handles left open: ${JSON.stringify(extra)}`)
     await sleep(20)
   }
+}
+
+/**
+ * For suites that start processes and servers by hand: hooks that, after each test, run the cleanups it
+ * pushed (last first, failures ignored) and then check that nothing it opened is left. Returns the list
+ * to push onto.
+ */
+export const cleanupsPerTest = (settleMs = 5_000): Array<() => Promise<unknown>> => {
+  const cleanups: Array<() => Promise<unknown>> = []
+  let before: HandleCounts = {}
+  beforeEach(() => {
+    before = activeHandles()
+  })
+  afterEach(async () => {
+    for (const c of cleanups.splice(0).reverse()) await c().catch(() => undefined)
+    await expectNoLeaks(before, settleMs)
+  })
+  return cleanups
 }
