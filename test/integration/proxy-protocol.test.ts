@@ -112,7 +112,7 @@ describePeer("PROXY protocol toward the backend (nginx as the backend)", () => {
           )
           yield* Effect.promise(() => client.waitFor("switchyard client: tcp"))
           let reply: { body: string; localPort: number } | undefined
-          for (let i = 0; i < 100 && reply?.body.startsWith("127.0.0.1:") !== true; i++) {
+          for (let i = 0; i < 300 && reply?.body.startsWith("127.0.0.1:") !== true; i++) {
             reply = yield* Effect.promise(() => getOverTcp(publicPort).catch(() => undefined))
             if (reply?.body.startsWith("127.0.0.1:") !== true) yield* Effect.sleep("30 millis")
           }

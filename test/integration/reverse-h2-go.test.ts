@@ -75,7 +75,7 @@ const pattern = (n: number) => {
 const exchange = (
   port: number,
   pathname: string,
-  options: { method?: string; body?: Buffer; pieces?: number; slowly?: boolean; headers?: http.OutgoingHttpHeaders } = {}
+  options: { method?: string; body?: Buffer; pieces?: number; slowly?: boolean; headers?: http.OutgoingHttpHeaders; onData?: () => void } = {}
 ) =>
   new Promise<{ status: number; body: Buffer; trailers: NodeJS.Dict<string>; complete: boolean }>((resolve, reject) => {
     const req = http.request({ host: "127.0.0.1", port, path: pathname, method: options.method ?? "GET", agent: false, headers: options.headers })
@@ -84,6 +84,7 @@ const exchange = (
       const chunks: Array<Buffer> = []
       res.on("data", (c: Buffer) => {
         chunks.push(c)
+        options.onData?.()
         if (options.slowly === true) {
           // a reader much slower than the backend: the gateway must hold back, not buffer it all
           res.pause()
@@ -188,8 +189,9 @@ describePeer("reverse HTTP/2 against a Go x/net/http2 backend (plain mode)", () 
   it.effect("a Go backend killed mid-response: that response is cut, the connection pruned, and a request sent while none is there is served by the next backend", () =>
     withGoBackend(1, (port, gateway, first) =>
       Effect.gen(function*() {
-        const held = Effect.runPromise(Effect.promise(() => exchange(port, "/hold")))
-        yield* Effect.promise(() => sleep(100))
+        let started = false
+        const held = Effect.runPromise(Effect.promise(() => exchange(port, "/hold", { onData: () => void (started = true) })))
+        yield* until(() => started, "the held response to start")
         yield* kill(first.child)
         const cut = yield* Effect.promise(() => held)
         assert.strictEqual(cut.status, 200)
