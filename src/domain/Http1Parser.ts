@@ -1,8 +1,11 @@
 /**
  * A pure, incremental HTTP/1.1 parser for a proxy that moves bodies raw: a bounded head reader for
- * requests and responses (strict: no bare LF, no obs-fold, no CL+TE, one Content-Length, only `chunked`)
- * and a body-framing tracker that finds where a body ends (Content-Length, chunked with extensions and
- * trailers, close-delimited) without copying or decoding it. No I/O, no Node streams, no Effect runtime.
+ * requests and responses (strict: no bare LF, no obs-fold, no CL+TE, one Content-Length, only `chunked`,
+ * no duplicated field that framing, routing or a rule reads, no `Connection` naming one of them) and a
+ * body-framing tracker that finds where a body ends (Content-Length, chunked with extensions and
+ * trailers, close-delimited) without copying or decoding the data. Trailer sections are held (bounded),
+ * checked field by field and handed back without the fields that must not be trailers. No I/O, no Node
+ * streams, no Effect runtime.
  */
 import { Schema } from "effect"
 
@@ -17,7 +20,10 @@ export class Http1Error extends Schema.TaggedError<Http1Error>()("Http1Error", {
     "InvalidContentLength",
     "UnsupportedTransferEncoding",
     "MissingHost",
-    "MalformedChunk"
+    "MalformedChunk",
+    "DuplicateField",
+    "NominatedField",
+    "MalformedTarget"
   ]),
   status: Schema.Number,
   message: Schema.String
@@ -68,7 +74,13 @@ interface HeadFields {
 
 export interface RequestHead extends HeadFields {
   readonly method: string
+  /** The request target as sent. */
   readonly target: string
+  /**
+   * The target in origin form (`/path?query`), to forward: the target itself, or the path and query of
+   * an absolute-form target (whose authority matched `Host`); `*` for `OPTIONS *`.
+   */
+  readonly originTarget: string
   readonly host: string | undefined
   readonly contentType: string | undefined
   /** `Expect: 100-continue` was sent. */
@@ -79,11 +91,13 @@ export interface RequestHead extends HeadFields {
 export interface ResponseHead extends HeadFields {
   readonly status: number
   readonly reason: string
-  /** Whether the response carried a Content-Length (kept) or chunked coding. */
+  /** The Content-Length, when there was one and no Transfer-Encoding (which overrides it). */
   readonly contentLength: number | undefined
   readonly chunked: boolean
   /** Transfer-Encoding present but not ending in chunked: the body runs to the close. */
   readonly closeDelimitedCoding: boolean
+  /** The Transfer-Encoding codings as received, joined (`""` when absent). */
+  readonly transferCodings: string
 }
 
 const fail = (reason: Http1Error["reason"], status: number, message: string): Http1Error => new Http1Error({ reason, status, message })
@@ -124,9 +138,8 @@ const HEX: Int8Array = (() => {
   return t
 })()
 
-/** A latin1 string of `buf[start..end)` (Node's unchecked fast path behind `toString("latin1", ...)`). */
-const latin1 = (buf: Buffer, start: number, end: number): string =>
-  (buf as Buffer & { latin1Slice: (start: number, end: number) => string }).latin1Slice(start, end)
+/** A latin1 string of `buf[start..end)`. */
+const latin1 = (buf: Buffer, start: number, end: number): string => buf.toString("latin1", start, end)
 
 const CR = 13
 const LF = 10
@@ -181,13 +194,29 @@ interface FramingFields {
   readonly contentLength: number | undefined
   /** Transfer-Encoding codings, lower-cased, in order; empty when absent. */
   readonly codings: ReadonlyArray<string>
+  /** How many Transfer-Encoding field lines there were. */
+  readonly transferEncodingFields: number
   readonly connection: ReadonlyArray<string>
   readonly upgrade: string | undefined
   readonly host: string | undefined
   readonly hostCount: number
   readonly contentType: string | undefined
+  readonly contentTypeCount: number
+  /** How many fields of the method-override family (`X-HTTP-Method-Override` and its kin) there were, by name. */
+  readonly methodOverrideDuplicated: string | undefined
   readonly expectContinue: boolean
 }
+
+/**
+ * Request fields a `Connection` header may not name: removing them as hop-by-hop would change how the
+ * message is framed (Content-Length, Transfer-Encoding), routed (Host) or checked (Content-Type) after the
+ * proxy has decided on it. Such a request is refused.
+ */
+export const UNNOMINATABLE_REQUEST_FIELDS: ReadonlySet<string> = new Set(["content-length", "transfer-encoding", "host", "content-type"])
+/** Response fields a `Connection` header may not name (they frame the body the proxy relays). */
+export const UNNOMINATABLE_RESPONSE_FIELDS: ReadonlySet<string> = new Set(["content-length", "transfer-encoding"])
+/** Header names some frameworks read as a replacement for the request method; one of each at most. */
+export const METHOD_OVERRIDE_FIELDS: ReadonlySet<string> = new Set(["x-http-method-override", "x-http-method", "x-method-override"])
 
 const lowerEquals = (name: string, lower: string): boolean => name.length === lower.length && name.toLowerCase() === lower
 
@@ -195,11 +224,15 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
   let contentLength: number | undefined
   let lengths = 0
   const codings: Array<string> = []
+  let transferEncodingFields = 0
   const connection: Array<string> = []
   let upgrade: string | undefined
   let host: string | undefined
   let hostCount = 0
   let contentType: string | undefined
+  let contentTypeCount = 0
+  let overrides: Set<string> | undefined
+  let methodOverrideDuplicated: string | undefined
   let expectContinue = false
   for (let i = 0; i < headers.length; i += 2) {
     const name = headers[i]!
@@ -226,7 +259,30 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
         }
         break
       case 12:
-        if (lowerEquals(name, "content-type")) contentType = value
+        if (lowerEquals(name, "content-type")) {
+          contentType = value
+          contentTypeCount++
+        }
+        break
+      case 13:
+      case 17:
+      case 22:
+        if (name.length === 17 && lowerEquals(name, "transfer-encoding")) {
+          transferEncodingFields++
+          for (const t of value.split(",")) {
+            const coding = t.trim().toLowerCase()
+            if (coding.length === 0) return fail("AmbiguousLength", errorStatus, "an empty Transfer-Encoding coding")
+            codings.push(coding)
+          }
+          break
+        }
+        {
+          const lower = name.toLowerCase()
+          if (METHOD_OVERRIDE_FIELDS.has(lower)) {
+            if ((overrides ??= new Set()).has(lower)) methodOverrideDuplicated ??= name
+            overrides.add(lower)
+          }
+        }
         break
       case 14:
         if (lowerEquals(name, "content-length")) {
@@ -238,18 +294,27 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
           contentLength = Number(value)
         }
         break
-      case 17:
-        if (lowerEquals(name, "transfer-encoding")) {
-          for (const t of value.split(",")) {
-            const coding = t.trim().toLowerCase()
-            if (coding.length === 0) return fail("AmbiguousLength", errorStatus, "an empty Transfer-Encoding coding")
-            codings.push(coding)
-          }
-        }
-        break
     }
   }
-  return { contentLength, codings, connection, upgrade, host, hostCount, contentType, expectContinue }
+  return {
+    contentLength,
+    codings,
+    transferEncodingFields,
+    connection,
+    upgrade,
+    host,
+    hostCount,
+    contentType,
+    contentTypeCount,
+    methodOverrideDuplicated,
+    expectContinue
+  }
+}
+
+/** The first of `connection`'s tokens that names a field in `fields`. */
+const nominated = (connection: ReadonlyArray<string>, fields: ReadonlySet<string>): string | undefined => {
+  for (const token of connection) if (fields.has(token)) return token
+  return undefined
 }
 
 const keepAliveOf = (versionMinor: number, connection: ReadonlyArray<string>): boolean =>
@@ -283,6 +348,15 @@ export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): 
     return fail("MissingHost", 400, f.hostCount === 0 ? "an HTTP/1.1 request without Host" : "more than one Host")
   }
   if (f.hostCount > 1) return fail("MissingHost", 400, "more than one Host")
+  if (f.contentTypeCount > 1) return fail("DuplicateField", 400, "more than one Content-Type")
+  if (f.transferEncodingFields > 1) return fail("DuplicateField", 400, "more than one Transfer-Encoding field")
+  if (f.methodOverrideDuplicated !== undefined) return fail("DuplicateField", 400, `more than one ${f.methodOverrideDuplicated}`)
+  const named = nominated(f.connection, UNNOMINATABLE_REQUEST_FIELDS)
+  if (named !== undefined) return fail("NominatedField", 400, `Connection names ${named}, which cannot be removed in transit`)
+  const method = latin1(buf, 0, sp1)
+  const target = latin1(buf, sp1 + 1, sp2)
+  const originTarget = originFormOf(method, target, f.host)
+  if (originTarget instanceof Http1Error) return originTarget
   let framing: Framing = NO_BODY
   if (f.codings.length > 0) {
     if (f.contentLength !== undefined) return fail("AmbiguousLength", 400, "ambiguous message length (Content-Length and Transfer-Encoding)")
@@ -298,10 +372,12 @@ export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): 
   } else if (f.contentLength !== undefined && f.contentLength > 0) {
     framing = { _tag: "Length", length: f.contentLength }
   }
-  const upgradeAsked = f.upgrade !== undefined && f.connection.includes("upgrade")
+  // An upgrade to h2c is never passed on: the request goes as a plain HTTP/1.1 request (RFC 9113 §3.1).
+  const upgradeAsked = f.upgrade !== undefined && f.connection.includes("upgrade") && !upgradesToH2c(f.upgrade)
   return {
-    method: latin1(buf, 0, sp1),
-    target: latin1(buf, sp1 + 1, sp2),
+    method,
+    target,
+    originTarget,
     versionMinor,
     headers,
     connection: f.connection,
@@ -313,6 +389,44 @@ export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): 
     framing,
     size: end
   }
+}
+
+/** Whether an `Upgrade` value offers h2c (cleartext HTTP/2), which a proxy must not relay. */
+const upgradesToH2c = (upgrade: string): boolean => {
+  for (const t of upgrade.split(",")) if (t.trim().toLowerCase() === "h2c") return true
+  return false
+}
+
+const ABSOLUTE_FORM = /^([A-Za-z][A-Za-z0-9+.-]*):\/\/([^/?#]*)(.*)$/
+
+/** An authority without a default port, lower-cased, for comparing with `Host`. */
+const comparableAuthority = (authority: string, scheme: string): string => {
+  const a = authority.toLowerCase()
+  const defaultPort = scheme === "https" ? ":443" : ":80"
+  return a.endsWith(defaultPort) ? a.slice(0, -defaultPort.length) : a
+}
+
+/**
+ * The origin form of a request target (RFC 9112 §3.2): an origin-form target as it is; an absolute-form
+ * one as its path and query, refused unless its authority is the `Host` (a proxy routing by one while the
+ * upstream reads the other would disagree about where the request goes); `*` only for `OPTIONS`;
+ * authority form only for `CONNECT` (which the engine answers itself). Anything else is refused.
+ */
+const originFormOf = (method: string, target: string, host: string | undefined): string | Http1Error => {
+  if (target.charCodeAt(0) === 47 /* / */) return target
+  if (target === "*") return method === "OPTIONS" ? target : fail("MalformedTarget", 400, "an asterisk-form target is only for OPTIONS")
+  if (method === "CONNECT") return target
+  const m = ABSOLUTE_FORM.exec(target)
+  if (m === null) return fail("MalformedTarget", 400, "a request target that is neither a path nor an absolute URL")
+  const scheme = m[1]!.toLowerCase()
+  const authority = m[2]!
+  if (scheme !== "http" && scheme !== "https") return fail("MalformedTarget", 400, `an absolute-form target with scheme "${scheme.slice(0, 16)}"`)
+  if (authority.length === 0 || authority.includes("@")) return fail("MalformedTarget", 400, "an absolute-form target without a plain host")
+  if (host === undefined || comparableAuthority(host, scheme) !== comparableAuthority(authority, scheme)) {
+    return fail("MalformedTarget", 400, "the request target's host differs from the Host header")
+  }
+  const rest = m[3]!
+  return rest.length === 0 ? "/" : rest.charCodeAt(0) === 47 ? rest : "/" + rest
 }
 
 /** Parses a complete response head (`buf[0..end)`, ending in CRLFCRLF). Errors carry status 502. */
@@ -332,6 +446,8 @@ export const parseResponseHead = (buf: Buffer, end: number, limits: HeadLimits):
   if (headers instanceof Http1Error) return headers
   const f = framingFields(headers, 502)
   if (f instanceof Http1Error) return f
+  const named = nominated(f.connection, UNNOMINATABLE_RESPONSE_FIELDS)
+  if (named !== undefined) return fail("NominatedField", 502, `Connection names ${named}, which frames the response`)
   const chunked = f.codings.length > 0 && f.codings[f.codings.length - 1] === "chunked" && f.codings.indexOf("chunked") === f.codings.length - 1
   return {
     status: d0 * 100 + d1 * 10 + d2,
@@ -345,6 +461,7 @@ export const parseResponseHead = (buf: Buffer, end: number, limits: HeadLimits):
     contentLength: f.codings.length > 0 ? undefined : f.contentLength,
     chunked,
     closeDelimitedCoding: f.codings.length > 0 && !chunked,
+    transferCodings: f.codings.join(", "),
     size: end
   }
 }
@@ -474,19 +591,113 @@ const FINAL_LF = 9
 const SIZE_WS = 10
 
 /**
+ * Fields that must not arrive as trailers (RFC 9110 §6.5.1): framing, routing, authentication, request
+ * modifiers, response control data and how to process the content. A proxy that relayed them would let a
+ * sender add them after the recipient's checks ran; they are dropped from relayed trailer sections.
+ */
+export const FORBIDDEN_TRAILERS: ReadonlySet<string> = new Set([
+  "content-length",
+  "transfer-encoding",
+  "host",
+  "connection",
+  "keep-alive",
+  "upgrade",
+  "te",
+  "trailer",
+  "expect",
+  "authorization",
+  "proxy-authorization",
+  "www-authenticate",
+  "proxy-authenticate",
+  "cookie",
+  "set-cookie",
+  "content-type",
+  "content-encoding",
+  "content-range",
+  "range",
+  "cache-control",
+  "max-forwards",
+  "if-match",
+  "if-none-match",
+  "if-modified-since",
+  "if-unmodified-since",
+  "if-range",
+  "age",
+  "expires",
+  "date",
+  "location",
+  "retry-after",
+  "vary",
+  "warning",
+  "forwarded",
+  "x-forwarded-for",
+  "x-forwarded-proto",
+  "x-forwarded-host",
+  "x-http-method-override",
+  "x-http-method",
+  "x-method-override"
+])
+
+const CRLF = Buffer.from("\r\n", "latin1")
+
+/**
+ * Checks a held trailer section (field lines each ending in CRLF, then the final CRLF) and returns it
+ * without the fields in `FORBIDDEN_TRAILERS`. A line that is not `name: value` with a token name and
+ * valid value bytes is an error.
+ */
+export const filterTrailerSection = (section: Buffer, errorStatus: number): Buffer | Http1Error => {
+  if (section.length === 2) return CRLF
+  let pos = 0
+  let kept: Array<Buffer> | undefined
+  let dropped = false
+  const end = section.length - 2
+  while (pos < end) {
+    const eol = section.indexOf(CR, pos)
+    const colon = section.indexOf(COLON, pos)
+    if (colon === -1 || colon > eol || !isToken(section, pos, colon)) {
+      return fail("MalformedChunk", errorStatus, "a trailer line that is not a header field")
+    }
+    for (let i = colon + 1; i < eol; i++) {
+      if (FIELD_VALUE[section[i]!] !== 1) return fail("MalformedChunk", errorStatus, "a control character in a trailer")
+    }
+    const name = latin1(section, pos, colon).toLowerCase()
+    if (FORBIDDEN_TRAILERS.has(name)) {
+      if (!dropped) {
+        dropped = true
+        kept = pos === 0 ? [] : [section.subarray(0, pos)]
+      }
+    } else if (dropped) kept!.push(section.subarray(pos, eol + 2))
+    pos = eol + 2
+  }
+  if (!dropped) return section
+  kept!.push(CRLF)
+  return Buffer.concat(kept!)
+}
+
+/**
  * Tracks where a body ends while its bytes pass through unchanged. `consume(buf, from)` returns how many
  * bytes from `from` belong to the body (the rest is the next message), or an `Http1Error`. Only chunk-size
  * lines and trailers are looked at byte by byte; chunk data is skipped in bulk.
+ *
+ * A chunked body's trailer section is not passed through: its bytes are held (at most `maxTrailerBytes`)
+ * until the final CRLF, then checked and handed back without forbidden fields as `trailers`. So of the
+ * bytes a `consume` call takes, only the first `forwardable` are to be relayed as they are, and once
+ * `done`, `trailers` (when set) follows them.
  */
 export class BodyFramer {
   /** The body ended; bytes after it belong to the next message. */
   done: boolean
+  /** Of the bytes the last `consume` took, how many (from its `from`) are relayed unchanged. */
+  forwardable = 0
+  /** Once a chunked body is done: its checked trailer section (final CRLF included), to relay after the rest. */
+  trailers: Buffer | undefined = undefined
+  private held: Buffer | undefined = undefined
+  private heldLength = 0
   private readonly kind: Framing["_tag"]
   private remaining: number
   private state = SIZE
   private digits = 0
   private lineBytes = 0
-  private trailerBytes = 0
   private readonly maxTrailerBytes: number
   private readonly errorStatus: number
   private dead: Http1Error | undefined = undefined
@@ -509,6 +720,7 @@ export class BodyFramer {
    * caller that needs the decoded body can take views of it; framing bytes are never reported.
    */
   consume(buf: Uint8Array, from: number, onChunkData?: (start: number, end: number) => void): number | Http1Error {
+    this.forwardable = 0
     if (this.dead !== undefined) return this.dead
     if (this.done) return 0
     const available = buf.length - from
@@ -516,16 +728,39 @@ export class BodyFramer {
       case "None":
         return 0
       case "Close":
+        this.forwardable = available
         return available
       case "Length": {
         const n = available < this.remaining ? available : this.remaining
         this.remaining -= n
         if (this.remaining === 0) this.done = true
+        this.forwardable = n
         return n
       }
-      case "Chunked":
-        return this.chunked(buf, from, onChunkData)
+      case "Chunked": {
+        const holding = this.state >= TRAILER_START && this.state <= FINAL_LF
+        this.heldFrom = -1
+        const n = this.chunked(buf, from, onChunkData)
+        if (typeof n === "number") this.forwardable = this.heldFrom !== -1 ? this.heldFrom - from : holding ? 0 : n
+        return n
+      }
     }
+  }
+
+  /** Where the trailer section began in the buffer of the current `consume` call (-1: not in it). */
+  private heldFrom = -1
+
+  /** Keeps one byte of the trailer section. */
+  private hold(c: number): Http1Error | undefined {
+    if (this.heldLength >= this.maxTrailerBytes) return this.error("trailers too large")
+    this.held ??= Buffer.allocUnsafe(Math.min(this.maxTrailerBytes, 1024))
+    if (this.heldLength === this.held.length) {
+      const grown = Buffer.allocUnsafe(Math.min(this.maxTrailerBytes, this.held.length * 4))
+      this.held.copy(grown, 0, 0, this.heldLength)
+      this.held = grown
+    }
+    this.held[this.heldLength++] = c
+    return undefined
   }
 
   private error(message: string): Http1Error {
@@ -589,6 +824,7 @@ export class BodyFramer {
           this.lineBytes = 0
           if (this.remaining === 0) {
             this.state = TRAILER_START
+            this.heldFrom = i + 1
           } else {
             this.state = DATA
           }
@@ -607,6 +843,7 @@ export class BodyFramer {
           continue
         case TRAILER_START: {
           const c = buf[i]!
+          if (this.hold(c) !== undefined) return this.dead!
           if (c === CR) this.state = FINAL_LF
           else if (c === SP || c === HTAB) return this.error("obs-fold in a trailer")
           else if (c === LF) return this.error("a bare LF in the trailers")
@@ -615,27 +852,38 @@ export class BodyFramer {
         }
         case TRAILER_LINE: {
           const c = buf[i]!
+          if (this.hold(c) !== undefined) return this.dead!
           if (c === CR) this.state = TRAILER_LF
           else if (c === LF || (c < 0x20 && c !== HTAB) || c === 0x7f) return this.error("a control character in a trailer")
           break
         }
         case TRAILER_LF:
           if (buf[i] !== LF) return this.error("a trailer line not ending in CRLF")
+          if (this.hold(LF) !== undefined) return this.dead!
           this.state = TRAILER_START
           break
-        case FINAL_LF:
+        case FINAL_LF: {
           if (buf[i] !== LF) return this.error("trailers not ending in CRLF")
+          if (this.hold(LF) !== undefined) return this.dead!
+          const section = filterTrailerSection(this.held!.subarray(0, this.heldLength), this.errorStatus)
+          if (section instanceof Http1Error) {
+            this.dead = section
+            return section
+          }
+          // The section is copied out: the held buffer is not reused, but a caller may keep `trailers`.
+          this.trailers = section === CRLF ? CRLF : Buffer.from(section)
+          this.held = undefined
+          this.heldLength = 0
           this.done = true
           return i + 1 - from
+        }
       }
       i++
       const s = this.state
       if ((s === SIZE || s === SIZE_WS || s === EXT || s === SIZE_LF) && ++this.lineBytes > MAX_CHUNK_LINE) {
         return this.error("a chunk-size line too long")
       }
-      if (s >= TRAILER_START && s <= FINAL_LF && ++this.trailerBytes > this.maxTrailerBytes) {
-        return this.error("trailers too large")
-      }
+
     }
     return end - from
   }

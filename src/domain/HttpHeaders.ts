@@ -4,7 +4,10 @@
  * request path that access rules match. No I/O and no Node objects: flat `[name, value, ...]` arrays in and out.
  */
 
-/** Headers that describe one connection, never forwarded (RFC 9110 §7.6.1, plus the proxy-auth pair). */
+/**
+ * Headers that describe one connection, never forwarded (RFC 9110 §7.6.1, plus the proxy-auth pair and
+ * `HTTP2-Settings`, which only goes with an h2c upgrade, RFC 9113 §3.1).
+ */
 export const HOP_BY_HOP: ReadonlySet<string> = new Set([
   "connection",
   "proxy-connection",
@@ -13,7 +16,8 @@ export const HOP_BY_HOP: ReadonlySet<string> = new Set([
   "transfer-encoding",
   "upgrade",
   "proxy-authorization",
-  "proxy-authenticate"
+  "proxy-authenticate",
+  "http2-settings"
 ])
 
 /** Request headers consumed by the proxy itself: Node answers `Expect: 100-continue` before forwarding. */

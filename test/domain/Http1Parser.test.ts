@@ -108,7 +108,8 @@ describe("request heads", () => {
       ["POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n", 400, "InvalidContentLength"],
       ["POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1234567890123456\r\n\r\n", 400, "InvalidContentLength"],
       ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n", 400, "AmbiguousLength"],
-      ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "AmbiguousLength"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "DuplicateField"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400, "AmbiguousLength"],
       ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501, "UnsupportedTransferEncoding"],
       ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "UnsupportedTransferEncoding"],
       ["POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "AmbiguousLength"],
@@ -139,6 +140,60 @@ describe("request heads", () => {
     }
   })
 
+  it("refuses fields a rule or the framing reads when they are repeated or named by Connection", () => {
+    const cases: Array<[string, Http1Error["reason"]]> = [
+      ["POST / HTTP/1.1\r\nHost: h\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n", "DuplicateField"],
+      ["POST / HTTP/1.1\r\nHost: h\r\ncontent-type: a/b\r\nCONTENT-TYPE: a/b\r\n\r\n", "DuplicateField"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n", "DuplicateField"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nX-HTTP-Method-Override: GET\r\nX-HTTP-Method-Override: DELETE\r\n\r\n", "DuplicateField"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nX-HTTP-Method: GET\r\nx-http-method: DELETE\r\n\r\n", "DuplicateField"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nX-Method-Override: GET\r\nX-Method-Override: PUT\r\n\r\n", "DuplicateField"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\n", "NominatedField"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n", "NominatedField"],
+      ["GET / HTTP/1.1\r\nHost: h\r\nConnection: Host\r\n\r\n", "NominatedField"],
+      ["GET / HTTP/1.1\r\nConnection: close\r\nHost: h\r\nConnection: content-type\r\n\r\n", "NominatedField"],
+      ["GET http://b.test/x HTTP/1.1\r\nHost: a.test\r\n\r\n", "MalformedTarget"],
+      ["GET http://user@a.test/x HTTP/1.1\r\nHost: a.test\r\n\r\n", "MalformedTarget"],
+      ["GET ftp://a.test/x HTTP/1.1\r\nHost: a.test\r\n\r\n", "MalformedTarget"],
+      ["GET http:///x HTTP/1.1\r\nHost: a.test\r\n\r\n", "MalformedTarget"],
+      ["GET a.test:80 HTTP/1.1\r\nHost: a.test\r\n\r\n", "MalformedTarget"],
+      ["GET * HTTP/1.1\r\nHost: a.test\r\n\r\n", "MalformedTarget"],
+      ["GET x/y HTTP/1.1\r\nHost: a.test\r\n\r\n", "MalformedTarget"],
+      ["GET http://a.test/x HTTP/1.0\r\n\r\n", "MalformedTarget"]
+    ]
+    for (const [text, reason] of cases) {
+      for (const sizes of [[text.length], [1]]) {
+        const e = errorOf(text, sizes)
+        expect([e.status, e.reason], JSON.stringify(text)).toEqual([400, reason])
+      }
+    }
+    // The same fields once each, and Connection naming ordinary fields, are fine.
+    const ok = headOf("POST / HTTP/1.1\r\nHost: h\r\nContent-Type: a/b\r\nX-HTTP-Method-Override: GET\r\nConnection: X-Trace, keep-alive\r\nContent-Length: 1\r\n\r\n")
+    expect([ok.contentType, ok.connection]).toEqual(["a/b", ["x-trace", "keep-alive"]])
+  })
+
+  it("turns an absolute-form target whose authority is the Host into origin form", () => {
+    const cases: Array<[string, string, string]> = [
+      ["GET http://a.test/x?y=1 HTTP/1.1\r\nHost: a.test\r\n\r\n", "http://a.test/x?y=1", "/x?y=1"],
+      ["GET HTTP://A.Test:80 HTTP/1.1\r\nHost: a.test\r\n\r\n", "HTTP://A.Test:80", "/"],
+      ["GET https://a.test:443?q HTTP/1.1\r\nHost: a.test\r\n\r\n", "https://a.test:443?q", "/?q"],
+      ["GET http://a.test:8080/p HTTP/1.1\r\nHost: a.test:8080\r\n\r\n", "http://a.test:8080/p", "/p"],
+      ["OPTIONS * HTTP/1.1\r\nHost: a.test\r\n\r\n", "*", "*"],
+      ["GET /plain HTTP/1.1\r\nHost: a.test\r\n\r\n", "/plain", "/plain"]
+    ]
+    for (const [text, target, origin] of cases) {
+      const head = headOf(text)
+      expect([head.target, head.originTarget], text).toEqual([target, origin])
+    }
+    expect(errorOf("GET http://a.test:8080/p HTTP/1.1\r\nHost: a.test\r\n\r\n").reason).toBe("MalformedTarget")
+  })
+
+  it("never passes an h2c upgrade on", () => {
+    expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n").upgrade).toBeUndefined()
+    expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket, H2C\r\n\r\n").upgrade).toBeUndefined()
+    expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").upgrade).toBe("websocket")
+  })
+
   it("checks the size limit before buffering, and is dead after the first error", () => {
     const reader = requestHeadReader(LIMITS)
     expect(reader.push(bytes("GET / HTTP/1.1\r\nHost: h\r\nX: ")) ._tag).toBe("Need")
@@ -159,6 +214,13 @@ describe("request heads", () => {
 })
 
 describe("response heads", () => {
+  it("refuses a response whose Connection names a framing field (502)", () => {
+    for (const text of ["HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\n", "HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n"]) {
+      const step = responseHeadReader(LIMITS).push(bytes(text))
+      expect(step._tag === "Error" && [step.error.status, step.error.reason], text).toEqual([502, "NominatedField"])
+    }
+  })
+
   it("parses status, reason and framing by the request method and status", () => {
     const parse = (s: string) => {
       const step = responseHeadReader(LIMITS).push(bytes(s))
@@ -269,6 +331,56 @@ describe("body framing", () => {
       for (const piece of [1, 1000]) {
         const r = frame({ _tag: "Chunked" }, bytes(body), piece)
         expect(r.error?.reason, JSON.stringify(body)).toBe("MalformedChunk")
+      }
+    }
+  })
+
+  it("relays a checked trailer section without the fields that must not be trailers", () => {
+    const relay = (body: string, piece: number) => {
+      const framer = new BodyFramer({ _tag: "Chunked" }, 256, 400)
+      const out: Array<Buffer> = []
+      const input = bytes(body)
+      for (let at = 0; at < input.length; at += piece) {
+        const chunk = input.subarray(at, at + piece)
+        const n = framer.consume(chunk, 0)
+        if (n instanceof Http1Error) return n
+        expect(framer.forwardable).toBeLessThanOrEqual(n)
+        out.push(chunk.subarray(0, framer.forwardable))
+        if (framer.done) {
+          if (framer.trailers !== undefined) out.push(framer.trailers)
+          return { relayed: Buffer.concat(out).toString("latin1"), rest: Buffer.concat([chunk.subarray(n), input.subarray(at + piece)]).toString("latin1") }
+        }
+      }
+      throw new Error("not done")
+    }
+    const cases: Array<[string, string]> = [
+      ["3\r\nabc\r\n0\r\n\r\n", "3\r\nabc\r\n0\r\n\r\n"],
+      ["3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n", "3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n"],
+      [
+        "3\r\nabc\r\n0\r\nContent-Length: 99\r\nX-Sum: 1\r\nHost: evil\r\nTransfer-Encoding: chunked\r\nauthorization: x\r\nX-Last: 2\r\n\r\n",
+        "3\r\nabc\r\n0\r\nX-Sum: 1\r\nX-Last: 2\r\n\r\n"
+      ],
+      ["0\r\nSet-Cookie: a=b\r\n\r\n", "0\r\n\r\n"]
+    ]
+    for (const [body, relayed] of cases) {
+      for (const piece of [1, 2, 5, 1000]) {
+        const r = relay(body + "NEXT", piece)
+        expect(r, JSON.stringify([body, piece])).toEqual({ relayed, rest: "NEXT" })
+      }
+    }
+    // A request line, a name with spaces or without a colon is not a field line: refused, never relayed.
+    for (
+      const body of [
+        "0\r\nGET /admin HTTP/1.1\r\nHost: h\r\n\r\n",
+        "0\r\nX Y: 1\r\n\r\n",
+        "0\r\nNoColon\r\n\r\n",
+        "0\r\n: empty\r\n\r\n",
+        "0\r\nX(: 1\r\n\r\n"
+      ]
+    ) {
+      for (const piece of [1, 1000]) {
+        const r = relay(body, piece)
+        expect(r instanceof Http1Error && r.reason, JSON.stringify(body)).toBe("MalformedChunk")
       }
     }
   })

@@ -32,6 +32,8 @@ export interface Http1Request {
   readonly method: string
   /** The request target as sent. */
   readonly target: string
+  /** The target in origin form (`/path?query`): what is forwarded unless the admission rewrites it. */
+  readonly originTarget: string
   /** 0 for HTTP/1.0, 1 for HTTP/1.1. */
   readonly versionMinor: number
   /** Flat `[name, value, ...]` as received. */
@@ -202,18 +204,23 @@ const requestHeadBytes = (out: Http1Outgoing, versionMinor: number, chunked: boo
   return Buffer.from(text + "\r\n", "latin1")
 }
 
-/** The head relayed to the client (hop-by-hop headers gone, framing and connection ours). */
+/**
+ * The head relayed to the client (hop-by-hop headers gone, framing and connection ours). A response with
+ * a Transfer-Encoding never passes a Content-Length on (RFC 9112 §6.3); one whose codings do not end in
+ * chunked keeps them and runs to the close.
+ */
 const responseHeadBytes = (head: ResponseHead, chunked: boolean, close: boolean, extra: ReadonlyArray<string> | undefined): Buffer => {
   let text = `HTTP/1.1 ${head.status} ${head.reason}\r\n`
   const h = responseHeaders(head.headers)
+  const coded = chunked || head.transferCodings.length > 0
   for (let i = 0; i < h.length; i += 2) {
-    // With chunked coding a Content-Length is not relayed (RFC 9112 §6.3).
-    if (chunked && h[i]!.length === 14 && h[i]!.toLowerCase() === "content-length") continue
+    if (coded && h[i]!.length === 14 && h[i]!.toLowerCase() === "content-length") continue
     if (extra !== undefined && replaced(extra, h[i]!)) continue
     text += `${h[i]}: ${h[i + 1]}\r\n`
   }
   if (extra !== undefined) for (let i = 0; i < extra.length; i += 2) text += `${extra[i]}: ${extra[i + 1]}\r\n`
   if (chunked) text += "Transfer-Encoding: chunked\r\n"
+  else if (head.closeDelimitedCoding) text += `Transfer-Encoding: ${head.transferCodings}\r\n`
   if (close) text += "Connection: close\r\n"
   return Buffer.from(text + "\r\n", "latin1")
 }
@@ -451,6 +458,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     const incoming: Http1Request = {
       method: request.method,
       target: request.target,
+      originTarget: request.originTarget,
       versionMinor: request.versionMinor,
       headers: request.headers,
       host: request.host,
@@ -527,7 +535,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       const remote = this.socket as net.Socket & { encrypted?: boolean }
       out = {
         method: request.method,
-        path: admission.path ?? request.target,
+        path: admission.path ?? request.originTarget,
         headers: requestHeaders(
           request.headers,
           upgrading,
@@ -601,7 +609,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     socket.off("drain", this.onClientDrain)
     this.phase = CLOSED
     this.server.forget(this)
-    let text = `${request.method} ${request.target} HTTP/1.${request.versionMinor}\r\n`
+    let text = `${request.method} ${request.originTarget} HTTP/1.${request.versionMinor}\r\n`
     const h = request.headers
     for (let i = 0; i < h.length; i += 2) text += `${h[i]}: ${h[i + 1]}\r\n`
     const head = Buffer.from(text + "\r\n", "latin1")
@@ -659,9 +667,11 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     const up = this.conn!.socket
     let ok = true
     this.receivedBytes += n
-    if (n > 0) ok = up.write(from === 0 && n === chunk.length ? chunk : chunk.subarray(from, from + n))
+    const f = framer.forwardable
+    if (f > 0) ok = up.write(from === 0 && f === chunk.length ? chunk : chunk.subarray(from, from + f))
     this.upTimer?.refresh()
     if (framer.done) {
+      if (framer.trailers !== undefined) up.write(framer.trailers)
       this.requestDone = true
       this.clearClientTimer()
       const restAt = from + n
@@ -737,10 +747,19 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
         return
       }
       const conn = this.conn!
-      if (n > 0) {
-        this.sentBytes += n
+      const f = framer.forwardable
+      const trailers = framer.done ? framer.trailers : undefined
+      if (f > 0 || trailers !== undefined) {
         const socket = this.socket
-        const ok = socket.write(n === chunk.length ? chunk : chunk.subarray(0, n))
+        let ok = true
+        if (f > 0) {
+          this.sentBytes += f
+          ok = socket.write(f === chunk.length ? chunk : chunk.subarray(0, f))
+        }
+        if (trailers !== undefined) {
+          this.sentBytes += trailers.length
+          ok = socket.write(trailers)
+        }
         if (socket.writableLength > 0) conn.chunkHeld = true
         if (!ok && socket.writableLength >= WRITE_QUEUE_PAUSE_BYTES) {
           this.upstreamPaused = true
@@ -816,7 +835,10 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       this.destroy()
       return
     }
-    const body = n === rest.length ? rest : rest.subarray(0, n)
+    const f = framer.forwardable
+    const trailers = framer.done ? framer.trailers : undefined
+    const verbatim = f === rest.length ? rest : rest.subarray(0, f)
+    const body = trailers === undefined ? verbatim : Buffer.concat([verbatim, trailers])
     this.sentBytes += body.length
     let ok: boolean
     if (body.length <= COALESCE_BYTES) {
