@@ -184,24 +184,90 @@ export const normalizeHost = (host: string | undefined): string => {
   return name.toLowerCase()
 }
 
-/** The path of a request target, without query and fragment (`/a/b?x` gives `/a/b`). */
-export const requestPath = (target: string | undefined): string => {
-  if (target === undefined || target.length === 0) return "/"
-  let end = target.length
-  const q = target.indexOf("?")
-  if (q !== -1) end = q
-  const h = target.indexOf("#")
-  if (h !== -1 && h < end) end = h
-  const path = target.slice(0, end)
-  if (path[0] === "/") return path
-  // absolute-form (`http://host/path`) as sent to proxies
-  const scheme = path.indexOf("://")
-  if (scheme !== -1) {
-    const slash = path.indexOf("/", scheme + 3)
-    return slash === -1 ? "/" : path.slice(slash)
-  }
-  return "/"
+/** A request target as routes match it and as it is forwarded, see `routingTarget`. */
+export interface RoutingTarget {
+  /** The normalised path (no query) that path prefixes are matched against. */
+  readonly path: string
+  /** The normalised path with the query as received: what is sent to the backend. */
+  readonly target: string
 }
+
+/** Why a request target was refused before routing. */
+export interface RoutingTargetRejection {
+  readonly problem: "NotOriginForm" | "BadPercentEncoding" | "EncodedSeparator" | "EncodedPercent" | "ControlCharacter" | "DotSegmentParameter" | "Fragment"
+  readonly detail: string
+}
+
+/** Paths with none of these need no normalising: `%`, `\`, and `.`/`..` segments (also before a `;`). */
+const NEEDS_NORMALISING = /[%\\]|\/\.\.?(?:[/;]|$)/
+
+/** Unreserved characters (RFC 3986 §2.3): their percent-escapes mean the character itself. */
+const isUnreserved = (c: number): boolean =>
+  (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a) || (c >= 0x30 && c <= 0x39) || c === 0x2d || c === 0x2e || c === 0x5f || c === 0x7e
+
+const hexValue = (c: number): number =>
+  c >= 0x30 && c <= 0x39 ? c - 0x30 : c >= 0x41 && c <= 0x46 ? c - 0x37 : c >= 0x61 && c <= 0x66 ? c - 0x57 : -1
+
+/** A path segment with unreserved escapes decoded and the others upper-cased, or why it is refused. */
+const normaliseSegment = (raw: string): string | RoutingTargetRejection => {
+  if (raw.indexOf("%") === -1 && raw.indexOf("\\") === -1) return raw
+  let out = ""
+  for (let i = 0; i < raw.length; i++) {
+    const ch = raw.charCodeAt(i)
+    if (ch === 0x5c) return { problem: "EncodedSeparator", detail: "a backslash in the request path" }
+    if (ch !== 0x25) {
+      out += raw[i]
+      continue
+    }
+    const hi = hexValue(raw.charCodeAt(i + 1))
+    const lo = hexValue(raw.charCodeAt(i + 2))
+    if (hi < 0 || lo < 0) return { problem: "BadPercentEncoding", detail: "a malformed percent-escape in the request path" }
+    const byte = hi * 16 + lo
+    if (byte === 0x2f || byte === 0x5c) return { problem: "EncodedSeparator", detail: "an encoded path separator (%2F or %5C) in the request path" }
+    if (byte === 0x25) return { problem: "EncodedPercent", detail: "an encoded percent sign (%25) in the request path" }
+    if (byte < 0x20 || byte === 0x7f) return { problem: "ControlCharacter", detail: "an encoded control character in the request path" }
+    out += isUnreserved(byte) ? String.fromCharCode(byte) : "%" + raw.slice(i + 1, i + 3).toUpperCase()
+    i += 2
+  }
+  return out
+}
+
+/**
+ * The path a public request is routed on, and the target forwarded to the chosen backend: percent-escapes
+ * of unreserved characters decoded and dot-segments removed (RFC 3986 §5.2.4), so `/public/../admin` and
+ * `/public/%2e%2e/admin` are routed (and sent) as `/admin`. Targets whose meaning depends on who decodes
+ * them are refused: encoded `/` or `\`, a raw `\`, encoded `%` (double encoding), encoded control
+ * characters, a dot-segment with parameters (`..;`), a fragment. The query is passed on as received.
+ */
+export const routingTarget = (originTarget: string): RoutingTarget | RoutingTargetRejection => {
+  if (originTarget === "*") return { path: "*", target: "*" }
+  if (originTarget.charCodeAt(0) !== 47) return { problem: "NotOriginForm", detail: "the request target must be a path starting with /" }
+  if (originTarget.indexOf("#") !== -1) return { problem: "Fragment", detail: "a fragment (#) in the request target" }
+  const q = originTarget.indexOf("?")
+  const rawPath = q === -1 ? originTarget : originTarget.slice(0, q)
+  if (!NEEDS_NORMALISING.test(rawPath)) return { path: rawPath, target: originTarget }
+  const raw = rawPath.split("/")
+  const out: Array<string> = []
+  for (let i = 1; i < raw.length; i++) {
+    const seg = normaliseSegment(raw[i]!)
+    if (typeof seg !== "string") return seg
+    const last = i === raw.length - 1
+    const semi = seg.indexOf(";")
+    const bare = semi === -1 ? seg : seg.slice(0, semi)
+    if (bare === "." || bare === "..") {
+      if (semi !== -1) return { problem: "DotSegmentParameter", detail: `a "${bare}" path segment with parameters` }
+      if (bare === "..") out.pop()
+      if (last) out.push("")
+      continue
+    }
+    out.push(seg)
+  }
+  const path = "/" + out.join("/")
+  return { path, target: q === -1 ? path : path + originTarget.slice(q) }
+}
+
+/** Narrows the result of `routingTarget`. */
+export const isRoutingRejection = (r: RoutingTarget | RoutingTargetRejection): r is RoutingTargetRejection => "problem" in r
 
 /**
  * Label-boundary domain suffix match on a normalized host: `example.com` matches `example.com` and

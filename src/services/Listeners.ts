@@ -15,7 +15,15 @@ import * as net from "node:net"
 import type { Duplex } from "node:stream"
 import * as tls from "node:tls"
 import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope, Semaphore } from "effect"
-import { normalizeHost, type PortKind, portKind, type RouteDefinition, requestPath, type RouteQuery } from "../domain/Route.ts"
+import {
+  isRoutingRejection,
+  normalizeHost,
+  type PortKind,
+  portKind,
+  type RouteDefinition,
+  type RouteQuery,
+  routingTarget
+} from "../domain/Route.ts"
 import type { Backend, ConnectionMeta, ConnectionProtocol } from "./Backend.ts"
 import { DispatchError, Dispatcher, type Lease } from "./Dispatcher.ts"
 import type { Admission, Http1Exchange, Http1Front, Http1Outgoing, Http1Request, Http1Server, PendingAdmission } from "./forward/Http1Engine.ts"
@@ -251,6 +259,20 @@ const writeDispatchError = (res: http.ServerResponse, error: DispatchError) => {
   res.end(body)
 }
 
+/** The answer to a request target that cannot be routed unambiguously (see `routingTarget`). */
+const badTargetBody = (detail: string): string => `400 bad request target: ${detail}\n`
+
+const writeBadTarget = (res: http.ServerResponse, detail: string) => {
+  const body = badTargetBody(detail)
+  res.writeHead(400, { "content-type": "text/plain; charset=utf-8", "content-length": Buffer.byteLength(body), "connection": "close" })
+  res.end(body)
+}
+
+const rejectBadTarget = (socket: Duplex, detail: string) => {
+  const body = badTargetBody(detail)
+  socket.end(`HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
+}
+
 const rejectUpgrade = (socket: Duplex, error: DispatchError) => {
   const body = `${error.reason}: ${error.message}\n`
   const reason = error.status === 404 ? "Not Found" : "Service Unavailable"
@@ -296,7 +318,14 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
 
   const serveHttpRequest = (port: number, tlsName: string | undefined) => (req: http.IncomingMessage, res: http.ServerResponse) => {
     const hostName = normalizeHost(req.headers.host)
-    const path = requestPath(req.url)
+    const routed = routingTarget(req.url ?? "/")
+    if (isRoutingRejection(routed)) {
+      writeBadTarget(res, routed.detail)
+      return
+    }
+    // Forwarded as routed: the backend reads the path the route was chosen by.
+    req.url = routed.target
+    const path = routed.path
     const query: RouteQuery = tlsName === undefined
       ? { _tag: "Http", port, host: hostName, path }
       : { _tag: "Tls", port, serverName: tlsName, host: hostName, path }
@@ -324,9 +353,15 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
 
   const serveUpgrade = (port: number, tlsName: string | undefined) => (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
     socket.on("error", () => socket.destroy())
+    const routed = routingTarget(req.url ?? "/")
+    if (isRoutingRejection(routed)) {
+      rejectBadTarget(socket, routed.detail)
+      return
+    }
+    req.url = routed.target
     const query: RouteQuery = tlsName === undefined
-      ? { _tag: "Http", port, host: normalizeHost(req.headers.host), path: requestPath(req.url) }
-      : { _tag: "Tls", port, serverName: tlsName, host: normalizeHost(req.headers.host), path: requestPath(req.url) }
+      ? { _tag: "Http", port, host: normalizeHost(req.headers.host), path: routed.path }
+      : { _tag: "Tls", port, serverName: tlsName, host: normalizeHost(req.headers.host), path: routed.path }
     dispatch(
       query,
       (lease) => {
@@ -394,10 +429,10 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         }
       }
     }
-    const admission = (lease: Lease, request: Http1Request): Admission => {
+    const admission = (lease: Lease, request: Http1Request, target: string): Admission => {
       if (lease.backend.forwardHttp !== undefined) return toNode(lease)
       if (tapExchange === undefined) {
-        return { _tag: "Forward", director: (outgoing) => void (outgoing.upstream = lease.backend.upstream), onEnd: lease.release }
+        return { _tag: "Forward", path: target, director: (outgoing) => void (outgoing.upstream = lease.backend.upstream), onEnd: lease.release }
       }
       let tap: ExchangeTap
       try {
@@ -409,6 +444,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       const headers = tap.requestHeaders
       return {
         _tag: "Forward",
+        path: target,
         director: (outgoing) => {
           outgoing.upstream = lease.backend.upstream
           if (headers !== undefined) setRequestHeaders(outgoing, headers)
@@ -430,7 +466,9 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       },
       admit: (request: Http1Request): Admission | PendingAdmission => {
         const host = normalizeHost(request.host)
-        const path = requestPath(request.target)
+        const routed = routingTarget(request.originTarget)
+        if (isRoutingRejection(routed)) return { _tag: "Refuse", status: 400, message: `switchyard: bad request target: ${routed.detail}` }
+        const path = routed.path
         const query: RouteQuery = secure
           ? { _tag: "Tls", port, serverName: serverNameOf(request.socket), host, path }
           : { _tag: "Http", port, host, path }
@@ -442,7 +480,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         }
         if (now !== undefined) {
           observe?.(0, undefined)
-          return admission(now, request)
+          return admission(now, request, routed.target)
         }
         return {
           _tag: "Pending",
@@ -453,7 +491,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
                 observe?.(performance.now() - arrived, undefined)
                 let admitted: Admission
                 try {
-                  admitted = admission(exit.value, request)
+                  admitted = admission(exit.value, request, routed.target)
                 } catch {
                   admitted = { _tag: "Refuse", status: 502, message: "switchyard: the request could not be prepared for the upstream" }
                 }

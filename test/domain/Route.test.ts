@@ -7,10 +7,11 @@ import {
   type HttpRoute,
   matchesDomain,
   matchesPath,
+  isRoutingRejection,
   normalizeHost,
-  requestPath,
   RouteDefinition,
-  routeKey
+  routeKey,
+  routingTarget
 } from "../../src/domain/Route.ts"
 
 const decodeRoute = Schema.decodeUnknownResult(RouteDefinition)
@@ -61,11 +62,50 @@ describe("Route matching", () => {
     assert.strictEqual(normalizeHost(undefined), "")
   })
 
-  it("reads the path of origin-form and absolute-form targets", () => {
-    assert.strictEqual(requestPath("/a/b?x=1#f"), "/a/b")
-    assert.strictEqual(requestPath("http://h:1/a?q"), "/a")
-    assert.strictEqual(requestPath("http://h"), "/")
-    assert.strictEqual(requestPath("*"), "/")
+  it("routes on the normalised path and forwards it: dot-segments removed, unreserved escapes decoded", () => {
+    const cases: Array<[string, string, string]> = [
+      ["/a/b?x=1", "/a/b", "/a/b?x=1"],
+      ["/public/../admin", "/admin", "/admin"],
+      ["/public/%2e%2e/admin?q=/../", "/admin", "/admin?q=/../"],
+      ["/public/%2E%2e/admin", "/admin", "/admin"],
+      ["/public/.%2e/admin", "/admin", "/admin"],
+      ["/public/./x", "/public/x", "/public/x"],
+      ["/public/x/..", "/public/", "/public/"],
+      ["/..", "/", "/"],
+      ["/../../a", "/a", "/a"],
+      ["/%70ublic/x", "/public/x", "/public/x"],
+      ["/a%20b/%c3%a9", "/a%20b/%C3%A9", "/a%20b/%C3%A9"],
+      ["/a//b", "/a//b", "/a//b"],
+      ["/.well-known/x", "/.well-known/x", "/.well-known/x"],
+      ["/a;v=1/b", "/a;v=1/b", "/a;v=1/b"],
+      ["*", "*", "*"]
+    ]
+    for (const [target, path, forwarded] of cases) {
+      const r = routingTarget(target)
+      assert.deepStrictEqual(isRoutingRejection(r) ? r : { path: r.path, target: r.target }, { path, target: forwarded }, target)
+    }
+  })
+
+  it("refuses targets whose meaning depends on who decodes them", () => {
+    const cases: Array<[string, string]> = [
+      ["/public/..;/admin", "DotSegmentParameter"],
+      ["/public/.;x/admin", "DotSegmentParameter"],
+      ["/public/%2e%2e;/admin", "DotSegmentParameter"],
+      ["/public/..%2fadmin", "EncodedSeparator"],
+      ["/public/%2F../admin", "EncodedSeparator"],
+      ["/public/..%5cadmin", "EncodedSeparator"],
+      ["/public/..\\admin", "EncodedSeparator"],
+      ["/public/%252e%252e/admin", "EncodedPercent"],
+      ["/public/%00", "ControlCharacter"],
+      ["/public/%zz", "BadPercentEncoding"],
+      ["/public/%2", "BadPercentEncoding"],
+      ["/a#frag", "Fragment"],
+      ["http://h/a", "NotOriginForm"]
+    ]
+    for (const [target, problem] of cases) {
+      const r = routingTarget(target)
+      assert.strictEqual(isRoutingRejection(r) ? r.problem : "accepted", problem, target)
+    }
   })
 
   it("matches domain suffixes on label boundaries", () => {
