@@ -311,6 +311,27 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
   }
 }
 
+/** Repeated or `Connection`-nominated request fields that a proxy and an upstream could read differently. */
+const ambiguousRequestFields = (f: FramingFields): Http1Error | undefined => {
+  if (f.hostCount > 1) return fail("MissingHost", 400, "more than one Host")
+  if (f.contentTypeCount > 1) return fail("DuplicateField", 400, "more than one Content-Type")
+  if (f.transferEncodingFields > 1) return fail("DuplicateField", 400, "more than one Transfer-Encoding field")
+  if (f.methodOverrideDuplicated !== undefined) return fail("DuplicateField", 400, `more than one ${f.methodOverrideDuplicated}`)
+  const named = nominated(f.connection, UNNOMINATABLE_REQUEST_FIELDS)
+  if (named !== undefined) return fail("NominatedField", 400, `Connection names ${named}, which cannot be removed in transit`)
+  return undefined
+}
+
+/**
+ * The same field checks as a request head gets here, for a request another parser read (Node's, on the
+ * wsp entry and for HTTP/2 clients): more than one Host, Content-Length, Content-Type or
+ * Transfer-Encoding field, a repeated method override, or a `Connection` naming one of them.
+ */
+export const checkRequestFields = (rawHeaders: ReadonlyArray<string>): Http1Error | undefined => {
+  const f = framingFields(rawHeaders, 400)
+  return f instanceof Http1Error ? f : ambiguousRequestFields(f)
+}
+
 /** The first of `connection`'s tokens that names a field in `fields`. */
 const nominated = (connection: ReadonlyArray<string>, fields: ReadonlySet<string>): string | undefined => {
   for (const token of connection) if (fields.has(token)) return token
@@ -347,12 +368,8 @@ export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): 
   if (versionMinor === 1 && f.hostCount !== 1) {
     return fail("MissingHost", 400, f.hostCount === 0 ? "an HTTP/1.1 request without Host" : "more than one Host")
   }
-  if (f.hostCount > 1) return fail("MissingHost", 400, "more than one Host")
-  if (f.contentTypeCount > 1) return fail("DuplicateField", 400, "more than one Content-Type")
-  if (f.transferEncodingFields > 1) return fail("DuplicateField", 400, "more than one Transfer-Encoding field")
-  if (f.methodOverrideDuplicated !== undefined) return fail("DuplicateField", 400, `more than one ${f.methodOverrideDuplicated}`)
-  const named = nominated(f.connection, UNNOMINATABLE_REQUEST_FIELDS)
-  if (named !== undefined) return fail("NominatedField", 400, `Connection names ${named}, which cannot be removed in transit`)
+  const ambiguous = ambiguousRequestFields(f)
+  if (ambiguous !== undefined) return ambiguous
   const method = latin1(buf, 0, sp1)
   const target = latin1(buf, sp1 + 1, sp2)
   const originTarget = originFormOf(method, target, f.host)

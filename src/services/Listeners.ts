@@ -15,6 +15,7 @@ import * as net from "node:net"
 import type { Duplex } from "node:stream"
 import * as tls from "node:tls"
 import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope, Semaphore } from "effect"
+import { checkRequestFields } from "../domain/Http1Parser.ts"
 import {
   isRoutingRejection,
   normalizeHost,
@@ -260,16 +261,17 @@ const writeDispatchError = (res: http.ServerResponse, error: DispatchError) => {
 }
 
 /** The answer to a request target that cannot be routed unambiguously (see `routingTarget`). */
-const badTargetBody = (detail: string): string => `400 bad request target: ${detail}\n`
+const writeBadTarget = (res: http.ServerResponse, detail: string) => writeBadRequest(res, `bad request target: ${detail}`)
 
-const writeBadTarget = (res: http.ServerResponse, detail: string) => {
-  const body = badTargetBody(detail)
+/** A one-line 400 that closes the connection. */
+const writeBadRequest = (res: http.ServerResponse, detail: string) => {
+  const body = `400 ${detail}\n`
   res.writeHead(400, { "content-type": "text/plain; charset=utf-8", "content-length": Buffer.byteLength(body), "connection": "close" })
   res.end(body)
 }
 
 const rejectBadTarget = (socket: Duplex, detail: string) => {
-  const body = badTargetBody(detail)
+  const body = `400 bad request target: ${detail}\n`
   socket.end(`HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
 }
 
@@ -321,6 +323,11 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     const routed = routingTarget(req.url ?? "/")
     if (isRoutingRejection(routed)) {
       writeBadTarget(res, routed.detail)
+      return
+    }
+    const ambiguous = checkRequestFields(req.rawHeaders)
+    if (ambiguous !== undefined) {
+      writeBadRequest(res, ambiguous.message)
       return
     }
     // Forwarded as routed: the backend reads the path the route was chosen by.

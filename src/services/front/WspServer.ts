@@ -14,6 +14,7 @@ import type { RawData } from "ws"
 import { checkDestination } from "../../domain/DestinationRules.ts"
 import { DataFrameReader, OPCODE_BINARY } from "../../domain/WebSocketDataReader.ts"
 import type { WspServerConfig } from "../../domain/WspConfig.ts"
+import { checkRequestFields } from "../../domain/Http1Parser.ts"
 import type { GoHeader, WspHeadLimits, WspResponseHead } from "../../domain/WspMessage.ts"
 import {
   canonicalHeaderName,
@@ -760,6 +761,8 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     if (Object.keys(req.headersDistinct).length > config.maxHeaders) {
       return void sendError(res, 431, `more than ${config.maxHeaders} request headers`)
     }
+    const ambiguous = checkRequestFields(req.rawHeaders)
+    if (ambiguous !== undefined) return void sendError(res, 400, ambiguous.message)
     const header = requestHeader(req)
     const method = req.method ?? "GET"
     const verdict = checkDestination(config.rules, { method, url: url.href, header })

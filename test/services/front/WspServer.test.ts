@@ -10,6 +10,7 @@ import { TestClock } from "effect/testing"
 import { WebSocket } from "ws"
 import { makeWspServer, maxPendingGreetings, secretMatches, WspServer } from "../../../src/services/front/WspServer.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
+import { exchange } from "../../support/rawUpstream.ts"
 import { call, MessageInbox, secret, serverConfig, waitFor } from "../../integration/wspSupport.ts"
 
 /** One hand-driven wsp client connection. */
@@ -449,6 +450,25 @@ describe("WspServer against a hand-written wsp client", () => {
       yield* waitFor("registered", () => server.stats().idle === 1)
       const r = yield* Effect.promise(() => call(server.address.port, { method: "POST", destination: "http://d/", body: Buffer.alloc(5000) }))
       expect(r.status).toBe(413)
+      expect(peer.inbox.length).toBe(0)
+      expect(server.stats().idle).toBe(1)
+    })))
+
+  it.live("refuses requests whose framing or checked fields are ambiguous (400) before taking a connection", () =>
+    leakChecked(Effect.gen(function*() {
+      const { server, port, peer } = yield* oneRegisteredPeer
+      const head = "POST /request HTTP/1.1\r\nHost: h\r\nX-Proxy-Destination: http://dest.example/x\r\n"
+      for (
+        const fields of [
+          "Connection: Content-Length\r\nContent-Length: 5\r\n\r\nhello",
+          "Connection: host\r\nContent-Length: 0\r\n\r\n",
+          "Content-Type: application/x-www-form-urlencoded\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n",
+          "X-HTTP-Method-Override: GET\r\nX-HTTP-Method-Override: DELETE\r\nContent-Length: 0\r\n\r\n"
+        ]
+      ) {
+        const response = yield* Effect.promise(() => exchange(port, head + fields))
+        expect(response, fields).toMatch(/^HTTP\/1\.1 400 /)
+      }
       expect(peer.inbox.length).toBe(0)
       expect(server.stats().idle).toBe(1)
     })))
