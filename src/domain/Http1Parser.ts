@@ -262,11 +262,12 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
         if (lowerEquals(name, "content-type")) {
           contentType = value
           contentTypeCount++
-        }
+        } else if (lowerEquals(name, "content_type")) return underscored(name, errorStatus)
         break
       case 13:
       case 17:
       case 22:
+        if (name.length === 17 && lowerEquals(name, "transfer_encoding")) return underscored(name, errorStatus)
         if (name.length === 17 && lowerEquals(name, "transfer-encoding")) {
           transferEncodingFields++
           for (const t of value.split(",")) {
@@ -292,7 +293,7 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
             return fail("InvalidContentLength", errorStatus, `invalid Content-Length "${value.slice(0, 32)}"`)
           }
           contentLength = Number(value)
-        }
+        } else if (lowerEquals(name, "content_length")) return underscored(name, errorStatus)
         break
     }
   }
@@ -331,6 +332,13 @@ export const checkRequestFields = (rawHeaders: ReadonlyArray<string>): Http1Erro
   const f = framingFields(rawHeaders, 400)
   return f instanceof Http1Error ? f : ambiguousRequestFields(f)
 }
+
+/**
+ * A field named like a framing field with `_` for `-`: servers that map header names to CGI-style
+ * variables (`CONTENT_LENGTH`) read it as the real one, which the proxy did not frame by. Refused.
+ */
+const underscored = (name: string, errorStatus: number): Http1Error =>
+  fail("MalformedHeader", errorStatus, `a header named ${name.slice(0, 32)}, which some servers read as ${name.replace(/_/g, "-")}`)
 
 /** The first of `connection`'s tokens that names a field in `fields`. */
 const nominated = (connection: ReadonlyArray<string>, fields: ReadonlySet<string>): string | undefined => {

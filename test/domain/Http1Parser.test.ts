@@ -159,7 +159,10 @@ describe("request heads", () => {
       ["GET a.test:80 HTTP/1.1\r\nHost: a.test\r\n\r\n", "MalformedTarget"],
       ["GET * HTTP/1.1\r\nHost: a.test\r\n\r\n", "MalformedTarget"],
       ["GET x/y HTTP/1.1\r\nHost: a.test\r\n\r\n", "MalformedTarget"],
-      ["GET http://a.test/x HTTP/1.0\r\n\r\n", "MalformedTarget"]
+      ["GET http://a.test/x HTTP/1.0\r\n\r\n", "MalformedTarget"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nContent_Length: 5\r\n\r\n", "MalformedHeader"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nTRANSFER_ENCODING: chunked\r\n\r\n", "MalformedHeader"],
+      ["POST / HTTP/1.1\r\nHost: h\r\ncontent_type: a/b\r\n\r\n", "MalformedHeader"]
     ]
     for (const [text, reason] of cases) {
       for (const sizes of [[text.length], [1]]) {
