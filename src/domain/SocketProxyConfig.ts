@@ -24,8 +24,15 @@ export const SOCKET_PROXY_DEFAULTS = {
   responseTimeoutMs: 300_000,
   /** Idle limit on a response or hijacked stream with no bytes either way (ms); 0 = none. */
   idleTimeoutMs: 0,
-  /** Most client connections open at once (per listener); more are closed on arrival. */
+  /**
+   * Most client connections open at once (per listener); when full, the oldest connection that has sent
+   * nothing is closed to admit a new one, and with none such the new one is closed on arrival.
+   */
   maxConnections: 1024,
+  /** Most client connections from one TCP address at once (per listener); Unix-socket clients share `maxConnections`. */
+  maxConnectionsPerAddress: 256,
+  /** Time a client connection may stay without sending a byte (ms); 0 = none. */
+  silentTimeoutMs: 10_000,
   /** Most pooled upstream connections in use at once; further requests wait for one. */
   maxSockets: 256,
   /** Most idle pooled upstream connections kept. */
@@ -43,6 +50,8 @@ const Limits = Schema.Struct({
   responseTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 86_400_000 }))),
   idleTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 86_400_000 }))),
   maxConnections: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 }))),
+  maxConnectionsPerAddress: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 }))),
+  silentTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3_600_000 }))),
   maxSockets: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 65_536 }))),
   maxFreeSockets: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 65_536 }))),
   drainTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3_600_000 })))

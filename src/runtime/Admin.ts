@@ -299,8 +299,14 @@ export const registerPoolGauges = (
 /** Registers the socket proxy's decision counters (`switchyard_socket_proxy_requests_total{decision}`). */
 export const registerSocketProxyCounters = (
   metrics: MetricsShape,
-  stats: () => { readonly allowed: number; readonly denied: number; readonly rejected: number }
+  stats: () => { readonly allowed: number; readonly denied: number; readonly rejected: number; readonly connectionLimitCloses: number }
 ): void => {
+  metrics.registry.sampledGauge({
+    name: "switchyard_socket_proxy_connection_limit_closes_total",
+    type: "counter",
+    help: "Socket-proxy client connections refused or closed by maxConnections, maxConnectionsPerAddress or silentTimeoutMs.",
+    collect: () => [[[], stats().connectionLimitCloses]]
+  })
   metrics.registry.sampledGauge({
     name: "switchyard_socket_proxy_requests_total",
     type: "counter",

@@ -119,6 +119,21 @@ export const ServerFile = Schema.Struct({
     }))
   })),
   public_host: Schema.optionalKey(Schema.String.annotate({ description: "Address public ports bind to (0.0.0.0 to serve other hosts)", default: "127.0.0.1" })),
+  public_max_connections_per_port: Schema.optionalKey(
+    Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({
+      description: "Most client connections open on one public port; when full, its oldest connection that has sent nothing is closed to admit a new one",
+      default: 10_000
+    })
+  ),
+  public_max_connections_per_address: Schema.optionalKey(
+    Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({
+      description: "Most client connections from one address on one public port (the oldest silent one makes room, else the new one is refused)",
+      default: 1_024
+    })
+  ),
+  public_silent_timeout_ms: Schema.optionalKey(
+    Ms.annotate({ description: "Time a connection to a public HTTP or TLS port may stay without sending a byte (0 = none)", default: 10_000 })
+  ),
   grace_period_ms: Schema.optionalKey(Ms.annotate({ description: "How long a route without backends keeps its port and queues requests", default: 30_000 })),
   max_waiting: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 1_000_000 })).annotate({ description: "Most requests waiting for a backend", default: 1_024 })),
   response_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "Time allowed for a backend's response head (0 = none)", default: 0 })),

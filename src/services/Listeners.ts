@@ -26,6 +26,7 @@ import {
   routingTarget
 } from "../domain/Route.ts"
 import type { Backend, ConnectionMeta, ConnectionProtocol } from "./Backend.ts"
+import { type ConnectionGuard, DefaultMaxConnectionsPerAddress, DefaultSilentConnectionTimeoutMs, type GuardAction, makeConnectionGuard } from "./ConnectionGuard.ts"
 import { DispatchError, Dispatcher, type Lease } from "./Dispatcher.ts"
 import type { Admission, Http1Exchange, Http1Front, Http1Outgoing, Http1Request, Http1Server, PendingAdmission } from "./forward/Http1Engine.ts"
 import type { ForwarderShape } from "./Forwarder.ts"
@@ -137,7 +138,14 @@ export interface ListenersConfig {
   readonly host?: string | undefined
   readonly handleRequest: RequestHandler
   readonly handleUpgrade: UpgradeHandler
+  /** Most client connections on one public port (see `ConnectionTable`). */
   readonly maxConnectionsPerPort?: number | undefined
+  /** Most client connections from one address on one public port. */
+  readonly maxConnectionsPerAddress?: number | undefined
+  /** Time a connection to an HTTP or TLS port may stay without sending a byte (ms; 0 = none). */
+  readonly silentConnectionTimeoutMs?: number | undefined
+  /** Told of each client connection a port refused or closed to keep within its connection limits. */
+  readonly onConnectionLimit?: ((port: number, action: GuardAction, address: string | undefined) => void) | undefined
   readonly maxHeaderBytes?: number | undefined
   readonly headersTimeoutMs?: number | undefined
   readonly tlsHandshakeTimeoutMs?: number | undefined
@@ -205,6 +213,8 @@ interface PortListener {
   readonly server: net.Server
   readonly address: net.AddressInfo
   readonly sockets: Set<net.Socket>
+  /** Keeps the port's connections within its limits (stopped with the port). */
+  readonly guard: ConnectionGuard
   /** The raw engine serving the port's connections, when it does. */
   readonly engine?: Http1Server | undefined
   /** Node's server for connections handed over by the engine. */
@@ -288,6 +298,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
   const dispatcher = yield* Dispatcher
   const host = config.host ?? "0.0.0.0"
   const maxConnections = config.maxConnectionsPerPort ?? DefaultMaxConnectionsPerPort
+  const maxPerAddress = config.maxConnectionsPerAddress ?? DefaultMaxConnectionsPerAddress
+  const silentTimeoutMs = config.silentConnectionTimeoutMs ?? DefaultSilentConnectionTimeoutMs
   const maxHeaderSize = config.maxHeaderBytes ?? DefaultMaxHeaderBytes
   const headersTimeout = config.headersTimeoutMs ?? DefaultHeadersTimeoutMs
   const handshakeTimeout = config.tlsHandshakeTimeoutMs ?? DefaultTlsHandshakeTimeoutMs
@@ -540,6 +552,12 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     const port = route.port
     const kind = portKind(route)
     const sockets = new Set<net.Socket>()
+    // Raw TCP clients may rightly wait for the backend to speak first: only HTTP and TLS ports close the silent.
+    const guard = makeConnectionGuard(
+      { maxConnections, maxPerAddress, silentTimeoutMs: kind === "tcp" ? 0 : silentTimeoutMs },
+      kind !== "tcp",
+      (action, address) => config.onConnectionLimit?.(port, action, address)
+    )
     let server: net.Server
     let engine: Http1Server | undefined
     let handoff: http.Server | undefined
@@ -552,6 +570,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
           const served = config.serveHttp1(engineFront(port, handoff, false))
           engine = served
           server = net.createServer({ allowHalfOpen: true }, (socket) => {
+            if (!guard.admit(socket)) return
             track({ sockets }, socket)
             served.accept(socket)
           })
@@ -559,13 +578,16 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         }
         const httpServer = http.createServer({ maxHeaderSize, headersTimeout, requestTimeout: 0 }, serveHttpRequest(port, undefined))
         httpServer.on("upgrade", serveUpgrade(port, undefined))
-        httpServer.on("connection", (socket: net.Socket) => track({ sockets }, socket))
+        httpServer.on("connection", (socket: net.Socket) => {
+          if (guard.admit(socket)) track({ sockets }, socket)
+        })
         httpServer.on("clientError", (_err, socket) => socket.destroy())
         server = httpServer
         break
       }
       case "tcp": {
         server = net.createServer({ allowHalfOpen: true }, (socket) => {
+          if (!guard.admit(socket)) return
           track({ sockets }, socket)
           pipeToBackend(socket, { _tag: "Tcp", port }, port, "tcp")
         })
@@ -604,7 +626,9 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
             else cb(null, context)
           }
         })
-        tlsServer.on("connection", (socket: net.Socket) => track({ sockets }, socket))
+        tlsServer.on("connection", (socket: net.Socket) => {
+          if (guard.admit(socket)) track({ sockets }, socket)
+        })
         tlsServer.on("tlsClientError", (_err, socket) => socket.destroy())
         tlsServer.on("secureConnection", (socket: tls.TLSSocket) => {
           socket.on("error", () => socket.destroy())
@@ -631,9 +655,9 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         break
       }
     }
-    server.maxConnections = maxConnections
     return Effect.callback<PortListener, ListenerError>((resume) => {
       const onError = (error: NodeJS.ErrnoException) => {
+        guard.close()
         server.close()
         void engine?.close(0)
         resume(Effect.fail(new ListenerError({ reason: "BindFailed", port, message: `cannot listen on ${host}:${port}: ${error.code ?? error.message}` })))
@@ -642,9 +666,10 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       server.listen({ port, host }, () => {
         server.off("error", onError)
         server.on("error", () => {})
-        resume(Effect.succeed({ kind, port, server, address: server.address() as net.AddressInfo, sockets, engine, handoff }))
+        resume(Effect.succeed({ kind, port, server, address: server.address() as net.AddressInfo, sockets, guard, engine, handoff }))
       })
       return Effect.sync(() => {
+        guard.close()
         server.close()
         void engine?.close(0)
       })
@@ -677,6 +702,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         resume(Effect.void)
       })
       void listener.engine?.close(0)
+      listener.guard.close()
       for (const socket of listener.sockets) socket.destroy()
     })
 

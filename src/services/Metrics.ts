@@ -309,6 +309,8 @@ export interface MetricsShape {
   readonly protocolErrors: Family<"front_door" | "kind", CounterChild>
   /** Configuration reloads, by result (`applied`, `rejected`). */
   readonly reloads: Family<"result", CounterChild>
+  /** Client connections refused or closed to keep a listener within its connection limits, by front door and reason. */
+  readonly connectionLimits: Family<"front_door" | "reason", CounterChild>
 }
 
 /** Registers switchyard's families on `registry`. */
@@ -353,6 +355,11 @@ export const makeMetrics = (registry: MetricRegistry = makeRegistry()): MetricsS
     name: "switchyard_config_reloads_total",
     help: "Configuration reloads (SIGHUP), by result.",
     labelNames: ["result"]
+  }),
+  connectionLimits: registry.counter({
+    name: "switchyard_connection_limit_closes_total",
+    help: "Client connections refused or closed to keep a listener within its connection limits, by front door and reason.",
+    labelNames: ["front_door", "reason"]
   })
 })
 

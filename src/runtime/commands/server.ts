@@ -14,7 +14,9 @@ import { Console, Context, Data, Effect, Layer, Option, Redacted, Runtime } from
 import type { Scope } from "effect"
 import { Command, Flag } from "effect/cli"
 import type { RouteDefinition } from "../../domain/Route.ts"
+import { LogSampler } from "../../domain/LogSampler.ts"
 import type { PortRange, TokenGrant } from "../../domain/TokenPolicy.ts"
+import type { GuardAction } from "../../services/ConnectionGuard.ts"
 import { type DispatchError, Dispatcher, type Lease } from "../../services/Dispatcher.ts"
 import { ControlPort } from "../../services/front/ControlPort.ts"
 import { type ControlWebSocketConfig, DefaultTunnelPath } from "../../services/front/ControlWebSocket.ts"
@@ -368,6 +370,21 @@ export const instrumentHandlers = (
   }
 }
 
+/** The log line for a connection a public port refused or closed to stay within its limits. */
+const connectionLimitText = (action: GuardAction, port: number, address: string | undefined): string => {
+  const peer = address ?? "a client"
+  switch (action) {
+    case "ListenerFull":
+      return `public port ${port} is full (public_max_connections_per_port) and no connection on it is silent: refused ${peer}`
+    case "AddressFull":
+      return `${peer} has public_max_connections_per_address connections open on port ${port}: refused a new one`
+    case "EvictedSilent":
+      return `public port ${port} at a connection limit: closed the oldest connection that had sent nothing (from ${peer})`
+    case "SilentTimeout":
+      return `public port ${port}: closed a connection from ${peer} that sent nothing for public_silent_timeout_ms`
+  }
+}
+
 /** Counts events of a front door by reason, resolving each reason's counter once. */
 const countByReason = (family: Family<"front_door" | "reason", CounterChild> | Family<"front_door" | "kind", CounterChild>, frontDoor: string) => {
   const counters = new Map<string, CounterChild>()
@@ -483,6 +500,19 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     else h2ProtocolErrors(reason)
     recentErrors.add(`reverse-HTTP/2 connection failed: ${reason}`)
   }
+  // public ports: connections refused or closed by their limits, counted and logged (sampled: a flood
+  // of them must not become a flood of lines)
+  const runLog = Effect.runForkWith(yield* Effect.context<never>())
+  const connectionLimitCounts = countByReason(metrics.connectionLimits, "public")
+  const connectionLimitLog = new LogSampler()
+  const onConnectionLimit = (port: number, action: GuardAction, address: string | undefined) => {
+    connectionLimitCounts(action)
+    const suppressed = connectionLimitLog.take(action, Date.now())
+    if (suppressed === undefined) return
+    const what = connectionLimitText(action, port, address)
+    recentErrors.add(what)
+    runLog(Effect.logWarning(suppressed > 0 ? `${what} (and ${suppressed} more since the last line)` : what))
+  }
   const webSocket = webSocketOf(file)
   if (webSocket instanceof ConfigLoadError) return yield* webSocket
   const controlTls = certificatePair("control", file.control)
@@ -504,6 +534,12 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       ...(webSocket === undefined ? {} : { websocket: webSocket })
     },
     publicHost: file.public_host ?? "127.0.0.1",
+    publicConnections: {
+      maxConnectionsPerPort: file.public_max_connections_per_port,
+      maxConnectionsPerAddress: file.public_max_connections_per_address,
+      silentConnectionTimeoutMs: file.public_silent_timeout_ms,
+      onConnectionLimit
+    },
     registry: { gracePeriod: file.grace_period_ms ?? DefaultGracePeriodMs },
     dispatcher: { maxWaiting: file.max_waiting },
     responseTimeoutMs: file.response_timeout_ms,

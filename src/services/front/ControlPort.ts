@@ -272,7 +272,12 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
       const engine = config.rawEngine ?? (config.wrapHandlers === undefined || wrapped.observeExchange !== undefined)
       return Layer.effect(
         Listeners,
-        Listeners.make({ host: config.publicHost, ...wrapped, ...(engine ? { serveHttp1: forwarder.serveHttp1 } : {}) })
+        Listeners.make({
+          host: config.publicHost,
+          ...config.publicConnections,
+          ...wrapped,
+          ...(engine ? { serveHttp1: forwarder.serveHttp1 } : {})
+        })
       )
     })).pipe(
       Layer.provideMerge(Dispatcher.layer(config.dispatcher)),
@@ -286,6 +291,8 @@ export interface GatewayConfig {
   readonly control: ControlPortConfig
   /** Address public ports bind to (default `0.0.0.0`). */
   readonly publicHost?: string | undefined
+  /** Connection limits of every public port, and who is told when they close or refuse a connection. */
+  readonly publicConnections?: Pick<ListenersConfig, "maxConnectionsPerPort" | "maxConnectionsPerAddress" | "silentConnectionTimeoutMs" | "onConnectionLimit"> | undefined
   readonly registry?: RegistryConfig | undefined
   readonly dispatcher?: DispatcherConfig | undefined
   /** Time allowed for a backend's response head (ms, 0 = none). */

@@ -11,6 +11,7 @@ import * as fs from "node:fs"
 import * as net from "node:net"
 import { decide, denialMessage, type RuleSet } from "../../domain/AccessRule.ts"
 import { clientAllowed } from "../../domain/ClientAllowlist.ts"
+import { LogSampler } from "../../domain/LogSampler.ts"
 import { canonicalTarget, isTargetRejection } from "../../domain/HttpHeaders.ts"
 import type { ListenAddress, SocketProxyConfig } from "../../domain/SocketProxyConfig.ts"
 import { dockerErrors } from "../forward/ErrorResponse.ts"
@@ -18,6 +19,15 @@ import { STREAM_HIGH_WATER_MARK } from "../forward/FrontServer.ts"
 import type { Admission, Http1Request, Http1Server } from "../forward/Http1Engine.ts"
 import { tcpUpstream, unixUpstream } from "../forward/Upstream.ts"
 import { type ForwarderShape, makeForwarder } from "../Forwarder.ts"
+import { type GuardAction, makeConnectionGuard } from "../ConnectionGuard.ts"
+
+/** What each connection-limit action means, for the log line. */
+const connectionLimitMessages: Record<GuardAction, string> = {
+  ListenerFull: "refused a connection: the listener has maxConnections open and none of them is silent",
+  AddressFull: "refused a connection: its address has maxConnectionsPerAddress open and none of them is silent",
+  EvictedSilent: "closed the oldest connection that had sent nothing, to admit a new one",
+  SilentTimeout: "closed a connection that sent nothing for silentTimeoutMs"
+}
 
 export class SocketProxyError extends Schema.TaggedError<SocketProxyError>()("SocketProxyError", {
   reason: Schema.Literals(["BindFailed", "AddressInUse"]),
@@ -38,6 +48,8 @@ export interface SocketProxyStats {
   readonly denied: number
   /** Refused before the rules: client not in allowFrom, or a request target that was refused. */
   readonly rejected: number
+  /** Client connections refused or closed to keep a listener within `maxConnections`, `maxConnectionsPerAddress` or `silentTimeoutMs`. */
+  readonly connectionLimitCloses: number
 }
 
 export interface SocketProxyShape {
@@ -182,6 +194,7 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
   let allowed = 0
   let denied = 0
   let rejected = 0
+  let connectionLimitCloses = 0
 
   const refuse = (status: number, message: string): Admission => ({ _tag: "Refuse", status, message })
 
@@ -224,13 +237,29 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     return { _tag: "Forward", path: target.upstreamTarget, idleTimeoutMs: decision.rule.idleTimeoutMs }
   }
 
+  // Connections refused or closed by the connection limits: logged (sampled) and counted.
+  const connectionLimitLog = new LogSampler()
+  const onConnectionLimit = (action: GuardAction, address: string | undefined) => {
+    connectionLimitCloses++
+    const suppressed = connectionLimitLog.take(action, Date.now())
+    if (suppressed === undefined) return
+    const more = suppressed > 0 ? ` (and ${suppressed} more since the last line)` : ""
+    warn(`switchyard socket-proxy: ${connectionLimitMessages[action]} (${address ?? "a Unix-socket client"})${more}`)
+  }
+
   const addresses: Array<BoundAddress> = []
   for (const address of config.listen) {
     const engine = forwarder.serveHttp1({ limits, admit })
     const checkClient = address._tag === "Tcp" && allowFrom !== undefined
     const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: STREAM_HIGH_WATER_MARK })
-    server.maxConnections = limits.maxConnections
+    const guard = makeConnectionGuard(
+      { maxConnections: limits.maxConnections, maxPerAddress: limits.maxConnectionsPerAddress, silentTimeoutMs: limits.silentTimeoutMs },
+      true,
+      onConnectionLimit
+    )
+    yield* Effect.addFinalizer(() => Effect.sync(guard.close))
     server.on("connection", (socket: net.Socket & { [refusedClient]?: boolean }) => {
+      if (!guard.admit(socket)) return
       if (checkClient && !clientAllowed(allowFrom, socket.remoteAddress)) socket[refusedClient] = true
       engine.accept(socket)
     })
@@ -243,7 +272,7 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
       Effect.sync(() => {
         ruleSet = next
       }),
-    stats: () => ({ allowed, denied, rejected }),
+    stats: () => ({ allowed, denied, rejected, connectionLimitCloses }),
     forwarder
   }
 })
