@@ -237,13 +237,16 @@ describe("SocketProxy", () => {
     assert.isFalse(await ended)
   })
 
-  it("closes connections beyond maxConnections on arrival and keeps serving the others", async () => {
+  it("with maxConnections held by connections that talk, closes a newcomer on arrival and keeps serving the others", async () => {
     const port = tcpPort(await start({ rules: ["GET /_ping"], limits: { maxConnections: 2 } }))
     const held = await Promise.all([0, 1].map(() =>
       new Promise<net.Socket>((resolve) => {
         const s = net.connect(port, "127.0.0.1", () => resolve(s))
       })
     ))
+    // each has begun a request: none of them is silent
+    for (const s of held) s.write("GET /_ping HTTP/1.1\r\n")
+    await new Promise((r) => setTimeout(r, 300))
     const third = await new Promise<string>((resolve) => {
       const s = net.connect(port, "127.0.0.1")
       let got = ""
@@ -259,10 +262,29 @@ describe("SocketProxy", () => {
         got += d.toString()
         if (got.includes("OK")) resolve(got)
       })
-      held[0]!.write("GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n")
+      held[0]!.write("Host: x\r\n\r\n")
     })
     assert.match(first, /^HTTP\/1\.1 200/)
+    assert.strictEqual(proxy!.stats().connectionLimitCloses, 1)
     for (const s of held) s.destroy()
+  })
+
+  it("makes room for a newcomer by closing the oldest silent connection, and closes silent ones after silentTimeoutMs", async () => {
+    const port = tcpPort(await start({ rules: ["GET /_ping"], limits: { maxConnections: 2, maxConnectionsPerAddress: 2, silentTimeoutMs: 300 } }))
+    const open = () =>
+      new Promise<{ socket: net.Socket; closed: Promise<void> }>((resolve) => {
+        const socket = net.connect(port, "127.0.0.1", () => resolve({ socket, closed: new Promise((r) => socket.once("close", () => r())) }))
+        socket.on("error", () => {})
+      })
+    const [oldest, younger] = [await open(), await open()]
+    const answered = await raw(port, "GET /_ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert.match(answered, /^HTTP\/1\.1 200/)
+    await oldest.closed
+    // the other silent one is closed by the timeout, within a bound
+    const timedOut = await Promise.race([younger.closed.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 5_000))])
+    assert.isTrue(timedOut)
+    assert.isAtLeast(proxy!.stats().connectionLimitCloses, 2)
+    younger.socket.destroy()
   })
 
   it("refuses TCP clients outside allowFrom with a 403", async () => {
