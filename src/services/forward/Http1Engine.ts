@@ -611,7 +611,14 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     this.server.forget(this)
     let text = `${request.method} ${request.originTarget} HTTP/1.${request.versionMinor}\r\n`
     const h = request.headers
-    for (let i = 0; i < h.length; i += 2) text += `${h[i]}: ${h[i + 1]}\r\n`
+    for (let i = 0; i < h.length; i += 2) {
+      // An upgrade the engine does not pass on (h2c) is not offered to the next server either.
+      if (request.upgrade === undefined && (h[i]!.length === 7 || h[i]!.length === 14)) {
+        const lower = h[i]!.toLowerCase()
+        if (lower === "upgrade" || lower === "http2-settings") continue
+      }
+      text += `${h[i]}: ${h[i + 1]}\r\n`
+    }
     const head = Buffer.from(text + "\r\n", "latin1")
     const pending = this.pending
     this.pending = undefined
