@@ -11,16 +11,8 @@ import { TunnelClient } from "../../src/services/client/TunnelClient.ts"
 import type { GuardAction } from "../../src/services/ConnectionGuard.ts"
 import { ControlPort } from "../../src/services/front/ControlPort.ts"
 import { freePort } from "../services/ListenersFixtures.ts"
-import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
+import { noLeaks } from "../support/leaks.ts"
 import { client, gateway, serveHttp } from "./tunnelHarness.ts"
-
-const noLeaks = <A, E>(body: Effect.Effect<A, E, import("effect").Scope.Scope>) =>
-  Effect.gen(function*() {
-    const before = activeHandles()
-    const result = yield* Effect.scoped(body)
-    yield* Effect.promise(() => expectNoLeaks(before))
-    return result
-  })
 
 /** A connection from `localAddress`, open once connected; `closed` resolves when the gateway closes it. */
 const connectFrom = (port: number, localAddress: string) =>

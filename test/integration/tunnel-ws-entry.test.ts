@@ -9,20 +9,12 @@ import * as http from "node:http"
 import * as path from "node:path"
 import { Effect } from "effect"
 import { listen } from "../../src/runtime/listen.ts"
-import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
+import { noLeaks } from "../support/leaks.ts"
 import { freePort, request, serve } from "../services/ListenersFixtures.ts"
 import { token } from "./tunnelHarness.ts"
 import { wsGateway } from "./tunnelWsHarness.ts"
 
 const main = path.resolve(import.meta.dirname, "../../src/runtime/main.ts")
-
-const noLeaks = <A, E>(body: Effect.Effect<A, E, import("effect").Scope.Scope>) =>
-  Effect.gen(function*() {
-    const before = activeHandles()
-    const result = yield* Effect.scoped(body)
-    yield* Effect.promise(() => expectNoLeaks(before))
-    return result
-  })
 
 describe("WebSocket gateway URLs at the entry points", () => {
   it.live("listen({ server: 'ws://…/tunnel' }) serves an http.Server and closes cleanly", () =>

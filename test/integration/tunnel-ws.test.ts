@@ -12,18 +12,10 @@ import { WebSocket, WebSocketServer } from "ws"
 import { allowAll } from "../../src/domain/DestinationRules.ts"
 import { makeWspServer } from "../../src/services/front/WspServer.ts"
 import { Registry } from "../../src/services/Registry.ts"
-import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
+import { noLeaks } from "../support/leaks.ts"
 import { freePort, makeCertificate, request, tcpRoundTrip } from "../services/ListenersFixtures.ts"
 import { serveEcho, serveHttp } from "./tunnelHarness.ts"
 import { connectProxy, wsClient, wsGateway } from "./tunnelWsHarness.ts"
-
-const noLeaks = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
-  Effect.gen(function*() {
-    const before = activeHandles()
-    const result = yield* Effect.scoped(body)
-    yield* Effect.promise(() => expectNoLeaks(before))
-    return result
-  })
 
 /** Sequential requests from `loops` concurrent loops until `stop` resolves; returns every outcome. */
 const hammer = (port: number, path: string, loops: number, stop: Promise<void>) => {

@@ -10,17 +10,9 @@ import { WebSocket, WebSocketServer } from "ws"
 import { Registry } from "../../src/services/Registry.ts"
 import { describeTarget, TunnelClient } from "../../src/services/client/TunnelClient.ts"
 import { ControlPort } from "../../src/services/front/ControlPort.ts"
-import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
+import { noLeaks } from "../support/leaks.ts"
 import { freePort, makeCertificate, request, tcpRoundTrip } from "../services/ListenersFixtures.ts"
 import { client, gateway, grants, serveEcho, serveHttp, token } from "./tunnelHarness.ts"
-
-const noLeaks = <A, E>(body: Effect.Effect<A, E, import("effect").Scope.Scope>) =>
-  Effect.gen(function*() {
-    const before = activeHandles()
-    const result = yield* Effect.scoped(body)
-    yield* Effect.promise(() => expectNoLeaks(before))
-    return result
-  })
 
 describe("control-port tunnels", () => {
   it.live("two services share one public port by path prefix", () =>

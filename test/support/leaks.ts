@@ -3,6 +3,7 @@
  * Counts Node's active resources by kind before and after, and waits briefly for closes to settle.
  */
 import { afterEach, beforeEach } from "@effect/vitest"
+import { Effect, type Scope } from "effect"
 import { setTimeout as sleep } from "node:timers/promises"
 
 const watched = new Set([
@@ -71,3 +72,12 @@ export const cleanupsPerTest = (settleMs = 5_000): Array<() => Promise<unknown>>
   })
   return cleanups
 }
+
+/** Runs `body` in its own scope, then checks that closing it left no handle open. */
+export const noLeaks = <A, E>(body: Effect.Effect<A, E, Scope.Scope>): Effect.Effect<A, E> =>
+  Effect.gen(function*() {
+    const before = activeHandles()
+    const result = yield* Effect.scoped(body)
+    yield* Effect.promise(() => expectNoLeaks(before))
+    return result
+  })

@@ -21,7 +21,7 @@ import {
 } from "../../../src/services/transport/WebSocketConnection.ts"
 import { dialWebSocket, displayUrl } from "../../../src/services/transport/WebSocketDial.ts"
 import type { WebSocketError } from "../../../src/domain/WebSocketClose.ts"
-import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
+import { noLeaks } from "../../support/leaks.ts"
 
 interface Probe {
   readonly chunks: Array<Uint8Array>
@@ -92,14 +92,6 @@ const pair = (options: { maskFrames?: boolean } = {}) =>
     const raw = yield* Effect.promise(srv.next)
     const remote = yield* fromWebSocket(raw, { keepaliveInterval: 0 })
     return { client, remote, raw }
-  })
-
-const noLeaks = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
-  Effect.gen(function*() {
-    const before = activeHandles()
-    const result = yield* Effect.scoped(body)
-    yield* Effect.promise(() => expectNoLeaks(before))
-    return result
   })
 
 const failureOf = <A>(exit: Exit.Exit<A, WebSocketError>): WebSocketError | undefined => {
