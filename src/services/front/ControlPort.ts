@@ -43,11 +43,36 @@ import { fromWebSocket } from "../transport/WebSocketConnection.ts"
 import { readFrame, writeFrame } from "./ControlHandshake.ts"
 import { DeferredStream } from "./DeferredStream.ts"
 import { type ControlWebSocketConfig, listenControlWebSocket, makeUpgradeHandler, type UpgradeHandler } from "./ControlWebSocket.ts"
+import {
+  type AdmissionRefusal,
+  type HandshakeTicket,
+  makeHandshakeAdmission,
+  makeLogSampler,
+  RefusalLogInterval,
+  skippedNote
+} from "./HandshakeAdmission.ts"
 
 /** Where the control port listens by default. */
 export const DefaultControlAddress: Address = { host: "127.0.0.1", port: 9999 }
 /** Time a new connection has to send its `Hello`. */
 export const DefaultHandshakeTimeout: Duration.Duration = Duration.seconds(10)
+/** Time a new connection has to send its first byte (a silent one is closed sooner than a slow one). */
+export const DefaultFirstByteTimeout: Duration.Duration = Duration.seconds(5)
+/**
+ * Largest `Hello` body, checked from its length prefix before the body is read. A `Hello` carrying a
+ * TLS route with a 3-certificate 4096-bit RSA chain and its key is about 9.5 KB: this fits six such
+ * routes (more go in `AddListener` requests once the session is up, or raise `maxHelloBytes`).
+ */
+export const DefaultMaxHelloBytes = 64 * 1024
+/** Most handshakes in progress (connected, not yet authenticated) in total, TCP and WebSocket together. */
+export const DefaultMaxHandshakes = 512
+/** Most handshakes in progress from one peer address. */
+export const DefaultMaxHandshakesPerAddress = 32
+/**
+ * Bytes a WebSocket control connection may read beyond `maxHelloBytes` before it authenticated
+ * (frame headers, pings, a close): past that budget it is terminated.
+ */
+export const WebSocketPreAuthSlackBytes = 16 * 1024
 /** Most live sessions on the control port. */
 export const DefaultMaxSessions = 4_096
 /** Most live sessions per token. */
@@ -74,6 +99,14 @@ export interface ControlPortConfig {
   readonly tls?: { readonly cert: string; readonly key: string } | undefined
   readonly tokens: ReadonlyArray<TokenGrant>
   readonly handshakeTimeout?: Duration.Input | undefined
+  /** Time a connection has to send its first byte (default 5 s, at most `handshakeTimeout`). */
+  readonly firstByteTimeout?: Duration.Input | undefined
+  /** Largest `Hello` body in bytes (default `DefaultMaxHelloBytes`). */
+  readonly maxHelloBytes?: number | undefined
+  /** Most handshakes in progress in total (default `DefaultMaxHandshakes`); beyond it, closed at once. */
+  readonly maxHandshakes?: number | undefined
+  /** Most handshakes in progress per peer address (default `DefaultMaxHandshakesPerAddress`). */
+  readonly maxHandshakesPerAddress?: number | undefined
   readonly maxSessions?: number | undefined
   readonly maxSessionsPerToken?: number | undefined
   readonly maxListenersPerSession?: number | undefined
@@ -96,15 +129,31 @@ export interface ControlPortConfig {
    * `ws://` the `allowRemotePeers` rule applies as on TCP.
    */
   readonly websocket?: ControlWebSocketConfig | undefined
-  /** Called for each refused handshake, with the reason sent to the backend (for metrics). */
-  readonly onRejected?: ((reason: RejectionReason | "HandshakeTimeout" | "Protocol") => void) | undefined
+  /** Called for each refused handshake, with the reason sent to the backend or why it was cut (for metrics). */
+  readonly onRejected?: ((reason: HandshakeRefusal) => void) | undefined
   /** Called when an established session ends with an error, with the yamux reason (for metrics). */
   readonly onSessionFailed?: ((reason: string) => void) | undefined
 }
 
+/**
+ * Why a handshake did not lead to a session: a rejection sent to the backend, or a connection cut
+ * before it authenticated (`HandshakeTimeout`; `FirstByteTimeout`: nothing sent; `HelloTooLarge`: the
+ * length prefix announced more than `maxHelloBytes`; `Protocol`: an unreadable frame; `PreAuthBudget`: a
+ * WebSocket read more than its budget; `TooManyHandshakes`, `TooManyHandshakesFromAddress`: refused at
+ * accept by the caps on handshakes in progress).
+ */
+export type HandshakeRefusal =
+  | RejectionReason
+  | "HandshakeTimeout"
+  | "FirstByteTimeout"
+  | "HelloTooLarge"
+  | "Protocol"
+  | "PreAuthBudget"
+  | AdmissionRefusal
+
 /** A control connection was refused or broke; it is closed, the port keeps serving. */
 export class ControlPortError extends Schema.TaggedError<ControlPortError>()("ControlPortError", {
-  reason: Schema.Literals(["HandshakeTimeout", "Protocol", "Rejected", "Io"]),
+  reason: Schema.Literals(["HandshakeTimeout", "Protocol", "Rejected", "Refused", "Io"]),
   message: Schema.String
 }) {}
 
@@ -341,13 +390,38 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   const maxListeners = config.maxListenersPerSession ?? DefaultMaxListenersPerSession
   const maxHttpStreams = config.maxHttpStreamsPerListener ?? DefaultMaxHttpStreamsPerListener
   const drainTimeout = config.drainTimeout === undefined ? DefaultDrainTimeout : Duration.fromInputUnsafe(config.drainTimeout)
+  const firstByteTimeout = Duration.min(
+    config.firstByteTimeout === undefined ? DefaultFirstByteTimeout : Duration.fromInputUnsafe(config.firstByteTimeout),
+    handshakeTimeout
+  )
+  const maxHelloBytes = config.maxHelloBytes ?? DefaultMaxHelloBytes
+  const admission = makeHandshakeAdmission({
+    maxHandshakes: config.maxHandshakes ?? DefaultMaxHandshakes,
+    maxHandshakesPerAddress: config.maxHandshakesPerAddress ?? DefaultMaxHandshakesPerAddress
+  })
+  // one log line per kind of refusal and interval: a flood of connections must not flood the log
+  const samplers = new Map<string, () => number | undefined>()
+  const logRefusal = (kind: string, message: string) =>
+    Effect.suspend(() => {
+      let sample = samplers.get(kind)
+      if (sample === undefined) {
+        sample = makeLogSampler(RefusalLogInterval, Date.now)
+        samplers.set(kind, sample)
+      }
+      const skipped = sample()
+      return skipped === undefined ? Effect.void : Effect.logWarning(`control port: ${message}${skippedNote(skipped)}`)
+    })
   const fibers = yield* FiberSet.make()
   const run = yield* FiberSet.runtime(fibers)<never>()
   const perToken = new Map<string, number>()
   let sessions = 0
   let nextSession = 1
 
-  const serveConnection = (conn: Connection, secure: boolean) =>
+  /**
+   * Serves one control connection. `admitted`: its ticket among the handshakes in progress, taken at
+   * the WebSocket upgrade; a TCP connection takes its own here, before anything is read.
+   */
+  const serveConnection = (conn: Connection, secure: boolean, admitted?: HandshakeTicket) =>
     Effect.gen(function*() {
       const sessionScope = yield* Scope.Scope
       yield* Effect.addFinalizer(() => Effect.sync(() => conn.destroy()))
@@ -362,17 +436,56 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           Effect.fail(new ControlPortError({ reason: "Rejected", message: `${peerText}: ${reason}: ${message}` }))
         ))
 
-      const { body, rest } = yield* readFrame(conn, MaxControlMessageBytes).pipe(
-        Effect.timeoutOrElse({
-          duration: handshakeTimeout,
-          orElse: () => Effect.fail(new ControlPortError({ reason: "HandshakeTimeout", message: `${peerText}: no Hello within ${Duration.format(handshakeTimeout)}` }))
-        }),
-        Effect.mapError((e) => e instanceof ControlProtocolError ? new ControlPortError({ reason: "Protocol", message: `${peerText}: ${e.reason}: ${e.message}` }) : e),
-        Effect.tapError((e) => Effect.sync(() => e.reason === "HandshakeTimeout" || e.reason === "Protocol" ? config.onRejected?.(e.reason) : undefined))
-      )
+      // Checked before anything is read: a refused peer costs no buffer.
       if (!config.allowRemotePeers && !secure && !isLoopbackPeer(peer)) {
+        admitted?.release()
         return yield* reject("Insecure", "without TLS this control port accepts tokens from loopback peers only (serve it with TLS, or set allowRemotePeers)")
       }
+      let ticket = admitted
+      if (ticket === undefined) {
+        const result = admission.admit(peer?.host ?? peer?.path ?? "unknown")
+        if (typeof result === "string") {
+          config.onRejected?.(result)
+          return yield* Effect.fail(new ControlPortError({
+            reason: "Refused",
+            message: `${peerText}: ${result}: ${admission.inProgress()} handshakes in progress; closed at once`
+          }))
+        }
+        ticket = result
+      }
+      const heldTicket = ticket
+      yield* Effect.addFinalizer(() => Effect.sync(heldTicket.release))
+
+      let heard = false
+      let unreadable: HandshakeRefusal = "Protocol"
+      const silent = Effect.sleep(firstByteTimeout).pipe(
+        Effect.andThen(Effect.suspend(() =>
+          heard
+            ? Effect.never
+            : Effect.fail(new ControlPortError({ reason: "HandshakeTimeout", message: `${peerText}: FirstByteTimeout: nothing sent within ${Duration.format(firstByteTimeout)}` }))
+        ))
+      )
+      const { body, rest } = yield* Effect.raceFirst(
+        readFrame(conn, maxHelloBytes, () => void (heard = true)).pipe(
+          Effect.mapError((e) => {
+            if (e.reason === "TooLarge") unreadable = "HelloTooLarge"
+            return new ControlPortError({ reason: "Protocol", message: `${peerText}: ${e.reason === "TooLarge" ? "HelloTooLarge" : e.reason}: ${e.message}` })
+          })
+        ),
+        silent
+      ).pipe(
+        Effect.timeoutOrElse({
+          duration: handshakeTimeout,
+          orElse: () => Effect.fail(new ControlPortError({ reason: "HandshakeTimeout", message: `${peerText}: HandshakeTimeout: no Hello within ${Duration.format(handshakeTimeout)}` }))
+        }),
+        Effect.tapError((e) =>
+          Effect.sync(() =>
+            config.onRejected?.(
+              e.reason === "Protocol" ? unreadable : heard ? "HandshakeTimeout" : "FirstByteTimeout"
+            )
+          )
+        )
+      )
       const hello = decodeHello(body)
       if (hello instanceof ControlProtocolError) return yield* reject("Malformed", hello.message)
       if (hello.version !== ProtocolVersion) {
@@ -380,6 +493,8 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       }
       const grant = policy.authenticate(hello.token)
       if (grant === undefined) return yield* reject("BadToken", "the token is not valid")
+      // authenticated: its place among the handshakes in progress (and a WebSocket's byte budget) is given back
+      heldTicket.release()
       if (sessions >= maxSessions) return yield* reject("Limit", `the gateway already has ${maxSessions} sessions`)
       if ((perToken.get(grant.name) ?? 0) >= maxPerToken) {
         return yield* reject("Limit", `token ${grant.name} already has ${maxPerToken} sessions`)
@@ -533,7 +648,11 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       }
     }).pipe(
       Effect.scoped,
-      Effect.catch((error: ControlPortError | TransportError) => Effect.logWarning(`control port: ${error.message}`)),
+      Effect.catch((error: ControlPortError | TransportError) =>
+        error._tag === "ControlPortError" && error.reason !== "Io"
+          ? logRefusal(`${error.reason}/${/^\S+: (\w+): /.exec(error.message)?.[1] ?? ""}`, error.message)
+          : Effect.logWarning(`control port: ${error.message}`)
+      ),
       Effect.annotateLogs({ component: "ControlPort" })
     )
 
@@ -545,7 +664,25 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   let handleUpgrade: UpgradeHandler | undefined
   let webSocketAddress: Address | undefined
   if (websocket !== undefined) {
+    const preAuthBudget = maxHelloBytes + WebSocketPreAuthSlackBytes
     const handler = makeUpgradeHandler(websocket, (accepted) => {
+      // every byte the connection reads counts until it authenticated: `ws` assembles whole messages
+      // (up to `maxPayload`), so the Hello limit alone would be checked too late
+      let read = 0
+      const stopWatching = accepted.watchReads((bytes) => {
+        read += bytes
+        if (read <= preAuthBudget) return
+        stopWatching()
+        accepted.ws.terminate()
+        config.onRejected?.("PreAuthBudget")
+        run(logRefusal("PreAuthBudget", `${accepted.remoteAddress.host}:${accepted.remoteAddress.port}: PreAuthBudget: read more than ${preAuthBudget} bytes before authenticating; terminated`))
+      })
+      const ticket: HandshakeTicket = {
+        release: () => {
+          stopWatching()
+          accepted.ticket.release()
+        }
+      }
       run(Effect.scoped(Effect.flatMap(
         fromWebSocket(accepted.ws, {
           ...websocket,
@@ -555,8 +692,14 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           masking: "none",
           reads: accepted.reads
         }),
-        (conn) => serveConnection(conn, accepted.secure)
-      )))
+        (conn) => serveConnection(conn, accepted.secure, ticket)
+      )).pipe(Effect.ensuring(Effect.sync(ticket.release))))
+    }, {
+      admit: (remote) => admission.admit(remote.host ?? "unknown"),
+      onRefused: (refusal, remote) => {
+        config.onRejected?.(refusal)
+        run(logRefusal(refusal, `${remote.host}:${remote.port}: ${refusal}: ${admission.inProgress()} handshakes in progress; WebSocket upgrade refused with 503`))
+      }
     })
     yield* Effect.addFinalizer(() => Effect.sync(() => handler.close()))
     handleUpgrade = handler
