@@ -151,9 +151,17 @@ export type HandshakeRefusal =
   | "PreAuthBudget"
   | AdmissionRefusal
 
-/** A control connection was refused or broke; it is closed, the port keeps serving. */
+/** A handshake's place among those in progress; `cut` tells whether a byte budget ended the connection. */
+interface PreAuthTicket extends HandshakeTicket {
+  readonly cut?: (() => boolean) | undefined
+}
+
+/**
+ * A control connection was refused or broke; it is closed, the port keeps serving. `Cut`: ended by a
+ * byte budget before it authenticated (counted and logged when it was cut).
+ */
 export class ControlPortError extends Schema.TaggedError<ControlPortError>()("ControlPortError", {
-  reason: Schema.Literals(["HandshakeTimeout", "Protocol", "Rejected", "Refused", "Io"]),
+  reason: Schema.Literals(["HandshakeTimeout", "Protocol", "Rejected", "Refused", "Cut", "Io"]),
   message: Schema.String
 }) {}
 
@@ -410,7 +418,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       }
       const skipped = sample()
       return skipped === undefined ? Effect.void : Effect.logWarning(`control port: ${message}${skippedNote(skipped)}`)
-    })
+    }).pipe(Effect.annotateLogs({ component: "ControlPort" }))
   const fibers = yield* FiberSet.make()
   const run = yield* FiberSet.runtime(fibers)<never>()
   const perToken = new Map<string, number>()
@@ -421,7 +429,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
    * Serves one control connection. `admitted`: its ticket among the handshakes in progress, taken at
    * the WebSocket upgrade; a TCP connection takes its own here, before anything is read.
    */
-  const serveConnection = (conn: Connection, secure: boolean, admitted?: HandshakeTicket) =>
+  const serveConnection = (conn: Connection, secure: boolean, admitted?: PreAuthTicket) =>
     Effect.gen(function*() {
       const sessionScope = yield* Scope.Scope
       yield* Effect.addFinalizer(() => Effect.sync(() => conn.destroy()))
@@ -478,11 +486,15 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           duration: handshakeTimeout,
           orElse: () => Effect.fail(new ControlPortError({ reason: "HandshakeTimeout", message: `${peerText}: HandshakeTimeout: no Hello within ${Duration.format(handshakeTimeout)}` }))
         }),
+        Effect.mapError((e) =>
+          // a connection its byte budget cut was counted and logged then; its end is not another refusal
+          admitted?.cut?.() === true ? new ControlPortError({ reason: "Cut", message: `${peerText}: ${e.message}` }) : e
+        ),
         Effect.tapError((e) =>
           Effect.sync(() =>
-            config.onRejected?.(
-              e.reason === "Protocol" ? unreadable : heard ? "HandshakeTimeout" : "FirstByteTimeout"
-            )
+            e.reason === "Cut"
+              ? undefined
+              : config.onRejected?.(e.reason === "Protocol" ? unreadable : heard ? "HandshakeTimeout" : "FirstByteTimeout")
           )
         )
       )
@@ -649,7 +661,9 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
     }).pipe(
       Effect.scoped,
       Effect.catch((error: ControlPortError | TransportError) =>
-        error._tag === "ControlPortError" && error.reason !== "Io"
+        error._tag === "ControlPortError" && error.reason === "Cut"
+          ? Effect.void
+          : error._tag === "ControlPortError" && error.reason !== "Io"
           ? logRefusal(`${error.reason}/${/^\S+: (\w+): /.exec(error.message)?.[1] ?? ""}`, error.message)
           : Effect.logWarning(`control port: ${error.message}`)
       ),
@@ -677,11 +691,12 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         config.onRejected?.("PreAuthBudget")
         run(logRefusal("PreAuthBudget", `${accepted.remoteAddress.host}:${accepted.remoteAddress.port}: PreAuthBudget: read more than ${preAuthBudget} bytes before authenticating; terminated`))
       })
-      const ticket: HandshakeTicket = {
+      const ticket: PreAuthTicket = {
         release: () => {
           stopWatching()
           accepted.ticket.release()
-        }
+        },
+        cut: () => read > preAuthBudget
       }
       run(Effect.scoped(Effect.flatMap(
         fromWebSocket(accepted.ws, {
