@@ -21,6 +21,7 @@ import {
   encodePreamble,
   FrameReader,
   MaxControlMessageBytes,
+  MaxPendingControlBytes,
   MaxPendingControlRequests,
   MaxPreambleAddressLength,
   type Preamble,
@@ -591,6 +592,8 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         let busy = Promise.resolve()
         // requests are answered in order; a backend that piles up more than the limit loses the stream
         let pendingRequests = 0
+        // and the bytes they came in, so that a backend cannot make the stream hold 64 of the largest
+        let pendingBytes = 0
         const reply = (message: ControlReply) => void stream.write(encodeControlReply(message))
         stream.on("error", () => stream.destroy())
         stream.once("close", () => controlStreams--)
@@ -604,6 +607,9 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
             const request = decodeControlRequest(frame)
             if (request instanceof ControlProtocolError) return void stream.destroy()
             if (++pendingRequests > MaxPendingControlRequests) return void stream.destroy()
+            const size = frame.length
+            pendingBytes += size
+            if (pendingBytes > MaxPendingControlBytes) return void stream.destroy()
             busy = busy.then(() =>
               new Promise<void>((resolve) => {
                 const work = request._tag === "AddListener"
@@ -633,6 +639,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
                   })
                 run(work).addObserver(() => {
                   pendingRequests--
+                  pendingBytes -= size
                   resolve()
                 })
               })
