@@ -678,9 +678,20 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
     )
 
   const secure = config.tls !== undefined
-  const address = yield* transport.listen({ ...(config.address ?? DefaultControlAddress), tls: config.tls }, (conn) => {
-    run(serveConnection(conn, secure))
-  })
+  /** A place among the handshakes in progress for `remote`, or undefined (counted and logged) when full. */
+  const admitOrRefuse = (remote: Address, how: string): HandshakeTicket | undefined => {
+    const admitted = admission.admit(remote.host ?? remote.path ?? "unknown")
+    if (typeof admitted !== "string") return admitted
+    config.onRejected?.(admitted)
+    run(logRefusal(admitted, `${remote.host}:${remote.port}: ${admitted}: ${admission.inProgress()} handshakes in progress; ${how}`))
+    return undefined
+  }
+  const address = yield* transport.listen(
+    { ...(config.address ?? DefaultControlAddress), tls: config.tls },
+    (conn) => run(serveConnection(conn, secure)),
+    // TLS handshakes hold a place too; once TLS is up the connection takes its own for the Hello
+    { admitTlsHandshake: (remote) => admitOrRefuse(remote, "closed before its TLS handshake") }
+  )
   const websocket = config.websocket
   let handleUpgrade: UpgradeHandler | undefined
   let webSocketAddress: Address | undefined

@@ -5,6 +5,7 @@
  */
 import { assert, describe, it } from "@effect/vitest"
 import * as net from "node:net"
+import * as tls from "node:tls"
 import { Context, Effect, Redacted } from "effect"
 import { WebSocket } from "ws"
 import { encodeHello, FrameHeaderBytes, makeHello } from "../../../src/domain/ControlMessage.ts"
@@ -12,6 +13,7 @@ import { ControlPort, type ControlPortConfig, type HandshakeRefusal } from "../.
 import { makeHandshakeAdmission, makeLogSampler } from "../../../src/services/front/HandshakeAdmission.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
 import { gateway, grants, token } from "../../integration/tunnelHarness.ts"
+import { makeCertificate } from "../ListenersFixtures.ts"
 
 /** Longest wait for the gateway to act on a connection (real time). */
 const ActTimeoutMs = 3_000
@@ -185,6 +187,34 @@ describe("ControlPort before authentication", () => {
       assert.deepStrictEqual(rejected, [])
       for (const p of peers) p.socket.destroy()
     }))
+
+  it.live("counts TLS handshakes in progress: beyond the cap a connection is closed before its TLS handshake", () => {
+    const cert = makeCertificate("gateway.test")
+    return withGateway({ tls: cert, maxHandshakesPerAddress: 2, maxHandshakes: 100 }, async (port, rejected) => {
+      // raw TCP connections that never start TLS hold their places
+      const held = [await connect(port, "127.0.0.2"), await connect(port, "127.0.0.2")]
+      const extra = await connect(port, "127.0.0.2")
+      await extra.closed()
+      assert.deepStrictEqual(rejected, ["TooManyHandshakesFromAddress"])
+      // a backend from another address completes TLS and authenticates
+      const reply = await new Promise<Buffer>((resolve, reject) => {
+        const socket = tls.connect({ host: "127.0.0.1", port, servername: "gateway.test", ca: cert.cert }, () =>
+          socket.write(encodeHello(makeHello(Redacted.make(token), []))))
+        const chunks: Array<Buffer> = []
+        const timer = setTimeout(() => reject(new Error("no answer over TLS")), ActTimeoutMs)
+        socket.on("data", (c: Buffer) => {
+          chunks.push(c)
+          clearTimeout(timer)
+          socket.destroy()
+          resolve(Buffer.concat(chunks))
+        })
+        socket.on("error", reject)
+      })
+      assert.strictEqual(replyOf(reply)._tag, "Welcome")
+      for (const h of held) assert.isFalse(h.isClosed())
+      for (const h of held) h.socket.destroy()
+    })
+  })
 
   it.live("terminates a WebSocket /tunnel connection that sends more than its budget before authenticating", () =>
     withGateway(
