@@ -50,6 +50,13 @@ export const defaultMaxGreetingBytes = 4 * 1024
  * it is terminated, before `ws` assembles a message up to `maxmessagesize` that wsp would refuse anyway.
  */
 export const defaultMaxIdleBytes = 64 * 1024
+/**
+ * Wire size of a client's control frame beyond its payload (2-byte header and 4-byte mask; a control
+ * payload is at most 125 bytes, so no extended length): pings and pongs read while idle are taken
+ * back out of the idle count, so that only data frames use up `maxIdleBytes`, however long the
+ * connection stays idle.
+ */
+export const clientControlFrameOverheadBytes = 6
 /** Bytes queued toward a caller before the WebSocket carrying its response is paused. */
 export const responseHighWater = 1024 * 1024
 /** Bytes queued on a WebSocket before the caller's request body is paused. */
@@ -193,9 +200,11 @@ class ServerConnection {
     this.maxIdleBytes = idle.maxBytes
     this.onIdleOverflow = idle.onOverflow
     ws.on("message", (data, isBinary) => this.onMessage(data, isBinary))
-    ws.on("pong", () => {
+    ws.on("pong", (data) => {
       this.awaitingPong = false
+      this.controlFrameRead(data)
     })
+    ws.on("ping", (data) => this.controlFrameRead(data))
     ws.on("close", () => this.onClose())
     const frames = receiverFieldsOf(ws)
     const data = socketListenerOf(ws)
@@ -220,6 +229,12 @@ class ServerConnection {
       idle.socket.prependListener("data", count)
       ws.once("close", () => idle.socket.off("data", count))
     }
+  }
+
+  /** A ping or pong read: its bytes do not count toward the idle limit. */
+  private controlFrameRead(payload: Buffer): void {
+    if (this.exchange !== undefined) return
+    this.idleBytes = Math.max(0, this.idleBytes - clientControlFrameOverheadBytes - payload.length)
   }
 
   /** Counts bytes read while no exchange runs; false (the connection is terminated) past the limit. */

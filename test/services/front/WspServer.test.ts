@@ -652,6 +652,15 @@ describe("WspServer against a hand-written wsp client", () => {
       const { peer: wild, socket } = yield* connectWithSocket(port, "peer_1")
       const calm = yield* connectPeer(port, "peer_2")
       yield* waitFor("registered", () => server.stats().idle === 2)
+      // pings and pongs, however many over a long idle time, do not use up the budget (21 KB here)
+      let pongs = 0
+      wild.ws.on("pong", () => pongs++)
+      for (let i = 0; i < 200; i++) {
+        wild.ws.ping(Buffer.alloc(100, i))
+        if (i % 20 === 19) yield* waitFor("pongs", () => pongs === i + 1)
+      }
+      expect(wild.closed).toBe(false)
+      expect(server.refusals().idleOverflow).toBe(0)
       // the head of a 1 MB binary message and a first part of it: cut at the budget, not at the message's end
       const frame = maskedFrame(true, 0x2, Buffer.alloc(1024 * 1024, 0x62))
       socket.write(frame.subarray(0, 64 * 1024))
