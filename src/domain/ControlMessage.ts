@@ -23,6 +23,11 @@ export const MaxTokenLength = 4 * 1024
 export const MaxPreambleAddressLength = 64
 /** Most control requests a backend may have waiting for an answer on one control stream. */
 export const MaxPendingControlRequests = 64
+/**
+ * Most bytes of control requests (their frame bodies) waiting for an answer on one control stream:
+ * with `MaxPendingControlRequests` alone, 64 requests of up to `MaxControlMessageBytes` could be held.
+ */
+export const MaxPendingControlBytes = 4 * 1024 * 1024
 /** Longest free-text message in a rejection. */
 export const MaxReasonMessageLength = 1024
 

@@ -43,7 +43,9 @@ const ServerFile = Schema.Struct({
   maxconcurrentrequests: Schema.optional(PositiveInt),
   maxconnectionsperpool: Schema.optional(PositiveInt),
   maxpools: Schema.optional(PositiveInt),
-  pinginterval: Schema.optional(NonNegativeInt)
+  pinginterval: Schema.optional(NonNegativeInt),
+  maxgreetingbytes: Schema.optional(PositiveInt),
+  maxidlebytes: Schema.optional(PositiveInt)
 })
 
 const ClientFile = Schema.Struct({
@@ -95,6 +97,10 @@ export interface WspServerConfig {
   readonly maxPools: number
   /** ms between WebSocket pings; 0 turns keepalive off. */
   readonly pingInterval: number
+  /** Bytes a registering connection may send before its greeting is accepted (default 4 KiB). */
+  readonly maxGreetingBytes?: number | undefined
+  /** Bytes a registered connection may send while it carries no request (default 64 KiB). */
+  readonly maxIdleBytes?: number | undefined
 }
 
 /** `switchyard wsp-client` settings (wsp's `client.Config` plus rules and switchyard's limits). */
@@ -245,7 +251,9 @@ export const parseWspServerConfig = (text: string): Parsed<WspServerConfig> | Ws
       maxConcurrentRequests: file.maxconcurrentrequests ?? defaultMaxConcurrentRequests,
       maxConnectionsPerPool: file.maxconnectionsperpool ?? defaultMaxConnectionsPerPool,
       maxPools: file.maxpools ?? defaultMaxPools,
-      pingInterval: file.pinginterval ?? defaultPingInterval
+      pingInterval: file.pinginterval ?? defaultPingInterval,
+      ...(file.maxgreetingbytes === undefined ? {} : { maxGreetingBytes: file.maxgreetingbytes }),
+      ...(file.maxidlebytes === undefined ? {} : { maxIdleBytes: file.maxidlebytes })
     },
     unknownKeys: unknownKeys(input, Object.keys(ServerFile.fields))
   }

@@ -262,14 +262,28 @@ export const registerGatewayGauges = (metrics: MetricsShape, frontDoor: string, 
 }
 
 /**
- * Registers the wsp server's pool gauges (`switchyard_wsp_connections{state}`, `switchyard_wsp_pools`)
- * and its refused credentials (`switchyard_wsp_rejections_total{credential}`).
+ * Registers the wsp server's pool gauges (`switchyard_wsp_connections{state}`, `switchyard_wsp_pools`),
+ * its refused credentials (`switchyard_wsp_rejections_total{credential}`) and, when given, the
+ * connections it refused or cut for what they sent (`switchyard_wsp_connection_refusals_total{reason}`).
  */
 export const registerPoolGauges = (
   metrics: MetricsShape,
   stats: () => { readonly pools: number; readonly idle: number; readonly busy: number },
-  rejected: () => { readonly secretKey: number; readonly requestKey: number }
+  rejected: () => { readonly secretKey: number; readonly requestKey: number },
+  refusals?: () => { readonly greetingTooLarge: number; readonly idleOverflow: number; readonly tooManyGreetings: number }
 ): void => {
+  if (refusals !== undefined) {
+    metrics.registry.sampledGauge({
+      name: "switchyard_wsp_connection_refusals_total",
+      type: "counter",
+      help: "wsp connections refused or cut: a greeting over its byte budget (greeting_too_large), bytes sent while carrying no request (idle_overflow), /register beyond the registrations waiting to greet (too_many_greetings).",
+      labelNames: ["reason"],
+      collect: () => {
+        const r = refusals()
+        return [[["greeting_too_large"], r.greetingTooLarge], [["idle_overflow"], r.idleOverflow], [["too_many_greetings"], r.tooManyGreetings]]
+      }
+    })
+  }
   metrics.registry.sampledGauge({
     name: "switchyard_wsp_rejections_total",
     type: "counter",

@@ -104,6 +104,18 @@ export const ServerFile = Schema.Struct({
     tls_key: Schema.optionalKey(Secret.annotate({ description: "PEM private key for control.tls_cert (or tls_key_file)" })),
     tls_key_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding control.tls_key" })),
     handshake_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "Time a backend has to authenticate", default: 10_000 })),
+    first_byte_timeout_ms: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 86_400_000 })).annotate({ description: "Time a new control connection has to send its first byte (at most handshake_timeout_ms)", default: 5_000 })
+    ),
+    max_hello_bytes: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 1_024, maximum: 1_048_576 })).annotate({ description: "Largest Hello, refused from its length prefix (a TLS route with a 3-certificate 4096-bit chain takes about 9.5 KB)", default: 65_536 })
+    ),
+    max_handshakes: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({ description: "Most control connections not yet authenticated (TCP and WebSocket); more are closed at once", default: 512 })
+    ),
+    max_handshakes_per_address: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({ description: "Most control connections not yet authenticated from one peer address", default: 32 })
+    ),
     max_sessions: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({ description: "Most control sessions", default: 4_096 })),
     max_sessions_per_token: Schema.optionalKey(
       Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({ description: "Most control sessions per token", default: 1_024 })

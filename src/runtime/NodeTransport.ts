@@ -14,6 +14,7 @@ import {
   type Address,
   type Connection,
   type ConnectionHandlers,
+  type ListenOptions,
   Transport,
   TransportError
 } from "../services/Transport.ts"
@@ -176,7 +177,8 @@ export const dial = (address: Address): Effect.Effect<Connection, TransportError
  */
 export const listen = (
   address: Address,
-  onConnection: (conn: Connection) => void
+  onConnection: (conn: Connection) => void,
+  options?: ListenOptions
 ): Effect.Effect<Address, TransportError, Scope.Scope> =>
   Effect.acquireRelease(
     Effect.callback<{ server: net.Server; sockets: Set<net.Socket>; bound: Address }, TransportError>((resume) => {
@@ -190,6 +192,14 @@ export const listen = (
         sockets.add(socket)
         socket.once("close", () => sockets.delete(socket))
       }
+      // TLS handshakes in progress hold a place (see `ListenOptions.admitTlsHandshake`) until they end
+      const handshaking = new Map<string, { readonly release: () => void }>()
+      const peerKey = (s: net.Socket) => `${s.remoteAddress}|${s.remotePort}`
+      const handshakeEnded = (s: net.Socket) => {
+        const key = peerKey(s)
+        handshaking.get(key)?.release()
+        handshaking.delete(key)
+      }
       let server: net.Server
       try {
         server = secure === undefined
@@ -200,6 +210,7 @@ export const listen = (
             onConnection(fromSocket(accepted, { reads: lending ? reads : undefined }))
           })
           : tls.createServer({ cert: secure.cert, key: secure.key, allowHalfOpen: true, handshakeTimeout: TLS_HANDSHAKE_TIMEOUT_MS }, (accepted) => {
+            handshakeEnded(accepted)
             accepted.pause()
             onConnection(fromSocket(accepted))
           })
@@ -209,8 +220,24 @@ export const listen = (
       }
       // a TLS server's raw sockets, so that one still in its handshake is closed with the scope too
       if (secure !== undefined) {
-        server.on("connection", track)
-        server.on("tlsClientError", (_error, socket) => socket.destroy())
+        server.on("connection", (raw: net.Socket) => {
+          track(raw)
+          const admit = options?.admitTlsHandshake
+          if (admit === undefined) return
+          const ticket = admit({ host: raw.remoteAddress, port: raw.remotePort })
+          if (ticket === undefined) return void raw.destroy()
+          const key = peerKey(raw)
+          handshaking.set(key, ticket)
+          raw.once("close", () => {
+            if (handshaking.get(key) !== ticket) return
+            ticket.release()
+            handshaking.delete(key)
+          })
+        })
+        server.on("tlsClientError", (_error, socket) => {
+          handshakeEnded(socket)
+          socket.destroy()
+        })
       }
       let listening = false
       // Before listening, an error fails the bind; after, it concerns one accept and must not crash.

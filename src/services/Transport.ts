@@ -95,6 +95,15 @@ export const writeEffect = (conn: Connection, chunks: ReadonlyArray<Uint8Array>)
     conn.write(chunks, (error) => resume(error ? Effect.fail(error) : Effect.void))
   })
 
+/** How a listener admits connections before they reach its handler. */
+export interface ListenOptions {
+  /**
+   * Called for each TLS connection as it is accepted, before its TLS handshake: `undefined` closes it
+   * at once; a ticket is released when the handshake ends (done, failed or timed out).
+   */
+  readonly admitTlsHandshake?: ((remote: Address) => { readonly release: () => void } | undefined) | undefined
+}
+
 /** Dialing and listening as a service, so front doors do not care which transport carries them. */
 export class Transport extends Context.Service<Transport, {
   /** Connects to `address`; the connection is destroyed when the scope closes. */
@@ -105,7 +114,8 @@ export class Transport extends Context.Service<Transport, {
    */
   readonly listen: (
     address: Address,
-    onConnection: (conn: Connection) => void
+    onConnection: (conn: Connection) => void,
+    options?: ListenOptions
   ) => Effect.Effect<Address, TransportError, Scope.Scope>
 }>()("switchyard/Transport") {}
 

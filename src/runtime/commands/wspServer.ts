@@ -48,7 +48,7 @@ export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn
     ready: () => true,
     listeners: () => [{ name: "wsp", address: `${server.address.host}:${server.address.port}` }],
     sessions: () => [{ frontDoor: "wsp", count: server.stats().idle + server.stats().busy }],
-    register: (metrics) => registerPoolGauges(metrics, server.stats, server.rejected)
+    register: (metrics) => registerPoolGauges(metrics, server.stats, server.rejected, server.refusals)
   })
   yield* onHangup(Effect.gen(function*() {
     const next = parseWspServerConfig(yield* readConfigText(config))

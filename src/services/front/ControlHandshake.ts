@@ -15,10 +15,12 @@ export interface FrameAndRest {
 }
 
 /**
- * Reads one frame of at most `maxBytes`. Fails with `ControlProtocolError` (`TooLarge`, `Truncated`)
- * when the peer sends too much or closes first. Interrupting it leaves the connection paused.
+ * Reads one frame of at most `maxBytes`: a larger one fails as soon as its length prefix is in,
+ * before its body is read. Fails with `ControlProtocolError` (`TooLarge`, `Truncated`) when the peer
+ * sends too much or closes first. `onFirstBytes` is called when the first bytes arrive (a timeout for
+ * a silent peer). Interrupting it leaves the connection paused.
  */
-export const readFrame = (conn: Connection, maxBytes: number): Effect.Effect<FrameAndRest, ControlProtocolError> =>
+export const readFrame = (conn: Connection, maxBytes: number, onFirstBytes?: () => void): Effect.Effect<FrameAndRest, ControlProtocolError> =>
   Effect.callback<FrameAndRest, ControlProtocolError>((resume) => {
     const reader = new FrameReader(maxBytes)
     let done = false
@@ -58,6 +60,10 @@ export const readFrame = (conn: Connection, maxBytes: number): Effect.Effect<Fra
       },
       onData: (chunk) => {
         if (next !== undefined) return next.onData(chunk)
+        if (onFirstBytes !== undefined && chunk.length > 0) {
+          onFirstBytes()
+          onFirstBytes = undefined
+        }
         if (done) {
           reader.push(chunk)
           return true

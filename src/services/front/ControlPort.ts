@@ -21,6 +21,7 @@ import {
   encodePreamble,
   FrameReader,
   MaxControlMessageBytes,
+  MaxPendingControlBytes,
   MaxPendingControlRequests,
   MaxPreambleAddressLength,
   type Preamble,
@@ -43,11 +44,36 @@ import { fromWebSocket } from "../transport/WebSocketConnection.ts"
 import { readFrame, writeFrame } from "./ControlHandshake.ts"
 import { DeferredStream } from "./DeferredStream.ts"
 import { type ControlWebSocketConfig, listenControlWebSocket, makeUpgradeHandler, type UpgradeHandler } from "./ControlWebSocket.ts"
+import {
+  type AdmissionRefusal,
+  type HandshakeTicket,
+  makeHandshakeAdmission,
+  makeLogSampler,
+  RefusalLogInterval,
+  skippedNote
+} from "./HandshakeAdmission.ts"
 
 /** Where the control port listens by default. */
 export const DefaultControlAddress: Address = { host: "127.0.0.1", port: 9999 }
 /** Time a new connection has to send its `Hello`. */
 export const DefaultHandshakeTimeout: Duration.Duration = Duration.seconds(10)
+/** Time a new connection has to send its first byte (a silent one is closed sooner than a slow one). */
+export const DefaultFirstByteTimeout: Duration.Duration = Duration.seconds(5)
+/**
+ * Largest `Hello` body, checked from its length prefix before the body is read. A `Hello` carrying a
+ * TLS route with a 3-certificate 4096-bit RSA chain and its key is about 9.5 KB: this fits six such
+ * routes (more go in `AddListener` requests once the session is up, or raise `maxHelloBytes`).
+ */
+export const DefaultMaxHelloBytes = 64 * 1024
+/** Most handshakes in progress (connected, not yet authenticated) in total, TCP and WebSocket together. */
+export const DefaultMaxHandshakes = 512
+/** Most handshakes in progress from one peer address. */
+export const DefaultMaxHandshakesPerAddress = 32
+/**
+ * Bytes a WebSocket control connection may read beyond `maxHelloBytes` before it authenticated
+ * (frame headers, pings, a close): past that budget it is terminated.
+ */
+export const WebSocketPreAuthSlackBytes = 16 * 1024
 /** Most live sessions on the control port. */
 export const DefaultMaxSessions = 4_096
 /** Most live sessions per token. */
@@ -74,6 +100,14 @@ export interface ControlPortConfig {
   readonly tls?: { readonly cert: string; readonly key: string } | undefined
   readonly tokens: ReadonlyArray<TokenGrant>
   readonly handshakeTimeout?: Duration.Input | undefined
+  /** Time a connection has to send its first byte (default 5 s, at most `handshakeTimeout`). */
+  readonly firstByteTimeout?: Duration.Input | undefined
+  /** Largest `Hello` body in bytes (default `DefaultMaxHelloBytes`). */
+  readonly maxHelloBytes?: number | undefined
+  /** Most handshakes in progress in total (default `DefaultMaxHandshakes`); beyond it, closed at once. */
+  readonly maxHandshakes?: number | undefined
+  /** Most handshakes in progress per peer address (default `DefaultMaxHandshakesPerAddress`). */
+  readonly maxHandshakesPerAddress?: number | undefined
   readonly maxSessions?: number | undefined
   readonly maxSessionsPerToken?: number | undefined
   readonly maxListenersPerSession?: number | undefined
@@ -96,15 +130,39 @@ export interface ControlPortConfig {
    * `ws://` the `allowRemotePeers` rule applies as on TCP.
    */
   readonly websocket?: ControlWebSocketConfig | undefined
-  /** Called for each refused handshake, with the reason sent to the backend (for metrics). */
-  readonly onRejected?: ((reason: RejectionReason | "HandshakeTimeout" | "Protocol") => void) | undefined
+  /** Called for each refused handshake, with the reason sent to the backend or why it was cut (for metrics). */
+  readonly onRejected?: ((reason: HandshakeRefusal) => void) | undefined
   /** Called when an established session ends with an error, with the yamux reason (for metrics). */
   readonly onSessionFailed?: ((reason: string) => void) | undefined
 }
 
-/** A control connection was refused or broke; it is closed, the port keeps serving. */
+/**
+ * Why a handshake did not lead to a session: a rejection sent to the backend, or a connection cut
+ * before it authenticated (`HandshakeTimeout`; `FirstByteTimeout`: nothing sent; `HelloTooLarge`: the
+ * length prefix announced more than `maxHelloBytes`; `Protocol`: an unreadable frame; `PreAuthBudget`: a
+ * WebSocket read more than its budget; `TooManyHandshakes`, `TooManyHandshakesFromAddress`: refused at
+ * accept by the caps on handshakes in progress).
+ */
+export type HandshakeRefusal =
+  | RejectionReason
+  | "HandshakeTimeout"
+  | "FirstByteTimeout"
+  | "HelloTooLarge"
+  | "Protocol"
+  | "PreAuthBudget"
+  | AdmissionRefusal
+
+/** A handshake's place among those in progress; `cut` tells whether a byte budget ended the connection. */
+interface PreAuthTicket extends HandshakeTicket {
+  readonly cut?: (() => boolean) | undefined
+}
+
+/**
+ * A control connection was refused or broke; it is closed, the port keeps serving. `Cut`: ended by a
+ * byte budget before it authenticated (counted and logged when it was cut).
+ */
 export class ControlPortError extends Schema.TaggedError<ControlPortError>()("ControlPortError", {
-  reason: Schema.Literals(["HandshakeTimeout", "Protocol", "Rejected", "Io"]),
+  reason: Schema.Literals(["HandshakeTimeout", "Protocol", "Rejected", "Refused", "Cut", "Io"]),
   message: Schema.String
 }) {}
 
@@ -348,13 +406,38 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   const maxListeners = config.maxListenersPerSession ?? DefaultMaxListenersPerSession
   const maxHttpStreams = config.maxHttpStreamsPerListener ?? DefaultMaxHttpStreamsPerListener
   const drainTimeout = config.drainTimeout === undefined ? DefaultDrainTimeout : Duration.fromInputUnsafe(config.drainTimeout)
+  const firstByteTimeout = Duration.min(
+    config.firstByteTimeout === undefined ? DefaultFirstByteTimeout : Duration.fromInputUnsafe(config.firstByteTimeout),
+    handshakeTimeout
+  )
+  const maxHelloBytes = config.maxHelloBytes ?? DefaultMaxHelloBytes
+  const admission = makeHandshakeAdmission({
+    maxHandshakes: config.maxHandshakes ?? DefaultMaxHandshakes,
+    maxHandshakesPerAddress: config.maxHandshakesPerAddress ?? DefaultMaxHandshakesPerAddress
+  })
+  // one log line per kind of refusal and interval: a flood of connections must not flood the log
+  const samplers = new Map<string, () => number | undefined>()
+  const logRefusal = (kind: string, message: string) =>
+    Effect.suspend(() => {
+      let sample = samplers.get(kind)
+      if (sample === undefined) {
+        sample = makeLogSampler(RefusalLogInterval, Date.now)
+        samplers.set(kind, sample)
+      }
+      const skipped = sample()
+      return skipped === undefined ? Effect.void : Effect.logWarning(`control port: ${message}${skippedNote(skipped)}`)
+    }).pipe(Effect.annotateLogs({ component: "ControlPort" }))
   const fibers = yield* FiberSet.make()
   const run = yield* FiberSet.runtime(fibers)<never>()
   const perToken = new Map<string, number>()
   let sessions = 0
   let nextSession = 1
 
-  const serveConnection = (conn: Connection, secure: boolean) =>
+  /**
+   * Serves one control connection. `admitted`: its ticket among the handshakes in progress, taken at
+   * the WebSocket upgrade; a TCP connection takes its own here, before anything is read.
+   */
+  const serveConnection = (conn: Connection, secure: boolean, admitted?: PreAuthTicket) =>
     Effect.gen(function*() {
       const sessionScope = yield* Scope.Scope
       yield* Effect.addFinalizer(() => Effect.sync(() => conn.destroy()))
@@ -369,17 +452,60 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           Effect.fail(new ControlPortError({ reason: "Rejected", message: `${peerText}: ${reason}: ${message}` }))
         ))
 
-      const { body, rest } = yield* readFrame(conn, MaxControlMessageBytes).pipe(
-        Effect.timeoutOrElse({
-          duration: handshakeTimeout,
-          orElse: () => Effect.fail(new ControlPortError({ reason: "HandshakeTimeout", message: `${peerText}: no Hello within ${Duration.format(handshakeTimeout)}` }))
-        }),
-        Effect.mapError((e) => e instanceof ControlProtocolError ? new ControlPortError({ reason: "Protocol", message: `${peerText}: ${e.reason}: ${e.message}` }) : e),
-        Effect.tapError((e) => Effect.sync(() => e.reason === "HandshakeTimeout" || e.reason === "Protocol" ? config.onRejected?.(e.reason) : undefined))
-      )
+      // Checked before anything is read: a refused peer costs no buffer.
       if (!config.allowRemotePeers && !secure && !isLoopbackPeer(peer)) {
+        admitted?.release()
         return yield* reject("Insecure", "without TLS this control port accepts tokens from loopback peers only (serve it with TLS, or set allowRemotePeers)")
       }
+      let ticket = admitted
+      if (ticket === undefined) {
+        const result = admission.admit(peer?.host ?? peer?.path ?? "unknown")
+        if (typeof result === "string") {
+          config.onRejected?.(result)
+          return yield* Effect.fail(new ControlPortError({
+            reason: "Refused",
+            message: `${peerText}: ${result}: ${admission.inProgress()} handshakes in progress; closed at once`
+          }))
+        }
+        ticket = result
+      }
+      const heldTicket = ticket
+      yield* Effect.addFinalizer(() => Effect.sync(heldTicket.release))
+
+      let heard = false
+      let unreadable: HandshakeRefusal = "Protocol"
+      const silent = Effect.sleep(firstByteTimeout).pipe(
+        Effect.andThen(Effect.suspend(() =>
+          heard
+            ? Effect.never
+            : Effect.fail(new ControlPortError({ reason: "HandshakeTimeout", message: `${peerText}: FirstByteTimeout: nothing sent within ${Duration.format(firstByteTimeout)}` }))
+        ))
+      )
+      const { body, rest } = yield* Effect.raceFirst(
+        readFrame(conn, maxHelloBytes, () => void (heard = true)).pipe(
+          Effect.mapError((e) => {
+            if (e.reason === "TooLarge") unreadable = "HelloTooLarge"
+            return new ControlPortError({ reason: "Protocol", message: `${peerText}: ${e.reason === "TooLarge" ? "HelloTooLarge" : e.reason}: ${e.message}` })
+          })
+        ),
+        silent
+      ).pipe(
+        Effect.timeoutOrElse({
+          duration: handshakeTimeout,
+          orElse: () => Effect.fail(new ControlPortError({ reason: "HandshakeTimeout", message: `${peerText}: HandshakeTimeout: no Hello within ${Duration.format(handshakeTimeout)}` }))
+        }),
+        Effect.mapError((e) =>
+          // a connection its byte budget cut was counted and logged then; its end is not another refusal
+          admitted?.cut?.() === true ? new ControlPortError({ reason: "Cut", message: `${peerText}: ${e.message}` }) : e
+        ),
+        Effect.tapError((e) =>
+          Effect.sync(() =>
+            e.reason === "Cut"
+              ? undefined
+              : config.onRejected?.(e.reason === "Protocol" ? unreadable : heard ? "HandshakeTimeout" : "FirstByteTimeout")
+          )
+        )
+      )
       const hello = decodeHello(body)
       if (hello instanceof ControlProtocolError) return yield* reject("Malformed", hello.message)
       if (hello.version !== ProtocolVersion) {
@@ -387,6 +513,8 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       }
       const grant = policy.authenticate(hello.token)
       if (grant === undefined) return yield* reject("BadToken", "the token is not valid")
+      // authenticated: its place among the handshakes in progress (and a WebSocket's byte budget) is given back
+      heldTicket.release()
       if (sessions >= maxSessions) return yield* reject("Limit", `the gateway already has ${maxSessions} sessions`)
       if ((perToken.get(grant.name) ?? 0) >= maxPerToken) {
         return yield* reject("Limit", `token ${grant.name} already has ${maxPerToken} sessions`)
@@ -471,6 +599,8 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         let busy = Promise.resolve()
         // requests are answered in order; a backend that piles up more than the limit loses the stream
         let pendingRequests = 0
+        // and the bytes they came in, so that a backend cannot make the stream hold 64 of the largest
+        let pendingBytes = 0
         const reply = (message: ControlReply) => void stream.write(encodeControlReply(message))
         stream.on("error", () => stream.destroy())
         stream.once("close", () => controlStreams--)
@@ -484,6 +614,9 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
             const request = decodeControlRequest(frame)
             if (request instanceof ControlProtocolError) return void stream.destroy()
             if (++pendingRequests > MaxPendingControlRequests) return void stream.destroy()
+            const size = frame.length
+            pendingBytes += size
+            if (pendingBytes > MaxPendingControlBytes) return void stream.destroy()
             busy = busy.then(() =>
               new Promise<void>((resolve) => {
                 const work = request._tag === "AddListener"
@@ -513,6 +646,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
                   })
                 run(work).addObserver(() => {
                   pendingRequests--
+                  pendingBytes -= size
                   resolve()
                 })
               })
@@ -540,19 +674,55 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       }
     }).pipe(
       Effect.scoped,
-      Effect.catch((error: ControlPortError | TransportError) => Effect.logWarning(`control port: ${error.message}`)),
+      Effect.catch((error: ControlPortError | TransportError) =>
+        error._tag === "ControlPortError" && error.reason === "Cut"
+          ? Effect.void
+          : error._tag === "ControlPortError" && error.reason !== "Io"
+          ? logRefusal(`${error.reason}/${/^\S+: (\w+): /.exec(error.message)?.[1] ?? ""}`, error.message)
+          : Effect.logWarning(`control port: ${error.message}`)
+      ),
       Effect.annotateLogs({ component: "ControlPort" })
     )
 
   const secure = config.tls !== undefined
-  const address = yield* transport.listen({ ...(config.address ?? DefaultControlAddress), tls: config.tls }, (conn) => {
-    run(serveConnection(conn, secure))
-  })
+  /** A place among the handshakes in progress for `remote`, or undefined (counted and logged) when full. */
+  const admitOrRefuse = (remote: Address, how: string): HandshakeTicket | undefined => {
+    const admitted = admission.admit(remote.host ?? remote.path ?? "unknown")
+    if (typeof admitted !== "string") return admitted
+    config.onRejected?.(admitted)
+    run(logRefusal(admitted, `${remote.host}:${remote.port}: ${admitted}: ${admission.inProgress()} handshakes in progress; ${how}`))
+    return undefined
+  }
+  const address = yield* transport.listen(
+    { ...(config.address ?? DefaultControlAddress), tls: config.tls },
+    (conn) => run(serveConnection(conn, secure)),
+    // TLS handshakes hold a place too; once TLS is up the connection takes its own for the Hello
+    { admitTlsHandshake: (remote) => admitOrRefuse(remote, "closed before its TLS handshake") }
+  )
   const websocket = config.websocket
   let handleUpgrade: UpgradeHandler | undefined
   let webSocketAddress: Address | undefined
   if (websocket !== undefined) {
+    const preAuthBudget = maxHelloBytes + WebSocketPreAuthSlackBytes
     const handler = makeUpgradeHandler(websocket, (accepted) => {
+      // every byte the connection reads counts until it authenticated: `ws` assembles whole messages
+      // (up to `maxPayload`), so the Hello limit alone would be checked too late
+      let read = 0
+      const stopWatching = accepted.watchReads((bytes) => {
+        read += bytes
+        if (read <= preAuthBudget) return
+        stopWatching()
+        accepted.ws.terminate()
+        config.onRejected?.("PreAuthBudget")
+        run(logRefusal("PreAuthBudget", `${accepted.remoteAddress.host}:${accepted.remoteAddress.port}: PreAuthBudget: read more than ${preAuthBudget} bytes before authenticating; terminated`))
+      })
+      const ticket: PreAuthTicket = {
+        release: () => {
+          stopWatching()
+          accepted.ticket.release()
+        },
+        cut: () => read > preAuthBudget
+      }
       run(Effect.scoped(Effect.flatMap(
         fromWebSocket(accepted.ws, {
           ...websocket,
@@ -562,8 +732,14 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           masking: "none",
           reads: accepted.reads
         }),
-        (conn) => serveConnection(conn, accepted.secure)
-      )))
+        (conn) => serveConnection(conn, accepted.secure, ticket)
+      )).pipe(Effect.ensuring(Effect.sync(ticket.release))))
+    }, {
+      admit: (remote) => admission.admit(remote.host ?? "unknown"),
+      onRefused: (refusal, remote) => {
+        config.onRejected?.(refusal)
+        run(logRefusal(refusal, `${remote.host}:${remote.port}: ${refusal}: ${admission.inProgress()} handshakes in progress; WebSocket upgrade refused with 503`))
+      }
     })
     yield* Effect.addFinalizer(() => Effect.sync(() => handler.close()))
     handleUpgrade = handler

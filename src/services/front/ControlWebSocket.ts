@@ -11,6 +11,7 @@ import { Duration, Effect } from "effect"
 import type { Scope } from "effect"
 import { type WebSocket, WebSocketServer } from "ws"
 import { type Address, TransportError } from "../Transport.ts"
+import type { AdmissionRefusal, HandshakeTicket } from "./HandshakeAdmission.ts"
 import { LendingReads, lendingSocket } from "../transport/LendingReads.ts"
 import { DefaultMaxPayload, type WebSocketConnectionOptions } from "../transport/WebSocketConnection.ts"
 
@@ -45,7 +46,24 @@ export interface AcceptedWebSocket {
   readonly secure: boolean
   /** The socket reads into reused memory through these (plain TCP only); see `LendingReads`. */
   readonly reads?: LendingReads | undefined
+  /** Held from the upgrade until the peer authenticated (from `admit`); release it then or on close. */
+  readonly ticket: HandshakeTicket
+  /**
+   * Tells `onBytes` the size of every read of the connection (TLS: decrypted) from now on, whoever
+   * consumes it, until the returned function is called: a byte budget before authentication.
+   */
+  readonly watchReads: (onBytes: (bytes: number) => void) => () => void
 }
+
+/** How upgrades are admitted before any WebSocket is made for them. */
+export interface UpgradeAdmission {
+  /** A ticket for a handshake from `remote`, or why not (answered with 503). */
+  readonly admit: (remote: Address) => HandshakeTicket | AdmissionRefusal
+  /** Called for each upgrade refused by `admit`. */
+  readonly onRefused?: ((refusal: AdmissionRefusal, remote: Address) => void) | undefined
+}
+
+const noTicket: HandshakeTicket = { release: () => {} }
 
 const pathOf = (url: string | undefined): string => {
   const u = url ?? "/"
@@ -69,7 +87,8 @@ export interface UpgradeHandler {
 /** Accepts WebSocket upgrades on the configured path and passes each to `onWebSocket`. */
 export const makeUpgradeHandler = (
   config: ControlWebSocketConfig,
-  onWebSocket: (accepted: AcceptedWebSocket) => void
+  onWebSocket: (accepted: AcceptedWebSocket) => void,
+  admission?: UpgradeAdmission | undefined
 ): UpgradeHandler => {
   const path = config.path ?? DefaultTunnelPath
   const wss = new WebSocketServer({ noServer: true, maxPayload: config.maxPayload ?? DefaultMaxPayload, perMessageDeflate: false })
@@ -81,16 +100,24 @@ export const makeUpgradeHandler = (
       refuse(socket, 503, "too many tunnel connections opening")
       return true
     }
-    upgrading++
     const s = req.socket as net.Socket
     const secure = (s as { encrypted?: boolean }).encrypted === true
     const remoteAddress: Address = { host: s.remoteAddress, port: s.remotePort }
     const localAddress: Address = { host: s.localAddress, port: s.localPort }
+    const admitted = admission === undefined ? noTicket : admission.admit(remoteAddress)
+    if (typeof admitted === "string") {
+      admission?.onRefused?.(admitted, remoteAddress)
+      refuse(socket, 503, "too many tunnel handshakes in progress")
+      return true
+    }
+    upgrading++
     let counted = true
     const done = () => {
       if (counted) upgrading--
       counted = false
     }
+    // a connection that closes before it authenticated gives its place back
+    socket.once("close", admitted.release)
     // a plain TCP connection reads into reused memory from now on
     const reads = new LendingReads()
     const lending = socket === s && !secure && lendingSocket(s, reads)
@@ -100,7 +127,17 @@ export const makeUpgradeHandler = (
       socket.off("close", done)
       // the connection built on it records errors; until then one must not crash the process
       ws.on("error", () => {})
-      onWebSocket({ ws, remoteAddress, localAddress, socket: s, secure, reads: lending ? reads : undefined })
+      const watchReads = (onBytes: (bytes: number) => void): (() => void) => {
+        // lending reads reach no `data` listener; other sockets' reads all pass through one
+        if (lending) {
+          reads.onBytes = onBytes
+          return () => void (reads.onBytes = undefined)
+        }
+        const onData = (chunk: Buffer) => onBytes(chunk.length)
+        s.on("data", onData)
+        return () => void s.off("data", onData)
+      }
+      onWebSocket({ ws, remoteAddress, localAddress, socket: s, secure, reads: lending ? reads : undefined, ticket: admitted, watchReads })
     })
     return true
   }

@@ -26,6 +26,7 @@ import {
   withoutHopByHop
 } from "../../domain/WspMessage.ts"
 import type { PoolHandle, PoolStats } from "../Pool.ts"
+import { makeLogSampler, RefusalLogInterval, skippedNote } from "./HandshakeAdmission.ts"
 import { defaultCleanInterval, makePool, PoolError } from "../Pool.ts"
 import { readIntoUserBuffers } from "../transport/LendingReads.ts"
 import { unmaskInPlace } from "../transport/WebSocketMasking.ts"
@@ -39,6 +40,24 @@ export const greetingTimeout = 10_000
 export const maxPendingGreetings = 256
 /** Longest pool id accepted in a greeting. */
 export const maxPoolIdLength = 256
+/**
+ * Bytes a registering connection may send from its upgrade until its greeting is accepted (a greeting
+ * of `maxPoolIdLength` characters in UTF-8, its frame header, a ping or two); past it, it is terminated.
+ * Counted on the socket, so `ws` never assembles more than this (plus one socket read) of a greeting.
+ */
+export const defaultMaxGreetingBytes = 4 * 1024
+/**
+ * Bytes a registered connection may send while it carries no request (pongs, pings, a close); past it,
+ * it is terminated, before `ws` assembles a message up to `maxmessagesize` that wsp would refuse anyway.
+ */
+export const defaultMaxIdleBytes = 64 * 1024
+/**
+ * Wire size of a client's control frame beyond its payload (2-byte header and 4-byte mask; a control
+ * payload is at most 125 bytes, so no extended length): pings and pongs read while idle are taken
+ * back out of the idle count, so that only data frames use up `maxIdleBytes`, however long the
+ * connection stays idle.
+ */
+export const clientControlFrameOverheadBytes = 6
 /** Bytes queued toward a caller before the WebSocket carrying its response is paused. */
 export const responseHighWater = 1024 * 1024
 /** Bytes queued on a WebSocket before the caller's request body is paused. */
@@ -156,16 +175,37 @@ class ServerConnection {
   /** Reading waits until `pendingWrites` is 0, so the read buffer is not overwritten while queued. */
   private writeWait = false
 
-  constructor(ws: WebSocket, poolId: string, limits: WspHeadLimits, maxMessageSize: number, onGone: (conn: ServerConnection) => void) {
+  /** Bytes read since the last exchange ended (or since the greeting), bounded by `maxIdleBytes`. */
+  private idleBytes = 0
+  private readonly maxIdleBytes: number
+  private readonly onIdleOverflow: (conn: ServerConnection) => void
+
+  constructor(
+    ws: WebSocket,
+    poolId: string,
+    limits: WspHeadLimits,
+    maxMessageSize: number,
+    onGone: (conn: ServerConnection) => void,
+    idle: {
+      /** The connection under the WebSocket (from the upgrade request). */
+      readonly socket: Duplex
+      readonly maxBytes: number
+      readonly onOverflow: (conn: ServerConnection) => void
+    }
+  ) {
     this.ws = ws
     this.poolId = poolId
     this.limits = limits
     this.maxMessageSize = maxMessageSize
     this.onGone = onGone
+    this.maxIdleBytes = idle.maxBytes
+    this.onIdleOverflow = idle.onOverflow
     ws.on("message", (data, isBinary) => this.onMessage(data, isBinary))
-    ws.on("pong", () => {
+    ws.on("pong", (data) => {
       this.awaitingPong = false
+      this.controlFrameRead(data)
     })
+    ws.on("ping", (data) => this.controlFrameRead(data))
     ws.on("close", () => this.onClose())
     const frames = receiverFieldsOf(ws)
     const data = socketListenerOf(ws)
@@ -184,7 +224,30 @@ class ServerConnection {
     } else {
       this.frames = undefined
       this.toWs = undefined
+      // `ws` reads the socket itself: its reads are counted from a listener of their own
+      const count = (chunk: Buffer) => void this.countIdle(chunk.length)
+      // first, so a read is judged by the state before `ws` handles it (it may end an exchange)
+      idle.socket.prependListener("data", count)
+      ws.once("close", () => idle.socket.off("data", count))
     }
+  }
+
+  /** A ping or pong read: its bytes do not count toward the idle limit. */
+  private controlFrameRead(payload: Buffer): void {
+    if (this.exchange !== undefined) return
+    this.idleBytes = Math.max(0, this.idleBytes - clientControlFrameOverheadBytes - payload.length)
+  }
+
+  /** Counts bytes read while no exchange runs; false (the connection is terminated) past the limit. */
+  private countIdle(bytes: number): boolean {
+    if (this.exchange !== undefined) return true
+    this.idleBytes += bytes
+    if (this.idleBytes <= this.maxIdleBytes) return true
+    if (this.ws.readyState !== WebSocket.CLOSED) {
+      this.onIdleOverflow(this)
+      this.ws.terminate()
+    }
+    return false
   }
 
   /** Body frames are read off the socket into the connection's own buffer (the fast relay). */
@@ -246,6 +309,7 @@ class ServerConnection {
    * answers it (pings, close, protocol errors); the message end resets the receiver as `ws` would.
    */
   private readonly onSocketData = (chunk: Buffer): void => {
+    if (!this.countIdle(chunk.length)) return
     const exchange = this.exchange
     let reader = this.reader
     if (reader === undefined) {
@@ -451,6 +515,7 @@ class ServerConnection {
       onPayload: (fragment) => this.onBodyFragment(exchange, binaryOpcode, fragment)
     }
     this.exchange = exchange
+    this.idleBytes = 0
     // late callbacks of this exchange must never touch a later one on the same connection
     const current = () => this.exchange === exchange
     const fail = (reason: WspProxyError["reason"], message: string) => {
@@ -613,6 +678,11 @@ export class WspServer extends Context.Service<WspServer, {
   /** Refused credentials so far: a wrong `X-SECRET-KEY` on `/register`, a wrong request key on `/request`. */
   readonly rejected: () => { readonly secretKey: number; readonly requestKey: number }
   /**
+   * Connections refused or cut so far: a greeting over `maxGreetingBytes`, more than `maxIdleBytes`
+   * read while carrying no request, `/register` upgrades beyond `maxPendingGreetings` waiting to greet.
+   */
+  readonly refusals: () => WspRefusals
+  /**
    * Replaces `secretkey` and the optional request credential (a reload). Checked on every `/register`
    * and `/request` from then on; connections already registered stay in their pools.
    */
@@ -623,6 +693,13 @@ export class WspServer extends Context.Service<WspServer, {
 }>()("switchyard/WspServer") {
   static readonly layer = (config: WspServerConfig): Layer.Layer<WspServer, WspServerError> =>
     Layer.effect(WspServer, makeWspServer(config))
+}
+
+/** Connections the wsp server refused or cut for what they sent before or between requests. */
+export interface WspRefusals {
+  readonly greetingTooLarge: number
+  readonly idleOverflow: number
+  readonly tooManyGreetings: number
 }
 
 /** What a gateway running other front doors can mount on the wsp server's port. */
@@ -655,25 +732,53 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
   const rejected = { secretKey: 0, requestKey: 0 }
   let requestKey = config.requestKey === undefined ? undefined : Redacted.value(config.requestKey)
   const greeting = new Set<WebSocket>()
+  const maxGreetingBytes = config.maxGreetingBytes ?? defaultMaxGreetingBytes
+  const maxIdleBytes = config.maxIdleBytes ?? defaultMaxIdleBytes
+  // connections cut for what they sent or refused for the pending cap, for metrics
+  const refusals = { greetingTooLarge: 0, idleOverflow: 0, tooManyGreetings: 0 }
+  // one log line per kind and interval: thousands of refused connections must not flood the log
+  const samplers = { greetingTooLarge: makeLogSampler(RefusalLogInterval, Date.now), idleOverflow: makeLogSampler(RefusalLogInterval, Date.now), tooManyGreetings: makeLogSampler(RefusalLogInterval, Date.now) }
+  const refused = (kind: keyof typeof refusals, message: string): void => {
+    refusals[kind]++
+    const skipped = samplers[kind]()
+    if (skipped !== undefined) run(Effect.logWarning(`wsp-server: ${message}${skippedNote(skipped)}`))
+  }
   let inFlight = 0
   /** The slower relay (without `ws`'s and Node's checked internals) has been logged once. */
   let slowPathReported = false
 
   const wss = new WebSocketServer({ noServer: true, maxPayload: config.maxMessageSize, perMessageDeflate: false })
 
-  const onRegistered = (ws: WebSocket): void => {
+  const onRegistered = (ws: WebSocket, socket: Duplex, peer: string, headBytes: number): void => {
     greeting.add(ws)
     ws.on("error", () => ws.terminate())
     const timer = setTimeout(() => ws.terminate(), greetingTimeout)
+    // every byte counts until the greeting is accepted: `ws` would otherwise assemble a greeting up to
+    // `maxmessagesize` before the length of the pool id could be checked
+    let read = headBytes
+    let greeted = false
+    const countGreeting = (chunk: Buffer) => {
+      if (greeted) return
+      read += chunk.length
+      if (read <= maxGreetingBytes) return
+      greeted = true
+      socket.off("data", countGreeting)
+      refused("greetingTooLarge", `${peer}: sent more than ${maxGreetingBytes} bytes before its greeting was accepted; terminated`)
+      ws.terminate()
+    }
+    socket.on("data", countGreeting)
     const onClose = () => {
       clearTimeout(timer)
       greeting.delete(ws)
+      socket.off("data", countGreeting)
     }
     ws.once("close", onClose)
     ws.once("message", (data, isBinary) => {
       clearTimeout(timer)
       greeting.delete(ws)
       ws.off("close", onClose)
+      greeted = true
+      socket.off("data", countGreeting)
       const parsed = isBinary
         ? new WspMessageError({ reason: "MalformedGreeting", message: "greeting must be a text message" })
         : decodeGreeting((data as Buffer).toString("utf8"), maxPoolIdLength)
@@ -681,7 +786,11 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
         ws.close(1008, parsed.message.slice(0, 120))
         return
       }
-      const conn = new ServerConnection(ws, parsed.id, limits, config.maxMessageSize, (c) => pool.remove(c))
+      const conn = new ServerConnection(ws, parsed.id, limits, config.maxMessageSize, (c) => pool.remove(c), {
+        socket,
+        maxBytes: maxIdleBytes,
+        onOverflow: () => refused("idleOverflow", `${peer}: pool ${parsed.id}: sent more than ${maxIdleBytes} bytes while carrying no request; terminated`)
+      })
       if (!conn.relaysDirectly && !slowPathReported) {
         slowPathReported = true
         run(Effect.logWarning(
@@ -724,10 +833,12 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       rejected.secretKey++
       return refuseUpgrade(socket, proxyErrorStatus, "Proxy Error", "Invalid X-SECRET-KEY")
     }
+    const peer = `${req.socket.remoteAddress}:${req.socket.remotePort}`
     if (greeting.size >= maxPendingGreetings) {
+      refused("tooManyGreetings", `${peer}: ${maxPendingGreetings} registrations already wait for their greeting; refused with 503`)
       return refuseUpgrade(socket, 503, "Service Unavailable", "too many registrations in progress")
     }
-    wss.handleUpgrade(req, socket, head, onRegistered)
+    wss.handleUpgrade(req, socket, head, (ws) => onRegistered(ws, req.socket, peer, head.length))
   }
 
   /** A request that passed every check, ready to go over a connection. */
@@ -890,6 +1001,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     address,
     stats: pool.stats,
     rejected: () => ({ ...rejected }),
+    refusals: () => ({ ...refusals }),
     replaceCredentials: (credentials) =>
       Effect.sync(() => {
         secret = Redacted.value(credentials.secretKey)

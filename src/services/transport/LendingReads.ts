@@ -46,6 +46,8 @@ export class LendingReads {
   private held: Array<Buffer> = []
   /** Called once more than `LENDING_HELD_MAX_READS` reads are held: the owner destroys the socket. */
   onOverflow: (() => void) | undefined = undefined
+  /** Told the size of every read as it lands (byte budgets before authentication). */
+  onBytes: ((bytesRead: number) => void) | undefined = undefined
 
   pause(): void {
     this.paused = true
@@ -79,6 +81,7 @@ export class LendingReads {
   }
 
   readonly onRead = (bytesRead: number, buffer: Uint8Array): boolean => {
+    this.onBytes?.(bytesRead)
     if (bytesRead * 4 >= buffer.length) {
       this.smallReads = 0
       if (bytesRead === buffer.length) this.size = Math.min(this.size * 4, LENDING_READ_MAX_BYTES)

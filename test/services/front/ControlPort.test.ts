@@ -48,23 +48,53 @@ const withLeakCheck = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
   })
 
 describe("ControlPort", () => {
-  it.effect("closes a connection that sends no Hello within the handshake timeout", () =>
-    withLeakCheck(Effect.gen(function*() {
-      const control = Context.get(yield* gateway({ control: { address: { host: "127.0.0.1", port: 0 }, tokens: [], handshakeTimeout: "10 seconds" } }), ControlPort)
-      const silent = exchange(control.address.port!, undefined)
-      // advance virtual time one second at a time, letting real I/O run in between, until the gateway
-      // hangs up: that cannot happen before ten virtual seconds
+  /** Advances virtual time a second at a time, letting real I/O run in between, until `done` (at most 60 s). */
+  const secondsUntil = (done: () => boolean) =>
+    Effect.gen(function*() {
       let seconds = 0
-      while (!silent.isClosed() && seconds < 60) {
+      while (!done() && seconds < 60) {
         for (let i = 0; i < 3; i++) yield* tick
-        if (silent.isClosed()) break
+        if (done()) break
         yield* TestClock.adjust("1 second")
         seconds++
       }
-      assert.isTrue(silent.isClosed())
+      return seconds
+    })
+
+  it.effect("closes a connection whose Hello does not complete within the handshake timeout", () =>
+    withLeakCheck(Effect.gen(function*() {
+      const control = Context.get(yield* gateway({ control: { address: { host: "127.0.0.1", port: 0 }, tokens: [], handshakeTimeout: "10 seconds" } }), ControlPort)
+      // one byte of a length prefix: not silent, so only the handshake timeout applies
+      const stalled = exchange(control.address.port!, new Uint8Array([0]))
+      const seconds = yield* secondsUntil(stalled.isClosed)
+      assert.isTrue(stalled.isClosed())
       assert.isAtLeast(seconds, 10)
-      const answer = yield* Effect.promise(() => silent.answer)
+      assert.isAtMost(seconds, 11)
+      const answer = yield* Effect.promise(() => stalled.answer)
       assert.strictEqual(answer.length, 0)
+    })))
+
+  it.effect("closes a connection that sends nothing after the first-byte timeout, before the handshake timeout", () =>
+    withLeakCheck(Effect.gen(function*() {
+      const rejected: Array<string> = []
+      const control = Context.get(
+        yield* gateway({
+          control: {
+            address: { host: "127.0.0.1", port: 0 },
+            tokens: [],
+            handshakeTimeout: "10 seconds",
+            firstByteTimeout: "2 seconds",
+            onRejected: (reason) => rejected.push(reason)
+          }
+        }),
+        ControlPort
+      )
+      const silent = exchange(control.address.port!, undefined)
+      const seconds = yield* secondsUntil(silent.isClosed)
+      assert.isTrue(silent.isClosed())
+      assert.isAtLeast(seconds, 2)
+      assert.isAtMost(seconds, 3)
+      assert.deepStrictEqual(rejected, ["FirstByteTimeout"])
     })))
 
   it.effect("rejects a bad token, an unknown version, a port or domain outside the grant, with typed reasons", () =>

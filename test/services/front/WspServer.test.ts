@@ -46,6 +46,25 @@ const connectPeer = (port: number, greeting: string | undefined, key = secret, o
     (peer) => Effect.sync(() => peer.ws.terminate())
   )
 
+/** A peer and the socket under it (from the client's public `upgrade` event), to write frames by hand. */
+const connectWithSocket = (port: number, greeting: string | undefined) =>
+  Effect.acquireRelease(
+    Effect.promise(() =>
+      new Promise<{ peer: Peer; socket: net.Socket }>((resolve, reject) => {
+        const ws = new WebSocket(`ws://127.0.0.1:${port}/register`, { headers: { "X-SECRET-KEY": secret } })
+        const peer = new Peer(ws)
+        let socket: net.Socket | undefined
+        ws.once("upgrade", (res) => void (socket = res.socket as net.Socket))
+        ws.once("open", () => {
+          if (greeting !== undefined) ws.send(greeting)
+          resolve({ peer, socket: socket! })
+        })
+        ws.once("error", reject)
+      })
+    ),
+    ({ peer }) => Effect.sync(() => peer.ws.terminate())
+  )
+
 const leakChecked = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
   Effect.gen(function*() {
     const before = activeHandles()
@@ -622,6 +641,57 @@ describe("WspServer against a hand-written wsp client", () => {
       yield* waitFor("a greeting frees a slot", () => server.stats().idle === 1)
       yield* connectPeer(port, "peer_1")
       yield* waitFor("registered", () => server.stats().idle === 2)
+    })))
+
+  it.live("terminates a greeting of 1 MB once it passes the greeting budget, before it is all read", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const { peer: greedy, socket } = yield* connectWithSocket(port, undefined)
+      // one frame announcing 1 MB, written in pieces: the server must cut it long before the end
+      const frame = maskedFrame(true, 0x1, Buffer.alloc(1024 * 1024, 0x61))
+      let written = 0
+      const started = Date.now()
+      while (!greedy.closed && written < frame.length && Date.now() - started < 5_000) {
+        socket.write(frame.subarray(written, written + 16 * 1024))
+        written += 16 * 1024
+        yield* Effect.promise(() => new Promise((resolve) => setTimeout(resolve, 5)))
+      }
+      yield* waitFor("greedy greeting terminated", () => greedy.closed)
+      expect(written).toBeLessThan(frame.length)
+      expect(server.refusals().greetingTooLarge).toBe(1)
+      // a greeting within the budget still registers
+      yield* connectPeer(port, "peer_1")
+      yield* waitFor("registered", () => server.stats().idle === 1)
+    })))
+
+  it.live("terminates a registered connection that sends more than maxidlebytes while it carries no request", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig({ maxIdleBytes: 8 * 1024 }))
+      const port = server.address.port
+      const { peer: wild, socket } = yield* connectWithSocket(port, "peer_1")
+      const calm = yield* connectPeer(port, "peer_2")
+      yield* waitFor("registered", () => server.stats().idle === 2)
+      // pings and pongs, however many over a long idle time, do not use up the budget (21 KB here)
+      let pongs = 0
+      wild.ws.on("pong", () => pongs++)
+      for (let i = 0; i < 200; i++) {
+        wild.ws.ping(Buffer.alloc(100, i))
+        if (i % 20 === 19) yield* waitFor("pongs", () => pongs === i + 1)
+      }
+      expect(wild.closed).toBe(false)
+      expect(server.refusals().idleOverflow).toBe(0)
+      // the head of a 1 MB binary message and a first part of it: cut at the budget, not at the message's end
+      const frame = maskedFrame(true, 0x2, Buffer.alloc(1024 * 1024, 0x62))
+      socket.write(frame.subarray(0, 64 * 1024))
+      yield* waitFor("idle overflow terminated", () => wild.closed)
+      expect(server.refusals().idleOverflow).toBe(1)
+      yield* waitFor("removed from the pool", () => server.stats().idle === 1)
+      // the other connection still carries requests, and between them pings are fine
+      calm.ws.ping()
+      expect(yield* answeredCall(port, calm, "http://dest.example/", "still here")).toBe("still here")
+      expect(yield* answeredCall(port, calm, "http://dest.example/", "and again")).toBe("and again")
+      expect(server.refusals().idleOverflow).toBe(1)
     })))
 
   it.live("streams a response body to the caller as its fragments arrive", () =>
