@@ -28,6 +28,7 @@ import {
   ProtocolVersion,
   type RejectionReason
 } from "../../domain/ControlMessage.ts"
+import { LogSampler } from "../../domain/LogSampler.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { type GrantRefusal, makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
 import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol } from "../Backend.ts"
@@ -48,8 +49,6 @@ import {
   type AdmissionRefusal,
   type HandshakeTicket,
   makeHandshakeAdmission,
-  makeLogSampler,
-  RefusalLogInterval,
   skippedNote
 } from "./HandshakeAdmission.ts"
 
@@ -416,15 +415,10 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
     maxHandshakesPerAddress: config.maxHandshakesPerAddress ?? DefaultMaxHandshakesPerAddress
   })
   // one log line per kind of refusal and interval: a flood of connections must not flood the log
-  const samplers = new Map<string, () => number | undefined>()
+  const sampler = new LogSampler()
   const logRefusal = (kind: string, message: string) =>
     Effect.suspend(() => {
-      let sample = samplers.get(kind)
-      if (sample === undefined) {
-        sample = makeLogSampler(RefusalLogInterval, Date.now)
-        samplers.set(kind, sample)
-      }
-      const skipped = sample()
+      const skipped = sampler.take(kind, Date.now())
       return skipped === undefined ? Effect.void : Effect.logWarning(`control port: ${message}${skippedNote(skipped)}`)
     }).pipe(Effect.annotateLogs({ component: "ControlPort" }))
   const fibers = yield* FiberSet.make()

@@ -53,30 +53,6 @@ export const makeHandshakeAdmission = (limits: HandshakeAdmissionLimits): Handsh
   return { admit, inProgress: () => total, addresses: () => perAddress.size }
 }
 
-/**
- * Decides which of a stream of similar events gets a log line: the first one, then at most one per
- * `intervalMs`, which carries how many were left out since the previous line. `now` is the clock
- * (milliseconds); the caller passes its own so tests control it.
- */
-export const makeLogSampler = (intervalMs: number, now: () => number) => {
-  let last = Number.NEGATIVE_INFINITY
-  let skipped = 0
-  /** `undefined`: do not log this one; a number: log it, mentioning that many left out before it. */
-  return (): number | undefined => {
-    const t = now()
-    if (t - last < intervalMs) {
-      skipped++
-      return undefined
-    }
-    last = t
-    const n = skipped
-    skipped = 0
-    return n
-  }
-}
-
 /** Suffix for a sampled log line: how many similar events were not logged since the previous line. */
 export const skippedNote = (skipped: number): string => skipped === 0 ? "" : ` (${skipped} more since the last such line)`
 
-/** Interval between log lines of one kind of refusal. */
-export const RefusalLogInterval = 10_000

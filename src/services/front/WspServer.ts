@@ -26,7 +26,8 @@ import {
   withoutHopByHop
 } from "../../domain/WspMessage.ts"
 import type { PoolHandle, PoolStats } from "../Pool.ts"
-import { makeLogSampler, RefusalLogInterval, skippedNote } from "./HandshakeAdmission.ts"
+import { LogSampler } from "../../domain/LogSampler.ts"
+import { skippedNote } from "./HandshakeAdmission.ts"
 import { defaultCleanInterval, makePool, PoolError } from "../Pool.ts"
 import { readIntoUserBuffers } from "../transport/LendingReads.ts"
 import { unmaskInPlace } from "../transport/WebSocketMasking.ts"
@@ -737,10 +738,10 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
   // connections cut for what they sent or refused for the pending cap, for metrics
   const refusals = { greetingTooLarge: 0, idleOverflow: 0, tooManyGreetings: 0 }
   // one log line per kind and interval: thousands of refused connections must not flood the log
-  const samplers = { greetingTooLarge: makeLogSampler(RefusalLogInterval, Date.now), idleOverflow: makeLogSampler(RefusalLogInterval, Date.now), tooManyGreetings: makeLogSampler(RefusalLogInterval, Date.now) }
+  const sampler = new LogSampler()
   const refused = (kind: keyof typeof refusals, message: string): void => {
     refusals[kind]++
-    const skipped = samplers[kind]()
+    const skipped = sampler.take(kind, Date.now())
     if (skipped !== undefined) run(Effect.logWarning(`wsp-server: ${message}${skippedNote(skipped)}`))
   }
   let inFlight = 0

@@ -10,7 +10,8 @@ import { Context, Effect, Redacted } from "effect"
 import { WebSocket } from "ws"
 import { encodeHello, FrameHeaderBytes, makeHello } from "../../../src/domain/ControlMessage.ts"
 import { ControlPort, type ControlPortConfig, type HandshakeRefusal } from "../../../src/services/front/ControlPort.ts"
-import { makeHandshakeAdmission, makeLogSampler } from "../../../src/services/front/HandshakeAdmission.ts"
+import { LogSampler } from "../../../src/domain/LogSampler.ts"
+import { makeHandshakeAdmission } from "../../../src/services/front/HandshakeAdmission.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
 import { gateway, grants, token } from "../../integration/tunnelHarness.ts"
 import { makeCertificate } from "../ListenersFixtures.ts"
@@ -280,15 +281,12 @@ describe("HandshakeAdmission", () => {
   })
 
   it("samples log lines: the first, then one per interval carrying how many were left out", () => {
-    let now = 0
-    const sample = makeLogSampler(1000, () => now)
-    assert.strictEqual(sample(), 0)
-    assert.strictEqual(sample(), undefined)
-    now = 500
-    assert.strictEqual(sample(), undefined)
-    now = 1000
-    assert.strictEqual(sample(), 2)
-    now = 5000
-    assert.strictEqual(sample(), 0)
+    const sampler = new LogSampler(1000)
+    assert.strictEqual(sampler.take("a", 0), 0)
+    assert.strictEqual(sampler.take("a", 0), undefined)
+    assert.strictEqual(sampler.take("b", 0), 0)
+    assert.strictEqual(sampler.take("a", 500), undefined)
+    assert.strictEqual(sampler.take("a", 1000), 2)
+    assert.strictEqual(sampler.take("a", 5000), 0)
   })
 })
