@@ -28,6 +28,7 @@ import {
   ProtocolVersion,
   type RejectionReason
 } from "../../domain/ControlMessage.ts"
+import { AuthThrottle, type AuthThrottleLimits, DefaultAuthThrottleLimits } from "../../domain/AuthThrottle.ts"
 import { LogSampler } from "../../domain/LogSampler.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { type GrantRefusal, makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
@@ -107,6 +108,11 @@ export interface ControlPortConfig {
   readonly maxHandshakes?: number | undefined
   /** Most handshakes in progress per peer address (default `DefaultMaxHandshakesPerAddress`). */
   readonly maxHandshakesPerAddress?: number | undefined
+  /**
+   * Failed authentications per peer address: free ones, then a doubling delay before each rejection, then
+   * refusal for a while (default `DefaultAuthThrottleLimits`).
+   */
+  readonly authThrottle?: Partial<AuthThrottleLimits> | undefined
   readonly maxSessions?: number | undefined
   readonly maxSessionsPerToken?: number | undefined
   readonly maxListenersPerSession?: number | undefined
@@ -149,6 +155,8 @@ export type HandshakeRefusal =
   | "HelloTooLarge"
   | "Protocol"
   | "PreAuthBudget"
+  /** The peer's address failed to authenticate too often; closed before anything was read. */
+  | "TooManyFailures"
   | AdmissionRefusal
 
 /** A handshake's place among those in progress; `cut` tells whether a byte budget ended the connection. */
@@ -416,6 +424,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   })
   // one log line per kind of refusal and interval: a flood of connections must not flood the log
   const sampler = new LogSampler()
+  const authThrottle = new AuthThrottle({ ...DefaultAuthThrottleLimits, ...config.authThrottle })
   const logRefusal = (kind: string, message: string) =>
     Effect.suspend(() => {
       const skipped = sampler.take(kind, Date.now())
@@ -450,6 +459,15 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       if (!config.allowRemotePeers && !secure && !isLoopbackPeer(peer)) {
         admitted?.release()
         return yield* reject("Insecure", "without TLS this control port accepts tokens from loopback peers only (serve it with TLS, or set allowRemotePeers)")
+      }
+      const addressKey = peer?.host ?? peer?.path ?? "unknown"
+      const gate = authThrottle.gate(addressKey, Date.now())
+      if (gate._tag === "Refuse") {
+        admitted?.release()
+        config.onRejected?.("TooManyFailures")
+        const message = `${peerText}: TooManyFailures: too many failed authentications from ${addressKey}; refused for ${Math.ceil(gate.retryAfterMs / 1000)} s more`
+        yield* logRefusal("TooManyFailures", message)
+        return yield* Effect.fail(new ControlPortError({ reason: "Refused", message }))
       }
       let ticket = admitted
       if (ticket === undefined) {
@@ -506,7 +524,14 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         return yield* reject("Version", `protocol version ${hello.version} is not supported; this gateway speaks ${ProtocolVersion}`)
       }
       const grant = policy.authenticate(hello.token)
-      if (grant === undefined) return yield* reject("BadToken", "the token is not valid")
+      if (grant === undefined) {
+        // each failure beyond the free ones is answered later than the one before (the place among the
+        // handshakes in progress is held meanwhile, which bounds guesses from one address in parallel too)
+        const delay = authThrottle.failed(addressKey, Date.now())
+        if (delay > 0) yield* Effect.sleep(Duration.millis(delay))
+        return yield* reject("BadToken", "the token is not valid")
+      }
+      authThrottle.succeeded(addressKey)
       // authenticated: its place among the handshakes in progress (and a WebSocket's byte budget) is given back
       heldTicket.release()
       if (sessions >= maxSessions) return yield* reject("Limit", `the gateway already has ${maxSessions} sessions`)
