@@ -119,3 +119,23 @@ export const makeLogSampler = (intervalMs: number): { readonly take: (now: numbe
     }
   }
 }
+
+/** What happened to the client, per limit, for the log line. */
+export const CLIENT_LIMIT_OUTCOMES: Readonly<Record<ClientLimitKind, string>> = {
+  request_body_rate: "request body below the minimum data rate: 408, connection closed",
+  response_rate: "response bytes not taken at the minimum data rate: connection closed",
+  client_slots: "already holds its share of upstream connections and none came free in time: 503",
+  slot_wait: "no upstream connection came free in time: 503",
+  head_timeout: "request head not received in time: 408"
+}
+
+/** Longest request target quoted in a log line. */
+const MAX_LOGGED_TARGET = 200
+
+/** The log line for `count` refusals by `limit` (the last one's client and request). */
+export const clientLimitLogLine = (limit: ClientLimitKind, client: string, method: string, target: string, count: number): string => {
+  const shown = target.length > MAX_LOGGED_TARGET ? target.slice(0, MAX_LOGGED_TARGET) + "..." : target
+  const request = method === "" ? "" : ` (${method} ${JSON.stringify(shown)})`
+  const more = count > 1 ? `; ${count - 1} more since the last line` : ""
+  return `client ${client}: ${CLIENT_LIMIT_OUTCOMES[limit]}${request}${more}`
+}

@@ -11,8 +11,10 @@ import * as fs from "node:fs"
 import * as net from "node:net"
 import { decide, denialMessage, type RuleSet } from "../../domain/AccessRule.ts"
 import { clientAllowed } from "../../domain/ClientAllowlist.ts"
+import type { ClientLimitKind, ClientLimits } from "../../domain/ClientLimits.ts"
 import { canonicalTarget, isTargetRejection } from "../../domain/HttpHeaders.ts"
 import type { ListenAddress, SocketProxyConfig } from "../../domain/SocketProxyConfig.ts"
+import { makeClientLimitReporter } from "../forward/ClientLimitReporter.ts"
 import { dockerErrors } from "../forward/ErrorResponse.ts"
 import { STREAM_HIGH_WATER_MARK } from "../forward/FrontServer.ts"
 import type { Admission, Http1Request, Http1Server } from "../forward/Http1Engine.ts"
@@ -38,6 +40,8 @@ export interface SocketProxyStats {
   readonly denied: number
   /** Refused before the rules: client not in allowFrom, or a request target that was refused. */
   readonly rejected: number
+  /** Requests refused and connections cut by the client limits (data rates, upstream slots), by limit. */
+  readonly limited: Readonly<Record<ClientLimitKind, number>>
 }
 
 export interface SocketProxyShape {
@@ -224,9 +228,19 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     return { _tag: "Forward", path: target.upstreamTarget, idleTimeoutMs: decision.rule.idleTimeoutMs }
   }
 
+  const clientLimits: ClientLimits = {
+    minRequestBodyBytesPerSecond: limits.minRequestBodyBytesPerSecond,
+    requestBodyGracePeriodMs: limits.requestBodyGracePeriodMs,
+    minResponseBytesPerSecond: limits.minResponseBytesPerSecond,
+    responseGracePeriodMs: limits.responseGracePeriodMs,
+    maxUpstreamSlotsPerClient: limits.maxUpstreamSlotsPerClient,
+    upstreamSlotWaitMs: limits.upstreamSlotWaitMs
+  }
+  const limited = makeClientLimitReporter((line) => warn(`switchyard socket-proxy: ${line}`))
+
   const addresses: Array<BoundAddress> = []
   for (const address of config.listen) {
-    const engine = forwarder.serveHttp1({ limits, admit })
+    const engine = forwarder.serveHttp1({ limits, admit, clientLimits, onClientLimit: limited.onClientLimit })
     const checkClient = address._tag === "Tcp" && allowFrom !== undefined
     const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: STREAM_HIGH_WATER_MARK })
     server.maxConnections = limits.maxConnections
@@ -243,7 +257,7 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
       Effect.sync(() => {
         ruleSet = next
       }),
-    stats: () => ({ allowed, denied, rejected }),
+    stats: () => ({ allowed, denied, rejected, limited: limited.counts() }),
     forwarder
   }
 })
