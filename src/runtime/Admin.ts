@@ -321,7 +321,7 @@ export const registerClientLimitCounters = (
   metrics: MetricsShape,
   frontDoor: string,
   counts: () => Readonly<Record<ClientLimitKind, number>>
-): void => {
+): () => void =>
   metrics.registry.sampledGauge({
     name: "switchyard_client_limit_refusals_total",
     type: "counter",
@@ -333,4 +333,3 @@ export const registerClientLimitCounters = (
       return CLIENT_LIMIT_KINDS.map((k) => [[frontDoor, k], c[k]] as const)
     }
   })
-}

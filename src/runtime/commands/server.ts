@@ -13,16 +13,18 @@ import type { Duplex } from "node:stream"
 import { Console, Context, Data, Effect, Layer, Option, Redacted, Runtime } from "effect"
 import type { Scope } from "effect"
 import { Command, Flag } from "effect/cli"
+import { CLIENT_LIMIT_DEFAULTS, type ClientLimits } from "../../domain/ClientLimits.ts"
 import type { RouteDefinition } from "../../domain/Route.ts"
 import type { PortRange, TokenGrant } from "../../domain/TokenPolicy.ts"
 import { type DispatchError, Dispatcher, type Lease } from "../../services/Dispatcher.ts"
 import { ControlPort } from "../../services/front/ControlPort.ts"
 import { type ControlWebSocketConfig, DefaultTunnelPath } from "../../services/front/ControlWebSocket.ts"
 import { ReverseH2 } from "../../services/front/ReverseH2.ts"
+import { makeClientLimitReporter } from "../../services/forward/ClientLimitReporter.ts"
 import { Listeners, type ListenersConfig } from "../../services/Listeners.ts"
 import { type CounterChild, type Family, makeMetrics, Metrics, type MetricsShape, statusClass } from "../../services/Metrics.ts"
 import { Registry, type RouteEntry } from "../../services/Registry.ts"
-import { makeRecentErrors, reloadRefused, serveAdmin, type StatusDocument } from "../Admin.ts"
+import { makeRecentErrors, registerClientLimitCounters, reloadRefused, serveAdmin, type StatusDocument } from "../Admin.ts"
 import { ConfigLoadError, type ConfigRefused, type FlagValue, loadConfig, refuseConfig, ServerFile } from "../ConfigLoader.ts"
 import { onHangup } from "../Lifecycle.ts"
 import * as Logging from "../Logging.ts"
@@ -368,6 +370,20 @@ export const instrumentHandlers = (
   }
 }
 
+/** The public ports' client limits from the file's `client_limits` section, defaults filled in. */
+export const clientLimitsOf = (file: ServerFile): ClientLimits => {
+  const c = file.client_limits ?? {}
+  const d = CLIENT_LIMIT_DEFAULTS
+  return {
+    minRequestBodyBytesPerSecond: c.min_request_body_bytes_per_second ?? d.minRequestBodyBytesPerSecond,
+    requestBodyGracePeriodMs: c.request_body_grace_period_ms ?? d.requestBodyGracePeriodMs,
+    minResponseBytesPerSecond: c.min_response_bytes_per_second ?? d.minResponseBytesPerSecond,
+    responseGracePeriodMs: c.response_grace_period_ms ?? d.responseGracePeriodMs,
+    maxUpstreamSlotsPerClient: c.max_upstream_slots_per_client ?? d.maxUpstreamSlotsPerClient,
+    upstreamSlotWaitMs: c.upstream_slot_wait_ms ?? d.upstreamSlotWaitMs
+  }
+}
+
 /** Counts events of a front door by reason, resolving each reason's counter once. */
 const countByReason = (family: Family<"front_door" | "reason", CounterChild> | Family<"front_door" | "kind", CounterChild>, frontDoor: string) => {
   const counters = new Map<string, CounterChild>()
@@ -483,6 +499,14 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     else h2ProtocolErrors(reason)
     recentErrors.add(`reverse-HTTP/2 connection failed: ${reason}`)
   }
+  // public clients that trickle, read slowly or take a backend's every stream: refused, counted, logged (sampled)
+  const services = yield* Effect.context<never>()
+  const clientLimitReporter = makeClientLimitReporter((line) => {
+    recentErrors.add(`public port: ${line}`)
+    Effect.runForkWith(services)(Effect.logWarning(line).pipe(Effect.annotateLogs({ component: "public" })))
+  })
+  const removeClientLimitCounters = registerClientLimitCounters(metrics, "public", clientLimitReporter.counts)
+  yield* Effect.addFinalizer(() => Effect.sync(removeClientLimitCounters))
   const webSocket = webSocketOf(file)
   if (webSocket instanceof ConfigLoadError) return yield* webSocket
   const controlTls = certificatePair("control", file.control)
@@ -513,7 +537,9 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     wrapHandlers: requestMetrics
       ? (handlers) => instrumentHandlers(handlers, metrics, access)
       : (handlers) => ({ ...handlers, observeDispatch: dispatchObserver(metrics) }),
-    rawEngine: true
+    rawEngine: true,
+    clientLimits: clientLimitsOf(file),
+    onClientLimit: clientLimitReporter.onClientLimit
   })
   const h2Layer: Layer.Layer<never, Error, Listeners> | Layer.Layer<ReverseH2, Error, Listeners> = h2Enabled
     ? ReverseH2.layer({
