@@ -730,7 +730,6 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
         this.stallQueued = queued
       } else if (now - this.stallSince > responseTakeDeadlineMs(rate, limits.responseGracePeriodMs, this.stallQueued)) {
         this.limitReached("response_rate")
-        this.core.report(`client ${this.socket.remoteAddress ?? "local"} took response bytes slower than ${rate} bytes/s: connection closed`)
         this.destroy()
         return false
       } else if (queued > this.stallQueued) this.stallQueued = queued
