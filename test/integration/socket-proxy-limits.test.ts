@@ -53,8 +53,8 @@ const startProxy = (yaml: string): Promise<Proxy> => {
     let output = ""
     const timer = setTimeout(() => {
       child.kill("SIGKILL")
-      reject(new Error(`not started within 15 s: ${output}`))
-    }, 15_000)
+      reject(new Error(`not started within 30 s: ${output}`))
+    }, 30_000)
     const stop = () =>
       new Promise<void>((done) => {
         if (child.exitCode !== null || child.signalCode !== null) return done()
