@@ -76,7 +76,7 @@ describe("switchyard server (process): slow public clients", () => {
       })
       await waitFor("196 uploads answered 503", 15_000, () => uploads.filter((u) => u.text().startsWith("HTTP/1.1 503")).length === 196)
       for (let i = 0; i < 10; i++) {
-        assert.deepStrictEqual(await getFrom(port, "/ping", "127.0.0.2", 2_000), { status: 200, body: "pong" })
+        assert.deepStrictEqual(await getFrom(port, "/ping", "127.0.0.2", 5_000), { status: 200, body: "pong" })
         await sleep(100)
       }
       // the 64 holding this address's share still trickle on

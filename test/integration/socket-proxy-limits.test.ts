@@ -141,7 +141,7 @@ describe("switchyard socket-proxy (process): slow clients", () => {
       assert.strictEqual(uploads.filter((u) => u.text() === "").length, 1)
       // meanwhile, and while the remaining upload still trickles, 127.0.0.2 is served, each answer bounded
       for (let i = 0; i < 10; i++) {
-        const r = await get(proxy.port, "/v1.41/_ping", "127.0.0.2", 2_000)
+        const r = await get(proxy.port, "/v1.41/_ping", "127.0.0.2", 5_000)
         assert.deepStrictEqual(r, { status: 200, body: "OK" })
         await sleep(100)
       }

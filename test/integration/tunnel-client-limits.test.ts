@@ -110,7 +110,7 @@ describe("control-port tunnels: slow public clients", () => {
         waitFor("five 503s", 10_000, () => uploads.filter((u) => u.text().startsWith("HTTP/1.1 503")).length === 5)
       )
       for (let i = 0; i < 10; i++) {
-        const r = yield* Effect.promise(() => get(port, "/ping", "127.0.0.2", 2_000))
+        const r = yield* Effect.promise(() => get(port, "/ping", "127.0.0.2", 5_000))
         assert.deepStrictEqual(r, { status: 200, body: "pong" })
         yield* Effect.sleep("100 millis")
       }
