@@ -30,6 +30,8 @@ export { parseTokenGrant, type TokenGrant } from "./domain/TokenPolicy.ts"
 // HTTP forwarding core.
 export { Forwarder, type ForwarderConfig, makeForwarder } from "./services/Forwarder.ts"
 export { agentUpstream, tcpUpstream, type Upstream, unixUpstream } from "./services/forward/Upstream.ts"
+export { CLIENT_LIMIT_DEFAULTS, type ClientLimitKind, type ClientLimits } from "./domain/ClientLimits.ts"
+export type { ClientLimitEvent } from "./services/forward/Http1Engine.ts"
 
 // Docker socket proxy.
 export { SocketProxy, SocketProxyError } from "./services/front/SocketProxy.ts"

@@ -6,6 +6,14 @@
 import { Result, Schema, SchemaIssue } from "effect"
 import { type AccessRule, parseRule, presetRules, RuleSyntaxError, type RuleSet } from "./AccessRule.ts"
 import { type ClientAllowlist, parseAllowlist } from "./ClientAllowlist.ts"
+import {
+  DEFAULT_MIN_REQUEST_BODY_BYTES_PER_SECOND,
+  DEFAULT_MIN_RESPONSE_BYTES_PER_SECOND,
+  DEFAULT_REQUEST_BODY_GRACE_PERIOD_MS,
+  DEFAULT_RESPONSE_GRACE_PERIOD_MS,
+  DEFAULT_UPSTREAM_SLOT_WAIT_MS,
+  slotsPerClient
+} from "./ClientLimits.ts"
 import type { ForwardedMode } from "./HttpHeaders.ts"
 
 /** Defaults an operator can rely on; each is a config field under `limits`. */
@@ -38,7 +46,22 @@ export const SOCKET_PROXY_DEFAULTS = {
   /** Most idle pooled upstream connections kept. */
   maxFreeSockets: 32,
   /** On shutdown, time requests in flight get to finish before their connections are closed (ms). */
-  drainTimeoutMs: 5_000
+  drainTimeoutMs: 5_000,
+  /** Least average request-body rate after the grace period (bytes/s); slower gets 408 and a close. 0 = none. */
+  minRequestBodyBytesPerSecond: DEFAULT_MIN_REQUEST_BODY_BYTES_PER_SECOND,
+  /** Time a request body has, while switchyard reads it, before its rate is checked (ms). */
+  requestBodyGracePeriodMs: DEFAULT_REQUEST_BODY_GRACE_PERIOD_MS,
+  /** Least rate at which a client takes response bytes queued for it (bytes/s); slower is closed. 0 = none. */
+  minResponseBytesPerSecond: DEFAULT_MIN_RESPONSE_BYTES_PER_SECOND,
+  /** Time added to each wait for a client to take queued response bytes (ms). */
+  responseGracePeriodMs: DEFAULT_RESPONSE_GRACE_PERIOD_MS,
+  /**
+   * Most pooled upstream connections one TCP client address holds at once; 0 = no cap. When not set:
+   * a quarter of `maxSockets` (64 with the default pool). Unix-socket clients are not capped.
+   */
+  maxUpstreamSlotsPerClient: 64,
+  /** Time a request waits for a pooled upstream connection before a 503 (ms); 0 = no bound. */
+  upstreamSlotWaitMs: DEFAULT_UPSTREAM_SLOT_WAIT_MS
 } as const
 
 const Limits = Schema.Struct({
@@ -54,7 +77,13 @@ const Limits = Schema.Struct({
   silentTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3_600_000 }))),
   maxSockets: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 65_536 }))),
   maxFreeSockets: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 65_536 }))),
-  drainTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3_600_000 })))
+  drainTimeoutMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3_600_000 }))),
+  minRequestBodyBytesPerSecond: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 1_000_000_000 }))),
+  requestBodyGracePeriodMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3_600_000 }))),
+  minResponseBytesPerSecond: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 1_000_000_000 }))),
+  responseGracePeriodMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3_600_000 }))),
+  maxUpstreamSlotsPerClient: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 65_536 }))),
+  upstreamSlotWaitMs: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 3_600_000 })))
 })
 
 const ListenEntry = Schema.Union([
@@ -227,7 +256,11 @@ export const resolveConfig = (
     allowFrom = parsed
   }
 
-  const limits = { ...SOCKET_PROXY_DEFAULTS, ...file.limits }
+  const merged = { ...SOCKET_PROXY_DEFAULTS, ...file.limits }
+  const limits = {
+    ...merged,
+    maxUpstreamSlotsPerClient: file.limits?.maxUpstreamSlotsPerClient ?? slotsPerClient(undefined, merged.maxSockets)
+  }
   const rules: Array<AccessRule> = []
   const add = (field: string, rule: AccessRule | ReadonlyArray<AccessRule> | RuleSyntaxError): ConfigError | undefined => {
     if (rule instanceof RuleSyntaxError) return invalid(field, rule.message + (rule.reason === "UnknownPreset" ? "" : ` in ${show(rule.rule)}`))

@@ -8,6 +8,8 @@ import type { Scope } from "effect"
 import * as http from "node:http"
 import packageJson from "../../package.json" with { type: "json" }
 import { ExpositionContentType, makeMetrics, type MetricRegistry, type MetricsShape } from "../services/Metrics.ts"
+import { CLIENT_LIMIT_KINDS, type ClientLimitKind } from "../domain/ClientLimits.ts"
+import type { SocketProxyStats } from "../services/front/SocketProxy.ts"
 import { ConfigLoadError, loadOpsSections, readOpsSections } from "./ConfigLoader.ts"
 import * as Logging from "./Logging.ts"
 import { formatHostPort, type HostPort, listenOn, parseHostPort } from "./NetAddress.ts"
@@ -313,7 +315,7 @@ export const registerPoolGauges = (
 /** Registers the socket proxy's decision counters (`switchyard_socket_proxy_requests_total{decision}`). */
 export const registerSocketProxyCounters = (
   metrics: MetricsShape,
-  stats: () => { readonly allowed: number; readonly denied: number; readonly rejected: number; readonly connectionLimitCloses: number }
+  stats: () => SocketProxyStats
 ): void => {
   metrics.registry.sampledGauge({
     name: "switchyard_socket_proxy_connection_limit_closes_total",
@@ -331,4 +333,23 @@ export const registerSocketProxyCounters = (
       return [[["allowed"], s.allowed], [["denied"], s.denied], [["rejected"], s.rejected]]
     }
   })
+  registerClientLimitCounters(metrics, "socket_proxy", () => stats().limited)
 }
+
+/** `switchyard_client_limit_refusals_total{front_door, limit}`: what the client limits refused or cut. */
+export const registerClientLimitCounters = (
+  metrics: MetricsShape,
+  frontDoor: string,
+  counts: () => Readonly<Record<ClientLimitKind, number>>
+): () => void =>
+  metrics.registry.sampledGauge({
+    name: "switchyard_client_limit_refusals_total",
+    type: "counter",
+    help:
+      "Requests refused and connections cut by the client limits, by front door and limit: request_body_rate (408), response_rate (closed), client_slots and slot_wait (503), head_timeout (408).",
+    labelNames: ["front_door", "limit"],
+    collect: () => {
+      const c = counts()
+      return CLIENT_LIMIT_KINDS.map((k) => [[frontDoor, k], c[k]] as const)
+    }
+  })

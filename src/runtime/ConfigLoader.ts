@@ -151,6 +151,34 @@ export const ServerFile = Schema.Struct({
   response_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "Time allowed for a backend's response head (0 = none)", default: 0 })),
   idle_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "Idle limit on responses and upgraded connections (0 = none)", default: 0 })),
   drain_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "On SIGTERM/SIGINT, time in-flight requests get to finish", default: 30_000 })),
+  client_limits: Schema.optionalKey(Schema.Struct({
+    min_request_body_bytes_per_second: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 1_000_000_000 })).annotate({
+        description: "Least average request-body rate on public HTTP/1.1 ports once the grace period is over; slower gets 408 and a close (0 = none)",
+        default: 240
+      })
+    ),
+    request_body_grace_period_ms: Schema.optionalKey(
+      Ms.annotate({ description: "Time a request body has, while the gateway reads it, before its rate is checked", default: 5_000 })
+    ),
+    min_response_bytes_per_second: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 1_000_000_000 })).annotate({
+        description: "Least rate at which a public client takes response bytes queued for it; slower is closed (0 = none; a quiet stream queues nothing)",
+        default: 240
+      })
+    ),
+    response_grace_period_ms: Schema.optionalKey(
+      Ms.annotate({ description: "Time added to each wait for a client to take queued response bytes", default: 5_000 })
+    ),
+    max_upstream_slots_per_client: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 65_536 })).annotate({
+        description: "Most tunnel streams to one backend a public client address holds at once (default: a quarter of the backend's 256; 0 = no cap)"
+      })
+    ),
+    upstream_slot_wait_ms: Schema.optionalKey(
+      Ms.annotate({ description: "Time a request waits for a free tunnel stream to its backend before a 503 (0 = no bound)", default: 5_000 })
+    )
+  })),
   request_metrics: Schema.optionalKey(
     Schema.Boolean.annotate({
       description: "Per-request metrics (requests by route and status, duration, bytes), the access log and X-Request-Id on public HTTP ports, on the raw HTTP/1.1 engine as on the HTTP/2 path; false leaves them out (sessions, routes, queue and dispatch metrics stay)",

@@ -28,7 +28,17 @@ import {
 import type { Backend, ConnectionMeta, ConnectionProtocol } from "./Backend.ts"
 import { type ConnectionGuard, DefaultMaxConnectionsPerAddress, DefaultSilentConnectionTimeoutMs, type GuardAction, makeConnectionGuard } from "./ConnectionGuard.ts"
 import { DispatchError, Dispatcher, type Lease } from "./Dispatcher.ts"
-import type { Admission, Http1Exchange, Http1Front, Http1Outgoing, Http1Request, Http1Server, PendingAdmission } from "./forward/Http1Engine.ts"
+import type { ClientLimits } from "../domain/ClientLimits.ts"
+import type {
+  Admission,
+  ClientLimitEvent,
+  Http1Exchange,
+  Http1Front,
+  Http1Outgoing,
+  Http1Request,
+  Http1Server,
+  PendingAdmission
+} from "./forward/Http1Engine.ts"
 import type { ForwarderShape } from "./Forwarder.ts"
 import { Registry, type RegistryError } from "./Registry.ts"
 
@@ -167,6 +177,14 @@ export interface ListenersConfig {
    * to the Node server (which go through `handleRequest`).
    */
   readonly observeExchange?: ((request: Http1Request, lease: Lease) => ExchangeTap) | undefined
+  /**
+   * On engine ports: the minimum data rates of request bodies and response reads, and each client
+   * address's share of a backend's tunnel streams with the bounded wait for one (default
+   * `CLIENT_LIMIT_DEFAULTS`).
+   */
+  readonly clientLimits?: ClientLimits | undefined
+  /** On engine ports: told each time a client limit refuses a request or cuts a connection. */
+  readonly onClientLimit?: ((event: ClientLimitEvent) => void) | undefined
 }
 
 /** A public port could not be served. */
@@ -483,6 +501,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         keepAliveTimeoutMs: DefaultKeepAliveTimeoutMs,
         maxConnections
       },
+      clientLimits: config.clientLimits,
+      onClientLimit: config.onClientLimit,
       admit: (request: Http1Request): Admission | PendingAdmission => {
         const host = normalizeHost(request.host)
         const routed = routingTarget(request.originTarget)

@@ -55,6 +55,29 @@ describe("SocketProxyConfig", () => {
     assert.strictEqual(d.forwardedHeaders, "replace")
   })
 
+  it("client limits: defaults, a share of the pool when the cap is not set, and values as given", () => {
+    const d = resolved(resolveConfig({}, { presets: ["ping"] })).limits
+    assert.deepStrictEqual(
+      [d.minRequestBodyBytesPerSecond, d.requestBodyGracePeriodMs, d.minResponseBytesPerSecond, d.responseGracePeriodMs, d.maxUpstreamSlotsPerClient, d.upstreamSlotWaitMs],
+      [240, 5_000, 240, 5_000, 64, 5_000]
+    )
+    assert.strictEqual(SOCKET_PROXY_DEFAULTS.maxUpstreamSlotsPerClient, SOCKET_PROXY_DEFAULTS.maxSockets / 4)
+    // a quarter of a smaller pool, at least one
+    assert.strictEqual(resolved(resolveConfig(decode({ rules: ["GET /_ping"], limits: { maxSockets: 8 } }))).limits.maxUpstreamSlotsPerClient, 2)
+    assert.strictEqual(resolved(resolveConfig(decode({ rules: ["GET /_ping"], limits: { maxSockets: 2 } }))).limits.maxUpstreamSlotsPerClient, 1)
+    const set = resolved(resolveConfig(decode({
+      rules: ["GET /_ping"],
+      limits: { minRequestBodyBytesPerSecond: 0, requestBodyGracePeriodMs: 1, minResponseBytesPerSecond: 9, responseGracePeriodMs: 2, maxUpstreamSlotsPerClient: 0, upstreamSlotWaitMs: 3 }
+    }))).limits
+    assert.deepStrictEqual(
+      [set.minRequestBodyBytesPerSecond, set.requestBodyGracePeriodMs, set.minResponseBytesPerSecond, set.responseGracePeriodMs, set.maxUpstreamSlotsPerClient, set.upstreamSlotWaitMs],
+      [0, 1, 9, 2, 0, 3]
+    )
+    const bad = decodeSocketProxyFile({ limits: { upstreamSlotWaitMs: -1 } })
+    assert.instanceOf(bad, ConfigError)
+    assert.strictEqual((bad as ConfigError).field, "limits.upstreamSlotWaitMs")
+  })
+
   it("refuses to start with no allow rule", () => {
     assert.strictEqual(failure(resolveConfig({})).reason, "NoRules")
     assert.strictEqual(failure(resolveConfig({}, { deny: ["GET /x"] })).reason, "NoRules")

@@ -114,6 +114,14 @@ export const startEngineUpstream = async (): Promise<EngineUpstream> => {
         pump()
         return
       }
+      case "/containers/create":
+      case "/v1.41/containers/create": {
+        // Like the Engine: reads the whole JSON body, then answers.
+        let n = 0
+        req.on("data", (c: Buffer) => (n += c.length))
+        req.on("end", () => res.writeHead(201, { "content-type": "application/json" }).end(JSON.stringify({ Id: `c${n}`, Warnings: [] })))
+        return
+      }
       case "/silent":
         // Sends a head and one line, then nothing: an idle stream.
         res.writeHead(200, { "content-type": "application/json" })

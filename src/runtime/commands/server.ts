@@ -13,6 +13,7 @@ import type { Duplex } from "node:stream"
 import { Console, Context, Data, Effect, Layer, Option, Redacted, Runtime } from "effect"
 import type { Scope } from "effect"
 import { Command, Flag } from "effect/cli"
+import { CLIENT_LIMIT_DEFAULTS, type ClientLimits } from "../../domain/ClientLimits.ts"
 import type { RouteDefinition } from "../../domain/Route.ts"
 import { LogSampler } from "../../domain/LogSampler.ts"
 import type { PortRange, TokenGrant } from "../../domain/TokenPolicy.ts"
@@ -21,10 +22,11 @@ import { type DispatchError, Dispatcher, type Lease } from "../../services/Dispa
 import { ControlPort } from "../../services/front/ControlPort.ts"
 import { type ControlWebSocketConfig, DefaultTunnelPath } from "../../services/front/ControlWebSocket.ts"
 import { ReverseH2 } from "../../services/front/ReverseH2.ts"
+import { makeClientLimitReporter } from "../../services/forward/ClientLimitReporter.ts"
 import { Listeners, type ListenersConfig } from "../../services/Listeners.ts"
 import { type CounterChild, type Family, makeMetrics, Metrics, type MetricsShape, statusClass } from "../../services/Metrics.ts"
 import { Registry, type RouteEntry } from "../../services/Registry.ts"
-import { makeRecentErrors, reloadRefused, serveAdmin, type StatusDocument } from "../Admin.ts"
+import { makeRecentErrors, registerClientLimitCounters, reloadRefused, serveAdmin, type StatusDocument } from "../Admin.ts"
 import { ConfigLoadError, type ConfigRefused, type FlagValue, loadConfig, refuseConfig, ServerFile } from "../ConfigLoader.ts"
 import { onHangup } from "../Lifecycle.ts"
 import * as Logging from "../Logging.ts"
@@ -385,6 +387,20 @@ const connectionLimitText = (action: GuardAction, port: number, address: string 
   }
 }
 
+/** The public ports' client limits from the file's `client_limits` section, defaults filled in. */
+export const clientLimitsOf = (file: ServerFile): ClientLimits => {
+  const c = file.client_limits ?? {}
+  const d = CLIENT_LIMIT_DEFAULTS
+  return {
+    minRequestBodyBytesPerSecond: c.min_request_body_bytes_per_second ?? d.minRequestBodyBytesPerSecond,
+    requestBodyGracePeriodMs: c.request_body_grace_period_ms ?? d.requestBodyGracePeriodMs,
+    minResponseBytesPerSecond: c.min_response_bytes_per_second ?? d.minResponseBytesPerSecond,
+    responseGracePeriodMs: c.response_grace_period_ms ?? d.responseGracePeriodMs,
+    maxUpstreamSlotsPerClient: c.max_upstream_slots_per_client ?? d.maxUpstreamSlotsPerClient,
+    upstreamSlotWaitMs: c.upstream_slot_wait_ms ?? d.upstreamSlotWaitMs
+  }
+}
+
 /** Counts events of a front door by reason, resolving each reason's counter once. */
 const countByReason = (family: Family<"front_door" | "reason", CounterChild> | Family<"front_door" | "kind", CounterChild>, frontDoor: string) => {
   const counters = new Map<string, CounterChild>()
@@ -513,6 +529,14 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     recentErrors.add(what)
     runLog(Effect.logWarning(suppressed > 0 ? `${what} (and ${suppressed} more since the last line)` : what))
   }
+  // public clients that trickle, read slowly or take a backend's every stream: refused, counted, logged (sampled)
+  const services = yield* Effect.context<never>()
+  const clientLimitReporter = makeClientLimitReporter((line) => {
+    recentErrors.add(`public port: ${line}`)
+    Effect.runForkWith(services)(Effect.logWarning(line).pipe(Effect.annotateLogs({ component: "public" })))
+  })
+  const removeClientLimitCounters = registerClientLimitCounters(metrics, "public", clientLimitReporter.counts)
+  yield* Effect.addFinalizer(() => Effect.sync(removeClientLimitCounters))
   const webSocket = webSocketOf(file)
   if (webSocket instanceof ConfigLoadError) return yield* webSocket
   const controlTls = certificatePair("control", file.control)
@@ -553,7 +577,9 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     wrapHandlers: requestMetrics
       ? (handlers) => instrumentHandlers(handlers, metrics, access)
       : (handlers) => ({ ...handlers, observeDispatch: dispatchObserver(metrics) }),
-    rawEngine: true
+    rawEngine: true,
+    clientLimits: clientLimitsOf(file),
+    onClientLimit: clientLimitReporter.onClientLimit
   })
   const h2Layer: Layer.Layer<never, Error, Listeners> | Layer.Layer<ReverseH2, Error, Listeners> = h2Enabled
     ? ReverseH2.layer({

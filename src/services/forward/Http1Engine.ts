@@ -5,11 +5,24 @@
  * upstream connection, with backpressure, keep-alive and pipelining in order, and `101` turned into a
  * raw half-closable pipe. A decision may take time (`admit` returns a pending admission, e.g. while a
  * route waits for a backend): the connection then reads nothing more until it is made. An admission may
- * ask to be told how its exchange went (status, bytes, duration) and add response headers. It does not
- * route, authorise or count (the caller's `admit` and `observe` do) and never decodes bodies.
+ * ask to be told how its exchange went (status, bytes, duration) and add response headers. One client
+ * cannot hold what all share (`ClientLimits`): request bodies and response reads below a minimum rate are
+ * cut, a client address holds a bounded share of a pool's connections, and the wait for one is bounded.
+ * It does not route, authorise or count (the caller's `admit`, `observe` and `onClientLimit` do) and
+ * never decodes bodies.
  */
 import type * as net from "node:net"
 import type { Duplex } from "node:stream"
+import {
+  CLIENT_LIMIT_DEFAULTS,
+  clientKey,
+  type ClientLimitKind,
+  type ClientLimits,
+  RATE_CHECK_INTERVAL_MS,
+  requestBodyTooSlow,
+  responseTakeDeadlineMs,
+  slotsPerClient
+} from "../../domain/ClientLimits.ts"
 import {
   BodyFramer,
   type HeadReader,
@@ -128,10 +141,24 @@ export interface PendingAdmission {
   readonly wait: (decide: (admission: Admission) => void) => () => void
 }
 
+/** A client refused or cut by one of the `ClientLimits` (or the head timeout), for logs and metrics. */
+export interface ClientLimitEvent {
+  readonly limit: ClientLimitKind
+  /** The client's address ("local" for a Unix-socket peer). */
+  readonly client: string
+  /** The request concerned ("" for a head that never completed). */
+  readonly method: string
+  readonly target: string
+}
+
 /** A front door's side of the engine: its limits and its decision for each request. */
 export interface Http1Front {
   readonly limits: HttpLimits
   readonly admit: (request: Http1Request) => Admission | PendingAdmission
+  /** Data-rate and upstream-slot limits per client (default `CLIENT_LIMIT_DEFAULTS`). */
+  readonly clientLimits?: ClientLimits | undefined
+  /** Told each time a client limit refuses a request or cuts a connection. */
+  readonly onClientLimit?: ((event: ClientLimitEvent) => void) | undefined
 }
 
 /** The engine serving one front door's listeners. */
@@ -293,6 +320,24 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
   private extraHeaders: ReadonlyArray<string> | undefined = undefined
   /** Bytes of the request head being read (counted before it is complete). */
   private headBytes = 0
+  /** The key this client's upstream slots are counted under (see `clientKey`). */
+  readonly client: string | undefined
+  /** Most connections of the pool being waited for this client may hold. */
+  slotLimit: number | undefined = undefined
+  /** Bounds the wait for a pooled connection. */
+  private slotTimer: NodeJS.Timeout | undefined = undefined
+  // The request body's rate: measured while the engine reads it (not while it holds the client back).
+  /** The body is being timed. */
+  private bodyTimed = false
+  /** `receivedBytes` when the body began. */
+  private bodyFrom = 0
+  /** Time the body was read before the current stretch (ms). */
+  private bodyActiveMs = 0
+  /** Start of the current stretch of reading (`performance.now()`), or -1 while paused. */
+  private bodyResumedAt = -1
+  // A client not taking response bytes: since when nothing was taken, and how much was queued then.
+  private stallSince = -1
+  private stallQueued = 0
   // What the exchange in progress moved, and since when (for `observe`).
   private receivedBytes = 0
   private sentBytes = 0
@@ -304,6 +349,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     this.core = core
     this.front = front
     this.server = server
+    this.client = clientKey(socket.remoteAddress)
     this.reader = requestHeadReader(front.limits)
     socket.on("data", this.onClientData)
     socket.on("end", this.onClientEnd)
@@ -406,6 +452,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
   }
 
   private readonly onClientDrain = (): void => {
+    this.stallSince = -1
     if (this.upstreamPaused && this.conn !== undefined) {
       this.upstreamPaused = false
       this.conn.socket.resume()
@@ -591,9 +638,112 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       this.granted(PooledConnection.open({ ...out.upstream, connectReading: undefined }, undefined))
       return
     }
-    const pool = core.poolFor(out.upstream)
+    this.acquireSlot(core.poolFor(out.upstream), false)
+  }
+
+  /** Asks `pool` for a connection; a wait for one is bounded (`upstreamSlotWaitMs`). */
+  private acquireSlot(pool: UpstreamPool, fresh: boolean): void {
+    const limits = this.server.clientLimits
     this.pool = pool
-    pool.acquire(this, false)
+    this.slotLimit = slotsPerClient(limits.maxUpstreamSlotsPerClient, pool.maxSockets)
+    const queued = pool.acquire(this, fresh)
+    if (queued && this.pool === pool && limits.upstreamSlotWaitMs > 0) {
+      this.slotTimer = setTimeout(this.onSlotWait, limits.upstreamSlotWaitMs)
+    }
+  }
+
+  private clearSlotTimer(): void {
+    if (this.slotTimer !== undefined) {
+      clearTimeout(this.slotTimer)
+      this.slotTimer = undefined
+    }
+  }
+
+  private readonly onSlotWait = (): void => {
+    this.slotTimer = undefined
+    const pool = this.pool
+    if (this.phase !== WAITING || pool === undefined) return
+    const capped = pool.atCap(this)
+    pool.cancel(this)
+    this.pool = undefined
+    this.limitReached(capped ? "client_slots" : "slot_wait")
+    const ms = this.server.clientLimits.upstreamSlotWaitMs
+    this.fail(
+      503,
+      capped
+        ? `switchyard: this client already holds ${this.slotLimit} connections to upstream ${pool.upstream.describe}; none came free within ${ms} ms`
+        : `switchyard: no connection to upstream ${pool.upstream.describe} came free within ${ms} ms`
+    )
+  }
+
+  /** Tells the front door a client limit refused this request or cut this connection. */
+  private limitReached(limit: ClientLimitKind): void {
+    const on = this.front.onClientLimit
+    if (on === undefined) return
+    const request = this.request
+    on({ limit, client: this.socket.remoteAddress ?? "local", method: request?.method ?? "", target: request?.target ?? "" })
+  }
+
+  /** Starts timing the request body (once it can flow to the upstream). */
+  private startBodyClock(): void {
+    if (this.server.clientLimits.minRequestBodyBytesPerSecond <= 0) return
+    this.bodyTimed = true
+    this.bodyFrom = this.receivedBytes
+    this.bodyActiveMs = 0
+    this.bodyResumedAt = performance.now()
+    this.server.watch(this)
+  }
+
+  /** The engine stops reading the body (the upstream is not taking it): this time is not the client's. */
+  private pauseBodyClock(): void {
+    if (this.bodyResumedAt >= 0) {
+      this.bodyActiveMs += performance.now() - this.bodyResumedAt
+      this.bodyResumedAt = -1
+    }
+  }
+
+  private resumeBodyClock(): void {
+    if (this.bodyTimed && this.bodyResumedAt < 0) this.bodyResumedAt = performance.now()
+  }
+
+  /**
+   * The periodic rate check (see `EngineServer.watch`): a request body below its minimum rate, or a
+   * client that does not take queued response bytes in time, ends the exchange. Returns whether there is
+   * still something to watch.
+   */
+  check(now: number): boolean {
+    const limits = this.server.clientLimits
+    let watching = false
+    if (this.bodyTimed) {
+      if (this.phase !== EXCHANGE || this.requestDone) this.bodyTimed = false
+      else {
+        const elapsed = this.bodyActiveMs + (this.bodyResumedAt >= 0 ? now - this.bodyResumedAt : 0)
+        const rate = limits.minRequestBodyBytesPerSecond
+        if (requestBodyTooSlow(rate, limits.requestBodyGracePeriodMs, this.receivedBytes - this.bodyFrom, elapsed)) {
+          this.bodyTimed = false
+          this.limitReached("request_body_rate")
+          if (this.responseHeadSent) this.destroy()
+          else this.fail(408, `switchyard: request body arrived slower than ${rate} bytes/s`)
+          return false
+        }
+        watching = true
+      }
+    }
+    const rate = limits.minResponseBytesPerSecond
+    if (this.upstreamPaused && this.phase === EXCHANGE && rate > 0) {
+      // Progress shows when a queued write completes (the queue shrinks); the wait then starts over.
+      const queued = this.socket.writableLength
+      if (this.stallSince < 0 || queued < this.stallQueued) {
+        this.stallSince = now
+        this.stallQueued = queued
+      } else if (now - this.stallSince > responseTakeDeadlineMs(rate, limits.responseGracePeriodMs, this.stallQueued)) {
+        this.limitReached("response_rate")
+        this.destroy()
+        return false
+      } else if (queued > this.stallQueued) this.stallQueued = queued
+      watching = true
+    }
+    return watching
   }
 
   /** Stops serving the connection and passes it on with what was read of it (see `Handoff`). */
@@ -635,10 +785,12 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       return
     }
     this.pool = undefined
+    this.clearSlotTimer()
     this.phase = EXCHANGE
     this.conn = conn
     conn.owner = this
     const up = conn.socket
+    if (!this.requestDone) this.startBodyClock()
     const pending = this.pending
     this.pending = undefined
     if (pending === undefined || this.requestDone) {
@@ -661,6 +813,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
 
   readonly refused = (message: string): void => {
     this.pool = undefined
+    this.clearSlotTimer()
     this.fail(503, message)
   }
 
@@ -680,6 +833,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     if (framer.done) {
       if (framer.trailers !== undefined) up.write(framer.trailers)
       this.requestDone = true
+      this.bodyTimed = false
       this.clearClientTimer()
       const restAt = from + n
       // Reading on lets a client's close be seen; further bytes are held for the next request.
@@ -689,6 +843,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     // Below the pause mark the upstream's `drain` still comes (a write returned false) and finds nothing paused.
     if (!ok && up.writableLength >= WRITE_QUEUE_PAUSE_BYTES) {
       this.waitingDrain = true
+      this.pauseBodyClock()
       this.socket.pause()
     }
   }
@@ -696,7 +851,10 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
   readonly upstreamDrain = (): void => {
     if (this.waitingDrain) {
       this.waitingDrain = false
-      if (this.phase === EXCHANGE && !this.requestDone) this.socket.resume()
+      if (this.phase === EXCHANGE && !this.requestDone) {
+        this.resumeBodyClock()
+        this.socket.resume()
+      }
     }
   }
 
@@ -771,6 +929,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
         if (!ok && socket.writableLength >= WRITE_QUEUE_PAUSE_BYTES) {
           this.upstreamPaused = true
           conn.socket.pause()
+          this.server.watch(this)
         }
       }
       if (framer.done) this.responseComplete(n === chunk.length)
@@ -861,6 +1020,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     if (!ok && socket.writableLength >= WRITE_QUEUE_PAUSE_BYTES) {
       this.upstreamPaused = true
       this.conn!.socket.pause()
+      this.server.watch(this)
     }
     if (framer.done) this.responseComplete(n === rest.length)
   }
@@ -893,6 +1053,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     const reusable = clean && this.requestDone && !head.closeDelimited && this.responseKeepAlive && request.versionMinor === 1
     if (this.upstreamPaused) {
       this.upstreamPaused = false
+      this.stallSince = -1
       conn.socket.resume()
     }
     if (conn.pool !== undefined) conn.pool.release(conn, reusable)
@@ -953,9 +1114,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
         // A pooled connection the upstream closed while idle: nothing was processed; try once more.
         this.retried = true
         this.phase = WAITING
-        const pool = this.core.poolFor(target)
-        this.pool = pool
-        pool.acquire(this, true)
+        this.acquireSlot(this.core.poolFor(target), true)
         return
       }
       this.core.report(`upstream ${target.describe} unreachable: ${errorText(error)}`)
@@ -1141,13 +1300,17 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
   private clearTimers(): void {
     this.clearClientTimer()
     this.clearUpTimer()
+    this.clearSlotTimer()
   }
 
   private readonly onHeadTimeout = (): void => {
     this.clientTimer = undefined
     if (this.phase !== HEAD) return
     if (this.reader.buffered === 0 && this.pending === undefined) this.socket.destroy()
-    else this.fail(408, "switchyard: request not received in time")
+    else {
+      this.limitReached("head_timeout")
+      this.fail(408, "switchyard: request not received in time")
+    }
   }
 
   private readonly onKeepAliveTimeout = (): void => {
@@ -1183,14 +1346,42 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
 class EngineServer implements Http1Server {
   readonly core: EngineCore
   readonly front: Http1Front
+  readonly clientLimits: ClientLimits
   closing = false
   private readonly open = new Set<ClientConnection>()
+  /** Connections whose data rates the heartbeat checks. */
+  private readonly watched = new Set<ClientConnection>()
+  /** Runs while some connection is watched. */
+  private heartbeat: NodeJS.Timeout | undefined = undefined
   private readonly emptyWaiters: Array<() => void> = []
   private drainTimer: NodeJS.Timeout | undefined = undefined
 
   constructor(core: EngineCore, front: Http1Front) {
     this.core = core
     this.front = front
+    this.clientLimits = front.clientLimits ?? CLIENT_LIMIT_DEFAULTS
+  }
+
+  /** Checks `c`'s data rates every `RATE_CHECK_INTERVAL_MS` until it has nothing left to watch. */
+  watch(c: ClientConnection): void {
+    this.watched.add(c)
+    if (this.heartbeat === undefined) {
+      this.heartbeat = setInterval(this.beat, RATE_CHECK_INTERVAL_MS)
+      this.heartbeat.unref()
+    }
+  }
+
+  private unwatch(c: ClientConnection): void {
+    this.watched.delete(c)
+    if (this.watched.size === 0 && this.heartbeat !== undefined) {
+      clearInterval(this.heartbeat)
+      this.heartbeat = undefined
+    }
+  }
+
+  private readonly beat = (): void => {
+    const now = performance.now()
+    for (const c of this.watched) if (!c.check(now)) this.unwatch(c)
   }
 
   readonly accept = (socket: net.Socket): void => {
@@ -1204,6 +1395,7 @@ class EngineServer implements Http1Server {
 
   forget(c: ClientConnection): void {
     this.open.delete(c)
+    this.unwatch(c)
     this.checkEmpty()
   }
 

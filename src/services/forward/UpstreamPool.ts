@@ -1,8 +1,10 @@
 /**
  * Raw keep-alive connections to one upstream for the HTTP/1.1 engine: bounded in use and idle, LIFO
  * reuse, idle connections watched so one the upstream closed (or that talks out of turn) is dropped
- * before reuse, and a bounded queue of requests waiting for a connection. It parses nothing: the
- * connection's current owner gets its events through one set of listeners installed per connection.
+ * before reuse, and a bounded queue of requests waiting for a connection. A waiter may name its client
+ * and the most connections that client may hold at once: a client at its cap waits for one of its own
+ * to come back, while others are served. It parses nothing and keeps no timers (the waiter bounds its
+ * wait): the connection's current owner gets its events through one set of listeners installed per connection.
  */
 import type { Duplex } from "node:stream"
 import type { LoanConsumer } from "../Transport.ts"
@@ -30,6 +32,10 @@ export interface ConnectionOwner {
 export interface ConnectionWaiter {
   readonly granted: (connection: PooledConnection) => void
   readonly refused: (message: string) => void
+  /** The client the connection is held for (its address); `undefined` is not counted. */
+  readonly client?: string | undefined
+  /** Most connections of this pool `client` may hold at once (default: no cap). */
+  readonly slotLimit?: number | undefined
 }
 
 /** Most requests that may wait for a connection of one upstream; more are answered 503. */
@@ -66,6 +72,8 @@ export class PooledConnection {
   ended = false
   /** The last chunk handed to the owner is still referenced (queued on a socket): do not read into it. */
   chunkHeld = false
+  /** The client the pool counts this busy connection against, if any. */
+  client: string | undefined = undefined
   private readBuffer: Buffer | undefined = undefined
   /** The last read filled the buffer. */
   private filled = false
@@ -124,7 +132,7 @@ export class PooledConnection {
     this.owner = undefined
     if (this.state !== "gone") {
       this.state = "gone"
-      this.pool?.forget()
+      this.pool?.forget(this)
     }
     return s
   }
@@ -179,7 +187,7 @@ export class PooledConnection {
     if (this.state === "idle") this.pool?.dropIdle(this)
     if (this.state !== "gone") {
       this.state = "gone"
-      this.pool?.forget()
+      this.pool?.forget(this)
     }
     owner?.upstreamClose(this.error)
   }
@@ -198,6 +206,8 @@ export class UpstreamPool {
   private readonly waiters: Array<ConnectionWaiter> = []
   /** Connections open and not idle. */
   private busy = 0
+  /** Busy connections per client (only clients with some). */
+  private readonly held = new Map<string, number>()
   private closed = false
   /** Called when the pool holds nothing any more (so its owner can drop it). */
   private readonly onEmpty: (pool: UpstreamPool) => void
@@ -214,12 +224,27 @@ export class UpstreamPool {
     return { busy: this.busy, idle: this.idle.length, waiting: this.waiters.length }
   }
 
-  /** Grants a connection now (idle or new) or queues the waiter; `fresh` skips idle connections. */
-  acquire(waiter: ConnectionWaiter, fresh: boolean): void {
+  /** Connections `client` holds now. */
+  heldBy(client: string | undefined): number {
+    return client === undefined ? 0 : this.held.get(client) ?? 0
+  }
+
+  /** Whether the waiter's client holds as many connections as it may. */
+  atCap(waiter: ConnectionWaiter): boolean {
+    const limit = waiter.slotLimit
+    return limit !== undefined && waiter.client !== undefined && this.heldBy(waiter.client) >= limit
+  }
+
+  /**
+   * Grants a connection now (idle or new), refuses, or queues the waiter; `fresh` skips idle connections.
+   * Returns whether the waiter was queued (it then hears `granted` or `refused` later, or cancels).
+   */
+  acquire(waiter: ConnectionWaiter, fresh: boolean): boolean {
     if (this.closed) {
       waiter.refused("switchyard: shutting down")
-      return
+      return false
     }
+    if (this.atCap(waiter)) return this.enqueue(waiter)
     if (!fresh) {
       while (this.idle.length > 0) {
         const c = this.idle.pop()!
@@ -230,19 +255,54 @@ export class UpstreamPool {
         }
         c.state = "busy"
         this.busy++
-        waiter.granted(c)
-        return
+        this.grant(waiter, c)
+        return false
       }
     }
     if (this.busy + this.idle.length < this.maxSockets || (fresh && this.idle.length > 0 && this.dropOneIdle())) {
-      waiter.granted(this.open())
-      return
+      this.grant(waiter, this.open())
+      return false
     }
+    return this.enqueue(waiter)
+  }
+
+  private enqueue(waiter: ConnectionWaiter): boolean {
     if (this.waiters.length >= MAX_POOL_WAITERS) {
       waiter.refused(`switchyard: more than ${MAX_POOL_WAITERS} requests waiting for upstream ${this.upstream.describe}`)
-      return
+      return false
     }
     this.waiters.push(waiter)
+    return true
+  }
+
+  /** Hands a busy connection to a waiter, counted against its client. */
+  private grant(waiter: ConnectionWaiter, c: PooledConnection): void {
+    const client = waiter.client
+    c.client = client
+    if (client !== undefined) this.held.set(client, (this.held.get(client) ?? 0) + 1)
+    waiter.granted(c)
+  }
+
+  /** A busy connection stops counting against its client. */
+  private unhold(c: PooledConnection): void {
+    const client = c.client
+    if (client === undefined) return
+    c.client = undefined
+    const n = (this.held.get(client) ?? 1) - 1
+    if (n <= 0) this.held.delete(client)
+    else this.held.set(client, n)
+  }
+
+  /** The first waiter whose client is below its cap, taken off the queue. */
+  private nextWaiter(): ConnectionWaiter | undefined {
+    const waiters = this.waiters
+    for (let i = 0; i < waiters.length; i++) {
+      const w = waiters[i]!
+      if (this.atCap(w)) continue
+      waiters.splice(i, 1)
+      return w
+    }
+    return undefined
   }
 
   /** Stops waiting (the client went away). */
@@ -261,9 +321,10 @@ export class UpstreamPool {
       return
     }
     c.reused = true
-    const next = this.waiters.shift()
+    this.unhold(c)
+    const next = this.nextWaiter()
     if (next !== undefined) {
-      next.granted(c)
+      this.grant(next, c)
       return
     }
     if (this.idle.length >= this.maxFreeSockets) {
@@ -275,11 +336,12 @@ export class UpstreamPool {
     this.idle.push(c)
   }
 
-  /** A busy connection closed: its slot goes to the next waiter. */
-  forget(): void {
+  /** A busy connection closed: its slot goes to the next waiter its client's cap allows. */
+  forget(c: PooledConnection): void {
     this.busy--
-    const next = this.waiters.shift()
-    if (next !== undefined && !this.closed) next.granted(this.open())
+    this.unhold(c)
+    const next = this.closed ? undefined : this.nextWaiter()
+    if (next !== undefined) this.grant(next, this.open())
     else this.checkEmpty()
   }
 

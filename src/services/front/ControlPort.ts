@@ -30,11 +30,13 @@ import {
 } from "../../domain/ControlMessage.ts"
 import { AuthThrottle, type AuthThrottleLimits, DefaultAuthThrottleLimits } from "../../domain/AuthThrottle.ts"
 import { LogSampler } from "../../domain/LogSampler.ts"
+import type { ClientLimits } from "../../domain/ClientLimits.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { type GrantRefusal, makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
 import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol } from "../Backend.ts"
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
+import type { ClientLimitEvent } from "../forward/Http1Engine.ts"
 import { agentUpstream } from "../forward/Upstream.ts"
 import { type ListenerError, Listeners, type ListenersConfig, forwardingHandlers } from "../Listeners.ts"
 import { Registry, type RegistryConfig } from "../Registry.ts"
@@ -341,7 +343,9 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
           host: config.publicHost,
           ...config.publicConnections,
           ...wrapped,
-          ...(engine ? { serveHttp1: forwarder.serveHttp1 } : {})
+          ...(engine ? { serveHttp1: forwarder.serveHttp1 } : {}),
+          clientLimits: config.clientLimits,
+          onClientLimit: config.onClientLimit
         })
       )
     })).pipe(
@@ -373,6 +377,10 @@ export interface GatewayConfig {
    * calls `observeExchange` instead).
    */
   readonly rawEngine?: boolean | undefined
+  /** Data-rate and tunnel-stream limits per public client on engine ports (see `ListenersConfig.clientLimits`). */
+  readonly clientLimits?: ClientLimits | undefined
+  /** Told each time a client limit refuses a request or cuts a connection. */
+  readonly onClientLimit?: ((event: ClientLimitEvent) => void) | undefined
 }
 
 /** The public listeners' handlers for HTTP requests and upgrades. */

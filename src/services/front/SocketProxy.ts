@@ -12,8 +12,10 @@ import * as net from "node:net"
 import { decide, denialMessage, type RuleSet } from "../../domain/AccessRule.ts"
 import { clientAllowed } from "../../domain/ClientAllowlist.ts"
 import { LogSampler } from "../../domain/LogSampler.ts"
+import type { ClientLimitKind, ClientLimits } from "../../domain/ClientLimits.ts"
 import { canonicalTarget, isTargetRejection } from "../../domain/HttpHeaders.ts"
 import type { ListenAddress, SocketProxyConfig } from "../../domain/SocketProxyConfig.ts"
+import { makeClientLimitReporter } from "../forward/ClientLimitReporter.ts"
 import { dockerErrors } from "../forward/ErrorResponse.ts"
 import { STREAM_HIGH_WATER_MARK } from "../forward/FrontServer.ts"
 import type { Admission, Http1Request, Http1Server } from "../forward/Http1Engine.ts"
@@ -50,6 +52,8 @@ export interface SocketProxyStats {
   readonly rejected: number
   /** Client connections refused or closed to keep a listener within `maxConnections`, `maxConnectionsPerAddress` or `silentTimeoutMs`. */
   readonly connectionLimitCloses: number
+  /** Requests refused and connections cut by the client limits (data rates, upstream slots), by limit. */
+  readonly limited: Readonly<Record<ClientLimitKind, number>>
 }
 
 export interface SocketProxyShape {
@@ -246,10 +250,19 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     const more = suppressed > 0 ? ` (and ${suppressed} more since the last line)` : ""
     warn(`switchyard socket-proxy: ${connectionLimitMessages[action]} (${address ?? "a Unix-socket client"})${more}`)
   }
+  const clientLimits: ClientLimits = {
+    minRequestBodyBytesPerSecond: limits.minRequestBodyBytesPerSecond,
+    requestBodyGracePeriodMs: limits.requestBodyGracePeriodMs,
+    minResponseBytesPerSecond: limits.minResponseBytesPerSecond,
+    responseGracePeriodMs: limits.responseGracePeriodMs,
+    maxUpstreamSlotsPerClient: limits.maxUpstreamSlotsPerClient,
+    upstreamSlotWaitMs: limits.upstreamSlotWaitMs
+  }
+  const limited = makeClientLimitReporter((line) => warn(`switchyard socket-proxy: ${line}`))
 
   const addresses: Array<BoundAddress> = []
   for (const address of config.listen) {
-    const engine = forwarder.serveHttp1({ limits, admit })
+    const engine = forwarder.serveHttp1({ limits, admit, clientLimits, onClientLimit: limited.onClientLimit })
     const checkClient = address._tag === "Tcp" && allowFrom !== undefined
     const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: STREAM_HIGH_WATER_MARK })
     const guard = makeConnectionGuard(
@@ -272,7 +285,7 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
       Effect.sync(() => {
         ruleSet = next
       }),
-    stats: () => ({ allowed, denied, rejected, connectionLimitCloses }),
+    stats: () => ({ allowed, denied, rejected, connectionLimitCloses, limited: limited.counts() }),
     forwarder
   }
 })

@@ -6,6 +6,7 @@ import * as net from "node:net"
 import * as os from "node:os"
 import * as path from "node:path"
 import { setTimeout as sleep } from "node:timers/promises"
+import { CLIENT_LIMIT_DEFAULTS, type ClientLimits } from "../../../src/domain/ClientLimits.ts"
 import {
   type Admission,
   type Http1Request,
@@ -176,7 +177,11 @@ afterEach(async () => {
 
 /** The engine on 127.0.0.1:0 in front of the counting upstream. */
 const serve = async (
-  options: { readonly maxSockets?: number; readonly admit?: (r: Http1Request) => Admission | PendingAdmission } & Partial<ForwarderConfig> = {}
+  options: {
+    readonly maxSockets?: number
+    readonly admit?: (r: Http1Request) => Admission | PendingAdmission
+    readonly clientLimits?: ClientLimits
+  } & Partial<ForwarderConfig> = {}
 ): Promise<{ readonly port: number; readonly forwarder: ForwarderShape }> => {
   scope = Effect.runSync(Scope.make())
   const forwarder = await Effect.runPromise(
@@ -187,7 +192,7 @@ const serve = async (
       ...options
     }).pipe(Scope.provide(scope))
   )
-  const engine = forwarder.serveHttp1({ limits: LIMITS, admit: options.admit ?? (() => ({ _tag: "Forward" })) })
+  const engine = forwarder.serveHttp1({ limits: LIMITS, admit: options.admit ?? (() => ({ _tag: "Forward" })), clientLimits: options.clientLimits })
   const listener = net.createServer({ allowHalfOpen: true }, engine.accept)
   await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve))
   await Effect.runPromise(Scope.addFinalizer(
@@ -268,7 +273,8 @@ describe("Http1Engine", () => {
   })
 
   it("keeps at most maxSockets upstream connections; the other requests wait and then complete", async () => {
-    const { port } = await serve({ maxSockets: 2 })
+    // one client address may use the whole pool here, and wait for it as long as it takes
+    const { port } = await serve({ maxSockets: 2, clientLimits: { ...CLIENT_LIMIT_DEFAULTS, maxUpstreamSlotsPerClient: 0, upstreamSlotWaitMs: 0 } })
     const clients = Array.from({ length: 5 }, () => connect(port))
     for (const c of clients) c.socket.write("GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
     await waitFor("two held requests", () => upstream.held.length === 2)

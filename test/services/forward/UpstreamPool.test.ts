@@ -97,4 +97,54 @@ describe("UpstreamPool", () => {
     pool.close()
     await waitFor("the connection to close", () => conn.socket.destroyed && sockets.size === 0)
   })
+
+  it("a client at its cap waits for one of its own connections while other clients are served", async () => {
+    const pool = new UpstreamPool(unixUpstream(path.join(dir, "up.sock"), { maxSockets: 3, maxFreeSockets: 3 }), 3, 3, () => {})
+    const log: Array<string> = []
+    const held: Array<PooledConnection> = []
+    const waiter = (name: string, client: string | undefined, slotLimit: number | undefined) => ({
+      client,
+      slotLimit,
+      granted: (conn: PooledConnection) => {
+        log.push(`${name} granted`)
+        held.push(conn)
+      },
+      refused: (message: string) => void log.push(`${name} refused: ${message}`)
+    })
+    const a1 = waiter("a1", "10.0.0.1", 1)
+    const a2 = waiter("a2", "10.0.0.1", 1)
+    const b1 = waiter("b1", "10.0.0.2", 1)
+    const u1 = waiter("u1", undefined, 1)
+    assert.isFalse(pool.acquire(a1, false))
+    // a second request of the same client queues although connections are free
+    assert.isTrue(pool.acquire(a2, false))
+    assert.isTrue(pool.atCap(a2))
+    assert.strictEqual(pool.heldBy("10.0.0.1"), 1)
+    // another client, and one without an address, are served at once
+    assert.isFalse(pool.acquire(b1, false))
+    assert.isFalse(pool.acquire(u1, false))
+    assert.deepStrictEqual(log, ["a1 granted", "b1 granted", "u1 granted"])
+    assert.deepStrictEqual(pool.stats(), { busy: 3, idle: 0, waiting: 1 })
+    // b1's connection goes back: a2 is still at its cap and keeps waiting; it stays idle
+    pool.release(held[1]!, true)
+    assert.deepStrictEqual(pool.stats(), { busy: 2, idle: 1, waiting: 1 })
+    // a1's goes back: a2 gets it
+    pool.release(held[0]!, true)
+    assert.deepStrictEqual(log, ["a1 granted", "b1 granted", "u1 granted", "a2 granted"])
+    assert.strictEqual(held[3], held[0])
+    assert.strictEqual(pool.heldBy("10.0.0.1"), 1)
+    assert.strictEqual(pool.heldBy("10.0.0.2"), 0)
+    // a closed connection gives its client's count back too
+    held[3]!.destroy()
+    await waitFor("the count to drop", () => pool.heldBy("10.0.0.1") === 0)
+    // a waiter that gives up leaves the queue
+    assert.isFalse(pool.acquire(waiter("a3", "10.0.0.1", 1), false))
+    const a4 = waiter("a4", "10.0.0.1", 1)
+    assert.isTrue(pool.acquire(a4, false))
+    pool.cancel(a4)
+    assert.strictEqual(pool.stats().waiting, 0)
+    pool.close()
+    for (const c of held) c.destroy()
+    await waitFor("the connections to close", () => sockets.size === 0)
+  })
 })
