@@ -116,6 +116,15 @@ export const ServerFile = Schema.Struct({
     max_handshakes_per_address: Schema.optionalKey(
       Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({ description: "Most control connections not yet authenticated from one peer address", default: 32 })
     ),
+    max_failed_auths: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({
+        description: "Failed authentications from one address (each beyond the first 3 answered after a doubling delay, from 250 ms to 8 s) before the address is refused for failed_auth_window_ms",
+        default: 20
+      })
+    ),
+    failed_auth_window_ms: Schema.optionalKey(
+      Ms.annotate({ description: "How long failed authentications are remembered, and an address that had too many is refused", default: 600_000 })
+    ),
     max_sessions: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({ description: "Most control sessions", default: 4_096 })),
     max_sessions_per_token: Schema.optionalKey(
       Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({ description: "Most control sessions per token", default: 1_024 })

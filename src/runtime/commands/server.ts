@@ -554,6 +554,10 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       maxHelloBytes: file.control?.max_hello_bytes,
       maxHandshakes: file.control?.max_handshakes,
       maxHandshakesPerAddress: file.control?.max_handshakes_per_address,
+      authThrottle: {
+        ...(file.control?.max_failed_auths === undefined ? {} : { refuseAfter: file.control.max_failed_auths }),
+        ...(file.control?.failed_auth_window_ms === undefined ? {} : { windowMs: file.control.failed_auth_window_ms })
+      },
       maxSessions: file.control?.max_sessions,
       maxSessionsPerToken: file.control?.max_sessions_per_token,
       drainTimeout,

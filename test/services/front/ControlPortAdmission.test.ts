@@ -100,6 +100,34 @@ const prefix = (n: number) => {
 const replyOf = (bytes: Buffer) => JSON.parse(bytes.subarray(FrameHeaderBytes).toString()) as Record<string, unknown>
 
 describe("ControlPort before authentication", () => {
+  it.live("answers failed authentications from one address later and later, then refuses the address; others are unaffected", () =>
+    withGateway({ authThrottle: { freeFailures: 1, baseDelayMs: 200, maxDelayMs: 1_000, refuseAfter: 3 } }, async (port, rejected) => {
+      const guess = async (localAddress: string) => {
+        const peer = await connect(port, localAddress)
+        peer.socket.write(encodeHello(makeHello(Redacted.make("wrong-token"), [])))
+        const started = Date.now()
+        const bytes = await peer.closed()
+        return { ms: Date.now() - started, reply: bytes.length > 0 ? replyOf(bytes) : undefined }
+      }
+      const first = await guess("127.0.0.1")
+      assert.strictEqual(first.reply?.reason, "BadToken")
+      const second = await guess("127.0.0.1")
+      assert.strictEqual(second.reply?.reason, "BadToken")
+      assert.isAtLeast(second.ms, 200)
+      const third = await guess("127.0.0.1")
+      assert.strictEqual(third.reply?.reason, "BadToken")
+      assert.isAtLeast(third.ms, 400)
+      // the address has failed too often: closed before anything is read, no reply
+      const refused = await guess("127.0.0.1")
+      assert.isUndefined(refused.reply)
+      assert.include(rejected, "TooManyFailures")
+      // another address authenticates as usual
+      const good = await connect(port, "127.0.0.2")
+      good.socket.write(encodeHello(makeHello(Redacted.make(token), [])))
+      assert.strictEqual(replyOf(await good.received(FrameHeaderBytes + 2))._tag, "Welcome")
+      good.socket.destroy()
+    }))
+
   it.live("closes a connection whose Hello announces 1 MiB right after its length prefix, before any body byte", () =>
     withGateway({}, async (port, rejected) => {
       const peer = await connect(port)
