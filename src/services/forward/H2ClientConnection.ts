@@ -8,6 +8,7 @@
  */
 import type { Duplex } from "node:stream"
 import { Schema } from "effect"
+import { contentLengthValues, declaredContentLength, isInvalidContentLength } from "../../domain/ContentLength.ts"
 import { encodeHeaderBlock, HpackDecoder, HpackError } from "../../domain/Hpack.ts"
 import {
   ClientPreface,
@@ -163,6 +164,14 @@ export class H2ClientStream {
   localEnded = false
   remoteEnded = false
   responded = false
+  /** The request was HEAD: a response to it has no content, whatever its head declares. */
+  headRequest = false
+  /** The request was (extended) CONNECT: a 2xx answer is followed by tunnel bytes, not content. */
+  connectRequest = false
+  /** Response content the head declares (bytes); -1 when the body runs to END_STREAM. */
+  expectedBytes = -1
+  /** Response DATA bytes received (padding excluded). */
+  receivedBytes = 0
   interim = 0
   closed = false
   wantWritable = false
@@ -321,6 +330,9 @@ export class H2ClientConnection {
     }
     this.nextId += 2
     const stream = new H2ClientStream(id, this, events, this.remote.initialWindowSize, this.limits.streamWindowBytes)
+    const method = headers[0] === ":method" ? headers[1] : undefined
+    stream.headRequest = method === "HEAD"
+    stream.connectRequest = method === "CONNECT"
     this.streams.set(id, stream)
     this.write(frames)
     if (endStream) {
@@ -628,6 +640,19 @@ export class H2ClientConnection {
   private readonly onData = (_id: number, chunk: Buffer): void => {
     const stream = this.dataStream
     if (stream === undefined || stream.closed) return
+    stream.receivedBytes += chunk.length
+    if (stream.expectedBytes >= 0 && stream.receivedBytes > stream.expectedBytes) {
+      // content beyond what the head declared is malformed (RFC 9113 §8.1.1): none of it is handed on,
+      // nor the rest of this read's DATA for the stream (counted unused, so granted back by `onDataEnd`)
+      return this.resetStream(
+        stream,
+        ErrorCode.PROTOCOL_ERROR,
+        stream.expectedBytes === 0
+          ? "DATA in a response without content (to HEAD, a 204 or 304, or a content-length of 0)"
+          : `DATA beyond the response's content-length (${stream.receivedBytes} bytes of ${stream.expectedBytes})`,
+        false
+      )
+    }
     this.dataDelivered += chunk.length
     if (stream.pieces.length === 0) this.touched.push(stream)
     stream.pieces.push(chunk)
@@ -647,7 +672,16 @@ export class H2ClientConnection {
     if (stream !== undefined && !stream.closed && (flags & Flag.END_STREAM) !== 0) this.remoteEnd(stream)
   }
 
+  /** Whether the response ended short of its content-length (then reset: RFC 9113 §8.1.1, never complete). */
+  private endedShort(stream: H2ClientStream): boolean {
+    if (stream.expectedBytes < 0 || stream.receivedBytes === stream.expectedBytes) return false
+    const why = `END_STREAM after ${stream.receivedBytes} bytes of a response whose content-length is ${stream.expectedBytes}`
+    this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, why, false)
+    return true
+  }
+
   private remoteEnd(stream: H2ClientStream): void {
+    if (this.endedShort(stream)) return
     this.deliver(stream)
     stream.remoteEnded = true
     // a stream done both ways frees its slot before its consumer hears of the end (and may open another)
@@ -688,6 +722,7 @@ export class H2ClientConnection {
       if (!endStream) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "trailers without END_STREAM", false)
       const fields = plainFields(decoded, false)
       if (typeof fields === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, fields, false)
+      if (this.endedShort(stream)) return
       stream.events.trailers(fields)
       this.remoteEnd(stream)
       return
@@ -704,6 +739,12 @@ export class H2ClientConnection {
       if (endStream || status === 101) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `an invalid interim response ${status}`, false)
       if (++stream.interim > MaxInterimHeads) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "too many interim responses", false)
       return
+    }
+    const expected = responseContentBytes(stream, status, fields)
+    if (typeof expected === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, expected, false)
+    stream.expectedBytes = expected
+    if (endStream && expected > 0) {
+      return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `a response head ending the stream although its content-length is ${expected}`, false)
     }
     stream.responded = true
     stream.events.response(status, fields, endStream)
@@ -830,6 +871,20 @@ export class H2ClientConnection {
     for (const s of [...this.blocked]) this.pump(s)
     this.events.settings()
   }
+}
+
+/**
+ * How many content bytes a final response may carry: what its `content-length` declares (-1 when none),
+ * 0 for a response that has no content (to HEAD, 204, 304: RFC 9110 §6.4.1), or why the head is
+ * malformed (a `content-length` that is not one decimal value). A 2xx to CONNECT is a tunnel: its bytes
+ * are not content, and any `content-length` on it is ignored (RFC 9110 §9.3.6).
+ */
+const responseContentBytes = (stream: H2ClientStream, status: number, fields: ReadonlyArray<string>): number | string => {
+  if (stream.connectRequest && status >= 200 && status < 300) return -1
+  const declared = declaredContentLength(contentLengthValues(fields))
+  if (isInvalidContentLength(declared)) return `a response head with ${declared.message}`
+  if (stream.headRequest || status === 204 || status === 304) return 0
+  return declared ?? -1
 }
 
 /** Pseudo-headers and forbidden fields checked; returns the plain fields or why the head is malformed. */

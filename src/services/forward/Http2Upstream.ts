@@ -184,9 +184,6 @@ export const forwardToH2 = (
   for (const chunk of kept) keptBytes += chunk.length
   let bodyEnded = replay?.ended ?? !withBody
   let trailers: ReadonlyArray<string> | undefined
-  // a declared response length (-1 when none), checked against what arrived
-  let expected = -1
-  let received = 0
   // response bytes written to the public socket but not yet granted back (waiting for its drain)
   let owed = 0
   let timer: NodeJS.Timeout | undefined
@@ -241,15 +238,14 @@ export const forwardToH2 = (
         finish()
         return
       }
-      // without a length the response is a stream (events, gRPC): send its head now
-      const length = field(headers, "content-length")
-      if (length === undefined) res.flushHeaders()
-      else if (method !== "HEAD" && status !== 204 && status !== 304) expected = Number(length)
+      // without a length the response is a stream (events, gRPC): send its head now. A length is one
+      // valid value and the body matches it, or the connection resets the stream before handing on a
+      // byte that disagrees (the public response is then aborted, below in `close`).
+      if (field(headers, "content-length") === undefined) res.flushHeaders()
       res.on("drain", onDrain)
     },
     data: (chunk) => {
       if (phase !== "body") return false
-      received += chunk.length
       timer?.refresh()
       // corked so the write happens now: Node's own cork would hold it until the next tick, and the
       // memory read into would then always count as still referenced
@@ -263,7 +259,6 @@ export const forwardToH2 = (
     },
     dataMany: (chunks, bytes) => {
       if (phase !== "body") return false
-      received += bytes
       timer?.refresh()
       // one socket write for the whole read
       res.cork()
@@ -278,13 +273,6 @@ export const forwardToH2 = (
     },
     end: () => {
       if (phase !== "body") return
-      if (expected >= 0 && received !== expected) {
-        // a short (or long) body with a declared length: the client must see it cut
-        options.onError(`backend ${target.describe} broke a response: ${received} of ${expected} bytes`)
-        res.destroy()
-        finish()
-        return
-      }
       if (trailers !== undefined) {
         try {
           res.addTrailers(h1Trailers(trailers))
