@@ -98,6 +98,11 @@ export interface H2StreamClose {
   readonly refused: boolean
   /** For logs: what happened, when not a normal end. */
   readonly reason: string | undefined
+  /**
+   * The gateway reset the stream because the backend broke the protocol on it: a malformed response
+   * head, a body disagreeing with its content-length, a flow-control overrun.
+   */
+  readonly violation?: true | undefined
 }
 
 /** A stream's events; each is called on the socket's read path, so keep them short. */
@@ -511,7 +516,8 @@ export class H2ClientConnection {
     }
   }
 
-  resetStream(stream: H2ClientStream, code: number, reason: string, refused: boolean): void {
+  /** `violation` when the backend broke the protocol on the stream (a malformed response, say). */
+  resetStream(stream: H2ClientStream, code: number, reason: string, refused: boolean, violation = false): void {
     if (stream.closed) return
     // DATA gathered in this read is not handed to a stream being abandoned
     if (stream.piecesBytes > 0) {
@@ -520,7 +526,7 @@ export class H2ClientConnection {
       stream.piecesBytes = 0
     }
     this.write(encodeRstStream(stream.id, code))
-    this.closeStream(stream, { code, refused, reason })
+    this.closeStream(stream, violation ? { code, refused, reason, violation } : { code, refused, reason })
   }
 
   private closeStream(stream: H2ClientStream, info: H2StreamClose): void {
@@ -626,12 +632,12 @@ export class H2ClientConnection {
       return
     }
     if (!stream.responded || stream.remoteEnded) {
-      this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "DATA before the response head or after its end", false)
+      this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "DATA before the response head or after its end", false, true)
       return
     }
     stream.recvWindow -= length
     if (stream.recvWindow < 0) {
-      this.resetStream(stream, ErrorCode.FLOW_CONTROL_ERROR, "the backend overran the stream window", false)
+      this.resetStream(stream, ErrorCode.FLOW_CONTROL_ERROR, "the backend overran the stream window", false, true)
       return
     }
     this.dataStream = stream
@@ -650,7 +656,8 @@ export class H2ClientConnection {
         stream.expectedBytes === 0
           ? "DATA in a response without content (to HEAD, a 204 or 304, or a content-length of 0)"
           : `DATA beyond the response's content-length (${stream.receivedBytes} bytes of ${stream.expectedBytes})`,
-        false
+        false,
+        true
       )
     }
     this.dataDelivered += chunk.length
@@ -676,7 +683,7 @@ export class H2ClientConnection {
   private endedShort(stream: H2ClientStream): boolean {
     if (stream.expectedBytes < 0 || stream.receivedBytes === stream.expectedBytes) return false
     const why = `END_STREAM after ${stream.receivedBytes} bytes of a response whose content-length is ${stream.expectedBytes}`
-    this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, why, false)
+    this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, why, false, true)
     return true
   }
 
@@ -705,23 +712,23 @@ export class H2ClientConnection {
     }
     this.deliver(stream)
     if (decoded instanceof HpackError) {
-      this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, decoded.message, false)
+      this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, decoded.message, false, true)
       return
     }
     const endStream = (flags & Flag.END_STREAM) !== 0
     if (stream.remoteEnded) {
-      this.resetStream(stream, ErrorCode.STREAM_CLOSED, "HEADERS after the end of the response", false)
+      this.resetStream(stream, ErrorCode.STREAM_CLOSED, "HEADERS after the end of the response", false, true)
       return
     }
     if (decoded.length / 2 > this.limits.maxHeaderPairs) {
-      this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `more than ${this.limits.maxHeaderPairs} header fields`, false)
+      this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `more than ${this.limits.maxHeaderPairs} header fields`, false, true)
       return
     }
     if (stream.responded) {
       // trailers: must end the stream and carry no pseudo-headers
-      if (!endStream) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "trailers without END_STREAM", false)
+      if (!endStream) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "trailers without END_STREAM", false, true)
       const fields = plainFields(decoded, false)
-      if (typeof fields === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, fields, false)
+      if (typeof fields === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, fields, false, true)
       if (this.endedShort(stream)) return
       stream.events.trailers(fields)
       this.remoteEnd(stream)
@@ -732,19 +739,19 @@ export class H2ClientConnection {
       const text = decoded[1]!
       if (/^[1-9][0-9][0-9]$/.test(text)) status = Number(text)
     }
-    if (status < 0) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "a response head without a valid :status", false)
+    if (status < 0) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "a response head without a valid :status", false, true)
     const fields = plainFields(decoded, true)
-    if (typeof fields === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, fields, false)
+    if (typeof fields === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, fields, false, true)
     if (status < 200) {
-      if (endStream || status === 101) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `an invalid interim response ${status}`, false)
-      if (++stream.interim > MaxInterimHeads) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "too many interim responses", false)
+      if (endStream || status === 101) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `an invalid interim response ${status}`, false, true)
+      if (++stream.interim > MaxInterimHeads) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "too many interim responses", false, true)
       return
     }
     const expected = responseContentBytes(stream, status, fields)
-    if (typeof expected === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, expected, false)
+    if (typeof expected === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, expected, false, true)
     stream.expectedBytes = expected
     if (endStream && expected > 0) {
-      return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `a response head ending the stream although its content-length is ${expected}`, false)
+      return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `a response head ending the stream although its content-length is ${expected}`, false, true)
     }
     stream.responded = true
     stream.events.response(status, fields, endStream)
@@ -802,9 +809,9 @@ export class H2ClientConnection {
           if (this.isIdle(id)) this.protocolError(`WINDOW_UPDATE on idle stream ${id}`)
           return
         }
-        if (increment === 0) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "a stream WINDOW_UPDATE of 0", false)
+        if (increment === 0) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "a stream WINDOW_UPDATE of 0", false, true)
         stream.sendWindow += increment
-        if (stream.sendWindow > MaxWindowBytes) return this.resetStream(stream, ErrorCode.FLOW_CONTROL_ERROR, "the stream window overflowed", false)
+        if (stream.sendWindow > MaxWindowBytes) return this.resetStream(stream, ErrorCode.FLOW_CONTROL_ERROR, "the stream window overflowed", false, true)
         this.pump(stream)
         return
       }

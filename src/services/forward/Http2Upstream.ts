@@ -298,12 +298,19 @@ export const forwardToH2 = (
         }
         if (!res.headersSent && !res.destroyed) {
           const why = info.reason ?? "stream closed"
-          options.onError(`backend ${target.describe} failed before answering: ${why}`)
-          sendError(res, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${why})`)
+          if (info.violation === true) {
+            options.onError(`backend ${target.describe} sent a malformed response: ${why}`)
+            sendError(res, options.errors, 502, `switchyard: backend ${target.describe} sent an invalid response (${why})`)
+          } else {
+            options.onError(`backend ${target.describe} failed before answering: ${why}`)
+            sendError(res, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${why})`)
+          }
         }
       } else {
-        // broken after the head: the client must see an aborted response, never a short success
-        options.onError(`backend ${target.describe} broke a response: ${info.reason ?? "stream closed"}`)
+        // broken after the head (a reset, or a body disagreeing with its length): the client must see an
+        // aborted response and a closed connection, never a short or long one on a kept-alive connection
+        const what = info.violation === true ? "sent a malformed response" : "broke a response"
+        options.onError(`backend ${target.describe} ${what}: ${info.reason ?? "stream closed"}`)
         res.destroy()
       }
       finish()
