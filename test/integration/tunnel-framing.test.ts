@@ -57,11 +57,12 @@ const serveRaw = (tunnel: TunnelClient["Service"], port: number, pathPrefix: str
   })
 
 describe("control-port tunnels: backends are not trusted with framing", () => {
-  it.live("bytes past a response's Content-Length never reach the client; invalid lengths are a 502", () =>
+  for (const rawEngine of [true, false]) {
+  it.live(`bytes past a response's Content-Length never reach the client; invalid lengths are a 502 (${rawEngine ? "raw engine" : "Node's http"})`, () =>
     Effect.gen(function*() {
       const before = activeHandles()
       yield* Effect.gen(function*() {
-        const control = Context.get(yield* gateway(), ControlPort)
+        const control = Context.get(yield* gateway({ rawEngine }), ControlPort)
         const port = yield* Effect.promise(freePort)
         const tunnel = Context.get(yield* client([control.address.port!], { label: "evil" }), TunnelClient)
         const other = Context.get(yield* client([control.address.port!], { label: "other" }), TunnelClient)
@@ -94,8 +95,13 @@ describe("control-port tunnels: backends are not trusted with framing", () => {
           res.end(req.url)
         })
         const get = (path: string, close = false) => `GET ${path} HTTP/1.1\r\nHost: a.test\r\n${close ? "Connection: close\r\n" : ""}\r\n`
-        const answered = (body: string) => `HTTP/1.1 200 OK\r\nContent-Length: ${body.length}\r\n\r\n${body}`
-        const closing = (body: string) => `HTTP/1.1 200 OK\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`
+        // the engine relays the backend's head as it is; Node's server adds its own fields
+        const fields = (connection: "keep-alive" | "close") =>
+          rawEngine
+            ? connection === "close" ? "Connection: close\r\n" : ""
+            : `Date: -\r\nConnection: ${connection}\r\n${connection === "keep-alive" ? "Keep-Alive: timeout=5\r\n" : ""}`
+        const answered = (body: string) => `HTTP/1.1 200 OK\r\nContent-Length: ${body.length}\r\n${fields("keep-alive")}\r\n${body}`
+        const closing = (body: string) => `HTTP/1.1 200 OK\r\nContent-Length: ${body.length}\r\n${fields("close")}\r\n${body}`
         const otherAnswer = (body: string) => `HTTP/1.1 200 OK\r\ncontent-length: ${body.length}\r\nDate: -\r\nConnection: close\r\n\r\n${body}`
 
         // bytes past the length in the same read: the response ends at its length, the next request
@@ -105,10 +111,12 @@ describe("control-port tunnels: backends are not trusted with framing", () => {
         yield* until(() => evil.closed === 1, "the stream that sent too much to be closed")
         // a response to which no body belongs, followed by bytes: the same
         const headOnly = yield* Effect.promise(() => rawExchange(port, get("/evil/head-only") + get("/other/y", true)))
-        assert.strictEqual(headOnly, "HTTP/1.1 204 No Content\r\n\r\n" + otherAnswer("/other/y"))
+        assert.strictEqual(headOnly, `HTTP/1.1 204 No Content\r\n${fields("keep-alive")}\r\n` + otherAnswer("/other/y"))
         yield* until(() => evil.closed === 2, "the stream that sent a body after a 204 to be closed")
         const head = yield* Effect.promise(() => rawExchange(port, `HEAD /evil/head HTTP/1.1\r\nHost: a.test\r\n\r\n` + get("/other/h", true)))
-        assert.strictEqual(head, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n" + otherAnswer("/other/h"))
+        // (Node's HTTP client takes the bytes after a HEAD response for a malformed message and fails the
+        // exchange before the head is relayed: the connection is closed with nothing on it)
+        assert.strictEqual(head, rawEngine ? `HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n` + otherAnswer("/other/h") : "")
         yield* until(() => evil.closed === 3, "the stream that sent a body after a HEAD to be closed")
         // bytes past the length in a later read, while the connection sits idle in the pool: it is
         // dropped, and the next request to the same backend goes on a new stream
@@ -120,7 +128,9 @@ describe("control-port tunnels: backends are not trusted with framing", () => {
         // a Content-Length that is not one decimal value: 502, never relayed
         for (const path of ["/evil/abc", "/evil/list", "/evil/same-list", "/evil/two", "/evil/two-same"]) {
           const bad = yield* Effect.promise(() => rawExchange(port, get(path) + get("/other/z", true)))
-          assert.match(bad, /^HTTP\/1\.1 502 Bad Gateway\r\n[^]*\r\n\r\nswitchyard: upstream [^\n]* sent a response that cannot be relayed\n$/, path)
+          // (Node's HTTP client names the parse error it met)
+          const why = rawEngine ? "sent a response that cannot be relayed" : "unreachable \\(HPE_(?:INVALID_CONTENT_LENGTH|UNEXPECTED_CONTENT_LENGTH)\\)"
+          assert.match(bad, new RegExp(`^HTTP/1\\.1 502 Bad Gateway\r\n[^]*\r\n\r\nswitchyard: upstream [^\n]* ${why}\n$`), path)
           assert.notInclude(bad, "abc", path)
         }
         assert.deepStrictEqual(evil.paths, [
@@ -138,4 +148,5 @@ describe("control-port tunnels: backends are not trusted with framing", () => {
       }).pipe(Effect.scoped)
       yield* Effect.promise(() => expectNoLeaks(before))
     }))
+  }
 })

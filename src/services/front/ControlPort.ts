@@ -32,7 +32,7 @@ import { type GrantRefusal, makeTokenPolicy, type TokenGrant } from "../../domai
 import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol } from "../Backend.ts"
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
-import { agentUpstream } from "../forward/Upstream.ts"
+import { agentUpstream, IdleGuardedAgent } from "../forward/Upstream.ts"
 import { type ListenerError, Listeners, type ListenersConfig, forwardingHandlers } from "../Listeners.ts"
 import { Registry, type RegistryConfig } from "../Registry.ts"
 import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
@@ -195,7 +195,7 @@ const makeTunnel = (id: string, label: string) => {
 }
 
 /** An agent whose connections are preamble-prefixed streams of one listener. */
-class TunnelAgent extends http.Agent {
+class TunnelAgent extends IdleGuardedAgent {
   readonly openStream: (done: (error: Error | null, stream: Duplex) => void) => void
   constructor(openStream: TunnelAgent["openStream"], maxSockets: number) {
     super({ keepAlive: true, maxSockets, maxFreeSockets: DefaultMaxIdleHttpStreamsPerListener, scheduling: "lifo" })
