@@ -478,6 +478,7 @@ describe("H2ClientConnection", () => {
       Effect.gen(function*() {
         yield* ready(peer)
         const data = (id: number, text: string, end: boolean) => Buffer.concat([encodeDataHeader(id, text.length, end), Buffer.from(text)])
+        const awaitReset = (id: () => number) => until(() => find(peer, FrameType.RST_STREAM).some((f) => f.id === id()), "RST_STREAM")
         /** Opens a stream, lets the peer answer with `frames(id)`, and returns the events once it closed. */
         const exchange = (method: string, frames: (id: number) => ReadonlyArray<Buffer>) =>
           Effect.gen(function*() {
@@ -487,19 +488,23 @@ describe("H2ClientConnection", () => {
             r.stream = stream
             peer.send(...frames(stream.id))
             yield* until(() => r.closed() !== undefined, `the ${method} stream to close`)
+            if (r.closed()!.code !== ErrorCode.NO_ERROR) yield* awaitReset(() => stream.id)
             const resets = find(peer, FrameType.RST_STREAM).filter((f) => f.id === stream.id).map((f) => f.payload.readUInt32BE(0))
-            return { events: r.events, body: Buffer.concat(r.body).toString(), reason: r.closed()!.reason, resets }
+            // the body is checked on its own: how it was split into reads is up to the socket
+            const events = r.events.filter((e) => !e.startsWith("data "))
+            return { events, body: Buffer.concat(r.body).toString(), reason: r.closed()!.reason, resets }
           })
         const reset = `close ${ErrorCode.PROTOCOL_ERROR} false`
-        const awaitReset = (id: () => number) => until(() => find(peer, FrameType.RST_STREAM).some((f) => f.id === id()), "RST_STREAM")
 
         // DATA past the length, in a later frame of the same read and within one frame
         const beyond = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", "3"], false), data(id, "abc", false), data(id, "HTTP/1.1 200 OK\r\n\r\n", true)])
         assert.deepStrictEqual(beyond.events, ["response 200 content-length,3 false", reset])
-        assert.strictEqual(beyond.body, "")
+        // (what came within the length may have been handed on, when the read was split before the rest)
+        assert.isTrue("abc".startsWith(beyond.body), beyond.body)
         assert.match(beyond.reason!, /beyond the response's content-length/)
         const within = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", "3"], false), data(id, "abcdef", true)])
         assert.deepStrictEqual(within.events, ["response 200 content-length,3 false", reset])
+        assert.isTrue("abc".startsWith(within.body), within.body)
         // DATA past the length in a later read, after the first bytes were handed on
         const r = recorder()
         const later = open(peer, r)
@@ -512,9 +517,11 @@ describe("H2ClientConnection", () => {
         // END_STREAM before the length: in DATA, in trailers, on the head itself
         const short = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", "5"], false), data(id, "abc", true)])
         assert.deepStrictEqual(short.events, ["response 200 content-length,5 false", reset])
+        assert.isTrue("abc".startsWith(short.body), short.body)
         assert.match(short.reason!, /END_STREAM after 3 bytes of a response whose content-length is 5/)
         const shortTrailers = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", "5"], false), data(id, "abc", false), head(id, ["x-t", "1"], true)])
-        assert.deepStrictEqual(shortTrailers.events, ["response 200 content-length,5 false", "data 3", reset])
+        assert.deepStrictEqual(shortTrailers.events, ["response 200 content-length,5 false", reset])
+        assert.strictEqual(shortTrailers.body, "abc")
         const emptyHead = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", "5"], true)])
         assert.deepStrictEqual(emptyHead.events, [reset])
         // a content-length that is not one decimal value: the head is malformed, never handed on
@@ -529,16 +536,19 @@ describe("H2ClientConnection", () => {
         assert.deepStrictEqual(headOk.events, ["response 200 content-length,5 true", "end", "close 0 false"])
         const headData = yield* exchange("HEAD", (id) => [head(id, [":status", "200", "content-length", "5"], false), data(id, "hello", true)])
         assert.deepStrictEqual(headData.events, ["response 200 content-length,5 false", reset])
+        assert.strictEqual(headData.body, "")
         assert.match(headData.reason!, /DATA in a response without content/)
         for (const status of ["204", "304"]) {
           const bodied = yield* exchange("GET", (id) => [head(id, [":status", status], false), data(id, "x", true)])
           assert.deepStrictEqual(bodied.events, [`response ${status}  false`, reset], status)
+          assert.strictEqual(bodied.body, "", status)
           const empty = yield* exchange("GET", (id) => [head(id, [":status", status], false), data(id, "", true)])
           assert.deepStrictEqual(empty.events, [`response ${status}  false`, "end", "close 0 false"], status)
         }
         // a body that matches, over several frames and reads; one without a length runs to END_STREAM
         const ok = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", "5"], false), data(id, "hel", false), data(id, "lo", true)])
-        assert.deepStrictEqual(ok.events, ["response 200 content-length,5 false", "data 5", "end", "close 0 false"])
+        assert.deepStrictEqual(ok.events, ["response 200 content-length,5 false", "end", "close 0 false"])
+        assert.strictEqual(ok.body, "hello")
         const open5 = yield* exchange("GET", (id) => [head(id, [":status", "200"], false), data(id, "any length", true)])
         assert.strictEqual(open5.body, "any length")
         // the resets are stream errors: the connection stays, and what the reset streams were sent is
