@@ -150,7 +150,7 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
         const maxFree = Number.isFinite(agent.maxFreeSockets) ? Math.min(agent.maxFreeSockets, maxSockets) : maxSockets
         pool = new UpstreamPool(target, maxSockets, maxFree, (empty) => {
           if (pools.get(empty.upstream) === empty) pools.delete(empty.upstream)
-        })
+        }, (bytes) => report(`upstream ${target.describe} sent ${bytes} bytes on an idle connection; the connection is dropped`))
         pools.set(target, pool)
       }
       return pool

@@ -483,6 +483,11 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     else h2ProtocolErrors(reason)
     recentErrors.add(`reverse-HTTP/2 connection failed: ${reason}`)
   }
+  // reverse-HTTP/2: streams reset because the backend's response broke the protocol (the connection stays)
+  const onH2StreamViolation = (message: string) => {
+    h2ProtocolErrors("MalformedResponse")
+    recentErrors.add(`reverse-HTTP/2 ${message}`)
+  }
   const webSocket = webSocketOf(file)
   if (webSocket instanceof ConfigLoadError) return yield* webSocket
   const controlTls = certificatePair("control", file.control)
@@ -523,6 +528,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       tokens: plain ? undefined : grants,
       drainTimeout,
       onFailure: onH2Failure,
+      onStreamViolation: onH2StreamViolation,
       responseTimeoutMs: file.response_timeout_ms,
       idleTimeoutMs: file.idle_timeout_ms
     })

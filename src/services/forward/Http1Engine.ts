@@ -747,7 +747,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
           conn.socket.pause()
         }
       }
-      if (framer.done) this.responseComplete(n === chunk.length)
+      if (framer.done) this.responseComplete(this.endsClean(chunk.length - n))
       return
     }
     this.responseStarted = true
@@ -807,7 +807,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     const socket = this.socket
     if (rest.length === 0 || framer.done) {
       socket.write(headBytes)
-      if (framer.done) this.responseComplete(rest.length === 0)
+      if (framer.done) this.responseComplete(this.endsClean(rest.length))
       return
     }
     const n = framer.consume(rest, 0)
@@ -833,7 +833,17 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       this.upstreamPaused = true
       this.conn!.socket.pause()
     }
-    if (framer.done) this.responseComplete(n === rest.length)
+    if (framer.done) this.responseComplete(this.endsClean(rest.length - n))
+  }
+
+  /**
+   * Whether a complete response left nothing behind in its read; bytes past its framing are never
+   * relayed and the upstream connection is not reused (reported: the upstream broke its own framing).
+   */
+  private endsClean(surplus: number): boolean {
+    if (surplus === 0) return true
+    this.core.report(`upstream ${this.outgoing!.upstream.describe} sent ${surplus} bytes past the end of its response; the connection is dropped`)
+    return false
   }
 
   /** A response the client cannot be given: 502 if nothing was sent yet, else the exchange is cut. */

@@ -53,6 +53,11 @@ export interface H2ForwardOptions {
   readonly errors: ErrorRenderer
   /** Called with a one-line description of each upstream failure. */
   readonly onError: (message: string) => void
+  /**
+   * Also called, with the same description, when the failure is the backend breaking the protocol on
+   * the stream (a malformed response head, a body disagreeing with its content-length): for counting.
+   */
+  readonly onViolation?: ((message: string) => void) | undefined
   /** Called once when the exchange is over, whatever the outcome (stream slots, counters). */
   readonly onDone: () => void
   /**
@@ -299,7 +304,9 @@ export const forwardToH2 = (
         if (!res.headersSent && !res.destroyed) {
           const why = info.reason ?? "stream closed"
           if (info.violation === true) {
-            options.onError(`backend ${target.describe} sent a malformed response: ${why}`)
+            const message = `backend ${target.describe} sent a malformed response: ${why}`
+            options.onError(message)
+            options.onViolation?.(message)
             sendError(res, options.errors, 502, `switchyard: backend ${target.describe} sent an invalid response (${why})`)
           } else {
             options.onError(`backend ${target.describe} failed before answering: ${why}`)
@@ -310,7 +317,9 @@ export const forwardToH2 = (
         // broken after the head (a reset, or a body disagreeing with its length): the client must see an
         // aborted response and a closed connection, never a short or long one on a kept-alive connection
         const what = info.violation === true ? "sent a malformed response" : "broke a response"
-        options.onError(`backend ${target.describe} ${what}: ${info.reason ?? "stream closed"}`)
+        const message = `backend ${target.describe} ${what}: ${info.reason ?? "stream closed"}`
+        options.onError(message)
+        if (info.violation === true) options.onViolation?.(message)
         res.destroy()
       }
       finish()

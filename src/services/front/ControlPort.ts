@@ -262,8 +262,11 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
    */
   static readonly gatewayLayer = (config: GatewayConfig): Layer.Layer<ControlPort | Listeners | Registry | Dispatcher, TransportError, Transport> => {
     const core = Layer.unwrap(Effect.gen(function*() {
+      const runLog = Effect.runForkWith(yield* Effect.context<never>())
       const forwarder = yield* Forwarder.make({
         upstream: unroutedUpstream,
+        // a backend unreachable, or answering what cannot be relayed (a malformed head, bytes past its framing)
+        onUpstreamError: (message) => void runLog(Effect.logInfo(`control-port tunnel: ${message}`)),
         responseTimeoutMs: config.responseTimeoutMs ?? 0,
         idleTimeoutMs: config.idleTimeoutMs ?? 0
       })
