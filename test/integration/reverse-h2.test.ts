@@ -621,7 +621,8 @@ describe("reverse HTTP/2: backends are not trusted with framing", () => {
     it.effect(`a body disagreeing with its content-length closes the public keep-alive connection; an invalid length is a 502 (${engine ? "engine" : "Node"} port)`, () =>
       Effect.gen(function*() {
         const port = yield* Effect.promise(freePort)
-        yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+        const violations: Array<string> = []
+        yield* withGateway({ routes: [{ _tag: "Http", port }], onStreamViolation: (m) => void violations.push(m) }, Effect.gen(function*() {
           const gateway = yield* ReverseH2
           const backend = yield* dialScriptedBackend(gateway.address.port, (id, { path }) => {
             switch (path) {
@@ -675,10 +676,59 @@ describe("reverse HTTP/2: backends are not trusted with framing", () => {
           // (a pipelined second request already forwarded is cancelled when its client connection closes)
           yield* until(() => backend.resets.filter(([, code]) => code === ErrorCode.PROTOCOL_ERROR).length === 7, "seven RST_STREAM(PROTOCOL_ERROR)")
           assert.deepStrictEqual(backend.resets.filter(([, code]) => code !== ErrorCode.PROTOCOL_ERROR && code !== ErrorCode.CANCEL), [])
-          // the connection itself serves on
+          // each is reported (for the protocol-error count); the connection itself serves on
+          assert.strictEqual(violations.length, 7, violations.join("\n"))
+          assert.match(violations[0]!, /sent a malformed response: DATA beyond the response's content-length/)
           assert.strictEqual(gateway.connections(), 1)
           assert.strictEqual(yield* pair("/after"), ok("/after", keptAlive) + ok("/second", "Connection: close"))
         }), engine)
       }))
   }
+
+  it.effect("an HTTP/2 public client on a TLS route: its stream is reset, never given bytes past the length; its other streams go on", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      const certificate = makeCertificate("secure.test")
+      const route = { _tag: "Tls", port, domainSuffix: "secure.test", cert: certificate.cert, key: certificate.key, then: "http" } as const
+      yield* withGateway({ routes: [route] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        yield* dialScriptedBackend(gateway.address.port, (id, { path }) =>
+          path === "/long"
+            ? scriptedResponse(id, [":status", "200", "content-length", "3"], "abc" + forged)
+            : path === "/abc"
+            ? scriptedResponse(id, [":status", "200", "content-length", "abc"], "abc")
+            : scriptedResponse(id, [":status", "200", "content-length", String(path.length)], path))
+        yield* until(() => gateway.connections() === 1, "the backend to register")
+        const outcomes = yield* Effect.promise(() =>
+          new Promise<Array<string>>((resolve, reject) => {
+            const client = http2.connect(`https://127.0.0.1:${port}`, { servername: "api.secure.test", ca: certificate.cert })
+            client.on("error", reject)
+            const get = (path: string) =>
+              new Promise<string>((done) => {
+                const req = client.request({ ":path": path, ":authority": "api.secure.test" })
+                let status = 0
+                let text = ""
+                req.setEncoding("latin1")
+                req.on("response", (h) => void (status = Number(h[":status"])))
+                req.on("data", (c: string) => void (text += c))
+                req.on("error", () => undefined)
+                req.on("close", () => done(`${status} ${req.rstCode === 0 ? "complete" : "reset"} ${JSON.stringify(text)}`))
+                req.end()
+              })
+            // one after the other on one HTTP/2 connection
+            void get("/long").then(async (long) => {
+              const abc = await get("/abc")
+              const fine = await get("/fine")
+              client.close()
+              resolve([long, abc, fine])
+            })
+          })
+        )
+        const [long, abc, fine] = outcomes
+        // cut: a prefix of the declared three bytes at most, then the stream reset (or no head at all)
+        assert.match(long!, /^(?:200|0) reset "(?:|a|ab|abc)"$/)
+        assert.match(abc!, /^502 complete "switchyard: backend h2 [^"]* sent an invalid response \(a response head with invalid content-length \\"abc\\"\)\\n"$/)
+        assert.strictEqual(fine, `200 complete "/fine"`)
+      }))
+    }))
 })

@@ -164,6 +164,18 @@ const cancel = (stream: H2ClientStream): void => {
 }
 
 /**
+ * Cuts a public response that cannot be completed: an HTTP/1.1 client's connection is closed; an HTTP/2
+ * client's stream (a public `Http2ServerResponse` seen through `asHttp1`) is reset with INTERNAL_ERROR,
+ * since a bare close of the stream would read as a complete response.
+ */
+const abortResponse = (res: http.ServerResponse): void => {
+  const stream = (res as { readonly stream?: { readonly close?: (code: number) => void; readonly destroyed?: boolean } }).stream
+  if (stream !== undefined && typeof stream.close === "function") {
+    if (stream.destroyed !== true) stream.close(ErrorCode.INTERNAL_ERROR)
+  } else res.destroy()
+}
+
+/**
  * Forwards `req` onto a new stream of `target`. The response (or a 502/504, or an aborted response when
  * the stream breaks after its head) goes to `res`; the public client leaving resets the stream (CANCEL).
  */
@@ -219,7 +231,7 @@ export const forwardToH2 = (
       sendError(res, options.errors, 504, `switchyard: backend ${target.describe} timed out before answering`)
     } else {
       options.onError(`backend ${target.describe} was idle too long: ${method} ${req.url}`)
-      res.destroy()
+      abortResponse(res)
     }
     finish()
   }
@@ -284,7 +296,7 @@ export const forwardToH2 = (
         } catch (error) {
           // trailers HTTP/1.1 cannot carry: the response cannot be completed faithfully
           options.onError(`backend ${target.describe} sent invalid trailers: ${(error as Error).message}`)
-          res.destroy()
+          abortResponse(res)
           finish()
           return
         }
@@ -320,7 +332,7 @@ export const forwardToH2 = (
         const message = `backend ${target.describe} ${what}: ${info.reason ?? "stream closed"}`
         options.onError(message)
         if (info.violation === true) options.onViolation?.(message)
-        res.destroy()
+        abortResponse(res)
       }
       finish()
     },
