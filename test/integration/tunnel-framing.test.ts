@@ -7,29 +7,34 @@
 import { assert, describe, it } from "@effect/vitest"
 import type { Duplex } from "node:stream"
 import { Context, Effect } from "effect"
+import * as http2 from "node:http2"
+import type { RouteDefinition } from "../../src/domain/Route.ts"
 import { TunnelClient } from "../../src/services/client/TunnelClient.ts"
 import { ControlPort } from "../../src/services/front/ControlPort.ts"
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
-import { freePort } from "../services/ListenersFixtures.ts"
+import { freePort, makeCertificate } from "../services/ListenersFixtures.ts"
 import { rawExchange, until } from "./reverse-h2-harness.ts"
 import { client, gateway, serveHttp } from "./tunnelHarness.ts"
 
 const forged = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
 
-/** What a raw backend writes for a request path: one write, or several (each after the previous one went out). */
+/**
+ * What a raw backend writes for a request path: one write, or several (each after the previous one went
+ * out); an empty string ends its stream.
+ */
 type RawAnswer = (path: string) => ReadonlyArray<string>
 
 /**
  * A tunnel backend that answers each request head on a stream with `answer`'s raw bytes; records the
  * paths asked for and how many of its streams closed.
  */
-const serveRaw = (tunnel: TunnelClient["Service"], port: number, pathPrefix: string, answer: RawAnswer) =>
+const serveRaw = (tunnel: TunnelClient["Service"], route: RouteDefinition, answer: RawAnswer) =>
   Effect.gen(function*() {
     const seen = { paths: [] as Array<string>, closed: 0 }
     let resolveBound!: () => void
     const bound = new Promise<void>((resolve) => resolveBound = resolve)
     yield* tunnel.addListener({
-      route: { _tag: "Http", port, pathPrefix },
+      route,
       onConnection: ({ socket }: { socket: Duplex }) => {
         let buffered = ""
         socket.on("error", () => socket.destroy())
@@ -43,7 +48,9 @@ const serveRaw = (tunnel: TunnelClient["Service"], port: number, pathPrefix: str
             const writes = [...answer(path)]
             const next = () => {
               const bytes = writes.shift()
-              if (bytes !== undefined) socket.write(bytes, () => setTimeout(next, 20))
+              // an empty write ends the stream
+              if (bytes === "") socket.end()
+              else if (bytes !== undefined) socket.write(bytes, () => setTimeout(next, 20))
             }
             next()
           }
@@ -66,7 +73,7 @@ describe("control-port tunnels: backends are not trusted with framing", () => {
         const port = yield* Effect.promise(freePort)
         const tunnel = Context.get(yield* client([control.address.port!], { label: "evil" }), TunnelClient)
         const other = Context.get(yield* client([control.address.port!], { label: "other" }), TunnelClient)
-        const evil = yield* serveRaw(tunnel, port, "/evil", (path) => {
+        const evil = yield* serveRaw(tunnel, { _tag: "Http", port, pathPrefix: "/evil" }, (path) => {
           switch (path) {
             case "/evil/same-read":
               return ["HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc" + forged]
@@ -149,4 +156,45 @@ describe("control-port tunnels: backends are not trusted with framing", () => {
       yield* Effect.promise(() => expectNoLeaks(before))
     }))
   }
+
+  it.live("an HTTP/2 public client on a TLS route: a response cut short by its backend is a reset stream, never complete", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      yield* Effect.gen(function*() {
+        const control = Context.get(yield* gateway(), ControlPort)
+        const port = yield* Effect.promise(freePort)
+        const certificate = makeCertificate("secure.test")
+        const tunnel = Context.get(yield* client([control.address.port!]), TunnelClient)
+        yield* serveRaw(tunnel, { _tag: "Tls", port, domainSuffix: "secure.test", cert: certificate.cert, key: certificate.key, then: "http" }, (path) =>
+          path === "/short"
+            ? ["HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", ""]
+            : [`HTTP/1.1 200 OK\r\nContent-Length: ${path.length}\r\n\r\n${path}`])
+        const outcomes = yield* Effect.promise(() =>
+          new Promise<Array<string>>((resolve, reject) => {
+            const h2 = http2.connect(`https://127.0.0.1:${port}`, { servername: "api.secure.test", ca: certificate.cert })
+            h2.on("error", reject)
+            const get = (path: string) =>
+              new Promise<string>((done) => {
+                const req = h2.request({ ":path": path, ":authority": "api.secure.test" })
+                let status = 0
+                let text = ""
+                req.setEncoding("latin1")
+                req.on("response", (h) => void (status = Number(h[":status"])))
+                req.on("data", (c: string) => void (text += c))
+                req.on("error", () => undefined)
+                req.on("close", () => done(`${status} ${req.rstCode === 0 ? "complete" : "reset"} ${JSON.stringify(text)}`))
+                req.end()
+              })
+            void get("/short").then(async (short) => {
+              const fine = await get("/fine")
+              h2.close()
+              resolve([short, fine])
+            })
+          })
+        )
+        assert.match(outcomes[0]!, /^200 reset "(?:|a|ab|abc)"$/)
+        assert.strictEqual(outcomes[1], `200 complete "/fine"`)
+      }).pipe(Effect.scoped)
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }))
 })

@@ -11,7 +11,7 @@ import type * as http from "node:http"
 import type { Duplex } from "node:stream"
 import { ErrorCode } from "../../domain/Http2Frame.ts"
 import { type ForwardedMode, HOP_BY_HOP, headerValue, requestHeaders, responseHeaders } from "../../domain/HttpHeaders.ts"
-import { type ErrorRenderer, STATUS_TEXT, sendError, writeRawError } from "./ErrorResponse.ts"
+import { abortResponse, type ErrorRenderer, STATUS_TEXT, sendError, writeRawError } from "./ErrorResponse.ts"
 import { type H2ClientConnection, type H2ClientStream, H2ConnectionError, type H2StreamClose } from "./H2ClientConnection.ts"
 
 const HTTP2_HEADER_METHOD = ":method"
@@ -161,18 +161,6 @@ const openRefused = (error: H2ConnectionError): boolean =>
 /** Ends a stream that is still open (CANCEL), unless it is completing on its own. */
 const cancel = (stream: H2ClientStream): void => {
   if (!stream.closed && !(stream.localEnded && stream.remoteEnded)) stream.reset(ErrorCode.CANCEL)
-}
-
-/**
- * Cuts a public response that cannot be completed: an HTTP/1.1 client's connection is closed; an HTTP/2
- * client's stream (a public `Http2ServerResponse` seen through `asHttp1`) is reset with INTERNAL_ERROR,
- * since a bare close of the stream would read as a complete response.
- */
-const abortResponse = (res: http.ServerResponse): void => {
-  const stream = (res as { readonly stream?: { readonly close?: (code: number) => void; readonly destroyed?: boolean } }).stream
-  if (stream !== undefined && typeof stream.close === "function") {
-    if (stream.destroyed !== true) stream.close(ErrorCode.INTERNAL_ERROR)
-  } else res.destroy()
 }
 
 /**
