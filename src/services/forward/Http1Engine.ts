@@ -21,6 +21,7 @@ import {
   responseHeadReader
 } from "../../domain/Http1Parser.ts"
 import { type ForwardedMode, requestHeaders, responseHeaders } from "../../domain/HttpHeaders.ts"
+import { contentLengthValues } from "../../domain/ContentLength.ts"
 import { type ErrorRenderer, writeRawError } from "./ErrorResponse.ts"
 import { closeAfterFlush } from "./Flush.ts"
 import type { HttpLimits } from "./FrontServer.ts"
@@ -796,6 +797,9 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     const framer = new BodyFramer(framing, this.front.limits.maxHeaderSize, 502)
     this.responseFramer = framer
     this.responseKeepAlive = head.keepAlive && head.versionMinor === 1
+    // Transfer-Encoding beside a Content-Length: the coding frames the body (the length is not relayed),
+    // and the upstream connection is not reused (RFC 9112 §6.3)
+    if (head.contentLength === undefined && framing._tag !== "None" && contentLengthValues(head.headers).length > 0) this.responseKeepAlive = false
     // A declined upgrade, a response that ends with its connection, or an answer before the whole request
     // body: the client connection cannot carry another request.
     if (this.upgrading || framing._tag === "Close" || !this.requestDone) this.closeAfter = true

@@ -480,6 +480,7 @@ describe("Http1Engine", () => {
           buffered = buffered.slice(end + 4)
           if (target === "/same-read") s.write("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc" + forged)
           else if (target === "/no-content") s.write("HTTP/1.1 204 No Content\r\n\r\n" + forged)
+          else if (target === "/both") s.write("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n")
           else if (target === "/later") s.write("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", () => setTimeout(() => s.write(forged), 20))
           else s.write(`HTTP/1.1 200 OK\r\nContent-Length: ${target.length}\r\n\r\n${target}`)
         }
@@ -511,8 +512,11 @@ describe("Http1Engine", () => {
       await c.until("two answers", (t) => t.endsWith("/one"))
       c.socket.write("GET /no-content HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n")
       await c.until("four answers", (t) => t.endsWith("/two"))
+      // both framings: the coding wins, the length is not relayed, the connection is not reused
+      c.socket.write("GET /both HTTP/1.1\r\nHost: x\r\n\r\n")
+      await c.until("five answers", (t) => t.endsWith("0\r\n\r\n"))
       c.socket.write("GET /later HTTP/1.1\r\nHost: x\r\n\r\n")
-      await c.until("five answers", (t) => t.endsWith("abc") && count(t, "HTTP/1.1") === 5)
+      await c.until("six answers", (t) => t.endsWith("abc") && count(t, "HTTP/1.1") === 6)
       await waitFor("the idle connection that talked to be reported", () => reports.some((r) => r.includes("on an idle connection")))
       c.socket.write("GET /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
       await c.closed
@@ -520,11 +524,12 @@ describe("Http1Engine", () => {
         c.text(),
         "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc" + "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n/one" +
           "HTTP/1.1 204 No Content\r\n\r\n" + "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n/two" +
+          "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n" +
           "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc" +
           "HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\n/three"
       )
-      // a fresh connection after each one that broke its framing: /same-read, /no-content, /later
-      assert.strictEqual(accepted, 4)
+      // a fresh connection after each one that broke its framing: /same-read, /no-content, /both, /later
+      assert.strictEqual(accepted, 5)
       assert.deepStrictEqual(reports.map((r) => r.replace(/^upstream \S+ /, "")), [
         `sent ${forged.length} bytes past the end of its response; the connection is dropped`,
         `sent ${forged.length} bytes past the end of its response; the connection is dropped`,
