@@ -18,7 +18,7 @@ import {
   responseHeaders,
   trailerPairs
 } from "../domain/HttpHeaders.ts"
-import { type ErrorRenderer, plainErrors, sendError, writeRawError } from "./forward/ErrorResponse.ts"
+import { abortResponse, type ErrorRenderer, plainErrors, sendError, writeRawError } from "./forward/ErrorResponse.ts"
 import { closeAfterFlush } from "./forward/Flush.ts"
 import { type Http1Front, type Http1Server, makeHttp1Server } from "./forward/Http1Engine.ts"
 import type { Upstream } from "./forward/Upstream.ts"
@@ -150,7 +150,7 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
         const maxFree = Number.isFinite(agent.maxFreeSockets) ? Math.min(agent.maxFreeSockets, maxSockets) : maxSockets
         pool = new UpstreamPool(target, maxSockets, maxFree, (empty) => {
           if (pools.get(empty.upstream) === empty) pools.delete(empty.upstream)
-        })
+        }, (bytes) => report(`upstream ${target.describe} sent ${bytes} bytes on an idle connection; the connection is dropped`))
         pools.set(target, pool)
       }
       return pool
@@ -260,9 +260,9 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
         res.end()
         finish()
       })
-      upRes.on("error", () => res.destroy())
+      upRes.on("error", () => abortResponse(res))
       upRes.on("close", () => {
-        if (!upRes.complete) res.destroy()
+        if (!upRes.complete) abortResponse(res)
       })
     }
 
@@ -296,7 +296,7 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
           return
         }
         if (res.headersSent) {
-          res.destroy()
+          abortResponse(res)
         } else if (retry && bodyless && sent.reusedSocket && err.code === "ECONNRESET") {
           // A pooled connection the upstream closed while idle: nothing was processed; try once more.
           send(false)

@@ -7,13 +7,14 @@ import * as net from "node:net"
 import { Effect } from "effect"
 import * as Redacted from "effect/Redacted"
 import { decodeHelloReply, encodeHello, FrameReader, makeHello } from "../../src/domain/ControlMessage.ts"
+import { ErrorCode } from "../../src/domain/Http2Frame.ts"
 import { Dispatcher } from "../../src/services/Dispatcher.ts"
 import { Listeners } from "../../src/services/Listeners.ts"
 import { MaxReplayBodyBytes } from "../../src/services/forward/Http2Upstream.ts"
 import { ReverseH2 } from "../../src/services/front/ReverseH2.ts"
 import { serveReverseHttp2 } from "../../src/runtime/serveReverseHttp2.ts"
 import { makeCertificate } from "../services/ListenersFixtures.ts"
-import { closeServer, dialBackend, freePort, request, until, withGateway } from "./reverse-h2-harness.ts"
+import { closeServer, dialBackend, dialScriptedBackend, freePort, rawExchange, request, scriptedResponse, until, withGateway } from "./reverse-h2-harness.ts"
 
 /** Runs `total` calls of `f`, at most `concurrency` at once. */
 const pool = async <A>(total: number, concurrency: number, f: (i: number) => Promise<A>): Promise<Array<A>> => {
@@ -609,3 +610,125 @@ describe("reverse HTTP/2", () => {
 })
 
 void sleep
+
+describe("reverse HTTP/2: backends are not trusted with framing", () => {
+  const forged = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+  /** Whether `bytes` is nothing, or `head` and a prefix of `body`: a response cut, never one too long. */
+  const assertCut = (bytes: string, head: string, body: string) =>
+    assert.isTrue(bytes === "" || (bytes.startsWith(head) && body.startsWith(bytes.slice(head.length))), JSON.stringify(bytes))
+
+  for (const engine of [false, true]) {
+    it.effect(`a body disagreeing with its content-length closes the public keep-alive connection; an invalid length is a 502 (${engine ? "engine" : "Node"} port)`, () =>
+      Effect.gen(function*() {
+        const port = yield* Effect.promise(freePort)
+        const violations: Array<string> = []
+        yield* withGateway({ routes: [{ _tag: "Http", port }], onStreamViolation: (m) => void violations.push(m) }, Effect.gen(function*() {
+          const gateway = yield* ReverseH2
+          const backend = yield* dialScriptedBackend(gateway.address.port, (id, { path }) => {
+            switch (path) {
+              case "/long":
+                return scriptedResponse(id, [":status", "200", "content-length", "3"], "abc" + forged)
+              case "/short":
+                return scriptedResponse(id, [":status", "200", "content-length", "10"], "12345")
+              case "/head":
+                return scriptedResponse(id, [":status", "200", "content-length", "5"], "hello")
+              case "/no-content":
+                return scriptedResponse(id, [":status", "204"], forged)
+              case "/abc":
+                return scriptedResponse(id, [":status", "200", "content-length", "abc"], "abc")
+              case "/list":
+                return scriptedResponse(id, [":status", "200", "content-length", "3, 3"], "abc")
+              case "/two":
+                return scriptedResponse(id, [":status", "200", "content-length", "3", "content-length", "4"], "abc")
+              default:
+                return scriptedResponse(id, [":status", "200", "content-length", String(path.length)], path)
+            }
+          })
+          yield* until(() => gateway.connections() === 1, "the backend to register")
+          // two requests on one connection (pipelined), the second for another host on the same port
+          const pair = (first: string, method = "GET") =>
+            Effect.promise(() =>
+              rawExchange(port, `${method} ${first} HTTP/1.1\r\nHost: a.test\r\n\r\nGET /second HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n`)
+            )
+          const ok = (body: string, connection: string) =>
+            `HTTP/1.1 200 OK\r\ncontent-length: ${body.length}\r\nDate: -\r\n${connection}\r\n\r\n${body}`
+          const keptAlive = "Connection: keep-alive\r\nKeep-Alive: timeout=5"
+
+          // a well-framed answer keeps the connection for the next request
+          assert.strictEqual(yield* pair("/fine"), ok("/fine", keptAlive) + ok("/second", "Connection: close"))
+          // DATA past the length (carrying a forged response), END_STREAM before it, DATA on HEAD: the
+          // response is cut and the connection closed; the second request is never answered
+          assertCut(yield* pair("/long"), `HTTP/1.1 200 OK\r\ncontent-length: 3\r\nDate: -\r\n${keptAlive}\r\n\r\n`, "abc")
+          assertCut(yield* pair("/short"), `HTTP/1.1 200 OK\r\ncontent-length: 10\r\nDate: -\r\n${keptAlive}\r\n\r\n`, "12345")
+          assertCut(yield* pair("/head", "HEAD"), `HTTP/1.1 200 OK\r\ncontent-length: 5\r\nDate: -\r\n${keptAlive}\r\n\r\n`, "")
+          assert.strictEqual(yield* pair("/no-content"), `HTTP/1.1 204 No Content\r\nDate: -\r\n${keptAlive}\r\n\r\n`)
+          // a content-length that is not one decimal value: 502, and the connection closed after it
+          for (const [path, why] of [["/abc", `invalid content-length "abc"`], ["/list", `invalid content-length "3, 3"`], ["/two", "2 content-length fields"]]) {
+            const body = `switchyard: backend h2 127.0.0.1:${backend.localPort} sent an invalid response (a response head with ${why})\n`
+            assert.strictEqual(
+              yield* pair(path!),
+              `HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ${body.length}\r\nconnection: close\r\nDate: -\r\n\r\n${body}`
+            )
+          }
+          // (Node's server may already have forwarded the pipelined second request: its answer is dropped)
+          assert.deepStrictEqual(backend.requests.filter((r) => r !== "GET /second"), ["GET /fine", "GET /long", "GET /short", "HEAD /head", "GET /no-content", "GET /abc", "GET /list", "GET /two"])
+          // each broken stream was reset with PROTOCOL_ERROR
+          // (a pipelined second request already forwarded is cancelled when its client connection closes)
+          yield* until(() => backend.resets.filter(([, code]) => code === ErrorCode.PROTOCOL_ERROR).length === 7, "seven RST_STREAM(PROTOCOL_ERROR)")
+          assert.deepStrictEqual(backend.resets.filter(([, code]) => code !== ErrorCode.PROTOCOL_ERROR && code !== ErrorCode.CANCEL), [])
+          // each is reported (for the protocol-error count); the connection itself serves on
+          assert.strictEqual(violations.length, 7, violations.join("\n"))
+          assert.match(violations[0]!, /sent a malformed response: DATA beyond the response's content-length/)
+          assert.strictEqual(gateway.connections(), 1)
+          assert.strictEqual(yield* pair("/after"), ok("/after", keptAlive) + ok("/second", "Connection: close"))
+        }), engine)
+      }))
+  }
+
+  it.effect("an HTTP/2 public client on a TLS route: its stream is reset, never given bytes past the length; its other streams go on", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      const certificate = makeCertificate("secure.test")
+      const route = { _tag: "Tls", port, domainSuffix: "secure.test", cert: certificate.cert, key: certificate.key, then: "http" } as const
+      yield* withGateway({ routes: [route] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        yield* dialScriptedBackend(gateway.address.port, (id, { path }) =>
+          path === "/long"
+            ? scriptedResponse(id, [":status", "200", "content-length", "3"], "abc" + forged)
+            : path === "/abc"
+            ? scriptedResponse(id, [":status", "200", "content-length", "abc"], "abc")
+            : scriptedResponse(id, [":status", "200", "content-length", String(path.length)], path))
+        yield* until(() => gateway.connections() === 1, "the backend to register")
+        const outcomes = yield* Effect.promise(() =>
+          new Promise<Array<string>>((resolve, reject) => {
+            const client = http2.connect(`https://127.0.0.1:${port}`, { servername: "api.secure.test", ca: certificate.cert })
+            client.on("error", reject)
+            const get = (path: string) =>
+              new Promise<string>((done) => {
+                const req = client.request({ ":path": path, ":authority": "api.secure.test" })
+                let status = 0
+                let text = ""
+                req.setEncoding("latin1")
+                req.on("response", (h) => void (status = Number(h[":status"])))
+                req.on("data", (c: string) => void (text += c))
+                req.on("error", () => undefined)
+                req.on("close", () => done(`${status} ${req.rstCode === 0 ? "complete" : "reset"} ${JSON.stringify(text)}`))
+                req.end()
+              })
+            // one after the other on one HTTP/2 connection
+            void get("/long").then(async (long) => {
+              const abc = await get("/abc")
+              const fine = await get("/fine")
+              client.close()
+              resolve([long, abc, fine])
+            })
+          })
+        )
+        const [long, abc, fine] = outcomes
+        // cut: a prefix of the declared three bytes at most, then the stream reset (or no head at all)
+        assert.match(long!, /^(?:200|0) reset "(?:|a|ab|abc)"$/)
+        assert.match(abc!, /^502 complete "switchyard: backend h2 [^"]* sent an invalid response \(a response head with invalid content-length \\"abc\\"\)\\n"$/)
+        assert.strictEqual(fine, `200 complete "/fine"`)
+      }))
+    }))
+})

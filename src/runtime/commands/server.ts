@@ -537,6 +537,11 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   })
   const removeClientLimitCounters = registerClientLimitCounters(metrics, "public", clientLimitReporter.counts)
   yield* Effect.addFinalizer(() => Effect.sync(removeClientLimitCounters))
+  // reverse-HTTP/2: streams reset because the backend's response broke the protocol (the connection stays)
+  const onH2StreamViolation = (message: string) => {
+    h2ProtocolErrors("MalformedResponse")
+    recentErrors.add(`reverse-HTTP/2 ${message}`)
+  }
   const webSocket = webSocketOf(file)
   if (webSocket instanceof ConfigLoadError) return yield* webSocket
   const controlTls = certificatePair("control", file.control)
@@ -593,6 +598,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       tokens: plain ? undefined : grants,
       drainTimeout,
       onFailure: onH2Failure,
+      onStreamViolation: onH2StreamViolation,
       responseTimeoutMs: file.response_timeout_ms,
       idleTimeoutMs: file.idle_timeout_ms
     })

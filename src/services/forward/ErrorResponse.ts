@@ -1,10 +1,12 @@
 /**
  * The one-line error responses every front door sends (404, 403, 502, 504...): how the body is
  * rendered (plain text, or Docker's `{"message": "..."}` so the docker CLI prints it) and how it is
- * written to a response or, before or after an upgrade, straight onto a raw socket.
+ * written to a response or, before or after an upgrade, straight onto a raw socket; and how a response
+ * that cannot be completed is cut.
  */
 import type * as http from "node:http"
 import type { Duplex } from "node:stream"
+import { ErrorCode } from "../../domain/Http2Frame.ts"
 
 /** Renders a one-line message as a response body. */
 export interface ErrorRenderer {
@@ -62,4 +64,16 @@ export const writeRawError = (socket: Duplex, renderer: ErrorRenderer, status: n
       `Content-Type: ${renderer.contentType}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n` +
       body
   )
+}
+
+/**
+ * Cuts a public response that cannot be completed: an HTTP/1.1 client's connection is closed; an HTTP/2
+ * client's stream (a public `Http2ServerResponse` seen through `asHttp1`) is reset with INTERNAL_ERROR,
+ * since a bare close of the stream would read as a complete response.
+ */
+export const abortResponse = (res: http.ServerResponse): void => {
+  const stream = (res as { readonly stream?: { readonly close?: (code: number) => void; readonly destroyed?: boolean } }).stream
+  if (stream !== undefined && typeof stream.close === "function") {
+    if (stream.destroyed !== true) stream.close(ErrorCode.INTERNAL_ERROR)
+  } else res.destroy()
 }

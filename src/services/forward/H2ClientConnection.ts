@@ -8,6 +8,7 @@
  */
 import type { Duplex } from "node:stream"
 import { Schema } from "effect"
+import { contentLengthValues, declaredContentLength, isInvalidContentLength } from "../../domain/ContentLength.ts"
 import { encodeHeaderBlock, HpackDecoder, HpackError } from "../../domain/Hpack.ts"
 import {
   ClientPreface,
@@ -97,6 +98,11 @@ export interface H2StreamClose {
   readonly refused: boolean
   /** For logs: what happened, when not a normal end. */
   readonly reason: string | undefined
+  /**
+   * The gateway reset the stream because the backend broke the protocol on it: a malformed response
+   * head, a body disagreeing with its content-length, a flow-control overrun.
+   */
+  readonly violation?: true | undefined
 }
 
 /** A stream's events; each is called on the socket's read path, so keep them short. */
@@ -163,6 +169,14 @@ export class H2ClientStream {
   localEnded = false
   remoteEnded = false
   responded = false
+  /** The request was HEAD: a response to it has no content, whatever its head declares. */
+  headRequest = false
+  /** The request was (extended) CONNECT: a 2xx answer is followed by tunnel bytes, not content. */
+  connectRequest = false
+  /** Response content the head declares (bytes); -1 when the body runs to END_STREAM. */
+  expectedBytes = -1
+  /** Response DATA bytes received (padding excluded). */
+  receivedBytes = 0
   interim = 0
   closed = false
   wantWritable = false
@@ -321,6 +335,9 @@ export class H2ClientConnection {
     }
     this.nextId += 2
     const stream = new H2ClientStream(id, this, events, this.remote.initialWindowSize, this.limits.streamWindowBytes)
+    const method = headers[0] === ":method" ? headers[1] : undefined
+    stream.headRequest = method === "HEAD"
+    stream.connectRequest = method === "CONNECT"
     this.streams.set(id, stream)
     this.write(frames)
     if (endStream) {
@@ -499,7 +516,8 @@ export class H2ClientConnection {
     }
   }
 
-  resetStream(stream: H2ClientStream, code: number, reason: string, refused: boolean): void {
+  /** `violation` when the backend broke the protocol on the stream (a malformed response, say). */
+  resetStream(stream: H2ClientStream, code: number, reason: string, refused: boolean, violation = false): void {
     if (stream.closed) return
     // DATA gathered in this read is not handed to a stream being abandoned
     if (stream.piecesBytes > 0) {
@@ -508,7 +526,7 @@ export class H2ClientConnection {
       stream.piecesBytes = 0
     }
     this.write(encodeRstStream(stream.id, code))
-    this.closeStream(stream, { code, refused, reason })
+    this.closeStream(stream, violation ? { code, refused, reason, violation } : { code, refused, reason })
   }
 
   private closeStream(stream: H2ClientStream, info: H2StreamClose): void {
@@ -614,12 +632,12 @@ export class H2ClientConnection {
       return
     }
     if (!stream.responded || stream.remoteEnded) {
-      this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "DATA before the response head or after its end", false)
+      this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "DATA before the response head or after its end", false, true)
       return
     }
     stream.recvWindow -= length
     if (stream.recvWindow < 0) {
-      this.resetStream(stream, ErrorCode.FLOW_CONTROL_ERROR, "the backend overran the stream window", false)
+      this.resetStream(stream, ErrorCode.FLOW_CONTROL_ERROR, "the backend overran the stream window", false, true)
       return
     }
     this.dataStream = stream
@@ -628,6 +646,20 @@ export class H2ClientConnection {
   private readonly onData = (_id: number, chunk: Buffer): void => {
     const stream = this.dataStream
     if (stream === undefined || stream.closed) return
+    stream.receivedBytes += chunk.length
+    if (stream.expectedBytes >= 0 && stream.receivedBytes > stream.expectedBytes) {
+      // content beyond what the head declared is malformed (RFC 9113 §8.1.1): none of it is handed on,
+      // nor the rest of this read's DATA for the stream (counted unused, so granted back by `onDataEnd`)
+      return this.resetStream(
+        stream,
+        ErrorCode.PROTOCOL_ERROR,
+        stream.expectedBytes === 0
+          ? "DATA in a response without content (to HEAD, a 204 or 304, or a content-length of 0)"
+          : `DATA beyond the response's content-length (${stream.receivedBytes} bytes of ${stream.expectedBytes})`,
+        false,
+        true
+      )
+    }
     this.dataDelivered += chunk.length
     if (stream.pieces.length === 0) this.touched.push(stream)
     stream.pieces.push(chunk)
@@ -647,7 +679,16 @@ export class H2ClientConnection {
     if (stream !== undefined && !stream.closed && (flags & Flag.END_STREAM) !== 0) this.remoteEnd(stream)
   }
 
+  /** Whether the response ended short of its content-length (then reset: RFC 9113 §8.1.1, never complete). */
+  private endedShort(stream: H2ClientStream): boolean {
+    if (stream.expectedBytes < 0 || stream.receivedBytes === stream.expectedBytes) return false
+    const why = `END_STREAM after ${stream.receivedBytes} bytes of a response whose content-length is ${stream.expectedBytes}`
+    this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, why, false, true)
+    return true
+  }
+
   private remoteEnd(stream: H2ClientStream): void {
+    if (this.endedShort(stream)) return
     this.deliver(stream)
     stream.remoteEnded = true
     // a stream done both ways frees its slot before its consumer hears of the end (and may open another)
@@ -671,23 +712,24 @@ export class H2ClientConnection {
     }
     this.deliver(stream)
     if (decoded instanceof HpackError) {
-      this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, decoded.message, false)
+      this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, decoded.message, false, true)
       return
     }
     const endStream = (flags & Flag.END_STREAM) !== 0
     if (stream.remoteEnded) {
-      this.resetStream(stream, ErrorCode.STREAM_CLOSED, "HEADERS after the end of the response", false)
+      this.resetStream(stream, ErrorCode.STREAM_CLOSED, "HEADERS after the end of the response", false, true)
       return
     }
     if (decoded.length / 2 > this.limits.maxHeaderPairs) {
-      this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `more than ${this.limits.maxHeaderPairs} header fields`, false)
+      this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `more than ${this.limits.maxHeaderPairs} header fields`, false, true)
       return
     }
     if (stream.responded) {
       // trailers: must end the stream and carry no pseudo-headers
-      if (!endStream) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "trailers without END_STREAM", false)
+      if (!endStream) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "trailers without END_STREAM", false, true)
       const fields = plainFields(decoded, false)
-      if (typeof fields === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, fields, false)
+      if (typeof fields === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, fields, false, true)
+      if (this.endedShort(stream)) return
       stream.events.trailers(fields)
       this.remoteEnd(stream)
       return
@@ -697,13 +739,19 @@ export class H2ClientConnection {
       const text = decoded[1]!
       if (/^[1-9][0-9][0-9]$/.test(text)) status = Number(text)
     }
-    if (status < 0) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "a response head without a valid :status", false)
+    if (status < 0) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "a response head without a valid :status", false, true)
     const fields = plainFields(decoded, true)
-    if (typeof fields === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, fields, false)
+    if (typeof fields === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, fields, false, true)
     if (status < 200) {
-      if (endStream || status === 101) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `an invalid interim response ${status}`, false)
-      if (++stream.interim > MaxInterimHeads) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "too many interim responses", false)
+      if (endStream || status === 101) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `an invalid interim response ${status}`, false, true)
+      if (++stream.interim > MaxInterimHeads) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "too many interim responses", false, true)
       return
+    }
+    const expected = responseContentBytes(stream, status, fields)
+    if (typeof expected === "string") return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, expected, false, true)
+    stream.expectedBytes = expected
+    if (endStream && expected > 0) {
+      return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, `a response head ending the stream although its content-length is ${expected}`, false, true)
     }
     stream.responded = true
     stream.events.response(status, fields, endStream)
@@ -761,9 +809,9 @@ export class H2ClientConnection {
           if (this.isIdle(id)) this.protocolError(`WINDOW_UPDATE on idle stream ${id}`)
           return
         }
-        if (increment === 0) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "a stream WINDOW_UPDATE of 0", false)
+        if (increment === 0) return this.resetStream(stream, ErrorCode.PROTOCOL_ERROR, "a stream WINDOW_UPDATE of 0", false, true)
         stream.sendWindow += increment
-        if (stream.sendWindow > MaxWindowBytes) return this.resetStream(stream, ErrorCode.FLOW_CONTROL_ERROR, "the stream window overflowed", false)
+        if (stream.sendWindow > MaxWindowBytes) return this.resetStream(stream, ErrorCode.FLOW_CONTROL_ERROR, "the stream window overflowed", false, true)
         this.pump(stream)
         return
       }
@@ -830,6 +878,20 @@ export class H2ClientConnection {
     for (const s of [...this.blocked]) this.pump(s)
     this.events.settings()
   }
+}
+
+/**
+ * How many content bytes a final response may carry: what its `content-length` declares (-1 when none),
+ * 0 for a response that has no content (to HEAD, 204, 304: RFC 9110 §6.4.1), or why the head is
+ * malformed (a `content-length` that is not one decimal value). A 2xx to CONNECT is a tunnel: its bytes
+ * are not content, and any `content-length` on it is ignored (RFC 9110 §9.3.6).
+ */
+const responseContentBytes = (stream: H2ClientStream, status: number, fields: ReadonlyArray<string>): number | string => {
+  if (stream.connectRequest && status >= 200 && status < 300) return -1
+  const declared = declaredContentLength(contentLengthValues(fields))
+  if (isInvalidContentLength(declared)) return `a response head with ${declared.message}`
+  if (stream.headRequest || status === 204 || status === 304) return 0
+  return declared ?? -1
 }
 
 /** Pseudo-headers and forbidden fields checked; returns the plain fields or why the head is malformed. */

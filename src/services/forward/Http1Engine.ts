@@ -34,6 +34,7 @@ import {
   responseHeadReader
 } from "../../domain/Http1Parser.ts"
 import { type ForwardedMode, requestHeaders, responseHeaders } from "../../domain/HttpHeaders.ts"
+import { contentLengthValues } from "../../domain/ContentLength.ts"
 import { type ErrorRenderer, writeRawError } from "./ErrorResponse.ts"
 import { closeAfterFlush } from "./Flush.ts"
 import type { HttpLimits } from "./FrontServer.ts"
@@ -932,7 +933,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
           this.server.watch(this)
         }
       }
-      if (framer.done) this.responseComplete(n === chunk.length)
+      if (framer.done) this.responseComplete(this.endsClean(chunk.length - n))
       return
     }
     this.responseStarted = true
@@ -981,6 +982,9 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     const framer = new BodyFramer(framing, this.front.limits.maxHeaderSize, 502)
     this.responseFramer = framer
     this.responseKeepAlive = head.keepAlive && head.versionMinor === 1
+    // Transfer-Encoding beside a Content-Length: the coding frames the body (the length is not relayed),
+    // and the upstream connection is not reused (RFC 9112 §6.3)
+    if (head.contentLength === undefined && framing._tag !== "None" && contentLengthValues(head.headers).length > 0) this.responseKeepAlive = false
     // A declined upgrade, a response that ends with its connection, or an answer before the whole request
     // body: the client connection cannot carry another request.
     if (this.upgrading || framing._tag === "Close" || !this.requestDone) this.closeAfter = true
@@ -992,7 +996,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     const socket = this.socket
     if (rest.length === 0 || framer.done) {
       socket.write(headBytes)
-      if (framer.done) this.responseComplete(rest.length === 0)
+      if (framer.done) this.responseComplete(this.endsClean(rest.length))
       return
     }
     const n = framer.consume(rest, 0)
@@ -1022,7 +1026,17 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       this.conn!.socket.pause()
       this.server.watch(this)
     }
-    if (framer.done) this.responseComplete(n === rest.length)
+    if (framer.done) this.responseComplete(this.endsClean(rest.length - n))
+  }
+
+  /**
+   * Whether a complete response left nothing behind in its read; bytes past its framing are never
+   * relayed and the upstream connection is not reused (reported: the upstream broke its own framing).
+   */
+  private endsClean(surplus: number): boolean {
+    if (surplus === 0) return true
+    this.core.report(`upstream ${this.outgoing!.upstream.describe} sent ${surplus} bytes past the end of its response; the connection is dropped`)
+    return false
   }
 
   /** A response the client cannot be given: 502 if nothing was sent yet, else the exchange is cut. */

@@ -11,7 +11,7 @@ import type * as http from "node:http"
 import type { Duplex } from "node:stream"
 import { ErrorCode } from "../../domain/Http2Frame.ts"
 import { type ForwardedMode, HOP_BY_HOP, headerValue, requestHeaders, responseHeaders } from "../../domain/HttpHeaders.ts"
-import { type ErrorRenderer, STATUS_TEXT, sendError, writeRawError } from "./ErrorResponse.ts"
+import { abortResponse, type ErrorRenderer, STATUS_TEXT, sendError, writeRawError } from "./ErrorResponse.ts"
 import { type H2ClientConnection, type H2ClientStream, H2ConnectionError, type H2StreamClose } from "./H2ClientConnection.ts"
 
 const HTTP2_HEADER_METHOD = ":method"
@@ -53,6 +53,11 @@ export interface H2ForwardOptions {
   readonly errors: ErrorRenderer
   /** Called with a one-line description of each upstream failure. */
   readonly onError: (message: string) => void
+  /**
+   * Also called, with the same description, when the failure is the backend breaking the protocol on
+   * the stream (a malformed response head, a body disagreeing with its content-length): for counting.
+   */
+  readonly onViolation?: ((message: string) => void) | undefined
   /** Called once when the exchange is over, whatever the outcome (stream slots, counters). */
   readonly onDone: () => void
   /**
@@ -184,9 +189,6 @@ export const forwardToH2 = (
   for (const chunk of kept) keptBytes += chunk.length
   let bodyEnded = replay?.ended ?? !withBody
   let trailers: ReadonlyArray<string> | undefined
-  // a declared response length (-1 when none), checked against what arrived
-  let expected = -1
-  let received = 0
   // response bytes written to the public socket but not yet granted back (waiting for its drain)
   let owed = 0
   let timer: NodeJS.Timeout | undefined
@@ -217,7 +219,7 @@ export const forwardToH2 = (
       sendError(res, options.errors, 504, `switchyard: backend ${target.describe} timed out before answering`)
     } else {
       options.onError(`backend ${target.describe} was idle too long: ${method} ${req.url}`)
-      res.destroy()
+      abortResponse(res)
     }
     finish()
   }
@@ -241,15 +243,14 @@ export const forwardToH2 = (
         finish()
         return
       }
-      // without a length the response is a stream (events, gRPC): send its head now
-      const length = field(headers, "content-length")
-      if (length === undefined) res.flushHeaders()
-      else if (method !== "HEAD" && status !== 204 && status !== 304) expected = Number(length)
+      // without a length the response is a stream (events, gRPC): send its head now. A length is one
+      // valid value and the body matches it, or the connection resets the stream before handing on a
+      // byte that disagrees (the public response is then aborted, below in `close`).
+      if (field(headers, "content-length") === undefined) res.flushHeaders()
       res.on("drain", onDrain)
     },
     data: (chunk) => {
       if (phase !== "body") return false
-      received += chunk.length
       timer?.refresh()
       // corked so the write happens now: Node's own cork would hold it until the next tick, and the
       // memory read into would then always count as still referenced
@@ -263,7 +264,6 @@ export const forwardToH2 = (
     },
     dataMany: (chunks, bytes) => {
       if (phase !== "body") return false
-      received += bytes
       timer?.refresh()
       // one socket write for the whole read
       res.cork()
@@ -278,20 +278,13 @@ export const forwardToH2 = (
     },
     end: () => {
       if (phase !== "body") return
-      if (expected >= 0 && received !== expected) {
-        // a short (or long) body with a declared length: the client must see it cut
-        options.onError(`backend ${target.describe} broke a response: ${received} of ${expected} bytes`)
-        res.destroy()
-        finish()
-        return
-      }
       if (trailers !== undefined) {
         try {
           res.addTrailers(h1Trailers(trailers))
         } catch (error) {
           // trailers HTTP/1.1 cannot carry: the response cannot be completed faithfully
           options.onError(`backend ${target.describe} sent invalid trailers: ${(error as Error).message}`)
-          res.destroy()
+          abortResponse(res)
           finish()
           return
         }
@@ -310,13 +303,24 @@ export const forwardToH2 = (
         }
         if (!res.headersSent && !res.destroyed) {
           const why = info.reason ?? "stream closed"
-          options.onError(`backend ${target.describe} failed before answering: ${why}`)
-          sendError(res, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${why})`)
+          if (info.violation === true) {
+            const message = `backend ${target.describe} sent a malformed response: ${why}`
+            options.onError(message)
+            options.onViolation?.(message)
+            sendError(res, options.errors, 502, `switchyard: backend ${target.describe} sent an invalid response (${why})`)
+          } else {
+            options.onError(`backend ${target.describe} failed before answering: ${why}`)
+            sendError(res, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${why})`)
+          }
         }
       } else {
-        // broken after the head: the client must see an aborted response, never a short success
-        options.onError(`backend ${target.describe} broke a response: ${info.reason ?? "stream closed"}`)
-        res.destroy()
+        // broken after the head (a reset, or a body disagreeing with its length): the client must see an
+        // aborted response and a closed connection, never a short or long one on a kept-alive connection
+        const what = info.violation === true ? "sent a malformed response" : "broke a response"
+        const message = `backend ${target.describe} ${what}: ${info.reason ?? "stream closed"}`
+        options.onError(message)
+        if (info.violation === true) options.onViolation?.(message)
+        abortResponse(res)
       }
       finish()
     },

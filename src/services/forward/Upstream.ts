@@ -41,10 +41,33 @@ export interface PoolLimits {
   readonly maxFreeSockets: number
 }
 
+/** Ends an idle pooled connection its upstream sent bytes on. */
+const outOfTurn = function(this: Duplex): void {
+  this.destroy()
+}
+
+/**
+ * A keep-alive agent that never reuses a connection its upstream talked on while it sat idle (bytes
+ * past the end of the last response, or a response sent ahead to be read as the next request's): it is
+ * destroyed at the first such byte. Only the public `keepSocketAlive`/`reuseSocket` hooks are used.
+ */
+export class IdleGuardedAgent extends http.Agent {
+  override keepSocketAlive(socket: Duplex): void {
+    const kept = (super.keepSocketAlive(socket) as unknown) !== false
+    if (kept) socket.once("data", outOfTurn)
+    return kept as unknown as void
+  }
+
+  override reuseSocket(socket: Duplex, request: http.ClientRequest): void {
+    socket.off("data", outOfTurn)
+    super.reuseSocket(socket, request)
+  }
+}
+
 /** A Unix-socket HTTP API such as `/var/run/docker.sock`. */
 export const unixUpstream = (socketPath: string, limits: PoolLimits): Upstream => ({
   describe: `unix:${socketPath}`,
-  agent: new http.Agent({ keepAlive: true, maxSockets: limits.maxSockets, maxFreeSockets: limits.maxFreeSockets, scheduling: "lifo" }),
+  agent: new IdleGuardedAgent({ keepAlive: true, maxSockets: limits.maxSockets, maxFreeSockets: limits.maxFreeSockets, scheduling: "lifo" }),
   owned: true,
   target: { socketPath },
   connect: () => net.createConnection({ path: socketPath, allowHalfOpen: true }),
@@ -55,7 +78,7 @@ export const unixUpstream = (socketPath: string, limits: PoolLimits): Upstream =
 /** A plain-TCP HTTP upstream. */
 export const tcpUpstream = (host: string, port: number, limits: PoolLimits): Upstream => ({
   describe: host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`,
-  agent: new http.Agent({ keepAlive: true, maxSockets: limits.maxSockets, maxFreeSockets: limits.maxFreeSockets, scheduling: "lifo" }),
+  agent: new IdleGuardedAgent({ keepAlive: true, maxSockets: limits.maxSockets, maxFreeSockets: limits.maxFreeSockets, scheduling: "lifo" }),
   owned: true,
   target: { host, port },
   connect: () => net.createConnection({ host, port, allowHalfOpen: true, noDelay: true }),

@@ -167,7 +167,11 @@ export class PooledConnection {
   private readonly onData = (chunk: Buffer): void => {
     const owner = this.owner
     if (owner !== undefined) owner.upstreamData(chunk)
-    else this.socket.destroy() // bytes nobody asked for: the connection cannot be trusted
+    else {
+      // bytes nobody asked for: the connection cannot be trusted
+      this.pool?.outOfTurn(chunk.length)
+      this.socket.destroy()
+    }
   }
 
   private readonly onEnd = (): void => {
@@ -211,12 +215,26 @@ export class UpstreamPool {
   private closed = false
   /** Called when the pool holds nothing any more (so its owner can drop it). */
   private readonly onEmpty: (pool: UpstreamPool) => void
+  /** Called with the byte count when an idle connection received bytes (it is then destroyed). */
+  private readonly onOutOfTurn: ((bytes: number) => void) | undefined
 
-  constructor(upstream: Upstream, maxSockets: number, maxFreeSockets: number, onEmpty: (pool: UpstreamPool) => void) {
+  constructor(
+    upstream: Upstream,
+    maxSockets: number,
+    maxFreeSockets: number,
+    onEmpty: (pool: UpstreamPool) => void,
+    onOutOfTurn?: (bytes: number) => void
+  ) {
     this.upstream = upstream
     this.maxSockets = maxSockets
     this.maxFreeSockets = maxFreeSockets
     this.onEmpty = onEmpty
+    this.onOutOfTurn = onOutOfTurn
+  }
+
+  /** An idle connection received bytes nobody asked for. */
+  outOfTurn(bytes: number): void {
+    this.onOutOfTurn?.(bytes)
   }
 
   /** Open connections (in use and idle) and waiting requests. */

@@ -37,7 +37,7 @@ import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionP
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
 import type { ClientLimitEvent } from "../forward/Http1Engine.ts"
-import { agentUpstream } from "../forward/Upstream.ts"
+import { agentUpstream, IdleGuardedAgent } from "../forward/Upstream.ts"
 import { type ListenerError, Listeners, type ListenersConfig, forwardingHandlers } from "../Listeners.ts"
 import { Registry, type RegistryConfig } from "../Registry.ts"
 import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
@@ -262,7 +262,7 @@ const makeTunnel = (id: string, label: string) => {
 }
 
 /** An agent whose connections are preamble-prefixed streams of one listener. */
-class TunnelAgent extends http.Agent {
+class TunnelAgent extends IdleGuardedAgent {
   readonly openStream: (done: (error: Error | null, stream: Duplex) => void) => void
   constructor(openStream: TunnelAgent["openStream"], maxSockets: number) {
     super({ keepAlive: true, maxSockets, maxFreeSockets: DefaultMaxIdleHttpStreamsPerListener, scheduling: "lifo" })
@@ -329,8 +329,11 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
    */
   static readonly gatewayLayer = (config: GatewayConfig): Layer.Layer<ControlPort | Listeners | Registry | Dispatcher, TransportError, Transport> => {
     const core = Layer.unwrap(Effect.gen(function*() {
+      const runLog = Effect.runForkWith(yield* Effect.context<never>())
       const forwarder = yield* Forwarder.make({
         upstream: unroutedUpstream,
+        // a backend unreachable, or answering what cannot be relayed (a malformed head, bytes past its framing)
+        onUpstreamError: (message) => void runLog(Effect.logInfo(`control-port tunnel: ${message}`)),
         responseTimeoutMs: config.responseTimeoutMs ?? 0,
         idleTimeoutMs: config.idleTimeoutMs ?? 0
       })

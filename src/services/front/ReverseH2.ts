@@ -110,6 +110,11 @@ export interface ReverseH2Config {
   readonly forwardedHeaders?: ForwardedMode | undefined
   /** Called for each connection failure, with its reason (for metrics). */
   readonly onFailure?: ((reason: ReverseH2Error["reason"]) => void) | undefined
+  /**
+   * Called for each stream reset because its backend broke the protocol on it (a malformed response
+   * head, a body disagreeing with its content-length), with what happened (for metrics); also logged.
+   */
+  readonly onStreamViolation?: ((message: string) => void) | undefined
 }
 
 /** A tunnel connection or the port itself failed; the connection is closed, the port keeps serving. */
@@ -315,6 +320,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     idleTimeoutMs: config.idleTimeoutMs ?? 0,
     errors,
     onError: (message) => void run(Effect.logInfo(`reverse-h2 ${conn.describe}: ${message}`)),
+    onViolation: config.onStreamViolation,
     onDone,
     onRefused
   })

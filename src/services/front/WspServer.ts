@@ -11,6 +11,7 @@ import { Context, Effect, FiberSet, Layer, Redacted, Schema } from "effect"
 import type { Scope } from "effect"
 import { WebSocket, WebSocketServer } from "ws"
 import type { RawData } from "ws"
+import { contentLengthValues, declaredContentLength, isInvalidContentLength } from "../../domain/ContentLength.ts"
 import { checkDestination } from "../../domain/DestinationRules.ts"
 import { DataFrameReader, OPCODE_BINARY } from "../../domain/WebSocketDataReader.ts"
 import type { WspServerConfig } from "../../domain/WspConfig.ts"
@@ -451,12 +452,19 @@ class ServerConnection {
     if (this.exchange !== exchange || exchange.head === undefined) return
     if (opcode !== binaryOpcode) return this.finish(missingBody())
     const res = exchange.res
+    const head = exchange.head
+    exchange.received += fragment.length
+    if (head.ContentLength >= 0 && exchange.received > head.ContentLength && !bodyless(exchange.method, head.StatusCode)) {
+      // not a byte past the promised length goes to the caller: before the head a clean error, after
+      // it the response is cut (its connection closed), never relayed long
+      if (exchange.started) res.destroy()
+      return this.finish(lengthMismatch(exchange.received, head.ContentLength, "or more "))
+    }
     if (!exchange.started) {
-      const failure = startResponse(res, exchange.method, exchange.head)
+      const failure = startResponse(res, exchange.method, head)
       if (failure !== undefined) return this.finish(failure)
       exchange.started = true
     }
-    exchange.received += fragment.length
     const socket = res.socket
     // a destroyed socket takes no more writes (and would never call back)
     if (bodyless(exchange.method, exchange.head.StatusCode) || res.destroyed || socket === null || socket.destroyed) return
@@ -482,19 +490,17 @@ class ServerConnection {
   /** The last frame of a streamed body has been read. */
   private endStreamedBody(exchange: Exchange, head: WspResponseHead): void {
     const res = exchange.res
+    const noBody = bodyless(exchange.method, head.StatusCode)
+    if (!noBody && head.ContentLength >= 0 && exchange.received !== head.ContentLength) {
+      // the caller was promised this length: a different body cannot be delivered intact (a clean
+      // error while no head went out, else the response is cut)
+      if (exchange.started) res.destroy()
+      return this.finish(lengthMismatch(exchange.received, head.ContentLength, ""))
+    }
     if (!exchange.started) {
       const failure = startResponse(res, exchange.method, head)
       if (failure !== undefined) return this.finish(failure)
       exchange.started = true
-    }
-    const noBody = bodyless(exchange.method, head.StatusCode)
-    if (!noBody && head.ContentLength >= 0 && exchange.received !== head.ContentLength) {
-      // the caller was promised this length: a different body cannot be delivered intact
-      res.destroy()
-      return this.finish(new WspProxyError({
-        reason: "BadResponseHead",
-        message: `response body of ${exchange.received} bytes does not match ContentLength ${head.ContentLength}`
-      }))
     }
     res.end()
     this.finish(exchange.uploaded ? undefined : unfinishedUpload())
@@ -584,11 +590,39 @@ class ServerConnection {
   }
 }
 
+/** Failures that are the wsp client's doing (logged), as opposed to the caller's or the network's. */
+const PeerFaults: ReadonlySet<WspProxyError["reason"]> = new Set(["BadResponseHead", "MissingBody", "BadStatus", "UnexpectedMessage"])
+
 /** WebSocket opcode of a binary message (RFC 6455 §5.2). */
 export const binaryOpcode = 2
 
 const missingBody = () =>
   new WspProxyError({ reason: "MissingBody", message: "Unable to get http response body reader : expected a binary body message" })
+
+const lengthMismatch = (received: number, declared: number, orMore: string) =>
+  new WspProxyError({ reason: "BadResponseHead", message: `response body of ${received} bytes ${orMore}does not match ContentLength ${declared}` })
+
+/**
+ * The head's framing checked: a `Content-Length` in its `Header` must be one decimal value, and agree
+ * with `ContentLength` (or, for a body already whole, with its length) where the response has a body.
+ */
+const framingProblem = (head: WspResponseHead, noBody: boolean, bodyLength: number | undefined): WspProxyError | undefined => {
+  const fields: Array<string> = []
+  if (head.Header !== null) for (const [name, values] of Object.entries(head.Header)) for (const v of values) fields.push(name, v)
+  const declared = declaredContentLength(contentLengthValues(fields))
+  if (isInvalidContentLength(declared)) {
+    return new WspProxyError({ reason: "BadResponseHead", message: `response head with ${declared.message}` })
+  }
+  if (noBody) return undefined
+  if (bodyLength !== undefined && head.ContentLength >= 0 && head.ContentLength !== bodyLength) {
+    return lengthMismatch(bodyLength, head.ContentLength, "")
+  }
+  const expected = head.ContentLength >= 0 ? head.ContentLength : bodyLength
+  if (declared !== undefined && expected !== undefined && declared !== expected) {
+    return new WspProxyError({ reason: "BadResponseHead", message: `response head with Content-Length ${declared} but a body of ${expected} bytes` })
+  }
+  return undefined
+}
 
 const unfinishedUpload = () =>
   new WspProxyError({ reason: "UnfinishedUpload", message: "response arrived before the request body was sent" })
@@ -600,6 +634,8 @@ const unfinishedUpload = () =>
 const startResponse = (res: http.ServerResponse, method: string, head: WspResponseHead): WspProxyError | undefined => {
   if (res.headersSent || res.destroyed) return undefined
   const noBody = bodyless(method, head.StatusCode)
+  const problem = framingProblem(head, noBody, undefined)
+  if (problem !== undefined) return problem
   const header = withoutHopByHop(head.Header, noBody ? new Set() : new Set(["content-length"]))
   try {
     for (const [name, values] of Object.entries(header)) {
@@ -620,6 +656,8 @@ const bodyless = (method: string, status: number): boolean => method === "HEAD" 
 const writeResponse = (res: http.ServerResponse, method: string, head: WspResponseHead, body: Buffer): WspProxyError | undefined => {
   if (res.headersSent || res.destroyed) return undefined
   const noBody = bodyless(method, head.StatusCode)
+  const problem = framingProblem(head, noBody, body.length)
+  if (problem !== undefined) return problem
   const header = withoutHopByHop(head.Header, noBody ? new Set() : new Set(["content-length"]))
   try {
     for (const [name, values] of Object.entries(header)) {
@@ -891,6 +929,8 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     if (error === undefined) return pool.releaseNow(conn)
     pool.remove(conn)
     conn.close(error.message)
+    // a wsp client that broke the protocol (a malformed or mis-framed answer) is worth an operator's look
+    if (PeerFaults.has(error.reason)) run(Effect.logWarning(`wsp: a client's answer was refused, its connection closed: ${error.message}`))
     // nothing more to tell a caller that left or that already has its whole response
     if (error.reason === "CallerGone" || res.writableEnded) return
     sendError(res, error.reason === "BodyTooLarge" ? 413 : proxyErrorStatus, error.message)

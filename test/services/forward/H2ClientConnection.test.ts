@@ -472,4 +472,92 @@ describe("H2ClientConnection", () => {
         yield* until(() => peer.clientClosed() !== "open", "the connection to close")
         assert.strictEqual((peer.clientClosed() as H2ConnectionError).reason, "Protocol")
       })))
+
+  it.effect("a response body that disagrees with its content-length is a stream error: no byte past the length is handed on", () =>
+    withPeer([], (peer) =>
+      Effect.gen(function*() {
+        yield* ready(peer)
+        const data = (id: number, text: string, end: boolean) => Buffer.concat([encodeDataHeader(id, text.length, end), Buffer.from(text)])
+        const awaitReset = (id: () => number) => until(() => find(peer, FrameType.RST_STREAM).some((f) => f.id === id()), "RST_STREAM")
+        /** Opens a stream, lets the peer answer with `frames(id)`, and returns the events once it closed. */
+        const exchange = (method: string, frames: (id: number) => ReadonlyArray<Buffer>) =>
+          Effect.gen(function*() {
+            const r = recorder()
+            const stream = peer.client.request([":method", method, ":path", "/", ":scheme", "http", ":authority", "t"], true, r.handlers)
+            if (!("id" in stream)) throw stream
+            r.stream = stream
+            peer.send(...frames(stream.id))
+            yield* until(() => r.closed() !== undefined, `the ${method} stream to close`)
+            if (r.closed()!.code !== ErrorCode.NO_ERROR) yield* awaitReset(() => stream.id)
+            const resets = find(peer, FrameType.RST_STREAM).filter((f) => f.id === stream.id).map((f) => f.payload.readUInt32BE(0))
+            // the body is checked on its own: how it was split into reads is up to the socket
+            const events = r.events.filter((e) => !e.startsWith("data "))
+            return { events, body: Buffer.concat(r.body).toString(), reason: r.closed()!.reason, resets }
+          })
+        const reset = `close ${ErrorCode.PROTOCOL_ERROR} false`
+
+        // DATA past the length, in a later frame of the same read and within one frame
+        const beyond = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", "3"], false), data(id, "abc", false), data(id, "HTTP/1.1 200 OK\r\n\r\n", true)])
+        assert.deepStrictEqual(beyond.events, ["response 200 content-length,3 false", reset])
+        // (what came within the length may have been handed on, when the read was split before the rest)
+        assert.isTrue("abc".startsWith(beyond.body), beyond.body)
+        assert.match(beyond.reason!, /beyond the response's content-length/)
+        const within = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", "3"], false), data(id, "abcdef", true)])
+        assert.deepStrictEqual(within.events, ["response 200 content-length,3 false", reset])
+        assert.isTrue("abc".startsWith(within.body), within.body)
+        // DATA past the length in a later read, after the first bytes were handed on
+        const r = recorder()
+        const later = open(peer, r)
+        peer.send(head(later.id, [":status", "200", "content-length", "3"], false), data(later.id, "ab", false))
+        yield* until(() => r.body.length === 1, "the first bytes")
+        peer.send(data(later.id, "cd", false))
+        yield* until(() => r.closed() !== undefined, "the overlong stream to close")
+        assert.deepStrictEqual(r.events, ["response 200 content-length,3 false", "data 2", reset])
+        yield* awaitReset(() => later.id)
+        // END_STREAM before the length: in DATA, in trailers, on the head itself
+        const short = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", "5"], false), data(id, "abc", true)])
+        assert.deepStrictEqual(short.events, ["response 200 content-length,5 false", reset])
+        assert.isTrue("abc".startsWith(short.body), short.body)
+        assert.match(short.reason!, /END_STREAM after 3 bytes of a response whose content-length is 5/)
+        const shortTrailers = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", "5"], false), data(id, "abc", false), head(id, ["x-t", "1"], true)])
+        assert.deepStrictEqual(shortTrailers.events, ["response 200 content-length,5 false", reset])
+        assert.strictEqual(shortTrailers.body, "abc")
+        const emptyHead = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", "5"], true)])
+        assert.deepStrictEqual(emptyHead.events, [reset])
+        // a content-length that is not one decimal value: the head is malformed, never handed on
+        for (const lengths of [["abc"], ["3, 4"], ["3, 3"], ["3", "3"], ["3", "4"], [""], [" 3"], ["-1"], ["1".repeat(16)]]) {
+          const fields = [":status", "200", ...lengths.flatMap((v) => ["content-length", v])]
+          const malformed = yield* exchange("GET", (id) => [head(id, fields, false), data(id, "abc", true)])
+          assert.deepStrictEqual(malformed.events, [reset], JSON.stringify(lengths))
+          assert.match(malformed.reason!, /content-length/)
+        }
+        // no content in a response to HEAD, a 204 or a 304, whatever the length says
+        const headOk = yield* exchange("HEAD", (id) => [head(id, [":status", "200", "content-length", "5"], true)])
+        assert.deepStrictEqual(headOk.events, ["response 200 content-length,5 true", "end", "close 0 false"])
+        const headData = yield* exchange("HEAD", (id) => [head(id, [":status", "200", "content-length", "5"], false), data(id, "hello", true)])
+        assert.deepStrictEqual(headData.events, ["response 200 content-length,5 false", reset])
+        assert.strictEqual(headData.body, "")
+        assert.match(headData.reason!, /DATA in a response without content/)
+        for (const status of ["204", "304"]) {
+          const bodied = yield* exchange("GET", (id) => [head(id, [":status", status], false), data(id, "x", true)])
+          assert.deepStrictEqual(bodied.events, [`response ${status}  false`, reset], status)
+          assert.strictEqual(bodied.body, "", status)
+          const empty = yield* exchange("GET", (id) => [head(id, [":status", status], false), data(id, "", true)])
+          assert.deepStrictEqual(empty.events, [`response ${status}  false`, "end", "close 0 false"], status)
+        }
+        // a body that matches, over several frames and reads; one without a length runs to END_STREAM
+        const ok = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", "5"], false), data(id, "hel", false), data(id, "lo", true)])
+        assert.deepStrictEqual(ok.events, ["response 200 content-length,5 false", "end", "close 0 false"])
+        assert.strictEqual(ok.body, "hello")
+        const open5 = yield* exchange("GET", (id) => [head(id, [":status", "200"], false), data(id, "any length", true)])
+        assert.strictEqual(open5.body, "any length")
+        // the resets are stream errors: the connection stays, and what the reset streams were sent is
+        // granted back (a later body as large as the connection window still arrives)
+        assert.deepStrictEqual(beyond.resets, [ErrorCode.PROTOCOL_ERROR])
+        assert.strictEqual(peer.clientClosed(), "open")
+        const big = "x".repeat(limits.streamWindowBytes)
+        const whole = yield* exchange("GET", (id) => [head(id, [":status", "200", "content-length", String(big.length)], false), data(id, big.slice(0, 16_000), false), data(id, big.slice(16_000, 32_000), false), data(id, big.slice(32_000, 48_000), false), data(id, big.slice(48_000), true)])
+        assert.strictEqual(whole.body.length, big.length)
+        assert.strictEqual(peer.clientClosed(), "open")
+      })))
 })

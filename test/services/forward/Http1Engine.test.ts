@@ -471,6 +471,82 @@ describe("Http1Engine", () => {
     }
   })
 
+  it("never relays bytes past a response's framing, nor reuses the connection that sent them, and reports it", async () => {
+    const forged = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+    const rawPath = path.join(dir, "raw.sock")
+    let accepted = 0
+    const raw = net.createServer((s) => {
+      accepted++
+      s.on("error", () => {})
+      let buffered = ""
+      s.on("data", (c: Buffer) => {
+        buffered += c.toString("latin1")
+        for (let end = buffered.indexOf("\r\n\r\n"); end !== -1; end = buffered.indexOf("\r\n\r\n")) {
+          const target = buffered.slice(0, buffered.indexOf("\r\n")).split(" ")[1]!
+          buffered = buffered.slice(end + 4)
+          if (target === "/same-read") s.write("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc" + forged)
+          else if (target === "/no-content") s.write("HTTP/1.1 204 No Content\r\n\r\n" + forged)
+          else if (target === "/both") s.write("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n")
+          else if (target === "/later") s.write("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", () => setTimeout(() => s.write(forged), 20))
+          else s.write(`HTTP/1.1 200 OK\r\nContent-Length: ${target.length}\r\n\r\n${target}`)
+        }
+      })
+    })
+    await new Promise<void>((resolve) => raw.listen(rawPath, resolve))
+    const reports: Array<string> = []
+    const s = Effect.runSync(Scope.make())
+    try {
+      const f = await Effect.runPromise(
+        makeForwarder({
+          upstream: unixUpstream(rawPath, { maxSockets: 1, maxFreeSockets: 1 }),
+          responseTimeoutMs: 5_000,
+          idleTimeoutMs: 0,
+          onUpstreamError: (m) => void reports.push(m)
+        }).pipe(Scope.provide(s))
+      )
+      const engine = f.serveHttp1({ limits: LIMITS, admit: () => ({ _tag: "Forward" }) })
+      const listener = net.createServer({ allowHalfOpen: true }, engine.accept)
+      await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve))
+      await Effect.runPromise(Scope.addFinalizer(
+        s,
+        Effect.promise(() => Promise.all([new Promise<void>((resolve) => listener.close(() => resolve())), engine.close(0)]))
+      ))
+      const port = (listener.address() as net.AddressInfo).port
+      const c = connect(port)
+      // each answer ends at its framing; the connection that sent more is never asked again
+      c.socket.write("GET /same-read HTTP/1.1\r\nHost: x\r\n\r\nGET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+      await c.until("two answers", (t) => t.endsWith("/one"))
+      c.socket.write("GET /no-content HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+      await c.until("four answers", (t) => t.endsWith("/two"))
+      // both framings: the coding wins, the length is not relayed, the connection is not reused
+      c.socket.write("GET /both HTTP/1.1\r\nHost: x\r\n\r\n")
+      await c.until("five answers", (t) => t.endsWith("0\r\n\r\n"))
+      c.socket.write("GET /later HTTP/1.1\r\nHost: x\r\n\r\n")
+      await c.until("six answers", (t) => t.endsWith("abc") && count(t, "HTTP/1.1") === 6)
+      await waitFor("the idle connection that talked to be reported", () => reports.some((r) => r.includes("on an idle connection")))
+      c.socket.write("GET /three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+      await c.closed
+      assert.strictEqual(
+        c.text(),
+        "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc" + "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n/one" +
+          "HTTP/1.1 204 No Content\r\n\r\n" + "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n/two" +
+          "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n" +
+          "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc" +
+          "HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\n/three"
+      )
+      // a fresh connection after each one that broke its framing: /same-read, /no-content, /both, /later
+      assert.strictEqual(accepted, 5)
+      assert.deepStrictEqual(reports.map((r) => r.replace(/^upstream \S+ /, "")), [
+        `sent ${forged.length} bytes past the end of its response; the connection is dropped`,
+        `sent ${forged.length} bytes past the end of its response; the connection is dropped`,
+        `sent ${forged.length} bytes on an idle connection; the connection is dropped`
+      ])
+    } finally {
+      await Effect.runPromise(Scope.close(s, Exit.void))
+      await new Promise<void>((resolve) => raw.close(() => resolve()))
+    }
+  })
+
   it("keeps a client's HTTP/1.0 request off the keep-alive paths: answered, then closed", async () => {
     const { port } = await serve()
     const c = connect(port)

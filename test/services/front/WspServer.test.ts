@@ -742,6 +742,76 @@ describe("WspServer against a hand-written wsp client", () => {
       yield* waitFor("connection dropped", () => peer.closed)
     })))
 
+  it.live("an answer whose body or Header disagrees with its ContentLength never puts a byte past it on the caller's keep-alive connection", () =>
+    leakChecked(Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig())
+      const port = server.address.port
+      const forged = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+      /**
+       * A caller's `/request` and a pipelined `/status` on one connection, the first answered by a fresh
+       * peer with `head` and body fragments (each sent once the caller has what came before): every
+       * byte the caller got until the server closed the connection (the Date header blanked).
+       */
+      const exchange = (head: string, fragments: ReadonlyArray<string>, method = "GET") =>
+        Effect.gen(function*() {
+          const peer = yield* connectPeer(port, "peer_1")
+          yield* waitFor("registered", () => server.stats().idle === 1)
+          const caller = net.connect({ host: "127.0.0.1", port })
+          let got = ""
+          caller.on("data", (c: Buffer) => void (got += c.toString("latin1")))
+          caller.on("error", () => undefined)
+          const closed = new Promise<void>((resolve) => caller.on("close", () => resolve()))
+          caller.write(
+            `${method} /request HTTP/1.1\r\nHost: w\r\nX-Proxy-Destination: http://dest.example/\r\n\r\n` +
+              "GET /status HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n"
+          )
+          yield* next(peer)
+          yield* next(peer)
+          peer.send(head)
+          for (let i = 0; i < fragments.length; i++) {
+            const before = got.length
+            peer.ws.send(Buffer.from(fragments[i]!), { binary: true, fin: i === fragments.length - 1 })
+            // the next fragment once this one reached the caller (or the exchange failed)
+            if (i < fragments.length - 1) yield* waitFor("a fragment relayed", () => got.length > before || caller.destroyed || peer.closed)
+          }
+          yield* Effect.promise(() => closed)
+          yield* waitFor("the peer's connection closed", () => peer.closed)
+          yield* waitFor("the pool emptied", () => server.stats().idle === 0)
+          return got.replace(/\r\nDate: [^\r]*\r\n/g, "\r\nDate: -\r\n")
+        })
+      const status = "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nDate: -\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+      const refused = (message: string) =>
+        `HTTP/1.1 526 unknown\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nDate: -\r\n` +
+        `Connection: keep-alive\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n\r\n${(message.length + 1).toString(16)}\r\n${message}\n\r\n0\r\n\r\n`
+      const started = (length: number) => `HTTP/1.1 200 OK\r\nContent-Length: ${length}\r\nDate: -\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n`
+
+      // a body longer than its ContentLength: refused before the head, or cut after it, never relayed long
+      expect(yield* exchange(`{"StatusCode":200,"Header":{},"ContentLength":3}`, ["abc" + forged]))
+        .toBe(refused(`response body of ${3 + forged.length} bytes or more does not match ContentLength 3`) + status)
+      expect(yield* exchange(`{"StatusCode":200,"Header":{},"ContentLength":3}`, ["ab", "c" + forged, ""])).toBe(started(3) + "ab")
+      // shorter: the response is cut (its connection closed), never complete
+      expect(yield* exchange(`{"StatusCode":200,"Header":{},"ContentLength":10}`, ["abc", ""])).toBe(started(10) + "abc")
+      expect(yield* exchange(`{"StatusCode":200,"Header":{},"ContentLength":10}`, [""]))
+        .toBe(refused("response body of 0 bytes does not match ContentLength 10") + status)
+      // a Content-Length in the Header that is not one value, or disagrees: refused
+      for (
+        const [header, why] of [
+          [`{"Content-Length":["abc"]}`, `response head with invalid content-length "abc"`],
+          [`{"Content-Length":["3, 4"]}`, `response head with invalid content-length "3, 4"`],
+          [`{"Content-Length":["3","3"]}`, "response head with 2 content-length fields"],
+          [`{"Content-Length":["3"],"content-length":["3"]}`, "response head with 2 content-length fields"],
+          [`{"Content-Length":["5"]}`, "response head with Content-Length 5 but a body of 3 bytes"]
+        ] as const
+      ) {
+        expect(yield* exchange(`{"StatusCode":200,"Header":${header},"ContentLength":3}`, ["abc"]), header).toBe(refused(why) + status)
+      }
+      // (to HEAD, the refusal is a head alone)
+      expect(yield* exchange(`{"StatusCode":200,"Header":{"Content-Length":["abc"]},"ContentLength":-1}`, ["abc"], "HEAD")).toBe(
+        "HTTP/1.1 526 unknown\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nDate: -\r\n" +
+          "Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n" + status
+      )
+    })))
+
   it.live("pushes back on the wsp client when the caller reads slowly", () =>
     leakChecked(Effect.gen(function*() {
       const { port, peer } = yield* oneRegisteredPeer
