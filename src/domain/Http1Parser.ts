@@ -312,9 +312,17 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
   }
 }
 
+/**
+ * A Host value routes can be matched on: empty, a name or IPv4 address of letters, digits, `.`, `-`, `_`
+ * and `~`, or a bracketed IPv6 address, each with an optional port. Commas, spaces, `@`, `/` and the other
+ * characters a server might split or decode another way are refused.
+ */
+const HOST_VALUE = /^(?:[A-Za-z0-9._~-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$/
+
 /** Repeated or `Connection`-nominated request fields that a proxy and an upstream could read differently. */
 const ambiguousRequestFields = (f: FramingFields): Http1Error | undefined => {
   if (f.hostCount > 1) return fail("MissingHost", 400, "more than one Host")
+  if (f.host !== undefined && !HOST_VALUE.test(f.host)) return fail("MalformedHeader", 400, `a Host that is not a host name, address or port ("${f.host.slice(0, 64)}")`)
   if (f.contentTypeCount > 1) return fail("DuplicateField", 400, "more than one Content-Type")
   if (f.transferEncodingFields > 1) return fail("DuplicateField", 400, "more than one Transfer-Encoding field")
   if (f.methodOverrideDuplicated !== undefined) return fail("DuplicateField", 400, `more than one ${f.methodOverrideDuplicated}`)

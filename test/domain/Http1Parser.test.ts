@@ -162,7 +162,12 @@ describe("request heads", () => {
       ["GET http://a.test/x HTTP/1.0\r\n\r\n", "MalformedTarget"],
       ["POST / HTTP/1.1\r\nHost: h\r\nContent_Length: 5\r\n\r\n", "MalformedHeader"],
       ["POST / HTTP/1.1\r\nHost: h\r\nTRANSFER_ENCODING: chunked\r\n\r\n", "MalformedHeader"],
-      ["POST / HTTP/1.1\r\nHost: h\r\ncontent_type: a/b\r\n\r\n", "MalformedHeader"]
+      ["POST / HTTP/1.1\r\nHost: h\r\ncontent_type: a/b\r\n\r\n", "MalformedHeader"],
+      ["GET / HTTP/1.1\r\nHost: a.test, b.test\r\n\r\n", "MalformedHeader"],
+      ["GET / HTTP/1.1\r\nHost: user@a.test\r\n\r\n", "MalformedHeader"],
+      ["GET / HTTP/1.1\r\nHost: a.test/x\r\n\r\n", "MalformedHeader"],
+      ["GET / HTTP/1.1\r\nHost: a.test:80:80\r\n\r\n", "MalformedHeader"],
+      ["GET / HTTP/1.1\r\nHost: a%2etest\r\n\r\n", "MalformedHeader"]
     ]
     for (const [text, reason] of cases) {
       for (const sizes of [[text.length], [1]]) {
@@ -173,6 +178,9 @@ describe("request heads", () => {
     // The same fields once each, and Connection naming ordinary fields, are fine.
     const ok = headOf("POST / HTTP/1.1\r\nHost: h\r\nContent-Type: a/b\r\nX-HTTP-Method-Override: GET\r\nConnection: X-Trace, keep-alive\r\nContent-Length: 1\r\n\r\n")
     expect([ok.contentType, ok.connection]).toEqual(["a/b", ["x-trace", "keep-alive"]])
+    for (const host of ["", "a.test", "A.Test:8080", "127.0.0.1:9", "[::1]:80", "[::ffff:127.0.0.1]", "api.moby.localhost", "under_score.test"]) {
+      expect(headOf(`GET / HTTP/1.1\r\nHost: ${host}\r\n\r\n`).host).toBe(host)
+    }
   })
 
   it("turns an absolute-form target whose authority is the Host into origin form", () => {
