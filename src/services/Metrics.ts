@@ -309,6 +309,8 @@ export interface MetricsShape {
   readonly protocolErrors: Family<"front_door" | "kind", CounterChild>
   /** Configuration reloads, by result (`applied`, `rejected`). */
   readonly reloads: Family<"result", CounterChild>
+  /** Tunnel sessions drained because their backend said GoAway, by front door. */
+  readonly sessionDrains: Family<"front_door", CounterChild>
 }
 
 /** Registers switchyard's families on `registry`. */
@@ -353,6 +355,11 @@ export const makeMetrics = (registry: MetricRegistry = makeRegistry()): MetricsS
     name: "switchyard_config_reloads_total",
     help: "Configuration reloads (SIGHUP), by result.",
     labelNames: ["result"]
+  }),
+  sessionDrains: registry.counter({
+    name: "switchyard_session_drains_total",
+    help: "Tunnel sessions drained (no new requests, closed once idle) because their backend said GoAway, by front door.",
+    labelNames: ["front_door"]
   })
 })
 

@@ -223,7 +223,7 @@ export class UpstreamPool {
     if (!fresh) {
       while (this.idle.length > 0) {
         const c = this.idle.pop()!
-        if (!c.usable()) {
+        if (!c.usable() || this.upstream.retiring?.() === true) {
           c.state = "gone"
           c.destroy()
           continue
@@ -256,7 +256,7 @@ export class UpstreamPool {
   release(c: PooledConnection, reusable: boolean): void {
     c.owner = undefined
     if (c.state !== "busy") return
-    if (!reusable || this.closed || !c.usable()) {
+    if (!reusable || this.closed || !c.usable() || this.upstream.retiring?.() === true) {
       c.destroy()
       return
     }
