@@ -19,7 +19,9 @@ import { Registry } from "../../src/services/Registry.ts"
 import * as Session from "../../src/services/yamux/Session.ts"
 import { makeStreamDuplex } from "../../src/services/yamux/StreamDuplex.ts"
 import { tunnelYamuxConfig } from "../../src/services/yamux/YamuxConfig.ts"
+import { listen } from "../../src/runtime/listen.ts"
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
+import { addressAfter, get, sample, spawnSwitchyard } from "../runtime/serverProcess.ts"
 import { freePort, request } from "../services/ListenersFixtures.ts"
 import { client, gateway, grants, serveHttp, token } from "./tunnelHarness.ts"
 
@@ -42,10 +44,10 @@ const serveStream = (socket: Duplex, server: http.Server) => {
 }
 
 /** A backend on `route` through a control session the test drives; returns its yamux session. */
-const handDrivenBackend = (controlPort: number, route: RouteDefinition, handler: http.RequestListener) =>
+const handDrivenBackend = (controlPort: number, route: RouteDefinition, handler: http.RequestListener, withToken = token) =>
   Effect.gen(function*() {
     const conn = yield* NodeTransport.dial({ host: "127.0.0.1", port: controlPort })
-    yield* writeFrame(conn, encodeHello(makeHello(Redacted.make(token), [route], "goaway-backend")))
+    yield* writeFrame(conn, encodeHello(makeHello(Redacted.make(withToken), [route], "goaway-backend")))
     const { body, rest } = yield* readFrame(conn, MaxControlMessageBytes)
     const reply = decodeHelloReply(body)
     assert.strictEqual((reply as { _tag: string })._tag, "Welcome")
@@ -147,4 +149,41 @@ describe("yamux GoAway from a backend", () => {
       const res = yield* Effect.promise(() => waiting)
       assert.deepStrictEqual([res.status, res.body], [200, "new"])
     }).pipe(Effect.scoped), 30_000)
+
+  it.live("against a gateway process: every request after the GoAway is answered 200 by the healthy backend, counted and shown in /status", () =>
+    Effect.gen(function*() {
+      const processToken = "goaway-process-token-7c21"
+      const proc = spawnSwitchyard(["server", "--control", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--token", processToken])
+      yield* Effect.addFinalizer(() => Effect.promise(() => proc.stop("SIGKILL")))
+      yield* Effect.promise(() => proc.waitFor("expose a local service"))
+      const control = addressAfter(proc.output(), /control port/)
+      const admin = addressAfter(proc.output(), /admin endpoint/)
+      const port = yield* Effect.promise(freePort)
+      const route: RouteDefinition = { _tag: "Http", port }
+      const session = yield* handDrivenBackend(control.port, route, (_req, res) => res.end("goaway-backend"), processToken)
+      const tunnel = yield* Effect.promise(() => listen({ port }, { server: `127.0.0.1:${control.port}`, token: processToken, timeoutMs: 20_000 }))
+      const server = tunnel.serve(http.createServer((_req, res) => res.end("healthy")))
+      yield* Effect.addFinalizer(() => Effect.promise(() => new Promise<void>((resolve) => tunnel.close(() => { server.close(); resolve() }))))
+      // both serve the route: requests alternate between them
+      const seen = new Set<string>()
+      for (let i = 0; i < 20 && seen.size < 2; i++) seen.add((yield* Effect.promise(() => get(port, "/"))).body)
+      assert.deepStrictEqual([...seen].sort(), ["goaway-backend", "healthy"])
+
+      yield* session.goAway()
+      const answers: Array<string> = []
+      for (let i = 0; i < 40; i++) {
+        const res = yield* Effect.promise(() => get(port, `/after${i}`))
+        answers.push(`${res.status} ${res.body}`)
+      }
+      assert.deepStrictEqual(answers, Array.from({ length: 40 }, () => "200 healthy"))
+      const ended = yield* Effect.exit(Effect.timeout(session.closed, "5 seconds"))
+      assert.strictEqual(ended._tag, "Success")
+      const metrics = (yield* Effect.promise(() => get(admin.port, "/metrics"))).body
+      assert.strictEqual(sample(metrics, "switchyard_session_drains_total", { front_door: "control" }), 1)
+      const status = JSON.parse((yield* Effect.promise(() => get(admin.port, "/status"))).body) as {
+        sessions: ReadonlyArray<{ frontDoor: string; count: number; draining?: number }>
+      }
+      assert.deepStrictEqual(status.sessions.find((s) => s.frontDoor === "control"), { frontDoor: "control", count: 1, draining: 0 })
+      yield* Effect.promise(() => proc.waitFor(/goaway-backend sent GoAway: draining/, 5_000))
+    }).pipe(Effect.scoped), 60_000)
 })
