@@ -5,7 +5,7 @@
  * tenant's requests (and the admin endpoint) keep answering within a bound. Heavy legitimate traffic
  * never trips the default limits.
  */
-import { assert, beforeEach, describe, it } from "@effect/vitest"
+import { assert, describe, it } from "@effect/vitest"
 import * as http from "node:http"
 import * as net from "node:net"
 import { Effect, Redacted } from "effect"
@@ -107,8 +107,6 @@ const measureWhile = async <A>(publicPort: number, adminPort: number, attack: Pr
 }
 
 describe("a flooding backend session beside a healthy tenant", () => {
-  beforeEach(() => undefined)
-
   it.live("fresh-stream SYNs: the session ends with GoAway(protocol error) and the healthy tenant keeps its latency", () =>
     Effect.promise(async () => {
       const { proc, control, admin } = await startServer()
