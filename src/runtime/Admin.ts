@@ -35,7 +35,8 @@ export interface StatusDocument {
   readonly startedAt: string
   readonly ready: boolean
   readonly listeners: ReadonlyArray<{ readonly name: string; readonly address: string }>
-  readonly sessions: ReadonlyArray<{ readonly frontDoor: string; readonly count: number }>
+  /** Live sessions by front door; `draining`: of those, how many drain after their backend's GoAway. */
+  readonly sessions: ReadonlyArray<{ readonly frontDoor: string; readonly count: number; readonly draining?: number }>
   readonly routes: ReadonlyArray<{ readonly route: string; readonly backends: ReadonlyArray<string>; readonly inFlight: number }>
   readonly recentErrors: ReadonlyArray<{ readonly at: string; readonly message: string }>
 }

@@ -129,6 +129,18 @@ export const ServerFile = Schema.Struct({
     max_sessions_per_token: Schema.optionalKey(
       Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({ description: "Most control sessions per token", default: 1_024 })
     ),
+    max_peer_streams_per_second: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({
+        description: "Streams a backend may open per second (its control streams); beyond it its session ends with GoAway(protocol error)",
+        default: 100
+      })
+    ),
+    max_peer_frames_per_second: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 100_000_000 })).annotate({
+        description: "Yamux frames a backend may send per second; beyond it its session ends with GoAway(protocol error)",
+        default: 1_000_000
+      })
+    ),
     websocket: Schema.optionalKey(Schema.Struct({
       enabled: Schema.optionalKey(Schema.Boolean.annotate({ description: "Serve the control port as a WebSocket path too (ws:// or wss://)", default: false })),
       address: Schema.optionalKey(Address.annotate({ description: "HTTP address of the WebSocket control path", default: "127.0.0.1:9998" })),

@@ -46,7 +46,10 @@ export interface Backend {
   readonly upstream: Upstream
   /** A raw byte stream to the backend for one public connection (TCP, or TLS terminated here). */
   readonly connect: (meta: ConnectionMeta) => Effect.Effect<Duplex, BackendUnavailable>
-  /** True once the backend has gone; it is then skipped even before it is unregistered. */
+  /**
+   * True once the backend takes no new work: it has gone, or it is draining (a tunnel backend that sent
+   * GoAway, an HTTP/2 connection that sent GOAWAY). It is then skipped even before it is unregistered.
+   */
   readonly isClosed: () => boolean
   /**
    * When present, public HTTP requests for this backend are handed here instead of to the shared

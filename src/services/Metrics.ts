@@ -311,6 +311,8 @@ export interface MetricsShape {
   readonly reloads: Family<"result", CounterChild>
   /** Client connections refused or closed to keep a listener within its connection limits, by front door and reason. */
   readonly connectionLimits: Family<"front_door" | "reason", CounterChild>
+  /** Tunnel sessions drained because their backend said GoAway, by front door. */
+  readonly sessionDrains: Family<"front_door", CounterChild>
 }
 
 /** Registers switchyard's families on `registry`. */
@@ -360,6 +362,11 @@ export const makeMetrics = (registry: MetricRegistry = makeRegistry()): MetricsS
     name: "switchyard_connection_limit_closes_total",
     help: "Client connections refused or closed to keep a listener within its connection limits, by front door and reason.",
     labelNames: ["front_door", "reason"]
+  }),
+  sessionDrains: registry.counter({
+    name: "switchyard_session_drains_total",
+    help: "Tunnel sessions drained (no new requests, closed once idle) because their backend said GoAway, by front door.",
+    labelNames: ["front_door"]
   })
 })
 

@@ -41,7 +41,15 @@ export const GeneratedGrantName = "generated"
 /** Random bytes in a generated token. */
 export const GeneratedTokenBytes = 32
 /** Session ends counted as protocol errors (the others are closes and GoAways). */
-export const ProtocolErrorReasons: ReadonlySet<string> = new Set(["ProtocolError", "RemoteError", "KeepAliveTimeout", "WriteTimeout", "TransportError"])
+export const ProtocolErrorReasons: ReadonlySet<string> = new Set([
+  "ProtocolError",
+  "RemoteError",
+  "KeepAliveTimeout",
+  "WriteTimeout",
+  "TransportError",
+  "StreamOpenRateExceeded",
+  "FrameRateExceeded"
+])
 /** Reverse-HTTP/2 failures counted as refused handshakes (the others as protocol errors). */
 export const H2HandshakeReasons: ReadonlySet<string> = new Set(["HandshakeTimeout", "BadPreamble", "BadPreface", "Rejected", "Insecure"])
 /** Where the control port, the admin endpoint and the reverse-HTTP/2 port listen by default. */
@@ -482,7 +490,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       ready: live !== undefined && !draining,
       listeners: listenerNames,
       sessions: live === undefined ? [] : [
-        { frontDoor: "control", count: live.controlPort.sessions() },
+        { frontDoor: "control", count: live.controlPort.sessions(), draining: live.controlPort.drainingSessions() },
         ...(live.h2 === undefined ? [] : [{ frontDoor: "reverse_h2", count: live.h2.connections() }])
       ],
       routes: live === undefined ? [] : live.registry.snapshot().map((entry) => ({
@@ -508,6 +516,8 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     controlProtocolErrors(reason)
     recentErrors.add(`control session ended: ${reason}`)
   }
+  const controlDrains = metrics.sessionDrains.labels("control")
+  const onSessionDraining = () => controlDrains.inc()
   // reverse-HTTP/2: refused handshakes and broken connections
   const h2Rejections = countByReason(metrics.rejections, "reverse_h2")
   const h2ProtocolErrors = countByReason(metrics.protocolErrors, "reverse_h2")
@@ -565,9 +575,12 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       },
       maxSessions: file.control?.max_sessions,
       maxSessionsPerToken: file.control?.max_sessions_per_token,
+      maxPeerStreamsPerSecond: file.control?.max_peer_streams_per_second,
+      maxPeerFramesPerSecond: file.control?.max_peer_frames_per_second,
       drainTimeout,
       onRejected,
       onSessionFailed,
+      onSessionDraining,
       ...(webSocket === undefined ? {} : { websocket: webSocket })
     },
     publicHost: file.public_host ?? "127.0.0.1",

@@ -73,7 +73,7 @@ export const renderStatus = (status: StatusDocument): string =>
     "",
     table(["LISTENER", "ADDRESS"], status.listeners.map((l) => [l.name, l.address])),
     "",
-    table(["FRONT DOOR", "SESSIONS"], status.sessions.map((s) => [s.frontDoor, String(s.count)])),
+    table(["FRONT DOOR", "SESSIONS", "DRAINING"], status.sessions.map((s) => [s.frontDoor, String(s.count), s.draining === undefined ? "-" : String(s.draining)])),
     "",
     status.routes.length === 0
       ? "no routes"

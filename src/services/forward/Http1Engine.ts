@@ -38,7 +38,7 @@ import { contentLengthValues } from "../../domain/ContentLength.ts"
 import { type ErrorRenderer, writeRawError } from "./ErrorResponse.ts"
 import { closeAfterFlush } from "./Flush.ts"
 import type { HttpLimits } from "./FrontServer.ts"
-import type { Upstream } from "./Upstream.ts"
+import { connectionRefusal, type Upstream } from "./Upstream.ts"
 import { type ConnectionOwner, type ConnectionWaiter, PooledConnection, type UpstreamPool } from "./UpstreamPool.ts"
 
 /** A request as the engine parsed it, for the caller's decision. */
@@ -299,6 +299,10 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
   private closeAfter = false
   private retryable = false
   private retried = false
+  /** The request as admitted (kept for a second decision when the upstream refuses it unsent). */
+  private incoming: Http1Request | undefined = undefined
+  /** This exchange was already moved once after an upstream refused it unsent. */
+  private rerouted = false
   private upgrading = false
   private idleTimeoutMs = 0
   private responseTimeoutMs = 0
@@ -577,6 +581,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     this.observer = admission.observe
     this.extraHeaders = admission.responseHeaders
     this.request = request
+    this.incoming = incoming
     const core = this.core
     let out: Http1Outgoing
     try {
@@ -785,6 +790,11 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       else conn.destroy()
       return
     }
+    const refusal = connectionRefusal(conn.socket)
+    if (refusal !== undefined) {
+      this.upstreamRefused(conn, refusal)
+      return
+    }
     this.pool = undefined
     this.clearSlotTimer()
     this.phase = EXCHANGE
@@ -810,6 +820,39 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       return
     }
     if (!this.waitingDrain && this.pending === undefined) this.socket.resume()
+  }
+
+  /**
+   * The upstream refused the connection before anything was sent on it (a tunnel backend that sent
+   * GoAway): the request goes once more through the front door's decision, which picks another backend
+   * of the route or waits as for a route without backends; a second refusal is answered 502 naming it.
+   */
+  private upstreamRefused(conn: PooledConnection, refusal: string): void {
+    this.pool = undefined
+    conn.destroy() // its close gives the pool slot back
+    const target = this.outgoing!.upstream
+    const incoming = this.incoming
+    if (this.rerouted || incoming === undefined) {
+      this.core.report(`upstream ${target.describe} refused the request before it was sent: ${refusal}`)
+      this.fail(502, `switchyard: upstream ${target.describe} refused the request before it was sent: ${refusal}`)
+      return
+    }
+    this.rerouted = true
+    this.clearUpTimer()
+    const onEnd = this.onEnd
+    this.onEnd = undefined
+    onEnd?.() // the lease on the refusing backend
+    const request = this.request!
+    let admission: Admission | PendingAdmission
+    try {
+      admission = this.front.admit(incoming)
+    } catch (e) {
+      this.core.report(`request decision failed: ${(e as Error).message}`)
+      this.fail(502, "switchyard: the request could not be prepared for the upstream")
+      return
+    }
+    if (admission._tag === "Pending") this.awaitAdmission(admission, request, incoming)
+    else this.admitted(admission, request, incoming)
   }
 
   readonly refused = (message: string): void => {
@@ -1097,6 +1140,8 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
 
   private resetExchange(): void {
     this.request = undefined
+    this.incoming = undefined
+    this.rerouted = false
     this.extraHeaders = undefined
     this.outgoing = undefined
     this.head = undefined

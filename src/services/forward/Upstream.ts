@@ -5,7 +5,7 @@
  */
 import * as http from "node:http"
 import * as net from "node:net"
-import type { Duplex } from "node:stream"
+import { Duplex } from "node:stream"
 
 export interface Upstream {
   /** For errors and logs: `unix:/var/run/docker.sock`, `127.0.0.1:8080`, `tunnel web-1`. */
@@ -26,6 +26,11 @@ export interface Upstream {
    * upstreams whose connections are not sockets (tunnel streams), which use `connect`.
    */
   readonly connectReading?: ((onread: ReadInto) => Duplex) | undefined
+  /**
+   * True once the upstream takes no new exchanges (a tunnel backend draining after its GoAway): pooled
+   * connections are closed instead of reused, so exchanges still waiting for one go elsewhere.
+   */
+  readonly retiring?: (() => boolean) | undefined
 }
 
 /** Node's `onread` option: where the next read goes, and what to do with the bytes read. */
@@ -95,11 +100,39 @@ export const agentUpstream = (options: {
   readonly agent: http.Agent
   readonly connect: () => Duplex
   readonly host?: string
+  readonly retiring?: () => boolean
 }): Upstream => ({
   describe: options.describe,
   agent: options.agent,
   owned: false,
   target: { host: options.host ?? "localhost" },
   connect: options.connect,
-  local: false
+  local: false,
+  retiring: options.retiring
 })
+
+/** Why each connection made by `refusedConnection` was refused. */
+const refusals = new WeakMap<Duplex, string>()
+
+/**
+ * A connection an upstream refused before anything was sent on it (a tunnel whose backend sent GoAway,
+ * or whose session ended): it drops what is written, never reads, and fails with `reason` on the next
+ * turn. `connectionRefusal` tells it apart at once, so a request given it can go to another backend.
+ */
+export const refusedConnection = (reason: string): Duplex => {
+  const socket = new Duplex({
+    read() {},
+    write(_chunk, _encoding, callback) {
+      callback()
+    },
+    final(callback) {
+      callback()
+    }
+  })
+  refusals.set(socket, reason)
+  queueMicrotask(() => socket.destroy(new Error(reason)))
+  return socket
+}
+
+/** Why `socket` was refused, when it came from `refusedConnection`: nothing reached the upstream. */
+export const connectionRefusal = (socket: Duplex): string | undefined => refusals.get(socket)

@@ -266,7 +266,7 @@ export class UpstreamPool {
     if (!fresh) {
       while (this.idle.length > 0) {
         const c = this.idle.pop()!
-        if (!c.usable()) {
+        if (!c.usable() || this.upstream.retiring?.() === true) {
           c.state = "gone"
           c.destroy()
           continue
@@ -334,7 +334,7 @@ export class UpstreamPool {
   release(c: PooledConnection, reusable: boolean): void {
     c.owner = undefined
     if (c.state !== "busy") return
-    if (!reusable || this.closed || !c.usable()) {
+    if (!reusable || this.closed || !c.usable() || this.upstream.retiring?.() === true) {
       c.destroy()
       return
     }

@@ -7,9 +7,8 @@
  * (`ControlWebSocket.ts`). Routing, forwarding and ports are the shared core's.
  */
 import * as http from "node:http"
-import { PassThrough } from "node:stream"
 import type { Duplex } from "node:stream"
-import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope } from "effect"
+import { Clock, Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope } from "effect"
 import {
   type BoundListener,
   type ControlReply,
@@ -31,18 +30,20 @@ import {
 import { AuthThrottle, type AuthThrottleLimits, DefaultAuthThrottleLimits } from "../../domain/AuthThrottle.ts"
 import { LogSampler } from "../../domain/LogSampler.ts"
 import type { ClientLimits } from "../../domain/ClientLimits.ts"
+import { perSecond } from "../../domain/RateLimit.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { type GrantRefusal, makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
 import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol } from "../Backend.ts"
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
 import type { ClientLimitEvent } from "../forward/Http1Engine.ts"
-import { agentUpstream, IdleGuardedAgent } from "../forward/Upstream.ts"
+import { agentUpstream, IdleGuardedAgent, refusedConnection } from "../forward/Upstream.ts"
 import { type ListenerError, Listeners, type ListenersConfig, forwardingHandlers } from "../Listeners.ts"
 import { Registry, type RegistryConfig } from "../Registry.ts"
 import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
 import * as Session from "../yamux/Session.ts"
 import { tunnelYamuxConfig, type YamuxConfig } from "../yamux/YamuxConfig.ts"
+import { YamuxError } from "../yamux/YamuxError.ts"
 import { makeStreamDuplex } from "../yamux/StreamDuplex.ts"
 import { fromWebSocket } from "../transport/WebSocketConnection.ts"
 import { readFrame, writeFrame } from "./ControlHandshake.ts"
@@ -86,8 +87,20 @@ export const DefaultMaxListenersPerSession = 256
 export const DefaultMaxHttpStreamsPerListener = 256
 /** Most idle HTTP streams kept per listener for reuse. */
 export const DefaultMaxIdleHttpStreamsPerListener = 32
-/** Most control streams a backend may keep open. */
+/** Most control streams a backend may keep open; a SYN beyond it is refused with RST before anything is allocated. */
 export const MaxControlStreamsPerSession = 4
+/**
+ * Streams a backend may open per second (a bucket of one second's worth). Backends open only control
+ * streams (one, reused, for the tunnel client); beyond the rate the session ends with GoAway(protocol
+ * error). The gateway's own opens toward the backend (one per public connection) are not counted.
+ */
+export const DefaultMaxPeerStreamsPerSecond = 100
+/**
+ * Frames of any type a backend may send per second (a bucket of one second's worth); beyond it the
+ * session ends with GoAway(protocol error). Far above what heavy legitimate traffic sends (see
+ * docs/tunnels.md for the measurement): it only stops a peer flooding the gateway's event loop.
+ */
+export const DefaultMaxPeerFramesPerSecond = 1_000_000
 /** Longest wait, on `RemoveListener`, for the listener's requests and connections in flight to finish. */
 export const DefaultDrainTimeout: Duration.Duration = Duration.seconds(30)
 /** How often a draining listener's in-flight count is checked. */
@@ -130,6 +143,10 @@ export interface ControlPortConfig {
    */
   readonly drainTimeout?: Duration.Input | undefined
   readonly yamux?: Partial<YamuxConfig> | undefined
+  /** Streams a backend may open per second (default `DefaultMaxPeerStreamsPerSecond`). */
+  readonly maxPeerStreamsPerSecond?: number | undefined
+  /** Frames a backend may send per second (default `DefaultMaxPeerFramesPerSecond`). */
+  readonly maxPeerFramesPerSecond?: number | undefined
   /**
    * Also serve the control port as a WebSocket path (default `/tunnel`) on an HTTP(S) port of its own
    * (`address`, default 127.0.0.1:9998), and through `handleUpgrade` on any HTTP server. Tokens from
@@ -141,6 +158,8 @@ export interface ControlPortConfig {
   readonly onRejected?: ((reason: HandshakeRefusal) => void) | undefined
   /** Called when an established session ends with an error, with the yamux reason (for metrics). */
   readonly onSessionFailed?: ((reason: string) => void) | undefined
+  /** Called when a backend's session sends GoAway(normal) and starts draining (for metrics). */
+  readonly onSessionDraining?: (() => void) | undefined
 }
 
 /**
@@ -180,6 +199,8 @@ export interface ControlPortShape {
   readonly address: Address
   /** Live sessions. */
   readonly sessions: () => number
+  /** Live sessions draining after their backend's GoAway (no new requests; closed once idle). */
+  readonly drainingSessions: () => number
   /** The bound WebSocket control address, when `websocket` is configured with a port of its own. */
   readonly webSocketAddress: Address | undefined
   /**
@@ -204,15 +225,18 @@ interface Tunnel {
   readonly isClosed: () => boolean
 }
 
-const failedStream = (error: Error): Duplex => {
-  const s = new PassThrough()
-  queueMicrotask(() => s.destroy(error))
-  return s
-}
+/** What a refused stream open means, for the 502 text and logs. */
+const openFailure = (error: Error): string =>
+  error instanceof YamuxError && error.reason === "RemoteGoAway" ? "backend is shutting down (GoAway)" : error.message
+
+/** A stream that could not be opened: nothing reached the backend (the request may go elsewhere). */
+const failedStream = (error: Error): Duplex => refusedConnection(openFailure(error))
 
 const makeTunnel = (id: string, label: string) => {
   let core: Session.YamuxSession["core"] | undefined
   let failure: Error | undefined
+  /** The backend sent GoAway: no new work is dispatched to it. */
+  let draining = false
   const waiting: Array<() => void> = []
   const open: Tunnel["open"] = (preamble, done) => {
     if (failure !== undefined) return done(failure)
@@ -221,7 +245,7 @@ const makeTunnel = (id: string, label: string) => {
       return
     }
     const s = core.openStream()
-    if (s instanceof Error) return done(s)
+    if (s instanceof Error) return done(new Error(openFailure(s)))
     const socket = makeStreamDuplex(s)
     socket.write(encodePreamble(preamble))
     done(undefined, socket)
@@ -247,9 +271,12 @@ const makeTunnel = (id: string, label: string) => {
     socket.write(encodePreamble(preamble))
     return socket
   }
-  const tunnel: Tunnel = { id, label, open, openNow, isClosed: () => failure !== undefined }
+  const tunnel: Tunnel = { id, label, open, openNow, isClosed: () => failure !== undefined || draining }
   return {
     tunnel,
+    drain: () => {
+      draining = true
+    },
     ready: (session: Session.YamuxSession["core"]) => {
       core = session
       for (const w of waiting.splice(0)) w()
@@ -298,7 +325,9 @@ const makeBackend = (tunnel: Tunnel, listenerId: number, route: RouteDefinition,
     describe: `tunnel ${tunnel.label} listener ${listenerId}`,
     agent,
     // upgrades get a stream of their own, never pooled
-    connect: () => tunnel.openNow(httpPreamble)
+    connect: () => tunnel.openNow(httpPreamble),
+    // draining after the backend's GoAway: streams in the pool are not reused
+    retiring: tunnel.isClosed
   })
   return {
     id: `${tunnel.id}/${listenerId}`,
@@ -443,8 +472,14 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
     }).pipe(Effect.annotateLogs({ component: "ControlPort" }))
   const fibers = yield* FiberSet.make()
   const run = yield* FiberSet.runtime(fibers)<never>()
+  const maxPeerStreamsPerSecond = config.maxPeerStreamsPerSecond ?? DefaultMaxPeerStreamsPerSecond
+  const maxPeerFramesPerSecond = config.maxPeerFramesPerSecond ?? DefaultMaxPeerFramesPerSecond
   const perToken = new Map<string, number>()
   let sessions = 0
+  let drainingSessions = 0
+  // sessions ended by a rate limit are logged at most once a second, with how many were not
+  let limitLoggedAt = -Infinity
+  let limitUnlogged = 0
   let nextSession = 1
 
   /**
@@ -569,7 +604,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
 
       const sessionId = `s${nextSession++}`
       const label = hello.label === undefined ? `${sessionId} ${peerText}` : `${sessionId} ${hello.label}`
-      const { tunnel, ready, close } = makeTunnel(sessionId, label)
+      const { tunnel, ready, close, drain } = makeTunnel(sessionId, label)
       yield* Effect.addFinalizer(() => Effect.sync(() => close(new Error(`session ${label} closed`))))
       const bound = new Map<number, { scope: Scope.Closeable; listener: BoundListener; backend: Backend }>()
       let nextListener = 1
@@ -617,7 +652,16 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       yield* writeFrame(conn, encodeHelloReply({ _tag: "Welcome", version: ProtocolVersion, sessionId, listeners: welcomed })).pipe(
         Effect.mapError((e) => new ControlPortError({ reason: "Io", message: `${peerText}: ${e.message}` }))
       )
-      const session = yield* Session.make(rest, { role: "client", config: tunnelYamuxConfig(config.yamux) })
+      const session = yield* Session.make(rest, {
+        role: "client",
+        config: {
+          // the backend only opens control streams: refuse more before allocating, and bound its rates
+          maxPeerStreams: MaxControlStreamsPerSession,
+          peerStreamOpenRate: perSecond(maxPeerStreamsPerSecond),
+          peerFrameRate: perSecond(maxPeerFramesPerSecond),
+          ...tunnelYamuxConfig(config.yamux)
+        }
+      })
       ready(session.core)
       yield* Effect.logDebug(`control session ${label} up with ${welcomed.map((l) => describeRoute(l.route)).join(", ")}`)
 
@@ -695,12 +739,50 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       }
       acceptNext()
 
-      const ended = yield* Effect.exit(session.closed)
+      // The backend's GoAway(normal): it takes no new streams. Its listeners stop being picked at once;
+      // requests in flight finish (bounded by the drain timeout); then the session closes.
+      const inFlight = () => {
+        let n = 0
+        for (const entry of bound.values()) n += entry.backend.inFlight
+        return n
+      }
+      let draining = false
+      const idle = (): Effect.Effect<void> =>
+        Effect.suspend(() => inFlight() === 0 ? Effect.void : Effect.andThen(Effect.sleep(DrainPollInterval), idle()))
+      const drained = Effect.callback<void>((resume) => session.core.onRemoteGoAway(() => resume(Effect.void))).pipe(
+        Effect.andThen(Effect.suspend(() => {
+          drain()
+          draining = true
+          drainingSessions++
+          config.onSessionDraining?.()
+          return Effect.logInfo(`control session ${label} sent GoAway: draining (no new requests; ${inFlight()} in flight)`)
+        })),
+        Effect.andThen(Effect.timeoutOption(idle(), drainTimeout)),
+        Effect.asVoid,
+        Effect.ensuring(Effect.sync(() => {
+          if (draining) drainingSessions--
+        }))
+      )
+      const ended = yield* Effect.exit(Effect.raceFirst(session.closed, drained))
       close(new Error(`session ${label} ended`))
       if (Exit.isFailure(ended)) {
         const failure = ended.cause.reasons.find((r) => r._tag === "Fail")
-        if (failure?._tag === "Fail") config.onSessionFailed?.(failure.error.reason)
+        if (failure?._tag === "Fail") {
+          const error = failure.error
+          config.onSessionFailed?.(error.reason)
+          if (error.reason === "StreamOpenRateExceeded" || error.reason === "FrameRateExceeded") {
+            const now = yield* Clock.currentTimeMillis
+            if (now - limitLoggedAt >= 1_000) {
+              const more = limitUnlogged === 0 ? "" : ` (${limitUnlogged} more sessions ended by a rate limit since the last line)`
+              limitLoggedAt = now
+              limitUnlogged = 0
+              yield* Effect.logWarning(`control session ${label} ended: ${error.message}; sent GoAway(protocol error)${more}`)
+            } else limitUnlogged++
+          }
+        }
         yield* Effect.logDebug(`control session ${label} ended: ${String(ended.cause)}`)
+      } else if (draining) {
+        yield* Effect.logInfo(`control session ${label} drained after its GoAway; closing it`)
       }
     }).pipe(
       Effect.scoped,
@@ -782,6 +864,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   return ControlPort.of({
     address,
     sessions: () => sessions,
+    drainingSessions: () => drainingSessions,
     webSocketAddress,
     handleUpgrade: (req, socket, head) => handleUpgrade === undefined ? false : handleUpgrade(req, socket, head),
     replaceTokens: (tokens) => Effect.sync(() => void (policy = makeTokenPolicy(tokens)))

@@ -8,6 +8,7 @@
 import { Cause, Clock, Duration, Effect, Scope } from "effect"
 import * as F from "../../domain/Frame.ts"
 import { type FrameParser, makeFrameParser, writeHeader } from "../../domain/FrameCodec.ts"
+import { TokenBucket } from "../../domain/RateLimit.ts"
 import type { Connection, TransportError } from "../Transport.ts"
 import { StreamCore, type StreamHost, YamuxStream } from "./Stream.ts"
 import { resolveYamuxConfig, type YamuxConfig } from "./YamuxConfig.ts"
@@ -63,6 +64,13 @@ export class SessionCore implements StreamHost {
   private nextId: number
   /** Highest stream id the peer has opened. */
   private highestPeerId = 0
+  /** Live streams the peer opened (bounded by `maxPeerStreams`). */
+  private peerStreams = 0
+  /** The peer's stream opens and frames against their rate limits, when configured (made by `start`). */
+  private openBucket: TokenBucket | undefined = undefined
+  private frameBucket: TokenBucket | undefined = undefined
+  /** Told once when the peer sends GoAway(normal). */
+  private remoteGoAwayListeners: Array<() => void> = []
   private readonly parser: FrameParser
   /** Inbound streams waiting for accept (bounded by acceptBacklog). */
   private backlog: Array<StreamCore> = []
@@ -119,6 +127,9 @@ export class SessionCore implements StreamHost {
 
   /** Starts reading from the connection. */
   start(): void {
+    const { peerFrameRate, peerStreamOpenRate } = this.config
+    if (peerStreamOpenRate !== undefined) this.openBucket = new TokenBucket(peerStreamOpenRate, this.now())
+    if (peerFrameRate !== undefined) this.frameBucket = new TokenBucket(peerFrameRate, this.now())
     this.conn.start({
       lendable: true,
       onData: (chunk) => this.onChunk(chunk),
@@ -158,6 +169,10 @@ export class SessionCore implements StreamHost {
       this.loanKept = false
     }
     const { error, frames } = this.parser.push(chunk, this.lent !== undefined)
+    const frameBucket = this.frameBucket
+    if (frameBucket !== undefined && frames.length > 0 && !frameBucket.take(this.now(), frames.length)) {
+      this.rateExceeded("FrameRateExceeded", `the peer sent frames faster than ${frameBucket.limit.perSecond} per second`)
+    }
     for (let i = 0; i < frames.length && this.outcome === undefined; i++) {
       const problem = this.dispatch(frames[i]!)
       if (problem) this.protocolError(problem.message)
@@ -208,6 +223,11 @@ export class SessionCore implements StreamHost {
     this.terminate(yamuxError("ProtocolError", message), F.GO_AWAY_PROTOCOL_ERROR)
   }
 
+  /** A rate limit on the peer was exceeded: GoAway(protocol error), with the limit as the reason. */
+  private rateExceeded(reason: "StreamOpenRateExceeded" | "FrameRateExceeded", message: string): void {
+    this.terminate(yamuxError(reason, message), F.GO_AWAY_PROTOCOL_ERROR)
+  }
+
   private dispatch(f: F.Frame): YamuxError | undefined {
     switch (f.type) {
       case F.TYPE_DATA:
@@ -241,12 +261,23 @@ export class SessionCore implements StreamHost {
     if (this.isOurs(id)) return yamuxError("ProtocolError", `SYN for stream ${id}, which has our parity`)
     if (this.streams.has(id)) return yamuxError("ProtocolError", `SYN for stream ${id}, which is already open`)
     if (id > this.highestPeerId) this.highestPeerId = id
-    if (this.localGoAway || this.backlog.length >= this.config.acceptBacklog || this.streams.size >= this.config.maxStreams) {
+    // every SYN counts against the open rate, refused ones too: refusing is cheap, not free
+    const openBucket = this.openBucket
+    if (openBucket !== undefined && !openBucket.take(this.now(), 1)) {
+      this.rateExceeded("StreamOpenRateExceeded", `the peer opened streams faster than ${openBucket.limit.perSecond} per second`)
+      return undefined
+    }
+    if (
+      this.localGoAway || this.backlog.length >= this.config.acceptBacklog || this.streams.size >= this.config.maxStreams ||
+      this.peerStreams >= this.config.maxPeerStreams
+    ) {
+      // refused before anything is allocated for it
       this.sendFrame(F.TYPE_WINDOW_UPDATE, F.FLAG_RST, id, 0)
       return undefined
     }
     const stream = new StreamCore(this, id, this.config.maxStreamWindow, false)
     this.streams.set(id, stream)
+    this.peerStreams++
     const problem = stream.receive(f.type, f.flags & ~F.FLAG_SYN, f.length, f.body, f.parts, f.piece)
     if (problem) return problem
     const waiter = this.acceptWaiters.shift()
@@ -276,7 +307,10 @@ export class SessionCore implements StreamHost {
     if (f.streamId !== F.SESSION_STREAM_ID) return yamuxError("ProtocolError", `GoAway on stream ${f.streamId}`)
     switch (f.length) {
       case F.GO_AWAY_NORMAL:
-        this.remoteGoAway = true
+        if (!this.remoteGoAway) {
+          this.remoteGoAway = true
+          for (const l of this.remoteGoAwayListeners.splice(0)) l()
+        }
         return undefined
       case F.GO_AWAY_PROTOCOL_ERROR:
         this.terminate(yamuxError("RemoteError", "the peer reported a protocol error (GoAway)"), undefined)
@@ -347,7 +381,10 @@ export class SessionCore implements StreamHost {
   }
 
   forget(stream: StreamCore): void {
-    if (this.streams.get(stream.id) === stream) this.streams.delete(stream.id)
+    if (this.streams.get(stream.id) === stream) {
+      this.streams.delete(stream.id)
+      if (!this.isOurs(stream.id)) this.peerStreams--
+    }
     this.pendingOpens.delete(stream)
   }
 
@@ -559,6 +596,8 @@ export class SessionCore implements StreamHost {
     }
     const streams = [...this.streams.values()]
     this.streams.clear()
+    this.peerStreams = 0
+    this.remoteGoAwayListeners = []
     this.backlog = []
     for (const s of streams) s.fail(err, false)
     for (const w of this.acceptWaiters.splice(0)) w(err)
@@ -576,6 +615,12 @@ export class SessionCore implements StreamHost {
   onClosed(f: (o: Outcome) => void): void {
     if (this.outcome) f(this.outcome)
     else this.closedListeners.push(f)
+  }
+
+  /** Calls `f` once when the peer sends GoAway(normal) (at once if it did); never after the session ended. */
+  onRemoteGoAway(f: () => void): void {
+    if (this.remoteGoAway) f()
+    else if (!this.outcome) this.remoteGoAwayListeners.push(f)
   }
 
   onConnectionClosed(f: () => void): void {

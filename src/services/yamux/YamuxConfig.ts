@@ -3,6 +3,7 @@
  * nothing silently: an impossible setting throws when the session is made.
  */
 import * as F from "../../domain/Frame.ts"
+import { isValidRateLimit, type RateLimit } from "../../domain/RateLimit.ts"
 
 export interface YamuxConfig {
   /** Inbound streams that may wait for `accept()`; a SYN beyond this is refused with RST. */
@@ -33,6 +34,21 @@ export interface YamuxConfig {
   readonly sessionReadBuffer: number
   /** Live streams per session. */
   readonly maxStreams: number
+  /**
+   * Live streams the peer may have opened at once; a SYN beyond it is refused with RST before anything
+   * is allocated for it (a session whose peer is only meant to open a few control streams sets it low).
+   */
+  readonly maxPeerStreams: number
+  /**
+   * How fast the peer may open streams (SYNs for new ids, refused ones included); beyond it the session
+   * ends with GoAway(protocol error) and the reason `StreamOpenRateExceeded`. Undefined: no limit.
+   */
+  readonly peerStreamOpenRate: RateLimit | undefined
+  /**
+   * How fast the peer may send frames of any type; beyond it the session ends with GoAway(protocol
+   * error) and the reason `FrameRateExceeded`. Undefined: no limit.
+   */
+  readonly peerFrameRate: RateLimit | undefined
 }
 
 export const defaultYamuxConfig: YamuxConfig = {
@@ -47,7 +63,10 @@ export const defaultYamuxConfig: YamuxConfig = {
   maxSendFrame: F.DEFAULT_MAX_SEND_FRAME,
   writeQueueBytes: F.DEFAULT_WRITE_QUEUE_BYTES,
   sessionReadBuffer: F.DEFAULT_SESSION_READ_BUFFER,
-  maxStreams: F.DEFAULT_MAX_STREAMS
+  maxStreams: F.DEFAULT_MAX_STREAMS,
+  maxPeerStreams: F.DEFAULT_MAX_STREAMS,
+  peerStreamOpenRate: undefined,
+  peerFrameRate: undefined
 }
 
 /** Fills in defaults and checks the combination; throws a RangeError on an impossible setting. */
@@ -69,9 +88,14 @@ export const resolveYamuxConfig = (partial: Partial<YamuxConfig> | undefined): Y
       "maxSendFrame",
       "writeQueueBytes",
       "sessionReadBuffer",
-      "maxStreams"
+      "maxStreams",
+      "maxPeerStreams"
     ] as const
   ) positive(k)
+  for (const k of ["peerStreamOpenRate", "peerFrameRate"] as const) {
+    const limit = out[k]
+    if (limit !== undefined && !isValidRateLimit(limit)) throw new RangeError(`yamux ${k} needs perSecond > 0 and burst >= 1`)
+  }
   if (out.maxStreamWindow < F.INITIAL_STREAM_WINDOW || out.maxStreamWindow > F.MAX_STREAM_WINDOW_LIMIT) {
     throw new RangeError(`yamux maxStreamWindow must be within ${F.INITIAL_STREAM_WINDOW}..${F.MAX_STREAM_WINDOW_LIMIT}`)
   }

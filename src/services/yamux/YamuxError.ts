@@ -34,7 +34,11 @@ export const YamuxErrorReason = Schema.Literals([
   /** This side has used every stream id of its parity. */
   "StreamsExhausted",
   /** The session already has `maxStreams` live streams. */
-  "TooManyStreams"
+  "TooManyStreams",
+  /** The peer opened streams faster than `peerStreamOpenRate`; we sent GoAway(protocol error). */
+  "StreamOpenRateExceeded",
+  /** The peer sent frames faster than `peerFrameRate`; we sent GoAway(protocol error). */
+  "FrameRateExceeded"
 ])
 export type YamuxErrorReason = typeof YamuxErrorReason.Type
 

@@ -351,6 +351,93 @@ describe("yamux Session: protocol violations end the session with GoAway(protoco
       assert.strictEqual(session.core.outcome, undefined)
     }))
 
+  it.effect("a SYN beyond maxPeerStreams is refused with RST and allocates nothing; our own opens are not counted", () =>
+    Effect.gen(function*() {
+      const { session, peer } = yield* againstRaw("client", { maxPeerStreams: 2 })
+      const mine = [yield* session.open(), yield* session.open(), yield* session.open()]
+      peer.send(...[2, 4, 6, 8].map((id) => frame(F.TYPE_WINDOW_UPDATE, F.FLAG_SYN, id, 0)))
+      yield* peer.waitFor((fs) => fs.filter((f) => f.flags & F.FLAG_RST).length === 2)
+      const reset = peer.frames.filter((f) => f.flags & F.FLAG_RST).map((f) => f.streamId)
+      assert.deepStrictEqual(reset, [6, 8])
+      assert.strictEqual(session.core.streamCount, mine.length + 2)
+      // a peer stream that ends frees its place
+      const first = yield* session.accept()
+      yield* first.reset()
+      peer.send(frame(F.TYPE_WINDOW_UPDATE, F.FLAG_SYN, 10, 0))
+      assert.strictEqual((yield* session.accept()).id, 4)
+      assert.strictEqual((yield* session.accept()).id, 10)
+      assert.strictEqual(session.core.outcome, undefined)
+    }))
+
+  it.effect("the peer's GoAway(normal) is told to onRemoteGoAway listeners once; our opens fail, streams carry on", () =>
+    Effect.gen(function*() {
+      const { session, peer } = yield* againstRaw("client")
+      const s = yield* session.open()
+      peer.send(frame(F.TYPE_WINDOW_UPDATE, F.FLAG_ACK, s.id, 0))
+      let told = 0
+      session.core.onRemoteGoAway(() => told++)
+      peer.send(frame(F.TYPE_GO_AWAY, 0, 0, F.GO_AWAY_NORMAL), frame(F.TYPE_GO_AWAY, 0, 0, F.GO_AWAY_NORMAL))
+      yield* peer.waitFor(() => told > 0)
+      session.core.onRemoteGoAway(() => told++) // registered after: called at once
+      assert.strictEqual(told, 2)
+      assert.strictEqual((yield* Effect.flip(session.open())).reason, "RemoteGoAway")
+      peer.send(frame(F.TYPE_DATA, F.FLAG_FIN, s.id, 3, pattern(3)))
+      assert.isTrue(equalBytes(yield* readAll(s), pattern(3)))
+    }))
+
+  describe("peer rate limits (TestClock)", () => {
+    it.effect("opens within the rate are served; a burst beyond it ends the session with GoAway(protocol error)", () =>
+      Effect.gen(function*() {
+        const { session, peer } = yield* againstRaw("client", { peerStreamOpenRate: { perSecond: 10, burst: 5 }, maxPeerStreams: 1 })
+        let id = 2
+        const syn = () => frame(F.TYPE_WINDOW_UPDATE, F.FLAG_SYN, (id += 2), 0)
+        // 5 at once (the burst), then 10 per second for 3 s: all within the limit
+        peer.send(syn(), syn(), syn(), syn(), syn())
+        for (let i = 0; i < 30; i++) {
+          yield* TestClock.adjust(100)
+          peer.send(syn())
+        }
+        yield* peer.waitFor((fs) => fs.filter((f) => f.flags & F.FLAG_RST).length >= 34)
+        assert.strictEqual(session.core.outcome, undefined)
+        assert.deepStrictEqual(goAwayCodes(peer.frames), [])
+        // then 6 in the same instant: one more than the bucket holds
+        peer.send(syn(), syn(), syn(), syn(), syn(), syn())
+        const error = yield* Effect.flip(session.closed)
+        assert.strictEqual(error.reason, "StreamOpenRateExceeded")
+        yield* peer.waitFor((fs) => goAwayCodes(fs).length > 0)
+        assert.deepStrictEqual(goAwayCodes(peer.frames), [F.GO_AWAY_PROTOCOL_ERROR])
+      }))
+
+    it.effect("frames within the rate are served; more in one second end the session with GoAway(protocol error)", () =>
+      Effect.gen(function*() {
+        const { session, peer } = yield* againstRaw("client", { peerFrameRate: { perSecond: 100, burst: 100 } })
+        const ping = (n: number) => frame(F.TYPE_PING, F.FLAG_SYN, 0, n)
+        for (let second = 0; second < 3; second++) {
+          peer.send(...Array.from({ length: 100 }, (_, i) => ping(second * 100 + i)))
+          yield* peer.waitFor((fs) => fs.filter((f) => f.type === F.TYPE_PING).length === (second + 1) * 100)
+          yield* TestClock.adjust(1_000)
+        }
+        assert.strictEqual(session.core.outcome, undefined)
+        peer.send(...Array.from({ length: 101 }, (_, i) => ping(1_000 + i)))
+        const error = yield* Effect.flip(session.closed)
+        assert.strictEqual(error.reason, "FrameRateExceeded")
+        yield* peer.waitFor((fs) => goAwayCodes(fs).length > 0)
+        assert.deepStrictEqual(goAwayCodes(peer.frames), [F.GO_AWAY_PROTOCOL_ERROR])
+      }))
+
+    it.effect("the stream ids we open are never counted against the peer's open rate", () =>
+      Effect.gen(function*() {
+        const { session, peer } = yield* againstRaw("client", { peerStreamOpenRate: { perSecond: 1, burst: 1 } })
+        for (let i = 0; i < 50; i++) {
+          const s = yield* session.open()
+          peer.send(frame(F.TYPE_WINDOW_UPDATE, F.FLAG_ACK, s.id, 0), frame(F.TYPE_DATA, F.FLAG_FIN, s.id, 0))
+        }
+        peer.send(frame(F.TYPE_PING, F.FLAG_SYN, 0, 7))
+        yield* peer.waitFor((fs) => fs.some((f) => f.type === F.TYPE_PING && f.length === 7))
+        assert.strictEqual(session.core.outcome, undefined)
+      }))
+  })
+
   it.effect("the peer's GoAway(protocol error) ends our session with RemoteError", () =>
     Effect.gen(function*() {
       const { session, peer } = yield* againstRaw("client")

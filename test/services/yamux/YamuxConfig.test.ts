@@ -20,3 +20,14 @@ describe("tunnelYamuxConfig", () => {
     expect(config.maxAutoTuneWindow).toBe(MAX_STREAM_WINDOW_LIMIT)
   })
 })
+
+describe("resolveYamuxConfig peer limits", () => {
+  it("has no peer rate limits by default and refuses impossible ones", () => {
+    const config = resolveYamuxConfig(undefined)
+    expect(config.peerStreamOpenRate).toBeUndefined()
+    expect(config.peerFrameRate).toBeUndefined()
+    expect(() => resolveYamuxConfig({ peerFrameRate: { perSecond: 0, burst: 10 } })).toThrow(/peerFrameRate/)
+    expect(() => resolveYamuxConfig({ peerStreamOpenRate: { perSecond: 10, burst: 0 } })).toThrow(/peerStreamOpenRate/)
+    expect(() => resolveYamuxConfig({ maxPeerStreams: 0 })).toThrow(/maxPeerStreams/)
+  })
+})
