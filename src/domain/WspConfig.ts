@@ -43,7 +43,9 @@ const ServerFile = Schema.Struct({
   maxconcurrentrequests: Schema.optional(PositiveInt),
   maxconnectionsperpool: Schema.optional(PositiveInt),
   maxpools: Schema.optional(PositiveInt),
-  pinginterval: Schema.optional(NonNegativeInt)
+  pinginterval: Schema.optional(NonNegativeInt),
+  responsetimeout: Schema.optional(NonNegativeInt),
+  insecureopenregistration: Schema.optional(Schema.Boolean)
 })
 
 const ClientFile = Schema.Struct({
@@ -75,6 +77,11 @@ export const defaultMaxConnectionsPerPool = 1000
 export const defaultMaxPools = 1000
 /** WebSocket ping interval by default (wsp's client pings every 30 s), in milliseconds. */
 export const defaultPingInterval = 30_000
+/**
+ * How long a `/request` waits by default for the wsp client's response head once its request is sent,
+ * in milliseconds (wsp itself waits forever).
+ */
+export const defaultResponseTimeout = 60_000
 
 /** `switchyard wsp-server` settings (wsp's `server.Config` plus switchyard's limits). */
 export interface WspServerConfig {
@@ -95,6 +102,16 @@ export interface WspServerConfig {
   readonly maxPools: number
   /** ms between WebSocket pings; 0 turns keepalive off. */
   readonly pingInterval: number
+  /**
+   * ms a `/request` waits for the response head after its last request byte went out; then the caller
+   * gets 526 and the connection is dropped. 0 waits forever (wsp's behaviour).
+   */
+  readonly responseTimeout: number
+  /**
+   * Accept `/register` without a `secretkey` (anyone who reaches it gets a share of `/request` traffic,
+   * as in wsp). Off by default: with no `secretkey`, registrations are refused.
+   */
+  readonly openRegistration: boolean
 }
 
 /** `switchyard wsp-client` settings (wsp's `client.Config` plus rules and switchyard's limits). */
@@ -245,7 +262,9 @@ export const parseWspServerConfig = (text: string): Parsed<WspServerConfig> | Ws
       maxConcurrentRequests: file.maxconcurrentrequests ?? defaultMaxConcurrentRequests,
       maxConnectionsPerPool: file.maxconnectionsperpool ?? defaultMaxConnectionsPerPool,
       maxPools: file.maxpools ?? defaultMaxPools,
-      pingInterval: file.pinginterval ?? defaultPingInterval
+      pingInterval: file.pinginterval ?? defaultPingInterval,
+      responseTimeout: file.responsetimeout ?? defaultResponseTimeout,
+      openRegistration: file.insecureopenregistration ?? false
     },
     unknownKeys: unknownKeys(input, Object.keys(ServerFile.fields))
   }

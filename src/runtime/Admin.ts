@@ -306,23 +306,34 @@ export const registerGatewayGauges = (metrics: MetricsShape, frontDoor: string, 
 }
 
 /**
- * Registers the wsp server's pool gauges (`switchyard_wsp_connections{state}`, `switchyard_wsp_pools`)
- * and its refused credentials (`switchyard_wsp_rejections_total{credential}`).
+ * Registers the wsp server's pool gauges (`switchyard_wsp_connections{state}`, `switchyard_wsp_pools`),
+ * its refused credentials (`switchyard_wsp_rejections_total{credential}`) and its failed exchanges
+ * (`switchyard_wsp_request_failures_total{reason}`).
  */
 export const registerPoolGauges = (
   metrics: MetricsShape,
   stats: () => { readonly pools: number; readonly idle: number; readonly busy: number },
-  rejected: () => { readonly secretKey: number; readonly requestKey: number }
+  rejected: () => { readonly secretKey: number; readonly requestKey: number; readonly registrationClosed?: number },
+  failures: () => Readonly<Record<string, number | undefined>> = () => ({})
 ): void => {
   metrics.registry.sampledGauge({
     name: "switchyard_wsp_rejections_total",
     type: "counter",
-    help: "wsp credentials refused: a wrong X-SECRET-KEY on /register (secret_key), a wrong request key on /request (request_key).",
+    help: "wsp credentials refused: a wrong X-SECRET-KEY on /register (secret_key), /register with no secretkey configured " +
+      "(registration_closed), a wrong request key on /request (request_key).",
     labelNames: ["credential"],
     collect: () => {
       const r = rejected()
-      return [[["secret_key"], r.secretKey], [["request_key"], r.requestKey]]
+      return [[["secret_key"], r.secretKey], [["registration_closed"], r.registrationClosed ?? 0], [["request_key"], r.requestKey]]
     }
+  })
+  metrics.registry.sampledGauge({
+    name: "switchyard_wsp_request_failures_total",
+    type: "counter",
+    help: "wsp /request exchanges that failed after a connection was taken (the connection is dropped), by reason " +
+      "(ResponseTimeout: no response head within responsetimeout).",
+    labelNames: ["reason"],
+    collect: () => Object.entries(failures()).map(([reason, n]) => [[reason], n ?? 0] as const)
   })
   metrics.registry.sampledGauge({
     name: "switchyard_wsp_connections",
