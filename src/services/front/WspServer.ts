@@ -541,6 +541,7 @@ class ServerConnection {
     req.once("error", (err) => fail("CallerGone", `Unable to pipe request body : ${err.message}`))
     return () => {
       res.off("close", onCallerGone)
+      clearTimeout(exchange.responseTimer)
       if (current()) {
         this.exchange = undefined
         this.ws.terminate()

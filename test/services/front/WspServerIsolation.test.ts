@@ -6,7 +6,7 @@
  */
 import { afterEach, beforeEach, describe, expect, it } from "@effect/vitest"
 import * as http from "node:http"
-import { Effect, Redacted } from "effect"
+import { Effect, Exit, Redacted, Scope } from "effect"
 import { WebSocket } from "ws"
 import { makeWspServer, registrationClosedMessage } from "../../../src/services/front/WspServer.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
@@ -149,6 +149,51 @@ describe("wsp server: response timeout", () => {
       ws.ws.send(Buffer.alloc(0), { binary: true })
       const r = yield* Effect.promise(() => within(2_000, "late answer", reply))
       expect(r.status).toBe(201)
+    }).pipe(Effect.scoped))
+
+  it.live("an exchange cut short by the server's shutdown, after waiting for a connection, leaves no response timer behind", () =>
+    Effect.gen(function*() {
+      // the response timers are told apart by their delay; each one started must be cleared
+      const responseTimeout = 43_210
+      const running = new Set<unknown>()
+      const realSet = globalThis.setTimeout
+      const realClear = globalThis.clearTimeout
+      yield* Effect.acquireRelease(
+        Effect.sync(() => {
+          globalThis.setTimeout = ((fn: () => void, ms?: number, ...rest: Array<unknown>) => {
+            const timer = (realSet as (...args: Array<unknown>) => NodeJS.Timeout)(fn, ms, ...rest)
+            if (ms === responseTimeout) running.add(timer)
+            return timer
+          }) as typeof setTimeout
+          globalThis.clearTimeout = ((timer: Parameters<typeof clearTimeout>[0]) => {
+            running.delete(timer)
+            realClear(timer)
+          }) as typeof clearTimeout
+        }),
+        () =>
+          Effect.sync(() => {
+            globalThis.setTimeout = realSet
+            globalThis.clearTimeout = realClear
+          })
+      )
+      const scope = yield* Scope.make()
+      const server = yield* makeWspServer(serverConfig({ timeout: 5_000, responseTimeout })).pipe(Scope.provide(scope))
+      const port = server.address.port
+      const p = yield* peer(port, "manual_1", false)
+      yield* waitFor("registered", () => server.stats().idle === 1)
+      const first = call(port, { destination: "http://dest.example/first" })
+      yield* waitFor("first request on the connection", () => p.requests() === 1)
+      // the second caller waits for the busy connection, then gets it
+      const second = call(port, { destination: "http://dest.example/second" }).then((r) => r.status, () => 0)
+      yield* Effect.sleep(100)
+      p.ws.send("{\"StatusCode\":200,\"Header\":{},\"ContentLength\":0}")
+      p.ws.send(Buffer.alloc(0), { binary: true })
+      expect((yield* Effect.promise(() => within(2_000, "first", first))).status).toBe(200)
+      yield* waitFor("second request on the connection", () => p.requests() === 2)
+      expect(running.size).toBe(1)
+      yield* Scope.close(scope, Exit.void)
+      expect(yield* Effect.promise(() => within(2_000, "second caller", second))).not.toBe(200)
+      yield* waitFor("the response timer cleared", () => running.size === 0, 2_000)
     }).pipe(Effect.scoped))
 })
 
