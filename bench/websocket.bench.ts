@@ -105,7 +105,9 @@ const serverSettings = {
   maxConcurrentRequests: 1024,
   maxConnectionsPerPool: 1000,
   maxPools: 10,
-  pingInterval: 30_000
+  pingInterval: 30_000,
+  responseTimeout: 60_000,
+  openRegistration: false
 }
 
 const clientSettings = (serverPort: number, destinationPort: number, maskFrames: boolean) => ({

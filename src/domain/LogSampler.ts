@@ -30,3 +30,16 @@ export class LogSampler {
     return suppressed
   }
 }
+
+/**
+ * A writer of one kind of sampled line: passes `line` to `emit` unless one went out less than
+ * `intervalMs` ago, adding how many were left out since the previous one.
+ */
+export const sampledLines = (intervalMs: number, emit: (line: string) => void, now: () => number = Date.now): (line: string) => void => {
+  const sampler = new LogSampler(intervalMs)
+  return (line) => {
+    const skipped = sampler.take("", now())
+    if (skipped === undefined) return
+    emit(skipped === 0 ? line : `${line} (${skipped} more like it since the previous line)`)
+  }
+}

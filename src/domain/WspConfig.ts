@@ -45,7 +45,9 @@ const ServerFile = Schema.Struct({
   maxpools: Schema.optional(PositiveInt),
   pinginterval: Schema.optional(NonNegativeInt),
   maxgreetingbytes: Schema.optional(PositiveInt),
-  maxidlebytes: Schema.optional(PositiveInt)
+  maxidlebytes: Schema.optional(PositiveInt),
+  responsetimeout: Schema.optional(NonNegativeInt),
+  insecureopenregistration: Schema.optional(Schema.Boolean)
 })
 
 const ClientFile = Schema.Struct({
@@ -77,6 +79,11 @@ export const defaultMaxConnectionsPerPool = 1000
 export const defaultMaxPools = 1000
 /** WebSocket ping interval by default (wsp's client pings every 30 s), in milliseconds. */
 export const defaultPingInterval = 30_000
+/**
+ * How long a `/request` waits by default for the wsp client's response head once its request is sent,
+ * in milliseconds (wsp itself waits forever).
+ */
+export const defaultResponseTimeout = 60_000
 
 /** `switchyard wsp-server` settings (wsp's `server.Config` plus switchyard's limits). */
 export interface WspServerConfig {
@@ -101,6 +108,16 @@ export interface WspServerConfig {
   readonly maxGreetingBytes?: number | undefined
   /** Bytes a registered connection may send while it carries no request (default 64 KiB). */
   readonly maxIdleBytes?: number | undefined
+  /**
+   * ms a `/request` waits for the response head after its last request byte went out; then the caller
+   * gets 526 and the connection is dropped. 0 waits forever (wsp's behaviour).
+   */
+  readonly responseTimeout: number
+  /**
+   * Accept `/register` without a `secretkey` (anyone who reaches it gets a share of `/request` traffic,
+   * as in wsp). Off by default: with no `secretkey`, registrations are refused.
+   */
+  readonly openRegistration: boolean
 }
 
 /** `switchyard wsp-client` settings (wsp's `client.Config` plus rules and switchyard's limits). */
@@ -253,7 +270,9 @@ export const parseWspServerConfig = (text: string): Parsed<WspServerConfig> | Ws
       maxPools: file.maxpools ?? defaultMaxPools,
       pingInterval: file.pinginterval ?? defaultPingInterval,
       ...(file.maxgreetingbytes === undefined ? {} : { maxGreetingBytes: file.maxgreetingbytes }),
-      ...(file.maxidlebytes === undefined ? {} : { maxIdleBytes: file.maxidlebytes })
+      ...(file.maxidlebytes === undefined ? {} : { maxIdleBytes: file.maxidlebytes }),
+      responseTimeout: file.responsetimeout ?? defaultResponseTimeout,
+      openRegistration: file.insecureopenregistration ?? false
     },
     unknownKeys: unknownKeys(input, Object.keys(ServerFile.fields))
   }

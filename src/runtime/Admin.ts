@@ -3,23 +3,31 @@
  * `/readyz` (listeners bound, sessions up), `/metrics` (Prometheus text) and `/status` (JSON for
  * `switchyard status`). It serves no user traffic, never exposes secrets, and binds loopback by default.
  */
-import { Effect, Schema } from "effect"
+import { Effect, FiberSet, Schema } from "effect"
 import type { Scope } from "effect"
 import * as http from "node:http"
 import packageJson from "../../package.json" with { type: "json" }
 import { ExpositionContentType, makeMetrics, type MetricRegistry, type MetricsShape } from "../services/Metrics.ts"
 import { CLIENT_LIMIT_KINDS, type ClientLimitKind } from "../domain/ClientLimits.ts"
 import type { SocketProxyStats } from "../services/front/SocketProxy.ts"
+import { type AdminConnectionClose, applyConnectionBudget } from "./AdminConnections.ts"
 import { ConfigLoadError, loadOpsSections, readOpsSections } from "./ConfigLoader.ts"
 import * as Logging from "./Logging.ts"
 import { formatHostPort, type HostPort, listenOn, parseHostPort } from "./NetAddress.ts"
 
 /** Where the admin endpoint listens by default. */
 export const DefaultAdminAddress: HostPort = { host: "127.0.0.1", port: 9090 }
-/** Most connections the admin endpoint serves at once. */
+/**
+ * Most connections the admin endpoint keeps open at once. When all are taken, a new connection closes
+ * the one that has waited longest for a request head, so idle peers cannot lock out health checks.
+ */
 export const MaxAdminConnections = 64
-/** Time allowed to send a request head to the admin endpoint (ms). */
-export const AdminHeadersTimeoutMs = 10_000
+/** Time for a complete request head on the admin endpoint, from the connection's start or its previous response (ms). */
+export const AdminHeadTimeoutMs = 5_000
+/** Time for an admin response to be taken by its reader (ms). */
+export const AdminResponseTimeoutMs = 10_000
+/** Shortest interval between two warnings about admin connections closed by the budget (ms). */
+export const AdminCloseLogIntervalMs = 10_000
 /** Most recent errors kept for `/status`. */
 export const MaxRecentErrors = 32
 
@@ -50,6 +58,8 @@ export interface AdminOptions {
   readonly metrics?: MetricRegistry | undefined
   /** Served on `/status` when given. */
   readonly status?: (() => StatusDocument) | undefined
+  /** The connection budget (defaults: `MaxAdminConnections`, `AdminHeadTimeoutMs`, `AdminResponseTimeoutMs`). */
+  readonly connections?: { readonly max?: number; readonly headTimeoutMs?: number; readonly responseTimeoutMs?: number } | undefined
 }
 
 /** A bounded list of the latest errors, for `/status`. */
@@ -96,14 +106,48 @@ export const serveAdmin = Effect.fn("Admin.serve")(function*(options: AdminOptio
     }
     res.writeHead(404, { "content-type": "text/plain" }).end("not found\n")
   })
-  server.maxConnections = MaxAdminConnections
-  server.headersTimeout = AdminHeadersTimeoutMs
+  const run = yield* FiberSet.makeRuntime<never, void, never>()
+  const closed: Record<AdminConnectionClose, number> = { head_timeout: 0, response_timeout: 0, evicted: 0, refused: 0 }
+  const closedSinceLog: Record<AdminConnectionClose, number> = { head_timeout: 0, response_timeout: 0, evicted: 0, refused: 0 }
+  let lastLog = 0
+  const max = options.connections?.max ?? MaxAdminConnections
+  applyConnectionBudget(server, {
+    max,
+    headTimeoutMs: options.connections?.headTimeoutMs ?? AdminHeadTimeoutMs,
+    responseTimeoutMs: options.connections?.responseTimeoutMs ?? AdminResponseTimeoutMs,
+    onClose: (reason) => {
+      closed[reason]++
+      closedSinceLog[reason]++
+      const now = Date.now()
+      if (now - lastLog < AdminCloseLogIntervalMs) return
+      lastLog = now
+      const counts = (Object.keys(closedSinceLog) as Array<AdminConnectionClose>)
+        .filter((r) => closedSinceLog[r] > 0)
+        .map((r) => `${r}=${closedSinceLog[r]}`)
+        .join(" ")
+      for (const r of Object.keys(closedSinceLog) as Array<AdminConnectionClose>) closedSinceLog[r] = 0
+      run(Effect.logWarning(
+        `admin endpoint closed connections that held it (${counts}; at most ${max} open, one warning per ` +
+          `${AdminCloseLogIntervalMs / 1000} s, all counted in switchyard_admin_connections_closed_total)`
+      ))
+    }
+  })
+  // the budget's head deadline is the one that applies; Node's own is a backstop
+  server.headersTimeout = AdminResponseTimeoutMs
   const bound = yield* listenOn(server, options.address).pipe(
     Effect.mapError((cause) => new AdminError({ reason: "BindFailed", message: cause.message }))
   )
   if (options.metrics !== undefined) {
-    const remove = registerProcessMetrics(options.metrics)
-    yield* Effect.addFinalizer(() => Effect.sync(remove))
+    const removeProcess = registerProcessMetrics(options.metrics)
+    const removeClosed = options.metrics.sampledGauge({
+      name: "switchyard_admin_connections_closed_total",
+      type: "counter",
+      help: "Admin endpoint connections closed by its budget: no request head in time (head_timeout), response not taken in time " +
+        "(response_timeout), closed to admit a newer one (evicted), refused while every connection was being answered (refused).",
+      labelNames: ["reason"],
+      collect: () => (Object.keys(closed) as Array<AdminConnectionClose>).map((r) => [[r], closed[r]] as const)
+    })
+    yield* Effect.addFinalizer(() => Effect.sync(() => (removeProcess(), removeClosed())))
   }
   return bound
 })
@@ -266,14 +310,16 @@ export const registerGatewayGauges = (metrics: MetricsShape, frontDoor: string, 
 
 /**
  * Registers the wsp server's pool gauges (`switchyard_wsp_connections{state}`, `switchyard_wsp_pools`),
- * its refused credentials (`switchyard_wsp_rejections_total{credential}`) and, when given, the
- * connections it refused or cut for what they sent (`switchyard_wsp_connection_refusals_total{reason}`).
+ * its refused credentials (`switchyard_wsp_rejections_total{credential}`), its failed exchanges
+ * (`switchyard_wsp_request_failures_total{reason}`) and, when given, the connections it refused or cut for
+ * what they sent (`switchyard_wsp_connection_refusals_total{reason}`).
  */
 export const registerPoolGauges = (
   metrics: MetricsShape,
   stats: () => { readonly pools: number; readonly idle: number; readonly busy: number },
-  rejected: () => { readonly secretKey: number; readonly requestKey: number },
-  refusals?: () => { readonly greetingTooLarge: number; readonly idleOverflow: number; readonly tooManyGreetings: number }
+  rejected: () => { readonly secretKey: number; readonly requestKey: number; readonly registrationClosed?: number },
+  refusals?: () => { readonly greetingTooLarge: number; readonly idleOverflow: number; readonly tooManyGreetings: number },
+  failures: () => Readonly<Record<string, number | undefined>> = () => ({})
 ): void => {
   if (refusals !== undefined) {
     metrics.registry.sampledGauge({
@@ -290,12 +336,21 @@ export const registerPoolGauges = (
   metrics.registry.sampledGauge({
     name: "switchyard_wsp_rejections_total",
     type: "counter",
-    help: "wsp credentials refused: a wrong X-SECRET-KEY on /register (secret_key), a wrong request key on /request (request_key).",
+    help: "wsp credentials refused: a wrong X-SECRET-KEY on /register (secret_key), /register with no secretkey configured " +
+      "(registration_closed), a wrong request key on /request (request_key).",
     labelNames: ["credential"],
     collect: () => {
       const r = rejected()
-      return [[["secret_key"], r.secretKey], [["request_key"], r.requestKey]]
+      return [[["secret_key"], r.secretKey], [["registration_closed"], r.registrationClosed ?? 0], [["request_key"], r.requestKey]]
     }
+  })
+  metrics.registry.sampledGauge({
+    name: "switchyard_wsp_request_failures_total",
+    type: "counter",
+    help: "wsp /request exchanges that failed after a connection was taken (the connection is dropped), by reason " +
+      "(ResponseTimeout: no response head within responsetimeout).",
+    labelNames: ["reason"],
+    collect: () => Object.entries(failures()).map(([reason, n]) => [[reason], n ?? 0] as const)
   })
   metrics.registry.sampledGauge({
     name: "switchyard_wsp_connections",

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "@effect/vitest"
 import { Effect, Schema } from "effect"
-import { LogSampler } from "../../src/domain/LogSampler.ts"
+import { LogSampler, sampledLines } from "../../src/domain/LogSampler.ts"
 
 describe("LogSampler", () => {
   it("logs the first of each kind, then one per interval saying how many were left out", () => {
@@ -11,6 +11,22 @@ describe("LogSampler", () => {
     expect(sampler.take("a", 999)).toBeUndefined()
     expect(sampler.take("a", 1_000)).toBe(2)
     expect(sampler.take("a", 5_000)).toBe(0)
+  })
+
+  it("sampledLines writes the first line, then at most one per interval, counting the ones left out", () => {
+    let t = 1_000
+    const out: Array<string> = []
+    const log = sampledLines(10_000, (line) => out.push(line), () => t)
+    log("a")
+    log("b")
+    t += 9_999
+    log("c")
+    t += 1
+    log("d")
+    log("e")
+    t += 10_000
+    log("f")
+    expect(out).toEqual(["a", "d (2 more like it since the previous line)", "f (1 more like it since the previous line)"])
   })
 
   it.effect.prop(

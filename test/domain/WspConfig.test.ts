@@ -28,6 +28,18 @@ describe("wsp server config", () => {
     expect(String(parsed.config.secretKey)).not.toContain("s3cret")
   })
 
+  it("waits 60 s for a response head and keeps registration closed without a secretkey unless opened", () => {
+    const byDefault = parseWspServerConfig("port: 0\n")
+    if (byDefault instanceof WspConfigError) throw byDefault
+    expect(byDefault.config).toMatchObject({ responseTimeout: 60_000, openRegistration: false })
+    const set = parseWspServerConfig("responsetimeout: 2500\ninsecureopenregistration: true\n")
+    if (set instanceof WspConfigError) throw set
+    expect(set.config).toMatchObject({ responseTimeout: 2500, openRegistration: true })
+    expect(set.unknownKeys).toEqual([])
+    const bad = parseWspServerConfig("responsetimeout: -1\n")
+    expect((bad as WspConfigError).field).toBe("responsetimeout")
+  })
+
   it("names the field and the bad value", () => {
     const bad = parseWspServerConfig(fixture("wsp_server_bad.cfg"))
     expect(bad).toBeInstanceOf(WspConfigError)

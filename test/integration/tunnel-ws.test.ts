@@ -423,7 +423,9 @@ describe("tunnels over WebSocket: TLS, proxies, mounting", () => {
         maxConcurrentRequests: 100,
         maxConnectionsPerPool: 10,
         maxPools: 10,
-        pingInterval: 30_000
+        pingInterval: 30_000,
+        responseTimeout: 60_000,
+        openRegistration: false
       }, { upgrade: gw.control.handleUpgrade })
       const publicPort = yield* Effect.promise(freePort)
       const tunnel = yield* wsClient([`ws://127.0.0.1:${wsp.address.port}/tunnel`])

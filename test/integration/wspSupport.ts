@@ -26,6 +26,8 @@ export const serverConfig = (overrides: Partial<WspServerConfig> = {}): WspServe
   maxConnectionsPerPool: 1000,
   maxPools: 100,
   pingInterval: 0,
+  responseTimeout: 60_000,
+  openRegistration: false,
   ...overrides
 })
 

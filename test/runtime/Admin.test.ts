@@ -1,12 +1,38 @@
 import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
 import { Cause, Deferred, Effect, Exit, Scope } from "effect"
 import * as net from "node:net"
-import { makeRecentErrors, serveAdmin, serveOperations } from "../../src/runtime/Admin.ts"
+import { MaxAdminConnections, makeRecentErrors, serveAdmin, serveOperations } from "../../src/runtime/Admin.ts"
 import { fetchStatus, renderStatus, table } from "../../src/runtime/commands/status.ts"
 import { onHangup, teardown } from "../../src/runtime/Lifecycle.ts"
 import { makeMetrics } from "../../src/services/Metrics.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
-import { get } from "./serverProcess.ts"
+import { get, sample } from "./serverProcess.ts"
+
+/** Resolves with `promise`, or rejects once `ms` have passed without it. */
+const within = <A>(ms: number, what: string, promise: Promise<A>): Promise<A> => {
+  let timer: NodeJS.Timeout | undefined
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: no answer within ${ms} ms`)), ms)
+  })
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer))
+}
+
+/** Opens a TCP connection to the port and resolves once it is connected. */
+const connectIdle = (port: number): Promise<net.Socket> =>
+  new Promise((resolve, reject) => {
+    const s = net.connect(port, "127.0.0.1", () => resolve(s))
+    s.on("error", () => undefined)
+    s.once("error", reject)
+  })
+
+/** Polls `check` every 20 ms until it holds, failing after `ms`. */
+const until = async (ms: number, what: string, check: () => Promise<boolean>): Promise<void> => {
+  const deadline = Date.now() + ms
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`${what} within ${ms} ms`)
+    await new Promise((r) => setTimeout(r, 20))
+  }
+}
 
 let before: HandleCounts
 beforeEach(() => {
@@ -82,6 +108,69 @@ describe("admin endpoint", () => {
       assert.strictEqual(status.command, "client")
       assert.strictEqual(status.recentErrors[0]!.message, "lost the gateway")
       assert.include(renderStatus(status), "NOT READY")
+    }).pipe(Effect.scoped))
+
+  it.live("idle and trickling connections beyond the budget do not keep /healthz and /readyz from answering", () =>
+    Effect.gen(function*() {
+      const metrics = makeMetrics()
+      const address = yield* serveAdmin({ address: { host: "127.0.0.1", port: 0 }, ready: () => true, metrics: metrics.registry })
+      const sockets: Array<net.Socket> = []
+      const trickles: Array<NodeJS.Timeout> = []
+      yield* Effect.addFinalizer(() =>
+        Effect.sync(() => {
+          trickles.forEach(clearInterval)
+          sockets.forEach((s) => s.destroy())
+        })
+      )
+      const evicted = async () => sample((await get(address.port, "/metrics")).body, "switchyard_admin_connections_closed_total", { reason: "evicted" })
+      yield* Effect.promise(async () => {
+        // connections that send a partial head a byte at a time, then idle ones beyond the budget
+        const head = "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
+        for (let i = 0; i < 8; i++) {
+          const s = await connectIdle(address.port)
+          sockets.push(s)
+          let at = 0
+          trickles.push(setInterval(() => s.destroyed || s.write(head[at++ % head.length]!), 100))
+        }
+        for (let i = 0; i < MaxAdminConnections + 16; i++) sockets.push(await connectIdle(address.port))
+      })
+      // the server has seen them all: the oldest waiting ones made room for the newest
+      yield* Effect.promise(() => until(2_000, "connections beyond the budget evicted", async () => (await evicted()) >= 8))
+      for (let round = 0; round < 3; round++) {
+        const health = yield* Effect.promise(() => within(2_000, "/healthz", get(address.port, "/healthz")))
+        assert.strictEqual(health.status, 200)
+        const ready = yield* Effect.promise(() => within(2_000, "/readyz", get(address.port, "/readyz")))
+        assert.strictEqual(ready.status, 200)
+        // more idle connections keep arriving between the checks
+        for (let i = 0; i < 16; i++) sockets.push(yield* Effect.promise(() => connectIdle(address.port)))
+      }
+      // what the server closed reaches the clients: at most the budget stays open
+      const open = () => sockets.filter((s) => !s.destroyed && !s.readableEnded).length
+      yield* Effect.promise(() => until(2_000, "at most the budget open", async () => open() <= MaxAdminConnections))
+    }).pipe(Effect.scoped))
+
+  it.live("a connection that sends no complete head within the head timeout is closed and counted", () =>
+    Effect.gen(function*() {
+      const metrics = makeMetrics()
+      const address = yield* serveAdmin({
+        address: { host: "127.0.0.1", port: 0 },
+        ready: () => true,
+        metrics: metrics.registry,
+        connections: { headTimeoutMs: 200 }
+      })
+      const closedAfter = yield* Effect.promise(async () => {
+        const silent = await connectIdle(address.port)
+        const partial = await connectIdle(address.port)
+        partial.write("GET /healthz HTTP/1.1\r\n")
+        const started = Date.now()
+        const closed = (s: net.Socket) => new Promise<void>((resolve) => (s.destroyed ? resolve() : s.once("close", () => resolve())))
+        await within(2_000, "idle connections closed", Promise.all([closed(silent), closed(partial)]))
+        return Date.now() - started
+      })
+      assert.isAtLeast(closedAfter, 150)
+      const text = (yield* Effect.promise(() => get(address.port, "/metrics"))).body
+      assert.strictEqual(sample(text, "switchyard_admin_connections_closed_total", { reason: "head_timeout" }), 2)
+      assert.strictEqual((yield* Effect.promise(() => get(address.port, "/healthz"))).status, 200)
     }).pipe(Effect.scoped))
 
   it.effect("fetchStatus fails with a typed error when nothing listens", () =>

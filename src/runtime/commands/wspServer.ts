@@ -1,7 +1,9 @@
 /**
  * `switchyard wsp-server --config wsp_server.cfg`: a drop-in for root-gg/wsp's `wsp_server`. Reads
  * wsp's YAML config (refusing to start on any error, naming the field and value) and serves
- * `/register`, `/request` and `/status` until interrupted. It adds no other endpoints. SIGHUP re-reads
+ * `/register`, `/request` and `/status` until interrupted. It adds no other endpoints. With no
+ * `secretkey`, `/register` is refused unless `--insecure-open-registration` (or the file's
+ * `insecureopenregistration: true`) opens it, as wsp leaves it open. SIGHUP re-reads
  * the file and replaces `secretkey` and `requestkey` for new registrations and requests; the other
  * fields apply on restart.
  */
@@ -18,6 +20,13 @@ const config = Flag.String("config").pipe(
   Flag.withDefault("wsp_server.cfg")
 )
 
+const insecureOpenRegistration = Flag.Boolean("insecure-open-registration").pipe(
+  Flag.withDescription(
+    "Accept /register from any wsp client when no secretkey is set (wsp's behaviour): whoever reaches the port then receives /request traffic"
+  ),
+  Flag.withDefault(false)
+)
+
 /** Reads a config file; a missing or unreadable file is an error naming the path. */
 export const readConfigText = (path: string): Effect.Effect<string, WspConfigError> =>
   Effect.try({
@@ -26,16 +35,27 @@ export const readConfigText = (path: string): Effect.Effect<string, WspConfigErr
       new WspConfigError({ reason: "InvalidYaml", field: "--config", value: path, message: `cannot read ${path}: ${(e as Error).message}` })
   })
 
-export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn(function*({ config }) {
-  const parsed = parseWspServerConfig(yield* readConfigText(config))
-  if (parsed instanceof WspConfigError) return yield* parsed
+export const wspServerCommand = Command.make("wsp-server", { config, insecureOpenRegistration }, Effect.fn(function*({ config, insecureOpenRegistration }) {
+  const read = parseWspServerConfig(yield* readConfigText(config))
+  if (read instanceof WspConfigError) return yield* read
+  const parsed = { ...read, config: { ...read.config, openRegistration: read.config.openRegistration || insecureOpenRegistration } }
   for (const key of parsed.unknownKeys) {
     // admin and log are switchyard's shared sections, read below
     if (key !== "admin" && key !== "log") yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
   }
   const ops = yield* prepareOperations(config)
   if (Redacted.value(parsed.config.secretKey) === "") {
-    yield* Effect.logWarning("wsp-server: secretkey is empty, so any wsp client may register and receive requests (wsp's behaviour); set secretkey")
+    if (parsed.config.openRegistration) {
+      yield* Effect.logWarning(
+        "wsp-server: INSECURE: no secretkey and open registration, so anyone who reaches /register receives a share of /request traffic; " +
+          "set secretkey (and the same in every wsp_client.cfg) and drop --insecure-open-registration / insecureopenregistration"
+      )
+    } else {
+      yield* Effect.logError(
+        "wsp-server: no secretkey is configured, so /register refuses every wsp client (403); " +
+          "set secretkey in the server's and the clients' files, or pass --insecure-open-registration to accept any client as wsp does"
+      )
+    }
   }
   if (parsed.config.host !== "127.0.0.1" && parsed.config.host !== "localhost" && parsed.config.requestKey === undefined) {
     yield* Effect.logWarning(`wsp-server: /request on ${parsed.config.host} needs no credential; set requestkey to require one`)
@@ -48,14 +68,27 @@ export const wspServerCommand = Command.make("wsp-server", { config }, Effect.fn
     ready: () => true,
     listeners: () => [{ name: "wsp", address: `${server.address.host}:${server.address.port}` }],
     sessions: () => [{ frontDoor: "wsp", count: server.stats().idle + server.stats().busy }],
-    register: (metrics) => registerPoolGauges(metrics, server.stats, server.rejected, server.refusals)
+    register: (metrics) => registerPoolGauges(metrics, server.stats, server.rejected, server.refusals, server.failures)
   })
   yield* onHangup(Effect.gen(function*() {
     const next = parseWspServerConfig(yield* readConfigText(config))
     if (next instanceof WspConfigError) return yield* next
     yield* server.replaceCredentials({ secretKey: next.config.secretKey, requestKey: next.config.requestKey })
+    if (Redacted.value(next.config.secretKey) === "" && !parsed.config.openRegistration) {
+      yield* Effect.logError("wsp-server: the reloaded file has no secretkey, so /register now refuses every wsp client (403); set secretkey")
+    }
     operations.metrics.reloads.labels("applied").inc()
-    const restart = (["host", "port", "timeout", "idleTimeout", "maxPools", "maxConnectionsPerPool", "maxConcurrentRequests", "maxHeaders"] as const)
+    const restart = ([
+      "host",
+      "port",
+      "timeout",
+      "idleTimeout",
+      "responseTimeout",
+      "maxPools",
+      "maxConnectionsPerPool",
+      "maxConcurrentRequests",
+      "maxHeaders"
+    ] as const)
       .filter((field) => String(next.config[field]) !== String(parsed.config[field]))
     yield* Effect.logInfo(
       `configuration reloaded: secretkey and requestkey apply to new registrations and requests` +

@@ -27,7 +27,7 @@ import {
   withoutHopByHop
 } from "../../domain/WspMessage.ts"
 import type { PoolHandle, PoolStats } from "../Pool.ts"
-import { LogSampler } from "../../domain/LogSampler.ts"
+import { LogSampler, sampledLines } from "../../domain/LogSampler.ts"
 import { skippedNote } from "./HandshakeAdmission.ts"
 import { defaultCleanInterval, makePool, PoolError } from "../Pool.ts"
 import { readIntoUserBuffers } from "../transport/LendingReads.ts"
@@ -64,6 +64,10 @@ export const clientControlFrameOverheadBytes = 6
 export const responseHighWater = 1024 * 1024
 /** Bytes queued on a WebSocket before the caller's request body is paused. */
 export const uploadHighWater = 4 * 1024 * 1024
+/** Shortest interval between two log lines about refused registrations, or about failed requests (ms). */
+export const failureLogInterval = 10_000
+/** Body of the answer to `/register` when no `secretkey` is set and open registration is off. */
+export const registrationClosedMessage = "Registration closed: the server has no secretkey configured"
 /** Most headers Node parses on an incoming request before switchyard counts them itself. */
 const nodeHeaderParseLimit = 4096
 
@@ -78,7 +82,8 @@ export class WspProxyError extends Schema.TaggedError<WspProxyError>()("WspProxy
     "BadStatus",
     "CallerGone",
     "UnexpectedMessage",
-    "UnfinishedUpload"
+    "UnfinishedUpload",
+    "ResponseTimeout"
   ]),
   message: Schema.String
 }) {}
@@ -113,6 +118,8 @@ interface Exchange {
   paused: boolean
   /** Passes one body fragment read off the socket by the server itself. */
   onPayload: (fragment: Buffer) => void
+  /** Fails the exchange when no response head arrives in time (restarted while the request body moves). */
+  responseTimer: NodeJS.Timeout | undefined
 }
 
 /**
@@ -397,6 +404,7 @@ class ServerConnection {
     if (exchange === undefined) return
     this.exchange = undefined
     this.reader = undefined
+    clearTimeout(exchange.responseTimer)
     if (error !== undefined) this.ws.terminate()
     else if (exchange.paused) {
       exchange.paused = false
@@ -430,6 +438,8 @@ class ServerConnection {
         return this.finish(new WspProxyError({ reason: "BadStatus", message: `invalid response status ${head.StatusCode}` }))
       }
       exchange.head = head
+      clearTimeout(exchange.responseTimer)
+      exchange.responseTimer = undefined
       const receiver = receiverOf(this.ws)
       if (receiver !== undefined) {
         exchange.streaming = true
@@ -506,8 +516,19 @@ class ServerConnection {
     this.finish(exchange.uploaded ? undefined : unfinishedUpload())
   }
 
-  /** Sends one request (head, then the caller's body as one fragmented binary message). */
-  proxy(req: http.IncomingMessage, res: http.ServerResponse, headText: string, maxBody: number, done: (error: WspProxyError | undefined) => void): () => void {
+  /**
+   * Sends one request (head, then the caller's body as one fragmented binary message). With a
+   * `responseTimeout` (ms, 0 for none), the exchange fails with `ResponseTimeout` when no response head
+   * has arrived that long after the head or the latest part of the body went out.
+   */
+  proxy(
+    req: http.IncomingMessage,
+    res: http.ServerResponse,
+    headText: string,
+    maxBody: number,
+    responseTimeout: number,
+    done: (error: WspProxyError | undefined) => void
+  ): () => void {
     const ws = this.ws
     const exchange: Exchange = {
       res,
@@ -519,7 +540,8 @@ class ServerConnection {
       started: false,
       received: 0,
       paused: false,
-      onPayload: (fragment) => this.onBodyFragment(exchange, binaryOpcode, fragment)
+      onPayload: (fragment) => this.onBodyFragment(exchange, binaryOpcode, fragment),
+      responseTimer: undefined
     }
     this.exchange = exchange
     this.idleBytes = 0
@@ -535,6 +557,12 @@ class ServerConnection {
       return () => undefined
     }
     ws.send(headText)
+    if (responseTimeout > 0) {
+      exchange.responseTimer = setTimeout(
+        () => fail("ResponseTimeout", `Unable to get http response : no response within ${responseTimeout} ms`),
+        responseTimeout
+      )
+    }
     let sent = 0
     let paused = false
     // the latest chunk is held back until the next turn of the event loop, so that when the end
@@ -550,6 +578,8 @@ class ServerConnection {
     }
     const onSent = (err?: Error | null) => {
       if (err) return fail("SendFailed", `Unable to pipe request body : ${err.message}`)
+      // the body is moving: the wait for the response counts from its latest part
+      if (current() && exchange.head === undefined) exchange.responseTimer?.refresh()
       if (paused && ws.bufferedAmount < uploadHighWater) {
         paused = false
         req.resume()
@@ -582,6 +612,7 @@ class ServerConnection {
     req.once("error", (err) => fail("CallerGone", `Unable to pipe request body : ${err.message}`))
     return () => {
       res.off("close", onCallerGone)
+      clearTimeout(exchange.responseTimer)
       if (current()) {
         this.exchange = undefined
         this.ws.terminate()
@@ -589,9 +620,6 @@ class ServerConnection {
     }
   }
 }
-
-/** Failures that are the wsp client's doing (logged), as opposed to the caller's or the network's. */
-const PeerFaults: ReadonlySet<WspProxyError["reason"]> = new Set(["BadResponseHead", "MissingBody", "BadStatus", "UnexpectedMessage"])
 
 /** WebSocket opcode of a binary message (RFC 6455 §5.2). */
 export const binaryOpcode = 2
@@ -714,8 +742,13 @@ export class WspServer extends Context.Service<WspServer, {
   readonly address: { readonly host: string; readonly port: number }
   /** Pool counts (client ids, idle and busy connections). */
   readonly stats: () => PoolStats
-  /** Refused credentials so far: a wrong `X-SECRET-KEY` on `/register`, a wrong request key on `/request`. */
-  readonly rejected: () => { readonly secretKey: number; readonly requestKey: number }
+  /**
+   * Refused credentials so far: a wrong `X-SECRET-KEY` on `/register`, a wrong request key on `/request`,
+   * and registrations refused because no `secretkey` is set (`registrationClosed`).
+   */
+  readonly rejected: () => { readonly secretKey: number; readonly requestKey: number; readonly registrationClosed: number }
+  /** `/request` exchanges that failed after a connection was taken, by reason (the connection was dropped). */
+  readonly failures: () => Readonly<Partial<Record<WspProxyError["reason"], number>>>
   /**
    * Connections refused or cut so far: a greeting over `maxGreetingBytes`, more than `maxIdleBytes`
    * read while carrying no request, `/register` upgrades beyond `maxPendingGreetings` waiting to greet.
@@ -767,8 +800,17 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
   })
   const run = yield* FiberSet.makeRuntime<never, void, never>()
   let secret = Redacted.value(config.secretKey)
-  // refused credentials, for metrics
-  const rejected = { secretKey: 0, requestKey: 0 }
+  // refused credentials and failed exchanges, for metrics
+  const rejected = { secretKey: 0, requestKey: 0, registrationClosed: 0 }
+  const failures: Partial<Record<WspProxyError["reason"], number>> = {}
+  const warnRegistrationClosed = sampledLines(failureLogInterval, (line) => run(Effect.logWarning(line)))
+  const warnFailure = sampledLines(failureLogInterval, (line) => run(Effect.logWarning(line)))
+  /** With no `secretkey`, registration is closed unless the configuration opens it. */
+  const registrationClosed = (): boolean => secret === "" && !config.openRegistration
+  const refuseClosedRegistration = (): void => {
+    rejected.registrationClosed++
+    warnRegistrationClosed("wsp /register refused: no secretkey is configured (set secretkey, or insecureopenregistration: true to accept any client)")
+  }
   let requestKey = config.requestKey === undefined ? undefined : Redacted.value(config.requestKey)
   const greeting = new Set<WebSocket>()
   const maxGreetingBytes = config.maxGreetingBytes ?? defaultMaxGreetingBytes
@@ -867,6 +909,10 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       if (extras.upgrade?.(req, socket, head) === true) return
       return refuseUpgrade(socket, 404, "Not Found", "404 page not found")
     }
+    if (registrationClosed()) {
+      refuseClosedRegistration()
+      return refuseUpgrade(socket, 403, "Forbidden", registrationClosedMessage)
+    }
     const given = req.headers["x-secret-key"]
     if (!secretMatches(typeof given === "string" ? given : "", secret)) {
       rejected.secretKey++
@@ -929,8 +975,8 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     if (error === undefined) return pool.releaseNow(conn)
     pool.remove(conn)
     conn.close(error.message)
-    // a wsp client that broke the protocol (a malformed or mis-framed answer) is worth an operator's look
-    if (PeerFaults.has(error.reason)) run(Effect.logWarning(`wsp: a client's answer was refused, its connection closed: ${error.message}`))
+    failures[error.reason] = (failures[error.reason] ?? 0) + 1
+    if (error.reason !== "CallerGone") warnFailure(`wsp /request failed, connection of pool ${conn.poolId} dropped (${error.reason}): ${error.message}`)
     // nothing more to tell a caller that left or that already has its whole response
     if (error.reason === "CallerGone" || res.writableEnded) return
     sendError(res, error.reason === "BodyTooLarge" ? 413 : proxyErrorStatus, error.message)
@@ -944,7 +990,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     if (conn === undefined) return
     yield* Effect.callback<void>((resume) => {
       let settled = false
-      const cancel = conn.proxy(req, res, prepared.headText, config.maxMessageSize, (error) => {
+      const cancel = conn.proxy(req, res, prepared.headText, config.maxMessageSize, config.responseTimeout, (error) => {
         settled = true
         settle(conn, res, error)
         resume(Effect.void)
@@ -966,6 +1012,10 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       return
     }
     if (path === "/register") {
+      if (registrationClosed()) {
+        refuseClosedRegistration()
+        return sendError(res, 403, registrationClosedMessage)
+      }
       const given = req.headers["x-secret-key"]
       if (!secretMatches(typeof given === "string" ? given : "", secret)) {
         rejected.secretKey++
@@ -984,7 +1034,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     // the fast path, plain callbacks: an idle connection is there now
     const conn = pool.tryTake()
     if (conn !== undefined) {
-      conn.proxy(req, res, prepared.headText, config.maxMessageSize, (error) => settle(conn, res, error))
+      conn.proxy(req, res, prepared.headText, config.maxMessageSize, config.responseTimeout, (error) => settle(conn, res, error))
       return
     }
     if (pool.stats().pools === 0) return sendError(res, proxyErrorStatus, "No proxy available")
@@ -1043,6 +1093,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     stats: pool.stats,
     rejected: () => ({ ...rejected }),
     refusals: () => ({ ...refusals }),
+    failures: () => ({ ...failures }),
     replaceCredentials: (credentials) =>
       Effect.sync(() => {
         secret = Redacted.value(credentials.secretKey)
