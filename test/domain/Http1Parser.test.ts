@@ -312,7 +312,7 @@ describe("body framing", () => {
   })
 
   it("passes chunked bytes unchanged, with extensions and trailers, and finds their end", () => {
-    const body = "5;ext=1;q=\"a b\"\r\nhello\r\n6 \r\n world\r\nA\r\n0123456789\r\n0\r\nX-Sum: 42\r\nX-Other: y\r\n\r\n"
+    const body = "5;ext=1;q=\"a b\"\r\nhello\r\n6\r\n world\r\nA\r\n0123456789\r\n0\r\nX-Sum: 42\r\nX-Other: y\r\n\r\n"
     for (const piece of [1, 2, 7, 1000]) {
       const r = frame({ _tag: "Chunked" }, bytes(body + "NEXT"), piece)
       expect(r.error).toBeUndefined()
@@ -393,6 +393,13 @@ describe("body framing", () => {
         const r = relay(body, piece)
         expect(r instanceof Http1Error && r.reason, JSON.stringify(body)).toBe("MalformedChunk")
       }
+    }
+  })
+
+  it("refuses whitespace after a chunk size (llhttp does)", () => {
+    // 35 20 0d 0a ("5 \r\n"), 35 09 3b ("5\t;"), 35 20 3b ("5 ;"): a chunk size then SP/HTAB.
+    for (const body of [unhex("35200d0a68656c6c6f0d0a300d0a0d0a"), unhex("35093b613d620d0a68656c6c6f0d0a300d0a0d0a"), unhex("35203b613d620d0a")]) {
+      for (const piece of [1, 1000]) expect(frame({ _tag: "Chunked" }, body, piece).error?.message).toBe("whitespace after a chunk size")
     }
   })
 
