@@ -621,6 +621,20 @@ const TRAILER_START = 6
 const TRAILER_LINE = 7
 const TRAILER_LF = 8
 const FINAL_LF = 9
+const EXT_NAME = 10
+const EXT_VALUE_START = 11
+const EXT_VALUE = 12
+const EXT_QUOTED = 13
+const EXT_QUOTED_PAIR = 14
+const EXT_QUOTED_END = 15
+const STATE_COUNT = 16
+
+/** States inside a chunk-size line (its length is bounded by `MAX_CHUNK_LINE`). */
+const IN_SIZE_LINE: Uint8Array = (() => {
+  const t = new Uint8Array(STATE_COUNT)
+  for (const s of [SIZE, SIZE_LF, EXT, EXT_NAME, EXT_VALUE_START, EXT_VALUE, EXT_QUOTED, EXT_QUOTED_PAIR, EXT_QUOTED_END]) t[s] = 1
+  return t
+})()
 
 /**
  * Fields that must not arrive as trailers (RFC 9110 §6.5.1): framing, routing, authentication, request
@@ -795,6 +809,14 @@ export class BodyFramer {
     return undefined
   }
 
+  /** After an extension name or value: ";" starts the next extension, CR ends the line. */
+  private extensionEnd(c: number): boolean {
+    if (c === 0x3b) this.state = EXT
+    else if (c === CR) this.state = SIZE_LF
+    else return false
+    return true
+  }
+
   private error(message: string): Http1Error {
     this.dead = fail("MalformedChunk", this.errorStatus, message)
     return this.dead
@@ -839,12 +861,44 @@ export class BodyFramer {
           }
           break
         }
-        case EXT: {
+        // chunk-ext = *( ";" token [ "=" ( token / quoted-string ) ] ), without the optional whitespace
+        // RFC 9112 tolerates, which llhttp refuses.
+        case EXT:
+          if (TOKEN[buf[i]!] !== 1) return this.error("a chunk extension without a name")
+          this.state = EXT_NAME
+          break
+        case EXT_NAME: {
           const c = buf[i]!
-          if (c === CR) this.state = SIZE_LF
-          else if (c === LF || (c < 0x20 && c !== HTAB) || c === 0x7f) return this.error("a control character in a chunk extension")
+          if (c === 0x3d /* = */) this.state = EXT_VALUE_START
+          else if (!this.extensionEnd(c) && TOKEN[c] !== 1) return this.error("a bad character in a chunk extension name")
           break
         }
+        case EXT_VALUE_START: {
+          const c = buf[i]!
+          if (c === 0x22 /* " */) this.state = EXT_QUOTED
+          else if (TOKEN[c] === 1) this.state = EXT_VALUE
+          else return this.error("a bad chunk extension value")
+          break
+        }
+        case EXT_VALUE: {
+          const c = buf[i]!
+          if (!this.extensionEnd(c) && TOKEN[c] !== 1) return this.error("a bad character in a chunk extension value")
+          break
+        }
+        case EXT_QUOTED: {
+          const c = buf[i]!
+          if (c === 0x22) this.state = EXT_QUOTED_END
+          else if (c === 0x5c /* \ */) this.state = EXT_QUOTED_PAIR
+          else if (FIELD_VALUE[c] !== 1) return this.error("a control character in a chunk extension")
+          break
+        }
+        case EXT_QUOTED_PAIR:
+          if (FIELD_VALUE[buf[i]!] !== 1) return this.error("a control character in a chunk extension")
+          this.state = EXT_QUOTED
+          break
+        case EXT_QUOTED_END:
+          if (!this.extensionEnd(buf[i]!)) return this.error("a bad character after a quoted chunk extension value")
+          break
         case SIZE_LF: {
           if (buf[i] !== LF) return this.error("a chunk-size line not ending in CRLF")
           this.digits = 0
@@ -907,10 +961,9 @@ export class BodyFramer {
       }
       i++
       const s = this.state
-      if ((s === SIZE || s === EXT || s === SIZE_LF) && ++this.lineBytes > MAX_CHUNK_LINE) {
+      if (IN_SIZE_LINE[s] === 1 && ++this.lineBytes > MAX_CHUNK_LINE) {
         return this.error("a chunk-size line too long")
       }
-
     }
     return end - from
   }

@@ -403,6 +403,18 @@ describe("body framing", () => {
     }
   })
 
+  it("reads chunk extensions as tokens and quoted strings, without whitespace (as llhttp does)", () => {
+    const framed = (ext: string) => frame({ _tag: "Chunked" }, bytes(`5${ext}\r\nhello\r\n0${ext}\r\n\r\n`), 1)
+    for (const ext of [";a", ";a=b", ";a=b;c", ";a=\"\"", ";a=\"x\\\"y\"", ";a=\"\tb c\"", ";a=\"\x80\"", ";!#$%&'*+-.^_`|~=x"]) {
+      expect(framed(ext).done, JSON.stringify(ext)).toBe(true)
+    }
+    // 3b 20 61 ("; a"), 3b 61 20 3d ("a ="), 3d 20 ("= "), 62 20 0d ("b \r"), an open quote, a quote in a token,
+    // ";" alone, "==", "@" and "," outside quotes, an empty name or value, DEL in a quoted string.
+    for (const ext of ["; a=b", ";a =b", ";a= b", ";a=b ", ";a=\"b", ";a=b\"", ";", ";a==b", ";a=@", ";a,b", ";a=", ";=b", ";;a", ";a=\"\x7f\"", ";a=\"b\" "]) {
+      expect(framed(ext).error?.reason, JSON.stringify(ext)).toBe("MalformedChunk")
+    }
+  })
+
   it("treats a close-delimited body as everything, and a bodyless one as nothing", () => {
     expect(frame({ _tag: "Close" }, bytes("abc"), 1).body.toString()).toBe("abc")
     const none = new BodyFramer({ _tag: "None" }, 256, 400)
