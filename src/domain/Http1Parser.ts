@@ -128,6 +128,16 @@ const TARGET: Uint8Array = (() => {
   return t
 })()
 
+/** Bytes allowed in the authority of an absolute-form target: unreserved, sub-delims, ":", "@", "[", "]", "%". */
+const AUTHORITY: Uint8Array = (() => {
+  const t = new Uint8Array(256)
+  for (let c = 0x30; c <= 0x39; c++) t[c] = 1
+  for (let c = 0x41; c <= 0x5a; c++) t[c] = 1
+  for (let c = 0x61; c <= 0x7a; c++) t[c] = 1
+  for (const ch of "-._~!$&'()*+,;=:@[]%") t[ch.charCodeAt(0)] = 1
+  return t
+})()
+
 const HEX: Int8Array = (() => {
   const t = new Int8Array(256).fill(-1)
   for (let c = 0; c < 10; c++) t[0x30 + c] = c
@@ -146,6 +156,30 @@ const LF = 10
 const SP = 32
 const HTAB = 9
 const COLON = 58
+
+const SLASH = 0x2f
+const QUESTION = 0x3f
+const STAR = 0x2a
+const isAlpha = (c: number): boolean => (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a)
+
+/**
+ * Whether `buf[start..end)` has the form of a request target other than CONNECT's (RFC 9112 §3.2):
+ * origin-form ("/..."), asterisk-form ("*"), or absolute-form with a letters-only scheme and a non-empty
+ * authority ("http://host[:port]" then a path or query). Authority-form ("host:port") and anything else
+ * are refused, as llhttp does.
+ */
+const targetFormOk = (buf: Buffer, start: number, end: number): boolean => {
+  const first = buf[start]!
+  if (first === SLASH) return true
+  if (first === STAR) return end - start === 1
+  let i = start
+  while (i < end && isAlpha(buf[i]!)) i++
+  if (i === start || end - i < 3 || buf[i] !== COLON || buf[i + 1] !== SLASH || buf[i + 2] !== SLASH) return false
+  i += 3
+  const authority = i
+  for (; i < end && buf[i] !== SLASH && buf[i] !== QUESTION; i++) if (AUTHORITY[buf[i]!] !== 1) return false
+  return i > authority
+}
 
 const isToken = (buf: Uint8Array, start: number, end: number): boolean => {
   if (end <= start) return false
@@ -375,6 +409,7 @@ export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): 
   if (sp1 <= 0 || sp1 > MAX_METHOD_LENGTH || sp2 === -1 || sp2 >= lineEnd || !isToken(buf, 0, sp1)) return fail("MalformedStartLine", 400, "malformed request line")
   for (let i = sp1 + 1; i < sp2; i++) if (TARGET[buf[i]!] !== 1) return fail("MalformedStartLine", 400, "malformed request target")
   if (sp2 === sp1 + 1) return fail("MalformedStartLine", 400, "empty request target")
+  if (!targetFormOk(buf, sp1 + 1, sp2) && latin1(buf, 0, sp1) !== "CONNECT") return fail("MalformedStartLine", 400, "malformed request target")
   const versionMinor = parseVersion(buf, sp2 + 1, lineEnd)
   if (versionMinor === -1) return fail("MalformedStartLine", 400, "unsupported or malformed HTTP version")
   const headers = parseFields(buf, eol + 1, end - 2, limits, 400)

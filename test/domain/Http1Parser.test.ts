@@ -100,6 +100,18 @@ describe("request heads", () => {
     expect(step._tag).toBe("Head")
   })
 
+  it("takes origin-, asterisk- and absolute-form targets, and refuses other forms (as llhttp does)", () => {
+    for (const target of ["/", "/a?b=c#d", "*", "http://a.example", "HTTP://a.example:80/x?y", "http://user@[::1]:8080/", "https://a.example?q"]) {
+      expect(headOf(`GET ${target} HTTP/1.1\r\nHost: h\r\n\r\n`).target).toBe(target)
+    }
+    // Authority-form outside CONNECT (61 2e 65 78 ... 3a 34 34 33), a bare query, a relative path, "*" with more,
+    // a scheme with a digit or "-", a single slash after the scheme, an empty authority, "#" in the authority.
+    for (const target of ["a.example:443", "?a", "a", "*x", "h1tp://a/", "x-y://a/", "http:/a", "http:///a", "http://a#x", "http://a b"]) {
+      expect(errorOf(`GET ${target} HTTP/1.1\r\nHost: h\r\n\r\n`).reason, target).toBe("MalformedStartLine")
+    }
+    expect(headOf("CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n").target).toBe("a.example:443")
+  })
+
   it("refuses every smuggling vector and malformed head, byte at a time as in one piece", () => {
     const cases: Array<[string, number, Http1Error["reason"]]> = [
       ["POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "AmbiguousLength"],
