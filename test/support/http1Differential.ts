@@ -98,7 +98,8 @@ export const switchyardRead = (input: Buffer, pieceSize = 0, limits: HeadLimits 
         })
         framer = new BodyFramer(h.framing, limits.maxHeaderSize, 400)
         chunked = h.framing._tag === "Chunked"
-        keepAlive = h.keepAlive
+        // The engine closes after any HTTP/1.0 request, keep-alive or not.
+        keepAlive = h.keepAlive && h.versionMinor === 1
         raw = []
         rawLength = 0
         data = []
