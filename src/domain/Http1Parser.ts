@@ -442,6 +442,8 @@ export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): 
   }
   // An upgrade to h2c is never passed on: the request goes as a plain HTTP/1.1 request (RFC 9113 §3.1).
   const upgradeAsked = f.upgrade !== undefined && f.connection.includes("upgrade") && !upgradesToH2c(f.upgrade)
+  // Upgrade names at least one protocol; llhttp reads an empty one as no upgrade at all.
+  if (upgradeAsked && f.upgrade!.length === 0) return fail("MalformedHeader", 400, "an upgrade to no protocol (an empty Upgrade)")
   return {
     method,
     target,

@@ -92,6 +92,8 @@ describe("request heads", () => {
     const up = headOf("POST /a HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Upgrade\r\nUpgrade: tcp\r\n\r\n")
     expect(up.upgrade).toBe("tcp")
     expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n").upgrade).toBeUndefined()
+    // "Connection: upgrade" with "Upgrade:" empty: llhttp reads no upgrade, so the bytes after it are refused, not guessed at.
+    expect(errorOf("GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: \r\n\r\n").message).toBe("an upgrade to no protocol (an empty Upgrade)")
     expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").keepAlive).toBe(false)
     expect(headOf("GET / HTTP/1.0\r\n\r\n").keepAlive).toBe(false)
     expect(headOf("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keepAlive).toBe(true)
