@@ -231,6 +231,8 @@ interface FramingFields {
   /** How many Transfer-Encoding field lines there were. */
   readonly transferEncodingFields: number
   readonly connection: ReadonlyArray<string>
+  /** Tokens of the obsolete `Proxy-Connection` headers, lower-cased (llhttp honours them like `Connection`). */
+  readonly proxyConnection: ReadonlyArray<string>
   readonly upgrade: string | undefined
   readonly host: string | undefined
   readonly hostCount: number
@@ -254,12 +256,21 @@ export const METHOD_OVERRIDE_FIELDS: ReadonlySet<string> = new Set(["x-http-meth
 
 const lowerEquals = (name: string, lower: string): boolean => name.length === lower.length && name.toLowerCase() === lower
 
+/** Adds the comma-separated tokens of a `Connection`-like value to `into`, lower-cased. */
+const connectionTokens = (value: string, into: Array<string>): void => {
+  for (const t of value.split(",")) {
+    const token = t.trim().toLowerCase()
+    if (token.length > 0) into.push(token)
+  }
+}
+
 const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): FramingFields | Http1Error => {
   let contentLength: number | undefined
   let lengths = 0
   const codings: Array<string> = []
   let transferEncodingFields = 0
   const connection: Array<string> = []
+  const proxyConnection: Array<string> = []
   let upgrade: string | undefined
   let host: string | undefined
   let hostCount = 0
@@ -285,12 +296,10 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
         if (lowerEquals(name, "upgrade")) upgrade = value
         break
       case 10:
-        if (lowerEquals(name, "connection")) {
-          for (const t of value.split(",")) {
-            const token = t.trim().toLowerCase()
-            if (token.length > 0) connection.push(token)
-          }
-        }
+        if (lowerEquals(name, "connection")) connectionTokens(value, connection)
+        break
+      case 16:
+        if (lowerEquals(name, "proxy-connection")) connectionTokens(value, proxyConnection)
         break
       case 12:
         if (lowerEquals(name, "content-type")) {
@@ -336,6 +345,7 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
     codings,
     transferEncodingFields,
     connection,
+    proxyConnection,
     upgrade,
     host,
     hostCount,
@@ -442,6 +452,11 @@ export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): 
   }
   // An upgrade to h2c is never passed on: the request goes as a plain HTTP/1.1 request (RFC 9113 §3.1).
   const upgradeAsked = f.upgrade !== undefined && f.connection.includes("upgrade") && !upgradesToH2c(f.upgrade)
+  // llhttp takes an upgrade or a close from Proxy-Connection too: an upgrade asked only there is refused
+  // (a recipient would relay the next bytes raw), a close is honoured.
+  if (f.upgrade !== undefined && !f.connection.includes("upgrade") && f.proxyConnection.includes("upgrade")) {
+    return fail("MalformedHeader", 400, "an upgrade asked by Proxy-Connection")
+  }
   // Upgrade names at least one protocol; llhttp reads an empty one as no upgrade at all.
   if (upgradeAsked && f.upgrade!.length === 0) return fail("MalformedHeader", 400, "an upgrade to no protocol (an empty Upgrade)")
   return {
@@ -451,7 +466,7 @@ export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): 
     versionMinor,
     headers,
     connection: f.connection,
-    keepAlive: keepAliveOf(versionMinor, f.connection),
+    keepAlive: keepAliveOf(versionMinor, f.connection) && !f.proxyConnection.includes("close"),
     upgrade: upgradeAsked ? f.upgrade : undefined,
     host: f.host,
     contentType: f.contentType,

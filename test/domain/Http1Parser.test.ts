@@ -92,6 +92,10 @@ describe("request heads", () => {
     const up = headOf("POST /a HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Upgrade\r\nUpgrade: tcp\r\n\r\n")
     expect(up.upgrade).toBe("tcp")
     expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n").upgrade).toBeUndefined()
+    // Proxy-Connection: a close ends the connection; an upgrade asked there alone is refused.
+    expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nProxy-Connection: Close\r\n\r\n").keepAlive).toBe(false)
+    expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nProxy-Connection: keep-alive\r\n\r\n").keepAlive).toBe(true)
+    expect(errorOf("GET / HTTP/1.1\r\nHost: h\r\nProxy-Connection: upgrade\r\nUpgrade: x\r\n\r\n").message).toBe("an upgrade asked by Proxy-Connection")
     // "Connection: upgrade" with "Upgrade:" empty: llhttp reads no upgrade, so the bytes after it are refused, not guessed at.
     expect(errorOf("GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: \r\n\r\n").message).toBe("an upgrade to no protocol (an empty Upgrade)")
     expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").keepAlive).toBe(false)
