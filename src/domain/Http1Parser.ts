@@ -736,6 +736,13 @@ export const FORBIDDEN_TRAILERS: ReadonlySet<string> = new Set([
   "x-method-override"
 ])
 
+/**
+ * Trailer fields that refuse the whole message instead of being dropped: llhttp refuses a body whose
+ * trailers carry a length or a coding, and closes the connection on a trailer `Connection: close`, so a
+ * recipient reading the bytes as sent would frame them otherwise.
+ */
+const REFUSED_TRAILERS: ReadonlySet<string> = new Set(["content-length", "transfer-encoding", "connection", "proxy-connection"])
+
 const CRLF = Buffer.from("\r\n", "latin1")
 
 /**
@@ -759,6 +766,7 @@ export const filterTrailerSection = (section: Buffer, errorStatus: number): Buff
       if (FIELD_VALUE[section[i]!] !== 1) return fail("MalformedChunk", errorStatus, "a control character in a trailer")
     }
     const name = latin1(section, pos, colon).toLowerCase()
+    if (REFUSED_TRAILERS.has(name)) return fail("MalformedChunk", errorStatus, `a ${latin1(section, pos, colon)} trailer`)
     if (FORBIDDEN_TRAILERS.has(name)) {
       if (!dropped) {
         dropped = true

@@ -386,7 +386,7 @@ describe("body framing", () => {
       ["3\r\nabc\r\n0\r\n\r\n", "3\r\nabc\r\n0\r\n\r\n"],
       ["3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n", "3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n"],
       [
-        "3\r\nabc\r\n0\r\nContent-Length: 99\r\nX-Sum: 1\r\nHost: evil\r\nTransfer-Encoding: chunked\r\nauthorization: x\r\nX-Last: 2\r\n\r\n",
+        "3\r\nabc\r\n0\r\nKeep-Alive: 5\r\nX-Sum: 1\r\nHost: evil\r\nTE: trailers\r\nauthorization: x\r\nX-Last: 2\r\n\r\n",
         "3\r\nabc\r\n0\r\nX-Sum: 1\r\nX-Last: 2\r\n\r\n"
       ],
       ["0\r\nSet-Cookie: a=b\r\n\r\n", "0\r\n\r\n"]
@@ -404,7 +404,13 @@ describe("body framing", () => {
         "0\r\nX Y: 1\r\n\r\n",
         "0\r\nNoColon\r\n\r\n",
         "0\r\n: empty\r\n\r\n",
-        "0\r\nX(: 1\r\n\r\n"
+        "0\r\nX(: 1\r\n\r\n",
+        // A length, a coding or a connection option as a trailer: llhttp refuses the first two and closes on
+        // the others, so the message is refused rather than relayed without them.
+        "0\r\nContent-Length: 99\r\n\r\n",
+        "3\r\nabc\r\n0\r\nX-Sum: 1\r\ntransfer-encoding: chunked\r\n\r\n",
+        "0\r\nConnection: close\r\n\r\n",
+        "0\r\nProxy-Connection: close\r\n\r\n"
       ]
     ) {
       for (const piece of [1, 1000]) {
