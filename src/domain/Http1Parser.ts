@@ -210,7 +210,12 @@ const parseFields = (
     let vs = colon + 1
     let ve = lineEnd
     while (vs < ve && (buf[vs] === SP || buf[vs] === HTAB)) vs++
-    while (ve > vs && (buf[ve - 1] === SP || buf[ve - 1] === HTAB)) ve--
+    let tabAfter = false
+    while (ve > vs && (buf[ve - 1] === SP || buf[ve - 1] === HTAB)) if (buf[--ve] === HTAB) tabAfter = true
+    // llhttp reads "chunked" followed by a tab as some other coding (and refuses the request).
+    if (tabAfter && colon - pos === 17 && latin1(buf, pos, colon).toLowerCase() === "transfer-encoding") {
+      return fail("MalformedHeader", errorStatus, "a Transfer-Encoding ending in a tab")
+    }
     for (let i = vs; i < ve; i++) {
       if (FIELD_VALUE[buf[i]!] !== 1) return fail("MalformedHeader", errorStatus, "a control character in a header value")
     }

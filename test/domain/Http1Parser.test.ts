@@ -131,6 +131,9 @@ describe("request heads", () => {
       ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501, "UnsupportedTransferEncoding"],
       ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "UnsupportedTransferEncoding"],
       ["POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "AmbiguousLength"],
+      // "chunked" then 09 (HTAB), or 20 09: llhttp reads another coding there.
+      ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\t\r\n\r\n", 400, "MalformedHeader"],
+      ["POST / HTTP/1.1\r\nHost: h\r\ntransfer-encoding: chunked \t \r\n\r\n", 400, "MalformedHeader"],
       ["GET / HTTP/1.1\nHost: h\r\n\r\n", 400, "MalformedHeader"],
       ["GET / HTTP/1.1\r\nHost: h\nX: y\r\n\r\n", 400, "MalformedHeader"],
       ["GET / HTTP/1.1\r\nHost: h\r\nX: a\r\n folded\r\n\r\n", 400, "MalformedHeader"],
