@@ -261,10 +261,22 @@ export const METHOD_OVERRIDE_FIELDS: ReadonlySet<string> = new Set(["x-http-meth
 
 const lowerEquals = (name: string, lower: string): boolean => name.length === lower.length && name.toLowerCase() === lower
 
+/**
+ * `s` without leading and trailing SP/HTAB (RFC 9110's OWS). Not `String.prototype.trim`, which also
+ * drops 0xA0 (NBSP in latin1) and so would read "\xa0chunked" as "chunked" where llhttp sees another coding.
+ */
+const trimOws = (s: string): string => {
+  let start = 0
+  let end = s.length
+  while (start < end && (s.charCodeAt(start) === SP || s.charCodeAt(start) === HTAB)) start++
+  while (end > start && (s.charCodeAt(end - 1) === SP || s.charCodeAt(end - 1) === HTAB)) end--
+  return start === 0 && end === s.length ? s : s.slice(start, end)
+}
+
 /** Adds the comma-separated tokens of a `Connection`-like value to `into`, lower-cased. */
 const connectionTokens = (value: string, into: Array<string>): void => {
   for (const t of value.split(",")) {
-    const token = t.trim().toLowerCase()
+    const token = trimOws(t).toLowerCase()
     if (token.length > 0) into.push(token)
   }
 }
@@ -319,7 +331,7 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
         if (name.length === 17 && lowerEquals(name, "transfer-encoding")) {
           transferEncodingFields++
           for (const t of value.split(",")) {
-            const coding = t.trim().toLowerCase()
+            const coding = trimOws(t).toLowerCase()
             if (coding.length === 0) return fail("AmbiguousLength", errorStatus, "an empty Transfer-Encoding coding")
             codings.push(coding)
           }
@@ -483,7 +495,7 @@ export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): 
 
 /** Whether an `Upgrade` value offers h2c (cleartext HTTP/2), which a proxy must not relay. */
 const upgradesToH2c = (upgrade: string): boolean => {
-  for (const t of upgrade.split(",")) if (t.trim().toLowerCase() === "h2c") return true
+  for (const t of upgrade.split(",")) if (trimOws(t).toLowerCase() === "h2c") return true
   return false
 }
 

@@ -92,6 +92,8 @@ describe("request heads", () => {
     const up = headOf("POST /a HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Upgrade\r\nUpgrade: tcp\r\n\r\n")
     expect(up.upgrade).toBe("tcp")
     expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\r\n").upgrade).toBeUndefined()
+    // a0 (NBSP) is not whitespace around a Connection token.
+    expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\xa0\r\nUpgrade: x\r\n\r\n").upgrade).toBeUndefined()
     // Proxy-Connection: a close ends the connection; an upgrade asked there alone is refused.
     expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nProxy-Connection: Close\r\n\r\n").keepAlive).toBe(false)
     expect(headOf("GET / HTTP/1.1\r\nHost: h\r\nProxy-Connection: keep-alive\r\n\r\n").keepAlive).toBe(true)
@@ -131,6 +133,9 @@ describe("request heads", () => {
       ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501, "UnsupportedTransferEncoding"],
       ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "UnsupportedTransferEncoding"],
       ["POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "AmbiguousLength"],
+      // a0 (NBSP) before or after "chunked" is part of the coding, not whitespace.
+      ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: \xa0chunked\r\n\r\n", 501, "UnsupportedTransferEncoding"],
+      ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\xa0\r\n\r\n", 501, "UnsupportedTransferEncoding"],
       // "chunked" then 09 (HTAB), or 20 09: llhttp reads another coding there.
       ["POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\t\r\n\r\n", 400, "MalformedHeader"],
       ["POST / HTTP/1.1\r\nHost: h\r\ntransfer-encoding: chunked \t \r\n\r\n", 400, "MalformedHeader"],
