@@ -157,7 +157,7 @@ const accepted = (t: SwitchyardTrace): boolean =>
 const llhttpAccepted = (t: OracleTrace): boolean =>
   completed(t.requests) && (t.terminal._tag === "End" || t.terminal._tag === "Upgraded" || (t.terminal._tag === "Error" && t.terminal.code === "HPE_CLOSED_CONNECTION"))
 
-const show = (b: Buffer): string => JSON.stringify(b.toString("latin1"))
+const show = (b: Buffer): string => escaped(b)
 
 const headDiffers = (sy: ParsedRequest, ll: ParsedRequest): string | undefined => {
   if (sy.method !== ll.method) return `method ${JSON.stringify(sy.method)} vs ${JSON.stringify(ll.method)}`
@@ -211,7 +211,11 @@ export const compare = (sy: SwitchyardTrace, ll: OracleTrace): Verdict => {
   if (sy.requests.length === ll.requests.length && sy.terminal._tag === "End" && ll.terminal._tag !== "End") {
     return { _tag: "Disagree", why: `switchyard finished cleanly where llhttp ${llhttpEnd(ll)}` }
   }
-  return { _tag: "Agree", switchyardAccepted: accepted(sy), llhttpAccepted: llhttpAccepted(ll) }
+  // After a request that ends the connection or switches protocols, switchyard reads no further: what
+  // llhttp makes of the bytes after it does not count.
+  const stopped = sy.terminal._tag === "Closed" || sy.terminal._tag === "Upgraded"
+  const llAccepted = llhttpAccepted(ll) || (stopped && ll.requests.length >= sy.requests.length && ll.requests[sy.requests.length - 1]!.complete)
+  return { _tag: "Agree", switchyardAccepted: accepted(sy), llhttpAccepted: llAccepted }
 }
 
 /** Tallies of a run. */
@@ -287,5 +291,6 @@ export const checkBatch = async (oracle: Oracle, messages: ReadonlyArray<Buffer>
   })
 }
 
-/** A message as a JSON string literal (every control byte escaped). */
-export const escaped = (input: Buffer): string => JSON.stringify(input.toString("latin1"))
+/** A message as a JSON string literal, every byte outside printable ASCII escaped (0xA0 included). */
+export const escaped = (input: Buffer): string =>
+  JSON.stringify(input.toString("latin1")).replace(/[\u007f-\u00ff]/g, (c) => `\\u00${c.charCodeAt(0).toString(16)}`)
