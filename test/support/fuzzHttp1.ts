@@ -14,6 +14,8 @@ const DEFAULT_SEED = 1
 const BATCH_SIZE = 512
 /** Every how many messages a progress line is printed. */
 const PROGRESS_EVERY = 100_000
+/** Reasons printed for refusals llhttp did not share. */
+const REASONS_SHOWN = 12
 /** Failing messages printed. */
 const FAILURES_SHOWN = 10
 
@@ -55,5 +57,7 @@ process.stdout.write(
     ""
   ].join("\n")
 )
+const reasons = [...tally.stricterBy].sort((a, b) => b[1] - a[1]).slice(0, REASONS_SHOWN)
+for (const [why, n] of reasons) process.stdout.write(`fuzz.http1.switchyardOnlyRejected: ${n} ${why}\n`)
 for (const f of tally.failures.slice(0, FAILURES_SHOWN)) process.stdout.write(`FAIL ${f.why}\n  ${escaped(f.input)}\n`)
 process.exit(failed > 0 ? 1 : 0)

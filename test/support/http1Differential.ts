@@ -224,6 +224,8 @@ export interface Tally {
   bothAccepted: number
   /** switchyard refused (or stopped earlier) where llhttp accepted. */
   switchyardStricter: number
+  /** Those refusals by switchyard's reason. */
+  readonly stricterBy: Map<string, number>
   bothRejected: number
   /** llhttp refused, switchyard accepted: only ever extension methods. */
   extensionMethods: number
@@ -236,6 +238,7 @@ export const emptyTally = (): Tally => ({
   checked: 0,
   bothAccepted: 0,
   switchyardStricter: 0,
+  stricterBy: new Map(),
   bothRejected: 0,
   extensionMethods: 0,
   incrementalChecked: 0,
@@ -249,6 +252,18 @@ const sameTrace = (a: SwitchyardTrace, b: SwitchyardTrace): boolean =>
     const o = b.requests[i]!
     return r.complete === o.complete && headDiffers(r, o) === undefined && (!r.complete || bodyDiffers(r, o) === undefined)
   })
+
+/** Why switchyard did not accept an input, in a few words. */
+const refusal = (t: SwitchyardTrace): string => {
+  switch (t.terminal._tag) {
+    case "Error":
+      return t.terminal.message.replace(/"[^"]*"/g, "\"...\"")
+    case "Refused":
+      return t.terminal.message
+    default:
+      return t.terminal._tag
+  }
+}
 
 /** Most failures kept for the report (the count goes on). */
 const MAX_FAILURES_KEPT = 20
@@ -283,7 +298,11 @@ export const checkBatch = async (oracle: Oracle, messages: ReadonlyArray<Buffer>
         return
       case "Agree":
         if (verdict.switchyardAccepted && verdict.llhttpAccepted) tally.bothAccepted++
-        else if (verdict.llhttpAccepted) tally.switchyardStricter++
+        else if (verdict.llhttpAccepted) {
+          tally.switchyardStricter++
+          const why = refusal(sy)
+          tally.stricterBy.set(why, (tally.stricterBy.get(why) ?? 0) + 1)
+        }
         else if (!verdict.switchyardAccepted) tally.bothRejected++
         // switchyard accepted and llhttp did not, without a disagreement: impossible by `compare`'s rules.
         else fail(input, "switchyard accepted a message llhttp refused")
