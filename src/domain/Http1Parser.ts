@@ -436,7 +436,6 @@ export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): 
   if (sp1 <= 0 || sp1 > MAX_METHOD_LENGTH || sp2 === -1 || sp2 >= lineEnd || !isToken(buf, 0, sp1)) return fail("MalformedStartLine", 400, "malformed request line")
   for (let i = sp1 + 1; i < sp2; i++) if (TARGET[buf[i]!] !== 1) return fail("MalformedStartLine", 400, "malformed request target")
   if (sp2 === sp1 + 1) return fail("MalformedStartLine", 400, "empty request target")
-  if (!targetFormOk(buf, sp1 + 1, sp2) && latin1(buf, 0, sp1) !== "CONNECT") return fail("MalformedStartLine", 400, "malformed request target")
   const versionMinor = parseVersion(buf, sp2 + 1, lineEnd)
   if (versionMinor === -1) return fail("MalformedStartLine", 400, "unsupported or malformed HTTP version")
   const headers = parseFields(buf, eol + 1, end - 2, limits, 400)
@@ -452,6 +451,7 @@ export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): 
   const target = latin1(buf, sp1 + 1, sp2)
   const originTarget = originFormOf(method, target, f.host)
   if (originTarget instanceof Http1Error) return originTarget
+  if (method !== "CONNECT" && !targetFormOk(buf, sp1 + 1, sp2)) return fail("MalformedTarget", 400, "a request target in no form a request may take")
   let framing: Framing = NO_BODY
   if (f.codings.length > 0) {
     if (f.contentLength !== undefined) return fail("AmbiguousLength", 400, "ambiguous message length (Content-Length and Transfer-Encoding)")
