@@ -52,6 +52,7 @@ process.stdout.write(
     `fuzz.http1.bothAccepted: ${tally.bothAccepted}`,
     `fuzz.http1.switchyardRejected: ${tally.switchyardStricter + tally.bothRejected} (${tally.switchyardStricter} of them accepted by llhttp)`,
     `fuzz.http1.llhttpRejected: ${tally.bothRejected + tally.extensionMethods} (${tally.extensionMethods} of them extension methods switchyard forwards)`,
+    `fuzz.http1.h2cDeclined: ${tally.h2cDeclined} (h2c upgrades forwarded as plain requests, head compared)`,
     `fuzz.http1.incremental: ${tally.incrementalChecked} messages also fed 1 and 7 bytes at a time`,
     `fuzz.http1.failures: ${failed}${failed >= 20 ? " or more" : ""}`,
     ""

@@ -146,6 +146,11 @@ export type Verdict =
   | { readonly _tag: "Agree"; readonly switchyardAccepted: boolean; readonly llhttpAccepted: boolean }
   /** switchyard accepted an extension method llhttp does not know; nothing after the method is compared. */
   | { readonly _tag: "ExtensionMethod"; readonly method: string }
+  /**
+   * llhttp switched to h2c where switchyard, by design, forwards the request as plain HTTP/1.1 without its
+   * Upgrade: the head agreed; what follows is HTTP to switchyard and is not compared.
+   */
+  | { readonly _tag: "H2cDeclined" }
   | { readonly _tag: "Disagree"; readonly why: string }
 
 const completed = (requests: ReadonlyArray<ParsedRequest>): boolean => requests.length > 0 && requests[requests.length - 1]!.complete
@@ -176,6 +181,14 @@ const bodyDiffers = (sy: ParsedRequest, ll: ParsedRequest): string | undefined =
   return undefined
 }
 
+/** Whether a request asks for an upgrade to h2c (its `Upgrade` lists "h2c"). */
+const offersH2c = (r: ParsedRequest): boolean => {
+  for (let i = 0; i < r.headers.length; i += 2) {
+    if (r.headers[i]!.toLowerCase() === "upgrade" && r.headers[i + 1]!.split(",").some((t) => t.replace(/^[ \t]+|[ \t]+$/g, "").toLowerCase() === "h2c")) return true
+  }
+  return false
+}
+
 const llhttpEnd = (t: OracleTrace): string => (t.terminal._tag === "Error" ? `refused (${t.terminal.code})` : t.terminal._tag === "Pending" ? "still read a body" : "stopped")
 
 /**
@@ -190,6 +203,7 @@ export const compare = (sy: SwitchyardTrace, ll: OracleTrace): Verdict => {
   for (let i = 0; i < common; i++) {
     const s = sy.requests[i]!
     const l = ll.requests[i]!
+    if (!s.upgrade && l.upgrade && offersH2c(s) && headDiffers(s, { ...l, upgrade: false }) === undefined) return { _tag: "H2cDeclined" }
     const head = headDiffers(s, l)
     if (head !== undefined) return { _tag: "Disagree", why: `request ${i + 1}: ${head}` }
     if (s.complete && l.complete) {
@@ -229,6 +243,8 @@ export interface Tally {
   bothRejected: number
   /** llhttp refused, switchyard accepted: only ever extension methods. */
   extensionMethods: number
+  /** h2c upgrades switchyard forwards as plain requests (see `Verdict`). */
+  h2cDeclined: number
   /** Inputs also fed one byte (or a few bytes) at a time. */
   incrementalChecked: number
   readonly failures: Array<{ readonly input: Buffer; readonly why: string }>
@@ -241,6 +257,7 @@ export const emptyTally = (): Tally => ({
   stricterBy: new Map(),
   bothRejected: 0,
   extensionMethods: 0,
+  h2cDeclined: 0,
   incrementalChecked: 0,
   failures: []
 })
@@ -295,6 +312,9 @@ export const checkBatch = async (oracle: Oracle, messages: ReadonlyArray<Buffer>
         return
       case "ExtensionMethod":
         tally.extensionMethods++
+        return
+      case "H2cDeclined":
+        tally.h2cDeclined++
         return
       case "Agree":
         if (verdict.switchyardAccepted && verdict.llhttpAccepted) tally.bothAccepted++
