@@ -209,7 +209,12 @@ const baseDraft = (rng: Rng): Draft => {
       }
     }
   }
-  return { method, target: randomTarget(rng, method), version, sp1: " ", sp2: " ", fields, eol: "\r\n", body, preamble: "" }
+  const target = randomTarget(rng, method)
+  // An absolute-form target mostly names the Host it is sent with (switchyard refuses one that does not).
+  const authority = /^https?:\/\/([^/?#]*)/.exec(target)
+  const host = fieldIndex({ fields } as Draft, "host")
+  if (authority !== null && host >= 0 && rng.chance(0.7)) fields[host]![2] = authority[1]!
+  return { method, target, version, sp1: " ", sp2: " ", fields, eol: "\r\n", body, preamble: "" }
 }
 
 const fieldIndex = (d: Draft, lowerName: string): number => d.fields.findIndex((f) => f[0].trim().toLowerCase() === lowerName)
