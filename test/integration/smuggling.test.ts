@@ -179,10 +179,19 @@ const cases: ReadonlyArray<Case> = [
   {
     name: "trailers that must not be trailers are dropped, the others relayed",
     send:
-      "POST /containers/a/kill HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nHost: evil\r\nContent-Length: 5\r\nX-Checksum: 1\r\nAuthorization: Basic x\r\nTransfer-Encoding: chunked\r\n\r\n",
+      "POST /containers/a/kill HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nHost: evil\r\nTE: trailers\r\nX-Checksum: 1\r\nAuthorization: Basic x\r\nKeep-Alive: 5\r\n\r\n",
     status: 200,
     upstream: (f) =>
       `POST /containers/a/kill HTTP/1.1\r\nHost: h\r\n${f.added("h")}Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Checksum: 1\r\n\r\n`
+  },
+  {
+    // llhttp refuses a length or a coding among the trailers (and closes on a Connection one): refused, not dropped
+    name: "a Content-Length or Transfer-Encoding trailer",
+    send:
+      "POST /containers/a/kill HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Checksum: 1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+    status: 400,
+    prefix: true,
+    upstream: (f) => `POST /containers/a/kill HTTP/1.1\r\nHost: h\r\n${f.added("h")}Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n`
   },
   // 4. Absolute-form targets
   {
