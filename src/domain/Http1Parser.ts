@@ -8,6 +8,7 @@
  * streams, no Effect runtime.
  */
 import { Schema } from "effect"
+import { FORBIDDEN_TRAILERS } from "./HttpHeaders.ts"
 
 /** Why a message was refused, and the status a proxy answers with. */
 export class Http1Error extends Schema.TaggedError<Http1Error>()("Http1Error", {
@@ -705,53 +706,6 @@ const IN_SIZE_LINE: Uint8Array = (() => {
   return t
 })()
 
-/**
- * Fields that must not arrive as trailers (RFC 9110 §6.5.1): framing, routing, authentication, request
- * modifiers, response control data and how to process the content. A proxy that relayed them would let a
- * sender add them after the recipient's checks ran; they are dropped from relayed trailer sections.
- */
-export const FORBIDDEN_TRAILERS: ReadonlySet<string> = new Set([
-  "content-length",
-  "transfer-encoding",
-  "host",
-  "connection",
-  "keep-alive",
-  "upgrade",
-  "te",
-  "trailer",
-  "expect",
-  "authorization",
-  "proxy-authorization",
-  "www-authenticate",
-  "proxy-authenticate",
-  "cookie",
-  "set-cookie",
-  "content-type",
-  "content-encoding",
-  "content-range",
-  "range",
-  "cache-control",
-  "max-forwards",
-  "if-match",
-  "if-none-match",
-  "if-modified-since",
-  "if-unmodified-since",
-  "if-range",
-  "age",
-  "expires",
-  "date",
-  "location",
-  "retry-after",
-  "vary",
-  "warning",
-  "forwarded",
-  "x-forwarded-for",
-  "x-forwarded-proto",
-  "x-forwarded-host",
-  "x-http-method-override",
-  "x-http-method",
-  "x-method-override"
-])
 
 /**
  * Trailer fields that refuse the whole message instead of being dropped: llhttp refuses a body whose

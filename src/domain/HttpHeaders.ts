@@ -124,10 +124,67 @@ export const headerValue = (raw: ReadonlyArray<string>, lowerName: string): stri
   return undefined
 }
 
-/** Flat `[name, value, ...]` trailers as the `[name, value]` pairs `addTrailers` takes. */
+/**
+ * Fields that must not arrive as trailers (RFC 9110 §6.5.1): framing, routing, authentication, request
+ * modifiers, response control data and how to process the content. A proxy that relayed them would let a
+ * sender add them after the recipient's checks ran; they are dropped from relayed trailer sections.
+ */
+export const FORBIDDEN_TRAILERS: ReadonlySet<string> = new Set([
+  "content-length",
+  "transfer-encoding",
+  "host",
+  "connection",
+  "keep-alive",
+  "upgrade",
+  "te",
+  "trailer",
+  "expect",
+  "authorization",
+  "proxy-authorization",
+  "www-authenticate",
+  "proxy-authenticate",
+  "cookie",
+  "set-cookie",
+  "content-type",
+  "content-encoding",
+  "content-range",
+  "range",
+  "cache-control",
+  "max-forwards",
+  "if-match",
+  "if-none-match",
+  "if-modified-since",
+  "if-unmodified-since",
+  "if-range",
+  "age",
+  "expires",
+  "date",
+  "location",
+  "retry-after",
+  "vary",
+  "warning",
+  "forwarded",
+  "x-forwarded-for",
+  "x-forwarded-proto",
+  "x-forwarded-host",
+  "x-http-method-override",
+  "x-http-method",
+  "x-method-override"
+])
+
+/** Whether a trailer field may be relayed: neither hop-by-hop nor among `FORBIDDEN_TRAILERS`. */
+export const relayableTrailer = (name: string): boolean => {
+  const lower = name.toLowerCase()
+  return !HOP_BY_HOP.has(lower) && !FORBIDDEN_TRAILERS.has(lower)
+}
+
+/**
+ * Flat `[name, value, ...]` trailers as the `[name, value]` pairs `addTrailers` takes, without the fields
+ * that must not be relayed as trailers (see `relayableTrailer`).
+ */
 export const trailerPairs = (raw: ReadonlyArray<string>): Array<[string, string]> => {
   const out: Array<[string, string]> = []
-  for (let i = 0; i < raw.length; i += 2) out.push([raw[i]!, raw[i + 1]!])
+  for (let i = 0; i < raw.length; i += 2) if (relayableTrailer(raw[i]!)) out.push([raw[i]!, raw[i + 1]!])
   return out
 }
 

@@ -91,6 +91,10 @@ const markEmptyBody = (out: OutgoingRequest, te: string | undefined): void => {
   }
 }
 
+/** Whether `req` came over HTTP/2 with DATA to follow its HEADERS (no END_STREAM on them). */
+const http2BodyFollows = (req: http.IncomingMessage): boolean =>
+  req.httpVersionMajor === 2 && (req as unknown as { readonly stream?: { readonly endAfterHeaders?: boolean } }).stream?.endAfterHeaders === false
+
 /** Largest body an upgrade request may carry (exec start sends a small JSON object). */
 export const MAX_UPGRADE_BODY = 64 * 1024
 
@@ -215,10 +219,12 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
     }
     const out = tryOutgoing(req, false, options, (message) => sendError(res, errors, 502, message))
     if (out === undefined) return
-    if (te !== undefined) out.headers.push("Transfer-Encoding", "chunked")
+    // An HTTP/2 request needs neither a length nor a coding for its body: one without a length goes chunked.
+    const h2Body = te === undefined && headerValue(req.rawHeaders, "content-length") === undefined && http2BodyFollows(req)
+    if (te !== undefined || h2Body) out.headers.push("Transfer-Encoding", "chunked")
     else markEmptyBody(out, te)
     const length = headerValue(out.headers, "content-length")
-    const bodyless = te === undefined && (length === undefined || length === "0")
+    const bodyless = te === undefined && !h2Body && (length === undefined || length === "0")
     const target = out.upstream
     const responseTimeout = options?.responseTimeoutMs ?? config.responseTimeoutMs
     const idleTimeout = options?.idleTimeoutMs ?? config.idleTimeoutMs

@@ -298,8 +298,8 @@ const writeBadRequest = (res: http.ServerResponse, detail: string) => {
   res.end(body)
 }
 
-const rejectBadTarget = (socket: Duplex, detail: string) => {
-  const body = `400 bad request target: ${detail}\n`
+const rejectBadRequest = (socket: Duplex, detail: string) => {
+  const body = `400 ${detail}\n`
   socket.end(`HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
 }
 
@@ -392,7 +392,12 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     socket.on("error", () => socket.destroy())
     const routed = routingTarget(req.url ?? "/")
     if (isRoutingRejection(routed)) {
-      rejectBadTarget(socket, routed.detail)
+      rejectBadRequest(socket, `bad request target: ${routed.detail}`)
+      return
+    }
+    const ambiguous = checkRequestFields(req.rawHeaders)
+    if (ambiguous !== undefined) {
+      rejectBadRequest(socket, ambiguous.message)
       return
     }
     req.url = routed.target

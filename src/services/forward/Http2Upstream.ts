@@ -10,7 +10,7 @@ import { createHash } from "node:crypto"
 import type * as http from "node:http"
 import type { Duplex } from "node:stream"
 import { ErrorCode } from "../../domain/Http2Frame.ts"
-import { type ForwardedMode, HOP_BY_HOP, headerValue, requestHeaders, responseHeaders } from "../../domain/HttpHeaders.ts"
+import { type ForwardedMode, headerValue, relayableTrailer, requestHeaders, responseHeaders } from "../../domain/HttpHeaders.ts"
 import { abortResponse, type ErrorRenderer, STATUS_TEXT, sendError, writeRawError } from "./ErrorResponse.ts"
 import { type H2ClientConnection, type H2ClientStream, H2ConnectionError, type H2StreamClose } from "./H2ClientConnection.ts"
 
@@ -119,12 +119,15 @@ export const h1ResponseHeaders = (raw: ReadonlyArray<string>): Array<string> => 
   return responseHeaders(plain)
 }
 
-/** Trailer fields for HTTP/2, flat `[name, value, ...]`: lower-cased, hop-by-hop and pseudo fields dropped. */
+/**
+ * Trailer fields for HTTP/2, flat `[name, value, ...]`: lower-cased; hop-by-hop, pseudo and forbidden
+ * trailer fields (`relayableTrailer`) dropped.
+ */
 export const h2Trailers = (raw: ReadonlyArray<string>): Array<string> => {
   const out: Array<string> = []
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]!.toLowerCase()
-    if (HOP_BY_HOP.has(name) || name.charCodeAt(0) === 58) continue
+    if (name.charCodeAt(0) === 58 || !relayableTrailer(name)) continue
     out.push(name, raw[i + 1]!)
   }
   return out
@@ -135,7 +138,7 @@ const h1Trailers = (trailers: ReadonlyArray<string>): Array<[string, string]> =>
   const out: Array<[string, string]> = []
   for (let i = 0; i < trailers.length; i += 2) {
     const name = trailers[i]!
-    if (name.charCodeAt(0) === 58 || HOP_BY_HOP.has(name)) continue
+    if (name.charCodeAt(0) === 58 || !relayableTrailer(name)) continue
     out.push([name, trailers[i + 1]!])
   }
   return out

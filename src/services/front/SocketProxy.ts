@@ -66,8 +66,22 @@ export interface SocketProxyShape {
   readonly forwarder: ForwarderShape
 }
 
-/** Content types whose body Go's `ParseForm` reads into the request's parameters. */
-const FORM_BODY = /^\s*application\/x-www-form-urlencoded\b/i
+/** The media type whose body Go's `ParseForm` reads into the request's parameters. */
+const FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
+/** Bytes outside ASCII: Go trims Unicode spaces and folds Unicode case where JavaScript would not. */
+const NON_ASCII = /[^\x00-\x7f]/
+
+/**
+ * How a Content-Type reads to the Engine: `"form"` when Go's `mime.ParseMediaType` would give the form
+ * media type (the part before `;`, trimmed, any case), `"ambiguous"` when it holds bytes outside ASCII
+ * (whose trimming and case folding differ between Go and JavaScript), else `"other"`.
+ */
+const contentTypeKind = (contentType: string): "form" | "ambiguous" | "other" => {
+  if (NON_ASCII.test(contentType)) return "ambiguous"
+  const semi = contentType.indexOf(";")
+  const media = (semi === -1 ? contentType : contentType.slice(0, semi)).trim().toLowerCase()
+  return media === FORM_MEDIA_TYPE ? "form" : "other"
+}
 /** Methods whose body Go's `ParseForm` reads. */
 const FORM_METHODS: ReadonlySet<string> = new Set(["POST", "PUT", "PATCH"])
 
@@ -214,10 +228,12 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     }
     // The Engine's Go handlers merge a form-encoded POST/PUT/PATCH body into the query parameters, where
     // rules cannot see it. The Docker API never sends such bodies, so they are refused.
-    const contentType = req.contentType
-    if (contentType !== undefined && FORM_BODY.test(contentType) && FORM_METHODS.has(method)) {
+    const contentType = req.contentType === undefined ? "other" : contentTypeKind(req.contentType)
+    if (contentType === "ambiguous" || (contentType === "form" && FORM_METHODS.has(method))) {
       rejected++
-      const message = "switchyard socket-proxy: form-encoded request bodies are not accepted"
+      const message = contentType === "ambiguous"
+        ? "switchyard socket-proxy: a Content-Type with bytes outside ASCII is not accepted"
+        : "switchyard socket-proxy: form-encoded request bodies are not accepted"
       warn(`${message}: ${method} ${JSON.stringify(req.target)}`)
       return refuse(400, message)
     }

@@ -77,7 +77,7 @@ const raw = (port: number, bytes: string): Promise<string> =>
     s.on("data", (d) => (out += d.toString()))
     s.on("error", () => {})
     s.on("close", () => resolve(out))
-    s.end(bytes)
+    s.end(Buffer.from(bytes, "latin1"))
   })
 
 const RULES = { name: "tests", rules: ["GET,HEAD /_ping", "GET /small", "GET /silent", "POST /containers/*/attach", { deny: "GET /secret/**" }, "GET /**"] }
@@ -139,6 +139,24 @@ describe("SocketProxy", () => {
     )
     assert.match(out, /^HTTP\/1\.1 400/)
     assert.include(out, "form-encoded")
+    // every spelling Go's mime.ParseMediaType reads as the form type, and every non-ASCII one
+    for (
+      const type of [
+        "APPLICATION/X-WWW-FORM-URLENCODED",
+        "\tapplication/x-www-form-urlencoded ; charset=utf-8",
+        "application/x-www-form-urlencoded;",
+        "\xc2\xa0application/x-www-form-urlencoded",
+        "\xe3\x80\x80application/x-www-form-urlencoded",
+        "appl\xc4\xb0cation/x-www-form-urlencoded",
+        "application/json\xc2\x85"
+      ]
+    ) {
+      const refused = await raw(
+        port,
+        `POST /containers/x/kill?signal=SIGTERM HTTP/1.1\r\nHost: d\r\nContent-Type: ${type}\r\nContent-Length: 14\r\n\r\nsignal=SIGKILL`
+      )
+      assert.match(refused, /^HTTP\/1\.1 400/, JSON.stringify(type))
+    }
     assert.strictEqual(engine.seen.length, 0)
   })
 
