@@ -45,8 +45,13 @@ export const MAX_RULE_LENGTH = 2048
 
 const escapeRegex = (s: string): string => s.replace(/[.+?^${}()|[\]\\]/g, "\\$&")
 
-/** Compiles a path glob: `*` is one segment's worth (no `/`), `**` any number of segments (also none). */
-export const compileGlob = (glob: string): RegExp => {
+/**
+ * Compiles a path glob: `*` is one segment's worth (no `/`), `**` any number of segments (also none).
+ * With `spanSegments` (deny rules), `*` also takes `/`: the Engine's router reads `{name:.*}` across
+ * segments (`/containers/parent/alias/archive` is the archive of `parent/alias`), so a deny rule must
+ * cover every path the Engine could route to the endpoint it names.
+ */
+export const compileGlob = (glob: string, spanSegments = false): RegExp => {
   let out = "^"
   for (let i = 0; i < glob.length; i++) {
     const c = glob[i]!
@@ -59,7 +64,7 @@ export const compileGlob = (glob: string): RegExp => {
         i++
         out += ".*"
       } else {
-        out += "[^/]*"
+        out += spanSegments ? ".*" : "[^/]*"
       }
     } else {
       out += escapeRegex(c)
@@ -159,7 +164,7 @@ export const parseRule = (text: string, options: RuleOptions = {}): AccessRule |
     if (/(^|\/)\.\.?(\/|$)|\/\//.test(glob)) {
       return syntax(source, "BadPath", `path "${glob}" has . or .. segments or // (requests with them never match)`)
     }
-    path = compileGlob(glob)
+    path = compileGlob(glob, action === "deny")
   }
   const rest = words.shift()
   if (rest !== undefined) {

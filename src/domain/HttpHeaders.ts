@@ -207,13 +207,17 @@ export type TargetProblem =
   | "EncodedSeparator"
   | "DotSegment"
   | "ControlCharacter"
+  | "BadApiVersion"
 
 export interface TargetRejection {
   readonly problem: TargetProblem
   readonly detail: string
 }
 
-const VERSION_PREFIX = /^\/v(\d+(?:\.\d+)?)(?=\/|$)/
+/** The Engine's router takes `/v` and any run of digits and dots as a version (`/v{version:[0-9.]+}`). */
+const VERSION_PREFIX = /^\/v([0-9.]+)(?=\/|$)/
+/** Versions as Docker clients write them; any other run of digits and dots is refused. */
+const PLAIN_VERSION = /^\d+(?:\.\d+)?$/
 /** Bytes that never appear raw in a canonical path: `%`, `.`-segments, `//`, controls, `\`. */
 const NEEDS_WORK = /[%\\\x00-\x20\x7f]|\/\/|\/\.(?:\.)?(?:\/|$)/
 
@@ -265,6 +269,9 @@ export const canonicalTarget = (target: string): CanonicalTarget | TargetRejecti
     upstreamPath = "/" + segments.map(encodeSegment).join("/") + (segments.length > 0 ? trailing : "")
   }
   const m = VERSION_PREFIX.exec(path)
+  if (m && !PLAIN_VERSION.test(m[1]!)) {
+    return { problem: "BadApiVersion", detail: `an API version "${m[1]!.slice(0, 16)}" other than N or N.N` }
+  }
   const apiVersion = m ? m[1] : undefined
   const matchPath = m ? path.slice(m[0].length) || "/" : path
   return {

@@ -93,11 +93,27 @@ describe("glob semantics", () => {
     assert.isFalse(compileGlob("/containers/json").test("/containers/jsonx"))
     assert.isFalse(compileGlob("/a.b").test("/axb"))
   })
+
+  it("in a deny rule, * spans segments as the Engine's {name:.*} does", () => {
+    const deny = rule("deny GET /containers/*/archive")
+    assert.isTrue(ruleMatches(deny, req("GET", "/containers/web/archive")))
+    assert.isTrue(ruleMatches(deny, req("GET", "/containers/parent/alias/archive")))
+    const allow = rule("allow GET /containers/*/archive")
+    assert.isFalse(ruleMatches(allow, req("GET", "/containers/parent/alias/archive")))
+    const readOnly = presetRules("read-only")
+    if (readOnly instanceof RuleSyntaxError) throw new Error(readOnly.message)
+    const d = decide({ name: "p", rules: [deny, ...readOnly] }, req("GET", "/containers/parent/alias/archive"))
+    assert.isFalse(d.allowed)
+  })
 })
 
 const Segment = Schema.Literals(["a", "b", "ab", "*"])
 const PathSegment = Schema.Literals(["a", "b", "ab", "x"])
 const Segs = (s: typeof Segment | typeof PathSegment) => Schema.Array(s).check(Schema.isMaxLength(4))
+
+/** Reference for deny rules: `*` any run of characters, `/` included. */
+const refSpan = (pattern: ReadonlyArray<string>, path: ReadonlyArray<string>): boolean =>
+  new RegExp("^/" + pattern.map((p) => (p === "*" ? ".*" : p)).join("/") + "$").test("/" + path.join("/"))
 
 /** Reference glob: segment-wise, `*` any one segment (possibly empty), literals equal. */
 const refGlob = (pattern: ReadonlyArray<string>, path: ReadonlyArray<string>): boolean => {
@@ -133,7 +149,7 @@ describe("rule matching properties", () => {
       Effect.sync(() => {
         const rules = specs.map((s) => rule(`${s.action} ${s.method} /${s.path.join("/")}`))
         const request = req(method, "/" + path.join("/"))
-        const first = specs.findIndex((s) => s.method === method && refGlob(s.path, path))
+        const first = specs.findIndex((s) => s.method === method && (s.action === "deny" ? refSpan(s.path, path) : refGlob(s.path, path)))
         const decision = decide({ name: "p", rules }, request)
         if (first === -1) {
           assert.isFalse(decision.allowed)

@@ -84,7 +84,10 @@ describe("canonicalTarget", () => {
     { target: "/containers/%00", problem: "ControlCharacter" },
     { target: "http://evil/containers/json", problem: "NotOriginForm" },
     { target: "*", problem: "NotOriginForm" },
-    { target: "/a#b", problem: "ControlCharacter" }
+    { target: "/a#b", problem: "ControlCharacter" },
+    { target: "/v1.41.0/containers/x/archive", problem: "BadApiVersion" },
+    { target: "/v1.41./containers/x/export", problem: "BadApiVersion" },
+    { target: "/v./containers/json", problem: "BadApiVersion" }
   ])("refuses $target ($problem)", ({ target, problem }) => {
     const r = canonicalTarget(target)
     assert.isTrue(isTargetRejection(r))
