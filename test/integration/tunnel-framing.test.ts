@@ -197,4 +197,46 @@ describe("control-port tunnels: backends are not trusted with framing", () => {
       }).pipe(Effect.scoped)
       yield* Effect.promise(() => expectNoLeaks(before))
     }))
+
+  it.live("an HTTP/2 public client's body without content-length reaches the backend whole; forbidden trailers do not", () =>
+    Effect.gen(function*() {
+      const before = activeHandles()
+      yield* Effect.gen(function*() {
+        const control = Context.get(yield* gateway(), ControlPort)
+        const port = yield* Effect.promise(freePort)
+        const certificate = makeCertificate("secure.test")
+        const tunnel = Context.get(yield* client([control.address.port!]), TunnelClient)
+        const seen: Array<{ body: string; trailers: Record<string, string | undefined> }> = []
+        yield* serveHttp(tunnel, { _tag: "Tls", port, domainSuffix: "secure.test", cert: certificate.cert, key: certificate.key, then: "http" }, (req, res) => {
+          let body = ""
+          req.setEncoding("latin1")
+          req.on("data", (c: string) => void (body += c))
+          req.on("end", () => {
+            seen.push({ body, trailers: { ...req.trailers } })
+            res.end("ok")
+          })
+        })
+        const status = yield* Effect.promise(() =>
+          new Promise<number>((resolve, reject) => {
+            const h2 = http2.connect(`https://127.0.0.1:${port}`, { servername: "api.secure.test", ca: certificate.cert })
+            h2.on("error", reject)
+            const req = h2.request({ ":method": "POST", ":path": "/x", ":authority": "api.secure.test" }, { waitForTrailers: true })
+            let got = 0
+            req.on("response", (h) => void (got = Number(h[":status"])))
+            req.on("wantTrailers", () => req.sendTrailers({ "x-sum": "1", authorization: "Bearer smuggled", cookie: "a=b", "x-forwarded-for": "10.0.0.1" }))
+            req.resume()
+            req.on("close", () => {
+              h2.close()
+              resolve(got)
+            })
+            req.end("hello-body")
+          })
+        )
+        assert.strictEqual(status, 200)
+        assert.strictEqual(seen.length, 1)
+        assert.strictEqual(seen[0]!.body, "hello-body")
+        assert.deepStrictEqual(seen[0]!.trailers, { "x-sum": "1" })
+      }).pipe(Effect.scoped)
+      yield* Effect.promise(() => expectNoLeaks(before))
+    }))
 })
