@@ -3,6 +3,7 @@
  * milliseconds), validated by Schema, with switchyard's extra limits as optional fields. Unknown keys
  * are reported as warnings, as Go's YAML decoder ignores them. Pure: text in, config or error out.
  */
+import type { AuthThrottleLimits } from "./AuthThrottle.ts"
 import { Redacted, Schema, SchemaIssue } from "effect"
 import { parse as parseYaml } from "yaml"
 import type { DestinationRules, RuleSpec } from "./DestinationRules.ts"
@@ -118,6 +119,11 @@ export interface WspServerConfig {
    * as in wsp). Off by default: with no `secretkey`, registrations are refused.
    */
   readonly openRegistration: boolean
+  /**
+   * Failed `X-SECRET-KEY`s and request keys per peer address: free ones, then a doubling delay before each
+   * refusal, then 429 for a while (default `DefaultAuthThrottleLimits`).
+   */
+  readonly authThrottle?: Partial<AuthThrottleLimits> | undefined
 }
 
 /** `switchyard wsp-client` settings (wsp's `client.Config` plus rules and switchyard's limits). */

@@ -317,7 +317,7 @@ export const registerGatewayGauges = (metrics: MetricsShape, frontDoor: string, 
 export const registerPoolGauges = (
   metrics: MetricsShape,
   stats: () => { readonly pools: number; readonly idle: number; readonly busy: number },
-  rejected: () => { readonly secretKey: number; readonly requestKey: number; readonly registrationClosed?: number },
+  rejected: () => { readonly secretKey: number; readonly requestKey: number; readonly registrationClosed?: number; readonly throttled?: number },
   refusals?: () => { readonly greetingTooLarge: number; readonly idleOverflow: number; readonly tooManyGreetings: number },
   failures: () => Readonly<Record<string, number | undefined>> = () => ({})
 ): void => {
@@ -337,11 +337,11 @@ export const registerPoolGauges = (
     name: "switchyard_wsp_rejections_total",
     type: "counter",
     help: "wsp credentials refused: a wrong X-SECRET-KEY on /register (secret_key), /register with no secretkey configured " +
-      "(registration_closed), a wrong request key on /request (request_key).",
+      "(registration_closed), a wrong request key on /request (request_key), an address refused after too many failures (throttled).",
     labelNames: ["credential"],
     collect: () => {
       const r = rejected()
-      return [[["secret_key"], r.secretKey], [["registration_closed"], r.registrationClosed ?? 0], [["request_key"], r.requestKey]]
+      return [[["secret_key"], r.secretKey], [["registration_closed"], r.registrationClosed ?? 0], [["request_key"], r.requestKey], [["throttled"], r.throttled ?? 0]]
     }
   })
   metrics.registry.sampledGauge({

@@ -118,7 +118,7 @@ export const ServerFile = Schema.Struct({
     ),
     max_failed_auths: Schema.optionalKey(
       Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({
-        description: "Failed authentications from one address (each beyond the first 3 answered after a doubling delay, from 250 ms to 8 s) before the address is refused for failed_auth_window_ms",
+        description: "Failed authentications from one address, on the control port and the reverse-HTTP/2 port (each beyond the first 3 answered after a doubling delay, from 250 ms to 8 s), before the address is refused for failed_auth_window_ms",
         default: 20
       })
     ),

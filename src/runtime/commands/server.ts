@@ -51,7 +51,7 @@ export const ProtocolErrorReasons: ReadonlySet<string> = new Set([
   "FrameRateExceeded"
 ])
 /** Reverse-HTTP/2 failures counted as refused handshakes (the others as protocol errors). */
-export const H2HandshakeReasons: ReadonlySet<string> = new Set(["HandshakeTimeout", "BadPreamble", "BadPreface", "Rejected", "Insecure"])
+export const H2HandshakeReasons: ReadonlySet<string> = new Set(["HandshakeTimeout", "BadPreamble", "BadPreface", "Rejected", "Insecure", "TooManyFailures"])
 /** Where the control port, the admin endpoint and the reverse-HTTP/2 port listen by default. */
 export const DefaultControlText = "127.0.0.1:9999"
 export const DefaultAdminText = "127.0.0.1:9090"
@@ -552,6 +552,11 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     h2ProtocolErrors("MalformedResponse")
     recentErrors.add(`reverse-HTTP/2 ${message}`)
   }
+  // failed authentications per address, on the control port and the reverse-HTTP/2 port alike
+  const authThrottle = {
+    ...(file.control?.max_failed_auths === undefined ? {} : { refuseAfter: file.control.max_failed_auths }),
+    ...(file.control?.failed_auth_window_ms === undefined ? {} : { windowMs: file.control.failed_auth_window_ms })
+  }
   const webSocket = webSocketOf(file)
   if (webSocket instanceof ConfigLoadError) return yield* webSocket
   const controlTls = certificatePair("control", file.control)
@@ -569,10 +574,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       maxHelloBytes: file.control?.max_hello_bytes,
       maxHandshakes: file.control?.max_handshakes,
       maxHandshakesPerAddress: file.control?.max_handshakes_per_address,
-      authThrottle: {
-        ...(file.control?.max_failed_auths === undefined ? {} : { refuseAfter: file.control.max_failed_auths }),
-        ...(file.control?.failed_auth_window_ms === undefined ? {} : { windowMs: file.control.failed_auth_window_ms })
-      },
+      authThrottle,
       maxSessions: file.control?.max_sessions,
       maxSessionsPerToken: file.control?.max_sessions_per_token,
       maxPeerStreamsPerSecond: file.control?.max_peer_streams_per_second,
@@ -609,6 +611,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       ...(h2Tls === undefined ? {} : { tls: h2Tls }),
       routes: h2Routes,
       tokens: plain ? undefined : grants,
+      authThrottle,
       drainTimeout,
       onFailure: onH2Failure,
       onStreamViolation: onH2StreamViolation,

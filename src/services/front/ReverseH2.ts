@@ -20,6 +20,9 @@ import {
   type RejectionReason
 } from "../../domain/ControlMessage.ts"
 import { readSocketFrame } from "./ControlHandshake.ts"
+import { skippedNote } from "./HandshakeAdmission.ts"
+import { AuthThrottle, type AuthThrottleLimits, DefaultAuthThrottleLimits } from "../../domain/AuthThrottle.ts"
+import { LogSampler } from "../../domain/LogSampler.ts"
 import type { ForwardedMode } from "../../domain/HttpHeaders.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
@@ -80,6 +83,11 @@ export interface ReverseH2Config {
    * HTTP routes only (`Http`, or `Tls` with `then: "http"`).
    */
   readonly routes?: ReadonlyArray<RouteDefinition> | undefined
+  /**
+   * Failed authentications per peer address (authenticated mode): free ones, then a doubling delay before
+   * each rejection, then refusal for a while (default `DefaultAuthThrottleLimits`).
+   */
+  readonly authThrottle?: Partial<AuthThrottleLimits> | undefined
   /** Grants for authenticated mode; when absent the port runs in plain mode (no preamble). */
   readonly tokens?: ReadonlyArray<TokenGrant> | undefined
   /** Serve the tunnel port over TLS (the backend is the TLS client); PEM texts. */
@@ -119,7 +127,7 @@ export interface ReverseH2Config {
 
 /** A tunnel connection or the port itself failed; the connection is closed, the port keeps serving. */
 export class ReverseH2Error extends Schema.TaggedError<ReverseH2Error>()("ReverseH2Error", {
-  reason: Schema.Literals(["Config", "Listen", "HandshakeTimeout", "BadPreamble", "BadPreface", "Rejected", "Insecure", "PingTimeout", "Bind"]),
+  reason: Schema.Literals(["Config", "Listen", "HandshakeTimeout", "BadPreamble", "BadPreface", "Rejected", "Insecure", "TooManyFailures", "PingTimeout", "Bind"]),
   message: Schema.String
 }) {}
 
@@ -255,12 +263,16 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
   let streams = 0
   let nextId = 0
 
+  // one line per reason and interval: a flood of refused connections must not flood the log
+  const failureLog = new LogSampler()
+  const authThrottle = new AuthThrottle({ ...DefaultAuthThrottleLimits, ...config.authThrottle })
   const recordFailure = (error: ReverseH2Error) =>
     Effect.suspend(() => {
       if (failures.length >= MaxRecentFailures) failures.shift()
       failures.push(error)
       config.onFailure?.(error.reason)
-      return Effect.logWarning(`reverse-h2: ${error.reason}: ${error.message}`)
+      const skipped = failureLog.take(error.reason, Date.now())
+      return skipped === undefined ? Effect.void : Effect.logWarning(`reverse-h2: ${error.reason}: ${error.message}${skippedNote(skipped)}`)
     })
 
   // ---------------------------------------------------------------------------------------------
@@ -563,6 +575,11 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         if (!secure && !config.allowTokensOverPlainTcp && !isLoopback(socket.remoteAddress)) {
           return yield* fail("Insecure", `${remote}: tokens are not accepted over plain TCP from non-loopback peers`)
         }
+        const address = socket.remoteAddress ?? "unknown"
+        const gate = authThrottle.gate(address, Date.now())
+        if (gate._tag === "Refuse") {
+          return yield* fail("TooManyFailures", `${remote}: too many failed authentications from ${address}; refused for ${Math.ceil(gate.retryAfterMs / 1000)} s more`)
+        }
         const got = yield* readHello(socket).pipe(
           Effect.timeoutOrElse({
             duration: handshakeTimeout,
@@ -572,8 +589,14 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         const decided = authorize(got)
         if (!Array.isArray(decided)) {
           const refusal = decided as { reason: RejectionReason; message: string; index?: number }
+          if (refusal.reason === "BadToken") {
+            // each failure beyond the free ones is answered later than the one before
+            const delay = authThrottle.failed(address, Date.now())
+            if (delay > 0) yield* Effect.sleep(Duration.millis(delay))
+          }
           return yield* reject(socket, refusal.reason, refusal.message, refusal.index)
         }
+        authThrottle.succeeded(address)
         routes = decided
         if (got.label !== undefined) label = `h2 ${remote} "${got.label}"`
         hello = true

@@ -27,6 +27,7 @@ import {
   withoutHopByHop
 } from "../../domain/WspMessage.ts"
 import type { PoolHandle, PoolStats } from "../Pool.ts"
+import { AuthThrottle, DefaultAuthThrottleLimits } from "../../domain/AuthThrottle.ts"
 import { LogSampler, sampledLines } from "../../domain/LogSampler.ts"
 import { skippedNote } from "./HandshakeAdmission.ts"
 import { defaultCleanInterval, makePool, PoolError } from "../Pool.ts"
@@ -746,7 +747,7 @@ export class WspServer extends Context.Service<WspServer, {
    * Refused credentials so far: a wrong `X-SECRET-KEY` on `/register`, a wrong request key on `/request`,
    * and registrations refused because no `secretkey` is set (`registrationClosed`).
    */
-  readonly rejected: () => { readonly secretKey: number; readonly requestKey: number; readonly registrationClosed: number }
+  readonly rejected: () => { readonly secretKey: number; readonly requestKey: number; readonly registrationClosed: number; readonly throttled: number }
   /** `/request` exchanges that failed after a connection was taken, by reason (the connection was dropped). */
   readonly failures: () => Readonly<Partial<Record<WspProxyError["reason"], number>>>
   /**
@@ -801,7 +802,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
   const run = yield* FiberSet.makeRuntime<never, void, never>()
   let secret = Redacted.value(config.secretKey)
   // refused credentials and failed exchanges, for metrics
-  const rejected = { secretKey: 0, requestKey: 0, registrationClosed: 0 }
+  const rejected = { secretKey: 0, requestKey: 0, registrationClosed: 0, throttled: 0 }
   const failures: Partial<Record<WspProxyError["reason"], number>> = {}
   const warnRegistrationClosed = sampledLines(failureLogInterval, (line) => run(Effect.logWarning(line)))
   const warnFailure = sampledLines(failureLogInterval, (line) => run(Effect.logWarning(line)))
@@ -889,6 +890,31 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     })
   }
 
+  // failed credentials per address: answered later and later, then refused for a while
+  const authThrottle = new AuthThrottle({ ...DefaultAuthThrottleLimits, ...config.authThrottle })
+  const delayedAnswers = new Set<NodeJS.Timeout>()
+  /** Runs `answer` after the delay this address's failure earned (at once within the free failures). */
+  const afterFailure = (address: string, answer: () => void): void => {
+    const delay = authThrottle.failed(address, Date.now())
+    if (delay === 0) return answer()
+    const timer = setTimeout(() => {
+      delayedAnswers.delete(timer)
+      answer()
+    }, delay)
+    delayedAnswers.add(timer)
+  }
+  /** Whether `address` failed too often to be heard now (counted and logged, sampled). */
+  const throttled = (address: string): boolean => {
+    const gate = authThrottle.gate(address, Date.now())
+    if (gate._tag === "Allow") return false
+    rejected.throttled++
+    const skipped = sampler.take("throttled", Date.now())
+    if (skipped !== undefined) {
+      run(Effect.logWarning(`wsp-server: ${address}: too many failed credentials; refused for ${Math.ceil(gate.retryAfterMs / 1000)} s more${skippedNote(skipped)}`))
+    }
+    return true
+  }
+
   const refuseUpgrade = (socket: Duplex, status: number, reason: string, message: string): void => {
     const body = `${message}\n`
     socket.end(
@@ -913,11 +939,14 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       refuseClosedRegistration()
       return refuseUpgrade(socket, 403, "Forbidden", registrationClosedMessage)
     }
+    const address = req.socket.remoteAddress ?? "unknown"
+    if (throttled(address)) return refuseUpgrade(socket, 429, "Too Many Requests", "too many failed credentials from this address")
     const given = req.headers["x-secret-key"]
     if (!secretMatches(typeof given === "string" ? given : "", secret)) {
       rejected.secretKey++
-      return refuseUpgrade(socket, proxyErrorStatus, "Proxy Error", "Invalid X-SECRET-KEY")
+      return afterFailure(address, () => refuseUpgrade(socket, proxyErrorStatus, "Proxy Error", "Invalid X-SECRET-KEY"))
     }
+    authThrottle.succeeded(address)
     const peer = `${req.socket.remoteAddress}:${req.socket.remotePort}`
     if (greeting.size >= maxPendingGreetings) {
       refused("tooManyGreetings", `${peer}: ${maxPendingGreetings} registrations already wait for their greeting; refused with 503`)
@@ -934,11 +963,14 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
   /** Checks a `/request` and builds its head; answers the caller itself and returns undefined on refusal. */
   const prepare = (req: http.IncomingMessage, res: http.ServerResponse): Prepared | undefined => {
     if (requestKey !== undefined) {
+      const address = req.socket.remoteAddress ?? "unknown"
+      if (throttled(address)) return void sendError(res, 429, "too many failed credentials from this address")
       const auth = bearer.exec(req.headers["proxy-authorization"] ?? "")
       if (!secretMatches(auth === null ? "" : auth[1]!.trim(), requestKey)) {
         rejected.requestKey++
-        return void sendError(res, 401, "Invalid Proxy-Authorization", { "Proxy-Authenticate": "Bearer" })
+        return void afterFailure(address, () => sendError(res, 401, "Invalid Proxy-Authorization", { "Proxy-Authenticate": "Bearer" }))
       }
+      authThrottle.succeeded(address)
     }
     const rawDestination = req.headers["x-proxy-destination"]
     const destination = Array.isArray(rawDestination) ? rawDestination[0] : rawDestination
@@ -1062,6 +1094,8 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     }),
     () =>
       Effect.callback<void>((resume) => {
+        for (const timer of delayedAnswers) clearTimeout(timer)
+        delayedAnswers.clear()
         for (const ws of greeting) ws.terminate()
         for (const ws of wss.clients) ws.terminate()
         server.close(() => resume(Effect.void))

@@ -102,6 +102,29 @@ describe("ReverseH2", () => {
       }))
     }))
 
+  it.live("failed tokens from one address are answered later and later, then the address is refused unread", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      const tokens = [{ name: "t", token: Redacted.make("s"), ports: [port] }]
+      yield* withGateway({ tokens, authThrottle: { freeFailures: 1, baseDelayMs: 200, refuseAfter: 3 } }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const wrong = Buffer.from(encodeHello(makeHello(Redacted.make("wrong"), [{ _tag: "Http", port }])))
+        const guess = Effect.scoped(Effect.gen(function*() {
+          const started = Date.now()
+          const peer = yield* rawPeer(gateway.address.port, wrong)
+          yield* Effect.promise(() => peer.closed)
+          return Date.now() - started
+        }))
+        yield* guess
+        assert.isAtLeast(yield* guess, 200)
+        assert.isAtLeast(yield* guess, 400)
+        const refusedAfter = yield* guess
+        assert.isBelow(refusedAfter, 200)
+        yield* until(() => gateway.recentFailures().some((f) => f.reason === "TooManyFailures"), "the refusal")
+        assert.deepStrictEqual(gateway.recentFailures().map((f) => f.reason), ["Rejected", "Rejected", "Rejected", "TooManyFailures"])
+      }))
+    }))
+
   it.effect("an oversized preamble is refused before it is buffered", () =>
     Effect.gen(function*() {
       const port = yield* Effect.promise(freePort)

@@ -234,3 +234,37 @@ describe("wsp server: registration without a secretkey", () => {
       expect(yield* tryRegister(port, "")).toBe("Unexpected server response: 526")
     }).pipe(Effect.scoped))
 })
+
+describe("wsp server: failed credentials", () => {
+  it.live("a wrong X-SECRET-KEY is answered later and later from one address, then refused with 429; another address registers", () =>
+    Effect.gen(function*() {
+      const server = yield* makeWspServer(serverConfig({ authThrottle: { freeFailures: 1, baseDelayMs: 200, refuseAfter: 3 } }))
+      const port = server.address.port
+      const timed = (key: string) =>
+        Effect.gen(function*() {
+          const started = Date.now()
+          const outcome = yield* tryRegister(port, key)
+          return { outcome, ms: Date.now() - started }
+        })
+      expect((yield* timed("wrong")).outcome).toBe("Unexpected server response: 526")
+      const second = yield* timed("wrong")
+      expect(second.outcome).toBe("Unexpected server response: 526")
+      expect(second.ms).toBeGreaterThanOrEqual(200)
+      const third = yield* timed("wrong")
+      expect(third.ms).toBeGreaterThanOrEqual(400)
+      expect((yield* timed(secret)).outcome).toBe("Unexpected server response: 429")
+      expect(server.rejected().throttled).toBe(1)
+      // the same secret from another loopback address registers
+      const other = yield* Effect.promise(() =>
+        new Promise<string>((resolve) => {
+          const ws = new WebSocket(`ws://127.0.0.1:${port}/register`, { headers: { "X-SECRET-KEY": secret }, localAddress: "127.0.0.2" })
+          ws.on("error", (e) => resolve(e.message))
+          ws.on("open", () => {
+            ws.terminate()
+            resolve("opened")
+          })
+        })
+      )
+      expect(other).toBe("opened")
+    }).pipe(Effect.scoped))
+})
