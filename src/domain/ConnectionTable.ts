@@ -1,8 +1,8 @@
 /**
  * Admission of client connections to one listener: a cap in total and per peer address, where a full
- * listener makes room by closing its oldest silent connection (one that has sent nothing) instead of
- * turning newcomers away, and a deadline for connections that stay silent. Pure bookkeeping: the caller
- * says what is silent and closes what it is told to; no sockets, no timers.
+ * listener makes room by closing its oldest idle connection (one that has sent nothing, or one between
+ * requests) instead of turning newcomers away, and a deadline for connections that stay silent. Pure
+ * bookkeeping: the caller says what is idle or silent and closes what it is told to; no sockets, no timers.
  */
 
 /** The limits of one listener. */
@@ -45,17 +45,18 @@ export class ConnectionTable<K> {
   }
 
   /**
-   * Decides on a new connection from `address` at `now` (the caller records it with `add` when admitted,
-   * after closing `evict`, which it must also `remove`). A full address or listener makes room by evicting
-   * its oldest connection that `isSilent` says has sent nothing; with none, the newcomer is refused.
+   * Decides on a new connection from `address` (the caller records it with `add` when admitted, after
+   * closing `evict`, which it must also `remove`). A full address or listener makes room by evicting its
+   * oldest connection that `isIdle` says carries nothing (sent nothing yet, or waits between requests);
+   * with none, the newcomer is refused.
    */
-  admit(address: string | undefined, isSilent: (key: K) => boolean): Admission<K> {
+  admit(address: string | undefined, isIdle: (key: K) => boolean): Admission<K> {
     if (address !== undefined && this.countOf(address) >= this.limits.maxPerAddress) {
-      const evict = this.oldestSilent(isSilent, address)
+      const evict = this.oldestIdle(isIdle, address)
       return evict === undefined ? { _tag: "Refuse", reason: "AddressFull" } : { _tag: "Admit", evict }
     }
     if (this.entries.size >= this.limits.maxConnections) {
-      const evict = this.oldestSilent(isSilent, undefined)
+      const evict = this.oldestIdle(isIdle, undefined)
       return evict === undefined ? { _tag: "Refuse", reason: "ListenerFull" } : { _tag: "Admit", evict }
     }
     return { _tag: "Admit", evict: undefined }
@@ -91,10 +92,10 @@ export class ConnectionTable<K> {
     return out
   }
 
-  private oldestSilent(isSilent: (key: K) => boolean, address: string | undefined): K | undefined {
+  private oldestIdle(isIdle: (key: K) => boolean, address: string | undefined): K | undefined {
     for (const [key, entry] of this.entries) {
       if (address !== undefined && entry.address !== address) continue
-      if (isSilent(key)) return key
+      if (isIdle(key)) return key
     }
     return undefined
   }

@@ -154,13 +154,13 @@ export const ServerFile = Schema.Struct({
   public_host: Schema.optionalKey(Schema.String.annotate({ description: "Address public ports bind to (0.0.0.0 to serve other hosts)", default: "127.0.0.1" })),
   public_max_connections_per_port: Schema.optionalKey(
     Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({
-      description: "Most client connections open on one public port; when full, its oldest connection that has sent nothing is closed to admit a new one",
+      description: "Most client connections open on one public port; when full, its oldest idle connection (nothing sent yet, or between requests on an HTTP port) is closed to admit a new one",
       default: 10_000
     })
   ),
   public_max_connections_per_address: Schema.optionalKey(
     Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 1_000_000 })).annotate({
-      description: "Most client connections from one address on one public port (the oldest silent one makes room, else the new one is refused)",
+      description: "Most client connections from one address on one public port (the oldest idle one makes room, else the new one is refused)",
       default: 1_024
     })
   ),

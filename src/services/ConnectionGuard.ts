@@ -1,6 +1,6 @@
 /**
  * Applies a `ConnectionTable` to the sockets a listener accepts: each new socket is admitted (possibly
- * after closing the listener's oldest silent one), or destroyed at once; sockets that stay silent past the
+ * after closing the listener's oldest idle one: silent, or between requests), or destroyed at once; sockets that stay silent past the
  * limit are closed by a periodic sweep. "Silent" is `bytesRead === 0`: nothing is read from the socket
  * here, so TLS and HTTP servers keep reading it as before.
  */
@@ -15,7 +15,7 @@ export const DefaultSilentConnectionTimeoutMs = 10_000
 const MaxSweepIntervalMs = 1_000
 
 /** Why a connection was closed by the guard. */
-export type GuardAction = "ListenerFull" | "AddressFull" | "EvictedSilent" | "SilentTimeout"
+export type GuardAction = "ListenerFull" | "AddressFull" | "EvictedIdle" | "SilentTimeout"
 
 export interface ConnectionGuard {
   /** Admits an accepted socket (returns true) or destroys it (false). Call before serving it. */
@@ -33,16 +33,19 @@ const neverSilent = (): boolean => false
 /**
  * A guard for one listener. With `evictSilent` false (raw TCP, where a client may rightly wait for the
  * server to speak), no connection counts as silent: a full listener or address refuses newcomers.
- * `onAction` is told each connection the guard closes or refuses, with the peer's address (for a metric
- * and a sampled log line).
+ * `isBetweenRequests`, when the listener's server can tell, says a connection waits for its next request
+ * (keep-alive) and may be closed to make room too. `onAction` is told each connection the guard closes or
+ * refuses, with the peer's address (for a metric and a sampled log line).
  */
 export const makeConnectionGuard = (
   limits: ConnectionLimits,
   evictSilent: boolean,
-  onAction: (action: GuardAction, address: string | undefined) => void
+  onAction: (action: GuardAction, address: string | undefined) => void,
+  isBetweenRequests?: (socket: net.Socket) => boolean
 ): ConnectionGuard => {
   const table = new ConnectionTable<net.Socket>(limits)
   const silent = evictSilent ? isSilent : neverSilent
+  const idle = isBetweenRequests === undefined ? silent : (socket: net.Socket) => silent(socket) || isBetweenRequests(socket)
   let sweep: NodeJS.Timeout | undefined
   const closeSilent = (socket: net.Socket, action: GuardAction) => {
     table.remove(socket)
@@ -59,13 +62,13 @@ export const makeConnectionGuard = (
   return {
     admit: (socket) => {
       const address = socket.remoteAddress
-      const decision = table.admit(address, silent)
+      const decision = table.admit(address, idle)
       if (decision._tag === "Refuse") {
         onAction(decision.reason, address)
         socket.destroy()
         return false
       }
-      if (decision.evict !== undefined) closeSilent(decision.evict, "EvictedSilent")
+      if (decision.evict !== undefined) closeSilent(decision.evict, "EvictedIdle")
       table.add(socket, address, Date.now())
       socket.once("close", () => table.remove(socket))
       if (sweep === undefined && evictSilent && limits.silentTimeoutMs > 0) {

@@ -581,7 +581,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     const guard = makeConnectionGuard(
       { maxConnections, maxPerAddress, silentTimeoutMs: kind === "tcp" ? 0 : silentTimeoutMs },
       kind !== "tcp",
-      (action, address) => config.onConnectionLimit?.(port, action, address)
+      (action, address) => config.onConnectionLimit?.(port, action, address),
+      (socket) => engine?.betweenRequests(socket) ?? false
     )
     let server: net.Server
     let engine: Http1Server | undefined

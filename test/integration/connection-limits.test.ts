@@ -79,7 +79,7 @@ describe("public port connection limits", () => {
       // the eleventh from the same address evicts the oldest silent one
       yield* open("127.0.0.1")
       yield* Effect.promise(() => within(first.closed, 3_000, "the oldest silent connection closed"))
-      expect(actions).toContainEqual(["EvictedSilent", "127.0.0.1"])
+      expect(actions).toContainEqual(["EvictedIdle", "127.0.0.1"])
       expect(yield* Effect.promise(() => getFrom(port, "127.0.0.2"))).toBe(200)
       // fill the port with silent connections from two more addresses: the healthy client still gets in
       for (let i = 0; i < 10; i++) yield* open("127.0.0.3")
@@ -100,6 +100,27 @@ describe("public port connection limits", () => {
       yield* Effect.promise(() => within(refused.closed, 3_000, "the eleventh connection refused"))
       expect(actions).toContainEqual(["AddressFull", "127.0.0.1"])
       expect(yield* Effect.promise(() => getFrom(port, "127.0.0.2"))).toBe(200)
+    })))
+
+  it.live("keep-alive connections waiting between requests make room too, oldest first", () =>
+    noLeaks(Effect.gen(function*() {
+      const { actions, open } = yield* setup(0)
+      const held: Array<{ socket: net.Socket; closed: Promise<void> }> = []
+      for (let i = 0; i < 10; i++) {
+        const c = yield* open("127.0.0.1")
+        // one whole request answered, then the connection waits for the next one
+        yield* Effect.promise(() =>
+          new Promise<void>((resolve) => {
+            c.socket.once("data", () => resolve())
+            c.socket.write("GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+          })
+        )
+        held.push(c)
+      }
+      yield* open("127.0.0.1")
+      yield* Effect.promise(() => within(held[0]!.closed, 3_000, "the oldest idle connection closed"))
+      expect(actions).toContainEqual(["EvictedIdle", "127.0.0.1"])
+      expect(held[1]!.socket.destroyed).toBe(false)
     })))
 
   it.live("a connection that sends nothing is closed after the silent timeout; one that talks is not", () =>

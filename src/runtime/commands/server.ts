@@ -388,8 +388,8 @@ const connectionLimitText = (action: GuardAction, port: number, address: string 
       return `public port ${port} is full (public_max_connections_per_port) and no connection on it is silent: refused ${peer}`
     case "AddressFull":
       return `${peer} has public_max_connections_per_address connections open on port ${port}: refused a new one`
-    case "EvictedSilent":
-      return `public port ${port} at a connection limit: closed the oldest connection that had sent nothing (from ${peer})`
+    case "EvictedIdle":
+      return `public port ${port} at a connection limit: closed the oldest idle connection (nothing sent yet, or between requests; from ${peer})`
     case "SilentTimeout":
       return `public port ${port}: closed a connection from ${peer} that sent nothing for public_silent_timeout_ms`
   }

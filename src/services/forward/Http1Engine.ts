@@ -170,6 +170,8 @@ export interface Http1Server {
   readonly close: (drainMs: number) => Promise<void>
   /** Client connections open. */
   readonly connections: () => number
+  /** Whether `socket` is a connection of this server waiting for its next request (nothing in flight). */
+  readonly betweenRequests: (socket: net.Socket) => boolean
 }
 
 /** What the engine shares with the forwarder that made it. */
@@ -1408,6 +1410,7 @@ class EngineServer implements Http1Server {
   readonly clientLimits: ClientLimits
   closing = false
   private readonly open = new Set<ClientConnection>()
+  private readonly bySocket = new WeakMap<net.Socket, ClientConnection>()
   /** Connections whose data rates the heartbeat checks. */
   private readonly watched = new Set<ClientConnection>()
   /** Runs while some connection is watched. */
@@ -1449,7 +1452,9 @@ class EngineServer implements Http1Server {
       return
     }
     socket.setNoDelay(true)
-    this.open.add(new ClientConnection(socket, this.core, this.front, this))
+    const connection = new ClientConnection(socket, this.core, this.front, this)
+    this.open.add(connection)
+    this.bySocket.set(socket, connection)
   }
 
   forget(c: ClientConnection): void {
@@ -1459,6 +1464,11 @@ class EngineServer implements Http1Server {
   }
 
   readonly connections = (): number => this.open.size
+
+  readonly betweenRequests = (socket: net.Socket): boolean => {
+    const connection = this.bySocket.get(socket)
+    return connection !== undefined && this.open.has(connection) && connection.idle()
+  }
 
   readonly close = (drainMs: number): Promise<void> =>
     new Promise((resolve) => {

@@ -27,7 +27,7 @@ import { type GuardAction, makeConnectionGuard } from "../ConnectionGuard.ts"
 const connectionLimitMessages: Record<GuardAction, string> = {
   ListenerFull: "refused a connection: the listener has maxConnections open and none of them is silent",
   AddressFull: "refused a connection: its address has maxConnectionsPerAddress open and none of them is silent",
-  EvictedSilent: "closed the oldest connection that had sent nothing, to admit a new one",
+  EvictedIdle: "closed the oldest idle connection (nothing sent yet, or between requests) to admit a new one",
   SilentTimeout: "closed a connection that sent nothing for silentTimeoutMs"
 }
 
@@ -284,7 +284,8 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     const guard = makeConnectionGuard(
       { maxConnections: limits.maxConnections, maxPerAddress: limits.maxConnectionsPerAddress, silentTimeoutMs: limits.silentTimeoutMs },
       true,
-      onConnectionLimit
+      onConnectionLimit,
+      engine.betweenRequests
     )
     yield* Effect.addFinalizer(() => Effect.sync(guard.close))
     server.on("connection", (socket: net.Socket & { [refusedClient]?: boolean }) => {
