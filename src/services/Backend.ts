@@ -52,10 +52,16 @@ export interface Backend {
    */
   readonly isClosed: () => boolean
   /**
+   * False while the backend can take no more requests now (an HTTP/2 connection with every stream slot
+   * taken): the dispatcher then picks another, or, when all are full, the least loaded, whose front door
+   * holds the request until a slot frees. Without it the backend always has room.
+   */
+  readonly hasCapacity?: (() => boolean) | undefined
+  /**
    * When present, public HTTP requests for this backend are handed here instead of to the shared
    * Forwarder (backends that are not reached through an `http.Agent`, such as reverse-HTTP/2
-   * connections). The handler answers `res` and may move the request to another backend of the lease's
-   * route; `lease.release` is idempotent.
+   * connections). The handler answers `res` on the leased backend, or moves the request to the backend
+   * that `lease.another` picks; `lease.release` is idempotent.
    */
   readonly forwardHttp?: ((req: http.IncomingMessage, res: http.ServerResponse, lease: BackendLease) => void) | undefined
   /** Like `forwardHttp`, for `Upgrade` requests (the socket is the public connection). */
@@ -67,4 +73,9 @@ export interface BackendLease {
   readonly backend: Backend
   readonly route: { readonly backends: ReadonlyArray<Backend> }
   readonly release: () => void
+  /**
+   * The dispatcher's pick of another live backend of the route with room now (that `accept` takes),
+   * leased; `undefined` when there is none. This lease is kept until released.
+   */
+  readonly another: (accept?: (backend: Backend) => boolean) => BackendLease | undefined
 }

@@ -1,6 +1,7 @@
 /**
  * Picks a backend for each public request or connection: the registry's most specific route, then the
- * least loaded of its live backends (round-robin among equals). When the route has no live backend it
+ * least loaded of its live backends with room for one more (round-robin among equals); every pick of
+ * every front door goes through here, including a front door's move of a request to another backend. When the route has no live backend it
  * waits for registry changes, bounded in time and in the number of waiters, then fails with a typed
  * error. It does not forward anything; callers hold the returned lease while they use the backend.
  */
@@ -34,6 +35,12 @@ export interface Lease {
   readonly backend: Backend
   readonly route: RouteEntry
   readonly release: () => void
+  /**
+   * A lease on another live backend of the same route that has room now (and that `accept` takes, when
+   * given), picked like any other; `undefined` when there is none. This lease is kept: the caller
+   * releases whichever it does not use.
+   */
+  readonly another: (accept?: (backend: Backend) => boolean) => Lease | undefined
 }
 
 export interface DispatcherShape {
@@ -48,21 +55,49 @@ export interface DispatcherShape {
   readonly waiting: () => number
 }
 
-/** The least loaded live backend, starting the scan at the route's round-robin cursor. */
-export const pickBackend = (entry: RouteEntry): Backend | undefined => {
+/** Whether a backend can take one more request now (one that does not say always can). */
+const hasRoom = (backend: Backend): boolean => backend.hasCapacity === undefined || backend.hasCapacity()
+
+/** What a pick may take besides live backends with room. */
+export interface PickOptions {
+  /** Only backends this takes. */
+  readonly accept?: ((backend: Backend) => boolean) | undefined
+  /** Never this backend. */
+  readonly exclude?: Backend | undefined
+  /** When every live backend is at capacity, the least loaded of them (the default) or none. */
+  readonly whenFull?: "leastLoaded" | "none" | undefined
+}
+
+/**
+ * The least loaded live backend with room, starting the scan at the route's round-robin cursor. When
+ * every live backend is at capacity, the least loaded of them: its front door holds the request until
+ * it has room (unless `whenFull` is `none`).
+ */
+export const pickBackend = (entry: RouteEntry, options?: PickOptions): Backend | undefined => {
   const backends = entry.backends
   const n = backends.length
   let chosen = -1
   let least = Infinity
+  let full = -1
+  let leastFull = Infinity
   for (let i = 0; i < n; i++) {
     const index = (entry.cursor + i) % n
     const backend = backends[index]!
-    if (backend.isClosed()) continue
+    if (backend.isClosed() || backend === options?.exclude) continue
+    if (options?.accept !== undefined && !options.accept(backend)) continue
+    if (!hasRoom(backend)) {
+      if (backend.inFlight < leastFull) {
+        leastFull = backend.inFlight
+        full = index
+      }
+      continue
+    }
     if (backend.inFlight < least) {
       least = backend.inFlight
       chosen = index
     }
   }
+  if (chosen === -1 && options?.whenFull !== "none") chosen = full
   if (chosen === -1) return undefined
   entry.cursor = (chosen + 1) % n
   return backends[chosen]
@@ -78,6 +113,10 @@ const lease = (backend: Backend, route: RouteEntry): Lease => {
       if (released) return
       released = true
       backend.inFlight--
+    },
+    another: (accept) => {
+      const other = pickBackend(route, { accept, exclude: backend, whenFull: "none" })
+      return other === undefined ? undefined : lease(other, route)
     }
   }
 }

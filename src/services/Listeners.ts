@@ -327,8 +327,27 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
   const open = new Map<number, PortListener>()
   const secureContexts = new Map<string, tls.SecureContext>()
 
-  /** Dispatches, synchronously when a backend is free, else in a fiber that the caller may cancel. */
+  // Leases the engine took for a connection's first request before handing the connection to Node's
+  // server: that request is served by the backend leased at admission, not dispatched a second time.
+  const handedOver = new WeakMap<Duplex, Lease>()
+
+  /** The lease taken at admission for the request Node's server now reads on `socket`, if still good. */
+  const takeHandedOver = (socket: Duplex, query: RouteQuery): Lease | undefined => {
+    const lease = handedOver.get(socket)
+    if (lease === undefined) return undefined
+    handedOver.delete(socket)
+    if (!lease.backend.isClosed() && registry.match(query) === lease.route) return lease
+    lease.release()
+    return undefined
+  }
+
+  /**
+   * Dispatches, synchronously when a backend is free, else in a fiber that the caller may cancel. A
+   * request the engine handed over with its lease keeps that lease.
+   */
   const dispatch = (query: RouteQuery, onLease: (lease: Lease) => void, onError: (e: DispatchError) => void, cancelOn: Duplex) => {
+    const handed = takeHandedOver(cancelOn, query)
+    if (handed !== undefined) return onLease(handed)
     const now = dispatcher.tryAcquire(query)
     if (now instanceof DispatchError) return onError(now)
     if (now !== undefined) return onLease(now)
@@ -459,18 +478,22 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
   const engineFront = (port: number, handoff: http.Server, secure: boolean): Http1Front => {
     const observe = config.observeDispatch
     const tapExchange = config.observeExchange
-    const toNode = (lease: Lease): Admission => {
-      // The Node server dispatches again, request by request, from here on.
-      lease.release()
-      return {
-        _tag: "Handoff",
-        take: (socket, bytes) => {
-          socket.unshift(bytes)
-          handoff.emit("connection", socket)
-          socket.resume()
-        }
-      }
-    }
+    const toNode = (lease: Lease): Admission => ({
+      _tag: "Handoff",
+      take: (socket, bytes) => {
+        // The request in hand keeps its lease (see `dispatch`); the Node server dispatches the
+        // connection's later requests one by one.
+        handedOver.set(socket, lease)
+        socket.once("close", () => {
+          if (handedOver.get(socket) === lease) handedOver.delete(socket)
+          lease.release()
+        })
+        socket.unshift(bytes)
+        handoff.emit("connection", socket)
+        socket.resume()
+      },
+      onAbandon: lease.release
+    })
     const admission = (lease: Lease, request: Http1Request, target: string): Admission => {
       if (lease.backend.forwardHttp !== undefined) return toNode(lease)
       if (tapExchange === undefined) {

@@ -49,6 +49,42 @@ describe("Dispatcher", () => {
       assert.deepStrictEqual(backends.map((b) => b.inFlight), [0, 0, 0])
     }).pipe(Effect.scoped)))
 
+  it.effect("capacity: a backend without room is passed over; all full, the least loaded; another() takes only room", () =>
+    provide(Effect.gen(function*() {
+      const registry = yield* Registry
+      const dispatcher = yield* Dispatcher
+      // each backend has room for `slots` leases, as an HTTP/2 connection has stream slots
+      const slots = new Map<string, number>([["a", 1], ["b", 3], ["c", 3]])
+      const backends = ["a", "b", "c"].map((id) => {
+        const backend = makeTestBackend(id)
+        return Object.assign(backend, { hasCapacity: () => backend.inFlight < slots.get(id)! })
+      })
+      for (const b of backends) yield* registry.register({ _tag: "Http", port: 8000, pathPrefix: "/a" }, b)
+      const held = []
+      for (let i = 0; i < 7; i++) held.push(yield* dispatcher.acquire(atA))
+      // `a` is full after one lease: the others share the rest, every slot is used before any is exceeded
+      assert.deepStrictEqual(backends.map((b) => b.inFlight), [1, 3, 3])
+      // all full: the least loaded takes the request (its front door holds it until a slot frees)
+      const overflow = yield* dispatcher.acquire(atA)
+      assert.strictEqual(overflow.backend.id, "a")
+      // a move to another backend goes through the same pick, and only to one with room
+      assert.isUndefined(overflow.another())
+      held.find((l) => l.backend.id === "c")!.release()
+      const moved = overflow.another()
+      assert.strictEqual(moved?.backend.id, "c")
+      assert.isUndefined(moved!.another((b) => b.id !== "c"))
+      for (const l of [...held, overflow, moved!]) l.release()
+      assert.deepStrictEqual(backends.map((b) => b.inFlight), [0, 0, 0])
+      // once free again, sequential leases rotate over all three
+      const order: Array<string> = []
+      for (let i = 0; i < 6; i++) {
+        const lease = yield* dispatcher.acquire(atA)
+        order.push(lease.backend.id)
+        lease.release()
+      }
+      assert.deepStrictEqual([...order].sort(), ["a", "a", "b", "b", "c", "c"])
+    }).pipe(Effect.scoped)))
+
   it.effect("skips backends that have closed", () =>
     provide(Effect.gen(function*() {
       const registry = yield* Registry

@@ -129,6 +129,8 @@ export type Admission =
      */
     readonly _tag: "Handoff"
     readonly take: (socket: net.Socket, bytes: Buffer) => void
+    /** Called instead of `take` when the client left before the decision arrived. */
+    readonly onAbandon?: (() => void) | undefined
   }
 
 /**
@@ -555,6 +557,7 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
         if (this.phase !== ADMITTING) {
           // The client left or the connection failed meanwhile: give back what the decision took.
           if (admission._tag === "Forward") admission.onEnd?.()
+          else if (admission._tag === "Handoff") admission.onAbandon?.()
           return
         }
         this.socket.pause()

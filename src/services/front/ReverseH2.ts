@@ -1,9 +1,10 @@
 /**
  * The reverse-HTTP/2 tunnel port: a backend dials it (TCP, or TLS with the backend as TLS client) and
- * serves HTTP/2 on the connection; the gateway is the HTTP/2 client and load-balances public requests
- * across connections by free stream slots, with PING health checks, GOAWAY drains and pruning of dead
- * connections. Plain mode takes any h2 server (routes from config); authenticated mode reads a framed
- * `Hello` first. It does not forward bytes itself (`forward/Http2Upstream` does) nor open public ports.
+ * serves HTTP/2 on the connection; the gateway is the HTTP/2 client. Each connection is a backend whose
+ * room is its free stream slots, so the Dispatcher's picks spread requests over them (this module picks
+ * nothing itself); it adds PING health checks, GOAWAY drains and pruning of dead connections. Plain
+ * mode takes any h2 server (routes from config); authenticated mode reads a framed `Hello` first. It
+ * does not forward bytes itself (`forward/Http2Upstream` does) nor open public ports.
  */
 import * as http from "node:http"
 import * as net from "node:net"
@@ -200,8 +201,8 @@ const hasCapacity = (c: H2Connection): boolean => c.ready && c.active < c.maxStr
 
 /** A public request waiting for a stream slot on its route. */
 interface Waiter {
-  readonly backends: ReadonlyArray<Backend>
-  readonly start: (conn: H2Connection) => void
+  /** Starts the request if its leased connection, or another the dispatcher picks, has a free slot. */
+  readonly tryStart: () => boolean
   readonly expire: () => void
   timer: ReturnType<typeof setTimeout> | undefined
 }
@@ -276,40 +277,58 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     })
 
   // ---------------------------------------------------------------------------------------------
-  // Picking a connection with a free stream slot; waiting, bounded, when there is none.
+  // Serving a request on the connection the dispatcher leased, or on another the dispatcher picks when
+  // that one has no free stream slot; waiting, bounded, when none has.
 
-  const pickConnection = (backends: ReadonlyArray<Backend>, needConnect: boolean): H2Connection | undefined => {
-    let best: H2Connection | undefined
-    for (const backend of backends) {
-      const conn = byBackend.get(backend)
-      if (conn === undefined || !hasCapacity(conn) || (needConnect && !conn.extendedConnect)) continue
-      if (best === undefined || conn.active < best.active) best = conn
+  /**
+   * The dispatcher's view of a connection's room: leases count, not only open streams, so requests
+   * leased but not yet started take their slot.
+   */
+  const hasRoomForLease = (conn: H2Connection): boolean => hasCapacity(conn) && conn.backend.inFlight < conn.maxStreams
+
+  /** Whether `backend` is one of this port's connections (and can carry an extended CONNECT). */
+  const isH2Backend = (needConnect: boolean) => (backend: Backend): boolean => {
+    const conn = byBackend.get(backend)
+    return conn !== undefined && (!needConnect || conn.extendedConnect)
+  }
+
+  /**
+   * A connection to start on now: the leased one when it has a free slot, else the one of a new lease
+   * from the dispatcher (the caller then gives up the old lease); `undefined` when none has a slot.
+   */
+  const connectionFor = (lease: BackendLease, needConnect: boolean): { conn: H2Connection; lease: BackendLease } | undefined => {
+    const own = byBackend.get(lease.backend)
+    if (own !== undefined && hasCapacity(own) && (!needConnect || own.extendedConnect)) return { conn: own, lease }
+    const next = lease.another(isH2Backend(needConnect))
+    if (next === undefined) return undefined
+    const conn = byBackend.get(next.backend)
+    if (conn === undefined || !hasCapacity(conn)) {
+      next.release()
+      return undefined
     }
-    return best
+    return { conn, lease: next }
   }
 
   const serveWaiters = () => {
     for (let i = 0; i < waiters.length;) {
       const waiter = waiters[i]!
-      const conn = pickConnection(waiter.backends, false)
-      if (conn === undefined) {
-        i++
+      waiters.splice(i, 1)
+      if (waiter.tryStart()) {
+        if (waiter.timer !== undefined) clearTimeout(waiter.timer)
         continue
       }
-      waiters.splice(i, 1)
-      if (waiter.timer !== undefined) clearTimeout(waiter.timer)
-      waiter.start(conn)
+      waiters.splice(i, 0, waiter)
+      i++
     }
   }
 
-  const enqueue = (backends: ReadonlyArray<Backend>, res: http.ServerResponse, start: (conn: H2Connection) => void): void => {
+  const enqueue = (res: http.ServerResponse, tryStart: () => boolean): void => {
     if (waiters.length >= maxQueued) {
       sendError(res, errors, 503, `switchyard: ${maxQueued} requests already wait for an HTTP/2 stream; try again later`)
       return
     }
     const waiter: Waiter = {
-      backends,
-      start,
+      tryStart,
       expire: () => {
         remove()
         sendError(res, errors, 503, `switchyard: no HTTP/2 stream free on the route's backends within ${queueTimeoutMs} ms`)
@@ -337,20 +356,16 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     onRefused
   })
 
-  /** Serves one public request on `conn`; moves the load figure off the leased backend when it differs. */
+  /**
+   * Serves one public request on the leased connection; when it has no free slot (or refused the request
+   * unprocessed), on the connection of a new lease from the dispatcher, else once one has a slot.
+   */
   const forwardHttp = (req: http.IncomingMessage, res: http.ServerResponse, lease: BackendLease): void => {
-    let holder = lease.backend
+    // the lease the request is served under; the one the dispatcher gave is released by Listeners too
+    let current = lease
     let attempts = 0
-    const moveTo = (conn: H2Connection) => {
-      if (holder === conn.backend) return
-      if (holder === lease.backend) lease.release()
-      else holder.inFlight--
-      conn.backend.inFlight++
-      holder = conn.backend
-    }
+    res.once("close", () => current.release())
     const start = (conn: H2Connection, replay?: RequestReplay): void => {
-      if (res.destroyed) return
-      moveTo(conn)
       conn.active++
       streams++
       let released = false
@@ -363,7 +378,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       }
       forwardToH2(conn as H2Connection & { session: H2ClientConnection }, req, res, forwardOptions(conn, () => {
         onDone()
-        if (res.writableFinished || res.destroyed) releaseHolder()
+        if (res.writableFinished || res.destroyed) current.release()
       }, (again) => {
         onDone()
         if (++attempts > MaxRefusedRetries) return false
@@ -371,26 +386,26 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         return true
       }), replay)
     }
-    const releaseHolder = () => {
-      if (holder !== lease.backend) {
-        holder.inFlight--
-        holder = lease.backend
+    const tryStart = (replay?: RequestReplay): boolean => {
+      if (res.destroyed) return true
+      const found = connectionFor(current, false)
+      if (found === undefined) return false
+      if (found.lease !== current) {
+        current.release()
+        current = found.lease
       }
+      start(found.conn, replay)
+      return true
     }
-    res.once("close", releaseHolder)
     const route = (replay?: RequestReplay) => {
-      const own = byBackend.get(lease.backend)
-      const conn = own !== undefined && hasCapacity(own) ? own : pickConnection(lease.route.backends, false)
-      if (conn !== undefined) start(conn, replay)
-      else enqueue(lease.route.backends, res, (found) => start(found, replay))
+      if (!tryStart(replay)) enqueue(res, () => tryStart(replay))
     }
     route()
   }
 
   const upgradeHttp = (req: http.IncomingMessage, socket: Duplex, head: Buffer, lease: BackendLease): void => {
-    const own = byBackend.get(lease.backend)
-    const conn = own !== undefined && hasCapacity(own) && own.extendedConnect ? own : pickConnection(lease.route.backends, true)
-    if (conn === undefined) {
+    const found = connectionFor(lease, true)
+    if (found === undefined) {
       const anyConnect = lease.route.backends.some((b) => byBackend.get(b)?.extendedConnect === true)
       if (anyConnect) writeRawError(socket, errors, 503, "switchyard: no HTTP/2 stream free for an upgrade on the route's backends")
       else {
@@ -402,6 +417,11 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         )
       }
       return
+    }
+    const { conn } = found
+    if (found.lease !== lease) {
+      lease.release()
+      socket.once("close", found.lease.release)
     }
     conn.active++
     streams++
@@ -620,6 +640,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         connect: () =>
           Effect.fail(new BackendUnavailable({ reason: "OpenFailed", message: `${label} serves HTTP routes only; raw TCP is not carried` })),
         isClosed: () => isGone(conn),
+        hasCapacity: () => hasRoomForLease(conn),
         forwardHttp,
         upgradeHttp
       }

@@ -13,7 +13,7 @@ import { Registry } from "../../../src/services/Registry.ts"
 import { ReverseH2, ReverseH2Error } from "../../../src/services/front/ReverseH2.ts"
 import { serveReverseHttp2 } from "../../../src/runtime/serveReverseHttp2.ts"
 import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
-import { closeServer, dialBackend, freePort, gatewayLayer, request, until, withGateway } from "../../integration/reverse-h2-harness.ts"
+import { closeServer, dialBackend, freePort, gatewayLayer, type Reply, request, until, withGateway } from "../../integration/reverse-h2-harness.ts"
 import { makeCertificate } from "../ListenersFixtures.ts"
 
 /** An empty SETTINGS frame: the least a server must send to count as speaking HTTP/2. */
@@ -175,6 +175,54 @@ describe("ReverseH2", () => {
         assert.strictEqual(gateway.activeStreams(), 0)
       }))
     }))
+
+  for (const engine of [true, false]) {
+    it.effect(`the dispatcher fills every backend's stream slots, whatever their limits, before any request waits (${engine ? "engine" : "Node"} port)`, () =>
+      Effect.gen(function*() {
+        const port = yield* Effect.promise(freePort)
+        yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
+          const gateway = yield* ReverseH2
+          const held: Array<() => void> = []
+          const limits = [1, 3, 2]
+          const concurrent = limits.map(() => 0)
+          const most = limits.map(() => 0)
+          for (const [index, limit] of limits.entries()) {
+            const server = http2.createServer({ settings: { maxConcurrentStreams: limit } }, (req, res) => {
+              req.resume()
+              concurrent[index]!++
+              most[index] = Math.max(most[index]!, concurrent[index]!)
+              held.push(() => {
+                concurrent[index]!--
+                res.end(`b${index}`)
+              })
+            })
+            yield* closeServer(server)
+            yield* dialBackend(gateway.address.port, server)
+          }
+          yield* until(() => gateway.connections() === 3, "three backends")
+          // one at a time, so each is leased while the earlier ones hold their streams
+          const replies: Array<Promise<Reply>> = []
+          for (let i = 0; i < 6; i++) {
+            replies.push(request(port, `/${i}`))
+            yield* until(() => held.length === i + 1, `request ${i} to start`)
+          }
+          assert.deepStrictEqual(concurrent, limits)
+          assert.strictEqual(gateway.queued(), 0)
+          replies.push(request(port, "/7"))
+          yield* until(() => gateway.queued() === 1, "the seventh request to wait")
+          held.shift()!()
+          yield* until(() => held.length === 6, "the waiting request to get the freed stream")
+          for (const release of held.splice(0)) release()
+          const got = yield* Effect.promise(() => Promise.all(replies))
+          assert.isTrue(got.every((r) => r.status === 200 && !r.aborted))
+          assert.deepStrictEqual(most, limits)
+          assert.strictEqual(gateway.queued(), 0)
+          assert.strictEqual(gateway.activeStreams(), 0)
+          const listeners = yield* Listeners
+          yield* until(() => listeners.inFlight() === 0, "every lease to be released")
+        }), engine)
+      }))
+  }
 
   it.effect("a request finding every stream busy gets a 503 after the queue timeout, and one beyond the queue at once", () =>
     Effect.gen(function*() {
