@@ -892,16 +892,20 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
 
   // failed credentials per address: answered later and later, then refused for a while
   const authThrottle = new AuthThrottle({ ...DefaultAuthThrottleLimits, ...config.authThrottle })
-  const delayedAnswers = new Set<NodeJS.Timeout>()
-  /** Runs `answer` after the delay this address's failure earned (at once within the free failures). */
-  const afterFailure = (address: string, answer: () => void): void => {
+  /** Refusals waiting for their delay, with how to drop each connection if the server closes first. */
+  const delayedAnswers = new Map<NodeJS.Timeout, () => void>()
+  /**
+   * Runs `answer` after the delay this address's failure earned (at once within the free failures);
+   * `drop` ends the waiting connection if the server closes before.
+   */
+  const afterFailure = (address: string, answer: () => void, drop: () => void): void => {
     const delay = authThrottle.failed(address, Date.now())
     if (delay === 0) return answer()
     const timer = setTimeout(() => {
       delayedAnswers.delete(timer)
       answer()
     }, delay)
-    delayedAnswers.add(timer)
+    delayedAnswers.set(timer, drop)
   }
   /** Whether `address` failed too often to be heard now (counted and logged, sampled). */
   const throttled = (address: string): boolean => {
@@ -944,7 +948,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     const given = req.headers["x-secret-key"]
     if (!secretMatches(typeof given === "string" ? given : "", secret)) {
       rejected.secretKey++
-      return afterFailure(address, () => refuseUpgrade(socket, proxyErrorStatus, "Proxy Error", "Invalid X-SECRET-KEY"))
+      return afterFailure(address, () => refuseUpgrade(socket, proxyErrorStatus, "Proxy Error", "Invalid X-SECRET-KEY"), () => socket.destroy())
     }
     authThrottle.succeeded(address)
     const peer = `${req.socket.remoteAddress}:${req.socket.remotePort}`
@@ -968,7 +972,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       const auth = bearer.exec(req.headers["proxy-authorization"] ?? "")
       if (!secretMatches(auth === null ? "" : auth[1]!.trim(), requestKey)) {
         rejected.requestKey++
-        return void afterFailure(address, () => sendError(res, 401, "Invalid Proxy-Authorization", { "Proxy-Authenticate": "Bearer" }))
+        return void afterFailure(address, () => sendError(res, 401, "Invalid Proxy-Authorization", { "Proxy-Authenticate": "Bearer" }), () => res.destroy())
       }
       authThrottle.succeeded(address)
     }
@@ -1094,7 +1098,10 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     }),
     () =>
       Effect.callback<void>((resume) => {
-        for (const timer of delayedAnswers) clearTimeout(timer)
+        for (const [timer, drop] of delayedAnswers) {
+          clearTimeout(timer)
+          drop()
+        }
         delayedAnswers.clear()
         for (const ws of greeting) ws.terminate()
         for (const ws of wss.clients) ws.terminate()

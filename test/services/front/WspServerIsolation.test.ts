@@ -267,4 +267,17 @@ describe("wsp server: failed credentials", () => {
       )
       expect(other).toBe("opened")
     }).pipe(Effect.scoped))
+
+  it.live("a refusal still waiting for its delay does not hold the server open at shutdown", () =>
+    Effect.gen(function*() {
+      const scope = yield* Scope.make()
+      const server = yield* makeWspServer(serverConfig({ authThrottle: { freeFailures: 0, baseDelayMs: 30_000 } })).pipe(Scope.provide(scope))
+      const attempt = tryRegister(server.address.port, "wrong").pipe(Effect.runPromise)
+      yield* waitFor("the failure counted", () => server.rejected().secretKey === 1)
+      const started = Date.now()
+      yield* Scope.close(scope, Exit.void)
+      expect(Date.now() - started).toBeLessThan(2_000)
+      // the waiting client sees its connection end instead of an answer
+      expect(yield* Effect.promise(() => attempt)).not.toBe("opened")
+    }))
 })
