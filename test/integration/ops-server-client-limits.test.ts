@@ -11,6 +11,7 @@ import { Effect } from "effect"
 import { listen } from "../../src/runtime/listen.ts"
 import { cleanupsPerTest } from "../support/leaks.ts"
 import { addressAfter, freePort, get, sample, spawnSwitchyard } from "../runtime/serverProcess.ts"
+import { getFrom } from "../support/clients.ts"
 
 const Token = "limits-test-token-3d0e"
 const cleanups = cleanupsPerTest()
@@ -24,18 +25,6 @@ const waitFor = async (what: string, ms: number, cond: () => boolean): Promise<v
   }
   throw new Error(`not within ${ms} ms: ${what}`)
 }
-
-/** One GET from `localAddress`; fails if no answer comes within `ms`. */
-const getFrom = (port: number, target: string, localAddress: string, ms: number): Promise<{ status: number; body: string }> =>
-  new Promise((resolve, reject) => {
-    const req = http.get({ host: "127.0.0.1", port, path: target, localAddress, agent: false }, (res) => {
-      let body = ""
-      res.on("data", (c) => (body += c))
-      res.on("end", () => resolve({ status: res.statusCode!, body }))
-    })
-    req.setTimeout(ms, () => req.destroy(new Error(`no answer to GET ${target} from ${localAddress} within ${ms} ms`)))
-    req.on("error", reject)
-  })
 
 describe("switchyard server (process): slow public clients", () => {
   it.live("260 trickling uploads from one address; another address keeps being served", () =>

@@ -13,6 +13,7 @@ import * as path from "node:path"
 import { setTimeout as sleep } from "node:timers/promises"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
 import { type EngineUpstream, startEngineUpstream } from "../services/EngineUpstream.ts"
+import { getFrom, trickle } from "../support/clients.ts"
 
 const main = path.resolve(import.meta.dirname, "../../src/runtime/main.ts")
 
@@ -79,35 +80,19 @@ const startProxy = (yaml: string): Promise<Proxy> => {
   })
 }
 
-/** One GET on a connection of its own from `localAddress`; fails if no answer comes within `ms`. */
-const get = (port: number, target: string, localAddress: string, ms: number): Promise<{ status: number; body: string }> =>
-  new Promise((resolve, reject) => {
-    const req = http.get({ host: "127.0.0.1", port, path: target, localAddress, agent: false }, (res) => {
-      let body = ""
-      res.on("data", (c) => (body += c))
-      res.on("end", () => resolve({ status: res.statusCode!, body }))
-    })
-    req.setTimeout(ms, () => req.destroy(new Error(`no answer to GET ${target} from ${localAddress} within ${ms} ms`)))
-    req.on("error", reject)
-  })
-
 /**
  * A container create whose body comes one byte every `everyMs` from 127.0.0.1; collects what it is
  * answered until the connection closes.
  */
 const trickler = (port: number, everyMs: number) => {
-  const socket = net.connect({ port, host: "127.0.0.1", localAddress: "127.0.0.1" })
-  sockets.add(socket)
-  let received = ""
-  socket.on("data", (d: Buffer) => (received += d.toString("latin1")))
-  socket.on("error", () => {})
-  socket.write("POST /v1.41/containers/create HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n{")
-  const timer = setInterval(() => {
-    if (socket.writable) socket.write(" ")
-  }, everyMs)
-  const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()))
-  void closed.then(() => clearInterval(timer))
-  return { socket, closed, text: () => received }
+  const t = trickle(
+    port,
+    "POST /v1.41/containers/create HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n{",
+    " ",
+    everyMs
+  )
+  sockets.add(t.socket)
+  return t
 }
 
 /** Waits until `cond` holds, at most `ms`. */
@@ -122,7 +107,7 @@ const waitFor = async (what: string, ms: number, cond: () => boolean): Promise<v
 
 /** The value of a sample on the admin endpoint's `/metrics`. */
 const metric = async (adminPort: number, sample: string): Promise<number | undefined> => {
-  const { body } = await get(adminPort, "/metrics", "127.0.0.1", 5_000)
+  const { body } = await getFrom(adminPort, "/metrics", "127.0.0.1", 5_000)
   const line = body.split("\n").find((l) => l.startsWith(sample + " "))
   return line === undefined ? undefined : Number(line.slice(sample.length + 1))
 }
@@ -141,7 +126,7 @@ describe("switchyard socket-proxy (process): slow clients", () => {
       assert.strictEqual(uploads.filter((u) => u.text() === "").length, 1)
       // meanwhile, and while the remaining upload still trickles, 127.0.0.2 is served, each answer bounded
       for (let i = 0; i < 10; i++) {
-        const r = await get(proxy.port, "/v1.41/_ping", "127.0.0.2", 5_000)
+        const r = await getFrom(proxy.port, "/v1.41/_ping", "127.0.0.2", 5_000)
         assert.deepStrictEqual(r, { status: 200, body: "OK" })
         await sleep(100)
       }

@@ -15,6 +15,7 @@ import type { ClientLimitEvent } from "../../src/services/forward/Http1Engine.ts
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
 import { freePort } from "../services/ListenersFixtures.ts"
 import { client, gateway, grants, serveHttp } from "./tunnelHarness.ts"
+import { getFrom, trickle } from "../support/clients.ts"
 
 const noLeaks = <A, E>(body: Effect.Effect<A, E, import("effect").Scope.Scope>) =>
   Effect.gen(function*() {
@@ -59,34 +60,10 @@ const route = (limits: Partial<ClientLimits>) =>
     return { port, events }
   })
 
-/** One GET from `localAddress`; fails if no answer comes within `ms`. */
-const get = (port: number, target: string, localAddress: string, ms: number): Promise<{ status: number; body: string }> =>
-  new Promise((resolve, reject) => {
-    const req = http.get({ host: "127.0.0.1", port, path: target, localAddress, agent: false }, (res) => {
-      let body = ""
-      res.on("data", (c) => (body += c))
-      res.on("end", () => resolve({ status: res.statusCode!, body }))
-    })
-    req.setTimeout(ms, () => req.destroy(new Error(`no answer to GET ${target} from ${localAddress} within ${ms} ms`)))
-    req.on("error", reject)
-  })
-
 /** An upload from 127.0.0.1 whose body comes one byte every `everyMs`; destroyed with the scope. */
 const trickler = (port: number, everyMs: number) =>
   Effect.acquireRelease(
-    Effect.sync(() => {
-      const socket = net.connect({ port, host: "127.0.0.1", localAddress: "127.0.0.1" })
-      let received = ""
-      socket.on("data", (d: Buffer) => (received += d.toString("latin1")))
-      socket.on("error", () => {})
-      socket.write("POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 10000\r\n\r\nx")
-      const timer = setInterval(() => {
-        if (socket.writable) socket.write("x")
-      }, everyMs)
-      const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()))
-      void closed.then(() => clearInterval(timer))
-      return { socket, closed, text: () => received }
-    }),
+    Effect.sync(() => trickle(port, "POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 10000\r\n\r\nx", "x", everyMs)),
     (t) => Effect.sync(() => t.socket.destroy())
   )
 
@@ -110,7 +87,7 @@ describe("control-port tunnels: slow public clients", () => {
         waitFor("five 503s", 10_000, () => uploads.filter((u) => u.text().startsWith("HTTP/1.1 503")).length === 5)
       )
       for (let i = 0; i < 10; i++) {
-        const r = yield* Effect.promise(() => get(port, "/ping", "127.0.0.2", 5_000))
+        const r = yield* Effect.promise(() => getFrom(port, "/ping", "127.0.0.2", 5_000))
         assert.deepStrictEqual(r, { status: 200, body: "pong" })
         yield* Effect.sleep("100 millis")
       }
@@ -126,7 +103,7 @@ describe("control-port tunnels: slow public clients", () => {
       yield* Effect.promise(() => Promise.race([upload.closed, sleep(8_000).then(() => assert.fail("still open after 8 s"))]))
       assert.match(upload.text(), /^HTTP\/1\.1 408 /)
       assert.deepStrictEqual(events.map((e) => e.limit), ["request_body_rate"])
-      const ok = yield* Effect.promise(() => get(port, "/ping", "127.0.0.1", 5_000))
+      const ok = yield* Effect.promise(() => getFrom(port, "/ping", "127.0.0.1", 5_000))
       assert.deepStrictEqual(ok, { status: 200, body: "pong" })
     })), 30_000)
 
