@@ -288,8 +288,19 @@ const writeDispatchError = (res: http.ServerResponse, error: DispatchError) => {
   res.end(body)
 }
 
-/** The answer to a request target that cannot be routed unambiguously (see `routingTarget`). */
-const writeBadTarget = (res: http.ServerResponse, detail: string) => writeBadRequest(res, `bad request target: ${detail}`)
+/**
+ * Checks a request Node's server parsed (its target as `routingTarget` reads it, its fields as the raw
+ * engine's parser does) and sets its URL to the routed target, so the backend reads the path the route
+ * was chosen by; why it is refused otherwise.
+ */
+const routeNodeRequest = (req: http.IncomingMessage): { readonly path: string } | string => {
+  const routed = routingTarget(req.url ?? "/")
+  if (isRoutingRejection(routed)) return `bad request target: ${routed.detail}`
+  const ambiguous = checkRequestFields(req.rawHeaders)
+  if (ambiguous !== undefined) return ambiguous.message
+  req.url = routed.target
+  return { path: routed.path }
+}
 
 /** A one-line 400 that closes the connection. */
 const writeBadRequest = (res: http.ServerResponse, detail: string) => {
@@ -369,18 +380,11 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
 
   const serveHttpRequest = (port: number, tlsName: string | undefined) => (req: http.IncomingMessage, res: http.ServerResponse) => {
     const hostName = normalizeHost(req.headers.host)
-    const routed = routingTarget(req.url ?? "/")
-    if (isRoutingRejection(routed)) {
-      writeBadTarget(res, routed.detail)
+    const routed = routeNodeRequest(req)
+    if (typeof routed === "string") {
+      writeBadRequest(res, routed)
       return
     }
-    const ambiguous = checkRequestFields(req.rawHeaders)
-    if (ambiguous !== undefined) {
-      writeBadRequest(res, ambiguous.message)
-      return
-    }
-    // Forwarded as routed: the backend reads the path the route was chosen by.
-    req.url = routed.target
     const path = routed.path
     const query: RouteQuery = tlsName === undefined
       ? { _tag: "Http", port, host: hostName, path }
@@ -409,17 +413,11 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
 
   const serveUpgrade = (port: number, tlsName: string | undefined) => (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
     socket.on("error", () => socket.destroy())
-    const routed = routingTarget(req.url ?? "/")
-    if (isRoutingRejection(routed)) {
-      rejectBadRequest(socket, `bad request target: ${routed.detail}`)
+    const routed = routeNodeRequest(req)
+    if (typeof routed === "string") {
+      rejectBadRequest(socket, routed)
       return
     }
-    const ambiguous = checkRequestFields(req.rawHeaders)
-    if (ambiguous !== undefined) {
-      rejectBadRequest(socket, ambiguous.message)
-      return
-    }
-    req.url = routed.target
     const query: RouteQuery = tlsName === undefined
       ? { _tag: "Http", port, host: normalizeHost(req.headers.host), path: routed.path }
       : { _tag: "Tls", port, serverName: tlsName, host: normalizeHost(req.headers.host), path: routed.path }
