@@ -522,19 +522,24 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
       upgrade: request.upgrade,
       socket: this.socket
     }
-    let admission: Admission | PendingAdmission
-    try {
-      admission = this.front.admit(incoming)
-    } catch (e) {
-      this.core.report(`request decision failed: ${(e as Error).message}`)
-      this.fail(502, "switchyard: the request could not be prepared for the upstream")
-      return
-    }
+    const admission = this.decide(incoming)
+    if (admission === undefined) return
     if (admission._tag === "Pending") {
       this.awaitAdmission(admission, request, incoming)
       return
     }
     this.admitted(admission, request, incoming)
+  }
+
+  /** Asks the front door what to do with `incoming`; a decision that throws is answered 502 (undefined). */
+  private decide(incoming: Http1Request): Admission | PendingAdmission | undefined {
+    try {
+      return this.front.admit(incoming)
+    } catch (e) {
+      this.core.report(`request decision failed: ${(e as Error).message}`)
+      this.fail(502, "switchyard: the request could not be prepared for the upstream")
+      return undefined
+    }
   }
 
   /** Waits for a decision with the connection paused (read on only to notice a client leaving). */
@@ -848,14 +853,8 @@ class ClientConnection implements ConnectionOwner, ConnectionWaiter {
     this.onEnd = undefined
     onEnd?.() // the lease on the refusing backend
     const request = this.request!
-    let admission: Admission | PendingAdmission
-    try {
-      admission = this.front.admit(incoming)
-    } catch (e) {
-      this.core.report(`request decision failed: ${(e as Error).message}`)
-      this.fail(502, "switchyard: the request could not be prepared for the upstream")
-      return
-    }
+    const admission = this.decide(incoming)
+    if (admission === undefined) return
     if (admission._tag === "Pending") this.awaitAdmission(admission, request, incoming)
     else this.admitted(admission, request, incoming)
   }
