@@ -75,3 +75,36 @@ export const closeReason = (reason: string): string => {
   while (new TextEncoder().encode(out).length > MaxCloseReasonBytes) out = out.slice(0, -1)
   return out
 }
+
+/** A close frame's payload read: the code and reason the peer sent, or why the frame is invalid. */
+export type ClosePayload =
+  | { readonly _tag: "Close"; readonly code: number; readonly reason: string }
+  | { readonly _tag: "Invalid"; readonly code: 1002 | 1007; readonly message: string }
+
+const strictUtf8 = new TextDecoder("utf-8", { fatal: true })
+
+/** Codes a close frame may carry (RFC 6455 §7.4; 1005, 1006 and 1015 are never sent). */
+export const isValidWireCloseCode = (code: number): boolean =>
+  (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) || (code >= 3000 && code <= 4999)
+
+/** Reads the payload of a close frame (RFC 6455 §5.5.1): empty means 1005, no status. */
+export const readClosePayload = (payload: Uint8Array): ClosePayload => {
+  if (payload.length === 0) return { _tag: "Close", code: CloseCode.NoStatus, reason: "" }
+  if (payload.length === 1) return { _tag: "Invalid", code: 1002, message: "websocket: a close frame with a 1-byte payload" }
+  const code = (payload[0]! << 8) | payload[1]!
+  if (!isValidWireCloseCode(code)) return { _tag: "Invalid", code: 1002, message: `websocket: a close frame with the invalid code ${code}` }
+  try {
+    return { _tag: "Close", code, reason: strictUtf8.decode(payload.subarray(2)) }
+  } catch {
+    return { _tag: "Invalid", code: 1007, message: "websocket: a close reason that is not UTF-8" }
+  }
+}
+
+/** The payload of a close frame with `code` and `reason` (truncated to fit). */
+export const encodeClosePayload = (code: number, reason: string): Buffer => {
+  const text = Buffer.from(closeReason(reason), "utf8")
+  const out = Buffer.allocUnsafe(2 + text.length)
+  out.writeUInt16BE(code, 0)
+  text.copy(out, 2)
+  return out
+}

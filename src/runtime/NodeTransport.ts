@@ -9,7 +9,6 @@ import * as fs from "node:fs"
 import * as net from "node:net"
 import type * as stream from "node:stream"
 import * as tls from "node:tls"
-import { LendingReads, lendingSocket } from "../services/transport/LendingReads.ts"
 import {
   type Address,
   type Connection,
@@ -35,12 +34,9 @@ export const fromSocket = (
   options?: {
     /** Bytes already read from the socket (e.g. after a handshake) to deliver before anything else. */
     readonly head?: Uint8Array | undefined
-    /** The socket reads through these (it was made with their `onread`) rather than `data` events. */
-    readonly reads?: LendingReads | undefined
   }
 ): Connection => {
   const head = options?.head
-  const reads = options?.reads
   const s = socket as net.Socket
   const isNet = typeof s.setNoDelay === "function"
   if (isNet) s.setNoDelay(true)
@@ -75,24 +71,18 @@ export const fromSocket = (
   return {
     localAddress: local ?? unixPath(),
     remoteAddress: remote,
-    lendsReads: reads !== undefined,
     start: (h) => {
       handlers = h
       if (head !== undefined && head.length > 0) h.onData(head)
-      if (reads !== undefined) reads.attach(h)
-      else {
-        socket.on("data", (chunk: Buffer) => h.onData(chunk))
-      }
+      socket.on("data", (chunk: Buffer) => h.onData(chunk))
       socket.on("end", () => h.onEnd())
       if (isClosed) queueMicrotask(() => h.onClose(failure))
       else socket.resume()
     },
     pause: () => {
-      reads?.pause()
       socket.pause()
     },
     resume: () => {
-      reads?.resume()
       if (!isClosed) socket.resume()
     },
     write: (chunks, done) => {
@@ -204,10 +194,8 @@ export const listen = (
       try {
         server = secure === undefined
           ? net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (accepted) => {
-            const reads = new LendingReads()
-            const lending = lendingSocket(accepted, reads)
             track(accepted)
-            onConnection(fromSocket(accepted, { reads: lending ? reads : undefined }))
+            onConnection(fromSocket(accepted))
           })
           : tls.createServer({ cert: secure.cert, key: secure.key, allowHalfOpen: true, handshakeTimeout: TLS_HANDSHAKE_TIMEOUT_MS }, (accepted) => {
             handshakeEnded(accepted)

@@ -7,8 +7,6 @@
 import * as https from "node:https"
 import { Context, Effect, FiberSet, Layer, Queue, Random, Redacted, Schema } from "effect"
 import type { Scope } from "effect"
-import { WebSocket } from "ws"
-import type { RawData } from "ws"
 import { checkDestination, isOpen } from "../../domain/DestinationRules.ts"
 import type { DestinationRules, RuleVerdict } from "../../domain/DestinationRules.ts"
 import type { WspClientConfig } from "../../domain/WspConfig.ts"
@@ -27,8 +25,9 @@ import {
   encodeDestinationRequestHead,
   requestBodyFraming
 } from "../../domain/DestinationRequestHead.ts"
-import { binaryOpcode, receiverOf, streamNextMessage } from "../front/WspServer.ts"
-import { BodyFrameWriter } from "./BodyFrameWriter.ts"
+import { parseWebSocketUrl } from "../transport/WebSocketDial.ts"
+import type { WebSocketEndpoint } from "../transport/WebSocketEndpoint.ts"
+import { openWebSocket } from "../transport/WebSocketOpen.ts"
 import type { DestinationCall, DestinationResponder } from "./DestinationExchange.ts"
 import { DestinationExchange, DestinationPools } from "./DestinationExchange.ts"
 import { httpsDestinationCall } from "./HttpsDestinationCall.ts"
@@ -43,9 +42,6 @@ export const connectorInterval = 1_000
 export const handshakeTimeout = 10_000
 /** Bytes queued on a WebSocket before the destination's response is paused. */
 export const downloadHighWater = 4 * 1024 * 1024
-
-/** An all-zero masking key: frames go out unmasked in effect (opt-in, see `maskframes`). */
-const zeroMask = (mask: Buffer): void => void mask.fill(0)
 
 /** A protocol violation by the server on one connection; that connection is closed. */
 export class WspClientError extends Schema.TaggedError<WspClientError>()("WspClientError", {
@@ -117,7 +113,10 @@ const ruleSubject = (head: WspRequestHead) => {
 
 /** One WebSocket to a wsp server; serves one request at a time. */
 class ClientConnection {
-  readonly ws: WebSocket
+  /** Set once the WebSocket is open. */
+  endpoint: WebSocketEndpoint | undefined = undefined
+  /** Abandons the opening handshake while `connecting`. */
+  cancelOpen: (() => void) | undefined = undefined
   readonly target: Target
   status: "connecting" | "idle" | "running" = "connecting"
   awaitingPong = false
@@ -131,26 +130,40 @@ class ClientConnection {
   private bodyPending = false
   /** The current body is being streamed to the destination fragment by fragment. */
   private streamed = false
-  /** Bytes of the current streamed body received so far. */
+  /** Bytes of the current body received so far. */
   private uploaded = 0
   /** The current exchange's answer has been sent completely. */
   private answered = false
-  /** An error answer waiting for the streamed body to end (answering earlier would cut it short). */
+  /** An error answer waiting for the body to end (answering earlier would cut it short). */
   private deferredError: string | undefined
   /** The WebSocket is paused until the destination drains. */
   private uploadPaused = false
   private readonly ctx: ClientContext
 
-  constructor(ws: WebSocket, target: Target, ctx: ClientContext) {
-    this.ws = ws
+  constructor(target: Target, ctx: ClientContext) {
     this.target = target
     this.ctx = ctx
-    ws.on("message", (data, isBinary) => this.onMessage(data, isBinary))
-    ws.on("pong", () => {
-      this.awaitingPong = false
+  }
+
+  /** The WebSocket opened: messages from the server are handled from now on. */
+  attach(endpoint: WebSocketEndpoint): void {
+    this.endpoint = endpoint
+    this.cancelOpen = undefined
+    endpoint.start({
+      text: (text) => this.onHead(text),
+      binaryStart: () => this.onBodyStart(),
+      binaryData: (fragment) => this.onBodyFragment(fragment),
+      binaryEnd: () => this.onBodyEnd(),
+      pong: () => {
+        this.awaitingPong = false
+      },
+      closed: () => this.onClose()
     })
-    ws.on("error", () => ws.terminate())
-    ws.on("close", () => this.onClose())
+  }
+
+  terminate(): void {
+    if (this.endpoint !== undefined) this.endpoint.terminate()
+    else this.cancelOpen?.()
   }
 
   private onClose(): void {
@@ -168,34 +181,19 @@ class ClientConnection {
     this.ctx.log(`wsp connection to ${this.target.url} closed: ${error.message}`)
     this.upstream?.destroy()
     this.upstream = undefined
-    this.ws.terminate()
+    this.endpoint?.terminate()
   }
 
-  private onMessage(data: RawData, isBinary: boolean): void {
-    const bytes = data as Buffer
+  /** A text message: the next request's head. */
+  private onHead(text: string): void {
     this.served++
     if (this.bodyPending) {
-      if (!isBinary) {
-        return this.violation(new WspClientError({ reason: "MissingBody", message: "expected a binary request body message" }))
-      }
-      this.bodyPending = false
-      if (this.streamed) return this.endUpload()
-      const head = this.head!
-      const verdict = this.verdict!
-      if (verdict._tag !== "Allowed") {
-        this.ctx.log(`wsp refused ${head.Method} ${head.URL}: ${verdict.message}`)
-        this.answerError(refusedStatus, verdict.message)
-        return this.becomeIdle()
-      }
-      return this.perform(head, bytes)
+      return this.violation(new WspClientError({ reason: "MissingBody", message: "expected a binary request body message" }))
     }
     if (this.status === "running") {
       return this.violation(new WspClientError({ reason: "UnexpectedMessage", message: "request received while another is running" }))
     }
-    if (isBinary) {
-      return this.violation(new WspClientError({ reason: "MalformedHead", message: "request head is a binary message" }))
-    }
-    const head = decodeRequestHead(bytes.toString("utf8"), this.ctx.limits)
+    const head = decodeRequestHead(text, this.ctx.limits)
     if (head instanceof WspMessageError) {
       // as wsp: answer with an error response, then drop the connection
       this.answerError(clientErrorStatus, `Unable to deserialize json http request : ${head.message}\n`)
@@ -208,39 +206,59 @@ class ClientConnection {
     Queue.offerUnsafe(this.target.wake, undefined)
     if (this.verdict._tag !== "Allowed") return
     // allowed: call the destination now and stream the body to it as it arrives
-    const receiver = receiverOf(this.ws)
-    if (receiver === undefined) return
-    const call = this.call(head, head.ContentLength, true)
-    if (call === undefined) return
-    this.streamed = true
-    streamNextMessage(receiver, (opcode, fragment) => this.onUploadFragment(call, opcode, fragment))
+    if (this.call(head, head.ContentLength) !== undefined) this.streamed = true
   }
 
-  /** One fragment of a streamed request body. */
-  private onUploadFragment(call: DestinationCall, opcode: number, fragment: Buffer): void {
-    if (!this.streamed || !this.bodyPending) return
-    if (opcode !== binaryOpcode) {
-      return this.violation(new WspClientError({ reason: "MissingBody", message: "expected a binary request body message" }))
+  /** A binary message begins: the current request's body. */
+  private onBodyStart(): void {
+    this.served++
+    if (this.bodyPending) return
+    if (this.status === "running") {
+      return this.violation(new WspClientError({ reason: "UnexpectedMessage", message: "request received while another is running" }))
     }
+    this.violation(new WspClientError({ reason: "MalformedHead", message: "request head is a binary message" }))
+  }
+
+  /** Part of the request body: on to the destination, or dropped when no request was made. */
+  private onBodyFragment(fragment: Buffer): void {
+    if (!this.bodyPending) return
     const head = this.head!
     this.uploaded += fragment.length
+    if (!this.streamed) return
     if (head.ContentLength >= 0 && this.uploaded > head.ContentLength) {
       return this.violation(new WspClientError({
         reason: "MalformedHead",
         message: `http: ContentLength=${head.ContentLength} with Body length ${this.uploaded} or more`
       }))
     }
-    if (this.upstream !== call) return
+    const call = this.upstream
+    if (call === undefined) return
     if (!call.write(fragment) && !this.uploadPaused) {
       this.uploadPaused = true
-      this.ws.pause()
+      this.endpoint?.pause()
     }
+  }
+
+  /** The request body's last frame has been read. */
+  private onBodyEnd(): void {
+    if (!this.bodyPending) return
+    this.bodyPending = false
+    if (this.streamed) return this.endUpload()
+    const verdict = this.verdict!
+    if (verdict._tag !== "Allowed") {
+      this.ctx.log(`wsp refused ${this.head!.Method} ${this.head!.URL}: ${verdict.message}`)
+      this.answerError(refusedStatus, verdict.message)
+      return this.becomeIdle()
+    }
+    // allowed, but no request could be made: its answer was waiting for the body's end
+    this.answerError(clientErrorStatus, this.deferredError ?? "Unable to execute request\n")
+    this.becomeIdle()
   }
 
   private resumeUpload(): void {
     if (!this.uploadPaused) return
     this.uploadPaused = false
-    this.ws.resume()
+    this.endpoint?.resume()
   }
 
   /** The streamed body's last frame has been read. */
@@ -283,32 +301,21 @@ class ClientConnection {
   /** A response made here (wsp's 527 path): a head with an empty header map and the message as body. */
   private answerError(status: number, message: string): void {
     const body = Buffer.from(message)
-    if (this.ws.readyState !== WebSocket.OPEN) return
-    this.ws.send(encodeResponseHead({ StatusCode: status, Header: {}, ContentLength: body.length }))
-    this.ws.send(body, { binary: true })
-  }
-
-  /** A request performed with the whole body in hand (the body message arrived before the call). */
-  private perform(head: WspRequestHead, body: Buffer): void {
-    if (head.ContentLength >= 0 && head.ContentLength !== body.length) {
-      this.answerError(clientErrorStatus, `Unable to execute request : http: ContentLength=${head.ContentLength} with Body length ${body.length}\n`)
-      return this.becomeIdle()
-    }
-    const call = this.call(head, body.length, false)
-    if (call === undefined) return this.becomeIdle()
-    call.write(body)
-    call.end()
+    const endpoint = this.endpoint
+    if (endpoint === undefined || !endpoint.open) return
+    endpoint.sendText(encodeResponseHead({ StatusCode: status, Header: {}, ContentLength: body.length }))
+    endpoint.sendBinary(body)
   }
 
   /**
    * Opens the request to the destination: raw HTTP/1.1 on a pooled connection for `http://`, Node's
    * client for `https://`. The body follows through `write` (`contentLength` from the head, chunked when
-   * unknown). With `streaming`, a request that cannot be made is left to the whole-message path (its
-   * body must be read first); otherwise the failure is answered here (527). Undefined when no request was made.
+   * unknown). A request that cannot be made is answered (527) once its body has been read. Undefined
+   * when no request was made.
    */
-  private call(head: WspRequestHead, contentLength: number, streaming: boolean): DestinationCall | undefined {
+  private call(head: WspRequestHead, contentLength: number): DestinationCall | undefined {
     const fail = (message: string): undefined => {
-      if (!streaming) this.answerError(clientErrorStatus, `Unable to execute request : ${message}\n`)
+      this.deferredError = `Unable to execute request : ${message}\n`
       return undefined
     }
     const target = destinationTarget(head.URL)
@@ -342,11 +349,8 @@ class ClientConnection {
    * WebSocket has more than `downloadHighWater` bytes queued.
    */
   private responder(): DestinationResponder & { readonly bind: (call: DestinationCall) => void } {
-    const ws = this.ws
+    const endpoint = this.endpoint!
     const maxBody = this.ctx.config.maxMessageSize
-    const masked = this.ctx.config.maskFrames
-    // the body's frames go straight onto the socket, masked in place; `ws.send` when that is not possible
-    const writer = BodyFrameWriter.for(ws, masked)
     let call: DestinationCall | undefined
     let size = 0
     /** Paused while the WebSocket has `downloadHighWater` bytes or more queued. */
@@ -356,11 +360,8 @@ class ClientConnection {
     /** Paused until every frame is written: the socket holds a payload in the buffer the next read reuses. */
     let awaitingWrites = false
     const resumeIfClear = () => {
-      if (paused && ws.bufferedAmount < downloadHighWater) paused = false
+      if (paused && endpoint.bufferedAmount < downloadHighWater) paused = false
       if (!paused && !awaitingWrites) call?.resume()
-    }
-    const onSent = (err?: Error | null) => {
-      if (!err) resumeIfClear()
     }
     const onFrameWritten = (err?: Error | null) => {
       writing--
@@ -372,7 +373,7 @@ class ClientConnection {
       bind: (c) => void (call = c),
       head: (status, header, contentLength) => {
         if (call === undefined || this.upstream !== call) return
-        ws.send(encodeResponseHead({ StatusCode: status, Header: header, ContentLength: contentLength }))
+        endpoint.sendText(encodeResponseHead({ StatusCode: status, Header: header, ContentLength: contentLength }))
       },
       data: (chunk, end) => {
         if (call === undefined || this.upstream !== call) return
@@ -380,27 +381,22 @@ class ClientConnection {
         if (size > maxBody) {
           return this.violation(new WspClientError({ reason: "ResponseTooLarge", message: `response body exceeds ${maxBody} bytes` }))
         }
-        if (writer !== undefined) {
-          writing++
-          // a payload the socket could not write at once keeps its buffer: read nothing more until it is
-          // written, so the next read reuses the buffer instead of allocating one
-          if (writer.frame(chunk, end, onFrameWritten)) {
-            if (end) call.holdChunk()
-            else {
-              awaitingWrites = true
-              call.pause()
-            }
+        writing++
+        // the chunk goes out as the frame's payload (masked in place); one the socket could not write
+        // at once keeps its buffer: read nothing more until it is written, so the next read reuses the
+        // buffer instead of allocating one
+        if (endpoint.sendFragment(chunk, end, onFrameWritten)) {
+          if (end) call.holdChunk()
+          else {
+            awaitingWrites = true
+            call.pause()
           }
-        } else {
-          // through ws: a masked frame is a copy; an unmasked one goes out as the chunk itself
-          ws.send(chunk, { binary: true, fin: end }, onSent)
-          if (!masked) call.holdChunk()
         }
         if (end) {
           this.upstream = undefined
           return this.answeredNow()
         }
-        if (!paused && ws.bufferedAmount >= downloadHighWater) {
+        if (!paused && endpoint.bufferedAmount >= downloadHighWater) {
           paused = true
           call.pause()
         }
@@ -462,8 +458,6 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
   }
   const secret = Redacted.value(config.secretKey)
   const greeting = encodeGreeting({ id: config.id, size: config.poolIdleSize })
-  /** The slower relay (without `ws`'s checked internals) has been logged once. */
-  let slowPathReported = false
   const targets: Array<Target> = []
   for (const url of config.targets) {
     targets.push({ url, connections: new Set(), wake: yield* Queue.sliding<void>(1), earlyCloses: 0, lost: 0, reconnects: 0, failures: 0 })
@@ -472,7 +466,7 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
   yield* Effect.addFinalizer(() =>
     Effect.sync(() => {
       for (const target of targets) {
-        for (const conn of target.connections) conn.ws.terminate()
+        for (const conn of target.connections) conn.terminate()
       }
       pools.close()
       httpsAgent.destroy()
@@ -481,39 +475,39 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
 
   const connectOne = (target: Target) =>
     Effect.callback<boolean>((resume) => {
-      const ws = new WebSocket(target.url, {
-        headers: { "X-SECRET-KEY": secret },
-        maxPayload: config.maxMessageSize,
-        perMessageDeflate: false,
-        handshakeTimeout,
-        ...(config.maskFrames ? {} : { generateMask: zeroMask })
-      })
-      const conn = new ClientConnection(ws, target, ctx)
+      const conn = new ClientConnection(target, ctx)
       target.connections.add(conn)
-      const onFailure = (err: Error) => {
+      const failed = (message: string) => {
         target.connections.delete(conn)
-        ctx.log(`Unable to connect to ${target.url} : ${err.message}`)
+        ctx.log(`Unable to connect to ${target.url} : ${message}`)
         resume(Effect.succeed(false))
       }
-      ws.once("error", onFailure)
-      ws.once("open", () => {
-        ws.off("error", onFailure)
-        ws.send(greeting)
+      const url = parseWebSocketUrl(target.url)
+      if (!("url" in url)) {
+        failed(url.message)
+        return
+      }
+      conn.cancelOpen = openWebSocket({
+        secure: url.secure,
+        host: url.host,
+        port: url.port,
+        path: `${url.url.pathname}${url.url.search}`,
+        headers: { "X-SECRET-KEY": secret },
+        maskFrames: config.maskFrames,
+        maxMessageBytes: config.maxMessageSize,
+        timeoutMs: handshakeTimeout
+      }, (outcome) => {
+        if (outcome._tag !== "Open") return failed(outcome.message)
+        conn.attach(outcome.endpoint)
+        outcome.endpoint.sendText(greeting)
         conn.status = "idle"
-        if (!slowPathReported && (receiverOf(ws) === undefined || BodyFrameWriter.for(ws, config.maskFrames) === undefined)) {
-          slowPathReported = true
-          ctx.log(
-            "wsp-client: this ws version lacks the internals the fast body relay checks for; " +
-              "bodies go through ws's own interface (correct, but slower)"
-          )
-        }
         if (target.lost > 0) {
           target.lost--
           target.reconnects++
         }
         resume(Effect.succeed(true))
       })
-      return Effect.sync(() => ws.terminate())
+      return Effect.sync(() => conn.terminate())
     })
 
   const sizes = (target: Target): TargetStats => {
@@ -577,13 +571,14 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
         for (const target of targets) {
           for (const conn of target.connections) {
             // a connection paused for a slow destination is not read, so its pongs wait too
-            if (conn.status === "connecting" || conn.ws.isPaused) continue
+            const endpoint = conn.endpoint
+            if (conn.status === "connecting" || endpoint === undefined || endpoint.isPaused) continue
             if (conn.awaitingPong) {
-              conn.ws.terminate()
+              endpoint.terminate()
               continue
             }
             conn.awaitingPong = true
-            conn.ws.ping()
+            endpoint.ping()
           }
         }
       })

@@ -45,7 +45,7 @@ import * as Session from "../yamux/Session.ts"
 import { tunnelYamuxConfig, type YamuxConfig } from "../yamux/YamuxConfig.ts"
 import { YamuxError } from "../yamux/YamuxError.ts"
 import { makeStreamDuplex } from "../yamux/StreamDuplex.ts"
-import { fromWebSocket } from "../transport/WebSocketConnection.ts"
+import { fromEndpoint } from "../transport/WebSocketConnection.ts"
 import { readFrame, writeFrame } from "./ControlHandshake.ts"
 import { DeferredStream } from "./DeferredStream.ts"
 import { type ControlWebSocketConfig, listenControlWebSocket, makeUpgradeHandler, type UpgradeHandler } from "./ControlWebSocket.ts"
@@ -557,11 +557,12 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           admitted?.cut?.() === true ? new ControlPortError({ reason: "Cut", message: `${peerText}: ${e.message}` }) : e
         ),
         Effect.tapError((e) =>
-          Effect.sync(() =>
-            e.reason === "Cut"
-              ? undefined
-              : config.onRejected?.(e.reason === "Protocol" ? unreadable : heard ? "HandshakeTimeout" : "FirstByteTimeout")
-          )
+          Effect.sync(() => {
+            if (e.reason === "Cut") return
+            // refused: what it sends from now on is no longer counted against its byte budget
+            admitted?.release()
+            config.onRejected?.(e.reason === "Protocol" ? unreadable : heard ? "HandshakeTimeout" : "FirstByteTimeout")
+          })
         )
       )
       const hello = decodeHello(body)
@@ -817,14 +818,15 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   if (websocket !== undefined) {
     const preAuthBudget = maxHelloBytes + WebSocketPreAuthSlackBytes
     const handler = makeUpgradeHandler(websocket, (accepted) => {
-      // every byte the connection reads counts until it authenticated: `ws` assembles whole messages
-      // (up to `maxPayload`), so the Hello limit alone would be checked too late
+      // every byte the connection reads counts until it authenticated, frames and all, however the
+      // peer splits its messages
       let read = 0
       const stopWatching = accepted.watchReads((bytes) => {
         read += bytes
-        if (read <= preAuthBudget) return
+        // a connection already failed (a refused frame) is closing on its own
+        if (read <= preAuthBudget || !accepted.endpoint.open) return
         stopWatching()
-        accepted.ws.terminate()
+        accepted.endpoint.terminate()
         config.onRejected?.("PreAuthBudget")
         run(logRefusal("PreAuthBudget", `${accepted.remoteAddress.host}:${accepted.remoteAddress.port}: PreAuthBudget: read more than ${preAuthBudget} bytes before authenticating; terminated`))
       })
@@ -836,13 +838,10 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         cut: () => read > preAuthBudget
       }
       run(Effect.scoped(Effect.flatMap(
-        fromWebSocket(accepted.ws, {
+        fromEndpoint(accepted.endpoint, {
           ...websocket,
           localAddress: accepted.localAddress,
-          remoteAddress: accepted.remoteAddress,
-          socket: accepted.socket,
-          masking: "none",
-          reads: accepted.reads
+          remoteAddress: accepted.remoteAddress
         }),
         (conn) => serveConnection(conn, accepted.secure, ticket)
       )).pipe(Effect.ensuring(Effect.sync(ticket.release))))

@@ -9,11 +9,11 @@ import type * as net from "node:net"
 import type { Duplex } from "node:stream"
 import { Duration, Effect } from "effect"
 import type { Scope } from "effect"
-import { type WebSocket, WebSocketServer } from "ws"
 import { type Address, TransportError } from "../Transport.ts"
 import type { AdmissionRefusal, HandshakeTicket } from "./HandshakeAdmission.ts"
-import { LendingReads, lendingSocket } from "../transport/LendingReads.ts"
 import { DefaultMaxPayload, type WebSocketConnectionOptions } from "../transport/WebSocketConnection.ts"
+import type { WebSocketEndpoint } from "../transport/WebSocketEndpoint.ts"
+import { acceptWebSocket } from "../transport/WebSocketOpen.ts"
 
 /** The path the control port answers on by default. */
 export const DefaultTunnelPath = "/tunnel"
@@ -21,8 +21,6 @@ export const DefaultTunnelPath = "/tunnel"
 export const DefaultWebSocketControlAddress: Address = { host: "127.0.0.1", port: 9998 }
 /** Time a client has to send its upgrade request's head. */
 export const DefaultUpgradeHeadersTimeout: Duration.Duration = Duration.seconds(10)
-/** Most upgrades in progress (request read, 101 not yet sent); beyond it, 503. */
-export const MaxPendingUpgrades = 256
 
 export interface ControlWebSocketConfig extends Omit<WebSocketConnectionOptions, "localAddress" | "remoteAddress"> {
   /** HTTP(S) address of its own (default 127.0.0.1:9998); leave it out to only mount it elsewhere. */
@@ -37,15 +35,13 @@ export interface ControlWebSocketConfig extends Omit<WebSocketConnectionOptions,
 
 /** An accepted tunnel WebSocket, with the peer as the TCP connection saw it. */
 export interface AcceptedWebSocket {
-  readonly ws: WebSocket
+  readonly endpoint: WebSocketEndpoint
   readonly remoteAddress: Address
   readonly localAddress: Address
   /** The connection under the WebSocket. */
   readonly socket: net.Socket
   /** Came in over TLS (`wss://`, here or on the server it is mounted on). */
   readonly secure: boolean
-  /** The socket reads into reused memory through these (plain TCP only); see `LendingReads`. */
-  readonly reads?: LendingReads | undefined
   /** Held from the upgrade until the peer authenticated (from `admit`); release it then or on close. */
   readonly ticket: HandshakeTicket
   /**
@@ -91,15 +87,11 @@ export const makeUpgradeHandler = (
   admission?: UpgradeAdmission | undefined
 ): UpgradeHandler => {
   const path = config.path ?? DefaultTunnelPath
-  const wss = new WebSocketServer({ noServer: true, maxPayload: config.maxPayload ?? DefaultMaxPayload, perMessageDeflate: false })
-  let upgrading = 0
+  const maxMessageBytes = config.maxPayload ?? DefaultMaxPayload
+  const accepted = new Set<WebSocketEndpoint>()
   const handler = (req: http.IncomingMessage, socket: Duplex, head: Buffer): boolean => {
     if (pathOf(req.url) !== path) return false
     socket.on("error", () => socket.destroy())
-    if (upgrading >= MaxPendingUpgrades) {
-      refuse(socket, 503, "too many tunnel connections opening")
-      return true
-    }
     const s = req.socket as net.Socket
     const secure = (s as { encrypted?: boolean }).encrypted === true
     const remoteAddress: Address = { host: s.remoteAddress, port: s.remotePort }
@@ -110,41 +102,29 @@ export const makeUpgradeHandler = (
       refuse(socket, 503, "too many tunnel handshakes in progress")
       return true
     }
-    upgrading++
-    let counted = true
-    const done = () => {
-      if (counted) upgrading--
-      counted = false
-    }
     // a connection that closes before it authenticated gives its place back
     socket.once("close", admitted.release)
-    // a plain TCP connection reads into reused memory from now on
-    const reads = new LendingReads()
-    const lending = socket === s && !secure && lendingSocket(s, reads)
-    socket.once("close", done)
-    wss.handleUpgrade(req, socket, head, (ws) => {
-      done()
-      socket.off("close", done)
-      // the connection built on it records errors; until then one must not crash the process
-      ws.on("error", () => {})
-      const watchReads = (onBytes: (bytes: number) => void): (() => void) => {
-        // lending reads reach no `data` listener; other sockets' reads all pass through one
-        if (lending) {
-          reads.onBytes = onBytes
-          return () => void (reads.onBytes = undefined)
-        }
-        const onData = (chunk: Buffer) => onBytes(chunk.length)
-        s.on("data", onData)
-        return () => void s.off("data", onData)
+    const endpoint = acceptWebSocket(req, socket, head, { maxMessageBytes, maxSendMessageBytes: config.maxMessageBytes, binaryOnly: true })
+    if (endpoint === undefined) return true
+    accepted.add(endpoint)
+    socket.once("close", () => accepted.delete(endpoint))
+    const watchReads = (onBytes: (bytes: number) => void): (() => void) => {
+      let watching = true
+      // (a listener removed while a read is being handed out would still hear that read)
+      const onData = (chunk: Buffer) => watching && onBytes(chunk.length)
+      s.on("data", onData)
+      return () => {
+        watching = false
+        s.off("data", onData)
       }
-      onWebSocket({ ws, remoteAddress, localAddress, socket: s, secure, reads: lending ? reads : undefined, ticket: admitted, watchReads })
-    })
+    }
+    onWebSocket({ endpoint, remoteAddress, localAddress, socket: s, secure, ticket: admitted, watchReads })
     return true
   }
   return Object.assign(handler, {
     close: () => {
-      for (const ws of wss.clients) ws.terminate()
-      wss.close()
+      for (const endpoint of accepted) endpoint.terminate()
+      accepted.clear()
     }
   })
 }

@@ -30,7 +30,6 @@ import { makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
 import { type Backend, type BackendLease, BackendUnavailable } from "../Backend.ts"
 import { plainErrors, sendError, writeRawError } from "../forward/ErrorResponse.ts"
 import { H2ClientConnection, type H2ConnectionError } from "../forward/H2ClientConnection.ts"
-import { LendingReads, lendingSocket } from "../transport/LendingReads.ts"
 import { forwardToH2, type H2ForwardOptions, type RequestReplay, upgradeToH2 } from "../forward/Http2Upstream.ts"
 import { agentUpstream, type Upstream } from "../forward/Upstream.ts"
 import { type ListenerError, Listeners } from "../Listeners.ts"
@@ -535,27 +534,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       sessionHooks.set(session, { onSettings, onGoaway })
       conn.session = session
       session.start()
-      readIntoReusedMemory(socket, session)
     })
-
-  /**
-   * A plain TCP tunnel connection reads into reused memory once the bytes read with its preamble are
-   * taken (see `LendingReads`); the client connection says after each read whether it kept any of it.
-   */
-  const readIntoReusedMemory = (socket: net.Socket, session: H2ClientConnection): void => {
-    if ((socket as { encrypted?: boolean }).encrypted === true) return
-    const reads = new LendingReads()
-    const attempt = (): void => {
-      if (socket.readableLength > 0) return
-      socket.off("data", attempt)
-      if (!session.destroyed && lendingSocket(socket, reads)) {
-        reads.attach({ lendable: true, onData: session.readLent, onEnd: () => {}, onClose: () => {} })
-      }
-    }
-    // after the client connection's own listener, so the read in hand is taken first
-    socket.on("data", attempt)
-    attempt()
-  }
 
   const ping = (session: H2ClientConnection) =>
     Effect.callback<boolean>((resume) => {

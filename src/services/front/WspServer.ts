@@ -9,11 +9,8 @@ import * as http from "node:http"
 import type { Duplex } from "node:stream"
 import { Context, Effect, FiberSet, Layer, Redacted, Schema } from "effect"
 import type { Scope } from "effect"
-import { WebSocket, WebSocketServer } from "ws"
-import type { RawData } from "ws"
 import { contentLengthValues, declaredContentLength, isInvalidContentLength } from "../../domain/ContentLength.ts"
 import { checkDestination } from "../../domain/DestinationRules.ts"
-import { DataFrameReader, OPCODE_BINARY } from "../../domain/WebSocketDataReader.ts"
 import type { WspServerConfig } from "../../domain/WspConfig.ts"
 import { checkRequestFields } from "../../domain/Http1Parser.ts"
 import type { GoHeader, WspHeadLimits, WspResponseHead } from "../../domain/WspMessage.ts"
@@ -31,9 +28,8 @@ import { AuthThrottle, DefaultAuthThrottleLimits } from "../../domain/AuthThrott
 import { LogSampler, sampledLines } from "../../domain/LogSampler.ts"
 import { skippedNote } from "./HandshakeAdmission.ts"
 import { defaultCleanInterval, makePool, PoolError } from "../Pool.ts"
-import { readIntoUserBuffers } from "../transport/LendingReads.ts"
-import { unmaskInPlace } from "../transport/WebSocketMasking.ts"
-import { RECEIVER_GET_DATA, RECEIVER_GET_INFO, type ReceiverFields, receiverFieldsOf, socketListenerOf } from "../transport/WsInternals.ts"
+import type { WebSocketEndpoint } from "../transport/WebSocketEndpoint.ts"
+import { acceptWebSocket } from "../transport/WebSocketOpen.ts"
 
 /** wsp's status for every proxy-side failure. */
 export const proxyErrorStatus = 526
@@ -109,137 +105,70 @@ interface Exchange {
   head: WspResponseHead | undefined
   /** The request body message has been sent completely (its FIN is out). */
   uploaded: boolean
-  /** The response body is being streamed fragment by fragment (see `streamNextMessage`). */
-  streaming: boolean
   /** The response head has been written to the caller. */
   started: boolean
   /** Response body bytes written to the caller so far. */
   received: number
   /** The WebSocket is paused until the caller drains. */
   paused: boolean
-  /** Passes one body fragment read off the socket by the server itself. */
-  onPayload: (fragment: Buffer) => void
   /** Fails the exchange when no response head arrives in time (restarted while the request body moves). */
   responseTimer: NodeJS.Timeout | undefined
 }
 
-/**
- * The part of `ws`'s receiver (ws 8.x) used to stream a message: `_fragments` collects a message's
- * payload until its last frame and `_opcode` is the message's type. Checked at run time; when the
- * shape is not there, bodies are taken as whole messages instead.
- */
-export interface ReceiverInternals {
-  _fragments: unknown
-  readonly _opcode: number
-}
-
-/** The receiver of `ws` when it has the shape `streamNextMessage` needs (also used by the client). */
-export const receiverOf = (ws: WebSocket): ReceiverInternals | undefined => {
-  const receiver = (ws as unknown as { readonly _receiver?: ReceiverInternals | null })._receiver
-  return receiver != null && Array.isArray(receiver._fragments) && typeof receiver._opcode === "number" ? receiver : undefined
-}
-
-/**
- * Hands every payload fragment of the next message to `onFragment` as it is read, instead of
- * collecting them: the message event then carries an empty payload. `ws` puts a fresh collector
- * back after each message, so this applies to one message only.
- */
-export const streamNextMessage = (receiver: ReceiverInternals, onFragment: (opcode: number, fragment: Buffer) => void): void => {
-  receiver._fragments = { length: 0, push: (fragment: Buffer) => onFragment(receiver._opcode, fragment) }
-}
-
-/**
- * Size of the buffer a registered connection's socket reads into, reused while nothing else holds it:
- * what an idle connection keeps (heads, pings and greetings are small; a larger message spans reads).
- */
-export const serverReadBufferBytes = 16 * 1024
-/**
- * What the read buffer grows to once a read fills it while a response body streams (fewer, larger
- * reads and writes); it goes back to `serverReadBufferBytes` when the exchange ends.
- */
-export const serverReadBufferMaxBytes = 256 * 1024
-
 /** One pooled WebSocket from a wsp client; carries at most one exchange at a time. */
 class ServerConnection {
-  readonly ws: WebSocket
+  readonly endpoint: WebSocketEndpoint
   readonly poolId: string
   /** Set by ping, cleared by pong: a connection that misses a whole interval is dropped. */
   awaitingPong = false
   private exchange: Exchange | undefined
   private readonly limits: WspHeadLimits
-  private readonly maxMessageSize: number
   private readonly onGone: (conn: ServerConnection) => void
-  /** `ws`'s receiver and socket listener, when the server can read body frames itself. */
-  private readonly frames: ReceiverFields | undefined
-  private readonly toWs: ((chunk: Buffer) => void) | undefined
-  /** Reads the current response body's frames off the socket while it owns the stream. */
-  private reader: DataFrameReader | undefined = undefined
-  /** The buffer the socket reads into (when it reads into switchyard's buffers). */
-  private readBuffer: Buffer | undefined = undefined
-  /** `ws` may still hold views of the read buffer (a partial frame, a queued pong): the next read takes a fresh one. */
-  private readBufferHeld = false
-  /** The last read filled the buffer (a body is streaming faster than it is read). */
-  private readFilled = false
-  /** Body writes to a caller not yet done (their bytes may be views of the read buffer). */
-  private pendingWrites = 0
-  /** Reading waits until `pendingWrites` is 0, so the read buffer is not overwritten while queued. */
-  private writeWait = false
-
   /** Bytes read since the last exchange ended (or since the greeting), bounded by `maxIdleBytes`. */
   private idleBytes = 0
   private readonly maxIdleBytes: number
   private readonly onIdleOverflow: (conn: ServerConnection) => void
 
   constructor(
-    ws: WebSocket,
+    endpoint: WebSocketEndpoint,
     poolId: string,
     limits: WspHeadLimits,
-    maxMessageSize: number,
     onGone: (conn: ServerConnection) => void,
     idle: {
-      /** The connection under the WebSocket (from the upgrade request). */
-      readonly socket: Duplex
       readonly maxBytes: number
       readonly onOverflow: (conn: ServerConnection) => void
     }
   ) {
-    this.ws = ws
+    this.endpoint = endpoint
     this.poolId = poolId
     this.limits = limits
-    this.maxMessageSize = maxMessageSize
     this.onGone = onGone
     this.maxIdleBytes = idle.maxBytes
     this.onIdleOverflow = idle.onOverflow
-    ws.on("message", (data, isBinary) => this.onMessage(data, isBinary))
-    ws.on("pong", (data) => {
-      this.awaitingPong = false
-      this.controlFrameRead(data)
+    // reads are counted from a listener of their own, first, so that a read is judged by the state
+    // before the endpoint handles it (it may end an exchange)
+    const socket = endpoint.socket
+    const count = (chunk: Buffer) => void this.countIdle(chunk.length)
+    socket.prependListener("data", count)
+    socket.once("close", () => socket.off("data", count))
+    endpoint.replaceHandlers({
+      text: (text) => this.onText(text),
+      binaryStart: () => this.onBodyStart(),
+      binaryData: (payload) => {
+        const exchange = this.exchange
+        if (exchange !== undefined && exchange.head !== undefined) this.onBodyFragment(exchange, payload)
+      },
+      binaryEnd: () => {
+        const exchange = this.exchange
+        if (exchange !== undefined && exchange.head !== undefined) this.endStreamedBody(exchange, exchange.head)
+      },
+      pong: (payload) => {
+        this.awaitingPong = false
+        this.controlFrameRead(payload)
+      },
+      ping: (payload) => this.controlFrameRead(payload),
+      closed: () => this.onClose()
     })
-    ws.on("ping", (data) => this.controlFrameRead(data))
-    ws.on("close", () => this.onClose())
-    const frames = receiverFieldsOf(ws)
-    const data = socketListenerOf(ws)
-    if (frames !== undefined && data !== undefined) {
-      const { socket, onData } = data
-      socket.removeListener("data", onData)
-      socket.on("data", this.onSocketData)
-      ws.once("close", () => socket.removeListener("data", this.onSocketData))
-      this.frames = frames
-      this.toWs = (chunk) => onData.call(socket, chunk)
-      const readInto = readIntoUserBuffers(socket)
-      if (readInto !== undefined) {
-        this.readBuffer = Buffer.allocUnsafeSlow(serverReadBufferBytes)
-        readInto(this.readBuffer, this.onRead, this.nextReadBuffer)
-      }
-    } else {
-      this.frames = undefined
-      this.toWs = undefined
-      // `ws` reads the socket itself: its reads are counted from a listener of their own
-      const count = (chunk: Buffer) => void this.countIdle(chunk.length)
-      // first, so a read is judged by the state before `ws` handles it (it may end an exchange)
-      idle.socket.prependListener("data", count)
-      ws.once("close", () => idle.socket.off("data", count))
-    }
   }
 
   /** A ping or pong read: its bytes do not count toward the idle limit. */
@@ -253,163 +182,26 @@ class ServerConnection {
     if (this.exchange !== undefined) return true
     this.idleBytes += bytes
     if (this.idleBytes <= this.maxIdleBytes) return true
-    if (this.ws.readyState !== WebSocket.CLOSED) {
+    if (!this.endpoint.closed) {
       this.onIdleOverflow(this)
-      this.ws.terminate()
+      this.endpoint.terminate()
     }
     return false
   }
 
-  /** Body frames are read off the socket into the connection's own buffer (the fast relay). */
-  get relaysDirectly(): boolean {
-    return this.readBuffer !== undefined
-  }
-
-  /**
-   * A read into the connection's buffer. The buffer is read into again only once nothing holds views of
-   * it: body parts written to a caller are waited for (reading pauses until they are written), and
-   * when `ws` keeps bytes of it (a frame not yet complete, a pong queued) the next read takes a new one.
-   */
-  private readonly onRead = (nread: number, buffer: Buffer): boolean => {
-    this.readFilled = nread === buffer.length
-    this.onSocketData(buffer.subarray(0, nread))
-    const f = this.frames!
-    if (f._bufferedBytes > 0 || (Array.isArray(f._fragments) && f._fragments.length > 0) || this.ws.bufferedAmount > 0) {
-      this.readBufferHeld = true
-    }
-    if (this.pendingWrites > 0 && !this.writeWait) {
-      this.writeWait = true
-      this.ws.pause()
-    }
-    return true
-  }
-
-  private readonly nextReadBuffer = (): Buffer => {
-    const current = this.readBuffer
-    const size = this.exchange?.streaming === true && (this.readFilled || current?.length === serverReadBufferMaxBytes)
-      ? serverReadBufferMaxBytes
-      : serverReadBufferBytes
-    if (this.readBufferHeld || current === undefined || current.length !== size) {
-      this.readBufferHeld = false
-      // never a slice of Node's shared pool: the buffer is read into again and again
-      this.readBuffer = Buffer.allocUnsafeSlow(size)
-    }
-    return this.readBuffer!
-  }
-
-  private readonly onBodyWritten = (): void => {
-    this.pendingWrites--
-    if (this.pendingWrites === 0 && this.writeWait) {
-      this.writeWait = false
-      this.resumeIfClear()
-    }
-  }
-
-  /** Reads on unless the caller is behind or written body parts still hold the read buffer. */
-  private resumeIfClear(): void {
-    if (this.writeWait || this.exchange?.paused === true) return
-    this.ws.resume()
-  }
-
-  /**
-   * Every read of the socket. While a response body streams and `ws`'s receiver stands between frames
-   * or inside a binary frame's payload, the body's frames are read here: each payload run goes to the
-   * caller as a view of the read (no copy of frames that span reads, no reassembly). A control frame or
-   * anything unexpected is handed back to `ws` at its first byte with the message's state, and `ws`
-   * answers it (pings, close, protocol errors); the message end resets the receiver as `ws` would.
-   */
-  private readonly onSocketData = (chunk: Buffer): void => {
-    if (!this.countIdle(chunk.length)) return
-    const exchange = this.exchange
-    let reader = this.reader
-    if (reader === undefined) {
-      reader = exchange === undefined || !exchange.streaming ? undefined : this.takeOver(exchange)
-      if (this.exchange !== exchange) return
-      if (reader === undefined) return this.throughWs(chunk)
-    }
-    const step = reader.read(chunk, exchange!.onPayload)
-    if (this.exchange !== exchange || this.reader !== reader) return
-    const frames = this.frames!
-    switch (step._tag) {
-      case "Continue":
-        return
-      case "End": {
-        this.reader = undefined
-        frames._fragmented = 0
-        frames._totalPayloadLength = 0
-        frames._messageLength = 0
-        frames._fragments = []
-        this.endStreamedBody(exchange!, exchange!.head!)
-        if (step.at < chunk.length) this.throughWs(chunk.subarray(step.at))
-        return
-      }
-      case "Handover": {
-        this.reader = undefined
-        frames._fragmented = reader.inMessage ? OPCODE_BINARY : 0
-        frames._totalPayloadLength = reader.inMessage ? reader.total : 0
-        frames._messageLength = frames._totalPayloadLength
-        const rest = step.at === 0 ? chunk : chunk.subarray(step.at)
-        return this.throughWs(step.prefix === undefined ? rest : Buffer.concat([step.prefix, rest]))
-      }
-    }
-  }
-
-  /**
-   * Hands a read to `ws`; if that started a streamed body (its head was in the read) or ended what
-   * `ws` had to answer, the reader takes over at once, with the part of a frame `ws` holds.
-   */
-  private throughWs(chunk: Buffer): void {
-    this.toWs!(chunk)
-    const exchange = this.exchange
-    if (exchange !== undefined && exchange.streaming && this.reader === undefined) this.takeOver(exchange)
-  }
-
-  /** A reader for the rest of the body message when the receiver is where one can start, else undefined. */
-  private takeOver(exchange: Exchange): DataFrameReader | undefined {
-    const f = this.frames!
-    // the body message is still collected through `streamNextMessage` (not yet ended by ws)
-    if (exchange.head === undefined || Array.isArray(f._fragments)) return undefined
-    if (f._state === RECEIVER_GET_INFO && f._bufferedBytes === 0) {
-      const inMessage = f._fragmented !== 0
-      if (inMessage && f._fragmented !== OPCODE_BINARY) return undefined
-      this.reader = new DataFrameReader(
-        { total: inMessage ? f._totalPayloadLength : 0, inMessage, frameRemaining: 0, fin: false, mask: undefined, maskOffset: 0 },
-        this.maxMessageSize,
-        true,
-        unmaskInPlace
-      )
-      return this.reader
-    }
-    if (f._state !== RECEIVER_GET_DATA || f._opcode !== OPCODE_BINARY || f._compressed || f._bufferedBytes >= f._payloadLength) return undefined
-    // inside a frame's payload: its bytes `ws` holds go first, then the reader goes on with the frame
-    const reader = new DataFrameReader(
-      { total: f._totalPayloadLength, inMessage: true, frameRemaining: f._payloadLength, fin: f._fin, mask: f._masked ? f._mask : undefined, maskOffset: 0 },
-      this.maxMessageSize,
-      true,
-      unmaskInPlace
-    )
-    const held = f._buffers.splice(0)
-    f._bufferedBytes = 0
-    f._state = RECEIVER_GET_INFO
-    this.reader = reader
-    for (const b of held) reader.read(b, exchange.onPayload)
-    return this.exchange === exchange ? reader : undefined
-  }
-
   close(_reason: string): void {
-    this.ws.terminate()
+    this.endpoint.terminate()
   }
 
   private finish(error: WspProxyError | undefined): void {
     const exchange = this.exchange
     if (exchange === undefined) return
     this.exchange = undefined
-    this.reader = undefined
     clearTimeout(exchange.responseTimer)
-    if (error !== undefined) this.ws.terminate()
+    if (error !== undefined) this.endpoint.terminate()
     else if (exchange.paused) {
       exchange.paused = false
-      this.resumeIfClear()
+      this.endpoint.resume()
     }
     exchange.done(error)
   }
@@ -419,49 +211,36 @@ class ServerConnection {
     this.onGone(this)
   }
 
-  private onMessage(data: RawData, isBinary: boolean): void {
+  /** A text message: the response head, where one is expected. */
+  private onText(text: string): void {
     const exchange = this.exchange
-    if (exchange === undefined) {
-      // wsp: a message on a connection that is not serving a request ends it
-      this.ws.terminate()
-      return
+    // wsp: a message on a connection that is not serving a request ends it
+    if (exchange === undefined) return this.endpoint.terminate()
+    if (exchange.head !== undefined) return this.finish(missingBody())
+    const head = decodeResponseHead(text, this.limits)
+    if (head instanceof WspMessageError) {
+      return this.finish(new WspProxyError({ reason: "BadResponseHead", message: `Unable to unserialize http response : ${head.message}` }))
     }
-    const bytes = data as Buffer
+    if (head.StatusCode < 200 || head.StatusCode > 999) {
+      return this.finish(new WspProxyError({ reason: "BadStatus", message: `invalid response status ${head.StatusCode}` }))
+    }
+    exchange.head = head
+    clearTimeout(exchange.responseTimer)
+    exchange.responseTimer = undefined
+  }
+
+  /** A binary message begins: the response body, streamed to the caller as it is read. */
+  private onBodyStart(): void {
+    const exchange = this.exchange
+    if (exchange === undefined) return this.endpoint.terminate()
     if (exchange.head === undefined) {
-      if (isBinary) {
-        return this.finish(new WspProxyError({ reason: "BadResponseHead", message: "Unable to unserialize http response : head is a binary message" }))
-      }
-      const head = decodeResponseHead(bytes.toString("utf8"), this.limits)
-      if (head instanceof WspMessageError) {
-        return this.finish(new WspProxyError({ reason: "BadResponseHead", message: `Unable to unserialize http response : ${head.message}` }))
-      }
-      if (head.StatusCode < 200 || head.StatusCode > 999) {
-        return this.finish(new WspProxyError({ reason: "BadStatus", message: `invalid response status ${head.StatusCode}` }))
-      }
-      exchange.head = head
-      clearTimeout(exchange.responseTimer)
-      exchange.responseTimer = undefined
-      const receiver = receiverOf(this.ws)
-      if (receiver !== undefined) {
-        exchange.streaming = true
-        streamNextMessage(receiver, (opcode, fragment) => this.onBodyFragment(exchange, opcode, fragment))
-      }
-      return
+      return this.finish(new WspProxyError({ reason: "BadResponseHead", message: "Unable to unserialize http response : head is a binary message" }))
     }
-    if (!isBinary) {
-      return this.finish(missingBody())
-    }
-    if (exchange.streaming) return this.endStreamedBody(exchange, exchange.head)
-    const failure = writeResponse(exchange.res, exchange.method, exchange.head, bytes)
-    // answered before the request body was all sent: the body message is unfinished, so this
-    // connection cannot carry another request (the caller still has its response)
-    this.finish(failure ?? (exchange.uploaded ? undefined : unfinishedUpload()))
   }
 
   /** One fragment of a streamed response body: the head goes out with the first one. */
-  private onBodyFragment(exchange: Exchange, opcode: number, fragment: Buffer): void {
+  private onBodyFragment(exchange: Exchange, fragment: Buffer): void {
     if (this.exchange !== exchange || exchange.head === undefined) return
-    if (opcode !== binaryOpcode) return this.finish(missingBody())
     const res = exchange.res
     const head = exchange.head
     exchange.received += fragment.length
@@ -481,19 +260,14 @@ class ServerConnection {
     if (bodyless(exchange.method, exchange.head.StatusCode) || res.destroyed || socket === null || socket.destroyed) return
     // Node reports a full buffer past 16 KiB; pausing the WebSocket for every fragment would cost a
     // round trip each, so the caller's buffer may grow to `responseHighWater` first
-    let ok: boolean
-    if (this.readBuffer === undefined) ok = res.write(fragment)
-    else {
-      this.pendingWrites++
-      ok = res.write(fragment, this.onBodyWritten)
-    }
+    const ok = res.write(fragment)
     if (!ok && !exchange.paused && res.writableLength >= responseHighWater) {
       exchange.paused = true
-      this.ws.pause()
+      this.endpoint.pause()
       res.once("drain", () => {
         if (!exchange.paused) return
         exchange.paused = false
-        if (this.exchange === exchange) this.resumeIfClear()
+        if (this.exchange === exchange) this.endpoint.resume()
       })
     }
   }
@@ -530,18 +304,16 @@ class ServerConnection {
     responseTimeout: number,
     done: (error: WspProxyError | undefined) => void
   ): () => void {
-    const ws = this.ws
+    const endpoint = this.endpoint
     const exchange: Exchange = {
       res,
       method: req.method ?? "GET",
       done,
       head: undefined,
       uploaded: false,
-      streaming: false,
       started: false,
       received: 0,
       paused: false,
-      onPayload: (fragment) => this.onBodyFragment(exchange, binaryOpcode, fragment),
       responseTimer: undefined
     }
     this.exchange = exchange
@@ -553,11 +325,10 @@ class ServerConnection {
     }
     const onCallerGone = () => fail("CallerGone", "caller went away")
     res.once("close", onCallerGone)
-    if (ws.readyState !== WebSocket.OPEN) {
+    if (!endpoint.sendText(headText)) {
       fail("SendFailed", "Unable to write request : connection not open")
       return () => undefined
     }
-    ws.send(headText)
     if (responseTimeout > 0) {
       exchange.responseTimer = setTimeout(
         () => fail("ResponseTimeout", `Unable to get http response : no response within ${responseTimeout} ms`),
@@ -574,14 +345,14 @@ class ServerConnection {
     const flush = () => {
       flushing = false
       if (held === undefined || !current()) return
-      ws.send(held, { binary: true, fin: false }, onSent)
+      endpoint.sendFragment(held, false, onSent)
       held = undefined
     }
     const onSent = (err?: Error | null) => {
       if (err) return fail("SendFailed", `Unable to pipe request body : ${err.message}`)
       // the body is moving: the wait for the response counts from its latest part
       if (current() && exchange.head === undefined) exchange.responseTimer?.refresh()
-      if (paused && ws.bufferedAmount < uploadHighWater) {
+      if (paused && endpoint.bufferedAmount < uploadHighWater) {
         paused = false
         req.resume()
       }
@@ -593,13 +364,13 @@ class ServerConnection {
         req.pause()
         return fail("BodyTooLarge", `request body exceeds ${maxBody} bytes`)
       }
-      if (held !== undefined) ws.send(held, { binary: true, fin: false }, onSent)
+      if (held !== undefined) endpoint.sendFragment(held, false, onSent)
       held = chunk
       if (!flushing) {
         flushing = true
         setImmediate(flush)
       }
-      if (ws.bufferedAmount >= uploadHighWater) {
+      if (endpoint.bufferedAmount >= uploadHighWater) {
         paused = true
         req.pause()
       }
@@ -607,7 +378,7 @@ class ServerConnection {
     req.once("end", () => {
       if (!current()) return
       exchange.uploaded = true
-      ws.send(held ?? Buffer.alloc(0), { binary: true, fin: true }, onSent)
+      endpoint.sendFragment(held ?? Buffer.alloc(0), true, onSent)
       held = undefined
     })
     req.once("error", (err) => fail("CallerGone", `Unable to pipe request body : ${err.message}`))
@@ -616,14 +387,11 @@ class ServerConnection {
       clearTimeout(exchange.responseTimer)
       if (current()) {
         this.exchange = undefined
-        this.ws.terminate()
+        this.endpoint.terminate()
       }
     }
   }
 }
-
-/** WebSocket opcode of a binary message (RFC 6455 §5.2). */
-export const binaryOpcode = 2
 
 const missingBody = () =>
   new WspProxyError({ reason: "MissingBody", message: "Unable to get http response body reader : expected a binary body message" })
@@ -681,27 +449,6 @@ const startResponse = (res: http.ServerResponse, method: string, head: WspRespon
 
 /** Response heads keep their own length only where no body is sent. */
 const bodyless = (method: string, status: number): boolean => method === "HEAD" || status === 204 || status === 304
-
-const writeResponse = (res: http.ServerResponse, method: string, head: WspResponseHead, body: Buffer): WspProxyError | undefined => {
-  if (res.headersSent || res.destroyed) return undefined
-  const noBody = bodyless(method, head.StatusCode)
-  const problem = framingProblem(head, noBody, body.length)
-  if (problem !== undefined) return problem
-  const header = withoutHopByHop(head.Header, noBody ? new Set() : new Set(["content-length"]))
-  try {
-    for (const [name, values] of Object.entries(header)) {
-      if (values.length > 0) res.setHeader(name, values as Array<string>)
-    }
-    if (!noBody) res.setHeader("Content-Length", body.length)
-    res.writeHead(head.StatusCode)
-  } catch (e) {
-    for (const name of res.getHeaderNames()) res.removeHeader(name)
-    return new WspProxyError({ reason: "BadResponseHead", message: `Unable to write response headers : ${(e as Error).message}` })
-  }
-  if (noBody) res.end()
-  else res.end(body)
-  return undefined
-}
 
 // ---------------------------------------------------------------------------------------------
 // Requests from callers
@@ -813,7 +560,9 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     warnRegistrationClosed("wsp /register refused: no secretkey is configured (set secretkey, or insecureopenregistration: true to accept any client)")
   }
   let requestKey = config.requestKey === undefined ? undefined : Redacted.value(config.requestKey)
-  const greeting = new Set<WebSocket>()
+  /** Upgraded connections waiting for their greeting, and every registered one. */
+  const greeting = new Set<WebSocketEndpoint>()
+  const registered = new Set<WebSocketEndpoint>()
   const maxGreetingBytes = config.maxGreetingBytes ?? defaultMaxGreetingBytes
   const maxIdleBytes = config.maxIdleBytes ?? defaultMaxIdleBytes
   // connections cut for what they sent or refused for the pending cap, for metrics
@@ -826,17 +575,12 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     if (skipped !== undefined) run(Effect.logWarning(`wsp-server: ${message}${skippedNote(skipped)}`))
   }
   let inFlight = 0
-  /** The slower relay (without `ws`'s and Node's checked internals) has been logged once. */
-  let slowPathReported = false
 
-  const wss = new WebSocketServer({ noServer: true, maxPayload: config.maxMessageSize, perMessageDeflate: false })
-
-  const onRegistered = (ws: WebSocket, socket: Duplex, peer: string, headBytes: number): void => {
-    greeting.add(ws)
-    ws.on("error", () => ws.terminate())
-    const timer = setTimeout(() => ws.terminate(), greetingTimeout)
-    // every byte counts until the greeting is accepted: `ws` would otherwise assemble a greeting up to
-    // `maxmessagesize` before the length of the pool id could be checked
+  const onRegistered = (endpoint: WebSocketEndpoint, peer: string, headBytes: number): void => {
+    const socket = endpoint.socket
+    greeting.add(endpoint)
+    const timer = setTimeout(() => endpoint.terminate(), greetingTimeout)
+    // every byte counts until the greeting is accepted, frames and all, however the peer splits them
     let read = headBytes
     let greeted = false
     const countGreeting = (chunk: Buffer) => {
@@ -846,47 +590,45 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       greeted = true
       socket.off("data", countGreeting)
       refused("greetingTooLarge", `${peer}: sent more than ${maxGreetingBytes} bytes before its greeting was accepted; terminated`)
-      ws.terminate()
+      endpoint.terminate()
     }
-    socket.on("data", countGreeting)
-    const onClose = () => {
+    socket.prependListener("data", countGreeting)
+    const endGreeting = () => {
       clearTimeout(timer)
-      greeting.delete(ws)
-      socket.off("data", countGreeting)
-    }
-    ws.once("close", onClose)
-    ws.once("message", (data, isBinary) => {
-      clearTimeout(timer)
-      greeting.delete(ws)
-      ws.off("close", onClose)
+      greeting.delete(endpoint)
       greeted = true
       socket.off("data", countGreeting)
-      const parsed = isBinary
-        ? new WspMessageError({ reason: "MalformedGreeting", message: "greeting must be a text message" })
-        : decodeGreeting((data as Buffer).toString("utf8"), maxPoolIdLength)
-      if (parsed instanceof WspMessageError) {
-        ws.close(1008, parsed.message.slice(0, 120))
-        return
-      }
-      const conn = new ServerConnection(ws, parsed.id, limits, config.maxMessageSize, (c) => pool.remove(c), {
-        socket,
-        maxBytes: maxIdleBytes,
-        onOverflow: () => refused("idleOverflow", `${peer}: pool ${parsed.id}: sent more than ${maxIdleBytes} bytes while carrying no request; terminated`)
-      })
-      if (!conn.relaysDirectly && !slowPathReported) {
-        slowPathReported = true
-        run(Effect.logWarning(
-          "wsp-server: this Node or ws version lacks the internals the fast body relay checks for; " +
-            "bodies go through ws and Node's own reads (correct, but slower)"
-        ))
-      }
-      run(
-        pool.register(parsed.id, parsed.size, conn).pipe(
-          Effect.catch((e: PoolError) =>
-            Effect.sync(() => ws.close(1013, e.message.slice(0, 120))).pipe(Effect.andThen(Effect.logWarning(`wsp registration refused: ${e.message}`)))
+    }
+    const refuseGreeting = (message: string) => {
+      endGreeting()
+      endpoint.close(1008, message.slice(0, 120))
+    }
+    const noop = () => {}
+    endpoint.start({
+      text: (text) => {
+        endGreeting()
+        const parsed = decodeGreeting(text, maxPoolIdLength)
+        if (parsed instanceof WspMessageError) return refuseGreeting(parsed.message)
+        registered.add(endpoint)
+        const conn = new ServerConnection(endpoint, parsed.id, limits, (c) => {
+          registered.delete(endpoint)
+          pool.remove(c)
+        }, {
+          maxBytes: maxIdleBytes,
+          onOverflow: () => refused("idleOverflow", `${peer}: pool ${parsed.id}: sent more than ${maxIdleBytes} bytes while carrying no request; terminated`)
+        })
+        run(
+          pool.register(parsed.id, parsed.size, conn).pipe(
+            Effect.catch((e: PoolError) =>
+              Effect.sync(() => endpoint.close(1013, e.message.slice(0, 120))).pipe(Effect.andThen(Effect.logWarning(`wsp registration refused: ${e.message}`)))
+            )
           )
         )
-      )
+      },
+      binaryStart: () => refuseGreeting("greeting must be a text message"),
+      binaryData: noop,
+      binaryEnd: noop,
+      closed: endGreeting
     })
   }
 
@@ -956,7 +698,8 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       refused("tooManyGreetings", `${peer}: ${maxPendingGreetings} registrations already wait for their greeting; refused with 503`)
       return refuseUpgrade(socket, 503, "Service Unavailable", "too many registrations in progress")
     }
-    wss.handleUpgrade(req, socket, head, (ws) => onRegistered(ws, req.socket, peer, head.length))
+    const endpoint = acceptWebSocket(req, socket, head, { maxMessageBytes: config.maxMessageSize })
+    if (endpoint !== undefined) onRegistered(endpoint, peer, head.length)
   }
 
   /** A request that passed every check, ready to go over a connection. */
@@ -1103,8 +846,8 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
           drop()
         }
         delayedAnswers.clear()
-        for (const ws of greeting) ws.terminate()
-        for (const ws of wss.clients) ws.terminate()
+        for (const endpoint of greeting) endpoint.terminate()
+        for (const endpoint of registered) endpoint.terminate()
         server.close(() => resume(Effect.void))
         server.closeAllConnections()
       })
@@ -1116,14 +859,14 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       Effect.sync(() => {
         for (const conn of pool.members()) {
           // a connection paused for a slow caller is not read, so its pongs wait too: not a failure
-          if (conn.ws.isPaused) continue
+          if (conn.endpoint.isPaused) continue
           if (conn.awaitingPong) {
             pool.remove(conn)
             conn.close("keepalive timeout")
             continue
           }
           conn.awaitingPong = true
-          conn.ws.ping()
+          conn.endpoint.ping()
         }
       })
     )))

@@ -3,16 +3,15 @@
  * proxy that `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` (or an explicit proxy URL) names, with `CONNECT`.
  * TLS is verified against the system CAs plus any `ca` given. It does not retry: callers reconnect.
  */
-import * as net from "node:net"
-import * as tls from "node:tls"
 import { Duration, Effect } from "effect"
 import type { Scope } from "effect"
-import { WebSocket } from "ws"
 import { parseProxyUrl, ProxyConfigError, proxyFor, readProxyEnvironment } from "../../domain/ProxyEnv.ts"
 import type { ProxyChoice } from "../../domain/ProxyEnv.ts"
 import { WebSocketError } from "../../domain/WebSocketClose.ts"
 import { connectThroughProxy } from "./HttpConnectProxy.ts"
-import { DefaultMaxPayload, fromWebSocket, type WebSocketConnection, type WebSocketConnectionOptions } from "./WebSocketConnection.ts"
+import { DefaultMaxPayload, fromEndpoint, MaxMessageBytes, type WebSocketConnection, type WebSocketConnectionOptions } from "./WebSocketConnection.ts"
+import type { WebSocketEndpoint } from "./WebSocketEndpoint.ts"
+import { openWebSocket } from "./WebSocketOpen.ts"
 
 /** Time the WebSocket opening handshake (after any proxy tunnel) may take. */
 export const DefaultOpenTimeout: Duration.Duration = Duration.seconds(10)
@@ -78,9 +77,11 @@ export const displayUrl = (text: string): string => {
 /** True when `text` names a WebSocket endpoint rather than a `host:port`. */
 export const isWebSocketUrl = (text: string): boolean => /^wss?:\/\//i.test(text.trim())
 
-const zeroMask = (mask: Buffer): void => {
-  mask.fill(0)
-}
+/** The `Authorization` a URL's `user:password@` stands for (Basic), if it has one. */
+const urlAuthorization = (url: URL): Record<string, string> =>
+  url.username === "" && url.password === ""
+    ? {}
+    : { Authorization: `Basic ${Buffer.from(`${decodeURIComponent(url.username)}:${decodeURIComponent(url.password)}`).toString("base64")}` }
 
 const choose = (target: WebSocketTarget, parsed: WebSocketUrl, env: Readonly<Record<string, string | undefined>>): ProxyChoice | undefined | WebSocketError => {
   const choice = target.proxy === false
@@ -107,65 +108,35 @@ export const dialWebSocket = (
     if (proxy instanceof WebSocketError) return yield* proxy
     const openTimeout = Duration.fromInputUnsafe(target.openTimeout ?? DefaultOpenTimeout)
     const tunnel = proxy === undefined ? undefined : yield* connectThroughProxy(proxy, parsed.host, parsed.port, openTimeout)
-    const ca = target.ca === undefined ? undefined : [...tls.rootCertificates, ...(typeof target.ca === "string" ? [target.ca] : target.ca)]
-    const tlsOptions = {
-      ...(ca === undefined ? {} : { ca }),
-      rejectUnauthorized: target.rejectUnauthorized ?? true
-    }
     const opened = yield* Effect.acquireRelease(
-      Effect.callback<{ ws: WebSocket; socket: net.Socket | undefined }, WebSocketError>((resume) => {
-        let settled = false
-        let socket: net.Socket | undefined
-        const fail = (message: string) => {
-          if (settled) return
-          settled = true
-          ws.terminate()
-          resume(Effect.fail(new WebSocketError({ reason: "Handshake", message: `${displayUrl(target.url)}: ${message}` })))
-        }
-        const ws = new WebSocket(parsed.url, {
-          maxPayload: target.maxPayload ?? DefaultMaxPayload,
-          perMessageDeflate: false,
-          followRedirects: false,
-          handshakeTimeout: Duration.toMillis(openTimeout),
-          ...(target.headers === undefined ? {} : { headers: { ...target.headers } }),
-          ...tlsOptions,
-          ...(parsed.secure && !net.isIP(parsed.host) ? { servername: parsed.host } : {}),
-          ...((target.maskFrames ?? true) ? {} : { generateMask: zeroMask }),
-          ...(tunnel === undefined ? {} : {
-            createConnection: () =>
-              parsed.secure
-                ? tls.connect({ socket: tunnel, ...tlsOptions, ...(net.isIP(parsed.host) ? {} : { servername: parsed.host }) })
-                : tunnel
-          })
+      Effect.callback<{ endpoint: WebSocketEndpoint }, WebSocketError>((resume) => {
+        const cancel = openWebSocket({
+          secure: parsed.secure,
+          host: parsed.host,
+          port: parsed.port,
+          path: `${parsed.url.pathname}${parsed.url.search}`,
+          headers: { ...urlAuthorization(parsed.url), ...target.headers },
+          ca: target.ca === undefined ? undefined : typeof target.ca === "string" ? [target.ca] : target.ca,
+          rejectUnauthorized: target.rejectUnauthorized ?? true,
+          tunnel,
+          maskFrames: target.maskFrames ?? true,
+          maxMessageBytes: target.maxPayload ?? DefaultMaxPayload,
+          maxSendMessageBytes: target.maxMessageBytes ?? MaxMessageBytes,
+          binaryOnly: true,
+          timeoutMs: Duration.toMillis(openTimeout)
+        }, (outcome) => {
+          if (outcome._tag === "Open") return resume(Effect.succeed({ endpoint: outcome.endpoint }))
+          tunnel?.destroy()
+          resume(Effect.fail(new WebSocketError({ reason: "Handshake", message: `${displayUrl(target.url)}: ${outcome.message}` })))
         })
-        // errors after the outcome is settled are the connection's business (fromWebSocket listens)
-        ws.on("error", (e) => fail(e.message))
-        ws.once("upgrade", (res) => {
-          socket = res.socket as net.Socket
-        })
-        ws.once("unexpected-response", (req, res) => {
-          res.resume()
-          req.destroy()
-          fail(`the server answered ${res.statusCode} ${res.statusMessage ?? ""} instead of switching to WebSocket`.trim())
-        })
-        ws.once("open", () => {
-          if (settled) return
-          settled = true
-          resume(Effect.succeed({ ws, socket }))
-        })
-        return Effect.sync(() => {
-          settled = true
-          ws.terminate()
-        })
+        return Effect.sync(cancel)
       }),
-      ({ ws }) => Effect.sync(() => ws.terminate())
+      ({ endpoint }) => Effect.sync(() => endpoint.terminate())
     )
-    const s = opened.socket
-    return yield* fromWebSocket(opened.ws, {
+    const s = opened.endpoint.socket
+    return yield* fromEndpoint(opened.endpoint, {
       ...target,
-      socket: s,
-      masking: (target.maskFrames ?? true) ? "random" : "zero",
-      localAddress: s === undefined ? undefined : { host: s.localAddress, port: s.localPort },
-      remoteAddress: s === undefined || tunnel !== undefined ? { host: parsed.host, port: parsed.port } : { host: s.remoteAddress, port: s.remotePort }
+      localAddress: { host: s.localAddress, port: s.localPort },
+      remoteAddress: tunnel !== undefined ? { host: parsed.host, port: parsed.port } : { host: s.remoteAddress, port: s.remotePort }
     })
   })
