@@ -1,12 +1,15 @@
 /**
- * A small Prometheus registry (counters, gauges, histograms; text exposition format 0.0.4) and the
- * `Metrics` service holding switchyard's own metric families. Label sets are named and bounded: each
- * label keeps at most `maxLabelValues` distinct values, later ones are counted under `other`.
- * It does not push anywhere nor keep history; the admin endpoint renders it on each scrape.
+ * switchyard's metric families on Effect's `Metric`, and the registry that makes them: every family is
+ * a counter, gauge or histogram of `effect/Metric` kept in a `Metric.MetricRegistry` of its own, and
+ * `render` is `PrometheusMetrics` (text exposition format 0.0.4). What stays here: label sets are named
+ * and bounded (each label keeps at most `maxLabelValues` distinct values, later ones are counted under
+ * `other`), a family resolves a child once, ahead of the hot path, and sampled gauges are read right
+ * before rendering. It does not push anywhere nor keep history; the admin endpoint renders it on each scrape.
  */
-import { Context, Layer } from "effect"
+import { Context, Layer, Metric } from "effect"
+import { PrometheusMetrics } from "effect/observability"
 
-/** Content type of the exposition format rendered by `MetricRegistry.render`. */
+/** Content type of the exposition `render` returns (the one `PrometheusMetrics.layerHttp` serves). */
 export const ExpositionContentType = "text/plain; version=0.0.4; charset=utf-8"
 /** Distinct values one label keeps by default before folding new ones into `OverflowLabelValue`. */
 export const DefaultMaxLabelValues = 64
@@ -17,8 +20,11 @@ export const DurationBucketsSeconds: ReadonlyArray<number> = [0.001, 0.005, 0.01
 /** Most metric families one registry holds (a misbehaving embedder cannot grow it without bound). */
 export const MaxFamilies = 512
 
-const MetricName = /^[a-zA-Z_:][a-zA-Z0-9_:]*$/
+// names `PrometheusMetrics` renders as given: it would rewrite a leading colon, `__` and a trailing `_`
+const MetricName = /^[a-zA-Z_][a-zA-Z0-9_:]*$/
 const LabelName = /^[a-zA-Z_][a-zA-Z0-9_]*$/
+/** `le` is the bucket label; `PrometheusMetrics` leaves `unit` and `time_unit` out of the exposition. */
+const ReservedLabelNames: ReadonlySet<string> = new Set(["le", "unit", "time_unit"])
 
 /** One labelled child of a counter. */
 export interface CounterChild {
@@ -62,28 +68,9 @@ export interface SampledGaugeOptions<L extends string> extends FamilyOptions<L> 
   readonly type?: "gauge" | "counter" | undefined
 }
 
-/** A metric name, label name or bucket list that cannot be rendered. */
+/** A metric name, label name or bucket list that cannot be rendered as given. */
 export class MetricDefinitionError extends Error {
   override readonly name = "MetricDefinitionError"
-}
-
-interface Rendered {
-  readonly name: string
-  readonly help: string
-  readonly type: "counter" | "gauge" | "histogram"
-  readonly render: (out: Array<string>) => void
-}
-
-const escapeLabel = (value: string): string => value.replace(/\\/g, "\\\\").replace(/"/g, "\\\"").replace(/\n/g, "\\n")
-const escapeHelp = (value: string): string => value.replace(/\\/g, "\\\\").replace(/\n/g, "\\n")
-const formatNumber = (n: number): string =>
-  Number.isNaN(n) ? "NaN" : n === Infinity ? "+Inf" : n === -Infinity ? "-Inf" : String(n)
-
-const labelText = (names: ReadonlyArray<string>, values: ReadonlyArray<string>, extra?: string): string => {
-  const parts: Array<string> = []
-  for (let i = 0; i < names.length; i++) parts.push(`${names[i]}="${escapeLabel(values[i]!)}"`)
-  if (extra !== undefined) parts.push(extra)
-  return parts.length === 0 ? "" : `{${parts.join(",")}}`
 }
 
 /** Folds label values into bounded sets, per label. */
@@ -104,186 +91,195 @@ const makeLabelBounds = (labelCount: number, maxValues: number) => {
   }
 }
 
+/** The attributes of a series: label names to (bounded) values, in `labelNames` order. */
+const attributesOf = (labelNames: ReadonlyArray<string>, values: ReadonlyArray<string>): Record<string, string> => {
+  const attributes: Record<string, string> = {}
+  for (let i = 0; i < labelNames.length; i++) attributes[labelNames[i]!] = values[i]!
+  return attributes
+}
+
 const validate = <L extends string>(options: FamilyOptions<L>): ReadonlyArray<L> => {
-  if (!MetricName.test(options.name)) throw new MetricDefinitionError(`bad metric name "${options.name}"`)
+  const name = options.name
+  if (!MetricName.test(name) || name.includes("__") || name.endsWith("_")) throw new MetricDefinitionError(`bad metric name "${name}"`)
   const labelNames = options.labelNames ?? []
   for (const l of labelNames) {
-    if (!LabelName.test(l) || l.startsWith("__") || l === "le") throw new MetricDefinitionError(`bad label name "${l}" on ${options.name}`)
+    if (!LabelName.test(l) || l.includes("__") || ReservedLabelNames.has(l)) throw new MetricDefinitionError(`bad label name "${l}" on ${name}`)
   }
   return labelNames
 }
 
-/** Children keyed by their (bounded) label tuple. */
-const makeChildren = <C>(labelCount: number, maxValues: number, create: (values: ReadonlyArray<string>) => C) => {
-  const bound = makeLabelBounds(labelCount, maxValues)
-  const children = new Map<string, { readonly values: ReadonlyArray<string>; readonly child: C }>()
-  const get = (values: ReadonlyArray<string>): C => {
-    const key = values.join("\u0000")
-    const hit = children.get(key)
-    if (hit !== undefined) return hit.child
+const requireTotal = (name: string): void => {
+  if (!name.endsWith("_total")) throw new MetricDefinitionError(`counter ${name} must end in _total`)
+}
+
+/** A family whose children are created on first use and kept, keyed by their (bounded) label tuple. */
+const makeFamily = <L extends string, C>(
+  options: FamilyOptions<L>,
+  labelNames: ReadonlyArray<L>,
+  create: (attributes: Record<string, string>) => C
+): Family<L, C> => {
+  const bound = makeLabelBounds(labelNames.length, options.maxLabelValues ?? DefaultMaxLabelValues)
+  const children = new Map<string, C>()
+  const labels = (...values: ReadonlyArray<string>): C => {
+    const hit = children.get(values.join("\u0000"))
+    if (hit !== undefined) return hit
     const bounded = bound(values)
-    const boundedKey = bounded.join("\u0000")
-    const existing = children.get(boundedKey)
-    if (existing !== undefined) return existing.child
-    const entry = { values: bounded, child: create(bounded) }
-    children.set(boundedKey, entry)
-    return entry.child
+    const key = bounded.join("\u0000")
+    let child = children.get(key)
+    if (child === undefined) children.set(key, child = create(attributesOf(labelNames, bounded)))
+    return child
   }
-  return { get, entries: () => children.values() }
+  // a family without labels has its one series from the start
+  if (labelNames.length === 0) labels()
+  return { name: options.name, labelNames, labels }
+}
+
+const noUpdate = (): void => {}
+
+/** What the last scrape read for one series of a sampled gauge; the series' `get` reads it. */
+interface SampledCell {
+  value: number
+}
+/** One series of a sampled gauge, registered with Effect until a scrape no longer yields it. */
+interface SampledRow {
+  readonly cell: SampledCell
+  readonly registration: Metric.Registration
 }
 
 export interface MetricRegistry {
+  /** Where the series live (a `Metric.MetricRegistry` of this registry's own), for `Metric` and `PrometheusMetrics` APIs. */
+  readonly context: Context.Context<never>
   readonly counter: <L extends string>(options: FamilyOptions<L>) => Family<L, CounterChild>
   readonly gauge: <L extends string>(options: FamilyOptions<L>) => Family<L, GaugeChild>
   readonly histogram: <L extends string>(options: FamilyOptions<L> & { readonly buckets?: ReadonlyArray<number> | undefined }) => Family<L, HistogramChild>
   /** A gauge read at scrape time (from a live count such as sessions or routes); returns a remover. */
   readonly sampledGauge: <L extends string>(options: SampledGaugeOptions<L>) => () => void
-  /** The exposition text of every family. */
+  /** Reads the sampled gauges, then renders every series with `PrometheusMetrics`. */
   readonly render: () => string
 }
 
 /** A new, empty registry. */
 export const makeRegistry = (): MetricRegistry => {
-  const families = new Map<string, Rendered>()
-  const add = (family: Rendered) => {
-    if (families.has(family.name)) throw new MetricDefinitionError(`metric ${family.name} is already registered`)
+  const context: Context.Context<never> = Context.make(Metric.MetricRegistry, new Map())
+  const families = new Set<string>()
+  /** Reads each sampled family into its series, by family name. */
+  const samplers = new Map<string, () => void>()
+  const claim = (name: string) => {
+    if (families.has(name)) throw new MetricDefinitionError(`metric ${name} is already registered`)
     if (families.size >= MaxFamilies) throw new MetricDefinitionError(`more than ${MaxFamilies} metric families`)
-    families.set(family.name, family)
+    families.add(name)
   }
 
   const counter = <L extends string>(options: FamilyOptions<L>): Family<L, CounterChild> => {
     const labelNames = validate(options)
-    if (!options.name.endsWith("_total")) throw new MetricDefinitionError(`counter ${options.name} must end in _total`)
-    const children = makeChildren(labelNames.length, options.maxLabelValues ?? DefaultMaxLabelValues, () => {
-      let v = 0
-      return { inc: (amount = 1) => void (amount > 0 && (v += amount)), value: () => v }
-    })
-    add({
-      name: options.name,
-      help: options.help,
-      type: "counter",
-      render: (out) => {
-        for (const { values, child } of children.entries()) out.push(`${options.name}${labelText(labelNames, values)} ${formatNumber(child.value())}`)
+    requireTotal(options.name)
+    claim(options.name)
+    return makeFamily(options, labelNames, (attributes) => {
+      const metric = Metric.counter(options.name, { description: options.help, attributes, incremental: true })
+      // the series is rendered (at 0) from the moment its child exists
+      metric.valueUnsafe(context)
+      return {
+        inc: (amount = 1) => metric.updateUnsafe(amount, context),
+        value: () => metric.valueUnsafe(context).count
       }
     })
-    if (labelNames.length === 0) children.get([])
-    return { name: options.name, labelNames, labels: (...values) => children.get(values) }
   }
 
   const gauge = <L extends string>(options: FamilyOptions<L>): Family<L, GaugeChild> => {
     const labelNames = validate(options)
-    const children = makeChildren(labelNames.length, options.maxLabelValues ?? DefaultMaxLabelValues, () => {
-      let v = 0
+    claim(options.name)
+    return makeFamily(options, labelNames, (attributes) => {
+      const metric = Metric.gauge(options.name, { description: options.help, attributes })
+      metric.valueUnsafe(context)
       return {
-        set: (value: number) => void (v = value),
-        inc: (amount = 1) => void (v += amount),
-        dec: (amount = 1) => void (v -= amount),
-        value: () => v
+        set: (value: number) => metric.updateUnsafe(value, context),
+        inc: (amount = 1) => metric.modifyUnsafe(amount, context),
+        dec: (amount = 1) => metric.modifyUnsafe(-amount, context),
+        value: () => metric.valueUnsafe(context).value
       }
     })
-    add({
-      name: options.name,
-      help: options.help,
-      type: "gauge",
-      render: (out) => {
-        for (const { values, child } of children.entries()) out.push(`${options.name}${labelText(labelNames, values)} ${formatNumber(child.value())}`)
-      }
-    })
-    if (labelNames.length === 0) children.get([])
-    return { name: options.name, labelNames, labels: (...values) => children.get(values) }
   }
 
   const histogram = <L extends string>(
     options: FamilyOptions<L> & { readonly buckets?: ReadonlyArray<number> | undefined }
   ): Family<L, HistogramChild> => {
     const labelNames = validate(options)
-    const buckets = [...(options.buckets ?? DurationBucketsSeconds)]
-    for (let i = 1; i < buckets.length; i++) {
-      if (!(buckets[i]! > buckets[i - 1]!)) throw new MetricDefinitionError(`buckets of ${options.name} must increase`)
+    const boundaries = options.buckets ?? DurationBucketsSeconds
+    for (let i = 1; i < boundaries.length; i++) {
+      if (!(boundaries[i]! > boundaries[i - 1]!)) throw new MetricDefinitionError(`buckets of ${options.name} must increase`)
     }
-    const children = makeChildren(labelNames.length, options.maxLabelValues ?? DefaultMaxLabelValues, () => {
-      const counts = new Float64Array(buckets.length)
-      let count = 0
-      let sum = 0
+    claim(options.name)
+    return makeFamily(options, labelNames, (attributes) => {
+      const metric = Metric.histogram(options.name, { description: options.help, attributes, boundaries })
+      metric.valueUnsafe(context)
       return {
-        observe: (value: number) => {
-          count++
-          sum += value
-          // counts are per bucket here and made cumulative when rendered
-          for (let i = 0; i < buckets.length; i++) {
-            if (value <= buckets[i]!) {
-              counts[i]!++
-              break
-            }
-          }
-        },
-        count: () => count,
-        sum: () => sum,
-        counts
+        observe: (value: number) => metric.updateUnsafe(value, context),
+        count: () => metric.valueUnsafe(context).count,
+        sum: () => metric.valueUnsafe(context).sum
       }
     })
-    add({
-      name: options.name,
-      help: options.help,
-      type: "histogram",
-      render: (out) => {
-        for (const { values, child } of children.entries()) {
-          let cumulative = 0
-          for (let i = 0; i < buckets.length; i++) {
-            cumulative += child.counts[i]!
-            out.push(`${options.name}_bucket${labelText(labelNames, values, `le="${formatNumber(buckets[i]!)}"`)} ${cumulative}`)
-          }
-          out.push(`${options.name}_bucket${labelText(labelNames, values, `le="+Inf"`)} ${child.count()}`)
-          out.push(`${options.name}_sum${labelText(labelNames, values)} ${formatNumber(child.sum())}`)
-          out.push(`${options.name}_count${labelText(labelNames, values)} ${child.count()}`)
-        }
-      }
-    })
-    if (labelNames.length === 0) children.get([])
-    return { name: options.name, labelNames, labels: (...values) => children.get(values) }
   }
 
   const sampledGauge = <L extends string>(options: SampledGaugeOptions<L>): () => void => {
     const labelNames = validate(options)
-    const type = options.type ?? "gauge"
-    if (type === "counter" && !options.name.endsWith("_total")) throw new MetricDefinitionError(`counter ${options.name} must end in _total`)
+    const isCounter = options.type === "counter"
+    if (isCounter) requireTotal(options.name)
+    claim(options.name)
     const maxValues = options.maxLabelValues ?? DefaultMaxLabelValues
-    const family: Rendered = {
-      name: options.name,
-      help: options.help,
-      type,
-      render: (out) => {
-        // bounded per scrape (what is live now), not over the process's life; values folded into
-        // `other` are summed, so the total stays right
-        const bound = makeLabelBounds(labelNames.length, maxValues)
-        const rows = new Map<string, { values: ReadonlyArray<string>; value: number }>()
-        for (const [values, value] of options.collect()) {
-          const bounded = bound(values)
-          const key = bounded.join("\u0000")
-          const row = rows.get(key)
-          if (row === undefined) rows.set(key, { values: bounded, value })
-          else row.value += value
-        }
-        for (const { values, value } of rows.values()) out.push(`${options.name}${labelText(labelNames, values)} ${formatNumber(value)}`)
-      }
+    const register = (bounded: ReadonlyArray<string>, cell: SampledCell): Metric.Registration => {
+      const attributes = attributesOf(labelNames, bounded)
+      return isCounter
+        ? Metric.registerUnsafe(Metric.counter(options.name, { description: options.help, attributes, incremental: true }), context, {
+          get: () => ({ count: cell.value, incremental: true }),
+          update: noUpdate,
+          modify: noUpdate
+        })
+        : Metric.registerUnsafe(Metric.gauge(options.name, { description: options.help, attributes }), context, {
+          get: () => ({ value: cell.value }),
+          update: noUpdate,
+          modify: noUpdate
+        })
     }
-    add(family)
+    let rows = new Map<string, SampledRow>()
+    const sample = () => {
+      // bounded per scrape (what is live now), not over the process's life; values folded into
+      // `other` are summed, so the total stays right
+      const bound = makeLabelBounds(labelNames.length, maxValues)
+      const next = new Map<string, SampledRow>()
+      for (const [values, value] of options.collect()) {
+        const bounded = bound(values)
+        const key = bounded.join("\u0000")
+        const seen = next.get(key)
+        if (seen !== undefined) {
+          seen.cell.value += value
+          continue
+        }
+        let row = rows.get(key)
+        if (row === undefined) {
+          const cell = { value }
+          row = { cell, registration: register(bounded, cell) }
+        } else row.cell.value = value
+        next.set(key, row)
+      }
+      for (const [key, row] of rows) if (!next.has(key)) row.registration.remove()
+      rows = next
+    }
+    samplers.set(options.name, sample)
     return () => {
-      if (families.get(options.name) === family) families.delete(options.name)
+      if (samplers.get(options.name) !== sample) return
+      samplers.delete(options.name)
+      families.delete(options.name)
+      for (const row of rows.values()) row.registration.remove()
+      rows = new Map()
     }
   }
 
   const render = (): string => {
-    const out: Array<string> = []
-    for (const family of families.values()) {
-      out.push(`# HELP ${family.name} ${escapeHelp(family.help)}`)
-      out.push(`# TYPE ${family.name} ${family.type}`)
-      family.render(out)
-    }
-    return out.length === 0 ? "" : out.join("\n") + "\n"
+    for (const sample of samplers.values()) sample()
+    return PrometheusMetrics.formatUnsafe(context)
   }
 
-  return { counter, gauge, histogram, sampledGauge, render }
+  return { context, counter, gauge, histogram, sampledGauge, render }
 }
 
 /** The status class label of an HTTP status: `2xx`, `4xx`, ... */

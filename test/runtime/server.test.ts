@@ -94,6 +94,57 @@ describe("runGateway", () => {
       assert.deepStrictEqual(status.listeners.map((l: { name: string }) => l.name), ["admin", "control", "reverse_h2"])
     }).pipe(Effect.scoped))
 
+  it.live("its admin endpoint's /metrics shows the gateway's families in the Prometheus text format", () =>
+    Effect.gen(function*() {
+      const handle = yield* runGateway({ control: { address: "127.0.0.1:0", token: Redacted.make(Token) }, admin: { address: "127.0.0.1:0" } })
+      const port = yield* Effect.promise(freePort)
+      const tunnel = yield* Effect.acquireRelease(
+        Effect.promise(() => listen({ port, http: { pathPrefix: "/app" } }, { server: `127.0.0.1:${handle.control.port}`, token: Token })),
+        (t) => Effect.promise(() => new Promise<void>((resolve) => t.close(() => resolve())))
+      )
+      const app = tunnel.serve(http.createServer((_req, res) => res.end("ok")))
+      yield* Effect.addFinalizer(() => Effect.sync(() => app.close()))
+      assert.strictEqual((yield* Effect.promise(() => get(port, "/app"))).body, "ok")
+      assert.strictEqual((yield* Effect.promise(() => get(port, "/other"))).status, 404)
+
+      const scraped = yield* Effect.promise(() => get(handle.admin!.port, "/metrics"))
+      assert.strictEqual(scraped.status, 200)
+      assert.strictEqual(scraped.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8")
+      const types = new Map(scraped.body.split("\n").filter((l) => l.startsWith("# TYPE ")).map((l) => l.split(" ").slice(2) as [string, string]))
+      const expected: Record<string, string> = {
+        switchyard_sessions: "gauge",
+        switchyard_streams_open: "gauge",
+        switchyard_routes: "gauge",
+        switchyard_route_backends: "gauge",
+        switchyard_queued_requests: "gauge",
+        switchyard_open_ports: "gauge",
+        switchyard_requests_total: "counter",
+        switchyard_request_duration_seconds: "histogram",
+        switchyard_received_bytes_total: "counter",
+        switchyard_sent_bytes_total: "counter",
+        switchyard_queue_wait_seconds: "histogram",
+        switchyard_client_limit_refusals_total: "counter",
+        switchyard_admin_connections_closed_total: "counter",
+        process_resident_memory_bytes: "gauge",
+        process_cpu_seconds_total: "counter",
+        process_start_time_seconds: "gauge",
+        nodejs_heap_used_bytes: "gauge"
+      }
+      for (const [name, type] of Object.entries(expected)) assert.strictEqual(types.get(name), type, name)
+      for (const name of types.keys()) assert.include(scraped.body, `# HELP ${name} `)
+      const body = scraped.body
+      assert.strictEqual(sample(body, "switchyard_sessions", { front_door: "control" }), 1)
+      assert.strictEqual(sample(body, "switchyard_route_backends", { route: `http:${port}::/app` }), 1)
+      assert.strictEqual(sample(body, "switchyard_requests_total", { front_door: "control", status_class: "2xx" }), 1)
+      assert.strictEqual(sample(body, "switchyard_requests_total", { front_door: "public", route: "(no route)", status_class: "4xx" }), 1)
+      assert.strictEqual(sample(body, "switchyard_request_duration_seconds_count", { front_door: "control" }), 1)
+      assert.strictEqual(sample(body, "switchyard_request_duration_seconds_bucket", { front_door: "control", le: "+Inf" }), 1)
+      assert.strictEqual(sample(body, "switchyard_queue_wait_seconds_count", { front_door: "public" }), 2)
+      assert.isAbove(sample(body, "switchyard_received_bytes_total"), 0)
+      assert.strictEqual(sample(body, "switchyard_admin_connections_closed_total", { reason: "evicted" }), 0)
+      assert.match(body, /\nprocess_resident_memory_bytes [0-9.e+]+\n/)
+    }).pipe(Effect.scoped))
+
   it.live("SIGHUP swaps the tokens of both tunnel ports; a reload without any token is refused", () =>
     Effect.gen(function*() {
       let next: ServerFile = { control: { token: Redacted.make("second-token") } }
