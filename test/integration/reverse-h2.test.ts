@@ -87,32 +87,6 @@ describe("reverse HTTP/2", () => {
       }))
     }))
 
-  for (const engine of [true, false]) {
-    for (const n of [2, 3, 4]) {
-      it.effect(`sequential requests are spread evenly over ${n} idle plain-mode backends (${engine ? "engine" : "Node"} port)`, () =>
-        Effect.gen(function*() {
-          const port = yield* Effect.promise(freePort)
-          yield* withGateway({ routes: [{ _tag: "Http", port }] }, Effect.gen(function*() {
-            const gateway = yield* ReverseH2
-            const names = Array.from({ length: n }, (_, i) => `backend-${i}`)
-            for (const name of names) {
-              const server = namedBackend(name)
-              yield* closeServer(server)
-              yield* dialBackend(gateway.address.port, server)
-            }
-            yield* until(() => gateway.connections() === n, `${n} backends`)
-            const counts = new Map<string, number>(names.map((name) => [name, 0]))
-            for (let i = 0; i < 10 * n; i++) {
-              const r = yield* Effect.promise(() => request(port, "/"))
-              assert.strictEqual(r.status, 200)
-              counts.set(r.body, (counts.get(r.body) ?? 0) + 1)
-            }
-            for (const [name, count] of counts) assert.isTrue(Math.abs(count - 10) <= 1, `${name} served ${count} of ${10 * n}: ${JSON.stringify([...counts])}`)
-          }), engine)
-        }))
-    }
-  }
-
   it.effect("a backend killed mid-response: that response is aborted, a reset before the head is a 502, the dead connection is pruned", () =>
     Effect.gen(function*() {
       const port = yield* Effect.promise(freePort)

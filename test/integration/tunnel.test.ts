@@ -84,27 +84,6 @@ describe("control-port tunnels: operations", () => {
       assert.deepStrictEqual(counts, { one: 10, two: 10 })
     })))
 
-  for (const n of [2, 3, 4]) {
-    it.live(`sequential requests are spread evenly over ${n} idle backends`, () =>
-      noLeaks(Effect.gen(function*() {
-        const control = Context.get(yield* gateway(), ControlPort)
-        const publicPort = yield* Effect.promise(freePort)
-        const route = { _tag: "Http" as const, port: publicPort }
-        const names = Array.from({ length: n }, (_, i) => `backend-${i}`)
-        for (const name of names) {
-          const tunnel = Context.get(yield* client([control.address.port!], { label: name }), TunnelClient)
-          yield* serveHttp(tunnel, route, (_req, res) => res.end(name))
-        }
-        const counts = new Map<string, number>(names.map((name) => [name, 0]))
-        for (let i = 0; i < 10 * n; i++) {
-          const r = yield* Effect.promise(() => request(publicPort, "/"))
-          assert.strictEqual(r.status, 200)
-          counts.set(r.body, (counts.get(r.body) ?? 0) + 1)
-        }
-        for (const [name, count] of counts) assert.isTrue(Math.abs(count - 10) <= 1, `${name} served ${count} of ${10 * n}: ${JSON.stringify([...counts])}`)
-      })))
-  }
-
   it.live("a deploy (start B, stop A) under continuous requests loses nothing", () =>
     noLeaks(Effect.gen(function*() {
       const control = Context.get(yield* gateway(), ControlPort)

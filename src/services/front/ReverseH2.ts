@@ -308,6 +308,12 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     return { conn, lease: next }
   }
 
+  /** Ends a lease; the dispatcher then sees its connection's room, which a waiting request may take. */
+  const releaseLease = (lease: BackendLease): void => {
+    lease.release()
+    if (waiters.length > 0) serveWaiters()
+  }
+
   const serveWaiters = () => {
     for (let i = 0; i < waiters.length;) {
       const waiter = waiters[i]!
@@ -363,23 +369,28 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     // the lease the request is served under; the one the dispatcher gave is released by Listeners too
     let current = lease
     let attempts = 0
-    res.once("close", () => current.release())
+    res.once("close", () => releaseLease(current))
     const start = (conn: H2Connection, replay?: RequestReplay): void => {
       conn.active++
       streams++
-      let released = false
-      const onDone = () => {
-        if (released) return
-        released = true
+      let over = false
+      /** The stream is over: its slot is free again (false when it was already). */
+      const streamOver = (): boolean => {
+        if (over) return false
+        over = true
         conn.active--
         streams--
-        if (waiters.length > 0) serveWaiters()
+        return true
       }
       forwardToH2(conn as H2Connection & { session: H2ClientConnection }, req, res, forwardOptions(conn, () => {
-        onDone()
-        if (res.writableFinished || res.destroyed) current.release()
+        if (!streamOver()) return
+        // a response written whole (or cut) needs the backend no more: its lease ends before waiting
+        // requests look for a slot, so the dispatcher sees this connection's room; a request refused
+        // unprocessed keeps its lease for the next attempt
+        if (res.writableEnded || res.destroyed) current.release()
+        if (waiters.length > 0) serveWaiters()
       }, (again) => {
-        onDone()
+        streamOver()
         if (++attempts > MaxRefusedRetries) return false
         route(again)
         return true
@@ -418,10 +429,8 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       return
     }
     const { conn } = found
-    if (found.lease !== lease) {
-      lease.release()
-      socket.once("close", found.lease.release)
-    }
+    if (found.lease !== lease) lease.release()
+    socket.once("close", () => releaseLease(found.lease))
     conn.active++
     streams++
     upgradeToH2(conn as H2Connection & { session: H2ClientConnection }, req, socket, head, forwardOptions(conn, () => {
