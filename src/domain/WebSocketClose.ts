@@ -36,7 +36,6 @@ export class WebSocketError extends Schema.TaggedError<WebSocketError>()("WebSoc
     "TryAgainLater",
     "OtherCode",
     "KeepaliveTimeout",
-    "ReadOverflow",
     "BadUrl",
     "Handshake",
     "Proxy"
