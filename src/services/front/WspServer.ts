@@ -6,6 +6,7 @@
  */
 import { createHash, timingSafeEqual } from "node:crypto"
 import * as http from "node:http"
+import type * as net from "node:net"
 import type { Duplex } from "node:stream"
 import { Context, Effect, FiberSet, Layer, Redacted, Schema } from "effect"
 import type { Scope } from "effect"
@@ -128,6 +129,8 @@ class ServerConnection {
   private idleBytes = 0
   private readonly maxIdleBytes: number
   private readonly onIdleOverflow: (conn: ServerConnection) => void
+  /** The caller's socket, corked while one read's body parts are written to it. */
+  private corked: net.Socket | undefined = undefined
 
   constructor(
     endpoint: WebSocketEndpoint,
@@ -156,7 +159,20 @@ class ServerConnection {
       binaryStart: () => this.onBodyStart(),
       binaryData: (payload) => {
         const exchange = this.exchange
-        if (exchange !== undefined && exchange.head !== undefined) this.onBodyFragment(exchange, payload)
+        if (exchange === undefined || exchange.head === undefined) return
+        // the parts of a body in one read go to the caller in one write
+        const socket = exchange.res.socket
+        if (this.corked === undefined && socket !== null && !socket.destroyed) {
+          socket.cork()
+          this.corked = socket
+        }
+        this.onBodyFragment(exchange, payload)
+      },
+      readDone: () => {
+        const corked = this.corked
+        if (corked === undefined) return
+        this.corked = undefined
+        corked.uncork()
       },
       binaryEnd: () => {
         const exchange = this.exchange

@@ -41,6 +41,8 @@ export interface EndpointHandlers {
   readonly pong?: ((payload: Buffer) => void) | undefined
   /** A ping arrived (it is answered already). */
   readonly ping?: ((payload: Buffer) => void) | undefined
+  /** Everything of one socket read was handed over (a consumer that batches its writes per read flushes here). */
+  readonly readDone?: (() => void) | undefined
   /** The connection is closed (once): `error` is undefined for a clean close (1000 or no status). */
   readonly closed: (error: WebSocketError | undefined) => void
 }
@@ -175,6 +177,7 @@ export class WebSocketEndpoint {
       return
     }
     this.decode(chunk)
+    this.handlers?.readDone?.()
   }
 
   private decode(chunk: Buffer): void {
