@@ -20,26 +20,6 @@ export const freePort = (): Promise<number> =>
     })
   })
 
-/** Answers with `body` (Content-Length set), written `sliceBytes` at a time with backpressure. */
-export const sendInSlices = (
-  res: Pick<http.ServerResponse, "writeHead" | "write" | "end" | "once">,
-  body: Buffer,
-  sliceBytes: number
-): void => {
-  res.writeHead(200, { "content-length": String(body.length) })
-  let offset = 0
-  const write = (): void => {
-    while (offset < body.length) {
-      const end = Math.min(offset + sliceBytes, body.length)
-      const ok = res.write(body.subarray(offset, end))
-      offset = end
-      if (!ok) return void res.once("drain", write)
-    }
-    res.end()
-  }
-  write()
-}
-
 /** Prints one figure. */
 export const report = (suite: string, figure: string, value: number, unit: string): void => {
   const shown = Number.isInteger(value) ? String(value) : value.toFixed(Math.abs(value) >= 100 ? 1 : 3)
