@@ -71,11 +71,16 @@ export const comparePaths = async (suite: string, paths: ReadonlyArray<HttpPath>
   const best = new Map<string, number>()
   const downloading = paths.filter((p) => p.download !== undefined)
   const fetch = (p: HttpPath) => curlDownload(p.download!.url, settings.downloadBytes, p.download!.headers)
-  for (const p of downloading) await meters.get(p.name)!.unmetered(() => fetch(p))
+  // a failed download is noted and leaves that round out of the figures
+  const failed = (p: HttpPath) => (e: Error) => {
+    note(suite, `${p.name}: a download failed: ${e.message.split("\n")[0]}`)
+    return undefined
+  }
+  for (const p of downloading) await meters.get(p.name)!.unmetered(() => fetch(p).catch(failed(p)))
   for (let round = 0; round < settings.downloadRounds; round++) {
     for (const p of downloading) {
-      const speed = await meters.get(p.name)!.transfer(() => fetch(p), () => settings.downloadBytes)
-      best.set(p.name, Math.max(best.get(p.name) ?? 0, speed))
+      const speed = await meters.get(p.name)!.transfer(() => fetch(p).catch(failed(p)), (s) => s === undefined ? 0 : settings.downloadBytes)
+      if (speed !== undefined) best.set(p.name, Math.max(best.get(p.name) ?? 0, speed))
     }
   }
 

@@ -171,8 +171,10 @@ export const meterPath = (suite: string, path: string, parties: ReadonlyArray<Pa
     },
     transfer: async (run, size) => {
       const { result, spent } = await phase(run)
-      spent.forEach((s, i) => (byteCpu[i]! += s))
-      bytes += size(result)
+      const moved = size(result)
+      // a phase that moved nothing (it failed) is charged to nothing
+      if (moved > 0) spent.forEach((s, i) => (byteCpu[i]! += s))
+      bytes += moved
       return result
     },
     unmetered: async (run) => (await phase(run)).result,
@@ -268,7 +270,7 @@ export const curlDownload = async (url: string, expectedBytes: number, headers: 
   const args = ["-s", "--max-time", String(downloadMaxSeconds), "-o", "/dev/null", "-w", "%{speed_download} %{size_download} %{http_code}"]
   for (const h of headers) args.push("-H", h)
   const out = await new Promise<string>((resolve, reject) =>
-    execFile("curl", [...args, url], (error, stdout) => error === null ? resolve(stdout) : reject(new Error(`curl ${url}: ${error.message} ${stdout}`)))
+    execFile("curl", [...args, url], (error, stdout) => error === null ? resolve(stdout) : reject(new Error(`curl ${url} (exit ${error.code}): ${stdout}`)))
   )
   const [speed, size, status] = out.trim().split(" ")
   if (Number(size) !== expectedBytes || status !== "200") throw new Error(`download of ${url} failed: ${out}`)
