@@ -1,10 +1,15 @@
 /**
- * Child processes for the download figures of the websocket and http2 benches: each side of a path
- * (gateway, far side, destination) runs alone in its own Node process, started from a bench file with
- * a role variable, and curl downloads, so the figure is the product's and not one process doing every
- * leg. `SWITCHYARD_BENCH_CPU_PROF=DIR` writes a CPU profile of every child into DIR (on stop).
+ * The processes of a bench: every party of a path (gateway, client side, destination) runs alone in its
+ * own process, so what is measured of a process is that party's work and nothing else. Switchyard's
+ * parties are the `switchyard` command itself (`startSwitchyard`); destinations are small Node servers
+ * (`startBackend`); a bench file can also start itself in a role (`startRole`). Load comes from wrk and
+ * curl, never from a measured process. `SWITCHYARD_BENCH_CPU_PROF=DIR` writes a CPU profile of every
+ * Node child into DIR (on stop).
  */
-import { type ChildProcess, execFile, spawn } from "node:child_process"
+import { type ChildProcess, spawn } from "node:child_process"
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
 import { createInterface } from "node:readline"
 
 /** Names the role a bench file plays when started as a child. */
@@ -13,51 +18,82 @@ export const RoleVariable = "SWITCHYARD_BENCH_ROLE"
 const announceTimeoutMs = 20_000
 /** Longest a child may take to stop before it is killed. */
 const stopTimeoutMs = 10_000
-/** Longest one curl download may take. */
-const downloadMaxSeconds = 30
+/** Output lines of a child kept for the error when it fails. */
+const keptLines = 40
+/** The `switchyard` command, run from the sources as `npm start` does. */
+const switchyardMain = path.resolve(import.meta.dirname, "../src/runtime/main.ts")
+/** Preloaded into a switchyard child that a bench asks for a full collection (SIGUSR2). */
+const gcPreload = path.resolve(import.meta.dirname, "gc-on-signal.ts")
 
-/** A bench child: the `key value` lines it announced, and how to stop it. */
-export interface RoleProcess {
+/** A bench child: its output lines, and how to stop it. */
+export interface BenchProcess {
+  /** Name used in figures and errors. */
+  readonly name: string
+  readonly pid: number
   readonly child: ChildProcess
   /** The value of the first `key value` line with this key (waits for it, bounded). */
   readonly value: (key: string) => Promise<string>
+  /** Resolves at the first output line (stdout or stderr) matching `pattern` from now on (bounded). */
+  readonly nextLine: (pattern: RegExp) => Promise<string>
+  /** The last lines it printed. */
+  readonly output: () => string
+  /** Writes one line to its stdin (a child started with `stdin`). */
+  readonly send: (line: string) => void
   readonly stop: () => Promise<void>
 }
 
-/** Starts `file` in role `role`; resolves once it printed `ready`. */
-export const startRole = async (file: string, role: string, env: Record<string, string> = {}): Promise<RoleProcess> => {
-  const profileDir = process.env.SWITCHYARD_BENCH_CPU_PROF
-  const flags = profileDir === undefined ? [] : ["--cpu-prof", `--cpu-prof-dir=${profileDir}`, `--cpu-prof-name=${role}-${Date.now()}.cpuprofile`]
-  const child = spawn(process.execPath, [...flags, file], {
-    env: { ...process.env, ...env, [RoleVariable]: role },
-    stdio: ["ignore", "pipe", "inherit"]
-  })
+/** Starts `command` as a child named `name`; resolves once it is ready (bounded). */
+export const startProcess = async (
+  name: string,
+  command: string,
+  args: ReadonlyArray<string>,
+  options: {
+    readonly env?: Record<string, string>
+    /** A line it prints once ready, or a check that resolves once it is (for programs that print nothing). */
+    readonly ready: RegExp | (() => Promise<void>)
+    /** Keep its stdin open for `send`. */
+    readonly stdin?: boolean
+  }
+): Promise<BenchProcess> => {
+  const child = spawn(command, args, { env: { ...process.env, ...options.env }, stdio: [options.stdin === true ? "pipe" : "ignore", "pipe", "pipe"] })
+  const lines: Array<string> = []
   const values = new Map<string, string>()
-  const waiters = new Map<string, Array<(v: string) => void>>()
-  createInterface({ input: child.stdout! }).on("line", (line) => {
+  const watchers = new Set<(line: string) => void>()
+  const onLine = (line: string) => {
+    lines.push(line)
+    if (lines.length > keptLines) lines.shift()
     const space = line.indexOf(" ")
     const key = space < 0 ? line : line.slice(0, space)
-    const value = space < 0 ? "" : line.slice(space + 1)
-    if (!values.has(key)) values.set(key, value)
-    for (const w of waiters.get(key) ?? []) w(value)
-    waiters.delete(key)
-  })
-  const value = (key: string) =>
+    if (!values.has(key)) values.set(key, space < 0 ? "" : line.slice(space + 1))
+    for (const w of [...watchers]) w(line)
+  }
+  createInterface({ input: child.stdout! }).on("line", onLine)
+  createInterface({ input: child.stderr! }).on("line", onLine)
+  const output = () => lines.join("\n")
+  const waitFor = (what: string, match: (line: string) => string | undefined, known?: string) =>
     new Promise<string>((resolve, reject) => {
-      const known = values.get(key)
       if (known !== undefined) return resolve(known)
-      const timer = setTimeout(() => reject(new Error(`${role}: no "${key}" after ${announceTimeoutMs} ms`)), announceTimeoutMs)
-      const onExit = () => reject(new Error(`${role} exited before announcing "${key}"`))
-      child.once("exit", onExit)
-      waiters.set(key, [...(waiters.get(key) ?? []), (v) => {
+      const done = (f: () => void) => {
         clearTimeout(timer)
+        watchers.delete(watch)
         child.off("exit", onExit)
-        resolve(v)
-      }])
+        f()
+      }
+      const watch = (line: string) => {
+        const found = match(line)
+        if (found !== undefined) done(() => resolve(found))
+      }
+      const onExit = () => done(() => reject(new Error(`${name} exited before ${what}:\n${output()}`)))
+      const timer = setTimeout(() => done(() => reject(new Error(`${name}: no ${what} after ${announceTimeoutMs} ms:\n${output()}`))), announceTimeoutMs)
+      watchers.add(watch)
+      child.once("exit", onExit)
     })
+  const value = (key: string) =>
+    waitFor(`"${key}"`, (line) => line === key ? "" : line.startsWith(`${key} `) ? line.slice(key.length + 1) : undefined, values.get(key))
+  const nextLine = (pattern: RegExp) => waitFor(String(pattern), (line) => pattern.test(line) ? line : undefined)
   const stop = () =>
     new Promise<void>((resolve) => {
-      if (child.exitCode !== null || child.signalCode !== null) return resolve()
+      if (child.pid === undefined || child.exitCode !== null || child.signalCode !== null) return resolve()
       const timer = setTimeout(() => child.kill("SIGKILL"), stopTimeoutMs)
       child.once("exit", () => {
         clearTimeout(timer)
@@ -67,12 +103,55 @@ export const startRole = async (file: string, role: string, env: Record<string, 
       child.kill("SIGINT")
     })
   try {
-    await value("ready")
+    await new Promise<void>((resolve, reject) => {
+      child.once("spawn", resolve)
+      child.once("error", reject)
+    })
+    const ready = options.ready
+    if (typeof ready === "function") {
+      const exited = new Promise<never>((_, reject) => child.once("exit", () => reject(new Error(`${name} exited:\n${output()}`))))
+      exited.catch(() => {}) // the normal end, once the bench stops it
+      await Promise.race([ready(), exited])
+    } else if (!lines.some((l) => ready.test(l))) await nextLine(ready)
   } catch (e) {
     await stop()
     throw e
   }
-  return { child, value, stop }
+  const send = (line: string) => void child.stdin!.write(`${line}\n`)
+  return { name, pid: child.pid!, child, value, nextLine, output, send, stop }
+}
+
+/** Node flags that write a CPU profile of the child, when `SWITCHYARD_BENCH_CPU_PROF` asks for it. */
+const profileFlags = (name: string): Array<string> => {
+  const dir = process.env.SWITCHYARD_BENCH_CPU_PROF
+  return dir === undefined ? [] : ["--cpu-prof", `--cpu-prof-dir=${dir}`, `--cpu-prof-name=${name}-${Date.now()}.cpuprofile`]
+}
+
+/** Starts `file` (a bench file) in role `role`; resolves once it printed `ready`. */
+export const startRole = (file: string, role: string, env: Record<string, string> = {}, name = role): Promise<BenchProcess> =>
+  startProcess(name, process.execPath, [...profileFlags(name), file], { env: { ...env, [RoleVariable]: role }, ready: /^ready$/, stdin: true })
+
+/**
+ * Runs `switchyard <args>` as party `name`, without its admin endpoint (several run on one host);
+ * resolves once a line matches `ready`. With `gc`, SIGUSR2 makes it collect garbage (see `collectGarbage`).
+ */
+export const startSwitchyard = (
+  name: string,
+  args: ReadonlyArray<string>,
+  options: { readonly ready: RegExp; readonly gc?: boolean }
+): Promise<BenchProcess> =>
+  startProcess(
+    name,
+    process.execPath,
+    [...profileFlags(name), ...(options.gc === true ? ["--expose-gc", "--import", gcPreload] : []), switchyardMain, ...args],
+    { env: { SWITCHYARD_ADMIN_ENABLED: "false" }, ready: options.ready }
+  )
+
+/** A full collection in a child started with `gc` (so a memory figure is live data, not garbage). */
+export const collectGarbage = async (party: BenchProcess): Promise<void> => {
+  const done = party.nextLine(/^bench: gc done$/)
+  party.child.kill("SIGUSR2")
+  await done
 }
 
 /** In a child: prints one `key value` line for the bench. */
@@ -89,14 +168,50 @@ export const closeOnSignal = (close: () => Promise<void>): void => {
   process.once("SIGTERM", onSignal)
 }
 
-/** Downloads `url` with curl (headers as `Name: value`); the speed in MB/s, checked for size and status. */
-export const curlDownload = async (url: string, expectedBytes: number, headers: ReadonlyArray<string> = []): Promise<number> => {
-  const args = ["-s", "--max-time", String(downloadMaxSeconds), "-o", "/dev/null", "-w", "%{speed_download} %{size_download} %{http_code}"]
-  for (const h of headers) args.push("-H", h)
-  const out = await new Promise<string>((resolve, reject) =>
-    execFile("curl", [...args, url], (error, stdout) => error === null ? resolve(stdout) : reject(new Error(`curl ${url}: ${error.message} ${stdout}`)))
-  )
-  const [speed, size, status] = out.trim().split(" ")
-  if (Number(size) !== expectedBytes || status !== "200") throw new Error(`download of ${url} failed: ${out}`)
-  return Number(speed) / 1e6
+/**
+ * The destination of the HTTP suites, as a script for its own process: any path ending in `/big`
+ * answers `bytes` (64 KiB writes with backpressure, Content-Length set), anything else `ok`.
+ */
+const backendScript = `
+const http = require("node:http")
+const bytes = Number(process.argv[1])
+const slice = Buffer.alloc(64 * 1024, 0x5a)
+const server = http.createServer({ keepAliveTimeout: 60000 }, (req, res) => {
+  req.resume()
+  if (!req.url.endsWith("/big")) {
+    res.writeHead(200, { "content-type": "text/plain", "content-length": "2" })
+    return res.end("ok")
+  }
+  res.writeHead(200, { "content-type": "application/octet-stream", "content-length": String(bytes) })
+  let left = bytes
+  const pump = () => {
+    while (left > 0) {
+      const c = left >= slice.length ? slice : slice.subarray(0, left)
+      left -= c.length
+      if (!res.write(c)) return void res.once("drain", pump)
+    }
+    res.end()
+  }
+  res.on("close", () => { left = 0 })
+  pump()
+})
+server.listen(0, "127.0.0.1", () => process.stdout.write("port " + server.address().port + "\\nready\\n"))
+process.on("SIGINT", () => process.exit(0))
+`
+
+/** Starts the destination server alone in its process; `bytes` is the size of `/big`. */
+export const startBackend = async (bytes: number): Promise<{ readonly process: BenchProcess; readonly port: number }> => {
+  const backend = await startProcess("backend", process.execPath, ["-e", backendScript, String(bytes)], { ready: /^ready$/ })
+  return { process: backend, port: Number(await backend.value("port")) }
+}
+
+/** Stops every process, last started first. */
+export const stopAll = async (processes: ReadonlyArray<BenchProcess>): Promise<void> => {
+  for (const p of [...processes].reverse()) await p.stop()
+}
+
+/** A private temporary directory for config files, removed by the returned function. */
+export const tempDir = (prefix: string): { readonly dir: string; readonly remove: () => void } => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `switchyard-bench-${prefix}-`))
+  return { dir, remove: () => fs.rmSync(dir, { recursive: true, force: true }) }
 }

@@ -1,9 +1,14 @@
 /**
- * `npm run bench -- yamux`: yamux throughput, latency and per-stream memory, each against a baseline
- * measured in the same run (raw TCP on loopback, and hashicorp/yamux talking to itself).
+ * `npm run bench -- yamux`: yamux throughput and latency between two processes on loopback, each against
+ * a baseline measured in the same run (raw TCP between the same two kinds of process, and hashicorp/yamux
+ * talking to itself), and memory per stream. Our side of every path runs in its own process (this file,
+ * started with a role): a `sender` that dials and drives the streams when the bench tells it to on stdin,
+ * and a `receiver` that accepts and drains (`sink`) or echoes them; the Go peer is a process of its own.
+ * Figures: MB/s and ratio per path, each of our processes' CPU per 100 MiB and RSS idle and peak, echo
+ * round trips, and heap per open stream (both ends in the bench process: a memory figure, not a rate).
  */
-import { spawn } from "node:child_process"
 import * as net from "node:net"
+import { createInterface } from "node:readline"
 import { setFlagsFromString } from "node:v8"
 import { runInNewContext } from "node:vm"
 import { fromSocket } from "../src/runtime/NodeTransport.ts"
@@ -11,142 +16,194 @@ import { makeMemoryPair } from "../src/services/Transport.ts"
 import { type NodeYamuxSession, startSession } from "../src/services/yamux/NodeSession.ts"
 import type { StreamSocket } from "../src/services/yamux/StreamDuplex.ts"
 import { yamuxPeer } from "../test/support/peers.ts"
-import { freePort, mbps, now, quantile, report } from "./support.ts"
+import { announce, type BenchProcess, closeOnSignal, RoleVariable, startProcess, startRole, stopAll } from "./roles.ts"
+import { freePort, meterPath, note, type PathMeter, quantile, report } from "./support.ts"
 
-const SUITE = "yamux"
-/** Bytes pushed through one stream (or one raw socket) per throughput run, and the time cap. */
-const THROUGHPUT_BYTES = 512 * 1024 * 1024
-const THROUGHPUT_MAX_MS = 3_000
-const CHUNK = 64 * 1024
-const MULTI_STREAMS = 16
-const ECHO_SAMPLES = 3_000
-const MEMORY_STREAMS = 10_000
+const suite = "yamux"
+/** Bytes pushed per throughput run (over all its streams), and the time cap. */
+const throughputBytes = 512 * 1024 * 1024
+const throughputMaxMs = 3_000
+const chunkBytes = 64 * 1024
+const multiStreams = 16
+const echoSamples = 3_000
+const memoryStreams = 10_000
+/** The Go-shaped load: streams per round, bytes each way per stream, rounds. */
+const goStreams = 16
+const goSize = 4 * 1024 * 1024
+const goRounds = 4
+/** Interleaved repeats of each measurement (the median is reported; the machine is shared). */
+const repeats = 3
 
-const loopbackPair = async (): Promise<{ a: net.Socket; b: net.Socket; close: () => Promise<void> }> => {
-  const server = net.createServer({ allowHalfOpen: true })
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r))
-  const accepted = new Promise<net.Socket>((r) => server.once("connection", r))
-  const a = net.connect({ port: (server.address() as net.AddressInfo).port, host: "127.0.0.1", allowHalfOpen: true })
-  await new Promise((r) => a.once("connect", r))
-  const b = await accepted
-  a.setNoDelay(true)
-  b.setNoDelay(true)
-  return {
-    a,
-    b,
-    close: async () => {
-      a.destroy()
-      b.destroy()
-      await new Promise((r) => server.close(r))
-    }
-  }
+// ---------------------------------------------------------------------------------------------------
+// Roles: our two sides, each alone in its process.
+
+type Transport = "raw" | "yamux"
+
+/** A duplex the roles treat alike: a TCP socket, or a yamux stream as a socket. */
+type Pipe = net.Socket | StreamSocket
+
+const drainThenEnd = (s: Pipe) => {
+  s.on("error", () => {})
+  s.on("end", () => s.end())
+  s.resume()
+}
+const echo = (s: Pipe) => {
+  s.on("error", () => {})
+  s.pipe(s)
 }
 
-const yamuxPair = async () => {
-  const { a, b, close } = await loopbackPair()
-  const client = await startSession(fromSocket(a), { role: "client" })
-  const server = await startSession(fromSocket(b), { role: "server" })
-  return {
-    client,
-    server,
-    close: async () => {
-      await client.close()
-      await server.close()
-      await close()
-    }
-  }
+/** Accepts connections (raw) or streams (yamux) on a loopback port, and drains or echoes each. */
+const receiverMain = async (transport: Transport, mode: "sink" | "echo") => {
+  const serve = mode === "sink" ? drainThenEnd : echo
+  const sessions: Array<NodeYamuxSession> = []
+  const server = net.createServer({ allowHalfOpen: true, noDelay: true }, async (socket) => {
+    if (transport === "raw") return serve(socket)
+    const session = await startSession(fromSocket(socket), { role: "server" })
+    sessions.push(session)
+    session.onSocket(serve)
+  })
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
+  announce("port", (server.address() as net.AddressInfo).port)
+  announce("ready")
+  closeOnSignal(async () => {
+    for (const s of sessions) await s.close()
+    server.close()
+  })
 }
 
-/** Writes until `bytes` or the time cap, honouring backpressure; resolves with bytes written. */
-const pump = (w: NodeJS.WritableStream, bytes: number, deadline: number): Promise<number> =>
-  new Promise((resolve) => {
-    const chunk = Buffer.alloc(CHUNK, 0x5a)
+const connect = async (port: number): Promise<net.Socket> => {
+  const socket = net.connect({ port, host: "127.0.0.1", allowHalfOpen: true, noDelay: true })
+  await new Promise((resolve, reject) => socket.once("connect", resolve).once("error", reject))
+  return socket
+}
+
+/** Writes `bytes` (or until `deadline`), ends, and resolves once the peer has ended too; bytes written. */
+const pumpOne = (s: Pipe, bytes: number, deadline: number): Promise<number> =>
+  new Promise((resolve, reject) => {
+    const chunk = Buffer.alloc(chunkBytes, 0x5a)
     let sent = 0
+    s.on("error", reject)
+    s.on("end", () => resolve(sent))
+    s.resume()
     const go = () => {
-      while (sent < bytes && now() < deadline) {
+      while (sent < bytes && performance.now() < deadline) {
         sent += chunk.length
-        if (!w.write(chunk)) return void w.once("drain", go)
+        if (!s.write(chunk)) return void s.once("drain", go)
       }
-      w.end()
-      resolve(sent)
+      s.end()
     }
     go()
   })
 
-const drain = (r: NodeJS.ReadableStream): Promise<number> =>
+/** Writes `size` bytes and reads them back, then ends. */
+const echoOne = (s: Pipe, payload: Buffer): Promise<void> =>
   new Promise((resolve, reject) => {
-    let n = 0
-    r.on("data", (d: Buffer) => (n += d.length))
-    r.once("end", () => resolve(n))
-    r.once("error", reject)
-  })
-
-/** Throughput of `streams` parallel senders from `open()` into `accept()`, in MB/s. */
-const streamThroughput = async (
-  open: () => NodeJS.WritableStream,
-  accept: () => Promise<NodeJS.ReadableStream>,
-  streams: number
-): Promise<number> => {
-  const start = now()
-  const deadline = start + THROUGHPUT_MAX_MS
-  const per = Math.floor(THROUGHPUT_BYTES / streams)
-  const jobs = Array.from({ length: streams }, async () => {
-    const w = open()
-    const r = await accept()
-    const [, got] = await Promise.all([pump(w, per, deadline), drain(r)])
-    return got
-  })
-  const total = (await Promise.all(jobs)).reduce((a, b) => a + b, 0)
-  return mbps(total, now() - start)
-}
-
-const rawThroughput = async (): Promise<number> => {
-  const { a, b, close } = await loopbackPair()
-  try {
-    return await streamThroughput(() => a, async () => b, 1)
-  } finally {
-    await close()
-  }
-}
-
-const yamuxThroughput = async (streams: number): Promise<number> => {
-  const { client, server, close } = await yamuxPair()
-  try {
-    const accepted: Array<StreamSocket> = []
-    const waiting: Array<(s: StreamSocket) => void> = []
-    server.onSocket((s) => {
-      const w = waiting.shift()
-      if (w) w(s)
-      else accepted.push(s)
+    let got = 0
+    s.on("error", reject)
+    s.on("data", (d: Buffer) => {
+      got += d.length
+      if (got >= payload.length) s.end()
     })
-    const accept = () =>
-      new Promise<StreamSocket>((r) => {
-        const s = accepted.shift()
-        if (s) r(s)
-        else waiting.push(r)
-      })
-    return await streamThroughput(() => client.openSocket(), accept, streams)
-  } finally {
-    await close()
-  }
-}
+    s.on("end", () => resolve())
+    s.write(payload)
+  })
 
-/** 1-byte ping-pong round trips in microseconds. */
-const echoLatency = async (a: NodeJS.ReadWriteStream, b: NodeJS.ReadWriteStream): Promise<Array<number>> => {
-  b.on("data", (d: Buffer) => b.write(d))
-  // the run ends by destroying one end (an RST for yamux): not an error here
-  b.on("error", () => {})
-  const samples: Array<number> = []
+/** 1-byte ping-pong round trips on one stream, in microseconds. */
+const roundTrips = async (s: Pipe, samples: number): Promise<Array<number>> => {
+  const out: Array<number> = []
   const one = Buffer.from([1])
-  for (let i = 0; i < ECHO_SAMPLES; i++) {
-    const t = now()
+  for (let i = 0; i < samples; i++) {
+    const t = performance.now()
     await new Promise<void>((resolve) => {
-      a.once("data", () => resolve())
-      a.write(one)
+      s.once("data", () => resolve())
+      s.write(one)
     })
-    samples.push((now() - t) * 1000)
+    out.push((performance.now() - t) * 1000)
   }
-  return samples
+  s.destroy()
+  return out
+}
+
+/**
+ * Dials the receiver at `port` (one yamux session for all commands; a TCP connection per stream when
+ * raw) and runs the commands read from stdin, one `result …` line each: `pump <streams>` (MB/s),
+ * `echo` (the Go-shaped load, MB/s each way), `rtt` (p50 and p99 in µs).
+ */
+const senderMain = async (transport: Transport, port: number) => {
+  const session = transport === "yamux" ? await startSession(fromSocket(await connect(port)), { role: "client" }) : undefined
+  const open = async (): Promise<Pipe> => session === undefined ? connect(port) : session.openSocket()
+  const commands: Record<string, (arg: number) => Promise<string>> = {
+    pump: async (streams) => {
+      const start = performance.now()
+      const per = Math.floor(throughputBytes / streams)
+      const sent = await Promise.all(Array.from({ length: streams }, async () => pumpOne(await open(), per, start + throughputMaxMs)))
+      const total = sent.reduce((a, b) => a + b, 0)
+      return `${total} ${total / 1e6 / ((performance.now() - start) / 1000)}`
+    },
+    echo: async () => {
+      const payload = Buffer.alloc(goSize, 0x33)
+      const start = performance.now()
+      for (let round = 0; round < goRounds; round++) {
+        await Promise.all(Array.from({ length: goStreams }, async () => echoOne(await open(), payload)))
+      }
+      const total = goRounds * goStreams * goSize
+      return `${total} ${total / 1e6 / ((performance.now() - start) / 1000)}`
+    },
+    rtt: async () => {
+      const samples = await roundTrips(await open(), echoSamples)
+      return `${quantile(samples, 0.5)} ${quantile(samples, 0.99)}`
+    }
+  }
+  createInterface({ input: process.stdin }).on("line", (line) => {
+    const [name, arg] = line.split(" ")
+    void commands[name!]!(Number(arg)).then((r) => announce("result", r), (e: Error) => announce("failed", e.message))
+  })
+  announce("ready")
+  closeOnSignal(async () => {
+    await session?.close()
+  })
+}
+
+const role = process.env[RoleVariable]
+const transportOf = () => process.env.SWITCHYARD_YAMUX_BENCH_TRANSPORT as Transport
+if (role === "yamux-receiver") await receiverMain(transportOf(), process.env.SWITCHYARD_YAMUX_BENCH_MODE as "sink" | "echo")
+if (role === "yamux-sender") await senderMain(transportOf(), Number(process.env.SWITCHYARD_YAMUX_BENCH_PORT))
+
+// ---------------------------------------------------------------------------------------------------
+// Bench.
+
+const file = import.meta.filename
+
+const startReceiver = (transport: Transport, mode: "sink" | "echo") =>
+  startRole(file, "yamux-receiver", { SWITCHYARD_YAMUX_BENCH_TRANSPORT: transport, SWITCHYARD_YAMUX_BENCH_MODE: mode }, "receiver")
+
+const startSender = (transport: Transport, port: string | number) =>
+  startRole(file, "yamux-sender", { SWITCHYARD_YAMUX_BENCH_TRANSPORT: transport, SWITCHYARD_YAMUX_BENCH_PORT: String(port) }, "sender")
+
+/** Runs one command in a sender; its result fields. */
+const command = async (sender: BenchProcess, line: string): Promise<Array<number>> => {
+  const result = sender.nextLine(/^(result|failed) /)
+  sender.send(line)
+  const [kind, ...fields] = (await result).split(" ")
+  if (kind === "failed") throw new Error(`${sender.name} ${line}: ${fields.join(" ")}`)
+  return fields.map(Number)
+}
+
+/** A measured path: what to run once (bytes moved, MB/s), and the processes it is metered on. */
+interface ThroughputPath {
+  readonly name: string
+  readonly meter: PathMeter
+  readonly once: () => Promise<{ readonly bytes: number; readonly rate: number }>
+}
+
+/** Runs every path `repeats` times, interleaved, after one unmetered warm-up each; median MB/s per path. */
+const medians = async (paths: ReadonlyArray<ThroughputPath>): Promise<Map<string, number>> => {
+  const rates = new Map<string, Array<number>>(paths.map((p) => [p.name, []]))
+  for (const p of paths) await p.meter.unmetered(p.once)
+  for (let r = 0; r < repeats; r++) {
+    for (const p of paths) rates.get(p.name)!.push((await p.meter.transfer(p.once, (d) => d.bytes)).rate)
+  }
+  return new Map([...rates].map(([name, rs]) => [name, quantile(rs, 0.5)]))
 }
 
 const gc = (): void => {
@@ -169,156 +226,119 @@ const streamMemory = async (): Promise<number> => {
   const opened: Array<StreamSocket> = []
   gc()
   const before = process.memoryUsage().heapUsed
-  for (let i = 0; i < MEMORY_STREAMS; i++) {
+  for (let i = 0; i < memoryStreams; i++) {
     opened.push(client.openSocket())
     if (i % 200 === 199) await new Promise((r) => setImmediate(r))
   }
-  while (held.length < MEMORY_STREAMS) await new Promise((r) => setImmediate(r))
+  while (held.length < memoryStreams) await new Promise((r) => setImmediate(r))
   gc()
   const after = process.memoryUsage().heapUsed
-  if (client.streamCount() !== MEMORY_STREAMS) throw new Error(`only ${client.streamCount()} streams open`)
-  const perSide = (after - before) / MEMORY_STREAMS / 2
+  if (client.streamCount() !== memoryStreams) throw new Error(`only ${client.streamCount()} streams open`)
+  const perSide = (after - before) / memoryStreams / 2
   for (const s of opened) s.destroy()
   await client.close()
   await server.close()
   return perSide
 }
 
-const runPeer = (bin: string, args: ReadonlyArray<string>) => {
-  const child = spawn(bin, args, { stdio: ["ignore", "pipe", "pipe"] })
-  let out = ""
-  let err = ""
-  child.stdout.on("data", (d) => (out += d))
-  child.stderr.on("data", (d) => (err += d))
-  const ready = new Promise<void>((r) => {
-    const check = () => (err.includes("listening") ? r() : undefined)
-    child.stderr.on("data", check)
-  })
-  const exit = new Promise<string>((resolve, reject) =>
-    child.once("exit", (code) => (code === 0 ? resolve(out) : reject(new Error(`yamuxpeer failed: ${err}${out}`))))
+/** The Go peer (`yamuxpeer`) as a process; resolves once it listens (server) or at once (client). */
+const startGo = (bin: string, args: ReadonlyArray<string>, listens: boolean) =>
+  startProcess("go", bin, args, { ready: listens ? /listening/ : () => Promise.resolve() })
+
+const goLoadArgs = ["-n", String(goStreams), "-size", String(goSize), "-rounds", String(goRounds)]
+const goRate = (output: string): number => Number(/\(([\d.]+) MB\/s each way\)/.exec(output)?.[1] ?? Number.NaN)
+
+/** A Go load client against `port`: MB/s each way, once it has exited. */
+const goLoad = async (bin: string, port: string | number): Promise<number> => {
+  const client = await startGo(bin, ["-dial", `127.0.0.1:${port}`, "-yamux", "client", "-act", "load", ...goLoadArgs], false)
+  const code = await new Promise<number | null>((resolve) =>
+    client.child.exitCode !== null ? resolve(client.child.exitCode) : client.child.once("exit", resolve)
   )
-  exit.catch(() => {}) // killed on purpose when no longer needed
-  return { child, ready, exit, kill: () => child.kill("SIGKILL") }
+  if (code !== 0) throw new Error(`yamuxpeer load failed:\n${client.output()}`)
+  return goRate(client.output())
 }
 
-const GO_ROUNDS = 4
-const GO_LOAD = ["-n", "16", "-size", String(4 * 1024 * 1024), "-rounds", String(GO_ROUNDS)]
-const goRate = (stdout: string): number => Number(/\(([\d.]+) MB\/s each way\)/.exec(stdout)?.[1] ?? Number.NaN)
-
-/** Go client load against our echo server; Go reports MB/s each way. */
-const goAgainstUs = async (bin: string): Promise<number> => {
-  const listener = net.createServer({ allowHalfOpen: true })
-  await new Promise<void>((r) => listener.listen(0, "127.0.0.1", r))
-  const sessions: Array<NodeYamuxSession> = []
-  listener.on("connection", async (socket) => {
-    const s = await startSession(fromSocket(socket), { role: "server" })
-    sessions.push(s)
-    s.onSocket((st) => st.pipe(st))
-  })
-  const port = (listener.address() as net.AddressInfo).port
-  const peer = runPeer(bin, ["-dial", `127.0.0.1:${port}`, "-yamux", "client", "-act", "load", ...GO_LOAD])
-  try {
-    return goRate(await peer.exit)
-  } finally {
-    for (const s of sessions) await s.close()
-    await new Promise((r) => listener.close(r))
+const throughput = async (started: Array<BenchProcess>): Promise<void> => {
+  const pair = async (name: string, transport: Transport, streams: number): Promise<ThroughputPath> => {
+    const receiver = await startReceiver(transport, "sink")
+    started.push(receiver)
+    const sender = await startSender(transport, await receiver.value("port"))
+    started.push(sender)
+    const meter = meterPath(suite, name, [sender, receiver])
+    return { name, meter, once: async () => {
+      const [bytes, rate] = await command(sender, `pump ${streams}`)
+      return { bytes: bytes!, rate: rate! }
+    } }
+  }
+  const paths = [await pair("raw_tcp", "raw", 1), await pair("one_stream", "yamux", 1), await pair("streams16", "yamux", multiStreams)]
+  const rates = await medians(paths)
+  const raw = rates.get("raw_tcp")!
+  for (const p of paths) {
+    report(suite, `${p.name}.MB_per_s`, rates.get(p.name)!, "MB/s")
+    if (p.name !== "raw_tcp") report(suite, `${p.name}.ratio`, rates.get(p.name)! / raw, "x raw_tcp")
+    p.meter.report()
   }
 }
 
-/** Our client load against the Go echo server, same shape as the Go load, MB/s each way. */
-const usAgainstGo = async (bin: string): Promise<number> => {
-  const port = await freePort()
-  const peer = runPeer(bin, ["-listen", `127.0.0.1:${port}`, "-yamux", "server", "-act", "echo"])
-  await peer.ready
-  const socket = net.connect({ port, host: "127.0.0.1", allowHalfOpen: true })
-  await new Promise((r) => socket.once("connect", r))
-  const session = await startSession(fromSocket(socket), { role: "client" })
-  try {
-    const size = 4 * 1024 * 1024
-    const payload = Buffer.alloc(size, 0x33)
-    const start = now()
-    for (let round = 0; round < GO_ROUNDS; round++) {
-      await Promise.all(Array.from({ length: 16 }, async () => {
-        const st = session.openSocket()
-        const got = new Promise<number>((resolve) => {
-          let n = 0
-          st.on("data", (d: Buffer) => {
-            n += d.length
-            if (n >= size) resolve(n)
-          })
-        })
-        st.write(payload)
-        await got
-        st.end()
-        await new Promise((r) => st.once("close", r).resume())
-      }))
+const interop = async (bin: string, started: Array<BenchProcess>): Promise<void> => {
+  // Go's load client against our echo receiver; our sender's Go-shaped load against Go's echo server
+  const receiver = await startReceiver("yamux", "echo")
+  started.push(receiver)
+  const receiverPort = await receiver.value("port")
+  const goPort = await freePort()
+  started.push(await startGo(bin, ["-listen", `127.0.0.1:${goPort}`, "-yamux", "server", "-act", "echo"], true))
+  const sender = await startSender("yamux", goPort)
+  started.push(sender)
+  const moved = goRounds * goStreams * goSize
+  const paths: Array<ThroughputPath> = [
+    { name: "go_to_go", meter: meterPath(suite, "go_to_go", []), once: async () => ({ bytes: moved, rate: await goLoad(bin, goPort) }) },
+    { name: "go_client_to_ours", meter: meterPath(suite, "go_client_to_ours", [receiver]), once: async () => ({ bytes: moved, rate: await goLoad(bin, receiverPort) }) },
+    {
+      name: "ours_to_go_server",
+      meter: meterPath(suite, "ours_to_go_server", [sender]),
+      once: async () => {
+        const [bytes, rate] = await command(sender, "echo")
+        return { bytes: bytes!, rate: rate! }
+      }
     }
-    return mbps(GO_ROUNDS * 16 * size, now() - start)
-  } finally {
-    await session.close()
-    peer.kill()
+  ]
+  const rates = await medians(paths)
+  const goGo = rates.get("go_to_go")!
+  for (const p of paths) {
+    report(suite, `${p.name}.MB_per_s_each_way`, rates.get(p.name)!, "MB/s")
+    if (p.name !== "go_to_go") report(suite, `${p.name}.ratio`, rates.get(p.name)! / goGo, "x go_to_go")
+    p.meter.report()
   }
 }
 
-/** hashicorp/yamux against itself, same load. */
-const goAgainstGo = async (bin: string): Promise<number> => {
-  const port = await freePort()
-  const server = runPeer(bin, ["-listen", `127.0.0.1:${port}`, "-yamux", "server", "-act", "echo"])
-  await server.ready
-  const client = runPeer(bin, ["-dial", `127.0.0.1:${port}`, "-yamux", "client", "-act", "load", ...GO_LOAD])
-  try {
-    return goRate(await client.exit)
-  } finally {
-    server.kill()
+const latency = async (started: Array<BenchProcess>): Promise<void> => {
+  for (const [name, transport] of [["raw_tcp", "raw"], ["yamux", "yamux"]] as const) {
+    const receiver = await startReceiver(transport, "echo")
+    started.push(receiver)
+    const sender = await startSender(transport, await receiver.value("port"))
+    started.push(sender)
+    await command(sender, "rtt")
+    const [p50, p99] = await command(sender, "rtt")
+    report(suite, `${name}.echo_rtt_p50_us`, p50!, "us")
+    report(suite, `${name}.echo_rtt_p99_us`, p99!, "us")
   }
-}
-
-/** Runs each measurement REPEATS times, interleaved, and keeps the median of each (the machine is shared). */
-const REPEATS = 3
-const medians = async (fs: ReadonlyArray<() => Promise<number>>): Promise<Array<number>> => {
-  const runs: Array<Array<number>> = fs.map(() => [])
-  for (let r = 0; r < REPEATS; r++) {
-    for (const [i, f] of fs.entries()) runs[i]!.push(await f())
-  }
-  return runs.map((xs) => quantile(xs, 0.5))
 }
 
 export const run = async (): Promise<void> => {
-  const [raw, single, multi] = await medians([rawThroughput, () => yamuxThroughput(1), () => yamuxThroughput(MULTI_STREAMS)])
-  report(SUITE, "raw_tcp_throughput", raw!, "MB/s")
-  report(SUITE, "single_stream_throughput", single!, "MB/s")
-  report(SUITE, "single_stream_vs_raw_tcp", single! / raw!, "ratio")
-  report(SUITE, "streams16_throughput", multi!, "MB/s")
-
-  const probe = yamuxPeer()
-  if (probe.value) {
-    const bin = probe.value
-    // one unreported round each way first, so JIT warm-up is not counted against either side
-    await goAgainstUs(bin)
-    await usAgainstGo(bin)
-    const [goUs, usGo, goGo] = await medians([() => goAgainstUs(bin), () => usAgainstGo(bin), () => goAgainstGo(bin)])
-    report(SUITE, "go_client_to_our_server", goUs!, "MB/s")
-    report(SUITE, "our_client_to_go_server", usGo!, "MB/s")
-    report(SUITE, "go_to_go", goGo!, "MB/s")
-    report(SUITE, "go_client_to_our_server_vs_go_to_go", goUs! / goGo!, "ratio")
-    report(SUITE, "our_client_to_go_server_vs_go_to_go", usGo! / goGo!, "ratio")
-  } else {
-    process.stderr.write(`yamux bench: Go peer unavailable (${probe.reason}); Go figures skipped\n`)
+  const started: Array<BenchProcess> = []
+  try {
+    await throughput(started)
+    await stopAll(started.splice(0))
+    const probe = yamuxPeer()
+    if (probe.value !== undefined) {
+      await interop(probe.value, started)
+      await stopAll(started.splice(0))
+    } else {
+      note(suite, `Go peer unavailable (${probe.reason}); Go figures skipped`)
+    }
+    await latency(started)
+  } finally {
+    await stopAll(started)
   }
-
-  report(SUITE, "memory_per_stream", await streamMemory(), "bytes")
-
-  const rawPair = await loopbackPair()
-  const rawEcho = await echoLatency(rawPair.a, rawPair.b)
-  await rawPair.close()
-  const y = await yamuxPair()
-  const acc = y.server.acceptSocket()
-  const st = y.client.openSocket()
-  const yEcho = await echoLatency(st, await acc)
-  st.destroy()
-  await y.close()
-  report(SUITE, "echo_rtt_p50", quantile(yEcho, 0.5), "us")
-  report(SUITE, "echo_rtt_p99", quantile(yEcho, 0.99), "us")
-  report(SUITE, "raw_tcp_echo_rtt_p50", quantile(rawEcho, 0.5), "us")
-  report(SUITE, "raw_tcp_echo_rtt_p99", quantile(rawEcho, 0.99), "us")
+  report(suite, "memory_per_stream_bytes", await streamMemory(), "bytes")
 }
