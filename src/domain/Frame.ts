@@ -68,12 +68,6 @@ export interface Frame {
   readonly length: number
   readonly body: Uint8Array | undefined
   readonly parts?: ReadonlyArray<Uint8Array> | undefined
-  /**
-   * A Data frame handed over in pieces (see `FrameParser.takeStarted`): `head` is its first part (the
-   * whole length counts against the window, SYN and ACK apply), `more` a later part, `tail` the part
-   * that completes it (FIN and RST apply). Absent for a frame handed over whole.
-   */
-  readonly piece?: "head" | "more" | "tail" | undefined
 }
 
 /** Human-readable frame type, for errors and logs. */

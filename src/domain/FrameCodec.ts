@@ -119,25 +119,13 @@ export interface ParseResult {
 export interface FrameParser {
   /**
    * Feeds the next chunk. Data bodies may be views into the chunks (see `makeFrameParser`): the caller
-   * must not modify a chunk after pushing it. With `lent`, the caller will copy whatever outlives the
-   * chunk (see `release`, `takeStarted`) and reuse its memory: bodies are then always views.
+   * must not modify a chunk after pushing it.
    */
-  readonly push: (chunk: Uint8Array, lent?: boolean) => ParseResult
+  readonly push: (chunk: Uint8Array) => ParseResult
   /** Bytes held for a frame not yet complete (at most 12 + maxFrameSize). */
   readonly buffered: () => number
   /** True once an error was returned; every later push fails with ParserDead. */
   readonly dead: () => boolean
-  /**
-   * Copies the views of pushed chunks it still holds (the first parts of a Data body not yet complete),
-   * so the caller may reuse the memory of every chunk pushed so far.
-   */
-  readonly release: () => void
-  /**
-   * With `zeroCopy`: hands over the parts of the Data body in progress received so far, as a `head` (or
-   * `more`) piece, so that they need not be kept; the frame then completes as a `tail` piece. Returns
-   * `undefined` when no body is in progress or nothing new arrived for it.
-   */
-  readonly takeStarted: () => Frame | undefined
 }
 
 const EMPTY = new Uint8Array(0)
@@ -155,8 +143,6 @@ export const VIEW_RETENTION_FACTOR = 4
  */
 export const copyBytes = (view: Uint8Array, start?: number, end?: number): Uint8Array =>
   Uint8Array.prototype.slice.call(view, start, end)
-
-const viewOf = (chunk: Uint8Array, start: number, end: number): Uint8Array => chunk.subarray(start, end)
 
 const keep = (chunk: Uint8Array, start: number, end: number): Uint8Array =>
   (end - start) * VIEW_RETENTION_FACTOR >= chunk.buffer.byteLength ? chunk.subarray(start, end) : copyBytes(chunk, start, end)
@@ -184,21 +170,17 @@ export const makeFrameParser = (options: FrameParserOptions): FrameParser => {
   let body: Uint8Array | undefined
   let parts: Array<Uint8Array> | undefined
   let bodyFill = 0
-  /** Parts of the body in progress were handed over already (`takeStarted`). */
-  let started = false
   let failed: FrameDecodeError | undefined
 
   const fail = (frames: Array<Frame>, error: FrameDecodeError): ParseResult => {
     failed = error
-    started = false
     current = undefined
     body = undefined
     parts = undefined
     return { frames, error }
   }
 
-  const push = (chunk: Uint8Array, lent?: boolean): ParseResult => {
-    const view = lent === true ? viewOf : keep
+  const push = (chunk: Uint8Array): ParseResult => {
     const frames: Array<Frame> = []
     if (failed) {
       return { frames, error: new FrameDecodeError({ reason: "ParserDead", message: "parser stopped after an error" }) }
@@ -236,7 +218,7 @@ export const makeFrameParser = (options: FrameParserOptions): FrameParser => {
             flags: h.flags,
             streamId: h.streamId,
             length: h.length,
-            body: view(chunk, i, i + h.length)
+            body: keep(chunk, i, i + h.length)
           })
           i += h.length
           continue
@@ -248,19 +230,16 @@ export const makeFrameParser = (options: FrameParserOptions): FrameParser => {
         continue
       }
       const take = Math.min(current.length - bodyFill, n - i)
-      if (parts) parts.push(view(chunk, i, i + take))
+      if (parts) parts.push(keep(chunk, i, i + take))
       else body!.set(chunk.subarray(i, i + take), bodyFill)
       bodyFill += take
       i += take
       if (bodyFill === current.length) {
         frames.push(
           parts
-            ? started
-              ? { type: TYPE_DATA, flags: current.flags, streamId: current.streamId, length: current.length, body: undefined, parts, piece: "tail" }
-              : { type: TYPE_DATA, flags: current.flags, streamId: current.streamId, length: current.length, body: undefined, parts }
+            ? { type: TYPE_DATA, flags: current.flags, streamId: current.streamId, length: current.length, body: undefined, parts }
             : { type: TYPE_DATA, flags: current.flags, streamId: current.streamId, length: current.length, body }
         )
-        started = false
         current = undefined
         body = undefined
         parts = undefined
@@ -272,25 +251,6 @@ export const makeFrameParser = (options: FrameParserOptions): FrameParser => {
   return {
     push,
     buffered: () => headFill + (current ? bodyFill : 0),
-    dead: () => failed !== undefined,
-    release: () => {
-      if (parts === undefined) return
-      for (let i = 0; i < parts.length; i++) parts[i] = copyBytes(parts[i]!)
-    },
-    takeStarted: () => {
-      if (current === undefined || parts === undefined || parts.length === 0) return undefined
-      const piece: Frame = {
-        type: TYPE_DATA,
-        flags: current.flags,
-        streamId: current.streamId,
-        length: current.length,
-        body: undefined,
-        parts,
-        piece: started ? "more" : "head"
-      }
-      started = true
-      parts = []
-      return piece
-    }
+    dead: () => failed !== undefined
   }
 }

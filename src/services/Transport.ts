@@ -33,16 +33,10 @@ export interface TlsOptions {
 
 export interface ConnectionHandlers {
   /**
-   * A chunk arrived. Not called while paused. With `lendable`, return `true` when a reference to
-   * `chunk` (or a view of it) is kept after the call; otherwise the return value is ignored.
+   * A chunk arrived. Not called while paused. The chunk is the handler's to keep: the connection
+   * never reads into its memory again.
    */
-  readonly onData: (chunk: Uint8Array) => boolean | void
-  /**
-   * The handlers report through `onData`'s result whether they keep the chunk, so a connection that
-   * reads into a reused buffer may read the next bytes into the same memory when they do not. Without
-   * it every chunk is taken to be kept, and such a connection reads the next bytes elsewhere.
-   */
-  readonly lendable?: boolean | undefined
+  readonly onData: (chunk: Uint8Array) => void
   /** The peer half-closed: no more data will arrive. */
   readonly onEnd: () => void
   /** The connection is fully closed; `error` when it failed. Called exactly once. */
@@ -50,26 +44,18 @@ export interface ConnectionHandlers {
 }
 
 /**
- * The reader of a Node stream whose `data` chunks may be views of memory that is reused once the run of
- * events ends (a yamux stream on a lending connection): the stream calls `batchStart` before a run of
- * `data` events and `batchEnd` after it, which returns whether any chunk of the run is still referenced.
- * A stream without such a reader treats every chunk as kept. The runs also let a reader write what one
- * read brought in one go.
+ * The reader of a Node stream that delivers its `data` events in runs (a yamux stream socket: what one
+ * read of the session brought): the stream calls `batchStart` before a run and `batchEnd` after it, so
+ * the reader can write what one read brought in one go.
  */
-export interface LoanConsumer {
+export interface ReadBatchListener {
   readonly batchStart: () => void
-  /** `lent`: the run's chunks were views of reused memory (otherwise keeping them costs nothing). */
-  readonly batchEnd: (lent: boolean) => boolean
+  readonly batchEnd: () => void
 }
 
 export interface Connection {
   readonly localAddress: Address | undefined
   readonly remoteAddress: Address | undefined
-  /**
-   * Reads go into memory the connection reuses once `lendable` handlers say they kept nothing (see
-   * `ConnectionHandlers.lendable`).
-   */
-  readonly lendsReads?: boolean | undefined
   /** Starts delivering events to `handlers`; call once. Delivery begins unpaused. */
   readonly start: (handlers: ConnectionHandlers) => void
   /** Stops `onData` until `resume` (read backpressure). */

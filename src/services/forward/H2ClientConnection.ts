@@ -109,18 +109,13 @@ export interface H2StreamClose {
 export interface H2StreamEvents {
   /** The final response head: status and fields (pseudo-headers removed, names lower-case). */
   readonly response: (status: number, headers: ReadonlyArray<string>, endStream: boolean) => void
-  /**
-   * Response body bytes (a view of the socket's read); report them with `consumed` once written on.
-   * Returns true when the chunk is still referenced after the call (e.g. queued on a socket): the
-   * socket's read memory is then not reused for the next read (see `readLent`).
-   */
-  readonly data: (chunk: Buffer) => boolean | void
+  /** Response body bytes (a view of the socket's read); report them with `consumed` once written on. */
+  readonly data: (chunk: Buffer) => void
   /**
    * Several DATA payloads from one socket read, in order (`bytes` in all), for a consumer that writes
    * them in one go (a corked socket) instead of a joined copy; without it they are joined for `data`.
-   * Returns as `data` does.
    */
-  readonly dataMany?: ((chunks: ReadonlyArray<Buffer>, bytes: number) => boolean | void) | undefined
+  readonly dataMany?: ((chunks: ReadonlyArray<Buffer>, bytes: number) => void) | undefined
   readonly trailers: (headers: ReadonlyArray<string>) => void
   /** The response is complete (END_STREAM). */
   readonly end: () => void
@@ -556,20 +551,6 @@ export class H2ClientConnection {
 
   // ---- receiving ----
 
-  /** A DATA payload handed on in the read in progress is still referenced by its consumer. */
-  private keptThisRead = false
-
-  /**
-   * One read of the socket from memory its reader will reuse (see `LendingReads`); returns whether any
-   * of it is still referenced afterwards. Frames other than DATA, and partial frames, are copied by the
-   * parser; DATA payloads are views, kept only as long as their consumers say.
-   */
-  readonly readLent = (chunk: Uint8Array): boolean => {
-    this.keptThisRead = false
-    this.onSocketData(chunk as Buffer)
-    return this.keptThisRead || this.destroyed
-  }
-
   private readonly onSocketData = (chunk: Buffer): void => {
     const error = this.parser.push(chunk)
     if (this.touched.length > 0) {
@@ -606,11 +587,9 @@ export class H2ClientConnection {
     stream.piecesBytes = 0
     if (stream.closed) return
     stream.outstanding += bytes
-    let kept: boolean | void = false
-    if (pieces.length === 1) kept = stream.events.data(pieces[0]!)
-    else if (stream.events.dataMany !== undefined) kept = stream.events.dataMany(pieces, bytes)
+    if (pieces.length === 1) stream.events.data(pieces[0]!)
+    else if (stream.events.dataMany !== undefined) stream.events.dataMany(pieces, bytes)
     else stream.events.data(Buffer.concat(pieces, bytes))
-    if (kept === true) this.keptThisRead = true
   }
 
   /** Whether a stream id names one the backend may not use (never opened by us, or a push). */

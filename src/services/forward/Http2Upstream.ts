@@ -253,20 +253,18 @@ export const forwardToH2 = (
       res.on("drain", onDrain)
     },
     data: (chunk) => {
-      if (phase !== "body") return false
+      if (phase !== "body") return
       timer?.refresh()
-      // corked so the write happens now: Node's own cork would hold it until the next tick, and the
-      // memory read into would then always count as still referenced
+      // corked so the write happens now, not when Node's own cork ends at the next tick
       res.cork()
       const flowing = res.write(chunk)
       res.uncork()
       // a slow public reader: the bytes are granted back once its socket drains, which holds the backend
       if (flowing || res.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length, true)
       else owed += chunk.length
-      return res.writableLength > 0
     },
     dataMany: (chunks, bytes) => {
-      if (phase !== "body") return false
+      if (phase !== "body") return
       timer?.refresh()
       // one socket write for the whole read
       res.cork()
@@ -274,7 +272,6 @@ export const forwardToH2 = (
       res.uncork()
       if (res.writableLength < PublicWriteQueueBytes) stream.consumed(bytes, true)
       else owed += bytes
-      return res.writableLength > 0
     },
     trailers: (fields) => {
       trailers = fields

@@ -7,12 +7,12 @@
  * wait): the connection's current owner gets its events through one set of listeners installed per connection.
  */
 import type { Duplex } from "node:stream"
-import type { LoanConsumer } from "../Transport.ts"
+import type { ReadBatchListener } from "../Transport.ts"
 import type { Upstream } from "./Upstream.ts"
 
-/** A socket whose chunks can be lent to a `LoanConsumer` (a yamux stream socket). */
-const isLending = (socket: Duplex): socket is Duplex & { loanConsumer: LoanConsumer | undefined } =>
-  "loanConsumer" in socket
+/** A socket that delivers its chunks in runs to a `ReadBatchListener` (a yamux stream socket). */
+const isBatching = (socket: Duplex): socket is Duplex & { batchListener: ReadBatchListener | undefined } =>
+  "batchListener" in socket
 
 /** The exchange currently using a connection; receives its events. */
 export interface ConnectionOwner {
@@ -21,8 +21,8 @@ export interface ConnectionOwner {
   readonly upstreamClose: (error: (Error & { code?: string }) | undefined) => void
   readonly upstreamDrain: () => void
   /**
-   * For sockets that lend their chunks (see `LoanConsumer`): a run of `upstreamData` calls begins, and
-   * it ended (returns whether a chunk of the run is still referenced, e.g. queued on the client socket).
+   * For sockets that deliver their chunks in runs (see `ReadBatchListener`): a run of `upstreamData`
+   * calls begins, and it ended. The pool passes `false` and ignores the result.
    */
   readonly upstreamBatchStart?: () => void
   readonly upstreamBatchEnd?: (lent: boolean) => boolean
@@ -90,7 +90,7 @@ export class PooledConnection {
       : upstream.connect()
     this.socket = socket
     if (upstream.connectReading === undefined) socket.on("data", this.onData)
-    if (isLending(socket)) socket.loanConsumer = this.loans
+    if (isBatching(socket)) socket.batchListener = this.batches
     socket.on("end", this.onEnd)
     socket.on("error", this.onError)
     socket.on("close", this.onClose)
@@ -103,28 +103,26 @@ export class PooledConnection {
     return !this.ended && !s.destroyed && s.writable && this.error === undefined
   }
 
-  /** The owner of the run of `data` events in progress on a lending socket. */
+  /** The owner of the run of `data` events in progress on a batching socket. */
   private batchOwner: ConnectionOwner | undefined = undefined
 
-  private readonly loans: LoanConsumer = {
+  private readonly batches: ReadBatchListener = {
     batchStart: () => {
       const owner = this.owner
       this.batchOwner = owner
       owner?.upstreamBatchStart?.()
     },
-    batchEnd: (lent) => {
+    batchEnd: () => {
       const owner = this.batchOwner
       this.batchOwner = undefined
-      const kept = owner?.upstreamBatchEnd?.(lent) ?? true
-      // a connection handed to another exchange (or detached) within the run: assume the worst
-      return kept || owner !== this.owner
+      owner?.upstreamBatchEnd?.(false)
     }
   }
 
   /** Hands the socket over for a raw tunnel (only for connections opened without `connectReading`). */
   detach(): Duplex {
     const s = this.socket
-    if (isLending(s)) s.loanConsumer = undefined
+    if (isBatching(s)) s.batchListener = undefined
     s.off("data", this.onData)
     s.off("end", this.onEnd)
     s.off("close", this.onClose)

@@ -31,7 +31,6 @@ export const readFrame = (conn: Connection, maxBytes: number, onFirstBytes?: () 
     const rest: Connection = {
       localAddress: conn.localAddress,
       remoteAddress: conn.remoteAddress,
-      lendsReads: conn.lendsReads,
       start: (handlers) => {
         next = handlers
         const leftover = reader.remainder()
@@ -54,10 +53,6 @@ export const readFrame = (conn: Connection, maxBytes: number, onFirstBytes?: () 
       resume(Effect.fail(error))
     }
     conn.start({
-      // The handshake keeps what it reads; the protocol after it decides for itself.
-      get lendable() {
-        return next?.lendable === true
-      },
       onData: (chunk) => {
         if (next !== undefined) return next.onData(chunk)
         if (onFirstBytes !== undefined && chunk.length > 0) {
@@ -66,23 +61,16 @@ export const readFrame = (conn: Connection, maxBytes: number, onFirstBytes?: () 
         }
         if (done) {
           reader.push(chunk)
-          return true
+          return
         }
         const failed = reader.push(chunk)
-        if (failed !== undefined) {
-          fail(failed)
-          return true
-        }
+        if (failed !== undefined) return fail(failed)
         const body = reader.next()
-        if (body === undefined) return true
-        if (body instanceof ControlProtocolError) {
-          fail(body)
-          return true
-        }
+        if (body === undefined) return
+        if (body instanceof ControlProtocolError) return fail(body)
         done = true
         conn.pause()
         resume(Effect.succeed({ body, rest }))
-        return true
       },
       onEnd: () => {
         if (next !== undefined) return next.onEnd()

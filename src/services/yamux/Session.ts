@@ -101,10 +101,6 @@ export class SessionCore implements StreamHost {
   outcome: Outcome | undefined
   private closedListeners: Array<(o: Outcome) => void> = []
   private connClosedListeners: Array<() => void> = []
-  /** The memory of the chunk being handled, when the connection will reuse it (see `StreamHost.lent`). */
-  lent: ArrayBufferLike | undefined = undefined
-  private lentStreams: Array<StreamCore> = []
-  private loanKept = false
   /** A chunk is being handled: readable notifications wait for its end. */
   private handling = false
   private readableStreams: Array<StreamCore> = []
@@ -131,7 +127,6 @@ export class SessionCore implements StreamHost {
     if (peerStreamOpenRate !== undefined) this.openBucket = new TokenBucket(peerStreamOpenRate, this.now())
     if (peerFrameRate !== undefined) this.frameBucket = new TokenBucket(peerFrameRate, this.now())
     this.conn.start({
-      lendable: true,
       onData: (chunk) => this.onChunk(chunk),
       onEnd: () => {
         this.onTransportEnd(undefined)
@@ -155,20 +150,14 @@ export class SessionCore implements StreamHost {
   }
 
   /**
-   * Handles one chunk read from the connection; returns whether a view of it is still referenced (the
-   * connection then reads its next bytes elsewhere). Streams that became readable hear of it once, after
+   * Handles one chunk read from the connection. Streams that became readable hear of it once, after
    * every frame in the chunk was taken in, so a reader gets all of a stream's new data in one turn.
    */
-  onChunk(chunk: Uint8Array): boolean {
-    if (this.outcome) return true
+  onChunk(chunk: Uint8Array): void {
+    if (this.outcome) return
     const outer = this.handling
     this.handling = true
-    // a chunk delivered from inside another one's handling (never a socket read) is not lent
-    if (!outer && this.conn.lendsReads === true) {
-      this.lent = chunk.buffer
-      this.loanKept = false
-    }
-    const { error, frames } = this.parser.push(chunk, this.lent !== undefined)
+    const { error, frames } = this.parser.push(chunk)
     const frameBucket = this.frameBucket
     if (frameBucket !== undefined && frames.length > 0 && !frameBucket.take(this.now(), frames.length)) {
       this.rateExceeded("FrameRateExceeded", `the peer sent frames faster than ${frameBucket.limit.perSecond} per second`)
@@ -178,39 +167,13 @@ export class SessionCore implements StreamHost {
       if (problem) this.protocolError(problem.message)
     }
     if (error && this.outcome === undefined) this.protocolError(error.message)
-    if (this.lent !== undefined && this.outcome === undefined) {
-      // the start of a Data frame that the next read completes goes to its stream now, not copied
-      const started = this.parser.takeStarted()
-      if (started !== undefined) {
-        const problem = this.dispatch(started)
-        if (problem) this.protocolError(problem.message)
-      }
-    }
     this.handling = outer
-    if (outer) return true
+    if (outer) return
     const ready = this.readableStreams
     if (ready.length > 0) {
       this.readableStreams = []
       for (let i = 0; i < ready.length; i++) ready[i]!.flushReadable()
     }
-    const lent = this.lent
-    if (lent === undefined) return true
-    this.lent = undefined
-    this.parser.release()
-    const lentStreams = this.lentStreams
-    if (lentStreams.length > 0) {
-      this.lentStreams = []
-      for (let i = 0; i < lentStreams.length; i++) lentStreams[i]!.releaseLoan(lent)
-    }
-    return this.loanKept || this.outcome !== undefined
-  }
-
-  lentTo(stream: StreamCore): void {
-    this.lentStreams.push(stream)
-  }
-
-  keepLoan(): void {
-    this.loanKept = true
   }
 
   deferReadable(stream: StreamCore): boolean {
@@ -247,9 +210,9 @@ export class SessionCore implements StreamHost {
   private onStreamFrame(f: F.Frame): YamuxError | undefined {
     const id = f.streamId
     if (id === F.SESSION_STREAM_ID) return yamuxError("ProtocolError", `${F.typeName(f.type)} frame on stream 0`)
-    if (f.flags & F.FLAG_SYN && (f.piece === undefined || f.piece === "head")) return this.onSyn(f)
+    if (f.flags & F.FLAG_SYN) return this.onSyn(f)
     const stream = this.streams.get(id)
-    if (stream) return stream.receive(f.type, f.flags, f.length, f.body, f.parts, f.piece)
+    if (stream) return stream.receive(f.type, f.flags, f.length, f.body, f.parts)
     // hashicorp/yamux discards frames for streams it just closed or reset: so do we. Ids never opened are errors.
     const seen = this.isOurs(id) ? id < this.nextId : id <= this.highestPeerId
     if (seen) return undefined
@@ -278,7 +241,7 @@ export class SessionCore implements StreamHost {
     const stream = new StreamCore(this, id, this.config.maxStreamWindow, false)
     this.streams.set(id, stream)
     this.peerStreams++
-    const problem = stream.receive(f.type, f.flags & ~F.FLAG_SYN, f.length, f.body, f.parts, f.piece)
+    const problem = stream.receive(f.type, f.flags & ~F.FLAG_SYN, f.length, f.body, f.parts)
     if (problem) return problem
     const waiter = this.acceptWaiters.shift()
     if (waiter) {

@@ -15,7 +15,6 @@ import {
   TYPE_WINDOW_UPDATE
 } from "../../domain/Frame.ts"
 import type { Address } from "../Transport.ts"
-import { copyBytes } from "../../domain/FrameCodec.ts"
 import { makeStreamDuplex } from "./StreamDuplex.ts"
 import { type YamuxError, yamuxError } from "./YamuxError.ts"
 
@@ -48,15 +47,6 @@ export interface StreamHost {
   /** Addresses of the underlying connection, for sockets built on the stream. */
   readonly localAddress: Address | undefined
   readonly remoteAddress: Address | undefined
-  /**
-   * While the session handles a chunk read into memory the connection will reuse: that memory. Data
-   * views into it must be copied, or the session told (`keepLoan`), before the chunk's handling ends.
-   */
-  readonly lent: ArrayBufferLike | undefined
-  /** This stream received views of the lent memory: release them (`releaseLoan`) when the chunk is done. */
-  readonly lentTo: (stream: StreamCore) => void
-  /** A view of the lent memory was kept beyond the chunk's handling: the connection must not reuse it. */
-  readonly keepLoan: () => void
   /** Defers a readable notification to the end of the chunk being handled; false when none is. */
   readonly deferReadable: (stream: StreamCore) => boolean
 }
@@ -108,13 +98,6 @@ export class StreamCore {
   private waitingWindow = false
   /** Called when something becomes readable (data, EOF or an error). */
   onReadable: (() => void) | undefined
-  /**
-   * The reader takes chunks on loan: it reports itself (`keepLoan`) when it keeps one past the chunk
-   * being handled. Otherwise every chunk read from lent memory counts as kept.
-   */
-  loanSafe = false
-  /** Holds views of lent memory (registered with the host for `releaseLoan`). */
-  private lentMark = false
   /** A readable notification is queued with the host for the end of the chunk. */
   readableDeferred = false
   /** Called once when the stream fails (reset, or the session ended), even if nobody is reading. */
@@ -143,45 +126,28 @@ export class StreamCore {
     flags: number,
     length: number,
     body: Uint8Array | undefined,
-    parts?: ReadonlyArray<Uint8Array>,
-    piece?: "head" | "more" | "tail"
+    parts?: ReadonlyArray<Uint8Array>
   ): YamuxError | undefined {
-    // a Data frame in pieces: the header's checks and SYN/ACK with the first, FIN/RST with the last
-    const opens = piece === undefined || piece === "head"
-    const closes = piece === undefined || piece === "tail"
-    if (opens && flags & FLAG_ACK && this.awaitingAck) {
+    if (flags & FLAG_ACK && this.awaitingAck) {
       this.awaitingAck = false
       this.host.acknowledged(this)
       this.settleAck(undefined)
     }
     if (type === TYPE_DATA) {
       if (length > 0) {
-        if (opens) {
-          if (this.remoteFin) return yamuxError("ProtocolError", `Data after FIN on stream ${this.id}`)
-          if (length > this.recvWindow) {
-            return yamuxError(
-              "ProtocolError",
-              `Data of ${length} bytes exceeds the receive window of ${this.recvWindow} on stream ${this.id}`
-            )
-          }
-          this.recvWindow -= length
+        if (this.remoteFin) return yamuxError("ProtocolError", `Data after FIN on stream ${this.id}`)
+        if (length > this.recvWindow) {
+          return yamuxError(
+            "ProtocolError",
+            `Data of ${length} bytes exceeds the receive window of ${this.recvWindow} on stream ${this.id}`
+          )
         }
+        this.recvWindow -= length
         if (this.error === undefined) {
-          let n = length
           if (body !== undefined) this.recvBuf.push(body)
-          else {
-            n = 0
-            for (const part of parts!) {
-              this.recvBuf.push(part)
-              n += part.length
-            }
-          }
-          this.recvBytes += n
-          this.host.received(n, !this.accepted)
-          if (!this.lentMark && this.host.lent !== undefined) {
-            this.lentMark = true
-            this.host.lentTo(this)
-          }
+          else for (const part of parts!) this.recvBuf.push(part)
+          this.recvBytes += length
+          this.host.received(length, !this.accepted)
         }
       }
     } else if (length > 0) {
@@ -190,13 +156,6 @@ export class StreamCore {
         this.waitingWindow = false
         this.pump()
       }
-    }
-    if (!closes) {
-      if (type === TYPE_DATA && this.onReadable !== undefined && !this.readableDeferred) {
-        if (this.host.deferReadable(this)) this.readableDeferred = true
-        else this.notifyReadable()
-      }
-      return undefined
     }
     if (flags & FLAG_RST) {
       this.fail(yamuxError("StreamReset", `stream ${this.id} reset by the peer`), true)
@@ -220,21 +179,6 @@ export class StreamCore {
     this.notifyReadable()
   }
 
-  /** Copies the unread views of `lent` memory, which the connection is about to reuse. */
-  releaseLoan(lent: ArrayBufferLike): void {
-    this.lentMark = false
-    const buf = this.recvBuf
-    for (let i = this.recvHead; i < buf.length; i++) {
-      const chunk = buf[i]!
-      if (chunk.buffer === lent) buf[i] = copyBytes(chunk)
-    }
-  }
-
-  /** Called by a `loanSafe` reader that kept a chunk past the handling of the connection's read. */
-  keepLoan(): void {
-    if (this.host.lent !== undefined) this.host.keepLoan()
-  }
-
   // ---- reading ------------------------------------------------------------------------------------
 
   /** The next chunk, EOF, an error, or `undefined` when nothing is there yet. Counts as consumed. */
@@ -252,7 +196,6 @@ export class StreamCore {
       }
       this.recvBytes -= chunk.length
       this.consume(chunk.length)
-      if (!this.loanSafe && chunk.buffer === this.host.lent) this.host.keepLoan()
       return chunk
     }
     if (this.remoteFin) return EOF

@@ -4,7 +4,7 @@
  * window both ways, and the socket knobs (`setTimeout`, `setNoDelay`, `ref`...) behave sensibly.
  */
 import { Duplex } from "node:stream"
-import type { LoanConsumer } from "../Transport.ts"
+import type { ReadBatchListener } from "../Transport.ts"
 import type { StreamCore } from "./Stream.ts"
 import type { YamuxError } from "./YamuxError.ts"
 
@@ -24,11 +24,8 @@ export class StreamSocket extends Duplex {
   private idleTimer: ReturnType<typeof setTimeout> | undefined
   private refed = true
   private readonly pullBound: () => void
-  /**
-   * Set by a reader that says whether it keeps `data` chunks (see `LoanConsumer`); then chunks read
-   * from a lending connection's memory are lent to it instead of counted as kept.
-   */
-  loanConsumer: LoanConsumer | undefined = undefined
+  /** Set by a reader that wants to know where each run of `data` events begins and ends. */
+  batchListener: ReadBatchListener | undefined = undefined
 
   constructor(core: StreamCore) {
     super({ allowHalfOpen: true })
@@ -59,16 +56,13 @@ export class StreamSocket extends Duplex {
   }
 
   private pull(): void {
-    const consumer = this.loanConsumer
-    if (consumer === undefined) return this.pullAll()
-    this.core.loanSafe = true
-    consumer.batchStart()
+    const listener = this.batchListener
+    if (listener === undefined) return this.pullAll()
+    listener.batchStart()
     try {
       this.pullAll()
     } finally {
-      this.core.loanSafe = false
-      // a chunk left in the readable buffer is kept as surely as one the reader holds
-      if (consumer.batchEnd(this.core.host.lent !== undefined) || this.readableLength > 0) this.core.keepLoan()
+      listener.batchEnd()
     }
   }
 

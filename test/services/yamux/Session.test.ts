@@ -3,7 +3,6 @@ import { Effect, Exit, Fiber } from "effect"
 import { TestClock } from "effect/testing"
 import * as F from "../../../src/domain/Frame.ts"
 import { makeMemoryPair } from "../../../src/services/Transport.ts"
-import { encodeFrame } from "../../../src/domain/FrameCodec.ts"
 import * as Session from "../../../src/services/yamux/Session.ts"
 import { echoServer, equalBytes, frame, pattern, rawPeer, readAll, readExactly, sessionPair } from "./harness.ts"
 
@@ -443,33 +442,5 @@ describe("yamux Session: protocol violations end the session with GoAway(protoco
       const { session, peer } = yield* againstRaw("client")
       peer.send(frame(F.TYPE_GO_AWAY, 0, 0, F.GO_AWAY_PROTOCOL_ERROR))
       assert.strictEqual((yield* Effect.flip(session.closed)).reason, "RemoteError")
-    }))
-
-  it.effect("over a connection that lends its reads, a Data frame split across reads reaches its stream piece by piece", () =>
-    Effect.gen(function*() {
-      const [a, b] = makeMemoryPair()
-      const peer = rawPeer(b)
-      const lending = { ...a, lendsReads: true }
-      const session = yield* Session.make(lending, { role: "server", config: { enableKeepAlive: false } })
-      const body = pattern(300)
-      const encoded = encodeFrame(frame(F.TYPE_DATA, F.FLAG_SYN | F.FLAG_FIN, 1, body.length, body))
-      peer.sendBytes(encoded.subarray(0, 112)) // the header and the first 100 bytes
-      const stream = yield* session.accept()
-      const first = yield* stream.read()
-      assert.isTrue(equalBytes(first!, body.subarray(0, 100)), "the first piece before the frame is complete")
-      assert.strictEqual(stream.core.recvWindow, F.INITIAL_STREAM_WINDOW - body.length, "the whole frame is charged once")
-      peer.sendBytes(encoded.subarray(112, 212))
-      assert.isTrue(equalBytes((yield* stream.read())!, body.subarray(100, 200)))
-      assert.isFalse(stream.core.remoteFin, "FIN waits for the last piece")
-      peer.sendBytes(encoded.subarray(212))
-      assert.isTrue(equalBytes((yield* stream.read())!, body.subarray(200)))
-      assert.isUndefined(yield* stream.read(), "FIN with the last piece")
-      assert.strictEqual(stream.core.recvWindow, F.INITIAL_STREAM_WINDOW - body.length)
-
-      // a frame beyond the window is refused on its first piece
-      const tooBig = encodeFrame(frame(F.TYPE_DATA, F.FLAG_SYN, 3, F.INITIAL_STREAM_WINDOW + 1, new Uint8Array(F.INITIAL_STREAM_WINDOW + 1)))
-      peer.sendBytes(tooBig.subarray(0, 1000))
-      yield* peer.waitFor((fs) => goAwayCodes(fs).length > 0)
-      assert.deepStrictEqual(goAwayCodes(peer.frames), [F.GO_AWAY_PROTOCOL_ERROR])
     }))
 })
