@@ -50,7 +50,8 @@ const startHealthy = async (controlPort: number, handler: http.RequestListener =
  * its Welcome (yamux frames, all header-only here) and how many frames went out.
  */
 const flood = (controlPort: number, frameAt: (i: number) => readonly [F.FrameType, number, number, number]) =>
-  new Promise<{ frames: ReadonlyArray<{ type: number; length: number }>; written: number }>((resolve) => {
+  new Promise<{ frames: ReadonlyArray<{ type: number; length: number }>; written: number; seconds: number }>((resolve) => {
+    let started = 0
     const socket = net.connect({ host: "127.0.0.1", port: controlPort }, () => {
       socket.write(encodeHello({ _tag: "Hello", version: ProtocolVersion, token: Redacted.make(Token), listeners: [] }))
     })
@@ -68,7 +69,10 @@ const flood = (controlPort: number, frameAt: (i: number) => readonly [F.FrameTyp
         if (!socket.write(batch)) return void socket.once("drain", pump)
       }
     }
-    socket.once("data", () => pump())
+    socket.once("data", () => {
+      started = performance.now()
+      pump()
+    })
     socket.on("data", (c: Buffer) => chunks.push(c))
     socket.on("error", () => {})
     socket.on("close", () => {
@@ -78,7 +82,7 @@ const flood = (controlPort: number, frameAt: (i: number) => readonly [F.FrameTyp
       for (let at = welcome; at + F.HEADER_SIZE <= all.length; at += F.HEADER_SIZE) {
         frames.push({ type: all[at + 1]!, length: all.readUInt32BE(at + 8) })
       }
-      resolve({ frames, written })
+      resolve({ frames, written, seconds: (performance.now() - started) / 1000 })
     })
   })
 
@@ -138,8 +142,9 @@ describe("a flooding backend session beside a healthy tenant", () => {
       assert.isBelow(m.slowest, HealthyBoundMs, `slowest healthy request ${Math.round(m.slowest)} ms`)
       assert.isBelow(m.slowestHealthz, HealthyBoundMs, `slowest /healthz ${Math.round(m.slowestHealthz)} ms`)
       assert.include(m.attacked.frames.filter((f) => f.type === F.TYPE_GO_AWAY).map((f) => f.length), F.GO_AWAY_PROTOCOL_ERROR)
-      // Pings answered before the cut: no more than the bucket held
-      assert.isAtMost(m.attacked.frames.filter((f) => f.type === F.TYPE_PING).length, 20_001)
+      // Pings answered before the cut: no more than the bucket held plus what it refilled while the
+      // flood lasted (a loaded machine sends the flood more slowly)
+      assert.isAtMost(m.attacked.frames.filter((f) => f.type === F.TYPE_PING).length, 20_001 + Math.ceil(20_000 * m.attacked.seconds))
       const metrics = (await get(admin.port, "/metrics")).body
       assert.strictEqual(sample(metrics, "switchyard_protocol_errors_total", { front_door: "control", kind: "FrameRateExceeded" }), 1)
       await proc.waitFor(/ended: the peer sent frames faster than 20000 per second/, 5_000)
