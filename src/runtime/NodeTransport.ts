@@ -161,9 +161,8 @@ export const dial = (address: Address): Effect.Effect<Connection, TransportError
  * Listens on TCP (`{ host, port }`, port 0 picks one) or a Unix socket (`{ path }`, a stale file is
  * replaced), over TLS when the address has `tls` with a certificate and key. Each accepted connection
  * goes to `onConnection` (a TLS one once its handshake is done; a client that does not finish it within
- * `TLS_HANDSHAKE_TIMEOUT_MS`, or fails it, is closed without reaching it), plain ones reading into reused
- * buffers when their handlers allow it (see `LendingReads`); when the scope closes the listener stops
- * and every connection it accepted is destroyed. Returns the bound address.
+ * `TLS_HANDSHAKE_TIMEOUT_MS`, or fails it, is closed without reaching it); when the scope closes the
+ * listener stops and every connection it accepted is destroyed. Returns the bound address.
  */
 export const listen = (
   address: Address,
