@@ -31,7 +31,7 @@ export { parseTokenGrant, type TokenGrant } from "./domain/TokenPolicy.ts"
 export { Forwarder, type ForwarderConfig, makeForwarder } from "./services/Forwarder.ts"
 export { agentUpstream, tcpUpstream, type Upstream, unixUpstream } from "./services/forward/Upstream.ts"
 export { CLIENT_LIMIT_DEFAULTS, type ClientLimitKind, type ClientLimits } from "./domain/ClientLimits.ts"
-export type { ClientLimitEvent } from "./services/forward/Http1Engine.ts"
+export type { ClientLimitEvent } from "./services/forward/http1/Admission.ts"
 
 // Docker socket proxy.
 export { SocketProxy, SocketProxyError } from "./services/front/SocketProxy.ts"

@@ -20,7 +20,8 @@ import {
 } from "../domain/HttpHeaders.ts"
 import { abortResponse, type ErrorRenderer, plainErrors, sendError, writeRawError } from "./forward/ErrorResponse.ts"
 import { closeAfterFlush } from "./forward/Flush.ts"
-import { type Http1Front, type Http1Server, makeHttp1Server } from "./forward/Http1Engine.ts"
+import type { Http1Front, Http1Server } from "./forward/http1/Admission.ts"
+import { makeHttp1Server } from "./forward/Http1Engine.ts"
 import type { Upstream } from "./forward/Upstream.ts"
 import { UpstreamPool } from "./forward/UpstreamPool.ts"
 

@@ -38,7 +38,7 @@ import type {
   Http1Request,
   Http1Server,
   PendingAdmission
-} from "./forward/Http1Engine.ts"
+} from "./forward/http1/Admission.ts"
 import type { ForwarderShape } from "./Forwarder.ts"
 import { Registry, type RegistryError } from "./Registry.ts"
 

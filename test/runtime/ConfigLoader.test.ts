@@ -11,7 +11,7 @@ import {
   settingsOf,
   splitOpsSections
 } from "../../src/runtime/ConfigLoader.ts"
-import { checkServerFile } from "../../src/runtime/commands/server.ts"
+import { checkServerFile } from "../../src/runtime/server/ServerConfig.ts"
 
 const withDir = <A, E>(f: (dir: string) => Effect.Effect<A, E>) =>
   Effect.acquireUseRelease(

@@ -10,7 +10,7 @@ import {
   clientLimitLogLine
 } from "../../domain/ClientLimits.ts"
 import { LogSampler } from "../../domain/LogSampler.ts"
-import type { ClientLimitEvent } from "./Http1Engine.ts"
+import type { ClientLimitEvent } from "./http1/Admission.ts"
 
 export interface ClientLimitReporter {
   /** Give to `Http1Front.onClientLimit`. */

@@ -36,7 +36,7 @@ import { type GrantRefusal, makeTokenPolicy, type TokenGrant } from "../../domai
 import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol } from "../Backend.ts"
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
-import type { ClientLimitEvent } from "../forward/Http1Engine.ts"
+import type { ClientLimitEvent } from "../forward/http1/Admission.ts"
 import { agentUpstream, IdleGuardedAgent, refusedConnection } from "../forward/Upstream.ts"
 import { type ListenerError, Listeners, type ListenersConfig, forwardingHandlers } from "../Listeners.ts"
 import { Registry, type RegistryConfig } from "../Registry.ts"

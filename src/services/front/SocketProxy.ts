@@ -18,7 +18,7 @@ import type { ListenAddress, SocketProxyConfig } from "../../domain/SocketProxyC
 import { makeClientLimitReporter } from "../forward/ClientLimitReporter.ts"
 import { dockerErrors } from "../forward/ErrorResponse.ts"
 import { STREAM_HIGH_WATER_MARK } from "../forward/FrontServer.ts"
-import type { Admission, Http1Request, Http1Server } from "../forward/Http1Engine.ts"
+import type { Admission, Http1Request, Http1Server } from "../forward/http1/Admission.ts"
 import { tcpUpstream, unixUpstream } from "../forward/Upstream.ts"
 import { type ForwarderShape, makeForwarder } from "../Forwarder.ts"
 import { type GuardAction, makeConnectionGuard } from "../ConnectionGuard.ts"

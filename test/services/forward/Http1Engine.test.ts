@@ -7,14 +7,8 @@ import * as os from "node:os"
 import * as path from "node:path"
 import { setTimeout as sleep } from "node:timers/promises"
 import { CLIENT_LIMIT_DEFAULTS, type ClientLimits } from "../../../src/domain/ClientLimits.ts"
-import {
-  type Admission,
-  type Http1Request,
-  MAX_INTERIM_RESPONSES,
-  MAX_PIPELINED_BYTES,
-  type PendingAdmission,
-  WRITE_QUEUE_PAUSE_BYTES
-} from "../../../src/services/forward/Http1Engine.ts"
+import type { Admission, Http1Request, PendingAdmission } from "../../../src/services/forward/http1/Admission.ts"
+import { MAX_INTERIM_RESPONSES, MAX_PIPELINED_BYTES, WRITE_QUEUE_PAUSE_BYTES } from "../../../src/services/forward/http1/Constants.ts"
 import { UPSTREAM_READ_BUFFER_MAX_BYTES } from "../../../src/services/forward/UpstreamPool.ts"
 import { unixUpstream } from "../../../src/services/forward/Upstream.ts"
 import { type ForwarderConfig, type ForwarderShape, makeForwarder } from "../../../src/services/Forwarder.ts"

@@ -1,0 +1,79 @@
+/**
+ * The HTTP/1.1 heads a proxy writes: the request head sent upstream, the response head relayed to the
+ * client (hop-by-hop fields gone, framing and connection the proxy's own), a `101` as received, a
+ * request head given back to another server, and `100 Continue`. Pure: values in, latin1 bytes out. The
+ * field lists come checked from `Http1Parser` and `HttpHeaders`; nothing here validates them again.
+ */
+import type { RequestHead, ResponseHead } from "./Http1Parser.ts"
+import { responseHeaders } from "./HttpHeaders.ts"
+
+/** The interim answer to `Expect: 100-continue`. */
+export const CONTINUE_HEAD: Buffer = Buffer.from("HTTP/1.1 100 Continue\r\n\r\n", "latin1")
+
+/** The head sent upstream; `chunked` adds the Transfer-Encoding the body is framed with. */
+export const requestHeadBytes = (
+  out: { readonly method: string; readonly path: string; readonly headers: ReadonlyArray<string> },
+  versionMinor: number,
+  chunked: boolean
+): Buffer => {
+  let text = `${out.method} ${out.path} HTTP/1.${versionMinor}\r\n`
+  const h = out.headers
+  for (let i = 0; i < h.length; i += 2) text += `${h[i]}: ${h[i + 1]}\r\n`
+  if (chunked) text += "Transfer-Encoding: chunked\r\n"
+  return Buffer.from(text + "\r\n", "latin1")
+}
+
+/**
+ * The head relayed to the client (hop-by-hop headers gone, framing and connection ours). A response with
+ * a Transfer-Encoding never passes a Content-Length on (RFC 9112 §6.3); one whose codings do not end in
+ * chunked keeps them and runs to the close. `extra` (flat `[name, value, ...]`) replaces the fields of
+ * the same names.
+ */
+export const responseHeadBytes = (head: ResponseHead, chunked: boolean, close: boolean, extra: ReadonlyArray<string> | undefined): Buffer => {
+  let text = `HTTP/1.1 ${head.status} ${head.reason}\r\n`
+  const h = responseHeaders(head.headers)
+  const coded = chunked || head.transferCodings.length > 0
+  for (let i = 0; i < h.length; i += 2) {
+    if (coded && h[i]!.length === 14 && h[i]!.toLowerCase() === "content-length") continue
+    if (extra !== undefined && replaced(extra, h[i]!)) continue
+    text += `${h[i]}: ${h[i + 1]}\r\n`
+  }
+  if (extra !== undefined) for (let i = 0; i < extra.length; i += 2) text += `${extra[i]}: ${extra[i + 1]}\r\n`
+  if (chunked) text += "Transfer-Encoding: chunked\r\n"
+  else if (head.closeDelimitedCoding) text += `Transfer-Encoding: ${head.transferCodings}\r\n`
+  if (close) text += "Connection: close\r\n"
+  return Buffer.from(text + "\r\n", "latin1")
+}
+
+/** Whether `name` is among the names of a flat header list (case-insensitive). */
+const replaced = (extra: ReadonlyArray<string>, name: string): boolean => {
+  for (let i = 0; i < extra.length; i += 2) {
+    if (extra[i]!.length === name.length && extra[i]!.toLowerCase() === name.toLowerCase()) return true
+  }
+  return false
+}
+
+/** The upstream's 101 as received (its Connection/Upgrade headers are what the client needs). */
+export const switchingHeadBytes = (head: ResponseHead): Buffer => {
+  let text = `HTTP/1.1 ${head.status} ${head.reason}\r\n`
+  const h = head.headers
+  for (let i = 0; i < h.length; i += 2) text += `${h[i]}: ${h[i + 1]}\r\n`
+  return Buffer.from(text + "\r\n", "latin1")
+}
+
+/**
+ * A request head as received, in origin form, for a server that takes the connection over. An upgrade
+ * the proxy does not pass on (h2c) is not offered to that server either.
+ */
+export const handoffHeadBytes = (request: RequestHead): Buffer => {
+  let text = `${request.method} ${request.originTarget} HTTP/1.${request.versionMinor}\r\n`
+  const h = request.headers
+  for (let i = 0; i < h.length; i += 2) {
+    if (request.upgrade === undefined && (h[i]!.length === 7 || h[i]!.length === 14)) {
+      const lower = h[i]!.toLowerCase()
+      if (lower === "upgrade" || lower === "http2-settings") continue
+    }
+    text += `${h[i]}: ${h[i + 1]}\r\n`
+  }
+  return Buffer.from(text + "\r\n", "latin1")
+}

@@ -1,0 +1,233 @@
+/**
+ * Assembles the gateway from its resolved configuration: the admin endpoint, the control port with its
+ * public listeners, the reverse-HTTP/2 tunnel port when enabled, the instruments, the drain on scope
+ * close and the reload on SIGHUP (tokens and reverse-HTTP/2 routes). It reads no flags and prints
+ * nothing: the `server` command does that.
+ */
+import * as fs from "node:fs"
+import * as os from "node:os"
+import * as path from "node:path"
+import { randomBytes } from "node:crypto"
+import { Context, Effect, Layer, Option, Redacted } from "effect"
+import type { Scope } from "effect"
+import type { TokenGrant } from "../../domain/TokenPolicy.ts"
+import { Dispatcher } from "../../services/Dispatcher.ts"
+import { ControlPort } from "../../services/front/ControlPort.ts"
+import { ReverseH2 } from "../../services/front/ReverseH2.ts"
+import { Listeners } from "../../services/Listeners.ts"
+import { makeMetrics, Metrics, type MetricsShape } from "../../services/Metrics.ts"
+import { Registry } from "../../services/Registry.ts"
+import { makeRecentErrors, registerClientLimitCounters, reloadRefused, serveAdmin, type StatusDocument } from "../Admin.ts"
+import { ConfigLoadError, type ServerFile } from "../ConfigLoader.ts"
+import { onHangup } from "../Lifecycle.ts"
+import * as Logging from "../Logging.ts"
+import { formatHostPort, type HostPort } from "../NetAddress.ts"
+import * as NodeTransport from "../NodeTransport.ts"
+import packageJson from "../../../package.json" with { type: "json" }
+import { dispatchObserver, gatewayEvents, type GatewayServices, instrumentHandlers, registerServerGauges } from "./GatewayInstruments.ts"
+import { AllPorts, GeneratedGrantName, GeneratedTokenBytes, grantsOf, h2RoutesOf, invalid, resolveServerConfig } from "./ServerConfig.ts"
+
+/** What `runGateway` starts, for embedding and tests. */
+export interface GatewayHandle {
+  readonly control: HostPort
+  readonly reverseH2: HostPort | undefined
+  /** The WebSocket control path's URL, when it is served. */
+  readonly controlWebSocket: string | undefined
+  readonly admin: HostPort | undefined
+  /** The generated token's file, when no token was configured. */
+  readonly generatedTokenFile: string | undefined
+  readonly metrics: MetricsShape
+}
+
+/** Options of `runGateway` beyond the file. */
+export interface GatewayOptions {
+  /** Re-reads the configuration on SIGHUP (the command passes its loader). */
+  readonly reload?: Effect.Effect<ServerFile, ConfigLoadError> | undefined
+}
+
+/** Writes a fresh random token to a file only this user can read; removed when the scope closes. */
+const generateTokenFile = Effect.acquireRelease(
+  Effect.try({
+    try: () => {
+      const dir = path.join(os.tmpdir(), `switchyard-${process.getuid?.() ?? "user"}`)
+      fs.mkdirSync(dir, { recursive: true, mode: 0o700 })
+      const stat = fs.statSync(dir)
+      if ((process.getuid !== undefined && stat.uid !== process.getuid()) || (stat.mode & 0o077) !== 0) {
+        throw new Error(`${dir} is not private to this user`)
+      }
+      const file = path.join(dir, `control-token-${process.pid}`)
+      const token = randomBytes(GeneratedTokenBytes).toString("base64url")
+      fs.writeFileSync(file, token + "\n", { mode: 0o600, flag: "w" })
+      return { file, token: Redacted.make(token) }
+    },
+    catch: (e) => invalid("control.token", `none configured and none could be generated: ${(e as Error).message}; set control.token_file or SWITCHYARD_TOKEN`)
+  }),
+  ({ file }) => Effect.sync(() => fs.rmSync(file, { force: true }))
+)
+
+/**
+ * Starts the gateway described by `file` in the current scope; fails before binding on a bad value.
+ * Its metrics go to the `Metrics` service when one is provided, else to a registry of its own.
+ */
+export const runGateway = Effect.fn("server.runGateway")(function*(
+  file: ServerFile,
+  options: GatewayOptions = {}
+): Effect.fn.Return<GatewayHandle, ConfigLoadError | Error, Scope.Scope> {
+  const config = resolveServerConfig(file)
+  if (config instanceof ConfigLoadError) return yield* config
+  let grants: ReadonlyArray<TokenGrant> = config.grants
+  let generatedTokenFile: string | undefined
+  if (grants.length === 0) {
+    const generated = yield* generateTokenFile
+    generatedTokenFile = generated.file
+    grants = [{ name: GeneratedGrantName, token: generated.token, ports: AllPorts }]
+  }
+  const h2Enabled = config.reverseH2.enabled
+  const webSocket = config.webSocket
+
+  // an embedding app may provide its own Metrics registry (one gateway per registry)
+  const metrics = Option.getOrElse(yield* Effect.serviceOption(Metrics), makeMetrics)
+  const recentErrors = makeRecentErrors()
+  const access = Logging.accessLogger({ format: config.log?.format, accessLog: config.log?.access_log })
+
+  const drainTimeout = config.drainTimeoutMs
+  let draining = false
+  let live: GatewayServices | undefined
+  const startedAt = new Date().toISOString()
+  const listenerNames: Array<{ name: string; address: string }> = []
+
+  // The admin endpoint starts first so it closes last: /readyz answers 503 while the gateway drains.
+  let adminBound: HostPort | undefined
+  if (config.admin.enabled) {
+    const status = (): StatusDocument => ({
+      command: "server",
+      version: packageJson.version,
+      startedAt,
+      ready: live !== undefined && !draining,
+      listeners: listenerNames,
+      sessions: live === undefined ? [] : [
+        { frontDoor: "control", count: live.controlPort.sessions(), draining: live.controlPort.drainingSessions() },
+        ...(live.h2 === undefined ? [] : [{ frontDoor: "reverse_h2", count: live.h2.connections() }])
+      ],
+      routes: live === undefined ? [] : live.registry.snapshot().map((entry) => ({
+        route: entry.key,
+        backends: entry.backends.map((b) => b.label),
+        inFlight: entry.backends.reduce((n, b) => n + b.inFlight, 0)
+      })),
+      recentErrors: recentErrors.list()
+    })
+    adminBound = yield* serveAdmin({ address: config.admin.address, ready: () => live !== undefined && !draining, metrics: metrics.registry, status })
+    listenerNames.push({ name: "admin", address: formatHostPort(adminBound) })
+  }
+
+  const events = gatewayEvents(metrics, recentErrors.add, yield* Effect.context<never>())
+  const removeClientLimitCounters = registerClientLimitCounters(metrics, "public", events.clientLimitReporter.counts)
+  yield* Effect.addFinalizer(() => Effect.sync(removeClientLimitCounters))
+  const gateway = ControlPort.gatewayLayer({
+    control: {
+      ...config.control,
+      tokens: grants,
+      onRejected: events.onRejected,
+      onSessionFailed: events.onSessionFailed,
+      onSessionDraining: events.onSessionDraining,
+      ...(webSocket === undefined ? {} : { websocket: webSocket })
+    },
+    publicHost: config.publicHost,
+    publicConnections: { ...config.publicConnections, onConnectionLimit: events.onConnectionLimit },
+    registry: { gracePeriod: config.gracePeriodMs },
+    dispatcher: { maxWaiting: config.maxWaiting },
+    responseTimeoutMs: config.responseTimeoutMs,
+    idleTimeoutMs: config.idleTimeoutMs,
+    // plain HTTP/1.1 public ports run the raw engine either way; the per-request instruments follow each
+    // exchange there (`observeExchange`) and on the Node path kept for HTTP/2 and reverse-HTTP/2 backends
+    wrapHandlers: config.requestMetrics
+      ? (handlers) => instrumentHandlers(handlers, metrics, access)
+      : (handlers) => ({ ...handlers, observeDispatch: dispatchObserver(metrics) }),
+    rawEngine: true,
+    clientLimits: config.clientLimits,
+    onClientLimit: events.clientLimitReporter.onClientLimit
+  })
+  const h2Layer: Layer.Layer<never, Error, Listeners> | Layer.Layer<ReverseH2, Error, Listeners> = h2Enabled
+    ? ReverseH2.layer({
+      address: config.reverseH2.address,
+      ...(config.reverseH2.tls === undefined ? {} : { tls: config.reverseH2.tls }),
+      routes: config.reverseH2.routes,
+      tokens: config.reverseH2.plain ? undefined : grants,
+      authThrottle: config.authThrottle,
+      drainTimeout,
+      onFailure: events.onH2Failure,
+      onStreamViolation: events.onH2StreamViolation,
+      responseTimeoutMs: config.responseTimeoutMs,
+      idleTimeoutMs: config.idleTimeoutMs
+    })
+    : Layer.empty
+  const context = yield* Layer.build(
+    (h2Layer as Layer.Layer<ReverseH2, Error, Listeners>).pipe(
+      Layer.provideMerge(gateway),
+      Layer.provide(NodeTransport.layer)
+    )
+  ).pipe(Effect.mapError((e) => new Error(`cannot start the gateway: ${e.message}`)))
+  const controlPort = Context.get(context, ControlPort)
+  const h2 = h2Enabled ? Context.get(context, ReverseH2) : undefined
+  live = {
+    listeners: Context.get(context, Listeners),
+    registry: Context.get(context, Registry),
+    dispatcher: Context.get(context, Dispatcher),
+    controlPort,
+    h2
+  }
+  // Finalizers run last-in first-out: readiness drops before the front doors drain.
+  yield* Effect.addFinalizer(() =>
+    Effect.sync(() => void (draining = true)).pipe(
+      Effect.andThen(Effect.logInfo(`shutting down: public ports stop accepting, requests in flight get up to ${drainTimeout} ms`)),
+      Effect.annotateLogs({ component: "server" })
+    )
+  )
+  listenerNames.push({ name: "control", address: formatHostPort(controlPort.address as HostPort) })
+  if (h2 !== undefined) listenerNames.push({ name: "reverse_h2", address: formatHostPort(h2.address) })
+  const controlWebSocket = controlPort.webSocketAddress === undefined || webSocket === undefined
+    ? undefined
+    : `${webSocket.tls === undefined ? "ws" : "wss"}://${formatHostPort(controlPort.webSocketAddress as HostPort)}${webSocket.path}`
+  if (controlWebSocket !== undefined) listenerNames.push({ name: "control_websocket", address: controlWebSocket })
+
+  const removers = registerServerGauges(metrics, live)
+  yield* Effect.addFinalizer(() => Effect.sync(() => removers.forEach((r) => r())))
+
+  if (options.reload !== undefined) {
+    const reloadFile = options.reload
+    yield* onHangup(Effect.gen(function*() {
+      const next = yield* reloadFile
+      const nextGrants = grantsOf(next)
+      if (nextGrants instanceof ConfigLoadError) return yield* nextGrants
+      if (nextGrants.length === 0 && generatedTokenFile === undefined) {
+        return yield* invalid("control.token", "the new configuration has no token; keep at least one")
+      }
+      const applied = nextGrants.length === 0 ? grants : nextGrants
+      const nextH2Routes = h2RoutesOf(next)
+      if (h2 !== undefined && !h2.authenticated && nextH2Routes.length === 0) {
+        return yield* invalid("reverse_h2.routes", "a plain reverse-HTTP/2 port needs at least one route")
+      }
+      // routes first: the only step that can still refuse, and it changes nothing when it does
+      if (h2 !== undefined) {
+        yield* h2.replaceRoutes(nextH2Routes).pipe(Effect.mapError((e) => invalid("reverse_h2.routes", e.message)))
+      }
+      yield* controlPort.replaceTokens(applied)
+      if (h2 !== undefined && h2.authenticated) yield* h2.replaceTokens(applied)
+      metrics.reloads.labels("applied").inc()
+      const routesNote = h2 === undefined ? "" : `, ${nextH2Routes.length} reverse-HTTP/2 route(s)`
+      yield* Effect.logInfo(`configuration reloaded: ${nextGrants.length} token(s)${routesNote}; sessions already up keep their grants (addresses change on restart)`)
+    }).pipe(
+      Effect.catch(reloadRefused({ metrics, recordError: recentErrors.add })),
+      Effect.annotateLogs({ component: "server" })
+    ))
+  }
+
+  return {
+    control: controlPort.address as HostPort,
+    reverseH2: h2?.address,
+    controlWebSocket,
+    admin: adminBound,
+    generatedTokenFile,
+    metrics
+  }
+})
