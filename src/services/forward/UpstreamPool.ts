@@ -22,10 +22,10 @@ export interface ConnectionOwner {
   readonly upstreamDrain: () => void
   /**
    * For sockets that deliver their chunks in runs (see `ReadBatchListener`): a run of `upstreamData`
-   * calls begins, and it ended. The pool passes `false` and ignores the result.
+   * calls begins, and it ended.
    */
   readonly upstreamBatchStart?: () => void
-  readonly upstreamBatchEnd?: (lent: boolean) => boolean
+  readonly upstreamBatchEnd?: () => void
 }
 
 /** A request waiting for a connection. */
@@ -115,7 +115,7 @@ export class PooledConnection {
     batchEnd: () => {
       const owner = this.batchOwner
       this.batchOwner = undefined
-      owner?.upstreamBatchEnd?.(false)
+      owner?.upstreamBatchEnd?.()
     }
   }
 

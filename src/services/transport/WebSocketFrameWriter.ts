@@ -2,9 +2,9 @@
  * Puts a tunnel's bytes on a WebSocket's socket as binary messages written by switchyard itself, one
  * frame each: a client masks them (a random key per frame, or the all-zero key when the operator turned
  * masking off) into pooled output buffers that are reused once written, and a server sends the caller's
- * buffers unmasked, without copying. `ws` keeps the handshake, control frames and reading; it writes
- * whole frames synchronously (compression is off on tunnel connections), so frames never interleave.
- * It does not fragment messages or speak any other opcode.
+ * buffers unmasked, without copying. Each frame is written whole and at once, so frames never
+ * interleave with the control frames `WebSocketEndpoint` writes. It does not fragment messages or
+ * speak any other opcode.
  */
 import type * as net from "node:net"
 import { encodeFrameHeader } from "../../domain/WebSocketFrameHeader.ts"

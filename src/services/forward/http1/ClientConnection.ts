@@ -113,30 +113,22 @@ export class ClientConnection extends RequestSide implements ConnectionOwner {
   }
 
   /**
-   * The run ended; returns whether one of its chunks is still referenced (queued on the client socket).
-   * Lent chunks are written now, so that their memory can be read into again. Others wait for the end
-   * of this turn of the event loop, joining the runs of further reads in one write (a WebSocket tunnel
-   * hands over one message per read).
+   * The run ended: the client socket is uncorked at the end of this turn of the event loop, joining the
+   * runs of further reads in one write (a WebSocket tunnel hands over one message per read).
    */
-  readonly upstreamBatchEnd = (lent: boolean): boolean => {
-    if (this.batchCorked) {
-      if (lent) this.uncorkNow()
-      else if (!this.uncorkScheduled) {
-        this.uncorkScheduled = true
-        setImmediate(this.uncorkLater)
-      }
+  readonly upstreamBatchEnd = (): void => {
+    if (this.batchCorked && !this.uncorkScheduled) {
+      this.uncorkScheduled = true
+      setImmediate(this.uncorkLater)
     }
-    return this.phase === TUNNEL || this.phase === CLOSED || this.socket.writableLength > 0
-  }
-
-  private uncorkNow(): void {
-    this.batchCorked = false
-    this.socket.uncork()
   }
 
   private readonly uncorkLater = (): void => {
     this.uncorkScheduled = false
-    if (this.batchCorked) this.uncorkNow()
+    if (this.batchCorked) {
+      this.batchCorked = false
+      this.socket.uncork()
+    }
   }
 
   readonly upstreamData = (chunk: Buffer): void => {
