@@ -495,6 +495,8 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
         headers: { "X-SECRET-KEY": secret },
         maskFrames: config.maskFrames,
         maxMessageBytes: config.maxMessageSize,
+        // heads are text: at most the head limit, in UTF-8 (up to three bytes a code unit)
+        maxTextBytes: 3 * ctx.limits.maxHeadLength,
         timeoutMs: handshakeTimeout
       }, (outcome) => {
         if (outcome._tag !== "Open") return failed(outcome.message)

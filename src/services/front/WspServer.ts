@@ -714,7 +714,8 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       refused("tooManyGreetings", `${peer}: ${maxPendingGreetings} registrations already wait for their greeting; refused with 503`)
       return refuseUpgrade(socket, 503, "Service Unavailable", "too many registrations in progress")
     }
-    const endpoint = acceptWebSocket(req, socket, head, { maxMessageBytes: config.maxMessageSize })
+    // heads are text: at most the head limit, in UTF-8 (up to three bytes a code unit)
+    const endpoint = acceptWebSocket(req, socket, head, { maxMessageBytes: config.maxMessageSize, maxTextBytes: 3 * limits.maxHeadLength })
     if (endpoint !== undefined) onRegistered(endpoint, peer, head.length)
   }
 

@@ -55,6 +55,8 @@ export interface EndpointOptions {
   /** Largest binary message this side sends as one frame by `sendMessages` (default: no split below 64 KiB + 12). */
   readonly maxSendMessageBytes?: number | undefined
   readonly closeTimeout?: Duration.Input | undefined
+  /** Largest text message accepted (it is collected whole); more is closed with 1009. Default: `maxMessageBytes`. */
+  readonly maxTextBytes?: number | undefined
   /** Refuse text messages (1003) as soon as one begins: for connections that carry only bytes. */
   readonly binaryOnly?: boolean | undefined
 }
@@ -79,6 +81,8 @@ export class WebSocketEndpoint {
   private readonly writer: WebSocketFrameWriter
   private readonly closeTimeoutMs: number
   private readonly binaryOnly: boolean
+  private readonly maxTextBytes: number
+  private textBytes = 0
   private handlers: EndpointHandlers | undefined = undefined
   private state: State = State.Open
   /** Input not yet decoded: the handshake's leftover before `start`, or the rest of a read after `pause`. */
@@ -106,6 +110,7 @@ export class WebSocketEndpoint {
     this.writer = new WebSocketFrameWriter(socket, options.masking, options.maxSendMessageBytes ?? 64 * 1024 + 12)
     this.closeTimeoutMs = Duration.toMillis(Duration.fromInputUnsafe(options.closeTimeout ?? DefaultCloseTimeout))
     this.binaryOnly = options.binaryOnly === true
+    this.maxTextBytes = options.maxTextBytes ?? options.maxMessageBytes
     this.held = head.length > 0 ? head : undefined
     socket.setNoDelay?.(true)
     socket.pause()
@@ -198,11 +203,19 @@ export class WebSocketEndpoint {
       if (binary) this.handlers!.binaryStart()
       else if (this.binaryOnly) {
         this.fail(new WebSocketError({ reason: "UnsupportedData", code: CloseCode.UnsupportedData, message: "websocket: a text message on a tunnel connection" }))
-      } else this.textParts = []
+      } else {
+        this.textParts = []
+        this.textBytes = 0
+      }
     },
     messageData: (payload) => {
-      if (this.textParts !== undefined) this.textParts.push(payload)
-      else this.handlers!.binaryData(payload)
+      const parts = this.textParts
+      if (parts === undefined) return this.handlers!.binaryData(payload)
+      this.textBytes += payload.length
+      if (this.textBytes > this.maxTextBytes) {
+        return this.fail(new WebSocketError({ reason: "TooLarge", code: CloseCode.TooLarge, message: `websocket: a text message larger than ${this.maxTextBytes} bytes` }))
+      }
+      parts.push(payload)
     },
     messageEnd: () => {
       const parts = this.textParts

@@ -135,6 +135,7 @@ export const openWebSocket = (options: OpenWebSocketOptions, done: (outcome: Ope
       maxSendMessageBytes: options.maxSendMessageBytes,
       closeTimeout: options.closeTimeout,
       binaryOnly: options.binaryOnly,
+      maxTextBytes: options.maxTextBytes,
       masking: (options.maskFrames ?? true) ? "random" : "zero"
     })
     settle({ _tag: "Open", endpoint, response: res })

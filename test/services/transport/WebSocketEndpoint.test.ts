@@ -47,7 +47,7 @@ const recording = (r: Received, onMessage: () => void, onClosed: () => void): En
 }
 
 /** An HTTP server whose upgrades switchyard accepts; each endpoint is handed to `next()`'s caller. */
-const endpointServer = (maxMessageBytes = 1 << 20) =>
+const endpointServer = (maxMessageBytes = 1 << 20, maxTextBytes?: number) =>
   Effect.acquireRelease(
     Effect.promise(() =>
       new Promise<{ server: http.Server; port: number; next: () => Promise<WebSocketEndpoint> }>((resolve) => {
@@ -56,7 +56,7 @@ const endpointServer = (maxMessageBytes = 1 << 20) =>
         const server = http.createServer((_q, s) => s.end())
         server.on("upgrade", (req, socket, head) => {
           socket.on("error", () => {})
-          const e = acceptWebSocket(req, socket, head, { maxMessageBytes })
+          const e = acceptWebSocket(req, socket, head, { maxMessageBytes, maxTextBytes })
           if (e === undefined) return
           const waiter = waiting.shift()
           if (waiter !== undefined) waiter(e)
@@ -232,6 +232,26 @@ describe("WebSocketEndpoint against ws", () => {
       assert.match(error.message, /going for lunch/)
       // the endpoint answered with the same code
       assert.deepStrictEqual((yield* Effect.promise(() => bounded("peer close", peerClosed)))[0], 4321)
+    })))
+
+  it.live("a text message over its own limit closes with 1009; a binary message of that size passes", () =>
+    noLeaks(Effect.gen(function*() {
+      const srv = yield* endpointServer(1 << 20, 1000)
+      const peer = new WebSocket(`ws://127.0.0.1:${srv.port}/`, { perMessageDeflate: false })
+      peer.on("error", () => {})
+      const endpoint = yield* Effect.promise(() => bounded("accept", srv.next()))
+      yield* Effect.promise(() => bounded("open", new Promise((r) => peer.once("open", r))))
+      const received: Received = { messages: [], pings: [], closed: "open" }
+      let got!: () => void
+      const one = new Promise<void>((r) => (got = r))
+      endpoint.start(recording(received, () => got(), () => {}))
+      peer.send(Buffer.alloc(5000, 1), { binary: true })
+      yield* Effect.promise(() => bounded("binary", one))
+      assert.strictEqual(received.messages.length, 1)
+      const code = new Promise<number>((r) => peer.once("close", (c: number) => r(c)))
+      peer.send("x".repeat(1001))
+      assert.strictEqual(yield* Effect.promise(() => bounded("close", code)), 1009)
+      assert.strictEqual(received.messages.length, 1, "the text was never handed over")
     })))
 
   it.live("upgrade requests ws would refuse are refused: wrong version 426, bad key 400, not GET 400", () =>
