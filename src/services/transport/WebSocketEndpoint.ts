@@ -96,6 +96,11 @@ export class WebSocketEndpoint {
   private closeTimer: NodeJS.Timeout | undefined = undefined
   /** Text message being collected. */
   private textParts: Array<Buffer> | undefined = undefined
+  /** A pong is written and not yet handed to the kernel. */
+  private pongQueued = false
+  private readonly pongWritten = (): void => {
+    this.pongQueued = false
+  }
   /** A fragmented binary message this side is sending: its next frame is a continuation. */
   private sendingFragments = false
 
@@ -176,6 +181,8 @@ export class WebSocketEndpoint {
   // reading
 
   private readonly onData = (chunk: Buffer): void => {
+    // after a close frame or a failure nothing more is read: the socket is only drained to see its end
+    if (this.decoder.stopped) return
     if (this.paused) {
       // a read already under way when reads were paused
       this.held = this.held === undefined ? chunk : Buffer.concat([this.held, chunk])
@@ -231,7 +238,12 @@ export class WebSocketEndpoint {
     },
     control: (opcode, payload) => {
       if (opcode === Opcode.Ping) {
-        if (this.state === State.Open || this.state === State.Closing) this.writeControl(Opcode.Pong, payload)
+        // one pong at a time: a peer that pings without reading gets no more than one queued (RFC 6455
+        // §5.5.3 lets an endpoint answer only the latest of several pings)
+        if ((this.state === State.Open || this.state === State.Closing) && !this.pongQueued) {
+          this.pongQueued = true
+          this.writeFrame(true, Opcode.Pong, Buffer.from(payload), false, this.pongWritten)
+        }
         this.handlers!.ping?.(payload)
       } else if (opcode === Opcode.Pong) this.handlers!.pong?.(payload)
       else this.onCloseFrame(payload)

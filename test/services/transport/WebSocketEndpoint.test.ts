@@ -254,6 +254,35 @@ describe("WebSocketEndpoint against ws", () => {
       assert.strictEqual(received.messages.length, 1, "the text was never handed over")
     })))
 
+  it.live("a peer that pings without reading never gets more than one pong queued", () =>
+    noLeaks(Effect.gen(function*() {
+      const srv = yield* endpointServer()
+      const socket = net.connect(srv.port, "127.0.0.1")
+      socket.on("error", () => {})
+      // after the 101, stop reading: pongs pile up in the kernel, then in the endpoint's socket
+      const upgraded = new Promise<void>((r) => socket.once("data", () => (socket.pause(), r())))
+      socket.write("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+      const endpoint = yield* Effect.promise(() => bounded("accept", srv.next()))
+      const received: Received = { messages: [], pings: [], closed: "open" }
+      endpoint.start(recording(received, () => {}, () => {}))
+      yield* Effect.promise(() => bounded("101", upgraded))
+      const ping = Buffer.concat([Buffer.from([0x89, 0x80 | 125, 0, 0, 0, 0]), Buffer.alloc(125, 7)])
+      const batch = Buffer.concat(Array.from({ length: 1000 }, () => ping))
+      let most = 0
+      for (let i = 0; i < 200; i++) {
+        if (!socket.write(batch)) yield* Effect.promise(() => bounded("drain", new Promise((r) => socket.once("drain", r))))
+        most = Math.max(most, endpoint.bufferedAmount)
+      }
+      yield* Effect.promise(() => bounded("pings read", new Promise<void>((r) => {
+        const poll = () => (received.pings.length >= 200_000 ? r() : setTimeout(poll, 10))
+        poll()
+      })))
+      most = Math.max(most, endpoint.bufferedAmount)
+      assert.isAtMost(most, 200, `bytes queued toward a peer that does not read: ${most}`)
+      socket.destroy()
+    })), { timeout: 60_000 })
+
   it.live("upgrade requests ws would refuse are refused: wrong version 426, bad key 400, not GET 400", () =>
     noLeaks(Effect.gen(function*() {
       const srv = yield* endpointServer()
