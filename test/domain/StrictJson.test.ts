@@ -108,7 +108,7 @@ describe("StrictJson", () => {
     Effect.sync(() => {
       // a random JSON value built from the seed, printed by JSON.stringify
       let s = seed
-      const next = (n: number) => (s = (s * 1103515245 + 12345) % 2147483648) % n
+      const next = (n: number) => ((s = (s * 1103515245 + 12345) % 2147483648) >>> 12) % n
       const text = String.fromCharCode(...codes)
       const build = (depth: number): unknown => {
         switch (next(depth > 3 ? 4 : 6)) {
@@ -151,7 +151,7 @@ describe("StrictJson", () => {
   it("fuzz: mutated create bodies never throw and parse only when JSON.parse does", () => {
     const base = `{"Image":"busybox","Cmd":["true"],"HostConfig":{"Privileged":false,"Binds":["/a:/b"],"CapAdd":null}}`
     let s = 7
-    const next = (n: number) => (s = (s * 1103515245 + 12345) % 2147483648) % n
+    const next = (n: number) => ((s = (s * 1103515245 + 12345) % 2147483648) >>> 12) % n
     const alphabet = `{}[]:,"\\ \tatrufn0123456789.-eEu`
     for (let i = 0; i < 20_000; i++) {
       const chars = [...base]
