@@ -47,7 +47,7 @@ export interface BodyInspection {
   readonly passed: (request: Http1Request) => boolean | "mismatch"
   /** The admission that takes the connection, reads and judges the body of `endpoint`. */
   readonly admission: (endpoint: BodyEndpoint, method: string, path: string) => Admission
-  /** Closes the connections whose body is being read (shutdown). */
+  /** Closes the connections whose body is being read, and answers later ones 503 (shutdown). */
   readonly close: () => void
 }
 
@@ -55,6 +55,7 @@ const CONTINUE = "HTTP/1.1 100 Continue\r\n\r\n"
 
 export const makeBodyInspection = (options: BodyInspectionOptions): BodyInspection => {
   const reading = new Set<net.Socket>()
+  let closed = false
 
   const refuse = (socket: net.Socket, status: number, message: string, report = true) => {
     reading.delete(socket)
@@ -70,6 +71,12 @@ export const makeBodyInspection = (options: BodyInspectionOptions): BodyInspecti
     const step = requestHeadReader(options.headLimits).push(bytes)
     if (step._tag !== "Head" || accept === undefined) {
       socket.destroy()
+      return
+    }
+    if (closed) {
+      socket.resume()
+      writeRawError(socket, dockerErrors, 503, "switchyard: shutting down")
+      closeAfterFlush(socket)
       return
     }
     reading.add(socket)
@@ -163,6 +170,7 @@ export const makeBodyInspection = (options: BodyInspectionOptions): BodyInspecti
     },
     admission: (endpoint, method, path) => ({ _tag: "Handoff", take: take(endpoint, method, path) }),
     close: () => {
+      closed = true
       for (const socket of reading) socket.destroy()
       reading.clear()
     }

@@ -234,7 +234,6 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     },
     onSlowBody: (event) => limited.onClientLimit(event)
   })
-  yield* Effect.addFinalizer(() => Effect.sync(inspection.close))
 
   /** Checks client, path, rules and (for creates) the body: what to forward, or the refusal to answer. */
   const admit = (req: Http1Request): Admission => {
@@ -325,6 +324,8 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     })
     addresses.push(yield* bind(server, engine, address, limits.drainTimeoutMs))
   }
+  // Runs before the listeners close: a body being read would hold `server.close` open.
+  yield* Effect.addFinalizer(() => Effect.sync(inspection.close))
   return {
     addresses,
     ruleSet: () => ruleSet,
