@@ -2,7 +2,7 @@
  * Socket-proxy access rules: the one-line syntax (`[allow|deny] METHODS PATH[?QUERY]`), parsing into
  * compiled matchers, first-match-wins decisions with deny by default, and named presets for common tools.
  * Rules match canonical paths (see `canonicalTarget`): no API version prefix, decoded, `//` collapsed.
- * Pure: no I/O. It does not look at request bodies (a `POST /containers/create` is allowed or not as a whole).
+ * Pure: no I/O. It does not look at request bodies (`BodyPolicy` judges the bodies of creates).
  */
 import { Schema } from "effect"
 

@@ -5,6 +5,7 @@
  */
 import { Result, Schema, SchemaIssue } from "effect"
 import { type AccessRule, parseRule, presetRules, RuleSyntaxError, type RuleSet } from "./AccessRule.ts"
+import { type BodyPolicy, DEFAULT_BODY_POLICY, normalizeHostPath } from "./BodyPolicy.ts"
 import { type ClientAllowlist, parseAllowlist } from "./ClientAllowlist.ts"
 import {
   DEFAULT_MIN_REQUEST_BODY_BYTES_PER_SECOND,
@@ -102,6 +103,32 @@ const RuleEntry = Schema.Union([
   Schema.Struct({ deny: Schema.String })
 ])
 
+/** The request-body policy's switches (see `BodyPolicy`); each `allow...` is off by default. */
+const BodyPolicySection = Schema.Struct({
+  enabled: Schema.optionalKey(Schema.Boolean),
+  maxBodyBytes: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1024, maximum: 64 * 1024 * 1024 }))),
+  allowPrivileged: Schema.optionalKey(Schema.Boolean),
+  allowHostNamespaces: Schema.optionalKey(Schema.Boolean),
+  allowNamespaceJoins: Schema.optionalKey(Schema.Boolean),
+  allowCapabilities: Schema.optionalKey(Schema.Array(Schema.String)),
+  allowDevices: Schema.optionalKey(Schema.Boolean),
+  allowUnconfined: Schema.optionalKey(Schema.Boolean),
+  allowSysctls: Schema.optionalKey(Schema.Boolean),
+  allowVolumesFrom: Schema.optionalKey(Schema.Boolean),
+  allowBindSources: Schema.optionalKey(Schema.Array(Schema.String))
+})
+
+/** The body-policy switches `--body-allow` turns on, by flag value. */
+export const BODY_ALLOW_FLAGS = {
+  privileged: "allowPrivileged",
+  "host-namespaces": "allowHostNamespaces",
+  "namespace-joins": "allowNamespaceJoins",
+  devices: "allowDevices",
+  unconfined: "allowUnconfined",
+  sysctls: "allowSysctls",
+  "volumes-from": "allowVolumesFrom"
+} as const
+
 /** The file format (YAML or JSON). */
 export const SocketProxyFile = Schema.Struct({
   /** `unix:/var/run/docker.sock` (default) or `host:port`. */
@@ -115,7 +142,9 @@ export const SocketProxyFile = Schema.Struct({
   forwardedHeaders: Schema.optionalKey(Schema.Literals(["off", "replace", "append"])),
   /** Log allowed requests too (denials are always logged). */
   logAllowed: Schema.optionalKey(Schema.Boolean),
-  limits: Schema.optionalKey(Limits)
+  limits: Schema.optionalKey(Limits),
+  /** Checks on container, exec and service create bodies (on by default). */
+  bodyPolicy: Schema.optionalKey(BodyPolicySection)
 })
 export type SocketProxyFile = typeof SocketProxyFile.Type
 
@@ -138,6 +167,7 @@ export interface SocketProxyConfig {
   readonly forwardedHeaders: ForwardedMode
   readonly logAllowed: boolean
   readonly limits: Limits
+  readonly bodyPolicy: BodyPolicy
 }
 
 export class ConfigError extends Schema.TaggedError<ConfigError>()("ConfigError", {
@@ -218,6 +248,14 @@ export interface SocketProxyFlags {
   readonly presets?: ReadonlyArray<string>
   readonly allowFrom?: ReadonlyArray<string>
   readonly name?: string | undefined
+  /** `off` forwards create bodies unread; `on` (the default) checks them. */
+  readonly bodyPolicy?: string | undefined
+  /** Body-policy switches to turn on (`BODY_ALLOW_FLAGS` keys). */
+  readonly bodyAllow?: ReadonlyArray<string>
+  /** Capabilities `CapAdd` may name. */
+  readonly allowCapability?: ReadonlyArray<string>
+  /** Host paths bind mounts may use. */
+  readonly allowBindSource?: ReadonlyArray<string>
 }
 
 /** Validates a decoded file plus flags into a config; the first problem wins, naming its field. */
@@ -298,14 +336,71 @@ export const resolveConfig = (
       message: "rules: no allow rule and no preset: every request would be denied; pass --allow, --preset or rules in the config file"
     })
   }
+  const bodyPolicy = resolveBodyPolicy(file.bodyPolicy ?? {}, flags, upstream, listen)
+  if (bodyPolicy instanceof ConfigError) return bodyPolicy
   return {
     upstream,
     listen,
     allowFrom,
+    bodyPolicy,
     ruleSet: { name: flags.name ?? file.name ?? DEFAULT_RULE_SET_NAME, rules },
     forwardedHeaders: file.forwardedHeaders ?? (upstream._tag === "Unix" ? "off" : "replace"),
     logAllowed: file.logAllowed ?? false,
     limits
+  }
+}
+
+/** The body policy from the file's section and the flags; the upstream's and listeners' sockets are never bind-mounted. */
+const resolveBodyPolicy = (
+  section: typeof BodyPolicySection.Type,
+  flags: SocketProxyFlags,
+  upstream: UpstreamAddress,
+  listen: ReadonlyArray<ListenAddress>
+): BodyPolicy | ConfigError => {
+  let enabled = section.enabled ?? DEFAULT_BODY_POLICY.enabled
+  if (flags.bodyPolicy !== undefined) {
+    if (flags.bodyPolicy !== "on" && flags.bodyPolicy !== "off") return invalid("--body-policy", `expected on or off, got ${show(flags.bodyPolicy)}`)
+    enabled = flags.bodyPolicy === "on"
+  }
+  const switches: Record<string, boolean> = {}
+  for (const name of flags.bodyAllow ?? []) {
+    const key = Object.hasOwn(BODY_ALLOW_FLAGS, name) ? BODY_ALLOW_FLAGS[name as keyof typeof BODY_ALLOW_FLAGS] : undefined
+    if (key === undefined) return invalid("--body-allow", `unknown switch ${show(name)} (known: ${Object.keys(BODY_ALLOW_FLAGS).join(", ")})`)
+    switches[key] = true
+  }
+  const capabilities = [...(section.allowCapabilities ?? []), ...(flags.allowCapability ?? [])]
+  for (const [i, cap] of capabilities.entries()) {
+    if (!/^[A-Za-z_]+$/.test(cap)) return invalid(i < (section.allowCapabilities?.length ?? 0) ? `bodyPolicy.allowCapabilities[${i}]` : "--allow-capability", `expected a capability name like NET_ADMIN, got ${show(cap)}`)
+  }
+  const sources: Array<string> = []
+  const fileSources = section.allowBindSources ?? []
+  for (const [i, source] of [...fileSources, ...(flags.allowBindSource ?? [])].entries()) {
+    const field = i < fileSources.length ? `bodyPolicy.allowBindSources[${i}]` : "--allow-bind-source"
+    const normalized = source.startsWith("/") ? normalizeHostPath(source) : undefined
+    if (normalized === undefined) return invalid(field, `expected an absolute host path without .. segments, got ${show(source)}`)
+    sources.push(normalized)
+  }
+  const sockets = [
+    ...DEFAULT_BODY_POLICY.protectedPaths,
+    ...(upstream._tag === "Unix" ? [upstream.path] : []),
+    ...listen.flatMap((l) => l._tag === "Unix" ? [l.path] : [])
+  ].flatMap((p) => {
+    const n = p.startsWith("/") ? normalizeHostPath(p) : undefined
+    return n === undefined ? [] : [n]
+  })
+  return {
+    enabled,
+    maxBodyBytes: section.maxBodyBytes ?? DEFAULT_BODY_POLICY.maxBodyBytes,
+    allowPrivileged: switches.allowPrivileged ?? section.allowPrivileged ?? false,
+    allowHostNamespaces: switches.allowHostNamespaces ?? section.allowHostNamespaces ?? false,
+    allowNamespaceJoins: switches.allowNamespaceJoins ?? section.allowNamespaceJoins ?? false,
+    allowCapabilities: capabilities,
+    allowDevices: switches.allowDevices ?? section.allowDevices ?? false,
+    allowUnconfined: switches.allowUnconfined ?? section.allowUnconfined ?? false,
+    allowSysctls: switches.allowSysctls ?? section.allowSysctls ?? false,
+    allowVolumesFrom: switches.allowVolumesFrom ?? section.allowVolumesFrom ?? false,
+    allowBindSources: sources,
+    protectedPaths: [...new Set(sockets)]
   }
 }
 

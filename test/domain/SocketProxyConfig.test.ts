@@ -1,4 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
+import { DEFAULT_BODY_POLICY } from "../../src/domain/BodyPolicy.ts"
 import {
   ConfigError,
   decodeSocketProxyFile,
@@ -116,5 +117,41 @@ describe("SocketProxyConfig", () => {
     assert.strictEqual(failure(resolveConfig({}, { presets: ["x"] })).field, "--preset")
     assert.strictEqual(failure(resolveConfig({}, { presets: ["ping"], allowFrom: ["x"] })).field, "--allow-from")
     assert.strictEqual(failure(resolveConfig({}, { presets: ["ping"], listen: ["x"] })).field, "--listen")
+  })
+
+  it("body policy: on by default with every switch off; file switches, flags over them, sockets always protected", () => {
+    const c = resolved(resolveConfig({}, { presets: ["ci"] }))
+    assert.deepStrictEqual(c.bodyPolicy, {
+      ...DEFAULT_BODY_POLICY,
+      protectedPaths: [...DEFAULT_BODY_POLICY.protectedPaths]
+    })
+    const d = resolved(resolveConfig(
+      decode({
+        upstream: "unix:/srv/engine/engine.sock",
+        listen: [{ address: "unix:/run/sy/proxy.sock" }],
+        rules: ["POST /containers/create"],
+        bodyPolicy: { maxBodyBytes: 65536, allowPrivileged: true, allowCapabilities: ["NET_ADMIN"], allowBindSources: ["/srv/data/", "//home//ci"] }
+      }),
+      { bodyAllow: ["devices", "host-namespaces"], allowCapability: ["SYS_PTRACE"], allowBindSource: ["/mnt"] }
+    ))
+    assert.strictEqual(d.bodyPolicy.enabled, true)
+    assert.strictEqual(d.bodyPolicy.maxBodyBytes, 65536)
+    assert.isTrue(d.bodyPolicy.allowPrivileged && d.bodyPolicy.allowDevices && d.bodyPolicy.allowHostNamespaces)
+    assert.isFalse(d.bodyPolicy.allowUnconfined || d.bodyPolicy.allowSysctls || d.bodyPolicy.allowNamespaceJoins || d.bodyPolicy.allowVolumesFrom)
+    assert.deepStrictEqual(d.bodyPolicy.allowCapabilities, ["NET_ADMIN", "SYS_PTRACE"])
+    assert.deepStrictEqual(d.bodyPolicy.allowBindSources, ["/srv/data", "/home/ci", "/mnt"])
+    assert.includeMembers([...d.bodyPolicy.protectedPaths], ["/var/run/docker.sock", "/srv/engine/engine.sock", "/run/sy/proxy.sock"])
+    assert.isFalse(resolved(resolveConfig({}, { presets: ["ci"], bodyPolicy: "off" })).bodyPolicy.enabled)
+    assert.isFalse(resolved(resolveConfig(decode({ rules: ["GET /_ping"], bodyPolicy: { enabled: false } }))).bodyPolicy.enabled)
+  })
+
+  it("body policy: bad values name their field", () => {
+    assert.strictEqual(failure(resolveConfig({}, { presets: ["ci"], bodyPolicy: "maybe" })).field, "--body-policy")
+    assert.strictEqual(failure(resolveConfig({}, { presets: ["ci"], bodyAllow: ["root"] })).field, "--body-allow")
+    assert.strictEqual(failure(resolveConfig({}, { presets: ["ci"], allowBindSource: ["relative/path"] })).field, "--allow-bind-source")
+    assert.strictEqual(failure(resolveConfig({}, { presets: ["ci"], allowCapability: ["SYS ADMIN"] })).field, "--allow-capability")
+    assert.strictEqual(failure(resolveConfig(decode({ rules: ["GET /_ping"], bodyPolicy: { allowBindSources: ["/a/../b"] } }))).field, "bodyPolicy.allowBindSources[0]")
+    assert.strictEqual(failure(decodeSocketProxyFile({ bodyPolicy: { allowPrivilegd: true } })).field, "bodyPolicy.allowPrivilegd")
+    assert.strictEqual(failure(decodeSocketProxyFile({ bodyPolicy: { maxBodyBytes: 10 } })).field, "bodyPolicy.maxBodyBytes")
   })
 })

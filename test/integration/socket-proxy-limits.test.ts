@@ -84,10 +84,11 @@ const startProxy = (yaml: string): Promise<Proxy> => {
  * A container create whose body comes one byte every `everyMs` from 127.0.0.1; collects what it is
  * answered until the connection closes.
  */
-const trickler = (port: number, everyMs: number) => {
+/** A body trickled one byte at a time: a container create (read whole by the body policy first) or an archive upload (streamed). */
+const trickler = (port: number, everyMs: number, requestLine = "POST /v1.41/containers/create") => {
   const t = trickle(
     port,
-    "POST /v1.41/containers/create HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n{",
+    `${requestLine} HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n{`,
     " ",
     everyMs
   )
@@ -117,10 +118,10 @@ describe("switchyard socket-proxy (process): slow clients", () => {
     // a pool of 4: one address holds at most 1; a request waits 500 ms for a connection, then 503 (the
     // body rate's grace period is long here, so that the cap alone keeps the pool shared)
     const proxy = await startProxy(
-      "rules: [GET /_ping, POST /containers/create]\nlimits: { maxSockets: 4, upstreamSlotWaitMs: 500, requestBodyGracePeriodMs: 60000 }\n"
+      "rules: [GET /_ping, PUT /containers/*/archive]\nlimits: { maxSockets: 4, upstreamSlotWaitMs: 500, requestBodyGracePeriodMs: 60000 }\n"
     )
     try {
-      const uploads = Array.from({ length: 6 }, () => trickler(proxy.port, 1_000))
+      const uploads = Array.from({ length: 6 }, () => trickler(proxy.port, 1_000, "PUT /v1.41/containers/web/archive?path=/tmp"))
       // all but the one holding this address's share are answered 503 once the wait is over
       await waitFor("five 503s", 10_000, () => uploads.filter((u) => u.text().startsWith("HTTP/1.1 503")).length === 5)
       assert.strictEqual(uploads.filter((u) => u.text() === "").length, 1)
@@ -134,8 +135,8 @@ describe("switchyard socket-proxy (process): slow clients", () => {
       assert.include(uploads.find((u) => u.text() !== "")!.text(), "already holds 1 connections")
       await waitFor("the refusal logged", 5_000, () => proxy.output().includes("client 127.0.0.1: already holds its share of upstream connections"))
       assert.strictEqual(await metric(proxy.adminPort, `switchyard_client_limit_refusals_total{front_door="socket_proxy",limit="client_slots"}`), 5)
-      // the creates never reached the Engine whole
-      assert.isAtMost(engine.seen.filter((s) => s.url.includes("create")).length, 1)
+      // the uploads never reached the Engine whole
+      assert.isAtMost(engine.seen.filter((s) => s.url.includes("archive")).length, 1)
     } finally {
       await proxy.stop()
     }

@@ -4,6 +4,7 @@
 import { afterAll, assert, beforeAll, describe, it } from "@effect/vitest"
 import { Context, Effect, Exit, Layer, Scope } from "effect"
 import { execFile, spawn } from "node:child_process"
+import * as http from "node:http"
 import { promisify } from "node:util"
 import { ConfigError, resolveConfig } from "../../src/domain/SocketProxyConfig.ts"
 import { SocketProxy } from "../../src/services/front/SocketProxy.ts"
@@ -83,6 +84,47 @@ describe.skipIf(peerMissing(podman) || peerMissing(docker))("docker CLI through 
     const still = await run("docker", ["ps", "-a", "--format", "{{.Names}}"], { env: direct() })
     assert.include(still.stdout, "sy-allowed")
     await run("docker", ["rm", id], { env: direct() })
+  })
+
+  it("the body policy refuses privileged, host-root, SYS_ADMIN, host-pid, device, bind and unconfined creates, naming the field; a plain create passes", async () => {
+    const names = async () => (await run("docker", ["ps", "-a", "--format", "{{.Names}}"], { env: direct() })).stdout
+    const cases: ReadonlyArray<readonly [ReadonlyArray<string>, string]> = [
+      [["--privileged"], "HostConfig.Privileged"],
+      [["-v", "/:/host"], "HostConfig.Binds[0]"],
+      [["--cap-add", "SYS_ADMIN"], "HostConfig.CapAdd"],
+      [["--pid", "host"], "HostConfig.PidMode"],
+      [["--mount", "type=bind,source=/etc,target=/e"], "HostConfig.Mounts[0].Source"],
+      [["--security-opt", "seccomp=unconfined"], "HostConfig.SecurityOpt[0]"]
+    ]
+    for (const [flags, field] of cases) {
+      const name = `sy-refused-${field.replace(/[^a-zA-Z]/g, "").toLowerCase()}`
+      const created = await cli(["create", "--name", name, ...flags, "localhost/busybox:latest", "true"])
+      assert.isFalse(created.ok, `${flags.join(" ")} was allowed`)
+      assert.include(created.stderr, `POST /containers/create refused by the body policy of rule set "podman-tests": ${field}`, flags.join(" "))
+      assert.notInclude(await names(), name)
+    }
+    // `docker create --device` needs the server's OS from `/_ping`, which Podman does not send: the
+    // CLI's body is posted directly (through the proxy) instead.
+    const devices = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+      const req = http.request({ host: "127.0.0.1", port, method: "POST", path: "/v1.41/containers/create?name=sy-refused-device", headers: { "content-type": "application/json" } }, (res) => {
+        let body = ""
+        res.on("data", (c) => (body += c))
+        res.on("end", () => resolve({ status: res.statusCode!, body }))
+      })
+      req.on("error", reject)
+      req.end(JSON.stringify({
+        Image: "localhost/busybox:latest",
+        Cmd: ["true"],
+        HostConfig: { Devices: [{ PathOnHost: "/dev/null", PathInContainer: "/dev/null", CgroupPermissions: "rwm" }] }
+      }))
+    })
+    assert.strictEqual(devices.status, 403)
+    assert.include(JSON.parse(devices.body).message, `rule set "podman-tests": HostConfig.Devices`)
+    assert.notInclude(await names(), "sy-refused-device")
+    const plain = await cli(["create", "--name", "sy-plain", "-v", "sy-volume:/data", "--cap-drop", "ALL", "localhost/busybox:latest", "true"])
+    assert.isTrue(plain.ok, plain.stderr)
+    assert.include(await names(), "sy-plain")
+    await run("docker", ["rm", "sy-plain"], { env: direct() })
   })
 
   it("docker events streams an event caused while it runs", async () => {

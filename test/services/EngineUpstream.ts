@@ -122,6 +122,11 @@ export const startEngineUpstream = async (): Promise<EngineUpstream> => {
         req.on("end", () => res.writeHead(201, { "content-type": "application/json" }).end(JSON.stringify({ Id: `c${n}`, Warnings: [] })))
         return
       }
+      case "/v1.41/containers/web/archive":
+        // An upload streamed to the Engine (not read by the body policy): answered once it is whole.
+        req.resume()
+        req.on("end", () => res.writeHead(200).end())
+        return
       case "/silent":
         // Sends a head and one line, then nothing: an idle stream.
         res.writeHead(200, { "content-type": "application/json" })

@@ -9,6 +9,7 @@ import { Command, Flag } from "effect/cli"
 import * as fs from "node:fs"
 import { PRESETS } from "../../domain/AccessRule.ts"
 import {
+  BODY_ALLOW_FLAGS,
   ConfigError,
   decodeSocketProxyFile,
   resolveConfig,
@@ -36,7 +37,14 @@ const flags = {
   deny: repeated("deny", "Deny rule, checked before the allow rules (repeatable)"),
   preset: repeated("preset", `Rule preset (repeatable): ${Object.keys(PRESETS).join(", ")}`),
   allowFrom: repeated("allow-from", "TCP client address or CIDR allowed to connect (repeatable)"),
-  name: Flag.String("name").pipe(Flag.withDescription("Rule set name shown in denials"), Flag.optional)
+  name: Flag.String("name").pipe(Flag.withDescription("Rule set name shown in denials"), Flag.optional),
+  bodyPolicy: Flag.String("body-policy").pipe(
+    Flag.withDescription("on (default): check container, exec and service create bodies before forwarding; off: forward them unread"),
+    Flag.optional
+  ),
+  bodyAllow: repeated("body-allow", `Turn a body-policy switch on (repeatable): ${Object.keys(BODY_ALLOW_FLAGS).join(", ")}`),
+  allowCapability: repeated("allow-capability", "A capability create bodies may add, e.g. NET_ADMIN (repeatable)"),
+  allowBindSource: repeated("allow-bind-source", "A host path (and everything under it) bind mounts may use (repeatable)")
 }
 
 /** Reads and decodes the config file; errors name the file and field. */
@@ -83,6 +91,10 @@ const flagValues = (f: {
   readonly preset: ReadonlyArray<string>
   readonly allowFrom: ReadonlyArray<string>
   readonly name: Option.Option<string>
+  readonly bodyPolicy: Option.Option<string>
+  readonly bodyAllow: ReadonlyArray<string>
+  readonly allowCapability: ReadonlyArray<string>
+  readonly allowBindSource: ReadonlyArray<string>
 }): SocketProxyFlags => ({
   upstream: Option.getOrUndefined(f.upstream),
   listen: f.listen,
@@ -90,7 +102,11 @@ const flagValues = (f: {
   deny: f.deny,
   presets: f.preset,
   allowFrom: f.allowFrom,
-  name: Option.getOrUndefined(f.name)
+  name: Option.getOrUndefined(f.name),
+  bodyPolicy: Option.getOrUndefined(f.bodyPolicy),
+  bodyAllow: f.bodyAllow,
+  allowCapability: f.allowCapability,
+  allowBindSource: f.allowBindSource
 })
 
 const describe = (config: SocketProxyConfig): string =>

@@ -32,6 +32,7 @@ export const STATUS_TEXT: Readonly<Record<number, string>> = {
   403: "Forbidden",
   404: "Not Found",
   408: "Request Timeout",
+  411: "Length Required",
   413: "Content Too Large",
   431: "Request Header Fields Too Large",
   501: "Not Implemented",

@@ -2,14 +2,17 @@
  * The Docker socket proxy front door: listens on TCP and/or Unix sockets, refuses clients outside the
  * allowlist, canonicalises each request path, applies the rule set (first match wins, deny by default)
  * and hands allowed requests and upgrades to the forwarding core's raw HTTP/1.1 engine. Denials are 403 in
- * Docker's error shape and never reach upstream. It does not inspect bodies, and it cannot see Unix-socket peer uids (Node does
- * not expose SO_PEERCRED): access to a Unix listener is governed by its file mode and directory.
+ * Docker's error shape and never reach upstream. The bodies of container, exec and service creates are read
+ * and judged by the body policy before anything is sent (`BodyInspection`); other bodies stream unread. It
+ * cannot see Unix-socket peer uids (Node does not expose SO_PEERCRED): access to a Unix listener is
+ * governed by its file mode and directory.
  */
 import { Context, Effect, Layer, Schema } from "effect"
 import type { Scope } from "effect"
 import * as fs from "node:fs"
 import * as net from "node:net"
 import { decide, denialMessage, type RuleSet } from "../../domain/AccessRule.ts"
+import { bodyEndpoint } from "../../domain/BodyPolicy.ts"
 import { clientAllowed } from "../../domain/ClientAllowlist.ts"
 import { LogSampler } from "../../domain/LogSampler.ts"
 import type { ClientLimitKind, ClientLimits } from "../../domain/ClientLimits.ts"
@@ -22,6 +25,7 @@ import type { Admission, Http1Request, Http1Server } from "../forward/http1/Admi
 import { tcpUpstream, unixUpstream } from "../forward/Upstream.ts"
 import { type ForwarderShape, makeForwarder } from "../Forwarder.ts"
 import { type GuardAction, makeConnectionGuard } from "../ConnectionGuard.ts"
+import { makeBodyInspection } from "./BodyInspection.ts"
 
 /** What each connection-limit action means, for the log line. */
 const connectionLimitMessages: Record<GuardAction, string> = {
@@ -46,9 +50,9 @@ export type BoundAddress =
 export interface SocketProxyStats {
   /** Forwarded to the upstream. */
   readonly allowed: number
-  /** Refused by the rules (403). */
+  /** Refused by the rules or the body policy (403). */
   readonly denied: number
-  /** Refused before the rules: client not in allowFrom, or a request target that was refused. */
+  /** Refused before the rules: client not in allowFrom, or a request target that was refused; or a body that could not be read (400, 408, 411, 413). */
   readonly rejected: number
   /** Client connections refused or closed to keep a listener within `maxConnections`, `maxConnectionsPerAddress` or `silentTimeoutMs`. */
   readonly connectionLimitCloses: number
@@ -215,11 +219,28 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
   let connectionLimitCloses = 0
 
   const refuse = (status: number, message: string): Admission => ({ _tag: "Refuse", status, message })
+  const limited = makeClientLimitReporter((line) => warn(`switchyard socket-proxy: ${line}`))
+  const bodyPolicy = config.bodyPolicy
+  const inspection = makeBodyInspection({
+    policy: () => bodyPolicy,
+    ruleSetName: () => ruleSet.name,
+    headLimits: limits,
+    minBytesPerSecond: limits.minRequestBodyBytesPerSecond,
+    gracePeriodMs: limits.requestBodyGracePeriodMs,
+    onRefuse: (status, message) => {
+      if (status === 403) denied++
+      else rejected++
+      warn(message)
+    },
+    onSlowBody: (event) => limited.onClientLimit(event)
+  })
 
-  /** Checks client, path and rules: what to forward, or the refusal to answer. */
+  /** Checks client, path, rules and (for creates) the body: what to forward, or the refusal to answer. */
   const admit = (req: Http1Request): Admission => {
     const socket = req.socket as net.Socket & { [refusedClient]?: boolean }
     const method = req.method
+    // The request whose body the policy already read and allowed, put back on the connection.
+    const bodyPassed = inspection.passed(req)
     if (socket[refusedClient] === true) {
       rejected++
       const message = `switchyard socket-proxy: client ${socket.remoteAddress} is not in allowFrom of rule set "${ruleSet.name}"`
@@ -252,6 +273,14 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
       warn(message)
       return refuse(403, message)
     }
+    const endpoint = bodyPolicy.enabled ? bodyEndpoint(method, target.path) : undefined
+    if (endpoint !== undefined && bodyPassed !== true) {
+      if (bodyPassed === "mismatch") {
+        rejected++
+        return refuse(400, "switchyard socket-proxy: the request after a checked body is not the one checked")
+      }
+      return inspection.admission(endpoint, method, target.path)
+    }
     allowed++
     if (config.logAllowed) info(`allowed ${method} ${target.path} by "${decision.rule.source}"`)
     return { _tag: "Forward", path: target.upstreamTarget, idleTimeoutMs: decision.rule.idleTimeoutMs }
@@ -274,7 +303,6 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     maxUpstreamSlotsPerClient: limits.maxUpstreamSlotsPerClient,
     upstreamSlotWaitMs: limits.upstreamSlotWaitMs
   }
-  const limited = makeClientLimitReporter((line) => warn(`switchyard socket-proxy: ${line}`))
 
   const addresses: Array<BoundAddress> = []
   for (const address of config.listen) {
@@ -291,10 +319,13 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     server.on("connection", (socket: net.Socket & { [refusedClient]?: boolean }) => {
       if (!guard.admit(socket)) return
       if (checkClient && !clientAllowed(allowFrom, socket.remoteAddress)) socket[refusedClient] = true
+      inspection.servedBy(socket, engine.accept)
       engine.accept(socket)
     })
     addresses.push(yield* bind(server, engine, address, limits.drainTimeoutMs))
   }
+  // Runs before the listeners close: a body being read would hold `server.close` open.
+  yield* Effect.addFinalizer(() => Effect.sync(inspection.close))
   return {
     addresses,
     ruleSet: () => ruleSet,

@@ -1,0 +1,178 @@
+/**
+ * Reads the body of a socket-proxy request the body policy must judge before anything goes upstream:
+ * the engine hands the connection over (a `Handoff` admission) with what it read; the whole body is read
+ * here within `maxBodyBytes` (Content-Length only: a chunked body gets 411) and at the client-limit
+ * rate, judged by `checkBody`, and then either refused in Docker's error shape (connection closed) or put
+ * back on the socket byte for byte and the connection served by the engine again, with a mark so the
+ * request passes straight through its second admission. It never changes a body; it holds at most one.
+ */
+import type * as net from "node:net"
+import { RATE_CHECK_INTERVAL_MS, requestBodyTooSlow } from "../../domain/ClientLimits.ts"
+import { type BodyEndpoint, type BodyPolicy, bodyRefusalMessage, type BodyVerdict, checkBody } from "../../domain/BodyPolicy.ts"
+import { type HeadLimits, requestHeadReader } from "../../domain/Http1Parser.ts"
+import type { Admission, ClientLimitEvent, Http1Request } from "../forward/Http1Engine.ts"
+import { dockerErrors, writeRawError } from "../forward/ErrorResponse.ts"
+import { closeAfterFlush } from "../forward/Flush.ts"
+
+/** Marks a connection whose next request was read and allowed here: its method and target. */
+const passedBody = Symbol("switchyard/passedBody")
+/** The engine serving the listener a connection came from (to serve it again after the check). */
+const servedBy = Symbol("switchyard/servedBy")
+
+type MarkedSocket = net.Socket & {
+  [passedBody]?: { readonly method: string; readonly target: string }
+  [servedBy]?: (socket: net.Socket) => void
+}
+
+export interface BodyInspectionOptions {
+  readonly policy: () => BodyPolicy
+  readonly ruleSetName: () => string
+  readonly headLimits: HeadLimits
+  /** Least average body rate after the grace period (bytes/s; 0 = none), as the engine applies it. */
+  readonly minBytesPerSecond: number
+  readonly gracePeriodMs: number
+  /** Told each refusal: status and message (for the log and the counters). */
+  readonly onRefuse: (status: number, message: string) => void
+  /** Told each body cut for arriving below the minimum rate (a client limit, logged sampled). */
+  readonly onSlowBody: (event: ClientLimitEvent) => void
+}
+
+export interface BodyInspection {
+  /** Remembers which engine serves `socket` (call when it is accepted). */
+  readonly servedBy: (socket: net.Socket, accept: (socket: net.Socket) => void) => void
+  /**
+   * Whether `request` is the one this inspection allowed and put back (its mark is taken): it is then
+   * forwarded without a second reading. A marked connection presenting another request is a bug: refused.
+   */
+  readonly passed: (request: Http1Request) => boolean | "mismatch"
+  /** The admission that takes the connection, reads and judges the body of `endpoint`. */
+  readonly admission: (endpoint: BodyEndpoint, method: string, path: string) => Admission
+  /** Closes the connections whose body is being read, and answers later ones 503 (shutdown). */
+  readonly close: () => void
+}
+
+const CONTINUE = "HTTP/1.1 100 Continue\r\n\r\n"
+
+export const makeBodyInspection = (options: BodyInspectionOptions): BodyInspection => {
+  const reading = new Set<net.Socket>()
+  let closed = false
+
+  const refuse = (socket: net.Socket, status: number, message: string, report = true) => {
+    reading.delete(socket)
+    if (report) options.onRefuse(status, message)
+    socket.resume() // discard what else arrives until the client reads the answer and leaves
+    writeRawError(socket, dockerErrors, status, message)
+    closeAfterFlush(socket)
+  }
+
+  const take = (endpoint: BodyEndpoint, method: string, path: string) => (raw: net.Socket, bytes: Buffer): void => {
+    const socket = raw as MarkedSocket
+    const accept = socket[servedBy]
+    const step = requestHeadReader(options.headLimits).push(bytes)
+    if (step._tag !== "Head" || accept === undefined) {
+      socket.destroy()
+      return
+    }
+    if (closed) {
+      socket.resume()
+      writeRawError(socket, dockerErrors, 503, "switchyard: shutting down")
+      closeAfterFlush(socket)
+      return
+    }
+    reading.add(socket)
+    const head = step.head
+    const policy = options.policy()
+    const fail = (verdict: Extract<BodyVerdict, { _tag: "Refuse" }>) =>
+      refuse(socket, verdict.status, bodyRefusalMessage(options.ruleSetName(), method, path, verdict))
+    if (head.framing._tag === "Chunked") {
+      return refuse(
+        socket,
+        411,
+        `switchyard socket-proxy: ${method} ${path}: the body policy reads bodies with a Content-Length only (chunked bodies are refused)`
+      )
+    }
+    const length = head.framing._tag === "Length" ? head.framing.length : 0
+    if (length > policy.maxBodyBytes) {
+      return fail({ _tag: "Refuse", status: 413, field: "", check: undefined, reason: `a body larger than ${policy.maxBodyBytes} bytes is not read` })
+    }
+    // The head to put back: as handed over, without `Expect: 100-continue`, answered here.
+    let headBytes = bytes.subarray(0, bytes.length - step.rest.length)
+    if (head.expectContinue) {
+      let text = `${head.method} ${head.originTarget} HTTP/1.${head.versionMinor}\r\n`
+      for (let i = 0; i < head.headers.length; i += 2) {
+        if (head.headers[i]!.toLowerCase() !== "expect") text += `${head.headers[i]}: ${head.headers[i + 1]}\r\n`
+      }
+      headBytes = Buffer.from(text + "\r\n", "latin1")
+    }
+    const chunks: Array<Buffer> = [step.rest]
+    let have = step.rest.length
+    const started = performance.now()
+    let timer: NodeJS.Timeout | undefined
+    const stop = () => {
+      if (timer !== undefined) clearInterval(timer)
+      socket.off("data", onData)
+      socket.off("close", onGone)
+      socket.off("end", onGone)
+      socket.off("error", onGone)
+    }
+    const finish = () => {
+      stop()
+      socket.pause()
+      const all = Buffer.concat(chunks, have)
+      const body = all.subarray(0, length)
+      const verdict = checkBody(policy, endpoint, body)
+      if (verdict._tag === "Refuse") return fail(verdict)
+      reading.delete(socket)
+      socket[passedBody] = { method: head.method, target: head.target }
+      socket.unshift(Buffer.concat([headBytes, all]))
+      accept(socket)
+      socket.resume()
+    }
+    const onData = (chunk: Buffer) => {
+      chunks.push(chunk)
+      have += chunk.length
+      if (have >= length) finish()
+    }
+    const onGone = () => {
+      stop()
+      reading.delete(socket)
+      socket.destroy()
+    }
+    if (have >= length) return finish()
+    if (head.expectContinue) socket.write(CONTINUE)
+    socket.on("data", onData)
+    socket.once("close", onGone)
+    socket.once("end", onGone)
+    socket.once("error", onGone)
+    if (options.minBytesPerSecond > 0) {
+      timer = setInterval(() => {
+        if (requestBodyTooSlow(options.minBytesPerSecond, options.gracePeriodMs, have - step.rest.length, performance.now() - started)) {
+          stop()
+          options.onSlowBody({ limit: "request_body_rate", client: socket.remoteAddress ?? "local", method: head.method, target: head.target })
+          refuse(socket, 408, `switchyard socket-proxy: request body arrived slower than ${options.minBytesPerSecond} bytes/s`, false)
+        }
+      }, RATE_CHECK_INTERVAL_MS)
+      timer.unref()
+    }
+    socket.resume()
+  }
+
+  return {
+    servedBy: (socket, accept) => {
+      ;(socket as MarkedSocket)[servedBy] = accept
+    },
+    passed: (request) => {
+      const socket = request.socket as MarkedSocket
+      const mark = socket[passedBody]
+      if (mark === undefined) return false
+      socket[passedBody] = undefined
+      return mark.method === request.method && mark.target === request.target ? true : "mismatch"
+    },
+    admission: (endpoint, method, path) => ({ _tag: "Handoff", take: take(endpoint, method, path) }),
+    close: () => {
+      closed = true
+      for (const socket of reading) socket.destroy()
+      reading.clear()
+    }
+  }
+}
