@@ -10,7 +10,7 @@ import type * as net from "node:net"
 import { RATE_CHECK_INTERVAL_MS, requestBodyTooSlow } from "../../domain/ClientLimits.ts"
 import { type BodyEndpoint, type BodyPolicy, bodyRefusalMessage, type BodyVerdict, checkBody } from "../../domain/BodyPolicy.ts"
 import { type HeadLimits, requestHeadReader } from "../../domain/Http1Parser.ts"
-import type { Admission, ClientLimitEvent, Http1Request } from "../forward/Http1Engine.ts"
+import type { Admission, ClientLimitEvent, Http1Request } from "../forward/http1/Admission.ts"
 import { dockerErrors, writeRawError } from "../forward/ErrorResponse.ts"
 import { closeAfterFlush } from "../forward/Flush.ts"
 
