@@ -24,6 +24,8 @@ import { maskInto, nextMaskKey, unmaskInPlace } from "./WebSocketMasking.ts"
 
 /** Time the peer has to answer a close frame switchyard sent before the socket is destroyed. */
 export const DefaultCloseTimeout: Duration.Duration = Duration.seconds(5)
+/** Pongs queued toward a peer (not yet taken by the kernel) beyond which its pings go unanswered. */
+export const MaxQueuedPongBytes = 16 * 1024
 /** Time a peer that broke a rule has to close after switchyard's close frame before it is cut off. */
 export const FailCloseTimeout: Duration.Duration = Duration.millis(500)
 
@@ -96,11 +98,8 @@ export class WebSocketEndpoint {
   private closeTimer: NodeJS.Timeout | undefined = undefined
   /** Text message being collected. */
   private textParts: Array<Buffer> | undefined = undefined
-  /** A pong is written and not yet handed to the kernel. */
-  private pongQueued = false
-  private readonly pongWritten = (): void => {
-    this.pongQueued = false
-  }
+  /** Bytes of pongs written and not yet handed to the kernel. */
+  private pongBytesQueued = 0
   /** A fragmented binary message this side is sending: its next frame is a continuation. */
   private sendingFragments = false
 
@@ -238,11 +237,13 @@ export class WebSocketEndpoint {
     },
     control: (opcode, payload) => {
       if (opcode === Opcode.Ping) {
-        // one pong at a time: a peer that pings without reading gets no more than one queued (RFC 6455
-        // §5.5.3 lets an endpoint answer only the latest of several pings)
-        if ((this.state === State.Open || this.state === State.Closing) && !this.pongQueued) {
-          this.pongQueued = true
-          this.writeFrame(true, Opcode.Pong, Buffer.from(payload), false, this.pongWritten)
+        // a peer that pings without reading gets at most `MaxQueuedPongBytes` of pongs queued; pings
+        // beyond go unanswered (RFC 6455 §5.5.3 lets an endpoint answer only the latest of several)
+        if ((this.state === State.Open || this.state === State.Closing) && this.pongBytesQueued < MaxQueuedPongBytes) {
+          const pong = Buffer.from(payload)
+          const size = pong.length + 14
+          this.pongBytesQueued += size
+          this.writeFrame(true, Opcode.Pong, pong, false, () => void (this.pongBytesQueued -= size))
         }
         this.handlers!.ping?.(payload)
       } else if (opcode === Opcode.Pong) this.handlers!.pong?.(payload)
