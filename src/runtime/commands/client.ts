@@ -284,7 +284,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
             const more = localFailures === 0 ? "" : ` (${localFailures} more since the last warning)`
             localFailures = 0
             logRun(Effect.logWarning(
-              `local service ${formatHostPort(target)} failed a connection from ${preamble.remoteAddress}: ${error.message}${more}; ` +
+              `local service ${formatHostPort(target)} failed a connection${preamble.remoteAddress ? ` from ${preamble.remoteAddress}` : ""}: ${error.message}${more}; ` +
                 `the public caller gets an error: check that --expose is running there`
             ).pipe(Effect.annotateLogs({ component: "client" })))
           })
