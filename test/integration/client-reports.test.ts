@@ -201,6 +201,9 @@ describe("switchyard client reports", () => {
       await client.waitFor(/connected to gateway/)
       const answer = await get(publicPort, "/nobody")
       assert.strictEqual(answer.status, 502)
+      // a plain body: no session id, no backend address; the detail is in the gateway's log
+      assert.strictEqual(answer.body, "switchyard: bad gateway (the backend could not be reached or its answer could not be relayed)\n")
+      await gateway.waitFor(/WARN.*control-port tunnel: upstream .*s\d+/)
       await client.waitFor(/local service/)
       assert.match(lines(client, /local service/)[0]!, new RegExp(`WARN.*local service 127\\.0\\.0\\.1:${closedPort} failed a connection.*: .*ECONNREFUSED.*check that --expose is running`))
       assert.strictEqual(await client.stop("SIGTERM"), 0)

@@ -38,6 +38,7 @@ import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
 import type { ClientLimitEvent } from "../forward/http1/Admission.ts"
 import { agentUpstream, IdleGuardedAgent, refusedConnection } from "../forward/Upstream.ts"
+import { plainErrors, withoutUpstreamDetail } from "../forward/ErrorResponse.ts"
 import { type ListenerError, Listeners, type ListenersConfig, forwardingHandlers } from "../Listeners.ts"
 import { Registry, type RegistryConfig } from "../Registry.ts"
 import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
@@ -361,8 +362,10 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
       const runLog = Effect.runForkWith(yield* Effect.context<never>())
       const forwarder = yield* Forwarder.make({
         upstream: unroutedUpstream,
-        // a backend unreachable, or answering what cannot be relayed (a malformed head, bytes past its framing)
-        onUpstreamError: (message) => void runLog(Effect.logInfo(`control-port tunnel: ${message}`)),
+        // a backend unreachable, or answering what cannot be relayed (a malformed head, bytes past its
+        // framing): the detail (session, backend address) is logged; the public caller reads a plain 502
+        onUpstreamError: (message) => void runLog(Effect.logWarning(`control-port tunnel: ${message}`)),
+        errors: withoutUpstreamDetail(plainErrors),
         responseTimeoutMs: config.responseTimeoutMs ?? 0,
         idleTimeoutMs: config.idleTimeoutMs ?? 0
       })
