@@ -210,6 +210,28 @@ describe("switchyard client reports", () => {
       assert.strictEqual(await gateway.stop("SIGTERM"), 0)
     }))
 
+  it.live("a backend that dies with a request in flight: the gateway warns, the caller gets a plain 502", () =>
+    Effect.promise(async () => {
+      const controlPort = await freePort()
+      const gateway = await startGateway(controlPort)
+      const publicPort = await freePort()
+      const held: Array<http.ServerResponse> = []
+      const backend = http.createServer((_req, res) => void held.push(res))
+      await new Promise<void>((resolve) => backend.listen(0, "127.0.0.1", () => resolve()))
+      cleanups.push(() => new Promise((resolve) => (backend.closeAllConnections(), backend.close(resolve))))
+      const backendPort = (backend.address() as net.AddressInfo).port
+      const { proc: client } = await startClient(["--server", `127.0.0.1:${controlPort}`, "--expose", `127.0.0.1:${backendPort}`, "--port", String(publicPort)])
+      await client.waitFor(/connected to gateway/)
+      const pending = get(publicPort, "/slow")
+      while (held.length === 0) await new Promise((resolve) => setTimeout(resolve, 20))
+      await client.stop("SIGKILL")
+      const answer = await pending
+      assert.strictEqual(answer.status, 502)
+      assert.notMatch(answer.body, /\bs\d+\b|127\.0\.0\.1/)
+      await gateway.waitFor(/WARN.*control session s\d+.* ended with 1 request\(s\) or connection\(s\) in flight/)
+      assert.strictEqual(await gateway.stop("SIGTERM"), 0)
+    }))
+
   it.live("route definitions are checked before dialling: exit 78 with one line", () =>
     Effect.promise(async () => {
       const dir = tempDir("switchyard-client-routes-")

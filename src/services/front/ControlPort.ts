@@ -768,7 +768,16 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         }))
       )
       const ended = yield* Effect.exit(Effect.raceFirst(session.closed, drained))
+      // work the session still carried when it ended: those callers get a 502 or a cut connection
+      const stranded = inFlight()
       close(new Error(`session ${label} ended`))
+      if (stranded > 0) {
+        const why = Exit.isFailure(ended) ? ended.cause.reasons.find((r) => r._tag === "Fail") : undefined
+        yield* Effect.logWarning(
+          `control session ${label} ended with ${stranded} request(s) or connection(s) in flight` +
+            `${why?._tag === "Fail" ? ` (${why.error.message})` : draining ? " (drain timeout)" : ""}; their callers get a 502 or a closed connection`
+        )
+      }
       if (Exit.isFailure(ended)) {
         const failure = ended.cause.reasons.find((r) => r._tag === "Fail")
         if (failure?._tag === "Fail") {
