@@ -294,7 +294,10 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
       return { scope, listener }
     })
   let current = { spec: first, ...(yield* openListener(route)) }
-  yield* Console.log(`switchyard client: ${describeRoute(route)} on ${targets.map(describeTarget).join(", ")} -> ${formatHostPort(expose)}`)
+  yield* Console.log(
+    `switchyard client: ${describeRoute(route)} on ${targets.map(describeTarget).join(", ")} -> ${formatHostPort(expose)} ` +
+      `(connecting: each gateway's session, refusals and losses are logged and in /status)`
+  )
 
   yield* onHangup(Effect.gen(function*() {
     const next = yield* load
