@@ -105,8 +105,9 @@ describe("switchyard client reports", () => {
       assert.strictEqual(await gateway.stop("SIGTERM"), 0)
       await client.waitFor(/lost gateway 127\.0\.0\.1:\d+: .*reconnecting|lost gateway/)
       assert.match(lines(client, /lost gateway/)[0]!, /WARN/)
-      const lost = await gatewayBecomes(admin, "retrying")
-      assert.match(lost.lastError!, /lost gateway/)
+      // the loss, then each failed attempt to reach it again
+      assert.match((await gatewayBecomes(admin, "retrying")).lastError!, /lost gateway|cannot reach gateway/)
+      assert.isTrue((await statusOf(admin)).recentErrors.some((e: { message: string }) => /^lost gateway 127\.0\.0\.1:\d+: /.test(e.message)))
       gateway = await startGateway(controlPort)
       await client.waitFor(/\(session 2\)/)
       await gatewayBecomes(admin, "connected")
