@@ -47,6 +47,18 @@ export interface StatusDocument {
   readonly sessions: ReadonlyArray<{ readonly frontDoor: string; readonly count: number; readonly draining?: number }>
   readonly routes: ReadonlyArray<{ readonly route: string; readonly backends: ReadonlyArray<string>; readonly inFlight: number }>
   readonly recentErrors: ReadonlyArray<{ readonly at: string; readonly message: string }>
+  /** A tunnel client's gateways: session state, since when, and the last error (cause and what to do). */
+  readonly gateways?: ReadonlyArray<GatewayStatusEntry> | undefined
+}
+
+/** One gateway of a tunnel client, in `/status`. */
+export interface GatewayStatusEntry {
+  readonly gateway: string
+  /** `connected`, `connecting`, `retrying` or `rejected` (refused for good: the token or route must change). */
+  readonly state: string
+  readonly since: string
+  readonly attempts: number
+  readonly lastError?: string | undefined
 }
 
 export interface AdminOptions {
@@ -209,6 +221,7 @@ export interface OperationsOptions {
   readonly listeners?: (() => StatusDocument["listeners"]) | undefined
   readonly sessions?: (() => StatusDocument["sessions"]) | undefined
   readonly routes?: (() => StatusDocument["routes"]) | undefined
+  readonly gateways?: (() => ReadonlyArray<GatewayStatusEntry>) | undefined
   /** Registers the command's own sampled metrics. */
   readonly register?: ((metrics: MetricsShape) => void) | undefined
 }
@@ -244,7 +257,8 @@ export const serveOperations = Effect.fn("Admin.serveOperations")(function*(opti
     listeners: [...(bound === undefined ? [] : [{ name: "admin", address: formatHostPort(bound) }]), ...(options.listeners?.() ?? [])],
     sessions: options.sessions?.() ?? [],
     routes: options.routes?.() ?? [],
-    recentErrors: recent.list()
+    recentErrors: recent.list(),
+    ...(options.gateways === undefined ? {} : { gateways: options.gateways() })
   })
   const served = yield* Effect.exit(serveAdmin({ address, ready: options.ready, metrics: metrics.registry, status }))
   if (served._tag === "Failure") {

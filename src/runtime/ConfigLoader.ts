@@ -250,6 +250,9 @@ export const ClientFile = Schema.Struct({
   ca: Schema.optionalKey(Schema.String.annotate({ description: "PEM CA certificate(s) trusted for tls:// and wss:// gateways, besides the system's (or ca_file)" })),
   ca_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding ca" })),
   h2: Schema.optionalKey(Schema.Boolean.annotate({ description: "server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway", default: false })),
+  exit_on_reject: Schema.optionalKey(
+    Schema.Boolean.annotate({ description: "Exit with code 77 when a gateway refuses the token or the route for good, instead of retrying", default: false })
+  ),
   admin: Schema.optionalKey(AdminSection),
   log: Schema.optionalKey(LogSection)
 })

@@ -128,9 +128,16 @@ describe("switchyard client", () => {
       assert.strictEqual(await answer(viaControl), "backend /over-tls")
       assert.strictEqual(await answer(viaH2), "backend /over-tls")
       // without --ca the self-signed certificate is not trusted: the client never gets a session
-      const untrusted = spawnSwitchyard(["client", "--server", `tls://localhost:${controlPort}`, "--expose", `127.0.0.1:${backendPort}`, "--port", String(await freePort()), "--log-level", "debug"], { SWITCHYARD_TOKEN: Token })
+      const untrusted = spawnSwitchyard(["client", "--server", `tls://localhost:${controlPort}`, "--expose", `127.0.0.1:${backendPort}`, "--port", String(await freePort())], {
+        SWITCHYARD_TOKEN: Token,
+        SWITCHYARD_ADMIN_ADDRESS: "127.0.0.1:0"
+      })
       cleanups.push(() => untrusted.stop("SIGKILL"))
-      await untrusted.waitFor(/self-signed certificate/)
+      // said at the default level, with what to do, and in the client's /status
+      await untrusted.waitFor(/WARN.*cannot reach gateway tls:\/\/localhost:\d+: .*self-signed certificate.*pass its CA with --ca/)
+      const untrustedStatus = JSON.parse((await get(addressAfter(untrusted.output(), /admin endpoint on/).port, "/status")).body)
+      assert.strictEqual(untrustedStatus.gateways[0].state, "retrying")
+      assert.match(untrustedStatus.gateways[0].lastError, /self-signed certificate.*--ca/)
       assert.notInclude(gateway.output() + overControl.output() + overH2.output(), Token)
       for (const p of [untrusted, overControl, overH2]) assert.strictEqual(await p.stop("SIGTERM"), 0)
       assert.strictEqual(await gateway.stop("SIGTERM"), 0)

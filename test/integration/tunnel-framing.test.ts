@@ -135,9 +135,8 @@ describe("control-port tunnels: backends are not trusted with framing", () => {
           // a Content-Length that is not one decimal value: 502, never relayed
           for (const path of ["/evil/abc", "/evil/list", "/evil/same-list", "/evil/two", "/evil/two-same"]) {
             const bad = yield* Effect.promise(() => rawExchange(port, get(path) + get("/other/z", true)))
-            // (Node's HTTP client names the parse error it met)
-            const why = rawEngine ? "sent a response that cannot be relayed" : "unreachable \\(HPE_(?:INVALID_CONTENT_LENGTH|UNEXPECTED_CONTENT_LENGTH)\\)"
-            assert.match(bad, new RegExp(`^HTTP/1\\.1 502 Bad Gateway\r\n[^]*\r\n\r\nswitchyard: upstream [^\n]* ${why}\n$`), path)
+            // (the public caller reads no session, stream or backend address; the detail is in the gateway's log)
+            assert.match(bad, /^HTTP\/1\.1 502 Bad Gateway\r\n[^]*\r\n\r\nswitchyard: bad gateway \(the backend could not be reached or its answer could not be relayed\)\n$/, path)
             assert.notInclude(bad, "abc", path)
           }
           assert.deepStrictEqual(evil.paths, [

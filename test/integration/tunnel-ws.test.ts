@@ -373,6 +373,10 @@ describe("tunnels over WebSocket: TLS, proxies, mounting", () => {
       const refused = yield* wsClient([gw.url], {}, { proxy: `http://alice:wrong@127.0.0.1:${proxy.port}` })
       while (refused.status()[0]!.lastError === undefined) yield* Effect.sleep("10 millis")
       assert.match(refused.status()[0]!.lastError!, /407/)
+      // the cause and what to do, without the credentials
+      assert.match(refused.status()[0]!.lastError!, /the HTTP proxy wants credentials: put them in HTTPS_PROXY\/HTTP_PROXY/)
+      assert.notInclude(refused.status()[0]!.lastError!, "wrong")
+      assert.strictEqual(refused.status()[0]!.state, "retrying")
       assert.isAbove(proxy.refusals(), 0)
       const tunnel = yield* wsClient([gw.url], {}, { proxy: `http://alice:${encodeURIComponent("s3cret/+")}@127.0.0.1:${proxy.port}` })
       yield* serveHttp(tunnel, { _tag: "Http", port: publicPort }, (_req, res) => res.end("via proxy"))

@@ -108,6 +108,13 @@ describe("admin endpoint", () => {
       assert.strictEqual(status.command, "client")
       assert.strictEqual(status.recentErrors[0]!.message, "lost the gateway")
       assert.include(renderStatus(status), "NOT READY")
+      assert.notInclude(renderStatus(status), "GATEWAY")
+      const withGateways = renderStatus({
+        ...status,
+        gateways: [{ gateway: "127.0.0.1:9999", state: "rejected", since: "2026-01-01T00:00:00.000Z", attempts: 3, lastError: "BadToken: check --token" }]
+      })
+      assert.match(withGateways, /GATEWAY\s+STATE\s+SINCE\s+ATTEMPTS\s+LAST ERROR/)
+      assert.match(withGateways, /127\.0\.0\.1:9999\s+rejected\s+2026-01-01T00:00:00\.000Z\s+3\s+BadToken: check --token/)
     }).pipe(Effect.scoped))
 
   it.live("idle and trickling connections beyond the budget do not keep /healthz and /readyz from answering", () =>

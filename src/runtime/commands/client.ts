@@ -7,7 +7,7 @@
  * changed `expose` applies to new connections; gateways, token, label and CA apply on restart (logged).
  */
 import * as net from "node:net"
-import { Console, Duration, Effect, Exit, Fiber, Option, Redacted, Scope, Stream } from "effect"
+import { Console, Data, Deferred, Duration, Effect, Exit, Fiber, Option, Redacted, Runtime, Scope, Stream } from "effect"
 import { Command, Flag } from "effect/cli"
 import { encodeProxyHeader } from "../../domain/ProxyProtocol.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
@@ -22,6 +22,18 @@ import * as Logging from "../Logging.ts"
 import { AddressError, formatHostPort, type HostPort, parseGatewayAddress, parseHostPort } from "../NetAddress.ts"
 import { exposeOverReverseHttp2 } from "../serveReverseHttp2.ts"
 import * as NodeTransport from "../NodeTransport.ts"
+
+/** Exit code when a gateway refuses the client for good and exit_on_reject is set (sysexits' EX_NOPERM). */
+export const RejectedExitCode = 77
+
+/** A gateway refused the token or the route for good and exit_on_reject is set; the reason was logged. */
+class GatewayRejected extends Data.TaggedError("GatewayRejected")<{ readonly message: string }> {
+  override readonly [Runtime.errorReported] = false
+  override readonly [Runtime.errorExitCode] = RejectedExitCode
+}
+
+/** A host name as a route's domain: dot-separated labels of letters, digits and inner hyphens. */
+const HostNamePattern = /^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$/i
 
 const optionalString = (name: string, description: string) => Flag.String(name).pipe(Flag.withDescription(description), Flag.optional)
 
@@ -49,6 +61,10 @@ const flags = {
   h2: Flag.Boolean("h2").pipe(
     Flag.withDescription("--server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway, forward to --expose as HTTP"),
     Flag.withDefault(false)
+  ),
+  exitOnReject: Flag.Boolean("exit-on-reject").pipe(
+    Flag.withDescription(`Exit with code ${RejectedExitCode} when a gateway refuses the token or the route for good, instead of retrying`),
+    Flag.withDefault(false)
   )
 }
 
@@ -75,6 +91,7 @@ const flagOverrides = (f: Flags): Array<FlagValue> => {
   add("--label", "label", f.label)
   add("--ca", "ca", f.ca)
   if (f.h2) out.push({ path: ["h2"], value: "true", flag: "--h2" })
+  if (f.exitOnReject) out.push({ path: ["exit_on_reject"], value: "true", flag: "--exit-on-reject" })
   return out
 }
 
@@ -85,6 +102,9 @@ const required = (field: string, flag: string) =>
     field,
     message: `${field}: required (${flag}, SWITCHYARD_${field.toUpperCase()} or ${field} in the config file)`
   })
+
+/** Shortest interval between two warnings about connections the local service failed (ms). */
+export const LocalFailureLogIntervalMs = 10_000
 
 /** How long a reload waits for a changed route to be bound before it gives up waiting (the old one is removed anyway). */
 export const ReloadBindTimeout: Duration.Duration = Duration.seconds(10)
@@ -107,6 +127,11 @@ const listenerOf = (config: ClientFile): ListenerSpec | ConfigLoadError => {
   const cert = config.tls_cert
   const key = config.tls_key === undefined ? undefined : Redacted.value(config.tls_key)
   const tcp = config.tcp ?? false
+  const invalid = (field: string, message: string) => new ConfigLoadError({ reason: "Invalid", source: "config", field, message: `${field}: ${message}` })
+  if (path !== undefined && !path.startsWith("/")) return invalid("path", `${JSON.stringify(path)} must start with / (e.g. /${path})`)
+  if (domain !== undefined && !HostNamePattern.test(domain)) return invalid("domain", `${JSON.stringify(domain)} is not a host name (e.g. example.com)`)
+  if (cert !== undefined && key === undefined) return invalid("tls_key", "tls_cert needs its private key (--tls-key, tls_key or tls_key_file)")
+  if (key !== undefined && cert === undefined) return invalid("tls_cert", "tls_key needs its certificate (--tls-cert, tls_cert or tls_cert_file)")
   if (config.proxy_protocol !== undefined && !tcp) {
     return new ConfigLoadError({
       reason: "Invalid",
@@ -182,18 +207,49 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
     yield* Console.log(`switchyard client: ${describeRoute(route)} over reverse HTTP/2 on ${serverTexts.join(", ")} -> ${formatHostPort(expose)}`)
     return yield* Effect.never
   }
-  const client = yield* TunnelClient.make({ servers: targets, token, label })
+  // problems reach /status once it is up; with exit_on_reject a refusal for good ends the command
+  const rejectedForGood = Deferred.makeUnsafe<never, GatewayRejected>()
+  let recordError: (message: string) => void = () => {}
+  const client = yield* TunnelClient.make({
+    servers: targets,
+    token,
+    label,
+    onProblem: (problem) => {
+      recordError(problem.message)
+      if (problem.permanent && config.exit_on_reject === true) {
+        Deferred.doneUnsafe(rejectedForGood, Effect.fail(new GatewayRejected({ message: problem.message })))
+      }
+    }
+  })
   const gateways = () => client.status().map((g) => ({ gateway: describeTarget(g.address), connected: g.connected, attempts: g.attempts, established: g.established }))
+  // connections from the gateways now piped to the local address, and the route they come in on
+  let inFlight = 0
+  let servedRoute = route
   const operations = yield* serveOperations({
     command: "client",
     ops,
     ready: () => gateways().some((g) => g.connected),
     sessions: () => [{ frontDoor: "control", count: gateways().filter((g) => g.connected).length }],
+    routes: () => [{ route: describeRoute(servedRoute), backends: [formatHostPort(target)], inFlight }],
+    gateways: () =>
+      client.status().map((g) => ({
+        gateway: describeTarget(g.address),
+        state: g.state,
+        since: g.since.toISOString(),
+        attempts: g.attempts,
+        ...(g.lastError === undefined ? {} : { lastError: g.lastError })
+      })),
     register: (metrics) => registerGatewayGauges(metrics, "control", gateways)
   })
+  recordError = operations.recordError
+  for (const g of client.status()) if (g.lastError !== undefined) recordError(g.lastError)
   const commandScope = yield* Effect.scope
   // the local address new connections go to (a reload may change it; connections already piped stay)
   let target = expose
+  // failures to reach the local service: one warning per interval, the rest counted into the next
+  let lastLocalWarning = 0
+  let localFailures = 0
+  const logRun = Effect.runForkWith(yield* Effect.context<never>())
   let proxyProtocol = config.proxy_protocol
   /** Opens a listener for `spec` in its own scope, its connections piped to the current target. */
   const openListener = (forRoute: RouteDefinition) =>
@@ -216,14 +272,32 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
               destinationPort: preamble.localPort
             }))
           }
-          local.on("error", () => local.destroy())
+          inFlight++
+          let settled = false
+          const settle = () => {
+            if (!settled) (settled = true, inFlight--)
+          }
+          local.on("error", (error) => {
+            local.destroy()
+            if (Date.now() - lastLocalWarning < LocalFailureLogIntervalMs) return void localFailures++
+            lastLocalWarning = Date.now()
+            const more = localFailures === 0 ? "" : ` (${localFailures} more since the last warning)`
+            localFailures = 0
+            logRun(Effect.logWarning(
+              `local service ${formatHostPort(target)} failed a connection${preamble.remoteAddress ? ` from ${preamble.remoteAddress}` : ""}: ${error.message}${more}; ` +
+                `the public caller gets an error: check that --expose is running there`
+            ).pipe(Effect.annotateLogs({ component: "client" })))
+          })
           socket.on("error", () => socket.destroy())
-          joinStreams(socket, local, () => {})
+          joinStreams(socket, local, settle)
         })).pipe(Effect.forkIn(commandScope))
       return { scope, listener }
     })
   let current = { spec: first, ...(yield* openListener(route)) }
-  yield* Console.log(`switchyard client: ${describeRoute(route)} on ${targets.map(describeTarget).join(", ")} -> ${formatHostPort(expose)}`)
+  yield* Console.log(
+    `switchyard client: ${describeRoute(route)} on ${targets.map(describeTarget).join(", ")} -> ${formatHostPort(expose)} ` +
+      `(connecting: each gateway's session, refusals and losses are logged and in /status)`
+  )
 
   yield* onHangup(Effect.gen(function*() {
     const next = yield* load
@@ -246,6 +320,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
       }
       const previous = current
       current = { spec, ...opened }
+      servedRoute = spec.route
       yield* Scope.close(previous.scope, Exit.void).pipe(Effect.forkIn(commandScope))
       notes.push(`now serving ${describeRoute(spec.route)} instead of ${describeRoute(previous.spec.route)}`)
     } else {
@@ -270,7 +345,9 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
     Effect.catch(reloadRefused(operations)),
     Effect.annotateLogs({ component: "client" })
   ))
-  return yield* Effect.never
+  return yield* Deferred.await(rejectedForGood).pipe(
+    Effect.tapError(() => Effect.logError(`exiting with code ${RejectedExitCode}: a gateway refused this client for good and exit_on_reject is set`))
+  )
 }, Effect.scoped, Effect.provide(NodeTransport.layer))).pipe(
   Command.withDescription("Expose a local service through a switchyard gateway's control port")
 )

@@ -75,6 +75,13 @@ export const renderStatus = (status: StatusDocument): string =>
     "",
     table(["FRONT DOOR", "SESSIONS", "DRAINING"], status.sessions.map((s) => [s.frontDoor, String(s.count), s.draining === undefined ? "-" : String(s.draining)])),
     "",
+    ...(status.gateways === undefined ? [] : [
+      table(
+        ["GATEWAY", "STATE", "SINCE", "ATTEMPTS", "LAST ERROR"],
+        status.gateways.map((g) => [g.gateway, g.state, g.since, String(g.attempts), g.lastError ?? "-"])
+      ),
+      ""
+    ]),
     status.routes.length === 0
       ? "no routes"
       : table(["ROUTE", "BACKENDS", "IN FLIGHT"], status.routes.map((r) => [r.route, r.backends.length === 0 ? "(none)" : r.backends.join(", "), String(r.inFlight)])),

@@ -21,7 +21,7 @@ import {
   type Preamble,
   type RejectionReason
 } from "../../domain/ControlMessage.ts"
-import type { RouteDefinition } from "../../domain/Route.ts"
+import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { readFrame, writeFrame } from "../front/ControlHandshake.ts"
 import type { WebSocketError } from "../../domain/WebSocketClose.ts"
 import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
@@ -78,6 +78,58 @@ export interface TunnelClientConfig {
   /** Longest wait for gateways to drain a closing listener (default 30 s). */
   readonly drainTimeout?: Duration.Input | undefined
   readonly yamux?: Partial<YamuxConfig> | undefined
+  /** Told of every failed attempt and lost session (already logged), e.g. for a status page or to give up. */
+  readonly onProblem?: ((problem: GatewayProblem) => void) | undefined
+}
+
+/** Rejections that no retry can cure: the token or the route must change first. */
+export const PermanentRejections: ReadonlySet<RejectionReason> = new Set<RejectionReason>([
+  "BadToken",
+  "Version",
+  "PortNotAllowed",
+  "DomainNotAllowed",
+  "Malformed",
+  "Insecure"
+])
+
+/** A failed attempt or a lost session, as the client logs it. */
+export interface GatewayProblem {
+  readonly gateway: string
+  /** The cause and what to do, as logged. */
+  readonly message: string
+  /** The gateway refused us for a reason a retry does not change (`PermanentRejections`). */
+  readonly permanent: boolean
+}
+
+/** What an operator can do about a rejection, by reason. */
+const rejectionAdvice: Record<RejectionReason, string> = {
+  BadToken: "the gateway does not accept this token (wrong or revoked): check --token / SWITCHYARD_TOKEN against the gateway's tokens",
+  Version: "the gateway speaks another protocol version: run the same switchyard version on both sides",
+  PortNotAllowed: "the token does not allow this public port: use a port the gateway grants this token (tokens file) or ask its operator",
+  DomainNotAllowed: "the token does not allow this domain: use a domain the gateway grants this token (tokens file) or ask its operator",
+  Conflict: "another backend holds this route on the gateway: choose another port, path or domain, or stop the other backend",
+  Limit: "a gateway limit for this token is reached: close other listeners or ask the gateway's operator",
+  BindFailed: "the gateway could not bind the public port (in use or not permitted there): choose another --port",
+  Malformed: "the gateway refused the route definition: check --port, --path, --domain and the TLS files",
+  UnknownListener: "the gateway no longer knows the listener: it is added again on reconnect",
+  Insecure: "the gateway refuses tokens over a plain connection: use tls:// or wss:// for --server"
+}
+
+/** What an operator can do about a failure that is not a rejection, from its message. */
+export const failureAdvice = (error: TunnelClientError): string => {
+  if (error.reason === "Rejected") {
+    return error.rejection !== undefined && error.rejection in rejectionAdvice ? rejectionAdvice[error.rejection as RejectionReason] : "check the token and route"
+  }
+  if (error.reason === "HandshakeTimeout") return "the address answers but not as a switchyard control port: check --server"
+  const m = error.message
+  if (/407/.test(m)) return "the HTTP proxy wants credentials: put them in HTTPS_PROXY/HTTP_PROXY (http://user:pass@proxy:port) or exempt the gateway with NO_PROXY"
+  if (/certificate|self.signed|CERT_|unable to verify|altname/i.test(m)) {
+    return "the gateway's TLS certificate is not trusted for this name: pass its CA with --ca, or check the host name in --server"
+  }
+  if (/ECONNREFUSED|refused/i.test(m)) return "nothing accepts connections there: check --server and that the gateway is running"
+  if (/ENOTFOUND|EAI_AGAIN|getaddrinfo/i.test(m)) return "the gateway's host name does not resolve: check --server"
+  if (/closed the session|ECONNRESET|GoAway|ended/i.test(m)) return "the gateway went away (restart, shutdown or network): reconnecting"
+  return "check --server and the network path to the gateway"
 }
 
 /**
@@ -127,6 +179,10 @@ export interface GatewayStatus {
   readonly lastError: string | undefined
   /** Sessions established with this gateway so far (more than one means it reconnected). */
   readonly established: number
+  /** `connected`, `connecting` (no session yet), `retrying` (after a failure) or `rejected` (refused for a reason a retry does not change). */
+  readonly state: GatewayState["state"]
+  /** When `state` last changed. */
+  readonly since: Date
 }
 
 /** A listener of this process, and where it is bound. */
@@ -164,6 +220,8 @@ interface GatewayState {
   attempts: number
   lastError: string | undefined
   established: number
+  state: "connecting" | "connected" | "retrying" | "rejected"
+  since: Date
   /** Gateway listener id → local listener, for the live session. */
   readonly byGatewayId: Map<number, ClientListener>
   /** Local listener id → gateway listener id, for the live session. */
@@ -232,11 +290,19 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
     attempts: 0,
     established: 0,
     lastError: undefined,
+    state: "connecting" as const,
+    since: new Date(),
     byGatewayId: new Map(),
     byLocalId: new Map(),
     send: undefined
   }))
 
+  const setState = (g: GatewayState, state: GatewayState["state"]) => {
+    if (g.state !== state) g.since = new Date()
+    g.state = state
+  }
+  // logs from plain callbacks (control replies) with the services of the client's own fiber
+  const logRun = Effect.runForkWith(yield* Effect.context<never>())
   const bindRemotely = (g: GatewayState, listener: ClientListener) => {
     g.send?.({ _tag: "AddListener", route: listener.route }, (reply) => {
       if (reply._tag === "ListenerAdded") {
@@ -248,6 +314,11 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
         g.byLocalId.set(listener.id, reply.listener.listenerId)
         listener.onBound(g.index, reply.listener.listenerId)
       } else if (reply._tag === "ListenerRejected") {
+        const error = new TunnelClientError({ reason: "Rejected", rejection: reply.reason, message: `${reply.reason}: ${reply.message}` })
+        const message = `gateway ${describeTarget(g.address)} refused ${describeRoute(listener.route)}: ${error.message}; ${failureAdvice(error)}`
+        g.lastError = message
+        config.onProblem?.({ gateway: describeTarget(g.address), message, permanent: PermanentRejections.has(reply.reason) })
+        logRun(Effect.logError(message))
         listener.onRejected(g.index, reply.reason, reply.message)
       }
     })
@@ -346,8 +417,13 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
       }
       g.connected = true
       g.established++
+      const failedBefore = g.attempts
       g.attempts = 0
       g.lastError = undefined
+      setState(g, "connected")
+      yield* g.established > 1 || failedBefore > 0
+        ? Effect.logWarning(`connected to gateway ${describeTarget(g.address)} again after ${failedBefore} failed attempt(s)${g.established > 1 ? ` (session ${g.established})` : ""}`)
+        : Effect.logInfo(`connected to gateway ${describeTarget(g.address)}`)
       yield* Effect.addFinalizer(() =>
         Effect.sync(() => {
           g.connected = false
@@ -395,17 +471,27 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
   const supervise = (g: GatewayState): Effect.Effect<never> =>
     Effect.gen(function*() {
       for (;;) {
+        const establishedBefore = g.established
         const exit = yield* Effect.exit(connectOnce(g))
+        const delay = backoffDelay(g.attempts, config.reconnect ?? {}, yield* Random.next)
         if (Exit.isFailure(exit)) {
           const failure = exit.cause.reasons.find((r) => r._tag === "Fail")
-          g.lastError = failure?._tag === "Fail" ? failure.error.message : "session ended"
-          yield* Effect.logDebug(`tunnel to ${describeTarget(g.address)}: ${g.lastError}`)
+          const error = failure?._tag === "Fail" ? failure.error : new TunnelClientError({ reason: "Io", message: "session ended" })
+          const lost = g.established > establishedBefore
+          const permanent = error.reason === "Rejected" && error.rejection !== undefined && PermanentRejections.has(error.rejection as RejectionReason)
+          const gateway = describeTarget(g.address)
+          const what = lost ? `lost gateway ${gateway}` : error.reason === "Rejected" ? `gateway ${gateway} refused this client` : `cannot reach gateway ${gateway}`
+          const message = `${what}: ${error.message}; ${failureAdvice(error)}`
+          g.lastError = message
+          setState(g, permanent ? "rejected" : "retrying")
+          const retry = `retrying in ${(Duration.toMillis(delay) / 1000).toFixed(1)} s (attempt ${g.attempts + 1})`
+          yield* error.reason === "Rejected" ? Effect.logError(`${message}; ${retry}`) : Effect.logWarning(`${message}; ${retry}`)
+          config.onProblem?.({ gateway, message, permanent })
         }
-        const delay = backoffDelay(g.attempts, config.reconnect ?? {}, yield* Random.next)
         g.attempts++
         yield* Effect.sleep(delay)
       }
-    })
+    }).pipe(Effect.annotateLogs({ component: "client" }))
 
   for (const g of gateways) yield* Effect.forkScoped(supervise(g))
 
@@ -446,6 +532,14 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
     addListener,
     listen,
     status: () =>
-      gateways.map((g) => ({ address: g.address, connected: g.connected, attempts: g.attempts, lastError: g.lastError, established: g.established }))
+      gateways.map((g) => ({
+        address: g.address,
+        connected: g.connected,
+        attempts: g.attempts,
+        lastError: g.lastError,
+        established: g.established,
+        state: g.state,
+        since: g.since
+      }))
   })
 })

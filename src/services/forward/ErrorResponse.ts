@@ -11,8 +11,23 @@ import { ErrorCode } from "../../domain/Http2Frame.ts"
 /** Renders a one-line message as a response body. */
 export interface ErrorRenderer {
   readonly contentType: string
-  readonly render: (message: string) => string
+  readonly render: (message: string, status?: number) => string
 }
+
+/** What a public caller of a tunnel gateway reads instead of the detail of a 502 or 504 (the detail goes to the logs). */
+export const PublicUpstreamErrors: Readonly<Record<number, string>> = {
+  502: "switchyard: bad gateway (the backend could not be reached or its answer could not be relayed)",
+  504: "switchyard: gateway timeout (the backend did not answer in time)"
+}
+
+/**
+ * `renderer`, but 502 and 504 bodies say only what happened, never which session, stream or backend
+ * address was involved: for public ports, whose callers are not the backend's operators.
+ */
+export const withoutUpstreamDetail = (renderer: ErrorRenderer): ErrorRenderer => ({
+  contentType: renderer.contentType,
+  render: (message, status) => renderer.render(status !== undefined && PublicUpstreamErrors[status] !== undefined ? PublicUpstreamErrors[status] : message, status)
+})
 
 /** `text/plain`, the message and a newline. */
 export const plainErrors: ErrorRenderer = {
@@ -43,7 +58,7 @@ export const STATUS_TEXT: Readonly<Record<number, string>> = {
 
 /** Sends an error response and closes the connection after it. */
 export const sendError = (res: http.ServerResponse, renderer: ErrorRenderer, status: number, message: string): void => {
-  const body = renderer.render(message)
+  const body = renderer.render(message, status)
   res.shouldKeepAlive = false
   res.writeHead(status, {
     "content-type": renderer.contentType,
@@ -59,7 +74,7 @@ export const writeRawError = (socket: Duplex, renderer: ErrorRenderer, status: n
     socket.destroy()
     return
   }
-  const body = renderer.render(message)
+  const body = renderer.render(message, status)
   socket.end(
     `HTTP/1.1 ${status} ${STATUS_TEXT[status] ?? "Error"}\r\n` +
       `Content-Type: ${renderer.contentType}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n` +

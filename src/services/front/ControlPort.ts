@@ -38,6 +38,7 @@ import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
 import type { ClientLimitEvent } from "../forward/http1/Admission.ts"
 import { agentUpstream, IdleGuardedAgent, refusedConnection } from "../forward/Upstream.ts"
+import { plainErrors, withoutUpstreamDetail } from "../forward/ErrorResponse.ts"
 import { type ListenerError, Listeners, type ListenersConfig, forwardingHandlers } from "../Listeners.ts"
 import { Registry, type RegistryConfig } from "../Registry.ts"
 import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
@@ -361,8 +362,10 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
       const runLog = Effect.runForkWith(yield* Effect.context<never>())
       const forwarder = yield* Forwarder.make({
         upstream: unroutedUpstream,
-        // a backend unreachable, or answering what cannot be relayed (a malformed head, bytes past its framing)
-        onUpstreamError: (message) => void runLog(Effect.logInfo(`control-port tunnel: ${message}`)),
+        // a backend unreachable, or answering what cannot be relayed (a malformed head, bytes past its
+        // framing): the detail (session, backend address) is logged; the public caller reads a plain 502
+        onUpstreamError: (message) => void runLog(Effect.logWarning(`control-port tunnel: ${message}`)),
+        errors: withoutUpstreamDetail(plainErrors),
         responseTimeoutMs: config.responseTimeoutMs ?? 0,
         idleTimeoutMs: config.idleTimeoutMs ?? 0
       })
@@ -765,7 +768,16 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         }))
       )
       const ended = yield* Effect.exit(Effect.raceFirst(session.closed, drained))
+      // work the session still carried when it ended: those callers get a 502 or a cut connection
+      const stranded = inFlight()
       close(new Error(`session ${label} ended`))
+      if (stranded > 0) {
+        const why = Exit.isFailure(ended) ? ended.cause.reasons.find((r) => r._tag === "Fail") : undefined
+        yield* Effect.logWarning(
+          `control session ${label} ended with ${stranded} request(s) or connection(s) in flight` +
+            `${why?._tag === "Fail" ? ` (${why.error.message})` : draining ? " (drain timeout)" : ""}; their callers get a 502 or a closed connection`
+        )
+      }
       if (Exit.isFailure(ended)) {
         const failure = ended.cause.reasons.find((r) => r._tag === "Fail")
         if (failure?._tag === "Fail") {

@@ -4,7 +4,7 @@ import { Context, Duration, Effect, Layer, Redacted, Schema } from "effect"
 import { TestClock } from "effect/testing"
 import { frame } from "../../../src/domain/ControlMessage.ts"
 import * as NodeTransport from "../../../src/runtime/NodeTransport.ts"
-import { backoffDelay, type ReconnectPolicy, TunnelClient } from "../../../src/services/client/TunnelClient.ts"
+import { backoffDelay, failureAdvice, PermanentRejections, type ReconnectPolicy, TunnelClient, TunnelClientError } from "../../../src/services/client/TunnelClient.ts"
 import { ControlPort } from "../../../src/services/front/ControlPort.ts"
 import { Registry } from "../../../src/services/Registry.ts"
 import { gateway, grants, token } from "../../integration/tunnelHarness.ts"
@@ -44,6 +44,30 @@ describe("TunnelClient backoff", () => {
       assert.isAtMost(got, 30_000)
     }
   )
+})
+
+describe("TunnelClient failure advice", () => {
+  const io = (message: string) => failureAdvice(new TunnelClientError({ reason: "Io", message }))
+  it("names what to do for each kind of failure", () => {
+    assert.match(io("dial failed: connect ECONNREFUSED 127.0.0.1:1"), /check --server and that the gateway is running/)
+    assert.match(io("self-signed certificate"), /--ca/)
+    assert.match(io("unable to verify the first certificate"), /--ca/)
+    assert.match(io("proxy 127.0.0.1:3128: 407 Proxy Authentication Required"), /HTTPS_PROXY\/HTTP_PROXY/)
+    assert.match(io("getaddrinfo ENOTFOUND gw.invalid"), /does not resolve/)
+    assert.match(io("the gateway closed the session"), /reconnecting/)
+    assert.match(failureAdvice(new TunnelClientError({ reason: "HandshakeTimeout", message: "no answer to Hello" })), /not as a switchyard control port/)
+    const rejected = (rejection: string) => failureAdvice(new TunnelClientError({ reason: "Rejected", rejection, message: rejection }))
+    assert.match(rejected("BadToken"), /wrong or revoked/)
+    assert.match(rejected("PortNotAllowed"), /does not allow this public port/)
+    assert.match(rejected("DomainNotAllowed"), /does not allow this domain/)
+    assert.match(rejected("Conflict"), /another backend holds this route/)
+    assert.match(rejected("BindFailed"), /could not bind the public port/)
+  })
+
+  it("treats token and grant refusals as final, conflicts and bind failures as passing", () => {
+    for (const r of ["BadToken", "PortNotAllowed", "DomainNotAllowed"] as const) assert.isTrue(PermanentRejections.has(r))
+    for (const r of ["Conflict", "BindFailed", "Limit"] as const) assert.isFalse(PermanentRejections.has(r))
+  })
 })
 
 describe("TunnelClient reconnect", () => {
