@@ -33,9 +33,7 @@ const flags = {
   reverseH2: optionalString("reverse-h2", "Serve the reverse-HTTP/2 tunnel port on this address"),
   wsListen: optionalString("ws-listen", "Serve the control port as a WebSocket path (/tunnel) on this address too"),
   admin: optionalString("admin", "Admin endpoint address (default 127.0.0.1:9090)"),
-  noAdmin: Flag.Boolean("no-admin").pipe(Flag.withDescription("Do not serve the admin endpoint"), Flag.withDefault(false)),
-  logFormat: optionalString("log-format", "logfmt or json"),
-  logLevel: optionalString("log-level", "trace, debug, info, warn, error or none")
+  noAdmin: Flag.Boolean("no-admin").pipe(Flag.withDescription("Do not serve the admin endpoint"), Flag.withDefault(false))
 }
 
 type Flags = {
@@ -64,8 +62,6 @@ export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
   if (Option.isSome(f.wsListen)) out.push({ path: ["control", "websocket", "enabled"], value: "true", flag: "--ws-listen" })
   add("--admin", ["admin", "address"], f.admin)
   if (f.noAdmin) out.push({ path: ["admin", "enabled"], value: "false", flag: "--no-admin" })
-  add("--log-format", ["log", "format"], f.logFormat)
-  add("--log-level", ["log", "level"], f.logLevel)
   return out
 }
 
