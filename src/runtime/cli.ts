@@ -6,6 +6,7 @@
 import { Effect, Stdio } from "effect"
 import { Command } from "effect/cli"
 import packageJson from "../../package.json" with { type: "json" }
+import { reportOrdinary } from "./CommandErrors.ts"
 import * as Logging from "./Logging.ts"
 
 /** The version printed by `switchyard --version`. */
@@ -48,9 +49,9 @@ const loadSwitchyard = (args: ReadonlyArray<string>): Effect.Effect<ReturnType<t
     return rootCommand(await Promise.all(names.map((name) => SUBCOMMANDS[name]())))
   })
 
-/** Parses the process arguments and runs the chosen subcommand. */
+/** Parses the process arguments and runs the chosen subcommand; an ordinary mistake ends it with one line. */
 export const runCli: Effect.Effect<void, unknown, Command.Environment> = Effect.gen(function*() {
   const args = yield* (yield* Stdio.Stdio).args
   const switchyard = yield* loadSwitchyard(args)
-  return yield* Command.run(switchyard, { version })
+  return yield* Command.run(switchyard, { version }).pipe(Effect.catch(reportOrdinary(args.find(isSubcommand) ?? "switchyard")))
 })

@@ -14,7 +14,7 @@ import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { describeTarget, type GatewayTarget, TunnelClient } from "../../services/client/TunnelClient.ts"
 import { isWebSocketUrl } from "../../services/transport/WebSocketDial.ts"
 import { joinStreams } from "../../services/Listeners.ts"
-import { registerGatewayGauges, reloadRefused, serveOperations } from "../Admin.ts"
+import { checkOperations, registerGatewayGauges, reloadRefused, serveOperations } from "../Admin.ts"
 import { ClientFile, ConfigLoadError, type FlagValue, loadConfig, refuseConfig } from "../ConfigLoader.ts"
 import { onHangup } from "../Lifecycle.ts"
 import { DefaultServer, toRoute } from "../listen.ts"
@@ -22,12 +22,13 @@ import * as Logging from "../Logging.ts"
 import { AddressError, formatHostPort, type HostPort, parseGatewayAddress, parseHostPort } from "../NetAddress.ts"
 import { exposeOverReverseHttp2 } from "../serveReverseHttp2.ts"
 import * as NodeTransport from "../NodeTransport.ts"
+import { adminFlags, adminOverrides, checkConfigFlag } from "./sharedFlags.ts"
 
 const optionalString = (name: string, description: string) => Flag.String(name).pipe(Flag.withDescription(description), Flag.optional)
 
 const flags = {
   config: optionalString("config", "YAML or JSON config file (see docs/OPERATIONS.md)"),
-  checkConfig: Flag.Boolean("check-config").pipe(Flag.withDescription("Validate the configuration and exit"), Flag.withDefault(false)),
+  checkConfig: checkConfigFlag,
   server: Flag.String("server").pipe(
     Flag.withDescription(
       "Gateway control address host:port (tls://host:port when it is served over TLS), or ws://host[:port]/tunnel / wss://… for its WebSocket control path " +
@@ -35,7 +36,8 @@ const flags = {
     ),
     Flag.atLeast(0)
   ),
-  token: Flag.Redacted("token").pipe(Flag.withDescription("Token granted by the gateway (or SWITCHYARD_TOKEN, SWITCHYARD_TOKEN_FILE)"), Flag.optional),
+  token: Flag.Redacted("token").pipe(Flag.withDescription("Token granted by the gateway (or SWITCHYARD_TOKEN; prefer --token-file)"), Flag.optional),
+  tokenFile: optionalString("token-file", "File holding the token (token_file, SWITCHYARD_TOKEN_FILE)"),
   expose: optionalString("expose", "Local address to forward to, host:port"),
   port: Flag.Int("port").pipe(Flag.withDescription("Public port on the gateway"), Flag.optional),
   path: optionalString("path", "HTTP path prefix, e.g. /a"),
@@ -49,7 +51,8 @@ const flags = {
   h2: Flag.Boolean("h2").pipe(
     Flag.withDescription("--server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway, forward to --expose as HTTP"),
     Flag.withDefault(false)
-  )
+  ),
+  ...adminFlags("client")
 }
 
 type Flags = {
@@ -64,6 +67,7 @@ const flagOverrides = (f: Flags): Array<FlagValue> => {
   }
   if (f.server.length > 0) out.push({ path: ["server"], value: f.server.join(","), flag: "--server" })
   add("--token", "token", Option.map(f.token, Redacted.value))
+  add("--token-file", "token_file", f.tokenFile)
   add("--expose", "expose", f.expose)
   add("--port", "port", Option.map(f.port, String))
   add("--path", "path", f.path)
@@ -75,6 +79,7 @@ const flagOverrides = (f: Flags): Array<FlagValue> => {
   add("--label", "label", f.label)
   add("--ca", "ca", f.ca)
   if (f.h2) out.push({ path: ["h2"], value: "true", flag: "--h2" })
+  out.push(...adminOverrides(f))
   return out
 }
 
@@ -165,6 +170,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
     return yield* new AddressError({ reason: "Malformed", message: "--h2 needs host:port gateways; ws:// and wss:// are for control-port tunnels" })
   }
   if (f.checkConfig) {
+    yield* checkOperations(config.admin === undefined ? {} : { admin: config.admin }, "config", adminOverrides(f)).pipe(Effect.catch(refuseConfig("client")))
     yield* Console.log(`switchyard client: configuration OK${Option.isSome(f.config) ? ` (${f.config.value})` : ""}`)
     return
   }
@@ -173,7 +179,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
   const route = first.route
   const label = config.label
   if (config.h2 === true) {
-    const operations = yield* serveOperations({ command: "client", ops, ready: () => true })
+    const operations = yield* serveOperations({ command: "client", ops, flags: adminOverrides(f), ready: () => true })
     yield* onHangup(Effect.sync(() => {
       operations.metrics.reloads.labels("rejected").inc()
       operations.recordError("reload refused: a reverse-HTTP/2 client applies its configuration on restart")
@@ -187,6 +193,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
   const operations = yield* serveOperations({
     command: "client",
     ops,
+    flags: adminOverrides(f),
     ready: () => gateways().some((g) => g.connected),
     sessions: () => [{ frontDoor: "control", count: gateways().filter((g) => g.connected).length }],
     register: (metrics) => registerGatewayGauges(metrics, "control", gateways)
