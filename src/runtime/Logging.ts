@@ -47,7 +47,8 @@ const levels: Record<LogLevelName, LogLevel.LogLevel> = {
 export const LogFormatFlag: GlobalFlag.Setting<"log-format", Option.Option<LogFormat>> = GlobalFlag.Setting("log-format")({
   flag: Flag.ChoiceWithValue("log-format", [["logfmt", "logfmt"], ["json", "json"]] as const).pipe(
     Flag.optional,
-    Flag.withDescription("Log line format: logfmt (default) or json (or SWITCHYARD_LOG_FORMAT, log.format)")
+    Flag.withDescription("Log line format, logfmt by default (wins over SWITCHYARD_LOG_FORMAT and log.format)"),
+    Flag.withMetavar("<logfmt|json>")
   )
 })
 
@@ -96,7 +97,8 @@ export const entryFields = (options: Logger.Options<unknown>): Array<[string, st
   for (const [key, value] of Object.entries(options.fiber.getRef(References.CurrentLogAnnotations))) {
     if (key !== "timestamp" && key !== "level" && key !== "message") fields.push([key, textOf(value)])
   }
-  if (options.cause.reasons.length > 0) fields.push(["error", Cause.pretty(options.cause).split("\n")[0]!])
+  // the whole cause (its stack included), escaped into the one line
+  if (options.cause.reasons.length > 0) fields.push(["error", Cause.pretty(options.cause)])
   return fields
 }
 
