@@ -66,7 +66,7 @@ const levelNames: Record<LogLevel.LogLevel, LogLevelName> = {
   None: "none"
 }
 
-const textOnly = /^[A-Za-z0-9._:/@+=-]+$/
+const textOnly = /^[A-Za-z0-9._:/@+-]+$/
 
 /** A value as logfmt writes it: bare when plain, else a JSON string (so a newline never splits a line). */
 const logfmtValue = (v: string | number): string => {
