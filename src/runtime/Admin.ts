@@ -11,12 +11,14 @@ import { ExpositionContentType, makeMetrics, type MetricRegistry, type MetricsSh
 import { CLIENT_LIMIT_KINDS, type ClientLimitKind } from "../domain/ClientLimits.ts"
 import type { SocketProxyStats } from "../services/front/SocketProxy.ts"
 import { type AdminConnectionClose, applyConnectionBudget } from "./AdminConnections.ts"
-import { ConfigLoadError, loadOpsSections, readOpsSections } from "./ConfigLoader.ts"
+import { ConfigLoadError, type FlagValue, loadOpsSections, type OpsFile, readOpsSections } from "./ConfigLoader.ts"
 import * as Logging from "./Logging.ts"
 import { formatHostPort, type HostPort, listenOn, parseHostPort } from "./NetAddress.ts"
 
-/** Where the admin endpoint listens by default. */
-export const DefaultAdminAddress: HostPort = { host: "127.0.0.1", port: 9090 }
+/** Where the gateway's admin endpoint listens by default (7090-7094: clear of Prometheus' 9090-9094). */
+export const DefaultAdminAddress: HostPort = { host: "127.0.0.1", port: 7090 }
+/** What an admin address that cannot be bound tells the operator to do. */
+export const MoveAdminHint = "move the admin endpoint with --admin host:port (admin.address, SWITCHYARD_ADMIN_ADDRESS) or turn it off with --no-admin"
 /**
  * Most connections the admin endpoint keeps open at once. When all are taken, a new connection closes
  * the one that has waited longest for a request head, so idle peers cannot lock out health checks.
@@ -147,7 +149,7 @@ export const serveAdmin = Effect.fn("Admin.serve")(function*(options: AdminOptio
   // the budget's head deadline is the one that applies; Node's own is a backstop
   server.headersTimeout = AdminResponseTimeoutMs
   const bound = yield* listenOn(server, options.address).pipe(
-    Effect.mapError((cause) => new AdminError({ reason: "BindFailed", message: cause.message }))
+    Effect.mapError((cause) => new AdminError({ reason: "BindFailed", message: `admin endpoint: ${cause.message} (${MoveAdminHint})` }))
   )
   if (options.metrics !== undefined) {
     const removeProcess = registerProcessMetrics(options.metrics)
@@ -194,21 +196,40 @@ export const registerProcessMetrics = (registry: MetricRegistry): () => void => 
  * and applies its `log` section (with `SWITCHYARD_LOG_...` over it) to the running command. Returns the
  * raw sections for `serveOperations`.
  */
-export const prepareOperations = (file: string | undefined): Effect.Effect<Record<string, unknown>, ConfigLoadError> =>
+export const prepareOperations = (
+  file: string | undefined,
+  flags: ReadonlyArray<FlagValue> = []
+): Effect.Effect<Record<string, unknown>, ConfigLoadError> =>
   Effect.gen(function*() {
     const sections = yield* readOpsSections(file)
-    const decoded = yield* loadOpsSections(sections, file ?? "config")
+    const decoded = yield* checkOperations(sections, file ?? "config", flags)
     if (sections["log"] !== undefined) yield* Logging.useInThisFiber({ format: decoded.log?.format, level: decoded.log?.level })
     return sections
   })
 
-/** Default admin address per command, so several switchyard processes fit on one host. */
+/** Decodes the `admin`/`log` sections (environment and flags over them) and checks the admin address, binding nothing. */
+export const checkOperations = (
+  ops: Record<string, unknown>,
+  source: string,
+  flags: ReadonlyArray<FlagValue> = []
+): Effect.Effect<OpsFile, ConfigLoadError> =>
+  Effect.flatMap(loadOpsSections(ops, source, flags), (decoded) => {
+    const address = decoded.admin?.enabled === false || decoded.admin?.address === undefined ? undefined : parseHostPort(decoded.admin.address)
+    return address instanceof Error
+      ? Effect.fail(new ConfigLoadError({ reason: "Invalid", source: "admin.address", field: "admin.address", message: `admin.address: ${address.message}` }))
+      : Effect.succeed(decoded)
+  })
+
+/**
+ * Default admin address per command, so several switchyard processes fit on one host; outside 9090-9094,
+ * where Prometheus, its Pushgateway and Alertmanager listen.
+ */
 export const DefaultAdminAddresses = {
-  server: { host: "127.0.0.1", port: 9090 },
-  client: { host: "127.0.0.1", port: 9091 },
-  "socket-proxy": { host: "127.0.0.1", port: 9092 },
-  "wsp-server": { host: "127.0.0.1", port: 9093 },
-  "wsp-client": { host: "127.0.0.1", port: 9094 }
+  server: DefaultAdminAddress,
+  client: { host: "127.0.0.1", port: 7091 },
+  "socket-proxy": { host: "127.0.0.1", port: 7092 },
+  "wsp-server": { host: "127.0.0.1", port: 7093 },
+  "wsp-client": { host: "127.0.0.1", port: 7094 }
 } as const satisfies Record<string, HostPort>
 
 export interface OperationsOptions {
@@ -217,6 +238,8 @@ export interface OperationsOptions {
   readonly ops?: Record<string, unknown> | undefined
   /** Where `ops` came from, for errors. */
   readonly source?: string | undefined
+  /** `--admin` / `--no-admin`, over `ops` and the environment. */
+  readonly flags?: ReadonlyArray<FlagValue> | undefined
   readonly ready: () => boolean
   readonly listeners?: (() => StatusDocument["listeners"]) | undefined
   readonly sessions?: (() => StatusDocument["sessions"]) | undefined
@@ -228,7 +251,8 @@ export interface OperationsOptions {
 
 /**
  * The admin endpoint of a command other than `server`: `/metrics`, `/healthz`, `/readyz`, `/status`.
- * Configured by the `admin` section and `SWITCHYARD_ADMIN_ADDRESS` / `SWITCHYARD_ADMIN_ENABLED`; when
+ * Configured by the `admin` section, `SWITCHYARD_ADMIN_ADDRESS` / `SWITCHYARD_ADMIN_ENABLED` and
+ * `--admin` / `--no-admin`; when
  * only the default address is in play and it is taken (another switchyard on the host), it logs a
  * warning and runs without one instead of refusing to start.
  */
@@ -237,7 +261,7 @@ export const serveOperations = Effect.fn("Admin.serveOperations")(function*(opti
   ConfigLoadError | AdminError,
   Scope.Scope
 > {
-  const ops = yield* loadOpsSections(options.ops ?? {}, options.source ?? "config")
+  const ops = yield* loadOpsSections(options.ops ?? {}, options.source ?? "config", options.flags)
   const metrics = makeMetrics()
   const recent = makeRecentErrors()
   options.register?.(metrics)
@@ -262,9 +286,9 @@ export const serveOperations = Effect.fn("Admin.serveOperations")(function*(opti
   })
   const served = yield* Effect.exit(serveAdmin({ address, ready: options.ready, metrics: metrics.registry, status }))
   if (served._tag === "Failure") {
-    const message = `admin endpoint not started: ${String(served.cause.reasons.map((r) => r._tag === "Fail" ? r.error.message : "").join(""))}`
+    const message = served.cause.reasons.map((r) => r._tag === "Fail" ? r.error.message : "").join("")
     if (explicit !== undefined) return yield* new AdminError({ reason: "BindFailed", message })
-    yield* Effect.logWarning(`${message} (set admin.address or SWITCHYARD_ADMIN_ADDRESS, or SWITCHYARD_ADMIN_ENABLED=false)`)
+    yield* Effect.logWarning(`running without an admin endpoint: ${message}`)
     return { metrics, admin: undefined, recordError: recent.add }
   }
   bound = served.value

@@ -47,7 +47,7 @@ const Ms = Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 86_400_000 }
 export const AdminSection = Schema.Struct({
   enabled: Schema.optionalKey(Schema.Boolean.annotate({ description: "Serve the admin endpoint", default: true })),
   address: Schema.optionalKey(
-    Address.annotate({ description: "Admin endpoint address (keep it on loopback or a private network); other commands default to 9091-9094", default: "127.0.0.1:9090" })
+    Address.annotate({ description: "Admin endpoint address (keep it on loopback or a private network); other commands default to 7091-7094", default: "127.0.0.1:7090" })
   )
 })
 

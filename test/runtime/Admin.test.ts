@@ -1,7 +1,7 @@
 import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
 import { Cause, Deferred, Effect, Exit, Scope } from "effect"
 import * as net from "node:net"
-import { MaxAdminConnections, makeRecentErrors, serveAdmin, serveOperations } from "../../src/runtime/Admin.ts"
+import { DefaultAdminAddress, DefaultAdminAddresses, MaxAdminConnections, makeRecentErrors, serveAdmin, serveOperations } from "../../src/runtime/Admin.ts"
 import { fetchStatus, renderStatus, table } from "../../src/runtime/commands/status.ts"
 import { onHangup, teardown } from "../../src/runtime/Lifecycle.ts"
 import { makeMetrics } from "../../src/services/Metrics.ts"
@@ -80,18 +80,33 @@ describe("admin endpoint", () => {
       assert.strictEqual(posted, 405)
     }).pipe(Effect.scoped))
 
+  it("default admin ports stay clear of Prometheus, Pushgateway and Alertmanager (9090-9094)", () => {
+    assert.deepStrictEqual(Object.values(DefaultAdminAddresses).map((a) => a.port), [7090, 7091, 7092, 7093, 7094])
+    assert.deepStrictEqual(DefaultAdminAddress, DefaultAdminAddresses.server)
+  })
+
   it.live("serveOperations: a taken default port is a warning, a taken configured port an error, off means off", () =>
     Effect.gen(function*() {
       const blocker = net.createServer()
       yield* Effect.acquireRelease(
-        Effect.promise(() => new Promise<void>((resolve) => blocker.listen(9094, "127.0.0.1", () => resolve()))).pipe(Effect.ignore),
+        Effect.promise(() => new Promise<void>((resolve) => blocker.listen(DefaultAdminAddresses["wsp-client"].port, "127.0.0.1", () => resolve()))).pipe(Effect.ignore),
         () => Effect.promise(() => new Promise<void>((resolve) => blocker.close(() => resolve())))
       )
       const byDefault = yield* serveOperations({ command: "wsp-client", ready: () => true })
       assert.isUndefined(byDefault.admin)
-      const port = (blocker.address() as net.AddressInfo | null)?.port ?? 9094
+      const port = (blocker.address() as net.AddressInfo | null)?.port ?? DefaultAdminAddresses["wsp-client"].port
       const explicit = yield* Effect.exit(serveOperations({ command: "wsp-client", ops: { admin: { address: `127.0.0.1:${port}` } }, ready: () => true }))
       assert.isTrue(Exit.isFailure(explicit))
+      // the error says which flag moves it
+      assert.include(String(Exit.isFailure(explicit) ? explicit.cause.reasons.map((r) => r._tag === "Fail" ? (r.error as Error).message : "") : ""), "--admin host:port")
+      // --admin wins over the file's address
+      const flagged = yield* serveOperations({
+        command: "wsp-client",
+        ops: { admin: { address: `127.0.0.1:${port}` } },
+        flags: [{ path: ["admin", "address"], value: "127.0.0.1:0", flag: "--admin" }],
+        ready: () => true
+      })
+      assert.notStrictEqual(flagged.admin?.port, port)
       const off = yield* serveOperations({ command: "client", ops: { admin: { enabled: false } }, ready: () => true })
       assert.isUndefined(off.admin)
       const on = yield* serveOperations({

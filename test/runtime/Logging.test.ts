@@ -1,8 +1,9 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Effect, Redacted } from "effect"
+import { Cause, Effect, Redacted } from "effect"
 import * as http from "node:http"
 import {
   accessLogger,
+  CommandLineLogging,
   ensureRequestId,
   formatAccess,
   layer,
@@ -29,7 +30,34 @@ describe("Logging", () => {
       assert.strictEqual(first.level, "INFO")
       assert.include(JSON.stringify(first.message), "started")
       assert.notInclude(lines.join("\n"), "hunter2")
-      assert.strictEqual(JSON.parse(lines[1]!).annotations.component, "test")
+      // one flat schema: the annotations are keys of their own
+      assert.deepStrictEqual(Object.keys(JSON.parse(lines[1]!)), ["timestamp", "level", "message", "component"])
+      assert.strictEqual(JSON.parse(lines[1]!).component, "test")
+      assert.strictEqual(JSON.parse(lines[1]!).message, "careful")
+    }))
+
+  it.effect("writes one line per entry, a failure's cause as one error field", () =>
+    Effect.gen(function*() {
+      const lines: Array<string> = []
+      const entry = Effect.logError("failed", Cause.fail(new Error("first\nsecond"))).pipe(Effect.annotateLogs({ component: "test", peer: "a b" }))
+      yield* entry.pipe(Effect.provide(layer({ format: "logfmt" }, (l) => lines.push(l))))
+      yield* entry.pipe(Effect.provide(layer({ format: "json" }, (l) => lines.push(l))))
+      for (const line of lines) assert.notInclude(line, "\n")
+      assert.match(lines[0]!, /^timestamp=\S+ level=ERROR message=failed component=test peer="a b" error=/)
+      assert.notInclude(lines[0]!, "fiber=")
+      const json = JSON.parse(lines[1]!)
+      assert.deepStrictEqual(Object.keys(json), ["timestamp", "level", "message", "component", "peer", "error"])
+    }))
+
+  it.effect("--log-format and --log-level win over the configuration", () =>
+    Effect.gen(function*() {
+      const lines: Array<string> = []
+      yield* Effect.gen(function*() {
+        yield* useInThisFiber({ format: "logfmt", level: "error" }, (l) => lines.push(l))
+        yield* Effect.logDebug("shown")
+      }).pipe(Effect.provideService(CommandLineLogging, { format: "json", level: "debug" }))
+      assert.strictEqual(lines.length, 1)
+      assert.strictEqual(JSON.parse(lines[0]!).message, "shown")
     }))
 
   it.effect("useInThisFiber switches the running fiber's logger and level", () =>

@@ -14,7 +14,7 @@ import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { describeTarget, type GatewayTarget, TunnelClient } from "../../services/client/TunnelClient.ts"
 import { isWebSocketUrl } from "../../services/transport/WebSocketDial.ts"
 import { joinStreams } from "../../services/Listeners.ts"
-import { registerGatewayGauges, reloadRefused, serveOperations } from "../Admin.ts"
+import { checkOperations, registerGatewayGauges, reloadRefused, serveOperations } from "../Admin.ts"
 import { ClientFile, ConfigLoadError, type FlagValue, loadConfig, refuseConfig } from "../ConfigLoader.ts"
 import { onHangup } from "../Lifecycle.ts"
 import { DefaultServer, toRoute } from "../listen.ts"
@@ -22,6 +22,7 @@ import * as Logging from "../Logging.ts"
 import { AddressError, formatHostPort, type HostPort, parseGatewayAddress, parseHostPort } from "../NetAddress.ts"
 import { exposeOverReverseHttp2 } from "../serveReverseHttp2.ts"
 import * as NodeTransport from "../NodeTransport.ts"
+import { adminFlags, adminOverrides, checkConfigFlag } from "./sharedFlags.ts"
 
 /** Exit code when a gateway refuses the client for good and exit_on_reject is set (sysexits' EX_NOPERM). */
 export const RejectedExitCode = 77
@@ -39,7 +40,7 @@ const optionalString = (name: string, description: string) => Flag.String(name).
 
 const flags = {
   config: optionalString("config", "YAML or JSON config file (see docs/OPERATIONS.md)"),
-  checkConfig: Flag.Boolean("check-config").pipe(Flag.withDescription("Validate the configuration and exit"), Flag.withDefault(false)),
+  checkConfig: checkConfigFlag,
   server: Flag.String("server").pipe(
     Flag.withDescription(
       "Gateway control address host:port (tls://host:port when it is served over TLS), or ws://host[:port]/tunnel / wss://… for its WebSocket control path " +
@@ -47,7 +48,8 @@ const flags = {
     ),
     Flag.atLeast(0)
   ),
-  token: Flag.Redacted("token").pipe(Flag.withDescription("Token granted by the gateway (or SWITCHYARD_TOKEN, SWITCHYARD_TOKEN_FILE)"), Flag.optional),
+  token: Flag.Redacted("token").pipe(Flag.withDescription("Token granted by the gateway (or SWITCHYARD_TOKEN; prefer --token-file)"), Flag.optional),
+  tokenFile: optionalString("token-file", "File holding the token (token_file, SWITCHYARD_TOKEN_FILE)"),
   expose: optionalString("expose", "Local address to forward to, host:port"),
   port: Flag.Int("port").pipe(Flag.withDescription("Public port on the gateway"), Flag.optional),
   path: optionalString("path", "HTTP path prefix, e.g. /a"),
@@ -65,7 +67,8 @@ const flags = {
   exitOnReject: Flag.Boolean("exit-on-reject").pipe(
     Flag.withDescription(`Exit with code ${RejectedExitCode} when a gateway refuses the token or the route for good, instead of retrying`),
     Flag.withDefault(false)
-  )
+  ),
+  ...adminFlags("client")
 }
 
 type Flags = {
@@ -80,6 +83,7 @@ const flagOverrides = (f: Flags): Array<FlagValue> => {
   }
   if (f.server.length > 0) out.push({ path: ["server"], value: f.server.join(","), flag: "--server" })
   add("--token", "token", Option.map(f.token, Redacted.value))
+  add("--token-file", "token_file", f.tokenFile)
   add("--expose", "expose", f.expose)
   add("--port", "port", Option.map(f.port, String))
   add("--path", "path", f.path)
@@ -92,6 +96,7 @@ const flagOverrides = (f: Flags): Array<FlagValue> => {
   add("--ca", "ca", f.ca)
   if (f.h2) out.push({ path: ["h2"], value: "true", flag: "--h2" })
   if (f.exitOnReject) out.push({ path: ["exit_on_reject"], value: "true", flag: "--exit-on-reject" })
+  out.push(...adminOverrides(f))
   return out
 }
 
@@ -190,6 +195,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
     return yield* new AddressError({ reason: "Malformed", message: "--h2 needs host:port gateways; ws:// and wss:// are for control-port tunnels" })
   }
   if (f.checkConfig) {
+    yield* checkOperations(config.admin === undefined ? {} : { admin: config.admin }, "config", adminOverrides(f)).pipe(Effect.catch(refuseConfig("client")))
     yield* Console.log(`switchyard client: configuration OK${Option.isSome(f.config) ? ` (${f.config.value})` : ""}`)
     return
   }
@@ -198,7 +204,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
   const route = first.route
   const label = config.label
   if (config.h2 === true) {
-    const operations = yield* serveOperations({ command: "client", ops, ready: () => true })
+    const operations = yield* serveOperations({ command: "client", ops, flags: adminOverrides(f), ready: () => true })
     yield* onHangup(Effect.sync(() => {
       operations.metrics.reloads.labels("rejected").inc()
       operations.recordError("reload refused: a reverse-HTTP/2 client applies its configuration on restart")
@@ -228,6 +234,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
   const operations = yield* serveOperations({
     command: "client",
     ops,
+    flags: adminOverrides(f),
     ready: () => gateways().some((g) => g.connected),
     sessions: () => [{ frontDoor: "control", count: gateways().filter((g) => g.connected).length }],
     routes: () => [{ route: describeRoute(servedRoute), backends: [formatHostPort(target)], inFlight }],

@@ -12,6 +12,7 @@ import * as Logging from "../Logging.ts"
 import { formatHostPort } from "../NetAddress.ts"
 import { type GatewayHandle, runGateway } from "../server/runGateway.ts"
 import { checkServerFile, DefaultPublicHost, grantsOf } from "../server/ServerConfig.ts"
+import { adminFlags, checkConfigFlag } from "./sharedFlags.ts"
 
 // The benchmarks build a gateway from these.
 export { dispatchObserver, instrumentHandlers } from "../server/GatewayInstruments.ts"
@@ -25,17 +26,15 @@ const optionalString = (name: string, description: string) => Flag.String(name).
 
 const flags = {
   config: optionalString("config", "YAML or JSON config file (see docs/OPERATIONS.md)"),
-  checkConfig: Flag.Boolean("check-config").pipe(Flag.withDescription("Validate the configuration and exit"), Flag.withDefault(false)),
+  checkConfig: checkConfigFlag,
   set: Flag.String("set").pipe(Flag.withDescription("Override a field: path=value, e.g. control.max_sessions=100 (repeatable)"), Flag.atLeast(0)),
   control: optionalString("control", "Control port address (default 127.0.0.1:9999)"),
-  token: Flag.Redacted("token").pipe(Flag.withDescription("A token allowed every port (or SWITCHYARD_TOKEN; prefer token_file)"), Flag.optional),
+  token: Flag.Redacted("token").pipe(Flag.withDescription("A token allowed every port (or SWITCHYARD_TOKEN; prefer --token-file)"), Flag.optional),
+  tokenFile: optionalString("token-file", "File holding a token allowed every port (control.token_file, SWITCHYARD_TOKEN_FILE)"),
   publicHost: optionalString("public-host", "Address public ports bind to (default 127.0.0.1)"),
   reverseH2: optionalString("reverse-h2", "Serve the reverse-HTTP/2 tunnel port on this address"),
   wsListen: optionalString("ws-listen", "Serve the control port as a WebSocket path (/tunnel) on this address too"),
-  admin: optionalString("admin", "Admin endpoint address (default 127.0.0.1:9090)"),
-  noAdmin: Flag.Boolean("no-admin").pipe(Flag.withDescription("Do not serve the admin endpoint"), Flag.withDefault(false)),
-  logFormat: optionalString("log-format", "logfmt or json"),
-  logLevel: optionalString("log-level", "trace, debug, info, warn, error or none")
+  ...adminFlags("server")
 }
 
 type Flags = {
@@ -57,6 +56,7 @@ export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
   }
   add("--control", ["control", "address"], f.control)
   add("--token", ["control", "token"], Option.map(f.token, Redacted.value))
+  add("--token-file", ["control", "token_file"], f.tokenFile)
   add("--public-host", ["public_host"], f.publicHost)
   add("--reverse-h2", ["reverse_h2", "address"], f.reverseH2)
   if (Option.isSome(f.reverseH2)) out.push({ path: ["reverse_h2", "enabled"], value: "true", flag: "--reverse-h2" })
@@ -64,8 +64,6 @@ export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
   if (Option.isSome(f.wsListen)) out.push({ path: ["control", "websocket", "enabled"], value: "true", flag: "--ws-listen" })
   add("--admin", ["admin", "address"], f.admin)
   if (f.noAdmin) out.push({ path: ["admin", "enabled"], value: "false", flag: "--no-admin" })
-  add("--log-format", ["log", "format"], f.logFormat)
-  add("--log-level", ["log", "level"], f.logLevel)
   return out
 }
 

@@ -19,6 +19,7 @@ import {
 } from "../../domain/SocketProxyConfig.ts"
 import { prepareOperations, registerSocketProxyCounters, reloadRefused, serveOperations } from "../Admin.ts"
 import { splitOpsSections } from "../ConfigLoader.ts"
+import { adminFlags, adminOverrides, checkConfigFlag } from "./sharedFlags.ts"
 
 const repeated = (name: string, description: string) =>
   Flag.String(name).pipe(Flag.withDescription(description), Flag.atLeast(0))
@@ -44,7 +45,9 @@ const flags = {
   ),
   bodyAllow: repeated("body-allow", `Turn a body-policy switch on (repeatable): ${Object.keys(BODY_ALLOW_FLAGS).join(", ")}`),
   allowCapability: repeated("allow-capability", "A capability create bodies may add, e.g. NET_ADMIN (repeatable)"),
-  allowBindSource: repeated("allow-bind-source", "A host path (and everything under it) bind mounts may use (repeatable)")
+  allowBindSource: repeated("allow-bind-source", "A host path (and everything under it) bind mounts may use (repeatable)"),
+  checkConfig: checkConfigFlag,
+  ...adminFlags("socket-proxy")
 }
 
 /** Reads and decodes the config file; errors name the file and field. */
@@ -126,15 +129,20 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
     }
   }
   // the admin/log sections are checked before anything is bound
-  const ops = yield* prepareOperations(Option.getOrUndefined(f.config)).pipe(
+  const ops = yield* prepareOperations(Option.getOrUndefined(f.config), adminOverrides(f)).pipe(
     Effect.catch((e) => refuse(new ConfigError({ reason: "Invalid", field: e.field, message: e.message })))
   )
+  if (f.checkConfig) {
+    yield* Console.log(`switchyard socket-proxy: configuration OK${Option.isSome(f.config) ? ` (${f.config.value})` : ""}`)
+    return
+  }
   const { makeSocketProxy } = yield* Effect.promise(() => import("../../services/front/SocketProxy.ts"))
   const proxy = yield* makeSocketProxy(config)
   const operations = yield* serveOperations({
     command: "socket-proxy",
     ops,
     source: Option.getOrUndefined(f.config),
+    flags: adminOverrides(f),
     ready: () => true,
     listeners: () => proxy.addresses.map((a) => ({ name: "socket-proxy", address: a._tag === "Unix" ? `unix:${a.path}` : `${a.host}:${a.port}` })),
     register: (metrics) => registerSocketProxyCounters(metrics, proxy.stats)

@@ -6,8 +6,8 @@
 import * as http from "node:http"
 import { Console, Data, Effect, Runtime, Schema } from "effect"
 import { Command, Flag } from "effect/cli"
-import type { StatusDocument } from "../Admin.ts"
-import { parseHostPort } from "../NetAddress.ts"
+import { DefaultAdminAddress, type StatusDocument } from "../Admin.ts"
+import { AddressError, formatHostPort, parseHostPort } from "../NetAddress.ts"
 
 /** Time allowed for the admin endpoint to answer. */
 export const StatusTimeoutMs = 5_000
@@ -90,14 +90,17 @@ export const renderStatus = (status: StatusDocument): string =>
   ].join("\n")
 
 const admin = Flag.String("admin").pipe(
-  Flag.withDescription("Admin endpoint of the running switchyard (host:port)"),
-  Flag.withDefault("127.0.0.1:9090")
+  Flag.withDescription("Admin endpoint of the running switchyard: host:port or http://host:port as its banner prints it (default: the gateway's, 127.0.0.1:7090)"),
+  Flag.withDefault(formatHostPort(DefaultAdminAddress))
 )
+
+/** The admin address as given: `host:port`, or `http://host:port[/]` as the banners print it. */
+export const parseAdminAddress = (text: string) => parseHostPort(text.replace(/^http:\/\//i, "").replace(/\/+$/, ""))
 const json = Flag.Boolean("json").pipe(Flag.withDescription("Print the raw JSON document"), Flag.withDefault(false))
 
 export const statusCommand = Command.make("status", { admin, json }, Effect.fn(function*(f) {
-  const address = parseHostPort(f.admin)
-  if (address instanceof Error) return yield* address
+  const address = parseAdminAddress(f.admin)
+  if (address instanceof Error) return yield* new AddressError({ reason: "Malformed", message: `--admin: ${address.message}` })
   const status = yield* fetchStatus(address).pipe(
     Effect.catch((e) =>
       Console.error(`switchyard status: ${e.message} (is switchyard running with its admin endpoint there? see --admin)`).pipe(

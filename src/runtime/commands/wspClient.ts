@@ -11,6 +11,7 @@ import { parseWspClientConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspClient } from "../../services/client/WspClient.ts"
 import { prepareOperations, registerGatewayGauges, reloadRefused, serveOperations } from "../Admin.ts"
 import { onHangup } from "../Lifecycle.ts"
+import { adminFlags, adminOverrides, checkConfigFlag } from "./sharedFlags.ts"
 import { readConfigText } from "./wspServer.ts"
 
 const config = Flag.String("config").pipe(
@@ -18,19 +19,27 @@ const config = Flag.String("config").pipe(
   Flag.withDefault("wsp_client.cfg")
 )
 
-export const wspClientCommand = Command.make("wsp-client", { config }, Effect.fn(function*({ config }) {
+const flags = { config, checkConfig: checkConfigFlag, ...adminFlags("wsp-client") }
+
+export const wspClientCommand = Command.make("wsp-client", flags, Effect.fn(function*(f) {
+  const { config } = f
   const parsed = parseWspClientConfig(yield* readConfigText(config), randomUUID)
   if (parsed instanceof WspConfigError) return yield* parsed
   for (const key of parsed.unknownKeys) {
     // admin and log are switchyard's shared sections, read below
     if (key !== "admin" && key !== "log") yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
   }
-  const ops = yield* prepareOperations(config)
+  const ops = yield* prepareOperations(config, adminOverrides(f))
+  if (f.checkConfig) {
+    yield* Console.log(`switchyard wsp-client: configuration OK (${config})`)
+    return
+  }
   const client = yield* makeWspClient(parsed.config)
   const operations = yield* serveOperations({
     command: "wsp-client",
     ops,
     source: config,
+    flags: adminOverrides(f),
     ready: () => client.stats().some((t) => t.total > t.connecting),
     sessions: () => [{ frontDoor: "wsp", count: client.stats().reduce((n, t) => n + t.total - t.connecting, 0) }],
     register: (metrics) =>

@@ -14,6 +14,7 @@ import { parseWspServerConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspServer } from "../../services/front/WspServer.ts"
 import { prepareOperations, registerPoolGauges, reloadRefused, serveOperations } from "../Admin.ts"
 import { onHangup } from "../Lifecycle.ts"
+import { adminFlags, adminOverrides, checkConfigFlag } from "./sharedFlags.ts"
 
 const config = Flag.String("config").pipe(
   Flag.withDescription("wsp server YAML config file (wsp_server.cfg)"),
@@ -35,7 +36,10 @@ export const readConfigText = (path: string): Effect.Effect<string, WspConfigErr
       new WspConfigError({ reason: "InvalidYaml", field: "--config", value: path, message: `cannot read ${path}: ${(e as Error).message}` })
   })
 
-export const wspServerCommand = Command.make("wsp-server", { config, insecureOpenRegistration }, Effect.fn(function*({ config, insecureOpenRegistration }) {
+const flags = { config, insecureOpenRegistration, checkConfig: checkConfigFlag, ...adminFlags("wsp-server") }
+
+export const wspServerCommand = Command.make("wsp-server", flags, Effect.fn(function*(f) {
+  const { config, insecureOpenRegistration } = f
   const read = parseWspServerConfig(yield* readConfigText(config))
   if (read instanceof WspConfigError) return yield* read
   const parsed = { ...read, config: { ...read.config, openRegistration: read.config.openRegistration || insecureOpenRegistration } }
@@ -43,7 +47,11 @@ export const wspServerCommand = Command.make("wsp-server", { config, insecureOpe
     // admin and log are switchyard's shared sections, read below
     if (key !== "admin" && key !== "log") yield* Effect.logWarning(`${config}: unknown key "${key}" ignored`)
   }
-  const ops = yield* prepareOperations(config)
+  const ops = yield* prepareOperations(config, adminOverrides(f))
+  if (f.checkConfig) {
+    yield* Console.log(`switchyard wsp-server: configuration OK (${config})`)
+    return
+  }
   if (Redacted.value(parsed.config.secretKey) === "") {
     if (parsed.config.openRegistration) {
       yield* Effect.logWarning(
@@ -65,6 +73,7 @@ export const wspServerCommand = Command.make("wsp-server", { config, insecureOpe
     command: "wsp-server",
     ops,
     source: config,
+    flags: adminOverrides(f),
     ready: () => true,
     listeners: () => [{ name: "wsp", address: `${server.address.host}:${server.address.port}` }],
     sessions: () => [{ frontDoor: "wsp", count: server.stats().idle + server.stats().busy }],

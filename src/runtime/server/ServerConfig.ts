@@ -20,7 +20,7 @@ export const GeneratedGrantName = "generated"
 export const GeneratedTokenBytes = 32
 /** Where the control port, the admin endpoint and the reverse-HTTP/2 port listen by default. */
 export const DefaultControlText = "127.0.0.1:9999"
-export const DefaultAdminText = "127.0.0.1:9090"
+export const DefaultAdminText = "127.0.0.1:7090"
 export const DefaultReverseH2Text = "127.0.0.1:9443"
 /** Default address of the WebSocket control path, when it is enabled. */
 export const DefaultWebSocketText = "127.0.0.1:9998"
