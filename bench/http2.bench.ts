@@ -12,11 +12,10 @@ import { spawnSync } from "node:child_process"
 import * as fs from "node:fs"
 import * as path from "node:path"
 import { comparePaths, defaultSettings } from "./compare.ts"
-import { type BenchProcess, startBackend, startProcess, startSwitchyard, stopAll, tempDir } from "./roles.ts"
+import { type BenchProcess, benchToken, startBackend, startExposingClient, startProcess, startSwitchyard, stopAll, tempDir } from "./roles.ts"
 import { answered, freePort, note } from "./support.ts"
 
 const suite = "http2"
-const benchToken = "bench-token"
 const downloadBytes = defaultSettings.downloadBytes
 
 /** `switchyard server` with a reverse-HTTP/2 port (`config`: a config file, for plain mode). */
@@ -39,20 +38,8 @@ export const run = async (): Promise<void> => {
     const { gateway, tunnelPort } = await startGateway(undefined)
     started.push(gateway)
     const publicPort = await freePort()
-    const client = await startSwitchyard("client", [
-      "client",
-      "--h2",
-      "--server",
-      `127.0.0.1:${tunnelPort}`,
-      "--token",
-      benchToken,
-      "--expose",
-      `127.0.0.1:${backend.port}`,
-      "--port",
-      String(publicPort)
-    ], { ready: /switchyard client:/ })
+    const client = await startExposingClient(`127.0.0.1:${tunnelPort}`, backend.port, publicPort, ["--h2"])
     started.push(client)
-    await answered(`http://127.0.0.1:${publicPort}/`)
     const url = (port: number, p: string) => ({ url: `http://127.0.0.1:${port}${p}` })
     await comparePaths(suite, [
       { name: "direct", small: url(backend.port, "/"), download: url(backend.port, "/big"), parties: [] },

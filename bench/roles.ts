@@ -11,6 +11,7 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { createInterface } from "node:readline"
+import { answered } from "./support.ts"
 
 /** Names the role a bench file plays when started as a child. */
 export const RoleVariable = "SWITCHYARD_BENCH_ROLE"
@@ -146,6 +147,41 @@ export const startSwitchyard = (
     [...profileFlags(name), ...(options.gc === true ? ["--expose-gc", "--import", gcPreload] : []), switchyardMain, ...args],
     { env: { SWITCHYARD_ADMIN_ENABLED: "false" }, ready: options.ready }
   )
+
+/** The token every bench gateway grants its clients. */
+export const benchToken = "bench-token"
+
+/**
+ * `switchyard client` dialling `server` (host:port or ws://…), exposing the destination on
+ * `backendPort` as public port `publicPort` (`extra` flags first, e.g. `--h2`); resolves once the
+ * public port answers through the tunnel.
+ */
+export const startExposingClient = async (
+  server: string,
+  backendPort: number,
+  publicPort: number,
+  extra: ReadonlyArray<string> = []
+): Promise<BenchProcess> => {
+  const client = await startSwitchyard("client", [
+    "client",
+    ...extra,
+    "--server",
+    server,
+    "--token",
+    benchToken,
+    "--expose",
+    `127.0.0.1:${backendPort}`,
+    "--port",
+    String(publicPort)
+  ], { ready: /switchyard client:/ })
+  try {
+    await answered(`http://127.0.0.1:${publicPort}/`)
+  } catch (e) {
+    await client.stop()
+    throw e
+  }
+  return client
+}
 
 /** A full collection in a child started with `gc` (so a memory figure is live data, not garbage). */
 export const collectGarbage = async (party: BenchProcess): Promise<void> => {

@@ -14,11 +14,10 @@ import { Context, Duration, Effect, Exit, Layer, Redacted, Scope, Stream } from 
 import * as NodeTransport from "../src/runtime/NodeTransport.ts"
 import { TunnelClient, type TunnelClientShape } from "../src/services/client/TunnelClient.ts"
 import { comparePaths, defaultSettings } from "./compare.ts"
-import { type BenchProcess, collectGarbage, startBackend, startSwitchyard, stopAll } from "./roles.ts"
-import { answered, freePort, memoryMb, now, report } from "./support.ts"
+import { type BenchProcess, benchToken, collectGarbage, startBackend, startExposingClient, startSwitchyard, stopAll } from "./roles.ts"
+import { freePort, memoryMb, now, report } from "./support.ts"
 
 const suite = "tunnel"
-const benchToken = "bench-token"
 const downloadBytes = defaultSettings.downloadBytes
 /** Idle backend sessions connected for the memory figure, and how many connect at once (under the gateway's per-address handshake limit). */
 const idleSessions = 1_000
@@ -80,19 +79,8 @@ export const run = async (): Promise<void> => {
     const gateway = await startGateway(controlPort)
     started.push(gateway)
     const publicPort = await freePort()
-    const client = await startSwitchyard("client", [
-      "client",
-      "--server",
-      `127.0.0.1:${controlPort}`,
-      "--token",
-      benchToken,
-      "--expose",
-      `127.0.0.1:${backend.port}`,
-      "--port",
-      String(publicPort)
-    ], { ready: /switchyard client:/ })
+    const client = await startExposingClient(`127.0.0.1:${controlPort}`, backend.port, publicPort)
     started.push(client)
-    await answered(`http://127.0.0.1:${publicPort}/`)
 
     const url = (port: number, path: string) => ({ url: `http://127.0.0.1:${port}${path}` })
     await comparePaths(suite, [

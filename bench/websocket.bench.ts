@@ -10,11 +10,10 @@
 import * as fs from "node:fs"
 import * as path from "node:path"
 import { comparePaths, defaultSettings } from "./compare.ts"
-import { type BenchProcess, startBackend, startSwitchyard, stopAll, tempDir } from "./roles.ts"
+import { type BenchProcess, benchToken, startBackend, startExposingClient, startSwitchyard, stopAll, tempDir } from "./roles.ts"
 import { answered, freePort } from "./support.ts"
 
 const suite = "websocket"
-const benchToken = "bench-token"
 const wspSecret = "bench"
 /** Idle pooled WebSockets the wsp-client keeps: one per wrk connection. */
 const wspPoolIdle = defaultSettings.wrk.connections
@@ -64,20 +63,9 @@ const startYamuxOverWebSocket = async (backendPort: number, started: Array<Bench
   ], { ready: /switchyard gateway running/ })
   started.push(gateway)
   const publicPort = await freePort()
-  const client = await startSwitchyard("client", [
-    "client",
-    "--server",
-    `ws://127.0.0.1:${wsPort}/tunnel`,
-    "--token",
-    benchToken,
-    "--expose",
-    `127.0.0.1:${backendPort}`,
-    "--port",
-    String(publicPort)
-  ], { ready: /switchyard client:/ })
+  const client = await startExposingClient(`ws://127.0.0.1:${wsPort}/tunnel`, backendPort, publicPort)
   started.push(client)
   const url = (p: string) => ({ url: `http://127.0.0.1:${publicPort}${p}` })
-  await answered(url("/").url)
   return { name: "yamux_ws", small: url("/"), download: url("/big"), parties: [gateway, client] }
 }
 

@@ -380,20 +380,17 @@ export class WebSocketEndpoint {
   /** One frame; `copy`: the payload belongs to the caller (masking works on a copy). */
   private writeFrame(fin: boolean, opcode: number, payload: Buffer, copy: boolean, done?: (error?: Error | null) => void): void {
     const socket = this.socket
-    if (this.masking === "none" || this.masking === "zero") {
-      const header = encodeFrameHeader(fin, opcode, payload.length, this.masking === "zero" ? ZERO_KEY : undefined)
-      if (payload.length === 0) return void socket.write(header, done)
-      socket.cork()
-      socket.write(header)
-      socket.write(payload, done)
-      socket.uncork()
-      return
+    let key: Uint8Array | undefined
+    let body = payload
+    if (this.masking === "zero") key = ZERO_KEY
+    else if (this.masking === "random") {
+      nextMaskKey(this.key)
+      key = this.key
+      if (copy) body = Buffer.allocUnsafe(payload.length)
+      maskInto(payload, key, 0, body, 0)
     }
-    nextMaskKey(this.key)
-    const header = encodeFrameHeader(fin, opcode, payload.length, this.key)
-    const body = copy ? Buffer.allocUnsafe(payload.length) : payload
-    maskInto(payload, this.key, 0, body, 0)
-    if (payload.length === 0) return void socket.write(header, done)
+    const header = encodeFrameHeader(fin, opcode, payload.length, key)
+    if (body.length === 0) return void socket.write(header, done)
     socket.cork()
     socket.write(header)
     socket.write(body, done)
