@@ -77,3 +77,66 @@ export const handoffHeadBytes = (request: RequestHead): Buffer => {
   }
   return Buffer.from(text + "\r\n", "latin1")
 }
+
+/** A field name: an RFC 9110 token. */
+const FIELD_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/
+/** A field value HTTP/1.1 can carry: no control character but HTAB (RFC 9110 §5.5). */
+const FIELD_VALUE = /^[\t\x20-\x7e\x80-\xff]*$/
+
+/**
+ * Why a field list from a head that was not HTTP/1.1 on the wire (an HTTP/2 response) cannot be written
+ * in an HTTP/1.1 head, or `undefined` when it can.
+ */
+export const unwritableField = (fields: ReadonlyArray<string>): string | undefined => {
+  for (let i = 0; i < fields.length; i += 2) {
+    if (!FIELD_NAME.test(fields[i]!)) return `a field name HTTP/1.1 cannot carry ("${fields[i]!.slice(0, 32)}")`
+    if (!FIELD_VALUE.test(fields[i + 1]!)) return `a control character in the value of ${fields[i]}`
+  }
+  return undefined
+}
+
+/**
+ * A response head for a response that was not HTTP/1.1 on the wire: its status, its fields (free of
+ * hop-by-hop fields, checked with `unwritableField`), and the framing and connection the proxy chose.
+ * `extra` replaces fields of the same names.
+ */
+export const messageResponseHeadBytes = (
+  status: number,
+  reason: string,
+  fields: ReadonlyArray<string>,
+  chunked: boolean,
+  close: boolean,
+  extra: ReadonlyArray<string> | undefined
+): Buffer => {
+  let text = `HTTP/1.1 ${status} ${reason}\r\n`
+  for (let i = 0; i < fields.length; i += 2) {
+    if (extra !== undefined && replaced(extra, fields[i]!)) continue
+    text += `${fields[i]}: ${fields[i + 1]}\r\n`
+  }
+  if (extra !== undefined) for (let i = 0; i < extra.length; i += 2) text += `${extra[i]}: ${extra[i + 1]}\r\n`
+  if (chunked) text += "Transfer-Encoding: chunked\r\n"
+  if (close) text += "Connection: close\r\n"
+  return Buffer.from(text + "\r\n", "latin1")
+}
+
+/** The trailer section ending a chunked body: the last chunk, the fields, the final CRLF. */
+export const lastChunkBytes = (trailers: ReadonlyArray<string> | undefined): Buffer => {
+  let text = "0\r\n"
+  if (trailers !== undefined) for (let i = 0; i < trailers.length; i += 2) text += `${trailers[i]}: ${trailers[i + 1]}\r\n`
+  return Buffer.from(text + "\r\n", "latin1")
+}
+
+/**
+ * A checked trailer section as `BodyFramer` hands it on (`name: value` lines, then CRLF), as a flat
+ * field list.
+ */
+export const trailerFields = (section: Buffer): Array<string> => {
+  const out: Array<string> = []
+  for (const line of section.toString("latin1").split("\r\n")) {
+    if (line.length === 0) continue
+    const colon = line.indexOf(":")
+    if (colon <= 0) continue
+    out.push(line.slice(0, colon), line.slice(colon + 1).trim())
+  }
+  return out
+}

@@ -792,6 +792,11 @@ export class BodyFramer {
     return this.kind === "Close"
   }
 
+  /** Whether the body is framed with chunked coding (its data is reported through `onChunkData`). */
+  get isChunked(): boolean {
+    return this.kind === "Chunked"
+  }
+
   /**
    * `onChunkData`, for chunked bodies, is told each run of chunk data in `buf` (`[start, end)`), so a
    * caller that needs the decoded body can take views of it; framing bytes are never reported.

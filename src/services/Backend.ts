@@ -3,10 +3,10 @@
  * session, a WebSocket pool, an HTTP/2 connection): an identity, a load figure, and two ways in (an
  * HTTP `Upstream` for the forwarder, `connect` for raw byte streams). It does not route or forward.
  */
-import type * as http from "node:http"
 import type { Duplex } from "node:stream"
 import type { Effect } from "effect"
 import { Schema } from "effect"
+import type { ExchangeFront, ExchangeRequest } from "./forward/Exchange.ts"
 import type { Upstream } from "./forward/Upstream.ts"
 
 /** How the public side arrived, as told to the backend. */
@@ -58,14 +58,18 @@ export interface Backend {
    */
   readonly hasCapacity?: (() => boolean) | undefined
   /**
-   * When present, public HTTP requests for this backend are handed here instead of to the shared
-   * Forwarder (backends that are not reached through an `http.Agent`, such as reverse-HTTP/2
-   * connections). The handler answers `res` on the leased backend, or moves the request to the backend
+   * When present, the backend is reached by messages rather than through `upstream`'s HTTP/1.1
+   * connections (a reverse-HTTP/2 connection): every front door hands it each exchange (and each
+   * `Upgrade`) with its lease, and it answers on the leased backend or moves the request to the backend
    * that `lease.another` picks; `lease.release` is idempotent.
    */
-  readonly forwardHttp?: ((req: http.IncomingMessage, res: http.ServerResponse, lease: BackendLease) => void) | undefined
-  /** Like `forwardHttp`, for `Upgrade` requests (the socket is the public connection). */
-  readonly upgradeHttp?: ((req: http.IncomingMessage, socket: Duplex, head: Buffer, lease: BackendLease) => void) | undefined
+  readonly messages?: BackendMessages | undefined
+}
+
+/** How a backend reached by messages takes one exchange or one upgrade (see `MessageUpstream`). */
+export interface BackendMessages {
+  readonly exchange: (front: ExchangeFront, lease: BackendLease) => void
+  readonly upgrade: (request: ExchangeRequest, protocol: string, socket: Duplex, head: Buffer, lease: BackendLease) => void
 }
 
 /** What a backend's own HTTP handlers get from the dispatcher: the backend taken, its route's backends. */

@@ -65,6 +65,10 @@ export interface ForwarderConfig {
 
 export interface ForwarderShape {
   readonly upstream: Upstream
+  /** What it does with `X-Forwarded-*` fields, for front doors that reach upstreams by messages. */
+  readonly forwardedMode: ForwardedMode
+  /** How its error answers look. */
+  readonly errors: ErrorRenderer
   /** Forwards an ordinary request; the response (or a 502/504) goes to `res`. */
   readonly forward: (req: http.IncomingMessage, res: http.ServerResponse, options?: ForwardOptions) => void
   /** Forwards an upgrade request; after the upstream's 101 the two sockets are piped raw. */
@@ -502,6 +506,8 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
     forward,
     upgrade,
     serveHttp1,
+    forwardedMode,
+    errors,
     active: () => ({ requests, tunnels: tunnels.size })
   } satisfies ForwarderShape
 })

@@ -39,6 +39,9 @@ import type {
   Http1Server,
   PendingAdmission
 } from "./forward/http1/Admission.ts"
+import type { MessageUpstream } from "./forward/Exchange.ts"
+import { sendError } from "./forward/ErrorResponse.ts"
+import { nodeExchangeFront, nodeUpgradeRequest, unsupportedCoding, upgradeProtocol } from "./forward/NodeExchangeFront.ts"
 import type { ForwarderShape } from "./Forwarder.ts"
 import { Registry, type RegistryError } from "./Registry.ts"
 
@@ -105,17 +108,28 @@ export type UpgradeHandler = (req: http.IncomingMessage, socket: Duplex, head: B
 
 /**
  * Handlers that forward each request to the leased backend's upstream through the shared Forwarder, or
- * to the backend's own `forwardHttp`/`upgradeHttp` when it has them (reverse-HTTP/2 connections).
+ * hand it to the backend as an exchange when it is reached by messages (reverse-HTTP/2 connections).
  */
 export const forwardingHandlers = (forwarder: ForwarderShape): Pick<ListenersConfig, "handleRequest" | "handleUpgrade"> => ({
   handleRequest: (req, res, lease) => {
-    const own = lease.backend.forwardHttp
-    if (own !== undefined) return own(req, res, lease)
+    const messages = lease.backend.messages
+    if (messages !== undefined) {
+      const unsupported = unsupportedCoding(req)
+      if (unsupported !== undefined) {
+        lease.release()
+        return sendError(res, forwarder.errors, 501, unsupported)
+      }
+      const front = nodeExchangeFront(req, res, { forwardedMode: forwarder.forwardedMode, errors: forwarder.errors, path: req.url ?? "/" })
+      return messages.exchange(front, lease)
+    }
     forwarder.forward(req, res, { director: (outgoing) => void (outgoing.upstream = lease.backend.upstream) })
   },
   handleUpgrade: (req, socket, head, lease) => {
-    const own = lease.backend.upgradeHttp
-    if (own !== undefined) return own(req, socket, head, lease)
+    const messages = lease.backend.messages
+    if (messages !== undefined) {
+      const request = nodeUpgradeRequest(req, req.url ?? "/", forwarder.forwardedMode)
+      return messages.upgrade(request, upgradeProtocol(req.headers.upgrade), socket, head, lease)
+    }
     forwarder.upgrade(req, socket, head, { director: (outgoing) => void (outgoing.upstream = lease.backend.upstream) })
   }
 })
@@ -235,8 +249,6 @@ interface PortListener {
   readonly guard: ConnectionGuard
   /** The raw engine serving the port's connections, when it does. */
   readonly engine?: Http1Server | undefined
-  /** Node's server for connections handed over by the engine. */
-  readonly handoff?: http.Server | undefined
 }
 
 /** The SNI server name a TLS client sent, normalized ("" when none). */
@@ -338,27 +350,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
   const open = new Map<number, PortListener>()
   const secureContexts = new Map<string, tls.SecureContext>()
 
-  // Leases the engine took for a connection's first request before handing the connection to Node's
-  // server: that request is served by the backend leased at admission, not dispatched a second time.
-  const handedOver = new WeakMap<Duplex, Lease>()
-
-  /** The lease taken at admission for the request Node's server now reads on `socket`, if still good. */
-  const takeHandedOver = (socket: Duplex, query: RouteQuery): Lease | undefined => {
-    const lease = handedOver.get(socket)
-    if (lease === undefined) return undefined
-    handedOver.delete(socket)
-    if (!lease.backend.isClosed() && registry.match(query) === lease.route) return lease
-    lease.release()
-    return undefined
-  }
-
-  /**
-   * Dispatches, synchronously when a backend is free, else in a fiber that the caller may cancel. A
-   * request the engine handed over with its lease keeps that lease.
-   */
+  /** Dispatches, synchronously when a backend is free, else in a fiber that the caller may cancel. */
   const dispatch = (query: RouteQuery, onLease: (lease: Lease) => void, onError: (e: DispatchError) => void, cancelOn: Duplex) => {
-    const handed = takeHandedOver(cancelOn, query)
-    if (handed !== undefined) return onLease(handed)
     const now = dispatcher.tryAcquire(query)
     if (now instanceof DispatchError) return onError(now)
     if (now !== undefined) return onLease(now)
@@ -473,29 +466,28 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
    * once when a backend is free, else once the dispatcher grants one (bounded by its wait limit and
    * queue), and forwarded to that backend's upstream; its lease ends with the exchange.
    */
-  const engineFront = (port: number, handoff: http.Server, secure: boolean): Http1Front => {
+  const engineFront = (port: number, secure: boolean): Http1Front => {
     const observe = config.observeDispatch
     const tapExchange = config.observeExchange
-    const toNode = (lease: Lease): Admission => ({
-      _tag: "Handoff",
-      take: (socket, bytes) => {
-        // The request in hand keeps its lease (see `dispatch`); the Node server dispatches the
-        // connection's later requests one by one.
-        handedOver.set(socket, lease)
-        socket.once("close", () => {
-          if (handedOver.get(socket) === lease) handedOver.delete(socket)
-          lease.release()
-        })
-        socket.unshift(bytes)
-        handoff.emit("connection", socket)
-        socket.resume()
-      },
-      onAbandon: lease.release
-    })
+    /** The backend's own way in when it is reached by messages, bound to the lease. */
+    const messageUpstream = (lease: Lease): MessageUpstream | undefined => {
+      const messages = lease.backend.messages
+      if (messages === undefined) return undefined
+      return {
+        exchange: (front) => messages.exchange(front, lease),
+        upgrade: (request, protocol, socket, head) => messages.upgrade(request, protocol, socket, head, lease)
+      }
+    }
     const admission = (lease: Lease, request: Http1Request, target: string): Admission => {
-      if (lease.backend.forwardHttp !== undefined) return toNode(lease)
+      const message = messageUpstream(lease)
       if (tapExchange === undefined) {
-        return { _tag: "Forward", path: target, director: (outgoing) => void (outgoing.upstream = lease.backend.upstream), onEnd: lease.release }
+        return {
+          _tag: "Forward",
+          path: target,
+          director: (outgoing) => void (outgoing.upstream = lease.backend.upstream),
+          onEnd: lease.release,
+          message
+        }
       }
       let tap: ExchangeTap
       try {
@@ -514,7 +506,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         },
         onEnd: lease.release,
         responseHeaders: tap.responseHeaders,
-        observe: tap.observe
+        observe: tap.observe,
+        message
       }
     }
     const refusal = (error: DispatchError): Admission => ({ _tag: "Refuse", status: error.status, message: dispatchErrorText(error) })
@@ -607,14 +600,10 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     )
     let server: net.Server
     let engine: Http1Server | undefined
-    let handoff: http.Server | undefined
     switch (kind) {
       case "http": {
         if (config.serveHttp1 !== undefined) {
-          handoff = http.createServer({ maxHeaderSize, headersTimeout, requestTimeout: 0 }, serveHttpRequest(port, undefined))
-          handoff.on("upgrade", serveUpgrade(port, undefined))
-          handoff.on("clientError", (_err, socket) => socket.destroy())
-          const served = config.serveHttp1(engineFront(port, handoff, false))
+          const served = config.serveHttp1(engineFront(port, false))
           engine = served
           server = net.createServer({ allowHalfOpen: true }, (socket) => {
             if (!guard.admit(socket)) return
@@ -643,10 +632,9 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       case "tls": {
         const inner = http.createServer({ maxHeaderSize, headersTimeout, requestTimeout: 0 })
         inner.on("clientError", (_err, socket) => socket.destroy())
-        // HTTP/1.1 over the decrypted socket: the raw engine when configured (handing over to `inner`)
-        const tlsEngine = config.serveHttp1?.(engineFront(port, inner, true))
+        // HTTP/1.1 over the decrypted socket: the raw engine when configured, else Node's server
+        const tlsEngine = config.serveHttp1?.(engineFront(port, true))
         engine = tlsEngine
-        handoff = tlsEngine === undefined ? undefined : inner
         // HTTP/2 over the already-decrypted socket: a plain h2 server fed with the TLS socket
         const innerH2 = http2.createServer({
           settings: { maxConcurrentStreams: DefaultMaxConcurrentStreams, maxHeaderListSize: DefaultMaxHeaderListBytes }
@@ -713,7 +701,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       server.listen({ port, host }, () => {
         server.off("error", onError)
         server.on("error", () => {})
-        resume(Effect.succeed({ kind, port, server, address: server.address() as net.AddressInfo, sockets, guard, engine, handoff }))
+        resume(Effect.succeed({ kind, port, server, address: server.address() as net.AddressInfo, sockets, guard, engine }))
       })
       return Effect.sync(() => {
         guard.close()
@@ -737,7 +725,6 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       if (listener.server instanceof http.Server) listener.server.closeIdleConnections()
       // idle engine connections close now, busy ones after their exchange
       void listener.engine?.close(EngineStopDrainMs)
-      listener.handoff?.closeIdleConnections()
     })
 
   const destroyPort = (listener: PortListener) =>

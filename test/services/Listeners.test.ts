@@ -1,5 +1,4 @@
 import { assert, describe, it } from "@effect/vitest"
-import type * as http from "node:http"
 import * as http2 from "node:http2"
 import * as net from "node:net"
 import * as tls from "node:tls"
@@ -316,7 +315,7 @@ describe("Listeners on the raw HTTP/1.1 engine", () => {
       1
     ))
 
-  it.effect("a backend with its own forwardHttp gets the connection through Node's server, request after request", () =>
+  it.effect("a backend reached by messages gets each exchange from the engine, request after request", () =>
     withEngine(Effect.gen(function*() {
       const listeners = yield* Listeners
       const port = yield* Effect.promise(freePort)
@@ -324,24 +323,36 @@ describe("Listeners on the raw HTTP/1.1 engine", () => {
       let leases = 0
       const own: Backend = {
         ...direct,
-        forwardHttp: (req: http.IncomingMessage, res: http.ServerResponse, lease) => {
-          leases++
-          let body = ""
-          req.setEncoding("latin1")
-          req.on("data", (d: string) => (body += d))
-          req.on("end", () => {
-            res.writeHead(200, { "content-length": String(`own ${req.url} ${body}`.length) })
-            res.end(`own ${req.url} ${body}`)
-            lease.release()
-          })
+        messages: {
+          exchange: (front, lease) => {
+            leases++
+            const chunks: Array<Buffer> = []
+            front.readBody((chunk) => {
+              chunks.push(Buffer.from(chunk))
+              return true
+            }, (trailers) => {
+              const text = `own ${front.request.path} ${Buffer.concat(chunks).toString("latin1")}${trailers === undefined ? "" : ` ${trailers.join("=")}`}`
+              // chunked toward the client: no length given
+              front.respond(200, ["x-kind", "message"], false)
+              front.write(Buffer.from(text, "latin1"))
+              front.end(["x-done", "yes"])
+              lease.release()
+            })
+          },
+          upgrade: (_request, _protocol, socket) => void socket.destroy()
         }
       }
       yield* listeners.bind({ _tag: "Http", port }, own)
       const c = rawClient(port)
       c.socket.write("POST /first HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
-      yield* c.until((t) => t.endsWith("own /first hello"))
-      c.socket.write("GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
-      const text = yield* c.until((t) => t.endsWith("own /second "))
+      const first = yield* c.until((t) => t.endsWith("0\r\nx-done: yes\r\n\r\n"))
+      assert.match(first, /^HTTP\/1\.1 200 OK\r\n/)
+      assert.match(first, /x-kind: message\r\n/)
+      assert.match(first, /Transfer-Encoding: chunked\r\n/)
+      assert.include(first, "own /first hello")
+      c.socket.write("POST /second HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n")
+      const text = yield* c.until((t) => t.split("x-done: yes").length === 3)
+      assert.include(text, "own /second abcde X-T=1")
       assert.strictEqual(answers(text), 2)
       assert.strictEqual(leases, 2)
       c.socket.destroy()

@@ -43,7 +43,7 @@ interface RouteInstruments {
   readonly route: string
 }
 
-const frontDoorOf = (lease: Lease): string => lease.backend.forwardHttp !== undefined ? "reverse_h2" : "control"
+const frontDoorOf = (lease: Lease): string => lease.backend.messages !== undefined ? "reverse_h2" : "control"
 
 /**
  * Records each request's wait for a backend, and counts requests that found none: 404 (no route) or

@@ -1,17 +1,17 @@
 /**
- * Forwards one public HTTP/1.1 request (or `Upgrade`) onto a stream of an `H2ClientConnection`: headers
- * converted both ways with the core's hop-by-hop rules, bodies streamed with HTTP/2 flow control and
- * backpressure (response bytes are granted back to the backend only once the public socket took them),
- * trailers both ways. It picks no backend and never retries on its own: a stream the backend refused
+ * The HTTP/2-stream kind of upstream: one exchange (`ExchangeFront`, whatever the front door) or one
+ * `Upgrade` carried on a stream of an `H2ClientConnection`: pseudo-headers built from the exchange's
+ * request, bodies streamed with HTTP/2 flow control and backpressure (response bytes are granted back to
+ * the backend only once the client's queue took them), trailers both ways. It picks no backend and never retries on its own: a stream the backend refused
  * before answering is handed back to the caller (`onRefused`) with the body read so far (bounded), so the
  * caller may resend it elsewhere.
  */
 import { createHash } from "node:crypto"
-import type * as http from "node:http"
 import type { Duplex } from "node:stream"
 import { ErrorCode } from "../../domain/Http2Frame.ts"
-import { type ForwardedMode, headerValue, relayableTrailer, requestHeaders, responseHeaders } from "../../domain/HttpHeaders.ts"
-import { abortResponse, type ErrorRenderer, STATUS_TEXT, sendError, writeRawError } from "./ErrorResponse.ts"
+import { headerValue, relayableTrailer, responseHeaders } from "../../domain/HttpHeaders.ts"
+import { type ErrorRenderer, STATUS_TEXT, writeRawError } from "./ErrorResponse.ts"
+import type { ExchangeFront, ExchangeRequest } from "./Exchange.ts"
 import { type H2ClientConnection, type H2ClientStream, H2ConnectionError, type H2StreamClose } from "./H2ClientConnection.ts"
 
 const HTTP2_HEADER_METHOD = ":method"
@@ -45,7 +45,6 @@ export interface H2Target {
 }
 
 export interface H2ForwardOptions {
-  readonly forwardedMode: ForwardedMode
   /** Time allowed for the response head (ms); then 504. 0 = none. */
   readonly responseTimeoutMs: number
   /** No bytes either way for this long ends the exchange (ms). 0 = none. */
@@ -74,30 +73,28 @@ export const MaxReplayBodyBytes = 64 * 1024
 
 /** What a refused attempt had read of the public request, for the next attempt to send first. */
 export interface RequestReplay {
-  /** Body chunks read from the public request so far, in order. */
-  readonly chunks: ReadonlyArray<Buffer>
-  /** Whether the public request's body has ended (its trailers are then in `req.rawTrailers`). */
-  readonly ended: boolean
+  /** Body chunks read from the public request so far, in order (a chunk arriving meanwhile is added). */
+  readonly chunks: Array<Buffer>
+  /** Whether the public request's body has ended. */
+  ended: boolean
+  /** The request's trailers, when it ended with some. */
+  trailers: ReadonlyArray<string> | undefined
 }
 
-/** Lower-cased, hop-by-hop free request headers for HTTP/2, with the pseudo-headers first. */
-export const h2RequestHeaders = (
-  req: http.IncomingMessage,
-  method: string,
-  forwardedMode: ForwardedMode,
-  extendedConnectProtocol: string | undefined
-): Array<string> => {
-  const socket = req.socket as Duplex & { remoteAddress?: string; encrypted?: boolean }
-  const scheme = socket.encrypted ? "https" : "http"
-  const authority = req.headers.host ?? "localhost"
-  const flat = requestHeaders(
-    req.rawHeaders,
-    false,
-    forwardedMode,
-    forwardedMode === "off" ? undefined : { clientAddress: socket.remoteAddress, proto: scheme, host: req.headers.host }
-  )
-  const out: Array<string> = [HTTP2_HEADER_METHOD, method, HTTP2_HEADER_PATH, req.url ?? "/", HTTP2_HEADER_SCHEME, scheme, HTTP2_HEADER_AUTHORITY, authority]
+/** Lower-cased request headers for HTTP/2, with the pseudo-headers first (RFC 9113 §8.3.1). */
+export const h2RequestHeaders = (request: ExchangeRequest, method: string, extendedConnectProtocol: string | undefined): Array<string> => {
+  const out: Array<string> = [
+    HTTP2_HEADER_METHOD,
+    method,
+    HTTP2_HEADER_PATH,
+    request.path,
+    HTTP2_HEADER_SCHEME,
+    request.scheme,
+    HTTP2_HEADER_AUTHORITY,
+    request.authority ?? "localhost"
+  ]
   if (extendedConnectProtocol !== undefined) out.push(HTTP2_HEADER_PROTOCOL, extendedConnectProtocol)
+  const flat = request.headers
   for (let i = 0; i < flat.length; i += 2) {
     const lower = flat[i]!.toLowerCase()
     if (H2_REPLACED.has(lower)) continue
@@ -105,10 +102,13 @@ export const h2RequestHeaders = (
     out.push(lower, flat[i + 1]!)
   }
   // `TE: trailers` is the one TE value HTTP/2 carries; gRPC servers look for it
-  const te = headerValue(req.rawHeaders, "te")
-  if (te !== undefined && /(?:^|,)\s*trailers\s*(?:;|,|$)/i.test(te)) out.push("te", "trailers")
+  if (request.acceptsTrailers) out.push("te", "trailers")
   return out
 }
+
+/** Whether a `TE` field value lists `trailers` (RFC 9110 §10.1.4). */
+export const teAcceptsTrailers = (te: string | undefined): boolean =>
+  te !== undefined && /(?:^|,)\s*trailers\s*(?:;|,|$)/i.test(te)
 
 /** HTTP/1.1 response headers from an HTTP/2 raw list: pseudo-headers and hop-by-hop headers removed. */
 export const h1ResponseHeaders = (raw: ReadonlyArray<string>): Array<string> => {
@@ -133,30 +133,6 @@ export const h2Trailers = (raw: ReadonlyArray<string>): Array<string> => {
   return out
 }
 
-/** HTTP/2 trailers (as received) as `[name, value]` pairs for `res.addTrailers`. */
-const h1Trailers = (trailers: ReadonlyArray<string>): Array<[string, string]> => {
-  const out: Array<[string, string]> = []
-  for (let i = 0; i < trailers.length; i += 2) {
-    const name = trailers[i]!
-    if (name.charCodeAt(0) === 58 || !relayableTrailer(name)) continue
-    out.push([name, trailers[i + 1]!])
-  }
-  return out
-}
-
-/** Whether the public request has a body to stream: a request without a length or coding has none (RFC 9112 §6.3). */
-const hasBody = (req: http.IncomingMessage): boolean => {
-  if (req.headers["transfer-encoding"] !== undefined) return true
-  const length = req.headers["content-length"]
-  return length !== undefined && length !== "0"
-}
-
-/** The value of a lower-case field in a flat list. */
-const field = (headers: ReadonlyArray<string>, name: string): string | undefined => {
-  for (let i = 0; i < headers.length; i += 2) if (headers[i] === name) return headers[i + 1]
-  return undefined
-}
-
 /** Whether a connection refused a new stream without sending anything (another connection may take it). */
 const openRefused = (error: H2ConnectionError): boolean =>
   error.reason === "Closed" || error.reason === "GoingAway" || error.reason === "NoStreamSlot"
@@ -166,33 +142,29 @@ const cancel = (stream: H2ClientStream): void => {
   if (!stream.closed && !(stream.localEnded && stream.remoteEnded)) stream.reset(ErrorCode.CANCEL)
 }
 
+/** Whether a response to `method` with `status` has no body whatever its head says (RFC 9110 §6.4.1). */
+const bodylessResponse = (method: string, status: number): boolean => method === "HEAD" || status === 204 || status === 304
+
 /**
- * Forwards `req` onto a new stream of `target`. The response (or a 502/504, or an aborted response when
- * the stream breaks after its head) goes to `res`; the public client leaving resets the stream (CANCEL).
+ * Forwards the request of `front` onto a new stream of `target`. The response (or a 502/504, or an
+ * aborted response when the stream breaks after its head) goes to the front; the client leaving resets
+ * the stream (CANCEL).
  */
-export const forwardToH2 = (
-  target: H2Target,
-  req: http.IncomingMessage,
-  res: http.ServerResponse,
-  options: H2ForwardOptions,
-  replay?: RequestReplay
-): void => {
-  const method = req.method ?? "GET"
-  const te = req.headers["transfer-encoding"]
-  if (te !== undefined && te.trim().toLowerCase() !== "chunked") {
-    sendError(res, options.errors, 501, `switchyard: unsupported Transfer-Encoding "${te}"`)
-    options.onDone()
-    return
-  }
-  const withBody = hasBody(req)
+export const forwardToH2 = (target: H2Target, front: ExchangeFront, options: H2ForwardOptions, replay?: RequestReplay): void => {
+  const request = front.request
+  const method = request.method
+  const withBody = request.hasBody
   let phase: "head" | "body" | "done" = "head"
   // the body read so far, kept while a refusal could still ask for it again (until the response head)
   let kept: Array<Buffer> | undefined = replay === undefined ? [] : [...replay.chunks]
   let keptBytes = 0
   for (const chunk of kept) keptBytes += chunk.length
   let bodyEnded = replay?.ended ?? !withBody
+  let requestTrailers = replay?.trailers
   let trailers: ReadonlyArray<string> | undefined
-  // response bytes written to the public socket but not yet granted back (waiting for its drain)
+  // what a refusal handed back for the next attempt: body bytes still arriving go there
+  let handedOver: RequestReplay | undefined
+  // response bytes written to the client but not yet granted back (waiting for its drain)
   let owed = 0
   let timer: NodeJS.Timeout | undefined
 
@@ -202,9 +174,6 @@ export const forwardToH2 = (
     kept = undefined
     if (timer !== undefined) clearTimeout(timer)
     timer = undefined
-    req.off("data", onBodyData)
-    req.off("end", onBodyEnd)
-    res.off("drain", onDrain)
     cancel(stream)
     options.onDone()
   }
@@ -215,19 +184,22 @@ export const forwardToH2 = (
       stream.consumed(n)
     }
   }
+  // `finish` comes before what is told to the front: the stream is then cancelled as this exchange's
+  // end, not read as a reset of a live response
   const onTimeout = () => {
     timer = undefined
-    if (phase === "head") {
-      options.onError(`backend ${target.describe} did not answer in time: ${method} ${req.url}`)
-      sendError(res, options.errors, 504, `switchyard: backend ${target.describe} timed out before answering`)
-    } else {
-      options.onError(`backend ${target.describe} was idle too long: ${method} ${req.url}`)
-      abortResponse(res)
-    }
+    const answered = phase !== "head"
     finish()
+    if (!answered) {
+      options.onError(`backend ${target.describe} did not answer in time: ${method} ${request.target}`)
+      front.fail(504, `switchyard: backend ${target.describe} timed out before answering`)
+    } else {
+      options.onError(`backend ${target.describe} was idle too long: ${method} ${request.target}`)
+      front.abort()
+    }
   }
 
-  const opened = target.session.request(h2RequestHeaders(req, method, options.forwardedMode, undefined), !withBody, {
+  const opened = target.session.request(h2RequestHeaders(request, method, undefined), !withBody, {
     response: (status, headers) => {
       if (phase !== "head") return
       phase = "body"
@@ -235,42 +207,30 @@ export const forwardToH2 = (
       kept = undefined
       if (timer !== undefined) clearTimeout(timer)
       timer = options.idleTimeoutMs > 0 ? setTimeout(onTimeout, options.idleTimeoutMs) : undefined
-      const out = h1ResponseHeaders(headers)
-      try {
-        res.writeHead(status, out)
-      } catch (error) {
+      const bodyless = bodylessResponse(method, status)
+      const refused = front.respond(status, h1ResponseHeaders(headers), bodyless)
+      if (refused !== undefined) {
         // a head HTTP/1.1 cannot carry (control characters HTTP/2 lets through, an odd status)
-        const why = (error as Error & { code?: string }).code ?? (error as Error).message
-        options.onError(`backend ${target.describe} sent a response head HTTP/1.1 cannot carry: ${why}`)
-        sendError(res, options.errors, 502, `switchyard: backend ${target.describe} sent an invalid response head (${why})`)
         finish()
-        return
+        options.onError(`backend ${target.describe} sent a response head that cannot be relayed: ${refused}`)
+        front.fail(502, `switchyard: backend ${target.describe} sent an invalid response head (${refused})`)
       }
-      // without a length the response is a stream (events, gRPC): send its head now. A length is one
-      // valid value and the body matches it, or the connection resets the stream before handing on a
-      // byte that disagrees (the public response is then aborted, below in `close`).
-      if (field(headers, "content-length") === undefined) res.flushHeaders()
-      res.on("drain", onDrain)
+      // a length is one valid value and the body matches it, or the connection resets the stream before
+      // handing on a byte that disagrees (the response is then aborted, below in `close`)
     },
     data: (chunk) => {
       if (phase !== "body") return
       timer?.refresh()
-      // corked so the write happens now, not when Node's own cork ends at the next tick
-      res.cork()
-      const flowing = res.write(chunk)
-      res.uncork()
-      // a slow public reader: the bytes are granted back once its socket drains, which holds the backend
-      if (flowing || res.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length, true)
+      // a slow client: the bytes are granted back once its queue drains, which holds the backend
+      if (front.write(chunk)) stream.consumed(chunk.length, true)
       else owed += chunk.length
     },
     dataMany: (chunks, bytes) => {
       if (phase !== "body") return
       timer?.refresh()
-      // one socket write for the whole read
-      res.cork()
-      for (const chunk of chunks) res.write(chunk)
-      res.uncork()
-      if (res.writableLength < PublicWriteQueueBytes) stream.consumed(bytes, true)
+      let flowing = true
+      for (const chunk of chunks) flowing = front.write(chunk)
+      if (flowing) stream.consumed(bytes, true)
       else owed += bytes
     },
     trailers: (fields) => {
@@ -278,39 +238,34 @@ export const forwardToH2 = (
     },
     end: () => {
       if (phase !== "body") return
-      if (trailers !== undefined) {
-        try {
-          res.addTrailers(h1Trailers(trailers))
-        } catch (error) {
-          // trailers HTTP/1.1 cannot carry: the response cannot be completed faithfully
-          options.onError(`backend ${target.describe} sent invalid trailers: ${(error as Error).message}`)
-          abortResponse(res)
-          finish()
-          return
-        }
-      }
-      res.end()
+      const refused = front.end(trailers === undefined ? undefined : h2Trailers(trailers))
       finish()
+      if (refused !== undefined) {
+        // trailers HTTP/1.1 cannot carry: the response cannot be completed faithfully
+        options.onError(`backend ${target.describe} sent invalid trailers: ${refused}`)
+        front.abort()
+      }
     },
     close: (info: H2StreamClose) => {
       if (phase === "done") return
       if (phase === "head") {
-        const again: RequestReplay | undefined = kept === undefined ? undefined : { chunks: kept, ended: bodyEnded }
-        if (again !== undefined && !res.destroyed && info.refused && options.onRefused !== undefined) {
+        const again: RequestReplay | undefined = kept === undefined ? undefined : { chunks: kept, ended: bodyEnded, trailers: requestTrailers }
+        if (again !== undefined && !front.isGone() && info.refused && options.onRefused !== undefined) {
+          handedOver = again
           finish()
           // nothing was processed: the caller may take the request over (a retry on another connection)
           if (options.onRefused(again)) return
         }
-        if (!res.headersSent && !res.destroyed) {
+        if (!front.isAnswered() && !front.isGone()) {
           const why = info.reason ?? "stream closed"
           if (info.violation === true) {
             const message = `backend ${target.describe} sent a malformed response: ${why}`
             options.onError(message)
             options.onViolation?.(message)
-            sendError(res, options.errors, 502, `switchyard: backend ${target.describe} sent an invalid response (${why})`)
+            front.fail(502, `switchyard: backend ${target.describe} sent an invalid response (${why})`)
           } else {
             options.onError(`backend ${target.describe} failed before answering: ${why}`)
-            sendError(res, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${why})`)
+            front.fail(502, `switchyard: backend ${target.describe} unreachable (${why})`)
           }
         }
       } else {
@@ -320,26 +275,52 @@ export const forwardToH2 = (
         const message = `backend ${target.describe} ${what}: ${info.reason ?? "stream closed"}`
         options.onError(message)
         if (info.violation === true) options.onViolation?.(message)
-        abortResponse(res)
+        front.abort()
       }
       finish()
     },
-    writable: () => req.resume()
+    writable: () => front.resumeBody()
   })
   if (opened instanceof H2ConnectionError) {
     phase = "done"
     options.onDone()
     // nothing was sent: another connection may take it
-    const again: RequestReplay = replay ?? { chunks: [], ended: !withBody }
+    const again: RequestReplay = replay ?? { chunks: [], ended: !withBody, trailers: undefined }
     if (openRefused(opened) && options.onRefused?.(again) === true) return
     options.onError(`backend ${target.describe} refused a request: ${opened.message}`)
-    sendError(res, options.errors, 502, `switchyard: backend ${target.describe} unreachable (${opened.message})`)
+    front.fail(502, `switchyard: backend ${target.describe} unreachable (${opened.message})`)
     return
   }
   const stream: H2ClientStream = opened
   if (options.responseTimeoutMs > 0) timer = setTimeout(onTimeout, options.responseTimeoutMs)
-
-  const onBodyData = (chunk: Buffer) => {
+  front.onDrain(onDrain)
+  // The client went away, or the front door ended the exchange, before it finished: cancel the stream.
+  front.onGone(finish)
+  if (!withBody) return
+  // a resent request first sends what the refused attempt had read
+  if (replay !== undefined) for (const chunk of replay.chunks) stream.write(chunk)
+  const onBodyEnd = (fields: ReadonlyArray<string> | undefined) => {
+    if (phase === "done") {
+      if (handedOver !== undefined) {
+        handedOver.ended = true
+        handedOver.trailers = fields
+      }
+      return
+    }
+    bodyEnded = true
+    requestTrailers = fields
+    stream.end(fields !== undefined && fields.length > 0 ? h2Trailers(fields) : undefined)
+  }
+  if (bodyEnded) {
+    onBodyEnd(requestTrailers)
+    return
+  }
+  front.readBody((chunk) => {
+    if (phase === "done") {
+      // refused: the chunk waits for the next attempt, and no more come until it starts
+      if (handedOver !== undefined && !handedOver.ended) handedOver.chunks.push(chunk)
+      return false
+    }
     if (kept !== undefined) {
       if (keptBytes + chunk.length <= MaxReplayBodyBytes) {
         kept.push(chunk)
@@ -348,33 +329,8 @@ export const forwardToH2 = (
         kept = undefined
       }
     }
-    if (!stream.write(chunk)) req.pause()
-  }
-  const onBodyEnd = () => {
-    bodyEnded = true
-    stream.end(req.rawTrailers.length > 0 ? h2Trailers(req.rawTrailers) : undefined)
-  }
-
-  // The public client went away before the exchange finished: cancel the stream.
-  res.on("close", () => {
-    if (!res.writableFinished) cancel(stream)
-    if (res.writableFinished || phase !== "head") finish()
-  })
-  req.on("error", () => cancel(stream))
-
-  if (!withBody) {
-    req.resume()
-    return
-  }
-  // a resent request first sends what the refused attempt had read
-  if (replay !== undefined) for (const chunk of replay.chunks) stream.write(chunk)
-  if (bodyEnded) {
-    onBodyEnd()
-    return
-  }
-  req.on("data", onBodyData)
-  req.on("end", onBodyEnd)
-  req.resume()
+    return stream.write(chunk)
+  }, onBodyEnd)
 }
 
 /** `Sec-WebSocket-Accept` for a client's `Sec-WebSocket-Key` (RFC 6455 §4.2.2). */
@@ -387,12 +343,12 @@ export const webSocketAccept = (key: string): string => createHash("sha1").updat
  */
 export const upgradeToH2 = (
   target: H2Target,
-  req: http.IncomingMessage,
+  request: ExchangeRequest,
+  protocol: string,
   socket: Duplex,
   head: Buffer,
   options: H2ForwardOptions
 ): void => {
-  const protocol = (headerValue(req.rawHeaders, "upgrade") ?? "").split(",")[0]!.trim().toLowerCase()
   let answered = false
   let tunnel = false
   let done = false
@@ -420,7 +376,7 @@ export const upgradeToH2 = (
     if (!stream.write(chunk)) socket.pause()
   }
   const onSocketEnd = () => stream.end()
-  const opened = target.session.request(h2RequestHeaders(req, "CONNECT", options.forwardedMode, protocol), false, {
+  const opened = target.session.request(h2RequestHeaders(request, "CONNECT", protocol), false, {
     response: (status, headers) => {
       answered = true
       if (timer !== undefined) clearTimeout(timer)
@@ -437,13 +393,13 @@ export const upgradeToH2 = (
       if (options.idleTimeoutMs > 0) {
         timer = setTimeout(() => {
           timer = undefined
-          options.onError(`tunnel to ${target.describe} idle too long: ${req.url}`)
+          options.onError(`tunnel to ${target.describe} idle too long: ${request.target}`)
           cancel(stream)
           socket.destroy()
         }, options.idleTimeoutMs)
       }
       let text = `HTTP/1.1 101 Switching Protocols\r\nUpgrade: ${protocol}\r\nConnection: Upgrade\r\n`
-      const key = headerValue(req.rawHeaders, "sec-websocket-key")
+      const key = headerValue(request.headers, "sec-websocket-key")
       if (protocol === "websocket" && key !== undefined) text += `Sec-WebSocket-Accept: ${webSocketAccept(key.trim())}\r\n`
       for (let i = 0; i < relayed.length; i += 2) {
         if (!NOT_ON_SWITCH.has(relayed[i]!.toLowerCase())) text += `${relayed[i]}: ${relayed[i + 1]}\r\n`

@@ -28,7 +28,9 @@ import type { ForwardedMode } from "../../domain/HttpHeaders.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
 import { type Backend, type BackendLease, BackendUnavailable } from "../Backend.ts"
-import { plainErrors, sendError, writeRawError } from "../forward/ErrorResponse.ts"
+import { plainErrors, writeRawError } from "../forward/ErrorResponse.ts"
+import type { ExchangeFront, ExchangeRequest } from "../forward/Exchange.ts"
+import { closeAfterFlush } from "../forward/Flush.ts"
 import { H2ClientConnection, type H2ConnectionError } from "../forward/H2ClientConnection.ts"
 import { forwardToH2, type H2ForwardOptions, type RequestReplay, upgradeToH2 } from "../forward/Http2Upstream.ts"
 import { agentUpstream, type Upstream } from "../forward/Upstream.ts"
@@ -327,16 +329,16 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     }
   }
 
-  const enqueue = (res: http.ServerResponse, tryStart: () => boolean): void => {
+  const enqueue = (front: ExchangeFront, tryStart: () => boolean): void => {
     if (waiters.length >= maxQueued) {
-      sendError(res, errors, 503, `switchyard: ${maxQueued} requests already wait for an HTTP/2 stream; try again later`)
+      front.fail(503, `switchyard: ${maxQueued} requests already wait for an HTTP/2 stream; try again later`)
       return
     }
     const waiter: Waiter = {
       tryStart,
       expire: () => {
         remove()
-        sendError(res, errors, 503, `switchyard: no HTTP/2 stream free on the route's backends within ${queueTimeoutMs} ms`)
+        front.fail(503, `switchyard: no HTTP/2 stream free on the route's backends within ${queueTimeoutMs} ms`)
       },
       timer: undefined
     }
@@ -347,11 +349,10 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     }
     if (queueTimeoutMs > 0) waiter.timer = setTimeout(waiter.expire, queueTimeoutMs)
     waiters.push(waiter)
-    res.once("close", remove)
+    front.onGone(remove)
   }
 
   const forwardOptions = (conn: H2Connection, onDone: () => void, onRefused?: (replay: RequestReplay) => boolean): H2ForwardOptions => ({
-    forwardedMode: config.forwardedHeaders ?? "replace",
     responseTimeoutMs: config.responseTimeoutMs ?? 0,
     idleTimeoutMs: config.idleTimeoutMs ?? 0,
     errors,
@@ -362,14 +363,14 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
   })
 
   /**
-   * Serves one public request on the leased connection; when it has no free slot (or refused the request
+   * Serves one exchange on the leased connection; when it has no free slot (or refused the request
    * unprocessed), on the connection of a new lease from the dispatcher, else once one has a slot.
    */
-  const forwardHttp = (req: http.IncomingMessage, res: http.ServerResponse, lease: BackendLease): void => {
-    // the lease the request is served under; the one the dispatcher gave is released by Listeners too
+  const exchange = (front: ExchangeFront, lease: BackendLease): void => {
+    // the lease the request is served under; the one the dispatcher gave is released by the front door too
     let current = lease
     let attempts = 0
-    res.once("close", () => releaseLease(current))
+    front.onGone(() => releaseLease(current))
     const start = (conn: H2Connection, replay?: RequestReplay): void => {
       conn.active++
       streams++
@@ -382,12 +383,12 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
         streams--
         return true
       }
-      forwardToH2(conn as H2Connection & { session: H2ClientConnection }, req, res, forwardOptions(conn, () => {
+      forwardToH2(conn as H2Connection & { session: H2ClientConnection }, front, forwardOptions(conn, () => {
         if (!streamOver()) return
         // a response written whole (or cut) needs the backend no more: its lease ends before waiting
         // requests look for a slot, so the dispatcher sees this connection's room; a request refused
         // unprocessed keeps its lease for the next attempt
-        if (res.writableEnded || res.destroyed) current.release()
+        if (front.isGone()) current.release()
         if (waiters.length > 0) serveWaiters()
       }, (again) => {
         streamOver()
@@ -397,7 +398,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       }), replay)
     }
     const tryStart = (replay?: RequestReplay): boolean => {
-      if (res.destroyed) return true
+      if (front.isGone()) return true
       const found = connectionFor(current, false)
       if (found === undefined) return false
       if (found.lease !== current) {
@@ -408,12 +409,12 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
       return true
     }
     const route = (replay?: RequestReplay) => {
-      if (!tryStart(replay)) enqueue(res, () => tryStart(replay))
+      if (!tryStart(replay)) enqueue(front, () => tryStart(replay))
     }
     route()
   }
 
-  const upgradeHttp = (req: http.IncomingMessage, socket: Duplex, head: Buffer, lease: BackendLease): void => {
+  const upgrade = (request: ExchangeRequest, protocol: string, socket: Duplex, head: Buffer, lease: BackendLease): void => {
     const found = connectionFor(lease, true)
     if (found === undefined) {
       const anyConnect = lease.route.backends.some((b) => byBackend.get(b)?.extendedConnect === true)
@@ -423,9 +424,10 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
           socket,
           errors,
           501,
-          `switchyard: the route's HTTP/2 backends cannot carry "Upgrade: ${req.headers.upgrade ?? ""}" (no SETTINGS_ENABLE_CONNECT_PROTOCOL)`
+          `switchyard: the route's HTTP/2 backends cannot carry "Upgrade: ${protocol}" (no SETTINGS_ENABLE_CONNECT_PROTOCOL)`
         )
       }
+      closeAfterFlush(socket)
       return
     }
     const { conn } = found
@@ -433,7 +435,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
     socket.once("close", () => releaseLease(found.lease))
     conn.active++
     streams++
-    upgradeToH2(conn as H2Connection & { session: H2ClientConnection }, req, socket, head, forwardOptions(conn, () => {
+    upgradeToH2(conn as H2Connection & { session: H2ClientConnection }, request, protocol, socket, head, forwardOptions(conn, () => {
       conn.active--
       streams--
       if (waiters.length > 0) serveWaiters()
@@ -629,8 +631,7 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
           Effect.fail(new BackendUnavailable({ reason: "OpenFailed", message: `${label} serves HTTP routes only; raw TCP is not carried` })),
         isClosed: () => isGone(conn),
         hasCapacity: () => hasRoomForLease(conn),
-        forwardHttp,
-        upgradeHttp
+        messages: { exchange, upgrade }
       }
       ;(conn as { backend: Backend }).backend = backend
       byBackend.set(backend, conn)

@@ -3,8 +3,9 @@ import * as http from "node:http"
 import * as http2 from "node:http2"
 import * as net from "node:net"
 import { Effect } from "effect"
-import { plainErrors } from "../../../src/services/forward/ErrorResponse.ts"
+import { plainErrors, sendError } from "../../../src/services/forward/ErrorResponse.ts"
 import { H2ClientConnection } from "../../../src/services/forward/H2ClientConnection.ts"
+import { nodeExchangeFront, unsupportedCoding } from "../../../src/services/forward/NodeExchangeFront.ts"
 import {
   forwardToH2,
   type H2ForwardOptions,
@@ -45,9 +46,10 @@ const withRig = <A>(
       const session = yield* connectClient(backendPort)
       let done = 0
       let refused = 0
-      const front = http.createServer((req, res) =>
-        forwardToH2({ session, describe: "test backend" }, req, res, {
-          forwardedMode: "replace",
+      const front = http.createServer((req, res) => {
+        const unsupported = unsupportedCoding(req)
+        if (unsupported !== undefined) return sendError(res, plainErrors, 501, unsupported)
+        forwardToH2({ session, describe: "test backend" }, nodeExchangeFront(req, res, { forwardedMode: "replace", errors: plainErrors, path: req.url ?? "/" }), {
           responseTimeoutMs: 0,
           idleTimeoutMs: 0,
           errors: plainErrors,
@@ -59,7 +61,7 @@ const withRig = <A>(
           },
           ...options
         })
-      )
+      })
       const publicPort = yield* listen(front)
       return yield* body({ publicPort, session, done: () => done, refused: () => refused })
     }).pipe(Effect.scoped)

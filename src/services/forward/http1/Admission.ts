@@ -9,6 +9,7 @@ import type { Duplex } from "node:stream"
 import type { ClientLimitKind, ClientLimits } from "../../../domain/ClientLimits.ts"
 import type { ForwardedMode } from "../../../domain/HttpHeaders.ts"
 import type { ErrorRenderer } from "../ErrorResponse.ts"
+import type { MessageUpstream } from "../Exchange.ts"
 import type { HttpLimits } from "../FrontServer.ts"
 import type { Upstream } from "../Upstream.ts"
 import type { UpstreamPool } from "../UpstreamPool.ts"
@@ -90,6 +91,11 @@ export type Admission =
      * how it ended (for an upgrade: when the `101` is relayed). The engine measures nothing more without it.
      */
     readonly observe?: ((exchange: Http1Exchange) => void) | undefined
+    /**
+     * Reaches the upstream by messages instead of the outgoing request's HTTP/1.1 connection (a
+     * reverse-HTTP/2 backend): the engine is the exchange's front (see `MessageSide`).
+     */
+    readonly message?: MessageUpstream | undefined
   }
   | { readonly _tag: "Refuse"; readonly status: number; readonly message: string }
   | {

@@ -9,18 +9,17 @@
 import { responseHeadBytes, switchingHeadBytes } from "../../../domain/Http1Heads.ts"
 import { BodyFramer, type Http1Error, type ResponseHead, responseFraming } from "../../../domain/Http1Parser.ts"
 import { contentLengthValues } from "../../../domain/ContentLength.ts"
-import { closeAfterFlush } from "../Flush.ts"
 import { connectionRefusal } from "../Upstream.ts"
 import type { ConnectionOwner, PooledConnection } from "../UpstreamPool.ts"
-import { CLOSED, EXCHANGE, HEAD, TUNNEL, WAITING } from "./ConnectionState.ts"
+import { EXCHANGE, TUNNEL, WAITING } from "./ConnectionState.ts"
 import { COALESCE_BYTES, MAX_INTERIM_RESPONSES, WRITE_QUEUE_PAUSE_BYTES } from "./Constants.ts"
 import { spliceTunnel } from "./RawTunnel.ts"
-import { RequestSide } from "./RequestSide.ts"
+import { MessageSide } from "./MessageSide.ts"
 
 const errorText = (err: (Error & { code?: string }) | undefined): string => err === undefined ? "connection closed" : err.code ?? err.message
 
 /** One client connection: a loop of request → upstream exchange → response, then the next request. */
-export class ClientConnection extends RequestSide implements ConnectionOwner {
+export class ClientConnection extends MessageSide implements ConnectionOwner {
   // ---- upstream connection ----
 
   readonly granted = (conn: PooledConnection): void => {
@@ -290,27 +289,7 @@ export class ClientConnection extends RequestSide implements ConnectionOwner {
     }
     if (conn.pool !== undefined) conn.pool.release(conn, reusable)
     else conn.destroy()
-    this.finishCount()
-    this.observed("Complete")
-    this.endAdmission()
-    this.resetExchange()
-    if (this.closeAfter) {
-      this.phase = CLOSED
-      this.clearTimers()
-      closeAfterFlush(this.socket)
-      return
-    }
-    this.phase = HEAD
-    this.armClient(this.front.limits.keepAliveTimeoutMs, this.onKeepAliveTimeout)
-    this.awaitingFirstByte = true
-    const pending = this.pending
-    this.pending = undefined
-    if (pending !== undefined) {
-      this.awaitingFirstByte = false
-      this.armClient(this.front.limits.headersTimeoutMs, this.onHeadTimeout)
-      this.feedHead(pending)
-    }
-    if (this.phase === HEAD) this.socket.resume()
+    this.exchangeComplete()
   }
 
   // ---- upstream end ----

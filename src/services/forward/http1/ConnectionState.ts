@@ -121,6 +121,8 @@ export abstract class ConnectionState implements ConnectionWaiter {
   protected abstract readonly onClientData: (chunk: Buffer) => void
   /** The periodic rate check (see `ConnectionHost.watch`); returns whether there is still something to watch. */
   abstract check(now: number): boolean
+  /** The exchange with an upstream reached by messages ends without its response (see `MessageSide`). */
+  protected abstract leaveMessage(): void
 
   /** Whether nothing is in flight (a keep-alive connection between requests). */
   idle(): boolean {
@@ -168,6 +170,7 @@ export abstract class ConnectionState implements ConnectionWaiter {
     const cancel = this.cancelAdmission
     this.cancelAdmission = undefined
     cancel?.()
+    this.leaveMessage()
     this.finishCount()
     this.phase = CLOSED
     this.pending = undefined

@@ -11,12 +11,20 @@ import { BodyFramer, type RequestHead, responseHeadReader } from "../../../domai
 import { requestHeaders } from "../../../domain/HttpHeaders.ts"
 import { closeAfterFlush } from "../Flush.ts"
 import { PooledConnection } from "../UpstreamPool.ts"
+import type { MessageUpstream } from "../Exchange.ts"
 import type { Admission, EngineCore, Http1Front, Http1Outgoing, Http1Request, PendingAdmission } from "./Admission.ts"
 import { ConnectionLimits } from "./ConnectionLimits.ts"
 import { ADMITTING, CLOSED, type ConnectionHost, EXCHANGE, HEAD, TUNNEL, WAITING } from "./ConnectionState.ts"
 import { ENGINE_MAX_UPGRADE_BODY, ENGINE_UPGRADE_BODY_TIMEOUT_MS, IDEMPOTENT, MAX_PIPELINED_BYTES, WRITE_QUEUE_PAUSE_BYTES } from "./Constants.ts"
 
 export abstract class RequestSide extends ConnectionLimits {
+  /** The message exchange in progress (see `MessageSide`), if any. */
+  protected abstract readonly message: object | undefined
+  protected abstract feedMessageBody(chunk: Buffer, from: number): void
+  protected abstract messageDrained(): void
+  protected abstract override leaveMessage(): void
+  protected abstract startMessage(upstream: MessageUpstream, out: Http1Outgoing, request: RequestHead, upgrading: boolean): void
+
   constructor(socket: net.Socket, core: EngineCore, front: Http1Front, server: ConnectionHost) {
     super(socket, core, front, server)
     socket.on("data", this.onClientData)
@@ -39,9 +47,15 @@ export abstract class RequestSide extends ConnectionLimits {
         this.feedHead(chunk)
         return
       case EXCHANGE:
-        if (!this.requestDone && this.conn !== undefined) {
-          this.feedBody(chunk, 0)
-          return
+        if (!this.requestDone) {
+          if (this.conn !== undefined) {
+            this.feedBody(chunk, 0)
+            return
+          }
+          if (this.message !== undefined) {
+            this.feedMessageBody(chunk, 0)
+            return
+          }
         }
         this.hold(chunk)
         return
@@ -92,6 +106,7 @@ export abstract class RequestSide extends ConnectionLimits {
       if (!wasTunnel) c.destroy()
     }
     if (this.pool !== undefined) this.pool.cancel(this)
+    this.leaveMessage()
     const cancel = this.cancelAdmission
     this.cancelAdmission = undefined
     cancel?.()
@@ -105,9 +120,11 @@ export abstract class RequestSide extends ConnectionLimits {
 
   protected readonly onClientDrain = (): void => {
     this.stallSince = -1
-    if (this.upstreamPaused && this.conn !== undefined) {
-      this.upstreamPaused = false
-      this.conn.socket.resume()
+    if (this.upstreamPaused) {
+      if (this.conn !== undefined) {
+        this.upstreamPaused = false
+        this.conn.socket.resume()
+      } else this.messageDrained()
     }
     this.upTimer?.refresh()
   }
@@ -287,6 +304,14 @@ export abstract class RequestSide extends ConnectionLimits {
       this.sentBytes += CONTINUE_HEAD.length
       this.socket.write(CONTINUE_HEAD)
     }
+    if (admission.message !== undefined) {
+      // an upstream reached by messages keeps its own response and idle times; the body's is the engine's
+      if (!this.requestDone && !upgrading && this.front.limits.requestTimeoutMs > 0) {
+        this.armClient(this.front.limits.requestTimeoutMs, this.onBodyTimeout)
+      }
+      this.startMessage(admission.message, out, request, upgrading)
+      return
+    }
     this.armUp(this.responseTimeoutMs, this.onResponseTimeout)
     if (!this.requestDone) {
       const bodyLimit = upgrading ? ENGINE_UPGRADE_BODY_TIMEOUT_MS : this.front.limits.requestTimeoutMs
@@ -302,8 +327,8 @@ export abstract class RequestSide extends ConnectionLimits {
     this.acquireSlot(core.poolFor(out.upstream), false)
   }
 
-  /** Stops serving the connection and passes it on with what was read of it (see `Handoff`). */
-  private handOff(take: (socket: net.Socket, bytes: Buffer) => void, request: RequestHead): void {
+  /** Stops serving the connection: the socket, paused, is no longer this engine's. */
+  protected detach(): net.Socket {
     this.clearTimers()
     this.finishCount()
     const socket = this.socket
@@ -315,6 +340,40 @@ export abstract class RequestSide extends ConnectionLimits {
     socket.off("drain", this.onClientDrain)
     this.phase = CLOSED
     this.server.forget(this)
+    return socket
+  }
+
+  /**
+   * The exchange is over with its response complete: it is reported, its admission ends, and the
+   * connection closes or waits for its next request (reading one already received).
+   */
+  protected exchangeComplete(): void {
+    this.finishCount()
+    this.observed("Complete")
+    this.endAdmission()
+    this.resetExchange()
+    if (this.closeAfter) {
+      this.phase = CLOSED
+      this.clearTimers()
+      closeAfterFlush(this.socket)
+      return
+    }
+    this.phase = HEAD
+    this.armClient(this.front.limits.keepAliveTimeoutMs, this.onKeepAliveTimeout)
+    this.awaitingFirstByte = true
+    const pending = this.pending
+    this.pending = undefined
+    if (pending !== undefined) {
+      this.awaitingFirstByte = false
+      this.armClient(this.front.limits.headersTimeoutMs, this.onHeadTimeout)
+      this.feedHead(pending)
+    }
+    if (this.phase === HEAD) this.socket.resume()
+  }
+
+  /** Stops serving the connection and passes it on with what was read of it (see `Handoff`). */
+  private handOff(take: (socket: net.Socket, bytes: Buffer) => void, request: RequestHead): void {
+    const socket = this.detach()
     const head = handoffHeadBytes(request)
     const pending = this.pending
     this.pending = undefined
