@@ -20,6 +20,9 @@ import {
 } from "../domain/HttpHeaders.ts"
 import { abortResponse, type ErrorRenderer, plainErrors, sendError, writeRawError } from "./forward/ErrorResponse.ts"
 import { closeAfterFlush } from "./forward/Flush.ts"
+import type { HeadLimits } from "../domain/Http1Parser.ts"
+import type { ExchangeFront } from "./forward/Exchange.ts"
+import { exchangeOverHttp1 } from "./forward/Http1MessageUpstream.ts"
 import type { Http1Front, Http1Server } from "./forward/http1/Admission.ts"
 import { makeHttp1Server } from "./forward/Http1Engine.ts"
 import type { Upstream } from "./forward/Upstream.ts"
@@ -79,6 +82,11 @@ export interface ForwarderShape {
    * (`upstream.connect()`). Closed with the forwarder's scope.
    */
   readonly serveHttp1: (front: Http1Front) => Http1Server
+  /**
+   * Carries one exchange of a front door whose requests are messages (the HTTP/2 public port) on a
+   * pooled HTTP/1.1 connection to `upstream` (see `Http1MessageUpstream`).
+   */
+  readonly exchange: (front: ExchangeFront, upstream: Upstream, limits: HeadLimits) => void
   /** Requests and tunnels in flight (for metrics and leak checks). */
   readonly active: () => { readonly requests: number; readonly tunnels: number }
 }
@@ -168,6 +176,21 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
     requestStarted: () => void requests++,
     requestFinished: () => void requests--,
     isClosed: () => closed
+  }
+
+  const exchange = (front: ExchangeFront, target: Upstream, limits: HeadLimits): void => {
+    if (closed) {
+      front.fail(503, "switchyard: shutting down")
+      return
+    }
+    requests++
+    exchangeOverHttp1(engineCore.poolFor(target), front, {
+      limits,
+      responseTimeoutMs: config.responseTimeoutMs ?? 0,
+      idleTimeoutMs: config.idleTimeoutMs ?? 0,
+      report,
+      onDone: () => void requests--
+    })
   }
 
   const serveHttp1 = (front: Http1Front): Http1Server => {
@@ -506,6 +529,7 @@ export const makeForwarder: (config: ForwarderConfig) => Effect.Effect<Forwarder
     forward,
     upgrade,
     serveHttp1,
+    exchange,
     forwardedMode,
     errors,
     active: () => ({ requests, tunnels: tunnels.size })

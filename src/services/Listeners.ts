@@ -16,6 +16,7 @@ import type { Duplex } from "node:stream"
 import * as tls from "node:tls"
 import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope, Semaphore } from "effect"
 import { checkRequestFields } from "../domain/Http1Parser.ts"
+import { headerValue } from "../domain/HttpHeaders.ts"
 import {
   isRoutingRejection,
   normalizeHost,
@@ -41,7 +42,7 @@ import type {
 } from "./forward/http1/Admission.ts"
 import type { MessageUpstream } from "./forward/Exchange.ts"
 import { sendError } from "./forward/ErrorResponse.ts"
-import { nodeExchangeFront, nodeUpgradeRequest, unsupportedCoding, upgradeProtocol } from "./forward/NodeExchangeFront.ts"
+import { http2Fields, nodeExchangeFront, nodeUpgradeRequest, observeFront, unsupportedCoding, upgradeProtocol } from "./forward/NodeExchangeFront.ts"
 import type { ForwarderShape } from "./Forwarder.ts"
 import { Registry, type RegistryError } from "./Registry.ts"
 
@@ -160,6 +161,11 @@ const setRequestHeaders = (outgoing: Http1Outgoing, set: ReadonlyArray<string>):
 export interface ListenersConfig {
   /** Address public ports bind to (default all interfaces, `0.0.0.0`). */
   readonly host?: string | undefined
+  /**
+   * The forwarding core HTTP/2 public requests are carried by, as exchanges (`Forwarder.exchange`, or
+   * the backend's own when it is reached by messages).
+   */
+  readonly forwarder?: ForwarderShape | undefined
   readonly handleRequest: RequestHandler
   readonly handleUpgrade: UpgradeHandler
   /** Most client connections on one public port (see `ConnectionTable`). */
@@ -429,6 +435,79 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     )
   }
 
+  /**
+   * One request of an HTTP/2 public client: routed and dispatched like the engine's, then carried as an
+   * exchange (`nodeExchangeFront`) on the leased backend, by messages or on a pooled HTTP/1.1
+   * connection; the per-request instruments observe it as they do engine exchanges.
+   */
+  const serveHttp2Exchange = (port: number, forwarder: ForwarderShape, req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
+    const fields = http2Fields(req)
+    const routed = routingTarget(req.url)
+    const ambiguous = isRoutingRejection(routed) ? undefined : checkRequestFields(fields)
+    const answer = (status: number, message: string) => {
+      const body = forwarder.errors.render(message, status)
+      if (res.headersSent || res.destroyed) return void res.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR)
+      res.writeHead(status, { "content-type": forwarder.errors.contentType, "content-length": Buffer.byteLength(body) })
+      res.end(body)
+    }
+    if (isRoutingRejection(routed)) return answer(400, `switchyard: bad request target: ${routed.detail}`)
+    if (ambiguous !== undefined) return answer(400, `switchyard: ${ambiguous.message}`)
+    const host = normalizeHost(req.authority || headerValue(fields, "host"))
+    const query: RouteQuery = { _tag: "Tls", port, serverName: serverNameOf(req.socket), host, path: routed.path }
+    const observe = config.observeDispatch
+    const arrived = performance.now()
+    dispatch(
+      query,
+      (lease) => {
+        observe?.(performance.now() - arrived, undefined)
+        res.once("close", lease.release)
+        const incoming: Http1Request = {
+          method: req.method,
+          target: req.url,
+          originTarget: routed.target,
+          versionMinor: 1,
+          headers: fields,
+          host,
+          contentType: headerValue(fields, "content-type"),
+          upgrade: undefined,
+          socket: req.socket as unknown as Duplex
+        }
+        let tap: ExchangeTap | undefined
+        try {
+          tap = config.observeExchange?.(incoming, lease)
+        } catch {
+          return answer(502, "switchyard: the request could not be prepared for the upstream")
+        }
+        const plain = nodeExchangeFront(req, res, {
+          forwardedMode: forwarder.forwardedMode,
+          errors: forwarder.errors,
+          path: routed.target,
+          requestHeaders: tap?.requestHeaders,
+          responseHeaders: tap?.responseHeaders
+        })
+        const tapped = tap?.observe
+        const front = tapped === undefined ? plain : observeFront(plain, (seen) =>
+          tapped({
+            method: req.method,
+            target: req.url,
+            status: seen.status,
+            receivedBytes: seen.receivedBytes,
+            sentBytes: seen.sentBytes,
+            durationMs: performance.now() - arrived,
+            end: seen.end
+          }))
+        const messages = lease.backend.messages
+        if (messages !== undefined) messages.exchange(front, lease)
+        else forwarder.exchange(front, lease.backend.upstream, { maxHeaderSize, maxHeadersCount: DefaultMaxHeadersCount })
+      },
+      (error) => {
+        observe?.(performance.now() - arrived, error)
+        answer(error.status, dispatchErrorText(error))
+      },
+      req.stream
+    )
+  }
+
   const pipeToBackend = (socket: net.Socket, query: RouteQuery, port: number, protocol: ConnectionProtocol, serverName?: string) => {
     socket.on("error", () => socket.destroy())
     dispatch(
@@ -641,6 +720,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         })
         innerH2.on("sessionError", () => {})
         innerH2.on("request", (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
+          if (config.forwarder !== undefined) return serveHttp2Exchange(port, config.forwarder, req, res)
           const [request, response] = asHttp1(req, res)
           serveHttpRequest(port, serverNameOf(req.socket))(request, response)
         })

@@ -229,3 +229,60 @@ export const unsupportedCoding = (req: http.IncomingMessage | http2.Http2ServerR
   if (te === undefined || te.trim().toLowerCase() === "chunked") return undefined
   return `switchyard: unsupported Transfer-Encoding "${te}"`
 }
+
+/** The fields of a request of Node's `http2` server without its pseudo-headers, flat. */
+export const http2Fields = (req: http2.Http2ServerRequest): Array<string> => plainFields(req.rawHeaders)
+
+/** How an exchange went, as `observeFront` reports it. */
+export interface ObservedExchange {
+  readonly status: number
+  /** Body bytes read from the client and written to it. */
+  readonly receivedBytes: number
+  readonly sentBytes: number
+  readonly end: "Complete" | "Aborted" | "Refused"
+}
+
+/** `front`, reporting once, when the exchange is over, its status, body bytes and how it ended. */
+export const observeFront = (front: ExchangeFront, observe: (exchange: ObservedExchange) => void): ExchangeFront => {
+  let status = 0
+  let received = 0
+  let sent = 0
+  let reported = false
+  const report = (end: ObservedExchange["end"]) => {
+    if (reported) return
+    reported = true
+    observe({ status: end === "Aborted" && !front.isAnswered() ? 0 : status, receivedBytes: received, sentBytes: sent, end })
+  }
+  front.onGone(() => report("Aborted"))
+  return {
+    ...front,
+    readBody: (onData, onEnd) =>
+      front.readBody((chunk) => {
+        received += chunk.length
+        return onData(chunk)
+      }, onEnd),
+    respond: (s, headers, bodyless) => {
+      const refused = front.respond(s, headers, bodyless)
+      if (refused === undefined) status = s
+      return refused
+    },
+    write: (chunk) => {
+      sent += chunk.length
+      return front.write(chunk)
+    },
+    end: (trailers) => {
+      const refused = front.end(trailers)
+      report(refused === undefined ? "Complete" : "Aborted")
+      return refused
+    },
+    fail: (s, message) => {
+      if (!front.isGone() && !front.isAnswered()) {
+        // reported as refused before the front tells its listeners the exchange is gone
+        reported = true
+        status = s
+        front.fail(s, message)
+        observe({ status: s, receivedBytes: received, sentBytes: sent, end: "Refused" })
+      } else front.fail(s, message)
+    }
+  }
+}

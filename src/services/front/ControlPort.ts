@@ -378,7 +378,7 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
           host: config.publicHost,
           ...config.publicConnections,
           ...wrapped,
-          ...(engine ? { serveHttp1: forwarder.serveHttp1 } : {}),
+          ...(engine ? { serveHttp1: forwarder.serveHttp1, forwarder } : {}),
           clientLimits: config.clientLimits,
           onClientLimit: config.onClientLimit
         })
