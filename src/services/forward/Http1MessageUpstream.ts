@@ -121,7 +121,7 @@ export const exchangeOverHttp1 = (pool: UpstreamPool, front: ExchangeFront, opti
     if (response.transferCodings.length > 0) {
       // a coding frames the body: its length (if any) is not relayed, and the connection is not reused
       fields = fields.filter((_, i, all) => i % 2 === 0 ? all[i]!.toLowerCase() !== "content-length" : all[i - 1]!.toLowerCase() !== "content-length")
-      if (response.contentLength !== undefined) keepAlive = false
+      if (contentLengthValues(response.headers).length > 0) keepAlive = false
     }
     const refused = front.respond(response.status, fields, framing._tag === "None")
     if (refused !== undefined) {
