@@ -29,7 +29,7 @@ export { parseTokenGrant, type TokenGrant } from "./domain/TokenPolicy.ts"
 
 // HTTP forwarding core.
 export { Forwarder, type ForwarderConfig, makeForwarder } from "./services/Forwarder.ts"
-export { agentUpstream, tcpUpstream, type Upstream, unixUpstream } from "./services/forward/Upstream.ts"
+export { streamUpstream, tcpUpstream, type Upstream, unixUpstream } from "./services/forward/Upstream.ts"
 export { CLIENT_LIMIT_DEFAULTS, type ClientLimitKind, type ClientLimits } from "./domain/ClientLimits.ts"
 export type { ClientLimitEvent } from "./services/forward/http1/Admission.ts"
 

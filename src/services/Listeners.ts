@@ -41,8 +41,7 @@ import type {
   PendingAdmission
 } from "./forward/http1/Admission.ts"
 import type { MessageUpstream } from "./forward/Exchange.ts"
-import { sendError } from "./forward/ErrorResponse.ts"
-import { http2Fields, nodeExchangeFront, nodeUpgradeRequest, observeFront, unsupportedCoding, upgradeProtocol } from "./forward/NodeExchangeFront.ts"
+import { http2Fields, nodeExchangeFront, observeFront } from "./forward/NodeExchangeFront.ts"
 import type { ForwarderShape } from "./Forwarder.ts"
 import { Registry, type RegistryError } from "./Registry.ts"
 
@@ -72,70 +71,6 @@ export const DefaultKeepAliveTimeoutMs = 5_000
 export const EngineStopDrainMs = 30_000
 
 /**
- * Makes an HTTP/2 compat request/response pair look like HTTP/1.1 to the forwarding core: pseudo-headers
- * leave the raw header list (`:authority` becomes `Host`), the status message (absent in HTTP/2) is
- * dropped, and `flushHeaders` sends the head at once.
- */
-export const asHttp1 = (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse): [http.IncomingMessage, http.ServerResponse] => {
-  const raw = req.rawHeaders
-  const headers: Array<string> = []
-  let hasHost = false
-  for (let i = 0; i < raw.length; i += 2) {
-    const name = raw[i]!
-    if (name.charCodeAt(0) === 58) continue
-    if (name.length === 4 && name.toLowerCase() === "host") hasHost = true
-    headers.push(name, raw[i + 1]!)
-  }
-  const authority = req.authority
-  if (!hasHost && authority) headers.unshift("host", authority)
-  Object.defineProperty(req, "rawHeaders", { value: headers })
-  if (req.headers.host === undefined && authority) req.headers.host = authority
-  const writeHead = res.writeHead.bind(res) as (status: number, headers?: unknown) => http2.Http2ServerResponse
-  Object.defineProperty(res, "writeHead", {
-    value: (status: number, message?: unknown, head?: unknown) =>
-      typeof message === "string" ? writeHead(status, head) : writeHead(status, message)
-  })
-  if (typeof (res as unknown as { flushHeaders?: unknown }).flushHeaders !== "function") {
-    // writeHead already sends the HTTP/2 head; there is nothing left to flush
-    Object.defineProperty(res, "flushHeaders", { value: () => {} })
-  }
-  return [req as unknown as http.IncomingMessage, res as unknown as http.ServerResponse]
-}
-
-/** Handles one dispatched HTTP request; the lease is released by Listeners when the response closes. */
-export type RequestHandler = (req: http.IncomingMessage, res: http.ServerResponse, lease: Lease) => void
-/** Handles one dispatched `Upgrade` request; the lease is released when the socket closes. */
-export type UpgradeHandler = (req: http.IncomingMessage, socket: Duplex, head: Buffer, lease: Lease) => void
-
-/**
- * Handlers that forward each request to the leased backend's upstream through the shared Forwarder, or
- * hand it to the backend as an exchange when it is reached by messages (reverse-HTTP/2 connections).
- */
-export const forwardingHandlers = (forwarder: ForwarderShape): Pick<ListenersConfig, "handleRequest" | "handleUpgrade"> => ({
-  handleRequest: (req, res, lease) => {
-    const messages = lease.backend.messages
-    if (messages !== undefined) {
-      const unsupported = unsupportedCoding(req)
-      if (unsupported !== undefined) {
-        lease.release()
-        return sendError(res, forwarder.errors, 501, unsupported)
-      }
-      const front = nodeExchangeFront(req, res, { forwardedMode: forwarder.forwardedMode, errors: forwarder.errors, path: req.url ?? "/" })
-      return messages.exchange(front, lease)
-    }
-    forwarder.forward(req, res, { director: (outgoing) => void (outgoing.upstream = lease.backend.upstream) })
-  },
-  handleUpgrade: (req, socket, head, lease) => {
-    const messages = lease.backend.messages
-    if (messages !== undefined) {
-      const request = nodeUpgradeRequest(req, req.url ?? "/", forwarder.forwardedMode)
-      return messages.upgrade(request, upgradeProtocol(req.headers.upgrade), socket, head, lease)
-    }
-    forwarder.upgrade(req, socket, head, { director: (outgoing) => void (outgoing.upstream = lease.backend.upstream) })
-  }
-})
-
-/**
  * What per-request instruments add to one exchange on an engine port: request headers set on the head
  * forwarded to the backend and response headers set on the head sent back (flat `[name, value, ...]`,
  * each replacing headers of the same name), and an observer told once how the exchange went.
@@ -162,12 +97,11 @@ export interface ListenersConfig {
   /** Address public ports bind to (default all interfaces, `0.0.0.0`). */
   readonly host?: string | undefined
   /**
-   * The forwarding core HTTP/2 public requests are carried by, as exchanges (`Forwarder.exchange`, or
-   * the backend's own when it is reached by messages).
+   * The forwarding core: its raw HTTP/1.1 engine serves plain ports and HTTP/1.1 on TLS ports, and it
+   * carries HTTP/2 public requests as exchanges (`Forwarder.exchange`); a backend reached by messages
+   * takes each exchange itself.
    */
-  readonly forwarder?: ForwarderShape | undefined
-  readonly handleRequest: RequestHandler
-  readonly handleUpgrade: UpgradeHandler
+  readonly forwarder: ForwarderShape
   /** Most client connections on one public port (see `ConnectionTable`). */
   readonly maxConnectionsPerPort?: number | undefined
   /** Most client connections from one address on one public port. */
@@ -184,12 +118,6 @@ export interface ListenersConfig {
    * none (for metrics); not called for raw TCP connections.
    */
   readonly observeDispatch?: ((waitedMs: number, error: DispatchError | undefined) => void) | undefined
-  /**
-   * Serves plain HTTP ports with the forwarding core's raw HTTP/1.1 engine (`Forwarder.serveHttp1`):
-   * requests go to the leased backend's `upstream` directly, without `handleRequest`/`handleUpgrade`
-   * (so without what wraps them); backends with `forwardHttp` still get theirs, through the Node path.
-   */
-  readonly serveHttp1?: ((front: Http1Front) => Http1Server) | undefined
   /**
    * On engine ports, called for each request once it has a backend the engine forwards to (what
    * `handleRequest` wrappers do on the Node path: request ids, per-route metrics, the access log). Not
@@ -291,55 +219,6 @@ export const joinStreams = (a: Duplex, b: Duplex, onClose: () => void): void => 
 const dispatchErrorText = (error: DispatchError): string =>
   `${error.status === 404 ? "404 no route" : "503 no backend"} (${error.reason}): ${error.message}`
 
-const writeDispatchError = (res: http.ServerResponse, error: DispatchError) => {
-  if (res.headersSent || res.destroyed) {
-    res.destroy()
-    return
-  }
-  const body = `${dispatchErrorText(error)}\n`
-  res.writeHead(error.status, {
-    "content-type": "text/plain; charset=utf-8",
-    "content-length": Buffer.byteLength(body),
-    // a request that found no backend may be on a port about to close: do not keep the connection
-    "connection": "close"
-  })
-  res.end(body)
-}
-
-/**
- * Checks a request Node's server parsed (its target as `routingTarget` reads it, its fields as the raw
- * engine's parser does) and sets its URL to the routed target, so the backend reads the path the route
- * was chosen by; why it is refused otherwise.
- */
-const routeNodeRequest = (req: http.IncomingMessage): { readonly path: string } | string => {
-  const routed = routingTarget(req.url ?? "/")
-  if (isRoutingRejection(routed)) return `bad request target: ${routed.detail}`
-  const ambiguous = checkRequestFields(req.rawHeaders)
-  if (ambiguous !== undefined) return ambiguous.message
-  req.url = routed.target
-  return { path: routed.path }
-}
-
-/** A one-line 400 that closes the connection. */
-const writeBadRequest = (res: http.ServerResponse, detail: string) => {
-  const body = `400 ${detail}\n`
-  res.writeHead(400, { "content-type": "text/plain; charset=utf-8", "content-length": Buffer.byteLength(body), "connection": "close" })
-  res.end(body)
-}
-
-const rejectBadRequest = (socket: Duplex, detail: string) => {
-  const body = `400 ${detail}\n`
-  socket.end(`HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
-}
-
-const rejectUpgrade = (socket: Duplex, error: DispatchError) => {
-  const body = `${error.reason}: ${error.message}\n`
-  const reason = error.status === 404 ? "Not Found" : "Service Unavailable"
-  socket.end(
-    `HTTP/1.1 ${error.status} ${reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`
-  )
-}
-
 const make = Effect.fnUntraced(function*(config: ListenersConfig) {
   const registry = yield* Registry
   const dispatcher = yield* Dispatcher
@@ -375,64 +254,6 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         else cancelOn.destroy()
       }
     })
-  }
-
-  const serveHttpRequest = (port: number, tlsName: string | undefined) => (req: http.IncomingMessage, res: http.ServerResponse) => {
-    const hostName = normalizeHost(req.headers.host)
-    const routed = routeNodeRequest(req)
-    if (typeof routed === "string") {
-      writeBadRequest(res, routed)
-      return
-    }
-    const path = routed.path
-    const query: RouteQuery = tlsName === undefined
-      ? { _tag: "Http", port, host: hostName, path }
-      : { _tag: "Tls", port, serverName: tlsName, host: hostName, path }
-    const observe = config.observeDispatch
-    const arrived = observe === undefined ? 0 : performance.now()
-    dispatch(
-      query,
-      (lease) => {
-        observe?.(performance.now() - arrived, undefined)
-        res.once("close", lease.release)
-        try {
-          config.handleRequest(req, res, lease)
-        } catch {
-          lease.release()
-          res.destroy()
-        }
-      },
-      (error) => {
-        observe?.(performance.now() - arrived, error)
-        writeDispatchError(res, error)
-      },
-      req.socket
-    )
-  }
-
-  const serveUpgrade = (port: number, tlsName: string | undefined) => (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
-    socket.on("error", () => socket.destroy())
-    const routed = routeNodeRequest(req)
-    if (typeof routed === "string") {
-      rejectBadRequest(socket, routed)
-      return
-    }
-    const query: RouteQuery = tlsName === undefined
-      ? { _tag: "Http", port, host: normalizeHost(req.headers.host), path: routed.path }
-      : { _tag: "Tls", port, serverName: tlsName, host: normalizeHost(req.headers.host), path: routed.path }
-    dispatch(
-      query,
-      (lease) => {
-        socket.once("close", lease.release)
-        try {
-          config.handleUpgrade(req, socket, head, lease)
-        } catch {
-          socket.destroy()
-        }
-      },
-      (error) => rejectUpgrade(socket, error),
-      socket
-    )
   }
 
   /**
@@ -681,23 +502,13 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     let engine: Http1Server | undefined
     switch (kind) {
       case "http": {
-        if (config.serveHttp1 !== undefined) {
-          const served = config.serveHttp1(engineFront(port, false))
-          engine = served
-          server = net.createServer({ allowHalfOpen: true }, (socket) => {
-            if (!guard.admit(socket)) return
-            track({ sockets }, socket)
-            served.accept(socket)
-          })
-          break
-        }
-        const httpServer = http.createServer({ maxHeaderSize, headersTimeout, requestTimeout: 0 }, serveHttpRequest(port, undefined))
-        httpServer.on("upgrade", serveUpgrade(port, undefined))
-        httpServer.on("connection", (socket: net.Socket) => {
-          if (guard.admit(socket)) track({ sockets }, socket)
+        const served = config.forwarder.serveHttp1(engineFront(port, false))
+        engine = served
+        server = net.createServer({ allowHalfOpen: true }, (socket) => {
+          if (!guard.admit(socket)) return
+          track({ sockets }, socket)
+          served.accept(socket)
         })
-        httpServer.on("clientError", (_err, socket) => socket.destroy())
-        server = httpServer
         break
       }
       case "tcp": {
@@ -709,21 +520,17 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         break
       }
       case "tls": {
-        const inner = http.createServer({ maxHeaderSize, headersTimeout, requestTimeout: 0 })
-        inner.on("clientError", (_err, socket) => socket.destroy())
-        // HTTP/1.1 over the decrypted socket: the raw engine when configured, else Node's server
-        const tlsEngine = config.serveHttp1?.(engineFront(port, true))
+        // HTTP/1.1 over the decrypted socket: the raw engine
+        const tlsEngine = config.forwarder.serveHttp1(engineFront(port, true))
         engine = tlsEngine
         // HTTP/2 over the already-decrypted socket: a plain h2 server fed with the TLS socket
         const innerH2 = http2.createServer({
           settings: { maxConcurrentStreams: DefaultMaxConcurrentStreams, maxHeaderListSize: DefaultMaxHeaderListBytes }
         })
         innerH2.on("sessionError", () => {})
-        innerH2.on("request", (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
-          if (config.forwarder !== undefined) return serveHttp2Exchange(port, config.forwarder, req, res)
-          const [request, response] = asHttp1(req, res)
-          serveHttpRequest(port, serverNameOf(req.socket))(request, response)
-        })
+        innerH2.on("request", (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) =>
+          serveHttp2Exchange(port, config.forwarder, req, res)
+        )
         const tlsServer = tls.createServer({
           allowHalfOpen: true,
           handshakeTimeout,
@@ -754,18 +561,10 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
             pipeToBackend(socket, { _tag: "Tls", port, serverName }, port, "tls-tcp", serverName)
           } else if (socket.alpnProtocol === "h2") {
             innerH2.emit("connection", socket)
-          } else if (tlsEngine !== undefined) {
-            tlsEngine.accept(socket)
           } else {
-            inner.emit("connection", socket)
+            tlsEngine.accept(socket)
           }
         })
-        inner.on("request", (req: http.IncomingMessage, res: http.ServerResponse) =>
-          serveHttpRequest(port, serverNameOf(req.socket))(req, res)
-        )
-        inner.on("upgrade", (req: http.IncomingMessage, socket: Duplex, head: Buffer) =>
-          serveUpgrade(port, serverNameOf(req.socket))(req, socket, head)
-        )
         server = tlsServer
         break
       }

@@ -51,14 +51,14 @@ const nameFrom = (port: number) => async () => {
   return reply.body
 }
 
-const ports = [{ label: "engine", rawEngine: true }, { label: "Node", rawEngine: false }] as const
+const ports = [{ label: "engine" }] as const
 
 describe("balancing: control-port tunnels (yamux over TCP)", () => {
-  for (const { label, rawEngine } of ports) {
+  for (const { label } of ports) {
     for (const n of sizes) {
       it.live(`sequential requests go round-robin over ${n} idle backends (${label} port)`, () =>
         noLeaks(Effect.gen(function*() {
-          const control = Context.get(yield* gateway({ rawEngine }), ControlPort)
+          const control = Context.get(yield* gateway({}), ControlPort)
           const publicPort = yield* Effect.promise(freePort)
           const backends = names(n)
           for (const name of backends) {
@@ -143,7 +143,7 @@ const h2Name = (port: number) => async () => {
 }
 
 describe("balancing: reverse HTTP/2", () => {
-  for (const { label, rawEngine } of ports) {
+  for (const { label } of ports) {
     for (const n of sizes) {
       it.effect(`sequential requests go round-robin over ${n} idle plain-mode backends (${label} port)`, () =>
         Effect.gen(function*() {
@@ -158,7 +158,7 @@ describe("balancing: reverse HTTP/2", () => {
             }
             yield* until(() => tunnel.connections() === n, `${n} backends`)
             assertEven(yield* spread(backends, h2Name(port)), backends)
-          }), rawEngine)
+          }))
         }))
 
       it.effect(`sequential requests go round-robin over ${n} idle client --h2 backends (${label} port)`, () =>
@@ -182,7 +182,7 @@ describe("balancing: reverse HTTP/2", () => {
             }
             yield* until(() => tunnel.connections() === n, `${n} connections`)
             assertEven(yield* spread(backends, h2Name(port)), backends)
-          }), rawEngine)
+          }))
         }))
     }
 
@@ -238,7 +238,7 @@ describe("balancing: reverse HTTP/2", () => {
           yield* until(() => listeners.inFlight() === 0, "every lease to be released")
           // idle again: round-robin over both
           assertEven(yield* spread(["narrow", "wide"], h2Name(port)), ["narrow", "wide"])
-        }), rawEngine)
+        }))
       }))
   }
 })

@@ -23,16 +23,13 @@ import {
 import { Dispatcher } from "../../src/services/Dispatcher.ts"
 import { Forwarder } from "../../src/services/Forwarder.ts"
 import { tcpUpstream } from "../../src/services/forward/Upstream.ts"
-import { forwardingHandlers, Listeners } from "../../src/services/Listeners.ts"
+import { Listeners } from "../../src/services/Listeners.ts"
 import { Registry } from "../../src/services/Registry.ts"
 import { ReverseH2, type ReverseH2Config } from "../../src/services/front/ReverseH2.ts"
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
 
-/**
- * Registry + Dispatcher + Listeners forwarding through the shared Forwarder, plus the tunnel port; with
- * `engine`, plain ports run the raw HTTP/1.1 engine, which hands connections to Node's server.
- */
-export const gatewayLayer = (config: ReverseH2Config, engine = false) => {
+/** Registry + Dispatcher + Listeners forwarding through the shared Forwarder, plus the tunnel port. */
+export const gatewayLayer = (config: ReverseH2Config) => {
   const core = Layer.unwrap(Effect.gen(function*() {
     const forwarder = yield* Forwarder.make({
       // routed requests go to their leased backend; this default is never reached
@@ -42,7 +39,7 @@ export const gatewayLayer = (config: ReverseH2Config, engine = false) => {
     })
     return Layer.effect(
       Listeners,
-      Listeners.make({ host: "127.0.0.1", ...forwardingHandlers(forwarder), ...(engine ? { serveHttp1: forwarder.serveHttp1 } : {}) })
+      Listeners.make({ host: "127.0.0.1", forwarder })
     )
   })).pipe(Layer.provideMerge(Dispatcher.layer()), Layer.provideMerge(Registry.layer({ gracePeriod: "30 seconds" })))
   return ReverseH2.layer({ address: { host: "127.0.0.1", port: 0 }, ...config }).pipe(Layer.provideMerge(core))
@@ -51,12 +48,11 @@ export const gatewayLayer = (config: ReverseH2Config, engine = false) => {
 /** Runs `body` with a fresh gateway, then checks that nothing it opened is left. */
 export const withGateway = <A, E>(
   config: ReverseH2Config,
-  body: Effect.Effect<A, E, ReverseH2 | Listeners | Registry | Dispatcher | Scope.Scope>,
-  engine = false
+  body: Effect.Effect<A, E, ReverseH2 | Listeners | Registry | Dispatcher | Scope.Scope>
 ) =>
   Effect.gen(function*() {
     const before = activeHandles()
-    const result = yield* body.pipe(Effect.scoped, Effect.provide(gatewayLayer(config, engine)))
+    const result = yield* body.pipe(Effect.scoped, Effect.provide(gatewayLayer(config)))
     yield* Effect.promise(() => expectNoLeaks(before))
     return result
   })

@@ -5,9 +5,7 @@ import * as net from "node:net"
 import { setTimeout as sleep } from "node:timers/promises"
 import { WebSocket, WebSocketServer } from "ws"
 import { headerValue } from "../../src/domain/HttpHeaders.ts"
-import { plainErrors } from "../../src/services/forward/ErrorResponse.ts"
-import { closeFrontServer, makeFrontServer } from "../../src/services/forward/FrontServer.ts"
-import { agentUpstream, unixUpstream } from "../../src/services/forward/Upstream.ts"
+import { streamUpstream, unixUpstream } from "../../src/services/forward/Upstream.ts"
 import { Forwarder, type ForwarderConfig, type ForwarderShape, makeForwarder } from "../../src/services/Forwarder.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
 import { type EngineUpstream, startEngineUpstream, stdoutFrame } from "./EngineUpstream.ts"
@@ -35,11 +33,8 @@ afterEach(async () => {
   await expectNoLeaks(before)
 })
 
-/** Which front side the suites below run through: Node's `http.Server`, or the raw HTTP/1.1 engine. */
-type Front = "node" | "http1"
-let currentFront: Front = "node"
 
-/** A front server on 127.0.0.1:0 whose every request goes through one forwarder to the engine. */
+/** The raw HTTP/1.1 engine on 127.0.0.1:0, every request going through one forwarder to the engine. */
 const harness = async (overrides: Partial<ForwarderConfig> = {}, socketPath = engine.socketPath): Promise<Harness> => {
   scope = Effect.runSync(Scope.make())
   const forwarder = await Effect.runPromise(
@@ -50,20 +45,14 @@ const harness = async (overrides: Partial<ForwarderConfig> = {}, socketPath = en
       ...overrides
     }).pipe(Scope.provide(scope))
   )
-  if (currentFront === "http1") {
-    const served = forwarder.serveHttp1({ limits: LIMITS, admit: () => ({ _tag: "Forward" }) })
-    const listener = net.createServer({ allowHalfOpen: true }, served.accept)
-    await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve))
-    await Effect.runPromise(Scope.addFinalizer(
-      scope,
-      Effect.promise(() => Promise.all([new Promise<void>((resolve) => listener.close(() => resolve())), served.close(0)]))
-    ))
-    return { port: (listener.address() as net.AddressInfo).port, forwarder }
-  }
-  const server = makeFrontServer(LIMITS, plainErrors, (req, res) => forwarder.forward(req, res), (req, s, h) => forwarder.upgrade(req, s, h))
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
-  await Effect.runPromise(Scope.addFinalizer(scope, Effect.promise(() => closeFrontServer(server))))
-  return { port: (server.address() as net.AddressInfo).port, forwarder }
+  const served = forwarder.serveHttp1({ limits: LIMITS, admit: () => ({ _tag: "Forward" }) })
+  const listener = net.createServer({ allowHalfOpen: true }, served.accept)
+  await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve))
+  await Effect.runPromise(Scope.addFinalizer(
+    scope,
+    Effect.promise(() => Promise.all([new Promise<void>((resolve) => listener.close(() => resolve())), served.close(0)]))
+  ))
+  return { port: (listener.address() as net.AddressInfo).port, forwarder }
 }
 
 interface Reply {
@@ -116,11 +105,8 @@ const waitFor = async (what: string, cond: () => boolean): Promise<void> => {
   throw new Error(`timed out waiting for ${what}`)
 }
 
-for (const front of ["node", "http1"] as const) {
-  describe(`front side: ${front}`, () => {
-    beforeEach(() => {
-      currentFront = front
-    })
+{
+  describe("front side: the raw HTTP/1.1 engine", () => {
 
     describe("Forwarder: ordinary requests", () => {
       it("forwards a small response and reuses pooled upstream connections", async () => {
@@ -157,61 +143,6 @@ for (const front of ["node", "http1"] as const) {
         assert.strictEqual(headerValue(sent, "x-forwarded-for"), "127.0.0.1")
         assert.strictEqual(headerValue(sent, "x-forwarded-proto"), "http")
         assert.strictEqual(headerValue(sent, "x-forwarded-host"), "docker.example")
-      })
-
-      it("a director rewrites path and headers", async () => {
-        scope = undefined
-        const { port, forwarder } = await harness()
-        void forwarder
-        const r = await request(port, { path: "/small" })
-        assert.strictEqual(r.status, 200)
-        // Direct use of the director through a second front server bound to the same forwarder.
-        const server = http.createServer((req, res) =>
-          forwarder.forward(req, res, {
-            director: (out) => {
-              out.path = "/headers"
-              out.headers.push("X-Director", "was-here")
-            }
-          })
-        )
-        await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
-        const r2 = await request((server.address() as net.AddressInfo).port, { path: "/anything" })
-        await new Promise<void>((resolve) => {
-          server.close(() => resolve())
-          server.closeAllConnections()
-        })
-        assert.strictEqual(headerValue(JSON.parse(r2.body) as Array<string>, "x-director"), "was-here")
-        assert.strictEqual(engine.seen.at(-1)!.url, "/headers")
-      })
-
-      it("answers 502, never throws, when a director fails or produces a request Node refuses", async () => {
-        const { forwarder } = await harness()
-        const server = http.createServer((req, res) =>
-          forwarder.forward(req, res, {
-            director: (out) => {
-              if (req.url === "/throw") throw new Error("director bug")
-              out.headers.push("X-Bad", "line\nbreak")
-            }
-          })
-        )
-        server.on("upgrade", (req, socket, head) =>
-          forwarder.upgrade(req, socket, head, {
-            director: (out) => {
-              out.path = "/with space"
-            }
-          })
-        )
-        await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
-        const port = (server.address() as net.AddressInfo).port
-        try {
-          assert.strictEqual((await request(port, { path: "/throw" })).status, 502)
-          assert.strictEqual((await request(port, { path: "/small" })).status, 502)
-          const up = await raw(port, "POST /containers/a/attach HTTP/1.1\r\nHost: d\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
-          assert.match(up, /^HTTP\/1\.1 502/)
-          assert.strictEqual(engine.seen.length, 0)
-        } finally {
-          await closeFrontServer(server)
-        }
       })
 
       it("streams chunked request bodies with trailers and relays response trailers", async () => {
@@ -251,39 +182,42 @@ for (const front of ["node", "http1"] as const) {
     })
 
     describe("Forwarder as a service", () => {
-      it("Forwarder.layer provides the core and closes its agent with the layer's scope", async () => {
+      it("Forwarder.layer provides the core; its engine servers and pooled connections close with the layer's scope", async () => {
         const layerScope = Effect.runSync(Scope.make())
         const upstream = unixUpstream(engine.socketPath, { maxSockets: 2, maxFreeSockets: 1 })
         const ctx = await Effect.runPromise(
           Layer.build(Forwarder.layer({ upstream, responseTimeoutMs: 1_000, idleTimeoutMs: 0 })).pipe(Scope.provide(layerScope))
         )
         const forwarder = Context.get(ctx, Forwarder)
-        const server = http.createServer((req, res) => forwarder.forward(req, res))
-        await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
-        const r = await request((server.address() as net.AddressInfo).port, { path: "/small" })
+        const served = forwarder.serveHttp1({ limits: LIMITS, admit: () => ({ _tag: "Forward" }) })
+        const listener = net.createServer({ allowHalfOpen: true }, served.accept)
+        await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve))
+        const r = await request((listener.address() as net.AddressInfo).port, { path: "/small" })
         assert.strictEqual(r.status, 200)
-        await closeFrontServer(server)
-        const pooled = Object.values(upstream.agent.freeSockets).flat()
-        assert.isAtLeast(pooled.length, 1)
+        assert.strictEqual(served.connections(), 0)
         await Effect.runPromise(Scope.close(layerScope, Exit.void))
-        assert.isTrue(pooled.every((socket) => socket!.destroyed))
+        // closed with the layer: nothing is taken any more, and the pooled connection is gone (leak check)
+        assert.strictEqual(forwarder.active().requests, 0)
+        await new Promise<void>((resolve) => listener.close(() => resolve()))
       })
     })
 
-    describe("Forwarder: caller-provided agents (tunnels)", () => {
-      it("forwards and upgrades through an agent whose connections the caller makes, and leaves the agent to the caller", async () => {
+    describe("Forwarder: caller-made connections (tunnels)", () => {
+      it("forwards and upgrades over connections the caller opens, pooled by the core", async () => {
         let opened = 0
         // Stands in for a tunnel: every connection is a stream the caller opens (here, to the engine's socket).
         const connect = () => {
           opened++
           return net.createConnection({ path: engine.socketPath, allowHalfOpen: true })
         }
-        const agent = new http.Agent({ keepAlive: true, maxSockets: 4 })
-        ;(agent as unknown as { createConnection: () => net.Socket }).createConnection = connect
-        const { port } = await harness({ upstream: agentUpstream({ describe: "tunnel test-1", agent, connect, host: "backend" }) })
+        const { port } = await harness({ upstream: streamUpstream({ describe: "tunnel test-1", connect, limits: { maxSockets: 4, maxFreeSockets: 4 } }) })
         const r = await request(port, { path: "/headers" })
         assert.strictEqual(r.status, 200)
         assert.strictEqual(headerValue(JSON.parse(r.body) as Array<string>, "x-forwarded-for"), "127.0.0.1")
+        const r2 = await request(port, { path: "/headers" })
+        assert.strictEqual(r2.status, 200)
+        // the second request reused the pooled connection
+        assert.strictEqual(opened, 1)
         const out = await new Promise<string>((resolve) => {
           const s = net.connect(port, "127.0.0.1")
           let got = ""
@@ -295,18 +229,8 @@ for (const front of ["node", "http1"] as const) {
           s.write("POST /containers/x/attach HTTP/1.1\r\nHost: d\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\nhi")
         })
         assert.match(out, /^HTTP\/1\.1 101 UPGRADED/)
-        assert.isAtLeast(opened, 2)
-        await Effect.runPromise(Scope.close(scope!, Exit.void))
-        scope = undefined
-        // The forwarder did not destroy the caller's agent: it still works after the scope closed.
-        const again = await new Promise<number>((resolve, reject) => {
-          http.get({ agent, socketPath: engine.socketPath, path: "/small" }, (res) => {
-            res.resume()
-            res.on("end", () => resolve(res.statusCode!))
-          }).on("error", reject)
-        })
-        assert.strictEqual(again, 200)
-        agent.destroy()
+        // an upgrade takes a connection of its own
+        assert.strictEqual(opened, 2)
       })
     })
 

@@ -8,7 +8,7 @@ import { Dispatcher } from "../../src/services/Dispatcher.ts"
 import type { Backend } from "../../src/services/Backend.ts"
 import { Forwarder } from "../../src/services/Forwarder.ts"
 import { tcpUpstream } from "../../src/services/forward/Upstream.ts"
-import { forwardingHandlers, ListenerError, Listeners } from "../../src/services/Listeners.ts"
+import { ListenerError, Listeners } from "../../src/services/Listeners.ts"
 import { Registry } from "../../src/services/Registry.ts"
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
 import {
@@ -21,11 +21,8 @@ import {
   textServer
 } from "./ListenersFixtures.ts"
 
-/**
- * Registry + Dispatcher + Listeners forwarding through the shared Forwarder, on loopback: through Node's
- * `http` objects and handlers, or (`engine`) with plain HTTP and TLS HTTP/1.1 ports on the raw engine.
- */
-const makeGatewayLayer = (engine: boolean, maxWaiting?: number) =>
+/** Registry + Dispatcher + Listeners forwarding through the shared Forwarder, on loopback. */
+const makeGatewayLayer = (maxWaiting?: number) =>
   Layer.unwrap(Effect.gen(function*() {
     const forwarder = yield* Forwarder.make({
       // every request is directed to its leased backend; this default is never used for routed traffic
@@ -35,7 +32,7 @@ const makeGatewayLayer = (engine: boolean, maxWaiting?: number) =>
     })
     return Layer.effect(
       Listeners,
-      Listeners.make({ host: "127.0.0.1", ...forwardingHandlers(forwarder), ...(engine ? { serveHttp1: forwarder.serveHttp1 } : {}) })
+      Listeners.make({ host: "127.0.0.1", forwarder })
     )
   })).pipe(Layer.provideMerge(Dispatcher.layer({ maxWaiting })), Layer.provideMerge(Registry.layer({ gracePeriod: "30 seconds" })))
 
@@ -46,12 +43,12 @@ const untilWaiting = (n: number) =>
     while (dispatcher.waiting() < n) yield* Effect.promise(() => new Promise((resolve) => setImmediate(resolve)))
   })
 
-for (const engine of [false, true]) {
+for (const engine of [true]) {
   /** Runs `body` with a fresh gateway, then checks that nothing it opened is left. */
   const withGateway = <A, E>(body: Effect.Effect<A, E, Listeners | Registry | Dispatcher | Scope.Scope>, maxWaiting?: number) =>
     Effect.gen(function*() {
       const before = activeHandles()
-      const result = yield* body.pipe(Effect.scoped, Effect.provide(makeGatewayLayer(engine, maxWaiting)))
+      const result = yield* body.pipe(Effect.scoped, Effect.provide(makeGatewayLayer(maxWaiting)))
       yield* Effect.promise(() => expectNoLeaks(before))
       return result
     })
@@ -247,7 +244,7 @@ describe("Listeners on the raw HTTP/1.1 engine", () => {
   const withEngine = <A, E>(body: Effect.Effect<A, E, Listeners | Registry | Dispatcher | Scope.Scope>, maxWaiting?: number) =>
     Effect.gen(function*() {
       const before = activeHandles()
-      const result = yield* body.pipe(Effect.scoped, Effect.provide(makeGatewayLayer(true, maxWaiting)))
+      const result = yield* body.pipe(Effect.scoped, Effect.provide(makeGatewayLayer(maxWaiting)))
       yield* Effect.promise(() => expectNoLeaks(before))
       return result
     })

@@ -6,7 +6,7 @@ import { Dispatcher } from "../../src/services/Dispatcher.ts"
 import { Forwarder } from "../../src/services/Forwarder.ts"
 import type { Http1Exchange, Http1Request } from "../../src/services/forward/http1/Admission.ts"
 import { tcpUpstream } from "../../src/services/forward/Upstream.ts"
-import { type ExchangeTap, forwardingHandlers, Listeners } from "../../src/services/Listeners.ts"
+import { type ExchangeTap, Listeners } from "../../src/services/Listeners.ts"
 import { Registry } from "../../src/services/Registry.ts"
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
 import { directBackend, freePort, request, serve } from "./ListenersFixtures.ts"
@@ -28,8 +28,7 @@ const makeLayer = (tap: (request: Http1Request, lease: Lease) => ExchangeTap, di
       Listeners,
       Listeners.make({
         host: "127.0.0.1",
-        ...forwardingHandlers(forwarder),
-        serveHttp1: forwarder.serveHttp1,
+        forwarder,
         observeDispatch: (_waited, error) => void dispatched.push(error === undefined ? 0 : error.status),
         observeExchange: tap
       })

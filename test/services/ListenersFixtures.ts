@@ -75,7 +75,6 @@ export const directBackend = (id: string, port: number): Effect.Effect<DirectBac
         isClosed: () => closed,
         close: () => {
           closed = true
-          upstream.agent.destroy()
         }
       }
       return backend

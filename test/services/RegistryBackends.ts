@@ -25,7 +25,6 @@ export const makeTestBackend = (id: string): TestBackend => {
     isClosed: () => closed,
     close: () => {
       closed = true
-      backend.upstream.agent.destroy()
     }
   }
   return backend

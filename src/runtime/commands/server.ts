@@ -15,7 +15,7 @@ import { checkServerFile, DefaultPublicHost, grantsOf } from "../server/ServerCo
 import { adminFlags, checkConfigFlag } from "./sharedFlags.ts"
 
 // The benchmarks build a gateway from these.
-export { dispatchObserver, instrumentHandlers } from "../server/GatewayInstruments.ts"
+export { dispatchObserver, requestInstruments } from "../server/GatewayInstruments.ts"
 
 /** The gateway could not start (a port in use...); the reason was already printed as one line. */
 export class StartFailed extends Data.TaggedError("StartFailed")<{ readonly message: string }> {

@@ -5,7 +5,6 @@
  * at scrape. It starts nothing and decides nothing: the wiring hands these to the services.
  */
 import type * as http from "node:http"
-import type { Duplex } from "node:stream"
 import { type Context, Effect } from "effect"
 import { LogSampler } from "../../domain/LogSampler.ts"
 import type { GuardAction } from "../../services/ConnectionGuard.ts"
@@ -82,16 +81,15 @@ const engineRequestId = (headers: ReadonlyArray<string>): { readonly id: string;
 }
 
 /**
- * Wraps the forwarding handlers: a request id on every request (kept or generated, sent to the backend
- * and back to the client), and per-route counters resolved once per route, not per request. The same
- * instruments serve both public HTTP paths: Node's objects (`handleRequest`) and the raw engine
- * (`observeExchange`).
+ * The public listeners' per-request instruments: a request id on every request (kept or generated, sent
+ * to the backend and back to the client), per-route counters resolved once per route, not per request,
+ * and the access log. Every public exchange reports through `observeExchange`: the engine's on HTTP/1.1,
+ * and the HTTP/2 public port's (whose byte counts are body bytes; HTTP/2 frames many requests at once).
  */
-export const instrumentHandlers = (
-  inner: Pick<ListenersConfig, "handleRequest" | "handleUpgrade" | "observeDispatch">,
+export const requestInstruments = (
   metrics: MetricsShape,
   access: ((entry: Logging.AccessEntry) => void) | undefined
-): Pick<ListenersConfig, "handleRequest" | "handleUpgrade" | "observeDispatch" | "observeExchange"> => {
+): Pick<ListenersConfig, "observeDispatch" | "observeExchange"> => {
   const cache = new WeakMap<RouteEntry, RouteInstruments>()
   const instrumentsFor = (lease: Lease): RouteInstruments => {
     let found = cache.get(lease.route)
@@ -119,60 +117,8 @@ export const instrumentHandlers = (
     }
     counter.inc()
   }
-  // Bytes are the connection's wire bytes (heads included) since the previous request on it ended; an
-  // HTTP/2 connection carries many requests at once, so there they are the declared body lengths.
-  const counted = new WeakMap<object, { read: number; written: number }>()
-  const takeBytes = (req: http.IncomingMessage, res: http.ServerResponse): [number, number] => {
-    if (req.httpVersionMajor === 2) return [Number(req.headers["content-length"] ?? 0) || 0, Number(res.getHeader("content-length") ?? 0) || 0]
-    const s = req.socket as { bytesRead?: number; bytesWritten?: number } | undefined
-    if (s === undefined || s === null) return [0, 0]
-    const read = s.bytesRead ?? 0
-    const written = s.bytesWritten ?? 0
-    const last = counted.get(s)
-    if (last === undefined) {
-      counted.set(s, { read, written })
-      return [read, written]
-    }
-    const delta: [number, number] = [Math.max(0, read - last.read), Math.max(0, written - last.written)]
-    last.read = read
-    last.written = written
-    return delta
-  }
   return {
     observeDispatch: dispatchObserver(metrics),
-    handleRequest: (req, res, lease) => {
-      const started = performance.now()
-      const instruments = instrumentsFor(lease)
-      const requestId = Logging.ensureRequestId(req)
-      res.setHeader(Logging.RequestIdHeader, requestId)
-      res.once("close", () => {
-        const seconds = (performance.now() - started) / 1000
-        const [receivedBytes, sentBytes] = takeBytes(req, res)
-        countStatus(instruments, res.statusCode)
-        instruments.duration.observe(seconds)
-        instruments.received.inc(receivedBytes)
-        instruments.sent.inc(sentBytes)
-        access?.({
-          frontDoor: instruments.frontDoor,
-          method: req.method ?? "",
-          path: req.url ?? "",
-          route: instruments.route,
-          status: res.statusCode,
-          receivedBytes,
-          sentBytes,
-          durationMs: seconds * 1000,
-          requestId,
-          peer: req.socket?.remoteAddress ?? ""
-        })
-      })
-      inner.handleRequest(req, res, lease)
-    },
-    handleUpgrade: (req: http.IncomingMessage, socket: Duplex, head: Buffer, lease: Lease) => {
-      const instruments = instrumentsFor(lease)
-      Logging.ensureRequestId(req)
-      countStatus(instruments, 101)
-      inner.handleUpgrade(req, socket, head, lease)
-    },
     observeExchange: (request, lease) => {
       const instruments = instrumentsFor(lease)
       const { id: requestId, kept } = engineRequestId(request.headers)

@@ -24,7 +24,7 @@ import * as Logging from "../Logging.ts"
 import { formatHostPort, type HostPort } from "../NetAddress.ts"
 import * as NodeTransport from "../NodeTransport.ts"
 import packageJson from "../../../package.json" with { type: "json" }
-import { dispatchObserver, gatewayEvents, type GatewayServices, instrumentHandlers, registerServerGauges } from "./GatewayInstruments.ts"
+import { dispatchObserver, gatewayEvents, type GatewayServices, requestInstruments, registerServerGauges } from "./GatewayInstruments.ts"
 import { AllPorts, GeneratedGrantName, GeneratedTokenBytes, grantsOf, h2RoutesOf, invalid, resolveServerConfig } from "./ServerConfig.ts"
 
 /** What `runGateway` starts, for embedding and tests. */
@@ -138,12 +138,8 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     dispatcher: { maxWaiting: config.maxWaiting },
     responseTimeoutMs: config.responseTimeoutMs,
     idleTimeoutMs: config.idleTimeoutMs,
-    // plain HTTP/1.1 public ports run the raw engine either way; the per-request instruments follow each
-    // exchange there (`observeExchange`) and on the Node path kept for HTTP/2 and reverse-HTTP/2 backends
-    wrapHandlers: config.requestMetrics
-      ? (handlers) => instrumentHandlers(handlers, metrics, access)
-      : (handlers) => ({ ...handlers, observeDispatch: dispatchObserver(metrics) }),
-    rawEngine: true,
+    // the per-request instruments follow each public exchange (`observeExchange`)
+    instruments: config.requestMetrics ? requestInstruments(metrics, access) : { observeDispatch: dispatchObserver(metrics) },
     clientLimits: config.clientLimits,
     onClientLimit: events.clientLimitReporter.onClientLimit
   })

@@ -1,22 +1,19 @@
 /**
- * Where the forwarding core sends requests: a pooled `http.Agent` for Node's request objects, raw
- * half-close capable connections for the HTTP/1.1 engine's pool and for upgrades. Unix-socket and TCP
- * upstreams are built here; tunnels bring their own agent and streams through `agentUpstream`.
+ * Where the forwarding core sends requests: raw half-close capable connections, pooled by the core
+ * (`UpstreamPool`) within the upstream's limits, and opened alone for upgrades. Unix-socket and TCP
+ * upstreams are built here; tunnels bring their own streams through `streamUpstream`.
  */
-import * as http from "node:http"
 import * as net from "node:net"
 import { Duplex } from "node:stream"
 
 export interface Upstream {
   /** For errors and logs: `unix:/var/run/docker.sock`, `127.0.0.1:8080`, `tunnel web-1`. */
   readonly describe: string
-  /** Pooled connections for ordinary requests; destroyed with the forwarder's scope when `owned`. */
-  readonly agent: http.Agent
-  /** Whether the forwarder owns the agent and destroys it when its scope closes. */
-  readonly owned: boolean
-  /** Options passed to `http.request` along with the agent (`socketPath` or `host`/`port`). */
-  readonly target: { readonly socketPath?: string; readonly host?: string; readonly port?: number }
-  /** A new connection for an upgrade (never pooled); must allow half-close. */
+  /** Most connections in use at once; further exchanges wait for one (bounded). */
+  readonly maxSockets: number
+  /** Most idle connections kept for reuse. */
+  readonly maxFreeSockets: number
+  /** A new connection (a pooled one, or one of its own for an upgrade); must allow half-close. */
   readonly connect: () => Duplex
   /** Whether the upstream is a local Unix-socket API (no `X-Forwarded-*` by default). */
   readonly local: boolean
@@ -40,41 +37,17 @@ export interface ReadInto {
 }
 
 export interface PoolLimits {
-  /** Most connections in use at once; further requests queue in the agent. */
+  /** Most connections in use at once. */
   readonly maxSockets: number
   /** Most idle connections kept for reuse. */
   readonly maxFreeSockets: number
 }
 
-/** Ends an idle pooled connection its upstream sent bytes on. */
-const outOfTurn = function(this: Duplex): void {
-  this.destroy()
-}
-
-/**
- * A keep-alive agent that never reuses a connection its upstream talked on while it sat idle (bytes
- * past the end of the last response, or a response sent ahead to be read as the next request's): it is
- * destroyed at the first such byte. Only the public `keepSocketAlive`/`reuseSocket` hooks are used.
- */
-export class IdleGuardedAgent extends http.Agent {
-  override keepSocketAlive(socket: Duplex): void {
-    const kept = (super.keepSocketAlive(socket) as unknown) !== false
-    if (kept) socket.once("data", outOfTurn)
-    return kept as unknown as void
-  }
-
-  override reuseSocket(socket: Duplex, request: http.ClientRequest): void {
-    socket.off("data", outOfTurn)
-    super.reuseSocket(socket, request)
-  }
-}
-
 /** A Unix-socket HTTP API such as `/var/run/docker.sock`. */
 export const unixUpstream = (socketPath: string, limits: PoolLimits): Upstream => ({
   describe: `unix:${socketPath}`,
-  agent: new IdleGuardedAgent({ keepAlive: true, maxSockets: limits.maxSockets, maxFreeSockets: limits.maxFreeSockets, scheduling: "lifo" }),
-  owned: true,
-  target: { socketPath },
+  maxSockets: limits.maxSockets,
+  maxFreeSockets: limits.maxFreeSockets,
   connect: () => net.createConnection({ path: socketPath, allowHalfOpen: true }),
   connectReading: (onread) => net.createConnection({ path: socketPath, allowHalfOpen: true, onread }),
   local: true
@@ -83,29 +56,26 @@ export const unixUpstream = (socketPath: string, limits: PoolLimits): Upstream =
 /** A plain-TCP HTTP upstream. */
 export const tcpUpstream = (host: string, port: number, limits: PoolLimits): Upstream => ({
   describe: host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`,
-  agent: new IdleGuardedAgent({ keepAlive: true, maxSockets: limits.maxSockets, maxFreeSockets: limits.maxFreeSockets, scheduling: "lifo" }),
-  owned: true,
-  target: { host, port },
+  maxSockets: limits.maxSockets,
+  maxFreeSockets: limits.maxFreeSockets,
   connect: () => net.createConnection({ host, port, allowHalfOpen: true, noDelay: true }),
   connectReading: (onread) => net.createConnection({ host, port, allowHalfOpen: true, noDelay: true, onread }),
   local: false
 })
 
 /**
- * An upstream reached through a caller's agent (tunnels: the agent's `createConnection` opens a stream
- * on a session). `connect` opens a stream for upgrades. The caller keeps ownership of the agent.
+ * An upstream whose connections the caller opens (a tunnel: each connection is a new stream of a
+ * session, preamble first). The caller keeps what the streams ride on.
  */
-export const agentUpstream = (options: {
+export const streamUpstream = (options: {
   readonly describe: string
-  readonly agent: http.Agent
   readonly connect: () => Duplex
-  readonly host?: string
+  readonly limits: PoolLimits
   readonly retiring?: () => boolean
 }): Upstream => ({
   describe: options.describe,
-  agent: options.agent,
-  owned: false,
-  target: { host: options.host ?? "localhost" },
+  maxSockets: options.limits.maxSockets,
+  maxFreeSockets: options.limits.maxFreeSockets,
   connect: options.connect,
   local: false,
   retiring: options.retiring

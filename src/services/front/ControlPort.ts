@@ -37,9 +37,9 @@ import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionP
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
 import type { ClientLimitEvent } from "../forward/http1/Admission.ts"
-import { agentUpstream, IdleGuardedAgent, refusedConnection } from "../forward/Upstream.ts"
+import { refusedConnection, streamUpstream } from "../forward/Upstream.ts"
 import { plainErrors, withoutUpstreamDetail } from "../forward/ErrorResponse.ts"
-import { type ListenerError, Listeners, type ListenersConfig, forwardingHandlers } from "../Listeners.ts"
+import { type ListenerError, Listeners, type ListenersConfig } from "../Listeners.ts"
 import { Registry, type RegistryConfig } from "../Registry.ts"
 import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
 import * as Session from "../yamux/Session.ts"
@@ -289,21 +289,6 @@ const makeTunnel = (id: string, label: string) => {
   }
 }
 
-/** An agent whose connections are preamble-prefixed streams of one listener. */
-class TunnelAgent extends IdleGuardedAgent {
-  readonly openStream: (done: (error: Error | null, stream: Duplex) => void) => void
-  constructor(openStream: TunnelAgent["openStream"], maxSockets: number) {
-    super({ keepAlive: true, maxSockets, maxFreeSockets: DefaultMaxIdleHttpStreamsPerListener, scheduling: "lifo" })
-    this.openStream = openStream
-  }
-  override createConnection(
-    _options: http.ClientRequestArgs,
-    callback?: (err: Error | null, stream: Duplex) => void
-  ): Duplex | null | undefined {
-    this.openStream((error, stream) => callback?.(error, stream))
-    return undefined
-  }
-}
 
 const makeBackend = (tunnel: Tunnel, listenerId: number, route: RouteDefinition, maxHttpStreams: number): Backend => {
   const port = route.port
@@ -319,13 +304,10 @@ const makeBackend = (tunnel: Tunnel, listenerId: number, route: RouteDefinition,
     ...(meta.serverName ? { serverName: meta.serverName } : {})
   })
   const httpPreamble = preamble({ protocol: httpProtocol, remoteAddress: "", remotePort: 0 })
-  const openHttp = (done: (error: Error | null, stream: Duplex) => void) =>
-    tunnel.open(httpPreamble, (error, stream) => done(error ?? null, stream!))
-  const agent = new TunnelAgent(openHttp, maxHttpStreams)
-  const upstream = agentUpstream({
+  const upstream = streamUpstream({
     describe: `tunnel ${tunnel.label} listener ${listenerId}`,
-    agent,
-    // upgrades get a stream of their own, never pooled
+    limits: { maxSockets: maxHttpStreams, maxFreeSockets: DefaultMaxIdleHttpStreamsPerListener },
+    // each pooled connection (and an upgrade's own) is a new stream with the listener's preamble
     connect: () => tunnel.openNow(httpPreamble),
     // draining after the backend's GoAway: streams in the pool are not reused
     retiring: tunnel.isClosed
@@ -369,16 +351,13 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
         responseTimeoutMs: config.responseTimeoutMs ?? 0,
         idleTimeoutMs: config.idleTimeoutMs ?? 0
       })
-      const handlers = forwardingHandlers(forwarder)
-      const wrapped: ForwardingHandlers = config.wrapHandlers === undefined ? handlers : config.wrapHandlers(handlers)
-      const engine = config.rawEngine ?? (config.wrapHandlers === undefined || wrapped.observeExchange !== undefined)
       return Layer.effect(
         Listeners,
         Listeners.make({
           host: config.publicHost,
           ...config.publicConnections,
-          ...wrapped,
-          ...(engine ? { serveHttp1: forwarder.serveHttp1, forwarder } : {}),
+          ...config.instruments,
+          forwarder,
           clientLimits: config.clientLimits,
           onClientLimit: config.onClientLimit
         })
@@ -403,31 +382,24 @@ export interface GatewayConfig {
   readonly responseTimeoutMs?: number | undefined
   /** Idle limit on responses and upgraded connections (ms, 0 = none). */
   readonly idleTimeoutMs?: number | undefined
-  /** Wraps the public listeners' forwarding handlers (request ids, metrics, access log). */
-  readonly wrapHandlers?: ((handlers: ForwardingHandlers) => ForwardingHandlers) | undefined
-  /**
-   * Serve plain HTTP public ports with the forwarding core's raw HTTP/1.1 engine (heads parsed, bodies
-   * moved as bytes, pooled tunnel streams per backend). Default: on, unless `wrapHandlers` is given
-   * without an `observeExchange` (the engine does not call the Node-object handlers it would wrap; it
-   * calls `observeExchange` instead).
-   */
-  readonly rawEngine?: boolean | undefined
+  /** Per-request instruments of the public listeners (request ids, metrics, access log). */
+  readonly instruments?: RequestInstruments | undefined
   /** Data-rate and tunnel-stream limits per public client on engine ports (see `ListenersConfig.clientLimits`). */
   readonly clientLimits?: ClientLimits | undefined
   /** Told each time a client limit refuses a request or cuts a connection. */
   readonly onClientLimit?: ((event: ClientLimitEvent) => void) | undefined
 }
 
-/** The public listeners' handlers for HTTP requests and upgrades. */
-export type ForwardingHandlers = Pick<ListenersConfig, "handleRequest" | "handleUpgrade" | "observeDispatch" | "observeExchange">
+/** What the public listeners tell per-request instruments: each dispatch and each exchange. */
+export type RequestInstruments = Pick<ListenersConfig, "observeDispatch" | "observeExchange">
 
 /**
  * The Forwarder's default upstream. Every routed request is directed to its leased backend, so this is
  * only reached if a request were forwarded without a lease; it answers like an unreachable backend.
  */
-const unroutedUpstream = agentUpstream({
+const unroutedUpstream = streamUpstream({
   describe: "no backend",
-  agent: new http.Agent({ keepAlive: false, maxSockets: 1 }),
+  limits: { maxSockets: 1, maxFreeSockets: 0 },
   connect: () => failedStream(new Error("no backend"))
 })
 
@@ -626,8 +598,6 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           const listenerId = nextListener++
           const scope = yield* Scope.fork(sessionScope)
           const backend = makeBackend(tunnel, listenerId, route, maxHttpStreams)
-          // the agent outlives a removed listener's scope so requests in flight finish; the session ends it
-          yield* Scope.addFinalizer(sessionScope, Effect.sync(() => backend.upstream.agent.destroy()))
           const result = yield* Effect.exit(listeners.bind(route, backend).pipe(Scope.provide(scope)))
           if (Exit.isFailure(result)) {
             yield* Scope.close(scope, Exit.void)
@@ -717,7 +687,6 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
                     return Scope.close(entry.scope, Exit.void).pipe(
                       Effect.andThen(drained),
                       Effect.andThen(Effect.sync(() => {
-                        entry.backend.upstream.agent.destroy()
                         reply({ _tag: "ListenerRemoved", requestId: request.requestId, listenerId: request.listenerId })
                       }))
                     )

@@ -6,7 +6,6 @@
  * mode takes any h2 server (routes from config); authenticated mode reads a framed `Hello` first. It
  * does not forward bytes itself (`forward/Http2Upstream` does) nor open public ports.
  */
-import * as http from "node:http"
 import * as net from "node:net"
 import { type Duplex, PassThrough } from "node:stream"
 import * as tls from "node:tls"
@@ -33,7 +32,7 @@ import type { ExchangeFront, ExchangeRequest } from "../forward/Exchange.ts"
 import { closeAfterFlush } from "../forward/Flush.ts"
 import { H2ClientConnection, type H2ConnectionError } from "../forward/H2ClientConnection.ts"
 import { forwardToH2, type H2ForwardOptions, type RequestReplay, upgradeToH2 } from "../forward/Http2Upstream.ts"
-import { agentUpstream, type Upstream } from "../forward/Upstream.ts"
+import { streamUpstream, type Upstream } from "../forward/Upstream.ts"
 import { type ListenerError, Listeners } from "../Listeners.ts"
 
 /** Where the tunnel port listens by default (loopback: exposing it is the operator's choice). */
@@ -208,17 +207,17 @@ interface Waiter {
   timer: ReturnType<typeof setTimeout> | undefined
 }
 
-/** The `Upstream` every reverse-HTTP/2 backend carries: never used, its requests go through `forwardHttp`. */
-const unusedUpstream = (): Upstream => {
-  const fail = () => {
-    const s = new PassThrough()
-    queueMicrotask(() => s.destroy(new Error("reverse-HTTP/2 backends take requests over HTTP/2")))
-    return s
-  }
-  const agent = new http.Agent({ keepAlive: false, maxSockets: 1 })
-  ;(agent as unknown as { createConnection: () => PassThrough }).createConnection = fail
-  return agentUpstream({ describe: "reverse-h2", agent, connect: fail })
-}
+/** The `Upstream` every reverse-HTTP/2 backend carries: never used, its requests go through `messages`. */
+const unusedUpstream = (): Upstream =>
+  streamUpstream({
+    describe: "reverse-h2",
+    limits: { maxSockets: 1, maxFreeSockets: 0 },
+    connect: () => {
+      const s = new PassThrough()
+      queueMicrotask(() => s.destroy(new Error("reverse-HTTP/2 backends take requests over HTTP/2")))
+      return s
+    }
+  })
 
 const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
   const listeners = yield* Listeners

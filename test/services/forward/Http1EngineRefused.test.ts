@@ -8,7 +8,7 @@ import { Effect, Exit, Scope } from "effect"
 import * as http from "node:http"
 import * as net from "node:net"
 import type { Admission } from "../../../src/services/forward/http1/Admission.ts"
-import { agentUpstream, refusedConnection, tcpUpstream, type Upstream } from "../../../src/services/forward/Upstream.ts"
+import { refusedConnection, streamUpstream, tcpUpstream, type Upstream } from "../../../src/services/forward/Upstream.ts"
 import { makeForwarder } from "../../../src/services/Forwarder.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
 
@@ -20,7 +20,7 @@ let scope: Scope.Closeable
 let good: http.Server
 let goodPort: number
 const received: Array<string> = []
-const refusing = agentUpstream({ describe: "tunnel going-away", agent: new http.Agent(), connect: () => refusedConnection(Reason) })
+const refusing = streamUpstream({ describe: "tunnel going-away", limits: { maxSockets: 16, maxFreeSockets: 0 }, connect: () => refusedConnection(Reason) })
 
 beforeEach(async () => {
   before = activeHandles()

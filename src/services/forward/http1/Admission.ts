@@ -10,7 +10,7 @@ import type { ClientLimitKind, ClientLimits } from "../../../domain/ClientLimits
 import type { ForwardedMode } from "../../../domain/HttpHeaders.ts"
 import type { ErrorRenderer } from "../ErrorResponse.ts"
 import type { MessageUpstream } from "../Exchange.ts"
-import type { HttpLimits } from "../FrontServer.ts"
+import type { HttpLimits } from "../HttpLimits.ts"
 import type { Upstream } from "../Upstream.ts"
 import type { UpstreamPool } from "../UpstreamPool.ts"
 
