@@ -246,6 +246,9 @@ export const ClientFile = Schema.Struct({
   tls_cert_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding tls_cert" })),
   tls_key: Schema.optionalKey(Secret.annotate({ description: "PEM private key for tls_cert (or tls_key_file)" })),
   tls_key_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding tls_key" })),
+  tls_acme: Schema.optionalKey(
+    Schema.Boolean.annotate({ description: "The gateway terminates TLS for domain with a certificate it obtains and renews from its ACME CA (instead of tls_cert/tls_key)", default: false })
+  ),
   label: Schema.optionalKey(Schema.String.annotate({ description: "Name shown in the gateway's logs" })),
   ca: Schema.optionalKey(Schema.String.annotate({ description: "PEM CA certificate(s) trusted for tls:// and wss:// gateways, besides the system's (or ca_file)" })),
   ca_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding ca" })),

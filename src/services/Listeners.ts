@@ -185,7 +185,28 @@ export interface ListenersConfig {
   readonly clientLimits?: ClientLimits | undefined
   /** On engine ports: told each time a client limit refuses a request or cuts a connection. */
   readonly onClientLimit?: ((event: ClientLimitEvent) => void) | undefined
+  /** Certificates and challenge answers for TLS routes with `acme` (none: such routes get no certificate). */
+  readonly certificates?: CertificateSource | undefined
 }
+
+/**
+ * Certificates the gateway holds itself (ACME) for TLS routes registered with `acme`, and the answers to
+ * the CA's challenges: HTTP-01 on plain HTTP ports, before any route; TLS-ALPN-01 on TLS ports.
+ */
+export interface CertificateSource {
+  /** The context serving `name`, or why there is none yet (the handshake then fails with an alert). */
+  readonly contextFor: (name: string) => tls.SecureContext | string
+  /** The TLS-ALPN-01 challenge certificate for `name` while a validation is pending. */
+  readonly alpnChallenge: (name: string) => tls.SecureContext | undefined
+  /** The body answering an HTTP-01 challenge request for `path`, when it is one pending. */
+  readonly httpChallenge: (path: string) => string | undefined
+}
+
+/** The ALPN protocol of TLS-ALPN-01 validation connections (RFC 8737). */
+const AcmeTlsAlpn = "acme-tls/1"
+
+/** Served to a TLS route whose certificate does not exist yet: the handshake ends with a handshake_failure alert. */
+const noCertificate = tls.createSecureContext({})
 
 /** A public port could not be served. */
 export class ListenerError extends Schema.TaggedError<ListenerError>()("ListenerError", {
@@ -332,6 +353,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
   const maxHeaderSize = config.maxHeaderBytes ?? DefaultMaxHeaderBytes
   const headersTimeout = config.headersTimeoutMs ?? DefaultHeadersTimeoutMs
   const handshakeTimeout = config.tlsHandshakeTimeoutMs ?? DefaultTlsHandshakeTimeoutMs
+  const certificates = config.certificates
   const fibers = yield* FiberSet.make()
   const run = yield* FiberSet.runtime(fibers)<never>()
   const lock = yield* Semaphore.make(1)
@@ -378,7 +400,17 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     })
   }
 
+  /** Answers an ACME HTTP-01 challenge request, before any route; false when it is not one. */
+  const answerHttpChallenge = (req: http.IncomingMessage, res: http.ServerResponse): boolean => {
+    const answer = certificates === undefined || req.method !== "GET" ? undefined : certificates.httpChallenge(req.url ?? "")
+    if (answer === undefined) return false
+    res.writeHead(200, { "content-type": "application/octet-stream", "content-length": Buffer.byteLength(answer) })
+    res.end(answer)
+    return true
+  }
+
   const serveHttpRequest = (port: number, tlsName: string | undefined) => (req: http.IncomingMessage, res: http.ServerResponse) => {
+    if (tlsName === undefined && answerHttpChallenge(req, res)) return
     const hostName = normalizeHost(req.headers.host)
     const routed = routeNodeRequest(req)
     if (typeof routed === "string") {
@@ -530,6 +562,18 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       clientLimits: config.clientLimits,
       onClientLimit: config.onClientLimit,
       admit: (request: Http1Request): Admission | PendingAdmission => {
+        if (!secure && certificates?.httpChallenge(request.originTarget) !== undefined) {
+          // an ACME HTTP-01 challenge: Node's server on the port answers it (`answerHttpChallenge`)
+          return {
+            _tag: "Handoff",
+            take: (socket, bytes) => {
+              socket.unshift(bytes)
+              handoff.emit("connection", socket)
+              socket.resume()
+            },
+            onAbandon: () => {}
+          }
+        }
         const host = normalizeHost(request.host)
         const routed = routingTarget(request.originTarget)
         if (isRoutingRejection(routed)) return { _tag: "Refuse", status: 400, message: `switchyard: bad request target: ${routed.detail}` }
@@ -579,6 +623,10 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
 
   const secureContextFor = (route: RouteDefinition): tls.SecureContext | undefined => {
     if (route._tag !== "Tls") return undefined
+    if (route.acme === true) {
+      const context = certificates?.contextFor(route.domainSuffix)
+      return context === undefined || typeof context === "string" ? noCertificate : context
+    }
     const cacheKey = route.cert + "\u0000" + route.key
     let context = secureContexts.get(cacheKey)
     if (context === undefined) {
@@ -656,10 +704,23 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
           const [request, response] = asHttp1(req, res)
           serveHttpRequest(port, serverNameOf(req.socket))(request, response)
         })
+        // OpenSSL selects ALPN before it asks for the certificate, within the processing of the same
+        // ClientHello (only microtasks run in between): a TLS-ALPN-01 validation (ALPN `acme-tls/1`)
+        // is marked here and answered by `SNICallback` with the challenge certificate; the mark never
+        // outlives that I/O callback
+        let alpnChallengeFor: string | undefined
         const tlsServer = tls.createServer({
           allowHalfOpen: true,
           handshakeTimeout,
           ALPNCallback: ({ servername, protocols }) => {
+            if (certificates !== undefined && protocols.includes(AcmeTlsAlpn)) {
+              const name = normalizeHost(servername)
+              if (certificates.alpnChallenge(name) !== undefined) {
+                alpnChallengeFor = name
+                setImmediate(() => void (alpnChallengeFor = undefined))
+                return AcmeTlsAlpn
+              }
+            }
             const entry = registry.match({ _tag: "Tls", port, serverName: normalizeHost(servername) })
             if (entry === undefined || entry.route._tag !== "Tls") return undefined
             // raw TLS routes: the backend speaks whatever the client prefers
@@ -667,6 +728,12 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
             return TlsHttpAlpnProtocols.find((p) => protocols.includes(p))
           },
           SNICallback: (serverName, cb) => {
+            const challenged = alpnChallengeFor
+            alpnChallengeFor = undefined
+            if (challenged !== undefined && challenged === normalizeHost(serverName)) {
+              const challenge = certificates?.alpnChallenge(challenged)
+              if (challenge !== undefined) return cb(null, challenge)
+            }
             const entry = registry.match({ _tag: "Tls", port, serverName: normalizeHost(serverName) })
             const context = entry === undefined ? undefined : secureContextFor(entry.route)
             if (context === undefined) cb(new Error(`no certificate for ${serverName}`), undefined)
@@ -679,6 +746,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         tlsServer.on("tlsClientError", (_err, socket) => socket.destroy())
         tlsServer.on("secureConnection", (socket: tls.TLSSocket) => {
           socket.on("error", () => socket.destroy())
+          // a TLS-ALPN-01 validation ends with its handshake
+          if (socket.alpnProtocol === AcmeTlsAlpn) return void socket.end()
           const serverName = serverNameOf(socket)
           const entry = registry.match({ _tag: "Tls", port, serverName })
           if (entry === undefined || entry.route._tag !== "Tls") return void socket.destroy()
