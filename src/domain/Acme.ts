@@ -31,8 +31,24 @@ export const MaxChallengeTokenLength = 256
 /** The challenge types the gateway can answer itself. */
 export type AcmeChallengeType = "http-01" | "tls-alpn-01"
 
-/** When a certificate valid until `notAfterMs` should be renewed. */
-export const renewAt = (notAfterMs: number, renewBeforeMs: number): number => notAfterMs - renewBeforeMs
+/** Shortest time between an issued certificate and the order that renews it (a CA issuing short-lived certificates, or a clock ahead of the CA's, cannot make the gateway order in a loop). */
+export const MinRenewalIntervalMs = 60 * 60 * 1000
+
+/**
+ * When a certificate valid from `notBeforeMs` to `notAfterMs` should be renewed: `renewBeforeMs` ahead
+ * of its expiry, or once two thirds of its lifetime have passed when that is later (a certificate whose
+ * whole lifetime is shorter than `renewBeforeMs`); never within `MinRenewalIntervalMs` of `issuedAtMs`,
+ * when the gateway has just obtained it.
+ */
+export const renewAt = (
+  validity: { readonly notBeforeMs: number; readonly notAfterMs: number },
+  renewBeforeMs: number,
+  issuedAtMs?: number | undefined
+): number => {
+  const lifetime = Math.max(0, validity.notAfterMs - validity.notBeforeMs)
+  const due = validity.notAfterMs - Math.min(renewBeforeMs, lifetime / 3)
+  return issuedAtMs === undefined ? due : Math.max(due, issuedAtMs + MinRenewalIntervalMs)
+}
 
 /** Whole days from `nowMs` until `notAfterMs` (negative once expired). */
 export const daysUntil = (notAfterMs: number, nowMs: number): number => (notAfterMs - nowMs) / (24 * 60 * 60 * 1000)

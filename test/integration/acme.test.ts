@@ -13,7 +13,7 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import * as tls from "node:tls"
-import { Context, Effect, Exit, Layer, Redacted, Scope } from "effect"
+import { Context, Effect, Exit, Redacted, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import type { TokenGrant } from "../../src/domain/TokenPolicy.ts"
 import { AcmeCertificates, type AcmeCertificatesShape, type AcmeConfig } from "../../src/services/acme/AcmeCertificates.ts"
@@ -156,5 +156,156 @@ describePebble("ACME certificates (pebble)", () => {
       const result = yield* curl("web.test", l.tlsPort, root)
       assert.strictEqual(result.code, 0, result.out)
       assert.strictEqual(result.out, "hello over acme")
+    }).pipe(Effect.scoped))
+
+  it.live("a restart serves the stored certificate without a new order", () =>
+    Effect.gen(function*() {
+      const l = yield* lab(["keep.test"])
+      const route = { _tag: "Tls" as const, port: l.tlsPort, domainSuffix: "keep.test", acme: true as const, then: "http" as const }
+      const firstSerial = yield* Effect.scoped(Effect.gen(function*() {
+        const acme = yield* AcmeCertificates.make(acmeConfig(l))
+        const { tunnel } = yield* gatewayWith(acme)
+        yield* serveHttp(tunnel, route, (_req, res) => hello(res))
+        yield* eventually("the certificate", () => acme.status().find((s) => s.state === "valid"), () => `: ${JSON.stringify(acme.status())}`)
+        const served = yield* servedCertificate("keep.test", l.tlsPort)
+        return served.cert!.serialNumber
+      }))
+      const ordersBefore = l.pebble.output().split("Added order").length
+      const acme = yield* AcmeCertificates.make(acmeConfig(l))
+      const { tunnel } = yield* gatewayWith(acme)
+      yield* serveHttp(tunnel, route, (_req, res) => hello(res))
+      const served = yield* servedCertificate("keep.test", l.tlsPort)
+      assert.strictEqual(served.cert?.serialNumber, firstSerial, served.error)
+      assert.strictEqual(acme.status()[0]?.state, "valid")
+      assert.deepStrictEqual(acme.orders(), { issued: 0, failed: 0 })
+      const root = yield* rootFile(l)
+      const result = yield* curl("keep.test", l.tlsPort, root)
+      assert.strictEqual(result.code, 0, result.out)
+      assert.strictEqual(l.pebble.output().split("Added order").length, ordersBefore, "pebble received no new order")
+    }).pipe(Effect.scoped))
+
+  it.live("renewal is driven by the clock: renewBefore the expiry a new certificate is ordered and served to new connections; an open connection keeps going", () =>
+    Effect.gen(function*() {
+      const l = yield* lab(["renew.test"])
+      const clock = yield* TestClock.make()
+      yield* clock.setTime(Date.now())
+      const acme = yield* AcmeCertificates.make(acmeConfig(l, { clock, renewBefore: "30 days" }))
+      const { tunnel } = yield* gatewayWith(acme)
+      let served = 0
+      yield* serveHttp(tunnel, { _tag: "Tls", port: l.tlsPort, domainSuffix: "renew.test", acme: true, then: "http" }, (_req, res) => res.end(`answer ${++served}`))
+      const first = yield* eventually("the certificate", () => acme.status().find((s) => s.state === "valid"))
+      const before = (yield* servedCertificate("renew.test", l.tlsPort)).cert!
+      const root = yield* Effect.promise(() => l.pebble.root())
+      // a keep-alive connection opened with the first certificate
+      const socket = yield* Effect.acquireRelease(
+        Effect.promise(() =>
+          new Promise<tls.TLSSocket>((resolve, reject) => {
+            const s = tls.connect({ host: "127.0.0.1", port: l.tlsPort, servername: "renew.test", ca: root, ALPNProtocols: ["http/1.1"] }, () => resolve(s))
+            s.once("error", reject)
+          })
+        ),
+        (s) => Effect.sync(() => s.destroy())
+      )
+      const exchange = () =>
+        new Promise<string>((resolve, reject) => {
+          let text = ""
+          const onData = (c: Buffer) => {
+            text += c.toString()
+            const m = /\r\n\r\n(answer \d+)$/.exec(text)
+            if (m) {
+              socket.off("data", onData)
+              resolve(m[1]!)
+            }
+          }
+          socket.on("data", onData)
+          socket.once("error", reject)
+          socket.write("GET / HTTP/1.1\r\nHost: renew.test\r\n\r\n")
+        })
+      assert.strictEqual(yield* Effect.promise(exchange), "answer 1")
+      // nothing happens before the renewal time
+      assert.deepStrictEqual(acme.orders(), { issued: 1, failed: 0 })
+      const notAfterMs = Date.parse(first.notAfter!)
+      const dueIn = notAfterMs - 30 * 24 * 60 * 60 * 1000 - clock.currentTimeMillisUnsafe()
+      yield* clock.adjust(dueIn - 60_000)
+      yield* Effect.yieldNow
+      assert.deepStrictEqual(acme.orders(), { issued: 1, failed: 0 })
+      yield* clock.adjust(120_000)
+      yield* eventually("the renewed certificate", () => acme.orders().issued === 2 ? true : undefined, () => `: ${JSON.stringify(acme.status())}`)
+      const after = (yield* servedCertificate("renew.test", l.tlsPort)).cert!
+      assert.notStrictEqual(after.serialNumber, before.serialNumber, "new connections get the renewed certificate")
+      assert.strictEqual(after.checkHost("renew.test"), "renew.test")
+      assert.strictEqual(acme.status()[0]?.state, "valid")
+      // the connection opened before the renewal still serves requests, with its certificate
+      assert.strictEqual(yield* Effect.promise(exchange), "answer 2")
+      assert.strictEqual(socket.getPeerX509Certificate()?.serialNumber, before.serialNumber)
+    }).pipe(Effect.scoped))
+
+  it.live("a failed validation is reported (status, alert on TLS) and retried after the backoff, then succeeds", () =>
+    Effect.gen(function*() {
+      // pebble's DNS does not know the name yet: validation fails
+      const l = yield* lab([])
+      const clock = yield* TestClock.make()
+      yield* clock.setTime(Date.now())
+      const acme = yield* AcmeCertificates.make(acmeConfig(l, { clock, random: () => 0 }))
+      const { tunnel } = yield* gatewayWith(acme)
+      yield* serveHttp(tunnel, { _tag: "Tls", port: l.tlsPort, domainSuffix: "late.test", acme: true, then: "http" }, (_req, res) => hello(res))
+      const failedStatus = yield* eventually("the failure", () => acme.status().find((s) => s.failures === 1))
+      assert.strictEqual(failedStatus.state, "waiting")
+      assert.include(failedStatus.lastError ?? "", "late.test")
+      // backoff: 60 s for the first failure (no jitter with random() = 0)
+      assert.strictEqual(Date.parse(failedStatus.nextAttempt!) - clock.currentTimeMillisUnsafe(), 60_000)
+      assert.deepStrictEqual(acme.orders(), { issued: 0, failed: 1 })
+      const refused = yield* servedCertificate("late.test", l.tlsPort)
+      assert.isUndefined(refused.cert)
+      assert.match(refused.error ?? "", /handshake failure/i)
+      // the name resolves now; the next order starts only once the backoff is over
+      l.dns.names.add("late.test")
+      yield* clock.adjust("59 seconds")
+      yield* Effect.yieldNow
+      assert.deepStrictEqual(acme.orders(), { issued: 0, failed: 1 })
+      yield* clock.adjust("2 seconds")
+      yield* eventually("the certificate after the retry", () => acme.status().find((s) => s.state === "valid"), () => `: ${JSON.stringify(acme.status())}`)
+      assert.deepStrictEqual(acme.orders(), { issued: 1, failed: 1 })
+      assert.strictEqual(acme.status()[0]?.failures, 0)
+      const root = yield* rootFile(l)
+      const result = yield* curl("late.test", l.tlsPort, root)
+      assert.strictEqual(result.code, 0, result.out)
+    }).pipe(Effect.scoped))
+
+  it.live("a name the token is not granted is refused and never ordered; a gateway without ACME refuses acme routes", () =>
+    Effect.gen(function*() {
+      const l = yield* lab(["app.granted.test", "other.test"])
+      const acme = yield* AcmeCertificates.make(acmeConfig(l))
+      const grants: ReadonlyArray<TokenGrant> = [
+        { name: "team", token: Redacted.make(token), ports: [{ from: 1024, to: 65_535 }], domainSuffixes: ["granted.test"] }
+      ]
+      const { tunnel } = yield* gatewayWith(acme, grants)
+      const refusal = (t: typeof tunnel, domainSuffix: string) =>
+        Effect.gen(function*() {
+          const scope = yield* Scope.make()
+          const rejected = yield* Effect.promise(() =>
+            new Promise<string>((resolve) => {
+              Effect.runFork(
+                t.addListener({
+                  route: { _tag: "Tls", port: l.tlsPort, domainSuffix, acme: true, then: "http" },
+                  onConnection: ({ socket }) => socket.destroy(),
+                  onRejected: (_g, reason, message) => resolve(`${reason}: ${message}`),
+                  onBound: () => resolve("bound")
+                }).pipe(Scope.provide(scope))
+              )
+            })
+          )
+          yield* Scope.close(scope, Exit.void)
+          return rejected
+        })
+      const refused = yield* refusal(tunnel, "other.test")
+      assert.match(refused, /^DomainNotAllowed/)
+      assert.deepStrictEqual(acme.status(), [])
+      assert.notInclude(l.pebble.output(), "Added order")
+      // a gateway that obtains no certificates says so
+      const plain = Context.get(yield* gateway(), ControlPort)
+      const plainTunnel = Context.get(yield* client([plain.address.port!]), TunnelClient)
+      const noAcme = yield* refusal(plainTunnel, "app.granted.test")
+      assert.match(noAcme, /^Malformed: this gateway does not obtain certificates/)
     }).pipe(Effect.scoped))
 })

@@ -83,6 +83,9 @@ interface NameState {
   phase: AcmeNameStatus["state"]
   context: tls.SecureContext | undefined
   notAfterMs: number | undefined
+  notBeforeMs: number | undefined
+  /** When the gateway obtained the certificate it serves (absent for one loaded from the store). */
+  issuedAtMs: number | undefined
   failures: number
   lastError: string | undefined
   nextAttemptMs: number | undefined
@@ -96,19 +99,29 @@ const writePrivate = (file: string, text: string): void => {
 }
 
 /** A stored certificate and key for `name`, when both are readable, match the name and still valid at `nowMs`. */
-const loadStored = (dir: string, name: string, nowMs: number): { readonly cert: string; readonly key: string; readonly notAfterMs: number } | undefined => {
+const loadStored = (dir: string, name: string, nowMs: number): { readonly cert: string; readonly key: string; readonly validity: Validity } | undefined => {
   const files = storedFiles(name)
   try {
     const cert = fs.readFileSync(path.join(dir, files.cert), "utf8")
     const key = fs.readFileSync(path.join(dir, files.key), "utf8")
     const x509 = new X509Certificate(cert)
-    const notAfterMs = new Date(x509.validTo).getTime()
-    if (x509.checkHost(name) === undefined || !(notAfterMs > nowMs)) return undefined
-    return { cert, key, notAfterMs }
+    const validity = validityOf(x509)
+    if (x509.checkHost(name) === undefined || !(validity.notAfterMs > nowMs)) return undefined
+    return { cert, key, validity }
   } catch {
     return undefined
   }
 }
+
+interface Validity {
+  readonly notBeforeMs: number
+  readonly notAfterMs: number
+}
+
+const validityOf = (x509: X509Certificate): Validity => ({
+  notBeforeMs: new Date(x509.validFrom).getTime(),
+  notAfterMs: new Date(x509.validTo).getTime()
+})
 
 const messageOf = (e: unknown): string => (e instanceof Error ? e.message : String(e)).replace(/\s+/g, " ").slice(0, 500)
 
@@ -178,9 +191,11 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
       return { cert, key: key.toString() }
     })()
 
-  const install = (state: NameState, cert: string, key: string, notAfterMs: number) => {
+  const install = (state: NameState, cert: string, key: string, validity: Validity, issuedAtMs: number | undefined) => {
     state.context = tls.createSecureContext({ cert, key })
-    state.notAfterMs = notAfterMs
+    state.notAfterMs = validity.notAfterMs
+    state.notBeforeMs = validity.notBeforeMs
+    state.issuedAtMs = issuedAtMs
     state.phase = "valid"
     state.failures = 0
     state.lastError = undefined
@@ -192,8 +207,8 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
     Effect.gen(function*() {
       for (;;) {
         const now = yield* Clock.currentTimeMillis
-        if (state.notAfterMs !== undefined && state.nextAttemptMs === undefined) {
-          const due = renewAt(state.notAfterMs, renewBeforeMs)
+        if (state.notAfterMs !== undefined && state.notBeforeMs !== undefined && state.nextAttemptMs === undefined) {
+          const due = renewAt({ notBeforeMs: state.notBeforeMs, notAfterMs: state.notAfterMs }, renewBeforeMs, state.issuedAtMs)
           if (now < due) {
             yield* Effect.sleep(Duration.millis(due - now))
             continue
@@ -217,10 +232,10 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
         )
         const after = yield* Clock.currentTimeMillis
         if (Exit.isSuccess(result)) {
-          const notAfterMs = new Date(new X509Certificate(result.value.cert).validTo).getTime()
-          install(state, result.value.cert, result.value.key, notAfterMs)
+          const validity = validityOf(new X509Certificate(result.value.cert))
+          install(state, result.value.cert, result.value.key, validity, after)
           issued++
-          yield* Effect.logInfo(`certificate for ${state.name} issued, valid until ${new Date(notAfterMs).toISOString()}`)
+          yield* Effect.logInfo(`certificate for ${state.name} issued, valid until ${new Date(validity.notAfterMs).toISOString()}`)
           continue
         }
         const failure = result.cause.reasons.find((r) => r._tag === "Fail")
@@ -242,10 +257,20 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
     const key = name.toLowerCase()
     if (names.has(key)) return undefined
     if (names.size >= MaxAcmeNames) return `this gateway already obtains certificates for ${MaxAcmeNames} names`
-    const state: NameState = { name: key, phase: "ordering", context: undefined, notAfterMs: undefined, failures: 0, lastError: undefined, nextAttemptMs: undefined }
+    const state: NameState = {
+      name: key,
+      phase: "ordering",
+      context: undefined,
+      notAfterMs: undefined,
+      notBeforeMs: undefined,
+      issuedAtMs: undefined,
+      failures: 0,
+      lastError: undefined,
+      nextAttemptMs: undefined
+    }
     const nowMs = config.clock === undefined ? Date.now() : config.clock.currentTimeMillisUnsafe()
     const stored = loadStored(dir, key, nowMs)
-    if (stored !== undefined) install(state, stored.cert, stored.key, stored.notAfterMs)
+    if (stored !== undefined) install(state, stored.cert, stored.key, stored.validity, undefined)
     names.set(key, state)
     runFork(manage(state))
     return undefined
