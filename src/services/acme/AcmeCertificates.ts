@@ -14,7 +14,7 @@ import * as fs from "node:fs"
 import * as https from "node:https"
 import * as path from "node:path"
 import * as tls from "node:tls"
-import { Clock, Context, Duration, Effect, Exit, FiberSet, Layer, Option, Scope, Semaphore } from "effect"
+import { Clock, Context, Duration, Effect, Exit, FiberSet, Layer, Option, Schema, Scope, Semaphore } from "effect"
 import {
   AccountKeyFile,
   AcmeOrderTimeoutMs,
@@ -48,6 +48,8 @@ export interface AcmeConfig {
   readonly clock?: Clock.Clock | undefined
   /** Source of the backoff jitter, in [0, 1) (default `Math.random`). */
   readonly random?: (() => number) | undefined
+  /** Told of each failed order, with its one-line reason (the gateway's recent errors). */
+  readonly onFailure?: ((name: string, reason: string) => void) | undefined
 }
 
 /** Where one name stands, for `/status`, `switchyard status` and the metrics. */
@@ -73,9 +75,15 @@ export interface AcmeCertificatesShape extends CertificateSource {
   readonly orders: () => { readonly issued: number; readonly failed: number }
 }
 
+/** The certificate manager cannot start: its store cannot be created, read or written. */
+export class AcmeError extends Schema.TaggedError<AcmeError>()("AcmeError", {
+  reason: Schema.Literals(["Storage"]),
+  message: Schema.String
+}) {}
+
 export class AcmeCertificates extends Context.Service<AcmeCertificates, AcmeCertificatesShape>()("switchyard/AcmeCertificates") {
-  static readonly layer = (config: AcmeConfig): Layer.Layer<AcmeCertificates> => Layer.effect(AcmeCertificates, make(config))
-  static readonly make = (config: AcmeConfig): Effect.Effect<AcmeCertificatesShape, never, Scope.Scope> => make(config)
+  static readonly layer = (config: AcmeConfig): Layer.Layer<AcmeCertificates, AcmeError> => Layer.effect(AcmeCertificates, make(config))
+  static readonly make = (config: AcmeConfig): Effect.Effect<AcmeCertificatesShape, AcmeError, Scope.Scope> => make(config)
 }
 
 interface NameState {
@@ -130,17 +138,28 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
   const challengeType: AcmeChallengeType = config.challenge ?? "tls-alpn-01"
   const random = config.random ?? Math.random
   const dir = config.storageDir
-  fs.mkdirSync(dir, { recursive: true, mode: 0o700 })
+  const accountKeyPath = path.join(dir, AccountKeyFile)
+  const storedKey = yield* Effect.try({
+    try: () => {
+      fs.mkdirSync(dir, { recursive: true, mode: 0o700 })
+      fs.accessSync(dir, fs.constants.W_OK)
+      return fs.existsSync(accountKeyPath) ? fs.readFileSync(accountKeyPath) : undefined
+    },
+    catch: (e) => new AcmeError({ reason: "Storage", message: `the ACME store ${dir} cannot be used: ${messageOf(e)}` })
+  })
   if (config.ca !== undefined) {
     // acme-client makes its requests through its own axios instance, whose agent is public API
     acme.axios.defaults.httpsAgent = new https.Agent({ ca: [...tls.rootCertificates, config.ca], keepAlive: false })
   }
-  const accountKeyPath = path.join(dir, AccountKeyFile)
   let accountKey: Buffer
-  if (fs.existsSync(accountKeyPath)) accountKey = fs.readFileSync(accountKeyPath)
+  if (storedKey !== undefined) accountKey = storedKey
   else {
     accountKey = yield* Effect.promise(() => acme.crypto.createPrivateEcdsaKey())
-    writePrivate(accountKeyPath, accountKey.toString())
+    const created = accountKey
+    yield* Effect.try({
+      try: () => writePrivate(accountKeyPath, created.toString()),
+      catch: (e) => new AcmeError({ reason: "Storage", message: `the ACME account key cannot be stored in ${dir}: ${messageOf(e)}` })
+    })
   }
   const client = new acme.Client({ directoryUrl: config.directoryUrl, accountKey })
 
@@ -246,6 +265,7 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
         const wait = backoffMs(state.failures, random(), isRateLimited(reason) ? {} : undefined)
         state.nextAttemptMs = after + wait
         state.phase = "waiting"
+        config.onFailure?.(state.name, reason)
         yield* Effect.logWarning(
           `no certificate for ${state.name}${state.context === undefined ? " (TLS connections for it are refused until there is one)" : " renewed"}: ${reason}; ` +
             `next order in ${Math.round(wait / 1000)} s (failure ${state.failures})`
