@@ -131,6 +131,9 @@ const validityOf = (x509: X509Certificate): Validity => ({
   notAfterMs: new Date(x509.validTo).getTime()
 })
 
+/** CA certificates trusted for ACME directories besides the system's, by every manager of the process. */
+const extraCas = new Set<string>()
+
 const messageOf = (e: unknown): string => (e instanceof Error ? e.message : String(e)).replace(/\s+/g, " ").slice(0, 500)
 
 const make = Effect.fnUntraced(function*(config: AcmeConfig) {
@@ -147,10 +150,10 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
     },
     catch: (e) => new AcmeError({ reason: "Storage", message: `the ACME store ${dir} cannot be used: ${messageOf(e)}` })
   })
-  if (config.ca !== undefined) {
-    // acme-client makes its requests through its own axios instance, whose agent is public API
-    acme.axios.defaults.httpsAgent = new https.Agent({ ca: [...tls.rootCertificates, config.ca], keepAlive: false })
-  }
+  if (config.ca !== undefined) extraCas.add(config.ca)
+  // acme-client makes its requests through its own axios instance, whose agent is public API: one agent
+  // for the process, trusting the system's CAs and every `ca` given, keeping no idle connection open
+  acme.axios.defaults.httpsAgent = new https.Agent({ keepAlive: false, ...(extraCas.size === 0 ? {} : { ca: [...tls.rootCertificates, ...extraCas] }) })
   let accountKey: Buffer
   if (storedKey !== undefined) accountKey = storedKey
   else {
