@@ -20,6 +20,7 @@ import { AcmeCertificates, type AcmeCertificatesShape, type AcmeConfig } from ".
 import { TunnelClient } from "../../src/services/client/TunnelClient.ts"
 import { ControlPort } from "../../src/services/front/ControlPort.ts"
 import { freePort } from "../services/ListenersFixtures.ts"
+import { noLeaks } from "../support/leaks.ts"
 import { type DnsResponder, type Pebble, requirePebble, startDns, startPebble } from "../support/pebble.ts"
 import { client, gateway, serveHttp, token } from "./tunnelHarness.ts"
 
@@ -122,7 +123,7 @@ const hello = (res: { end: (s: string) => void }) => res.end("hello over acme")
 
 describePebble("ACME certificates (pebble)", () => {
   it.live("TLS-ALPN-01: the gateway orders on the first registration, serves the chain by SNI, curl verifies it against pebble's root; key stored 0600", () =>
-    Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const l = yield* lab(["app.test"])
       const acme = yield* AcmeCertificates.make(acmeConfig(l, { challenge: "tls-alpn-01" }))
       const { tunnel } = yield* gatewayWith(acme)
@@ -136,10 +137,10 @@ describePebble("ACME certificates (pebble)", () => {
       assert.strictEqual(fs.statSync(keyFile).mode & 0o777, 0o600)
       assert.strictEqual(fs.statSync(path.join(l.storageDir, "app.test", "fullchain.pem")).mode & 0o777, 0o600)
       assert.deepStrictEqual(acme.orders(), { issued: 1, failed: 0 })
-    }).pipe(Effect.scoped))
+    })))
 
   it.live("HTTP-01: answered on the gateway's HTTP public port before any route; the certificate is served and verified", () =>
-    Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const l = yield* lab(["web.test"])
       const acme = yield* AcmeCertificates.make(acmeConfig(l, { challenge: "http-01" }))
       const { tunnel } = yield* gatewayWith(acme)
@@ -156,10 +157,10 @@ describePebble("ACME certificates (pebble)", () => {
       const result = yield* curl("web.test", l.tlsPort, root)
       assert.strictEqual(result.code, 0, result.out)
       assert.strictEqual(result.out, "hello over acme")
-    }).pipe(Effect.scoped))
+    })))
 
   it.live("a restart serves the stored certificate without a new order", () =>
-    Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const l = yield* lab(["keep.test"])
       const route = { _tag: "Tls" as const, port: l.tlsPort, domainSuffix: "keep.test", acme: true as const, then: "http" as const }
       const firstSerial = yield* Effect.scoped(Effect.gen(function*() {
@@ -182,10 +183,10 @@ describePebble("ACME certificates (pebble)", () => {
       const result = yield* curl("keep.test", l.tlsPort, root)
       assert.strictEqual(result.code, 0, result.out)
       assert.strictEqual(l.pebble.output().split("Added order").length, ordersBefore, "pebble received no new order")
-    }).pipe(Effect.scoped))
+    })))
 
   it.live("renewal is driven by the clock: renewBefore the expiry a new certificate is ordered and served to new connections; an open connection keeps going", () =>
-    Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const l = yield* lab(["renew.test"])
       const clock = yield* TestClock.make()
       yield* clock.setTime(Date.now())
@@ -238,10 +239,10 @@ describePebble("ACME certificates (pebble)", () => {
       // the connection opened before the renewal still serves requests, with its certificate
       assert.strictEqual(yield* Effect.promise(exchange), "answer 2")
       assert.strictEqual(socket.getPeerX509Certificate()?.serialNumber, before.serialNumber)
-    }).pipe(Effect.scoped))
+    })))
 
   it.live("a failed validation is reported (status, alert on TLS) and retried after the backoff, then succeeds", () =>
-    Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       // pebble's DNS does not know the name yet: validation fails
       const l = yield* lab([])
       const clock = yield* TestClock.make()
@@ -270,10 +271,10 @@ describePebble("ACME certificates (pebble)", () => {
       const root = yield* rootFile(l)
       const result = yield* curl("late.test", l.tlsPort, root)
       assert.strictEqual(result.code, 0, result.out)
-    }).pipe(Effect.scoped))
+    })))
 
   it.live("a name the token is not granted is refused and never ordered; a gateway without ACME refuses acme routes", () =>
-    Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const l = yield* lab(["app.granted.test", "other.test"])
       const acme = yield* AcmeCertificates.make(acmeConfig(l))
       const grants: ReadonlyArray<TokenGrant> = [
@@ -307,5 +308,5 @@ describePebble("ACME certificates (pebble)", () => {
       const plainTunnel = Context.get(yield* client([plain.address.port!]), TunnelClient)
       const noAcme = yield* refusal(plainTunnel, "app.granted.test")
       assert.match(noAcme, /^Malformed: this gateway does not obtain certificates/)
-    }).pipe(Effect.scoped))
+    })))
 })
