@@ -130,7 +130,7 @@ export const describeRoute = (route: RouteDefinition): string => {
     case "Tcp":
       return `tcp :${route.port}`
     case "Tls":
-      return `tls :${route.port} ${route.domainSuffix}${route.then === "http" ? route.pathPrefix ?? "/" : " (tcp)"}`
+      return `tls :${route.port} ${route.domainSuffix}${route.then === "http" ? route.pathPrefix ?? "/" : " (tcp)"}${route.acme === true ? " (acme)" : ""}`
   }
 }
 
