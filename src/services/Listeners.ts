@@ -713,6 +713,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
           allowHalfOpen: true,
           handshakeTimeout,
           ALPNCallback: ({ servername, protocols }) => {
+            alpnChallengeFor = undefined
             if (certificates !== undefined && protocols.includes(AcmeTlsAlpn)) {
               const name = normalizeHost(servername)
               if (certificates.alpnChallenge(name) !== undefined) {

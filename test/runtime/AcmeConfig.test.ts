@@ -8,6 +8,7 @@ import * as os from "node:os"
 import * as path from "node:path"
 import { Duration, Effect } from "effect"
 import { ConfigLoadError, loadConfig, ServerFile } from "../../src/runtime/ConfigLoader.ts"
+import { toRoute } from "../../src/runtime/listen.ts"
 import { resolveServerConfig } from "../../src/runtime/server/ServerConfig.ts"
 import { spawnSwitchyard } from "./serverProcess.ts"
 
@@ -68,6 +69,16 @@ describe("acme settings", () => {
       if (resolved instanceof ConfigLoadError) return assert.fail(resolved.message)
       assert.include(resolved.acme?.ca, "BEGIN CERTIFICATE")
     }).pipe(Effect.scoped))
+
+  it("listen() asks for an acme route with tls: { domainSuffix, acme: true }", () => {
+    assert.deepStrictEqual(toRoute({ port: 443, tls: { domainSuffix: "app.test", acme: true } }), {
+      _tag: "Tls",
+      port: 443,
+      domainSuffix: "app.test",
+      acme: true,
+      then: "http"
+    })
+  })
 
   it.live("the commands check them before starting: server flags, client --tls-acme", () =>
     Effect.promise(async () => {
