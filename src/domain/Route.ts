@@ -54,17 +54,37 @@ export type TcpRoute = typeof TcpRoute.Type
 /**
  * TLS terminated by the gateway: the certificate is chosen by SNI (`domainSuffix` matched against the
  * server name), then the plaintext is served as HTTP (`then: "http"`, routed by Host and path) or piped
- * raw to the backend (`then: "tcp"`).
+ * raw to the backend (`then: "tcp"`). The certificate is the backend's (`cert` and `key`), or, with
+ * `acme: true`, one the gateway obtains and renews itself for the name `domainSuffix` (ACME); one or
+ * the other, never both.
  */
 export const TlsRoute = Schema.TaggedStruct("Tls", {
   port: Port,
   domainSuffix: DomainSuffix,
-  cert: Pem,
-  key: Pem,
+  cert: Schema.optionalKey(Pem),
+  key: Schema.optionalKey(Pem),
+  acme: Schema.optionalKey(Schema.Literal(true)),
   then: Schema.Literals(["http", "tcp"]),
   pathPrefix: Schema.optionalKey(PathPrefix)
-})
+}).check(Schema.makeFilter((route) => tlsCertificateProblem(route) ?? true))
 export type TlsRoute = typeof TlsRoute.Type
+
+/** Why a TLS route's certificate fields cannot be used (cert and key together, or `acme` alone). */
+export const tlsCertificateProblem = (route: {
+  readonly cert?: string | undefined
+  readonly key?: string | undefined
+  readonly acme?: true | undefined
+}): string | undefined => {
+  const pair = route.cert !== undefined && route.key !== undefined
+  if ((route.cert === undefined) !== (route.key === undefined)) return "a TLS route's cert and key go together"
+  if (route.acme === true && pair) return "a TLS route takes either cert and key or acme, not both"
+  if (route.acme !== true && !pair) return "a TLS route needs cert and key, or acme"
+  return undefined
+}
+
+/** True when the gateway obtains the route's certificate itself (ACME). */
+export const usesAcme = (route: RouteDefinition): route is TlsRoute & { readonly acme: true } =>
+  route._tag === "Tls" && route.acme === true
 
 /** Any route a backend can ask for. */
 export const RouteDefinition = Schema.Union([HttpRoute, TcpRoute, TlsRoute])
@@ -110,7 +130,7 @@ export const describeRoute = (route: RouteDefinition): string => {
     case "Tcp":
       return `tcp :${route.port}`
     case "Tls":
-      return `tls :${route.port} ${route.domainSuffix}${route.then === "http" ? route.pathPrefix ?? "/" : " (tcp)"}`
+      return `tls :${route.port} ${route.domainSuffix}${route.then === "http" ? route.pathPrefix ?? "/" : " (tcp)"}${route.acme === true ? " (acme)" : ""}`
   }
 }
 

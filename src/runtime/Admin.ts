@@ -51,6 +51,20 @@ export interface StatusDocument {
   readonly recentErrors: ReadonlyArray<{ readonly at: string; readonly message: string }>
   /** A tunnel client's gateways: session state, since when, and the last error (cause and what to do). */
   readonly gateways?: ReadonlyArray<GatewayStatusEntry> | undefined
+  /** A gateway's ACME certificates: each name's state, expiry, failures and next order. */
+  readonly certificates?: ReadonlyArray<CertificateStatusEntry> | undefined
+}
+
+/** One name whose certificate a gateway obtains by ACME, in `/status`. */
+export interface CertificateStatusEntry {
+  readonly name: string
+  /** `ordering` (none yet: TLS for the name is refused), `valid`, `renewing` or `waiting` (after a failed order). */
+  readonly state: string
+  readonly notAfter?: string | undefined
+  readonly daysLeft?: number | undefined
+  readonly failures: number
+  readonly lastError?: string | undefined
+  readonly nextAttempt?: string | undefined
 }
 
 /** One gateway of a tunnel client, in `/status`. */

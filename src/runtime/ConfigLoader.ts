@@ -219,6 +219,24 @@ export const ServerFile = Schema.Struct({
     tls_key: Schema.optionalKey(Secret.annotate({ description: "PEM private key for reverse_h2.tls_cert (or tls_key_file)" })),
     tls_key_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding reverse_h2.tls_key" }))
   })),
+  acme: Schema.optionalKey(Schema.Struct({
+    directory: Schema.optionalKey(
+      Schema.String.annotate({ description: "ACME directory URL (https://); set, the gateway obtains and renews certificates for TLS routes registered with tls_acme" })
+    ),
+    email: Schema.optionalKey(Schema.String.annotate({ description: "Contact address of the ACME account (required with directory)" })),
+    ca: Schema.optionalKey(Schema.String.annotate({ description: "PEM CA certificate(s) trusted for the directory's HTTPS besides the system's (or ca_file)" })),
+    ca_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding acme.ca" })),
+    storage_dir: Schema.optionalKey(
+      Schema.String.annotate({ description: "Directory keeping the account key and each name's certificate and key (files 0600), reused after a restart", default: "~/.local/share/switchyard/acme" })
+    ),
+    renew_before: Schema.optionalKey(Schema.String.annotate({ description: "Renew a certificate this long before it expires (a duration: 30 days, 720 hours)", default: "30 days" })),
+    challenge: Schema.optionalKey(
+      Schema.Literals(["tls-alpn-01", "http-01"]).annotate({
+        description: "Challenge answered for the CA: tls-alpn-01 on the route's TLS port (the CA connects to 443), http-01 on a public HTTP port (the CA connects to 80)",
+        default: "tls-alpn-01"
+      })
+    )
+  })),
   admin: Schema.optionalKey(AdminSection),
   log: Schema.optionalKey(LogSection)
 })
@@ -246,6 +264,9 @@ export const ClientFile = Schema.Struct({
   tls_cert_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding tls_cert" })),
   tls_key: Schema.optionalKey(Secret.annotate({ description: "PEM private key for tls_cert (or tls_key_file)" })),
   tls_key_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding tls_key" })),
+  tls_acme: Schema.optionalKey(
+    Schema.Boolean.annotate({ description: "The gateway terminates TLS for domain with a certificate it obtains and renews from its ACME CA (instead of tls_cert/tls_key)", default: false })
+  ),
   label: Schema.optionalKey(Schema.String.annotate({ description: "Name shown in the gateway's logs" })),
   ca: Schema.optionalKey(Schema.String.annotate({ description: "PEM CA certificate(s) trusted for tls:// and wss:// gateways, besides the system's (or ca_file)" })),
   ca_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding ca" })),

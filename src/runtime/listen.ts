@@ -26,11 +26,15 @@ export interface ListenDefinition {
   readonly http?: { readonly domainSuffix?: string; readonly pathPrefix?: string } | undefined
   /** Every connection on the port, raw. */
   readonly tcp?: boolean | undefined
-  /** TLS terminated by the gateway with this certificate, then HTTP (default) or raw TCP. */
+  /**
+   * TLS terminated by the gateway with this certificate (or, with `acme: true` instead of `cert` and
+   * `key`, one the gateway obtains for `domainSuffix` from its ACME CA), then HTTP (default) or raw TCP.
+   */
   readonly tls?: {
     readonly domainSuffix: string
-    readonly cert: string
-    readonly key: string
+    readonly cert?: string | undefined
+    readonly key?: string | undefined
+    readonly acme?: boolean | undefined
     readonly then?: "http" | "tcp"
     readonly pathPrefix?: string
   } | undefined
@@ -58,8 +62,9 @@ export interface ListenOptions {
 export const toRoute = (definition: ListenDefinition): RouteDefinition => {
   const { port } = definition
   if (definition.tls !== undefined) {
-    const { domainSuffix, cert, key, then, pathPrefix } = definition.tls
-    return { _tag: "Tls", port, domainSuffix, cert, key, then: then ?? "http", ...(pathPrefix ? { pathPrefix } : {}) }
+    const { domainSuffix, cert, key, acme, then, pathPrefix } = definition.tls
+    const certificate = acme === true ? { acme: true as const } : { ...(cert === undefined ? {} : { cert }), ...(key === undefined ? {} : { key }) }
+    return { _tag: "Tls", port, domainSuffix, ...certificate, then: then ?? "http", ...(pathPrefix ? { pathPrefix } : {}) }
   }
   if (definition.tcp === true) return { _tag: "Tcp", port }
   const http = definition.http ?? {}

@@ -1,15 +1,12 @@
 /**
  * Public listeners: one per port, opened when the first route on it is bound, shared by every route on
  * that port, closed once the registry has dropped the port's last route (after the grace period).
- * HTTP ports run an `http.Server`, TLS ports a `tls.Server` choosing the certificate by SNI (and h2 or
- * http/1.1 by ALPN for HTTP routes), TCP ports pipe bytes. Each request or connection is dispatched to a backend; what is done with an HTTP request
- * is the front door's handler (normally the Forwarder). With `serveHttp1`, plain HTTP ports run the
- * forwarding core's raw HTTP/1.1 engine instead (each request admitted once a backend is leased, over
- * that backend's pooled tunnel streams); a connection whose request goes to a backend with its own
- * `forwardHttp` is handed to the Node `http.Server`; per-request instruments follow engine exchanges
+ * HTTP ports and HTTP/1.1 on TLS ports (certificate by SNI, h2 or http/1.1 by ALPN) are served by the
+ * forwarding core's raw HTTP/1.1 engine, each request admitted once the dispatcher leased a backend;
+ * HTTP/2 requests become exchanges (`NodeExchangeFront`); TCP ports pipe bytes. A backend reached by
+ * messages (reverse HTTP/2) takes its exchanges itself. Per-request instruments follow every exchange
  * through `observeExchange`. Listeners never parse bodies nor retry.
  */
-import * as http from "node:http"
 import * as http2 from "node:http2"
 import * as net from "node:net"
 import type { Duplex } from "node:stream"
@@ -119,10 +116,9 @@ export interface ListenersConfig {
    */
   readonly observeDispatch?: ((waitedMs: number, error: DispatchError | undefined) => void) | undefined
   /**
-   * On engine ports, called for each request once it has a backend the engine forwards to (what
-   * `handleRequest` wrappers do on the Node path: request ids, per-route metrics, the access log). Not
-   * called for requests that found no backend (`observeDispatch` sees those) nor for connections handed
-   * to the Node server (which go through `handleRequest`).
+   * Called for each public HTTP request once it has a backend (request ids, per-route metrics, the
+   * access log), on HTTP/1.1 and HTTP/2 alike. Not called for requests that found no backend
+   * (`observeDispatch` sees those).
    */
   readonly observeExchange?: ((request: Http1Request, lease: Lease) => ExchangeTap) | undefined
   /**
@@ -133,7 +129,28 @@ export interface ListenersConfig {
   readonly clientLimits?: ClientLimits | undefined
   /** On engine ports: told each time a client limit refuses a request or cuts a connection. */
   readonly onClientLimit?: ((event: ClientLimitEvent) => void) | undefined
+  /** Certificates and challenge answers for TLS routes with `acme` (none: such routes get no certificate). */
+  readonly certificates?: CertificateSource | undefined
 }
+
+/**
+ * Certificates the gateway holds itself (ACME) for TLS routes registered with `acme`, and the answers to
+ * the CA's challenges: HTTP-01 on plain HTTP ports, before any route; TLS-ALPN-01 on TLS ports.
+ */
+export interface CertificateSource {
+  /** The context serving `name`, or why there is none yet (the handshake then fails with an alert). */
+  readonly contextFor: (name: string) => tls.SecureContext | string
+  /** The TLS-ALPN-01 challenge certificate for `name` while a validation is pending. */
+  readonly alpnChallenge: (name: string) => tls.SecureContext | undefined
+  /** The body answering an HTTP-01 challenge request for `path`, when it is one pending. */
+  readonly httpChallenge: (path: string) => string | undefined
+}
+
+/** The ALPN protocol of TLS-ALPN-01 validation connections (RFC 8737). */
+const AcmeTlsAlpn = "acme-tls/1"
+
+/** Served to a TLS route whose certificate does not exist yet: the handshake ends with a handshake_failure alert. */
+const noCertificate = tls.createSecureContext({})
 
 /** A public port could not be served. */
 export class ListenerError extends Schema.TaggedError<ListenerError>()("ListenerError", {
@@ -219,6 +236,18 @@ export const joinStreams = (a: Duplex, b: Duplex, onClose: () => void): void => 
 const dispatchErrorText = (error: DispatchError): string =>
   `${error.status === 404 ? "404 no route" : "503 no backend"} (${error.reason}): ${error.message}`
 
+/** The answer to an ACME HTTP-01 challenge, as an exchange the engine serves itself. */
+const challengeAnswer = (keyAuthorization: string): MessageUpstream => ({
+  exchange: (front) => {
+    const body = Buffer.from(keyAuthorization, "utf8")
+    front.readBody(() => true, () => {})
+    front.respond(200, ["content-type", "application/octet-stream", "content-length", String(body.length)], false)
+    front.write(body)
+    front.end(undefined)
+  },
+  upgrade: (_request, _protocol, socket) => void socket.destroy()
+})
+
 const make = Effect.fnUntraced(function*(config: ListenersConfig) {
   const registry = yield* Registry
   const dispatcher = yield* Dispatcher
@@ -229,6 +258,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
   const maxHeaderSize = config.maxHeaderBytes ?? DefaultMaxHeaderBytes
   const headersTimeout = config.headersTimeoutMs ?? DefaultHeadersTimeoutMs
   const handshakeTimeout = config.tlsHandshakeTimeoutMs ?? DefaultTlsHandshakeTimeoutMs
+  const certificates = config.certificates
   const fibers = yield* FiberSet.make()
   const run = yield* FiberSet.runtime(fibers)<never>()
   const lock = yield* Semaphore.make(1)
@@ -423,6 +453,11 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       clientLimits: config.clientLimits,
       onClientLimit: config.onClientLimit,
       admit: (request: Http1Request): Admission | PendingAdmission => {
+        const challenge = secure || request.method !== "GET" ? undefined : certificates?.httpChallenge(request.originTarget)
+        if (challenge !== undefined) {
+          // an ACME HTTP-01 challenge, before any route: the engine answers it itself
+          return { _tag: "Forward", message: challengeAnswer(challenge) }
+        }
         const host = normalizeHost(request.host)
         const routed = routingTarget(request.originTarget)
         if (isRoutingRejection(routed)) return { _tag: "Refuse", status: 400, message: `switchyard: bad request target: ${routed.detail}` }
@@ -472,6 +507,10 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
 
   const secureContextFor = (route: RouteDefinition): tls.SecureContext | undefined => {
     if (route._tag !== "Tls") return undefined
+    if (route.acme === true) {
+      const context = certificates?.contextFor(route.domainSuffix)
+      return context === undefined || typeof context === "string" ? noCertificate : context
+    }
     const cacheKey = route.cert + "\u0000" + route.key
     let context = secureContexts.get(cacheKey)
     if (context === undefined) {
@@ -531,10 +570,24 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         innerH2.on("request", (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) =>
           serveHttp2Exchange(port, config.forwarder, req, res)
         )
+        // OpenSSL selects ALPN before it asks for the certificate, within the processing of the same
+        // ClientHello (only microtasks run in between): a TLS-ALPN-01 validation (ALPN `acme-tls/1`)
+        // is marked here and answered by `SNICallback` with the challenge certificate; the mark never
+        // outlives that I/O callback
+        let alpnChallengeFor: string | undefined
         const tlsServer = tls.createServer({
           allowHalfOpen: true,
           handshakeTimeout,
           ALPNCallback: ({ servername, protocols }) => {
+            alpnChallengeFor = undefined
+            if (certificates !== undefined && protocols.includes(AcmeTlsAlpn)) {
+              const name = normalizeHost(servername)
+              if (certificates.alpnChallenge(name) !== undefined) {
+                alpnChallengeFor = name
+                setImmediate(() => void (alpnChallengeFor = undefined))
+                return AcmeTlsAlpn
+              }
+            }
             const entry = registry.match({ _tag: "Tls", port, serverName: normalizeHost(servername) })
             if (entry === undefined || entry.route._tag !== "Tls") return undefined
             // raw TLS routes: the backend speaks whatever the client prefers
@@ -542,6 +595,12 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
             return TlsHttpAlpnProtocols.find((p) => protocols.includes(p))
           },
           SNICallback: (serverName, cb) => {
+            const challenged = alpnChallengeFor
+            alpnChallengeFor = undefined
+            if (challenged !== undefined && challenged === normalizeHost(serverName)) {
+              const challenge = certificates?.alpnChallenge(challenged)
+              if (challenge !== undefined) return cb(null, challenge)
+            }
             const entry = registry.match({ _tag: "Tls", port, serverName: normalizeHost(serverName) })
             const context = entry === undefined ? undefined : secureContextFor(entry.route)
             if (context === undefined) cb(new Error(`no certificate for ${serverName}`), undefined)
@@ -554,6 +613,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         tlsServer.on("tlsClientError", (_err, socket) => socket.destroy())
         tlsServer.on("secureConnection", (socket: tls.TLSSocket) => {
           socket.on("error", () => socket.destroy())
+          // a TLS-ALPN-01 validation ends with its handshake
+          if (socket.alpnProtocol === AcmeTlsAlpn) return void socket.end()
           const serverName = serverNameOf(socket)
           const entry = registry.match({ _tag: "Tls", port, serverName })
           if (entry === undefined || entry.route._tag !== "Tls") return void socket.destroy()
@@ -601,7 +662,6 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       open.delete(listener.port)
       draining.add(listener)
       listener.server.close(() => draining.delete(listener))
-      if (listener.server instanceof http.Server) listener.server.closeIdleConnections()
       // idle engine connections close now, busy ones after their exchange
       void listener.engine?.close(EngineStopDrainMs)
     })

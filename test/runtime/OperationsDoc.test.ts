@@ -24,7 +24,7 @@ describe("docs/OPERATIONS.md", () => {
   })
 
   it("lists every metric family registered in the code", () => {
-    const sources = ["src/services/Metrics.ts", "src/runtime/Admin.ts", "src/runtime/server/GatewayInstruments.ts"]
+    const sources = ["src/services/Metrics.ts", "src/runtime/Admin.ts", "src/runtime/server/GatewayInstruments.ts", "src/runtime/server/runGateway.ts"]
     const names = new Set<string>()
     for (const file of sources) {
       for (const m of fs.readFileSync(path.join(root, file), "utf8").matchAll(/name: "(switchyard_[a-z_]+)"/g)) names.add(m[1]!)

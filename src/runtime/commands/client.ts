@@ -58,6 +58,10 @@ const flags = {
   proxyProtocol: optionalString("proxy-protocol", "v1 or v2: start each raw TCP connection to --expose with a PROXY protocol header naming the public peer"),
   tlsCert: Flag.FileText("tls-cert").pipe(Flag.withDescription("PEM certificate: the gateway terminates TLS with it"), Flag.optional),
   tlsKey: Flag.FileText("tls-key").pipe(Flag.withDescription("PEM private key for --tls-cert"), Flag.optional),
+  tlsAcme: Flag.Boolean("tls-acme").pipe(
+    Flag.withDescription("The gateway terminates TLS for --domain with a certificate it obtains from its ACME CA (instead of --tls-cert/--tls-key)"),
+    Flag.withDefault(false)
+  ),
   label: optionalString("label", "Name shown in the gateway's logs"),
   ca: Flag.FileText("ca").pipe(Flag.withDescription("PEM CA certificate(s) trusted for tls:// and wss:// gateways, besides the system's"), Flag.optional),
   h2: Flag.Boolean("h2").pipe(
@@ -92,6 +96,7 @@ const flagOverrides = (f: Flags): Array<FlagValue> => {
   add("--proxy-protocol", "proxy_protocol", f.proxyProtocol)
   add("--tls-cert", "tls_cert", f.tlsCert)
   add("--tls-key", "tls_key", f.tlsKey)
+  if (f.tlsAcme) out.push({ path: ["tls_acme"], value: "true", flag: "--tls-acme" })
   add("--label", "label", f.label)
   add("--ca", "ca", f.ca)
   if (f.h2) out.push({ path: ["h2"], value: "true", flag: "--h2" })
@@ -137,6 +142,9 @@ const listenerOf = (config: ClientFile): ListenerSpec | ConfigLoadError => {
   if (domain !== undefined && !HostNamePattern.test(domain)) return invalid("domain", `${JSON.stringify(domain)} is not a host name (e.g. example.com)`)
   if (cert !== undefined && key === undefined) return invalid("tls_key", "tls_cert needs its private key (--tls-key, tls_key or tls_key_file)")
   if (key !== undefined && cert === undefined) return invalid("tls_cert", "tls_key needs its certificate (--tls-cert, tls_cert or tls_cert_file)")
+  const acme = config.tls_acme ?? false
+  if (acme && cert !== undefined) return invalid("tls_acme", "the gateway obtains the certificate itself: drop tls_cert and tls_key (or tls_acme)")
+  if (acme && domain === undefined) return invalid("domain", "tls_acme needs the host name to obtain a certificate for (--domain app.example.com)")
   if (config.proxy_protocol !== undefined && !tcp) {
     return new ConfigLoadError({
       reason: "Invalid",
@@ -149,7 +157,9 @@ const listenerOf = (config: ClientFile): ListenerSpec | ConfigLoadError => {
     port: config.port,
     tcp,
     http: { ...(domain ? { domainSuffix: domain } : {}), ...(path ? { pathPrefix: path } : {}) },
-    tls: cert !== undefined && key !== undefined
+    tls: acme
+      ? { domainSuffix: domain ?? "localhost", acme: true, then: tcp ? "tcp" : "http", ...(path ? { pathPrefix: path } : {}) }
+      : cert !== undefined && key !== undefined
       ? { domainSuffix: domain ?? "localhost", cert, key, then: tcp ? "tcp" : "http", ...(path ? { pathPrefix: path } : {}) }
       : undefined
   })

@@ -34,6 +34,9 @@ const flags = {
   publicHost: optionalString("public-host", "Address public ports bind to (default 127.0.0.1)"),
   reverseH2: optionalString("reverse-h2", "Serve the reverse-HTTP/2 tunnel port on this address"),
   wsListen: optionalString("ws-listen", "Serve the control port as a WebSocket path (/tunnel) on this address too"),
+  acmeDirectory: optionalString("acme-directory", "ACME directory URL: obtain certificates for TLS routes registered with --tls-acme (acme.directory)"),
+  acmeEmail: optionalString("acme-email", "Contact address of the ACME account (acme.email)"),
+  acmeCa: optionalString("acme-ca", "File of PEM CA certificate(s) trusted for the ACME directory's HTTPS besides the system's (acme.ca_file)"),
   ...adminFlags("server")
 }
 
@@ -62,6 +65,9 @@ export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
   if (Option.isSome(f.reverseH2)) out.push({ path: ["reverse_h2", "enabled"], value: "true", flag: "--reverse-h2" })
   add("--ws-listen", ["control", "websocket", "address"], f.wsListen)
   if (Option.isSome(f.wsListen)) out.push({ path: ["control", "websocket", "enabled"], value: "true", flag: "--ws-listen" })
+  add("--acme-directory", ["acme", "directory"], f.acmeDirectory)
+  add("--acme-email", ["acme", "email"], f.acmeEmail)
+  add("--acme-ca", ["acme", "ca_file"], f.acmeCa)
   add("--admin", ["admin", "address"], f.admin)
   if (f.noAdmin) out.push({ path: ["admin", "enabled"], value: "false", flag: "--no-admin" })
   return out

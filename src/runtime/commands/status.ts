@@ -82,6 +82,21 @@ export const renderStatus = (status: StatusDocument): string =>
       ),
       ""
     ]),
+    ...(status.certificates === undefined || status.certificates.length === 0 ? [] : [
+      table(
+        ["CERTIFICATE", "STATE", "EXPIRES", "DAYS LEFT", "FAILURES", "NEXT ORDER", "LAST ERROR"],
+        status.certificates.map((c) => [
+          c.name,
+          c.state,
+          c.notAfter ?? "-",
+          c.daysLeft === undefined ? "-" : String(c.daysLeft),
+          String(c.failures),
+          c.nextAttempt ?? "-",
+          c.lastError ?? "-"
+        ])
+      ),
+      ""
+    ]),
     status.routes.length === 0
       ? "no routes"
       : table(["ROUTE", "BACKENDS", "IN FLIGHT"], status.routes.map((r) => [r.route, r.backends.length === 0 ? "(none)" : r.backends.join(", "), String(r.inFlight)])),

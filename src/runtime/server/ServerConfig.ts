@@ -3,7 +3,10 @@
  * loader) checked and resolved into the typed settings `runGateway` wires, defaults filled in. Pure:
  * nothing is bound, read or written here (a generated token is the wiring's).
  */
-import { Redacted } from "effect"
+import * as os from "node:os"
+import * as path from "node:path"
+import { Duration, Option, Redacted } from "effect"
+import type { AcmeConfig } from "../../services/acme/AcmeCertificates.ts"
 import { CLIENT_LIMIT_DEFAULTS, type ClientLimits } from "../../domain/ClientLimits.ts"
 import type { RouteDefinition } from "../../domain/Route.ts"
 import type { PortRange, TokenGrant } from "../../domain/TokenPolicy.ts"
@@ -30,6 +33,9 @@ export const DefaultDrainTimeoutMs = 30_000
 export const DefaultGracePeriodMs = 30_000
 /** Address public ports bind to by default. */
 export const DefaultPublicHost = "127.0.0.1"
+/** Where ACME certificates are kept by default (under the user's home). */
+export const DefaultAcmeStorageDir = "~/.local/share/switchyard/acme"
+
 /** Every port, for tokens given without a port list. */
 export const AllPorts: ReadonlyArray<PortRange> = [{ from: 1, to: 65_535 }]
 
@@ -75,6 +81,8 @@ export interface ServerConfig {
   readonly drainTimeoutMs: number
   /** Per-request instruments (request ids, per-route metrics, the access log). */
   readonly requestMetrics: boolean
+  /** Certificates obtained by ACME for routes registered with `acme`, when `acme.directory` is set. */
+  readonly acme: AcmeConfig | undefined
   readonly log: ServerFile["log"]
 }
 
@@ -184,6 +192,39 @@ export const clientLimitsOf = (file: ServerFile): ClientLimits => {
   }
 }
 
+/** The ACME settings (`acme`), checked; undefined when no directory is set. */
+const acmeOf = (file: ServerFile): AcmeConfig | ConfigLoadError | undefined => {
+  const section = file.acme
+  if (section?.directory === undefined) {
+    return section === undefined || Object.keys(section).length === 0 ? undefined : invalid("acme.directory", "required with the other acme settings (--acme-directory)")
+  }
+  let url: URL
+  try {
+    url = new URL(section.directory)
+  } catch {
+    return invalid("acme.directory", `${JSON.stringify(section.directory)} is not a URL`)
+  }
+  if (url.protocol !== "https:") return invalid("acme.directory", `${JSON.stringify(section.directory)}: an ACME directory is served over https://`)
+  if (section.email === undefined || !/^[^@\s]+@[^@\s]+$/.test(section.email)) {
+    return invalid("acme.email", section.email === undefined ? "required with acme.directory (--acme-email)" : `${JSON.stringify(section.email)} is not an email address`)
+  }
+  const renewText = section.renew_before ?? "30 days"
+  const renew = Duration.fromInput(renewText as Duration.Input)
+  if (Option.isNone(renew) || Duration.toMillis(renew.value) <= 0 || !Number.isFinite(Duration.toMillis(renew.value))) {
+    return invalid("acme.renew_before", `${JSON.stringify(renewText)} is not a positive duration (e.g. 30 days)`)
+  }
+  const storage = section.storage_dir ?? DefaultAcmeStorageDir
+  const storageDir = storage.startsWith("~/") ? path.join(os.homedir(), storage.slice(2)) : path.resolve(storage)
+  return {
+    directoryUrl: section.directory,
+    email: section.email,
+    ...(section.ca === undefined ? {} : { ca: section.ca }),
+    storageDir,
+    renewBefore: renew.value,
+    challenge: section.challenge ?? "tls-alpn-01"
+  }
+}
+
 /** Resolves a server file into the gateway's settings; the first unusable value is the error. */
 export const resolveServerConfig = (file: ServerFile): ServerConfig | ConfigLoadError => {
   const control = addressAt("control.address", file.control?.address, DefaultControlText)
@@ -202,6 +243,8 @@ export const resolveServerConfig = (file: ServerFile): ServerConfig | ConfigLoad
   if (grants instanceof ConfigLoadError) return grants
   const unsafe = checkModes(file, h2Address)
   if (unsafe !== undefined) return unsafe
+  const acme = acmeOf(file)
+  if (acme instanceof ConfigLoadError) return acme
   const drainTimeoutMs = file.drain_timeout_ms ?? DefaultDrainTimeoutMs
   const authThrottle = {
     ...(file.control?.max_failed_auths === undefined ? {} : { refuseAfter: file.control.max_failed_auths }),
@@ -248,6 +291,7 @@ export const resolveServerConfig = (file: ServerFile): ServerConfig | ConfigLoad
     idleTimeoutMs: file.idle_timeout_ms,
     drainTimeoutMs,
     requestMetrics: file.request_metrics ?? true,
+    acme,
     log: file.log
   }
 }

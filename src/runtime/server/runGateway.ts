@@ -11,6 +11,7 @@ import { randomBytes } from "node:crypto"
 import { Context, Effect, Layer, Option, Redacted } from "effect"
 import type { Scope } from "effect"
 import type { TokenGrant } from "../../domain/TokenPolicy.ts"
+import { AcmeCertificates, type AcmeCertificatesShape } from "../../services/acme/AcmeCertificates.ts"
 import { Dispatcher } from "../../services/Dispatcher.ts"
 import { ControlPort } from "../../services/front/ControlPort.ts"
 import { ReverseH2 } from "../../services/front/ReverseH2.ts"
@@ -43,6 +44,45 @@ export interface GatewayHandle {
 export interface GatewayOptions {
   /** Re-reads the configuration on SIGHUP (the command passes its loader). */
   readonly reload?: Effect.Effect<ServerFile, ConfigLoadError> | undefined
+}
+
+/** The ACME metrics, read from the certificate manager at scrape time; returns their remover. */
+const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape) => {
+  const removers = [
+    metrics.registry.sampledGauge({
+      name: "switchyard_acme_orders_total",
+      help: "ACME orders by result: issued (a certificate was obtained) or failed.",
+      labelNames: ["result"],
+      type: "counter",
+      collect: () => {
+        const { issued, failed } = acme.orders()
+        return [[["issued"], issued], [["failed"], failed]]
+      }
+    }),
+    metrics.registry.sampledGauge({
+      name: "switchyard_acme_certificate_days_left",
+      help: "Days until the certificate served for a name expires.",
+      labelNames: ["name"],
+      collect: () => acme.status().flatMap((s) => s.daysLeft === undefined ? [] : [[[s.name], s.daysLeft] as const])
+    }),
+    metrics.registry.sampledGauge({
+      name: "switchyard_acme_names",
+      help: "Names whose certificate the gateway obtains, by state (ordering: none yet; waiting: after a failed order).",
+      labelNames: ["state"],
+      collect: () => {
+        const counts = new Map<string, number>([["ordering", 0], ["valid", 0], ["renewing", 0], ["waiting", 0]])
+        for (const s of acme.status()) counts.set(s.state, (counts.get(s.state) ?? 0) + 1)
+        return [...counts].map(([state, n]) => [[state], n] as const)
+      }
+    }),
+    metrics.registry.sampledGauge({
+      name: "switchyard_acme_failures",
+      help: "Consecutive failed orders per name (0 once a certificate is obtained).",
+      labelNames: ["name"],
+      collect: () => acme.status().map((s) => [[s.name], s.failures] as const)
+    })
+  ]
+  return () => removers.forEach((r) => r())
 }
 
 /** Writes a fresh random token to a file only this user can read; removed when the scope closes. */
@@ -95,6 +135,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   let live: GatewayServices | undefined
   const startedAt = new Date().toISOString()
   const listenerNames: Array<{ name: string; address: string }> = []
+  let acme: AcmeCertificatesShape | undefined
 
   // The admin endpoint starts first so it closes last: /readyz answers 503 while the gateway drains.
   let adminBound: HostPort | undefined
@@ -114,12 +155,21 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
         backends: entry.backends.map((b) => b.label),
         inFlight: entry.backends.reduce((n, b) => n + b.inFlight, 0)
       })),
-      recentErrors: recentErrors.list()
+      recentErrors: recentErrors.list(),
+      ...(acme === undefined ? {} : { certificates: acme.status() })
     })
     adminBound = yield* serveAdmin({ address: config.admin.address, ready: () => live !== undefined && !draining, metrics: metrics.registry, status })
     listenerNames.push({ name: "admin", address: formatHostPort(adminBound) })
   }
 
+  if (config.acme !== undefined) {
+    acme = yield* AcmeCertificates.make({
+      ...config.acme,
+      onFailure: (name, reason) => recentErrors.add(`acme: no certificate for ${name}: ${reason}`)
+    }).pipe(Effect.annotateLogs({ component: "acme" }))
+    const removeAcmeGauges = registerAcmeGauges(metrics, acme)
+    yield* Effect.addFinalizer(() => Effect.sync(removeAcmeGauges))
+  }
   const events = gatewayEvents(metrics, recentErrors.add, yield* Effect.context<never>())
   const removeClientLimitCounters = registerClientLimitCounters(metrics, "public", events.clientLimitReporter.counts)
   yield* Effect.addFinalizer(() => Effect.sync(removeClientLimitCounters))
@@ -141,7 +191,8 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     // the per-request instruments follow each public exchange (`observeExchange`)
     instruments: config.requestMetrics ? requestInstruments(metrics, access) : { observeDispatch: dispatchObserver(metrics) },
     clientLimits: config.clientLimits,
-    onClientLimit: events.clientLimitReporter.onClientLimit
+    onClientLimit: events.clientLimitReporter.onClientLimit,
+    ...(acme === undefined ? {} : { certificates: acme })
   })
   const h2Layer: Layer.Layer<never, Error, Listeners> | Layer.Layer<ReverseH2, Error, Listeners> = h2Enabled
     ? ReverseH2.layer({

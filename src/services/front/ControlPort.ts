@@ -31,7 +31,7 @@ import { AuthThrottle, type AuthThrottleLimits, DefaultAuthThrottleLimits } from
 import { LogSampler } from "../../domain/LogSampler.ts"
 import type { ClientLimits } from "../../domain/ClientLimits.ts"
 import { perSecond } from "../../domain/RateLimit.ts"
-import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
+import { describeRoute, type RouteDefinition, usesAcme } from "../../domain/Route.ts"
 import { type GrantRefusal, makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
 import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol } from "../Backend.ts"
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
@@ -39,7 +39,7 @@ import { Forwarder } from "../Forwarder.ts"
 import type { ClientLimitEvent } from "../forward/http1/Admission.ts"
 import { refusedConnection, streamUpstream } from "../forward/Upstream.ts"
 import { plainErrors, withoutUpstreamDetail } from "../forward/ErrorResponse.ts"
-import { type ListenerError, Listeners, type ListenersConfig } from "../Listeners.ts"
+import { type CertificateSource, type ListenerError, Listeners, type ListenersConfig } from "../Listeners.ts"
 import { Registry, type RegistryConfig } from "../Registry.ts"
 import { type Address, type Connection, Transport, type TransportError } from "../Transport.ts"
 import * as Session from "../yamux/Session.ts"
@@ -161,6 +161,12 @@ export interface ControlPortConfig {
   readonly onSessionFailed?: ((reason: string) => void) | undefined
   /** Called when a backend's session sends GoAway(normal) and starts draining (for metrics). */
   readonly onSessionDraining?: (() => void) | undefined
+  /**
+   * The gateway's ACME certificates: told of each TLS route bound with `acme` (it obtains the name's
+   * certificate), answering why it cannot when it cannot (the route is then refused with `Limit`).
+   * Without it, such routes are refused (`Malformed`).
+   */
+  readonly acme?: { readonly want: (name: string) => string | undefined } | undefined
 }
 
 /**
@@ -359,14 +365,16 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
           ...config.instruments,
           forwarder,
           clientLimits: config.clientLimits,
-          onClientLimit: config.onClientLimit
+          onClientLimit: config.onClientLimit,
+          certificates: config.certificates
         })
       )
     })).pipe(
       Layer.provideMerge(Dispatcher.layer(config.dispatcher)),
       Layer.provideMerge(Registry.layer(config.registry))
     )
-    return ControlPort.layer(config.control).pipe(Layer.provideMerge(core))
+    const control = config.certificates === undefined ? config.control : { ...config.control, acme: config.certificates }
+    return ControlPort.layer(control).pipe(Layer.provideMerge(core))
   }
 }
 
@@ -388,6 +396,11 @@ export interface GatewayConfig {
   readonly clientLimits?: ClientLimits | undefined
   /** Told each time a client limit refuses a request or cuts a connection. */
   readonly onClientLimit?: ((event: ClientLimitEvent) => void) | undefined
+  /**
+   * Certificates the gateway obtains itself (ACME) for TLS routes registered with `acme`, with the
+   * challenge answers on public ports; without it, such routes are refused.
+   */
+  readonly certificates?: (CertificateSource & { readonly want: (name: string) => string | undefined }) | undefined
 }
 
 /** What the public listeners tell per-request instruments: each dispatch and each exchange. */
@@ -595,6 +608,12 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           if (bound.size >= maxListeners) {
             return yield* Effect.fail({ reason: "Limit" as const, message: `at most ${maxListeners} listeners per session` })
           }
+          if (usesAcme(route) && config.acme === undefined) {
+            return yield* Effect.fail({
+              reason: "Malformed" as const,
+              message: `this gateway does not obtain certificates (no ACME directory configured): ${route.domainSuffix} needs its own certificate and key`
+            })
+          }
           const listenerId = nextListener++
           const scope = yield* Scope.fork(sessionScope)
           const backend = makeBackend(tunnel, listenerId, route, maxHttpStreams)
@@ -607,6 +626,13 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
               reason: e === undefined ? "BindFailed" as const : rejectionFor(e),
               message: e === undefined ? `cannot bind ${describeRoute(route)}` : e.message
             })
+          }
+          if (usesAcme(route)) {
+            const refused = config.acme?.want(route.domainSuffix)
+            if (refused !== undefined) {
+              yield* Scope.close(scope, Exit.void)
+              return yield* Effect.fail({ reason: "Limit" as const, message: refused })
+            }
           }
           const listener: BoundListener = { listenerId, route }
           bound.set(listenerId, { scope, listener, backend })

@@ -1,0 +1,330 @@
+/**
+ * The gateway's own certificates for TLS routes registered with `acme`: for each name it obtains a
+ * certificate from an ACME CA (RFC 8555, through the `acme-client` library), answering the CA's
+ * HTTP-01 or TLS-ALPN-01 challenge on the gateway's public ports (`CertificateSource`), keeps it and its
+ * key on disk (mode 0600) so a restart serves it without a new order, and renews it `renewBefore` its
+ * expiry. A failed order is retried after a bounded exponential backoff with jitter (longer when the CA
+ * is rate limiting); each failure is logged as a warning and shown in `status()`. New connections get a
+ * renewed certificate at once; connections already open keep theirs. One fiber per name, all in the
+ * scope that made the service; at most `MaxConcurrentAcmeOrders` orders run at once.
+ */
+import * as acme from "acme-client"
+import { X509Certificate } from "node:crypto"
+import * as fs from "node:fs"
+import * as https from "node:https"
+import * as path from "node:path"
+import * as tls from "node:tls"
+import { Clock, Context, Duration, Effect, Exit, FiberSet, Layer, Option, Schema, Scope, Semaphore } from "effect"
+import {
+  AccountKeyFile,
+  AcmeOrderTimeoutMs,
+  type AcmeChallengeType,
+  backoffMs,
+  daysUntil,
+  DefaultRenewBeforeMs,
+  httpChallengeToken,
+  isRateLimited,
+  MaxAcmeNames,
+  MaxConcurrentAcmeOrders,
+  renewAt,
+  storedFiles
+} from "../../domain/Acme.ts"
+import type { CertificateSource } from "../Listeners.ts"
+
+export interface AcmeConfig {
+  /** The CA's ACME directory URL (e.g. Let's Encrypt's `https://acme-v02.api.letsencrypt.org/directory`). */
+  readonly directoryUrl: string
+  /** Contact address registered with the account (the CA's expiry and policy mail). */
+  readonly email: string
+  /** PEM CA certificate(s) trusted for the directory's HTTPS besides the system's (a private or test CA). */
+  readonly ca?: string | undefined
+  /** Where the account key and each name's certificate and key are kept (created 0700). */
+  readonly storageDir: string
+  /** Renew this long before expiry (default 30 days). */
+  readonly renewBefore?: Duration.Input | undefined
+  /** The challenge the gateway answers (default `tls-alpn-01`, on the route's TLS port). */
+  readonly challenge?: AcmeChallengeType | undefined
+  /** The clock renewals and backoffs are timed by (default the fiber's; tests pass a `TestClock`). */
+  readonly clock?: Clock.Clock | undefined
+  /** Source of the backoff jitter, in [0, 1) (default `Math.random`). */
+  readonly random?: (() => number) | undefined
+  /** Told of each failed order, with its one-line reason (the gateway's recent errors). */
+  readonly onFailure?: ((name: string, reason: string) => void) | undefined
+}
+
+/** Where one name stands, for `/status`, `switchyard status` and the metrics. */
+export interface AcmeNameStatus {
+  readonly name: string
+  /** `ordering` (no certificate yet), `valid`, `renewing` (valid, a new one on order) or `waiting` (after a failure). */
+  readonly state: "ordering" | "valid" | "renewing" | "waiting"
+  /** Expiry of the certificate served (ISO 8601), when there is one. */
+  readonly notAfter?: string | undefined
+  readonly daysLeft?: number | undefined
+  /** Consecutive failed orders. */
+  readonly failures: number
+  readonly lastError?: string | undefined
+  /** When the next order starts, after a failure (ISO 8601). */
+  readonly nextAttempt?: string | undefined
+}
+
+export interface AcmeCertificatesShape extends CertificateSource {
+  /** Starts managing `name` (a route asked for it); why it cannot, when it cannot. */
+  readonly want: (name: string) => string | undefined
+  readonly status: () => ReadonlyArray<AcmeNameStatus>
+  /** Orders that ended with a certificate, and orders that failed, since start. */
+  readonly orders: () => { readonly issued: number; readonly failed: number }
+}
+
+/** The certificate manager cannot start: its store cannot be created, read or written. */
+export class AcmeError extends Schema.TaggedError<AcmeError>()("AcmeError", {
+  reason: Schema.Literals(["Storage"]),
+  message: Schema.String
+}) {}
+
+export class AcmeCertificates extends Context.Service<AcmeCertificates, AcmeCertificatesShape>()("switchyard/AcmeCertificates") {
+  static readonly layer = (config: AcmeConfig): Layer.Layer<AcmeCertificates, AcmeError> => Layer.effect(AcmeCertificates, make(config))
+  static readonly make = (config: AcmeConfig): Effect.Effect<AcmeCertificatesShape, AcmeError, Scope.Scope> => make(config)
+}
+
+interface NameState {
+  readonly name: string
+  phase: AcmeNameStatus["state"]
+  context: tls.SecureContext | undefined
+  notAfterMs: number | undefined
+  notBeforeMs: number | undefined
+  /** When the gateway obtained the certificate it serves (absent for one loaded from the store). */
+  issuedAtMs: number | undefined
+  failures: number
+  lastError: string | undefined
+  nextAttemptMs: number | undefined
+}
+
+/** Writes `text` to `file` with mode 0600, through a temporary file renamed over it. */
+const writePrivate = (file: string, text: string): void => {
+  const temporary = `${file}.${process.pid}.tmp`
+  fs.writeFileSync(temporary, text, { mode: 0o600 })
+  fs.renameSync(temporary, file)
+}
+
+/** A stored certificate and key for `name`, when both are readable, match the name and still valid at `nowMs`. */
+const loadStored = (dir: string, name: string, nowMs: number): { readonly cert: string; readonly key: string; readonly validity: Validity } | undefined => {
+  const files = storedFiles(name)
+  try {
+    const cert = fs.readFileSync(path.join(dir, files.cert), "utf8")
+    const key = fs.readFileSync(path.join(dir, files.key), "utf8")
+    const x509 = new X509Certificate(cert)
+    const validity = validityOf(x509)
+    if (x509.checkHost(name) === undefined || !(validity.notAfterMs > nowMs)) return undefined
+    return { cert, key, validity }
+  } catch {
+    return undefined
+  }
+}
+
+interface Validity {
+  readonly notBeforeMs: number
+  readonly notAfterMs: number
+}
+
+const validityOf = (x509: X509Certificate): Validity => ({
+  notBeforeMs: new Date(x509.validFrom).getTime(),
+  notAfterMs: new Date(x509.validTo).getTime()
+})
+
+/** CA certificates trusted for ACME directories besides the system's, by every manager of the process. */
+const extraCas = new Set<string>()
+
+const messageOf = (e: unknown): string => (e instanceof Error ? e.message : String(e)).replace(/\s+/g, " ").slice(0, 500)
+
+const make = Effect.fnUntraced(function*(config: AcmeConfig) {
+  const renewBeforeMs = config.renewBefore === undefined ? DefaultRenewBeforeMs : Duration.toMillis(Duration.fromInputUnsafe(config.renewBefore))
+  const challengeType: AcmeChallengeType = config.challenge ?? "tls-alpn-01"
+  const random = config.random ?? Math.random
+  const dir = config.storageDir
+  const accountKeyPath = path.join(dir, AccountKeyFile)
+  const storedKey = yield* Effect.try({
+    try: () => {
+      fs.mkdirSync(dir, { recursive: true, mode: 0o700 })
+      fs.accessSync(dir, fs.constants.W_OK)
+      return fs.existsSync(accountKeyPath) ? fs.readFileSync(accountKeyPath) : undefined
+    },
+    catch: (e) => new AcmeError({ reason: "Storage", message: `the ACME store ${dir} cannot be used: ${messageOf(e)}` })
+  })
+  if (config.ca !== undefined) extraCas.add(config.ca)
+  // acme-client makes its requests through its own axios instance, whose agent is public API: one agent
+  // for the process, trusting the system's CAs and every `ca` given, keeping no idle connection open
+  acme.axios.defaults.httpsAgent = new https.Agent({ keepAlive: false, ...(extraCas.size === 0 ? {} : { ca: [...tls.rootCertificates, ...extraCas] }) })
+  let accountKey: Buffer
+  if (storedKey !== undefined) accountKey = storedKey
+  else {
+    accountKey = yield* Effect.promise(() => acme.crypto.createPrivateEcdsaKey())
+    const created = accountKey
+    yield* Effect.try({
+      try: () => writePrivate(accountKeyPath, created.toString()),
+      catch: (e) => new AcmeError({ reason: "Storage", message: `the ACME account key cannot be stored in ${dir}: ${messageOf(e)}` })
+    })
+  }
+  const client = new acme.Client({ directoryUrl: config.directoryUrl, accountKey })
+
+  const names = new Map<string, NameState>()
+  const httpAnswers = new Map<string, string>()
+  const alpnContexts = new Map<string, tls.SecureContext>()
+  let issued = 0
+  let failed = 0
+  const orderSlots = yield* Semaphore.make(MaxConcurrentAcmeOrders)
+  const fibers = yield* FiberSet.make()
+  const runFork = yield* FiberSet.runtime(fibers)<never>()
+  const withClock = <A, E, R>(effect: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
+    config.clock === undefined ? effect : Effect.provideService(effect, Clock.Clock, config.clock)
+  yield* Effect.addFinalizer(() => Effect.sync(() => {
+    httpAnswers.clear()
+    alpnContexts.clear()
+  }))
+
+  /** One order for `name`: a fresh key, the challenges answered, the chain and key stored. */
+  const order = (name: string): Promise<{ readonly cert: string; readonly key: string }> =>
+    (async () => {
+      const [key, csr] = await acme.crypto.createCsr({ commonName: name, altNames: [name] }, await acme.crypto.createPrivateEcdsaKey())
+      const cert = await client.auto({
+        csr,
+        email: config.email,
+        termsOfServiceAgreed: true,
+        challengePriority: [challengeType],
+        // the gateway answers the challenge itself; the CA's validation is the check
+        skipChallengeVerification: true,
+        challengeCreateFn: async (authz, challenge, keyAuthorization) => {
+          // the library's challenge type lists only http-01 and dns-01; tls-alpn-01 comes as well
+          const type: string = challenge.type
+          if (challenge.type === "http-01") httpAnswers.set(challenge.token, keyAuthorization)
+          else if (type === "tls-alpn-01") {
+            const [alpnKey, alpnCert] = await acme.crypto.createAlpnCertificate(authz, keyAuthorization)
+            alpnContexts.set(authz.identifier.value.toLowerCase(), tls.createSecureContext({ key: alpnKey, cert: alpnCert }))
+          } else throw new Error(`challenge ${type} is not answered by the gateway`)
+        },
+        challengeRemoveFn: async (authz, challenge) => {
+          if (challenge.type === "http-01") httpAnswers.delete(challenge.token)
+          else alpnContexts.delete(authz.identifier.value.toLowerCase())
+        }
+      })
+      const files = storedFiles(name)
+      fs.mkdirSync(path.join(dir, files.dir), { recursive: true, mode: 0o700 })
+      writePrivate(path.join(dir, files.key), key.toString())
+      writePrivate(path.join(dir, files.cert), cert)
+      return { cert, key: key.toString() }
+    })()
+
+  const install = (state: NameState, cert: string, key: string, validity: Validity, issuedAtMs: number | undefined) => {
+    state.context = tls.createSecureContext({ cert, key })
+    state.notAfterMs = validity.notAfterMs
+    state.notBeforeMs = validity.notBeforeMs
+    state.issuedAtMs = issuedAtMs
+    state.phase = "valid"
+    state.failures = 0
+    state.lastError = undefined
+    state.nextAttemptMs = undefined
+  }
+
+  /** Keeps `name`'s certificate: orders when there is none or it is due, waits otherwise, backs off on failure. */
+  const manage = (state: NameState) =>
+    Effect.gen(function*() {
+      for (;;) {
+        const now = yield* Clock.currentTimeMillis
+        if (state.notAfterMs !== undefined && state.notBeforeMs !== undefined && state.nextAttemptMs === undefined) {
+          const due = renewAt({ notBeforeMs: state.notBeforeMs, notAfterMs: state.notAfterMs }, renewBeforeMs, state.issuedAtMs)
+          if (now < due) {
+            yield* Effect.sleep(Duration.millis(due - now))
+            continue
+          }
+        }
+        if (state.nextAttemptMs !== undefined && now < state.nextAttemptMs) {
+          yield* Effect.sleep(Duration.millis(state.nextAttemptMs - now))
+        }
+        state.phase = state.context === undefined ? "ordering" : "renewing"
+        state.nextAttemptMs = undefined
+        yield* Effect.logInfo(`ordering a certificate for ${state.name} (${challengeType})`)
+        const result = yield* orderSlots.withPermits(1)(
+          Effect.tryPromise({ try: () => order(state.name), catch: messageOf }).pipe(
+            Effect.timeoutOption(Duration.millis(AcmeOrderTimeoutMs)),
+            Effect.flatMap(Option.match({
+              onNone: () => Effect.fail(`the order did not complete within ${AcmeOrderTimeoutMs / 1000} s`),
+              onSome: Effect.succeed
+            })),
+            Effect.exit
+          )
+        )
+        const after = yield* Clock.currentTimeMillis
+        if (Exit.isSuccess(result)) {
+          const validity = validityOf(new X509Certificate(result.value.cert))
+          install(state, result.value.cert, result.value.key, validity, after)
+          issued++
+          yield* Effect.logInfo(`certificate for ${state.name} issued, valid until ${new Date(validity.notAfterMs).toISOString()}`)
+          continue
+        }
+        const failure = result.cause.reasons.find((r) => r._tag === "Fail")
+        const reason = failure?._tag === "Fail" ? String(failure.error) : "the order was interrupted"
+        failed++
+        state.failures++
+        state.lastError = reason
+        const wait = backoffMs(state.failures, random(), isRateLimited(reason) ? {} : undefined)
+        state.nextAttemptMs = after + wait
+        state.phase = "waiting"
+        config.onFailure?.(state.name, reason)
+        yield* Effect.logWarning(
+          `no certificate for ${state.name}${state.context === undefined ? " (TLS connections for it are refused until there is one)" : " renewed"}: ${reason}; ` +
+            `next order in ${Math.round(wait / 1000)} s (failure ${state.failures})`
+        )
+      }
+    }).pipe(withClock, Effect.annotateLogs({ component: "acme", name: state.name }))
+
+  const want = (name: string): string | undefined => {
+    const key = name.toLowerCase()
+    if (names.has(key)) return undefined
+    if (names.size >= MaxAcmeNames) return `this gateway already obtains certificates for ${MaxAcmeNames} names`
+    const state: NameState = {
+      name: key,
+      phase: "ordering",
+      context: undefined,
+      notAfterMs: undefined,
+      notBeforeMs: undefined,
+      issuedAtMs: undefined,
+      failures: 0,
+      lastError: undefined,
+      nextAttemptMs: undefined
+    }
+    const nowMs = config.clock === undefined ? Date.now() : config.clock.currentTimeMillisUnsafe()
+    const stored = loadStored(dir, key, nowMs)
+    if (stored !== undefined) install(state, stored.cert, stored.key, stored.validity, undefined)
+    names.set(key, state)
+    runFork(manage(state))
+    return undefined
+  }
+
+  const nowMs = () => config.clock === undefined ? Date.now() : config.clock.currentTimeMillisUnsafe()
+
+  return AcmeCertificates.of({
+    want,
+    contextFor: (name) => {
+      const state = names.get(name)
+      if (state === undefined) return `no certificate was asked for ${name}`
+      if (state.context !== undefined) return state.context
+      return state.lastError === undefined ? `the certificate for ${name} is being ordered` : `no certificate for ${name}: ${state.lastError}`
+    },
+    alpnChallenge: (name) => alpnContexts.get(name),
+    httpChallenge: (requestPath) => {
+      const token = httpChallengeToken(requestPath)
+      return token === undefined ? undefined : httpAnswers.get(token)
+    },
+    status: () =>
+      [...names.values()].map((s) => ({
+        name: s.name,
+        state: s.phase,
+        ...(s.notAfterMs === undefined
+          ? {}
+          : { notAfter: new Date(s.notAfterMs).toISOString(), daysLeft: Math.floor(daysUntil(s.notAfterMs, nowMs()) * 10) / 10 }),
+        failures: s.failures,
+        ...(s.lastError === undefined ? {} : { lastError: s.lastError }),
+        ...(s.nextAttemptMs === undefined ? {} : { nextAttempt: new Date(s.nextAttemptMs).toISOString() })
+      })),
+    orders: () => ({ issued, failed })
+  })
+})

@@ -1,0 +1,114 @@
+/**
+ * ACME as operators run it: `switchyard server --acme-directory … --acme-email … --acme-ca …` and two
+ * `switchyard client --domain … --tls-acme` processes against Debian's pebble. One name resolves for
+ * pebble and gets a certificate that curl verifies against pebble's root; the other does not, and its
+ * failure shows as a WARN line in the gateway's log, in `switchyard status` and in `/metrics`.
+ */
+import { assert, beforeEach, describe, it } from "@effect/vitest"
+import { execFile } from "node:child_process"
+import * as fs from "node:fs"
+import * as http from "node:http"
+import * as os from "node:os"
+import * as path from "node:path"
+import { Effect } from "effect"
+import { cleanupsPerTest } from "../support/leaks.ts"
+import { requirePebble, startDns, startPebble } from "../support/pebble.ts"
+import { addressAfter, freePort, get, sample, spawnSwitchyard } from "../runtime/serverProcess.ts"
+
+const available = requirePebble()
+const describePebble = available ? describe : describe.skip
+
+const Token = "acme-cli-token-7d21"
+/** Longest real wait for an order, a validation or a log line. */
+const WaitLimitMs = 45_000
+
+let dir: string
+const cleanups = cleanupsPerTest()
+
+beforeEach(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-acme-cli-"))
+  const mine = dir
+  cleanups.push(async () => fs.rmSync(mine, { recursive: true, force: true }))
+})
+
+const run = (file: string, args: ReadonlyArray<string>) =>
+  new Promise<{ code: number; out: string }>((resolve) =>
+    execFile(file, args, { timeout: 20_000 }, (error, stdout, stderr) =>
+      resolve({ code: error === null ? 0 : (error as { code?: number }).code ?? 1, out: stdout + stderr }))
+  )
+
+const until = async (what: string, check: () => Promise<boolean>) => {
+  const deadline = Date.now() + WaitLimitMs
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await new Promise((r) => setTimeout(r, 200))
+  }
+}
+
+describePebble("switchyard server with ACME, switchyard client --tls-acme (processes, pebble)", () => {
+  it.live("a granted name gets a verified certificate; a name pebble cannot validate is reported in the log, status and metrics", () =>
+    Effect.promise(async () => {
+      const dns = await startDns(["ok.test"])
+      cleanups.push(() => dns.close())
+      const tlsPort = await freePort()
+      const pebble = await startPebble({ httpPort: await freePort(), tlsPort, dnsPort: dns.port })
+      cleanups.push(() => pebble.stop())
+      const caFile = path.join(dir, "pebble-https.pem")
+      fs.writeFileSync(caFile, pebble.ca)
+      const storage = path.join(dir, "store")
+
+      const server = spawnSwitchyard([
+        "server", "--control", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--token", Token,
+        "--acme-directory", pebble.directoryUrl, "--acme-email", "ops@example.com", "--acme-ca", caFile,
+        "--set", `acme.storage_dir=${storage}`
+      ])
+      cleanups.push(() => server.stop("SIGKILL"))
+      await server.waitFor("expose a local service")
+      const control = addressAfter(server.output(), /control port/)
+      const admin = addressAfter(server.output(), /admin endpoint/)
+
+      const local = http.createServer((_req, res) => res.end("served by the backend"))
+      await new Promise<void>((resolve) => local.listen(0, "127.0.0.1", resolve))
+      cleanups.push(() => new Promise<void>((resolve) => { local.closeAllConnections(); local.close(() => resolve()) }))
+      const localPort = (local.address() as { port: number }).port
+      for (const domain of ["ok.test", "nope.test"]) {
+        const client = spawnSwitchyard([
+          "client", "--server", `127.0.0.1:${control.port}`, "--token", Token, "--expose", `127.0.0.1:${localPort}`,
+          "--port", String(tlsPort), "--domain", domain, "--tls-acme", "--no-admin"
+        ])
+        cleanups.push(() => client.stop("SIGKILL"))
+      }
+
+      // the granted, resolvable name: issued and verified by curl against pebble's root
+      const rootFile = path.join(dir, "root.pem")
+      fs.writeFileSync(rootFile, await pebble.root())
+      let last = { code: -1, out: "" }
+      await until("a verified certificate for ok.test", async () => {
+        last = await run("curl", ["-sS", "--max-time", "5", "--cacert", rootFile, "--resolve", `ok.test:${tlsPort}:127.0.0.1`, `https://ok.test:${tlsPort}/`])
+        return last.code === 0
+      }).catch((e) => { throw new Error(`${(e as Error).message}: ${last.out}\n${server.output()}`) })
+      assert.strictEqual(last.out, "served by the backend")
+      assert.strictEqual(fs.statSync(path.join(storage, "ok.test", "key.pem")).mode & 0o777, 0o600)
+
+      // the name pebble cannot resolve: a WARN line naming it, status and metrics say why
+      await server.waitFor(/level=WARN.*no certificate for nope\.test/, WaitLimitMs)
+      const refused = await run("curl", ["-sS", "--max-time", "5", "--cacert", rootFile, "--resolve", `nope.test:${tlsPort}:127.0.0.1`, `https://nope.test:${tlsPort}/`])
+      assert.notStrictEqual(refused.code, 0)
+      assert.match(refused.out, /alert|handshake/i)
+      const status = await run(process.execPath, [path.resolve(import.meta.dirname, "../../src/runtime/main.ts"), "status", "--admin", `127.0.0.1:${admin.port}`])
+      assert.strictEqual(status.code, 0, status.out)
+      assert.match(status.out, /CERTIFICATE\s+STATE/)
+      assert.match(status.out, /ok\.test\s+valid/)
+      assert.match(status.out, /nope\.test\s+waiting/)
+      const json = JSON.parse((await get(admin.port, "/status")).body) as { certificates: Array<{ name: string; lastError?: string; failures: number }>; recentErrors: Array<{ message: string }> }
+      const nope = json.certificates.find((c) => c.name === "nope.test")
+      assert.strictEqual(nope?.failures, 1)
+      assert.include(nope?.lastError ?? "", "nope.test")
+      assert.isTrue(json.recentErrors.some((e) => e.message.includes("no certificate for nope.test")))
+      const metrics = (await get(admin.port, "/metrics")).body
+      assert.strictEqual(sample(metrics, "switchyard_acme_orders_total", { result: "issued" }), 1)
+      assert.strictEqual(sample(metrics, "switchyard_acme_orders_total", { result: "failed" }), 1)
+      assert.isAbove(sample(metrics, "switchyard_acme_certificate_days_left", { name: "ok.test" }), 30)
+      assert.strictEqual(sample(metrics, "switchyard_acme_names", { state: "waiting" }), 1)
+    }), 150_000)
+})
