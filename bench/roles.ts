@@ -23,6 +23,11 @@ const stopTimeoutMs = 10_000
 const keptLines = 40
 /** The `switchyard` command, run from the sources as `npm start` does. */
 const switchyardMain = path.resolve(import.meta.dirname, "../src/runtime/main.ts")
+/** The Node flags the `switchyard` launcher runs with (its `#!` line), so a bench process is the command's process. */
+const switchyardNodeFlags = fs.readFileSync(path.resolve(import.meta.dirname, "../bin/switchyard.js"), "utf8")
+  .split("\n", 1)[0]!
+  .split(/\s+/)
+  .filter((word) => word.startsWith("--"))
 /** Preloaded into a switchyard child that a bench asks for a full collection (SIGUSR2). */
 const gcPreload = path.resolve(import.meta.dirname, "gc-on-signal.ts")
 
@@ -144,7 +149,13 @@ export const startSwitchyard = (
   startProcess(
     name,
     process.execPath,
-    [...profileFlags(name), ...(options.gc === true ? ["--expose-gc", "--import", gcPreload] : []), switchyardMain, ...args],
+    [
+      ...switchyardNodeFlags,
+      ...profileFlags(name),
+      ...(options.gc === true ? ["--expose-gc", "--import", gcPreload] : []),
+      switchyardMain,
+      ...args
+    ],
     { env: { SWITCHYARD_ADMIN_ENABLED: "false" }, ready: options.ready }
   )
 

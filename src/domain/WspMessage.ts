@@ -318,16 +318,29 @@ const tokenChar = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/
  * case, the rest lower case; names holding a character outside the token set are left untouched.
  */
 export const canonicalHeaderName = (name: string): string => {
-  if (!tokenChar.test(name)) return name
-  let out = ""
-  let upper = true
-  for (let i = 0; i < name.length; i++) {
-    const ch = name[i]!
-    out += upper ? ch.toUpperCase() : ch.toLowerCase()
-    upper = ch === "-"
+  const known = canonicalNames.get(name)
+  if (known !== undefined) return known
+  let out = name
+  if (tokenChar.test(name)) {
+    out = ""
+    let upper = true
+    for (let i = 0; i < name.length; i++) {
+      const ch = name[i]!
+      out += upper ? ch.toUpperCase() : ch.toLowerCase()
+      upper = ch === "-"
+    }
   }
+  if (canonicalNames.size >= CANONICAL_NAME_CACHE_ENTRIES) canonicalNames.clear()
+  if (name.length <= CANONICAL_NAME_CACHE_MAX_LENGTH) canonicalNames.set(name, out)
   return out
 }
+
+/** Most header names whose canonical form is remembered (the set starts over when full). */
+export const CANONICAL_NAME_CACHE_ENTRIES = 512
+/** Longest header name remembered. */
+const CANONICAL_NAME_CACHE_MAX_LENGTH = 64
+/** Header names seen recently and their canonical forms (every request repeats most of them). */
+const canonicalNames = new Map<string, string>()
 
 /** `http.Header.Get`: the first value of a header, looked up by canonical name, or "". */
 export const goHeaderGet = (header: GoHeader, name: string): string => {
@@ -339,6 +352,8 @@ export const goHeaderGet = (header: GoHeader, name: string): string => {
 // ---------------------------------------------------------------------------------------------
 // Hop-by-hop headers
 
+const NOTHING_MORE: ReadonlySet<string> = new Set()
+
 /**
  * A header map without hop-by-hop fields (the forwarding core's list), including those named in
  * `Connection`, and without the names in `alsoDrop` (lower case). wsp forwards these unchanged;
@@ -346,24 +361,25 @@ export const goHeaderGet = (header: GoHeader, name: string): string => {
  */
 export const withoutHopByHop = (
   header: GoHeader,
-  alsoDrop: ReadonlySet<string> = new Set()
+  alsoDrop: ReadonlySet<string> = NOTHING_MORE
 ): Record<string, ReadonlyArray<string>> => {
   const out: Record<string, ReadonlyArray<string>> = Object.create(null)
   if (header === null) return out
-  const named = new Set<string>()
-  for (const [name, values] of Object.entries(header)) {
-    if (name.toLowerCase() !== "connection") continue
-    for (const value of values) {
+  let named: Set<string> | undefined
+  for (const name of Object.keys(header)) {
+    if (name.length !== 10 || name.toLowerCase() !== "connection") continue
+    named ??= new Set<string>()
+    for (const value of header[name]!) {
       for (const token of value.split(",")) {
         const t = token.trim().toLowerCase()
         if (t !== "") named.add(t)
       }
     }
   }
-  for (const [name, values] of Object.entries(header)) {
+  for (const name of Object.keys(header)) {
     const lower = name.toLowerCase()
-    if (HOP_BY_HOP.has(lower) || named.has(lower) || alsoDrop.has(lower)) continue
-    out[name] = values
+    if (HOP_BY_HOP.has(lower) || named?.has(lower) === true || alsoDrop.has(lower)) continue
+    out[name] = header[name]!
   }
   return out
 }

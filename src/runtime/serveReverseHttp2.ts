@@ -6,6 +6,7 @@
  */
 import * as http from "node:http"
 import * as http2 from "node:http2"
+import type * as net from "node:net"
 import * as tls from "node:tls"
 import { Context, Effect, Exit, Layer, Scope } from "effect"
 import type * as Redacted from "effect/Redacted"
@@ -58,6 +59,73 @@ export const serveReverseHttp2 = async (
 export const MaxLocalSockets = 256
 /** Most idle pooled connections kept to the local service. */
 export const MaxLocalFreeSockets = 32
+/**
+ * How long idle connections beyond `MaxLocalFreeSockets` stay for reuse after their last request (ms):
+ * under a steady load of more concurrent requests than that, closing the surplus at once would close
+ * and reopen a connection for a good share of the requests.
+ */
+export const LocalIdleSurplusLingerMs = 1_000
+
+/**
+ * A keep-alive agent that keeps up to `maxSockets` idle connections, and closes the least recently
+ * used idle ones beyond `keep` once they stayed idle for `lingerMs` (one unref'd timer, armed while
+ * there are more than `keep`).
+ */
+class LingeringAgent extends http.Agent {
+  private readonly keep: number
+  private readonly lingerMs: number
+  private readonly idleSince = new WeakMap<object, number>()
+  private timer: ReturnType<typeof setTimeout> | undefined = undefined
+
+  constructor(maxSockets: number, keep: number, lingerMs: number) {
+    super({ keepAlive: true, maxSockets, maxFreeSockets: maxSockets, scheduling: "lifo" })
+    this.keep = keep
+    this.lingerMs = lingerMs
+  }
+
+  /** Node's documented hook for a socket its request released: `false` has it closed instead. */
+  override keepSocketAlive(socket: net.Socket): boolean {
+    // typed `void` in @types/node; Node documents (and returns) whether the socket may be kept
+    const kept = (super.keepSocketAlive(socket) as unknown) !== false
+    if (kept) {
+      this.idleSince.set(socket, performance.now())
+      if (this.timer === undefined) this.arm(this.lingerMs)
+    }
+    return kept
+  }
+
+  private arm(ms: number): void {
+    this.timer = setTimeout(this.trim, ms)
+    this.timer.unref()
+  }
+
+  /** Idle connections, least recently used first. */
+  private idle(): Array<net.Socket> {
+    const all: Array<net.Socket> = []
+    for (const list of Object.values(this.freeSockets)) if (list !== undefined) all.push(...list)
+    return all.sort((a, b) => (this.idleSince.get(a) ?? 0) - (this.idleSince.get(b) ?? 0))
+  }
+
+  private readonly trim = (): void => {
+    this.timer = undefined
+    const idle = this.idle()
+    const now = performance.now()
+    for (let i = 0; i < idle.length - this.keep; i++) {
+      const left = (this.idleSince.get(idle[i]!) ?? 0) + this.lingerMs - now
+      if (left > 0) {
+        this.arm(left)
+        return
+      }
+      idle[i]!.destroy()
+    }
+  }
+
+  override destroy(): void {
+    if (this.timer !== undefined) clearTimeout(this.timer)
+    this.timer = undefined
+    super.destroy()
+  }
+}
 
 /**
  * An `http2` request handler that forwards every request the gateway sends to a local HTTP/1.1 service
@@ -65,11 +133,18 @@ export const MaxLocalFreeSockets = 32
  * cannot be reached answers 502. `Upgrade` is not offered (no extended CONNECT), so the gateway answers
  * WebSocket requests for such a tunnel with 501.
  */
-export const localHttpHandler = (target: { readonly host: string; readonly port: number }): {
+export const localHttpHandler = (
+  target: { readonly host: string; readonly port: number },
+  pool: { readonly maxSockets: number; readonly maxFreeSockets: number; readonly lingerMs: number } = {
+    maxSockets: MaxLocalSockets,
+    maxFreeSockets: MaxLocalFreeSockets,
+    lingerMs: LocalIdleSurplusLingerMs
+  }
+): {
   readonly handler: ReverseHttp2Handler
   readonly close: () => void
 } => {
-  const agent = new http.Agent({ keepAlive: true, maxSockets: MaxLocalSockets, maxFreeSockets: MaxLocalFreeSockets })
+  const agent = new LingeringAgent(pool.maxSockets, pool.maxFreeSockets, pool.lingerMs)
   const handler: ReverseHttp2Handler = (req, res) => {
     const headers: Array<string> = []
     const raw = req.rawHeaders

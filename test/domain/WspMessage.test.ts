@@ -1,6 +1,7 @@
 import { describe, expect, it } from "@effect/vitest"
 import { Schema } from "effect"
 import {
+  CANONICAL_NAME_CACHE_ENTRIES,
   canonicalHeaderName,
   decodeGreeting,
   decodeRequestHead,
@@ -114,6 +115,17 @@ describe("header names", () => {
     expect(canonicalHeaderName("bad header")).toBe("bad header")
     expect(goHeaderGet({ "X-Custom": ["a", "b"] }, "x-custom")).toBe("a")
     expect(goHeaderGet(null, "x")).toBe("")
+  })
+
+  it("gives the same answers for more distinct names than it remembers, and for names seen again", () => {
+    const names = Array.from({ length: CANONICAL_NAME_CACHE_ENTRIES + 100 }, (_, i) => `x-name-${i}-VALUE`)
+    for (const round of [1, 2]) {
+      for (const [i, name] of names.entries()) expect(canonicalHeaderName(name), `round ${round}`).toBe(`X-Name-${i}-Value`)
+    }
+    const long = `x-${"a".repeat(100)}`
+    expect(canonicalHeaderName(long)).toBe(`X-A${"a".repeat(99)}`)
+    expect(canonicalHeaderName(long)).toBe(`X-A${"a".repeat(99)}`)
+    expect(canonicalHeaderName("bad header")).toBe("bad header")
   })
 
   it("drops hop-by-hop headers and those named in Connection", () => {

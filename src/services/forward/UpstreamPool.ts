@@ -3,8 +3,9 @@
  * reuse, idle connections watched so one the upstream closed (or that talks out of turn) is dropped
  * before reuse, and a bounded queue of requests waiting for a connection. A waiter may name its client
  * and the most connections that client may hold at once: a client at its cap waits for one of its own
- * to come back, while others are served. It parses nothing and keeps no timers (the waiter bounds its
- * wait): the connection's current owner gets its events through one set of listeners installed per connection.
+ * to come back, while others are served. It parses nothing; its one timer closes idle connections beyond
+ * `maxFreeSockets` that stayed unused for `IDLE_SURPLUS_LINGER_MS` (the waiter bounds its own wait): the
+ * connection's current owner gets its events through one set of listeners installed per connection.
  */
 import type { Duplex } from "node:stream"
 import type { ReadBatchListener } from "../Transport.ts"
@@ -37,6 +38,14 @@ export interface ConnectionWaiter {
   /** Most connections of this pool `client` may hold at once (default: no cap). */
   readonly slotLimit?: number | undefined
 }
+
+/**
+ * How long idle connections beyond `maxFreeSockets` are kept for reuse after their last exchange. Under
+ * a steady load of more concurrent requests than `maxFreeSockets`, the connections in use rise and fall
+ * within every turn of the event loop: closing the surplus at once would close and reopen connections
+ * on most requests. A pool with `maxFreeSockets` 0 keeps none.
+ */
+export const IDLE_SURPLUS_LINGER_MS = 1_000
 
 /** Most requests that may wait for a connection of one upstream; more are answered 503. */
 export const MAX_POOL_WAITERS = 4096
@@ -74,6 +83,8 @@ export class PooledConnection {
   chunkHeld = false
   /** The client the pool counts this busy connection against, if any. */
   client: string | undefined = undefined
+  /** When it last went idle (`performance.now()`). */
+  idleSince = 0
   private readBuffer: Buffer | undefined = undefined
   /** The last read filled the buffer. */
   private filled = false
@@ -211,6 +222,9 @@ export class UpstreamPool {
   /** Busy connections per client (only clients with some). */
   private readonly held = new Map<string, number>()
   private closed = false
+  /** Closes idle connections beyond `maxFreeSockets` that stayed unused long enough (armed while there are some). */
+  private trimTimer: ReturnType<typeof setTimeout> | undefined = undefined
+  private readonly lingerMs: number
   /** Called when the pool holds nothing any more (so its owner can drop it). */
   private readonly onEmpty: (pool: UpstreamPool) => void
   /** Called with the byte count when an idle connection received bytes (it is then destroyed). */
@@ -221,13 +235,15 @@ export class UpstreamPool {
     maxSockets: number,
     maxFreeSockets: number,
     onEmpty: (pool: UpstreamPool) => void,
-    onOutOfTurn?: (bytes: number) => void
+    onOutOfTurn?: (bytes: number) => void,
+    lingerMs: number = IDLE_SURPLUS_LINGER_MS
   ) {
     this.upstream = upstream
     this.maxSockets = maxSockets
     this.maxFreeSockets = maxFreeSockets
     this.onEmpty = onEmpty
     this.onOutOfTurn = onOutOfTurn
+    this.lingerMs = lingerMs
   }
 
   /** An idle connection received bytes nobody asked for. */
@@ -343,13 +359,39 @@ export class UpstreamPool {
       this.grant(next, c)
       return
     }
-    if (this.idle.length >= this.maxFreeSockets) {
+    if (this.maxFreeSockets === 0) {
       c.destroy()
       return
     }
     this.busy--
     c.state = "idle"
+    c.idleSince = performance.now()
     this.idle.push(c)
+    if (this.idle.length > this.maxFreeSockets && this.trimTimer === undefined) this.armTrim(this.lingerMs)
+  }
+
+  private armTrim(ms: number): void {
+    this.trimTimer = setTimeout(this.trimSurplus, ms)
+    this.trimTimer.unref()
+  }
+
+  /**
+   * Closes the least recently used idle connections beyond `maxFreeSockets` that stayed idle for the
+   * linger time (the idle list is in release order: the oldest first).
+   */
+  private readonly trimSurplus = (): void => {
+    this.trimTimer = undefined
+    const idle = this.idle
+    const now = performance.now()
+    while (idle.length > this.maxFreeSockets) {
+      const oldest = idle[0]!
+      const left = oldest.idleSince + this.lingerMs - now
+      if (left > 0) {
+        this.armTrim(left)
+        return
+      }
+      this.dropOneIdle()
+    }
   }
 
   /** A busy connection closed: its slot goes to the next waiter its client's cap allows. */
@@ -372,6 +414,10 @@ export class UpstreamPool {
   /** Closes every connection, idle or not, and refuses the waiters. */
   close(): void {
     this.closed = true
+    if (this.trimTimer !== undefined) {
+      clearTimeout(this.trimTimer)
+      this.trimTimer = undefined
+    }
     for (const w of this.waiters.splice(0)) w.refused("switchyard: shutting down")
     for (const c of this.idle.splice(0)) {
       c.state = "gone"

@@ -378,6 +378,9 @@ const framingProblem = (head: WspResponseHead, noBody: boolean, bodyLength: numb
   return undefined
 }
 
+const NO_NAMES: ReadonlySet<string> = new Set()
+const CONTENT_LENGTH: ReadonlySet<string> = new Set(["content-length"])
+
 const unfinishedUpload = () =>
   new WspProxyError({ reason: "UnfinishedUpload", message: "response arrived before the request body was sent" })
 
@@ -390,7 +393,7 @@ const startResponse = (res: http.ServerResponse, method: string, head: WspRespon
   const noBody = bodyless(method, head.StatusCode)
   const problem = framingProblem(head, noBody, undefined)
   if (problem !== undefined) return problem
-  const header = withoutHopByHop(head.Header, noBody ? new Set() : new Set(["content-length"]))
+  const header = withoutHopByHop(head.Header, noBody ? NO_NAMES : CONTENT_LENGTH)
   try {
     for (const [name, values] of Object.entries(header)) {
       if (values.length > 0) res.setHeader(name, values as Array<string>)

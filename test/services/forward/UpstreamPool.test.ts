@@ -98,6 +98,49 @@ describe("UpstreamPool", () => {
     await waitFor("the connection to close", () => conn.socket.destroyed && sockets.size === 0)
   })
 
+  it("keeps idle connections beyond maxFreeSockets for the linger time, reusing them, then closes the oldest", async () => {
+    const lingerMs = 200
+    const pool = new UpstreamPool(unixUpstream(path.join(dir, "up.sock"), { maxSockets: 3, maxFreeSockets: 1 }), 3, 1, () => {}, undefined, lingerMs)
+    const held: Array<PooledConnection> = []
+    const take = () =>
+      pool.acquire({ granted: (conn) => void held.push(conn), refused: (message) => assert.fail(message) }, false)
+    take()
+    take()
+    take()
+    await waitFor("three upstream connections", () => sockets.size === 3)
+    const [a, b, c] = held as [PooledConnection, PooledConnection, PooledConnection]
+    pool.release(a, true)
+    pool.release(b, true)
+    pool.release(c, true)
+    // the surplus stays idle for reuse: the next requests open nothing
+    assert.deepStrictEqual(pool.stats(), { busy: 0, idle: 3, waiting: 0 })
+    take()
+    take()
+    assert.strictEqual(held[3], c, "the most recently released connection is reused first")
+    assert.strictEqual(held[4], b)
+    pool.release(b, true)
+    pool.release(c, true)
+    assert.strictEqual(sockets.size, 3)
+    // after the linger time only maxFreeSockets stay: the least recently used one was closed
+    await waitFor("the surplus to be closed", () => pool.stats().idle === 1 && sockets.size === 1)
+    assert.isTrue(a.socket.destroyed)
+    assert.isTrue(b.socket.destroyed)
+    assert.isFalse(c.socket.destroyed)
+    pool.close()
+    await waitFor("the connection to close", () => sockets.size === 0)
+  })
+
+  it("with maxFreeSockets 0 closes every connection when its exchange ends", async () => {
+    const pool = new UpstreamPool(unixUpstream(path.join(dir, "up.sock"), { maxSockets: 1, maxFreeSockets: 0 }), 1, 0, () => {})
+    let conn: PooledConnection | undefined
+    pool.acquire({ granted: (c) => void (conn = c), refused: (message) => assert.fail(message) }, false)
+    await waitFor("the upstream connection", () => sockets.size === 1)
+    pool.release(conn!, true)
+    assert.strictEqual(pool.stats().idle, 0)
+    assert.isTrue(conn!.socket.destroyed)
+    await waitFor("the connection to close", () => sockets.size === 0 && pool.stats().busy === 0)
+  })
+
   it("a client at its cap waits for one of its own connections while other clients are served", async () => {
     const pool = new UpstreamPool(unixUpstream(path.join(dir, "up.sock"), { maxSockets: 3, maxFreeSockets: 3 }), 3, 3, () => {})
     const log: Array<string> = []
