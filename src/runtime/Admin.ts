@@ -47,7 +47,8 @@ export interface StatusDocument {
   readonly listeners: ReadonlyArray<{ readonly name: string; readonly address: string }>
   /** Live sessions by front door; `draining`: of those, how many drain after their backend's GoAway. */
   readonly sessions: ReadonlyArray<{ readonly frontDoor: string; readonly count: number; readonly draining?: number }>
-  readonly routes: ReadonlyArray<{ readonly route: string; readonly backends: ReadonlyArray<string>; readonly inFlight: number }>
+  /** Routes with their backends (a client: its expose address), and, for a client, where each stands on its gateways. */
+  readonly routes: ReadonlyArray<{ readonly route: string; readonly backends: ReadonlyArray<string>; readonly inFlight: number; readonly state?: string | undefined }>
   readonly recentErrors: ReadonlyArray<{ readonly at: string; readonly message: string }>
   /** A tunnel client's gateways: session state, since when, and the last error (cause and what to do). */
   readonly gateways?: ReadonlyArray<GatewayStatusEntry> | undefined

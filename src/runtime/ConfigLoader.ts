@@ -227,6 +227,25 @@ export type ServerFile = typeof ServerFile.Type
 // ---------------------------------------------------------------------------------------------------
 // `switchyard client`.
 
+/**
+ * One route of a client's `routes` list: what the gateway serves and where its connections go. The TLS
+ * fields say how the gateway terminates TLS for it.
+ */
+export const ClientRoute = Schema.Struct({
+  expose: Schema.String.annotate({ description: "Local address this route's connections go to, host:port" }),
+  port: Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 65_535 })).annotate({ description: "Public port on the gateway" }),
+  path: Schema.optionalKey(Schema.String.annotate({ description: "HTTP path prefix, e.g. /a" })),
+  strip_path: Schema.optionalKey(Schema.Boolean.annotate({ description: "Remove the path prefix from the forwarded path (/a/x is forwarded as /x)" })),
+  domain: Schema.optionalKey(Schema.String.annotate({ description: "HTTP domain suffix, e.g. example.com" })),
+  tcp: Schema.optionalKey(Schema.Boolean.annotate({ description: "Raw TCP instead of HTTP" })),
+  proxy_protocol: Schema.optionalKey(Schema.Literals(["v1", "v2"])),
+  tls_cert: Schema.optionalKey(Schema.String),
+  tls_cert_file: Schema.optionalKey(Schema.String),
+  tls_key: Schema.optionalKey(Secret),
+  tls_key_file: Schema.optionalKey(Schema.String)
+})
+export type ClientRoute = typeof ClientRoute.Type
+
 /** `switchyard client`'s file. */
 export const ClientFile = Schema.Struct({
   server: Schema.optionalKey(
@@ -237,6 +256,9 @@ export const ClientFile = Schema.Struct({
   expose: Schema.optionalKey(Schema.String.annotate({ description: "Local address to forward to, host:port (required)" })),
   port: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 65_535 })).annotate({ description: "Public port on the gateway (required)" })),
   path: Schema.optionalKey(Schema.String.annotate({ description: "HTTP path prefix, e.g. /a" })),
+  strip_path: Schema.optionalKey(
+    Schema.Boolean.annotate({ description: "Remove the path prefix from the forwarded path (/a/x is forwarded as /x, /a as /)", default: false })
+  ),
   domain: Schema.optionalKey(Schema.String.annotate({ description: "HTTP domain suffix, e.g. example.com" })),
   tcp: Schema.optionalKey(Schema.Boolean.annotate({ description: "Raw TCP instead of HTTP", default: false })),
   proxy_protocol: Schema.optionalKey(
@@ -252,6 +274,11 @@ export const ClientFile = Schema.Struct({
   h2: Schema.optionalKey(Schema.Boolean.annotate({ description: "server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway", default: false })),
   exit_on_reject: Schema.optionalKey(
     Schema.Boolean.annotate({ description: "Exit with code 77 when a gateway refuses the token or the route for good, instead of retrying", default: false })
+  ),
+  routes: Schema.optionalKey(
+    Schema.Array(ClientRoute).annotate({
+      description: "Several routes over the same gateway sessions, each with expose, port and optionally path, strip_path, domain, tcp, proxy_protocol, tls_cert/tls_key (instead of the single-route fields; reloaded on SIGHUP)"
+    })
   ),
   admin: Schema.optionalKey(AdminSection),
   log: Schema.optionalKey(LogSection)

@@ -17,6 +17,7 @@ import * as tls from "node:tls"
 import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope, Semaphore } from "effect"
 import { checkRequestFields } from "../domain/Http1Parser.ts"
 import {
+  forwardedTarget,
   isRoutingRejection,
   normalizeHost,
   type PortKind,
@@ -396,6 +397,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       (lease) => {
         observe?.(performance.now() - arrived, undefined)
         res.once("close", lease.release)
+        req.url = forwardedTarget(lease.route.route, req.url ?? "/")
         try {
           config.handleRequest(req, res, lease)
         } catch {
@@ -425,6 +427,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       query,
       (lease) => {
         socket.once("close", lease.release)
+        req.url = forwardedTarget(lease.route.route, req.url ?? "/")
         try {
           config.handleUpgrade(req, socket, head, lease)
         } catch {
@@ -492,8 +495,9 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       },
       onAbandon: lease.release
     })
-    const admission = (lease: Lease, request: Http1Request, target: string): Admission => {
+    const admission = (lease: Lease, request: Http1Request, routed: string): Admission => {
       if (lease.backend.forwardHttp !== undefined) return toNode(lease)
+      const target = forwardedTarget(lease.route.route, routed)
       if (tapExchange === undefined) {
         return { _tag: "Forward", path: target, director: (outgoing) => void (outgoing.upstream = lease.backend.upstream), onEnd: lease.release }
       }

@@ -84,6 +84,11 @@ export const renderStatus = (status: StatusDocument): string =>
     ]),
     status.routes.length === 0
       ? "no routes"
+      : status.routes.some((r) => r.state !== undefined)
+      ? table(
+        ["ROUTE", "BACKENDS", "IN FLIGHT", "STATE"],
+        status.routes.map((r) => [r.route, r.backends.length === 0 ? "(none)" : r.backends.join(", "), String(r.inFlight), r.state ?? "-"])
+      )
       : table(["ROUTE", "BACKENDS", "IN FLIGHT"], status.routes.map((r) => [r.route, r.backends.length === 0 ? "(none)" : r.backends.join(", "), String(r.inFlight)])),
     "",
     status.recentErrors.length === 0 ? "no recent errors" : table(["AT", "ERROR"], status.recentErrors.map((e) => [e.at, e.message]))
