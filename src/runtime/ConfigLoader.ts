@@ -77,7 +77,10 @@ const Grant = Schema.Struct({
   token: Schema.optionalKey(Secret.annotate({ description: "The token (or token_file)" })),
   token_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding the token" })),
   ports: Schema.Array(Schema.Union([Schema.Int, Schema.String])).annotate({ description: "Ports: numbers or \"from-to\" ranges" }),
-  domains: Schema.optionalKey(Schema.Array(Schema.String).annotate({ description: "Domain suffixes the token may claim (default any)" }))
+  domains: Schema.optionalKey(Schema.Array(Schema.String).annotate({ description: "Domain suffixes the token may claim (default any)" })),
+  share_routes: Schema.optionalKey(
+    Schema.Boolean.annotate({ description: "Backends of other tokens with share_routes may join this token's routes, and this token's may join theirs (default: a route belongs to the token that registered it first)" })
+  )
 })
 export type GrantEntry = typeof Grant.Type
 
@@ -96,6 +99,9 @@ export const ServerFile = Schema.Struct({
     ),
     token_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding control.token", env: "SWITCHYARD_TOKEN_FILE" })),
     tokens: Schema.optionalKey(Schema.Array(Grant).annotate({ description: "Tokens with their ports and domains (reloaded on SIGHUP)" })),
+    close_revoked_sessions: Schema.optionalKey(
+      Schema.Boolean.annotate({ description: "On reload, close the live sessions of tokens no longer configured (their routes keep their place for grace_period_ms); otherwise they keep running until they disconnect", default: false })
+    ),
     allow_remote_peers: Schema.optionalKey(
       Schema.Boolean.annotate({ description: "Accept tokens from non-loopback peers without TLS", default: false })
     ),

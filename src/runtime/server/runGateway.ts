@@ -211,11 +211,15 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       if (h2 !== undefined) {
         yield* h2.replaceRoutes(nextH2Routes).pipe(Effect.mapError((e) => invalid("reverse_h2.routes", e.message)))
       }
-      yield* controlPort.replaceTokens(applied)
+      const closeRevoked = next.control?.close_revoked_sessions === true
+      const closed = yield* controlPort.replaceTokens(applied, { closeRevoked })
       if (h2 !== undefined && h2.authenticated) yield* h2.replaceTokens(applied)
       metrics.reloads.labels("applied").inc()
       const routesNote = h2 === undefined ? "" : `, ${nextH2Routes.length} reverse-HTTP/2 route(s)`
-      yield* Effect.logInfo(`configuration reloaded: ${nextGrants.length} token(s)${routesNote}; sessions already up keep their grants (addresses change on restart)`)
+      const sessionsNote = closeRevoked
+        ? `sessions already up keep their grants; ${closed} session(s) of removed tokens closed`
+        : "sessions already up keep their grants"
+      yield* Effect.logInfo(`configuration reloaded: ${nextGrants.length} token(s)${routesNote}; ${sessionsNote} (addresses change on restart)`)
     }).pipe(
       Effect.catch(reloadRefused({ metrics, recordError: recentErrors.add })),
       Effect.annotateLogs({ component: "server" })

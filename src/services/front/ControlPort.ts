@@ -33,7 +33,8 @@ import type { ClientLimits } from "../../domain/ClientLimits.ts"
 import { perSecond } from "../../domain/RateLimit.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { type GrantRefusal, makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
-import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol } from "../Backend.ts"
+import type * as Redacted from "effect/Redacted"
+import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol, type RouteOwner } from "../Backend.ts"
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
 import type { ClientLimitEvent } from "../forward/http1/Admission.ts"
@@ -209,8 +210,12 @@ export interface ControlPortShape {
    * returns false, touching nothing, for other paths or when `websocket` is not configured.
    */
   readonly handleUpgrade: (req: http.IncomingMessage, socket: Duplex, head: Buffer) => boolean
-  /** Replaces the token grants for new sessions; sessions already up keep the grant they were given. */
-  readonly replaceTokens: (tokens: ReadonlyArray<TokenGrant>) => Effect.Effect<void>
+  /**
+   * Replaces the token grants for new sessions; sessions already up keep the grant they were given,
+   * unless `closeRevoked` is set: then the sessions whose token no longer authenticates are closed (their
+   * routes enter the grace period). Returns the number of sessions closed.
+   */
+  readonly replaceTokens: (tokens: ReadonlyArray<TokenGrant>, options?: { readonly closeRevoked?: boolean | undefined }) => Effect.Effect<number>
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -305,7 +310,7 @@ class TunnelAgent extends IdleGuardedAgent {
   }
 }
 
-const makeBackend = (tunnel: Tunnel, listenerId: number, route: RouteDefinition, maxHttpStreams: number): Backend => {
+const makeBackend = (tunnel: Tunnel, listenerId: number, route: RouteDefinition, maxHttpStreams: number, owner: RouteOwner): Backend => {
   const port = route.port
   const httpProtocol: ConnectionProtocol = route._tag === "Tls" ? "tls-http" : "http"
   const preamble = (meta: Omit<ConnectionMeta, "localPort">): Preamble => ({
@@ -333,6 +338,7 @@ const makeBackend = (tunnel: Tunnel, listenerId: number, route: RouteDefinition,
   return {
     id: `${tunnel.id}/${listenerId}`,
     label: `${tunnel.label}#${listenerId}`,
+    owner,
     inFlight: 0,
     upstream,
     connect: (meta) =>
@@ -478,6 +484,8 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   const maxPeerStreamsPerSecond = config.maxPeerStreamsPerSecond ?? DefaultMaxPeerStreamsPerSecond
   const maxPeerFramesPerSecond = config.maxPeerFramesPerSecond ?? DefaultMaxPeerFramesPerSecond
   const perToken = new Map<string, number>()
+  // live sessions by id: the token each authenticated with, and how to close it (a token revoked on reload)
+  const live = new Map<string, { readonly token: Redacted.Redacted<string>; readonly grant: string; readonly label: string; readonly close: () => void }>()
   let sessions = 0
   let drainingSessions = 0
   // sessions ended by a rate limit are logged at most once a second, with how many were not
@@ -610,6 +618,9 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       const label = hello.label === undefined ? `${sessionId} ${peerText}` : `${sessionId} ${hello.label}`
       const { tunnel, ready, close, drain } = makeTunnel(sessionId, label)
       yield* Effect.addFinalizer(() => Effect.sync(() => close(new Error(`session ${label} closed`))))
+      live.set(sessionId, { token: hello.token, grant: grant.name, label, close: () => conn.destroy() })
+      yield* Effect.addFinalizer(() => Effect.sync(() => live.delete(sessionId)))
+      const owner: RouteOwner = { name: grant.name, shares: grant.shareRoutes === true }
       const bound = new Map<number, { scope: Scope.Closeable; listener: BoundListener; backend: Backend }>()
       let nextListener = 1
 
@@ -625,7 +636,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           }
           const listenerId = nextListener++
           const scope = yield* Scope.fork(sessionScope)
-          const backend = makeBackend(tunnel, listenerId, route, maxHttpStreams)
+          const backend = makeBackend(tunnel, listenerId, route, maxHttpStreams, owner)
           // the agent outlives a removed listener's scope so requests in flight finish; the session ends it
           yield* Scope.addFinalizer(sessionScope, Effect.sync(() => backend.upstream.agent.destroy()))
           const result = yield* Effect.exit(listeners.bind(route, backend).pipe(Scope.provide(scope)))
@@ -633,6 +644,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
             yield* Scope.close(scope, Exit.void)
             const error = Exit.isFailure(result) ? result.cause.reasons.find((r) => r._tag === "Fail") : undefined
             const e = error?._tag === "Fail" ? error.error : undefined
+            if (e !== undefined) yield* logRefusal(`route/${e.reason}`, `${label} (token ${grant.name}): ${describeRoute(route)} refused: ${e.reason}: ${e.message}`)
             return yield* Effect.fail({
               reason: e === undefined ? "BindFailed" as const : rejectionFor(e),
               message: e === undefined ? `cannot bind ${describeRoute(route)}` : e.message
@@ -878,6 +890,16 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
     drainingSessions: () => drainingSessions,
     webSocketAddress,
     handleUpgrade: (req, socket, head) => handleUpgrade === undefined ? false : handleUpgrade(req, socket, head),
-    replaceTokens: (tokens) => Effect.sync(() => void (policy = makeTokenPolicy(tokens)))
+    replaceTokens: (tokens, options) =>
+      Effect.gen(function*() {
+        policy = makeTokenPolicy(tokens)
+        if (options?.closeRevoked !== true) return 0
+        const revoked = [...live.values()].filter((session) => policy.authenticate(session.token) === undefined)
+        for (const session of revoked) {
+          yield* Effect.logWarning(`control session ${session.label}: token ${session.grant} was removed; closing the session (its routes keep their place for the grace period)`)
+          session.close()
+        }
+        return revoked.length
+      }).pipe(Effect.annotateLogs({ component: "ControlPort" }))
   })
 })
