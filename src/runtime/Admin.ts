@@ -73,6 +73,11 @@ export interface AdminOptions {
   readonly metrics?: MetricRegistry | undefined
   /** Served on `/status` when given. */
   readonly status?: (() => StatusDocument) | undefined
+  /**
+   * Served on `/route?url=…` when given: which route and backends would serve the URL (an object
+   * answered with 200), or why the URL cannot be tested (`{ error }`, answered with 400).
+   */
+  readonly routeTest?: ((url: string) => object) | undefined
   /** The connection budget (defaults: `MaxAdminConnections`, `AdminHeadTimeoutMs`, `AdminResponseTimeoutMs`). */
   readonly connections?: { readonly max?: number; readonly headTimeoutMs?: number; readonly responseTimeoutMs?: number } | undefined
 }
@@ -118,6 +123,13 @@ export const serveAdmin = Effect.fn("Admin.serve")(function*(options: AdminOptio
         if (options.status === undefined) break
         res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify(options.status(), null, 2) + "\n")
         return
+      case "/route": {
+        if (options.routeTest === undefined) break
+        const url = new URLSearchParams((req.url ?? "").slice(path.length + 1)).get("url")
+        const answer = url === null ? { error: "name the URL to test: /route?url=<URL-encoded URL>" } : options.routeTest(url)
+        res.writeHead("error" in answer ? 400 : 200, { "content-type": "application/json" }).end(JSON.stringify(answer, null, 2) + "\n")
+        return
+      }
     }
     res.writeHead(404, { "content-type": "text/plain" }).end("not found\n")
   })

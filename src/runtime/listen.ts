@@ -22,8 +22,11 @@ export const DefaultListenTimeoutMs = 30_000
 /** What to serve: a public port and how its traffic is chosen. */
 export interface ListenDefinition {
   readonly port: number
-  /** HTTP routed by domain suffix and/or path prefix (the default when nothing else is given). */
-  readonly http?: { readonly domainSuffix?: string; readonly pathPrefix?: string } | undefined
+  /**
+   * HTTP routed by domain suffix and/or path prefix (the default when nothing else is given);
+   * `stripPrefix`: the backend reads the path without the prefix (`/a/x` as `/x`).
+   */
+  readonly http?: { readonly domainSuffix?: string; readonly pathPrefix?: string; readonly stripPrefix?: boolean } | undefined
   /** Every connection on the port, raw. */
   readonly tcp?: boolean | undefined
   /** TLS terminated by the gateway with this certificate, then HTTP (default) or raw TCP. */
@@ -33,6 +36,7 @@ export interface ListenDefinition {
     readonly key: string
     readonly then?: "http" | "tcp"
     readonly pathPrefix?: string
+    readonly stripPrefix?: boolean
   } | undefined
 }
 
@@ -58,8 +62,8 @@ export interface ListenOptions {
 export const toRoute = (definition: ListenDefinition): RouteDefinition => {
   const { port } = definition
   if (definition.tls !== undefined) {
-    const { domainSuffix, cert, key, then, pathPrefix } = definition.tls
-    return { _tag: "Tls", port, domainSuffix, cert, key, then: then ?? "http", ...(pathPrefix ? { pathPrefix } : {}) }
+    const { domainSuffix, cert, key, then, pathPrefix, stripPrefix } = definition.tls
+    return { _tag: "Tls", port, domainSuffix, cert, key, then: then ?? "http", ...(pathPrefix ? { pathPrefix } : {}), ...(stripPrefix === true ? { stripPrefix } : {}) }
   }
   if (definition.tcp === true) return { _tag: "Tcp", port }
   const http = definition.http ?? {}
@@ -67,7 +71,8 @@ export const toRoute = (definition: ListenDefinition): RouteDefinition => {
     _tag: "Http",
     port,
     ...(http.domainSuffix ? { domainSuffix: http.domainSuffix } : {}),
-    ...(http.pathPrefix ? { pathPrefix: http.pathPrefix } : {})
+    ...(http.pathPrefix ? { pathPrefix: http.pathPrefix } : {}),
+    ...(http.stripPrefix === true ? { stripPrefix: true } : {})
   }
 }
 

@@ -25,6 +25,7 @@ import { formatHostPort, type HostPort } from "../NetAddress.ts"
 import * as NodeTransport from "../NodeTransport.ts"
 import packageJson from "../../../package.json" with { type: "json" }
 import { dispatchObserver, gatewayEvents, type GatewayServices, instrumentHandlers, registerServerGauges } from "./GatewayInstruments.ts"
+import { testRoute } from "./RouteTest.ts"
 import { AllPorts, GeneratedGrantName, GeneratedTokenBytes, grantsOf, h2RoutesOf, invalid, resolveServerConfig } from "./ServerConfig.ts"
 
 /** What `runGateway` starts, for embedding and tests. */
@@ -116,7 +117,8 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       })),
       recentErrors: recentErrors.list()
     })
-    adminBound = yield* serveAdmin({ address: config.admin.address, ready: () => live !== undefined && !draining, metrics: metrics.registry, status })
+    const routeTest = (url: string) => live === undefined ? { error: "the gateway is starting" } : testRoute(live.registry, url)
+    adminBound = yield* serveAdmin({ address: config.admin.address, ready: () => live !== undefined && !draining, metrics: metrics.registry, status, routeTest })
     listenerNames.push({ name: "admin", address: formatHostPort(adminBound) })
   }
 
