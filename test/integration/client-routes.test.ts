@@ -202,6 +202,10 @@ describe("switchyard client routes", () => {
       const rows = await routesBecome(adminB, (rs) => rs[0]!.state.startsWith("refused") && rs[1]!.state === "bound")
       assert.match(rows[0]!.state, /Conflict/)
       await gateway.proc.waitFor(/WARN.*\(token team-b\): http :\d+ a\.example\.com\/ refused: Conflict/)
+      assert.isAtLeast(sample((await get(gateway.admin, "/metrics")).body, "switchyard_route_refusals_total", { reason: "Conflict" }), 2)
+      const clientMetrics = (await get(adminB, "/metrics")).body
+      assert.strictEqual(sample(clientMetrics, "switchyard_client_routes", { state: "refused" }), 1)
+      assert.strictEqual(sample(clientMetrics, "switchyard_client_routes", { state: "bound" }), 1)
       for (let i = 0; i < 6; i++) assert.strictEqual((await get(shared, "/", { host: "a.example.com" })).body, "a /")
       const routeTest = run(["route", "test", `http://a.example.com:${shared}/x`, "--admin", `127.0.0.1:${gateway.admin}`])
       assert.strictEqual(routeTest.status, 0, routeTest.stderr)

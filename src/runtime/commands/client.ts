@@ -317,7 +317,26 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
         attempts: g.attempts,
         ...(g.lastError === undefined ? {} : { lastError: g.lastError })
       })),
-    register: (metrics) => registerGatewayGauges(metrics, "control", gateways)
+    register: (metrics) => {
+      registerGatewayGauges(metrics, "control", gateways)
+      metrics.registry.sampledGauge({
+        name: "switchyard_client_routes",
+        help: "The client's routes by where they stand on its gateways: bound on every gateway, partly bound, pending (no session or no answer yet), refused by a gateway.",
+        labelNames: ["state"],
+        collect: () => {
+          const counts = { bound: 0, partly_bound: 0, pending: 0, refused: 0 }
+          for (const s of served) {
+            const states = s.listener.status()
+            const bound = states.filter((g) => g.state === "bound").length
+            if (bound === states.length) counts.bound++
+            else if (bound > 0) counts.partly_bound++
+            else if (states.some((g) => g.state === "refused")) counts.refused++
+            else counts.pending++
+          }
+          return Object.entries(counts).map(([state, n]) => [[state], n] as const)
+        }
+      })
+    }
   })
   recordError = operations.recordError
   for (const g of client.status()) if (g.lastError !== undefined) recordError(g.lastError)

@@ -192,7 +192,16 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     : `${webSocket.tls === undefined ? "ws" : "wss"}://${formatHostPort(controlPort.webSocketAddress as HostPort)}${webSocket.path}`
   if (controlWebSocket !== undefined) listenerNames.push({ name: "control_websocket", address: controlWebSocket })
 
-  const removers = registerServerGauges(metrics, live)
+  const removers = [
+    ...registerServerGauges(metrics, live),
+    metrics.registry.sampledGauge({
+      name: "switchyard_route_refusals_total",
+      type: "counter",
+      help: "Routes the control port refused to authenticated backends (in a Hello or an AddListener), by reason: Conflict (another kind on the port, or another token's route), PortNotAllowed, DomainNotAllowed, BindFailed, Limit.",
+      labelNames: ["reason"],
+      collect: () => [...controlPort.routeRefusals()].map(([reason, n]) => [[reason], n] as const)
+    })
+  ]
   yield* Effect.addFinalizer(() => Effect.sync(() => removers.forEach((r) => r())))
 
   if (options.reload !== undefined) {

@@ -203,6 +203,8 @@ export interface ControlPortShape {
   readonly sessions: () => number
   /** Live sessions draining after their backend's GoAway (no new requests; closed once idle). */
   readonly drainingSessions: () => number
+  /** Routes refused to authenticated backends so far (in a `Hello` or an `AddListener`), by reason. */
+  readonly routeRefusals: () => ReadonlyMap<RejectionReason, number>
   /** The bound WebSocket control address, when `websocket` is configured with a port of its own. */
   readonly webSocketAddress: Address | undefined
   /**
@@ -484,6 +486,8 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   const maxPeerStreamsPerSecond = config.maxPeerStreamsPerSecond ?? DefaultMaxPeerStreamsPerSecond
   const maxPeerFramesPerSecond = config.maxPeerFramesPerSecond ?? DefaultMaxPeerFramesPerSecond
   const perToken = new Map<string, number>()
+  const routeRefusals = new Map<RejectionReason, number>()
+  const countRouteRefusal = (reason: RejectionReason) => void routeRefusals.set(reason, (routeRefusals.get(reason) ?? 0) + 1)
   // live sessions by id: the token each authenticated with, and how to close it (a token revoked on reload)
   const live = new Map<string, { readonly token: Redacted.Redacted<string>; readonly grant: string; readonly label: string; readonly close: () => void }>()
   let sessions = 0
@@ -600,6 +604,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       for (let i = 0; i < hello.listeners.length; i++) {
         const refusal = policy.authorize(grant, hello.listeners[i]!)
         if (refusal !== undefined) {
+          countRouteRefusal(refusal._tag)
           return yield* reject(refusal._tag, describeRefusal(refusal), i)
         }
       }
@@ -629,9 +634,11 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           // listeners added later over a control stream are held to the same grant as the Hello's
           const refusal = policy.authorize(grant, route)
           if (refusal !== undefined) {
+            countRouteRefusal(refusal._tag)
             return yield* Effect.fail({ reason: refusal._tag, message: describeRefusal(refusal) })
           }
           if (bound.size >= maxListeners) {
+            countRouteRefusal("Limit")
             return yield* Effect.fail({ reason: "Limit" as const, message: `at most ${maxListeners} listeners per session` })
           }
           const listenerId = nextListener++
@@ -644,6 +651,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
             yield* Scope.close(scope, Exit.void)
             const error = Exit.isFailure(result) ? result.cause.reasons.find((r) => r._tag === "Fail") : undefined
             const e = error?._tag === "Fail" ? error.error : undefined
+            countRouteRefusal(e === undefined ? "BindFailed" : rejectionFor(e))
             if (e !== undefined) yield* logRefusal(`route/${e.reason}`, `${label} (token ${grant.name}): ${describeRoute(route)} refused: ${e.reason}: ${e.message}`)
             return yield* Effect.fail({
               reason: e === undefined ? "BindFailed" as const : rejectionFor(e),
@@ -887,6 +895,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   return ControlPort.of({
     address,
     sessions: () => sessions,
+    routeRefusals: () => routeRefusals,
     drainingSessions: () => drainingSessions,
     webSocketAddress,
     handleUpgrade: (req, socket, head) => handleUpgrade === undefined ? false : handleUpgrade(req, socket, head),
