@@ -9,6 +9,7 @@
 import * as http from "node:http"
 import type { Duplex } from "node:stream"
 import { Clock, Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope } from "effect"
+import type * as Redacted from "effect/Redacted"
 import {
   type BoundListener,
   type ControlReply,
@@ -33,7 +34,6 @@ import type { ClientLimits } from "../../domain/ClientLimits.ts"
 import { perSecond } from "../../domain/RateLimit.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { type GrantRefusal, makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
-import type * as Redacted from "effect/Redacted"
 import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol, type RouteOwner } from "../Backend.ts"
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
