@@ -39,11 +39,18 @@ const PathPrefix = Schema.String.check(
 )
 const Pem = Schema.String.check(Schema.isNonEmpty(), Schema.isMaxLength(MaxPemLength))
 
+/**
+ * Whether the path prefix is removed from the forwarded request target (`/app/x` → `/x`, `/app` → `/`);
+ * absent or false: the backend reads the path as the public caller sent it (normalised).
+ */
+const StripPrefix = Schema.optionalKey(Schema.Boolean)
+
 /** Plain HTTP on a public port, optionally restricted to a domain suffix and a path prefix. */
 export const HttpRoute = Schema.TaggedStruct("Http", {
   port: Port,
   domainSuffix: Schema.optionalKey(DomainSuffix),
-  pathPrefix: Schema.optionalKey(PathPrefix)
+  pathPrefix: Schema.optionalKey(PathPrefix),
+  stripPrefix: StripPrefix
 })
 export type HttpRoute = typeof HttpRoute.Type
 
@@ -65,7 +72,8 @@ export const TlsRoute = Schema.TaggedStruct("Tls", {
   key: Schema.optionalKey(Pem),
   acme: Schema.optionalKey(Schema.Literal(true)),
   then: Schema.Literals(["http", "tcp"]),
-  pathPrefix: Schema.optionalKey(PathPrefix)
+  pathPrefix: Schema.optionalKey(PathPrefix),
+  stripPrefix: StripPrefix
 }).check(Schema.makeFilter((route) => tlsCertificateProblem(route) ?? true))
 export type TlsRoute = typeof TlsRoute.Type
 
@@ -124,14 +132,34 @@ export const routeKey = (route: RouteDefinition): string => {
 
 /** A readable one-line form of a route, for logs and error messages. */
 export const describeRoute = (route: RouteDefinition): string => {
+  const strip = route._tag !== "Tcp" && route.stripPrefix === true && route.pathPrefix !== undefined && route.pathPrefix !== "/"
+    ? " (prefix stripped)"
+    : ""
   switch (route._tag) {
     case "Http":
-      return `http :${route.port} ${route.domainSuffix ?? "*"}${route.pathPrefix ?? "/"}`
+      return `http :${route.port} ${route.domainSuffix ?? "*"}${route.pathPrefix ?? "/"}${strip}`
     case "Tcp":
       return `tcp :${route.port}`
     case "Tls":
-      return `tls :${route.port} ${route.domainSuffix}${route.then === "http" ? route.pathPrefix ?? "/" : " (tcp)"}${route.acme === true ? " (acme)" : ""}`
+      return `tls :${route.port} ${route.domainSuffix}${route.then === "http" ? (route.pathPrefix ?? "/") + strip : " (tcp)"}${route.acme === true ? " (acme)" : ""}`
   }
+}
+
+/**
+ * The request target a route's backend receives for `target` (a routed target, see `routingTarget`):
+ * unchanged, or, when the route strips its path prefix, without it: `/app/x?q` → `/x?q`, `/app` → `/`,
+ * `/app?q` → `/?q`. A target the prefix does not match (it cannot have been routed here) is unchanged.
+ */
+export const forwardedTarget = (route: RouteDefinition, target: string): string => {
+  if (route._tag === "Tcp" || route.stripPrefix !== true) return target
+  const prefix = route.pathPrefix
+  if (prefix === undefined || prefix === "/" || !target.startsWith(prefix)) return target
+  const rest = target.slice(prefix.length)
+  if (rest === "") return "/"
+  const next = rest.charCodeAt(0)
+  if (next === 47) return rest
+  if (next === 63) return "/" + rest
+  return target
 }
 
 /** Why a route cannot be added next to the routes already on its port. */

@@ -26,6 +26,11 @@ export interface TokenGrant {
    * absent, any domain is allowed, including routes without a domain.
    */
   readonly domainSuffixes?: ReadonlyArray<string> | undefined
+  /**
+   * Routes of this token may be joined by backends of other tokens that share theirs, and it may join
+   * theirs (default false: a route belongs to the token that registered it first).
+   */
+  readonly shareRoutes?: boolean | undefined
 }
 
 /** Why a granted token still may not serve a route. */

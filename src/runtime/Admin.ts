@@ -47,7 +47,8 @@ export interface StatusDocument {
   readonly listeners: ReadonlyArray<{ readonly name: string; readonly address: string }>
   /** Live sessions by front door; `draining`: of those, how many drain after their backend's GoAway. */
   readonly sessions: ReadonlyArray<{ readonly frontDoor: string; readonly count: number; readonly draining?: number }>
-  readonly routes: ReadonlyArray<{ readonly route: string; readonly backends: ReadonlyArray<string>; readonly inFlight: number }>
+  /** Routes with their backends (a client: its expose address), and, for a client, where each stands on its gateways. */
+  readonly routes: ReadonlyArray<{ readonly route: string; readonly backends: ReadonlyArray<string>; readonly inFlight: number; readonly state?: string | undefined }>
   readonly recentErrors: ReadonlyArray<{ readonly at: string; readonly message: string }>
   /** A tunnel client's gateways: session state, since when, and the last error (cause and what to do). */
   readonly gateways?: ReadonlyArray<GatewayStatusEntry> | undefined
@@ -86,6 +87,11 @@ export interface AdminOptions {
   readonly metrics?: MetricRegistry | undefined
   /** Served on `/status` when given. */
   readonly status?: (() => StatusDocument) | undefined
+  /**
+   * Served on `/route?url=…` when given: which route and backends would serve the URL (an object
+   * answered with 200), or why the URL cannot be tested (`{ error }`, answered with 400).
+   */
+  readonly routeTest?: ((url: string) => object) | undefined
   /** The connection budget (defaults: `MaxAdminConnections`, `AdminHeadTimeoutMs`, `AdminResponseTimeoutMs`). */
   readonly connections?: { readonly max?: number; readonly headTimeoutMs?: number; readonly responseTimeoutMs?: number } | undefined
 }
@@ -131,6 +137,13 @@ export const serveAdmin = Effect.fn("Admin.serve")(function*(options: AdminOptio
         if (options.status === undefined) break
         res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify(options.status(), null, 2) + "\n")
         return
+      case "/route": {
+        if (options.routeTest === undefined) break
+        const url = new URLSearchParams((req.url ?? "").slice(path.length + 1)).get("url")
+        const answer = url === null ? { error: "name the URL to test: /route?url=<URL-encoded URL>" } : options.routeTest(url)
+        res.writeHead("error" in answer ? 400 : 200, { "content-type": "application/json" }).end(JSON.stringify(answer, null, 2) + "\n")
+        return
+      }
     }
     res.writeHead(404, { "content-type": "text/plain" }).end("not found\n")
   })

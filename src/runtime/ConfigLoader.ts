@@ -77,7 +77,10 @@ const Grant = Schema.Struct({
   token: Schema.optionalKey(Secret.annotate({ description: "The token (or token_file)" })),
   token_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding the token" })),
   ports: Schema.Array(Schema.Union([Schema.Int, Schema.String])).annotate({ description: "Ports: numbers or \"from-to\" ranges" }),
-  domains: Schema.optionalKey(Schema.Array(Schema.String).annotate({ description: "Domain suffixes the token may claim (default any)" }))
+  domains: Schema.optionalKey(Schema.Array(Schema.String).annotate({ description: "Domain suffixes the token may claim (default any)" })),
+  share_routes: Schema.optionalKey(
+    Schema.Boolean.annotate({ description: "Backends of other tokens with share_routes may join this token's routes, and this token's may join theirs (default: a route belongs to the token that registered it first)" })
+  )
 })
 export type GrantEntry = typeof Grant.Type
 
@@ -96,6 +99,9 @@ export const ServerFile = Schema.Struct({
     ),
     token_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding control.token", env: "SWITCHYARD_TOKEN_FILE" })),
     tokens: Schema.optionalKey(Schema.Array(Grant).annotate({ description: "Tokens with their ports and domains (reloaded on SIGHUP)" })),
+    close_revoked_sessions: Schema.optionalKey(
+      Schema.Boolean.annotate({ description: "On reload, close the live sessions of tokens no longer configured (their routes keep their place for grace_period_ms); otherwise they keep running until they disconnect", default: false })
+    ),
     allow_remote_peers: Schema.optionalKey(
       Schema.Boolean.annotate({ description: "Accept tokens from non-loopback peers without TLS", default: false })
     ),
@@ -245,6 +251,26 @@ export type ServerFile = typeof ServerFile.Type
 // ---------------------------------------------------------------------------------------------------
 // `switchyard client`.
 
+/**
+ * One route of a client's `routes` list: what the gateway serves and where its connections go. The TLS
+ * fields say how the gateway terminates TLS for it.
+ */
+export const ClientRoute = Schema.Struct({
+  expose: Schema.String.annotate({ description: "Local address this route's connections go to, host:port" }),
+  port: Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 65_535 })).annotate({ description: "Public port on the gateway" }),
+  path: Schema.optionalKey(Schema.String.annotate({ description: "HTTP path prefix, e.g. /a" })),
+  strip_path: Schema.optionalKey(Schema.Boolean.annotate({ description: "Remove the path prefix from the forwarded path (/a/x is forwarded as /x)" })),
+  domain: Schema.optionalKey(Schema.String.annotate({ description: "HTTP domain suffix, e.g. example.com" })),
+  tcp: Schema.optionalKey(Schema.Boolean.annotate({ description: "Raw TCP instead of HTTP" })),
+  proxy_protocol: Schema.optionalKey(Schema.Literals(["v1", "v2"])),
+  tls_cert: Schema.optionalKey(Schema.String),
+  tls_cert_file: Schema.optionalKey(Schema.String),
+  tls_key: Schema.optionalKey(Secret),
+  tls_key_file: Schema.optionalKey(Schema.String),
+  tls_acme: Schema.optionalKey(Schema.Boolean.annotate({ description: "The gateway obtains and renews the certificate for domain from its ACME CA" }))
+})
+export type ClientRoute = typeof ClientRoute.Type
+
 /** `switchyard client`'s file. */
 export const ClientFile = Schema.Struct({
   server: Schema.optionalKey(
@@ -255,6 +281,9 @@ export const ClientFile = Schema.Struct({
   expose: Schema.optionalKey(Schema.String.annotate({ description: "Local address to forward to, host:port (required)" })),
   port: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 65_535 })).annotate({ description: "Public port on the gateway (required)" })),
   path: Schema.optionalKey(Schema.String.annotate({ description: "HTTP path prefix, e.g. /a" })),
+  strip_path: Schema.optionalKey(
+    Schema.Boolean.annotate({ description: "Remove the path prefix from the forwarded path (/a/x is forwarded as /x, /a as /)", default: false })
+  ),
   domain: Schema.optionalKey(Schema.String.annotate({ description: "HTTP domain suffix, e.g. example.com" })),
   tcp: Schema.optionalKey(Schema.Boolean.annotate({ description: "Raw TCP instead of HTTP", default: false })),
   proxy_protocol: Schema.optionalKey(
@@ -273,6 +302,11 @@ export const ClientFile = Schema.Struct({
   h2: Schema.optionalKey(Schema.Boolean.annotate({ description: "server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway", default: false })),
   exit_on_reject: Schema.optionalKey(
     Schema.Boolean.annotate({ description: "Exit with code 77 when a gateway refuses the token or the route for good, instead of retrying", default: false })
+  ),
+  routes: Schema.optionalKey(
+    Schema.Array(ClientRoute).annotate({
+      description: "Several routes over the same gateway sessions, each with expose, port and optionally path, strip_path, domain, tcp, proxy_protocol, tls_cert/tls_key or tls_acme (instead of the single-route fields; reloaded on SIGHUP)"
+    })
   ),
   admin: Schema.optionalKey(AdminSection),
   log: Schema.optionalKey(LogSection)

@@ -19,7 +19,8 @@ const SUBCOMMANDS = {
   "wsp-server": () => import("./commands/wspServer.ts").then((m) => Command.provideEffectDiscard(m.wspServerCommand, Logging.applyCommandLine("wsp-server"))),
   "wsp-client": () => import("./commands/wspClient.ts").then((m) => Command.provideEffectDiscard(m.wspClientCommand, Logging.applyCommandLine("wsp-client"))),
   client: () => import("./commands/client.ts").then((m) => Command.provideEffectDiscard(m.clientCommand, Logging.applyCommandLine("client"))),
-  status: () => import("./commands/status.ts").then((m) => Command.provideEffectDiscard(m.statusCommand, Logging.applyCommandLine("status")))
+  status: () => import("./commands/status.ts").then((m) => Command.provideEffectDiscard(m.statusCommand, Logging.applyCommandLine("status"))),
+  route: () => import("./commands/route.ts").then((m) => Command.provideEffectDiscard(m.routeCommand, Logging.applyCommandLine("route")))
 } as const
 
 type SubcommandName = keyof typeof SUBCOMMANDS

@@ -22,8 +22,11 @@ export const DefaultListenTimeoutMs = 30_000
 /** What to serve: a public port and how its traffic is chosen. */
 export interface ListenDefinition {
   readonly port: number
-  /** HTTP routed by domain suffix and/or path prefix (the default when nothing else is given). */
-  readonly http?: { readonly domainSuffix?: string; readonly pathPrefix?: string } | undefined
+  /**
+   * HTTP routed by domain suffix and/or path prefix (the default when nothing else is given);
+   * `stripPrefix`: the backend reads the path without the prefix (`/a/x` as `/x`).
+   */
+  readonly http?: { readonly domainSuffix?: string; readonly pathPrefix?: string; readonly stripPrefix?: boolean } | undefined
   /** Every connection on the port, raw. */
   readonly tcp?: boolean | undefined
   /**
@@ -37,6 +40,7 @@ export interface ListenDefinition {
     readonly acme?: boolean | undefined
     readonly then?: "http" | "tcp"
     readonly pathPrefix?: string
+    readonly stripPrefix?: boolean
   } | undefined
 }
 
@@ -62,9 +66,9 @@ export interface ListenOptions {
 export const toRoute = (definition: ListenDefinition): RouteDefinition => {
   const { port } = definition
   if (definition.tls !== undefined) {
-    const { domainSuffix, cert, key, acme, then, pathPrefix } = definition.tls
+    const { domainSuffix, cert, key, acme, then, pathPrefix, stripPrefix } = definition.tls
     const certificate = acme === true ? { acme: true as const } : { ...(cert === undefined ? {} : { cert }), ...(key === undefined ? {} : { key }) }
-    return { _tag: "Tls", port, domainSuffix, ...certificate, then: then ?? "http", ...(pathPrefix ? { pathPrefix } : {}) }
+    return { _tag: "Tls", port, domainSuffix, ...certificate, then: then ?? "http", ...(pathPrefix ? { pathPrefix } : {}), ...(stripPrefix === true ? { stripPrefix } : {}) }
   }
   if (definition.tcp === true) return { _tag: "Tcp", port }
   const http = definition.http ?? {}
@@ -72,7 +76,8 @@ export const toRoute = (definition: ListenDefinition): RouteDefinition => {
     _tag: "Http",
     port,
     ...(http.domainSuffix ? { domainSuffix: http.domainSuffix } : {}),
-    ...(http.pathPrefix ? { pathPrefix: http.pathPrefix } : {})
+    ...(http.pathPrefix ? { pathPrefix: http.pathPrefix } : {}),
+    ...(http.stripPrefix === true ? { stripPrefix: true } : {})
   }
 }
 

@@ -31,12 +31,27 @@ export class BackendUnavailable extends Schema.TaggedError<BackendUnavailable>()
   message: Schema.String
 }) {}
 
+/**
+ * Who registered a backend: the name of the token it authenticated with, and whether that token lets
+ * other tokens' backends join its routes (and may join theirs). The first owner of a route keeps it for
+ * as long as the route exists (its grace period included).
+ */
+export interface RouteOwner {
+  readonly name: string
+  readonly shares: boolean
+}
+
 /** One live backend. */
 export interface Backend {
   /** Unique among live backends; stable for the backend's life. */
   readonly id: string
   /** For logs and metrics (e.g. `control 127.0.0.1:51234 "svc-a"`). */
   readonly label: string
+  /**
+   * The token that registered it (control-port tunnels); a backend without one (embedded, wsp, reverse
+   * HTTP/2) is not held to route ownership.
+   */
+  readonly owner?: RouteOwner | undefined
   /** Requests and connections currently using this backend; maintained by the dispatcher's leases. */
   inFlight: number
   /**

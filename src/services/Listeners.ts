@@ -15,6 +15,7 @@ import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Sco
 import { checkRequestFields } from "../domain/Http1Parser.ts"
 import { headerValue } from "../domain/HttpHeaders.ts"
 import {
+  forwardedTarget,
   isRoutingRejection,
   normalizeHost,
   type PortKind,
@@ -332,7 +333,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         const plain = nodeExchangeFront(req, res, {
           forwardedMode: forwarder.forwardedMode,
           errors: forwarder.errors,
-          path: routed.target,
+          path: forwardedTarget(lease.route.route, routed.target),
           requestHeaders: tap?.requestHeaders,
           responseHeaders: tap?.responseHeaders
         })
@@ -408,8 +409,9 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         upgrade: (request, protocol, socket, head) => messages.upgrade(request, protocol, socket, head, lease)
       }
     }
-    const admission = (lease: Lease, request: Http1Request, target: string): Admission => {
+    const admission = (lease: Lease, request: Http1Request, routed: string): Admission => {
       const message = messageUpstream(lease)
+      const target = forwardedTarget(lease.route.route, routed)
       if (tapExchange === undefined) {
         return {
           _tag: "Forward",

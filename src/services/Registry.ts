@@ -16,7 +16,7 @@ import {
   routeKey,
   type RouteQuery
 } from "../domain/Route.ts"
-import type { Backend } from "./Backend.ts"
+import type { Backend, RouteOwner } from "./Backend.ts"
 
 /** How long an empty route keeps its place (and its port) by default. */
 export const DefaultGracePeriod: Duration.Duration = Duration.seconds(30)
@@ -47,13 +47,25 @@ export interface RouteEntry {
   cursor: number
   /** Clock time (ms) at which the last backend left; `undefined` while it has backends. */
   readonly emptySince: number | undefined
+  /** The token of the first backend that had one: it owns the route until the route is removed. */
+  readonly owner: RouteOwner | undefined
 }
 
 interface MutableEntry extends RouteEntry {
   route: RouteDefinition
   backends: Array<Backend>
   emptySince: number | undefined
+  owner: RouteOwner | undefined
 }
+
+/**
+ * Why `joining` may not join a route owned by `owner`, or `undefined` when it may: another token's
+ * route is joined only when both tokens share their routes. Backends without an owner are not checked.
+ */
+export const ownershipConflict = (owner: RouteOwner | undefined, joining: RouteOwner | undefined): string | undefined =>
+  owner === undefined || joining === undefined || owner.name === joining.name || (owner.shares && joining.shares)
+    ? undefined
+    : "it belongs to another token (routes are shared between tokens only when both have share_routes)"
 
 export interface RegistryShape {
   readonly gracePeriod: Duration.Duration
@@ -148,11 +160,13 @@ const make = Effect.fnUntraced(function*(config: RegistryConfig) {
       if (entries.size >= maxRoutes) {
         return yield* new RegistryError({ reason: "Limit", message: `the gateway already holds ${maxRoutes} routes` })
       }
-      entry = { key, route, backends: [], cursor: 0, emptySince: undefined }
+      entry = { key, route, backends: [], cursor: 0, emptySince: undefined, owner: undefined }
       entries.set(key, entry)
       const onPort = byPort.get(route.port)
       if (onPort === undefined) byPort.set(route.port, [entry])
       else onPort.push(entry)
+    } else if (ownershipConflict(entry.owner, backend.owner) !== undefined) {
+      return yield* new RegistryError({ reason: "Conflict", message: `route ${key}: ${ownershipConflict(entry.owner, backend.owner)}` })
     } else if (entry.backends.length >= maxBackendsPerRoute) {
       return yield* new RegistryError({
         reason: "Limit",
@@ -169,6 +183,7 @@ const make = Effect.fnUntraced(function*(config: RegistryConfig) {
       // the latest registration brings the current definition: a backend deployed with a renewed
       // certificate serves it at once, even while the backend it replaces is still there
       target.route = route
+      target.owner ??= backend.owner
       target.backends.push(backend)
       bump()
       yield* Effect.addFinalizer(() => unregister(target, backend))

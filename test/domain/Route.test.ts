@@ -3,7 +3,9 @@ import { Schema } from "effect"
 import {
   bestMatch,
   describeConflict,
+  describeRoute,
   findConflict,
+  forwardedTarget,
   type HttpRoute,
   matchesDomain,
   matchesPath,
@@ -218,5 +220,36 @@ describe("Route matching", () => {
       routeKey({ _tag: "Tls", port: 443, domainSuffix: "a", cert: "1", key: "1", then: "tcp" }),
       routeKey({ _tag: "Tls", port: 443, domainSuffix: "a", cert: "2", key: "2", then: "tcp" })
     )
+  })
+})
+
+describe("forwardedTarget (strip_path)", () => {
+  const strip = (pathPrefix: string): RouteDefinition => ({ _tag: "Http", port: 80, pathPrefix, stripPrefix: true })
+  it("removes the prefix at a segment boundary, keeping the query", () => {
+    const cases: ReadonlyArray<readonly [string, string]> = [
+      ["/app/x", "/x"],
+      ["/app", "/"],
+      ["/app/", "/"],
+      ["/app?q=1", "/?q=1"],
+      ["/app/x/y?q=/app", "/x/y?q=/app"],
+      ["/app/app/x", "/app/x"]
+    ]
+    for (const [target, forwarded] of cases) assert.strictEqual(forwardedTarget(strip("/app"), target), forwarded, target)
+    assert.strictEqual(forwardedTarget(strip("/a/b"), "/a/b/c"), "/c")
+  })
+
+  it("leaves the target alone without strip, for a / prefix, a raw TCP route, or a target the prefix does not match", () => {
+    assert.strictEqual(forwardedTarget({ _tag: "Http", port: 80, pathPrefix: "/app" }, "/app/x"), "/app/x")
+    assert.strictEqual(forwardedTarget(strip("/"), "/x"), "/x")
+    assert.strictEqual(forwardedTarget({ _tag: "Tcp", port: 80 }, "/app/x"), "/app/x")
+    assert.strictEqual(forwardedTarget(strip("/app"), "/apple"), "/apple")
+    assert.strictEqual(forwardedTarget({ _tag: "Tls", port: 443, domainSuffix: "a.test", cert: "c", key: "k", then: "http", pathPrefix: "/v1", stripPrefix: true }, "/v1/users"), "/users")
+  })
+
+  it("is carried in the route's wire form and named in its description, not in its key", () => {
+    const decoded = decodeRoute({ _tag: "Http", port: 80, pathPrefix: "/app", stripPrefix: true })
+    assert.isTrue(decoded._tag === "Success" && decoded.success._tag === "Http" && decoded.success.stripPrefix === true)
+    assert.strictEqual(describeRoute(strip("/app")), "http :80 */app (prefix stripped)")
+    assert.strictEqual(routeKey(strip("/app")), routeKey({ _tag: "Http", port: 80, pathPrefix: "/app" }))
   })
 })

@@ -89,7 +89,7 @@ describe("switchyard client reports", () => {
       assert.match(status.gateways[0].lastError, /ECONNREFUSED/)
       assert.match(status.recentErrors[0].message, /cannot reach gateway/)
       // its own route is listed while it has no session
-      assert.deepStrictEqual(status.routes, [{ route: `http :${publicPort} */`, backends: [`127.0.0.1:${backendPort}`], inFlight: 0 }])
+      assert.deepStrictEqual(status.routes, [{ route: `http :${publicPort} */`, backends: [`127.0.0.1:${backendPort}`], inFlight: 0, state: "pending" }])
       const text = statusText(admin)
       assert.match(text, /GATEWAY\s+STATE\s+SINCE\s+ATTEMPTS\s+LAST ERROR/)
       assert.match(text, new RegExp(`127\\.0\\.0\\.1:${controlPort}\\s+retrying\\s+\\S+\\s+\\d+\\s+cannot reach gateway`))

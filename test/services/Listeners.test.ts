@@ -80,6 +80,26 @@ for (const engine of [true]) {
         assert.match(got[4]!.body, /NoRoute/)
       })))
 
+    it.effect("forwards a route's path prefix, or strips it when the route says so (query kept)", () =>
+      withGateway(Effect.gen(function*() {
+        const listeners = yield* Listeners
+        const port = yield* Effect.promise(freePort)
+        const kept = yield* directBackend("kept", yield* textServer("kept"))
+        const stripped = yield* directBackend("stripped", yield* textServer("stripped"))
+        yield* listeners.bind({ _tag: "Http", port, pathPrefix: "/keep" }, kept)
+        yield* listeners.bind({ _tag: "Http", port, pathPrefix: "/app/v1", stripPrefix: true }, stripped)
+        const got = yield* Effect.promise(() =>
+          Promise.all(["/keep/x", "/app/v1/x/y?q=1", "/app/v1", "/app/v1?q=/app/v1", "/app/v1/../v1/z"].map((p) => request(port, p)))
+        )
+        assert.deepStrictEqual(got.map((r) => [r.body, r.headers["x-path"]]), [
+          ["kept", "/keep/x"],
+          ["stripped", "/x/y?q=1"],
+          ["stripped", "/"],
+          ["stripped", "/?q=/app/v1"],
+          ["stripped", "/z"]
+        ])
+      })))
+
     it.effect("pipes raw TCP to the backend, half-close included", () =>
       withGateway(Effect.gen(function*() {
         const listeners = yield* Listeners

@@ -1,7 +1,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Exit, Fiber, Layer, Scope } from "effect"
 import { TestClock } from "effect/testing"
-import { Registry, RegistryError } from "../../src/services/Registry.ts"
+import { ownershipConflict, Registry, RegistryError } from "../../src/services/Registry.ts"
 import { makeTestBackend } from "./RegistryBackends.ts"
 
 const provide = <A, E>(self: Effect.Effect<A, E, Registry>, config?: Parameters<typeof Registry.layer>[0]) =>
@@ -108,5 +108,54 @@ describe("Registry", () => {
       assert.isTrue(registry.version() > since)
       // an already-passed version returns at once
       yield* registry.awaitChange(since)
+    }).pipe(Effect.scoped)))
+})
+
+describe("Registry route ownership", () => {
+  const owned = (id: string, name: string, shares = false) => ({ ...makeTestBackend(id), owner: { name, shares } })
+  const route = { _tag: "Http" as const, port: 8000, domainSuffix: "a.example.com" }
+
+  it("lets a token join its own routes, and another token only when both share", () => {
+    const a = { name: "a", shares: false }
+    const b = { name: "b", shares: false }
+    assert.isUndefined(ownershipConflict(a, a))
+    assert.isUndefined(ownershipConflict(undefined, b))
+    assert.isUndefined(ownershipConflict(a, undefined))
+    assert.match(ownershipConflict(a, b)!, /belongs to another token/)
+    assert.match(ownershipConflict({ name: "a", shares: true }, b)!, /share_routes/)
+    assert.match(ownershipConflict(a, { name: "b", shares: true })!, /share_routes/)
+    assert.isUndefined(ownershipConflict({ name: "a", shares: true }, { name: "b", shares: true }))
+  })
+
+  it.effect("refuses another token's backend on an owned route, through the grace period, and takes it once the route is gone", () =>
+    provide(Effect.gen(function*() {
+      const registry = yield* Registry
+      const first = yield* Scope.make()
+      yield* registry.register(route, owned("a1", "team-a")).pipe(Scope.provide(first))
+      // the same token joins; another one does not
+      yield* registry.register(route, owned("a2", "team-a")).pipe(Scope.provide(first))
+      const refused = yield* Effect.flip(registry.register(route, owned("b1", "team-b")))
+      assert.strictEqual(refused.reason, "Conflict")
+      assert.match(refused.message, /belongs to another token/)
+      // a different route on the same port is not the owned one
+      yield* registry.register({ _tag: "Http", port: 8000, domainSuffix: "b.example.com" }, owned("b2", "team-b"))
+      yield* Scope.close(first, Exit.void)
+      yield* TestClock.adjust("9 seconds")
+      assert.strictEqual((yield* Effect.flip(registry.register(route, owned("b3", "team-b")))).reason, "Conflict")
+      yield* TestClock.adjust("1 second")
+      // the grace period is over: the route is gone, the next token owns it
+      yield* registry.register(route, owned("b4", "team-b"))
+      assert.strictEqual(registry.match({ _tag: "Http", port: 8000, host: "a.example.com", path: "/" })?.owner?.name, "team-b")
+      assert.strictEqual((yield* Effect.flip(registry.register(route, owned("a3", "team-a")))).reason, "Conflict")
+    }).pipe(Effect.scoped), { gracePeriod: "10 seconds" }))
+
+  it.effect("tokens that both share join each other's routes; backends without an owner are not checked", () =>
+    provide(Effect.gen(function*() {
+      const registry = yield* Registry
+      yield* registry.register(route, owned("a", "team-a", true))
+      yield* registry.register(route, owned("b", "team-b", true))
+      yield* registry.register(route, makeTestBackend("embedded"))
+      assert.strictEqual((yield* Effect.flip(registry.register(route, owned("c", "team-c")))).reason, "Conflict")
+      assert.deepStrictEqual(registry.match({ _tag: "Http", port: 8000, host: "a.example.com", path: "/" })?.backends.map((b) => b.id), ["a", "b", "embedded"])
     }).pipe(Effect.scoped)))
 })

@@ -2,26 +2,29 @@
  * `switchyard client`: exposes a local service through one or more gateways' control ports. Each
  * tunnelled connection is piped to `expose` as raw bytes (HTTP or TCP alike); the public peer's
  * address reaches HTTP services as `X-Forwarded-For`. Settings come from `--config` (YAML or JSON),
- * `SWITCHYARD_...` variables and flags, in that order. Runs until interrupted, then drains. SIGHUP
- * re-reads them: a changed route is added over the live sessions before the old one is removed, a
- * changed `expose` applies to new connections; gateways, token, label and CA apply on restart (logged).
+ * `SWITCHYARD_...` variables and flags, in that order. One route from the single-route fields, or
+ * several from `routes`, all over the same session per gateway. Runs until interrupted, then drains.
+ * SIGHUP re-reads them: added and changed routes are bound over the live sessions before the routes
+ * they replace are removed (those drain), a changed `expose` applies to new connections; gateways,
+ * token, label and CA apply on restart (logged).
  */
 import * as net from "node:net"
 import { Console, Data, Deferred, Duration, Effect, Exit, Fiber, Option, Redacted, Runtime, Scope, Stream } from "effect"
 import { Command, Flag } from "effect/cli"
 import { encodeProxyHeader } from "../../domain/ProxyProtocol.ts"
-import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
-import { describeTarget, type GatewayTarget, TunnelClient } from "../../services/client/TunnelClient.ts"
+import { describeRoute } from "../../domain/Route.ts"
+import { describeTarget, type GatewayTarget, TunnelClient, type TunnelListener } from "../../services/client/TunnelClient.ts"
 import { isWebSocketUrl } from "../../services/transport/WebSocketDial.ts"
 import { joinStreams } from "../../services/Listeners.ts"
 import { checkOperations, registerGatewayGauges, reloadRefused, serveOperations } from "../Admin.ts"
 import { ClientFile, ConfigLoadError, type FlagValue, loadConfig, refuseConfig } from "../ConfigLoader.ts"
 import { onHangup } from "../Lifecycle.ts"
-import { DefaultServer, toRoute } from "../listen.ts"
+import { DefaultServer } from "../listen.ts"
 import * as Logging from "../Logging.ts"
-import { AddressError, formatHostPort, type HostPort, parseGatewayAddress, parseHostPort } from "../NetAddress.ts"
+import { AddressError, formatHostPort, parseGatewayAddress } from "../NetAddress.ts"
 import { exposeOverReverseHttp2 } from "../serveReverseHttp2.ts"
 import * as NodeTransport from "../NodeTransport.ts"
+import { invalidField, type ListenerSpec, routeState, specsOf } from "./clientRoutes.ts"
 import { adminFlags, adminOverrides, checkConfigFlag } from "./sharedFlags.ts"
 
 /** Exit code when a gateway refuses the client for good and exit_on_reject is set (sysexits' EX_NOPERM). */
@@ -32,9 +35,6 @@ class GatewayRejected extends Data.TaggedError("GatewayRejected")<{ readonly mes
   override readonly [Runtime.errorReported] = false
   override readonly [Runtime.errorExitCode] = RejectedExitCode
 }
-
-/** A host name as a route's domain: dot-separated labels of letters, digits and inner hyphens. */
-const HostNamePattern = /^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$/i
 
 const optionalString = (name: string, description: string) => Flag.String(name).pipe(Flag.withDescription(description), Flag.optional)
 
@@ -52,7 +52,8 @@ const flags = {
   tokenFile: optionalString("token-file", "File holding the token (token_file, SWITCHYARD_TOKEN_FILE)"),
   expose: optionalString("expose", "Local address to forward to, host:port"),
   port: Flag.Int("port").pipe(Flag.withDescription("Public port on the gateway"), Flag.optional),
-  path: optionalString("path", "HTTP path prefix, e.g. /a"),
+  path: optionalString("path", "HTTP path prefix, e.g. /a (forwarded as received unless --strip-path)"),
+  stripPath: Flag.Boolean("strip-path").pipe(Flag.withDescription("Remove the --path prefix from the forwarded path: /a/x is forwarded as /x, /a as /"), Flag.withDefault(false)),
   domain: optionalString("domain", "HTTP domain suffix, e.g. example.com"),
   tcp: Flag.Boolean("tcp").pipe(Flag.withDescription("Raw TCP instead of HTTP"), Flag.withDefault(false)),
   proxyProtocol: optionalString("proxy-protocol", "v1 or v2: start each raw TCP connection to --expose with a PROXY protocol header naming the public peer"),
@@ -91,6 +92,7 @@ const flagOverrides = (f: Flags): Array<FlagValue> => {
   add("--expose", "expose", f.expose)
   add("--port", "port", Option.map(f.port, String))
   add("--path", "path", f.path)
+  if (f.stripPath) out.push({ path: ["strip_path"], value: "true", flag: "--strip-path" })
   add("--domain", "domain", f.domain)
   if (f.tcp) out.push({ path: ["tcp"], value: "true", flag: "--tcp" })
   add("--proxy-protocol", "proxy_protocol", f.proxyProtocol)
@@ -105,66 +107,11 @@ const flagOverrides = (f: Flags): Array<FlagValue> => {
   return out
 }
 
-const required = (field: string, flag: string) =>
-  new ConfigLoadError({
-    reason: "Invalid",
-    source: "config",
-    field,
-    message: `${field}: required (${flag}, SWITCHYARD_${field.toUpperCase()} or ${field} in the config file)`
-  })
-
 /** Shortest interval between two warnings about connections the local service failed (ms). */
 export const LocalFailureLogIntervalMs = 10_000
 
 /** How long a reload waits for a changed route to be bound before it gives up waiting (the old one is removed anyway). */
 export const ReloadBindTimeout: Duration.Duration = Duration.seconds(10)
-
-/** What one listener of the client serves: its route and the local address its connections go to. */
-interface ListenerSpec {
-  readonly route: RouteDefinition
-  readonly expose: HostPort
-}
-
-/** The listener a configuration asks for, or the error naming the field at fault. */
-const listenerOf = (config: ClientFile): ListenerSpec | ConfigLoadError => {
-  if (config.expose === undefined) return required("expose", "--expose")
-  if (config.port === undefined) return required("port", "--port")
-  if (config.token === undefined) return required("token", "--token, SWITCHYARD_TOKEN_FILE")
-  const expose = parseHostPort(config.expose)
-  if (expose instanceof Error) return new ConfigLoadError({ reason: "Invalid", source: "config", field: "expose", message: `expose: ${expose.message}` })
-  const path = config.path
-  const domain = config.domain
-  const cert = config.tls_cert
-  const key = config.tls_key === undefined ? undefined : Redacted.value(config.tls_key)
-  const tcp = config.tcp ?? false
-  const invalid = (field: string, message: string) => new ConfigLoadError({ reason: "Invalid", source: "config", field, message: `${field}: ${message}` })
-  if (path !== undefined && !path.startsWith("/")) return invalid("path", `${JSON.stringify(path)} must start with / (e.g. /${path})`)
-  if (domain !== undefined && !HostNamePattern.test(domain)) return invalid("domain", `${JSON.stringify(domain)} is not a host name (e.g. example.com)`)
-  if (cert !== undefined && key === undefined) return invalid("tls_key", "tls_cert needs its private key (--tls-key, tls_key or tls_key_file)")
-  if (key !== undefined && cert === undefined) return invalid("tls_cert", "tls_key needs its certificate (--tls-cert, tls_cert or tls_cert_file)")
-  const acme = config.tls_acme ?? false
-  if (acme && cert !== undefined) return invalid("tls_acme", "the gateway obtains the certificate itself: drop tls_cert and tls_key (or tls_acme)")
-  if (acme && domain === undefined) return invalid("domain", "tls_acme needs the host name to obtain a certificate for (--domain app.example.com)")
-  if (config.proxy_protocol !== undefined && !tcp) {
-    return new ConfigLoadError({
-      reason: "Invalid",
-      source: "config",
-      field: "proxy_protocol",
-      message: "proxy_protocol: a PROXY header goes on raw TCP connections (tcp); HTTP routes carry the peer in X-Forwarded-For"
-    })
-  }
-  const route = toRoute({
-    port: config.port,
-    tcp,
-    http: { ...(domain ? { domainSuffix: domain } : {}), ...(path ? { pathPrefix: path } : {}) },
-    tls: acme
-      ? { domainSuffix: domain ?? "localhost", acme: true, then: tcp ? "tcp" : "http", ...(path ? { pathPrefix: path } : {}) }
-      : cert !== undefined && key !== undefined
-      ? { domainSuffix: domain ?? "localhost", cert, key, then: tcp ? "tcp" : "http", ...(path ? { pathPrefix: path } : {}) }
-      : undefined
-  })
-  return { route, expose }
-}
 
 /** Settings a live client cannot change without new sessions: named in the reload log, applied on restart. */
 const sessionSettingsChanged = (before: ClientFile, after: ClientFile): Array<string> => {
@@ -183,8 +130,8 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
     Effect.map((loaded) => loaded.config)
   )
   const config = yield* load.pipe(Effect.catch(refuseConfig("client")))
-  const first = listenerOf(config)
-  if (first instanceof ConfigLoadError) return yield* refuseConfig("client")(first)
+  const firstSpecs = specsOf(config)
+  if (firstSpecs instanceof ConfigLoadError) return yield* refuseConfig("client")(firstSpecs)
   const token = config.token!
   const serverTexts = (config.server ?? DefaultServer).split(",").map((s) => s.trim()).filter((s) => s.length > 0)
   const servers = []
@@ -200,9 +147,12 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
     const { host, port } = parsed
     targets.push(parsed.tls ? { host, port, tls: { ca: config.ca } } : { host, port })
   }
-  const expose = first.expose
   if (config.h2 === true && servers.length !== targets.length) {
     return yield* new AddressError({ reason: "Malformed", message: "--h2 needs host:port gateways; ws:// and wss:// are for control-port tunnels" })
+  }
+  const h2Expose = firstSpecs[0]!.expose
+  if (config.h2 === true && firstSpecs.some((spec) => formatHostPort(spec.expose) !== formatHostPort(h2Expose))) {
+    return yield* refuseConfig("client")(invalidField("routes", "with h2 every route goes to the same expose address (one HTTP service)"))
   }
   if (f.checkConfig) {
     yield* checkOperations(config.admin === undefined ? {} : { admin: config.admin }, "config", adminOverrides(f)).pipe(Effect.catch(refuseConfig("client")))
@@ -211,16 +161,16 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
   }
   if (config.log !== undefined) yield* Logging.useInThisFiber({ format: config.log.format, level: config.log.level })
   const ops = { ...(config.admin === undefined ? {} : { admin: config.admin }) }
-  const route = first.route
   const label = config.label
+  const described = (specs: ReadonlyArray<ListenerSpec>) => specs.map((spec) => `${describeRoute(spec.route)} -> ${formatHostPort(spec.expose)}`).join(", ")
   if (config.h2 === true) {
     const operations = yield* serveOperations({ command: "client", ops, flags: adminOverrides(f), ready: () => true })
     yield* onHangup(Effect.sync(() => {
       operations.metrics.reloads.labels("rejected").inc()
       operations.recordError("reload refused: a reverse-HTTP/2 client applies its configuration on restart")
     }).pipe(Effect.andThen(Effect.logWarning("reload refused: with h2 the client applies configuration changes on restart")), Effect.annotateLogs({ component: "client" })))
-    yield* exposeOverReverseHttp2({ gateways: servers, target: expose, token, routes: [route], label, ca: config.ca })
-    yield* Console.log(`switchyard client: ${describeRoute(route)} over reverse HTTP/2 on ${serverTexts.join(", ")} -> ${formatHostPort(expose)}`)
+    yield* exposeOverReverseHttp2({ gateways: servers, target: h2Expose, token, routes: firstSpecs.map((spec) => spec.route), label, ca: config.ca })
+    yield* Console.log(`switchyard client: ${described(firstSpecs)} over reverse HTTP/2 on ${serverTexts.join(", ")}`)
     return yield* Effect.never
   }
   // problems reach /status once it is up; with exit_on_reject a refusal for good ends the command
@@ -238,16 +188,29 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
     }
   })
   const gateways = () => client.status().map((g) => ({ gateway: describeTarget(g.address), connected: g.connected, attempts: g.attempts, established: g.established }))
-  // connections from the gateways now piped to the local address, and the route they come in on
-  let inFlight = 0
-  let servedRoute = route
+  /** One route being served: its listener on the gateways and where its connections go now (a reload may change it). */
+  interface Served {
+    spec: ListenerSpec
+    readonly scope: Scope.Closeable
+    readonly listener: TunnelListener
+    /** Connections from the gateways now piped to the local address. */
+    inFlight: number
+  }
+  // every route served, in the order of the configuration
+  let served: ReadonlyArray<Served> = []
   const operations = yield* serveOperations({
     command: "client",
     ops,
     flags: adminOverrides(f),
     ready: () => gateways().some((g) => g.connected),
     sessions: () => [{ frontDoor: "control", count: gateways().filter((g) => g.connected).length }],
-    routes: () => [{ route: describeRoute(servedRoute), backends: [formatHostPort(target)], inFlight }],
+    routes: () =>
+      served.map((s) => ({
+        route: describeRoute(s.spec.route),
+        backends: [formatHostPort(s.spec.expose)],
+        inFlight: s.inFlight,
+        state: routeState(s.listener.status())
+      })),
     gateways: () =>
       client.status().map((g) => ({
         gateway: describeTarget(g.address),
@@ -256,29 +219,47 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
         attempts: g.attempts,
         ...(g.lastError === undefined ? {} : { lastError: g.lastError })
       })),
-    register: (metrics) => registerGatewayGauges(metrics, "control", gateways)
+    register: (metrics) => {
+      registerGatewayGauges(metrics, "control", gateways)
+      metrics.registry.sampledGauge({
+        name: "switchyard_client_routes",
+        help: "The client's routes by where they stand on its gateways: bound on every gateway, partly bound, pending (no session or no answer yet), refused by a gateway.",
+        labelNames: ["state"],
+        collect: () => {
+          const counts = { bound: 0, partly_bound: 0, pending: 0, refused: 0 }
+          for (const s of served) {
+            const states = s.listener.status()
+            const bound = states.filter((g) => g.state === "bound").length
+            if (bound === states.length) counts.bound++
+            else if (bound > 0) counts.partly_bound++
+            else if (states.some((g) => g.state === "refused")) counts.refused++
+            else counts.pending++
+          }
+          return Object.entries(counts).map(([state, n]) => [[state], n] as const)
+        }
+      })
+    }
   })
   recordError = operations.recordError
   for (const g of client.status()) if (g.lastError !== undefined) recordError(g.lastError)
   const commandScope = yield* Effect.scope
-  // the local address new connections go to (a reload may change it; connections already piped stay)
-  let target = expose
-  // failures to reach the local service: one warning per interval, the rest counted into the next
+  // failures to reach a local service: one warning per interval, the rest counted into the next
   let lastLocalWarning = 0
   let localFailures = 0
   const logRun = Effect.runForkWith(yield* Effect.context<never>())
-  let proxyProtocol = config.proxy_protocol
-  /** Opens a listener for `spec` in its own scope, its connections piped to the current target. */
-  const openListener = (forRoute: RouteDefinition) =>
+  /** Opens a listener for `spec` in its own scope, its connections piped to the spec's current expose address. */
+  const openListener = (spec: ListenerSpec) =>
     Effect.gen(function*() {
       const scope = yield* Scope.fork(commandScope)
       // the consumer stops last, once the listener has been unbound and drained, so a connection the
       // gateway sends while the listener is being removed is still piped
       let consumer: Fiber.Fiber<void> | undefined
       yield* Scope.addFinalizer(scope, Effect.suspend(() => consumer === undefined ? Effect.void : Fiber.interrupt(consumer)))
-      const listener = yield* client.listen(forRoute).pipe(Scope.provide(scope))
+      const listener = yield* client.listen(spec.route).pipe(Scope.provide(scope))
+      const entry: Served = { spec, scope, listener, inFlight: 0 }
       consumer = yield* Stream.runForEach(listener.connections, ({ preamble, socket }) =>
         Effect.sync(() => {
+          const { expose: target, proxyProtocol } = entry.spec
           const local = net.createConnection({ host: target.host, port: target.port, allowHalfOpen: true })
           // the public peer for the backend, ahead of the connection's own bytes
           if (proxyProtocol !== undefined) {
@@ -289,10 +270,10 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
               destinationPort: preamble.localPort
             }))
           }
-          inFlight++
+          entry.inFlight++
           let settled = false
           const settle = () => {
-            if (!settled) (settled = true, inFlight--)
+            if (!settled) (settled = true, entry.inFlight--)
           }
           local.on("error", (error) => {
             local.destroy()
@@ -308,53 +289,63 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
           socket.on("error", () => socket.destroy())
           joinStreams(socket, local, settle)
         })).pipe(Effect.forkIn(commandScope))
-      return { scope, listener }
+      return entry
     })
-  let current = { spec: first, ...(yield* openListener(route)) }
+  const sameRoute = (a: ListenerSpec, b: ListenerSpec) => JSON.stringify(a.route) === JSON.stringify(b.route)
+  served = yield* Effect.forEach(firstSpecs, openListener)
   yield* Console.log(
-    `switchyard client: ${describeRoute(route)} on ${targets.map(describeTarget).join(", ")} -> ${formatHostPort(expose)} ` +
+    `switchyard client: ${described(firstSpecs)} on ${targets.map(describeTarget).join(", ")} ` +
       `(connecting: each gateway's session, refusals and losses are logged and in /status)`
   )
 
   yield* onHangup(Effect.gen(function*() {
     const next = yield* load
-    const spec = listenerOf(next)
-    if (spec instanceof ConfigLoadError) return yield* spec
+    const specs = specsOf(next)
+    if (specs instanceof ConfigLoadError) return yield* specs
     const notes: Array<string> = []
-    if (JSON.stringify(spec.route) !== JSON.stringify(current.spec.route)) {
-      // the new route first, over the live sessions; then the old one, which drains in the background
-      const opened = yield* openListener(spec.route)
-      const bound = yield* opened.listener.bound.pipe(Effect.timeoutOption(ReloadBindTimeout), Effect.exit)
-      if (Exit.isFailure(bound)) {
-        yield* Scope.close(opened.scope, Exit.void)
-        const failure = bound.cause.reasons.find((r) => r._tag === "Fail")
-        return yield* new ConfigLoadError({
-          reason: "Invalid",
-          source: "config",
-          field: "port",
-          message: `the gateway refused ${describeRoute(spec.route)}: ${failure?._tag === "Fail" ? failure.error.message : "interrupted"}`
-        })
+    // new and changed routes first, over the live sessions; the routes they replace go once they are bound
+    const added = specs.filter((spec) => !served.some((s) => sameRoute(s.spec, spec)))
+    const opened = yield* Effect.forEach(added, openListener)
+    const bound = yield* Effect.forEach(
+      opened,
+      (entry) => entry.listener.bound.pipe(Effect.timeoutOption(ReloadBindTimeout), Effect.exit),
+      { concurrency: "unbounded" }
+    )
+    const failedAt = bound.findIndex(Exit.isFailure)
+    if (failedAt !== -1) {
+      yield* Effect.forEach(opened, (entry) => Scope.close(entry.scope, Exit.void), { discard: true })
+      const exit = bound[failedAt]!
+      const failure = Exit.isFailure(exit) ? exit.cause.reasons.find((r) => r._tag === "Fail") : undefined
+      return yield* new ConfigLoadError({
+        reason: "Invalid",
+        source: "config",
+        field: next.routes === undefined ? "port" : "routes",
+        message: `the gateway refused ${describeRoute(opened[failedAt]!.spec.route)}: ${failure?._tag === "Fail" ? failure.error.message : "interrupted"}`
+      })
+    }
+    const removed = served.filter((s) => !specs.some((spec) => sameRoute(s.spec, spec)))
+    served = specs.map((spec) => {
+      const kept = served.find((s) => sameRoute(s.spec, spec))
+      if (kept === undefined) return opened.find((o) => sameRoute(o.spec, spec))!
+      if (formatHostPort(spec.expose) !== formatHostPort(kept.spec.expose)) {
+        notes.push(`${describeRoute(spec.route)}: new connections go to ${formatHostPort(spec.expose)}`)
       }
-      const previous = current
-      current = { spec, ...opened }
-      servedRoute = spec.route
-      yield* Scope.close(previous.scope, Exit.void).pipe(Effect.forkIn(commandScope))
-      notes.push(`now serving ${describeRoute(spec.route)} instead of ${describeRoute(previous.spec.route)}`)
-    } else {
-      current = { ...current, spec }
-    }
-    if (formatHostPort(spec.expose) !== formatHostPort(target)) {
-      notes.push(`new connections go to ${formatHostPort(spec.expose)}`)
-      target = spec.expose
-    }
-    if (next.proxy_protocol !== proxyProtocol) {
-      notes.push(`new connections start with ${next.proxy_protocol === undefined ? "no PROXY header" : `a PROXY ${next.proxy_protocol} header`}`)
-      proxyProtocol = next.proxy_protocol
+      if (spec.proxyProtocol !== kept.spec.proxyProtocol) {
+        notes.push(`${describeRoute(spec.route)}: new connections start with ${spec.proxyProtocol === undefined ? "no PROXY header" : `a PROXY ${spec.proxyProtocol} header`}`)
+      }
+      kept.spec = spec
+      return kept
+    })
+    for (const entry of opened) notes.push(`now serving ${describeRoute(entry.spec.route)} -> ${formatHostPort(entry.spec.expose)}`)
+    // a removed route drains in the background: the gateway routes no new work to it, work in flight finishes
+    for (const entry of removed) {
+      notes.push(`no longer serving ${describeRoute(entry.spec.route)}`)
+      yield* Scope.close(entry.scope, Exit.void).pipe(Effect.forkIn(commandScope))
     }
     // compared with what the sessions started with: they keep it until a restart
     const restart = sessionSettingsChanged(config, next)
     operations.metrics.reloads.labels("applied").inc()
-    yield* Effect.logInfo(`configuration reloaded${notes.length === 0 ? ": listener unchanged" : `: ${notes.join("; ")}`}`)
+    yield* Effect.logInfo(`configuration reloaded${notes.length === 0 ? ": routes unchanged" : `: ${notes.join("; ")}`}`)
     if (restart.length > 0) {
       yield* Effect.logWarning(`configuration reloaded: ${restart.join(", ")} changed; the live sessions keep the old value (a reconnect needs a restart, which drains)`)
     }

@@ -23,33 +23,41 @@ export class StatusError extends Schema.TaggedError<StatusError>()("StatusError"
 }) {}
 
 /** The status could not be read; the reason was already printed as one line. */
-class StatusUnavailable extends Data.TaggedError("StatusUnavailable")<{ readonly message: string }> {
+export class StatusUnavailable extends Data.TaggedError("StatusUnavailable")<{ readonly message: string }> {
   override readonly [Runtime.errorReported] = false
   override readonly [Runtime.errorExitCode] = UnavailableExitCode
 }
 
-/** Fetches `/status` from the admin endpoint at `host:port`. */
-export const fetchStatus = (address: { host: string; port: number }): Effect.Effect<StatusDocument, StatusError> =>
-  Effect.callback<StatusDocument, StatusError>((resume) => {
+/**
+ * Fetches a JSON document from the admin endpoint at `host:port`; `accept` lists the statuses whose
+ * body is the document (the route test answers a URL it cannot read with 400 and a JSON `error`).
+ */
+export const fetchAdminJson = <A>(
+  address: { host: string; port: number },
+  path: string,
+  accept: ReadonlyArray<number> = [200]
+): Effect.Effect<A, StatusError> =>
+  Effect.callback<A, StatusError>((resume) => {
     const where = `${address.host}:${address.port}`
-    const req = http.get({ host: address.host, port: address.port, path: "/status", agent: false, timeout: StatusTimeoutMs }, (res) => {
+    const req = http.get({ host: address.host, port: address.port, path, agent: false, timeout: StatusTimeoutMs }, (res) => {
       const chunks: Array<Buffer> = []
       let size = 0
       res.on("data", (c: Buffer) => {
         size += c.length
         if (size > MaxStatusBytes) {
           res.destroy()
-          resume(Effect.fail(new StatusError({ reason: "BadAnswer", message: `${where}: status document larger than ${MaxStatusBytes} bytes` })))
+          resume(Effect.fail(new StatusError({ reason: "BadAnswer", message: `${where}: answer to ${path} larger than ${MaxStatusBytes} bytes` })))
         } else chunks.push(c)
       })
       res.on("end", () => {
-        if (res.statusCode !== 200) {
-          return resume(Effect.fail(new StatusError({ reason: "BadAnswer", message: `${where}/status answered ${res.statusCode}` })))
+        const pathOnly = path.split("?")[0]
+        if (!accept.includes(res.statusCode ?? 0)) {
+          return resume(Effect.fail(new StatusError({ reason: "BadAnswer", message: `${where}${pathOnly} answered ${res.statusCode}` })))
         }
         try {
-          resume(Effect.succeed(JSON.parse(Buffer.concat(chunks).toString("utf8")) as StatusDocument))
+          resume(Effect.succeed(JSON.parse(Buffer.concat(chunks).toString("utf8")) as A))
         } catch (e) {
-          resume(Effect.fail(new StatusError({ reason: "BadAnswer", message: `${where}/status: not JSON: ${(e as Error).message}` })))
+          resume(Effect.fail(new StatusError({ reason: "BadAnswer", message: `${where}${pathOnly}: not JSON: ${(e as Error).message}` })))
         }
       })
       res.on("error", (e) => resume(Effect.fail(new StatusError({ reason: "Unreachable", message: `${where}: ${e.message}` }))))
@@ -58,6 +66,10 @@ export const fetchStatus = (address: { host: string; port: number }): Effect.Eff
     req.on("error", (e) => resume(Effect.fail(new StatusError({ reason: "Unreachable", message: `${where}: ${e.message}` }))))
     return Effect.sync(() => req.destroy())
   })
+
+/** Fetches `/status` from the admin endpoint at `host:port`. */
+export const fetchStatus = (address: { host: string; port: number }): Effect.Effect<StatusDocument, StatusError> =>
+  fetchAdminJson<StatusDocument>(address, "/status")
 
 /** Lays out rows as a left-aligned text table with a header. */
 export const table = (header: ReadonlyArray<string>, rows: ReadonlyArray<ReadonlyArray<string>>): string => {
@@ -99,6 +111,11 @@ export const renderStatus = (status: StatusDocument): string =>
     ]),
     status.routes.length === 0
       ? "no routes"
+      : status.routes.some((r) => r.state !== undefined)
+      ? table(
+        ["ROUTE", "BACKENDS", "IN FLIGHT", "STATE"],
+        status.routes.map((r) => [r.route, r.backends.length === 0 ? "(none)" : r.backends.join(", "), String(r.inFlight), r.state ?? "-"])
+      )
       : table(["ROUTE", "BACKENDS", "IN FLIGHT"], status.routes.map((r) => [r.route, r.backends.length === 0 ? "(none)" : r.backends.join(", "), String(r.inFlight)])),
     "",
     status.recentErrors.length === 0 ? "no recent errors" : table(["AT", "ERROR"], status.recentErrors.map((e) => [e.at, e.message]))

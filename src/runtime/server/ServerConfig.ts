@@ -132,7 +132,8 @@ export const grantsOf = (file: ServerFile): Array<TokenGrant> | ConfigLoadError 
       name: entry.name,
       token: entry.token,
       ports,
-      ...(entry.domains === undefined ? {} : { domainSuffixes: entry.domains.map((d) => d.toLowerCase()) })
+      ...(entry.domains === undefined ? {} : { domainSuffixes: entry.domains.map((d) => d.toLowerCase()) }),
+      ...(entry.share_routes === true ? { shareRoutes: true } : {})
     })
   }
   return grants

@@ -25,7 +25,8 @@ import * as Logging from "../Logging.ts"
 import { formatHostPort, type HostPort } from "../NetAddress.ts"
 import * as NodeTransport from "../NodeTransport.ts"
 import packageJson from "../../../package.json" with { type: "json" }
-import { dispatchObserver, gatewayEvents, type GatewayServices, requestInstruments, registerServerGauges } from "./GatewayInstruments.ts"
+import { dispatchObserver, gatewayEvents, type GatewayServices, registerServerGauges, requestInstruments } from "./GatewayInstruments.ts"
+import { testRoute } from "./RouteTest.ts"
 import { AllPorts, GeneratedGrantName, GeneratedTokenBytes, grantsOf, h2RoutesOf, invalid, resolveServerConfig } from "./ServerConfig.ts"
 
 /** What `runGateway` starts, for embedding and tests. */
@@ -158,7 +159,8 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       recentErrors: recentErrors.list(),
       ...(acme === undefined ? {} : { certificates: acme.status() })
     })
-    adminBound = yield* serveAdmin({ address: config.admin.address, ready: () => live !== undefined && !draining, metrics: metrics.registry, status })
+    const routeTest = (url: string) => live === undefined ? { error: "the gateway is starting" } : testRoute(live.registry, url)
+    adminBound = yield* serveAdmin({ address: config.admin.address, ready: () => live !== undefined && !draining, metrics: metrics.registry, status, routeTest })
     listenerNames.push({ name: "admin", address: formatHostPort(adminBound) })
   }
 
@@ -237,7 +239,16 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     : `${webSocket.tls === undefined ? "ws" : "wss"}://${formatHostPort(controlPort.webSocketAddress as HostPort)}${webSocket.path}`
   if (controlWebSocket !== undefined) listenerNames.push({ name: "control_websocket", address: controlWebSocket })
 
-  const removers = registerServerGauges(metrics, live)
+  const removers = [
+    ...registerServerGauges(metrics, live),
+    metrics.registry.sampledGauge({
+      name: "switchyard_route_refusals_total",
+      type: "counter",
+      help: "Routes the control port refused to authenticated backends (in a Hello or an AddListener), by reason: Conflict (another kind on the port, or another token's route), PortNotAllowed, DomainNotAllowed, BindFailed, Limit.",
+      labelNames: ["reason"],
+      collect: () => [...controlPort.routeRefusals()].map(([reason, n]) => [[reason], n] as const)
+    })
+  ]
   yield* Effect.addFinalizer(() => Effect.sync(() => removers.forEach((r) => r())))
 
   if (options.reload !== undefined) {
@@ -258,11 +269,15 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       if (h2 !== undefined) {
         yield* h2.replaceRoutes(nextH2Routes).pipe(Effect.mapError((e) => invalid("reverse_h2.routes", e.message)))
       }
-      yield* controlPort.replaceTokens(applied)
+      const closeRevoked = next.control?.close_revoked_sessions === true
+      const closed = yield* controlPort.replaceTokens(applied, { closeRevoked })
       if (h2 !== undefined && h2.authenticated) yield* h2.replaceTokens(applied)
       metrics.reloads.labels("applied").inc()
       const routesNote = h2 === undefined ? "" : `, ${nextH2Routes.length} reverse-HTTP/2 route(s)`
-      yield* Effect.logInfo(`configuration reloaded: ${nextGrants.length} token(s)${routesNote}; sessions already up keep their grants (addresses change on restart)`)
+      const sessionsNote = closeRevoked
+        ? `sessions already up keep their grants; ${closed} session(s) of removed tokens closed`
+        : "sessions already up keep their grants"
+      yield* Effect.logInfo(`configuration reloaded: ${nextGrants.length} token(s)${routesNote}; ${sessionsNote} (addresses change on restart)`)
     }).pipe(
       Effect.catch(reloadRefused({ metrics, recordError: recentErrors.add })),
       Effect.annotateLogs({ component: "server" })

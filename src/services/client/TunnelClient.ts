@@ -4,7 +4,7 @@
  * jitter, re-registering everything. Each stream a gateway opens is read for its preamble and handed to
  * the matching listener as a Node `Duplex`. It does not speak HTTP: callers serve the sockets.
  */
-import { Context, Deferred, Duration, Effect, Exit, Layer, Queue, Random, Schema, Scope, Stream } from "effect"
+import { Context, Deferred, Duration, Effect, Exit, FiberSet, Layer, Queue, Random, Schema, Scope, Stream } from "effect"
 import type * as Redacted from "effect/Redacted"
 import {
   ControlProtocolError,
@@ -92,6 +92,19 @@ export const PermanentRejections: ReadonlySet<RejectionReason> = new Set<Rejecti
   "Insecure"
 ])
 
+/**
+ * Refusals that concern one route, not the session: a client with several routes leaves a route refused
+ * this way out of its next `Hello` to that gateway, so the other routes are served, and asks for it again
+ * over the session (with backoff, unless the refusal is one of `PermanentRejections`).
+ */
+export const RouteRejections: ReadonlySet<RejectionReason> = new Set<RejectionReason>([
+  "PortNotAllowed",
+  "DomainNotAllowed",
+  "Conflict",
+  "BindFailed",
+  "Malformed"
+])
+
 /** A failed attempt or a lost session, as the client logs it. */
 export interface GatewayProblem {
   readonly gateway: string
@@ -168,6 +181,8 @@ export interface TunnelListener {
   readonly connections: Stream.Stream<TunnelConnection>
   /** Succeeds once a first gateway has bound the listener; fails if one refuses it first. */
   readonly bound: Effect.Effect<void, TunnelClientError>
+  /** Where the listener stands on each gateway. */
+  readonly status: () => ReadonlyArray<ListenerGatewayState>
 }
 
 /** State of one gateway connection, for status displays and tests. */
@@ -197,6 +212,23 @@ export interface ClientListener {
   readonly onBound: (gateway: number, listenerId: number) => void
 }
 
+/** Where one listener stands on one gateway: bound, waiting for a session or an answer, or refused (why). */
+export interface ListenerGatewayState {
+  readonly gateway: string
+  readonly state: "bound" | "pending" | "refused"
+  readonly error?: string | undefined
+}
+
+/**
+ * True when the gateway bound the route as asked. A gateway that does not know a route option (such as
+ * `stripPrefix`, from an older version) drops it from the route it echoes: the route would be served
+ * differently from what was asked.
+ */
+export const boundAsAsked = (asked: RouteDefinition, bound: RouteDefinition): boolean => {
+  const strip = (r: RouteDefinition) => r._tag !== "Tcp" && r.stripPrefix === true
+  return strip(asked) === strip(bound)
+}
+
 export interface TunnelClientShape {
   readonly config: TunnelClientConfig
   /** Adds a listener on every gateway (now, and after each reconnect) until the scope closes. */
@@ -204,6 +236,8 @@ export interface TunnelClientShape {
   /** A new listener with its connections as a stream; it is removed (drained) when the scope closes. */
   readonly listen: (route: RouteDefinition) => Effect.Effect<TunnelListener, never, Scope.Scope>
   readonly status: () => ReadonlyArray<GatewayStatus>
+  /** Where `listener` stands on each gateway, in the order of `servers`. */
+  readonly listenerStatus: (listener: ClientListener) => ReadonlyArray<ListenerGatewayState>
 }
 
 export class TunnelClient extends Context.Service<TunnelClient, TunnelClientShape>()("switchyard/TunnelClient") {
@@ -226,6 +260,12 @@ interface GatewayState {
   readonly byGatewayId: Map<number, ClientListener>
   /** Local listener id → gateway listener id, for the live session. */
   readonly byLocalId: Map<number, number>
+  /** Local listener id → why this gateway refused it last (cleared once it binds). */
+  readonly refused: Map<number, string>
+  /** Listeners left out of the next `Hello` because this gateway refused them while other routes were offered. */
+  readonly heldBack: Set<number>
+  /** Local listener id → refusals in a row over the live session, for the backoff of the next request. */
+  readonly routeAttempts: Map<number, number>
   /** Sends a control request on the live session; undefined while disconnected. */
   send: ((request: { _tag: "AddListener"; route: RouteDefinition } | { _tag: "RemoveListener"; listenerId: number }, onReply: (reply: ControlReply) => void) => void) | undefined
 }
@@ -294,6 +334,9 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
     since: new Date(),
     byGatewayId: new Map(),
     byLocalId: new Map(),
+    refused: new Map(),
+    heldBack: new Set(),
+    routeAttempts: new Map(),
     send: undefined
   }))
 
@@ -303,23 +346,53 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
   }
   // logs from plain callbacks (control replies) with the services of the client's own fiber
   const logRun = Effect.runForkWith(yield* Effect.context<never>())
+  // route requests asked again after a passing refusal; interrupted when the client closes
+  const retries = yield* FiberSet.make()
+  const runRetry = yield* FiberSet.runtime(retries)<never>()
+
+  /** Records and reports a refusal of `listener` by `g`, logged with what to do. */
+  const routeRefused = (g: GatewayState, listener: ClientListener, reason: RejectionReason, text: string) => {
+    const error = new TunnelClientError({ reason: "Rejected", rejection: reason, message: `${reason}: ${text}` })
+    const message = `gateway ${describeTarget(g.address)} refused ${describeRoute(listener.route)}: ${error.message}; ${failureAdvice(error)}`
+    g.lastError = message
+    g.refused.set(listener.id, message)
+    config.onProblem?.({ gateway: describeTarget(g.address), message, permanent: PermanentRejections.has(reason) })
+    listener.onRejected(g.index, reason, text)
+    return message
+  }
+
   const bindRemotely = (g: GatewayState, listener: ClientListener) => {
-    g.send?.({ _tag: "AddListener", route: listener.route }, (reply) => {
+    const send = g.send
+    send?.({ _tag: "AddListener", route: listener.route }, (reply) => {
       if (reply._tag === "ListenerAdded") {
         if (!listeners.has(listener.id)) {
           g.send?.({ _tag: "RemoveListener", listenerId: reply.listener.listenerId }, () => {})
           return
         }
+        if (!boundAsAsked(listener.route, reply.listener.route)) {
+          g.send?.({ _tag: "RemoveListener", listenerId: reply.listener.listenerId }, () => {})
+          logRun(Effect.logError(routeRefused(g, listener, "Version", "the gateway does not support strip_path (it would forward the path prefix): upgrade the gateway")))
+          return
+        }
         g.byGatewayId.set(reply.listener.listenerId, listener)
         g.byLocalId.set(listener.id, reply.listener.listenerId)
+        g.refused.delete(listener.id)
+        g.heldBack.delete(listener.id)
+        g.routeAttempts.delete(listener.id)
         listener.onBound(g.index, reply.listener.listenerId)
       } else if (reply._tag === "ListenerRejected") {
-        const error = new TunnelClientError({ reason: "Rejected", rejection: reply.reason, message: `${reply.reason}: ${reply.message}` })
-        const message = `gateway ${describeTarget(g.address)} refused ${describeRoute(listener.route)}: ${error.message}; ${failureAdvice(error)}`
-        g.lastError = message
-        config.onProblem?.({ gateway: describeTarget(g.address), message, permanent: PermanentRejections.has(reply.reason) })
-        logRun(Effect.logError(message))
-        listener.onRejected(g.index, reply.reason, reply.message)
+        const permanent = PermanentRejections.has(reply.reason)
+        const attempt = g.routeAttempts.get(listener.id) ?? 0
+        g.routeAttempts.set(listener.id, attempt + 1)
+        const message = routeRefused(g, listener, reply.reason, reply.message)
+        if (permanent) return void logRun(Effect.logError(message))
+        // a passing refusal (conflict, bind failure, limit) is asked again over the same session
+        runRetry(Effect.gen(function*() {
+          const delay = backoffDelay(attempt, config.reconnect ?? {}, yield* Random.next)
+          yield* Effect.logError(`${message}; asking again in ${(Duration.toMillis(delay) / 1000).toFixed(1)} s`)
+          yield* Effect.sleep(delay)
+          if (g.send === send && listeners.has(listener.id) && !g.byLocalId.has(listener.id)) bindRemotely(g, listener)
+        }).pipe(Effect.annotateLogs({ component: "client" })))
       }
     })
   }
@@ -331,6 +404,9 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
       if (--waiting === 0) done()
     }
     for (const g of gateways) {
+      g.refused.delete(listener.id)
+      g.heldBack.delete(listener.id)
+      g.routeAttempts.delete(listener.id)
       const remote = g.byLocalId.get(listener.id)
       if (remote === undefined || g.send === undefined) continue
       g.byLocalId.delete(listener.id)
@@ -353,7 +429,9 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
       const conn = yield* dialed.pipe(
         Effect.mapError((e) => new TunnelClientError({ reason: "Io", message: e.message }))
       )
-      const offered = [...listeners.values()]
+      // a route this gateway refused is left out while other routes are offered; it is asked for once the session is up
+      const all = [...listeners.values()]
+      const offered = all.every((l) => g.heldBack.has(l.id)) ? all : all.filter((l) => !g.heldBack.has(l.id))
       yield* writeFrame(conn, encodeHello(makeHello(config.token, offered.map((l) => l.route), config.label))).pipe(
         Effect.mapError((e) => new TunnelClientError({ reason: "Io", message: e.message }))
       )
@@ -367,19 +445,29 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
       const reply = decodeHelloReply(body)
       if (reply instanceof ControlProtocolError) return yield* new TunnelClientError({ reason: "Protocol", message: reply.message })
       if (reply._tag === "Rejected") {
-        const which = reply.index === undefined ? "" : ` (listener ${reply.index})`
-        if (reply.index !== undefined) offered[reply.index]?.onRejected(g.index, reply.reason, reply.message)
+        const refusedListener = reply.index === undefined ? undefined : offered[reply.index]
+        const which = refusedListener === undefined ? "" : ` (route ${describeRoute(refusedListener.route)})`
+        if (refusedListener !== undefined) {
+          g.refused.set(refusedListener.id, `gateway ${describeTarget(g.address)} refused ${describeRoute(refusedListener.route)}: ${reply.reason}: ${reply.message}`)
+          refusedListener.onRejected(g.index, reply.reason, reply.message)
+          if (offered.length > 1 && RouteRejections.has(reply.reason)) g.heldBack.add(refusedListener.id)
+        }
         return yield* new TunnelClientError({ reason: "Rejected", rejection: reply.reason, message: `${reply.reason}: ${reply.message}${which}` })
       }
       const session = yield* Session.make(rest, { role: "server", config: tunnelYamuxConfig(config.yamux) })
       const core = session.core
       g.byGatewayId.clear()
       g.byLocalId.clear()
+      g.routeAttempts.clear()
+      // a route the gateway bound otherwise than asked (an option it does not know) is removed once the session runs
+      const misbound: Array<{ listener: ClientListener; listenerId: number }> = []
       reply.listeners.forEach((bound, i) => {
         const listener = offered[i]
         if (listener === undefined) return
+        if (!boundAsAsked(listener.route, bound.route)) return void misbound.push({ listener, listenerId: bound.listenerId })
         g.byGatewayId.set(bound.listenerId, listener)
         g.byLocalId.set(listener.id, bound.listenerId)
+        g.refused.delete(listener.id)
       })
 
       // control stream, opened on first use
@@ -440,8 +528,14 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
         const remote = g.byLocalId.get(listener.id)
         if (remote !== undefined) listener.onBound(g.index, remote)
       }
+      for (const { listener, listenerId } of misbound) {
+        g.send({ _tag: "RemoveListener", listenerId }, () => {})
+        yield* Effect.logError(routeRefused(g, listener, "Version", "the gateway does not support strip_path (it would forward the path prefix): upgrade the gateway"))
+      }
       // listeners added while the handshake was in flight, and ones removed meanwhile
-      for (const listener of listeners.values()) if (!offered.includes(listener)) bindRemotely(g, listener)
+      for (const listener of listeners.values()) {
+        if (!offered.includes(listener) && !misbound.some((m) => m.listener === listener)) bindRemotely(g, listener)
+      }
       for (const listener of offered) if (!listeners.has(listener.id)) unbindRemotely(listener)
 
       const acceptNext = (): void => {
@@ -514,7 +608,7 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
     const queue = yield* Queue.bounded<TunnelConnection>(MaxPendingConnections)
     const bound = Deferred.makeUnsafe<void, TunnelClientError>()
     yield* Effect.addFinalizer(() => Queue.shutdown(queue))
-    yield* addListener({
+    const added = yield* addListener({
       route,
       onConnection: (connection) => {
         // a consumer that does not keep up gets new connections refused rather than buffered
@@ -524,13 +618,22 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
         void Deferred.doneUnsafe(bound, Effect.fail(new TunnelClientError({ reason: "Rejected", rejection: reason, message: `${reason}: ${message}` }))),
       onBound: () => void Deferred.doneUnsafe(bound, Effect.void)
     })
-    return { route, connections: Stream.fromQueue(queue), bound: Deferred.await(bound) } satisfies TunnelListener
+    return { route, connections: Stream.fromQueue(queue), bound: Deferred.await(bound), status: () => listenerStatus(added) } satisfies TunnelListener
   })
+
+  const listenerStatus = (listener: ClientListener): ReadonlyArray<ListenerGatewayState> =>
+    gateways.map((g) => {
+      const gateway = describeTarget(g.address)
+      if (g.byLocalId.has(listener.id)) return { gateway, state: "bound" }
+      const error = g.refused.get(listener.id)
+      return error === undefined ? { gateway, state: "pending" } : { gateway, state: "refused", error }
+    })
 
   return TunnelClient.of({
     config,
     addListener,
     listen,
+    listenerStatus,
     status: () =>
       gateways.map((g) => ({
         address: g.address,

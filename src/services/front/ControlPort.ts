@@ -9,6 +9,7 @@
 import * as http from "node:http"
 import type { Duplex } from "node:stream"
 import { Clock, Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope } from "effect"
+import type * as Redacted from "effect/Redacted"
 import {
   type BoundListener,
   type ControlReply,
@@ -33,7 +34,7 @@ import type { ClientLimits } from "../../domain/ClientLimits.ts"
 import { perSecond } from "../../domain/RateLimit.ts"
 import { describeRoute, type RouteDefinition, usesAcme } from "../../domain/Route.ts"
 import { type GrantRefusal, makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
-import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol } from "../Backend.ts"
+import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionProtocol, type RouteOwner } from "../Backend.ts"
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
 import type { ClientLimitEvent } from "../forward/http1/Admission.ts"
@@ -208,6 +209,8 @@ export interface ControlPortShape {
   readonly sessions: () => number
   /** Live sessions draining after their backend's GoAway (no new requests; closed once idle). */
   readonly drainingSessions: () => number
+  /** Routes refused to authenticated backends so far (in a `Hello` or an `AddListener`), by reason. */
+  readonly routeRefusals: () => ReadonlyMap<RejectionReason, number>
   /** The bound WebSocket control address, when `websocket` is configured with a port of its own. */
   readonly webSocketAddress: Address | undefined
   /**
@@ -215,8 +218,12 @@ export interface ControlPortShape {
    * returns false, touching nothing, for other paths or when `websocket` is not configured.
    */
   readonly handleUpgrade: (req: http.IncomingMessage, socket: Duplex, head: Buffer) => boolean
-  /** Replaces the token grants for new sessions; sessions already up keep the grant they were given. */
-  readonly replaceTokens: (tokens: ReadonlyArray<TokenGrant>) => Effect.Effect<void>
+  /**
+   * Replaces the token grants for new sessions; sessions already up keep the grant they were given,
+   * unless `closeRevoked` is set: then the sessions whose token no longer authenticates are closed (their
+   * routes enter the grace period). Returns the number of sessions closed.
+   */
+  readonly replaceTokens: (tokens: ReadonlyArray<TokenGrant>, options?: { readonly closeRevoked?: boolean | undefined }) => Effect.Effect<number>
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -296,7 +303,7 @@ const makeTunnel = (id: string, label: string) => {
 }
 
 
-const makeBackend = (tunnel: Tunnel, listenerId: number, route: RouteDefinition, maxHttpStreams: number): Backend => {
+const makeBackend = (tunnel: Tunnel, listenerId: number, route: RouteDefinition, maxHttpStreams: number, owner: RouteOwner): Backend => {
   const port = route.port
   const httpProtocol: ConnectionProtocol = route._tag === "Tls" ? "tls-http" : "http"
   const preamble = (meta: Omit<ConnectionMeta, "localPort">): Preamble => ({
@@ -321,6 +328,7 @@ const makeBackend = (tunnel: Tunnel, listenerId: number, route: RouteDefinition,
   return {
     id: `${tunnel.id}/${listenerId}`,
     label: `${tunnel.label}#${listenerId}`,
+    owner,
     inFlight: 0,
     upstream,
     connect: (meta) =>
@@ -463,6 +471,10 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   const maxPeerStreamsPerSecond = config.maxPeerStreamsPerSecond ?? DefaultMaxPeerStreamsPerSecond
   const maxPeerFramesPerSecond = config.maxPeerFramesPerSecond ?? DefaultMaxPeerFramesPerSecond
   const perToken = new Map<string, number>()
+  const routeRefusals = new Map<RejectionReason, number>()
+  const countRouteRefusal = (reason: RejectionReason) => void routeRefusals.set(reason, (routeRefusals.get(reason) ?? 0) + 1)
+  // live sessions by id: the token each authenticated with, and how to close it (a token revoked on reload)
+  const live = new Map<string, { readonly token: Redacted.Redacted<string>; readonly grant: string; readonly label: string; readonly close: () => void }>()
   let sessions = 0
   let drainingSessions = 0
   // sessions ended by a rate limit are logged at most once a second, with how many were not
@@ -577,6 +589,7 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       for (let i = 0; i < hello.listeners.length; i++) {
         const refusal = policy.authorize(grant, hello.listeners[i]!)
         if (refusal !== undefined) {
+          countRouteRefusal(refusal._tag)
           return yield* reject(refusal._tag, describeRefusal(refusal), i)
         }
       }
@@ -595,6 +608,9 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
       const label = hello.label === undefined ? `${sessionId} ${peerText}` : `${sessionId} ${hello.label}`
       const { tunnel, ready, close, drain } = makeTunnel(sessionId, label)
       yield* Effect.addFinalizer(() => Effect.sync(() => close(new Error(`session ${label} closed`))))
+      live.set(sessionId, { token: hello.token, grant: grant.name, label, close: () => conn.destroy() })
+      yield* Effect.addFinalizer(() => Effect.sync(() => live.delete(sessionId)))
+      const owner: RouteOwner = { name: grant.name, shares: grant.shareRoutes === true }
       const bound = new Map<number, { scope: Scope.Closeable; listener: BoundListener; backend: Backend }>()
       let nextListener = 1
 
@@ -603,9 +619,11 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           // listeners added later over a control stream are held to the same grant as the Hello's
           const refusal = policy.authorize(grant, route)
           if (refusal !== undefined) {
+            countRouteRefusal(refusal._tag)
             return yield* Effect.fail({ reason: refusal._tag, message: describeRefusal(refusal) })
           }
           if (bound.size >= maxListeners) {
+            countRouteRefusal("Limit")
             return yield* Effect.fail({ reason: "Limit" as const, message: `at most ${maxListeners} listeners per session` })
           }
           if (usesAcme(route) && config.acme === undefined) {
@@ -616,12 +634,14 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
           }
           const listenerId = nextListener++
           const scope = yield* Scope.fork(sessionScope)
-          const backend = makeBackend(tunnel, listenerId, route, maxHttpStreams)
+          const backend = makeBackend(tunnel, listenerId, route, maxHttpStreams, owner)
           const result = yield* Effect.exit(listeners.bind(route, backend).pipe(Scope.provide(scope)))
           if (Exit.isFailure(result)) {
             yield* Scope.close(scope, Exit.void)
             const error = Exit.isFailure(result) ? result.cause.reasons.find((r) => r._tag === "Fail") : undefined
             const e = error?._tag === "Fail" ? error.error : undefined
+            countRouteRefusal(e === undefined ? "BindFailed" : rejectionFor(e))
+            if (e !== undefined) yield* logRefusal(`route/${e.reason}`, `${label} (token ${grant.name}): ${describeRoute(route)} refused: ${e.reason}: ${e.message}`)
             return yield* Effect.fail({
               reason: e === undefined ? "BindFailed" as const : rejectionFor(e),
               message: e === undefined ? `cannot bind ${describeRoute(route)}` : e.message
@@ -870,9 +890,20 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
   return ControlPort.of({
     address,
     sessions: () => sessions,
+    routeRefusals: () => routeRefusals,
     drainingSessions: () => drainingSessions,
     webSocketAddress,
     handleUpgrade: (req, socket, head) => handleUpgrade === undefined ? false : handleUpgrade(req, socket, head),
-    replaceTokens: (tokens) => Effect.sync(() => void (policy = makeTokenPolicy(tokens)))
+    replaceTokens: (tokens, options) =>
+      Effect.gen(function*() {
+        policy = makeTokenPolicy(tokens)
+        if (options?.closeRevoked !== true) return 0
+        const revoked = [...live.values()].filter((session) => policy.authenticate(session.token) === undefined)
+        for (const session of revoked) {
+          yield* Effect.logWarning(`control session ${session.label}: token ${session.grant} was removed; closing the session (its routes keep their place for the grace period)`)
+          session.close()
+        }
+        return revoked.length
+      }).pipe(Effect.annotateLogs({ component: "ControlPort" }))
   })
 })

@@ -4,7 +4,7 @@ import { Context, Duration, Effect, Layer, Redacted, Schema } from "effect"
 import { TestClock } from "effect/testing"
 import { frame } from "../../../src/domain/ControlMessage.ts"
 import * as NodeTransport from "../../../src/runtime/NodeTransport.ts"
-import { backoffDelay, failureAdvice, PermanentRejections, type ReconnectPolicy, TunnelClient, TunnelClientError } from "../../../src/services/client/TunnelClient.ts"
+import { backoffDelay, boundAsAsked, failureAdvice, PermanentRejections, RouteRejections, type ReconnectPolicy, TunnelClient, TunnelClientError } from "../../../src/services/client/TunnelClient.ts"
 import { ControlPort } from "../../../src/services/front/ControlPort.ts"
 import { Registry } from "../../../src/services/Registry.ts"
 import { gateway, grants, token } from "../../integration/tunnelHarness.ts"
@@ -62,6 +62,18 @@ describe("TunnelClient failure advice", () => {
     assert.match(rejected("DomainNotAllowed"), /does not allow this domain/)
     assert.match(rejected("Conflict"), /another backend holds this route/)
     assert.match(rejected("BindFailed"), /could not bind the public port/)
+  })
+
+  it("tells a gateway that dropped strip_path from the route it bound (an older version) from one that kept it", () => {
+    const asked = { _tag: "Http" as const, port: 8000, pathPrefix: "/app", stripPrefix: true }
+    assert.isTrue(boundAsAsked(asked, asked))
+    assert.isFalse(boundAsAsked(asked, { _tag: "Http", port: 8000, pathPrefix: "/app" }))
+    assert.isTrue(boundAsAsked({ _tag: "Tcp", port: 1 }, { _tag: "Tcp", port: 1 }))
+  })
+
+  it("leaves out of the next Hello only the refusals that concern one route", () => {
+    for (const r of ["PortNotAllowed", "DomainNotAllowed", "Conflict", "BindFailed", "Malformed"] as const) assert.isTrue(RouteRejections.has(r))
+    for (const r of ["BadToken", "Version", "Insecure", "Limit"] as const) assert.isFalse(RouteRejections.has(r))
   })
 
   it("treats token and grant refusals as final, conflicts and bind failures as passing", () => {
