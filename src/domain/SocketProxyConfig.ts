@@ -7,6 +7,7 @@ import { Result, Schema, SchemaIssue } from "effect"
 import { type AccessRule, parseRule, presetRules, RuleSyntaxError, type RuleSet } from "./AccessRule.ts"
 import { type BodyPolicy, DEFAULT_BODY_POLICY, normalizeHostPath } from "./BodyPolicy.ts"
 import { type ClientAllowlist, parseAllowlist } from "./ClientAllowlist.ts"
+import { type ContainerLabel, parseContainerLabel } from "./LabelScope.ts"
 import {
   DEFAULT_MIN_REQUEST_BODY_BYTES_PER_SECOND,
   DEFAULT_MIN_RESPONSE_BYTES_PER_SECOND,
@@ -144,7 +145,11 @@ export const SocketProxyFile = Schema.Struct({
   logAllowed: Schema.optionalKey(Schema.Boolean),
   limits: Schema.optionalKey(Limits),
   /** Checks on container, exec and service create bodies (on by default). */
-  bodyPolicy: Schema.optionalKey(BodyPolicySection)
+  bodyPolicy: Schema.optionalKey(BodyPolicySection),
+  /** `KEY=VALUE`: only containers with this label are listed and reachable; creates get it. */
+  container_label: Schema.optionalKey(Schema.String),
+  /** `enforce` (default) or `learn`: nothing denied by the rules or body checks, each would-be denial logged. */
+  mode: Schema.optionalKey(Schema.Literals(["enforce", "learn"]))
 })
 export type SocketProxyFile = typeof SocketProxyFile.Type
 
@@ -168,6 +173,10 @@ export interface SocketProxyConfig {
   readonly logAllowed: boolean
   readonly limits: Limits
   readonly bodyPolicy: BodyPolicy
+  /** The label scope, when set: containers without this label are invisible through the proxy. */
+  readonly containerLabel: ContainerLabel | undefined
+  /** Learning mode: requests the rules or the body policy would refuse are forwarded and logged. */
+  readonly learn: boolean
 }
 
 export class ConfigError extends Schema.TaggedError<ConfigError>()("ConfigError", {
@@ -256,6 +265,10 @@ export interface SocketProxyFlags {
   readonly allowCapability?: ReadonlyArray<string>
   /** Host paths bind mounts may use. */
   readonly allowBindSource?: ReadonlyArray<string>
+  /** `KEY=VALUE` label scope. */
+  readonly containerLabel?: string | undefined
+  /** Learning mode (`--learn`). */
+  readonly learn?: boolean | undefined
 }
 
 /** Validates a decoded file plus flags into a config; the first problem wins, naming its field. */
@@ -338,7 +351,16 @@ export const resolveConfig = (
   }
   const bodyPolicy = resolveBodyPolicy(file.bodyPolicy ?? {}, flags, upstream, listen)
   if (bodyPolicy instanceof ConfigError) return bodyPolicy
+  let containerLabel: ContainerLabel | undefined
+  const labelText = flags.containerLabel ?? file.container_label
+  if (labelText !== undefined) {
+    const parsed = parseContainerLabel(labelText)
+    if (typeof parsed === "string") return invalid(flags.containerLabel !== undefined ? "--container-label" : "container_label", parsed)
+    containerLabel = parsed
+  }
   return {
+    containerLabel,
+    learn: flags.learn === true || file.mode === "learn",
     upstream,
     listen,
     allowFrom,

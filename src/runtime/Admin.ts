@@ -72,6 +72,8 @@ export interface AdminOptions {
   readonly metrics?: MetricRegistry | undefined
   /** Served on `/status` when given. */
   readonly status?: (() => StatusDocument) | undefined
+  /** Further plain-text pages of the command, by path (e.g. the socket proxy's `/learned-rules`). */
+  readonly pages?: Readonly<Record<string, () => string>> | undefined
   /** The connection budget (defaults: `MaxAdminConnections`, `AdminHeadTimeoutMs`, `AdminResponseTimeoutMs`). */
   readonly connections?: { readonly max?: number; readonly headTimeoutMs?: number; readonly responseTimeoutMs?: number } | undefined
 }
@@ -117,6 +119,11 @@ export const serveAdmin = Effect.fn("Admin.serve")(function*(options: AdminOptio
         if (options.status === undefined) break
         res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify(options.status(), null, 2) + "\n")
         return
+    }
+    const page = options.pages !== undefined && Object.hasOwn(options.pages, path!) ? options.pages[path!] : undefined
+    if (page !== undefined) {
+      res.writeHead(200, { "content-type": "text/plain; charset=utf-8" }).end(page())
+      return
     }
     res.writeHead(404, { "content-type": "text/plain" }).end("not found\n")
   })
@@ -247,6 +254,8 @@ export interface OperationsOptions {
   readonly gateways?: (() => ReadonlyArray<GatewayStatusEntry>) | undefined
   /** Registers the command's own sampled metrics. */
   readonly register?: ((metrics: MetricsShape) => void) | undefined
+  /** Further plain-text pages served on the admin endpoint, by path. */
+  readonly pages?: Readonly<Record<string, () => string>> | undefined
 }
 
 /**
@@ -284,7 +293,7 @@ export const serveOperations = Effect.fn("Admin.serveOperations")(function*(opti
     recentErrors: recent.list(),
     ...(options.gateways === undefined ? {} : { gateways: options.gateways() })
   })
-  const served = yield* Effect.exit(serveAdmin({ address, ready: options.ready, metrics: metrics.registry, status }))
+  const served = yield* Effect.exit(serveAdmin({ address, ready: options.ready, metrics: metrics.registry, status, pages: options.pages }))
   if (served._tag === "Failure") {
     const message = served.cause.reasons.map((r) => r._tag === "Fail" ? r.error.message : "").join("")
     if (explicit !== undefined) return yield* new AdminError({ reason: "BindFailed", message })
@@ -420,12 +429,19 @@ export const registerSocketProxyCounters = (
   metrics.registry.sampledGauge({
     name: "switchyard_socket_proxy_requests_total",
     type: "counter",
-    help: "Socket-proxy requests by decision: allowed (forwarded), denied (403 by the rules), rejected (client or target refused).",
+    help:
+      "Socket-proxy requests by decision: allowed (forwarded), denied (403 by the rules), rejected (client or target refused), out_of_scope (a container outside the label scope: 404, or a call the scope refuses: 403).",
     labelNames: ["decision"],
     collect: () => {
       const s = stats()
-      return [[["allowed"], s.allowed], [["denied"], s.denied], [["rejected"], s.rejected]]
+      return [[["allowed"], s.allowed], [["denied"], s.denied], [["rejected"], s.rejected], [["out_of_scope"], s.outOfScope]]
     }
+  })
+  metrics.registry.sampledGauge({
+    name: "switchyard_socket_proxy_learned_total",
+    type: "counter",
+    help: "Socket-proxy requests that learning mode forwarded although the rules or the body policy would have refused them (also counted as allowed).",
+    collect: () => [[[], stats().learned]]
   })
   registerClientLimitCounters(metrics, "socket_proxy", () => stats().limited)
 }

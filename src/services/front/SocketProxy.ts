@@ -3,7 +3,9 @@
  * allowlist, canonicalises each request path, applies the rule set (first match wins, deny by default)
  * and hands allowed requests and upgrades to the forwarding core's raw HTTP/1.1 engine. Denials are 403 in
  * Docker's error shape and never reach upstream. The bodies of container, exec and service creates are read
- * and judged by the body policy before anything is sent (`BodyInspection`); other bodies stream unread. It
+ * and judged by the body policy before anything is sent (`BodyInspection`); other bodies stream unread.
+ * With a label scope (`ScopedAdmission`) containers outside it are invisible; in learning mode
+ * (`RuleLearning`) what the rules or body policy would refuse is forwarded and logged instead. It
  * cannot see Unix-socket peer uids (Node does not expose SO_PEERCRED): access to a Unix listener is
  * governed by its file mode and directory.
  */
@@ -17,15 +19,18 @@ import { clientAllowed } from "../../domain/ClientAllowlist.ts"
 import { LogSampler } from "../../domain/LogSampler.ts"
 import type { ClientLimitKind, ClientLimits } from "../../domain/ClientLimits.ts"
 import { canonicalTarget, isTargetRejection } from "../../domain/HttpHeaders.ts"
+import { Learned, type LearnedRequest, learnMessage } from "../../domain/RuleLearning.ts"
 import type { ListenAddress, SocketProxyConfig } from "../../domain/SocketProxyConfig.ts"
 import { makeClientLimitReporter } from "../forward/ClientLimitReporter.ts"
 import { dockerErrors } from "../forward/ErrorResponse.ts"
 import { STREAM_HIGH_WATER_MARK } from "../forward/FrontServer.ts"
-import type { Admission, Http1Request, Http1Server } from "../forward/http1/Admission.ts"
+import type { Admission, Http1Request, Http1Server, PendingAdmission } from "../forward/http1/Admission.ts"
 import { tcpUpstream, unixUpstream } from "../forward/Upstream.ts"
 import { type ForwarderShape, makeForwarder } from "../Forwarder.ts"
 import { type GuardAction, makeConnectionGuard } from "../ConnectionGuard.ts"
 import { makeBodyInspection } from "./BodyInspection.ts"
+import { makeScopedAdmission } from "./ScopedAdmission.ts"
+import { makeScopeResolver } from "./ScopeResolver.ts"
 
 /** What each connection-limit action means, for the log line. */
 const connectionLimitMessages: Record<GuardAction, string> = {
@@ -58,6 +63,10 @@ export interface SocketProxyStats {
   readonly connectionLimitCloses: number
   /** Requests refused and connections cut by the client limits (data rates, upstream slots), by limit. */
   readonly limited: Readonly<Record<ClientLimitKind, number>>
+  /** Requests answered 404 because their container is outside the label scope, or refused (403) by it. */
+  readonly outOfScope: number
+  /** Requests learning mode forwarded although the rules or the body policy would have refused them. */
+  readonly learned: number
 }
 
 export interface SocketProxyShape {
@@ -67,6 +76,8 @@ export interface SocketProxyShape {
   /** Replaces the rule set for requests that arrive from now on (SIGHUP reload). */
   readonly replaceRules: (ruleSet: RuleSet) => Effect.Effect<void>
   readonly stats: () => SocketProxyStats
+  /** What learning mode let through (distinct requests, bounded); empty when not learning. */
+  readonly learned: () => Iterable<LearnedRequest>
   readonly forwarder: ForwarderShape
 }
 
@@ -217,6 +228,14 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
   let denied = 0
   let rejected = 0
   let connectionLimitCloses = 0
+  let outOfScope = 0
+  let learnedCount = 0
+  const learned = new Learned()
+  const learn = (why: string, request: LearnedRequest) => {
+    learnedCount++
+    learned.add(request)
+    warn(learnMessage(ruleSet.name, why, request))
+  }
 
   const refuse = (status: number, message: string): Admission => ({ _tag: "Refuse", status, message })
   const limited = makeClientLimitReporter((line) => warn(`switchyard socket-proxy: ${line}`))
@@ -232,11 +251,26 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
       else rejected++
       warn(message)
     },
-    onSlowBody: (event) => limited.onClientLimit(event)
+    onSlowBody: (event) => limited.onClientLimit(event),
+    learning: () => config.learn,
+    onWouldRefuse: (message, verdict, method, path) =>
+      learn(message, { _tag: "Body", method, path, field: verdict.field, check: verdict.check!, reason: verdict.reason })
   })
+  const resolver = config.containerLabel === undefined ? undefined : makeScopeResolver({ upstream: config.upstream, label: config.containerLabel })
+  const scope = resolver === undefined || config.containerLabel === undefined ? undefined : makeScopedAdmission({
+    label: config.containerLabel,
+    resolver,
+    ruleSetName: () => ruleSet.name,
+    onRefuse: (status, message) => {
+      if (status === 404 || status === 403) outOfScope++
+      else rejected++
+      warn(message)
+    }
+  })
+  if (resolver !== undefined) yield* Effect.addFinalizer(() => Effect.sync(resolver.close))
 
   /** Checks client, path, rules and (for creates) the body: what to forward, or the refusal to answer. */
-  const admit = (req: Http1Request): Admission => {
+  const admit = (req: Http1Request): Admission | PendingAdmission => {
     const socket = req.socket as net.Socket & { [refusedClient]?: boolean }
     const method = req.method
     // The request whose body the policy already read and allowed, put back on the connection.
@@ -267,23 +301,30 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     }
     const request = { method, path: target.path, query: target.query }
     const decision = decide(ruleSet, request)
-    if (!decision.allowed) {
+    if (!decision.allowed && !config.learn) {
       denied++
       const message = denialMessage(ruleSet, request, decision)
       warn(message)
       return refuse(403, message)
     }
-    const endpoint = bodyPolicy.enabled ? bodyEndpoint(method, target.path) : undefined
-    if (endpoint !== undefined && bodyPassed !== true) {
-      if (bodyPassed === "mismatch") {
-        rejected++
-        return refuse(400, "switchyard socket-proxy: the request after a checked body is not the one checked")
-      }
-      return inspection.admission(endpoint, method, target.path)
+    if (!decision.allowed && bodyPassed !== true) {
+      const why = decision.rule === undefined ? "no rule matched" : `rule "${decision.rule.source}"`
+      learn(why, { _tag: "Rule", method, path: target.path })
     }
-    allowed++
-    if (config.logAllowed) info(`allowed ${method} ${target.path} by "${decision.rule.source}"`)
-    return { _tag: "Forward", path: target.upstreamTarget, idleTimeoutMs: decision.rule.idleTimeoutMs }
+    const forward = (upstreamTarget: string, labelBody: boolean): Admission => {
+      const endpoint = bodyPolicy.enabled ? bodyEndpoint(method, target.path) : undefined
+      if ((endpoint !== undefined || labelBody) && bodyPassed !== true) {
+        if (bodyPassed === "mismatch") {
+          rejected++
+          return refuse(400, "switchyard socket-proxy: the request after a checked body is not the one checked")
+        }
+        return inspection.admission(endpoint, method, target.path, labelBody ? config.containerLabel : undefined)
+      }
+      allowed++
+      if (config.logAllowed) info(`allowed ${method} ${target.path} by "${decision.rule?.source ?? "learning mode"}"`)
+      return { _tag: "Forward", path: upstreamTarget, idleTimeoutMs: decision.rule?.idleTimeoutMs }
+    }
+    return scope === undefined ? forward(target.upstreamTarget, false) : scope.admit(method, target, forward)
   }
 
   // Connections refused or closed by the connection limits: logged (sampled) and counted.
@@ -333,7 +374,8 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
       Effect.sync(() => {
         ruleSet = next
       }),
-    stats: () => ({ allowed, denied, rejected, connectionLimitCloses, limited: limited.counts() }),
+    stats: () => ({ allowed, denied, rejected, connectionLimitCloses, limited: limited.counts(), outOfScope, learned: learnedCount }),
+    learned: () => learned.values(),
     forwarder
   }
 })
