@@ -80,7 +80,7 @@ describe("LabelScope", () => {
     assert.strictEqual(rewritten(`{"Image":"x"}`), `{"Labels":{"sy.scope":"a"},"Image":"x"}`)
     assert.strictEqual(rewritten(` { } `), ` {"Labels":{"sy.scope":"a"} } `)
     assert.strictEqual(rewritten(`{"Image":"x","Labels":null}`), `{"Image":"x","Labels":{"sy.scope":"a"}}`)
-    assert.strictEqual(rewritten(`{"labels":{ },"Image":"x"}`), `{"labels":{"sy.scope":"a"} },"Image":"x"}`)
+    assert.strictEqual(rewritten(`{"labels":{ },"Image":"x"}`), `{"labels":{"sy.scope":"a" },"Image":"x"}`)
     assert.strictEqual(rewritten(`{"Image":"{\\"Labels\\":1}","LABELS":{"k":"v"}}`), `{"Image":"{\\"Labels\\":1}","LABELS":{"sy.scope":"a","k":"v"}}`)
     // Go matches `Labels` in any case, `ſ` folding to `s`
     assert.strictEqual(rewritten(`{"Labelſ":{}}`), `{"Labelſ":{"sy.scope":"a"}}`)
