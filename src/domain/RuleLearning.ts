@@ -9,8 +9,16 @@ import type { BodyCheck } from "./BodyPolicy.ts"
 
 /** One request learning mode let through although it would have been refused. */
 export type LearnedRequest =
-  | { readonly _tag: "Rule"; readonly method: string; readonly path: string }
-  | { readonly _tag: "Body"; readonly method: string; readonly path: string; readonly field: string; readonly check: BodyCheck; readonly reason: string }
+  | { readonly _tag: "Rule"; readonly ruleSet?: string | undefined; readonly method: string; readonly path: string }
+  | {
+    readonly _tag: "Body"
+    readonly ruleSet?: string | undefined
+    readonly method: string
+    readonly path: string
+    readonly field: string
+    readonly check: BodyCheck
+    readonly reason: string
+  }
 
 /** What the log line carries after this marker: the request as JSON. */
 export const LEARN_MARKER = "learn: would refuse "
@@ -34,9 +42,10 @@ const recordIn = (message: string): LearnedRequest | undefined => {
   if (v === null || typeof v !== "object") return undefined
   const r = v as Record<string, unknown>
   if (!isString(r["method"]) || !isString(r["path"]) || !/^[A-Z]+$/.test(r["method"]) || !r["path"].startsWith("/")) return undefined
-  if (r["_tag"] === "Rule") return { _tag: "Rule", method: r["method"], path: r["path"] }
+  const ruleSet = isString(r["ruleSet"]) ? { ruleSet: r["ruleSet"] } : {}
+  if (r["_tag"] === "Rule") return { _tag: "Rule", ...ruleSet, method: r["method"], path: r["path"] }
   if (r["_tag"] === "Body" && isString(r["field"]) && isString(r["check"]) && isString(r["reason"])) {
-    return { _tag: "Body", method: r["method"], path: r["path"], field: r["field"], check: r["check"] as BodyCheck, reason: r["reason"] }
+    return { _tag: "Body", ...ruleSet, method: r["method"], path: r["path"], field: r["field"], check: r["check"] as BodyCheck, reason: r["reason"] }
   }
   return undefined
 }

@@ -415,10 +415,16 @@ export const registerPoolGauges = (
   })
 }
 
-/** Registers the socket proxy's decision counters (`switchyard_socket_proxy_requests_total{decision}`). */
+/**
+ * Registers the socket proxy's decision counters (`switchyard_socket_proxy_requests_total{decision,
+ * listener, rule_set}`); labels are bounded by the listeners configured.
+ */
 export const registerSocketProxyCounters = (
   metrics: MetricsShape,
-  stats: () => SocketProxyStats
+  stats: () => SocketProxyStats,
+  listenerStats: () => ReadonlyArray<{ readonly listener: string; readonly ruleSet: string; readonly stats: SocketProxyStats }> = () => [
+    { listener: "", ruleSet: "", stats: stats() }
+  ]
 ): void => {
   metrics.registry.sampledGauge({
     name: "switchyard_socket_proxy_connection_limit_closes_total",
@@ -431,17 +437,23 @@ export const registerSocketProxyCounters = (
     type: "counter",
     help:
       "Socket-proxy requests by decision: allowed (forwarded), denied (403 by the rules), rejected (client or target refused), out_of_scope (a container outside the label scope: 404, or a call the scope refuses: 403).",
-    labelNames: ["decision"],
-    collect: () => {
-      const s = stats()
-      return [[["allowed"], s.allowed], [["denied"], s.denied], [["rejected"], s.rejected], [["out_of_scope"], s.outOfScope]]
-    }
+    labelNames: ["decision", "listener", "rule_set"],
+    collect: () =>
+      listenerStats().flatMap(({ listener, ruleSet, stats: s }) =>
+        [
+          [["allowed", listener, ruleSet], s.allowed],
+          [["denied", listener, ruleSet], s.denied],
+          [["rejected", listener, ruleSet], s.rejected],
+          [["out_of_scope", listener, ruleSet], s.outOfScope]
+        ] as const
+      )
   })
   metrics.registry.sampledGauge({
     name: "switchyard_socket_proxy_learned_total",
     type: "counter",
     help: "Socket-proxy requests that learning mode forwarded although the rules or the body policy would have refused them (also counted as allowed).",
-    collect: () => [[[], stats().learned]]
+    labelNames: ["listener", "rule_set"],
+    collect: () => listenerStats().map(({ listener, ruleSet, stats: s }) => [[listener, ruleSet], s.learned] as const)
   })
   registerClientLimitCounters(metrics, "socket_proxy", () => stats().limited)
 }

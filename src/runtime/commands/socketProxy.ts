@@ -90,20 +90,31 @@ const readConfigFile = (path: string): Effect.Effect<SocketProxyFile, ConfigErro
  */
 const rulesCommand = Command.make("rules", {
   fromLog: Flag.String("from-log").pipe(Flag.withDescription("Log of a socket proxy in learning mode (- for stdin)")),
-  name: Flag.String("name").pipe(Flag.withDescription("Rule set name for the heading"), Flag.withDefault(DEFAULT_RULE_SET_NAME))
+  name: Flag.String("name").pipe(Flag.withDescription("Only the requests of this rule set (default: each rule set in the log)"), Flag.optional)
 }, Effect.fn(function*(f) {
-  const learned = new Learned()
+  const byRuleSet = new Map<string, Learned>()
   const read = yield* Effect.tryPromise({
     try: async () => {
       const input = f.fromLog === "-" ? process.stdin : fs.createReadStream(f.fromLog, { encoding: "utf8" })
       const lines = readline.createInterface({ input, crlfDelay: Infinity })
-      for await (const line of lines) for (const record of readLearnLog(line)) learned.add(record)
+      for await (const line of lines) {
+        for (const record of readLearnLog(line)) {
+          const name = record.ruleSet ?? DEFAULT_RULE_SET_NAME
+          if (Option.isSome(f.name) && f.name.value !== name) continue
+          const set = byRuleSet.get(name) ?? new Learned()
+          set.add(record)
+          byRuleSet.set(name, set)
+        }
+      }
     },
     catch: (e) => new ConfigError({ reason: "Unreadable", field: "--from-log", message: `--from-log: cannot read ${f.fromLog}: ${(e as Error).message}` })
   }).pipe(Effect.catch(refuse))
   void read
-  if (learned.dropped > 0) yield* Effect.logWarning(`${learned.dropped} distinct requests past the first ${MAX_LEARNED_REQUESTS} were not read`)
-  yield* Console.log(renderLearnedRules(learnRules(learned.values()), f.name).trimEnd())
+  if (byRuleSet.size === 0) byRuleSet.set(Option.getOrElse(f.name, () => DEFAULT_RULE_SET_NAME), new Learned())
+  for (const [name, learned] of byRuleSet) {
+    if (learned.dropped > 0) yield* Effect.logWarning(`rule set "${name}": ${learned.dropped} distinct requests past the first ${MAX_LEARNED_REQUESTS} were not read`)
+    yield* Console.log(renderLearnedRules(learnRules(learned.values()), name).trimEnd())
+  }
 })).pipe(Command.withDescription("Print the rules that would have allowed what a proxy in learning mode logged"))
 
 /** Exit code when the configuration is refused (sysexits' EX_CONFIG). */
@@ -182,9 +193,17 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
     source: Option.getOrUndefined(f.config),
     flags: adminOverrides(f),
     ready: () => true,
-    listeners: () => proxy.addresses.map((a) => ({ name: "socket-proxy", address: a._tag === "Unix" ? `unix:${a.path}` : `${a.host}:${a.port}` })),
-    register: (metrics) => registerSocketProxyCounters(metrics, proxy.stats),
-    pages: { "/learned-rules": () => renderLearnedRules(learnRules(proxy.learned()), proxy.ruleSet().name) }
+    listeners: () =>
+      proxy.listenerStats().map((l) => ({ name: config.groups !== undefined && config.groups.length > 1 ? `socket-proxy:${l.ruleSet}` : "socket-proxy", address: l.listener })),
+    register: (metrics) => registerSocketProxyCounters(metrics, proxy.stats, proxy.listenerStats),
+    pages: {
+      "/learned-rules": () => {
+        const learning = proxy.learned()
+        return learning.length === 0
+          ? "# no rule set is in learning mode\n"
+          : learning.map((l) => renderLearnedRules(learnRules(l.requests), l.ruleSet)).join("\n")
+      }
+    }
   }).pipe(Effect.catchTag("ConfigLoadError", (e) => refuse(new ConfigError({ reason: "Invalid", field: e.field, message: e.message }))))
   // SIGHUP: re-read the config file and swap the rules; a bad file keeps the rules in force.
   const services = yield* Effect.context<never>()
@@ -192,9 +211,15 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
     const next = Option.isSome(f.config) ? yield* readConfigFile(f.config.value) : {}
     const resolved = resolveConfig(next, flagValues(f))
     if (resolved instanceof ConfigError) return yield* resolved
-    yield* proxy.replaceRules(resolved.ruleSet)
+    const groups = resolved.groups ?? [resolved]
+    if (groups.length !== (config.groups ?? [config]).length) {
+      return yield* new ConfigError({ reason: "Invalid", field: "listeners", message: "listeners: the number of listener groups changes only on restart" })
+    }
+    for (const [i, group] of groups.entries()) yield* proxy.replaceRules(group.ruleSet, i)
     operations.metrics.reloads.labels("applied").inc()
-    yield* Effect.logInfo(`reloaded rule set "${resolved.ruleSet.name}" with ${resolved.ruleSet.rules.length} rules (listeners, upstream and limits change only on restart)`)
+    for (const group of groups) {
+      yield* Effect.logInfo(`reloaded rule set "${group.ruleSet.name}" with ${group.ruleSet.rules.length} rules (listeners, upstream, limits, body policy, label scope and mode change only on restart)`)
+    }
   }).pipe(Effect.catch(reloadRefused(operations, "previous rules stay in force")))
   const onHangup = () => void Effect.runForkWith(services)(reload)
   yield* Effect.acquireRelease(

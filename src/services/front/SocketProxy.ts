@@ -71,14 +71,54 @@ export interface SocketProxyStats {
 
 export interface SocketProxyShape {
   readonly addresses: ReadonlyArray<BoundAddress>
-  /** The rule set in force. */
+  /** The rule set in force (of the first listener group). */
   readonly ruleSet: () => RuleSet
-  /** Replaces the rule set for requests that arrive from now on (SIGHUP reload). */
-  readonly replaceRules: (ruleSet: RuleSet) => Effect.Effect<void>
+  /** Replaces the rule set of listener group `group` (default the first) for requests that arrive from now on (SIGHUP reload). */
+  readonly replaceRules: (ruleSet: RuleSet, group?: number) => Effect.Effect<void>
+  /** Request outcomes of every listener together. */
   readonly stats: () => SocketProxyStats
-  /** What learning mode let through (distinct requests, bounded); empty when not learning. */
-  readonly learned: () => Iterable<LearnedRequest>
+  /** Request outcomes by listener, with the rule set serving it. */
+  readonly listenerStats: () => ReadonlyArray<ListenerStats>
+  /** What learning mode let through (distinct requests, bounded), by rule set in learning mode. */
+  readonly learned: () => ReadonlyArray<{ readonly ruleSet: string; readonly requests: ReadonlyArray<LearnedRequest> }>
   readonly forwarder: ForwarderShape
+}
+
+/** One listener's request outcomes and the rule set that serves it. */
+export interface ListenerStats {
+  /** `unix:/path` or `host:port` as bound. */
+  readonly listener: string
+  readonly ruleSet: string
+  readonly stats: SocketProxyStats
+}
+
+/** One listener as served: its address, group and counters. */
+interface ServedListener {
+  readonly address: BoundAddress
+  readonly group: number
+  readonly ruleSet: () => RuleSet
+  readonly replaceRules: (ruleSet: RuleSet) => void
+  readonly stats: () => SocketProxyStats
+  readonly learned: () => Iterable<LearnedRequest>
+  /** In learning mode. */
+  readonly learning: boolean
+}
+
+const describeBound = (a: BoundAddress): string => a._tag === "Unix" ? `unix:${a.path}` : describeListen({ ...a })
+
+const sumStats = (all: ReadonlyArray<SocketProxyStats>): SocketProxyStats => {
+  const limited = {} as Record<ClientLimitKind, number>
+  for (const s of all) for (const [k, v] of Object.entries(s.limited)) limited[k as ClientLimitKind] = (limited[k as ClientLimitKind] ?? 0) + v
+  const sum = (f: (s: SocketProxyStats) => number) => all.reduce((n, s) => n + f(s), 0)
+  return {
+    allowed: sum((s) => s.allowed),
+    denied: sum((s) => s.denied),
+    rejected: sum((s) => s.rejected),
+    connectionLimitCloses: sum((s) => s.connectionLimitCloses),
+    limited,
+    outOfScope: sum((s) => s.outOfScope),
+    learned: sum((s) => s.learned)
+  }
 }
 
 /** The media type whose body Go's `ParseForm` reads into the request's parameters. */
@@ -163,14 +203,13 @@ const bind = (
         const done = () => {
           server.off("error", onError)
           if (address._tag === "Unix") {
-            if (address.mode !== undefined) {
-              try {
-                fs.chmodSync(address.path, address.mode)
-              } catch (e) {
-                server.close()
-                onError(e as Error)
-                return
-              }
+            try {
+              if (address.mode !== undefined) fs.chmodSync(address.path, address.mode)
+              if (address.owner !== undefined) fs.chownSync(address.path, address.owner.uid, address.owner.gid ?? -1)
+            } catch (e) {
+              server.close()
+              onError(e as Error)
+              return
             }
             resume(Effect.succeed({ _tag: "Unix", path: address.path }))
           } else {
@@ -200,16 +239,18 @@ const bind = (
       )
   )
 
-/** Starts the socket proxy; everything it opened closes with the scope. */
+/**
+ * Starts the socket proxy: one forwarder to the upstream, and each listener of each listener group
+ * served with its group's rule set, body policy and label scope (and counters of its own). Everything
+ * it opened closes with the scope.
+ */
 export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: SocketProxyConfig): Effect.fn.Return<
   SocketProxyShape,
   SocketProxyError,
   Scope.Scope
 > {
   const services = yield* Effect.context<never>()
-  const runLog = Effect.runForkWith(services)
-  const warn = (message: string) => void runLog(Effect.logWarning(message))
-  const info = (message: string) => void runLog(Effect.logInfo(message))
+  const warn = (message: string) => void Effect.runForkWith(services)(Effect.logWarning(message))
   const limits = config.limits
   const pool = { maxSockets: limits.maxSockets, maxFreeSockets: limits.maxFreeSockets }
   const forwarder = yield* makeForwarder({
@@ -222,6 +263,48 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     errors: dockerErrors,
     onUpstreamError: warn
   })
+  const served: Array<ServedListener> = []
+  for (const [group, groupConfig] of (config.groups ?? [config]).entries()) {
+    for (const address of groupConfig.listen) served.push(yield* serveListener({ ...groupConfig, listen: [address] }, group, forwarder))
+  }
+  return {
+    addresses: served.map((l) => l.address),
+    ruleSet: () => served[0]!.ruleSet(),
+    replaceRules: (next, group = 0) =>
+      Effect.sync(() => {
+        for (const l of served) if (l.group === group) l.replaceRules(next)
+      }),
+    stats: () => sumStats(served.map((l) => l.stats())),
+    listenerStats: () => served.map((l) => ({ listener: describeBound(l.address), ruleSet: l.ruleSet().name, stats: l.stats() })),
+    learned: () => {
+      const byName = new Map<string, Learned>()
+      for (const l of served) {
+        if (!l.learning) continue
+        const name = l.ruleSet().name
+        const set = byName.get(name) ?? new Learned()
+        for (const r of l.learned()) set.add(r)
+        byName.set(name, set)
+      }
+      return [...byName.entries()].map(([ruleSet, set]) => ({ ruleSet, requests: [...set.values()] }))
+    },
+    forwarder
+  }
+})
+
+/** Serves one listener (`config.listen` holds its one address) with its group's rules, body policy and scope. */
+const serveListener = Effect.fnUntraced(function*(config: SocketProxyConfig, group: number, forwarder: ForwarderShape): Effect.fn.Return<
+  ServedListener,
+  SocketProxyError,
+  Scope.Scope
+> {
+  const services = yield* Effect.context<never>()
+  const runLog = Effect.runForkWith(services)
+  const warn = (message: string) => void runLog(Effect.logWarning(message))
+  const info = (message: string) => void runLog(Effect.logInfo(message))
+  const limits = config.limits
+  // Where each log line says a request arrived (the bound address once known).
+  let listener = describeListen(config.listen[0]!)
+  const from = (socket: { readonly remoteAddress?: string | undefined }) => `[listener ${listener}, client ${socket.remoteAddress ?? "local"}]`
   let ruleSet = config.ruleSet
   const allowFrom = config.allowFrom
   let allowed = 0
@@ -254,7 +337,7 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     onSlowBody: (event) => limited.onClientLimit(event),
     learning: () => config.learn,
     onWouldRefuse: (message, verdict, method, path) =>
-      learn(message, { _tag: "Body", method, path, field: verdict.field, check: verdict.check!, reason: verdict.reason })
+      learn(message, { _tag: "Body", ruleSet: ruleSet.name, method, path, field: verdict.field, check: verdict.check!, reason: verdict.reason })
   })
   const resolver = config.containerLabel === undefined ? undefined : makeScopeResolver({ upstream: config.upstream, label: config.containerLabel })
   const scope = resolver === undefined || config.containerLabel === undefined ? undefined : makeScopedAdmission({
@@ -264,7 +347,7 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     onRefuse: (status, message) => {
       if (status === 404 || status === 403) outOfScope++
       else rejected++
-      warn(message)
+      warn(`${message} [listener ${listener}]`)
     }
   })
   if (resolver !== undefined) yield* Effect.addFinalizer(() => Effect.sync(resolver.close))
@@ -278,7 +361,7 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     if (socket[refusedClient] === true) {
       rejected++
       const message = `switchyard socket-proxy: client ${socket.remoteAddress} is not in allowFrom of rule set "${ruleSet.name}"`
-      warn(message)
+      warn(`${message} ${from(socket)}`)
       return refuse(403, message)
     }
     // The Engine's Go handlers merge a form-encoded POST/PUT/PATCH body into the query parameters, where
@@ -304,12 +387,12 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     if (!decision.allowed && !config.learn) {
       denied++
       const message = denialMessage(ruleSet, request, decision)
-      warn(message)
+      warn(`${message} ${from(socket)}`)
       return refuse(403, message)
     }
     if (!decision.allowed && bodyPassed !== true) {
       const why = decision.rule === undefined ? "no rule matched" : `rule "${decision.rule.source}"`
-      learn(why, { _tag: "Rule", method, path: target.path })
+      learn(`${why} ${from(socket)}`, { _tag: "Rule", ruleSet: ruleSet.name, method, path: target.path })
     }
     const forward = (upstreamTarget: string, labelBody: boolean): Admission => {
       const endpoint = bodyPolicy.enabled ? bodyEndpoint(method, target.path) : undefined
@@ -345,8 +428,8 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     upstreamSlotWaitMs: limits.upstreamSlotWaitMs
   }
 
-  const addresses: Array<BoundAddress> = []
-  for (const address of config.listen) {
+  const address = config.listen[0]!
+  {
     const engine = forwarder.serveHttp1({ limits, admit, clientLimits, onClientLimit: limited.onClientLimit })
     const checkClient = address._tag === "Tcp" && allowFrom !== undefined
     const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: STREAM_HIGH_WATER_MARK })
@@ -363,20 +446,21 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
       inspection.servedBy(socket, engine.accept)
       engine.accept(socket)
     })
-    addresses.push(yield* bind(server, engine, address, limits.drainTimeoutMs))
-  }
-  // Runs before the listeners close: a body being read would hold `server.close` open.
-  yield* Effect.addFinalizer(() => Effect.sync(inspection.close))
-  return {
-    addresses,
-    ruleSet: () => ruleSet,
-    replaceRules: (next) =>
-      Effect.sync(() => {
+    const bound = yield* bind(server, engine, address, limits.drainTimeoutMs)
+    listener = describeBound(bound)
+    // Runs before the listener closes: a body being read would hold `server.close` open.
+    yield* Effect.addFinalizer(() => Effect.sync(inspection.close))
+    return {
+      address: bound,
+      group,
+      ruleSet: () => ruleSet,
+      replaceRules: (next) => {
         ruleSet = next
-      }),
-    stats: () => ({ allowed, denied, rejected, connectionLimitCloses, limited: limited.counts(), outOfScope, learned: learnedCount }),
-    learned: () => learned.values(),
-    forwarder
+      },
+      stats: () => ({ allowed, denied, rejected, connectionLimitCloses, limited: limited.counts(), outOfScope, learned: learnedCount }),
+      learned: () => learned.values(),
+      learning: config.learn
+    }
   }
 })
 
