@@ -204,6 +204,35 @@ describe.skipIf(peerMissing(podman) || peerMissing(docker))("docker CLI through 
     })
   })
 
+  it("Podman's own client (podman --remote) through the libpod-read-only preset and a label scope", async () => {
+    await mustDirect(["create", "--name", "sy-pm-out", IMAGE, "true"])
+    await mustDirect(["create", "--name", "sy-pm-in", "--label", SCOPE, IMAGE, "true"])
+    const { port } = await startProxy("libpod", [`container_label: ${SCOPE}`, "rules:", "  - GET,HEAD /_ping", "  - preset: libpod-read-only"])
+    const podmanCli = (args: ReadonlyArray<string>): Promise<CliResult> =>
+      run("podman", ["--remote", "--url", `tcp://127.0.0.1:${port}`, ...args], { timeout: 30_000 }).then(
+        (r) => ({ ok: true, stdout: r.stdout, stderr: r.stderr }),
+        (e: { stdout?: string; stderr?: string }) => ({ ok: false, stdout: e.stdout ?? "", stderr: e.stderr ?? "" })
+      )
+    const ps = await podmanCli(["ps", "-a", "--format", "{{.Names}}"])
+    assert.isTrue(ps.ok, ps.stderr)
+    assert.include(ps.stdout.split("\n"), "sy-pm-in")
+    assert.notInclude(ps.stdout, "sy-pm-out")
+    const images = await podmanCli(["images", "--format", "{{.Repository}}"])
+    assert.isTrue(images.ok, images.stderr)
+    assert.include(images.stdout, "localhost/busybox")
+    const inside = await podmanCli(["inspect", "--format", "{{.Name}}", "sy-pm-in"])
+    assert.isTrue(inside.ok, inside.stderr)
+    const outside = await podmanCli(["container", "inspect", "sy-pm-out"])
+    assert.isFalse(outside.ok)
+    assert.match(outside.stderr, /no such container/i)
+    // writes are not in the preset
+    const removed = await podmanCli(["rm", "sy-pm-in"])
+    assert.isFalse(removed.ok)
+    assert.include(removed.stderr, "is not allowed by rule set \"libpod\"")
+    assert.strictEqual(await state("sy-pm-in"), "created")
+    await mustDirect(["rm", "sy-pm-out", "sy-pm-in"])
+  })
+
   it("learning mode turns a refused sequence into rules that then allow exactly it", async () => {
     const sequence: ReadonlyArray<ReadonlyArray<string>> = [
       ["ps", "-a"],
@@ -227,7 +256,7 @@ describe.skipIf(peerMissing(podman) || peerMissing(docker))("docker CLI through 
     await learning.proc.stop()
     const log = path.join(service.dir, "learn.log")
     fs.writeFileSync(log, learning.proc.output())
-    const rules = spawnSwitchyard(["socket-proxy", "rules", "--from-log", log, "--name", "learned"])
+    const rules = spawnSwitchyard(["socket-proxy", "rules", "--from-log", log, "--name", "learn"])
     procs.push(rules)
     assert.strictEqual(await rules.exited, 0)
     const suggestion = rules.output()
