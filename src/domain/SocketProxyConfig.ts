@@ -145,8 +145,8 @@ const ListenerSection = Schema.Struct({
   mode: Schema.optionalKey(Schema.Literals(["enforce", "learn"]))
 })
 
-/** Most listener groups in one file (each is a label value in metrics). */
-export const MAX_LISTENER_GROUPS = 64
+/** Most listeners (addresses, over all listener groups) one proxy serves: each is a label value in metrics. */
+export const MAX_LISTENERS = 64
 
 /** The file format (YAML or JSON). */
 export const SocketProxyFile = Schema.Struct({
@@ -343,7 +343,8 @@ export const resolveConfig = (
     if (v !== undefined && (!Array.isArray(v) || v.length > 0)) return invalid(flag, "not accepted with a config file that declares listeners")
   }
   if (file.listeners.length === 0) return invalid("listeners", "expected at least one listener")
-  if (file.listeners.length > MAX_LISTENER_GROUPS) return invalid("listeners", `at most ${MAX_LISTENER_GROUPS} listeners`)
+  const total = file.listeners.reduce((n, l) => n + l.listen.length, 0)
+  if (total > MAX_LISTENERS) return invalid("listeners", `at most ${MAX_LISTENERS} addresses in all, got ${total}`)
   // Every group's sockets, so that no group's body policy lets a container mount another group's socket.
   const everyListen: Array<typeof ListenEntry.Type> = file.listeners.flatMap((l) => l.listen)
   const groups: Array<SocketProxyConfig> = []
@@ -380,6 +381,7 @@ const resolveGroup = (
   const listenEntries: ReadonlyArray<{ field: string; entry: typeof ListenEntry.Type }> = flags.listen && flags.listen.length > 0
     ? flags.listen.map((entry) => ({ field: "--listen", entry }))
     : (file.listen ?? [DEFAULT_LISTEN]).map((entry, i) => ({ field: `listen[${i}]`, entry }))
+  if (listenEntries.length > MAX_LISTENERS) return invalid(listenEntries[0]!.field.replace(/\[\d+\]$/, ""), `at most ${MAX_LISTENERS} addresses, got ${listenEntries.length}`)
   for (const { field, entry } of listenEntries) {
     const text = typeof entry === "string" ? entry : entry.address
     const addr = parseAddress(text)

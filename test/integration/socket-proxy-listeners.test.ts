@@ -69,6 +69,8 @@ describe("socket proxy listener groups", () => {
     const bad: ReadonlyArray<readonly [unknown, string]> = [
       [{ listeners: [{ name: "a", listen: ["unix:/a"], rules: ["GET /_ping"] }], rules: ["GET /x"] }, "rules: not accepted with listeners"],
       [{ listeners: [] }, "listeners: expected at least one listener"],
+      [{ listeners: [{ name: "a", listen: Array.from({ length: 40 }, (_, i) => `unix:/a${i}`), rules: ["GET /_ping"] }, { name: "b", listen: Array.from({ length: 25 }, (_, i) => `unix:/b${i}`), rules: ["GET /_ping"] }] }, "listeners: at most 64 addresses in all, got 65"],
+      [{ listen: Array.from({ length: 65 }, (_, i) => `unix:/a${i}`), rules: ["GET /_ping"] }, "listen: at most 64 addresses"],
       [{ listeners: [{ name: "a", listen: ["unix:/a"], rules: ["GET /_ping"] }, { name: "a", listen: ["unix:/b"], rules: ["GET /_ping"] }] }, "listeners[1].name"],
       [{ listeners: [{ name: "a", listen: ["unix:/a"], rules: ["GET /_ping"] }, { name: "b", listen: ["unix:/a"], rules: ["GET /_ping"] }] }, "listeners[1].listen[0]: unix:/a is already a listener"],
       [{ listeners: [{ name: "a", listen: ["unix:/a"], rules: ["GET nothing"] }] }, "listeners[0].rules[0]"],
