@@ -336,8 +336,8 @@ const serveListener = Effect.fnUntraced(function*(config: SocketProxyConfig, gro
     },
     onSlowBody: (event) => limited.onClientLimit(event),
     learning: () => config.learn,
-    onWouldRefuse: (message, verdict, method, path) =>
-      learn(message, { _tag: "Body", ruleSet: ruleSet.name, method, path, field: verdict.field, check: verdict.check!, reason: verdict.reason })
+    onWouldRefuse: (_message, verdict, method, path) =>
+      learn(`the body policy: ${verdict.field}: ${verdict.reason}; bodyPolicy.${verdict.check}`, { _tag: "Body", ruleSet: ruleSet.name, method, path, field: verdict.field, check: verdict.check!, reason: verdict.reason })
   })
   const resolver = config.containerLabel === undefined ? undefined : makeScopeResolver({ upstream: config.upstream, label: config.containerLabel })
   const scope = resolver === undefined || config.containerLabel === undefined ? undefined : makeScopedAdmission({
@@ -429,38 +429,36 @@ const serveListener = Effect.fnUntraced(function*(config: SocketProxyConfig, gro
   }
 
   const address = config.listen[0]!
-  {
-    const engine = forwarder.serveHttp1({ limits, admit, clientLimits, onClientLimit: limited.onClientLimit })
-    const checkClient = address._tag === "Tcp" && allowFrom !== undefined
-    const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: STREAM_HIGH_WATER_MARK })
-    const guard = makeConnectionGuard(
-      { maxConnections: limits.maxConnections, maxPerAddress: limits.maxConnectionsPerAddress, silentTimeoutMs: limits.silentTimeoutMs },
-      true,
-      onConnectionLimit,
-      engine.betweenRequests
-    )
-    yield* Effect.addFinalizer(() => Effect.sync(guard.close))
-    server.on("connection", (socket: net.Socket & { [refusedClient]?: boolean }) => {
-      if (!guard.admit(socket)) return
-      if (checkClient && !clientAllowed(allowFrom, socket.remoteAddress)) socket[refusedClient] = true
-      inspection.servedBy(socket, engine.accept)
-      engine.accept(socket)
-    })
-    const bound = yield* bind(server, engine, address, limits.drainTimeoutMs)
-    listener = describeBound(bound)
-    // Runs before the listener closes: a body being read would hold `server.close` open.
-    yield* Effect.addFinalizer(() => Effect.sync(inspection.close))
-    return {
-      address: bound,
-      group,
-      ruleSet: () => ruleSet,
-      replaceRules: (next) => {
-        ruleSet = next
-      },
-      stats: () => ({ allowed, denied, rejected, connectionLimitCloses, limited: limited.counts(), outOfScope, learned: learnedCount }),
-      learned: () => learned.values(),
-      learning: config.learn
-    }
+  const engine = forwarder.serveHttp1({ limits, admit, clientLimits, onClientLimit: limited.onClientLimit })
+  const checkClient = address._tag === "Tcp" && allowFrom !== undefined
+  const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: STREAM_HIGH_WATER_MARK })
+  const guard = makeConnectionGuard(
+    { maxConnections: limits.maxConnections, maxPerAddress: limits.maxConnectionsPerAddress, silentTimeoutMs: limits.silentTimeoutMs },
+    true,
+    onConnectionLimit,
+    engine.betweenRequests
+  )
+  yield* Effect.addFinalizer(() => Effect.sync(guard.close))
+  server.on("connection", (socket: net.Socket & { [refusedClient]?: boolean }) => {
+    if (!guard.admit(socket)) return
+    if (checkClient && !clientAllowed(allowFrom, socket.remoteAddress)) socket[refusedClient] = true
+    inspection.servedBy(socket, engine.accept)
+    engine.accept(socket)
+  })
+  const bound = yield* bind(server, engine, address, limits.drainTimeoutMs)
+  listener = describeBound(bound)
+  // Runs before the listener closes: a body being read would hold `server.close` open.
+  yield* Effect.addFinalizer(() => Effect.sync(inspection.close))
+  return {
+    address: bound,
+    group,
+    ruleSet: () => ruleSet,
+    replaceRules: (next) => {
+      ruleSet = next
+    },
+    stats: () => ({ allowed, denied, rejected, connectionLimitCloses, limited: limited.counts(), outOfScope, learned: learnedCount }),
+    learned: () => learned.values(),
+    learning: config.learn
   }
 })
 
