@@ -5,7 +5,7 @@
  * path), with the body-policy switches the refused bodies needed. No I/O and no state: the proxy keeps
  * what it saw in a `Learned` set.
  */
-import type { BodyCheck } from "./BodyPolicy.ts"
+import { type BodyCheck, type BodyEndpoint, type BodyPolicy, type BodyVerdict, checkBody, normalizeHostPath } from "./BodyPolicy.ts"
 
 /** One request learning mode let through although it would have been refused. */
 export type LearnedRequest =
@@ -18,6 +18,8 @@ export type LearnedRequest =
     readonly field: string
     readonly check: BodyCheck
     readonly reason: string
+    /** For a list switch: the capability or host path to add to it. */
+    readonly value?: string | undefined
   }
 
 /** What the log line carries after this marker: the request as JSON. */
@@ -45,7 +47,8 @@ const recordIn = (message: string): LearnedRequest | undefined => {
   const ruleSet = isString(r["ruleSet"]) ? { ruleSet: r["ruleSet"] } : {}
   if (r["_tag"] === "Rule") return { _tag: "Rule", ...ruleSet, method: r["method"], path: r["path"] }
   if (r["_tag"] === "Body" && isString(r["field"]) && isString(r["check"]) && isString(r["reason"])) {
-    return { _tag: "Body", ...ruleSet, method: r["method"], path: r["path"], field: r["field"], check: r["check"] as BodyCheck, reason: r["reason"] }
+    const value = isString(r["value"]) ? { value: r["value"] } : {}
+    return { _tag: "Body", ...ruleSet, method: r["method"], path: r["path"], field: r["field"], check: r["check"] as BodyCheck, reason: r["reason"], ...value }
   }
   return undefined
 }
@@ -126,19 +129,74 @@ export interface LearnedRules {
   readonly rules: ReadonlyArray<string>
   /** Boolean body-policy switches the refused bodies needed. */
   readonly bodySwitches: ReadonlyArray<BodyCheck>
-  /** List switches (capabilities, bind sources) to review: the field and what was refused. */
-  readonly bodyLists: ReadonlyArray<{ readonly check: BodyCheck; readonly field: string; readonly reason: string }>
+  /** List switches (capabilities, bind sources) and the values the refused bodies needed in them. */
+  readonly bodyLists: ReadonlyArray<{ readonly check: BodyCheck; readonly values: ReadonlyArray<string> }>
+}
+
+/** Most times one body is checked again with one more switch on, in learning mode. */
+export const MAX_LEARN_PASSES = 32
+
+type Refusal = Extract<BodyVerdict, { _tag: "Refuse" }>
+
+/** What the body policy refused of one body, switch by switch, and its verdict with all those switches on. */
+export interface LearnedBody {
+  /** Each refusal, with the value a list switch needs (a capability, a host path). */
+  readonly refusals: ReadonlyArray<{ readonly verdict: Refusal; readonly value: string | undefined }>
+  /** `Allow` when the switches learned allow the body; else a refusal no switch allows (the engine's socket, an unreadable body). */
+  readonly verdict: BodyVerdict
+}
+
+const CAPABILITY_REFUSAL = /^capability ("(?:[^"\\]|\\.)*") is not in the allowed list$/
+const BIND_REFUSAL = /^host path ("(?:[^"\\]|\\.)*") is not under an allowed bind source$/
+
+/** `policy` with the switch that `refusal` names turned on (or its value added), or `undefined` when none would allow it. */
+const relax = (policy: BodyPolicy, refusal: Refusal): { readonly policy: BodyPolicy; readonly value: string | undefined } | undefined => {
+  const check = refusal.check
+  if (check === undefined) return undefined
+  if (check === "allowCapabilities") {
+    const m = CAPABILITY_REFUSAL.exec(refusal.reason)
+    if (m === null) return undefined
+    const cap = JSON.parse(m[1]!) as string
+    return { policy: { ...policy, allowCapabilities: [...policy.allowCapabilities, cap] }, value: cap }
+  }
+  if (check === "allowBindSources") {
+    const m = BIND_REFUSAL.exec(refusal.reason)
+    const path = m === null ? undefined : normalizeHostPath(JSON.parse(m[1]!) as string)
+    if (path === undefined || policy.allowBindSources.includes(path)) return undefined
+    return { policy: { ...policy, allowBindSources: [...policy.allowBindSources, path] }, value: path }
+  }
+  if (policy[check]) return undefined
+  return { policy: { ...policy, [check]: true }, value: undefined }
+}
+
+/**
+ * Learning mode's reading of a body: checked, and after each refusal checked again with the switch
+ * that refused it turned on (a capability or host path added to its list), so that every switch the
+ * body needs is found, not only the first. Refusals no switch allows end it.
+ */
+export const learnBody = (policy: BodyPolicy, endpoint: BodyEndpoint, body: Uint8Array): LearnedBody => {
+  let current = policy
+  const refusals: Array<{ verdict: Refusal; value: string | undefined }> = []
+  for (let pass = 0; pass < MAX_LEARN_PASSES; pass++) {
+    const verdict = checkBody(current, endpoint, body)
+    if (verdict._tag === "Allow" || verdict.status !== 403) return { refusals, verdict }
+    const relaxed = relax(current, verdict)
+    if (relaxed === undefined) return { refusals, verdict }
+    refusals.push({ verdict, value: relaxed.value })
+    current = relaxed.policy
+  }
+  return { refusals, verdict: checkBody(current, endpoint, body) }
 }
 
 /** The smallest rule set (and body switches) that would have allowed every learned request. */
 export const learnRules = (requests: Iterable<LearnedRequest>): LearnedRules => {
   const byGlob = new Map<string, Set<string>>()
   const switches = new Set<BodyCheck>()
-  const lists = new Map<string, { check: BodyCheck; field: string; reason: string }>()
+  const lists = new Map<BodyCheck, Set<string>>()
   for (const r of requests) {
     if (r._tag === "Body") {
-      if (LIST_CHECKS.has(r.check)) lists.set(`${r.check}\n${r.field}\n${r.reason}`, { check: r.check, field: r.field, reason: r.reason })
-      else switches.add(r.check)
+      if (!LIST_CHECKS.has(r.check)) switches.add(r.check)
+      else if (r.value !== undefined) lists.set(r.check, (lists.get(r.check) ?? new Set()).add(r.value))
       continue
     }
     const glob = pathGlob(r.path)
@@ -149,7 +207,8 @@ export const learnRules = (requests: Iterable<LearnedRequest>): LearnedRules => 
   const rules = [...byGlob.entries()]
     .sort(([a], [b]) => a < b ? -1 : a > b ? 1 : 0)
     .map(([glob, methods]) => `${[...methods].sort((a, b) => methodRank(a) - methodRank(b) || (a < b ? -1 : 1)).join(",")} ${glob}`)
-  return { rules, bodySwitches: [...switches].sort(), bodyLists: [...lists.values()] }
+  const bodyLists = [...lists.entries()].sort(([a], [b]) => a < b ? -1 : 1).map(([check, values]) => ({ check, values: [...values].sort() }))
+  return { rules, bodySwitches: [...switches].sort(), bodyLists }
 }
 
 /** The suggestion as a config-file fragment (YAML) to review and paste. */
@@ -163,7 +222,7 @@ export const renderLearnedRules = (learned: LearnedRules, ruleSet: string): stri
   if (learned.bodySwitches.length > 0 || learned.bodyLists.length > 0) {
     lines.push("bodyPolicy:")
     for (const s of learned.bodySwitches) lines.push(`  ${s}: true`)
-    for (const l of learned.bodyLists) lines.push(`  # ${l.check}: ${l.field}: ${l.reason}`)
+    for (const l of learned.bodyLists) lines.push(`  ${l.check}: [${l.values.map((v) => JSON.stringify(v)).join(", ")}]`)
   }
   return lines.join("\n") + "\n"
 }
@@ -177,7 +236,7 @@ export class Learned {
   /** Requests not kept because the bound was reached. */
   dropped = 0
   add(request: LearnedRequest): void {
-    const key = request._tag === "Rule" ? `${request.method} ${pathGlob(request.path)}` : `${request.check}\n${request.field}\n${request.reason}`
+    const key = request._tag === "Rule" ? `${request.method} ${pathGlob(request.path)}` : `${request.check}\n${request.value ?? ""}`
     if (this.seen.has(key)) return
     if (this.seen.size >= MAX_LEARNED_REQUESTS) {
       this.dropped++

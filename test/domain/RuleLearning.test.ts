@@ -1,6 +1,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import { decide, parseRule, RuleSyntaxError } from "../../src/domain/AccessRule.ts"
-import { Learned, learnMessage, learnRules, MAX_LEARNED_REQUESTS, pathGlob, readLearnLog, renderLearnedRules } from "../../src/domain/RuleLearning.ts"
+import { DEFAULT_BODY_POLICY } from "../../src/domain/BodyPolicy.ts"
+import { Learned, learnBody, learnMessage, learnRules, MAX_LEARNED_REQUESTS, pathGlob, readLearnLog, renderLearnedRules } from "../../src/domain/RuleLearning.ts"
 
 describe("RuleLearning", () => {
   it("generalises ids and names, keeps calls of their own", () => {
@@ -44,12 +45,14 @@ describe("RuleLearning", () => {
       { _tag: "Rule", method: "DELETE", path: "/containers/a" },
       { _tag: "Rule", method: "GET", path: "/containers/a/json" },
       { _tag: "Body", method: "POST", path: "/containers/create", field: "HostConfig.Privileged", check: "allowPrivileged", reason: "x" },
-      { _tag: "Body", method: "POST", path: "/containers/create", field: "HostConfig.CapAdd", check: "allowCapabilities", reason: "NET_ADMIN is not allowed" }
+      { _tag: "Body", method: "POST", path: "/containers/create", field: "HostConfig.CapAdd", check: "allowCapabilities", reason: "x", value: "NET_ADMIN" },
+      { _tag: "Body", method: "POST", path: "/containers/create", field: "HostConfig.Binds[0]", check: "allowBindSources", reason: "x", value: "/srv/a" },
+      { _tag: "Body", method: "POST", path: "/containers/create", field: "HostConfig.CapAdd", check: "allowCapabilities", reason: "x", value: "CHOWN" }
     ] as const
     const learned = learnRules(seen)
     assert.deepStrictEqual(learned.rules, ["DELETE /containers/*", "POST /containers/create", "GET,HEAD /containers/*/json"].sort((a, b) => a.split(" ")[1]! < b.split(" ")[1]! ? -1 : 1))
     assert.deepStrictEqual(learned.bodySwitches, ["allowPrivileged"])
-    assert.strictEqual(learned.bodyLists.length, 1)
+    assert.deepStrictEqual(learned.bodyLists, [{ check: "allowBindSources", values: ["/srv/a"] }, { check: "allowCapabilities", values: ["CHOWN", "NET_ADMIN"] }])
     const rules = learned.rules.map((r) => parseRule(r))
     for (const r of rules) assert.notInstanceOf(r, RuleSyntaxError)
     const ruleSet = { name: "learned", rules: rules as never }
@@ -57,7 +60,25 @@ describe("RuleLearning", () => {
     assert.isFalse(decide(ruleSet, { method: "POST", path: "/containers/a/start", query: "" }).allowed)
     const text = renderLearnedRules(learned, "learned")
     assert.include(text, "rules:\n  - \"DELETE /containers/*\"")
-    assert.include(text, "bodyPolicy:\n  allowPrivileged: true\n  # allowCapabilities: HostConfig.CapAdd: NET_ADMIN is not allowed")
+    assert.include(text, "bodyPolicy:\n  allowPrivileged: true\n  allowBindSources: [\"/srv/a\"]\n  allowCapabilities: [\"CHOWN\", \"NET_ADMIN\"]")
+  })
+
+  it("learnBody finds every switch a body needs, and stops at what no switch allows", () => {
+    const body = Buffer.from(JSON.stringify({ Image: "x", HostConfig: { Privileged: true, CapAdd: ["NET_ADMIN", "chown"], Binds: ["/srv/a:/a", "/srv/b/c:/c"], PidMode: "host" } }))
+    const learned = learnBody(DEFAULT_BODY_POLICY, "ContainerCreate", body)
+    assert.deepStrictEqual(learned.verdict, { _tag: "Allow" })
+    assert.deepStrictEqual(learned.refusals.map((r) => [r.verdict.check, r.value]).sort(), [
+      ["allowBindSources", "/srv/a"],
+      ["allowBindSources", "/srv/b/c"],
+      ["allowCapabilities", "NET_ADMIN"],
+      ["allowCapabilities", "chown"],
+      ["allowHostNamespaces", undefined],
+      ["allowPrivileged", undefined]
+    ])
+    const socket = learnBody(DEFAULT_BODY_POLICY, "ContainerCreate", Buffer.from(JSON.stringify({ HostConfig: { Privileged: true, Binds: ["/run:/r"] } })))
+    assert.strictEqual(socket.verdict._tag, "Refuse")
+    assert.strictEqual(socket.refusals.length, 1)
+    assert.strictEqual(learnBody(DEFAULT_BODY_POLICY, "ContainerCreate", Buffer.from("{")).verdict._tag, "Refuse")
   })
 
   it("keeps at most MAX_LEARNED_REQUESTS distinct requests, one per method and glob", () => {

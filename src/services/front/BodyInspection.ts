@@ -12,6 +12,7 @@ import type * as net from "node:net"
 import { RATE_CHECK_INTERVAL_MS, requestBodyTooSlow } from "../../domain/ClientLimits.ts"
 import { type BodyEndpoint, type BodyPolicy, bodyRefusalMessage, type BodyVerdict, checkBody } from "../../domain/BodyPolicy.ts"
 import { type ContainerLabel, labelBody } from "../../domain/LabelScope.ts"
+import { learnBody } from "../../domain/RuleLearning.ts"
 import { type HeadLimits, requestHeadReader } from "../../domain/Http1Parser.ts"
 import type { Admission, ClientLimitEvent, Http1Request } from "../forward/http1/Admission.ts"
 import { dockerErrors, writeRawError } from "../forward/ErrorResponse.ts"
@@ -38,10 +39,15 @@ export interface BodyInspectionOptions {
   readonly onRefuse: (status: number, message: string) => void
   /** Told each body cut for arriving below the minimum rate (a client limit, logged sampled). */
   readonly onSlowBody: (event: ClientLimitEvent) => void
-  /** Learning mode: a body the policy refuses (403) is forwarded, and `onWouldRefuse` told instead. */
+  /**
+   * Learning mode: a body the policy refuses (403) only by switches is forwarded, and `onWouldRefuse`
+   * told each refusal (`learnBody`); one that no switch allows is still refused.
+   */
   readonly learning?: (() => boolean) | undefined
-  /** Told each body learning mode forwarded although the policy refuses it: the message and the verdict. */
-  readonly onWouldRefuse?: ((message: string, verdict: Extract<BodyVerdict, { _tag: "Refuse" }>, method: string, path: string) => void) | undefined
+  /** Told each refusal of a body learning mode forwarded: the verdict and the value a list switch needs. */
+  readonly onWouldRefuse?:
+    | ((verdict: Extract<BodyVerdict, { _tag: "Refuse" }>, value: string | undefined, method: string, path: string) => void)
+    | undefined
 }
 
 export interface BodyInspection {
@@ -141,8 +147,10 @@ export const makeBodyInspection = (options: BodyInspectionOptions): BodyInspecti
       const body = all.subarray(0, length)
       const verdict = endpoint === undefined ? undefined : checkBody(policy, endpoint, body)
       if (verdict?._tag === "Refuse") {
-        if (verdict.status !== 403 || options.learning?.() !== true) return fail(verdict)
-        options.onWouldRefuse?.(bodyRefusalMessage(options.ruleSetName(), method, path, verdict), verdict, method, path)
+        if (verdict.status !== 403 || options.learning?.() !== true || endpoint === undefined) return fail(verdict)
+        const learned = learnBody(policy, endpoint, body)
+        if (learned.verdict._tag === "Refuse") return fail(learned.verdict)
+        for (const r of learned.refusals) options.onWouldRefuse?.(r.verdict, r.value, method, path)
       }
       let forwarded = all
       if (label !== undefined) {

@@ -336,8 +336,8 @@ const serveListener = Effect.fnUntraced(function*(config: SocketProxyConfig, gro
     },
     onSlowBody: (event) => limited.onClientLimit(event),
     learning: () => config.learn,
-    onWouldRefuse: (_message, verdict, method, path) =>
-      learn(`the body policy: ${verdict.field}: ${verdict.reason}; bodyPolicy.${verdict.check}`, { _tag: "Body", ruleSet: ruleSet.name, method, path, field: verdict.field, check: verdict.check!, reason: verdict.reason })
+    onWouldRefuse: (verdict, value, method, path) =>
+      learn(`the body policy: ${verdict.field}: ${verdict.reason}; bodyPolicy.${verdict.check}`, { _tag: "Body", ruleSet: ruleSet.name, method, path, field: verdict.field, check: verdict.check!, reason: verdict.reason, value })
   })
   const resolver = config.containerLabel === undefined ? undefined : makeScopeResolver({ upstream: config.upstream, label: config.containerLabel })
   const scope = resolver === undefined || config.containerLabel === undefined ? undefined : makeScopedAdmission({
