@@ -19,6 +19,8 @@ const docker = dockerCli()
 const podman: PeerProbe<PodmanService> = docker.value === undefined ? { value: undefined, reason: docker.reason } : startPodman()
 
 const IMAGE = "localhost/busybox:latest"
+/** Bound for the tests that start several proxy processes and drive a CLI through each (slow on a loaded machine). */
+const LONG_TEST_MS = 180_000
 const SCOPE = "sy.scope=team-a"
 
 interface CliResult {
@@ -231,7 +233,7 @@ describe.skipIf(peerMissing(podman) || peerMissing(docker))("docker CLI through 
     assert.include(removed.stderr, "is not allowed by rule set \"libpod\"")
     assert.strictEqual(await state("sy-pm-in"), "created")
     await mustDirect(["rm", "sy-pm-out", "sy-pm-in"])
-  })
+  }, LONG_TEST_MS)
 
   it("learning mode turns a refused sequence into rules that then allow exactly it", async () => {
     const sequence: ReadonlyArray<ReadonlyArray<string>> = [
@@ -275,5 +277,5 @@ describe.skipIf(peerMissing(podman) || peerMissing(docker))("docker CLI through 
     assert.include(outside.stderr, "is not allowed by rule set \"learned\"")
     await enforcing.proc.stop()
     await enforced.proc.stop()
-  })
+  }, LONG_TEST_MS)
 })
