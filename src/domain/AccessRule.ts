@@ -77,7 +77,7 @@ export const compileGlob = (glob: string, spanSegments = false): RegExp => {
 const compileValueGlob = (glob: string): RegExp =>
   new RegExp("^" + glob.split("*").map(escapeRegex).join(".*") + "$")
 
-const VERSION_IN_PATTERN = /^\/v(?:\*|\d+(?:\.\d+)?)(?=\/|$)/
+const VERSION_IN_PATTERN = /^\/v(?:\*|\d+(?:\.\d+){0,2})(?=\/|$)/
 
 const syntax = (rule: string, reason: RuleSyntaxError["reason"], message: string) =>
   new RuleSyntaxError({ reason, rule, message })
@@ -355,7 +355,43 @@ export const PRESETS: Readonly<Record<string, ReadonlyArray<string>>> = {
     "DELETE /networks/*",
     "POST /volumes/create",
     "DELETE /volumes/*"
-  ]
+  ],
+  /**
+   * Podman's own (libpod) API, read-only and metadata only: list and inspect containers, images, pods,
+   * networks and volumes, follow events, logs and stats. Not exports, archives or `generate kube`.
+   */
+  "libpod-read-only": reads([
+    "/libpod/_ping",
+    "/libpod/version",
+    "/libpod/info",
+    "/libpod/events",
+    "/libpod/system/df",
+    "/libpod/containers/json",
+    "/libpod/containers/stats",
+    "/libpod/containers/*/json",
+    "/libpod/containers/*/exists",
+    "/libpod/containers/*/logs",
+    "/libpod/containers/*/stats",
+    "/libpod/containers/*/top",
+    "/libpod/containers/*/changes",
+    "/libpod/containers/*/healthcheck",
+    "/libpod/images/json",
+    "/libpod/images/**/json",
+    "/libpod/images/**/exists",
+    "/libpod/images/**/history",
+    "/libpod/images/**/tree",
+    "/libpod/networks/json",
+    "/libpod/networks/*/json",
+    "/libpod/networks/*/exists",
+    "/libpod/volumes/json",
+    "/libpod/volumes/*/json",
+    "/libpod/volumes/*/exists",
+    "/libpod/pods/json",
+    "/libpod/pods/stats",
+    "/libpod/pods/*/json",
+    "/libpod/pods/*/exists",
+    "/libpod/pods/*/top"
+  ])
 }
 
 /** The compiled rules of a preset, or an error naming the presets that exist. */

@@ -218,6 +218,8 @@ export interface TargetRejection {
 const VERSION_PREFIX = /^\/v([0-9.]+)(?=\/|$)/
 /** Versions as Docker clients write them; any other run of digits and dots is refused. */
 const PLAIN_VERSION = /^\d+(?:\.\d+)?$/
+/** Podman's clients version its own (libpod) API as `N.N.N`; accepted before `/libpod/` only. */
+const LIBPOD_VERSION = /^\d+\.\d+\.\d+$/
 /** Bytes that never appear raw in a canonical path: `%`, `.`-segments, `//`, controls, `\`. */
 const NEEDS_WORK = /[%\\\x00-\x20\x7f]|\/\/|\/\.(?:\.)?(?:\/|$)/
 
@@ -269,7 +271,7 @@ export const canonicalTarget = (target: string): CanonicalTarget | TargetRejecti
     upstreamPath = "/" + segments.map(encodeSegment).join("/") + (segments.length > 0 ? trailing : "")
   }
   const m = VERSION_PREFIX.exec(path)
-  if (m && !PLAIN_VERSION.test(m[1]!)) {
+  if (m && !PLAIN_VERSION.test(m[1]!) && !(LIBPOD_VERSION.test(m[1]!) && path.startsWith("/libpod/", m[0].length))) {
     return { problem: "BadApiVersion", detail: `an API version "${m[1]!.slice(0, 16)}" other than N or N.N` }
   }
   const apiVersion = m ? m[1] : undefined

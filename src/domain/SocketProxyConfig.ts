@@ -7,6 +7,7 @@ import { Result, Schema, SchemaIssue } from "effect"
 import { type AccessRule, parseRule, presetRules, RuleSyntaxError, type RuleSet } from "./AccessRule.ts"
 import { type BodyPolicy, DEFAULT_BODY_POLICY, normalizeHostPath } from "./BodyPolicy.ts"
 import { type ClientAllowlist, parseAllowlist } from "./ClientAllowlist.ts"
+import { type ContainerLabel, parseContainerLabel } from "./LabelScope.ts"
 import {
   DEFAULT_MIN_REQUEST_BODY_BYTES_PER_SECOND,
   DEFAULT_MIN_RESPONSE_BYTES_PER_SECOND,
@@ -92,7 +93,9 @@ const ListenEntry = Schema.Union([
   Schema.Struct({
     address: Schema.String,
     /** Unix sockets only: file mode as an octal string, e.g. "0660". */
-    mode: Schema.optionalKey(Schema.String)
+    mode: Schema.optionalKey(Schema.String),
+    /** Unix sockets only: owner as numeric `uid` or `uid:gid`. */
+    owner: Schema.optionalKey(Schema.String)
   })
 ])
 
@@ -129,6 +132,22 @@ export const BODY_ALLOW_FLAGS = {
   "volumes-from": "allowVolumesFrom"
 } as const
 
+/** One listener group of a file with `listeners`: its sockets, and the rule set they are served by. */
+const ListenerSection = Schema.Struct({
+  /** Rule set name shown in denials, logs and metrics (unique). */
+  name: Schema.String,
+  listen: Schema.Array(ListenEntry),
+  allowFrom: Schema.optionalKey(Schema.Array(Schema.String)),
+  rules: Schema.optionalKey(Schema.Array(RuleEntry)),
+  logAllowed: Schema.optionalKey(Schema.Boolean),
+  bodyPolicy: Schema.optionalKey(BodyPolicySection),
+  container_label: Schema.optionalKey(Schema.String),
+  mode: Schema.optionalKey(Schema.Literals(["enforce", "learn"]))
+})
+
+/** Most listeners (addresses, over all listener groups) one proxy serves: each is a label value in metrics. */
+export const MAX_LISTENERS = 64
+
 /** The file format (YAML or JSON). */
 export const SocketProxyFile = Schema.Struct({
   /** `unix:/var/run/docker.sock` (default) or `host:port`. */
@@ -144,13 +163,25 @@ export const SocketProxyFile = Schema.Struct({
   logAllowed: Schema.optionalKey(Schema.Boolean),
   limits: Schema.optionalKey(Limits),
   /** Checks on container, exec and service create bodies (on by default). */
-  bodyPolicy: Schema.optionalKey(BodyPolicySection)
+  bodyPolicy: Schema.optionalKey(BodyPolicySection),
+  /** `KEY=VALUE`: only containers with this label are listed and reachable; creates get it. */
+  container_label: Schema.optionalKey(Schema.String),
+  /** `enforce` (default) or `learn`: nothing denied by the rules or body checks, each would-be denial logged. */
+  mode: Schema.optionalKey(Schema.Literals(["enforce", "learn"])),
+  /** Several listener groups, each with its own sockets, rules, body policy and label scope (instead of the top-level ones). */
+  listeners: Schema.optionalKey(Schema.Array(ListenerSection))
 })
 export type SocketProxyFile = typeof SocketProxyFile.Type
 
 export type ListenAddress =
   | { readonly _tag: "Tcp"; readonly host: string; readonly port: number }
-  | { readonly _tag: "Unix"; readonly path: string; readonly mode: number | undefined }
+  | {
+    readonly _tag: "Unix"
+    readonly path: string
+    readonly mode: number | undefined
+    /** Owner set on the socket file after binding. */
+    readonly owner?: { readonly uid: number; readonly gid: number | undefined } | undefined
+  }
 
 export type UpstreamAddress =
   | { readonly _tag: "Unix"; readonly path: string }
@@ -158,7 +189,7 @@ export type UpstreamAddress =
 
 export type Limits = { readonly [K in keyof typeof SOCKET_PROXY_DEFAULTS]: number }
 
-/** A validated, compiled configuration. */
+/** A validated, compiled configuration: one listener group (its sockets and rule set) and what all groups share. */
 export interface SocketProxyConfig {
   readonly upstream: UpstreamAddress
   readonly listen: ReadonlyArray<ListenAddress>
@@ -168,6 +199,15 @@ export interface SocketProxyConfig {
   readonly logAllowed: boolean
   readonly limits: Limits
   readonly bodyPolicy: BodyPolicy
+  /** The label scope, when set: containers without this label are invisible through the proxy. */
+  readonly containerLabel: ContainerLabel | undefined
+  /** Learning mode: requests the rules or the body policy would refuse are forwarded and logged. */
+  readonly learn: boolean
+  /**
+   * Every listener group the proxy serves (this one first): one for a file without `listeners`. The
+   * groups share the upstream, limits and forwarded headers.
+   */
+  readonly groups?: ReadonlyArray<SocketProxyConfig> | undefined
 }
 
 export class ConfigError extends Schema.TaggedError<ConfigError>()("ConfigError", {
@@ -256,12 +296,82 @@ export interface SocketProxyFlags {
   readonly allowCapability?: ReadonlyArray<string>
   /** Host paths bind mounts may use. */
   readonly allowBindSource?: ReadonlyArray<string>
+  /** `KEY=VALUE` label scope. */
+  readonly containerLabel?: string | undefined
+  /** Learning mode (`--learn`). */
+  readonly learn?: boolean | undefined
 }
 
-/** Validates a decoded file plus flags into a config; the first problem wins, naming its field. */
+/** Flags that describe one listener group: not accepted with a file that declares `listeners`. */
+const GROUP_FLAGS: ReadonlyArray<readonly [keyof SocketProxyFlags, string]> = [
+  ["listen", "--listen"],
+  ["allow", "--allow"],
+  ["deny", "--deny"],
+  ["presets", "--preset"],
+  ["allowFrom", "--allow-from"],
+  ["name", "--name"],
+  ["bodyPolicy", "--body-policy"],
+  ["bodyAllow", "--body-allow"],
+  ["allowCapability", "--allow-capability"],
+  ["allowBindSource", "--allow-bind-source"],
+  ["containerLabel", "--container-label"]
+]
+const GROUP_FIELDS = ["listen", "allowFrom", "rules", "name", "logAllowed", "bodyPolicy", "container_label", "mode"] as const
+
+/** Prefixes a group's error with where the group is in the file. */
+const inGroup = (index: number, e: ConfigError): ConfigError =>
+  new ConfigError({ reason: e.reason, field: `listeners[${index}].${e.field}`, message: `listeners[${index}].${e.message}` })
+
+/**
+ * Validates a decoded file plus flags into a config; the first problem wins, naming its field. With
+ * `listeners`, each group is resolved as a file of its own (the top-level group fields and the group
+ * flags are refused) and the config is the first group with `groups` holding them all.
+ */
 export const resolveConfig = (
   file: SocketProxyFile,
   flags: SocketProxyFlags = {}
+): SocketProxyConfig | ConfigError => {
+  if (file.listeners === undefined) {
+    const single = resolveGroup(file, flags, undefined)
+    return single instanceof ConfigError ? single : { ...single, groups: [single] }
+  }
+  for (const f of GROUP_FIELDS) {
+    if (file[f] !== undefined) return invalid(f, "not accepted with listeners: give it inside each listener")
+  }
+  for (const [key, flag] of GROUP_FLAGS) {
+    const v = flags[key]
+    if (v !== undefined && (!Array.isArray(v) || v.length > 0)) return invalid(flag, "not accepted with a config file that declares listeners")
+  }
+  if (file.listeners.length === 0) return invalid("listeners", "expected at least one listener")
+  const total = file.listeners.reduce((n, l) => n + l.listen.length, 0)
+  if (total > MAX_LISTENERS) return invalid("listeners", `at most ${MAX_LISTENERS} addresses in all, got ${total}`)
+  // Every group's sockets, so that no group's body policy lets a container mount another group's socket.
+  const everyListen: Array<typeof ListenEntry.Type> = file.listeners.flatMap((l) => l.listen)
+  const groups: Array<SocketProxyConfig> = []
+  const names = new Set<string>()
+  const addresses = new Set<string>()
+  for (const [i, section] of file.listeners.entries()) {
+    if (names.has(section.name)) return invalid(`listeners[${i}].name`, `${show(section.name)} is already the name of another listener`)
+    names.add(section.name)
+    if (section.listen.length === 0) return invalid(`listeners[${i}].listen`, "expected at least one address")
+    const { listeners: _listeners, ...shared } = file
+    const group = resolveGroup({ ...shared, ...section }, { upstream: flags.upstream, learn: flags.learn }, everyListen)
+    if (group instanceof ConfigError) return inGroup(i, group)
+    for (const [j, l] of group.listen.entries()) {
+      const key = l._tag === "Unix" ? `unix:${l.path}` : `${l.host}:${l.port}`
+      if (addresses.has(key) && !(l._tag === "Tcp" && l.port === 0)) return invalid(`listeners[${i}].listen[${j}]`, `${key} is already a listener`)
+      addresses.add(key)
+    }
+    groups.push(group)
+  }
+  return { ...groups[0]!, groups }
+}
+
+/** One listener group from a file (or a group section over the shared fields) and flags. */
+const resolveGroup = (
+  file: SocketProxyFile,
+  flags: SocketProxyFlags,
+  everyListen: ReadonlyArray<typeof ListenEntry.Type> | undefined
 ): SocketProxyConfig | ConfigError => {
   const upstreamText = flags.upstream ?? file.upstream ?? DEFAULT_UPSTREAM
   const upstream = parseAddress(upstreamText)
@@ -271,6 +381,7 @@ export const resolveConfig = (
   const listenEntries: ReadonlyArray<{ field: string; entry: typeof ListenEntry.Type }> = flags.listen && flags.listen.length > 0
     ? flags.listen.map((entry) => ({ field: "--listen", entry }))
     : (file.listen ?? [DEFAULT_LISTEN]).map((entry, i) => ({ field: `listen[${i}]`, entry }))
+  if (listenEntries.length > MAX_LISTENERS) return invalid(listenEntries[0]!.field.replace(/\[\d+\]$/, ""), `at most ${MAX_LISTENERS} addresses, got ${listenEntries.length}`)
   for (const { field, entry } of listenEntries) {
     const text = typeof entry === "string" ? entry : entry.address
     const addr = parseAddress(text)
@@ -281,7 +392,16 @@ export const resolveConfig = (
       if (!/^0?[0-7]{3}$/.test(entry.mode)) return invalid(`${field}.mode`, `expected an octal mode like "0660", got ${show(entry.mode)}`)
       mode = parseInt(entry.mode, 8)
     }
-    listen.push(addr._tag === "Unix" ? { _tag: "Unix", path: addr.path, mode } : addr)
+    let owner: { uid: number; gid: number | undefined } | undefined
+    if (typeof entry !== "string" && entry.owner !== undefined) {
+      if (addr._tag !== "Unix") return invalid(`${field}.owner`, `only Unix sockets have an owner, got ${show(entry.owner)} for ${show(text)}`)
+      const m = /^(\d{1,10})(?::(\d{1,10}))?$/.exec(entry.owner)
+      if (m === null || Number(m[1]) > 0xffffffff || Number(m[2] ?? 0) > 0xffffffff) {
+        return invalid(`${field}.owner`, `expected a numeric uid or uid:gid like "1000:1000", got ${show(entry.owner)}`)
+      }
+      owner = { uid: Number(m[1]), gid: m[2] === undefined ? undefined : Number(m[2]) }
+    }
+    listen.push(addr._tag === "Unix" ? { _tag: "Unix", path: addr.path, mode, ...(owner === undefined ? {} : { owner }) } : addr)
   }
 
   let allowFrom: ClientAllowlist | undefined
@@ -336,9 +456,22 @@ export const resolveConfig = (
       message: "rules: no allow rule and no preset: every request would be denied; pass --allow, --preset or rules in the config file"
     })
   }
-  const bodyPolicy = resolveBodyPolicy(file.bodyPolicy ?? {}, flags, upstream, listen)
+  const protectedListen = everyListen === undefined ? listen : everyListen.flatMap((entry) => {
+    const a = parseAddress(typeof entry === "string" ? entry : entry.address)
+    return a?._tag === "Unix" ? [{ _tag: "Unix" as const, path: a.path, mode: undefined }] : []
+  })
+  const bodyPolicy = resolveBodyPolicy(file.bodyPolicy ?? {}, flags, upstream, protectedListen)
   if (bodyPolicy instanceof ConfigError) return bodyPolicy
+  let containerLabel: ContainerLabel | undefined
+  const labelText = flags.containerLabel ?? file.container_label
+  if (labelText !== undefined) {
+    const parsed = parseContainerLabel(labelText)
+    if (typeof parsed === "string") return invalid(flags.containerLabel !== undefined ? "--container-label" : "container_label", parsed)
+    containerLabel = parsed
+  }
   return {
+    containerLabel,
+    learn: flags.learn === true || file.mode === "learn",
     upstream,
     listen,
     allowFrom,

@@ -92,6 +92,8 @@ export interface AdminOptions {
    * answered with 200), or why the URL cannot be tested (`{ error }`, answered with 400).
    */
   readonly routeTest?: ((url: string) => object) | undefined
+  /** Further plain-text pages of the command, by path (e.g. the socket proxy's `/learned-rules`). */
+  readonly pages?: Readonly<Record<string, () => string>> | undefined
   /** The connection budget (defaults: `MaxAdminConnections`, `AdminHeadTimeoutMs`, `AdminResponseTimeoutMs`). */
   readonly connections?: { readonly max?: number; readonly headTimeoutMs?: number; readonly responseTimeoutMs?: number } | undefined
 }
@@ -144,6 +146,11 @@ export const serveAdmin = Effect.fn("Admin.serve")(function*(options: AdminOptio
         res.writeHead("error" in answer ? 400 : 200, { "content-type": "application/json" }).end(JSON.stringify(answer, null, 2) + "\n")
         return
       }
+    }
+    const page = options.pages !== undefined && Object.hasOwn(options.pages, path!) ? options.pages[path!] : undefined
+    if (page !== undefined) {
+      res.writeHead(200, { "content-type": "text/plain; charset=utf-8" }).end(page())
+      return
     }
     res.writeHead(404, { "content-type": "text/plain" }).end("not found\n")
   })
@@ -274,6 +281,8 @@ export interface OperationsOptions {
   readonly gateways?: (() => ReadonlyArray<GatewayStatusEntry>) | undefined
   /** Registers the command's own sampled metrics. */
   readonly register?: ((metrics: MetricsShape) => void) | undefined
+  /** Further plain-text pages served on the admin endpoint, by path. */
+  readonly pages?: Readonly<Record<string, () => string>> | undefined
 }
 
 /**
@@ -311,7 +320,7 @@ export const serveOperations = Effect.fn("Admin.serveOperations")(function*(opti
     recentErrors: recent.list(),
     ...(options.gateways === undefined ? {} : { gateways: options.gateways() })
   })
-  const served = yield* Effect.exit(serveAdmin({ address, ready: options.ready, metrics: metrics.registry, status }))
+  const served = yield* Effect.exit(serveAdmin({ address, ready: options.ready, metrics: metrics.registry, status, pages: options.pages }))
   if (served._tag === "Failure") {
     const message = served.cause.reasons.map((r) => r._tag === "Fail" ? r.error.message : "").join("")
     if (explicit !== undefined) return yield* new AdminError({ reason: "BindFailed", message })
@@ -433,10 +442,16 @@ export const registerPoolGauges = (
   })
 }
 
-/** Registers the socket proxy's decision counters (`switchyard_socket_proxy_requests_total{decision}`). */
+/**
+ * Registers the socket proxy's decision counters (`switchyard_socket_proxy_requests_total{decision,
+ * listener, rule_set}`); labels are bounded by the listeners configured.
+ */
 export const registerSocketProxyCounters = (
   metrics: MetricsShape,
-  stats: () => SocketProxyStats
+  stats: () => SocketProxyStats,
+  listenerStats: () => ReadonlyArray<{ readonly listener: string; readonly ruleSet: string; readonly stats: SocketProxyStats }> = () => [
+    { listener: "", ruleSet: "", stats: stats() }
+  ]
 ): void => {
   metrics.registry.sampledGauge({
     name: "switchyard_socket_proxy_connection_limit_closes_total",
@@ -447,12 +462,25 @@ export const registerSocketProxyCounters = (
   metrics.registry.sampledGauge({
     name: "switchyard_socket_proxy_requests_total",
     type: "counter",
-    help: "Socket-proxy requests by decision: allowed (forwarded), denied (403 by the rules), rejected (client or target refused).",
-    labelNames: ["decision"],
-    collect: () => {
-      const s = stats()
-      return [[["allowed"], s.allowed], [["denied"], s.denied], [["rejected"], s.rejected]]
-    }
+    help:
+      "Socket-proxy requests by decision: allowed (forwarded), denied (403 by the rules), rejected (client or target refused), out_of_scope (a container outside the label scope: 404, or a call the scope refuses: 403).",
+    labelNames: ["decision", "listener", "rule_set"],
+    collect: () =>
+      listenerStats().flatMap(({ listener, ruleSet, stats: s }) =>
+        [
+          [["allowed", listener, ruleSet], s.allowed],
+          [["denied", listener, ruleSet], s.denied],
+          [["rejected", listener, ruleSet], s.rejected],
+          [["out_of_scope", listener, ruleSet], s.outOfScope]
+        ] as const
+      )
+  })
+  metrics.registry.sampledGauge({
+    name: "switchyard_socket_proxy_learned_total",
+    type: "counter",
+    help: "Socket-proxy requests that learning mode forwarded although the rules or the body policy would have refused them (also counted as allowed).",
+    labelNames: ["listener", "rule_set"],
+    collect: () => listenerStats().map(({ listener, ruleSet, stats: s }) => [[listener, ruleSet], s.learned] as const)
   })
   registerClientLimitCounters(metrics, "socket_proxy", () => stats().limited)
 }

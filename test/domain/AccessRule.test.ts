@@ -189,6 +189,20 @@ describe("presets and denials", () => {
     assert.instanceOf(presetRules("constructor"), RuleSyntaxError)
   })
 
+  it("libpod paths match like Docker's: versions in patterns ignored; libpod-read-only reads metadata only", () => {
+    for (const pattern of ["/v*/libpod/containers/json", "/v4.3.1/libpod/containers/json", "/libpod/containers/json"]) {
+      const rule = parseRule(`GET ${pattern}`) as AccessRule
+      assert.isTrue(decide({ name: "r", rules: [rule] }, req("GET", "/libpod/containers/json")).allowed, pattern)
+    }
+    const libpod = { name: "lp", rules: presetRules("libpod-read-only") as ReadonlyArray<AccessRule> }
+    for (const p of ["/libpod/_ping", "/libpod/info", "/libpod/containers/json", "/libpod/containers/abc/json", "/libpod/images/docker.io/library/x:1/json", "/libpod/pods/json", "/libpod/events"]) {
+      assert.isTrue(decide(libpod, req("GET", p)).allowed, p)
+    }
+    for (const [m, p] of [["POST", "/libpod/containers/abc/start"], ["GET", "/libpod/containers/abc/export"], ["GET", "/libpod/containers/abc/archive"], ["GET", "/libpod/generate/abc/kube"], ["DELETE", "/libpod/containers/abc"], ["GET", "/containers/json"]]) {
+      assert.isFalse(decide(libpod, req(m!, p!)).allowed, `${m} ${p}`)
+    }
+  })
+
   it("read-only allows reads only; traefik allows what Traefik needs and no writes", () => {
     const readOnly = { name: "ro", rules: presetRules("read-only") as ReadonlyArray<AccessRule> }
     assert.isTrue(decide(readOnly, req("GET", "/containers/abc/json")).allowed)

@@ -67,6 +67,18 @@ describe("canonicalTarget", () => {
     assert.strictEqual(ok("/version").apiVersion, undefined)
   })
 
+  it("strips Podman's N.N.N version before /libpod/ only", () => {
+    const t = ok("/v4.3.1/libpod/containers/json?all=true")
+    assert.strictEqual(t.path, "/libpod/containers/json")
+    assert.strictEqual(t.apiVersion, "4.3.1")
+    assert.strictEqual(t.upstreamTarget, "/v4.3.1/libpod/containers/json?all=true")
+    assert.strictEqual(ok("/v4.0/libpod/info").path, "/libpod/info")
+    assert.strictEqual(ok("/libpod/info").path, "/libpod/info")
+    for (const bad of ["/v4.3.1/containers/json", "/v4.3.1/libpodx/info", "/v4.3.1.1/libpod/info", "/v4.3.1/libpod"]) {
+      assert.isTrue(isTargetRejection(canonicalTarget(bad)), bad)
+    }
+  })
+
   it("collapses // and decodes harmless escapes, forwarding what it matched", () => {
     const t = ok("//v1.41//containers/%6Aso%6E")
     assert.strictEqual(t.path, "/containers/json")

@@ -7,6 +7,7 @@
 import { Console, Data, Effect, Option, Runtime } from "effect"
 import { Command, Flag } from "effect/cli"
 import * as fs from "node:fs"
+import * as readline from "node:readline"
 import { PRESETS } from "../../domain/AccessRule.ts"
 import {
   BODY_ALLOW_FLAGS,
@@ -15,8 +16,10 @@ import {
   resolveConfig,
   type SocketProxyConfig,
   type SocketProxyFile,
+  DEFAULT_RULE_SET_NAME,
   type SocketProxyFlags
 } from "../../domain/SocketProxyConfig.ts"
+import { Learned, learnRules, MAX_LEARNED_REQUESTS, readLearnLog, renderLearnedRules } from "../../domain/RuleLearning.ts"
 import { prepareOperations, registerSocketProxyCounters, reloadRefused, serveOperations } from "../Admin.ts"
 import { splitOpsSections } from "../ConfigLoader.ts"
 import { adminFlags, adminOverrides, checkConfigFlag } from "./sharedFlags.ts"
@@ -46,6 +49,14 @@ const flags = {
   bodyAllow: repeated("body-allow", `Turn a body-policy switch on (repeatable): ${Object.keys(BODY_ALLOW_FLAGS).join(", ")}`),
   allowCapability: repeated("allow-capability", "A capability create bodies may add, e.g. NET_ADMIN (repeatable)"),
   allowBindSource: repeated("allow-bind-source", "A host path (and everything under it) bind mounts may use (repeatable)"),
+  containerLabel: Flag.String("container-label").pipe(
+    Flag.withDescription("KEY=VALUE: only containers with this label are listed and reachable; creates through the proxy get it"),
+    Flag.optional
+  ),
+  learn: Flag.Boolean("learn").pipe(
+    Flag.withDescription("Learning mode: forward what the rules or body policy would refuse, and log each such request"),
+    Flag.withDefault(false)
+  ),
   checkConfig: checkConfigFlag,
   ...adminFlags("socket-proxy")
 }
@@ -71,6 +82,40 @@ const readConfigFile = (path: string): Effect.Effect<SocketProxyFile, ConfigErro
       ? Effect.fail(new ConfigError({ reason: decoded.reason, field: decoded.field, message: `${path}: ${decoded.message}` }))
       : Effect.succeed(decoded)
   })
+
+/**
+ * `switchyard socket-proxy rules --from-log FILE`: reads the log of a proxy in learning mode (logfmt or
+ * JSON, `-` for stdin) and prints the smallest rule set, and the body-policy switches, that would have
+ * allowed what it forwarded.
+ */
+const rulesCommand = Command.make("rules", {
+  fromLog: Flag.String("from-log").pipe(Flag.withDescription("Log of a socket proxy in learning mode (- for stdin)")),
+  name: Flag.String("name").pipe(Flag.withDescription("Only the requests of this rule set (default: each rule set in the log)"), Flag.optional)
+}, Effect.fn(function*(f) {
+  const byRuleSet = new Map<string, Learned>()
+  const read = yield* Effect.tryPromise({
+    try: async () => {
+      const input = f.fromLog === "-" ? process.stdin : fs.createReadStream(f.fromLog, { encoding: "utf8" })
+      const lines = readline.createInterface({ input, crlfDelay: Infinity })
+      for await (const line of lines) {
+        for (const record of readLearnLog(line)) {
+          const name = record.ruleSet ?? DEFAULT_RULE_SET_NAME
+          if (Option.isSome(f.name) && f.name.value !== name) continue
+          const set = byRuleSet.get(name) ?? new Learned()
+          set.add(record)
+          byRuleSet.set(name, set)
+        }
+      }
+    },
+    catch: (e) => new ConfigError({ reason: "Unreadable", field: "--from-log", message: `--from-log: cannot read ${f.fromLog}: ${(e as Error).message}` })
+  }).pipe(Effect.catch(refuse))
+  void read
+  if (byRuleSet.size === 0) byRuleSet.set(Option.getOrElse(f.name, () => DEFAULT_RULE_SET_NAME), new Learned())
+  for (const [name, learned] of byRuleSet) {
+    if (learned.dropped > 0) yield* Effect.logWarning(`rule set "${name}": ${learned.dropped} distinct requests past the first ${MAX_LEARNED_REQUESTS} were not read`)
+    yield* Console.log(renderLearnedRules(learnRules(learned.values()), name).trimEnd())
+  }
+})).pipe(Command.withDescription("Print the rules that would have allowed what a proxy in learning mode logged"))
 
 /** Exit code when the configuration is refused (sysexits' EX_CONFIG). */
 export const CONFIG_ERROR_EXIT_CODE = 78
@@ -98,6 +143,8 @@ const flagValues = (f: {
   readonly bodyAllow: ReadonlyArray<string>
   readonly allowCapability: ReadonlyArray<string>
   readonly allowBindSource: ReadonlyArray<string>
+  readonly containerLabel: Option.Option<string>
+  readonly learn: boolean
 }): SocketProxyFlags => ({
   upstream: Option.getOrUndefined(f.upstream),
   listen: f.listen,
@@ -109,7 +156,9 @@ const flagValues = (f: {
   bodyPolicy: Option.getOrUndefined(f.bodyPolicy),
   bodyAllow: f.bodyAllow,
   allowCapability: f.allowCapability,
-  allowBindSource: f.allowBindSource
+  allowBindSource: f.allowBindSource,
+  containerLabel: Option.getOrUndefined(f.containerLabel),
+  learn: f.learn
 })
 
 const describe = (config: SocketProxyConfig): string =>
@@ -144,8 +193,17 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
     source: Option.getOrUndefined(f.config),
     flags: adminOverrides(f),
     ready: () => true,
-    listeners: () => proxy.addresses.map((a) => ({ name: "socket-proxy", address: a._tag === "Unix" ? `unix:${a.path}` : `${a.host}:${a.port}` })),
-    register: (metrics) => registerSocketProxyCounters(metrics, proxy.stats)
+    listeners: () =>
+      proxy.listenerStats().map((l) => ({ name: config.groups !== undefined && config.groups.length > 1 ? `socket-proxy:${l.ruleSet}` : "socket-proxy", address: l.listener })),
+    register: (metrics) => registerSocketProxyCounters(metrics, proxy.stats, proxy.listenerStats),
+    pages: {
+      "/learned-rules": () => {
+        const learning = proxy.learned()
+        return learning.length === 0
+          ? "# no rule set is in learning mode\n"
+          : learning.map((l) => renderLearnedRules(learnRules(l.requests), l.ruleSet)).join("\n")
+      }
+    }
   }).pipe(Effect.catchTag("ConfigLoadError", (e) => refuse(new ConfigError({ reason: "Invalid", field: e.field, message: e.message }))))
   // SIGHUP: re-read the config file and swap the rules; a bad file keeps the rules in force.
   const services = yield* Effect.context<never>()
@@ -153,9 +211,15 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
     const next = Option.isSome(f.config) ? yield* readConfigFile(f.config.value) : {}
     const resolved = resolveConfig(next, flagValues(f))
     if (resolved instanceof ConfigError) return yield* resolved
-    yield* proxy.replaceRules(resolved.ruleSet)
+    const groups = resolved.groups ?? [resolved]
+    if (groups.length !== (config.groups ?? [config]).length) {
+      return yield* new ConfigError({ reason: "Invalid", field: "listeners", message: "listeners: the number of listener groups changes only on restart" })
+    }
+    for (const [i, group] of groups.entries()) yield* proxy.replaceRules(group.ruleSet, i)
     operations.metrics.reloads.labels("applied").inc()
-    yield* Effect.logInfo(`reloaded rule set "${resolved.ruleSet.name}" with ${resolved.ruleSet.rules.length} rules (listeners, upstream and limits change only on restart)`)
+    for (const group of groups) {
+      yield* Effect.logInfo(`reloaded rule set "${group.ruleSet.name}" with ${group.ruleSet.rules.length} rules (listeners, upstream, limits, body policy, label scope and mode change only on restart)`)
+    }
   }).pipe(Effect.catch(reloadRefused(operations, "previous rules stay in force")))
   const onHangup = () => void Effect.runForkWith(services)(reload)
   yield* Effect.acquireRelease(
@@ -164,7 +228,12 @@ export const socketProxyCommand = Command.make("socket-proxy", flags, Effect.fn(
   )
   const where = proxy.addresses.map((a) => a._tag === "Unix" ? `unix:${a.path}` : `${a.host}:${a.port}`).join(", ")
   yield* Console.log(
-    `switchyard socket-proxy: ${describe(config)} on ${where}; rule set "${config.ruleSet.name}" with ${config.ruleSet.rules.length} rules (deny by default)`
+    `switchyard socket-proxy: ${describe(config)} on ${where}; rule set "${config.ruleSet.name}" with ${config.ruleSet.rules.length} rules (deny by default)` +
+      (config.containerLabel === undefined ? "" : `; label scope ${config.containerLabel.key}=${config.containerLabel.value}`) +
+      (config.learn ? "; LEARNING MODE: nothing is refused by the rules or the body policy" : "")
   )
   return yield* Effect.never
-}, Effect.scoped)).pipe(Command.withDescription("Front the Docker Engine API socket with an allowlist"))
+}, Effect.scoped)).pipe(
+  Command.withDescription("Front the Docker Engine API socket with an allowlist"),
+  Command.withSubcommands([rulesCommand])
+)

@@ -3,12 +3,16 @@
  * the engine hands the connection over (a `Handoff` admission) with what it read; the whole body is read
  * here within `maxBodyBytes` (Content-Length only: a chunked body gets 411) and at the client-limit
  * rate, judged by `checkBody`, and then either refused in Docker's error shape (connection closed) or put
- * back on the socket byte for byte and the connection served by the engine again, with a mark so the
- * request passes straight through its second admission. It never changes a body; it holds at most one.
+ * back on the socket and the connection served by the engine again, with a mark so the request passes
+ * straight through its second admission. The body goes back byte for byte, or, for a create under a
+ * label scope, as its labelled rewrite (`labelBody`) with the Content-Length to match. It holds at most
+ * one body per connection.
  */
 import type * as net from "node:net"
 import { RATE_CHECK_INTERVAL_MS, requestBodyTooSlow } from "../../domain/ClientLimits.ts"
 import { type BodyEndpoint, type BodyPolicy, bodyRefusalMessage, type BodyVerdict, checkBody } from "../../domain/BodyPolicy.ts"
+import { type ContainerLabel, labelBody } from "../../domain/LabelScope.ts"
+import { learnBody } from "../../domain/RuleLearning.ts"
 import { type HeadLimits, requestHeadReader } from "../../domain/Http1Parser.ts"
 import type { Admission, ClientLimitEvent, Http1Request } from "../forward/http1/Admission.ts"
 import { dockerErrors, writeRawError } from "../forward/ErrorResponse.ts"
@@ -35,6 +39,15 @@ export interface BodyInspectionOptions {
   readonly onRefuse: (status: number, message: string) => void
   /** Told each body cut for arriving below the minimum rate (a client limit, logged sampled). */
   readonly onSlowBody: (event: ClientLimitEvent) => void
+  /**
+   * Learning mode: a body the policy refuses (403) only by switches is forwarded, and `onWouldRefuse`
+   * told each refusal (`learnBody`); one that no switch allows is still refused.
+   */
+  readonly learning?: (() => boolean) | undefined
+  /** Told each refusal of a body learning mode forwarded: the verdict and the value a list switch needs. */
+  readonly onWouldRefuse?:
+    | ((verdict: Extract<BodyVerdict, { _tag: "Refuse" }>, value: string | undefined, method: string, path: string) => void)
+    | undefined
 }
 
 export interface BodyInspection {
@@ -45,13 +58,31 @@ export interface BodyInspection {
    * forwarded without a second reading. A marked connection presenting another request is a bug: refused.
    */
   readonly passed: (request: Http1Request) => boolean | "mismatch"
-  /** The admission that takes the connection, reads and judges the body of `endpoint`. */
-  readonly admission: (endpoint: BodyEndpoint, method: string, path: string) => Admission
+  /**
+   * The admission that takes the connection, reads the body, judges it as `endpoint` (unless
+   * `undefined`) and, with `label`, adds the label to it.
+   */
+  readonly admission: (endpoint: BodyEndpoint | undefined, method: string, path: string, label?: ContainerLabel | undefined) => Admission
   /** Closes the connections whose body is being read, and answers later ones 503 (shutdown). */
   readonly close: () => void
 }
 
 const CONTINUE = "HTTP/1.1 100 Continue\r\n\r\n"
+
+/** The head to put back: as received without `Expect` (answered here), and with `length` as its Content-Length when given. */
+const headWith = (
+  head: { readonly method: string; readonly originTarget: string; readonly versionMinor: number; readonly headers: ReadonlyArray<string> },
+  length: number | undefined
+): Buffer => {
+  let text = `${head.method} ${head.originTarget} HTTP/1.${head.versionMinor}\r\n`
+  for (let i = 0; i < head.headers.length; i += 2) {
+    const name = head.headers[i]!.toLowerCase()
+    if (name === "expect" || (length !== undefined && name === "content-length")) continue
+    text += `${head.headers[i]}: ${head.headers[i + 1]}\r\n`
+  }
+  if (length !== undefined) text += `Content-Length: ${length}\r\n`
+  return Buffer.from(text + "\r\n", "latin1")
+}
 
 export const makeBodyInspection = (options: BodyInspectionOptions): BodyInspection => {
   const reading = new Set<net.Socket>()
@@ -65,7 +96,7 @@ export const makeBodyInspection = (options: BodyInspectionOptions): BodyInspecti
     closeAfterFlush(socket)
   }
 
-  const take = (endpoint: BodyEndpoint, method: string, path: string) => (raw: net.Socket, bytes: Buffer): void => {
+  const take = (endpoint: BodyEndpoint | undefined, method: string, path: string, label: ContainerLabel | undefined) => (raw: net.Socket, bytes: Buffer): void => {
     const socket = raw as MarkedSocket
     const accept = socket[servedBy]
     const step = requestHeadReader(options.headLimits).push(bytes)
@@ -97,13 +128,7 @@ export const makeBodyInspection = (options: BodyInspectionOptions): BodyInspecti
     }
     // The head to put back: as handed over, without `Expect: 100-continue`, answered here.
     let headBytes = bytes.subarray(0, bytes.length - step.rest.length)
-    if (head.expectContinue) {
-      let text = `${head.method} ${head.originTarget} HTTP/1.${head.versionMinor}\r\n`
-      for (let i = 0; i < head.headers.length; i += 2) {
-        if (head.headers[i]!.toLowerCase() !== "expect") text += `${head.headers[i]}: ${head.headers[i + 1]}\r\n`
-      }
-      headBytes = Buffer.from(text + "\r\n", "latin1")
-    }
+    if (head.expectContinue) headBytes = headWith(head, undefined)
     const chunks: Array<Buffer> = [step.rest]
     let have = step.rest.length
     const started = performance.now()
@@ -120,11 +145,27 @@ export const makeBodyInspection = (options: BodyInspectionOptions): BodyInspecti
       socket.pause()
       const all = Buffer.concat(chunks, have)
       const body = all.subarray(0, length)
-      const verdict = checkBody(policy, endpoint, body)
-      if (verdict._tag === "Refuse") return fail(verdict)
+      const verdict = endpoint === undefined ? undefined : checkBody(policy, endpoint, body)
+      if (verdict?._tag === "Refuse") {
+        if (verdict.status !== 403 || options.learning?.() !== true || endpoint === undefined) return fail(verdict)
+        const learned = learnBody(policy, endpoint, body)
+        if (learned.verdict._tag === "Refuse") return fail(learned.verdict)
+        for (const r of learned.refusals) options.onWouldRefuse?.(r.verdict, r.value, method, path)
+      }
+      let forwarded = all
+      if (label !== undefined) {
+        const labelled = labelBody(body, label)
+        if (labelled._tag === "Refuse") {
+          return refuse(socket, labelled.status, `switchyard socket-proxy: ${method} ${path} refused by the label scope of rule set "${options.ruleSetName()}": ${labelled.reason}`)
+        }
+        if (labelled._tag === "Rewritten") {
+          headBytes = headWith(head, labelled.body.length)
+          forwarded = Buffer.concat([labelled.body, all.subarray(length)])
+        }
+      }
       reading.delete(socket)
       socket[passedBody] = { method: head.method, target: head.target }
-      socket.unshift(Buffer.concat([headBytes, all]))
+      socket.unshift(Buffer.concat([headBytes, forwarded]))
       accept(socket)
       socket.resume()
     }
@@ -168,7 +209,7 @@ export const makeBodyInspection = (options: BodyInspectionOptions): BodyInspecti
       socket[passedBody] = undefined
       return mark.method === request.method && mark.target === request.target ? true : "mismatch"
     },
-    admission: (endpoint, method, path) => ({ _tag: "Handoff", take: take(endpoint, method, path) }),
+    admission: (endpoint, method, path, label) => ({ _tag: "Handoff", take: take(endpoint, method, path, label) }),
     close: () => {
       closed = true
       for (const socket of reading) socket.destroy()

@@ -3,7 +3,9 @@
  * allowlist, canonicalises each request path, applies the rule set (first match wins, deny by default)
  * and hands allowed requests and upgrades to the forwarding core's raw HTTP/1.1 engine. Denials are 403 in
  * Docker's error shape and never reach upstream. The bodies of container, exec and service creates are read
- * and judged by the body policy before anything is sent (`BodyInspection`); other bodies stream unread. It
+ * and judged by the body policy before anything is sent (`BodyInspection`); other bodies stream unread.
+ * With a label scope (`ScopedAdmission`) containers outside it are invisible; in learning mode
+ * (`RuleLearning`) what the rules or body policy would refuse is forwarded and logged instead. It
  * cannot see Unix-socket peer uids (Node does not expose SO_PEERCRED): access to a Unix listener is
  * governed by its file mode and directory.
  */
@@ -17,15 +19,18 @@ import { clientAllowed } from "../../domain/ClientAllowlist.ts"
 import { LogSampler } from "../../domain/LogSampler.ts"
 import type { ClientLimitKind, ClientLimits } from "../../domain/ClientLimits.ts"
 import { canonicalTarget, isTargetRejection } from "../../domain/HttpHeaders.ts"
+import { Learned, type LearnedRequest, learnMessage } from "../../domain/RuleLearning.ts"
 import type { ListenAddress, SocketProxyConfig } from "../../domain/SocketProxyConfig.ts"
 import { makeClientLimitReporter } from "../forward/ClientLimitReporter.ts"
 import { dockerErrors } from "../forward/ErrorResponse.ts"
 import { STREAM_HIGH_WATER_MARK } from "../forward/HttpLimits.ts"
-import type { Admission, Http1Request, Http1Server } from "../forward/http1/Admission.ts"
+import type { Admission, Http1Request, Http1Server, PendingAdmission } from "../forward/http1/Admission.ts"
 import { tcpUpstream, unixUpstream } from "../forward/Upstream.ts"
 import { type ForwarderShape, makeForwarder } from "../Forwarder.ts"
 import { type GuardAction, makeConnectionGuard } from "../ConnectionGuard.ts"
 import { makeBodyInspection } from "./BodyInspection.ts"
+import { makeScopedAdmission } from "./ScopedAdmission.ts"
+import { makeScopeResolver } from "./ScopeResolver.ts"
 
 /** What each connection-limit action means, for the log line. */
 const connectionLimitMessages: Record<GuardAction, string> = {
@@ -58,16 +63,62 @@ export interface SocketProxyStats {
   readonly connectionLimitCloses: number
   /** Requests refused and connections cut by the client limits (data rates, upstream slots), by limit. */
   readonly limited: Readonly<Record<ClientLimitKind, number>>
+  /** Requests answered 404 because their container is outside the label scope, or refused (403) by it. */
+  readonly outOfScope: number
+  /** Requests learning mode forwarded although the rules or the body policy would have refused them. */
+  readonly learned: number
 }
 
 export interface SocketProxyShape {
   readonly addresses: ReadonlyArray<BoundAddress>
-  /** The rule set in force. */
+  /** The rule set in force (of the first listener group). */
   readonly ruleSet: () => RuleSet
-  /** Replaces the rule set for requests that arrive from now on (SIGHUP reload). */
-  readonly replaceRules: (ruleSet: RuleSet) => Effect.Effect<void>
+  /** Replaces the rule set of listener group `group` (default the first) for requests that arrive from now on (SIGHUP reload). */
+  readonly replaceRules: (ruleSet: RuleSet, group?: number) => Effect.Effect<void>
+  /** Request outcomes of every listener together. */
   readonly stats: () => SocketProxyStats
+  /** Request outcomes by listener, with the rule set serving it. */
+  readonly listenerStats: () => ReadonlyArray<ListenerStats>
+  /** What learning mode let through (distinct requests, bounded), by rule set in learning mode. */
+  readonly learned: () => ReadonlyArray<{ readonly ruleSet: string; readonly requests: ReadonlyArray<LearnedRequest> }>
   readonly forwarder: ForwarderShape
+}
+
+/** One listener's request outcomes and the rule set that serves it. */
+export interface ListenerStats {
+  /** `unix:/path` or `host:port` as bound. */
+  readonly listener: string
+  readonly ruleSet: string
+  readonly stats: SocketProxyStats
+}
+
+/** One listener as served: its address, group and counters. */
+interface ServedListener {
+  readonly address: BoundAddress
+  readonly group: number
+  readonly ruleSet: () => RuleSet
+  readonly replaceRules: (ruleSet: RuleSet) => void
+  readonly stats: () => SocketProxyStats
+  readonly learned: () => Iterable<LearnedRequest>
+  /** In learning mode. */
+  readonly learning: boolean
+}
+
+const describeBound = (a: BoundAddress): string => a._tag === "Unix" ? `unix:${a.path}` : describeListen({ ...a })
+
+const sumStats = (all: ReadonlyArray<SocketProxyStats>): SocketProxyStats => {
+  const limited = {} as Record<ClientLimitKind, number>
+  for (const s of all) for (const [k, v] of Object.entries(s.limited)) limited[k as ClientLimitKind] = (limited[k as ClientLimitKind] ?? 0) + v
+  const sum = (f: (s: SocketProxyStats) => number) => all.reduce((n, s) => n + f(s), 0)
+  return {
+    allowed: sum((s) => s.allowed),
+    denied: sum((s) => s.denied),
+    rejected: sum((s) => s.rejected),
+    connectionLimitCloses: sum((s) => s.connectionLimitCloses),
+    limited,
+    outOfScope: sum((s) => s.outOfScope),
+    learned: sum((s) => s.learned)
+  }
 }
 
 /** The media type whose body Go's `ParseForm` reads into the request's parameters. */
@@ -152,14 +203,13 @@ const bind = (
         const done = () => {
           server.off("error", onError)
           if (address._tag === "Unix") {
-            if (address.mode !== undefined) {
-              try {
-                fs.chmodSync(address.path, address.mode)
-              } catch (e) {
-                server.close()
-                onError(e as Error)
-                return
-              }
+            try {
+              if (address.mode !== undefined) fs.chmodSync(address.path, address.mode)
+              if (address.owner !== undefined) fs.chownSync(address.path, address.owner.uid, address.owner.gid ?? -1)
+            } catch (e) {
+              server.close()
+              onError(e as Error)
+              return
             }
             resume(Effect.succeed({ _tag: "Unix", path: address.path }))
           } else {
@@ -189,16 +239,18 @@ const bind = (
       )
   )
 
-/** Starts the socket proxy; everything it opened closes with the scope. */
+/**
+ * Starts the socket proxy: one forwarder to the upstream, and each listener of each listener group
+ * served with its group's rule set, body policy and label scope (and counters of its own). Everything
+ * it opened closes with the scope.
+ */
 export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: SocketProxyConfig): Effect.fn.Return<
   SocketProxyShape,
   SocketProxyError,
   Scope.Scope
 > {
   const services = yield* Effect.context<never>()
-  const runLog = Effect.runForkWith(services)
-  const warn = (message: string) => void runLog(Effect.logWarning(message))
-  const info = (message: string) => void runLog(Effect.logInfo(message))
+  const warn = (message: string) => void Effect.runForkWith(services)(Effect.logWarning(message))
   const limits = config.limits
   const pool = { maxSockets: limits.maxSockets, maxFreeSockets: limits.maxFreeSockets }
   const forwarder = yield* makeForwarder({
@@ -211,12 +263,62 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     errors: dockerErrors,
     onUpstreamError: warn
   })
+  const served: Array<ServedListener> = []
+  for (const [group, groupConfig] of (config.groups ?? [config]).entries()) {
+    for (const address of groupConfig.listen) served.push(yield* serveListener({ ...groupConfig, listen: [address] }, group, forwarder))
+  }
+  return {
+    addresses: served.map((l) => l.address),
+    ruleSet: () => served[0]!.ruleSet(),
+    replaceRules: (next, group = 0) =>
+      Effect.sync(() => {
+        for (const l of served) if (l.group === group) l.replaceRules(next)
+      }),
+    stats: () => sumStats(served.map((l) => l.stats())),
+    listenerStats: () => served.map((l) => ({ listener: describeBound(l.address), ruleSet: l.ruleSet().name, stats: l.stats() })),
+    learned: () => {
+      const byName = new Map<string, Learned>()
+      for (const l of served) {
+        if (!l.learning) continue
+        const name = l.ruleSet().name
+        const set = byName.get(name) ?? new Learned()
+        for (const r of l.learned()) set.add(r)
+        byName.set(name, set)
+      }
+      return [...byName.entries()].map(([ruleSet, set]) => ({ ruleSet, requests: [...set.values()] }))
+    },
+    forwarder
+  }
+})
+
+/** Serves one listener (`config.listen` holds its one address) with its group's rules, body policy and scope. */
+const serveListener = Effect.fnUntraced(function*(config: SocketProxyConfig, group: number, forwarder: ForwarderShape): Effect.fn.Return<
+  ServedListener,
+  SocketProxyError,
+  Scope.Scope
+> {
+  const services = yield* Effect.context<never>()
+  const runLog = Effect.runForkWith(services)
+  const warn = (message: string) => void runLog(Effect.logWarning(message))
+  const info = (message: string) => void runLog(Effect.logInfo(message))
+  const limits = config.limits
+  // Where each log line says a request arrived (the bound address once known).
+  let listener = describeListen(config.listen[0]!)
+  const from = (socket: { readonly remoteAddress?: string | undefined }) => `[listener ${listener}, client ${socket.remoteAddress ?? "local"}]`
   let ruleSet = config.ruleSet
   const allowFrom = config.allowFrom
   let allowed = 0
   let denied = 0
   let rejected = 0
   let connectionLimitCloses = 0
+  let outOfScope = 0
+  let learnedCount = 0
+  const learned = new Learned()
+  const learn = (why: string, request: LearnedRequest) => {
+    learnedCount++
+    learned.add(request)
+    warn(learnMessage(ruleSet.name, why, request))
+  }
 
   const refuse = (status: number, message: string): Admission => ({ _tag: "Refuse", status, message })
   const limited = makeClientLimitReporter((line) => warn(`switchyard socket-proxy: ${line}`))
@@ -232,11 +334,26 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
       else rejected++
       warn(message)
     },
-    onSlowBody: (event) => limited.onClientLimit(event)
+    onSlowBody: (event) => limited.onClientLimit(event),
+    learning: () => config.learn,
+    onWouldRefuse: (verdict, value, method, path) =>
+      learn(`the body policy: ${verdict.field}: ${verdict.reason}; bodyPolicy.${verdict.check}`, { _tag: "Body", ruleSet: ruleSet.name, method, path, field: verdict.field, check: verdict.check!, reason: verdict.reason, value })
   })
+  const resolver = config.containerLabel === undefined ? undefined : makeScopeResolver({ upstream: config.upstream, label: config.containerLabel })
+  const scope = resolver === undefined || config.containerLabel === undefined ? undefined : makeScopedAdmission({
+    label: config.containerLabel,
+    resolver,
+    ruleSetName: () => ruleSet.name,
+    onRefuse: (status, message) => {
+      if (status === 404 || status === 403) outOfScope++
+      else rejected++
+      warn(`${message} [listener ${listener}]`)
+    }
+  })
+  if (resolver !== undefined) yield* Effect.addFinalizer(() => Effect.sync(resolver.close))
 
   /** Checks client, path, rules and (for creates) the body: what to forward, or the refusal to answer. */
-  const admit = (req: Http1Request): Admission => {
+  const admit = (req: Http1Request): Admission | PendingAdmission => {
     const socket = req.socket as net.Socket & { [refusedClient]?: boolean }
     const method = req.method
     // The request whose body the policy already read and allowed, put back on the connection.
@@ -244,7 +361,7 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     if (socket[refusedClient] === true) {
       rejected++
       const message = `switchyard socket-proxy: client ${socket.remoteAddress} is not in allowFrom of rule set "${ruleSet.name}"`
-      warn(message)
+      warn(`${message} ${from(socket)}`)
       return refuse(403, message)
     }
     // The Engine's Go handlers merge a form-encoded POST/PUT/PATCH body into the query parameters, where
@@ -267,23 +384,30 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     }
     const request = { method, path: target.path, query: target.query }
     const decision = decide(ruleSet, request)
-    if (!decision.allowed) {
+    if (!decision.allowed && !config.learn) {
       denied++
       const message = denialMessage(ruleSet, request, decision)
-      warn(message)
+      warn(`${message} ${from(socket)}`)
       return refuse(403, message)
     }
-    const endpoint = bodyPolicy.enabled ? bodyEndpoint(method, target.path) : undefined
-    if (endpoint !== undefined && bodyPassed !== true) {
-      if (bodyPassed === "mismatch") {
-        rejected++
-        return refuse(400, "switchyard socket-proxy: the request after a checked body is not the one checked")
-      }
-      return inspection.admission(endpoint, method, target.path)
+    if (!decision.allowed && bodyPassed !== true) {
+      const why = decision.rule === undefined ? "no rule matched" : `rule "${decision.rule.source}"`
+      learn(`${why} ${from(socket)}`, { _tag: "Rule", ruleSet: ruleSet.name, method, path: target.path })
     }
-    allowed++
-    if (config.logAllowed) info(`allowed ${method} ${target.path} by "${decision.rule.source}"`)
-    return { _tag: "Forward", path: target.upstreamTarget, idleTimeoutMs: decision.rule.idleTimeoutMs }
+    const forward = (upstreamTarget: string, labelBody: boolean): Admission => {
+      const endpoint = bodyPolicy.enabled ? bodyEndpoint(method, target.path) : undefined
+      if ((endpoint !== undefined || labelBody) && bodyPassed !== true) {
+        if (bodyPassed === "mismatch") {
+          rejected++
+          return refuse(400, "switchyard socket-proxy: the request after a checked body is not the one checked")
+        }
+        return inspection.admission(endpoint, method, target.path, labelBody ? config.containerLabel : undefined)
+      }
+      allowed++
+      if (config.logAllowed) info(`allowed ${method} ${target.path} by "${decision.rule?.source ?? "learning mode"}"`)
+      return { _tag: "Forward", path: upstreamTarget, idleTimeoutMs: decision.rule?.idleTimeoutMs }
+    }
+    return scope === undefined ? forward(target.upstreamTarget, false) : scope.admit(method, target, forward)
   }
 
   // Connections refused or closed by the connection limits: logged (sampled) and counted.
@@ -304,37 +428,37 @@ export const makeSocketProxy = Effect.fn("SocketProxy.make")(function*(config: S
     upstreamSlotWaitMs: limits.upstreamSlotWaitMs
   }
 
-  const addresses: Array<BoundAddress> = []
-  for (const address of config.listen) {
-    const engine = forwarder.serveHttp1({ limits, admit, clientLimits, onClientLimit: limited.onClientLimit })
-    const checkClient = address._tag === "Tcp" && allowFrom !== undefined
-    const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: STREAM_HIGH_WATER_MARK })
-    const guard = makeConnectionGuard(
-      { maxConnections: limits.maxConnections, maxPerAddress: limits.maxConnectionsPerAddress, silentTimeoutMs: limits.silentTimeoutMs },
-      true,
-      onConnectionLimit,
-      engine.betweenRequests
-    )
-    yield* Effect.addFinalizer(() => Effect.sync(guard.close))
-    server.on("connection", (socket: net.Socket & { [refusedClient]?: boolean }) => {
-      if (!guard.admit(socket)) return
-      if (checkClient && !clientAllowed(allowFrom, socket.remoteAddress)) socket[refusedClient] = true
-      inspection.servedBy(socket, engine.accept)
-      engine.accept(socket)
-    })
-    addresses.push(yield* bind(server, engine, address, limits.drainTimeoutMs))
-  }
-  // Runs before the listeners close: a body being read would hold `server.close` open.
+  const address = config.listen[0]!
+  const engine = forwarder.serveHttp1({ limits, admit, clientLimits, onClientLimit: limited.onClientLimit })
+  const checkClient = address._tag === "Tcp" && allowFrom !== undefined
+  const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: STREAM_HIGH_WATER_MARK })
+  const guard = makeConnectionGuard(
+    { maxConnections: limits.maxConnections, maxPerAddress: limits.maxConnectionsPerAddress, silentTimeoutMs: limits.silentTimeoutMs },
+    true,
+    onConnectionLimit,
+    engine.betweenRequests
+  )
+  yield* Effect.addFinalizer(() => Effect.sync(guard.close))
+  server.on("connection", (socket: net.Socket & { [refusedClient]?: boolean }) => {
+    if (!guard.admit(socket)) return
+    if (checkClient && !clientAllowed(allowFrom, socket.remoteAddress)) socket[refusedClient] = true
+    inspection.servedBy(socket, engine.accept)
+    engine.accept(socket)
+  })
+  const bound = yield* bind(server, engine, address, limits.drainTimeoutMs)
+  listener = describeBound(bound)
+  // Runs before the listener closes: a body being read would hold `server.close` open.
   yield* Effect.addFinalizer(() => Effect.sync(inspection.close))
   return {
-    addresses,
+    address: bound,
+    group,
     ruleSet: () => ruleSet,
-    replaceRules: (next) =>
-      Effect.sync(() => {
-        ruleSet = next
-      }),
-    stats: () => ({ allowed, denied, rejected, connectionLimitCloses, limited: limited.counts() }),
-    forwarder
+    replaceRules: (next) => {
+      ruleSet = next
+    },
+    stats: () => ({ allowed, denied, rejected, connectionLimitCloses, limited: limited.counts(), outOfScope, learned: learnedCount }),
+    learned: () => learned.values(),
+    learning: config.learn
   }
 })
 

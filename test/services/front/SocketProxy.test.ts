@@ -97,7 +97,7 @@ describe("SocketProxy", () => {
     assert.strictEqual(engine.seen.length, 1)
     assert.strictEqual((await get({ port }, "/v1.41/a%2Fb")).status, 400)
     const { limited, ...decisions } = proxy!.stats()
-    assert.deepStrictEqual(decisions, { allowed: 1, denied: 1, rejected: 1, connectionLimitCloses: 0 })
+    assert.deepStrictEqual(decisions, { allowed: 1, denied: 1, rejected: 1, connectionLimitCloses: 0, outOfScope: 0, learned: 0 })
     assert.deepStrictEqual(Object.values(limited), [0, 0, 0, 0, 0])
   })
 
