@@ -10,7 +10,7 @@
  * through `observeExchange`. Listeners never parse bodies nor retry.
  */
 import * as http from "node:http"
-import * as http2 from "node:http2"
+import type * as http2 from "node:http2"
 import * as net from "node:net"
 import type { Duplex } from "node:stream"
 import * as tls from "node:tls"
@@ -647,8 +647,9 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         const tlsEngine = config.serveHttp1?.(engineFront(port, inner, true))
         engine = tlsEngine
         handoff = tlsEngine === undefined ? undefined : inner
-        // HTTP/2 over the already-decrypted socket: a plain h2 server fed with the TLS socket
-        const innerH2 = http2.createServer({
+        // HTTP/2 over the already-decrypted socket: a plain h2 server fed with the TLS socket (node:http2
+        // is loaded by the first TLS port, so a process without one does not hold it)
+        const innerH2 = process.getBuiltinModule("node:http2").createServer({
           settings: { maxConcurrentStreams: DefaultMaxConcurrentStreams, maxHeaderListSize: DefaultMaxHeaderListBytes }
         })
         innerH2.on("sessionError", () => {})
