@@ -4,7 +4,7 @@
  * (`runGateway`) until SIGTERM/SIGINT, which drains, and prints where it listens and how a backend
  * dials it. What the configuration means is `ServerConfig`'s; what runs is `runGateway`'s.
  */
-import { Console, Data, Effect, Option, Redacted, Runtime } from "effect"
+import { Console, Data, Deferred, Effect, Option, Redacted, Runtime } from "effect"
 import { Command, Flag } from "effect/cli"
 import type { TokenGrant } from "../../domain/TokenPolicy.ts"
 import { ConfigLoadError, type ConfigRefused, type FlagValue, loadConfig, refuseConfig, ServerFile } from "../ConfigLoader.ts"
@@ -34,12 +34,48 @@ const flags = {
   publicHost: optionalString("public-host", "Address public ports bind to (default 127.0.0.1)"),
   reverseH2: optionalString("reverse-h2", "Serve the reverse-HTTP/2 tunnel port on this address"),
   wsListen: optionalString("ws-listen", "Serve the control port as a WebSocket path (/tunnel) on this address too"),
+  shutdownDelay: optionalString(
+    "shutdown-delay",
+    "On SIGTERM, keep serving this long with /readyz answering 503 before the ports close: 5s, 500ms or milliseconds (default 5s; shutdown_delay_ms)"
+  ),
   ...adminFlags("server")
 }
 
 type Flags = {
   readonly [K in keyof typeof flags]: (typeof flags)[K] extends Flag.Flag<infer A> ? A : never
 }
+
+/** `5s`, `500ms` or a bare number of milliseconds, in milliseconds; undefined when it reads as none of them. */
+export const durationMs = (text: string): number | undefined => {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/.exec(text)
+  if (m === null) return undefined
+  return Math.round(Number(m[1]) * (m[2] === "s" ? 1000 : 1))
+}
+
+/**
+ * Completes on SIGINT (an operator at a terminal) or on a second SIGTERM, so neither waits out the shutdown
+ * delay; the listeners go when the scope closes. The runtime's own handlers still start the stop.
+ */
+const delaySkippedBySignal = Effect.gen(function*() {
+  const skip = Deferred.makeUnsafe<void>()
+  let terms = 0
+  const onInterrupt = () => void Deferred.doneUnsafe(skip, Effect.void)
+  const onTerm = () => {
+    terms++
+    if (terms > 1) Deferred.doneUnsafe(skip, Effect.void)
+  }
+  yield* Effect.acquireRelease(
+    Effect.sync(() => {
+      process.on("SIGINT", onInterrupt)
+      process.on("SIGTERM", onTerm)
+    }),
+    () => Effect.sync(() => {
+      process.off("SIGINT", onInterrupt)
+      process.off("SIGTERM", onTerm)
+    })
+  )
+  return Deferred.await(skip)
+})
 
 /** The flags as field overrides, in the order given. */
 export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
@@ -62,6 +98,18 @@ export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
   if (Option.isSome(f.reverseH2)) out.push({ path: ["reverse_h2", "enabled"], value: "true", flag: "--reverse-h2" })
   add("--ws-listen", ["control", "websocket", "address"], f.wsListen)
   if (Option.isSome(f.wsListen)) out.push({ path: ["control", "websocket", "enabled"], value: "true", flag: "--ws-listen" })
+  if (Option.isSome(f.shutdownDelay)) {
+    const ms = durationMs(f.shutdownDelay.value)
+    if (ms === undefined) {
+      return new ConfigLoadError({
+        reason: "Invalid",
+        source: "--shutdown-delay",
+        field: "shutdown_delay_ms",
+        message: `--shutdown-delay: expected a duration such as 5s, 500ms or 5000 (milliseconds), got "${f.shutdownDelay.value}"`
+      })
+    }
+    out.push({ path: ["shutdown_delay_ms"], value: String(ms), flag: "--shutdown-delay" })
+  }
   add("--admin", ["admin", "address"], f.admin)
   if (f.noAdmin) out.push({ path: ["admin", "enabled"], value: "false", flag: "--no-admin" })
   return out
@@ -92,7 +140,8 @@ export const serverCommand = Command.make("server", flags, Effect.fn(function*(f
     return
   }
   return yield* Effect.gen(function*() {
-    const handle = yield* runGateway(file, { reload: load }).pipe(
+    const skipShutdownDelay = yield* delaySkippedBySignal
+    const handle = yield* runGateway(file, { reload: load, skipShutdownDelay }).pipe(
       Effect.catch((e): Effect.Effect<never, ConfigRefused | StartFailed> =>
         e instanceof ConfigLoadError
           ? refuseConfig("server")(e)
