@@ -2,8 +2,6 @@
 // The switchyard command. It first checks the Node version, in syntax every Node reads, so an old Node
 // gets one line naming the version needed. A checkout (with `src/`) runs the TypeScript sources through
 // Node's type stripping; the installed package runs its bundle, `dist/cli/switchyard.mjs`.
-import { existsSync } from "node:fs"
-
 const required = [22, 19]
 const [major, minor] = process.versions.node.split(".").map(Number)
 if (major < required[0] || (major === required[0] && minor < required[1])) {
@@ -11,5 +9,7 @@ if (major < required[0] || (major === required[0] && minor < required[1])) {
   process.exit(1)
 }
 
+// `process.getBuiltinModule` rather than an `import` of node:fs, whose namespace would load every fs export
+const { existsSync } = process.getBuiltinModule("node:fs")
 const sources = new URL("../src/runtime/main.ts", import.meta.url)
 await import(existsSync(sources) ? sources.href : new URL("../dist/cli/switchyard.mjs", import.meta.url).href)
