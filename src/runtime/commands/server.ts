@@ -119,11 +119,17 @@ export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
 const controlText = (handle: GatewayHandle, file: ServerFile): string =>
   `${file.control?.tls_cert === undefined ? "" : "tls://"}${formatHostPort(handle.control)}`
 
+/**
+ * How to run the command on this machine: `switchyard` from an installed package (its bundle), `npx
+ * switchyard` from a checkout's sources (whose command is not on PATH).
+ */
+const clientCommand = import.meta.url.endsWith(".ts") ? "npx switchyard" : "switchyard"
+
 const clientLine = (handle: GatewayHandle, file: ServerFile): string => {
   const token = handle.generatedTokenFile === undefined ? "SWITCHYARD_TOKEN=<your token>" : `SWITCHYARD_TOKEN="$(cat ${handle.generatedTokenFile})"`
   // a certificate no public CA signed is trusted with --ca (the certificate's own file will do)
   const ca = file.control?.tls_cert === undefined ? "" : " --ca <its CA or certificate file>"
-  return `${token} npx switchyard client --server ${controlText(handle, file)}${ca} --expose 127.0.0.1:3000 --port 8000`
+  return `${token} ${clientCommand} client --server ${controlText(handle, file)}${ca} --expose 127.0.0.1:3000 --port 8000`
 }
 
 export const serverCommand = Command.make("server", flags, Effect.fn(function*(f) {
