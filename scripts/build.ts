@@ -89,4 +89,7 @@ await esbuild.build({
 })
 
 // Types for embedding: `dist/index.d.ts` and the modules it names.
-execFileSync(process.execPath, [path.join(root, "node_modules/typescript/bin/tsc"), "-p", "tsconfig.build.json"], { cwd: root, stdio: "inherit" })
+execFileSync(process.execPath, [path.join(root, "node_modules/typescript/bin/tsc"), "-p", "tsconfig.build.json", "--emitDeclarationOnly"], {
+  cwd: root,
+  stdio: "inherit"
+})
