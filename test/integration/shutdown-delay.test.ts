@@ -31,14 +31,16 @@ describe("stopSequence", () => {
       yield* Fiber.join(fiber)
     }))
 
-  it.effect("ends the delay early when told to (SIGINT, a second SIGTERM) and skips it when it is 0", () =>
+  it.effect("ends the delay early when told to (SIGINT, a second SIGTERM), and skips it when told before or when it is 0", () =>
     Effect.gen(function*() {
       const skip = yield* Deferred.make<void>()
-      const fiber = yield* Effect.forkChild(stopSequence({ shutdownDelayMs: 5_000, drainTimeoutMs: 1, skipDelay: Deferred.await(skip), notReady: () => {} }))
+      const fiber = yield* Effect.forkChild(stopSequence({ shutdownDelayMs: 5_000, drainTimeoutMs: 1, skipDelay: skip, notReady: () => {} }))
       yield* TestClock.adjust(1_000)
       assert.isUndefined(fiber.pollUnsafe())
       yield* Deferred.succeed(skip, undefined)
       yield* Fiber.join(fiber)
+      // already told before the stop began (SIGINT): no delay at all, on a clock that never moves
+      yield* stopSequence({ shutdownDelayMs: 5_000, drainTimeoutMs: 1, skipDelay: skip, notReady: () => {} })
       let calls = 0
       yield* stopSequence({ shutdownDelayMs: 0, drainTimeoutMs: 1, notReady: () => void calls++ })
       assert.strictEqual(calls, 1)

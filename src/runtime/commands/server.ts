@@ -66,15 +66,16 @@ const delaySkippedBySignal = Effect.gen(function*() {
   }
   yield* Effect.acquireRelease(
     Effect.sync(() => {
-      process.on("SIGINT", onInterrupt)
-      process.on("SIGTERM", onTerm)
+      // ahead of the runtime's own handlers, which start the stop: the stop then sees the signal
+      process.prependListener("SIGINT", onInterrupt)
+      process.prependListener("SIGTERM", onTerm)
     }),
     () => Effect.sync(() => {
       process.off("SIGINT", onInterrupt)
       process.off("SIGTERM", onTerm)
     })
   )
-  return Deferred.await(skip)
+  return skip
 })
 
 /** The flags as field overrides, in the order given. */

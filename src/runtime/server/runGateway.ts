@@ -8,7 +8,7 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { randomBytes } from "node:crypto"
-import { Context, Effect, Layer, Option, Redacted } from "effect"
+import { Context, Deferred, Effect, Layer, Option, Redacted } from "effect"
 import type { Scope } from "effect"
 import type { TokenGrant } from "../../domain/TokenPolicy.ts"
 import { Dispatcher } from "../../services/Dispatcher.ts"
@@ -44,10 +44,10 @@ export interface GatewayOptions {
   /** Re-reads the configuration on SIGHUP (the command passes its loader). */
   readonly reload?: Effect.Effect<ServerFile, ConfigLoadError> | undefined
   /**
-   * Completes when a stop should not wait out `shutdown_delay_ms` (the command completes it on SIGINT or a
+   * Completed when a stop should not wait out `shutdown_delay_ms` (the command completes it on SIGINT or a
    * second SIGTERM); by default the delay always runs.
    */
-  readonly skipShutdownDelay?: Effect.Effect<void> | undefined
+  readonly skipShutdownDelay?: Deferred.Deferred<void> | undefined
 }
 
 /** Writes a fresh random token to a file only this user can read; removed when the scope closes. */
@@ -78,18 +78,21 @@ const generateTokenFile = Effect.acquireRelease(
 export const stopSequence = (options: {
   readonly shutdownDelayMs: number
   readonly drainTimeoutMs: number
-  readonly skipDelay?: Effect.Effect<void> | undefined
+  readonly skipDelay?: Deferred.Deferred<void> | undefined
   readonly notReady: () => void
 }): Effect.Effect<void> =>
   Effect.gen(function*() {
     options.notReady()
-    if (options.shutdownDelayMs > 0) {
+    const skip = options.skipDelay
+    if (options.shutdownDelayMs > 0 && skip !== undefined && Deferred.isDoneUnsafe(skip)) {
+      yield* Effect.logInfo("stopping without the shutdown delay (SIGINT): /readyz answers 503")
+    } else if (options.shutdownDelayMs > 0) {
       yield* Effect.logInfo(
         `stopping: /readyz answers 503; still serving for ${options.shutdownDelayMs} ms (shutdown_delay_ms) so load balancers move away`
       )
       const elapsed = yield* Effect.raceFirst(
         Effect.as(Effect.sleep(options.shutdownDelayMs), true),
-        Effect.as(options.skipDelay ?? Effect.never, false)
+        Effect.as(skip === undefined ? Effect.never : Deferred.await(skip), false)
       )
       if (!elapsed) yield* Effect.logInfo("shutdown delay cut short (SIGINT or a second SIGTERM)")
     }
