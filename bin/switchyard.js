@@ -1,6 +1,15 @@
 #!/usr/bin/env -S node --max-semi-space-size=8
-// The switchyard command (Node >= 22.19). An installed package runs its compiled `dist/`; a checkout
-// runs the TypeScript sources directly through Node's type stripping.
-const installed = import.meta.url.includes("/node_modules/")
-const entry = installed ? "../dist/runtime/main.js" : "../src/runtime/main.ts"
-await import(new URL(entry, import.meta.url).href)
+// The switchyard command. It first checks the Node version, in syntax every Node reads, so an old Node
+// gets one line naming the version needed. A checkout (with `src/`) runs the TypeScript sources through
+// Node's type stripping; the installed package runs its bundle, `dist/cli/switchyard.mjs`.
+const required = [22, 19]
+const [major, minor] = process.versions.node.split(".").map(Number)
+if (major < required[0] || (major === required[0] && minor < required[1])) {
+  process.stderr.write(`switchyard: needs Node.js ${required.join(".")} or later (24 recommended); this is Node.js ${process.versions.node} (${process.execPath})\n`)
+  process.exit(1)
+}
+
+// `process.getBuiltinModule` rather than an `import` of node:fs, whose namespace would load every fs export
+const { existsSync } = process.getBuiltinModule("node:fs")
+const sources = new URL("../src/runtime/main.ts", import.meta.url)
+await import(existsSync(sources) ? sources.href : new URL("../dist/cli/switchyard.mjs", import.meta.url).href)

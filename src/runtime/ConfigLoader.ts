@@ -177,6 +177,9 @@ export const ServerFile = Schema.Struct({
   max_waiting: Schema.optionalKey(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: 1_000_000 })).annotate({ description: "Most requests waiting for a backend", default: 1_024 })),
   response_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "Time allowed for a backend's response head (0 = none)", default: 0 })),
   idle_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "Idle limit on responses and upgraded connections (0 = none)", default: 0 })),
+  shutdown_delay_ms: Schema.optionalKey(
+    Ms.annotate({ description: "On SIGTERM, time the gateway keeps serving with /readyz answering 503 (so load balancers move away) before its public ports stop accepting; SIGINT skips it (0 = none)", default: 5_000 })
+  ),
   drain_timeout_ms: Schema.optionalKey(Ms.annotate({ description: "On SIGTERM/SIGINT, time in-flight requests get to finish", default: 30_000 })),
   client_limits: Schema.optionalKey(Schema.Struct({
     min_request_body_bytes_per_second: Schema.optionalKey(

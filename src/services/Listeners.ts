@@ -7,12 +7,13 @@
  * messages (reverse HTTP/2) takes its exchanges itself. Per-request instruments follow every exchange
  * through `observeExchange`. Listeners never parse bodies nor retry.
  */
-import * as http2 from "node:http2"
+import type * as http2 from "node:http2"
 import * as net from "node:net"
 import type { Duplex } from "node:stream"
 import * as tls from "node:tls"
 import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope, Semaphore } from "effect"
 import { checkRequestFields } from "../domain/Http1Parser.ts"
+import { ErrorCode } from "../domain/Http2Frame.ts"
 import { headerValue } from "../domain/HttpHeaders.ts"
 import {
   forwardedTarget,
@@ -298,7 +299,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     const ambiguous = isRoutingRejection(routed) ? undefined : checkRequestFields(fields)
     const answer = (status: number, message: string) => {
       const body = forwarder.errors.render(message, status)
-      if (res.headersSent || res.destroyed) return void res.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR)
+      if (res.headersSent || res.destroyed) return void res.stream.close(ErrorCode.INTERNAL_ERROR)
       res.writeHead(status, { "content-type": forwarder.errors.contentType, "content-length": Buffer.byteLength(body) })
       res.end(body)
     }
@@ -564,8 +565,9 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         // HTTP/1.1 over the decrypted socket: the raw engine
         const tlsEngine = config.forwarder.serveHttp1(engineFront(port, true))
         engine = tlsEngine
-        // HTTP/2 over the already-decrypted socket: a plain h2 server fed with the TLS socket
-        const innerH2 = http2.createServer({
+        // HTTP/2 over the already-decrypted socket: a plain h2 server fed with the TLS socket (node:http2
+        // is loaded by the first TLS port, so a process without one does not hold it)
+        const innerH2 = process.getBuiltinModule("node:http2").createServer({
           settings: { maxConcurrentStreams: DefaultMaxConcurrentStreams, maxHeaderListSize: DefaultMaxHeaderListBytes }
         })
         innerH2.on("sessionError", () => {})

@@ -27,7 +27,8 @@ export interface RunningProcess {
 export const spawnSwitchyard = (args: ReadonlyArray<string>, env: Record<string, string> = {}): RunningProcess => {
   const child = spawn(process.execPath, [mainScript, ...args], {
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, SWITCHYARD_TOKEN: "", SWITCHYARD_TOKEN_FILE: "", ...env }
+    // no shutdown delay unless a test asks for one: a stop then drains at once
+    env: { ...process.env, SWITCHYARD_TOKEN: "", SWITCHYARD_TOKEN_FILE: "", SWITCHYARD_SHUTDOWN_DELAY_MS: "0", ...env }
   })
   let out = ""
   const listeners = new Set<() => void>()

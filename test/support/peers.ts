@@ -6,6 +6,7 @@ import { execFileSync, spawnSync } from "node:child_process"
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
+import { recordSkip } from "./skipReasons.ts"
 
 /** Where `../shared/peers` is, relative to the project root. */
 export const peersDir = path.resolve(import.meta.dirname, "../../../shared/peers")
@@ -87,7 +88,11 @@ export const dockerCli = (): PeerProbe<string> => {
  * Decides what a suite does about a peer: run it, skip it (outside CI), or fail it (in CI).
  * Use as `describe.skipIf(peerMissing(probe))(...)` and call `assertPeer(probe)` in `beforeAll`.
  */
-export const peerMissing = <A>(probe: PeerProbe<A>): boolean => probe.value === undefined && !inCI
+export const peerMissing = <A>(probe: PeerProbe<A>): boolean => {
+  const missing = probe.value === undefined && !inCI
+  if (missing) recordSkip(`peer missing: ${probe.reason}`)
+  return missing
+}
 
 /** Throws when the peer is missing: in CI this makes the suite fail instead of skipping. */
 export const assertPeer = <A>(probe: PeerProbe<A>): A => {

@@ -4,7 +4,7 @@
  * (`runGateway`) until SIGTERM/SIGINT, which drains, and prints where it listens and how a backend
  * dials it. What the configuration means is `ServerConfig`'s; what runs is `runGateway`'s.
  */
-import { Console, Data, Effect, Option, Redacted, Runtime } from "effect"
+import { Console, Data, Deferred, Effect, Option, Redacted, Runtime } from "effect"
 import { Command, Flag } from "effect/cli"
 import type { TokenGrant } from "../../domain/TokenPolicy.ts"
 import { ConfigLoadError, type ConfigRefused, type FlagValue, loadConfig, refuseConfig, ServerFile } from "../ConfigLoader.ts"
@@ -37,12 +37,49 @@ const flags = {
   acmeDirectory: optionalString("acme-directory", "ACME directory URL: obtain certificates for TLS routes registered with --tls-acme (acme.directory)"),
   acmeEmail: optionalString("acme-email", "Contact address of the ACME account (acme.email)"),
   acmeCa: optionalString("acme-ca", "File of PEM CA certificate(s) trusted for the ACME directory's HTTPS besides the system's (acme.ca_file)"),
+  shutdownDelay: optionalString(
+    "shutdown-delay",
+    "On SIGTERM, keep serving this long with /readyz answering 503 before the ports close: 5s, 500ms or milliseconds (default 5s; shutdown_delay_ms)"
+  ),
   ...adminFlags("server")
 }
 
 type Flags = {
   readonly [K in keyof typeof flags]: (typeof flags)[K] extends Flag.Flag<infer A> ? A : never
 }
+
+/** `5s`, `500ms` or a bare number of milliseconds, in milliseconds; undefined when it reads as none of them. */
+export const durationMs = (text: string): number | undefined => {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/.exec(text)
+  if (m === null) return undefined
+  return Math.round(Number(m[1]) * (m[2] === "s" ? 1000 : 1))
+}
+
+/**
+ * Completes on SIGINT (an operator at a terminal) or on a second SIGTERM, so neither waits out the shutdown
+ * delay; the listeners go when the scope closes. The runtime's own handlers still start the stop.
+ */
+const delaySkippedBySignal = Effect.gen(function*() {
+  const skip = Deferred.makeUnsafe<void>()
+  let terms = 0
+  const onInterrupt = () => void Deferred.doneUnsafe(skip, Effect.void)
+  const onTerm = () => {
+    terms++
+    if (terms > 1) Deferred.doneUnsafe(skip, Effect.void)
+  }
+  yield* Effect.acquireRelease(
+    Effect.sync(() => {
+      // ahead of the runtime's own handlers, which start the stop: the stop then sees the signal
+      process.prependListener("SIGINT", onInterrupt)
+      process.prependListener("SIGTERM", onTerm)
+    }),
+    () => Effect.sync(() => {
+      process.off("SIGINT", onInterrupt)
+      process.off("SIGTERM", onTerm)
+    })
+  )
+  return skip
+})
 
 /** The flags as field overrides, in the order given. */
 export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
@@ -68,6 +105,18 @@ export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
   add("--acme-directory", ["acme", "directory"], f.acmeDirectory)
   add("--acme-email", ["acme", "email"], f.acmeEmail)
   add("--acme-ca", ["acme", "ca_file"], f.acmeCa)
+  if (Option.isSome(f.shutdownDelay)) {
+    const ms = durationMs(f.shutdownDelay.value)
+    if (ms === undefined) {
+      return new ConfigLoadError({
+        reason: "Invalid",
+        source: "--shutdown-delay",
+        field: "shutdown_delay_ms",
+        message: `--shutdown-delay: expected a duration such as 5s, 500ms or 5000 (milliseconds), got "${f.shutdownDelay.value}"`
+      })
+    }
+    out.push({ path: ["shutdown_delay_ms"], value: String(ms), flag: "--shutdown-delay" })
+  }
   add("--admin", ["admin", "address"], f.admin)
   if (f.noAdmin) out.push({ path: ["admin", "enabled"], value: "false", flag: "--no-admin" })
   return out
@@ -77,11 +126,17 @@ export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
 const controlText = (handle: GatewayHandle, file: ServerFile): string =>
   `${file.control?.tls_cert === undefined ? "" : "tls://"}${formatHostPort(handle.control)}`
 
+/**
+ * How to run the command on this machine: `switchyard` from an installed package (its bundle), `npx
+ * switchyard` from a checkout's sources (whose command is not on PATH).
+ */
+const clientCommand = import.meta.url.endsWith(".ts") ? "npx switchyard" : "switchyard"
+
 const clientLine = (handle: GatewayHandle, file: ServerFile): string => {
   const token = handle.generatedTokenFile === undefined ? "SWITCHYARD_TOKEN=<your token>" : `SWITCHYARD_TOKEN="$(cat ${handle.generatedTokenFile})"`
   // a certificate no public CA signed is trusted with --ca (the certificate's own file will do)
   const ca = file.control?.tls_cert === undefined ? "" : " --ca <its CA or certificate file>"
-  return `${token} npx switchyard client --server ${controlText(handle, file)}${ca} --expose 127.0.0.1:3000 --port 8000`
+  return `${token} ${clientCommand} client --server ${controlText(handle, file)}${ca} --expose 127.0.0.1:3000 --port 8000`
 }
 
 export const serverCommand = Command.make("server", flags, Effect.fn(function*(f) {
@@ -98,7 +153,8 @@ export const serverCommand = Command.make("server", flags, Effect.fn(function*(f
     return
   }
   return yield* Effect.gen(function*() {
-    const handle = yield* runGateway(file, { reload: load }).pipe(
+    const skipShutdownDelay = yield* delaySkippedBySignal
+    const handle = yield* runGateway(file, { reload: load, skipShutdownDelay }).pipe(
       Effect.catch((e): Effect.Effect<never, ConfigRefused | StartFailed> =>
         e instanceof ConfigLoadError
           ? refuseConfig("server")(e)

@@ -29,6 +29,8 @@ export const DefaultReverseH2Text = "127.0.0.1:9443"
 export const DefaultWebSocketText = "127.0.0.1:9998"
 /** How long SIGTERM/SIGINT lets requests in flight finish, by default (ms). */
 export const DefaultDrainTimeoutMs = 30_000
+/** How long the gateway keeps serving, not ready, after SIGTERM (`shutdown_delay_ms`). */
+export const DefaultShutdownDelayMs = 5_000
 /** How long a route without backends keeps its port and queues requests, by default (ms). */
 export const DefaultGracePeriodMs = 30_000
 /** Address public ports bind to by default. */
@@ -79,6 +81,8 @@ export interface ServerConfig {
   readonly responseTimeoutMs: number | undefined
   readonly idleTimeoutMs: number | undefined
   readonly drainTimeoutMs: number
+  /** Time between readiness turning 503 and the public ports closing, on a stop. */
+  readonly shutdownDelayMs: number
   /** Per-request instruments (request ids, per-route metrics, the access log). */
   readonly requestMetrics: boolean
   /** Certificates obtained by ACME for routes registered with `acme`, when `acme.directory` is set. */
@@ -291,6 +295,7 @@ export const resolveServerConfig = (file: ServerFile): ServerConfig | ConfigLoad
     responseTimeoutMs: file.response_timeout_ms,
     idleTimeoutMs: file.idle_timeout_ms,
     drainTimeoutMs,
+    shutdownDelayMs: file.shutdown_delay_ms ?? DefaultShutdownDelayMs,
     requestMetrics: file.request_metrics ?? true,
     acme,
     log: file.log

@@ -8,7 +8,7 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { randomBytes } from "node:crypto"
-import { Context, Effect, Layer, Option, Redacted } from "effect"
+import { Context, Deferred, Effect, Layer, Option, Redacted } from "effect"
 import type { Scope } from "effect"
 import type { TokenGrant } from "../../domain/TokenPolicy.ts"
 import { AcmeCertificates, type AcmeCertificatesShape } from "../../services/acme/AcmeCertificates.ts"
@@ -45,6 +45,11 @@ export interface GatewayHandle {
 export interface GatewayOptions {
   /** Re-reads the configuration on SIGHUP (the command passes its loader). */
   readonly reload?: Effect.Effect<ServerFile, ConfigLoadError> | undefined
+  /**
+   * Completed when a stop should not wait out `shutdown_delay_ms` (the command completes it on SIGINT or a
+   * second SIGTERM); by default the delay always runs.
+   */
+  readonly skipShutdownDelay?: Deferred.Deferred<void> | undefined
 }
 
 /** The ACME metrics, read from the certificate manager at scrape time; returns their remover. */
@@ -105,6 +110,35 @@ const generateTokenFile = Effect.acquireRelease(
   }),
   ({ file }) => Effect.sync(() => fs.rmSync(file, { force: true }))
 )
+
+/**
+ * The first steps of a stop: readiness turns false, then the gateway keeps serving for the shutdown delay
+ * (ended early when `skipDelay` completes), then it says the ports stop accepting. What closes them and
+ * drains requests in flight is the front doors' own finalizers, which run after this.
+ */
+export const stopSequence = (options: {
+  readonly shutdownDelayMs: number
+  readonly drainTimeoutMs: number
+  readonly skipDelay?: Deferred.Deferred<void> | undefined
+  readonly notReady: () => void
+}): Effect.Effect<void> =>
+  Effect.gen(function*() {
+    options.notReady()
+    const skip = options.skipDelay
+    if (options.shutdownDelayMs > 0 && skip !== undefined && Deferred.isDoneUnsafe(skip)) {
+      yield* Effect.logInfo("stopping without the shutdown delay (SIGINT): /readyz answers 503")
+    } else if (options.shutdownDelayMs > 0) {
+      yield* Effect.logInfo(
+        `stopping: /readyz answers 503; still serving for ${options.shutdownDelayMs} ms (shutdown_delay_ms) so load balancers move away`
+      )
+      const elapsed = yield* Effect.raceFirst(
+        Effect.as(Effect.sleep(options.shutdownDelayMs), true),
+        Effect.as(skip === undefined ? Effect.never : Deferred.await(skip), false)
+      )
+      if (!elapsed) yield* Effect.logInfo("shutdown delay cut short (SIGINT or a second SIGTERM)")
+    }
+    yield* Effect.logInfo(`shutting down: public ports stop accepting, requests in flight get up to ${options.drainTimeoutMs} ms`)
+  }).pipe(Effect.annotateLogs({ component: "server" }))
 
 /**
  * Starts the gateway described by `file` in the current scope; fails before binding on a bad value.
@@ -225,12 +259,10 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     controlPort,
     h2
   }
-  // Finalizers run last-in first-out: readiness drops before the front doors drain.
+  // Finalizers run last-in first-out: readiness drops and the shutdown delay runs before the front doors
+  // drain, so a load balancer polling /readyz moves traffic away while every port still serves.
   yield* Effect.addFinalizer(() =>
-    Effect.sync(() => void (draining = true)).pipe(
-      Effect.andThen(Effect.logInfo(`shutting down: public ports stop accepting, requests in flight get up to ${drainTimeout} ms`)),
-      Effect.annotateLogs({ component: "server" })
-    )
+    stopSequence({ shutdownDelayMs: config.shutdownDelayMs, drainTimeoutMs: drainTimeout, skipDelay: options.skipShutdownDelay, notReady: () => void (draining = true) })
   )
   listenerNames.push({ name: "control", address: formatHostPort(controlPort.address as HostPort) })
   if (h2 !== undefined) listenerNames.push({ name: "reverse_h2", address: formatHostPort(h2.address) })
