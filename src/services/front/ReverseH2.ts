@@ -27,7 +27,7 @@ import type { ForwardedMode } from "../../domain/HttpHeaders.ts"
 import { describeRoute, type RouteDefinition } from "../../domain/Route.ts"
 import { makeTokenPolicy, type TokenGrant } from "../../domain/TokenPolicy.ts"
 import { type Backend, type BackendLease, BackendUnavailable } from "../Backend.ts"
-import { plainErrors, writeRawError } from "../forward/ErrorResponse.ts"
+import { plainErrors, withoutUpstreamDetail, writeRawError } from "../forward/ErrorResponse.ts"
 import type { ExchangeFront, ExchangeRequest } from "../forward/Exchange.ts"
 import { closeAfterFlush } from "../forward/Flush.ts"
 import { H2ClientConnection, type H2ConnectionError } from "../forward/H2ClientConnection.ts"
@@ -252,7 +252,8 @@ const make = Effect.fnUntraced(function*(config: ReverseH2Config) {
   const maxStreamWindow = Math.max(streamWindow, config.maxStreamWindowBytes ?? DefaultMaxStreamWindowBytes)
   const connectionWindow = config.connectionWindowBytes ?? DefaultConnectionWindowBytes
   const maxFrameBytes = config.maxFrameBytes ?? DefaultMaxFrameBytes
-  const errors = plainErrors
+  // what a public caller reads when an upgrade fails: no backend address (the detail goes to the log)
+  const errors = withoutUpstreamDetail(plainErrors)
   const upstream = unusedUpstream()
 
   const byBackend = new WeakMap<Backend, H2Connection>()
