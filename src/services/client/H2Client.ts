@@ -84,6 +84,20 @@ export class H2Client extends Context.Service<H2Client, H2ClientShape>()("switch
     Layer.effect(H2Client, make(server, config))
 }
 
+/** What an operator checks after a failed attempt of each kind. */
+export const failureAdvice = (error: H2ClientError): string => {
+  switch (error.reason) {
+    case "Dial":
+      return "check --server and that the gateway runs with its reverse-HTTP/2 port (--reverse-h2) open"
+    case "Handshake":
+      return "check that this address is the gateway's reverse-HTTP/2 port, not its control port"
+    case "Rejected":
+      return "check the token (--token, --token-file) and that the gateway grants it these routes"
+    case "Config":
+      return "check the client's configuration"
+  }
+}
+
 /** The delay before attempt `failures + 1`: capped exponential growth, the top `jitter` share random. */
 export const backoffDelay = (failures: number, config: BackoffConfig, random: number): Duration.Duration => {
   const initial = Duration.toMillis(Duration.fromInputUnsafe(config.initial ?? DefaultBackoffInitial))
@@ -187,34 +201,47 @@ const make = Effect.fnUntraced(function*(server: http2.Http2Server | http2.Http2
       )
     }
     connected++
+    if (connected === 1) yield* Effect.logInfo(`connected to gateway ${where} (reverse HTTP/2)`)
     yield* Effect.addFinalizer(() => Effect.sync(() => void connected--))
     // the http2 session takes the socket over, bytes already read past the preamble included
     server.emit("connection", socket)
     yield* awaitClose(socket)
   }).pipe(Effect.scoped)
 
-  /** Keeps one connection up: reconnects after a loss, with backoff after failures. */
-  const slot = Effect.gen(function*() {
-    let failures = 0
-    for (;;) {
-      const started = yield* Clock.currentTimeMillis
-      const result = yield* Effect.result(connectOnce)
-      if (result._tag === "Success") {
-        // a connection that served for a while resets the backoff; one dropped at once (a gateway that
-        // accepts and closes) keeps it growing
-        const lived = (yield* Clock.currentTimeMillis) - started
-        failures = lived >= Duration.toMillis(HealthyConnectionTime) ? 1 : failures + 1
-      } else {
+  /**
+   * Keeps one connection up: reconnects after a loss, with backoff after failures. The first slot tells
+   * the operator about each failed attempt (the others try the same gateway): a warning, or an error
+   * when the gateway refuses the client, naming the cause, what to check, the next delay and the attempt.
+   */
+  const slot = (index: number) =>
+    Effect.gen(function*() {
+      let failures = 0
+      for (;;) {
+        const started = yield* Clock.currentTimeMillis
+        const result = yield* Effect.result(connectOnce)
+        const random = yield* Random.next
+        if (result._tag === "Success") {
+          // a connection that served for a while resets the backoff; one dropped at once (a gateway that
+          // accepts and closes) keeps it growing
+          const lived = (yield* Clock.currentTimeMillis) - started
+          failures = lived >= Duration.toMillis(HealthyConnectionTime) ? 1 : failures + 1
+          const delay = backoffDelay(failures, config.backoff ?? {}, random)
+          if (connected === 0) yield* Effect.logWarning(`lost gateway ${where} (reverse HTTP/2); reconnecting in ${Duration.format(delay)}`)
+          yield* Effect.sleep(delay)
+          continue
+        }
         lastError = result.failure
         failures++
-        yield* Effect.logDebug(`h2-client: ${result.failure.message}`)
+        const delay = backoffDelay(failures, config.backoff ?? {}, random)
+        if (index === 0) {
+          const line = `${result.failure.message}; ${failureAdvice(result.failure)}; retrying in ${Duration.format(delay)} (attempt ${failures})`
+          yield* result.failure.reason === "Rejected" ? Effect.logError(line) : Effect.logWarning(line)
+        }
+        yield* Effect.sleep(delay)
       }
-      const random = yield* Random.next
-      yield* Effect.sleep(backoffDelay(failures, config.backoff ?? {}, random))
-    }
-  })
+    })
 
-  for (let i = 0; i < count; i++) yield* Effect.forkScoped(slot)
+  for (let i = 0; i < count; i++) yield* Effect.forkScoped(slot(i))
 
   return H2Client.of({
     connected: () => connected,

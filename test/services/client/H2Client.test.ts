@@ -1,7 +1,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as http2 from "node:http2"
 import * as net from "node:net"
-import { Duration, Effect } from "effect"
+import { Duration, Effect, Logger } from "effect"
 import * as Redacted from "effect/Redacted"
 import { TestClock } from "effect/testing"
 import { backoffDelay, H2Client } from "../../../src/services/client/H2Client.ts"
@@ -137,6 +137,56 @@ describe("H2Client", () => {
           Effect.scoped
         )
       }))
+    }))
+
+  it.effect("each failed attempt is a warning (an error when refused) with the cause, what to check, the next delay and the attempt", () =>
+    Effect.gen(function*() {
+      const messages: Array<string> = []
+      const capture = Logger.make((options) => void messages.push(`${options.logLevel} ${String(options.message)}`))
+      const port = yield* Effect.promise(freePort)
+      const server = http2.createServer()
+      yield* Effect.gen(function*() {
+        const client = yield* H2Client
+        yield* until(() => client.attempts() === 2 && client.lastError() !== undefined, "the first attempt of each slot")
+        yield* settle
+        yield* TestClock.adjust("1 second")
+        yield* until(() => messages.filter((m) => m.includes("cannot reach")).length >= 2, "the second attempt")
+      }).pipe(
+        Effect.provide(H2Client.layer(server, {
+          gateway: { host: "127.0.0.1", port },
+          connections: 2,
+          backoff: { initial: "1 second", max: "4 seconds", factor: 2, jitter: 0 }
+        })),
+        Effect.scoped,
+        Effect.provide(Logger.layer([capture]))
+      )
+      const failures = messages.filter((m) => m.includes("cannot reach"))
+      // one line per attempt of the first connection slot, not one per slot
+      assert.isAtLeast(failures.length, 2)
+      assert.match(failures[0]!, new RegExp(`^Warn cannot reach 127\\.0\\.0\\.1:${port}: ECONNREFUSED; check --server .*--reverse-h2.*; retrying in 1s \\(attempt 1\\)$`))
+      assert.match(failures[1]!, /retrying in 2s \(attempt 2\)$/)
+
+      const refused: Array<string> = []
+      const captureRefusal = Logger.make((options) => void refused.push(`${options.logLevel} ${String(options.message)}`))
+      const gatewayPort = yield* Effect.promise(freePort)
+      yield* withGateway({ tokens: [{ name: "t", token: Redacted.make("right"), ports: [gatewayPort] }], routes: [{ _tag: "Http", port: gatewayPort }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        yield* Effect.gen(function*() {
+          const client = yield* H2Client
+          yield* until(() => client.lastError() !== undefined && refused.some((m) => m.includes("refused")), "the refusal")
+        }).pipe(
+          Effect.provide(H2Client.layer(http2.createServer(), {
+            gateway: { host: "127.0.0.1", port: gateway.address.port },
+            token: Redacted.make("wrong"),
+            connections: 1,
+            backoff: { initial: "1 second", jitter: 0 }
+          })),
+          Effect.scoped,
+          Effect.provide(Logger.layer([captureRefusal]))
+        )
+      }))
+      const line = refused.find((m) => m.includes("refused"))!
+      assert.match(line, /^Error .*BadToken.*; check the token \(--token, --token-file\).*; retrying in 1s \(attempt 1\)$/)
     }))
 })
 
