@@ -12,7 +12,7 @@ import { Context, Effect, Exit, Layer, Scope } from "effect"
 import type * as Redacted from "effect/Redacted"
 import { responseHeaders } from "../domain/HttpHeaders.ts"
 import type { RouteDefinition } from "../domain/Route.ts"
-import { H2Client, type H2ClientConfig, H2ClientError, type H2ClientShape } from "../services/client/H2Client.ts"
+import { H2Client, type H2ClientConfig, H2ClientError, type H2ClientShape, type H2GatewayState } from "../services/client/H2Client.ts"
 
 /** What `serveReverseHttp2` returns. */
 export interface ReverseHttp2Handle {
@@ -208,7 +208,7 @@ export const exposeOverReverseHttp2 = (options: {
   readonly routes: ReadonlyArray<RouteDefinition>
   readonly label?: string | undefined
   readonly connections?: number | undefined
-}): Effect.Effect<void, H2ClientError, Scope.Scope> =>
+}): Effect.Effect<ExposedOverReverseHttp2, H2ClientError, Scope.Scope> =>
   Effect.gen(function*() {
     const tcp = options.routes.find((route) => route._tag === "Tcp" || (route._tag === "Tls" && route.then === "tcp"))
     if (tcp !== undefined) {
@@ -217,8 +217,9 @@ export const exposeOverReverseHttp2 = (options: {
     const local = yield* Effect.acquireRelease(Effect.sync(() => localHttpHandler(options.target)), (l) => Effect.sync(l.close))
     const server = http2.createServer(local.handler)
     yield* Effect.addFinalizer(() => Effect.sync(() => server.close()))
+    const clients: Array<{ readonly gateway: string; readonly client: H2ClientShape }> = []
     for (const gateway of options.gateways) {
-      yield* Layer.build(H2Client.layer(server, {
+      const built = yield* Layer.build(H2Client.layer(server, {
         gateway: { host: gateway.host, port: gateway.port },
         // the system's CAs and the caller's own, as for control-port gateways
         ...(gateway.tls === true ? { tls: { ca: options.ca === undefined ? undefined : [...tls.rootCertificates, options.ca] } } : {}),
@@ -227,5 +228,14 @@ export const exposeOverReverseHttp2 = (options: {
         label: options.label,
         connections: options.connections
       }))
+      clients.push({ gateway: `${gateway.tls === true ? "tls://" : ""}${gateway.host}:${gateway.port}`, client: Context.get(built, H2Client) })
+    }
+    return {
+      gateways: () => clients.map(({ gateway, client }) => ({ gateway, ...client.status(), connected: client.connected() }))
     }
   })
+
+/** What `exposeOverReverseHttp2` reports: each gateway's state and its connections up. */
+export interface ExposedOverReverseHttp2 {
+  readonly gateways: () => ReadonlyArray<H2GatewayState & { readonly gateway: string; readonly connected: number }>
+}

@@ -252,4 +252,34 @@ describe("switchyard client reports", () => {
         assert.match(out[0]!, message)
       }
     }))
+
+  it.live("client --h2: an unreachable gateway, then connected, in /status and switchyard status; a wrong token is an error and rejected", () =>
+    Effect.promise(async () => {
+      const backendPort = await startBackend()
+      const h2Port = await freePort()
+      const publicPort = await freePort()
+      const { proc, admin } = await startClient(["--h2", "--server", `127.0.0.1:${h2Port}`, "--expose", `127.0.0.1:${backendPort}`, "--port", String(publicPort)])
+      const retrying = await gatewayBecomes(admin, "retrying")
+      assert.strictEqual(retrying.gateway, `127.0.0.1:${h2Port}`)
+      assert.match(retrying.lastError ?? "", /cannot reach 127\.0\.0\.1:\d+: ECONNREFUSED/)
+      assert.isAtLeast(lines(proc, /level=WARN.*cannot reach.*--reverse-h2.*retrying in .*\(attempt \d+\)/).length, 1)
+      assert.strictEqual((await statusOf(admin)).routes[0].state, "pending")
+      const controlPort = await freePort()
+      await startGateway(controlPort, ["--reverse-h2", `127.0.0.1:${h2Port}`])
+      await gatewayBecomes(admin, "connected")
+      assert.isAtLeast(lines(proc, /connected to gateway 127\.0\.0\.1:\d+ \(reverse HTTP\/2\)/).length, 1)
+      const status = await statusOf(admin)
+      assert.strictEqual(status.routes[0].state, "bound")
+      assert.deepStrictEqual(status.routes[0].backends, [`127.0.0.1:${backendPort}`])
+      assert.match(statusText(admin), /GATEWAY[\s\S]*127\.0\.0\.1:\d+\s+connected/)
+      assert.strictEqual((await get(publicPort, "/x")).body, "backend /x")
+
+      const wrong = await startClient(["--h2", "--server", `127.0.0.1:${h2Port}`, "--expose", `127.0.0.1:${backendPort}`, "--port", String(publicPort)], {
+        SWITCHYARD_TOKEN: "not-the-token"
+      })
+      const rejected = await gatewayBecomes(wrong.admin, "rejected")
+      assert.match(rejected.lastError ?? "", /BadToken/)
+      assert.isAtLeast(lines(wrong.proc, /level=ERROR.*BadToken.*check the token/).length, 1)
+      assert.match((await statusOf(wrong.admin)).routes[0].state, /^refused: /)
+    }), 120_000)
 })

@@ -164,13 +164,49 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
   const label = config.label
   const described = (specs: ReadonlyArray<ListenerSpec>) => specs.map((spec) => `${describeRoute(spec.route)} -> ${formatHostPort(spec.expose)}`).join(", ")
   if (config.h2 === true) {
-    const operations = yield* serveOperations({ command: "client", ops, flags: adminOverrides(f), ready: () => true })
+    const exposed = yield* exposeOverReverseHttp2({ gateways: servers, target: h2Expose, token, routes: firstSpecs.map((spec) => spec.route), label, ca: config.ca })
+    const h2Gateways = () => exposed.gateways()
+    const up = () => h2Gateways().some((g) => g.connected > 0)
+    const operations = yield* serveOperations({
+      command: "client",
+      ops,
+      flags: adminOverrides(f),
+      ready: up,
+      sessions: () => [{ frontDoor: "reverse_h2", count: h2Gateways().reduce((n, g) => n + g.connected, 0) }],
+      // the gateway answers the preamble only once it took the token and every route: a connection up
+      // means the routes are bound there
+      routes: () => {
+        const gateways = h2Gateways()
+        const bound = gateways.filter((g) => g.state === "connected").length
+        const refused = gateways.find((g) => g.state === "rejected")
+        const state = bound === gateways.length
+          ? "bound"
+          : bound > 0
+          ? `bound on ${bound} of ${gateways.length}`
+          : refused !== undefined
+          ? `refused: ${refused.lastError ?? "by the gateway"}`
+          : "pending"
+        return firstSpecs.map((spec) => ({ route: describeRoute(spec.route), backends: [formatHostPort(spec.expose)], inFlight: 0, state }))
+      },
+      gateways: () =>
+        h2Gateways().map((g) => ({
+          gateway: g.gateway,
+          state: g.state,
+          since: g.since.toISOString(),
+          attempts: g.failures,
+          ...(g.lastError === undefined ? {} : { lastError: g.lastError })
+        })),
+      register: (metrics) =>
+        registerGatewayGauges(metrics, "reverse_h2", () => h2Gateways().map((g) => ({ gateway: g.gateway, connected: g.connected > 0, attempts: g.failures, established: g.established })))
+    })
     yield* onHangup(Effect.sync(() => {
       operations.metrics.reloads.labels("rejected").inc()
       operations.recordError("reload refused: a reverse-HTTP/2 client applies its configuration on restart")
     }).pipe(Effect.andThen(Effect.logWarning("reload refused: with h2 the client applies configuration changes on restart")), Effect.annotateLogs({ component: "client" })))
-    yield* exposeOverReverseHttp2({ gateways: servers, target: h2Expose, token, routes: firstSpecs.map((spec) => spec.route), label, ca: config.ca })
-    yield* Console.log(`switchyard client: ${described(firstSpecs)} over reverse HTTP/2 on ${serverTexts.join(", ")}`)
+    yield* Console.log(
+      `switchyard client: ${described(firstSpecs)} over reverse HTTP/2 on ${serverTexts.join(", ")} ` +
+        `(connecting: each gateway's connections, refusals and losses are logged and in /status)`
+    )
     return yield* Effect.never
   }
   // problems reach /status once it is up; with exit_on_reject a refusal for good ends the command

@@ -69,7 +69,21 @@ export class H2ClientError extends Schema.TaggedError<H2ClientError>()("H2Client
   message: Schema.String
 }) {}
 
+/** Where a client stands with its gateway, for `/status` and `switchyard status`. */
+export interface H2GatewayState {
+  /** `connecting` (no attempt finished yet), `connected`, `retrying`, or `rejected` (the token or routes must change). */
+  readonly state: "connecting" | "connected" | "retrying" | "rejected"
+  readonly since: Date
+  /** Failed attempts since the last connection up. */
+  readonly failures: number
+  /** Connections established so far. */
+  readonly established: number
+  readonly lastError: string | undefined
+}
+
 export interface H2ClientShape {
+  /** Where the client stands with its gateway. */
+  readonly status: () => H2GatewayState
   /** Connections currently serving. */
   readonly connected: () => number
   /** Connection attempts made so far. */
@@ -117,6 +131,16 @@ const make = Effect.fnUntraced(function*(server: http2.Http2Server | http2.Http2
   let connected = 0
   let attempts = 0
   let lastError: H2ClientError | undefined
+  let state: H2GatewayState["state"] = "connecting"
+  let since = new Date(yield* Clock.currentTimeMillis)
+  let failuresSinceUp = 0
+  let established = 0
+  const enter = (next: H2GatewayState["state"]) =>
+    Effect.gen(function*() {
+      if (next === state) return
+      state = next
+      since = new Date(yield* Clock.currentTimeMillis)
+    })
 
   yield* Effect.addFinalizer(() =>
     Effect.sync(() => {
@@ -201,6 +225,9 @@ const make = Effect.fnUntraced(function*(server: http2.Http2Server | http2.Http2
       )
     }
     connected++
+    established++
+    failuresSinceUp = 0
+    yield* enter("connected")
     if (connected === 1) yield* Effect.logInfo(`connected to gateway ${where} (reverse HTTP/2)`)
     yield* Effect.addFinalizer(() => Effect.sync(() => void connected--))
     // the http2 session takes the socket over, bytes already read past the preamble included
@@ -226,12 +253,17 @@ const make = Effect.fnUntraced(function*(server: http2.Http2Server | http2.Http2
           const lived = (yield* Clock.currentTimeMillis) - started
           failures = lived >= Duration.toMillis(HealthyConnectionTime) ? 1 : failures + 1
           const delay = backoffDelay(failures, config.backoff ?? {}, random)
-          if (connected === 0) yield* Effect.logWarning(`lost gateway ${where} (reverse HTTP/2); reconnecting in ${Duration.format(delay)}`)
+          if (connected === 0) {
+            yield* enter("retrying")
+            yield* Effect.logWarning(`lost gateway ${where} (reverse HTTP/2); reconnecting in ${Duration.format(delay)}`)
+          }
           yield* Effect.sleep(delay)
           continue
         }
         lastError = result.failure
         failures++
+        failuresSinceUp++
+        if (connected === 0) yield* enter(result.failure.reason === "Rejected" ? "rejected" : "retrying")
         const delay = backoffDelay(failures, config.backoff ?? {}, random)
         if (index === 0) {
           const line = `${result.failure.message}; ${failureAdvice(result.failure)}; retrying in ${Duration.format(delay)} (attempt ${failures})`
@@ -244,6 +276,7 @@ const make = Effect.fnUntraced(function*(server: http2.Http2Server | http2.Http2
   for (let i = 0; i < count; i++) yield* Effect.forkScoped(slot(i))
 
   return H2Client.of({
+    status: () => ({ state, since, failures: failuresSinceUp, established, lastError: lastError?.message }),
     connected: () => connected,
     attempts: () => attempts,
     lastError: () => lastError
