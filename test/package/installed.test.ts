@@ -8,7 +8,7 @@ import { execFileSync, spawnSync } from "node:child_process"
 import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
-import { type InstalledPackage, InstallTimeoutMs, packAndInstall, startEveryCommand } from "../../scripts/installedPackage.ts"
+import { type InstalledPackage, InstallTimeoutMs, packAndInstall, startCommand, startEveryCommand } from "../../scripts/installedPackage.ts"
 import { get } from "../runtime/serverProcess.ts"
 
 const root = path.resolve(import.meta.dirname, "../..")
@@ -83,6 +83,26 @@ describe("the installed package", () => {
         const codes = []
         for (const c of [...commands].reverse()) codes.push(await c.stop())
         assert.deepStrictEqual(codes, [0, 0, 0, 0, 0])
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true })
+    }
+  }, 120_000)
+
+  it("a gateway that obtains certificates loads its ACME library from the bundle", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-installed-acme-"))
+    try {
+      // nothing answers at the directory: the gateway starts, and orders only when a route asks for it
+      const server = await startCommand(installed.bin, "server", [
+        "--control", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--acme-directory", "https://127.0.0.1:1/dir", "--acme-email", "ops@example.com",
+        "--set", `acme.storage_dir=${path.join(dir, "acme")}`
+      ], { SWITCHYARD_TOKEN: "installed-acme-token" })
+      try {
+        assert.strictEqual((await get(server.adminPort, "/healthz")).status, 200, server.output())
+        assert.notInclude(server.output(), "switchyard failed")
+      } finally {
+        assert.strictEqual(await server.stop(), 0, server.output())
       }
     } finally {
       fs.rmSync(dir, { recursive: true, force: true })

@@ -8,7 +8,7 @@
  * renewed certificate at once; connections already open keep theirs. One fiber per name, all in the
  * scope that made the service; at most `MaxConcurrentAcmeOrders` orders run at once.
  */
-import * as acme from "acme-client"
+import type * as AcmeClient from "acme-client"
 import { X509Certificate } from "node:crypto"
 import * as fs from "node:fs"
 import * as https from "node:https"
@@ -151,6 +151,10 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
     catch: (e) => new AcmeError({ reason: "Storage", message: `the ACME store ${dir} cannot be used: ${messageOf(e)}` })
   })
   if (config.ca !== undefined) extraCas.add(config.ca)
+  // the ACME library (and its HTTP client) is loaded only by a gateway that obtains certificates
+  // (a CommonJS module: its exports are the namespace's `default` once bundled, and named ones besides from Node)
+  const loaded = (yield* Effect.promise(() => import("acme-client"))) as typeof AcmeClient & { readonly default?: typeof AcmeClient }
+  const acme: typeof AcmeClient = loaded.default ?? loaded
   // acme-client makes its requests through its own axios instance, whose agent is public API: one agent
   // for the process, trusting the system's CAs and every `ca` given, keeping no idle connection open
   acme.axios.defaults.httpsAgent = new https.Agent({ keepAlive: false, ...(extraCas.size === 0 ? {} : { ca: [...tls.rootCertificates, ...extraCas] }) })
