@@ -282,4 +282,26 @@ describe("switchyard client reports", () => {
       assert.isAtLeast(lines(wrong.proc, /level=ERROR.*BadToken.*check the token/).length, 1)
       assert.match((await statusOf(wrong.admin)).routes[0].state, /^refused: /)
     }), 120_000)
+
+  it.live("an HTTP proxy that wants credentials (407): a warning naming it and what to set, in /status too", () =>
+    Effect.promise(async () => {
+      const backendPort = await startBackend()
+      // a CONNECT proxy that refuses every tunnel for want of credentials
+      const proxy = http.createServer((_req, res) => res.writeHead(405).end())
+      proxy.on("connect", (_req: http.IncomingMessage, socket: net.Socket) => {
+        socket.on("error", () => socket.destroy())
+        socket.end("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"corp\"\r\nContent-Length: 0\r\n\r\n")
+      })
+      await new Promise<void>((resolve) => proxy.listen(0, "127.0.0.1", () => resolve()))
+      cleanups.push(() => new Promise((resolve) => proxy.close(() => resolve(undefined))))
+      const proxyPort = (proxy.address() as net.AddressInfo).port
+      const { proc, admin } = await startClient(
+        ["--server", "ws://gateway.example.test:9999/tunnel", "--expose", `127.0.0.1:${backendPort}`, "--port", String(await freePort())],
+        { HTTPS_PROXY: "", https_proxy: "", HTTP_PROXY: `http://127.0.0.1:${proxyPort}`, http_proxy: "", NO_PROXY: "", no_proxy: "" }
+      )
+      const retrying = await gatewayBecomes(admin, "retrying")
+      assert.match(retrying.lastError ?? "", /407/)
+      const warned = lines(proc, /level=WARN.*407.*HTTPS_PROXY\/HTTP_PROXY/)
+      assert.isAtLeast(warned.length, 1, proc.output())
+    }), 120_000)
 })
