@@ -40,7 +40,7 @@ import type {
   PendingAdmission
 } from "./forward/http1/Admission.ts"
 import type { MessageUpstream } from "./forward/Exchange.ts"
-import { http2Fields, nodeExchangeFront, observeFront } from "./forward/NodeExchangeFront.ts"
+import { authorityConflict, http2Fields, nodeExchangeFront, observeFront } from "./forward/NodeExchangeFront.ts"
 import type { ForwarderShape } from "./Forwarder.ts"
 import { Registry, type RegistryError } from "./Registry.ts"
 
@@ -305,6 +305,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     }
     if (isRoutingRejection(routed)) return answer(400, `switchyard: bad request target: ${routed.detail}`)
     if (ambiguous !== undefined) return answer(400, `switchyard: ${ambiguous.message}`)
+    const conflict = authorityConflict(req, normalizeHost)
+    if (conflict !== undefined) return answer(400, `switchyard: ${conflict}`)
     const host = normalizeHost(req.authority || headerValue(fields, "host"))
     const query: RouteQuery = { _tag: "Tls", port, serverName: serverNameOf(req.socket), host, path: routed.path }
     const observe = config.observeDispatch

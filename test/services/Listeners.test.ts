@@ -183,6 +183,24 @@ for (const engine of [true]) {
           })
         )
         assert.strictEqual(viaH2, "200 /h2?q=1 From A h2")
+        // a host field naming another host than :authority: refused, never routed by one and read by the backend as the other
+        const conflicting = yield* Effect.promise(() =>
+          new Promise<number>((resolve, reject) => {
+            const session = http2.connect(`https://127.0.0.1:${port}`, { ca: certA.cert, servername: "www.a.test" })
+            session.on("error", reject)
+            const stream = session.request({ ":path": "/h2", ":authority": "www.a.test", host: "www.b.test" })
+            let status = 0
+            stream.on("response", (headers) => void (status = Number(headers[":status"])))
+            stream.resume()
+            stream.on("end", () => {
+              session.close()
+              resolve(status)
+            })
+            stream.on("error", reject)
+            stream.end()
+          })
+        )
+        assert.strictEqual(conflicting, 400)
       })))
 
     it.effect("keeps the port through the grace period, serves a returning backend, then closes it", () =>

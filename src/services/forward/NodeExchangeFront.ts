@@ -28,6 +28,31 @@ const plainFields = (raw: ReadonlyArray<string>): Array<string> => {
   return out
 }
 
+/** A field list without its `host` fields. */
+const withoutHost = (fields: ReadonlyArray<string>): Array<string> => {
+  const out: Array<string> = []
+  for (let i = 0; i < fields.length; i += 2) {
+    if (!(fields[i]!.length === 4 && fields[i]!.toLowerCase() === "host")) out.push(fields[i]!, fields[i + 1]!)
+  }
+  return out
+}
+
+/**
+ * Why an HTTP/2 request cannot be routed: a `host` field that names another host than its `:authority`
+ * (RFC 9113 §8.3.1 asks that they agree; routing and a backend must not read different ones).
+ */
+export const authorityConflict = (req: http2.Http2ServerRequest, normalize: (host: string | undefined) => string): string | undefined => {
+  const authority = req.authority
+  if (!authority) return undefined
+  const raw = req.rawHeaders
+  for (let i = 0; i < raw.length; i += 2) {
+    if (raw[i]!.length === 4 && raw[i]!.toLowerCase() === "host" && normalize(raw[i + 1]) !== normalize(authority)) {
+      return "a host field that differs from :authority"
+    }
+  }
+  return undefined
+}
+
 /** Trailer fields as the object `addTrailers` takes (repeated names joined, as HTTP allows for lists). */
 const trailerObject = (fields: ReadonlyArray<string>): Record<string, string> => {
   const out: Record<string, string> = {}
@@ -77,7 +102,9 @@ export const nodeExchangeFront = (
 ): ExchangeFront => {
   const h2 = "stream" in req ? req : undefined
   const h2res = "stream" in res ? res : undefined
-  const fields = plainFields(req.rawHeaders)
+  // HTTP/2: `:authority` is the Host the request was routed by; a `host` field beside it (which must
+  // agree, see `authorityConflict`) is not forwarded, so no upstream reads another one
+  const fields = h2 !== undefined && h2.authority ? withoutHost(plainFields(req.rawHeaders)) : plainFields(req.rawHeaders)
   const authority = (h2?.authority || undefined) ?? headerValue(fields, "host")
   const socket = req.socket as { remoteAddress?: string; encrypted?: boolean }
   const scheme = socket.encrypted === true ? "https" : "http"

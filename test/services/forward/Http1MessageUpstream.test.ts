@@ -119,7 +119,11 @@ describe("Http1MessageUpstream: HTTP/2 requests on pooled HTTP/1.1 connections",
         assert.match(text, /PUT \/b HTTP\/1\.1\r\nHost: [^\r]+\r\ncontent-length: 3\r\n/)
         assert.include(text, "\r\n\r\nxyz")
         assert.match(text, /POST \/c HTTP\/1\.1\r\n(?:.*\r\n)*Content-Length: 0\r\n\r\n$/)
-        // one pooled connection carried all three in turn
+        // the Host a backend reads is the :authority, never a host field beside it
+        const agreeing = yield* Effect.promise(() => ask(client, { ":method": "GET", ":path": "/d", ":authority": "a.test", host: "a.test" }))
+        assert.strictEqual(agreeing.status, 200)
+        assert.match(upstream.log.text(), /GET \/d HTTP\/1\.1\r\nHost: a\.test\r\n\r\n/)
+        // one pooled connection carried them all in turn
         assert.strictEqual(upstream.log.connections.length, 1)
       })))
 
