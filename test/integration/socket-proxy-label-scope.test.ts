@@ -10,30 +10,14 @@ import { checkBody, DEFAULT_BODY_POLICY } from "../../src/domain/BodyPolicy.ts"
 import { ConfigError, decodeSocketProxyFile, resolveConfig, type SocketProxyFile } from "../../src/domain/SocketProxyConfig.ts"
 import { SocketProxy, type SocketProxyShape } from "../../src/services/front/SocketProxy.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../support/leaks.ts"
-import * as net from "node:net"
-import { OK_RESPONSE, type RawUnixUpstream, startRawUnixUpstream } from "../support/rawUpstream.ts"
+import { exchange as rawExchange, OK_RESPONSE, type RawUnixUpstream, startRawUnixUpstream } from "../support/rawUpstream.ts"
 
 /**
  * Sends `bytes` (a `Connection: close` request) without half-closing, as Docker clients do, and returns
  * what came back until the proxy closed (bounded). A client that half-closes while its container is
  * looked up counts as gone.
  */
-const exchange = (port: number, bytes: string | Buffer, limitMs = 10_000): Promise<string> =>
-  new Promise((resolve, reject) => {
-    const s = net.connect(port, "127.0.0.1")
-    const out: Array<Buffer> = []
-    const timer = setTimeout(() => {
-      s.destroy()
-      reject(new Error(`no close within ${limitMs} ms; received ${JSON.stringify(Buffer.concat(out).toString("latin1"))}`))
-    }, limitMs)
-    s.on("data", (d: Buffer) => out.push(d))
-    s.on("error", () => {})
-    s.on("close", () => {
-      clearTimeout(timer)
-      resolve(Buffer.concat(out).toString("latin1"))
-    })
-    s.write(bytes)
-  })
+const exchange = (port: number, bytes: string | Buffer, limitMs = 10_000): Promise<string> => rawExchange(port, bytes, limitMs, false)
 
 const statusOf = (response: string): number => Number(/^HTTP\/1\.1 (\d{3})/.exec(response)?.[1] ?? 0)
 const messageOf = (response: string): string => (JSON.parse(response.slice(response.indexOf("\r\n\r\n") + 4)) as { message: string }).message

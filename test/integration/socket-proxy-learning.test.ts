@@ -5,32 +5,16 @@
  */
 import { afterEach, assert, describe, it } from "@effect/vitest"
 import { Context, Effect, Exit, Layer, Scope } from "effect"
-import * as net from "node:net"
 import { learnRules } from "../../src/domain/RuleLearning.ts"
 import { ConfigError, decodeSocketProxyFile, resolveConfig, type SocketProxyFile } from "../../src/domain/SocketProxyConfig.ts"
 import { SocketProxy, type SocketProxyShape } from "../../src/services/front/SocketProxy.ts"
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
-import { type RawUnixUpstream, startRawUnixUpstream } from "../support/rawUpstream.ts"
+import { exchange as rawExchange, type RawUnixUpstream, startRawUnixUpstream } from "../support/rawUpstream.ts"
 
 const statusOf = (response: string): number => Number(/^HTTP\/1\.1 (\d{3})/.exec(response)?.[1] ?? 0)
 
 /** One `Connection: close` request; what came back until the proxy closed (bounded). */
-const exchange = (port: number, bytes: string | Buffer, limitMs = 10_000): Promise<string> =>
-  new Promise((resolve, reject) => {
-    const s = net.connect(port, "127.0.0.1")
-    const out: Array<Buffer> = []
-    const timer = setTimeout(() => {
-      s.destroy()
-      reject(new Error(`no close within ${limitMs} ms`))
-    }, limitMs)
-    s.on("data", (d: Buffer) => out.push(d))
-    s.on("error", () => {})
-    s.on("close", () => {
-      clearTimeout(timer)
-      resolve(Buffer.concat(out).toString("latin1"))
-    })
-    s.write(bytes)
-  })
+const exchange = (port: number, bytes: string | Buffer, limitMs = 10_000): Promise<string> => rawExchange(port, bytes, limitMs, false)
 const post = (path: string, body: string) =>
   `POST ${path} HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`
 const get = (path: string) => `GET ${path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n`

@@ -121,10 +121,11 @@ export const startRawUnixUpstream = async (): Promise<RawUnixUpstream> => {
 }
 
 /**
- * Sends `bytes` on a fresh TCP connection and half-closes it, and returns everything the peer sent until it
- * closed (bounded: the connection is destroyed after `limitMs`).
+ * Sends `bytes` on a fresh TCP connection and half-closes it (unless `halfClose` is false: Docker
+ * clients keep writing open), and returns everything the peer sent until it closed (bounded: the
+ * connection is destroyed after `limitMs`).
  */
-export const exchange = (port: number, bytes: string | Buffer, limitMs = 10_000): Promise<string> =>
+export const exchange = (port: number, bytes: string | Buffer, limitMs = 10_000, halfClose = true): Promise<string> =>
   new Promise((resolve, reject) => {
     const s = net.connect(port, "127.0.0.1")
     const out: Array<Buffer> = []
@@ -138,5 +139,6 @@ export const exchange = (port: number, bytes: string | Buffer, limitMs = 10_000)
       clearTimeout(timer)
       resolve(Buffer.concat(out).toString("latin1"))
     })
-    s.end(bytes)
+    if (halfClose) s.end(bytes)
+    else s.write(bytes)
   })
