@@ -55,25 +55,41 @@ export interface DispatcherShape {
   readonly waiting: () => number
 }
 
+/**
+ * What a pick reads of a backend: its load, whether it is gone, and whether it has room now. Every
+ * `Backend` is one; so is each wsp client's set of registered connections (`Pool.ts`).
+ */
+export interface Pickable {
+  readonly inFlight: number
+  readonly isClosed: () => boolean
+  readonly hasCapacity?: (() => boolean) | undefined
+}
+
+/** The candidates of one pick and the round-robin cursor among them (a `RouteEntry` is one). */
+export interface PickSet<B extends Pickable> {
+  readonly backends: ReadonlyArray<B>
+  cursor: number
+}
+
 /** Whether a backend can take one more request now (one that does not say always can). */
-const hasRoom = (backend: Backend): boolean => backend.hasCapacity === undefined || backend.hasCapacity()
+const hasRoom = (backend: Pickable): boolean => backend.hasCapacity === undefined || backend.hasCapacity()
 
 /** What a pick may take besides live backends with room. */
-export interface PickOptions {
+export interface PickOptions<B extends Pickable = Backend> {
   /** Only backends this takes. */
-  readonly accept?: ((backend: Backend) => boolean) | undefined
+  readonly accept?: ((backend: B) => boolean) | undefined
   /** Never this backend. */
-  readonly exclude?: Backend | undefined
+  readonly exclude?: B | undefined
   /** When every live backend is at capacity, the least loaded of them (the default) or none. */
   readonly whenFull?: "leastLoaded" | "none" | undefined
 }
 
 /**
- * The least loaded live backend with room, starting the scan at the route's round-robin cursor. When
- * every live backend is at capacity, the least loaded of them: its front door holds the request until
- * it has room (unless `whenFull` is `none`).
+ * The least loaded live backend with room, starting the scan at the set's round-robin cursor, which
+ * moves past the pick. When every live backend is at capacity, the least loaded of them: its front door
+ * holds the request until it has room (unless `whenFull` is `none`).
  */
-export const pickBackend = (entry: RouteEntry, options?: PickOptions): Backend | undefined => {
+export const pickBackend = <B extends Pickable>(entry: PickSet<B>, options?: PickOptions<B>): B | undefined => {
   const backends = entry.backends
   const n = backends.length
   let chosen = -1

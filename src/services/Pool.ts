@@ -1,11 +1,13 @@
 /**
  * The wsp server's connection pool: connections registered per client id, each idle, busy or gone;
- * `take` hands out an idle one (round-robin across client ids, most recently used first) or waits up
+ * `take` hands out an idle one (the dispatcher's pick among client ids: the fewest busy connections
+ * among those with an idle one, round-robin among equals; that client's most recently used) or waits up
  * to the configured timeout; surplus idle connections are closed after the idle timeout.
  * It never sends anything on a connection and never gives a busy connection a second request.
  */
 import { Clock, Context, Effect, Layer, Option, Schema } from "effect"
 import type { Scope } from "effect"
+import { type Pickable, pickBackend, type PickSet } from "./Dispatcher.ts"
 
 /** Something the pool can hold: it only needs to be closable. */
 export interface PoolMember {
@@ -74,12 +76,25 @@ interface Entry<M> {
   idleSince: number
 }
 
-interface ClientPool<M> {
+/**
+ * One client id's connections, as the dispatcher's pick sees a backend: its load is its busy
+ * connections, and it has room while one is idle.
+ */
+class ClientPool<M> implements Pickable {
   readonly id: string
   size: number
-  readonly entries: Set<Entry<M>>
+  readonly entries = new Set<Entry<M>>()
   /** Idle entries, most recently released last. */
-  readonly idle: Array<Entry<M>>
+  readonly idle: Array<Entry<M>> = []
+  constructor(id: string, size: number) {
+    this.id = id
+    this.size = size
+  }
+  get inFlight(): number {
+    return this.entries.size - this.idle.length
+  }
+  readonly isClosed = (): boolean => false
+  readonly hasCapacity = (): boolean => this.idle.length > 0
 }
 
 interface Waiter<M> {
@@ -96,23 +111,26 @@ export const makePool = <M extends PoolMember>(options: PoolOptions): Effect.Eff
     // the Clock in effect where the pool is made (TestClock in tests), read synchronously on hot paths
     const clock = yield* Clock.Clock
     const pools = new Map<string, ClientPool<M>>()
+    // the client ids in registration order, with the round-robin cursor of the dispatcher's pick
+    const order: PickSet<ClientPool<M>> & { backends: Array<ClientPool<M>> } = { backends: [], cursor: 0 }
     const entries = new Map<M, Entry<M>>()
     const waiters: Array<Waiter<M>> = []
-    let cursor = 0
     let closed = false
 
+    /** The dispatcher's pick among client ids with an idle connection, then that client's latest. */
     const takeIdle = (): Entry<M> | undefined => {
-      const list = [...pools.values()]
-      for (let i = 0; i < list.length; i++) {
-        const pool = list[(cursor + i) % list.length]!
-        const entry = pool.idle.pop()
-        if (entry !== undefined) {
-          cursor = (cursor + i + 1) % list.length
-          entry.status = "busy"
-          return entry
-        }
-      }
-      return undefined
+      const pool = pickBackend(order, { whenFull: "none" })
+      const entry = pool?.idle.pop()
+      if (entry === undefined) return undefined
+      entry.status = "busy"
+      return entry
+    }
+
+    const dropPool = (pool: ClientPool<M>): void => {
+      pools.delete(pool.id)
+      const i = order.backends.indexOf(pool)
+      if (i >= 0) order.backends.splice(i, 1)
+      if (order.cursor >= order.backends.length) order.cursor = 0
     }
 
     const offer = (entry: Entry<M>, now: number): void => {
@@ -161,8 +179,9 @@ export const makePool = <M extends PoolMember>(options: PoolOptions): Effect.Eff
           if (pools.size >= options.maxPools) {
             return Effect.fail(new PoolError({ reason: "TooManyPools", message: `more than ${options.maxPools} client ids` }))
           }
-          pool = { id, size, entries: new Set(), idle: [] }
+          pool = new ClientPool<M>(id, size)
           pools.set(id, pool)
+          order.backends.push(pool)
         }
         if (pool.entries.size >= options.maxConnectionsPerPool) {
           return Effect.fail(
@@ -223,7 +242,7 @@ export const makePool = <M extends PoolMember>(options: PoolOptions): Effect.Eff
           remove(entry.member)
           entry.member.close("idle timeout")
         }
-        if (pool.entries.size === 0) pools.delete(pool.id)
+        if (pool.entries.size === 0) dropPool(pool)
       }
     })
 
@@ -250,6 +269,7 @@ export const makePool = <M extends PoolMember>(options: PoolOptions): Effect.Eff
           entry.member.close("server shutting down")
         }
         pools.clear()
+        order.backends.length = 0
       })
     )
 
