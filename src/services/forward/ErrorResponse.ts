@@ -68,8 +68,11 @@ export const sendError = (res: http.ServerResponse, renderer: ErrorRenderer, sta
   res.end(body)
 }
 
-/** Writes a complete error response onto a raw socket (no HTTP machinery) and ends it. */
-export const writeRawError = (socket: Duplex, renderer: ErrorRenderer, status: number, message: string): void => {
+/**
+ * Writes a complete error response onto a raw socket (no HTTP machinery) and ends it; to a `HEAD`
+ * request (`headOnly`), the head alone, its `Content-Length` that of the body it would have had.
+ */
+export const writeRawError = (socket: Duplex, renderer: ErrorRenderer, status: number, message: string, headOnly = false): void => {
   if (!socket.writable) {
     socket.destroy()
     return
@@ -78,7 +81,7 @@ export const writeRawError = (socket: Duplex, renderer: ErrorRenderer, status: n
   socket.end(
     `HTTP/1.1 ${status} ${STATUS_TEXT[status] ?? "Error"}\r\n` +
       `Content-Type: ${renderer.contentType}\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n` +
-      body
+      (headOnly ? "" : body)
   )
 }
 

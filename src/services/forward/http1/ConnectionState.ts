@@ -52,6 +52,8 @@ export abstract class ConnectionState implements ConnectionWaiter {
 
   // The exchange in progress.
   protected request: RequestHead | undefined = undefined
+  /** The request being served is a `HEAD`: an error answered to it has no body. */
+  protected headRequest = false
   protected head: Buffer | undefined = undefined
   protected outgoing: Http1Outgoing | undefined = undefined
   protected requestFramer: BodyFramer | undefined = undefined
@@ -179,13 +181,13 @@ export abstract class ConnectionState implements ConnectionWaiter {
     if (this.observer !== undefined) {
       const socket = this.socket as net.Socket & { bytesWritten?: number }
       const before = socket.bytesWritten ?? 0
-      writeRawError(this.socket, this.core.errors, status, message)
+      writeRawError(this.socket, this.core.errors, status, message, this.headRequest)
       this.sentBytes += Math.max(0, (socket.bytesWritten ?? 0) - before)
       // An answer after a relayed response head cannot happen (the connection is cut instead).
       this.status = status
       this.observed("Refused")
     } else {
-      writeRawError(this.socket, this.core.errors, status, message)
+      writeRawError(this.socket, this.core.errors, status, message, this.headRequest)
     }
     this.endAdmission()
     closeAfterFlush(this.socket)
@@ -225,6 +227,7 @@ export abstract class ConnectionState implements ConnectionWaiter {
   }
 
   protected resetExchange(): void {
+    this.headRequest = false
     this.request = undefined
     this.incoming = undefined
     this.rerouted = false

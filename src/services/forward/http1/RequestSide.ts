@@ -154,6 +154,7 @@ export abstract class RequestSide extends ConnectionLimits {
     this.socket.pause()
     this.clearClientTimer()
     this.pending = rest.length > 0 ? rest : undefined
+    this.headRequest = request.method === "HEAD"
     if (this.core.isClosed() || this.server.closing) {
       this.fail(503, "switchyard: shutting down")
       return
