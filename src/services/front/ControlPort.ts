@@ -6,7 +6,6 @@
  * disturbs the port or other sessions. The same sessions can arrive over a WebSocket path
  * (`ControlWebSocket.ts`). Routing, forwarding and ports are the shared core's.
  */
-import * as http from "node:http"
 import type { Duplex } from "node:stream"
 import { Clock, Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope } from "effect"
 import type * as Redacted from "effect/Redacted"
@@ -38,6 +37,7 @@ import { type Backend, BackendUnavailable, type ConnectionMeta, type ConnectionP
 import { Dispatcher, type DispatcherConfig } from "../Dispatcher.ts"
 import { Forwarder } from "../Forwarder.ts"
 import type { ClientLimitEvent } from "../forward/http1/Admission.ts"
+import type { UpgradeRequest } from "../transport/WebSocketOpen.ts"
 import { refusedConnection, streamUpstream } from "../forward/Upstream.ts"
 import { plainErrors, withoutUpstreamDetail } from "../forward/ErrorResponse.ts"
 import { type CertificateSource, type ListenerError, Listeners, type ListenersConfig } from "../Listeners.ts"
@@ -217,7 +217,7 @@ export interface ControlPortShape {
    * Serves an HTTP upgrade on the WebSocket control path from another server (its `upgrade` event);
    * returns false, touching nothing, for other paths or when `websocket` is not configured.
    */
-  readonly handleUpgrade: (req: http.IncomingMessage, socket: Duplex, head: Buffer) => boolean
+  readonly handleUpgrade: (req: UpgradeRequest, socket: Duplex, head: Buffer) => boolean
   /**
    * Replaces the token grants for new sessions; sessions already up keep the grant they were given,
    * unless `closeRevoked` is set: then the sessions whose token no longer authenticates are closed (their

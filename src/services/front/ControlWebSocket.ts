@@ -13,7 +13,7 @@ import { type Address, TransportError } from "../Transport.ts"
 import type { AdmissionRefusal, HandshakeTicket } from "./HandshakeAdmission.ts"
 import { DefaultMaxPayload, type WebSocketConnectionOptions } from "../transport/WebSocketConnection.ts"
 import type { WebSocketEndpoint } from "../transport/WebSocketEndpoint.ts"
-import { acceptWebSocket } from "../transport/WebSocketOpen.ts"
+import { acceptWebSocket, type UpgradeRequest } from "../transport/WebSocketOpen.ts"
 
 /** The path the control port answers on by default. */
 export const DefaultTunnelPath = "/tunnel"
@@ -75,7 +75,7 @@ const refuse = (socket: Duplex, status: number, text: string): void => {
 
 /** An upgrade handler for `path`; returns false (touching nothing) for other paths. */
 export interface UpgradeHandler {
-  (req: http.IncomingMessage, socket: Duplex, head: Buffer): boolean
+  (req: UpgradeRequest, socket: Duplex, head: Buffer): boolean
   /** Terminates every WebSocket it accepted. */
   readonly close: () => void
 }
@@ -89,10 +89,10 @@ export const makeUpgradeHandler = (
   const path = config.path ?? DefaultTunnelPath
   const maxMessageBytes = config.maxPayload ?? DefaultMaxPayload
   const accepted = new Set<WebSocketEndpoint>()
-  const handler = (req: http.IncomingMessage, socket: Duplex, head: Buffer): boolean => {
+  const handler = (req: UpgradeRequest, socket: Duplex, head: Buffer): boolean => {
     if (pathOf(req.url) !== path) return false
     socket.on("error", () => socket.destroy())
-    const s = req.socket as net.Socket
+    const s = req.socket
     const secure = (s as { encrypted?: boolean }).encrypted === true
     const remoteAddress: Address = { host: s.remoteAddress, port: s.remotePort }
     const localAddress: Address = { host: s.localAddress, port: s.localPort }

@@ -2,16 +2,19 @@
  * The wsp-compatible server: wsp clients register pooled WebSocket connections on `/register`;
  * callers send HTTP requests to `/request` with `X-Proxy-Destination`, each carried over one idle
  * connection as a JSON head message plus one binary body message, answered the same way.
+ * Every request and upgrade on its port is served by the forwarding core's HTTP/1.1 engine (the same
+ * parser, limits and header rules as every other front door); a registered connection is an upstream
+ * reached by messages (`WspServerConnection.ts`), and the pick among clients is the dispatcher's.
  * It does not perform requests itself and never puts two requests on one connection at a time.
  */
 import { createHash, timingSafeEqual } from "node:crypto"
-import * as http from "node:http"
+import * as net from "node:net"
 import type { Duplex } from "node:stream"
 import { Context, Effect, FiberSet, Layer, Redacted, Schema } from "effect"
 import type { Scope } from "effect"
 import { checkDestination } from "../../domain/DestinationRules.ts"
 import type { WspServerConfig } from "../../domain/WspConfig.ts"
-import { checkRequestFields } from "../../domain/Http1Parser.ts"
+import { headerValue } from "../../domain/HttpHeaders.ts"
 import type { GoHeader, WspHeadLimits } from "../../domain/WspMessage.ts"
 import {
   canonicalHeaderName,
@@ -28,7 +31,13 @@ import { skippedNote } from "./HandshakeAdmission.ts"
 import { defaultCleanInterval, makePool, PoolError } from "../Pool.ts"
 import type { WebSocketEndpoint } from "../transport/WebSocketEndpoint.ts"
 import { ServerConnection, WspProxyError } from "./WspServerConnection.ts"
-import { acceptWebSocket } from "../transport/WebSocketOpen.ts"
+import { acceptWebSocket, type UpgradeRequest } from "../transport/WebSocketOpen.ts"
+import { plainErrors, writeRawError } from "../forward/ErrorResponse.ts"
+import type { ExchangeFront, ExchangeRequest, MessageUpstream } from "../forward/Exchange.ts"
+import type { Admission, Http1Request, PendingAdmission } from "../forward/http1/Admission.ts"
+import type { HttpLimits } from "../forward/HttpLimits.ts"
+import { refusedConnection, streamUpstream } from "../forward/Upstream.ts"
+import { makeForwarder } from "../Forwarder.ts"
 
 /** wsp's status for every proxy-side failure. */
 export const proxyErrorStatus = 526
@@ -49,14 +58,20 @@ export const defaultMaxGreetingBytes = 4 * 1024
  * it is terminated, before `ws` assembles a message up to `maxmessagesize` that wsp would refuse anyway.
  */
 export const defaultMaxIdleBytes = 64 * 1024
-export { clientControlFrameOverheadBytes, responseHighWater, uploadHighWater, WspProxyError } from "./WspServerConnection.ts"
+export { clientControlFrameOverheadBytes, uploadHighWater, WspProxyError } from "./WspServerConnection.ts"
 
 /** Shortest interval between two log lines about refused registrations, or about failed requests (ms). */
 export const failureLogInterval = 10_000
 /** Body of the answer to `/register` when no `secretkey` is set and open registration is off. */
 export const registrationClosedMessage = "Registration closed: the server has no secretkey configured"
-/** Most headers Node parses on an incoming request before switchyard counts them itself. */
-const nodeHeaderParseLimit = 4096
+/** Largest request head a caller or a registering client may send, bytes. */
+export const maxRequestHeadBytes = 16 * 1024
+/** Time a caller has to send a request head, ms. */
+export const requestHeadTimeout = 60_000
+/** Idle time of a caller's keep-alive connection between requests, ms. */
+export const callerKeepAliveTimeout = 5_000
+/** Most connections open on the port at once (callers and registered clients); more are closed on arrival. */
+export const maxPortConnections = 16_384
 
 /** The server could not start. */
 export class WspServerError extends Schema.TaggedError<WspServerError>()("WspServerError", {
@@ -71,34 +86,67 @@ export const secretMatches = (given: string, expected: string): boolean =>
 // ---------------------------------------------------------------------------------------------
 // Requests from callers
 
-const sendError = (res: http.ServerResponse, status: number, message: string, extra?: Record<string, string>): void => {
-  if (res.destroyed) return
-  if (res.headersSent) {
-    res.destroy()
-    return
-  }
-  res.writeHead(status, { "Content-Type": "text/plain; charset=utf-8", "X-Content-Type-Options": "nosniff", ...extra })
-  res.end(`${message}\n`)
-}
-
-/** The caller's headers as Go's server would hold them, without Host and hop-by-hop fields. */
-const requestHeader = (req: http.IncomingMessage): GoHeader => {
+/** Flat `[name, value, ...]` fields as Go's server would hold them, without Host and hop-by-hop fields. */
+const goHeader = (fields: ReadonlyArray<string>): GoHeader => {
   const out: Record<string, Array<string>> = Object.create(null)
-  for (const [name, values] of Object.entries(req.headersDistinct)) {
-    if (name === "host" || values === undefined) continue
+  for (let i = 0; i < fields.length; i += 2) {
+    const name = fields[i]!
+    if (name.toLowerCase() === "host") continue
     const canonical = canonicalHeaderName(name)
     const existing = out[canonical]
-    if (existing === undefined) out[canonical] = [...values]
-    else existing.push(...values)
+    if (existing === undefined) out[canonical] = [fields[i + 1]!]
+    else existing.push(fields[i + 1]!)
   }
   return withoutHopByHop(out)
 }
 
-const requestContentLength = (req: http.IncomingMessage): number => {
-  const declared = req.headers["content-length"]
+/** The body length wsp is told: the declared length, -1 for a chunked body, 0 for none. */
+const requestContentLength = (fields: ReadonlyArray<string>): number => {
+  const declared = headerValue(fields, "content-length")
   if (declared !== undefined && /^[0-9]+$/.test(declared)) return Number(declared)
-  return req.headers["transfer-encoding"] !== undefined ? -1 : 0
+  return headerValue(fields, "transfer-encoding") !== undefined ? -1 : 0
 }
+
+/** Header values by lower-case name, as the WebSocket handshake check reads them. */
+const headerRecord = (fields: ReadonlyArray<string>): Record<string, Array<string>> => {
+  const out: Record<string, Array<string>> = Object.create(null)
+  for (let i = 0; i < fields.length; i += 2) (out[fields[i]!.toLowerCase()] ??= []).push(fields[i + 1]!)
+  return out
+}
+
+/**
+ * An upgrade's fields as the WebSocket handshake reads them: the engine keeps `Upgrade` and `Connection`
+ * out of the fields it passes on, and says what was asked for in `protocol`.
+ */
+const upgradeHeaders = (request: ExchangeRequest, protocol: string): Record<string, Array<string>> => ({
+  ...headerRecord(request.headers),
+  upgrade: [protocol],
+  connection: ["Upgrade"]
+})
+
+/** A refusal, answered by the engine with a one-line body; the caller's connection closes after it. */
+const refuse = (status: number, message: string): Admission => ({ _tag: "Refuse", status, message })
+
+/**
+ * An answer the wsp server gives itself (`/status`, a 401 with its challenge). A request body is not
+ * read: the engine closes such a caller's connection after the answer.
+ */
+const localAnswer = (status: number, body: string, fields: ReadonlyArray<string> = []): MessageUpstream => ({
+  exchange: (front) => {
+    const bytes = Buffer.from(body, "utf8")
+    front.respond(status, ["Content-Type", "text/plain; charset=utf-8", "Content-Length", String(bytes.length), ...fields], false)
+    front.write(bytes)
+    front.end(undefined)
+  },
+  upgrade: (_request, _protocol, socket) => void socket.destroy()
+})
+
+/** The engine's default upstream: every admitted request names its own, so this answers like none. */
+const noUpstream = streamUpstream({
+  describe: "no wsp connection",
+  limits: { maxSockets: 1, maxFreeSockets: 0 },
+  connect: () => refusedConnection("no wsp connection")
+})
 
 const bearer = /^Bearer\s+(.+)$/i
 
@@ -146,7 +194,7 @@ export interface WspServerExtras {
    * Offered every upgrade whose path is not `/register`; returns true when it took the socket (e.g. the
    * control port's `handleUpgrade` for its `/tunnel` path). Others still get wsp's 404.
    */
-  readonly upgrade?: ((req: http.IncomingMessage, socket: Duplex, head: Buffer) => boolean) | undefined
+  readonly upgrade?: ((req: UpgradeRequest, socket: Duplex, head: Buffer) => boolean) | undefined
 }
 
 /** Starts the server; it stops, closing every connection, when the scope closes. */
@@ -279,174 +327,206 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     return true
   }
 
-  const refuseUpgrade = (socket: Duplex, status: number, reason: string, message: string): void => {
-    const body = `${message}\n`
-    socket.end(
-      `HTTP/1.1 ${status} ${reason}\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\n` +
-        `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`
-    )
+  const pathOf = (target: string): string => {
+    const q = target.indexOf("?")
+    return q >= 0 ? target.slice(0, q) : target
   }
 
-  const pathOf = (req: http.IncomingMessage): string => {
-    const url = req.url ?? "/"
-    const q = url.indexOf("?")
-    return q >= 0 ? url.slice(0, q) : url
-  }
-
-  const onUpgrade = (req: http.IncomingMessage, socket: Duplex, head: Buffer): void => {
-    socket.on("error", () => socket.destroy())
-    if (pathOf(req) !== "/register") {
-      if (extras.upgrade?.(req, socket, head) === true) return
-      return refuseUpgrade(socket, 404, "Not Found", "404 page not found")
+  /**
+   * A refusal after the delay this address's failed credential earned (at once within the free
+   * failures); the caller's connection reads nothing meanwhile, and is dropped if the server closes.
+   */
+  const refuseAfterFailure = (address: string, admission: Admission): PendingAdmission => ({
+    _tag: "Pending",
+    wait: (decide) => {
+      let waiting = true
+      afterFailure(address, () => {
+        if (waiting) decide(admission)
+      }, () => {
+        if (waiting) decide(refuse(503, "wsp-server: shutting down"))
+      })
+      return () => void (waiting = false)
     }
+  })
+
+  /** The registration upgrade: the WebSocket handshake on the caller's connection, then the greeting. */
+  const registration = (peer: string, versionMinor: number): MessageUpstream => ({
+    exchange: (front) => front.fail(proxyErrorStatus, "HTTP upgrade error : not a WebSocket upgrade request"),
+    upgrade: (request: ExchangeRequest, protocol: string, socket: Duplex, head: Buffer) => {
+      socket.on("error", () => socket.destroy())
+      // heads are text: at most the head limit, in UTF-8 (up to three bytes a code unit)
+      const endpoint = acceptWebSocket(
+        { method: request.method, httpVersion: `1.${versionMinor}`, headers: upgradeHeaders(request, protocol) },
+        socket,
+        head,
+        { maxMessageBytes: config.maxMessageSize, maxTextBytes: 3 * limits.maxHeadLength }
+      )
+      if (endpoint !== undefined) onRegistered(endpoint, peer, head.length)
+    }
+  })
+
+  /** An upgrade offered to what is mounted on the port; one it does not take gets wsp's 404. */
+  const mountedUpgrade = (mounted: NonNullable<WspServerExtras["upgrade"]>, versionMinor: number): MessageUpstream => ({
+    exchange: (front) => front.fail(404, "404 page not found"),
+    upgrade: (request, protocol, socket, head) => {
+      const taken = mounted(
+        { method: request.method, url: request.path, httpVersion: `1.${versionMinor}`, headers: upgradeHeaders(request, protocol), socket: socket as net.Socket },
+        socket,
+        head
+      )
+      if (!taken) writeRawError(socket, plainErrors, 404, "404 page not found")
+    }
+  })
+
+  const admitRegistration = (request: Http1Request, address: string): Admission | PendingAdmission => {
     if (registrationClosed()) {
       refuseClosedRegistration()
-      return refuseUpgrade(socket, 403, "Forbidden", registrationClosedMessage)
+      return refuse(403, registrationClosedMessage)
     }
-    const address = req.socket.remoteAddress ?? "unknown"
-    if (throttled(address)) return refuseUpgrade(socket, 429, "Too Many Requests", "too many failed credentials from this address")
-    const given = req.headers["x-secret-key"]
-    if (!secretMatches(typeof given === "string" ? given : "", secret)) {
+    if (throttled(address)) return refuse(429, "too many failed credentials from this address")
+    if (!secretMatches(headerValue(request.headers, "x-secret-key") ?? "", secret)) {
       rejected.secretKey++
-      return afterFailure(address, () => refuseUpgrade(socket, proxyErrorStatus, "Proxy Error", "Invalid X-SECRET-KEY"), () => socket.destroy())
+      return refuseAfterFailure(address, refuse(proxyErrorStatus, "Invalid X-SECRET-KEY"))
     }
     authThrottle.succeeded(address)
-    const peer = `${req.socket.remoteAddress}:${req.socket.remotePort}`
+    if (request.upgrade === undefined) return refuse(proxyErrorStatus, "HTTP upgrade error : not a WebSocket upgrade request")
+    const remote = request.socket as net.Socket
+    const peer = `${remote.remoteAddress}:${remote.remotePort}`
     if (greeting.size >= maxPendingGreetings) {
       refused("tooManyGreetings", `${peer}: ${maxPendingGreetings} registrations already wait for their greeting; refused with 503`)
-      return refuseUpgrade(socket, 503, "Service Unavailable", "too many registrations in progress")
+      return refuse(503, "too many registrations in progress")
     }
-    // heads are text: at most the head limit, in UTF-8 (up to three bytes a code unit)
-    const endpoint = acceptWebSocket(req, socket, head, { maxMessageBytes: config.maxMessageSize, maxTextBytes: 3 * limits.maxHeadLength })
-    if (endpoint !== undefined) onRegistered(endpoint, peer, head.length)
-  }
-
-  /** A request that passed every check, ready to go over a connection. */
-  interface Prepared {
-    readonly headText: string
-  }
-
-  /** Checks a `/request` and builds its head; answers the caller itself and returns undefined on refusal. */
-  const prepare = (req: http.IncomingMessage, res: http.ServerResponse): Prepared | undefined => {
-    if (requestKey !== undefined) {
-      const address = req.socket.remoteAddress ?? "unknown"
-      if (throttled(address)) return void sendError(res, 429, "too many failed credentials from this address")
-      const auth = bearer.exec(req.headers["proxy-authorization"] ?? "")
-      if (!secretMatches(auth === null ? "" : auth[1]!.trim(), requestKey)) {
-        rejected.requestKey++
-        return void afterFailure(address, () => sendError(res, 401, "Invalid Proxy-Authorization", { "Proxy-Authenticate": "Bearer" }), () => res.destroy())
-      }
-      authThrottle.succeeded(address)
-    }
-    const rawDestination = req.headers["x-proxy-destination"]
-    const destination = Array.isArray(rawDestination) ? rawDestination[0] : rawDestination
-    if (destination === undefined || destination === "") {
-      return void sendError(res, proxyErrorStatus, "Missing X-PROXY-DESTINATION header")
-    }
-    let url: URL
-    try {
-      url = new URL(destination)
-    } catch {
-      return void sendError(res, proxyErrorStatus, "Unable to parse X-PROXY-DESTINATION header")
-    }
-    if (url.protocol !== "http:" && url.protocol !== "https:") {
-      return void sendError(res, proxyErrorStatus, "Unable to parse X-PROXY-DESTINATION header")
-    }
-    if (Object.keys(req.headersDistinct).length > config.maxHeaders) {
-      return void sendError(res, 431, `more than ${config.maxHeaders} request headers`)
-    }
-    const ambiguous = checkRequestFields(req.rawHeaders)
-    if (ambiguous !== undefined) return void sendError(res, 400, ambiguous.message)
-    const header = requestHeader(req)
-    const method = req.method ?? "GET"
-    const verdict = checkDestination(config.rules, { method, url: url.href, header })
-    if (verdict._tag !== "Allowed") return void sendError(res, proxyErrorStatus, verdict.message)
-    const contentLength = requestContentLength(req)
-    if (contentLength > config.maxMessageSize) {
-      return void sendError(res, 413, `request body exceeds ${config.maxMessageSize} bytes`)
-    }
-    return { headText: encodeRequestHead({ Method: method, URL: destination, Header: header, ContentLength: contentLength }) }
+    return { _tag: "Forward", message: registration(peer, request.versionMinor) }
   }
 
   /** What happens to a connection once its exchange is over. */
-  const settle = (conn: ServerConnection, res: http.ServerResponse, error: WspProxyError | undefined): void => {
+  const settle = (conn: ServerConnection, front: ExchangeFront, error: WspProxyError | undefined): void => {
     if (error === undefined) return pool.releaseNow(conn)
     pool.remove(conn)
     conn.close(error.message)
     failures[error.reason] = (failures[error.reason] ?? 0) + 1
     if (error.reason !== "CallerGone") warnFailure(`wsp /request failed, connection of pool ${conn.poolId} dropped (${error.reason}): ${error.message}`)
-    // nothing more to tell a caller that left or that already has its whole response
-    if (error.reason === "CallerGone" || res.writableEnded) return
-    sendError(res, error.reason === "BodyTooLarge" ? 413 : proxyErrorStatus, error.message)
+    // a caller with part of its response is cut; one with none is told why
+    if (front.isAnswered()) front.abort()
+    else front.fail(error.reason === "BodyTooLarge" ? 413 : proxyErrorStatus, error.message)
   }
 
-  /** The slow path: no idle connection, so wait (up to `timeout`) in a fiber the caller can cancel. */
-  const waitAndProxy = Effect.fnUntraced(function*(req: http.IncomingMessage, res: http.ServerResponse, prepared: Prepared) {
-    const conn = yield* pool.take.pipe(
-      Effect.catch((e: PoolError) => Effect.sync(() => (sendError(res, proxyErrorStatus, e.message), undefined)))
-    )
-    if (conn === undefined) return
-    yield* Effect.callback<void>((resume) => {
-      let settled = false
-      const cancel = conn.proxy(req, res, prepared.headText, config.maxMessageSize, config.responseTimeout, (error) => {
-        settled = true
-        settle(conn, res, error)
-        resume(Effect.void)
-      })
-      return Effect.sync(() => {
-        if (settled) return
-        cancel()
-        pool.remove(conn)
-        conn.close("interrupted")
-      })
-    })
+  /** One `/request` carried over `conn`, which goes back to the pool (or is dropped) when it is over. */
+  const overConnection = (conn: ServerConnection, headText: string): MessageUpstream => ({
+    exchange: (front) => {
+      conn.exchangeOver(front, headText, config.maxMessageSize, config.responseTimeout, (error) => settle(conn, front, error))
+    },
+    upgrade: (_request, _protocol, socket) => {
+      // a `/request` upgrade is refused at admission; a connection taken for one goes straight back
+      pool.releaseNow(conn)
+      socket.destroy()
+    }
   })
 
-  const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
-    const path = pathOf(req)
-    if (path === "/status") {
-      res.writeHead(200, { "Content-Type": "text/plain; charset=utf-8" })
-      res.end("ok")
-      return
-    }
-    if (path === "/register") {
-      if (registrationClosed()) {
-        refuseClosedRegistration()
-        return sendError(res, 403, registrationClosedMessage)
+  const admitRequest = (request: Http1Request, address: string): Admission | PendingAdmission => {
+    if (requestKey !== undefined) {
+      if (throttled(address)) return refuse(429, "too many failed credentials from this address")
+      const auth = bearer.exec(headerValue(request.headers, "proxy-authorization") ?? "")
+      if (!secretMatches(auth === null ? "" : auth[1]!.trim(), requestKey)) {
+        rejected.requestKey++
+        const answer = localAnswer(401, "Invalid Proxy-Authorization\n", ["Proxy-Authenticate", "Bearer"])
+        return refuseAfterFailure(address, { _tag: "Forward", message: answer })
       }
-      const given = req.headers["x-secret-key"]
-      if (!secretMatches(typeof given === "string" ? given : "", secret)) {
-        rejected.secretKey++
-        return sendError(res, proxyErrorStatus, "Invalid X-SECRET-KEY")
-      }
-      return sendError(res, proxyErrorStatus, "HTTP upgrade error : not a WebSocket upgrade request")
+      authThrottle.succeeded(address)
     }
-    if (path !== "/request") return sendError(res, 404, "404 page not found")
+    if (request.upgrade !== undefined) return refuse(proxyErrorStatus, "/request does not take an Upgrade")
+    const destination = headerValue(request.headers, "x-proxy-destination")
+    if (destination === undefined || destination === "") return refuse(proxyErrorStatus, "Missing X-PROXY-DESTINATION header")
+    let url: URL
+    try {
+      url = new URL(destination)
+    } catch {
+      return refuse(proxyErrorStatus, "Unable to parse X-PROXY-DESTINATION header")
+    }
+    if (url.protocol !== "http:" && url.protocol !== "https:") return refuse(proxyErrorStatus, "Unable to parse X-PROXY-DESTINATION header")
+    const header = goHeader(request.headers)
+    const method = request.method
+    const verdict = checkDestination(config.rules, { method, url: url.href, header })
+    if (verdict._tag !== "Allowed") return refuse(proxyErrorStatus, verdict.message)
+    const contentLength = requestContentLength(request.headers)
+    if (contentLength > config.maxMessageSize) return refuse(413, `request body exceeds ${config.maxMessageSize} bytes`)
     if (inFlight >= config.maxConcurrentRequests) {
-      return sendError(res, proxyErrorStatus, `Too many concurrent requests (limit ${config.maxConcurrentRequests})`)
+      return refuse(proxyErrorStatus, `Too many concurrent requests (limit ${config.maxConcurrentRequests})`)
     }
+    const headText = encodeRequestHead({ Method: method, URL: destination, Header: header, ContentLength: contentLength })
     inFlight++
-    res.once("close", () => inFlight--)
-    const prepared = prepare(req, res)
-    if (prepared === undefined) return
-    // the fast path, plain callbacks: an idle connection is there now
-    const conn = pool.tryTake()
-    if (conn !== undefined) {
-      conn.proxy(req, res, prepared.headText, config.maxMessageSize, config.responseTimeout, (error) => settle(conn, res, error))
-      return
+    let counted = true
+    const uncount = () => {
+      if (!counted) return
+      counted = false
+      inFlight--
     }
-    if (pool.stats().pools === 0) return sendError(res, proxyErrorStatus, "No proxy available")
-    const fiber = run(waitAndProxy(req, res, prepared))
-    // a caller that leaves while waiting for a connection stops waiting; mid-exchange, the
-    // exchange itself notices and throws the connection away
-    res.once("close", () => {
-      if (!res.writableFinished) fiber.interruptUnsafe()
-    })
+    const forward = (conn: ServerConnection): Admission => ({ _tag: "Forward", message: overConnection(conn, headText), onEnd: uncount })
+    // the fast path: an idle connection is there now
+    const conn = pool.tryTake()
+    if (conn !== undefined) return forward(conn)
+    if (pool.stats().pools === 0) {
+      uncount()
+      return refuse(proxyErrorStatus, "No proxy available")
+    }
+    // no idle connection: wait (up to `timeout`) for the first one freed, in a fiber the caller's
+    // departure interrupts (a connection handed over meanwhile goes back to the pool)
+    return {
+      _tag: "Pending",
+      wait: (decide) => {
+        const fiber = run(pool.take.pipe(
+          Effect.matchEffect({
+            onFailure: (e: PoolError) =>
+              Effect.sync(() => {
+                uncount()
+                decide(refuse(proxyErrorStatus, e.message))
+              }),
+            onSuccess: (taken) => Effect.sync(() => decide(forward(taken)))
+          })
+        ))
+        return () => {
+          uncount()
+          fiber.interruptUnsafe()
+        }
+      }
+    }
   }
 
-  const server = http.createServer({ maxHeadersCount: nodeHeaderParseLimit } as http.ServerOptions, onRequest)
-  server.on("upgrade", onUpgrade)
-  server.on("clientError", (_err, socket) => socket.destroy())
+  const admit = (request: Http1Request): Admission | PendingAdmission => {
+    const path = pathOf(request.originTarget)
+    const address = (request.socket as net.Socket).remoteAddress ?? "unknown"
+    if (path === "/register") return admitRegistration(request, address)
+    if (request.upgrade !== undefined && path !== "/request") {
+      const mounted = extras.upgrade
+      if (mounted === undefined) return refuse(404, "404 page not found")
+      return { _tag: "Forward", message: mountedUpgrade(mounted, request.versionMinor) }
+    }
+    if (path === "/status") return { _tag: "Forward", message: localAnswer(200, "ok") }
+    if (path === "/request") return admitRequest(request, address)
+    return refuse(404, "404 page not found")
+  }
+
+  const httpLimits: HttpLimits = {
+    maxHeaderSize: maxRequestHeadBytes,
+    maxHeadersCount: config.maxHeaders,
+    headersTimeoutMs: requestHeadTimeout,
+    requestTimeoutMs: 0,
+    keepAliveTimeoutMs: callerKeepAliveTimeout,
+    maxConnections: maxPortConnections
+  }
+  const forwarder = yield* makeForwarder({
+    upstream: noUpstream,
+    // wsp hands the caller's fields on as they came, without adding its own
+    forwardedHeaders: "off",
+    responseTimeoutMs: 0,
+    idleTimeoutMs: 0,
+    onUpstreamError: (message) => warnFailure(`wsp /request: ${message}`)
+  })
+  const engine = forwarder.serveHttp1({ limits: httpLimits, admit })
+  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+    socket.on("error", () => socket.destroy())
+    engine.accept(socket)
+  })
 
   const address = yield* Effect.acquireRelease(
     Effect.callback<{ host: string; port: number }, WspServerError>((resume) => {
@@ -468,7 +548,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
         for (const endpoint of greeting) endpoint.terminate()
         for (const endpoint of registered) endpoint.terminate()
         server.close(() => resume(Effect.void))
-        server.closeAllConnections()
+        void engine.close(0)
       })
   )
 

@@ -1,15 +1,15 @@
 /**
- * One connection a wsp client registered with the wsp server: it carries one `/request` exchange at a
- * time, sending the request head as a text message and the caller's body as one fragmented binary
- * message, and relaying the response head and body back to the caller as they arrive, frame by frame.
- * It bounds what an idle connection may send, and drops itself on any violation of the exchange.
+ * One connection a wsp client registered with the wsp server, as an upstream of the forwarding core:
+ * it carries one exchange at a time, sending the request head as a text message and the caller's body
+ * as one fragmented binary message, and relaying the response head and body to the exchange's front as
+ * they arrive, frame by frame. It bounds what an idle connection may send, and drops itself on any
+ * violation of the exchange.
  */
-import type * as http from "node:http"
-import type * as net from "node:net"
 import { Schema } from "effect"
 import { contentLengthValues, declaredContentLength, isInvalidContentLength } from "../../domain/ContentLength.ts"
 import type { WspHeadLimits, WspResponseHead } from "../../domain/WspMessage.ts"
 import { decodeResponseHead, WspMessageError, withoutHopByHop } from "../../domain/WspMessage.ts"
+import type { ExchangeFront } from "../forward/Exchange.ts"
 import type { WebSocketEndpoint } from "../transport/WebSocketEndpoint.ts"
 
 /**
@@ -19,8 +19,6 @@ import type { WebSocketEndpoint } from "../transport/WebSocketEndpoint.ts"
  * connection stays idle.
  */
 export const clientControlFrameOverheadBytes = 6
-/** Bytes queued toward a caller before the WebSocket carrying its response is paused. */
-export const responseHighWater = 1024 * 1024
 /** Bytes queued on a WebSocket before the caller's request body is paused. */
 export const uploadHighWater = 4 * 1024 * 1024
 /** A `/request` that failed after a connection was taken; the connection is then closed. */
@@ -41,7 +39,7 @@ export class WspProxyError extends Schema.TaggedError<WspProxyError>()("WspProxy
 }) {}
 
 interface Exchange {
-  readonly res: http.ServerResponse
+  readonly front: ExchangeFront
   readonly method: string
   readonly done: (error: WspProxyError | undefined) => void
   head: WspResponseHead | undefined
@@ -70,8 +68,6 @@ export class ServerConnection {
   private idleBytes = 0
   private readonly maxIdleBytes: number
   private readonly onIdleOverflow: (conn: ServerConnection) => void
-  /** The caller's socket, corked while one read's body parts are written to it. */
-  private corked: net.Socket | undefined = undefined
 
   constructor(
     endpoint: WebSocketEndpoint,
@@ -100,20 +96,7 @@ export class ServerConnection {
       binaryStart: () => this.onBodyStart(),
       binaryData: (payload) => {
         const exchange = this.exchange
-        if (exchange === undefined || exchange.head === undefined) return
-        // the parts of a body in one read go to the caller in one write
-        const socket = exchange.res.socket
-        if (this.corked === undefined && socket !== null && !socket.destroyed) {
-          socket.cork()
-          this.corked = socket
-        }
-        this.onBodyFragment(exchange, payload)
-      },
-      readDone: () => {
-        const corked = this.corked
-        if (corked === undefined) return
-        this.corked = undefined
-        corked.uncork()
+        if (exchange !== undefined && exchange.head !== undefined) this.onBodyFragment(exchange, payload)
       },
       binaryEnd: () => {
         const exchange = this.exchange
@@ -198,64 +181,63 @@ export class ServerConnection {
   /** One fragment of a streamed response body: the head goes out with the first one. */
   private onBodyFragment(exchange: Exchange, fragment: Buffer): void {
     if (this.exchange !== exchange || exchange.head === undefined) return
-    const res = exchange.res
+    const front = exchange.front
     const head = exchange.head
     exchange.received += fragment.length
-    if (head.ContentLength >= 0 && exchange.received > head.ContentLength && !bodyless(exchange.method, head.StatusCode)) {
+    const noBody = bodyless(exchange.method, head.StatusCode)
+    if (head.ContentLength >= 0 && exchange.received > head.ContentLength && !noBody) {
       // not a byte past the promised length goes to the caller: before the head a clean error, after
       // it the response is cut (its connection closed), never relayed long
-      if (exchange.started) res.destroy()
       return this.finish(lengthMismatch(exchange.received, head.ContentLength, "or more "))
     }
     if (!exchange.started) {
-      const failure = startResponse(res, exchange.method, head)
+      const failure = startResponse(front, exchange.method, head)
       if (failure !== undefined) return this.finish(failure)
       exchange.started = true
     }
-    const socket = res.socket
-    // a destroyed socket takes no more writes (and would never call back)
-    if (bodyless(exchange.method, exchange.head.StatusCode) || res.destroyed || socket === null || socket.destroyed) return
-    // Node reports a full buffer past 16 KiB; pausing the WebSocket for every fragment would cost a
-    // round trip each, so the caller's buffer may grow to `responseHighWater` first
-    const ok = res.write(fragment)
-    if (!ok && !exchange.paused && res.writableLength >= responseHighWater) {
+    if (noBody || front.isGone()) return
+    // the front door says when the caller's queue is above its mark: the WebSocket is then read no
+    // more until it drained
+    if (!front.write(fragment) && !exchange.paused) {
       exchange.paused = true
       this.endpoint.pause()
-      res.once("drain", () => {
-        if (!exchange.paused) return
-        exchange.paused = false
-        if (this.exchange === exchange) this.endpoint.resume()
-      })
     }
+  }
+
+  /** The caller took what was queued: a WebSocket paused for it is read again. */
+  private onCallerDrained(exchange: Exchange): void {
+    if (!exchange.paused) return
+    exchange.paused = false
+    if (this.exchange === exchange) this.endpoint.resume()
   }
 
   /** The last frame of a streamed body has been read. */
   private endStreamedBody(exchange: Exchange, head: WspResponseHead): void {
-    const res = exchange.res
     const noBody = bodyless(exchange.method, head.StatusCode)
     if (!noBody && head.ContentLength >= 0 && exchange.received !== head.ContentLength) {
       // the caller was promised this length: a different body cannot be delivered intact (a clean
       // error while no head went out, else the response is cut)
-      if (exchange.started) res.destroy()
       return this.finish(lengthMismatch(exchange.received, head.ContentLength, ""))
     }
     if (!exchange.started) {
-      const failure = startResponse(res, exchange.method, head)
+      const failure = startResponse(exchange.front, exchange.method, head)
       if (failure !== undefined) return this.finish(failure)
       exchange.started = true
     }
-    res.end()
-    this.finish(exchange.uploaded ? undefined : unfinishedUpload())
+    if (!exchange.uploaded) return this.finish(unfinishedUpload())
+    const problem = exchange.front.end(undefined)
+    this.finish(problem === undefined ? undefined : new WspProxyError({ reason: "BadResponseHead", message: problem }))
   }
 
   /**
-   * Sends one request (head, then the caller's body as one fragmented binary message). With a
-   * `responseTimeout` (ms, 0 for none), the exchange fails with `ResponseTimeout` when no response head
-   * has arrived that long after the head or the latest part of the body went out.
+   * Carries one exchange: its head (`headText`, already encoded), then the caller's body as one
+   * fragmented binary message; the response goes to `front` as it arrives. With a `responseTimeout`
+   * (ms, 0 for none), the exchange fails with `ResponseTimeout` when no response head has arrived that
+   * long after the head or the latest part of the body went out. `done` is called once, with the
+   * failure if there was one (the connection is then closed). Returns a canceller.
    */
-  proxy(
-    req: http.IncomingMessage,
-    res: http.ServerResponse,
+  exchangeOver(
+    front: ExchangeFront,
     headText: string,
     maxBody: number,
     responseTimeout: number,
@@ -263,8 +245,8 @@ export class ServerConnection {
   ): () => void {
     const endpoint = this.endpoint
     const exchange: Exchange = {
-      res,
-      method: req.method ?? "GET",
+      front,
+      method: front.request.method,
       done,
       head: undefined,
       uploaded: false,
@@ -280,8 +262,8 @@ export class ServerConnection {
     const fail = (reason: WspProxyError["reason"], message: string) => {
       if (current()) this.finish(new WspProxyError({ reason, message }))
     }
-    const onCallerGone = () => fail("CallerGone", "caller went away")
-    res.once("close", onCallerGone)
+    front.onGone(() => fail("CallerGone", "caller went away"))
+    front.onDrain(() => this.onCallerDrained(exchange))
     if (!endpoint.sendText(headText)) {
       fail("SendFailed", "Unable to write request : connection not open")
       return () => undefined
@@ -291,6 +273,13 @@ export class ServerConnection {
         () => fail("ResponseTimeout", `Unable to get http response : no response within ${responseTimeout} ms`),
         responseTimeout
       )
+    }
+    const cancel = () => {
+      clearTimeout(exchange.responseTimer)
+      if (current()) {
+        this.exchange = undefined
+        this.endpoint.terminate()
+      }
     }
     let sent = 0
     let paused = false
@@ -311,16 +300,23 @@ export class ServerConnection {
       if (current() && exchange.head === undefined) exchange.responseTimer?.refresh()
       if (paused && endpoint.bufferedAmount < uploadHighWater) {
         paused = false
-        req.resume()
+        front.resumeBody()
       }
     }
-    req.on("data", (chunk: Buffer) => {
-      if (!current()) return
+    if (!front.request.hasBody) {
+      // no body follows the head: the body message is empty
+      exchange.uploaded = true
+      endpoint.sendFragment(Buffer.alloc(0), true, onSent)
+      return cancel
+    }
+    front.readBody((chunk) => {
+      if (!current()) return true
       sent += chunk.length
       if (sent > maxBody) {
-        req.pause()
-        return fail("BodyTooLarge", `request body exceeds ${maxBody} bytes`)
+        fail("BodyTooLarge", `request body exceeds ${maxBody} bytes`)
+        return false
       }
+      // a view of the front door's read, which is this exchange's to keep
       if (held !== undefined) endpoint.sendFragment(held, false, onSent)
       held = chunk
       if (!flushing) {
@@ -329,24 +325,16 @@ export class ServerConnection {
       }
       if (endpoint.bufferedAmount >= uploadHighWater) {
         paused = true
-        req.pause()
+        return false
       }
-    })
-    req.once("end", () => {
+      return true
+    }, () => {
       if (!current()) return
       exchange.uploaded = true
       endpoint.sendFragment(held ?? Buffer.alloc(0), true, onSent)
       held = undefined
     })
-    req.once("error", (err) => fail("CallerGone", `Unable to pipe request body : ${err.message}`))
-    return () => {
-      res.off("close", onCallerGone)
-      clearTimeout(exchange.responseTimer)
-      if (current()) {
-        this.exchange = undefined
-        this.endpoint.terminate()
-      }
-    }
+    return cancel
   }
 }
 
@@ -385,26 +373,22 @@ const unfinishedUpload = () =>
   new WspProxyError({ reason: "UnfinishedUpload", message: "response arrived before the request body was sent" })
 
 /**
- * Writes a streamed response's status and headers: the head's `Content-Length` when it states one
- * (checked against the body at its end), chunked otherwise.
+ * Sends a streamed response's status and headers to the front: the head's `Content-Length` when it
+ * states one (checked against the body at its end), else the front door frames the body itself.
  */
-const startResponse = (res: http.ServerResponse, method: string, head: WspResponseHead): WspProxyError | undefined => {
-  if (res.headersSent || res.destroyed) return undefined
+const startResponse = (front: ExchangeFront, method: string, head: WspResponseHead): WspProxyError | undefined => {
+  if (front.isAnswered() || front.isGone()) return undefined
   const noBody = bodyless(method, head.StatusCode)
   const problem = framingProblem(head, noBody, undefined)
   if (problem !== undefined) return problem
   const header = withoutHopByHop(head.Header, noBody ? NO_NAMES : CONTENT_LENGTH)
-  try {
-    for (const [name, values] of Object.entries(header)) {
-      if (values.length > 0) res.setHeader(name, values as Array<string>)
-    }
-    if (!noBody && head.ContentLength >= 0) res.setHeader("Content-Length", head.ContentLength)
-    res.writeHead(head.StatusCode)
-  } catch (e) {
-    for (const name of res.getHeaderNames()) res.removeHeader(name)
-    return new WspProxyError({ reason: "BadResponseHead", message: `Unable to write response headers : ${(e as Error).message}` })
-  }
-  return undefined
+  const fields: Array<string> = []
+  for (const [name, values] of Object.entries(header)) for (const value of values) fields.push(name, value)
+  if (!noBody && head.ContentLength >= 0) fields.push("Content-Length", String(head.ContentLength))
+  const refused = front.respond(head.StatusCode, fields, noBody)
+  return refused === undefined
+    ? undefined
+    : new WspProxyError({ reason: "BadResponseHead", message: `Unable to write response headers : ${refused}` })
 }
 
 /** Response heads keep their own length only where no body is sent. */

@@ -20,12 +20,27 @@ import {
 import { type EndpointOptions, WebSocketEndpoint } from "./WebSocketEndpoint.ts"
 
 /**
+ * An upgrade request as a server hands it over: Node's `http.IncomingMessage` from its `upgrade` event
+ * is one; so is the request the forwarding core's engine passes to a front door that takes upgrades.
+ */
+export interface UpgradeRequest {
+  readonly method?: string | undefined
+  /** The request target (origin form). */
+  readonly url?: string | undefined
+  readonly httpVersion: string
+  /** Values by lower-case field name. */
+  readonly headers: Readonly<Record<string, string | ReadonlyArray<string> | undefined>>
+  /** The client's connection (for its addresses). */
+  readonly socket: net.Socket
+}
+
+/**
  * Accepts the upgrade request `req` on `socket` (with `head`, what Node read past the request): the
  * 101 answer goes out and the endpoint reads from the first frame on. A request that is not a valid
  * WebSocket upgrade is answered 400 (426 for another version) and closed; `undefined` then.
  */
 export const acceptWebSocket = (
-  req: http.IncomingMessage,
+  req: Pick<UpgradeRequest, "method" | "httpVersion" | "headers">,
   socket: Duplex,
   head: Buffer,
   options: Omit<EndpointOptions, "masking">
