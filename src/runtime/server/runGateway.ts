@@ -67,16 +67,16 @@ const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape) 
     }),
     metrics.registry.sampledGauge({
       name: "switchyard_acme_certificate_days_left",
-      help: "Days until the certificate served for a name expires.",
+      help: "Days until the certificate served for a name expires (names no route wants are left out).",
       labelNames: ["name"],
-      collect: () => acme.status().flatMap((s) => s.daysLeft === undefined ? [] : [[[s.name], s.daysLeft] as const])
+      collect: () => acme.status().flatMap((s) => s.daysLeft === undefined || s.state === "unused" ? [] : [[[s.name], s.daysLeft] as const])
     }),
     metrics.registry.sampledGauge({
       name: "switchyard_acme_names",
-      help: "Names whose certificate the gateway obtains, by state (ordering: none yet; waiting: after a failed order).",
+      help: "Names whose certificate the gateway obtains, by state (ordering: none yet; waiting: after a failed order; unused: no route wants it, not renewed).",
       labelNames: ["state"],
       collect: () => {
-        const counts = new Map<string, number>([["ordering", 0], ["valid", 0], ["renewing", 0], ["waiting", 0]])
+        const counts = new Map<string, number>([["ordering", 0], ["valid", 0], ["renewing", 0], ["waiting", 0], ["unused", 0]])
         for (const s of acme.status()) counts.set(s.state, (counts.get(s.state) ?? 0) + 1)
         return [...counts].map(([state, n]) => [[state], n] as const)
       }
