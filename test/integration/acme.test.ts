@@ -291,6 +291,31 @@ describePebble("ACME certificates (pebble)", () => {
       assert.strictEqual(result.code, 0, result.out)
     })))
 
+  it.live("reconfigure: a longer renew_before renews at once, without the clock moving; a new email is the account's contact from that order on", () =>
+    noLeaks(Effect.gen(function*() {
+      const l = yield* lab(["reload.test"])
+      const clock = yield* TestClock.make()
+      yield* clock.setTime(Date.now())
+      const acme = yield* AcmeCertificates.make(acmeConfig(l, { clock, renewBefore: "30 days" }))
+      const { tunnel } = yield* gatewayWith(acme)
+      yield* serveHttp(tunnel, { _tag: "Tls", port: l.tlsPort, domainSuffix: "reload.test", acme: true, then: "http" }, (_req, res) => hello(res))
+      const first = yield* eventually("the certificate", () => acme.status().find((s) => s.state === "valid"))
+      // 40 days before expiry: not due with 30 days, due with 60
+      yield* clock.adjust(Date.parse(first.notAfter!) - 40 * 24 * 60 * 60 * 1000 - clock.currentTimeMillisUnsafe())
+      yield* Effect.promise(() => new Promise((r) => setTimeout(r, 300)))
+      assert.deepStrictEqual(acme.orders(), { issued: 1, failed: 0 })
+      const changed = yield* acme.reconfigure(acmeConfig(l, { clock, renewBefore: "60 days", email: "renewals@example.com" }))
+      assert.deepStrictEqual(changed, ["email", "renew_before"])
+      yield* eventually("the renewal", () => acme.orders().issued === 2 ? true : undefined, () => `: ${JSON.stringify(acme.status())}`)
+      // the CA has the new contact for the account (read with the gateway's account key)
+      const lib = yield* Effect.promise(() => import("acme-client"))
+      const reader = new lib.Client({ directoryUrl: l.pebble.directoryUrl, accountKey: fs.readFileSync(path.join(l.storageDir, "account.key.pem")) })
+      const account = yield* Effect.promise(() => reader.createAccount({ onlyReturnExisting: true }))
+      assert.deepStrictEqual(account.contact, ["mailto:renewals@example.com"])
+      // nothing else changed: nothing reported
+      assert.deepStrictEqual(yield* acme.reconfigure(acmeConfig(l, { clock, renewBefore: "60 days", email: "renewals@example.com" })), [])
+    })))
+
   it.live("a name whose route is gone is not renewed after the grace; its stored certificate serves the route when it comes back", () =>
     noLeaks(Effect.gen(function*() {
       const l = yield* lab(["gone.test"])

@@ -19,7 +19,7 @@ import * as fs from "node:fs"
 import * as https from "node:https"
 import * as path from "node:path"
 import * as tls from "node:tls"
-import { Clock, Context, Duration, Effect, Exit, FiberSet, Layer, Option, Schema, Scope, Semaphore } from "effect"
+import { Clock, Context, Deferred, Duration, Effect, Exit, FiberSet, Layer, Option, Schema, Scope, Semaphore } from "effect"
 import {
   AccountKeyFile,
   AcmeOrderTimeoutMs,
@@ -86,6 +86,13 @@ export interface AcmeCertificatesShape extends CertificateSource {
   readonly want: (name: string) => string | undefined
   /** A route that wanted `name` is gone (one call per successful `want`). */
   readonly release: (name: string) => void
+  /**
+   * Applies reloaded settings: `directory` (the next orders go to that CA, with the same account key),
+   * `email`, `ca` and `renewBefore` take effect at once (after a new directory or CA, names waiting after
+   * a failure order again at once); `storageDir` and `challenge` need a restart (a warning names each).
+   * Returns the settings changed.
+   */
+  readonly reconfigure: (next: AcmeConfig) => Effect.Effect<ReadonlyArray<string>>
   readonly status: () => ReadonlyArray<AcmeNameStatus>
   /** Orders that ended with a certificate, and orders that failed, since start. */
   readonly orders: () => { readonly issued: number; readonly failed: number }
@@ -198,7 +205,14 @@ let refusalsNoted = false
 const messageOf = (e: unknown): string => (e instanceof Error ? e.message : String(e)).replace(/\s+/g, " ").slice(0, 500)
 
 const make = Effect.fnUntraced(function*(config: AcmeConfig) {
-  const renewBeforeMs = config.renewBefore === undefined ? DefaultRenewBeforeMs : Duration.toMillis(Duration.fromInputUnsafe(config.renewBefore))
+  const renewBeforeOf = (c: AcmeConfig) => c.renewBefore === undefined ? DefaultRenewBeforeMs : Duration.toMillis(Duration.fromInputUnsafe(c.renewBefore))
+  // what a reload may change (`reconfigure`)
+  let renewBeforeMs = renewBeforeOf(config)
+  let email = config.email
+  let directoryUrl = config.directoryUrl
+  let ca = config.ca
+  /** Completed (and replaced) when the settings change: sleeping fibers look again at once. */
+  let settingsChanged = Deferred.makeUnsafe<void>()
   const challengeType: AcmeChallengeType = config.challenge ?? "tls-alpn-01"
   const random = config.random ?? Math.random
   const dir = config.storageDir
@@ -218,7 +232,10 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
   const acme: typeof AcmeClient = loaded.default ?? loaded
   // acme-client makes its requests through its own axios instance, whose agent is public API: one agent
   // for the process, trusting the system's CAs and every `ca` given, keeping no idle connection open
-  acme.axios.defaults.httpsAgent = new https.Agent({ keepAlive: false, ...(extraCas.size === 0 ? {} : { ca: [...tls.rootCertificates, ...extraCas] }) })
+  const useAgent = () => {
+    acme.axios.defaults.httpsAgent = new https.Agent({ keepAlive: false, ...(extraCas.size === 0 ? {} : { ca: [...tls.rootCertificates, ...extraCas] }) })
+  }
+  useAgent()
   if (!refusalsNoted) {
     // its response transformers are public configuration too: one more, after the library's JSON parsing
     const transformers = acme.axios.defaults.transformResponse
@@ -235,7 +252,9 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
       catch: (e) => new AcmeError({ reason: "Storage", message: `the ACME account key cannot be stored in ${dir}: ${messageOf(e)}` })
     })
   }
-  const client = new acme.Client({ directoryUrl: config.directoryUrl, accountKey })
+  let client = new acme.Client({ directoryUrl, accountKey })
+  /** The contact the CA has for the account of `client`, once an order registered it. */
+  let registeredEmail: string | undefined
 
   const names = new Map<string, NameState>()
   const httpAnswers = new Map<string, string>()
@@ -256,9 +275,20 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
   const order = (name: string, answers: CaRefusal): Promise<{ readonly cert: string; readonly key: string }> =>
     orderAnswers.run(answers, async () => {
       const [key, csr] = await acme.crypto.createCsr({ commonName: name, altNames: [name] }, await acme.crypto.createPrivateEcdsaKey())
-      const cert = await client.auto({
+      const orderClient = client
+      const contact = email
+      let accountKnown = true
+      try {
+        orderClient.getAccountUrl()
+      } catch {
+        accountKnown = false
+      }
+      // an account the CA knows gets a contact changed by a reload before the next order; a new one is registered with it
+      if (accountKnown && registeredEmail !== contact) await orderClient.updateAccount({ contact: [`mailto:${contact}`] })
+      if (orderClient === client) registeredEmail = contact
+      const cert = await orderClient.auto({
         csr,
-        email: config.email,
+        email: contact,
         termsOfServiceAgreed: true,
         challengePriority: [challengeType],
         // the gateway answers the challenge itself; the CA's validation is the check
@@ -299,6 +329,9 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
   const wakeIn = (state: NameState, target: number, now: number): number =>
     Math.max(1, Math.min(target - now, state.unusedSinceMs === undefined ? AcmeUnusedGraceMs : state.unusedSinceMs + AcmeUnusedGraceMs - now))
 
+  /** Sleeps `ms`, or less when the settings change meanwhile. */
+  const sleepOrWake = (ms: number) => Effect.raceFirst(Effect.sleep(Duration.millis(ms)), Deferred.await(settingsChanged))
+
   /** Stops managing an unused name: its fiber ends and its certificate leaves memory (the store keeps it). */
   const park = (state: NameState) =>
     Effect.gen(function*() {
@@ -320,12 +353,12 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
         if (state.notAfterMs !== undefined && state.notBeforeMs !== undefined && state.nextAttemptMs === undefined) {
           const due = renewAt({ notBeforeMs: state.notBeforeMs, notAfterMs: state.notAfterMs }, renewBeforeMs, state.issuedAtMs)
           if (now < due) {
-            yield* Effect.sleep(Duration.millis(wakeIn(state, due, now)))
+            yield* sleepOrWake(wakeIn(state, due, now))
             continue
           }
         }
         if (state.nextAttemptMs !== undefined && now < state.nextAttemptMs) {
-          yield* Effect.sleep(Duration.millis(wakeIn(state, state.nextAttemptMs, now)))
+          yield* sleepOrWake(wakeIn(state, state.nextAttemptMs, now))
           continue
         }
         state.phase = state.context === undefined ? "ordering" : "renewing"
@@ -423,9 +456,58 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
     if (state.users === 0) state.unusedSinceMs = nowMs()
   }
 
+  const reconfigure = (next: AcmeConfig) =>
+    Effect.gen(function*() {
+      const changed: Array<string> = []
+      if (next.storageDir !== dir) {
+        yield* Effect.logWarning(`acme.storage_dir changed to ${next.storageDir}: it applies after a restart; certificates stay in ${dir} until then`)
+      }
+      if ((next.challenge ?? "tls-alpn-01") !== challengeType) {
+        yield* Effect.logWarning(`acme.challenge changed to ${next.challenge ?? "tls-alpn-01"}: it applies after a restart; orders keep answering ${challengeType} until then`)
+      }
+      if (next.ca !== ca) {
+        // trusted from now on by every request to a directory (a CA taken out is trusted until a restart)
+        if (next.ca !== undefined) extraCas.add(next.ca)
+        useAgent()
+        if (ca !== undefined && next.ca !== ca) {
+          yield* Effect.logWarning("acme.ca (ca_file): the CA certificate replaced stays trusted for ACME directories until a restart")
+        }
+        ca = next.ca
+        changed.push("ca_file")
+      }
+      if (next.directoryUrl !== directoryUrl) {
+        // the same account key, registered at the new CA by the next order; orders in progress finish with the old one
+        directoryUrl = next.directoryUrl
+        client = new acme.Client({ directoryUrl, accountKey })
+        registeredEmail = undefined
+        changed.push("directory")
+      }
+      if (next.email !== email) {
+        email = next.email
+        changed.push("email")
+      }
+      const nextRenewBefore = renewBeforeOf(next)
+      if (nextRenewBefore !== renewBeforeMs) {
+        renewBeforeMs = nextRenewBefore
+        changed.push("renew_before")
+      }
+      if (changed.includes("directory") || changed.includes("ca_file")) {
+        // another CA, or another trust for it: names waiting after a failure order again at once
+        for (const state of names.values()) if (state.phase === "waiting") state.nextAttemptMs = undefined
+      }
+      if (changed.length > 0) {
+        const previous = settingsChanged
+        settingsChanged = Deferred.makeUnsafe<void>()
+        Deferred.doneUnsafe(previous, Exit.void)
+        yield* Effect.logInfo(`ACME settings reloaded: ${changed.map((c) => `acme.${c}`).join(", ")} (next orders use them; certificates already served are kept)`)
+      }
+      return changed
+    }).pipe(Effect.annotateLogs({ component: "acme" }))
+
   return AcmeCertificates.of({
     want,
     release,
+    reconfigure,
     contextFor: (name) => {
       const state = names.get(name)
       if (state === undefined) return `no certificate was asked for ${name}`
