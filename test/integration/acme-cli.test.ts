@@ -2,7 +2,8 @@
  * ACME as operators run it: `switchyard server --acme-directory … --acme-email … --acme-ca …` and two
  * `switchyard client --domain … --tls-acme` processes against Debian's pebble. One name resolves for
  * pebble and gets a certificate that curl verifies against pebble's root; the other does not, and its
- * failure shows as a WARN line in the gateway's log, in `switchyard status` and in `/metrics`. SIGHUP
+ * failure shows as a WARN line in the gateway's log, in `switchyard status` and in `/metrics`; once the
+ * first backend stops, its name shows as unused in `/status`, `switchyard status` and `/metrics`. SIGHUP
  * reloads the ACME settings: a corrected directory is used at once; a changed store says it needs a restart.
  */
 import { assert, beforeEach, describe, it } from "@effect/vitest"
@@ -72,13 +73,14 @@ describePebble("switchyard server with ACME, switchyard client --tls-acme (proce
       await new Promise<void>((resolve) => local.listen(0, "127.0.0.1", resolve))
       cleanups.push(() => new Promise<void>((resolve) => { local.closeAllConnections(); local.close(() => resolve()) }))
       const localPort = (local.address() as { port: number }).port
-      for (const domain of ["ok.test", "nope.test"]) {
+      const clients = ["ok.test", "nope.test"].map((domain) => {
         const client = spawnSwitchyard([
           "client", "--server", `127.0.0.1:${control.port}`, "--token", Token, "--expose", `127.0.0.1:${localPort}`,
           "--port", String(tlsPort), "--domain", domain, "--tls-acme", "--no-admin"
         ])
         cleanups.push(() => client.stop("SIGKILL"))
-      }
+        return client
+      })
 
       // the granted, resolvable name: issued and verified by curl against pebble's root
       const rootFile = path.join(dir, "root.pem")
@@ -111,6 +113,20 @@ describePebble("switchyard server with ACME, switchyard client --tls-acme (proce
       assert.strictEqual(sample(metrics, "switchyard_acme_orders_total", { result: "failed" }), 1)
       assert.isAbove(sample(metrics, "switchyard_acme_certificate_days_left", { name: "ok.test" }), 30)
       assert.strictEqual(sample(metrics, "switchyard_acme_names", { state: "waiting" }), 1)
+
+      // the backend of ok.test stops: its name is unused (not renewed after the grace), shown as such
+      assert.strictEqual(await clients[0]!.stop("SIGTERM"), 0)
+      await until("ok.test to be unused", async () =>
+        (JSON.parse((await get(admin.port, "/status")).body) as { certificates: Array<{ name: string; state: string }> })
+          .certificates.some((c) => c.name === "ok.test" && c.state === "unused"))
+      const unused = (JSON.parse((await get(admin.port, "/status")).body) as { certificates: Array<{ name: string; unusedSince?: string }> })
+        .certificates.find((c) => c.name === "ok.test")
+      assert.isAbove(Date.parse(unused?.unusedSince ?? ""), 0)
+      const after = await run(process.execPath, [path.resolve(import.meta.dirname, "../../src/runtime/main.ts"), "status", "--admin", `127.0.0.1:${admin.port}`])
+      assert.match(after.out, /ok\.test\s+unused since \d{4}-/)
+      const metricsAfter = (await get(admin.port, "/metrics")).body
+      assert.strictEqual(sample(metricsAfter, "switchyard_acme_names", { state: "unused" }), 1)
+      assert.notInclude(metricsAfter, `switchyard_acme_certificate_days_left{name="ok.test"}`)
     }), 150_000)
 
   it.live("SIGHUP: a corrected directory and a new email apply at once (the failed name is ordered again and verified); a new storage_dir is a WARN naming it", () =>
