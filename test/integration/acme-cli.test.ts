@@ -129,7 +129,7 @@ describePebble("switchyard server with ACME, switchyard client --tls-acme (proce
       assert.notInclude(metricsAfter, `switchyard_acme_certificate_days_left{name="ok.test"}`)
     }), 150_000)
 
-  it.live("SIGHUP: a corrected directory and a new email apply at once (the failed name is ordered again and verified); a new storage_dir is a WARN naming it", () =>
+  it.live("SIGHUP: a corrected directory and a new email apply at once (the failed name is ordered again and verified); a new storage_dir, challenge or a removed acme section is a WARN naming it", () =>
     Effect.promise(async () => {
       const dns = await startDns(["fixed.test"])
       cleanups.push(() => dns.close())
@@ -183,5 +183,15 @@ describePebble("switchyard server with ACME, switchyard client --tls-acme (proce
       // the store is still the one the gateway started with
       assert.isTrue(fs.existsSync(path.join(storage, "fixed.test", "fullchain.pem")))
       assert.isFalse(fs.existsSync(path.join(dir, "elsewhere")))
+
+      // a new challenge, then no acme section at all: each a WARN naming the setting; the certificate stays served
+      fs.appendFileSync(config, "  challenge: http-01\n")
+      server.child.kill("SIGHUP")
+      await server.waitFor(/level=WARN.*acme\.challenge changed to http-01: it applies after a restart/, WaitLimitMs)
+      fs.writeFileSync(config, "log:\n  format: logfmt\n")
+      server.child.kill("SIGHUP")
+      await server.waitFor(/level=WARN.*acme\.directory was removed: the gateway keeps obtaining and renewing certificates until a restart/, WaitLimitMs)
+      const still = await run("curl", ["-sS", "--max-time", "5", "--cacert", rootFile, "--resolve", `fixed.test:${tlsPort}:127.0.0.1`, `https://fixed.test:${tlsPort}/`])
+      assert.strictEqual(still.code, 0, still.out)
     }), 150_000)
 })
