@@ -24,8 +24,8 @@ const Token = "drain-haproxy-token-61c4"
 const WaitLimitMs = 30_000
 /** haproxy's health check interval; two failures take a gateway out of rotation. */
 const CheckIntervalMs = 500
-/** The gateways' shutdown delay: well above the 2 × 500 ms haproxy needs to see /readyz fail. */
-const ShutdownDelay = "3s"
+/** The gateways' shutdown delay, the default: well above the 2 × 500 ms (plus a check in progress) haproxy needs to see /readyz fail. */
+const ShutdownDelay = "5s"
 /** Requests the load process keeps in flight (each on its own kept-alive connection). */
 const LoadConnections = 8
 /** The load process stops by itself after this long, whatever happens to the test. */
