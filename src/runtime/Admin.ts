@@ -59,13 +59,15 @@ export interface StatusDocument {
 /** One name whose certificate a gateway obtains by ACME, in `/status`. */
 export interface CertificateStatusEntry {
   readonly name: string
-  /** `ordering` (none yet: TLS for the name is refused), `valid`, `renewing` or `waiting` (after a failed order). */
+  /** `ordering` (none yet: TLS for the name is refused), `valid`, `renewing`, `waiting` (after a failed order) or `unused` (no route wants it: not renewed). */
   readonly state: string
   readonly notAfter?: string | undefined
   readonly daysLeft?: number | undefined
   readonly failures: number
   readonly lastError?: string | undefined
   readonly nextAttempt?: string | undefined
+  /** When the last route that wanted the name went away, while none wants it. */
+  readonly unusedSince?: string | undefined
 }
 
 /** One gateway of a tunnel client, in `/status`. */

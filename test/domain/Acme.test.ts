@@ -1,17 +1,22 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Redacted, Schema } from "effect"
+import { Clock, Effect, Redacted, Schema } from "effect"
+import { TestClock } from "effect/testing"
 import {
   AcmeBackoffInitialMs,
   AcmeBackoffJitter,
   AcmeBackoffMaxMs,
   AcmeRateLimitBackoffMs,
+  AcmeRetryAfterMaxMs,
+  AcmeUnusedGraceMs,
   backoffMs,
   DefaultRenewBeforeMs,
   HttpChallengePrefix,
   httpChallengeToken,
   isRateLimited,
   MinRenewalIntervalMs,
+  parseRetryAfter,
   renewAt,
+  stillOrdered,
   storedFiles
 } from "../../src/domain/Acme.ts"
 import { decodeHello, encodeHello, ProtocolVersion } from "../../src/domain/ControlMessage.ts"
@@ -27,6 +32,8 @@ describe("Acme (pure)", () => {
     assert.strictEqual(AcmeRateLimitBackoffMs, 60 * 60 * 1000)
     assert.strictEqual(AcmeBackoffJitter, 0.2)
     assert.strictEqual(MinRenewalIntervalMs, 60 * 60 * 1000)
+    assert.strictEqual(AcmeRetryAfterMaxMs, 24 * 60 * 60 * 1000)
+    assert.strictEqual(AcmeUnusedGraceMs, 10 * 60 * 1000)
     assert.strictEqual(HttpChallengePrefix, "/.well-known/acme-challenge/")
   })
 
@@ -47,15 +54,52 @@ describe("Acme (pure)", () => {
     }
   })
 
-  it("a rate-limited CA is waited for: its Retry-After, else an hour, still capped", () => {
-    assert.strictEqual(backoffMs(1, 0, {}), AcmeRateLimitBackoffMs)
-    assert.strictEqual(backoffMs(1, 0, { retryAfterMs: 2 * 60 * 60 * 1000 }), 2 * 60 * 60 * 1000)
-    assert.strictEqual(backoffMs(1, 0, { retryAfterMs: 100 * 60 * 60 * 1000 }), AcmeBackoffMaxMs)
+  it("the CA's Retry-After is waited for, up to a day; a rate limit without one waits an hour", () => {
+    const hour = 60 * 60 * 1000
+    assert.strictEqual(backoffMs(1, 0, {}), AcmeBackoffInitialMs)
+    assert.strictEqual(backoffMs(1, 0, { rateLimited: true }), AcmeRateLimitBackoffMs)
+    // the CA's Retry-After, rate limited or not, shorter or longer than the hour and the 6-hour cap
+    assert.strictEqual(backoffMs(1, 0, { rateLimited: true, retryAfterMs: 2 * hour }), 2 * hour)
+    assert.strictEqual(backoffMs(1, 0, { rateLimited: true, retryAfterMs: 5 * 60_000 }), 5 * 60_000)
+    assert.strictEqual(backoffMs(1, 0, { retryAfterMs: 10 * hour }), 10 * hour)
+    assert.strictEqual(backoffMs(1, 0, { retryAfterMs: 100 * hour }), AcmeRetryAfterMaxMs)
+    // never sooner than the exponential backoff, and jitter only lengthens it
+    assert.strictEqual(backoffMs(3, 0, { retryAfterMs: 1_000 }), 240_000)
+    assert.strictEqual(backoffMs(1, 0, { retryAfterMs: -5 }), AcmeBackoffInitialMs)
+    assert.strictEqual(backoffMs(1, 0.5, { retryAfterMs: 2 * hour }), Math.round(2 * hour * 1.1))
     // a longer exponential wait is kept
-    assert.strictEqual(backoffMs(9, 0, {}), Math.min(AcmeBackoffMaxMs, 60_000 * 2 ** 8))
+    assert.strictEqual(backoffMs(9, 0, { rateLimited: true }), Math.min(AcmeBackoffMaxMs, 60_000 * 2 ** 8))
     assert.isTrue(isRateLimited("urn:ietf:params:acme:error:rateLimited: too many certificates already issued"))
     assert.isFalse(isRateLimited("urn:ietf:params:acme:error:connection: Fetching http://a.test/: connection refused"))
   })
+
+  it.effect("Retry-After: seconds, or an HTTP date read against the clock", () =>
+    Effect.gen(function*() {
+      yield* TestClock.setTime(Date.parse("2026-03-01T12:00:00Z"))
+      const now = yield* Clock.currentTimeMillis
+      assert.strictEqual(parseRetryAfter("120", now), 120_000)
+      assert.strictEqual(parseRetryAfter(" 0 ", now), 0)
+      assert.strictEqual(parseRetryAfter("Sun, 01 Mar 2026 13:30:00 GMT", now), 90 * 60_000)
+      // a date already past is no wait at all
+      assert.strictEqual(parseRetryAfter("Sun, 01 Mar 2026 11:00:00 GMT", now), 0)
+      yield* TestClock.adjust("1 hour")
+      assert.strictEqual(parseRetryAfter("Sun, 01 Mar 2026 13:30:00 GMT", yield* Clock.currentTimeMillis), 30 * 60_000)
+      for (const bad of ["", "-5", "1.5", "soon", "2026-03-01T13:30:00Z", "9".repeat(65)]) {
+        assert.isUndefined(parseRetryAfter(bad, now), bad)
+      }
+      // what the manager waits after a 429 with Retry-After: 7200 at the first failure
+      assert.strictEqual(backoffMs(1, 0, { rateLimited: true, retryAfterMs: parseRetryAfter("7200", now) }), 2 * 60 * 60 * 1000)
+    }))
+
+  it.effect("a name no route wants is still ordered for the grace, then not", () =>
+    Effect.gen(function*() {
+      assert.isTrue(stillOrdered(undefined, yield* Clock.currentTimeMillis))
+      const gone = yield* Clock.currentTimeMillis
+      yield* TestClock.adjust(AcmeUnusedGraceMs - 1)
+      assert.isTrue(stillOrdered(gone, yield* Clock.currentTimeMillis))
+      yield* TestClock.adjust(1)
+      assert.isFalse(stillOrdered(gone, yield* Clock.currentTimeMillis))
+    }))
 
   it("renewal: renewBefore ahead of expiry, a third of the lifetime for short certificates, never within an hour of issuing", () => {
     const notBeforeMs = 0

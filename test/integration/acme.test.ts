@@ -16,6 +16,7 @@ import * as tls from "node:tls"
 import { Context, Effect, Exit, Redacted, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import type { TokenGrant } from "../../src/domain/TokenPolicy.ts"
+import { AcmeUnusedGraceMs } from "../../src/domain/Acme.ts"
 import { AcmeCertificates, type AcmeCertificatesShape, type AcmeConfig } from "../../src/services/acme/AcmeCertificates.ts"
 import { TunnelClient } from "../../src/services/client/TunnelClient.ts"
 import { ControlPort } from "../../src/services/front/ControlPort.ts"
@@ -288,6 +289,80 @@ describePebble("ACME certificates (pebble)", () => {
       const root = yield* rootFile(l)
       const result = yield* curl("late.test", l.tlsPort, root)
       assert.strictEqual(result.code, 0, result.out)
+    })))
+
+  it.live("reconfigure: a longer renew_before renews at once, without the clock moving; a new email is the account's contact from that order on", () =>
+    noLeaks(Effect.gen(function*() {
+      const l = yield* lab(["reload.test"])
+      const clock = yield* TestClock.make()
+      yield* clock.setTime(Date.now())
+      const acme = yield* AcmeCertificates.make(acmeConfig(l, { clock, renewBefore: "30 days" }))
+      const { tunnel } = yield* gatewayWith(acme)
+      yield* serveHttp(tunnel, { _tag: "Tls", port: l.tlsPort, domainSuffix: "reload.test", acme: true, then: "http" }, (_req, res) => hello(res))
+      const first = yield* eventually("the certificate", () => acme.status().find((s) => s.state === "valid"))
+      // 40 days before expiry: not due with 30 days, due with 60
+      yield* clock.adjust(Date.parse(first.notAfter!) - 40 * 24 * 60 * 60 * 1000 - clock.currentTimeMillisUnsafe())
+      yield* Effect.promise(() => new Promise((r) => setTimeout(r, 300)))
+      assert.deepStrictEqual(acme.orders(), { issued: 1, failed: 0 })
+      const changed = yield* acme.reconfigure(acmeConfig(l, { clock, renewBefore: "60 days", email: "renewals@example.com" }))
+      assert.deepStrictEqual(changed, ["email", "renew_before"])
+      yield* eventually("the renewal", () => acme.orders().issued === 2 ? true : undefined, () => `: ${JSON.stringify(acme.status())}`)
+      // the CA has the new contact for the account (read with the gateway's account key)
+      const lib = yield* Effect.promise(() => import("acme-client"))
+      const reader = new lib.Client({ directoryUrl: l.pebble.directoryUrl, accountKey: fs.readFileSync(path.join(l.storageDir, "account.key.pem")) })
+      const account = yield* Effect.promise(() => reader.createAccount({ onlyReturnExisting: true }))
+      assert.deepStrictEqual(account.contact, ["mailto:renewals@example.com"])
+      // nothing else changed: nothing reported
+      assert.deepStrictEqual(yield* acme.reconfigure(acmeConfig(l, { clock, renewBefore: "60 days", email: "renewals@example.com" })), [])
+    })))
+
+  it.live("a name whose route is gone is not renewed after the grace; its stored certificate serves the route when it comes back", () =>
+    noLeaks(Effect.gen(function*() {
+      const l = yield* lab(["gone.test"])
+      const clock = yield* TestClock.make()
+      yield* clock.setTime(Date.now())
+      const acme = yield* AcmeCertificates.make(acmeConfig(l, { clock, renewBefore: "30 days" }))
+      const { tunnel } = yield* gatewayWith(acme)
+      const route = { _tag: "Tls" as const, port: l.tlsPort, domainSuffix: "gone.test", acme: true as const, then: "http" as const }
+      const routeFor = Effect.gen(function*() {
+        const scope = yield* Scope.make()
+        yield* serveHttp(tunnel, route, (_req, res) => hello(res)).pipe(Scope.provide(scope))
+        return scope
+      })
+      const first = yield* routeFor
+      const issued = yield* eventually("the certificate", () => acme.status().find((s) => s.state === "valid"), () => `: ${JSON.stringify(acme.status())}`)
+      const serial = (yield* servedCertificate("gone.test", l.tlsPort)).cert!.serialNumber
+      const orders = () => l.pebble.output().split("Added order").length - 1
+      assert.strictEqual(orders(), 1)
+
+      // the route goes: the name is unused at once, parked after the grace
+      yield* Scope.close(first, Exit.void)
+      const unused = yield* eventually("the name to be unused", () => acme.status().find((s) => s.state === "unused"), () => `: ${JSON.stringify(acme.status())}`)
+      assert.strictEqual(Date.parse(unused.unusedSince!), clock.currentTimeMillisUnsafe())
+      assert.strictEqual(unused.notAfter, issued.notAfter)
+      yield* clock.adjust(AcmeUnusedGraceMs + 1000)
+      yield* eventually("the name to be parked", () => acme.contextFor("gone.test") === "no route wants gone.test" ? true : undefined)
+
+      // it comes back before renewal: the stored certificate is served, no new order
+      const second = yield* routeFor
+      assert.strictEqual((yield* servedCertificate("gone.test", l.tlsPort)).cert?.serialNumber, serial)
+      assert.strictEqual(acme.status()[0]?.state, "valid")
+      assert.isUndefined(acme.status()[0]?.unusedSince)
+      assert.deepStrictEqual(acme.orders(), { issued: 1, failed: 0 })
+      assert.strictEqual(orders(), 1)
+
+      // gone again, and the renewal time passes: no order (and the certificate stays in the store)
+      yield* Scope.close(second, Exit.void)
+      yield* eventually("the name to be unused again", () => acme.status().find((s) => s.state === "unused"))
+      yield* clock.adjust(AcmeUnusedGraceMs + 1000)
+      yield* eventually("the name to be parked again", () => acme.contextFor("gone.test") === "no route wants gone.test" ? true : undefined)
+      const dueIn = Date.parse(issued.notAfter!) - 30 * 24 * 60 * 60 * 1000 - clock.currentTimeMillisUnsafe()
+      yield* clock.adjust(dueIn + 60 * 60 * 1000)
+      yield* Effect.promise(() => new Promise((r) => setTimeout(r, 500)))
+      assert.deepStrictEqual(acme.orders(), { issued: 1, failed: 0 })
+      assert.strictEqual(orders(), 1, "pebble received no renewal order")
+      assert.strictEqual(acme.status()[0]?.state, "unused")
+      assert.isTrue(fs.existsSync(path.join(l.storageDir, "gone.test", "fullchain.pem")))
     })))
 
   it.live("a name the token is not granted is refused and never ordered; a gateway without ACME refuses acme routes", () =>

@@ -99,7 +99,7 @@ export const renderStatus = (status: StatusDocument): string =>
         ["CERTIFICATE", "STATE", "EXPIRES", "DAYS LEFT", "FAILURES", "NEXT ORDER", "LAST ERROR"],
         status.certificates.map((c) => [
           c.name,
-          c.state,
+          c.unusedSince === undefined ? c.state : `${c.state} since ${c.unusedSince}`,
           c.notAfter ?? "-",
           c.daysLeft === undefined ? "-" : String(c.daysLeft),
           String(c.failures),

@@ -198,7 +198,7 @@ export const clientLimitsOf = (file: ServerFile): ClientLimits => {
 }
 
 /** The ACME settings (`acme`), checked; undefined when no directory is set. */
-const acmeOf = (file: ServerFile): AcmeConfig | ConfigLoadError | undefined => {
+export const acmeOf = (file: ServerFile): AcmeConfig | ConfigLoadError | undefined => {
   const section = file.acme
   if (section?.directory === undefined) {
     return section === undefined || Object.keys(section).length === 0 ? undefined : invalid("acme.directory", "required with the other acme settings (--acme-directory)")

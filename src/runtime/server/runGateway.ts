@@ -1,7 +1,7 @@
 /**
  * Assembles the gateway from its resolved configuration: the admin endpoint, the control port with its
  * public listeners, the reverse-HTTP/2 tunnel port when enabled, the instruments, the drain on scope
- * close and the reload on SIGHUP (tokens and reverse-HTTP/2 routes). It reads no flags and prints
+ * close and the reload on SIGHUP (tokens, reverse-HTTP/2 routes and ACME settings). It reads no flags and prints
  * nothing: the `server` command does that.
  */
 import * as fs from "node:fs"
@@ -11,7 +11,7 @@ import { randomBytes } from "node:crypto"
 import { Context, Deferred, Effect, Layer, Option, Redacted } from "effect"
 import type { Scope } from "effect"
 import type { TokenGrant } from "../../domain/TokenPolicy.ts"
-import { AcmeCertificates, type AcmeCertificatesShape } from "../../services/acme/AcmeCertificates.ts"
+import { AcmeCertificates, type AcmeCertificatesShape, type AcmeConfig } from "../../services/acme/AcmeCertificates.ts"
 import { Dispatcher } from "../../services/Dispatcher.ts"
 import { ControlPort } from "../../services/front/ControlPort.ts"
 import { ReverseH2 } from "../../services/front/ReverseH2.ts"
@@ -27,7 +27,7 @@ import * as NodeTransport from "../NodeTransport.ts"
 import packageJson from "../../../package.json" with { type: "json" }
 import { dispatchObserver, gatewayEvents, type GatewayServices, registerServerGauges, requestInstruments } from "./GatewayInstruments.ts"
 import { testRoute } from "./RouteTest.ts"
-import { AllPorts, GeneratedGrantName, GeneratedTokenBytes, grantsOf, h2RoutesOf, invalid, resolveServerConfig } from "./ServerConfig.ts"
+import { acmeOf, AllPorts, GeneratedGrantName, GeneratedTokenBytes, grantsOf, h2RoutesOf, invalid, resolveServerConfig } from "./ServerConfig.ts"
 
 /** What `runGateway` starts, for embedding and tests. */
 export interface GatewayHandle {
@@ -67,16 +67,16 @@ const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape) 
     }),
     metrics.registry.sampledGauge({
       name: "switchyard_acme_certificate_days_left",
-      help: "Days until the certificate served for a name expires.",
+      help: "Days until the certificate served for a name expires (names no route wants are left out).",
       labelNames: ["name"],
-      collect: () => acme.status().flatMap((s) => s.daysLeft === undefined ? [] : [[[s.name], s.daysLeft] as const])
+      collect: () => acme.status().flatMap((s) => s.daysLeft === undefined || s.state === "unused" ? [] : [[[s.name], s.daysLeft] as const])
     }),
     metrics.registry.sampledGauge({
       name: "switchyard_acme_names",
-      help: "Names whose certificate the gateway obtains, by state (ordering: none yet; waiting: after a failed order).",
+      help: "Names whose certificate the gateway obtains, by state (ordering: none yet; waiting: after a failed order; unused: no route wants it, not renewed).",
       labelNames: ["state"],
       collect: () => {
-        const counts = new Map<string, number>([["ordering", 0], ["valid", 0], ["renewing", 0], ["waiting", 0]])
+        const counts = new Map<string, number>([["ordering", 0], ["valid", 0], ["renewing", 0], ["waiting", 0], ["unused", 0]])
         for (const s of acme.status()) counts.set(s.state, (counts.get(s.state) ?? 0) + 1)
         return [...counts].map(([state, n]) => [[state], n] as const)
       }
@@ -90,6 +90,18 @@ const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape) 
   ]
   return () => removers.forEach((r) => r())
 }
+
+/** Applies reloaded ACME settings; turning ACME on or off needs a restart (a warning says so). */
+const reloadAcme = (acme: AcmeCertificatesShape | undefined, next: AcmeConfig | undefined) =>
+  acme !== undefined && next !== undefined
+    ? Effect.asVoid(acme.reconfigure(next))
+    : acme === next
+    ? Effect.void
+    : Effect.logWarning(
+      acme === undefined
+        ? "acme.directory is set now: the gateway obtains certificates after a restart"
+        : "acme.directory was removed: the gateway keeps obtaining and renewing certificates until a restart"
+    ).pipe(Effect.annotateLogs({ component: "acme" }))
 
 /** Writes a fresh random token to a file only this user can read; removed when the scope closes. */
 const generateTokenFile = Effect.acquireRelease(
@@ -294,6 +306,8 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       }
       const applied = nextGrants.length === 0 ? grants : nextGrants
       const nextH2Routes = h2RoutesOf(next)
+      const nextAcme = acmeOf(next)
+      if (nextAcme instanceof ConfigLoadError) return yield* nextAcme
       if (h2 !== undefined && !h2.authenticated && nextH2Routes.length === 0) {
         return yield* invalid("reverse_h2.routes", "a plain reverse-HTTP/2 port needs at least one route")
       }
@@ -304,6 +318,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       const closeRevoked = next.control?.close_revoked_sessions === true
       const closed = yield* controlPort.replaceTokens(applied, { closeRevoked })
       if (h2 !== undefined && h2.authenticated) yield* h2.replaceTokens(applied)
+      yield* reloadAcme(acme, nextAcme)
       metrics.reloads.labels("applied").inc()
       const routesNote = h2 === undefined ? "" : `, ${nextH2Routes.length} reverse-HTTP/2 route(s)`
       const sessionsNote = closeRevoked

@@ -3,30 +3,39 @@
  * certificate from an ACME CA (RFC 8555, through the `acme-client` library), answering the CA's
  * HTTP-01 or TLS-ALPN-01 challenge on the gateway's public ports (`CertificateSource`), keeps it and its
  * key on disk (mode 0600) so a restart serves it without a new order, and renews it `renewBefore` its
- * expiry. A failed order is retried after a bounded exponential backoff with jitter (longer when the CA
- * is rate limiting); each failure is logged as a warning and shown in `status()`. New connections get a
- * renewed certificate at once; connections already open keep theirs. One fiber per name, all in the
- * scope that made the service; at most `MaxConcurrentAcmeOrders` orders run at once.
+ * expiry. A failed order is retried after a bounded exponential backoff with jitter, never before the
+ * CA's `Retry-After` (up to `AcmeRetryAfterMaxMs`; an answer of the CA carrying one, or saying it is rate
+ * limiting, ends the order at once instead of the library waiting it out); each failure is logged as a
+ * warning and shown in `status()`. New connections get a renewed certificate at once; connections
+ * already open keep theirs. A name whose last route went away is still ordered for `AcmeUnusedGraceMs`,
+ * then neither ordered nor renewed (its stored files stay, and a route asking for it again reuses them).
+ * One fiber per name in use, all in the scope that made the service; at most `MaxConcurrentAcmeOrders`
+ * orders run at once.
  */
 import type * as AcmeClient from "acme-client"
+import { AsyncLocalStorage } from "node:async_hooks"
 import { X509Certificate } from "node:crypto"
 import * as fs from "node:fs"
 import * as https from "node:https"
 import * as path from "node:path"
 import * as tls from "node:tls"
-import { Clock, Context, Duration, Effect, Exit, FiberSet, Layer, Option, Schema, Scope, Semaphore } from "effect"
+import { Clock, Context, Deferred, Duration, Effect, Exit, FiberSet, Layer, Option, Schema, Scope, Semaphore } from "effect"
 import {
   AccountKeyFile,
   AcmeOrderTimeoutMs,
+  AcmeUnusedGraceMs,
   type AcmeChallengeType,
   backoffMs,
+  type CaAnswer,
   daysUntil,
   DefaultRenewBeforeMs,
   httpChallengeToken,
   isRateLimited,
   MaxAcmeNames,
   MaxConcurrentAcmeOrders,
+  parseRetryAfter,
   renewAt,
+  stillOrdered,
   storedFiles
 } from "../../domain/Acme.ts"
 import type { CertificateSource } from "../Listeners.ts"
@@ -55,8 +64,11 @@ export interface AcmeConfig {
 /** Where one name stands, for `/status`, `switchyard status` and the metrics. */
 export interface AcmeNameStatus {
   readonly name: string
-  /** `ordering` (no certificate yet), `valid`, `renewing` (valid, a new one on order) or `waiting` (after a failure). */
-  readonly state: "ordering" | "valid" | "renewing" | "waiting"
+  /**
+   * `ordering` (no certificate yet), `valid`, `renewing` (valid, a new one on order), `waiting` (after a
+   * failure) or `unused` (no route wants it any more: not renewed, and not ordered once the grace is over).
+   */
+  readonly state: "ordering" | "valid" | "renewing" | "waiting" | "unused"
   /** Expiry of the certificate served (ISO 8601), when there is one. */
   readonly notAfter?: string | undefined
   readonly daysLeft?: number | undefined
@@ -65,11 +77,22 @@ export interface AcmeNameStatus {
   readonly lastError?: string | undefined
   /** When the next order starts, after a failure (ISO 8601). */
   readonly nextAttempt?: string | undefined
+  /** When the last route that wanted the name went away (ISO 8601), while none wants it. */
+  readonly unusedSince?: string | undefined
 }
 
 export interface AcmeCertificatesShape extends CertificateSource {
   /** Starts managing `name` (a route asked for it); why it cannot, when it cannot. */
   readonly want: (name: string) => string | undefined
+  /** A route that wanted `name` is gone (one call per successful `want`). */
+  readonly release: (name: string) => void
+  /**
+   * Applies reloaded settings: `directory` (the next orders go to that CA, with the same account key),
+   * `email`, `ca` and `renewBefore` take effect at once (after a new directory or CA, names waiting after
+   * a failure order again at once); `storageDir` and `challenge` need a restart (a warning names each).
+   * Returns the settings changed.
+   */
+  readonly reconfigure: (next: AcmeConfig) => Effect.Effect<ReadonlyArray<string>>
   readonly status: () => ReadonlyArray<AcmeNameStatus>
   /** Orders that ended with a certificate, and orders that failed, since start. */
   readonly orders: () => { readonly issued: number; readonly failed: number }
@@ -88,7 +111,7 @@ export class AcmeCertificates extends Context.Service<AcmeCertificates, AcmeCert
 
 interface NameState {
   readonly name: string
-  phase: AcmeNameStatus["state"]
+  phase: Exclude<AcmeNameStatus["state"], "unused">
   context: tls.SecureContext | undefined
   notAfterMs: number | undefined
   notBeforeMs: number | undefined
@@ -97,6 +120,12 @@ interface NameState {
   failures: number
   lastError: string | undefined
   nextAttemptMs: number | undefined
+  /** Routes that want the name. */
+  users: number
+  /** Since when no route wants it. */
+  unusedSinceMs: number | undefined
+  /** Whether its fiber runs (it ends once the name is unused past the grace). */
+  running: boolean
 }
 
 /** Writes `text` to `file` with mode 0600, through a temporary file renamed over it. */
@@ -134,10 +163,56 @@ const validityOf = (x509: X509Certificate): Validity => ({
 /** CA certificates trusted for ACME directories besides the system's, by every manager of the process. */
 const extraCas = new Set<string>()
 
+/** What the CA answered to the requests of one order, when it refused one with a reason to wait. */
+interface CaRefusal {
+  status: number | undefined
+  retryAfter: string | undefined
+  rateLimited: boolean
+  message: string | undefined
+}
+
+/** The order each request of the ACME library belongs to (its answers are noted there). */
+const orderAnswers = new AsyncLocalStorage<CaRefusal>()
+const RateLimitedProblem = "urn:ietf:params:acme:error:rateLimited"
+/** Longest CA problem detail kept in a message. */
+const MaxProblemDetailLength = 300
+
+/**
+ * Reads every response of the ACME library's HTTP client: an error answer that carries a `Retry-After`,
+ * or says the CA is rate limiting (429, `rateLimited`), is noted on its order and ends the request at
+ * once, so the order fails and the gateway waits as long as the CA asked (the library itself would sleep
+ * through each `Retry-After` and try again). Other answers pass unchanged.
+ */
+const noteCaRefusal = (data: unknown, headers: unknown, status?: number): unknown => {
+  const order = orderAnswers.getStore()
+  if (order === undefined || status === undefined || status < 400) return data
+  const retryAfterHeader = (headers as Record<string, unknown> | undefined)?.["retry-after"]
+  const retryAfter = typeof retryAfterHeader === "string" ? retryAfterHeader : undefined
+  const problem = typeof data === "object" && data !== null ? data as { readonly type?: unknown; readonly detail?: unknown } : {}
+  const type = typeof problem.type === "string" ? problem.type : undefined
+  const rateLimited = status === 429 || type === RateLimitedProblem
+  if (retryAfter === undefined && !rateLimited) return data
+  const detail = typeof problem.detail === "string" ? problem.detail.replace(/\s+/g, " ").slice(0, MaxProblemDetailLength) : undefined
+  order.status = status
+  order.retryAfter = retryAfter
+  order.rateLimited = rateLimited
+  order.message = `the CA answered ${status}${type === undefined ? "" : ` ${type}`}${detail === undefined ? "" : `: ${detail}`}` +
+    (retryAfter === undefined ? "" : ` (Retry-After: ${retryAfter.slice(0, 64)})`)
+  throw new Error(order.message)
+}
+let refusalsNoted = false
+
 const messageOf = (e: unknown): string => (e instanceof Error ? e.message : String(e)).replace(/\s+/g, " ").slice(0, 500)
 
 const make = Effect.fnUntraced(function*(config: AcmeConfig) {
-  const renewBeforeMs = config.renewBefore === undefined ? DefaultRenewBeforeMs : Duration.toMillis(Duration.fromInputUnsafe(config.renewBefore))
+  const renewBeforeOf = (c: AcmeConfig) => c.renewBefore === undefined ? DefaultRenewBeforeMs : Duration.toMillis(Duration.fromInputUnsafe(c.renewBefore))
+  // what a reload may change (`reconfigure`)
+  let renewBeforeMs = renewBeforeOf(config)
+  let email = config.email
+  let directoryUrl = config.directoryUrl
+  let ca = config.ca
+  /** Completed (and replaced) when the settings change: sleeping fibers look again at once. */
+  let settingsChanged = Deferred.makeUnsafe<void>()
   const challengeType: AcmeChallengeType = config.challenge ?? "tls-alpn-01"
   const random = config.random ?? Math.random
   const dir = config.storageDir
@@ -157,7 +232,16 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
   const acme: typeof AcmeClient = loaded.default ?? loaded
   // acme-client makes its requests through its own axios instance, whose agent is public API: one agent
   // for the process, trusting the system's CAs and every `ca` given, keeping no idle connection open
-  acme.axios.defaults.httpsAgent = new https.Agent({ keepAlive: false, ...(extraCas.size === 0 ? {} : { ca: [...tls.rootCertificates, ...extraCas] }) })
+  const useAgent = () => {
+    acme.axios.defaults.httpsAgent = new https.Agent({ keepAlive: false, ...(extraCas.size === 0 ? {} : { ca: [...tls.rootCertificates, ...extraCas] }) })
+  }
+  useAgent()
+  if (!refusalsNoted) {
+    // its response transformers are public configuration too: one more, after the library's JSON parsing
+    const transformers = acme.axios.defaults.transformResponse
+    acme.axios.defaults.transformResponse = [...(transformers === undefined ? [] : Array.isArray(transformers) ? transformers : [transformers]), noteCaRefusal]
+    refusalsNoted = true
+  }
   let accountKey: Buffer
   if (storedKey !== undefined) accountKey = storedKey
   else {
@@ -168,7 +252,9 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
       catch: (e) => new AcmeError({ reason: "Storage", message: `the ACME account key cannot be stored in ${dir}: ${messageOf(e)}` })
     })
   }
-  const client = new acme.Client({ directoryUrl: config.directoryUrl, accountKey })
+  let client = new acme.Client({ directoryUrl, accountKey })
+  /** The contact the CA has for the account of `client`, once an order registered it. */
+  let registeredEmail: string | undefined
 
   const names = new Map<string, NameState>()
   const httpAnswers = new Map<string, string>()
@@ -185,13 +271,24 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
     alpnContexts.clear()
   }))
 
-  /** One order for `name`: a fresh key, the challenges answered, the chain and key stored. */
-  const order = (name: string): Promise<{ readonly cert: string; readonly key: string }> =>
-    (async () => {
+  /** One order for `name`: a fresh key, the challenges answered, the chain and key stored; what the CA refused with, noted in `answers`. */
+  const order = (name: string, answers: CaRefusal): Promise<{ readonly cert: string; readonly key: string }> =>
+    orderAnswers.run(answers, async () => {
       const [key, csr] = await acme.crypto.createCsr({ commonName: name, altNames: [name] }, await acme.crypto.createPrivateEcdsaKey())
-      const cert = await client.auto({
+      const orderClient = client
+      const contact = email
+      let accountKnown = true
+      try {
+        orderClient.getAccountUrl()
+      } catch {
+        accountKnown = false
+      }
+      // an account the CA knows gets a contact changed by a reload before the next order; a new one is registered with it
+      if (accountKnown && registeredEmail !== contact) await orderClient.updateAccount({ contact: [`mailto:${contact}`] })
+      if (orderClient === client) registeredEmail = contact
+      const cert = await orderClient.auto({
         csr,
-        email: config.email,
+        email: contact,
         termsOfServiceAgreed: true,
         challengePriority: [challengeType],
         // the gateway answers the challenge itself; the CA's validation is the check
@@ -215,7 +312,7 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
       writePrivate(path.join(dir, files.key), key.toString())
       writePrivate(path.join(dir, files.cert), cert)
       return { cert, key: key.toString() }
-    })()
+    })
 
   const install = (state: NameState, cert: string, key: string, validity: Validity, issuedAtMs: number | undefined) => {
     state.context = tls.createSecureContext({ cert, key })
@@ -228,26 +325,48 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
     state.nextAttemptMs = undefined
   }
 
-  /** Keeps `name`'s certificate: orders when there is none or it is due, waits otherwise, backs off on failure. */
+  /** How long to sleep towards `target`: woken at the latest when the grace of an unused name ends, and every `AcmeUnusedGraceMs` to see whether it became unused. */
+  const wakeIn = (state: NameState, target: number, now: number): number =>
+    Math.max(1, Math.min(target - now, state.unusedSinceMs === undefined ? AcmeUnusedGraceMs : state.unusedSinceMs + AcmeUnusedGraceMs - now))
+
+  /** Sleeps `ms`, or less when the settings change meanwhile. */
+  const sleepOrWake = (ms: number) => Effect.raceFirst(Effect.sleep(Duration.millis(ms)), Deferred.await(settingsChanged))
+
+  /** Stops managing an unused name: its fiber ends and its certificate leaves memory (the store keeps it). */
+  const park = (state: NameState) =>
+    Effect.gen(function*() {
+      state.running = false
+      state.context = undefined
+      state.nextAttemptMs = undefined
+      yield* Effect.logInfo(`no route wants ${state.name} any more: its certificate is no longer renewed (the stored one is kept)`)
+    })
+
+  /**
+   * Keeps `name`'s certificate: orders when there is none or it is due, waits otherwise, backs off on
+   * failure; ends when no route has wanted the name for the grace.
+   */
   const manage = (state: NameState) =>
     Effect.gen(function*() {
       for (;;) {
         const now = yield* Clock.currentTimeMillis
+        if (!stillOrdered(state.unusedSinceMs, now)) return yield* park(state)
         if (state.notAfterMs !== undefined && state.notBeforeMs !== undefined && state.nextAttemptMs === undefined) {
           const due = renewAt({ notBeforeMs: state.notBeforeMs, notAfterMs: state.notAfterMs }, renewBeforeMs, state.issuedAtMs)
           if (now < due) {
-            yield* Effect.sleep(Duration.millis(due - now))
+            yield* sleepOrWake(wakeIn(state, due, now))
             continue
           }
         }
         if (state.nextAttemptMs !== undefined && now < state.nextAttemptMs) {
-          yield* Effect.sleep(Duration.millis(state.nextAttemptMs - now))
+          yield* sleepOrWake(wakeIn(state, state.nextAttemptMs, now))
+          continue
         }
         state.phase = state.context === undefined ? "ordering" : "renewing"
         state.nextAttemptMs = undefined
         yield* Effect.logInfo(`ordering a certificate for ${state.name} (${challengeType})`)
+        const answers: CaRefusal = { status: undefined, retryAfter: undefined, rateLimited: false, message: undefined }
         const result = yield* orderSlots.withPermits(1)(
-          Effect.tryPromise({ try: () => order(state.name), catch: messageOf }).pipe(
+          Effect.tryPromise({ try: () => order(state.name, answers), catch: messageOf }).pipe(
             Effect.timeoutOption(Duration.millis(AcmeOrderTimeoutMs)),
             Effect.flatMap(Option.match({
               onNone: () => Effect.fail(`the order did not complete within ${AcmeOrderTimeoutMs / 1000} s`),
@@ -265,25 +384,52 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
           continue
         }
         const failure = result.cause.reasons.find((r) => r._tag === "Fail")
-        const reason = failure?._tag === "Fail" ? String(failure.error) : "the order was interrupted"
+        const reason = answers.message ?? (failure?._tag === "Fail" ? String(failure.error) : "the order was interrupted")
         failed++
         state.failures++
         state.lastError = reason
-        const wait = backoffMs(state.failures, random(), isRateLimited(reason) ? {} : undefined)
+        const ca: CaAnswer = {
+          rateLimited: answers.rateLimited || isRateLimited(reason),
+          retryAfterMs: answers.retryAfter === undefined ? undefined : parseRetryAfter(answers.retryAfter, after)
+        }
+        const wait = backoffMs(state.failures, random(), ca)
         state.nextAttemptMs = after + wait
         state.phase = "waiting"
         config.onFailure?.(state.name, reason)
         yield* Effect.logWarning(
           `no certificate for ${state.name}${state.context === undefined ? " (TLS connections for it are refused until there is one)" : " renewed"}: ${reason}; ` +
-            `next order in ${Math.round(wait / 1000)} s (failure ${state.failures})`
+            `next order in ${Math.round(wait / 1000)} s${ca.retryAfterMs === undefined ? "" : " (the CA's Retry-After)"} (failure ${state.failures})`
         )
       }
     }).pipe(withClock, Effect.annotateLogs({ component: "acme", name: state.name }))
 
+  const nowMs = () => config.clock === undefined ? Date.now() : config.clock.currentTimeMillisUnsafe()
+
+  /** Starts (or restarts) the fiber of `state`, with the stored certificate when it has none in memory. */
+  const start = (state: NameState) => {
+    if (state.context === undefined) {
+      const stored = loadStored(dir, state.name, nowMs())
+      if (stored !== undefined) install(state, stored.cert, stored.key, stored.validity, undefined)
+    }
+    state.running = true
+    runFork(manage(state))
+  }
+
   const want = (name: string): string | undefined => {
     const key = name.toLowerCase()
-    if (names.has(key)) return undefined
-    if (names.size >= MaxAcmeNames) return `this gateway already obtains certificates for ${MaxAcmeNames} names`
+    const known = names.get(key)
+    if (known !== undefined) {
+      known.users++
+      known.unusedSinceMs = undefined
+      if (!known.running) start(known)
+      return undefined
+    }
+    if (names.size >= MaxAcmeNames) {
+      // a name parked for lack of routes makes room (its files stay in the store)
+      const parked = [...names.values()].find((s) => !s.running)
+      if (parked === undefined) return `this gateway already obtains certificates for ${MaxAcmeNames} names`
+      names.delete(parked.name)
+    }
     const state: NameState = {
       name: key,
       phase: "ordering",
@@ -293,23 +439,79 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
       issuedAtMs: undefined,
       failures: 0,
       lastError: undefined,
-      nextAttemptMs: undefined
+      nextAttemptMs: undefined,
+      users: 1,
+      unusedSinceMs: undefined,
+      running: false
     }
-    const nowMs = config.clock === undefined ? Date.now() : config.clock.currentTimeMillisUnsafe()
-    const stored = loadStored(dir, key, nowMs)
-    if (stored !== undefined) install(state, stored.cert, stored.key, stored.validity, undefined)
     names.set(key, state)
-    runFork(manage(state))
+    start(state)
     return undefined
   }
 
-  const nowMs = () => config.clock === undefined ? Date.now() : config.clock.currentTimeMillisUnsafe()
+  const release = (name: string): void => {
+    const state = names.get(name.toLowerCase())
+    if (state === undefined || state.users === 0) return
+    state.users--
+    if (state.users === 0) state.unusedSinceMs = nowMs()
+  }
+
+  const reconfigure = (next: AcmeConfig) =>
+    Effect.gen(function*() {
+      const changed: Array<string> = []
+      if (next.storageDir !== dir) {
+        yield* Effect.logWarning(`acme.storage_dir changed to ${next.storageDir}: it applies after a restart; certificates stay in ${dir} until then`)
+      }
+      if ((next.challenge ?? "tls-alpn-01") !== challengeType) {
+        yield* Effect.logWarning(`acme.challenge changed to ${next.challenge ?? "tls-alpn-01"}: it applies after a restart; orders keep answering ${challengeType} until then`)
+      }
+      if (next.ca !== ca) {
+        // trusted from now on by every request to a directory (a CA taken out is trusted until a restart)
+        if (next.ca !== undefined) extraCas.add(next.ca)
+        useAgent()
+        if (ca !== undefined && next.ca !== ca) {
+          yield* Effect.logWarning("acme.ca (ca_file): the CA certificate replaced stays trusted for ACME directories until a restart")
+        }
+        ca = next.ca
+        changed.push("ca_file")
+      }
+      if (next.directoryUrl !== directoryUrl) {
+        // the same account key, registered at the new CA by the next order; orders in progress finish with the old one
+        directoryUrl = next.directoryUrl
+        client = new acme.Client({ directoryUrl, accountKey })
+        registeredEmail = undefined
+        changed.push("directory")
+      }
+      if (next.email !== email) {
+        email = next.email
+        changed.push("email")
+      }
+      const nextRenewBefore = renewBeforeOf(next)
+      if (nextRenewBefore !== renewBeforeMs) {
+        renewBeforeMs = nextRenewBefore
+        changed.push("renew_before")
+      }
+      if (changed.includes("directory") || changed.includes("ca_file")) {
+        // another CA, or another trust for it: names waiting after a failure order again at once
+        for (const state of names.values()) if (state.phase === "waiting") state.nextAttemptMs = undefined
+      }
+      if (changed.length > 0) {
+        const previous = settingsChanged
+        settingsChanged = Deferred.makeUnsafe<void>()
+        Deferred.doneUnsafe(previous, Exit.void)
+        yield* Effect.logInfo(`ACME settings reloaded: ${changed.map((c) => `acme.${c}`).join(", ")} (next orders use them; certificates already served are kept)`)
+      }
+      return changed
+    }).pipe(Effect.annotateLogs({ component: "acme" }))
 
   return AcmeCertificates.of({
     want,
+    release,
+    reconfigure,
     contextFor: (name) => {
       const state = names.get(name)
       if (state === undefined) return `no certificate was asked for ${name}`
+      if (!state.running) return `no route wants ${name}`
       if (state.context !== undefined) return state.context
       return state.lastError === undefined ? `the certificate for ${name} is being ordered` : `no certificate for ${name}: ${state.lastError}`
     },
@@ -321,13 +523,14 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
     status: () =>
       [...names.values()].map((s) => ({
         name: s.name,
-        state: s.phase,
+        state: s.unusedSinceMs === undefined ? s.phase : "unused" as const,
         ...(s.notAfterMs === undefined
           ? {}
           : { notAfter: new Date(s.notAfterMs).toISOString(), daysLeft: Math.floor(daysUntil(s.notAfterMs, nowMs()) * 10) / 10 }),
         failures: s.failures,
         ...(s.lastError === undefined ? {} : { lastError: s.lastError }),
-        ...(s.nextAttemptMs === undefined ? {} : { nextAttempt: new Date(s.nextAttemptMs).toISOString() })
+        ...(s.nextAttemptMs === undefined ? {} : { nextAttempt: new Date(s.nextAttemptMs).toISOString() }),
+        ...(s.unusedSinceMs === undefined ? {} : { unusedSince: new Date(s.unusedSinceMs).toISOString() })
       })),
     orders: () => ({ issued, failed })
   })

@@ -164,10 +164,10 @@ export interface ControlPortConfig {
   readonly onSessionDraining?: (() => void) | undefined
   /**
    * The gateway's ACME certificates: told of each TLS route bound with `acme` (it obtains the name's
-   * certificate), answering why it cannot when it cannot (the route is then refused with `Limit`).
-   * Without it, such routes are refused (`Malformed`).
+   * certificate), answering why it cannot when it cannot (the route is then refused with `Limit`), and
+   * told again when that route is gone (`release`). Without it, such routes are refused (`Malformed`).
    */
-  readonly acme?: { readonly want: (name: string) => string | undefined } | undefined
+  readonly acme?: { readonly want: (name: string) => string | undefined; readonly release?: ((name: string) => void) | undefined } | undefined
 }
 
 /**
@@ -408,7 +408,9 @@ export interface GatewayConfig {
    * Certificates the gateway obtains itself (ACME) for TLS routes registered with `acme`, with the
    * challenge answers on public ports; without it, such routes are refused.
    */
-  readonly certificates?: (CertificateSource & { readonly want: (name: string) => string | undefined }) | undefined
+  readonly certificates?:
+    | (CertificateSource & { readonly want: (name: string) => string | undefined; readonly release?: ((name: string) => void) | undefined })
+    | undefined
 }
 
 /** What the public listeners tell per-request instruments: each dispatch and each exchange. */
@@ -653,6 +655,8 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
               yield* Scope.close(scope, Exit.void)
               return yield* Effect.fail({ reason: "Limit" as const, message: refused })
             }
+            const name = route.domainSuffix
+            yield* Scope.addFinalizer(scope, Effect.sync(() => config.acme?.release?.(name)))
           }
           const listener: BoundListener = { listenerId, route }
           bound.set(listenerId, { scope, listener, backend })
