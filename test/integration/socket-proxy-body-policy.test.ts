@@ -205,7 +205,7 @@ describe("socket proxy body policy (raw upstream)", () => {
     assert.isBelow(forwarded, 55)
   })
 
-  it("on shutdown, a connection whose body is still being read is closed, and nothing of it reaches the upstream", async () => {
+  it("on shutdown, a request whose body is still being read is answered 503 and closed, and nothing of it reaches the upstream", async () => {
     const decoded = decodeSocketProxyFile({ upstream: `unix:${upstream.socketPath}`, listen: ["127.0.0.1:0"], rules: ["POST /containers/create"] })
     if (decoded instanceof ConfigError) throw new Error(decoded.message)
     const config = resolveConfig(decoded as SocketProxyFile)
@@ -215,6 +215,8 @@ describe("socket proxy body policy (raw upstream)", () => {
     const bound = Context.get(ctx, SocketProxy).addresses[0]!
     const socket = net.connect(bound._tag === "Tcp" ? bound.port : 0, "127.0.0.1")
     socket.on("error", () => {})
+    const answer: Array<Buffer> = []
+    socket.on("data", (chunk: Buffer) => answer.push(chunk))
     const closed = new Promise((r) => socket.once("close", r))
     await new Promise((r) => socket.once("connect", r))
     socket.write(`POST /v1.41/containers/create HTTP/1.1\r\nHost: docker\r\nContent-Length: 100\r\n\r\n{"Image":`)
@@ -222,6 +224,7 @@ describe("socket proxy body policy (raw upstream)", () => {
     const started = performance.now()
     await Effect.runPromise(Scope.close(own, Exit.void))
     await closed
+    assert.match(Buffer.concat(answer).toString("latin1"), /^HTTP\/1\.1 503 /)
     assert.isBelow(performance.now() - started, 2_000)
     assert.strictEqual(Buffer.concat(upstream.log.connections.flat()).length, 0)
   })

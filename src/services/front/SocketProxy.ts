@@ -326,15 +326,12 @@ const serveListener = Effect.fnUntraced(function*(config: SocketProxyConfig, gro
   const inspection = makeBodyInspection({
     policy: () => bodyPolicy,
     ruleSetName: () => ruleSet.name,
-    headLimits: limits,
-    minBytesPerSecond: limits.minRequestBodyBytesPerSecond,
-    gracePeriodMs: limits.requestBodyGracePeriodMs,
     onRefuse: (status, message) => {
       if (status === 403) denied++
       else rejected++
       warn(message)
     },
-    onSlowBody: (event) => limited.onClientLimit(event),
+    forward: (front) => forwarder.exchange(front, forwarder.upstream, limits),
     learning: () => config.learn,
     onWouldRefuse: (verdict, value, method, path) =>
       learn(`the body policy: ${verdict.field}: ${verdict.reason}; bodyPolicy.${verdict.check}`, { _tag: "Body", ruleSet: ruleSet.name, method, path, field: verdict.field, check: verdict.check!, reason: verdict.reason, value })
@@ -356,8 +353,6 @@ const serveListener = Effect.fnUntraced(function*(config: SocketProxyConfig, gro
   const admit = (req: Http1Request): Admission | PendingAdmission => {
     const socket = req.socket as net.Socket & { [refusedClient]?: boolean }
     const method = req.method
-    // The request whose body the policy already read and allowed, put back on the connection.
-    const bodyPassed = inspection.passed(req)
     if (socket[refusedClient] === true) {
       rejected++
       const message = `switchyard socket-proxy: client ${socket.remoteAddress} is not in allowFrom of rule set "${ruleSet.name}"`
@@ -390,21 +385,22 @@ const serveListener = Effect.fnUntraced(function*(config: SocketProxyConfig, gro
       warn(`${message} ${from(socket)}`)
       return refuse(403, message)
     }
-    if (!decision.allowed && bodyPassed !== true) {
+    if (!decision.allowed) {
       const why = decision.rule === undefined ? "no rule matched" : `rule "${decision.rule.source}"`
       learn(`${why} ${from(socket)}`, { _tag: "Rule", ruleSet: ruleSet.name, method, path: target.path })
     }
     const forward = (upstreamTarget: string, labelBody: boolean): Admission => {
       const endpoint = bodyPolicy.enabled ? bodyEndpoint(method, target.path) : undefined
-      if ((endpoint !== undefined || labelBody) && bodyPassed !== true) {
-        if (bodyPassed === "mismatch") {
-          rejected++
-          return refuse(400, "switchyard socket-proxy: the request after a checked body is not the one checked")
-        }
-        return inspection.admission(endpoint, method, target.path, labelBody ? config.containerLabel : undefined)
+      const onAllowed = () => {
+        allowed++
+        if (config.logAllowed) info(`allowed ${method} ${target.path} by "${decision.rule?.source ?? "learning mode"}"`)
       }
-      allowed++
-      if (config.logAllowed) info(`allowed ${method} ${target.path} by "${decision.rule?.source ?? "learning mode"}"`)
+      if (endpoint !== undefined || labelBody) {
+        // the body is judged before anything goes upstream
+        const message = inspection.upstream(endpoint, method, target.path, labelBody ? config.containerLabel : undefined, onAllowed)
+        return { _tag: "Forward", path: upstreamTarget, idleTimeoutMs: decision.rule?.idleTimeoutMs, message }
+      }
+      onAllowed()
       return { _tag: "Forward", path: upstreamTarget, idleTimeoutMs: decision.rule?.idleTimeoutMs }
     }
     return scope === undefined ? forward(target.upstreamTarget, false) : scope.admit(method, target, forward)
@@ -442,7 +438,6 @@ const serveListener = Effect.fnUntraced(function*(config: SocketProxyConfig, gro
   server.on("connection", (socket: net.Socket & { [refusedClient]?: boolean }) => {
     if (!guard.admit(socket)) return
     if (checkClient && !clientAllowed(allowFrom, socket.remoteAddress)) socket[refusedClient] = true
-    inspection.servedBy(socket, engine.accept)
     engine.accept(socket)
   })
   const bound = yield* bind(server, engine, address, limits.drainTimeoutMs)
