@@ -4,7 +4,7 @@
  * request head given back to another server, and `100 Continue`. Pure: values in, latin1 bytes out. The
  * field lists come checked from `Http1Parser` and `HttpHeaders`; nothing here validates them again.
  */
-import type { RequestHead, ResponseHead } from "./Http1Parser.ts"
+import type { ResponseHead } from "./Http1Parser.ts"
 import { responseHeaders } from "./HttpHeaders.ts"
 
 /** The interim answer to `Expect: 100-continue`. */
@@ -58,23 +58,6 @@ export const switchingHeadBytes = (head: ResponseHead): Buffer => {
   let text = `HTTP/1.1 ${head.status} ${head.reason}\r\n`
   const h = head.headers
   for (let i = 0; i < h.length; i += 2) text += `${h[i]}: ${h[i + 1]}\r\n`
-  return Buffer.from(text + "\r\n", "latin1")
-}
-
-/**
- * A request head as received, in origin form, for a server that takes the connection over. An upgrade
- * the proxy does not pass on (h2c) is not offered to that server either.
- */
-export const handoffHeadBytes = (request: RequestHead): Buffer => {
-  let text = `${request.method} ${request.originTarget} HTTP/1.${request.versionMinor}\r\n`
-  const h = request.headers
-  for (let i = 0; i < h.length; i += 2) {
-    if (request.upgrade === undefined && (h[i]!.length === 7 || h[i]!.length === 14)) {
-      const lower = h[i]!.toLowerCase()
-      if (lower === "upgrade" || lower === "http2-settings") continue
-    }
-    text += `${h[i]}: ${h[i + 1]}\r\n`
-  }
   return Buffer.from(text + "\r\n", "latin1")
 }
 

@@ -1,6 +1,6 @@
 /**
  * The raw HTTP/1.1 engine's contract with the front doors: the request as parsed, the decision a front
- * door takes on it (forward, refuse, hand the connection off, or wait), the exchange as observed when it
+ * door takes on it (forward, refuse, or wait), the exchange as observed when it
  * is over, the client-limit events, and what the engine shares with the forwarder that made it. Types
  * only: the engine is in `Http1Engine.ts` and `http1/`.
  */
@@ -98,18 +98,6 @@ export type Admission =
     readonly message?: MessageUpstream | undefined
   }
   | { readonly _tag: "Refuse"; readonly status: number; readonly message: string }
-  | {
-    /**
-     * Gives the client connection to another server from this request on (a backend the engine cannot
-     * reach, served by Node's `http` objects): `take` gets the socket, paused, and the bytes read for
-     * this request and after it (the head as received, then any body or pipelined bytes), to be put back
-     * with `socket.unshift` before that server takes the socket.
-     */
-    readonly _tag: "Handoff"
-    readonly take: (socket: net.Socket, bytes: Buffer) => void
-    /** Called instead of `take` when the client left before the decision arrived. */
-    readonly onAbandon?: (() => void) | undefined
-  }
 
 /**
  * A decision not made yet. `wait` is called once with the callback that takes the decision (at most

@@ -6,7 +6,7 @@
  * framing tracked and backpressure both ways. What comes back is `ClientConnection`'s.
  */
 import type * as net from "node:net"
-import { CONTINUE_HEAD, handoffHeadBytes, requestHeadBytes } from "../../../domain/Http1Heads.ts"
+import { CONTINUE_HEAD, requestHeadBytes } from "../../../domain/Http1Heads.ts"
 import { BodyFramer, type RequestHead, responseHeadReader } from "../../../domain/Http1Parser.ts"
 import { requestHeaders } from "../../../domain/HttpHeaders.ts"
 import { closeAfterFlush } from "../Flush.ts"
@@ -225,7 +225,6 @@ export abstract class RequestSide extends ConnectionLimits {
         if (this.phase !== ADMITTING) {
           // The client left or the connection failed meanwhile: give back what the decision took.
           if (admission._tag === "Forward") admission.onEnd?.()
-          else if (admission._tag === "Handoff") admission.onAbandon?.()
           return
         }
         this.socket.pause()
@@ -244,10 +243,6 @@ export abstract class RequestSide extends ConnectionLimits {
     const upgrading = incoming.upgrade !== undefined
     if (admission._tag === "Refuse") {
       this.fail(admission.status, admission.message)
-      return
-    }
-    if (admission._tag === "Handoff") {
-      this.handOff(admission.take, request)
       return
     }
     this.onEnd = admission.onEnd
@@ -370,15 +365,6 @@ export abstract class RequestSide extends ConnectionLimits {
       this.feedHead(pending)
     }
     if (this.phase === HEAD) this.socket.resume()
-  }
-
-  /** Stops serving the connection and passes it on with what was read of it (see `Handoff`). */
-  private handOff(take: (socket: net.Socket, bytes: Buffer) => void, request: RequestHead): void {
-    const socket = this.detach()
-    const head = handoffHeadBytes(request)
-    const pending = this.pending
-    this.pending = undefined
-    take(socket, pending === undefined ? head : Buffer.concat([head, pending]))
   }
 
   protected feedBody(chunk: Buffer, from: number): void {
