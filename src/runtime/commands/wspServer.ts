@@ -12,7 +12,7 @@ import { Console, Effect, Redacted } from "effect"
 import { Command, Flag } from "effect/cli"
 import { parseWspServerConfig, WspConfigError } from "../../domain/WspConfig.ts"
 import { makeWspServer } from "../../services/front/WspServer.ts"
-import { prepareOperations, registerPoolGauges, reloadRefused, serveOperations } from "../Admin.ts"
+import { prepareOperations, registerClientLimitCounters, registerPoolGauges, reloadRefused, serveOperations } from "../Admin.ts"
 import { onHangup } from "../Lifecycle.ts"
 import { adminFlags, adminOverrides, checkConfigFlag } from "./sharedFlags.ts"
 
@@ -77,7 +77,10 @@ export const wspServerCommand = Command.make("wsp-server", flags, Effect.fn(func
     ready: () => true,
     listeners: () => [{ name: "wsp", address: `${server.address.host}:${server.address.port}` }],
     sessions: () => [{ frontDoor: "wsp", count: server.stats().idle + server.stats().busy }],
-    register: (metrics) => registerPoolGauges(metrics, server.stats, server.rejected, server.refusals, server.failures)
+    register: (metrics) => {
+      registerPoolGauges(metrics, server.stats, server.rejected, server.refusals, server.failures)
+      registerClientLimitCounters(metrics, "wsp", server.clientLimited)
+    }
   })
   yield* onHangup(Effect.gen(function*() {
     const next = parseWspServerConfig(yield* readConfigText(config))

@@ -38,6 +38,8 @@ import type { Admission, Http1Request, PendingAdmission } from "../forward/http1
 import type { HttpLimits } from "../forward/HttpLimits.ts"
 import { refusedConnection, streamUpstream } from "../forward/Upstream.ts"
 import { makeForwarder } from "../Forwarder.ts"
+import { makeClientLimitReporter } from "../forward/ClientLimitReporter.ts"
+import type { ClientLimitKind } from "../../domain/ClientLimits.ts"
 
 /** wsp's status for every proxy-side failure. */
 export const proxyErrorStatus = 526
@@ -161,6 +163,8 @@ export class WspServer extends Context.Service<WspServer, {
    * and registrations refused because no `secretkey` is set (`registrationClosed`).
    */
   readonly rejected: () => { readonly secretKey: number; readonly requestKey: number; readonly registrationClosed: number; readonly throttled: number }
+  /** Callers refused or cut by the client limits (slow bodies, slow readers, head timeouts), by limit. */
+  readonly clientLimited: () => Readonly<Record<ClientLimitKind, number>>
   /** `/request` exchanges that failed after a connection was taken, by reason (the connection was dropped). */
   readonly failures: () => Readonly<Partial<Record<WspProxyError["reason"], number>>>
   /**
@@ -522,7 +526,10 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     idleTimeoutMs: 0,
     onUpstreamError: (message) => warnFailure(`wsp /request: ${message}`)
   })
-  const engine = forwarder.serveHttp1({ limits: httpLimits, admit })
+  // slow callers are held to the client limits every engine front door applies; refusals are counted and
+  // logged (sampled)
+  const limited = makeClientLimitReporter((line) => run(Effect.logWarning(`wsp-server: ${line}`)))
+  const engine = forwarder.serveHttp1({ limits: httpLimits, admit, onClientLimit: limited.onClientLimit })
   const server = net.createServer({ allowHalfOpen: true }, (socket) => {
     socket.on("error", () => socket.destroy())
     engine.accept(socket)
@@ -577,6 +584,7 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     rejected: () => ({ ...rejected }),
     refusals: () => ({ ...refusals }),
     failures: () => ({ ...failures }),
+    clientLimited: limited.counts,
     replaceCredentials: (credentials) =>
       Effect.sync(() => {
         secret = Redacted.value(credentials.secretKey)

@@ -861,4 +861,22 @@ describe("WspServer against a hand-written wsp client", () => {
       yield* waitFor("everything delivered once the caller reads", () => received === total, 20_000)
       expect(peer.ws.bufferedAmount).toBe(0)
     })))
+
+  it.live("a caller whose request body trickles in is answered 408 by the client limits, counted, and its wsp connection is dropped", () =>
+    leakChecked(Effect.gen(function*() {
+      const { server, port, peer } = yield* oneRegisteredPeer
+      const caller = net.connect({ host: "127.0.0.1", port })
+      let got = ""
+      caller.on("data", (c: Buffer) => void (got += c.toString("latin1")))
+      caller.on("error", () => undefined)
+      const closed = new Promise<void>((resolve) => caller.on("close", () => resolve()))
+      // 10 bytes of a 100 000-byte body, then nothing: below 240 B/s once the 5 s grace is over
+      caller.write("POST /request HTTP/1.1\r\nHost: w\r\nX-Proxy-Destination: http://dest.example/\r\nContent-Length: 100000\r\n\r\n0123456789")
+      yield* next(peer)
+      yield* Effect.promise(() => closed).pipe(Effect.timeout("15 seconds"))
+      expect(got).toMatch(/^HTTP\/1\.1 408 /)
+      expect(server.clientLimited().request_body_rate).toBe(1)
+      yield* waitFor("the wsp connection dropped", () => peer.closed)
+      expect(server.stats()).toMatchObject({ idle: 0, busy: 0 })
+    })), 30_000)
 })
