@@ -1,16 +1,16 @@
 /**
- * One wsp request to an `http://` destination over a raw pooled HTTP/1.1 connection: writes the head,
- * streams the body (Content-Length or chunked), reads the response head and hands the body on as views
- * of the connection's reused read buffer (chunked coding decoded), with backpressure both ways. It does
- * not check destination rules, speak wsp, or handle `https://` destinations (WspClient keeps Node's
- * client for those).
+ * One wsp request to an `http://` or `https://` destination over a pooled HTTP/1.1 connection (TCP, or
+ * TLS verified against the process's trusted CAs): writes the head, streams the body (Content-Length or
+ * chunked), reads the response head and hands the body on as views of the connection's reads (a plain
+ * connection's reused read buffer; chunked coding decoded), with backpressure both ways. It does not
+ * check destination rules or speak wsp.
  */
 import type { ResponseHead } from "../../domain/Http1Parser.ts"
 import { BodyFramer, HeadReader, parseResponseHead, responseFraming } from "../../domain/Http1Parser.ts"
 import type { DestinationTarget, RequestBodyFraming } from "../../domain/DestinationRequestHead.ts"
 import { goHeaderFromFields, responseContentLength } from "../../domain/DestinationRequestHead.ts"
 import type { GoHeader } from "../../domain/WspMessage.ts"
-import { tcpUpstream } from "../forward/Upstream.ts"
+import { tcpUpstream, tlsUpstream } from "../forward/Upstream.ts"
 import type { ConnectionOwner, ConnectionWaiter } from "../forward/UpstreamPool.ts"
 import { PooledConnection, UpstreamPool } from "../forward/UpstreamPool.ts"
 
@@ -74,10 +74,11 @@ export class DestinationPools {
   /** Grants `waiter` a connection to `target` (pooled while fewer than `MAX_DESTINATION_POOLS` exist). */
   acquire(target: DestinationTarget, waiter: ConnectionWaiter, fresh: boolean): void {
     if (this.closed) return waiter.refused("wsp-client is shutting down")
-    const key = `${target.host}\u0000${target.port}`
+    const key = `${target.secure ? "https" : "http"}\u0000${target.host}\u0000${target.port}`
     let pool = this.pools.get(key)
     if (pool === undefined) {
-      const upstream = tcpUpstream(target.host, target.port, { maxSockets: this.maxSockets, maxFreeSockets: this.maxFreeSockets })
+      const limits = { maxSockets: this.maxSockets, maxFreeSockets: this.maxFreeSockets }
+      const upstream = target.secure ? tlsUpstream(target.host, target.port, limits) : tcpUpstream(target.host, target.port, limits)
       if (this.pools.size >= MAX_DESTINATION_POOLS) return waiter.granted(PooledConnection.open(upstream, undefined))
       pool = new UpstreamPool(upstream, this.maxSockets, this.maxFreeSockets, (empty) => {
         if (this.pools.get(key) === empty) this.pools.delete(key)

@@ -4,7 +4,6 @@
  * checking it against the destination rules, and answers with a response head and one body message.
  * It never contacts a destination the rules refuse, and never accepts a second request on a busy connection.
  */
-import * as https from "node:https"
 import { Context, Effect, FiberSet, Layer, Queue, Random, Redacted, Schema } from "effect"
 import type { Scope } from "effect"
 import { checkDestination, isOpen } from "../../domain/DestinationRules.ts"
@@ -30,7 +29,6 @@ import type { WebSocketEndpoint } from "../transport/WebSocketEndpoint.ts"
 import { openWebSocket } from "../transport/WebSocketOpen.ts"
 import type { DestinationCall, DestinationResponder } from "./DestinationExchange.ts"
 import { DestinationExchange, DestinationPools } from "./DestinationExchange.ts"
-import { httpsDestinationCall } from "./HttpsDestinationCall.ts"
 
 /** wsp's status for a request the client could not perform. */
 export const clientErrorStatus = 527
@@ -91,9 +89,8 @@ interface ClientContext {
   /** The destination rules in force, checked per request (a reload swaps them). */
   rules: DestinationRules
   readonly limits: WspHeadLimits
-  /** Raw connection pools for `http://` destinations. */
+  /** Connection pools per destination. */
   readonly pools: DestinationPools
-  readonly httpsAgent: https.Agent
   readonly log: (message: string) => void
 }
 
@@ -308,8 +305,7 @@ class ClientConnection {
   }
 
   /**
-   * Opens the request to the destination: raw HTTP/1.1 on a pooled connection for `http://`, Node's
-   * client for `https://`. The body follows through `write` (`contentLength` from the head, chunked when
+   * Opens the request to the destination: HTTP/1.1 on a pooled connection (TLS for `https://`). The body follows through `write` (`contentLength` from the head, chunked when
    * unknown). A request that cannot be made is answered (527) once its body has been read. Undefined
    * when no request was made.
    */
@@ -323,24 +319,15 @@ class ClientConnection {
     const method = destinationMethod(head.Method)
     const framing = requestBodyFraming(method, contentLength)
     const responder = this.responder()
-    let call: DestinationCall
-    let exchange: DestinationExchange | undefined
-    if (target.secure) {
-      const made = httpsDestinationCall(this.ctx.httpsAgent, target, method, head.Header, contentLength, framing, this.ctx.config.maxHeaders, responder)
-      if (typeof made === "string") return fail(made)
-      call = made
-    } else {
-      const requestHead = encodeDestinationRequestHead(method, target, head.Header, contentLength)
-      if (requestHead instanceof DestinationHeadError) return fail(requestHead.message)
-      exchange = new DestinationExchange(this.ctx.pools, target, method, requestHead, framing, this.ctx.config.maxHeaders, responder)
-      call = exchange
-    }
-    this.upstream = call
+    const requestHead = encodeDestinationRequestHead(method, target, head.Header, contentLength)
+    if (requestHead instanceof DestinationHeadError) return fail(requestHead.message)
+    const exchange = new DestinationExchange(this.ctx.pools, target, method, requestHead, framing, this.ctx.config.maxHeaders, responder)
+    this.upstream = exchange
     this.answered = false
-    responder.bind(call)
+    responder.bind(exchange)
     // a connection may be granted (or refused) at once, so the exchange starts once it is bound
-    exchange?.start()
-    return call
+    exchange.start()
+    return exchange
   }
 
   /**
@@ -447,13 +434,11 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
   const run = yield* FiberSet.makeRuntime<never, void, never>()
   const maxSockets = Math.max(1, config.poolMaxSize * Math.max(1, config.targets.length))
   const pools = new DestinationPools(maxSockets, maxSockets)
-  const httpsAgent = new https.Agent({ keepAlive: true, maxSockets, maxFreeSockets: maxSockets })
   const ctx: ClientContext = {
     config,
     rules: config.rules,
     limits: { ...defaultHeadLimits, maxHeaderCount: config.maxHeaders },
     pools,
-    httpsAgent,
     log: (message) => void run(Effect.logWarning(message))
   }
   const secret = Redacted.value(config.secretKey)
@@ -469,7 +454,6 @@ export const makeWspClient = Effect.fn("WspClient.make")(function*(config: WspCl
         for (const conn of target.connections) conn.terminate()
       }
       pools.close()
-      httpsAgent.destroy()
     })
   )
 

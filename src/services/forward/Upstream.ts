@@ -5,6 +5,7 @@
  */
 import * as net from "node:net"
 import { Duplex } from "node:stream"
+import * as tls from "node:tls"
 
 export interface Upstream {
   /** For errors and logs: `unix:/var/run/docker.sock`, `127.0.0.1:8080`, `tunnel web-1`. */
@@ -60,6 +61,23 @@ export const tcpUpstream = (host: string, port: number, limits: PoolLimits): Ups
   maxFreeSockets: limits.maxFreeSockets,
   connect: () => net.createConnection({ host, port, allowHalfOpen: true, noDelay: true }),
   connectReading: (onread) => net.createConnection({ host, port, allowHalfOpen: true, noDelay: true, onread }),
+  local: false
+})
+
+/**
+ * An HTTPS upstream: HTTP/1.1 over TLS to `host:port`, the certificate verified against the process's
+ * trusted CAs for `host` (sent as SNI unless it is an address). A TLS connection ends both ways at once
+ * (no half-close), which an HTTP/1.1 exchange never needs.
+ */
+export const tlsUpstream = (host: string, port: number, limits: PoolLimits): Upstream => ({
+  describe: host.includes(":") ? `https://[${host}]:${port}` : `https://${host}:${port}`,
+  maxSockets: limits.maxSockets,
+  maxFreeSockets: limits.maxFreeSockets,
+  connect: () => {
+    const socket = tls.connect({ host, port, servername: net.isIP(host) === 0 ? host : undefined, ALPNProtocols: ["http/1.1"] })
+    socket.setNoDelay(true)
+    return socket
+  },
   local: false
 })
 
