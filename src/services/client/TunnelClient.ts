@@ -135,7 +135,8 @@ export const failureAdvice = (error: TunnelClientError): string => {
   }
   if (error.reason === "HandshakeTimeout") return "the address answers but not as a switchyard control port: check --server"
   const m = error.message
-  if (/407/.test(m)) return "the HTTP proxy wants credentials: put them in HTTPS_PROXY/HTTP_PROXY (http://user:pass@proxy:port) or exempt the gateway with NO_PROXY"
+  // a proxy's status 407, not a port or an address that contains the digits
+  if (/(^|[\s:])407(\s|$)/.test(m)) return "the HTTP proxy wants credentials: put them in HTTPS_PROXY/HTTP_PROXY (http://user:pass@proxy:port) or exempt the gateway with NO_PROXY"
   if (/certificate|self.signed|CERT_|unable to verify|altname/i.test(m)) {
     return "the gateway's TLS certificate is not trusted for this name: pass its CA with --ca, or check the host name in --server"
   }

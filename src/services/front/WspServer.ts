@@ -415,17 +415,33 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
     else front.fail(error.reason === "BodyTooLarge" ? 413 : proxyErrorStatus, error.message)
   }
 
-  /** One `/request` carried over `conn`, which goes back to the pool (or is dropped) when it is over. */
-  const overConnection = (conn: ServerConnection, headText: string): MessageUpstream => ({
-    exchange: (front) => {
-      conn.exchangeOver(front, headText, config.maxMessageSize, config.responseTimeout, (error) => settle(conn, front, error))
-    },
-    upgrade: (_request, _protocol, socket) => {
-      // a `/request` upgrade is refused at admission; a connection taken for one goes straight back
-      pool.releaseNow(conn)
-      socket.destroy()
+  /**
+   * One `/request` carried over `conn`, which goes back to the pool (or is dropped) when it is over. The
+   * returned `unused` gives the connection back when the exchange never started (the caller left as the
+   * connection was handed over).
+   */
+  const overConnection = (conn: ServerConnection, headText: string): { readonly message: MessageUpstream; readonly unused: () => void } => {
+    let started = false
+    return {
+      message: {
+        exchange: (front) => {
+          started = true
+          conn.exchangeOver(front, headText, config.maxMessageSize, config.responseTimeout, (error) => settle(conn, front, error))
+        },
+        upgrade: (_request, _protocol, socket) => {
+          // a `/request` upgrade is refused at admission; a connection taken for one goes straight back
+          started = true
+          pool.releaseNow(conn)
+          socket.destroy()
+        }
+      },
+      unused: () => {
+        if (started) return
+        started = true
+        pool.releaseNow(conn)
+      }
     }
-  })
+  }
 
   const admitRequest = (request: Http1Request, address: string): Admission | PendingAdmission => {
     if (requestKey !== undefined) {
@@ -465,7 +481,17 @@ export const makeWspServer = Effect.fn("WspServer.make")(function*(config: WspSe
       counted = false
       inFlight--
     }
-    const forward = (conn: ServerConnection): Admission => ({ _tag: "Forward", message: overConnection(conn, headText), onEnd: uncount })
+    const forward = (conn: ServerConnection): Admission => {
+      const over = overConnection(conn, headText)
+      return {
+        _tag: "Forward",
+        message: over.message,
+        onEnd: () => {
+          over.unused()
+          uncount()
+        }
+      }
+    }
     // the fast path: an idle connection is there now
     const conn = pool.tryTake()
     if (conn !== undefined) return forward(conn)

@@ -53,6 +53,9 @@ describe("TunnelClient failure advice", () => {
     assert.match(io("self-signed certificate"), /--ca/)
     assert.match(io("unable to verify the first certificate"), /--ca/)
     assert.match(io("proxy 127.0.0.1:3128: 407 Proxy Authentication Required"), /HTTPS_PROXY\/HTTP_PROXY/)
+    assert.match(io("CONNECT gw.example:443 answered 407 Proxy Authentication Required"), /HTTPS_PROXY\/HTTP_PROXY/)
+    // a port that contains the digits is not a proxy's answer
+    assert.match(io("dial failed: connect ECONNREFUSED 127.0.0.1:40761"), /check --server and that the gateway is running/)
     assert.match(io("getaddrinfo ENOTFOUND gw.invalid"), /does not resolve/)
     assert.match(io("the gateway closed the session"), /reconnecting/)
     assert.match(failureAdvice(new TunnelClientError({ reason: "HandshakeTimeout", message: "no answer to Hello" })), /not as a switchyard control port/)
