@@ -1,4 +1,4 @@
-#!/usr/bin/env -S node --max-semi-space-size=8
+#!/usr/bin/env -S node --max-semi-space-size=8 --heap-growing-percent=50
 // The switchyard command. It first checks the Node version, in syntax every Node reads, so an old Node
 // gets one line naming the version needed. A checkout (with `src/`) runs the TypeScript sources through
 // Node's type stripping; the installed package runs its bundle, `dist/cli/switchyard.mjs`.
