@@ -23,9 +23,9 @@ fs.rmSync(dist, { recursive: true, force: true })
 /**
  * Node's built-in modules through `process.getBuiltinModule`: an ES `import` of one builds a namespace of
  * every export, which evaluates lazy getters (`node:http`'s `WebSocket` loads undici, about 14 MB of
- * resident memory). Not through a `require` made by `createRequire` either: that resolves file paths at
- * every chunk's start-up, enough path work for V8 to optimise Node's path functions while the command
- * starts, which maps its optimising compiler's code (about 7 MB) into a process that then sits idle.
+ * resident memory). Not through a `require` made by `createRequire` in every chunk either: that is file
+ * path work at each chunk's start-up, and path work at start-up gets Node's path functions optimised,
+ * which maps V8's optimising compiler into a command that then sits idle (see `bin/switchyard.js`).
  * A bundled ES module has no `require`; a CommonJS dependency that calls it for an optional package
  * (`debug`'s `supports-color`) gets the error its `try` expects.
  */
