@@ -1,7 +1,7 @@
 /**
  * The processes of a bench: every party of a path (gateway, client side, destination) runs alone in its
  * own process, so what is measured of a process is that party's work and nothing else. Switchyard's
- * parties are the `switchyard` command itself (`startSwitchyard`); destinations are small Node servers
+ * parties are the `switchyard` command itself (`startSwitchyard`, from the installed package); destinations are small Node servers
  * (`startBackend`); a bench file can also start itself in a role (`startRole`). Load comes from wrk and
  * curl, never from a measured process. `SWITCHYARD_BENCH_CPU_PROF=DIR` writes a CPU profile of every
  * Node child into DIR (on stop).
@@ -11,6 +11,7 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { createInterface } from "node:readline"
+import { packAndInstall } from "../scripts/installedPackage.ts"
 import { answered } from "./support.ts"
 
 /** Names the role a bench file plays when started as a child. */
@@ -21,15 +22,30 @@ const announceTimeoutMs = 20_000
 const stopTimeoutMs = 10_000
 /** Output lines of a child kept for the error when it fails. */
 const keptLines = 40
-/** The `switchyard` command, run from the sources as `npm start` does. */
-const switchyardMain = path.resolve(import.meta.dirname, "../src/runtime/main.ts")
+/**
+ * The `switchyard` command as operators run it: the package this checkout packs, installed into a
+ * temporary project once per bench run (removed when the bench exits). `SWITCHYARD_BENCH_FROM_SOURCES=1`
+ * runs the sources instead, as `npm start` does (no build; Node's type stripping stays loaded, so about
+ * 70 MB more of resident memory per process).
+ */
+const fromSources = process.env.SWITCHYARD_BENCH_FROM_SOURCES === "1"
+let installedBin: string | undefined
+const switchyardEntry = (): string => {
+  if (fromSources) return path.resolve(import.meta.dirname, "../src/runtime/main.ts")
+  if (installedBin === undefined) {
+    const installed = packAndInstall()
+    process.once("exit", () => installed.remove())
+    installedBin = installed.bin
+  }
+  return installedBin
+}
 /** The Node flags the `switchyard` launcher runs with (its `#!` line), so a bench process is the command's process. */
 const switchyardNodeFlags = fs.readFileSync(path.resolve(import.meta.dirname, "../bin/switchyard.js"), "utf8")
   .split("\n", 1)[0]!
   .split(/\s+/)
   .filter((word) => word.startsWith("--"))
 /** Preloaded into a switchyard child that a bench asks for a full collection (SIGUSR2). */
-const gcPreload = path.resolve(import.meta.dirname, "gc-on-signal.ts")
+const gcPreload = path.resolve(import.meta.dirname, "gc-on-signal.mjs")
 
 /** A bench child: its output lines, and how to stop it. */
 export interface BenchProcess {
@@ -153,7 +169,7 @@ export const startSwitchyard = (
       ...switchyardNodeFlags,
       ...profileFlags(name),
       ...(options.gc === true ? ["--expose-gc", "--import", gcPreload] : []),
-      switchyardMain,
+      switchyardEntry(),
       ...args
     ],
     { env: { SWITCHYARD_ADMIN_ENABLED: "false" }, ready: options.ready }

@@ -1,7 +1,8 @@
 /**
  * The package as `npm install` gives it: packed from this checkout, installed from the tarball into a
  * fresh project. It carries one Effect (its shrinkwrap), runs its bundle (no sources shipped), refuses an
- * old Node in one line, and every long-running command starts from it and answers its admin endpoint.
+ * old Node in one line, loads no bundle chunk over 256 KB when a command starts, and every long-running
+ * command starts from it and answers its admin endpoint.
  */
 import { afterAll, assert, beforeAll, describe, it } from "@effect/vitest"
 import { execFileSync, spawnSync } from "node:child_process"
@@ -26,6 +27,15 @@ const oldNode = (() => {
 })()
 
 let installed: InstalledPackage
+
+/**
+ * Largest bundle chunk a command loads when it starts (bytes): V8 parses a module's top level in one piece
+ * and the C heap that parse takes stays with the process (`scripts/build.ts`, chunk boundaries).
+ */
+const MaxStartupChunkBytes = 256 * 1024
+/** A static import or re-export of another chunk in the minified bundle, and a dynamic import of one. */
+const StaticImport = /(?:\bfrom|\bimport)\s*"(\.\.?\/[^"]+)"/g
+const DynamicImport = /\bimport\("(\.\.?\/[^"]+)"\)/g
 
 beforeAll(() => {
   installed = packAndInstall()
@@ -70,6 +80,26 @@ describe("the installed package", () => {
     const lines = run.stderr.trim().split("\n")
     assert.strictEqual(lines.length, 1, run.stderr)
     assert.match(lines[0]!, /^switchyard: needs Node\.js 22\.19 or later .*this is Node\.js \d+\.\d+\.\d+/)
+  })
+
+  it(`no command loads a bundle chunk over ${MaxStartupChunkBytes / 1024} KB at start-up`, () => {
+    const cli = path.join(installed.packageDir, "dist/cli")
+    const imports = (file: string, pattern: RegExp) =>
+      [...fs.readFileSync(file, "utf8").matchAll(pattern)].map((m) => path.resolve(path.dirname(file), m[1]!))
+    const closure = (file: string, seen: Set<string>): Set<string> => {
+      if (seen.has(file)) return seen
+      seen.add(file)
+      for (const next of imports(file, StaticImport)) closure(next, seen)
+      return seen
+    }
+    const entry = path.join(cli, "switchyard.mjs")
+    const commands = imports(entry, DynamicImport)
+    assert.isAtLeast(commands.length, 7, "one chunk per subcommand")
+    for (const command of commands) {
+      for (const file of closure(command, closure(entry, new Set()))) {
+        assert.isAtMost(fs.statSync(file).size, MaxStartupChunkBytes, `${path.basename(command)} loads ${path.relative(cli, file)}`)
+      }
+    }
   })
 
   it("starts every long-running command, each answering /healthz, and stops each with exit 0", async () => {
