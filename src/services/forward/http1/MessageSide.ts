@@ -214,20 +214,34 @@ export abstract class MessageSide extends RequestSide {
     this.responseStarted = true
     this.status = status
     this.sentBytes += head.length
-    // the head and what follows it in the same turn (an HTTP/2 read brings HEADERS and DATA) leave together
-    this.socket.cork()
-    queueMicrotask(this.uncorkMessage)
+    this.corkTurn()
     this.socket.write(head)
     return undefined
   }
 
-  private readonly uncorkMessage = (): void => {
+  /** The socket is corked until the end of the current turn. */
+  private corkedForTurn = false
+
+  /**
+   * Corks the client socket until the end of the current turn, so that what one upstream read brings
+   * (an HTTP/2 read's HEADERS and DATA, a WebSocket read's body frames) leaves in one write.
+   */
+  private corkTurn(): void {
+    if (this.corkedForTurn) return
+    this.corkedForTurn = true
+    this.socket.cork()
+    queueMicrotask(this.uncorkTurn)
+  }
+
+  private readonly uncorkTurn = (): void => {
+    this.corkedForTurn = false
     this.socket.uncork()
   }
 
   private messageData(m: MessageExchange, chunk: Buffer): boolean {
     if (m.over || this.message !== m || !this.responseHeadSent || m.bodyless || chunk.length === 0) return true
     const socket = this.socket
+    this.corkTurn()
     let ok: boolean
     if (m.chunked) {
       const size = Buffer.from(`${chunk.length.toString(16)}\r\n`, "latin1")
