@@ -7,10 +7,10 @@ import { afterAll, beforeAll, describe, expect, it } from "@effect/vitest"
 import * as https from "node:https"
 import type * as net from "node:net"
 import * as tls from "node:tls"
-import { Effect, type Scope } from "effect"
+import { Effect } from "effect"
 import { makeWspClient } from "../../src/services/client/WspClient.ts"
 import { makeWspServer } from "../../src/services/front/WspServer.ts"
-import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
+import { noLeaks } from "../support/leaks.ts"
 import { makeCertificate } from "../services/ListenersFixtures.ts"
 import { callE, clientConfig, pattern, serverConfig, waitFor } from "./wspSupport.ts"
 
@@ -59,14 +59,6 @@ const httpsDestination = (certificate: { readonly cert: string; readonly key: st
       )
   )
 
-const leakChecked = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
-  Effect.gen(function*() {
-    const before = activeHandles()
-    const result = yield* Effect.scoped(body)
-    yield* Effect.promise(() => expectNoLeaks(before))
-    return result
-  })
-
 const setup = Effect.gen(function*() {
   const server = yield* makeWspServer(serverConfig())
   const target = `ws://127.0.0.1:${server.address.port}/register`
@@ -77,7 +69,7 @@ const setup = Effect.gen(function*() {
 
 describe("wsp-client: https:// destinations", () => {
   it.live("carries uploads and downloads over a verified TLS connection, reused across requests", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* httpsDestination(trusted)
       const port = yield* setup
       const body = pattern(700_000, 5)
@@ -95,7 +87,7 @@ describe("wsp-client: https:// destinations", () => {
     })))
 
   it.live("refuses a destination whose certificate is not trusted (527, naming the certificate)", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* httpsDestination(untrusted)
       const port = yield* setup
       const reply = yield* callE(port, { destination: `https://localhost:${dest.port}/bytes?n=10` })

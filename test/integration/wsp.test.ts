@@ -6,17 +6,8 @@ import { compileRules } from "../../src/domain/DestinationRules.ts"
 import type { DestinationRules } from "../../src/domain/DestinationRules.ts"
 import { makeWspClient } from "../../src/services/client/WspClient.ts"
 import { makeWspServer } from "../../src/services/front/WspServer.ts"
-import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
+import { noLeaks } from "../support/leaks.ts"
 import { call, callE, clientConfig, destination, pattern, serverConfig, waitFor } from "./wspSupport.ts"
-
-/** Runs `body` in its own scope and checks that nothing is left open once it closes. */
-const leakChecked = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
-  Effect.gen(function*() {
-    const before = activeHandles()
-    const result = yield* Effect.scoped(body)
-    yield* Effect.promise(() => expectNoLeaks(before))
-    return result
-  })
 
 const rules = (lists: Parameters<typeof compileRules>[0]): DestinationRules => {
   const r = compileRules(lists)
@@ -46,7 +37,7 @@ const setup = (opts: { server?: Parameters<typeof serverConfig>[0]; client?: Par
 
 describe("wsp end to end (our server, our client, loopback)", () => {
   it.live("answers /status with ok", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const reply = yield* callE(server.address.port, { path: "/status" })
       expect(reply.status).toBe(200)
@@ -54,7 +45,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("GET and POST with 1 MiB bodies both ways", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { dest, port } = yield* setup()
       const mib = 1024 * 1024
       const down = yield* callE(port, { destination: dest.url(`/bytes?n=${mib}`) })
@@ -70,7 +61,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("works with unmasked client frames (maskframes: false)", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { dest, port } = yield* setup({ client: { maskFrames: false } })
       const body = pattern(300_000, 3)
       const up = yield* callE(port, { method: "POST", destination: dest.url("/echo"), body })
@@ -78,7 +69,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("relays a streamed response of unknown length completely", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { dest, port } = yield* setup()
       const reply = yield* callE(port, { destination: dest.url("/stream?chunks=200&size=3000") })
       expect(reply.status).toBe(200)
@@ -88,7 +79,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("streams a response through both halves while the destination is still sending", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { dest, port } = yield* setup()
       const received: Array<string> = []
       let ended = false
@@ -105,7 +96,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("aborts the caller's response when the destination dies mid-body (Content-Length and chunked), never a short complete one", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { port } = yield* setup()
       const sockets = new Set<net.Socket>()
       const dying = net.createServer((socket) => {
@@ -144,7 +135,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("delivers a large download intact to a caller that reads in bursts (reused read buffers, masked and unmasked)", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       for (const maskFrames of [true, false]) {
         const { dest, port } = yield* setup({ client: { maskFrames } })
         const n = 24 * 1024 * 1024 + 7
@@ -181,7 +172,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })), { timeout: 60_000 })
 
   it.live("never opens a connection to a destination its rules refuse", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       let accepted = 0
       const watched = net.createServer((socket) => {
         accepted++
@@ -201,7 +192,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("serves 60 concurrent callers through a pool of 10 without doubling up", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { dest, port, server } = yield* setup({
         server: { timeout: 10_000 },
         client: { poolIdleSize: 10, poolMaxSize: 10 }
@@ -220,7 +211,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("refills the pool after a connection dies", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { dest, port, server } = yield* setup({ client: { poolIdleSize: 3, poolMaxSize: 5, maxMessageSize: 10_000 } })
       // a response larger than the client's message limit: that connection is dropped
       const failed = yield* callE(port, { destination: dest.url("/bytes?n=50000") })
@@ -232,7 +223,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("fails with wsp's 526 when no connection frees up within the timeout", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { dest, port } = yield* setup({ server: { timeout: 150 }, client: { poolIdleSize: 1, poolMaxSize: 1 } })
       const slow = Effect.runPromise(callE(port, { destination: dest.url("/slow?ms=1500") }))
       yield* waitFor("slow request reached the destination", () => dest.seen.length === 1)
@@ -244,7 +235,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("answers 526 when no client has registered", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const server = yield* makeWspServer(serverConfig())
       const reply = yield* callE(server.address.port, { destination: dest.url("/echo") })
@@ -256,7 +247,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("refuses a client with the wrong secret", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const target = `ws://127.0.0.1:${server.address.port}/register`
       const client = yield* makeWspClient(clientConfig(target, { secretKey: Redacted.make("wrong") }))
@@ -269,7 +260,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("refuses destinations outside the client's rules without contacting them", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const server = yield* makeWspServer(serverConfig())
       const target = `ws://127.0.0.1:${server.address.port}/register`
@@ -292,7 +283,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("applies wsp's server-side rules with 526", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { dest, port } = yield* setup({ server: { rules: rules({ blacklist: [{ url: "/bytes" }] }) } })
       const reply = yield* callE(port, { destination: dest.url("/bytes?n=1") })
       expect(reply.status).toBe(526)
@@ -301,7 +292,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("requires the /request credential when one is configured", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { dest, port } = yield* setup({ server: { requestKey: Redacted.make("caller-key") } })
       const without = yield* callE(port, { destination: dest.url("/echo") })
       expect(without.status).toBe(401)
@@ -314,7 +305,7 @@ describe("wsp end to end (our server, our client, loopback)", () => {
     })))
 
   it.live("reconnects clients after the server restarts", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const port = yield* freePort()
       const first = yield* Scope.make()

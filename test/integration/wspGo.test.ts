@@ -7,13 +7,13 @@ import { describe, expect, it } from "@effect/vitest"
 import { type ChildProcess, spawn, spawnSync } from "node:child_process"
 import * as path from "node:path"
 import * as readline from "node:readline"
-import { Effect, Schema, Scope } from "effect"
+import { Effect, Schema } from "effect"
 import { compileRules } from "../../src/domain/DestinationRules.ts"
 import { encodeRequestHead } from "../../src/domain/WspMessage.ts"
 import type { WspRequestHead } from "../../src/domain/WspMessage.ts"
 import { makeWspClient } from "../../src/services/client/WspClient.ts"
 import { makeWspServer } from "../../src/services/front/WspServer.ts"
-import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
+import { noLeaks } from "../support/leaks.ts"
 import { inCI } from "../support/peers.ts"
 import { call, clientConfig, destination, pattern, secret, serverConfig, waitFor } from "./wspSupport.ts"
 
@@ -50,14 +50,6 @@ const startPeer = (args: ReadonlyArray<string>) =>
         })
       )
   )
-
-const leakChecked = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
-  Effect.gen(function*() {
-    const before = activeHandles()
-    const result = yield* Effect.scoped(body)
-    yield* Effect.promise(() => expectNoLeaks(before))
-    return result
-  })
 
 const loneSurrogate = /\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f])|(?<!\\ud[89ab][0-9a-f]{2})\\ud[c-f][0-9a-f]{2}/
 
@@ -103,7 +95,7 @@ describePeer("wsp heads against Go's encoding/json", () => {
 
 describePeer("our wsp-server with a Go (gorilla) wsp client", () => {
   it.live("carries GET, 1 MiB POST and concurrent requests", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const server = yield* makeWspServer(serverConfig({ timeout: 5000 }))
       const peer = yield* startPeer(["-role", "client", "-target", `ws://127.0.0.1:${server.address.port}/register`, "-secret", secret, "-id", "go", "-size", "4"])
@@ -132,7 +124,7 @@ describePeer("our wsp-server with a Go (gorilla) wsp client", () => {
 
 describePeer("our wsp-client with a Go (gorilla) wsp server", () => {
   it.live("registers, answers GET and 1 MiB POST, and refuses destinations outside its rules", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const peer = yield* startPeer(["-role", "server", "-listen", "127.0.0.1:0", "-secret", secret, "-timeout", "3000"])
       const address = peer.first.replace(/^LISTEN /, "")

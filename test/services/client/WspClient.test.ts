@@ -5,13 +5,13 @@
  */
 import { describe, expect, it } from "@effect/vitest"
 import type * as http from "node:http"
-import { Effect, Logger, Random, Schema, Scope } from "effect"
+import { Effect, Logger, Random, Schema } from "effect"
 import { TestClock } from "effect/testing"
 import { WebSocket, WebSocketServer } from "ws"
 import { compileRules } from "../../../src/domain/DestinationRules.ts"
 import type { DestinationRules } from "../../../src/domain/DestinationRules.ts"
 import { makeWspClient, reconnectDelay, WspClient } from "../../../src/services/client/WspClient.ts"
-import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
+import { noLeaks } from "../../support/leaks.ts"
 import { clientConfig, destination, MessageInbox, secret, waitFor } from "../../integration/wspSupport.ts"
 
 /** One connection as the hand-written server sees it. */
@@ -71,14 +71,6 @@ const fakeServer = Effect.acquireRelease(
     }))
 ).pipe(Effect.map(({ state }) => state))
 
-const leakChecked = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
-  Effect.gen(function*() {
-    const before = activeHandles()
-    const result = yield* Effect.scoped(body)
-    yield* Effect.promise(() => expectNoLeaks(before))
-    return result
-  })
-
 const rules = (lists: Parameters<typeof compileRules>[0]): DestinationRules => {
   const r = compileRules(lists)
   if ("_tag" in r) throw new Error(r.message)
@@ -90,7 +82,7 @@ const idleOne = (server: FakeServer) => server.connections.find((c) => !c.closed
 
 describe("WspClient against a hand-written wsp server", () => {
   it.live("registers with the secret and greeting, fills its pool, and answers a request in wsp's shape", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { id: "edge-1", poolIdleSize: 3, poolMaxSize: 5 }))
@@ -126,7 +118,7 @@ describe("WspClient against a hand-written wsp server", () => {
     })))
 
   it.live("answers a request it cannot perform with wsp's 527 and keeps the connection", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
       yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
@@ -141,7 +133,7 @@ describe("WspClient against a hand-written wsp server", () => {
     })))
 
   it.live("refuses a destination outside its rules without contacting it", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, {
@@ -165,7 +157,7 @@ describe("WspClient against a hand-written wsp server", () => {
     })))
 
   it.live("replaceRules: the next request on the same connection is checked against the new rules", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const server = yield* fakeServer
       const client = yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, rules: rules({ blacklist: [{ url: "/admin" }] }) }))
@@ -191,7 +183,7 @@ describe("WspClient against a hand-written wsp server", () => {
     })))
 
   it.live("checks rules against the URL as it will be used, so an encoded host cannot slip past a blacklist", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, {
@@ -211,7 +203,7 @@ describe("WspClient against a hand-written wsp server", () => {
     })))
 
   it.live("streams a request body to the destination as its fragments arrive", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
@@ -235,7 +227,7 @@ describe("WspClient against a hand-written wsp server", () => {
     })))
 
   it.live("closes a connection whose streamed body is longer than its ContentLength", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
@@ -248,7 +240,7 @@ describe("WspClient against a hand-written wsp server", () => {
     })))
 
   it.live("answers a destination failure only after the request body has ended", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
       yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
@@ -265,7 +257,7 @@ describe("WspClient against a hand-written wsp server", () => {
     })))
 
   it.live("closes a connection that receives a malformed head (after wsp's 527) and refills the pool", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* fakeServer
       const client = yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, backoffInitial: 1 }))
       yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
@@ -282,7 +274,7 @@ describe("WspClient against a hand-written wsp server", () => {
     })))
 
   it.live("closes a connection whose request body message is missing, without contacting the destination", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
@@ -296,7 +288,7 @@ describe("WspClient against a hand-written wsp server", () => {
     })))
 
   it.live("closes a connection that is sent a second request while the first runs", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const dest = yield* destination
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
@@ -378,7 +370,7 @@ describe("WspClient against a hand-written wsp server", () => {
     }))
 
   it.live("is available as a Layer", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* fakeServer
       const stats = yield* Effect.gen(function*() {
         const client = yield* WspClient

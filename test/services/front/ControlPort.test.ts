@@ -7,7 +7,7 @@ import type { RouteDefinition } from "../../../src/domain/Route.ts"
 import { TunnelClient } from "../../../src/services/client/TunnelClient.ts"
 import { ControlPort, isLoopbackPeer } from "../../../src/services/front/ControlPort.ts"
 import { Registry } from "../../../src/services/Registry.ts"
-import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
+import { noLeaks } from "../../support/leaks.ts"
 import { client, gateway, serveHttp, token } from "../../integration/tunnelHarness.ts"
 import { freePort, request } from "../ListenersFixtures.ts"
 
@@ -39,14 +39,6 @@ const helloWith = (token: string, listeners: ReadonlyArray<RouteDefinition>, ver
 
 const replyOf = (bytes: Buffer) => JSON.parse(bytes.subarray(FrameHeaderBytes).toString()) as Record<string, unknown>
 
-const withLeakCheck = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
-  Effect.gen(function*() {
-    const before = activeHandles()
-    const result = yield* Effect.scoped(body)
-    yield* Effect.promise(() => expectNoLeaks(before))
-    return result
-  })
-
 describe("ControlPort", () => {
   /** Advances virtual time a second at a time, letting real I/O run in between, until `done` (at most 60 s). */
   const secondsUntil = (done: () => boolean) =>
@@ -62,7 +54,7 @@ describe("ControlPort", () => {
     })
 
   it.effect("closes a connection whose Hello does not complete within the handshake timeout", () =>
-    withLeakCheck(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const control = Context.get(yield* gateway({ control: { address: { host: "127.0.0.1", port: 0 }, tokens: [], handshakeTimeout: "10 seconds" } }), ControlPort)
       // one byte of a length prefix: not silent, so only the handshake timeout applies
       const stalled = exchange(control.address.port!, new Uint8Array([0]))
@@ -75,7 +67,7 @@ describe("ControlPort", () => {
     })))
 
   it.effect("closes a connection that sends nothing after the first-byte timeout, before the handshake timeout", () =>
-    withLeakCheck(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const rejected: Array<string> = []
       const control = Context.get(
         yield* gateway({
@@ -98,7 +90,7 @@ describe("ControlPort", () => {
     })))
 
   it.effect("rejects a bad token, an unknown version, a port or domain outside the grant, with typed reasons", () =>
-    withLeakCheck(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const gw = yield* gateway({
         control: {
           address: { host: "127.0.0.1", port: 0 },
@@ -123,7 +115,7 @@ describe("ControlPort", () => {
     })))
 
   it.effect("refuses a conflicting listener and binds nothing of that Hello", () =>
-    withLeakCheck(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const gw = yield* gateway()
       const port = Context.get(gw, ControlPort).address.port!
       const publicPort = yield* Effect.promise(freePort)
@@ -140,7 +132,7 @@ describe("ControlPort", () => {
 
 describe("ControlPort control stream", () => {
   it.live("adds and removes listeners on a live session", () =>
-    withLeakCheck(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const gw = yield* gateway({ registry: { gracePeriod: "50 millis" } })
       const control = Context.get(gw, ControlPort)
       const registry = Context.get(gw, Registry)
@@ -164,7 +156,7 @@ describe("ControlPort control stream", () => {
 
 describe("ControlPort grants on the control stream", () => {
   it.live("refuses AddListener for a port outside the token's grant", () =>
-    withLeakCheck(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const allowed = yield* Effect.promise(freePort)
       const gw = yield* gateway({
         control: {

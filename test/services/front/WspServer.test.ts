@@ -5,11 +5,11 @@
 import { describe, expect, it } from "@effect/vitest"
 import * as http from "node:http"
 import * as net from "node:net"
-import { Effect, Logger, Redacted, Scope } from "effect"
+import { Effect, Logger, Redacted } from "effect"
 import { TestClock } from "effect/testing"
 import { WebSocket } from "ws"
 import { makeWspServer, maxPendingGreetings, secretMatches, WspServer } from "../../../src/services/front/WspServer.ts"
-import { activeHandles, expectNoLeaks } from "../../support/leaks.ts"
+import { noLeaks } from "../../support/leaks.ts"
 import { exchange } from "../../support/rawUpstream.ts"
 import { call, MessageInbox, secret, serverConfig, waitFor } from "../../integration/wspSupport.ts"
 
@@ -64,14 +64,6 @@ const connectWithSocket = (port: number, greeting: string | undefined) =>
     ),
     ({ peer }) => Effect.sync(() => peer.ws.terminate())
   )
-
-const leakChecked = <A, E>(body: Effect.Effect<A, E, Scope.Scope>) =>
-  Effect.gen(function*() {
-    const before = activeHandles()
-    const result = yield* Effect.scoped(body)
-    yield* Effect.promise(() => expectNoLeaks(before))
-    return result
-  })
 
 /** A server with the default config and one peer (`peer_1`) registered and idle. */
 const oneRegisteredPeer = Effect.gen(function*() {
@@ -139,7 +131,7 @@ const maskedFrame = (fin: boolean, opcode: number, payload: Buffer): Buffer => {
 
 describe("WspServer against a hand-written wsp client", () => {
   it.live("sends the request head in Go's JSON shape and the body as one binary message, and relays the answer", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { server, port, peer } = yield* oneRegisteredPeer
       const reply = Effect.runPromise(Effect.promise(() =>
         call(port, {
@@ -170,7 +162,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("passes a body frame's bytes to the caller before the frame has all arrived; pings between frames are answered; the connection is reused after", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { server, port, peer } = yield* oneRegisteredPeer
       const socket = (peer.ws as unknown as { readonly _socket: net.Socket })._socket
       let pongs = 0
@@ -209,7 +201,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("hands a protocol violation inside a streamed body to ws, which closes the connection; the caller's response is cut", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { server, port, peer } = yield* oneRegisteredPeer
       const { socket, outcome } = yield* streamedCall(port, peer)
       socket.write(maskedFrame(false, 2, Buffer.alloc(1000, 1)))
@@ -224,7 +216,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("a streamed response body beyond maxmessagesize closes the connection with 1009 and cuts the caller's response", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig({ maxMessageSize: 100_000 }))
       const port = server.address.port
       const peer = yield* connectPeer(port, "peer_1")
@@ -245,7 +237,7 @@ describe("WspServer against a hand-written wsp client", () => {
     Effect.gen(function*() {
       const messages: Array<string> = []
       const capture = Logger.make((options) => void messages.push(String(options.message)))
-      yield* leakChecked(Effect.gen(function*() {
+      yield* noLeaks(Effect.gen(function*() {
         const server = yield* makeWspServer(serverConfig())
         yield* connectPeer(server.address.port, "peer_1")
         yield* waitFor("registered", () => server.stats().idle === 1)
@@ -254,7 +246,7 @@ describe("WspServer against a hand-written wsp client", () => {
     }))
 
   it.live("relays bodies exactly however their frames are sized, split across writes and mixed with pings, to a caller that pauses", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { server, port, peer } = yield* oneRegisteredPeer
       const socket = (peer.ws as unknown as { readonly _socket: net.Socket })._socket
       // a small deterministic generator, so a failure can be replayed
@@ -310,7 +302,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })), { timeout: 30_000 })
 
   it.live("sends an empty body as an empty binary message", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const peer = yield* connectPeer(server.address.port, "peer_1")
       yield* waitFor("registered", () => server.stats().idle === 1)
@@ -325,7 +317,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("never gives a busy connection a second request", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig({ timeout: 5000 }))
       const port = server.address.port
       const peer = yield* connectPeer(port, "peer_1")
@@ -350,7 +342,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("closes a connection that answers a malformed head, answers 526, and the pool keeps serving", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const port = server.address.port
       const bad = yield* connectPeer(port, "peer_2")
@@ -372,7 +364,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("treats a text message where the body belongs as a missing body", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const peer = yield* connectPeer(server.address.port, "peer_1")
       yield* waitFor("registered", () => server.stats().idle === 1)
@@ -389,7 +381,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("answers 526 when the connection drops before the response", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const peer = yield* connectPeer(server.address.port, "peer_1")
       yield* waitFor("registered", () => server.stats().idle === 1)
@@ -404,7 +396,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("drops a connection that sends a message while idle, and refuses bad greetings", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const port = server.address.port
       const wild = yield* connectPeer(port, "peer_1")
@@ -421,7 +413,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("refuses a registration with the wrong secret before upgrading", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const error = yield* Effect.promise(() =>
         new Promise<string>((resolve) => {
@@ -436,7 +428,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("replaceCredentials: new registrations and requests need the new keys; registered connections stay", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const port = server.address.port
       yield* connectPeer(port, "peer_1")
@@ -463,7 +455,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("refuses request bodies above the message limit with 413 before taking a connection", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig({ maxMessageSize: 1000 }))
       const peer = yield* connectPeer(server.address.port, "peer_1")
       yield* waitFor("registered", () => server.stats().idle === 1)
@@ -474,7 +466,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("refuses requests whose framing or checked fields are ambiguous (400) before taking a connection", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { server, port, peer } = yield* oneRegisteredPeer
       const head = "POST /request HTTP/1.1\r\nHost: h\r\nX-Proxy-Destination: http://dest.example/x\r\n"
       for (
@@ -526,7 +518,7 @@ describe("WspServer against a hand-written wsp client", () => {
     }))
 
   it.live("a caller that leaves while waiting for a connection is never sent", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig({ timeout: 10_000 }))
       const port = server.address.port
       const peer = yield* connectPeer(port, "peer_1")
@@ -549,7 +541,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("relays an answer that comes before the request body is all sent, then drops that connection", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { server, port, peer } = yield* oneRegisteredPeer
       const chunks: Array<Buffer> = []
       let status = 0
@@ -583,7 +575,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("survives a peer that sends garbage after the upgrade, and keeps serving", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const port = server.address.port
       const closed = yield* Effect.promise(() =>
@@ -614,14 +606,14 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("is available as a Layer", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* WspServer
       const status = yield* Effect.promise(() => call(server.address.port, { path: "/status" }))
       expect(status.body.toString()).toBe("ok")
     }).pipe(Effect.provide(WspServer.layer(serverConfig())))))
 
   it.live("bounds connections that upgrade but never greet", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const port = server.address.port
       const silent: Array<Peer> = []
@@ -644,7 +636,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("terminates a greeting of 1 MB once it passes the greeting budget, before it is all read", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const port = server.address.port
       const { peer: greedy, socket } = yield* connectWithSocket(port, undefined)
@@ -666,7 +658,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("terminates a registered connection that sends more than maxidlebytes while it carries no request", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig({ maxIdleBytes: 8 * 1024 }))
       const port = server.address.port
       const { peer: wild, socket } = yield* connectWithSocket(port, "peer_1")
@@ -695,7 +687,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("streams a response body to the caller as its fragments arrive", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { server, port, peer } = yield* oneRegisteredPeer
       const received: Array<string> = []
       let ended = false
@@ -722,7 +714,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("cuts a streamed response whose length differs from its ContentLength and drops the connection", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { port, peer } = yield* oneRegisteredPeer
       const outcome = Effect.runPromise(Effect.promise(() =>
         new Promise<string>((resolve) => {
@@ -743,7 +735,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("an answer whose body or Header disagrees with its ContentLength never puts a byte past it on the caller's keep-alive connection", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const server = yield* makeWspServer(serverConfig())
       const port = server.address.port
       const forged = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
@@ -812,7 +804,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("pushes back on the wsp client when the caller reads slowly", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { port, peer } = yield* oneRegisteredPeer
       const total = 48 * 1024 * 1024
       let received = 0
@@ -863,7 +855,7 @@ describe("WspServer against a hand-written wsp client", () => {
     })))
 
   it.live("a caller whose request body trickles in is answered 408 by the client limits, counted, and its wsp connection is dropped", () =>
-    leakChecked(Effect.gen(function*() {
+    noLeaks(Effect.gen(function*() {
       const { server, port, peer } = yield* oneRegisteredPeer
       const caller = net.connect({ host: "127.0.0.1", port })
       let got = ""
