@@ -246,6 +246,29 @@ export const ServerFile = Schema.Struct({
       })
     )
   })),
+  cluster: Schema.optionalKey(Schema.Struct({
+    redis: Schema.optionalKey(
+      Schema.String.annotate({ description: "Redis URL (redis://host:port or rediss://) holding the cluster's route leases; set, the gateway joins the cluster (with node, advertise and secret)" })
+    ),
+    node: Schema.optionalKey(Schema.String.annotate({ description: "This gateway's name in the cluster, unique among its gateways (letters, digits, . _ -; at most 64)" })),
+    advertise: Schema.optionalKey(Address.annotate({ description: "Address of this gateway's relay link, as the other gateways dial it (host:port)" })),
+    secret: Schema.optionalKey(
+      Secret.annotate({ description: "Secret shared by the cluster's gateways, at least 16 characters (or secret_file)", env: "SWITCHYARD_CLUSTER_SECRET" })
+    ),
+    secret_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding cluster.secret", env: "SWITCHYARD_CLUSTER_SECRET_FILE" })),
+    lease_ttl_ms: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 1_000, maximum: 600_000 })).annotate({
+        description: "Lifetime of this gateway's route leases in Redis without a heartbeat; also how long the last table read stays in use while Redis cannot be reached",
+        default: 15_000
+      })
+    ),
+    heartbeat_ms: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 100, maximum: 200_000 })).annotate({
+        description: "Time between two renewals of this gateway's leases and two reads of the others' (at most a third of lease_ttl_ms)",
+        default: 5_000
+      })
+    )
+  })),
   admin: Schema.optionalKey(AdminSection),
   log: Schema.optionalKey(LogSection)
 })

@@ -13,12 +13,15 @@ import type { Scope } from "effect"
 import type { TokenGrant } from "../../domain/TokenPolicy.ts"
 import { AcmeCertificates, type AcmeCertificatesShape } from "../../services/acme/AcmeCertificates.ts"
 import { Dispatcher } from "../../services/Dispatcher.ts"
+import { leaseRouteKey } from "../../domain/ClusterLease.ts"
+import { type ClusterLeasesShape, makeClusterLeases } from "../../services/cluster/ClusterLeases.ts"
+import { redisLeaseStore } from "../../services/cluster/LeaseStore.ts"
 import { ControlPort } from "../../services/front/ControlPort.ts"
 import { ReverseH2 } from "../../services/front/ReverseH2.ts"
 import { Listeners } from "../../services/Listeners.ts"
 import { makeMetrics, Metrics, type MetricsShape } from "../../services/Metrics.ts"
 import { Registry } from "../../services/Registry.ts"
-import { makeRecentErrors, registerClientLimitCounters, reloadRefused, serveAdmin, type StatusDocument } from "../Admin.ts"
+import { type ClusterStatusEntry, makeRecentErrors, registerClientLimitCounters, reloadRefused, serveAdmin, type StatusDocument } from "../Admin.ts"
 import { ConfigLoadError, type ServerFile } from "../ConfigLoader.ts"
 import { onHangup } from "../Lifecycle.ts"
 import * as Logging from "../Logging.ts"
@@ -27,7 +30,7 @@ import * as NodeTransport from "../NodeTransport.ts"
 import packageJson from "../../../package.json" with { type: "json" }
 import { dispatchObserver, gatewayEvents, type GatewayServices, registerServerGauges, requestInstruments } from "./GatewayInstruments.ts"
 import { testRoute } from "./RouteTest.ts"
-import { AllPorts, GeneratedGrantName, GeneratedTokenBytes, grantsOf, h2RoutesOf, invalid, resolveServerConfig } from "./ServerConfig.ts"
+import { AllPorts, GeneratedGrantName, GeneratedTokenBytes, grantsOf, h2RoutesOf, invalid, redisDisplay, resolveServerConfig } from "./ServerConfig.ts"
 
 /** What `runGateway` starts, for embedding and tests. */
 export interface GatewayHandle {
@@ -86,6 +89,53 @@ const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape) 
       help: "Consecutive failed orders per name (0 once a certificate is obtained).",
       labelNames: ["name"],
       collect: () => acme.status().map((s) => [[s.name], s.failures] as const)
+    })
+  ]
+  return () => removers.forEach((r) => r())
+}
+
+/** Longest wait for one command of the cluster's lease store (ms). */
+export const MaxClusterCommandMs = 2_000
+
+/** The cluster's part of `/status`. */
+const clusterStatus = (cluster: ClusterLeasesShape): ClusterStatusEntry => {
+  const state = cluster.state()
+  return {
+    node: cluster.node,
+    store: state.store,
+    stale: state.stale,
+    ...(state.lastReadAt === undefined ? {} : { lastRead: new Date(state.lastReadAt).toISOString() }),
+    ...(state.lastError === undefined ? {} : { lastError: state.lastError }),
+    published: state.published,
+    leases: [...cluster.table().values()].map((lease) => ({ node: lease.node, route: leaseRouteKey(lease.route), relay: lease.relay }))
+  }
+}
+
+/** What `/readyz` adds about the cluster when its store is not answering. */
+const clusterReadyNote = (cluster: ClusterLeasesShape): string | undefined => {
+  const state = cluster.state()
+  if (state.store !== "unreachable") return undefined
+  return state.stale
+    ? `cluster store unreachable for longer than the lease TTL: serving local routes only (${state.lastError ?? ""})`
+    : `cluster store unreachable: serving local routes and the last table read (${state.lastError ?? ""})`
+}
+
+/** The cluster metrics, read at scrape time; returns their remover. */
+const registerClusterGauges = (metrics: MetricsShape, cluster: ClusterLeasesShape) => {
+  const removers = [
+    metrics.registry.sampledGauge({
+      name: "switchyard_cluster_store_up",
+      help: "1 while the cluster's lease store (Redis) answers, else 0.",
+      collect: () => [[[], cluster.state().store === "connected" ? 1 : 0]]
+    }),
+    metrics.registry.sampledGauge({
+      name: "switchyard_cluster_leases",
+      help: "Route leases: published (this gateway's, kept alive) and remote (the other gateways' in use).",
+      labelNames: ["side"],
+      collect: () => {
+        const state = cluster.state()
+        return [[["published"], state.published], [["remote"], cluster.table().size]]
+      }
     })
   ]
   return () => removers.forEach((r) => r())
@@ -166,11 +216,13 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   const access = Logging.accessLogger({ format: config.log?.format, accessLog: config.log?.access_log })
 
   const drainTimeout = config.drainTimeoutMs
+  const removersLater: Array<() => void> = []
   let draining = false
   let live: GatewayServices | undefined
   const startedAt = new Date().toISOString()
   const listenerNames: Array<{ name: string; address: string }> = []
   let acme: AcmeCertificatesShape | undefined
+  let cluster: ClusterLeasesShape | undefined
 
   // The admin endpoint starts first so it closes last: /readyz answers 503 while the gateway drains.
   let adminBound: HostPort | undefined
@@ -191,10 +243,18 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
         inFlight: entry.backends.reduce((n, b) => n + b.inFlight, 0)
       })),
       recentErrors: recentErrors.list(),
-      ...(acme === undefined ? {} : { certificates: acme.status() })
+      ...(acme === undefined ? {} : { certificates: acme.status() }),
+      ...(cluster === undefined ? {} : { cluster: clusterStatus(cluster) })
     })
     const routeTest = (url: string) => live === undefined ? { error: "the gateway is starting" } : testRoute(live.registry, url)
-    adminBound = yield* serveAdmin({ address: config.admin.address, ready: () => live !== undefined && !draining, metrics: metrics.registry, status, routeTest })
+    adminBound = yield* serveAdmin({
+      address: config.admin.address,
+      ready: () => live !== undefined && !draining,
+      readyNote: () => cluster === undefined ? undefined : clusterReadyNote(cluster),
+      metrics: metrics.registry,
+      status,
+      routeTest
+    })
     listenerNames.push({ name: "admin", address: formatHostPort(adminBound) })
   }
 
@@ -264,6 +324,25 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   yield* Effect.addFinalizer(() =>
     stopSequence({ shutdownDelayMs: config.shutdownDelayMs, drainTimeoutMs: drainTimeout, skipDelay: options.skipShutdownDelay, notReady: () => void (draining = true) })
   )
+  if (config.cluster !== undefined) {
+    const clusterConfig = config.cluster
+    const store = yield* redisLeaseStore({ url: clusterConfig.redisUrl, commandTimeoutMs: Math.min(clusterConfig.heartbeatMs, MaxClusterCommandMs) })
+    cluster = yield* makeClusterLeases({
+      config: clusterConfig,
+      store,
+      registry: live.registry,
+      isLocal: () => true,
+      onChange: (diff) =>
+        Effect.logInfo(
+          `cluster table: ${diff.added.length} lease(s) added, ${diff.removed.length} removed, ${diff.changed.length} changed`
+        ).pipe(Effect.annotateLogs({ component: "cluster" }))
+    })
+    const state = cluster
+    removersLater.push(registerClusterGauges(metrics, state))
+    yield* Effect.logInfo(`cluster: node ${clusterConfig.node}, leases in ${redisDisplay(clusterConfig.redisUrl)} (TTL ${clusterConfig.leaseTtlMs} ms)`).pipe(
+      Effect.annotateLogs({ component: "cluster" })
+    )
+  }
   listenerNames.push({ name: "control", address: formatHostPort(controlPort.address as HostPort) })
   if (h2 !== undefined) listenerNames.push({ name: "reverse_h2", address: formatHostPort(h2.address) })
   const controlWebSocket = controlPort.webSocketAddress === undefined || webSocket === undefined
@@ -272,6 +351,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   if (controlWebSocket !== undefined) listenerNames.push({ name: "control_websocket", address: controlWebSocket })
 
   const removers = [
+    ...removersLater,
     ...registerServerGauges(metrics, live),
     metrics.registry.sampledGauge({
       name: "switchyard_route_refusals_total",
