@@ -16,6 +16,8 @@ import { Dispatcher } from "../../services/Dispatcher.ts"
 import { leaseRouteKey } from "../../domain/ClusterLease.ts"
 import { type ClusterLeasesShape, makeClusterLeases } from "../../services/cluster/ClusterLeases.ts"
 import { redisLeaseStore } from "../../services/cluster/LeaseStore.ts"
+import { makeRelayBackends } from "../../services/cluster/RelayBackends.ts"
+import { listenRelay, makeRelayDialer } from "../../services/cluster/RelayLink.ts"
 import { ControlPort } from "../../services/front/ControlPort.ts"
 import { ReverseH2 } from "../../services/front/ReverseH2.ts"
 import { Listeners } from "../../services/Listeners.ts"
@@ -270,6 +272,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   const removeClientLimitCounters = registerClientLimitCounters(metrics, "public", events.clientLimitReporter.counts)
   yield* Effect.addFinalizer(() => Effect.sync(removeClientLimitCounters))
   const gateway = ControlPort.gatewayLayer({
+    cluster: config.cluster !== undefined,
     control: {
       ...config.control,
       tokens: grants,
@@ -326,16 +329,50 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   )
   if (config.cluster !== undefined) {
     const clusterConfig = config.cluster
+    const clusterLog = Effect.annotateLogs({ component: "cluster" })
+    const runLog = Effect.runForkWith(yield* Effect.context<never>())
+    const listeners = live.listeners
+    // streams relayed here are served by the public listeners, on local backends only
+    const relayAddress = yield* listenRelay({
+      transport: NodeTransport.layerService,
+      address: clusterConfig.advertise,
+      node: clusterConfig.node,
+      secret: clusterConfig.secret,
+      onStream: ({ socket, preamble }) => listeners.acceptRelayed(socket, preamble.localPort, preamble.protocol),
+      onRefused: (remote, error) => {
+        recentErrors.add(`cluster: relay link from ${remote} refused: ${error.message}`)
+        runLog(Effect.logWarning(`relay link from ${remote} refused: ${error.reason}: ${error.message}`).pipe(clusterLog))
+      },
+      onLink: (event, node, remote) => void runLog(Effect.logInfo(`relay link from gateway "${node}" (${remote}) ${event}`).pipe(clusterLog))
+    }).pipe(Effect.mapError((e) => new Error(`cannot listen for relay links on ${formatHostPort(clusterConfig.advertise)}: ${e.message}`)))
+    listenerNames.push({ name: "cluster_relay", address: `${relayAddress.host}:${relayAddress.port}` })
+    const dialer = yield* makeRelayDialer({
+      transport: NodeTransport.layerService,
+      node: clusterConfig.node,
+      secret: clusterConfig.secret,
+      onLinkState: (address, state, detail) => {
+        if (state === "down") recentErrors.add(`cluster: relay link to ${address} down: ${detail}`)
+        runLog((state === "up" ? Effect.logInfo(`relay link to ${address} up (${detail})`) : Effect.logWarning(`relay link to ${address} down: ${detail}`)).pipe(clusterLog))
+      }
+    })
+    const relays = yield* makeRelayBackends({
+      listeners,
+      dialer,
+      onRefused: (lease, message) => {
+        recentErrors.add(`cluster: route ${leaseRouteKey(lease.route)} of gateway "${lease.node}" not served here: ${message}`)
+        return Effect.logWarning(`route ${leaseRouteKey(lease.route)} of gateway "${lease.node}" not served here: ${message}`).pipe(clusterLog)
+      }
+    })
     const store = yield* redisLeaseStore({ url: clusterConfig.redisUrl, commandTimeoutMs: Math.min(clusterConfig.heartbeatMs, MaxClusterCommandMs) })
     cluster = yield* makeClusterLeases({
       config: clusterConfig,
       store,
       registry: live.registry,
-      isLocal: () => true,
-      onChange: (diff) =>
+      isLocal: (backend) => backend.relayedVia === undefined,
+      onChange: (diff, table) =>
         Effect.logInfo(
           `cluster table: ${diff.added.length} lease(s) added, ${diff.removed.length} removed, ${diff.changed.length} changed`
-        ).pipe(Effect.annotateLogs({ component: "cluster" }))
+        ).pipe(clusterLog, Effect.andThen(relays.apply(diff, table)))
     })
     const state = cluster
     removersLater.push(registerClusterGauges(metrics, state))

@@ -275,7 +275,7 @@ interface GatewayState {
  * paused meanwhile and flows again as soon as its next consumer attaches a `data` listener (an http
  * server's connection handler, `pipe`), whenever that happens.
  */
-const readPreamble = (socket: StreamSocket, done: (preamble: Preamble | undefined) => void) => {
+export const readPreamble = (socket: StreamSocket, done: (preamble: Preamble | undefined) => void) => {
   const reader = new FrameReader(MaxPreambleBytes)
   let finished = false
   const timer = setTimeout(() => finish(undefined), DefaultPreambleTimeoutMs)

@@ -108,6 +108,8 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
     truncated: false
   }
   const malformedSeen = new Set<string>()
+  // before the first read, the TTL counts from the start
+  const startedAt = yield* Clock.currentTimeMillis
 
   const replaceTable = (next: LeaseTable) =>
     Effect.suspend(() => {
@@ -134,7 +136,7 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
       const wasUp = state.store !== "unreachable"
       state = { ...state, store: "unreachable", lastError: result.failure.message }
       if (wasUp) yield* Effect.logWarning(`cluster store unreachable: ${result.failure.message}; serving local routes and the last table read until ${config.leaseTtlMs} ms after it`)
-      if (!state.stale && !tableStillValid(state.lastReadAt, now, config.leaseTtlMs)) {
+      if (!state.stale && !tableStillValid(state.lastReadAt ?? startedAt, now, config.leaseTtlMs)) {
         state = { ...state, stale: true }
         yield* Effect.logWarning(`cluster store unreachable for longer than the lease TTL (${config.leaseTtlMs} ms): the other gateways' routes are dropped; serving local routes only`)
         yield* replaceTable(new Map())

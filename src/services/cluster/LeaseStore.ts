@@ -66,6 +66,22 @@ export const redisLeaseStore = Effect.fnUntraced(function*(options: RedisStoreOp
     }),
     (redis) => Effect.sync(() => redis.disconnect(false))
   )
+  // the first publication waits for the connection (bounded): a gateway starting beside its Redis
+  // does not report it unreachable
+  yield* Effect.callback<void>((resume) => {
+    if (client.status === "ready") return resume(Effect.void)
+    const done = () => {
+      clearTimeout(timer)
+      client.off("ready", done)
+      resume(Effect.void)
+    }
+    const timer = setTimeout(done, options.commandTimeoutMs)
+    client.once("ready", done)
+    return Effect.sync(() => {
+      clearTimeout(timer)
+      client.off("ready", done)
+    })
+  })
   const run = <A>(what: string, f: () => Promise<A>): Effect.Effect<A, LeaseStoreError> =>
     Effect.tryPromise({
       try: f,

@@ -365,9 +365,22 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
         responseTimeoutMs: config.responseTimeoutMs ?? 0,
         idleTimeoutMs: config.idleTimeoutMs ?? 0
       })
+      // connections relayed from another gateway of a cluster carry that gateway's X-Forwarded-* (it is
+      // authenticated): they are kept, and its address appended
+      const relayForwarder = config.cluster === true
+        ? yield* Forwarder.make({
+          upstream: unroutedUpstream,
+          onUpstreamError: (message) => void runLog(Effect.logWarning(`relayed request: ${message}`)),
+          errors: withoutUpstreamDetail(plainErrors),
+          forwardedHeaders: "append",
+          responseTimeoutMs: config.responseTimeoutMs ?? 0,
+          idleTimeoutMs: config.idleTimeoutMs ?? 0
+        })
+        : undefined
       return Layer.effect(
         Listeners,
         Listeners.make({
+          relayForwarder,
           host: config.publicHost,
           ...config.publicConnections,
           ...config.instruments,
@@ -388,6 +401,8 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
 
 export interface GatewayConfig {
   readonly control: ControlPortConfig
+  /** The gateway is part of a cluster: its public ports also serve connections relayed from other gateways. */
+  readonly cluster?: boolean | undefined
   /** Address public ports bind to (default `0.0.0.0`). */
   readonly publicHost?: string | undefined
   /** Connection limits of every public port, and who is told when they close or refuse a connection. */
