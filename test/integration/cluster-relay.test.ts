@@ -5,129 +5,20 @@
  * refuses a gateway without the secret, and a route whose backend left queues requests on every gateway
  * until a backend comes back anywhere.
  */
-import { assert, beforeEach, describe, it } from "@effect/vitest"
-import * as fs from "node:fs"
-import * as http from "node:http"
+import { assert, describe, it } from "@effect/vitest"
 import * as net from "node:net"
-import * as os from "node:os"
-import * as path from "node:path"
 import { Effect } from "effect"
 import { decodeRelayChallenge, encodeRelayHello, encodeRelayProof } from "../../src/domain/ClusterRelay.ts"
-import { listen, type TunnelServer } from "../../src/runtime/listen.ts"
-import { addressAfter, freePort, get, spawnSwitchyard } from "../runtime/serverProcess.ts"
-import { cleanupsPerTest } from "../support/leaks.ts"
-import { type RedisServer, requireRedis, startRedis } from "../support/redis.ts"
-
-const Token = "cluster-relay-token-51d0a7"
-const Secret = "cluster-relay-secret-0f93b6c2"
-const LeaseTtlMs = 3_000
-const HeartbeatMs = 300
-const PublicHosts = ["127.0.0.11", "127.0.0.12", "127.0.0.13"] as const
-/** Longest wait for a route to be served through every gateway. */
-const ServedWithinMs = 15_000
-
-const cleanups = cleanupsPerTest()
-let dir: string
-
-beforeEach(() => {
-  dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-cluster-relay-"))
-  const mine = dir
-  cleanups.push(async () => fs.rmSync(mine, { recursive: true, force: true }))
-})
-
-interface Gateway {
-  readonly node: string
-  readonly host: string
-  readonly control: { host: string; port: number }
-  readonly admin: { host: string; port: number }
-  readonly stop: (signal?: NodeJS.Signals) => Promise<number | null>
-  readonly output: () => string
-}
-
-const startGateway = async (redis: RedisServer, index: number, secret = Secret, extra: ReadonlyArray<string> = []): Promise<Gateway> => {
-  const node = `g${index + 1}`
-  const relay = await freePort()
-  const proc = spawnSwitchyard([
-    "server", "--control", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--token", Token, "--public-host", PublicHosts[index]!,
-    "--cluster-redis", redis.url, "--cluster-node", node, "--cluster-advertise", `127.0.0.1:${relay}`,
-    "--set", `cluster.lease_ttl_ms=${LeaseTtlMs}`, "--set", `cluster.heartbeat_ms=${HeartbeatMs}`, ...extra
-  ], { SWITCHYARD_CLUSTER_SECRET: secret })
-  cleanups.push(() => proc.stop("SIGKILL"))
-  await proc.waitFor("expose a local service")
-  return {
-    node,
-    host: PublicHosts[index]!,
-    control: addressAfter(proc.output(), /control port/),
-    admin: addressAfter(proc.output(), /admin endpoint/),
-    stop: proc.stop,
-    output: proc.output
-  }
-}
-
-const withRedis = async (): Promise<RedisServer> => {
-  const redis = await startRedis()
-  cleanups.push(() => redis.cleanup())
-  return redis
-}
-
-const startHttpBackend = async (control: { port: number }, port: number, name: string): Promise<{ tunnel: TunnelServer; hits: () => number }> => {
-  let hits = 0
-  const tunnel = await listen({ port, http: { pathPrefix: "/" } }, { server: `127.0.0.1:${control.port}`, token: Token, timeoutMs: 20_000 })
-  const server = tunnel.serve(http.createServer((req, res) => {
-    hits++
-    res.end(`${name} ${req.url} xff=${req.headers["x-forwarded-for"]}`)
-  }))
-  cleanups.push(() => new Promise<void>((resolve) => tunnel.close(() => { server.close(); resolve() })))
-  return { tunnel, hits: () => hits }
-}
-
-/** Waits until a process has printed a line matching `pattern`, failing after `ServedWithinMs`. */
-const waitForOutput = async (output: () => string, pattern: RegExp): Promise<void> => {
-  const deadline = Date.now() + ServedWithinMs
-  while (Date.now() < deadline && !pattern.test(output())) await new Promise((r) => setTimeout(r, 50))
-  assert.match(output(), pattern)
-}
-
-interface Reply {
-  readonly status: number
-  readonly body: string
-}
-
-const request = (host: string, port: number, p: string, timeoutMs = 10_000): Promise<Reply> =>
-  new Promise((resolve, reject) => {
-    const req = http.get({ host, port, path: p, agent: false, timeout: timeoutMs }, (res) => {
-      let body = ""
-      res.setEncoding("utf8")
-      res.on("data", (c) => (body += c))
-      res.on("end", () => resolve({ status: res.statusCode!, body }))
-      res.on("error", reject)
-    })
-    req.on("timeout", () => req.destroy(new Error(`no answer from ${host}:${port} within ${timeoutMs} ms`)))
-    req.on("error", reject)
-  })
-
-/** Retries until `host:port` answers 200, failing after `ServedWithinMs` with the last answer. */
-const servedThrough = async (host: string, port: number, p: string): Promise<Reply> => {
-  const deadline = Date.now() + ServedWithinMs
-  let last: string = "nothing"
-  while (Date.now() < deadline) {
-    try {
-      const reply = await request(host, port, p, 2_000)
-      if (reply.status === 200) return reply
-      last = `${reply.status} ${reply.body}`
-    } catch (e) {
-      last = (e as Error).message
-    }
-    await new Promise((r) => setTimeout(r, 100))
-  }
-  throw new Error(`${host}:${port}${p} not served within ${ServedWithinMs} ms: ${last}`)
-}
+import { listen } from "../../src/runtime/listen.ts"
+import { freePort, get, sample } from "../runtime/serverProcess.ts"
+import { requireRedis } from "../support/redis.ts"
+import { cleanups, request, ServedWithinMs, servedThrough, startGateway, startHttpBackend, Token, waitForOutput, withRedis } from "./clusterHarness.ts"
 
 describe.runIf(requireRedis())("cluster relay between three gateways", () => {
   it.live("a backend connected to g1 only answers through g1, g2 and g3, one hop, with the client in X-Forwarded-For", () =>
     Effect.promise(async () => {
       const redis = await withRedis()
-      const gateways = await Promise.all([0, 1, 2].map((i) => startGateway(redis, i)))
+      const gateways = await Promise.all([0, 1, 2].map((i) => startGateway(redis, i, undefined, ["--set", "log.access_log=true"])))
       const port = await freePort()
       const backend = await startHttpBackend(gateways[0]!.control, port, "b1")
       for (const g of gateways) {
@@ -142,6 +33,14 @@ describe.runIf(requireRedis())("cluster relay between three gateways", () => {
       const before = backend.hits()
       for (let i = 0; i < 10; i++) assert.strictEqual((await request(gateways[1]!.host, port, `/n${i}`)).status, 200)
       assert.strictEqual(backend.hits() - before, 10)
+      // the access logs and metrics say which gateway served and that the request was relayed
+      await waitForOutput(gateways[1]!.output, /log=access .*path=\/n9 .*node=g1 relayed=true/)
+      await waitForOutput(gateways[0]!.output, /log=access .*path=\/n9 .*node=g1 relayed=true/)
+      await waitForOutput(gateways[0]!.output, /log=access .*path=\/from-g1 .*node=g1 relayed=false/)
+      const out = (await get(gateways[1]!.admin.port, "/metrics")).body
+      assert.isAtLeast(sample(out, "switchyard_cluster_relayed_requests_total", { direction: "out", node: "g1" }), 11)
+      const inbound = (await get(gateways[0]!.admin.port, "/metrics")).body
+      assert.isAtLeast(sample(inbound, "switchyard_cluster_relayed_requests_total", { direction: "in", node: "g2" }), 11)
       // g2 lists the route with its relay backend; g1 only publishes it
       const status = JSON.parse((await get(gateways[1]!.admin.port, "/status")).body)
       const route = status.routes.find((r: { route: string }) => r.route === `http:${port}::/`)

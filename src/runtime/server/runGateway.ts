@@ -30,7 +30,7 @@ import * as Logging from "../Logging.ts"
 import { formatHostPort, type HostPort } from "../NetAddress.ts"
 import * as NodeTransport from "../NodeTransport.ts"
 import packageJson from "../../../package.json" with { type: "json" }
-import { dispatchObserver, gatewayEvents, type GatewayServices, registerServerGauges, requestInstruments } from "./GatewayInstruments.ts"
+import { type ClusterInstruments, dispatchObserver, gatewayEvents, type GatewayServices, registerServerGauges, requestInstruments } from "./GatewayInstruments.ts"
 import { testRoute } from "./RouteTest.ts"
 import { AllPorts, GeneratedGrantName, GeneratedTokenBytes, grantsOf, h2RoutesOf, invalid, redisDisplay, resolveServerConfig } from "./ServerConfig.ts"
 
@@ -141,6 +141,25 @@ const registerClusterGauges = (metrics: MetricsShape, cluster: ClusterLeasesShap
     })
   ]
   return () => removers.forEach((r) => r())
+}
+
+/** The cluster's per-request counter: requests relayed out to each gateway and in from each. */
+const makeClusterInstruments = (metrics: MetricsShape, node: string): ClusterInstruments => {
+  const family = metrics.registry.counter({
+    name: "switchyard_cluster_relayed_requests_total",
+    help: "Requests that crossed a relay link: out (relayed from here to node) or in (relayed here from node and served here).",
+    labelNames: ["direction", "node"]
+  })
+  const children = new Map<string, { inc: () => void }>()
+  return {
+    node,
+    relayed: (direction, peer) => {
+      const key = `${direction} ${peer}`
+      let child = children.get(key)
+      if (child === undefined) children.set(key, child = family.labels(direction, peer))
+      child.inc()
+    }
+  }
 }
 
 /** Writes a fresh random token to a file only this user can read; removed when the scope closes. */
@@ -269,6 +288,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     yield* Effect.addFinalizer(() => Effect.sync(removeAcmeGauges))
   }
   const events = gatewayEvents(metrics, recentErrors.add, yield* Effect.context<never>())
+  const clusterInstruments = config.cluster === undefined ? undefined : makeClusterInstruments(metrics, config.cluster.node)
   const removeClientLimitCounters = registerClientLimitCounters(metrics, "public", events.clientLimitReporter.counts)
   yield* Effect.addFinalizer(() => Effect.sync(removeClientLimitCounters))
   const gateway = ControlPort.gatewayLayer({
@@ -288,7 +308,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     responseTimeoutMs: config.responseTimeoutMs,
     idleTimeoutMs: config.idleTimeoutMs,
     // the per-request instruments follow each public exchange (`observeExchange`)
-    instruments: config.requestMetrics ? requestInstruments(metrics, access) : { observeDispatch: dispatchObserver(metrics) },
+    instruments: config.requestMetrics ? requestInstruments(metrics, access, clusterInstruments) : { observeDispatch: dispatchObserver(metrics) },
     clientLimits: config.clientLimits,
     onClientLimit: events.clientLimitReporter.onClientLimit,
     ...(acme === undefined ? {} : { certificates: acme })

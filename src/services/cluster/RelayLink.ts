@@ -44,6 +44,11 @@ export const MaxWaitingRelayStreams = 1_024
 /** Pause before a link dials again after a failure, growing to `MaxRelayRedialMs`. */
 export const RelayRedialMs = 100
 export const MaxRelayRedialMs = 2_000
+/**
+ * How long a link stays up after its last holder left the table: requests still in flight on it finish,
+ * and a holder that comes back (its lease read again after a Redis restart) finds the link up.
+ */
+export const RelayLinkLingerMs = 30_000
 
 /** A relay link could not be opened or was refused. */
 export class RelayLinkError extends Schema.TaggedError<RelayLinkError>()("RelayLinkError", {
@@ -141,6 +146,8 @@ export const listenRelay = Effect.fnUntraced(function*(options: RelayListenerOpt
             writable.remotePort = preamble.remotePort === 0 ? peerPort : preamble.remotePort
             writable.localPort = preamble.localPort
             if (preamble.localAddress !== undefined) writable.localAddress = preamble.localAddress
+            // the per-request instruments say which gateway relayed it
+            ;(socket as unknown as { relayedFrom?: string }).relayedFrom = node
             options.onStream({ socket, preamble, from: node })
           })
           acceptNext()
@@ -292,10 +299,12 @@ export const makeRelayDialer = Effect.fnUntraced(function*(options: RelayDialerO
         ({ key, state }) =>
           Effect.sync(() => {
             state.users--
-            if (state.users === 0) {
+            if (state.users > 0) return
+            run(Effect.sleep(RelayLinkLingerMs).pipe(Effect.andThen(Effect.sync(() => {
+              if (state.users > 0 || links.get(key) !== state) return
               links.delete(key)
               state.stop()
-            }
+            }))))
           })
       ).pipe(Effect.map(({ state }) => state.link))
   } satisfies RelayDialer
