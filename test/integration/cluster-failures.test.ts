@@ -48,7 +48,10 @@ interface LoadResult {
 }
 
 /** Runs `Concurrency` loops of requests through `targets` until `stop` resolves. */
-const load = (targets: ReadonlyArray<Gateway>, port: number, stop: Promise<void>): Promise<LoadResult> => {
+const load = (targets: ReadonlyArray<Gateway>, port: number, stop: Promise<void>): Promise<LoadResult> => loadOver(() => targets, port, stop)
+
+/** Runs `Concurrency` loops of requests, each through one of the gateways `targets()` names then. */
+const loadOver = (targetsNow: () => ReadonlyArray<Gateway>, port: number, stop: Promise<void>): Promise<LoadResult> => {
   let running = true
   void stop.then(() => void (running = false))
   let ok = 0
@@ -56,6 +59,7 @@ const load = (targets: ReadonlyArray<Gateway>, port: number, stop: Promise<void>
   let n = 0
   const worker = async (w: number) => {
     while (running) {
+      const targets = targetsNow()
       const g = targets[n++ % targets.length]!
       try {
         const reply = await request(g.host, port, `/w${w}-${n}`, RequestTimeoutMs)
@@ -117,6 +121,41 @@ describe.runIf(requireRedis())("cluster failures under load", () => {
       assert.strictEqual(status.cluster.store, "connected")
       assert.isTrue(status.cluster.leases.some((l: { node: string }) => l.node === "g1"), JSON.stringify(status.cluster))
       console.log(`cluster Redis restart: ${result.ok} served, ${result.failed.length} failed`)
+    }))
+
+  it.live("a rolling restart of the three gateways under load, one at a time with a shutdown delay, loses nothing", () =>
+    Effect.promise(async () => {
+      const redis = await withRedis()
+      const ports = await Promise.all([0, 1, 2].map(async () => ({ control: await freePort(), relay: await freePort() })))
+      // the shutdown delay outlasts a heartbeat: the others stop relaying to a stopping gateway while it still serves
+      const start = (i: number) => startGateway(redis, i, undefined, ["--shutdown-delay", "1s"], ports[i])
+      const gateways = await Promise.all([0, 1, 2].map(start))
+      const local = await startLocalServer()
+      const port = await freePort()
+      await startClient([gateways[0]!, gateways[1]!], local.port, port)
+      for (const g of gateways) await servedThrough(g.host, port, "/warm")
+      // the load goes to the gateways in rotation; one leaves it when it is told to stop, as a load
+      // balancer polling /readyz makes it leave during the shutdown delay
+      const rotation = new Set(gateways)
+      let stopLoad!: () => void
+      const stopped = new Promise<void>((resolve) => (stopLoad = resolve))
+      const running = loadOver(() => [...rotation], port, stopped)
+      for (let i = 0; i < 3; i++) {
+        await sleep(500)
+        const g = gateways[i]!
+        rotation.delete(g)
+        assert.strictEqual(await g.stop("SIGTERM"), 0)
+        const again = await start(i)
+        gateways[i] = again
+        await servedThrough(again.host, port, "/back")
+        rotation.add(again)
+      }
+      await sleep(500)
+      stopLoad()
+      const result = await running
+      assert.deepStrictEqual(result.failed, [])
+      assert.isAbove(result.ok, 20)
+      console.log(`cluster rolling restart: ${result.ok} served, ${result.failed.length} failed`)
     }))
 
   it.live("the grace period is cluster-wide: a route whose backend left queues requests on every gateway until one comes back anywhere", () =>

@@ -8,8 +8,7 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { randomBytes } from "node:crypto"
-import { Context, Deferred, Effect, Layer, Option, Redacted } from "effect"
-import type { Scope } from "effect"
+import { Context, Deferred, Effect, Layer, Option, Redacted, Scope } from "effect"
 import type { TokenGrant } from "../../domain/TokenPolicy.ts"
 import { AcmeCertificates, type AcmeCertificatesShape } from "../../services/acme/AcmeCertificates.ts"
 import { Dispatcher } from "../../services/Dispatcher.ts"
@@ -327,6 +326,9 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       idleTimeoutMs: config.idleTimeoutMs
     })
     : Layer.empty
+  // The cluster's links and leases live in a scope that closes after the gateway has drained (finalizers
+  // run last-in first-out): requests relayed either way finish with the others.
+  const clusterScope = config.cluster === undefined ? undefined : yield* Scope.fork(yield* Effect.scope)
   const context = yield* Layer.build(
     (h2Layer as Layer.Layer<ReverseH2, Error, Listeners>).pipe(
       Layer.provideMerge(gateway),
@@ -347,58 +349,62 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   yield* Effect.addFinalizer(() =>
     stopSequence({ shutdownDelayMs: config.shutdownDelayMs, drainTimeoutMs: drainTimeout, skipDelay: options.skipShutdownDelay, notReady: () => void (draining = true) })
   )
-  if (config.cluster !== undefined) {
+  if (config.cluster !== undefined && clusterScope !== undefined) {
     const clusterConfig = config.cluster
-    const clusterLog = Effect.annotateLogs({ component: "cluster" })
-    const runLog = Effect.runForkWith(yield* Effect.context<never>())
-    const listeners = live.listeners
-    // streams relayed here are served by the public listeners, on local backends only
-    const relayAddress = yield* listenRelay({
-      transport: NodeTransport.layerService,
-      address: clusterConfig.advertise,
-      node: clusterConfig.node,
-      secret: clusterConfig.secret,
-      onStream: ({ socket, preamble }) => listeners.acceptRelayed(socket, preamble.localPort, preamble.protocol),
-      onRefused: (remote, error) => {
-        recentErrors.add(`cluster: relay link from ${remote} refused: ${error.message}`)
-        runLog(Effect.logWarning(`relay link from ${remote} refused: ${error.reason}: ${error.message}`).pipe(clusterLog))
-      },
-      onLink: (event, node, remote) => void runLog(Effect.logInfo(`relay link from gateway "${node}" (${remote}) ${event}`).pipe(clusterLog))
-    }).pipe(Effect.mapError((e) => new Error(`cannot listen for relay links on ${formatHostPort(clusterConfig.advertise)}: ${e.message}`)))
-    listenerNames.push({ name: "cluster_relay", address: `${relayAddress.host}:${relayAddress.port}` })
-    const dialer = yield* makeRelayDialer({
-      transport: NodeTransport.layerService,
-      node: clusterConfig.node,
-      secret: clusterConfig.secret,
-      onLinkState: (address, state, detail) => {
-        if (state === "down") recentErrors.add(`cluster: relay link to ${address} down: ${detail}`)
-        runLog((state === "up" ? Effect.logInfo(`relay link to ${address} up (${detail})`) : Effect.logWarning(`relay link to ${address} down: ${detail}`)).pipe(clusterLog))
-      }
-    })
-    const relays = yield* makeRelayBackends({
-      listeners,
-      dialer,
-      onRefused: (lease, message) => {
-        recentErrors.add(`cluster: route ${leaseRouteKey(lease.route)} of gateway "${lease.node}" not served here: ${message}`)
-        return Effect.logWarning(`route ${leaseRouteKey(lease.route)} of gateway "${lease.node}" not served here: ${message}`).pipe(clusterLog)
-      }
-    })
-    const store = yield* redisLeaseStore({ url: clusterConfig.redisUrl, commandTimeoutMs: Math.min(clusterConfig.heartbeatMs, MaxClusterCommandMs) })
-    cluster = yield* makeClusterLeases({
-      config: clusterConfig,
-      store,
-      registry: live.registry,
-      isLocal: (backend) => backend.relayedVia === undefined,
-      onChange: (diff, table) =>
-        Effect.logInfo(
-          `cluster table: ${diff.added.length} lease(s) added, ${diff.removed.length} removed, ${diff.changed.length} changed`
-        ).pipe(clusterLog, Effect.andThen(relays.apply(diff, table)))
-    })
-    const state = cluster
-    removersLater.push(registerClusterGauges(metrics, state))
-    yield* Effect.logInfo(`cluster: node ${clusterConfig.node}, leases in ${redisDisplay(clusterConfig.redisUrl)} (TTL ${clusterConfig.leaseTtlMs} ms)`).pipe(
-      Effect.annotateLogs({ component: "cluster" })
-    )
+    const gatewayServices = live
+    cluster = yield* Effect.gen(function*() {
+      const clusterLog = Effect.annotateLogs({ component: "cluster" })
+      const runLog = Effect.runForkWith(yield* Effect.context<never>())
+      const listeners = gatewayServices.listeners
+      // streams relayed here are served by the public listeners, on local backends only
+      const relayAddress = yield* listenRelay({
+        transport: NodeTransport.layerService,
+        address: clusterConfig.advertise,
+        node: clusterConfig.node,
+        secret: clusterConfig.secret,
+        onStream: ({ socket, preamble }) => listeners.acceptRelayed(socket, preamble.localPort, preamble.protocol),
+        onRefused: (remote, error) => {
+          recentErrors.add(`cluster: relay link from ${remote} refused: ${error.message}`)
+          runLog(Effect.logWarning(`relay link from ${remote} refused: ${error.reason}: ${error.message}`).pipe(clusterLog))
+        },
+        onLink: (event, node, remote) => void runLog(Effect.logInfo(`relay link from gateway "${node}" (${remote}) ${event}`).pipe(clusterLog))
+      }).pipe(Effect.mapError((e) => new Error(`cannot listen for relay links on ${formatHostPort(clusterConfig.advertise)}: ${e.message}`)))
+      listenerNames.push({ name: "cluster_relay", address: `${relayAddress.host}:${relayAddress.port}` })
+      const dialer = yield* makeRelayDialer({
+        transport: NodeTransport.layerService,
+        node: clusterConfig.node,
+        secret: clusterConfig.secret,
+        onLinkState: (address, state, detail) => {
+          if (state === "down") recentErrors.add(`cluster: relay link to ${address} down: ${detail}`)
+          runLog((state === "up" ? Effect.logInfo(`relay link to ${address} up (${detail})`) : Effect.logWarning(`relay link to ${address} down: ${detail}`)).pipe(clusterLog))
+        }
+      })
+      const relays = yield* makeRelayBackends({
+        listeners,
+        dialer,
+        onRefused: (lease, message) => {
+          recentErrors.add(`cluster: route ${leaseRouteKey(lease.route)} of gateway "${lease.node}" not served here: ${message}`)
+          return Effect.logWarning(`route ${leaseRouteKey(lease.route)} of gateway "${lease.node}" not served here: ${message}`).pipe(clusterLog)
+        }
+      })
+      const store = yield* redisLeaseStore({ url: clusterConfig.redisUrl, commandTimeoutMs: Math.min(clusterConfig.heartbeatMs, MaxClusterCommandMs) })
+      const leases = yield* makeClusterLeases({
+        config: clusterConfig,
+        store,
+        registry: gatewayServices.registry,
+        isLocal: (backend) => backend.relayedVia === undefined,
+        onChange: (diff, table) =>
+          Effect.logInfo(
+            `cluster table: ${diff.added.length} lease(s) added, ${diff.removed.length} removed, ${diff.changed.length} changed`
+          ).pipe(clusterLog, Effect.andThen(relays.apply(diff, table)))
+      })
+      removersLater.push(registerClusterGauges(metrics, leases))
+      yield* Effect.logInfo(`cluster: node ${clusterConfig.node}, leases in ${redisDisplay(clusterConfig.redisUrl)} (TTL ${clusterConfig.leaseTtlMs} ms)`).pipe(clusterLog)
+      return leases
+    }).pipe(Scope.provide(clusterScope))
+    // on a stop, the leases go first: the other gateways stop relaying here while this one still serves
+    const leases = cluster
+    yield* Effect.addFinalizer(() => leases.withdraw)
   }
   listenerNames.push({ name: "control", address: formatHostPort(controlPort.address as HostPort) })
   if (h2 !== undefined) listenerNames.push({ name: "reverse_h2", address: formatHostPort(h2.address) })

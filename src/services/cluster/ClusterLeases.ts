@@ -65,6 +65,11 @@ export interface ClusterLeasesShape {
   /** The other gateways' leases in use (the last table read, while still valid). */
   readonly table: () => LeaseTable
   readonly state: () => ClusterStoreState
+  /**
+   * Deletes this gateway's leases and publishes none from now on (the gateway is stopping: the others
+   * stop relaying to it within a heartbeat); the others' leases are still read.
+   */
+  readonly withdraw: Effect.Effect<void>
 }
 
 export interface ClusterLeasesOptions {
@@ -108,6 +113,7 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
     truncated: false
   }
   const malformedSeen = new Set<string>()
+  let withdrawn = false
   // before the first read, the TTL counts from the start
   const startedAt = yield* Clock.currentTimeMillis
 
@@ -123,7 +129,7 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
   /** Publishes, withdraws and reads once; a failure leaves the previous table in use. */
   const syncOnce = Effect.gen(function*() {
     const now = yield* Clock.currentTimeMillis
-    const mine = localLeases(config, registry, options.isLocal)
+    const mine = withdrawn ? new Map<string, Lease>() : localLeases(config, registry, options.isLocal)
     const result = yield* Effect.result(Effect.gen(function*() {
       // everything is set again each time: a store that lost its data (restarted) has it back at once
       yield* store.put([...mine].map(([key, lease]) => [key, encodeLeaseValue(lease)] as const), config.leaseTtlMs)
@@ -189,6 +195,15 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
   return {
     node: config.node,
     table: () => table,
-    state: () => ({ ...state, published: published.size })
+    state: () => ({ ...state, published: published.size }),
+    withdraw: Effect.suspend(() => {
+      withdrawn = true
+      return store.remove([...published]).pipe(
+        Effect.timeout(config.heartbeatMs),
+        Effect.andThen(Effect.sync(() => void (published = new Set()))),
+        Effect.catch(() => Effect.void),
+        Effect.annotateLogs({ component: "cluster" })
+      )
+    })
   }
 })

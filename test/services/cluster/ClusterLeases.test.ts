@@ -180,6 +180,25 @@ describe("ClusterLeases", () => {
       assert.strictEqual(leases.table().size, 1)
     })))
 
+  it.effect("withdraw: its leases are deleted and not published again, while the others' are still read", () =>
+    withRegistry(Effect.gen(function*() {
+      const registry = yield* Registry
+      const mem = memoryStore(yield* Clock.Clock)
+      const remote = mem.putRemote("g2", 9000)
+      yield* registry.register({ _tag: "Tcp", port: 2222 }, makeTestBackend("a"))
+      const leases = yield* makeClusterLeases({ config, store: mem.store, registry, isLocal: () => true })
+      yield* settle
+      assert.include(mem.keys(), "switchyard:lease:g1:tcp:2222")
+      yield* leases.withdraw
+      assert.deepStrictEqual(mem.keys(), [remote])
+      mem.putRemote("g2", 9000)
+      yield* TestClock.adjust(2 * (config.heartbeatMs + MinPublishIntervalMs))
+      yield* settle
+      assert.deepStrictEqual(mem.keys(), [remote])
+      assert.strictEqual(leases.state().published, 0)
+      assert.deepStrictEqual([...leases.table().keys()], [remote])
+    })))
+
   it.effect("withdraws its leases when its scope closes", () =>
     withRegistry(Effect.gen(function*() {
       const registry = yield* Registry
