@@ -43,7 +43,12 @@ export const Lease = Schema.Struct({
   node: NodeName,
   /** The holder's relay link, host:port. */
   relay: Schema.String.check(Schema.isNonEmpty(), Schema.isMaxLength(300)),
-  route: LeaseRoute
+  route: LeaseRoute,
+  /**
+   * The token that owns the route on the holder (its name, and whether it shares routes): the route
+   * keeps that owner on every gateway, so another token's backend cannot take it over elsewhere.
+   */
+  owner: Schema.optionalKey(Schema.Struct({ name: Schema.String.check(Schema.isMaxLength(256)), shares: Schema.Boolean }))
 })
 export type Lease = typeof Lease.Type
 

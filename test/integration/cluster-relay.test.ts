@@ -6,7 +6,11 @@
  * until a backend comes back anywhere.
  */
 import { assert, describe, it } from "@effect/vitest"
+import * as fs from "node:fs"
+import * as http from "node:http"
 import * as net from "node:net"
+import * as os from "node:os"
+import * as path from "node:path"
 import { Effect } from "effect"
 import { decodeRelayChallenge, encodeRelayHello, encodeRelayProof } from "../../src/domain/ClusterRelay.ts"
 import { listen } from "../../src/runtime/listen.ts"
@@ -82,6 +86,29 @@ describe.runIf(requireRedis())("cluster relay between three gateways", () => {
         }
         assert.strictEqual(answer, `echo:hi ${g.node}`)
       }
+    }))
+
+  it.live("a route keeps its owner on every gateway: another token cannot take it over on a gateway that relays it", () =>
+    Effect.promise(async () => {
+      const redis = await withRedis()
+      const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-cluster-owner-")), "server.yaml")
+      cleanups.push(async () => fs.rmSync(path.dirname(file), { recursive: true, force: true }))
+      fs.writeFileSync(file, [
+        "control:",
+        "  tokens:",
+        "    - { name: team-a, token: team-a-token-5e1f2b9c, ports: [\"1-65535\"] }",
+        "    - { name: team-b, token: team-b-token-7d3a4c8e, ports: [\"1-65535\"] }"
+      ].join("\n"))
+      const [g1, g2] = await Promise.all([0, 1].map((i) => startGateway(redis, i, undefined, ["--config", file], undefined, false)))
+      const port = await freePort()
+      const owned = await listen({ port, http: { pathPrefix: "/" } }, { server: `127.0.0.1:${g1!.control.port}`, token: "team-a-token-5e1f2b9c", timeoutMs: 20_000 })
+      const server = owned.serve(http.createServer((_req, res) => res.end("team-a")))
+      cleanups.push(() => new Promise<void>((resolve) => owned.close(() => { server.close(); resolve() })))
+      assert.strictEqual((await servedThrough(g2!.host, port, "/")).body, "team-a")
+      const taken = listen({ port, http: { pathPrefix: "/" } }, { server: `127.0.0.1:${g2!.control.port}`, token: "team-b-token-7d3a4c8e", timeoutMs: 10_000 })
+      const refusal = await taken.then((t) => new Promise<string>((resolve) => t.close(() => resolve("bound")))).catch((e: Error) => e.message)
+      assert.match(refusal, /Conflict: .*belongs to another token/)
+      assert.strictEqual((await request(g2!.host, port, "/")).body, "team-a")
     }))
 
   it.live("a gateway without the cluster secret gets no relay link; a wrong proof is refused and said", () =>

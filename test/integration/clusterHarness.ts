@@ -34,12 +34,13 @@ export const startGateway = async (
   index: number,
   secret = Secret,
   extra: ReadonlyArray<string> = [],
-  ports?: { readonly control: number; readonly relay: number }
+  ports?: { readonly control: number; readonly relay: number },
+  withToken = true
 ): Promise<Gateway> => {
   const node = `g${index + 1}`
   const relay = ports?.relay ?? await freePort()
   const proc = spawnSwitchyard([
-    "server", "--control", `127.0.0.1:${ports?.control ?? 0}`, "--admin", "127.0.0.1:0", "--token", Token, "--public-host", PublicHosts[index]!,
+    "server", "--control", `127.0.0.1:${ports?.control ?? 0}`, "--admin", "127.0.0.1:0", ...(withToken ? ["--token", Token] : []), "--public-host", PublicHosts[index]!,
     "--cluster-redis", redis.url, "--cluster-node", node, "--cluster-advertise", `127.0.0.1:${relay}`,
     "--set", `cluster.lease_ttl_ms=${LeaseTtlMs}`, "--set", `cluster.heartbeat_ms=${HeartbeatMs}`, ...extra
   ], { SWITCHYARD_CLUSTER_SECRET: secret })

@@ -92,7 +92,8 @@ export const localLeases = (config: ClusterConfig, registry: RegistryShape, isLo
   for (const entry of registry.snapshot()) {
     if (!entry.backends.some((b) => isLocal(b) && !b.isClosed())) continue
     const route = leaseRouteOf(entry.route)
-    out.set(leaseKey(config.node, route), { v: LeaseVersion, node: config.node, relay, route })
+    const owner = entry.owner === undefined ? {} : { owner: { name: entry.owner.name, shares: entry.owner.shares } }
+    out.set(leaseKey(config.node, route), { v: LeaseVersion, node: config.node, relay, route, ...owner })
   }
   return out
 }
@@ -151,6 +152,8 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
     }
     const read = result.success
     const next = new Map<string, Lease>()
+    // leases under this node's name that it does not hold (left by its previous run) are deleted
+    const leftOver: Array<string> = []
     for (const [key, value] of read.entries) {
       const lease = decodeLeaseValue(key, value)
       if ("_tag" in lease && lease._tag === "LeaseValueProblem") {
@@ -161,8 +164,15 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
         continue
       }
       const good = lease as Lease
-      if (good.node === config.node) continue
+      if (good.node === config.node) {
+        if (!published.has(key)) leftOver.push(key)
+        continue
+      }
       next.set(key, good)
+    }
+    if (leftOver.length > 0) {
+      yield* store.remove(leftOver).pipe(Effect.ignore)
+      yield* Effect.logInfo(`deleted ${leftOver.length} lease(s) of this node that it no longer holds`)
     }
     if (read.truncated && !state.truncated) yield* Effect.logWarning(`cluster store holds more than ${maxLeases} leases: the rest are not read`)
     const recovered = state.store === "unreachable"

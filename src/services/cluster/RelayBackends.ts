@@ -55,7 +55,9 @@ export const relayBackend = (lease: Lease, route: RouteDefinition, link: RelayLi
     }),
     connect: (meta) => Effect.sync((): Duplex => link.openNow(preamble(meta))),
     isClosed,
-    relayedVia: lease.node
+    relayedVia: lease.node,
+    // the route keeps its owner here too: another token's backend is refused on it as on the holder
+    ...(lease.owner === undefined ? {} : { owner: lease.owner })
   }
 }
 

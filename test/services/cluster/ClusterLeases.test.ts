@@ -199,6 +199,22 @@ describe("ClusterLeases", () => {
       assert.deepStrictEqual([...leases.table().keys()], [remote])
     })))
 
+  it.effect("deletes leases under its own name that it does not hold (left by its previous run), and publishes each route's owner", () =>
+    withRegistry(Effect.gen(function*() {
+      const registry = yield* Registry
+      const mem = memoryStore(yield* Clock.Clock)
+      const leftOver = mem.putRemote("g1", 7000)
+      const owned = Object.assign(makeTestBackend("a"), { owner: { name: "team-a", shares: false } })
+      yield* registry.register({ _tag: "Tcp", port: 2222 }, owned)
+      const leases = yield* makeClusterLeases({ config, store: mem.store, registry, isLocal: () => true })
+      yield* settle
+      assert.notInclude(mem.keys(), leftOver)
+      assert.deepStrictEqual(mem.keys(), ["switchyard:lease:g1:tcp:2222"])
+      assert.strictEqual(leases.table().size, 0)
+      const read = yield* mem.store.read("switchyard:lease:", 10)
+      assert.deepStrictEqual(JSON.parse(read.entries[0]![1]).owner, { name: "team-a", shares: false })
+    })))
+
   it.effect("withdraws its leases when its scope closes", () =>
     withRegistry(Effect.gen(function*() {
       const registry = yield* Registry
