@@ -8,6 +8,12 @@ import { HttpRoute, MaxPort, type RouteDefinition, routeKey, TcpRoute } from "./
 
 /** Every lease key starts with this; a gateway scans `LeaseKeyPrefix*` to read the table. */
 export const LeaseKeyPrefix = "switchyard:lease:"
+/** Every node record key starts with this: `switchyard:node:<node>` (where clients dial the gateway). */
+export const NodeKeyPrefix = "switchyard:node:"
+/** Most control addresses a gateway tells a client in its `Welcome`. */
+export const MaxAdvertisedGateways = 64
+/** Longest control address text in a node record. */
+export const MaxControlAddressLength = 300
 /** Longest node name. */
 export const MaxNodeNameLength = 64
 /** Largest lease value read or written (bytes of JSON); a larger one is skipped as malformed. */
@@ -149,3 +155,35 @@ export const diffLeaseTables = (previous: LeaseTable, next: LeaseTable): LeaseTa
  */
 export const tableStillValid = (readAt: number | undefined, now: number, leaseTtlMs: number): boolean =>
   readAt !== undefined && now - readAt < leaseTtlMs
+
+/** A gateway's record: where backends dial its control port (as a client names it: `host:port`, `tls://host:port`). */
+export const NodeRecord = Schema.Struct({
+  v: Schema.Literal(LeaseVersion),
+  node: NodeName,
+  control: Schema.String.check(Schema.isNonEmpty(), Schema.isMaxLength(MaxControlAddressLength))
+})
+export type NodeRecord = typeof NodeRecord.Type
+
+/** The Redis key of `node`'s record. */
+export const nodeKey = (node: string): string => `${NodeKeyPrefix}${node}`
+
+const encodeNode = Schema.encodeSync(NodeRecord)
+const decodeNode = Schema.decodeUnknownResult(NodeRecord)
+
+/** A node record's value as stored. */
+export const encodeNodeValue = (record: NodeRecord): string => JSON.stringify(encodeNode(record))
+
+/** Reads a stored node record; it must name the node its key names. */
+export const decodeNodeValue = (key: string, value: string): NodeRecord | LeaseValueProblem => {
+  if (Buffer.byteLength(value, "utf8") > MaxLeaseValueBytes) return problem(`${key}: value larger than ${MaxLeaseValueBytes} bytes`)
+  let json: unknown
+  try {
+    json = JSON.parse(value)
+  } catch (e) {
+    return problem(`${key}: not JSON: ${(e as Error).message}`)
+  }
+  const result = decodeNode(json)
+  if (result._tag === "Failure") return problem(`${key}: ${result.failure.message.split("\n")[0]}`)
+  if (nodeKey(result.success.node) !== key) return problem(`${key}: the value describes ${nodeKey(result.success.node)}`)
+  return result.success
+}

@@ -71,6 +71,8 @@ export interface ClusterStatusEntry {
   readonly published: number
   /** The other gateways' leases in use. */
   readonly leases: ReadonlyArray<{ readonly node: string; readonly route: string; readonly relay: string }>
+  /** The other gateways' control addresses, as this gateway tells its clients. */
+  readonly gateways?: ReadonlyArray<string> | undefined
 }
 
 /** One name whose certificate a gateway obtains by ACME, in `/status`. */

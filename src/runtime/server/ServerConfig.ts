@@ -276,7 +276,22 @@ export const clusterOf = (file: ServerFile): ClusterConfig | ConfigLoadError | u
   if (heartbeatMs * 3 > leaseTtlMs) {
     return invalid("cluster.heartbeat_ms", `${heartbeatMs} ms is more than a third of lease_ttl_ms (${leaseTtlMs} ms): a lease would expire between two heartbeats`)
   }
-  return { redisUrl: section.redis, node: section.node, advertise, secret: section.secret, leaseTtlMs, heartbeatMs }
+  if (section.control_advertise !== undefined) {
+    const text = section.control_advertise
+    const parsed = parseHostPort(text.startsWith("tls://") ? text.slice("tls://".length) : text)
+    if (parsed instanceof Error || parsed.port === 0) {
+      return invalid("cluster.control_advertise", `${JSON.stringify(text)}: expected host:port or tls://host:port, as backends dial it`)
+    }
+  }
+  return {
+    redisUrl: section.redis,
+    node: section.node,
+    advertise,
+    secret: section.secret,
+    leaseTtlMs,
+    heartbeatMs,
+    ...(section.control_advertise === undefined ? {} : { controlAdvertise: section.control_advertise })
+  }
 }
 
 /** A Redis URL without its password, for messages. */

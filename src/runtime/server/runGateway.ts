@@ -98,6 +98,10 @@ const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape) 
 /** Longest wait for one command of the cluster's lease store (ms). */
 export const MaxClusterCommandMs = 2_000
 
+/** The control port as backends dial it, or `undefined` when it binds every interface (no address to tell). */
+const advertisedControl = (bound: HostPort, tls: boolean): string | undefined =>
+  bound.host === "0.0.0.0" || bound.host === "::" || bound.host === "" ? undefined : `${tls ? "tls://" : ""}${formatHostPort(bound)}`
+
 /** The cluster's part of `/status`. */
 const clusterStatus = (cluster: ClusterLeasesShape): ClusterStatusEntry => {
   const state = cluster.state()
@@ -108,7 +112,8 @@ const clusterStatus = (cluster: ClusterLeasesShape): ClusterStatusEntry => {
     ...(state.lastReadAt === undefined ? {} : { lastRead: new Date(state.lastReadAt).toISOString() }),
     ...(state.lastError === undefined ? {} : { lastError: state.lastError }),
     published: state.published,
-    leases: [...cluster.table().values()].map((lease) => ({ node: lease.node, route: leaseRouteKey(lease.route), relay: lease.relay }))
+    leases: [...cluster.table().values()].map((lease) => ({ node: lease.node, route: leaseRouteKey(lease.route), relay: lease.relay })),
+    gateways: cluster.gateways()
   }
 }
 
@@ -294,6 +299,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     cluster: config.cluster !== undefined,
     control: {
       ...config.control,
+      otherGateways: () => cluster?.gateways() ?? [],
       tokens: grants,
       onRejected: events.onRejected,
       onSessionFailed: events.onSessionFailed,
@@ -389,7 +395,10 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       })
       const store = yield* redisLeaseStore({ url: clusterConfig.redisUrl, commandTimeoutMs: Math.min(clusterConfig.heartbeatMs, MaxClusterCommandMs) })
       const leases = yield* makeClusterLeases({
-        config: clusterConfig,
+        config: {
+          ...clusterConfig,
+          control: () => clusterConfig.controlAdvertise ?? advertisedControl(controlPort.address as HostPort, config.control.tls !== undefined)
+        },
         store,
         registry: gatewayServices.registry,
         isLocal: (backend) => backend.relayedVia === undefined,

@@ -10,6 +10,11 @@ import { Clock, Effect, type Redacted } from "effect"
 import type { Scope } from "effect"
 import {
   decodeLeaseValue,
+  decodeNodeValue,
+  encodeNodeValue,
+  MaxAdvertisedGateways,
+  nodeKey,
+  NodeKeyPrefix,
   diffLeaseTables,
   encodeLeaseValue,
   type Lease,
@@ -41,6 +46,13 @@ export interface ClusterConfig {
   readonly leaseTtlMs: number
   readonly heartbeatMs: number
   readonly maxLeases?: number | undefined
+  /**
+   * Where backends dial this gateway's control port, as a client names it (`host:port`,
+   * `tls://host:port`); published so the other gateways can tell their clients. None: not published.
+   */
+  readonly control?: (() => string | undefined) | undefined
+  /** `cluster.control_advertise`: the control address told to clients, when set. */
+  readonly controlAdvertise?: string | undefined
 }
 
 /** Where the store stands, as `/status` shows it. */
@@ -65,6 +77,8 @@ export interface ClusterLeasesShape {
   /** The other gateways' leases in use (the last table read, while still valid). */
   readonly table: () => LeaseTable
   readonly state: () => ClusterStoreState
+  /** The other gateways' control addresses (from their node records, last read while still valid). */
+  readonly gateways: () => ReadonlyArray<string>
   /**
    * Deletes this gateway's leases and publishes none from now on (the gateway is stopping: the others
    * stop relaying to it within a heartbeat); the others' leases are still read.
@@ -103,6 +117,7 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
   const { config, store, registry } = options
   const maxLeases = config.maxLeases ?? DefaultMaxLeases
   let table: LeaseTable = new Map()
+  let gateways: ReadonlyArray<string> = []
   let published = new Set<string>()
   let state: ClusterStoreState = {
     store: "connecting",
@@ -133,11 +148,15 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
     const mine = withdrawn ? new Map<string, Lease>() : localLeases(config, registry, options.isLocal)
     const result = yield* Effect.result(Effect.gen(function*() {
       // everything is set again each time: a store that lost its data (restarted) has it back at once
-      yield* store.put([...mine].map(([key, lease]) => [key, encodeLeaseValue(lease)] as const), config.leaseTtlMs)
+      const control = withdrawn ? undefined : config.control?.()
+      const record = control === undefined ? [] : [[nodeKey(config.node), encodeNodeValue({ v: LeaseVersion, node: config.node, control })] as const]
+      yield* store.put([...record, ...[...mine].map(([key, lease]) => [key, encodeLeaseValue(lease)] as const)], config.leaseTtlMs)
       const gone = [...published].filter((key) => !mine.has(key))
       yield* store.remove(gone)
       published = new Set(mine.keys())
-      return yield* store.read(LeaseKeyPrefix, maxLeases)
+      const leases = yield* store.read(LeaseKeyPrefix, maxLeases)
+      const nodes = yield* store.read(NodeKeyPrefix, MaxAdvertisedGateways + 1)
+      return { ...leases, nodes: nodes.entries }
     }))
     if (result._tag === "Failure") {
       const wasUp = state.store !== "unreachable"
@@ -147,6 +166,7 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
         state = { ...state, stale: true }
         yield* Effect.logWarning(`cluster store unreachable for longer than the lease TTL (${config.leaseTtlMs} ms): the other gateways' routes are dropped; serving local routes only`)
         yield* replaceTable(new Map())
+        gateways = []
       }
       return
     }
@@ -170,6 +190,13 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
       }
       next.set(key, good)
     }
+    const others: Array<string> = []
+    for (const [key, value] of read.nodes) {
+      const record = decodeNodeValue(key, value)
+      if ("_tag" in record || record.node === config.node || others.length >= MaxAdvertisedGateways) continue
+      others.push(record.control)
+    }
+    gateways = others.sort()
     if (leftOver.length > 0) {
       yield* store.remove(leftOver).pipe(Effect.ignore)
       yield* Effect.logInfo(`deleted ${leftOver.length} lease(s) of this node that it no longer holds`)
@@ -194,7 +221,7 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
   })
   // on the way out the leases are withdrawn, so other gateways stop relaying here at once
   yield* Effect.addFinalizer(() =>
-    store.remove([...published]).pipe(
+    store.remove([...published, ...(config.control === undefined ? [] : [nodeKey(config.node)])]).pipe(
       Effect.timeout(config.heartbeatMs),
       Effect.catch(() => Effect.void),
       Effect.andThen(Effect.sync(() => void (published = new Set())))
@@ -206,9 +233,10 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
     node: config.node,
     table: () => table,
     state: () => ({ ...state, published: published.size }),
+    gateways: () => gateways,
     withdraw: Effect.suspend(() => {
       withdrawn = true
-      return store.remove([...published]).pipe(
+      return store.remove([...published, nodeKey(config.node)]).pipe(
         Effect.timeout(config.heartbeatMs),
         Effect.andThen(Effect.sync(() => void (published = new Set()))),
         Effect.catch(() => Effect.void),

@@ -24,6 +24,7 @@ import {
   MaxPendingControlBytes,
   MaxPendingControlRequests,
   MaxPreambleAddressLength,
+  MaxWelcomeGateways,
   type Preamble,
   ProtocolVersion,
   type RejectionReason
@@ -110,6 +111,8 @@ export const DrainPollInterval: Duration.Duration = Duration.millis(20)
 
 export interface ControlPortConfig {
   readonly address?: Address | undefined
+  /** The other gateways of a cluster, named in each `Welcome` (their control addresses as clients name them). */
+  readonly otherGateways?: (() => ReadonlyArray<string>) | undefined
   /**
    * Serve the control port over TLS with this certificate and key (PEM); backends then dial it with TLS
    * (`tls` on their gateway address) and their tokens are accepted from any peer, as over `wss://`.
@@ -684,7 +687,9 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         }
         welcomed.push(result.value)
       }
-      yield* writeFrame(conn, encodeHelloReply({ _tag: "Welcome", version: ProtocolVersion, sessionId, listeners: welcomed })).pipe(
+      const others = config.otherGateways?.() ?? []
+      const welcome = { _tag: "Welcome" as const, version: ProtocolVersion, sessionId, listeners: welcomed, ...(others.length === 0 ? {} : { gateways: others.slice(0, MaxWelcomeGateways) }) }
+      yield* writeFrame(conn, encodeHelloReply(welcome)).pipe(
         Effect.mapError((e) => new ControlPortError({ reason: "Io", message: `${peerText}: ${e.message}` }))
       )
       const session = yield* Session.make(rest, {
