@@ -147,6 +147,9 @@ const registerClusterGauges = (metrics: MetricsShape, cluster: ClusterLeasesShap
   return () => removers.forEach((r) => r())
 }
 
+/** Most node names the relayed-requests counter keeps as labels per direction; others count as `other`. */
+export const MaxRelayedNodeLabels = 256
+
 /** The cluster's per-request counter: requests relayed out to each gateway and in from each. */
 const makeClusterInstruments = (metrics: MetricsShape, node: string): ClusterInstruments => {
   const family = metrics.registry.counter({
@@ -158,9 +161,11 @@ const makeClusterInstruments = (metrics: MetricsShape, node: string): ClusterIns
   return {
     node,
     relayed: (direction, peer) => {
-      const key = `${direction} ${peer}`
+      // node names come from authenticated gateways; the label values stay bounded all the same
+      const name = children.size < MaxRelayedNodeLabels * 2 ? peer : "other"
+      const key = `${direction} ${name}`
       let child = children.get(key)
-      if (child === undefined) children.set(key, child = family.labels(direction, peer))
+      if (child === undefined) children.set(key, child = family.labels(direction, name))
       child.inc()
     }
   }
