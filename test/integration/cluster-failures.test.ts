@@ -158,6 +158,27 @@ describe.runIf(requireRedis())("cluster failures under load", () => {
       console.log(`cluster rolling restart: ${result.ok} served, ${result.failed.length} failed`)
     }))
 
+  it.live("a relay link lost: a request waiting on g2 is served once g1 is back on the same addresses", () =>
+    Effect.promise(async () => {
+      const redis = await withRedis()
+      const ports = await Promise.all([0, 1].map(async () => ({ control: await freePort(), relay: await freePort() })))
+      const start = (i: number) => startGateway(redis, i, undefined, [], ports[i])
+      const g1 = await start(0)
+      const g2 = await start(1)
+      const local = await startLocalServer()
+      const port = await freePort()
+      await startClient([g1], local.port, port)
+      await servedThrough(g2.host, port, "/warm")
+      await g1.stop("SIGKILL")
+      // g1's lease is still in Redis (for its TTL): g2 keeps the route, its only backend unreachable
+      const waiting = request(g2.host, port, "/waited", RequestTimeoutMs)
+      await sleep(300)
+      await start(0)
+      const reply = await waiting
+      assert.strictEqual(reply.status, 200, reply.body)
+      assert.strictEqual(reply.body, "ok /waited")
+    }))
+
   it.live("the grace period is cluster-wide: a route whose backend left queues requests on every gateway until one comes back anywhere", () =>
     Effect.promise(async () => {
       const redis = await withRedis()

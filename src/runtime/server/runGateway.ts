@@ -387,6 +387,8 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
         secret: clusterConfig.secret,
         onLinkState: (address, state, detail) => {
           if (state === "down") recentErrors.add(`cluster: relay link to ${address} down: ${detail}`)
+          // requests waiting for a backend look again: the link's relay backends take work again
+          else gatewayServices.registry.touch()
           runLog((state === "up" ? Effect.logInfo(`relay link to ${address} up (${detail})`) : Effect.logWarning(`relay link to ${address} down: ${detail}`)).pipe(clusterLog))
         }
       })
