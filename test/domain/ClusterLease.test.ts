@@ -2,6 +2,9 @@ import { assert, describe, it } from "@effect/vitest"
 import { Schema } from "effect"
 import {
   decodeLeaseValue,
+  decodeNodeValue,
+  encodeNodeValue,
+  nodeKey,
   diffLeaseTables,
   encodeLeaseValue,
   isNodeName,
@@ -94,5 +97,17 @@ describe("ClusterLease", () => {
     assert.isTrue(tableStillValid(1_000, 1_000, 15_000))
     assert.isTrue(tableStillValid(1_000, 15_999, 15_000))
     assert.isFalse(tableStillValid(1_000, 16_000, 15_000))
+  })
+
+  it("node records: where a gateway's control port is, checked against their key", () => {
+    assert.strictEqual(nodeKey("g2"), "switchyard:node:g2")
+    const record = { v: 1 as const, node: "g2", control: "tls://gw2.example.com:9999" }
+    assert.strictEqual(encodeNodeValue(record), `{"v":1,"node":"g2","control":"tls://gw2.example.com:9999"}`)
+    assert.deepStrictEqual(decodeNodeValue("switchyard:node:g2", encodeNodeValue(record)), record)
+    for (const [key, value] of [
+      ["switchyard:node:g3", encodeNodeValue(record)],
+      ["switchyard:node:g2", JSON.stringify({ ...record, control: "" })],
+      ["switchyard:node:g2", "[]"]
+    ] as const) assert.strictEqual((decodeNodeValue(key, value) as { _tag?: string })._tag, "LeaseValueProblem", value)
   })
 })
