@@ -13,6 +13,7 @@ import type { TokenGrant } from "../../domain/TokenPolicy.ts"
 import { AcmeCertificates, type AcmeCertificatesShape } from "../../services/acme/AcmeCertificates.ts"
 import { Dispatcher } from "../../services/Dispatcher.ts"
 import { leaseRouteKey } from "../../domain/ClusterLease.ts"
+import { LogSampler } from "../../domain/LogSampler.ts"
 import { type ClusterLeasesShape, makeClusterLeases } from "../../services/cluster/ClusterLeases.ts"
 import { redisLeaseStore } from "../../services/cluster/LeaseStore.ts"
 import { makeRelayBackends } from "../../services/cluster/RelayBackends.ts"
@@ -367,6 +368,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       const clusterLog = Effect.annotateLogs({ component: "cluster" })
       const runLog = Effect.runForkWith(yield* Effect.context<never>())
       const listeners = gatewayServices.listeners
+      const refusals = new LogSampler()
       // streams relayed here are served by the public listeners, on local backends only
       const relayAddress = yield* listenRelay({
         transport: NodeTransport.layerService,
@@ -376,7 +378,11 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
         onStream: ({ socket, preamble }) => listeners.acceptRelayed(socket, preamble.localPort, preamble.protocol),
         onRefused: (remote, error) => {
           recentErrors.add(`cluster: relay link from ${remote} refused: ${error.message}`)
-          runLog(Effect.logWarning(`relay link from ${remote} refused: ${error.reason}: ${error.message}`).pipe(clusterLog))
+          // a peer that keeps dialing with a wrong secret makes one line per reason every 10 s
+          const left = refusals.take(error.reason, Date.now())
+          if (left === undefined) return
+          const more = left > 0 ? ` (${left} more refused for this reason since the last line)` : ""
+          runLog(Effect.logWarning(`relay link from ${remote} refused: ${error.reason}: ${error.message}${more}`).pipe(clusterLog))
         },
         onLink: (event, node, remote) => void runLog(Effect.logInfo(`relay link from gateway "${node}" (${remote}) ${event}`).pipe(clusterLog))
       }).pipe(Effect.mapError((e) => new Error(`cannot listen for relay links on ${formatHostPort(clusterConfig.advertise)}: ${e.message}`)))
