@@ -6,7 +6,7 @@
  * the gateway says so; when the store answers again everything is published again. It does not relay
  * (the relay link does) and does not decide which backend serves (the Dispatcher does).
  */
-import { Clock, Effect, type Redacted } from "effect"
+import { Clock, Deferred, Effect, type Redacted } from "effect"
 import type { Scope } from "effect"
 import {
   decodeLeaseValue,
@@ -112,6 +112,8 @@ export const localLeases = (config: ClusterConfig, registry: RegistryShape, isLo
   return out
 }
 
+const sameKeys = (a: ReadonlySet<string>, b: ReadonlySet<string>): boolean => a.size === b.size && [...a].every((k) => b.has(k))
+
 /** Publishes this gateway's leases and follows the others' until the scope closes. */
 export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLeasesOptions): Effect.fn.Return<ClusterLeasesShape, never, Scope.Scope> {
   const { config, store, registry } = options
@@ -210,11 +212,22 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
 
   // Each turn waits for the heartbeat or a change of the local table, whichever comes first; changes
   // are published at most every MinPublishIntervalMs.
+  // Another gateway announced a change of its leases: the next turn comes at once. Announcements
+  // coalesce (one pending wake-up at most); the heartbeat's read still catches one that was missed.
+  let announced = Deferred.makeUnsafe<void>()
+  yield* store.onAnnouncement((node) => {
+    if (node !== config.node) Deferred.doneUnsafe(announced, Effect.void)
+  })
   const loop = Effect.gen(function*() {
     let seen = registry.version()
     while (true) {
+      const before = published
       yield* syncOnce
-      yield* Effect.raceFirst(Effect.sleep(config.heartbeatMs), registry.awaitChange(seen))
+      // this gateway's own leases changed: the others are told now rather than at their next heartbeat
+      if (!sameKeys(before, published)) yield* store.announce(config.node).pipe(Effect.ignore)
+      const wake = announced
+      yield* Effect.raceFirst(Effect.raceFirst(Effect.sleep(config.heartbeatMs), registry.awaitChange(seen)), Deferred.await(wake))
+      if (Deferred.isDoneUnsafe(wake)) announced = Deferred.makeUnsafe<void>()
       seen = registry.version()
       yield* Effect.sleep(MinPublishIntervalMs)
     }
@@ -237,6 +250,7 @@ export const makeClusterLeases = Effect.fnUntraced(function*(options: ClusterLea
     withdraw: Effect.suspend(() => {
       withdrawn = true
       return store.remove([...published, nodeKey(config.node)]).pipe(
+        Effect.andThen(store.announce(config.node)),
         Effect.timeout(config.heartbeatMs),
         Effect.andThen(Effect.sync(() => void (published = new Set()))),
         Effect.catch(() => Effect.void),

@@ -4,7 +4,7 @@
  * and values are the domain's (`domain/ClusterLease.ts`).
  */
 import type * as IORedis from "ioredis"
-import { Effect, Schema } from "effect"
+import { Effect, Schema, type Scope } from "effect"
 
 /** Keys asked for per SCAN step and values per MGET. */
 export const LeaseReadBatch = 500
@@ -29,7 +29,16 @@ export interface LeaseStore {
   readonly remove: (keys: ReadonlyArray<string>) => Effect.Effect<void, LeaseStoreError>
   /** Every key starting with `prefix` and its value, at most `maxKeys` of them. */
   readonly read: (prefix: string, maxKeys: number) => Effect.Effect<LeaseRead, LeaseStoreError>
+  /** Tells the other gateways that this one's leases changed (`message`: its node name). */
+  readonly announce: (message: string) => Effect.Effect<void, LeaseStoreError>
+  /** Calls `onMessage` with each announcement (its own included) until the scope closes; best effort. */
+  readonly onAnnouncement: (onMessage: (message: string) => void) => Effect.Effect<void, never, Scope.Scope>
 }
+
+/** The channel on which gateways announce changes of their leases. */
+export const ChangesChannel = "switchyard:lease-changes"
+/** Longest announcement read (bytes); a longer one is ignored. */
+export const MaxAnnouncementBytes = 256
 
 export interface RedisStoreOptions {
   readonly url: string
@@ -129,6 +138,21 @@ export const redisLeaseStore = Effect.fnUntraced(function*(options: RedisStoreOp
           })
         }
         return { entries, truncated }
-      })
+      }),
+    announce: (message) => run("PUBLISH", async () => void (await client.publish(ChangesChannel, message))),
+    onAnnouncement: (onMessage) =>
+      Effect.acquireRelease(
+        Effect.sync(() => {
+          // a subscribed connection takes no other command: a connection of its own, reconnecting by itself
+          const subscriber = client.duplicate({ enableOfflineQueue: true })
+          subscriber.on("error", (e: unknown) => options.onConnectionError?.(messageOf(e)))
+          subscriber.on("message", (_channel: string, message: string) => {
+            if (message.length <= MaxAnnouncementBytes) onMessage(message)
+          })
+          void subscriber.subscribe(ChangesChannel).catch(() => {})
+          return subscriber
+        }),
+        (subscriber) => Effect.sync(() => subscriber.disconnect(false))
+      ).pipe(Effect.asVoid)
   } satisfies LeaseStore
 })

@@ -4,7 +4,7 @@
  * unreachable. The same loop on a real redis-server is `test/integration/cluster-leases.test.ts`.
  */
 import { assert, describe, it } from "@effect/vitest"
-import { Clock, Effect, Exit, Layer, Redacted, Scope } from "effect"
+import { Clock, Context, Effect, Exit, Layer, Redacted, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import { encodeLeaseValue, leaseKey, type LeaseTableDiff } from "../../../src/domain/ClusterLease.ts"
 import { type ClusterConfig, makeClusterLeases, MinPublishIntervalMs } from "../../../src/services/cluster/ClusterLeases.ts"
@@ -24,6 +24,7 @@ const config: ClusterConfig = {
 /** Keys with values and expiry times on the clock the store is given; `reachable` false fails every call. */
 const memoryStore = (clock: Clock.Clock) => {
   const data = new Map<string, { value: string; expiresAt: number }>()
+  const subscribers = new Set<(message: string) => void>()
   let reachable = true
   const live = () => {
     const now = clock.currentTimeMillisUnsafe()
@@ -43,7 +44,10 @@ const memoryStore = (clock: Clock.Clock) => {
       guard(() => {
         const entries = [...live()].filter(([k]) => k.startsWith(prefix)).map(([k, e]) => [k, e.value] as const)
         return { entries: entries.slice(0, maxKeys), truncated: entries.length > maxKeys }
-      })
+      }),
+    announce: (message) => guard(() => subscribers.forEach((s) => s(message))),
+    onAnnouncement: (onMessage) =>
+      Effect.acquireRelease(Effect.sync(() => subscribers.add(onMessage)), () => Effect.sync(() => void subscribers.delete(onMessage))).pipe(Effect.asVoid)
   }
   return {
     store,
@@ -213,6 +217,24 @@ describe("ClusterLeases", () => {
       assert.strictEqual(leases.table().size, 0)
       const read = yield* mem.store.read("switchyard:lease:", 10)
       assert.deepStrictEqual(JSON.parse(read.entries[0]![1]).owner, { name: "team-a", shares: false })
+    })))
+
+  it.effect("a gateway whose leases changed announces it: the others read them at once, not at their next heartbeat", () =>
+    withRegistry(Effect.gen(function*() {
+      const registry = yield* Registry
+      const mem = memoryStore(yield* Clock.Clock)
+      const other = Context.get(yield* Layer.build(Registry.layer({}) as Layer.Layer<Registry>), Registry)
+      const g1 = yield* makeClusterLeases({ config, store: mem.store, registry, isLocal: () => true })
+      yield* makeClusterLeases({ config: { ...config, node: "g2" }, store: mem.store, registry: other, isLocal: () => true })
+      yield* settle
+      assert.strictEqual(g1.table().size, 0)
+      // g2 gets a backend: it publishes within MinPublishIntervalMs and announces; g1 reads it then
+      yield* other.register({ _tag: "Tcp", port: 2222 }, makeTestBackend("b"))
+      yield* TestClock.adjust(MinPublishIntervalMs)
+      yield* settle
+      yield* TestClock.adjust(MinPublishIntervalMs)
+      yield* settle
+      assert.deepStrictEqual([...g1.table().keys()], ["switchyard:lease:g2:tcp:2222"])
     })))
 
   it.effect("withdraws its leases when its scope closes", () =>
