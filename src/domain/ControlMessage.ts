@@ -66,11 +66,18 @@ export const Hello = Schema.TaggedStruct("Hello", {
 })
 export type Hello = typeof Hello.Type
 
-/** The gateway's acceptance: every listener of the `Hello`, bound, in order. */
+/** Most gateway addresses a `Welcome` names. */
+export const MaxWelcomeGateways = 64
+
+/**
+ * The gateway's acceptance: every listener of the `Hello`, bound, in order; for a gateway in a cluster,
+ * the other gateways' control addresses (as a client names them), which a client may also keep sessions to.
+ */
 export const Welcome = Schema.TaggedStruct("Welcome", {
   version: Schema.Int,
   sessionId: Text,
-  listeners: Schema.Array(BoundListener)
+  listeners: Schema.Array(BoundListener),
+  gateways: Schema.optionalKey(Schema.Array(Schema.String.check(Schema.isMaxLength(300))).check(Schema.isMaxLength(MaxWelcomeGateways)))
 })
 export type Welcome = typeof Welcome.Type
 

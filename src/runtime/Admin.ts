@@ -54,6 +54,25 @@ export interface StatusDocument {
   readonly gateways?: ReadonlyArray<GatewayStatusEntry> | undefined
   /** A gateway's ACME certificates: each name's state, expiry, failures and next order. */
   readonly certificates?: ReadonlyArray<CertificateStatusEntry> | undefined
+  /** A gateway in a cluster: its node, where the lease store stands, and the other gateways' leases in use. */
+  readonly cluster?: ClusterStatusEntry | undefined
+}
+
+/** A gateway's cluster, in `/status`. */
+export interface ClusterStatusEntry {
+  readonly node: string
+  /** `connecting`, `connected` or `unreachable`. */
+  readonly store: string
+  /** True while the store has been unreachable for longer than the lease TTL: only local routes are served. */
+  readonly stale: boolean
+  readonly lastRead?: string | undefined
+  readonly lastError?: string | undefined
+  /** Leases this gateway keeps alive. */
+  readonly published: number
+  /** The other gateways' leases in use. */
+  readonly leases: ReadonlyArray<{ readonly node: string; readonly route: string; readonly relay: string }>
+  /** The other gateways' control addresses, as this gateway tells its clients. */
+  readonly gateways?: ReadonlyArray<string> | undefined
 }
 
 /** One name whose certificate a gateway obtains by ACME, in `/status`. */
@@ -85,6 +104,8 @@ export interface AdminOptions {
   readonly address: HostPort
   /** Whether the process is ready for traffic (listeners bound, sessions up). */
   readonly ready: () => boolean
+  /** A line `/readyz` adds to its answer when given and not undefined (a degraded but serving state). */
+  readonly readyNote?: (() => string | undefined) | undefined
   /** Rendered on `/metrics` when given. */
   readonly metrics?: MetricRegistry | undefined
   /** Served on `/status` when given. */
@@ -130,7 +151,8 @@ export const serveAdmin = Effect.fn("Admin.serve")(function*(options: AdminOptio
         return
       case "/readyz": {
         const ready = options.ready()
-        res.writeHead(ready ? 200 : 503, { "content-type": "text/plain" }).end(ready ? "ready\n" : "not ready\n")
+        const note = options.readyNote?.()
+        res.writeHead(ready ? 200 : 503, { "content-type": "text/plain" }).end(`${ready ? "ready" : "not ready"}\n${note === undefined ? "" : `${note}\n`}`)
         return
       }
       case "/metrics":

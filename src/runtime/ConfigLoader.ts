@@ -246,6 +246,32 @@ export const ServerFile = Schema.Struct({
       })
     )
   })),
+  cluster: Schema.optionalKey(Schema.Struct({
+    redis: Schema.optionalKey(
+      Schema.String.annotate({ description: "Redis URL (redis://host:port or rediss://) holding the cluster's route leases; set, the gateway joins the cluster (with node, advertise and secret)" })
+    ),
+    node: Schema.optionalKey(Schema.String.annotate({ description: "This gateway's name in the cluster, unique among its gateways (letters, digits, . _ -; at most 64)" })),
+    advertise: Schema.optionalKey(Address.annotate({ description: "Address of this gateway's relay link, as the other gateways dial it (host:port)" })),
+    control_advertise: Schema.optionalKey(
+      Schema.String.annotate({ description: "This gateway's control port as backends dial it (host:port, tls://host:port), told to clients of the other gateways (default: the control address, unless it binds every interface)" })
+    ),
+    secret: Schema.optionalKey(
+      Secret.annotate({ description: "Secret shared by the cluster's gateways, at least 16 characters (or secret_file)", env: "SWITCHYARD_CLUSTER_SECRET" })
+    ),
+    secret_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding cluster.secret", env: "SWITCHYARD_CLUSTER_SECRET_FILE" })),
+    lease_ttl_ms: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 1_000, maximum: 600_000 })).annotate({
+        description: "Lifetime of this gateway's route leases in Redis without a heartbeat; also how long the last table read stays in use while Redis cannot be reached",
+        default: 15_000
+      })
+    ),
+    heartbeat_ms: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 100, maximum: 200_000 })).annotate({
+        description: "Time between two renewals of this gateway's leases and two reads of the others' (at most a third of lease_ttl_ms)",
+        default: 5_000
+      })
+    )
+  })),
   admin: Schema.optionalKey(AdminSection),
   log: Schema.optionalKey(LogSection)
 })
@@ -303,6 +329,11 @@ export const ClientFile = Schema.Struct({
   ca: Schema.optionalKey(Schema.String.annotate({ description: "PEM CA certificate(s) trusted for tls:// and wss:// gateways, besides the system's (or ca_file)" })),
   ca_file: Schema.optionalKey(Schema.String.annotate({ description: "File holding ca" })),
   h2: Schema.optionalKey(Schema.Boolean.annotate({ description: "server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway", default: false })),
+  gateways: Schema.optionalKey(
+    Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 64 })).annotate({
+      description: "Gateways to keep sessions to: fewer than server names keeps the others as spares (one takes the place of a gateway that failed 3 attempts in a row); more adds the gateways of a cluster that its gateways name (default: every server)"
+    })
+  ),
   exit_on_reject: Schema.optionalKey(
     Schema.Boolean.annotate({ description: "Exit with code 77 when a gateway refuses the token or the route for good, instead of retrying", default: false })
   ),

@@ -216,6 +216,10 @@ export interface AccessEntry {
   readonly durationMs: number
   readonly requestId: string
   readonly peer: string
+  /** In a cluster: the gateway whose backend served the request. */
+  readonly node?: string | undefined
+  /** In a cluster: whether the request crossed a relay link (relayed out from here, or in to here). */
+  readonly relayed?: boolean | undefined
 }
 
 /** An access-log line in the configured format (path without its query string, which may hold secrets). */
@@ -233,7 +237,9 @@ export const formatAccess = (format: LogFormat, entry: AccessEntry, now: Date = 
     ["sent_bytes", entry.sentBytes],
     ["duration_ms", Math.round(entry.durationMs * 1000) / 1000],
     ["request_id", entry.requestId],
-    ["peer", entry.peer]
+    ["peer", entry.peer],
+    ...(entry.node === undefined ? [] : [["node", entry.node] as [string, string]]),
+    ...(entry.relayed === undefined ? [] : [["relayed", String(entry.relayed)] as [string, string]])
   ]
   if (format === "json") return JSON.stringify(Object.fromEntries(fields))
   return fields.map(([k, v]) => `${k}=${logfmtValue(v)}`).join(" ")

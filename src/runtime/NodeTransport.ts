@@ -258,4 +258,6 @@ export const listen = (
   ).pipe(Effect.map((r) => r.bound))
 
 /** The Transport service over Node's TCP and Unix sockets. */
-export const layer: Layer.Layer<Transport> = Layer.succeed(Transport, Transport.of({ dial, listen }))
+/** Node's TCP/TLS/Unix transport, as the service value. */
+export const layerService = Transport.of({ dial, listen })
+export const layer: Layer.Layer<Transport> = Layer.succeed(Transport, layerService)

@@ -79,6 +79,12 @@ export interface Backend {
    * that `lease.another` picks; `lease.release` is idempotent.
    */
   readonly messages?: BackendMessages | undefined
+  /**
+   * The cluster gateway this backend is reached through, when it is a relay backend (its route's
+   * backends are on another gateway): the dispatcher picks it only when the route has no live local
+   * backend, and never for a request that was itself relayed here.
+   */
+  readonly relayedVia?: string | undefined
 }
 
 /** How a backend reached by messages takes one exchange or one upgrade (see `MessageUpstream`). */

@@ -45,12 +45,12 @@ export interface Lease {
 
 export interface DispatcherShape {
   /** A lease on a live backend for `query`, waiting if its route is momentarily empty. */
-  readonly acquire: (query: RouteQuery) => Effect.Effect<Lease, DispatchError>
+  readonly acquire: (query: RouteQuery, options?: AcquireOptions) => Effect.Effect<Lease, DispatchError>
   /**
    * The synchronous fast path: a lease when a live backend is available now, a `DispatchError` with
    * reason `NoRoute` when nothing matches, `undefined` when the caller should `acquire` (and wait).
    */
-  readonly tryAcquire: (query: RouteQuery) => Lease | DispatchError | undefined
+  readonly tryAcquire: (query: RouteQuery, options?: AcquireOptions) => Lease | DispatchError | undefined
   /** Requests currently waiting for a backend. */
   readonly waiting: () => number
 }
@@ -82,14 +82,34 @@ export interface PickOptions<B extends Pickable = Backend> {
   readonly exclude?: B | undefined
   /** When every live backend is at capacity, the least loaded of them (the default) or none. */
   readonly whenFull?: "leastLoaded" | "none" | undefined
+  /** Never a relay backend (for a request relayed from another gateway: one hop at most). */
+  readonly localOnly?: boolean | undefined
+}
+
+/** How a request is dispatched: `localOnly` for one relayed from another gateway of the cluster. */
+export interface AcquireOptions {
+  readonly localOnly?: boolean | undefined
 }
 
 /**
- * The least loaded live backend with room, starting the scan at the set's round-robin cursor, which
- * moves past the pick. When every live backend is at capacity, the least loaded of them: its front door
+ * Local backends first: a relay backend (reached through another gateway of the cluster) is picked only
+ * when no local backend of the route can be, and never with `localOnly`.
+ */
+export const pickBackend = (entry: RouteEntry, options?: PickOptions): Backend | undefined => {
+  const local = pickAmong(entry, options, isLocal)
+  if (local !== undefined || options?.localOnly === true) return local
+  return entry.backends.some(isRelay) ? pickAmong(entry, options, isRelay) : undefined
+}
+
+const isRelay = (backend: Backend): boolean => backend.relayedVia !== undefined
+const isLocal = (backend: Backend): boolean => backend.relayedVia === undefined
+
+/**
+ * The least loaded live backend with room (among those `among` takes), starting the scan at the set's
+ * round-robin cursor, which moves past the pick. When every live backend is at capacity, the least loaded of them: its front door
  * holds the request until it has room (unless `whenFull` is `none`).
  */
-export const pickBackend = <B extends Pickable>(entry: PickSet<B>, options?: PickOptions<B>): B | undefined => {
+export const pickAmong = <B extends Pickable>(entry: PickSet<B>, options?: PickOptions<B>, among?: (backend: B) => boolean): B | undefined => {
   const backends = entry.backends
   const n = backends.length
   let chosen = -1
@@ -99,7 +119,7 @@ export const pickBackend = <B extends Pickable>(entry: PickSet<B>, options?: Pic
   for (let i = 0; i < n; i++) {
     const index = (entry.cursor + i) % n
     const backend = backends[index]!
-    if (backend.isClosed() || backend === options?.exclude) continue
+    if (backend.isClosed() || backend === options?.exclude || (among !== undefined && !among(backend))) continue
     if (options?.accept !== undefined && !options.accept(backend)) continue
     if (!hasRoom(backend)) {
       if (backend.inFlight < leastFull) {
@@ -119,7 +139,9 @@ export const pickBackend = <B extends Pickable>(entry: PickSet<B>, options?: Pic
   return backends[chosen]
 }
 
-const lease = (backend: Backend, route: RouteEntry): Lease => {
+const LocalOnly: PickOptions = { localOnly: true }
+
+const lease = (backend: Backend, route: RouteEntry, localOnly?: boolean): Lease => {
   backend.inFlight++
   let released = false
   return {
@@ -131,8 +153,8 @@ const lease = (backend: Backend, route: RouteEntry): Lease => {
       backend.inFlight--
     },
     another: (accept) => {
-      const other = pickBackend(route, { accept, exclude: backend, whenFull: "none" })
-      return other === undefined ? undefined : lease(other, route)
+      const other = pickBackend(route, { accept, exclude: backend, whenFull: "none", localOnly })
+      return other === undefined ? undefined : lease(other, route, localOnly)
     }
   }
 }
@@ -162,30 +184,31 @@ const make = Effect.fnUntraced(function*(config: DispatcherConfig) {
   const maxWaiting = config.maxWaiting ?? DefaultMaxWaiting
   let waiting = 0
 
-  const tryAcquire = (query: RouteQuery): Lease | DispatchError | undefined => {
+  const tryAcquire = (query: RouteQuery, options?: AcquireOptions): Lease | DispatchError | undefined => {
     const entry = registry.match(query)
     if (entry === undefined) return noRoute(query)
-    const backend = pickBackend(entry)
-    return backend === undefined ? undefined : lease(backend, entry)
+    const localOnly = options?.localOnly === true
+    const backend = pickBackend(entry, localOnly ? LocalOnly : undefined)
+    return backend === undefined ? undefined : lease(backend, entry, localOnly)
   }
 
   // Waits for a change and retries until a backend appears; a route that disappears while waited for
   // (its grace period ended) means no backend.
-  const waitForBackend = (query: RouteQuery): Effect.Effect<Lease, DispatchError> =>
+  const waitForBackend = (query: RouteQuery, options: AcquireOptions | undefined): Effect.Effect<Lease, DispatchError> =>
     Effect.suspend(() => {
       const since = registry.version()
-      const now = tryAcquire(query)
+      const now = tryAcquire(query, options)
       if (now instanceof DispatchError) {
         return Effect.fail(
           new DispatchError({ reason: "NoBackend", message: `no backend for ${describeQuery(query)} within the grace period` })
         )
       }
       if (now !== undefined) return Effect.succeed(now)
-      return Effect.andThen(registry.awaitChange(since), waitForBackend(query))
+      return Effect.andThen(registry.awaitChange(since), waitForBackend(query, options))
     })
 
-  const acquire = Effect.fnUntraced(function*(query: RouteQuery) {
-    const now = tryAcquire(query)
+  const acquire = Effect.fnUntraced(function*(query: RouteQuery, options?: AcquireOptions) {
+    const now = tryAcquire(query, options)
     if (now instanceof DispatchError) return yield* now
     if (now !== undefined) return now
     if (waiting >= maxWaiting) {
@@ -196,7 +219,7 @@ const make = Effect.fnUntraced(function*(config: DispatcherConfig) {
     }
     waiting++
     const started = yield* Clock.currentTimeMillis
-    const found = yield* waitForBackend(query).pipe(
+    const found = yield* waitForBackend(query, options).pipe(
       Effect.timeoutOption(maxWait),
       Effect.ensuring(Effect.sync(() => waiting--))
     )

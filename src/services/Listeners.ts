@@ -27,7 +27,7 @@ import {
 } from "../domain/Route.ts"
 import type { Backend, ConnectionMeta, ConnectionProtocol } from "./Backend.ts"
 import { type ConnectionGuard, DefaultMaxConnectionsPerAddress, DefaultSilentConnectionTimeoutMs, type GuardAction, makeConnectionGuard } from "./ConnectionGuard.ts"
-import { DispatchError, Dispatcher, type Lease } from "./Dispatcher.ts"
+import { type AcquireOptions, DispatchError, Dispatcher, type Lease } from "./Dispatcher.ts"
 import type { ClientLimits } from "../domain/ClientLimits.ts"
 import type {
   Admission,
@@ -133,6 +133,11 @@ export interface ListenersConfig {
   readonly onClientLimit?: ((event: ClientLimitEvent) => void) | undefined
   /** Certificates and challenge answers for TLS routes with `acme` (none: such routes get no certificate). */
   readonly certificates?: CertificateSource | undefined
+  /**
+   * The forwarding core serving connections relayed from other gateways of a cluster: it keeps the
+   * relaying gateway's `X-Forwarded-*` and appends that gateway's address (default `forwarder`).
+   */
+  readonly relayForwarder?: ForwarderShape | undefined
 }
 
 /**
@@ -183,6 +188,13 @@ export interface ListenersShape {
   readonly drain: (timeout: Duration.Input) => Effect.Effect<void>
   /** Requests and connections in flight on every backend. */
   readonly inFlight: () => number
+  /**
+   * Serves a connection relayed from another gateway of the cluster on the open port `port`, as a
+   * public connection of that port (same engine, limits and checks) dispatched to local backends only;
+   * `protocol` is the kind the relaying gateway routed it as. A port that is not open, or a TLS port,
+   * closes it.
+   */
+  readonly acceptRelayed: (socket: Duplex, port: number, protocol: ConnectionProtocol) => void
 }
 
 export class Listeners extends Context.Service<Listeners, ListenersShape>()("switchyard/Listeners") {
@@ -202,6 +214,8 @@ interface PortListener {
   readonly guard: ConnectionGuard
   /** The raw engine serving the port's connections, when it does. */
   readonly engine?: Http1Server | undefined
+  /** The engine serving connections relayed from other gateways (local backends only), once one came. */
+  relayEngine?: Http1Server | undefined
 }
 
 /** The SNI server name a TLS client sent, normalized ("" when none). */
@@ -234,6 +248,13 @@ export const joinStreams = (a: Duplex, b: Duplex, onClose: () => void): void => 
   a.pipe(b)
   b.pipe(a)
 }
+
+/**
+ * The request target a leased backend reads: without the route's path prefix when the route strips it,
+ * except toward a relay backend, whose gateway routes the request again and strips it itself.
+ */
+const targetFor = (lease: Lease, routed: string): string =>
+  lease.backend.relayedVia === undefined ? forwardedTarget(lease.route.route, routed) : routed
 
 const dispatchErrorText = (error: DispatchError): string =>
   `${error.status === 404 ? "404 no route" : "503 no backend"} (${error.reason}): ${error.message}`
@@ -268,11 +289,17 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
   const secureContexts = new Map<string, tls.SecureContext>()
 
   /** Dispatches, synchronously when a backend is free, else in a fiber that the caller may cancel. */
-  const dispatch = (query: RouteQuery, onLease: (lease: Lease) => void, onError: (e: DispatchError) => void, cancelOn: Duplex) => {
-    const now = dispatcher.tryAcquire(query)
+  const dispatch = (
+    query: RouteQuery,
+    onLease: (lease: Lease) => void,
+    onError: (e: DispatchError) => void,
+    cancelOn: Duplex,
+    options?: AcquireOptions
+  ) => {
+    const now = dispatcher.tryAcquire(query, options)
     if (now instanceof DispatchError) return onError(now)
     if (now !== undefined) return onLease(now)
-    const fiber = run(dispatcher.acquire(query))
+    const fiber = run(dispatcher.acquire(query, options))
     const cancel = () => fiber.interruptUnsafe()
     cancelOn.once("close", cancel)
     fiber.addObserver((exit) => {
@@ -336,7 +363,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         const plain = nodeExchangeFront(req, res, {
           forwardedMode: forwarder.forwardedMode,
           errors: forwarder.errors,
-          path: forwardedTarget(lease.route.route, routed.target),
+          path: targetFor(lease, routed.target),
           requestHeaders: tap?.requestHeaders,
           responseHeaders: tap?.responseHeaders
         })
@@ -363,7 +390,14 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     )
   }
 
-  const pipeToBackend = (socket: net.Socket, query: RouteQuery, port: number, protocol: ConnectionProtocol, serverName?: string) => {
+  const pipeToBackend = (
+    socket: net.Socket,
+    query: RouteQuery,
+    port: number,
+    protocol: ConnectionProtocol,
+    serverName?: string,
+    options?: AcquireOptions
+  ) => {
     socket.on("error", () => socket.destroy())
     dispatch(
       query,
@@ -391,7 +425,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         })
       },
       () => socket.destroy(),
-      socket
+      socket,
+      options
     )
   }
 
@@ -400,7 +435,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
    * once when a backend is free, else once the dispatcher grants one (bounded by its wait limit and
    * queue), and forwarded to that backend's upstream; its lease ends with the exchange.
    */
-  const engineFront = (port: number, secure: boolean): Http1Front => {
+  const engineFront = (port: number, secure: boolean, options?: AcquireOptions): Http1Front => {
     const observe = config.observeDispatch
     const tapExchange = config.observeExchange
     /** The backend's own way in when it is reached by messages, bound to the lease. */
@@ -414,7 +449,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     }
     const admission = (lease: Lease, request: Http1Request, routed: string): Admission => {
       const message = messageUpstream(lease)
-      const target = forwardedTarget(lease.route.route, routed)
+      const target = targetFor(lease, routed)
       if (tapExchange === undefined) {
         return {
           _tag: "Forward",
@@ -471,7 +506,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
           ? { _tag: "Tls", port, serverName: serverNameOf(request.socket), host, path }
           : { _tag: "Http", port, host, path }
         const arrived = observe === undefined ? 0 : performance.now()
-        const now = dispatcher.tryAcquire(query)
+        const now = dispatcher.tryAcquire(query, options)
         if (now instanceof DispatchError) {
           observe?.(performance.now() - arrived, now)
           return refusal(now)
@@ -483,7 +518,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         return {
           _tag: "Pending",
           wait: (decide) => {
-            const fiber = run(dispatcher.acquire(query))
+            const fiber = run(dispatcher.acquire(query, options))
             fiber.addObserver((exit) => {
               if (Exit.isSuccess(exit)) {
                 observe?.(performance.now() - arrived, undefined)
@@ -670,6 +705,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       listener.server.close(() => draining.delete(listener))
       // idle engine connections close now, busy ones after their exchange
       void listener.engine?.close(EngineStopDrainMs)
+      void listener.relayEngine?.close(EngineStopDrainMs)
     })
 
   const destroyPort = (listener: PortListener) =>
@@ -681,6 +717,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         resume(Effect.void)
       })
       void listener.engine?.close(0)
+      void listener.relayEngine?.close(0)
       listener.guard.close()
       for (const socket of listener.sockets) socket.destroy()
     })
@@ -753,10 +790,35 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       )
     )
 
+  const relayedOnly: AcquireOptions = { localOnly: true }
+  const acceptRelayed = (socket: Duplex, port: number, protocol: ConnectionProtocol) => {
+    const listener = open.get(port)
+    const asSocket = socket as unknown as net.Socket
+    if (listener === undefined || shuttingDown) return void socket.destroy()
+    switch (listener.kind) {
+      case "http": {
+        if (protocol !== "http") return void socket.destroy()
+        listener.relayEngine ??= (config.relayForwarder ?? config.forwarder).serveHttp1(engineFront(port, false, relayedOnly))
+        track(listener, asSocket)
+        listener.relayEngine.accept(asSocket)
+        return
+      }
+      case "tcp":
+        if (protocol !== "tcp") return void socket.destroy()
+        track(listener, asSocket)
+        pipeToBackend(asSocket, { _tag: "Tcp", port }, port, "tcp", undefined, relayedOnly)
+        return
+      case "tls":
+        // TLS is terminated with the route's certificate, which stays on the gateway that holds it
+        return void socket.destroy()
+    }
+  }
+
   return Listeners.of({
     bind,
     openPorts: () => new Map([...open.values()].map((l) => [l.port, l.kind])),
     drain,
-    inFlight
+    inFlight,
+    acceptRelayed
   })
 })

@@ -7,7 +7,7 @@
  */
 import { Clock, Context, Effect, Layer, Option, Schema } from "effect"
 import type { Scope } from "effect"
-import { type Pickable, pickBackend, type PickSet } from "./Dispatcher.ts"
+import { type Pickable, pickAmong, type PickSet } from "./Dispatcher.ts"
 
 /** Something the pool can hold: it only needs to be closable. */
 export interface PoolMember {
@@ -119,7 +119,7 @@ export const makePool = <M extends PoolMember>(options: PoolOptions): Effect.Eff
 
     /** The dispatcher's pick among client ids with an idle connection, then that client's latest. */
     const takeIdle = (): Entry<M> | undefined => {
-      const pool = pickBackend(order, { whenFull: "none" })
+      const pool = pickAmong(order, { whenFull: "none" })
       const entry = pool?.idle.pop()
       if (entry === undefined) return undefined
       entry.status = "busy"

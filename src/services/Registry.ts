@@ -83,6 +83,11 @@ export interface RegistryShape {
   readonly awaitChange: (since: number) => Effect.Effect<void>
   /** Every route (a snapshot, for admin and metrics). */
   readonly snapshot: () => ReadonlyArray<RouteEntry>
+  /**
+   * Says that a registered backend can take work again (a cluster relay link that came back): bumps the
+   * version, so requests waiting for a backend look again.
+   */
+  readonly touch: () => void
 }
 
 export class Registry extends Context.Service<Registry, RegistryShape>()("switchyard/Registry") {
@@ -202,7 +207,8 @@ const make = Effect.fnUntraced(function*(config: RegistryConfig) {
     },
     version: () => version,
     awaitChange: (since) => Effect.suspend(() => since < version ? Effect.void : Deferred.await(changed)),
-    snapshot: () => [...entries.values()]
+    snapshot: () => [...entries.values()],
+    touch: bump
   })
 })
 

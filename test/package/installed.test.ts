@@ -10,7 +10,7 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { type InstalledPackage, InstallTimeoutMs, packAndInstall, startCommand, startEveryCommand } from "../../scripts/installedPackage.ts"
-import { get } from "../runtime/serverProcess.ts"
+import { freePort, get } from "../runtime/serverProcess.ts"
 
 const root = path.resolve(import.meta.dirname, "../..")
 const checkout = JSON.parse(fs.readFileSync(path.join(root, "package.json"), "utf8")) as { version: string; engines: { node: string } }
@@ -136,6 +136,23 @@ describe("the installed package", () => {
       }
     } finally {
       fs.rmSync(dir, { recursive: true, force: true })
+    }
+  }, 120_000)
+
+  it("a gateway in a cluster loads its Redis client from the bundle", async () => {
+    // no Redis answers there: the gateway starts, serves its own routes and says the store is unreachable
+    const relay = await freePort()
+    const server = await startCommand(installed.bin, "server", [
+      "--control", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+      "--cluster-redis", "redis://127.0.0.1:1", "--cluster-node", "installed", "--cluster-advertise", `127.0.0.1:${relay}`
+    ], { SWITCHYARD_TOKEN: "installed-cluster-token", SWITCHYARD_CLUSTER_SECRET: "installed-cluster-secret-1" })
+    try {
+      assert.strictEqual((await get(server.adminPort, "/healthz")).status, 200, server.output())
+      const status = JSON.parse((await get(server.adminPort, "/status")).body)
+      assert.strictEqual(status.cluster.node, "installed", server.output())
+      assert.notInclude(server.output(), "switchyard failed")
+    } finally {
+      assert.strictEqual(await server.stop(), 0, server.output())
     }
   }, 120_000)
 })

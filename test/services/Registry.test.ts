@@ -10,6 +10,17 @@ const provide = <A, E>(self: Effect.Effect<A, E, Registry>, config?: Parameters<
 const query = (path: string, host = "x.test", port = 8000) => ({ _tag: "Http" as const, port, host, path })
 
 describe("Registry", () => {
+  it.effect("touch wakes what waits for a change", () =>
+    provide(Effect.gen(function*() {
+      const registry = yield* Registry
+      const since = registry.version()
+      const waiting = yield* Effect.forkChild(registry.awaitChange(since))
+      yield* Effect.yieldNow
+      registry.touch()
+      yield* Fiber.join(waiting)
+      assert.isAbove(registry.version(), since)
+    })))
+
   it.effect("registers routes, matches them, and reports their ports", () =>
     provide(Effect.gen(function*() {
       const registry = yield* Registry

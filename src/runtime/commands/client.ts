@@ -69,6 +69,10 @@ const flags = {
     Flag.withDescription("--server names reverse-HTTP/2 tunnel ports: serve HTTP/2 to the gateway, forward to --expose as HTTP"),
     Flag.withDefault(false)
   ),
+  gateways: Flag.Int("gateways").pipe(
+    Flag.withDescription("Keep sessions to this many gateways: fewer than --server gives keeps the rest as spares; more adds gateways of a cluster its gateways name (default: every --server)"),
+    Flag.optional
+  ),
   exitOnReject: Flag.Boolean("exit-on-reject").pipe(
     Flag.withDescription(`Exit with code ${RejectedExitCode} when a gateway refuses the token or the route for good, instead of retrying`),
     Flag.withDefault(false)
@@ -102,6 +106,7 @@ const flagOverrides = (f: Flags): Array<FlagValue> => {
   add("--label", "label", f.label)
   add("--ca", "ca", f.ca)
   if (f.h2) out.push({ path: ["h2"], value: "true", flag: "--h2" })
+  add("--gateways", "gateways", Option.map(f.gateways, String))
   if (f.exitOnReject) out.push({ path: ["exit_on_reject"], value: "true", flag: "--exit-on-reject" })
   out.push(...adminOverrides(f))
   return out
@@ -216,6 +221,13 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
     servers: targets,
     token,
     label,
+    ...(config.gateways === undefined ? {} : { maxGateways: config.gateways }),
+    // gateways a cluster names in its Welcome, read as --server would read them
+    targetOf: (text) => {
+      const parsed = parseGatewayAddress(text)
+      if (parsed instanceof Error) return undefined
+      return parsed.tls ? { host: parsed.host, port: parsed.port, tls: { ca: config.ca } } : { host: parsed.host, port: parsed.port }
+    },
     onProblem: (problem) => {
       recordError(problem.message)
       if (problem.permanent && config.exit_on_reject === true) {

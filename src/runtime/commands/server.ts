@@ -37,6 +37,9 @@ const flags = {
   acmeDirectory: optionalString("acme-directory", "ACME directory URL: obtain certificates for TLS routes registered with --tls-acme (acme.directory)"),
   acmeEmail: optionalString("acme-email", "Contact address of the ACME account (acme.email)"),
   acmeCa: optionalString("acme-ca", "File of PEM CA certificate(s) trusted for the ACME directory's HTTPS besides the system's (acme.ca_file)"),
+  clusterRedis: optionalString("cluster-redis", "Join a cluster whose route leases are in this Redis (redis://host:port; cluster.redis; needs SWITCHYARD_CLUSTER_SECRET)"),
+  clusterNode: optionalString("cluster-node", "This gateway's name in the cluster (cluster.node)"),
+  clusterAdvertise: optionalString("cluster-advertise", "Address of this gateway's relay link as the other gateways dial it, host:port (cluster.advertise)"),
   shutdownDelay: optionalString(
     "shutdown-delay",
     "On SIGTERM, keep serving this long with /readyz answering 503 before the ports close: 5s, 500ms or milliseconds (default 5s; shutdown_delay_ms)"
@@ -105,6 +108,9 @@ export const flagOverrides = (f: Flags): Array<FlagValue> | ConfigLoadError => {
   add("--acme-directory", ["acme", "directory"], f.acmeDirectory)
   add("--acme-email", ["acme", "email"], f.acmeEmail)
   add("--acme-ca", ["acme", "ca_file"], f.acmeCa)
+  add("--cluster-redis", ["cluster", "redis"], f.clusterRedis)
+  add("--cluster-node", ["cluster", "node"], f.clusterNode)
+  add("--cluster-advertise", ["cluster", "advertise"], f.clusterAdvertise)
   if (Option.isSome(f.shutdownDelay)) {
     const ms = durationMs(f.shutdownDelay.value)
     if (ms === undefined) {

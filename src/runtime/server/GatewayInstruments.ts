@@ -88,7 +88,8 @@ const engineRequestId = (headers: ReadonlyArray<string>): { readonly id: string;
  */
 export const requestInstruments = (
   metrics: MetricsShape,
-  access: ((entry: Logging.AccessEntry) => void) | undefined
+  access: ((entry: Logging.AccessEntry) => void) | undefined,
+  cluster?: ClusterInstruments | undefined
 ): Pick<ListenersConfig, "observeDispatch" | "observeExchange"> => {
   const cache = new WeakMap<RouteEntry, RouteInstruments>()
   const instrumentsFor = (lease: Lease): RouteInstruments => {
@@ -130,6 +131,12 @@ export const requestInstruments = (
         responseHeaders: upgrade ? undefined : idHeader,
         observe: (exchange) => {
           countStatus(instruments, exchange.status)
+          // in a cluster: which gateway served it, and whether it crossed a relay link (either way)
+          const via = lease.backend.relayedVia
+          const from = cluster === undefined ? undefined : (request.socket as { relayedFrom?: string }).relayedFrom
+          if (cluster !== undefined && (via !== undefined || from !== undefined)) {
+            cluster.relayed(via !== undefined ? "out" : "in", (via ?? from)!)
+          }
           // an upgrade is counted once, by its status, as on the Node path
           if (exchange.end === "Upgraded") return
           const seconds = exchange.durationMs / 1000
@@ -146,12 +153,21 @@ export const requestInstruments = (
             sentBytes: exchange.sentBytes,
             durationMs: exchange.durationMs,
             requestId,
-            peer: (request.socket as { remoteAddress?: string }).remoteAddress ?? ""
+            peer: (request.socket as { remoteAddress?: string }).remoteAddress ?? "",
+            ...(cluster === undefined ? {} : { node: via ?? cluster.node, relayed: via !== undefined || from !== undefined })
           })
         }
       }
     }
   }
+}
+
+/** A clustered gateway's part in the per-request instruments. */
+export interface ClusterInstruments {
+  /** This gateway's node name. */
+  readonly node: string
+  /** Counts a request relayed `out` to `node`, or served here `in` for `node`. */
+  readonly relayed: (direction: "out" | "in", node: string) => void
 }
 
 /** The log line for a connection a public port refused or closed to stay within its limits. */

@@ -7,6 +7,8 @@ import * as os from "node:os"
 import * as path from "node:path"
 import { Duration, Option, Redacted } from "effect"
 import type { AcmeConfig } from "../../services/acme/AcmeCertificates.ts"
+import type { ClusterConfig } from "../../services/cluster/ClusterLeases.ts"
+import { isNodeName } from "../../domain/ClusterLease.ts"
 import { CLIENT_LIMIT_DEFAULTS, type ClientLimits } from "../../domain/ClientLimits.ts"
 import type { RouteDefinition } from "../../domain/Route.ts"
 import type { PortRange, TokenGrant } from "../../domain/TokenPolicy.ts"
@@ -37,6 +39,13 @@ export const DefaultGracePeriodMs = 30_000
 export const DefaultPublicHost = "127.0.0.1"
 /** Where ACME certificates are kept by default (under the user's home). */
 export const DefaultAcmeStorageDir = "~/.local/share/switchyard/acme"
+
+/** Lifetime of a gateway's route leases without a heartbeat, by default (ms). */
+export const DefaultLeaseTtlMs = 15_000
+/** Time between two heartbeats of the cluster leases, by default (ms). */
+export const DefaultHeartbeatMs = 5_000
+/** Shortest accepted cluster secret (characters). */
+export const MinClusterSecretLength = 16
 
 /** Every port, for tokens given without a port list. */
 export const AllPorts: ReadonlyArray<PortRange> = [{ from: 1, to: 65_535 }]
@@ -87,6 +96,8 @@ export interface ServerConfig {
   readonly requestMetrics: boolean
   /** Certificates obtained by ACME for routes registered with `acme`, when `acme.directory` is set. */
   readonly acme: AcmeConfig | undefined
+  /** The cluster this gateway joins, when `cluster.redis` is set. */
+  readonly cluster: ClusterConfig | undefined
   readonly log: ServerFile["log"]
 }
 
@@ -230,6 +241,70 @@ export const acmeOf = (file: ServerFile): AcmeConfig | ConfigLoadError | undefin
   }
 }
 
+/**
+ * The cluster settings (`cluster`), checked; undefined when no Redis is set. A cluster needs a node name,
+ * an advertised relay address and a shared secret.
+ */
+export const clusterOf = (file: ServerFile): ClusterConfig | ConfigLoadError | undefined => {
+  const section = file.cluster
+  if (section?.redis === undefined) {
+    return section === undefined || Object.keys(section).length === 0 ? undefined : invalid("cluster.redis", "required with the other cluster settings (--cluster-redis)")
+  }
+  let url: URL
+  try {
+    url = new URL(section.redis)
+  } catch {
+    return invalid("cluster.redis", `${JSON.stringify(section.redis)} is not a URL (redis://host:port)`)
+  }
+  if ((url.protocol !== "redis:" && url.protocol !== "rediss:") || url.hostname === "") {
+    return invalid("cluster.redis", `${JSON.stringify(redisDisplay(section.redis))}: expected redis://host:port or rediss://host:port`)
+  }
+  if (section.node === undefined) return invalid("cluster.node", "required with cluster.redis (--cluster-node)")
+  if (!isNodeName(section.node)) return invalid("cluster.node", `${JSON.stringify(section.node)} is not a node name (letters, digits, . _ -; at most 64)`)
+  if (section.advertise === undefined) return invalid("cluster.advertise", "required with cluster.redis: the relay address other gateways dial (--cluster-advertise)")
+  const advertise = parseHostPort(section.advertise)
+  if (advertise instanceof Error) return invalid("cluster.advertise", advertise.message)
+  if (advertise.port === 0) return invalid("cluster.advertise", `${section.advertise}: the other gateways dial it, so it needs a port other than 0`)
+  if (section.secret === undefined) {
+    return invalid("cluster.secret", "required with cluster.redis: the gateways authenticate each other with it (SWITCHYARD_CLUSTER_SECRET or cluster.secret_file)")
+  }
+  if (Redacted.value(section.secret).length < MinClusterSecretLength) {
+    return invalid("cluster.secret", `shorter than ${MinClusterSecretLength} characters`)
+  }
+  const leaseTtlMs = section.lease_ttl_ms ?? DefaultLeaseTtlMs
+  const heartbeatMs = section.heartbeat_ms ?? Math.min(DefaultHeartbeatMs, Math.floor(leaseTtlMs / 3))
+  if (heartbeatMs * 3 > leaseTtlMs) {
+    return invalid("cluster.heartbeat_ms", `${heartbeatMs} ms is more than a third of lease_ttl_ms (${leaseTtlMs} ms): a lease would expire between two heartbeats`)
+  }
+  if (section.control_advertise !== undefined) {
+    const text = section.control_advertise
+    const parsed = parseHostPort(text.startsWith("tls://") ? text.slice("tls://".length) : text)
+    if (parsed instanceof Error || parsed.port === 0) {
+      return invalid("cluster.control_advertise", `${JSON.stringify(text)}: expected host:port or tls://host:port, as backends dial it`)
+    }
+  }
+  return {
+    redisUrl: section.redis,
+    node: section.node,
+    advertise,
+    secret: section.secret,
+    leaseTtlMs,
+    heartbeatMs,
+    ...(section.control_advertise === undefined ? {} : { controlAdvertise: section.control_advertise })
+  }
+}
+
+/** A Redis URL without its password, for messages. */
+export const redisDisplay = (text: string): string => {
+  try {
+    const url = new URL(text)
+    if (url.password !== "") url.password = "redacted"
+    return url.toString()
+  } catch {
+    return text.replace(/\/\/[^@/]*@/, "//redacted@")
+  }
+}
+
 /** Resolves a server file into the gateway's settings; the first unusable value is the error. */
 export const resolveServerConfig = (file: ServerFile): ServerConfig | ConfigLoadError => {
   const control = addressAt("control.address", file.control?.address, DefaultControlText)
@@ -250,6 +325,8 @@ export const resolveServerConfig = (file: ServerFile): ServerConfig | ConfigLoad
   if (unsafe !== undefined) return unsafe
   const acme = acmeOf(file)
   if (acme instanceof ConfigLoadError) return acme
+  const cluster = clusterOf(file)
+  if (cluster instanceof ConfigLoadError) return cluster
   const drainTimeoutMs = file.drain_timeout_ms ?? DefaultDrainTimeoutMs
   const authThrottle = {
     ...(file.control?.max_failed_auths === undefined ? {} : { refuseAfter: file.control.max_failed_auths }),
@@ -298,6 +375,7 @@ export const resolveServerConfig = (file: ServerFile): ServerConfig | ConfigLoad
     shutdownDelayMs: file.shutdown_delay_ms ?? DefaultShutdownDelayMs,
     requestMetrics: file.request_metrics ?? true,
     acme,
+    cluster,
     log: file.log
   }
 }

@@ -8,26 +8,31 @@ import * as fs from "node:fs"
 import * as os from "node:os"
 import * as path from "node:path"
 import { randomBytes } from "node:crypto"
-import { Context, Deferred, Effect, Layer, Option, Redacted } from "effect"
-import type { Scope } from "effect"
+import { Context, Deferred, Effect, Layer, Option, Redacted, Scope } from "effect"
 import type { TokenGrant } from "../../domain/TokenPolicy.ts"
 import { AcmeCertificates, type AcmeCertificatesShape, type AcmeConfig } from "../../services/acme/AcmeCertificates.ts"
 import { Dispatcher } from "../../services/Dispatcher.ts"
+import { leaseRouteKey } from "../../domain/ClusterLease.ts"
+import { LogSampler } from "../../domain/LogSampler.ts"
+import { type ClusterLeasesShape, makeClusterLeases } from "../../services/cluster/ClusterLeases.ts"
+import { redisLeaseStore } from "../../services/cluster/LeaseStore.ts"
+import { makeRelayBackends } from "../../services/cluster/RelayBackends.ts"
+import { listenRelay, makeRelayDialer } from "../../services/cluster/RelayLink.ts"
 import { ControlPort } from "../../services/front/ControlPort.ts"
 import { ReverseH2 } from "../../services/front/ReverseH2.ts"
 import { Listeners } from "../../services/Listeners.ts"
 import { makeMetrics, Metrics, type MetricsShape } from "../../services/Metrics.ts"
 import { Registry } from "../../services/Registry.ts"
-import { makeRecentErrors, registerClientLimitCounters, reloadRefused, serveAdmin, type StatusDocument } from "../Admin.ts"
+import { type ClusterStatusEntry, makeRecentErrors, registerClientLimitCounters, reloadRefused, serveAdmin, type StatusDocument } from "../Admin.ts"
 import { ConfigLoadError, type ServerFile } from "../ConfigLoader.ts"
 import { onHangup } from "../Lifecycle.ts"
 import * as Logging from "../Logging.ts"
 import { formatHostPort, type HostPort } from "../NetAddress.ts"
 import * as NodeTransport from "../NodeTransport.ts"
 import packageJson from "../../../package.json" with { type: "json" }
-import { dispatchObserver, gatewayEvents, type GatewayServices, registerServerGauges, requestInstruments } from "./GatewayInstruments.ts"
+import { type ClusterInstruments, dispatchObserver, gatewayEvents, type GatewayServices, registerServerGauges, requestInstruments } from "./GatewayInstruments.ts"
 import { testRoute } from "./RouteTest.ts"
-import { acmeOf, AllPorts, GeneratedGrantName, GeneratedTokenBytes, grantsOf, h2RoutesOf, invalid, resolveServerConfig } from "./ServerConfig.ts"
+import { acmeOf, AllPorts, GeneratedGrantName, GeneratedTokenBytes, grantsOf, h2RoutesOf, invalid, redisDisplay, resolveServerConfig } from "./ServerConfig.ts"
 
 /** What `runGateway` starts, for embedding and tests. */
 export interface GatewayHandle {
@@ -102,6 +107,82 @@ const reloadAcme = (acme: AcmeCertificatesShape | undefined, next: AcmeConfig | 
         ? "acme.directory is set now: the gateway obtains certificates after a restart"
         : "acme.directory was removed: the gateway keeps obtaining and renewing certificates until a restart"
     ).pipe(Effect.annotateLogs({ component: "acme" }))
+
+/** Longest wait for one command of the cluster's lease store (ms). */
+export const MaxClusterCommandMs = 2_000
+
+/** The control port as backends dial it, or `undefined` when it binds every interface (no address to tell). */
+const advertisedControl = (bound: HostPort, tls: boolean): string | undefined =>
+  bound.host === "0.0.0.0" || bound.host === "::" || bound.host === "" ? undefined : `${tls ? "tls://" : ""}${formatHostPort(bound)}`
+
+/** The cluster's part of `/status`. */
+const clusterStatus = (cluster: ClusterLeasesShape): ClusterStatusEntry => {
+  const state = cluster.state()
+  return {
+    node: cluster.node,
+    store: state.store,
+    stale: state.stale,
+    ...(state.lastReadAt === undefined ? {} : { lastRead: new Date(state.lastReadAt).toISOString() }),
+    ...(state.lastError === undefined ? {} : { lastError: state.lastError }),
+    published: state.published,
+    leases: [...cluster.table().values()].map((lease) => ({ node: lease.node, route: leaseRouteKey(lease.route), relay: lease.relay })),
+    gateways: cluster.gateways()
+  }
+}
+
+/** What `/readyz` adds about the cluster when its store is not answering. */
+const clusterReadyNote = (cluster: ClusterLeasesShape): string | undefined => {
+  const state = cluster.state()
+  if (state.store !== "unreachable") return undefined
+  return state.stale
+    ? `cluster store unreachable for longer than the lease TTL: serving local routes only (${state.lastError ?? ""})`
+    : `cluster store unreachable: serving local routes and the last table read (${state.lastError ?? ""})`
+}
+
+/** The cluster metrics, read at scrape time; returns their remover. */
+const registerClusterGauges = (metrics: MetricsShape, cluster: ClusterLeasesShape) => {
+  const removers = [
+    metrics.registry.sampledGauge({
+      name: "switchyard_cluster_store_up",
+      help: "1 while the cluster's lease store (Redis) answers, else 0.",
+      collect: () => [[[], cluster.state().store === "connected" ? 1 : 0]]
+    }),
+    metrics.registry.sampledGauge({
+      name: "switchyard_cluster_leases",
+      help: "Route leases: published (this gateway's, kept alive) and remote (the other gateways' in use).",
+      labelNames: ["side"],
+      collect: () => {
+        const state = cluster.state()
+        return [[["published"], state.published], [["remote"], cluster.table().size]]
+      }
+    })
+  ]
+  return () => removers.forEach((r) => r())
+}
+
+/** Most node names the relayed-requests counter keeps as labels per direction; others count as `other`. */
+export const MaxRelayedNodeLabels = 256
+
+/** The cluster's per-request counter: requests relayed out to each gateway and in from each. */
+const makeClusterInstruments = (metrics: MetricsShape, node: string): ClusterInstruments => {
+  const family = metrics.registry.counter({
+    name: "switchyard_cluster_relayed_requests_total",
+    help: "Requests that crossed a relay link: out (relayed from here to node) or in (relayed here from node and served here).",
+    labelNames: ["direction", "node"]
+  })
+  const children = new Map<string, { inc: () => void }>()
+  return {
+    node,
+    relayed: (direction, peer) => {
+      // node names come from authenticated gateways; the label values stay bounded all the same
+      const name = children.size < MaxRelayedNodeLabels * 2 ? peer : "other"
+      const key = `${direction} ${name}`
+      let child = children.get(key)
+      if (child === undefined) children.set(key, child = family.labels(direction, name))
+      child.inc()
+    }
+  }
+}
 
 /** Writes a fresh random token to a file only this user can read; removed when the scope closes. */
 const generateTokenFile = Effect.acquireRelease(
@@ -178,11 +259,13 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   const access = Logging.accessLogger({ format: config.log?.format, accessLog: config.log?.access_log })
 
   const drainTimeout = config.drainTimeoutMs
+  const removersLater: Array<() => void> = []
   let draining = false
   let live: GatewayServices | undefined
   const startedAt = new Date().toISOString()
   const listenerNames: Array<{ name: string; address: string }> = []
   let acme: AcmeCertificatesShape | undefined
+  let cluster: ClusterLeasesShape | undefined
 
   // The admin endpoint starts first so it closes last: /readyz answers 503 while the gateway drains.
   let adminBound: HostPort | undefined
@@ -203,10 +286,18 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
         inFlight: entry.backends.reduce((n, b) => n + b.inFlight, 0)
       })),
       recentErrors: recentErrors.list(),
-      ...(acme === undefined ? {} : { certificates: acme.status() })
+      ...(acme === undefined ? {} : { certificates: acme.status() }),
+      ...(cluster === undefined ? {} : { cluster: clusterStatus(cluster) })
     })
     const routeTest = (url: string) => live === undefined ? { error: "the gateway is starting" } : testRoute(live.registry, url)
-    adminBound = yield* serveAdmin({ address: config.admin.address, ready: () => live !== undefined && !draining, metrics: metrics.registry, status, routeTest })
+    adminBound = yield* serveAdmin({
+      address: config.admin.address,
+      ready: () => live !== undefined && !draining,
+      readyNote: () => cluster === undefined ? undefined : clusterReadyNote(cluster),
+      metrics: metrics.registry,
+      status,
+      routeTest
+    })
     listenerNames.push({ name: "admin", address: formatHostPort(adminBound) })
   }
 
@@ -219,11 +310,14 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     yield* Effect.addFinalizer(() => Effect.sync(removeAcmeGauges))
   }
   const events = gatewayEvents(metrics, recentErrors.add, yield* Effect.context<never>())
+  const clusterInstruments = config.cluster === undefined ? undefined : makeClusterInstruments(metrics, config.cluster.node)
   const removeClientLimitCounters = registerClientLimitCounters(metrics, "public", events.clientLimitReporter.counts)
   yield* Effect.addFinalizer(() => Effect.sync(removeClientLimitCounters))
   const gateway = ControlPort.gatewayLayer({
+    cluster: config.cluster !== undefined,
     control: {
       ...config.control,
+      otherGateways: () => cluster?.gateways() ?? [],
       tokens: grants,
       onRejected: events.onRejected,
       onSessionFailed: events.onSessionFailed,
@@ -237,7 +331,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
     responseTimeoutMs: config.responseTimeoutMs,
     idleTimeoutMs: config.idleTimeoutMs,
     // the per-request instruments follow each public exchange (`observeExchange`)
-    instruments: config.requestMetrics ? requestInstruments(metrics, access) : { observeDispatch: dispatchObserver(metrics) },
+    instruments: config.requestMetrics ? requestInstruments(metrics, access, clusterInstruments) : { observeDispatch: dispatchObserver(metrics) },
     clientLimits: config.clientLimits,
     onClientLimit: events.clientLimitReporter.onClientLimit,
     ...(acme === undefined ? {} : { certificates: acme })
@@ -256,6 +350,9 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       idleTimeoutMs: config.idleTimeoutMs
     })
     : Layer.empty
+  // The cluster's links and leases live in a scope that closes after the gateway has drained (finalizers
+  // run last-in first-out): requests relayed either way finish with the others.
+  const clusterScope = config.cluster === undefined ? undefined : yield* Scope.fork(yield* Effect.scope)
   const context = yield* Layer.build(
     (h2Layer as Layer.Layer<ReverseH2, Error, Listeners>).pipe(
       Layer.provideMerge(gateway),
@@ -276,6 +373,73 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   yield* Effect.addFinalizer(() =>
     stopSequence({ shutdownDelayMs: config.shutdownDelayMs, drainTimeoutMs: drainTimeout, skipDelay: options.skipShutdownDelay, notReady: () => void (draining = true) })
   )
+  if (config.cluster !== undefined && clusterScope !== undefined) {
+    const clusterConfig = config.cluster
+    const gatewayServices = live
+    cluster = yield* Effect.gen(function*() {
+      const clusterLog = Effect.annotateLogs({ component: "cluster" })
+      const runLog = Effect.runForkWith(yield* Effect.context<never>())
+      const listeners = gatewayServices.listeners
+      const refusals = new LogSampler()
+      // streams relayed here are served by the public listeners, on local backends only
+      const relayAddress = yield* listenRelay({
+        transport: NodeTransport.layerService,
+        address: clusterConfig.advertise,
+        node: clusterConfig.node,
+        secret: clusterConfig.secret,
+        onStream: ({ socket, preamble }) => listeners.acceptRelayed(socket, preamble.localPort, preamble.protocol),
+        onRefused: (remote, error) => {
+          recentErrors.add(`cluster: relay link from ${remote} refused: ${error.message}`)
+          // a peer that keeps dialing with a wrong secret makes one line per reason every 10 s
+          const left = refusals.take(error.reason, Date.now())
+          if (left === undefined) return
+          const more = left > 0 ? ` (${left} more refused for this reason since the last line)` : ""
+          runLog(Effect.logWarning(`relay link from ${remote} refused: ${error.reason}: ${error.message}${more}`).pipe(clusterLog))
+        },
+        onLink: (event, node, remote) => void runLog(Effect.logInfo(`relay link from gateway "${node}" (${remote}) ${event}`).pipe(clusterLog))
+      }).pipe(Effect.mapError((e) => new Error(`cannot listen for relay links on ${formatHostPort(clusterConfig.advertise)}: ${e.message}`)))
+      listenerNames.push({ name: "cluster_relay", address: `${relayAddress.host}:${relayAddress.port}` })
+      const dialer = yield* makeRelayDialer({
+        transport: NodeTransport.layerService,
+        node: clusterConfig.node,
+        secret: clusterConfig.secret,
+        onLinkState: (address, state, detail) => {
+          if (state === "down") recentErrors.add(`cluster: relay link to ${address} down: ${detail}`)
+          // requests waiting for a backend look again: the link's relay backends take work again
+          else gatewayServices.registry.touch()
+          runLog((state === "up" ? Effect.logInfo(`relay link to ${address} up (${detail})`) : Effect.logWarning(`relay link to ${address} down: ${detail}`)).pipe(clusterLog))
+        }
+      })
+      const relays = yield* makeRelayBackends({
+        listeners,
+        dialer,
+        onRefused: (lease, message) => {
+          recentErrors.add(`cluster: route ${leaseRouteKey(lease.route)} of gateway "${lease.node}" not served here: ${message}`)
+          return Effect.logWarning(`route ${leaseRouteKey(lease.route)} of gateway "${lease.node}" not served here: ${message}`).pipe(clusterLog)
+        }
+      })
+      const store = yield* redisLeaseStore({ url: clusterConfig.redisUrl, commandTimeoutMs: Math.min(clusterConfig.heartbeatMs, MaxClusterCommandMs) })
+      const leases = yield* makeClusterLeases({
+        config: {
+          ...clusterConfig,
+          control: () => clusterConfig.controlAdvertise ?? advertisedControl(controlPort.address as HostPort, config.control.tls !== undefined)
+        },
+        store,
+        registry: gatewayServices.registry,
+        isLocal: (backend) => backend.relayedVia === undefined,
+        onChange: (diff, table) =>
+          Effect.logInfo(
+            `cluster table: ${diff.added.length} lease(s) added, ${diff.removed.length} removed, ${diff.changed.length} changed`
+          ).pipe(clusterLog, Effect.andThen(relays.apply(diff, table)))
+      })
+      removersLater.push(registerClusterGauges(metrics, leases))
+      yield* Effect.logInfo(`cluster: node ${clusterConfig.node}, leases in ${redisDisplay(clusterConfig.redisUrl)} (TTL ${clusterConfig.leaseTtlMs} ms)`).pipe(clusterLog)
+      return leases
+    }).pipe(Scope.provide(clusterScope))
+    // on a stop, the leases go first: the other gateways stop relaying here while this one still serves
+    const leases = cluster
+    yield* Effect.addFinalizer(() => leases.withdraw)
+  }
   listenerNames.push({ name: "control", address: formatHostPort(controlPort.address as HostPort) })
   if (h2 !== undefined) listenerNames.push({ name: "reverse_h2", address: formatHostPort(h2.address) })
   const controlWebSocket = controlPort.webSocketAddress === undefined || webSocket === undefined
@@ -284,6 +448,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   if (controlWebSocket !== undefined) listenerNames.push({ name: "control_websocket", address: controlWebSocket })
 
   const removers = [
+    ...removersLater,
     ...registerServerGauges(metrics, live),
     metrics.registry.sampledGauge({
       name: "switchyard_route_refusals_total",

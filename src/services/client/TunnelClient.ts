@@ -80,7 +80,21 @@ export interface TunnelClientConfig {
   readonly yamux?: Partial<YamuxConfig> | undefined
   /** Told of every failed attempt and lost session (already logged), e.g. for a status page or to give up. */
   readonly onProblem?: ((problem: GatewayProblem) => void) | undefined
+  /**
+   * Most gateways to keep sessions to at once (default: every one in `servers`). Fewer: the others are
+   * spares, dialed when a gateway in use fails `FailoverAttempts` times in a row. More: gateways of a
+   * cluster named in a `Welcome` are added until there are this many.
+   */
+  readonly maxGateways?: number | undefined
+  /** Reads a gateway address a `Welcome` names (`host:port`, `tls://host:port`); none: they are ignored. */
+  readonly targetOf?: ((text: string) => GatewayTarget | undefined) | undefined
 }
+
+/** Most gateway addresses a client keeps, given and learned. */
+export const MaxLearnedGateways = 64
+
+/** Failed attempts in a row after which a gateway in use gives its place to a spare (with `maxGateways`). */
+export const FailoverAttempts = 3
 
 /** Rejections that no retry can cure: the token or the route must change first. */
 export const PermanentRejections: ReadonlySet<RejectionReason> = new Set<RejectionReason>([
@@ -276,7 +290,7 @@ interface GatewayState {
  * paused meanwhile and flows again as soon as its next consumer attaches a `data` listener (an http
  * server's connection handler, `pipe`), whenever that happens.
  */
-const readPreamble = (socket: StreamSocket, done: (preamble: Preamble | undefined) => void) => {
+export const readPreamble = (socket: StreamSocket, done: (preamble: Preamble | undefined) => void) => {
   const reader = new FrameReader(MaxPreambleBytes)
   let finished = false
   const timer = setTimeout(() => finish(undefined), DefaultPreambleTimeoutMs)
@@ -324,7 +338,12 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
   const drainTimeout = config.drainTimeout === undefined ? DefaultDrainTimeout : Duration.fromInputUnsafe(config.drainTimeout)
   const listeners = new Map<number, ClientListener>()
   let nextLocal = 1
-  const gateways: Array<GatewayState> = config.servers.map((address, index) => ({
+  const maxGateways = Math.max(1, config.maxGateways ?? config.servers.length)
+  // gateways beyond the ones in use, given or named by a cluster's Welcome, in the order they came
+  const spares: Array<GatewayTarget> = config.servers.slice(maxGateways)
+  const known = new Set(config.servers.map(describeTarget))
+  let nextIndex = Math.min(maxGateways, config.servers.length)
+  const newGateway = (address: GatewayTarget, index: number): GatewayState => ({
     index,
     address,
     connected: false,
@@ -339,7 +358,8 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
     heldBack: new Set(),
     routeAttempts: new Map(),
     send: undefined
-  }))
+  })
+  const gateways: Array<GatewayState> = config.servers.slice(0, maxGateways).map(newGateway)
 
   const setState = (g: GatewayState, state: GatewayState["state"]) => {
     if (g.state !== state) g.since = new Date()
@@ -462,6 +482,7 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
       g.routeAttempts.clear()
       // a route the gateway bound otherwise than asked (an option it does not know) is removed once the session runs
       const misbound: Array<{ listener: ClientListener; listenerId: number }> = []
+      if (reply.gateways !== undefined) learnGateways(reply.gateways)
       reply.listeners.forEach((bound, i) => {
         const listener = offered[i]
         if (listener === undefined) return
@@ -579,6 +600,14 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
           const message = `${what}: ${error.message}; ${failureAdvice(error)}`
           g.lastError = message
           setState(g, permanent ? "rejected" : "retrying")
+          if (!lost && g.attempts + 1 >= FailoverAttempts && spares.length > 0 && !permanent) {
+            // this gateway gives its place to a spare, and becomes one itself
+            g.attempts++
+            yield* Effect.logWarning(`${message}; switching to gateway ${describeTarget(spares[0]!)}`)
+            config.onProblem?.({ gateway, message, permanent })
+            replaceBySpare(g)
+            return yield* Effect.interrupt
+          }
           const retry = `retrying in ${(Duration.toMillis(delay) / 1000).toFixed(1)} s (attempt ${g.attempts + 1})`
           yield* error.reason === "Rejected" ? Effect.logError(`${message}; ${retry}`) : Effect.logWarning(`${message}; ${retry}`)
           config.onProblem?.({ gateway, message, permanent })
@@ -588,7 +617,44 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
       }
     }).pipe(Effect.annotateLogs({ component: "client" }))
 
-  for (const g of gateways) yield* Effect.forkScoped(supervise(g))
+  const supervisors = yield* FiberSet.make()
+  const runSupervisor = yield* FiberSet.runtime(supervisors)<never>()
+  const startSupervising = (g: GatewayState) => void runSupervisor(supervise(g) as Effect.Effect<never>)
+
+  /** Takes `g` out of use (its routes there are dropped with its session) and starts the first spare. */
+  function replaceBySpare(g: GatewayState) {
+    const spare = spares.shift()
+    if (spare === undefined) return
+    const at = gateways.indexOf(g)
+    if (at !== -1) gateways.splice(at, 1)
+    g.send = undefined
+    g.byGatewayId.clear()
+    g.byLocalId.clear()
+    spares.push(g.address)
+    const next = newGateway(spare, nextIndex++)
+    gateways.push(next)
+    startSupervising(next)
+  }
+
+  /** Gateways a cluster's Welcome named: kept as spares, and used at once while fewer than `maxGateways` are. */
+  function learnGateways(texts: ReadonlyArray<string>) {
+    if (config.targetOf === undefined) return
+    for (const text of texts.slice(0, MaxLearnedGateways)) {
+      const target = config.targetOf(text)
+      if (target === undefined) continue
+      const name = describeTarget(target)
+      if (known.has(name) || known.size >= MaxLearnedGateways) continue
+      known.add(name)
+      logRun(Effect.logInfo(`gateway ${name} learned from a gateway of its cluster`).pipe(Effect.annotateLogs({ component: "client" })))
+      if (gateways.length < maxGateways) {
+        const g = newGateway(target, nextIndex++)
+        gateways.push(g)
+        startSupervising(g)
+      } else spares.push(target)
+    }
+  }
+
+  for (const g of gateways) startSupervising(g)
 
   const addListener = Effect.fnUntraced(function*(spec: Omit<ClientListener, "id">) {
     const listener: ClientListener = { ...spec, id: nextLocal++ }

@@ -23,6 +23,7 @@ import {
   MaxPendingControlBytes,
   MaxPendingControlRequests,
   MaxPreambleAddressLength,
+  MaxWelcomeGateways,
   type Preamble,
   ProtocolVersion,
   type RejectionReason
@@ -110,6 +111,8 @@ export const DrainPollInterval: Duration.Duration = Duration.millis(20)
 
 export interface ControlPortConfig {
   readonly address?: Address | undefined
+  /** The other gateways of a cluster, named in each `Welcome` (their control addresses as clients name them). */
+  readonly otherGateways?: (() => ReadonlyArray<string>) | undefined
   /**
    * Serve the control port over TLS with this certificate and key (PEM); backends then dial it with TLS
    * (`tls` on their gateway address) and their tokens are accepted from any peer, as over `wss://`.
@@ -365,9 +368,22 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
         responseTimeoutMs: config.responseTimeoutMs ?? 0,
         idleTimeoutMs: config.idleTimeoutMs ?? 0
       })
+      // connections relayed from another gateway of a cluster carry that gateway's X-Forwarded-* (it is
+      // authenticated): they are kept, and its address appended
+      const relayForwarder = config.cluster === true
+        ? yield* Forwarder.make({
+          upstream: unroutedUpstream,
+          onUpstreamError: (message) => void runLog(Effect.logWarning(`relayed request: ${message}`)),
+          errors: withoutUpstreamDetail(plainErrors),
+          forwardedHeaders: "append",
+          responseTimeoutMs: config.responseTimeoutMs ?? 0,
+          idleTimeoutMs: config.idleTimeoutMs ?? 0
+        })
+        : undefined
       return Layer.effect(
         Listeners,
         Listeners.make({
+          relayForwarder,
           host: config.publicHost,
           ...config.publicConnections,
           ...config.instruments,
@@ -388,6 +404,8 @@ export class ControlPort extends Context.Service<ControlPort, ControlPortShape>(
 
 export interface GatewayConfig {
   readonly control: ControlPortConfig
+  /** The gateway is part of a cluster: its public ports also serve connections relayed from other gateways. */
+  readonly cluster?: boolean | undefined
   /** Address public ports bind to (default `0.0.0.0`). */
   readonly publicHost?: string | undefined
   /** Connection limits of every public port, and who is told when they close or refuse a connection. */
@@ -673,7 +691,9 @@ const make = Effect.fnUntraced(function*(config: ControlPortConfig) {
         }
         welcomed.push(result.value)
       }
-      yield* writeFrame(conn, encodeHelloReply({ _tag: "Welcome", version: ProtocolVersion, sessionId, listeners: welcomed })).pipe(
+      const others = config.otherGateways?.() ?? []
+      const welcome = { _tag: "Welcome" as const, version: ProtocolVersion, sessionId, listeners: welcomed, ...(others.length === 0 ? {} : { gateways: others.slice(0, MaxWelcomeGateways) }) }
+      yield* writeFrame(conn, encodeHelloReply(welcome)).pipe(
         Effect.mapError((e) => new ControlPortError({ reason: "Io", message: `${peerText}: ${e.message}` }))
       )
       const session = yield* Session.make(rest, {
