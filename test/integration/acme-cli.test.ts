@@ -163,7 +163,8 @@ describePebble("switchyard server with ACME, switchyard client --tls-acme (proce
         "--port", String(tlsPort), "--domain", "fixed.test", "--tls-acme", "--no-admin"
       ])
       cleanups.push(() => client.stop("SIGKILL"))
-      await server.waitFor(/level=WARN.*no certificate for fixed\.test.*next order in 6\d s/, WaitLimitMs)
+      // the first backoff: 60 s plus up to 20 % of jitter
+      await server.waitFor(/level=WARN.*no certificate for fixed\.test.*next order in (6\d|7[0-2]) s/, WaitLimitMs)
 
       writeConfig(pebble.directoryUrl, "certs@example.com", path.join(dir, "elsewhere"))
       server.child.kill("SIGHUP")
