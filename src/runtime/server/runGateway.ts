@@ -11,6 +11,7 @@ import { randomBytes } from "node:crypto"
 import { Context, Deferred, Effect, Layer, Option, Redacted, Scope } from "effect"
 import type { TokenGrant } from "../../domain/TokenPolicy.ts"
 import { AcmeCertificates, type AcmeCertificatesShape, type AcmeConfig } from "../../services/acme/AcmeCertificates.ts"
+import { redisSharedCertificates } from "../../services/acme/SharedCertificates.ts"
 import { Dispatcher } from "../../services/Dispatcher.ts"
 import { leaseRouteKey } from "../../domain/ClusterLease.ts"
 import { LogSampler } from "../../domain/LogSampler.ts"
@@ -85,6 +86,12 @@ const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape) 
         for (const s of acme.status()) counts.set(s.state, (counts.get(s.state) ?? 0) + 1)
         return [...counts].map(([state, n]) => [[state], n] as const)
       }
+    }),
+    metrics.registry.sampledGauge({
+      name: "switchyard_acme_cluster_certificates_total",
+      help: "Certificates taken from the cluster's store (ordered by another gateway) instead of ordered here.",
+      type: "counter",
+      collect: () => [[[], acme.fromCluster()]]
     }),
     metrics.registry.sampledGauge({
       name: "switchyard_acme_failures",
@@ -302,8 +309,17 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   }
 
   if (config.acme !== undefined) {
+    const clusterConfig = config.cluster
+    // in a cluster the certificates are shared through its Redis, and one gateway at a time orders a name
+    const shared = clusterConfig === undefined ? undefined : yield* redisSharedCertificates({
+      url: clusterConfig.redisUrl,
+      node: clusterConfig.node,
+      secret: clusterConfig.secret,
+      commandTimeoutMs: MaxClusterCommandMs
+    })
     acme = yield* AcmeCertificates.make({
       ...config.acme,
+      ...(shared === undefined ? {} : { shared }),
       onFailure: (name, reason) => recentErrors.add(`acme: no certificate for ${name}: ${reason}`)
     }).pipe(Effect.annotateLogs({ component: "acme" }))
     const removeAcmeGauges = registerAcmeGauges(metrics, acme)
