@@ -39,9 +39,9 @@ import {
   stillOrdered,
   storedFiles
 } from "../../domain/Acme.ts"
-import { lockPollMs, lockRenewEveryMs, MaxSharedChallenges, type SharedChallenge, SharedReadIntervalMs, SharedStoreRetryMs } from "../../domain/AcmeShared.ts"
+import { lockPollMs, MaxSharedChallenges, type SharedChallenge, SharedReadIntervalMs, SharedStoreRetryMs } from "../../domain/AcmeShared.ts"
 import type { CertificateSource } from "../Listeners.ts"
-import type { SharedCertificatesShape } from "./SharedCertificates.ts"
+import { holdingLock, type SharedCertificatesShape } from "./SharedCertificates.ts"
 
 export interface AcmeConfig {
   /** The CA's ACME directory URL (e.g. Let's Encrypt's `https://acme-v02.api.letsencrypt.org/directory`). */
@@ -623,18 +623,6 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
       }
       return { done: false, token }
     })
-
-  /** Runs `ordering` holding `name`'s lock, renewing its lease meanwhile; the lock is deleted if the order is interrupted. */
-  const holdingLock = <A>(store: SharedCertificatesShape, name: string, token: string, ordering: Effect.Effect<A>) => {
-    const renewing = Effect.forever(
-      Effect.gen(function*() {
-        yield* Effect.sleep(Duration.millis(lockRenewEveryMs(store.lockLeaseMs)))
-        const kept = yield* Effect.exit(store.extend(name, token))
-        if (Exit.isSuccess(kept) && !kept.value) yield* Effect.logWarning(`the cluster's order lock for ${name} was lost (its lease ran out): another gateway may order it too`)
-      })
-    )
-    return Effect.raceFirst(ordering, renewing).pipe(Effect.onInterrupt(() => unlock(store, name, token)))
-  }
 
   const unlock = (store: SharedCertificatesShape, name: string, token: string) =>
     Effect.exit(store.unlock(name, token)).pipe(Effect.asVoid)

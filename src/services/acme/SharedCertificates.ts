@@ -7,7 +7,7 @@
  */
 import type * as IORedis from "ioredis"
 import { randomUUID } from "node:crypto"
-import { Effect, Redacted, Schema, type Scope } from "effect"
+import { Duration, Effect, Exit, Redacted, Schema, type Scope } from "effect"
 import {
   ChallengeAckKeyPrefix,
   ChallengeAckWaitMs,
@@ -21,6 +21,7 @@ import {
   decodeSharedCertificate,
   DefaultOrderLockLeaseMs,
   deriveStoreKey,
+  lockRenewEveryMs,
   encodeSharedCertificate,
   MaxAnnouncedNameBytes,
   MaxSharedCertificateBytes,
@@ -204,3 +205,22 @@ export const redisSharedCertificates = Effect.fnUntraced(function*(options: Shar
       ).pipe(Effect.asVoid)
   }
 })
+
+/**
+ * Runs `work` holding `name`'s order lock (taken with `token`), renewing its lease every third of it on
+ * the fiber's clock while `work` runs; a renewal that finds the lock gone is logged (another gateway may
+ * order the name too). The lock is deleted if `work` is interrupted; otherwise the caller deletes it
+ * once the certificate is stored.
+ */
+export const holdingLock = <A, E, R>(store: SharedCertificatesShape, name: string, token: string, work: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> => {
+  const renewing = Effect.forever(
+    Effect.gen(function*() {
+      yield* Effect.sleep(Duration.millis(lockRenewEveryMs(store.lockLeaseMs)))
+      const kept = yield* Effect.exit(store.extend(name, token))
+      if (Exit.isSuccess(kept) && !kept.value) {
+        yield* Effect.logWarning(`the cluster's order lock for ${name} was lost (its lease ran out): another gateway may order it too`)
+      }
+    })
+  )
+  return Effect.raceFirst(work, renewing).pipe(Effect.onInterrupt(() => Effect.asVoid(Effect.exit(store.unlock(name, token)))))
+}
