@@ -11,6 +11,7 @@ import { assert, describe, it } from "@effect/vitest"
 import { execFile } from "node:child_process"
 import { X509Certificate } from "node:crypto"
 import * as fs from "node:fs"
+import * as http from "node:http"
 import * as os from "node:os"
 import * as path from "node:path"
 import * as tls from "node:tls"
@@ -25,6 +26,7 @@ import { freePort } from "../services/ListenersFixtures.ts"
 import { noLeaks } from "../support/leaks.ts"
 import { type DnsResponder, type Pebble, requirePebble, startDns, startPebble } from "../support/pebble.ts"
 import { type RedisServer, requireRedis, startRedis } from "../support/redis.ts"
+import { addressAfter, get, sample, spawnSwitchyard } from "../runtime/serverProcess.ts"
 import { client, gateway, serveHttp } from "./tunnelHarness.ts"
 
 const available = requirePebble() && requireRedis()
@@ -265,4 +267,87 @@ describeLab("ACME certificates shared by a cluster (pebble, redis-server)", () =
       assert.strictEqual(orders(l), 2, "one renewal order for the cluster")
       assert.strictEqual(g1.acme.orders().issued + g2.acme.orders().issued, 2)
     })))
+})
+
+const ProcessToken = "acme-cluster-token-51c0"
+const ProcessSecret = "acme-cluster-secret-2f9d61b7"
+
+/** A `switchyard server` in the lab's cluster with ACME, its public ports on `publicHost`. */
+const startServer = async (l: Lab, node: string, publicHost: string, caFile: string, storage: string) => {
+  const relay = await freePort()
+  const proc = spawnSwitchyard([
+    "server", "--control", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--token", ProcessToken, "--public-host", publicHost,
+    "--cluster-redis", l.redis.url, "--cluster-node", node, "--cluster-advertise", `127.0.0.1:${relay}`,
+    "--acme-directory", l.pebble.directoryUrl, "--acme-email", "ops@example.com", "--acme-ca", caFile,
+    "--set", `acme.storage_dir=${storage}`
+  ], { SWITCHYARD_CLUSTER_SECRET: ProcessSecret })
+  await proc.waitFor("expose a local service")
+  return { proc, control: addressAfter(proc.output(), /control port/), admin: addressAfter(proc.output(), /admin endpoint/) }
+}
+
+interface CertificateEntry {
+  readonly name: string
+  readonly state: string
+  readonly source?: string
+}
+
+describeLab("switchyard server in a cluster with ACME (processes, pebble, redis-server)", () => {
+  it.live("two gateways whose backends want the same name: one order, both serve it, /status and the metrics say where it came from", () =>
+    Effect.gen(function*() {
+      const l = yield* lab(["proc.test"])
+      const caFile = path.join(l.dirs[0]!, "pebble-https.pem")
+      fs.writeFileSync(caFile, l.pebble.ca)
+      const servers = yield* Effect.acquireRelease(
+        Effect.promise(async () => [
+          await startServer(l, "g1", "127.0.0.1", caFile, path.join(l.dirs[0]!, "store")),
+          await startServer(l, "g2", "127.0.0.12", caFile, path.join(l.dirs[1]!, "store"))
+        ]),
+        (all) => Effect.promise(async () => void (await Promise.all(all.map((s) => s.proc.stop("SIGKILL")))))
+      )
+      const local = http.createServer((_req, res) => res.end("served by the backend"))
+      yield* Effect.acquireRelease(
+        Effect.promise(() => new Promise<void>((resolve) => local.listen(0, "127.0.0.1", resolve))),
+        () => Effect.promise(() => new Promise<void>((resolve) => { local.closeAllConnections(); local.close(() => resolve()) }))
+      )
+      const localPort = (local.address() as { port: number }).port
+      yield* Effect.acquireRelease(
+        Effect.sync(() => servers.map((s) => spawnSwitchyard([
+          "client", "--server", `127.0.0.1:${s.control.port}`, "--token", ProcessToken, "--expose", `127.0.0.1:${localPort}`,
+          "--port", String(l.tlsPort), "--domain", "proc.test", "--tls-acme", "--no-admin"
+        ]))),
+        (clients) => Effect.promise(async () => void (await Promise.all(clients.map((c) => c.stop("SIGKILL")))))
+      )
+      const certificatesOf = (admin: { port: number }) =>
+        Effect.promise(async () => (JSON.parse((await get(admin.port, "/status")).body) as { certificates?: Array<CertificateEntry> }).certificates ?? [])
+      const deadline = Date.now() + WaitLimitMs
+      let seen: Array<ReadonlyArray<CertificateEntry>> = []
+      for (;;) {
+        seen = [yield* certificatesOf(servers[0]!.admin), yield* certificatesOf(servers[1]!.admin)]
+        if (seen.every((list) => list.some((c) => c.name === "proc.test" && c.state === "valid"))) break
+        if (Date.now() > deadline) {
+          return yield* Effect.die(new Error(`timed out waiting for both certificates: ${JSON.stringify(seen)}\n${servers.map((s) => s.proc.output()).join("\n")}`))
+        }
+        yield* Effect.promise(() => new Promise((r) => setTimeout(r, 200)))
+      }
+      assert.strictEqual(orders(l), 1, "pebble received one order")
+      assert.sameMembers(seen.map((list) => list.find((c) => c.name === "proc.test")?.source), ["ordered", "cluster"])
+      const metrics = yield* Effect.promise(() => Promise.all(servers.map(async (s) => (await get(s.admin.port, "/metrics")).body)))
+      assert.strictEqual(metrics.reduce((n, m) => n + sample(m, "switchyard_acme_orders_total", { result: "issued" }), 0), 1)
+      assert.strictEqual(metrics.reduce((n, m) => n + sample(m, "switchyard_acme_cluster_certificates_total"), 0), 1)
+      assert.isTrue(servers.some((s) => /certificate for proc\.test taken from the cluster's store/.test(s.proc.output())))
+      const root = yield* rootFile(l)
+      for (const host of ["127.0.0.1", "127.0.0.12"]) {
+        const result = yield* Effect.promise(() =>
+          new Promise<{ code: number; out: string }>((resolve) =>
+            execFile(
+              "curl",
+              ["-sS", "--max-time", "10", "--cacert", root, "--resolve", `proc.test:${l.tlsPort}:${host}`, `https://proc.test:${l.tlsPort}/`],
+              (error, stdout, stderr) => resolve({ code: error === null ? 0 : (error as { code?: number }).code ?? 1, out: stdout + stderr })
+            )
+          )
+        )
+        assert.strictEqual(result.code, 0, `${host}: ${result.out}`)
+        assert.strictEqual(result.out, "served by the backend")
+      }
+    }).pipe(Effect.scoped), 120_000)
 })
