@@ -564,11 +564,14 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
       return found.value === undefined ? false : yield* adopt(state, found.value, now)
     })
 
-  /** The store cannot be read or locked: a name without a certificate is ordered without the lock; one served is asked again later. */
+  /**
+   * The store cannot be read or locked: a name without a valid certificate is ordered without the lock;
+   * one whose certificate is still valid waits for the store (asked again after `SharedStoreRetryMs`).
+   */
   const storeFailed = (state: NameState, message: string, now: number) =>
     Effect.gen(function*() {
       state.waitingForCluster = false
-      if (state.context === undefined) {
+      if (state.context === undefined || state.notAfterMs === undefined || state.notAfterMs <= now) {
         yield* Effect.logWarning(`the cluster's certificate store cannot be used (${message}): ordering ${state.name} without the cluster's lock`)
         return { done: false as const, token: undefined }
       }
