@@ -5,7 +5,9 @@
  * serve the same certificate, verified against pebble's root; the CA's validation reaching the gateway
  * that did not order is answered there; a lock left by a holder that died expires with its lease and the
  * waiting gateway orders then; the private key is not readable in Redis; a renewal is ordered by one
- * gateway and picked up by the other.
+ * gateway and picked up by the other. As processes (`switchyard server` in a cluster with ACME, and
+ * `switchyard client --tls-acme`): one order for two gateways, shown in `/status` and the metrics; a
+ * gateway killed with -9 while it holds the lock leaves the name to the other once the lease ran out.
  */
 import { assert, describe, it } from "@effect/vitest"
 import { execFile } from "node:child_process"
@@ -273,13 +275,13 @@ const ProcessToken = "acme-cluster-token-51c0"
 const ProcessSecret = "acme-cluster-secret-2f9d61b7"
 
 /** A `switchyard server` in the lab's cluster with ACME, its public ports on `publicHost`. */
-const startServer = async (l: Lab, node: string, publicHost: string, caFile: string, storage: string) => {
+const startServer = async (l: Lab, node: string, publicHost: string, caFile: string, storage: string, extra: ReadonlyArray<string> = []) => {
   const relay = await freePort()
   const proc = spawnSwitchyard([
     "server", "--control", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--token", ProcessToken, "--public-host", publicHost,
     "--cluster-redis", l.redis.url, "--cluster-node", node, "--cluster-advertise", `127.0.0.1:${relay}`,
     "--acme-directory", l.pebble.directoryUrl, "--acme-email", "ops@example.com", "--acme-ca", caFile,
-    "--set", `acme.storage_dir=${storage}`
+    "--set", `acme.storage_dir=${storage}`, ...extra
   ], { SWITCHYARD_CLUSTER_SECRET: ProcessSecret })
   await proc.waitFor("expose a local service")
   return { proc, control: addressAfter(proc.output(), /control port/), admin: addressAfter(proc.output(), /admin endpoint/) }
@@ -349,5 +351,68 @@ describeLab("switchyard server in a cluster with ACME (processes, pebble, redis-
         assert.strictEqual(result.code, 0, `${host}: ${result.out}`)
         assert.strictEqual(result.out, "served by the backend")
       }
+    }).pipe(Effect.scoped), 120_000)
+
+  it.live("a gateway killed (-9) while it holds a name's order lock: the lock expires with its lease (acme.cluster_lock_ms) and the other gateway orders the name", () =>
+    Effect.gen(function*() {
+      const l = yield* lab(["kill.test"])
+      const caFile = path.join(l.dirs[0]!, "pebble-https.pem")
+      fs.writeFileSync(caFile, l.pebble.ca)
+      const lease = ["--set", "acme.cluster_lock_ms=10000"]
+      const local = http.createServer((_req, res) => res.end("served by the backend"))
+      yield* Effect.acquireRelease(
+        Effect.promise(() => new Promise<void>((resolve) => local.listen(0, "127.0.0.1", resolve))),
+        () => Effect.promise(() => new Promise<void>((resolve) => { local.closeAllConnections(); local.close(() => resolve()) }))
+      )
+      const localPort = (local.address() as { port: number }).port
+      const backendOf = (control: { port: number }) =>
+        Effect.acquireRelease(
+          Effect.sync(() => spawnSwitchyard([
+            "client", "--server", `127.0.0.1:${control.port}`, "--token", ProcessToken, "--expose", `127.0.0.1:${localPort}`,
+            "--port", String(l.tlsPort), "--domain", "kill.test", "--tls-acme", "--no-admin"
+          ])),
+          (c) => Effect.promise(async () => void (await c.stop("SIGKILL")))
+        )
+      // a listener on the challenge channel that never acknowledges: g1 holds the lock and waits for it
+      // (at most 5 s) before the CA validates; meanwhile it is killed
+      const raw = yield* redisClient(l)
+      const listener = raw.duplicate()
+      yield* Effect.addFinalizer(() => Effect.sync(() => listener.disconnect(false)))
+      let handedOver = 0
+      listener.on("message", () => handedOver++)
+      yield* Effect.promise(() => listener.subscribe("switchyard:acme-challenges"))
+      const g1 = yield* Effect.acquireRelease(
+        Effect.promise(() => startServer(l, "g1", "127.0.0.1", caFile, path.join(l.dirs[0]!, "store"), lease)),
+        (s) => Effect.promise(async () => void (await s.proc.stop("SIGKILL")))
+      )
+      yield* backendOf(g1.control)
+      yield* eventually("g1 to hand over its challenge", () => handedOver > 0 ? true : undefined, () => g1.proc.output())
+      yield* Effect.promise(() => g1.proc.stop("SIGKILL"))
+      yield* Effect.promise(() => listener.unsubscribe())
+      const holder = yield* Effect.promise(() => raw.get(orderLockKey("kill.test")))
+      assert.match(holder ?? "", /^g1:/, "the dead gateway's lock is still there")
+      assert.strictEqual(orders(l), 1)
+
+      const g2 = yield* Effect.acquireRelease(
+        Effect.promise(() => startServer(l, "g2", "127.0.0.1", caFile, path.join(l.dirs[1]!, "store"), lease)),
+        (s) => Effect.promise(async () => void (await s.proc.stop("SIGKILL")))
+      )
+      yield* backendOf(g2.control)
+      const deadline = Date.now() + WaitLimitMs
+      let entry: CertificateEntry | undefined
+      for (;;) {
+        const list = (JSON.parse((yield* Effect.promise(() => get(g2.admin.port, "/status"))).body) as { certificates?: Array<CertificateEntry> }).certificates ?? []
+        entry = list.find((c) => c.name === "kill.test")
+        if (entry?.state === "valid") break
+        if (Date.now() > deadline) return yield* Effect.die(new Error(`timed out waiting for g2's certificate: ${JSON.stringify(entry)}\n${g2.proc.output()}`))
+        yield* Effect.promise(() => new Promise((r) => setTimeout(r, 200)))
+      }
+      assert.strictEqual(entry.source, "ordered")
+      assert.strictEqual(orders(l), 2, "g2 ordered once the lease ran out")
+      assert.match(g2.proc.output(), /another gateway of the cluster is ordering kill\.test/)
+      const root = yield* rootFile(l)
+      const result = yield* curl("kill.test", l.tlsPort, root)
+      assert.strictEqual(result.code, 0, result.out)
+      assert.strictEqual(result.out, "served by the backend")
     }).pipe(Effect.scoped), 120_000)
 })

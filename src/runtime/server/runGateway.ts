@@ -315,7 +315,8 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       url: clusterConfig.redisUrl,
       node: clusterConfig.node,
       secret: clusterConfig.secret,
-      commandTimeoutMs: MaxClusterCommandMs
+      commandTimeoutMs: MaxClusterCommandMs,
+      lockLeaseMs: config.acme.clusterLockMs
     })
     acme = yield* AcmeCertificates.make({
       ...config.acme,

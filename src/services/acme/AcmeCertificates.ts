@@ -67,6 +67,8 @@ export interface AcmeConfig {
    * it is ordered, ordered only under the name's lock, and each certificate obtained is stored there.
    */
   readonly shared?: SharedCertificatesShape | undefined
+  /** `acme.cluster_lock_ms`: the lease of the order locks of `shared` (applies when the store is made, at start). */
+  readonly clusterLockMs?: number | undefined
 }
 
 /** Where one name stands, for `/status`, `switchyard status` and the metrics. */
@@ -704,6 +706,9 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
       const changed: Array<string> = []
       if (next.storageDir !== dir) {
         yield* Effect.logWarning(`acme.storage_dir changed to ${next.storageDir}: it applies after a restart; certificates stay in ${dir} until then`)
+      }
+      if (next.clusterLockMs !== config.clusterLockMs) {
+        yield* Effect.logWarning(`acme.cluster_lock_ms changed to ${next.clusterLockMs ?? "the default"}: it applies after a restart`)
       }
       if ((next.challenge ?? "tls-alpn-01") !== challengeType) {
         yield* Effect.logWarning(`acme.challenge changed to ${next.challenge ?? "tls-alpn-01"}: it applies after a restart; orders keep answering ${challengeType} until then`)
