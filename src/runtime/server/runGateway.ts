@@ -59,7 +59,7 @@ export interface GatewayOptions {
 }
 
 /** The ACME metrics, read from the certificate manager at scrape time; returns their remover. */
-const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape) => {
+const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape, clustered: boolean) => {
   const removers = [
     metrics.registry.sampledGauge({
       name: "switchyard_acme_orders_total",
@@ -88,17 +88,19 @@ const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape) 
       }
     }),
     metrics.registry.sampledGauge({
-      name: "switchyard_acme_cluster_certificates_total",
-      help: "Certificates taken from the cluster's store (ordered by another gateway) instead of ordered here.",
-      type: "counter",
-      collect: () => [[[], acme.fromCluster()]]
-    }),
-    metrics.registry.sampledGauge({
       name: "switchyard_acme_failures",
       help: "Consecutive failed orders per name (0 once a certificate is obtained).",
       labelNames: ["name"],
       collect: () => acme.status().map((s) => [[s.name], s.failures] as const)
-    })
+    }),
+    ...(clustered
+      ? [metrics.registry.sampledGauge({
+        name: "switchyard_acme_cluster_certificates_total",
+        help: "Certificates taken from the cluster's store (ordered by another gateway) instead of ordered here.",
+        type: "counter",
+        collect: () => [[[], acme.fromCluster()]]
+      })]
+      : [])
   ]
   return () => removers.forEach((r) => r())
 }
@@ -323,7 +325,7 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
       ...(shared === undefined ? {} : { shared }),
       onFailure: (name, reason) => recentErrors.add(`acme: no certificate for ${name}: ${reason}`)
     }).pipe(Effect.annotateLogs({ component: "acme" }))
-    const removeAcmeGauges = registerAcmeGauges(metrics, acme)
+    const removeAcmeGauges = registerAcmeGauges(metrics, acme, shared !== undefined)
     yield* Effect.addFinalizer(() => Effect.sync(removeAcmeGauges))
   }
   const events = gatewayEvents(metrics, recentErrors.add, yield* Effect.context<never>())
