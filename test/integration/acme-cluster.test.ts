@@ -312,15 +312,24 @@ describeLab("switchyard server in a cluster with ACME (processes, pebble, redis-
         () => Effect.promise(() => new Promise<void>((resolve) => { local.closeAllConnections(); local.close(() => resolve()) }))
       )
       const localPort = (local.address() as { port: number }).port
-      yield* Effect.acquireRelease(
-        Effect.sync(() => servers.map((s) => spawnSwitchyard([
-          "client", "--server", `127.0.0.1:${s.control.port}`, "--token", ProcessToken, "--expose", `127.0.0.1:${localPort}`,
-          "--port", String(l.tlsPort), "--domain", "proc.test", "--tls-acme", "--no-admin"
-        ]))),
-        (clients) => Effect.promise(async () => void (await Promise.all(clients.map((c) => c.stop("SIGKILL")))))
-      )
+      const backendOf = (control: { port: number }) =>
+        Effect.acquireRelease(
+          Effect.sync(() => spawnSwitchyard([
+            "client", "--server", `127.0.0.1:${control.port}`, "--token", ProcessToken, "--expose", `127.0.0.1:${localPort}`,
+            "--port", String(l.tlsPort), "--domain", "proc.test", "--tls-acme", "--no-admin"
+          ])),
+          (c) => Effect.promise(async () => void (await c.stop("SIGKILL")))
+        )
       const certificatesOf = (admin: { port: number }) =>
         Effect.promise(async () => (JSON.parse((await get(admin.port, "/status")).body) as { certificates?: Array<CertificateEntry> }).certificates ?? [])
+      // g1's backend first: the port pebble validates on is open whichever gateway orders
+      yield* backendOf(servers[0]!.control)
+      const bound = Date.now() + WaitLimitMs
+      while (!(yield* certificatesOf(servers[0]!.admin)).some((c) => c.name === "proc.test")) {
+        if (Date.now() > bound) return yield* Effect.die(new Error(`g1 never wanted proc.test:\n${servers[0]!.proc.output()}`))
+        yield* Effect.promise(() => new Promise((r) => setTimeout(r, 50)))
+      }
+      yield* backendOf(servers[1]!.control)
       const deadline = Date.now() + WaitLimitMs
       let seen: Array<ReadonlyArray<CertificateEntry>> = []
       for (;;) {
