@@ -5,7 +5,7 @@
  * serve the same certificate, verified against pebble's root; the CA's validation reaching the gateway
  * that did not order is answered there; a lock left by a holder that died expires with its lease and the
  * waiting gateway orders then; the private key is not readable in Redis; a renewal is ordered by one
- * gateway and picked up by the other. As processes (`switchyard server` in a cluster with ACME, and
+ * gateway and picked up by the other; with Redis stopped a name is still ordered. As processes (`switchyard server` in a cluster with ACME, and
  * `switchyard client --tls-acme`): one order for two gateways, shown in `/status` and the metrics; a
  * gateway killed with -9 while it holds the lock leaves the name to the other once the lease ran out.
  */
@@ -229,6 +229,20 @@ describeLab("ACME certificates shared by a cluster (pebble, redis-server)", () =
       assert.isUndefined(sourceOf(g1.acme, "orphan.test")?.waitingForCluster)
       const root = yield* rootFile(l)
       const result = yield* curl("orphan.test", l.tlsPort, root)
+      assert.strictEqual(result.code, 0, result.out)
+    })))
+
+  it.live("Redis stopped: a name without a certificate is still ordered, without the lock, and served", () =>
+    noLeaks(Effect.gen(function*() {
+      const l = yield* lab(["alone.test"])
+      const g1 = yield* member(l, 0)
+      yield* Effect.promise(() => l.redis.stop())
+      yield* serveHttp(g1.tunnel, tlsRoute(l.tlsPort, "alone.test"), hello(0))
+      yield* eventually("the certificate", () => sourceOf(g1.acme, "alone.test")?.state === "valid" ? true : undefined, () => `: ${JSON.stringify(g1.acme.status())}\n${l.pebble.output()}`)
+      assert.strictEqual(sourceOf(g1.acme, "alone.test")?.source, "ordered")
+      assert.deepStrictEqual(g1.acme.orders(), { issued: 1, failed: 0 })
+      const root = yield* rootFile(l)
+      const result = yield* curl("alone.test", l.tlsPort, root)
       assert.strictEqual(result.code, 0, result.out)
     })))
 
