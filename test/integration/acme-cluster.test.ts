@@ -5,9 +5,10 @@
  * serve the same certificate, verified against pebble's root; the CA's validation reaching the gateway
  * that did not order is answered there; a lock left by a holder that died expires with its lease and the
  * waiting gateway orders then; the private key is not readable in Redis; a renewal is ordered by one
- * gateway and picked up by the other; with Redis stopped a name is still ordered. As processes (`switchyard server` in a cluster with ACME, and
- * `switchyard client --tls-acme`): one order for two gateways, shown in `/status` and the metrics; a
- * gateway killed with -9 while it holds the lock leaves the name to the other once the lease ran out.
+ * gateway and picked up by the other; with Redis stopped a name is still ordered. As processes
+ * (`switchyard server` in a cluster with ACME, and `switchyard client --tls-acme`): one order for two
+ * gateways, shown in `/status` and the metrics; a gateway killed with -9 while it holds the lock leaves
+ * the name to the other once the lease ran out.
  */
 import { assert, describe, it } from "@effect/vitest"
 import { execFile } from "node:child_process"
