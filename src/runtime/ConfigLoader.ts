@@ -239,6 +239,12 @@ export const ServerFile = Schema.Struct({
       Schema.String.annotate({ description: "Directory keeping the account key and each name's certificate and key (files 0600), reused after a restart", default: "~/.local/share/switchyard/acme" })
     ),
     renew_before: Schema.optionalKey(Schema.String.annotate({ description: "Renew a certificate this long before it expires (a duration: 30 days, 720 hours)", default: "30 days" })),
+    cluster_lock_ms: Schema.optionalKey(
+      Schema.Int.check(Schema.isBetween({ minimum: 1_000, maximum: 600_000 })).annotate({
+        description: "In a cluster: lease of a name's order lock in Redis, renewed every third of it while the order runs; a gateway that died holding it frees the name after it",
+        default: 60_000
+      })
+    ),
     challenge: Schema.optionalKey(
       Schema.Literals(["tls-alpn-01", "http-01"]).annotate({
         description: "Challenge answered for the CA: tls-alpn-01 on the route's TLS port (the CA connects to 443), http-01 on a public HTTP port (the CA connects to 80)",

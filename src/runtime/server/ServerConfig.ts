@@ -237,7 +237,8 @@ export const acmeOf = (file: ServerFile): AcmeConfig | ConfigLoadError | undefin
     ...(section.ca === undefined ? {} : { ca: section.ca }),
     storageDir,
     renewBefore: renew.value,
-    challenge: section.challenge ?? "tls-alpn-01"
+    challenge: section.challenge ?? "tls-alpn-01",
+    ...(section.cluster_lock_ms === undefined ? {} : { clusterLockMs: section.cluster_lock_ms })
   }
 }
 

@@ -11,6 +11,7 @@ import { randomBytes } from "node:crypto"
 import { Context, Deferred, Effect, Layer, Option, Redacted, Scope } from "effect"
 import type { TokenGrant } from "../../domain/TokenPolicy.ts"
 import { AcmeCertificates, type AcmeCertificatesShape, type AcmeConfig } from "../../services/acme/AcmeCertificates.ts"
+import { redisSharedCertificates } from "../../services/acme/SharedCertificates.ts"
 import { Dispatcher } from "../../services/Dispatcher.ts"
 import { leaseRouteKey } from "../../domain/ClusterLease.ts"
 import { LogSampler } from "../../domain/LogSampler.ts"
@@ -58,7 +59,7 @@ export interface GatewayOptions {
 }
 
 /** The ACME metrics, read from the certificate manager at scrape time; returns their remover. */
-const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape) => {
+const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape, clustered: boolean) => {
   const removers = [
     metrics.registry.sampledGauge({
       name: "switchyard_acme_orders_total",
@@ -91,7 +92,15 @@ const registerAcmeGauges = (metrics: MetricsShape, acme: AcmeCertificatesShape) 
       help: "Consecutive failed orders per name (0 once a certificate is obtained).",
       labelNames: ["name"],
       collect: () => acme.status().map((s) => [[s.name], s.failures] as const)
-    })
+    }),
+    ...(clustered
+      ? [metrics.registry.sampledGauge({
+        name: "switchyard_acme_cluster_certificates_total",
+        help: "Certificates taken from the cluster's store (ordered by another gateway) instead of ordered here.",
+        type: "counter",
+        collect: () => [[[], acme.fromCluster()]]
+      })]
+      : [])
   ]
   return () => removers.forEach((r) => r())
 }
@@ -302,11 +311,21 @@ export const runGateway = Effect.fn("server.runGateway")(function*(
   }
 
   if (config.acme !== undefined) {
+    const clusterConfig = config.cluster
+    // in a cluster the certificates are shared through its Redis, and one gateway at a time orders a name
+    const shared = clusterConfig === undefined ? undefined : yield* redisSharedCertificates({
+      url: clusterConfig.redisUrl,
+      node: clusterConfig.node,
+      secret: clusterConfig.secret,
+      commandTimeoutMs: MaxClusterCommandMs,
+      lockLeaseMs: config.acme.clusterLockMs
+    })
     acme = yield* AcmeCertificates.make({
       ...config.acme,
+      ...(shared === undefined ? {} : { shared }),
       onFailure: (name, reason) => recentErrors.add(`acme: no certificate for ${name}: ${reason}`)
     }).pipe(Effect.annotateLogs({ component: "acme" }))
-    const removeAcmeGauges = registerAcmeGauges(metrics, acme)
+    const removeAcmeGauges = registerAcmeGauges(metrics, acme, shared !== undefined)
     yield* Effect.addFinalizer(() => Effect.sync(removeAcmeGauges))
   }
   const events = gatewayEvents(metrics, recentErrors.add, yield* Effect.context<never>())

@@ -30,6 +30,7 @@ import {
   daysUntil,
   DefaultRenewBeforeMs,
   httpChallengeToken,
+  HttpChallengePrefix,
   isRateLimited,
   MaxAcmeNames,
   MaxConcurrentAcmeOrders,
@@ -38,7 +39,9 @@ import {
   stillOrdered,
   storedFiles
 } from "../../domain/Acme.ts"
+import { lockPollMs, MaxSharedChallenges, type SharedChallenge, SharedReadIntervalMs, SharedStoreRetryMs } from "../../domain/AcmeShared.ts"
 import type { CertificateSource } from "../Listeners.ts"
+import { holdingLock, type SharedCertificatesShape } from "./SharedCertificates.ts"
 
 export interface AcmeConfig {
   /** The CA's ACME directory URL (e.g. Let's Encrypt's `https://acme-v02.api.letsencrypt.org/directory`). */
@@ -59,6 +62,13 @@ export interface AcmeConfig {
   readonly random?: (() => number) | undefined
   /** Told of each failed order, with its one-line reason (the gateway's recent errors). */
   readonly onFailure?: ((name: string, reason: string) => void) | undefined
+  /**
+   * The cluster's certificate store, when the gateway is in a cluster: a name is looked up there before
+   * it is ordered, ordered only under the name's lock, and each certificate obtained is stored there.
+   */
+  readonly shared?: SharedCertificatesShape | undefined
+  /** `acme.cluster_lock_ms`: the lease of the order locks of `shared` (applies when the store is made, at start). */
+  readonly clusterLockMs?: number | undefined
 }
 
 /** Where one name stands, for `/status`, `switchyard status` and the metrics. */
@@ -79,7 +89,16 @@ export interface AcmeNameStatus {
   readonly nextAttempt?: string | undefined
   /** When the last route that wanted the name went away (ISO 8601), while none wants it. */
   readonly unusedSince?: string | undefined
+  /**
+   * Where the certificate served came from: `ordered` (by this gateway), `disk` (this gateway's store,
+   * after a restart) or `cluster` (the cluster's store: another gateway ordered it).
+   */
+  readonly source?: CertificateSourceKind | undefined
+  /** In a cluster, while another gateway holds the name's order lock: this one waits for its certificate. */
+  readonly waitingForCluster?: boolean | undefined
 }
+
+export type CertificateSourceKind = "ordered" | "disk" | "cluster"
 
 export interface AcmeCertificatesShape extends CertificateSource {
   /** Starts managing `name` (a route asked for it); why it cannot, when it cannot. */
@@ -96,6 +115,8 @@ export interface AcmeCertificatesShape extends CertificateSource {
   readonly status: () => ReadonlyArray<AcmeNameStatus>
   /** Orders that ended with a certificate, and orders that failed, since start. */
   readonly orders: () => { readonly issued: number; readonly failed: number }
+  /** Certificates taken from the cluster's store (another gateway ordered them), since start. */
+  readonly fromCluster: () => number
 }
 
 /** The certificate manager cannot start: its store cannot be created, read or written. */
@@ -126,6 +147,15 @@ interface NameState {
   unusedSinceMs: number | undefined
   /** Whether its fiber runs (it ends once the name is unused past the grace). */
   running: boolean
+  source: CertificateSourceKind | undefined
+  /** Completed (and replaced) when the cluster's store announces a certificate for the name. */
+  wake: Deferred.Deferred<void>
+  /** The store announced a certificate for the name since it was last read. */
+  storeChanged: boolean
+  /** When the cluster's store was last read for the name. */
+  lastStoreReadMs: number | undefined
+  /** Another gateway holds the name's order lock. */
+  waitingForCluster: boolean
 }
 
 /** Writes `text` to `file` with mode 0600, through a temporary file renamed over it. */
@@ -261,11 +291,58 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
   const alpnContexts = new Map<string, tls.SecureContext>()
   let issued = 0
   let failed = 0
+  let fromCluster = 0
+  const shared = config.shared
   const orderSlots = yield* Semaphore.make(MaxConcurrentAcmeOrders)
   const fibers = yield* FiberSet.make()
   const runFork = yield* FiberSet.runtime(fibers)<never>()
   const withClock = <A, E, R>(effect: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
     config.clock === undefined ? effect : Effect.provideService(effect, Clock.Clock, config.clock)
+  if (shared !== undefined) {
+    // a certificate another gateway stored wakes the fiber of its name, which reads it
+    // and the challenge answers of the gateway ordering a name are answered here too (the CA may validate on any gateway)
+    const remote = new Map<string, number>()
+    yield* shared.subscribe({
+      onStored: (announced) => {
+        const state = names.get(announced.toLowerCase())
+        if (state === undefined) return
+        state.storeChanged = true
+        const previous = state.wake
+        state.wake = Deferred.makeUnsafe<void>()
+        Deferred.doneUnsafe(previous, Exit.void)
+      },
+      onChallenge: (message) => {
+        if (message.node === shared.node) return
+        const c = message.challenge
+        const key = c.type === "http-01" ? `http:${c.token}` : `alpn:${c.name.toLowerCase()}`
+        const drop = () => {
+          remote.delete(key)
+          if (c.type === "http-01") httpAnswers.delete(c.token)
+          else alpnContexts.delete(c.name.toLowerCase())
+        }
+        if (message.op === "remove") return drop()
+        // answers whose order ended without a withdrawal (its gateway died) go after the longest order
+        const now = Date.now()
+        for (const [k, at] of remote) {
+          if (now - at < AcmeOrderTimeoutMs) break
+          remote.delete(k)
+          if (k.startsWith("http:")) httpAnswers.delete(k.slice(5))
+          else alpnContexts.delete(k.slice(5))
+        }
+        if (remote.size >= MaxSharedChallenges && !remote.has(key)) return
+        try {
+          if (c.type === "http-01") {
+            if (httpChallengeToken(`${HttpChallengePrefix}${c.token}`) === undefined) return
+            httpAnswers.set(c.token, c.keyAuthorization)
+          } else alpnContexts.set(c.name.toLowerCase(), tls.createSecureContext({ key: c.key, cert: c.cert }))
+          remote.delete(key)
+          remote.set(key, now)
+        } catch {
+          drop()
+        }
+      }
+    })
+  }
   yield* Effect.addFinalizer(() => Effect.sync(() => {
     httpAnswers.clear()
     alpnContexts.clear()
@@ -296,26 +373,46 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
         challengeCreateFn: async (authz, challenge, keyAuthorization) => {
           // the library's challenge type lists only http-01 and dns-01; tls-alpn-01 comes as well
           const type: string = challenge.type
-          if (challenge.type === "http-01") httpAnswers.set(challenge.token, keyAuthorization)
-          else if (type === "tls-alpn-01") {
+          let answer: SharedChallenge
+          if (challenge.type === "http-01") {
+            httpAnswers.set(challenge.token, keyAuthorization)
+            answer = { type: "http-01", token: challenge.token, keyAuthorization }
+          } else if (type === "tls-alpn-01") {
             const [alpnKey, alpnCert] = await acme.crypto.createAlpnCertificate(authz, keyAuthorization)
-            alpnContexts.set(authz.identifier.value.toLowerCase(), tls.createSecureContext({ key: alpnKey, cert: alpnCert }))
+            const challenged = authz.identifier.value.toLowerCase()
+            alpnContexts.set(challenged, tls.createSecureContext({ key: alpnKey, cert: alpnCert }))
+            answer = { type: "tls-alpn-01", name: challenged, cert: alpnCert.toString(), key: alpnKey.toString() }
           } else throw new Error(`challenge ${type} is not answered by the gateway`)
+          // in a cluster every gateway answers it: the CA is told to validate once they hold it (or after a bounded wait)
+          if (shared !== undefined) await Effect.runPromise(Effect.exit(shared.shareChallenge("add", answer)))
         },
         challengeRemoveFn: async (authz, challenge) => {
+          const challenged = authz.identifier.value.toLowerCase()
           if (challenge.type === "http-01") httpAnswers.delete(challenge.token)
-          else alpnContexts.delete(authz.identifier.value.toLowerCase())
+          else alpnContexts.delete(challenged)
+          if (shared !== undefined) {
+            const answer: SharedChallenge = challenge.type === "http-01"
+              ? { type: "http-01", token: challenge.token, keyAuthorization: "" }
+              : { type: "tls-alpn-01", name: challenged, cert: "", key: "" }
+            await Effect.runPromise(Effect.exit(shared.shareChallenge("remove", answer)))
+          }
         }
       })
-      const files = storedFiles(name)
-      fs.mkdirSync(path.join(dir, files.dir), { recursive: true, mode: 0o700 })
-      writePrivate(path.join(dir, files.key), key.toString())
-      writePrivate(path.join(dir, files.cert), cert)
+      storeOnDisk(name, cert, key.toString())
       return { cert, key: key.toString() }
     })
 
-  const install = (state: NameState, cert: string, key: string, validity: Validity, issuedAtMs: number | undefined) => {
+  const storeOnDisk = (name: string, cert: string, key: string) => {
+    const files = storedFiles(name)
+    fs.mkdirSync(path.join(dir, files.dir), { recursive: true, mode: 0o700 })
+    writePrivate(path.join(dir, files.key), key)
+    writePrivate(path.join(dir, files.cert), cert)
+  }
+
+  const install = (state: NameState, cert: string, key: string, validity: Validity, issuedAtMs: number | undefined, source: CertificateSourceKind) => {
     state.context = tls.createSecureContext({ cert, key })
+    state.source = source
+    state.waitingForCluster = false
     state.notAfterMs = validity.notAfterMs
     state.notBeforeMs = validity.notBeforeMs
     state.issuedAtMs = issuedAtMs
@@ -329,14 +426,17 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
   const wakeIn = (state: NameState, target: number, now: number): number =>
     Math.max(1, Math.min(target - now, state.unusedSinceMs === undefined ? AcmeUnusedGraceMs : state.unusedSinceMs + AcmeUnusedGraceMs - now))
 
-  /** Sleeps `ms`, or less when the settings change meanwhile. */
-  const sleepOrWake = (ms: number) => Effect.raceFirst(Effect.sleep(Duration.millis(ms)), Deferred.await(settingsChanged))
+  /** Sleeps `ms`, or less when the settings change or the cluster's store announces the name meanwhile. */
+  const sleepOrWake = (ms: number, state: NameState) =>
+    Effect.raceFirst(Effect.sleep(Duration.millis(ms)), Effect.raceFirst(Deferred.await(settingsChanged), Deferred.await(state.wake)))
 
   /** Stops managing an unused name: its fiber ends and its certificate leaves memory (the store keeps it). */
   const park = (state: NameState) =>
     Effect.gen(function*() {
       state.running = false
       state.context = undefined
+      state.source = undefined
+      state.waitingForCluster = false
       state.nextAttemptMs = undefined
       yield* Effect.logInfo(`no route wants ${state.name} any more: its certificate is no longer renewed (the stored one is kept)`)
     })
@@ -353,19 +453,32 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
         if (state.notAfterMs !== undefined && state.notBeforeMs !== undefined && state.nextAttemptMs === undefined) {
           const due = renewAt({ notBeforeMs: state.notBeforeMs, notAfterMs: state.notAfterMs }, renewBeforeMs, state.issuedAtMs)
           if (now < due) {
-            yield* sleepOrWake(wakeIn(state, due, now))
+            if (shared !== undefined) {
+              // in a cluster another gateway may renew it first: the store is read on its announcement and every `SharedReadIntervalMs`
+              if (yield* newerFromCluster(state, shared, now)) continue
+              yield* sleepOrWake(Math.min(wakeIn(state, due, now), SharedReadIntervalMs), state)
+              continue
+            }
+            yield* sleepOrWake(wakeIn(state, due, now), state)
             continue
           }
         }
         if (state.nextAttemptMs !== undefined && now < state.nextAttemptMs) {
-          yield* sleepOrWake(wakeIn(state, state.nextAttemptMs, now))
+          yield* sleepOrWake(wakeIn(state, state.nextAttemptMs, now), state)
           continue
         }
         state.phase = state.context === undefined ? "ordering" : "renewing"
         state.nextAttemptMs = undefined
+        /** The name's order lock in the cluster, while this gateway holds it. */
+        let lockToken: string | undefined
+        if (shared !== undefined) {
+          const turn = yield* clusterTurn(state, shared, now)
+          if (turn.done) continue
+          lockToken = turn.token
+        }
         yield* Effect.logInfo(`ordering a certificate for ${state.name} (${challengeType})`)
         const answers: CaRefusal = { status: undefined, retryAfter: undefined, rateLimited: false, message: undefined }
-        const result = yield* orderSlots.withPermits(1)(
+        const ordering = orderSlots.withPermits(1)(
           Effect.tryPromise({ try: () => order(state.name, answers), catch: messageOf }).pipe(
             Effect.timeoutOption(Duration.millis(AcmeOrderTimeoutMs)),
             Effect.flatMap(Option.match({
@@ -375,14 +488,20 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
             Effect.exit
           )
         )
+        const result = yield* (shared === undefined || lockToken === undefined ? ordering : holdingLock(shared, state.name, lockToken, ordering))
         const after = yield* Clock.currentTimeMillis
         if (Exit.isSuccess(result)) {
           const validity = validityOf(new X509Certificate(result.value.cert))
-          install(state, result.value.cert, result.value.key, validity, after)
+          install(state, result.value.cert, result.value.key, validity, after, "ordered")
           issued++
           yield* Effect.logInfo(`certificate for ${state.name} issued, valid until ${new Date(validity.notAfterMs).toISOString()}`)
+          if (shared !== undefined) {
+            yield* shareIssued(state.name, shared, result.value, validity)
+            if (lockToken !== undefined) yield* unlock(shared, state.name, lockToken)
+          }
           continue
         }
+        if (shared !== undefined && lockToken !== undefined) yield* unlock(shared, state.name, lockToken)
         const failure = result.cause.reasons.find((r) => r._tag === "Fail")
         const reason = answers.message ?? (failure?._tag === "Fail" ? String(failure.error) : "the order was interrupted")
         failed++
@@ -403,13 +522,134 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
       }
     }).pipe(withClock, Effect.annotateLogs({ component: "acme", name: state.name }))
 
+  /**
+   * Takes `certificate` from the cluster's store for `state` when it is for the name, valid and newer than
+   * the one served; true when it did. Like one ordered here, it is not renewed within
+   * `MinRenewalIntervalMs` of being taken.
+   */
+  const adopt = (state: NameState, certificate: { readonly cert: string; readonly key: string }, now: number) =>
+    Effect.gen(function*() {
+      let validity: Validity
+      try {
+        const x509 = new X509Certificate(certificate.cert)
+        if (x509.checkHost(state.name) === undefined) return false
+        validity = validityOf(x509)
+      } catch {
+        return false
+      }
+      if (!(validity.notAfterMs > now)) return false
+      if (state.notAfterMs !== undefined && validity.notAfterMs <= state.notAfterMs) return false
+      try {
+        install(state, certificate.cert, certificate.key, validity, now, "cluster")
+      } catch (e) {
+        yield* Effect.logWarning(`the cluster's certificate for ${state.name} cannot be used: ${messageOf(e)}`)
+        return false
+      }
+      fromCluster++
+      yield* Effect.logInfo(`certificate for ${state.name} taken from the cluster's store (no order), valid until ${new Date(validity.notAfterMs).toISOString()}`)
+      try {
+        storeOnDisk(state.name, certificate.cert, certificate.key)
+      } catch (e) {
+        yield* Effect.logWarning(`the cluster's certificate for ${state.name} cannot be stored in ${dir}: ${messageOf(e)}`)
+      }
+      return true
+    })
+
+  /** Reads the cluster's store for a newer certificate of a name served, when it announced one or the last read is old; true when one was taken. */
+  const newerFromCluster = (state: NameState, store: SharedCertificatesShape, now: number) =>
+    Effect.gen(function*() {
+      if (!state.storeChanged && state.lastStoreReadMs !== undefined && now - state.lastStoreReadMs < SharedReadIntervalMs) return false
+      state.storeChanged = false
+      state.lastStoreReadMs = now
+      const found = yield* Effect.exit(store.read(state.name))
+      if (Exit.isFailure(found)) return false
+      return found.value === undefined ? false : yield* adopt(state, found.value, now)
+    })
+
+  /**
+   * The store cannot be read or locked: a name without a valid certificate is ordered without the lock;
+   * one whose certificate is still valid waits for the store (asked again after `SharedStoreRetryMs`).
+   */
+  const storeFailed = (state: NameState, message: string, now: number) =>
+    Effect.gen(function*() {
+      state.waitingForCluster = false
+      if (state.context === undefined || state.notAfterMs === undefined || state.notAfterMs <= now) {
+        yield* Effect.logWarning(`the cluster's certificate store cannot be used (${message}): ordering ${state.name} without the cluster's lock`)
+        return { done: false as const, token: undefined }
+      }
+      state.lastError = `the cluster's certificate store cannot be used: ${message}`
+      state.nextAttemptMs = now + SharedStoreRetryMs
+      yield* Effect.logWarning(`the cluster's certificate store cannot be used (${message}): ${state.name} is renewed once it answers (asked again in ${SharedStoreRetryMs / 1000} s)`)
+      return { done: true as const }
+    })
+
+  /**
+   * A name due for an order in a cluster: a valid certificate in the store is taken instead; otherwise
+   * this gateway takes the name's lock and orders (`done: false` with the lock's token), or waits while
+   * another gateway holds it (`done: true`, after one poll interval or its announcement).
+   */
+  const clusterTurn = (state: NameState, store: SharedCertificatesShape, now: number) =>
+    Effect.gen(function*(): Effect.fn.Return<{ readonly done: true } | { readonly done: false; readonly token: string | undefined }> {
+      const lookUp = Effect.gen(function*() {
+        state.storeChanged = false
+        state.lastStoreReadMs = now
+        const found = yield* Effect.exit(store.read(state.name))
+        if (Exit.isSuccess(found)) return found.value !== undefined && (yield* adopt(state, found.value, now)) ? "taken" as const : "none" as const
+        const error = found.cause.reasons.find((r) => r._tag === "Fail")
+        const message = error?._tag === "Fail" ? error.error.message : "the read was interrupted"
+        if (error?._tag === "Fail" && error.error.reason === "Unusable") {
+          // replaced by the next certificate ordered
+          yield* Effect.logWarning(`${message}: it is ordered again`)
+          return "none" as const
+        }
+        return message
+      })
+      const first = yield* lookUp
+      if (first === "taken") return { done: true }
+      if (first !== "none") return yield* storeFailed(state, first, now)
+      const token = store.token()
+      const locked = yield* Effect.exit(store.lock(state.name, token))
+      if (Exit.isFailure(locked)) {
+        const error = locked.cause.reasons.find((r) => r._tag === "Fail")
+        return yield* storeFailed(state, error?._tag === "Fail" ? error.error.message : "the lock was interrupted", now)
+      }
+      if (!locked.value) {
+        if (!state.waitingForCluster) yield* Effect.logInfo(`another gateway of the cluster is ordering ${state.name}: waiting for its certificate`)
+        state.waitingForCluster = true
+        yield* sleepOrWake(lockPollMs(store.lockLeaseMs), state)
+        return { done: true }
+      }
+      state.waitingForCluster = false
+      // the holder before may have stored its certificate between the read and the lock
+      const again = yield* lookUp
+      if (again === "taken") {
+        yield* unlock(store, state.name, token)
+        return { done: true }
+      }
+      return { done: false, token }
+    })
+
+  const unlock = (store: SharedCertificatesShape, name: string, token: string) =>
+    Effect.exit(store.unlock(name, token)).pipe(Effect.asVoid)
+
+  /** Stores a certificate this gateway obtained in the cluster's store (announced to the others). */
+  const shareIssued = (name: string, store: SharedCertificatesShape, certificate: { readonly cert: string; readonly key: string }, validity: Validity) =>
+    Effect.gen(function*() {
+      // Redis expires the entry with the certificate (its time is the wall clock's)
+      const written = yield* Effect.exit(store.write(name, certificate, validity.notAfterMs - Date.now()))
+      if (Exit.isFailure(written)) {
+        const error = written.cause.reasons.find((r) => r._tag === "Fail")
+        yield* Effect.logWarning(`the certificate for ${name} is not in the cluster's store: ${error?._tag === "Fail" ? error.error.message : "interrupted"}`)
+      }
+    })
+
   const nowMs = () => config.clock === undefined ? Date.now() : config.clock.currentTimeMillisUnsafe()
 
   /** Starts (or restarts) the fiber of `state`, with the stored certificate when it has none in memory. */
   const start = (state: NameState) => {
     if (state.context === undefined) {
       const stored = loadStored(dir, state.name, nowMs())
-      if (stored !== undefined) install(state, stored.cert, stored.key, stored.validity, undefined)
+      if (stored !== undefined) install(state, stored.cert, stored.key, stored.validity, undefined, "disk")
     }
     state.running = true
     runFork(manage(state))
@@ -442,7 +682,12 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
       nextAttemptMs: undefined,
       users: 1,
       unusedSinceMs: undefined,
-      running: false
+      running: false,
+      source: undefined,
+      wake: Deferred.makeUnsafe<void>(),
+      storeChanged: false,
+      lastStoreReadMs: undefined,
+      waitingForCluster: false
     }
     names.set(key, state)
     start(state)
@@ -461,6 +706,9 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
       const changed: Array<string> = []
       if (next.storageDir !== dir) {
         yield* Effect.logWarning(`acme.storage_dir changed to ${next.storageDir}: it applies after a restart; certificates stay in ${dir} until then`)
+      }
+      if (next.clusterLockMs !== config.clusterLockMs) {
+        yield* Effect.logWarning(`acme.cluster_lock_ms changed to ${next.clusterLockMs ?? "the default"}: it applies after a restart`)
       }
       if ((next.challenge ?? "tls-alpn-01") !== challengeType) {
         yield* Effect.logWarning(`acme.challenge changed to ${next.challenge ?? "tls-alpn-01"}: it applies after a restart; orders keep answering ${challengeType} until then`)
@@ -530,8 +778,11 @@ const make = Effect.fnUntraced(function*(config: AcmeConfig) {
         failures: s.failures,
         ...(s.lastError === undefined ? {} : { lastError: s.lastError }),
         ...(s.nextAttemptMs === undefined ? {} : { nextAttempt: new Date(s.nextAttemptMs).toISOString() }),
-        ...(s.unusedSinceMs === undefined ? {} : { unusedSince: new Date(s.unusedSinceMs).toISOString() })
+        ...(s.unusedSinceMs === undefined ? {} : { unusedSince: new Date(s.unusedSinceMs).toISOString() }),
+        ...(s.source === undefined ? {} : { source: s.source }),
+        ...(s.waitingForCluster ? { waitingForCluster: true } : {})
       })),
-    orders: () => ({ issued, failed })
+    orders: () => ({ issued, failed }),
+    fromCluster: () => fromCluster
   })
 })
