@@ -9,7 +9,7 @@
  */
 import type * as http2 from "node:http2"
 import * as net from "node:net"
-import type { Duplex } from "node:stream"
+import { Duplex } from "node:stream"
 import * as tls from "node:tls"
 import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope, Semaphore } from "effect"
 import { checkRequestFields } from "../domain/Http1Parser.ts"
@@ -245,6 +245,49 @@ interface TlsFront {
 const serverNameOf = (socket: unknown): string => {
   const name = (socket as { servername?: string | false | null }).servername
   return typeof name === "string" ? normalizeHost(name) : ""
+}
+
+/**
+ * Most time a raw TLS stream relayed from another gateway stays open once its TLS connection ended and
+ * its last bytes were sent with the end of the stream, for the relaying gateway to pass them on and end
+ * its side; after it the stream is reset.
+ */
+export const RelayedTlsLingerMs = 5_000
+
+/**
+ * A relay stream as TLS reads and writes it, ended gracefully: when the TLS connection is done after it
+ * ended the stream, the stream is not reset (a reset would drop the last response bytes still on their
+ * way to the relaying gateway) but kept until the relaying gateway ends it too, at most
+ * `RelayedTlsLingerMs`. Anything else that ends the TLS connection resets it.
+ */
+const lingering = (inner: Duplex): Duplex => {
+  const outer = new Duplex({
+    allowHalfOpen: true,
+    read: () => void inner.resume(),
+    write: (chunk, _encoding, callback) => void inner.write(chunk, callback),
+    final: (callback) => {
+      inner.end()
+      callback()
+    },
+    destroy: (error, callback) => {
+      if (error === null && inner.writableEnded && !inner.destroyed) {
+        const timer = setTimeout(() => inner.destroy(), RelayedTlsLingerMs)
+        inner.once("close", () => clearTimeout(timer))
+        inner.once("end", () => inner.destroy())
+        inner.resume()
+      } else {
+        inner.destroy()
+      }
+      callback(error)
+    }
+  })
+  inner.on("data", (chunk: Buffer) => {
+    if (!outer.destroyed && !outer.push(chunk)) inner.pause()
+  })
+  inner.once("end", () => void (outer.destroyed || outer.push(null)))
+  inner.on("error", () => inner.destroy())
+  inner.once("close", () => void (outer.destroyed || outer.destroy()))
+  return outer
 }
 
 /** Joins two byte streams both ways; when either closes or fails, both are destroyed. */
@@ -684,7 +727,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       server: makeServer(),
       relayed: (stream) => {
         const client = stream as unknown as { readonly remoteAddress: string | undefined; readonly remotePort: number | undefined }
-        makeServer({ remoteAddress: client.remoteAddress, remotePort: client.remotePort }).emit("connection", stream)
+        makeServer({ remoteAddress: client.remoteAddress, remotePort: client.remotePort }).emit("connection", lingering(stream))
       },
       engine: tlsEngine
     }

@@ -2,7 +2,7 @@
  * TLS routes across a cluster of three gateways on Debian's `redis-server`: a TLS route whose backend
  * is connected to g1 only answers through g2 and g3 with g1's certificate (the others read the
  * ClientHello's name and relay the raw TLS; the certificate and key never leave g1), for `then: http`
- * and `then: tcp`; a ClientHello without a name or for an unknown name is refused as on any TLS port;
+ * and `then: tcp`; a gateway with a local backend of the route terminates TLS itself; a ClientHello without a name or for an unknown name is refused as on any TLS port;
  * one larger than 16 KiB or too slow is cut, counted and said.
  */
 import { assert, describe, it } from "@effect/vitest"
@@ -137,6 +137,12 @@ describe.runIf(requireRedis())("cluster TLS passthrough", () => {
         // raw TLS: the backend reads the plaintext g1 decrypted
         assert.strictEqual(await tlsAttempt(g.host, port, { servername: "raw.test", ca: raw.cert }, `hi ${g.node}`), `data:echo:hi ${g.node}`)
       }
+      // one connection after another, each closed by the holder after its response (Connection: close):
+      // every response reaches the client before the relayed stream closes
+      for (let i = 0; i < 30; i++) {
+        const reply = await httpsGet(gateways[1 + (i % 2)]!.host, port, "app.test", app.cert, `/n${i}`)
+        assert.strictEqual(reply.body, `web /n${i} host=app.test xff=127.0.0.1`)
+      }
       for (const g of gateways.slice(1)) {
         // the relaying gateways list the routes with relay backends only: nothing of them is local there
         const status = JSON.parse((await get(g.admin.port, "/status")).body)
@@ -158,6 +164,32 @@ describe.runIf(requireRedis())("cluster TLS passthrough", () => {
         assert.notInclude(value, "BEGIN")
         assert.include(value, `"domainSuffix"`)
       }
+    }))
+
+  it.live("where the route has a local backend, TLS is terminated there with that backend's certificate", () =>
+    Effect.promise(async () => {
+      const redis = await withRedis()
+      const [g1, g2] = await Promise.all([0, 1].map((i) => startGateway(redis, i)))
+      const port = await freePort()
+      const { app } = await startTlsBackends(g1!, port)
+      await servedOverTls(g2!.host, port, "app.test", app.cert, "/relayed")
+      // a backend of the same route on g2, with a certificate of its own
+      const own = makeCertificate("app.test")
+      const local = await listen(
+        { port, tls: { domainSuffix: "app.test", cert: own.cert, key: own.key, then: "http" } },
+        { server: `127.0.0.1:${g2!.control.port}`, token: Token, timeoutMs: 20_000 }
+      )
+      const server = local.serve(http.createServer((req, res) => res.end(`local ${req.url}`)))
+      cleanups.push(() => new Promise<void>((resolve) => local.close(() => { server.close(); resolve() })))
+      const ownFingerprint = new X509Certificate(own.cert).fingerprint256
+      for (let i = 0; i < 5; i++) {
+        const reply = await servedOverTls(g2!.host, port, "app.test", own.cert, `/local-${i}`)
+        assert.strictEqual(reply.body, `local /local-${i}`)
+        assert.strictEqual(reply.fingerprint, ownFingerprint)
+      }
+      // g1 still serves its own backend with its own certificate
+      const atG1 = await servedOverTls(g1!.host, port, "app.test", app.cert, "/g1")
+      assert.strictEqual(atG1.fingerprint, new X509Certificate(app.cert).fingerprint256)
     }))
 
   it.live("a ClientHello larger than 16 KiB or slower than the TLS handshake timeout is cut, counted and said", () =>
