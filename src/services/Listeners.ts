@@ -229,6 +229,13 @@ interface PortListener {
   readonly tls?: TlsFront | undefined
 }
 
+/** The public client of a relayed stream (from its preamble) and the gateway that relayed it. */
+interface RelayedClient {
+  readonly remoteAddress: string | undefined
+  readonly remotePort: number | undefined
+  readonly relayedFrom: string | undefined
+}
+
 /** Terminates TLS for one port and serves what follows on local backends. */
 interface TlsFront {
   /** Terminates the port's public connections. */
@@ -668,7 +675,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     // is marked here and answered by `SNICallback` with the challenge certificate; the mark never
     // outlives that I/O callback
     let alpnChallengeFor: string | undefined
-    const makeServer = (client?: { readonly remoteAddress: string | undefined; readonly remotePort: number | undefined }) => {
+    const makeServer = (client?: RelayedClient) => {
       const tlsServer = tls.createServer({
         allowHalfOpen: true,
         handshakeTimeout,
@@ -707,6 +714,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         if (client !== undefined) {
           Object.defineProperty(socket, "remoteAddress", { value: client.remoteAddress, enumerable: true })
           Object.defineProperty(socket, "remotePort", { value: client.remotePort, enumerable: true })
+          // the per-request instruments say which gateway relayed it
+          Object.defineProperty(socket, "relayedFrom", { value: client.relayedFrom, enumerable: true })
         }
         // a TLS-ALPN-01 validation ends with its handshake
         if (socket.alpnProtocol === AcmeTlsAlpn) return void socket.end()
@@ -726,8 +735,9 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     return {
       server: makeServer(),
       relayed: (stream) => {
-        const client = stream as unknown as { readonly remoteAddress: string | undefined; readonly remotePort: number | undefined }
-        makeServer({ remoteAddress: client.remoteAddress, remotePort: client.remotePort }).emit("connection", lingering(stream))
+        const client = stream as unknown as RelayedClient
+        makeServer({ remoteAddress: client.remoteAddress, remotePort: client.remotePort, relayedFrom: client.relayedFrom })
+          .emit("connection", lingering(stream))
       },
       engine: tlsEngine
     }

@@ -125,7 +125,7 @@ describe.runIf(requireRedis())("cluster TLS passthrough", () => {
   it.live("a TLS route on g1 answers through g2 and g3 with g1's certificate; no name or an unknown name is refused", () =>
     Effect.promise(async () => {
       const redis = await withRedis()
-      const gateways = await Promise.all([0, 1, 2].map((i) => startGateway(redis, i)))
+      const gateways = await Promise.all([0, 1, 2].map((i) => startGateway(redis, i, undefined, ["--set", "log.access_log=true"])))
       const port = await freePort()
       const { app, raw } = await startTlsBackends(gateways[0]!, port)
       const appFingerprint = new X509Certificate(app.cert).fingerprint256
@@ -137,6 +137,11 @@ describe.runIf(requireRedis())("cluster TLS passthrough", () => {
         // raw TLS: the backend reads the plaintext g1 decrypted
         assert.strictEqual(await tlsAttempt(g.host, port, { servername: "raw.test", ca: raw.cert }, `hi ${g.node}`), `data:echo:hi ${g.node}`)
       }
+      // the holder's access log and metrics say the requests were relayed, and by which gateway
+      await waitForOutput(gateways[0]!.output, /log=access .*path=\/from-g2 .*node=g1 relayed=true/)
+      await waitForOutput(gateways[0]!.output, /log=access .*path=\/from-g1 .*node=g1 relayed=false/)
+      const inbound = (await get(gateways[0]!.admin.port, "/metrics")).body
+      assert.isAtLeast(sample(inbound, "switchyard_cluster_relayed_requests_total", { direction: "in", node: "g3" }), 1)
       // one connection after another, each closed by the holder after its response (Connection: close):
       // every response reaches the client before the relayed stream closes
       for (let i = 0; i < 30; i++) {
