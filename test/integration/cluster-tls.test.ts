@@ -1,12 +1,15 @@
 /**
  * TLS routes across a cluster of three gateways on Debian's `redis-server`: a TLS route whose backend
  * is connected to g1 only answers through g2 and g3 with g1's certificate (the others read the
- * ClientHello's name and relay the raw TLS; the certificate and key never leave g1), for `then: http`
- * and `then: tcp`; a gateway with a local backend of the route terminates TLS itself; a ClientHello without a name or for an unknown name is refused as on any TLS port;
- * one larger than 16 KiB or too slow is cut, counted and said.
+ * ClientHello's name and relay the raw TLS; the certificate and key never leave g1), over HTTP/1.1,
+ * HTTP/2 and `then: tcp`, with the public client in X-Forwarded-For and every response delivered; a
+ * gateway with a local backend of the route terminates TLS itself; a ClientHello without a name or for
+ * an unknown name is refused as on any TLS port; one larger than 16 KiB or too slow is cut, counted and
+ * said.
  */
 import { assert, describe, it } from "@effect/vitest"
 import * as http from "node:http"
+import * as http2 from "node:http2"
 import * as https from "node:https"
 import * as net from "node:net"
 import * as tls from "node:tls"
@@ -39,6 +42,30 @@ const httpsGet = (host: string, port: number, servername: string, ca: string, p:
     })
     req.on("timeout", () => req.destroy(new Error(`no answer from ${host}:${port} within 2 s`)))
     req.on("error", reject)
+  })
+
+/** One HTTP/2 request (ALPN h2) to `https://servername` through `host:port`. */
+const h2Get = (host: string, port: number, servername: string, ca: string, p: string): Promise<string> =>
+  new Promise((resolve, reject) => {
+    const session = http2.connect(`https://${servername}:${port}`, { host, servername, ca })
+    const timer = setTimeout(() => {
+      session.destroy()
+      reject(new Error(`no HTTP/2 answer from ${host}:${port} within 5 s`))
+    }, 5_000)
+    session.on("error", (e) => {
+      clearTimeout(timer)
+      reject(e)
+    })
+    const stream = session.request({ ":path": p })
+    let body = ""
+    stream.setEncoding("utf8")
+    stream.on("data", (c) => (body += c))
+    stream.on("end", () => {
+      clearTimeout(timer)
+      session.close()
+      resolve(body)
+    })
+    stream.on("error", reject)
   })
 
 /** Retries until `https://servername` through `host:port` answers 200, failing after `ServedWithinMs`. */
@@ -134,6 +161,8 @@ describe.runIf(requireRedis())("cluster TLS passthrough", () => {
         // the public client, as g1 saw it in the relay stream's preamble (the relaying gateway cannot add to the encrypted request)
         assert.match(reply.body, new RegExp(`^web /from-${g.node} host=app\\.test xff=127\\.0\\.0\\.1$`))
         assert.strictEqual(reply.fingerprint, appFingerprint)
+        // HTTP/2 (ALPN h2), terminated where the certificate is
+        assert.strictEqual(await h2Get(g.host, port, "app.test", app.cert, `/h2-${g.node}`), `web /h2-${g.node} host=app.test:${port} xff=127.0.0.1`)
         // raw TLS: the backend reads the plaintext g1 decrypted
         assert.strictEqual(await tlsAttempt(g.host, port, { servername: "raw.test", ca: raw.cert }, `hi ${g.node}`), `data:echo:hi ${g.node}`)
       }
