@@ -17,8 +17,8 @@ const ServerNameHostName = 0
 
 /** What the bytes read so far say. */
 export type ClientHelloRead =
-  /** More bytes are needed. */
-  | { readonly _tag: "Incomplete" }
+  /** More bytes are needed: nothing new can be read before `needed` bytes are there. */
+  | { readonly _tag: "Incomplete"; readonly needed: number }
   /** A whole ClientHello: its server name ("" when it sent none) and how many bytes its records took. */
   | { readonly _tag: "ClientHello"; readonly serverName: string; readonly bytes: number }
   /** Not a TLS ClientHello, or one that breaks its own lengths. */
@@ -26,7 +26,6 @@ export type ClientHelloRead =
   /** No whole ClientHello within the limit. */
   | { readonly _tag: "TooLarge"; readonly limit: number }
 
-const incomplete: ClientHelloRead = { _tag: "Incomplete" }
 const malformed = (reason: string): ClientHelloRead => ({ _tag: "Malformed", reason })
 
 /**
@@ -40,15 +39,22 @@ export const readClientHello = (bytes: Uint8Array, maxBytes: number = MaxClientH
   let joined = 0
   let offset = 0
   let needed = -1
+  let wanted = 0
   for (;;) {
-    if (offset + RecordHeaderBytes > available) break
+    if (offset + RecordHeaderBytes > available) {
+      wanted = offset + RecordHeaderBytes
+      break
+    }
     if (bytes[offset] !== ContentTypeHandshake) {
       return malformed(offset === 0 ? `not a TLS handshake record (first byte ${bytes[offset]})` : "a record other than handshake within the ClientHello")
     }
     if (bytes[offset + 1] !== 3) return malformed(`not a TLS record version (${bytes[offset + 1]}.${bytes[offset + 2]})`)
     const length = (bytes[offset + 3]! << 8) | bytes[offset + 4]!
     if (length === 0) return malformed("an empty handshake record")
-    if (offset + RecordHeaderBytes + length > available) break
+    if (offset + RecordHeaderBytes + length > available) {
+      wanted = offset + RecordHeaderBytes + length
+      break
+    }
     parts.push(bytes.subarray(offset + RecordHeaderBytes, offset + RecordHeaderBytes + length))
     joined += length
     offset += RecordHeaderBytes + length
@@ -66,7 +72,7 @@ export const readClientHello = (bytes: Uint8Array, maxBytes: number = MaxClientH
   if (available >= maxBytes) return { _tag: "TooLarge", limit: maxBytes }
   // a header read so far already promises more than the limit
   if (needed !== -1 && needed + RecordHeaderBytes > maxBytes) return { _tag: "TooLarge", limit: maxBytes }
-  return incomplete
+  return { _tag: "Incomplete", needed: Math.min(wanted, maxBytes) }
 }
 
 const concat = (parts: ReadonlyArray<Uint8Array>, length: number): Uint8Array => {

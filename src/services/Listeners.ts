@@ -752,6 +752,10 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
    */
   const readClientHelloThen = (socket: net.Socket, port: number, front: TlsFront) => {
     let read: Buffer = Buffer.alloc(0)
+    // chunks not yet joined, and how many bytes the reader needs before it can tell more
+    const pending: Array<Buffer> = []
+    let pendingBytes = 0
+    let needed = 1
     let settled = false
     const settle = () => {
       settled = true
@@ -770,10 +774,16 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       front.server.emit("connection", socket)
     }
     const onData = (chunk: Buffer) => {
-      read = read.length === 0 ? chunk : Buffer.concat([read, chunk])
+      pending.push(chunk)
+      pendingBytes += chunk.length
+      if (read.length + pendingBytes < needed) return
+      read = Buffer.concat([read, ...pending])
+      pending.length = 0
+      pendingBytes = 0
       const hello = readClientHello(read, MaxClientHelloBytes)
       switch (hello._tag) {
         case "Incomplete":
+          needed = hello.needed
           return
         case "TooLarge":
           return cut("ClientHelloTooLarge")
