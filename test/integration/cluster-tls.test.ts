@@ -3,7 +3,8 @@
  * is connected to g1 only answers through g2 and g3 with g1's certificate (the others read the
  * ClientHello's name and relay the raw TLS; the certificate and key never leave g1), over HTTP/1.1,
  * HTTP/2 and `then: tcp`, with the public client in X-Forwarded-For and every response delivered; a
- * gateway with a local backend of the route terminates TLS itself; a ClientHello without a name or for
+ * gateway with a local backend of the route terminates TLS itself; with the holder killed, a connection is
+ * refused at once; a ClientHello without a name or for
  * an unknown name is refused as on any TLS port; one larger than 16 KiB or too slow is cut, counted and
  * said.
  */
@@ -224,6 +225,19 @@ describe.runIf(requireRedis())("cluster TLS passthrough", () => {
       // g1 still serves its own backend with its own certificate
       const atG1 = await servedOverTls(g1!.host, port, "app.test", app.cert, "/g1")
       assert.strictEqual(atG1.fingerprint, new X509Certificate(app.cert).fingerprint256)
+    }))
+
+  it.live("with its holder gone (killed with -9), a relaying gateway refuses the TLS connection at once rather than holding it", () =>
+    Effect.promise(async () => {
+      const redis = await withRedis()
+      const [g1, g2] = await Promise.all([0, 1].map((i) => startGateway(redis, i)))
+      const port = await freePort()
+      const { app } = await startTlsBackends(g1!, port)
+      await servedOverTls(g2!.host, port, "app.test", app.cert, "/before")
+      await g1!.stop("SIGKILL")
+      await waitForOutput(g2!.output, /relay link to 127\.0\.0\.1:\d+ down/)
+      // no holder reachable: handed to g2's own TLS termination, which has no certificate for the name
+      assert.match(await tlsAttempt(g2!.host, port, { servername: "app.test", ca: app.cert }), /^(error|closed)/)
     }))
 
   it.live("a ClientHello sent a byte at a time is relayed; one larger than 16 KiB or slower than the TLS handshake timeout is cut, counted and said", () =>
