@@ -3,10 +3,9 @@
  * is connected to g1 only answers through g2 and g3 with g1's certificate (the others read the
  * ClientHello's name and relay the raw TLS; the certificate and key never leave g1), over HTTP/1.1,
  * HTTP/2 and `then: tcp`, with the public client in X-Forwarded-For and every response delivered; a
- * gateway with a local backend of the route terminates TLS itself; with the holder killed, a connection is
- * refused at once; a ClientHello without a name or for
- * an unknown name is refused as on any TLS port; one larger than 16 KiB or too slow is cut, counted and
- * said.
+ * gateway with a local backend of the route terminates TLS itself; with the holder killed, a connection
+ * is refused at once; a ClientHello without a name or for an unknown name is refused as on any TLS
+ * port; one larger than 16 KiB or too slow is cut, counted and said.
  */
 import { assert, describe, it } from "@effect/vitest"
 import * as http from "node:http"
