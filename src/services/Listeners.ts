@@ -9,10 +9,11 @@
  */
 import type * as http2 from "node:http2"
 import * as net from "node:net"
-import type { Duplex } from "node:stream"
+import { Duplex } from "node:stream"
 import * as tls from "node:tls"
 import { Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope, Semaphore } from "effect"
 import { checkRequestFields } from "../domain/Http1Parser.ts"
+import { MaxClientHelloBytes, readClientHello } from "../domain/TlsClientHello.ts"
 import { ErrorCode } from "../domain/Http2Frame.ts"
 import { headerValue } from "../domain/HttpHeaders.ts"
 import {
@@ -52,6 +53,13 @@ export const DefaultMaxHeaderBytes = 16 * 1024
 export const DefaultHeadersTimeoutMs = 60_000
 /** Time allowed for a TLS handshake on a public port. */
 export const DefaultTlsHandshakeTimeoutMs = 10_000
+/**
+ * What a public port did to a connection to keep within its limits: the connection limits
+ * (`GuardAction`), or, on a TLS port that relays some names to other gateways of the cluster, a
+ * ClientHello read before TLS that was larger than `MaxClientHelloBytes` or not complete within the TLS
+ * handshake timeout.
+ */
+export type PublicConnectionAction = GuardAction | "ClientHelloTooLarge" | "ClientHelloTimeout"
 /** Most cached TLS contexts (one per distinct certificate in use). */
 export const MaxCachedSecureContexts = 4_096
 /** How often a draining gateway checks whether work is still in flight. */
@@ -108,7 +116,7 @@ export interface ListenersConfig {
   /** Time a connection to an HTTP or TLS port may stay without sending a byte (ms; 0 = none). */
   readonly silentConnectionTimeoutMs?: number | undefined
   /** Told of each client connection a port refused or closed to keep within its connection limits. */
-  readonly onConnectionLimit?: ((port: number, action: GuardAction, address: string | undefined) => void) | undefined
+  readonly onConnectionLimit?: ((port: number, action: PublicConnectionAction, address: string | undefined) => void) | undefined
   readonly maxHeaderBytes?: number | undefined
   readonly headersTimeoutMs?: number | undefined
   readonly tlsHandshakeTimeoutMs?: number | undefined
@@ -191,8 +199,9 @@ export interface ListenersShape {
   /**
    * Serves a connection relayed from another gateway of the cluster on the open port `port`, as a
    * public connection of that port (same engine, limits and checks) dispatched to local backends only;
-   * `protocol` is the kind the relaying gateway routed it as. A port that is not open, or a TLS port,
-   * closes it.
+   * `protocol` is the kind the relaying gateway routed it as. On a TLS port (`tls-http`, `tls-tcp`) the
+   * stream is the public client's raw TLS, ClientHello included, and is terminated here as on the
+   * public port. A port that is not open, or of another kind, closes it.
    */
   readonly acceptRelayed: (socket: Duplex, port: number, protocol: ConnectionProtocol) => void
 }
@@ -216,12 +225,76 @@ interface PortListener {
   readonly engine?: Http1Server | undefined
   /** The engine serving connections relayed from other gateways (local backends only), once one came. */
   relayEngine?: Http1Server | undefined
+  /** TLS ports: terminates public TLS connections (fed by the port's server) and relayed raw TLS streams. */
+  readonly tls?: TlsFront | undefined
+}
+
+/** The public client of a relayed stream (from its preamble) and the gateway that relayed it. */
+interface RelayedClient {
+  readonly remoteAddress: string | undefined
+  readonly remotePort: number | undefined
+  readonly relayedFrom: string | undefined
+}
+
+/** Terminates TLS for one port and serves what follows on local backends. */
+interface TlsFront {
+  /** Terminates the port's public connections. */
+  readonly server: tls.Server
+  /**
+   * Terminates one raw TLS stream relayed from another gateway, whose TLS socket is given the public
+   * client's address (the stream's, from its preamble).
+   */
+  readonly relayed: (stream: Duplex) => void
+  readonly engine: Http1Server
 }
 
 /** The SNI server name a TLS client sent, normalized ("" when none). */
 const serverNameOf = (socket: unknown): string => {
   const name = (socket as { servername?: string | false | null }).servername
   return typeof name === "string" ? normalizeHost(name) : ""
+}
+
+/**
+ * Most time a raw TLS stream relayed from another gateway stays open once its TLS connection ended and
+ * its last bytes were sent with the end of the stream, for the relaying gateway to pass them on and end
+ * its side; after it the stream is reset.
+ */
+export const RelayedTlsLingerMs = 5_000
+
+/**
+ * A relay stream as TLS reads and writes it, ended gracefully: when the TLS connection is done after it
+ * ended the stream, the stream is not reset (a reset would drop the last response bytes still on their
+ * way to the relaying gateway) but kept until the relaying gateway ends it too, at most
+ * `RelayedTlsLingerMs`. Anything else that ends the TLS connection resets it.
+ */
+const lingering = (inner: Duplex): Duplex => {
+  const outer = new Duplex({
+    allowHalfOpen: true,
+    read: () => void inner.resume(),
+    write: (chunk, _encoding, callback) => void inner.write(chunk, callback),
+    final: (callback) => {
+      inner.end()
+      callback()
+    },
+    destroy: (error, callback) => {
+      if (error === null && inner.writableEnded && !inner.destroyed) {
+        const timer = setTimeout(() => inner.destroy(), RelayedTlsLingerMs)
+        inner.once("close", () => clearTimeout(timer))
+        inner.once("end", () => inner.destroy())
+        inner.resume()
+      } else {
+        inner.destroy()
+      }
+      callback(error)
+    }
+  })
+  inner.on("data", (chunk: Buffer) => {
+    if (!outer.destroyed && !outer.push(chunk)) inner.pause()
+  })
+  inner.once("end", () => void (outer.destroyed || outer.push(null)))
+  inner.on("error", () => inner.destroy())
+  inner.once("close", () => void (outer.destroyed || outer.destroy()))
+  return outer
 }
 
 /** Joins two byte streams both ways; when either closes or fails, both are destroyed. */
@@ -287,6 +360,10 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
   const lock = yield* Semaphore.make(1)
   const open = new Map<number, PortListener>()
   const secureContexts = new Map<string, tls.SecureContext>()
+  /** Relay backends of TLS routes, by port: such a port reads each ClientHello before terminating TLS. */
+  const relayedTls = new Map<number, number>()
+  /** Dispatch of connections and requests relayed here, and of those whose TLS this gateway terminates. */
+  const localOnly: AcquireOptions = { localOnly: true }
 
   /** Dispatches, synchronously when a backend is free, else in a fiber that the caller may cancel. */
   const dispatch = (
@@ -320,7 +397,13 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
    * exchange (`nodeExchangeFront`) on the leased backend, by messages or on a pooled HTTP/1.1
    * connection; the per-request instruments observe it as they do engine exchanges.
    */
-  const serveHttp2Exchange = (port: number, forwarder: ForwarderShape, req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
+  const serveHttp2Exchange = (
+    port: number,
+    forwarder: ForwarderShape,
+    req: http2.Http2ServerRequest,
+    res: http2.Http2ServerResponse,
+    options?: AcquireOptions
+  ) => {
     const fields = http2Fields(req)
     const routed = routingTarget(req.url)
     const ambiguous = isRoutingRejection(routed) ? undefined : checkRequestFields(fields)
@@ -386,7 +469,8 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         observe?.(performance.now() - arrived, error)
         answer(error.status, dispatchErrorText(error))
       },
-      req.stream
+      req.stream,
+      options
     )
   }
 
@@ -566,6 +650,220 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     socket.once("close", () => listener.sockets.delete(socket))
   }
 
+  /**
+   * The TLS termination of one port: certificate by SNI (or the ACME TLS-ALPN-01 challenge's), then
+   * HTTP/1.1 on the raw engine, HTTP/2 as exchanges, or raw TCP to the backend. The connections it serves
+   * are public ones of this gateway and raw TLS streams relayed from other gateways; both are terminated
+   * here, so they go to local backends only. Connections are fed to a `tls.Server` with the
+   * `"connection"` event, which `tls.Server` documents for injecting any duplex stream; a relayed stream
+   * gets a server of its own, which gives its TLS socket the public client's address.
+   */
+  const makeTlsFront = (port: number): TlsFront => {
+    // HTTP/1.1 over the decrypted socket: the raw engine
+    const tlsEngine = config.forwarder.serveHttp1(engineFront(port, true, localOnly))
+    // HTTP/2 over the already-decrypted socket: a plain h2 server fed with the TLS socket (node:http2
+    // is loaded by the first TLS port, so a process without one does not hold it)
+    const innerH2 = process.getBuiltinModule("node:http2").createServer({
+      settings: { maxConcurrentStreams: DefaultMaxConcurrentStreams, maxHeaderListSize: DefaultMaxHeaderListBytes }
+    })
+    innerH2.on("sessionError", () => {})
+    innerH2.on("request", (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) =>
+      serveHttp2Exchange(port, config.forwarder, req, res, localOnly)
+    )
+    // OpenSSL selects ALPN before it asks for the certificate, within the processing of the same
+    // ClientHello (only microtasks run in between): a TLS-ALPN-01 validation (ALPN `acme-tls/1`)
+    // is marked here and answered by `SNICallback` with the challenge certificate; the mark never
+    // outlives that I/O callback
+    let alpnChallengeFor: string | undefined
+    const makeServer = (client?: RelayedClient) => {
+      const tlsServer = tls.createServer({
+        allowHalfOpen: true,
+        handshakeTimeout,
+        ALPNCallback: ({ servername, protocols }) => {
+          alpnChallengeFor = undefined
+          if (certificates !== undefined && protocols.includes(AcmeTlsAlpn)) {
+            const name = normalizeHost(servername)
+            if (certificates.alpnChallenge(name) !== undefined) {
+              alpnChallengeFor = name
+              setImmediate(() => void (alpnChallengeFor = undefined))
+              return AcmeTlsAlpn
+            }
+          }
+          const entry = registry.match({ _tag: "Tls", port, serverName: normalizeHost(servername) })
+          if (entry === undefined || entry.route._tag !== "Tls") return undefined
+          // raw TLS routes: the backend speaks whatever the client prefers
+          if (entry.route.then === "tcp") return protocols[0]
+          return TlsHttpAlpnProtocols.find((p) => protocols.includes(p))
+        },
+        SNICallback: (serverName, cb) => {
+          const challenged = alpnChallengeFor
+          alpnChallengeFor = undefined
+          if (challenged !== undefined && challenged === normalizeHost(serverName)) {
+            const challenge = certificates?.alpnChallenge(challenged)
+            if (challenge !== undefined) return cb(null, challenge)
+          }
+          const entry = registry.match({ _tag: "Tls", port, serverName: normalizeHost(serverName) })
+          const context = entry === undefined ? undefined : secureContextFor(entry.route)
+          if (context === undefined) cb(new Error(`no certificate for ${serverName}`), undefined)
+          else cb(null, context)
+        }
+      })
+      tlsServer.on("tlsClientError", (_err, socket) => socket.destroy())
+      tlsServer.on("secureConnection", (socket: tls.TLSSocket) => {
+        socket.on("error", () => socket.destroy())
+        if (client !== undefined) {
+          Object.defineProperty(socket, "remoteAddress", { value: client.remoteAddress, enumerable: true })
+          Object.defineProperty(socket, "remotePort", { value: client.remotePort, enumerable: true })
+          // the per-request instruments say which gateway relayed it
+          Object.defineProperty(socket, "relayedFrom", { value: client.relayedFrom, enumerable: true })
+        }
+        // a TLS-ALPN-01 validation ends with its handshake
+        if (socket.alpnProtocol === AcmeTlsAlpn) return void socket.end()
+        const serverName = serverNameOf(socket)
+        const entry = registry.match({ _tag: "Tls", port, serverName })
+        if (entry === undefined || entry.route._tag !== "Tls") return void socket.destroy()
+        if (entry.route.then === "tcp") {
+          pipeToBackend(socket, { _tag: "Tls", port, serverName }, port, "tls-tcp", serverName, localOnly)
+        } else if (socket.alpnProtocol === "h2") {
+          innerH2.emit("connection", socket)
+        } else {
+          tlsEngine.accept(socket)
+        }
+      })
+      return tlsServer
+    }
+    return {
+      server: makeServer(),
+      relayed: (stream) => {
+        const client = stream as unknown as RelayedClient
+        makeServer({ remoteAddress: client.remoteAddress, remotePort: client.remotePort, relayedFrom: client.relayedFrom })
+          .emit("connection", lingering(stream))
+      },
+      engine: tlsEngine
+    }
+  }
+
+  /**
+   * A public connection to a TLS port that relays some of its names: the ClientHello is read first (at
+   * most `MaxClientHelloBytes`, within the TLS handshake timeout), without terminating TLS. A name whose
+   * route has no live local backend here but a relay backend is piped, raw and ClientHello included, to
+   * the gateway that holds it, which terminates TLS with its own certificate; anything else is handed,
+   * bytes untouched, to this port's TLS termination, which serves or refuses it as on any TLS port.
+   */
+  const readClientHelloThen = (socket: net.Socket, port: number, front: TlsFront) => {
+    let read: Buffer = Buffer.alloc(0)
+    // chunks not yet joined, and how many bytes the reader needs before it can tell more
+    const pending: Array<Buffer> = []
+    let pendingBytes = 0
+    let needed = 1
+    let settled = false
+    const settle = () => {
+      settled = true
+      clearTimeout(timer)
+      socket.off("data", onData)
+      socket.off("end", onEnd)
+      socket.pause()
+    }
+    const cut = (action: PublicConnectionAction) => {
+      settle()
+      config.onConnectionLimit?.(port, action, socket.remoteAddress)
+      socket.destroy()
+    }
+    const terminateHere = () => {
+      socket.unshift(read)
+      front.server.emit("connection", socket)
+    }
+    const onData = (chunk: Buffer) => {
+      pending.push(chunk)
+      pendingBytes += chunk.length
+      if (read.length + pendingBytes < needed) return
+      read = Buffer.concat([read, ...pending])
+      pending.length = 0
+      pendingBytes = 0
+      const hello = readClientHello(read, MaxClientHelloBytes)
+      switch (hello._tag) {
+        case "Incomplete":
+          needed = hello.needed
+          return
+        case "TooLarge":
+          return cut("ClientHelloTooLarge")
+        case "Malformed":
+          settle()
+          return terminateHere()
+        case "ClientHello": {
+          settle()
+          const query: RouteQuery = { _tag: "Tls", port, serverName: hello.serverName }
+          const entry = hello.serverName === "" ? undefined : registry.match(query)
+          const relayed = entry !== undefined &&
+            !entry.backends.some((b) => b.relayedVia === undefined && !b.isClosed()) &&
+            entry.backends.some((b) => b.relayedVia !== undefined && !b.isClosed())
+          if (!relayed || entry.route._tag !== "Tls") return terminateHere()
+          const protocol: ConnectionProtocol = entry.route.then === "tcp" ? "tls-tcp" : "tls-http"
+          return passThrough(socket, query, port, protocol, hello.serverName, read, terminateHere)
+        }
+      }
+    }
+    const onEnd = () => {
+      settle()
+      socket.destroy()
+    }
+    const timer = setTimeout(() => {
+      if (!settled) cut("ClientHelloTimeout")
+    }, handshakeTimeout)
+    socket.once("close", () => clearTimeout(timer))
+    socket.on("error", () => socket.destroy())
+    socket.on("data", onData)
+    socket.once("end", onEnd)
+  }
+
+  /**
+   * Pipes a public TLS connection, its ClientHello `hello` first, to the relay backend the dispatcher
+   * picks for `query`; should a local backend have connected meanwhile, TLS is terminated here instead.
+   */
+  const passThrough = (
+    socket: net.Socket,
+    query: RouteQuery,
+    port: number,
+    protocol: ConnectionProtocol,
+    serverName: string,
+    hello: Buffer,
+    terminateHere: () => void
+  ) => {
+    dispatch(
+      query,
+      (lease) => {
+        if (lease.backend.relayedVia === undefined) {
+          lease.release()
+          return terminateHere()
+        }
+        const meta: ConnectionMeta = {
+          protocol,
+          remoteAddress: socket.remoteAddress ?? "",
+          remotePort: socket.remotePort ?? 0,
+          localPort: port,
+          localAddress: socket.localAddress,
+          serverName
+        }
+        const fiber = run(lease.backend.connect(meta))
+        const cancel = () => fiber.interruptUnsafe()
+        socket.once("close", cancel)
+        fiber.addObserver((exit) => {
+          socket.off("close", cancel)
+          if (Exit.isSuccess(exit) && !socket.destroyed) {
+            exit.value.write(hello)
+            joinStreams(socket, exit.value, lease.release)
+          } else {
+            if (Exit.isSuccess(exit)) exit.value.destroy()
+            lease.release()
+            socket.destroy()
+          }
+        })
+      },
+      () => socket.destroy(),
+      socket
+    )
+  }
+
   const openPort = (route: RouteDefinition): Effect.Effect<PortListener, ListenerError> => {
     const port = route.port
     const kind = portKind(route)
@@ -579,6 +877,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     )
     let server: net.Server
     let engine: Http1Server | undefined
+    let tlsFront: TlsFront | undefined
     switch (kind) {
       case "http": {
         const served = config.forwarder.serveHttp1(engineFront(port, false))
@@ -599,75 +898,16 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         break
       }
       case "tls": {
-        // HTTP/1.1 over the decrypted socket: the raw engine
-        const tlsEngine = config.forwarder.serveHttp1(engineFront(port, true))
-        engine = tlsEngine
-        // HTTP/2 over the already-decrypted socket: a plain h2 server fed with the TLS socket (node:http2
-        // is loaded by the first TLS port, so a process without one does not hold it)
-        const innerH2 = process.getBuiltinModule("node:http2").createServer({
-          settings: { maxConcurrentStreams: DefaultMaxConcurrentStreams, maxHeaderListSize: DefaultMaxHeaderListBytes }
+        tlsFront = makeTlsFront(port)
+        engine = tlsFront.engine
+        const front = tlsFront
+        server = net.createServer({ allowHalfOpen: true }, (socket) => {
+          if (!guard.admit(socket)) return
+          track({ sockets }, socket)
+          // names of this port that other gateways hold: read the ClientHello first, to relay those untouched
+          if ((relayedTls.get(port) ?? 0) > 0) readClientHelloThen(socket, port, front)
+          else front.server.emit("connection", socket)
         })
-        innerH2.on("sessionError", () => {})
-        innerH2.on("request", (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) =>
-          serveHttp2Exchange(port, config.forwarder, req, res)
-        )
-        // OpenSSL selects ALPN before it asks for the certificate, within the processing of the same
-        // ClientHello (only microtasks run in between): a TLS-ALPN-01 validation (ALPN `acme-tls/1`)
-        // is marked here and answered by `SNICallback` with the challenge certificate; the mark never
-        // outlives that I/O callback
-        let alpnChallengeFor: string | undefined
-        const tlsServer = tls.createServer({
-          allowHalfOpen: true,
-          handshakeTimeout,
-          ALPNCallback: ({ servername, protocols }) => {
-            alpnChallengeFor = undefined
-            if (certificates !== undefined && protocols.includes(AcmeTlsAlpn)) {
-              const name = normalizeHost(servername)
-              if (certificates.alpnChallenge(name) !== undefined) {
-                alpnChallengeFor = name
-                setImmediate(() => void (alpnChallengeFor = undefined))
-                return AcmeTlsAlpn
-              }
-            }
-            const entry = registry.match({ _tag: "Tls", port, serverName: normalizeHost(servername) })
-            if (entry === undefined || entry.route._tag !== "Tls") return undefined
-            // raw TLS routes: the backend speaks whatever the client prefers
-            if (entry.route.then === "tcp") return protocols[0]
-            return TlsHttpAlpnProtocols.find((p) => protocols.includes(p))
-          },
-          SNICallback: (serverName, cb) => {
-            const challenged = alpnChallengeFor
-            alpnChallengeFor = undefined
-            if (challenged !== undefined && challenged === normalizeHost(serverName)) {
-              const challenge = certificates?.alpnChallenge(challenged)
-              if (challenge !== undefined) return cb(null, challenge)
-            }
-            const entry = registry.match({ _tag: "Tls", port, serverName: normalizeHost(serverName) })
-            const context = entry === undefined ? undefined : secureContextFor(entry.route)
-            if (context === undefined) cb(new Error(`no certificate for ${serverName}`), undefined)
-            else cb(null, context)
-          }
-        })
-        tlsServer.on("connection", (socket: net.Socket) => {
-          if (guard.admit(socket)) track({ sockets }, socket)
-        })
-        tlsServer.on("tlsClientError", (_err, socket) => socket.destroy())
-        tlsServer.on("secureConnection", (socket: tls.TLSSocket) => {
-          socket.on("error", () => socket.destroy())
-          // a TLS-ALPN-01 validation ends with its handshake
-          if (socket.alpnProtocol === AcmeTlsAlpn) return void socket.end()
-          const serverName = serverNameOf(socket)
-          const entry = registry.match({ _tag: "Tls", port, serverName })
-          if (entry === undefined || entry.route._tag !== "Tls") return void socket.destroy()
-          if (entry.route.then === "tcp") {
-            pipeToBackend(socket, { _tag: "Tls", port, serverName }, port, "tls-tcp", serverName)
-          } else if (socket.alpnProtocol === "h2") {
-            innerH2.emit("connection", socket)
-          } else {
-            tlsEngine.accept(socket)
-          }
-        })
-        server = tlsServer
         break
       }
     }
@@ -682,7 +922,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       server.listen({ port, host }, () => {
         server.off("error", onError)
         server.on("error", () => {})
-        resume(Effect.succeed({ kind, port, server, address: server.address() as net.AddressInfo, sockets, guard, engine }))
+        resume(Effect.succeed({ kind, port, server, address: server.address() as net.AddressInfo, sockets, guard, engine, tls: tlsFront }))
       })
       return Effect.sync(() => {
         guard.close()
@@ -757,6 +997,14 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
         })
       }
       const opened = listener
+      if (route._tag === "Tls" && backend.relayedVia !== undefined) {
+        relayedTls.set(route.port, (relayedTls.get(route.port) ?? 0) + 1)
+        yield* Scope.addFinalizer(scope, Effect.sync(() => {
+          const left = (relayedTls.get(route.port) ?? 1) - 1
+          if (left === 0) relayedTls.delete(route.port)
+          else relayedTls.set(route.port, left)
+        }))
+      }
       yield* registry.register(route, backend).pipe(
         Scope.provide(scope),
         Effect.catch((error: RegistryError) =>
@@ -790,7 +1038,6 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       )
     )
 
-  const relayedOnly: AcquireOptions = { localOnly: true }
   const acceptRelayed = (socket: Duplex, port: number, protocol: ConnectionProtocol) => {
     const listener = open.get(port)
     const asSocket = socket as unknown as net.Socket
@@ -798,7 +1045,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     switch (listener.kind) {
       case "http": {
         if (protocol !== "http") return void socket.destroy()
-        listener.relayEngine ??= (config.relayForwarder ?? config.forwarder).serveHttp1(engineFront(port, false, relayedOnly))
+        listener.relayEngine ??= (config.relayForwarder ?? config.forwarder).serveHttp1(engineFront(port, false, localOnly))
         track(listener, asSocket)
         listener.relayEngine.accept(asSocket)
         return
@@ -806,11 +1053,14 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
       case "tcp":
         if (protocol !== "tcp") return void socket.destroy()
         track(listener, asSocket)
-        pipeToBackend(asSocket, { _tag: "Tcp", port }, port, "tcp", undefined, relayedOnly)
+        pipeToBackend(asSocket, { _tag: "Tcp", port }, port, "tcp", undefined, localOnly)
         return
       case "tls":
-        // TLS is terminated with the route's certificate, which stays on the gateway that holds it
-        return void socket.destroy()
+        // the public client's raw TLS, terminated here with the route's certificate, which never leaves
+        if ((protocol !== "tls-http" && protocol !== "tls-tcp") || listener.tls === undefined) return void socket.destroy()
+        track(listener, asSocket)
+        listener.tls.relayed(socket)
+        return
     }
   }
 

@@ -186,8 +186,9 @@ const make = Effect.fnUntraced(function*(config: RegistryConfig) {
         target.emptySince = undefined
       }
       // the latest registration brings the current definition: a backend deployed with a renewed
-      // certificate serves it at once, even while the backend it replaces is still there
-      target.route = route
+      // certificate serves it at once, even while the backend it replaces is still there; a relay
+      // backend (which carries no TLS certificate) does not replace the definition of a local one
+      if (backend.relayedVia === undefined || !target.backends.some((b) => b.relayedVia === undefined)) target.route = route
       target.owner ??= backend.owner
       target.backends.push(backend)
       bump()

@@ -8,7 +8,7 @@ import { Context, Effect } from "effect"
 import * as http from "node:http"
 import * as net from "node:net"
 import { TunnelClient } from "../../src/services/client/TunnelClient.ts"
-import type { GuardAction } from "../../src/services/ConnectionGuard.ts"
+import type { PublicConnectionAction } from "../../src/services/Listeners.ts"
 import { ControlPort } from "../../src/services/front/ControlPort.ts"
 import { freePort } from "../services/ListenersFixtures.ts"
 import { noLeaks } from "../support/leaks.ts"
@@ -46,7 +46,7 @@ const within = <A>(promise: Promise<A>, limitMs: number, what: string): Promise<
 
 const setup = (silentConnectionTimeoutMs: number) =>
   Effect.gen(function*() {
-    const actions: Array<[GuardAction, string | undefined]> = []
+    const actions: Array<[PublicConnectionAction, string | undefined]> = []
     const port = yield* Effect.promise(freePort)
     const gw = yield* gateway({
       publicConnections: {

@@ -62,6 +62,26 @@ describe("Registry", () => {
       assert.strictEqual(entry?.route._tag === "Tls" ? entry.route.cert : undefined, "renewed certificate")
     }).pipe(Effect.scoped)))
 
+  it.effect("a relay backend of a TLS route (no certificate here) keeps the certificate of the local backends", () =>
+    provide(Effect.gen(function*() {
+      const registry = yield* Registry
+      const local = makeTestBackend("local")
+      const relay = { ...makeTestBackend("relay"), relayedVia: "g1" }
+      const other = { ...makeTestBackend("relay-2"), relayedVia: "g3" }
+      const withCert = { _tag: "Tls" as const, port: 8443, domainSuffix: "app.test", cert: "local certificate", key: "key", then: "http" as const }
+      const relayed = { _tag: "Tls" as const, port: 8443, domainSuffix: "app.test", acme: true as const, then: "http" as const }
+      const tls = { _tag: "Tls" as const, port: 8443, serverName: "app.test" }
+      // a relay backend first: its definition until a local backend comes
+      yield* registry.register(relayed, relay)
+      const first = registry.match(tls)?.route
+      assert.strictEqual(first?._tag === "Tls" ? first.acme : undefined, true)
+      yield* registry.register(withCert, local)
+      yield* registry.register(relayed, other)
+      const entry = registry.match(tls)
+      assert.deepStrictEqual(entry?.backends, [relay, local, other])
+      assert.strictEqual(entry?.route._tag === "Tls" ? entry.route.cert : undefined, "local certificate")
+    }).pipe(Effect.scoped)))
+
   it.effect("refuses a port wanted as TCP and as HTTP, and a route beyond the limit", () =>
     provide(Effect.gen(function*() {
       const registry = yield* Registry

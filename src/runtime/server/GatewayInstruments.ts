@@ -7,12 +7,12 @@
 import type * as http from "node:http"
 import { type Context, Effect } from "effect"
 import { LogSampler } from "../../domain/LogSampler.ts"
-import type { GuardAction } from "../../services/ConnectionGuard.ts"
+import { MaxClientHelloBytes } from "../../domain/TlsClientHello.ts"
 import type { DispatchError, Dispatcher, Lease } from "../../services/Dispatcher.ts"
 import { makeClientLimitReporter } from "../../services/forward/ClientLimitReporter.ts"
 import type { ControlPort } from "../../services/front/ControlPort.ts"
 import type { ReverseH2 } from "../../services/front/ReverseH2.ts"
-import type { Listeners, ListenersConfig } from "../../services/Listeners.ts"
+import type { Listeners, ListenersConfig, PublicConnectionAction } from "../../services/Listeners.ts"
 import { type CounterChild, type Family, type MetricsShape, statusClass } from "../../services/Metrics.ts"
 import type { Registry, RouteEntry } from "../../services/Registry.ts"
 import * as Logging from "../Logging.ts"
@@ -171,7 +171,7 @@ export interface ClusterInstruments {
 }
 
 /** The log line for a connection a public port refused or closed to stay within its limits. */
-const connectionLimitText = (action: GuardAction, port: number, address: string | undefined): string => {
+const connectionLimitText = (action: PublicConnectionAction, port: number, address: string | undefined): string => {
   const peer = address ?? "a client"
   switch (action) {
     case "ListenerFull":
@@ -182,6 +182,10 @@ const connectionLimitText = (action: GuardAction, port: number, address: string 
       return `public port ${port} at a connection limit: closed the oldest idle connection (nothing sent yet, or between requests; from ${peer})`
     case "SilentTimeout":
       return `public port ${port}: closed a connection from ${peer} that sent nothing for public_silent_timeout_ms`
+    case "ClientHelloTooLarge":
+      return `public port ${port}: closed a connection from ${peer} whose TLS ClientHello was larger than ${MaxClientHelloBytes} bytes`
+    case "ClientHelloTimeout":
+      return `public port ${port}: closed a connection from ${peer} that did not send its TLS ClientHello within the TLS handshake timeout`
   }
 }
 
@@ -239,7 +243,7 @@ export const gatewayEvents = (
   const runLog = Effect.runForkWith(services)
   const connectionLimitCounts = countByReason(metrics.connectionLimits, "public")
   const connectionLimitLog = new LogSampler()
-  const onConnectionLimit = (port: number, action: GuardAction, address: string | undefined) => {
+  const onConnectionLimit = (port: number, action: PublicConnectionAction, address: string | undefined) => {
     connectionLimitCounts(action)
     const suppressed = connectionLimitLog.take(action, Date.now())
     if (suppressed === undefined) return

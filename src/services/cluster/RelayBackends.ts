@@ -1,9 +1,10 @@
 /**
  * The other gateways' routes as backends of this gateway's routing table: one relay backend per lease
- * of the cluster table (HTTP and TCP routes), registered through the `Listeners` so the route's public
- * port opens here too. Its HTTP requests travel on pooled streams of the relay link to the holder, and
- * each TCP connection on a stream of its own; the Dispatcher picks it only when the route has no local
- * backend. TLS routes are not relayed: their certificate stays on the gateway that holds them.
+ * of the cluster table, registered through the `Listeners` so the route's public port opens here too.
+ * Its HTTP requests travel on pooled streams of the relay link to the holder, and each TCP connection on
+ * a stream of its own; the Dispatcher picks it only when the route has no local backend. A TLS route's
+ * connections are relayed raw (the client's TLS, ClientHello included, on a stream of its own) and
+ * terminated by the holder: its certificate and key never leave it.
  */
 import type { Duplex } from "node:stream"
 import { Effect, Exit, Scope } from "effect"
@@ -20,8 +21,24 @@ export const MaxRelayHttpStreams = 256
 /** Most idle relay streams kept for reuse per holder and route. */
 export const MaxIdleRelayHttpStreams = 32
 
-/** The route a lease names, as this gateway registers it; `undefined` for a route that is not relayed. */
-export const relayedRoute = (lease: Lease): RouteDefinition | undefined => lease.route._tag === "Tls" ? undefined : lease.route
+/**
+ * The route a lease names, as this gateway registers it. A TLS route is registered without a
+ * certificate (as one the holder obtains itself): this gateway reads only its name and never terminates
+ * its TLS for the relay backend.
+ */
+export const relayedRoute = (lease: Lease): RouteDefinition | undefined => {
+  const route = lease.route
+  if (route._tag !== "Tls") return route
+  return {
+    _tag: "Tls",
+    port: route.port,
+    domainSuffix: route.domainSuffix,
+    then: route.then,
+    acme: true,
+    ...(route.pathPrefix === undefined ? {} : { pathPrefix: route.pathPrefix }),
+    ...(route.stripPrefix === undefined ? {} : { stripPrefix: route.stripPrefix })
+  }
+}
 
 const parseRelay = (text: string): { host: string; port: number } | undefined => {
   const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(text)
