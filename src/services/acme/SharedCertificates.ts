@@ -5,9 +5,9 @@
  * a token of its holder, renewed and deleted only by that holder, by compare-and-set scripts); and the
  * announcements of stored certificates on a pub/sub channel.
  */
-import type * as IORedis from "ioredis"
 import { randomUUID } from "node:crypto"
 import { Duration, Effect, Exit, Redacted, Schema, type Scope } from "effect"
+import { messageOf, openRedis } from "../cluster/RedisConnection.ts"
 import {
   ChallengeAckKeyPrefix,
   ChallengeAckWaitMs,
@@ -85,51 +85,17 @@ export interface SharedCertificatesOptions {
 const ChallengeAckPollMs = 20
 /** Lifetime of a challenge's acknowledgement counter (ms). */
 const ChallengeAckTtlMs = 60_000
-/** Longest pause between two reconnection attempts (ms). */
-const MaxReconnectDelayMs = 2_000
-
 /** Renews the lease when the lock still holds the caller's token. */
 const ExtendScript = `if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("PEXPIRE", KEYS[1], ARGV[2]) else return 0 end`
 /** Deletes the lock when it still holds the caller's token. */
 const UnlockScript = `if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end`
 
-const messageOf = (e: unknown): string => e instanceof Error ? e.message : String(e)
-
 /** The certificate store on Redis, connected until the scope closes (it reconnects by itself meanwhile). */
 export const redisSharedCertificates = Effect.fnUntraced(function*(options: SharedCertificatesOptions): Effect.fn.Return<SharedCertificatesShape, never, Scope.Scope> {
-  const loaded = (yield* Effect.promise(() => import("ioredis"))) as typeof IORedis & { readonly default?: typeof IORedis }
-  const Redis = (loaded.default ?? loaded).Redis
   const storeKey = deriveStoreKey(Redacted.value(options.secret))
   const lockLeaseMs = options.lockLeaseMs ?? DefaultOrderLockLeaseMs
-  const client = yield* Effect.acquireRelease(
-    Effect.sync(() => {
-      const redis = new Redis(options.url, {
-        enableOfflineQueue: false,
-        maxRetriesPerRequest: 0,
-        connectTimeout: options.commandTimeoutMs,
-        commandTimeout: options.commandTimeoutMs,
-        retryStrategy: (times: number) => Math.min(times * 100, MaxReconnectDelayMs)
-      })
-      redis.on("error", (e: unknown) => options.onConnectionError?.(messageOf(e)))
-      return redis
-    }),
-    (redis) => Effect.sync(() => redis.disconnect(false))
-  )
   // the first command waits for the connection (bounded), so a gateway starting beside its Redis reads the store
-  yield* Effect.callback<void>((resume) => {
-    if (client.status === "ready") return resume(Effect.void)
-    const done = () => {
-      clearTimeout(timer)
-      client.off("ready", done)
-      resume(Effect.void)
-    }
-    const timer = setTimeout(done, options.commandTimeoutMs)
-    client.once("ready", done)
-    return Effect.sync(() => {
-      clearTimeout(timer)
-      client.off("ready", done)
-    })
-  })
+  const client = yield* openRedis(options)
   const run = <A>(what: string, f: () => Promise<A>): Effect.Effect<A, SharedStoreError> =>
     Effect.tryPromise({
       try: f,

@@ -3,8 +3,8 @@
  * goes through `ioredis`, loaded only when a gateway joins a cluster. It knows nothing of routes: keys
  * and values are the domain's (`domain/ClusterLease.ts`).
  */
-import type * as IORedis from "ioredis"
 import { Effect, Schema, type Scope } from "effect"
+import { messageOf, openRedis, type RedisConnectionOptions } from "./RedisConnection.ts"
 
 /** Keys asked for per SCAN step and values per MGET. */
 export const LeaseReadBatch = 500
@@ -40,57 +40,11 @@ export const ChangesChannel = "switchyard:lease-changes"
 /** Longest announcement read (bytes); a longer one is ignored. */
 export const MaxAnnouncementBytes = 256
 
-export interface RedisStoreOptions {
-  readonly url: string
-  /** Bound on each command and on a connection attempt (ms). */
-  readonly commandTimeoutMs: number
-  /** Called on each connection error Redis reports (the store keeps reconnecting). */
-  readonly onConnectionError?: ((message: string) => void) | undefined
-}
-
-/** Longest pause between two reconnection attempts (ms). */
-export const MaxReconnectDelayMs = 2_000
-
-const messageOf = (e: unknown): string => e instanceof Error ? e.message : String(e)
+export type RedisStoreOptions = RedisConnectionOptions
 
 /** A lease store on Redis, connected until the scope closes (it reconnects by itself meanwhile). */
 export const redisLeaseStore = Effect.fnUntraced(function*(options: RedisStoreOptions) {
-  // the Redis client is loaded only by a gateway that joins a cluster
-  // (a CommonJS module: its exports are the namespace's `default` once bundled, and named ones besides from Node)
-  const loaded = (yield* Effect.promise(() => import("ioredis"))) as typeof IORedis & { readonly default?: typeof IORedis }
-  const Redis = (loaded.default ?? loaded).Redis
-  const client = yield* Effect.acquireRelease(
-    Effect.sync(() => {
-      const redis = new Redis(options.url, {
-        lazyConnect: false,
-        // a command while the connection is down fails at once: the gateway goes on with what it knows
-        enableOfflineQueue: false,
-        maxRetriesPerRequest: 0,
-        connectTimeout: options.commandTimeoutMs,
-        commandTimeout: options.commandTimeoutMs,
-        retryStrategy: (times: number) => Math.min(times * 100, MaxReconnectDelayMs)
-      })
-      redis.on("error", (e: unknown) => options.onConnectionError?.(messageOf(e)))
-      return redis
-    }),
-    (redis) => Effect.sync(() => redis.disconnect(false))
-  )
-  // the first publication waits for the connection (bounded): a gateway starting beside its Redis
-  // does not report it unreachable
-  yield* Effect.callback<void>((resume) => {
-    if (client.status === "ready") return resume(Effect.void)
-    const done = () => {
-      clearTimeout(timer)
-      client.off("ready", done)
-      resume(Effect.void)
-    }
-    const timer = setTimeout(done, options.commandTimeoutMs)
-    client.once("ready", done)
-    return Effect.sync(() => {
-      clearTimeout(timer)
-      client.off("ready", done)
-    })
-  })
+  const client = yield* openRedis(options)
   const run = <A>(what: string, f: () => Promise<A>): Effect.Effect<A, LeaseStoreError> =>
     Effect.tryPromise({
       try: f,
