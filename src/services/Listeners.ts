@@ -474,6 +474,40 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     )
   }
 
+  /**
+   * Joins a public connection to a raw stream of its leased backend (`first` written to the stream
+   * before anything else); the lease ends with the connection, or at once if no stream could be opened.
+   */
+  const connectLeased = (
+    socket: net.Socket,
+    lease: Lease,
+    at: { readonly protocol: ConnectionProtocol; readonly port: number; readonly serverName: string | undefined },
+    first?: Buffer
+  ) => {
+    const meta: ConnectionMeta = {
+      protocol: at.protocol,
+      remoteAddress: socket.remoteAddress ?? "",
+      remotePort: socket.remotePort ?? 0,
+      localPort: at.port,
+      localAddress: socket.localAddress,
+      serverName: at.serverName
+    }
+    const fiber = run(lease.backend.connect(meta))
+    const cancel = () => fiber.interruptUnsafe()
+    socket.once("close", cancel)
+    fiber.addObserver((exit) => {
+      socket.off("close", cancel)
+      if (Exit.isSuccess(exit) && !socket.destroyed) {
+        if (first !== undefined) exit.value.write(first)
+        joinStreams(socket, exit.value, lease.release)
+      } else {
+        if (Exit.isSuccess(exit)) exit.value.destroy()
+        lease.release()
+        socket.destroy()
+      }
+    })
+  }
+
   const pipeToBackend = (
     socket: net.Socket,
     query: RouteQuery,
@@ -486,27 +520,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
     dispatch(
       query,
       (lease) => {
-        const meta: ConnectionMeta = {
-          protocol,
-          remoteAddress: socket.remoteAddress ?? "",
-          remotePort: socket.remotePort ?? 0,
-          localPort: port,
-          localAddress: socket.localAddress,
-          serverName
-        }
-        const fiber = run(lease.backend.connect(meta))
-        const cancel = () => fiber.interruptUnsafe()
-        socket.once("close", cancel)
-        fiber.addObserver((exit) => {
-          socket.off("close", cancel)
-          if (Exit.isSuccess(exit) && !socket.destroyed) {
-            joinStreams(socket, exit.value, lease.release)
-          } else {
-            if (Exit.isSuccess(exit)) exit.value.destroy()
-            lease.release()
-            socket.destroy()
-          }
-        })
+        connectLeased(socket, lease, { protocol, port, serverName })
       },
       () => socket.destroy(),
       socket,
@@ -836,28 +850,7 @@ const make = Effect.fnUntraced(function*(config: ListenersConfig) {
           lease.release()
           return terminateHere()
         }
-        const meta: ConnectionMeta = {
-          protocol,
-          remoteAddress: socket.remoteAddress ?? "",
-          remotePort: socket.remotePort ?? 0,
-          localPort: port,
-          localAddress: socket.localAddress,
-          serverName
-        }
-        const fiber = run(lease.backend.connect(meta))
-        const cancel = () => fiber.interruptUnsafe()
-        socket.once("close", cancel)
-        fiber.addObserver((exit) => {
-          socket.off("close", cancel)
-          if (Exit.isSuccess(exit) && !socket.destroyed) {
-            exit.value.write(hello)
-            joinStreams(socket, exit.value, lease.release)
-          } else {
-            if (Exit.isSuccess(exit)) exit.value.destroy()
-            lease.release()
-            socket.destroy()
-          }
-        })
+        connectLeased(socket, lease, { protocol, port, serverName }, hello)
       },
       () => socket.destroy(),
       socket
