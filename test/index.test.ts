@@ -7,25 +7,16 @@ import { assert, describe, it } from "@effect/vitest"
 import { execFile } from "node:child_process"
 import * as fs from "node:fs"
 import * as http from "node:http"
-import * as net from "node:net"
 import * as path from "node:path"
 import { promisify } from "node:util"
 import { activeHandles, expectNoLeaks } from "./support/leaks.ts"
+import { freePort } from "./support/ports.ts"
 
 const run = promisify(execFile)
 const root = path.resolve(import.meta.dirname, "..")
 const node = path.join(root, "node_modules/.bin/node")
 const outDir = path.join(root, "node_modules/.cache/switchyard-dist-test")
 
-const freePort = () =>
-  new Promise<number>((resolve, reject) => {
-    const s = net.createServer()
-    s.once("error", reject)
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as net.AddressInfo).port
-      s.close(() => resolve(port))
-    })
-  })
 
 const get = (port: number, urlPath: string) =>
   new Promise<{ status: number; body: string }>((resolve, reject) => {

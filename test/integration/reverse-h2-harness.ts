@@ -58,15 +58,7 @@ export const withGateway = <A, E>(
   })
 
 /** A port that was free a moment ago on 127.0.0.1. */
-export const freePort = (): Promise<number> =>
-  new Promise((resolve, reject) => {
-    const server = net.createServer()
-    server.once("error", reject)
-    server.listen(0, "127.0.0.1", () => {
-      const port = (server.address() as net.AddressInfo).port
-      server.close(() => resolve(port))
-    })
-  })
+export { freePort } from "../support/ports.ts"
 
 /** Lets I/O run until `check` holds (bounded by `tries` turns of the event loop with a short pause). */
 export const until = (check: () => boolean, what: string, tries = 500) =>

@@ -7,6 +7,7 @@ import type { DestinationRules } from "../../src/domain/DestinationRules.ts"
 import { makeWspClient } from "../../src/services/client/WspClient.ts"
 import { makeWspServer } from "../../src/services/front/WspServer.ts"
 import { noLeaks } from "../support/leaks.ts"
+import { freePort as allocatePort } from "../support/ports.ts"
 import { call, callE, clientConfig, destination, pattern, serverConfig, waitFor } from "./wspSupport.ts"
 
 const rules = (lists: Parameters<typeof compileRules>[0]): DestinationRules => {
@@ -15,14 +16,7 @@ const rules = (lists: Parameters<typeof compileRules>[0]): DestinationRules => {
   return r
 }
 
-const freePort = () =>
-  Effect.promise(() => new Promise<number>((resolve) => {
-    const s = net.createServer()
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as net.AddressInfo).port
-      s.close(() => resolve(port))
-    })
-  }))
+const freePort = () => Effect.promise(() => allocatePort())
 
 const setup = (opts: { server?: Parameters<typeof serverConfig>[0]; client?: Partial<Parameters<typeof clientConfig>[1]> } = {}) =>
   Effect.gen(function*() {

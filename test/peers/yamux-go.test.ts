@@ -7,7 +7,6 @@ import { Deferred, Duration, Effect, Exit, Fiber, Queue } from "effect"
 import type { Scope } from "effect"
 import { type ChildProcess, spawn } from "node:child_process"
 import * as fs from "node:fs"
-import * as net from "node:net"
 import * as os from "node:os"
 import * as path from "node:path"
 import * as NodeTransport from "../../src/runtime/NodeTransport.ts"
@@ -15,19 +14,11 @@ import type { Address, Connection } from "../../src/services/Transport.ts"
 import * as Session from "../../src/services/yamux/Session.ts"
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
 import { assertPeer, peerMissing, yamuxPeer } from "../support/peers.ts"
+import { freePort } from "../support/ports.ts"
 import { echoServer, equalBytes, pattern, readExactly } from "../services/yamux/harness.ts"
 
 const probe = yamuxPeer()
 
-const freePort = (): Promise<number> =>
-  new Promise((resolve, reject) => {
-    const srv = net.createServer()
-    srv.once("error", reject)
-    srv.listen(0, "127.0.0.1", () => {
-      const port = (srv.address() as net.AddressInfo).port
-      srv.close(() => resolve(port))
-    })
-  })
 
 interface Peer {
   readonly child: ChildProcess

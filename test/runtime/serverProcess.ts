@@ -4,7 +4,6 @@
  */
 import { type ChildProcess, spawn } from "node:child_process"
 import * as http from "node:http"
-import * as net from "node:net"
 import * as path from "node:path"
 
 export const mainScript = path.resolve(import.meta.dirname, "../../src/runtime/main.ts")
@@ -82,15 +81,7 @@ export const addressAfter = (output: string, label: RegExp): { host: string; por
 }
 
 /** A port free at the time of the call (for public ports a backend asks for). */
-export const freePort = (): Promise<number> =>
-  new Promise((resolve, reject) => {
-    const s = net.createServer()
-    s.once("error", reject)
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as net.AddressInfo).port
-      s.close(() => resolve(port))
-    })
-  })
+export { freePort } from "../support/ports.ts"
 
 export interface Answer {
   readonly status: number

@@ -13,15 +13,7 @@ import type { Backend } from "../../src/services/Backend.ts"
 import { tcpUpstream } from "../../src/services/forward/Upstream.ts"
 
 /** A port that was free a moment ago on 127.0.0.1. */
-export const freePort = (): Promise<number> =>
-  new Promise((resolve, reject) => {
-    const server = net.createServer()
-    server.once("error", reject)
-    server.listen(0, "127.0.0.1", () => {
-      const port = (server.address() as net.AddressInfo).port
-      server.close(() => resolve(port))
-    })
-  })
+export { freePort } from "../support/ports.ts"
 
 /** Starts `server` on an ephemeral loopback port, closed (with its connections) when the scope closes. */
 export const serve = <S extends net.Server>(server: S): Effect.Effect<number, never, Scope.Scope> =>
