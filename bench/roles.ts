@@ -29,8 +29,14 @@ const keptLines = 40
  * 70 MB more of resident memory per process).
  */
 const fromSources = process.env.SWITCHYARD_BENCH_FROM_SOURCES === "1"
+/**
+ * `SWITCHYARD_BENCH_CHECKOUT=DIR` runs the sources of another checkout of switchyard (an older commit,
+ * with its own `npm ci`) as every measured process, so a suite compares two versions on one machine.
+ */
+const otherCheckout = process.env.SWITCHYARD_BENCH_CHECKOUT
 let installedBin: string | undefined
 const switchyardEntry = (): string => {
+  if (otherCheckout !== undefined && otherCheckout !== "") return path.resolve(otherCheckout, "src/runtime/main.ts")
   if (fromSources) return path.resolve(import.meta.dirname, "../src/runtime/main.ts")
   if (installedBin === undefined) {
     const installed = packAndInstall()
