@@ -3,7 +3,7 @@
  * size), the public part of a route a lease describes, the diff of two lease tables, and how long a
  * table read from Redis may still be used. Pure: nothing here talks to Redis or reads a clock.
  */
-import { Schema } from "effect"
+import { type Result, Schema } from "effect"
 import { HttpRoute, MaxPort, type RouteDefinition, routeKey, TcpRoute } from "./Route.ts"
 
 /** Every lease key starts with this; a gateway scans `LeaseKeyPrefix*` to read the table. */
@@ -106,8 +106,16 @@ export interface LeaseValueProblem {
 
 const problem = (message: string): LeaseValueProblem => ({ _tag: "LeaseValueProblem", message })
 
-/** Reads a stored value; it must name the node its key names. */
-export const decodeLeaseValue = (key: string, value: string): Lease | LeaseValueProblem => {
+/**
+ * A JSON record read from `key`: parsed within `MaxLeaseValueBytes`, decoded with `decode`, and checked to
+ * describe that same key.
+ */
+const decodeRecord = <A>(
+  key: string,
+  value: string,
+  decode: (json: unknown) => Result.Result<A, { readonly message: string }>,
+  keyOf: (record: A) => string
+): A | LeaseValueProblem => {
   if (Buffer.byteLength(value, "utf8") > MaxLeaseValueBytes) return problem(`${key}: value larger than ${MaxLeaseValueBytes} bytes`)
   let json: unknown
   try {
@@ -115,12 +123,16 @@ export const decodeLeaseValue = (key: string, value: string): Lease | LeaseValue
   } catch (e) {
     return problem(`${key}: not JSON: ${(e as Error).message}`)
   }
-  const result = decodeLease(json)
+  const result = decode(json)
   if (result._tag === "Failure") return problem(`${key}: ${result.failure.message.split("\n")[0]}`)
-  const lease = result.success
-  if (leaseKey(lease.node, lease.route) !== key) return problem(`${key}: the value describes ${leaseKey(lease.node, lease.route)}`)
-  return lease
+  const described = keyOf(result.success)
+  if (described !== key) return problem(`${key}: the value describes ${described}`)
+  return result.success
 }
+
+/** Reads a stored value; it must name the node its key names. */
+export const decodeLeaseValue = (key: string, value: string): Lease | LeaseValueProblem =>
+  decodeRecord(key, value, decodeLease, (lease) => leaseKey(lease.node, lease.route))
 
 /** Leases by key. */
 export type LeaseTable = ReadonlyMap<string, Lease>
@@ -174,16 +186,5 @@ const decodeNode = Schema.decodeUnknownResult(NodeRecord)
 export const encodeNodeValue = (record: NodeRecord): string => JSON.stringify(encodeNode(record))
 
 /** Reads a stored node record; it must name the node its key names. */
-export const decodeNodeValue = (key: string, value: string): NodeRecord | LeaseValueProblem => {
-  if (Buffer.byteLength(value, "utf8") > MaxLeaseValueBytes) return problem(`${key}: value larger than ${MaxLeaseValueBytes} bytes`)
-  let json: unknown
-  try {
-    json = JSON.parse(value)
-  } catch (e) {
-    return problem(`${key}: not JSON: ${(e as Error).message}`)
-  }
-  const result = decodeNode(json)
-  if (result._tag === "Failure") return problem(`${key}: ${result.failure.message.split("\n")[0]}`)
-  if (nodeKey(result.success.node) !== key) return problem(`${key}: the value describes ${nodeKey(result.success.node)}`)
-  return result.success
-}
+export const decodeNodeValue = (key: string, value: string): NodeRecord | LeaseValueProblem =>
+  decodeRecord(key, value, decodeNode, (record) => nodeKey(record.node))
