@@ -87,6 +87,8 @@ export interface CertificateStatusEntry {
   readonly nextAttempt?: string | undefined
   /** When the last route that wanted the name went away, while none wants it. */
   readonly unusedSince?: string | undefined
+  /** Where the certificate served came from: `ordered` here, `disk` after a restart, `cluster` (the cluster's store). */
+  readonly source?: string | undefined
 }
 
 /** One gateway of a tunnel client, in `/status`. */

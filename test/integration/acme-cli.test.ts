@@ -100,8 +100,8 @@ describePebble("switchyard server with ACME, switchyard client --tls-acme (proce
       assert.match(refused.out, /alert|handshake/i)
       const status = await run(process.execPath, [path.resolve(import.meta.dirname, "../../src/runtime/main.ts"), "status", "--admin", `127.0.0.1:${admin.port}`])
       assert.strictEqual(status.code, 0, status.out)
-      assert.match(status.out, /CERTIFICATE\s+STATE/)
-      assert.match(status.out, /ok\.test\s+valid/)
+      assert.match(status.out, /CERTIFICATE\s+STATE\s+SOURCE/)
+      assert.match(status.out, /ok\.test\s+valid\s+ordered/)
       assert.match(status.out, /nope\.test\s+waiting/)
       const json = JSON.parse((await get(admin.port, "/status")).body) as { certificates: Array<{ name: string; lastError?: string; failures: number }>; recentErrors: Array<{ message: string }> }
       const nope = json.certificates.find((c) => c.name === "nope.test")

@@ -96,10 +96,11 @@ export const renderStatus = (status: StatusDocument): string =>
     ]),
     ...(status.certificates === undefined || status.certificates.length === 0 ? [] : [
       table(
-        ["CERTIFICATE", "STATE", "EXPIRES", "DAYS LEFT", "FAILURES", "NEXT ORDER", "LAST ERROR"],
+        ["CERTIFICATE", "STATE", "SOURCE", "EXPIRES", "DAYS LEFT", "FAILURES", "NEXT ORDER", "LAST ERROR"],
         status.certificates.map((c) => [
           c.name,
           c.unusedSince === undefined ? c.state : `${c.state} since ${c.unusedSince}`,
+          c.source ?? "-",
           c.notAfter ?? "-",
           c.daysLeft === undefined ? "-" : String(c.daysLeft),
           String(c.failures),
