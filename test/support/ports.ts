@@ -11,7 +11,7 @@ import * as fs from "node:fs"
 import * as net from "node:net"
 
 /** Lowest port the allocator gives. */
-const FirstPort = 10_000
+const FirstPort = 20_000
 /** Workers the range is split for; a pool id above it shares a slice with a lower one. */
 const Slices = 8
 
