@@ -90,17 +90,26 @@ export const fromSocket = (
         queueMicrotask(() => done(new TransportError({ reason: "Closed", message: "connection closed" })))
         return
       }
-      let ok = true
-      if (chunks.length === 1) {
-        ok = socket.write(chunks[0]!)
-      } else {
-        if (isNet) s.cork()
-        for (const c of chunks) ok = socket.write(c)
-        if (isNet) s.uncork()
+      if (chunks.length === 0) {
+        queueMicrotask(() => done())
+        return
       }
+      if (isNet) {
+        // a socket's write callback runs once its bytes went to the kernel (a TLS socket's, once they
+        // were encrypted): `done` then, so the writer may reuse the chunks' memory
+        const last = chunks.length - 1
+        if (last > 0) s.cork()
+        for (let i = 0; i < last; i++) s.write(chunks[i]!)
+        s.write(chunks[last]!, (error) => done(error ? failure ?? ioError(error) : undefined))
+        if (last > 0) s.uncork()
+        return
+      }
+      let ok = true
+      for (const c of chunks) ok = socket.write(c)
       if (ok && !socket.writableNeedDrain) queueMicrotask(() => done())
       else drainWaiters.push(done)
     },
+    releasesOnDone: isNet,
     end: () => {
       if (!isClosed && !socket.writableEnded) socket.end()
     },

@@ -43,6 +43,7 @@ import type {
 import type { MessageUpstream } from "./forward/Exchange.ts"
 import { authorityConflict, http2Fields, nodeExchangeFront, observeFront } from "./forward/NodeExchangeFront.ts"
 import type { ForwarderShape } from "./Forwarder.ts"
+import { joinStreams } from "./JoinStreams.ts"
 import { Registry, type RegistryError } from "./Registry.ts"
 
 /** Most concurrent connections on one public port, by default. */
@@ -295,31 +296,6 @@ const lingering = (inner: Duplex): Duplex => {
   inner.on("error", () => inner.destroy())
   inner.once("close", () => void (outer.destroyed || outer.destroy()))
   return outer
-}
-
-/** Joins two byte streams both ways; when either closes or fails, both are destroyed. */
-export const joinStreams = (a: Duplex, b: Duplex, onClose: () => void): void => {
-  let done = false
-  const finish = () => {
-    if (done) return
-    done = true
-    a.destroy()
-    b.destroy()
-    onClose()
-  }
-  // half-close is carried through `pipe` (end → end); full close once both directions have finished
-  let ended = 0
-  const onEnd = () => {
-    if (++ended === 2) finish()
-  }
-  a.once("end", onEnd)
-  b.once("end", onEnd)
-  a.once("error", finish)
-  b.once("error", finish)
-  a.once("close", finish)
-  b.once("close", finish)
-  a.pipe(b)
-  b.pipe(a)
 }
 
 /**

@@ -67,6 +67,11 @@ export interface Connection {
    * The chunks are referenced, not copied: do not modify them afterwards.
    */
   readonly write: (chunks: ReadonlyArray<Uint8Array>, done: (error?: TransportError) => void) => void
+  /**
+   * True when `write`'s `done` (without an error) also means the transport no longer references the
+   * chunks (they were written out or copied), so the writer may reuse their memory.
+   */
+  readonly releasesOnDone?: boolean | undefined
   /** Half-close: flush what was written, then signal end of data to the peer. */
   readonly end: () => void
   /** Closes at once, dropping anything unsent. Idempotent. */

@@ -15,7 +15,7 @@ import { encodeProxyHeader } from "../../domain/ProxyProtocol.ts"
 import { describeRoute } from "../../domain/Route.ts"
 import { describeTarget, type GatewayTarget, TunnelClient, type TunnelListener } from "../../services/client/TunnelClient.ts"
 import { isWebSocketUrl } from "../../services/transport/WebSocketDial.ts"
-import { joinStreams } from "../../services/Listeners.ts"
+import { joinReading } from "../../services/JoinStreams.ts"
 import { checkOperations, registerGatewayGauges, reloadRefused, serveOperations } from "../Admin.ts"
 import { ClientFile, ConfigLoadError, type FlagValue, loadConfig, refuseConfig } from "../ConfigLoader.ts"
 import { onHangup } from "../Lifecycle.ts"
@@ -308,7 +308,12 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
       consumer = yield* Stream.runForEach(listener.connections, ({ preamble, socket }) =>
         Effect.sync(() => {
           const { expose: target, proxyProtocol } = entry.spec
-          const local = net.createConnection({ host: target.host, port: target.port, allowHalfOpen: true })
+          entry.inFlight++
+          let settled = false
+          const settle = () => {
+            if (!settled) (settled = true, entry.inFlight--)
+          }
+          const local = joinReading(socket, (onread) => net.createConnection({ host: target.host, port: target.port, allowHalfOpen: true, onread }), settle)
           // the public peer for the backend, ahead of the connection's own bytes
           if (proxyProtocol !== undefined) {
             local.write(encodeProxyHeader(proxyProtocol, {
@@ -317,11 +322,6 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
               destinationAddress: preamble.localAddress ?? "",
               destinationPort: preamble.localPort
             }))
-          }
-          entry.inFlight++
-          let settled = false
-          const settle = () => {
-            if (!settled) (settled = true, entry.inFlight--)
           }
           local.on("error", (error) => {
             local.destroy()
@@ -335,7 +335,6 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
             ).pipe(Effect.annotateLogs({ component: "client" })))
           })
           socket.on("error", () => socket.destroy())
-          joinStreams(socket, local, settle)
         })).pipe(Effect.forkIn(commandScope))
       return entry
     })

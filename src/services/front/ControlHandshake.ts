@@ -42,6 +42,7 @@ export const readFrame = (conn: Connection, maxBytes: number, onFirstBytes?: () 
       pause: conn.pause,
       resume: conn.resume,
       write: conn.write,
+      releasesOnDone: conn.releasesOnDone,
       end: conn.end,
       destroy: conn.destroy,
       closed: conn.closed

@@ -2,7 +2,8 @@
  * A WebSocket as a Transport `Connection`, so the control-port protocol (handshake + yamux) can run
  * through HTTP-only networks: bytes travel in binary messages of at most `MaxMessageBytes` (message
  * boundaries carry no meaning; a text message is refused with 1003), reads pause where the consumer
- * asks, writes report drain once the socket's queue is below `writeHighWater`, pings keep proxies from
+ * asks, a write reports done once its messages went out to the socket (its chunks are then no longer
+ * referenced: `releasesOnDone`), pings keep proxies from
  * idling the connection out, and close codes become typed errors. Frames are switchyard's own
  * (`WebSocketEndpoint`); opening one is `WebSocketOpen.ts`, dialing with proxies `WebSocketDial.ts`.
  */
@@ -19,8 +20,6 @@ import type { WebSocketEndpoint } from "./WebSocketEndpoint.ts"
 export const MaxMessageBytes = 64 * 1024 + 12
 /** Largest message a receiver accepts; a bigger one is closed with 1009. */
 export const DefaultMaxPayload = 1024 * 1024
-/** Bytes queued on the socket above which a write's `done` waits for them to go out. */
-export const DefaultWriteHighWater = 1024 * 1024
 /** Time between pings (0 turns keepalive off). */
 export const DefaultKeepaliveInterval: Duration.Duration = Duration.seconds(20)
 /** Time a ping has to be answered before the connection is closed as dead. */
@@ -32,7 +31,6 @@ export interface WebSocketConnectionOptions {
   readonly maxPayload?: number | undefined
   /** Largest message this side sends (default `MaxMessageBytes`; the peer's `maxPayload` must allow it). */
   readonly maxMessageBytes?: number | undefined
-  readonly writeHighWater?: number | undefined
   readonly keepaliveInterval?: Duration.Input | undefined
   readonly keepaliveTimeout?: Duration.Input | undefined
   readonly localAddress?: Address | undefined
@@ -89,11 +87,10 @@ class WsConnection implements WebSocketConnection {
   readonly localAddress: Address | undefined
   readonly remoteAddress: Address | undefined
   private handlers: ConnectionHandlers | undefined
-  private readonly highWater: number
   private ending = false
   private finalError: WebSocketError | undefined
   private isClosed = false
-  /** Writes waiting for their messages to go out. */
+  /** Writes waiting for their messages to go out (failed if the connection closes first). */
   private readonly drainWaiters = new Set<(error?: TransportError) => void>()
   /** Set while a ping is unanswered. */
   onPong: (() => void) | undefined
@@ -102,7 +99,6 @@ class WsConnection implements WebSocketConnection {
     this.endpoint = endpoint
     this.localAddress = options.localAddress
     this.remoteAddress = options.remoteAddress
-    this.highWater = options.writeHighWater ?? DefaultWriteHighWater
   }
 
   private onClosed(error: WebSocketError | undefined): void {
@@ -148,20 +144,18 @@ class WsConnection implements WebSocketConnection {
       queueMicrotask(() => done(closedError()))
       return
     }
-    let waiting = false
+    let waiting = true
     const waiter = (error?: TransportError) => {
       if (!waiting) return
       waiting = false
       this.drainWaiters.delete(waiter)
       done(error)
     }
+    this.drainWaiters.add(waiter)
     endpoint.sendMessages(chunks, (error) => waiter(error ? new TransportError({ reason: "Io", message: `websocket write failed: ${error.message}` }) : undefined))
-    if (endpoint.bufferedAmount <= this.highWater) queueMicrotask(() => done())
-    else {
-      waiting = true
-      this.drainWaiters.add(waiter)
-    }
   }
+
+  readonly releasesOnDone = true
 
   readonly end = (): void => {
     if (this.isClosed || this.ending) return

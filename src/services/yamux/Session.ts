@@ -7,9 +7,10 @@
  */
 import { Cause, Clock, Duration, Effect, Scope } from "effect"
 import * as F from "../../domain/Frame.ts"
-import { type FrameParser, makeFrameParser, writeHeader } from "../../domain/FrameCodec.ts"
+import { type FrameParser, makeFrameParser } from "../../domain/FrameCodec.ts"
 import { TokenBucket } from "../../domain/RateLimit.ts"
 import type { Connection, TransportError } from "../Transport.ts"
+import { type AssembledBatch, FrameAssembler } from "./FrameAssembler.ts"
 import { StreamCore, type StreamHost, YamuxStream } from "./Stream.ts"
 import { resolveYamuxConfig, type YamuxConfig } from "./YamuxConfig.ts"
 import { YamuxError, yamuxError } from "./YamuxError.ts"
@@ -75,9 +76,10 @@ export class SessionCore implements StreamHost {
   /** Inbound streams waiting for accept (bounded by acceptBacklog). */
   private backlog: Array<StreamCore> = []
   private acceptWaiters: Array<(s: StreamCore | YamuxError) => void> = []
-  /** Frames waiting for the writer. */
-  private outQueue: Array<Uint8Array> = []
-  private outBytes = 0
+  /** Frames waiting for the writer, copied into its slabs. */
+  private readonly out = new FrameAssembler()
+  /** The batch being written, whose slabs come back once the transport releases it. */
+  private batchInFlight: AssembledBatch | undefined = undefined
   private spaceWaiters: Array<() => void> = []
   private pings = new Map<number, (error: YamuxError | undefined) => void>()
   private nextPingId = 0
@@ -290,34 +292,18 @@ export class SessionCore implements StreamHost {
 
   sendFrame(type: F.FrameType, flags: number, streamId: number, length: number, body?: Uint8Array): void {
     if (this.outcome) return
-    this.outQueue.push(this.header(type, flags, streamId, length))
-    if (body !== undefined && body.length > 0) this.outQueue.push(body)
-    this.outBytes += F.HEADER_SIZE + (body ? body.length : 0)
+    this.out.frame(type, flags, streamId, length, body)
     if (!this.flushScheduled && !this.writing) {
       // Frames queued in the same turn leave together, as one batched write.
       this.flushScheduled = true
       setImmediate(this.flushBound)
     }
     // Control frames are never refused; if they pile up (a peer that pings without reading) stop reading.
-    if (this.outBytes > 2 * this.config.writeQueueBytes) this.updatePause()
-  }
-
-  /** Headers are cut from a shared slab: one allocation per HEADER_SLAB_SIZE / 12 frames. */
-  private slab = new Uint8Array(0)
-  private slabUsed = 0
-  private header(type: F.FrameType, flags: number, streamId: number, length: number): Uint8Array {
-    if (this.slabUsed + F.HEADER_SIZE > this.slab.length) {
-      this.slab = new Uint8Array(HEADER_SLAB_SIZE)
-      this.slabUsed = 0
-    }
-    const at = this.slabUsed
-    writeHeader(this.slab, at, type, flags, streamId, length)
-    this.slabUsed += F.HEADER_SIZE
-    return this.slab.subarray(at, at + F.HEADER_SIZE)
+    if (this.out.bytes > 2 * this.config.writeQueueBytes) this.updatePause()
   }
 
   queueFull(): boolean {
-    return this.outBytes >= this.config.writeQueueBytes
+    return this.out.bytes >= this.config.writeQueueBytes
   }
 
   waitQueueSpace(f: () => void): void {
@@ -353,9 +339,9 @@ export class SessionCore implements StreamHost {
 
   private updatePause(): void {
     const wantPause = this.backlogUnread > this.config.sessionReadBuffer ||
-      this.outBytes > 2 * this.config.writeQueueBytes
+      this.out.bytes > 2 * this.config.writeQueueBytes
     const canResume = this.backlogUnread <= this.config.sessionReadBuffer / 2 &&
-      this.outBytes <= this.config.writeQueueBytes
+      this.out.bytes <= this.config.writeQueueBytes
     if (wantPause && !this.readPaused) {
       this.readPaused = true
       this.conn.pause()
@@ -380,10 +366,9 @@ export class SessionCore implements StreamHost {
 
   private flush(): void {
     this.flushScheduled = false
-    if (this.writing || this.outQueue.length === 0 || this.conn.closed()) return
-    const batch = this.outQueue
-    this.outQueue = []
-    this.outBytes = 0
+    if (this.writing || this.out.bytes === 0 || this.conn.closed()) return
+    const batch = this.out.take()
+    this.batchInFlight = batch
     this.writing = true
     this.writesStarted++
     this.writeStartedAt = this.now()
@@ -392,12 +377,15 @@ export class SessionCore implements StreamHost {
       this.watchdogWake = undefined
       wake()
     }
-    this.conn.write(batch, this.onWritten)
+    this.conn.write(batch.chunks, this.onWritten)
   }
 
   private readonly onWritten = (error?: TransportError): void => {
     this.writing = false
     this.writesDone++
+    const batch = this.batchInFlight
+    this.batchInFlight = undefined
+    if (batch !== undefined && error === undefined && this.conn.releasesOnDone === true) this.out.release(batch)
     if (error) {
       this.terminate(yamuxError("TransportError", `write failed: ${error.message}`), undefined)
       this.conn.destroy()
@@ -409,7 +397,7 @@ export class SessionCore implements StreamHost {
       this.spaceWaiters = []
       for (const w of ws) w()
     }
-    if (this.outQueue.length > 0) this.flush()
+    if (this.out.bytes > 0) this.flush()
     else if (this.outcome && this.outcome.error !== undefined) this.conn.end() // the GoAway is out
   }
 
@@ -430,11 +418,8 @@ export class SessionCore implements StreamHost {
 
   /** Takes everything queued (`undefined` when nothing is); used once by the final close. */
   takeBatch(): ReadonlyArray<Uint8Array> | undefined {
-    if (this.outQueue.length === 0) return undefined
-    const batch = this.outQueue
-    this.outQueue = []
-    this.outBytes = 0
-    return batch
+    if (this.out.bytes === 0) return undefined
+    return this.out.take().chunks
   }
 
   // ---- opening and accepting ---------------------------------------------------------------------------
@@ -608,8 +593,6 @@ export class SessionCore implements StreamHost {
 
 const noop = () => {}
 
-/** Bytes per header slab (a multiple of the 12-byte header). */
-const HEADER_SLAB_SIZE = 12 * 1024
 
 const toStream = (s: StreamCore | YamuxError): Effect.Effect<YamuxStream, YamuxError> =>
   s instanceof YamuxError ? Effect.fail(s) : Effect.succeed(new YamuxStream(s))

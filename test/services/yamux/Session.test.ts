@@ -170,7 +170,12 @@ describe("yamux Session (in-memory)", () => {
     Effect.gen(function*() {
       const { client, server } = yield* sessionPair({ sessionReadBuffer: 100_000 })
       const streams = [yield* client.open(), yield* client.open(), yield* client.open()]
-      for (const [i, s] of streams.entries()) yield* s.write(pattern(60_000, i + 1))
+      // one batch each (the session joins the frames of one turn into one write, which the memory pair
+      // hands over as one read, as a socket would hand over up to 64 KiB)
+      for (const [i, s] of streams.entries()) {
+        yield* s.write(pattern(60_000, i + 1))
+        yield* Effect.promise(() => new Promise((r) => setTimeout(r, 5)))
+      }
       yield* Effect.promise(() => new Promise((r) => setTimeout(r, 20)))
       assert.isTrue(server.core.readingPaused, "paused with more than the bound waiting unaccepted")
       assert.isAtMost(server.core.unreadBytes, 120_000, "reading stopped soon after the bound")

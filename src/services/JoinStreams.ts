@@ -1,0 +1,76 @@
+/**
+ * Two byte streams joined both ways, as a raw TCP route or an exposed local service needs: half-closes
+ * are carried across, and when either side closes or fails both are destroyed. `joinReading` opens the
+ * second side itself, reading it into one reused buffer.
+ */
+import type * as net from "node:net"
+import type { Duplex } from "node:stream"
+import type { ReadInto } from "./forward/Upstream.ts"
+import type { StreamSocket } from "./yamux/StreamDuplex.ts"
+
+/** Size of the buffer a joined connection reads into. */
+export const JOINED_READ_BUFFER_BYTES = 64 * 1024
+
+/** Destroys both once both directions ended, or at once when either closes or fails. */
+const closeTogether = (a: Duplex, b: Duplex, onClose: () => void): void => {
+  let done = false
+  const finish = () => {
+    if (done) return
+    done = true
+    a.destroy()
+    b.destroy()
+    onClose()
+  }
+  let ended = 0
+  const onEnd = () => {
+    if (++ended === 2) finish()
+  }
+  a.once("end", onEnd)
+  b.once("end", onEnd)
+  a.once("error", finish)
+  b.once("error", finish)
+  a.once("close", finish)
+  b.once("close", finish)
+}
+
+/** Joins two byte streams both ways; when either closes or fails, both are destroyed. */
+export const joinStreams = (a: Duplex, b: Duplex, onClose: () => void): void => {
+  closeTogether(a, b, onClose)
+  // half-close is carried through `pipe` (end → end)
+  a.pipe(b)
+  b.pipe(a)
+}
+
+/**
+ * Opens a connection with `connect` and joins it with a yamux stream both ways. The connection reads
+ * into one buffer (Node's `onread`) that is used again whenever the stream took the read at once: a
+ * yamux stream copies the bytes it is given into its session's frames before its write returns, unless
+ * its window is closed, and then the read stays queued (`writableLength`) and the next one goes into a
+ * fresh buffer. (A stream that keeps references to what it was written, such as a `PassThrough`, must
+ * not be joined this way.) Reading pauses while the stream is above its high-water mark.
+ */
+export const joinReading = (stream: StreamSocket, connect: (onread: ReadInto) => net.Socket, onClose: () => void): net.Socket => {
+  let buffer: Buffer | undefined
+  let held = false
+  const socket: net.Socket = connect({
+    buffer: () => {
+      if (buffer === undefined || held) {
+        buffer = Buffer.allocUnsafe(JOINED_READ_BUFFER_BYTES)
+        held = false
+      }
+      return buffer
+    },
+    callback: (bytesRead, into) => {
+      const ok = stream.write((into as Buffer).subarray(0, bytesRead))
+      // nothing left queued: the stream's own write took the bytes before returning
+      held = stream.writableLength > 0
+      if (ok) return true
+      stream.once("drain", () => socket.resume())
+      return false
+    }
+  })
+  closeTogether(stream, socket, onClose)
+  socket.once("end", () => stream.end())
+  stream.pipe(socket)
+  return socket
+}
