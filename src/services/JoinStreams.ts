@@ -11,7 +11,12 @@ import type { StreamSocket } from "./yamux/StreamDuplex.ts"
 /** Size of the buffer a joined connection reads into. */
 export const JOINED_READ_BUFFER_BYTES = 64 * 1024
 
-/** Destroys both once both directions ended, or at once when either closes or fails. */
+/**
+ * Destroys both once both directions are complete, or at once when either fails or closes before its
+ * directions are done. A direction is complete when its writing side finished (`finish`: ended, and
+ * everything written handed on), which comes after its reading side ended: destroying at the two reading
+ * ends would drop bytes still queued.
+ */
 const closeTogether = (a: Duplex, b: Duplex, onClose: () => void): void => {
   let done = false
   const finish = () => {
@@ -21,16 +26,20 @@ const closeTogether = (a: Duplex, b: Duplex, onClose: () => void): void => {
     b.destroy()
     onClose()
   }
-  let ended = 0
-  const onEnd = () => {
-    if (++ended === 2) finish()
+  let complete = 0
+  const onFinish = () => {
+    if (++complete === 2) finish()
   }
-  a.once("end", onEnd)
-  b.once("end", onEnd)
+  a.once("finish", onFinish)
+  b.once("finish", onFinish)
   a.once("error", finish)
   b.once("error", finish)
-  a.once("close", finish)
-  b.once("close", finish)
+  // a side whose two directions are both done closes by itself (a socket does): that is no failure
+  const closed = (side: Duplex) => () => {
+    if (!(side.readableEnded && side.writableFinished)) finish()
+  }
+  a.once("close", closed(a))
+  b.once("close", closed(b))
 }
 
 /** Joins two byte streams both ways; when either closes or fails, both are destroyed. */

@@ -5,32 +5,10 @@
 import { afterEach, beforeEach, describe, expect, it } from "vitest"
 import { Effect } from "effect"
 import * as http from "node:http"
-import * as net from "node:net"
-import { fromSocket } from "../../../src/runtime/NodeTransport.ts"
-import { type NodeYamuxSession, startSession } from "../../../src/services/yamux/NodeSession.ts"
+import type { NodeYamuxSession } from "../../../src/services/yamux/NodeSession.ts"
 import type { StreamSocket } from "../../../src/services/yamux/StreamDuplex.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
-import { pattern } from "./harness.ts"
-
-/** Two sessions over a real loopback TCP connection. */
-const tcpSessions = async (): Promise<{ client: NodeYamuxSession; server: NodeYamuxSession; close: () => Promise<void> }> => {
-  const listener = net.createServer()
-  await new Promise<void>((r) => listener.listen(0, "127.0.0.1", r))
-  const accepted = new Promise<net.Socket>((r) => listener.once("connection", r))
-  const dialed = net.connect((listener.address() as net.AddressInfo).port, "127.0.0.1")
-  await new Promise((r) => dialed.once("connect", r))
-  const server = await startSession(fromSocket(await accepted), { role: "server" })
-  const client = await startSession(fromSocket(dialed), { role: "client" })
-  return {
-    client,
-    server,
-    close: async () => {
-      await client.close()
-      await server.close()
-      await new Promise((r) => listener.close(r))
-    }
-  }
-}
+import { pattern, tcpSessions } from "./harness.ts"
 
 const request = (agent: http.Agent, options: http.RequestOptions, body?: Uint8Array) =>
   new Promise<{ status: number; body: Buffer; headers: http.IncomingHttpHeaders }>((resolve, reject) => {

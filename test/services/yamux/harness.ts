@@ -1,12 +1,15 @@
 /**
- * Shared pieces for the yamux tests: session pairs over an in-memory connection, echo servers and
- * byte helpers.
+ * Shared pieces for the yamux tests: session pairs over an in-memory connection or loopback TCP, echo
+ * servers and byte helpers.
  */
 import { Effect } from "effect"
+import * as net from "node:net"
 import type { Scope } from "effect"
 import type { Frame, FrameType } from "../../../src/domain/Frame.ts"
 import { encodeFrame, makeFrameParser } from "../../../src/domain/FrameCodec.ts"
+import { fromSocket } from "../../../src/runtime/NodeTransport.ts"
 import { type Connection, makeMemoryPair, type MemoryPairOptions } from "../../../src/services/Transport.ts"
+import { type NodeYamuxSession, startSession } from "../../../src/services/yamux/NodeSession.ts"
 import * as Session from "../../../src/services/yamux/Session.ts"
 import type { YamuxStream } from "../../../src/services/yamux/Stream.ts"
 import type { YamuxConfig } from "../../../src/services/yamux/YamuxConfig.ts"
@@ -148,3 +151,23 @@ export const frame = (type: FrameType, flags: number, streamId: number, length: 
   length: body ? body.length : length,
   body: type === 0 ? body ?? new Uint8Array(0) : undefined
 })
+
+/** Two sessions (`NodeSession`) over a real loopback TCP connection. */
+export const tcpSessions = async (): Promise<{ client: NodeYamuxSession; server: NodeYamuxSession; close: () => Promise<void> }> => {
+  const listener = net.createServer()
+  await new Promise<void>((r) => listener.listen(0, "127.0.0.1", r))
+  const accepted = new Promise<net.Socket>((r) => listener.once("connection", r))
+  const dialed = net.connect((listener.address() as net.AddressInfo).port, "127.0.0.1")
+  await new Promise((r) => dialed.once("connect", r))
+  const server = await startSession(fromSocket(await accepted), { role: "server" })
+  const client = await startSession(fromSocket(dialed), { role: "client" })
+  return {
+    client,
+    server,
+    close: async () => {
+      await client.close()
+      await server.close()
+      await new Promise((r) => listener.close(r))
+    }
+  }
+}
