@@ -12,7 +12,10 @@ import { writeHeader } from "../../domain/FrameCodec.ts"
 export const MIN_SLAB_BYTES = 4 * 1024
 /** Slab for data; one larger frame gets a slab of its own size. */
 export const MAX_SLAB_BYTES = 256 * 1024
-/** Released slabs kept for reuse: enough for a full write queue (1 MiB by default) in flight. */
+/**
+ * Released slabs kept for reuse: a full write queue (1 MiB by default) in flight and the next one being
+ * assembled. A session keeps them while it sends data; a batch of control frames alone lets them go.
+ */
 export const SPARE_SLABS = 8
 
 const EMPTY = new Uint8Array(0)
