@@ -88,19 +88,19 @@ afterEach(async () => {
 })
 
 describe("joinReading: a local service joined with a yamux stream", () => {
-  it("8 MiB down through a stalling reader and 3 MiB up arrive whole; both ends close once", async () => {
+  /**
+   * Downloads 8 MiB from a local service through a stalling reader while uploading `uploadBytes`, the
+   * local connection joined by `join` (which calls its `onClose` when both ends are done): every byte
+   * arrives in order both ways; returns how many times `onClose` was called.
+   */
+  const transfer = async (uploadBytes: number, join: (stream: StreamSocket, port: number, onClose: () => void) => void): Promise<number> => {
     const download = pattern(8 * 1024 * 1024, 21)
-    const upload = pattern(3 * 1024 * 1024, 22)
+    const upload = pattern(uploadBytes, 22)
     const local = await localService(download)
     const { client, server, close } = await tcpSessions()
     let closed = 0
     const joined = new Promise<void>((resolve) => {
-      server.onSocket((stream) => {
-        joinReading(stream, (onread) => net.createConnection({ host: "127.0.0.1", port: local.port, allowHalfOpen: true, onread }), () => {
-          closed++
-          resolve()
-        })
-      })
+      server.onSocket((stream) => join(stream, local.port, () => (closed++, resolve())))
     })
     const far = client.openSocket()
     const downloaded = readStalling(far)
@@ -108,32 +108,24 @@ describe("joinReading: a local service joined with a yamux stream", () => {
     expect(equalBytes(await within("download", downloaded), download)).toBe(true)
     expect(equalBytes(await within("upload", local.uploaded), upload)).toBe(true)
     await within("close", joined)
-    expect(closed).toBe(1)
     far.destroy()
     await close()
     await local.close()
+    return closed
+  }
+
+  it("8 MiB down through a stalling reader and 3 MiB up arrive whole; both ends close once", async () => {
+    const closed = await transfer(3 * 1024 * 1024, (stream, port, onClose) => {
+      joinReading(stream, (onread) => net.createConnection({ host: "127.0.0.1", port, allowHalfOpen: true, onread }), onClose)
+    })
+    expect(closed).toBe(1)
   })
 
   it("joinStreams (a raw TCP route): both ends finish before either is destroyed, so nothing queued is dropped", async () => {
-    const download = pattern(8 * 1024 * 1024, 23)
-    const upload = pattern(1024 * 1024, 24)
-    const local = await localService(download)
-    const { client, server, close } = await tcpSessions()
-    const joined = new Promise<void>((resolve) => {
-      server.onSocket((stream) => {
-        const socket = net.createConnection({ host: "127.0.0.1", port: local.port, allowHalfOpen: true })
-        joinStreams(stream, socket, resolve)
-      })
+    const closed = await transfer(1024 * 1024, (stream, port, onClose) => {
+      joinStreams(stream, net.createConnection({ host: "127.0.0.1", port, allowHalfOpen: true }), onClose)
     })
-    const far = client.openSocket()
-    const downloaded = readStalling(far)
-    far.end(Buffer.from(upload))
-    expect(equalBytes(await within("download", downloaded), download)).toBe(true)
-    expect(equalBytes(await within("upload", local.uploaded), upload)).toBe(true)
-    await within("close", joined)
-    far.destroy()
-    await close()
-    await local.close()
+    expect(closed).toBe(1)
   })
 
   it("a local service that fails the connection ends the stream", async () => {
