@@ -4,15 +4,18 @@
  * them; `exposeOverReverseHttp2` forwards to a local HTTP service instead (`switchyard client --h2`).
  * The Effect Layer behind both is `H2Client.layer`. It does not start a gateway.
  */
-import * as http from "node:http"
 import * as http2 from "node:http2"
-import type * as net from "node:net"
 import * as tls from "node:tls"
 import { Context, Effect, Exit, Layer, Scope } from "effect"
 import type * as Redacted from "effect/Redacted"
-import { responseHeaders } from "../domain/HttpHeaders.ts"
+import type { HeadLimits } from "../domain/Http1Parser.ts"
 import type { RouteDefinition } from "../domain/Route.ts"
 import { H2Client, type H2ClientConfig, H2ClientError, type H2ClientShape, type H2GatewayState } from "../services/client/H2Client.ts"
+import { plainErrors } from "../services/forward/ErrorResponse.ts"
+import { exchangeOverHttp1 } from "../services/forward/Http1MessageUpstream.ts"
+import { nodeExchangeFront } from "../services/forward/NodeExchangeFront.ts"
+import { tcpUpstream } from "../services/forward/Upstream.ts"
+import { IDLE_SURPLUS_LINGER_MS, UpstreamPool } from "../services/forward/UpstreamPool.ts"
 
 /** What `serveReverseHttp2` returns. */
 export interface ReverseHttp2Handle {
@@ -59,139 +62,39 @@ export const serveReverseHttp2 = async (
 export const MaxLocalSockets = 256
 /** Most idle pooled connections kept to the local service. */
 export const MaxLocalFreeSockets = 32
-/**
- * How long idle connections beyond `MaxLocalFreeSockets` stay for reuse after their last request (ms):
- * under a steady load of more concurrent requests than that, closing the surplus at once would close
- * and reopen a connection for a good share of the requests.
- */
-export const LocalIdleSurplusLingerMs = 1_000
-
-/**
- * A keep-alive agent that keeps up to `maxSockets` idle connections, and closes the least recently
- * used idle ones beyond `keep` once they stayed idle for `lingerMs` (one unref'd timer, armed while
- * there are more than `keep`).
- */
-class LingeringAgent extends http.Agent {
-  private readonly keep: number
-  private readonly lingerMs: number
-  private readonly idleSince = new WeakMap<object, number>()
-  private timer: ReturnType<typeof setTimeout> | undefined = undefined
-
-  constructor(maxSockets: number, keep: number, lingerMs: number) {
-    super({ keepAlive: true, maxSockets, maxFreeSockets: maxSockets, scheduling: "lifo" })
-    this.keep = keep
-    this.lingerMs = lingerMs
-  }
-
-  /** Node's documented hook for a socket its request released: `false` has it closed instead. */
-  override keepSocketAlive(socket: net.Socket): boolean {
-    // typed `void` in @types/node; Node documents (and returns) whether the socket may be kept
-    const kept = (super.keepSocketAlive(socket) as unknown) !== false
-    if (kept) {
-      this.idleSince.set(socket, performance.now())
-      if (this.timer === undefined) this.arm(this.lingerMs)
-    }
-    return kept
-  }
-
-  private arm(ms: number): void {
-    this.timer = setTimeout(this.trim, ms)
-    this.timer.unref()
-  }
-
-  /** Idle connections, least recently used first. */
-  private idle(): Array<net.Socket> {
-    const all: Array<net.Socket> = []
-    for (const list of Object.values(this.freeSockets)) if (list !== undefined) all.push(...list)
-    return all.sort((a, b) => (this.idleSince.get(a) ?? 0) - (this.idleSince.get(b) ?? 0))
-  }
-
-  private readonly trim = (): void => {
-    this.timer = undefined
-    const idle = this.idle()
-    const now = performance.now()
-    for (let i = 0; i < idle.length - this.keep; i++) {
-      const left = (this.idleSince.get(idle[i]!) ?? 0) + this.lingerMs - now
-      if (left > 0) {
-        this.arm(left)
-        return
-      }
-      idle[i]!.destroy()
-    }
-  }
-
-  override destroy(): void {
-    if (this.timer !== undefined) clearTimeout(this.timer)
-    this.timer = undefined
-    super.destroy()
-  }
-}
+/** Largest response head the local service may send, and most fields in it. */
+export const LocalResponseHeadLimits: HeadLimits = { maxHeaderSize: 64 * 1024, maxHeadersCount: 2_000 }
 
 /**
  * An `http2` request handler that forwards every request the gateway sends to a local HTTP/1.1 service
- * (streaming both ways, trailers included); what `switchyard client --h2` serves. A local service that
- * cannot be reached answers 502. `Upgrade` is not offered (no extended CONNECT), so the gateway answers
- * WebSocket requests for such a tunnel with 501.
+ * over the forwarding core's pooled connections (`exchangeOverHttp1`: bodies streamed both ways with
+ * backpressure, trailers relayed, the local service's connections read into reused buffers, idle ones
+ * beyond `maxFreeSockets` kept for `lingerMs` so a steady load reuses them); what `switchyard client
+ * --h2` serves. The request goes as the gateway sent it (its `X-Forwarded-*` included); a local service
+ * that cannot be reached answers 502. `Upgrade` is not offered (no extended CONNECT), so the gateway
+ * answers WebSocket requests for such a tunnel with 501.
  */
 export const localHttpHandler = (
   target: { readonly host: string; readonly port: number },
   pool: { readonly maxSockets: number; readonly maxFreeSockets: number; readonly lingerMs: number } = {
     maxSockets: MaxLocalSockets,
     maxFreeSockets: MaxLocalFreeSockets,
-    lingerMs: LocalIdleSurplusLingerMs
-  }
+    lingerMs: IDLE_SURPLUS_LINGER_MS
+  },
+  report: (message: string) => void = () => {}
 ): {
   readonly handler: ReverseHttp2Handler
   readonly close: () => void
 } => {
-  const agent = new LingeringAgent(pool.maxSockets, pool.maxFreeSockets, pool.lingerMs)
+  const upstream = tcpUpstream(target.host, target.port, pool)
+  const connections = new UpstreamPool(upstream, pool.maxSockets, pool.maxFreeSockets, () => {}, (bytes) => {
+    report(`local service ${upstream.describe} sent ${bytes} bytes on an idle connection; the connection is dropped`)
+  }, pool.lingerMs)
   const handler: ReverseHttp2Handler = (req, res) => {
-    const headers: Array<string> = []
-    const raw = req.rawHeaders
-    for (let i = 0; i < raw.length; i += 2) {
-      if (raw[i]!.charCodeAt(0) !== 58 /* : */) headers.push(raw[i]!, raw[i + 1]!)
-    }
-    headers.push("host", req.authority)
-    const local = http.request({ host: target.host, port: target.port, agent, method: req.method, path: req.url, headers })
-    local.on("error", (error: Error & { code?: string }) => {
-      if (!res.headersSent) {
-        const body = `switchyard client: local service ${target.host}:${target.port} unreachable (${error.code ?? error.message})\n`
-        res.writeHead(502, { "content-type": "text/plain; charset=utf-8", "content-length": String(Buffer.byteLength(body)) })
-        res.end(body)
-      } else {
-        res.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR)
-      }
-    })
-    local.on("response", (up) => {
-      res.writeHead(up.statusCode ?? 502, Object.fromEntries(pairs(responseHeaders(up.rawHeaders))))
-      up.pipe(res, { end: false })
-      up.on("end", () => {
-        if (up.rawTrailers.length > 0) res.addTrailers(Object.fromEntries(pairs(up.rawTrailers)))
-        res.end()
-      })
-      up.on("close", () => {
-        if (!up.complete) res.stream.close(http2.constants.NGHTTP2_INTERNAL_ERROR)
-      })
-    })
-    res.on("close", () => {
-      if (!res.writableFinished) local.destroy()
-    })
-    req.pipe(local)
+    const front = nodeExchangeFront(req, res, { forwardedMode: "off", errors: plainErrors, path: req.url })
+    exchangeOverHttp1(connections, front, { limits: LocalResponseHeadLimits, responseTimeoutMs: 0, idleTimeoutMs: 0, report, onDone: () => {} })
   }
-  return { handler, close: () => agent.destroy() }
-}
-
-/** Flat `[name, value, ...]` as pairs, repeated names joined as arrays (`set-cookie`). */
-const pairs = (flat: ReadonlyArray<string>): Array<[string, string | Array<string>]> => {
-  const out = new Map<string, string | Array<string>>()
-  for (let i = 0; i < flat.length; i += 2) {
-    const name = flat[i]!.toLowerCase()
-    const previous = out.get(name)
-    if (previous === undefined) out.set(name, flat[i + 1]!)
-    else if (Array.isArray(previous)) previous.push(flat[i + 1]!)
-    else out.set(name, [previous, flat[i + 1]!])
-  }
-  return [...out]
+  return { handler, close: () => connections.close() }
 }
 
 /**

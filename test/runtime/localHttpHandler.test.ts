@@ -1,6 +1,8 @@
 /**
- * `client --h2`'s forwarding to the local service: its keep-alive pool keeps idle connections beyond
- * its idle cap for the linger time (so a steady load reuses them), then closes the least recently used.
+ * `client --h2`'s forwarding to the local service, on the forwarding core's pooled connections: the pool
+ * keeps idle connections beyond its idle cap for the linger time (so a steady load reuses them), then
+ * closes the least recently used; bodies cross whole both ways; an unreachable service is a 502 that
+ * names it.
  */
 import { assert, describe, it } from "@effect/vitest"
 import * as http from "node:http"
@@ -8,6 +10,7 @@ import * as http2 from "node:http2"
 import type * as net from "node:net"
 import { setTimeout as sleep } from "node:timers/promises"
 import { localHttpHandler } from "../../src/runtime/serveReverseHttp2.ts"
+import { freePort } from "../support/ports.ts"
 import { activeHandles, expectNoLeaks } from "../support/leaks.ts"
 
 const waitFor = async (what: string, cond: () => boolean): Promise<void> => {
@@ -71,6 +74,70 @@ describe("localHttpHandler", () => {
       await new Promise<void>((resolve) => front.close(() => resolve()))
       for (const s of open) s.destroy()
       await new Promise<void>((resolve) => service.close(() => resolve()))
+    }
+    await expectNoLeaks(before)
+  })
+
+  /** An HTTP/2 front serving `local`'s handler, and a session to it; `request` answers status, headers and body. */
+  const frontFor = async (local: ReturnType<typeof localHttpHandler>) => {
+    const front = http2.createServer(local.handler)
+    const session = http2.connect(`http://127.0.0.1:${await listen(front)}`)
+    const request = (headers: http2.OutgoingHttpHeaders, body?: Uint8Array) =>
+      new Promise<{ status: number; body: Buffer }>((resolve, reject) => {
+        const stream = session.request(headers)
+        let status = 0
+        const parts: Array<Buffer> = []
+        stream.on("response", (h) => (status = Number(h[":status"])))
+        stream.on("data", (c: Buffer) => parts.push(c))
+        stream.on("end", () => resolve({ status, body: Buffer.concat(parts) }))
+        stream.on("error", reject)
+        stream.end(body)
+      })
+    const close = async () => {
+      session.close()
+      local.close()
+      await new Promise<void>((resolve) => front.close(() => resolve()))
+    }
+    return { request, close }
+  }
+
+  it("a 4 MiB upload and a 4 MiB answer cross whole", async () => {
+    const before = activeHandles()
+    const service = http.createServer((req, res) => {
+      const parts: Array<Buffer> = []
+      req.on("data", (c: Buffer) => parts.push(c))
+      req.on("end", () => {
+        const got = Buffer.concat(parts)
+        res.writeHead(200, { "x-received": String(got.length) })
+        res.end(Buffer.concat([got, got]).subarray(0, 4 * 1024 * 1024))
+      })
+    })
+    const servicePort = await listen(service)
+    const { request, close } = await frontFor(localHttpHandler({ host: "127.0.0.1", port: servicePort }))
+    try {
+      const upload = Buffer.alloc(4 * 1024 * 1024)
+      for (let i = 0; i < upload.length; i++) upload[i] = (i * 31 + 7) & 0xff
+      const reply = await request({ ":method": "POST", ":path": "/up" }, upload)
+      assert.strictEqual(reply.status, 200)
+      assert.isTrue(reply.body.equals(upload), "the answer is the upload, byte for byte")
+    } finally {
+      await close()
+      service.closeAllConnections()
+      await new Promise<void>((resolve) => service.close(() => resolve()))
+    }
+    await expectNoLeaks(before)
+  })
+
+  it("a local service that cannot be reached is a 502 naming it", async () => {
+    const before = activeHandles()
+    const port = await freePort()
+    const { request, close } = await frontFor(localHttpHandler({ host: "127.0.0.1", port }))
+    try {
+      const reply = await request({ ":path": "/" })
+      assert.strictEqual(reply.status, 502)
+      assert.match(reply.body.toString(), new RegExp(`upstream 127\\.0\\.0\\.1:${port} unreachable \\(ECONNREFUSED\\)`))
+    } finally {
+      await close()
     }
     await expectNoLeaks(before)
   })
