@@ -128,6 +128,56 @@ describe("localHttpHandler", () => {
     await expectNoLeaks(before)
   })
 
+  it("a chunked answer in many small reads, some copied and some handed on, arrives whole at a slow reader", async () => {
+    const before = activeHandles()
+    // chunks from 1 byte to 12 KiB, written over many turns so that they arrive in separate reads
+    const chunks: Array<Buffer> = []
+    for (let i = 0, size = 1; i < 600; i++, size = (size * 13 + 7) % 12_288 + 1) {
+      chunks.push(Buffer.alloc(size, (i * 7 + 1) & 0xff))
+    }
+    const expected = Buffer.concat(chunks)
+    const service = http.createServer((_req, res) => {
+      res.writeHead(200, { "content-type": "application/octet-stream" })
+      let i = 0
+      const next = () => {
+        if (i === chunks.length) return void res.end()
+        res.write(chunks[i++]!)
+        if (i % 4 === 0) setImmediate(next)
+        else next()
+      }
+      next()
+    })
+    const servicePort = await listen(service)
+    const local = localHttpHandler({ host: "127.0.0.1", port: servicePort })
+    const front = http2.createServer(local.handler)
+    const session = http2.connect(`http://127.0.0.1:${await listen(front)}`)
+    try {
+      const body = await new Promise<Buffer>((resolve, reject) => {
+        const stream = session.request({ ":path": "/chunks" })
+        const parts: Array<Buffer> = []
+        let n = 0
+        stream.on("data", (c: Buffer) => {
+          parts.push(c)
+          if (++n % 8 === 0) {
+            stream.pause()
+            setTimeout(() => stream.resume(), 2)
+          }
+        })
+        stream.on("end", () => resolve(Buffer.concat(parts)))
+        stream.on("error", reject)
+      })
+      assert.strictEqual(body.length, expected.length)
+      assert.isTrue(body.equals(expected), "every byte in order")
+    } finally {
+      session.close()
+      local.close()
+      await new Promise<void>((resolve) => front.close(() => resolve()))
+      service.closeAllConnections()
+      await new Promise<void>((resolve) => service.close(() => resolve()))
+    }
+    await expectNoLeaks(before)
+  })
+
   it("a local service that cannot be reached is a 502 naming it", async () => {
     const before = activeHandles()
     const port = await freePort()

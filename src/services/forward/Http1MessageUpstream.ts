@@ -19,6 +19,9 @@ export const UpstreamQueueBytes = 512 * 1024
 /** Most interim (1xx) responses skipped before the final one; more is a broken upstream. */
 export const MaxInterimResponses = 16
 
+/** Body parts up to this size are copied for the front, so the connection's read buffer is used again. */
+export const CopyBelowBytes = 4 * 1024
+
 /** Methods for which a request without a body needs no `Content-Length: 0` to say so. */
 const BODYLESS_BY_DEFAULT: ReadonlySet<string> = new Set(["GET", "HEAD", "DELETE", "OPTIONS", "TRACE"])
 
@@ -138,18 +141,24 @@ export const exchangeOverHttp1 = (pool: UpstreamPool, front: ExchangeFront, opti
     const f = framer!
     timer?.refresh()
     let flowing = true
-    const n = f.consume(chunk, 0, (start, end) => {
-      if (!front.write(chunk.subarray(start, end))) flowing = false
-    })
+    // a small part is copied (from Node's shared pool), so the read buffer takes the next read; a large
+    // one is handed on as it is, and the next read goes into fresh memory
+    let held = false
+    const pass = (part: Buffer) => {
+      if (part.length <= CopyBelowBytes) {
+        if (!front.write(Buffer.from(part))) flowing = false
+        return
+      }
+      held = true
+      if (!front.write(part)) flowing = false
+    }
+    const n = f.consume(chunk, 0, (start, end) => pass(chunk.subarray(start, end)))
     if (typeof n !== "number") {
       cut(`upstream ${describe} sent a malformed body: ${n.message}`)
       return
     }
-    if (!f.isChunked && f.forwardable > 0) {
-      if (!front.write(f.forwardable === chunk.length ? chunk : chunk.subarray(0, f.forwardable))) flowing = false
-    }
-    // the front may keep what it was given: the next read goes into fresh memory
-    if (conn !== undefined) conn.chunkHeld = true
+    if (!f.isChunked && f.forwardable > 0) pass(f.forwardable === chunk.length ? chunk : chunk.subarray(0, f.forwardable))
+    if (held && conn !== undefined) conn.chunkHeld = true
     if (f.done) {
       const surplus = chunk.length - n
       if (surplus > 0) options.report(`upstream ${describe} sent ${surplus} bytes past the end of its response; the connection is dropped`)
