@@ -9,6 +9,7 @@ import * as tls from "node:tls"
 import { Context, Effect, Exit, Layer, Scope } from "effect"
 import type * as Redacted from "effect/Redacted"
 import type { HeadLimits } from "../domain/Http1Parser.ts"
+import { sampledLines } from "../domain/LogSampler.ts"
 import type { RouteDefinition } from "../domain/Route.ts"
 import { H2Client, type H2ClientConfig, H2ClientError, type H2ClientShape, type H2GatewayState } from "../services/client/H2Client.ts"
 import { plainErrors } from "../services/forward/ErrorResponse.ts"
@@ -62,6 +63,8 @@ export const serveReverseHttp2 = async (
 export const MaxLocalSockets = 256
 /** Most idle pooled connections kept to the local service. */
 export const MaxLocalFreeSockets = 32
+/** Shortest interval between two warnings about the local service failing requests (ms). */
+export const LocalFailureLogIntervalMs = 10_000
 /** Largest response head the local service may send, and most fields in it. */
 export const LocalResponseHeadLimits: HeadLimits = { maxHeaderSize: 64 * 1024, maxHeadersCount: 2_000 }
 
@@ -117,7 +120,13 @@ export const exposeOverReverseHttp2 = (options: {
     if (tcp !== undefined) {
       return yield* new H2ClientError({ reason: "Config", message: "reverse HTTP/2 carries HTTP routes only; raw TCP needs the control port" })
     }
-    const local = yield* Effect.acquireRelease(Effect.sync(() => localHttpHandler(options.target)), (l) => Effect.sync(l.close))
+    // a local service that fails is said at the default level, one line per 10 s with a count
+    const run = Effect.runForkWith(yield* Effect.context<never>())
+    const warn = sampledLines(LocalFailureLogIntervalMs, (line) => void run(Effect.logWarning(`${line} (the local service --expose names)`).pipe(Effect.annotateLogs({ component: "client" }))))
+    const local = yield* Effect.acquireRelease(
+      Effect.sync(() => localHttpHandler(options.target, undefined, warn)),
+      (l) => Effect.sync(l.close)
+    )
     const server = http2.createServer(local.handler)
     yield* Effect.addFinalizer(() => Effect.sync(() => server.close()))
     const clients: Array<{ readonly gateway: string; readonly client: H2ClientShape }> = []

@@ -71,45 +71,72 @@ describe("switchyard client --h2", () => {
       assert.strictEqual(error.reason, "Config")
     }))
 
+  /** `switchyard client --h2` as a process, stopped with the scope; `output` is what it printed so far. */
+  const spawnClient = (gatewayPort: number, exposePort: number, port: number) =>
+    Effect.gen(function*() {
+      const child = yield* Effect.acquireRelease(
+        Effect.sync(() =>
+          spawn(process.execPath, [
+            "src/runtime/main.ts",
+            "client",
+            "--h2",
+            "--server",
+            `127.0.0.1:${gatewayPort}`,
+            "--expose",
+            `127.0.0.1:${exposePort}`,
+            "--port",
+            String(port),
+            "--label",
+            "cli"
+          ], { env: { ...process.env, SWITCHYARD_TOKEN: "cli-token" }, stdio: ["ignore", "pipe", "pipe"] })
+        ),
+        (c: ChildProcess) =>
+          Effect.promise(() =>
+            new Promise<void>((resolve) => {
+              if (c.exitCode !== null) return resolve()
+              c.once("exit", () => resolve())
+              c.kill("SIGTERM")
+            })
+          )
+      )
+      let output = ""
+      child.stdout!.on("data", (d: Buffer) => void (output += d.toString()))
+      child.stderr!.on("data", (d: Buffer) => void (output += d.toString()))
+      return { child, output: () => output }
+    })
+
   it.effect("the command line's --h2 flag serves the route until the process is stopped", () =>
     Effect.gen(function*() {
       const port = yield* Effect.promise(freePort)
       yield* withGateway({ tokens: [{ name: "svc", token: Redacted.make("cli-token"), ports: [port] }] }, Effect.gen(function*() {
         const gateway = yield* ReverseH2
         const local = yield* localService
-        const child = yield* Effect.acquireRelease(
-          Effect.sync(() =>
-            spawn(process.execPath, [
-              "src/runtime/main.ts",
-              "client",
-              "--h2",
-              "--server",
-              `127.0.0.1:${gateway.address.port}`,
-              "--expose",
-              `127.0.0.1:${local.port}`,
-              "--port",
-              String(port),
-              "--label",
-              "cli"
-            ], { env: { ...process.env, SWITCHYARD_TOKEN: "cli-token" }, stdio: ["ignore", "pipe", "pipe"] })
-          ),
-          (c: ChildProcess) =>
-            Effect.promise(() =>
-              new Promise<void>((resolve) => {
-                if (c.exitCode !== null) return resolve()
-                c.once("exit", () => resolve())
-                c.kill("SIGTERM")
-              })
-            )
-        )
-        let output = ""
-        child.stdout!.on("data", (d: Buffer) => void (output += d.toString()))
-        child.stderr!.on("data", (d: Buffer) => void (output += d.toString()))
+        const { child, output } = yield* spawnClient(gateway.address.port, local.port, port)
         yield* until(() => gateway.connections() === 2 || child.exitCode !== null, "the client's connections", 1500)
-        assert.strictEqual(gateway.connections(), 2, output)
+        assert.strictEqual(gateway.connections(), 2, output())
         const reply = yield* Effect.promise(() => request(port, "/z"))
         assert.match(reply.body, /^GET \/z host=127\.0\.0\.1:\d+ xff=127\.0\.0\.1 body=$/)
-        assert.match(output, /over reverse HTTP\/2/)
+        assert.match(output(), /over reverse HTTP\/2/)
+      }))
+    }))
+
+  it.effect("a local service that cannot be reached: the caller gets a 502 naming it, the client warns once", () =>
+    Effect.gen(function*() {
+      const port = yield* Effect.promise(freePort)
+      const closed = yield* Effect.promise(freePort)
+      yield* withGateway({ tokens: [{ name: "svc", token: Redacted.make("cli-token"), ports: [port] }] }, Effect.gen(function*() {
+        const gateway = yield* ReverseH2
+        const { child, output } = yield* spawnClient(gateway.address.port, closed, port)
+        yield* until(() => gateway.connections() === 2 || child.exitCode !== null, "the client's connections", 1500)
+        for (const p of ["/a", "/b", "/c"]) {
+          const reply = yield* Effect.promise(() => request(port, p))
+          assert.strictEqual(reply.status, 502)
+          assert.match(reply.body, new RegExp(`upstream 127\\.0\\.0\\.1:${closed} unreachable \\(ECONNREFUSED\\)`))
+        }
+        yield* until(() => /WARN/.test(output()), "the warning", 1500)
+        const warnings = output().split("\n").filter((l) => /WARN.*unreachable.*the local service --expose names/.test(l))
+        assert.strictEqual(warnings.length, 1, output())
+        assert.include(warnings[0]!, `127.0.0.1:${closed}`)
       }))
     }))
 })
