@@ -10,28 +10,46 @@ import type { StreamSocket } from "./yamux/StreamDuplex.ts"
 
 /** Size of the buffer a joined connection reads into. */
 export const JOINED_READ_BUFFER_BYTES = 64 * 1024
+/**
+ * Once both sides have ended their reading, how long bytes still queued toward a side that does not take
+ * them may wait before both are destroyed (ms).
+ */
+export const JOINED_LINGER_MS = 10_000
 
 /**
- * Destroys both once both directions are complete, or at once when either fails or closes before its
- * directions are done. A direction is complete when its writing side finished (`finish`: ended, and
- * everything written handed on), which comes after its reading side ended: destroying at the two reading
- * ends would drop bytes still queued.
+ * Destroys both once both directions are complete, or at once when either fails, closes before its
+ * directions are done, or was destroyed before being joined. A direction is complete when its writing
+ * side finished (`finish`: ended, and everything written handed on), which comes after its reading side
+ * ended: destroying at the two reading ends would drop bytes still queued. Once both reading sides have
+ * ended, what is still queued gets `lingerMs` to be taken.
  */
-const closeTogether = (a: Duplex, b: Duplex, onClose: () => void): void => {
+const closeTogether = (a: Duplex, b: Duplex, onClose: () => void, lingerMs: number): void => {
   let done = false
+  let linger: ReturnType<typeof setTimeout> | undefined
   const finish = () => {
     if (done) return
     done = true
+    if (linger !== undefined) clearTimeout(linger)
     a.destroy()
     b.destroy()
     onClose()
   }
+  if (a.destroyed || b.destroyed) return finish()
   let complete = 0
   const onFinish = () => {
     if (++complete === 2) finish()
   }
   a.once("finish", onFinish)
   b.once("finish", onFinish)
+  let ended = 0
+  const onEnd = () => {
+    if (++ended === 2 && !done) {
+      linger = setTimeout(finish, lingerMs)
+      linger.unref()
+    }
+  }
+  a.once("end", onEnd)
+  b.once("end", onEnd)
   a.once("error", finish)
   b.once("error", finish)
   // a side whose two directions are both done closes by itself (a socket does): that is no failure
@@ -43,8 +61,8 @@ const closeTogether = (a: Duplex, b: Duplex, onClose: () => void): void => {
 }
 
 /** Joins two byte streams both ways; when either closes or fails, both are destroyed. */
-export const joinStreams = (a: Duplex, b: Duplex, onClose: () => void): void => {
-  closeTogether(a, b, onClose)
+export const joinStreams = (a: Duplex, b: Duplex, onClose: () => void, lingerMs: number = JOINED_LINGER_MS): void => {
+  closeTogether(a, b, onClose, lingerMs)
   // half-close is carried through `pipe` (end → end)
   a.pipe(b)
   b.pipe(a)
@@ -58,7 +76,12 @@ export const joinStreams = (a: Duplex, b: Duplex, onClose: () => void): void => 
  * fresh buffer. (A stream that keeps references to what it was written, such as a `PassThrough`, must
  * not be joined this way.) Reading pauses while the stream is above its high-water mark.
  */
-export const joinReading = (stream: StreamSocket, connect: (onread: ReadInto) => net.Socket, onClose: () => void): net.Socket => {
+export const joinReading = (
+  stream: StreamSocket,
+  connect: (onread: ReadInto) => net.Socket,
+  onClose: () => void,
+  lingerMs: number = JOINED_LINGER_MS
+): net.Socket => {
   let buffer: Buffer | undefined
   let held = false
   const socket: net.Socket = connect({
@@ -78,7 +101,7 @@ export const joinReading = (stream: StreamSocket, connect: (onread: ReadInto) =>
       return false
     }
   })
-  closeTogether(stream, socket, onClose)
+  closeTogether(stream, socket, onClose, lingerMs)
   socket.once("end", () => stream.end())
   stream.pipe(socket)
   return socket

@@ -2,7 +2,9 @@
  * A local service joined with a yamux stream through one reused read buffer (`joinReading`), over real
  * loopback TCP both for the session and the local service: every byte arrives once and in order while
  * the far reader stalls (so the stream's window closes and reads are held), uploads and half-closes go
- * through, and nothing is left open afterwards; and the same for `joinStreams` (a raw TCP route).
+ * through, and nothing is left open afterwards; the same for `joinStreams` (a raw TCP route); bytes
+ * queued toward a side that does not read are given up after the linger time; a stream already reset
+ * is not joined.
  */
 import { afterEach, beforeEach, describe, expect, it } from "vitest"
 import * as net from "node:net"
@@ -126,6 +128,56 @@ describe("joinReading: a local service joined with a yamux stream", () => {
       joinStreams(stream, net.createConnection({ host: "127.0.0.1", port, allowHalfOpen: true }), onClose)
     })
     expect(closed).toBe(1)
+  })
+
+  it("a public client that sent its data and left while the far side does not read: both are let go after the linger time", async () => {
+    const { client, server, close } = await tcpSessions()
+    // the tunnel's far side half-closes at once and never reads
+    const far = client.openSocket()
+    far.on("error", () => {})
+    far.pause()
+    far.end()
+    const stream = await within("the stream", new Promise<StreamSocket>((resolve) => server.onSocket(resolve)))
+    stream.on("error", () => {})
+    let released = 0
+    const front = net.createServer({ allowHalfOpen: true }, (socket) => joinStreams(socket, stream, () => released++, 300))
+    const port = await new Promise<number>((r) => front.listen(0, "127.0.0.1", () => r((front.address() as net.AddressInfo).port)))
+    // more than the stream's window, then FIN; it reads the far side's FIN and leaves
+    await within("the public client", new Promise<void>((resolve) => {
+      const c = net.connect({ port, host: "127.0.0.1", allowHalfOpen: true })
+      c.on("error", () => {})
+      c.end(Buffer.alloc(270 * 1024, 1))
+      c.resume()
+      c.on("end", () => c.destroy())
+      c.on("close", () => resolve())
+    }))
+    await within("the release", (async () => {
+      while (released === 0) await new Promise((r) => setTimeout(r, 20))
+    })())
+    expect(released).toBe(1)
+    expect(stream.destroyed).toBe(true)
+    far.destroy()
+    await close()
+    await new Promise((r) => front.close(r))
+  })
+
+  it("a stream reset before it is joined: the local connection is closed at once and onClose runs", async () => {
+    const local = await localService(pattern(1000, 5))
+    const { client, server, close } = await tcpSessions()
+    const accepted = new Promise<StreamSocket>((resolve) => server.onSocket(resolve))
+    const far = client.openSocket()
+    far.write("x")
+    const stream = await within("the stream", accepted)
+    stream.on("error", () => stream.destroy())
+    const gone = new Promise<void>((resolve) => stream.once("close", () => resolve()))
+    far.destroy()
+    await within("the reset", gone)
+    let closed = 0
+    const socket = joinReading(stream, (onread) => net.createConnection({ host: "127.0.0.1", port: local.port, allowHalfOpen: true, onread }), () => closed++)
+    expect(closed).toBe(1)
+    expect(socket.destroyed).toBe(true)
+    await close()
+    await local.close()
   })
 
   it("a local service that fails the connection ends the stream", async () => {

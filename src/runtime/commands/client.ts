@@ -315,7 +315,7 @@ export const clientCommand = Command.make("client", flags, Effect.fn(function*(f
           }
           const local = joinReading(socket, (onread) => net.createConnection({ host: target.host, port: target.port, allowHalfOpen: true, onread }), settle)
           // the public peer for the backend, ahead of the connection's own bytes
-          if (proxyProtocol !== undefined) {
+          if (proxyProtocol !== undefined && !local.destroyed) {
             local.write(encodeProxyHeader(proxyProtocol, {
               sourceAddress: preamble.remoteAddress,
               sourcePort: preamble.remotePort,
