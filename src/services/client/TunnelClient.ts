@@ -330,6 +330,35 @@ export const readPreamble = (socket: StreamSocket, done: (preamble: Preamble | u
   socket.once("close", onClose)
 }
 
+/**
+ * Accepts every stream the peer opens on `core` until the session ends, reads each one's preamble
+ * (a stream without a valid one is closed), names the socket after the preamble's public peer (`peer`
+ * stands in for an empty address or port: the gateway itself, for a pooled HTTP stream) and hands it on.
+ */
+export const acceptWithPreamble = (
+  core: Session.SessionCore,
+  onStream: (socket: StreamSocket, preamble: Preamble) => void,
+  peer?: { readonly host: string; readonly port: number }
+): void => {
+  const acceptNext = (): void => {
+    core.acceptStream((s) => {
+      if (s instanceof Error) return
+      const socket = makeStreamDuplex(s)
+      socket.on("error", () => socket.destroy())
+      readPreamble(socket, (preamble) => {
+        if (preamble === undefined) return
+        socket.remoteAddress = preamble.remoteAddress === "" && peer !== undefined ? peer.host : preamble.remoteAddress
+        socket.remotePort = preamble.remotePort === 0 && peer !== undefined ? peer.port : preamble.remotePort
+        socket.localPort = preamble.localPort
+        if (preamble.localAddress !== undefined) socket.localAddress = preamble.localAddress
+        onStream(socket, preamble)
+      })
+      acceptNext()
+    })
+  }
+  acceptNext()
+}
+
 const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
   const transport = yield* Transport
   const handshakeTimeout = config.handshakeTimeout === undefined
@@ -560,26 +589,11 @@ const make = Effect.fnUntraced(function*(config: TunnelClientConfig) {
       }
       for (const listener of offered) if (!listeners.has(listener.id)) unbindRemotely(listener)
 
-      const acceptNext = (): void => {
-        core.acceptStream((s) => {
-          if (s instanceof Error) return
-          const socket = makeStreamDuplex(s)
-          socket.on("error", () => socket.destroy())
-          readPreamble(socket, (preamble) => {
-            if (preamble === undefined) return
-            const listener = g.byGatewayId.get(preamble.listenerId)
-            if (listener === undefined) return void socket.destroy()
-            const writable = socket as unknown as { remoteAddress?: string; remotePort?: number; localPort?: number; localAddress?: string }
-            writable.remoteAddress = preamble.remoteAddress
-            writable.remotePort = preamble.remotePort
-            writable.localPort = preamble.localPort
-            if (preamble.localAddress !== undefined) writable.localAddress = preamble.localAddress
-            listener.onConnection({ socket, preamble, gateway: g.index })
-          })
-          acceptNext()
-        })
-      }
-      acceptNext()
+      acceptWithPreamble(core, (socket, preamble) => {
+        const listener = g.byGatewayId.get(preamble.listenerId)
+        if (listener === undefined) return void socket.destroy()
+        listener.onConnection({ socket, preamble, gateway: g.index })
+      })
       yield* session.closed.pipe(Effect.mapError((e) => new TunnelClientError({ reason: "Io", message: e.message })))
       return yield* new TunnelClientError({ reason: "Io", message: "the gateway closed the session" })
     }).pipe(Effect.scoped)

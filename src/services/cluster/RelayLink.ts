@@ -26,7 +26,7 @@ import {
   RelayVersion
 } from "../../domain/ClusterRelay.ts"
 import { ControlProtocolError, encodePreamble, type Preamble } from "../../domain/ControlMessage.ts"
-import { readPreamble } from "../client/TunnelClient.ts"
+import { acceptWithPreamble } from "../client/TunnelClient.ts"
 import { refusedConnection } from "../forward/Upstream.ts"
 import { DeferredStream } from "../front/DeferredStream.ts"
 import { readFrame, writeFrame } from "../front/ControlHandshake.ts"
@@ -132,28 +132,13 @@ export const listenRelay = Effect.fnUntraced(function*(options: RelayListenerOpt
       const session = yield* Session.make(link, { role: "server", config: tunnelYamuxConfig(undefined) })
       const core = session.core
       options.onLink?.("opened", node, remote)
-      const acceptNext = (): void => {
-        core.acceptStream((s) => {
-          if (s instanceof Error) return
-          const socket = makeStreamDuplex(s)
-          socket.on("error", () => socket.destroy())
-          readPreamble(socket, (preamble) => {
-            if (preamble === undefined) return
-            const writable = socket as unknown as { remoteAddress?: string; remotePort?: number; localPort?: number; localAddress?: string }
-            // a pooled HTTP stream serves many public clients (each named in X-Forwarded-For by the
-            // relaying gateway): its peer is that gateway; a TCP stream's is the public client
-            writable.remoteAddress = preamble.remoteAddress === "" ? peerHost : preamble.remoteAddress
-            writable.remotePort = preamble.remotePort === 0 ? peerPort : preamble.remotePort
-            writable.localPort = preamble.localPort
-            if (preamble.localAddress !== undefined) writable.localAddress = preamble.localAddress
-            // the per-request instruments say which gateway relayed it
-            ;(socket as unknown as { relayedFrom?: string }).relayedFrom = node
-            options.onStream({ socket, preamble, from: node })
-          })
-          acceptNext()
-        })
-      }
-      acceptNext()
+      // a pooled HTTP stream serves many public clients (each named in X-Forwarded-For by the relaying
+      // gateway): its peer is that gateway; a TCP stream's is the public client
+      acceptWithPreamble(core, (socket, preamble) => {
+        // the per-request instruments say which gateway relayed it
+        ;(socket as unknown as { relayedFrom?: string }).relayedFrom = node
+        options.onStream({ socket, preamble, from: node })
+      }, { host: peerHost, port: peerPort })
       yield* Effect.exit(session.closed)
       options.onLink?.("closed", node, remote)
     }).pipe(Effect.scoped)
