@@ -47,8 +47,12 @@ export interface ExchangeFront {
    * the head (a character HTTP/1.1 forbids), in which case nothing was sent.
    */
   readonly respond: (status: number, headers: ReadonlyArray<string>, bodyless: boolean) => string | undefined
-  /** A chunk of the response body; false when the client's queue is above its mark (wait for `onDrain`). */
-  readonly write: (chunk: Buffer) => boolean
+  /**
+   * A chunk of the response body; false when the client's queue is above its mark (wait for `onDrain`).
+   * `written`, when given, is called once the front door holds `chunk` no more (handed to the client's
+   * socket, or dropped), so the caller may give its memory back (`ReadLease`).
+   */
+  readonly write: (chunk: Buffer, written?: () => void) => boolean
   /** Called after a `write` returned false, once the queue went below its mark. */
   readonly onDrain: (listener: () => void) => void
   /** Ends the response, with its trailers when it has some; returns why they cannot be carried. */

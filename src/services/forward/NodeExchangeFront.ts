@@ -181,9 +181,14 @@ export const nodeExchangeFront = (
       }
       return undefined
     },
-    write: (chunk) => {
-      if (isGone()) return true
-      return (res as http.ServerResponse).write(chunk) || res.writableLength < NodeFrontQueueBytes
+    write: (chunk, written) => {
+      if (isGone()) {
+        written?.()
+        return true
+      }
+      // the stream's callback runs once Node is done with the chunk (sent, or failed)
+      return (res as http.ServerResponse).write(chunk, written === undefined ? undefined : () => written()) ||
+        res.writableLength < NodeFrontQueueBytes
     },
     onDrain: (listener) => void res.on("drain", listener),
     end: (trailers) => {
@@ -293,9 +298,9 @@ export const observeFront = (front: ExchangeFront, observe: (exchange: ObservedE
       if (refused === undefined) status = s
       return refused
     },
-    write: (chunk) => {
+    write: (chunk, written) => {
       sent += chunk.length
-      return front.write(chunk)
+      return front.write(chunk, written)
     },
     end: (trailers) => {
       const refused = front.end(trailers)

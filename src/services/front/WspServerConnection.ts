@@ -107,7 +107,9 @@ export class ServerConnection {
         this.controlFrameRead(payload)
       },
       ping: (payload) => this.controlFrameRead(payload),
-      closed: () => this.onClose()
+      closed: () => this.onClose(),
+      // body fragments are held by the caller's socket until written, under a hold on their read
+      retainsReads: true
     })
   }
 
@@ -198,7 +200,7 @@ export class ServerConnection {
     if (noBody || front.isGone()) return
     // the front door says when the caller's queue is above its mark: the WebSocket is then read no
     // more until it drained
-    if (!front.write(fragment) && !exchange.paused) {
+    if (!front.write(fragment, this.endpoint.retainRead()) && !exchange.paused) {
       exchange.paused = true
       this.endpoint.pause()
     }

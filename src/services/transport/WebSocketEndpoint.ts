@@ -20,6 +20,7 @@ import {
 import { encodeFrameHeader } from "../../domain/WebSocketFrameHeader.ts"
 import { FrameDecoder, type FrameEvents, Opcode } from "../../domain/WebSocketFrames.ts"
 import { type FrameMasking, WebSocketFrameWriter } from "./WebSocketFrameWriter.ts"
+import { noRelease, ReadLease, type ReadRelease } from "../ReadLease.ts"
 import { maskInto, nextMaskKey, unmaskInPlace } from "./WebSocketMasking.ts"
 
 /** Time the peer has to answer a close frame switchyard sent before the socket is destroyed. */
@@ -35,7 +36,10 @@ export interface EndpointHandlers {
   readonly text: (message: string) => void
   /** A binary message begins. */
   readonly binaryStart: () => void
-  /** Payload of the current binary message, a view of one socket read (the consumer may keep it). */
+  /**
+   * Payload of the current binary message, a view of one socket read. The consumer may keep it; with
+   * `retainsReads`, only under a hold taken by `retainRead` during the call.
+   */
   readonly binaryData: (payload: Buffer) => void
   /** The current binary message ended. */
   readonly binaryEnd: () => void
@@ -47,6 +51,12 @@ export interface EndpointHandlers {
   readonly readDone?: (() => void) | undefined
   /** The connection is closed (once): `error` is undefined for a clean close (1000 or no status). */
   readonly closed: (error: WebSocketError | undefined) => void
+  /**
+   * The handlers take a hold (`retainRead`) for every view of a read they keep past the call that handed
+   * it over, so each read's memory is given back once the last hold is released (`ReadLease`). Handlers
+   * that replace these mid-read must retain too.
+   */
+  readonly retainsReads?: boolean | undefined
 }
 
 export interface EndpointOptions {
@@ -89,6 +99,10 @@ export class WebSocketEndpoint {
   private state: State = State.Open
   /** Input not yet decoded: the handshake's leftover before `start`, or the rest of a read after `pause`. */
   private held: Buffer | undefined
+  /** The lease of the read `held` is part of, when it is leased. */
+  private heldLease: ReadLease | undefined = undefined
+  /** The lease of the read being decoded, when the handlers retain reads. */
+  private lease: ReadLease | undefined = undefined
   private paused = true
   private readonly key = new Uint8Array(4)
   /** The peer's close (code and reason), once its close frame arrived. */
@@ -169,8 +183,10 @@ export class WebSocketEndpoint {
     this.paused = false
     this.decoder.release()
     const rest = this.held
+    const restLease = this.heldLease
     this.held = undefined
-    this.decode(rest ?? EMPTY)
+    this.heldLease = undefined
+    this.decode(rest ?? EMPTY, restLease)
     if (this.paused) return
     if (this.socketGone) this.notifyClosed()
     else this.socket.resume()
@@ -182,18 +198,40 @@ export class WebSocketEndpoint {
   private readonly onData = (chunk: Buffer): void => {
     // after a close frame or a failure nothing more is read: the socket is only drained to see its end
     if (this.decoder.stopped) return
+    const lease = this.handlers?.retainsReads === true ? new ReadLease(chunk) : undefined
     if (this.paused) {
       // a read already under way when reads were paused
-      this.held = this.held === undefined ? chunk : Buffer.concat([this.held, chunk])
+      if (this.held === undefined) {
+        this.held = chunk
+        this.heldLease = lease
+      } else {
+        this.held = Buffer.concat([this.held, chunk])
+        this.releaseHeld()
+        lease?.release()
+      }
       return
     }
-    this.decode(chunk)
+    this.decode(chunk, lease)
     this.handlers?.readDone?.()
   }
 
-  private decode(chunk: Buffer): void {
-    const taken = this.decoder.read(chunk, this.events)
+  /** Decodes `chunk` (of the read `lease` holds, if leased); what a pause leaves over is held. */
+  private decode(chunk: Buffer, lease: ReadLease | undefined): void {
+    const outer = this.lease
+    this.lease = lease
+    let taken: number
+    try {
+      taken = this.decoder.read(chunk, this.events)
+    } finally {
+      this.lease = outer
+    }
     const violation = this.decoder.failed
+    if (violation === undefined && taken < chunk.length && this.paused && !this.decoder.stopped) {
+      this.held = chunk.subarray(taken)
+      this.heldLease = lease
+      return
+    }
+    lease?.release()
     if (violation !== undefined) {
       return this.fail(new WebSocketError({
         reason: violation.code === CloseCode.TooLarge ? "TooLarge" : "ProtocolError",
@@ -201,7 +239,20 @@ export class WebSocketEndpoint {
         message: violation.message
       }))
     }
-    if (taken < chunk.length && this.paused && !this.decoder.stopped) this.held = chunk.subarray(taken)
+  }
+
+  /**
+   * A hold on the read whose payload is being handed over, for a consumer that keeps a view of it past
+   * the call (`retainsReads`); does nothing outside a handler's call or when reads are not leased.
+   */
+  retainRead(): ReadRelease {
+    return this.lease === undefined ? noRelease : this.lease.retain()
+  }
+
+  private releaseHeld(): void {
+    const lease = this.heldLease
+    this.heldLease = undefined
+    lease?.release()
   }
 
   private readonly events: FrameEvents = {
@@ -221,7 +272,8 @@ export class WebSocketEndpoint {
       if (this.textBytes > this.maxTextBytes) {
         return this.fail(new WebSocketError({ reason: "TooLarge", code: CloseCode.TooLarge, message: `websocket: a text message larger than ${this.maxTextBytes} bytes` }))
       }
-      parts.push(payload)
+      // a leased read is given back after this call: its part of a text message is copied
+      parts.push(this.lease === undefined ? payload : Buffer.from(payload))
     },
     messageEnd: () => {
       const parts = this.textParts
@@ -301,6 +353,7 @@ export class WebSocketEndpoint {
     if (this.failure === undefined && this.held !== undefined && this.paused) return
     this.notified = true
     this.held = undefined
+    this.releaseHeld()
     const peer = this.peerClose
     const error = this.failure ??
       (peer === undefined
@@ -333,8 +386,10 @@ export class WebSocketEndpoint {
       this.paused = false
       this.decoder.release()
       const rest = this.held
+      const restLease = this.heldLease
       this.held = undefined
-      if (rest !== undefined) this.decode(rest)
+      this.heldLease = undefined
+      if (rest !== undefined) this.decode(rest, restLease)
       this.socket.resume()
     }
   }

@@ -3,6 +3,7 @@
  * by hand, frame by frame, as the wsp protocol describes, so nothing of our own client is involved.
  */
 import { describe, expect, it } from "@effect/vitest"
+import { createHash } from "node:crypto"
 import * as http from "node:http"
 import * as net from "node:net"
 import { Effect, Logger, Redacted } from "effect"
@@ -803,29 +804,41 @@ describe("WspServer against a hand-written wsp client", () => {
       )
     })))
 
-  it.live("pushes back on the wsp client when the caller reads slowly", () =>
+  it.live("pushes back on the wsp client when the caller reads slowly, and delivers every byte intact", () =>
     noLeaks(Effect.gen(function*() {
       const { port, peer } = yield* oneRegisteredPeer
       const total = 48 * 1024 * 1024
       let received = 0
+      const receivedHash = createHash("sha256")
+      const sentHash = createHash("sha256")
       let response: http.IncomingMessage | undefined
       const req = http.get({ host: "127.0.0.1", port, path: "/request", agent: false, headers: { "X-Proxy-Destination": "http://d/big" } }, (res) => {
         response = res
         res.pause()
-        res.on("data", (c: Buffer) => (received += c.length))
+        res.on("data", (c: Buffer) => {
+          received += c.length
+          receivedHash.update(c)
+        })
       })
       req.on("error", () => undefined)
       yield* next(peer)
       yield* next(peer)
       peer.send(`{"StatusCode":200,"Header":{},"ContentLength":${total}}`)
       // a well-behaved sender: the next fragment goes out only when its own buffer is nearly empty.
-      // The caller reads nothing, so once the server stops reading the WebSocket the sender stalls
-      const fragment = Buffer.alloc(64 * 1024, 7)
+      // The caller reads nothing, so once the server stops reading the WebSocket the sender stalls.
+      // Each fragment differs, so a byte given back before it was written would show in the hash
       let sent = 0
+      const nextFragment = (): Buffer => {
+        const fragment = Buffer.alloc(64 * 1024, (sent / 65536) & 0xff)
+        fragment.writeUInt32BE(sent, 0)
+        sentHash.update(fragment)
+        return fragment
+      }
       const stalledAt = yield* Effect.promise(async () => {
         let lastProgress = Date.now()
         while (sent < total && Date.now() - lastProgress < 1000) {
           if (peer.ws.bufferedAmount < 256 * 1024) {
+            const fragment = nextFragment()
             sent += fragment.length
             peer.ws.send(fragment, { binary: true, fin: sent >= total })
             lastProgress = Date.now()
@@ -841,6 +854,7 @@ describe("WspServer against a hand-written wsp client", () => {
       const rest = Effect.runPromise(Effect.promise(async () => {
         while (sent < total) {
           if (peer.ws.bufferedAmount < 256 * 1024) {
+            const fragment = nextFragment()
             sent += fragment.length
             peer.ws.send(fragment, { binary: true, fin: sent >= total })
           } else {
@@ -851,6 +865,7 @@ describe("WspServer against a hand-written wsp client", () => {
       response!.resume()
       yield* Effect.promise(() => rest)
       yield* waitFor("everything delivered once the caller reads", () => received === total, 20_000)
+      expect(receivedHash.digest("hex")).toBe(sentHash.digest("hex"))
       expect(peer.ws.bufferedAmount).toBe(0)
     })))
 

@@ -200,6 +200,70 @@ describe("WebSocketEndpoint against ws", () => {
     { timeout: 120_000, arbitrary: { runs: 12 } }
   )
 
+  it.live.prop(
+    "a consumer that retains reads keeps its views intact, across pauses, until it releases them; then the reads are given back",
+    { messages: Schema.Array(Message).check(Schema.isBetweenLength(1, 8)), pauseEvery: Schema.Int.check(Schema.isBetween({ minimum: 1, maximum: 5 })) },
+    ({ messages, pauseEvery }) =>
+      noLeaks(Effect.gen(function*() {
+        const srv = yield* endpointServer()
+        const peer = new WebSocket(`ws://127.0.0.1:${srv.port}/`, { perMessageDeflate: false })
+        peer.on("error", () => {})
+        const endpoint = yield* Effect.promise(() => bounded("accept", srv.next()))
+        yield* Effect.promise(() => bounded("open", new Promise((r) => peer.once("open", r))))
+        // views kept as handed over (never copied), each under a hold on its read
+        const kept: Array<{ readonly view: Buffer; readonly memory: ArrayBufferLike }> = []
+        const releases: Array<() => void> = []
+        const got: Array<string> = []
+        let current: Array<Buffer> = []
+        let parts = 0
+        let arrived!: () => void
+        const all = new Promise<void>((r) => (arrived = r))
+        endpoint.start({
+          text: (t) => (got.push(`t:${t}`), got.length === messages.length && arrived()),
+          binaryStart: () => void (current = []),
+          binaryData: (p) => {
+            releases.push(endpoint.retainRead())
+            kept.push({ view: p, memory: p.buffer })
+            current.push(p)
+            // pausing mid-read leaves the rest of the read held by the endpoint
+            if (++parts % pauseEvery === 0) {
+              endpoint.pause()
+              setTimeout(() => endpoint.resume(), 1)
+            }
+          },
+          binaryEnd: () => {
+            got.push(`b:${Buffer.concat(current).toString("hex")}`)
+            if (got.length === messages.length) arrived()
+          },
+          closed: () => {},
+          retainsReads: true
+        })
+        const expected = messages.map((m, k) => {
+          const chunks = m.parts.map((n, i) => m.binary ? payloadOf(n, k + i) : Buffer.from(textOf(n, k + i)))
+          if (!m.binary) {
+            peer.send(Buffer.concat(chunks).toString("utf8"))
+            return `t:${Buffer.concat(chunks).toString("utf8")}`
+          }
+          chunks.forEach((c, i) => peer.send(c, { binary: true, fin: i === chunks.length - 1 }))
+          return `b:${Buffer.concat(chunks).toString("hex")}`
+        })
+        yield* Effect.promise(() => bounded("every message", all))
+        assert.deepStrictEqual(got, expected)
+        // nothing retained was given back, however many reads went by: every view still holds its bytes
+        for (const { memory } of kept) assert.isFalse((memory as ArrayBuffer).detached)
+        const binaryBytes = Buffer.concat(messages.flatMap((m, k) => m.binary ? m.parts.map((n, i) => payloadOf(n, k + i)) : []))
+        assert.strictEqual(Buffer.concat(kept.map((k) => k.view)).toString("hex"), binaryBytes.toString("hex"))
+        const bytesKept = binaryBytes.length
+        for (const release of releases) release()
+        // once released, reads that were memory of their own are freed (a concatenation of held
+        // reads is not: it is left to the collector)
+        const memories = new Set(kept.map((k) => k.memory as ArrayBuffer))
+        if (bytesKept > 0) assert.isTrue([...memories].some((m) => m.detached), "some read was given back")
+        peer.terminate()
+      })),
+    { timeout: 120_000, arbitrary: { runs: 12 } }
+  )
+
   it.live("pings are answered both ways; close codes and reasons cross intact", () =>
     noLeaks(Effect.gen(function*() {
       const srv = yield* wsServer

@@ -165,7 +165,7 @@ export abstract class MessageSide extends RequestSide {
         this.socket.resume()
       },
       respond: (status, headers, bodyless) => this.messageHead(m, status, headers, bodyless),
-      write: (chunk) => this.messageData(m, chunk),
+      write: (chunk, written) => this.messageData(m, chunk, written),
       onDrain: (listener) => {
         if (!m.over) m.drained.push(listener)
       },
@@ -238,22 +238,26 @@ export abstract class MessageSide extends RequestSide {
     this.socket.uncork()
   }
 
-  private messageData(m: MessageExchange, chunk: Buffer): boolean {
-    if (m.over || this.message !== m || !this.responseHeadSent || m.bodyless || chunk.length === 0) return true
+  private messageData(m: MessageExchange, chunk: Buffer, written: (() => void) | undefined): boolean {
+    if (m.over || this.message !== m || !this.responseHeadSent || m.bodyless || chunk.length === 0) {
+      written?.()
+      return true
+    }
     const socket = this.socket
     this.corkTurn()
     let ok: boolean
+    // a write's callback runs once the socket took its bytes, or failed them (the socket destroyed)
     if (m.chunked) {
       const size = Buffer.from(`${chunk.length.toString(16)}\r\n`, "latin1")
       this.sentBytes += size.length + chunk.length + 2
       socket.cork()
       socket.write(size)
-      socket.write(chunk)
+      socket.write(chunk, written)
       ok = socket.write(CRLF)
       socket.uncork()
     } else {
       this.sentBytes += chunk.length
-      ok = socket.write(chunk)
+      ok = socket.write(chunk, written)
     }
     if (ok || socket.writableLength < WRITE_QUEUE_PAUSE_BYTES) return true
     this.upstreamPaused = true
