@@ -124,6 +124,8 @@ export interface FrameParser {
   readonly push: (chunk: Uint8Array) => ParseResult
   /** Bytes held for a frame not yet complete (at most 12 + maxFrameSize). */
   readonly buffered: () => number
+  /** Whether a Data frame not yet complete holds parts of the chunks pushed (zero-copy parsing only). */
+  readonly holdsParts: () => boolean
   /** True once an error was returned; every later push fails with ParserDead. */
   readonly dead: () => boolean
 }
@@ -251,6 +253,7 @@ export const makeFrameParser = (options: FrameParserOptions): FrameParser => {
   return {
     push,
     buffered: () => headFill + (current ? bodyFill : 0),
+    holdsParts: () => parts !== undefined && parts.length > 0,
     dead: () => failed !== undefined
   }
 }

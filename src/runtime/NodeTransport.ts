@@ -9,6 +9,7 @@ import * as fs from "node:fs"
 import * as net from "node:net"
 import type * as stream from "node:stream"
 import * as tls from "node:tls"
+import { ReadLease } from "../services/ReadLease.ts"
 import {
   type Address,
   type Connection,
@@ -74,7 +75,15 @@ export const fromSocket = (
     start: (h) => {
       handlers = h
       if (head !== undefined && head.length > 0) h.onData(head)
-      socket.on("data", (chunk: Buffer) => h.onData(chunk))
+      // each read is leased: its memory goes back once the handler (and whoever it handed views to)
+      // is done with it, rather than when V8 next collects
+      if (h.retainsReads === true) {
+        socket.on("data", (chunk: Buffer) => {
+          const lease = new ReadLease(chunk)
+          h.onData(chunk, lease)
+          lease.release()
+        })
+      } else socket.on("data", (chunk: Buffer) => h.onData(chunk))
       socket.on("end", () => h.onEnd())
       if (isClosed) queueMicrotask(() => h.onClose(failure))
       else socket.resume()

@@ -13,9 +13,15 @@
 /** A hold on a read, released once (later calls do nothing). */
 export type ReadRelease = () => void
 
+/** Where a holder of views of a read takes its hold. */
+export interface ReadHolds {
+  /** A hold for a holder that keeps views of the read past the current call. */
+  readonly retain: () => ReadRelease
+}
+
 const NOOP: ReadRelease = () => {}
 
-export class ReadLease {
+export class ReadLease implements ReadHolds {
   /** The reader's own hold, plus one per `retain` not yet released. */
   private holds = 1
   private readonly chunk: Uint8Array
@@ -50,6 +56,22 @@ export class ReadLease {
 
 /** A release for holders of memory that is not leased (nothing to give back). */
 export const noRelease: ReadRelease = NOOP
+
+/**
+ * `release` shared by `n` holders (the parts of one frame): each gets its own release, and `release`
+ * runs once all `n` were released.
+ */
+export const shareRelease = (release: ReadRelease, n: number): Array<ReadRelease> => {
+  let left = n
+  return Array.from({ length: n }, () => {
+    let released = false
+    return () => {
+      if (released) return
+      released = true
+      if (--left === 0) release()
+    }
+  })
+}
 
 /** Detaches `chunk`'s memory when `chunk` is the whole of an `ArrayBuffer` of its own. */
 const freeRead = (chunk: Uint8Array): void => {

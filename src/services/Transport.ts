@@ -5,6 +5,7 @@
  */
 import { Context, Effect, Schema } from "effect"
 import type { Scope } from "effect"
+import type { ReadHolds } from "./ReadLease.ts"
 
 export class TransportError extends Schema.TaggedError<TransportError>()("TransportError", {
   reason: Schema.Literals(["Closed", "Io", "Dial", "Listen"]),
@@ -33,10 +34,14 @@ export interface TlsOptions {
 
 export interface ConnectionHandlers {
   /**
-   * A chunk arrived. Not called while paused. The chunk is the handler's to keep: the connection
-   * never reads into its memory again.
+   * A chunk arrived. Not called while paused. The connection never reads into its memory again.
+   * Without `holds` the chunk is the handler's to keep. With `holds` (the read is leased, `ReadLease`;
+   * only for handlers that say `retainsReads`) its memory is given back after the call unless the
+   * handler took a hold (`holds.retain()`) for the views it keeps, which it releases once done with them.
    */
-  readonly onData: (chunk: Uint8Array) => void
+  readonly onData: (chunk: Uint8Array, holds?: ReadHolds) => void
+  /** The handler takes a hold for every view of a chunk it keeps past `onData`: reads may be leased. */
+  readonly retainsReads?: boolean | undefined
   /** The peer half-closed: no more data will arrive. */
   readonly onEnd: () => void
   /** The connection is fully closed; `error` when it failed. Called exactly once. */

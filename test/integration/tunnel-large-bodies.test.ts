@@ -105,7 +105,7 @@ const exercise = (tunnel: TunnelClient["Service"]) =>
   })
 
 describe("control-port tunnels: large bodies", () => {
-  it.live("over TCP (the gateway reusing its read memory): byte for byte to fast and slow readers at once, beside a raw TCP stream", () =>
+  it.live("over TCP (the gateway giving each read back once its bytes are written): byte for byte to fast and slow readers at once, beside a raw TCP stream", () =>
     Effect.gen(function*() {
       const before = activeHandles()
       yield* Effect.scoped(Effect.gen(function*() {
@@ -115,7 +115,7 @@ describe("control-port tunnels: large bodies", () => {
       yield* Effect.promise(() => expectNoLeaks(before))
     }), 60_000)
 
-  it.live("over a WebSocket (frames read by the gateway into reused memory, one write to the client per turn): the same, byte for byte", () =>
+  it.live("over a WebSocket (each read given back once its frames are written, one write to the client per turn): the same, byte for byte", () =>
     Effect.gen(function*() {
       const before = activeHandles()
       yield* Effect.scoped(Effect.gen(function*() {

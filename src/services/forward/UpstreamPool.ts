@@ -8,6 +8,7 @@
  * connection's current owner gets its events through one set of listeners installed per connection.
  */
 import type { Duplex } from "node:stream"
+import type { ReadRelease } from "../ReadLease.ts"
 import type { ReadBatchListener } from "../Transport.ts"
 import type { Upstream } from "./Upstream.ts"
 
@@ -15,9 +16,17 @@ import type { Upstream } from "./Upstream.ts"
 const isBatching = (socket: Duplex): socket is Duplex & { batchListener: ReadBatchListener | undefined } =>
   "batchListener" in socket
 
+/** A socket whose `data` listener may take the hold on the read a chunk is a view of (a yamux stream socket). */
+const isLeasing = (socket: Duplex): socket is Duplex & { takeReadRelease: (chunk: Uint8Array) => ReadRelease | undefined } =>
+  "takeReadRelease" in socket
+
 /** The exchange currently using a connection; receives its events. */
 export interface ConnectionOwner {
-  readonly upstreamData: (chunk: Buffer) => void
+  /**
+   * Bytes from the upstream. `release`, when given, is a hold on the read the chunk is a view of: the
+   * owner calls it once it keeps no view of the chunk (its bytes written out), or leaves it uncalled.
+   */
+  readonly upstreamData: (chunk: Buffer, release?: ReadRelease) => void
   readonly upstreamEnd: () => void
   readonly upstreamClose: (error: (Error & { code?: string }) | undefined) => void
   readonly upstreamDrain: () => void
@@ -86,6 +95,8 @@ export class PooledConnection {
   /** When it last went idle (`performance.now()`). */
   idleSince = 0
   private readBuffer: Buffer | undefined = undefined
+  /** The socket, when its reads may come with holds on the memory they are views of. */
+  private leasing: { readonly takeReadRelease: (chunk: Uint8Array) => ReadRelease | undefined } | undefined = undefined
   /** The last read filled the buffer. */
   private filled = false
 
@@ -100,6 +111,7 @@ export class PooledConnection {
       ? upstream.connectReading({ buffer: this.nextBuffer, callback: this.onRead })
       : upstream.connect()
     this.socket = socket
+    if (isLeasing(socket)) this.leasing = socket
     if (upstream.connectReading === undefined) socket.on("data", this.onData)
     if (isBatching(socket)) socket.batchListener = this.batches
     socket.on("end", this.onEnd)
@@ -175,7 +187,7 @@ export class PooledConnection {
 
   private readonly onData = (chunk: Buffer): void => {
     const owner = this.owner
-    if (owner !== undefined) owner.upstreamData(chunk)
+    if (owner !== undefined) owner.upstreamData(chunk, this.leasing?.takeReadRelease(chunk))
     else {
       // bytes nobody asked for: the connection cannot be trusted
       this.pool?.outOfTurn(chunk.length)

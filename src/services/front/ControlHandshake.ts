@@ -54,8 +54,16 @@ export const readFrame = (conn: Connection, maxBytes: number, onFirstBytes?: () 
       resume(Effect.fail(error))
     }
     conn.start({
-      onData: (chunk) => {
-        if (next !== undefined) return next.onData(chunk)
+      onData: (chunk, holds) => {
+        if (next !== undefined) {
+          if (next.retainsReads === true) return next.onData(chunk, holds)
+          // a next owner that does not retain what it keeps: the read stays held (left to the collector)
+          holds?.retain()
+          return next.onData(chunk)
+        }
+        // the handshake's reader keeps what it is given (the frame, then what follows it for the next
+        // owner): a leased read stays held, left to the collector
+        holds?.retain()
         if (onFirstBytes !== undefined && chunk.length > 0) {
           onFirstBytes()
           onFirstBytes = undefined
@@ -82,7 +90,8 @@ export const readFrame = (conn: Connection, maxBytes: number, onFirstBytes?: () 
         if (next !== undefined) return next.onClose(error)
         closed = { error }
         fail(new ControlProtocolError({ reason: "Truncated", message: "the connection closed during the handshake" }))
-      }
+      },
+      retainsReads: true
     })
     return Effect.sync(() => conn.pause())
   })

@@ -10,6 +10,7 @@
 import { Deferred, Duration, Effect, Option } from "effect"
 import type { Scope } from "effect"
 import { CloseCode, WebSocketError } from "../../domain/WebSocketClose.ts"
+import type { ReadHolds } from "../ReadLease.ts"
 import { type Address, type Connection, type ConnectionHandlers, TransportError } from "../Transport.ts"
 import type { WebSocketEndpoint } from "./WebSocketEndpoint.ts"
 
@@ -124,13 +125,18 @@ class WsConnection implements WebSocketConnection {
 
   readonly start = (handlers: ConnectionHandlers): void => {
     this.handlers = handlers
-    this.endpoint.start({
+    const endpoint = this.endpoint
+    const retains = handlers.retainsReads === true
+    const holds: ReadHolds = { retain: () => endpoint.retainRead() }
+    endpoint.start({
       text: noop,
       binaryStart: noop,
-      binaryData: (payload) => void handlers.onData(payload),
+      binaryData: retains ? (payload) => void handlers.onData(payload, holds) : (payload) => void handlers.onData(payload),
       binaryEnd: noop,
       pong: () => this.onPong?.(),
-      closed: (error) => this.onClosed(error)
+      closed: (error) => this.onClosed(error),
+      // a consumer that retains what it keeps lets the endpoint give each read back once done
+      retainsReads: retains
     })
   }
 

@@ -9,6 +9,7 @@ import { Cause, Clock, Duration, Effect, Scope } from "effect"
 import * as F from "../../domain/Frame.ts"
 import { type FrameParser, makeFrameParser } from "../../domain/FrameCodec.ts"
 import { TokenBucket } from "../../domain/RateLimit.ts"
+import type { ReadHolds, ReadRelease } from "../ReadLease.ts"
 import type { Connection, TransportError } from "../Transport.ts"
 import { type AssembledBatch, FrameAssembler } from "./FrameAssembler.ts"
 import { StreamCore, type StreamHost, YamuxStream } from "./Stream.ts"
@@ -105,6 +106,10 @@ export class SessionCore implements StreamHost {
   private connClosedListeners: Array<() => void> = []
   /** A chunk is being handled: readable notifications wait for its end. */
   private handling = false
+  /** Where streams take holds on the read being handled, when the connection leases its reads. */
+  private readHolds: ReadHolds | undefined = undefined
+  /** Holds on the reads the parts of an incomplete Data frame are views of. */
+  private partHolds: Array<ReadRelease> = []
   private readableStreams: Array<StreamCore> = []
   /** Virtual or real time in ms, from the session's Clock (so TestClock drives timeouts). */
   now: () => number = () => Date.now()
@@ -129,7 +134,7 @@ export class SessionCore implements StreamHost {
     if (peerStreamOpenRate !== undefined) this.openBucket = new TokenBucket(peerStreamOpenRate, this.now())
     if (peerFrameRate !== undefined) this.frameBucket = new TokenBucket(peerFrameRate, this.now())
     this.conn.start({
-      onData: (chunk) => this.onChunk(chunk),
+      onData: (chunk, holds) => this.onChunk(chunk, holds),
       onEnd: () => {
         this.onTransportEnd(undefined)
         // The peer will send nothing more and the session is over: finish our side too.
@@ -140,7 +145,9 @@ export class SessionCore implements StreamHost {
         const ls = this.connClosedListeners
         this.connClosedListeners = []
         for (const l of ls) l()
-      }
+      },
+      // streams keep the views of frames they received under holds on their reads
+      retainsReads: true
     })
   }
 
@@ -155,20 +162,29 @@ export class SessionCore implements StreamHost {
    * Handles one chunk read from the connection. Streams that became readable hear of it once, after
    * every frame in the chunk was taken in, so a reader gets all of a stream's new data in one turn.
    */
-  onChunk(chunk: Uint8Array): void {
+  onChunk(chunk: Uint8Array, holds?: ReadHolds): void {
     if (this.outcome) return
     const outer = this.handling
+    const outerHolds = this.readHolds
     this.handling = true
+    this.readHolds = holds
     const { error, frames } = this.parser.push(chunk)
     const frameBucket = this.frameBucket
     if (frameBucket !== undefined && frames.length > 0 && !frameBucket.take(this.now(), frames.length)) {
       this.rateExceeded("FrameRateExceeded", `the peer sent frames faster than ${frameBucket.limit.perSecond} per second`)
     }
     for (let i = 0; i < frames.length && this.outcome === undefined; i++) {
-      const problem = this.dispatch(frames[i]!)
+      const frame = frames[i]!
+      const problem = this.dispatch(frame)
+      // the parts of a frame no stream took (discarded, or refused) are not held for it
+      if (frame.parts !== undefined && this.partHolds.length > 0) this.releasePartHolds()
       if (problem) this.protocolError(problem.message)
     }
     if (error && this.outcome === undefined) this.protocolError(error.message)
+    // a Data frame this read left incomplete keeps parts of it in the parser: they are held until the
+    // frame is complete and handed to its stream
+    if (holds !== undefined && this.parser.holdsParts()) this.partHolds.push(holds.retain())
+    this.readHolds = outerHolds
     this.handling = outer
     if (outer) return
     const ready = this.readableStreams
@@ -176,6 +192,28 @@ export class SessionCore implements StreamHost {
       this.readableStreams = []
       for (let i = 0; i < ready.length; i++) ready[i]!.flushReadable()
     }
+  }
+
+  /**
+   * The hold a stream keeps on the reads a Data frame's body is a view of (the read being handled, and
+   * those a frame split across reads began in); undefined when reads are not leased.
+   */
+  private frameRelease(f: F.Frame): ReadRelease | undefined {
+    if (f.type !== F.TYPE_DATA || f.length === 0) return undefined
+    const current = this.readHolds?.retain()
+    if (f.parts === undefined || this.partHolds.length === 0) return current
+    const earlier = this.partHolds
+    this.partHolds = []
+    return () => {
+      current?.()
+      for (const release of earlier) release()
+    }
+  }
+
+  private releasePartHolds(): void {
+    const holds = this.partHolds
+    this.partHolds = []
+    for (const release of holds) release()
   }
 
   deferReadable(stream: StreamCore): boolean {
@@ -214,7 +252,7 @@ export class SessionCore implements StreamHost {
     if (id === F.SESSION_STREAM_ID) return yamuxError("ProtocolError", `${F.typeName(f.type)} frame on stream 0`)
     if (f.flags & F.FLAG_SYN) return this.onSyn(f)
     const stream = this.streams.get(id)
-    if (stream) return stream.receive(f.type, f.flags, f.length, f.body, f.parts)
+    if (stream) return stream.receive(f.type, f.flags, f.length, f.body, f.parts, this.frameRelease(f))
     // hashicorp/yamux discards frames for streams it just closed or reset: so do we. Ids never opened are errors.
     const seen = this.isOurs(id) ? id < this.nextId : id <= this.highestPeerId
     if (seen) return undefined
@@ -243,7 +281,7 @@ export class SessionCore implements StreamHost {
     const stream = new StreamCore(this, id, this.config.maxStreamWindow, false)
     this.streams.set(id, stream)
     this.peerStreams++
-    const problem = stream.receive(f.type, f.flags & ~F.FLAG_SYN, f.length, f.body, f.parts)
+    const problem = stream.receive(f.type, f.flags & ~F.FLAG_SYN, f.length, f.body, f.parts, this.frameRelease(f))
     if (problem) return problem
     const waiter = this.acceptWaiters.shift()
     if (waiter) {

@@ -14,6 +14,7 @@ import {
   TYPE_DATA,
   TYPE_WINDOW_UPDATE
 } from "../../domain/Frame.ts"
+import { noRelease, type ReadRelease, shareRelease } from "../ReadLease.ts"
 import type { Address } from "../Transport.ts"
 import { makeStreamDuplex } from "./StreamDuplex.ts"
 import { type YamuxError, yamuxError } from "./YamuxError.ts"
@@ -75,7 +76,15 @@ export class StreamCore {
   pendingGrant = 0
   /** Received, unread chunks (bounded by the window). */
   private recvBuf: Array<Uint8Array> = []
+  /** Beside each of `recvBuf`, the hold on the connection read it is a view of, if leased. */
+  private recvReleases: Array<ReadRelease | undefined> = []
   private recvHead = 0
+  /**
+   * The hold on the read the chunk `tryRead` returned last is a view of, when that read is leased: a
+   * reader that keeps the chunk past the call may take it (and must then release it once done with
+   * the chunk); one that does not take it leaves the read to the collector.
+   */
+  private lastRelease: ReadRelease | undefined = undefined
   recvBytes = 0
   /** How much Data the peer will still accept from us. */
   sendWindow = INITIAL_STREAM_WINDOW
@@ -126,7 +135,8 @@ export class StreamCore {
     flags: number,
     length: number,
     body: Uint8Array | undefined,
-    parts?: ReadonlyArray<Uint8Array>
+    parts?: ReadonlyArray<Uint8Array>,
+    release?: ReadRelease
   ): YamuxError | undefined {
     if (flags & FLAG_ACK && this.awaitingAck) {
       this.awaitingAck = false
@@ -144,12 +154,20 @@ export class StreamCore {
         }
         this.recvWindow -= length
         if (this.error === undefined) {
-          if (body !== undefined) this.recvBuf.push(body)
-          else for (const part of parts!) this.recvBuf.push(part)
+          if (body !== undefined) {
+            this.recvBuf.push(body)
+            this.recvReleases.push(release)
+          } else {
+            const shares = release !== undefined && parts!.length > 1 ? shareRelease(release, parts!.length) : undefined
+            for (let i = 0; i < parts!.length; i++) {
+              this.recvBuf.push(parts![i]!)
+              this.recvReleases.push(shares !== undefined ? shares[i] : release)
+            }
+          }
           this.recvBytes += length
           this.host.received(length, !this.accepted)
-        }
-      }
+        } else release?.()
+      } else release?.()
     } else if (length > 0) {
       this.sendWindow += length
       if (this.waitingWindow) {
@@ -181,17 +199,33 @@ export class StreamCore {
 
   // ---- reading ------------------------------------------------------------------------------------
 
+  /**
+   * Takes the hold on the read the chunk `tryRead` returned last is a view of (`noRelease` when that read
+   * is not leased). Call it right after `tryRead`, only to keep the chunk past the call; release the
+   * hold once done with the chunk.
+   */
+  takeRelease(): ReadRelease {
+    const release = this.lastRelease
+    this.lastRelease = undefined
+    return release ?? noRelease
+  }
+
   /** The next chunk, EOF, an error, or `undefined` when nothing is there yet. Counts as consumed. */
   tryRead(): ReadResult {
+    this.lastRelease = undefined
     if (this.hardError) return this.error
     if (this.recvBytes > 0) {
       const chunk = this.recvBuf[this.recvHead]!
+      this.lastRelease = this.recvReleases[this.recvHead]
+      this.recvReleases[this.recvHead] = undefined
       this.recvBuf[this.recvHead++] = undefined as unknown as Uint8Array
       if (this.recvHead === this.recvBuf.length) {
         this.recvBuf = []
+        this.recvReleases = []
         this.recvHead = 0
       } else if (this.recvHead > 64 && this.recvHead * 2 > this.recvBuf.length) {
         this.recvBuf = this.recvBuf.slice(this.recvHead)
+        this.recvReleases = this.recvReleases.slice(this.recvHead)
         this.recvHead = 0
       }
       this.recvBytes -= chunk.length
@@ -369,7 +403,10 @@ export class StreamCore {
       this.hardError = true
       if (this.recvBytes > 0) {
         this.host.consumed(this.recvBytes, !this.accepted)
+        // dropped unread: their reads are given back
+        for (let i = this.recvHead; i < this.recvReleases.length; i++) this.recvReleases[i]?.()
         this.recvBuf = []
+        this.recvReleases = []
         this.recvHead = 0
         this.recvBytes = 0
       }

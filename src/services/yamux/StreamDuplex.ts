@@ -4,6 +4,7 @@
  * window both ways, and the socket knobs (`setTimeout`, `setNoDelay`, `ref`...) behave sensibly.
  */
 import { Duplex } from "node:stream"
+import type { ReadRelease } from "../ReadLease.ts"
 import type { ReadBatchListener } from "../Transport.ts"
 import type { StreamCore } from "./Stream.ts"
 import type { YamuxError } from "./YamuxError.ts"
@@ -26,6 +27,9 @@ export class StreamSocket extends Duplex {
   private readonly pullBound: () => void
   /** Set by a reader that wants to know where each run of `data` events begins and ends. */
   batchListener: ReadBatchListener | undefined = undefined
+  /** The chunk `push` is handing to `data` listeners right now, and the hold on the read it is a view of. */
+  private emitting: Uint8Array | undefined = undefined
+  private emittingRelease: ReadRelease | undefined = undefined
 
   constructor(core: StreamCore) {
     super({ allowHalfOpen: true })
@@ -52,7 +56,9 @@ export class StreamSocket extends Duplex {
   }
 
   override _read(): void {
-    this.pull()
+    // chunks pushed from within `_read` wait in the readable buffer and reach `data` listeners later;
+    // pushed from a microtask they are emitted at once, with the hold on their read (`takeReadRelease`)
+    queueMicrotask(this.pullBound)
   }
 
   private pull(): void {
@@ -80,12 +86,31 @@ export class StreamSocket extends Duplex {
       if (r instanceof Uint8Array) {
         this.bytesRead += r.length
         this.touch()
-        if (!this.push(r)) return
+        this.emitting = r
+        this.emittingRelease = this.core.takeRelease()
+        const more = this.push(r)
+        // a hold nobody took stays unreleased: the chunk may wait in the readable buffer
+        this.emitting = undefined
+        this.emittingRelease = undefined
+        if (!more) return
         continue
       }
       this.destroy(r as YamuxError)
       return
     }
+  }
+
+  /**
+   * For a `data` listener: the hold on the session read `chunk` is a view of, when `chunk` is being
+   * emitted by the push that took it from the stream (not later, from the readable buffer) and that read
+   * is leased (`ReadLease`). The one listener that takes it releases it once done with the chunk (its
+   * bytes written out); otherwise the read is left to the collector.
+   */
+  takeReadRelease(chunk: Uint8Array): ReadRelease | undefined {
+    if (chunk !== this.emitting) return undefined
+    const release = this.emittingRelease
+    this.emittingRelease = undefined
+    return release
   }
 
   override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {

@@ -9,6 +9,7 @@
 import { responseHeadBytes, switchingHeadBytes } from "../../../domain/Http1Heads.ts"
 import { BodyFramer, type Http1Error, type ResponseHead, responseFraming } from "../../../domain/Http1Parser.ts"
 import { contentLengthValues } from "../../../domain/ContentLength.ts"
+import type { ReadRelease } from "../../ReadLease.ts"
 import { connectionRefusal } from "../Upstream.ts"
 import type { ConnectionOwner, PooledConnection } from "../UpstreamPool.ts"
 import { EXCHANGE, TUNNEL, WAITING } from "./ConnectionState.ts"
@@ -130,7 +131,7 @@ export class ClientConnection extends MessageSide implements ConnectionOwner {
     }
   }
 
-  readonly upstreamData = (chunk: Buffer): void => {
+  readonly upstreamData = (chunk: Buffer, release?: ReadRelease): void => {
     this.upstreamBytes += chunk.length
     const framer = this.responseFramer
     if (framer !== undefined) {
@@ -149,8 +150,9 @@ export class ClientConnection extends MessageSide implements ConnectionOwner {
         let ok = true
         if (f > 0) {
           this.sentBytes += f
-          ok = socket.write(f === chunk.length ? chunk : chunk.subarray(0, f))
-        }
+          // the chunk is not kept past its write: its read goes back once the client's socket took it
+          ok = socket.write(f === chunk.length ? chunk : chunk.subarray(0, f), release)
+        } else release?.()
         if (trailers !== undefined) {
           this.sentBytes += trailers.length
           ok = socket.write(trailers)
