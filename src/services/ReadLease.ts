@@ -24,10 +24,15 @@ const NOOP: ReadRelease = () => {}
 export class ReadLease implements ReadHolds {
   /** The reader's own hold, plus one per `retain` not yet released. */
   private holds = 1
-  private readonly chunk: Uint8Array
+  /** What is done once the last hold is released: the read detached, or a hold further up released. */
+  private readonly free: () => void
 
-  constructor(chunk: Uint8Array) {
-    this.chunk = chunk
+  /**
+   * A lease on `chunk`, detached once every hold was released; or, given a release, holds counted on a
+   * chunk that is itself under one hold (several holders downstream of one), released with the last.
+   */
+  constructor(chunk: Uint8Array | ReadRelease) {
+    this.free = typeof chunk === "function" ? chunk : () => freeRead(chunk)
   }
 
   /** A hold for a holder that keeps views of the read past the current call. */
@@ -45,7 +50,7 @@ export class ReadLease implements ReadHolds {
   /** The reader is done with the read (its own hold); the memory goes once every holder released. */
   release(): void {
     if (this.holds === 0) return
-    if (--this.holds === 0) freeRead(this.chunk)
+    if (--this.holds === 0) this.free()
   }
 
   /** Whether the read's memory was given back. */

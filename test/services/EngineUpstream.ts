@@ -27,6 +27,13 @@ export interface EngineUpstream {
   readonly close: () => Promise<void>
 }
 
+/** `n` bytes in which every 4-byte word holds its own offset: a byte out of place changes the hash. */
+export const patternBytes = (n: number): Buffer => {
+  const b = Buffer.alloc(n)
+  for (let i = 0; i + 4 <= n; i += 4) b.writeUInt32BE(i, i)
+  return b
+}
+
 /** Docker's stdout frame: stream 1, three zero bytes, big-endian length, payload. */
 export const stdoutFrame = (payload: Buffer): Buffer => {
   const head = Buffer.alloc(8)
@@ -104,6 +111,28 @@ export const startEngineUpstream = async (): Promise<EngineUpstream> => {
             const chunk = left >= STREAM_CHUNK.length ? STREAM_CHUNK : STREAM_CHUNK.subarray(0, left)
             left -= chunk.length
             bigSent += chunk.length
+            if (!res.write(chunk)) {
+              res.once("drain", pump)
+              return
+            }
+          }
+          res.end()
+        }
+        pump()
+        return
+      }
+      case "/v1.41/pattern": {
+        // `bytes` of a pattern no two 64 KiB blocks share (`patternBytes`), in writes of varied sizes
+        const total = Number(url.searchParams.get("bytes") ?? "0")
+        res.writeHead(200, { "content-type": "application/octet-stream", "content-length": String(total) })
+        const body = patternBytes(total)
+        let at = 0
+        let step = 0
+        const pump = () => {
+          while (at < body.length) {
+            const n = Math.min(body.length - at, [1000, 70_000, 300_000, 5][step++ % 4]!)
+            const chunk = body.subarray(at, at + n)
+            at += n
             if (!res.write(chunk)) {
               res.once("drain", pump)
               return

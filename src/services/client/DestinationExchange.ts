@@ -204,7 +204,7 @@ export class DestinationExchange implements ConnectionOwner, ConnectionWaiter, D
 
   /** The chunk last given to `data` is still referenced: the next read goes into a fresh buffer. */
   holdChunk(): void {
-    if (this.conn !== undefined) this.conn.chunkHeld = true
+    this.conn?.holdRead()
   }
 
   /** Abandons the exchange; its connection is closed, nothing more is reported. */

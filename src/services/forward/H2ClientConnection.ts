@@ -10,6 +10,7 @@ import type { Duplex } from "node:stream"
 import { Schema } from "effect"
 import { contentLengthValues, declaredContentLength, isInvalidContentLength } from "../../domain/ContentLength.ts"
 import { encodeHeaderBlock, HpackDecoder, HpackError } from "../../domain/Hpack.ts"
+import { noRelease, ReadLease, type ReadRelease } from "../ReadLease.ts"
 import {
   ClientPreface,
   DefaultMaxFrameBytes,
@@ -109,13 +110,18 @@ export interface H2StreamClose {
 export interface H2StreamEvents {
   /** The final response head: status and fields (pseudo-headers removed, names lower-case). */
   readonly response: (status: number, headers: ReadonlyArray<string>, endStream: boolean) => void
-  /** Response body bytes (a view of the socket's read); report them with `consumed` once written on. */
-  readonly data: (chunk: Buffer) => void
+  /**
+   * Response body bytes (a view of the socket's read); report them with `consumed` once written on.
+   * `release` is a hold on that read (`ReadLease`): called once the consumer keeps no view of the chunk
+   * (its bytes written out), the read's memory goes back at once; left uncalled, to the collector.
+   */
+  readonly data: (chunk: Buffer, release: ReadRelease) => void
   /**
    * Several DATA payloads from one socket read, in order (`bytes` in all), for a consumer that writes
    * them in one go (a corked socket) instead of a joined copy; without it they are joined for `data`.
+   * `release` as for `data`, for all of them.
    */
-  readonly dataMany?: ((chunks: ReadonlyArray<Buffer>, bytes: number) => void) | undefined
+  readonly dataMany?: ((chunks: ReadonlyArray<Buffer>, bytes: number, release: ReadRelease) => void) | undefined
   readonly trailers: (headers: ReadonlyArray<string>) => void
   /** The response is complete (END_STREAM). */
   readonly end: () => void
@@ -250,6 +256,8 @@ export class H2ClientConnection {
   private sendWindow = DefaultWindowBytes
   private recvWindow: number
   private recvUnacked = 0
+  /** The lease of the socket read being parsed, which the DATA views handed on are views of. */
+  private readLease: ReadLease | undefined = undefined
   /** Streams with queued DATA waiting for window or for the socket. */
   private readonly blocked = new Set<H2ClientStream>()
   private out: Array<Buffer> = []
@@ -552,11 +560,17 @@ export class H2ClientConnection {
   // ---- receiving ----
 
   private readonly onSocketData = (chunk: Buffer): void => {
+    // the parser keeps no view of a read past `push` (split frames are gathered into its own memory):
+    // only the DATA views delivered below hold the read
+    const lease = new ReadLease(chunk)
+    this.readLease = lease
     const error = this.parser.push(chunk)
     if (this.touched.length > 0) {
       for (const stream of this.touched) this.deliver(stream)
       this.touched.length = 0
     }
+    this.readLease = undefined
+    lease.release()
     if (error !== undefined && !this.destroyed) this.fail(fromFrameError(error))
   }
 
@@ -578,8 +592,9 @@ export class H2ClientConnection {
     if (!this.destroyed) this.fail(new H2ConnectionError({ reason, code, message }))
   }
 
-  /** Hands a stream the DATA gathered in this read, as one chunk. */
+  /** Hands a stream the DATA gathered in this read (views of the read `readLease` holds), as one chunk. */
   private deliver(stream: H2ClientStream): void {
+    const lease = this.readLease
     if (stream.pieces.length === 0) return
     const pieces = stream.pieces
     const bytes = stream.piecesBytes
@@ -587,9 +602,9 @@ export class H2ClientConnection {
     stream.piecesBytes = 0
     if (stream.closed) return
     stream.outstanding += bytes
-    if (pieces.length === 1) stream.events.data(pieces[0]!)
-    else if (stream.events.dataMany !== undefined) stream.events.dataMany(pieces, bytes)
-    else stream.events.data(Buffer.concat(pieces, bytes))
+    if (pieces.length === 1) stream.events.data(pieces[0]!, lease?.retain() ?? noRelease)
+    else if (stream.events.dataMany !== undefined) stream.events.dataMany(pieces, bytes, lease?.retain() ?? noRelease)
+    else stream.events.data(Buffer.concat(pieces, bytes), noRelease)
   }
 
   /** Whether a stream id names one the backend may not use (never opened by us, or a push). */

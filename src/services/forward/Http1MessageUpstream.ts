@@ -142,15 +142,14 @@ export const exchangeOverHttp1 = (pool: UpstreamPool, front: ExchangeFront, opti
     timer?.refresh()
     let flowing = true
     // a small part is copied (from Node's shared pool), so the read buffer takes the next read; a large
-    // one is handed on as it is, and the next read goes into fresh memory
-    let held = false
+    // one is handed on as it is, under a hold on the read released once the front door wrote it out,
+    // and the next read goes into fresh memory
     const pass = (part: Buffer) => {
       if (part.length <= CopyBelowBytes) {
         if (!front.write(Buffer.from(part))) flowing = false
         return
       }
-      held = true
-      if (!front.write(part)) flowing = false
+      if (!front.write(part, conn?.holdRead())) flowing = false
     }
     const n = f.consume(chunk, 0, (start, end) => pass(chunk.subarray(start, end)))
     if (typeof n !== "number") {
@@ -158,7 +157,6 @@ export const exchangeOverHttp1 = (pool: UpstreamPool, front: ExchangeFront, opti
       return
     }
     if (!f.isChunked && f.forwardable > 0) pass(f.forwardable === chunk.length ? chunk : chunk.subarray(0, f.forwardable))
-    if (held && conn !== undefined) conn.chunkHeld = true
     if (f.done) {
       const surplus = chunk.length - n
       if (surplus > 0) options.report(`upstream ${describe} sent ${surplus} bytes past the end of its response; the connection is dropped`)

@@ -218,18 +218,21 @@ export const forwardToH2 = (target: H2Target, front: ExchangeFront, options: H2F
       // a length is one valid value and the body matches it, or the connection resets the stream before
       // handing on a byte that disagrees (the response is then aborted, below in `close`)
     },
-    data: (chunk) => {
+    data: (chunk, release) => {
       if (phase !== "body") return
       timer?.refresh()
-      // a slow client: the bytes are granted back once its queue drains, which holds the backend
-      if (front.write(chunk)) stream.consumed(chunk.length, true)
+      // a slow client: the bytes are granted back once its queue drains, which holds the backend. The
+      // read goes back once the front door wrote the chunk out
+      if (front.write(chunk, release)) stream.consumed(chunk.length, true)
       else owed += chunk.length
     },
-    dataMany: (chunks, bytes) => {
+    dataMany: (chunks, bytes, release) => {
       if (phase !== "body") return
       timer?.refresh()
       let flowing = true
-      for (const chunk of chunks) flowing = front.write(chunk)
+      const last = chunks.length - 1
+      // the front door writes them in order: the last one written means all were
+      for (let i = 0; i <= last; i++) flowing = front.write(chunks[i]!, i === last ? release : undefined)
       if (flowing) stream.consumed(bytes, true)
       else owed += bytes
     },
@@ -413,11 +416,11 @@ export const upgradeToH2 = (
       socket.on("drain", onDrain)
       socket.resume()
     },
-    data: (chunk) => {
+    data: (chunk, release) => {
       if (!tunnel) return false
       timer?.refresh()
       const s = socket as Duplex & { writableLength: number }
-      if (socket.write(chunk) || s.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length, true)
+      if (socket.write(chunk, () => release()) || s.writableLength < PublicWriteQueueBytes) stream.consumed(chunk.length, true)
       else owed += chunk.length
       return s.writableLength > 0
     },

@@ -8,7 +8,7 @@
  * connection's current owner gets its events through one set of listeners installed per connection.
  */
 import type { Duplex } from "node:stream"
-import type { ReadRelease } from "../ReadLease.ts"
+import { noRelease, type ReadHolds, ReadLease, type ReadRelease } from "../ReadLease.ts"
 import type { ReadBatchListener } from "../Transport.ts"
 import type { Upstream } from "./Upstream.ts"
 
@@ -23,10 +23,10 @@ const isLeasing = (socket: Duplex): socket is Duplex & { takeReadRelease: (chunk
 /** The exchange currently using a connection; receives its events. */
 export interface ConnectionOwner {
   /**
-   * Bytes from the upstream. `release`, when given, is a hold on the read the chunk is a view of: the
-   * owner calls it once it keeps no view of the chunk (its bytes written out), or leaves it uncalled.
+   * Bytes from the upstream, a view of the connection's read: an owner that keeps it past the call
+   * (queued on a socket) takes a hold with the connection's `holdRead`.
    */
-  readonly upstreamData: (chunk: Buffer, release?: ReadRelease) => void
+  readonly upstreamData: (chunk: Buffer) => void
   readonly upstreamEnd: () => void
   readonly upstreamClose: (error: (Error & { code?: string }) | undefined) => void
   readonly upstreamDrain: () => void
@@ -74,10 +74,12 @@ export const UPSTREAM_READ_BUFFER_MAX_BYTES = 256 * 1024
 
 /**
  * One upstream connection; its listeners stay for its lifetime and dispatch to the current owner. A
- * connection opened with `connectReading` reads into one reusable buffer: the owner sets `chunkHeld` when
- * bytes it was given are still queued for writing, and the next read then goes into a fresh buffer. A
- * read that fills the buffer makes the next one `UPSTREAM_READ_BUFFER_MAX_BYTES`; an idle connection
- * keeps only a `UPSTREAM_READ_BUFFER_BYTES` one.
+ * connection opened with `connectReading` reads into one reusable buffer: an owner that keeps bytes it
+ * was given (queued for writing) takes a hold with `holdRead`, and the next read then goes into a fresh
+ * buffer; the held one is given back (`ReadLease`) once every hold on it was released. A read that fills
+ * the buffer makes the next one `UPSTREAM_READ_BUFFER_MAX_BYTES`; an idle connection keeps only a
+ * `UPSTREAM_READ_BUFFER_BYTES` one. On a socket that leases its reads (a yamux stream's), `holdRead`
+ * holds the session's read the chunk is a view of.
  */
 export class PooledConnection {
   readonly socket: Duplex
@@ -89,7 +91,11 @@ export class PooledConnection {
   error: (Error & { code?: string }) | undefined = undefined
   ended = false
   /** The last chunk handed to the owner is still referenced (queued on a socket): do not read into it. */
-  chunkHeld = false
+  private chunkHeld = false
+  /** Holds on the chunk being handed to the owner, while `upstreamData` runs. */
+  private chunkHolds: ReadHolds | undefined = undefined
+  /** The lease of the read buffer, whose memory goes back once it is replaced and every hold released. */
+  private bufferLease: ReadLease | undefined = undefined
   /** The client the pool counts this busy connection against, if any. */
   client: string | undefined = undefined
   /** When it last went idle (`performance.now()`). */
@@ -172,23 +178,55 @@ export class PooledConnection {
     this.filled = false
     if (current === undefined || this.chunkHeld || current.length !== size) {
       this.chunkHeld = false
+      // the connection's own hold on the buffer it read into: the memory goes once the owner's holds did
+      this.bufferLease?.release()
       const fresh = Buffer.allocUnsafe(size)
       this.readBuffer = fresh
+      this.bufferLease = new ReadLease(fresh)
       return fresh
     }
     return current
   }
 
+  /**
+   * For the owner, during `upstreamData`: a hold on the chunk it is being given, which it keeps past the
+   * call (queued on a socket). It calls the release once it keeps no view of the chunk; left uncalled,
+   * the memory is the collector's. The connection reads into other memory from now on.
+   */
+  holdRead(): ReadRelease {
+    this.chunkHeld = true
+    const holds = this.chunkHolds
+    if (holds !== undefined) return holds.retain()
+    // outside the call: the buffer last read into stays held for good (left to the collector)
+    this.bufferLease?.retain()
+    return noRelease
+  }
+
   private readonly onRead = (bytesRead: number, buffer: Uint8Array): boolean => {
     if (bytesRead === buffer.length) this.filled = true
-    this.onData((buffer as Buffer).subarray(0, bytesRead))
+    this.deliver((buffer as Buffer).subarray(0, bytesRead), buffer === this.readBuffer ? this.bufferLease : undefined)
     return true // pausing is the owner's, through socket.pause()
   }
 
   private readonly onData = (chunk: Buffer): void => {
+    const release = this.leasing?.takeReadRelease(chunk)
+    if (release === undefined) return this.deliver(chunk, undefined)
+    // the owner's holds are counted under the one hold the stream handed over
+    const holds = new ReadLease(release)
+    this.deliver(chunk, holds)
+    holds.release()
+  }
+
+  private deliver(chunk: Buffer, holds: ReadHolds | undefined): void {
     const owner = this.owner
-    if (owner !== undefined) owner.upstreamData(chunk, this.leasing?.takeReadRelease(chunk))
-    else {
+    if (owner !== undefined) {
+      this.chunkHolds = holds
+      try {
+        owner.upstreamData(chunk)
+      } finally {
+        this.chunkHolds = undefined
+      }
+    } else {
       // bytes nobody asked for: the connection cannot be trusted
       this.pool?.outOfTurn(chunk.length)
       this.socket.destroy()

@@ -1,6 +1,7 @@
 import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
 import { Context, Effect, Exit, Layer, Scope } from "effect"
 import { spawnSync } from "node:child_process"
+import { createHash } from "node:crypto"
 import * as fs from "node:fs"
 import * as http from "node:http"
 import * as net from "node:net"
@@ -9,7 +10,7 @@ import * as path from "node:path"
 import { ConfigError, decodeSocketProxyFile, resolveConfig, type SocketProxyConfig, type SocketProxyFile } from "../../../src/domain/SocketProxyConfig.ts"
 import { type BoundAddress, SocketProxy, SocketProxyError, type SocketProxyShape } from "../../../src/services/front/SocketProxy.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
-import { type EngineUpstream, startEngineUpstream } from "../EngineUpstream.ts"
+import { type EngineUpstream, patternBytes, startEngineUpstream } from "../EngineUpstream.ts"
 
 let before: HandleCounts
 let engine: EngineUpstream
@@ -100,6 +101,33 @@ describe("SocketProxy", () => {
     assert.deepStrictEqual(decisions, { allowed: 1, denied: 1, rejected: 1, connectionLimitCloses: 0, outOfScope: 0, learned: 0 })
     assert.deepStrictEqual(Object.values(limited), [0, 0, 0, 0, 0])
   })
+
+  it("relays a large body byte for byte to a reader that pauses, while reads are given back as written", async () => {
+    const port = tcpPort(await start({ name: "tests", rules: ["GET /v*/pattern"] }))
+    const total = 24 * 1024 * 1024
+    const expected = createHash("sha256").update(patternBytes(total)).digest("hex")
+    const got = await new Promise<{ status: number; size: number; hash: string }>((resolve, reject) => {
+      const req = http.get({ host: "127.0.0.1", port, agent: false, path: `/v1.41/pattern?bytes=${total}` }, (res) => {
+        const hash = createHash("sha256")
+        let size = 0
+        let nextPause = 1 << 20
+        res.on("data", (c: Buffer) => {
+          hash.update(c)
+          size += c.length
+          if (size >= nextPause) {
+            // the proxy's writes queue up behind a reader that stops for a moment
+            nextPause += 3 << 20
+            res.pause()
+            setTimeout(() => res.resume(), 30)
+          }
+        })
+        res.on("end", () => resolve({ status: res.statusCode!, size, hash: hash.digest("hex") }))
+        res.on("error", reject)
+      })
+      req.on("error", reject)
+    })
+    assert.deepStrictEqual(got, { status: 200, size: total, hash: expected })
+  }, 30_000)
 
   it("replaces its rules in place for requests that follow", async () => {
     const port = tcpPort(await start({ name: "before", rules: ["GET /_ping"] }))

@@ -131,7 +131,7 @@ export class ClientConnection extends MessageSide implements ConnectionOwner {
     }
   }
 
-  readonly upstreamData = (chunk: Buffer, release?: ReadRelease): void => {
+  readonly upstreamData = (chunk: Buffer): void => {
     this.upstreamBytes += chunk.length
     const framer = this.responseFramer
     if (framer !== undefined) {
@@ -148,16 +148,17 @@ export class ClientConnection extends MessageSide implements ConnectionOwner {
       if (f > 0 || trailers !== undefined) {
         const socket = this.socket
         let ok = true
+        // a chunk the socket could not write at once is held until it is written, then given back
+        let held: ReadRelease | undefined
         if (f > 0) {
           this.sentBytes += f
-          // the chunk is not kept past its write: its read goes back once the client's socket took it
-          ok = socket.write(f === chunk.length ? chunk : chunk.subarray(0, f), release)
-        } else release?.()
+          ok = socket.write(f === chunk.length ? chunk : chunk.subarray(0, f), () => held?.())
+        }
         if (trailers !== undefined) {
           this.sentBytes += trailers.length
           ok = socket.write(trailers)
         }
-        if (socket.writableLength > 0) conn.chunkHeld = true
+        if (socket.writableLength > 0) held = conn.holdRead()
         if (!ok && socket.writableLength >= WRITE_QUEUE_PAUSE_BYTES) {
           this.upstreamPaused = true
           conn.socket.pause()
@@ -246,11 +247,12 @@ export class ClientConnection extends MessageSide implements ConnectionOwner {
       // One write for a small response: cheaper than a corked writev of two buffers.
       ok = socket.write(Buffer.concat([headBytes, body], headBytes.length + body.length))
     } else {
+      let held: ReadRelease | undefined
       socket.cork()
       socket.write(headBytes)
-      ok = socket.write(body)
+      ok = socket.write(body, () => held?.())
       socket.uncork()
-      if (socket.writableLength > 0) this.conn!.chunkHeld = true
+      if (socket.writableLength > 0) held = this.conn!.holdRead()
     }
     if (!ok && socket.writableLength >= WRITE_QUEUE_PAUSE_BYTES) {
       this.upstreamPaused = true
@@ -360,6 +362,8 @@ export class ClientConnection extends MessageSide implements ConnectionOwner {
     const what = `${this.request!.method} ${this.outgoing!.path}`
     const pending = this.pending
     this.pending = undefined
+    // what followed the 101 in the upstream's read is copied: the read is given back after this call
+    if (rest.length > 0) rest = Buffer.from(rest)
     spliceTunnel(socket, up, {
       tunnels: this.core.tunnels,
       onEnd,
