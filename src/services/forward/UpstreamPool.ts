@@ -177,9 +177,11 @@ export class PooledConnection {
       : UPSTREAM_READ_BUFFER_BYTES
     this.filled = false
     if (current === undefined || this.chunkHeld || current.length !== size) {
+      // the connection's own hold on a buffer the owner took holds on: the memory goes once they were
+      // released. A buffer replaced only for its size is left to the collector: an owner may still have
+      // its bytes queued without a hold (it reads nothing more until they are written, as wsp-client does)
+      if (this.chunkHeld) this.bufferLease?.release()
       this.chunkHeld = false
-      // the connection's own hold on the buffer it read into: the memory goes once the owner's holds did
-      this.bufferLease?.release()
       const fresh = Buffer.allocUnsafe(size)
       this.readBuffer = fresh
       this.bufferLease = new ReadLease(fresh)

@@ -301,6 +301,44 @@ describe("WspClient against a hand-written wsp server", () => {
       yield* waitFor("closed", () => conn.closed)
     })))
 
+  it.live("relays a body intact when its first fragments wait behind a backed-up WebSocket (the read buffer grows meanwhile)", () =>
+    noLeaks(Effect.gen(function*() {
+      const dest = yield* destination
+      const server = yield* fakeServer
+      yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
+      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
+      const conn = server.connections[0]!
+      // the server reads nothing for now: requests the client answers at once (an unparsable URL, echoed
+      // in the 527 body) fill the kernel's buffers, and later writes wait in the client's socket
+      conn.ws.pause()
+      const fillers = 240
+      const bad = `::${"x".repeat(40_000)}`
+      for (let i = 0; i < fillers; i++) {
+        conn.ws.send(`{"Method":"GET","URL":"${bad}","Header":{},"ContentLength":0}`)
+        conn.ws.send(Buffer.alloc(0), { binary: true })
+      }
+      // a body whose first read fills the destination connection's first buffer: its fragments are queued
+      // (masked in place, views of that buffer) while the connection moves to a larger buffer
+      const size = 1024 * 1024
+      conn.ws.send(`{"Method":"GET","URL":"${dest.url(`/bytes?n=${size}`)}","Header":{},"ContentLength":0}`)
+      conn.ws.send(Buffer.alloc(0), { binary: true })
+      yield* waitFor("the destination answered", () => dest.seen.length === 1, 15_000)
+      // time for the client to read the first of the body (nothing of it can leave before the resume)
+      yield* Effect.sleep(300)
+      conn.ws.resume()
+      yield* waitFor("every answer", () => conn.closed || conn.inbox.length === 2 * fillers + 2, 15_000)
+      for (let i = 0; i < fillers; i++) {
+        expect(JSON.parse((yield* next(conn)).data.toString()).StatusCode).toBe(527)
+        expect((yield* next(conn)).data.toString()).toMatch(/invalid URL/)
+      }
+      expect(JSON.parse((yield* next(conn)).data.toString()).StatusCode).toBe(200)
+      const body = (yield* next(conn)).data
+      const expected = Buffer.alloc(size)
+      for (let i = 0; i < size; i++) expected[i] = i % 251
+      expect(body.length).toBe(size)
+      expect(body.equals(expected)).toBe(true)
+    })), 30_000)
+
   it.effect("reconnects with capped exponential backoff (virtual time)", () =>
     Effect.gen(function*() {
       const server = yield* fakeServer
