@@ -110,6 +110,8 @@ export class SessionCore implements StreamHost {
   private readHolds: ReadHolds | undefined = undefined
   /** Holds on the reads the parts of an incomplete Data frame are views of. */
   private partHolds: Array<ReadRelease> = []
+  /** While a frame split across reads is handed on: the holds on the earlier reads its parts came from. */
+  private frameParts: Array<ReadRelease> | undefined = undefined
   private readableStreams: Array<StreamCore> = []
   /** Virtual or real time in ms, from the session's Clock (so TestClock drives timeouts). */
   now: () => number = () => Date.now()
@@ -169,21 +171,38 @@ export class SessionCore implements StreamHost {
     this.handling = true
     this.readHolds = holds
     const { error, frames } = this.parser.push(chunk)
+    // Holds on the reads the parts of a Data frame split across reads are views of: the frame this read
+    // completes takes those held so far (`carried`); a frame it leaves incomplete keeps parts of this
+    // read in the parser, held from now (before any frame is handed on, so a nested read sees them)
+    // until the frame is complete and handed to its stream.
+    const earlier = this.partHolds
+    const stillHeld = this.parser.holdsParts()
+    const next = holds !== undefined && stillHeld ? holds.retain() : undefined
+    let carried: Array<ReadRelease> = []
+    if (frames.some((f) => f.parts !== undefined)) {
+      carried = earlier
+      this.partHolds = next === undefined ? [] : [next]
+    } else if (stillHeld) {
+      if (next !== undefined) this.partHolds = [...earlier, next]
+    } else {
+      this.partHolds = []
+      for (const release of earlier) release()
+    }
     const frameBucket = this.frameBucket
     if (frameBucket !== undefined && frames.length > 0 && !frameBucket.take(this.now(), frames.length)) {
       this.rateExceeded("FrameRateExceeded", `the peer sent frames faster than ${frameBucket.limit.perSecond} per second`)
     }
     for (let i = 0; i < frames.length && this.outcome === undefined; i++) {
       const frame = frames[i]!
+      const parts = frame.parts !== undefined ? carried : undefined
+      this.frameParts = parts
       const problem = this.dispatch(frame)
+      this.frameParts = undefined
       // the parts of a frame no stream took (discarded, or refused) are not held for it
-      if (frame.parts !== undefined && this.partHolds.length > 0) this.releasePartHolds()
+      if (parts !== undefined) for (const release of parts.splice(0)) release()
       if (problem) this.protocolError(problem.message)
     }
     if (error && this.outcome === undefined) this.protocolError(error.message)
-    // a Data frame this read left incomplete keeps parts of it in the parser: they are held until the
-    // frame is complete and handed to its stream
-    if (holds !== undefined && this.parser.holdsParts()) this.partHolds.push(holds.retain())
     this.readHolds = outerHolds
     this.handling = outer
     if (outer) return
@@ -201,19 +220,12 @@ export class SessionCore implements StreamHost {
   private frameRelease(f: F.Frame): ReadRelease | undefined {
     if (f.type !== F.TYPE_DATA || f.length === 0) return undefined
     const current = this.readHolds?.retain()
-    if (f.parts === undefined || this.partHolds.length === 0) return current
-    const earlier = this.partHolds
-    this.partHolds = []
+    const earlier = f.parts === undefined ? undefined : this.frameParts?.splice(0)
+    if (earlier === undefined || earlier.length === 0) return current
     return () => {
       current?.()
       for (const release of earlier) release()
     }
-  }
-
-  private releasePartHolds(): void {
-    const holds = this.partHolds
-    this.partHolds = []
-    for (const release of holds) release()
   }
 
   deferReadable(stream: StreamCore): boolean {
