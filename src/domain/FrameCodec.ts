@@ -126,6 +126,8 @@ export interface FrameParser {
   readonly buffered: () => number
   /** Whether a Data frame not yet complete holds parts of the chunks pushed (zero-copy parsing only). */
   readonly holdsParts: () => boolean
+  /** Whether a Data frame not yet complete keeps a view of `chunk` (its last part; small parts are copies). */
+  readonly keepsViewOf: (chunk: Uint8Array) => boolean
   /** True once an error was returned; every later push fails with ParserDead. */
   readonly dead: () => boolean
 }
@@ -254,6 +256,7 @@ export const makeFrameParser = (options: FrameParserOptions): FrameParser => {
     push,
     buffered: () => headFill + (current ? bodyFill : 0),
     holdsParts: () => parts !== undefined && parts.length > 0,
+    keepsViewOf: (chunk) => parts !== undefined && parts.length > 0 && parts[parts.length - 1]!.buffer === chunk.buffer,
     dead: () => failed !== undefined
   }
 }

@@ -175,15 +175,16 @@ export class SessionCore implements StreamHost {
     // completes takes those held so far (`carried`); a frame it leaves incomplete keeps parts of this
     // read in the parser, held from now (before any frame is handed on, so a nested read sees them)
     // until the frame is complete and handed to its stream.
+    // (a part copied out of the read, as small ones are, needs no hold on it)
     const earlier = this.partHolds
     const stillHeld = this.parser.holdsParts()
-    const next = holds !== undefined && stillHeld ? holds.retain() : undefined
+    const next = holds !== undefined && stillHeld && this.parser.keepsViewOf(chunk) ? holds.retain() : undefined
     let carried: Array<ReadRelease> = []
     if (frames.some((f) => f.parts !== undefined)) {
       carried = earlier
       this.partHolds = next === undefined ? [] : [next]
     } else if (stillHeld) {
-      if (next !== undefined) this.partHolds = [...earlier, next]
+      if (next !== undefined) earlier.push(next)
     } else {
       this.partHolds = []
       for (const release of earlier) release()
