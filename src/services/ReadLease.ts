@@ -79,7 +79,7 @@ export const shareRelease = (release: ReadRelease, n: number): Array<ReadRelease
 }
 
 /** Detaches `chunk`'s memory when `chunk` is the whole of an `ArrayBuffer` of its own. */
-const freeRead = (chunk: Uint8Array): void => {
+export const freeRead = (chunk: Uint8Array): void => {
   const memory = chunk.buffer
   if (!(memory instanceof ArrayBuffer) || chunk.byteOffset !== 0 || memory.byteLength !== chunk.byteLength) return
   if (memory.byteLength === 0 || memory.detached) return

@@ -8,7 +8,7 @@
  * connection's current owner gets its events through one set of listeners installed per connection.
  */
 import type { Duplex } from "node:stream"
-import { noRelease, type ReadHolds, ReadLease, type ReadRelease } from "../ReadLease.ts"
+import { freeRead, noRelease, type ReadHolds, ReadLease, type ReadRelease } from "../ReadLease.ts"
 import type { ReadBatchListener } from "../Transport.ts"
 import type { Upstream } from "./Upstream.ts"
 
@@ -96,6 +96,8 @@ export class PooledConnection {
   private chunkHolds: ReadHolds | undefined = undefined
   /** The lease of the read buffer, whose memory goes back once it is replaced and every hold released. */
   private bufferLease: ReadLease | undefined = undefined
+  /** A replaced read buffer every holder released, for the next read that needs fresh memory. */
+  private spare: Buffer | undefined = undefined
   /** The client the pool counts this busy connection against, if any. */
   client: string | undefined = undefined
   /** When it last went idle (`performance.now()`). */
@@ -182,12 +184,29 @@ export class PooledConnection {
       // its bytes queued without a hold (it reads nothing more until they are written, as wsp-client does)
       if (this.chunkHeld) this.bufferLease?.release()
       this.chunkHeld = false
-      const fresh = Buffer.allocUnsafe(size)
+      const spare = this.spare
+      this.spare = undefined
+      let fresh: Buffer
+      if (spare !== undefined && spare.length === size) fresh = spare
+      else {
+        if (spare !== undefined) freeRead(spare)
+        fresh = Buffer.allocUnsafe(size)
+      }
       this.readBuffer = fresh
-      this.bufferLease = new ReadLease(fresh)
+      this.bufferLease = new ReadLease(() => this.recycle(fresh))
       return fresh
     }
     return current
+  }
+
+  /**
+   * A replaced read buffer nobody holds any more: kept for the next read that needs fresh memory (one,
+   * so a download alternates between two buffers rather than allocating one per queued read), else
+   * given back.
+   */
+  private recycle(buffer: Buffer): void {
+    if (this.spare === undefined && this.state !== "gone") this.spare = buffer
+    else freeRead(buffer)
   }
 
   /**
