@@ -27,6 +27,17 @@ export interface EngineUpstream {
   readonly close: () => Promise<void>
 }
 
+/** Writes the chunks `next` gives until it gives none, waiting for `drain` when the response is full; then ends it. */
+const writeAll = (res: http.ServerResponse, next: () => Buffer | undefined): void => {
+  const pump = () => {
+    for (let chunk = next(); chunk !== undefined; chunk = next()) {
+      if (!res.write(chunk)) return void res.once("drain", pump)
+    }
+    res.end()
+  }
+  pump()
+}
+
 /** `n` bytes in which every 4-byte word holds its own offset: a byte out of place changes the hash. */
 export const patternBytes = (n: number): Buffer => {
   const b = Buffer.alloc(n)
@@ -106,19 +117,13 @@ export const startEngineUpstream = async (): Promise<EngineUpstream> => {
         const total = Number(url.searchParams.get("bytes") ?? "0")
         res.writeHead(200, { "content-type": "application/octet-stream", "content-length": String(total) })
         let left = total
-        const pump = () => {
-          while (left > 0) {
-            const chunk = left >= STREAM_CHUNK.length ? STREAM_CHUNK : STREAM_CHUNK.subarray(0, left)
-            left -= chunk.length
-            bigSent += chunk.length
-            if (!res.write(chunk)) {
-              res.once("drain", pump)
-              return
-            }
-          }
-          res.end()
-        }
-        pump()
+        writeAll(res, () => {
+          if (left === 0) return undefined
+          const chunk = left >= STREAM_CHUNK.length ? STREAM_CHUNK : STREAM_CHUNK.subarray(0, left)
+          left -= chunk.length
+          bigSent += chunk.length
+          return chunk
+        })
         return
       }
       case "/v1.41/pattern": {
@@ -128,19 +133,12 @@ export const startEngineUpstream = async (): Promise<EngineUpstream> => {
         const body = patternBytes(total)
         let at = 0
         let step = 0
-        const pump = () => {
-          while (at < body.length) {
-            const n = Math.min(body.length - at, [1000, 70_000, 300_000, 5][step++ % 4]!)
-            const chunk = body.subarray(at, at + n)
-            at += n
-            if (!res.write(chunk)) {
-              res.once("drain", pump)
-              return
-            }
-          }
-          res.end()
-        }
-        pump()
+        writeAll(res, () => {
+          if (at === body.length) return undefined
+          const n = Math.min(body.length - at, [1000, 70_000, 300_000, 5][step++ % 4]!)
+          at += n
+          return body.subarray(at - n, at)
+        })
         return
       }
       case "/containers/create":
