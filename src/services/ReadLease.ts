@@ -62,22 +62,6 @@ export class ReadLease implements ReadHolds {
 /** A release for holders of memory that is not leased (nothing to give back). */
 export const noRelease: ReadRelease = NOOP
 
-/**
- * `release` shared by `n` holders (the parts of one frame): each gets its own release, and `release`
- * runs once all `n` were released.
- */
-export const shareRelease = (release: ReadRelease, n: number): Array<ReadRelease> => {
-  let left = n
-  return Array.from({ length: n }, () => {
-    let released = false
-    return () => {
-      if (released) return
-      released = true
-      if (--left === 0) release()
-    }
-  })
-}
-
 /** Detaches `chunk`'s memory when `chunk` is the whole of an `ArrayBuffer` of its own. */
 export const freeRead = (chunk: Uint8Array): void => {
   const memory = chunk.buffer

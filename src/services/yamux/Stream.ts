@@ -14,7 +14,7 @@ import {
   TYPE_DATA,
   TYPE_WINDOW_UPDATE
 } from "../../domain/Frame.ts"
-import { noRelease, type ReadRelease, shareRelease } from "../ReadLease.ts"
+import { noRelease, ReadLease, type ReadRelease } from "../ReadLease.ts"
 import type { Address } from "../Transport.ts"
 import { makeStreamDuplex } from "./StreamDuplex.ts"
 import { type YamuxError, yamuxError } from "./YamuxError.ts"
@@ -158,11 +158,13 @@ export class StreamCore {
             this.recvBuf.push(body)
             this.recvReleases.push(release)
           } else {
-            const shares = release !== undefined && parts!.length > 1 ? shareRelease(release, parts!.length) : undefined
+            // each part holds the frame's hold, released with the last of them
+            const shared = release !== undefined && parts!.length > 1 ? new ReadLease(release) : undefined
             for (let i = 0; i < parts!.length; i++) {
               this.recvBuf.push(parts![i]!)
-              this.recvReleases.push(shares !== undefined ? shares[i] : release)
+              this.recvReleases.push(shared !== undefined ? shared.retain() : release)
             }
+            shared?.release()
           }
           this.recvBytes += length
           this.host.received(length, !this.accepted)
