@@ -2,7 +2,8 @@
  * Large bodies through a control-port tunnel, byte for byte, over TCP and over a WebSocket, where the
  * gateway reads into reused memory (on the WebSocket, reading the frames itself): fast and slow readers
  * at once, odd write sizes on the backend (frames that straddle reads), and a raw TCP stream, whose
- * reader keeps what it reads, on the same session.
+ * reader keeps what it reads, on the same session; then callers that leave mid-body beside readers of
+ * bodies each of its own pattern, where a read given back too early would show as another's bytes.
  */
 import { assert, describe, it } from "@effect/vitest"
 import { createHash } from "node:crypto"
@@ -104,23 +105,78 @@ const exercise = (tunnel: TunnelClient["Service"]) =>
     assert.strictEqual(sha256(echo), sha256(echoed))
   })
 
+/** The body served for seed `seed`: its own pattern, so a byte of another body shows in the hash. */
+const seededBody = (seed: number, size: number): Buffer => {
+  const b = Buffer.allocUnsafe(size)
+  for (let i = 0; i + 4 <= size; i += 4) b.writeUInt32BE(((i * 2654435761) ^ (seed * 40503)) >>> 0, i)
+  return b
+}
+
+/** GETs `path` and cuts the connection after `after` bytes of body. */
+const leaveMidBody = (port: number, path: string, after: number): Promise<void> =>
+  new Promise((resolve) => {
+    const req = http.get({ host: "127.0.0.1", port, path, agent: false }, (res) => {
+      let got = 0
+      res.on("data", (c: Buffer) => {
+        got += c.length
+        if (got >= after) req.destroy()
+      })
+      res.on("end", () => resolve())
+    })
+    req.on("error", () => {})
+    req.on("close", () => resolve())
+  })
+
+/**
+ * Callers that leave mid-body (their sockets destroyed while the gateway still writes to them) beside
+ * callers that read everything, some slowly, over one session: each reader gets its own body and no
+ * byte of another's, and the backend is still served whole afterwards.
+ */
+const churn = (tunnel: TunnelClient["Service"]) =>
+  Effect.gen(function*() {
+    const size = 3 * 1024 * 1024
+    const httpPort = yield* Effect.promise(freePort)
+    yield* serveHttp(tunnel, { _tag: "Http", port: httpPort }, (req, res) => {
+      const seed = Number(req.url!.split("/")[2])
+      res.writeHead(200, { "content-length": String(size) })
+      writeInOddSlices(res, seededBody(seed, size))
+    })
+    for (let round = 0; round < 2; round++) {
+      const readers = Array.from({ length: 6 }, (_, i) => 100 * round + i)
+      const results = yield* Effect.promise(() =>
+        Promise.all([
+          ...readers.map((seed) => download(httpPort, `/p/${seed}`, seed % 2 === 1)),
+          ...Array.from({ length: 10 }, (_, i) => leaveMidBody(httpPort, `/p/${1000 + 100 * round + i}`, 64 * 1024 * (i + 1))).map((p) => p.then(() => undefined))
+        ])
+      )
+      readers.forEach((seed, i) => {
+        const r = results[i] as { status: number; size: number; hash: string }
+        assert.deepStrictEqual(r, { status: 200, size, hash: sha256(seededBody(seed, size)) }, `reader ${seed}`)
+      })
+    }
+  })
+
 describe("control-port tunnels: large bodies", () => {
-  it.live("over TCP (the gateway giving each read back once its bytes are written): byte for byte to fast and slow readers at once, beside a raw TCP stream", () =>
+  it.live("over TCP (the gateway giving each read back once its bytes are written): byte for byte to fast and slow readers at once, beside a raw TCP stream and callers that leave mid-body", () =>
     Effect.gen(function*() {
       const before = activeHandles()
       yield* Effect.scoped(Effect.gen(function*() {
         const control = Context.get(yield* gateway(), ControlPort)
-        yield* exercise(Context.get(yield* client([control.address.port!]), TunnelClient))
+        const tunnel = Context.get(yield* client([control.address.port!]), TunnelClient)
+        yield* exercise(tunnel)
+        yield* churn(tunnel)
       }))
       yield* Effect.promise(() => expectNoLeaks(before))
     }), 60_000)
 
-  it.live("over a WebSocket (each read given back once its frames are written, one write to the client per turn): the same, byte for byte", () =>
+  it.live("over a WebSocket (each read given back once its frames are written, one write to the client per turn): the same, byte for byte, callers leaving mid-body too", () =>
     Effect.gen(function*() {
       const before = activeHandles()
       yield* Effect.scoped(Effect.gen(function*() {
         const { url } = yield* wsGateway()
-        yield* exercise(yield* wsClient([url]))
+        const tunnel = yield* wsClient([url])
+        yield* exercise(tunnel)
+        yield* churn(tunnel)
       }))
       yield* Effect.promise(() => expectNoLeaks(before))
     }), 60_000)
