@@ -169,16 +169,16 @@ const isAlpha = (c: number): boolean => (c >= 0x41 && c <= 0x5a) || (c >= 0x61 &
  * authority ("http://host[:port]" then a path or query). Authority-form ("host:port") and anything else
  * are refused, as llhttp does.
  */
-const targetFormOk = (buf: Buffer, start: number, end: number): boolean => {
-  const first = buf[start]!
+const targetFormOk = (s: string, start: number, end: number): boolean => {
+  const first = s.charCodeAt(start)
   if (first === SLASH) return true
   if (first === STAR) return end - start === 1
   let i = start
-  while (i < end && isAlpha(buf[i]!)) i++
-  if (i === start || end - i < 3 || buf[i] !== COLON || buf[i + 1] !== SLASH || buf[i + 2] !== SLASH) return false
+  while (i < end && isAlpha(s.charCodeAt(i))) i++
+  if (i === start || end - i < 3 || s.charCodeAt(i) !== COLON || s.charCodeAt(i + 1) !== SLASH || s.charCodeAt(i + 2) !== SLASH) return false
   i += 3
   const authority = i
-  for (; i < end && buf[i] !== SLASH && buf[i] !== QUESTION; i++) if (AUTHORITY[buf[i]!] !== 1) return false
+  for (; i < end && s.charCodeAt(i) !== SLASH && s.charCodeAt(i) !== QUESTION; i++) if (AUTHORITY[s.charCodeAt(i)] !== 1) return false
   return i > authority
 }
 
@@ -188,9 +188,12 @@ const isToken = (buf: Uint8Array, start: number, end: number): boolean => {
   return true
 }
 
-/** Header fields, checked byte by byte; returns the flat list or an error. */
+/**
+ * Header fields of a head's text (latin1, one character per byte), checked character by character;
+ * returns the flat list or an error. Every line ends in CRLF: the head reader refused bare LFs.
+ */
 const parseFields = (
-  buf: Buffer,
+  s: string,
   start: number,
   end: number,
   limits: HeadLimits,
@@ -199,31 +202,35 @@ const parseFields = (
   const headers: Array<string> = []
   let pos = start
   while (pos < end) {
-    let eol = buf.indexOf(LF, pos)
+    let eol = s.indexOf("\n", pos)
     if (eol === -1 || eol > end) eol = end
-    if (eol === pos || buf[eol - 1] !== CR) return fail("MalformedHeader", errorStatus, "a header line does not end in CRLF")
+    if (eol === pos || s.charCodeAt(eol - 1) !== CR) return fail("MalformedHeader", errorStatus, "a header line does not end in CRLF")
     const lineEnd = eol - 1
-    const first = buf[pos]!
+    const first = s.charCodeAt(pos)
     if (first === SP || first === HTAB) return fail("MalformedHeader", errorStatus, "obs-fold (a header line starting with whitespace)")
-    const colon = buf.indexOf(COLON, pos)
-    if (colon === -1 || colon >= lineEnd) return fail("MalformedHeader", errorStatus, "a header line without a colon")
-    if (!isToken(buf, pos, colon)) return fail("MalformedHeader", errorStatus, "a header name with bad characters or whitespace before the colon")
+    let colon = pos
+    while (colon < lineEnd && TOKEN[s.charCodeAt(colon)] === 1) colon++
+    if (colon === pos || colon === lineEnd || s.charCodeAt(colon) !== COLON) {
+      const c = s.indexOf(":", pos)
+      if (c === -1 || c >= lineEnd) return fail("MalformedHeader", errorStatus, "a header line without a colon")
+      return fail("MalformedHeader", errorStatus, "a header name with bad characters or whitespace before the colon")
+    }
     let vs = colon + 1
     let ve = lineEnd
-    while (vs < ve && (buf[vs] === SP || buf[vs] === HTAB)) vs++
+    while (vs < ve && (s.charCodeAt(vs) === SP || s.charCodeAt(vs) === HTAB)) vs++
     let tabAfter = false
-    while (ve > vs && (buf[ve - 1] === SP || buf[ve - 1] === HTAB)) if (buf[--ve] === HTAB) tabAfter = true
+    while (ve > vs && (s.charCodeAt(ve - 1) === SP || s.charCodeAt(ve - 1) === HTAB)) if (s.charCodeAt(--ve) === HTAB) tabAfter = true
     // llhttp reads "chunked" followed by a tab as some other coding (and refuses the request).
-    if (tabAfter && colon - pos === 17 && latin1(buf, pos, colon).toLowerCase() === "transfer-encoding") {
+    if (tabAfter && colon - pos === 17 && s.slice(pos, colon).toLowerCase() === "transfer-encoding") {
       return fail("MalformedHeader", errorStatus, "a Transfer-Encoding ending in a tab")
     }
     for (let i = vs; i < ve; i++) {
-      if (FIELD_VALUE[buf[i]!] !== 1) return fail("MalformedHeader", errorStatus, "a control character in a header value")
+      if (FIELD_VALUE[s.charCodeAt(i)] !== 1) return fail("MalformedHeader", errorStatus, "a control character in a header value")
     }
     if (headers.length >= limits.maxHeadersCount * 2) {
       return fail("TooManyHeaders", errorStatus === 400 ? 431 : errorStatus, `more than ${limits.maxHeadersCount} headers`)
     }
-    headers.push(latin1(buf, pos, colon), latin1(buf, vs, ve))
+    headers.push(s.slice(pos, colon), s.slice(vs, ve))
     pos = eol + 1
   }
   return headers
@@ -421,25 +428,27 @@ const keepAliveOf = (versionMinor: number, connection: ReadonlyArray<string>): b
 
 const HTTP_VERSION_PREFIX = "HTTP/1."
 
-const parseVersion = (buf: Buffer, start: number, end: number): number => {
-  if (end - start !== 8 || latin1(buf, start, start + 7) !== HTTP_VERSION_PREFIX) return -1
-  const minor = buf[start + 7]!
+const parseVersion = (s: string, start: number, end: number): number => {
+  if (end - start !== 8 || !s.startsWith(HTTP_VERSION_PREFIX, start)) return -1
+  const minor = s.charCodeAt(start + 7)
   return minor === 0x30 ? 0 : minor === 0x31 ? 1 : -1
 }
 
-/** Parses a complete request head (`buf[0..end)`, ending in CRLFCRLF). */
-export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): RequestHead | Http1Error => {
-  const eol = buf.indexOf(LF)
-  if (eol <= 0 || buf[eol - 1] !== CR) return fail("MalformedStartLine", 400, "malformed request line")
+/** Parses a complete request head: its text (latin1), ending in CRLFCRLF. */
+export const parseRequestHead = (s: string, limits: HeadLimits): RequestHead | Http1Error => {
+  const end = s.length
+  const eol = s.indexOf("\n")
+  if (eol <= 0 || s.charCodeAt(eol - 1) !== CR) return fail("MalformedStartLine", 400, "malformed request line")
   const lineEnd = eol - 1
-  const sp1 = buf.indexOf(SP)
-  const sp2 = sp1 === -1 ? -1 : buf.indexOf(SP, sp1 + 1)
-  if (sp1 <= 0 || sp1 > MAX_METHOD_LENGTH || sp2 === -1 || sp2 >= lineEnd || !isToken(buf, 0, sp1)) return fail("MalformedStartLine", 400, "malformed request line")
-  for (let i = sp1 + 1; i < sp2; i++) if (TARGET[buf[i]!] !== 1) return fail("MalformedStartLine", 400, "malformed request target")
+  const sp1 = s.indexOf(" ")
+  const sp2 = sp1 === -1 ? -1 : s.indexOf(" ", sp1 + 1)
+  if (sp1 <= 0 || sp1 > MAX_METHOD_LENGTH || sp2 === -1 || sp2 >= lineEnd) return fail("MalformedStartLine", 400, "malformed request line")
+  for (let i = 0; i < sp1; i++) if (TOKEN[s.charCodeAt(i)] !== 1) return fail("MalformedStartLine", 400, "malformed request line")
+  for (let i = sp1 + 1; i < sp2; i++) if (TARGET[s.charCodeAt(i)] !== 1) return fail("MalformedStartLine", 400, "malformed request target")
   if (sp2 === sp1 + 1) return fail("MalformedStartLine", 400, "empty request target")
-  const versionMinor = parseVersion(buf, sp2 + 1, lineEnd)
+  const versionMinor = parseVersion(s, sp2 + 1, lineEnd)
   if (versionMinor === -1) return fail("MalformedStartLine", 400, "unsupported or malformed HTTP version")
-  const headers = parseFields(buf, eol + 1, end - 2, limits, 400)
+  const headers = parseFields(s, eol + 1, end - 2, limits, 400)
   if (headers instanceof Http1Error) return headers
   const f = framingFields(headers, 400)
   if (f instanceof Http1Error) return f
@@ -448,11 +457,11 @@ export const parseRequestHead = (buf: Buffer, end: number, limits: HeadLimits): 
   }
   const ambiguous = ambiguousRequestFields(f)
   if (ambiguous !== undefined) return ambiguous
-  const method = latin1(buf, 0, sp1)
-  const target = latin1(buf, sp1 + 1, sp2)
+  const method = s.slice(0, sp1)
+  const target = s.slice(sp1 + 1, sp2)
   const originTarget = originFormOf(method, target, f.host)
   if (originTarget instanceof Http1Error) return originTarget
-  if (method !== "CONNECT" && !targetFormOk(buf, sp1 + 1, sp2)) return fail("MalformedTarget", 400, "a request target in no form a request may take")
+  if (method !== "CONNECT" && !targetFormOk(s, sp1 + 1, sp2)) return fail("MalformedTarget", 400, "a request target in no form a request may take")
   let framing: Framing = NO_BODY
   if (f.codings.length > 0) {
     if (f.contentLength !== undefined) return fail("AmbiguousLength", 400, "ambiguous message length (Content-Length and Transfer-Encoding)")
@@ -532,20 +541,21 @@ const originFormOf = (method: string, target: string, host: string | undefined):
   return rest.length === 0 ? "/" : rest.charCodeAt(0) === 47 ? rest : "/" + rest
 }
 
-/** Parses a complete response head (`buf[0..end)`, ending in CRLFCRLF). Errors carry status 502. */
-export const parseResponseHead = (buf: Buffer, end: number, limits: HeadLimits): ResponseHead | Http1Error => {
-  const eol = buf.indexOf(LF)
-  if (eol <= 0 || buf[eol - 1] !== CR) return fail("MalformedStartLine", 502, "malformed status line")
+/** Parses a complete response head: its text (latin1), ending in CRLFCRLF. Errors carry status 502. */
+export const parseResponseHead = (s: string, limits: HeadLimits): ResponseHead | Http1Error => {
+  const end = s.length
+  const eol = s.indexOf("\n")
+  if (eol <= 0 || s.charCodeAt(eol - 1) !== CR) return fail("MalformedStartLine", 502, "malformed status line")
   const lineEnd = eol - 1
-  const versionMinor = parseVersion(buf, 0, 8)
-  if (versionMinor === -1 || buf[8] !== SP || lineEnd < 12) return fail("MalformedStartLine", 502, "malformed status line")
-  const d0 = buf[9]! - 0x30
-  const d1 = buf[10]! - 0x30
-  const d2 = buf[11]! - 0x30
+  const versionMinor = parseVersion(s, 0, 8)
+  if (versionMinor === -1 || s.charCodeAt(8) !== SP || lineEnd < 12) return fail("MalformedStartLine", 502, "malformed status line")
+  const d0 = s.charCodeAt(9) - 0x30
+  const d1 = s.charCodeAt(10) - 0x30
+  const d2 = s.charCodeAt(11) - 0x30
   if (d0 < 1 || d0 > 5 || d1 < 0 || d1 > 9 || d2 < 0 || d2 > 9) return fail("MalformedStartLine", 502, "malformed status code")
-  if (lineEnd > 12 && buf[12] !== SP) return fail("MalformedStartLine", 502, "malformed status line")
-  for (let i = 13; i < lineEnd; i++) if (FIELD_VALUE[buf[i]!] !== 1) return fail("MalformedStartLine", 502, "a control character in the reason phrase")
-  const headers = parseFields(buf, eol + 1, end - 2, limits, 502)
+  if (lineEnd > 12 && s.charCodeAt(12) !== SP) return fail("MalformedStartLine", 502, "malformed status line")
+  for (let i = 13; i < lineEnd; i++) if (FIELD_VALUE[s.charCodeAt(i)] !== 1) return fail("MalformedStartLine", 502, "a control character in the reason phrase")
+  const headers = parseFields(s, eol + 1, end - 2, limits, 502)
   if (headers instanceof Http1Error) return headers
   const f = framingFields(headers, 502)
   if (f instanceof Http1Error) return f
@@ -554,7 +564,7 @@ export const parseResponseHead = (buf: Buffer, end: number, limits: HeadLimits):
   const chunked = f.codings.length > 0 && f.codings[f.codings.length - 1] === "chunked" && f.codings.indexOf("chunked") === f.codings.length - 1
   return {
     status: d0 * 100 + d1 * 10 + d2,
-    reason: lineEnd > 13 ? latin1(buf, 13, lineEnd) : "",
+    reason: lineEnd > 13 ? s.slice(13, lineEnd) : "",
     versionMinor,
     headers,
     connection: f.connection,
@@ -608,6 +618,16 @@ const lfPrecededByCr = (buf: Buffer, from: number, to: number): boolean => {
   }
   return true
 }
+
+/** Whether every LF in `s[from..)` follows a CR. */
+const textLfPrecededByCr = (s: string, from: number): boolean => {
+  let i = s.indexOf("\n", from)
+  while (i !== -1) {
+    if (i === 0 || s.charCodeAt(i - 1) !== CR) return false
+    i = s.indexOf("\n", i + 1)
+  }
+  return true
+}
 const DOUBLE_CRLF = Buffer.from("\r\n\r\n", "latin1")
 
 /**
@@ -616,12 +636,13 @@ const DOUBLE_CRLF = Buffer.from("\r\n\r\n", "latin1")
  */
 export class HeadReader<H> {
   readonly limits: HeadLimits
-  readonly parse: (buf: Buffer, end: number, limits: HeadLimits) => H | Http1Error
+  /** Parses a complete head's text (latin1, ending in CRLFCRLF). */
+  readonly parse: (head: string, limits: HeadLimits) => H | Http1Error
   readonly tooLargeStatus: number
   private pending: Buffer | undefined = undefined
   private dead: Http1Error | undefined = undefined
 
-  constructor(limits: HeadLimits, parse: (buf: Buffer, end: number, limits: HeadLimits) => H | Http1Error, tooLargeStatus: number) {
+  constructor(limits: HeadLimits, parse: (head: string, limits: HeadLimits) => H | Http1Error, tooLargeStatus: number) {
     this.limits = limits
     this.parse = parse
     this.tooLargeStatus = tooLargeStatus
@@ -651,21 +672,25 @@ export class HeadReader<H> {
       }
     }
     const at = buf.indexOf(DOUBLE_CRLF, had > 3 ? had - 3 : 0)
-    const scanEnd = at === -1 ? buf.length : at + 4
-    if (!lfPrecededByCr(buf, had > 0 ? had - 1 : 0, scanEnd)) {
-      return this.die(fail("MalformedHeader", this.tooLargeStatus === 431 ? 400 : 502, "a bare LF in the head"))
-    }
     if (at === -1) {
+      if (!lfPrecededByCr(buf, had > 0 ? had - 1 : 0, buf.length)) return this.die(this.bareLf())
       if (this.tooLargeStatus === 431 && !methodPrefixOk(buf)) return this.die(fail("MalformedStartLine", 400, "malformed request line"))
       if (buf.length >= this.limits.maxHeaderSize) return this.die(fail("HeadTooLarge", this.tooLargeStatus, "head too large"))
       this.pending = buf.length === 0 ? undefined : Buffer.from(buf)
       return NEED
     }
     const end = at + 4
-    const parsed = this.parse(buf.subarray(0, end), end, this.limits)
+    // One string of the whole head: the parser reads it without a call into Node per line or field.
+    const text = buf.toString("latin1", 0, end)
+    if (!textLfPrecededByCr(text, had > 0 ? had - 1 : 0)) return this.die(this.bareLf())
+    const parsed = this.parse(text, this.limits)
     if (parsed instanceof Http1Error) return this.die(parsed)
     this.pending = undefined
     return { _tag: "Head", head: parsed, rest: chunk.subarray(end - had) }
+  }
+
+  private bareLf(): Http1Error {
+    return fail("MalformedHeader", this.tooLargeStatus === 431 ? 400 : 502, "a bare LF in the head")
   }
 
   private die(error: Http1Error): HeadStep<H> {

@@ -5,8 +5,7 @@ import { Http1Error, parseResponseHead, type ResponseHead } from "../../src/doma
 const LIMITS = { maxHeaderSize: 8 * 1024, maxHeadersCount: 50 }
 
 const response = (text: string): ResponseHead => {
-  const buf = Buffer.from(text, "latin1")
-  const head = parseResponseHead(buf, buf.length, LIMITS)
+  const head = parseResponseHead(text, LIMITS)
   if (head instanceof Http1Error) throw head
   return head
 }
