@@ -135,7 +135,7 @@ export class ClientConnection extends MessageSide implements ConnectionOwner {
     this.upstreamBytes += chunk.length
     const framer = this.responseFramer
     if (framer !== undefined) {
-      this.upTimer?.refresh()
+      this.upTimer.refresh()
       const n = framer.consume(chunk, 0)
       if (typeof n !== "number") {
         this.core.report(`upstream ${this.outgoing!.upstream.describe} sent a malformed body: ${n.message}`)
@@ -169,7 +169,7 @@ export class ClientConnection extends MessageSide implements ConnectionOwner {
       return
     }
     this.responseStarted = true
-    this.upTimer?.refresh()
+    this.upTimer.refresh()
     this.readResponseHead(chunk)
   }
 

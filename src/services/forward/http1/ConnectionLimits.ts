@@ -122,7 +122,6 @@ export abstract class ConnectionLimits extends ConnectionState {
   }
 
   protected readonly onHeadTimeout = (): void => {
-    this.clientTimer = undefined
     if (this.phase !== HEAD) return
     if (this.reader.buffered === 0 && this.pending === undefined) this.socket.destroy()
     else {
@@ -132,19 +131,16 @@ export abstract class ConnectionLimits extends ConnectionState {
   }
 
   protected readonly onKeepAliveTimeout = (): void => {
-    this.clientTimer = undefined
     if (this.idle()) this.socket.destroy()
   }
 
   protected readonly onBodyTimeout = (): void => {
-    this.clientTimer = undefined
     if (this.requestDone) return
     if (this.responseHeadSent) this.destroy()
     else this.fail(408, "switchyard: request not received in time")
   }
 
   protected readonly onResponseTimeout = (): void => {
-    this.upTimer = undefined
     if (this.responseHeadSent || this.phase === CLOSED) return
     const target = this.outgoing!.upstream
     this.core.report(`upstream ${target.describe} did not answer in time: ${this.outgoing!.method} ${this.outgoing!.path}`)
@@ -152,7 +148,6 @@ export abstract class ConnectionLimits extends ConnectionState {
   }
 
   protected readonly onIdleTimeout = (): void => {
-    this.upTimer = undefined
     if (this.phase !== EXCHANGE) return
     const target = this.outgoing!.upstream
     this.core.report(`upstream ${target.describe} was idle too long: ${this.outgoing!.method} ${this.outgoing!.path}`)

@@ -8,6 +8,7 @@
 import type * as net from "node:net"
 import { clientKey, type ClientLimits } from "../../../domain/ClientLimits.ts"
 import { type BodyFramer, type HeadReader, type RequestHead, requestHeadReader, type ResponseHead } from "../../../domain/Http1Parser.ts"
+import { Deadline } from "../../Deadline.ts"
 import { writeRawError } from "../ErrorResponse.ts"
 import { closeAfterFlush } from "../Flush.ts"
 import type { ConnectionWaiter, PooledConnection, UpstreamPool } from "../UpstreamPool.ts"
@@ -47,8 +48,10 @@ export abstract class ConnectionState implements ConnectionWaiter {
   /** Bytes received beyond the message being handled (the start of the next request, or an early body). */
   protected pending: Buffer | undefined = undefined
   protected clientEnded = false
-  protected clientTimer: NodeJS.Timeout | undefined = undefined
-  protected upTimer: NodeJS.Timeout | undefined = undefined
+  /** The head, keep-alive and request body timeouts (one at a time). */
+  protected readonly clientTimer = new Deadline()
+  /** The response and idle timeouts (one at a time). */
+  protected readonly upTimer = new Deadline()
 
   // The exchange in progress.
   protected request: RequestHead | undefined = undefined
@@ -243,27 +246,19 @@ export abstract class ConnectionState implements ConnectionWaiter {
   // ---- timers ----
 
   protected armClient(ms: number, fire: () => void): void {
-    this.clearClientTimer()
-    if (ms > 0) this.clientTimer = setTimeout(fire, ms)
+    this.clientTimer.arm(ms, fire)
   }
 
   protected clearClientTimer(): void {
-    if (this.clientTimer !== undefined) {
-      clearTimeout(this.clientTimer)
-      this.clientTimer = undefined
-    }
+    this.clientTimer.cancel()
   }
 
   protected armUp(ms: number, fire: () => void): void {
-    this.clearUpTimer()
-    if (ms > 0) this.upTimer = setTimeout(fire, ms)
+    this.upTimer.arm(ms, fire)
   }
 
   protected clearUpTimer(): void {
-    if (this.upTimer !== undefined) {
-      clearTimeout(this.upTimer)
-      this.upTimer = undefined
-    }
+    this.upTimer.cancel()
   }
 
   protected clearSlotTimer(): void {
@@ -273,9 +268,10 @@ export abstract class ConnectionState implements ConnectionWaiter {
     }
   }
 
+  /** Clears every timer: the connection is done with them (closing, or handed off). */
   protected clearTimers(): void {
-    this.clearClientTimer()
-    this.clearUpTimer()
+    this.clientTimer.dispose()
+    this.upTimer.dispose()
     this.clearSlotTimer()
   }
 }

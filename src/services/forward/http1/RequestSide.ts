@@ -126,7 +126,7 @@ export abstract class RequestSide extends ConnectionLimits {
         this.conn.socket.resume()
       } else this.messageDrained()
     }
-    this.upTimer?.refresh()
+    this.upTimer.refresh()
   }
 
   // ---- request head and admission ----
@@ -379,7 +379,7 @@ export abstract class RequestSide extends ConnectionLimits {
     this.receivedBytes += n
     const f = framer.forwardable
     if (f > 0) ok = up.write(from === 0 && f === chunk.length ? chunk : chunk.subarray(from, from + f))
-    this.upTimer?.refresh()
+    this.upTimer.refresh()
     if (framer.done) {
       if (framer.trailers !== undefined) up.write(framer.trailers)
       this.requestDone = true
