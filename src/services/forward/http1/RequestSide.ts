@@ -150,8 +150,11 @@ export abstract class RequestSide extends ConnectionLimits {
     }
   }
 
+  /**
+   * The socket keeps flowing through a decision made at once on a request without a body (nothing is
+   * read meanwhile: this runs to the end first); it is paused wherever bytes must wait.
+   */
   private startExchange(request: RequestHead, rest: Buffer): void {
-    this.socket.pause()
     this.clearClientTimer()
     this.pending = rest.length > 0 ? rest : undefined
     this.headRequest = request.method === "HEAD"
@@ -215,6 +218,7 @@ export abstract class RequestSide extends ConnectionLimits {
     const body = request.framing._tag !== "None" && !(request.framing._tag === "Length" && request.framing.length === 0)
     // A request without a body: further bytes are held (and bounded) by `hold`, so reading on is safe.
     if (!body && this.pending === undefined) this.socket.resume()
+    else this.socket.pause()
     let decided = false
     let cancel: (() => void) | undefined
     try {
@@ -305,6 +309,7 @@ export abstract class RequestSide extends ConnectionLimits {
       if (!this.requestDone && !upgrading && this.front.limits.requestTimeoutMs > 0) {
         this.armClient(this.front.limits.requestTimeoutMs, this.onBodyTimeout)
       }
+      this.socket.pause()
       this.startMessage(admission.message, out, request, upgrading)
       return
     }
@@ -315,6 +320,7 @@ export abstract class RequestSide extends ConnectionLimits {
     }
     // Nothing else is expected before the exchange ends: read on, so a client leaving is noticed.
     if (this.requestDone && this.pending === undefined) this.socket.resume()
+    else this.socket.pause()
     if (upgrading) {
       // An upgrade takes a connection of its own, never pooled (it becomes the tunnel).
       this.granted(PooledConnection.open({ ...out.upstream, connectReading: undefined }, undefined))
