@@ -188,9 +188,12 @@ const isToken = (buf: Uint8Array, start: number, end: number): boolean => {
   return true
 }
 
+/** The error for an LF without its CR anywhere in a head. */
+const bareLf = (status: number): Http1Error => fail("MalformedHeader", status, "a bare LF in the head")
+
 /**
  * Header fields of a head's text (latin1, one character per byte), checked character by character;
- * returns the flat list or an error. Every line ends in CRLF: the head reader refused bare LFs.
+ * returns the flat list or an error. Every line must end in CRLF.
  */
 const parseFields = (
   s: string,
@@ -204,7 +207,7 @@ const parseFields = (
   while (pos < end) {
     let eol = s.indexOf("\n", pos)
     if (eol === -1 || eol > end) eol = end
-    if (eol === pos || s.charCodeAt(eol - 1) !== CR) return fail("MalformedHeader", errorStatus, "a header line does not end in CRLF")
+    if (eol === pos || s.charCodeAt(eol - 1) !== CR) return bareLf(errorStatus)
     const lineEnd = eol - 1
     const first = s.charCodeAt(pos)
     if (first === SP || first === HTAB) return fail("MalformedHeader", errorStatus, "obs-fold (a header line starting with whitespace)")
@@ -283,6 +286,11 @@ const trimOws = (s: string): string => {
 
 /** Adds the comma-separated tokens of a `Connection`-like value to `into`, lower-cased. */
 const connectionTokens = (value: string, into: Array<string>): void => {
+  if (value.indexOf(",") === -1) {
+    const token = trimOws(value).toLowerCase()
+    if (token.length > 0) into.push(token)
+    return
+  }
   for (const t of value.split(",")) {
     const token = trimOws(t).toLowerCase()
     if (token.length > 0) into.push(token)
@@ -357,7 +365,7 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
         if (lowerEquals(name, "content-length")) {
           lengths++
           if (lengths > 1) return fail("AmbiguousLength", errorStatus, "more than one Content-Length")
-          if (value.length === 0 || value.length > MAX_CONTENT_LENGTH_DIGITS || !/^\d+$/.test(value)) {
+          if (!digitsOnly(value, 0, MAX_CONTENT_LENGTH_DIGITS)) {
             return fail("InvalidContentLength", errorStatus, `invalid Content-Length "${value.slice(0, 32)}"`)
           }
           contentLength = Number(value)
@@ -381,17 +389,63 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
   }
 }
 
+/** Characters of a host name or IPv4 address in `Host`. */
+const HOST_NAME: Uint8Array = (() => {
+  const t = new Uint8Array(256)
+  for (let c = 0x30; c <= 0x39; c++) t[c] = 1
+  for (let c = 0x41; c <= 0x5a; c++) t[c] = 1
+  for (let c = 0x61; c <= 0x7a; c++) t[c] = 1
+  for (const ch of "._~-") t[ch.charCodeAt(0)] = 1
+  return t
+})()
+/** Characters between the brackets of an IPv6 address in `Host`. */
+const IPV6_LITERAL: Uint8Array = (() => {
+  const t = new Uint8Array(256)
+  for (let c = 0x30; c <= 0x39; c++) t[c] = 1
+  for (let c = 0x41; c <= 0x46; c++) t[c] = 1
+  for (let c = 0x61; c <= 0x66; c++) t[c] = 1
+  t[COLON] = 1
+  t[0x2e] = 1
+  return t
+})()
+
 /**
  * A Host value routes can be matched on: empty, a name or IPv4 address of letters, digits, `.`, `-`, `_`
  * and `~`, or a bracketed IPv6 address, each with an optional port. Commas, spaces, `@`, `/` and the other
- * characters a server might split or decode another way are refused.
+ * characters a server might split or decode another way are refused:
+ * `(name | "[" ipv6 "]") [":" 1*5DIGIT]`.
  */
-const HOST_VALUE = /^(?:[A-Za-z0-9._~-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$/
+export const hostValueOk = (host: string): boolean => {
+  const n = host.length
+  let i = 0
+  if (n > 0 && host.charCodeAt(0) === 0x5b /* [ */) {
+    i = 1
+    while (i < n && IPV6_LITERAL[host.charCodeAt(i)] === 1) i++
+    if (i === 1 || i === n || host.charCodeAt(i) !== 0x5d /* ] */) return false
+    i++
+  } else {
+    while (i < n && HOST_NAME[host.charCodeAt(i)] === 1) i++
+  }
+  if (i === n) return true
+  if (host.charCodeAt(i) !== COLON) return false
+  return digitsOnly(host, i + 1, 5)
+}
+
+/** Whether `s[from..)` is 1 to `max` ASCII digits. */
+const digitsOnly = (s: string, from: number, max: number): boolean => {
+  const n = s.length - from
+  if (n < 1 || n > max) return false
+  for (let i = from; i < s.length; i++) {
+    const c = s.charCodeAt(i)
+    if (c < 0x30 || c > 0x39) return false
+  }
+  return true
+}
 
 /** Repeated or `Connection`-nominated request fields that a proxy and an upstream could read differently. */
 const ambiguousRequestFields = (f: FramingFields): Http1Error | undefined => {
   if (f.hostCount > 1) return fail("MissingHost", 400, "more than one Host")
-  if (f.host !== undefined && !HOST_VALUE.test(f.host)) return fail("MalformedHeader", 400, `a Host that is not a host name, address or port ("${f.host.slice(0, 64)}")`)
+  if (f.host !== undefined && !hostValueOk(f.host)) return fail("MalformedHeader", 400, `a Host that is not a host name, address or port ("${f.host.slice(0, 64)}")`)
   if (f.contentTypeCount > 1) return fail("DuplicateField", 400, "more than one Content-Type")
   if (f.transferEncodingFields > 1) return fail("DuplicateField", 400, "more than one Transfer-Encoding field")
   if (f.methodOverrideDuplicated !== undefined) return fail("DuplicateField", 400, `more than one ${f.methodOverrideDuplicated}`)
@@ -438,7 +492,7 @@ const parseVersion = (s: string, start: number, end: number): number => {
 export const parseRequestHead = (s: string, limits: HeadLimits): RequestHead | Http1Error => {
   const end = s.length
   const eol = s.indexOf("\n")
-  if (eol <= 0 || s.charCodeAt(eol - 1) !== CR) return fail("MalformedStartLine", 400, "malformed request line")
+  if (eol <= 0 || s.charCodeAt(eol - 1) !== CR) return bareLf(400)
   const lineEnd = eol - 1
   const sp1 = s.indexOf(" ")
   const sp2 = sp1 === -1 ? -1 : s.indexOf(" ", sp1 + 1)
@@ -545,7 +599,7 @@ const originFormOf = (method: string, target: string, host: string | undefined):
 export const parseResponseHead = (s: string, limits: HeadLimits): ResponseHead | Http1Error => {
   const end = s.length
   const eol = s.indexOf("\n")
-  if (eol <= 0 || s.charCodeAt(eol - 1) !== CR) return fail("MalformedStartLine", 502, "malformed status line")
+  if (eol <= 0 || s.charCodeAt(eol - 1) !== CR) return bareLf(502)
   const lineEnd = eol - 1
   const versionMinor = parseVersion(s, 0, 8)
   if (versionMinor === -1 || s.charCodeAt(8) !== SP || lineEnd < 12) return fail("MalformedStartLine", 502, "malformed status line")
@@ -619,16 +673,10 @@ const lfPrecededByCr = (buf: Buffer, from: number, to: number): boolean => {
   return true
 }
 
-/** Whether every LF in `s[from..)` follows a CR. */
-const textLfPrecededByCr = (s: string, from: number): boolean => {
-  let i = s.indexOf("\n", from)
-  while (i !== -1) {
-    if (i === 0 || s.charCodeAt(i - 1) !== CR) return false
-    i = s.indexOf("\n", i + 1)
-  }
-  return true
-}
 const DOUBLE_CRLF = Buffer.from("\r\n\r\n", "latin1")
+const EMPTY = Buffer.alloc(0)
+/** Bytes of a read first looked at as text for the end of a head (most heads are shorter). */
+const HEAD_WINDOW = 2048
 
 /**
  * Collects bytes until a head is complete, never holding more than `maxHeaderSize`; dead after the first
@@ -671,26 +719,31 @@ export class HeadReader<H> {
         had = 0
       }
     }
-    const at = buf.indexOf(DOUBLE_CRLF, had > 3 ? had - 3 : 0)
+    // A head that ends in the first bytes: one string of them, searched and then parsed without another
+    // call into Node per line or field. The parser checks every line of a complete head ends in CRLF.
+    const from = had > 3 ? had - 3 : 0
+    let text: string | undefined
+    let at: number
+    if (buf.length <= HEAD_WINDOW) {
+      text = buf.toString("latin1")
+      at = text.indexOf("\r\n\r\n", from)
+    } else {
+      at = buf.indexOf(DOUBLE_CRLF, from)
+    }
     if (at === -1) {
-      if (!lfPrecededByCr(buf, had > 0 ? had - 1 : 0, buf.length)) return this.die(this.bareLf())
+      if (!lfPrecededByCr(buf, had > 0 ? had - 1 : 0, buf.length)) return this.die(bareLf(this.tooLargeStatus === 431 ? 400 : 502))
       if (this.tooLargeStatus === 431 && !methodPrefixOk(buf)) return this.die(fail("MalformedStartLine", 400, "malformed request line"))
       if (buf.length >= this.limits.maxHeaderSize) return this.die(fail("HeadTooLarge", this.tooLargeStatus, "head too large"))
       this.pending = buf.length === 0 ? undefined : Buffer.from(buf)
       return NEED
     }
     const end = at + 4
-    // One string of the whole head: the parser reads it without a call into Node per line or field.
-    const text = buf.toString("latin1", 0, end)
-    if (!textLfPrecededByCr(text, had > 0 ? had - 1 : 0)) return this.die(this.bareLf())
-    const parsed = this.parse(text, this.limits)
+    const head = text === undefined ? buf.toString("latin1", 0, end) : end === text.length ? text : text.slice(0, end)
+    const parsed = this.parse(head, this.limits)
     if (parsed instanceof Http1Error) return this.die(parsed)
     this.pending = undefined
-    return { _tag: "Head", head: parsed, rest: chunk.subarray(end - had) }
-  }
-
-  private bareLf(): Http1Error {
-    return fail("MalformedHeader", this.tooLargeStatus === 431 ? 400 : 502, "a bare LF in the head")
+    const restAt = end - had
+    return { _tag: "Head", head: parsed, rest: restAt === chunk.length ? EMPTY : chunk.subarray(restAt) }
   }
 
   private die(error: Http1Error): HeadStep<H> {

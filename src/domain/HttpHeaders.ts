@@ -26,18 +26,46 @@ const CONSUMED_REQUEST: ReadonlySet<string> = new Set(["expect"])
 /** The `X-Forwarded-*` headers switchyard writes. */
 const FORWARDED: ReadonlySet<string> = new Set(["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"])
 
-/** Names listed in `Connection` headers (lower-cased), which are hop-by-hop for this message. */
-const connectionTokens = (raw: ReadonlyArray<string>): ReadonlySet<string> | undefined => {
-  let named: Set<string> | undefined
+/** Bit `n` (bit 31 for 31 and more): the length of a field name that may have to be dropped. */
+const lengthBit = (n: number): number => 1 << (n < 31 ? n : 31)
+const lengthMask = (names: Iterable<string>): number => {
+  let m = 0
+  for (const name of names) m |= lengthBit(name.length)
+  return m
+}
+
+const HOP_BY_HOP_LENGTHS = lengthMask(HOP_BY_HOP)
+const REQUEST_DROPPED_LENGTHS = HOP_BY_HOP_LENGTHS | lengthMask(CONSUMED_REQUEST)
+const FORWARDED_DROPPED_LENGTHS = REQUEST_DROPPED_LENGTHS | lengthMask(FORWARDED)
+
+/**
+ * Names listed in `Connection` headers (lower-cased), which are hop-by-hop for this message, and the
+ * lengths among them and `always`: a field whose name has none of those lengths is kept without
+ * lower-casing its name.
+ */
+interface Nominated {
+  readonly names: ReadonlySet<string> | undefined
+  readonly lengths: number
+}
+
+const NON_ASCII = /[^\x00-\x7f]/
+
+const connectionTokens = (raw: ReadonlyArray<string>, always: number): Nominated => {
+  let names: Set<string> | undefined
+  let lengths = always
   for (let i = 0; i < raw.length; i += 2) {
     if (raw[i]!.length === 10 && raw[i]!.toLowerCase() === "connection") {
-      for (const token of raw[i + 1]!.split(",")) {
+      const value = raw[i + 1]!
+      for (const token of value.indexOf(",") === -1 ? [value] : value.split(",")) {
         const t = token.trim().toLowerCase()
-        if (t.length > 0) (named ??= new Set()).add(t)
+        if (t.length === 0) continue
+        ;(names ??= new Set()).add(t)
+        // a name may lower-case to a non-ASCII token at another length: then every name is compared
+        lengths |= NON_ASCII.test(t) ? -1 : lengthBit(t.length)
       }
     }
   }
-  return named
+  return { names, lengths }
 }
 
 export interface ForwardedInfo {
@@ -68,7 +96,7 @@ export const requestHeaders = (
   forwardedMode: ForwardedMode,
   forwarded: ForwardedInfo | undefined
 ): Array<string> => {
-  const named = connectionTokens(raw)
+  const named = connectionTokens(raw, forwardedMode === "off" ? REQUEST_DROPPED_LENGTHS : FORWARDED_DROPPED_LENGTHS)
   const out: Array<string> = []
   let upgradeValue: string | undefined
   let xff: string | undefined
@@ -76,12 +104,16 @@ export const requestHeaders = (
   let xfHost: string | undefined
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i]!
+    if ((named.lengths & lengthBit(name.length)) === 0) {
+      out.push(name, raw[i + 1]!)
+      continue
+    }
     const lower = name.toLowerCase()
     if (HOP_BY_HOP.has(lower)) {
       if (lower === "upgrade") upgradeValue = raw[i + 1]
       continue
     }
-    if (CONSUMED_REQUEST.has(lower) || (named !== undefined && named.has(lower))) continue
+    if (CONSUMED_REQUEST.has(lower) || (named.names !== undefined && named.names.has(lower))) continue
     if (forwardedMode !== "off" && FORWARDED.has(lower)) {
       if (forwardedMode === "append") {
         if (lower === "x-forwarded-for") xff = xff === undefined ? raw[i + 1] : `${xff}, ${raw[i + 1]}`
@@ -106,12 +138,15 @@ export const requestHeaders = (
 
 /** The response headers to send to the client: hop-by-hop headers and those named in `Connection` removed. */
 export const responseHeaders = (raw: ReadonlyArray<string>): Array<string> => {
-  const named = connectionTokens(raw)
+  const named = connectionTokens(raw, HOP_BY_HOP_LENGTHS)
   const out: Array<string> = []
   for (let i = 0; i < raw.length; i += 2) {
-    const lower = raw[i]!.toLowerCase()
-    if (HOP_BY_HOP.has(lower) || (named !== undefined && named.has(lower))) continue
-    out.push(raw[i]!, raw[i + 1]!)
+    const name = raw[i]!
+    if ((named.lengths & lengthBit(name.length)) !== 0) {
+      const lower = name.toLowerCase()
+      if (HOP_BY_HOP.has(lower) || (named.names !== undefined && named.names.has(lower))) continue
+    }
+    out.push(name, raw[i + 1]!)
   }
   return out
 }

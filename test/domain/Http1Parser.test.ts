@@ -3,6 +3,7 @@ import { Schema } from "effect"
 import {
   BodyFramer,
   type Framing,
+  hostValueOk,
   Http1Error,
   MAX_CHUNK_LINE,
   parseRequestHead,
@@ -208,6 +209,26 @@ describe("request heads", () => {
       expect(headOf(`GET / HTTP/1.1\r\nHost: ${host}\r\n\r\n`).host).toBe(host)
     }
   })
+
+  // The grammar of a routable Host as a regular expression: the reference `hostValueOk` is checked against.
+  const HOST_GRAMMAR = /^(?:[A-Za-z0-9._~-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$/
+  const HOST_ALPHABET = "aZ09.-_~[]:fF ,@/%\\\x00\x7f\xa0\xe9"
+
+  it("reads a Host value as its grammar does: examples", () => {
+    for (const host of ["", "h", "127.0.0.1", "127.0.0.1:80", "h:65535", "h:123456", "h:", ":80", "[::1]", "[::1]:8080", "[]", "[::1", "::1]", "[::1]x", "[g::1]", "a b", "a,b", "a@b", "h:8o", "h:\xe9", "\u0100"]) {
+      expect(hostValueOk(host), JSON.stringify(host)).toBe(HOST_GRAMMAR.test(host))
+    }
+  })
+
+  it.prop(
+    "reads any Host value as its grammar does",
+    [Schema.Array(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: HOST_ALPHABET.length - 1 }))).check(Schema.isMaxLength(12))],
+    ([picks]) => {
+      const host = picks.map((i) => HOST_ALPHABET[i]).join("")
+      expect(hostValueOk(host), JSON.stringify(host)).toBe(HOST_GRAMMAR.test(host))
+    },
+    { arbitrary: { runs: 2000 } }
+  )
 
   it("turns an absolute-form target whose authority is the Host into origin form", () => {
     const cases: Array<[string, string, string]> = [

@@ -55,6 +55,67 @@ describe("hop-by-hop headers", () => {
   })
 })
 
+// What is dropped, written the plain way (every name lower-cased and looked up): the reference the
+// header rewriting is compared with.
+const HOP = new Set(["connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade", "proxy-authorization", "proxy-authenticate", "http2-settings"])
+const nominatedBy = (raw: ReadonlyArray<string>): Set<string> => {
+  const named = new Set<string>()
+  for (let i = 0; i < raw.length; i += 2) {
+    if (raw[i]!.toLowerCase() !== "connection") continue
+    for (const t of raw[i + 1]!.split(",")) if (t.trim().length > 0) named.add(t.trim().toLowerCase())
+  }
+  return named
+}
+const referenceResponse = (raw: ReadonlyArray<string>): Array<string> => {
+  const named = nominatedBy(raw)
+  const out: Array<string> = []
+  for (let i = 0; i < raw.length; i += 2) {
+    const lower = raw[i]!.toLowerCase()
+    if (!HOP.has(lower) && !named.has(lower)) out.push(raw[i]!, raw[i + 1]!)
+  }
+  return out
+}
+const referenceRequest = (raw: ReadonlyArray<string>): Array<string> => {
+  const named = nominatedBy(raw)
+  const out: Array<string> = []
+  for (let i = 0; i < raw.length; i += 2) {
+    const lower = raw[i]!.toLowerCase()
+    if (!HOP.has(lower) && lower !== "expect" && !named.has(lower)) out.push(raw[i]!, raw[i + 1]!)
+  }
+  return out
+}
+const NAME_POOL = [
+  "Connection", "CONNECTION", "Keep-Alive", "keep-alive", "TE", "te", "Upgrade", "Transfer-Encoding", "Proxy-Connection",
+  "Proxy-Authorization", "Proxy-Authenticate", "HTTP2-Settings", "Expect", "Host", "Date", "Content-Type", "Content-Length",
+  "X-Secret", "x-secret", "X-A", "X-Hop", "User-Agent", "A-Very-Long-Field-Name-Over-Thirty-One", "a-very-long-field-name-over-thirty-one",
+  "\u212aeep-alive", "\u0130x", "x\u0130", "\u0130abc"
+]
+const TOKEN_POOL = ["keep-alive", "close", "x-secret", "X-SECRET", " x-a ", "x-hop", "\u0130x", "i\u0307x", "i\u0307abc", "\u0130ABC", "upgrade", "date", "a-very-long-field-name-over-thirty-one", "", "\u212aeep-alive"]
+
+describe("hop-by-hop headers, against the plain reading", () => {
+  it.prop(
+    "request and response fields are dropped exactly as by name-by-name lookup",
+    [
+      Schema.Array(
+        Schema.Struct({
+          name: Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: NAME_POOL.length - 1 })),
+          tokens: Schema.Array(Schema.Int.check(Schema.isBetween({ minimum: 0, maximum: TOKEN_POOL.length - 1 }))).check(Schema.isMaxLength(3))
+        })
+      ).check(Schema.isMaxLength(10))
+    ],
+    ([fields]) => {
+      const raw: Array<string> = []
+      for (const f of fields) {
+        const name = NAME_POOL[f.name]!
+        raw.push(name, name.toLowerCase() === "connection" ? f.tokens.map((t) => TOKEN_POOL[t]).join(",") : "v")
+      }
+      assert.deepStrictEqual(responseHeaders(raw), referenceResponse(raw))
+      assert.deepStrictEqual(requestHeaders(raw, false, "off", undefined), referenceRequest(raw))
+    },
+    { arbitrary: { runs: 2000 } }
+  )
+})
+
 describe("canonicalTarget", () => {
   it("strips the API version and keeps the query", () => {
     const t = ok("/v1.41/containers/json?all=1")
