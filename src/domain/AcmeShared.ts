@@ -4,6 +4,7 @@
  * cluster's secret (HKDF-SHA-256, then AES-256-GCM with the name as associated data, so an entry cannot
  * be moved to another name), the size bounds, and the timing of the lock's lease. No I/O and no clock.
  */
+import { Buffer } from "node:buffer"
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from "node:crypto"
 
 /** Prefix of the certificate entries (`switchyard:acme:cert:<name>`). */

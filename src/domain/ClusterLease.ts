@@ -3,6 +3,7 @@
  * size), the public part of a route a lease describes, the diff of two lease tables, and how long a
  * table read from Redis may still be used. Pure: nothing here talks to Redis or reads a clock.
  */
+import { Buffer } from "node:buffer"
 import { type Result, Schema } from "effect"
 import { HttpRoute, MaxPort, type RouteDefinition, routeKey, TcpRoute } from "./Route.ts"
 

@@ -5,6 +5,7 @@
  * recorded opening proves nothing on another connection. Proofs are compared in constant time. Pure:
  * no sockets; the service (`services/cluster/RelayLink.ts`) sends and reads the frames.
  */
+import { Buffer } from "node:buffer"
 import { createHmac, timingSafeEqual } from "node:crypto"
 import { Schema } from "effect"
 import { ControlProtocolError, frame } from "./ControlMessage.ts"

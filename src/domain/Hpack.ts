@@ -4,6 +4,7 @@
  * without indexing (static-table names and exact matches excepted) and never uses Huffman. Pure: bytes in,
  * header lists out; no I/O. It does not validate HTTP semantics (pseudo-headers, forbidden fields).
  */
+import { Buffer } from "node:buffer"
 import { Schema } from "effect"
 
 /** The dynamic table size both ends start with (SETTINGS_HEADER_TABLE_SIZE default). */

@@ -4,6 +4,7 @@
  * request head given back to another server, and `100 Continue`. Pure: values in, latin1 bytes out. The
  * field lists come checked from `Http1Parser` and `HttpHeaders`; nothing here validates them again.
  */
+import { Buffer } from "node:buffer"
 import type { ResponseHead } from "./Http1Parser.ts"
 import { responseHeaders } from "./HttpHeaders.ts"
 

@@ -7,6 +7,7 @@
  * checked field by field and handed back without the fields that must not be trailers. No I/O, no Node
  * streams, no Effect runtime.
  */
+import { Buffer } from "node:buffer"
 import { Schema } from "effect"
 import { FORBIDDEN_TRAILERS } from "./HttpHeaders.ts"
 

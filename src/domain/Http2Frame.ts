@@ -4,6 +4,7 @@
  * CONTINUATIONs (bounded) and hands DATA payloads on as slices of the bytes it was given, without
  * copying or waiting for the whole frame. Pure; it keeps no stream state and does no flow control.
  */
+import { Buffer } from "node:buffer"
 import { Schema } from "effect"
 
 /** What a client sends first on a connection (RFC 9113 §3.4). */

@@ -4,6 +4,7 @@
  * calls it cannot scope refused), the rewrite of a list's `filters` query and the labelled rewrite of a
  * create body. No I/O: resolving a name to a container is `services/front/ScopeResolver.ts`.
  */
+import { Buffer } from "node:buffer"
 import { foldKey, isJsonError, parseStrictJson, parseStrictJsonText } from "./StrictJson.ts"
 
 /** The label every container of a scope carries. */

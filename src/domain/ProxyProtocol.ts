@@ -5,6 +5,7 @@
  * the same family are sent as unknown (version 1 `PROXY UNKNOWN`, version 2 `AF_UNSPEC`), which tells
  * the backend to use the connection's own endpoints.
  */
+import { Buffer } from "node:buffer"
 import * as net from "node:net"
 
 export type ProxyProtocolVersion = "v1" | "v2"

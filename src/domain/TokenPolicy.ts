@@ -3,6 +3,7 @@
  * Tokens are compared in constant time (SHA-256 of both sides, then `timingSafeEqual`, over every grant).
  * Pure apart from hashing; it does not count sessions (the control port enforces that limit).
  */
+import { Buffer } from "node:buffer"
 import { createHash, timingSafeEqual } from "node:crypto"
 import * as Redacted from "effect/Redacted"
 import { Schema } from "effect"

@@ -2,6 +2,7 @@
  * WebSocket close codes (RFC 6455 §7.4) as typed errors: which closes are clean, and what a failed one
  * means to an operator. Pure: no sockets here; `services/transport/WebSocketConnection.ts` applies it.
  */
+import { Buffer } from "node:buffer"
 import { Schema } from "effect"
 
 /** The close codes switchyard sends or interprets. */

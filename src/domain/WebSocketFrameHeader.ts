@@ -3,6 +3,7 @@
  * message's frames on the socket itself: FIN, opcode, the payload length in its shortest form, and the
  * masking key of a client frame. Pure; it neither masks payloads nor chooses keys.
  */
+import { Buffer } from "node:buffer"
 
 /** Longest payload length of the 7-bit form, and of the 16-bit form. */
 const MAX_7BIT_LENGTH = 125

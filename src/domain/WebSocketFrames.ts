@@ -8,6 +8,7 @@
  * decoder with the close code to send. No extensions are negotiated, so no RSV bit is ever valid.
  * Pure: no I/O; unmasking is passed in.
  */
+import { Buffer } from "node:buffer"
 
 /** Opcodes (RFC 6455 §5.2). */
 export const Opcode = {

@@ -3,6 +3,7 @@
  * with pausable reads and drain-aware batched writes, plus scoped TCP/Unix dial and listen.
  * It does not speak any protocol; yamux and HTTP sit on top of the Connection it returns.
  */
+import { Buffer } from "node:buffer"
 import { Effect, Layer } from "effect"
 import type { Scope } from "effect"
 import * as fs from "node:fs"

@@ -3,6 +3,7 @@
  * session, a WebSocket pool, an HTTP/2 connection): an identity, a load figure, and two ways in (an
  * HTTP `Upstream` for the forwarder, `connect` for raw byte streams). It does not route or forward.
  */
+import { Buffer } from "node:buffer"
 import type { Duplex } from "node:stream"
 import type { Effect } from "effect"
 import { Schema } from "effect"

@@ -6,6 +6,7 @@
  * cancelling forgets the callback and leaves the pending timer to find nothing. `dispose` clears the
  * pending timer, and must be called when the owner is done, so that nothing keeps the event loop alive.
  */
+import { performance } from "node:perf_hooks"
 export class Deadline {
   private timer: NodeJS.Timeout | undefined = undefined
   /** When the pending Node timer fires (`performance.now()` ms). */

@@ -3,6 +3,7 @@
  * are carried across, and when either side closes or fails both are destroyed. `joinReading` opens the
  * second side itself, reading it into one reused buffer.
  */
+import { Buffer } from "node:buffer"
 import type * as net from "node:net"
 import type { Duplex } from "node:stream"
 import type { ReadInto } from "./forward/Upstream.ts"

@@ -7,6 +7,8 @@
  * messages (reverse HTTP/2) takes its exchanges itself. Per-request instruments follow every exchange
  * through `observeExchange`. Listeners never parse bodies nor retry.
  */
+import { Buffer } from "node:buffer"
+import { performance } from "node:perf_hooks"
 import type * as http2 from "node:http2"
 import * as net from "node:net"
 import { Duplex } from "node:stream"

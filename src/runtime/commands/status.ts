@@ -3,6 +3,7 @@
  * listeners, sessions, routes with their backends, and recent errors as tables. Read-only; it changes
  * nothing and needs no token (the admin endpoint is on loopback or a private network).
  */
+import { Buffer } from "node:buffer"
 import * as http from "node:http"
 import { Console, Data, Effect, Runtime, Schema } from "effect"
 import { Command, Flag } from "effect/cli"

@@ -12,6 +12,7 @@
  * One fiber per name in use, all in the scope that made the service; at most `MaxConcurrentAcmeOrders`
  * orders run at once.
  */
+import { Buffer } from "node:buffer"
 import type * as AcmeClient from "acme-client"
 import { AsyncLocalStorage } from "node:async_hooks"
 import { X509Certificate } from "node:crypto"

@@ -5,6 +5,7 @@
  * connection's reused read buffer; chunked coding decoded), with backpressure both ways. It does not
  * check destination rules or speak wsp.
  */
+import { Buffer } from "node:buffer"
 import type { ResponseHead } from "../../domain/Http1Parser.ts"
 import { BodyFramer, HeadReader, parseResponseHead, responseFraming } from "../../domain/Http1Parser.ts"
 import type { DestinationTarget, RequestBodyFraming } from "../../domain/DestinationRequestHead.ts"

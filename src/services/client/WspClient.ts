@@ -4,6 +4,7 @@
  * checking it against the destination rules, and answers with a response head and one body message.
  * It never contacts a destination the rules refuse, and never accepts a second request on a busy connection.
  */
+import { Buffer } from "node:buffer"
 import { Context, Effect, FiberSet, Layer, Queue, Random, Redacted, Schema } from "effect"
 import type { Scope } from "effect"
 import { checkDestination, isOpen } from "../../domain/DestinationRules.ts"

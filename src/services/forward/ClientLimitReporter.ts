@@ -3,6 +3,7 @@
  * `CLIENT_LIMIT_LOG_INTERVAL_MS` per limit (a line stands for those suppressed since the one before), so
  * a flood of refusals cannot flood the log. It does not refuse anything (the engine does).
  */
+import { performance } from "node:perf_hooks"
 import {
   CLIENT_LIMIT_KINDS,
   CLIENT_LIMIT_LOG_INTERVAL_MS,

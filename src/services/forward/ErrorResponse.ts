@@ -4,6 +4,7 @@
  * written to a response or, before or after an upgrade, straight onto a raw socket; and how a response
  * that cannot be completed is cut.
  */
+import { Buffer } from "node:buffer"
 import type * as http from "node:http"
 import type { Duplex } from "node:stream"
 import { ErrorCode } from "../../domain/Http2Frame.ts"

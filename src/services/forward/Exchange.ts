@@ -7,6 +7,7 @@
  * door's: the request's fields arrive here with hop-by-hop fields removed and `X-Forwarded-*` applied
  * (`requestHeaders`); the response's go to the front door free of hop-by-hop fields (`responseHeaders`).
  */
+import { Buffer } from "node:buffer"
 import type { Duplex } from "node:stream"
 
 /** The request of one exchange as an upstream reads it. */

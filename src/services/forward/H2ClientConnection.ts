@@ -6,6 +6,7 @@
  * bytes written on (`consumed`), so a slow reader holds the backend back. Plain callbacks, no fibers: it
  * neither picks backends nor speaks HTTP/1.1 (`Http2Upstream` does), nor accepts server pushes.
  */
+import { Buffer } from "node:buffer"
 import type { Duplex } from "node:stream"
 import { Schema } from "effect"
 import { contentLengthValues, declaredContentLength, isInvalidContentLength } from "../../domain/ContentLength.ts"

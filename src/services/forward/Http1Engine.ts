@@ -17,6 +17,7 @@
  * client limits), `RequestSide.ts` (client bytes, heads, admission, request body), `ClientConnection.ts`
  * (upstream connection, response relay) and `RawTunnel.ts` (the pipe after a `101`).
  */
+import { performance } from "node:perf_hooks"
 import type * as net from "node:net"
 import { CLIENT_LIMIT_DEFAULTS, type ClientLimits, RATE_CHECK_INTERVAL_MS } from "../../domain/ClientLimits.ts"
 import type { EngineCore, Http1Front, Http1Server } from "./http1/Admission.ts"

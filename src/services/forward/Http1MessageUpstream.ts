@@ -6,6 +6,7 @@
  * backpressure both ways, and the connection given back to its pool when the response ends cleanly.
  * Interim responses are not relayed. It picks no backend and never retries after a byte was sent.
  */
+import { Buffer } from "node:buffer"
 import { lastChunkBytes, requestHeadBytes, trailerFields } from "../../domain/Http1Heads.ts"
 import { BodyFramer, type HeadLimits, type ResponseHead, responseFraming, responseHeadReader } from "../../domain/Http1Parser.ts"
 import { contentLengthValues, declaredContentLength } from "../../domain/ContentLength.ts"

@@ -6,6 +6,7 @@
  * before answering is handed back to the caller (`onRefused`) with the body read so far (bounded), so the
  * caller may resend it elsewhere.
  */
+import { Buffer } from "node:buffer"
 import { createHash } from "node:crypto"
 import type { Duplex } from "node:stream"
 import { ErrorCode } from "../../domain/Http2Frame.ts"

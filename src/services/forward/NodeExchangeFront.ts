@@ -5,6 +5,7 @@
  * header rules as the engine's (`requestHeaders`), pseudo-headers left out and `:authority` standing for
  * `Host`. It never retries and never picks a backend.
  */
+import { Buffer } from "node:buffer"
 import type * as http from "node:http"
 import type * as http2 from "node:http2"
 import { ErrorCode } from "../../domain/Http2Frame.ts"

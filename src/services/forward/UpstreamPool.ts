@@ -7,6 +7,8 @@
  * `maxFreeSockets` that stayed unused for `IDLE_SURPLUS_LINGER_MS` (the waiter bounds its own wait): the
  * connection's current owner gets its events through one set of listeners installed per connection.
  */
+import { Buffer } from "node:buffer"
+import { performance } from "node:perf_hooks"
 import type { Duplex } from "node:stream"
 import { freeRead, noRelease, type ReadHolds, ReadLease, type ReadRelease } from "../ReadLease.ts"
 import type { ReadBatchListener } from "../Transport.ts"

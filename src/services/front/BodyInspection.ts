@@ -7,6 +7,7 @@
  * scope, as its labelled rewrite (`labelBody`) with the Content-Length to match. It holds at most one
  * body per exchange, and the exchange reads no further request meanwhile.
  */
+import { Buffer } from "node:buffer"
 import type { Duplex } from "node:stream"
 import { type BodyEndpoint, type BodyPolicy, bodyRefusalMessage, type BodyVerdict, checkBody } from "../../domain/BodyPolicy.ts"
 import { headerValue } from "../../domain/HttpHeaders.ts"

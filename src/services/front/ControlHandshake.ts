@@ -3,6 +3,7 @@
  * length-prefixed frame from a Transport connection, then hand the connection on (with any bytes that
  * followed the frame) to the yamux session. It does not decode messages; ControlMessage does.
  */
+import { Buffer } from "node:buffer"
 import { Effect } from "effect"
 import type * as net from "node:net"
 import { ControlProtocolError, FrameReader } from "../../domain/ControlMessage.ts"

@@ -6,6 +6,7 @@
  * disturbs the port or other sessions. The same sessions can arrive over a WebSocket path
  * (`ControlWebSocket.ts`). Routing, forwarding and ports are the shared core's.
  */
+import { Buffer } from "node:buffer"
 import type { Duplex } from "node:stream"
 import { Clock, Context, Duration, Effect, Exit, FiberSet, Layer, Schedule, Schema, Scope } from "effect"
 import type * as Redacted from "effect/Redacted"

@@ -3,6 +3,7 @@
  * behind networks that only let HTTP(S) out. Each upgraded WebSocket is handed on as a Connection; the
  * handshake, tokens and sessions are ControlPort's. Other paths answer 404; nothing else is served.
  */
+import { Buffer } from "node:buffer"
 import * as http from "node:http"
 import * as https from "node:https"
 import type * as net from "node:net"

@@ -3,6 +3,7 @@
  * its session is still starting): writes wait, bounded by the writable high-water mark (the writer sees
  * backpressure), until `attach` gives the real stream, then bytes pass both ways. It opens nothing itself.
  */
+import { Buffer } from "node:buffer"
 import { Duplex } from "node:stream"
 
 export class DeferredStream extends Duplex {

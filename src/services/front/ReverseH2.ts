@@ -6,6 +6,7 @@
  * mode takes any h2 server (routes from config); authenticated mode reads a framed `Hello` first. It
  * does not forward bytes itself (`forward/Http2Upstream` does) nor open public ports.
  */
+import { Buffer } from "node:buffer"
 import * as net from "node:net"
 import { type Duplex, PassThrough } from "node:stream"
 import * as tls from "node:tls"

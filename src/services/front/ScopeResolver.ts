@@ -7,6 +7,7 @@
  * never to one outside the scope. Lookups of the same name share one request; lookups, responses and
  * the cache are bounded. It does not decide rules or read request bodies.
  */
+import { Buffer } from "node:buffer"
 import * as http from "node:http"
 import { type ContainerLabel, inspectPath, labelsInScope } from "../../domain/LabelScope.ts"
 import type { UpstreamAddress } from "../../domain/SocketProxyConfig.ts"

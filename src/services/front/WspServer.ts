@@ -7,6 +7,7 @@
  * reached by messages (`WspServerConnection.ts`), and the pick among clients is the dispatcher's.
  * It does not perform requests itself and never puts two requests on one connection at a time.
  */
+import { Buffer } from "node:buffer"
 import { createHash, timingSafeEqual } from "node:crypto"
 import * as net from "node:net"
 import type { Duplex } from "node:stream"

@@ -5,6 +5,7 @@
  * they arrive, frame by frame. It bounds what an idle connection may send, and drops itself on any
  * violation of the exchange.
  */
+import { Buffer } from "node:buffer"
 import { Schema } from "effect"
 import { contentLengthValues, declaredContentLength, isInvalidContentLength } from "../../domain/ContentLength.ts"
 import type { WspHeadLimits, WspResponseHead } from "../../domain/WspMessage.ts"

@@ -7,6 +7,7 @@
  * idling the connection out, and close codes become typed errors. Frames are switchyard's own
  * (`WebSocketEndpoint`); opening one is `WebSocketOpen.ts`, dialing with proxies `WebSocketDial.ts`.
  */
+import { Buffer } from "node:buffer"
 import { Deferred, Duration, Effect, Option } from "effect"
 import type { Scope } from "effect"
 import { CloseCode, WebSocketError } from "../../domain/WebSocketClose.ts"

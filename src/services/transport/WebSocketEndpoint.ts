@@ -8,6 +8,7 @@
  * the connection with its code at once: the close frame goes out, the socket is ended, and a peer that
  * does not close in `failCloseTimeout` is cut off.
  */
+import { Buffer } from "node:buffer"
 import type * as net from "node:net"
 import { Duration } from "effect"
 import {

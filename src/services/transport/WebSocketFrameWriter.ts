@@ -6,6 +6,7 @@
  * interleave with the control frames `WebSocketEndpoint` writes. It does not fragment messages or
  * speak any other opcode.
  */
+import { Buffer } from "node:buffer"
 import type * as net from "node:net"
 import { encodeFrameHeader } from "../../domain/WebSocketFrameHeader.ts"
 import { maskInto, nextMaskKey } from "./WebSocketMasking.ts"

@@ -4,6 +4,7 @@
  * place, natively with `bufferutil` (as `ws` does) or in JavaScript where it is not installed. It builds
  * and parses no frames.
  */
+import { Buffer } from "node:buffer"
 import { randomFillSync } from "node:crypto"
 import { createRequire } from "node:module"
 

@@ -4,6 +4,7 @@
  * socket from its `upgrade` event (`openWebSocket`). Either way the result is a `WebSocketEndpoint`
  * that switchyard reads and writes itself. The handshake's rules are `domain/WebSocketHandshake.ts`.
  */
+import { Buffer } from "node:buffer"
 import * as http from "node:http"
 import * as https from "node:https"
 import * as net from "node:net"

@@ -3,6 +3,7 @@
  * `end()` sends FIN, `destroy()` before a clean finish sends RST, backpressure follows the stream
  * window both ways, and the socket knobs (`setTimeout`, `setNoDelay`, `ref`...) behave sensibly.
  */
+import { Buffer } from "node:buffer"
 import { Duplex } from "node:stream"
 import type { ReadRelease } from "../ReadLease.ts"
 import type { ReadBatchListener } from "../Transport.ts"

@@ -6,6 +6,7 @@
  * on the client socket pausing the upstream, the connection given back to its pool or dropped when the
  * response ends, and a `101` made a raw tunnel. The client's side is `RequestSide`'s.
  */
+import { Buffer } from "node:buffer"
 import { responseHeadBytes, switchingHeadBytes } from "../../../domain/Http1Heads.ts"
 import { BodyFramer, type Http1Error, type ResponseHead, responseFraming } from "../../../domain/Http1Parser.ts"
 import { contentLengthValues } from "../../../domain/ContentLength.ts"

@@ -5,6 +5,7 @@
  * bytes), checked by the server's heartbeat. Each ends the exchange through `fail` or `destroy` and is
  * reported through the front door's `onClientLimit`; none of it runs per chunk.
  */
+import { performance } from "node:perf_hooks"
 import { type ClientLimitKind, requestBodyTooSlow, responseTakeDeadlineMs, slotsPerClient } from "../../../domain/ClientLimits.ts"
 import type { UpstreamPool } from "../UpstreamPool.ts"
 import { CLOSED, ConnectionState, EXCHANGE, HEAD, WAITING } from "./ConnectionState.ts"

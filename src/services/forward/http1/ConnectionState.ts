@@ -5,6 +5,8 @@
  * (`observed`, `onEnd`). It reads and writes no bytes itself: `RequestSide` reads the client,
  * `ClientConnection` relays the upstream, `ConnectionLimits` times them.
  */
+import { Buffer } from "node:buffer"
+import { performance } from "node:perf_hooks"
 import type * as net from "node:net"
 import { clientKey, type ClientLimits } from "../../../domain/ClientLimits.ts"
 import { type BodyFramer, type HeadReader, type RequestHead, requestHeadReader, type ResponseHead } from "../../../domain/Http1Parser.ts"

@@ -8,6 +8,7 @@
  * head. Limits, the client-limit rates and the exchange's observation are the engine's, as for byte
  * upstreams.
  */
+import { Buffer } from "node:buffer"
 import { STATUS_CODES } from "node:http"
 import type { Duplex } from "node:stream"
 import { lastChunkBytes, messageResponseHeadBytes, trailerFields, unwritableField } from "../../../domain/Http1Heads.ts"

@@ -4,6 +4,7 @@
  * torn down as a whole on an error, and tracked in the forwarder's set of live tunnels. It reads no
  * bytes: after the switching head, whatever either side sends is the protocol's.
  */
+import { Buffer } from "node:buffer"
 import type * as net from "node:net"
 import type { Duplex } from "node:stream"
 import { closeAfterFlush } from "../Flush.ts"

@@ -5,6 +5,8 @@
  * `X-Forwarded-*` fields by `HttpHeaders`), and the request body moved raw to the upstream with its
  * framing tracked and backpressure both ways. What comes back is `ClientConnection`'s.
  */
+import { Buffer } from "node:buffer"
+import { performance } from "node:perf_hooks"
 import type * as net from "node:net"
 import { CONTINUE_HEAD, requestHeadBytes } from "../../../domain/Http1Heads.ts"
 import { BodyFramer, type RequestHead, responseHeadReader } from "../../../domain/Http1Parser.ts"
