@@ -13,12 +13,12 @@ import { Context, Effect, Layer, Schema } from "effect"
 import type { Scope } from "effect"
 import * as fs from "node:fs"
 import * as net from "node:net"
-import { decide, denialMessage, type RuleSet } from "../../domain/AccessRule.ts"
+import { type Decision, decide, denialMessage, type RuleSet } from "../../domain/AccessRule.ts"
 import { bodyEndpoint } from "../../domain/BodyPolicy.ts"
 import { clientAllowed } from "../../domain/ClientAllowlist.ts"
 import { LogSampler } from "../../domain/LogSampler.ts"
 import type { ClientLimitKind, ClientLimits } from "../../domain/ClientLimits.ts"
-import { canonicalTarget, isTargetRejection } from "../../domain/HttpHeaders.ts"
+import { type CanonicalTarget, canonicalTarget, isTargetRejection, type TargetRejection } from "../../domain/HttpHeaders.ts"
 import { Learned, type LearnedRequest, learnMessage } from "../../domain/RuleLearning.ts"
 import type { ListenAddress, SocketProxyConfig } from "../../domain/SocketProxyConfig.ts"
 import { makeClientLimitReporter } from "../forward/ClientLimitReporter.ts"
@@ -119,6 +119,17 @@ const sumStats = (all: ReadonlyArray<SocketProxyStats>): SocketProxyStats => {
     outOfScope: sum((s) => s.outOfScope),
     learned: sum((s) => s.learned)
   }
+}
+
+/** Most (method, target) verdicts remembered per listener; the oldest are forgotten first. */
+export const VERDICT_MEMO_ENTRIES = 1024
+/** Longest request target whose verdict is remembered. */
+export const VERDICT_MEMO_TARGET_LENGTH = 256
+
+/** What the rule set says of one method and target: the target's canonical form and the decision on it. */
+interface Verdict {
+  readonly target: CanonicalTarget | TargetRejection
+  readonly decision: Decision | undefined
 }
 
 /** The media type whose body Go's `ParseForm` reads into the request's parameters. */
@@ -306,6 +317,26 @@ const serveListener = Effect.fnUntraced(function*(config: SocketProxyConfig, gro
   let listener = describeListen(config.listen[0]!)
   const from = (socket: { readonly remoteAddress?: string | undefined }) => `[listener ${listener}, client ${socket.remoteAddress ?? "local"}]`
   let ruleSet = config.ruleSet
+  // Docker clients repeat their requests: the verdicts of recent ones under the current rule set are
+  // kept (pure functions of method, target and rules; cleared when the rules are replaced).
+  const verdicts = new Map<string, Verdict>()
+  const verdictOf = (method: string, rawTarget: string): Verdict => {
+    const key = rawTarget.length <= VERDICT_MEMO_TARGET_LENGTH ? `${method} ${rawTarget}` : undefined
+    if (key !== undefined) {
+      const known = verdicts.get(key)
+      if (known !== undefined) return known
+    }
+    const target = canonicalTarget(rawTarget)
+    const verdict: Verdict = {
+      target,
+      decision: isTargetRejection(target) ? undefined : decide(ruleSet, { method, path: target.path, query: target.query })
+    }
+    if (key !== undefined) {
+      if (verdicts.size >= VERDICT_MEMO_ENTRIES) verdicts.delete(verdicts.keys().next().value!)
+      verdicts.set(key, verdict)
+    }
+    return verdict
+  }
   const allowFrom = config.allowFrom
   let allowed = 0
   let denied = 0
@@ -370,17 +401,17 @@ const serveListener = Effect.fnUntraced(function*(config: SocketProxyConfig, gro
       warn(`${message}: ${method} ${JSON.stringify(req.target)}`)
       return refuse(400, message)
     }
-    const target = canonicalTarget(req.target)
+    const { target, decision: decided } = verdictOf(method, req.target)
     if (isTargetRejection(target)) {
       rejected++
       const message = `switchyard socket-proxy: rejected request target (${target.detail})`
       warn(`${message}: ${method} ${JSON.stringify(req.target)}`)
       return refuse(400, message)
     }
-    const request = { method, path: target.path, query: target.query }
-    const decision = decide(ruleSet, request)
+    const decision = decided!
     if (!decision.allowed && !config.learn) {
       denied++
+      const request = { method, path: target.path, query: target.query }
       const message = denialMessage(ruleSet, request, decision)
       warn(`${message} ${from(socket)}`)
       return refuse(403, message)
@@ -450,6 +481,7 @@ const serveListener = Effect.fnUntraced(function*(config: SocketProxyConfig, gro
     ruleSet: () => ruleSet,
     replaceRules: (next) => {
       ruleSet = next
+      verdicts.clear()
     },
     stats: () => ({ allowed, denied, rejected, connectionLimitCloses, limited: limited.counts(), outOfScope, learned: learnedCount }),
     learned: () => learned.values(),

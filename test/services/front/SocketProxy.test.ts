@@ -131,7 +131,9 @@ describe("SocketProxy", () => {
 
   it("replaces its rules in place for requests that follow", async () => {
     const port = tcpPort(await start({ name: "before", rules: ["GET /_ping"] }))
+    // both verdicts are remembered, and neither may outlive the rules they came from
     assert.strictEqual((await get({ port }, "/small")).status, 403)
+    assert.strictEqual((await get({ port }, "/_ping")).status, 200)
     const next = config({ name: "after", rules: ["GET /small"] }).ruleSet
     await Effect.runPromise(proxy!.replaceRules(next))
     assert.strictEqual(proxy!.ruleSet().name, "after")
