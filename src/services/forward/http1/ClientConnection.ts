@@ -16,6 +16,7 @@ import type { ConnectionOwner, PooledConnection } from "../UpstreamPool.ts"
 import { EXCHANGE, TUNNEL, WAITING } from "./ConnectionState.ts"
 import { COALESCE_BYTES, MAX_INTERIM_RESPONSES, WRITE_QUEUE_PAUSE_BYTES } from "./Constants.ts"
 import { spliceTunnel } from "./RawTunnel.ts"
+import { writeAtTurnEnd } from "../TurnWrites.ts"
 import { MessageSide } from "./MessageSide.ts"
 
 const errorText = (err: (Error & { code?: string }) | undefined): string => err === undefined ? "connection closed" : err.code ?? err.message
@@ -46,7 +47,7 @@ export class ClientConnection extends MessageSide implements ConnectionOwner {
     const pending = this.pending
     this.pending = undefined
     if (pending === undefined || this.requestDone) {
-      up.write(this.head!)
+      writeAtTurnEnd(up, this.head!)
       this.pending = pending
     } else {
       up.cork()
@@ -228,7 +229,8 @@ export class ClientConnection extends MessageSide implements ConnectionOwner {
     this.armUp(this.idleTimeoutMs, this.onIdleTimeout)
     const socket = this.socket
     if (rest.length === 0 || framer.done) {
-      socket.write(headBytes)
+      if (framer.done) writeAtTurnEnd(socket, headBytes)
+      else socket.write(headBytes)
       if (framer.done) this.responseComplete(this.endsClean(rest.length))
       return
     }
@@ -245,8 +247,8 @@ export class ClientConnection extends MessageSide implements ConnectionOwner {
     this.sentBytes += body.length
     let ok: boolean
     if (body.length <= COALESCE_BYTES) {
-      // One write for a small response: cheaper than a corked writev of two buffers.
-      ok = socket.write(Buffer.concat([headBytes, body], headBytes.length + body.length))
+      // One write for a small response (cheaper than a corked writev of two buffers), with the turn's others.
+      ok = writeAtTurnEnd(socket, Buffer.concat([headBytes, body], headBytes.length + body.length))
     } else {
       let held: ReadRelease | undefined
       socket.cork()

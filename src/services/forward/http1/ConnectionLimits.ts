@@ -124,7 +124,7 @@ export abstract class ConnectionLimits extends ConnectionState {
 
   protected readonly onHeadTimeout = (): void => {
     if (this.phase !== HEAD) return
-    if (this.reader.buffered === 0 && this.pending === undefined) this.socket.destroy()
+    if (this.reader.buffered === 0 && this.pending === undefined) this.destroyClient()
     else {
       this.limitReached("head_timeout")
       this.fail(408, "switchyard: request not received in time")
@@ -132,7 +132,7 @@ export abstract class ConnectionLimits extends ConnectionState {
   }
 
   protected readonly onKeepAliveTimeout = (): void => {
-    if (this.idle()) this.socket.destroy()
+    if (this.idle()) this.destroyClient()
   }
 
   protected readonly onBodyTimeout = (): void => {

@@ -13,6 +13,7 @@ import { type BodyFramer, type HeadReader, type RequestHead, requestHeadReader, 
 import { Deadline } from "../../Deadline.ts"
 import { writeRawError } from "../ErrorResponse.ts"
 import { closeAfterFlush } from "../Flush.ts"
+import { flushTurn } from "../TurnWrites.ts"
 import type { ConnectionWaiter, PooledConnection, UpstreamPool } from "../UpstreamPool.ts"
 import type { EngineCore, Http1Exchange, Http1ExchangeEnd, Http1Front, Http1Outgoing, Http1Request } from "./Admission.ts"
 
@@ -131,9 +132,9 @@ export abstract class ConnectionState implements ConnectionWaiter {
   /** The exchange with an upstream reached by messages ends without its response (see `MessageSide`). */
   protected abstract leaveMessage(): void
 
-  /** Whether nothing is in flight (a keep-alive connection between requests). */
+  /** Whether nothing is in flight (a keep-alive connection between requests, its last answer written). */
   idle(): boolean {
-    return this.phase === HEAD && this.reader.buffered === 0 && this.pending === undefined
+    return this.phase === HEAD && this.reader.buffered === 0 && this.pending === undefined && this.socket.writableCorked === 0
   }
 
   /** Shutdown: an idle connection closes now, a busy one after its exchange. */
@@ -143,8 +144,14 @@ export abstract class ConnectionState implements ConnectionWaiter {
   }
 
   destroy(): void {
-    this.socket.destroy()
+    this.destroyClient()
     this.conn?.destroy()
+  }
+
+  /** Destroys the client socket once what this turn wrote to it has gone out (see `TurnWrites`). */
+  protected destroyClient(): void {
+    flushTurn(this.socket)
+    this.socket.destroy()
   }
 
   // ---- how an exchange ends ----

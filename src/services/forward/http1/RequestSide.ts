@@ -70,7 +70,7 @@ export abstract class RequestSide extends ConnectionLimits {
   protected hold(chunk: Buffer): void {
     this.pending = this.pending === undefined ? chunk : Buffer.concat([this.pending, chunk])
     this.socket.pause()
-    if (this.pending.length > MAX_PIPELINED_BYTES + this.front.limits.maxHeaderSize) this.socket.destroy()
+    if (this.pending.length > MAX_PIPELINED_BYTES + this.front.limits.maxHeaderSize) this.destroyClient()
   }
 
   protected readonly onClientEnd = (): void => {
