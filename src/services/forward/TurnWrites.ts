@@ -3,9 +3,11 @@
  * the reads of many connections in one turn; writing each request head and small response as it is
  * made wakes the peer process once per write, while writing them back to back after the reads wakes it
  * once per turn. A socket is corked at its first such write of a turn and uncorked when the turn's
- * reads are done (`setImmediate`). Before a socket is destroyed, `flushTurn` lets its corked bytes go
- * out first, as they would have without the batching.
+ * reads are done (`setImmediate`). Only sockets are batched so: a tunnel stream's frames are batched by
+ * its session. Before a socket is destroyed, `flushTurn` lets its corked bytes go out first, as they
+ * would have without the batching.
  */
+import * as net from "node:net"
 import type { Writable } from "node:stream"
 
 let corked: Array<Writable> = []
@@ -18,9 +20,12 @@ const flush = (): void => {
   for (let i = 0; i < sockets.length; i++) sockets[i]!.uncork()
 }
 
-/** Writes `chunk` to `socket` at the end of this turn (with whatever else is written to it meanwhile). */
+/**
+ * Writes `chunk` to `socket` at the end of this turn (with whatever else is written to it meanwhile),
+ * or at once to a stream that is not a socket (a yamux stream batches its frames itself).
+ */
 export const writeAtTurnEnd = (socket: Writable, chunk: Buffer): boolean => {
-  if (socket.writableCorked === 0 && !socket.destroyed) {
+  if (socket.writableCorked === 0 && !socket.destroyed && socket instanceof net.Socket) {
     socket.cork()
     corked.push(socket)
     if (!scheduled) {
