@@ -1,4 +1,5 @@
 import * as net from "node:net"
+import { PassThrough } from "node:stream"
 import { afterEach, describe, expect, it } from "vitest"
 import { flushTurn, writeAtTurnEnd } from "../../../src/services/forward/TurnWrites.ts"
 
@@ -83,5 +84,12 @@ describe("TurnWrites", () => {
     expect(a.writer.writableLength).toBe(0)
     a.writer.end()
     expect(await a.received).toBe("head body")
+  })
+
+  it("writes to a stream that is not a socket at once (a tunnel stream batches its own frames)", () => {
+    const stream = new PassThrough()
+    writeAtTurnEnd(stream, Buffer.from("frame"))
+    expect(stream.writableCorked).toBe(0)
+    expect(String(stream.read())).toBe("frame")
   })
 })
