@@ -104,41 +104,26 @@ export interface ResponseHead extends HeadFields {
 
 const fail = (reason: Http1Error["reason"], status: number, message: string): Http1Error => new Http1Error({ reason, status, message })
 
-/** `tchar` of RFC 9110 §5.6.2, as a lookup table. */
-const TOKEN: Uint8Array = (() => {
+/** A lookup table of bytes: 1 for those in the inclusive `ranges` and in `chars`. */
+const byteTable = (ranges: ReadonlyArray<readonly [number, number]>, chars = ""): Uint8Array => {
   const t = new Uint8Array(256)
-  for (let c = 0x30; c <= 0x39; c++) t[c] = 1
-  for (let c = 0x41; c <= 0x5a; c++) t[c] = 1
-  for (let c = 0x61; c <= 0x7a; c++) t[c] = 1
-  for (const ch of "!#$%&'*+-.^_`|~") t[ch.charCodeAt(0)] = 1
+  for (const [from, to] of ranges) for (let c = from; c <= to; c++) t[c] = 1
+  for (const ch of chars) t[ch.charCodeAt(0)] = 1
   return t
-})()
+}
+const ALNUM = [[0x30, 0x39], [0x41, 0x5a], [0x61, 0x7a]] as const
+
+/** `tchar` of RFC 9110 §5.6.2, as a lookup table. */
+const TOKEN: Uint8Array = byteTable(ALNUM, "!#$%&'*+-.^_`|~")
 
 /** Bytes allowed in a field value: HTAB, SP, VCHAR, obs-text. */
-const FIELD_VALUE: Uint8Array = (() => {
-  const t = new Uint8Array(256)
-  t[0x09] = 1
-  for (let c = 0x20; c <= 0x7e; c++) t[c] = 1
-  for (let c = 0x80; c <= 0xff; c++) t[c] = 1
-  return t
-})()
+const FIELD_VALUE: Uint8Array = byteTable([[0x09, 0x09], [0x20, 0x7e], [0x80, 0xff]])
 
 /** Bytes allowed in a request target: VCHAR only. */
-const TARGET: Uint8Array = (() => {
-  const t = new Uint8Array(256)
-  for (let c = 0x21; c <= 0x7e; c++) t[c] = 1
-  return t
-})()
+const TARGET: Uint8Array = byteTable([[0x21, 0x7e]])
 
 /** Bytes allowed in the authority of an absolute-form target: unreserved, sub-delims, ":", "@", "[", "]", "%". */
-const AUTHORITY: Uint8Array = (() => {
-  const t = new Uint8Array(256)
-  for (let c = 0x30; c <= 0x39; c++) t[c] = 1
-  for (let c = 0x41; c <= 0x5a; c++) t[c] = 1
-  for (let c = 0x61; c <= 0x7a; c++) t[c] = 1
-  for (const ch of "-._~!$&'()*+,;=:@[]%") t[ch.charCodeAt(0)] = 1
-  return t
-})()
+const AUTHORITY: Uint8Array = byteTable(ALNUM, "-._~!$&'()*+,;=:@[]%")
 
 const HEX: Int8Array = (() => {
   const t = new Int8Array(256).fill(-1)
@@ -391,24 +376,9 @@ const framingFields = (headers: ReadonlyArray<string>, errorStatus: number): Fra
 }
 
 /** Characters of a host name or IPv4 address in `Host`. */
-const HOST_NAME: Uint8Array = (() => {
-  const t = new Uint8Array(256)
-  for (let c = 0x30; c <= 0x39; c++) t[c] = 1
-  for (let c = 0x41; c <= 0x5a; c++) t[c] = 1
-  for (let c = 0x61; c <= 0x7a; c++) t[c] = 1
-  for (const ch of "._~-") t[ch.charCodeAt(0)] = 1
-  return t
-})()
+const HOST_NAME: Uint8Array = byteTable(ALNUM, "._~-")
 /** Characters between the brackets of an IPv6 address in `Host`. */
-const IPV6_LITERAL: Uint8Array = (() => {
-  const t = new Uint8Array(256)
-  for (let c = 0x30; c <= 0x39; c++) t[c] = 1
-  for (let c = 0x41; c <= 0x46; c++) t[c] = 1
-  for (let c = 0x61; c <= 0x66; c++) t[c] = 1
-  t[COLON] = 1
-  t[0x2e] = 1
-  return t
-})()
+const IPV6_LITERAL: Uint8Array = byteTable([[0x30, 0x39], [0x41, 0x46], [0x61, 0x66]], ":.")
 
 /**
  * A Host value routes can be matched on: empty, a name or IPv4 address of letters, digits, `.`, `-`, `_`
