@@ -217,6 +217,10 @@ const parseFields = (
       if (FIELD_VALUE[s.charCodeAt(i)] !== 1) return fail("MalformedHeader", errorStatus, "a control character in a header value")
     }
     if (headers.length >= limits.maxHeadersCount * 2) {
+      // a bare LF anywhere in the head is the first fault, whatever comes before it (400, not 431)
+      for (let i = s.indexOf("\n", eol + 1); i !== -1 && i < end; i = s.indexOf("\n", i + 1)) {
+        if (s.charCodeAt(i - 1) !== CR) return bareLf(errorStatus)
+      }
       return fail("TooManyHeaders", errorStatus === 400 ? 431 : errorStatus, `more than ${limits.maxHeadersCount} headers`)
     }
     headers.push(s.slice(pos, colon), s.slice(vs, ve))

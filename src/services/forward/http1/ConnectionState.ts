@@ -134,13 +134,25 @@ export abstract class ConnectionState implements ConnectionWaiter {
 
   /** Whether nothing is in flight (a keep-alive connection between requests, its last answer written). */
   idle(): boolean {
-    return this.phase === HEAD && this.reader.buffered === 0 && this.pending === undefined && this.socket.writableCorked === 0
+    return this.betweenRequests() && this.socket.writableCorked === 0
   }
 
-  /** Shutdown: an idle connection closes now, a busy one after its exchange. */
+  /** Whether the connection waits for its next request (its last answer may still wait for the turn's end). */
+  protected betweenRequests(): boolean {
+    return this.phase === HEAD && this.reader.buffered === 0 && this.pending === undefined
+  }
+
+  /**
+   * Shutdown: an idle connection closes now, one whose last answer leaves at the end of this turn once
+   * that answer is out, a busy one after its exchange.
+   */
   drain(): void {
     if (this.idle()) this.socket.destroy()
-    else this.closeAfter = true
+    else if (this.betweenRequests()) {
+      this.phase = CLOSED
+      this.clearTimers()
+      closeAfterFlush(this.socket)
+    } else this.closeAfter = true
   }
 
   destroy(): void {

@@ -1,0 +1,124 @@
+/**
+ * Small request heads and complete small responses leave at the end of the event loop's turn (see
+ * `TurnWrites`): whatever ends, closes or answers a connection in the same turn must not lose them nor
+ * leave the connection open. Real sockets on loopback, a real HTTP upstream.
+ */
+import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
+import { Effect, Exit, Scope } from "effect"
+import { Buffer } from "node:buffer"
+import * as fs from "node:fs"
+import * as http from "node:http"
+import * as net from "node:net"
+import * as os from "node:os"
+import * as path from "node:path"
+import { setTimeout as sleep } from "node:timers/promises"
+import type { Http1Server } from "../../../src/services/forward/http1/Admission.ts"
+import { unixUpstream } from "../../../src/services/forward/Upstream.ts"
+import { makeForwarder } from "../../../src/services/Forwarder.ts"
+import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
+
+/** Long keep-alive: a connection closed in these tests is closed by what they test, not by this timeout. */
+const LIMITS = { maxHeaderSize: 8 * 1024, maxHeadersCount: 50, headersTimeoutMs: 60_000, requestTimeoutMs: 0, keepAliveTimeoutMs: 60_000, maxConnections: 64 }
+
+let before: HandleCounts
+let dir: string
+let upstreamPath: string
+let upstreamServer: http.Server
+let upstreamSockets: Set<net.Socket>
+let scope: Scope.Closeable | undefined
+
+beforeEach(async () => {
+  before = activeHandles()
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-turn-writes-"))
+  upstreamPath = path.join(dir, "up.sock")
+  upstreamSockets = new Set()
+  upstreamServer = http.createServer({ keepAliveTimeout: 60_000 }, (req, res) => {
+    res.writeHead(200, { "content-length": "2" }).end("OK")
+    req.resume()
+  })
+  upstreamServer.on("connection", (s: net.Socket) => {
+    upstreamSockets.add(s)
+    s.on("close", () => upstreamSockets.delete(s))
+  })
+  await new Promise<void>((resolve) => upstreamServer.listen(upstreamPath, resolve))
+})
+
+afterEach(async () => {
+  if (scope) await Effect.runPromise(Scope.close(scope, Exit.void))
+  scope = undefined
+  for (const s of upstreamSockets) s.destroy()
+  await new Promise<void>((resolve) => upstreamServer.close(() => resolve()))
+  fs.rmSync(dir, { recursive: true, force: true })
+  await expectNoLeaks(before)
+})
+
+/** The engine on 127.0.0.1:0; `onObserve` is told each exchange as it completes (before the connection reads on). */
+const serve = async (onObserve: (engine: Http1Server) => void) => {
+  scope = Effect.runSync(Scope.make())
+  const forwarder = await Effect.runPromise(
+    makeForwarder({ upstream: unixUpstream(upstreamPath, { maxSockets: 8, maxFreeSockets: 4 }), responseTimeoutMs: 10_000, idleTimeoutMs: 0 })
+      .pipe(Scope.provide(scope))
+  )
+  let engine!: Http1Server
+  engine = forwarder.serveHttp1({ limits: LIMITS, admit: () => ({ _tag: "Forward", observe: () => onObserve(engine) }) })
+  const listener = net.createServer({ allowHalfOpen: true }, engine.accept)
+  await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve))
+  await Effect.runPromise(Scope.addFinalizer(
+    scope,
+    Effect.promise(() => Promise.all([new Promise<void>((resolve) => listener.close(() => resolve())), engine.close(0)]))
+  ))
+  return { port: (listener.address() as net.AddressInfo).port, engine }
+}
+
+const connect = (port: number) => {
+  const socket = net.connect({ port, host: "127.0.0.1" })
+  let received = Buffer.alloc(0)
+  socket.on("data", (d: Buffer) => void (received = Buffer.concat([received, d])))
+  socket.on("error", () => {})
+  let isClosed = false
+  const closed = new Promise<void>((resolve) => socket.on("close", () => resolve((isClosed = true, undefined))))
+  return { socket, closed, isClosed: () => isClosed, text: () => received.toString("latin1") }
+}
+
+const waitFor = async (what: string, cond: () => boolean): Promise<void> => {
+  for (let i = 0; i < 200; i++) {
+    if (cond()) return
+    await sleep(10)
+  }
+  throw new Error(`timed out waiting for ${what}`)
+}
+
+describe("Http1Engine writes at the turn's end", () => {
+  it("a drain in the turn that wrote a keep-alive connection's last answer sends that answer and closes the connection at once", async () => {
+    let draining: Promise<void> | undefined
+    // the drain starts right after the exchange completes, before the turn's writes leave
+    const { port } = await serve((engine) => void process.nextTick(() => (draining ??= engine.close(60_000))))
+    const c = connect(port)
+    c.socket.write("GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+    await waitFor("the connection closed by the drain", () => c.isClosed())
+    assert.match(c.text(), /^HTTP\/1\.1 200 [^]*\r\n\r\nOK$/)
+    await waitFor("the drain finished", () => draining !== undefined)
+    await draining
+  })
+
+  it("an error answered to a pipelined request in the turn that wrote the previous answer comes after it", async () => {
+    const { port } = await serve(() => {})
+    const c = connect(port)
+    c.socket.write("GET /small HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n")
+    await waitFor("the connection closed after the error", () => c.isClosed())
+    const responses = c.text().split(/(?=HTTP\/1\.1 \d{3} )/)
+    assert.strictEqual(responses.length, 2)
+    assert.match(responses[0]!, /^HTTP\/1\.1 200 [^]*\r\n\r\nOK$/)
+    assert.match(responses[1]!, /^HTTP\/1\.1 400 /)
+  })
+
+  it("a pipelined request that ends the connection gets its answer after the previous one before the close", async () => {
+    const { port } = await serve(() => {})
+    const c = connect(port)
+    c.socket.write("GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await waitFor("the connection closed after the second answer", () => c.isClosed())
+    const responses = c.text().split(/(?=HTTP\/1\.1 \d{3} )/)
+    assert.strictEqual(responses.length, 2)
+    for (const r of responses) assert.match(r, /^HTTP\/1\.1 200 [^]*\r\n\r\nOK$/)
+  })
+})
