@@ -230,6 +230,40 @@ describe("request heads", () => {
     { arbitrary: { runs: 2000 } }
   )
 
+  it("refuses a head with too many fields and a bare LF after them 400: the bare LF is the first fault", () => {
+    const text = "GET / HTTP/1.1\r\nHost: a\r\nB: 2\r\nC: 3\r\nD: 4\nE: 5\r\n\r\n"
+    for (const piece of [1, text.length]) {
+      const reader = requestHeadReader({ maxHeaderSize: 1_000, maxHeadersCount: 2 })
+      let step: ReturnType<typeof reader.push> | undefined
+      for (let at = 0; at < text.length && step?._tag !== "Error"; at += piece) step = reader.push(bytes(text.slice(at, at + piece)))
+      expect(step?._tag === "Error" && step.error.status, `pieces of ${piece}`).toBe(400)
+    }
+    const tooMany = requestHeadReader({ maxHeaderSize: 1_000, maxHeadersCount: 2 }).push(bytes("GET / HTTP/1.1\r\nHost: a\r\nB: 2\r\nC: 3\r\n\r\n"))
+    expect(tooMany._tag === "Error" && tooMany.error.status).toBe(431)
+  })
+
+  it("reads a head ending anywhere around the first 2048 bytes of a read alike, whole and byte at a time", () => {
+    for (let size = 2030; size <= 2060; size++) {
+      const start = "GET /a HTTP/1.1\r\nHost: h\r\nX-Pad: "
+      const text = start + "p".repeat(size - start.length - 4) + "\r\n\r\n"
+      expect(text.length).toBe(size)
+      const input = bytes(text + "GET /next")
+      const whole = requestHeadReader({ maxHeaderSize: 4096, maxHeadersCount: 8 }).push(input)
+      expect(whole._tag, `head of ${size} bytes`).toBe("Head")
+      if (whole._tag !== "Head") continue
+      expect(whole.head.headers[3]!.length).toBe(size - start.length - 4)
+      expect(whole.rest.toString("latin1")).toBe("GET /next")
+      const reader = requestHeadReader({ maxHeaderSize: 4096, maxHeadersCount: 8 })
+      let last: ReturnType<typeof reader.push> | undefined
+      for (let at = 0; at < size; at++) last = reader.push(input.subarray(at, at + 1))
+      expect(last?._tag === "Head" && last.head.headers).toEqual(whole.head.headers)
+      // a bare LF just before the end is refused wherever the window ends
+      const bare = bytes(text.slice(0, size - 5) + "\n\r\n\r\n")
+      const refused = requestHeadReader({ maxHeaderSize: 4096, maxHeadersCount: 8 }).push(bare)
+      expect(refused._tag === "Error" && refused.error.message, `bare LF, head of ${size} bytes`).toBe("a bare LF in the head")
+    }
+  })
+
   it("turns an absolute-form target whose authority is the Host into origin form", () => {
     const cases: Array<[string, string, string]> = [
       ["GET http://a.test/x?y=1 HTTP/1.1\r\nHost: a.test\r\n\r\n", "http://a.test/x?y=1", "/x?y=1"],
