@@ -1,8 +1,10 @@
 /**
- * The head and keep-alive timeouts of a client connection share one re-armed deadline (see `Deadline`):
- * a sooner timeout armed while a later one is pending fires on time, and a later one armed while a sooner
- * one is pending does not fire early. Real sockets on loopback, a real HTTP upstream, real (short) timeouts
- * with bounded waits.
+ * What the engine's per-request shortcuts must keep, on real sockets on loopback with a real HTTP
+ * upstream and bounded waits. Deadlines (see `Deadline`): the head and keep-alive timeouts of a client
+ * connection share one re-armed deadline, so a sooner timeout armed while a later one is pending fires
+ * on time, and a later one does not fire early. Turn writes (see `TurnWrites`): small request heads and
+ * complete small responses leave at the end of the event loop's turn, and whatever ends, closes or
+ * answers a connection in the same turn must not lose them nor leave the connection open.
  */
 import { afterEach, assert, beforeEach, describe, it } from "@effect/vitest"
 import { Effect, Exit, Scope } from "effect"
@@ -13,10 +15,12 @@ import * as net from "node:net"
 import * as os from "node:os"
 import * as path from "node:path"
 import { setTimeout as sleep } from "node:timers/promises"
+import type { Http1Server } from "../../../src/services/forward/http1/Admission.ts"
 import { unixUpstream } from "../../../src/services/forward/Upstream.ts"
 import { makeForwarder } from "../../../src/services/Forwarder.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
 
+/** Long timeouts: a connection closed in these tests is closed by what they test, unless a test shortens one. */
 const LIMITS = { maxHeaderSize: 8 * 1024, maxHeadersCount: 50, headersTimeoutMs: 60_000, requestTimeoutMs: 0, keepAliveTimeoutMs: 60_000, maxConnections: 64 }
 
 let before: HandleCounts
@@ -28,7 +32,7 @@ let scope: Scope.Closeable | undefined
 
 beforeEach(async () => {
   before = activeHandles()
-  dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-turn-writes-"))
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-engine-shortcuts-"))
   upstreamPath = path.join(dir, "up.sock")
   upstreamSockets = new Set()
   upstreamServer = http.createServer({ keepAliveTimeout: 60_000 }, (req, res) => {
@@ -51,14 +55,18 @@ afterEach(async () => {
   await expectNoLeaks(before)
 })
 
-/** The engine on 127.0.0.1:0 with `limits` over `LIMITS`. */
-const serve = async (limits: Partial<typeof LIMITS>) => {
+/**
+ * The engine on 127.0.0.1:0 with `limits` over `LIMITS`; `onObserve` is told each exchange as it
+ * completes (before the connection reads on).
+ */
+const serve = async (limits: Partial<typeof LIMITS>, onObserve: (engine: Http1Server) => void = () => {}) => {
   scope = Effect.runSync(Scope.make())
   const forwarder = await Effect.runPromise(
     makeForwarder({ upstream: unixUpstream(upstreamPath, { maxSockets: 8, maxFreeSockets: 4 }), responseTimeoutMs: 10_000, idleTimeoutMs: 0 })
       .pipe(Scope.provide(scope))
   )
-  const engine = forwarder.serveHttp1({ limits: { ...LIMITS, ...limits }, admit: () => ({ _tag: "Forward" }) })
+  let engine!: Http1Server
+  engine = forwarder.serveHttp1({ limits: { ...LIMITS, ...limits }, admit: () => ({ _tag: "Forward", observe: () => onObserve(engine) }) })
   const listener = net.createServer({ allowHalfOpen: true }, engine.accept)
   await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve))
   await Effect.runPromise(Scope.addFinalizer(
@@ -120,5 +128,40 @@ describe("Http1Engine connection deadlines", () => {
     }
     assert.strictEqual(c.isClosed(), false)
     c.socket.destroy()
+  })
+})
+
+describe("Http1Engine writes at the turn's end", () => {
+  it("a drain in the turn that wrote a keep-alive connection's last answer sends that answer and closes the connection at once", async () => {
+    let draining: Promise<void> | undefined
+    // the drain starts right after the exchange completes, before the turn's writes leave
+    const { port } = await serve({}, (engine) => void process.nextTick(() => (draining ??= engine.close(60_000))))
+    const c = connect(port)
+    c.socket.write("GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+    await waitFor("the connection closed by the drain", () => c.isClosed())
+    assert.match(c.text(), /^HTTP\/1\.1 200 [^]*\r\n\r\nOK$/)
+    await waitFor("the drain finished", () => draining !== undefined)
+    await draining
+  })
+
+  it("an error answered to a pipelined request in the turn that wrote the previous answer comes after it", async () => {
+    const { port } = await serve({})
+    const c = connect(port)
+    c.socket.write("GET /small HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n")
+    await waitFor("the connection closed after the error", () => c.isClosed())
+    const responses = c.text().split(/(?=HTTP\/1\.1 \d{3} )/)
+    assert.strictEqual(responses.length, 2)
+    assert.match(responses[0]!, /^HTTP\/1\.1 200 [^]*\r\n\r\nOK$/)
+    assert.match(responses[1]!, /^HTTP\/1\.1 400 /)
+  })
+
+  it("a pipelined request that ends the connection gets its answer after the previous one before the close", async () => {
+    const { port } = await serve({})
+    const c = connect(port)
+    c.socket.write("GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await waitFor("the connection closed after the second answer", () => c.isClosed())
+    const responses = c.text().split(/(?=HTTP\/1\.1 \d{3} )/)
+    assert.strictEqual(responses.length, 2)
+    for (const r of responses) assert.match(r, /^HTTP\/1\.1 200 [^]*\r\n\r\nOK$/)
   })
 })
