@@ -78,6 +78,11 @@ const rules = (lists: Parameters<typeof compileRules>[0]): DestinationRules => {
 }
 
 const next = (c: Registered) => Effect.promise(() => c.next())
+/** The client's one pool connection, once it has sent its greeting. */
+const greeted = (server: FakeServer) =>
+  waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined).pipe(
+    Effect.map(() => server.connections[0]!)
+  )
 const idleOne = (server: FakeServer) => server.connections.find((c) => !c.closed && c.greeting !== undefined)!
 
 describe("WspClient against a hand-written wsp server", () => {
@@ -121,8 +126,7 @@ describe("WspClient against a hand-written wsp server", () => {
     noLeaks(Effect.gen(function*() {
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
-      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
-      const conn = server.connections[0]!
+      const conn = yield* greeted(server)
       conn.ws.send("{\"Method\":\"GET\",\"URL\":\"ftp://example/\",\"Header\":{},\"ContentLength\":0}")
       conn.ws.send(Buffer.alloc(0), { binary: true })
       const head = JSON.parse((yield* next(conn)).data.toString()) as { StatusCode: number; Header: object; ContentLength: number }
@@ -140,8 +144,7 @@ describe("WspClient against a hand-written wsp server", () => {
         poolIdleSize: 1,
         rules: rules({ blacklist: [{ url: "/admin" }], whitelist: [{ method: "^GET$" }] })
       }))
-      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
-      const conn = server.connections[0]!
+      const conn = yield* greeted(server)
       const ask = (method: string, path: string) =>
         Effect.gen(function*() {
           conn.ws.send(`{"Method":"${method}","URL":"${dest.url(path)}","Header":{},"ContentLength":0}`)
@@ -161,8 +164,7 @@ describe("WspClient against a hand-written wsp server", () => {
       const dest = yield* destination
       const server = yield* fakeServer
       const client = yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, rules: rules({ blacklist: [{ url: "/admin" }] }) }))
-      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
-      const conn = server.connections[0]!
+      const conn = yield* greeted(server)
       const ask = (path: string) =>
         Effect.gen(function*() {
           conn.ws.send(`{"Method":"GET","URL":"${dest.url(path)}","Header":{},"ContentLength":0}`)
@@ -190,8 +192,7 @@ describe("WspClient against a hand-written wsp server", () => {
         poolIdleSize: 1,
         rules: rules({ blacklist: [{ url: `^http://127\\.0\\.0\\.1:${dest.port}/` }] })
       }))
-      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
-      const conn = server.connections[0]!
+      const conn = yield* greeted(server)
       for (const url of [`http://%31%32%37.0.0.1:${dest.port}/echo`, `HTTP://127.0.0.1:${dest.port}/echo`, `http://2130706433:${dest.port}/echo`]) {
         conn.ws.send(`{"Method":"","URL":"${url}","Header":{},"ContentLength":0}`)
         conn.ws.send(Buffer.alloc(0), { binary: true })
@@ -207,8 +208,7 @@ describe("WspClient against a hand-written wsp server", () => {
       const dest = yield* destination
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
-      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
-      const conn = server.connections[0]!
+      const conn = yield* greeted(server)
       conn.ws.send(`{"Method":"POST","URL":"${dest.url("/echo")}","Header":{"X-A":["1"]},"ContentLength":-1}`)
       conn.ws.send(Buffer.alloc(1000, 1), { binary: true, fin: false })
       yield* waitFor("first part reached the destination before the message ended", () => dest.bytesArrived() === 1000)
@@ -231,8 +231,7 @@ describe("WspClient against a hand-written wsp server", () => {
       const dest = yield* destination
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
-      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
-      const conn = server.connections[0]!
+      const conn = yield* greeted(server)
       conn.ws.send(`{"Method":"POST","URL":"${dest.url("/echo")}","Header":{},"ContentLength":10}`)
       conn.ws.send(Buffer.alloc(20, 1), { binary: true })
       yield* waitFor("closed", () => conn.closed)
@@ -243,8 +242,7 @@ describe("WspClient against a hand-written wsp server", () => {
     noLeaks(Effect.gen(function*() {
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
-      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
-      const conn = server.connections[0]!
+      const conn = yield* greeted(server)
       conn.ws.send("{\"Method\":\"POST\",\"URL\":\"http://127.0.0.1:1/\",\"Header\":{},\"ContentLength\":-1}")
       conn.ws.send(Buffer.alloc(100, 1), { binary: true, fin: false })
       yield* Effect.sleep(200)
@@ -278,8 +276,7 @@ describe("WspClient against a hand-written wsp server", () => {
       const dest = yield* destination
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
-      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
-      const conn = server.connections[0]!
+      const conn = yield* greeted(server)
       const head = `{"Method":"GET","URL":"${dest.url("/echo")}","Header":{},"ContentLength":0}`
       conn.ws.send(head)
       conn.ws.send(head)
@@ -292,8 +289,7 @@ describe("WspClient against a hand-written wsp server", () => {
       const dest = yield* destination
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
-      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
-      const conn = server.connections[0]!
+      const conn = yield* greeted(server)
       conn.ws.send(`{"Method":"GET","URL":"${dest.url("/slow?ms=500")}","Header":{},"ContentLength":0}`)
       conn.ws.send(Buffer.alloc(0), { binary: true })
       yield* waitFor("running", () => dest.seen.length === 1)
@@ -306,8 +302,7 @@ describe("WspClient against a hand-written wsp server", () => {
       const dest = yield* destination
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1 }))
-      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
-      const conn = server.connections[0]!
+      const conn = yield* greeted(server)
       // the server reads nothing for now: requests the client answers at once (an unparsable URL, echoed
       // in the 527 body) fill the kernel's buffers, and later writes wait in the client's socket
       conn.ws.pause()
@@ -369,8 +364,7 @@ describe("WspClient against a hand-written wsp server", () => {
     Effect.gen(function*() {
       const server = yield* fakeServer
       yield* makeWspClient(clientConfig(server.url, { poolIdleSize: 1, pingInterval: 30_000 }))
-      yield* waitFor("connected", () => server.connections.length === 1 && server.connections[0]!.greeting !== undefined)
-      const conn = server.connections[0]!
+      const conn = yield* greeted(server)
       // a server that never answers pings: ws answers automatically, so stop it
       ;(conn.ws as unknown as { _autoPong: boolean })._autoPong = false
       let pings = 0
