@@ -16,18 +16,18 @@ import type { ClientLimitEvent } from "../../../src/services/forward/http1/Admis
 import { unixUpstream } from "../../../src/services/forward/Upstream.ts"
 import { makeForwarder } from "../../../src/services/Forwarder.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
+import { listenUnix } from "../../support/listenUnix.ts"
 
 const LIMITS = { maxHeaderSize: 8 * 1024, maxHeadersCount: 50, headersTimeoutMs: 10_000, requestTimeoutMs: 0, keepAliveTimeoutMs: 5_000, maxConnections: 64 }
 
 let before: HandleCounts
 let dir: string
 let scope: Scope.Closeable | undefined
-let upstream: http.Server
+let closeUpstream: () => Promise<void>
 /** Responses held open by `/hold`. */
 let held: Array<http.ServerResponse>
 /** Request bodies the upstream received in full, by path. */
 let completed: Array<string>
-const upstreamSockets = new Set<net.Socket>()
 const clients = new Set<net.Socket>()
 
 beforeEach(async () => {
@@ -35,7 +35,7 @@ beforeEach(async () => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-limits-"))
   held = []
   completed = []
-  upstream = http.createServer((req, res) => {
+  const upstream = http.createServer((req, res) => {
     const url = new URL(req.url!, "http://up")
     switch (url.pathname) {
       case "/small":
@@ -85,11 +85,7 @@ beforeEach(async () => {
       }
     }
   })
-  upstream.on("connection", (s: net.Socket) => {
-    upstreamSockets.add(s)
-    s.once("close", () => upstreamSockets.delete(s))
-  })
-  await new Promise<void>((resolve) => upstream.listen(path.join(dir, "up.sock"), resolve))
+  closeUpstream = await listenUnix(upstream, path.join(dir, "up.sock"))
 })
 
 afterEach(async () => {
@@ -98,8 +94,7 @@ afterEach(async () => {
   for (const r of held) r.destroy()
   if (scope !== undefined) await Effect.runPromise(Scope.close(scope, Exit.void))
   scope = undefined
-  for (const s of upstreamSockets) s.destroy()
-  await new Promise<void>((resolve) => upstream.close(() => resolve()))
+  await closeUpstream()
   fs.rmSync(dir, { recursive: true, force: true })
   await expectNoLeaks(before)
 })

@@ -10,6 +10,7 @@ import type { Admission, Http1Exchange, Http1Request } from "../../../src/servic
 import { unixUpstream } from "../../../src/services/forward/Upstream.ts"
 import { makeForwarder } from "../../../src/services/Forwarder.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
+import { listenUnix } from "../../support/listenUnix.ts"
 
 const LIMITS = { maxHeaderSize: 8 * 1024, maxHeadersCount: 50, headersTimeoutMs: 10_000, requestTimeoutMs: 0, keepAliveTimeoutMs: 5_000, maxConnections: 64 }
 const CHUNK = Buffer.alloc(64 * 1024, 0x62)
@@ -17,8 +18,7 @@ const CHUNK = Buffer.alloc(64 * 1024, 0x62)
 let before: HandleCounts
 let dir: string
 let upstreamPath: string
-let upstreamServer: http.Server
-let upstreamSockets: Set<net.Socket>
+let closeUpstream: () => Promise<void>
 let seenIds: Array<string | undefined>
 let scope: Scope.Closeable | undefined
 
@@ -26,9 +26,8 @@ beforeEach(async () => {
   before = activeHandles()
   dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-engine-observe-"))
   upstreamPath = path.join(dir, "up.sock")
-  upstreamSockets = new Set()
   seenIds = []
-  upstreamServer = http.createServer({ keepAliveTimeout: 60_000 }, (req, res) => {
+  const upstreamServer = http.createServer({ keepAliveTimeout: 60_000 }, (req, res) => {
     const url = new URL(req.url!, "http://up")
     seenIds.push(req.headers["x-request-id"] as string | undefined)
     switch (url.pathname) {
@@ -67,18 +66,13 @@ beforeEach(async () => {
     socket.write("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
     socket.pipe(socket)
   })
-  upstreamServer.on("connection", (s: net.Socket) => {
-    upstreamSockets.add(s)
-    s.on("close", () => upstreamSockets.delete(s))
-  })
-  await new Promise<void>((resolve) => upstreamServer.listen(upstreamPath, resolve))
+  closeUpstream = await listenUnix(upstreamServer, upstreamPath)
 })
 
 afterEach(async () => {
   if (scope) await Effect.runPromise(Scope.close(scope, Exit.void))
   scope = undefined
-  for (const s of upstreamSockets) s.destroy()
-  await new Promise<void>((resolve) => upstreamServer.close(() => resolve()))
+  await closeUpstream()
   fs.rmSync(dir, { recursive: true, force: true })
   await expectNoLeaks(before)
 })

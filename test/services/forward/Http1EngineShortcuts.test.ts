@@ -19,6 +19,7 @@ import type { Http1Server } from "../../../src/services/forward/http1/Admission.
 import { unixUpstream } from "../../../src/services/forward/Upstream.ts"
 import { makeForwarder } from "../../../src/services/Forwarder.ts"
 import { activeHandles, expectNoLeaks, type HandleCounts } from "../../support/leaks.ts"
+import { listenUnix } from "../../support/listenUnix.ts"
 
 /** Long timeouts: a connection closed in these tests is closed by what they test, unless a test shortens one. */
 const LIMITS = { maxHeaderSize: 8 * 1024, maxHeadersCount: 50, headersTimeoutMs: 60_000, requestTimeoutMs: 0, keepAliveTimeoutMs: 60_000, maxConnections: 64 }
@@ -26,31 +27,24 @@ const LIMITS = { maxHeaderSize: 8 * 1024, maxHeadersCount: 50, headersTimeoutMs:
 let before: HandleCounts
 let dir: string
 let upstreamPath: string
-let upstreamServer: http.Server
-let upstreamSockets: Set<net.Socket>
+let closeUpstream: () => Promise<void>
 let scope: Scope.Closeable | undefined
 
 beforeEach(async () => {
   before = activeHandles()
   dir = fs.mkdtempSync(path.join(os.tmpdir(), "switchyard-engine-shortcuts-"))
   upstreamPath = path.join(dir, "up.sock")
-  upstreamSockets = new Set()
-  upstreamServer = http.createServer({ keepAliveTimeout: 60_000 }, (req, res) => {
+  const upstreamServer = http.createServer({ keepAliveTimeout: 60_000 }, (req, res) => {
     res.writeHead(200, { "content-length": "2" }).end("OK")
     req.resume()
   })
-  upstreamServer.on("connection", (s: net.Socket) => {
-    upstreamSockets.add(s)
-    s.on("close", () => upstreamSockets.delete(s))
-  })
-  await new Promise<void>((resolve) => upstreamServer.listen(upstreamPath, resolve))
+  closeUpstream = await listenUnix(upstreamServer, upstreamPath)
 })
 
 afterEach(async () => {
   if (scope) await Effect.runPromise(Scope.close(scope, Exit.void))
   scope = undefined
-  for (const s of upstreamSockets) s.destroy()
-  await new Promise<void>((resolve) => upstreamServer.close(() => resolve()))
+  await closeUpstream()
   fs.rmSync(dir, { recursive: true, force: true })
   await expectNoLeaks(before)
 })
